@@ -1,0 +1,173 @@
+// Configuration: one TypeBox schema, read from the environment once in each role's main and
+// passed down as a typed object. This is the only module that reads process.env.
+import { Type, type Static } from "@sinclair/typebox";
+import { Value } from "@sinclair/typebox/value";
+
+const Port = (fallback: number, description: string) =>
+  Type.Integer({ minimum: 0, maximum: 65535, default: fallback, description });
+
+const Millis = (fallback: number, description: string, minimum = 1) =>
+  Type.Integer({ minimum, maximum: 86_400_000, default: fallback, description });
+
+/**
+ * Every option, keyed by its environment variable. Each description states its default; the
+ * README's configuration table is checked against this schema by a test.
+ */
+export const ConfigSchema = Type.Object({
+  DATABASE_URL: Type.Optional(
+    Type.String({
+      minLength: 1,
+      description:
+        "PostgreSQL connection URL. Required by the single roles; `bun start` runs embedded PostgreSQL when unset.",
+    }),
+  ),
+  TQ_HOST: Type.String({
+    minLength: 1,
+    default: "127.0.0.1",
+    description: "Address the HTTP and gRPC servers bind. Defaults to 127.0.0.1 (loopback only).",
+  }),
+  TQ_SCHEDULER_PORT: Port(8081, "Scheduler HTTP port. Defaults to 8081."),
+  TQ_COORDINATOR_PORT: Port(8080, "Coordinator HTTP port. Defaults to 8080."),
+  TQ_GRPC_PORT: Port(50051, "Coordinator gRPC port. Defaults to 50051."),
+  TQ_COORDINATOR_ID: Type.Optional(
+    Type.String({
+      minLength: 1,
+      maxLength: 200,
+      description: "Name of this coordinator in the database. Defaults to <hostname>:<gRPC port>.",
+    }),
+  ),
+  TQ_COORDINATOR_ADDRESSES: Type.String({
+    minLength: 1,
+    default: "127.0.0.1:50051",
+    description:
+      "Comma-separated host:port list a worker dials, in order, moving on when one fails. Defaults to 127.0.0.1:50051.",
+  }),
+  TQ_WORKER_SLOTS: Type.Integer({
+    minimum: 1,
+    maximum: 1024,
+    default: 4,
+    description: "Commands one worker runs at once. Defaults to 4.",
+  }),
+  TQ_WORKER_NAME: Type.Optional(
+    Type.String({
+      minLength: 1,
+      maxLength: 200,
+      description: "Human-readable worker name shown by GET /workers. Defaults to <hostname>/<pid>.",
+    }),
+  ),
+  TQ_WORKERS: Type.Integer({
+    minimum: 0,
+    maximum: 64,
+    default: 2,
+    description: "Workers that `bun start` runs in its process. Defaults to 2.",
+  }),
+  TQ_HEARTBEAT_INTERVAL_MS: Millis(1000, "How often a worker heartbeats on its stream. Defaults to 1000 ms."),
+  TQ_HEARTBEAT_TIMEOUT_MS: Millis(
+    3000,
+    "Silence after which the coordinator declares a worker dead and requeues its tasks. Defaults to 3000 ms.",
+  ),
+  TQ_DRAIN_GRACE_MS: Millis(
+    30_000,
+    "On SIGTERM a worker lets running tasks finish for this long, then hands them back. Defaults to 30000 ms.",
+    0,
+  ),
+  TQ_KILL_GRACE_MS: Millis(
+    5000,
+    "Between SIGTERM and SIGKILL when a task times out or is stopped. Defaults to 5000 ms.",
+    0,
+  ),
+  TQ_SAFETY_POLL_MS: Millis(
+    5000,
+    "Slow poll that covers a missed notification; dispatch is otherwise woken by NOTIFY and timers. Defaults to 5000 ms.",
+    10,
+  ),
+  TQ_MAX_OUTPUT_BYTES: Type.Integer({
+    minimum: 0,
+    maximum: 16 * 1024 * 1024,
+    default: 64 * 1024,
+    description: "Tail of stdout and of stderr kept per task, in bytes. Defaults to 65536.",
+  }),
+  TQ_MAX_BODY_BYTES: Type.Integer({
+    minimum: 1024,
+    maximum: 64 * 1024 * 1024,
+    default: 1024 * 1024,
+    description: "Largest HTTP request body accepted (413 beyond). Defaults to 1048576.",
+  }),
+  TQ_DEFAULT_MAX_ATTEMPTS: Type.Integer({
+    minimum: 1,
+    maximum: 100,
+    default: 3,
+    description: "Attempts a task gets when it does not say. Defaults to 3.",
+  }),
+  TQ_DB_POOL_SIZE: Type.Integer({
+    minimum: 1,
+    maximum: 200,
+    default: 10,
+    description: "PostgreSQL connections per process. Defaults to 10.",
+  }),
+  TQ_DATA_DIR: Type.String({
+    minLength: 1,
+    default: ".data/postgres",
+    description: "Embedded PostgreSQL data folder for `bun start`. Defaults to .data/postgres.",
+  }),
+  TQ_EMBEDDED_PG_PORT: Port(54329, "Embedded PostgreSQL port for `bun start`. Defaults to 54329."),
+  TQ_LOG_LEVEL: Type.Union(
+    [Type.Literal("debug"), Type.Literal("info"), Type.Literal("warn"), Type.Literal("error"), Type.Literal("silent")],
+    { default: "info", description: "Log level: debug, info, warn, error or silent. Defaults to info." },
+  ),
+});
+
+export type Config = Static<typeof ConfigSchema>;
+
+export class ConfigError extends Error {
+  override name = "ConfigError";
+}
+
+/**
+ * Reads the configuration from an environment. Unknown variables are ignored; a known one
+ * that does not fit its rule is an error naming the variable and the rule.
+ */
+export function loadConfig(env: Record<string, string | undefined> = process.env): Config {
+  const raw: Record<string, unknown> = {};
+  for (const key of Object.keys(ConfigSchema.properties)) {
+    const value = env[key];
+    if (value !== undefined && value !== "") raw[key] = value.trim();
+  }
+  const converted = Value.Convert(ConfigSchema, Value.Default(ConfigSchema, raw));
+  const errors = [...Value.Errors(ConfigSchema, converted)];
+  if (errors.length > 0) {
+    const problems = errors.map((e) => {
+      const key = e.path.replace(/^\//, "");
+      return `${key}=${JSON.stringify(raw[key] ?? null)}: ${e.message}`;
+    });
+    throw new ConfigError(`invalid configuration: ${problems.join("; ")}`);
+  }
+  const config = converted as Config;
+  if (config.TQ_HEARTBEAT_TIMEOUT_MS <= config.TQ_HEARTBEAT_INTERVAL_MS) {
+    throw new ConfigError(
+      `invalid configuration: TQ_HEARTBEAT_TIMEOUT_MS (${config.TQ_HEARTBEAT_TIMEOUT_MS}) must exceed TQ_HEARTBEAT_INTERVAL_MS (${config.TQ_HEARTBEAT_INTERVAL_MS})`,
+    );
+  }
+  coordinatorAddresses(config);
+  return config;
+}
+
+/** The worker's dial list, validated. */
+export function coordinatorAddresses(config: Config): string[] {
+  const list = config.TQ_COORDINATOR_ADDRESSES.split(",").map((s) => s.trim()).filter(Boolean);
+  for (const address of list) {
+    if (!/^[^\s:]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$/.test(address)) {
+      throw new ConfigError(`invalid configuration: TQ_COORDINATOR_ADDRESSES entry "${address}" is not host:port`);
+    }
+  }
+  if (list.length === 0) throw new ConfigError("invalid configuration: TQ_COORDINATOR_ADDRESSES is empty");
+  return list;
+}
+
+/** The database URL, or a clear error for a role that cannot run without one. */
+export function requireDatabaseUrl(config: Config, role: string): string {
+  if (!config.DATABASE_URL) {
+    throw new ConfigError(`${role} needs DATABASE_URL (for example postgres://user@127.0.0.1:5432/taskqueue)`);
+  }
+  return config.DATABASE_URL;
+}

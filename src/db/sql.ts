@@ -1,0 +1,26 @@
+// The PostgreSQL connection. Every query in the project goes through a `Sql` made here and
+// lives in a named function in the module for its table.
+import postgres from "postgres";
+
+export type Sql = postgres.Sql;
+
+export interface ConnectOptions {
+  /** Pool size. Defaults to 10. */
+  max?: number;
+  /** Seconds to wait for a connection before failing (answered as 503). Defaults to 5. */
+  connectTimeout?: number;
+  /** Name shown in pg_stat_activity. */
+  applicationName?: string;
+}
+
+export function connect(url: string, options: ConnectOptions = {}): Sql {
+  return postgres(url, {
+    max: options.max ?? 10,
+    connect_timeout: options.connectTimeout ?? 5,
+    idle_timeout: 60,
+    // Prepared statements: each named query is parsed once per connection.
+    prepare: true,
+    onnotice: () => {},
+    connection: { application_name: options.applicationName ?? "task-queue" },
+  });
+}

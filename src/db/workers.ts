@@ -1,0 +1,81 @@
+// SQL on the workers registry. The coordinator that holds a worker's stream owns its row:
+// it writes the row on Hello, refreshes last_heartbeat_at for all its workers in one
+// statement, and marks it gone when the stream ends. Other coordinators read the heartbeat
+// to decide whether a worker's tasks are orphans (tasks.requeueOrphans).
+import type { Sql } from "./sql";
+
+export type WorkerState = "connected" | "draining" | "gone";
+
+export interface WorkerRow {
+  id: string;
+  name: string;
+  coordinator_id: string;
+  slots: number;
+  labels: Record<string, string>;
+  version: string;
+  state: WorkerState;
+  connected_at: Date;
+  last_heartbeat_at: Date;
+  disconnected_at: Date | null;
+  /** Tasks the worker holds (dispatched or running). */
+  running: number;
+}
+
+export async function upsertWorker(
+  sql: Sql,
+  worker: { id: string; name: string; coordinatorId: string; slots: number; labels: Record<string, string>; version: string },
+): Promise<void> {
+  await sql`
+    INSERT INTO workers (id, name, coordinator_id, slots, labels, version, state)
+    VALUES (${worker.id}, ${worker.name}, ${worker.coordinatorId}, ${worker.slots},
+            ${sql.json(worker.labels)}::jsonb, ${worker.version}, 'connected')
+    ON CONFLICT (id) DO UPDATE SET
+      name = excluded.name, coordinator_id = excluded.coordinator_id, slots = excluded.slots,
+      labels = excluded.labels, version = excluded.version, state = 'connected',
+      connected_at = clock_timestamp(), last_heartbeat_at = clock_timestamp(), disconnected_at = NULL`;
+}
+
+/** Refreshes the heartbeat of a coordinator's live workers in one statement. */
+export async function touchWorkers(sql: Sql, coordinatorId: string, ids: readonly string[]): Promise<void> {
+  if (ids.length === 0) return;
+  await sql`
+    UPDATE workers SET last_heartbeat_at = clock_timestamp()
+    WHERE coordinator_id = ${coordinatorId} AND state <> 'gone' AND id IN (SELECT jsonb_array_elements_text(${sql.json(ids)}::jsonb))`;
+}
+
+export async function setWorkerDraining(sql: Sql, id: string, coordinatorId: string): Promise<void> {
+  await sql`
+    UPDATE workers SET state = 'draining'
+    WHERE id = ${id} AND coordinator_id = ${coordinatorId} AND state = 'connected'`;
+}
+
+/**
+ * Marks a worker gone, unless it has meanwhile reconnected through another coordinator
+ * (which then owns the row). Returns whether this coordinator's row was marked.
+ */
+export async function markWorkerGone(sql: Sql, id: string, coordinatorId: string): Promise<boolean> {
+  const rows = await sql`
+    UPDATE workers SET state = 'gone', disconnected_at = clock_timestamp()
+    WHERE id = ${id} AND coordinator_id = ${coordinatorId} AND state <> 'gone'
+    RETURNING id`;
+  return rows.length > 0;
+}
+
+/** Marks every worker of a coordinator gone (it is stopping). */
+export async function markCoordinatorWorkersGone(sql: Sql, coordinatorId: string): Promise<number> {
+  const rows = await sql`
+    UPDATE workers SET state = 'gone', disconnected_at = clock_timestamp()
+    WHERE coordinator_id = ${coordinatorId} AND state <> 'gone'
+    RETURNING id`;
+  return rows.length;
+}
+
+/** Live workers (connected or draining), with the number of tasks each holds. */
+export async function listLiveWorkers(sql: Sql): Promise<WorkerRow[]> {
+  return sql<WorkerRow[]>`
+    SELECT w.*, (
+      SELECT count(*)::int FROM tasks t WHERE t.worker_id = w.id AND t.state IN ('dispatched', 'running')
+    ) AS running
+    FROM workers w WHERE w.state <> 'gone'
+    ORDER BY w.connected_at, w.id`;
+}

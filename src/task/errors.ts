@@ -1,0 +1,63 @@
+// Typed errors with a stable code, mapped once per transport (src/api/errors.ts for HTTP,
+// src/rpc/status.ts for gRPC). Their messages are written for clients; anything else that
+// is thrown is reported as an opaque internal error.
+
+export type ErrorCode =
+  | "invalid_argument"
+  | "not_found"
+  | "conflict"
+  | "payload_too_large"
+  | "unavailable";
+
+export class TaskQueueError extends Error {
+  constructor(
+    readonly code: ErrorCode,
+    message: string,
+    /** The request field the error is about, when there is one. */
+    readonly field?: string,
+  ) {
+    super(message);
+    this.name = "TaskQueueError";
+  }
+}
+
+export const invalidArgument = (field: string, message: string) =>
+  new TaskQueueError("invalid_argument", message, field);
+
+export const notFound = (message: string) => new TaskQueueError("not_found", message);
+
+export const conflict = (message: string) => new TaskQueueError("conflict", message);
+
+export const unavailable = (message = "the database is unavailable; try again shortly") =>
+  new TaskQueueError("unavailable", message);
+
+const CONNECTION_ERROR_CODES = new Set([
+  "ECONNREFUSED",
+  "ECONNRESET",
+  "ETIMEDOUT",
+  "EPIPE",
+  "ENOTFOUND",
+  "EAI_AGAIN",
+  "CONNECTION_CLOSED",
+  "CONNECTION_ENDED",
+  "CONNECTION_DESTROYED",
+  "CONNECT_TIMEOUT",
+  "CONNECTION_CONNECT_TIMEOUT",
+  // PostgreSQL: admin shutdown, crash shutdown, cannot connect now, too many connections.
+  "57P01",
+  "57P02",
+  "57P03",
+  "53300",
+  "08000",
+  "08003",
+  "08006",
+  "08001",
+  "08004",
+]);
+
+/** True when an error means the database cannot be reached (answered as 503 / UNAVAILABLE). */
+export function isDatabaseUnavailable(error: unknown): boolean {
+  if (typeof error !== "object" || error === null) return false;
+  const code = (error as { code?: unknown }).code;
+  return typeof code === "string" && CONNECTION_ERROR_CODES.has(code);
+}

@@ -1,0 +1,273 @@
+import { describe, expect, test } from "bun:test";
+import { useTestDatabase, createTestDatabase, dropTestDatabase } from "../support/db";
+import { taskSpec, newTaskId } from "../support/factories";
+import {
+  insertTask,
+  getTask,
+  claimDue,
+  markStarted,
+  finishAttempt,
+  requeueWorkerTasks,
+  requeueOrphans,
+  cancelTask,
+  nextDueIn,
+  listTasks,
+  requeueAttempt,
+} from "../../src/db/tasks";
+import { listTaskEvents } from "../../src/db/events";
+import { upsertWorker, touchWorkers, markWorkerGone, listLiveWorkers } from "../../src/db/workers";
+import { TaskChangeFeed, type TaskChange } from "../../src/db/notify";
+import { migrate, readMigrations } from "../../src/db/migrate";
+import { connect } from "../../src/db/sql";
+import type { AttemptResult } from "../../src/task/task";
+
+const db = useTestDatabase();
+
+const success = (over: Partial<AttemptResult> = {}): AttemptResult => ({
+  state: "succeeded",
+  exitCode: 0,
+  signal: null,
+  stdout: "ok\n",
+  stderr: "",
+  stdoutTruncated: false,
+  stderrTruncated: false,
+  error: null,
+  startedAt: new Date(),
+  finishedAt: new Date(),
+  ...over,
+});
+
+async function clear() {
+  await db.sql`TRUNCATE tasks, task_events, workers`;
+}
+
+describe("insertTask", () => {
+  test("persists a queued task with its submitted event and notifies", async () => {
+    await clear();
+    const feed = new TaskChangeFeed(db.sql);
+    await feed.start();
+    const seen = new Promise<TaskChange>((resolve) => feed.onChange(resolve));
+    const id = newTaskId();
+    const row = await insertTask(db.sql, id, taskSpec({ command: "echo hi", env: { A: "1" }, cwd: "/tmp" }));
+    expect(row.id).toBe(id);
+    expect(row.state).toBe("queued");
+    expect(row.attempt).toBe(0);
+    expect(row.env).toEqual({ A: "1" });
+    expect(row.created_at).toBeInstanceOf(Date);
+    const change = await seen;
+    expect(change).toMatchObject({ id, state: "queued", kind: "submitted", event_id: row.event_id });
+    expect(change.due_in_ms).toBe(0);
+    await feed.stop();
+    const events = await listTaskEvents(db.sql, id);
+    expect(events.map((e) => e.kind)).toEqual(["submitted"]);
+  });
+
+  test("with an assignment the task is born dispatched, attempt 1", async () => {
+    await clear();
+    const row = await insertTask(db.sql, newTaskId(), taskSpec(), { workerId: "w1", coordinatorId: "c1" });
+    expect(row).toMatchObject({ state: "dispatched", attempt: 1, worker_id: "w1", coordinator_id: "c1" });
+    expect(row.picked_at).toBeInstanceOf(Date);
+  });
+
+  test("a future task reports when it is due", async () => {
+    await clear();
+    const feed = new TaskChangeFeed(db.sql);
+    await feed.start();
+    const seen = new Promise<TaskChange>((resolve) => feed.onChange(resolve));
+    await insertTask(db.sql, newTaskId(), taskSpec({ scheduledAt: new Date(Date.now() + 60_000) }));
+    const change = await seen;
+    expect(change.due_in_ms).toBeGreaterThan(55_000);
+    expect(change.due_in_ms).toBeLessThanOrEqual(60_000);
+    await feed.stop();
+    const due = await nextDueIn(db.sql);
+    expect(due).toBeGreaterThan(55_000);
+  });
+});
+
+describe("claimDue", () => {
+  test("never claims more than the slots and assigns each slot's worker", async () => {
+    await clear();
+    for (let i = 0; i < 10; i++) await insertTask(db.sql, newTaskId(), taskSpec());
+    const claimed = await claimDue(db.sql, "c1", ["w1", "w2", "w1"]);
+    expect(claimed).toHaveLength(3);
+    expect(claimed.map((t) => t.worker_id).sort()).toEqual(["w1", "w1", "w2"]);
+    for (const t of claimed) expect(t).toMatchObject({ state: "dispatched", attempt: 1, coordinator_id: "c1" });
+    const queued = await db.sql<{ count: number }[]>`SELECT count(*)::int AS count FROM tasks WHERE state = 'queued'`;
+    expect(queued[0]?.count).toBe(7);
+    expect(await claimDue(db.sql, "c1", [])).toEqual([]);
+  });
+
+  test("claims in scheduled order and never a task that is not yet due", async () => {
+    await clear();
+    const future = await insertTask(db.sql, newTaskId(), taskSpec({ scheduledAt: new Date(Date.now() + 60_000) }));
+    const later = await insertTask(db.sql, newTaskId(), taskSpec({ scheduledAt: new Date(Date.now() - 1000) }));
+    const earlier = await insertTask(db.sql, newTaskId(), taskSpec({ scheduledAt: new Date(Date.now() - 5000) }));
+    const claimed = await claimDue(db.sql, "c1", ["w", "w", "w"]);
+    expect(claimed.map((t) => t.id)).toEqual([earlier.id, later.id]);
+    expect((await getTask(db.sql, future.id))?.state).toBe("queued");
+  });
+
+  test("two concurrent claimers never get the same task", async () => {
+    await clear();
+    const ids = new Set<string>();
+    for (let i = 0; i < 60; i++) ids.add((await insertTask(db.sql, newTaskId(), taskSpec())).id);
+    const a = connect(db.url, { max: 1 });
+    const b = connect(db.url, { max: 1 });
+    const got: string[] = [];
+    for (let round = 0; round < 10; round++) {
+      const [x, y] = await Promise.all([claimDue(a, "ca", ["w", "w", "w", "w"]), claimDue(b, "cb", ["v", "v", "v", "v"])]);
+      got.push(...x.map((t) => t.id), ...y.map((t) => t.id));
+    }
+    await Promise.all([a.end(), b.end()]);
+    expect(new Set(got).size).toBe(got.length);
+    expect(got.length).toBe(60);
+    for (const id of got) expect(ids.has(id)).toBe(true);
+  });
+});
+
+describe("fenced reports", () => {
+  test("start and finish apply for the attempt that holds the task", async () => {
+    await clear();
+    const task = await insertTask(db.sql, newTaskId(), taskSpec());
+    await claimDue(db.sql, "c1", ["w1"]);
+    const started = await markStarted(db.sql, { id: task.id, attempt: 1, workerId: "w1", startedAt: new Date(), pid: 42 });
+    expect(started?.state).toBe("running");
+    const { applied } = await finishAttempt(db.sql, { id: task.id, attempt: 1, workerId: "w1" }, success());
+    expect(applied).toMatchObject({ state: "succeeded", exit_code: 0, stdout: "ok\n" });
+    expect(applied?.completed_at).toBeInstanceOf(Date);
+    expect(applied?.failed_at).toBeNull();
+    const kinds = (await listTaskEvents(db.sql, task.id)).map((e) => e.kind);
+    expect(kinds).toEqual(["submitted", "dispatched", "started", "succeeded"]);
+  });
+
+  test("a non-zero exit is state failed with the exit code", async () => {
+    await clear();
+    const task = await insertTask(db.sql, newTaskId(), taskSpec());
+    await claimDue(db.sql, "c1", ["w1"]);
+    const { applied } = await finishAttempt(
+      db.sql,
+      { id: task.id, attempt: 1, workerId: "w1" },
+      success({ state: "failed", exitCode: 3 }),
+    );
+    expect(applied).toMatchObject({ state: "failed", exit_code: 3 });
+    expect(applied?.failed_at).toBeInstanceOf(Date);
+    expect(applied?.completed_at).toBeNull();
+  });
+
+  test("a report from a superseded attempt changes nothing and is recorded as stale", async () => {
+    await clear();
+    const task = await insertTask(db.sql, newTaskId(), taskSpec());
+    await claimDue(db.sql, "c1", ["w1"]);
+    const requeued = await requeueWorkerTasks(db.sql, "w1", "worker lost");
+    expect(requeued.map((t) => [t.id, t.state])).toEqual([[task.id, "queued"]]);
+    const [second] = await claimDue(db.sql, "c1", ["w2"]);
+    expect(second).toMatchObject({ id: task.id, attempt: 2, worker_id: "w2" });
+    const stale = await finishAttempt(db.sql, { id: task.id, attempt: 1, workerId: "w1" }, success());
+    expect(stale.applied).toBeNull();
+    expect(await markStarted(db.sql, { id: task.id, attempt: 1, workerId: "w1", startedAt: new Date(), pid: 1 })).toBeNull();
+    // Right attempt, wrong worker: also fenced.
+    expect((await finishAttempt(db.sql, { id: task.id, attempt: 2, workerId: "w1" }, success())).applied).toBeNull();
+    expect((await getTask(db.sql, task.id))?.state).toBe("dispatched");
+    const { applied } = await finishAttempt(db.sql, { id: task.id, attempt: 2, workerId: "w2" }, success());
+    expect(applied?.state).toBe("succeeded");
+    const events = await listTaskEvents(db.sql, task.id);
+    expect(events.filter((e) => e.kind === "stale").map((e) => e.attempt)).toEqual([1, 2]);
+    expect(events.filter((e) => e.kind === "stale")[0]?.detail).toEqual({ reported: "succeeded", current_attempt: 2 });
+  });
+
+  test("requeue keeps the attempts the worker still holds and fails exhausted tasks", async () => {
+    await clear();
+    const keep = await insertTask(db.sql, newTaskId(), taskSpec());
+    const drop = await insertTask(db.sql, newTaskId(), taskSpec());
+    const last = await insertTask(db.sql, newTaskId(), taskSpec({ maxAttempts: 1 }));
+    await claimDue(db.sql, "c1", ["w1", "w1", "w1"]);
+    const changed = await requeueWorkerTasks(db.sql, "w1", "worker lost", [`${keep.id}:1`]);
+    const byId = new Map(changed.map((t) => [t.id, t]));
+    expect(byId.has(keep.id)).toBe(false);
+    expect(byId.get(drop.id)?.state).toBe("queued");
+    expect(byId.get(last.id)?.state).toBe("failed");
+    expect(byId.get(last.id)?.error).toBe("worker lost; no attempts left (1)");
+    expect((await getTask(db.sql, keep.id))?.state).toBe("dispatched");
+  });
+
+  test("a handed-back attempt is requeued only under its fence", async () => {
+    await clear();
+    const task = await insertTask(db.sql, newTaskId(), taskSpec());
+    await claimDue(db.sql, "c1", ["w1"]);
+    expect(await requeueAttempt(db.sql, { id: task.id, attempt: 2, workerId: "w1" }, "handed back")).toBeNull();
+    expect((await requeueAttempt(db.sql, { id: task.id, attempt: 1, workerId: "w1" }, "handed back"))?.state).toBe("queued");
+  });
+});
+
+describe("orphans", () => {
+  test("tasks of a worker nobody heartbeats for are requeued, live ones are not", async () => {
+    await clear();
+    await upsertWorker(db.sql, { id: "live", name: "live", coordinatorId: "c1", slots: 2, labels: {}, version: "t" });
+    await upsertWorker(db.sql, { id: "dead", name: "dead", coordinatorId: "c1", slots: 2, labels: {}, version: "t" });
+    const a = await insertTask(db.sql, newTaskId(), taskSpec());
+    const b = await insertTask(db.sql, newTaskId(), taskSpec());
+    const c = await insertTask(db.sql, newTaskId(), taskSpec());
+    await claimDue(db.sql, "c1", ["live", "dead", "ghost"]);
+    await db.sql`UPDATE workers SET last_heartbeat_at = now() - interval '1 minute' WHERE id = 'dead'`;
+    await touchWorkers(db.sql, "c1", ["live"]);
+    const rescued = await requeueOrphans(db.sql, 3000);
+    expect(rescued.map((t) => t.id).sort()).toEqual([b.id, c.id].sort());
+    expect((await getTask(db.sql, a.id))?.state).toBe("dispatched");
+    expect(await markWorkerGone(db.sql, "live", "other-coordinator")).toBe(false);
+    expect(await markWorkerGone(db.sql, "live", "c1")).toBe(true);
+    expect((await listLiveWorkers(db.sql)).map((w) => w.id)).toEqual(["dead"]);
+  });
+});
+
+describe("cancelTask", () => {
+  test("cancels a queued task; a final one is reported as such", async () => {
+    await clear();
+    const task = await insertTask(db.sql, newTaskId(), taskSpec());
+    const first = await cancelTask(db.sql, task.id);
+    expect(first.kind).toBe("cancelled");
+    if (first.kind === "cancelled") {
+      expect(first.wasState).toBe("queued");
+      expect(first.task.cancelled_at).toBeInstanceOf(Date);
+    }
+    const again = await cancelTask(db.sql, task.id);
+    expect(again).toMatchObject({ kind: "final", task: { state: "cancelled" } });
+    expect(await cancelTask(db.sql, newTaskId())).toEqual({ kind: "not_found" });
+    expect(await claimDue(db.sql, "c1", ["w"])).toEqual([]);
+  });
+});
+
+describe("listTasks", () => {
+  test("pages newest first and filters by state", async () => {
+    await clear();
+    const ids: string[] = [];
+    for (let i = 0; i < 5; i++) ids.push((await insertTask(db.sql, newTaskId(), taskSpec())).id);
+    await cancelTask(db.sql, ids[0]!);
+    const page1 = await listTasks(db.sql, { limit: 2 });
+    expect(page1.map((t) => t.id)).toEqual([ids[4]!, ids[3]!]);
+    const page2 = await listTasks(db.sql, { limit: 2, before: page1[1]!.id });
+    expect(page2.map((t) => t.id)).toEqual([ids[2]!, ids[1]!]);
+    const cancelled = await listTasks(db.sql, { limit: 10, state: "cancelled" });
+    expect(cancelled.map((t) => t.id)).toEqual([ids[0]!]);
+  });
+});
+
+describe("migrate", () => {
+  test("is idempotent and safe when several processes start at once", async () => {
+    const fresh = await createTestDatabase({ migrate: false });
+    try {
+      const others = [connect(fresh.url, { max: 1 }), connect(fresh.url, { max: 1 }), connect(fresh.url, { max: 1 })];
+      const applied = await Promise.all(others.map((sql) => migrate(sql)));
+      await Promise.all(others.map((sql) => sql.end()));
+      const versions = readMigrations().map((m) => m.version);
+      expect(applied.flat().sort()).toEqual(versions);
+      expect(await migrate(fresh.sql)).toEqual([]);
+    } finally {
+      await dropTestDatabase(fresh);
+    }
+  });
+
+  test("refuses a migration that was edited after it was applied", async () => {
+    const edited = readMigrations().map((m, i) => (i === 0 ? { ...m, checksum: "different" } : m));
+    expect(migrate(db.sql, edited)).rejects.toThrow(/changed after it was applied/);
+  });
+});

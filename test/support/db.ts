@@ -1,0 +1,101 @@
+// A database per test file, on the server at TEST_DATABASE_URL / DATABASE_URL when set,
+// otherwise on one embedded PostgreSQL cluster started for the whole run (stopped by
+// preload.ts). Each file gets a fresh, migrated database and drops it afterwards.
+import { afterAll, beforeAll } from "bun:test";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import postgres from "postgres";
+import { connect, type Sql } from "../../src/db/sql";
+import { migrate } from "../../src/db/migrate";
+import { startEmbedded, type EmbeddedDatabase } from "../../src/db/embedded";
+
+let embedded: Promise<EmbeddedDatabase> | null = null;
+let embeddedDir: string | null = null;
+
+/** URL of a database on the server where test databases can be created. */
+async function serverUrl(): Promise<string> {
+  const configured = process.env.TEST_DATABASE_URL || process.env.DATABASE_URL;
+  if (configured) return configured;
+  if (!embedded) {
+    embeddedDir = mkdtempSync(join(tmpdir(), "tq-test-pg-"));
+    embedded = startEmbedded({
+      dataDir: embeddedDir,
+      port: await freePort(),
+      settings: { fsync: "off", synchronous_commit: "off", full_page_writes: "off" },
+    });
+  }
+  return (await embedded).adminUrl;
+}
+
+/** Stops the embedded cluster, if this run started one. */
+export async function stopEmbeddedServer(): Promise<void> {
+  if (!embedded) return;
+  const db = await embedded;
+  embedded = null;
+  await db.stop();
+  if (embeddedDir) rmSync(embeddedDir, { recursive: true, force: true });
+}
+
+export async function freePort(): Promise<number> {
+  const server = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
+  const port = server.port;
+  server.stop(true);
+  return port;
+}
+
+export interface TestDatabase {
+  /** Connection URL of this file's database, for child processes. */
+  url: string;
+  sql: Sql;
+}
+
+function withDatabase(url: string, database: string): string {
+  const parsed = new URL(url);
+  parsed.pathname = `/${database}`;
+  return parsed.toString();
+}
+
+/** Creates and migrates a fresh database; drop it with dropTestDatabase. */
+export async function createTestDatabase(options: { migrate?: boolean } = {}): Promise<TestDatabase> {
+  const server = await serverUrl();
+  const name = `tq_test_${process.pid}_${Math.random().toString(36).slice(2, 10)}`;
+  const admin = postgres(server, { max: 1, onnotice: () => {} });
+  try {
+    await admin`CREATE DATABASE ${admin(name)}`;
+  } finally {
+    await admin.end();
+  }
+  const url = withDatabase(server, name);
+  const sql = connect(url, { max: 10, applicationName: "task-queue-test" });
+  if (options.migrate !== false) await migrate(sql);
+  return { url, sql };
+}
+
+export async function dropTestDatabase(db: TestDatabase): Promise<void> {
+  await db.sql.end({ timeout: 5 });
+  const name = new URL(db.url).pathname.slice(1);
+  const admin = postgres(await serverUrl(), { max: 1, onnotice: () => {} });
+  try {
+    await admin`DROP DATABASE IF EXISTS ${admin(name)} WITH (FORCE)`;
+  } finally {
+    await admin.end();
+  }
+}
+
+/**
+ * The usual form: a database for the calling test file, created before its first test and
+ * dropped after its last. Read `.sql` / `.url` inside tests.
+ */
+export function useTestDatabase(): TestDatabase {
+  const handle = {} as TestDatabase;
+  let db: TestDatabase | null = null;
+  beforeAll(async () => {
+    db = await createTestDatabase();
+    Object.assign(handle, db);
+  });
+  afterAll(async () => {
+    if (db) await dropTestDatabase(db);
+  });
+  return handle;
+}
