@@ -1,0 +1,547 @@
+// The Dockerfile and docker-compose.yml cannot be run here (no Docker engine in CI), so this
+// checks them statically against what the code expects: the Bun version, the package.json
+// scripts, the configuration schema and its defaults, and the files in the repository.
+import { test, expect, describe } from "bun:test";
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import { ConfigSchema, coordinatorAddresses, loadConfig, type Config } from "../../src/config";
+
+const root = join(import.meta.dir, "..", "..");
+const read = (path: string) => Bun.file(join(root, path)).text();
+
+// ---------------------------------------------------------------------------------------------
+// Dockerfile: a small parser, enough for the instructions we use.
+
+interface Instruction {
+  keyword: string;
+  args: string;
+  line: number;
+}
+
+interface Stage {
+  image: string;
+  name: string | undefined;
+  instructions: Instruction[];
+}
+
+/**
+ * Splits a Dockerfile into instructions. As in Docker, a trailing `\` continues the line, and
+ * comment and blank lines are dropped even inside a continuation; parser directives
+ * (`# syntax=...`) are comments here.
+ */
+function parseDockerfile(text: string): Instruction[] {
+  const instructions: Instruction[] = [];
+  let pending = "";
+  let start = 0;
+  text.split(/\r?\n/).forEach((raw, index) => {
+    const line = raw.trim();
+    if (line === "" || line.startsWith("#")) return;
+    if (pending === "") start = index + 1;
+    if (line.endsWith("\\")) {
+      pending += `${line.slice(0, -1).trimEnd()} `;
+      return;
+    }
+    pending += line;
+    const match = /^(\S+)\s*(.*)$/s.exec(pending);
+    if (!match) throw new Error(`Dockerfile line ${start}: cannot parse "${pending}"`);
+    instructions.push({ keyword: (match[1] ?? "").toUpperCase(), args: (match[2] ?? "").trim(), line: start });
+    pending = "";
+  });
+  if (pending !== "") throw new Error(`Dockerfile ends inside a continuation that starts on line ${start}`);
+  return instructions;
+}
+
+function stagesOf(instructions: Instruction[]): Stage[] {
+  const stages: Stage[] = [];
+  for (const instruction of instructions) {
+    if (instruction.keyword === "FROM") {
+      const words = instruction.args.split(/\s+/).filter((w) => !w.startsWith("--"));
+      const asIndex = words.findIndex((w) => w.toUpperCase() === "AS");
+      stages.push({
+        image: words[0] ?? "",
+        name: asIndex >= 0 ? words[asIndex + 1] : undefined,
+        instructions: [],
+      });
+      continue;
+    }
+    const current = stages.at(-1);
+    // ARG may precede the first FROM; nothing else may.
+    if (!current) {
+      if (instruction.keyword !== "ARG") {
+        throw new Error(`Dockerfile line ${instruction.line}: ${instruction.keyword} before FROM`);
+      }
+      continue;
+    }
+    current.instructions.push(instruction);
+  }
+  return stages;
+}
+
+/** CMD/ENTRYPOINT/RUN arguments as argv: exec (JSON) form as is, shell form through sh -c. */
+function argv(args: string): string[] {
+  if (args.startsWith("[")) {
+    const parsed: unknown = JSON.parse(args);
+    if (!Array.isArray(parsed) || !parsed.every((a) => typeof a === "string")) {
+      throw new Error(`exec form is not a list of strings: ${args}`);
+    }
+    return parsed;
+  }
+  return ["/bin/sh", "-c", args];
+}
+
+interface Copy {
+  from: string | undefined;
+  sources: string[];
+  destination: string;
+  line: number;
+}
+
+function copiesOf(stage: Stage): Copy[] {
+  return stage.instructions
+    .filter((i) => i.keyword === "COPY" || i.keyword === "ADD")
+    .map((i) => {
+      const words = i.args.startsWith("[") ? argv(i.args) : i.args.split(/\s+/);
+      const flags = words.filter((w) => w.startsWith("--"));
+      const paths = words.filter((w) => !w.startsWith("--"));
+      const from = flags.find((f) => f.startsWith("--from="))?.slice("--from=".length);
+      const destination = paths.at(-1);
+      if (destination === undefined || paths.length < 2) {
+        throw new Error(`Dockerfile line ${i.line}: COPY needs a source and a destination`);
+      }
+      return { from, sources: paths.slice(0, -1), destination, line: i.line };
+    });
+}
+
+/** ENV in both forms: `ENV A=1 B="two words"` and the legacy `ENV A 1`. */
+function envOf(stage: Stage): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const { keyword, args } of stage.instructions) {
+    if (keyword !== "ENV") continue;
+    const legacy = /^([A-Za-z_][A-Za-z0-9_]*)\s+([^=]*)$/.exec(args);
+    if (legacy?.[1] !== undefined) {
+      env[legacy[1]] = legacy[2] ?? "";
+      continue;
+    }
+    for (const pair of args.matchAll(/([A-Za-z_][A-Za-z0-9_]*)=("([^"]*)"|'([^']*)'|\S*)/g)) {
+      env[pair[1] ?? ""] = pair[3] ?? pair[4] ?? pair[2] ?? "";
+    }
+  }
+  return env;
+}
+
+/** .dockerignore: the last matching pattern wins; a pattern that matches a folder excludes its contents. */
+function dockerIgnored(patterns: string[], path: string): boolean {
+  const parts = path.replace(/^\.\//, "").split("/");
+  const prefixes = parts.map((_, i) => parts.slice(0, i + 1).join("/"));
+  let ignored = false;
+  for (const raw of patterns) {
+    const negated = raw.startsWith("!");
+    const pattern = raw.slice(negated ? 1 : 0).replace(/^\/+/, "").replace(/\/+$/, "");
+    const glob = new Bun.Glob(pattern);
+    if (prefixes.some((p) => glob.match(p))) ignored = !negated;
+  }
+  return ignored;
+}
+
+// ---------------------------------------------------------------------------------------------
+// docker-compose.yml: parsed with Bun.YAML, then interpolated as Compose does.
+
+function isRecord(value: unknown): value is Record<string, unknown> {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
+}
+
+function record(value: unknown, where: string): Record<string, unknown> {
+  if (!isRecord(value)) throw new Error(`${where} is not a mapping`);
+  return value;
+}
+
+/**
+ * Compose interpolation with no variables set: `${VAR:-default}` and `${VAR-default}` become
+ * their default and `$$` a literal `$`. A variable with no default throws, because the file
+ * must work with no .env next to it.
+ */
+function interpolate(value: string): string {
+  const variable = /\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)/g;
+  return value.replace(variable, (match, braced, fallback, bare) => {
+    if (match === "$$") return "$";
+    if (typeof fallback === "string") return fallback;
+    throw new Error(`\${${braced ?? bare}} has no default in docker-compose.yml`);
+  });
+}
+
+function interpolateDeep(value: unknown): unknown {
+  if (typeof value === "string") return interpolate(value);
+  if (Array.isArray(value)) return value.map(interpolateDeep);
+  if (isRecord(value)) return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, interpolateDeep(v)]));
+  return value;
+}
+
+/** A service's environment, in either Compose form (mapping or `KEY=value` list). */
+function environmentOf(service: Record<string, unknown>): Record<string, string | undefined> {
+  const raw = service.environment;
+  if (raw === undefined) return {};
+  const env: Record<string, string | undefined> = {};
+  if (Array.isArray(raw)) {
+    for (const entry of raw) {
+      const [key = "", ...rest] = String(entry).split("=");
+      env[key] = rest.length > 0 ? rest.join("=") : undefined;
+    }
+    return env;
+  }
+  for (const [key, value] of Object.entries(record(raw, "environment"))) {
+    // A key with no value is taken from the host's environment, which is unset here.
+    env[key] = value === null || value === undefined ? undefined : String(value);
+  }
+  return env;
+}
+
+interface PublishedPort {
+  hostIp: string | undefined;
+  published: string | undefined;
+  target: number;
+}
+
+/** Short syntax ("[ip:][published:]target[/proto]") and long syntax ({ target, published, host_ip }). */
+function portsOf(service: Record<string, unknown>): PublishedPort[] {
+  const raw = service.ports;
+  if (raw === undefined) return [];
+  if (!Array.isArray(raw)) throw new Error("ports is not a list");
+  return raw.map((entry): PublishedPort => {
+    if (isRecord(entry)) {
+      return {
+        hostIp: entry.host_ip === undefined ? undefined : String(entry.host_ip),
+        published: entry.published === undefined ? undefined : String(entry.published),
+        target: Number(entry.target),
+      };
+    }
+    const parts = String(entry).replace(/\/(tcp|udp)$/, "").split(":");
+    const target = Number(parts.at(-1));
+    if (parts.length === 3) return { hostIp: parts[0], published: parts[1], target };
+    if (parts.length === 2) return { hostIp: undefined, published: parts[0], target };
+    return { hostIp: undefined, published: undefined, target };
+  });
+}
+
+/** depends_on in either form; the list form means condition service_started. */
+function dependenciesOf(service: Record<string, unknown>): Record<string, string> {
+  const raw = service.depends_on;
+  if (raw === undefined) return {};
+  if (Array.isArray(raw)) return Object.fromEntries(raw.map((name) => [String(name), "service_started"]));
+  return Object.fromEntries(
+    Object.entries(record(raw, "depends_on")).map(([name, options]) => [
+      name,
+      isRecord(options) && typeof options.condition === "string" ? options.condition : "service_started",
+    ]),
+  );
+}
+
+/** Go-style durations as Compose writes them: "40s", "1m30s", "500ms". */
+function durationMs(value: string): number {
+  const units: Record<string, number> = { us: 0.001, ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
+  let total = 0;
+  const rest = value.replace(/(\d+(?:\.\d+)?)(us|ms|s|m|h)/g, (_, amount: string, unit: string) => {
+    total += Number(amount) * (units[unit] ?? Number.NaN);
+    return "";
+  });
+  if (rest !== "" || value === "") throw new Error(`not a duration: "${value}"`);
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+const packageJson = record(JSON.parse(await read("package.json")), "package.json");
+const scripts = record(packageJson.scripts, "package.json scripts");
+const devDependencies = record(packageJson.devDependencies, "package.json devDependencies");
+
+const stages = stagesOf(parseDockerfile(await read("Dockerfile")));
+const finalStage = stages.at(-1);
+if (!finalStage) throw new Error("Dockerfile has no FROM");
+const imageEnv = envOf(finalStage);
+const ignorePatterns = (await read(".dockerignore"))
+  .split(/\r?\n/)
+  .map((l) => l.trim())
+  .filter((l) => l !== "" && !l.startsWith("#"));
+
+const compose = record(interpolateDeep(Bun.YAML.parse(await read("docker-compose.yml"))), "docker-compose.yml");
+const services = record(compose.services, "services");
+const service = (name: string) => record(services[name], `service ${name}`);
+const roles = ["coordinator", "scheduler", "worker"] as const;
+
+/** What a role's process sees: the image's ENV overlaid by the service's environment. */
+function roleEnv(name: string): Record<string, string | undefined> {
+  return { ...imageEnv, ...environmentOf(service(name)) };
+}
+const roleConfig = (name: string): Config => loadConfig(roleEnv(name));
+
+const schemaKeys = new Set(Object.keys(ConfigSchema.properties));
+
+describe("Dockerfile", () => {
+  test("every stage builds on the official oven/bun image at the Bun version package.json pins", () => {
+    const range = devDependencies["bun-types"];
+    expect(typeof range).toBe("string");
+    const pinned = String(range).replace(/^[\^~=v]+/, "");
+    expect(pinned).toMatch(/^\d+\.\d+\.\d+$/);
+
+    const stageNames = new Set<string>();
+    for (const stage of stages) {
+      if (!stageNames.has(stage.image)) {
+        // Distroless has no /bin/sh, which the worker needs for `sh -c <command>`.
+        const match = /^oven\/bun:(\d+\.\d+\.\d+)(-slim|-debian|-alpine)?$/.exec(stage.image);
+        expect(match?.[1]).toBe(pinned);
+      }
+      if (stage.name !== undefined) stageNames.add(stage.name);
+    }
+  });
+
+  test("the final stage runs as a non-root user, set before its command", () => {
+    const instructions = finalStage.instructions;
+    const commandAt = instructions.findIndex((i) => i.keyword === "CMD" || i.keyword === "ENTRYPOINT");
+    expect(commandAt).toBeGreaterThanOrEqual(0);
+    const user = instructions.slice(0, commandAt).findLast((i) => i.keyword === "USER");
+    expect(user).toBeDefined();
+    const name = (user?.args ?? "").split(":")[0] ?? "";
+    expect(["", "root", "0"]).not.toContain(name);
+    // A later USER would be the one in effect.
+    expect(instructions.slice(commandAt).some((i) => i.keyword === "USER")).toBe(false);
+  });
+
+  test("the default command runs the coordinator through its package.json script", () => {
+    const cmd = finalStage.instructions.findLast((i) => i.keyword === "CMD");
+    expect(finalStage.instructions.some((i) => i.keyword === "ENTRYPOINT")).toBe(false);
+    const command = argv(cmd?.args ?? "[]");
+    expect(command).toEqual(["bun", "run", "coordinator"]);
+    expect(scripts).toHaveProperty("coordinator");
+  });
+
+  test("the image binds every interface and sets only known options", () => {
+    expect(imageEnv.TQ_HOST).toBe("0.0.0.0");
+    for (const key of Object.keys(imageEnv)) {
+      if (key.startsWith("TQ_") || key === "DATABASE_URL") expect(schemaKeys).toContain(key);
+    }
+    expect(() => loadConfig(imageEnv)).not.toThrow();
+  });
+
+  test("COPY sources exist in the repository and are not excluded by .dockerignore", () => {
+    const fromContext = stages.flatMap(copiesOf).filter((c) => c.from === undefined);
+    expect(fromContext.length).toBeGreaterThan(0);
+    for (const copy of fromContext) {
+      for (const source of copy.sources) {
+        expect(source.split("/")).not.toContain("..");
+        expect({ source, exists: existsSync(join(root, source)) }).toEqual({ source, exists: true });
+        expect({ source, ignored: dockerIgnored(ignorePatterns, source) }).toEqual({ source, ignored: false });
+      }
+    }
+  });
+
+  test("COPY --from names an earlier stage", () => {
+    stages.forEach((stage, index) => {
+      const earlier = stages.slice(0, index).map((s) => s.name);
+      for (const copy of copiesOf(stage)) {
+        if (copy.from !== undefined) expect(earlier).toContain(copy.from);
+      }
+    });
+  });
+
+  test("dependencies install from the lockfile, in a stage that has copied it", () => {
+    const installs = stages.flatMap((stage) =>
+      stage.instructions
+        .filter((i) => i.keyword === "RUN" && /\bbun\s+(install|i)\b/.test(i.args))
+        .map((i) => ({ stage, instruction: i })),
+    );
+    expect(installs.length).toBeGreaterThan(0);
+    for (const { stage, instruction } of installs) {
+      expect(instruction.args).toContain("--frozen-lockfile");
+      expect(instruction.args).toContain("--production");
+      const copied = copiesOf(stage)
+        .filter((c) => c.from === undefined && c.line < instruction.line)
+        .flatMap((c) => c.sources);
+      expect(copied).toContain("package.json");
+      expect(copied).toContain("bun.lock");
+    }
+  });
+
+  test("the final stage holds package.json and every file the role scripts run", () => {
+    const copied = copiesOf(finalStage).flatMap((c) => c.sources.map((s) => s.replace(/^\.\//, "").replace(/\/$/, "")));
+    expect(copied).toContain("package.json");
+    expect(copies(finalStage, "node_modules")).toBe(true);
+    for (const role of roles) {
+      const script = String(scripts[role]);
+      const entry = /^bun\s+(?:run\s+)?(\S+\.ts)$/.exec(script)?.[1];
+      expect({ role, entry }).toEqual({ role, entry: expect.any(String) });
+      expect({ role, entry, copied: copied.some((c) => entry === c || entry?.startsWith(`${c}/`)) }).toEqual({
+        role,
+        entry,
+        copied: true,
+      });
+    }
+  });
+
+  test(".dockerignore keeps host dependencies, data, history and secrets out of the build context", () => {
+    for (const path of ["node_modules", ".data", ".git", ".env", "bench/results", "test"]) {
+      expect({ path, ignored: dockerIgnored(ignorePatterns, path) }).toEqual({ path, ignored: true });
+    }
+    expect(dockerIgnored(ignorePatterns, "src/config.ts")).toBe(false);
+  });
+});
+
+/** Whether a stage gets `name` (a folder) by some COPY, from the context or another stage. */
+function copies(stage: Stage, name: string): boolean {
+  return copiesOf(stage).some((c) => c.sources.some((s) => s.replace(/\/$/, "").split("/").at(-1) === name));
+}
+
+describe("docker-compose.yml", () => {
+  test("defines postgres and the three roles, all roles built from the one Dockerfile into one image", () => {
+    expect(Object.keys(services).sort()).toEqual(["coordinator", "postgres", "scheduler", "worker"]);
+    const images = new Set<unknown>();
+    for (const role of roles) {
+      const build = service(role).build;
+      const context = isRecord(build) ? build.context : build;
+      expect({ role, context }).toEqual({ role, context: "." });
+      if (isRecord(build)) expect(build.dockerfile ?? "Dockerfile").toBe("Dockerfile");
+      expect(typeof service(role).image).toBe("string");
+      images.add(service(role).image);
+    }
+    expect(images.size).toBe(1);
+  });
+
+  test("each role runs `bun run <its own name>`, a script in package.json", () => {
+    for (const role of roles) {
+      const command = service(role).command;
+      const list = typeof command === "string" ? command.split(/\s+/) : command;
+      expect({ role, command: list }).toEqual({ role, command: ["bun", "run", role] });
+      expect(scripts).toHaveProperty(role);
+    }
+  });
+
+  test("roles restart unless stopped", () => {
+    for (const role of roles) expect({ role, restart: service(role).restart }).toEqual({ role, restart: "unless-stopped" });
+  });
+
+  test("role environments name only DATABASE_URL and options of the config schema", () => {
+    for (const role of roles) {
+      for (const key of Object.keys(environmentOf(service(role)))) {
+        expect({ role, key, known: key === "DATABASE_URL" || schemaKeys.has(key) }).toEqual({ role, key, known: true });
+      }
+    }
+  });
+
+  test("every role's environment, with Compose defaults substituted, loads as configuration", () => {
+    for (const role of roles) expect(() => roleConfig(role)).not.toThrow();
+  });
+
+  test("DATABASE_URL reaches the postgres service with the credentials postgres is created with", () => {
+    const pg = environmentOf(service("postgres"));
+    for (const role of ["coordinator", "scheduler"]) {
+      const url = new URL(roleConfig(role).DATABASE_URL ?? "missing:");
+      expect(url.protocol).toMatch(/^postgres(ql)?:$/);
+      expect(url.hostname).toBe("postgres");
+      expect(url.port === "" ? "5432" : url.port).toBe("5432");
+      expect(decodeURIComponent(url.username)).toBe(pg.POSTGRES_USER ?? "");
+      expect(decodeURIComponent(url.password)).toBe(pg.POSTGRES_PASSWORD ?? "");
+      expect(url.pathname).toBe(`/${pg.POSTGRES_DB ?? ""}`);
+    }
+  });
+
+  test("the servers bind every interface and publish their configured ports on loopback only", () => {
+    const expected: Record<string, (c: Config) => number[]> = {
+      coordinator: (c) => [c.TQ_COORDINATOR_PORT, c.TQ_GRPC_PORT],
+      scheduler: (c) => [c.TQ_SCHEDULER_PORT],
+    };
+    for (const [role, portsFor] of Object.entries(expected)) {
+      const config = roleConfig(role);
+      expect({ role, host: config.TQ_HOST }).toEqual({ role, host: "0.0.0.0" });
+      const ports = portsOf(service(role));
+      expect(ports.map((p) => p.target).sort()).toEqual(portsFor(config).sort());
+      for (const port of ports) {
+        expect(port.hostIp).toBe("127.0.0.1");
+        expect(port.published).toBe(String(port.target));
+      }
+    }
+  });
+
+  test("the worker can scale: no published ports, no container_name, no database credentials", () => {
+    const worker = service("worker");
+    expect(portsOf(worker)).toEqual([]);
+    expect(worker.container_name).toBeUndefined();
+    expect(environmentOf(worker).DATABASE_URL).toBeUndefined();
+  });
+
+  test("the worker dials the coordinator service on its gRPC port", () => {
+    const grpcPort = roleConfig("coordinator").TQ_GRPC_PORT;
+    const addresses = coordinatorAddresses(roleConfig("worker"));
+    expect(addresses.length).toBeGreaterThan(0);
+    for (const address of addresses) expect(address).toBe(`coordinator:${grpcPort}`);
+  });
+
+  test("the worker's stop grace period covers its drain and kill grace", () => {
+    const config = roleConfig("worker");
+    const grace = service("worker").stop_grace_period;
+    expect(typeof grace).toBe("string");
+    expect(durationMs(String(grace))).toBeGreaterThan(config.TQ_DRAIN_GRACE_MS + config.TQ_KILL_GRACE_MS);
+  });
+
+  test("postgres is the official image with a pg_isready healthcheck and a named volume for its data", () => {
+    const pg = service("postgres");
+    expect(pg.image).toBe("postgres:17");
+    const check = record(pg.healthcheck, "postgres healthcheck");
+    const probe = Array.isArray(check.test) ? check.test.map(String) : String(check.test).split(/\s+/);
+    expect(probe).toContain("pg_isready");
+    const declared = Object.keys(record(compose.volumes, "volumes"));
+    const mounts = (Array.isArray(pg.volumes) ? pg.volumes : []).map((v) => {
+      if (isRecord(v)) return { source: String(v.source), target: String(v.target) };
+      const [source = "", target = ""] = String(v).split(":");
+      return { source, target };
+    });
+    // /var/lib/postgresql/data is PGDATA up to postgres:17 (18 moved it).
+    expect(mounts).toContainEqual({ source: expect.any(String), target: "/var/lib/postgresql/data" });
+    for (const mount of mounts) expect(declared).toContain(mount.source);
+  });
+
+  test("every role waits for a healthy postgres, directly when it holds DATABASE_URL", () => {
+    const waitsForPostgres = (name: string, seen: Set<string>): boolean => {
+      if (seen.has(name)) return false;
+      seen.add(name);
+      const deps = dependenciesOf(service(name));
+      if (deps.postgres === "service_healthy") return true;
+      return Object.keys(deps).some((dep) => dep !== "postgres" && dep in services && waitsForPostgres(dep, seen));
+    };
+    for (const role of roles) {
+      expect({ role, waits: waitsForPostgres(role, new Set()) }).toEqual({ role, waits: true });
+      if (environmentOf(service(role)).DATABASE_URL !== undefined) {
+        expect({ role, condition: dependenciesOf(service(role)).postgres }).toEqual({ role, condition: "service_healthy" });
+      }
+    }
+  });
+});
+
+describe("test helpers", () => {
+  // The checks above are only as good as these parsers; pin their edge cases.
+  test("parseDockerfile joins continuations and drops comments inside them", () => {
+    const parsed = parseDockerfile("# syntax=docker/dockerfile:1\nFROM a AS b\nRUN one \\\n  # note\n\n  two\ncmd [\"x\"]\n");
+    expect(parsed).toEqual([
+      { keyword: "FROM", args: "a AS b", line: 2 },
+      { keyword: "RUN", args: "one two", line: 3 },
+      { keyword: "CMD", args: '["x"]', line: 7 },
+    ]);
+    expect(() => parseDockerfile("RUN a \\\n")).toThrow(/continuation/);
+  });
+
+  test("interpolate substitutes defaults and refuses variables without one", () => {
+    expect(interpolate("${A:-x}:${B-y}@$${C}")).toBe("x:y@${C}");
+    expect(() => interpolate("${NOPE}")).toThrow(/no default/);
+    expect(() => interpolate("$NOPE")).toThrow(/no default/);
+  });
+
+  test("dockerIgnored honours folders, globs and negation", () => {
+    expect(dockerIgnored(["bench/results"], "bench/results/x.json")).toBe(true);
+    expect(dockerIgnored(["bench/results"], "bench/run.ts")).toBe(false);
+    expect(dockerIgnored(["*.log", "!keep.log"], "keep.log")).toBe(false);
+    expect(dockerIgnored(["*.log"], "a.log")).toBe(true);
+  });
+
+  test("durationMs reads Go durations", () => {
+    expect(durationMs("1m30s")).toBe(90_000);
+    expect(durationMs("500ms")).toBe(500);
+    expect(() => durationMs("40")).toThrow();
+  });
+});
