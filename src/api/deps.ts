@@ -1,0 +1,21 @@
+// What the HTTP API (and the gRPC TaskService, which shares src/api/service.ts) needs from
+// the role that serves it.
+import type { Config } from "../config";
+import type { Sql } from "../db/sql";
+import type { TaskChangeFeed } from "../db/notify";
+import type { Logger } from "../log";
+import type { Task, TaskSpec } from "../task/task";
+
+export interface ApiDeps {
+  role: "scheduler" | "coordinator";
+  config: Config;
+  sql: Sql;
+  /** Started by the role; live status (SSE, WatchTask) subscribes to it. */
+  feed: TaskChangeFeed;
+  log: Logger;
+  /**
+   * Persists a new task and resolves after commit. The scheduler inserts it queued; the
+   * coordinator may hand a run-now task to one of its own workers in the same statement.
+   */
+  submit(id: string, spec: TaskSpec): Promise<Task>;
+}
