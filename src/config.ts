@@ -171,3 +171,8 @@ export function requireDatabaseUrl(config: Config, role: string): string {
   }
   return config.DATABASE_URL;
 }
+
+/** The process environment, which a worker's tasks inherit (minus DATABASE_URL and TQ_*). */
+export function inheritedEnvironment(): Record<string, string | undefined> {
+  return { ...process.env };
+}

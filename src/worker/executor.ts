@@ -1,0 +1,356 @@
+import { readdirSync, readFileSync, statSync } from "node:fs";
+
+export type Outcome = "exited" | "spawn_failed" | "timed_out" | "cancelled" | "abandoned";
+
+export interface RunSpec {
+  /** Run as ["sh", "-c", command]. */
+  command: string;
+  /** Task env, layered over `baseEnv` after the worker's own variables are removed from it. */
+  env: Record<string, string>;
+  /** Defaults to the worker's cwd when undefined or "". */
+  cwd?: string;
+  /** 0 = no timeout. */
+  timeoutMs: number;
+  /** SIGTERM to the process group, then SIGKILL this long after if anything is still alive. */
+  killGraceMs: number;
+  /** Keep only the last maxOutputBytes of stdout and of stderr each. */
+  maxOutputBytes: number;
+  /** Env inherited by the task (the worker's environment, from src/config.ts). */
+  baseEnv: Record<string, string | undefined>;
+  /**
+   * How long to keep reading output after the process group has been SIGKILLed, for
+   * descendants that left the group (setsid) but still hold our pipes. Defaults to 1000 ms.
+   */
+  drainMs?: number;
+}
+
+export interface RunResult {
+  outcome: Outcome;
+  /** null when killed by a signal or never spawned. */
+  exitCode: number | null;
+  /** Signal name (e.g. "SIGKILL") or number for unnamed signals; null when exited normally. */
+  signal: string | null;
+  stdout: string;
+  stderr: string;
+  stdoutTruncated: boolean;
+  stderrTruncated: boolean;
+  /** Why the task did not run to completion; null for "exited", "cancelled" and "abandoned". */
+  error: string | null;
+  pid: number | null;
+  startedAt: Date;
+  finishedAt: Date;
+}
+
+export interface Execution {
+  readonly pid: number | null;
+  readonly startedAt: Date;
+  /** Never rejects. */
+  readonly result: Promise<RunResult>;
+  /**
+   * Kill the whole process group: SIGTERM, then SIGKILL after killGraceMs. Outcome is the
+   * given reason unless the process already exited. Idempotent: the first reason wins.
+   */
+  stop(reason: "cancelled" | "abandoned" | "timed_out"): void;
+}
+
+const DEFAULT_DRAIN_MS = 1000;
+
+/**
+ * The environment a task sees. DATABASE_URL and TQ_* are the worker's own secrets and
+ * configuration, so they are never inherited; the task env (which may carry TQ_TASK_ID and
+ * TQ_TASK_ATTEMPT from the caller) is applied after that filter.
+ */
+export function taskEnv(
+  baseEnv: Record<string, string | undefined>,
+  env: Record<string, string>,
+): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const [key, value] of Object.entries(baseEnv)) {
+    if (value === undefined || key === "DATABASE_URL" || key.startsWith("TQ_")) continue;
+    out[key] = value;
+  }
+  return Object.assign(out, env);
+}
+
+/** Keeps the last `limit` bytes written to it; memory stays within limit plus one chunk. */
+export class TailBuffer {
+  private readonly chunks: Uint8Array[] = [];
+  private size = 0;
+  private dropped = false;
+
+  constructor(private readonly limit: number) {}
+
+  push(chunk: Uint8Array): void {
+    if (chunk.length === 0) return;
+    if (chunk.length >= this.limit) {
+      // Copy: a view would pin the whole (possibly large) chunk in memory.
+      this.dropped ||= this.size > 0 || chunk.length > this.limit;
+      this.chunks.length = 0;
+      this.chunks.push(chunk.slice(chunk.length - this.limit));
+      this.size = this.limit;
+      return;
+    }
+    this.chunks.push(chunk);
+    this.size += chunk.length;
+    // Drop whole chunks that lie entirely before the tail; the partial one is cut in bytes().
+    let first = this.chunks[0];
+    while (first !== undefined && this.size - first.length >= this.limit) {
+      this.chunks.shift();
+      this.size -= first.length;
+      this.dropped = true;
+      first = this.chunks[0];
+    }
+  }
+
+  get truncated(): boolean {
+    return this.dropped || this.size > this.limit;
+  }
+
+  bytes(): Uint8Array {
+    const all = new Uint8Array(this.size);
+    let at = 0;
+    for (const c of this.chunks) {
+      all.set(c, at);
+      at += c.length;
+    }
+    return this.size > this.limit ? all.subarray(this.size - this.limit) : all;
+  }
+
+  /** UTF-8 text; when the head was cut, a partial leading character is dropped. */
+  text(): string {
+    let bytes = this.bytes();
+    if (this.truncated) {
+      let skip = 0;
+      // At most 3 continuation bytes (10xxxxxx) can precede the next character start.
+      while (skip < 3 && skip < bytes.length && ((bytes[skip] ?? 0) & 0xc0) === 0x80) skip++;
+      bytes = bytes.subarray(skip);
+    }
+    return new TextDecoder("utf-8", { ignoreBOM: true }).decode(bytes);
+  }
+}
+
+export function execute(spec: RunSpec): Execution {
+  const startedAt = new Date();
+  const cwd = spec.cwd === undefined || spec.cwd === "" ? undefined : spec.cwd;
+
+  const cwdProblem = cwd === undefined ? null : checkDirectory(cwd);
+  if (cwdProblem !== null) return failed(startedAt, cwdProblem);
+
+  let proc: Bun.Subprocess<"ignore", "pipe", "pipe">;
+  try {
+    proc = Bun.spawn(["sh", "-c", spec.command], {
+      cwd,
+      env: taskEnv(spec.baseEnv, spec.env),
+      stdin: "ignore",
+      stdout: "pipe",
+      stderr: "pipe",
+      // setsid(): the child leads its own process group, so -pid reaches every descendant
+      // that does not deliberately leave it.
+      detached: true,
+    });
+  } catch (err) {
+    return failed(startedAt, `spawn failed: ${errorText(err)}`);
+  }
+
+  const pid = proc.pid;
+  const limit = Math.max(0, Math.floor(spec.maxOutputBytes));
+  const grace = Math.max(0, spec.killGraceMs);
+  const out = new TailBuffer(limit);
+  const err = new TailBuffer(limit);
+  const stdoutReader = proc.stdout.getReader();
+  const stderrReader = proc.stderr.getReader();
+  const reading = Promise.all([pump(stdoutReader, out), pump(stderrReader, err)]);
+
+  let stopReason: "cancelled" | "abandoned" | "timed_out" | null = null;
+  let leaderExited = false;
+  let termSent = false;
+  let killSent = false;
+  let timeoutTimer: ReturnType<typeof setTimeout> | undefined;
+  let killTimer: ReturnType<typeof setTimeout> | undefined;
+  let signalKilled!: () => void;
+  const killed = new Promise<void>((resolve) => (signalKilled = resolve));
+
+  const kill = (): void => {
+    if (killSent) return;
+    killSent = true;
+    clearTimeout(killTimer);
+    signalGroup(pid, "SIGKILL");
+    signalKilled();
+  };
+  const terminate = (): void => {
+    if (termSent) return;
+    termSent = true;
+    signalGroup(pid, "SIGTERM");
+    killTimer = setTimeout(kill, grace);
+  };
+  let timedOutAfter = 0;
+  const stop = (reason: "cancelled" | "abandoned" | "timed_out"): void => {
+    if (leaderExited || stopReason !== null) return;
+    stopReason = reason;
+    // A caller may enforce its own deadline through stop("timed_out").
+    timedOutAfter = spec.timeoutMs > 0 ? spec.timeoutMs : Date.now() - startedAt.getTime();
+    clearTimeout(timeoutTimer);
+    terminate();
+  };
+
+  if (spec.timeoutMs > 0) timeoutTimer = setTimeout(() => stop("timed_out"), spec.timeoutMs);
+
+  const result = (async (): Promise<RunResult> => {
+    await proc.exited.catch(() => undefined);
+    leaderExited = true;
+    clearTimeout(timeoutTimer);
+
+    // The task ends with its leader: anything it left running in the group gets SIGTERM and
+    // the same grace (ended early once nothing holds our pipes), then SIGKILL. With no
+    // stragglers both signals fail with ESRCH. The group id cannot be reused while any member
+    // lives, and pids are allocated sequentially, so signalling it here is safe in practice.
+    terminate();
+    await Promise.race([reading, killed]);
+    kill();
+
+    // SIGKILL is delivered asynchronously; wait until the group has really stopped running so
+    // that a resolved result means nothing of the task is left, and until our pipes are closed.
+    let drainTimer: ReturnType<typeof setTimeout> | undefined;
+    let draining = true;
+    const drained = await Promise.race([
+      Promise.all([reading, groupGone(pid, () => draining)]).then(() => true),
+      new Promise<false>((resolve) => {
+        drainTimer = setTimeout(() => resolve(false), spec.drainMs ?? DEFAULT_DRAIN_MS);
+      }),
+    ]);
+    draining = false;
+    clearTimeout(drainTimer);
+    if (!drained) {
+      // A descendant escaped the group (setsid) and still holds a pipe; keep what we have.
+      await Promise.all([stdoutReader.cancel().catch(() => {}), stderrReader.cancel().catch(() => {})]);
+    }
+
+    const signal = proc.signalCode === null ? null : String(proc.signalCode);
+    return {
+      outcome: stopReason ?? "exited",
+      exitCode: proc.exitCode,
+      signal,
+      stdout: out.text(),
+      stderr: err.text(),
+      stdoutTruncated: out.truncated,
+      stderrTruncated: err.truncated,
+      error: stopReason === "timed_out" ? `timed out after ${timedOutAfter} ms` : null,
+      pid,
+      startedAt,
+      finishedAt: new Date(),
+    };
+  })();
+
+  return { pid, startedAt, result, stop };
+}
+
+function failed(startedAt: Date, error: string): Execution {
+  const result: RunResult = {
+    outcome: "spawn_failed",
+    exitCode: null,
+    signal: null,
+    stdout: "",
+    stderr: "",
+    stdoutTruncated: false,
+    stderrTruncated: false,
+    error,
+    pid: null,
+    startedAt,
+    finishedAt: new Date(),
+  };
+  return { pid: null, startedAt, result: Promise.resolve(result), stop: () => {} };
+}
+
+// Bun reports a missing cwd as "ENOENT ... posix_spawn 'sh'", which blames the shell.
+function checkDirectory(cwd: string): string | null {
+  try {
+    return statSync(cwd).isDirectory() ? null : `cwd ${cwd} is not a directory`;
+  } catch (err) {
+    const code = errorCode(err);
+    if (code === "ENOENT") return `cwd ${cwd} does not exist`;
+    return `cwd ${cwd} is not accessible: ${errorText(err)}`;
+  }
+}
+
+// Structural reader type: Bun's pipes are typed as node:stream/web readers, which the DOM
+// ReadableStreamDefaultReader type does not accept.
+async function pump(
+  reader: { read(): Promise<{ done: boolean; value?: Uint8Array | undefined }> },
+  into: TailBuffer,
+): Promise<void> {
+  try {
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) return;
+      if (value !== undefined) into.push(value);
+    }
+  } catch {
+    // A read error ends this stream's output; the exit status is still the result.
+  }
+}
+
+const GROUP_POLL_MS = 5;
+
+/**
+ * Resolves once no process of group pgid is running, or when keepWaiting() turns false.
+ * There is no exit notification for processes that are not our children, hence the poll; it
+ * only runs when the leader left stragglers behind.
+ */
+async function groupGone(pgid: number, keepWaiting: () => boolean): Promise<void> {
+  while (keepWaiting() && groupRunning(pgid)) await Bun.sleep(GROUP_POLL_MS);
+}
+
+function groupRunning(pgid: number): boolean {
+  try {
+    process.kill(-pgid, 0);
+  } catch {
+    return false; // ESRCH: empty; EPERM: not ours to wait for
+  }
+  // Zombies still count for kill(0) until their new parent reaps them, which a container's
+  // PID 1 may do late or never; they run nothing, so look past them where /proc exists.
+  let entries: string[];
+  try {
+    entries = readdirSync("/proc");
+  } catch {
+    return true;
+  }
+  for (const entry of entries) {
+    if (!/^[0-9]+$/.test(entry)) continue;
+    let stat: string;
+    try {
+      stat = readFileSync(`/proc/${entry}/stat`, "utf8");
+    } catch {
+      continue; // exited while we looked
+    }
+    // "pid (comm) state ppid pgrp ...": comm may contain spaces and parentheses.
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    const state = fields[0];
+    if (Number(fields[2]) === pgid && state !== "Z" && state !== "X") return true;
+  }
+  return false;
+}
+
+function signalGroup(pid: number, signal: "SIGTERM" | "SIGKILL"): void {
+  try {
+    process.kill(-pid, signal);
+  } catch (err) {
+    if (errorCode(err) === "ESRCH") return; // group already gone
+    // EPERM and the like: at least reach the leader.
+    try {
+      process.kill(pid, signal);
+    } catch {
+      // Nothing more we can do from here.
+    }
+  }
+}
+
+function errorCode(err: unknown): string | undefined {
+  if (typeof err === "object" && err !== null && "code" in err && typeof err.code === "string") {
+    return err.code;
+  }
+  return undefined;
+}
+
+function errorText(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}

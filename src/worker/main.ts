@@ -1,0 +1,16 @@
+// bun run worker: dials TQ_COORDINATOR_ADDRESSES and runs up to TQ_WORKER_SLOTS commands at
+// once. It holds no database credentials. SIGTERM drains (see Worker.stop).
+import { hostname } from "node:os";
+import { coordinatorAddresses } from "../config";
+import { runRole } from "../role";
+import { workerOptions } from "./options";
+import { Worker } from "./worker";
+
+await runRole("worker", async (config, log) => {
+  const worker = new Worker(
+    workerOptions(config, log, { name: config.TQ_WORKER_NAME ?? `${hostname()}/${process.pid}`, addresses: coordinatorAddresses(config) }),
+  );
+  log.info({ id: worker.id, addresses: coordinatorAddresses(config), slots: config.TQ_WORKER_SLOTS }, "worker starting");
+  worker.start();
+  return worker;
+});

@@ -1,0 +1,21 @@
+// WorkerOptions from the configuration, shared by `bun run worker` and `bun start`.
+import { inheritedEnvironment, type Config } from "../config";
+import type { Logger } from "../log";
+import type { WorkerOptions } from "./worker";
+import pkg from "../../package.json";
+
+export function workerOptions(config: Config, log: Logger, where: { name: string; addresses: string[] }): WorkerOptions {
+  return {
+    name: where.name,
+    addresses: where.addresses,
+    slots: config.TQ_WORKER_SLOTS,
+    log,
+    heartbeatIntervalMs: config.TQ_HEARTBEAT_INTERVAL_MS,
+    heartbeatTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS,
+    killGraceMs: config.TQ_KILL_GRACE_MS,
+    drainGraceMs: config.TQ_DRAIN_GRACE_MS,
+    maxOutputBytes: config.TQ_MAX_OUTPUT_BYTES,
+    version: pkg.version,
+    baseEnv: inheritedEnvironment(),
+  };
+}

@@ -1,0 +1,341 @@
+// The worker: holds one stream to a coordinator, runs what it is assigned, reports back.
+// It dials its coordinator list in order and reconnects with backoff when the stream ends;
+// running tasks keep running meanwhile, and results not yet acknowledged are re-sent on the
+// next stream. stop() drains: no new work, running tasks finish or are handed back.
+import { create } from "@bufbuild/protobuf";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import * as grpc from "@grpc/grpc-js";
+import {
+  Outcome,
+  WorkerMessageSchema,
+  WorkerService,
+  type Assign,
+  type CoordinatorMessage,
+  TaskFinishedSchema,
+  type TaskFinished,
+  type WorkerMessage,
+} from "../gen/taskqueue/v1/worker_service_pb";
+import { clientConstructor } from "../rpc/definitions";
+import type { Logger } from "../log";
+import { execute, type Execution, type RunResult } from "./executor";
+
+const WorkerClient = clientConstructor(WorkerService);
+
+export interface WorkerOptions {
+  id?: string;
+  name: string;
+  slots: number;
+  addresses: string[];
+  log: Logger;
+  heartbeatIntervalMs: number;
+  heartbeatTimeoutMs: number;
+  killGraceMs: number;
+  drainGraceMs: number;
+  maxOutputBytes: number;
+  version?: string;
+  /** Environment the tasks inherit; the executor strips the worker's own settings from it. */
+  baseEnv: Record<string, string | undefined>;
+}
+
+interface Running {
+  assign: Assign;
+  execution: Execution;
+}
+
+const OUTCOMES: Record<RunResult["outcome"], Outcome> = {
+  exited: Outcome.EXITED,
+  spawn_failed: Outcome.SPAWN_FAILED,
+  timed_out: Outcome.TIMED_OUT,
+  cancelled: Outcome.CANCELLED,
+  abandoned: Outcome.ABANDONED,
+};
+
+const key = (taskId: string, attempt: number) => `${taskId}:${attempt}`;
+
+export class Worker {
+  readonly id: string;
+  private readonly running = new Map<string, Running>();
+  /** Results the coordinator has not acknowledged yet, re-sent after a reconnect. */
+  private readonly unacked = new Map<string, TaskFinished>();
+  private call: grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage> | null = null;
+  private client: grpc.Client | null = null;
+  private welcomed = false;
+  private stopping = false;
+  private draining = false;
+  private heartbeat: ReturnType<typeof setInterval> | null = null;
+  private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
+  private seq = 0n;
+  private failures = 0;
+  private addressIndex = 0;
+  private readonly connectedWaiters = new Set<() => void>();
+  private readonly waiters = new Set<() => void>();
+
+  constructor(private readonly options: WorkerOptions) {
+    this.id = options.id ?? Bun.randomUUIDv7();
+  }
+
+  /** Starts dialing; resolves at once (the worker keeps reconnecting on its own). */
+  start(): void {
+    this.connect();
+  }
+
+  /** Resolves once a coordinator has welcomed this worker. */
+  connected(): Promise<void> {
+    if (this.welcomed) return Promise.resolve();
+    return new Promise((resolve) => this.connectedWaiters.add(resolve));
+  }
+
+  get runningCount(): number {
+    return this.running.size;
+  }
+
+  /**
+   * Drains: takes no new work, lets running tasks finish for the drain grace period, then
+   * hands the rest back, waits (briefly) for the coordinator to acknowledge the results, and
+   * closes the stream.
+   */
+  async stop(): Promise<void> {
+    if (this.stopping) return;
+    this.draining = true;
+    this.sendHeartbeat();
+    const grace = this.options.drainGraceMs;
+    if (this.running.size > 0) {
+      this.options.log.info({ running: this.running.size, graceMs: grace }, "draining: waiting for running tasks");
+      const timeout = Bun.sleep(grace).then(() => "timeout" as const);
+      if ((await Promise.race([this.idle(), timeout])) === "timeout") {
+        this.options.log.warn({ running: this.running.size }, "drain grace over: handing running tasks back");
+        for (const { execution } of this.running.values()) execution.stop("abandoned");
+        await this.idle();
+      }
+    }
+    // Give the coordinator a moment to acknowledge the last results.
+    if (this.unacked.size > 0 && this.welcomed) await Promise.race([this.acked(), Bun.sleep(2000)]);
+    this.stopping = true;
+    this.clearTimers();
+    this.call?.end();
+    this.call = null;
+    this.client?.close();
+    this.client = null;
+  }
+
+  private connect(): void {
+    if (this.stopping) return;
+    const address = this.options.addresses[this.addressIndex % this.options.addresses.length]!;
+    const client = new WorkerClient(address, grpc.credentials.createInsecure(), {
+      // Our own HTTP/2 connection per worker, even when several share a process.
+      "grpc.use_local_subchannel_pool": 1,
+      "grpc.keepalive_time_ms": Math.max(1000, this.options.heartbeatIntervalMs),
+      "grpc.keepalive_timeout_ms": this.options.heartbeatTimeoutMs,
+      "grpc.keepalive_permit_without_calls": 1,
+      "grpc.initial_reconnect_backoff_ms": 100,
+      "grpc.max_reconnect_backoff_ms": 2000,
+    });
+    this.client = client;
+    const call = (client as unknown as { connect(): grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage> }).connect();
+    this.call = call;
+    let closed = false;
+    const onClosed = (why: string) => {
+      if (closed) return;
+      closed = true;
+      if (this.call === call) this.disconnected(address, why);
+      client.close();
+    };
+    call.on("data", (message: CoordinatorMessage) => this.receive(message));
+    call.on("error", (error: grpc.ServiceError) => onClosed(error.details || error.message));
+    call.on("end", () => onClosed("stream ended"));
+    call.on("close", () => onClosed("stream closed"));
+    this.write(
+      create(WorkerMessageSchema, {
+        payload: {
+          case: "hello",
+          value: {
+            workerId: this.id,
+            name: this.options.name,
+            slots: this.options.slots,
+            version: this.options.version ?? "",
+            inFlight: [...this.running.values()]
+              .map(({ assign }) => assign.ref!)
+              .concat([...this.unacked.values()].map((f) => f.ref!)),
+          },
+        },
+      }),
+      true,
+    );
+  }
+
+  private disconnected(address: string, why: string): void {
+    this.call = null;
+    this.client = null;
+    const wasWelcomed = this.welcomed;
+    this.welcomed = false;
+    if (this.heartbeat) clearInterval(this.heartbeat);
+    this.heartbeat = null;
+    if (this.stopping) return;
+    this.failures = wasWelcomed ? 1 : this.failures + 1;
+    // Move on to the next coordinator in the list after a failure there.
+    this.addressIndex++;
+    const backoff = Math.min(5000, 100 * 2 ** Math.min(this.failures - 1, 6));
+    const delay = Math.round(backoff / 2 + (Math.random() * backoff) / 2);
+    this.options.log.warn({ address, why, retryInMs: delay }, "disconnected from coordinator");
+    this.reconnectTimer = setTimeout(() => this.connect(), delay);
+  }
+
+  private receive(message: CoordinatorMessage): void {
+    const payload = message.payload;
+    switch (payload.case) {
+      case "welcome":
+        this.welcomed = true;
+        this.failures = 0;
+        this.options.log.info({ coordinator: payload.value.coordinatorId }, "connected");
+        for (const finished of this.unacked.values()) this.write(finishedMessage(finished));
+        this.heartbeat = setInterval(() => this.sendHeartbeat(), this.options.heartbeatIntervalMs);
+        for (const resolve of this.connectedWaiters) resolve();
+        this.connectedWaiters.clear();
+        return;
+      case "assign":
+        return this.run(payload.value);
+      case "cancel": {
+        const ref = payload.value.ref;
+        if (ref) this.running.get(key(ref.taskId, ref.attempt))?.execution.stop("cancelled");
+        return;
+      }
+      case "ack": {
+        const ref = payload.value.ref;
+        if (ref) this.unacked.delete(key(ref.taskId, ref.attempt));
+        this.poke();
+        return;
+      }
+      case "drain":
+        this.draining = true;
+        this.sendHeartbeat();
+        return;
+      default:
+        return;
+    }
+  }
+
+  private run(assign: Assign): void {
+    const ref = assign.ref;
+    if (!ref) return;
+    const k = key(ref.taskId, ref.attempt);
+    if (this.running.has(k) || this.unacked.has(k)) return; // a duplicate delivery
+    if (this.draining) {
+      // Raced with our drain: hand it straight back.
+      this.report(abandoned(assign));
+      return;
+    }
+    const execution = execute({
+      command: assign.command,
+      env: { ...assign.env, TQ_TASK_ID: ref.taskId, TQ_TASK_ATTEMPT: String(ref.attempt) },
+      cwd: assign.cwd || undefined,
+      timeoutMs: assign.timeoutMs,
+      killGraceMs: this.options.killGraceMs,
+      maxOutputBytes: this.options.maxOutputBytes,
+      baseEnv: this.options.baseEnv,
+    });
+    this.running.set(k, { assign, execution });
+    if (execution.pid !== null) {
+      this.write(
+        create(WorkerMessageSchema, {
+          payload: {
+            case: "started",
+            value: { ref, pid: execution.pid, startedAt: timestampFromDate(execution.startedAt) },
+          },
+        }),
+      );
+    }
+    void execution.result.then((result) => {
+      this.running.delete(k);
+      this.report(create(TaskFinishedSchema, {
+        ref,
+        outcome: OUTCOMES[result.outcome],
+        exitCode: result.exitCode ?? undefined,
+        signal: result.signal ?? "",
+        stdout: result.stdout,
+        stderr: result.stderr,
+        stdoutTruncated: result.stdoutTruncated,
+        stderrTruncated: result.stderrTruncated,
+        error: result.error ?? "",
+        startedAt: timestampFromDate(result.startedAt),
+        finishedAt: timestampFromDate(result.finishedAt),
+      }));
+      this.poke();
+    });
+  }
+
+  private report(finished: TaskFinished): void {
+    this.unacked.set(key(finished.ref!.taskId, finished.ref!.attempt), finished);
+    this.write(finishedMessage(finished));
+  }
+
+  private sendHeartbeat(): void {
+    this.write(
+      create(WorkerMessageSchema, {
+        payload: {
+          case: "heartbeat",
+          value: {
+            seq: ++this.seq,
+            running: [...this.running.values()].map(({ assign }) => assign.ref!),
+            draining: this.draining,
+          },
+        },
+      }),
+    );
+  }
+
+  /** Writes on the current stream; before Welcome only Hello goes out. */
+  private write(message: WorkerMessage, beforeWelcome = false): void {
+    const call = this.call;
+    if (!call || (!this.welcomed && !beforeWelcome) || call.writableEnded || call.destroyed) return;
+    call.write(message);
+  }
+
+  /** Resolves once no task runs. */
+  private idle(): Promise<void> {
+    return this.until(() => this.running.size === 0);
+  }
+
+  /** Resolves once every result is acknowledged. */
+  private acked(): Promise<void> {
+    return this.until(() => this.unacked.size === 0);
+  }
+
+  private until(condition: () => boolean): Promise<void> {
+    if (condition()) return Promise.resolve();
+    return new Promise((resolve) => {
+      const check = () => {
+        if (!condition()) return;
+        this.waiters.delete(check);
+        resolve();
+      };
+      this.waiters.add(check);
+    });
+  }
+
+  /** Re-checks what stop() waits for, after running or unacked changed. */
+  private poke(): void {
+    for (const check of [...this.waiters]) check();
+  }
+
+  private clearTimers(): void {
+    if (this.heartbeat) clearInterval(this.heartbeat);
+    if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
+    this.heartbeat = null;
+    this.reconnectTimer = null;
+  }
+}
+
+function finishedMessage(finished: TaskFinished): WorkerMessage {
+  return create(WorkerMessageSchema, { payload: { case: "finished", value: finished } });
+}
+
+function abandoned(assign: Assign): TaskFinished {
+  const now = timestampFromDate(new Date());
+  return create(TaskFinishedSchema, {
+    ref: assign.ref,
+    outcome: Outcome.ABANDONED,
+    error: "the worker is draining",
+    startedAt: now,
+    finishedAt: now,
+  });
+}
