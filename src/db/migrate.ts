@@ -4,7 +4,7 @@
 // wants a folder per migration; node-pg-migrate brings a second driver (pg).
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import type { Sql } from "./sql";
+import { connect, type Sql } from "./sql";
 
 /** Arbitrary constant shared by every task-queue process: "tq" + "migr". */
 const MIGRATION_LOCK_KEY = 0x7471_6d69_6772n;
@@ -79,4 +79,14 @@ export async function migrate(sql: Sql, migrations = readMigrations()): Promise<
     }
     return done;
   });
+}
+
+/** Connects, applies pending migrations, disconnects: what each role does at start-up. */
+export async function migrateDatabase(url: string): Promise<number[]> {
+  const sql = connect(url, { max: 1, applicationName: "task-queue migrate" });
+  try {
+    return await migrate(sql);
+  } finally {
+    await sql.end({ timeout: 5 });
+  }
 }

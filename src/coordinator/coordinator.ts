@@ -1,0 +1,162 @@
+// The coordinator role assembled: HTTP API, gRPC (WorkerService + TaskService), the dispatch
+// loop, the completer and the rescuer, on one database connection pool and one LISTEN
+// connection. main.ts and start.ts only build one and call start()/stop().
+import { hostname } from "node:os";
+import { create } from "@bufbuild/protobuf";
+import * as grpc from "@grpc/grpc-js";
+import { CoordinatorMessageSchema, WorkerService } from "../gen/taskqueue/v1/worker_service_pb";
+import { TaskService } from "../gen/taskqueue/v1/task_service_pb";
+import type { Config } from "../config";
+import { connect, type Sql } from "../db/sql";
+import { TaskChangeFeed, type TaskChange } from "../db/notify";
+import { createApp } from "../api";
+import type { ApiDeps } from "../api/deps";
+import type { Logger } from "../log";
+import { serviceDefinition } from "../rpc/definitions";
+import { Completer } from "./completer";
+import { Dispatcher } from "./dispatcher";
+import { attemptKey, WorkerRegistry } from "./registry";
+import { Rescuer } from "./rescuer";
+import { WorkerSessions } from "./service";
+import { taskServiceHandlers } from "./task-service";
+
+export interface CoordinatorInfo {
+  id: string;
+  httpUrl: string;
+  grpcAddress: string;
+}
+
+export class Coordinator {
+  readonly id: string;
+  readonly registry = new WorkerRegistry();
+  private readonly sql: Sql;
+  private readonly feed: TaskChangeFeed;
+  private readonly dispatcher: Dispatcher;
+  private readonly completer: Completer;
+  private readonly rescuer: Rescuer;
+  private readonly sessions: WorkerSessions;
+  private readonly grpcServer: grpc.Server;
+  private readonly app: ReturnType<typeof createApp>;
+  private unsubscribe: (() => void)[] = [];
+  private httpPort = 0;
+  private grpcPort = 0;
+
+  constructor(
+    private readonly config: Config,
+    databaseUrl: string,
+    private readonly log: Logger,
+  ) {
+    this.id = config.TQ_COORDINATOR_ID ?? `${hostname()}:${config.TQ_GRPC_PORT}`;
+    this.sql = connect(databaseUrl, { max: config.TQ_DB_POOL_SIZE, applicationName: `task-queue coordinator ${this.id}` });
+    this.feed = new TaskChangeFeed(this.sql);
+    this.dispatcher = new Dispatcher({
+      sql: this.sql,
+      registry: this.registry,
+      coordinatorId: this.id,
+      log: log.child({ part: "dispatcher" }),
+      safetyPollMs: config.TQ_SAFETY_POLL_MS,
+    });
+    this.completer = new Completer({
+      sql: this.sql,
+      registry: this.registry,
+      log: log.child({ part: "completer" }),
+      onSlotFreed: () => this.dispatcher.wake(),
+    });
+    this.sessions = new WorkerSessions({
+      sql: this.sql,
+      registry: this.registry,
+      dispatcher: this.dispatcher,
+      completer: this.completer,
+      coordinatorId: this.id,
+      log: log.child({ part: "sessions" }),
+      heartbeatIntervalMs: config.TQ_HEARTBEAT_INTERVAL_MS,
+      heartbeatTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS,
+    });
+    this.rescuer = new Rescuer({
+      sql: this.sql,
+      registry: this.registry,
+      coordinatorId: this.id,
+      log: log.child({ part: "rescuer" }),
+      heartbeatIntervalMs: config.TQ_HEARTBEAT_INTERVAL_MS,
+      heartbeatTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS,
+      onSilent: this.sessions.onSilent,
+    });
+    const deps: ApiDeps = {
+      role: "coordinator",
+      config,
+      sql: this.sql,
+      feed: this.feed,
+      log: log.child({ part: "api" }),
+      submit: (id, spec) => this.dispatcher.submit(id, spec),
+    };
+    this.app = createApp(deps);
+    this.grpcServer = new grpc.Server({
+      // Our keepalive pings find a frozen or cut-off worker even when it sends nothing.
+      "grpc.keepalive_time_ms": config.TQ_HEARTBEAT_INTERVAL_MS,
+      "grpc.keepalive_timeout_ms": config.TQ_HEARTBEAT_TIMEOUT_MS,
+      "grpc.keepalive_permit_without_calls": 1,
+      // Workers ping every heartbeat interval; allow it (the default would answer GOAWAY).
+      "grpc.http2.min_ping_interval_without_data_ms": Math.min(1000, config.TQ_HEARTBEAT_INTERVAL_MS),
+    });
+    this.grpcServer.addService(serviceDefinition(WorkerService), { connect: this.sessions.connect });
+    this.grpcServer.addService(serviceDefinition(TaskService), taskServiceHandlers(deps));
+  }
+
+  async start(): Promise<CoordinatorInfo> {
+    const { config } = this;
+    await this.feed.start();
+    this.unsubscribe.push(
+      this.feed.onChange((change) => this.onTaskChange(change)),
+      this.feed.onResync(() => this.dispatcher.wake(true)),
+    );
+    this.grpcPort = await new Promise<number>((resolve, reject) =>
+      this.grpcServer.bindAsync(
+        `${config.TQ_HOST}:${config.TQ_GRPC_PORT}`,
+        grpc.ServerCredentials.createInsecure(),
+        (error, port) => (error ? reject(new Error(`gRPC cannot listen on ${config.TQ_HOST}:${config.TQ_GRPC_PORT}: ${error.message}`)) : resolve(port)),
+      ),
+    );
+    this.app.listen({ hostname: config.TQ_HOST, port: config.TQ_COORDINATOR_PORT, maxRequestBodySize: config.TQ_MAX_BODY_BYTES });
+    this.httpPort = this.app.server?.port ?? config.TQ_COORDINATOR_PORT;
+    this.dispatcher.start();
+    this.rescuer.start();
+    const info = this.info();
+    this.log.info(info, "coordinator started");
+    return info;
+  }
+
+  info(): CoordinatorInfo {
+    return {
+      id: this.id,
+      httpUrl: `http://${this.config.TQ_HOST}:${this.httpPort}`,
+      grpcAddress: `${this.config.TQ_HOST}:${this.grpcPort}`,
+    };
+  }
+
+  /** Stops taking work and connections; workers keep their tasks and reconnect elsewhere. */
+  async stop(): Promise<void> {
+    for (const unsubscribe of this.unsubscribe) unsubscribe();
+    this.unsubscribe = [];
+    this.rescuer.stop();
+    await this.dispatcher.stop();
+    await this.app.stop();
+    await this.sessions.stop();
+    await new Promise<void>((resolve) => this.grpcServer.tryShutdown(() => resolve()));
+    await this.completer.stop();
+    await this.feed.stop();
+    await this.sql.end({ timeout: 5 });
+    this.log.info({ id: this.id }, "coordinator stopped");
+  }
+
+  private onTaskChange(change: TaskChange): void {
+    this.dispatcher.onTaskChange(change);
+    // A cancel made through any replica: if the attempt runs on one of our workers, stop it.
+    if (change.state === "cancelled" && change.worker_id) {
+      const worker = this.registry.get(change.worker_id);
+      const ref = { taskId: change.id, attempt: change.attempt };
+      if (worker?.inFlight.has(attemptKey(ref.taskId, ref.attempt))) {
+        worker.send(create(CoordinatorMessageSchema, { payload: { case: "cancel", value: { ref, reason: "cancelled" } } }));
+      }
+    }
+  }
+}

@@ -1,0 +1,182 @@
+// The dispatch loop: claim due tasks for this coordinator's free worker slots and push them
+// down the workers' streams. It wakes on a NOTIFY of a due task, on a freed slot, on a worker
+// joining, and on a timer set for the earliest future task; a slow safety poll covers a
+// missed notification. Between wakes it does nothing.
+import { create } from "@bufbuild/protobuf";
+import { CoordinatorMessageSchema } from "../gen/taskqueue/v1/worker_service_pb";
+import type { Sql } from "../db/sql";
+import { claimDue, insertTask, nextDueIn, requeueWorkerTasks } from "../db/tasks";
+import type { TaskChange } from "../db/notify";
+import type { Logger } from "../log";
+import type { Task, TaskSpec } from "../task/task";
+import { attemptKey, type WorkerRegistry } from "./registry";
+
+export interface DispatcherOptions {
+  sql: Sql;
+  registry: WorkerRegistry;
+  coordinatorId: string;
+  log: Logger;
+  /** Slow poll for a missed notification, in ms. */
+  safetyPollMs: number;
+}
+
+export class Dispatcher {
+  private running = false;
+  private again = false;
+  private stopped = true;
+  private timer: ReturnType<typeof setTimeout> | null = null;
+  /** performance.now() at which `timer` fires. */
+  private timerAt = Number.POSITIVE_INFINITY;
+  private poll: ReturnType<typeof setInterval> | null = null;
+  private lookAheadPending = false;
+  private idle: Promise<void> = Promise.resolve();
+  private markIdle: () => void = () => {};
+
+  constructor(private readonly options: DispatcherOptions) {}
+
+  start(): void {
+    this.stopped = false;
+    this.poll = setInterval(() => this.wake(true), this.options.safetyPollMs);
+    this.wake(true);
+  }
+
+  /** Stops waking; resolves when a claim in progress has finished. */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    if (this.poll) clearInterval(this.poll);
+    this.poll = null;
+    this.clearTimer();
+    await this.idle;
+  }
+
+  /**
+   * Asks for a dispatch pass. Passes never overlap: a wake during a pass runs one more pass
+   * after it. `lookAhead` also re-reads when the next future task is due.
+   */
+  wake(lookAhead = false): void {
+    if (this.stopped) return;
+    if (lookAhead) this.lookAheadPending = true;
+    if (this.running) {
+      this.again = true;
+      return;
+    }
+    this.running = true;
+    this.idle = new Promise((resolve) => (this.markIdle = resolve));
+    queueMicrotask(() => void this.pass());
+  }
+
+  /** Feed listener: a queued task that is due now wakes us; a future one arms the timer. */
+  onTaskChange(change: TaskChange): void {
+    if (change.state !== "queued" || change.due_in_ms === null) return;
+    if (change.due_in_ms <= 0) this.wake();
+    else this.armTimer(change.due_in_ms);
+  }
+
+  /**
+   * The run-now fast path: when one of our workers has a free slot, the task is persisted
+   * already dispatched to it and pushed at once, saving the claim round trip. Otherwise it is
+   * queued like any other.
+   */
+  async submit(id: string, spec: TaskSpec): Promise<Task> {
+    const plan = spec.scheduledAt === null && !this.stopped ? this.options.registry.slotPlan(1) : [];
+    const workerId = plan[0];
+    const worker = workerId ? this.options.registry.get(workerId) : undefined;
+    if (!worker) return insertTask(this.options.sql, id, spec);
+    const key = attemptKey(id, 1);
+    worker.inFlight.add(key);
+    let task: Task;
+    try {
+      task = await insertTask(this.options.sql, id, spec, { workerId: worker.id, coordinatorId: this.options.coordinatorId });
+    } catch (error) {
+      worker.inFlight.delete(key);
+      throw error;
+    }
+    if (this.options.registry.isCurrent(worker)) {
+      this.assign(worker.id, task);
+    } else {
+      // The worker left while we were inserting; its lost-worker requeue ran before our
+      // commit and did not see this task.
+      await requeueWorkerTasks(this.options.sql, worker.id, "worker lost").catch((error) =>
+        this.options.log.warn({ err: error, task: id }, "requeue after a lost fast-path worker failed; the rescuer will"),
+      );
+    }
+    return task;
+  }
+
+  private async pass(): Promise<void> {
+    try {
+      for (;;) {
+        if (this.stopped) break;
+        const plan = this.options.registry.slotPlan();
+        if (plan.length === 0) break;
+        const claimed = await claimDue(this.options.sql, this.options.coordinatorId, plan);
+        for (const task of claimed) {
+          const worker = task.worker_id ? this.options.registry.get(task.worker_id) : undefined;
+          if (worker) worker.inFlight.add(attemptKey(task.id, task.attempt));
+          this.assign(task.worker_id ?? "", task);
+        }
+        if (claimed.length < plan.length) break;
+      }
+      if (this.lookAheadPending && !this.stopped) {
+        this.lookAheadPending = false;
+        const dueIn = await nextDueIn(this.options.sql);
+        if (dueIn !== null && dueIn > 0) this.armTimer(dueIn);
+        // Due but not claimed: another coordinator holds it mid-claim. Look again shortly
+        // rather than spinning.
+        else if (dueIn === 0 && this.options.registry.totalFree() > 0) this.armTimer(5);
+      }
+    } catch (error) {
+      this.options.log.warn({ err: error }, "dispatch pass failed; retrying on the next wake");
+      // The safety poll brings us back; a lost database also re-syncs the feed.
+    } finally {
+      this.running = false;
+      this.markIdle();
+      if (this.again && !this.stopped) {
+        this.again = false;
+        this.wake();
+      }
+    }
+  }
+
+  /** Pushes an Assign to the worker, or requeues when it is gone. */
+  private assign(workerId: string, task: Task): void {
+    const worker = this.options.registry.get(workerId);
+    if (!worker) {
+      void requeueWorkerTasks(this.options.sql, workerId, "worker lost").catch(() => {});
+      return;
+    }
+    worker.send(
+      create(CoordinatorMessageSchema, {
+        payload: {
+          case: "assign",
+          value: {
+            ref: { taskId: task.id, attempt: task.attempt },
+            command: task.command,
+            env: task.env,
+            cwd: task.cwd ?? "",
+            timeoutMs: task.timeout_ms,
+          },
+        },
+      }),
+    );
+  }
+
+  private armTimer(delayMs: number): void {
+    if (this.stopped) return;
+    const at = performance.now() + delayMs;
+    if (at >= this.timerAt) return;
+    this.clearTimer();
+    this.timerAt = at;
+    this.timer = setTimeout(() => {
+      this.timer = null;
+      this.timerAt = Number.POSITIVE_INFINITY;
+      this.wake(true);
+    }, delayMs);
+  }
+
+  private clearTimer(): void {
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+    this.timerAt = Number.POSITIVE_INFINITY;
+  }
+}

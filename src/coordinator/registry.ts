@@ -1,0 +1,92 @@
+// The workers connected to this coordinator and the slots they have free. Only this process
+// writes it; the database's workers table is the cross-coordinator view.
+import type { CoordinatorMessage } from "../gen/taskqueue/v1/worker_service_pb";
+
+export interface WorkerConnection {
+  readonly id: string;
+  readonly name: string;
+  readonly slots: number;
+  /** Attempts the worker holds, as "taskId:attempt". */
+  readonly inFlight: Set<string>;
+  draining: boolean;
+  /** performance.now() of the last message from the worker. */
+  lastSeen: number;
+  send(message: CoordinatorMessage): void;
+  /** Ends the stream from our side (heartbeat timeout, shutdown). */
+  close(reason: string): void;
+}
+
+export const attemptKey = (taskId: string, attempt: number) => `${taskId}:${attempt}`;
+
+export class WorkerRegistry {
+  private readonly workers = new Map<string, WorkerConnection>();
+
+  get size(): number {
+    return this.workers.size;
+  }
+
+  get(id: string): WorkerConnection | undefined {
+    return this.workers.get(id);
+  }
+
+  all(): WorkerConnection[] {
+    return [...this.workers.values()];
+  }
+
+  /** Adds a connection; returns the one it replaces (the same worker reconnecting), if any. */
+  add(connection: WorkerConnection): WorkerConnection | undefined {
+    const previous = this.workers.get(connection.id);
+    this.workers.set(connection.id, connection);
+    return previous;
+  }
+
+  /** Removes the connection if it is still the current one for its worker id. */
+  remove(connection: WorkerConnection): boolean {
+    if (this.workers.get(connection.id) !== connection) return false;
+    this.workers.delete(connection.id);
+    return true;
+  }
+
+  isCurrent(connection: WorkerConnection): boolean {
+    return this.workers.get(connection.id) === connection;
+  }
+
+  freeSlots(connection: WorkerConnection): number {
+    return connection.draining ? 0 : Math.max(0, connection.slots - connection.inFlight.size);
+  }
+
+  totalFree(): number {
+    let total = 0;
+    for (const worker of this.workers.values()) total += this.freeSlots(worker);
+    return total;
+  }
+
+  /**
+   * One worker id per free slot, spreading by free capacity: each entry goes to the worker
+   * with the most slots still free after the entries before it (ties in connection order).
+   * Claiming N tasks for the first N entries therefore balances the load.
+   */
+  slotPlan(limit = Number.POSITIVE_INFINITY): string[] {
+    const free = new Map<string, number>();
+    for (const worker of this.workers.values()) {
+      const n = this.freeSlots(worker);
+      if (n > 0) free.set(worker.id, n);
+    }
+    const plan: string[] = [];
+    while (plan.length < limit && free.size > 0) {
+      let best: string | null = null;
+      let bestFree = 0;
+      for (const [id, n] of free) {
+        if (n > bestFree) {
+          best = id;
+          bestFree = n;
+        }
+      }
+      if (best === null) break;
+      plan.push(best);
+      if (bestFree === 1) free.delete(best);
+      else free.set(best, bestFree - 1);
+    }
+    return plan;
+  }
+}

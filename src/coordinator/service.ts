@@ -1,0 +1,224 @@
+// WorkerService.Connect: one bidirectional stream per worker. The worker says Hello; we
+// register it, give back the tasks the database thinks it holds but it does not, and answer
+// Welcome. From then on the dispatcher pushes Assign, the completer answers reports with
+// Ack, and the end of the stream (or silence past the heartbeat timeout) requeues whatever
+// the worker still held.
+import { create } from "@bufbuild/protobuf";
+import * as grpc from "@grpc/grpc-js";
+import {
+  CoordinatorMessageSchema,
+  type CoordinatorMessage,
+  type Hello,
+  type WorkerMessage,
+} from "../gen/taskqueue/v1/worker_service_pb";
+import type { Sql } from "../db/sql";
+import { requeueWorkerTasks } from "../db/tasks";
+import { markWorkerGone, setWorkerDraining, upsertWorker } from "../db/workers";
+import type { Logger } from "../log";
+import type { Completer } from "./completer";
+import type { Dispatcher } from "./dispatcher";
+import { attemptKey, type WorkerConnection, type WorkerRegistry } from "./registry";
+
+export type WorkerStream = grpc.ServerDuplexStream<WorkerMessage, CoordinatorMessage>;
+
+export interface WorkerSessionsOptions {
+  sql: Sql;
+  registry: WorkerRegistry;
+  dispatcher: Dispatcher;
+  completer: Completer;
+  coordinatorId: string;
+  log: Logger;
+  heartbeatIntervalMs: number;
+  heartbeatTimeoutMs: number;
+  /** How long a new stream may take to say Hello. Defaults to 10 s. */
+  helloTimeoutMs?: number;
+}
+
+const MAX_ID = 200;
+
+export class WorkerSessions {
+  private readonly streams = new Set<WorkerStream>();
+  private readonly ending = new Set<Promise<void>>();
+  private closed = false;
+
+  constructor(private readonly options: WorkerSessionsOptions) {}
+
+  /** The grpc-js handler for WorkerService.Connect. */
+  readonly connect = (call: WorkerStream): void => {
+    if (this.closed) {
+      call.destroy(Object.assign(new Error("coordinator is shutting down"), { code: grpc.status.UNAVAILABLE }));
+      return;
+    }
+    this.streams.add(call);
+    let session: WorkerConnection | null = null;
+    let ended = false;
+    const helloTimer = setTimeout(() => {
+      if (!session) fail(grpc.status.DEADLINE_EXCEEDED, "no Hello within the deadline");
+    }, this.options.helloTimeoutMs ?? 10_000);
+
+    const fail = (code: grpc.status, message: string) => {
+      this.options.log.warn({ worker: session?.id, code, message }, "closing worker stream");
+      call.destroy(Object.assign(new Error(message), { code }));
+    };
+
+    const end = (reason: string) => {
+      if (ended) return;
+      ended = true;
+      clearTimeout(helloTimer);
+      this.streams.delete(call);
+      if (session) this.track(this.lost(session, reason));
+    };
+
+    call.on("data", (message: WorkerMessage) => {
+      if (ended) return;
+      const payload = message.payload;
+      if (!session) {
+        if (payload.case !== "hello") return fail(grpc.status.FAILED_PRECONDITION, "the first message must be Hello");
+        const problem = helloProblem(payload.value);
+        if (problem) return fail(grpc.status.INVALID_ARGUMENT, problem);
+        clearTimeout(helloTimer);
+        // Claimed synchronously so that messages arriving during registration are kept.
+        session = this.connection(call, payload.value);
+        void this.register(session, payload.value).catch((error) => {
+          this.options.log.warn({ err: error, worker: payload.value.workerId }, "registering a worker failed");
+          fail(grpc.status.UNAVAILABLE, "could not register the worker; retry");
+        });
+        return;
+      }
+      session.lastSeen = performance.now();
+      switch (payload.case) {
+        case "heartbeat":
+          if (payload.value.draining && !session.draining) {
+            session.draining = true;
+            void setWorkerDraining(this.options.sql, session.id, this.options.coordinatorId).catch(() => {});
+          }
+          return;
+        case "started":
+          return this.options.completer.started(session, payload.value);
+        case "finished":
+          return this.options.completer.finished(session, payload.value);
+        case "hello":
+          return fail(grpc.status.FAILED_PRECONDITION, "Hello was already received on this stream");
+        default:
+          return;
+      }
+    });
+    call.on("end", () => {
+      end("stream ended");
+      call.end();
+    });
+    call.on("error", (error) => end(`stream error: ${error.message}`));
+    call.on("close", () => end("stream closed"));
+    call.on("cancelled", () => end("stream cancelled"));
+  };
+
+  /** Declares a silent worker dead: ends its stream and requeues its tasks. */
+  readonly onSilent = (worker: WorkerConnection): void => {
+    this.options.log.warn({ worker: worker.id }, "worker missed its heartbeats; declaring it dead");
+    worker.close("heartbeat timeout");
+  };
+
+  /** Ends every stream (shutdown); workers reconnect to another coordinator or to us later. */
+  async stop(): Promise<void> {
+    this.closed = true;
+    for (const worker of this.options.registry.all()) worker.close("coordinator shutting down");
+    for (const call of this.streams) call.end();
+    await Promise.all(this.ending);
+  }
+
+  private connection(call: WorkerStream, hello: Hello): WorkerConnection {
+    const log = this.options.log;
+    const registry = this.options.registry;
+    const connection: WorkerConnection = {
+      id: hello.workerId,
+      name: hello.name || hello.workerId,
+      slots: hello.slots,
+      inFlight: new Set(hello.inFlight.map((ref) => attemptKey(ref.taskId, ref.attempt))),
+      draining: false,
+      lastSeen: performance.now(),
+      send(message) {
+        if (!registry.isCurrent(connection) || call.destroyed || call.writableEnded) return;
+        call.write(message);
+      },
+      close(reason) {
+        log.info({ worker: connection.id, reason }, "ending worker stream");
+        call.destroy(Object.assign(new Error(reason), { code: grpc.status.UNAVAILABLE }));
+      },
+    };
+    return connection;
+  }
+
+  private async register(connection: WorkerConnection, hello: Hello): Promise<void> {
+    const { sql, registry, coordinatorId } = this.options;
+    const previous = registry.add(connection);
+    if (previous) previous.close("replaced by a new stream from the same worker");
+    await upsertWorker(sql, {
+      id: connection.id,
+      name: connection.name,
+      coordinatorId,
+      slots: connection.slots,
+      labels: hello.labels,
+      version: hello.version,
+    });
+    // What the database says this worker holds but the worker does not know of (lost in a
+    // coordinator crash, or assigned while it was away) goes back to the queue.
+    const requeued = await requeueWorkerTasks(sql, connection.id, "not held by the worker after reconnecting", [
+      ...connection.inFlight,
+    ]);
+    if (requeued.length > 0) this.options.log.warn({ worker: connection.id, tasks: requeued.length }, "requeued tasks");
+    if (!registry.isCurrent(connection)) return;
+    connection.send(
+      create(CoordinatorMessageSchema, {
+        payload: {
+          case: "welcome",
+          value: {
+            workerId: connection.id,
+            coordinatorId,
+            heartbeatIntervalMs: this.options.heartbeatIntervalMs,
+            heartbeatTimeoutMs: this.options.heartbeatTimeoutMs,
+          },
+        },
+      }),
+    );
+    this.options.log.info({ worker: connection.id, name: connection.name, slots: connection.slots }, "worker joined");
+    this.options.dispatcher.wake();
+  }
+
+  private async lost(connection: WorkerConnection, reason: string): Promise<void> {
+    if (!this.options.registry.remove(connection)) return; // replaced by a newer stream
+    // Shutting down: the workers keep running their tasks and reconnect (to another
+    // coordinator, or to our successor), saying in Hello what they hold. Left alone, their
+    // rows go stale and the rescuer requeues what nobody vouches for.
+    if (this.closed) return;
+    const { sql, coordinatorId, log } = this.options;
+    log.info({ worker: connection.id, reason }, "worker left");
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await markWorkerGone(sql, connection.id, coordinatorId);
+        const requeued = await requeueWorkerTasks(sql, connection.id, `worker lost (${reason})`);
+        if (requeued.length > 0) log.warn({ worker: connection.id, tasks: requeued.map((t) => t.id) }, "requeued lost tasks");
+        return;
+      } catch (error) {
+        // The rescuer requeues them once the worker's heartbeat row goes stale.
+        if (attempt >= 2 || this.closed) {
+          log.warn({ err: error, worker: connection.id }, "requeueing a lost worker's tasks failed; the rescuer will");
+          return;
+        }
+        await Bun.sleep(200 * (attempt + 1));
+      }
+    }
+  }
+
+  private track(promise: Promise<void>): void {
+    this.ending.add(promise);
+    void promise.finally(() => this.ending.delete(promise));
+  }
+}
+
+function helloProblem(hello: Hello): string | null {
+  if (!hello.workerId || hello.workerId.length > MAX_ID) return `worker_id must be 1 to ${MAX_ID} characters`;
+  if (hello.name.length > MAX_ID) return `name must be at most ${MAX_ID} characters`;
+  if (hello.slots < 1 || hello.slots > 1024) return "slots must be between 1 and 1024";
+  if (hello.inFlight.length > 1024) return "in_flight lists more attempts than a worker can hold";
+  return null;
+}

@@ -1,0 +1,46 @@
+// What every role's main does around its parts: read the configuration, log, stop cleanly
+// on SIGTERM/SIGINT (a second signal exits at once), and exit non-zero with a clear message
+// when start-up fails.
+import { ConfigError, loadConfig, type Config } from "./config";
+import { createLogger, type Logger } from "./log";
+
+export interface Running {
+  stop(): Promise<void>;
+}
+
+export async function runRole(role: string, start: (config: Config, log: Logger) => Promise<Running>): Promise<void> {
+  let config: Config;
+  try {
+    config = loadConfig();
+  } catch (error) {
+    console.error(`${role}: ${error instanceof ConfigError ? error.message : String(error)}`);
+    process.exit(2);
+  }
+  const log = createLogger(role, config.TQ_LOG_LEVEL);
+  let running: Running;
+  try {
+    running = await start(config, log);
+  } catch (error) {
+    log.fatal({ err: error }, `${role} failed to start`);
+    console.error(`${role}: ${error instanceof Error ? error.message : String(error)}`);
+    process.exit(1);
+  }
+  let stopping = false;
+  const shutdown = async (signal: string) => {
+    if (stopping) {
+      log.warn({ signal }, "second signal: exiting now");
+      process.exit(1);
+    }
+    stopping = true;
+    log.info({ signal }, "stopping");
+    try {
+      await running.stop();
+      process.exit(0);
+    } catch (error) {
+      log.error({ err: error }, "stopping failed");
+      process.exit(1);
+    }
+  };
+  process.on("SIGTERM", () => void shutdown("SIGTERM"));
+  process.on("SIGINT", () => void shutdown("SIGINT"));
+}

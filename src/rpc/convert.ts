@@ -1,0 +1,102 @@
+// Conversions between the domain types (src/task) and the generated protobuf messages.
+import { create } from "@bufbuild/protobuf";
+import { timestampDate, timestampFromDate, type Timestamp } from "@bufbuild/protobuf/wkt";
+import { TaskSchema, TaskState as PbTaskState, type Task as PbTask } from "../gen/taskqueue/v1/task_pb";
+import { Outcome, type TaskFinished } from "../gen/taskqueue/v1/worker_service_pb";
+import type { TaskState } from "../task/state";
+import type { AttemptResult, Task } from "../task/task";
+
+const STATE_TO_PROTO: Record<TaskState, PbTaskState> = {
+  queued: PbTaskState.QUEUED,
+  dispatched: PbTaskState.DISPATCHED,
+  running: PbTaskState.RUNNING,
+  succeeded: PbTaskState.SUCCEEDED,
+  failed: PbTaskState.FAILED,
+  timed_out: PbTaskState.TIMED_OUT,
+  cancelled: PbTaskState.CANCELLED,
+};
+
+const STATE_FROM_PROTO = new Map<PbTaskState, TaskState>(
+  Object.entries(STATE_TO_PROTO).map(([name, value]) => [value, name as TaskState]),
+);
+
+export function stateToProto(state: TaskState): PbTaskState {
+  return STATE_TO_PROTO[state];
+}
+
+/** undefined for UNSPECIFIED or an unknown number. */
+export function stateFromProto(state: PbTaskState): TaskState | undefined {
+  return STATE_FROM_PROTO.get(state);
+}
+
+export const toTimestamp = (date: Date | null): Timestamp | undefined => (date ? timestampFromDate(date) : undefined);
+export const fromTimestamp = (timestamp: Timestamp | undefined): Date | null =>
+  timestamp ? timestampDate(timestamp) : null;
+
+export function taskToProto(task: Task): PbTask {
+  return create(TaskSchema, {
+    id: task.id,
+    command: task.command,
+    state: stateToProto(task.state),
+    scheduledAt: toTimestamp(task.scheduled_at),
+    createdAt: toTimestamp(task.created_at),
+    pickedAt: toTimestamp(task.picked_at),
+    startedAt: toTimestamp(task.started_at),
+    completedAt: toTimestamp(task.completed_at),
+    failedAt: toTimestamp(task.failed_at),
+    cancelledAt: toTimestamp(task.cancelled_at),
+    attempt: task.attempt,
+    maxAttempts: task.max_attempts,
+    timeoutMs: task.timeout_ms,
+    env: task.env,
+    cwd: task.cwd ?? "",
+    workerId: task.worker_id ?? "",
+    exitCode: task.exit_code ?? undefined,
+    signal: task.signal ?? "",
+    stdout: task.stdout ?? "",
+    stderr: task.stderr ?? "",
+    stdoutTruncated: task.stdout_truncated,
+    stderrTruncated: task.stderr_truncated,
+    error: task.error ?? "",
+  });
+}
+
+/** What a worker's TaskFinished asks the coordinator to do with the attempt. */
+export type FinishAction =
+  | { kind: "record"; result: AttemptResult }
+  /** The worker handed the task back (drain): requeue it. */
+  | { kind: "requeue"; reason: string }
+  /** The worker stopped it because it was cancelled: the task is already final. */
+  | { kind: "ignore" };
+
+export function finishAction(finished: TaskFinished): FinishAction {
+  const base = {
+    exitCode: finished.exitCode ?? null,
+    signal: finished.signal || null,
+    stdout: finished.stdout,
+    stderr: finished.stderr,
+    stdoutTruncated: finished.stdoutTruncated,
+    stderrTruncated: finished.stderrTruncated,
+    error: finished.error || null,
+    startedAt: fromTimestamp(finished.startedAt),
+    finishedAt: fromTimestamp(finished.finishedAt) ?? new Date(),
+  };
+  switch (finished.outcome) {
+    case Outcome.EXITED: {
+      const ok = base.exitCode === 0 && base.signal === null;
+      return { kind: "record", result: { ...base, state: ok ? "succeeded" : "failed" } };
+    }
+    case Outcome.TIMED_OUT:
+      return { kind: "record", result: { ...base, state: "timed_out" } };
+    case Outcome.ABANDONED:
+      return { kind: "requeue", reason: base.error ?? "handed back by the worker" };
+    case Outcome.CANCELLED:
+      return { kind: "ignore" };
+    case Outcome.SPAWN_FAILED:
+    default:
+      return {
+        kind: "record",
+        result: { ...base, state: "failed", error: base.error ?? "the worker reported no outcome" },
+      };
+  }
+}

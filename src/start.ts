@@ -1,0 +1,56 @@
+// bun start: the whole system in one process — scheduler, coordinator and TQ_WORKERS
+// workers — on embedded PostgreSQL kept in TQ_DATA_DIR unless DATABASE_URL is set.
+import { hostname } from "node:os";
+import { startEmbedded, type EmbeddedDatabase } from "./db/embedded";
+import { migrateDatabase } from "./db/migrate";
+import { Coordinator } from "./coordinator/coordinator";
+import { Scheduler } from "./scheduler/scheduler";
+import { workerOptions } from "./worker/options";
+import { Worker } from "./worker/worker";
+import { runRole } from "./role";
+
+await runRole("start", async (config, log) => {
+  let embedded: EmbeddedDatabase | null = null;
+  let url = config.DATABASE_URL;
+  if (!url) {
+    log.info({ dataDir: config.TQ_DATA_DIR, port: config.TQ_EMBEDDED_PG_PORT }, "starting embedded PostgreSQL");
+    embedded = await startEmbedded({ dataDir: config.TQ_DATA_DIR, port: config.TQ_EMBEDDED_PG_PORT });
+    url = embedded.url;
+  }
+  await migrateDatabase(url);
+  const coordinator = new Coordinator(config, url, log.child({ component: "coordinator" }));
+  const scheduler = new Scheduler(config, url, log.child({ component: "scheduler" }));
+  const info = await coordinator.start();
+  const schedulerUrl = await scheduler.start();
+  const workers = Array.from(
+    { length: config.TQ_WORKERS },
+    (_, i) =>
+      new Worker(
+        workerOptions(config, log.child({ component: "worker", index: i }), {
+          name: `${hostname()}/${process.pid}/worker-${i + 1}`,
+          addresses: [info.grpcAddress],
+        }),
+      ),
+  );
+  for (const worker of workers) worker.start();
+  await Promise.all(workers.map((worker) => worker.connected()));
+  console.log(
+    [
+      "task-queue is running",
+      `  scheduler    ${schedulerUrl}   (POST /schedule, GET /status, /openapi)`,
+      `  coordinator  ${info.httpUrl}   (POST /submit, /tasks, /workers, /openapi)`,
+      `  gRPC         ${info.grpcAddress}`,
+      `  workers      ${workers.length} x ${config.TQ_WORKER_SLOTS} slots`,
+      `  database     ${embedded ? `embedded PostgreSQL in ${config.TQ_DATA_DIR} (port ${config.TQ_EMBEDDED_PG_PORT})` : "DATABASE_URL"}`,
+      "Press Ctrl+C to stop.",
+    ].join("\n"),
+  );
+  return {
+    async stop() {
+      await Promise.all(workers.map((worker) => worker.stop()));
+      await scheduler.stop();
+      await coordinator.stop();
+      await embedded?.stop();
+    },
+  };
+});

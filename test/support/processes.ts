@@ -1,0 +1,169 @@
+// Real role processes for end-to-end tests. Each process's JSON log lines are parsed as they
+// arrive, so tests wait on what a process says ("coordinator started", "connected") rather
+// than on time.
+import type { Subprocess } from "bun";
+import { freePort } from "./db";
+
+export type LogLine = Record<string, unknown> & { msg?: string };
+
+const ROOT = new URL("../..", import.meta.url).pathname;
+
+export class RoleProcess {
+  readonly lines: LogLine[] = [];
+  readonly raw: string[] = [];
+  private waiters: { test: (line: LogLine) => boolean; resolve: (line: LogLine) => void }[] = [];
+  readonly exited: Promise<number>;
+
+  constructor(
+    readonly role: string,
+    readonly proc: Subprocess<"ignore", "pipe", "pipe">,
+  ) {
+    void this.pump(proc.stdout);
+    void this.pump(proc.stderr);
+    this.exited = proc.exited;
+  }
+
+  get pid(): number {
+    return this.proc.pid;
+  }
+
+  /** Resolves with the first log line (already seen or still to come) that matches. */
+  waitFor(test: (line: LogLine) => boolean, what = "a matching log line", timeoutMs = 30_000): Promise<LogLine> {
+    const seen = this.lines.find(test);
+    if (seen) return Promise.resolve(seen);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.waiters = this.waiters.filter((w) => w.resolve !== done);
+        reject(new Error(`${this.role} (pid ${this.pid}) did not log ${what} within ${timeoutMs} ms; it logged:\n${this.raw.slice(-30).join("\n")}`));
+      }, timeoutMs);
+      const done = (line: LogLine) => {
+        clearTimeout(timer);
+        resolve(line);
+      };
+      this.waiters.push({ test, resolve: done });
+    });
+  }
+
+  waitForMsg(msg: string, timeoutMs?: number): Promise<LogLine> {
+    return this.waitFor((line) => line.msg === msg, `"${msg}"`, timeoutMs);
+  }
+
+  kill(signal: NodeJS.Signals = "SIGTERM"): void {
+    try {
+      this.proc.kill(signal);
+    } catch {
+      // already gone
+    }
+  }
+
+  /** SIGTERM, then SIGKILL if it has not exited within the grace period. */
+  async stop(graceMs = 10_000): Promise<number> {
+    if (this.proc.exitCode !== null || this.proc.signalCode !== null) return this.proc.exitCode ?? -1;
+    this.kill("SIGTERM");
+    const timer = setTimeout(() => this.kill("SIGKILL"), graceMs);
+    const code = await this.exited;
+    clearTimeout(timer);
+    return code;
+  }
+
+  private async pump(stream: ReadableStream<Uint8Array>): Promise<void> {
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for await (const chunk of stream) {
+      buffer += decoder.decode(chunk, { stream: true });
+      let newline: number;
+      while ((newline = buffer.indexOf("\n")) >= 0) {
+        const text = buffer.slice(0, newline);
+        buffer = buffer.slice(newline + 1);
+        this.raw.push(text);
+        let line: LogLine;
+        try {
+          line = JSON.parse(text) as LogLine;
+        } catch {
+          line = { msg: text, text: true };
+        }
+        this.lines.push(line);
+        for (const waiter of [...this.waiters]) {
+          if (waiter.test(line)) {
+            this.waiters = this.waiters.filter((w) => w !== waiter);
+            waiter.resolve(line);
+          }
+        }
+      }
+    }
+  }
+}
+
+export function spawnRole(role: "scheduler" | "coordinator" | "worker" | "start", env: Record<string, string>): RoleProcess {
+  const entry = role === "start" ? "src/start.ts" : `src/${role}/main.ts`;
+  const proc = Bun.spawn(["bun", entry], {
+    cwd: ROOT,
+    env: { PATH: process.env.PATH ?? "/usr/bin:/bin", HOME: process.env.HOME ?? "/tmp", TQ_LOG_LEVEL: "info", ...env },
+    stdin: "ignore",
+    stdout: "pipe",
+    stderr: "pipe",
+  });
+  return new RoleProcess(role, proc);
+}
+
+export interface Cluster {
+  coordinatorUrl: string;
+  schedulerUrl: string;
+  grpcAddress: string;
+  coordinator: RoleProcess;
+  scheduler: RoleProcess | null;
+  workers: RoleProcess[];
+  /** Starts one more worker process and waits until it is connected. */
+  addWorker(env?: Record<string, string>): Promise<RoleProcess>;
+  stop(): Promise<void>;
+}
+
+/** A coordinator, optionally a scheduler, and `workers` worker processes on `databaseUrl`. */
+export async function startCluster(
+  databaseUrl: string,
+  options: { workers: number; slots?: number; scheduler?: boolean; env?: Record<string, string> },
+): Promise<Cluster> {
+  const [httpPort, grpcPort, schedulerPort] = await Promise.all([freePort(), freePort(), freePort()]);
+  const common = { DATABASE_URL: databaseUrl, TQ_HEARTBEAT_INTERVAL_MS: "200", TQ_HEARTBEAT_TIMEOUT_MS: "1000", ...options.env };
+  const coordinator = spawnRole("coordinator", {
+    ...common,
+    TQ_COORDINATOR_PORT: String(httpPort),
+    TQ_GRPC_PORT: String(grpcPort),
+  });
+  const scheduler = options.scheduler === false ? null : spawnRole("scheduler", { ...common, TQ_SCHEDULER_PORT: String(schedulerPort) });
+  const all: RoleProcess[] = [coordinator, ...(scheduler ? [scheduler] : [])];
+  await Promise.all([coordinator.waitForMsg("coordinator started"), scheduler?.waitForMsg("scheduler started")]);
+  const grpcAddress = `127.0.0.1:${grpcPort}`;
+  const workers: RoleProcess[] = [];
+  const addWorker = async (env: Record<string, string> = {}) => {
+    const { DATABASE_URL: _, ...workerEnv } = common;
+    const worker = spawnRole("worker", {
+      ...workerEnv,
+      TQ_COORDINATOR_ADDRESSES: grpcAddress,
+      TQ_WORKER_SLOTS: String(options.slots ?? 2),
+      ...env,
+    });
+    all.push(worker);
+    workers.push(worker);
+    await worker.waitForMsg("connected");
+    return worker;
+  };
+  try {
+    await Promise.all(Array.from({ length: options.workers }, () => addWorker()));
+  } catch (error) {
+    await Promise.all(all.map((p) => p.stop(2000)));
+    throw error;
+  }
+  return {
+    coordinatorUrl: `http://127.0.0.1:${httpPort}`,
+    schedulerUrl: `http://127.0.0.1:${schedulerPort}`,
+    grpcAddress,
+    coordinator,
+    scheduler,
+    workers,
+    addWorker,
+    async stop() {
+      await Promise.all(all.map((p) => p.stop(5000)));
+    },
+  };
+}
