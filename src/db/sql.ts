@@ -24,3 +24,8 @@ export function connect(url: string, options: ConnectOptions = {}): Sql {
     connection: { application_name: options.applicationName ?? "task-queue" },
   });
 }
+
+/** Resolves when the database answers a trivial query (readiness). */
+export async function ping(sql: Sql): Promise<void> {
+  await sql`SELECT 1`;
+}

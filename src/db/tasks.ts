@@ -287,3 +287,22 @@ export async function cancelTask(sql: Sql, id: string): Promise<CancelOutcome> {
   const task = await getTask(sql, id);
   return task ? { kind: "final", task } : { kind: "not_found" };
 }
+
+export type TaskWithLastEvent = Task & { event_id: string | null; event_kind: string | null };
+
+/**
+ * A task and the newest event its row reflects, read in one statement so they agree: live
+ * watchers skip notifications for changes the row already shows.
+ */
+export async function getTaskWithLastEvent(sql: Sql, id: string): Promise<TaskWithLastEvent | null> {
+  const rows = await sql<TaskWithLastEvent[]>`
+    SELECT t.*, e.id::text AS event_id, e.kind AS event_kind
+    FROM tasks t
+    LEFT JOIN LATERAL (
+      SELECT id, kind FROM task_events
+      WHERE task_id = t.id AND kind <> 'stale'
+      ORDER BY id DESC LIMIT 1
+    ) e ON true
+    WHERE t.id = ${id}`;
+  return rows[0] ?? null;
+}

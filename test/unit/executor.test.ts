@@ -215,7 +215,7 @@ test("leaves no timers behind, so a process that only ran tasks exits", async ()
   const executor = join(import.meta.dir, "../../src/worker/executor.ts");
   const script = `
     import { execute } from ${JSON.stringify(executor)};
-    const spec = { env: {}, timeoutMs: 60000, killGraceMs: 60000, maxOutputBytes: 100 };
+    const spec = { env: {}, baseEnv: process.env, timeoutMs: 60000, killGraceMs: 60000, maxOutputBytes: 100 };
     const done = await execute({ ...spec, command: "true" }).result;
     const stopped = execute({ ...spec, command: "sleep 100" });
     stopped.stop("cancelled");
