@@ -20,6 +20,9 @@ export function connect(url: string, options: ConnectOptions = {}): Sql {
     idle_timeout: 60,
     // Prepared statements: each named query is parsed once per connection.
     prepare: true,
+    // Reconnect quickly after an outage. postgres.js shares its retry count across the pool
+    // and would otherwise wait up to 20 s between attempts, stalling requests meant to get 503.
+    backoff: (retries: number) => Math.min(1, 0.05 * 2 ** retries) * (0.5 + Math.random() / 2),
     onnotice: () => {},
     connection: { application_name: options.applicationName ?? "task-queue" },
   });

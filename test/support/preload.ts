@@ -1,7 +1,10 @@
 // Loaded before every test file (bunfig.toml). Stops the embedded PostgreSQL cluster, if the
 // run started one, once all files are done.
-import { afterAll } from "bun:test";
+import { afterAll, setDefaultTimeout } from "bun:test";
 import { stopEmbeddedServer } from "./db";
+
+// End-to-end tests start processes and PostgreSQL; they wait on signals, with this ceiling.
+setDefaultTimeout(60_000);
 
 afterAll(async () => {
   await stopEmbeddedServer();

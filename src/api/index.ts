@@ -1,0 +1,199 @@
+// The HTTP API that the scheduler (:8081) and the coordinator (:8080) both serve: one Elysia
+// instance per controller, composed by createApp. Handlers only translate between HTTP and
+// src/api/service.ts.
+import { Elysia, status } from "elysia";
+import { openapi } from "@elysiajs/openapi";
+import pkg from "../../package.json" with { type: "json" };
+import type { ApiDeps } from "./deps";
+import { errorHandling, readJsonBody } from "./errors";
+import {
+  ErrorJson,
+  HealthJson,
+  ReadyJson,
+  ScheduleResponse,
+  StatusJson,
+  StatusQuery,
+  TaskEventJson,
+  TaskIdParams,
+  TaskJson,
+  TaskList,
+  TaskListQuery,
+  WorkerList,
+  scheduleResponse,
+  statusJson,
+  taskJson,
+  workerJson,
+} from "./model";
+import {
+  cancelTaskOrThrow,
+  checkReady,
+  getTaskOrThrow,
+  listTaskPage,
+  listWorkers,
+  submitTask,
+} from "./service";
+import { taskEventsResponse } from "./sse";
+import { ScheduleInput, SubmitInput, TaskInput, toScheduleSpec, toTaskSpec } from "../task/spec";
+
+export function createApp(deps: ApiDeps) {
+  return new Elysia({ normalize: false })
+    .use(errorHandling(deps))
+    .use(
+      openapi({
+        path: "/openapi",
+        specPath: "/openapi/json",
+        documentation: {
+          info: {
+            title: "task-queue",
+            version: pkg.version,
+            description: "Runs shell commands on a fleet of workers, now or at a set time.",
+          },
+          tags: [
+            { name: "tasks", description: "Submit, inspect, list, cancel and watch tasks." },
+            { name: "seed", description: "The original API, kept compatible." },
+            { name: "workers", description: "Workers connected to any coordinator." },
+            { name: "health", description: "Liveness and readiness." },
+          ],
+        },
+      }),
+    )
+    .use(seedController(deps))
+    .use(tasksController(deps))
+    .use(workersController(deps))
+    .use(healthController(deps));
+}
+
+/**
+ * Every JSON body is parsed as JSON whatever its Content-Type (the seed's curl examples send
+ * none, so curl says application/x-www-form-urlencoded), within the body size limit. The
+ * trailing "json" is never reached (readJsonBody answers or throws); it tells the OpenAPI
+ * document that the body is application/json.
+ */
+const jsonBody = (deps: ApiDeps) =>
+  [({ request }: { request: Request }) => readJsonBody(request, deps.config.TQ_MAX_BODY_BYTES), "json" as const];
+
+const failures = { 400: ErrorJson, 413: ErrorJson, 503: ErrorJson };
+const lookupFailures = { 400: ErrorJson, 404: ErrorJson, 503: ErrorJson };
+
+/** The seed's routes, answered in its shapes. */
+function seedController(deps: ApiDeps) {
+  return new Elysia({ normalize: false })
+    .post(
+      "/schedule",
+      async ({ body }) => scheduleResponse(await submitTask(deps, toScheduleSpec(body, deps.config))),
+      {
+        parse: jsonBody(deps),
+        body: ScheduleInput,
+        response: { 200: ScheduleResponse, ...failures },
+        detail: {
+          tags: ["seed"],
+          summary: "Schedule a command",
+          description: "Seed-compatible: answers 200 with the normalized scheduled_at. `schedule_at` is accepted as an alias.",
+        },
+      },
+    )
+    .get("/status", async ({ query }) => statusJson(await getTaskOrThrow(deps, query.task_id, "task_id")), {
+      query: StatusQuery,
+      response: { 200: StatusJson, ...lookupFailures },
+      detail: { tags: ["seed"], summary: "Status of a task" },
+    });
+}
+
+function tasksController(deps: ApiDeps) {
+  return new Elysia({ normalize: false })
+    .post("/submit", async ({ body }) => status(201, taskJson(await submitTask(deps, toTaskSpec(body, deps.config)))), {
+      parse: jsonBody(deps),
+      body: SubmitInput,
+      response: { 201: TaskJson, ...failures },
+      detail: { tags: ["tasks"], summary: "Run a command now" },
+    })
+    .post("/tasks", async ({ body }) => status(201, taskJson(await submitTask(deps, toTaskSpec(body, deps.config)))), {
+      parse: jsonBody(deps),
+      body: TaskInput,
+      response: { 201: TaskJson, ...failures },
+      detail: { tags: ["tasks"], summary: "Submit a task", description: "Runs now, or at scheduled_at." },
+    })
+    .get(
+      "/tasks",
+      async ({ query }) => {
+        const page = await listTaskPage(deps, query);
+        return { tasks: page.tasks.map(taskJson), next_cursor: page.nextCursor };
+      },
+      {
+        // Query values arrive as text; the schema wants the number.
+        transform({ query }) {
+          const raw = query as Record<string, unknown>;
+          if (typeof raw.limit === "string" && /^-?\d{1,9}$/.test(raw.limit)) raw.limit = Number(raw.limit);
+        },
+        query: TaskListQuery,
+        response: { 200: TaskList, 400: ErrorJson, 503: ErrorJson },
+        detail: { tags: ["tasks"], summary: "List tasks", description: "Newest first, filtered by state, paged by cursor." },
+      },
+    )
+    .get("/tasks/:id", async ({ params }) => taskJson(await getTaskOrThrow(deps, params.id)), {
+      params: TaskIdParams,
+      response: { 200: TaskJson, ...lookupFailures },
+      detail: { tags: ["tasks"], summary: "Get a task" },
+    })
+    .post("/tasks/:id/cancel", async ({ params }) => taskJson(await cancelTaskOrThrow(deps, params.id)), {
+      params: TaskIdParams,
+      response: { 200: TaskJson, 409: ErrorJson, ...lookupFailures },
+      detail: {
+        tags: ["tasks"],
+        summary: "Cancel a task",
+        description: "Cancels a queued or in-flight task (its process is stopped); 409 when it already finished.",
+      },
+    })
+    .get(
+      "/tasks/:id/events",
+      ({ params, request, server }) => taskEventsResponse(deps, params.id, request, { server }),
+      {
+        params: TaskIdParams,
+        detail: {
+          tags: ["tasks"],
+          summary: "Watch a task",
+          description:
+            "Server-sent events: the current state first, then every change until a final state, then the stream ends. " +
+            "Each message is `event: task` with `id:` the task_events id; a `: keepalive` comment comes every 15 s.",
+          responses: {
+            200: {
+              description: "An event stream of TaskEventJson messages.",
+              content: { "text/event-stream": { schema: TaskEventJson as object } },
+            },
+            400: { description: "Malformed id." },
+            404: { description: "Unknown task." },
+          },
+        },
+      },
+    );
+}
+
+function workersController(deps: ApiDeps) {
+  return new Elysia({ normalize: false }).get(
+    "/workers",
+    async () => ({ workers: (await listWorkers(deps)).map(workerJson) }),
+    {
+      response: { 200: WorkerList, 503: ErrorJson },
+      detail: { tags: ["workers"], summary: "Live workers" },
+    },
+  );
+}
+
+function healthController(deps: ApiDeps) {
+  return new Elysia({ normalize: false })
+    .get("/healthz", () => ({ status: "ok" as const, role: deps.role }), {
+      response: { 200: HealthJson },
+      detail: { tags: ["health"], summary: "Liveness: the process answers" },
+    })
+    .get(
+      "/readyz",
+      async () => {
+        await checkReady(deps);
+        return { status: "ready" as const };
+      },
+      {
+        response: { 200: ReadyJson, 503: ErrorJson },
+        detail: { tags: ["health"], summary: "Readiness: the database answers within 2 s" },
+      },
+    );
+}

@@ -1,0 +1,234 @@
+// What the HTTP API answers, as TypeBox schemas (the route response schemas, and so the
+// OpenAPI document), and the conversions from database rows. Types come from the schemas.
+import { Type, type TLiteral, type TSchema } from "@sinclair/typebox";
+import { TASK_STATES } from "../task/state";
+import type { Task } from "../task/task";
+import type { TaskChange } from "../db/notify";
+import type { WorkerRow } from "../db/workers";
+
+const Nullable = <T extends TSchema>(schema: T) => Type.Union([schema, Type.Null()]);
+
+const Timestamp = Type.String({
+  format: "date-time",
+  description: "RFC 3339, UTC, milliseconds.",
+  examples: ["2023-04-01T15:04:05.000Z"],
+});
+
+/** One literal schema per value, as a tuple: Elysia infers nothing useful from a plain array. */
+type Literals<T extends readonly string[]> = { -readonly [K in keyof T]: TLiteral<T[K]> };
+
+export const TaskStateJson = Type.Union(
+  TASK_STATES.map((state) => Type.Literal(state)) as unknown as Literals<typeof TASK_STATES>,
+  { description: "queued, dispatched, running, then succeeded, failed, timed_out or cancelled." },
+);
+
+export const TaskJson = Type.Object(
+  {
+    id: Type.String({ format: "uuid" }),
+    command: Type.String(),
+    state: TaskStateJson,
+    scheduled_at: Timestamp,
+    created_at: Timestamp,
+    picked_at: Nullable(Timestamp),
+    started_at: Nullable(Timestamp),
+    completed_at: Nullable(Timestamp),
+    failed_at: Nullable(Timestamp),
+    cancelled_at: Nullable(Timestamp),
+    attempt: Type.Integer({ description: "Attempts started so far; the current one while in flight." }),
+    max_attempts: Type.Integer(),
+    timeout_ms: Type.Integer({ description: "0: no timeout." }),
+    env: Type.Record(Type.String(), Type.String()),
+    cwd: Nullable(Type.String()),
+    worker_id: Nullable(Type.String({ description: "The worker that holds the task, or held its last attempt." })),
+    coordinator_id: Nullable(Type.String()),
+    exit_code: Nullable(Type.Integer()),
+    signal: Nullable(Type.String({ description: "The signal that ended the process, e.g. SIGKILL." })),
+    stdout: Nullable(Type.String({ description: "Tail of standard output." })),
+    stderr: Nullable(Type.String({ description: "Tail of standard error." })),
+    stdout_truncated: Type.Boolean(),
+    stderr_truncated: Type.Boolean(),
+    error: Nullable(Type.String({ description: "Why the task failed without an exit code, or ran out of attempts." })),
+  },
+  { additionalProperties: false },
+);
+export type TaskJson = typeof TaskJson.static;
+
+/** The seed's `GET /status` answer, plus attempt, exit_code and error. */
+export const StatusJson = Type.Object(
+  {
+    task_id: Type.String({ format: "uuid" }),
+    command: Type.String(),
+    state: TaskStateJson,
+    scheduled_at: Timestamp,
+    picked_at: Nullable(Timestamp),
+    started_at: Nullable(Timestamp),
+    completed_at: Nullable(Timestamp),
+    failed_at: Nullable(Timestamp),
+    created_at: Timestamp,
+    cancelled_at: Nullable(Timestamp),
+    attempt: Type.Integer(),
+    exit_code: Nullable(Type.Integer()),
+    error: Nullable(Type.String()),
+  },
+  { additionalProperties: false },
+);
+export type StatusJson = typeof StatusJson.static;
+
+export const ScheduleResponse = Type.Object(
+  { task_id: Type.String({ format: "uuid" }), command: Type.String(), scheduled_at: Timestamp },
+  { additionalProperties: false },
+);
+export type ScheduleResponse = typeof ScheduleResponse.static;
+
+export const TaskList = Type.Object(
+  {
+    tasks: Type.Array(TaskJson, { description: "Newest first." }),
+    next_cursor: Nullable(Type.String({ description: "Pass as `cursor` for the next page; null on the last page." })),
+  },
+  { additionalProperties: false },
+);
+export type TaskList = typeof TaskList.static;
+
+/** One SSE message of `GET /tasks/:id/events`: the task, and the change that led to it. */
+export const TaskEventJson = Type.Object(
+  {
+    ...TaskJson.properties,
+    event: Nullable(
+      Type.Object({
+        kind: Type.String({ description: "submitted, dispatched, started, succeeded, failed, timed_out, cancelled, requeued..." }),
+        event_id: Type.String({ description: "task_events id (a bigint, as text)." }),
+      }),
+    ),
+  },
+  { additionalProperties: false, description: "event is null in the first message, which is the state when the stream opened." },
+);
+export type TaskEventJson = typeof TaskEventJson.static;
+
+export const WorkerJson = Type.Object(
+  {
+    id: Type.String(),
+    name: Type.String(),
+    coordinator_id: Type.String(),
+    state: Type.Union([Type.Literal("connected"), Type.Literal("draining")]),
+    slots: Type.Integer(),
+    running: Type.Integer({ description: "Tasks the worker holds (dispatched or running)." }),
+    labels: Type.Record(Type.String(), Type.String()),
+    version: Type.String(),
+    connected_at: Timestamp,
+    last_heartbeat_at: Timestamp,
+  },
+  { additionalProperties: false },
+);
+export type WorkerJson = typeof WorkerJson.static;
+
+export const WorkerList = Type.Object({ workers: Type.Array(WorkerJson) }, { additionalProperties: false });
+export type WorkerList = typeof WorkerList.static;
+
+export const ErrorJson = Type.Object(
+  {
+    error: Type.Object({
+      code: Type.String({
+        description:
+          "invalid_argument, invalid_json, not_found, conflict, payload_too_large, unavailable or internal.",
+      }),
+      message: Type.String(),
+      field: Type.Optional(Type.String({ description: "The request field the error is about." })),
+      request_id: Type.Optional(Type.String({ description: "Quote it when reporting an internal error." })),
+    }),
+  },
+  { additionalProperties: false },
+);
+export type ErrorJson = typeof ErrorJson.static;
+
+export const HealthJson = Type.Object(
+  { status: Type.Literal("ok"), role: Type.Union([Type.Literal("scheduler"), Type.Literal("coordinator")]) },
+  { additionalProperties: false },
+);
+export type HealthJson = typeof HealthJson.static;
+
+export const ReadyJson = Type.Object({ status: Type.Literal("ready") }, { additionalProperties: false });
+export type ReadyJson = typeof ReadyJson.static;
+
+export const TaskIdParams = Type.Object({ id: Type.String({ description: "Task id (UUID)." }) });
+
+export const StatusQuery = Type.Object({ task_id: Type.String({ description: "Task id (UUID)." }) });
+
+export const TaskListQuery = Type.Object({
+  state: Type.Optional(TaskStateJson),
+  limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 500, description: "Page size. Defaults to 50." })),
+  cursor: Type.Optional(Type.String({ description: "next_cursor of the previous page." })),
+});
+
+const iso = (date: Date) => date.toISOString();
+const isoOrNull = (date: Date | null) => (date === null ? null : date.toISOString());
+
+export function taskJson(task: Task): TaskJson {
+  return {
+    id: task.id,
+    command: task.command,
+    state: task.state,
+    scheduled_at: iso(task.scheduled_at),
+    created_at: iso(task.created_at),
+    picked_at: isoOrNull(task.picked_at),
+    started_at: isoOrNull(task.started_at),
+    completed_at: isoOrNull(task.completed_at),
+    failed_at: isoOrNull(task.failed_at),
+    cancelled_at: isoOrNull(task.cancelled_at),
+    attempt: task.attempt,
+    max_attempts: task.max_attempts,
+    timeout_ms: task.timeout_ms,
+    env: task.env,
+    cwd: task.cwd,
+    worker_id: task.worker_id,
+    coordinator_id: task.coordinator_id,
+    exit_code: task.exit_code,
+    signal: task.signal,
+    stdout: task.stdout,
+    stderr: task.stderr,
+    stdout_truncated: task.stdout_truncated,
+    stderr_truncated: task.stderr_truncated,
+    error: task.error,
+  };
+}
+
+export function statusJson(task: Task): StatusJson {
+  return {
+    task_id: task.id,
+    command: task.command,
+    state: task.state,
+    scheduled_at: iso(task.scheduled_at),
+    picked_at: isoOrNull(task.picked_at),
+    started_at: isoOrNull(task.started_at),
+    completed_at: isoOrNull(task.completed_at),
+    failed_at: isoOrNull(task.failed_at),
+    created_at: iso(task.created_at),
+    cancelled_at: isoOrNull(task.cancelled_at),
+    attempt: task.attempt,
+    exit_code: task.exit_code,
+    error: task.error,
+  };
+}
+
+export function scheduleResponse(task: Task): ScheduleResponse {
+  return { task_id: task.id, command: task.command, scheduled_at: iso(task.scheduled_at) };
+}
+
+export function taskEventJson(task: Task, event: TaskChange | null): TaskEventJson {
+  return { ...taskJson(task), event: event === null ? null : { kind: event.kind, event_id: event.event_id } };
+}
+
+export function workerJson(worker: WorkerRow): WorkerJson {
+  return {
+    id: worker.id,
+    name: worker.name,
+    coordinator_id: worker.coordinator_id,
+    // listLiveWorkers never returns a gone worker.
+    state: worker.state === "draining" ? "draining" : "connected",
+    slots: worker.slots,
+    running: worker.running,
+    labels: worker.labels,
+    version: worker.version,
+    connected_at: iso(worker.connected_at),
+    last_heartbeat_at: iso(worker.last_heartbeat_at),
+  };
+}

@@ -1,0 +1,94 @@
+// `GET /tasks/:id/events` as server-sent events: the current state first, then every change
+// until a final state, then the stream ends. Each message carries the task_events id, so a
+// client can tell updates apart and order them.
+import type { ApiDeps } from "./deps";
+import { errorAnswer } from "./errors";
+import { taskEventJson } from "./model";
+import { watchTask, type TaskUpdate } from "./service";
+import { isFinal } from "../task/state";
+
+/** A comment this often keeps proxies and clients from timing the stream out. */
+export const KEEPALIVE_MS = 15_000;
+
+export function sseMessage(update: TaskUpdate): string {
+  return `id: ${update.eventId}\nevent: task\ndata: ${JSON.stringify(taskEventJson(update.task, update.event))}\n\n`;
+}
+
+export interface TaskEventsOptions {
+  keepaliveMs?: number;
+  /** When served by Bun.serve: lifts the idle timeout, which would cut a quiet stream. */
+  server?: { timeout(request: Request, seconds: number): void } | null;
+}
+
+/**
+ * Answers with the event stream of one task. A bad or unknown id, or an unreachable database,
+ * throws before any byte is sent, so the client gets the usual JSON error and status.
+ */
+export async function taskEventsResponse(
+  deps: ApiDeps,
+  id: string,
+  request: Request,
+  options: TaskEventsOptions = {},
+): Promise<Response> {
+  const stop = new AbortController();
+  const updates = watchTask(deps, id, stop.signal);
+  const first = await updates.next();
+  if (first.done) return new Response(null, { status: 204 });
+  options.server?.timeout(request, 0);
+
+  const encoder = new TextEncoder();
+  const where = `GET ${new URL(request.url).pathname}`;
+  let keepalive: Timer | undefined;
+  let closed = false;
+  let close = () => {};
+
+  const stream = new ReadableStream<Uint8Array>({
+    start(controller) {
+      // Stops the watcher, the timer and the disconnect listener once, however the stream ends.
+      close = () => {
+        if (closed) return;
+        closed = true;
+        clearInterval(keepalive);
+        request.signal.removeEventListener("abort", close);
+        stop.abort();
+        void updates.return(undefined).catch(() => {});
+        try {
+          controller.close();
+        } catch {
+          // Already closed or cancelled by the client.
+        }
+      };
+      controller.enqueue(encoder.encode(sseMessage(first.value)));
+      if (isFinal(first.value.task.state) || request.signal.aborted) return close();
+      request.signal.addEventListener("abort", close);
+      keepalive = setInterval(() => controller.enqueue(encoder.encode(": keepalive\n\n")), options.keepaliveMs ?? KEEPALIVE_MS);
+    },
+    async pull(controller) {
+      if (closed) return;
+      try {
+        const next = await updates.next();
+        if (closed) return;
+        if (next.done) return close();
+        controller.enqueue(encoder.encode(sseMessage(next.value)));
+        if (isFinal(next.value.task.state)) close();
+      } catch (error) {
+        if (closed) return;
+        // Headers are sent: the error becomes the last message.
+        const { body } = errorAnswer(error, deps, where);
+        controller.enqueue(encoder.encode(`event: error\ndata: ${JSON.stringify(body)}\n\n`));
+        close();
+      }
+    },
+    cancel() {
+      close();
+    },
+  });
+
+  return new Response(stream, {
+    headers: {
+      "content-type": "text/event-stream; charset=utf-8",
+      "cache-control": "no-cache",
+      "x-accel-buffering": "no",
+    },
+  });
+}

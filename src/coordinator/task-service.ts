@@ -1,0 +1,106 @@
+// gRPC TaskService: the same operations as the REST routes, through the same service
+// functions (src/api/service.ts) and the same validation (src/task/spec.ts).
+import { create } from "@bufbuild/protobuf";
+import * as grpc from "@grpc/grpc-js";
+import {
+  CancelTaskResponseSchema,
+  GetTaskResponseSchema,
+  ListTasksResponseSchema,
+  SubmitTaskResponseSchema,
+  WatchTaskResponseSchema,
+  type CancelTaskRequest,
+  type GetTaskRequest,
+  type ListTasksRequest,
+  type SubmitTaskRequest,
+  type WatchTaskRequest,
+  type WatchTaskResponse,
+} from "../gen/taskqueue/v1/task_service_pb";
+import { TaskEventSchema } from "../gen/taskqueue/v1/task_pb";
+import type { ApiDeps } from "../api/deps";
+import { cancelTaskOrThrow, getTaskOrThrow, listTaskPage, submitTask, watchTask } from "../api/service";
+import { toTaskSpec } from "../task/spec";
+import { invalidArgument } from "../task/errors";
+import { fromTimestamp, stateFromProto, stateToProto, taskToProto } from "../rpc/convert";
+import { toServiceError } from "../rpc/status";
+
+type Unary<Req, Res> = (call: grpc.ServerUnaryCall<Req, Res>, callback: grpc.sendUnaryData<Res>) => void;
+
+/** Runs a unary handler, mapping thrown errors to gRPC status once. */
+function unary<Req, Res>(deps: ApiDeps, handle: (request: Req) => Promise<Res>): Unary<Req, Res> {
+  return (call, callback) => {
+    handle(call.request).then(
+      (response) => callback(null, response),
+      (error: unknown) => callback(toServiceError(error, deps.log)),
+    );
+  };
+}
+
+/** The REST full form of a SubmitTaskRequest, so both transports validate alike. */
+function submitInput(request: SubmitTaskRequest): Record<string, unknown> {
+  const input: Record<string, unknown> = { command: request.command };
+  const scheduledAt = fromTimestamp(request.scheduledAt);
+  if (scheduledAt) {
+    if (Number.isNaN(scheduledAt.getTime())) throw invalidArgument("scheduled_at", "scheduled_at is not a valid time");
+    input.scheduled_at = scheduledAt.toISOString();
+  }
+  if (request.timeoutMs !== 0) input.timeout_ms = request.timeoutMs;
+  if (request.maxAttempts !== 0) input.max_attempts = request.maxAttempts;
+  if (Object.keys(request.env).length > 0) input.env = request.env;
+  if (request.cwd !== "") input.cwd = request.cwd;
+  return input;
+}
+
+export function taskServiceHandlers(deps: ApiDeps): grpc.UntypedServiceImplementation {
+  return {
+    submitTask: unary(deps, async (request: SubmitTaskRequest) => {
+      const task = await submitTask(deps, toTaskSpec(submitInput(request), deps.config));
+      return create(SubmitTaskResponseSchema, { task: taskToProto(task) });
+    }),
+    getTask: unary(deps, async (request: GetTaskRequest) =>
+      create(GetTaskResponseSchema, { task: taskToProto(await getTaskOrThrow(deps, request.id)) }),
+    ),
+    listTasks: unary(deps, async (request: ListTasksRequest) => {
+      const state = request.state === 0 ? undefined : stateFromProto(request.state);
+      if (request.state !== 0 && state === undefined) throw invalidArgument("state", `unknown state ${request.state}`);
+      const page = await listTaskPage(deps, {
+        state,
+        limit: request.limit === 0 ? undefined : request.limit,
+        cursor: request.cursor === "" ? undefined : request.cursor,
+      });
+      return create(ListTasksResponseSchema, { tasks: page.tasks.map(taskToProto), nextCursor: page.nextCursor ?? "" });
+    }),
+    cancelTask: unary(deps, async (request: CancelTaskRequest) =>
+      create(CancelTaskResponseSchema, { task: taskToProto(await cancelTaskOrThrow(deps, request.id)) }),
+    ),
+    watchTask: (call: grpc.ServerWritableStream<WatchTaskRequest, WatchTaskResponse>) => {
+      const controller = new AbortController();
+      call.on("cancelled", () => controller.abort());
+      call.on("close", () => controller.abort());
+      void (async () => {
+        try {
+          for await (const update of watchTask(deps, call.request.id, controller.signal)) {
+            const event = update.event;
+            call.write(
+              create(WatchTaskResponseSchema, {
+                task: taskToProto(update.task),
+                event: event
+                  ? create(TaskEventSchema, {
+                      id: update.eventId,
+                      taskId: event.id,
+                      kind: event.kind,
+                      state: stateToProto(update.task.state),
+                      attempt: update.task.attempt,
+                      workerId: update.task.worker_id ?? "",
+                    })
+                  : undefined,
+              }),
+            );
+          }
+          call.end();
+        } catch (error) {
+          if (!controller.signal.aborted) call.destroy(Object.assign(new Error(), toServiceError(error, deps.log)));
+        }
+      })();
+    },
+  };
+}

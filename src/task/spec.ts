@@ -1,0 +1,300 @@
+// What a client may ask for, and the one place that turns it into a TaskSpec. The schemas are
+// the HTTP route bodies (and so the OpenAPI document) and what the gRPC TaskService checks;
+// toTaskSpec adds the rules JSON Schema cannot say (a real calendar date, no NUL byte, which
+// PostgreSQL text cannot hold) and accepts any transport's input, so nothing malformed
+// reaches the database or a shell.
+import { Type, type TSchema, type Static } from "@sinclair/typebox";
+import { Value, ValueErrorType, type ValueError } from "@sinclair/typebox/value";
+import type { Config } from "../config";
+import { invalidArgument } from "./errors";
+import type { TaskSpec } from "./task";
+
+export const MAX_COMMAND_LENGTH = 65_536;
+/** Seven days. */
+export const MAX_TIMEOUT_MS = 604_800_000;
+export const MAX_ATTEMPTS_LIMIT = 100;
+export const MAX_ENV_ENTRIES = 256;
+export const MAX_ENV_VALUE_BYTES = 32 * 1024;
+export const MAX_CWD_LENGTH = 4096;
+export const ENV_KEY_PATTERN = "^[A-Za-z_][A-Za-z0-9_]*$";
+
+const EXAMPLE_TIME = "2023-04-01T15:04:05Z";
+
+const Command = Type.String({
+  minLength: 1,
+  maxLength: MAX_COMMAND_LENGTH,
+  description: `Shell command, run with \`sh -c\`. Not blank, no NUL byte, at most ${MAX_COMMAND_LENGTH} characters.`,
+  examples: ["echo hello"],
+});
+
+const ScheduledAt = Type.String({
+  description:
+    "When the task becomes due: an RFC 3339 date-time with a time zone (`Z` or `±hh:mm`), years 1970-9999. " +
+    "A time in the past runs at once.",
+  examples: [EXAMPLE_TIME],
+});
+
+const runOptions = {
+  timeout_ms: Type.Optional(
+    Type.Integer({
+      minimum: 0,
+      maximum: MAX_TIMEOUT_MS,
+      description: "Kill the command after this many milliseconds; 0 means no timeout. Defaults to 0.",
+    }),
+  ),
+  max_attempts: Type.Optional(
+    Type.Integer({
+      minimum: 1,
+      maximum: MAX_ATTEMPTS_LIMIT,
+      description: "Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3).",
+    }),
+  ),
+  env: Type.Optional(
+    Type.Record(
+      Type.String({ pattern: ENV_KEY_PATTERN }),
+      Type.String({ maxLength: MAX_ENV_VALUE_BYTES }),
+      {
+        additionalProperties: false,
+        maxProperties: MAX_ENV_ENTRIES,
+        description: `Extra environment variables: at most ${MAX_ENV_ENTRIES}, names matching ${ENV_KEY_PATTERN}, values without NUL of at most ${MAX_ENV_VALUE_BYTES} bytes.`,
+      },
+    ),
+  ),
+  cwd: Type.Optional(
+    Type.String({
+      minLength: 1,
+      maxLength: MAX_CWD_LENGTH,
+      description: "Absolute working directory on the worker. Defaults to the worker's own.",
+    }),
+  ),
+};
+
+const strict = { additionalProperties: false } as const;
+
+/** The full form (`POST /tasks`, gRPC SubmitTask). */
+export const TaskInput = Type.Object(
+  { command: Command, scheduled_at: Type.Optional(ScheduledAt), ...runOptions },
+  { ...strict, description: "A task to run now, or at scheduled_at." },
+);
+export type TaskInput = Static<typeof TaskInput>;
+
+/** Run now (`POST /submit`): the full form without scheduled_at. */
+export const SubmitInput = Type.Object(
+  { command: Command, ...runOptions },
+  { ...strict, description: "A task to run as soon as a worker is free." },
+);
+export type SubmitInput = Static<typeof SubmitInput>;
+
+/** The seed's `POST /schedule`; `schedule_at` is the original Go code's name for scheduled_at. */
+export const ScheduleInput = Type.Object(
+  {
+    command: Command,
+    scheduled_at: Type.Optional(ScheduledAt),
+    schedule_at: Type.Optional(
+      Type.String({ description: "Legacy alias of scheduled_at, accepted from the original clients.", deprecated: true }),
+    ),
+  },
+  { ...strict, description: "A task to run at scheduled_at (required)." },
+);
+export type ScheduleInput = Static<typeof ScheduleInput>;
+
+export type SpecConfig = Pick<Config, "TQ_DEFAULT_MAX_ATTEMPTS">;
+
+/** Validates a full-form request; throws invalidArgument naming the field. */
+export function toTaskSpec(input: unknown, config: SpecConfig): TaskSpec {
+  const body = checkSchema(TaskInput, input);
+  const scheduledAt = body.scheduled_at === undefined ? null : parseScheduledAt(body.scheduled_at, "scheduled_at");
+  return buildSpec(body, scheduledAt, config);
+}
+
+/** Validates a seed `/schedule` request: scheduled_at (or its alias) is required. */
+export function toScheduleSpec(input: unknown, config: SpecConfig): TaskSpec {
+  const body = checkSchema(ScheduleInput, input);
+  const { scheduled_at: current, schedule_at: legacy } = body;
+  if (current === undefined && legacy === undefined) {
+    throw invalidArgument("scheduled_at", `scheduled_at is required, e.g. "${EXAMPLE_TIME}"`);
+  }
+  let scheduledAt: Date;
+  if (current !== undefined) {
+    scheduledAt = parseScheduledAt(current, "scheduled_at");
+    if (legacy !== undefined && parseScheduledAt(legacy, "schedule_at").getTime() !== scheduledAt.getTime()) {
+      throw invalidArgument("schedule_at", "schedule_at (legacy alias) disagrees with scheduled_at; send only scheduled_at");
+    }
+  } else {
+    scheduledAt = parseScheduledAt(legacy!, "schedule_at");
+  }
+  return buildSpec({ command: body.command }, scheduledAt, config);
+}
+
+function buildSpec(body: SubmitInput, scheduledAt: Date | null, config: SpecConfig): TaskSpec {
+  if (body.command.trim() === "") throw invalidArgument("command", "command must not be blank");
+  if (body.command.includes("\0")) throw invalidArgument("command", "command must not contain a NUL byte");
+  const env = body.env ?? {};
+  for (const [key, value] of Object.entries(env)) {
+    if (value.includes("\0")) throw invalidArgument(`env.${key}`, `env.${key} must not contain a NUL byte`);
+    if (Buffer.byteLength(value, "utf8") > MAX_ENV_VALUE_BYTES) {
+      throw invalidArgument(`env.${key}`, `env.${key} must be at most ${MAX_ENV_VALUE_BYTES} bytes`);
+    }
+  }
+  const cwd = body.cwd ?? null;
+  if (cwd !== null) {
+    if (!cwd.startsWith("/")) throw invalidArgument("cwd", "cwd must be an absolute path");
+    if (cwd.includes("\0")) throw invalidArgument("cwd", "cwd must not contain a NUL byte");
+  }
+  return {
+    command: body.command,
+    scheduledAt,
+    timeoutMs: body.timeout_ms ?? 0,
+    maxAttempts: body.max_attempts ?? config.TQ_DEFAULT_MAX_ATTEMPTS,
+    env: { ...env },
+    cwd,
+  };
+}
+
+const RFC3339 =
+  /^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:[Zz]|([+-])(\d{2}):(\d{2}))$/;
+const ZONELESS = /^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?$/;
+const MIN_TIME = Date.UTC(1970, 0, 1);
+const MAX_TIME = Date.UTC(10_000, 0, 1);
+
+/**
+ * Parses an RFC 3339 date-time that states its time zone. A time without one would be read in
+ * the server's zone, which differs between replicas, so it is refused rather than guessed.
+ * Fractions below a millisecond are dropped (the column keeps milliseconds).
+ */
+export function parseScheduledAt(value: string, field: string): Date {
+  const m = RFC3339.exec(value);
+  if (!m) {
+    if (ZONELESS.test(value)) {
+      throw invalidArgument(field, `${field} must include a time zone (Z or ±hh:mm), e.g. "${EXAMPLE_TIME}"`);
+    }
+    throw invalidArgument(field, `${field} must be an RFC 3339 date-time with a time zone, e.g. "${EXAMPLE_TIME}"`);
+  }
+  const [year, month, day, hour, minute, second] = m.slice(1, 7).map(Number) as [number, number, number, number, number, number];
+  const millis = Number((m[7] ?? "").padEnd(3, "0").slice(0, 3));
+  if (year < 1970 || year > 9999) throw invalidArgument(field, `${field} year must be between 1970 and 9999`);
+  if (month < 1 || month > 12 || day < 1 || day > daysInMonth(year, month)) {
+    throw invalidArgument(field, `${field} is not a calendar date: ${m[1]}-${m[2]}-${m[3]}`);
+  }
+  if (hour > 23 || minute > 59 || second > 59) {
+    throw invalidArgument(field, `${field} is not a time of day: ${m[4]}:${m[5]}:${m[6]}`);
+  }
+  let offsetMinutes = 0;
+  if (m[8] !== undefined) {
+    const offsetHours = Number(m[9]);
+    const offsetMins = Number(m[10]);
+    if (offsetHours > 23 || offsetMins > 59) throw invalidArgument(field, `${field} has an invalid time zone offset`);
+    offsetMinutes = (m[8] === "-" ? -1 : 1) * (offsetHours * 60 + offsetMins);
+  }
+  const time = Date.UTC(year, month - 1, day, hour, minute, second, millis) - offsetMinutes * 60_000;
+  if (time < MIN_TIME || time >= MAX_TIME) throw invalidArgument(field, `${field} year must be between 1970 and 9999`);
+  return new Date(time);
+}
+
+function daysInMonth(year: number, month: number): number {
+  return new Date(Date.UTC(year, month, 0)).getUTCDate();
+}
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+/** A task id: a UUID of any version (ours are v7), in the canonical hyphenated form. */
+export function isTaskId(value: string): boolean {
+  return UUID.test(value);
+}
+
+/** The opaque list cursor: base64url of the last id of the page. */
+export function encodeCursor(lastId: string): string {
+  return Buffer.from(lastId, "utf8").toString("base64url");
+}
+
+/** The id a cursor stands for; anything encodeCursor did not produce is refused. */
+export function decodeCursor(cursor: string): string {
+  const id = /^[A-Za-z0-9_-]{1,64}$/.test(cursor) ? Buffer.from(cursor, "base64url").toString("utf8") : "";
+  if (!isTaskId(id) || encodeCursor(id) !== cursor) {
+    throw invalidArgument("cursor", "cursor is not valid; pass next_cursor from the previous page unchanged");
+  }
+  return id;
+}
+
+/** Checks a value against a schema; the first problem becomes invalidArgument naming its field. */
+export function checkSchema<T extends TSchema>(schema: T, value: unknown): Static<T> {
+  const error = Value.Errors(schema, value).First();
+  if (error) {
+    const { field, message } = describeValueError(error, "body");
+    throw invalidArgument(field, message);
+  }
+  return value as Static<T>;
+}
+
+/**
+ * Turns a TypeBox error into the field it is about and the rule it broke, in words a client
+ * can act on. `root` names the value itself when the error is about the whole of it.
+ */
+export function describeValueError(error: ValueError, root: string): { field: string; message: string } {
+  const segments = error.path
+    .split("/")
+    .slice(1)
+    .map((s) => s.replace(/~1/g, "/").replace(/~0/g, "~"));
+  const field = segments.join(".") || root;
+  const schema = error.schema as Record<string, unknown>;
+  switch (error.type) {
+    case ValueErrorType.ObjectRequiredProperty:
+      return { field, message: `${field} is required` };
+    case ValueErrorType.ObjectAdditionalProperties: {
+      const parent = segments.slice(0, -1).join(".");
+      const key = segments.at(-1) ?? "";
+      const keyPattern = Object.keys((schema.patternProperties as object | undefined) ?? {})[0];
+      if (keyPattern !== undefined && parent !== "") {
+        return { field: parent, message: `${parent} key ${JSON.stringify(key)} must match ${keyPattern}` };
+      }
+      return { field, message: `${field} is not a known field` };
+    }
+    default:
+      return { field, message: `${field} ${describeRule(schema) ?? `is invalid: ${error.message}`}` };
+  }
+}
+
+/** The rule a schema states, as "must be ...", or null when it has no simple wording. */
+function describeRule(schema: Record<string, unknown>): string | null {
+  const anyOf = schema.anyOf as Record<string, unknown>[] | undefined;
+  if (anyOf) {
+    if (anyOf.every((s) => "const" in s)) return `must be one of: ${anyOf.map((s) => String(s.const)).join(", ")}`;
+    const numeric = anyOf.find((s) => s.type === "integer" || s.type === "number");
+    return numeric ? describeRule(numeric) : null;
+  }
+  const min = schema.minimum as number | undefined;
+  const max = schema.maximum as number | undefined;
+  const range =
+    min !== undefined && max !== undefined
+      ? ` from ${min} to ${max}`
+      : min !== undefined
+        ? ` of at least ${min}`
+        : max !== undefined
+          ? ` of at most ${max}`
+          : "";
+  switch (schema.type) {
+    case "string": {
+      const shortest = (schema.minLength as number | undefined) ?? 0;
+      const longest = schema.maxLength as number | undefined;
+      let rule = shortest === 1 ? "must be a non-empty string" : "must be a string";
+      if (shortest > 1) rule += ` of at least ${shortest} characters`;
+      if (longest !== undefined) rule += `${shortest > 1 ? " and" : ""} of at most ${longest} characters`;
+      if (schema.pattern !== undefined) rule += ` matching ${String(schema.pattern)}`;
+      return rule;
+    }
+    case "integer":
+      return `must be an integer${range}`;
+    case "number":
+      return `must be a number${range}`;
+    case "boolean":
+      return "must be true or false";
+    case "array":
+      return "must be an array";
+    case "object": {
+      const most = schema.maxProperties as number | undefined;
+      return `must be a JSON object${most === undefined ? "" : ` with at most ${most} entries`}`;
+    }
+    default:
+      return null;
+  }
+}

@@ -1,0 +1,600 @@
+import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
+import pino from "pino";
+import { useTestDatabase } from "../support/db";
+import { newTaskId, taskSpec } from "../support/factories";
+import { createApp } from "../../src/api/index";
+import type { ApiDeps } from "../../src/api/deps";
+import { loadConfig } from "../../src/config";
+import { TaskChangeFeed } from "../../src/db/notify";
+import { connect, type Sql } from "../../src/db/sql";
+import { cancelTask, claimDue, finishAttempt, getTask, insertTask } from "../../src/db/tasks";
+import { markWorkerGone, upsertWorker } from "../../src/db/workers";
+import { silentLogger } from "../../src/log";
+
+const db = useTestDatabase();
+let feed: TaskChangeFeed;
+let app: ReturnType<typeof createApp>;
+
+function depsFor(sql: Sql, over: Partial<ApiDeps> = {}): ApiDeps {
+  return {
+    role: "scheduler",
+    config: loadConfig({}),
+    sql,
+    feed: new TaskChangeFeed(sql),
+    log: silentLogger,
+    submit: (id, spec) => insertTask(sql, id, spec),
+    ...over,
+  };
+}
+
+beforeAll(async () => {
+  feed = new TaskChangeFeed(db.sql);
+  await feed.start();
+  app = createApp(depsFor(db.sql, { feed }));
+});
+
+afterAll(async () => {
+  await feed.stop();
+});
+
+beforeEach(async () => {
+  await db.sql`TRUNCATE tasks, task_events, workers`;
+});
+
+interface Answer {
+  status: number;
+  headers: Headers;
+  text: string;
+  // Tests read whatever shape the route documents.
+  json: any;
+}
+
+interface CallOptions {
+  body?: string | ReadableStream<Uint8Array>;
+  headers?: Record<string, string>;
+  /** Defaults to the shared app. */
+  on?: { handle(request: Request): Promise<Response> };
+}
+
+/** One request through app.handle. No route may ever answer 500. */
+async function call(method: string, path: string, options: CallOptions = {}): Promise<Answer> {
+  const headers = { "content-type": "application/json", ...options.headers };
+  const request = new Request(`http://localhost${path}`, { method, body: options.body, headers });
+  const response = await (options.on ?? app).handle(request);
+  const text = await response.text();
+  expect(response.status).not.toBe(500);
+  let json: unknown = null;
+  if (response.headers.get("content-type")?.startsWith("application/json")) json = JSON.parse(text);
+  return { status: response.status, headers: response.headers, text, json };
+}
+
+const post = (path: string, body: unknown, options: CallOptions = {}) =>
+  call("POST", path, { ...options, body: typeof body === "string" ? body : JSON.stringify(body) });
+
+/** A 4xx JSON error naming `field`, with the code and a message matching `message`. */
+function expectError(answer: Answer, status: number, code: string, field: string | undefined, message?: RegExp) {
+  expect(answer.status).toBe(status);
+  expect(answer.json.error.code).toBe(code);
+  expect(answer.json.error.field).toBe(field);
+  expect(typeof answer.json.error.message).toBe("string");
+  if (message) expect(answer.json.error.message).toMatch(message);
+}
+
+const TASK_KEYS = [
+  "id", "command", "state", "scheduled_at", "created_at", "picked_at", "started_at", "completed_at", "failed_at",
+  "cancelled_at", "attempt", "max_attempts", "timeout_ms", "env", "cwd", "worker_id", "coordinator_id", "exit_code",
+  "signal", "stdout", "stderr", "stdout_truncated", "stderr_truncated", "error",
+].sort();
+
+const STATUS_KEYS = [
+  "task_id", "command", "state", "scheduled_at", "picked_at", "started_at", "completed_at", "failed_at", "created_at",
+  "cancelled_at", "attempt", "exit_code", "error",
+].sort();
+
+const ISO_MS = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/;
+
+function expectTaskJson(json: any) {
+  expect(Object.keys(json).sort()).toEqual(TASK_KEYS);
+  expect(json.scheduled_at).toMatch(ISO_MS);
+  expect(json.created_at).toMatch(ISO_MS);
+}
+
+const success = {
+  state: "succeeded" as const,
+  exitCode: 0,
+  signal: null,
+  stdout: "done\n",
+  stderr: "",
+  stdoutTruncated: false,
+  stderrTruncated: false,
+  error: null,
+  startedAt: new Date(),
+  finishedAt: new Date(),
+};
+
+describe("POST /schedule (seed)", () => {
+  test("the seed's curl request, JSON sent as x-www-form-urlencoded, is accepted with 200", async () => {
+    const answer = await post(
+      "/schedule",
+      '{"command":"your_task_command", "scheduled_at":"2023-04-01T15:04:05Z"}',
+      { headers: { "content-type": "application/x-www-form-urlencoded" } },
+    );
+    expect(answer.status).toBe(200);
+    expect(Object.keys(answer.json).sort()).toEqual(["command", "scheduled_at", "task_id"]);
+    expect(answer.json).toMatchObject({ command: "your_task_command", scheduled_at: "2023-04-01T15:04:05.000Z" });
+    const row = await getTask(db.sql, answer.json.task_id);
+    expect(row?.state).toBe("queued");
+    expect(row?.scheduled_at.toISOString()).toBe("2023-04-01T15:04:05.000Z");
+  });
+
+  test("a body with no Content-Type at all is read as JSON too", async () => {
+    const request = new Request("http://localhost/schedule", {
+      method: "POST",
+      body: new TextEncoder().encode('{"command":"x","scheduled_at":"2023-04-01T15:04:05Z"}'),
+    });
+    expect(request.headers.get("content-type")).toBeNull();
+    const response = await app.handle(request);
+    expect(response.status).toBe(200);
+  });
+
+  test("scheduled_at is echoed normalized to UTC; the legacy schedule_at is accepted", async () => {
+    const offset = await post("/schedule", { command: "x", scheduled_at: "2030-06-01T12:00:00.5+02:00" });
+    expect(offset.status).toBe(200);
+    expect(offset.json.scheduled_at).toBe("2030-06-01T10:00:00.500Z");
+    const legacy = await post("/schedule", { command: "x", schedule_at: "2030-06-01T12:00:00Z" });
+    expect(legacy.status).toBe(200);
+    expect(legacy.json.scheduled_at).toBe("2030-06-01T12:00:00.000Z");
+  });
+
+  test("scheduled_at is required and checked", async () => {
+    expectError(await post("/schedule", { command: "x" }), 400, "invalid_argument", "scheduled_at", /required/);
+    expectError(
+      await post("/schedule", { command: "x", scheduled_at: "2023-04-01T15:04:05" }),
+      400,
+      "invalid_argument",
+      "scheduled_at",
+      /time zone/,
+    );
+    expectError(
+      await post("/schedule", { command: "x", schedule_at: "2023-02-30T00:00:00Z" }),
+      400,
+      "invalid_argument",
+      "schedule_at",
+      /calendar date/,
+    );
+    expectError(await post("/schedule", { scheduled_at: "2023-04-01T15:04:05Z" }), 400, "invalid_argument", "command");
+  });
+});
+
+describe("GET /status (seed)", () => {
+  test("answers the seed's shape", async () => {
+    const scheduled = await post("/schedule", { command: "echo hi", scheduled_at: "2023-04-01T15:04:05Z" });
+    const answer = await call("GET", `/status?task_id=${scheduled.json.task_id}`);
+    expect(answer.status).toBe(200);
+    expect(Object.keys(answer.json).sort()).toEqual(STATUS_KEYS);
+    expect(answer.json).toMatchObject({
+      task_id: scheduled.json.task_id,
+      command: "echo hi",
+      state: "queued",
+      scheduled_at: "2023-04-01T15:04:05.000Z",
+      picked_at: null,
+      completed_at: null,
+      attempt: 0,
+      exit_code: null,
+    });
+    expect(answer.json.created_at).toMatch(ISO_MS);
+  });
+
+  test("shows what happened to the task", async () => {
+    const task = await insertTask(db.sql, newTaskId(), taskSpec());
+    await claimDue(db.sql, "c1", ["w1"]);
+    await finishAttempt(db.sql, { id: task.id, attempt: 1, workerId: "w1" }, { ...success, state: "failed", exitCode: 2 });
+    const answer = await call("GET", `/status?task_id=${task.id}`);
+    expect(answer.json).toMatchObject({ state: "failed", attempt: 1, exit_code: 2, completed_at: null });
+    expect(answer.json.picked_at).toMatch(ISO_MS);
+    expect(answer.json.failed_at).toMatch(ISO_MS);
+  });
+
+  test("missing, malformed and unknown ids", async () => {
+    expectError(await call("GET", "/status"), 400, "invalid_argument", "task_id", /required/);
+    expectError(await call("GET", "/status?task_id=nope"), 400, "invalid_argument", "task_id", /UUID/);
+    expectError(await call("GET", `/status?task_id=${newTaskId()}`), 404, "not_found", undefined, /not found/);
+  });
+});
+
+describe("POST /submit and POST /tasks", () => {
+  test("/submit runs a command now: 201 with the task", async () => {
+    const before = Date.now();
+    const answer = await post("/submit", { command: "echo now" });
+    expect(answer.status).toBe(201);
+    expectTaskJson(answer.json);
+    expect(answer.json).toMatchObject({
+      command: "echo now",
+      state: "queued",
+      attempt: 0,
+      max_attempts: 3,
+      timeout_ms: 0,
+      env: {},
+      cwd: null,
+      picked_at: null,
+    });
+    // Due at once: no later than its creation, by the database's clock.
+    expect(Date.parse(answer.json.scheduled_at)).toBeLessThanOrEqual(Date.parse(answer.json.created_at));
+    expect(Date.parse(answer.json.created_at)).toBeGreaterThan(before - 60_000);
+    expect((await getTask(db.sql, answer.json.id))?.command).toBe("echo now");
+  });
+
+  test("/submit takes the optional fields but not scheduled_at", async () => {
+    const answer = await post("/submit", { command: "env", timeout_ms: 500, max_attempts: 1, env: { A: "b" }, cwd: "/tmp" });
+    expect(answer.status).toBe(201);
+    expect(answer.json).toMatchObject({ timeout_ms: 500, max_attempts: 1, env: { A: "b" }, cwd: "/tmp" });
+    expectError(
+      await post("/submit", { command: "x", scheduled_at: "2030-01-01T00:00:00Z" }),
+      400,
+      "invalid_argument",
+      "scheduled_at",
+    );
+  });
+
+  test("/tasks takes the full form and GET /tasks/:id returns the same task", async () => {
+    const created = await post("/tasks", {
+      command: "sleep 1",
+      scheduled_at: "2031-01-01T00:00:00-05:00",
+      timeout_ms: 60_000,
+      max_attempts: 5,
+      env: { GREETING: "hello world" },
+      cwd: "/var/tmp",
+    });
+    expect(created.status).toBe(201);
+    expectTaskJson(created.json);
+    expect(created.json).toMatchObject({
+      command: "sleep 1",
+      state: "queued",
+      scheduled_at: "2031-01-01T05:00:00.000Z",
+      timeout_ms: 60_000,
+      max_attempts: 5,
+      env: { GREETING: "hello world" },
+      cwd: "/var/tmp",
+    });
+    const fetched = await call("GET", `/tasks/${created.json.id}`);
+    expect(fetched.status).toBe(200);
+    expect(fetched.json).toEqual(created.json);
+  });
+
+  const bad: [string, string, number, string, string | undefined, RegExp?][] = [
+    ["malformed JSON", '{"command": "x",', 400, "invalid_json", "body", /not valid JSON/],
+    ["an empty body", "", 400, "invalid_json", "body", /empty/],
+    ["a JSON array", "[]", 400, "invalid_argument", "body", /JSON object/],
+    ["JSON null", "null", 400, "invalid_argument", "body", /JSON object/],
+    ["a missing command", "{}", 400, "invalid_argument", "command", /required/],
+    ["a numeric command", '{"command": 42}', 400, "invalid_argument", "command", /string/],
+    ["an empty command", '{"command": ""}', 400, "invalid_argument", "command", /non-empty/],
+    ["a blank command", '{"command": "   "}', 400, "invalid_argument", "command", /blank/],
+    ["a NUL in the command", '{"command": "echo a\\u0000b"}', 400, "invalid_argument", "command", /NUL/],
+    ["an unparseable scheduled_at", '{"command": "x", "scheduled_at": "next tuesday"}', 400, "invalid_argument", "scheduled_at", /RFC 3339/],
+    ["a scheduled_at without zone", '{"command": "x", "scheduled_at": "2023-04-01T15:04:05"}', 400, "invalid_argument", "scheduled_at", /time zone/],
+    ["an impossible date", '{"command": "x", "scheduled_at": "2023-02-30T15:04:05Z"}', 400, "invalid_argument", "scheduled_at", /calendar/],
+    ["a year before 1970", '{"command": "x", "scheduled_at": "1900-01-01T00:00:00Z"}', 400, "invalid_argument", "scheduled_at", /1970/],
+    ["a numeric scheduled_at", '{"command": "x", "scheduled_at": 1680361445}', 400, "invalid_argument", "scheduled_at", /string/],
+    ["a string timeout", '{"command": "x", "timeout_ms": "10"}', 400, "invalid_argument", "timeout_ms", /integer/],
+    ["a fractional timeout", '{"command": "x", "timeout_ms": 2.5}', 400, "invalid_argument", "timeout_ms", /integer/],
+    ["a negative timeout", '{"command": "x", "timeout_ms": -1}', 400, "invalid_argument", "timeout_ms", /from 0/],
+    ["zero attempts", '{"command": "x", "max_attempts": 0}', 400, "invalid_argument", "max_attempts", /from 1 to 100/],
+    ["a bad env name", '{"command": "x", "env": {"MY-VAR": "1"}}', 400, "invalid_argument", "env", /MY-VAR/],
+    ["a numeric env value", '{"command": "x", "env": {"A": 1}}', 400, "invalid_argument", "env.A", /string/],
+    ["a NUL in an env value", '{"command": "x", "env": {"A": "\\u0000"}}', 400, "invalid_argument", "env.A", /NUL/],
+    ["a relative cwd", '{"command": "x", "cwd": "tmp"}', 400, "invalid_argument", "cwd", /absolute/],
+    ["a NUL in cwd", '{"command": "x", "cwd": "/tmp/\\u0000"}', 400, "invalid_argument", "cwd", /NUL/],
+    ["an unknown field", '{"command": "x", "priority": 5}', 400, "invalid_argument", "priority", /not a known field/],
+  ];
+
+  for (const [name, body, status, code, field, message] of bad) {
+    test(`POST /tasks refuses ${name}`, async () => {
+      expectError(await post("/tasks", body), status, code, field, message);
+    });
+  }
+
+  test("invalid UTF-8 is refused as invalid_json", async () => {
+    const body = new Uint8Array([0x7b, 0x22, 0xff, 0x22, 0x7d]);
+    const response = await app.handle(new Request("http://localhost/tasks", { method: "POST", body }));
+    expect(response.status).toBe(400);
+    expect(((await response.json()) as any).error).toMatchObject({ code: "invalid_json", field: "body" });
+  });
+
+  test("nothing refused reaches the database", async () => {
+    for (const [, body] of bad) await post("/tasks", body);
+    const rows = await db.sql`SELECT id FROM tasks`;
+    expect(rows.length).toBe(0);
+  });
+});
+
+describe("body size limit", () => {
+  // The smallest limit the configuration allows, to probe both sides of it.
+  const limit = 1024;
+  let small: ReturnType<typeof createApp>;
+  beforeAll(() => {
+    small = createApp(depsFor(db.sql, { feed, config: loadConfig({ TQ_MAX_BODY_BYTES: String(limit) }) }));
+  });
+  const bodyOf = (size: number) => {
+    const body = JSON.stringify({ command: "x".repeat(size - '{"command":""}'.length) });
+    expect(body.length).toBe(size);
+    return body;
+  };
+
+  test("a body of exactly the limit is accepted, one byte more is 413", async () => {
+    expect((await post("/tasks", bodyOf(limit), { on: small })).status).toBe(201);
+    expectError(await post("/tasks", bodyOf(limit + 1), { on: small }), 413, "payload_too_large", "body", /1024 bytes/);
+  });
+
+  test("a declared Content-Length over the limit is refused before the body is read", async () => {
+    const answer = await post("/tasks", '{"command":"x"}', { on: small, headers: { "content-length": String(limit + 1) } });
+    expectError(answer, 413, "payload_too_large", "body");
+    expectError(
+      await post("/schedule", bodyOf(limit * 2), { on: small, headers: { "content-length": String(limit * 2) } }),
+      413,
+      "payload_too_large",
+      "body",
+    );
+  });
+
+  test("a chunked body without Content-Length is cut off at the limit", async () => {
+    let sent = 0;
+    const chunk = new TextEncoder().encode(" ".repeat(256));
+    // An endless body: the server must stop reading rather than buffer it.
+    const body = new ReadableStream<Uint8Array>({
+      start(controller) {
+        controller.enqueue(new TextEncoder().encode('{"command":"x"'));
+      },
+      pull(controller) {
+        sent += chunk.byteLength;
+        controller.enqueue(chunk);
+      },
+    });
+    const request = new Request("http://localhost/submit", { method: "POST", body, headers: { "content-type": "application/json" } });
+    expect(request.headers.get("content-length")).toBeNull();
+    const response = await small.handle(request);
+    expect(response.status).toBe(413);
+    expect(((await response.json()) as any).error.code).toBe("payload_too_large");
+    expect(sent).toBeLessThan(limit * 4);
+  });
+
+  test("the default limit is 1 MiB", async () => {
+    const env = Object.fromEntries(Array.from({ length: 30 }, (_, i) => [`V${i}`, "y".repeat(32 * 1024)]));
+    const large = JSON.stringify({ command: "env", env });
+    expect(large.length).toBeGreaterThan(900 * 1024);
+    expect(large.length).toBeLessThan(1024 * 1024);
+    expect((await post("/tasks", large)).status).toBe(201);
+    expectError(await post("/tasks", "x".repeat(1024 * 1024 + 1)), 413, "payload_too_large", "body");
+  });
+});
+
+describe("GET /tasks/:id", () => {
+  test("malformed and unknown ids", async () => {
+    expectError(await call("GET", "/tasks/not-a-uuid"), 400, "invalid_argument", "id", /UUID/);
+    expectError(await call("GET", "/tasks/01890a5d-ac96-774b-bcce-b302099a805"), 400, "invalid_argument", "id");
+    expectError(await call("GET", `/tasks/${newTaskId()}`), 404, "not_found", undefined, /not found/);
+  });
+});
+
+describe("POST /tasks/:id/cancel", () => {
+  test("cancels a queued task, then 409 naming its state", async () => {
+    const task = await insertTask(db.sql, newTaskId(), taskSpec());
+    const answer = await call("POST", `/tasks/${task.id}/cancel`);
+    expect(answer.status).toBe(200);
+    expectTaskJson(answer.json);
+    expect(answer.json).toMatchObject({ id: task.id, state: "cancelled" });
+    expect(answer.json.cancelled_at).toMatch(ISO_MS);
+    expectError(await call("POST", `/tasks/${task.id}/cancel`), 409, "conflict", undefined, /already cancelled/);
+  });
+
+  test("cancels a running task (its coordinator stops the process)", async () => {
+    const task = await insertTask(db.sql, newTaskId(), taskSpec());
+    await claimDue(db.sql, "c1", ["w1"]);
+    const answer = await call("POST", `/tasks/${task.id}/cancel`);
+    expect(answer.status).toBe(200);
+    expect(answer.json).toMatchObject({ state: "cancelled", worker_id: "w1", attempt: 1 });
+  });
+
+  test("a finished task answers 409 with its state", async () => {
+    const task = await insertTask(db.sql, newTaskId(), taskSpec());
+    await claimDue(db.sql, "c1", ["w1"]);
+    await finishAttempt(db.sql, { id: task.id, attempt: 1, workerId: "w1" }, success);
+    expectError(await call("POST", `/tasks/${task.id}/cancel`), 409, "conflict", undefined, /^task is already succeeded$/);
+    expect((await getTask(db.sql, task.id))?.state).toBe("succeeded");
+  });
+
+  test("malformed and unknown ids", async () => {
+    expectError(await call("POST", "/tasks/42/cancel"), 400, "invalid_argument", "id");
+    expectError(await call("POST", `/tasks/${newTaskId()}/cancel`), 404, "not_found", undefined);
+  });
+});
+
+describe("GET /tasks", () => {
+  test("pages newest first over several pages", async () => {
+    const ids: string[] = [];
+    for (let i = 0; i < 7; i++) ids.push((await insertTask(db.sql, newTaskId(), taskSpec({ command: `echo ${i}` }))).id);
+    const newestFirst = [...ids].reverse();
+    const seen: string[] = [];
+    let cursor: string | null = null;
+    const sizes: number[] = [];
+    do {
+      const query: string = cursor === null ? "/tasks?limit=3" : `/tasks?limit=3&cursor=${cursor}`;
+      const page = await call("GET", query);
+      expect(page.status).toBe(200);
+      expect(Object.keys(page.json).sort()).toEqual(["next_cursor", "tasks"]);
+      for (const task of page.json.tasks) expectTaskJson(task);
+      seen.push(...page.json.tasks.map((t: { id: string }) => t.id));
+      sizes.push(page.json.tasks.length);
+      cursor = page.json.next_cursor;
+    } while (cursor !== null);
+    expect(sizes).toEqual([3, 3, 1]);
+    expect(seen).toEqual(newestFirst);
+  });
+
+  test("a page that ends exactly at the last task has no next cursor", async () => {
+    for (let i = 0; i < 4; i++) await insertTask(db.sql, newTaskId(), taskSpec());
+    const first = await call("GET", "/tasks?limit=2");
+    const second = await call("GET", `/tasks?limit=2&cursor=${first.json.next_cursor}`);
+    expect(second.json.tasks).toHaveLength(2);
+    expect(second.json.next_cursor).toBeNull();
+  });
+
+  test("defaults to 50 and filters by state", async () => {
+    const ids: string[] = [];
+    for (let i = 0; i < 55; i++) ids.push((await insertTask(db.sql, newTaskId(), taskSpec())).id);
+    await cancelTask(db.sql, ids[3]!);
+    await cancelTask(db.sql, ids[40]!);
+    const all = await call("GET", "/tasks");
+    expect(all.json.tasks).toHaveLength(50);
+    expect(typeof all.json.next_cursor).toBe("string");
+    const cancelled = await call("GET", "/tasks?state=cancelled");
+    expect(cancelled.json.tasks.map((t: { id: string }) => t.id)).toEqual([ids[40], ids[3]]);
+    expect(cancelled.json.next_cursor).toBeNull();
+    const none = await call("GET", "/tasks?state=running");
+    expect(none.json).toEqual({ tasks: [], next_cursor: null });
+  });
+
+  test("invalid state, limit and cursor name their parameter", async () => {
+    expectError(await call("GET", "/tasks?state=done"), 400, "invalid_argument", "state", /one of: queued/);
+    expectError(await call("GET", "/tasks?state="), 400, "invalid_argument", "state");
+    expectError(await call("GET", "/tasks?limit=0"), 400, "invalid_argument", "limit", /from 1 to 500/);
+    expectError(await call("GET", "/tasks?limit=501"), 400, "invalid_argument", "limit", /from 1 to 500/);
+    expectError(await call("GET", "/tasks?limit=ten"), 400, "invalid_argument", "limit", /integer/);
+    expectError(await call("GET", "/tasks?limit=2.5"), 400, "invalid_argument", "limit", /integer/);
+    expectError(await call("GET", "/tasks?cursor=garbage!"), 400, "invalid_argument", "cursor", /cursor/);
+    expectError(await call("GET", `/tasks?cursor=${newTaskId()}`), 400, "invalid_argument", "cursor");
+  });
+});
+
+describe("GET /workers", () => {
+  test("lists live workers with the tasks they hold", async () => {
+    await upsertWorker(db.sql, { id: "w1", name: "alpha", coordinatorId: "c1", slots: 4, labels: { zone: "a" }, version: "1.2.3" });
+    await upsertWorker(db.sql, { id: "w2", name: "beta", coordinatorId: "c1", slots: 2, labels: {}, version: "1.2.3" });
+    await markWorkerGone(db.sql, "w2", "c1");
+    await insertTask(db.sql, newTaskId(), taskSpec());
+    await claimDue(db.sql, "c1", ["w1"]);
+    const answer = await call("GET", "/workers");
+    expect(answer.status).toBe(200);
+    expect(answer.json.workers).toHaveLength(1);
+    const [worker] = answer.json.workers;
+    expect(worker).toMatchObject({
+      id: "w1",
+      name: "alpha",
+      coordinator_id: "c1",
+      state: "connected",
+      slots: 4,
+      running: 1,
+      labels: { zone: "a" },
+      version: "1.2.3",
+    });
+    expect(worker.connected_at).toMatch(ISO_MS);
+    expect(worker.last_heartbeat_at).toMatch(ISO_MS);
+  });
+});
+
+describe("health and documentation", () => {
+  test("/healthz names the role; /readyz checks the database", async () => {
+    expect((await call("GET", "/healthz")).json).toEqual({ status: "ok", role: "scheduler" });
+    const coordinator = createApp(depsFor(db.sql, { feed, role: "coordinator" }));
+    expect((await call("GET", "/healthz", { on: coordinator })).json).toEqual({ status: "ok", role: "coordinator" });
+    const ready = await call("GET", "/readyz");
+    expect(ready.status).toBe(200);
+    expect(ready.json).toEqual({ status: "ready" });
+  });
+
+  test("/openapi/json is an OpenAPI 3 document of every route", async () => {
+    const answer = await call("GET", "/openapi/json");
+    expect(answer.status).toBe(200);
+    const doc = answer.json;
+    expect(doc.openapi).toMatch(/^3\./);
+    expect(doc.info).toMatchObject({ title: "task-queue", version: (await Bun.file("package.json").json()).version });
+    expect(Object.keys(doc.paths).sort()).toEqual(
+      [
+        "/healthz", "/readyz", "/schedule", "/status", "/submit", "/tasks", "/tasks/{id}", "/tasks/{id}/cancel",
+        "/tasks/{id}/events", "/workers",
+      ].sort(),
+    );
+    expect(doc.paths["/tasks"].post.requestBody.content["application/json"].schema.required).toEqual(["command"]);
+    expect(doc.paths["/schedule"].post.responses["200"]).toBeDefined();
+    expect(doc.paths["/tasks/{id}/events"].get.responses["200"].content["text/event-stream"]).toBeDefined();
+  });
+
+  test("/openapi serves the documentation page", async () => {
+    const answer = await call("GET", "/openapi");
+    expect(answer.status).toBe(200);
+    expect(answer.headers.get("content-type")).toContain("text/html");
+    expect(answer.text).toContain("openapi/json");
+  });
+
+  test("an unknown route is a JSON 404", async () => {
+    expectError(await call("GET", "/nope"), 404, "not_found", undefined, /GET \/nope/);
+    expectError(await call("DELETE", "/tasks"), 404, "not_found", undefined);
+  });
+});
+
+describe("failures", () => {
+  test("a database outage answers 503 quickly, without internal text", async () => {
+    // A pool per request: postgres.js backs off between failed connects across its whole pool
+    // (up to 20 s), and this test is about the answer, not about that schedule.
+    const pools: Sql[] = [];
+    const outage = {
+      handle(request: Request) {
+        const down = connect("postgres://x@127.0.0.1:1/x", { connectTimeout: 1, max: 1 });
+        pools.push(down);
+        return createApp(depsFor(down)).handle(request);
+      },
+    };
+    try {
+      const id = newTaskId();
+      const started = performance.now();
+      const answers = [
+        await call("GET", `/tasks/${id}`, { on: outage }),
+        await call("GET", "/readyz", { on: outage }),
+        await call("GET", "/tasks", { on: outage }),
+        await call("GET", `/status?task_id=${id}`, { on: outage }),
+        await post("/tasks", { command: "x" }, { on: outage }),
+        await post("/schedule", { command: "x", scheduled_at: "2030-01-01T00:00:00Z" }, { on: outage }),
+        await call("POST", `/tasks/${id}/cancel`, { on: outage }),
+        await call("GET", `/tasks/${id}/events`, { on: outage }),
+        await call("GET", "/workers", { on: outage }),
+      ];
+      // Connection refused is immediate; the bound only catches a hang.
+      expect(performance.now() - started).toBeLessThan(4000);
+      for (const answer of answers) {
+        expectError(answer, 503, "unavailable", undefined);
+        expect(answer.text).not.toMatch(/ECONNREFUSED|127\.0\.0\.1|postgres|connect/i);
+      }
+      // A bad request is still answered as such: validation comes before the database.
+      expectError(await call("GET", "/tasks/nope", { on: outage }), 400, "invalid_argument", "id");
+    } finally {
+      await Promise.all(pools.map((pool) => pool.end({ timeout: 1 })));
+    }
+  });
+
+  test("an unexpected error is an opaque 500 with a request id, and is logged", async () => {
+    const lines: string[] = [];
+    const log = pino({ level: "error" }, { write: (line: string) => lines.push(line) });
+    const broken = createApp(
+      depsFor(db.sql, {
+        feed,
+        log,
+        submit: async () => {
+          throw new Error("secret detail: relation tasks_shadow does not exist");
+        },
+      }),
+    );
+    const response = await broken.handle(
+      new Request("http://localhost/submit", { method: "POST", body: '{"command":"x"}' }),
+    );
+    expect(response.status).toBe(500);
+    const text = await response.text();
+    expect(text).not.toContain("secret");
+    const body = JSON.parse(text);
+    expect(body.error).toMatchObject({ code: "internal", message: "internal error" });
+    expect(body.error.request_id).toMatch(/^[0-9a-f-]{36}$/);
+    const logged = lines.map((line) => JSON.parse(line));
+    expect(logged).toHaveLength(1);
+    expect(logged[0]).toMatchObject({ request_id: body.error.request_id, where: "POST /submit" });
+    expect(logged[0].err.message).toContain("secret detail");
+  });
+});

@@ -1,0 +1,246 @@
+import { describe, expect, test } from "bun:test";
+import {
+  MAX_COMMAND_LENGTH,
+  MAX_ENV_VALUE_BYTES,
+  decodeCursor,
+  encodeCursor,
+  isTaskId,
+  parseScheduledAt,
+  toScheduleSpec,
+  toTaskSpec,
+} from "../../src/task/spec";
+import { TaskQueueError } from "../../src/task/errors";
+import { loadConfig } from "../../src/config";
+
+const config = loadConfig({});
+
+/** The invalid_argument error `run` throws, so tests can check its field and message. */
+function rejection(run: () => unknown): TaskQueueError {
+  try {
+    run();
+  } catch (error) {
+    if (error instanceof TaskQueueError && error.code === "invalid_argument") return error;
+    throw error;
+  }
+  throw new Error("expected an invalid_argument error, but nothing was thrown");
+}
+
+const rejects = (input: unknown, field: string, message?: RegExp) => {
+  const error = rejection(() => toTaskSpec(input, config));
+  expect(error.field).toBe(field);
+  if (message) expect(error.message).toMatch(message);
+  return error;
+};
+
+describe("toTaskSpec", () => {
+  test("a bare command gets the defaults: now, no timeout, configured attempts", () => {
+    expect(toTaskSpec({ command: "echo hi" }, config)).toEqual({
+      command: "echo hi",
+      scheduledAt: null,
+      timeoutMs: 0,
+      maxAttempts: config.TQ_DEFAULT_MAX_ATTEMPTS,
+      env: {},
+      cwd: null,
+    });
+    expect(toTaskSpec({ command: "x" }, { TQ_DEFAULT_MAX_ATTEMPTS: 7 }).maxAttempts).toBe(7);
+  });
+
+  test("the full form is carried over", () => {
+    const spec = toTaskSpec(
+      {
+        command: "make test",
+        scheduled_at: "2030-01-02T03:04:05.678+02:00",
+        timeout_ms: 1000,
+        max_attempts: 5,
+        env: { A: "1", _b2: "two words" },
+        cwd: "/srv/app",
+      },
+      config,
+    );
+    expect(spec).toEqual({
+      command: "make test",
+      scheduledAt: new Date("2030-01-02T01:04:05.678Z"),
+      timeoutMs: 1000,
+      maxAttempts: 5,
+      env: { A: "1", _b2: "two words" },
+      cwd: "/srv/app",
+    });
+  });
+
+  test("command: required, a string, not blank, no NUL, bounded", () => {
+    rejects({}, "command", /required/);
+    rejects({ command: 5 }, "command", /string/);
+    rejects({ command: "" }, "command", /non-empty/);
+    rejects({ command: "  \t\n" }, "command", /blank/);
+    rejects({ command: "echo a\0b" }, "command", /NUL/);
+    rejects({ command: "x".repeat(MAX_COMMAND_LENGTH + 1) }, "command", /at most 65536/);
+    expect(toTaskSpec({ command: "x".repeat(MAX_COMMAND_LENGTH) }, config).command).toHaveLength(MAX_COMMAND_LENGTH);
+  });
+
+  test("the body must be an object with known fields only", () => {
+    rejects(null, "body", /JSON object/);
+    rejects([], "body", /JSON object/);
+    rejects("echo", "body", /JSON object/);
+    rejects({ command: "x", timeout: 5 }, "timeout", /not a known field/);
+  });
+
+  test("timeout_ms: an integer from 0 to 7 days", () => {
+    expect(toTaskSpec({ command: "x", timeout_ms: 0 }, config).timeoutMs).toBe(0);
+    expect(toTaskSpec({ command: "x", timeout_ms: 604_800_000 }, config).timeoutMs).toBe(604_800_000);
+    rejects({ command: "x", timeout_ms: -1 }, "timeout_ms", /from 0 to 604800000/);
+    rejects({ command: "x", timeout_ms: 604_800_001 }, "timeout_ms", /integer/);
+    rejects({ command: "x", timeout_ms: 1.5 }, "timeout_ms", /integer/);
+    rejects({ command: "x", timeout_ms: "10" }, "timeout_ms", /integer/);
+  });
+
+  test("max_attempts: an integer from 1 to 100", () => {
+    expect(toTaskSpec({ command: "x", max_attempts: 1 }, config).maxAttempts).toBe(1);
+    expect(toTaskSpec({ command: "x", max_attempts: 100 }, config).maxAttempts).toBe(100);
+    rejects({ command: "x", max_attempts: 0 }, "max_attempts", /from 1 to 100/);
+    rejects({ command: "x", max_attempts: 101 }, "max_attempts");
+    rejects({ command: "x", max_attempts: null }, "max_attempts");
+  });
+
+  test("env: names like shell variables, string values without NUL, bounded", () => {
+    rejects({ command: "x", env: { "A-B": "1" } }, "env", /"A-B" must match/);
+    rejects({ command: "x", env: { "1A": "1" } }, "env", /must match/);
+    rejects({ command: "x", env: { "": "1" } }, "env", /must match/);
+    rejects({ command: "x", env: { A: 1 } }, "env.A", /string/);
+    rejects({ command: "x", env: { A: "a\0b" } }, "env.A", /NUL/);
+    rejects({ command: "x", env: ["A=1"] }, "env", /JSON object/);
+    const many = Object.fromEntries(Array.from({ length: 257 }, (_, i) => [`V${i}`, "x"]));
+    rejects({ command: "x", env: many }, "env", /at most 256 entries/);
+    const enough = Object.fromEntries(Array.from({ length: 256 }, (_, i) => [`V${i}`, "x"]));
+    expect(Object.keys(toTaskSpec({ command: "x", env: enough }, config).env)).toHaveLength(256);
+    expect(toTaskSpec({ command: "x", env: { BIG: "x".repeat(MAX_ENV_VALUE_BYTES) } }, config).env.BIG).toHaveLength(
+      MAX_ENV_VALUE_BYTES,
+    );
+    rejects({ command: "x", env: { BIG: "x".repeat(MAX_ENV_VALUE_BYTES + 1) } }, "env.BIG");
+    // Within the character limit, over the byte limit: "é" is two bytes.
+    rejects({ command: "x", env: { BIG: "é".repeat(MAX_ENV_VALUE_BYTES / 2 + 1) } }, "env.BIG", /32768 bytes/);
+  });
+
+  test("cwd: an absolute path without NUL, at most 4096 characters", () => {
+    expect(toTaskSpec({ command: "x", cwd: "/" }, config).cwd).toBe("/");
+    rejects({ command: "x", cwd: "relative/dir" }, "cwd", /absolute/);
+    rejects({ command: "x", cwd: "" }, "cwd");
+    rejects({ command: "x", cwd: "/tmp/\0" }, "cwd", /NUL/);
+    rejects({ command: "x", cwd: `/${"d".repeat(4096)}` }, "cwd", /at most 4096/);
+  });
+
+  test("scheduled_at is checked and the legacy alias is refused outside /schedule", () => {
+    rejects({ command: "x", scheduled_at: "tomorrow" }, "scheduled_at", /RFC 3339/);
+    rejects({ command: "x", schedule_at: "2023-04-01T15:04:05Z" }, "schedule_at", /not a known field/);
+  });
+});
+
+describe("parseScheduledAt", () => {
+  const parse = (value: string) => parseScheduledAt(value, "scheduled_at");
+  const refused = (value: string, message: RegExp) => {
+    const error = rejection(() => parse(value));
+    expect(error.field).toBe("scheduled_at");
+    expect(error.message).toMatch(message);
+  };
+
+  test("accepts RFC 3339 with Z or an offset, and keeps milliseconds", () => {
+    expect(parse("2023-04-01T15:04:05Z").toISOString()).toBe("2023-04-01T15:04:05.000Z");
+    expect(parse("2023-04-01t15:04:05z").toISOString()).toBe("2023-04-01T15:04:05.000Z");
+    expect(parse("2023-04-01T15:04:05.1Z").toISOString()).toBe("2023-04-01T15:04:05.100Z");
+    expect(parse("2023-04-01T15:04:05.123456789Z").toISOString()).toBe("2023-04-01T15:04:05.123Z");
+    expect(parse("2023-04-01T15:04:05+05:30").toISOString()).toBe("2023-04-01T09:34:05.000Z");
+    expect(parse("2023-04-01T15:04:05-07:00").toISOString()).toBe("2023-04-01T22:04:05.000Z");
+    expect(parse("2024-02-29T00:00:00Z").toISOString()).toBe("2024-02-29T00:00:00.000Z");
+    expect(parse("1970-01-01T00:00:00Z").getTime()).toBe(0);
+    expect(parse("9999-12-31T23:59:59.999Z").toISOString()).toBe("9999-12-31T23:59:59.999Z");
+  });
+
+  test("refuses a date-time without a time zone", () => {
+    refused("2023-04-01T15:04:05", /time zone/);
+    refused("2023-04-01 15:04:05", /time zone/);
+    refused("2023-04-01T15:04", /time zone/);
+  });
+
+  test("refuses what is not an RFC 3339 date-time", () => {
+    for (const value of ["", "now", "2023-04-01", "04/01/2023 15:04:05Z", "2023-4-1T15:04:05Z", "1680361445", "2023-04-01T15:04:05+0530"]) {
+      refused(value, /RFC 3339/);
+    }
+  });
+
+  test("refuses impossible dates and times", () => {
+    refused("2023-02-30T00:00:00Z", /calendar date/);
+    refused("2023-02-29T00:00:00Z", /calendar date/);
+    refused("2023-13-01T00:00:00Z", /calendar date/);
+    refused("2023-00-10T00:00:00Z", /calendar date/);
+    refused("2023-04-31T00:00:00Z", /calendar date/);
+    refused("2023-04-01T24:00:00Z", /time of day/);
+    refused("2023-04-01T12:60:00Z", /time of day/);
+    refused("2023-04-01T12:00:60Z", /time of day/);
+    refused("2023-04-01T12:00:00+24:00", /offset/);
+  });
+
+  test("refuses years outside 1970..9999", () => {
+    refused("1969-12-31T23:59:59Z", /1970 and 9999/);
+    refused("0000-01-01T00:00:00Z", /1970 and 9999/);
+    // The instant, not only the written year, must be in range.
+    refused("1970-01-01T00:30:00+01:00", /1970 and 9999/);
+    refused("9999-12-31T23:00:00-02:00", /1970 and 9999/);
+  });
+
+  test("names the field it was given", () => {
+    expect(rejection(() => parseScheduledAt("nope", "schedule_at")).field).toBe("schedule_at");
+  });
+});
+
+describe("toScheduleSpec", () => {
+  test("requires scheduled_at and normalizes it", () => {
+    const spec = toScheduleSpec({ command: "echo hi", scheduled_at: "2023-04-01T17:04:05+02:00" }, config);
+    expect(spec.scheduledAt?.toISOString()).toBe("2023-04-01T15:04:05.000Z");
+    expect(spec.command).toBe("echo hi");
+    const missing = rejection(() => toScheduleSpec({ command: "echo hi" }, config));
+    expect(missing.field).toBe("scheduled_at");
+    expect(missing.message).toMatch(/required/);
+  });
+
+  test("accepts the seed's legacy schedule_at alias", () => {
+    const spec = toScheduleSpec({ command: "x", schedule_at: "2023-04-01T15:04:05Z" }, config);
+    expect(spec.scheduledAt?.toISOString()).toBe("2023-04-01T15:04:05.000Z");
+    expect(rejection(() => toScheduleSpec({ command: "x", schedule_at: "soon" }, config)).field).toBe("schedule_at");
+    const same = { command: "x", scheduled_at: "2023-04-01T15:04:05Z", schedule_at: "2023-04-01T16:04:05+01:00" };
+    expect(toScheduleSpec(same, config).scheduledAt?.toISOString()).toBe("2023-04-01T15:04:05.000Z");
+    const differ = rejection(() =>
+      toScheduleSpec({ command: "x", scheduled_at: "2023-04-01T15:04:05Z", schedule_at: "2023-04-02T15:04:05Z" }, config),
+    );
+    expect(differ.field).toBe("schedule_at");
+  });
+
+  test("applies the same command rules and refuses other fields", () => {
+    expect(rejection(() => toScheduleSpec({ command: "a\0", scheduled_at: "2023-04-01T15:04:05Z" }, config)).field).toBe(
+      "command",
+    );
+    expect(
+      rejection(() => toScheduleSpec({ command: "x", scheduled_at: "2023-04-01T15:04:05Z", timeout_ms: 5 }, config)).field,
+    ).toBe("timeout_ms");
+  });
+});
+
+describe("ids and cursors", () => {
+  test("isTaskId accepts UUIDs of any version and nothing else", () => {
+    expect(isTaskId(Bun.randomUUIDv7())).toBe(true);
+    expect(isTaskId(crypto.randomUUID())).toBe(true);
+    expect(isTaskId("01890A5D-AC96-774B-BCCE-B302099A8057")).toBe(true);
+    for (const bad of ["", "42", "not-a-uuid", "01890a5d-ac96-774b-bcce-b302099a805", "01890a5dac96774bbcceb302099a8057", "{01890a5d-ac96-774b-bcce-b302099a8057}", `${Bun.randomUUIDv7()} `]) {
+      expect(isTaskId(bad)).toBe(false);
+    }
+  });
+
+  test("a cursor round-trips and anything else is refused naming cursor", () => {
+    const id = Bun.randomUUIDv7();
+    const cursor = encodeCursor(id);
+    expect(cursor).toMatch(/^[A-Za-z0-9_-]+$/);
+    expect(decodeCursor(cursor)).toBe(id);
+    for (const bad of ["", "zzz", "!!!!", encodeCursor("not-a-uuid"), `${cursor}=`, `${cursor}A`, id]) {
+      const error = rejection(() => decodeCursor(bad));
+      expect(error.field).toBe("cursor");
+    }
+  });
+});
