@@ -82,7 +82,7 @@ export async function cancelTaskOrThrow(deps: ApiDeps, id: string): Promise<Task
 }
 
 export async function listWorkers(deps: ApiDeps): Promise<WorkerRow[]> {
-  return listLiveWorkers(deps.sql);
+  return listLiveWorkers(deps.sql, deps.config.TQ_HEARTBEAT_TIMEOUT_MS);
 }
 
 /** Resolves when the database answers within READY_TIMEOUT_MS; throws unavailable otherwise. */

@@ -141,7 +141,10 @@ export class Coordinator {
     await this.dispatcher.stop();
     await this.app.stop();
     await this.sessions.stop();
+    // Streams were ended above; a client that does not hang up is cut off after a moment.
+    const forced = setTimeout(() => this.grpcServer.forceShutdown(), 2000);
     await new Promise<void>((resolve) => this.grpcServer.tryShutdown(() => resolve()));
+    clearTimeout(forced);
     await this.completer.stop();
     await this.feed.stop();
     await this.sql.end({ timeout: 5 });

@@ -46,7 +46,7 @@ export class WorkerSessions {
   /** The grpc-js handler for WorkerService.Connect. */
   readonly connect = (call: WorkerStream): void => {
     if (this.closed) {
-      call.destroy(Object.assign(new Error("coordinator is shutting down"), { code: grpc.status.UNAVAILABLE }));
+      endWithStatus(call, grpc.status.UNAVAILABLE, "coordinator is shutting down");
       return;
     }
     this.streams.add(call);
@@ -58,7 +58,7 @@ export class WorkerSessions {
 
     const fail = (code: grpc.status, message: string) => {
       this.options.log.warn({ worker: session?.id, code, message }, "closing worker stream");
-      call.destroy(Object.assign(new Error(message), { code }));
+      endWithStatus(call, code, message);
     };
 
     const end = (reason: string) => {
@@ -142,7 +142,7 @@ export class WorkerSessions {
       },
       close(reason) {
         log.info({ worker: connection.id, reason }, "ending worker stream");
-        call.destroy(Object.assign(new Error(reason), { code: grpc.status.UNAVAILABLE }));
+        endWithStatus(call, grpc.status.UNAVAILABLE, reason);
       },
     };
     return connection;
@@ -213,6 +213,12 @@ export class WorkerSessions {
     this.ending.add(promise);
     void promise.finally(() => this.ending.delete(promise));
   }
+}
+
+/** Ends a worker stream with a status (grpc-js sends the status of an emitted error). */
+function endWithStatus(call: WorkerStream, code: grpc.status, details: string): void {
+  if (call.destroyed || call.writableEnded) return;
+  call.emit("error", Object.assign(new Error(details), { code, details }));
 }
 
 function helloProblem(hello: Hello): string | null {

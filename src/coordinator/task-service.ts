@@ -98,7 +98,8 @@ export function taskServiceHandlers(deps: ApiDeps): grpc.UntypedServiceImplement
           }
           call.end();
         } catch (error) {
-          if (!controller.signal.aborted) call.destroy(Object.assign(new Error(), toServiceError(error, deps.log)));
+          // grpc-js ends the stream with the status of an emitted error.
+          if (!controller.signal.aborted) call.emit("error", Object.assign(new Error(), toServiceError(error, deps.log)));
         }
       })();
     },

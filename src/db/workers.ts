@@ -70,12 +70,18 @@ export async function markCoordinatorWorkersGone(sql: Sql, coordinatorId: string
   return rows.length;
 }
 
-/** Live workers (connected or draining), with the number of tasks each holds. */
-export async function listLiveWorkers(sql: Sql): Promise<WorkerRow[]> {
+/**
+ * Live workers, with the number of tasks each holds: connected or draining, and vouched for
+ * by their coordinator within the heartbeat timeout (a worker whose coordinator died with it
+ * is not live, even before anyone marks it gone).
+ */
+export async function listLiveWorkers(sql: Sql, heartbeatTimeoutMs: number): Promise<WorkerRow[]> {
   return sql<WorkerRow[]>`
     SELECT w.*, (
       SELECT count(*)::int FROM tasks t WHERE t.worker_id = w.id AND t.state IN ('dispatched', 'running')
     ) AS running
-    FROM workers w WHERE w.state <> 'gone'
+    FROM workers w
+    WHERE w.state <> 'gone'
+      AND w.last_heartbeat_at > clock_timestamp() - make_interval(secs => ${heartbeatTimeoutMs / 1000})
     ORDER BY w.connected_at, w.id`;
 }

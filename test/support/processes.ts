@@ -162,8 +162,10 @@ export async function startCluster(
     scheduler,
     workers,
     addWorker,
+    /** Workers first (they drain and say goodbye), then the servers. */
     async stop() {
-      await Promise.all(all.map((p) => p.stop(5000)));
+      await Promise.all(workers.map((p) => p.stop(5000)));
+      await Promise.all(all.filter((p) => !workers.includes(p)).map((p) => p.stop(5000)));
     },
   };
 }

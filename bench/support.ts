@@ -1,0 +1,356 @@
+// What every bench shares: the result shape, a clean-up scope that also runs on Ctrl-C, a
+// throwaway database (on DATABASE_URL's server, or on embedded PostgreSQL in a temp folder),
+// a FIFO that spawned shells write to, and percentiles.
+import { closeSync, mkdtempSync, openSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import postgres from "postgres";
+import { startEmbedded } from "../src/db/embedded";
+import { freePort } from "../test/support/db";
+import { spawnRole, type RoleProcess } from "../test/support/processes";
+
+export interface BenchOptions {
+  /** A few iterations only: a smoke run for CI, whose figures mean nothing. */
+  quick: boolean;
+}
+
+/** One line of the results table: a metric and its value, already formatted. */
+export interface SummaryRow {
+  metric: string;
+  value: string;
+}
+
+export interface BenchResult {
+  name: string;
+  /** One sentence: what is measured. */
+  description: string;
+  /** What the figures depend on: iterations, process layout, database. */
+  settings: Record<string, unknown>;
+  /** The raw figures, in milliseconds unless a key says otherwise. */
+  figures: Record<string, unknown>;
+  /** The rows shown in bench/results/README.md and the project README. */
+  summary: SummaryRow[];
+  /** `SELECT version()` and the durability settings of the server the bench ran against. */
+  postgres: PostgresInfo;
+}
+
+export interface Bench {
+  name: string;
+  run(options: BenchOptions): Promise<BenchResult>;
+}
+
+// ---- clean-up ------------------------------------------------------------------------------
+
+const openScopes = new Set<Scope>();
+
+/**
+ * Clean-ups run last-in first-out, once, whether the bench ends, throws, or the runner is
+ * interrupted (closeAllScopes): a bench must not leave processes, databases or folders behind.
+ */
+export class Scope {
+  private readonly cleanups: { what: string; fn: () => unknown }[] = [];
+  private closing: Promise<void> | null = null;
+
+  constructor() {
+    openScopes.add(this);
+  }
+
+  defer(what: string, fn: () => unknown): void {
+    this.cleanups.push({ what, fn });
+  }
+
+  close(): Promise<void> {
+    this.closing ??= (async () => {
+      const problems: string[] = [];
+      for (const { what, fn } of this.cleanups.reverse()) {
+        try {
+          await fn();
+        } catch (error) {
+          problems.push(`${what}: ${error instanceof Error ? error.message : String(error)}`);
+        }
+      }
+      this.cleanups.length = 0;
+      openScopes.delete(this);
+      if (problems.length > 0) console.error(`bench clean-up problems:\n  ${problems.join("\n  ")}`);
+    })();
+    return this.closing;
+  }
+}
+
+export async function closeAllScopes(): Promise<void> {
+  await Promise.all([...openScopes].map((scope) => scope.close()));
+}
+
+/** Rejects with `what` if `promise` has not settled within `ms`: every wait is bounded. */
+export function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what} did not happen within ${ms} ms`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+// ---- database ------------------------------------------------------------------------------
+
+export interface PostgresInfo {
+  version: string;
+  /** "DATABASE_URL" or "embedded". */
+  source: string;
+  fsync: string;
+  synchronous_commit: string;
+}
+
+export interface BenchDatabase {
+  /** URL of the fresh database the roles run on (they migrate it at start-up). */
+  url: string;
+  postgres: PostgresInfo;
+}
+
+function withDatabase(url: string, database: string): string {
+  const parsed = new URL(url);
+  parsed.pathname = `/${database}`;
+  return parsed.toString();
+}
+
+/**
+ * A fresh database `bench_<random>`, on the server at DATABASE_URL when set, otherwise on an
+ * embedded cluster in a temp folder on a free port with PostgreSQL's default durability (the
+ * figures then include a real fsync per commit, like `bun start`). Everything it creates is
+ * removed when `scope` closes.
+ */
+export async function createBenchDatabase(scope: Scope, log: (line: string) => void = () => {}): Promise<BenchDatabase> {
+  let serverUrl = process.env.DATABASE_URL;
+  let source = "DATABASE_URL";
+  if (!serverUrl) {
+    source = "embedded";
+    const dataDir = mkdtempSync(join(tmpdir(), "tq-bench-pg-"));
+    scope.defer("remove the embedded data folder", () => rmSync(dataDir, { recursive: true, force: true }));
+    const port = await freePort();
+    log(`starting embedded PostgreSQL on 127.0.0.1:${port} in ${dataDir}`);
+    const embedded = await within(startEmbedded({ dataDir, port }), 120_000, "embedded PostgreSQL start");
+    scope.defer("stop embedded PostgreSQL", () => within(embedded.stop(), 30_000, "embedded PostgreSQL stop"));
+    serverUrl = embedded.adminUrl;
+  }
+  const name = `bench_${Math.random().toString(36).slice(2, 10)}`;
+  const admin = postgres(serverUrl, { max: 1, onnotice: () => {}, connect_timeout: 10 });
+  try {
+    await admin`CREATE DATABASE ${admin(name)}`;
+    scope.defer(`drop database ${name}`, async () => {
+      const dropper = postgres(serverUrl, { max: 1, onnotice: () => {}, connect_timeout: 10 });
+      try {
+        await dropper`DROP DATABASE IF EXISTS ${dropper(name)} WITH (FORCE)`;
+      } finally {
+        await dropper.end({ timeout: 5 });
+      }
+    });
+    const [row] = await admin<{ version: string }[]>`SELECT version() AS version`;
+    const [fsync] = await admin<{ fsync: string }[]>`SHOW fsync`;
+    const [commit] = await admin<{ synchronous_commit: string }[]>`SHOW synchronous_commit`;
+    return {
+      url: withDatabase(serverUrl, name),
+      postgres: {
+        version: row?.version ?? "unknown",
+        source,
+        fsync: fsync?.fsync ?? "unknown",
+        synchronous_commit: commit?.synchronous_commit ?? "unknown",
+      },
+    };
+  } finally {
+    await admin.end({ timeout: 5 });
+  }
+}
+
+// ---- role processes ------------------------------------------------------------------------
+
+export interface BenchCluster {
+  coordinatorUrl: string;
+  schedulerUrl: string;
+  processes: RoleProcess[];
+  /** The last lines each process logged, for a failure report. */
+  logs(lines?: number): string;
+}
+
+/** Resolves when `proc` logs `msg`; fails at once, with its output, if it exits first. */
+async function ready(proc: RoleProcess, msg: string): Promise<void> {
+  let settled = false;
+  const logged = proc.waitForMsg(msg, 30_000);
+  const exitedFirst = proc.exited.then(async (code) => {
+    if (settled) return;
+    // Let the pipes deliver the last lines the process wrote.
+    await Bun.sleep(100);
+    throw new Error(`${proc.role} (pid ${proc.pid}) exited with ${code} before logging "${msg}"; it logged:\n${proc.raw.slice(-30).join("\n")}`);
+  });
+  // The loser of the race must not surface later as an unhandled rejection.
+  logged.catch(() => {});
+  exitedFirst.catch(() => {});
+  try {
+    await Promise.race([logged, exitedFirst]);
+  } finally {
+    settled = true;
+  }
+}
+
+/**
+ * One coordinator, one scheduler and `workers` worker processes on `databaseUrl`, the real
+ * role entry points. Each process is stopped when `scope` closes, including when start-up
+ * fails half way.
+ */
+export async function startBenchCluster(
+  scope: Scope,
+  databaseUrl: string,
+  options: { workers: number; slots: number; env: Record<string, string> },
+): Promise<BenchCluster> {
+  const [httpPort, grpcPort, schedulerPort] = await Promise.all([freePort(), freePort(), freePort()]);
+  const processes: RoleProcess[] = [];
+  const spawn = (role: "coordinator" | "scheduler" | "worker", env: Record<string, string>) => {
+    const proc = spawnRole(role, env);
+    processes.push(proc);
+    scope.defer(`stop ${role} pid ${proc.pid}`, () => proc.stop(10_000));
+    return proc;
+  };
+  const coordinator = spawn("coordinator", {
+    ...options.env,
+    DATABASE_URL: databaseUrl,
+    TQ_COORDINATOR_PORT: String(httpPort),
+    TQ_GRPC_PORT: String(grpcPort),
+  });
+  const scheduler = spawn("scheduler", { ...options.env, DATABASE_URL: databaseUrl, TQ_SCHEDULER_PORT: String(schedulerPort) });
+  await Promise.all([ready(coordinator, "coordinator started"), ready(scheduler, "scheduler started")]);
+  const workers = Array.from({ length: options.workers }, () =>
+    // No DATABASE_URL: workers hold no database credentials.
+    spawn("worker", {
+      ...options.env,
+      TQ_COORDINATOR_ADDRESSES: `127.0.0.1:${grpcPort}`,
+      TQ_WORKER_SLOTS: String(options.slots),
+    }),
+  );
+  await Promise.all(workers.map((worker) => ready(worker, "connected")));
+  return {
+    coordinatorUrl: `http://127.0.0.1:${httpPort}`,
+    schedulerUrl: `http://127.0.0.1:${schedulerPort}`,
+    processes,
+    logs(lines = 40) {
+      return processes
+        .map((p) => `--- ${p.role} (pid ${p.pid}), last ${Math.min(lines, p.raw.length)} of ${p.raw.length} lines:\n${p.raw.slice(-lines).join("\n")}`)
+        .join("\n");
+    },
+  };
+}
+
+// ---- FIFO signals --------------------------------------------------------------------------
+
+/**
+ * A named pipe that spawned shells write one line to (`echo "$TQ_TASK_ID" > fifo`: echo is a
+ * shell builtin, so the write costs no exec). The bench holds it open read-write, so it never
+ * sees end-of-file between writers, and stamps each line with performance.now() as the chunk
+ * holding it arrives. Lines shorter than PIPE_BUF are written atomically, so concurrent
+ * writers cannot interleave.
+ */
+export class FifoSignals {
+  readonly path: string;
+  private readonly dir: string;
+  private fd: number | null = null;
+  private cancelRead: (() => Promise<void>) | null = null;
+  private readonly arrived = new Map<string, number>();
+  private readonly waiters = new Map<string, (at: number) => void>();
+  private pumping: Promise<void> = Promise.resolve();
+
+  constructor() {
+    this.dir = mkdtempSync(join(tmpdir(), "tq-bench-fifo-"));
+    this.path = join(this.dir, "signals");
+  }
+
+  start(): void {
+    const made = Bun.spawnSync(["mkfifo", "-m", "600", this.path]);
+    if (made.exitCode !== 0) throw new Error(`mkfifo ${this.path} failed: ${made.stderr.toString().trim()}`);
+    this.fd = openSync(this.path, "r+");
+    const reader = Bun.file(this.fd).stream().getReader();
+    this.cancelRead = () => reader.cancel();
+    this.pumping = this.pump(reader);
+  }
+
+  /** The shell command that signals `$TQ_TASK_ID` on this FIFO. */
+  command(): string {
+    return `echo "$TQ_TASK_ID" > '${this.path.replaceAll("'", `'\\''`)}'`;
+  }
+
+  /** performance.now() at which `id` arrived (it may have arrived already). */
+  waitFor(id: string, timeoutMs: number): Promise<number> {
+    const at = this.arrived.get(id);
+    if (at !== undefined) {
+      this.arrived.delete(id);
+      return Promise.resolve(at);
+    }
+    const arrival = new Promise<number>((resolve) => this.waiters.set(id, resolve));
+    return within(arrival, timeoutMs, `the signal of ${id} on the FIFO`).finally(() => this.waiters.delete(id));
+  }
+
+  async stop(): Promise<void> {
+    await this.cancelRead?.().catch(() => {});
+    await this.pumping;
+    if (this.fd !== null) closeSync(this.fd);
+    this.fd = null;
+    rmSync(this.dir, { recursive: true, force: true });
+  }
+
+  private async pump(reader: { read(): Promise<{ done: boolean; value?: Uint8Array }> }): Promise<void> {
+    const decoder = new TextDecoder();
+    let buffer = "";
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        const at = performance.now();
+        if (done) return;
+        buffer += decoder.decode(value, { stream: true });
+        let newline: number;
+        while ((newline = buffer.indexOf("\n")) >= 0) {
+          const id = buffer.slice(0, newline).trim();
+          buffer = buffer.slice(newline + 1);
+          const waiter = this.waiters.get(id);
+          if (waiter) waiter(at);
+          else this.arrived.set(id, at);
+        }
+      }
+    } catch {
+      // cancelled by stop()
+    }
+  }
+}
+
+// ---- statistics ----------------------------------------------------------------------------
+
+export interface Distribution {
+  n: number;
+  min: number;
+  mean: number;
+  p50: number;
+  p90: number;
+  p99: number;
+  max: number;
+}
+
+/** Nearest-rank percentiles, in the unit of the samples, rounded to microseconds for ms. */
+export function distribution(samples: readonly number[]): Distribution {
+  if (samples.length === 0) throw new Error("no samples");
+  const sorted = [...samples].sort((a, b) => a - b);
+  const rank = (p: number) => sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1))]!;
+  const round = (x: number) => Math.round(x * 1000) / 1000;
+  return {
+    n: sorted.length,
+    min: round(sorted[0]!),
+    mean: round(sorted.reduce((sum, x) => sum + x, 0) / sorted.length),
+    p50: round(rank(50)),
+    p90: round(rank(90)),
+    p99: round(rank(99)),
+    max: round(sorted[sorted.length - 1]!),
+  };
+}
+
+export function ms(x: number): string {
+  return x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2);
+}
+
+/** "p50 / p90 / p99 / max" in ms. */
+export function quartet(d: Distribution): string {
+  return `${ms(d.p50)} / ${ms(d.p90)} / ${ms(d.p99)} / ${ms(d.max)} ms`;
+}

@@ -1,0 +1,236 @@
+// gRPC round trips against a real coordinator (in this process) on a real database: the
+// TaskService a client uses, and the WorkerService stream a worker speaks, driven by hand.
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import * as grpc from "@grpc/grpc-js";
+import { TaskState } from "../../src/gen/taskqueue/v1/task_pb";
+import {
+  TaskService,
+  type ListTasksResponse,
+  type SubmitTaskResponse,
+  type WatchTaskResponse,
+} from "../../src/gen/taskqueue/v1/task_service_pb";
+import {
+  Outcome,
+  WorkerMessageSchema,
+  WorkerService,
+  type CoordinatorMessage,
+  type WorkerMessage,
+} from "../../src/gen/taskqueue/v1/worker_service_pb";
+import { loadConfig } from "../../src/config";
+import { Coordinator } from "../../src/coordinator/coordinator";
+import { clientConstructor } from "../../src/rpc/definitions";
+import { silentLogger } from "../../src/log";
+import { TaskChangeFeed, type TaskChange } from "../../src/db/notify";
+import { freePort, useTestDatabase } from "../support/db";
+
+const db = useTestDatabase();
+let coordinator: Coordinator;
+let address: string;
+let tasks: grpc.Client & Record<string, Function>;
+
+const TaskClient = clientConstructor(TaskService);
+const WorkerClient = clientConstructor(WorkerService);
+
+function call<Res>(method: string, request: object, metadata = new grpc.Metadata()): Promise<Res> {
+  return new Promise((resolve, reject) =>
+    tasks[method]!(request, metadata, (error: grpc.ServiceError | null, response: Res) => (error ? reject(error) : resolve(response))),
+  );
+}
+
+/**
+ * The gRPC status code a call failed with. (Not expect().rejects: Bun waits for that promise
+ * in a nested loop that stalls grpc-js when client and server share this process.)
+ */
+async function failure(promise: Promise<unknown>): Promise<number | "resolved"> {
+  try {
+    await promise;
+    return "resolved";
+  } catch (error) {
+    return (error as grpc.ServiceError).code;
+  }
+}
+
+beforeAll(async () => {
+  const config = loadConfig({
+    TQ_COORDINATOR_PORT: String(await freePort()),
+    TQ_GRPC_PORT: String(await freePort()),
+    TQ_HEARTBEAT_INTERVAL_MS: "200",
+    TQ_HEARTBEAT_TIMEOUT_MS: "1000",
+  });
+  coordinator = new Coordinator(config, db.url, silentLogger);
+  address = (await coordinator.start()).grpcAddress;
+  tasks = new TaskClient(address, grpc.credentials.createInsecure()) as typeof tasks;
+});
+
+afterAll(async () => {
+  tasks?.close();
+  await coordinator?.stop();
+});
+
+/** A hand-driven worker stream that queues what the coordinator sends. */
+function openWorker() {
+  const client = new WorkerClient(address, grpc.credentials.createInsecure(), { "grpc.use_local_subchannel_pool": 1 });
+  const stream = (client as unknown as { connect(): grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage> }).connect();
+  const inbox: CoordinatorMessage[] = [];
+  let waiting: ((m: CoordinatorMessage) => void) | null = null;
+  const closed = new Promise<grpc.ServiceError | null>((resolve) => {
+    stream.on("error", (error: grpc.ServiceError) => resolve(error));
+    stream.on("end", () => resolve(null));
+  });
+  stream.on("data", (message: CoordinatorMessage) => {
+    if (waiting) {
+      const w = waiting;
+      waiting = null;
+      w(message);
+    } else inbox.push(message);
+  });
+  return {
+    send: (payload: MessageInitShape<typeof WorkerMessageSchema>["payload"]) =>
+      stream.write(create(WorkerMessageSchema, { payload })),
+    next: (): Promise<CoordinatorMessage> =>
+      inbox.length > 0 ? Promise.resolve(inbox.shift()!) : new Promise((resolve) => (waiting = resolve)),
+    closed,
+    close() {
+      stream.end();
+      client.close();
+    },
+  };
+}
+
+describe("TaskService", () => {
+  test("submit, get, list and cancel round-trip; bad input is INVALID_ARGUMENT", async () => {
+    const at = new Date(Date.now() + 3_600_000);
+    const submitted = await call<SubmitTaskResponse>("submitTask", {
+      command: "echo grpc",
+      scheduledAt: timestampFromDate(at),
+      env: { A: "1" },
+      maxAttempts: 2,
+    });
+    const task = submitted.task!;
+    expect(task.state).toBe(TaskState.QUEUED);
+    expect(task.command).toBe("echo grpc");
+    expect(task.env).toEqual({ A: "1" });
+    expect(task.maxAttempts).toBe(2);
+    expect(Number(task.scheduledAt!.seconds)).toBe(Math.floor(at.getTime() / 1000));
+
+    const got = await call<{ task: typeof task }>("getTask", { id: task.id });
+    expect(got.task!.id).toBe(task.id);
+
+    const listed = await call<ListTasksResponse>("listTasks", { state: TaskState.QUEUED, limit: 10 });
+    expect(listed.tasks.map((t) => t.id)).toContain(task.id);
+
+    const cancelled = await call<{ task: typeof task }>("cancelTask", { id: task.id });
+    expect(cancelled.task!.state).toBe(TaskState.CANCELLED);
+    expect(cancelled.task!.cancelledAt).toBeDefined();
+
+    expect(await failure(call("cancelTask", { id: task.id }))).toBe(grpc.status.FAILED_PRECONDITION);
+    expect(await failure(call("getTask", { id: "nope" }))).toBe(grpc.status.INVALID_ARGUMENT);
+    expect(await failure(call("getTask", { id: Bun.randomUUIDv7() }))).toBe(grpc.status.NOT_FOUND);
+    expect(await failure(call("submitTask", { command: "" }))).toBe(grpc.status.INVALID_ARGUMENT);
+    expect(await failure(call("submitTask", { command: "x\u0000y" }))).toBe(grpc.status.INVALID_ARGUMENT);
+    expect(await failure(call("listTasks", { state: 99 }))).toBe(grpc.status.INVALID_ARGUMENT);
+  });
+
+  test("WatchTask sends the current state first, then each change until a final state", async () => {
+    const { task } = await call<SubmitTaskResponse>("submitTask", {
+      command: "true",
+      scheduledAt: timestampFromDate(new Date(Date.now() + 3_600_000)),
+    });
+    const stream = tasks.watchTask!({ id: task!.id }) as grpc.ClientReadableStream<WatchTaskResponse>;
+    const seen: WatchTaskResponse[] = [];
+    const ended = new Promise<void>((resolve, reject) => {
+      stream.on("data", (message: WatchTaskResponse) => {
+        seen.push(message);
+        if (seen.length === 1) void call("cancelTask", { id: task!.id });
+      });
+      stream.on("end", resolve);
+      stream.on("error", reject);
+    });
+    await ended;
+    expect(seen.map((m) => m.task!.state)).toEqual([TaskState.QUEUED, TaskState.CANCELLED]);
+    expect(seen[0]!.event).toBeUndefined();
+    expect(seen[1]!.event!.kind).toBe("cancelled");
+  });
+});
+
+describe("WorkerService", () => {
+  test("hello, assign, started, finished, ack; a stale report is acknowledged as stale", async () => {
+    const worker = openWorker();
+    const workerId = `hand-${Bun.randomUUIDv7()}`;
+    worker.send({ case: "hello", value: { workerId, name: "hand", slots: 1 } });
+    const welcome = await worker.next();
+    expect(welcome.payload.case).toBe("welcome");
+
+    const { task } = await call<SubmitTaskResponse>("submitTask", { command: "echo from-hand" });
+    const assign = await worker.next();
+    expect(assign.payload.case).toBe("assign");
+    if (assign.payload.case !== "assign") throw new Error("expected assign");
+    const ref = assign.payload.value.ref!;
+    expect(ref).toMatchObject({ taskId: task!.id, attempt: 1 });
+    expect(assign.payload.value.command).toBe("echo from-hand");
+
+    const now = timestampFromDate(new Date());
+    worker.send({ case: "started", value: { ref, pid: 4242, startedAt: now } });
+    worker.send({
+      case: "finished",
+      value: { ref, outcome: Outcome.EXITED, exitCode: 0, stdout: "from-hand\n", startedAt: now, finishedAt: now },
+    });
+    const ack = await worker.next();
+    expect(ack.payload).toMatchObject({ case: "ack", value: { ref: { taskId: task!.id, attempt: 1 }, stale: false } });
+    const [row] = await db.sql`SELECT state, stdout, exit_code, worker_id FROM tasks WHERE id = ${task!.id}`;
+    expect(row).toEqual({ state: "succeeded", stdout: "from-hand\n", exit_code: 0, worker_id: workerId });
+
+    // The same result again (a re-send after a reconnect) changes nothing.
+    worker.send({ case: "finished", value: { ref, outcome: Outcome.EXITED, exitCode: 1, finishedAt: now } });
+    const again = await worker.next();
+    expect(again.payload).toMatchObject({ case: "ack", value: { stale: true } });
+    const [after] = await db.sql`SELECT state, exit_code FROM tasks WHERE id = ${task!.id}`;
+    expect(after).toEqual({ state: "succeeded", exit_code: 0 });
+    worker.close();
+  });
+
+  test("a stream that does not start with Hello is refused", async () => {
+    const worker = openWorker();
+    worker.send({ case: "heartbeat", value: { seq: 1n } });
+    const error = await worker.closed;
+    expect(error?.code).toBe(grpc.status.FAILED_PRECONDITION);
+    worker.close();
+  });
+
+  test("a Hello with no worker id is refused", async () => {
+    const worker = openWorker();
+    worker.send({ case: "hello", value: { workerId: "", slots: 1 } });
+    const error = await worker.closed;
+    expect(error?.code).toBe(grpc.status.INVALID_ARGUMENT);
+    worker.close();
+  });
+
+  test("a worker that goes silent is declared dead and its task is requeued", async () => {
+    const worker = openWorker();
+    const workerId = `silent-${Bun.randomUUIDv7()}`;
+    worker.send({ case: "hello", value: { workerId, name: "silent", slots: 1 } });
+    expect((await worker.next()).payload.case).toBe("welcome");
+    const feed = new TaskChangeFeed(db.sql);
+    await feed.start();
+    let requeued: (change: TaskChange) => void = () => {};
+    const requeuedSeen = new Promise<TaskChange>((resolve) => (requeued = resolve));
+    feed.onChange((change) => {
+      if (change.kind === "requeued") requeued(change);
+    });
+    const { task } = await call<SubmitTaskResponse>("submitTask", { command: "true", maxAttempts: 2 });
+    expect((await worker.next()).payload.case).toBe("assign");
+    // No heartbeats: after the timeout (1 s here) the coordinator ends the stream.
+    const error = await worker.closed;
+    expect(error?.code).toBe(grpc.status.UNAVAILABLE);
+    expect(await requeuedSeen).toMatchObject({ id: task!.id, state: "queued", attempt: 1 });
+    await feed.stop();
+    const events = await db.sql<{ kind: string }[]>`
+      SELECT kind FROM task_events WHERE task_id = ${task!.id} ORDER BY id`;
+    expect(events.map((e) => e.kind)).toContain("requeued");
+    const [row] = await db.sql`SELECT state FROM tasks WHERE id = ${task!.id}`;
+    expect(row?.state).toBe("queued");
+    worker.close();
+  });
+});
