@@ -102,9 +102,11 @@ test("with no worker connected a task stays queued, and runs once one connects",
   try {
     const { json: task } = await postJson(`${cluster.coordinatorUrl}/submit`, { command: "echo late" });
     expect(task.state).toBe("queued");
-    // Nothing can claim it: the coordinator has no slots.
+    // Nothing can claim it: this coordinator has no workers (the database may still list
+    // other tests' workers for a heartbeat timeout).
+    const coordinatorId = String((await cluster.coordinator.waitForMsg("coordinator started")).id);
     const workers = await getJson(`${cluster.coordinatorUrl}/workers`);
-    expect(workers.json.workers).toEqual([]);
+    expect((workers.json.workers as { coordinator_id: string }[]).filter((w) => w.coordinator_id === coordinatorId)).toEqual([]);
     const status = await getJson(`${cluster.coordinatorUrl}/tasks/${task.id}`);
     expect(status.json).toMatchObject({ state: "queued", picked_at: null, attempt: 0 });
     const joinedAt = Date.now();
