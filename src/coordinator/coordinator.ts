@@ -137,7 +137,7 @@ export class Coordinator {
   async stop(): Promise<void> {
     for (const unsubscribe of this.unsubscribe) unsubscribe();
     this.unsubscribe = [];
-    this.rescuer.stop();
+    await this.rescuer.stop();
     await this.dispatcher.stop();
     await this.app.stop();
     await this.sessions.stop();

@@ -21,7 +21,7 @@ export interface RescuerOptions {
 
 export class Rescuer {
   private timers: ReturnType<typeof setInterval>[] = [];
-  private busy = false;
+  private busy: Promise<void> | null = null;
 
   constructor(private readonly options: RescuerOptions) {}
 
@@ -32,9 +32,11 @@ export class Rescuer {
     this.timers.push(setInterval(() => void this.vouchAndRescue(), heartbeatIntervalMs));
   }
 
-  stop(): void {
+  /** Stops the timers and waits for a pass in progress. */
+  async stop(): Promise<void> {
     for (const timer of this.timers) clearInterval(timer);
     this.timers = [];
+    await this.busy;
   }
 
   checkSilent(now = performance.now()): void {
@@ -43,9 +45,12 @@ export class Rescuer {
     }
   }
 
-  async vouchAndRescue(): Promise<void> {
-    if (this.busy) return;
-    this.busy = true;
+  vouchAndRescue(): Promise<void> {
+    this.busy ??= this.pass().finally(() => (this.busy = null));
+    return this.busy;
+  }
+
+  private async pass(): Promise<void> {
     try {
       const ids = this.options.registry.all().map((w) => w.id);
       await touchWorkers(this.options.sql, this.options.coordinatorId, ids);
@@ -55,8 +60,6 @@ export class Rescuer {
       }
     } catch (error) {
       this.options.log.warn({ err: error }, "vouching for workers failed");
-    } finally {
-      this.busy = false;
     }
   }
 }

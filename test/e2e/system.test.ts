@@ -4,7 +4,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { useTestDatabase } from "../support/db";
+import { HOOK_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { startCluster, type Cluster } from "../support/processes";
 import { getJson, postJson, watchTask, type TaskJson } from "../support/http";
 
@@ -23,10 +23,10 @@ describe("one coordinator, one scheduler, two workers", () => {
   let cluster: Cluster;
   beforeAll(async () => {
     cluster = await startCluster(db.url, { workers: 2 });
-  });
+  }, HOOK_TIMEOUT_MS);
   afterAll(async () => {
     await cluster?.stop();
-  });
+  }, HOOK_TIMEOUT_MS);
 
   test("a task scheduled 2 s ahead runs after, never before, its time; status shows every timestamp", async () => {
     const scheduledAt = new Date(Date.now() + 2000);

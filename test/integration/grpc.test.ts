@@ -23,7 +23,7 @@ import { Coordinator } from "../../src/coordinator/coordinator";
 import { clientConstructor } from "../../src/rpc/definitions";
 import { silentLogger } from "../../src/log";
 import { TaskChangeFeed, type TaskChange } from "../../src/db/notify";
-import { freePort, useTestDatabase } from "../support/db";
+import { freePort, HOOK_TIMEOUT_MS, useTestDatabase } from "../support/db";
 
 const db = useTestDatabase();
 let coordinator: Coordinator;
@@ -62,12 +62,12 @@ beforeAll(async () => {
   coordinator = new Coordinator(config, db.url, silentLogger);
   address = (await coordinator.start()).grpcAddress;
   tasks = new TaskClient(address, grpc.credentials.createInsecure()) as typeof tasks;
-});
+}, HOOK_TIMEOUT_MS);
 
 afterAll(async () => {
   tasks?.close();
   await coordinator?.stop();
-});
+}, HOOK_TIMEOUT_MS);
 
 /** A hand-driven worker stream that queues what the coordinator sends. */
 function openWorker() {

@@ -44,6 +44,9 @@ export async function freePort(): Promise<number> {
   return port;
 }
 
+/** Hooks that start or stop servers and databases get this long (Bun's default is 5 s). */
+export const HOOK_TIMEOUT_MS = 30_000;
+
 export interface TestDatabase {
   /** Connection URL of this file's database, for child processes. */
   url: string;
@@ -93,9 +96,9 @@ export function useTestDatabase(): TestDatabase {
   beforeAll(async () => {
     db = await createTestDatabase();
     Object.assign(handle, db);
-  });
+  }, HOOK_TIMEOUT_MS);
   afterAll(async () => {
     if (db) await dropTestDatabase(db);
-  });
+  }, HOOK_TIMEOUT_MS);
   return handle;
 }

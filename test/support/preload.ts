@@ -8,4 +8,4 @@ setDefaultTimeout(60_000);
 
 afterAll(async () => {
   await stopEmbeddedServer();
-});
+}, 30_000);
