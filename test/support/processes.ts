@@ -108,9 +108,13 @@ export function spawnRole(role: "scheduler" | "coordinator" | "worker" | "start"
 
 export interface Cluster {
   coordinatorUrl: string;
+  /** The settings every process of the cluster got (ports included). */
+  coordinatorEnv: Record<string, string>;
   schedulerUrl: string;
   grpcAddress: string;
   coordinator: RoleProcess;
+  /** Starts a new coordinator process on the same ports (after the old one exited). */
+  restartCoordinator(): Promise<RoleProcess>;
   scheduler: RoleProcess | null;
   workers: RoleProcess[];
   /** Starts one more worker process and waits until it is connected. */
@@ -125,13 +129,17 @@ export async function startCluster(
 ): Promise<Cluster> {
   const [httpPort, grpcPort, schedulerPort] = await Promise.all([freePort(), freePort(), freePort()]);
   const common = { DATABASE_URL: databaseUrl, TQ_HEARTBEAT_INTERVAL_MS: "200", TQ_HEARTBEAT_TIMEOUT_MS: "1000", ...options.env };
-  const coordinator = spawnRole("coordinator", {
-    ...common,
-    TQ_COORDINATOR_PORT: String(httpPort),
-    TQ_GRPC_PORT: String(grpcPort),
-  });
+  const coordinatorEnv = { ...common, TQ_COORDINATOR_PORT: String(httpPort), TQ_GRPC_PORT: String(grpcPort) };
+  let coordinator = spawnRole("coordinator", coordinatorEnv);
   const scheduler = options.scheduler === false ? null : spawnRole("scheduler", { ...common, TQ_SCHEDULER_PORT: String(schedulerPort) });
   const all: RoleProcess[] = [coordinator, ...(scheduler ? [scheduler] : [])];
+  const restartCoordinator = async () => {
+    coordinator = spawnRole("coordinator", coordinatorEnv);
+    all.push(coordinator);
+    cluster.coordinator = coordinator;
+    await coordinator.waitForMsg("coordinator started");
+    return coordinator;
+  };
   await Promise.all([coordinator.waitForMsg("coordinator started"), scheduler?.waitForMsg("scheduler started")]);
   const grpcAddress = `127.0.0.1:${grpcPort}`;
   const workers: RoleProcess[] = [];
@@ -154,8 +162,10 @@ export async function startCluster(
     await Promise.all(all.map((p) => p.stop(2000)));
     throw error;
   }
-  return {
+  const cluster: Cluster = {
     coordinatorUrl: `http://127.0.0.1:${httpPort}`,
+    coordinatorEnv,
+    restartCoordinator,
     schedulerUrl: `http://127.0.0.1:${schedulerPort}`,
     grpcAddress,
     coordinator,
@@ -168,4 +178,5 @@ export async function startCluster(
       await Promise.all(all.filter((p) => !workers.includes(p)).map((p) => p.stop(5000)));
     },
   };
+  return cluster;
 }

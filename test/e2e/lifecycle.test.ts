@@ -1,0 +1,90 @@
+// How roles come and go: a worker drains on SIGTERM, hands work back after its grace period,
+// and rides out a coordinator restart without losing or re-running its task.
+import { afterAll, beforeAll, expect, test } from "bun:test";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { useTestDatabase } from "../support/db";
+import { startCluster } from "../support/processes";
+import { postJson, watchTask } from "../support/http";
+
+const db = useTestDatabase();
+let dir: string;
+
+beforeAll(() => {
+  dir = mkdtempSync(join(tmpdir(), "tq-life-"));
+});
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+const blockUntil = (gate: string) => `while [ ! -e '${gate}' ]; do sleep 0.02; done; echo "attempt $TQ_TASK_ATTEMPT"`;
+
+async function workerIds(processes: { waitForMsg(msg: string): Promise<Record<string, unknown>> }[]) {
+  return Promise.all(processes.map(async (p) => String((await p.waitForMsg("worker starting")).id)));
+}
+
+test("SIGTERM drains a worker: its running task finishes, then it exits 0", async () => {
+  const cluster = await startCluster(db.url, { workers: 1, slots: 1, env: { TQ_DRAIN_GRACE_MS: "30000" } });
+  try {
+    const gate = join(dir, "gate-drain");
+    const { json: task } = await postJson(`${cluster.coordinatorUrl}/submit`, { command: blockUntil(gate) });
+    await watchTask(cluster.coordinatorUrl, task.id, (t) => t.state === "running");
+    const worker = cluster.workers[0]!;
+    worker.kill("SIGTERM");
+    await worker.waitForMsg("draining: waiting for running tasks");
+    writeFileSync(gate, "");
+    expect(await worker.exited).toBe(0);
+    const done = await watchTask(cluster.coordinatorUrl, task.id);
+    expect(done).toMatchObject({ state: "succeeded", attempt: 1, stdout: "attempt 1\n" });
+  } finally {
+    await cluster.stop();
+  }
+});
+
+test("a draining worker hands its task back after the grace period; it runs again elsewhere", async () => {
+  const cluster = await startCluster(db.url, { workers: 0, slots: 1 });
+  try {
+    const leaving = await cluster.addWorker({ TQ_DRAIN_GRACE_MS: "200" });
+    const gate = join(dir, "gate-handback");
+    const { json: task } = await postJson(`${cluster.coordinatorUrl}/submit`, { command: blockUntil(gate) });
+    const first = await watchTask(cluster.coordinatorUrl, task.id, (t) => t.state === "running");
+    const [leavingId] = await workerIds([leaving]);
+    expect(first.worker_id).toBe(leavingId!);
+    const staying = await cluster.addWorker();
+    leaving.kill("SIGTERM");
+    expect(await leaving.exited).toBe(0);
+    const second = await watchTask(cluster.coordinatorUrl, task.id, (t) => t.state === "running" && t.attempt === 2);
+    const [stayingId] = await workerIds([staying]);
+    expect(second.worker_id).toBe(stayingId!);
+    writeFileSync(gate, "");
+    const done = await watchTask(cluster.coordinatorUrl, task.id);
+    expect(done).toMatchObject({ state: "succeeded", attempt: 2, stdout: "attempt 2\n" });
+  } finally {
+    await cluster.stop();
+  }
+});
+
+test("a coordinator restart: the worker reconnects, keeps its task, and delivers the result once", async () => {
+  // A heartbeat timeout well above the restart time, so the task is not rescued meanwhile.
+  const cluster = await startCluster(db.url, { workers: 1, slots: 1, scheduler: false, env: { TQ_HEARTBEAT_TIMEOUT_MS: "10000" } });
+  try {
+    const gate = join(dir, "gate-restart");
+    const { json: task } = await postJson(`${cluster.coordinatorUrl}/submit`, { command: blockUntil(gate) });
+    await watchTask(cluster.coordinatorUrl, task.id, (t) => t.state === "running");
+    const worker = cluster.workers[0]!;
+    const old = cluster.coordinator;
+    old.kill("SIGKILL");
+    await old.exited;
+    await worker.waitForMsg("disconnected from coordinator");
+    // The task finishes while no coordinator is there: the worker holds the result.
+    writeFileSync(gate, "");
+    const connects = worker.lines.filter((l) => l.msg === "connected").length;
+    await cluster.restartCoordinator();
+    await worker.waitFor((l) => l.msg === "connected" && worker.lines.filter((x) => x.msg === "connected").length > connects, "a second connect");
+    const done = await watchTask(cluster.coordinatorUrl, task.id);
+    expect(done).toMatchObject({ state: "succeeded", attempt: 1, stdout: "attempt 1\n" });
+    const events = await db.sql<{ kind: string }[]>`SELECT kind FROM task_events WHERE task_id = ${task.id} ORDER BY id`;
+    expect(events.map((e) => e.kind)).not.toContain("requeued");
+  } finally {
+    await cluster.stop();
+  }
+});
