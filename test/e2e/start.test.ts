@@ -1,0 +1,92 @@
+// `bun start` on embedded PostgreSQL, driven by the README's own curl examples.
+import { afterAll, beforeAll, expect, test } from "bun:test";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { freePort, HOOK_TIMEOUT_MS } from "../support/db";
+import { RoleProcess } from "../support/processes";
+import { watchTask } from "../support/http";
+
+const ROOT = join(import.meta.dir, "../..");
+let dataDir: string;
+let start: RoleProcess;
+let ports: { scheduler: number; coordinator: number };
+
+/** The curl commands of one README section, in order. */
+function readmeCurls(section: string): string[] {
+  const readme = readFileSync(join(ROOT, "README.md"), "utf8");
+  const from = readme.indexOf(`### ${section}`);
+  expect(from).toBeGreaterThanOrEqual(0);
+  const end = readme.indexOf("\n### ", from + 1);
+  return readme
+    .slice(from, end < 0 ? undefined : end)
+    .split("\n")
+    .filter((line) => line.startsWith("curl "));
+}
+
+/** Runs a README command as printed, pointed at this test's ports. */
+async function sh(command: string): Promise<string> {
+  const local = command
+    .replaceAll("localhost:8081", `localhost:${ports.scheduler}`)
+    .replaceAll("localhost:8080", `localhost:${ports.coordinator}`);
+  const proc = Bun.spawn(["sh", "-c", `${local} --silent --show-error --max-time 10`], { stdout: "pipe", stderr: "pipe" });
+  const [out, err, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+  expect(err).toBe("");
+  expect(code).toBe(0);
+  return out;
+}
+
+beforeAll(async () => {
+  dataDir = mkdtempSync(join(tmpdir(), "tq-start-"));
+  ports = { scheduler: await freePort(), coordinator: await freePort() };
+  const env: Record<string, string> = {
+    PATH: process.env.PATH ?? "/usr/bin:/bin",
+    HOME: process.env.HOME ?? "/tmp",
+    TQ_DATA_DIR: dataDir,
+    TQ_EMBEDDED_PG_PORT: String(await freePort()),
+    TQ_SCHEDULER_PORT: String(ports.scheduler),
+    TQ_COORDINATOR_PORT: String(ports.coordinator),
+    TQ_GRPC_PORT: String(await freePort()),
+  };
+  // Exactly as the README says, on embedded PostgreSQL: no DATABASE_URL.
+  const proc = Bun.spawn(["bun", "run", "start"], { cwd: ROOT, env, stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+  start = new RoleProcess("start", proc);
+  await start.waitForMsg("task-queue is running", 60_000);
+}, 90_000);
+
+afterAll(async () => {
+  if (start) expect(await start.stop(20_000)).toBe(0);
+  rmSync(dataDir, { recursive: true, force: true });
+}, HOOK_TIMEOUT_MS);
+
+test("bun start prints its URLs", () => {
+  const printed = start.raw.join("\n");
+  expect(printed).toContain(`http://127.0.0.1:${ports.scheduler}`);
+  expect(printed).toContain(`http://127.0.0.1:${ports.coordinator}`);
+  expect(printed).toContain("embedded PostgreSQL");
+});
+
+test("the seed's curl examples in the README work as printed", async () => {
+  const [schedule, status] = readmeCurls("The original API");
+  expect(schedule).toBe(
+    `curl -X POST http://localhost:8081/schedule -d '{"command":"your_task_command", "scheduled_at":"2023-04-01T15:04:05Z"}'`,
+  );
+  expect(status).toBe("curl http://localhost:8081/status?task_id=your_task_id");
+  const created = JSON.parse(await sh(schedule!)) as { task_id: string; command: string; scheduled_at: string };
+  expect(created).toMatchObject({ command: "your_task_command", scheduled_at: "2023-04-01T15:04:05.000Z" });
+  const done = await watchTask(`http://127.0.0.1:${ports.scheduler}`, created.task_id);
+  expect(done).toMatchObject({ state: "failed", exit_code: 127 });
+  const shown = JSON.parse(await sh(status!.replace("your_task_id", created.task_id)));
+  expect(shown).toMatchObject({ task_id: created.task_id, state: "failed", exit_code: 127, completed_at: null });
+  for (const field of ["scheduled_at", "created_at", "picked_at", "started_at", "failed_at"]) expect(shown[field]).toEqual(expect.any(String));
+});
+
+test("the README's run-now example runs on the built-in workers", async () => {
+  const submit = readmeCurls("More of the API").find((line) => line.includes("/submit"));
+  expect(submit).toBeDefined();
+  const task = JSON.parse(await sh(submit!)) as { id: string };
+  const done = await watchTask(`http://127.0.0.1:${ports.coordinator}`, task.id);
+  expect(done).toMatchObject({ state: "succeeded", stdout: "hello\n" });
+  const workers = JSON.parse(await sh(`curl http://localhost:8080/workers`)) as { workers: unknown[] };
+  expect(workers.workers).toHaveLength(2);
+});
