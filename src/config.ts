@@ -133,6 +133,13 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     const value = env[key];
     if (value !== undefined && value !== "") raw[key] = value.trim();
   }
+  // Value.Convert would round "1.5" into an integer; refuse non-integers outright.
+  for (const [key, value] of Object.entries(raw)) {
+    const schema = ConfigSchema.properties[key as keyof typeof ConfigSchema.properties] as { type?: string };
+    if (schema.type === "integer" && !/^[+-]?\d+$/.test(String(value))) {
+      throw new ConfigError(`invalid configuration: ${key}=${JSON.stringify(value)}: Expected integer`);
+    }
+  }
   const converted = Value.Convert(ConfigSchema, Value.Default(ConfigSchema, raw));
   const errors = [...Value.Errors(ConfigSchema, converted)];
   if (errors.length > 0) {

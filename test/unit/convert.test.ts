@@ -1,0 +1,97 @@
+import { expect, test } from "bun:test";
+import { create, fromBinary, toBinary, type MessageInitShape } from "@bufbuild/protobuf";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { TaskSchema, TaskState } from "../../src/gen/taskqueue/v1/task_pb";
+import { Outcome, TaskFinishedSchema, TaskRefSchema } from "../../src/gen/taskqueue/v1/worker_service_pb";
+import { finishAction, fromTimestamp, stateFromProto, stateToProto, taskToProto } from "../../src/rpc/convert";
+import { TASK_STATES } from "../../src/task/state";
+import type { Task } from "../../src/task/task";
+
+const task: Task = {
+  id: "019ac6f2-5d8e-7c3a-9b1e-4f0a2d6c8e10",
+  command: "echo hi",
+  state: "failed",
+  priority: 0,
+  scheduled_at: new Date("2026-01-02T03:04:05.678Z"),
+  created_at: new Date("2026-01-02T03:04:00.000Z"),
+  picked_at: new Date("2026-01-02T03:04:05.700Z"),
+  started_at: new Date("2026-01-02T03:04:05.710Z"),
+  completed_at: null,
+  failed_at: new Date("2026-01-02T03:04:06.000Z"),
+  cancelled_at: null,
+  attempt: 2,
+  max_attempts: 3,
+  timeout_ms: 0,
+  env: { A: "1" },
+  cwd: null,
+  worker_id: "w1",
+  coordinator_id: "c1",
+  exit_code: -3,
+  signal: null,
+  stdout: "out",
+  stderr: null,
+  stdout_truncated: true,
+  stderr_truncated: false,
+  error: null,
+};
+
+test("every state maps to the proto enum and back", () => {
+  for (const state of TASK_STATES) expect(stateFromProto(stateToProto(state))).toBe(state);
+  expect(stateFromProto(TaskState.UNSPECIFIED)).toBeUndefined();
+  expect(stateFromProto(99 as TaskState)).toBeUndefined();
+});
+
+test("a task survives the trip through the wire format", () => {
+  const decoded = fromBinary(TaskSchema, toBinary(TaskSchema, taskToProto(task)));
+  expect(decoded.id).toBe(task.id);
+  expect(decoded.state).toBe(TaskState.FAILED);
+  expect(fromTimestamp(decoded.scheduledAt)).toEqual(task.scheduled_at);
+  expect(fromTimestamp(decoded.failedAt)).toEqual(task.failed_at);
+  expect(decoded.completedAt).toBeUndefined();
+  expect(decoded.exitCode).toBe(-3);
+  expect(decoded.env).toEqual({ A: "1" });
+  expect(decoded.stdoutTruncated).toBe(true);
+  expect(decoded.stderr).toBe("");
+  expect(decoded.attempt).toBe(2);
+});
+
+test("an unset exit code stays unset on the wire (not 0)", () => {
+  const decoded = fromBinary(TaskSchema, toBinary(TaskSchema, taskToProto({ ...task, exit_code: null })));
+  expect(decoded.exitCode).toBeUndefined();
+});
+
+const finished = (init: MessageInitShape<typeof TaskFinishedSchema>) => {
+  const message = create(TaskFinishedSchema, init);
+  message.ref = create(TaskRefSchema, { taskId: task.id, attempt: 1 });
+  message.finishedAt = timestampFromDate(new Date());
+  return message;
+};
+
+test("a worker's report becomes the right action", () => {
+  expect(finishAction(finished({ outcome: Outcome.EXITED, exitCode: 0 }))).toMatchObject({
+    kind: "record",
+    result: { state: "succeeded", exitCode: 0 },
+  });
+  expect(finishAction(finished({ outcome: Outcome.EXITED, exitCode: 2 }))).toMatchObject({
+    kind: "record",
+    result: { state: "failed", exitCode: 2 },
+  });
+  expect(finishAction(finished({ outcome: Outcome.EXITED, signal: "SIGKILL" }))).toMatchObject({
+    kind: "record",
+    result: { state: "failed", exitCode: null, signal: "SIGKILL" },
+  });
+  expect(finishAction(finished({ outcome: Outcome.TIMED_OUT, signal: "SIGTERM" }))).toMatchObject({
+    kind: "record",
+    result: { state: "timed_out" },
+  });
+  expect(finishAction(finished({ outcome: Outcome.SPAWN_FAILED, error: "cwd /x does not exist" }))).toMatchObject({
+    kind: "record",
+    result: { state: "failed", error: "cwd /x does not exist" },
+  });
+  expect(finishAction(finished({ outcome: Outcome.UNSPECIFIED }))).toMatchObject({
+    kind: "record",
+    result: { state: "failed", error: "the worker reported no outcome" },
+  });
+  expect(finishAction(finished({ outcome: Outcome.ABANDONED }))).toEqual({ kind: "requeue", reason: "handed back by the worker" });
+  expect(finishAction(finished({ outcome: Outcome.CANCELLED }))).toEqual({ kind: "ignore" });
+});

@@ -1,0 +1,39 @@
+import { expect, test } from "bun:test";
+import { WorkerRegistry, type WorkerConnection } from "../../src/coordinator/registry";
+
+function worker(id: string, slots: number, inFlight: string[] = []): WorkerConnection {
+  return { id, name: id, slots, inFlight: new Set(inFlight), draining: false, lastSeen: 0, send() {}, close() {} };
+}
+
+test("the slot plan spreads by free capacity, one entry per free slot", () => {
+  const registry = new WorkerRegistry();
+  registry.add(worker("a", 2));
+  registry.add(worker("b", 2));
+  registry.add(worker("c", 3, ["t:1"]));
+  expect(registry.slotPlan()).toEqual(["a", "b", "c", "a", "b", "c"]);
+  expect(registry.slotPlan(2)).toEqual(["a", "b"]);
+  expect(registry.totalFree()).toBe(6);
+});
+
+test("the fullest workers come last; full and draining workers get nothing", () => {
+  const registry = new WorkerRegistry();
+  registry.add(worker("busy", 4, ["x:1", "y:1", "z:1"]));
+  registry.add(worker("idle", 3));
+  registry.add(worker("full", 1, ["w:1"]));
+  const draining = worker("draining", 8);
+  draining.draining = true;
+  registry.add(draining);
+  expect(registry.slotPlan()).toEqual(["idle", "idle", "busy", "idle"]);
+});
+
+test("a reconnecting worker replaces its old connection, which can no longer remove it", () => {
+  const registry = new WorkerRegistry();
+  const old = worker("a", 1);
+  registry.add(old);
+  const fresh = worker("a", 1);
+  expect(registry.add(fresh)).toBe(old);
+  expect(registry.remove(old)).toBe(false);
+  expect(registry.isCurrent(fresh)).toBe(true);
+  expect(registry.remove(fresh)).toBe(true);
+  expect(registry.size).toBe(0);
+});

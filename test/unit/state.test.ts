@@ -1,0 +1,29 @@
+import { expect, test } from "bun:test";
+import { TASK_STATES, canTransition, isFinal, isTaskState, statesLeadingTo } from "../../src/task/state";
+
+test("final states have no way out", () => {
+  for (const state of TASK_STATES) {
+    if (!isFinal(state)) continue;
+    for (const to of TASK_STATES) expect(canTransition(state, to), `${state} -> ${to}`).toBe(false);
+  }
+  expect(TASK_STATES.filter(isFinal)).toEqual(["succeeded", "failed", "timed_out", "cancelled"]);
+});
+
+test("the lifecycle of DESIGN.md", () => {
+  expect(canTransition("queued", "dispatched")).toBe(true);
+  expect(canTransition("queued", "running")).toBe(false);
+  expect(canTransition("queued", "succeeded")).toBe(false);
+  expect(canTransition("dispatched", "running")).toBe(true);
+  // A finish can overtake its start report.
+  expect(canTransition("dispatched", "succeeded")).toBe(true);
+  expect(canTransition("running", "queued")).toBe(true);
+  expect(canTransition("running", "dispatched")).toBe(false);
+  expect(statesLeadingTo("cancelled")).toEqual(["queued", "dispatched", "running"]);
+  expect(statesLeadingTo("queued")).toEqual(["dispatched", "running"]);
+});
+
+test("state names are recognised exactly", () => {
+  expect(isTaskState("queued")).toBe(true);
+  expect(isTaskState("QUEUED")).toBe(false);
+  expect(isTaskState("done")).toBe(false);
+});
