@@ -99,6 +99,16 @@ export const ConfigSchema = Type.Object({
     default: 3,
     description: "Attempts a task gets when it does not say. Defaults to 3.",
   }),
+  TQ_RETRY_BACKOFF_BASE_MS: Millis(
+    1000,
+    "Backoff before a task's second attempt; it doubles for each further one (with jitter). Tasks may override it. Defaults to 1000 ms.",
+    0,
+  ),
+  TQ_RETRY_BACKOFF_CAP_MS: Millis(
+    60_000,
+    "Longest backoff between two attempts of a task. Tasks may override it. Defaults to 60000 ms.",
+    0,
+  ),
   TQ_DB_POOL_SIZE: Type.Integer({
     minimum: 1,
     maximum: 200,

@@ -4,7 +4,8 @@ import type { Config } from "../config";
 import type { Sql } from "../db/sql";
 import type { TaskChangeFeed } from "../db/notify";
 import type { Logger } from "../log";
-import type { Task, TaskSpec } from "../task/task";
+import type { InsertOutcome } from "../db/tasks";
+import type { TaskSpec } from "../task/task";
 
 export interface ApiDeps {
   role: "scheduler" | "coordinator";
@@ -16,6 +17,7 @@ export interface ApiDeps {
   /**
    * Persists a new task and resolves after commit. The scheduler inserts it queued; the
    * coordinator may hand a run-now task to one of its own workers in the same statement.
+   * A spec whose idempotency key was used before writes nothing and returns the earlier task.
    */
-  submit(id: string, spec: TaskSpec): Promise<Task>;
+  submit(id: string, spec: TaskSpec): Promise<InsertOutcome>;
 }

@@ -1,7 +1,7 @@
 // The HTTP API that the scheduler (:8081) and the coordinator (:8080) both serve: one Elysia
 // instance per controller, composed by createApp. Handlers only translate between HTTP and
 // src/api/service.ts.
-import { Elysia, status } from "elysia";
+import { Elysia, status, t } from "elysia";
 import { openapi } from "@elysiajs/openapi";
 import pkg from "../../package.json" with { type: "json" };
 import type { ApiDeps } from "./deps";
@@ -33,7 +33,8 @@ import {
   submitTask,
 } from "./service";
 import { taskEventsResponse } from "./sse";
-import { ScheduleInput, SubmitInput, TaskInput, toScheduleSpec, toTaskSpec } from "../task/spec";
+import { ScheduleInput, SubmitInput, TaskInput, parseIdempotencyKey, toScheduleSpec, toTaskSpec } from "../task/spec";
+import type { TaskSpec } from "../task/task";
 
 export function createApp(deps: ApiDeps) {
   return new Elysia({ normalize: false })
@@ -75,16 +76,48 @@ const jsonBody = (deps: ApiDeps) =>
 const failures = { 400: ErrorJson, 413: ErrorJson, 503: ErrorJson };
 const lookupFailures = { 400: ErrorJson, 404: ErrorJson, 503: ErrorJson };
 
+const IdempotencyHeaders = t.Object(
+  {
+    "idempotency-key": t.Optional(
+      t.String({
+        description:
+          "Makes the submit safe to repeat: a later submit with the same key returns the original task (200, " +
+          "header Idempotent-Replayed: true) instead of creating another; the same key with a different request is a 409.",
+      }),
+    ),
+  },
+  { additionalProperties: true },
+);
+
+function withKey(spec: TaskSpec, headers: { "idempotency-key"?: string }): TaskSpec {
+  return { ...spec, idempotencyKey: parseIdempotencyKey(headers["idempotency-key"]) };
+}
+
+/** 201 with the new task, or 200 with the original one for a repeated Idempotency-Key. */
+async function submitted(
+  deps: ApiDeps,
+  spec: TaskSpec,
+  headers: { "idempotency-key"?: string },
+  set: { headers: Record<string, string | number> },
+) {
+  const { task, created } = await submitTask(deps, withKey(spec, headers));
+  if (created) return status(201, taskJson(task));
+  set.headers["idempotent-replayed"] = "true";
+  return status(200, taskJson(task));
+}
+
 /** The seed's routes, answered in its shapes. */
 function seedController(deps: ApiDeps) {
   return new Elysia({ normalize: false })
     .post(
       "/schedule",
-      async ({ body }) => scheduleResponse(await submitTask(deps, toScheduleSpec(body, deps.config))),
+      async ({ body, headers }) =>
+        scheduleResponse((await submitTask(deps, withKey(toScheduleSpec(body, deps.config), headers))).task),
       {
         parse: jsonBody(deps),
         body: ScheduleInput,
-        response: { 200: ScheduleResponse, ...failures },
+        headers: IdempotencyHeaders,
+        response: { 200: ScheduleResponse, ...failures, 409: ErrorJson },
         detail: {
           tags: ["seed"],
           summary: "Schedule a command",
@@ -101,16 +134,18 @@ function seedController(deps: ApiDeps) {
 
 function tasksController(deps: ApiDeps) {
   return new Elysia({ normalize: false })
-    .post("/submit", async ({ body }) => status(201, taskJson(await submitTask(deps, toTaskSpec(body, deps.config)))), {
+    .post("/submit", ({ body, headers, set }) => submitted(deps, toTaskSpec(body, deps.config), headers, set), {
       parse: jsonBody(deps),
       body: SubmitInput,
-      response: { 201: TaskJson, ...failures },
+      headers: IdempotencyHeaders,
+      response: { 201: TaskJson, 200: TaskJson, ...failures, 409: ErrorJson },
       detail: { tags: ["tasks"], summary: "Run a command now" },
     })
-    .post("/tasks", async ({ body }) => status(201, taskJson(await submitTask(deps, toTaskSpec(body, deps.config)))), {
+    .post("/tasks", ({ body, headers, set }) => submitted(deps, toTaskSpec(body, deps.config), headers, set), {
       parse: jsonBody(deps),
       body: TaskInput,
-      response: { 201: TaskJson, ...failures },
+      headers: IdempotencyHeaders,
+      response: { 201: TaskJson, 200: TaskJson, ...failures, 409: ErrorJson },
       detail: { tags: ["tasks"], summary: "Submit a task", description: "Runs now, or at scheduled_at." },
     })
     .get(

@@ -48,6 +48,20 @@ export const TaskJson = Type.Object(
     stdout_truncated: Type.Boolean(),
     stderr_truncated: Type.Boolean(),
     error: Nullable(Type.String({ description: "Why the task failed without an exit code, or ran out of attempts." })),
+    lease_expires_at: Nullable(
+      Type.String({ format: "date-time", description: "While dispatched or running: when the attempt's lease lapses unless its worker reports it." }),
+    ),
+    retry: Type.Object(
+      {
+        on_failure: Type.Boolean(),
+        on_timeout: Type.Boolean(),
+        on_lost: Type.Boolean(),
+        backoff_base_ms: Type.Integer(),
+        backoff_cap_ms: Type.Integer(),
+      },
+      { additionalProperties: false, description: "What is retried while attempts remain, and the backoff between attempts." },
+    ),
+    idempotency_key: Nullable(Type.String()),
   },
   { additionalProperties: false },
 );
@@ -181,6 +195,15 @@ export function taskJson(task: Task): TaskJson {
     cwd: task.cwd,
     worker_id: task.worker_id,
     coordinator_id: task.coordinator_id,
+    lease_expires_at: isoOrNull(task.lease_expires_at),
+    retry: {
+      on_failure: task.retry_on_failure,
+      on_timeout: task.retry_on_timeout,
+      on_lost: task.retry_on_lost,
+      backoff_base_ms: task.retry_backoff_base_ms,
+      backoff_cap_ms: task.retry_backoff_cap_ms,
+    },
+    idempotency_key: task.idempotency_key,
     exit_code: task.exit_code,
     signal: task.signal,
     stdout: task.stdout,

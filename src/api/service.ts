@@ -9,16 +9,25 @@ import { listLiveWorkers, type WorkerRow } from "../db/workers";
 import { TaskQueueError, conflict, invalidArgument, notFound, unavailable } from "../task/errors";
 import { decodeCursor, encodeCursor, isTaskId } from "../task/spec";
 import { TASK_STATES, isFinal, isTaskState } from "../task/state";
-import type { Task, TaskSpec } from "../task/task";
+import type { Submitted, Task, TaskSpec } from "../task/task";
 
 export const DEFAULT_PAGE_SIZE = 50;
 export const MAX_PAGE_SIZE = 500;
 /** How long /readyz waits for the database. */
 export const READY_TIMEOUT_MS = 2000;
 
-/** Persists a validated spec under a new id; resolves after commit. */
-export async function submitTask(deps: ApiDeps, spec: TaskSpec): Promise<Task> {
-  return deps.submit(Bun.randomUUIDv7(), spec);
+/**
+ * Persists a validated spec under a new id; resolves after commit. A repeat of an earlier
+ * request with the same idempotency key returns that task (created: false); the same key with
+ * a different request is a conflict.
+ */
+export async function submitTask(deps: ApiDeps, spec: TaskSpec): Promise<Submitted> {
+  const outcome = await deps.submit(Bun.randomUUIDv7(), spec);
+  if (outcome.kind === "created") return { task: outcome.task, created: true };
+  if (!outcome.sameRequest) {
+    throw conflict(`idempotency key ${JSON.stringify(spec.idempotencyKey)} was already used for a different request (task ${outcome.task.id})`);
+  }
+  return { task: outcome.task, created: false };
 }
 
 function requireTaskId(id: string, field: string): void {

@@ -2,9 +2,8 @@
 // loop, the completer and the rescuer, on one database connection pool and one LISTEN
 // connection. main.ts and start.ts only build one and call start()/stop().
 import { hostname } from "node:os";
-import { create } from "@bufbuild/protobuf";
 import * as grpc from "@grpc/grpc-js";
-import { CoordinatorMessageSchema, WorkerService } from "../gen/taskqueue/v1/worker_service_pb";
+import { WorkerService } from "../gen/taskqueue/v1/worker_service_pb";
 import { TaskService } from "../gen/taskqueue/v1/task_service_pb";
 import type { Config } from "../config";
 import { connect, type Sql } from "../db/sql";
@@ -16,7 +15,7 @@ import { serviceDefinition } from "../rpc/definitions";
 import { Completer } from "./completer";
 import { Dispatcher } from "./dispatcher";
 import { attemptKey, WorkerRegistry } from "./registry";
-import { Rescuer } from "./rescuer";
+import { Rescuer, stopAttempt } from "./rescuer";
 import { WorkerSessions } from "./service";
 import { taskServiceHandlers } from "./task-service";
 
@@ -55,6 +54,7 @@ export class Coordinator {
       coordinatorId: this.id,
       log: log.child({ part: "dispatcher" }),
       safetyPollMs: config.TQ_SAFETY_POLL_MS,
+      leaseMs: config.TQ_HEARTBEAT_TIMEOUT_MS,
     });
     this.completer = new Completer({
       sql: this.sql,
@@ -154,11 +154,11 @@ export class Coordinator {
   private onTaskChange(change: TaskChange): void {
     this.dispatcher.onTaskChange(change);
     // A cancel made through any replica: if the attempt runs on one of our workers, stop it.
+    // (If this notification is missed, the rescuer's lease renewal finds the attempt.)
     if (change.state === "cancelled" && change.worker_id) {
       const worker = this.registry.get(change.worker_id);
-      const ref = { taskId: change.id, attempt: change.attempt };
-      if (worker?.inFlight.has(attemptKey(ref.taskId, ref.attempt))) {
-        worker.send(create(CoordinatorMessageSchema, { payload: { case: "cancel", value: { ref, reason: "cancelled" } } }));
+      if (worker?.inFlight.has(attemptKey(change.id, change.attempt))) {
+        stopAttempt(worker, { taskId: change.id, attempt: change.attempt }, "cancelled");
       }
     }
   }

@@ -5,7 +5,7 @@
 import { create } from "@bufbuild/protobuf";
 import { CoordinatorMessageSchema } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Sql } from "../db/sql";
-import { claimDue, insertTask, nextDueIn, requeueWorkerTasks } from "../db/tasks";
+import { claimDue, insertTask, nextDueIn, requeueWorkerTasks, type InsertOutcome } from "../db/tasks";
 import type { TaskChange } from "../db/notify";
 import type { Logger } from "../log";
 import type { Task, TaskSpec } from "../task/task";
@@ -18,6 +18,8 @@ export interface DispatcherOptions {
   log: Logger;
   /** Slow poll for a missed notification, in ms. */
   safetyPollMs: number;
+  /** Lease of a dispatched attempt until its worker first reports it, in ms. */
+  leaseMs: number;
 }
 
 export class Dispatcher {
@@ -77,30 +79,40 @@ export class Dispatcher {
    * already dispatched to it and pushed at once, saving the claim round trip. Otherwise it is
    * queued like any other.
    */
-  async submit(id: string, spec: TaskSpec): Promise<Task> {
+  async submit(id: string, spec: TaskSpec): Promise<InsertOutcome> {
     const plan = spec.scheduledAt === null && !this.stopped ? this.options.registry.slotPlan(1) : [];
     const workerId = plan[0];
     const worker = workerId ? this.options.registry.get(workerId) : undefined;
     if (!worker) return insertTask(this.options.sql, id, spec);
     const key = attemptKey(id, 1);
-    worker.inFlight.add(key);
-    let task: Task;
+    worker.inFlight.set(key, performance.now());
+    let outcome: InsertOutcome;
     try {
-      task = await insertTask(this.options.sql, id, spec, { workerId: worker.id, coordinatorId: this.options.coordinatorId });
+      outcome = await insertTask(this.options.sql, id, spec, {
+        workerId: worker.id,
+        coordinatorId: this.options.coordinatorId,
+        leaseMs: this.options.leaseMs,
+      });
     } catch (error) {
       worker.inFlight.delete(key);
       throw error;
     }
+    if (outcome.kind === "existing") {
+      // A repeated idempotency key: nothing was written, the slot stays free.
+      worker.inFlight.delete(key);
+      return outcome;
+    }
+    const task = outcome.task;
     if (this.options.registry.isCurrent(worker)) {
       this.assign(worker.id, task);
     } else {
       // The worker left while we were inserting; its lost-worker requeue ran before our
       // commit and did not see this task.
       await requeueWorkerTasks(this.options.sql, worker.id, "worker lost").catch((error) =>
-        this.options.log.warn({ err: error, task: id }, "requeue after a lost fast-path worker failed; the rescuer will"),
+        this.options.log.warn({ err: error, task: id }, "requeue after a lost fast-path worker failed; its lease will lapse"),
       );
     }
-    return task;
+    return outcome;
   }
 
   private async pass(): Promise<void> {
@@ -109,10 +121,10 @@ export class Dispatcher {
         if (this.stopped) break;
         const plan = this.options.registry.slotPlan();
         if (plan.length === 0) break;
-        const claimed = await claimDue(this.options.sql, this.options.coordinatorId, plan);
+        const claimed = await claimDue(this.options.sql, this.options.coordinatorId, plan, this.options.leaseMs);
         for (const task of claimed) {
           const worker = task.worker_id ? this.options.registry.get(task.worker_id) : undefined;
-          if (worker) worker.inFlight.add(attemptKey(task.id, task.attempt));
+          if (worker) worker.inFlight.set(attemptKey(task.id, task.attempt), performance.now());
           this.assign(task.worker_id ?? "", task);
         }
         if (claimed.length < plan.length) break;

@@ -6,8 +6,14 @@ export interface WorkerConnection {
   readonly id: string;
   readonly name: string;
   readonly slots: number;
-  /** Attempts the worker holds, as "taskId:attempt". */
-  readonly inFlight: Set<string>;
+  /**
+   * Attempts this coordinator counts against the worker's slots, as "taskId:attempt", with
+   * when they were assigned (performance.now()). An attempt leaves when its result arrives,
+   * or when the worker's heartbeats stop listing it a lease after it was assigned.
+   */
+  readonly inFlight: Map<string, number>;
+  /** Attempts the worker listed in its last heartbeat: their leases are renewed. */
+  reported: { taskId: string; attempt: number }[];
   draining: boolean;
   /** performance.now() of the last message from the worker. */
   lastSeen: number;

@@ -12,12 +12,13 @@ import {
   type WorkerMessage,
 } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Sql } from "../db/sql";
-import { requeueWorkerTasks } from "../db/tasks";
+import { renewLeases, requeueWorkerTasks } from "../db/tasks";
 import { markWorkerGone, setWorkerDraining, upsertWorker } from "../db/workers";
 import type { Logger } from "../log";
 import type { Completer } from "./completer";
 import type { Dispatcher } from "./dispatcher";
 import { attemptKey, type WorkerConnection, type WorkerRegistry } from "./registry";
+import { stopAttempt } from "./rescuer";
 
 export type WorkerStream = grpc.ServerDuplexStream<WorkerMessage, CoordinatorMessage>;
 
@@ -88,6 +89,7 @@ export class WorkerSessions {
       session.lastSeen = performance.now();
       switch (payload.case) {
         case "heartbeat":
+          session.reported = payload.value.running.map((ref) => ({ taskId: ref.taskId, attempt: ref.attempt }));
           if (payload.value.draining && !session.draining) {
             session.draining = true;
             void setWorkerDraining(this.options.sql, session.id, this.options.coordinatorId).catch(() => {});
@@ -133,7 +135,8 @@ export class WorkerSessions {
       id: hello.workerId,
       name: hello.name || hello.workerId,
       slots: hello.slots,
-      inFlight: new Set(hello.inFlight.map((ref) => attemptKey(ref.taskId, ref.attempt))),
+      inFlight: new Map(hello.inFlight.map((ref) => [attemptKey(ref.taskId, ref.attempt), performance.now()])),
+      reported: hello.inFlight.map((ref) => ({ taskId: ref.taskId, attempt: ref.attempt })),
       draining: false,
       lastSeen: performance.now(),
       send(message) {
@@ -160,10 +163,14 @@ export class WorkerSessions {
       labels: hello.labels,
       version: hello.version,
     });
-    // What the database says this worker holds but the worker does not know of (lost in a
-    // coordinator crash, or assigned while it was away) goes back to the queue.
+    // Of what the worker says it holds, the attempts that still hold their task keep running
+    // under a renewed lease; the rest (superseded while it was frozen or cut off, or cancelled
+    // meanwhile) it is told to stop. What the database says it holds but the worker does not
+    // know of (lost in a coordinator crash) goes back to the queue.
+    const held = hello.inFlight.map((ref) => ({ id: ref.taskId, attempt: ref.attempt, workerId: connection.id }));
+    const renewed = await renewLeases(sql, held, this.options.heartbeatTimeoutMs);
     const requeued = await requeueWorkerTasks(sql, connection.id, "not held by the worker after reconnecting", [
-      ...connection.inFlight,
+      ...connection.inFlight.keys(),
     ]);
     if (requeued.length > 0) this.options.log.warn({ worker: connection.id, tasks: requeued.length }, "requeued tasks");
     if (!registry.isCurrent(connection)) return;
@@ -180,6 +187,9 @@ export class WorkerSessions {
         },
       }),
     );
+    for (const ref of hello.inFlight) {
+      if (!renewed.has(attemptKey(ref.taskId, ref.attempt))) stopAttempt(connection, ref, "the attempt no longer holds its task");
+    }
     this.options.log.info({ worker: connection.id, name: connection.name, slots: connection.slots }, "worker joined");
     this.options.dispatcher.wake();
   }

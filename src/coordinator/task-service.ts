@@ -18,7 +18,7 @@ import {
 import { TaskEventSchema } from "../gen/taskqueue/v1/task_pb";
 import type { ApiDeps } from "../api/deps";
 import { cancelTaskOrThrow, getTaskOrThrow, listTaskPage, submitTask, watchTask } from "../api/service";
-import { toTaskSpec } from "../task/spec";
+import { parseIdempotencyKey, toTaskSpec } from "../task/spec";
 import { invalidArgument } from "../task/errors";
 import { fromTimestamp, stateFromProto, stateToProto, taskToProto } from "../rpc/convert";
 import { toServiceError } from "../rpc/status";
@@ -47,14 +47,26 @@ function submitInput(request: SubmitTaskRequest): Record<string, unknown> {
   if (request.maxAttempts !== 0) input.max_attempts = request.maxAttempts;
   if (Object.keys(request.env).length > 0) input.env = request.env;
   if (request.cwd !== "") input.cwd = request.cwd;
+  const retry = request.retry;
+  if (retry) {
+    const policy: Record<string, unknown> = {};
+    if (retry.onFailure !== undefined) policy.on_failure = retry.onFailure;
+    if (retry.onTimeout !== undefined) policy.on_timeout = retry.onTimeout;
+    if (retry.onLost !== undefined) policy.on_lost = retry.onLost;
+    if (retry.backoffBaseMs !== undefined) policy.backoff_base_ms = retry.backoffBaseMs;
+    if (retry.backoffCapMs !== undefined) policy.backoff_cap_ms = retry.backoffCapMs;
+    input.retry = policy;
+  }
   return input;
 }
 
 export function taskServiceHandlers(deps: ApiDeps): grpc.UntypedServiceImplementation {
   return {
     submitTask: unary(deps, async (request: SubmitTaskRequest) => {
-      const task = await submitTask(deps, toTaskSpec(submitInput(request), deps.config));
-      return create(SubmitTaskResponseSchema, { task: taskToProto(task) });
+      const spec = toTaskSpec(submitInput(request), deps.config);
+      spec.idempotencyKey = parseIdempotencyKey(request.idempotencyKey, "idempotency_key");
+      const { task, created } = await submitTask(deps, spec);
+      return create(SubmitTaskResponseSchema, { task: taskToProto(task), created });
     }),
     getTask: unary(deps, async (request: GetTaskRequest) =>
       create(GetTaskResponseSchema, { task: taskToProto(await getTaskOrThrow(deps, request.id)) }),

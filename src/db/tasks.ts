@@ -16,7 +16,11 @@ type Fragment = ReturnType<Sql>;
  * row and notifies. The payload is small and fixed (NOTIFY payloads are capped at 8000 bytes);
  * listeners read the rest from the row.
  */
-function recordChange(sql: Sql, kind: string, detail: Record<string, string | number | null> | null = null): Fragment {
+function recordChange(
+  sql: Sql,
+  kind: string,
+  detail: Record<string, string | number | boolean | null> | null = null,
+): Fragment {
   return sql`
     e AS (
       INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail)
@@ -41,30 +45,61 @@ function strip(rows: readonly (Task & { event_id: string; notified?: unknown })[
 export interface Assignment {
   workerId: string;
   coordinatorId: string;
+  /** Lease on the first attempt, renewed while the worker reports it. */
+  leaseMs: number;
 }
+
+/** Identifies a request for idempotency: the same key with another request is a conflict. */
+export function specHash(spec: TaskSpec): string {
+  const { idempotencyKey: _, ...request } = spec;
+  return new Bun.CryptoHasher("sha256").update(JSON.stringify(request)).digest("hex");
+}
+
+export type InsertOutcome =
+  | { kind: "created"; task: TaskChangeRow }
+  /** The Idempotency-Key was used before: the earlier task, and whether it was the same request. */
+  | { kind: "existing"; task: Task; sameRequest: boolean };
 
 /**
  * Persists a new task, its `submitted` event and the notification in one statement. With
  * `assignTo` the task is born dispatched to that worker (attempt 1): the run-now fast path of a
- * coordinator that has a free slot, which saves the claim round trip.
+ * coordinator that has a free slot, which saves the claim round trip. With an idempotency key
+ * already taken, nothing is written and the earlier task is returned (a concurrent repeat
+ * waits for the first to commit, through the unique index).
  */
-export async function insertTask(sql: Sql, id: string, spec: TaskSpec, assignTo?: Assignment): Promise<TaskChangeRow> {
-  const scheduledAt = spec.scheduledAt;
+export async function insertTask(sql: Sql, id: string, spec: TaskSpec, assignTo?: Assignment): Promise<InsertOutcome> {
+  const hash = spec.idempotencyKey === null ? null : specHash(spec);
   const rows = await sql<(Task & { event_id: string })[]>`
     WITH t AS (
       INSERT INTO tasks (id, command, state, scheduled_at, picked_at, attempt, max_attempts, timeout_ms, env, cwd,
-                         worker_id, coordinator_id)
+                         worker_id, coordinator_id, lease_expires_at,
+                         retry_on_failure, retry_on_timeout, retry_on_lost, retry_backoff_base_ms, retry_backoff_cap_ms,
+                         idempotency_key, idempotency_hash)
       VALUES (
         ${id}, ${spec.command}, ${assignTo ? "dispatched" : "queued"},
-        coalesce(${scheduledAt}::timestamptz, clock_timestamp()),
+        coalesce(${spec.scheduledAt}::timestamptz, clock_timestamp()),
         ${assignTo ? sql`clock_timestamp()` : null}, ${assignTo ? 1 : 0},
         ${spec.maxAttempts}, ${spec.timeoutMs}, ${sql.json(spec.env)}::jsonb, ${spec.cwd},
-        ${assignTo?.workerId ?? null}, ${assignTo?.coordinatorId ?? null}
+        ${assignTo?.workerId ?? null}, ${assignTo?.coordinatorId ?? null},
+        ${assignTo ? leaseUntil(sql, assignTo.leaseMs) : null},
+        ${spec.retry.onFailure}, ${spec.retry.onTimeout}, ${spec.retry.onLost},
+        ${spec.retry.backoffBaseMs}, ${spec.retry.backoffCapMs},
+        ${spec.idempotencyKey}, ${hash}
       )
+      ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
       RETURNING *
     ),
     ${recordChange(sql, assignTo ? "submitted+dispatched" : "submitted")}`;
-  return strip(rows)[0]!;
+  const created = strip(rows)[0];
+  if (created) return { kind: "created", task: created };
+  const existing = await sql<Task[]>`SELECT * FROM tasks WHERE idempotency_key = ${spec.idempotencyKey}`;
+  if (!existing[0]) throw new Error("insert wrote nothing and no task holds its idempotency key");
+  return { kind: "existing", task: existing[0], sameRequest: existing[0].idempotency_hash === hash };
+}
+
+/** The end of a lease that starts now. */
+function leaseUntil(sql: Sql, ms: number): Fragment {
+  return sql`clock_timestamp() + make_interval(secs => ${Math.max(0, ms) / 1000})`;
 }
 
 export async function getTask(sql: Sql, id: string): Promise<Task | null> {
@@ -95,7 +130,12 @@ export async function listTasks(sql: Sql, query: ListTasksQuery): Promise<Task[]
  * more tasks than slots, and SKIP LOCKED lets concurrent coordinators claim disjoint sets.
  * `slots[i]` is the worker the i-th claimed task goes to.
  */
-export async function claimDue(sql: Sql, coordinatorId: string, slots: readonly string[]): Promise<TaskChangeRow[]> {
+export async function claimDue(
+  sql: Sql,
+  coordinatorId: string,
+  slots: readonly string[],
+  leaseMs: number,
+): Promise<TaskChangeRow[]> {
   if (slots.length === 0) return [];
   const rows = await sql<(Task & { event_id: string })[]>`
     WITH c AS (
@@ -111,7 +151,9 @@ export async function claimDue(sql: Sql, coordinatorId: string, slots: readonly 
       UPDATE tasks SET
         state = 'dispatched', picked_at = clock_timestamp(), attempt = tasks.attempt + 1,
         worker_id = ${sql.json(slots)}::jsonb ->> (c.n::int - 1), coordinator_id = ${coordinatorId},
-        started_at = NULL, exit_code = NULL, signal = NULL, error = NULL
+        lease_expires_at = ${leaseUntil(sql, leaseMs)},
+        started_at = NULL, exit_code = NULL, signal = NULL, error = NULL,
+        stdout = NULL, stderr = NULL, stdout_truncated = false, stderr_truncated = false
       FROM c WHERE tasks.id = c.id
       RETURNING tasks.*
     ),
@@ -147,8 +189,11 @@ export async function markStarted(
 }
 
 /**
- * Records an attempt's result if that attempt still holds the task (the fence). A report
- * from a superseded attempt or another worker changes nothing and is recorded as `stale`.
+ * Records an attempt's result if that attempt still holds the task (the fence). A failure or
+ * timeout that the task's policy retries, with attempts left, goes back to the queue due
+ * after an exponential backoff with jitter; otherwise the result is final. Either way the
+ * attempt's result is kept in its event. A report from a superseded attempt or another
+ * worker changes nothing and is recorded as `stale`.
  */
 export async function finishAttempt(
   sql: Sql,
@@ -157,21 +202,42 @@ export async function finishAttempt(
 ): Promise<{ applied: TaskChangeRow | null }> {
   const failed = result.state !== "succeeded";
   const rows = await sql<(Task & { event_id: string })[]>`
-    WITH t AS (
+    WITH d AS (
+      SELECT id,
+        ${failed} AND attempt < max_attempts
+          AND CASE ${result.state}::text WHEN 'timed_out' THEN retry_on_timeout ELSE retry_on_failure END AS retry,
+        least(retry_backoff_cap_ms, retry_backoff_base_ms * power(2, least(attempt - 1, 30)))
+          * (0.5 + random() / 2) AS backoff_ms
+      FROM tasks
+      WHERE id = ${ref.id} AND attempt = ${ref.attempt} AND worker_id = ${ref.workerId}
+        AND state IN ('dispatched', 'running')
+      FOR UPDATE
+    ),
+    t AS (
       UPDATE tasks SET
-        state = ${result.state},
+        state = CASE WHEN d.retry THEN 'queued' ELSE ${result.state} END,
+        scheduled_at = CASE WHEN d.retry THEN clock_timestamp() + make_interval(secs => d.backoff_ms / 1000)
+                            ELSE scheduled_at END,
+        lease_expires_at = NULL,
         started_at = coalesce(started_at, ${result.startedAt}::timestamptz),
         completed_at = ${failed ? null : result.finishedAt}::timestamptz,
-        failed_at = ${failed ? result.finishedAt : null}::timestamptz,
+        failed_at = CASE WHEN d.retry THEN NULL ELSE ${failed ? result.finishedAt : null}::timestamptz END,
         exit_code = ${result.exitCode}, signal = ${result.signal},
         stdout = ${result.stdout}, stderr = ${result.stderr},
         stdout_truncated = ${result.stdoutTruncated}, stderr_truncated = ${result.stderrTruncated},
         error = ${result.error}
-      WHERE id = ${ref.id} AND attempt = ${ref.attempt} AND worker_id = ${ref.workerId}
-        AND state IN ('dispatched', 'running')
-      RETURNING *
+      FROM d WHERE tasks.id = d.id
+      RETURNING tasks.*
     ),
-    ${recordChange(sql, result.state, result.exitCode === null ? null : { exit_code: result.exitCode })}`;
+    ${recordChange(sql, result.state, {
+      exit_code: result.exitCode,
+      signal: result.signal,
+      error: result.error,
+      stdout: result.stdout,
+      stderr: result.stderr,
+      stdout_truncated: result.stdoutTruncated,
+      stderr_truncated: result.stderrTruncated,
+    })}`;
   const applied = strip(rows)[0] ?? null;
   if (!applied) await recordStale(sql, ref, result.state);
   return { applied };
@@ -190,12 +256,18 @@ export async function recordStale(
     FROM tasks WHERE id = ${ref.id}`;
 }
 
-/** SET clause for an attempt that ended without a result: back to queued, or failed when none are left. */
+/**
+ * SET clause for an attempt that ended without a result (its worker was lost or gave it
+ * back): back to the queue at once, or failed when no attempts are left or the task's policy
+ * does not retry a lost worker.
+ */
 function requeueOrFail(sql: Sql, reason: string): Fragment {
   return sql`
-    state = CASE WHEN attempt < max_attempts THEN 'queued' ELSE 'failed' END,
-    failed_at = CASE WHEN attempt < max_attempts THEN NULL ELSE clock_timestamp() END,
-    error = CASE WHEN attempt < max_attempts THEN error
+    state = CASE WHEN attempt < max_attempts AND retry_on_lost THEN 'queued' ELSE 'failed' END,
+    failed_at = CASE WHEN attempt < max_attempts AND retry_on_lost THEN NULL ELSE clock_timestamp() END,
+    lease_expires_at = NULL,
+    error = CASE WHEN attempt < max_attempts AND retry_on_lost THEN error
+                 WHEN NOT retry_on_lost THEN ${reason} || '; the task does not retry a lost worker'
                  ELSE ${reason} || '; no attempts left (' || max_attempts || ')' END`;
 }
 
@@ -238,23 +310,42 @@ export async function requeueAttempt(
   return strip(rows)[0] ?? null;
 }
 
+export interface AttemptRef {
+  id: string;
+  attempt: number;
+  workerId: string;
+}
+
 /**
- * Requeues in-flight tasks whose worker no coordinator vouches for any more: no live worker
- * row, or none heartbeating within the timeout (its coordinator died with it).
+ * Renews the leases of attempts that their workers report holding, in one statement, and
+ * returns the ones renewed. An attempt not renewed no longer holds its task (superseded,
+ * cancelled or finished): the caller tells the worker to stop it.
  */
-export async function requeueOrphans(sql: Sql, heartbeatTimeoutMs: number): Promise<TaskChangeRow[]> {
+export async function renewLeases(sql: Sql, refs: readonly AttemptRef[], leaseMs: number): Promise<Set<string>> {
+  if (refs.length === 0) return new Set();
+  const rows = await sql<{ key: string }[]>`
+    UPDATE tasks SET lease_expires_at = ${leaseUntil(sql, leaseMs)}
+    FROM jsonb_to_recordset(${sql.json(refs.map((r) => ({ id: r.id, attempt: r.attempt, worker_id: r.workerId })))}::jsonb)
+      AS r(id uuid, attempt integer, worker_id text)
+    WHERE tasks.id = r.id AND tasks.attempt = r.attempt AND tasks.worker_id = r.worker_id
+      AND tasks.state IN ('dispatched', 'running')
+    RETURNING tasks.id::text || ':' || tasks.attempt AS key`;
+  return new Set(rows.map((row) => row.key));
+}
+
+/**
+ * Requeues in-flight tasks whose lease lapsed: no worker has reported them for a lease period
+ * (the worker or its coordinator died, or the assignment never arrived). Any coordinator may
+ * run it.
+ */
+export async function requeueExpiredLeases(sql: Sql): Promise<TaskChangeRow[]> {
   const rows = await sql<(Task & { event_id: string })[]>`
     WITH t AS (
-      UPDATE tasks SET ${requeueOrFail(sql, "worker lost")}
-      WHERE state IN ('dispatched', 'running')
-        AND NOT EXISTS (
-          SELECT 1 FROM workers w
-          WHERE w.id = tasks.worker_id AND w.state <> 'gone'
-            AND w.last_heartbeat_at > clock_timestamp() - make_interval(secs => ${heartbeatTimeoutMs / 1000})
-        )
+      UPDATE tasks SET ${requeueOrFail(sql, "worker lost (lease expired)")}
+      WHERE state IN ('dispatched', 'running') AND lease_expires_at < clock_timestamp()
       RETURNING *
     ),
-    ${recordChange(sql, "requeued", { reason: "worker lost" })}`;
+    ${recordChange(sql, "requeued", { reason: "lease expired" })}`;
   return strip(rows);
 }
 
@@ -274,7 +365,7 @@ export async function cancelTask(sql: Sql, id: string): Promise<CancelOutcome> {
       SELECT id, state FROM tasks WHERE id = ${id} AND state IN ('queued', 'dispatched', 'running') FOR UPDATE
     ),
     t AS (
-      UPDATE tasks SET state = 'cancelled', cancelled_at = clock_timestamp()
+      UPDATE tasks SET state = 'cancelled', cancelled_at = clock_timestamp(), lease_expires_at = NULL
       FROM before WHERE tasks.id = before.id
       RETURNING tasks.*, before.state AS was_state
     ),

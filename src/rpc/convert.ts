@@ -58,6 +58,15 @@ export function taskToProto(task: Task): PbTask {
     stdoutTruncated: task.stdout_truncated,
     stderrTruncated: task.stderr_truncated,
     error: task.error ?? "",
+    retry: {
+      onFailure: task.retry_on_failure,
+      onTimeout: task.retry_on_timeout,
+      onLost: task.retry_on_lost,
+      backoffBaseMs: task.retry_backoff_base_ms,
+      backoffCapMs: task.retry_backoff_cap_ms,
+    },
+    idempotencyKey: task.idempotency_key ?? "",
+    leaseExpiresAt: toTimestamp(task.lease_expires_at),
   });
 }
 

@@ -16,6 +16,9 @@ export const MAX_ATTEMPTS_LIMIT = 100;
 export const MAX_ENV_ENTRIES = 256;
 export const MAX_ENV_VALUE_BYTES = 32 * 1024;
 export const MAX_CWD_LENGTH = 4096;
+/** One day. */
+export const MAX_BACKOFF_MS = 86_400_000;
+export const MAX_IDEMPOTENCY_KEY_LENGTH = 255;
 export const ENV_KEY_PATTERN = "^[A-Za-z_][A-Za-z0-9_]*$";
 
 const EXAMPLE_TIME = "2023-04-01T15:04:05Z";
@@ -67,6 +70,37 @@ const runOptions = {
       description: "Absolute working directory on the worker. Defaults to the worker's own.",
     }),
   ),
+  retry: Type.Optional(
+    Type.Object(
+      {
+        on_failure: Type.Optional(
+          Type.Boolean({ description: "Retry a non-zero exit, a signal, or a command that could not start. Defaults to true." }),
+        ),
+        on_timeout: Type.Optional(Type.Boolean({ description: "Retry an attempt that timed out. Defaults to true." })),
+        on_lost: Type.Optional(
+          Type.Boolean({ description: "Retry when the worker died, froze or was cut off (at once). Defaults to true." }),
+        ),
+        backoff_base_ms: Type.Optional(
+          Type.Integer({
+            minimum: 0,
+            maximum: MAX_BACKOFF_MS,
+            description: "Backoff before the second attempt, doubling after each further one. Defaults to TQ_RETRY_BACKOFF_BASE_MS.",
+          }),
+        ),
+        backoff_cap_ms: Type.Optional(
+          Type.Integer({
+            minimum: 0,
+            maximum: MAX_BACKOFF_MS,
+            description: "Longest backoff between attempts. Defaults to TQ_RETRY_BACKOFF_CAP_MS.",
+          }),
+        ),
+      },
+      {
+        additionalProperties: false,
+        description: "What is retried while attempts remain (max_attempts), and the exponential backoff (with jitter) between attempts.",
+      },
+    ),
+  ),
 };
 
 const strict = { additionalProperties: false } as const;
@@ -98,7 +132,7 @@ export const ScheduleInput = Type.Object(
 );
 export type ScheduleInput = Static<typeof ScheduleInput>;
 
-export type SpecConfig = Pick<Config, "TQ_DEFAULT_MAX_ATTEMPTS">;
+export type SpecConfig = Pick<Config, "TQ_DEFAULT_MAX_ATTEMPTS" | "TQ_RETRY_BACKOFF_BASE_MS" | "TQ_RETRY_BACKOFF_CAP_MS">;
 
 /** Validates a full-form request; throws invalidArgument naming the field. */
 export function toTaskSpec(input: unknown, config: SpecConfig): TaskSpec {
@@ -141,6 +175,7 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, config: SpecConf
     if (!cwd.startsWith("/")) throw invalidArgument("cwd", "cwd must be an absolute path");
     if (cwd.includes("\0")) throw invalidArgument("cwd", "cwd must not contain a NUL byte");
   }
+  const retry = body.retry ?? {};
   return {
     command: body.command,
     scheduledAt,
@@ -148,7 +183,28 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, config: SpecConf
     maxAttempts: body.max_attempts ?? config.TQ_DEFAULT_MAX_ATTEMPTS,
     env: { ...env },
     cwd,
+    retry: {
+      onFailure: retry.on_failure ?? true,
+      onTimeout: retry.on_timeout ?? true,
+      onLost: retry.on_lost ?? true,
+      backoffBaseMs: retry.backoff_base_ms ?? config.TQ_RETRY_BACKOFF_BASE_MS,
+      backoffCapMs: retry.backoff_cap_ms ?? config.TQ_RETRY_BACKOFF_CAP_MS,
+    },
+    idempotencyKey: null,
   };
+}
+
+/**
+ * Validates an Idempotency-Key (header or gRPC field); empty or absent means none. Visible
+ * ASCII only, so that a key is the same string whatever carried it.
+ */
+export function parseIdempotencyKey(value: string | null | undefined, field = "Idempotency-Key"): string | null {
+  if (value === null || value === undefined || value === "") return null;
+  if (value.length > MAX_IDEMPOTENCY_KEY_LENGTH) {
+    throw invalidArgument(field, `${field} must be at most ${MAX_IDEMPOTENCY_KEY_LENGTH} characters`);
+  }
+  if (!/^[\x21-\x7e]+$/.test(value)) throw invalidArgument(field, `${field} must be visible ASCII characters without spaces`);
+  return value;
 }
 
 const RFC3339 =

@@ -28,6 +28,27 @@ export interface Task {
   stdout_truncated: boolean;
   stderr_truncated: boolean;
   error: string | null;
+  /** When the current attempt's lease lapses; null unless dispatched or running. */
+  lease_expires_at: Date | null;
+  retry_on_failure: boolean;
+  retry_on_timeout: boolean;
+  retry_on_lost: boolean;
+  retry_backoff_base_ms: number;
+  retry_backoff_cap_ms: number;
+  idempotency_key: string | null;
+  idempotency_hash: string | null;
+}
+
+/** What is retried while attempts remain, and the backoff between attempts. */
+export interface RetryPolicy {
+  /** A non-zero exit, a signal, or a command that could not start. */
+  onFailure: boolean;
+  onTimeout: boolean;
+  /** The worker died, froze or was cut off (retried at once, without backoff). */
+  onLost: boolean;
+  /** Delay before attempt n+1: min(cap, base * 2^(n-1)), times a random factor in [0.5, 1). */
+  backoffBaseMs: number;
+  backoffCapMs: number;
 }
 
 /** What a client asks for; validated at the edge (src/task/spec.ts). */
@@ -40,6 +61,16 @@ export interface TaskSpec {
   maxAttempts: number;
   env: Record<string, string>;
   cwd: string | null;
+  retry: RetryPolicy;
+  /** A repeated submit with the same key returns the original task. */
+  idempotencyKey: string | null;
+}
+
+/** The outcome of a submit: the task, and whether this call created it. */
+export interface Submitted {
+  task: Task;
+  /** false when an Idempotency-Key matched an earlier submit. */
+  created: boolean;
 }
 
 /** How an attempt ended, as the worker reports it. */

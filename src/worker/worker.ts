@@ -66,12 +66,19 @@ export class Worker {
   private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
   private seq = 0n;
   private failures = 0;
-  private addressIndex = 0;
+  /** Where in the coordinator list to start: random, so that workers spread over coordinators. */
+  private addressIndex: number;
+  /** Runs while disconnected: when it fires, our view of the leases has lapsed. */
+  private leaseTimer: ReturnType<typeof setTimeout> | null = null;
+  /** The coordinator's heartbeat timeout (the lease), from Welcome. */
+  private leaseMs: number;
   private readonly connectedWaiters = new Set<() => void>();
   private readonly waiters = new Set<() => void>();
 
   constructor(private readonly options: WorkerOptions) {
     this.id = options.id ?? Bun.randomUUIDv7();
+    this.addressIndex = Math.floor(Math.random() * options.addresses.length);
+    this.leaseMs = options.heartbeatTimeoutMs;
   }
 
   /** Starts dialing; resolves at once (the worker keeps reconnecting on its own). */
@@ -171,6 +178,7 @@ export class Worker {
     if (this.heartbeat) clearInterval(this.heartbeat);
     this.heartbeat = null;
     if (this.stopping) return;
+    if (wasWelcomed) this.startLeaseTimer();
     this.failures = wasWelcomed ? 1 : this.failures + 1;
     // Move on to the next coordinator in the list after a failure there.
     this.addressIndex++;
@@ -186,6 +194,9 @@ export class Worker {
       case "welcome":
         this.welcomed = true;
         this.failures = 0;
+        if (payload.value.heartbeatTimeoutMs > 0) this.leaseMs = payload.value.heartbeatTimeoutMs;
+        if (this.leaseTimer) clearTimeout(this.leaseTimer);
+        this.leaseTimer = null;
         this.options.log.info({ coordinator: payload.value.coordinatorId }, "connected");
         for (const finished of this.unacked.values()) this.write(finishedMessage(finished));
         this.heartbeat = setInterval(() => this.sendHeartbeat(), this.options.heartbeatIntervalMs);
@@ -263,6 +274,21 @@ export class Worker {
     });
   }
 
+  /**
+   * Cut off from every coordinator for a lease period, the worker must assume its tasks were
+   * requeued and run elsewhere: it stops them, so that two copies do not run for long. Their
+   * results (abandoned) are reported when it reconnects, and fenced off there.
+   */
+  private startLeaseTimer(): void {
+    if (this.leaseTimer) clearTimeout(this.leaseTimer);
+    this.leaseTimer = setTimeout(() => {
+      this.leaseTimer = null;
+      if (this.welcomed || this.running.size === 0) return;
+      this.options.log.warn({ running: this.running.size, leaseMs: this.leaseMs }, "lease lapsed while disconnected: stopping tasks");
+      for (const { execution } of this.running.values()) execution.stop("abandoned");
+    }, this.leaseMs);
+  }
+
   private report(finished: TaskFinished): void {
     this.unacked.set(key(finished.ref!.taskId, finished.ref!.attempt), finished);
     this.write(finishedMessage(finished));
@@ -275,7 +301,8 @@ export class Worker {
           case: "heartbeat",
           value: {
             seq: ++this.seq,
-            running: [...this.running.values()].map(({ assign }) => assign.ref!),
+            // Unacknowledged results too: their attempts still hold their tasks until recorded.
+            running: [...this.running.values()].map(({ assign }) => assign.ref!).concat([...this.unacked.values()].map((f) => f.ref!)),
             draining: this.draining,
           },
         },
@@ -320,8 +347,10 @@ export class Worker {
   private clearTimers(): void {
     if (this.heartbeat) clearInterval(this.heartbeat);
     if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
+    if (this.leaseTimer) clearTimeout(this.leaseTimer);
     this.heartbeat = null;
     this.reconnectTimer = null;
+    this.leaseTimer = null;
   }
 }
 

@@ -62,7 +62,7 @@ describe("one coordinator, one scheduler, two workers", () => {
   test("output of echo hello comes back, and a non-zero exit is failed with its code", async () => {
     const hello = await postJson(`${cluster.coordinatorUrl}/submit`, { command: "echo hello" });
     expect(hello.status).toBe(201);
-    const failing = await postJson(`${cluster.schedulerUrl}/submit`, { command: "echo oops >&2; exit 3" });
+    const failing = await postJson(`${cluster.schedulerUrl}/submit`, { command: "echo oops >&2; exit 3", max_attempts: 1 });
     expect(failing.status).toBe(201);
     const [ok, bad] = await Promise.all([
       watchTask(cluster.coordinatorUrl, hello.json.id),

@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
 import pino from "pino";
 import { useTestDatabase } from "../support/db";
-import { newTaskId, taskSpec } from "../support/factories";
+import { createTask, newTaskId, taskSpec } from "../support/factories";
 import { createApp } from "../../src/api/index";
 import type { ApiDeps } from "../../src/api/deps";
 import { loadConfig } from "../../src/config";
@@ -81,9 +81,33 @@ function expectError(answer: Answer, status: number, code: string, field: string
 }
 
 const TASK_KEYS = [
-  "id", "command", "state", "scheduled_at", "created_at", "picked_at", "started_at", "completed_at", "failed_at",
-  "cancelled_at", "attempt", "max_attempts", "timeout_ms", "env", "cwd", "worker_id", "coordinator_id", "exit_code",
-  "signal", "stdout", "stderr", "stdout_truncated", "stderr_truncated", "error",
+  "attempt",
+  "cancelled_at",
+  "command",
+  "completed_at",
+  "coordinator_id",
+  "created_at",
+  "cwd",
+  "env",
+  "error",
+  "exit_code",
+  "failed_at",
+  "id",
+  "idempotency_key",
+  "lease_expires_at",
+  "max_attempts",
+  "picked_at",
+  "retry",
+  "scheduled_at",
+  "signal",
+  "started_at",
+  "state",
+  "stderr",
+  "stderr_truncated",
+  "stdout",
+  "stdout_truncated",
+  "timeout_ms",
+  "worker_id",
 ].sort();
 
 const STATUS_KEYS = [
@@ -186,8 +210,8 @@ describe("GET /status (seed)", () => {
   });
 
   test("shows what happened to the task", async () => {
-    const task = await insertTask(db.sql, newTaskId(), taskSpec());
-    await claimDue(db.sql, "c1", ["w1"]);
+    const task = await createTask(db.sql, taskSpec({ maxAttempts: 1 }));
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
     await finishAttempt(db.sql, { id: task.id, attempt: 1, workerId: "w1" }, { ...success, state: "failed", exitCode: 2 });
     const answer = await call("GET", `/status?task_id=${task.id}`);
     expect(answer.json).toMatchObject({ state: "failed", attempt: 1, exit_code: 2, completed_at: null });
@@ -378,7 +402,7 @@ describe("GET /tasks/:id", () => {
 
 describe("POST /tasks/:id/cancel", () => {
   test("cancels a queued task, then 409 naming its state", async () => {
-    const task = await insertTask(db.sql, newTaskId(), taskSpec());
+    const task = await createTask(db.sql, taskSpec());
     const answer = await call("POST", `/tasks/${task.id}/cancel`);
     expect(answer.status).toBe(200);
     expectTaskJson(answer.json);
@@ -388,16 +412,16 @@ describe("POST /tasks/:id/cancel", () => {
   });
 
   test("cancels a running task (its coordinator stops the process)", async () => {
-    const task = await insertTask(db.sql, newTaskId(), taskSpec());
-    await claimDue(db.sql, "c1", ["w1"]);
+    const task = await createTask(db.sql, taskSpec());
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
     const answer = await call("POST", `/tasks/${task.id}/cancel`);
     expect(answer.status).toBe(200);
     expect(answer.json).toMatchObject({ state: "cancelled", worker_id: "w1", attempt: 1 });
   });
 
   test("a finished task answers 409 with its state", async () => {
-    const task = await insertTask(db.sql, newTaskId(), taskSpec());
-    await claimDue(db.sql, "c1", ["w1"]);
+    const task = await createTask(db.sql, taskSpec());
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
     await finishAttempt(db.sql, { id: task.id, attempt: 1, workerId: "w1" }, success);
     expectError(await call("POST", `/tasks/${task.id}/cancel`), 409, "conflict", undefined, /^task is already succeeded$/);
     expect((await getTask(db.sql, task.id))?.state).toBe("succeeded");
@@ -412,7 +436,7 @@ describe("POST /tasks/:id/cancel", () => {
 describe("GET /tasks", () => {
   test("pages newest first over several pages", async () => {
     const ids: string[] = [];
-    for (let i = 0; i < 7; i++) ids.push((await insertTask(db.sql, newTaskId(), taskSpec({ command: `echo ${i}` }))).id);
+    for (let i = 0; i < 7; i++) ids.push((await createTask(db.sql, taskSpec({ command: `echo ${i}` }))).id);
     const newestFirst = [...ids].reverse();
     const seen: string[] = [];
     let cursor: string | null = null;
@@ -432,7 +456,7 @@ describe("GET /tasks", () => {
   });
 
   test("a page that ends exactly at the last task has no next cursor", async () => {
-    for (let i = 0; i < 4; i++) await insertTask(db.sql, newTaskId(), taskSpec());
+    for (let i = 0; i < 4; i++) await createTask(db.sql, taskSpec());
     const first = await call("GET", "/tasks?limit=2");
     const second = await call("GET", `/tasks?limit=2&cursor=${first.json.next_cursor}`);
     expect(second.json.tasks).toHaveLength(2);
@@ -441,7 +465,7 @@ describe("GET /tasks", () => {
 
   test("defaults to 50 and filters by state", async () => {
     const ids: string[] = [];
-    for (let i = 0; i < 55; i++) ids.push((await insertTask(db.sql, newTaskId(), taskSpec())).id);
+    for (let i = 0; i < 55; i++) ids.push((await createTask(db.sql, taskSpec())).id);
     await cancelTask(db.sql, ids[3]!);
     await cancelTask(db.sql, ids[40]!);
     const all = await call("GET", "/tasks");
@@ -471,8 +495,8 @@ describe("GET /workers", () => {
     await upsertWorker(db.sql, { id: "w1", name: "alpha", coordinatorId: "c1", slots: 4, labels: { zone: "a" }, version: "1.2.3" });
     await upsertWorker(db.sql, { id: "w2", name: "beta", coordinatorId: "c1", slots: 2, labels: {}, version: "1.2.3" });
     await markWorkerGone(db.sql, "w2", "c1");
-    await insertTask(db.sql, newTaskId(), taskSpec());
-    await claimDue(db.sql, "c1", ["w1"]);
+    await createTask(db.sql, taskSpec());
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
     const answer = await call("GET", "/workers");
     expect(answer.status).toBe(200);
     expect(answer.json.workers).toHaveLength(1);

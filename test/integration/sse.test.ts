@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
 import { useTestDatabase } from "../support/db";
-import { newTaskId, taskSpec } from "../support/factories";
+import { createTask, newTaskId, taskSpec } from "../support/factories";
 import { createApp } from "../../src/api/index";
 import type { ApiDeps } from "../../src/api/deps";
 import { watchTask } from "../../src/api/service";
@@ -180,7 +180,7 @@ describe("GET /tasks/:id/events", () => {
     await inAnotherProcess(
       `
       const id = process.env.TASK_ID;
-      const [claimed] = await tasks.claimDue(sql, "c-other", ["w-other"]);
+      const [claimed] = await tasks.claimDue(sql, "c-other", ["w-other"], 30000);
       if (claimed?.id !== id) throw new Error("claimed " + claimed?.id);
       await tasks.markStarted(sql, { id, attempt: 1, workerId: "w-other", startedAt: new Date(), pid: 4242 });
       await tasks.finishAttempt(sql, { id, attempt: 1, workerId: "w-other" }, {
@@ -283,7 +283,7 @@ describe("watchTask", () => {
   test("re-reads the task after a resync, when notifications may have been missed", async () => {
     // Never started: no notification reaches this feed, as while its connection was down.
     const quiet = watchedFeed(db.sql);
-    const task = await insertTask(db.sql, newTaskId(), taskSpec());
+    const task = await createTask(db.sql, taskSpec());
     const updates = watchTask(depsFor(db.sql, quiet.feed), task.id, new AbortController().signal);
     const first = await updates.next();
     expect(first.value).toMatchObject({ task: { state: "queued" }, event: null, eventId: task.event_id });
@@ -301,7 +301,7 @@ describe("watchTask", () => {
 
   test("skips notifications of changes the first read already showed", async () => {
     const quiet = watchedFeed(db.sql);
-    const task = await insertTask(db.sql, newTaskId(), taskSpec());
+    const task = await createTask(db.sql, taskSpec());
     const updates = watchTask(depsFor(db.sql, quiet.feed), task.id, new AbortController().signal);
     await updates.next();
     const next = updates.next();
@@ -316,7 +316,7 @@ describe("watchTask", () => {
       kind: "submitted",
       due_in_ms: 0,
     });
-    const [claimed] = await claimDue(db.sql, "c1", ["w1"]);
+    const [claimed] = await claimDue(db.sql, "c1", ["w1"], 30_000);
     const change: TaskChange = {
       id: task.id,
       state: "dispatched",
@@ -337,7 +337,7 @@ describe("watchTask", () => {
 
   test("an abort ends a waiting watcher and releases it", async () => {
     const quiet = watchedFeed(db.sql);
-    const task = await insertTask(db.sql, newTaskId(), taskSpec());
+    const task = await createTask(db.sql, taskSpec());
     const abort = new AbortController();
     const updates = watchTask(depsFor(db.sql, quiet.feed), task.id, abort.signal);
     await updates.next();

@@ -1,6 +1,6 @@
 import { describe, expect, test } from "bun:test";
 import { useTestDatabase, createTestDatabase, dropTestDatabase } from "../support/db";
-import { taskSpec, newTaskId } from "../support/factories";
+import { taskSpec, newTaskId, createTask } from "../support/factories";
 import {
   insertTask,
   getTask,
@@ -8,7 +8,8 @@ import {
   markStarted,
   finishAttempt,
   requeueWorkerTasks,
-  requeueOrphans,
+  renewLeases,
+  requeueExpiredLeases,
   cancelTask,
   nextDueIn,
   listTasks,
@@ -48,7 +49,7 @@ describe("insertTask", () => {
     await feed.start();
     const seen = new Promise<TaskChange>((resolve) => feed.onChange(resolve));
     const id = newTaskId();
-    const row = await insertTask(db.sql, id, taskSpec({ command: "echo hi", env: { A: "1" }, cwd: "/tmp" }));
+    const row = await createTask(db.sql, taskSpec({ command: "echo hi", env: { A: "1" }, cwd: "/tmp" }), { id });
     expect(row.id).toBe(id);
     expect(row.state).toBe("queued");
     expect(row.attempt).toBe(0);
@@ -64,7 +65,7 @@ describe("insertTask", () => {
 
   test("with an assignment the task is born dispatched, attempt 1", async () => {
     await clear();
-    const row = await insertTask(db.sql, newTaskId(), taskSpec(), { workerId: "w1", coordinatorId: "c1" });
+    const row = await createTask(db.sql, taskSpec(), { assignTo: { workerId: "w1", coordinatorId: "c1", leaseMs: 30_000 } });
     expect(row).toMatchObject({ state: "dispatched", attempt: 1, worker_id: "w1", coordinator_id: "c1" });
     expect(row.picked_at).toBeInstanceOf(Date);
   });
@@ -74,7 +75,7 @@ describe("insertTask", () => {
     const feed = new TaskChangeFeed(db.sql);
     await feed.start();
     const seen = new Promise<TaskChange>((resolve) => feed.onChange(resolve));
-    await insertTask(db.sql, newTaskId(), taskSpec({ scheduledAt: new Date(Date.now() + 60_000) }));
+    await createTask(db.sql, taskSpec({ scheduledAt: new Date(Date.now() + 60_000) }));
     const change = await seen;
     expect(change.due_in_ms).toBeGreaterThan(55_000);
     expect(change.due_in_ms).toBeLessThanOrEqual(60_000);
@@ -87,22 +88,22 @@ describe("insertTask", () => {
 describe("claimDue", () => {
   test("never claims more than the slots and assigns each slot's worker", async () => {
     await clear();
-    for (let i = 0; i < 10; i++) await insertTask(db.sql, newTaskId(), taskSpec());
-    const claimed = await claimDue(db.sql, "c1", ["w1", "w2", "w1"]);
+    for (let i = 0; i < 10; i++) await createTask(db.sql, taskSpec());
+    const claimed = await claimDue(db.sql, "c1", ["w1", "w2", "w1"], 30_000);
     expect(claimed).toHaveLength(3);
     expect(claimed.map((t) => t.worker_id).sort()).toEqual(["w1", "w1", "w2"]);
     for (const t of claimed) expect(t).toMatchObject({ state: "dispatched", attempt: 1, coordinator_id: "c1" });
     const queued = await db.sql<{ count: number }[]>`SELECT count(*)::int AS count FROM tasks WHERE state = 'queued'`;
     expect(queued[0]?.count).toBe(7);
-    expect(await claimDue(db.sql, "c1", [])).toEqual([]);
+    expect(await claimDue(db.sql, "c1", [], 30_000)).toEqual([]);
   });
 
   test("claims in scheduled order and never a task that is not yet due", async () => {
     await clear();
-    const future = await insertTask(db.sql, newTaskId(), taskSpec({ scheduledAt: new Date(Date.now() + 60_000) }));
-    const later = await insertTask(db.sql, newTaskId(), taskSpec({ scheduledAt: new Date(Date.now() - 1000) }));
-    const earlier = await insertTask(db.sql, newTaskId(), taskSpec({ scheduledAt: new Date(Date.now() - 5000) }));
-    const claimed = await claimDue(db.sql, "c1", ["w", "w", "w"]);
+    const future = await createTask(db.sql, taskSpec({ scheduledAt: new Date(Date.now() + 60_000) }));
+    const later = await createTask(db.sql, taskSpec({ scheduledAt: new Date(Date.now() - 1000) }));
+    const earlier = await createTask(db.sql, taskSpec({ scheduledAt: new Date(Date.now() - 5000) }));
+    const claimed = await claimDue(db.sql, "c1", ["w", "w", "w"], 30_000);
     expect(claimed.map((t) => t.id)).toEqual([earlier.id, later.id]);
     expect((await getTask(db.sql, future.id))?.state).toBe("queued");
   });
@@ -110,12 +111,12 @@ describe("claimDue", () => {
   test("two concurrent claimers never get the same task", async () => {
     await clear();
     const ids = new Set<string>();
-    for (let i = 0; i < 60; i++) ids.add((await insertTask(db.sql, newTaskId(), taskSpec())).id);
+    for (let i = 0; i < 60; i++) ids.add((await createTask(db.sql, taskSpec())).id);
     const a = connect(db.url, { max: 1 });
     const b = connect(db.url, { max: 1 });
     const got: string[] = [];
     for (let round = 0; round < 10; round++) {
-      const [x, y] = await Promise.all([claimDue(a, "ca", ["w", "w", "w", "w"]), claimDue(b, "cb", ["v", "v", "v", "v"])]);
+      const [x, y] = await Promise.all([claimDue(a, "ca", ["w", "w", "w", "w"], 30_000), claimDue(b, "cb", ["v", "v", "v", "v"], 30_000)]);
       got.push(...x.map((t) => t.id), ...y.map((t) => t.id));
     }
     await Promise.all([a.end(), b.end()]);
@@ -128,8 +129,8 @@ describe("claimDue", () => {
 describe("fenced reports", () => {
   test("start and finish apply for the attempt that holds the task", async () => {
     await clear();
-    const task = await insertTask(db.sql, newTaskId(), taskSpec());
-    await claimDue(db.sql, "c1", ["w1"]);
+    const task = await createTask(db.sql, taskSpec());
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
     const started = await markStarted(db.sql, { id: task.id, attempt: 1, workerId: "w1", startedAt: new Date(), pid: 42 });
     expect(started?.state).toBe("running");
     const { applied } = await finishAttempt(db.sql, { id: task.id, attempt: 1, workerId: "w1" }, success());
@@ -140,10 +141,10 @@ describe("fenced reports", () => {
     expect(kinds).toEqual(["submitted", "dispatched", "started", "succeeded"]);
   });
 
-  test("a non-zero exit is state failed with the exit code", async () => {
+  test("a non-zero exit on the last attempt is state failed with the exit code", async () => {
     await clear();
-    const task = await insertTask(db.sql, newTaskId(), taskSpec());
-    await claimDue(db.sql, "c1", ["w1"]);
+    const task = await createTask(db.sql, taskSpec({ maxAttempts: 1 }));
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
     const { applied } = await finishAttempt(
       db.sql,
       { id: task.id, attempt: 1, workerId: "w1" },
@@ -156,11 +157,11 @@ describe("fenced reports", () => {
 
   test("a report from a superseded attempt changes nothing and is recorded as stale", async () => {
     await clear();
-    const task = await insertTask(db.sql, newTaskId(), taskSpec());
-    await claimDue(db.sql, "c1", ["w1"]);
+    const task = await createTask(db.sql, taskSpec());
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
     const requeued = await requeueWorkerTasks(db.sql, "w1", "worker lost");
     expect(requeued.map((t) => [t.id, t.state])).toEqual([[task.id, "queued"]]);
-    const [second] = await claimDue(db.sql, "c1", ["w2"]);
+    const [second] = await claimDue(db.sql, "c1", ["w2"], 30_000);
     expect(second).toMatchObject({ id: task.id, attempt: 2, worker_id: "w2" });
     const stale = await finishAttempt(db.sql, { id: task.id, attempt: 1, workerId: "w1" }, success());
     expect(stale.applied).toBeNull();
@@ -177,10 +178,10 @@ describe("fenced reports", () => {
 
   test("requeue keeps the attempts the worker still holds and fails exhausted tasks", async () => {
     await clear();
-    const keep = await insertTask(db.sql, newTaskId(), taskSpec());
-    const drop = await insertTask(db.sql, newTaskId(), taskSpec());
-    const last = await insertTask(db.sql, newTaskId(), taskSpec({ maxAttempts: 1 }));
-    await claimDue(db.sql, "c1", ["w1", "w1", "w1"]);
+    const keep = await createTask(db.sql, taskSpec());
+    const drop = await createTask(db.sql, taskSpec());
+    const last = await createTask(db.sql, taskSpec({ maxAttempts: 1 }));
+    await claimDue(db.sql, "c1", ["w1", "w1", "w1"], 30_000);
     const changed = await requeueWorkerTasks(db.sql, "w1", "worker lost", [`${keep.id}:1`]);
     const byId = new Map(changed.map((t) => [t.id, t]));
     expect(byId.has(keep.id)).toBe(false);
@@ -192,40 +193,140 @@ describe("fenced reports", () => {
 
   test("a handed-back attempt is requeued only under its fence", async () => {
     await clear();
-    const task = await insertTask(db.sql, newTaskId(), taskSpec());
-    await claimDue(db.sql, "c1", ["w1"]);
+    const task = await createTask(db.sql, taskSpec());
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
     expect(await requeueAttempt(db.sql, { id: task.id, attempt: 2, workerId: "w1" }, "handed back")).toBeNull();
     expect((await requeueAttempt(db.sql, { id: task.id, attempt: 1, workerId: "w1" }, "handed back"))?.state).toBe("queued");
   });
 });
 
-describe("orphans", () => {
-  test("tasks of a worker nobody heartbeats for are requeued, live ones are not", async () => {
+describe("leases", () => {
+  test("reported attempts are renewed; a lapsed lease is requeued by anyone", async () => {
+    await clear();
+    const a = await createTask(db.sql, taskSpec());
+    const b = await createTask(db.sql, taskSpec());
+    const c = await createTask(db.sql, taskSpec({ retry: { ...taskSpec().retry, onLost: false } }));
+    // A lease of 0 ms lapses at once unless renewed.
+    const claimed = await claimDue(db.sql, "c1", ["w1", "w1", "w2"], 0);
+    expect(claimed.every((t) => t.lease_expires_at instanceof Date)).toBe(true);
+    const renewed = await renewLeases(
+      db.sql,
+      [
+        { id: a.id, attempt: 1, workerId: "w1" },
+        { id: b.id, attempt: 7, workerId: "w1" }, // superseded attempt: not renewed
+        { id: c.id, attempt: 1, workerId: "w9" }, // another worker: not renewed
+      ],
+      60_000,
+    );
+    expect([...renewed]).toEqual([`${a.id}:1`]);
+    const rescued = await requeueExpiredLeases(db.sql);
+    const byId = new Map(rescued.map((t) => [t.id, t]));
+    expect(byId.has(a.id)).toBe(false);
+    expect(byId.get(b.id)).toMatchObject({ state: "queued", lease_expires_at: null });
+    expect(byId.get(c.id)).toMatchObject({ state: "failed" });
+    expect(byId.get(c.id)?.error).toMatch(/does not retry a lost worker/);
+    expect((await getTask(db.sql, a.id))?.state).toBe("dispatched");
+  });
+
+  test("workers listed live are those vouched for within the timeout", async () => {
     await clear();
     await upsertWorker(db.sql, { id: "live", name: "live", coordinatorId: "c1", slots: 2, labels: {}, version: "t" });
     await upsertWorker(db.sql, { id: "dead", name: "dead", coordinatorId: "c1", slots: 2, labels: {}, version: "t" });
-    const a = await insertTask(db.sql, newTaskId(), taskSpec());
-    const b = await insertTask(db.sql, newTaskId(), taskSpec());
-    const c = await insertTask(db.sql, newTaskId(), taskSpec());
-    await claimDue(db.sql, "c1", ["live", "dead", "ghost"]);
     await db.sql`UPDATE workers SET last_heartbeat_at = now() - interval '1 minute' WHERE id = 'dead'`;
     await touchWorkers(db.sql, "c1", ["live"]);
-    const rescued = await requeueOrphans(db.sql, 3000);
-    expect(rescued.map((t) => t.id).sort()).toEqual([b.id, c.id].sort());
-    expect((await getTask(db.sql, a.id))?.state).toBe("dispatched");
+    expect((await listLiveWorkers(db.sql, 3000)).map((w) => w.id)).toEqual(["live"]);
     expect(await markWorkerGone(db.sql, "live", "other-coordinator")).toBe(false);
     expect(await markWorkerGone(db.sql, "live", "c1")).toBe(true);
-    // "dead" is not gone yet, but nobody vouches for it.
     expect((await listLiveWorkers(db.sql, 3000)).map((w) => w.id)).toEqual([]);
     await touchWorkers(db.sql, "c1", ["dead"]);
     expect((await listLiveWorkers(db.sql, 3000)).map((w) => w.id)).toEqual(["dead"]);
   });
 });
 
+describe("retries", () => {
+  const failure = (over: Partial<AttemptResult> = {}) =>
+    success({ state: "failed", exitCode: 1, stdout: "", stderr: "boom\n", ...over });
+
+  test("a failed attempt with attempts left is queued again after a backoff, its result kept in history", async () => {
+    await clear();
+    const task = await createTask(
+      db.sql,
+      taskSpec({ maxAttempts: 3, retry: { onFailure: true, onTimeout: true, onLost: true, backoffBaseMs: 60_000, backoffCapMs: 600_000 } }),
+    );
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
+    const before = Date.now();
+    const { applied } = await finishAttempt(db.sql, { id: task.id, attempt: 1, workerId: "w1" }, failure());
+    expect(applied).toMatchObject({ state: "queued", attempt: 1, exit_code: 1, failed_at: null, lease_expires_at: null });
+    // First backoff: the base times a jitter in [0.5, 1).
+    const delay = applied!.scheduled_at.getTime() - before;
+    expect(delay).toBeGreaterThanOrEqual(30_000 - 1000);
+    expect(delay).toBeLessThanOrEqual(60_000 + 1000);
+    expect(await claimDue(db.sql, "c1", ["w1"], 30_000)).toEqual([]);
+    const events = await listTaskEvents(db.sql, task.id);
+    expect(events.at(-1)).toMatchObject({ kind: "failed", state: "queued", attempt: 1 });
+    expect(events.at(-1)?.detail).toMatchObject({ exit_code: 1, stderr: "boom\n" });
+  });
+
+  test("backoff doubles per attempt up to the cap; the last attempt's failure is final", async () => {
+    await clear();
+    const task = await createTask(
+      db.sql,
+      taskSpec({ maxAttempts: 3, retry: { onFailure: true, onTimeout: true, onLost: true, backoffBaseMs: 0, backoffCapMs: 0 } }),
+    );
+    for (let attempt = 1; attempt <= 3; attempt++) {
+      const [claimed] = await claimDue(db.sql, "c1", ["w1"], 30_000);
+      expect(claimed?.attempt).toBe(attempt);
+      const { applied } = await finishAttempt(db.sql, { id: task.id, attempt, workerId: "w1" }, failure({ exitCode: attempt }));
+      expect(applied?.state).toBe(attempt < 3 ? "queued" : "failed");
+    }
+    const final = await getTask(db.sql, task.id);
+    expect(final).toMatchObject({ state: "failed", exit_code: 3, attempt: 3 });
+    expect(final?.failed_at).toBeInstanceOf(Date);
+    const results = (await listTaskEvents(db.sql, task.id)).filter((e) => e.kind === "failed");
+    expect(results.map((e) => [e.attempt, e.detail?.exit_code])).toEqual([[1, 1], [2, 2], [3, 3]]);
+  });
+
+  test("each retry reason can be switched off", async () => {
+    await clear();
+    const off = { onFailure: false, onTimeout: false, onLost: true, backoffBaseMs: 0, backoffCapMs: 0 };
+    const failing = await createTask(db.sql, taskSpec({ retry: off }));
+    const timing = await createTask(db.sql, taskSpec({ retry: off }));
+    await claimDue(db.sql, "c1", ["w1", "w1"], 30_000);
+    expect((await finishAttempt(db.sql, { id: failing.id, attempt: 1, workerId: "w1" }, failure())).applied?.state).toBe("failed");
+    const timedOut = failure({ state: "timed_out", exitCode: null, signal: "SIGTERM", error: "timed out after 5 ms" });
+    expect((await finishAttempt(db.sql, { id: timing.id, attempt: 1, workerId: "w1" }, timedOut)).applied?.state).toBe("timed_out");
+  });
+});
+
+describe("idempotent insert", () => {
+  test("a repeated key returns the original task; another request under it is told apart", async () => {
+    await clear();
+    const spec = taskSpec({ command: "echo once", idempotencyKey: "k-1" });
+    const first = await insertTask(db.sql, newTaskId(), spec);
+    expect(first.kind).toBe("created");
+    const again = await insertTask(db.sql, newTaskId(), spec);
+    expect(again).toMatchObject({ kind: "existing", sameRequest: true, task: { id: first.task.id } });
+    const other = await insertTask(db.sql, newTaskId(), { ...spec, command: "echo twice" });
+    expect(other).toMatchObject({ kind: "existing", sameRequest: false, task: { id: first.task.id } });
+    const count = await db.sql<{ n: number }[]>`SELECT count(*)::int AS n FROM tasks`;
+    expect(count[0]?.n).toBe(1);
+  });
+
+  test("concurrent repeats create one task", async () => {
+    await clear();
+    const pools = Array.from({ length: 4 }, () => connect(db.url, { max: 1 }));
+    const spec = taskSpec({ idempotencyKey: "race" });
+    const outcomes = await Promise.all(pools.map((sql) => insertTask(sql, newTaskId(), spec)));
+    await Promise.all(pools.map((sql) => sql.end()));
+    expect(outcomes.filter((o) => o.kind === "created")).toHaveLength(1);
+    expect(new Set(outcomes.map((o) => o.task.id)).size).toBe(1);
+  });
+});
+
 describe("cancelTask", () => {
   test("cancels a queued task; a final one is reported as such", async () => {
     await clear();
-    const task = await insertTask(db.sql, newTaskId(), taskSpec());
+    const task = await createTask(db.sql, taskSpec());
     const first = await cancelTask(db.sql, task.id);
     expect(first.kind).toBe("cancelled");
     if (first.kind === "cancelled") {
@@ -235,7 +336,7 @@ describe("cancelTask", () => {
     const again = await cancelTask(db.sql, task.id);
     expect(again).toMatchObject({ kind: "final", task: { state: "cancelled" } });
     expect(await cancelTask(db.sql, newTaskId())).toEqual({ kind: "not_found" });
-    expect(await claimDue(db.sql, "c1", ["w"])).toEqual([]);
+    expect(await claimDue(db.sql, "c1", ["w"], 30_000)).toEqual([]);
   });
 });
 
@@ -243,7 +344,7 @@ describe("listTasks", () => {
   test("pages newest first and filters by state", async () => {
     await clear();
     const ids: string[] = [];
-    for (let i = 0; i < 5; i++) ids.push((await insertTask(db.sql, newTaskId(), taskSpec())).id);
+    for (let i = 0; i < 5; i++) ids.push((await createTask(db.sql, taskSpec())).id);
     await cancelTask(db.sql, ids[0]!);
     const page1 = await listTasks(db.sql, { limit: 2 });
     expect(page1.map((t) => t.id)).toEqual([ids[4]!, ids[3]!]);

@@ -1,4 +1,6 @@
 // Row factories for tests.
+import { insertTask, type Assignment, type TaskChangeRow } from "../../src/db/tasks";
+import type { Sql } from "../../src/db/sql";
 import type { TaskSpec } from "../../src/task/task";
 
 export function taskSpec(overrides: Partial<TaskSpec> = {}): TaskSpec {
@@ -9,8 +11,21 @@ export function taskSpec(overrides: Partial<TaskSpec> = {}): TaskSpec {
     maxAttempts: 3,
     env: {},
     cwd: null,
+    retry: { onFailure: true, onTimeout: true, onLost: true, backoffBaseMs: 0, backoffCapMs: 0 },
+    idempotencyKey: null,
     ...overrides,
   };
 }
 
 export const newTaskId = () => Bun.randomUUIDv7();
+
+/** Inserts a task that must be new (no idempotency key clash) and returns its row. */
+export async function createTask(
+  sql: Sql,
+  spec: TaskSpec = taskSpec(),
+  options: { id?: string; assignTo?: Assignment } = {},
+): Promise<TaskChangeRow> {
+  const outcome = await insertTask(sql, options.id ?? newTaskId(), spec, options.assignTo);
+  if (outcome.kind !== "created") throw new Error(`task was not created: its idempotency key was taken`);
+  return outcome.task;
+}

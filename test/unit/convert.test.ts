@@ -33,6 +33,14 @@ const task: Task = {
   stdout_truncated: true,
   stderr_truncated: false,
   error: null,
+  lease_expires_at: null,
+  retry_on_failure: true,
+  retry_on_timeout: true,
+  retry_on_lost: true,
+  retry_backoff_base_ms: 1000,
+  retry_backoff_cap_ms: 60_000,
+  idempotency_key: null,
+  idempotency_hash: null,
 };
 
 test("every state maps to the proto enum and back", () => {

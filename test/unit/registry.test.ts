@@ -2,7 +2,17 @@ import { expect, test } from "bun:test";
 import { WorkerRegistry, type WorkerConnection } from "../../src/coordinator/registry";
 
 function worker(id: string, slots: number, inFlight: string[] = []): WorkerConnection {
-  return { id, name: id, slots, inFlight: new Set(inFlight), draining: false, lastSeen: 0, send() {}, close() {} };
+  return {
+    id,
+    name: id,
+    slots,
+    inFlight: new Map(inFlight.map((key) => [key, 0])),
+    reported: [],
+    draining: false,
+    lastSeen: 0,
+    send() {},
+    close() {},
+  };
 }
 
 test("the slot plan spreads by free capacity, one entry per free slot", () => {

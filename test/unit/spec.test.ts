@@ -1,5 +1,6 @@
 import { describe, expect, test } from "bun:test";
 import {
+  parseIdempotencyKey,
   MAX_COMMAND_LENGTH,
   MAX_ENV_VALUE_BYTES,
   decodeCursor,
@@ -41,8 +42,10 @@ describe("toTaskSpec", () => {
       maxAttempts: config.TQ_DEFAULT_MAX_ATTEMPTS,
       env: {},
       cwd: null,
+      retry: { onFailure: true, onTimeout: true, onLost: true, backoffBaseMs: 1000, backoffCapMs: 60_000 },
+      idempotencyKey: null,
     });
-    expect(toTaskSpec({ command: "x" }, { TQ_DEFAULT_MAX_ATTEMPTS: 7 }).maxAttempts).toBe(7);
+    expect(toTaskSpec({ command: "x" }, { ...config, TQ_DEFAULT_MAX_ATTEMPTS: 7 }).maxAttempts).toBe(7);
   });
 
   test("the full form is carried over", () => {
@@ -64,7 +67,26 @@ describe("toTaskSpec", () => {
       maxAttempts: 5,
       env: { A: "1", _b2: "two words" },
       cwd: "/srv/app",
+      retry: { onFailure: true, onTimeout: true, onLost: true, backoffBaseMs: 1000, backoffCapMs: 60_000 },
+      idempotencyKey: null,
     });
+  });
+
+  test("a retry policy overrides the defaults field by field", () => {
+    const spec = toTaskSpec({ command: "x", retry: { on_failure: false, backoff_base_ms: 50 } }, config);
+    expect(spec.retry).toEqual({ onFailure: false, onTimeout: true, onLost: true, backoffBaseMs: 50, backoffCapMs: 60_000 });
+    rejects({ command: "x", retry: { on_failure: "no" } }, "retry.on_failure");
+    rejects({ command: "x", retry: { backoff_base_ms: -1 } }, "retry.backoff_base_ms");
+    rejects({ command: "x", retry: { sometimes: true } }, "retry.sometimes");
+  });
+
+  test("an idempotency key is visible ASCII of bounded length", () => {
+    expect(parseIdempotencyKey(undefined)).toBeNull();
+    expect(parseIdempotencyKey("")).toBeNull();
+    expect(parseIdempotencyKey("order-42/retry:1")).toBe("order-42/retry:1");
+    expect(() => parseIdempotencyKey("has space")).toThrow(/visible ASCII/);
+    expect(() => parseIdempotencyKey("é")).toThrow(/visible ASCII/);
+    expect(() => parseIdempotencyKey("k".repeat(256))).toThrow(/at most 255/);
   });
 
   test("command: required, a string, not blank, no NUL, bounded", () => {

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file taskqueue/v1/task.proto.
  */
 export const file_taskqueue_v1_task: GenFile = /*@__PURE__*/
-  fileDesc("Chd0YXNrcXVldWUvdjEvdGFzay5wcm90bxIMdGFza3F1ZXVlLnYxIukFCgRUYXNrEgoKAmlkGAEgASgJEg8KB2NvbW1hbmQYAiABKAkSJgoFc3RhdGUYAyABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEjAKDHNjaGVkdWxlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJcGlja2VkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWZhaWxlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY2FuY2VsbGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdhdHRlbXB0GAsgASgNEhQKDG1heF9hdHRlbXB0cxgMIAEoDRISCgp0aW1lb3V0X21zGA0gASgNEigKA2VudhgOIAMoCzIbLnRhc2txdWV1ZS52MS5UYXNrLkVudkVudHJ5EgsKA2N3ZBgPIAEoCRIRCgl3b3JrZXJfaWQYECABKAkSFgoJZXhpdF9jb2RlGBEgASgRSACIAQESDgoGc2lnbmFsGBIgASgJEg4KBnN0ZG91dBgTIAEoCRIOCgZzdGRlcnIYFCABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgVIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGBYgASgIEg0KBWVycm9yGBcgASgJGioKCEVudkVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCDAoKX2V4aXRfY29kZSKqAQoJVGFza0V2ZW50EgoKAmlkGAEgASgJEg8KB3Rhc2tfaWQYAiABKAkSDAoEa2luZBgDIAEoCRImCgVzdGF0ZRgEIAEoDjIXLnRhc2txdWV1ZS52MS5UYXNrU3RhdGUSDwoHYXR0ZW1wdBgFIAEoDRIRCgl3b3JrZXJfaWQYBiABKAkSJgoCYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wKtYBCglUYXNrU3RhdGUSGgoWVEFTS19TVEFURV9VTlNQRUNJRklFRBAAEhUKEVRBU0tfU1RBVEVfUVVFVUVEEAESGQoVVEFTS19TVEFURV9ESVNQQVRDSEVEEAISFgoSVEFTS19TVEFURV9SVU5OSU5HEAMSGAoUVEFTS19TVEFURV9TVUNDRUVERUQQBBIVChFUQVNLX1NUQVRFX0ZBSUxFRBAFEhgKFFRBU0tfU1RBVEVfVElNRURfT1VUEAYSGAoUVEFTS19TVEFURV9DQU5DRUxMRUQQB2IGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("Chd0YXNrcXVldWUvdjEvdGFzay5wcm90bxIMdGFza3F1ZXVlLnYxIuIGCgRUYXNrEgoKAmlkGAEgASgJEg8KB2NvbW1hbmQYAiABKAkSJgoFc3RhdGUYAyABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEjAKDHNjaGVkdWxlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJcGlja2VkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWZhaWxlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY2FuY2VsbGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdhdHRlbXB0GAsgASgNEhQKDG1heF9hdHRlbXB0cxgMIAEoDRISCgp0aW1lb3V0X21zGA0gASgNEigKA2VudhgOIAMoCzIbLnRhc2txdWV1ZS52MS5UYXNrLkVudkVudHJ5EgsKA2N3ZBgPIAEoCRIRCgl3b3JrZXJfaWQYECABKAkSFgoJZXhpdF9jb2RlGBEgASgRSACIAQESDgoGc2lnbmFsGBIgASgJEg4KBnN0ZG91dBgTIAEoCRIOCgZzdGRlcnIYFCABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgVIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGBYgASgIEg0KBWVycm9yGBcgASgJEigKBXJldHJ5GBggASgLMhkudGFza3F1ZXVlLnYxLlJldHJ5UG9saWN5EhcKD2lkZW1wb3RlbmN5X2tleRgZIAEoCRI0ChBsZWFzZV9leHBpcmVzX2F0GBogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgwKCl9leGl0X2NvZGUi4QEKC1JldHJ5UG9saWN5EhcKCm9uX2ZhaWx1cmUYASABKAhIAIgBARIXCgpvbl90aW1lb3V0GAIgASgISAGIAQESFAoHb25fbG9zdBgDIAEoCEgCiAEBEhwKD2JhY2tvZmZfYmFzZV9tcxgEIAEoDUgDiAEBEhsKDmJhY2tvZmZfY2FwX21zGAUgASgNSASIAQFCDQoLX29uX2ZhaWx1cmVCDQoLX29uX3RpbWVvdXRCCgoIX29uX2xvc3RCEgoQX2JhY2tvZmZfYmFzZV9tc0IRCg9fYmFja29mZl9jYXBfbXMiqgEKCVRhc2tFdmVudBIKCgJpZBgBIAEoCRIPCgd0YXNrX2lkGAIgASgJEgwKBGtpbmQYAyABKAkSJgoFc3RhdGUYBCABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEg8KB2F0dGVtcHQYBSABKA0SEQoJd29ya2VyX2lkGAYgASgJEiYKAmF0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCrWAQoJVGFza1N0YXRlEhoKFlRBU0tfU1RBVEVfVU5TUEVDSUZJRUQQABIVChFUQVNLX1NUQVRFX1FVRVVFRBABEhkKFVRBU0tfU1RBVEVfRElTUEFUQ0hFRBACEhYKElRBU0tfU1RBVEVfUlVOTklORxADEhgKFFRBU0tfU1RBVEVfU1VDQ0VFREVEEAQSFQoRVEFTS19TVEFURV9GQUlMRUQQBRIYChRUQVNLX1NUQVRFX1RJTUVEX09VVBAGEhgKFFRBU0tfU1RBVEVfQ0FOQ0VMTEVEEAdiBnByb3RvMw", [file_google_protobuf_timestamp]);
 
 /**
  * @generated from message taskqueue.v1.Task
@@ -134,6 +134,23 @@ export type Task = Message<"taskqueue.v1.Task"> & {
    * @generated from field: string error = 23;
    */
   error: string;
+
+  /**
+   * @generated from field: taskqueue.v1.RetryPolicy retry = 24;
+   */
+  retry?: RetryPolicy | undefined;
+
+  /**
+   * @generated from field: string idempotency_key = 25;
+   */
+  idempotencyKey: string;
+
+  /**
+   * While dispatched or running: when the attempt's lease lapses unless its worker reports it.
+   *
+   * @generated from field: google.protobuf.Timestamp lease_expires_at = 26;
+   */
+  leaseExpiresAt?: Timestamp | undefined;
 };
 
 /**
@@ -142,6 +159,50 @@ export type Task = Message<"taskqueue.v1.Task"> & {
  */
 export const TaskSchema: GenMessage<Task> = /*@__PURE__*/
   messageDesc(file_taskqueue_v1_task, 0);
+
+/**
+ * What is retried while attempts remain, and the exponential backoff (with jitter) between
+ * attempts. Unset fields take the defaults: retry everything, TQ_RETRY_BACKOFF_*_MS.
+ *
+ * @generated from message taskqueue.v1.RetryPolicy
+ */
+export type RetryPolicy = Message<"taskqueue.v1.RetryPolicy"> & {
+  /**
+   * A non-zero exit, a signal, or a command that could not start.
+   *
+   * @generated from field: optional bool on_failure = 1;
+   */
+  onFailure?: boolean | undefined;
+
+  /**
+   * @generated from field: optional bool on_timeout = 2;
+   */
+  onTimeout?: boolean | undefined;
+
+  /**
+   * The worker died, froze or was cut off (retried at once).
+   *
+   * @generated from field: optional bool on_lost = 3;
+   */
+  onLost?: boolean | undefined;
+
+  /**
+   * @generated from field: optional uint32 backoff_base_ms = 4;
+   */
+  backoffBaseMs?: number | undefined;
+
+  /**
+   * @generated from field: optional uint32 backoff_cap_ms = 5;
+   */
+  backoffCapMs?: number | undefined;
+};
+
+/**
+ * Describes the message taskqueue.v1.RetryPolicy.
+ * Use `create(RetryPolicySchema)` to create a new message.
+ */
+export const RetryPolicySchema: GenMessage<RetryPolicy> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_task, 1);
 
 /**
  * TaskEvent is one row of the append-only task_events history.
@@ -190,7 +251,7 @@ export type TaskEvent = Message<"taskqueue.v1.TaskEvent"> & {
  * Use `create(TaskEventSchema)` to create a new message.
  */
 export const TaskEventSchema: GenMessage<TaskEvent> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 1);
+  messageDesc(file_taskqueue_v1_task, 2);
 
 /**
  * TaskState mirrors the `state` column of the tasks table; src/task/state.ts documents who

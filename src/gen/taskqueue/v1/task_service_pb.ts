@@ -6,7 +6,7 @@ import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegen
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
-import type { Task, TaskEvent, TaskState } from "./task_pb";
+import type { RetryPolicy, Task, TaskEvent, TaskState } from "./task_pb";
 import { file_taskqueue_v1_task } from "./task_pb";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file taskqueue/v1/task_service.proto.
  */
 export const file_taskqueue_v1_task_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch90YXNrcXVldWUvdjEvdGFza19zZXJ2aWNlLnByb3RvEgx0YXNrcXVldWUudjEi8AEKEVN1Ym1pdFRhc2tSZXF1ZXN0Eg8KB2NvbW1hbmQYASABKAkSMAoMc2NoZWR1bGVkX2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgp0aW1lb3V0X21zGAMgASgNEhQKDG1heF9hdHRlbXB0cxgEIAEoDRI1CgNlbnYYBSADKAsyKC50YXNrcXVldWUudjEuU3VibWl0VGFza1JlcXVlc3QuRW52RW50cnkSCwoDY3dkGAYgASgJGioKCEVudkVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiNgoSU3VibWl0VGFza1Jlc3BvbnNlEiAKBHRhc2sYASABKAsyEi50YXNrcXVldWUudjEuVGFzayIcCg5HZXRUYXNrUmVxdWVzdBIKCgJpZBgBIAEoCSIzCg9HZXRUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrIlkKEExpc3RUYXNrc1JlcXVlc3QSJgoFc3RhdGUYASABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEg0KBWxpbWl0GAIgASgNEg4KBmN1cnNvchgDIAEoCSJLChFMaXN0VGFza3NSZXNwb25zZRIhCgV0YXNrcxgBIAMoCzISLnRhc2txdWV1ZS52MS5UYXNrEhMKC25leHRfY3Vyc29yGAIgASgJIh8KEUNhbmNlbFRhc2tSZXF1ZXN0EgoKAmlkGAEgASgJIjYKEkNhbmNlbFRhc2tSZXNwb25zZRIgCgR0YXNrGAEgASgLMhIudGFza3F1ZXVlLnYxLlRhc2siHgoQV2F0Y2hUYXNrUmVxdWVzdBIKCgJpZBgBIAEoCSJdChFXYXRjaFRhc2tSZXNwb25zZRIgCgR0YXNrGAEgASgLMhIudGFza3F1ZXVlLnYxLlRhc2sSJgoFZXZlbnQYAiABKAsyFy50YXNrcXVldWUudjEuVGFza0V2ZW50MpUDCgtUYXNrU2VydmljZRJPCgpTdWJtaXRUYXNrEh8udGFza3F1ZXVlLnYxLlN1Ym1pdFRhc2tSZXF1ZXN0GiAudGFza3F1ZXVlLnYxLlN1Ym1pdFRhc2tSZXNwb25zZRJGCgdHZXRUYXNrEhwudGFza3F1ZXVlLnYxLkdldFRhc2tSZXF1ZXN0Gh0udGFza3F1ZXVlLnYxLkdldFRhc2tSZXNwb25zZRJMCglMaXN0VGFza3MSHi50YXNrcXVldWUudjEuTGlzdFRhc2tzUmVxdWVzdBofLnRhc2txdWV1ZS52MS5MaXN0VGFza3NSZXNwb25zZRJPCgpDYW5jZWxUYXNrEh8udGFza3F1ZXVlLnYxLkNhbmNlbFRhc2tSZXF1ZXN0GiAudGFza3F1ZXVlLnYxLkNhbmNlbFRhc2tSZXNwb25zZRJOCglXYXRjaFRhc2sSHi50YXNrcXVldWUudjEuV2F0Y2hUYXNrUmVxdWVzdBofLnRhc2txdWV1ZS52MS5XYXRjaFRhc2tSZXNwb25zZTABYgZwcm90bzM", [file_google_protobuf_timestamp, file_taskqueue_v1_task]);
+  fileDesc("Ch90YXNrcXVldWUvdjEvdGFza19zZXJ2aWNlLnByb3RvEgx0YXNrcXVldWUudjEiswIKEVN1Ym1pdFRhc2tSZXF1ZXN0Eg8KB2NvbW1hbmQYASABKAkSMAoMc2NoZWR1bGVkX2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgp0aW1lb3V0X21zGAMgASgNEhQKDG1heF9hdHRlbXB0cxgEIAEoDRI1CgNlbnYYBSADKAsyKC50YXNrcXVldWUudjEuU3VibWl0VGFza1JlcXVlc3QuRW52RW50cnkSCwoDY3dkGAYgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgHIAEoCRIoCgVyZXRyeRgIIAEoCzIZLnRhc2txdWV1ZS52MS5SZXRyeVBvbGljeRoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIkcKElN1Ym1pdFRhc2tSZXNwb25zZRIgCgR0YXNrGAEgASgLMhIudGFza3F1ZXVlLnYxLlRhc2sSDwoHY3JlYXRlZBgCIAEoCCIcCg5HZXRUYXNrUmVxdWVzdBIKCgJpZBgBIAEoCSIzCg9HZXRUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrIlkKEExpc3RUYXNrc1JlcXVlc3QSJgoFc3RhdGUYASABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEg0KBWxpbWl0GAIgASgNEg4KBmN1cnNvchgDIAEoCSJLChFMaXN0VGFza3NSZXNwb25zZRIhCgV0YXNrcxgBIAMoCzISLnRhc2txdWV1ZS52MS5UYXNrEhMKC25leHRfY3Vyc29yGAIgASgJIh8KEUNhbmNlbFRhc2tSZXF1ZXN0EgoKAmlkGAEgASgJIjYKEkNhbmNlbFRhc2tSZXNwb25zZRIgCgR0YXNrGAEgASgLMhIudGFza3F1ZXVlLnYxLlRhc2siHgoQV2F0Y2hUYXNrUmVxdWVzdBIKCgJpZBgBIAEoCSJdChFXYXRjaFRhc2tSZXNwb25zZRIgCgR0YXNrGAEgASgLMhIudGFza3F1ZXVlLnYxLlRhc2sSJgoFZXZlbnQYAiABKAsyFy50YXNrcXVldWUudjEuVGFza0V2ZW50MpUDCgtUYXNrU2VydmljZRJPCgpTdWJtaXRUYXNrEh8udGFza3F1ZXVlLnYxLlN1Ym1pdFRhc2tSZXF1ZXN0GiAudGFza3F1ZXVlLnYxLlN1Ym1pdFRhc2tSZXNwb25zZRJGCgdHZXRUYXNrEhwudGFza3F1ZXVlLnYxLkdldFRhc2tSZXF1ZXN0Gh0udGFza3F1ZXVlLnYxLkdldFRhc2tSZXNwb25zZRJMCglMaXN0VGFza3MSHi50YXNrcXVldWUudjEuTGlzdFRhc2tzUmVxdWVzdBofLnRhc2txdWV1ZS52MS5MaXN0VGFza3NSZXNwb25zZRJPCgpDYW5jZWxUYXNrEh8udGFza3F1ZXVlLnYxLkNhbmNlbFRhc2tSZXF1ZXN0GiAudGFza3F1ZXVlLnYxLkNhbmNlbFRhc2tSZXNwb25zZRJOCglXYXRjaFRhc2sSHi50YXNrcXVldWUudjEuV2F0Y2hUYXNrUmVxdWVzdBofLnRhc2txdWV1ZS52MS5XYXRjaFRhc2tSZXNwb25zZTABYgZwcm90bzM", [file_google_protobuf_timestamp, file_taskqueue_v1_task]);
 
 /**
  * @generated from message taskqueue.v1.SubmitTaskRequest
@@ -55,6 +55,19 @@ export type SubmitTaskRequest = Message<"taskqueue.v1.SubmitTaskRequest"> & {
    * @generated from field: string cwd = 6;
    */
   cwd: string;
+
+  /**
+   * Makes the submit safe to repeat: a later submit with the same key returns the original
+   * task (created = false); the same key with a different request fails FAILED_PRECONDITION.
+   *
+   * @generated from field: string idempotency_key = 7;
+   */
+  idempotencyKey: string;
+
+  /**
+   * @generated from field: taskqueue.v1.RetryPolicy retry = 8;
+   */
+  retry?: RetryPolicy | undefined;
 };
 
 /**
@@ -72,6 +85,13 @@ export type SubmitTaskResponse = Message<"taskqueue.v1.SubmitTaskResponse"> & {
    * @generated from field: taskqueue.v1.Task task = 1;
    */
   task?: Task | undefined;
+
+  /**
+   * False when idempotency_key matched an earlier submit.
+   *
+   * @generated from field: bool created = 2;
+   */
+  created: boolean;
 };
 
 /**

@@ -183,6 +183,9 @@ export type Heartbeat = Message<"taskqueue.v1.Heartbeat"> & {
   seq: bigint;
 
   /**
+   * Attempts the worker runs or holds an unacknowledged result for: their leases are renewed,
+   * and the coordinator answers Cancel for any that no longer hold their task.
+   *
    * @generated from field: repeated taskqueue.v1.TaskRef running = 2;
    */
   running: TaskRef[];
