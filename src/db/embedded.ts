@@ -20,6 +20,8 @@ export interface EmbeddedDatabase {
   /** URL of the maintenance database, for creating and dropping databases. */
   adminUrl: string;
   stop(): Promise<void>;
+  /** Starts the cluster again after stop() (an outage, in tests). */
+  restart(): Promise<void>;
 }
 
 const USER = "postgres";
@@ -74,6 +76,7 @@ export async function startEmbedded(options: EmbeddedOptions): Promise<EmbeddedD
     url: `${base}/${database}`,
     adminUrl: `${base}/postgres`,
     stop: () => pg.stop(),
+    restart: () => pg.start(),
   };
 }
 

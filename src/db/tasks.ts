@@ -272,6 +272,18 @@ function requeueOrFail(sql: Sql, reason: string): Fragment {
 }
 
 /**
+ * Appends a `stopped` event: the worker stopped an attempt's process because it was told to
+ * (the task was cancelled, or the attempt was superseded). The task itself does not change.
+ */
+export async function recordStopped(sql: Sql, ref: { id: string; attempt: number; workerId: string }): Promise<void> {
+  await sql`
+    INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail)
+    SELECT id, 'stopped', state, ${ref.attempt}, ${ref.workerId},
+           jsonb_build_object('current_attempt', attempt)
+    FROM tasks WHERE id = ${ref.id}`;
+}
+
+/**
  * Gives a worker's in-flight attempts back to the queue (worker lost, task handed back),
  * except the ones it still holds (`keep`, as "id:attempt"). A task with no attempts left
  * fails instead. Returns the changed rows.

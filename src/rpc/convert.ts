@@ -75,8 +75,8 @@ export type FinishAction =
   | { kind: "record"; result: AttemptResult }
   /** The worker handed the task back (drain): requeue it. */
   | { kind: "requeue"; reason: string }
-  /** The worker stopped it because it was cancelled: the task is already final. */
-  | { kind: "ignore" };
+  /** The worker stopped it as told (cancelled or superseded): the task does not change. */
+  | { kind: "stopped" };
 
 export function finishAction(finished: TaskFinished): FinishAction {
   const base = {
@@ -100,7 +100,7 @@ export function finishAction(finished: TaskFinished): FinishAction {
     case Outcome.ABANDONED:
       return { kind: "requeue", reason: base.error ?? "handed back by the worker" };
     case Outcome.CANCELLED:
-      return { kind: "ignore" };
+      return { kind: "stopped" };
     case Outcome.SPAWN_FAILED:
     default:
       return {

@@ -207,7 +207,10 @@ export class Worker {
         return this.run(payload.value);
       case "cancel": {
         const ref = payload.value.ref;
-        if (ref) this.running.get(key(ref.taskId, ref.attempt))?.execution.stop("cancelled");
+        const running = ref ? this.running.get(key(ref.taskId, ref.attempt)) : undefined;
+        if (!ref || !running) return;
+        this.options.log.info({ task: ref.taskId, attempt: ref.attempt, reason: payload.value.reason }, "stopping task");
+        running.execution.stop("cancelled");
         return;
       }
       case "ack": {
@@ -257,6 +260,9 @@ export class Worker {
     }
     void execution.result.then((result) => {
       this.running.delete(k);
+      if (result.outcome !== "exited") {
+        this.options.log.info({ task: ref.taskId, attempt: ref.attempt, outcome: result.outcome, pid: result.pid }, "task stopped");
+      }
       this.report(create(TaskFinishedSchema, {
         ref,
         outcome: OUTCOMES[result.outcome],

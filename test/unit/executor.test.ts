@@ -3,6 +3,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { execute, TailBuffer, type RunResult, type RunSpec } from "../../src/worker/executor.ts";
+import { isRunning } from "../support/proc";
 
 const baseEnv = { PATH: process.env.PATH ?? "/usr/bin:/bin" };
 
@@ -12,26 +13,6 @@ function spec(command: string, overrides: Partial<RunSpec> = {}): RunSpec {
 
 function run(command: string, overrides: Partial<RunSpec> = {}) {
   return execute(spec(command, overrides)).result;
-}
-
-/**
- * Whether pid is a live process. A killed grandchild is reparented to PID 1 and stays a
- * zombie until PID 1 reaps it (about a second in some containers); a zombie runs nothing.
- */
-function isRunning(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-  } catch {
-    return false;
-  }
-  try {
-    // /proc/<pid>/stat: "pid (comm) S ..."; comm may contain spaces or parentheses.
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-    const state = stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3);
-    return state !== "Z" && state !== "X";
-  } catch {
-    return false; // gone between the two checks
-  }
 }
 
 /**

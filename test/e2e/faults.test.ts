@@ -1,0 +1,168 @@
+// Fault tolerance with real processes: frozen workers, cancels and timeouts that really stop
+// processes, retries, a second coordinator to fail over to, and graceful shutdown.
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { freePort, useTestDatabase } from "../support/db";
+import { spawnRole, startCluster, type RoleProcess } from "../support/processes";
+import { getJson, postJson, watchTask } from "../support/http";
+import { isRunning } from "../support/proc";
+
+const db = useTestDatabase();
+let dir: string;
+
+beforeAll(() => {
+  dir = mkdtempSync(join(tmpdir(), "tq-faults-"));
+});
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+/** Writes its pid to `pidFile-<attempt>`, then blocks until `gate` exists. */
+const blocking = (name: string) =>
+  `echo $$ > '${join(dir, name)}-'$TQ_TASK_ATTEMPT; while [ ! -e '${join(dir, name)}.gate' ]; do sleep 0.02; done; echo "attempt $TQ_TASK_ATTEMPT"`;
+const pidOf = (name: string, attempt: number) => Number(readFileSync(join(dir, `${name}-${attempt}`), "utf8").trim());
+const openGate = (name: string) => writeFileSync(join(dir, `${name}.gate`), "");
+
+async function workerId(worker: RoleProcess): Promise<string> {
+  return String((await worker.waitForMsg("worker starting")).id);
+}
+
+async function events(taskId: string): Promise<string[]> {
+  const rows = await db.sql<{ kind: string; attempt: number }[]>`
+    SELECT kind, attempt FROM task_events WHERE task_id = ${taskId} ORDER BY id`;
+  return rows.map((row) => `${row.kind}#${row.attempt}`);
+}
+
+test("a frozen worker is declared dead and its task runs elsewhere; resumed, its stale copy is stopped", async () => {
+  const cluster = await startCluster(db.url, { workers: 0, slots: 1 });
+  try {
+    const frozen = await cluster.addWorker();
+    const { json: task } = await postJson(`${cluster.coordinatorUrl}/submit`, { command: blocking("freeze") });
+    const first = await watchTask(cluster.coordinatorUrl, task.id, (t) => t.state === "running");
+    expect(first.worker_id).toBe(await workerId(frozen));
+    const other = await cluster.addWorker();
+    frozen.kill("SIGSTOP");
+    const second = await watchTask(cluster.coordinatorUrl, task.id, (t) => t.state === "running" && t.attempt === 2);
+    expect(second.worker_id).toBe(await workerId(other));
+    const stalePid = pidOf("freeze", 1);
+    expect(isRunning(stalePid)).toBe(true);
+    frozen.kill("SIGCONT");
+    // Back, it reconnects and is told to stop the superseded attempt.
+    await frozen.waitFor((line) => line.msg === "task stopped" && line.attempt === 1, "the stale attempt stopped");
+    expect(isRunning(stalePid)).toBe(false);
+    openGate("freeze");
+    const done = await watchTask(cluster.coordinatorUrl, task.id);
+    expect(done).toMatchObject({ state: "succeeded", attempt: 2, stdout: "attempt 2\n" });
+    const history = await events(task.id);
+    expect(history).toContain("requeued#1");
+    expect(history.filter((e) => e.startsWith("succeeded"))).toEqual(["succeeded#2"]);
+    // It re-registered cleanly and takes work again.
+    const { json: next } = await postJson(`${cluster.coordinatorUrl}/tasks`, { command: "echo again" });
+    expect((await watchTask(cluster.coordinatorUrl, next.id)).state).toBe("succeeded");
+  } finally {
+    await cluster.stop();
+  }
+});
+
+test("cancelling a running task kills its process group; the task is cancelled", async () => {
+  const cluster = await startCluster(db.url, { workers: 1, slots: 1 });
+  try {
+    const { json: task } = await postJson(`${cluster.coordinatorUrl}/submit`, { command: blocking("cancel") });
+    await watchTask(cluster.coordinatorUrl, task.id, (t) => t.state === "running");
+    const pid = pidOf("cancel", 1);
+    const cancelled = await postJson(`${cluster.schedulerUrl}/tasks/${task.id}/cancel`, {});
+    expect(cancelled.status).toBe(200);
+    expect(cancelled.json).toMatchObject({ state: "cancelled" });
+    expect(cancelled.json.cancelled_at).toEqual(expect.any(String));
+    await cluster.workers[0]!.waitFor((l) => l.msg === "task stopped" && l.task === task.id, "the cancelled task stopped");
+    expect(isRunning(pid)).toBe(false);
+    const again = await postJson(`${cluster.coordinatorUrl}/tasks/${task.id}/cancel`, {});
+    expect(again.status).toBe(409);
+    expect(again.json.error.message).toContain("cancelled");
+    expect((await getJson(`${cluster.coordinatorUrl}/tasks/${task.id}`)).json.state).toBe("cancelled");
+  } finally {
+    await cluster.stop();
+  }
+});
+
+test("a timeout kills the whole process group, grandchildren included: state timed_out", async () => {
+  const cluster = await startCluster(db.url, { workers: 1, slots: 1, env: { TQ_KILL_GRACE_MS: "200" } });
+  try {
+    const pids = join(dir, "timeout-pids");
+    const { json: task } = await postJson(`${cluster.coordinatorUrl}/tasks`, {
+      command: `sleep 100 & echo $! > '${pids}'; sleep 100 & echo $! >> '${pids}'; wait`,
+      timeout_ms: 300,
+      max_attempts: 1,
+    });
+    const done = await watchTask(cluster.coordinatorUrl, task.id);
+    expect(done).toMatchObject({ state: "timed_out", attempt: 1 });
+    expect(done.error).toContain("timed out after 300 ms");
+    expect(done.failed_at).toEqual(expect.any(String));
+    const children = readFileSync(pids, "utf8").trim().split("\n").map(Number);
+    expect(children).toHaveLength(2);
+    for (const pid of children) expect(isRunning(pid)).toBe(false);
+  } finally {
+    await cluster.stop();
+  }
+});
+
+test("a failed attempt is retried after its backoff and the next one succeeds", async () => {
+  const cluster = await startCluster(db.url, { workers: 1, slots: 1 });
+  try {
+    const { json: task } = await postJson(`${cluster.coordinatorUrl}/tasks`, {
+      command: `[ "$TQ_TASK_ATTEMPT" -ge 2 ] || exit 7; echo "attempt $TQ_TASK_ATTEMPT"`,
+      max_attempts: 3,
+      retry: { backoff_base_ms: 50, backoff_cap_ms: 100 },
+    });
+    const done = await watchTask(cluster.coordinatorUrl, task.id);
+    expect(done).toMatchObject({ state: "succeeded", attempt: 2, stdout: "attempt 2\n" });
+    const history = await events(task.id);
+    expect(history.filter((e) => /^(failed|succeeded)/.test(e))).toEqual(["failed#1", "succeeded#2"]);
+  } finally {
+    await cluster.stop();
+  }
+});
+
+describe("two coordinators", () => {
+  test("killing one: its worker fails over to the other and delivers its result; nothing runs twice", async () => {
+    const a = await startCluster(db.url, { workers: 0, scheduler: false, env: { TQ_HEARTBEAT_TIMEOUT_MS: "5000" } });
+    const b = await startCluster(db.url, { workers: 0, scheduler: false, env: { TQ_HEARTBEAT_TIMEOUT_MS: "5000" } });
+    try {
+      // The worker knows both; it starts on a random one, so make sure it is on A first.
+      const worker = await a.addWorker({ TQ_COORDINATOR_ADDRESSES: `${a.grpcAddress},${b.grpcAddress}` });
+      const joined = await worker.waitForMsg("connected");
+      const onA = String(joined.coordinator) === String((await a.coordinator.waitForMsg("coordinator started")).id);
+      const [home, away] = onA ? [a, b] : [b, a];
+      const { json: task } = await postJson(`${home.coordinatorUrl}/submit`, { command: blocking("failover") });
+      await watchTask(home.coordinatorUrl, task.id, (t) => t.state === "running");
+      home.coordinator.kill("SIGKILL");
+      await home.coordinator.exited;
+      const awayId = String((await away.coordinator.waitForMsg("coordinator started")).id);
+      await worker.waitFor((l) => l.msg === "connected" && l.coordinator === awayId, "a connect to the other coordinator");
+      openGate("failover");
+      const done = await watchTask(away.coordinatorUrl, task.id);
+      expect(done).toMatchObject({ state: "succeeded", attempt: 1, stdout: "attempt 1\n" });
+      expect(await events(task.id)).not.toContain("requeued#1");
+    } finally {
+      await a.stop();
+      await b.stop();
+    }
+  });
+});
+
+test("every role stops cleanly on SIGTERM", async () => {
+  const env = { DATABASE_URL: db.url };
+  const coordinator = spawnRole("coordinator", {
+    ...env,
+    TQ_COORDINATOR_PORT: String(await freePort()),
+    TQ_GRPC_PORT: String(await freePort()),
+  });
+  const scheduler = spawnRole("scheduler", { ...env, TQ_SCHEDULER_PORT: String(await freePort()) });
+  await Promise.all([coordinator.waitForMsg("coordinator started"), scheduler.waitForMsg("scheduler started")]);
+  coordinator.kill("SIGTERM");
+  scheduler.kill("SIGTERM");
+  expect(await coordinator.exited).toBe(0);
+  expect(await scheduler.exited).toBe(0);
+  await coordinator.waitForMsg("coordinator stopped");
+  await scheduler.waitForMsg("scheduler stopped");
+});
