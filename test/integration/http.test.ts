@@ -622,3 +622,46 @@ describe("failures", () => {
     expect(logged[0].err.message).toContain("secret detail");
   });
 });
+
+describe("Idempotency-Key", () => {
+  test("a repeated submit returns the original task with 200; the first is 201", async () => {
+    const headers = { "idempotency-key": "order-42" };
+    const first = await post("/tasks", { command: "echo once" }, { headers });
+    expect(first.status).toBe(201);
+    expect(first.json.idempotency_key).toBe("order-42");
+    const again = await post("/tasks", { command: "echo once" }, { headers });
+    expect(again.status).toBe(200);
+    expect(again.headers.get("idempotent-replayed")).toBe("true");
+    expect(again.json.id).toBe(first.json.id);
+    const viaSchedule = await post("/schedule", { command: "echo s", scheduled_at: "2030-01-01T00:00:00Z" }, { headers: { "idempotency-key": "s-1" } });
+    const scheduleAgain = await post("/schedule", { command: "echo s", scheduled_at: "2030-01-01T00:00:00Z" }, { headers: { "idempotency-key": "s-1" } });
+    expect(scheduleAgain.json.task_id).toBe(viaSchedule.json.task_id);
+    const count = await db.sql<{ n: number }[]>`SELECT count(*)::int AS n FROM tasks`;
+    expect(count[0]?.n).toBe(2);
+  });
+
+  test("the same key with a different request is a 409 naming the original task", async () => {
+    const headers = { "idempotency-key": "k-9" };
+    const first = await post("/submit", { command: "echo a" }, { headers });
+    const other = await post("/submit", { command: "echo b" }, { headers });
+    expectError(other, 409, "conflict", undefined, /already used for a different request/);
+    expect(other.json.error.message).toContain(first.json.id);
+  });
+
+  test("concurrent repeats create one task", async () => {
+    const headers = { "idempotency-key": "burst" };
+    const answers = await Promise.all(Array.from({ length: 8 }, () => post("/submit", { command: "echo burst" }, { headers })));
+    expect(answers.filter((a) => a.status === 201)).toHaveLength(1);
+    expect(answers.filter((a) => a.status === 200)).toHaveLength(7);
+    expect(new Set(answers.map((a) => a.json.id)).size).toBe(1);
+  });
+
+  test("a malformed key is a 400 naming the header, and writes nothing", async () => {
+    const answer = await post("/submit", { command: "echo x" }, { headers: { "idempotency-key": "has spaces" } });
+    expectError(answer, 400, "invalid_argument", "Idempotency-Key", /visible ASCII/);
+    const long = await post("/submit", { command: "echo x" }, { headers: { "idempotency-key": "k".repeat(300) } });
+    expectError(long, 400, "invalid_argument", "Idempotency-Key", /at most 255/);
+    const count = await db.sql<{ n: number }[]>`SELECT count(*)::int AS n FROM tasks`;
+    expect(count[0]?.n).toBe(0);
+  });
+});

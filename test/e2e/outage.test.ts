@@ -1,0 +1,74 @@
+// A PostgreSQL outage, on a cluster of this test's own (so that it can be stopped): the APIs
+// answer 503 promptly, results are held and delivered afterwards, dispatch resumes by
+// itself, and nothing acknowledged is lost or run again.
+import { afterAll, beforeAll, expect, test } from "bun:test";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { startEmbedded, type EmbeddedDatabase } from "../../src/db/embedded";
+import { freePort, HOOK_TIMEOUT_MS } from "../support/db";
+import { startCluster, type Cluster } from "../support/processes";
+import { postJson, watchTask } from "../support/http";
+
+let dir: string;
+let pgDir: string;
+let pg: EmbeddedDatabase;
+let cluster: Cluster;
+
+beforeAll(async () => {
+  dir = mkdtempSync(join(tmpdir(), "tq-outage-"));
+  // Its own folder: started by root, PostgreSQL runs as user postgres, which must reach it.
+  pgDir = mkdtempSync(join(tmpdir(), "tq-outage-pg-"));
+  pg = await startEmbedded({ dataDir: pgDir, port: await freePort(), settings: { fsync: "off" } });
+  cluster = await startCluster(pg.url, { workers: 1, slots: 2, env: { TQ_HEARTBEAT_TIMEOUT_MS: "1000" } });
+}, 90_000);
+
+afterAll(async () => {
+  await cluster?.stop();
+  await pg?.stop();
+  rmSync(dir, { recursive: true, force: true });
+  rmSync(pgDir, { recursive: true, force: true });
+}, HOOK_TIMEOUT_MS);
+
+async function timed<T>(work: () => Promise<T>): Promise<{ value: T; ms: number }> {
+  const started = performance.now();
+  const value = await work();
+  return { value, ms: performance.now() - started };
+}
+
+test("while PostgreSQL is down the APIs answer 503, and afterwards everything carries on", async () => {
+  const gate = join(dir, "gate");
+  const { json: task } = await postJson(`${cluster.coordinatorUrl}/submit`, {
+    command: `while [ ! -e '${gate}' ]; do sleep 0.02; done; echo "attempt $TQ_TASK_ATTEMPT"`,
+  });
+  await watchTask(cluster.coordinatorUrl, task.id, (t) => t.state === "running");
+
+  await pg.stop();
+  for (const url of [cluster.coordinatorUrl, cluster.schedulerUrl]) {
+    const read = await timed(() => fetch(`${url}/tasks/${task.id}`));
+    expect(read.value.status).toBe(503);
+    const body = (await read.value.json()) as { error: { code: string; message: string } };
+    expect(body.error.code).toBe("unavailable");
+    expect(body.error.message).not.toMatch(/ECONNREFUSED|127\.0\.0\.1|postgres/i);
+    expect(read.ms).toBeLessThan(5000);
+    const write = await timed(() => postJson(`${url}/submit`, { command: "echo lost?" }));
+    expect(write.value.status).toBe(503);
+    expect((await fetch(`${url}/readyz`)).status).toBe(503);
+    expect((await fetch(`${url}/healthz`)).status).toBe(200);
+  }
+  // The task finishes while the database is away: the worker holds the result.
+  writeFileSync(gate, "");
+  await cluster.coordinator.waitForMsg("recording a result failed; retrying");
+
+  await pg.restart();
+  const done = await watchTask(cluster.coordinatorUrl, task.id);
+  expect(done).toMatchObject({ state: "succeeded", attempt: 1, stdout: "attempt 1\n" });
+  // Dispatch resumed by itself.
+  const { status, json: next } = await postJson(`${cluster.schedulerUrl}/submit`, { command: "echo after" });
+  expect(status).toBe(201);
+  expect(await watchTask(cluster.coordinatorUrl, next.id)).toMatchObject({ state: "succeeded", stdout: "after\n" });
+  // The 503 submits left nothing behind.
+  const after = await fetch(`${cluster.coordinatorUrl}/tasks?limit=10`);
+  const listed = (await after.json()) as { tasks: { command: string }[] };
+  expect(listed.tasks.map((t) => t.command)).not.toContain("echo lost?");
+}, 60_000);
