@@ -67,7 +67,7 @@ export class Completer {
         if (action.kind === "record") applied = (await finishAttempt(this.options.sql, target, action.result)).applied !== null;
         // The requeue's NOTIFY wakes every coordinator's dispatcher.
         else if (action.kind === "requeue") applied = (await requeueAttempt(this.options.sql, target, action.reason)) !== null;
-        else await recordStopped(this.options.sql, target);
+        else await recordStopped(this.options.sql, target, action.reason);
         worker.send(create(CoordinatorMessageSchema, { payload: { case: "ack", value: { ref, stale: !applied } } }));
         return;
       } catch (error) {

@@ -5,11 +5,12 @@
 import { create } from "@bufbuild/protobuf";
 import { CoordinatorMessageSchema } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Sql } from "../db/sql";
-import { claimDue, insertTask, nextDueIn, requeueWorkerTasks, type InsertOutcome } from "../db/tasks";
+import { claimDue, insertTask, nextDueIn, requeueAttempt, type InsertOutcome } from "../db/tasks";
 import type { TaskChange } from "../db/notify";
 import type { Logger } from "../log";
 import type { Task, TaskSpec } from "../task/task";
 import { attemptKey, type WorkerRegistry } from "./registry";
+import { toTimestamp } from "../rpc/convert";
 
 export interface DispatcherOptions {
   sql: Sql;
@@ -103,15 +104,9 @@ export class Dispatcher {
       return outcome;
     }
     const task = outcome.task;
-    if (this.options.registry.isCurrent(worker)) {
-      this.assign(worker.id, task);
-    } else {
-      // The worker left while we were inserting; its lost-worker requeue ran before our
-      // commit and did not see this task.
-      await requeueWorkerTasks(this.options.sql, worker.id, "worker lost").catch((error) =>
-        this.options.log.warn({ err: error, task: id }, "requeue after a lost fast-path worker failed; its lease will lapse"),
-      );
-    }
+    // The worker may have left while we were inserting (its lost-worker requeue ran before
+    // our commit and did not see this task): then assign() gives the attempt back.
+    this.assign(worker.id, task);
     return outcome;
   }
 
@@ -150,11 +145,18 @@ export class Dispatcher {
     }
   }
 
-  /** Pushes an Assign to the worker, or requeues when it is gone. */
+  /**
+   * Pushes an Assign to the worker. One that left since the task was given to it gets
+   * nothing, and this one attempt goes back to the queue (if that fails, its lease lapses).
+   * Only the attempt: the worker may hold other tasks through another coordinator by now.
+   */
   private assign(workerId: string, task: Task): void {
     const worker = this.options.registry.get(workerId);
     if (!worker) {
-      void requeueWorkerTasks(this.options.sql, workerId, "worker lost").catch(() => {});
+      const ref = { id: task.id, attempt: task.attempt, workerId };
+      void requeueAttempt(this.options.sql, ref, "worker left before the assignment was sent").catch((error) =>
+        this.options.log.warn({ err: error, task: task.id }, "giving back an unsent assignment failed; its lease will lapse"),
+      );
       return;
     }
     worker.send(
@@ -167,6 +169,7 @@ export class Dispatcher {
             env: task.env,
             cwd: task.cwd ?? "",
             timeoutMs: task.timeout_ms,
+            leaseExpiresAt: toTimestamp(task.lease_expires_at),
           },
         },
       }),

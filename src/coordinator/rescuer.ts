@@ -6,7 +6,7 @@
 // lapsed (its worker or its coordinator died, or the assignment never arrived).
 import { create } from "@bufbuild/protobuf";
 import { CoordinatorMessageSchema } from "../gen/taskqueue/v1/worker_service_pb";
-import type { Sql } from "../db/sql";
+import { ping, type Sql } from "../db/sql";
 import { renewLeases, requeueExpiredLeases, type AttemptRef } from "../db/tasks";
 import { touchWorkers } from "../db/workers";
 import type { Logger } from "../log";
@@ -27,9 +27,10 @@ export interface RescuerOptions {
 export class Rescuer {
   private timers: ReturnType<typeof setInterval>[] = [];
   private busy: Promise<void> | null = null;
-  /** After the database was unreachable, no lease is judged until this (performance.now()). */
+  /** After renewals were held up, no lease is judged until this (performance.now()). */
   private graceUntil = 0;
-  private failing = false;
+  /** When renewals last succeeded (performance.now()). */
+  private lastRenewal = performance.now();
 
   constructor(private readonly options: RescuerOptions) {}
 
@@ -59,49 +60,55 @@ export class Rescuer {
   }
 
   private async pass(): Promise<void> {
-    const { sql, registry, coordinatorId, heartbeatTimeoutMs, log } = this.options;
+    const { sql, registry, coordinatorId, heartbeatIntervalMs, heartbeatTimeoutMs, log } = this.options;
     try {
       const workers = registry.all();
       await touchWorkers(sql, coordinatorId, workers.map((w) => w.id));
       await this.renew(workers);
-      if (this.failing) {
-        // Nobody could renew while the database was away: give every coordinator one lease
-        // period to renew its workers' leases before any lapse is believed.
-        this.failing = false;
-        this.graceUntil = performance.now() + heartbeatTimeoutMs;
-        log.info({ graceMs: heartbeatTimeoutMs }, "database back: renewing leases before rescuing any");
+      const now = performance.now();
+      const gap = now - this.lastRenewal;
+      this.lastRenewal = now;
+      if (gap > 2 * heartbeatIntervalMs + 100) {
+        // Renewals were held up (the database was away or slow, or this process stalled), so
+        // nobody's leases were renewed: a lapse now says nothing about the workers. Give every
+        // coordinator one lease period to renew before believing any.
+        this.graceUntil = now + heartbeatTimeoutMs;
+        log.info({ gapMs: Math.round(gap), graceMs: heartbeatTimeoutMs }, "renewals were held up: renewing leases before rescuing any");
         return;
       }
-      if (performance.now() < this.graceUntil) return;
+      if (now < this.graceUntil) return;
       const rescued = await requeueExpiredLeases(sql);
       if (rescued.length > 0) {
         log.warn({ tasks: rescued.map((t) => t.id) }, "requeued tasks whose lease lapsed");
       }
     } catch (error) {
-      this.failing = true;
       log.warn({ err: error }, "renewing leases failed");
     }
   }
 
   /** Renews what the workers report; stops what no longer holds its task; forgets lost deliveries. */
   private async renew(workers: WorkerConnection[]): Promise<void> {
-    const refs: AttemptRef[] = [];
-    for (const worker of workers) {
-      for (const ref of worker.reported) refs.push({ id: ref.taskId, attempt: ref.attempt, workerId: worker.id });
-    }
-    const renewed = await renewLeases(this.options.sql, refs, this.options.heartbeatTimeoutMs);
+    // A snapshot: heartbeats replace `reported` while the query runs, and only what was
+    // asked about can be judged by its answer.
+    const asked = workers.map((worker) => ({ worker, reported: worker.reported }));
+    const refs: AttemptRef[] = asked.flatMap(({ worker, reported }) =>
+      reported.map((ref) => ({ id: ref.taskId, attempt: ref.attempt, workerId: worker.id })),
+    );
+    // With nothing to renew, a round trip all the same: the gap check in pass() must see an
+    // outage even on a coordinator without workers, before it judges anyone's leases.
+    const renewed = refs.length > 0 ? await renewLeases(this.options.sql, refs, this.options.heartbeatTimeoutMs) : (await ping(this.options.sql), new Set<string>());
     const now = performance.now();
-    for (const worker of workers) {
-      const reported = new Set<string>();
-      for (const ref of worker.reported) {
+    for (const { worker, reported } of asked) {
+      const keys = new Set<string>();
+      for (const ref of reported) {
         const key = attemptKey(ref.taskId, ref.attempt);
-        reported.add(key);
+        keys.add(key);
         if (!renewed.has(key)) stopAttempt(worker, ref, "the attempt no longer holds its task");
       }
       // Assigned a lease ago and never reported: the assignment was lost on the way. Its
       // lease lapses (and the task is requeued); the slot is free.
       for (const [key, assignedAt] of worker.inFlight) {
-        if (!reported.has(key) && now - assignedAt > this.options.heartbeatTimeoutMs) worker.inFlight.delete(key);
+        if (!keys.has(key) && now - assignedAt > this.options.heartbeatTimeoutMs) worker.inFlight.delete(key);
       }
     }
   }

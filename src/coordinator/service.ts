@@ -204,12 +204,14 @@ export class WorkerSessions {
     log.info({ worker: connection.id, reason }, "worker left");
     for (let attempt = 0; ; attempt++) {
       try {
-        await markWorkerGone(sql, connection.id, coordinatorId);
+        // Already registered through another coordinator (a reconnect that outran our
+        // noticing the old stream end): that coordinator reconciled its tasks at Hello.
+        if (!(await markWorkerGone(sql, connection.id, coordinatorId))) return;
         const requeued = await requeueWorkerTasks(sql, connection.id, `worker lost (${reason})`);
         if (requeued.length > 0) log.warn({ worker: connection.id, tasks: requeued.map((t) => t.id) }, "requeued lost tasks");
         return;
       } catch (error) {
-        // The rescuer requeues them once the worker's heartbeat row goes stale.
+        // Their leases lapse and any coordinator's rescuer requeues them.
         if (attempt >= 2 || this.closed) {
           log.warn({ err: error, worker: connection.id }, "requeueing a lost worker's tasks failed; the rescuer will");
           return;

@@ -275,11 +275,15 @@ function requeueOrFail(sql: Sql, reason: string): Fragment {
  * Appends a `stopped` event: the worker stopped an attempt's process because it was told to
  * (the task was cancelled, or the attempt was superseded). The task itself does not change.
  */
-export async function recordStopped(sql: Sql, ref: { id: string; attempt: number; workerId: string }): Promise<void> {
+export async function recordStopped(
+  sql: Sql,
+  ref: { id: string; attempt: number; workerId: string },
+  reason: string,
+): Promise<void> {
   await sql`
     INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail)
     SELECT id, 'stopped', state, ${ref.attempt}, ${ref.workerId},
-           jsonb_build_object('current_attempt', attempt)
+           jsonb_build_object('reason', ${reason}::text, 'current_attempt', attempt)
     FROM tasks WHERE id = ${ref.id}`;
 }
 

@@ -76,7 +76,7 @@ export type FinishAction =
   /** The worker handed the task back (drain): requeue it. */
   | { kind: "requeue"; reason: string }
   /** The worker stopped it as told (cancelled or superseded): the task does not change. */
-  | { kind: "stopped" };
+  | { kind: "stopped"; reason: string };
 
 export function finishAction(finished: TaskFinished): FinishAction {
   const base = {
@@ -100,7 +100,7 @@ export function finishAction(finished: TaskFinished): FinishAction {
     case Outcome.ABANDONED:
       return { kind: "requeue", reason: base.error ?? "handed back by the worker" };
     case Outcome.CANCELLED:
-      return { kind: "stopped" };
+      return { kind: "stopped", reason: base.error ?? "told to stop" };
     case Outcome.SPAWN_FAILED:
     default:
       return {

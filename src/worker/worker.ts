@@ -3,7 +3,7 @@
 // running tasks keep running meanwhile, and results not yet acknowledged are re-sent on the
 // next stream. stop() drains: no new work, running tasks finish or are handed back.
 import { create } from "@bufbuild/protobuf";
-import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { timestampFromDate, timestampMs } from "@bufbuild/protobuf/wkt";
 import * as grpc from "@grpc/grpc-js";
 import {
   Outcome,
@@ -40,6 +40,8 @@ export interface WorkerOptions {
 interface Running {
   assign: Assign;
   execution: Execution;
+  /** Why the coordinator told us to stop it, if it did. */
+  stopReason?: string;
 }
 
 const OUTCOMES: Record<RunResult["outcome"], Outcome> = {
@@ -147,7 +149,11 @@ export class Worker {
       if (this.call === call) this.disconnected(address, why);
       client.close();
     };
-    call.on("data", (message: CoordinatorMessage) => this.receive(message));
+    // Messages still buffered from a stream that has failed are dropped: we have already told
+    // the next coordinator (in Hello) what we hold, and anything assigned there is requeued.
+    call.on("data", (message: CoordinatorMessage) => {
+      if (this.call === call && !closed) this.receive(message);
+    });
     call.on("error", (error: grpc.ServiceError) => onClosed(error.details || error.message));
     call.on("end", () => onClosed("stream ended"));
     call.on("close", () => onClosed("stream closed"));
@@ -210,6 +216,7 @@ export class Worker {
         const running = ref ? this.running.get(key(ref.taskId, ref.attempt)) : undefined;
         if (!ref || !running) return;
         this.options.log.info({ task: ref.taskId, attempt: ref.attempt, reason: payload.value.reason }, "stopping task");
+        running.stopReason ??= payload.value.reason || "cancelled";
         running.execution.stop("cancelled");
         return;
       }
@@ -235,7 +242,13 @@ export class Worker {
     if (this.running.has(k) || this.unacked.has(k)) return; // a duplicate delivery
     if (this.draining) {
       // Raced with our drain: hand it straight back.
-      this.report(abandoned(assign));
+      this.report(abandoned(assign, "the worker is draining"));
+      return;
+    }
+    if (assign.leaseExpiresAt && timestampMs(assign.leaseExpiresAt) < Date.now()) {
+      // Held up past its lease (we were frozen, say): it may already run elsewhere.
+      this.options.log.warn({ task: ref.taskId, attempt: ref.attempt }, "assignment arrived after its lease lapsed; not running it");
+      this.report(abandoned(assign, "the assignment arrived after its lease lapsed"));
       return;
     }
     const execution = execute({
@@ -247,7 +260,8 @@ export class Worker {
       maxOutputBytes: this.options.maxOutputBytes,
       baseEnv: this.options.baseEnv,
     });
-    this.running.set(k, { assign, execution });
+    const entry: Running = { assign, execution };
+    this.running.set(k, entry);
     if (execution.pid !== null) {
       this.write(
         create(WorkerMessageSchema, {
@@ -272,7 +286,7 @@ export class Worker {
         stderr: result.stderr,
         stdoutTruncated: result.stdoutTruncated,
         stderrTruncated: result.stderrTruncated,
-        error: result.error ?? "",
+        error: result.error ?? (result.outcome === "cancelled" ? (entry.stopReason ?? "") : ""),
         startedAt: timestampFromDate(result.startedAt),
         finishedAt: timestampFromDate(result.finishedAt),
       }));
@@ -364,12 +378,12 @@ function finishedMessage(finished: TaskFinished): WorkerMessage {
   return create(WorkerMessageSchema, { payload: { case: "finished", value: finished } });
 }
 
-function abandoned(assign: Assign): TaskFinished {
+function abandoned(assign: Assign, why: string): TaskFinished {
   const now = timestampFromDate(new Date());
   return create(TaskFinishedSchema, {
     ref: assign.ref,
     outcome: Outcome.ABANDONED,
-    error: "the worker is draining",
+    error: why,
     startedAt: now,
     finishedAt: now,
   });

@@ -101,5 +101,5 @@ test("a worker's report becomes the right action", () => {
     result: { state: "failed", error: "the worker reported no outcome" },
   });
   expect(finishAction(finished({ outcome: Outcome.ABANDONED }))).toEqual({ kind: "requeue", reason: "handed back by the worker" });
-  expect(finishAction(finished({ outcome: Outcome.CANCELLED }))).toEqual({ kind: "stopped" });
+  expect(finishAction(finished({ outcome: Outcome.CANCELLED, error: "cancelled" }))).toEqual({ kind: "stopped", reason: "cancelled" });
 });
