@@ -5,10 +5,11 @@
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { cpus, tmpdir } from "node:os";
 import { join } from "node:path";
+import { failover } from "./failover";
 import { latency } from "./latency";
 import { closeAllScopes, type Bench, type BenchResult } from "./support";
 
-const BENCHES: readonly Bench[] = [latency];
+const BENCHES: readonly Bench[] = [latency, failover];
 
 const ROOT = join(import.meta.dir, "..");
 const RESULTS_DIR = join(import.meta.dir, "results");

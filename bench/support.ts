@@ -166,6 +166,9 @@ export interface BenchCluster {
   coordinatorUrl: string;
   schedulerUrl: string;
   processes: RoleProcess[];
+  workers: RoleProcess[];
+  /** Starts one more worker process; resolves once it is connected. */
+  addWorker(): Promise<RoleProcess>;
   /** The last lines each process logged, for a failure report. */
   logs(lines?: number): string;
 }
@@ -216,19 +219,25 @@ export async function startBenchCluster(
   });
   const scheduler = spawn("scheduler", { ...options.env, DATABASE_URL: databaseUrl, TQ_SCHEDULER_PORT: String(schedulerPort) });
   await Promise.all([ready(coordinator, "coordinator started"), ready(scheduler, "scheduler started")]);
-  const workers = Array.from({ length: options.workers }, () =>
+  const workers: RoleProcess[] = [];
+  const addWorker = async () => {
     // No DATABASE_URL: workers hold no database credentials.
-    spawn("worker", {
+    const worker = spawn("worker", {
       ...options.env,
       TQ_COORDINATOR_ADDRESSES: `127.0.0.1:${grpcPort}`,
       TQ_WORKER_SLOTS: String(options.slots),
-    }),
-  );
-  await Promise.all(workers.map((worker) => ready(worker, "connected")));
+    });
+    workers.push(worker);
+    await ready(worker, "connected");
+    return worker;
+  };
+  await Promise.all(Array.from({ length: options.workers }, addWorker));
   return {
     coordinatorUrl: `http://127.0.0.1:${httpPort}`,
     schedulerUrl: `http://127.0.0.1:${schedulerPort}`,
     processes,
+    workers,
+    addWorker,
     logs(lines = 40) {
       return processes
         .map((p) => `--- ${p.role} (pid ${p.pid}), last ${Math.min(lines, p.raw.length)} of ${p.raw.length} lines:\n${p.raw.slice(-lines).join("\n")}`)
