@@ -42,7 +42,9 @@ async function workerIds(workers: RoleProcess[]): Promise<Map<string, RoleProces
 /** One trial: returns ms from the fault to the next attempt's shell starting. */
 async function trial(cluster: BenchCluster, fifo: FifoSignals, fault: Fault, gateDir: string, i: number): Promise<number> {
   const gate = join(gateDir, `${fault}-${i}`);
-  const signal = `echo "$TQ_TASK_ID-$TQ_TASK_ATTEMPT" > '${fifo.path}'`;
+  // The first attempt signals "<id>-1", any later one "<id>-again": the rescue is whichever
+  // attempt runs next.
+  const signal = `if [ "$TQ_TASK_ATTEMPT" = 1 ]; then echo "$TQ_TASK_ID-1"; else echo "$TQ_TASK_ID-again"; fi > '${fifo.path}'`;
   const response = await fetch(`${cluster.coordinatorUrl}/submit`, {
     method: "POST",
     headers: { "content-type": "application/json" },
@@ -57,7 +59,7 @@ async function trial(cluster: BenchCluster, fifo: FifoSignals, fault: Fault, gat
 
   const faultAt = performance.now();
   victim.kill(fault === "crash" ? "SIGKILL" : "SIGSTOP");
-  const restartedAt = await fifo.waitFor(`${id}-2`, STEP_TIMEOUT_MS);
+  const restartedAt = await fifo.waitFor(`${id}-again`, STEP_TIMEOUT_MS);
 
   // Put things back: release the task, bring the worker back, and wait until it is done.
   writeFileSync(gate, "");

@@ -27,7 +27,7 @@ export interface CoordinatorInfo {
 
 export class Coordinator {
   readonly id: string;
-  readonly registry = new WorkerRegistry();
+  readonly registry: WorkerRegistry;
   private readonly sql: Sql;
   private readonly feed: TaskChangeFeed;
   private readonly dispatcher: Dispatcher;
@@ -46,6 +46,11 @@ export class Coordinator {
     private readonly log: Logger,
   ) {
     this.id = config.TQ_COORDINATOR_ID ?? `${hostname()}:${config.TQ_GRPC_PORT}`;
+    // A worker silent for two intervals may be frozen: it gets no new work meanwhile.
+    this.registry = new WorkerRegistry(2 * config.TQ_HEARTBEAT_INTERVAL_MS);
+    // An attempt's lease outlasts the heartbeat timeout by an interval, so that a silent
+    // worker is declared dead (and left out of dispatch) before its leases lapse.
+    const leaseMs = config.TQ_HEARTBEAT_TIMEOUT_MS + config.TQ_HEARTBEAT_INTERVAL_MS;
     this.sql = connect(databaseUrl, { max: config.TQ_DB_POOL_SIZE, applicationName: `task-queue coordinator ${this.id}` });
     this.feed = new TaskChangeFeed(this.sql);
     this.dispatcher = new Dispatcher({
@@ -54,7 +59,7 @@ export class Coordinator {
       coordinatorId: this.id,
       log: log.child({ part: "dispatcher" }),
       safetyPollMs: config.TQ_SAFETY_POLL_MS,
-      leaseMs: config.TQ_HEARTBEAT_TIMEOUT_MS,
+      leaseMs,
     });
     this.completer = new Completer({
       sql: this.sql,
@@ -71,6 +76,7 @@ export class Coordinator {
       log: log.child({ part: "sessions" }),
       heartbeatIntervalMs: config.TQ_HEARTBEAT_INTERVAL_MS,
       heartbeatTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS,
+      leaseMs,
     });
     this.rescuer = new Rescuer({
       sql: this.sql,
@@ -79,6 +85,7 @@ export class Coordinator {
       log: log.child({ part: "rescuer" }),
       heartbeatIntervalMs: config.TQ_HEARTBEAT_INTERVAL_MS,
       heartbeatTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS,
+      leaseMs,
       onSilent: this.sessions.onSilent,
     });
     const deps: ApiDeps = {

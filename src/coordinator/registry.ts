@@ -27,6 +27,12 @@ export const attemptKey = (taskId: string, attempt: number) => `${taskId}:${atte
 export class WorkerRegistry {
   private readonly workers = new Map<string, WorkerConnection>();
 
+  /**
+   * @param suspectAfterMs A worker silent this long gets no new work while the heartbeat
+   *   timeout decides whether it is dead (it may be frozen). Defaults to never.
+   */
+  constructor(private readonly suspectAfterMs = Number.POSITIVE_INFINITY) {}
+
   get size(): number {
     return this.workers.size;
   }
@@ -57,8 +63,14 @@ export class WorkerRegistry {
     return this.workers.get(connection.id) === connection;
   }
 
-  freeSlots(connection: WorkerConnection): number {
-    return connection.draining ? 0 : Math.max(0, connection.slots - connection.inFlight.size);
+  /** Silent long enough that it gets no new work for now. */
+  isSuspect(connection: WorkerConnection, now = performance.now()): boolean {
+    return now - connection.lastSeen > this.suspectAfterMs;
+  }
+
+  freeSlots(connection: WorkerConnection, now = performance.now()): number {
+    if (connection.draining || this.isSuspect(connection, now)) return 0;
+    return Math.max(0, connection.slots - connection.inFlight.size);
   }
 
   totalFree(): number {
@@ -74,8 +86,9 @@ export class WorkerRegistry {
    */
   slotPlan(limit = Number.POSITIVE_INFINITY): string[] {
     const free = new Map<string, number>();
+    const now = performance.now();
     for (const worker of this.workers.values()) {
-      const n = this.freeSlots(worker);
+      const n = this.freeSlots(worker, now);
       if (n > 0) free.set(worker.id, n);
     }
     const plan: string[] = [];

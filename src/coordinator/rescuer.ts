@@ -18,8 +18,10 @@ export interface RescuerOptions {
   coordinatorId: string;
   log: Logger;
   heartbeatIntervalMs: number;
-  /** Also the lease: an attempt not reported for this long is lost. */
+  /** Silence after which a worker is declared dead. */
   heartbeatTimeoutMs: number;
+  /** An attempt not reported for this long is lost (longer than the heartbeat timeout). */
+  leaseMs: number;
   /** Declares a silent worker dead (closes its stream, requeues its tasks). */
   onSilent: (worker: WorkerConnection) => void;
 }
@@ -60,7 +62,7 @@ export class Rescuer {
   }
 
   private async pass(): Promise<void> {
-    const { sql, registry, coordinatorId, heartbeatIntervalMs, heartbeatTimeoutMs, log } = this.options;
+    const { sql, registry, coordinatorId, heartbeatIntervalMs, leaseMs, log } = this.options;
     try {
       const workers = registry.all();
       await touchWorkers(sql, coordinatorId, workers.map((w) => w.id));
@@ -72,8 +74,8 @@ export class Rescuer {
         // Renewals were held up (the database was away or slow, or this process stalled), so
         // nobody's leases were renewed: a lapse now says nothing about the workers. Give every
         // coordinator one lease period to renew before believing any.
-        this.graceUntil = now + heartbeatTimeoutMs;
-        log.info({ gapMs: Math.round(gap), graceMs: heartbeatTimeoutMs }, "renewals were held up: renewing leases before rescuing any");
+        this.graceUntil = now + leaseMs;
+        log.info({ gapMs: Math.round(gap), graceMs: leaseMs }, "renewals were held up: renewing leases before rescuing any");
         return;
       }
       if (now < this.graceUntil) return;
@@ -96,7 +98,8 @@ export class Rescuer {
     );
     // With nothing to renew, a round trip all the same: the gap check in pass() must see an
     // outage even on a coordinator without workers, before it judges anyone's leases.
-    const renewed = refs.length > 0 ? await renewLeases(this.options.sql, refs, this.options.heartbeatTimeoutMs) : (await ping(this.options.sql), new Set<string>());
+    const renewed =
+      refs.length > 0 ? await renewLeases(this.options.sql, refs, this.options.leaseMs) : (await ping(this.options.sql), new Set<string>());
     const now = performance.now();
     for (const { worker, reported } of asked) {
       const keys = new Set<string>();
@@ -108,7 +111,7 @@ export class Rescuer {
       // Assigned a lease ago and never reported: the assignment was lost on the way. Its
       // lease lapses (and the task is requeued); the slot is free.
       for (const [key, assignedAt] of worker.inFlight) {
-        if (!keys.has(key) && now - assignedAt > this.options.heartbeatTimeoutMs) worker.inFlight.delete(key);
+        if (!keys.has(key) && now - assignedAt > this.options.leaseMs) worker.inFlight.delete(key);
       }
     }
   }

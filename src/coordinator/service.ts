@@ -31,6 +31,8 @@ export interface WorkerSessionsOptions {
   log: Logger;
   heartbeatIntervalMs: number;
   heartbeatTimeoutMs: number;
+  /** Lease of an attempt, renewed at Hello for what the worker holds. */
+  leaseMs: number;
   /** How long a new stream may take to say Hello. Defaults to 10 s. */
   helloTimeoutMs?: number;
 }
@@ -86,7 +88,11 @@ export class WorkerSessions {
         });
         return;
       }
-      session.lastSeen = performance.now();
+      const now = performance.now();
+      // Back from a silence that kept work away from it: look for work for it.
+      const wasSuspect = this.options.registry.isSuspect(session, now);
+      session.lastSeen = now;
+      if (wasSuspect) this.options.dispatcher.wake();
       switch (payload.case) {
         case "heartbeat":
           session.reported = payload.value.running.map((ref) => ({ taskId: ref.taskId, attempt: ref.attempt }));
@@ -168,7 +174,7 @@ export class WorkerSessions {
     // meanwhile) it is told to stop. What the database says it holds but the worker does not
     // know of (lost in a coordinator crash) goes back to the queue.
     const held = hello.inFlight.map((ref) => ({ id: ref.taskId, attempt: ref.attempt, workerId: connection.id }));
-    const renewed = await renewLeases(sql, held, this.options.heartbeatTimeoutMs);
+    const renewed = await renewLeases(sql, held, this.options.leaseMs);
     const requeued = await requeueWorkerTasks(sql, connection.id, "not held by the worker after reconnecting", [
       ...connection.inFlight.keys(),
     ]);

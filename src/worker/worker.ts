@@ -80,7 +80,7 @@ export class Worker {
   constructor(private readonly options: WorkerOptions) {
     this.id = options.id ?? Bun.randomUUIDv7();
     this.addressIndex = Math.floor(Math.random() * options.addresses.length);
-    this.leaseMs = options.heartbeatTimeoutMs;
+    this.leaseMs = options.heartbeatTimeoutMs + options.heartbeatIntervalMs;
   }
 
   /** Starts dialing; resolves at once (the worker keeps reconnecting on its own). */
@@ -200,7 +200,10 @@ export class Worker {
       case "welcome":
         this.welcomed = true;
         this.failures = 0;
-        if (payload.value.heartbeatTimeoutMs > 0) this.leaseMs = payload.value.heartbeatTimeoutMs;
+        // The coordinator's lease on our attempts: its heartbeat timeout plus an interval.
+        if (payload.value.heartbeatTimeoutMs > 0) {
+          this.leaseMs = payload.value.heartbeatTimeoutMs + payload.value.heartbeatIntervalMs;
+        }
         if (this.leaseTimer) clearTimeout(this.leaseTimer);
         this.leaseTimer = null;
         this.options.log.info({ coordinator: payload.value.coordinatorId }, "connected");

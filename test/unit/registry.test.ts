@@ -47,3 +47,18 @@ test("a reconnecting worker replaces its old connection, which can no longer rem
   expect(registry.remove(fresh)).toBe(true);
   expect(registry.size).toBe(0);
 });
+
+test("a worker silent past the suspect time gets no new work until it speaks again", () => {
+  const registry = new WorkerRegistry(1000);
+  const quiet = worker("quiet", 2);
+  const chatty = worker("chatty", 1);
+  const now = performance.now();
+  quiet.lastSeen = now - 5000;
+  chatty.lastSeen = now;
+  registry.add(quiet);
+  registry.add(chatty);
+  expect(registry.isSuspect(quiet)).toBe(true);
+  expect(registry.slotPlan()).toEqual(["chatty"]);
+  quiet.lastSeen = performance.now();
+  expect(registry.slotPlan()).toEqual(["quiet", "quiet", "chatty"]);
+});
