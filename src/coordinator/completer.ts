@@ -4,7 +4,7 @@
 import { create } from "@bufbuild/protobuf";
 import { CoordinatorMessageSchema, type TaskFinished, type TaskStarted } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Sql } from "../db/sql";
-import { finishAttempt, markStarted, recordStopped, requeueAttempt } from "../db/tasks";
+import { finishAttempt, markStarted, recordAttemptNote, requeueAttempt } from "../db/tasks";
 import { finishAction, fromTimestamp } from "../rpc/convert";
 import type { Logger } from "../log";
 import { attemptKey, type WorkerConnection, type WorkerRegistry } from "./registry";
@@ -67,7 +67,7 @@ export class Completer {
         if (action.kind === "record") applied = (await finishAttempt(this.options.sql, target, action.result)).applied !== null;
         // The requeue's NOTIFY wakes every coordinator's dispatcher.
         else if (action.kind === "requeue") applied = (await requeueAttempt(this.options.sql, target, action.reason)) !== null;
-        else await recordStopped(this.options.sql, target, action.reason);
+        else await recordAttemptNote(this.options.sql, target, "stopped", { reason: action.reason });
         worker.send(create(CoordinatorMessageSchema, { payload: { case: "ack", value: { ref, stale: !applied } } }));
         return;
       } catch (error) {

@@ -239,20 +239,25 @@ export async function finishAttempt(
       stderr_truncated: result.stderrTruncated,
     })}`;
   const applied = strip(rows)[0] ?? null;
-  if (!applied) await recordStale(sql, ref, result.state);
+  if (!applied) await recordAttemptNote(sql, ref, "stale", { reported: result.state });
   return { applied };
 }
 
-/** Appends a `stale` event: a report for an attempt that no longer holds the task. */
-export async function recordStale(
+/**
+ * Appends an event about one attempt that does not change the task: `stale`, a report for an
+ * attempt that no longer holds the task; `stopped`, the worker stopped an attempt's process
+ * as it was told (the task was cancelled, or the attempt superseded).
+ */
+export async function recordAttemptNote(
   sql: Sql,
   ref: { id: string; attempt: number; workerId: string },
-  reported: string,
+  kind: "stale" | "stopped",
+  note: { reported: string } | { reason: string },
 ): Promise<void> {
   await sql`
     INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail)
-    SELECT id, 'stale', state, ${ref.attempt}, ${ref.workerId},
-           jsonb_build_object('reported', ${reported}::text, 'current_attempt', attempt)
+    SELECT id, ${kind}, state, ${ref.attempt}, ${ref.workerId},
+           ${sql.json(note)}::jsonb || jsonb_build_object('current_attempt', attempt)
     FROM tasks WHERE id = ${ref.id}`;
 }
 
@@ -269,22 +274,6 @@ function requeueOrFail(sql: Sql, reason: string): Fragment {
     error = CASE WHEN attempt < max_attempts AND retry_on_lost THEN error
                  WHEN NOT retry_on_lost THEN ${reason} || '; the task does not retry a lost worker'
                  ELSE ${reason} || '; no attempts left (' || max_attempts || ')' END`;
-}
-
-/**
- * Appends a `stopped` event: the worker stopped an attempt's process because it was told to
- * (the task was cancelled, or the attempt was superseded). The task itself does not change.
- */
-export async function recordStopped(
-  sql: Sql,
-  ref: { id: string; attempt: number; workerId: string },
-  reason: string,
-): Promise<void> {
-  await sql`
-    INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail)
-    SELECT id, 'stopped', state, ${ref.attempt}, ${ref.workerId},
-           jsonb_build_object('reason', ${reason}::text, 'current_attempt', attempt)
-    FROM tasks WHERE id = ${ref.id}`;
 }
 
 /**
