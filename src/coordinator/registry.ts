@@ -15,6 +15,8 @@ export interface WorkerConnection {
   /** Attempts the worker listed in its last heartbeat: their leases are renewed. */
   reported: { taskId: string; attempt: number }[];
   draining: boolean;
+  /** Set when its stream has ended. */
+  ended: boolean;
   /** performance.now() of the last message from the worker. */
   lastSeen: number;
   send(message: CoordinatorMessage): void;
@@ -45,11 +47,9 @@ export class WorkerRegistry {
     return [...this.workers.values()];
   }
 
-  /** Adds a connection; returns the one it replaces (the same worker reconnecting), if any. */
-  add(connection: WorkerConnection): WorkerConnection | undefined {
-    const previous = this.workers.get(connection.id);
+  /** Adds a connection, in place of any earlier one of the same worker. */
+  add(connection: WorkerConnection): void {
     this.workers.set(connection.id, connection);
-    return previous;
   }
 
   /** Removes the connection if it is still the current one for its worker id. */

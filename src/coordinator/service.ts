@@ -69,7 +69,10 @@ export class WorkerSessions {
       ended = true;
       clearTimeout(helloTimer);
       this.streams.delete(call);
-      if (session) this.track(this.lost(session, reason));
+      if (session) {
+        session.ended = true;
+        this.track(this.lost(session, reason));
+      }
     };
 
     call.on("data", (message: WorkerMessage) => {
@@ -144,6 +147,7 @@ export class WorkerSessions {
       inFlight: new Map(hello.inFlight.map((ref) => [attemptKey(ref.taskId, ref.attempt), performance.now()])),
       reported: hello.inFlight.map((ref) => ({ taskId: ref.taskId, attempt: ref.attempt })),
       draining: false,
+      ended: false,
       lastSeen: performance.now(),
       send(message) {
         if (!registry.isCurrent(connection) || call.destroyed || call.writableEnded) return;
@@ -159,8 +163,12 @@ export class WorkerSessions {
 
   private async register(connection: WorkerConnection, hello: Hello): Promise<void> {
     const { sql, registry, coordinatorId } = this.options;
-    const previous = registry.add(connection);
-    if (previous) previous.close("replaced by a new stream from the same worker");
+    // An older stream of the same worker is over: its end must not requeue what this one holds.
+    const previous = registry.get(connection.id);
+    if (previous) {
+      registry.remove(previous);
+      previous.close("replaced by a new stream from the same worker");
+    }
     await upsertWorker(sql, {
       id: connection.id,
       name: connection.name,
@@ -179,7 +187,10 @@ export class WorkerSessions {
       ...connection.inFlight.keys(),
     ]);
     if (requeued.length > 0) this.options.log.warn({ worker: connection.id, tasks: requeued.length }, "requeued tasks");
-    if (!registry.isCurrent(connection)) return;
+    // Only now may the dispatcher see it: work assigned before the reconciliation above would
+    // have been requeued by it while the worker ran it.
+    if (connection.ended) return;
+    registry.add(connection);
     connection.send(
       create(CoordinatorMessageSchema, {
         payload: {
@@ -201,7 +212,9 @@ export class WorkerSessions {
   }
 
   private async lost(connection: WorkerConnection, reason: string): Promise<void> {
-    if (!this.options.registry.remove(connection)) return; // replaced by a newer stream
+    // Not registered (it ended during registration, or a newer stream replaced it): what it
+    // held is reconciled by that stream's Hello, or lapses with its leases.
+    if (!this.options.registry.remove(connection)) return;
     // Shutting down: the workers keep running their tasks and reconnect (to another
     // coordinator, or to our successor), saying in Hello what they hold. Left alone, their
     // rows go stale and the rescuer requeues what nobody vouches for.

@@ -9,6 +9,7 @@ function worker(id: string, slots: number, inFlight: string[] = []): WorkerConne
     inFlight: new Map(inFlight.map((key) => [key, 0])),
     reported: [],
     draining: false,
+    ended: false,
     lastSeen: 0,
     send() {},
     close() {},
@@ -41,7 +42,8 @@ test("a reconnecting worker replaces its old connection, which can no longer rem
   const old = worker("a", 1);
   registry.add(old);
   const fresh = worker("a", 1);
-  expect(registry.add(fresh)).toBe(old);
+  registry.add(fresh);
+  expect(registry.get("a")).toBe(fresh);
   expect(registry.remove(old)).toBe(false);
   expect(registry.isCurrent(fresh)).toBe(true);
   expect(registry.remove(fresh)).toBe(true);
