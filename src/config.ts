@@ -121,6 +121,59 @@ export const ConfigSchema = Type.Object({
     description: "Embedded PostgreSQL data folder for `bun start`. Defaults to .data/postgres.",
   }),
   TQ_EMBEDDED_PG_PORT: Port(54329, "Embedded PostgreSQL port for `bun start`. Defaults to 54329."),
+  TQ_INSECURE: Type.Boolean({
+    default: false,
+    description:
+      "Let a role listen beyond loopback without API tokens or a worker token. Defaults to false: such a role refuses to start.",
+  }),
+  TQ_API_TOKENS: Type.Optional(
+    Type.String({
+      minLength: 1,
+      description:
+        "API tokens from configuration, besides those in the database: comma-separated name:scope+scope:sha256-of-token entries, as `bun run token hash` prints them. Unset by default.",
+    }),
+  ),
+  TQ_WORKER_TOKEN: Type.Optional(
+    Type.String({
+      minLength: 16,
+      description:
+        "Shared join token: the coordinator requires it from every worker, and a worker presents it. Unset by default (allowed on loopback only).",
+    }),
+  ),
+  TQ_RATE_LIMIT_PER_SECOND: Type.Number({
+    minimum: 0,
+    maximum: 1_000_000,
+    default: 0,
+    description: "Requests per second each API token may make to this process (429 beyond); 0 turns it off. Defaults to 0.",
+  }),
+  TQ_RATE_LIMIT_BURST: Type.Integer({
+    minimum: 1,
+    maximum: 1_000_000,
+    default: 100,
+    description: "Requests a token may make at once before the per-second rate applies. Defaults to 100.",
+  }),
+  TQ_TLS_CERT: Type.Optional(
+    Type.String({ minLength: 1, description: "PEM certificate (chain) path: serves gRPC and HTTP over TLS when set with TQ_TLS_KEY. Unset by default." }),
+  ),
+  TQ_TLS_KEY: Type.Optional(Type.String({ minLength: 1, description: "PEM private key path for TQ_TLS_CERT. Unset by default." })),
+  TQ_TLS_CLIENT_CA: Type.Optional(
+    Type.String({
+      minLength: 1,
+      description: "PEM CA path: the coordinator's gRPC port then requires client certificates signed by it (mutual TLS for workers). Unset by default.",
+    }),
+  ),
+  TQ_TLS_CA: Type.Optional(
+    Type.String({
+      minLength: 1,
+      description: "PEM CA path a worker trusts for its coordinators; setting it (or the two below) makes the worker dial over TLS. Unset by default.",
+    }),
+  ),
+  TQ_TLS_CLIENT_CERT: Type.Optional(
+    Type.String({ minLength: 1, description: "PEM certificate path a worker presents for mutual TLS. Unset by default." }),
+  ),
+  TQ_TLS_CLIENT_KEY: Type.Optional(
+    Type.String({ minLength: 1, description: "PEM private key path for TQ_TLS_CLIENT_CERT. Unset by default." }),
+  ),
   TQ_LOG_LEVEL: Type.Union(
     [Type.Literal("debug"), Type.Literal("info"), Type.Literal("warn"), Type.Literal("error"), Type.Literal("silent")],
     { default: "info", description: "Log level: debug, info, warn, error or silent. Defaults to info." },
@@ -166,6 +219,15 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     );
   }
   coordinatorAddresses(config);
+  if (Boolean(config.TQ_TLS_CERT) !== Boolean(config.TQ_TLS_KEY)) {
+    throw new ConfigError("invalid configuration: TQ_TLS_CERT and TQ_TLS_KEY go together");
+  }
+  if (Boolean(config.TQ_TLS_CLIENT_CERT) !== Boolean(config.TQ_TLS_CLIENT_KEY)) {
+    throw new ConfigError("invalid configuration: TQ_TLS_CLIENT_CERT and TQ_TLS_CLIENT_KEY go together");
+  }
+  if (config.TQ_TLS_CLIENT_CA && !config.TQ_TLS_CERT) {
+    throw new ConfigError("invalid configuration: TQ_TLS_CLIENT_CA (mutual TLS) needs TQ_TLS_CERT and TQ_TLS_KEY");
+  }
   return config;
 }
 
