@@ -8,8 +8,12 @@ import { Scheduler } from "./scheduler/scheduler";
 import { workerOptions } from "./worker/options";
 import { Worker } from "./worker/worker";
 import { runRole } from "./role";
+import { inProcessWorkerCredentials } from "./tls";
 
 await runRole("start", async (config, log) => {
+  // Our workers dial this process over its own TLS: without TQ_TLS_CA they trust TQ_TLS_CERT
+  // itself, so that a self-signed certificate works out of the box.
+  const credentials = inProcessWorkerCredentials(config);
   let embedded: EmbeddedDatabase | null = null;
   let url = config.DATABASE_URL;
   if (!url) {
@@ -25,12 +29,13 @@ await runRole("start", async (config, log) => {
   const workers = Array.from(
     { length: config.TQ_WORKERS },
     (_, i) =>
-      new Worker(
-        workerOptions(config, log.child({ component: "worker", index: i }), {
+      new Worker({
+        ...workerOptions(config, log.child({ component: "worker", index: i }), {
           name: `${hostname()}/${process.pid}/worker-${i + 1}`,
           addresses: [info.grpcAddress],
         }),
-      ),
+        credentials,
+      }),
   );
   for (const worker of workers) worker.start();
   await Promise.all(workers.map((worker) => worker.connected()));

@@ -6,6 +6,7 @@ import type { TaskChangeFeed } from "../db/notify";
 import type { Logger } from "../log";
 import type { InsertOutcome } from "../db/tasks";
 import type { TaskSpec } from "../task/task";
+import type { Principal, Scope } from "../auth/tokens";
 
 export interface ApiDeps {
   role: "scheduler" | "coordinator";
@@ -15,9 +16,14 @@ export interface ApiDeps {
   feed: TaskChangeFeed;
   log: Logger;
   /**
+   * Who is asking, allowed `scope`: throws unauthenticated, permission_denied or rate_limited.
+   * (src/auth/authenticator.ts; tests may pass one that lets everyone in.)
+   */
+  auth: { check(authorization: string | null | undefined, scope: Scope): Promise<Principal> };
+  /**
    * Persists a new task and resolves after commit. The scheduler inserts it queued; the
    * coordinator may hand a run-now task to one of its own workers in the same statement.
    * A spec whose idempotency key was used before writes nothing and returns the earlier task.
    */
-  submit(id: string, spec: TaskSpec): Promise<InsertOutcome>;
+  submit(id: string, spec: TaskSpec, actor: string): Promise<InsertOutcome>;
 }

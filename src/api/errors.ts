@@ -27,15 +27,19 @@ export const payloadTooLarge = (limit: number) =>
 
 const STATUS: Record<ErrorCode, number> = {
   invalid_argument: 400,
+  unauthenticated: 401,
+  permission_denied: 403,
   not_found: 404,
   conflict: 409,
   payload_too_large: 413,
+  rate_limited: 429,
   unavailable: 503,
 };
 
 export interface ErrorAnswer {
   status: number;
   body: ErrorJson;
+  headers?: Record<string, string>;
 }
 
 const answer = (status: number, code: string, message: string, field?: string): ErrorAnswer => ({
@@ -52,7 +56,12 @@ export function errorAnswer(error: unknown, deps: Pick<ApiDeps, "log">, where: s
   if (error instanceof ParseError && (error.cause instanceof TaskQueueError || error.cause instanceof HttpError)) {
     error = error.cause;
   }
-  if (error instanceof TaskQueueError) return answer(STATUS[error.code], error.code, error.message, error.field);
+  if (error instanceof TaskQueueError) {
+    const typed = answer(STATUS[error.code], error.code, error.message, error.field);
+    if (error.code === "unauthenticated") typed.headers = { "www-authenticate": 'Bearer realm="task-queue"' };
+    if (error.code === "rate_limited") typed.headers = { "retry-after": String(error.retryAfterSeconds ?? 1) };
+    return typed;
+  }
   if (error instanceof HttpError) return answer(error.status, error.code, error.message, error.field);
   if (error instanceof ValidationError && error.type !== "response") {
     const first = error.valueError;
@@ -76,8 +85,8 @@ export function errorAnswer(error: unknown, deps: Pick<ApiDeps, "log">, where: s
 
 export function errorResponse(error: unknown, deps: Pick<ApiDeps, "log">, request: Request): Response {
   const where = `${request.method} ${new URL(request.url).pathname}`;
-  const { status, body } = errorAnswer(error, deps, where);
-  return Response.json(body, { status });
+  const { status, body, headers } = errorAnswer(error, deps, where);
+  return Response.json(body, { status, headers });
 }
 
 /**

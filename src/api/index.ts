@@ -6,6 +6,7 @@ import { openapi } from "@elysiajs/openapi";
 import pkg from "../../package.json" with { type: "json" };
 import type { ApiDeps } from "./deps";
 import { errorHandling, readJsonBody } from "./errors";
+import { authentication, principalOf } from "./auth";
 import {
   ErrorJson,
   HealthJson,
@@ -39,6 +40,7 @@ import type { TaskSpec } from "../task/task";
 export function createApp(deps: ApiDeps) {
   return new Elysia({ normalize: false })
     .use(errorHandling(deps))
+    .use(authentication(deps))
     .use(
       openapi({
         path: "/openapi",
@@ -97,10 +99,11 @@ function withKey(spec: TaskSpec, headers: { "idempotency-key"?: string }): TaskS
 async function submitted(
   deps: ApiDeps,
   spec: TaskSpec,
+  request: Request,
   headers: { "idempotency-key"?: string },
   set: { headers: Record<string, string | number> },
 ) {
-  const { task, created } = await submitTask(deps, withKey(spec, headers));
+  const { task, created } = await submitTask(deps, withKey(spec, headers), principalOf(request).name);
   if (created) return status(201, taskJson(task));
   set.headers["idempotent-replayed"] = "true";
   return status(200, taskJson(task));
@@ -111,8 +114,10 @@ function seedController(deps: ApiDeps) {
   return new Elysia({ normalize: false })
     .post(
       "/schedule",
-      async ({ body, headers }) =>
-        scheduleResponse((await submitTask(deps, withKey(toScheduleSpec(body, deps.config), headers))).task),
+      async ({ body, headers, request }) =>
+        scheduleResponse(
+          (await submitTask(deps, withKey(toScheduleSpec(body, deps.config), headers), principalOf(request).name)).task,
+        ),
       {
         parse: jsonBody(deps),
         body: ScheduleInput,
@@ -134,14 +139,14 @@ function seedController(deps: ApiDeps) {
 
 function tasksController(deps: ApiDeps) {
   return new Elysia({ normalize: false })
-    .post("/submit", ({ body, headers, set }) => submitted(deps, toTaskSpec(body, deps.config), headers, set), {
+    .post("/submit", ({ body, headers, set, request }) => submitted(deps, toTaskSpec(body, deps.config), request, headers, set), {
       parse: jsonBody(deps),
       body: SubmitInput,
       headers: IdempotencyHeaders,
       response: { 201: TaskJson, 200: TaskJson, ...failures, 409: ErrorJson },
       detail: { tags: ["tasks"], summary: "Run a command now" },
     })
-    .post("/tasks", ({ body, headers, set }) => submitted(deps, toTaskSpec(body, deps.config), headers, set), {
+    .post("/tasks", ({ body, headers, set, request }) => submitted(deps, toTaskSpec(body, deps.config), request, headers, set), {
       parse: jsonBody(deps),
       body: TaskInput,
       headers: IdempotencyHeaders,
@@ -170,7 +175,7 @@ function tasksController(deps: ApiDeps) {
       response: { 200: TaskJson, ...lookupFailures },
       detail: { tags: ["tasks"], summary: "Get a task" },
     })
-    .post("/tasks/:id/cancel", async ({ params }) => taskJson(await cancelTaskOrThrow(deps, params.id)), {
+    .post("/tasks/:id/cancel", async ({ params, request }) => taskJson(await cancelTaskOrThrow(deps, params.id, principalOf(request).name)), {
       params: TaskIdParams,
       response: { 200: TaskJson, 409: ErrorJson, ...lookupFailures },
       detail: {

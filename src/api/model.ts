@@ -62,6 +62,7 @@ export const TaskJson = Type.Object(
       { additionalProperties: false, description: "What is retried while attempts remain, and the backoff between attempts." },
     ),
     idempotency_key: Nullable(Type.String()),
+    secret_env_keys: Type.Array(Type.String(), { description: "Names of the secret environment variables; their values are never returned." }),
   },
   { additionalProperties: false },
 );
@@ -204,6 +205,7 @@ export function taskJson(task: Task): TaskJson {
       backoff_cap_ms: task.retry_backoff_cap_ms,
     },
     idempotency_key: task.idempotency_key,
+    secret_env_keys: Object.keys(task.secret_env ?? {}).sort(),
     exit_code: task.exit_code,
     signal: task.signal,
     stdout: task.stdout,

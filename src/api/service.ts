@@ -21,8 +21,8 @@ export const READY_TIMEOUT_MS = 2000;
  * request with the same idempotency key returns that task (created: false); the same key with
  * a different request is a conflict.
  */
-export async function submitTask(deps: ApiDeps, spec: TaskSpec): Promise<Submitted> {
-  const outcome = await deps.submit(Bun.randomUUIDv7(), spec);
+export async function submitTask(deps: ApiDeps, spec: TaskSpec, actor: string): Promise<Submitted> {
+  const outcome = await deps.submit(Bun.randomUUIDv7(), spec, actor);
   if (outcome.kind === "created") return { task: outcome.task, created: true };
   if (!outcome.sameRequest) {
     throw conflict(`idempotency key ${JSON.stringify(spec.idempotencyKey)} was already used for a different request (task ${outcome.task.id})`);
@@ -77,9 +77,9 @@ export async function listTaskPage(deps: ApiDeps, query: TaskPageQuery): Promise
  * Cancels a task that has not finished. An in-flight task is cancelled too: the coordinator
  * holding it sees the notification and stops the process.
  */
-export async function cancelTaskOrThrow(deps: ApiDeps, id: string): Promise<Task> {
+export async function cancelTaskOrThrow(deps: ApiDeps, id: string, actor: string): Promise<Task> {
   requireTaskId(id, "id");
-  const outcome = await cancelTask(deps.sql, id);
+  const outcome = await cancelTask(deps.sql, id, actor);
   switch (outcome.kind) {
     case "cancelled":
       return outcome.task;

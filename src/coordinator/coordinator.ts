@@ -9,9 +9,12 @@ import type { Config } from "../config";
 import { connect, type Sql } from "../db/sql";
 import { TaskChangeFeed, type TaskChange } from "../db/notify";
 import { createApp } from "../api";
+import { Authenticator } from "../auth/authenticator";
+import { checkExposure } from "../auth/exposure";
 import type { ApiDeps } from "../api/deps";
 import type { Logger } from "../log";
 import { serviceDefinition } from "../rpc/definitions";
+import { grpcServerCredentials, httpScheme, httpTls } from "../tls";
 import { Completer } from "./completer";
 import { Dispatcher } from "./dispatcher";
 import { attemptKey, WorkerRegistry } from "./registry";
@@ -35,6 +38,7 @@ export class Coordinator {
   private readonly rescuer: Rescuer;
   private readonly sessions: WorkerSessions;
   private readonly grpcServer: grpc.Server;
+  private readonly auth: Authenticator;
   private readonly app: ReturnType<typeof createApp>;
   private unsubscribe: (() => void)[] = [];
   private httpPort = 0;
@@ -77,6 +81,7 @@ export class Coordinator {
       heartbeatIntervalMs: config.TQ_HEARTBEAT_INTERVAL_MS,
       heartbeatTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS,
       leaseMs,
+      workerToken: config.TQ_WORKER_TOKEN,
     });
     this.rescuer = new Rescuer({
       sql: this.sql,
@@ -88,13 +93,15 @@ export class Coordinator {
       leaseMs,
       onSilent: this.sessions.onSilent,
     });
+    this.auth = new Authenticator(this.sql, config, log.child({ part: "auth" }));
     const deps: ApiDeps = {
       role: "coordinator",
+      auth: this.auth,
       config,
       sql: this.sql,
       feed: this.feed,
       log: log.child({ part: "api" }),
-      submit: (id, spec) => this.dispatcher.submit(id, spec),
+      submit: (id, spec, actor) => this.dispatcher.submit(id, spec, actor),
     };
     this.app = createApp(deps);
     this.grpcServer = new grpc.Server({
@@ -111,6 +118,8 @@ export class Coordinator {
 
   async start(): Promise<CoordinatorInfo> {
     const { config } = this;
+    await this.auth.start();
+    checkExposure(config, "coordinator", this.auth.tokenCount, this.log);
     await this.feed.start();
     this.unsubscribe.push(
       this.feed.onChange((change) => this.onTaskChange(change)),
@@ -119,11 +128,11 @@ export class Coordinator {
     this.grpcPort = await new Promise<number>((resolve, reject) =>
       this.grpcServer.bindAsync(
         `${config.TQ_HOST}:${config.TQ_GRPC_PORT}`,
-        grpc.ServerCredentials.createInsecure(),
+        grpcServerCredentials(config),
         (error, port) => (error ? reject(new Error(`gRPC cannot listen on ${config.TQ_HOST}:${config.TQ_GRPC_PORT}: ${error.message}`)) : resolve(port)),
       ),
     );
-    this.app.listen({ hostname: config.TQ_HOST, port: config.TQ_COORDINATOR_PORT, maxRequestBodySize: config.TQ_MAX_BODY_BYTES });
+    this.app.listen({ hostname: config.TQ_HOST, port: config.TQ_COORDINATOR_PORT, maxRequestBodySize: config.TQ_MAX_BODY_BYTES, tls: httpTls(config) });
     this.httpPort = this.app.server?.port ?? config.TQ_COORDINATOR_PORT;
     this.dispatcher.start();
     this.rescuer.start();
@@ -135,7 +144,7 @@ export class Coordinator {
   info(): CoordinatorInfo {
     return {
       id: this.id,
-      httpUrl: `http://${this.config.TQ_HOST}:${this.httpPort}`,
+      httpUrl: `${httpScheme(this.config)}://${this.config.TQ_HOST}:${this.httpPort}`,
       grpcAddress: `${this.config.TQ_HOST}:${this.grpcPort}`,
     };
   }
@@ -154,6 +163,7 @@ export class Coordinator {
     clearTimeout(forced);
     await this.completer.stop();
     await this.feed.stop();
+    this.auth.stop();
     await this.sql.end({ timeout: 5 });
     this.log.info({ id: this.id }, "coordinator stopped");
   }

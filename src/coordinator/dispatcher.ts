@@ -80,19 +80,18 @@ export class Dispatcher {
    * already dispatched to it and pushed at once, saving the claim round trip. Otherwise it is
    * queued like any other.
    */
-  async submit(id: string, spec: TaskSpec): Promise<InsertOutcome> {
+  async submit(id: string, spec: TaskSpec, actor?: string): Promise<InsertOutcome> {
     const plan = spec.scheduledAt === null && !this.stopped ? this.options.registry.slotPlan(1) : [];
     const workerId = plan[0];
     const worker = workerId ? this.options.registry.get(workerId) : undefined;
-    if (!worker) return insertTask(this.options.sql, id, spec);
+    if (!worker) return insertTask(this.options.sql, id, spec, { actor });
     const key = attemptKey(id, 1);
     worker.inFlight.set(key, performance.now());
     let outcome: InsertOutcome;
     try {
       outcome = await insertTask(this.options.sql, id, spec, {
-        workerId: worker.id,
-        coordinatorId: this.options.coordinatorId,
-        leaseMs: this.options.leaseMs,
+        assignTo: { workerId: worker.id, coordinatorId: this.options.coordinatorId, leaseMs: this.options.leaseMs },
+        actor,
       });
     } catch (error) {
       worker.inFlight.delete(key);
@@ -166,7 +165,8 @@ export class Dispatcher {
           value: {
             ref: { taskId: task.id, attempt: task.attempt },
             command: task.command,
-            env: task.env,
+            // The secret values travel only to the worker that runs the task.
+            env: { ...task.env, ...task.secret_env },
             cwd: task.cwd ?? "",
             timeoutMs: task.timeout_ms,
             leaseExpiresAt: toTimestamp(task.lease_expires_at),

@@ -19,6 +19,7 @@ import type { Completer } from "./completer";
 import type { Dispatcher } from "./dispatcher";
 import { attemptKey, type WorkerConnection, type WorkerRegistry } from "./registry";
 import { stopAttempt } from "./rescuer";
+import { hashToken, sameSecret } from "../auth/tokens";
 
 export type WorkerStream = grpc.ServerDuplexStream<WorkerMessage, CoordinatorMessage>;
 
@@ -35,6 +36,8 @@ export interface WorkerSessionsOptions {
   leaseMs: number;
   /** How long a new stream may take to say Hello. Defaults to 10 s. */
   helloTimeoutMs?: number;
+  /** Join token every stream must carry (authorization: Bearer); none: any stream may join. */
+  workerToken?: string;
 }
 
 const MAX_ID = 200;
@@ -50,6 +53,12 @@ export class WorkerSessions {
   readonly connect = (call: WorkerStream): void => {
     if (this.closed) {
       endWithStatus(call, grpc.status.UNAVAILABLE, "coordinator is shutting down");
+      return;
+    }
+    if (this.options.workerToken !== undefined && !hasToken(call, this.options.workerToken)) {
+      // Nothing it sends is read and nothing is sent to it.
+      this.options.log.warn({ peer: call.getPeer() }, "refused a worker stream without the worker token");
+      endWithStatus(call, grpc.status.UNAUTHENTICATED, "a worker token is required (authorization: Bearer <TQ_WORKER_TOKEN>)");
       return;
     }
     this.streams.add(call);
@@ -85,10 +94,15 @@ export class WorkerSessions {
         clearTimeout(helloTimer);
         // Claimed synchronously so that messages arriving during registration are kept.
         session = this.connection(call, payload.value);
-        void this.register(session, payload.value).catch((error) => {
-          this.options.log.warn({ err: error, worker: payload.value.workerId }, "registering a worker failed");
-          fail(grpc.status.UNAVAILABLE, "could not register the worker; retry");
-        });
+        void this.register(session, payload.value).then(
+          (registered) => {
+            if (!registered) fail(grpc.status.PERMISSION_DENIED, "this worker id belongs to another worker; start with a new id");
+          },
+          (error) => {
+            this.options.log.warn({ err: error, worker: payload.value.workerId }, "registering a worker failed");
+            fail(grpc.status.UNAVAILABLE, "could not register the worker; retry");
+          },
+        );
         return;
       }
       const now = performance.now();
@@ -161,22 +175,29 @@ export class WorkerSessions {
     return connection;
   }
 
-  private async register(connection: WorkerConnection, hello: Hello): Promise<void> {
+  /** Returns false when the worker id is taken by another worker (nothing was changed). */
+  private async register(connection: WorkerConnection, hello: Hello): Promise<boolean> {
     const { sql, registry, coordinatorId } = this.options;
-    // An older stream of the same worker is over: its end must not requeue what this one holds.
-    const previous = registry.get(connection.id);
-    if (previous) {
-      registry.remove(previous);
-      previous.close("replaced by a new stream from the same worker");
-    }
-    await upsertWorker(sql, {
+    // The token stays the same across reconnects, so that a Welcome lost on the way does not
+    // lock the worker out of its own id.
+    const resumeToken = hello.resumeToken || Buffer.from(crypto.getRandomValues(new Uint8Array(32))).toString("base64url");
+    const registered = await upsertWorker(sql, {
       id: connection.id,
       name: connection.name,
       coordinatorId,
       slots: connection.slots,
       labels: hello.labels,
       version: hello.version,
+      presentedHash: hello.resumeToken ? hashToken(hello.resumeToken) : null,
+      resumeHash: hashToken(resumeToken),
     });
+    if (!registered) return false;
+    // An older stream of the same worker is over: its end must not requeue what this one holds.
+    const previous = registry.get(connection.id);
+    if (previous) {
+      registry.remove(previous);
+      previous.close("replaced by a new stream from the same worker");
+    }
     // Of what the worker says it holds, the attempts that still hold their task keep running
     // under a renewed lease; the rest (superseded while it was frozen or cut off, or cancelled
     // meanwhile) it is told to stop. What the database says it holds but the worker does not
@@ -189,7 +210,7 @@ export class WorkerSessions {
     if (requeued.length > 0) this.options.log.warn({ worker: connection.id, tasks: requeued.length }, "requeued tasks");
     // Only now may the dispatcher see it: work assigned before the reconciliation above would
     // have been requeued by it while the worker ran it.
-    if (connection.ended) return;
+    if (connection.ended) return true;
     registry.add(connection);
     connection.send(
       create(CoordinatorMessageSchema, {
@@ -200,6 +221,7 @@ export class WorkerSessions {
             coordinatorId,
             heartbeatIntervalMs: this.options.heartbeatIntervalMs,
             heartbeatTimeoutMs: this.options.heartbeatTimeoutMs,
+            resumeToken,
           },
         },
       }),
@@ -209,6 +231,7 @@ export class WorkerSessions {
     }
     this.options.log.info({ worker: connection.id, name: connection.name, slots: connection.slots }, "worker joined");
     this.options.dispatcher.wake();
+    return true;
   }
 
   private async lost(connection: WorkerConnection, reason: string): Promise<void> {
@@ -244,6 +267,12 @@ export class WorkerSessions {
     this.ending.add(promise);
     void promise.finally(() => this.ending.delete(promise));
   }
+}
+
+function hasToken(call: WorkerStream, token: string): boolean {
+  const value = call.metadata.get("authorization")[0];
+  const match = typeof value === "string" ? /^Bearer (.+)$/i.exec(value.trim()) : null;
+  return match !== null && sameSecret(match[1]!, token);
 }
 
 /** Ends a worker stream with a status (grpc-js sends the status of an emitted error). */

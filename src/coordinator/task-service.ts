@@ -17,6 +17,7 @@ import {
 } from "../gen/taskqueue/v1/task_service_pb";
 import { TaskEventSchema } from "../gen/taskqueue/v1/task_pb";
 import type { ApiDeps } from "../api/deps";
+import type { Principal, Scope } from "../auth/tokens";
 import { cancelTaskOrThrow, getTaskOrThrow, listTaskPage, submitTask, watchTask } from "../api/service";
 import { parseIdempotencyKey, toTaskSpec } from "../task/spec";
 import { invalidArgument } from "../task/errors";
@@ -25,13 +26,25 @@ import { toServiceError } from "../rpc/status";
 
 type Unary<Req, Res> = (call: grpc.ServerUnaryCall<Req, Res>, callback: grpc.sendUnaryData<Res>) => void;
 
-/** Runs a unary handler, mapping thrown errors to gRPC status once. */
-function unary<Req, Res>(deps: ApiDeps, handle: (request: Req) => Promise<Res>): Unary<Req, Res> {
+/** The caller, by the `authorization: Bearer <token>` metadata, allowed `scope`. */
+function authorize(deps: ApiDeps, metadata: grpc.Metadata, scope: Scope): Promise<Principal> {
+  const value = metadata.get("authorization")[0];
+  return deps.auth.check(typeof value === "string" ? value : undefined, scope);
+}
+
+/** Runs a unary handler for a caller allowed `scope`, mapping thrown errors to gRPC status once. */
+function unary<Req, Res>(
+  deps: ApiDeps,
+  scope: Scope,
+  handle: (request: Req, principal: Principal) => Promise<Res>,
+): Unary<Req, Res> {
   return (call, callback) => {
-    handle(call.request).then(
-      (response) => callback(null, response),
-      (error: unknown) => callback(toServiceError(error, deps.log)),
-    );
+    authorize(deps, call.metadata, scope)
+      .then((principal) => handle(call.request, principal))
+      .then(
+        (response) => callback(null, response),
+        (error: unknown) => callback(toServiceError(error, deps.log)),
+      );
   };
 }
 
@@ -62,16 +75,16 @@ function submitInput(request: SubmitTaskRequest): Record<string, unknown> {
 
 export function taskServiceHandlers(deps: ApiDeps): grpc.UntypedServiceImplementation {
   return {
-    submitTask: unary(deps, async (request: SubmitTaskRequest) => {
+    submitTask: unary(deps, "submit", async (request: SubmitTaskRequest, principal) => {
       const spec = toTaskSpec(submitInput(request), deps.config);
       spec.idempotencyKey = parseIdempotencyKey(request.idempotencyKey, "idempotency_key");
-      const { task, created } = await submitTask(deps, spec);
+      const { task, created } = await submitTask(deps, spec, principal.name);
       return create(SubmitTaskResponseSchema, { task: taskToProto(task), created });
     }),
-    getTask: unary(deps, async (request: GetTaskRequest) =>
+    getTask: unary(deps, "read", async (request: GetTaskRequest) =>
       create(GetTaskResponseSchema, { task: taskToProto(await getTaskOrThrow(deps, request.id)) }),
     ),
-    listTasks: unary(deps, async (request: ListTasksRequest) => {
+    listTasks: unary(deps, "read", async (request: ListTasksRequest) => {
       const state = request.state === 0 ? undefined : stateFromProto(request.state);
       if (request.state !== 0 && state === undefined) throw invalidArgument("state", `unknown state ${request.state}`);
       const page = await listTaskPage(deps, {
@@ -81,8 +94,8 @@ export function taskServiceHandlers(deps: ApiDeps): grpc.UntypedServiceImplement
       });
       return create(ListTasksResponseSchema, { tasks: page.tasks.map(taskToProto), nextCursor: page.nextCursor ?? "" });
     }),
-    cancelTask: unary(deps, async (request: CancelTaskRequest) =>
-      create(CancelTaskResponseSchema, { task: taskToProto(await cancelTaskOrThrow(deps, request.id)) }),
+    cancelTask: unary(deps, "cancel", async (request: CancelTaskRequest, principal) =>
+      create(CancelTaskResponseSchema, { task: taskToProto(await cancelTaskOrThrow(deps, request.id, principal.name)) }),
     ),
     watchTask: (call: grpc.ServerWritableStream<WatchTaskRequest, WatchTaskResponse>) => {
       const controller = new AbortController();
@@ -90,6 +103,7 @@ export function taskServiceHandlers(deps: ApiDeps): grpc.UntypedServiceImplement
       call.on("close", () => controller.abort());
       void (async () => {
         try {
+          await authorize(deps, call.metadata, "read");
           for await (const update of watchTask(deps, call.request.id, controller.signal)) {
             const event = update.event;
             call.write(

@@ -28,6 +28,11 @@ const USER = "postgres";
 // The cluster binds 127.0.0.1 only; the password keeps other local users out.
 const PASSWORD = "taskqueue";
 
+/** URL of the embedded cluster's server on `port` (append /<database>). */
+export function embeddedServerUrl(port: number): string {
+  return `postgres://${USER}:${PASSWORD}@127.0.0.1:${port}`;
+}
+
 export async function startEmbedded(options: EmbeddedOptions): Promise<EmbeddedDatabase> {
   const dataDir = resolve(options.dataDir);
   const database = options.database ?? "taskqueue";
@@ -64,7 +69,7 @@ export async function startEmbedded(options: EmbeddedOptions): Promise<EmbeddedD
         (error instanceof Error ? `: ${error.message}` : " (is the port taken or the folder in use?)"),
     );
   }
-  const base = `postgres://${USER}:${PASSWORD}@127.0.0.1:${options.port}`;
+  const base = embeddedServerUrl(options.port);
   const admin = postgres(`${base}/postgres`, { max: 1, onnotice: () => {} });
   try {
     const found = await admin`SELECT 1 FROM pg_database WHERE datname = ${database}`;

@@ -20,11 +20,13 @@ function recordChange(
   sql: Sql,
   kind: string,
   detail: Record<string, string | number | boolean | null> | null = null,
+  /** The API token (by name) that asked for the change, for the audit trail. */
+  actor: string | null = null,
 ): Fragment {
   return sql`
     e AS (
-      INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail)
-      SELECT t.id, ${kind}, t.state, t.attempt, t.worker_id, ${detail === null ? null : sql.json(detail)}::jsonb
+      INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail, actor)
+      SELECT t.id, ${kind}, t.state, t.attempt, t.worker_id, ${detail === null ? null : sql.json(detail)}::jsonb, ${actor}::text
       FROM t
       RETURNING id, task_id
     )
@@ -67,11 +69,17 @@ export type InsertOutcome =
  * already taken, nothing is written and the earlier task is returned (a concurrent repeat
  * waits for the first to commit, through the unique index).
  */
-export async function insertTask(sql: Sql, id: string, spec: TaskSpec, assignTo?: Assignment): Promise<InsertOutcome> {
+export async function insertTask(
+  sql: Sql,
+  id: string,
+  spec: TaskSpec,
+  options: { assignTo?: Assignment; actor?: string } = {},
+): Promise<InsertOutcome> {
+  const { assignTo, actor = null } = options;
   const hash = spec.idempotencyKey === null ? null : specHash(spec);
   const rows = await sql<(Task & { event_id: string })[]>`
     WITH t AS (
-      INSERT INTO tasks (id, command, state, scheduled_at, picked_at, attempt, max_attempts, timeout_ms, env, cwd,
+      INSERT INTO tasks (id, command, state, scheduled_at, picked_at, attempt, max_attempts, timeout_ms, env, secret_env, cwd,
                          worker_id, coordinator_id, lease_expires_at,
                          retry_on_failure, retry_on_timeout, retry_on_lost, retry_backoff_base_ms, retry_backoff_cap_ms,
                          idempotency_key, idempotency_hash)
@@ -79,7 +87,7 @@ export async function insertTask(sql: Sql, id: string, spec: TaskSpec, assignTo?
         ${id}, ${spec.command}, ${assignTo ? "dispatched" : "queued"},
         coalesce(${spec.scheduledAt}::timestamptz, clock_timestamp()),
         ${assignTo ? sql`clock_timestamp()` : null}, ${assignTo ? 1 : 0},
-        ${spec.maxAttempts}, ${spec.timeoutMs}, ${sql.json(spec.env)}::jsonb, ${spec.cwd},
+        ${spec.maxAttempts}, ${spec.timeoutMs}, ${sql.json(spec.env)}::jsonb, ${sql.json(spec.secretEnv)}::jsonb, ${spec.cwd},
         ${assignTo?.workerId ?? null}, ${assignTo?.coordinatorId ?? null},
         ${assignTo ? leaseUntil(sql, assignTo.leaseMs) : null},
         ${spec.retry.onFailure}, ${spec.retry.onTimeout}, ${spec.retry.onLost},
@@ -89,7 +97,7 @@ export async function insertTask(sql: Sql, id: string, spec: TaskSpec, assignTo?
       ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
       RETURNING *
     ),
-    ${recordChange(sql, assignTo ? "submitted+dispatched" : "submitted")}`;
+    ${recordChange(sql, assignTo ? "submitted+dispatched" : "submitted", null, actor)}`;
   const created = strip(rows)[0];
   if (created) return { kind: "created", task: created };
   const existing = await sql<Task[]>`SELECT * FROM tasks WHERE idempotency_key = ${spec.idempotencyKey}`;
@@ -364,7 +372,7 @@ export type CancelOutcome =
  * once; the coordinator holding its worker sees the notification and stops the process, and
  * the fence turns the attempt's late report into a stale event.
  */
-export async function cancelTask(sql: Sql, id: string): Promise<CancelOutcome> {
+export async function cancelTask(sql: Sql, id: string, actor: string | null = null): Promise<CancelOutcome> {
   const rows = await sql<(Task & { event_id: string; was_state: TaskState })[]>`
     WITH before AS (
       SELECT id, state FROM tasks WHERE id = ${id} AND state IN ('queued', 'dispatched', 'running') FOR UPDATE
@@ -374,7 +382,7 @@ export async function cancelTask(sql: Sql, id: string): Promise<CancelOutcome> {
       FROM before WHERE tasks.id = before.id
       RETURNING tasks.*, before.state AS was_state
     ),
-    ${recordChange(sql, "cancelled")}`;
+    ${recordChange(sql, "cancelled", null, actor)}`;
   const row = rows[0];
   if (row) {
     const { was_state, ...task } = strip(rows)[0] as TaskChangeRow & { was_state: TaskState };

@@ -21,18 +21,38 @@ export interface WorkerRow {
   running: number;
 }
 
+/**
+ * Registers a worker on its Hello. A worker id already known is taken over only by a stream
+ * that proves to be the same worker (the hash of the resume token it was given matches);
+ * returns false, changing nothing, otherwise. The row then keeps the new resume token's hash.
+ */
 export async function upsertWorker(
   sql: Sql,
-  worker: { id: string; name: string; coordinatorId: string; slots: number; labels: Record<string, string>; version: string },
-): Promise<void> {
-  await sql`
-    INSERT INTO workers (id, name, coordinator_id, slots, labels, version, state)
+  worker: {
+    id: string;
+    name: string;
+    coordinatorId: string;
+    slots: number;
+    labels: Record<string, string>;
+    version: string;
+    /** Hash of the resume token the worker presented (null: none). */
+    presentedHash?: string | null;
+    /** Hash of the resume token handed out now. */
+    resumeHash?: string | null;
+  },
+): Promise<boolean> {
+  const rows = await sql`
+    INSERT INTO workers (id, name, coordinator_id, slots, labels, version, state, resume_hash)
     VALUES (${worker.id}, ${worker.name}, ${worker.coordinatorId}, ${worker.slots},
-            ${sql.json(worker.labels)}::jsonb, ${worker.version}, 'connected')
+            ${sql.json(worker.labels)}::jsonb, ${worker.version}, 'connected', ${worker.resumeHash ?? null})
     ON CONFLICT (id) DO UPDATE SET
       name = excluded.name, coordinator_id = excluded.coordinator_id, slots = excluded.slots,
       labels = excluded.labels, version = excluded.version, state = 'connected',
-      connected_at = clock_timestamp(), last_heartbeat_at = clock_timestamp(), disconnected_at = NULL`;
+      connected_at = clock_timestamp(), last_heartbeat_at = clock_timestamp(), disconnected_at = NULL,
+      resume_hash = excluded.resume_hash
+    WHERE workers.resume_hash IS NULL OR workers.resume_hash = ${worker.presentedHash ?? null}
+    RETURNING id`;
+  return rows.length > 0;
 }
 
 /** Refreshes the heartbeat of a coordinator's live workers in one statement. */

@@ -5,12 +5,16 @@ import { connect, type Sql } from "../db/sql";
 import { TaskChangeFeed } from "../db/notify";
 import { insertTask } from "../db/tasks";
 import { createApp } from "../api";
+import { Authenticator } from "../auth/authenticator";
+import { checkExposure } from "../auth/exposure";
 import type { Logger } from "../log";
+import { httpScheme, httpTls } from "../tls";
 
 export class Scheduler {
   private readonly sql: Sql;
   private readonly feed: TaskChangeFeed;
   private readonly app: ReturnType<typeof createApp>;
+  private readonly auth: Authenticator;
 
   constructor(
     private readonly config: Config,
@@ -19,25 +23,30 @@ export class Scheduler {
   ) {
     this.sql = connect(databaseUrl, { max: config.TQ_DB_POOL_SIZE, applicationName: "task-queue scheduler" });
     this.feed = new TaskChangeFeed(this.sql);
+    this.auth = new Authenticator(this.sql, config, log.child({ part: "auth" }));
     this.app = createApp({
       role: "scheduler",
+      auth: this.auth,
       config,
       sql: this.sql,
       feed: this.feed,
       log: log.child({ part: "api" }),
-      submit: (id, spec) => insertTask(this.sql, id, spec),
+      submit: (id, spec, actor) => insertTask(this.sql, id, spec, { actor }),
     });
   }
 
   /** Returns the URL it serves. */
   async start(): Promise<string> {
+    await this.auth.start();
+    checkExposure(this.config, "scheduler", this.auth.tokenCount, this.log);
     await this.feed.start();
     this.app.listen({
       hostname: this.config.TQ_HOST,
       port: this.config.TQ_SCHEDULER_PORT,
       maxRequestBodySize: this.config.TQ_MAX_BODY_BYTES,
+      tls: httpTls(this.config),
     });
-    const url = `http://${this.config.TQ_HOST}:${this.app.server?.port ?? this.config.TQ_SCHEDULER_PORT}`;
+    const url = `${httpScheme(this.config)}://${this.config.TQ_HOST}:${this.app.server?.port ?? this.config.TQ_SCHEDULER_PORT}`;
     this.log.info({ url }, "scheduler started");
     return url;
   }
@@ -45,6 +54,7 @@ export class Scheduler {
   async stop(): Promise<void> {
     await this.app.stop();
     await this.feed.stop();
+    this.auth.stop();
     await this.sql.end({ timeout: 5 });
     this.log.info("scheduler stopped");
   }

@@ -4,9 +4,12 @@
 
 export type ErrorCode =
   | "invalid_argument"
+  | "unauthenticated"
+  | "permission_denied"
   | "not_found"
   | "conflict"
   | "payload_too_large"
+  | "rate_limited"
   | "unavailable";
 
 export class TaskQueueError extends Error {
@@ -15,6 +18,8 @@ export class TaskQueueError extends Error {
     message: string,
     /** The request field the error is about, when there is one. */
     readonly field?: string,
+    /** For rate_limited: when to try again. */
+    readonly retryAfterSeconds?: number,
   ) {
     super(message);
     this.name = "TaskQueueError";
@@ -27,6 +32,13 @@ export const invalidArgument = (field: string, message: string) =>
 export const notFound = (message: string) => new TaskQueueError("not_found", message);
 
 export const conflict = (message: string) => new TaskQueueError("conflict", message);
+
+export const unauthenticated = (message: string) => new TaskQueueError("unauthenticated", message);
+
+export const permissionDenied = (message: string) => new TaskQueueError("permission_denied", message);
+
+export const rateLimited = (retryAfterSeconds: number) =>
+  new TaskQueueError("rate_limited", `too many requests for this token; retry in ${retryAfterSeconds} s`, undefined, retryAfterSeconds);
 
 export const unavailable = (message = "the database is unavailable; try again shortly") =>
   new TaskQueueError("unavailable", message);

@@ -63,6 +63,17 @@ const runOptions = {
       },
     ),
   ),
+  secret_env: Type.Optional(
+    Type.Record(
+      Type.String({ pattern: ENV_KEY_PATTERN }),
+      Type.String({ maxLength: MAX_ENV_VALUE_BYTES }),
+      {
+        additionalProperties: false,
+        maxProperties: MAX_ENV_ENTRIES,
+        description: `Environment variables passed to the process but never returned by any API, event stream or log (the same rules as env): at most ${MAX_ENV_ENTRIES}, names matching ${ENV_KEY_PATTERN}, values without NUL of at most ${MAX_ENV_VALUE_BYTES} bytes.`,
+      },
+    ),
+  ),
   cwd: Type.Optional(
     Type.String({
       minLength: 1,
@@ -164,11 +175,18 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, config: SpecConf
   if (body.command.trim() === "") throw invalidArgument("command", "command must not be blank");
   if (body.command.includes("\0")) throw invalidArgument("command", "command must not contain a NUL byte");
   const env = body.env ?? {};
-  for (const [key, value] of Object.entries(env)) {
-    if (value.includes("\0")) throw invalidArgument(`env.${key}`, `env.${key} must not contain a NUL byte`);
-    if (Buffer.byteLength(value, "utf8") > MAX_ENV_VALUE_BYTES) {
-      throw invalidArgument(`env.${key}`, `env.${key} must be at most ${MAX_ENV_VALUE_BYTES} bytes`);
+  const secretEnv = body.secret_env ?? {};
+  for (const [field, values] of [["env", env], ["secret_env", secretEnv]] as const) {
+    for (const [key, value] of Object.entries(values)) {
+      if (value.includes("\0")) throw invalidArgument(`${field}.${key}`, `${field}.${key} must not contain a NUL byte`);
+      if (Buffer.byteLength(value, "utf8") > MAX_ENV_VALUE_BYTES) {
+        throw invalidArgument(`${field}.${key}`, `${field}.${key} must be at most ${MAX_ENV_VALUE_BYTES} bytes`);
+      }
     }
+  }
+  const both = Object.keys(env).length + Object.keys(secretEnv).length;
+  if (both > MAX_ENV_ENTRIES) {
+    throw invalidArgument("secret_env", `env and secret_env together may hold at most ${MAX_ENV_ENTRIES} entries`);
   }
   const cwd = body.cwd ?? null;
   if (cwd !== null) {
@@ -182,6 +200,7 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, config: SpecConf
     timeoutMs: body.timeout_ms ?? 0,
     maxAttempts: body.max_attempts ?? config.TQ_DEFAULT_MAX_ATTEMPTS,
     env: { ...env },
+    secretEnv: { ...secretEnv },
     cwd,
     retry: {
       onFailure: retry.on_failure ?? true,

@@ -37,6 +37,8 @@ export interface Task {
   retry_backoff_cap_ms: number;
   idempotency_key: string | null;
   idempotency_hash: string | null;
+  /** Passed to the process, never returned by any API. */
+  secret_env: Record<string, string>;
 }
 
 /** What is retried while attempts remain, and the backoff between attempts. */
@@ -60,6 +62,8 @@ export interface TaskSpec {
   timeoutMs: number;
   maxAttempts: number;
   env: Record<string, string>;
+  /** Environment passed to the process but never returned by any API, event stream or log. */
+  secretEnv: Record<string, string>;
   cwd: string | null;
   retry: RetryPolicy;
   /** A repeated submit with the same key returns the original task. */

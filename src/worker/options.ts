@@ -1,6 +1,7 @@
 // WorkerOptions from the configuration, shared by `bun run worker` and `bun start`.
 import { inheritedEnvironment, type Config } from "../config";
 import type { Logger } from "../log";
+import { grpcClientCredentials } from "../tls";
 import type { WorkerOptions } from "./worker";
 import pkg from "../../package.json";
 
@@ -8,6 +9,7 @@ export function workerOptions(config: Config, log: Logger, where: { name: string
   return {
     name: where.name,
     addresses: where.addresses,
+    credentials: grpcClientCredentials(config),
     slots: config.TQ_WORKER_SLOTS,
     log,
     heartbeatIntervalMs: config.TQ_HEARTBEAT_INTERVAL_MS,
@@ -17,5 +19,6 @@ export function workerOptions(config: Config, log: Logger, where: { name: string
     maxOutputBytes: config.TQ_MAX_OUTPUT_BYTES,
     version: pkg.version,
     baseEnv: inheritedEnvironment(),
+    workerToken: config.TQ_WORKER_TOKEN,
   };
 }

@@ -26,6 +26,8 @@ export interface WorkerOptions {
   name: string;
   slots: number;
   addresses: string[];
+  /** How to dial the coordinators (TLS or not). Defaults to plaintext. */
+  credentials?: grpc.ChannelCredentials;
   log: Logger;
   heartbeatIntervalMs: number;
   heartbeatTimeoutMs: number;
@@ -33,6 +35,8 @@ export interface WorkerOptions {
   drainGraceMs: number;
   maxOutputBytes: number;
   version?: string;
+  /** Join token sent to the coordinator (authorization: Bearer). */
+  workerToken?: string;
   /** Environment the tasks inherit; the executor strips the worker's own settings from it. */
   baseEnv: Record<string, string | undefined>;
 }
@@ -55,7 +59,7 @@ const OUTCOMES: Record<RunResult["outcome"], Outcome> = {
 const key = (taskId: string, attempt: number) => `${taskId}:${attempt}`;
 
 export class Worker {
-  readonly id: string;
+  private workerId: string;
   private readonly running = new Map<string, Running>();
   /** Results the coordinator has not acknowledged yet, re-sent after a reconnect. */
   private readonly unacked = new Map<string, TaskFinished>();
@@ -67,6 +71,8 @@ export class Worker {
   private heartbeat: ReturnType<typeof setInterval> | null = null;
   private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
   private seq = 0n;
+  /** From Welcome: proves on reconnecting that we are the worker that took our id. */
+  private resumeToken = "";
   private failures = 0;
   /** Where in the coordinator list to start: random, so that workers spread over coordinators. */
   private addressIndex: number;
@@ -78,9 +84,13 @@ export class Worker {
   private readonly waiters = new Set<() => void>();
 
   constructor(private readonly options: WorkerOptions) {
-    this.id = options.id ?? Bun.randomUUIDv7();
+    this.workerId = options.id ?? Bun.randomUUIDv7();
     this.addressIndex = Math.floor(Math.random() * options.addresses.length);
     this.leaseMs = options.heartbeatTimeoutMs + options.heartbeatIntervalMs;
+  }
+
+  get id(): string {
+    return this.workerId;
   }
 
   /** Starts dialing; resolves at once (the worker keeps reconnecting on its own). */
@@ -130,7 +140,7 @@ export class Worker {
   private connect(): void {
     if (this.stopping) return;
     const address = this.options.addresses[this.addressIndex % this.options.addresses.length]!;
-    const client = new WorkerClient(address, grpc.credentials.createInsecure(), {
+    const client = new WorkerClient(address, this.options.credentials ?? grpc.credentials.createInsecure(), {
       // Our own HTTP/2 connection per worker, even when several share a process.
       "grpc.use_local_subchannel_pool": 1,
       "grpc.keepalive_time_ms": Math.max(1000, this.options.heartbeatIntervalMs),
@@ -140,7 +150,11 @@ export class Worker {
       "grpc.max_reconnect_backoff_ms": 2000,
     });
     this.client = client;
-    const call = (client as unknown as { connect(): grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage> }).connect();
+    const metadata = new grpc.Metadata();
+    if (this.options.workerToken) metadata.set("authorization", `Bearer ${this.options.workerToken}`);
+    const call = (
+      client as unknown as { connect(metadata: grpc.Metadata): grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage> }
+    ).connect(metadata);
     this.call = call;
     let closed = false;
     const onClosed = (why: string) => {
@@ -154,7 +168,16 @@ export class Worker {
     call.on("data", (message: CoordinatorMessage) => {
       if (this.call === call && !closed) this.receive(message);
     });
-    call.on("error", (error: grpc.ServiceError) => onClosed(error.details || error.message));
+    call.on("error", (error: grpc.ServiceError) => {
+      if (error.code === grpc.status.PERMISSION_DENIED && this.call === call) {
+        // Our id is held by a worker with another resume token (ours was lost): start afresh.
+        // What we still run is superseded there, and is stopped when we report it.
+        this.workerId = Bun.randomUUIDv7();
+        this.resumeToken = "";
+        this.options.log.warn({ id: this.workerId }, "the coordinator refused our worker id; continuing under a new one");
+      }
+      onClosed(error.details || error.message);
+    });
     call.on("end", () => onClosed("stream ended"));
     call.on("close", () => onClosed("stream closed"));
     this.write(
@@ -166,6 +189,7 @@ export class Worker {
             name: this.options.name,
             slots: this.options.slots,
             version: this.options.version ?? "",
+            resumeToken: this.resumeToken,
             inFlight: [...this.running.values()]
               .map(({ assign }) => assign.ref!)
               .concat([...this.unacked.values()].map((f) => f.ref!)),
@@ -199,6 +223,7 @@ export class Worker {
     switch (payload.case) {
       case "welcome":
         this.welcomed = true;
+        if (payload.value.resumeToken) this.resumeToken = payload.value.resumeToken;
         this.failures = 0;
         // The coordinator's lease on our attempts: its heartbeat timeout plus an interval.
         if (payload.value.heartbeatTimeoutMs > 0) {

@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
 import pino from "pino";
 import { useTestDatabase } from "../support/db";
-import { createTask, newTaskId, taskSpec } from "../support/factories";
+import { createTask, newTaskId, openAuth, taskSpec } from "../support/factories";
 import { createApp } from "../../src/api/index";
 import type { ApiDeps } from "../../src/api/deps";
 import { loadConfig } from "../../src/config";
@@ -22,6 +22,7 @@ function depsFor(sql: Sql, over: Partial<ApiDeps> = {}): ApiDeps {
     sql,
     feed: new TaskChangeFeed(sql),
     log: silentLogger,
+    auth: openAuth,
     submit: (id, spec) => insertTask(sql, id, spec),
     ...over,
   };
@@ -99,6 +100,7 @@ const TASK_KEYS = [
   "picked_at",
   "retry",
   "scheduled_at",
+  "secret_env_keys",
   "signal",
   "started_at",
   "state",

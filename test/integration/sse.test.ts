@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
 import { useTestDatabase } from "../support/db";
-import { createTask, newTaskId, taskSpec } from "../support/factories";
+import { createTask, newTaskId, openAuth, taskSpec } from "../support/factories";
 import { createApp } from "../../src/api/index";
 import type { ApiDeps } from "../../src/api/deps";
 import { watchTask } from "../../src/api/service";
@@ -60,6 +60,7 @@ function depsFor(sql: Sql, feed: TaskChangeFeed): ApiDeps {
     sql,
     feed,
     log: silentLogger,
+    auth: openAuth,
     submit: (id, spec) => insertTask(sql, id, spec),
   };
 }

@@ -2,6 +2,7 @@
 import { insertTask, type Assignment, type TaskChangeRow } from "../../src/db/tasks";
 import type { Sql } from "../../src/db/sql";
 import type { TaskSpec } from "../../src/task/task";
+import { ANONYMOUS } from "../../src/auth/tokens";
 
 export function taskSpec(overrides: Partial<TaskSpec> = {}): TaskSpec {
   return {
@@ -10,6 +11,7 @@ export function taskSpec(overrides: Partial<TaskSpec> = {}): TaskSpec {
     timeoutMs: 0,
     maxAttempts: 3,
     env: {},
+    secretEnv: {},
     cwd: null,
     retry: { onFailure: true, onTimeout: true, onLost: true, backoffBaseMs: 0, backoffCapMs: 0 },
     idempotencyKey: null,
@@ -25,7 +27,10 @@ export async function createTask(
   spec: TaskSpec = taskSpec(),
   options: { id?: string; assignTo?: Assignment } = {},
 ): Promise<TaskChangeRow> {
-  const outcome = await insertTask(sql, options.id ?? newTaskId(), spec, options.assignTo);
+  const outcome = await insertTask(sql, options.id ?? newTaskId(), spec, { assignTo: options.assignTo });
   if (outcome.kind !== "created") throw new Error(`task was not created: its idempotency key was taken`);
   return outcome.task;
 }
+
+/** ApiDeps.auth that lets everyone in with every scope, for tests of other things. */
+export const openAuth = { check: async () => ANONYMOUS };

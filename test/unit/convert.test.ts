@@ -41,6 +41,7 @@ const task: Task = {
   retry_backoff_cap_ms: 60_000,
   idempotency_key: null,
   idempotency_hash: null,
+  secret_env: { TOKEN: "s3cret" },
 };
 
 test("every state maps to the proto enum and back", () => {

@@ -1,0 +1,34 @@
+// Authentication for the HTTP API, before anything else is done with a request (no body is
+// read, nothing is validated, for a caller without a valid token). Which scope each route
+// needs is said here, in one table.
+import { Elysia } from "elysia";
+import type { ApiDeps } from "./deps";
+import { ANONYMOUS, type Principal, type Scope } from "../auth/tokens";
+
+/** Routes anyone may call: liveness, readiness and the API's own description. */
+const OPEN = [/^\/healthz$/, /^\/readyz$/, /^\/openapi(\/.*)?$/];
+
+/** The scope a request needs, or null for an open route. */
+export function scopeFor(method: string, path: string): Scope | null {
+  if (OPEN.some((pattern) => pattern.test(path))) return null;
+  if (method === "POST" && /^\/tasks\/[^/]+\/cancel$/.test(path)) return "cancel";
+  if (method === "POST" && /^\/(schedule|submit|tasks)$/.test(path)) return "submit";
+  // Every other route reads (an unknown path is answered 404 only to a caller who may read).
+  return "read";
+}
+
+const principals = new WeakMap<Request, Principal>();
+
+/** Who made this request (after the authentication hook ran). */
+export function principalOf(request: Request): Principal {
+  return principals.get(request) ?? ANONYMOUS;
+}
+
+export function authentication(deps: Pick<ApiDeps, "auth">) {
+  // onRequest hooks run for every request of the app, before routing and parsing.
+  return new Elysia({ name: "authentication" }).onRequest(async ({ request }) => {
+    const scope = scopeFor(request.method, new URL(request.url).pathname);
+    if (scope === null) return;
+    principals.set(request, await deps.auth.check(request.headers.get("authorization"), scope));
+  });
+}

@@ -1,0 +1,112 @@
+// Who is asking, and may they? Bearer API tokens from the database (`bun run token`) and from
+// TQ_API_TOKENS, checked on every REST route but health and the OpenAPI document, and on
+// every TaskService call. Authentication is enforced once any token exists, and always on a
+// role that listens beyond loopback without TQ_INSECURE (which then refuses to start with no
+// token at all: src/auth/exposure.ts). Verified tokens are cached for a few seconds, so a
+// revoke takes effect within AUTH_CACHE_MS.
+import type { Config } from "../config";
+import type { Sql } from "../db/sql";
+import { countLiveTokens, findLiveToken } from "../db/tokens";
+import type { Logger } from "../log";
+import { permissionDenied, rateLimited, unauthenticated } from "../task/errors";
+import { isLoopback } from "./exposure";
+import { RateLimiter } from "./rate-limit";
+import {
+  ANONYMOUS,
+  allows,
+  hashToken,
+  parseConfiguredTokens,
+  sameHash,
+  tokenId,
+  type ConfiguredToken,
+  type Principal,
+  type Scope,
+} from "./tokens";
+
+export const AUTH_CACHE_MS = 5000;
+
+export class Authenticator {
+  private readonly configured: ConfiguredToken[];
+  private readonly required: boolean;
+  private liveTokens = 0;
+  private readonly verified = new Map<string, { principal: Principal; until: number }>();
+  private readonly limiter: RateLimiter | null;
+  private timer: ReturnType<typeof setInterval> | null = null;
+
+  constructor(
+    private readonly sql: Sql,
+    config: Config,
+    private readonly log: Logger,
+  ) {
+    this.configured = parseConfiguredTokens(config.TQ_API_TOKENS);
+    this.required = !isLoopback(config.TQ_HOST) && !config.TQ_INSECURE;
+    this.limiter =
+      config.TQ_RATE_LIMIT_PER_SECOND > 0 ? new RateLimiter(config.TQ_RATE_LIMIT_PER_SECOND, config.TQ_RATE_LIMIT_BURST) : null;
+  }
+
+  /** Reads how many tokens exist, and keeps that fresh. */
+  async start(): Promise<void> {
+    this.liveTokens = await countLiveTokens(this.sql);
+    this.timer = setInterval(() => {
+      countLiveTokens(this.sql).then(
+        (n) => (this.liveTokens = n),
+        (error) => this.log.warn({ err: error }, "counting API tokens failed"),
+      );
+    }, AUTH_CACHE_MS);
+    this.timer.unref?.();
+  }
+
+  stop(): void {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = null;
+  }
+
+  /** Tokens known at all: configured ones and live ones in the database. */
+  get tokenCount(): number {
+    return this.configured.length + this.liveTokens;
+  }
+
+  /** Whether requests must carry a token. */
+  get enforced(): boolean {
+    return this.required || this.tokenCount > 0;
+  }
+
+  /**
+   * The principal behind an Authorization header value, allowed `scope` and within its rate
+   * limit; throws unauthenticated (401), permission_denied (403) or rate_limited (429).
+   */
+  async check(authorization: string | null | undefined, scope: Scope): Promise<Principal> {
+    const principal = this.enforced ? await this.authenticate(authorization) : ANONYMOUS;
+    if (!allows(principal, scope)) throw permissionDenied(`this token does not have the ${scope} scope`);
+    const wait = this.limiter?.take(principal.name) ?? 0;
+    if (wait > 0) throw rateLimited(Math.ceil(wait / 1000));
+    return principal;
+  }
+
+  private async authenticate(authorization: string | null | undefined): Promise<Principal> {
+    if (!authorization) throw unauthenticated("an API token is required: send Authorization: Bearer <token>");
+    const match = /^Bearer ([!-~]+)$/i.exec(authorization.trim());
+    if (!match) throw unauthenticated("the Authorization header must be: Bearer <token>");
+    const token = match[1]!;
+    const hash = hashToken(token);
+    const now = performance.now();
+    const cached = this.verified.get(hash);
+    if (cached && cached.until > now) return cached.principal;
+    const principal = (await this.lookup(token, hash)) ?? null;
+    if (!principal) throw unauthenticated("the API token is not valid");
+    if (this.verified.size > 10_000) this.verified.clear();
+    this.verified.set(hash, { principal, until: now + AUTH_CACHE_MS });
+    return principal;
+  }
+
+  private async lookup(token: string, hash: string): Promise<Principal | null> {
+    for (const entry of this.configured) {
+      if (sameHash(hash, entry.hash)) return { name: entry.name, scopes: new Set(entry.scopes) };
+    }
+    const id = tokenId(token);
+    if (!id) return null;
+    const row = await findLiveToken(this.sql, id);
+    if (!row || !sameHash(hash, row.token_hash)) return null;
+    return { name: row.name, scopes: new Set(row.scopes) };
+  }
+}
