@@ -51,6 +51,19 @@ export function createApp(deps: ApiDeps) {
             version: pkg.version,
             description: "Runs shell commands on a fleet of workers, now or at a set time.",
           },
+          components: {
+            securitySchemes: {
+              bearerAuth: {
+                type: "http",
+                scheme: "bearer",
+                description:
+                  "An API token (bun run token create). Scopes: submit (POST /schedule, /submit, /tasks), read (every GET " +
+                  "but health), cancel (POST /tasks/:id/cancel), admin (all). Required once any token exists, and always " +
+                  "on a role listening beyond loopback; /healthz, /readyz and /openapi stay open.",
+              },
+            },
+          },
+          security: [{ bearerAuth: [] }],
           tags: [
             { name: "tasks", description: "Submit, inspect, list, cancel and watch tasks." },
             { name: "seed", description: "The original API, kept compatible." },
@@ -223,7 +236,7 @@ function healthController(deps: ApiDeps) {
   return new Elysia({ normalize: false })
     .get("/healthz", () => ({ status: "ok" as const, role: deps.role }), {
       response: { 200: HealthJson },
-      detail: { tags: ["health"], summary: "Liveness: the process answers" },
+      detail: { tags: ["health"], summary: "Liveness: the process answers", security: [] },
     })
     .get(
       "/readyz",
@@ -233,7 +246,7 @@ function healthController(deps: ApiDeps) {
       },
       {
         response: { 200: ReadyJson, 503: ErrorJson },
-        detail: { tags: ["health"], summary: "Readiness: the database answers within 2 s" },
+        detail: { tags: ["health"], summary: "Readiness: the database answers within 2 s", security: [] },
       },
     );
 }

@@ -67,6 +67,7 @@ export function taskToProto(task: Task): PbTask {
     },
     idempotencyKey: task.idempotency_key ?? "",
     leaseExpiresAt: toTimestamp(task.lease_expires_at),
+    secretEnvKeys: Object.keys(task.secret_env ?? {}).sort(),
   });
 }
 
