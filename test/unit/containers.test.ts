@@ -2,7 +2,7 @@
 // checks them statically against what the code expects: the Bun version, the package.json
 // scripts, the configuration schema and its defaults, and the files in the repository.
 import { test, expect, describe } from "bun:test";
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { ConfigSchema, coordinatorAddresses, loadConfig, type Config } from "../../src/config";
 
@@ -155,24 +155,40 @@ function record(value: unknown, where: string): Record<string, unknown> {
   return value;
 }
 
+/** The committed example of the (git-ignored) .env that compose reads secrets from. */
+function envExample(): Record<string, string> {
+  const vars: Record<string, string> = {};
+  for (const line of readFileSync(join(root, ".env.example"), "utf8").split("\n")) {
+    const match = /^([A-Z_][A-Z0-9_]*)=(.*)$/.exec(line.trim());
+    if (match) vars[match[1]!] = match[2]!;
+  }
+  return vars;
+}
+
 /**
- * Compose interpolation with no variables set: `${VAR:-default}` and `${VAR-default}` become
- * their default and `$$` a literal `$`. A variable with no default throws, because the file
- * must work with no .env next to it.
+ * Compose interpolation as with a .env made from .env.example: `${VAR:-default}` and
+ * `${VAR-default}` become their default, `${VAR:?message}` (a required secret) the example's
+ * value, and `$$` a literal `$`. A required variable the example lacks, or a variable with no
+ * default, throws.
  */
-function interpolate(value: string): string {
-  const variable = /\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)/g;
-  return value.replace(variable, (match, braced, fallback, bare) => {
+function interpolate(value: string, vars: Record<string, string> = {}): string {
+  const variable = /\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*)|:\?([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)/g;
+  return value.replace(variable, (match, braced, dash, fallback, required, bare) => {
     if (match === "$$") return "$";
-    if (typeof fallback === "string") return fallback;
+    if (typeof dash === "string") return fallback;
+    if (typeof required === "string") {
+      const given = vars[braced];
+      if (given === undefined) throw new Error(`\${${braced}} is required but .env.example does not set it`);
+      return given;
+    }
     throw new Error(`\${${braced ?? bare}} has no default in docker-compose.yml`);
   });
 }
 
-function interpolateDeep(value: unknown): unknown {
-  if (typeof value === "string") return interpolate(value);
-  if (Array.isArray(value)) return value.map(interpolateDeep);
-  if (isRecord(value)) return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, interpolateDeep(v)]));
+function interpolateDeep(value: unknown, vars: Record<string, string> = envExample()): unknown {
+  if (typeof value === "string") return interpolate(value, vars);
+  if (Array.isArray(value)) return value.map((v) => interpolateDeep(v, vars));
+  if (isRecord(value)) return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, interpolateDeep(v, vars)]));
   return value;
 }
 
@@ -544,4 +560,14 @@ describe("test helpers", () => {
     expect(durationMs("500ms")).toBe(500);
     expect(() => durationMs("40")).toThrow();
   });
+});
+
+test("compose secrets come from a .env that git ignores, with a committed example", () => {
+  expect(readFileSync(join(root, ".gitignore"), "utf8").split("\n")).toContain(".env");
+  expect(existsSync(join(root, ".env.example"))).toBe(true);
+  const compose = readFileSync(join(root, "docker-compose.yml"), "utf8");
+  for (const secret of ["POSTGRES_PASSWORD", "TQ_WORKER_TOKEN", "TQ_API_TOKENS"]) {
+    expect(compose).toContain(`\${${secret}:?`);
+    expect(Object.keys(envExample())).toContain(secret);
+  }
 });
