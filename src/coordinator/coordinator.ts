@@ -13,7 +13,7 @@ import { Authenticator } from "../auth/authenticator";
 import { checkExposure } from "../auth/exposure";
 import type { ApiDeps } from "../api/deps";
 import type { Logger } from "../log";
-import { serviceDefinition } from "../rpc/definitions";
+import { guardMalformed, serverDefinition } from "../rpc/definitions";
 import { grpcServerCredentials, httpScheme, httpTls } from "../tls";
 import { Completer } from "./completer";
 import { Dispatcher } from "./dispatcher";
@@ -112,8 +112,8 @@ export class Coordinator {
       // Workers ping every heartbeat interval; allow it (the default would answer GOAWAY).
       "grpc.http2.min_ping_interval_without_data_ms": Math.min(1000, config.TQ_HEARTBEAT_INTERVAL_MS),
     });
-    this.grpcServer.addService(serviceDefinition(WorkerService), { connect: this.sessions.connect });
-    this.grpcServer.addService(serviceDefinition(TaskService), taskServiceHandlers(deps));
+    this.grpcServer.addService(serverDefinition(WorkerService), { connect: this.sessions.connect });
+    this.grpcServer.addService(serverDefinition(TaskService), guardMalformed(TaskService, taskServiceHandlers(deps)));
   }
 
   async start(): Promise<CoordinatorInfo> {

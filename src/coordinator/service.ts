@@ -19,6 +19,7 @@ import type { Completer } from "./completer";
 import type { Dispatcher } from "./dispatcher";
 import { attemptKey, type WorkerConnection, type WorkerRegistry } from "./registry";
 import { stopAttempt } from "./rescuer";
+import { MalformedMessage } from "../rpc/definitions";
 import { hashToken, sameSecret } from "../auth/tokens";
 
 export type WorkerStream = grpc.ServerDuplexStream<WorkerMessage, CoordinatorMessage>;
@@ -84,8 +85,9 @@ export class WorkerSessions {
       }
     };
 
-    call.on("data", (message: WorkerMessage) => {
+    call.on("data", (message: WorkerMessage | MalformedMessage) => {
       if (ended) return;
+      if (message instanceof MalformedMessage) return fail(grpc.status.INVALID_ARGUMENT, `malformed message: ${message.reason}`);
       const payload = message.payload;
       if (!session) {
         if (payload.case !== "hello") return fail(grpc.status.FAILED_PRECONDITION, "the first message must be Hello");

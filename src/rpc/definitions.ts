@@ -35,3 +35,66 @@ export function serviceDefinition(service: DescService): grpc.ServiceDefinition 
 export function clientConstructor(service: DescService): grpc.ServiceClientConstructor {
   return grpc.makeGenericClientConstructor(serviceDefinition(service), service.name);
 }
+
+/**
+ * What a server's request deserializer yields for bytes that are not a valid message. grpc-js
+ * would answer a throwing deserializer with INTERNAL; bad input is the client's mistake, so
+ * handlers answer INVALID_ARGUMENT instead (see guardMalformed).
+ */
+export class MalformedMessage {
+  constructor(readonly reason: string) {}
+}
+
+/** The ServiceDefinition for serving: malformed requests arrive as MalformedMessage. */
+export function serverDefinition(service: DescService): grpc.ServiceDefinition {
+  return Object.fromEntries(
+    service.methods.map((method) => {
+      const definition = methodDefinition(service, method);
+      return [
+        method.localName,
+        {
+          ...definition,
+          requestDeserialize: (bytes: Buffer) => {
+            try {
+              return fromBinary(method.input, bytes);
+            } catch (error) {
+              return new MalformedMessage(error instanceof Error ? error.message : String(error));
+            }
+          },
+        },
+      ];
+    }),
+  );
+}
+
+const malformedStatus = (message: MalformedMessage) => ({
+  code: grpc.status.INVALID_ARGUMENT,
+  details: `malformed request message: ${message.reason}`,
+});
+
+/**
+ * Wraps unary and server-streaming handlers so that a malformed request is answered
+ * INVALID_ARGUMENT before the handler sees it. Streaming requests (the worker stream) are
+ * checked by their handler, message by message.
+ */
+export function guardMalformed(service: DescService, implementation: grpc.UntypedServiceImplementation): grpc.UntypedServiceImplementation {
+  const guarded: grpc.UntypedServiceImplementation = {};
+  for (const method of service.methods) {
+    const handler = implementation[method.localName];
+    if (!handler) continue;
+    if (method.methodKind === "unary") {
+      const unary = handler as grpc.handleUnaryCall<unknown, unknown>;
+      guarded[method.localName] = ((call, callback) =>
+        call.request instanceof MalformedMessage ? callback(malformedStatus(call.request)) : unary(call, callback)) as grpc.handleUnaryCall<unknown, unknown>;
+    } else if (method.methodKind === "server_streaming") {
+      const streaming = handler as grpc.handleServerStreamingCall<unknown, unknown>;
+      guarded[method.localName] = ((call) =>
+        call.request instanceof MalformedMessage
+          ? call.emit("error", Object.assign(new Error(), malformedStatus(call.request)))
+          : streaming(call)) as grpc.handleServerStreamingCall<unknown, unknown>;
+    } else {
+      guarded[method.localName] = handler;
+    }
+  }
+  return guarded;
+}
