@@ -302,6 +302,23 @@ describe("gRPC", () => {
     expect(events.map((e) => e.actor)).toEqual(["g-submitter"]);
   });
 
+  test("TaskService never returns secret env values", async () => {
+    const secret = "grpc-secret-that-must-not-leak";
+    const submitted = await unary(
+      "submitTask",
+      { command: "true", scheduledAt: { seconds: 4_000_000_000n }, secretEnv: { TOKEN: secret }, env: { PLAIN: "yes" } },
+      submitter,
+    );
+    expect(submitted.error).toBeNull();
+    expect(submitted.response.task.secretEnvKeys).toEqual(["TOKEN"]);
+    expect(submitted.response.task.env).toEqual({ PLAIN: "yes" });
+    const read = await unary("getTask", { id: submitted.response.task.id }, reader);
+    const listed = await unary("listTasks", { limit: 50 }, reader);
+    for (const answer of [submitted, read, listed]) {
+      expect(JSON.stringify(answer.response, (_, v) => (typeof v === "bigint" ? String(v) : v))).not.toContain(secret);
+    }
+  });
+
   test("WorkerService: a stream without the worker token gets nothing and changes nothing", async () => {
     for (const token of [undefined, "wrong-token-0123456789"]) {
       const intruder = workerStream(token);
