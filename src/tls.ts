@@ -3,6 +3,8 @@
 // channel. Files are read when a role starts, so that a wrong path stops it with an error
 // naming the option rather than failing the first handshake.
 import { readFileSync } from "node:fs";
+import { isIP } from "node:net";
+import type { ConnectionOptions } from "node:tls";
 import * as grpc from "@grpc/grpc-js";
 import type { TLSOptions } from "bun";
 import { ConfigError, type Config } from "./config";
@@ -74,11 +76,7 @@ export function httpTls(config: Config): TLSOptions | undefined {
  */
 export function grpcClientCredentials(config: Config): grpc.ChannelCredentials {
   if (!config.TQ_TLS_CA && !config.TQ_TLS_CLIENT_CERT) return grpc.credentials.createInsecure();
-  return grpc.credentials.createSsl(
-    readPem(config, "TQ_TLS_CA"),
-    readPem(config, "TQ_TLS_CLIENT_KEY"),
-    readPem(config, "TQ_TLS_CLIENT_CERT"),
-  );
+  return channelTls(readPem(config, "TQ_TLS_CA"), readPem(config, "TQ_TLS_CLIENT_KEY"), readPem(config, "TQ_TLS_CLIENT_CERT"));
 }
 
 /**
@@ -94,9 +92,30 @@ export function inProcessWorkerCredentials(config: Config): grpc.ChannelCredenti
       "invalid configuration: with TQ_TLS_CLIENT_CA, `bun start` needs TQ_TLS_CLIENT_CERT and TQ_TLS_CLIENT_KEY for its own workers",
     );
   }
-  return grpc.credentials.createSsl(
+  return channelTls(
     readPem(config, "TQ_TLS_CA") ?? requirePem(config, "TQ_TLS_CERT"),
     readPem(config, "TQ_TLS_CLIENT_KEY"),
     readPem(config, "TQ_TLS_CLIENT_CERT"),
   );
+}
+
+/**
+ * grpc.credentials.createSsl, made to work with coordinators addressed by IP. grpc-js sends
+ * the target host as the TLS server name (SNI) even when it is an IP address, which RFC 6066
+ * forbids and Bun's tls.connect refuses outright ("Setting the TLS ServerName to an IP
+ * address is not permitted"), so no worker could dial 127.0.0.1:50051 over TLS. We drop such
+ * a server name from the options grpc-js built; the certificate is still checked against the
+ * host (its IP subjectAltName). Should grpc-js rename that internal field, nothing is dropped
+ * and the error comes back: verification is never weakened.
+ */
+function channelTls(ca: Buffer | null, key: Buffer | null, cert: Buffer | null): grpc.ChannelCredentials {
+  const credentials = grpc.credentials.createSsl(ca, key, cert);
+  const createConnector = credentials._createSecureConnector.bind(credentials);
+  credentials._createSecureConnector = (target, options, callCredentials) => {
+    const connector = createConnector(target, options, callCredentials);
+    const tls = (connector as unknown as { connectionOptions?: ConnectionOptions }).connectionOptions;
+    if (tls?.servername && isIP(tls.servername)) delete tls.servername;
+    return connector;
+  };
+  return credentials;
 }
