@@ -93,6 +93,12 @@ export const ConfigSchema = Type.Object({
     default: 1024 * 1024,
     description: "Largest HTTP request body accepted (413 beyond). Defaults to 1048576.",
   }),
+  TQ_MAX_BATCH: Type.Integer({
+    minimum: 1,
+    maximum: 100_000,
+    default: 1000,
+    description: "Most tasks one POST /tasks/batch may submit (413 beyond). Defaults to 1000.",
+  }),
   TQ_DEFAULT_MAX_ATTEMPTS: Type.Integer({
     minimum: 1,
     maximum: 100,

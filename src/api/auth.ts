@@ -12,7 +12,7 @@ const OPEN = [/^\/healthz$/, /^\/readyz$/, /^\/openapi(\/.*)?$/];
 export function scopeFor(method: string, path: string): Scope | null {
   if (OPEN.some((pattern) => pattern.test(path))) return null;
   if (method === "POST" && /^\/tasks\/[^/]+\/cancel$/.test(path)) return "cancel";
-  if (method === "POST" && /^\/(schedule|submit|tasks)$/.test(path)) return "submit";
+  if (method === "POST" && /^\/(schedule|submit|tasks|tasks\/batch)$/.test(path)) return "submit";
   // Every other route reads (an unknown path is answered 404 only to a caller who may read).
   return "read";
 }

@@ -17,6 +17,7 @@ import {
   TaskEventJson,
   TaskIdParams,
   TaskJson,
+  TaskBatch,
   TaskList,
   TaskListQuery,
   WorkerList,
@@ -32,9 +33,10 @@ import {
   listTaskPage,
   listWorkers,
   submitTask,
+  submitTasks,
 } from "./service";
 import { taskEventsResponse } from "./sse";
-import { ScheduleInput, SubmitInput, TaskInput, parseIdempotencyKey, toScheduleSpec, toTaskSpec } from "../task/spec";
+import { ScheduleInput, SubmitInput, TaskInput, parseIdempotencyKey, toBatchSpecs, toScheduleSpec, toTaskSpec } from "../task/spec";
 import type { TaskSpec } from "../task/task";
 
 export function createApp(deps: ApiDeps) {
@@ -166,6 +168,23 @@ function tasksController(deps: ApiDeps) {
       response: { 201: TaskJson, 200: TaskJson, ...failures, 409: ErrorJson },
       detail: { tags: ["tasks"], summary: "Submit a task", description: "Runs now, or at scheduled_at." },
     })
+    .post(
+      "/tasks/batch",
+      async ({ body, request }) => {
+        const specs = toBatchSpecs(body, deps.config, deps.config.TQ_MAX_BATCH);
+        return status(201, { tasks: (await submitTasks(deps, specs, principalOf(request).name)).map(taskJson) });
+      },
+      {
+        parse: jsonBody(deps),
+        response: { 201: TaskBatch, ...failures },
+        detail: {
+          tags: ["tasks"],
+          summary: "Submit many tasks",
+          description:
+            "Body: {\"tasks\": [<full form of POST /tasks>, ...]}, at most TQ_MAX_BATCH (1000) tasks, written in one statement: all or none. Batches take no Idempotency-Key.",
+        },
+      },
+    )
     .get(
       "/tasks",
       async ({ query }) => {

@@ -95,6 +95,12 @@ export const ScheduleResponse = Type.Object(
 );
 export type ScheduleResponse = typeof ScheduleResponse.static;
 
+export const TaskBatch = Type.Object(
+  { tasks: Type.Array(TaskJson, { description: "The created tasks, in the order submitted." }) },
+  { additionalProperties: false },
+);
+export type TaskBatch = typeof TaskBatch.static;
+
 export const TaskList = Type.Object(
   {
     tasks: Type.Array(TaskJson, { description: "Newest first." }),

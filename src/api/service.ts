@@ -4,7 +4,7 @@
 import type { ApiDeps } from "./deps";
 import type { TaskChange } from "../db/notify";
 import { ping } from "../db/sql";
-import { cancelTask, getTask, getTaskWithLastEvent, listTasks, type TaskWithLastEvent } from "../db/tasks";
+import { cancelTask, getTask, insertTasks, getTaskWithLastEvent, listTasks, type TaskWithLastEvent } from "../db/tasks";
 import { listLiveWorkers, type WorkerRow } from "../db/workers";
 import { TaskQueueError, conflict, invalidArgument, notFound, unavailable } from "../task/errors";
 import { decodeCursor, encodeCursor, isTaskId } from "../task/spec";
@@ -28,6 +28,11 @@ export async function submitTask(deps: ApiDeps, spec: TaskSpec, actor: string): 
     throw conflict(`idempotency key ${JSON.stringify(spec.idempotencyKey)} was already used for a different request (task ${outcome.task.id})`);
   }
   return { task: outcome.task, created: false };
+}
+
+/** Persists validated specs as new queued tasks in one statement; resolves after commit. */
+export async function submitTasks(deps: ApiDeps, specs: TaskSpec[], actor: string): Promise<Task[]> {
+  return insertTasks(deps.sql, specs.map((spec) => ({ id: Bun.randomUUIDv7(), spec })), actor);
 }
 
 function requireTaskId(id: string, field: string): void {

@@ -110,6 +110,48 @@ function leaseUntil(sql: Sql, ms: number): Fragment {
   return sql`clock_timestamp() + make_interval(secs => ${Math.max(0, ms) / 1000})`;
 }
 
+/**
+ * Persists many new queued tasks in one statement (rows from one JSON array), with their
+ * `submitted` events and notifications. Batches carry no idempotency keys.
+ */
+export async function insertTasks(
+  sql: Sql,
+  items: readonly { id: string; spec: TaskSpec }[],
+  actor: string | null = null,
+): Promise<TaskChangeRow[]> {
+  if (items.length === 0) return [];
+  const rows = items.map(({ id, spec }) => ({
+    id,
+    command: spec.command,
+    scheduled_at: spec.scheduledAt?.toISOString() ?? null,
+    max_attempts: spec.maxAttempts,
+    timeout_ms: spec.timeoutMs,
+    env: spec.env,
+    secret_env: spec.secretEnv,
+    cwd: spec.cwd,
+    retry_on_failure: spec.retry.onFailure,
+    retry_on_timeout: spec.retry.onTimeout,
+    retry_on_lost: spec.retry.onLost,
+    retry_backoff_base_ms: spec.retry.backoffBaseMs,
+    retry_backoff_cap_ms: spec.retry.backoffCapMs,
+  }));
+  const inserted = await sql<(Task & { event_id: string })[]>`
+    WITH t AS (
+      INSERT INTO tasks (id, command, state, scheduled_at, max_attempts, timeout_ms, env, secret_env, cwd,
+                         retry_on_failure, retry_on_timeout, retry_on_lost, retry_backoff_base_ms, retry_backoff_cap_ms)
+      SELECT r.id, r.command, 'queued', coalesce(r.scheduled_at, clock_timestamp()), r.max_attempts, r.timeout_ms,
+             coalesce(r.env, '{}'::jsonb), coalesce(r.secret_env, '{}'::jsonb), r.cwd,
+             r.retry_on_failure, r.retry_on_timeout, r.retry_on_lost, r.retry_backoff_base_ms, r.retry_backoff_cap_ms
+      FROM jsonb_to_recordset(${sql.json(rows)}::jsonb) AS r(
+        id uuid, command text, scheduled_at timestamptz, max_attempts integer, timeout_ms integer, env jsonb,
+        secret_env jsonb, cwd text, retry_on_failure boolean, retry_on_timeout boolean, retry_on_lost boolean,
+        retry_backoff_base_ms integer, retry_backoff_cap_ms integer)
+      RETURNING *
+    ),
+    ${recordChange(sql, "submitted", null, actor)}`;
+  return strip(inserted);
+}
+
 export async function getTask(sql: Sql, id: string): Promise<Task | null> {
   const rows = await sql<Task[]>`SELECT * FROM tasks WHERE id = ${id}`;
   return rows[0] ?? null;

@@ -6,7 +6,7 @@
 import { Type, type TSchema, type Static } from "@sinclair/typebox";
 import { Value, ValueErrorType, type ValueError } from "@sinclair/typebox/value";
 import type { Config } from "../config";
-import { invalidArgument } from "./errors";
+import { invalidArgument, TaskQueueError } from "./errors";
 import type { TaskSpec } from "./task";
 
 export const MAX_COMMAND_LENGTH = 65_536;
@@ -150,6 +150,35 @@ export function toTaskSpec(input: unknown, config: SpecConfig): TaskSpec {
   const body = checkSchema(TaskInput, input);
   const scheduledAt = body.scheduled_at === undefined ? null : parseScheduledAt(body.scheduled_at, "scheduled_at");
   return buildSpec(body, scheduledAt, config);
+}
+
+/** `POST /tasks/batch`: many full-form tasks at once. */
+export const BatchInput = Type.Object(
+  { tasks: Type.Array(TaskInput, { minItems: 1, description: "The tasks, in the full form of POST /tasks." }) },
+  { ...strict, description: "Tasks submitted in one statement: all are created, or none." },
+);
+export type BatchInput = Static<typeof BatchInput>;
+
+/**
+ * Validates a batch; too many tasks is payload_too_large naming the limit, and an invalid
+ * task an invalid_argument naming it (`tasks[3].command`).
+ */
+export function toBatchSpecs(input: unknown, config: SpecConfig, maxBatch: number): TaskSpec[] {
+  const count = (input as { tasks?: unknown })?.tasks;
+  if (Array.isArray(count) && count.length > maxBatch) {
+    throw new TaskQueueError("payload_too_large", `a batch may hold at most ${maxBatch} tasks (TQ_MAX_BATCH); this one has ${count.length}`, "tasks");
+  }
+  const body = checkSchema(BatchInput, input);
+  return body.tasks.map((task, i) => {
+    try {
+      return toTaskSpec(task, config);
+    } catch (error) {
+      if (error instanceof TaskQueueError && error.field !== undefined) {
+        throw invalidArgument(`tasks[${i}].${error.field}`, `tasks[${i}]: ${error.message}`);
+      }
+      throw error;
+    }
+  });
 }
 
 /** Validates a seed `/schedule` request: scheduled_at (or its alias) is required. */

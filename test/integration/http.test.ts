@@ -536,7 +536,7 @@ describe("health and documentation", () => {
     expect(doc.info).toMatchObject({ title: "task-queue", version: (await Bun.file("package.json").json()).version });
     expect(Object.keys(doc.paths).sort()).toEqual(
       [
-        "/healthz", "/readyz", "/schedule", "/status", "/submit", "/tasks", "/tasks/{id}", "/tasks/{id}/cancel",
+        "/healthz", "/readyz", "/schedule", "/status", "/submit", "/tasks", "/tasks/batch", "/tasks/{id}", "/tasks/{id}/cancel",
         "/tasks/{id}/events", "/workers",
       ].sort(),
     );
@@ -665,5 +665,36 @@ describe("Idempotency-Key", () => {
     expectError(long, 400, "invalid_argument", "Idempotency-Key", /at most 255/);
     const count = await db.sql<{ n: number }[]>`SELECT count(*)::int AS n FROM tasks`;
     expect(count[0]?.n).toBe(0);
+  });
+});
+
+describe("POST /tasks/batch", () => {
+  test("creates every task in one go, in order", async () => {
+    const answer = await post("/tasks/batch", { tasks: [{ command: "echo 1" }, { command: "echo 2", scheduled_at: "2099-01-01T00:00:00Z", env: { A: "1" } }] });
+    expect(answer.status).toBe(201);
+    expect(answer.json.tasks.map((t: { command: string }) => t.command)).toEqual(["echo 1", "echo 2"]);
+    for (const task of answer.json.tasks) expectTaskJson(task);
+    expect(answer.json.tasks[1]).toMatchObject({ state: "queued", env: { A: "1" }, scheduled_at: "2099-01-01T00:00:00.000Z" });
+    const events = await db.sql<{ n: number }[]>`SELECT count(*)::int AS n FROM task_events WHERE kind = 'submitted'`;
+    expect(events[0]?.n).toBe(2);
+  });
+
+  test("one bad task rejects the batch, naming it; nothing is written", async () => {
+    const answer = await post("/tasks/batch", { tasks: [{ command: "echo ok" }, { command: "" }] });
+    expect(answer.status).toBe(400);
+    expect(answer.json.error.field).toMatch(/^tasks(\[1\]|\/1|\.1)/);
+    const bad = await post("/tasks/batch", { tasks: [{ command: "echo ok" }, { command: "x", scheduled_at: "2023-04-01T15:04:05" }] });
+    expectError(bad, 400, "invalid_argument", "tasks[1].scheduled_at", /time zone/);
+    const empty = await post("/tasks/batch", { tasks: [] });
+    expect(empty.status).toBe(400);
+    expect(empty.json.error.field).toMatch(/^tasks/);
+    const count = await db.sql<{ n: number }[]>`SELECT count(*)::int AS n FROM tasks`;
+    expect(count[0]?.n).toBe(0);
+  });
+
+  test("more tasks than TQ_MAX_BATCH is a 413 naming the limit", async () => {
+    const tasks = Array.from({ length: 1001 }, (_, i) => ({ command: `echo ${i}` }));
+    const answer = await post("/tasks/batch", { tasks });
+    expectError(answer, 413, "payload_too_large", "tasks", /at most 1000 tasks \(TQ_MAX_BATCH\)/);
   });
 });
