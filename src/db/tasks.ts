@@ -191,8 +191,12 @@ export async function claimDue(
     WITH c AS (
       SELECT id, row_number() OVER () AS n FROM (
         SELECT id FROM tasks
-        WHERE state = 'queued' AND scheduled_at <= clock_timestamp()
-        ORDER BY priority DESC, scheduled_at, id
+        -- now() (the statement's start), not clock_timestamp(): a volatile bound cannot be an
+        -- index condition, and the scan would walk every future task. It is never later than
+        -- the real time, so a task still never starts early.
+        WHERE state = 'queued' AND scheduled_at <= now()
+        -- Due order, on tasks_due_idx (priorities come with their own issue).
+        ORDER BY scheduled_at, id
         LIMIT ${slots.length}
         FOR UPDATE SKIP LOCKED
       ) due
@@ -397,7 +401,7 @@ export async function requeueExpiredLeases(sql: Sql): Promise<TaskChangeRow[]> {
   const rows = await sql<(Task & { event_id: string })[]>`
     WITH t AS (
       UPDATE tasks SET ${requeueOrFail(sql, "worker lost (lease expired)")}
-      WHERE state IN ('dispatched', 'running') AND lease_expires_at < clock_timestamp()
+      WHERE state IN ('dispatched', 'running') AND lease_expires_at < now()
       RETURNING *
     ),
     ${recordChange(sql, "requeued", { reason: "lease expired" })}`;
