@@ -5,11 +5,13 @@
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { cpus, tmpdir } from "node:os";
 import { join } from "node:path";
+import { dispatch } from "./dispatch";
 import { failover } from "./failover";
 import { latency } from "./latency";
+import { scale } from "./scale";
 import { closeAllScopes, type Bench, type BenchResult } from "./support";
 
-const BENCHES: readonly Bench[] = [latency, failover];
+const BENCHES: readonly Bench[] = [latency, dispatch, failover, scale];
 
 const ROOT = join(import.meta.dir, "..");
 const RESULTS_DIR = join(import.meta.dir, "results");
