@@ -8,10 +8,12 @@ import { join } from "node:path";
 import { dispatch } from "./dispatch";
 import { failover } from "./failover";
 import { latency } from "./latency";
+import { precision } from "./precision";
+import { throughput } from "./throughput";
 import { scale } from "./scale";
 import { closeAllScopes, type Bench, type BenchResult } from "./support";
 
-const BENCHES: readonly Bench[] = [latency, dispatch, failover, scale];
+const BENCHES: readonly Bench[] = [latency, dispatch, throughput, precision, failover, scale];
 
 const ROOT = join(import.meta.dir, "..");
 const RESULTS_DIR = join(import.meta.dir, "results");

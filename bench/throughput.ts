@@ -1,0 +1,320 @@
+// Burn-down throughput: how fast a backlog of trivial tasks drains. One coordinator, one
+// scheduler and four workers with two slots each (eight commands at once) run as real
+// processes with the product's heartbeat settings. The backlog is `true` commands submitted
+// to the scheduler in batches (POST /tasks/batch, one batch after another); the clock runs
+// from the first submit to the first poll of the tasks table that finds none unfinished. The
+// ceiling is the same number of `sh -c true` from bare Bun.spawn, eight in flight.
+import { connect, type Sql } from "../src/db/sql";
+import { FINAL_STATES } from "../src/task/state";
+import {
+  createBenchDatabase,
+  distribution,
+  ms,
+  quartet,
+  Scope,
+  startBenchCluster,
+  within,
+  type Bench,
+  type BenchOptions,
+  type BenchResult,
+  type Distribution,
+  type SummaryRow,
+} from "./support";
+
+const FULL = { tasks: 5000, batch: 1000, warmup: 50 };
+const QUICK = { tasks: 300, batch: 100, warmup: 10 };
+const WORKERS = 4;
+const WORKER_SLOTS = 2;
+const CONCURRENCY = WORKERS * WORKER_SLOTS;
+const COMMAND = "true";
+/** How often the bench asks the database whether any task is unfinished. */
+const POLL_MS = 50;
+const STEP_TIMEOUT_MS = 30_000;
+/** Generous: a run slower than 50 ms per task plus this is a fault, not a figure. */
+const timeoutFor = (tasks: number) => STEP_TIMEOUT_MS + tasks * 50;
+
+// ---- helpers shared with precision.ts (candidates for support.ts) ---------------------------
+
+export interface BatchTask {
+  command: string;
+  scheduled_at?: string;
+}
+
+/** POST /tasks/batch; returns the created tasks' ids and scheduled_at, in the order sent. */
+export async function submitBatch(baseUrl: string, tasks: readonly BatchTask[]): Promise<{ id: string; scheduled_at: string }[]> {
+  const response = await within(
+    fetch(`${baseUrl}/tasks/batch`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ tasks }),
+    }),
+    STEP_TIMEOUT_MS,
+    `POST ${baseUrl}/tasks/batch`,
+  );
+  const answer = (await response.json()) as { tasks?: { id: string; scheduled_at: string }[] };
+  if (response.status !== 201 || !Array.isArray(answer.tasks) || answer.tasks.length !== tasks.length) {
+    throw new Error(`POST ${baseUrl}/tasks/batch of ${tasks.length} answered ${response.status}: ${JSON.stringify(answer).slice(0, 500)}`);
+  }
+  return answer.tasks;
+}
+
+/** Tasks not yet in a final state (queued, dispatched, running). */
+export async function countUnfinished(sql: Sql): Promise<number> {
+  const [row] = await sql<{ n: number }[]>`SELECT count(*)::int AS n FROM tasks WHERE state NOT IN ${sql([...FINAL_STATES])}`;
+  return row?.n ?? 0;
+}
+
+/**
+ * Polls every `pollMs` (on a fixed beat, not drifting by the query time) until no task is
+ * unfinished; returns performance.now() at which that answer arrived.
+ */
+export async function untilAllFinal(sql: Sql, pollMs: number, timeoutMs: number): Promise<number> {
+  const deadline = performance.now() + timeoutMs;
+  let beat = performance.now();
+  for (;;) {
+    const unfinished = await countUnfinished(sql);
+    const at = performance.now();
+    if (unfinished === 0) return at;
+    if (at > deadline) throw new Error(`${unfinished} tasks still unfinished after ${timeoutMs} ms`);
+    beat += pollMs;
+    if (beat < at) beat = at;
+    await Bun.sleep(beat - at);
+  }
+}
+
+export interface StateReport {
+  /** Tasks per state. */
+  states: Record<string, number>;
+  /** Tasks that needed more than one attempt, whatever their end. */
+  retried: number;
+  /** A few tasks that did not succeed, for the failure message. */
+  examples: { id: string; state: string; attempt: number; exit_code: number | null; error: string | null }[];
+}
+
+export async function stateReport(sql: Sql): Promise<StateReport> {
+  const rows = await sql<{ state: string; n: number; retried: number }[]>`
+    SELECT state, count(*)::int AS n, count(*) FILTER (WHERE attempt > 1)::int AS retried FROM tasks GROUP BY state ORDER BY state`;
+  const examples = await sql<StateReport["examples"]>`
+    SELECT id, state, attempt, exit_code, error FROM tasks WHERE state <> 'succeeded' ORDER BY id LIMIT 5`;
+  return {
+    states: Object.fromEntries(rows.map((r) => [r.state, r.n])),
+    retried: rows.reduce((sum, r) => sum + r.retried, 0),
+    examples: [...examples],
+  };
+}
+
+export function notSucceeded(report: StateReport): number {
+  return Object.entries(report.states).reduce((sum, [state, n]) => (state === "succeeded" ? sum : sum + n), 0);
+}
+
+/** The state report once every task is final; throws, naming a few, if any did not succeed. */
+export async function requireAllSucceeded(sql: Sql): Promise<StateReport> {
+  const report = await stateReport(sql);
+  const failed = notSucceeded(report);
+  if (failed > 0) {
+    throw new Error(`${failed} tasks did not succeed: ${JSON.stringify(report.states)}; e.g. ${JSON.stringify(report.examples)}`);
+  }
+  return report;
+}
+
+export interface TimelineRow {
+  id: string;
+  scheduled_at: Date;
+  picked_at: Date | null;
+  started_at: Date | null;
+  completed_at: Date | null;
+}
+
+/**
+ * The rows' own timestamps (millisecond resolution): scheduled_at as submitted, picked_at by
+ * the database's clock at the claim, started_at and completed_at by the worker's clock.
+ */
+export async function taskTimeline(sql: Sql, ids: readonly string[]): Promise<TimelineRow[]> {
+  return sql<TimelineRow[]>`SELECT id, scheduled_at, picked_at, started_at, completed_at FROM tasks WHERE id IN ${sql(ids)}`;
+}
+
+type Stamp = "scheduled_at" | "picked_at" | "started_at" | "completed_at";
+
+/** `to - from` of each row, in ms; a missing stamp is a fault. */
+export function spans(rows: readonly TimelineRow[], from: Stamp, to: Stamp): number[] {
+  return rows.map((row) => {
+    const a = row[from];
+    const b = row[to];
+    if (!a || !b) throw new Error(`task ${row.id} has no ${a ? to : from}: ${JSON.stringify(row)}`);
+    return b.getTime() - a.getTime();
+  });
+}
+
+// ---- the measurements ----------------------------------------------------------------------
+
+interface QueueRun {
+  tasks: number;
+  batches: number;
+  /** First POST /tasks/batch call until the last one's 201 body was read. */
+  submit_ms: number;
+  /** First POST /tasks/batch call until a poll first found no unfinished task. */
+  elapsed_ms: number;
+  tasks_per_s: number;
+  /**
+   * First POST call until the latest completed_at of the timed tasks (the workers' clocks,
+   * ms resolution): the end without the poll's delay.
+   */
+  last_completed_ms: number;
+  tasks_per_s_by_last_completed: number;
+  /** Per task, from the rows: claim to the worker's process start, and that to its exit. */
+  rows_picked_to_started: Distribution;
+  rows_started_to_completed: Distribution;
+}
+
+/** Submits `count` tasks in batches of `batchSize`, one batch after another, and times the burn-down. */
+async function burnDown(baseUrl: string, sql: Sql, count: number, batchSize: number): Promise<{ run: QueueRun; report: StateReport }> {
+  const batches: BatchTask[][] = [];
+  for (let done = 0; done < count; done += batchSize) {
+    batches.push(Array.from({ length: Math.min(batchSize, count - done) }, () => ({ command: COMMAND })));
+  }
+  const wallStart = Date.now();
+  const start = performance.now();
+  const ids: string[] = [];
+  for (const batch of batches) ids.push(...(await submitBatch(baseUrl, batch)).map((t) => t.id));
+  const submitted = performance.now();
+  // Only now: between two batches the table can be momentarily all final.
+  const end = await untilAllFinal(sql, POLL_MS, timeoutFor(count));
+  const report = await requireAllSucceeded(sql);
+  const timeline = await taskTimeline(sql, ids);
+  const pickedToStarted = distribution(spans(timeline, "picked_at", "started_at"));
+  const startedToCompleted = distribution(spans(timeline, "started_at", "completed_at"));
+  const elapsed = end - start;
+  // wallStart and start are read together; Date.now() has millisecond resolution, like the rows.
+  const lastCompleted = timeline.reduce((last, row) => Math.max(last, row.completed_at?.getTime() ?? last), 0) - wallStart;
+  const run: QueueRun = {
+    tasks: count,
+    batches: batches.length,
+    submit_ms: round(submitted - start),
+    elapsed_ms: round(elapsed),
+    tasks_per_s: perSecond(count, elapsed),
+    last_completed_ms: lastCompleted,
+    tasks_per_s_by_last_completed: perSecond(count, lastCompleted),
+    rows_picked_to_started: pickedToStarted,
+    rows_started_to_completed: startedToCompleted,
+  };
+  return { run, report };
+}
+
+interface RawRun {
+  commands: number;
+  in_flight: number;
+  elapsed_ms: number;
+  commands_per_s: number;
+}
+
+/**
+ * The ceiling: `count` runs of `sh -c true` from Bun.spawn with the executor's options (own
+ * process group, piped output), `inFlight` at a time, from the first spawn to the last exit.
+ */
+async function rawSpawns(count: number, inFlight: number): Promise<RawRun> {
+  let next = 0;
+  const failures: string[] = [];
+  const lane = async () => {
+    while (next < count) {
+      next++;
+      const proc = Bun.spawn(["sh", "-c", COMMAND], { stdin: "ignore", stdout: "pipe", stderr: "pipe", detached: true });
+      const code = await proc.exited;
+      if (code !== 0) failures.push(`exit ${code}: ${await new Response(proc.stderr).text()}`);
+    }
+  };
+  const start = performance.now();
+  await within(Promise.all(Array.from({ length: inFlight }, lane)), timeoutFor(count), `${count} raw spawns`);
+  const elapsed = performance.now() - start;
+  if (failures.length > 0) throw new Error(`${failures.length} raw spawns failed, e.g. ${failures[0]}`);
+  return { commands: count, in_flight: inFlight, elapsed_ms: round(elapsed), commands_per_s: perSecond(count, elapsed) };
+}
+
+const round = (x: number) => Math.round(x * 1000) / 1000;
+const perSecond = (count: number, elapsedMs: number) => Math.round((count / elapsedMs) * 1000 * 10) / 10;
+
+async function run(options: BenchOptions): Promise<BenchResult> {
+  const { tasks, batch, warmup } = options.quick ? QUICK : FULL;
+  const scope = new Scope();
+  try {
+    const db = await createBenchDatabase(scope, (line) => console.log(`throughput: ${line}`));
+    console.log(`throughput: PostgreSQL (${db.postgres.source}): ${db.postgres.version}`);
+    const roleEnv = {
+      // The product defaults, not the test suite's fast heartbeats.
+      TQ_HEARTBEAT_INTERVAL_MS: "1000",
+      TQ_HEARTBEAT_TIMEOUT_MS: "3000",
+      TQ_LOG_LEVEL: "info",
+    };
+    const cluster = await startBenchCluster(scope, db.url, { workers: WORKERS, slots: WORKER_SLOTS, env: roleEnv });
+    // The roles have migrated the database by now.
+    const sql = connect(db.url, { max: 1, applicationName: "bench-throughput" });
+    scope.defer("close the bench's database connection", () => sql.end({ timeout: 5 }));
+    console.log(`throughput: cluster up (${WORKERS} workers x ${WORKER_SLOTS} slots); ${warmup} warm-up + ${tasks} timed tasks and raw spawns`);
+
+    let raw: RawRun;
+    let queue: QueueRun;
+    let report: StateReport;
+    try {
+      // Warm-ups, untimed: the spawn path of this process, then every role's task path.
+      await rawSpawns(warmup, CONCURRENCY);
+      raw = await rawSpawns(tasks, CONCURRENCY);
+      await submitBatch(cluster.schedulerUrl, Array.from({ length: warmup }, () => ({ command: COMMAND })));
+      await untilAllFinal(sql, POLL_MS, timeoutFor(warmup));
+      ({ run: queue, report } = await burnDown(cluster.schedulerUrl, sql, tasks, batch));
+    } catch (error) {
+      const message = error instanceof Error ? error.message : String(error);
+      throw new Error(`${message}\nrole process logs:\n${cluster.logs()}`);
+    }
+    const ratio = Math.round((queue.tasks_per_s / raw.commands_per_s) * 1000) / 1000;
+
+    console.log(`\nburn-down of ${tasks} x \`${COMMAND}\`, ${CONCURRENCY} at once`);
+    console.log(`  raw Bun.spawn  ${raw.commands_per_s} /s  (${ms(raw.elapsed_ms)} ms)`);
+    console.log(
+      `  queue          ${queue.tasks_per_s} /s  (${ms(queue.elapsed_ms)} ms to all final seen; submit took ${ms(queue.submit_ms)} ms; ` +
+        `last completed_at at ${ms(queue.last_completed_ms)} ms = ${queue.tasks_per_s_by_last_completed} /s)`,
+    );
+    console.log(`  queue / raw    ${ratio}`);
+    console.log(`  rows           picked -> started ${quartet(queue.rows_picked_to_started)}; started -> completed ${quartet(queue.rows_started_to_completed)}`);
+    console.log(`  states         ${JSON.stringify(report.states)}; retried ${report.retried}`);
+
+    const summary: SummaryRow[] = [
+      {
+        metric: `burn-down: ${tasks} × \`${COMMAND}\` via scheduler POST /tasks/batch, ${WORKERS} workers × ${WORKER_SLOTS} slots, first submit → all final`,
+        value: `${queue.tasks_per_s} tasks/s (${(queue.elapsed_ms / 1000).toFixed(2)} s)`,
+      },
+      {
+        metric: `raw ceiling: ${tasks} × Bun.spawn \`sh -c ${COMMAND}\`, ${CONCURRENCY} in flight`,
+        value: `${raw.commands_per_s} commands/s (${(raw.elapsed_ms / 1000).toFixed(2)} s)`,
+      },
+      { metric: "burn-down over raw ceiling (queue tasks/s ÷ raw commands/s)", value: `×${ratio}` },
+      { metric: "tasks ended non-succeeded (must be 0; the bench fails otherwise) / needed a retry", value: `${notSucceeded(report)} / ${report.retried}` },
+    ];
+    return {
+      name: "throughput",
+      description:
+        `Burn-down throughput: a backlog of \`${COMMAND}\` tasks submitted in batches to the scheduler, timed from the first submit until every task is final, against bare Bun.spawn at the same concurrency.`,
+      settings: {
+        tasks,
+        warmup_tasks: warmup,
+        batch_size: batch,
+        batches: queue.batches,
+        submitted_to: "scheduler POST /tasks/batch, each batch sent after the previous one's 201",
+        command: COMMAND,
+        processes: { coordinator: 1, scheduler: 1, workers: WORKERS, worker_slots: WORKER_SLOTS, total_slots: CONCURRENCY },
+        role_env: roleEnv,
+        start: "just before the first POST /tasks/batch call",
+        end:
+          `the arrival of the first answer to SELECT count(*) FROM tasks WHERE state NOT IN (final states) that is 0, ` +
+          `polled every ${POLL_MS} ms from the bench once the last batch was acknowledged (so up to one poll period plus one query late)`,
+        raw_spawn: `Bun.spawn sh -c ${COMMAND}, stdin ignore, stdout/stderr pipe, detached (as the executor), ${CONCURRENCY} in flight, first spawn to last exit`,
+        database: db.postgres.source,
+      },
+      figures: { queue, raw, queue_over_raw: ratio, states: report.states, retried: report.retried },
+      summary,
+      postgres: db.postgres,
+    };
+  } finally {
+    await scope.close();
+  }
+}
+
+export const throughput: Bench = { name: "throughput", run };
