@@ -4,8 +4,15 @@
 import { create } from "@bufbuild/protobuf";
 import { CoordinatorMessageSchema, type TaskFinished, type TaskStarted } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Sql } from "../db/sql";
-import { finishAttempt, markStarted, recordAttemptNote, requeueAttempt } from "../db/tasks";
-import { finishAction, fromTimestamp } from "../rpc/convert";
+import {
+  finishAttempts,
+  markStartedMany,
+  recordAttemptNote,
+  requeueAttempt,
+  type FinishReport,
+  type StartReport,
+} from "../db/tasks";
+import { finishAction, fromTimestamp, type FinishAction } from "../rpc/convert";
 import type { Logger } from "../log";
 import { attemptKey, type WorkerConnection, type WorkerRegistry } from "./registry";
 
@@ -19,8 +26,14 @@ export interface CompleterOptions {
   retryMs?: number;
 }
 
+/** Most reports of a kind written in one statement. */
+const MAX_BATCH = 500;
+
 export class Completer {
   private readonly pending = new Set<Promise<void>>();
+  private readonly starts: StartReport[] = [];
+  private readonly finishes: { worker: WorkerConnection; report: FinishReport }[] = [];
+  private flushing: Promise<void> | null = null;
   private stopped = false;
 
   constructor(private readonly options: CompleterOptions) {}
@@ -28,19 +41,14 @@ export class Completer {
   started(worker: WorkerConnection, message: TaskStarted): void {
     const ref = message.ref;
     if (!ref) return;
-    this.track(
-      markStarted(this.options.sql, {
-        id: ref.taskId,
-        attempt: ref.attempt,
-        workerId: worker.id,
-        startedAt: fromTimestamp(message.startedAt) ?? new Date(),
-        pid: message.pid,
-      }).then(
-        () => {},
-        // TaskFinished carries started_at too, so a lost start is repaired by the finish.
-        (error) => this.options.log.warn({ err: error, task: ref.taskId }, "recording a start failed"),
-      ),
-    );
+    this.starts.push({
+      id: ref.taskId,
+      attempt: ref.attempt,
+      workerId: worker.id,
+      startedAt: fromTimestamp(message.startedAt) ?? new Date(),
+      pid: message.pid,
+    });
+    this.kick();
   }
 
   finished(worker: WorkerConnection, message: TaskFinished): void {
@@ -48,32 +56,79 @@ export class Completer {
     if (!ref) return;
     // The process has exited: the slot is free whatever the database says.
     if (worker.inFlight.delete(attemptKey(ref.taskId, ref.attempt))) this.options.onSlotFreed();
-    this.track(this.record(worker, message));
+    const action = finishAction(message);
+    const target = { id: ref.taskId, attempt: ref.attempt, workerId: worker.id };
+    if (action.kind === "record") this.finishes.push({ worker, report: { ref: target, result: action.result } });
+    else this.track(this.recordOther(worker, message, action));
+    this.kick();
   }
 
   /** Waits for reports in progress (they give up retrying once stopped). */
   async stop(): Promise<void> {
     this.stopped = true;
+    await this.flushing;
     await Promise.all(this.pending);
   }
 
-  private async record(worker: WorkerConnection, message: TaskFinished): Promise<void> {
+  /**
+   * Group commit: reports that arrive while a write is in flight wait for it and then go
+   * together in one statement, so under load the database sees one write per batch rather
+   * than one per task, and an idle system still writes each report at once.
+   */
+  private kick(): void {
+    if (this.flushing) return;
+    this.flushing = this.flush().finally(() => {
+      this.flushing = null;
+      if ((this.starts.length > 0 || this.finishes.length > 0) && !this.stopped) this.kick();
+    });
+  }
+
+  private async flush(): Promise<void> {
+    const starts = this.starts.splice(0, MAX_BATCH);
+    const finishes = this.finishes.splice(0, MAX_BATCH);
+    if (starts.length > 0) {
+      await markStartedMany(this.options.sql, starts).catch((error) =>
+        // TaskFinished carries started_at too, so a lost start is repaired by the finish.
+        this.options.log.warn({ err: error, tasks: starts.length }, "recording starts failed"),
+      );
+    }
+    if (finishes.length === 0) return;
+    try {
+      const applied = await finishAttempts(this.options.sql, finishes.map((f) => f.report));
+      finishes.forEach(({ worker, report }, i) => this.ack(worker, report.ref, applied[i] === null));
+    } catch (error) {
+      // Unacknowledged, the workers still hold these results; keep the ones still ours.
+      const kept = finishes.filter(({ worker }) => this.options.registry.isCurrent(worker));
+      if (this.stopped || kept.length === 0) return;
+      this.options.log.warn({ err: error, tasks: kept.length }, "recording results failed; retrying");
+      await Bun.sleep(this.options.retryMs ?? 500);
+      this.finishes.unshift(...kept);
+    }
+  }
+
+  private ack(worker: WorkerConnection, ref: { id: string; attempt: number }, stale: boolean): void {
+    worker.send(
+      create(CoordinatorMessageSchema, {
+        payload: { case: "ack", value: { ref: { taskId: ref.id, attempt: ref.attempt }, stale } },
+      }),
+    );
+  }
+
+  /** A handed-back or stopped attempt (rare): one statement each, retried like results. */
+  private async recordOther(worker: WorkerConnection, message: TaskFinished, action: Exclude<FinishAction, { kind: "record" }>): Promise<void> {
     const ref = message.ref!;
     const target = { id: ref.taskId, attempt: ref.attempt, workerId: worker.id };
-    const action = finishAction(message);
     for (;;) {
       try {
         let applied = true;
-        if (action.kind === "record") applied = (await finishAttempt(this.options.sql, target, action.result)).applied !== null;
         // The requeue's NOTIFY wakes every coordinator's dispatcher.
-        else if (action.kind === "requeue") applied = (await requeueAttempt(this.options.sql, target, action.reason)) !== null;
+        if (action.kind === "requeue") applied = (await requeueAttempt(this.options.sql, target, action.reason)) !== null;
         else await recordAttemptNote(this.options.sql, target, "stopped", { reason: action.reason });
-        worker.send(create(CoordinatorMessageSchema, { payload: { case: "ack", value: { ref, stale: !applied } } }));
+        this.ack(worker, target, !applied);
         return;
       } catch (error) {
-        // Unacknowledged, the worker still holds the result; keep trying while it is ours.
         if (this.stopped || !this.options.registry.isCurrent(worker)) return;
-        this.options.log.warn({ err: error, task: ref.taskId }, "recording a result failed; retrying");
+        this.options.log.warn({ err: error, task: ref.taskId }, "recording a report failed; retrying");
         await Bun.sleep(this.options.retryMs ?? 500);
       }
     }

@@ -23,25 +23,36 @@ function recordChange(
   /** The API token (by name) that asked for the change, for the audit trail. */
   actor: string | null = null,
 ): Fragment {
+  return changeTail(sql, sql`${kind}::text`, detail === null ? sql`NULL::jsonb` : sql`${sql.json(detail)}::jsonb`, actor);
+}
+
+/** recordChange for rows of `t` that carry their own event_kind and event_detail columns. */
+function recordChanges(sql: Sql): Fragment {
+  return changeTail(sql, sql`t.event_kind`, sql`t.event_detail`, null);
+}
+
+function changeTail(sql: Sql, kind: Fragment, detail: Fragment, actor: string | null): Fragment {
   return sql`
     e AS (
       INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail, actor)
-      SELECT t.id, ${kind}, t.state, t.attempt, t.worker_id, ${detail === null ? null : sql.json(detail)}::jsonb, ${actor}::text
+      SELECT t.id, ${kind}, t.state, t.attempt, t.worker_id, ${detail}, ${actor}::text
       FROM t
       RETURNING id, task_id
     )
     SELECT t.*, e.id::text AS event_id,
       pg_notify(${TASK_CHANNEL}, json_build_object(
         'id', t.id, 'state', t.state, 'attempt', t.attempt, 'worker_id', t.worker_id,
-        'coordinator_id', t.coordinator_id, 'event_id', e.id::text, 'kind', ${kind}::text,
+        'coordinator_id', t.coordinator_id, 'event_id', e.id::text, 'kind', ${kind},
         'due_in_ms', CASE WHEN t.state = 'queued'
           THEN greatest(0, ceil(extract(epoch FROM t.scheduled_at - clock_timestamp()) * 1000))::bigint END
       )::text)::text AS notified
     FROM t JOIN e ON e.task_id = t.id`;
 }
 
-function strip(rows: readonly (Task & { event_id: string; notified?: unknown })[]): TaskChangeRow[] {
-  return rows.map(({ notified: _, ...row }) => row as TaskChangeRow);
+function strip(
+  rows: readonly (Task & { event_id: string; notified?: unknown; event_kind?: unknown; event_detail?: unknown })[],
+): TaskChangeRow[] {
+  return rows.map(({ notified: _n, event_kind: _k, event_detail: _d, ...row }) => row as TaskChangeRow);
 }
 
 export interface Assignment {
@@ -227,19 +238,37 @@ export async function nextDueIn(sql: Sql): Promise<number | null> {
   return value == null ? null : Number(value);
 }
 
+export interface StartReport {
+  id: string;
+  attempt: number;
+  workerId: string;
+  startedAt: Date;
+  pid: number;
+}
+
 /** dispatched -> running, for the attempt and worker that hold the task. */
-export async function markStarted(
-  sql: Sql,
-  ref: { id: string; attempt: number; workerId: string; startedAt: Date; pid: number },
-): Promise<TaskChangeRow | null> {
+export async function markStarted(sql: Sql, ref: StartReport): Promise<TaskChangeRow | null> {
+  return (await markStartedMany(sql, [ref]))[0] ?? null;
+}
+
+/** markStarted for many reports in one statement; returns the rows that changed. */
+export async function markStartedMany(sql: Sql, refs: readonly StartReport[]): Promise<TaskChangeRow[]> {
+  if (refs.length === 0) return [];
+  const json = refs.map((r) => ({ id: r.id, attempt: r.attempt, worker_id: r.workerId, started_at: r.startedAt.toISOString(), pid: r.pid }));
   const rows = await sql<(Task & { event_id: string })[]>`
     WITH t AS (
-      UPDATE tasks SET state = 'running', started_at = ${ref.startedAt}
-      WHERE id = ${ref.id} AND attempt = ${ref.attempt} AND worker_id = ${ref.workerId} AND state = 'dispatched'
-      RETURNING *
+      UPDATE tasks SET state = 'running', started_at = r.started_at
+      FROM jsonb_to_recordset(${sql.json(json)}::jsonb) AS r(id uuid, attempt integer, worker_id text, started_at timestamptz, pid integer)
+      WHERE tasks.id = r.id AND tasks.attempt = r.attempt AND tasks.worker_id = r.worker_id AND tasks.state = 'dispatched'
+      RETURNING tasks.*, 'started'::text AS event_kind, jsonb_build_object('pid', r.pid) AS event_detail
     ),
-    ${recordChange(sql, "started", { pid: ref.pid })}`;
-  return strip(rows)[0] ?? null;
+    ${recordChanges(sql)}`;
+  return strip(rows);
+}
+
+export interface FinishReport {
+  ref: { id: string; attempt: number; workerId: string };
+  result: AttemptResult;
 }
 
 /**
@@ -254,47 +283,77 @@ export async function finishAttempt(
   ref: { id: string; attempt: number; workerId: string },
   result: AttemptResult,
 ): Promise<{ applied: TaskChangeRow | null }> {
-  const failed = result.state !== "succeeded";
+  const [applied] = await finishAttempts(sql, [{ ref, result }]);
+  return { applied: applied ?? null };
+}
+
+/**
+ * finishAttempt for many reports in one statement (a completer's batch); returns, per report
+ * in order, the changed row or null for a stale one (recorded as such).
+ */
+export async function finishAttempts(sql: Sql, reports: readonly FinishReport[]): Promise<(TaskChangeRow | null)[]> {
+  if (reports.length === 0) return [];
+  const json = reports.map(({ ref, result }) => ({
+    r_id: ref.id,
+    r_attempt: ref.attempt,
+    r_worker_id: ref.workerId,
+    r_state: result.state,
+    r_exit_code: result.exitCode,
+    r_signal: result.signal,
+    r_stdout: result.stdout,
+    r_stderr: result.stderr,
+    r_stdout_truncated: result.stdoutTruncated,
+    r_stderr_truncated: result.stderrTruncated,
+    r_error: result.error,
+    r_started_at: result.startedAt?.toISOString() ?? null,
+    r_finished_at: result.finishedAt.toISOString(),
+  }));
   const rows = await sql<(Task & { event_id: string })[]>`
-    WITH d AS (
-      SELECT id,
-        ${failed} AND attempt < max_attempts
-          AND CASE ${result.state}::text WHEN 'timed_out' THEN retry_on_timeout ELSE retry_on_failure END AS retry,
-        least(retry_backoff_cap_ms, retry_backoff_base_ms * power(2, least(attempt - 1, 30)))
+    WITH r AS (
+      SELECT * FROM jsonb_to_recordset(${sql.json(json)}::jsonb) AS r(
+        r_id uuid, r_attempt integer, r_worker_id text, r_state text, r_exit_code integer, r_signal text,
+        r_stdout text, r_stderr text, r_stdout_truncated boolean, r_stderr_truncated boolean, r_error text,
+        r_started_at timestamptz, r_finished_at timestamptz)
+    ),
+    d AS (
+      SELECT r.*, tasks.id,
+        r.r_state <> 'succeeded' AND tasks.attempt < tasks.max_attempts
+          AND CASE r.r_state WHEN 'timed_out' THEN tasks.retry_on_timeout ELSE tasks.retry_on_failure END AS retry,
+        least(tasks.retry_backoff_cap_ms, tasks.retry_backoff_base_ms * power(2, least(tasks.attempt - 1, 30)))
           * (0.5 + random() / 2) AS backoff_ms
-      FROM tasks
-      WHERE id = ${ref.id} AND attempt = ${ref.attempt} AND worker_id = ${ref.workerId}
-        AND state IN ('dispatched', 'running')
-      FOR UPDATE
+      FROM tasks JOIN r ON tasks.id = r.r_id AND tasks.attempt = r.r_attempt AND tasks.worker_id = r.r_worker_id
+      WHERE tasks.state IN ('dispatched', 'running')
+      FOR UPDATE OF tasks
     ),
     t AS (
       UPDATE tasks SET
-        state = CASE WHEN d.retry THEN 'queued' ELSE ${result.state} END,
+        state = CASE WHEN d.retry THEN 'queued' ELSE d.r_state END,
         scheduled_at = CASE WHEN d.retry THEN clock_timestamp() + make_interval(secs => d.backoff_ms / 1000)
-                            ELSE scheduled_at END,
+                            ELSE tasks.scheduled_at END,
         lease_expires_at = NULL,
-        started_at = coalesce(started_at, ${result.startedAt}::timestamptz),
-        completed_at = ${failed ? null : result.finishedAt}::timestamptz,
-        failed_at = CASE WHEN d.retry THEN NULL ELSE ${failed ? result.finishedAt : null}::timestamptz END,
-        exit_code = ${result.exitCode}, signal = ${result.signal},
-        stdout = ${result.stdout}, stderr = ${result.stderr},
-        stdout_truncated = ${result.stdoutTruncated}, stderr_truncated = ${result.stderrTruncated},
-        error = ${result.error}
+        started_at = coalesce(tasks.started_at, d.r_started_at),
+        completed_at = CASE WHEN d.r_state = 'succeeded' THEN d.r_finished_at END,
+        failed_at = CASE WHEN d.r_state <> 'succeeded' AND NOT d.retry THEN d.r_finished_at END,
+        exit_code = d.r_exit_code, signal = d.r_signal, stdout = d.r_stdout, stderr = d.r_stderr,
+        stdout_truncated = d.r_stdout_truncated, stderr_truncated = d.r_stderr_truncated, error = d.r_error
       FROM d WHERE tasks.id = d.id
-      RETURNING tasks.*
+      RETURNING tasks.*, d.r_state AS event_kind, jsonb_build_object(
+        'exit_code', d.r_exit_code, 'signal', d.r_signal, 'error', d.r_error, 'stdout', d.r_stdout,
+        'stderr', d.r_stderr, 'stdout_truncated', d.r_stdout_truncated, 'stderr_truncated', d.r_stderr_truncated
+      ) AS event_detail
     ),
-    ${recordChange(sql, result.state, {
-      exit_code: result.exitCode,
-      signal: result.signal,
-      error: result.error,
-      stdout: result.stdout,
-      stderr: result.stderr,
-      stdout_truncated: result.stdoutTruncated,
-      stderr_truncated: result.stderrTruncated,
-    })}`;
-  const applied = strip(rows)[0] ?? null;
-  if (!applied) await recordAttemptNote(sql, ref, "stale", { reported: result.state });
-  return { applied };
+    ${recordChanges(sql)}`;
+  const byId = new Map(strip(rows).map((row) => [row.id, row]));
+  const out: (TaskChangeRow | null)[] = [];
+  for (const { ref, result } of reports) {
+    const applied = byId.get(ref.id);
+    if (applied && applied.attempt === ref.attempt) out.push(applied);
+    else {
+      out.push(null);
+      await recordAttemptNote(sql, ref, "stale", { reported: result.state });
+    }
+  }
+  return out;
 }
 
 /**

@@ -5,6 +5,7 @@
 // reaches the database or a shell.
 import { Type, type TSchema, type Static } from "@sinclair/typebox";
 import { Value, ValueErrorType, type ValueError } from "@sinclair/typebox/value";
+import { TypeCompiler, type TypeCheck } from "@sinclair/typebox/compiler";
 import type { Config } from "../config";
 import { invalidArgument, TaskQueueError } from "./errors";
 import type { TaskSpec } from "./task";
@@ -321,7 +322,13 @@ export function decodeCursor(cursor: string): string {
 }
 
 /** Checks a value against a schema; the first problem becomes invalidArgument naming its field. */
+const compiled = new WeakMap<TSchema, TypeCheck<TSchema>>();
+
 export function checkSchema<T extends TSchema>(schema: T, value: unknown): Static<T> {
+  // A compiled check for the usual valid body; the interpreted walk only to explain a failure.
+  let check = compiled.get(schema);
+  if (!check) compiled.set(schema, (check = TypeCompiler.Compile(schema)));
+  if (check.Check(value)) return value as Static<T>;
   const error = Value.Errors(schema, value).First();
   if (error) {
     const { field, message } = describeValueError(error, "body");

@@ -58,7 +58,7 @@ test("while PostgreSQL is down the APIs answer 503, and afterwards everything ca
   }
   // The task finishes while the database is away: the worker holds the result.
   writeFileSync(gate, "");
-  await cluster.coordinator.waitForMsg("recording a result failed; retrying");
+  await cluster.coordinator.waitForMsg("recording results failed; retrying");
 
   await pg.restart();
   const done = await watchTask(cluster.coordinatorUrl, task.id);
