@@ -7,13 +7,15 @@ import { cpus, tmpdir } from "node:os";
 import { join } from "node:path";
 import { dispatch } from "./dispatch";
 import { failover } from "./failover";
+import { ingest } from "./ingest";
 import { latency } from "./latency";
+import { micro } from "./micro";
 import { precision } from "./precision";
 import { throughput } from "./throughput";
 import { scale } from "./scale";
 import { closeAllScopes, type Bench, type BenchResult } from "./support";
 
-const BENCHES: readonly Bench[] = [latency, dispatch, throughput, precision, failover, scale];
+const BENCHES: readonly Bench[] = [latency, dispatch, throughput, precision, ingest, failover, scale, micro];
 
 const ROOT = join(import.meta.dir, "..");
 const RESULTS_DIR = join(import.meta.dir, "results");
