@@ -20,7 +20,7 @@ import {
   type Distribution,
   type SummaryRow,
 } from "./support";
-import { requireAllSucceeded, spans, submitBatch, taskTimeline, untilAllFinal, type StateReport, type TimelineRow } from "./throughput";
+import { requireAllSucceeded, spans, submitBatch, taskTimeline, untilAllFinal, type StateReport, type TimelineRow } from "./support";
 
 const FULL = { tasks: 500, warmup: 10 };
 const QUICK = { tasks: 40, warmup: 3 };

@@ -8,6 +8,8 @@ import postgres from "postgres";
 import { startEmbedded } from "../src/db/embedded";
 import { freePort } from "../test/support/db";
 import { spawnRole, type RoleProcess } from "../test/support/processes";
+import type { Sql } from "../src/db/sql";
+import { FINAL_STATES } from "../src/task/state";
 
 export interface BenchOptions {
   /** A few iterations only: a smoke run for CI, whose figures mean nothing. */
@@ -362,4 +364,119 @@ export function ms(x: number): string {
 /** "p50 / p90 / p99 / max" in ms. */
 export function quartet(d: Distribution): string {
   return `${ms(d.p50)} / ${ms(d.p90)} / ${ms(d.p99)} / ${ms(d.max)} ms`;
+}
+
+// ---- task-table helpers shared by the load benches ---------------------------------------
+
+/** A 1000-task batch slower than this is a fault to report, not a figure. */
+const BATCH_TIMEOUT_MS = 30_000;
+
+export interface BatchTask {
+  command: string;
+  scheduled_at?: string;
+}
+
+/** POST /tasks/batch; returns the created tasks' ids and scheduled_at, in the order sent. */
+export async function submitBatch(baseUrl: string, tasks: readonly BatchTask[]): Promise<{ id: string; scheduled_at: string }[]> {
+  const response = await within(
+    fetch(`${baseUrl}/tasks/batch`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ tasks }),
+    }),
+    BATCH_TIMEOUT_MS,
+    `POST ${baseUrl}/tasks/batch`,
+  );
+  const answer = (await response.json()) as { tasks?: { id: string; scheduled_at: string }[] };
+  if (response.status !== 201 || !Array.isArray(answer.tasks) || answer.tasks.length !== tasks.length) {
+    throw new Error(`POST ${baseUrl}/tasks/batch of ${tasks.length} answered ${response.status}: ${JSON.stringify(answer).slice(0, 500)}`);
+  }
+  return answer.tasks;
+}
+
+/** Tasks not yet in a final state (queued, dispatched, running). */
+export async function countUnfinished(sql: Sql): Promise<number> {
+  const [row] = await sql<{ n: number }[]>`SELECT count(*)::int AS n FROM tasks WHERE state NOT IN ${sql([...FINAL_STATES])}`;
+  return row?.n ?? 0;
+}
+
+/**
+ * Polls every `pollMs` (on a fixed beat, not drifting by the query time) until no task is
+ * unfinished; returns performance.now() at which that answer arrived.
+ */
+export async function untilAllFinal(sql: Sql, pollMs: number, timeoutMs: number): Promise<number> {
+  const deadline = performance.now() + timeoutMs;
+  let beat = performance.now();
+  for (;;) {
+    const unfinished = await countUnfinished(sql);
+    const at = performance.now();
+    if (unfinished === 0) return at;
+    if (at > deadline) throw new Error(`${unfinished} tasks still unfinished after ${timeoutMs} ms`);
+    beat += pollMs;
+    if (beat < at) beat = at;
+    await Bun.sleep(beat - at);
+  }
+}
+
+export interface StateReport {
+  /** Tasks per state. */
+  states: Record<string, number>;
+  /** Tasks that needed more than one attempt, whatever their end. */
+  retried: number;
+  /** A few tasks that did not succeed, for the failure message. */
+  examples: { id: string; state: string; attempt: number; exit_code: number | null; error: string | null }[];
+}
+
+export async function stateReport(sql: Sql): Promise<StateReport> {
+  const rows = await sql<{ state: string; n: number; retried: number }[]>`
+    SELECT state, count(*)::int AS n, count(*) FILTER (WHERE attempt > 1)::int AS retried FROM tasks GROUP BY state ORDER BY state`;
+  const examples = await sql<StateReport["examples"]>`
+    SELECT id, state, attempt, exit_code, error FROM tasks WHERE state <> 'succeeded' ORDER BY id LIMIT 5`;
+  return {
+    states: Object.fromEntries(rows.map((r) => [r.state, r.n])),
+    retried: rows.reduce((sum, r) => sum + r.retried, 0),
+    examples: [...examples],
+  };
+}
+
+export function notSucceeded(report: StateReport): number {
+  return Object.entries(report.states).reduce((sum, [state, n]) => (state === "succeeded" ? sum : sum + n), 0);
+}
+
+/** The state report once every task is final; throws, naming a few, if any did not succeed. */
+export async function requireAllSucceeded(sql: Sql): Promise<StateReport> {
+  const report = await stateReport(sql);
+  const failed = notSucceeded(report);
+  if (failed > 0) {
+    throw new Error(`${failed} tasks did not succeed: ${JSON.stringify(report.states)}; e.g. ${JSON.stringify(report.examples)}`);
+  }
+  return report;
+}
+
+export interface TimelineRow {
+  id: string;
+  scheduled_at: Date;
+  picked_at: Date | null;
+  started_at: Date | null;
+  completed_at: Date | null;
+}
+
+/**
+ * The rows' own timestamps (millisecond resolution): scheduled_at as submitted, picked_at by
+ * the database's clock at the claim, started_at and completed_at by the worker's clock.
+ */
+export async function taskTimeline(sql: Sql, ids: readonly string[]): Promise<TimelineRow[]> {
+  return sql<TimelineRow[]>`SELECT id, scheduled_at, picked_at, started_at, completed_at FROM tasks WHERE id IN ${sql(ids)}`;
+}
+
+type Stamp = "scheduled_at" | "picked_at" | "started_at" | "completed_at";
+
+/** `to - from` of each row, in ms; a missing stamp is a fault. */
+export function spans(rows: readonly TimelineRow[], from: Stamp, to: Stamp): number[] {
+  return rows.map((row) => {
+    const a = row[from];
+    const b = row[to];
+    if (!a || !b) throw new Error(`task ${row.id} has no ${a ? to : from}: ${JSON.stringify(row)}`);
+    return b.getTime() - a.getTime();
+  });
 }
