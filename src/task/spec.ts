@@ -38,6 +38,14 @@ const ScheduledAt = Type.String({
   examples: [EXAMPLE_TIME],
 });
 
+/** An environment map: the rules env and secret_env share. */
+const EnvMap = (what: string) =>
+  Type.Record(Type.String({ pattern: ENV_KEY_PATTERN }), Type.String({ maxLength: MAX_ENV_VALUE_BYTES }), {
+    additionalProperties: false,
+    maxProperties: MAX_ENV_ENTRIES,
+    description: `${what}: at most ${MAX_ENV_ENTRIES}, names matching ${ENV_KEY_PATTERN}, values without NUL of at most ${MAX_ENV_VALUE_BYTES} bytes.`,
+  });
+
 const runOptions = {
   timeout_ms: Type.Optional(
     Type.Integer({
@@ -53,27 +61,9 @@ const runOptions = {
       description: "Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3).",
     }),
   ),
-  env: Type.Optional(
-    Type.Record(
-      Type.String({ pattern: ENV_KEY_PATTERN }),
-      Type.String({ maxLength: MAX_ENV_VALUE_BYTES }),
-      {
-        additionalProperties: false,
-        maxProperties: MAX_ENV_ENTRIES,
-        description: `Extra environment variables: at most ${MAX_ENV_ENTRIES}, names matching ${ENV_KEY_PATTERN}, values without NUL of at most ${MAX_ENV_VALUE_BYTES} bytes.`,
-      },
-    ),
-  ),
+  env: Type.Optional(EnvMap("Extra environment variables")),
   secret_env: Type.Optional(
-    Type.Record(
-      Type.String({ pattern: ENV_KEY_PATTERN }),
-      Type.String({ maxLength: MAX_ENV_VALUE_BYTES }),
-      {
-        additionalProperties: false,
-        maxProperties: MAX_ENV_ENTRIES,
-        description: `Environment variables passed to the process but never returned by any API, event stream or log (the same rules as env): at most ${MAX_ENV_ENTRIES}, names matching ${ENV_KEY_PATTERN}, values without NUL of at most ${MAX_ENV_VALUE_BYTES} bytes.`,
-      },
-    ),
+    EnvMap("Environment variables passed to the process but never returned by any API, event stream or log"),
   ),
   cwd: Type.Optional(
     Type.String({
