@@ -14,6 +14,7 @@ import { RateLimiter } from "./rate-limit";
 import {
   ANONYMOUS,
   allows,
+  bearerToken,
   hashToken,
   parseConfiguredTokens,
   sameHash,
@@ -85,9 +86,8 @@ export class Authenticator {
 
   private async authenticate(authorization: string | null | undefined): Promise<Principal> {
     if (!authorization) throw unauthenticated("an API token is required: send Authorization: Bearer <token>");
-    const match = /^Bearer ([!-~]+)$/i.exec(authorization.trim());
-    if (!match) throw unauthenticated("the Authorization header must be: Bearer <token>");
-    const token = match[1]!;
+    const token = bearerToken(authorization);
+    if (token === null) throw unauthenticated("the Authorization header must be: Bearer <token>");
     const hash = hashToken(token);
     const now = performance.now();
     const cached = this.verified.get(hash);

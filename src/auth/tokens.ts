@@ -35,6 +35,11 @@ export function tokenId(token: string): string | null {
   return TOKEN_PATTERN.exec(token)?.[1] ?? null;
 }
 
+/** The token of an `Authorization: Bearer <token>` value (REST header or gRPC metadata), or null. */
+export function bearerToken(authorization: string | null | undefined): string | null {
+  return /^Bearer ([!-~]+)$/i.exec(authorization?.trim() ?? "")?.[1] ?? null;
+}
+
 export function hashToken(token: string): string {
   return new Bun.CryptoHasher("sha256").update(token).digest("hex");
 }

@@ -20,7 +20,7 @@ import type { Dispatcher } from "./dispatcher";
 import { attemptKey, type WorkerConnection, type WorkerRegistry } from "./registry";
 import { stopAttempt } from "./rescuer";
 import { MalformedMessage } from "../rpc/definitions";
-import { hashToken, sameSecret } from "../auth/tokens";
+import { bearerToken, hashToken, sameSecret } from "../auth/tokens";
 
 export type WorkerStream = grpc.ServerDuplexStream<WorkerMessage, CoordinatorMessage>;
 
@@ -241,8 +241,8 @@ export class WorkerSessions {
     // held is reconciled by that stream's Hello, or lapses with its leases.
     if (!this.options.registry.remove(connection)) return;
     // Shutting down: the workers keep running their tasks and reconnect (to another
-    // coordinator, or to our successor), saying in Hello what they hold. Left alone, their
-    // rows go stale and the rescuer requeues what nobody vouches for.
+    // coordinator, or to our successor), saying in Hello what they hold. If one never comes
+    // back, its tasks' leases lapse and any coordinator's rescuer requeues them.
     if (this.closed) return;
     const { sql, coordinatorId, log } = this.options;
     log.info({ worker: connection.id, reason }, "worker left");
@@ -273,8 +273,8 @@ export class WorkerSessions {
 
 function hasToken(call: WorkerStream, token: string): boolean {
   const value = call.metadata.get("authorization")[0];
-  const match = typeof value === "string" ? /^Bearer (.+)$/i.exec(value.trim()) : null;
-  return match !== null && sameSecret(match[1]!, token);
+  const presented = bearerToken(typeof value === "string" ? value : undefined);
+  return presented !== null && sameSecret(presented, token);
 }
 
 /** Ends a worker stream with a status (grpc-js sends the status of an emitted error). */

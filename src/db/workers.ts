@@ -1,7 +1,7 @@
 // SQL on the workers registry. The coordinator that holds a worker's stream owns its row:
 // it writes the row on Hello, refreshes last_heartbeat_at for all its workers in one
-// statement, and marks it gone when the stream ends. Other coordinators read the heartbeat
-// to decide whether a worker's tasks are orphans (tasks.requeueOrphans).
+// statement, and marks it gone when the stream ends. GET /workers lists the rows refreshed within
+// the heartbeat timeout. (Whether a worker's tasks are lost is decided by their leases.)
 import type { Sql } from "./sql";
 
 export type WorkerState = "connected" | "draining" | "gone";
@@ -79,15 +79,6 @@ export async function markWorkerGone(sql: Sql, id: string, coordinatorId: string
     WHERE id = ${id} AND coordinator_id = ${coordinatorId} AND state <> 'gone'
     RETURNING id`;
   return rows.length > 0;
-}
-
-/** Marks every worker of a coordinator gone (it is stopping). */
-export async function markCoordinatorWorkersGone(sql: Sql, coordinatorId: string): Promise<number> {
-  const rows = await sql`
-    UPDATE workers SET state = 'gone', disconnected_at = clock_timestamp()
-    WHERE coordinator_id = ${coordinatorId} AND state <> 'gone'
-    RETURNING id`;
-  return rows.length;
 }
 
 /**
