@@ -12,6 +12,7 @@ import {
   createBenchDatabase,
   distribution,
   FifoSignals,
+  PRODUCT_ROLE_ENV,
   ms,
   quartet,
   Scope,
@@ -57,10 +58,8 @@ async function run(options: BenchOptions): Promise<BenchResult> {
   const scope = new Scope();
   try {
     const db = await createBenchDatabase(scope, (line) => console.log(`dispatch: ${line}`));
-    const fifo = new FifoSignals();
-    scope.defer("close the FIFO", () => fifo.stop());
-    fifo.start();
-    const roleEnv = { TQ_HEARTBEAT_INTERVAL_MS: "1000", TQ_HEARTBEAT_TIMEOUT_MS: "3000", TQ_LOG_LEVEL: "info" };
+    const fifo = FifoSignals.open(scope);
+    const roleEnv = PRODUCT_ROLE_ENV;
     const cluster = await startBenchCluster(scope, db.url, { workers: WORKERS, slots: SLOTS, env: roleEnv });
     const sql = postgres(db.url, { max: 2, onnotice: () => {} });
     scope.defer("close the bench's database connection", () => sql.end({ timeout: 5 }));

@@ -86,9 +86,7 @@ async function run(options: BenchOptions): Promise<BenchResult> {
   try {
     const db = await createBenchDatabase(scope, (line) => console.log(`failover: ${line}`));
     console.log(`failover: PostgreSQL (${db.postgres.source}): ${db.postgres.version}`);
-    const fifo = new FifoSignals();
-    scope.defer("close the FIFO", () => fifo.stop());
-    fifo.start();
+    const fifo = FifoSignals.open(scope);
     const gateDir = mkdtempSync(join(tmpdir(), "tq-bench-gates-"));
     scope.defer("remove the gates", () => existsSync(gateDir) && rmSync(gateDir, { recursive: true, force: true }));
     const roleEnv = {

@@ -8,6 +8,7 @@ import {
   createBenchDatabase,
   distribution,
   FifoSignals,
+  PRODUCT_ROLE_ENV,
   ms,
   quartet,
   Scope,
@@ -154,16 +155,9 @@ async function run(options: BenchOptions): Promise<BenchResult> {
   try {
     const db = await createBenchDatabase(scope, (line) => console.log(`latency: ${line}`));
     console.log(`latency: PostgreSQL (${db.postgres.source}): ${db.postgres.version}`);
-    const fifo = new FifoSignals();
-    scope.defer("close the FIFO", () => fifo.stop());
-    fifo.start();
+    const fifo = FifoSignals.open(scope);
 
-    const roleEnv = {
-      // The product defaults, not the test suite's fast heartbeats.
-      TQ_HEARTBEAT_INTERVAL_MS: "1000",
-      TQ_HEARTBEAT_TIMEOUT_MS: "3000",
-      TQ_LOG_LEVEL: "info",
-    };
+    const roleEnv = PRODUCT_ROLE_ENV;
     const cluster = await startBenchCluster(scope, db.url, { workers: 1, slots: WORKER_SLOTS, env: roleEnv });
     console.log(`latency: cluster up (coordinator ${cluster.coordinatorUrl}, scheduler ${cluster.schedulerUrl}); ${warmup} warm-up + ${tasks} timed tasks per series`);
 

@@ -10,6 +10,7 @@ import {
   createBenchDatabase,
   distribution,
   FifoSignals,
+  PRODUCT_ROLE_ENV,
   ms,
   quartet,
   Scope,
@@ -85,15 +86,8 @@ async function run(options: BenchOptions): Promise<BenchResult> {
   try {
     const db = await createBenchDatabase(scope, (line) => console.log(`precision: ${line}`));
     console.log(`precision: PostgreSQL (${db.postgres.source}): ${db.postgres.version}`);
-    const fifo = new FifoSignals();
-    scope.defer("close the FIFO", () => fifo.stop());
-    fifo.start();
-    const roleEnv = {
-      // The product defaults, not the test suite's fast heartbeats.
-      TQ_HEARTBEAT_INTERVAL_MS: "1000",
-      TQ_HEARTBEAT_TIMEOUT_MS: "3000",
-      TQ_LOG_LEVEL: "info",
-    };
+    const fifo = FifoSignals.open(scope);
+    const roleEnv = PRODUCT_ROLE_ENV;
     const cluster = await startBenchCluster(scope, db.url, { workers: WORKERS, slots: WORKER_SLOTS, env: roleEnv });
     const sql = connect(db.url, { max: 1, applicationName: "bench-precision" });
     scope.defer("close the bench's database connection", () => sql.end({ timeout: 5 }));

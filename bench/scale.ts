@@ -8,6 +8,7 @@ import {
   createBenchDatabase,
   distribution,
   FifoSignals,
+  PRODUCT_ROLE_ENV,
   ms,
   quartet,
   Scope,
@@ -48,10 +49,8 @@ async function run(options: BenchOptions): Promise<BenchResult> {
   const scope = new Scope();
   try {
     const db = await createBenchDatabase(scope, (line) => console.log(`scale: ${line}`));
-    const fifo = new FifoSignals();
-    scope.defer("close the FIFO", () => fifo.stop());
-    fifo.start();
-    const roleEnv = { TQ_HEARTBEAT_INTERVAL_MS: "1000", TQ_HEARTBEAT_TIMEOUT_MS: "3000", TQ_LOG_LEVEL: "info" };
+    const fifo = FifoSignals.open(scope);
+    const roleEnv = PRODUCT_ROLE_ENV;
     const cluster = await startBenchCluster(scope, db.url, { workers: 1, slots: 2, env: roleEnv });
     const coordinator = cluster.processes.find((p) => p.role === "coordinator")!;
     const worker = cluster.workers[0]!;

@@ -248,6 +248,13 @@ export async function startBenchCluster(
   };
 }
 
+/** The product's heartbeat defaults (not the test suite's fast ones), logging what benches wait on. */
+export const PRODUCT_ROLE_ENV: Readonly<Record<string, string>> = {
+  TQ_HEARTBEAT_INTERVAL_MS: "1000",
+  TQ_HEARTBEAT_TIMEOUT_MS: "3000",
+  TQ_LOG_LEVEL: "info",
+};
+
 // ---- FIFO signals --------------------------------------------------------------------------
 
 /**
@@ -294,6 +301,14 @@ export class FifoSignals {
     }
     const arrival = new Promise<number>((resolve) => this.waiters.set(id, resolve));
     return within(arrival, timeoutMs, `the signal of ${id} on the FIFO`).finally(() => this.waiters.delete(id));
+  }
+
+  /** A started FIFO, closed when `scope` closes. */
+  static open(scope: Scope): FifoSignals {
+    const fifo = new FifoSignals();
+    scope.defer("close the FIFO", () => fifo.stop());
+    fifo.start();
+    return fifo;
   }
 
   async stop(): Promise<void> {

@@ -13,6 +13,7 @@ import {
   Scope,
   startBenchCluster,
   within,
+  PRODUCT_ROLE_ENV,
   requireAllSucceeded,
   spans,
   submitBatch,
@@ -136,12 +137,7 @@ async function run(options: BenchOptions): Promise<BenchResult> {
   try {
     const db = await createBenchDatabase(scope, (line) => console.log(`throughput: ${line}`));
     console.log(`throughput: PostgreSQL (${db.postgres.source}): ${db.postgres.version}`);
-    const roleEnv = {
-      // The product defaults, not the test suite's fast heartbeats.
-      TQ_HEARTBEAT_INTERVAL_MS: "1000",
-      TQ_HEARTBEAT_TIMEOUT_MS: "3000",
-      TQ_LOG_LEVEL: "info",
-    };
+    const roleEnv = PRODUCT_ROLE_ENV;
     const cluster = await startBenchCluster(scope, db.url, { workers: WORKERS, slots: WORKER_SLOTS, env: roleEnv });
     // The roles have migrated the database by now.
     const sql = connect(db.url, { max: 1, applicationName: "bench-throughput" });
