@@ -2,7 +2,7 @@
 // every gRPC method. Every answer must be a 4xx (or a 200 for a read that is allowed) on REST,
 // and INVALID_ARGUMENT / UNAUTHENTICATED / PERMISSION_DENIED / NOT_FOUND on gRPC: never a 5xx,
 // INTERNAL or UNKNOWN; no process dies; and no rejected request writes anything.
-import { afterAll, beforeAll, expect, test } from "bun:test";
+import { beforeAll, expect, test } from "bun:test";
 import * as grpc from "@grpc/grpc-js";
 import { createApp } from "../../src/api";
 import { Authenticator } from "../../src/auth/authenticator";
@@ -334,4 +334,3 @@ test(`gRPC: ${GRPC_CASES} garbage messages, only client-error statuses, and the 
   }
 }, 120_000);
 
-afterAll(() => {});
