@@ -30,6 +30,17 @@ afterAll(async () => {
   rmSync(pgDir, { recursive: true, force: true });
 }, HOOK_TIMEOUT_MS);
 
+async function retrying<T>(attempt: () => Promise<T>, tries = 5): Promise<T> {
+  for (let i = 1; ; i++) {
+    try {
+      return await attempt();
+    } catch (error) {
+      if (i >= tries) throw error;
+      await Bun.sleep(100 * i);
+    }
+  }
+}
+
 async function timed<T>(work: () => Promise<T>): Promise<{ value: T; ms: number }> {
   const started = performance.now();
   const value = await work();
@@ -61,10 +72,17 @@ test("while PostgreSQL is down the APIs answer 503, and afterwards everything ca
   await cluster.coordinator.waitForMsg("recording results failed; retrying");
 
   await pg.restart();
-  const done = await watchTask(cluster.coordinatorUrl, task.id);
+  // Right after the restart a request may still meet a connection the restart broke (503, or
+  // a stream ending with an error event), as any client would: try again, a bounded number
+  // of times.
+  const done = await retrying(() => watchTask(cluster.coordinatorUrl, task.id));
   expect(done).toMatchObject({ state: "succeeded", attempt: 1, stdout: "attempt 1\n" });
   // Dispatch resumed by itself.
-  const { status, json: next } = await postJson(`${cluster.schedulerUrl}/submit`, { command: "echo after" });
+  const { status, json: next } = await retrying(async () => {
+    const answer = await postJson(`${cluster.schedulerUrl}/submit`, { command: "echo after" });
+    if (answer.status === 503) throw new Error("503 right after the restart");
+    return answer;
+  });
   expect(status).toBe(201);
   expect(await watchTask(cluster.coordinatorUrl, next.id)).toMatchObject({ state: "succeeded", stdout: "after\n" });
   // The 503 submits left nothing behind.

@@ -43,6 +43,8 @@ export async function watchTask(
           .map((line) => line.slice(5).trimStart())
           .join("\n");
         if (!data) continue;
+        // The server ends a stream it cannot continue (the database failed) with an error event.
+        if (block.split("\n").includes("event: error")) throw new Error(`the event stream of ${id} failed: ${data}`);
         const task = JSON.parse(data) as TaskJson;
         seen.push(`${task.state}#${task.attempt}`);
         if (until(task)) return task;
