@@ -96,7 +96,9 @@ export async function insertTask(
                          idempotency_key, idempotency_hash)
       VALUES (
         ${id}, ${spec.command}, ${assignTo ? "dispatched" : "queued"},
-        coalesce(${spec.scheduledAt}::timestamptz, clock_timestamp()),
+        -- Truncated, not rounded: timestamptz(3) would round a run-now time up to 0.5 ms into
+        -- the future, making the task briefly "not yet due".
+        coalesce(${spec.scheduledAt}::timestamptz, date_trunc('milliseconds', clock_timestamp())),
         ${assignTo ? sql`clock_timestamp()` : null}, ${assignTo ? 1 : 0},
         ${spec.maxAttempts}, ${spec.timeoutMs}, ${sql.json(spec.env)}::jsonb, ${sql.json(spec.secretEnv)}::jsonb, ${spec.cwd},
         ${assignTo?.workerId ?? null}, ${assignTo?.coordinatorId ?? null},
@@ -150,7 +152,7 @@ export async function insertTasks(
     WITH t AS (
       INSERT INTO tasks (id, command, state, scheduled_at, max_attempts, timeout_ms, env, secret_env, cwd,
                          retry_on_failure, retry_on_timeout, retry_on_lost, retry_backoff_base_ms, retry_backoff_cap_ms)
-      SELECT r.id, r.command, 'queued', coalesce(r.scheduled_at, clock_timestamp()), r.max_attempts, r.timeout_ms,
+      SELECT r.id, r.command, 'queued', coalesce(r.scheduled_at, date_trunc('milliseconds', clock_timestamp())), r.max_attempts, r.timeout_ms,
              coalesce(r.env, '{}'::jsonb), coalesce(r.secret_env, '{}'::jsonb), r.cwd,
              r.retry_on_failure, r.retry_on_timeout, r.retry_on_lost, r.retry_backoff_base_ms, r.retry_backoff_cap_ms
       FROM jsonb_to_recordset(${sql.json(rows)}::jsonb) AS r(

@@ -14,6 +14,7 @@ import {
   nextDueIn,
   listTasks,
   requeueAttempt,
+  insertTasks,
 } from "../../src/db/tasks";
 import { listTaskEvents } from "../../src/db/events";
 import { upsertWorker, touchWorkers, markWorkerGone, listLiveWorkers } from "../../src/db/workers";
@@ -61,6 +62,24 @@ describe("insertTask", () => {
     await feed.stop();
     const events = await listTaskEvents(db.sql, id);
     expect(events.map((e) => e.kind)).toEqual(["submitted"]);
+  });
+
+  test("a run-now task is due at once: its time is never rounded into the future", async () => {
+    await clear();
+    const feed = new TaskChangeFeed(db.sql);
+    await feed.start();
+    const dues: number[] = [];
+    let done: () => void = () => {};
+    const all = new Promise<void>((resolve) => (done = resolve));
+    feed.onChange((change) => {
+      dues.push(change.due_in_ms ?? -1);
+      if (dues.length === 200) done();
+    });
+    for (let i = 0; i < 100; i++) await createTask(db.sql, taskSpec());
+    await insertTasks(db.sql, Array.from({ length: 100 }, () => ({ id: newTaskId(), spec: taskSpec() })));
+    await all;
+    await feed.stop();
+    expect(dues.filter((d) => d !== 0)).toEqual([]);
   });
 
   test("with an assignment the task is born dispatched, attempt 1", async () => {
