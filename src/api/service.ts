@@ -32,7 +32,8 @@ export async function submitTask(deps: ApiDeps, spec: TaskSpec, actor: string): 
 
 /** Persists validated specs as new queued tasks in one statement; resolves after commit. */
 export async function submitTasks(deps: ApiDeps, specs: TaskSpec[], actor: string): Promise<Task[]> {
-  return insertTasks(deps.sql, specs.map((spec) => ({ id: Bun.randomUUIDv7(), spec })), actor);
+  const outcomes = await insertTasks(deps.sql, specs.map((spec) => ({ id: Bun.randomUUIDv7(), spec, actor })));
+  return outcomes.map((outcome) => outcome.task);
 }
 
 function requireTaskId(id: string, field: string): void {

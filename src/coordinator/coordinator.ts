@@ -161,6 +161,7 @@ export class Coordinator {
     const forced = setTimeout(() => this.grpcServer.forceShutdown(), 2000);
     await new Promise<void>((resolve) => this.grpcServer.tryShutdown(() => resolve()));
     clearTimeout(forced);
+    await this.dispatcher.submitsDrained();
     await this.completer.stop();
     await this.feed.stop();
     this.auth.stop();

@@ -5,7 +5,8 @@
 import { create } from "@bufbuild/protobuf";
 import { CoordinatorMessageSchema } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Sql } from "../db/sql";
-import { claimDue, insertTask, nextDueIn, requeueAttempt, type InsertOutcome } from "../db/tasks";
+import { MAX_INSERT_BATCH, claimDue, insertTasks, nextDueIn, requeueAttempt, type InsertOutcome, type NewTask } from "../db/tasks";
+import { GroupCommit } from "../db/group-commit";
 import type { TaskChange } from "../db/notify";
 import type { Logger } from "../log";
 import type { Task, TaskSpec } from "../task/task";
@@ -23,6 +24,9 @@ export interface DispatcherOptions {
   leaseMs: number;
 }
 
+/** The longest delay setTimeout honours. */
+export const MAX_TIMER_MS = 2 ** 31 - 1;
+
 export class Dispatcher {
   private running = false;
   private again = false;
@@ -34,8 +38,12 @@ export class Dispatcher {
   private lookAheadPending = false;
   private idle: Promise<void> = Promise.resolve();
   private markIdle: () => void = () => {};
+  /** Concurrent submits share one INSERT and one commit (see src/db/group-commit.ts). */
+  private readonly inserts: GroupCommit<NewTask, InsertOutcome>;
 
-  constructor(private readonly options: DispatcherOptions) {}
+  constructor(private readonly options: DispatcherOptions) {
+    this.inserts = new GroupCommit((items) => insertTasks(options.sql, items), { maxBatch: MAX_INSERT_BATCH });
+  }
 
   start(): void {
     this.stopped = false;
@@ -50,6 +58,11 @@ export class Dispatcher {
     this.poll = null;
     this.clearTimer();
     await this.idle;
+  }
+
+  /** Resolves when no submit is being written; call once nothing submits any more. */
+  async submitsDrained(): Promise<void> {
+    await this.inserts.drained();
   }
 
   /**
@@ -84,14 +97,16 @@ export class Dispatcher {
     const plan = spec.scheduledAt === null && !this.stopped ? this.options.registry.slotPlan(1) : [];
     const workerId = plan[0];
     const worker = workerId ? this.options.registry.get(workerId) : undefined;
-    if (!worker) return insertTask(this.options.sql, id, spec, { actor });
+    if (!worker) return this.inserts.add({ id, spec, actor });
     const key = attemptKey(id, 1);
     worker.inFlight.set(key, performance.now());
     let outcome: InsertOutcome;
     try {
-      outcome = await insertTask(this.options.sql, id, spec, {
-        assignTo: { workerId: worker.id, coordinatorId: this.options.coordinatorId, leaseMs: this.options.leaseMs },
+      outcome = await this.inserts.add({
+        id,
+        spec,
         actor,
+        assignTo: { workerId: worker.id, coordinatorId: this.options.coordinatorId, leaseMs: this.options.leaseMs },
       });
     } catch (error) {
       worker.inFlight.delete(key);
@@ -176,8 +191,12 @@ export class Dispatcher {
     );
   }
 
-  private armTimer(delayMs: number): void {
+  private armTimer(dueInMs: number): void {
     if (this.stopped) return;
+    // setTimeout takes at most 2^31 - 1 ms (24.8 days) and fires at once past that: a task
+    // scheduled further ahead would make every pass re-arm a timer that fires at once. Wake
+    // at the limit instead and look again then.
+    const delayMs = Math.min(dueInMs, MAX_TIMER_MS);
     const at = performance.now() + delayMs;
     if (at >= this.timerAt) return;
     this.clearTimer();

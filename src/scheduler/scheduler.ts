@@ -3,7 +3,8 @@
 import type { Config } from "../config";
 import { connect, type Sql } from "../db/sql";
 import { TaskChangeFeed } from "../db/notify";
-import { insertTask } from "../db/tasks";
+import { MAX_INSERT_BATCH, insertTasks, type InsertOutcome, type NewTask } from "../db/tasks";
+import { GroupCommit } from "../db/group-commit";
 import { createApp } from "../api";
 import { Authenticator } from "../auth/authenticator";
 import { checkExposure } from "../auth/exposure";
@@ -15,6 +16,8 @@ export class Scheduler {
   private readonly feed: TaskChangeFeed;
   private readonly app: ReturnType<typeof createApp>;
   private readonly auth: Authenticator;
+  /** Concurrent submits share one INSERT and one commit (see src/db/group-commit.ts). */
+  private readonly inserts: GroupCommit<NewTask, InsertOutcome>;
 
   constructor(
     private readonly config: Config,
@@ -24,6 +27,7 @@ export class Scheduler {
     this.sql = connect(databaseUrl, { max: config.TQ_DB_POOL_SIZE, applicationName: "task-queue scheduler" });
     this.feed = new TaskChangeFeed(this.sql);
     this.auth = new Authenticator(this.sql, config, log.child({ part: "auth" }));
+    this.inserts = new GroupCommit((items) => insertTasks(this.sql, items), { maxBatch: MAX_INSERT_BATCH });
     this.app = createApp({
       role: "scheduler",
       auth: this.auth,
@@ -31,7 +35,7 @@ export class Scheduler {
       sql: this.sql,
       feed: this.feed,
       log: log.child({ part: "api" }),
-      submit: (id, spec, actor) => insertTask(this.sql, id, spec, { actor }),
+      submit: (id, spec, actor) => this.inserts.add({ id, spec, actor }),
     });
   }
 
@@ -53,6 +57,7 @@ export class Scheduler {
 
   async stop(): Promise<void> {
     await this.app.stop();
+    await this.inserts.drained();
     await this.feed.stop();
     this.auth.stop();
     await this.sql.end({ timeout: 5 });

@@ -342,6 +342,46 @@ describe("idempotent insert", () => {
   });
 });
 
+describe("insertTasks", () => {
+  test("one statement for queued, assigned and idempotent tasks; each gets its own outcome and actor", async () => {
+    await clear();
+    const earlier = await insertTask(db.sql, newTaskId(), taskSpec({ command: "echo earlier", idempotencyKey: "taken" }));
+    const items = [
+      { id: newTaskId(), spec: taskSpec({ command: "echo queued", env: { A: 'quote " and \\ backslash, {braces}' } }), actor: "alice" },
+      {
+        id: newTaskId(),
+        spec: taskSpec({ command: "echo assigned" }),
+        actor: "bob",
+        assignTo: { workerId: "w-1", coordinatorId: "c-1", leaseMs: 4000 },
+      },
+      { id: newTaskId(), spec: taskSpec({ command: "echo earlier", idempotencyKey: "taken" }), actor: "carol" },
+      { id: newTaskId(), spec: taskSpec({ command: "echo new key", idempotencyKey: "fresh" }) },
+      { id: newTaskId(), spec: taskSpec({ command: "echo other request", idempotencyKey: "fresh" }) },
+      { id: newTaskId(), spec: taskSpec({ command: 'printf "%s\\n" NULL "{a,b}"', cwd: null, scheduledAt: new Date(Date.now() + 60_000) }) },
+    ];
+    const outcomes = await insertTasks(db.sql, items);
+    expect(outcomes.map((o) => o.kind)).toEqual(["created", "created", "existing", "created", "existing", "created"]);
+    expect(outcomes[0]?.task).toMatchObject({ id: items[0]!.id, state: "queued", attempt: 0, env: items[0]!.spec.env });
+    expect(outcomes[1]?.task).toMatchObject({ id: items[1]!.id, state: "dispatched", attempt: 1, worker_id: "w-1", coordinator_id: "c-1" });
+    expect(outcomes[1]?.task.lease_expires_at).toBeInstanceOf(Date);
+    expect(outcomes[2]).toMatchObject({ kind: "existing", sameRequest: true, task: { id: earlier.task.id } });
+    // A key repeated inside the batch: the first one wins, the second is told apart.
+    expect(outcomes[4]).toMatchObject({ kind: "existing", sameRequest: false, task: { id: items[3]!.id } });
+    expect(outcomes[5]?.task).toMatchObject({ command: items[5]!.spec.command, cwd: null, state: "queued" });
+    expect(outcomes[5]?.task.scheduled_at.getTime()).toBe(items[5]!.spec.scheduledAt!.getTime());
+
+    const events = await db.sql<{ task_id: string; kind: string; actor: string | null }[]>`
+      SELECT task_id, kind, actor FROM task_events WHERE task_id IN (${items[0]!.id}, ${items[1]!.id}, ${items[3]!.id}) ORDER BY id`;
+    expect(events).toEqual([
+      { task_id: items[0]!.id, kind: "submitted", actor: "alice" },
+      { task_id: items[1]!.id, kind: "submitted+dispatched", actor: "bob" },
+      { task_id: items[3]!.id, kind: "submitted", actor: null },
+    ]);
+    const count = await db.sql<{ n: number }[]>`SELECT count(*)::int AS n FROM tasks`;
+    expect(count[0]?.n).toBe(5);
+  });
+});
+
 describe("cancelTask", () => {
   test("cancels a queued task; a final one is reported as such", async () => {
     await clear();

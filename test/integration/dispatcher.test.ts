@@ -1,0 +1,76 @@
+import { describe, expect, test } from "bun:test";
+import { useTestDatabase } from "../support/db";
+import { createTask, taskSpec } from "../support/factories";
+import { Dispatcher } from "../../src/coordinator/dispatcher";
+import { WorkerRegistry, type WorkerConnection } from "../../src/coordinator/registry";
+import { silentLogger } from "../../src/log";
+import type { Sql } from "../../src/db/sql";
+import type { CoordinatorMessage } from "../../src/gen/taskqueue/v1/worker_service_pb";
+
+const db = useTestDatabase();
+
+/** The test database's Sql, counting the statements run through it. */
+function countingSql(): { sql: Sql; statements: () => number } {
+  let count = 0;
+  const sql = new Proxy(db.sql, {
+    apply(target, thisArg, args) {
+      count++;
+      return Reflect.apply(target, thisArg, args);
+    },
+  });
+  return { sql, statements: () => count };
+}
+
+function fakeWorker(id: string, onAssign: (message: CoordinatorMessage) => void): WorkerConnection {
+  return {
+    id,
+    name: id,
+    slots: 1,
+    inFlight: new Map(),
+    reported: [],
+    draining: false,
+    ended: false,
+    lastSeen: performance.now(),
+    send: (message) => onAssign(message),
+    close() {},
+  };
+}
+
+function dispatcher(sql: Sql, registry: WorkerRegistry): Dispatcher {
+  return new Dispatcher({ sql, registry, coordinatorId: "c-test", log: silentLogger, safetyPollMs: 60_000, leaseMs: 4000 });
+}
+
+describe("Dispatcher timer", () => {
+  test("a task due in years does not make the timer fire at once and spin", async () => {
+    await db.sql`TRUNCATE tasks CASCADE`;
+    await createTask(db.sql, taskSpec({ scheduledAt: new Date("2099-01-01T00:00:00Z") }));
+    const { sql, statements } = countingSql();
+    const subject = dispatcher(sql, new WorkerRegistry());
+    subject.start();
+    // The start pass reads when the next task is due; a timer past setTimeout's limit would
+    // fire after 1 ms and read it again, over and over.
+    await Bun.sleep(250);
+    await subject.stop();
+    expect(statements()).toBe(1);
+  });
+
+  test("a task due shortly is dispatched when it is due, not before", async () => {
+    await db.sql`TRUNCATE tasks CASCADE`;
+    const due = new Date(Date.now() + 300);
+    const task = await createTask(db.sql, taskSpec({ scheduledAt: due }));
+    const registry = new WorkerRegistry();
+    const assigned = new Promise<{ taskId: string; at: number }>((resolve) =>
+      registry.add(
+        fakeWorker("w-1", (message) => {
+          if (message.payload.case === "assign") resolve({ taskId: message.payload.value.ref?.taskId ?? "", at: Date.now() });
+        }),
+      ),
+    );
+    const subject = dispatcher(db.sql, registry);
+    subject.start();
+    const { taskId, at } = await assigned;
+    await subject.stop();
+    expect(taskId).toBe(task.id);
+    expect(at).toBeGreaterThanOrEqual(due.getTime());
+  });
+});
