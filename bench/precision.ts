@@ -103,6 +103,7 @@ async function run(options: BenchOptions): Promise<BenchResult> {
     let submitMs: number;
     let report: StateReport;
     let timeline: TimelineRow[];
+    let raw: number[];
     try {
       // Warm-up, untimed: every role's task path runs once before anything is measured.
       const warm = await submitBatch(cluster.schedulerUrl, Array.from({ length: warmup }, () => ({ command })));
@@ -138,6 +139,7 @@ async function run(options: BenchOptions): Promise<BenchResult> {
       await untilAllFinal(sql, POLL_MS, STEP_TIMEOUT_MS);
       report = await requireAllSucceeded(sql);
       timeline = await taskTimeline(sql, ids);
+      raw = await rawTimedSpawns(fifo, command, tasks);
     } catch (error) {
       const message = error instanceof Error ? error.message : String(error);
       throw new Error(`${message}\nrole process logs:\n${cluster.logs()}`);
@@ -148,11 +150,13 @@ async function run(options: BenchOptions): Promise<BenchResult> {
       .map((value, i) => ({ id: ids[i]!, scheduled_at: new Date(dueAt[i]!).toISOString(), lateness_ms: value }))
       .filter((x) => x.lateness_ms < 0)
       .map((x) => ({ ...x, lateness_ms: round(x.lateness_ms) }));
+    const rawLate = distribution(raw);
     const scheduledToPicked = distribution(spans(timeline, "scheduled_at", "picked_at"));
     const pickedToStarted = distribution(spans(timeline, "picked_at", "started_at"));
 
     console.log(`\nlateness: shell running - scheduled_at, ${tasks} tasks at distinct ms ${LEAD_MS}-${LEAD_MS + SPREAD_MS} ms ahead`);
     console.log(`  p50 ${ms(late.p50)}  p90 ${ms(late.p90)}  p99 ${ms(late.p99)}  max ${ms(late.max)}  min ${ms(late.min)} ms`);
+    console.log(`  raw ceiling (timer + Bun.spawn in this process, same times): p50 ${ms(rawLate.p50)}  p90 ${ms(rawLate.p90)}  p99 ${ms(rawLate.p99)}  max ${ms(rawLate.max)} ms`);
     console.log(`  rows: scheduled_at -> picked_at ${quartet(scheduledToPicked)}; picked_at -> started_at ${quartet(pickedToStarted)}`);
     console.log(`  submit ${ms(submitMs)} ms; PostgreSQL clock ahead of the bench by ${pgAhead.ahead_ms} ± ${pgAhead.plus_minus_ms} ms; wall/monotonic drift over the run ${round(offsetDrift)} ms`);
     if (early.length > 0) {
@@ -168,7 +172,12 @@ async function run(options: BenchOptions): Promise<BenchResult> {
         metric: "tasks started before scheduled_at (must be 0)",
         value: early.length === 0 ? "0" : `${early.length} — FAIL: tasks ran early (earliest ${ms(Math.min(...early.map((e) => e.lateness_ms)))} ms)`,
       },
-      { metric: "claim lateness by the rows (database clock, ms resolution): picked_at − scheduled_at", value: quartet(scheduledToPicked) },
+      { metric: "raw ceiling: a timer and Bun.spawn in the bench process at the same times, shell running − due", value: quartet(rawLate) },
+      {
+        metric: "lateness p50 / p99 over the raw ceiling",
+        value: `+${ms(late.p50 - rawLate.p50)} / +${ms(late.p99 - rawLate.p99)} ms`,
+      },
+      { metric: "hand-over by the rows (database clock, ms resolution): picked_at − scheduled_at (negative: early hand-over)", value: quartet(scheduledToPicked) },
     ];
     return {
       name: "precision",
@@ -193,6 +202,7 @@ async function run(options: BenchOptions): Promise<BenchResult> {
         lateness: late,
         started_early: early.length,
         early_examples: early.slice(0, 10),
+        raw_ceiling_lateness: rawLate,
         rows_scheduled_to_picked: scheduledToPicked,
         rows_picked_to_started: pickedToStarted,
         submit_ms: round(submitMs),
@@ -208,6 +218,37 @@ async function run(options: BenchOptions): Promise<BenchResult> {
   } finally {
     await scope.close();
   }
+}
+
+/**
+ * The ceiling: the same spread of due times (count tasks over SPREAD_MS, LEAD_MS ahead), each
+ * started by a timer in this process with Bun.spawn as the executor spawns (own process
+ * group, piped output); lateness is the FIFO arrival minus the due time, both on
+ * performance.now(). Nothing of the queue is running meanwhile.
+ */
+async function rawTimedSpawns(fifo: FifoSignals, command: string, count: number): Promise<number[]> {
+  const base = performance.now() + LEAD_MS;
+  const due = Array.from({ length: count }, (_, i) => base + Math.round((i * SPREAD_MS) / Math.max(1, count - 1)));
+  const procs: Promise<number>[] = [];
+  const arrivals = due.map((at, i) => {
+    const id = `raw-${i}`;
+    const arrival = fifo.waitFor(id, at - performance.now() + STEP_TIMEOUT_MS);
+    setTimeout(() => {
+      const proc = Bun.spawn(["sh", "-c", command], {
+        env: { ...process.env, TQ_TASK_ID: id },
+        stdin: "ignore",
+        stdout: "pipe",
+        stderr: "pipe",
+        detached: true,
+      });
+      procs.push(proc.exited);
+    }, at - performance.now());
+    return arrival.then((t) => t - at);
+  });
+  const lateness = await Promise.all(arrivals);
+  const codes = await Promise.all(procs);
+  if (codes.some((code) => code !== 0)) throw new Error(`raw spawns exited with ${codes.filter((c) => c !== 0).join(", ")}`);
+  return lateness;
 }
 
 export const precision: Bench = { name: "precision", run };

@@ -81,6 +81,13 @@ export const ConfigSchema = Type.Object({
     "Slow poll that covers a missed notification; dispatch is otherwise woken by NOTIFY and timers. Defaults to 5000 ms.",
     10,
   ),
+  TQ_DISPATCH_AHEAD_MS: Type.Integer({
+    minimum: 0,
+    maximum: 1000,
+    default: 50,
+    description:
+      "How long before a task is due the coordinator hands it to a worker, which starts it at its time; 0 hands tasks over only once due. The attempt holds its slot meanwhile. Defaults to 50 ms.",
+  }),
   TQ_MAX_OUTPUT_BYTES: Type.Integer({
     minimum: 0,
     maximum: 16 * 1024 * 1024,

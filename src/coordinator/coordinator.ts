@@ -64,6 +64,7 @@ export class Coordinator {
       log: log.child({ part: "dispatcher" }),
       safetyPollMs: config.TQ_SAFETY_POLL_MS,
       leaseMs,
+      aheadMs: config.TQ_DISPATCH_AHEAD_MS,
     });
     this.completer = new Completer({
       sql: this.sql,

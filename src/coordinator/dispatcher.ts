@@ -22,6 +22,11 @@ export interface DispatcherOptions {
   safetyPollMs: number;
   /** Lease of a dispatched attempt until its worker first reports it, in ms. */
   leaseMs: number;
+  /**
+   * Tasks due within this many ms are handed over early; the worker starts each at its time
+   * (Assign.start_in_ms). 0 hands tasks over only once due.
+   */
+  aheadMs: number;
 }
 
 /** The longest delay setTimeout honours. */
@@ -81,11 +86,14 @@ export class Dispatcher {
     queueMicrotask(() => void this.pass());
   }
 
-  /** Feed listener: a queued task that is due now wakes us; a future one arms the timer. */
+  /**
+   * Feed listener: a queued task due now (or within the hand-over window) wakes us; a later
+   * one arms the timer for the start of its window.
+   */
   onTaskChange(change: TaskChange): void {
     if (change.state !== "queued" || change.due_in_ms === null) return;
-    if (change.due_in_ms <= 0) this.wake();
-    else this.armTimer(change.due_in_ms);
+    if (change.due_in_ms <= this.options.aheadMs) this.wake();
+    else this.armTimer(change.due_in_ms - this.options.aheadMs);
   }
 
   /**
@@ -130,21 +138,23 @@ export class Dispatcher {
         if (this.stopped) break;
         const plan = this.options.registry.slotPlan();
         if (plan.length === 0) break;
-        const claimed = await claimDue(this.options.sql, this.options.coordinatorId, plan, this.options.leaseMs);
+        const { sql, coordinatorId, leaseMs, aheadMs } = this.options;
+        const claimed = await claimDue(sql, coordinatorId, plan, leaseMs, aheadMs);
         for (const task of claimed) {
           const worker = task.worker_id ? this.options.registry.get(task.worker_id) : undefined;
           if (worker) worker.inFlight.set(attemptKey(task.id, task.attempt), performance.now());
-          this.assign(task.worker_id ?? "", task);
+          this.assign(task.worker_id ?? "", task, task.start_in_ms);
         }
         if (claimed.length < plan.length) break;
       }
       if (this.lookAheadPending && !this.stopped) {
         this.lookAheadPending = false;
         const dueIn = await nextDueIn(this.options.sql);
-        if (dueIn !== null && dueIn > 0) this.armTimer(dueIn);
-        // Due but not claimed: another coordinator holds it mid-claim. Look again shortly
-        // rather than spinning.
-        else if (dueIn === 0 && this.options.registry.totalFree() > 0) this.armTimer(5);
+        const ahead = this.options.aheadMs;
+        if (dueIn !== null && dueIn > ahead) this.armTimer(dueIn - ahead);
+        // Within reach but not claimed: another coordinator holds it mid-claim, or it came
+        // within the window during the pass. Look again shortly rather than spinning.
+        else if (dueIn !== null && this.options.registry.totalFree() > 0) this.armTimer(5);
       }
     } catch (error) {
       this.options.log.warn({ err: error }, "dispatch pass failed; retrying on the next wake");
@@ -164,7 +174,7 @@ export class Dispatcher {
    * nothing, and this one attempt goes back to the queue (if that fails, its lease lapses).
    * Only the attempt: the worker may hold other tasks through another coordinator by now.
    */
-  private assign(workerId: string, task: Task): void {
+  private assign(workerId: string, task: Task, startInMs = 0): void {
     const worker = this.options.registry.get(workerId);
     if (!worker) {
       const ref = { id: task.id, attempt: task.attempt, workerId };
@@ -185,6 +195,7 @@ export class Dispatcher {
             cwd: task.cwd ?? "",
             timeoutMs: task.timeout_ms,
             leaseExpiresAt: toTimestamp(task.lease_expires_at),
+            startInMs,
           },
         },
       }),

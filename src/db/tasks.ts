@@ -242,26 +242,35 @@ export async function listTasks(sql: Sql, query: ListTasksQuery): Promise<Task[]
     LIMIT ${query.limit}`;
 }
 
+/** A claimed attempt, and how long until its task is due by the database's clock. */
+export type ClaimedTask = TaskChangeRow & {
+  /** 0 when due; otherwise the milliseconds (rounded up) until scheduled_at. */
+  start_in_ms: number;
+};
+
 /**
  * Claims due tasks for the given worker slots, one slot per task, in one statement: never
  * more tasks than slots, and SKIP LOCKED lets concurrent coordinators claim disjoint sets.
- * `slots[i]` is the worker the i-th claimed task goes to.
+ * `slots[i]` is the worker the i-th claimed task goes to. With `aheadMs`, tasks due within
+ * that many milliseconds are claimed too (earliest first); each row says how long until it
+ * is due, for the worker to wait before starting it.
  */
 export async function claimDue(
   sql: Sql,
   coordinatorId: string,
   slots: readonly string[],
   leaseMs: number,
-): Promise<TaskChangeRow[]> {
+  aheadMs = 0,
+): Promise<ClaimedTask[]> {
   if (slots.length === 0) return [];
-  const rows = await sql<(Task & { event_id: string })[]>`
+  const rows = await sql<(ClaimedTask & { event_id: string })[]>`
     WITH c AS (
       SELECT id, row_number() OVER () AS n FROM (
         SELECT id FROM tasks
         -- now() (the statement's start), not clock_timestamp(): a volatile bound cannot be an
         -- index condition, and the scan would walk every future task. It is never later than
         -- the real time, so a task still never starts early.
-        WHERE state = 'queued' AND scheduled_at <= now()
+        WHERE state = 'queued' AND scheduled_at <= now() + make_interval(secs => ${Math.max(0, aheadMs) / 1000})
         -- Due order, on tasks_due_idx (priorities come with their own issue).
         ORDER BY scheduled_at, id
         LIMIT ${slots.length}
@@ -276,10 +285,13 @@ export async function claimDue(
         started_at = NULL, exit_code = NULL, signal = NULL, error = NULL,
         stdout = NULL, stderr = NULL, stdout_truncated = false, stderr_truncated = false
       FROM c WHERE tasks.id = c.id
-      RETURNING tasks.*
+      RETURNING tasks.*,
+        -- Rounded up, and read after the claim: waiting this long from any later moment never
+        -- starts the task before its time.
+        greatest(0, ceil(extract(epoch FROM tasks.scheduled_at - clock_timestamp()) * 1000))::integer AS start_in_ms
     ),
     ${recordChange(sql, "dispatched")}`;
-  return strip(rows);
+  return strip(rows) as ClaimedTask[];
 }
 
 /**

@@ -43,7 +43,10 @@ export interface WorkerOptions {
 
 interface Running {
   assign: Assign;
-  execution: Execution;
+  /** null while the attempt waits for its start time (Assign.start_in_ms). */
+  execution: Execution | null;
+  /** The wait for the start time. */
+  hold?: ReturnType<typeof setTimeout>;
   /** Why the coordinator told us to stop it, if it did. */
   stopReason?: string;
 }
@@ -116,6 +119,7 @@ export class Worker {
   async stop(): Promise<void> {
     if (this.stopping) return;
     this.draining = true;
+    this.releaseHeld("the worker is draining");
     this.sendHeartbeat();
     const grace = this.options.drainGraceMs;
     if (this.running.size > 0) {
@@ -123,7 +127,7 @@ export class Worker {
       const timeout = Bun.sleep(grace).then(() => "timeout" as const);
       if ((await Promise.race([this.idle(), timeout])) === "timeout") {
         this.options.log.warn({ running: this.running.size }, "drain grace over: handing running tasks back");
-        for (const { execution } of this.running.values()) execution.stop("abandoned");
+        for (const [k, entry] of this.running) this.stopEntry(k, entry, "abandoned", "the worker is draining");
         await this.idle();
       }
     }
@@ -245,7 +249,7 @@ export class Worker {
         if (!ref || !running) return;
         this.options.log.info({ task: ref.taskId, attempt: ref.attempt, reason: payload.value.reason }, "stopping task");
         running.stopReason ??= payload.value.reason || "cancelled";
-        running.execution.stop("cancelled");
+        this.stopEntry(key(ref.taskId, ref.attempt), running, "cancelled", running.stopReason);
         return;
       }
       case "ack": {
@@ -256,6 +260,7 @@ export class Worker {
       }
       case "drain":
         this.draining = true;
+        this.releaseHeld("the worker is draining");
         this.sendHeartbeat();
         return;
       default:
@@ -279,6 +284,30 @@ export class Worker {
       this.report(abandoned(assign, "the assignment arrived after its lease lapsed"));
       return;
     }
+    const entry: Running = { assign, execution: null };
+    this.running.set(k, entry);
+    if (assign.startInMs <= 0) {
+      this.launch(k, entry);
+      return;
+    }
+    // Early hand-over: wait out the time until the task is due. Checked against the
+    // monotonic clock, as a timer may fire a fraction of a millisecond early.
+    const startAt = performance.now() + assign.startInMs;
+    const wait = () => {
+      const left = startAt - performance.now();
+      if (left > 0) {
+        entry.hold = setTimeout(wait, Math.ceil(left));
+        return;
+      }
+      entry.hold = undefined;
+      this.launch(k, entry);
+    };
+    entry.hold = setTimeout(wait, assign.startInMs);
+  }
+
+  private launch(k: string, entry: Running): void {
+    const { assign } = entry;
+    const ref = assign.ref!;
     const execution = execute({
       command: assign.command,
       env: { ...assign.env, TQ_TASK_ID: ref.taskId, TQ_TASK_ATTEMPT: String(ref.attempt) },
@@ -288,8 +317,7 @@ export class Worker {
       maxOutputBytes: this.options.maxOutputBytes,
       baseEnv: this.options.baseEnv,
     });
-    const entry: Running = { assign, execution };
-    this.running.set(k, entry);
+    entry.execution = execution;
     if (execution.pid !== null) {
       this.write(
         create(WorkerMessageSchema, {
@@ -323,6 +351,26 @@ export class Worker {
   }
 
   /**
+   * Stops an attempt: a running process is stopped and reports itself when it has exited;
+   * one still waiting for its start time never starts and is reported at once.
+   */
+  private stopEntry(k: string, entry: Running, outcome: "cancelled" | "abandoned", why: string): void {
+    if (entry.execution) {
+      entry.execution.stop(outcome);
+      return;
+    }
+    clearTimeout(entry.hold);
+    this.running.delete(k);
+    this.report(notStarted(entry.assign, outcome === "cancelled" ? Outcome.CANCELLED : Outcome.ABANDONED, why));
+    this.poke();
+  }
+
+  /** Hands back every attempt still waiting for its start time (we take no new work). */
+  private releaseHeld(why: string): void {
+    for (const [k, entry] of this.running) if (!entry.execution) this.stopEntry(k, entry, "abandoned", why);
+  }
+
+  /**
    * Cut off from every coordinator for a lease period, the worker must assume its tasks were
    * requeued and run elsewhere: it stops them, so that two copies do not run for long. Their
    * results (abandoned) are reported when it reconnects, and fenced off there.
@@ -333,7 +381,7 @@ export class Worker {
       this.leaseTimer = null;
       if (this.welcomed || this.running.size === 0) return;
       this.options.log.warn({ running: this.running.size, leaseMs: this.leaseMs }, "lease lapsed while disconnected: stopping tasks");
-      for (const { execution } of this.running.values()) execution.stop("abandoned");
+      for (const [k, entry] of this.running) this.stopEntry(k, entry, "abandoned", "the lease lapsed while the worker was cut off");
     }, this.leaseMs);
   }
 
@@ -407,10 +455,15 @@ function finishedMessage(finished: TaskFinished): WorkerMessage {
 }
 
 function abandoned(assign: Assign, why: string): TaskFinished {
+  return notStarted(assign, Outcome.ABANDONED, why);
+}
+
+/** The report of an attempt whose command never started here. */
+function notStarted(assign: Assign, outcome: Outcome, why: string): TaskFinished {
   const now = timestampFromDate(new Date());
   return create(TaskFinishedSchema, {
     ref: assign.ref,
-    outcome: Outcome.ABANDONED,
+    outcome,
     error: why,
     startedAt: now,
     finishedAt: now,

@@ -36,8 +36,8 @@ function fakeWorker(id: string, onAssign: (message: CoordinatorMessage) => void)
   };
 }
 
-function dispatcher(sql: Sql, registry: WorkerRegistry): Dispatcher {
-  return new Dispatcher({ sql, registry, coordinatorId: "c-test", log: silentLogger, safetyPollMs: 60_000, leaseMs: 4000 });
+function dispatcher(sql: Sql, registry: WorkerRegistry, aheadMs = 0): Dispatcher {
+  return new Dispatcher({ sql, registry, coordinatorId: "c-test", log: silentLogger, safetyPollMs: 60_000, leaseMs: 4000, aheadMs });
 }
 
 describe("Dispatcher timer", () => {

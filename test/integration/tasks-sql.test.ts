@@ -372,7 +372,7 @@ describe("insertTasks", () => {
 
     const events = await db.sql<{ task_id: string; kind: string; actor: string | null }[]>`
       SELECT task_id, kind, actor FROM task_events WHERE task_id IN (${items[0]!.id}, ${items[1]!.id}, ${items[3]!.id}) ORDER BY id`;
-    expect(events).toEqual([
+    expect([...events]).toEqual([
       { task_id: items[0]!.id, kind: "submitted", actor: "alice" },
       { task_id: items[1]!.id, kind: "submitted+dispatched", actor: "bob" },
       { task_id: items[3]!.id, kind: "submitted", actor: null },
