@@ -160,16 +160,17 @@ export async function* watchTask(deps: ApiDeps, id: string, signal: AbortSignal)
     wake = null;
     resolve?.();
   };
-  const offTask = deps.feed.onTask(id, (change) => {
-    pending.push(change);
-    poke();
-  });
   const offResync = deps.feed.onResync(() => {
     resync = true;
     poke();
   });
+  let offTask: () => void = () => {};
   signal.addEventListener("abort", poke);
   try {
+    offTask = await deps.feed.onTask(id, (change) => {
+      pending.push(change);
+      poke();
+    });
     const first = await getTaskWithLastEvent(deps.sql, id);
     if (!first) throw notFound(`task ${id} not found`);
     let seen = eventNumber(first.event_id);

@@ -1,10 +1,20 @@
-// Live task changes. Every state change statement (src/db/tasks.ts) NOTIFYs TASK_CHANNEL in
-// its own transaction, so any process that LISTENs sees every change made by any replica.
-// One listening connection per process fans out to the dispatcher and the live watchers.
+// Live task changes. Every state change statement (src/db/tasks.ts) NOTIFYs in its own
+// transaction, on two channels: the task's own (taskChannel(id)), which its live watchers
+// LISTEN on while they watch, and, for a task queued or cancelled, TASK_CHANNEL, which every
+// coordinator LISTENs on to dispatch and to stop cancelled attempts. So a process receives
+// only the changes it acts on: a burn-down of short tasks no longer sends every coordinator
+// and scheduler four notifications per task that nobody reads.
+// One listening connection per process (postgres.js) carries every channel.
 import type { Sql } from "./sql";
 import { isTaskState, type TaskState } from "../task/state";
 
+/** Changes that coordinators act on: a task queued (now or for later) or cancelled. */
 export const TASK_CHANNEL = "tq_task";
+/** States whose changes go to TASK_CHANNEL as well. */
+export const DISPATCH_CHANNEL_STATES: readonly TaskState[] = ["queued", "cancelled"];
+/** Prefix of a task's own channel: every change of the task. */
+export const TASK_CHANNEL_PREFIX = "tq_task_";
+export const taskChannel = (id: string) => `${TASK_CHANNEL_PREFIX}${id}`;
 
 export interface TaskChange {
   id: string;
@@ -40,9 +50,15 @@ export function parseTaskChange(payload: string): TaskChange | null {
 
 type Listener = (change: TaskChange) => void;
 
+interface TaskSubscription {
+  listeners: Set<Listener>;
+  /** The LISTEN on the task's channel; resolves with its unlisten. */
+  listening: Promise<{ unlisten: () => Promise<void> }>;
+}
+
 export class TaskChangeFeed {
   private readonly all = new Set<Listener>();
-  private readonly byTask = new Map<string, Set<Listener>>();
+  private readonly byTask = new Map<string, TaskSubscription>();
   private readonly resyncs = new Set<() => void>();
   private unlisten: (() => Promise<void>) | null = null;
   private listening = false;
@@ -71,20 +87,39 @@ export class TaskChangeFeed {
     if (unlisten) await unlisten().catch(() => {});
   }
 
-  /** Every change. Returns the unsubscribe function. */
+  /** Changes to a queued or cancelled state, of any task. Returns the unsubscribe function. */
   onChange(listener: Listener): () => void {
     this.all.add(listener);
     return () => this.all.delete(listener);
   }
 
-  /** Changes of one task. Returns the unsubscribe function. */
-  onTask(id: string, listener: Listener): () => void {
-    let set = this.byTask.get(id);
-    if (!set) this.byTask.set(id, (set = new Set()));
-    set.add(listener);
+  /**
+   * Every change of one task. Resolves once the LISTEN on its channel is in place (changes
+   * committed after that are delivered), with the unsubscribe function.
+   */
+  async onTask(id: string, listener: Listener): Promise<() => void> {
+    let subscription = this.byTask.get(id);
+    if (!subscription) {
+      const listening = this.sql.listen(taskChannel(id), (payload) => this.deliverTask(id, payload));
+      subscription = { listeners: new Set(), listening };
+      this.byTask.set(id, subscription);
+      listening.catch(() => {
+        if (this.byTask.get(id) === subscription) this.byTask.delete(id);
+      });
+    }
+    const current = subscription;
+    current.listeners.add(listener);
+    try {
+      await current.listening;
+    } catch (error) {
+      current.listeners.delete(listener);
+      throw error;
+    }
     return () => {
-      set.delete(listener);
-      if (set.size === 0) this.byTask.delete(id);
+      current.listeners.delete(listener);
+      if (current.listeners.size > 0 || this.byTask.get(id) !== current) return;
+      this.byTask.delete(id);
+      void current.listening.then(({ unlisten }) => unlisten()).catch(() => {});
     };
   }
 
@@ -98,7 +133,12 @@ export class TaskChangeFeed {
     const change = parseTaskChange(payload);
     if (!change) return;
     for (const listener of this.all) listener(change);
-    const set = this.byTask.get(change.id);
-    if (set) for (const listener of [...set]) listener(change);
+  }
+
+  private deliverTask(id: string, payload: string): void {
+    const change = parseTaskChange(payload);
+    const subscription = this.byTask.get(id);
+    if (!change || change.id !== id || !subscription) return;
+    for (const listener of [...subscription.listeners]) listener(change);
   }
 }

@@ -42,9 +42,9 @@ function watchedFeed(sql: Sql) {
     lastListener: null as ((change: TaskChange) => void) | null,
     lastResync: null as (() => void) | null,
   };
-  feed.onTask = (id, listener) => {
+  feed.onTask = async (id, listener) => {
     state.lastListener = listener;
-    return track(onTask(id, listener));
+    return track(await onTask(id, listener));
   };
   feed.onResync = (callback) => {
     state.lastResync = callback;
@@ -331,7 +331,7 @@ describe("watchTask", () => {
     quiet.lastListener!(change);
     const update = (await next).value;
     expect(update?.task).toMatchObject({ state: "dispatched", attempt: 1, worker_id: "w1" });
-    expect(update?.event).toBe(change);
+    expect(update?.event).toEqual(change);
     await updates.return(undefined);
     expect(quiet.active()).toBe(0);
   });

@@ -342,6 +342,45 @@ describe("idempotent insert", () => {
   });
 });
 
+describe("notification channels", () => {
+  test("a task's own channel carries each of its changes; the shared one only queued and cancelled", async () => {
+    await clear();
+    const feed = new TaskChangeFeed(db.sql);
+    await feed.start();
+    const shared: string[] = [];
+    let sawMarker: () => void = () => {};
+    const marker = newTaskId();
+    const markerSeen = new Promise<void>((resolve) => (sawMarker = resolve));
+    feed.onChange((change) => {
+      shared.push(`${change.id === marker ? "marker" : "task"}:${change.kind}`);
+      if (change.id === marker && change.kind === "cancelled") sawMarker();
+    });
+    const id = newTaskId();
+    const own: string[] = [];
+    let finished: () => void = () => {};
+    const done = new Promise<void>((resolve) => (finished = resolve));
+    const off = await feed.onTask(id, (change) => {
+      own.push(change.kind);
+      if (change.state === "succeeded") finished();
+    });
+    await createTask(db.sql, taskSpec(), { id });
+    const [claimed] = await claimDue(db.sql, "c1", ["w1"], 30_000);
+    expect(claimed?.id).toBe(id);
+    await markStarted(db.sql, { id, attempt: 1, workerId: "w1", startedAt: new Date(), pid: 42 });
+    await finishAttempt(db.sql, { id, attempt: 1, workerId: "w1" }, success());
+    await done;
+    // Notifications arrive in commit order: once the marker's cancel is in, nothing more of
+    // the task is on its way to the shared channel.
+    await createTask(db.sql, taskSpec(), { id: marker });
+    await cancelTask(db.sql, marker);
+    await markerSeen;
+    off();
+    await feed.stop();
+    expect(own).toEqual(["submitted", "dispatched", "started", "succeeded"]);
+    expect(shared).toEqual(["task:submitted", "marker:submitted", "marker:cancelled"]);
+  });
+});
+
 describe("insertTasks", () => {
   test("one statement for queued, assigned and idempotent tasks; each gets its own outcome and actor", async () => {
     await clear();
