@@ -64,13 +64,24 @@ export function taskEnv(
   baseEnv: Record<string, string | undefined>,
   env: Record<string, string>,
 ): Record<string, string> {
-  const out: Record<string, string> = {};
+  return Object.assign({}, inheritable(baseEnv), env);
+}
+
+/** The part of a base environment tasks inherit; computed once per base object. */
+const inheritedCache = new WeakMap<object, Record<string, string>>();
+function inheritable(baseEnv: Record<string, string | undefined>): Record<string, string> {
+  let out = inheritedCache.get(baseEnv);
+  if (out) return out;
+  out = {};
   for (const [key, value] of Object.entries(baseEnv)) {
     if (value === undefined || key === "DATABASE_URL" || key.startsWith("TQ_")) continue;
     out[key] = value;
   }
-  return Object.assign(out, env);
+  inheritedCache.set(baseEnv, out);
+  return out;
 }
+
+const DECODER = new TextDecoder("utf-8", { ignoreBOM: true });
 
 /** Keeps the last `limit` bytes written to it; memory stays within limit plus one chunk. */
 export class TailBuffer {
@@ -125,7 +136,7 @@ export class TailBuffer {
       while (skip < 3 && skip < bytes.length && ((bytes[skip] ?? 0) & 0xc0) === 0x80) skip++;
       bytes = bytes.subarray(skip);
     }
-    return new TextDecoder("utf-8", { ignoreBOM: true }).decode(bytes);
+    return DECODER.decode(bytes);
   }
 }
 
@@ -200,26 +211,30 @@ export function execute(spec: RunSpec): Execution {
     leaderExited = true;
     clearTimeout(timeoutTimer);
 
-    // The task ends with its leader: anything it left running in the group gets SIGTERM and
-    // the same grace (ended early once nothing holds our pipes), then SIGKILL. With no
-    // stragglers both signals fail with ESRCH. The group id cannot be reused while any member
-    // lives, and pids are allocated sequentially, so signalling it here is safe in practice.
-    terminate();
-    await Promise.race([reading, killed]);
-    kill();
-
-    // SIGKILL is delivered asynchronously; wait until the group has really stopped running so
-    // that a resolved result means nothing of the task is left, and until our pipes are closed.
-    let drainTimer: ReturnType<typeof setTimeout> | undefined;
-    let draining = true;
-    const drained = await Promise.race([
-      Promise.all([reading, groupGone(pid, () => draining)]).then(() => true),
-      new Promise<false>((resolve) => {
-        drainTimer = setTimeout(() => resolve(false), spec.drainMs ?? DEFAULT_DRAIN_MS);
-      }),
-    ]);
-    draining = false;
-    clearTimeout(drainTimer);
+    let drained: boolean;
+    if (!groupExists(pid)) {
+      // The usual case: the group ended with its leader. Nothing to signal; read the pipes out
+      // (bounded, as a descendant that left the group may still hold them).
+      drained = await settledWithin(reading, grace + (spec.drainMs ?? DEFAULT_DRAIN_MS));
+    } else {
+      // The task ends with its leader: anything it left running in the group gets SIGTERM and
+      // the same grace (ended early once nothing holds our pipes), then SIGKILL. The group id
+      // cannot be reused while any member lives, and pids are allocated sequentially, so
+      // signalling it here is safe in practice.
+      terminate();
+      await Promise.race([reading, killed]);
+      kill();
+      // SIGKILL is delivered asynchronously; wait until the group has really stopped running
+      // so that a resolved result means nothing of the task is left, and until our pipes are
+      // closed.
+      let draining = true;
+      drained = await settledWithin(
+        Promise.all([reading, groupGone(pid, () => draining)]),
+        spec.drainMs ?? DEFAULT_DRAIN_MS,
+      );
+      draining = false;
+    }
+    clearTimeout(killTimer);
     if (!drained) {
       // A descendant escaped the group (setsid) and still holds a pipe; keep what we have.
       await Promise.all([stdoutReader.cancel().catch(() => {}), stderrReader.cancel().catch(() => {})]);
@@ -286,6 +301,31 @@ async function pump(
     }
   } catch {
     // A read error ends this stream's output; the exit status is still the result.
+  }
+}
+
+/** Whether `work` settled within `ms`. */
+async function settledWithin(work: Promise<unknown>, ms: number): Promise<boolean> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    return await Promise.race([
+      work.then(() => true),
+      new Promise<false>((resolve) => {
+        timer = setTimeout(() => resolve(false), ms);
+      }),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Whether any process (a zombie included) is in group pgid: one kill(0) probe. */
+function groupExists(pgid: number): boolean {
+  try {
+    process.kill(-pgid, 0);
+    return true;
+  } catch (err) {
+    return errorCode(err) !== "ESRCH";
   }
 }
 
