@@ -1,17 +1,18 @@
 // Live task changes. Every state change statement (src/db/tasks.ts) NOTIFYs in its own
-// transaction, on two channels: the task's own (taskChannel(id)), which its live watchers
-// LISTEN on while they watch, and, for a task queued or cancelled, TASK_CHANNEL, which every
-// coordinator LISTENs on to dispatch and to stop cancelled attempts. So a process receives
-// only the changes it acts on: a burn-down of short tasks no longer sends every coordinator
-// and scheduler four notifications per task that nobody reads.
+// transaction, on two channels. Each change goes to the task's own channel (taskChannel(id)),
+// which its live watchers LISTEN on while they watch (except its creation: nobody can watch a
+// task before its id is out). TASK_CHANNEL, which every coordinator
+// LISTENs on, gets what dispatch acts on: each cancel, and of the tasks a statement queued
+// only the one due first (a dispatch pass claims everything due, so one wake-up or timer
+// covers the rest). So a process receives only changes it acts on: a burn-down of short
+// tasks does not send every coordinator and scheduler four notifications per task, nor a
+// 1000-task batch a thousand.
 // One listening connection per process (postgres.js) carries every channel.
 import type { Sql } from "./sql";
 import { isTaskState, type TaskState } from "../task/state";
 
-/** Changes that coordinators act on: a task queued (now or for later) or cancelled. */
+/** What coordinators act on: each cancel, and per statement the queued task due first. */
 export const TASK_CHANNEL = "tq_task";
-/** States whose changes go to TASK_CHANNEL as well. */
-export const DISPATCH_CHANNEL_STATES: readonly TaskState[] = ["queued", "cancelled"];
 /** Prefix of a task's own channel: every change of the task. */
 export const TASK_CHANNEL_PREFIX = "tq_task_";
 export const taskChannel = (id: string) => `${TASK_CHANNEL_PREFIX}${id}`;
@@ -87,7 +88,10 @@ export class TaskChangeFeed {
     if (unlisten) await unlisten().catch(() => {});
   }
 
-  /** Changes to a queued or cancelled state, of any task. Returns the unsubscribe function. */
+  /**
+   * TASK_CHANNEL: each cancel, and per statement the task it queued that is due first.
+   * Returns the unsubscribe function.
+   */
   onChange(listener: Listener): () => void {
     this.all.add(listener);
     return () => this.all.delete(listener);

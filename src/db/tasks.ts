@@ -5,7 +5,7 @@
 import type { Sql } from "./sql";
 import type { Task, TaskSpec, AttemptResult } from "../task/task";
 import type { TaskState } from "../task/state";
-import { DISPATCH_CHANNEL_STATES, TASK_CHANNEL, TASK_CHANNEL_PREFIX } from "./notify";
+import { TASK_CHANNEL, TASK_CHANNEL_PREFIX } from "./notify";
 
 export type TaskChangeRow = Task & { event_id: string };
 
@@ -39,7 +39,12 @@ function recordChanges(sql: Sql): Fragment {
  * Each fragment may use the columns of `t`, the changed rows, and of what `from` joins to it
  * (by default nothing).
  */
-function changeTail(sql: Sql, event: { kind: Fragment; detail: Fragment; actor: Fragment; from?: Fragment }): Fragment {
+function changeTail(
+  sql: Sql,
+  event: { kind: Fragment; detail: Fragment; actor: Fragment; from?: Fragment },
+  /** False for new tasks: nobody can be watching a task whose id is not out yet. */
+  watched = true,
+): Fragment {
   return sql`
     e AS (
       INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail, actor)
@@ -48,8 +53,11 @@ function changeTail(sql: Sql, event: { kind: Fragment; detail: Fragment; actor: 
       RETURNING id, task_id, kind
     )
     SELECT t.*, e.id::text AS event_id,
-      pg_notify(${TASK_CHANNEL_PREFIX} || t.id::text, n.payload)::text AS notified,
-      CASE WHEN t.state IN (SELECT json_array_elements_text(${JSON.stringify(DISPATCH_CHANNEL_STATES)}::text::json))
+      ${watched ? sql`pg_notify(${TASK_CHANNEL_PREFIX} || t.id::text, n.payload)::text` : sql`NULL::text`} AS notified,
+      -- Coordinators need each cancel, but of the tasks queued here only the one due first:
+      -- a dispatch pass claims whatever is due, so one wake-up (or timer) covers them all.
+      CASE WHEN t.state = 'cancelled'
+             OR t.id = (SELECT q.id FROM t q WHERE q.state = 'queued' ORDER BY q.scheduled_at, q.id LIMIT 1)
         THEN pg_notify(${TASK_CHANNEL}, n.payload) END::text AS notified_all
     FROM t JOIN e ON e.task_id = t.id
     CROSS JOIN LATERAL (
@@ -197,7 +205,7 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
       detail: sql`NULL::jsonb`,
       actor: sql`r.actor`,
       from: sql`t JOIN r ON r.id = t.id`,
-    })}`;
+    }, false)}`;
   const created = new Map(strip(inserted).map((row) => [row.id, row]));
   const outcomes: (InsertOutcome | undefined)[] = items.map(({ id }) => {
     const task = created.get(id);

@@ -73,10 +73,11 @@ describe("insertTask", () => {
     const all = new Promise<void>((resolve) => (done = resolve));
     feed.onChange((change) => {
       dues.push(change.due_in_ms ?? -1);
-      if (dues.length === 200) done();
+      if (dues.length === 110) done();
     });
     for (let i = 0; i < 100; i++) await createTask(db.sql, taskSpec());
-    await insertTasks(db.sql, Array.from({ length: 100 }, () => ({ id: newTaskId(), spec: taskSpec() })));
+    // A statement notifies coordinators of the queued task it holds that is due first.
+    for (let i = 0; i < 10; i++) await insertTasks(db.sql, Array.from({ length: 10 }, () => ({ id: newTaskId(), spec: taskSpec() })));
     await all;
     await feed.stop();
     expect(dues.filter((d) => d !== 0)).toEqual([]);
@@ -343,7 +344,7 @@ describe("idempotent insert", () => {
 });
 
 describe("notification channels", () => {
-  test("a task's own channel carries each of its changes; the shared one only queued and cancelled", async () => {
+  test("a task's own channel carries each change after its creation; the shared one only what dispatch acts on", async () => {
     await clear();
     const feed = new TaskChangeFeed(db.sql);
     await feed.start();
@@ -376,8 +377,33 @@ describe("notification channels", () => {
     await markerSeen;
     off();
     await feed.stop();
-    expect(own).toEqual(["submitted", "dispatched", "started", "succeeded"]);
+    // Not its creation: through the API nobody can know the id of a task before it exists.
+    expect(own).toEqual(["dispatched", "started", "succeeded"]);
     expect(shared).toEqual(["task:submitted", "marker:submitted", "marker:cancelled"]);
+  });
+
+  test("a statement that queues many tasks tells coordinators once, of the one due first", async () => {
+    await clear();
+    const feed = new TaskChangeFeed(db.sql);
+    await feed.start();
+    const shared: { id: string; due: number | null }[] = [];
+    let sawMarker: () => void = () => {};
+    const marker = newTaskId();
+    const markerSeen = new Promise<void>((resolve) => (sawMarker = resolve));
+    feed.onChange((change) => {
+      if (change.id === marker) sawMarker();
+      else shared.push({ id: change.id, due: change.due_in_ms });
+    });
+    const now = Date.now();
+    const items = [40, 10, 30, 20].map((s) => ({ id: newTaskId(), spec: taskSpec({ scheduledAt: new Date(now + s * 1000) }) }));
+    await insertTasks(db.sql, items);
+    await createTask(db.sql, taskSpec(), { id: marker });
+    await markerSeen;
+    await feed.stop();
+    expect(shared).toHaveLength(1);
+    expect(shared[0]?.id).toBe(items[1]!.id);
+    expect(shared[0]?.due).toBeGreaterThan(5_000);
+    expect(shared[0]?.due).toBeLessThanOrEqual(10_000);
   });
 });
 
