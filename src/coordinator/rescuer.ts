@@ -79,7 +79,7 @@ export class Rescuer {
         return;
       }
       if (now < this.graceUntil) return;
-      const rescued = await requeueExpiredLeases(sql);
+      const rescued = await requeueExpiredLeases(sql, leaseMs);
       if (rescued.length > 0) {
         log.warn({ tasks: rescued.map((t) => t.id) }, "requeued tasks whose lease lapsed");
       }

@@ -536,12 +536,29 @@ export async function renewLeases(sql: Sql, refs: readonly AttemptRef[], leaseMs
  * Requeues in-flight tasks whose lease lapsed: no worker has reported them for a lease period
  * (the worker or its coordinator died, or the assignment never arrived). Any coordinator may
  * run it.
+ *
+ * A lapse is believed only once the worker's coordinator has had its say. Each coordinator
+ * pass vouches for its workers (workers.last_heartbeat_at) and then renews what they report,
+ * so a worker vouched for after its attempt's last renewal, without a renewal, no longer holds
+ * that attempt. A worker not vouched for since then belongs to a coordinator that has not run
+ * a pass for a lease period: it is dead or was cut off, or the database was away and it has
+ * not yet caught up. Its leases are left alone for two lease periods from its last pass (or
+ * from the database's own restart, whichever is later), so that a coordinator slower to
+ * recover from an outage than the one rescuing does not have its healthy workers' tasks run
+ * twice. A gone or unknown worker's lapsed leases are requeued at once.
  */
-export async function requeueExpiredLeases(sql: Sql): Promise<TaskChangeRow[]> {
+export async function requeueExpiredLeases(sql: Sql, leaseMs: number): Promise<TaskChangeRow[]> {
+  const lease = sql`make_interval(secs => ${Math.max(0, leaseMs) / 1000})`;
   const rows = await sql<(Task & { event_id: string })[]>`
     WITH t AS (
       UPDATE tasks SET ${requeueOrFail(sql, "worker lost (lease expired)")}
       WHERE state IN ('dispatched', 'running') AND lease_expires_at < now()
+        AND NOT EXISTS (
+          SELECT 1 FROM workers w
+          WHERE w.id = tasks.worker_id AND w.state <> 'gone'
+            AND w.last_heartbeat_at <= tasks.lease_expires_at - ${lease}
+            AND greatest(w.last_heartbeat_at, pg_postmaster_start_time()) > now() - 2 * ${lease}
+        )
       RETURNING *
     ),
     ${recordChange(sql, "requeued", { reason: "lease expired" })}`;

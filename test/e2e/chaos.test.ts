@@ -4,14 +4,16 @@
 // the history, none is lost, and the tasks that ran more than once are no more than those in
 // flight on the killed or frozen workers. Bounded: it stops by itself within about 90 s and
 // cleans up every process it started.
-import { afterAll, beforeAll, expect, test } from "bun:test";
+import { setDefaultTimeout, afterAll, beforeAll, expect, test } from "bun:test";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { connect, type Sql } from "../../src/db/sql";
 import { startEmbedded, type EmbeddedDatabase } from "../../src/db/embedded";
-import { freePort, HOOK_TIMEOUT_MS } from "../support/db";
+import { freePort, HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS } from "../support/db";
 import { spawnRole, type RoleProcess } from "../support/processes";
+
+setDefaultTimeout(TEST_TIMEOUT_MS);
 
 const TASKS = 1000;
 /** Tasks submitted per second: the run lasts about TASKS / RATE seconds, chaos included. */

@@ -2,13 +2,15 @@
 // it is due and the worker starts it at its time. A wide window here makes the wait
 // observable: the task is dispatched well before its time, still never starts early, and
 // while it waits it can be cancelled, or handed back by a draining worker.
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { setDefaultTimeout, afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { HOOK_TIMEOUT_MS, useTestDatabase } from "../support/db";
+import { HOOK_TIMEOUT_MS, useTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
 import { startCluster, type Cluster } from "../support/processes";
 import { getJson, postJson, watchTask } from "../support/http";
+
+setDefaultTimeout(TEST_TIMEOUT_MS);
 
 const db = useTestDatabase();
 const AHEAD_MS = 1000;

@@ -1,13 +1,15 @@
 // Fault tolerance with real processes: frozen workers, cancels and timeouts that really stop
 // processes, retries, a second coordinator to fail over to, and graceful shutdown.
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { setDefaultTimeout, afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { freePort, useTestDatabase } from "../support/db";
+import { freePort, useTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
 import { spawnRole, startCluster, type RoleProcess } from "../support/processes";
 import { getJson, postJson, watchTask } from "../support/http";
 import { isRunning } from "../support/proc";
+
+setDefaultTimeout(TEST_TIMEOUT_MS);
 
 const db = useTestDatabase();
 let dir: string;

@@ -1,12 +1,14 @@
 // How roles come and go: a worker drains on SIGTERM, hands work back after its grace period,
 // and rides out a coordinator restart without losing or re-running its task.
-import { afterAll, beforeAll, expect, test } from "bun:test";
+import { setDefaultTimeout, afterAll, beforeAll, expect, test } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { useTestDatabase } from "../support/db";
+import { useTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
 import { startCluster } from "../support/processes";
 import { postJson, watchTask } from "../support/http";
+
+setDefaultTimeout(TEST_TIMEOUT_MS);
 
 const db = useTestDatabase();
 let dir: string;

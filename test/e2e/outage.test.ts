@@ -1,14 +1,16 @@
 // A PostgreSQL outage, on a cluster of this test's own (so that it can be stopped): the APIs
 // answer 503 promptly, results are held and delivered afterwards, dispatch resumes by
 // itself, and nothing acknowledged is lost or run again.
-import { afterAll, beforeAll, expect, test } from "bun:test";
+import { setDefaultTimeout, afterAll, beforeAll, expect, test } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { startEmbedded, type EmbeddedDatabase } from "../../src/db/embedded";
-import { freePort, HOOK_TIMEOUT_MS } from "../support/db";
+import { freePort, HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS } from "../support/db";
 import { startCluster, type Cluster } from "../support/processes";
 import { postJson, watchTask } from "../support/http";
+
+setDefaultTimeout(TEST_TIMEOUT_MS);
 
 let dir: string;
 let pgDir: string;

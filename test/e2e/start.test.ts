@@ -1,11 +1,13 @@
 // `bun start` on embedded PostgreSQL, driven by the README's own curl examples.
-import { afterAll, beforeAll, expect, test } from "bun:test";
+import { setDefaultTimeout, afterAll, beforeAll, expect, test } from "bun:test";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { freePort, HOOK_TIMEOUT_MS } from "../support/db";
+import { freePort, HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS } from "../support/db";
 import { RoleProcess } from "../support/processes";
 import { watchTask } from "../support/http";
+
+setDefaultTimeout(TEST_TIMEOUT_MS);
 
 const ROOT = join(import.meta.dir, "../..");
 let dataDir: string;

@@ -1,12 +1,14 @@
 // The roles as separate processes on a real database: scheduling, execution, spreading,
 // waiting for a worker, and rescue after a SIGKILL.
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { setDefaultTimeout, afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { HOOK_TIMEOUT_MS, useTestDatabase } from "../support/db";
+import { HOOK_TIMEOUT_MS, useTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
 import { startCluster, type Cluster } from "../support/processes";
 import { getJson, postJson, watchTask, type TaskJson } from "../support/http";
+
+setDefaultTimeout(TEST_TIMEOUT_MS);
 
 const db = useTestDatabase();
 let dir: string;

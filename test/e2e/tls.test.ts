@@ -1,13 +1,15 @@
 // TLS between real processes: HTTPS on the scheduler and coordinator, TLS and mutual TLS on
 // the gRPC port, and workers that must not connect (wrong CA, no client certificate, no TLS).
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { setDefaultTimeout, afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
-import { freePort, HOOK_TIMEOUT_MS, useTestDatabase } from "../support/db";
+import { freePort, HOOK_TIMEOUT_MS, useTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
 import { makeTestCerts, type TestCerts } from "../support/certs";
 import { spawnRole, startCluster, type Cluster, type RoleProcess } from "../support/processes";
 import type { TaskJson } from "../support/http";
 import { isFinal } from "../../src/task/state";
+
+setDefaultTimeout(TEST_TIMEOUT_MS);
 
 const db = useTestDatabase();
 let certs: TestCerts;

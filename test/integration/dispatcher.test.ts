@@ -1,11 +1,13 @@
-import { describe, expect, test } from "bun:test";
-import { useTestDatabase } from "../support/db";
+import { setDefaultTimeout, describe, expect, test } from "bun:test";
+import { useTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
 import { createTask, taskSpec } from "../support/factories";
 import { Dispatcher } from "../../src/coordinator/dispatcher";
 import { WorkerRegistry, type WorkerConnection } from "../../src/coordinator/registry";
 import { silentLogger } from "../../src/log";
 import type { Sql } from "../../src/db/sql";
 import type { CoordinatorMessage } from "../../src/gen/taskqueue/v1/worker_service_pb";
+
+setDefaultTimeout(TEST_TIMEOUT_MS);
 
 const db = useTestDatabase();
 

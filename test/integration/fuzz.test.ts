@@ -2,7 +2,7 @@
 // every gRPC method. Every answer must be a 4xx (or a 200 for a read that is allowed) on REST,
 // and INVALID_ARGUMENT / UNAUTHENTICATED / PERMISSION_DENIED / NOT_FOUND on gRPC: never a 5xx,
 // INTERNAL or UNKNOWN; no process dies; and no rejected request writes anything.
-import { beforeAll, expect, test } from "bun:test";
+import { setDefaultTimeout, beforeAll, expect, test } from "bun:test";
 import * as grpc from "@grpc/grpc-js";
 import { createApp } from "../../src/api";
 import { Authenticator } from "../../src/auth/authenticator";
@@ -15,7 +15,9 @@ import { insertToken } from "../../src/db/tokens";
 import { TaskService } from "../../src/gen/taskqueue/v1/task_service_pb";
 import { WorkerService } from "../../src/gen/taskqueue/v1/worker_service_pb";
 import { silentLogger } from "../../src/log";
-import { freePort, HOOK_TIMEOUT_MS, useTestDatabase } from "../support/db";
+import { freePort, HOOK_TIMEOUT_MS, useTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
+
+setDefaultTimeout(TEST_TIMEOUT_MS);
 
 const SEED = 0x7a5c_0e01;
 const REST_CASES = 3000;

@@ -1,6 +1,6 @@
 // gRPC round trips against a real coordinator (in this process) on a real database: the
 // TaskService a client uses, and the WorkerService stream a worker speaks, driven by hand.
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { setDefaultTimeout, afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import * as grpc from "@grpc/grpc-js";
@@ -23,7 +23,9 @@ import { Coordinator } from "../../src/coordinator/coordinator";
 import { clientConstructor } from "../../src/rpc/definitions";
 import { silentLogger } from "../../src/log";
 import { TaskChangeFeed, type TaskChange } from "../../src/db/notify";
-import { freePort, HOOK_TIMEOUT_MS, useTestDatabase } from "../support/db";
+import { freePort, HOOK_TIMEOUT_MS, useTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
+
+setDefaultTimeout(TEST_TIMEOUT_MS);
 
 const db = useTestDatabase();
 let coordinator: Coordinator;

@@ -1,6 +1,6 @@
-import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
+import { setDefaultTimeout, afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
 import pino from "pino";
-import { useTestDatabase } from "../support/db";
+import { useTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
 import { createTask, newTaskId, openAuth, taskSpec } from "../support/factories";
 import { createApp } from "../../src/api/index";
 import type { ApiDeps } from "../../src/api/deps";
@@ -10,6 +10,8 @@ import { connect, type Sql } from "../../src/db/sql";
 import { cancelTask, claimDue, finishAttempt, getTask, insertTask } from "../../src/db/tasks";
 import { markWorkerGone, upsertWorker } from "../../src/db/workers";
 import { silentLogger } from "../../src/log";
+
+setDefaultTimeout(TEST_TIMEOUT_MS);
 
 const db = useTestDatabase();
 let feed: TaskChangeFeed;

@@ -1,6 +1,6 @@
 // Who may do what: API tokens and scopes on REST and gRPC, worker join and resume tokens,
 // secret environment values, the audit trail, rate limits and the safe-defaults check.
-import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
+import { setDefaultTimeout, afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
 import * as grpc from "@grpc/grpc-js";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import pino from "pino";
@@ -22,7 +22,9 @@ import {
 } from "../../src/gen/taskqueue/v1/worker_service_pb";
 import { silentLogger } from "../../src/log";
 import { clientConstructor } from "../../src/rpc/definitions";
-import { freePort, HOOK_TIMEOUT_MS, useTestDatabase } from "../support/db";
+import { freePort, HOOK_TIMEOUT_MS, useTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
+
+setDefaultTimeout(TEST_TIMEOUT_MS);
 
 const db = useTestDatabase();
 

@@ -1,5 +1,5 @@
-import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
-import { useTestDatabase } from "../support/db";
+import { setDefaultTimeout, afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
+import { useTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
 import { createTask, newTaskId, openAuth, taskSpec } from "../support/factories";
 import { createApp } from "../../src/api/index";
 import type { ApiDeps } from "../../src/api/deps";
@@ -11,6 +11,8 @@ import type { Sql } from "../../src/db/sql";
 import { cancelTask, claimDue, insertTask } from "../../src/db/tasks";
 import { silentLogger } from "../../src/log";
 import { TaskQueueError } from "../../src/task/errors";
+
+setDefaultTimeout(TEST_TIMEOUT_MS);
 
 const db = useTestDatabase();
 

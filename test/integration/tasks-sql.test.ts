@@ -1,5 +1,5 @@
-import { describe, expect, test } from "bun:test";
-import { useTestDatabase, createTestDatabase, dropTestDatabase } from "../support/db";
+import { setDefaultTimeout, describe, expect, test } from "bun:test";
+import { useTestDatabase, createTestDatabase, dropTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
 import { taskSpec, newTaskId, createTask } from "../support/factories";
 import {
   insertTask,
@@ -22,6 +22,8 @@ import { TaskChangeFeed, type TaskChange } from "../../src/db/notify";
 import { migrate, readMigrations } from "../../src/db/migrate";
 import { connect } from "../../src/db/sql";
 import type { AttemptResult } from "../../src/task/task";
+
+setDefaultTimeout(TEST_TIMEOUT_MS);
 
 const db = useTestDatabase();
 
@@ -239,13 +241,39 @@ describe("leases", () => {
       60_000,
     );
     expect([...renewed]).toEqual([`${a.id}:1`]);
-    const rescued = await requeueExpiredLeases(db.sql);
+    const rescued = await requeueExpiredLeases(db.sql, 0);
     const byId = new Map(rescued.map((t) => [t.id, t]));
     expect(byId.has(a.id)).toBe(false);
     expect(byId.get(b.id)).toMatchObject({ state: "queued", lease_expires_at: null });
     expect(byId.get(c.id)).toMatchObject({ state: "failed" });
     expect(byId.get(c.id)?.error).toMatch(/does not retry a lost worker/);
     expect((await getTask(db.sql, a.id))?.state).toBe("dispatched");
+  });
+
+  test("a lapse is believed once the worker's coordinator has vouched for it since, or has been silent two leases", async () => {
+    await clear();
+    const LEASE = 1000;
+    const worker = (id: string) => upsertWorker(db.sql, { id, name: id, coordinatorId: "c1", slots: 4, labels: {}, version: "t" });
+    await Promise.all(["lagging", "vouched", "silent", "gone"].map(worker));
+    const tasks = await Promise.all(Array.from({ length: 4 }, () => createTask(db.sql, taskSpec())));
+    const claimed = await claimDue(db.sql, "c1", ["lagging", "vouched", "silent", "gone"], LEASE);
+    const on = (w: string) => claimed.find((t) => t.worker_id === w)!.id;
+    expect(claimed).toHaveLength(tasks.length);
+    // Every lease lapsed 10 ms ago, renewed (or dispatched) a lease before that.
+    await db.sql`UPDATE tasks SET lease_expires_at = now() - interval '10 milliseconds'`;
+    // lagging: its coordinator's last pass came before that renewal (it has not caught up yet).
+    await db.sql`UPDATE workers SET last_heartbeat_at = now() - interval '10 milliseconds' - interval '1100 milliseconds' WHERE id = 'lagging'`;
+    // vouched: a pass after the renewal did not renew the attempt: the worker does not hold it.
+    await db.sql`UPDATE workers SET last_heartbeat_at = now() WHERE id = 'vouched'`;
+    // silent: no pass for more than two leases (and the database has been up longer than that).
+    await db.sql`UPDATE workers SET last_heartbeat_at = now() - interval '5 seconds' WHERE id = 'silent'`;
+    const [{ up } = { up: 0 }] = await db.sql<{ up: number }[]>`SELECT extract(epoch FROM now() - pg_postmaster_start_time()) AS up`;
+    expect(Number(up)).toBeGreaterThan(2);
+    await markWorkerGone(db.sql, "gone", "c1");
+
+    const rescued = new Set((await requeueExpiredLeases(db.sql, LEASE)).map((t) => t.id));
+    expect(rescued).toEqual(new Set([on("vouched"), on("silent"), on("gone")]));
+    expect((await getTask(db.sql, on("lagging")))?.state).toBe("dispatched");
   });
 
   test("workers listed live are those vouched for within the timeout", async () => {

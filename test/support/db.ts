@@ -46,6 +46,12 @@ export async function freePort(): Promise<number> {
 
 /** Hooks that start or stop servers and databases get this long (Bun's default is 5 s). */
 export const HOOK_TIMEOUT_MS = 30_000;
+/**
+ * Ceiling for a test that starts processes or PostgreSQL (it waits on signals). Each such
+ * file sets it: setDefaultTimeout applies to the file that calls it, and the preload's call
+ * did not reach every file of a full run (one fell back to Bun's 5 s).
+ */
+export const TEST_TIMEOUT_MS = 60_000;
 
 export interface TestDatabase {
   /** Connection URL of this file's database, for child processes. */
