@@ -5,9 +5,10 @@
  * - queued: persisted, waiting for its scheduled_at and a free worker slot. In: submit
  *   (scheduler or coordinator), requeue of a lost or handed-back attempt. Out: dispatch
  *   (coordinator claim), cancel.
- * - dispatched: claimed by a coordinator and assigned to one worker (picked_at, attempt + 1).
- *   Out: running (worker's TaskStarted), a final state (TaskFinished can overtake
- *   TaskStarted), queued (worker lost), cancelled.
+ * - dispatched: claimed by a coordinator and assigned to one worker (picked_at, attempt + 1),
+ *   up to TQ_DISPATCH_AHEAD_MS before scheduled_at: the worker holds it until then. Out:
+ *   running (worker's TaskStarted), a final state (TaskFinished can overtake TaskStarted),
+ *   queued (worker lost, or handed back unstarted), cancelled.
  * - running: the worker's process started (started_at). Out: a final state, queued (worker
  *   lost or task handed back), cancelled.
  * - succeeded: exited 0 (completed_at). Final.
