@@ -23,6 +23,7 @@ import {
   type BenchResult,
   type Distribution,
   type SummaryRow,
+  rawSpawn,
 } from "./support";
 
 const FULL = { rates: [20, 50, 100, 300], seconds: 5, grpcRate: 100 };
@@ -115,7 +116,7 @@ async function run(options: BenchOptions): Promise<BenchResult> {
       await openLoop(rate, plan.seconds, async () => {
         const id = `raw-${rate}-${n++}`;
         const began = performance.now();
-        const child = Bun.spawn(["sh", "-c", command], { env: { ...process.env, TQ_TASK_ID: id }, stdin: "ignore", stdout: "pipe", stderr: "pipe", detached: true });
+        const child = rawSpawn(command, id);
         starts.push((await fifo.waitFor(id, STEP_TIMEOUT_MS)) - began);
         await child.exited;
       });

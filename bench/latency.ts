@@ -19,6 +19,7 @@ import {
   type BenchResult,
   type Distribution,
   type SummaryRow,
+  rawSpawn,
 } from "./support";
 
 const FULL = { tasks: 100, warmup: 10 };
@@ -111,13 +112,7 @@ async function measureRaw(fifo: FifoSignals, count: number, warmup: number): Pro
   for (let i = 0; i < warmup + count; i++) {
     const id = `raw-${i}`;
     const before = performance.now();
-    const proc = Bun.spawn(["sh", "-c", command], {
-      env: { ...process.env, TQ_TASK_ID: id },
-      stdin: "ignore",
-      stdout: "pipe",
-      stderr: "pipe",
-      detached: true,
-    });
+    const proc = rawSpawn(command, id);
     const started = await fifo.waitFor(id, STEP_TIMEOUT_MS);
     const code = await within(proc.exited, STEP_TIMEOUT_MS, `exit of raw spawn ${id}`);
     if (code !== 0) throw new Error(`raw spawn ${id} exited ${code}: ${await new Response(proc.stderr).text()}`);

@@ -12,6 +12,7 @@ import {
   FifoSignals,
   PRODUCT_ROLE_ENV,
   ms,
+  rawSpawn,
   quartet,
   Scope,
   startBenchCluster,
@@ -234,14 +235,7 @@ async function rawTimedSpawns(fifo: FifoSignals, command: string, count: number)
     const id = `raw-${i}`;
     const arrival = fifo.waitFor(id, at - performance.now() + STEP_TIMEOUT_MS);
     setTimeout(() => {
-      const proc = Bun.spawn(["sh", "-c", command], {
-        env: { ...process.env, TQ_TASK_ID: id },
-        stdin: "ignore",
-        stdout: "pipe",
-        stderr: "pipe",
-        detached: true,
-      });
-      procs.push(proc.exited);
+      procs.push(rawSpawn(command, id).exited);
     }, at - performance.now());
     return arrival.then((t) => t - at);
   });

@@ -255,6 +255,20 @@ export const PRODUCT_ROLE_ENV: Readonly<Record<string, string>> = {
   TQ_LOG_LEVEL: "info",
 };
 
+/**
+ * The raw ceiling's spawn: `sh -c command` from Bun.spawn with the worker executor's options
+ * (own process group, piped output), TQ_TASK_ID set as a worker sets it.
+ */
+export function rawSpawn(command: string, taskId?: string): Bun.Subprocess<"ignore", "pipe", "pipe"> {
+  return Bun.spawn(["sh", "-c", command], {
+    env: taskId === undefined ? undefined : { ...process.env, TQ_TASK_ID: taskId },
+    stdin: "ignore",
+    stdout: "pipe",
+    stderr: "pipe",
+    detached: true,
+  });
+}
+
 // ---- FIFO signals --------------------------------------------------------------------------
 
 /**

@@ -27,6 +27,7 @@ import {
   type BenchResult,
   type Distribution,
   type SummaryRow,
+  rawSpawn,
 } from "./support";
 
 const FULL = { tasks: 5000, batch: 1000, warmup: 50 };
@@ -116,7 +117,7 @@ async function rawSpawns(count: number, inFlight: number): Promise<RawRun> {
   const lane = async () => {
     while (next < count) {
       next++;
-      const proc = Bun.spawn(["sh", "-c", COMMAND], { stdin: "ignore", stdout: "pipe", stderr: "pipe", detached: true });
+      const proc = rawSpawn(COMMAND);
       const code = await proc.exited;
       if (code !== 0) failures.push(`exit ${code}: ${await new Response(proc.stderr).text()}`);
     }

@@ -12,6 +12,25 @@ function controlledWrite() {
   return { calls, pending, write };
 }
 
+/**
+ * A group whose writes are recorded and answered by `answer`; the first write waits for
+ * gate(), so that later items gather into one batch meanwhile.
+ */
+function gatedGroup(answer: (items: number[]) => number[]) {
+  const calls: number[][] = [];
+  let gate!: () => void;
+  const opened = new Promise<void>((resolve) => (gate = resolve));
+  const group = new GroupCommit(
+    async (items: number[]) => {
+      calls.push(items);
+      if (calls.length === 1) await opened;
+      return answer(items);
+    },
+    { maxBatch: 100 },
+  );
+  return { calls, gate, group };
+}
+
 describe("GroupCommit", () => {
   test("writes the first item at once and everything that arrived meanwhile in one batch", async () => {
     const { calls, pending, write } = controlledWrite();
@@ -42,18 +61,10 @@ describe("GroupCommit", () => {
   });
 
   test("an item the database refuses fails alone; the others of its batch are written", async () => {
-    const calls: number[][] = [];
-    let gate!: () => void;
-    const opened = new Promise<void>((resolve) => (gate = resolve));
-    const group = new GroupCommit(
-      async (items: number[]) => {
-        calls.push(items);
-        if (calls.length === 1) await opened;
-        if (items.includes(13)) throw Object.assign(new Error("invalid input syntax"), { code: "22P02" });
-        return items.map((n) => n * 10);
-      },
-      { maxBatch: 100 },
-    );
+    const { calls, gate, group } = gatedGroup((items) => {
+      if (items.includes(13)) throw Object.assign(new Error("invalid input syntax"), { code: "22P02" });
+      return items.map((n) => n * 10);
+    });
     const first = group.add(1);
     const batch = [2, 13, 4].map((n) => group.add(n).then((v) => ({ ok: v }), (e: Error) => ({ error: e.message })));
     gate();
@@ -63,17 +74,9 @@ describe("GroupCommit", () => {
   });
 
   test("a lost database fails the whole batch without retrying item by item", async () => {
-    const calls: number[][] = [];
-    let gate!: () => void;
-    const opened = new Promise<void>((resolve) => (gate = resolve));
-    const group = new GroupCommit(
-      async (items: number[]) => {
-        calls.push(items);
-        await opened;
-        throw Object.assign(new Error("connection refused"), { code: "ECONNREFUSED" });
-      },
-      { maxBatch: 100 },
-    );
+    const { calls, gate, group } = gatedGroup(() => {
+      throw Object.assign(new Error("connection refused"), { code: "ECONNREFUSED" });
+    });
     const results = [1, 2, 3].map((n) => group.add(n).then(() => "resolved", (e: Error) => e.message));
     gate();
     expect(await Promise.all(results)).toEqual(["connection refused", "connection refused", "connection refused"]);
