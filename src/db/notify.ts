@@ -7,7 +7,8 @@
 // covers the rest). So a process receives only changes it acts on: a burn-down of short
 // tasks does not send every coordinator and scheduler four notifications per task, nor a
 // 1000-task batch a thousand.
-// One listening connection per process (postgres.js) carries every channel.
+// One listening connection per process carries every channel.
+import postgres from "postgres";
 import type { Sql } from "./sql";
 import { isTaskState, type TaskState } from "../task/state";
 
@@ -53,39 +54,48 @@ type Listener = (change: TaskChange) => void;
 
 interface TaskSubscription {
   listeners: Set<Listener>;
-  /** The LISTEN on the task's channel; resolves with its unlisten. */
-  listening: Promise<{ unlisten: () => Promise<void> }>;
+  /** The LISTEN on the task's channel. */
+  listening: Promise<void>;
 }
 
+/** Longest wait between attempts to listen again after the connection was lost, in ms. */
+const RELISTEN_BACKOFF_CAP_MS = 1000;
+
+const quoted = (channel: string) => `"${channel.replace(/"/g, '""')}"`;
+
+/**
+ * The process's one listening connection, and who gets which notification. It keeps its own
+ * connection (options from the pool it is given) rather than postgres.js's listen(): channels
+ * come and go with watchers, and after a reconnect postgres.js re-listens them under new
+ * handles, so a watcher that left afterwards could never UNLISTEN. Here the set of channels is
+ * ours: LISTEN when the first watcher of a task comes, UNLISTEN when the last one goes, and
+ * after a lost connection every channel in the set is listened again before consumers resync.
+ */
 export class TaskChangeFeed {
   private readonly all = new Set<Listener>();
   private readonly byTask = new Map<string, TaskSubscription>();
   private readonly resyncs = new Set<() => void>();
-  private unlisten: (() => Promise<void>) | null = null;
-  private listening = false;
+  private connection: Sql | null = null;
+  /** Channels we are (or are about to be) listening on. */
+  private readonly channels = new Set<string>();
+  private relistening: Promise<void> | null = null;
+  private stopped = false;
 
   constructor(private readonly sql: Sql) {}
 
-  /** Resolves once LISTEN is in place. postgres.js re-listens after a lost connection. */
+  /** Resolves once LISTEN on TASK_CHANNEL is in place. */
   async start(): Promise<void> {
-    const { unlisten } = await this.sql.listen(
-      TASK_CHANNEL,
-      (payload) => this.deliver(payload),
-      () => {
-        // After a reconnect, changes made while we were away were not delivered: let every
-        // consumer re-read what it needs.
-        if (this.listening) for (const resync of this.resyncs) resync();
-        this.listening = true;
-      },
-    );
-    this.unlisten = unlisten;
+    this.stopped = false;
+    this.channels.add(TASK_CHANNEL);
+    await this.listen(TASK_CHANNEL);
   }
 
   async stop(): Promise<void> {
-    const unlisten = this.unlisten;
-    this.unlisten = null;
-    this.listening = false;
-    if (unlisten) await unlisten().catch(() => {});
+    this.stopped = true;
+    this.channels.clear();
+    const connection = this.connection;
+    this.connection = null;
+    if (connection) await connection.end({ timeout: 1 }).catch(() => {});
   }
 
   /**
@@ -102,13 +112,17 @@ export class TaskChangeFeed {
    * committed after that are delivered), with the unsubscribe function.
    */
   async onTask(id: string, listener: Listener): Promise<() => void> {
+    const channel = taskChannel(id);
     let subscription = this.byTask.get(id);
     if (!subscription) {
-      const listening = this.sql.listen(taskChannel(id), (payload) => this.deliverTask(id, payload));
-      subscription = { listeners: new Set(), listening };
-      this.byTask.set(id, subscription);
-      listening.catch(() => {
-        if (this.byTask.get(id) === subscription) this.byTask.delete(id);
+      this.channels.add(channel);
+      const created: TaskSubscription = { listeners: new Set(), listening: this.listen(channel) };
+      subscription = created;
+      this.byTask.set(id, created);
+      created.listening.catch(() => {
+        if (this.byTask.get(id) !== created) return;
+        this.byTask.delete(id);
+        this.channels.delete(channel);
       });
     }
     const current = subscription;
@@ -123,7 +137,8 @@ export class TaskChangeFeed {
       current.listeners.delete(listener);
       if (current.listeners.size > 0 || this.byTask.get(id) !== current) return;
       this.byTask.delete(id);
-      void current.listening.then(({ unlisten }) => unlisten()).catch(() => {});
+      this.channels.delete(channel);
+      void this.connection?.unsafe(`UNLISTEN ${quoted(channel)}`).catch(() => {});
     };
   }
 
@@ -133,16 +148,58 @@ export class TaskChangeFeed {
     return () => this.resyncs.delete(callback);
   }
 
-  private deliver(payload: string): void {
-    const change = parseTaskChange(payload);
-    if (!change) return;
-    for (const listener of this.all) listener(change);
+  private async listen(channel: string): Promise<void> {
+    await this.listeningConnection().unsafe(`LISTEN ${quoted(channel)}`);
   }
 
-  private deliverTask(id: string, payload: string): void {
+  private listeningConnection(): Sql {
+    this.connection ??= postgres({
+      ...this.sql.options,
+      max: 1,
+      idle_timeout: null,
+      max_lifetime: null,
+      fetch_types: false,
+      onnotify: (channel: string, payload: string) => this.route(channel, payload),
+      onclose: () => this.connectionLost(),
+    } as unknown as postgres.Options<Record<string, never>>) as unknown as Sql;
+    return this.connection;
+  }
+
+  /**
+   * The listening connection closed: notifications sent meanwhile are lost, and the server
+   * forgot our LISTENs. Listen on every channel again (retrying while the database is away),
+   * then let every consumer re-read what it needs.
+   */
+  private connectionLost(): void {
+    if (this.stopped || this.relistening || this.channels.size === 0) return;
+    this.relistening = (async () => {
+      for (let attempt = 0; !this.stopped; attempt++) {
+        try {
+          const sent = [...this.channels];
+          if (sent.length > 0) await this.listeningConnection().unsafe(sent.map((c) => `LISTEN ${quoted(c)}`).join("; ")).simple();
+          // A watcher that left meanwhile may have had its UNLISTEN refused by the lost connection.
+          const gone = sent.filter((channel) => !this.channels.has(channel));
+          if (gone.length > 0) await this.listeningConnection().unsafe(gone.map((c) => `UNLISTEN ${quoted(c)}`).join("; ")).simple();
+          return;
+        } catch {
+          await Bun.sleep(Math.min(RELISTEN_BACKOFF_CAP_MS, 50 * 2 ** attempt));
+        }
+      }
+    })().finally(() => {
+      this.relistening = null;
+      if (!this.stopped) for (const resync of this.resyncs) resync();
+    });
+  }
+
+  private route(channel: string, payload: string): void {
     const change = parseTaskChange(payload);
-    const subscription = this.byTask.get(id);
-    if (!change || change.id !== id || !subscription) return;
+    if (!change) return;
+    if (channel === TASK_CHANNEL) {
+      for (const listener of this.all) listener(change);
+      return;
+    }
+    const subscription = this.byTask.get(change.id);
+    if (channel !== taskChannel(change.id) || !subscription) return;
     for (const listener of [...subscription.listeners]) listener(change);
   }
 }

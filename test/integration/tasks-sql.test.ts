@@ -410,6 +410,46 @@ describe("notification channels", () => {
     expect(shared).toEqual(["task:submitted", "marker:submitted", "marker:cancelled"]);
   });
 
+  test("after its connection is cut, the feed listens again on every channel, then asks consumers to resync", async () => {
+    await clear();
+    const feed = new TaskChangeFeed(db.sql);
+    await feed.start();
+    const task = await createTask(db.sql, taskSpec());
+    const seen: string[] = [];
+    let dispatched: () => void = () => {};
+    const sawDispatch = new Promise<void>((resolve) => (dispatched = resolve));
+    const off = await feed.onTask(task.id, (change) => {
+      seen.push(change.kind);
+      if (change.kind === "dispatched") dispatched();
+    });
+    let resynced: () => void = () => {};
+    const resync = new Promise<void>((resolve) => (resynced = resolve));
+    feed.onResync(() => resynced());
+    // This feed's listening backend: its last statement was the LISTEN for this task.
+    const cut = await db.sql<{ ok: boolean }[]>`
+      SELECT pg_terminate_backend(pid) AS ok FROM pg_stat_activity
+      WHERE datname = current_database() AND query = ${`LISTEN "tq_task_${task.id}"`}`;
+    expect(cut.map((row) => row.ok)).toEqual([true]);
+    await resync;
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
+    await sawDispatch;
+    // The last watcher leaving UNLISTENs on the new connection (a handle from before the cut
+    // would no longer reach it): the listening backend's last statement says so.
+    off();
+    const unlisten = `UNLISTEN "tq_task_${task.id}"`;
+    let last = "";
+    for (const deadline = Date.now() + 5000; last !== unlisten && Date.now() < deadline; await Bun.sleep(10)) {
+      const rows = await db.sql<{ query: string }[]>`
+        SELECT query FROM pg_stat_activity
+        WHERE datname = current_database() AND query LIKE ${`%LISTEN "tq_task_${task.id}"%`}
+          AND query NOT LIKE '%pg_stat_activity%'`;
+      last = rows[0]?.query ?? "";
+    }
+    await feed.stop();
+    expect(last).toBe(unlisten);
+    expect(seen).toEqual(["dispatched"]);
+  });
+
   test("a statement that queues many tasks tells coordinators once, of the one due first", async () => {
     await clear();
     const feed = new TaskChangeFeed(db.sql);
