@@ -21,7 +21,7 @@ import { silentLogger } from "../src/log";
 import { taskToProto } from "../src/rpc/convert";
 import { toTaskSpec } from "../src/task/spec";
 import type { Task, TaskSpec } from "../src/task/task";
-import { openAuth } from "../test/support/factories";
+import { openAuth, taskSpec } from "../test/support/factories";
 import { createBenchDatabase, Scope, type Bench, type BenchOptions, type BenchResult, type SummaryRow } from "./support";
 
 /**
@@ -179,17 +179,7 @@ function protobufCases<Desc extends DescMessage>(
 
 /** Fills a migrated database with `count` due queued tasks, FILL_CHUNK per statement. */
 async function fillQueue(sql: Sql, count: number): Promise<void> {
-  const spec: TaskSpec = {
-    command: "true",
-    scheduledAt: null,
-    timeoutMs: 0,
-    maxAttempts: 3,
-    env: {},
-    secretEnv: {},
-    cwd: null,
-    retry: { onFailure: true, onTimeout: true, onLost: true, backoffBaseMs: 1000, backoffCapMs: 60_000 },
-    idempotencyKey: null,
-  };
+  const spec = taskSpec({ retry: { ...taskSpec().retry, backoffBaseMs: 1000, backoffCapMs: 60_000 } });
   for (let done = 0; done < count; done += FILL_CHUNK) {
     const items = Array.from({ length: Math.min(FILL_CHUNK, count - done) }, () => ({ id: Bun.randomUUIDv7(), spec }));
     await insertTasks(sql, items);

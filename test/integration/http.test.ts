@@ -1,7 +1,7 @@
 import { setDefaultTimeout, afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
 import pino from "pino";
 import { useTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
-import { createTask, newTaskId, openAuth, taskSpec } from "../support/factories";
+import { attemptResult, createTask, newTaskId, openAuth, taskSpec } from "../support/factories";
 import { createApp } from "../../src/api/index";
 import type { ApiDeps } from "../../src/api/deps";
 import { loadConfig } from "../../src/config";
@@ -127,18 +127,7 @@ function expectTaskJson(json: any) {
   expect(json.created_at).toMatch(ISO_MS);
 }
 
-const success = {
-  state: "succeeded" as const,
-  exitCode: 0,
-  signal: null,
-  stdout: "done\n",
-  stderr: "",
-  stdoutTruncated: false,
-  stderrTruncated: false,
-  error: null,
-  startedAt: new Date(),
-  finishedAt: new Date(),
-};
+const success = attemptResult({ stdout: "done\n" });
 
 describe("POST /schedule (seed)", () => {
   test("the seed's curl request, JSON sent as x-www-form-urlencoded, is accepted with 200", async () => {

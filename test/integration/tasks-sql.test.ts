@@ -1,6 +1,6 @@
 import { setDefaultTimeout, describe, expect, test } from "bun:test";
 import { useTestDatabase, createTestDatabase, dropTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
-import { taskSpec, newTaskId, createTask } from "../support/factories";
+import { attemptResult, taskSpec, newTaskId, createTask } from "../support/factories";
 import {
   insertTask,
   getTask,
@@ -27,19 +27,7 @@ setDefaultTimeout(TEST_TIMEOUT_MS);
 
 const db = useTestDatabase();
 
-const success = (over: Partial<AttemptResult> = {}): AttemptResult => ({
-  state: "succeeded",
-  exitCode: 0,
-  signal: null,
-  stdout: "ok\n",
-  stderr: "",
-  stdoutTruncated: false,
-  stderrTruncated: false,
-  error: null,
-  startedAt: new Date(),
-  finishedAt: new Date(),
-  ...over,
-});
+const success = (over: Partial<AttemptResult> = {}): AttemptResult => attemptResult({ stdout: "ok\n", ...over });
 
 async function clear() {
   await db.sql`TRUNCATE tasks, task_events, workers`;

@@ -1,7 +1,7 @@
 // Row factories for tests.
 import { insertTask, type Assignment, type TaskChangeRow } from "../../src/db/tasks";
 import type { Sql } from "../../src/db/sql";
-import type { TaskSpec } from "../../src/task/task";
+import type { AttemptResult, TaskSpec } from "../../src/task/task";
 import { ANONYMOUS } from "../../src/auth/tokens";
 
 export function taskSpec(overrides: Partial<TaskSpec> = {}): TaskSpec {
@@ -15,6 +15,23 @@ export function taskSpec(overrides: Partial<TaskSpec> = {}): TaskSpec {
     cwd: null,
     retry: { onFailure: true, onTimeout: true, onLost: true, backoffBaseMs: 0, backoffCapMs: 0 },
     idempotencyKey: null,
+    ...overrides,
+  };
+}
+
+/** A succeeded attempt's result, as a worker reports it. */
+export function attemptResult(overrides: Partial<AttemptResult> = {}): AttemptResult {
+  return {
+    state: "succeeded",
+    exitCode: 0,
+    signal: null,
+    stdout: "",
+    stderr: "",
+    stdoutTruncated: false,
+    stderrTruncated: false,
+    error: null,
+    startedAt: new Date(),
+    finishedAt: new Date(),
     ...overrides,
   };
 }
