@@ -1,6 +1,6 @@
 // All SQL on the tasks table. Every state change is one statement that also appends its
-// task_events row and sends the change on the notification channel, so history, live status
-// and the row itself can never disagree. Each guarded change names the state(s) and attempt
+// task_events row and notifies the change (src/db/notify.ts says on which channels), so
+// history, live status and the row itself can never disagree. Each guarded change names the state(s) and attempt
 // it expects; callers act on "nothing changed".
 import type { Sql } from "./sql";
 import type { Task, TaskSpec, AttemptResult } from "../task/task";
@@ -133,10 +133,7 @@ export interface NewTask {
   assignTo?: Assignment;
 }
 
-/**
- * Persists one new task, its event and the notification in one statement: insertTasks for
- * one item.
- */
+/** insertTasks for one item. */
 export async function insertTask(
   sql: Sql,
   id: string,
@@ -149,9 +146,8 @@ export async function insertTask(
 }
 
 /**
- * Persists new tasks with their `submitted` (or `submitted+dispatched`) events and
- * notifications in one statement, from one JSON parameter; resolves after commit with one
- * outcome per item, in order. A task whose idempotency key is already taken writes nothing
+ * Persists new tasks with their `submitted` (or `submitted+dispatched`) events, and wakes
+ * dispatch, in one statement; resolves after commit with one outcome per item, in order. A task whose idempotency key is already taken writes nothing
  * and its outcome is the earlier task (a concurrent repeat waits for the first to commit,
  * through the unique index); so does a repeat of a key earlier in the same call.
  */
