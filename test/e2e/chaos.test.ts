@@ -224,9 +224,12 @@ test("1,000 tasks through worker kills, a freeze, a coordinator kill and a Postg
   if (reExecutions > exposed) {
     const rerun = [...executions].filter(([, n]) => n > 1).map(([id]) => id);
     const histories = await sql<{ task_id: string; kinds: string }[]>`
-      SELECT task_id, string_agg(kind || '#' || attempt || coalesce(' (' || (detail->>'reason') || ')', ''), ', ' ORDER BY id) AS kinds
+      SELECT task_id, string_agg(
+        kind || '#' || attempt || coalesce('@' || right(worker_id, 4), '') || ' ' || to_char(at, 'SS.MS')
+          || coalesce(' (' || (detail->>'reason') || ')', ''), ', ' ORDER BY id) AS kinds
       FROM task_events WHERE task_id IN ${sql(rerun)} GROUP BY task_id`;
-    console.log(`tasks that ran more than once:\n${histories.map((h) => `  ${h.task_id}: ${h.kinds}`).join("\n")}`);
+    // Each event as kind#attempt@worker (last 4 of its id) seconds.milliseconds (reason).
+    console.log(`victims: ${victims.map((v) => v.slice(-4)).join(", ")}; tasks that ran more than once:\n${histories.map((h) => `  ${h.task_id}: ${h.kinds}`).join("\n")}`);
   }
 
   expect(open).toBe(0);
