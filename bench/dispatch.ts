@@ -9,21 +9,20 @@ import postgres from "postgres";
 import { TaskService } from "../src/gen/taskqueue/v1/task_service_pb";
 import { clientConstructor } from "../src/rpc/definitions";
 import {
-  createBenchDatabase,
-  distribution,
-  FifoSignals,
-  PRODUCT_ROLE_ENV,
-  ms,
-  quartet,
-  Scope,
-  startBenchCluster,
-  within,
   type Bench,
   type BenchOptions,
   type BenchResult,
+  createBenchDatabase,
   type Distribution,
-  type SummaryRow,
+  distribution,
+  FifoSignals,
+  ms,
+  PRODUCT_ROLE_ENV,
+  quartet,
   rawSpawn,
+  Scope,
+  type SummaryRow,
+  startBenchCluster,
 } from "./support";
 
 const FULL = { rates: [20, 50, 100, 300], seconds: 5, grpcRate: 100 };
@@ -66,7 +65,8 @@ async function run(options: BenchOptions): Promise<BenchResult> {
     scope.defer("close the bench's database connection", () => sql.end({ timeout: 5 }));
     const grpcAddress = cluster.processes[0]!.lines.find((l) => l.msg === "coordinator started")?.grpcAddress;
     const TaskClient = clientConstructor(TaskService);
-    const grpcClient = new TaskClient(String(grpcAddress), grpc.credentials.createInsecure()) as grpc.Client & Record<string, Function>;
+    const grpcClient = new TaskClient(String(grpcAddress), grpc.credentials.createInsecure()) as grpc.Client &
+      Record<string, Function>;
     scope.defer("close the gRPC client", () => grpcClient.close());
     const command = fifo.command();
     const body = JSON.stringify({ command });
@@ -80,7 +80,11 @@ async function run(options: BenchOptions): Promise<BenchResult> {
         const wall = Date.now();
         let id: string;
         if (via === "http") {
-          const response = await fetch(`${cluster.coordinatorUrl}/submit`, { method: "POST", headers: { "content-type": "application/json" }, body });
+          const response = await fetch(`${cluster.coordinatorUrl}/submit`, {
+            method: "POST",
+            headers: { "content-type": "application/json" },
+            body,
+          });
           if (response.status !== 201) throw new Error(`POST /submit answered ${response.status}: ${await response.text()}`);
           id = ((await response.json()) as { id: string }).id;
         } else {
@@ -105,7 +109,8 @@ async function run(options: BenchOptions): Promise<BenchResult> {
         await Bun.sleep(50);
       }
       const completed = rows.filter((r) => r.completed_at).map((r) => r.completed_at!.getTime() - submittedAt.get(r.id)!.wall);
-      if (completed.length !== ids.length) throw new Error(`${ids.length - completed.length} of ${ids.length} tasks did not complete`);
+      if (completed.length !== ids.length)
+        throw new Error(`${ids.length - completed.length} of ${ids.length} tasks did not complete`);
       return { rate, via, start: distribution(starts), completed: distribution(completed), submitted: ids.length };
     };
 

@@ -9,7 +9,12 @@ import { join } from "node:path";
 import { watchTask } from "../test/support/http";
 import type { RoleProcess } from "../test/support/processes";
 import {
+  type Bench,
+  type BenchCluster,
+  type BenchOptions,
+  type BenchResult,
   createBenchDatabase,
+  type Distribution,
   distribution,
   FifoSignals,
   ms,
@@ -17,11 +22,6 @@ import {
   Scope,
   startBenchCluster,
   within,
-  type Bench,
-  type BenchCluster,
-  type BenchOptions,
-  type BenchResult,
-  type Distribution,
 } from "./support";
 
 const FULL = { trials: 20 };
@@ -33,9 +33,7 @@ const STEP_TIMEOUT_MS = 15_000;
 type Fault = "crash" | "freeze";
 
 async function workerIds(workers: RoleProcess[]): Promise<Map<string, RoleProcess>> {
-  const entries = await Promise.all(
-    workers.map(async (w) => [String((await w.waitForMsg("worker starting")).id), w] as const),
-  );
+  const entries = await Promise.all(workers.map(async (w) => [String((await w.waitForMsg("worker starting")).id), w] as const));
   return new Map(entries);
 }
 
@@ -96,7 +94,9 @@ async function run(options: BenchOptions): Promise<BenchResult> {
     };
     const cluster = await startBenchCluster(scope, db.url, { workers: 2, slots: 1, env: roleEnv });
     // A frozen worker is thawed before the scope stops it, so that SIGTERM can land.
-    scope.defer("thaw workers", () => cluster.workers.forEach((w) => w.kill("SIGCONT")));
+    scope.defer("thaw workers", () => {
+      for (const w of cluster.workers) w.kill("SIGCONT");
+    });
     console.log(`failover: cluster up; ${trials} trials each of SIGKILL and SIGSTOP`);
 
     const samples: Record<Fault, number[]> = { crash: [], freeze: [] };
@@ -113,7 +113,9 @@ async function run(options: BenchOptions): Promise<BenchResult> {
     const freezeOverTimeout: Distribution = distribution(samples.freeze.map((x) => x - HEARTBEAT_TIMEOUT_MS));
     console.log("\nfault -> task running again on the other worker (ms)");
     console.log(`  SIGKILL  p50 ${ms(crash.p50)}  p99 ${ms(crash.p99)}  max ${ms(crash.max)}  (n=${crash.n})`);
-    console.log(`  SIGSTOP  p50 ${ms(freeze.p50)}  p99 ${ms(freeze.p99)}  max ${ms(freeze.max)}  (n=${freeze.n}; heartbeat timeout ${HEARTBEAT_TIMEOUT_MS} ms)`);
+    console.log(
+      `  SIGSTOP  p50 ${ms(freeze.p50)}  p99 ${ms(freeze.p99)}  max ${ms(freeze.max)}  (n=${freeze.n}; heartbeat timeout ${HEARTBEAT_TIMEOUT_MS} ms)`,
+    );
     return {
       name: "failover",
       description:
@@ -128,7 +130,10 @@ async function run(options: BenchOptions): Promise<BenchResult> {
       figures: { crash_rescue: crash, freeze_rescue: freeze, freeze_rescue_over_heartbeat_timeout: freezeOverTimeout },
       summary: [
         { metric: "crash rescue: SIGKILL → task running elsewhere", value: quartet(crash) },
-        { metric: `freeze rescue: SIGSTOP → task running elsewhere (heartbeat timeout ${HEARTBEAT_TIMEOUT_MS} ms)`, value: quartet(freeze) },
+        {
+          metric: `freeze rescue: SIGSTOP → task running elsewhere (heartbeat timeout ${HEARTBEAT_TIMEOUT_MS} ms)`,
+          value: quartet(freeze),
+        },
       ],
       postgres: db.postgres,
     };

@@ -9,17 +9,17 @@
 import { cpus } from "node:os";
 import { connect, type Sql } from "../src/db/sql";
 import {
+  type Bench,
+  type BenchCluster,
+  type BenchOptions,
+  type BenchResult,
   createBenchDatabase,
   distribution,
   ms,
   quartet,
   Scope,
-  startBenchCluster,
-  type Bench,
-  type BenchCluster,
-  type BenchOptions,
-  type BenchResult,
   type SummaryRow,
+  startBenchCluster,
 } from "./support";
 
 const FULL = { scheduleMs: 10_000, scheduleWarmupMs: 1_000, batches: 100, batchWarmup: 2 };
@@ -181,7 +181,9 @@ async function run(options: BenchOptions): Promise<BenchResult> {
         `rows ${thousands(rowsAfterSchedule)} for ${thousands(scheduleAnswered)} answers (warm-up included)`,
     );
     if (rowsAfterSchedule !== scheduleAnswered) {
-      throw new Error(`POST /schedule: ${scheduleAnswered} tasks were answered 200 but the database holds ${rowsAfterSchedule} rows`);
+      throw new Error(
+        `POST /schedule: ${scheduleAnswered} tasks were answered 200 but the database holds ${rowsAfterSchedule} rows`,
+      );
     }
 
     // (b) POST /tasks/batch, BATCH_SIZE tasks per request.
@@ -202,7 +204,9 @@ async function run(options: BenchOptions): Promise<BenchResult> {
         `rows ${thousands(rowsAfterBatch)} for ${thousands(batchTasksAnswered)} answered tasks (warm-up included)`,
     );
     if (rowsAfterBatch !== batchTasksAnswered) {
-      throw new Error(`POST /tasks/batch: ${batchTasksAnswered} tasks were answered 201 but the database holds ${rowsAfterBatch} new rows`);
+      throw new Error(
+        `POST /tasks/batch: ${batchTasksAnswered} tasks were answered 201 but the database holds ${rowsAfterBatch} new rows`,
+      );
     }
 
     const durability = (rows: number, answered: number) => `${thousands(rows)} rows / ${thousands(answered)} answered`;
@@ -216,7 +220,10 @@ async function run(options: BenchOptions): Promise<BenchResult> {
         metric: `POST /tasks/batch throughput, ${BATCH_SIZE} tasks per request, ${BATCH_CONCURRENCY} concurrent (target ≥ ${thousands(TARGETS.batch_tasks_per_s)})`,
         value: `${thousands(batchTps)} tasks/s`,
       },
-      { metric: `POST /tasks/batch latency per ${BATCH_SIZE}-task request (p50 / p90 / p99 / max)`, value: quartet(batchLatency) },
+      {
+        metric: `POST /tasks/batch latency per ${BATCH_SIZE}-task request (p50 / p90 / p99 / max)`,
+        value: quartet(batchLatency),
+      },
       {
         metric: "durable: task rows in the database / tasks answered 2xx (/schedule; /tasks/batch)",
         value: `${durability(rowsAfterSchedule, scheduleAnswered)}; ${durability(rowsAfterBatch, batchTasksAnswered)}`,

@@ -3,23 +3,23 @@
 // one finished. A task's command writes its id to a FIFO the bench reads, so "started" is the
 // moment the shell itself runs, not what any role reports. The same write from a bare
 // Bun.spawn gives the ceiling: what no queue can beat on this machine.
-import { watchTask, type TaskJson } from "../test/support/http";
+import { type TaskJson, watchTask } from "../test/support/http";
 import {
-  createBenchDatabase,
-  distribution,
-  FifoSignals,
-  PRODUCT_ROLE_ENV,
-  ms,
-  quartet,
-  Scope,
-  startBenchCluster,
-  within,
   type Bench,
   type BenchOptions,
   type BenchResult,
+  createBenchDatabase,
   type Distribution,
-  type SummaryRow,
+  distribution,
+  FifoSignals,
+  ms,
+  PRODUCT_ROLE_ENV,
+  quartet,
   rawSpawn,
+  Scope,
+  type SummaryRow,
+  startBenchCluster,
+  within,
 } from "./support";
 
 const FULL = { tasks: 100, warmup: 10 };
@@ -139,7 +139,8 @@ function printTable(rows: [string, Distribution][]): void {
   const head = ["", "n", "p50", "p90", "p99", "max"];
   const body = rows.map(([label, d]) => [label, String(d.n), ms(d.p50), ms(d.p90), ms(d.p99), ms(d.max)]);
   const widths = head.map((_, c) => Math.max(head[c]!.length, ...body.map((r) => r[c]!.length)));
-  const line = (cells: string[]) => cells.map((cell, c) => (c === 0 ? cell.padEnd(widths[c]!) : cell.padStart(widths[c]!))).join("  ");
+  const line = (cells: string[]) =>
+    cells.map((cell, c) => (c === 0 ? cell.padEnd(widths[c]!) : cell.padStart(widths[c]!))).join("  ");
   console.log(line(head));
   for (const row of body) console.log(line(row));
 }
@@ -154,7 +155,9 @@ async function run(options: BenchOptions): Promise<BenchResult> {
 
     const roleEnv = PRODUCT_ROLE_ENV;
     const cluster = await startBenchCluster(scope, db.url, { workers: 1, slots: WORKER_SLOTS, env: roleEnv });
-    console.log(`latency: cluster up (coordinator ${cluster.coordinatorUrl}, scheduler ${cluster.schedulerUrl}); ${warmup} warm-up + ${tasks} timed tasks per series`);
+    console.log(
+      `latency: cluster up (coordinator ${cluster.coordinatorUrl}, scheduler ${cluster.schedulerUrl}); ${warmup} warm-up + ${tasks} timed tasks per series`,
+    );
 
     let raw: number[];
     let viaCoordinator: QueueSamples;
@@ -220,7 +223,7 @@ async function run(options: BenchOptions): Promise<BenchResult> {
         warmup_per_series: warmup,
         processes: { coordinator: 1, scheduler: 1, workers: 1, worker_slots: WORKER_SLOTS },
         role_env: roleEnv,
-        command: "echo \"$TQ_TASK_ID\" > <fifo>",
+        command: 'echo "$TQ_TASK_ID" > <fifo>',
         finished_observed_by: "GET /tasks/:id/events, opened once the task had started",
         raw_spawn: "Bun.spawn sh -c, stdin ignore, stdout/stderr pipe, detached (as the executor)",
         database: db.postgres.source,

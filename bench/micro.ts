@@ -4,12 +4,12 @@
 // that persists nothing). Each case is timed by mitata's `measure` with explicit options
 // (`run` takes none per case): a time budget, so that --quick stays a short smoke run; one call
 // per sample; and, for the claim, a sample cap that keeps it within the queue it was given.
-import { create, fromBinary, toBinary, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
+import { create, type DescMessage, fromBinary, type MessageShape, toBinary } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { do_not_optimize, measure } from "mitata";
 import mitataPackage from "mitata/package.json" with { type: "json" };
-import { createApp } from "../src/api/index";
 import type { ApiDeps } from "../src/api/deps";
+import { createApp } from "../src/api/index";
 import { loadConfig } from "../src/config";
 import { migrate } from "../src/db/migrate";
 import { TaskChangeFeed } from "../src/db/notify";
@@ -22,7 +22,7 @@ import { taskToProto } from "../src/rpc/convert";
 import { toTaskSpec } from "../src/task/spec";
 import type { Task, TaskSpec } from "../src/task/task";
 import { openAuth, taskSpec } from "../test/support/factories";
-import { createBenchDatabase, Scope, type Bench, type BenchOptions, type BenchResult, type SummaryRow } from "./support";
+import { type Bench, type BenchOptions, type BenchResult, createBenchDatabase, Scope, type SummaryRow } from "./support";
 
 /**
  * mitata's own default per case (642 ms of measured time) for the full run; quick keeps only
@@ -31,7 +31,16 @@ import { createBenchDatabase, Scope, type Bench, type BenchOptions, type BenchRe
 const FULL = { minTimeNs: 642e6, queued: 10_000 };
 const QUICK = { minTimeNs: 20e6, queued: 1_000 };
 /** Free slots per claim, as one dispatcher pass fills them: two workers with four slots each. */
-const SLOTS = ["bench-worker-a", "bench-worker-a", "bench-worker-a", "bench-worker-a", "bench-worker-b", "bench-worker-b", "bench-worker-b", "bench-worker-b"];
+const SLOTS = [
+  "bench-worker-a",
+  "bench-worker-a",
+  "bench-worker-a",
+  "bench-worker-a",
+  "bench-worker-b",
+  "bench-worker-b",
+  "bench-worker-b",
+  "bench-worker-b",
+];
 /** The coordinator's lease with the default heartbeats (timeout + interval). */
 const LEASE_MS = 4000;
 /** insertTasks rows per statement while filling the queue. */
@@ -84,7 +93,7 @@ function representativeTask(): Task {
     coordinator_id: "coordinator-1:50051",
     exit_code: 0,
     signal: null,
-    stdout: "pg_dump: dumping contents of table \"public.events\"\n".repeat(8),
+    stdout: 'pg_dump: dumping contents of table "public.events"\n'.repeat(8),
     stderr: "",
     stdout_truncated: false,
     stderr_truncated: false,
@@ -169,8 +178,16 @@ function protobufCases<Desc extends DescMessage>(
   return {
     bytes: bytes.length,
     cases: [
-      { key: `${key}_encode`, label: `protobuf ${label} toBinary (${bytes.length} B)`, fn: () => do_not_optimize(toBinary(schema, message)) },
-      { key: `${key}_decode`, label: `protobuf ${label} fromBinary (${bytes.length} B)`, fn: () => do_not_optimize(fromBinary(schema, bytes)) },
+      {
+        key: `${key}_encode`,
+        label: `protobuf ${label} toBinary (${bytes.length} B)`,
+        fn: () => do_not_optimize(toBinary(schema, message)),
+      },
+      {
+        key: `${key}_decode`,
+        label: `protobuf ${label} fromBinary (${bytes.length} B)`,
+        fn: () => do_not_optimize(fromBinary(schema, bytes)),
+      },
     ],
   };
 }
@@ -200,7 +217,8 @@ function claimCase(sql: Sql, queued: number): Case {
     label: `claimDue, ${SLOTS.length} slots, from ${queued.toLocaleString("en-US")} queued`,
     fn: async () => {
       const claimed = await claimDue(sql, "bench-coordinator", SLOTS, LEASE_MS);
-      if (claimed.length !== SLOTS.length) throw new Error(`claimDue claimed ${claimed.length} tasks, not ${SLOTS.length}: the queue ran dry`);
+      if (claimed.length !== SLOTS.length)
+        throw new Error(`claimDue claimed ${claimed.length} tasks, not ${SLOTS.length}: the queue ran dry`);
     },
     options: { max_samples: Math.floor(queued / SLOTS.length) - warmupCalls },
   };
@@ -318,7 +336,10 @@ async function run(options: BenchOptions): Promise<BenchResult> {
       const stats = await measure(c.fn, { min_cpu_time: plan.minTimeNs, batch_threshold: 0, ...c.options });
       const f = figuresOf(stats);
       figures[c.key] = f;
-      summary.push({ metric: `${c.label} (mean / p50 / p99)`, value: `${time(f.mean_ns)} / ${time(f.p50_ns)} / ${time(f.p99_ns)}` });
+      summary.push({
+        metric: `${c.label} (mean / p50 / p99)`,
+        value: `${time(f.mean_ns)} / ${time(f.p50_ns)} / ${time(f.p99_ns)}`,
+      });
       console.log(
         `  ${c.label.padEnd(66)} mean ${time(f.mean_ns).padStart(9)}  p50 ${time(f.p50_ns).padStart(9)}  ` +
           `p99 ${time(f.p99_ns).padStart(9)}  (${f.samples} samples)`,

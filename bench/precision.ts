@@ -7,22 +7,28 @@
 // decides dueness; on one machine it is the bench's clock too (measured, in the figures).
 import { connect, type Sql } from "../src/db/sql";
 import {
-  createBenchDatabase,
-  distribution,
-  FifoSignals,
-  PRODUCT_ROLE_ENV,
-  ms,
-  rawSpawn,
-  quartet,
-  Scope,
-  startBenchCluster,
   type Bench,
   type BenchOptions,
   type BenchResult,
+  createBenchDatabase,
   type Distribution,
+  distribution,
+  FifoSignals,
+  ms,
+  PRODUCT_ROLE_ENV,
+  quartet,
+  rawSpawn,
+  requireAllSucceeded,
+  Scope,
+  type StateReport,
   type SummaryRow,
+  spans,
+  startBenchCluster,
+  submitBatch,
+  type TimelineRow,
+  taskTimeline,
+  untilAllFinal,
 } from "./support";
-import { requireAllSucceeded, spans, submitBatch, taskTimeline, untilAllFinal, type StateReport, type TimelineRow } from "./support";
 
 const FULL = { tasks: 500, warmup: 10 };
 const QUICK = { tasks: 40, warmup: 3 };
@@ -67,7 +73,8 @@ async function postgresClockAhead(sql: Sql, wallOffset: number): Promise<{ ahead
     const serverMs = await databaseNow(sql);
     const after = performance.now();
     const half = (after - before) / 2;
-    if (half < best.plus_minus_ms) best = { ahead_ms: round(serverMs - (wallOffset + before + half)), plus_minus_ms: round(half) };
+    if (half < best.plus_minus_ms)
+      best = { ahead_ms: round(serverMs - (wallOffset + before + half)), plus_minus_ms: round(half) };
   }
   return best;
 }
@@ -92,7 +99,9 @@ async function run(options: BenchOptions): Promise<BenchResult> {
     const cluster = await startBenchCluster(scope, db.url, { workers: WORKERS, slots: WORKER_SLOTS, env: roleEnv });
     const sql = connect(db.url, { max: 1, applicationName: "bench-precision" });
     scope.defer("close the bench's database connection", () => sql.end({ timeout: 5 }));
-    console.log(`precision: cluster up (${WORKERS} workers x ${WORKER_SLOTS} slots); ${warmup} warm-up + ${tasks} scheduled tasks`);
+    console.log(
+      `precision: cluster up (${WORKERS} workers x ${WORKER_SLOTS} slots); ${warmup} warm-up + ${tasks} scheduled tasks`,
+    );
 
     const command = fifo.command();
     let offset: number;
@@ -107,7 +116,10 @@ async function run(options: BenchOptions): Promise<BenchResult> {
     let raw: number[];
     try {
       // Warm-up, untimed: every role's task path runs once before anything is measured.
-      const warm = await submitBatch(cluster.schedulerUrl, Array.from({ length: warmup }, () => ({ command })));
+      const warm = await submitBatch(
+        cluster.schedulerUrl,
+        Array.from({ length: warmup }, () => ({ command })),
+      );
       await Promise.all(warm.map((t) => fifo.waitFor(t.id, STEP_TIMEOUT_MS)));
       await untilAllFinal(sql, POLL_MS, STEP_TIMEOUT_MS);
 
@@ -125,7 +137,9 @@ async function run(options: BenchOptions): Promise<BenchResult> {
       const answered = performance.now();
       submitMs = answered - sent;
       if (offset + answered >= dueAt[0]!) {
-        throw new Error(`the submit took ${ms(submitMs)} ms, past the first task's scheduled_at (${LEAD_MS} ms ahead): its lateness would include the submit`);
+        throw new Error(
+          `the submit took ${ms(submitMs)} ms, past the first task's scheduled_at (${LEAD_MS} ms ahead): its lateness would include the submit`,
+        );
       }
       created.forEach((task, i) => {
         if (Date.parse(task.scheduled_at) !== dueAt[i]) {
@@ -155,13 +169,23 @@ async function run(options: BenchOptions): Promise<BenchResult> {
     const scheduledToPicked = distribution(spans(timeline, "scheduled_at", "picked_at"));
     const pickedToStarted = distribution(spans(timeline, "picked_at", "started_at"));
 
-    console.log(`\nlateness: shell running - scheduled_at, ${tasks} tasks at distinct ms ${LEAD_MS}-${LEAD_MS + SPREAD_MS} ms ahead`);
+    console.log(
+      `\nlateness: shell running - scheduled_at, ${tasks} tasks at distinct ms ${LEAD_MS}-${LEAD_MS + SPREAD_MS} ms ahead`,
+    );
     console.log(`  p50 ${ms(late.p50)}  p90 ${ms(late.p90)}  p99 ${ms(late.p99)}  max ${ms(late.max)}  min ${ms(late.min)} ms`);
-    console.log(`  raw ceiling (timer + Bun.spawn in this process, same times): p50 ${ms(rawLate.p50)}  p90 ${ms(rawLate.p90)}  p99 ${ms(rawLate.p99)}  max ${ms(rawLate.max)} ms`);
-    console.log(`  rows: scheduled_at -> picked_at ${quartet(scheduledToPicked)}; picked_at -> started_at ${quartet(pickedToStarted)}`);
-    console.log(`  submit ${ms(submitMs)} ms; PostgreSQL clock ahead of the bench by ${pgAhead.ahead_ms} ± ${pgAhead.plus_minus_ms} ms; wall/monotonic drift over the run ${round(offsetDrift)} ms`);
+    console.log(
+      `  raw ceiling (timer + Bun.spawn in this process, same times): p50 ${ms(rawLate.p50)}  p90 ${ms(rawLate.p90)}  p99 ${ms(rawLate.p99)}  max ${ms(rawLate.max)} ms`,
+    );
+    console.log(
+      `  rows: scheduled_at -> picked_at ${quartet(scheduledToPicked)}; picked_at -> started_at ${quartet(pickedToStarted)}`,
+    );
+    console.log(
+      `  submit ${ms(submitMs)} ms; PostgreSQL clock ahead of the bench by ${pgAhead.ahead_ms} ± ${pgAhead.plus_minus_ms} ms; wall/monotonic drift over the run ${round(offsetDrift)} ms`,
+    );
     if (early.length > 0) {
-      console.error(`precision: FAIL: ${early.length} of ${tasks} tasks started before their scheduled_at, e.g. ${JSON.stringify(early.slice(0, 5))}`);
+      console.error(
+        `precision: FAIL: ${early.length} of ${tasks} tasks started before their scheduled_at, e.g. ${JSON.stringify(early.slice(0, 5))}`,
+      );
     }
 
     const summary: SummaryRow[] = [
@@ -171,14 +195,23 @@ async function run(options: BenchOptions): Promise<BenchResult> {
       },
       {
         metric: "tasks started before scheduled_at (must be 0)",
-        value: early.length === 0 ? "0" : `${early.length} — FAIL: tasks ran early (earliest ${ms(Math.min(...early.map((e) => e.lateness_ms)))} ms)`,
+        value:
+          early.length === 0
+            ? "0"
+            : `${early.length} — FAIL: tasks ran early (earliest ${ms(Math.min(...early.map((e) => e.lateness_ms)))} ms)`,
       },
-      { metric: "raw ceiling: a timer and Bun.spawn in the bench process at the same times, shell running − due", value: quartet(rawLate) },
+      {
+        metric: "raw ceiling: a timer and Bun.spawn in the bench process at the same times, shell running − due",
+        value: quartet(rawLate),
+      },
       {
         metric: "lateness p50 / p99 over the raw ceiling",
         value: `+${ms(late.p50 - rawLate.p50)} / +${ms(late.p99 - rawLate.p99)} ms`,
       },
-      { metric: "hand-over by the rows (database clock, ms resolution): picked_at − scheduled_at (negative: early hand-over)", value: quartet(scheduledToPicked) },
+      {
+        metric: "hand-over by the rows (database clock, ms resolution): picked_at − scheduled_at (negative: early hand-over)",
+        value: quartet(scheduledToPicked),
+      },
     ];
     return {
       name: "precision",
@@ -189,8 +222,14 @@ async function run(options: BenchOptions): Promise<BenchResult> {
         warmup_tasks: warmup,
         scheduled: `distinct milliseconds, evenly from now+${LEAD_MS} ms to now+${LEAD_MS + SPREAD_MS} ms`,
         submitted_to: "scheduler POST /tasks/batch, all tasks in one batch",
-        command: "echo \"$TQ_TASK_ID\" > <fifo>",
-        processes: { coordinator: 1, scheduler: 1, workers: WORKERS, worker_slots: WORKER_SLOTS, total_slots: WORKERS * WORKER_SLOTS },
+        command: 'echo "$TQ_TASK_ID" > <fifo>',
+        processes: {
+          coordinator: 1,
+          scheduler: 1,
+          workers: WORKERS,
+          worker_slots: WORKER_SLOTS,
+          total_slots: WORKERS * WORKER_SLOTS,
+        },
         role_env: roleEnv,
         lateness:
           "performance.now() at which the FIFO line arrived, put on the wall clock by an offset (Date.now() - performance.now(), read at Date.now() ticks) taken before the submit, minus scheduled_at",

@@ -11,9 +11,9 @@ import { ingest } from "./ingest";
 import { latency } from "./latency";
 import { micro } from "./micro";
 import { precision } from "./precision";
-import { throughput } from "./throughput";
 import { scale } from "./scale";
-import { closeAllScopes, type Bench, type BenchResult } from "./support";
+import { type Bench, type BenchResult, closeAllScopes } from "./support";
+import { throughput } from "./throughput";
 
 const BENCHES: readonly Bench[] = [latency, dispatch, throughput, precision, ingest, failover, scale, micro];
 
@@ -33,7 +33,8 @@ interface StoredResult extends BenchResult {
 function parseArgs(argv: string[]): { quick: boolean; benches: Bench[] } {
   const quick = argv.includes("--quick");
   const unknownFlags = argv.filter((arg) => arg.startsWith("-") && arg !== "--quick");
-  if (unknownFlags.length > 0) throw new Error(`unknown option ${unknownFlags.join(", ")}; usage: bun run bench [--quick] [name...]`);
+  if (unknownFlags.length > 0)
+    throw new Error(`unknown option ${unknownFlags.join(", ")}; usage: bun run bench [--quick] [name...]`);
   const names = argv.filter((arg) => !arg.startsWith("-"));
   if (names.length === 0) return { quick, benches: [...BENCHES] };
   const benches = names.map((name) => {
@@ -66,7 +67,9 @@ export function resultsTable(results: StoredResult[]): string {
       `${result.date.slice(0, 10)}, ${result.machine.nproc} CPUs, Bun ${result.machine.bun}, ` +
       `${pg} (${result.postgres.source}, fsync ${result.postgres.fsync}, synchronous_commit ${result.postgres.synchronous_commit})`;
     result.summary.forEach((row, i) => {
-      lines.push(`| ${i === 0 ? result.name : ""} | ${cell(row.metric)} | ${cell(row.value)} | ${i === 0 ? cell(measured) : ""} |`);
+      lines.push(
+        `| ${i === 0 ? result.name : ""} | ${cell(row.metric)} | ${cell(row.value)} | ${i === 0 ? cell(measured) : ""} |`,
+      );
     });
   }
   return lines.join("\n");
@@ -126,7 +129,8 @@ async function main(): Promise<number> {
   }
   writeResultsReadme(dir);
   if (quick) console.log(`quick run: results in ${dir}; bench/results and README.md left as they were`);
-  else if (updateReadmeBlock(PROJECT_README, resultsTable(readResults(dir)))) console.log(`updated the bench block of ${PROJECT_README}`);
+  else if (updateReadmeBlock(PROJECT_README, resultsTable(readResults(dir))))
+    console.log(`updated the bench block of ${PROJECT_README}`);
   return failed === 0 ? 0 : 1;
 }
 

@@ -5,17 +5,17 @@
 import { readFileSync } from "node:fs";
 import postgres from "postgres";
 import {
-  createBenchDatabase,
-  distribution,
-  FifoSignals,
-  PRODUCT_ROLE_ENV,
-  ms,
-  quartet,
-  Scope,
-  startBenchCluster,
   type Bench,
   type BenchOptions,
   type BenchResult,
+  createBenchDatabase,
+  distribution,
+  FifoSignals,
+  ms,
+  PRODUCT_ROLE_ENV,
+  quartet,
+  Scope,
+  startBenchCluster,
 } from "./support";
 
 const FULL = { tasks: 100, warmup: 10, waiting: 1_000_000 };
@@ -70,7 +70,9 @@ async function run(options: BenchOptions): Promise<BenchResult> {
     const loaded = distribution(await sequential(cluster.coordinatorUrl, fifo, plan.tasks, plan.warmup));
     const rssLoaded = { coordinator: rssMb(coordinator.pid), worker: rssMb(worker.pid) };
     const ratio = Math.round((loaded.p50 / empty.p50) * 100) / 100;
-    console.log(`scale: with ${plan.waiting} waiting: p50 ${ms(loaded.p50)} ms (x${ratio}); RSS coordinator ${rssLoaded.coordinator} MB, worker ${rssLoaded.worker} MB`);
+    console.log(
+      `scale: with ${plan.waiting} waiting: p50 ${ms(loaded.p50)} ms (x${ratio}); RSS coordinator ${rssLoaded.coordinator} MB, worker ${rssLoaded.worker} MB`,
+    );
     return {
       name: "scale",
       description: `Submit-to-start latency (idle, sequential) with an empty queue and with ${plan.waiting} tasks waiting in the future; RSS of the roles.`,
@@ -85,7 +87,10 @@ async function run(options: BenchOptions): Promise<BenchResult> {
       figures: { empty, loaded, p50_ratio: ratio, rss_mb_empty: rssEmpty, rss_mb_loaded: rssLoaded },
       summary: [
         { metric: "submit→start, empty queue", value: quartet(empty) },
-        { metric: `submit→start, ${plan.waiting.toLocaleString("en")} tasks waiting (p50 ratio ×${ratio})`, value: quartet(loaded) },
+        {
+          metric: `submit→start, ${plan.waiting.toLocaleString("en")} tasks waiting (p50 ratio ×${ratio})`,
+          value: quartet(loaded),
+        },
         { metric: "RSS with them waiting: coordinator / worker", value: `${rssLoaded.coordinator} MB / ${rssLoaded.worker} MB` },
       ],
       postgres: db.postgres,

@@ -6,10 +6,10 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import postgres from "postgres";
 import { startEmbedded } from "../src/db/embedded";
-import { freePort } from "../test/support/db";
-import { spawnRole, type RoleProcess } from "../test/support/processes";
 import type { Sql } from "../src/db/sql";
 import { FINAL_STATES } from "../src/task/state";
+import { freePort } from "../test/support/db";
+import { type RoleProcess, spawnRole } from "../test/support/processes";
 
 export interface BenchOptions {
   /** A few iterations only: a smoke run for CI, whose figures mean nothing. */
@@ -183,7 +183,9 @@ async function ready(proc: RoleProcess, msg: string): Promise<void> {
     if (settled) return;
     // Let the pipes deliver the last lines the process wrote.
     await Bun.sleep(100);
-    throw new Error(`${proc.role} (pid ${proc.pid}) exited with ${code} before logging "${msg}"; it logged:\n${proc.raw.slice(-30).join("\n")}`);
+    throw new Error(
+      `${proc.role} (pid ${proc.pid}) exited with ${code} before logging "${msg}"; it logged:\n${proc.raw.slice(-30).join("\n")}`,
+    );
   });
   // The loser of the race must not surface later as an unhandled rejection.
   logged.catch(() => {});
@@ -242,7 +244,10 @@ export async function startBenchCluster(
     addWorker,
     logs(lines = 40) {
       return processes
-        .map((p) => `--- ${p.role} (pid ${p.pid}), last ${Math.min(lines, p.raw.length)} of ${p.raw.length} lines:\n${p.raw.slice(-lines).join("\n")}`)
+        .map(
+          (p) =>
+            `--- ${p.role} (pid ${p.pid}), last ${Math.min(lines, p.raw.length)} of ${p.raw.length} lines:\n${p.raw.slice(-lines).join("\n")}`,
+        )
         .join("\n");
     },
   };
@@ -418,7 +423,9 @@ export async function submitBatch(baseUrl: string, tasks: readonly BatchTask[]):
   );
   const answer = (await response.json()) as { tasks?: { id: string; scheduled_at: string }[] };
   if (response.status !== 201 || !Array.isArray(answer.tasks) || answer.tasks.length !== tasks.length) {
-    throw new Error(`POST ${baseUrl}/tasks/batch of ${tasks.length} answered ${response.status}: ${JSON.stringify(answer).slice(0, 500)}`);
+    throw new Error(
+      `POST ${baseUrl}/tasks/batch of ${tasks.length} answered ${response.status}: ${JSON.stringify(answer).slice(0, 500)}`,
+    );
   }
   return answer.tasks;
 }

@@ -6,28 +6,28 @@
 // ceiling is the same number of `sh -c true` from bare Bun.spawn, eight in flight.
 import { connect, type Sql } from "../src/db/sql";
 import {
-  createBenchDatabase,
-  distribution,
-  ms,
-  quartet,
-  Scope,
-  startBenchCluster,
-  within,
-  PRODUCT_ROLE_ENV,
-  requireAllSucceeded,
-  spans,
-  submitBatch,
-  taskTimeline,
-  untilAllFinal,
-  notSucceeded,
   type BatchTask,
-  type StateReport,
   type Bench,
   type BenchOptions,
   type BenchResult,
+  createBenchDatabase,
   type Distribution,
-  type SummaryRow,
+  distribution,
+  ms,
+  notSucceeded,
+  PRODUCT_ROLE_ENV,
+  quartet,
   rawSpawn,
+  requireAllSucceeded,
+  Scope,
+  type StateReport,
+  type SummaryRow,
+  spans,
+  startBenchCluster,
+  submitBatch,
+  taskTimeline,
+  untilAllFinal,
+  within,
 } from "./support";
 
 const FULL = { tasks: 5000, batch: 1000, warmup: 50 };
@@ -43,7 +43,6 @@ const STEP_TIMEOUT_MS = 30_000;
 const timeoutFor = (tasks: number) => STEP_TIMEOUT_MS + tasks * 50;
 
 // ---- helpers shared with precision.ts (candidates for support.ts) ---------------------------
-
 
 // ---- the measurements ----------------------------------------------------------------------
 
@@ -67,7 +66,12 @@ interface QueueRun {
 }
 
 /** Submits `count` tasks in batches of `batchSize`, one batch after another, and times the burn-down. */
-async function burnDown(baseUrl: string, sql: Sql, count: number, batchSize: number): Promise<{ run: QueueRun; report: StateReport }> {
+async function burnDown(
+  baseUrl: string,
+  sql: Sql,
+  count: number,
+  batchSize: number,
+): Promise<{ run: QueueRun; report: StateReport }> {
   const batches: BatchTask[][] = [];
   for (let done = 0; done < count; done += batchSize) {
     batches.push(Array.from({ length: Math.min(batchSize, count - done) }, () => ({ command: COMMAND })));
@@ -143,7 +147,9 @@ async function run(options: BenchOptions): Promise<BenchResult> {
     // The roles have migrated the database by now.
     const sql = connect(db.url, { max: 1, applicationName: "bench-throughput" });
     scope.defer("close the bench's database connection", () => sql.end({ timeout: 5 }));
-    console.log(`throughput: cluster up (${WORKERS} workers x ${WORKER_SLOTS} slots); ${warmup} warm-up + ${tasks} timed tasks and raw spawns`);
+    console.log(
+      `throughput: cluster up (${WORKERS} workers x ${WORKER_SLOTS} slots); ${warmup} warm-up + ${tasks} timed tasks and raw spawns`,
+    );
 
     let raw: RawRun;
     let queue: QueueRun;
@@ -152,7 +158,10 @@ async function run(options: BenchOptions): Promise<BenchResult> {
       // Warm-ups, untimed: the spawn path of this process, then every role's task path.
       await rawSpawns(warmup, CONCURRENCY);
       raw = await rawSpawns(tasks, CONCURRENCY);
-      await submitBatch(cluster.schedulerUrl, Array.from({ length: warmup }, () => ({ command: COMMAND })));
+      await submitBatch(
+        cluster.schedulerUrl,
+        Array.from({ length: warmup }, () => ({ command: COMMAND })),
+      );
       await untilAllFinal(sql, POLL_MS, timeoutFor(warmup));
       ({ run: queue, report } = await burnDown(cluster.schedulerUrl, sql, tasks, batch));
     } catch (error) {
@@ -168,7 +177,9 @@ async function run(options: BenchOptions): Promise<BenchResult> {
         `last completed_at at ${ms(queue.last_completed_ms)} ms = ${queue.tasks_per_s_by_last_completed} /s)`,
     );
     console.log(`  queue / raw    ${ratio}`);
-    console.log(`  rows           picked -> started ${quartet(queue.rows_picked_to_started)}; started -> completed ${quartet(queue.rows_started_to_completed)}`);
+    console.log(
+      `  rows           picked -> started ${quartet(queue.rows_picked_to_started)}; started -> completed ${quartet(queue.rows_started_to_completed)}`,
+    );
     console.log(`  states         ${JSON.stringify(report.states)}; retried ${report.retried}`);
 
     const summary: SummaryRow[] = [
@@ -181,12 +192,14 @@ async function run(options: BenchOptions): Promise<BenchResult> {
         value: `${raw.commands_per_s} commands/s (${(raw.elapsed_ms / 1000).toFixed(2)} s)`,
       },
       { metric: "burn-down over raw ceiling (queue tasks/s ÷ raw commands/s)", value: `×${ratio}` },
-      { metric: "tasks ended non-succeeded (must be 0; the bench fails otherwise) / needed a retry", value: `${notSucceeded(report)} / ${report.retried}` },
+      {
+        metric: "tasks ended non-succeeded (must be 0; the bench fails otherwise) / needed a retry",
+        value: `${notSucceeded(report)} / ${report.retried}`,
+      },
     ];
     return {
       name: "throughput",
-      description:
-        `Burn-down throughput: a backlog of \`${COMMAND}\` tasks submitted in batches to the scheduler, timed from the first submit until every task is final, against bare Bun.spawn at the same concurrency.`,
+      description: `Burn-down throughput: a backlog of \`${COMMAND}\` tasks submitted in batches to the scheduler, timed from the first submit until every task is final, against bare Bun.spawn at the same concurrency.`,
       settings: {
         tasks,
         warmup_tasks: warmup,

@@ -5,8 +5,8 @@
 //   bun run token hash --name ci --scope submit,read     a token for TQ_API_TOKENS (no database)
 // Uses DATABASE_URL, or else the embedded database of `bun start` (TQ_EMBEDDED_PG_PORT).
 import { parseArgs } from "node:util";
-import { loadConfig } from "../src/config";
 import { hashToken, newToken, parseScopes, TOKEN_NAME_PATTERN } from "../src/auth/tokens";
+import { loadConfig } from "../src/config";
 import { embeddedServerUrl } from "../src/db/embedded";
 import { migrateDatabase } from "../src/db/migrate";
 import { connect } from "../src/db/sql";
@@ -34,7 +34,8 @@ async function main(): Promise<void> {
   const name = values.name;
   if (command === "create" || command === "hash" || command === "revoke") {
     if (!name) fail(`--name is required\n${USAGE}`);
-    if (!TOKEN_NAME_PATTERN.test(name)) fail("--name must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit");
+    if (!TOKEN_NAME_PATTERN.test(name))
+      fail("--name must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit");
   }
   if (command === "hash") {
     const scopes = parseScopes(values.scope ?? "");
@@ -56,7 +57,8 @@ async function main(): Promise<void> {
       try {
         await insertToken(sql, { id, name: name!, hash: hashToken(token), scopes });
       } catch (error) {
-        if ((error as { code?: string }).code === "23505") fail(`a token named "${name}" exists already (names are never reused)`);
+        if ((error as { code?: string }).code === "23505")
+          fail(`a token named "${name}" exists already (names are never reused)`);
         throw error;
       }
       console.log(`created token "${name}" with scopes ${scopes.join(", ")}`);

@@ -1,6 +1,6 @@
 // Configuration: one TypeBox schema, read from the environment once in each role's main and
 // passed down as a typed object. This is the only module that reads process.env.
-import { Type, type Static } from "@sinclair/typebox";
+import { type Static, Type } from "@sinclair/typebox";
 import { Value } from "@sinclair/typebox/value";
 
 const Port = (fallback: number, description: string) =>
@@ -17,8 +17,7 @@ export const ConfigSchema = Type.Object({
   DATABASE_URL: Type.Optional(
     Type.String({
       minLength: 1,
-      description:
-        "PostgreSQL connection URL. Required by the single roles; `bun start` runs embedded PostgreSQL when unset.",
+      description: "PostgreSQL connection URL. Required by the single roles; `bun start` runs embedded PostgreSQL when unset.",
     }),
   ),
   TQ_HOST: Type.String({
@@ -71,11 +70,7 @@ export const ConfigSchema = Type.Object({
     "On SIGTERM a worker lets running tasks finish for this long, then hands them back. Defaults to 30000 ms.",
     0,
   ),
-  TQ_KILL_GRACE_MS: Millis(
-    5000,
-    "Between SIGTERM and SIGKILL when a task times out or is stopped. Defaults to 5000 ms.",
-    0,
-  ),
+  TQ_KILL_GRACE_MS: Millis(5000, "Between SIGTERM and SIGKILL when a task times out or is stopped. Defaults to 5000 ms.", 0),
   TQ_SAFETY_POLL_MS: Millis(
     5000,
     "Slow poll that covers a missed notification; dispatch is otherwise woken by NOTIFY and timers. Defaults to 5000 ms.",
@@ -166,19 +161,26 @@ export const ConfigSchema = Type.Object({
     description: "Requests a token may make at once before the per-second rate applies. Defaults to 100.",
   }),
   TQ_TLS_CERT: Type.Optional(
-    Type.String({ minLength: 1, description: "PEM certificate (chain) path: serves gRPC and HTTP over TLS when set with TQ_TLS_KEY. Unset by default." }),
+    Type.String({
+      minLength: 1,
+      description: "PEM certificate (chain) path: serves gRPC and HTTP over TLS when set with TQ_TLS_KEY. Unset by default.",
+    }),
   ),
-  TQ_TLS_KEY: Type.Optional(Type.String({ minLength: 1, description: "PEM private key path for TQ_TLS_CERT. Unset by default." })),
+  TQ_TLS_KEY: Type.Optional(
+    Type.String({ minLength: 1, description: "PEM private key path for TQ_TLS_CERT. Unset by default." }),
+  ),
   TQ_TLS_CLIENT_CA: Type.Optional(
     Type.String({
       minLength: 1,
-      description: "PEM CA path: the coordinator's gRPC port then requires client certificates signed by it (mutual TLS for workers). Unset by default.",
+      description:
+        "PEM CA path: the coordinator's gRPC port then requires client certificates signed by it (mutual TLS for workers). Unset by default.",
     }),
   ),
   TQ_TLS_CA: Type.Optional(
     Type.String({
       minLength: 1,
-      description: "PEM CA path a worker trusts for its coordinators; setting it (or the two below) makes the worker dial over TLS. Unset by default.",
+      description:
+        "PEM CA path a worker trusts for its coordinators; setting it (or the two below) makes the worker dial over TLS. Unset by default.",
     }),
   ),
   TQ_TLS_CLIENT_CERT: Type.Optional(
@@ -246,7 +248,9 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
 
 /** The worker's dial list, validated. */
 export function coordinatorAddresses(config: Config): string[] {
-  const list = config.TQ_COORDINATOR_ADDRESSES.split(",").map((s) => s.trim()).filter(Boolean);
+  const list = config.TQ_COORDINATOR_ADDRESSES.split(",")
+    .map((s) => s.trim())
+    .filter(Boolean);
   for (const address of list) {
     if (!/^[^\s:]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$/.test(address)) {
       throw new ConfigError(`invalid configuration: TQ_COORDINATOR_ADDRESSES entry "${address}" is not host:port`);

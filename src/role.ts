@@ -1,7 +1,7 @@
 // What every role's main does around its parts: read the configuration, log, stop cleanly
 // on SIGTERM/SIGINT (a second signal exits at once), and exit non-zero with a clear message
 // when start-up fails.
-import { ConfigError, loadConfig, type Config } from "./config";
+import { type Config, ConfigError, loadConfig } from "./config";
 import { createLogger, type Logger } from "./log";
 
 export interface Running {

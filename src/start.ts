@@ -1,14 +1,14 @@
 // bun start: the whole system in one process — scheduler, coordinator and TQ_WORKERS
 // workers — on embedded PostgreSQL kept in TQ_DATA_DIR unless DATABASE_URL is set.
 import { hostname } from "node:os";
-import { startEmbedded, type EmbeddedDatabase } from "./db/embedded";
-import { migrateDatabase } from "./db/migrate";
 import { Coordinator } from "./coordinator/coordinator";
+import { type EmbeddedDatabase, startEmbedded } from "./db/embedded";
+import { migrateDatabase } from "./db/migrate";
+import { runRole } from "./role";
 import { Scheduler } from "./scheduler/scheduler";
+import { inProcessWorkerCredentials } from "./tls";
 import { workerOptions } from "./worker/options";
 import { Worker } from "./worker/worker";
-import { runRole } from "./role";
-import { inProcessWorkerCredentials } from "./tls";
 
 await runRole("start", async (config, log) => {
   // Our workers dial this process over its own TLS: without TQ_TLS_CA they trust TQ_TLS_CERT

@@ -7,7 +7,7 @@ import { isIP } from "node:net";
 import type { ConnectionOptions } from "node:tls";
 import * as grpc from "@grpc/grpc-js";
 import type { TLSOptions } from "bun";
-import { ConfigError, type Config } from "./config";
+import { type Config, ConfigError } from "./config";
 
 type PathOption = "TQ_TLS_CERT" | "TQ_TLS_KEY" | "TQ_TLS_CLIENT_CA" | "TQ_TLS_CA" | "TQ_TLS_CLIENT_CERT" | "TQ_TLS_CLIENT_KEY";
 

@@ -2,8 +2,8 @@
 // read, nothing is validated, for a caller without a valid token). Which scope each route
 // needs is said here, in one table.
 import { Elysia } from "elysia";
-import type { ApiDeps } from "./deps";
 import { ANONYMOUS, type Principal, type Scope } from "../auth/tokens";
+import type { ApiDeps } from "./deps";
 
 /** Routes anyone may call: liveness, readiness and the API's own description. */
 const OPEN = [/^\/healthz$/, /^\/readyz$/, /^\/openapi(\/.*)?$/];

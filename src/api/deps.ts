@@ -1,12 +1,13 @@
 // What the HTTP API (and the gRPC TaskService, which shares src/api/service.ts) needs from
 // the role that serves it.
-import type { Config } from "../config";
-import type { Sql } from "../db/sql";
-import type { TaskChangeFeed } from "../db/notify";
-import type { Logger } from "../log";
-import type { InsertOutcome } from "../db/tasks";
-import type { TaskSpec } from "../task/task";
+
 import type { Principal, Scope } from "../auth/tokens";
+import type { Config } from "../config";
+import type { TaskChangeFeed } from "../db/notify";
+import type { Sql } from "../db/sql";
+import type { InsertOutcome } from "../db/tasks";
+import type { Logger } from "../log";
+import type { TaskSpec } from "../task/task";
 
 export interface ApiDeps {
   role: "scheduler" | "coordinator";

@@ -2,10 +2,10 @@
 // message written for clients; anything else is logged and answered as an opaque internal
 // error with a request id, so internal text (SQL, stack, file paths) never reaches a client.
 import { Elysia, NotFoundError, ParseError, ValidationError } from "elysia";
+import { type ErrorCode, isDatabaseUnavailable, TaskQueueError, unavailable } from "../task/errors";
+import { describeValueError } from "../task/spec";
 import type { ApiDeps } from "./deps";
 import type { ErrorJson } from "./model";
-import { describeValueError } from "../task/spec";
-import { TaskQueueError, isDatabaseUnavailable, unavailable, type ErrorCode } from "../task/errors";
 
 /** An error only HTTP has: the body is not JSON, or no route matches. */
 export class HttpError extends Error {

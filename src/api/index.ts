@@ -1,12 +1,23 @@
 // The HTTP API that the scheduler (:8081) and the coordinator (:8080) both serve: one Elysia
 // instance per controller, composed by createApp. Handlers only translate between HTTP and
 // src/api/service.ts.
-import { Elysia, status, t } from "elysia";
+
 import { openapi } from "@elysiajs/openapi";
+import { Elysia, status, t } from "elysia";
 import pkg from "../../package.json" with { type: "json" };
+import {
+  parseIdempotencyKey,
+  ScheduleInput,
+  SubmitInput,
+  TaskInput,
+  toBatchSpecs,
+  toScheduleSpec,
+  toTaskSpec,
+} from "../task/spec";
+import type { TaskSpec } from "../task/task";
+import { authentication, principalOf } from "./auth";
 import type { ApiDeps } from "./deps";
 import { errorHandling, readJsonBody } from "./errors";
-import { authentication, principalOf } from "./auth";
 import {
   ErrorJson,
   HealthJson,
@@ -14,30 +25,20 @@ import {
   ScheduleResponse,
   StatusJson,
   StatusQuery,
+  scheduleResponse,
+  statusJson,
+  TaskBatch,
   TaskEventJson,
   TaskIdParams,
   TaskJson,
-  TaskBatch,
   TaskList,
   TaskListQuery,
-  WorkerList,
-  scheduleResponse,
-  statusJson,
   taskJson,
+  WorkerList,
   workerJson,
 } from "./model";
-import {
-  cancelTaskOrThrow,
-  checkReady,
-  getTaskOrThrow,
-  listTaskPage,
-  listWorkers,
-  submitTask,
-  submitTasks,
-} from "./service";
+import { cancelTaskOrThrow, checkReady, getTaskOrThrow, listTaskPage, listWorkers, submitTask, submitTasks } from "./service";
 import { taskEventsResponse } from "./sse";
-import { ScheduleInput, SubmitInput, TaskInput, parseIdempotencyKey, toBatchSpecs, toScheduleSpec, toTaskSpec } from "../task/spec";
-import type { TaskSpec } from "../task/task";
 
 export function createApp(deps: ApiDeps) {
   return new Elysia({ normalize: false })
@@ -87,8 +88,10 @@ export function createApp(deps: ApiDeps) {
  * trailing "json" is never reached (readJsonBody answers or throws); it tells the OpenAPI
  * document that the body is application/json.
  */
-const jsonBody = (deps: ApiDeps) =>
-  [({ request }: { request: Request }) => readJsonBody(request, deps.config.TQ_MAX_BODY_BYTES), "json" as const];
+const jsonBody = (deps: ApiDeps) => [
+  ({ request }: { request: Request }) => readJsonBody(request, deps.config.TQ_MAX_BODY_BYTES),
+  "json" as const,
+];
 
 const failures = { 400: ErrorJson, 413: ErrorJson, 503: ErrorJson };
 const lookupFailures = { 400: ErrorJson, 404: ErrorJson, 503: ErrorJson };
@@ -181,7 +184,7 @@ function tasksController(deps: ApiDeps) {
           tags: ["tasks"],
           summary: "Submit many tasks",
           description:
-            "Body: {\"tasks\": [<full form of POST /tasks>, ...]}, at most TQ_MAX_BATCH (1000) tasks, written in one statement: all or none. Batches take no Idempotency-Key.",
+            'Body: {"tasks": [<full form of POST /tasks>, ...]}, at most TQ_MAX_BATCH (1000) tasks, written in one statement: all or none. Batches take no Idempotency-Key.',
         },
       },
     )
@@ -207,48 +210,44 @@ function tasksController(deps: ApiDeps) {
       response: { 200: TaskJson, ...lookupFailures },
       detail: { tags: ["tasks"], summary: "Get a task" },
     })
-    .post("/tasks/:id/cancel", async ({ params, request }) => taskJson(await cancelTaskOrThrow(deps, params.id, principalOf(request).name)), {
-      params: TaskIdParams,
-      response: { 200: TaskJson, 409: ErrorJson, ...lookupFailures },
-      detail: {
-        tags: ["tasks"],
-        summary: "Cancel a task",
-        description: "Cancels a queued or in-flight task (its process is stopped); 409 when it already finished.",
-      },
-    })
-    .get(
-      "/tasks/:id/events",
-      ({ params, request, server }) => taskEventsResponse(deps, params.id, request, { server }),
+    .post(
+      "/tasks/:id/cancel",
+      async ({ params, request }) => taskJson(await cancelTaskOrThrow(deps, params.id, principalOf(request).name)),
       {
         params: TaskIdParams,
+        response: { 200: TaskJson, 409: ErrorJson, ...lookupFailures },
         detail: {
           tags: ["tasks"],
-          summary: "Watch a task",
-          description:
-            "Server-sent events: the current state first, then every change until a final state, then the stream ends. " +
-            "Each message is `event: task` with `id:` the task_events id; a `: keepalive` comment comes every 15 s.",
-          responses: {
-            200: {
-              description: "An event stream of TaskEventJson messages.",
-              content: { "text/event-stream": { schema: TaskEventJson as object } },
-            },
-            400: { description: "Malformed id." },
-            404: { description: "Unknown task." },
-          },
+          summary: "Cancel a task",
+          description: "Cancels a queued or in-flight task (its process is stopped); 409 when it already finished.",
         },
       },
-    );
+    )
+    .get("/tasks/:id/events", ({ params, request, server }) => taskEventsResponse(deps, params.id, request, { server }), {
+      params: TaskIdParams,
+      detail: {
+        tags: ["tasks"],
+        summary: "Watch a task",
+        description:
+          "Server-sent events: the current state first, then every change until a final state, then the stream ends. " +
+          "Each message is `event: task` with `id:` the task_events id; a `: keepalive` comment comes every 15 s.",
+        responses: {
+          200: {
+            description: "An event stream of TaskEventJson messages.",
+            content: { "text/event-stream": { schema: TaskEventJson as object } },
+          },
+          400: { description: "Malformed id." },
+          404: { description: "Unknown task." },
+        },
+      },
+    });
 }
 
 function workersController(deps: ApiDeps) {
-  return new Elysia({ normalize: false }).get(
-    "/workers",
-    async () => ({ workers: (await listWorkers(deps)).map(workerJson) }),
-    {
-      response: { 200: WorkerList, 503: ErrorJson },
-      detail: { tags: ["workers"], summary: "Live workers" },
-    },
-  );
+  return new Elysia({ normalize: false }).get("/workers", async () => ({ workers: (await listWorkers(deps)).map(workerJson) }), {
+    response: { 200: WorkerList, 503: ErrorJson },
+    detail: { tags: ["workers"], summary: "Live workers" },
+  });
 }
 
 function healthController(deps: ApiDeps) {

@@ -1,10 +1,10 @@
 // What the HTTP API answers, as TypeBox schemas (the route response schemas, and so the
 // OpenAPI document), and the conversions from database rows. Types come from the schemas.
-import { Type, type TLiteral, type TSchema } from "@sinclair/typebox";
-import { TASK_STATES } from "../task/state";
-import type { Task } from "../task/task";
+import { type TLiteral, type TSchema, Type } from "@sinclair/typebox";
 import type { TaskChange } from "../db/notify";
 import type { WorkerRow } from "../db/workers";
+import { TASK_STATES } from "../task/state";
+import type { Task } from "../task/task";
 
 const Nullable = <T extends TSchema>(schema: T) => Type.Union([schema, Type.Null()]);
 
@@ -49,7 +49,10 @@ export const TaskJson = Type.Object(
     stderr_truncated: Type.Boolean(),
     error: Nullable(Type.String({ description: "Why the task failed without an exit code, or ran out of attempts." })),
     lease_expires_at: Nullable(
-      Type.String({ format: "date-time", description: "While dispatched or running: when the attempt's lease lapses unless its worker reports it." }),
+      Type.String({
+        format: "date-time",
+        description: "While dispatched or running: when the attempt's lease lapses unless its worker reports it.",
+      }),
     ),
     retry: Type.Object(
       {
@@ -62,7 +65,9 @@ export const TaskJson = Type.Object(
       { additionalProperties: false, description: "What is retried while attempts remain, and the backoff between attempts." },
     ),
     idempotency_key: Nullable(Type.String()),
-    secret_env_keys: Type.Array(Type.String(), { description: "Names of the secret environment variables; their values are never returned." }),
+    secret_env_keys: Type.Array(Type.String(), {
+      description: "Names of the secret environment variables; their values are never returned.",
+    }),
   },
   { additionalProperties: false },
 );
@@ -116,7 +121,9 @@ export const TaskEventJson = Type.Object(
     ...TaskJson.properties,
     event: Nullable(
       Type.Object({
-        kind: Type.String({ description: "submitted, dispatched, started, succeeded, failed, timed_out, cancelled, requeued..." }),
+        kind: Type.String({
+          description: "submitted, dispatched, started, succeeded, failed, timed_out, cancelled, requeued...",
+        }),
         event_id: Type.String({ description: "task_events id (a bigint, as text)." }),
       }),
     ),
@@ -149,8 +156,7 @@ export const ErrorJson = Type.Object(
   {
     error: Type.Object({
       code: Type.String({
-        description:
-          "invalid_argument, invalid_json, not_found, conflict, payload_too_large, unavailable or internal.",
+        description: "invalid_argument, invalid_json, not_found, conflict, payload_too_large, unavailable or internal.",
       }),
       message: Type.String(),
       field: Type.Optional(Type.String({ description: "The request field the error is about." })),

@@ -1,15 +1,16 @@
 // What the API does, as plain functions of ApiDeps: the HTTP controllers and the gRPC
 // TaskService call these, so both transports validate and answer alike. They throw
 // TaskQueueError for client mistakes; database errors pass through to the transport's mapper.
-import type { ApiDeps } from "./deps";
+
 import type { TaskChange } from "../db/notify";
 import { ping } from "../db/sql";
-import { cancelTask, getTask, insertTasks, getTaskWithLastEvent, listTasks, type TaskWithLastEvent } from "../db/tasks";
+import { cancelTask, getTask, getTaskWithLastEvent, insertTasks, listTasks, type TaskWithLastEvent } from "../db/tasks";
 import { listLiveWorkers, type WorkerRow } from "../db/workers";
-import { TaskQueueError, conflict, invalidArgument, notFound, unavailable } from "../task/errors";
+import { conflict, invalidArgument, notFound, TaskQueueError, unavailable } from "../task/errors";
 import { decodeCursor, encodeCursor, isTaskId } from "../task/spec";
-import { TASK_STATES, isFinal, isTaskState } from "../task/state";
+import { isFinal, isTaskState, TASK_STATES } from "../task/state";
 import type { Submitted, Task, TaskSpec } from "../task/task";
+import type { ApiDeps } from "./deps";
 
 export const DEFAULT_PAGE_SIZE = 50;
 export const MAX_PAGE_SIZE = 500;
@@ -25,14 +26,19 @@ export async function submitTask(deps: ApiDeps, spec: TaskSpec, actor: string): 
   const outcome = await deps.submit(Bun.randomUUIDv7(), spec, actor);
   if (outcome.kind === "created") return { task: outcome.task, created: true };
   if (!outcome.sameRequest) {
-    throw conflict(`idempotency key ${JSON.stringify(spec.idempotencyKey)} was already used for a different request (task ${outcome.task.id})`);
+    throw conflict(
+      `idempotency key ${JSON.stringify(spec.idempotencyKey)} was already used for a different request (task ${outcome.task.id})`,
+    );
   }
   return { task: outcome.task, created: false };
 }
 
 /** Persists validated specs as new queued tasks in one statement; resolves after commit. */
 export async function submitTasks(deps: ApiDeps, specs: TaskSpec[], actor: string): Promise<Task[]> {
-  const outcomes = await insertTasks(deps.sql, specs.map((spec) => ({ id: Bun.randomUUIDv7(), spec, actor })));
+  const outcomes = await insertTasks(
+    deps.sql,
+    specs.map((spec) => ({ id: Bun.randomUUIDv7(), spec, actor })),
+  );
   return outcomes.map((outcome) => outcome.task);
 }
 

@@ -1,11 +1,12 @@
 // `GET /tasks/:id/events` as server-sent events: the current state first, then every change
 // until a final state, then the stream ends. Each message carries the task_events id, so a
 // client can tell updates apart and order them.
+
+import { isFinal } from "../task/state";
 import type { ApiDeps } from "./deps";
 import { errorAnswer } from "./errors";
 import { taskEventJson } from "./model";
-import { watchTask, type TaskUpdate } from "./service";
-import { isFinal } from "../task/state";
+import { type TaskUpdate, watchTask } from "./service";
 
 /** A comment this often keeps proxies and clients from timing the stream out. */
 export const KEEPALIVE_MS = 15_000;

@@ -15,13 +15,13 @@ import {
   ANONYMOUS,
   allows,
   bearerToken,
+  type ConfiguredToken,
   hashToken,
+  type Principal,
   parseConfiguredTokens,
+  type Scope,
   sameHash,
   tokenId,
-  type ConfiguredToken,
-  type Principal,
-  type Scope,
 } from "./tokens";
 
 export const AUTH_CACHE_MS = 5000;

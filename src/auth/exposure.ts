@@ -1,6 +1,6 @@
 // Safe defaults: a role that listens beyond loopback must be protected, or told explicitly
 // (TQ_INSECURE=true) that it need not be, in which case it says so on every start.
-import { ConfigError, type Config } from "../config";
+import { type Config, ConfigError } from "../config";
 import type { Logger } from "../log";
 
 export function isLoopback(host: string): boolean {
@@ -11,12 +11,7 @@ export function isLoopback(host: string): boolean {
  * Refuses (throws) an exposed role without protection: API tokens for the HTTP API and
  * TaskService, and for the coordinator's WorkerService a worker token or mutual TLS.
  */
-export function checkExposure(
-  config: Config,
-  role: "scheduler" | "coordinator",
-  apiTokens: number,
-  log: Logger,
-): void {
+export function checkExposure(config: Config, role: "scheduler" | "coordinator", apiTokens: number, log: Logger): void {
   if (isLoopback(config.TQ_HOST)) return;
   const missing: string[] = [];
   if (apiTokens === 0) missing.push("API tokens (bun run token create --name NAME --scope submit,read, or TQ_API_TOKENS)");
@@ -25,7 +20,10 @@ export function checkExposure(
   }
   if (missing.length === 0) return;
   if (config.TQ_INSECURE) {
-    log.warn({ host: config.TQ_HOST, missing }, `INSECURE: the ${role} listens on ${config.TQ_HOST} without ${missing.join(" or ")}; anyone who can reach it can run commands`);
+    log.warn(
+      { host: config.TQ_HOST, missing },
+      `INSECURE: the ${role} listens on ${config.TQ_HOST} without ${missing.join(" or ")}; anyone who can reach it can run commands`,
+    );
     return;
   }
   throw new ConfigError(

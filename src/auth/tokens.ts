@@ -57,10 +57,14 @@ export function sameSecret(a: string, b: string): boolean {
 }
 
 export function parseScopes(value: string, separator: string | RegExp = ","): Scope[] {
-  const scopes = value.split(separator).map((s) => s.trim()).filter(Boolean);
+  const scopes = value
+    .split(separator)
+    .map((s) => s.trim())
+    .filter(Boolean);
   if (scopes.length === 0) throw new Error(`no scopes given; choose from ${SCOPES.join(", ")}`);
   for (const scope of scopes) {
-    if (!(SCOPES as readonly string[]).includes(scope)) throw new Error(`unknown scope "${scope}"; choose from ${SCOPES.join(", ")}`);
+    if (!(SCOPES as readonly string[]).includes(scope))
+      throw new Error(`unknown scope "${scope}"; choose from ${SCOPES.join(", ")}`);
   }
   return [...new Set(scopes)] as Scope[];
 }

@@ -2,18 +2,18 @@
 // acknowledged only once it is durable (or known stale), so a worker keeps re-sending it
 // across database outages and reconnects.
 import { create } from "@bufbuild/protobuf";
-import { CoordinatorMessageSchema, type TaskFinished, type TaskStarted } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Sql } from "../db/sql";
 import {
+  type FinishReport,
   finishAttempts,
   markStartedMany,
   recordAttemptNote,
   requeueAttempt,
-  type FinishReport,
   type StartReport,
 } from "../db/tasks";
-import { finishAction, fromTimestamp, type FinishAction } from "../rpc/convert";
+import { CoordinatorMessageSchema, type TaskFinished, type TaskStarted } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
+import { type FinishAction, finishAction, fromTimestamp } from "../rpc/convert";
 import { attemptKey, type WorkerConnection, type WorkerRegistry } from "./registry";
 
 export interface CompleterOptions {
@@ -94,8 +94,13 @@ export class Completer {
     }
     if (finishes.length === 0) return;
     try {
-      const applied = await finishAttempts(this.options.sql, finishes.map((f) => f.report));
-      finishes.forEach(({ worker, report }, i) => this.ack(worker, report.ref, applied[i] === null));
+      const applied = await finishAttempts(
+        this.options.sql,
+        finishes.map((f) => f.report),
+      );
+      finishes.forEach(({ worker, report }, i) => {
+        this.ack(worker, report.ref, applied[i] === null);
+      });
     } catch (error) {
       // Unacknowledged, the workers still hold these results; keep the ones still ours.
       const kept = finishes.filter(({ worker }) => this.options.registry.isCurrent(worker));
@@ -115,7 +120,11 @@ export class Completer {
   }
 
   /** A handed-back or stopped attempt (rare): one statement each, retried like results. */
-  private async recordOther(worker: WorkerConnection, message: TaskFinished, action: Exclude<FinishAction, { kind: "record" }>): Promise<void> {
+  private async recordOther(
+    worker: WorkerConnection,
+    message: TaskFinished,
+    action: Exclude<FinishAction, { kind: "record" }>,
+  ): Promise<void> {
     const ref = message.ref!;
     const target = { id: ref.taskId, attempt: ref.attempt, workerId: worker.id };
     for (;;) {

@@ -3,15 +3,15 @@
 // connection. main.ts and start.ts only build one and call start()/stop().
 import { hostname } from "node:os";
 import * as grpc from "@grpc/grpc-js";
-import { WorkerService } from "../gen/taskqueue/v1/worker_service_pb";
-import { TaskService } from "../gen/taskqueue/v1/task_service_pb";
-import type { Config } from "../config";
-import { connect, type Sql } from "../db/sql";
-import { TaskChangeFeed, type TaskChange } from "../db/notify";
 import { createApp } from "../api";
+import type { ApiDeps } from "../api/deps";
 import { Authenticator } from "../auth/authenticator";
 import { checkExposure } from "../auth/exposure";
-import type { ApiDeps } from "../api/deps";
+import type { Config } from "../config";
+import { type TaskChange, TaskChangeFeed } from "../db/notify";
+import { connect, type Sql } from "../db/sql";
+import { TaskService } from "../gen/taskqueue/v1/task_service_pb";
+import { WorkerService } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
 import { guardMalformed, serverDefinition } from "../rpc/definitions";
 import { grpcServerCredentials, httpScheme, httpTls } from "../tls";
@@ -127,13 +127,18 @@ export class Coordinator {
       this.feed.onResync(() => this.dispatcher.wake(true)),
     );
     this.grpcPort = await new Promise<number>((resolve, reject) =>
-      this.grpcServer.bindAsync(
-        `${config.TQ_HOST}:${config.TQ_GRPC_PORT}`,
-        grpcServerCredentials(config),
-        (error, port) => (error ? reject(new Error(`gRPC cannot listen on ${config.TQ_HOST}:${config.TQ_GRPC_PORT}: ${error.message}`)) : resolve(port)),
+      this.grpcServer.bindAsync(`${config.TQ_HOST}:${config.TQ_GRPC_PORT}`, grpcServerCredentials(config), (error, port) =>
+        error
+          ? reject(new Error(`gRPC cannot listen on ${config.TQ_HOST}:${config.TQ_GRPC_PORT}: ${error.message}`))
+          : resolve(port),
       ),
     );
-    this.app.listen({ hostname: config.TQ_HOST, port: config.TQ_COORDINATOR_PORT, maxRequestBodySize: config.TQ_MAX_BODY_BYTES, tls: httpTls(config) });
+    this.app.listen({
+      hostname: config.TQ_HOST,
+      port: config.TQ_COORDINATOR_PORT,
+      maxRequestBodySize: config.TQ_MAX_BODY_BYTES,
+      tls: httpTls(config),
+    });
     this.httpPort = this.app.server?.port ?? config.TQ_COORDINATOR_PORT;
     this.dispatcher.start();
     this.rescuer.start();

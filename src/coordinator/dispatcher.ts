@@ -3,15 +3,23 @@
 // joining, and on a timer set for the earliest future task; a slow safety poll covers a
 // missed notification. Between wakes it does nothing.
 import { create } from "@bufbuild/protobuf";
-import { CoordinatorMessageSchema } from "../gen/taskqueue/v1/worker_service_pb";
-import type { Sql } from "../db/sql";
-import { MAX_INSERT_BATCH, claimDue, insertTasks, nextDueIn, requeueAttempt, type InsertOutcome, type NewTask } from "../db/tasks";
 import { GroupCommit } from "../db/group-commit";
 import type { TaskChange } from "../db/notify";
+import type { Sql } from "../db/sql";
+import {
+  claimDue,
+  type InsertOutcome,
+  insertTasks,
+  MAX_INSERT_BATCH,
+  type NewTask,
+  nextDueIn,
+  requeueAttempt,
+} from "../db/tasks";
+import { CoordinatorMessageSchema } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
+import { toTimestamp } from "../rpc/convert";
 import type { Task, TaskSpec } from "../task/task";
 import { attemptKey, type WorkerRegistry } from "./registry";
-import { toTimestamp } from "../rpc/convert";
 
 export interface DispatcherOptions {
   sql: Sql;

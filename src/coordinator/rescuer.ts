@@ -5,10 +5,10 @@
 // fallback to the pushed Cancel), and requeues any task, of any coordinator, whose lease
 // lapsed (its worker or its coordinator died, or the assignment never arrived).
 import { create } from "@bufbuild/protobuf";
-import { CoordinatorMessageSchema } from "../gen/taskqueue/v1/worker_service_pb";
 import { ping, type Sql } from "../db/sql";
-import { renewLeases, requeueExpiredLeases, type AttemptRef } from "../db/tasks";
+import { type AttemptRef, renewLeases, requeueExpiredLeases } from "../db/tasks";
 import { touchWorkers } from "../db/workers";
+import { CoordinatorMessageSchema } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
 import { attemptKey, type WorkerConnection, type WorkerRegistry } from "./registry";
 
@@ -65,7 +65,11 @@ export class Rescuer {
     const { sql, registry, coordinatorId, heartbeatIntervalMs, leaseMs, log } = this.options;
     try {
       const workers = registry.all();
-      await touchWorkers(sql, coordinatorId, workers.map((w) => w.id));
+      await touchWorkers(
+        sql,
+        coordinatorId,
+        workers.map((w) => w.id),
+      );
       await this.renew(workers);
       const now = performance.now();
       const gap = now - this.lastRenewal;
@@ -98,8 +102,9 @@ export class Rescuer {
     );
     // With nothing to renew, a round trip all the same: the gap check in pass() must see an
     // outage even on a coordinator without workers, before it judges anyone's leases.
-    const renewed =
-      refs.length > 0 ? await renewLeases(this.options.sql, refs, this.options.leaseMs) : (await ping(this.options.sql), new Set<string>());
+    let renewed = new Set<string>();
+    if (refs.length > 0) renewed = await renewLeases(this.options.sql, refs, this.options.leaseMs);
+    else await ping(this.options.sql);
     const now = performance.now();
     for (const { worker, reported } of asked) {
       const keys = new Set<string>();

@@ -5,22 +5,22 @@
 // the worker still held.
 import { create } from "@bufbuild/protobuf";
 import * as grpc from "@grpc/grpc-js";
-import {
-  CoordinatorMessageSchema,
-  type CoordinatorMessage,
-  type Hello,
-  type WorkerMessage,
-} from "../gen/taskqueue/v1/worker_service_pb";
+import { bearerToken, hashToken, sameSecret } from "../auth/tokens";
 import type { Sql } from "../db/sql";
 import { renewLeases, requeueWorkerTasks } from "../db/tasks";
 import { markWorkerGone, setWorkerDraining, upsertWorker } from "../db/workers";
+import {
+  type CoordinatorMessage,
+  CoordinatorMessageSchema,
+  type Hello,
+  type WorkerMessage,
+} from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
+import { MalformedMessage } from "../rpc/definitions";
 import type { Completer } from "./completer";
 import type { Dispatcher } from "./dispatcher";
 import { attemptKey, type WorkerConnection, type WorkerRegistry } from "./registry";
 import { stopAttempt } from "./rescuer";
-import { MalformedMessage } from "../rpc/definitions";
-import { bearerToken, hashToken, sameSecret } from "../auth/tokens";
 
 export type WorkerStream = grpc.ServerDuplexStream<WorkerMessage, CoordinatorMessage>;
 

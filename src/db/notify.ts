@@ -9,8 +9,8 @@
 // 1000-task batch a thousand.
 // One listening connection per process carries every channel.
 import postgres from "postgres";
-import type { Sql } from "./sql";
 import { isTaskState, type TaskState } from "../task/state";
+import type { Sql } from "./sql";
 
 /** What coordinators act on: each cancel, and per statement the queued task due first. */
 export const TASK_CHANNEL = "tq_task";
@@ -176,10 +176,16 @@ export class TaskChangeFeed {
       for (let attempt = 0; !this.stopped; attempt++) {
         try {
           const sent = [...this.channels];
-          if (sent.length > 0) await this.listeningConnection().unsafe(sent.map((c) => `LISTEN ${quoted(c)}`).join("; ")).simple();
+          if (sent.length > 0)
+            await this.listeningConnection()
+              .unsafe(sent.map((c) => `LISTEN ${quoted(c)}`).join("; "))
+              .simple();
           // A watcher that left meanwhile may have had its UNLISTEN refused by the lost connection.
           const gone = sent.filter((channel) => !this.channels.has(channel));
-          if (gone.length > 0) await this.listeningConnection().unsafe(gone.map((c) => `UNLISTEN ${quoted(c)}`).join("; ")).simple();
+          if (gone.length > 0)
+            await this.listeningConnection()
+              .unsafe(gone.map((c) => `UNLISTEN ${quoted(c)}`).join("; "))
+              .simple();
           return;
         } catch {
           await Bun.sleep(Math.min(RELISTEN_BACKOFF_CAP_MS, 50 * 2 ** attempt));

@@ -2,10 +2,11 @@
 // task_events row and notifies the change (src/db/notify.ts says on which channels), so
 // history, live status and the row itself can never disagree. Each guarded change names the state(s) and attempt
 // it expects; callers act on "nothing changed".
-import type { Sql } from "./sql";
-import type { Task, TaskSpec, AttemptResult } from "../task/task";
+
 import type { TaskState } from "../task/state";
+import type { AttemptResult, Task, TaskSpec } from "../task/task";
 import { TASK_CHANNEL, TASK_CHANNEL_PREFIX } from "./notify";
+import type { Sql } from "./sql";
 
 export type TaskChangeRow = Task & { event_id: string };
 
@@ -95,7 +96,13 @@ function jsonRows(sql: Sql, rows: readonly unknown[]): Fragment {
 }
 
 function strip(
-  rows: readonly (Task & { event_id: string; notified?: unknown; notified_all?: unknown; event_kind?: unknown; event_detail?: unknown })[],
+  rows: readonly (Task & {
+    event_id: string;
+    notified?: unknown;
+    notified_all?: unknown;
+    event_kind?: unknown;
+    event_detail?: unknown;
+  })[],
 ): TaskChangeRow[] {
   return rows.map(({ notified: _n, notified_all: _a, event_kind: _k, event_detail: _d, ...row }) => row as TaskChangeRow);
 }
@@ -196,12 +203,16 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
       ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
       RETURNING *
     ),
-    ${changeTail(sql, {
-      kind: sql`CASE WHEN t.state = 'dispatched' THEN 'submitted+dispatched' ELSE 'submitted' END`,
-      detail: sql`NULL::jsonb`,
-      actor: sql`r.actor`,
-      from: sql`t JOIN r ON r.id = t.id`,
-    }, false)}`;
+    ${changeTail(
+      sql,
+      {
+        kind: sql`CASE WHEN t.state = 'dispatched' THEN 'submitted+dispatched' ELSE 'submitted' END`,
+        detail: sql`NULL::jsonb`,
+        actor: sql`r.actor`,
+        from: sql`t JOIN r ON r.id = t.id`,
+      },
+      false,
+    )}`;
   const created = new Map(strip(inserted).map((row) => [row.id, row]));
   const outcomes: (InsertOutcome | undefined)[] = items.map(({ id }) => {
     const task = created.get(id);
@@ -331,7 +342,13 @@ export async function markStarted(sql: Sql, ref: StartReport): Promise<TaskChang
 /** markStarted for many reports in one statement; returns the rows that changed. */
 export async function markStartedMany(sql: Sql, refs: readonly StartReport[]): Promise<TaskChangeRow[]> {
   if (refs.length === 0) return [];
-  const json = refs.map((r) => ({ id: r.id, attempt: r.attempt, worker_id: r.workerId, started_at: r.startedAt.toISOString(), pid: r.pid }));
+  const json = refs.map((r) => ({
+    id: r.id,
+    attempt: r.attempt,
+    worker_id: r.workerId,
+    started_at: r.startedAt.toISOString(),
+    pid: r.pid,
+  }));
   const rows = await sql<(Task & { event_id: string })[]>`
     WITH t AS (
       UPDATE tasks SET state = 'running', started_at = r.started_at
@@ -520,7 +537,10 @@ export async function renewLeases(sql: Sql, refs: readonly AttemptRef[], leaseMs
   if (refs.length === 0) return new Set();
   const rows = await sql<{ key: string }[]>`
     UPDATE tasks SET lease_expires_at = ${leaseUntil(sql, leaseMs)}
-    FROM json_to_recordset(${jsonRows(sql, refs.map((r) => ({ id: r.id, attempt: r.attempt, worker_id: r.workerId })))})
+    FROM json_to_recordset(${jsonRows(
+      sql,
+      refs.map((r) => ({ id: r.id, attempt: r.attempt, worker_id: r.workerId })),
+    )})
       AS r(id uuid, attempt integer, worker_id text)
     WHERE tasks.id = r.id AND tasks.attempt = r.attempt AND tasks.worker_id = r.worker_id
       AND tasks.state IN ('dispatched', 'running')

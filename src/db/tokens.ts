@@ -1,7 +1,8 @@
 // SQL on api_tokens. Only hashes are stored; see src/auth/tokens.ts. Scopes are read as JSON:
 // a text[] parses into a JS array only once postgres.js knows the array types.
-import type { Sql } from "./sql";
+
 import type { Scope } from "../auth/tokens";
+import type { Sql } from "./sql";
 
 export interface TokenRow {
   id: string;
@@ -12,7 +13,10 @@ export interface TokenRow {
   revoked_at: Date | null;
 }
 
-export async function insertToken(sql: Sql, token: { id: string; name: string; hash: string; scopes: Scope[] }): Promise<TokenRow> {
+export async function insertToken(
+  sql: Sql,
+  token: { id: string; name: string; hash: string; scopes: Scope[] },
+): Promise<TokenRow> {
   const rows = await sql<TokenRow[]>`
     INSERT INTO api_tokens (id, name, token_hash, scopes)
     VALUES (${token.id}, ${token.name}, ${token.hash}, ARRAY(SELECT jsonb_array_elements_text(${sql.json(token.scopes)}::jsonb)))

@@ -1,7 +1,7 @@
 // Conversions between the domain types (src/task) and the generated protobuf messages.
 import { create } from "@bufbuild/protobuf";
-import { timestampDate, timestampFromDate, type Timestamp } from "@bufbuild/protobuf/wkt";
-import { TaskSchema, TaskState as PbTaskState, type Task as PbTask } from "../gen/taskqueue/v1/task_pb";
+import { type Timestamp, timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { type Task as PbTask, TaskState as PbTaskState, TaskSchema } from "../gen/taskqueue/v1/task_pb";
 import { Outcome, type TaskFinished } from "../gen/taskqueue/v1/worker_service_pb";
 import type { TaskState } from "../task/state";
 import type { AttemptResult, Task } from "../task/task";
@@ -30,8 +30,7 @@ export function stateFromProto(state: PbTaskState): TaskState | undefined {
 }
 
 export const toTimestamp = (date: Date | null): Timestamp | undefined => (date ? timestampFromDate(date) : undefined);
-export const fromTimestamp = (timestamp: Timestamp | undefined): Date | null =>
-  timestamp ? timestampDate(timestamp) : null;
+export const fromTimestamp = (timestamp: Timestamp | undefined): Date | null => (timestamp ? timestampDate(timestamp) : null);
 
 export function taskToProto(task: Task): PbTask {
   return create(TaskSchema, {
@@ -102,7 +101,6 @@ export function finishAction(finished: TaskFinished): FinishAction {
       return { kind: "requeue", reason: base.error ?? "handed back by the worker" };
     case Outcome.CANCELLED:
       return { kind: "stopped", reason: base.error ?? "told to stop" };
-    case Outcome.SPAWN_FAILED:
     default:
       return {
         kind: "record",

@@ -1,6 +1,6 @@
 // grpc-js service definitions derived from the protobuf-es service descriptors in src/gen,
 // so the .proto files stay the one source of the wire format (no second code generator).
-import { create, fromBinary, isMessage, toBinary, type DescMessage, type DescMethod, type DescService } from "@bufbuild/protobuf";
+import { create, type DescMessage, type DescMethod, type DescService, fromBinary, isMessage, toBinary } from "@bufbuild/protobuf";
 import * as grpc from "@grpc/grpc-js";
 
 function methodDefinition(service: DescService, method: DescMethod): grpc.MethodDefinition<unknown, unknown> {
@@ -77,7 +77,10 @@ const malformedStatus = (message: MalformedMessage) => ({
  * INVALID_ARGUMENT before the handler sees it. Streaming requests (the worker stream) are
  * checked by their handler, message by message.
  */
-export function guardMalformed(service: DescService, implementation: grpc.UntypedServiceImplementation): grpc.UntypedServiceImplementation {
+export function guardMalformed(
+  service: DescService,
+  implementation: grpc.UntypedServiceImplementation,
+): grpc.UntypedServiceImplementation {
   const guarded: grpc.UntypedServiceImplementation = {};
   for (const method of service.methods) {
     const handler = implementation[method.localName];
@@ -85,7 +88,9 @@ export function guardMalformed(service: DescService, implementation: grpc.Untype
     if (method.methodKind === "unary") {
       const unary = handler as grpc.handleUnaryCall<unknown, unknown>;
       guarded[method.localName] = ((call, callback) =>
-        call.request instanceof MalformedMessage ? callback(malformedStatus(call.request)) : unary(call, callback)) as grpc.handleUnaryCall<unknown, unknown>;
+        call.request instanceof MalformedMessage
+          ? callback(malformedStatus(call.request))
+          : unary(call, callback)) as grpc.handleUnaryCall<unknown, unknown>;
     } else if (method.methodKind === "server_streaming") {
       const streaming = handler as grpc.handleServerStreamingCall<unknown, unknown>;
       guarded[method.localName] = ((call) =>

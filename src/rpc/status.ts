@@ -1,8 +1,8 @@
 // Errors to gRPC status, mapped once for every gRPC handler. Like the HTTP mapping, only
 // our typed errors carry their message to the client; anything else is an opaque INTERNAL.
 import * as grpc from "@grpc/grpc-js";
-import { isDatabaseUnavailable, TaskQueueError, type ErrorCode } from "../task/errors";
 import type { Logger } from "../log";
+import { type ErrorCode, isDatabaseUnavailable, TaskQueueError } from "../task/errors";
 
 const CODES: Record<ErrorCode, grpc.status> = {
   invalid_argument: grpc.status.INVALID_ARGUMENT,

@@ -1,13 +1,14 @@
 // The scheduler role: the HTTP API alone. It persists tasks queued (NOTIFY wakes the
 // coordinators) and answers status; it holds no workers, so any number of replicas can run.
-import type { Config } from "../config";
-import { connect, type Sql } from "../db/sql";
-import { TaskChangeFeed } from "../db/notify";
-import { MAX_INSERT_BATCH, insertTasks, type InsertOutcome, type NewTask } from "../db/tasks";
-import { GroupCommit } from "../db/group-commit";
+
 import { createApp } from "../api";
 import { Authenticator } from "../auth/authenticator";
 import { checkExposure } from "../auth/exposure";
+import type { Config } from "../config";
+import { GroupCommit } from "../db/group-commit";
+import { TaskChangeFeed } from "../db/notify";
+import { connect, type Sql } from "../db/sql";
+import { type InsertOutcome, insertTasks, MAX_INSERT_BATCH, type NewTask } from "../db/tasks";
 import type { Logger } from "../log";
 import { httpScheme, httpTls } from "../tls";
 

@@ -26,8 +26,7 @@ export class TaskQueueError extends Error {
   }
 }
 
-export const invalidArgument = (field: string, message: string) =>
-  new TaskQueueError("invalid_argument", message, field);
+export const invalidArgument = (field: string, message: string) => new TaskQueueError("invalid_argument", message, field);
 
 export const notFound = (message: string) => new TaskQueueError("not_found", message);
 
@@ -38,7 +37,12 @@ export const unauthenticated = (message: string) => new TaskQueueError("unauthen
 export const permissionDenied = (message: string) => new TaskQueueError("permission_denied", message);
 
 export const rateLimited = (retryAfterSeconds: number) =>
-  new TaskQueueError("rate_limited", `too many requests for this token; retry in ${retryAfterSeconds} s`, undefined, retryAfterSeconds);
+  new TaskQueueError(
+    "rate_limited",
+    `too many requests for this token; retry in ${retryAfterSeconds} s`,
+    undefined,
+    retryAfterSeconds,
+  );
 
 export const unavailable = (message = "the database is unavailable; try again shortly") =>
   new TaskQueueError("unavailable", message);

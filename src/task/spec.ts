@@ -3,9 +3,9 @@
 // toTaskSpec adds the rules JSON Schema cannot say (a real calendar date, no NUL byte, which
 // PostgreSQL text cannot hold) and accepts any transport's input, so nothing malformed
 // reaches the database or a shell.
-import { Type, type TSchema, type Static } from "@sinclair/typebox";
-import { Value, ValueErrorType, type ValueError } from "@sinclair/typebox/value";
-import { TypeCompiler, type TypeCheck } from "@sinclair/typebox/compiler";
+import { type Static, type TSchema, Type } from "@sinclair/typebox";
+import { type TypeCheck, TypeCompiler } from "@sinclair/typebox/compiler";
+import { Value, type ValueError, ValueErrorType } from "@sinclair/typebox/value";
 import type { Config } from "../config";
 import { invalidArgument, TaskQueueError } from "./errors";
 import type { TaskSpec } from "./task";
@@ -86,7 +86,8 @@ const runOptions = {
           Type.Integer({
             minimum: 0,
             maximum: MAX_BACKOFF_MS,
-            description: "Backoff before the second attempt, doubling after each further one. Defaults to TQ_RETRY_BACKOFF_BASE_MS.",
+            description:
+              "Backoff before the second attempt, doubling after each further one. Defaults to TQ_RETRY_BACKOFF_BASE_MS.",
           }),
         ),
         backoff_cap_ms: Type.Optional(
@@ -99,7 +100,8 @@ const runOptions = {
       },
       {
         additionalProperties: false,
-        description: "What is retried while attempts remain (max_attempts), and the exponential backoff (with jitter) between attempts.",
+        description:
+          "What is retried while attempts remain (max_attempts), and the exponential backoff (with jitter) between attempts.",
       },
     ),
   ),
@@ -157,7 +159,11 @@ export type BatchInput = Static<typeof BatchInput>;
 export function toBatchSpecs(input: unknown, config: SpecConfig, maxBatch: number): TaskSpec[] {
   const count = (input as { tasks?: unknown })?.tasks;
   if (Array.isArray(count) && count.length > maxBatch) {
-    throw new TaskQueueError("payload_too_large", `a batch may hold at most ${maxBatch} tasks (TQ_MAX_BATCH); this one has ${count.length}`, "tasks");
+    throw new TaskQueueError(
+      "payload_too_large",
+      `a batch may hold at most ${maxBatch} tasks (TQ_MAX_BATCH); this one has ${count.length}`,
+      "tasks",
+    );
   }
   const body = checkSchema(BatchInput, input);
   return body.tasks.map((task, i) => {
@@ -196,7 +202,10 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, config: SpecConf
   if (body.command.includes("\0")) throw invalidArgument("command", "command must not contain a NUL byte");
   const env = body.env ?? {};
   const secretEnv = body.secret_env ?? {};
-  for (const [field, values] of [["env", env], ["secret_env", secretEnv]] as const) {
+  for (const [field, values] of [
+    ["env", env],
+    ["secret_env", secretEnv],
+  ] as const) {
     for (const [key, value] of Object.entries(values)) {
       if (value.includes("\0")) throw invalidArgument(`${field}.${key}`, `${field}.${key} must not contain a NUL byte`);
       if (Buffer.byteLength(value, "utf8") > MAX_ENV_VALUE_BYTES) {
@@ -246,8 +255,7 @@ export function parseIdempotencyKey(value: string | null | undefined, field = "I
   return value;
 }
 
-const RFC3339 =
-  /^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:[Zz]|([+-])(\d{2}):(\d{2}))$/;
+const RFC3339 = /^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:[Zz]|([+-])(\d{2}):(\d{2}))$/;
 const ZONELESS = /^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?$/;
 const MIN_TIME = Date.UTC(1970, 0, 1);
 const MAX_TIME = Date.UTC(10_000, 0, 1);
@@ -317,7 +325,10 @@ const compiled = new WeakMap<TSchema, TypeCheck<TSchema>>();
 export function checkSchema<T extends TSchema>(schema: T, value: unknown): Static<T> {
   // A compiled check for the usual valid body; the interpreted walk only to explain a failure.
   let check = compiled.get(schema);
-  if (!check) compiled.set(schema, (check = TypeCompiler.Compile(schema)));
+  if (!check) {
+    check = TypeCompiler.Compile(schema);
+    compiled.set(schema, check);
+  }
   if (check.Check(value)) return value as Static<T>;
   const error = Value.Errors(schema, value).First();
   if (error) {

@@ -17,15 +17,7 @@
  * - timed_out: killed after its timeout (failed_at). Final.
  * - cancelled: cancelled by a client (cancelled_at). Final.
  */
-export const TASK_STATES = [
-  "queued",
-  "dispatched",
-  "running",
-  "succeeded",
-  "failed",
-  "timed_out",
-  "cancelled",
-] as const;
+export const TASK_STATES = ["queued", "dispatched", "running", "succeeded", "failed", "timed_out", "cancelled"] as const;
 
 export type TaskState = (typeof TASK_STATES)[number];
 

@@ -60,10 +60,7 @@ const DEFAULT_DRAIN_MS = 1000;
  * configuration, so they are never inherited; the task env (which may carry TQ_TASK_ID and
  * TQ_TASK_ATTEMPT from the caller) is applied after that filter.
  */
-export function taskEnv(
-  baseEnv: Record<string, string | undefined>,
-  env: Record<string, string>,
-): Record<string, string> {
+export function taskEnv(baseEnv: Record<string, string | undefined>, env: Record<string, string>): Record<string, string> {
   return Object.assign({}, inheritable(baseEnv), env);
 }
 
@@ -228,10 +225,7 @@ export function execute(spec: RunSpec): Execution {
       // so that a resolved result means nothing of the task is left, and until our pipes are
       // closed.
       let draining = true;
-      drained = await settledWithin(
-        Promise.all([reading, groupGone(pid, () => draining)]),
-        spec.drainMs ?? DEFAULT_DRAIN_MS,
-      );
+      drained = await settledWithin(Promise.all([reading, groupGone(pid, () => draining)]), spec.drainMs ?? DEFAULT_DRAIN_MS);
       draining = false;
     }
     clearTimeout(killTimer);

@@ -8,7 +8,10 @@ import { Worker } from "./worker";
 
 await runRole("worker", async (config, log) => {
   const worker = new Worker(
-    workerOptions(config, log, { name: config.TQ_WORKER_NAME ?? `${hostname()}/${process.pid}`, addresses: coordinatorAddresses(config) }),
+    workerOptions(config, log, {
+      name: config.TQ_WORKER_NAME ?? `${hostname()}/${process.pid}`,
+      addresses: coordinatorAddresses(config),
+    }),
   );
   log.info({ id: worker.id, addresses: coordinatorAddresses(config), slots: config.TQ_WORKER_SLOTS }, "worker starting");
   worker.start();

@@ -1,9 +1,10 @@
 // WorkerOptions from the configuration, shared by `bun run worker` and `bun start`.
-import { inheritedEnvironment, type Config } from "../config";
+
+import pkg from "../../package.json";
+import { type Config, inheritedEnvironment } from "../config";
 import type { Logger } from "../log";
 import { grpcClientCredentials } from "../tls";
 import type { WorkerOptions } from "./worker";
-import pkg from "../../package.json";
 
 export function workerOptions(config: Config, log: Logger, where: { name: string; addresses: string[] }): WorkerOptions {
   return {

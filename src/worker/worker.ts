@@ -6,18 +6,18 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromDate, timestampMs } from "@bufbuild/protobuf/wkt";
 import * as grpc from "@grpc/grpc-js";
 import {
-  Outcome,
-  WorkerMessageSchema,
-  WorkerService,
   type Assign,
   type CoordinatorMessage,
-  TaskFinishedSchema,
+  Outcome,
   type TaskFinished,
+  TaskFinishedSchema,
   type WorkerMessage,
+  WorkerMessageSchema,
+  WorkerService,
 } from "../gen/taskqueue/v1/worker_service_pb";
-import { clientConstructor } from "../rpc/definitions";
 import type { Logger } from "../log";
-import { execute, type Execution, type RunResult } from "./executor";
+import { clientConstructor } from "../rpc/definitions";
+import { type Execution, execute, type RunResult } from "./executor";
 
 const WorkerClient = clientConstructor(WorkerService);
 
@@ -242,7 +242,8 @@ export class Worker {
         this.connectedWaiters.clear();
         return;
       case "assign":
-        return this.run(payload.value);
+        this.run(payload.value);
+        return;
       case "cancel": {
         const ref = payload.value.ref;
         const running = ref ? this.running.get(key(ref.taskId, ref.attempt)) : undefined;
@@ -280,7 +281,10 @@ export class Worker {
     }
     if (assign.leaseExpiresAt && timestampMs(assign.leaseExpiresAt) < Date.now()) {
       // Held up past its lease (we were frozen, say): it may already run elsewhere.
-      this.options.log.warn({ task: ref.taskId, attempt: ref.attempt }, "assignment arrived after its lease lapsed; not running it");
+      this.options.log.warn(
+        { task: ref.taskId, attempt: ref.attempt },
+        "assignment arrived after its lease lapsed; not running it",
+      );
       this.report(abandoned(assign, "the assignment arrived after its lease lapsed"));
       return;
     }
@@ -331,21 +335,26 @@ export class Worker {
     void execution.result.then((result) => {
       this.running.delete(k);
       if (result.outcome !== "exited") {
-        this.options.log.info({ task: ref.taskId, attempt: ref.attempt, outcome: result.outcome, pid: result.pid }, "task stopped");
+        this.options.log.info(
+          { task: ref.taskId, attempt: ref.attempt, outcome: result.outcome, pid: result.pid },
+          "task stopped",
+        );
       }
-      this.report(create(TaskFinishedSchema, {
-        ref,
-        outcome: OUTCOMES[result.outcome],
-        exitCode: result.exitCode ?? undefined,
-        signal: result.signal ?? "",
-        stdout: result.stdout,
-        stderr: result.stderr,
-        stdoutTruncated: result.stdoutTruncated,
-        stderrTruncated: result.stderrTruncated,
-        error: result.error ?? (result.outcome === "cancelled" ? (entry.stopReason ?? "") : ""),
-        startedAt: timestampFromDate(result.startedAt),
-        finishedAt: timestampFromDate(result.finishedAt),
-      }));
+      this.report(
+        create(TaskFinishedSchema, {
+          ref,
+          outcome: OUTCOMES[result.outcome],
+          exitCode: result.exitCode ?? undefined,
+          signal: result.signal ?? "",
+          stdout: result.stdout,
+          stderr: result.stderr,
+          stdoutTruncated: result.stdoutTruncated,
+          stderrTruncated: result.stderrTruncated,
+          error: result.error ?? (result.outcome === "cancelled" ? (entry.stopReason ?? "") : ""),
+          startedAt: timestampFromDate(result.startedAt),
+          finishedAt: timestampFromDate(result.finishedAt),
+        }),
+      );
       this.poke();
     });
   }
@@ -380,8 +389,12 @@ export class Worker {
     this.leaseTimer = setTimeout(() => {
       this.leaseTimer = null;
       if (this.welcomed || this.running.size === 0) return;
-      this.options.log.warn({ running: this.running.size, leaseMs: this.leaseMs }, "lease lapsed while disconnected: stopping tasks");
-      for (const [k, entry] of this.running) this.stopEntry(k, entry, "abandoned", "the lease lapsed while the worker was cut off");
+      this.options.log.warn(
+        { running: this.running.size, leaseMs: this.leaseMs },
+        "lease lapsed while disconnected: stopping tasks",
+      );
+      for (const [k, entry] of this.running)
+        this.stopEntry(k, entry, "abandoned", "the lease lapsed while the worker was cut off");
     }, this.leaseMs);
   }
 
@@ -398,7 +411,9 @@ export class Worker {
           value: {
             seq: ++this.seq,
             // Unacknowledged results too: their attempts still hold their tasks until recorded.
-            running: [...this.running.values()].map(({ assign }) => assign.ref!).concat([...this.unacked.values()].map((f) => f.ref!)),
+            running: [...this.running.values()]
+              .map(({ assign }) => assign.ref!)
+              .concat([...this.unacked.values()].map((f) => f.ref!)),
             draining: this.draining,
           },
         },

@@ -4,14 +4,14 @@
 // the history, none is lost, and the tasks that ran more than once are no more than those in
 // flight on the killed or frozen workers. Bounded: it stops by itself within about 90 s and
 // cleans up every process it started.
-import { setDefaultTimeout, afterAll, beforeAll, expect, test } from "bun:test";
+import { afterAll, beforeAll, expect, setDefaultTimeout, test } from "bun:test";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { type EmbeddedDatabase, startEmbedded } from "../../src/db/embedded";
 import { connect, type Sql } from "../../src/db/sql";
-import { startEmbedded, type EmbeddedDatabase } from "../../src/db/embedded";
 import { freePort, HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS } from "../support/db";
-import { spawnRole, type RoleProcess } from "../support/processes";
+import { type RoleProcess, spawnRole } from "../support/processes";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -177,7 +177,9 @@ test("1,000 tasks through worker kills, a freeze, a coordinator kill and a Postg
   let open = TASKS;
   while (performance.now() < deadline) {
     const rows = await sql<{ n: number }[]>`
-      SELECT count(*)::int AS n FROM tasks WHERE state NOT IN ('succeeded', 'failed', 'timed_out', 'cancelled')`.catch(() => [{ n: TASKS }]);
+      SELECT count(*)::int AS n FROM tasks WHERE state NOT IN ('succeeded', 'failed', 'timed_out', 'cancelled')`.catch(() => [
+      { n: TASKS },
+    ]);
     open = rows[0]?.n ?? TASKS;
     if (open === 0) break;
     await Bun.sleep(200);
@@ -229,7 +231,9 @@ test("1,000 tasks through worker kills, a freeze, a coordinator kill and a Postg
           || coalesce(' (' || (detail->>'reason') || ')', ''), ', ' ORDER BY id) AS kinds
       FROM task_events WHERE task_id IN ${sql(rerun)} GROUP BY task_id`;
     // Each event as kind#attempt@worker (last 4 of its id) seconds.milliseconds (reason).
-    console.log(`victims: ${victims.map((v) => v.slice(-4)).join(", ")}; tasks that ran more than once:\n${histories.map((h) => `  ${h.task_id}: ${h.kinds}`).join("\n")}`);
+    console.log(
+      `victims: ${victims.map((v) => v.slice(-4)).join(", ")}; tasks that ran more than once:\n${histories.map((h) => `  ${h.task_id}: ${h.kinds}`).join("\n")}`,
+    );
   }
 
   expect(open).toBe(0);

@@ -2,13 +2,13 @@
 // it is due and the worker starts it at its time. A wide window here makes the wait
 // observable: the task is dispatched well before its time, still never starts early, and
 // while it waits it can be cancelled, or handed back by a draining worker.
-import { setDefaultTimeout, afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { HOOK_TIMEOUT_MS, useTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
-import { startCluster, type Cluster } from "../support/processes";
+import { HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { getJson, postJson, watchTask } from "../support/http";
+import { type Cluster, startCluster } from "../support/processes";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -19,7 +19,12 @@ let cluster: Cluster;
 
 beforeAll(async () => {
   dir = mkdtempSync(join(tmpdir(), "tq-ahead-"));
-  cluster = await startCluster(db.url, { workers: 1, slots: 2, scheduler: false, env: { TQ_DISPATCH_AHEAD_MS: String(AHEAD_MS) } });
+  cluster = await startCluster(db.url, {
+    workers: 1,
+    slots: 2,
+    scheduler: false,
+    env: { TQ_DISPATCH_AHEAD_MS: String(AHEAD_MS) },
+  });
 }, HOOK_TIMEOUT_MS);
 afterAll(async () => {
   await cluster?.stop();
@@ -31,7 +36,10 @@ const inTwoSeconds = () => new Date(Date.now() + 2000).toISOString();
 describe(`TQ_DISPATCH_AHEAD_MS=${AHEAD_MS}`, () => {
   test("a task is dispatched before its time and starts at its time, never before", async () => {
     const scheduledAt = inTwoSeconds();
-    const { json: task } = await postJson(`${cluster.coordinatorUrl}/tasks`, { command: "date +%s%3N", scheduled_at: scheduledAt });
+    const { json: task } = await postJson(`${cluster.coordinatorUrl}/tasks`, {
+      command: "date +%s%3N",
+      scheduled_at: scheduledAt,
+    });
     const dispatched = await watchTask(cluster.coordinatorUrl, task.id, (t) => t.state !== "queued");
     // Handed over while still waiting for its time.
     expect(dispatched.state).toBe("dispatched");
@@ -44,7 +52,10 @@ describe(`TQ_DISPATCH_AHEAD_MS=${AHEAD_MS}`, () => {
 
   test("cancelling a task that waits on its worker: it never runs, and the worker says it stopped it", async () => {
     const marker = join(dir, "ran");
-    const { json: task } = await postJson(`${cluster.coordinatorUrl}/tasks`, { command: `touch '${marker}'`, scheduled_at: inTwoSeconds() });
+    const { json: task } = await postJson(`${cluster.coordinatorUrl}/tasks`, {
+      command: `touch '${marker}'`,
+      scheduled_at: inTwoSeconds(),
+    });
     await watchTask(cluster.coordinatorUrl, task.id, (t) => t.state === "dispatched");
     const cancel = await postJson(`${cluster.coordinatorUrl}/tasks/${task.id}/cancel`, {});
     expect(cancel.status).toBe(200);
@@ -59,7 +70,10 @@ describe(`TQ_DISPATCH_AHEAD_MS=${AHEAD_MS}`, () => {
   test("a draining worker hands back the tasks waiting on it at once; they run elsewhere on time", async () => {
     const leaving = cluster.workers[0]!;
     const scheduledAt = inTwoSeconds();
-    const { json: task } = await postJson(`${cluster.coordinatorUrl}/tasks`, { command: "date +%s%3N", scheduled_at: scheduledAt });
+    const { json: task } = await postJson(`${cluster.coordinatorUrl}/tasks`, {
+      command: "date +%s%3N",
+      scheduled_at: scheduledAt,
+    });
     const first = await watchTask(cluster.coordinatorUrl, task.id, (t) => t.state === "dispatched");
     const staying = await cluster.addWorker();
     leaving.kill("SIGTERM");
@@ -80,7 +94,8 @@ async function waitForEvent(id: string, kind: string): Promise<{ kind: string }[
   for (;;) {
     const events = await db.sql<{ kind: string }[]>`SELECT kind FROM task_events WHERE task_id = ${id} ORDER BY id`;
     if (events.some((e) => e.kind === kind)) return [...events];
-    if (Date.now() > deadline) throw new Error(`task ${id} has no ${kind} event after 10 s: ${events.map((e) => e.kind).join(", ")}`);
+    if (Date.now() > deadline)
+      throw new Error(`task ${id} has no ${kind} event after 10 s: ${events.map((e) => e.kind).join(", ")}`);
     await Bun.sleep(20);
   }
 }

@@ -1,13 +1,13 @@
 // Fault tolerance with real processes: frozen workers, cancels and timeouts that really stop
 // processes, retries, a second coordinator to fail over to, and graceful shutdown.
-import { setDefaultTimeout, afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { freePort, useTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
-import { spawnRole, startCluster, type RoleProcess } from "../support/processes";
+import { freePort, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { getJson, postJson, watchTask } from "../support/http";
 import { isRunning } from "../support/proc";
+import { type RoleProcess, spawnRole, startCluster } from "../support/processes";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 

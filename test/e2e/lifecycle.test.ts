@@ -1,12 +1,12 @@
 // How roles come and go: a worker drains on SIGTERM, hands work back after its grace period,
 // and rides out a coordinator restart without losing or re-running its task.
-import { setDefaultTimeout, afterAll, beforeAll, expect, test } from "bun:test";
+import { afterAll, beforeAll, expect, setDefaultTimeout, test } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { useTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
-import { startCluster } from "../support/processes";
+import { TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { postJson, watchTask } from "../support/http";
+import { startCluster } from "../support/processes";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -67,7 +67,12 @@ test("a draining worker hands its task back after the grace period; it runs agai
 
 test("a coordinator restart: the worker reconnects, keeps its task, and delivers the result once", async () => {
   // A heartbeat timeout well above the restart time, so the task is not rescued meanwhile.
-  const cluster = await startCluster(db.url, { workers: 1, slots: 1, scheduler: false, env: { TQ_HEARTBEAT_TIMEOUT_MS: "10000" } });
+  const cluster = await startCluster(db.url, {
+    workers: 1,
+    slots: 1,
+    scheduler: false,
+    env: { TQ_HEARTBEAT_TIMEOUT_MS: "10000" },
+  });
   try {
     const gate = join(dir, "gate-restart");
     const { json: task } = await postJson(`${cluster.coordinatorUrl}/submit`, { command: blockUntil(gate) });
@@ -81,7 +86,10 @@ test("a coordinator restart: the worker reconnects, keeps its task, and delivers
     writeFileSync(gate, "");
     const connects = worker.lines.filter((l) => l.msg === "connected").length;
     await cluster.restartCoordinator();
-    await worker.waitFor((l) => l.msg === "connected" && worker.lines.filter((x) => x.msg === "connected").length > connects, "a second connect");
+    await worker.waitFor(
+      (l) => l.msg === "connected" && worker.lines.filter((x) => x.msg === "connected").length > connects,
+      "a second connect",
+    );
     const done = await watchTask(cluster.coordinatorUrl, task.id);
     expect(done).toMatchObject({ state: "succeeded", attempt: 1, stdout: "attempt 1\n" });
     const events = await db.sql<{ kind: string }[]>`SELECT kind FROM task_events WHERE task_id = ${task.id} ORDER BY id`;

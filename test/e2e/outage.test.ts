@@ -1,14 +1,14 @@
 // A PostgreSQL outage, on a cluster of this test's own (so that it can be stopped): the APIs
 // answer 503 promptly, results are held and delivered afterwards, dispatch resumes by
 // itself, and nothing acknowledged is lost or run again.
-import { setDefaultTimeout, afterAll, beforeAll, expect, test } from "bun:test";
+import { afterAll, beforeAll, expect, setDefaultTimeout, test } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { startEmbedded, type EmbeddedDatabase } from "../../src/db/embedded";
+import { type EmbeddedDatabase, startEmbedded } from "../../src/db/embedded";
 import { freePort, HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS } from "../support/db";
-import { startCluster, type Cluster } from "../support/processes";
 import { postJson, watchTask } from "../support/http";
+import { type Cluster, startCluster } from "../support/processes";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -89,7 +89,10 @@ test("while PostgreSQL is down the APIs answer 503, and afterwards everything ca
   });
   expect(status).toBe(201);
   // Another pooled connection may still be one the restart broke: the same bounded retry.
-  expect(await retrying(() => watchTask(cluster.coordinatorUrl, next.id))).toMatchObject({ state: "succeeded", stdout: "after\n" });
+  expect(await retrying(() => watchTask(cluster.coordinatorUrl, next.id))).toMatchObject({
+    state: "succeeded",
+    stdout: "after\n",
+  });
   // The 503 submits left nothing behind.
   const after = await fetch(`${cluster.coordinatorUrl}/tasks?limit=10`);
   const listed = (await after.json()) as { tasks: { command: string }[] };

@@ -1,11 +1,11 @@
 // `bun start` on embedded PostgreSQL, driven by the README's own curl examples.
-import { setDefaultTimeout, afterAll, beforeAll, expect, test } from "bun:test";
+import { afterAll, beforeAll, expect, setDefaultTimeout, test } from "bun:test";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { freePort, HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS } from "../support/db";
-import { RoleProcess } from "../support/processes";
 import { watchTask } from "../support/http";
+import { RoleProcess } from "../support/processes";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -80,7 +80,8 @@ test("the seed's curl examples in the README work as printed", async () => {
   expect(done).toMatchObject({ state: "failed", exit_code: 127 });
   const shown = JSON.parse(await sh(status!.replace("your_task_id", created.task_id)));
   expect(shown).toMatchObject({ task_id: created.task_id, state: "failed", exit_code: 127, completed_at: null });
-  for (const field of ["scheduled_at", "created_at", "picked_at", "started_at", "failed_at"]) expect(shown[field]).toEqual(expect.any(String));
+  for (const field of ["scheduled_at", "created_at", "picked_at", "started_at", "failed_at"])
+    expect(shown[field]).toEqual(expect.any(String));
 });
 
 test("the README's run-now example runs on the built-in workers", async () => {

@@ -1,12 +1,12 @@
 // The roles as separate processes on a real database: scheduling, execution, spreading,
 // waiting for a worker, and rescue after a SIGKILL.
-import { setDefaultTimeout, afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { HOOK_TIMEOUT_MS, useTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
-import { startCluster, type Cluster } from "../support/processes";
-import { getJson, postJson, watchTask, type TaskJson } from "../support/http";
+import { HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
+import { getJson, postJson, type TaskJson, watchTask } from "../support/http";
+import { type Cluster, startCluster } from "../support/processes";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -132,9 +132,7 @@ test("a worker killed with SIGKILL mid-task: the task runs again elsewhere and s
     });
     const first: TaskJson = await watchTask(cluster.coordinatorUrl, task.id, (t) => t.state === "running");
     expect(first.attempt).toBe(1);
-    const ids = await Promise.all(
-      cluster.workers.map(async (w) => String((await w.waitForMsg("worker starting")).id)),
-    );
+    const ids = await Promise.all(cluster.workers.map(async (w) => String((await w.waitForMsg("worker starting")).id)));
     const victimIndex = ids.indexOf(first.worker_id!);
     expect(victimIndex).toBeGreaterThanOrEqual(0);
     cluster.workers[victimIndex]!.kill("SIGKILL");

@@ -1,13 +1,13 @@
 // TLS between real processes: HTTPS on the scheduler and coordinator, TLS and mutual TLS on
 // the gRPC port, and workers that must not connect (wrong CA, no client certificate, no TLS).
-import { setDefaultTimeout, afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
-import { freePort, HOOK_TIMEOUT_MS, useTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
-import { makeTestCerts, type TestCerts } from "../support/certs";
-import { spawnRole, startCluster, type Cluster, type RoleProcess } from "../support/processes";
-import type { TaskJson } from "../support/http";
 import { isFinal } from "../../src/task/state";
+import { makeTestCerts, type TestCerts } from "../support/certs";
+import { freePort, HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
+import type { TaskJson } from "../support/http";
+import { type Cluster, type RoleProcess, spawnRole, startCluster } from "../support/processes";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -53,7 +53,10 @@ async function finished(baseUrl: string, id: string, ca?: string): Promise<TaskJ
       buffer += decoder.decode(chunk, { stream: true });
       let end: number;
       while ((end = buffer.indexOf("\n\n")) >= 0) {
-        const data = buffer.slice(0, end).split("\n").find((line) => line.startsWith("data:"));
+        const data = buffer
+          .slice(0, end)
+          .split("\n")
+          .find((line) => line.startsWith("data:"));
         buffer = buffer.slice(end + 2);
         const task = data ? (JSON.parse(data.slice(5)) as TaskJson) : null;
         if (task && isFinal(task.state)) return task;
@@ -146,7 +149,9 @@ describe("mutual TLS: the coordinator with TQ_TLS_CLIENT_CA", () => {
   }, HOOK_TIMEOUT_MS);
 
   test("a worker with a client certificate connects and runs a task", async () => {
-    await cluster.addWorker(workerTls({ TQ_TLS_CA: certs.ca, TQ_TLS_CLIENT_CERT: certs.clientCert, TQ_TLS_CLIENT_KEY: certs.clientKey }));
+    await cluster.addWorker(
+      workerTls({ TQ_TLS_CA: certs.ca, TQ_TLS_CLIENT_CERT: certs.clientCert, TQ_TLS_CLIENT_KEY: certs.clientKey }),
+    );
     const coordinatorUrl = await startedUrl(cluster.coordinator, "coordinator started", "httpUrl");
     const task = await submit(coordinatorUrl, "echo mutual");
     expect(await finished(coordinatorUrl, task.id)).toMatchObject({ state: "succeeded", stdout: "mutual\n" });

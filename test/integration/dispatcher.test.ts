@@ -1,11 +1,11 @@
-import { setDefaultTimeout, describe, expect, test } from "bun:test";
-import { useTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
-import { createTask, taskSpec } from "../support/factories";
+import { describe, expect, setDefaultTimeout, test } from "bun:test";
 import { Dispatcher } from "../../src/coordinator/dispatcher";
-import { WorkerRegistry, type WorkerConnection } from "../../src/coordinator/registry";
-import { silentLogger } from "../../src/log";
+import { type WorkerConnection, WorkerRegistry } from "../../src/coordinator/registry";
 import type { Sql } from "../../src/db/sql";
 import type { CoordinatorMessage } from "../../src/gen/taskqueue/v1/worker_service_pb";
+import { silentLogger } from "../../src/log";
+import { TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
+import { createTask, taskSpec } from "../support/factories";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -39,7 +39,15 @@ function fakeWorker(id: string, onAssign: (message: CoordinatorMessage) => void)
 }
 
 function dispatcher(sql: Sql, registry: WorkerRegistry, aheadMs = 0): Dispatcher {
-  return new Dispatcher({ sql, registry, coordinatorId: "c-test", log: silentLogger, safetyPollMs: 60_000, leaseMs: 4000, aheadMs });
+  return new Dispatcher({
+    sql,
+    registry,
+    coordinatorId: "c-test",
+    log: silentLogger,
+    safetyPollMs: 60_000,
+    leaseMs: 4000,
+    aheadMs,
+  });
 }
 
 describe("Dispatcher timer", () => {

@@ -2,7 +2,7 @@
 // every gRPC method. Every answer must be a 4xx (or a 200 for a read that is allowed) on REST,
 // and INVALID_ARGUMENT / UNAUTHENTICATED / PERMISSION_DENIED / NOT_FOUND on gRPC: never a 5xx,
 // INTERNAL or UNKNOWN; no process dies; and no rejected request writes anything.
-import { setDefaultTimeout, beforeAll, expect, test } from "bun:test";
+import { beforeAll, expect, setDefaultTimeout, test } from "bun:test";
 import * as grpc from "@grpc/grpc-js";
 import { createApp } from "../../src/api";
 import { Authenticator } from "../../src/auth/authenticator";
@@ -15,7 +15,7 @@ import { insertToken } from "../../src/db/tokens";
 import { TaskService } from "../../src/gen/taskqueue/v1/task_service_pb";
 import { WorkerService } from "../../src/gen/taskqueue/v1/worker_service_pb";
 import { silentLogger } from "../../src/log";
-import { freePort, HOOK_TIMEOUT_MS, useTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
+import { freePort, HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -36,7 +36,7 @@ function prng(seed: number) {
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
   const int = (n: number) => Math.floor(next() * n);
-  const pick = <T,>(items: readonly T[]): T => items[int(items.length)]!;
+  const pick = <T>(items: readonly T[]): T => items[int(items.length)]!;
   return { next, int, pick };
 }
 
@@ -63,7 +63,7 @@ const NASTY_STRINGS = [
   "-1",
   "1e309",
   "x".repeat(70_000),
-  "tq_aaaaaaaaaaaa_" + "b".repeat(43),
+  `tq_aaaaaaaaaaaa_${"b".repeat(43)}`,
   "{}",
   "[]",
 ];
@@ -90,7 +90,21 @@ function randomValue(rng: Rng, depth = 0): unknown {
       return Array.from({ length: rng.int(4) }, () => randomValue(rng, depth + 1));
     default: {
       const object: Record<string, unknown> = {};
-      for (let i = rng.int(4); i > 0; i--) object[rng.pick(["command", "scheduled_at", "env", "cwd", "timeout_ms", "retry", "secret_env", "x", "__proto__", "constructor"])] = randomValue(rng, depth + 1);
+      for (let i = rng.int(4); i > 0; i--)
+        object[
+          rng.pick([
+            "command",
+            "scheduled_at",
+            "env",
+            "cwd",
+            "timeout_ms",
+            "retry",
+            "secret_env",
+            "x",
+            "__proto__",
+            "constructor",
+          ])
+        ] = randomValue(rng, depth + 1);
       return object;
     }
   }
@@ -108,7 +122,14 @@ function invalidSubmit(rng: Rng): unknown {
       body.command = rng.pick(["", "   ", "a\u0000b", "x".repeat(70_000), 5, null, [], {}]);
       break;
     case 2:
-      body.scheduled_at = rng.pick(["2023-02-30T00:00:00Z", "2023-04-01T15:04:05", "yesterday", 0, null, "10000-01-01T00:00:00Z"]);
+      body.scheduled_at = rng.pick([
+        "2023-02-30T00:00:00Z",
+        "2023-04-01T15:04:05",
+        "yesterday",
+        0,
+        null,
+        "10000-01-01T00:00:00Z",
+      ]);
       break;
     case 3:
       body.env = rng.pick([{ "1BAD": "x" }, { A: "\u0000" }, { A: 5 }, "A=1", { A: "x".repeat(40_000) }]);
@@ -171,15 +192,28 @@ function restCase(rng: Rng, tokens: Record<Scope, string>): FuzzCase {
   if (auth < 3) headers.authorization = `Bearer ${tokens.admin}`;
   else if (auth === 3) headers.authorization = `Bearer ${tokens.read}`;
   // Header values a client can send at all: visible ASCII and spaces.
-  else if (auth === 4) headers.authorization = rng.pick(["Bearer", "Basic Zm9vOmJhcg==", `Bearer ${printable(randomString(rng))}`, "x".repeat(8000)]);
-  if (rng.next() < 0.3) headers["content-type"] = rng.pick(["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/json; charset=latin1", "garbage"]);
+  else if (auth === 4)
+    headers.authorization = rng.pick([
+      "Bearer",
+      "Basic Zm9vOmJhcg==",
+      `Bearer ${printable(randomString(rng))}`,
+      "x".repeat(8000),
+    ]);
+  if (rng.next() < 0.3)
+    headers["content-type"] = rng.pick([
+      "text/plain",
+      "application/x-www-form-urlencoded",
+      "multipart/form-data; boundary=x",
+      "application/json; charset=latin1",
+      "garbage",
+    ]);
   if (rng.next() < 0.2) headers["idempotency-key"] = rng.pick(["ok-key", " spaced ", "k".repeat(300), "\u00fc"]);
   if (rng.next() < 0.05) headers["x-huge"] = "h".repeat(50_000);
   const route = rng.int(10);
   const bodyOf = (): string | Uint8Array => {
     const kind = rng.int(10);
     if (kind === 0) return crypto.getRandomValues(new Uint8Array(rng.int(200)));
-    if (kind === 1) return "{\"command\": ";
+    if (kind === 1) return '{"command": ';
     if (kind === 2) return "x".repeat(2 * 1024 * 1024);
     if (kind === 3) return "[".repeat(100_000);
     return JSON.stringify(invalidSubmit(rng));
@@ -203,11 +237,22 @@ function restCase(rng: Rng, tokens: Record<Scope, string>): FuzzCase {
         submit: false,
       };
     case 6:
-      return { method: "POST", path: `/tasks/${randomId(rng)}/cancel`, body: rng.next() < 0.5 ? bodyOf() : undefined, headers, submit: false };
+      return {
+        method: "POST",
+        path: `/tasks/${randomId(rng)}/cancel`,
+        body: rng.next() < 0.5 ? bodyOf() : undefined,
+        headers,
+        submit: false,
+      };
     case 7:
       return { method: "GET", path: `/tasks/${randomId(rng)}/events`, headers, submit: false };
     case 8:
-      return { method: rng.pick(["PUT", "DELETE", "PATCH", "GET"]), path: rng.pick(["/workers", "/schedule", "/tasks/x/y/z", "/%00", "/" + "a".repeat(3000)]), headers, submit: false };
+      return {
+        method: rng.pick(["PUT", "DELETE", "PATCH", "GET"]),
+        path: rng.pick(["/workers", "/schedule", "/tasks/x/y/z", "/%00", `/${"a".repeat(3000)}`]),
+        headers,
+        submit: false,
+      };
     default:
       return { method: "GET", path: rng.pick(["/healthz", "/readyz", "/openapi/json"]), headers, submit: false };
   }
@@ -231,7 +276,15 @@ test(`REST: ${REST_CASES} hostile requests, never a 5xx, nothing rejected is wri
   await feed.start();
   const auth = new Authenticator(db.sql, config, silentLogger);
   await auth.start();
-  const app = createApp({ role: "scheduler", config, sql: db.sql, feed, log: silentLogger, auth, submit: (id, spec, actor) => insertTask(db.sql, id, spec, { actor }) });
+  const app = createApp({
+    role: "scheduler",
+    config,
+    sql: db.sql,
+    feed,
+    log: silentLogger,
+    auth,
+    submit: (id, spec, actor) => insertTask(db.sql, id, spec, { actor }),
+  });
   const statuses = new Map<number, number>();
   try {
     for (let i = 0; i < REST_CASES; i++) {
@@ -247,7 +300,8 @@ test(`REST: ${REST_CASES} hostile requests, never a 5xx, nothing rejected is wri
       await response.arrayBuffer();
       statuses.set(response.status, (statuses.get(response.status) ?? 0) + 1);
       if (response.status >= 500) throw new Error(`case ${i} (${c.method} ${c.path.slice(0, 80)}) answered ${response.status}`);
-      if (c.submit && response.status < 400) throw new Error(`case ${i}: an invalid submit was accepted (${c.method} ${c.path}): ${String(c.body).slice(0, 200)}`);
+      if (c.submit && response.status < 400)
+        throw new Error(`case ${i}: an invalid submit was accepted (${c.method} ${c.path}): ${String(c.body).slice(0, 200)}`);
     }
   } finally {
     auth.stop();
@@ -271,7 +325,14 @@ test(`gRPC: ${GRPC_CASES} garbage messages, only client-error statuses, and the 
   const client = new grpc.Client(address, grpc.credentials.createInsecure());
   const raw = (bytes: Buffer) => bytes;
   const codes = new Map<string, number>();
-  const allowed = new Set([grpc.status.INVALID_ARGUMENT, grpc.status.UNAUTHENTICATED, grpc.status.PERMISSION_DENIED, grpc.status.NOT_FOUND, grpc.status.FAILED_PRECONDITION, grpc.status.OK]);
+  const allowed = new Set([
+    grpc.status.INVALID_ARGUMENT,
+    grpc.status.UNAUTHENTICATED,
+    grpc.status.PERMISSION_DENIED,
+    grpc.status.NOT_FOUND,
+    grpc.status.FAILED_PRECONDITION,
+    grpc.status.OK,
+  ]);
   try {
     const methods = [
       ...TaskService.methods.map((m) => ({ path: `/${TaskService.typeName}/${m.name}`, kind: m.methodKind })),
@@ -315,7 +376,9 @@ test(`gRPC: ${GRPC_CASES} garbage messages, only client-error statuses, and the 
       const name = grpc.status[code] ?? String(code);
       codes.set(name, (codes.get(name) ?? 0) + 1);
       if (!allowed.has(code) && code !== grpc.status.CANCELLED) {
-        throw new Error(`case ${i}: ${method.path} answered ${name} (${details}) to ${bytes.length} random bytes (metadata ${JSON.stringify(metadata.getMap()).slice(0, 300)})`);
+        throw new Error(
+          `case ${i}: ${method.path} answered ${name} (${details}) to ${bytes.length} random bytes (metadata ${JSON.stringify(metadata.getMap()).slice(0, 300)})`,
+        );
       }
     }
     console.log(`fuzz gRPC codes: ${JSON.stringify(Object.fromEntries([...codes].sort()))}`);
@@ -323,11 +386,19 @@ test(`gRPC: ${GRPC_CASES} garbage messages, only client-error statuses, and the 
     expect(Number(written[0]?.n)).toBe(0);
     // Still serving.
     const alive = await new Promise<number>((resolve) =>
-      client.makeUnaryRequest(`/${TaskService.typeName}/ListTasks`, raw, raw, Buffer.alloc(0), (() => {
-        const m = new grpc.Metadata();
-        m.set("authorization", `Bearer ${tokens.read}`);
-        return m;
-      })(), { deadline: Date.now() + 5000 }, (error) => resolve(error ? error.code : grpc.status.OK)),
+      client.makeUnaryRequest(
+        `/${TaskService.typeName}/ListTasks`,
+        raw,
+        raw,
+        Buffer.alloc(0),
+        (() => {
+          const m = new grpc.Metadata();
+          m.set("authorization", `Bearer ${tokens.read}`);
+          return m;
+        })(),
+        { deadline: Date.now() + 5000 },
+        (error) => resolve(error ? error.code : grpc.status.OK),
+      ),
     );
     expect(alive).toBe(grpc.status.OK);
   } finally {
@@ -335,4 +406,3 @@ test(`gRPC: ${GRPC_CASES} garbage messages, only client-error statuses, and the 
     await coordinator.stop();
   }
 }, 120_000);
-

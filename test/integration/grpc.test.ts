@@ -1,29 +1,29 @@
 // gRPC round trips against a real coordinator (in this process) on a real database: the
 // TaskService a client uses, and the WorkerService stream a worker speaks, driven by hand.
-import { setDefaultTimeout, afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import * as grpc from "@grpc/grpc-js";
+import { loadConfig } from "../../src/config";
+import { Coordinator } from "../../src/coordinator/coordinator";
+import { TaskChangeFeed } from "../../src/db/notify";
 import { TaskState } from "../../src/gen/taskqueue/v1/task_pb";
 import {
-  TaskService,
   type ListTasksResponse,
   type SubmitTaskResponse,
+  TaskService,
   type WatchTaskResponse,
 } from "../../src/gen/taskqueue/v1/task_service_pb";
 import {
+  type CoordinatorMessage,
   Outcome,
+  type WorkerMessage,
   WorkerMessageSchema,
   WorkerService,
-  type CoordinatorMessage,
-  type WorkerMessage,
 } from "../../src/gen/taskqueue/v1/worker_service_pb";
-import { loadConfig } from "../../src/config";
-import { Coordinator } from "../../src/coordinator/coordinator";
-import { clientConstructor } from "../../src/rpc/definitions";
 import { silentLogger } from "../../src/log";
-import { TaskChangeFeed, type TaskChange } from "../../src/db/notify";
-import { freePort, HOOK_TIMEOUT_MS, useTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
+import { clientConstructor } from "../../src/rpc/definitions";
+import { freePort, HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -37,7 +37,9 @@ const WorkerClient = clientConstructor(WorkerService);
 
 function call<Res>(method: string, request: object, metadata = new grpc.Metadata()): Promise<Res> {
   return new Promise((resolve, reject) =>
-    tasks[method]!(request, metadata, (error: grpc.ServiceError | null, response: Res) => (error ? reject(error) : resolve(response))),
+    tasks[method]!(request, metadata, (error: grpc.ServiceError | null, response: Res) =>
+      error ? reject(error) : resolve(response),
+    ),
   );
 }
 

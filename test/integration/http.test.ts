@@ -1,15 +1,15 @@
-import { setDefaultTimeout, afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, beforeEach, describe, expect, setDefaultTimeout, test } from "bun:test";
 import pino from "pino";
-import { useTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
-import { attemptResult, createTask, newTaskId, openAuth, taskSpec } from "../support/factories";
-import { createApp } from "../../src/api/index";
 import type { ApiDeps } from "../../src/api/deps";
+import { createApp } from "../../src/api/index";
 import { loadConfig } from "../../src/config";
 import { TaskChangeFeed } from "../../src/db/notify";
 import { connect, type Sql } from "../../src/db/sql";
 import { cancelTask, claimDue, finishAttempt, getTask, insertTask } from "../../src/db/tasks";
 import { markWorkerGone, upsertWorker } from "../../src/db/workers";
 import { silentLogger } from "../../src/log";
+import { TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
+import { attemptResult, createTask, newTaskId, openAuth, taskSpec } from "../support/factories";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -115,8 +115,19 @@ const TASK_KEYS = [
 ].sort();
 
 const STATUS_KEYS = [
-  "task_id", "command", "state", "scheduled_at", "picked_at", "started_at", "completed_at", "failed_at", "created_at",
-  "cancelled_at", "attempt", "exit_code", "error",
+  "task_id",
+  "command",
+  "state",
+  "scheduled_at",
+  "picked_at",
+  "started_at",
+  "completed_at",
+  "failed_at",
+  "created_at",
+  "cancelled_at",
+  "attempt",
+  "exit_code",
+  "error",
 ].sort();
 
 const ISO_MS = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/;
@@ -131,11 +142,9 @@ const success = attemptResult({ stdout: "done\n" });
 
 describe("POST /schedule (seed)", () => {
   test("the seed's curl request, JSON sent as x-www-form-urlencoded, is accepted with 200", async () => {
-    const answer = await post(
-      "/schedule",
-      '{"command":"your_task_command", "scheduled_at":"2023-04-01T15:04:05Z"}',
-      { headers: { "content-type": "application/x-www-form-urlencoded" } },
-    );
+    const answer = await post("/schedule", '{"command":"your_task_command", "scheduled_at":"2023-04-01T15:04:05Z"}', {
+      headers: { "content-type": "application/x-www-form-urlencoded" },
+    });
     expect(answer.status).toBe(200);
     expect(Object.keys(answer.json).sort()).toEqual(["command", "scheduled_at", "task_id"]);
     expect(answer.json).toMatchObject({ command: "your_task_command", scheduled_at: "2023-04-01T15:04:05.000Z" });
@@ -288,10 +297,38 @@ describe("POST /submit and POST /tasks", () => {
     ["an empty command", '{"command": ""}', 400, "invalid_argument", "command", /non-empty/],
     ["a blank command", '{"command": "   "}', 400, "invalid_argument", "command", /blank/],
     ["a NUL in the command", '{"command": "echo a\\u0000b"}', 400, "invalid_argument", "command", /NUL/],
-    ["an unparseable scheduled_at", '{"command": "x", "scheduled_at": "next tuesday"}', 400, "invalid_argument", "scheduled_at", /RFC 3339/],
-    ["a scheduled_at without zone", '{"command": "x", "scheduled_at": "2023-04-01T15:04:05"}', 400, "invalid_argument", "scheduled_at", /time zone/],
-    ["an impossible date", '{"command": "x", "scheduled_at": "2023-02-30T15:04:05Z"}', 400, "invalid_argument", "scheduled_at", /calendar/],
-    ["a year before 1970", '{"command": "x", "scheduled_at": "1900-01-01T00:00:00Z"}', 400, "invalid_argument", "scheduled_at", /1970/],
+    [
+      "an unparseable scheduled_at",
+      '{"command": "x", "scheduled_at": "next tuesday"}',
+      400,
+      "invalid_argument",
+      "scheduled_at",
+      /RFC 3339/,
+    ],
+    [
+      "a scheduled_at without zone",
+      '{"command": "x", "scheduled_at": "2023-04-01T15:04:05"}',
+      400,
+      "invalid_argument",
+      "scheduled_at",
+      /time zone/,
+    ],
+    [
+      "an impossible date",
+      '{"command": "x", "scheduled_at": "2023-02-30T15:04:05Z"}',
+      400,
+      "invalid_argument",
+      "scheduled_at",
+      /calendar/,
+    ],
+    [
+      "a year before 1970",
+      '{"command": "x", "scheduled_at": "1900-01-01T00:00:00Z"}',
+      400,
+      "invalid_argument",
+      "scheduled_at",
+      /1970/,
+    ],
     ["a numeric scheduled_at", '{"command": "x", "scheduled_at": 1680361445}', 400, "invalid_argument", "scheduled_at", /string/],
     ["a string timeout", '{"command": "x", "timeout_ms": "10"}', 400, "invalid_argument", "timeout_ms", /integer/],
     ["a fractional timeout", '{"command": "x", "timeout_ms": 2.5}', 400, "invalid_argument", "timeout_ms", /integer/],
@@ -367,7 +404,11 @@ describe("body size limit", () => {
         controller.enqueue(chunk);
       },
     });
-    const request = new Request("http://localhost/submit", { method: "POST", body, headers: { "content-type": "application/json" } });
+    const request = new Request("http://localhost/submit", {
+      method: "POST",
+      body,
+      headers: { "content-type": "application/json" },
+    });
     expect(request.headers.get("content-length")).toBeNull();
     const response = await small.handle(request);
     expect(response.status).toBe(413);
@@ -485,7 +526,14 @@ describe("GET /tasks", () => {
 
 describe("GET /workers", () => {
   test("lists live workers with the tasks they hold", async () => {
-    await upsertWorker(db.sql, { id: "w1", name: "alpha", coordinatorId: "c1", slots: 4, labels: { zone: "a" }, version: "1.2.3" });
+    await upsertWorker(db.sql, {
+      id: "w1",
+      name: "alpha",
+      coordinatorId: "c1",
+      slots: 4,
+      labels: { zone: "a" },
+      version: "1.2.3",
+    });
     await upsertWorker(db.sql, { id: "w2", name: "beta", coordinatorId: "c1", slots: 2, labels: {}, version: "1.2.3" });
     await markWorkerGone(db.sql, "w2", "c1");
     await createTask(db.sql, taskSpec());
@@ -527,8 +575,17 @@ describe("health and documentation", () => {
     expect(doc.info).toMatchObject({ title: "task-queue", version: (await Bun.file("package.json").json()).version });
     expect(Object.keys(doc.paths).sort()).toEqual(
       [
-        "/healthz", "/readyz", "/schedule", "/status", "/submit", "/tasks", "/tasks/batch", "/tasks/{id}", "/tasks/{id}/cancel",
-        "/tasks/{id}/events", "/workers",
+        "/healthz",
+        "/readyz",
+        "/schedule",
+        "/status",
+        "/submit",
+        "/tasks",
+        "/tasks/batch",
+        "/tasks/{id}",
+        "/tasks/{id}/cancel",
+        "/tasks/{id}/events",
+        "/workers",
       ].sort(),
     );
     expect(doc.paths["/tasks"].post.requestBody.content["application/json"].schema.required).toEqual(["command"]);
@@ -600,9 +657,7 @@ describe("failures", () => {
         },
       }),
     );
-    const response = await broken.handle(
-      new Request("http://localhost/submit", { method: "POST", body: '{"command":"x"}' }),
-    );
+    const response = await broken.handle(new Request("http://localhost/submit", { method: "POST", body: '{"command":"x"}' }));
     expect(response.status).toBe(500);
     const text = await response.text();
     expect(text).not.toContain("secret");
@@ -626,8 +681,16 @@ describe("Idempotency-Key", () => {
     expect(again.status).toBe(200);
     expect(again.headers.get("idempotent-replayed")).toBe("true");
     expect(again.json.id).toBe(first.json.id);
-    const viaSchedule = await post("/schedule", { command: "echo s", scheduled_at: "2030-01-01T00:00:00Z" }, { headers: { "idempotency-key": "s-1" } });
-    const scheduleAgain = await post("/schedule", { command: "echo s", scheduled_at: "2030-01-01T00:00:00Z" }, { headers: { "idempotency-key": "s-1" } });
+    const viaSchedule = await post(
+      "/schedule",
+      { command: "echo s", scheduled_at: "2030-01-01T00:00:00Z" },
+      { headers: { "idempotency-key": "s-1" } },
+    );
+    const scheduleAgain = await post(
+      "/schedule",
+      { command: "echo s", scheduled_at: "2030-01-01T00:00:00Z" },
+      { headers: { "idempotency-key": "s-1" } },
+    );
     expect(scheduleAgain.json.task_id).toBe(viaSchedule.json.task_id);
     const count = await db.sql<{ n: number }[]>`SELECT count(*)::int AS n FROM tasks`;
     expect(count[0]?.n).toBe(2);
@@ -661,7 +724,9 @@ describe("Idempotency-Key", () => {
 
 describe("POST /tasks/batch", () => {
   test("creates every task in one go, in order", async () => {
-    const answer = await post("/tasks/batch", { tasks: [{ command: "echo 1" }, { command: "echo 2", scheduled_at: "2099-01-01T00:00:00Z", env: { A: "1" } }] });
+    const answer = await post("/tasks/batch", {
+      tasks: [{ command: "echo 1" }, { command: "echo 2", scheduled_at: "2099-01-01T00:00:00Z", env: { A: "1" } }],
+    });
     expect(answer.status).toBe(201);
     expect(answer.json.tasks.map((t: { command: string }) => t.command)).toEqual(["echo 1", "echo 2"]);
     for (const task of answer.json.tasks) expectTaskJson(task);
@@ -674,7 +739,9 @@ describe("POST /tasks/batch", () => {
     const answer = await post("/tasks/batch", { tasks: [{ command: "echo ok" }, { command: "" }] });
     expect(answer.status).toBe(400);
     expect(answer.json.error.field).toMatch(/^tasks(\[1\]|\/1|\.1)/);
-    const bad = await post("/tasks/batch", { tasks: [{ command: "echo ok" }, { command: "x", scheduled_at: "2023-04-01T15:04:05" }] });
+    const bad = await post("/tasks/batch", {
+      tasks: [{ command: "echo ok" }, { command: "x", scheduled_at: "2023-04-01T15:04:05" }],
+    });
     expectError(bad, 400, "invalid_argument", "tasks[1].scheduled_at", /time zone/);
     const empty = await post("/tasks/batch", { tasks: [] });
     expect(empty.status).toBe(400);

@@ -1,8 +1,8 @@
 // Who may do what: API tokens and scopes on REST and gRPC, worker join and resume tokens,
 // secret environment values, the audit trail, rate limits and the safe-defaults check.
-import { setDefaultTimeout, afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
-import * as grpc from "@grpc/grpc-js";
+import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import * as grpc from "@grpc/grpc-js";
 import pino from "pino";
 import { createApp } from "../../src/api";
 import { Authenticator } from "../../src/auth/authenticator";
@@ -15,14 +15,14 @@ import { insertTask } from "../../src/db/tasks";
 import { insertToken, revokeToken } from "../../src/db/tokens";
 import { TaskService } from "../../src/gen/taskqueue/v1/task_service_pb";
 import {
-  WorkerMessageSchema,
-  WorkerService,
   type CoordinatorMessage,
   type WorkerMessage,
+  WorkerMessageSchema,
+  WorkerService,
 } from "../../src/gen/taskqueue/v1/worker_service_pb";
 import { silentLogger } from "../../src/log";
 import { clientConstructor } from "../../src/rpc/definitions";
-import { freePort, HOOK_TIMEOUT_MS, useTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
+import { freePort, HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -131,7 +131,10 @@ describe("REST", () => {
   });
 
   test("task_events records which token submitted and which cancelled", async () => {
-    const submitted = await call("POST", "/tasks", tokens.canceller, { command: "echo audit", scheduled_at: "2099-01-01T00:00:00Z" });
+    const submitted = await call("POST", "/tasks", tokens.canceller, {
+      command: "echo audit",
+      scheduled_at: "2099-01-01T00:00:00Z",
+    });
     await call("POST", `/tasks/${submitted.json.id}/cancel`, tokens.canceller);
     const events = await db.sql<{ kind: string; actor: string | null }[]>`
       SELECT kind, actor FROM task_events WHERE task_id = ${submitted.json.id} ORDER BY id`;
@@ -180,7 +183,15 @@ test("a per-token rate limit answers 429 with Retry-After", async () => {
   const auth = new Authenticator(db.sql, config, silentLogger);
   await auth.start();
   const feed = new TaskChangeFeed(db.sql);
-  const app = createApp({ role: "scheduler", config, sql: db.sql, feed, log: silentLogger, auth, submit: () => Promise.reject(new Error("unused")) });
+  const app = createApp({
+    role: "scheduler",
+    config,
+    sql: db.sql,
+    feed,
+    log: silentLogger,
+    auth,
+    submit: () => Promise.reject(new Error("unused")),
+  });
   const get = () => app.handle(new Request("http://localhost/workers", { headers: { authorization: `Bearer ${token}` } }));
   expect((await get()).status).toBe(200);
   expect((await get()).status).toBe(200);
@@ -264,7 +275,9 @@ describe("gRPC", () => {
     const client = new WorkerClient(address, grpc.credentials.createInsecure(), { "grpc.use_local_subchannel_pool": 1 });
     const metadata = new grpc.Metadata();
     if (token) metadata.set("authorization", `Bearer ${token}`);
-    const stream = (client as unknown as { connect(m: grpc.Metadata): grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage> }).connect(metadata);
+    const stream = (
+      client as unknown as { connect(m: grpc.Metadata): grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage> }
+    ).connect(metadata);
     const received: CoordinatorMessage[] = [];
     let wake: (() => void) | null = null;
     const closed = new Promise<grpc.ServiceError | null>((resolve) => {
@@ -276,7 +289,8 @@ describe("gRPC", () => {
       wake?.();
     });
     return {
-      send: (payload: MessageInitShape<typeof WorkerMessageSchema>["payload"]) => stream.write(create(WorkerMessageSchema, { payload })),
+      send: (payload: MessageInitShape<typeof WorkerMessageSchema>["payload"]) =>
+        stream.write(create(WorkerMessageSchema, { payload })),
       next: async () => {
         while (received.length === 0) await new Promise<void>((resolve) => (wake = resolve));
         return received.shift()!;
@@ -294,7 +308,7 @@ describe("gRPC", () => {
     expect(anonymous.error?.code).toBe(grpc.status.UNAUTHENTICATED);
     const wrongScope = await unary("submitTask", { command: "echo x" }, reader);
     expect(wrongScope.error?.code).toBe(grpc.status.PERMISSION_DENIED);
-    const bad = await unary("getTask", { id: Bun.randomUUIDv7() }, "tq_aaaaaaaaaaaa_" + "b".repeat(43));
+    const bad = await unary("getTask", { id: Bun.randomUUIDv7() }, `tq_aaaaaaaaaaaa_${"b".repeat(43)}`);
     expect(bad.error?.code).toBe(grpc.status.UNAUTHENTICATED);
     const ok = await unary("submitTask", { command: "echo x", scheduledAt: { seconds: 4_000_000_000n } }, submitter);
     expect(ok.error).toBeNull();

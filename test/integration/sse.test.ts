@@ -1,16 +1,16 @@
-import { setDefaultTimeout, afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
-import { useTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
-import { createTask, newTaskId, openAuth, taskSpec } from "../support/factories";
-import { createApp } from "../../src/api/index";
+import { afterAll, beforeAll, beforeEach, describe, expect, setDefaultTimeout, test } from "bun:test";
 import type { ApiDeps } from "../../src/api/deps";
+import { createApp } from "../../src/api/index";
 import { watchTask } from "../../src/api/service";
 import { taskEventsResponse } from "../../src/api/sse";
 import { loadConfig } from "../../src/config";
-import { TaskChangeFeed, type TaskChange } from "../../src/db/notify";
+import { type TaskChange, TaskChangeFeed } from "../../src/db/notify";
 import type { Sql } from "../../src/db/sql";
 import { cancelTask, claimDue, insertTask } from "../../src/db/tasks";
 import { silentLogger } from "../../src/log";
 import { TaskQueueError } from "../../src/task/errors";
+import { TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
+import { createTask, newTaskId, openAuth, taskSpec } from "../support/factories";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 

@@ -1,27 +1,27 @@
-import { setDefaultTimeout, describe, expect, test } from "bun:test";
-import { useTestDatabase, createTestDatabase, dropTestDatabase, TEST_TIMEOUT_MS } from "../support/db";
-import { attemptResult, taskSpec, newTaskId, createTask } from "../support/factories";
-import {
-  insertTask,
-  getTask,
-  claimDue,
-  markStarted,
-  finishAttempt,
-  requeueWorkerTasks,
-  renewLeases,
-  requeueExpiredLeases,
-  cancelTask,
-  nextDueIn,
-  listTasks,
-  requeueAttempt,
-  insertTasks,
-} from "../../src/db/tasks";
+import { describe, expect, setDefaultTimeout, test } from "bun:test";
 import { listTaskEvents } from "../../src/db/events";
-import { upsertWorker, touchWorkers, markWorkerGone, listLiveWorkers } from "../../src/db/workers";
-import { TaskChangeFeed, type TaskChange } from "../../src/db/notify";
 import { migrate, readMigrations } from "../../src/db/migrate";
+import { type TaskChange, TaskChangeFeed } from "../../src/db/notify";
 import { connect } from "../../src/db/sql";
+import {
+  cancelTask,
+  claimDue,
+  finishAttempt,
+  getTask,
+  insertTask,
+  insertTasks,
+  listTasks,
+  markStarted,
+  nextDueIn,
+  renewLeases,
+  requeueAttempt,
+  requeueExpiredLeases,
+  requeueWorkerTasks,
+} from "../../src/db/tasks";
+import { listLiveWorkers, markWorkerGone, touchWorkers, upsertWorker } from "../../src/db/workers";
 import type { AttemptResult } from "../../src/task/task";
+import { createTestDatabase, dropTestDatabase, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
+import { attemptResult, createTask, newTaskId, taskSpec } from "../support/factories";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -67,7 +67,11 @@ describe("insertTask", () => {
     });
     for (let i = 0; i < 100; i++) await createTask(db.sql, taskSpec());
     // A statement notifies coordinators of the queued task it holds that is due first.
-    for (let i = 0; i < 10; i++) await insertTasks(db.sql, Array.from({ length: 10 }, () => ({ id: newTaskId(), spec: taskSpec() })));
+    for (let i = 0; i < 10; i++)
+      await insertTasks(
+        db.sql,
+        Array.from({ length: 10 }, () => ({ id: newTaskId(), spec: taskSpec() })),
+      );
     await all;
     await feed.stop();
     expect(dues.filter((d) => d !== 0)).toEqual([]);
@@ -126,7 +130,10 @@ describe("claimDue", () => {
     const b = connect(db.url, { max: 1 });
     const got: string[] = [];
     for (let round = 0; round < 10; round++) {
-      const [x, y] = await Promise.all([claimDue(a, "ca", ["w", "w", "w", "w"], 30_000), claimDue(b, "cb", ["v", "v", "v", "v"], 30_000)]);
+      const [x, y] = await Promise.all([
+        claimDue(a, "ca", ["w", "w", "w", "w"], 30_000),
+        claimDue(b, "cb", ["v", "v", "v", "v"], 30_000),
+      ]);
       got.push(...x.map((t) => t.id), ...y.map((t) => t.id));
     }
     await Promise.all([a.end(), b.end()]);
@@ -241,7 +248,8 @@ describe("leases", () => {
   test("a lapse is believed once the worker's coordinator has vouched for it since, or has been silent two leases", async () => {
     await clear();
     const LEASE = 1000;
-    const worker = (id: string) => upsertWorker(db.sql, { id, name: id, coordinatorId: "c1", slots: 4, labels: {}, version: "t" });
+    const worker = (id: string) =>
+      upsertWorker(db.sql, { id, name: id, coordinatorId: "c1", slots: 4, labels: {}, version: "t" });
     await Promise.all(["lagging", "vouched", "silent", "gone"].map(worker));
     const tasks = await Promise.all(Array.from({ length: 4 }, () => createTask(db.sql, taskSpec())));
     const claimed = await claimDue(db.sql, "c1", ["lagging", "vouched", "silent", "gone"], LEASE);
@@ -255,7 +263,9 @@ describe("leases", () => {
     await db.sql`UPDATE workers SET last_heartbeat_at = now() WHERE id = 'vouched'`;
     // silent: no pass for more than two leases (and the database has been up longer than that).
     await db.sql`UPDATE workers SET last_heartbeat_at = now() - interval '5 seconds' WHERE id = 'silent'`;
-    const [{ up } = { up: 0 }] = await db.sql<{ up: number }[]>`SELECT extract(epoch FROM now() - pg_postmaster_start_time()) AS up`;
+    const [{ up } = { up: 0 }] = await db.sql<
+      { up: number }[]
+    >`SELECT extract(epoch FROM now() - pg_postmaster_start_time()) AS up`;
     expect(Number(up)).toBeGreaterThan(2);
     await markWorkerGone(db.sql, "gone", "c1");
 
@@ -287,7 +297,10 @@ describe("retries", () => {
     await clear();
     const task = await createTask(
       db.sql,
-      taskSpec({ maxAttempts: 3, retry: { onFailure: true, onTimeout: true, onLost: true, backoffBaseMs: 60_000, backoffCapMs: 600_000 } }),
+      taskSpec({
+        maxAttempts: 3,
+        retry: { onFailure: true, onTimeout: true, onLost: true, backoffBaseMs: 60_000, backoffCapMs: 600_000 },
+      }),
     );
     await claimDue(db.sql, "c1", ["w1"], 30_000);
     const before = Date.now();
@@ -319,7 +332,11 @@ describe("retries", () => {
     expect(final).toMatchObject({ state: "failed", exit_code: 3, attempt: 3 });
     expect(final?.failed_at).toBeInstanceOf(Date);
     const results = (await listTaskEvents(db.sql, task.id)).filter((e) => e.kind === "failed");
-    expect(results.map((e) => [e.attempt, e.detail?.exit_code])).toEqual([[1, 1], [2, 2], [3, 3]]);
+    expect(results.map((e) => [e.attempt, e.detail?.exit_code])).toEqual([
+      [1, 1],
+      [2, 2],
+      [3, 3],
+    ]);
   });
 
   test("each retry reason can be switched off", async () => {
@@ -328,9 +345,13 @@ describe("retries", () => {
     const failing = await createTask(db.sql, taskSpec({ retry: off }));
     const timing = await createTask(db.sql, taskSpec({ retry: off }));
     await claimDue(db.sql, "c1", ["w1", "w1"], 30_000);
-    expect((await finishAttempt(db.sql, { id: failing.id, attempt: 1, workerId: "w1" }, failure())).applied?.state).toBe("failed");
+    expect((await finishAttempt(db.sql, { id: failing.id, attempt: 1, workerId: "w1" }, failure())).applied?.state).toBe(
+      "failed",
+    );
     const timedOut = failure({ state: "timed_out", exitCode: null, signal: "SIGTERM", error: "timed out after 5 ms" });
-    expect((await finishAttempt(db.sql, { id: timing.id, attempt: 1, workerId: "w1" }, timedOut)).applied?.state).toBe("timed_out");
+    expect((await finishAttempt(db.sql, { id: timing.id, attempt: 1, workerId: "w1" }, timedOut)).applied?.state).toBe(
+      "timed_out",
+    );
   });
 });
 
@@ -468,7 +489,11 @@ describe("insertTasks", () => {
     await clear();
     const earlier = await insertTask(db.sql, newTaskId(), taskSpec({ command: "echo earlier", idempotencyKey: "taken" }));
     const items = [
-      { id: newTaskId(), spec: taskSpec({ command: "echo queued", env: { A: 'quote " and \\ backslash, {braces}' } }), actor: "alice" },
+      {
+        id: newTaskId(),
+        spec: taskSpec({ command: "echo queued", env: { A: 'quote " and \\ backslash, {braces}' } }),
+        actor: "alice",
+      },
       {
         id: newTaskId(),
         spec: taskSpec({ command: "echo assigned" }),
@@ -478,12 +503,21 @@ describe("insertTasks", () => {
       { id: newTaskId(), spec: taskSpec({ command: "echo earlier", idempotencyKey: "taken" }), actor: "carol" },
       { id: newTaskId(), spec: taskSpec({ command: "echo new key", idempotencyKey: "fresh" }) },
       { id: newTaskId(), spec: taskSpec({ command: "echo other request", idempotencyKey: "fresh" }) },
-      { id: newTaskId(), spec: taskSpec({ command: 'printf "%s\\n" NULL "{a,b}"', cwd: null, scheduledAt: new Date(Date.now() + 60_000) }) },
+      {
+        id: newTaskId(),
+        spec: taskSpec({ command: 'printf "%s\\n" NULL "{a,b}"', cwd: null, scheduledAt: new Date(Date.now() + 60_000) }),
+      },
     ];
     const outcomes = await insertTasks(db.sql, items);
     expect(outcomes.map((o) => o.kind)).toEqual(["created", "created", "existing", "created", "existing", "created"]);
     expect(outcomes[0]?.task).toMatchObject({ id: items[0]!.id, state: "queued", attempt: 0, env: items[0]!.spec.env });
-    expect(outcomes[1]?.task).toMatchObject({ id: items[1]!.id, state: "dispatched", attempt: 1, worker_id: "w-1", coordinator_id: "c-1" });
+    expect(outcomes[1]?.task).toMatchObject({
+      id: items[1]!.id,
+      state: "dispatched",
+      attempt: 1,
+      worker_id: "w-1",
+      coordinator_id: "c-1",
+    });
     expect(outcomes[1]?.task.lease_expires_at).toBeInstanceOf(Date);
     expect(outcomes[2]).toMatchObject({ kind: "existing", sameRequest: true, task: { id: earlier.task.id } });
     // A key repeated inside the batch: the first one wins, the second is told apart.

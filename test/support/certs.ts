@@ -64,16 +64,57 @@ authorityKeyIdentifier = keyid
 
 function makeCa(dir: string, name: string): void {
   openssl(dir, [
-    "req", "-x509", ...EC_KEY, "-keyout", `${name}.key`, "-out", `${name}.pem`, "-days", "2",
-    "-subj", `/CN=${name}`, "-config", "ext.cnf", "-extensions", "ca",
+    "req",
+    "-x509",
+    ...EC_KEY,
+    "-keyout",
+    `${name}.key`,
+    "-out",
+    `${name}.pem`,
+    "-days",
+    "2",
+    "-subj",
+    `/CN=${name}`,
+    "-config",
+    "ext.cnf",
+    "-extensions",
+    "ca",
   ]);
 }
 
 function makeLeaf(dir: string, name: string, caName: string, extensions: string, serial: number): void {
-  openssl(dir, ["req", "-new", ...EC_KEY, "-keyout", `${name}.key`, "-out", `${name}.csr`, "-subj", `/CN=${name}`, "-config", "ext.cnf"]);
   openssl(dir, [
-    "x509", "-req", "-in", `${name}.csr`, "-CA", `${caName}.pem`, "-CAkey", `${caName}.key`, "-set_serial", String(serial),
-    "-days", "2", "-out", `${name}.pem`, "-extfile", "ext.cnf", "-extensions", extensions,
+    "req",
+    "-new",
+    ...EC_KEY,
+    "-keyout",
+    `${name}.key`,
+    "-out",
+    `${name}.csr`,
+    "-subj",
+    `/CN=${name}`,
+    "-config",
+    "ext.cnf",
+  ]);
+  openssl(dir, [
+    "x509",
+    "-req",
+    "-in",
+    `${name}.csr`,
+    "-CA",
+    `${caName}.pem`,
+    "-CAkey",
+    `${caName}.key`,
+    "-set_serial",
+    String(serial),
+    "-days",
+    "2",
+    "-out",
+    `${name}.pem`,
+    "-extfile",
+    "ext.cnf",
+    "-extensions",
+    extensions,
   ]);
 }
 
@@ -88,8 +129,21 @@ export function makeTestCerts(): TestCerts {
     makeLeaf(dir, "client", "ca", "client", 1002);
     makeLeaf(dir, "other-client", "other-ca", "client", 1003);
     openssl(dir, [
-      "req", "-x509", ...EC_KEY, "-keyout", "self-signed.key", "-out", "self-signed.pem", "-days", "2",
-      "-subj", "/CN=localhost", "-config", "ext.cnf", "-extensions", "self",
+      "req",
+      "-x509",
+      ...EC_KEY,
+      "-keyout",
+      "self-signed.key",
+      "-out",
+      "self-signed.pem",
+      "-days",
+      "2",
+      "-subj",
+      "/CN=localhost",
+      "-config",
+      "ext.cnf",
+      "-extensions",
+      "self",
     ]);
   } catch (error) {
     rmSync(dir, { recursive: true, force: true });

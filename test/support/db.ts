@@ -6,9 +6,9 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import postgres from "postgres";
-import { connect, type Sql } from "../../src/db/sql";
+import { type EmbeddedDatabase, startEmbedded } from "../../src/db/embedded";
 import { migrate } from "../../src/db/migrate";
-import { startEmbedded, type EmbeddedDatabase } from "../../src/db/embedded";
+import { connect, type Sql } from "../../src/db/sql";
 
 let embedded: Promise<EmbeddedDatabase> | null = null;
 let embeddedDir: string | null = null;

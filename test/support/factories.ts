@@ -1,8 +1,9 @@
 // Row factories for tests.
-import { insertTask, type Assignment, type TaskChangeRow } from "../../src/db/tasks";
-import type { Sql } from "../../src/db/sql";
-import type { AttemptResult, TaskSpec } from "../../src/task/task";
+
 import { ANONYMOUS } from "../../src/auth/tokens";
+import type { Sql } from "../../src/db/sql";
+import { type Assignment, insertTask, type TaskChangeRow } from "../../src/db/tasks";
+import type { AttemptResult, TaskSpec } from "../../src/task/task";
 
 export function taskSpec(overrides: Partial<TaskSpec> = {}): TaskSpec {
   return {

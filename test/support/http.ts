@@ -4,7 +4,11 @@ import { isFinal, type TaskState } from "../../src/task/state";
 export type TaskJson = Record<string, unknown> & { id: string; state: TaskState; worker_id: string | null; attempt: number };
 
 export async function postJson(url: string, body: unknown): Promise<{ status: number; json: any }> {
-  const response = await fetch(url, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
+  const response = await fetch(url, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify(body),
+  });
   return { status: response.status, json: await response.json() };
 }
 
@@ -52,7 +56,8 @@ export async function watchTask(
     }
     throw new Error(`the event stream of ${id} ended without the awaited state; saw ${seen.join(", ")}`);
   } catch (error) {
-    if (controller.signal.aborted) throw new Error(`task ${id} did not reach the awaited state within ${timeoutMs} ms; saw ${seen.join(", ")}`);
+    if (controller.signal.aborted)
+      throw new Error(`task ${id} did not reach the awaited state within ${timeoutMs} ms; saw ${seen.join(", ")}`);
     throw error;
   } finally {
     clearTimeout(timer);

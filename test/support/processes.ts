@@ -34,7 +34,11 @@ export class RoleProcess {
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.waiters = this.waiters.filter((w) => w.resolve !== done);
-        reject(new Error(`${this.role} (pid ${this.pid}) did not log ${what} within ${timeoutMs} ms; it logged:\n${this.raw.slice(-30).join("\n")}`));
+        reject(
+          new Error(
+            `${this.role} (pid ${this.pid}) did not log ${what} within ${timeoutMs} ms; it logged:\n${this.raw.slice(-30).join("\n")}`,
+          ),
+        );
       }, timeoutMs);
       const done = (line: LogLine) => {
         clearTimeout(timer);
@@ -131,7 +135,8 @@ export async function startCluster(
   const common = { DATABASE_URL: databaseUrl, TQ_HEARTBEAT_INTERVAL_MS: "200", TQ_HEARTBEAT_TIMEOUT_MS: "1000", ...options.env };
   const coordinatorEnv = { ...common, TQ_COORDINATOR_PORT: String(httpPort), TQ_GRPC_PORT: String(grpcPort) };
   let coordinator = spawnRole("coordinator", coordinatorEnv);
-  const scheduler = options.scheduler === false ? null : spawnRole("scheduler", { ...common, TQ_SCHEDULER_PORT: String(schedulerPort) });
+  const scheduler =
+    options.scheduler === false ? null : spawnRole("scheduler", { ...common, TQ_SCHEDULER_PORT: String(schedulerPort) });
   const all: RoleProcess[] = [coordinator, ...(scheduler ? [scheduler] : [])];
   const restartCoordinator = async () => {
     coordinator = spawnRole("coordinator", coordinatorEnv);

@@ -1,10 +1,10 @@
 // The Dockerfile and docker-compose.yml cannot be run here (no Docker engine in CI), so this
 // checks them statically against what the code expects: the Bun version, the package.json
 // scripts, the configuration schema and its defaults, and the files in the repository.
-import { test, expect, describe } from "bun:test";
+import { describe, expect, test } from "bun:test";
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { ConfigSchema, coordinatorAddresses, loadConfig, type Config } from "../../src/config";
+import { type Config, ConfigSchema, coordinatorAddresses, loadConfig } from "../../src/config";
 
 const root = join(import.meta.dir, "..", "..");
 const read = (path: string) => Bun.file(join(root, path)).text();
@@ -136,7 +136,10 @@ function dockerIgnored(patterns: string[], path: string): boolean {
   let ignored = false;
   for (const raw of patterns) {
     const negated = raw.startsWith("!");
-    const pattern = raw.slice(negated ? 1 : 0).replace(/^\/+/, "").replace(/\/+$/, "");
+    const pattern = raw
+      .slice(negated ? 1 : 0)
+      .replace(/^\/+/, "")
+      .replace(/\/+$/, "");
     const glob = new Bun.Glob(pattern);
     if (prefixes.some((p) => glob.match(p))) ignored = !negated;
   }
@@ -230,7 +233,9 @@ function portsOf(service: Record<string, unknown>): PublishedPort[] {
         target: Number(entry.target),
       };
     }
-    const parts = String(entry).replace(/\/(tcp|udp)$/, "").split(":");
+    const parts = String(entry)
+      .replace(/\/(tcp|udp)$/, "")
+      .split(":");
     const target = Number(parts.at(-1));
     if (parts.length === 3) return { hostIp: parts[0], published: parts[1], target };
     if (parts.length === 2) return { hostIp: undefined, published: parts[0], target };
@@ -533,7 +538,7 @@ describe("docker-compose.yml", () => {
 describe("test helpers", () => {
   // The checks above are only as good as these parsers; pin their edge cases.
   test("parseDockerfile joins continuations and drops comments inside them", () => {
-    const parsed = parseDockerfile("# syntax=docker/dockerfile:1\nFROM a AS b\nRUN one \\\n  # note\n\n  two\ncmd [\"x\"]\n");
+    const parsed = parseDockerfile('# syntax=docker/dockerfile:1\nFROM a AS b\nRUN one \\\n  # note\n\n  two\ncmd ["x"]\n');
     expect(parsed).toEqual([
       { keyword: "FROM", args: "a AS b", line: 2 },
       { keyword: "RUN", args: "one two", line: 3 },

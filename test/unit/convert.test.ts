@@ -1,5 +1,5 @@
 import { expect, test } from "bun:test";
-import { create, fromBinary, toBinary, type MessageInitShape } from "@bufbuild/protobuf";
+import { create, fromBinary, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { TaskSchema, TaskState } from "../../src/gen/taskqueue/v1/task_pb";
 import { Outcome, TaskFinishedSchema, TaskRefSchema } from "../../src/gen/taskqueue/v1/worker_service_pb";
@@ -101,6 +101,12 @@ test("a worker's report becomes the right action", () => {
     kind: "record",
     result: { state: "failed", error: "the worker reported no outcome" },
   });
-  expect(finishAction(finished({ outcome: Outcome.ABANDONED }))).toEqual({ kind: "requeue", reason: "handed back by the worker" });
-  expect(finishAction(finished({ outcome: Outcome.CANCELLED, error: "cancelled" }))).toEqual({ kind: "stopped", reason: "cancelled" });
+  expect(finishAction(finished({ outcome: Outcome.ABANDONED }))).toEqual({
+    kind: "requeue",
+    reason: "handed back by the worker",
+  });
+  expect(finishAction(finished({ outcome: Outcome.CANCELLED, error: "cancelled" }))).toEqual({
+    kind: "stopped",
+    reason: "cancelled",
+  });
 });

@@ -1,8 +1,8 @@
 import { expect, test } from "bun:test";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { execute, TailBuffer, type RunResult, type RunSpec } from "../../src/worker/executor.ts";
+import { execute, type RunResult, type RunSpec, TailBuffer } from "../../src/worker/executor.ts";
 import { isRunning } from "../support/proc";
 
 const baseEnv = { PATH: process.env.PATH ?? "/usr/bin:/bin" };
@@ -123,7 +123,7 @@ test("keeps only the last maxOutputBytes of each stream", async () => {
   const r = await run("head -c 9990 /dev/zero | tr '\\0' a; printf 0123456789; printf %050d 0 >&2", {
     maxOutputBytes: 100,
   });
-  expect(r.stdout).toBe("a".repeat(90) + "0123456789");
+  expect(r.stdout).toBe(`${"a".repeat(90)}0123456789`);
   expect(r.stdoutTruncated).toBe(true);
   expect(r.stderr).toBe("0".repeat(50));
   expect(r.stderrTruncated).toBe(false);

@@ -66,7 +66,12 @@ describe("GroupCommit", () => {
       return items.map((n) => n * 10);
     });
     const first = group.add(1);
-    const batch = [2, 13, 4].map((n) => group.add(n).then((v) => ({ ok: v }), (e: Error) => ({ error: e.message })));
+    const batch = [2, 13, 4].map((n) =>
+      group.add(n).then(
+        (v) => ({ ok: v }),
+        (e: Error) => ({ error: e.message }),
+      ),
+    );
     gate();
     expect(await first).toBe(10);
     expect(await Promise.all(batch)).toEqual([{ ok: 20 }, { error: "invalid input syntax" }, { ok: 40 }]);
@@ -77,7 +82,12 @@ describe("GroupCommit", () => {
     const { calls, gate, group } = gatedGroup(() => {
       throw Object.assign(new Error("connection refused"), { code: "ECONNREFUSED" });
     });
-    const results = [1, 2, 3].map((n) => group.add(n).then(() => "resolved", (e: Error) => e.message));
+    const results = [1, 2, 3].map((n) =>
+      group.add(n).then(
+        () => "resolved",
+        (e: Error) => e.message,
+      ),
+    );
     gate();
     expect(await Promise.all(results)).toEqual(["connection refused", "connection refused", "connection refused"]);
     expect(calls).toEqual([[1], [2, 3]]);

@@ -3,8 +3,8 @@
 import { expect, test } from "bun:test";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
-import { ConfigSchema } from "../../src/config";
 import pkg from "../../package.json";
+import { ConfigSchema } from "../../src/config";
 
 const ROOT = join(import.meta.dir, "../..");
 const readme = readFileSync(join(ROOT, "README.md"), "utf8");

@@ -1,5 +1,5 @@
 import { expect, test } from "bun:test";
-import { WorkerRegistry, type WorkerConnection } from "../../src/coordinator/registry";
+import { type WorkerConnection, WorkerRegistry } from "../../src/coordinator/registry";
 
 function worker(id: string, slots: number, inFlight: string[] = []): WorkerConnection {
   return {

@@ -1,17 +1,17 @@
 import { describe, expect, test } from "bun:test";
+import { loadConfig } from "../../src/config";
+import { TaskQueueError } from "../../src/task/errors";
 import {
-  parseIdempotencyKey,
-  MAX_COMMAND_LENGTH,
-  MAX_ENV_VALUE_BYTES,
   decodeCursor,
   encodeCursor,
   isTaskId,
+  MAX_COMMAND_LENGTH,
+  MAX_ENV_VALUE_BYTES,
+  parseIdempotencyKey,
   parseScheduledAt,
   toScheduleSpec,
   toTaskSpec,
 } from "../../src/task/spec";
-import { TaskQueueError } from "../../src/task/errors";
-import { loadConfig } from "../../src/config";
 
 const config = loadConfig({});
 
@@ -185,7 +185,15 @@ describe("parseScheduledAt", () => {
   });
 
   test("refuses what is not an RFC 3339 date-time", () => {
-    for (const value of ["", "now", "2023-04-01", "04/01/2023 15:04:05Z", "2023-4-1T15:04:05Z", "1680361445", "2023-04-01T15:04:05+0530"]) {
+    for (const value of [
+      "",
+      "now",
+      "2023-04-01",
+      "04/01/2023 15:04:05Z",
+      "2023-4-1T15:04:05Z",
+      "1680361445",
+      "2023-04-01T15:04:05+0530",
+    ]) {
       refused(value, /RFC 3339/);
     }
   });
@@ -252,7 +260,15 @@ describe("ids and cursors", () => {
     expect(isTaskId(Bun.randomUUIDv7())).toBe(true);
     expect(isTaskId(crypto.randomUUID())).toBe(true);
     expect(isTaskId("01890A5D-AC96-774B-BCCE-B302099A8057")).toBe(true);
-    for (const bad of ["", "42", "not-a-uuid", "01890a5d-ac96-774b-bcce-b302099a805", "01890a5dac96774bbcceb302099a8057", "{01890a5d-ac96-774b-bcce-b302099a8057}", `${Bun.randomUUIDv7()} `]) {
+    for (const bad of [
+      "",
+      "42",
+      "not-a-uuid",
+      "01890a5d-ac96-774b-bcce-b302099a805",
+      "01890a5dac96774bbcceb302099a8057",
+      "{01890a5d-ac96-774b-bcce-b302099a8057}",
+      `${Bun.randomUUIDv7()} `,
+    ]) {
       expect(isTaskId(bad)).toBe(false);
     }
   });

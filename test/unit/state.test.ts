@@ -1,5 +1,5 @@
 import { expect, test } from "bun:test";
-import { TASK_STATES, canTransition, isFinal, isTaskState, statesLeadingTo } from "../../src/task/state";
+import { canTransition, isFinal, isTaskState, statesLeadingTo, TASK_STATES } from "../../src/task/state";
 
 test("final states have no way out", () => {
   for (const state of TASK_STATES) {
