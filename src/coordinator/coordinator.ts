@@ -5,6 +5,7 @@ import { hostname } from "node:os";
 import * as grpc from "@grpc/grpc-js";
 import { createApp } from "../api";
 import type { ApiDeps } from "../api/deps";
+import { checkReady } from "../api/service";
 import { Authenticator } from "../auth/authenticator";
 import { checkExposure } from "../auth/exposure";
 import type { Config } from "../config";
@@ -14,6 +15,8 @@ import { TaskService } from "../gen/taskqueue/v1/task_service_pb";
 import { WorkerService } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
 import { guardMalformed, serverDefinition } from "../rpc/definitions";
+import { Health, HealthService } from "../rpc/health";
+import { addReflection } from "../rpc/reflection";
 import { grpcServerCredentials, httpScheme, httpTls } from "../tls";
 import { Completer } from "./completer";
 import { Dispatcher } from "./dispatcher";
@@ -38,6 +41,7 @@ export class Coordinator {
   private readonly rescuer: Rescuer;
   private readonly sessions: WorkerSessions;
   private readonly grpcServer: grpc.Server;
+  private readonly health: HealthService;
   private readonly auth: Authenticator;
   private readonly app: ReturnType<typeof createApp>;
   private unsubscribe: (() => void)[] = [];
@@ -115,6 +119,15 @@ export class Coordinator {
     });
     this.grpcServer.addService(serverDefinition(WorkerService), { connect: this.sessions.connect });
     this.grpcServer.addService(serverDefinition(TaskService), guardMalformed(TaskService, taskServiceHandlers(deps)));
+    // Health and reflection need no token: they tell only what /readyz and the .proto files do.
+    const served = [WorkerService, TaskService];
+    this.health = new HealthService({
+      services: served.map((service) => service.typeName),
+      probe: () => checkReady(deps),
+      log: log.child({ part: "health" }),
+    });
+    this.health.addToServer(this.grpcServer);
+    addReflection(this.grpcServer, [...served, Health]);
   }
 
   async start(): Promise<CoordinatorInfo> {
@@ -157,6 +170,8 @@ export class Coordinator {
 
   /** Stops taking work and connections; workers keep their tasks and reconnect elsewhere. */
   async stop(): Promise<void> {
+    // First, so that load balancers watching gRPC health send nothing new meanwhile.
+    this.health.stop();
     for (const unsubscribe of this.unsubscribe) unsubscribe();
     this.unsubscribe = [];
     await this.rescuer.stop();

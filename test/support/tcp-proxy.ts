@@ -1,0 +1,68 @@
+// A TCP proxy to a real server that a test can cut and restore: a database outage for one
+// process, without stopping a server other tests share. While cut, open connections are
+// reset and new ones are closed on arrival.
+import { connect, createServer, type Server, type Socket } from "node:net";
+
+export class TcpProxy {
+  private readonly sockets = new Set<Socket>();
+  private cutOff = false;
+
+  private constructor(
+    private readonly server: Server,
+    readonly port: number,
+  ) {}
+
+  /** Listens on a free loopback port, forwarding to `host:port`. */
+  static async start(host: string, port: number): Promise<TcpProxy> {
+    let proxy: TcpProxy | null = null;
+    const server = createServer((client) => proxy!.accept(client, host, port));
+    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+    const address = server.address();
+    if (!address || typeof address === "string") throw new Error("the proxy has no TCP address");
+    proxy = new TcpProxy(server, address.port);
+    return proxy;
+  }
+
+  /** `url` (a postgres:// URL to the proxied server) with its port pointed at this proxy. */
+  url(url: string): string {
+    const parsed = new URL(url);
+    parsed.hostname = "127.0.0.1";
+    parsed.port = String(this.port);
+    return parsed.toString();
+  }
+
+  cut(): void {
+    this.cutOff = true;
+    for (const socket of this.sockets) socket.destroy();
+    this.sockets.clear();
+  }
+
+  restore(): void {
+    this.cutOff = false;
+  }
+
+  async stop(): Promise<void> {
+    this.cut();
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+  }
+
+  private accept(client: Socket, host: string, port: number): void {
+    if (this.cutOff) {
+      client.destroy();
+      return;
+    }
+    const upstream = connect(port, host);
+    for (const [socket, peer] of [
+      [client, upstream],
+      [upstream, client],
+    ] as const) {
+      this.sockets.add(socket);
+      socket.on("error", () => peer.destroy());
+      socket.on("close", () => {
+        this.sockets.delete(socket);
+        peer.destroy();
+      });
+    }
+    client.pipe(upstream).pipe(client);
+  }
+}
