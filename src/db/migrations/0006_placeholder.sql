@@ -1,0 +1,2 @@
+-- placeholder for a migration another branch adds; drop at merge
+SELECT 1;
