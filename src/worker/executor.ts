@@ -51,6 +51,8 @@ export interface Execution {
    * given reason unless the process already exited. Idempotent: the first reason wins.
    */
   stop(reason: "cancelled" | "abandoned" | "timed_out"): void;
+  /** SIGKILL the whole process group at once, without grace: the worker is exiting now. */
+  kill(): void;
 }
 
 const DEFAULT_DRAIN_MS = 1000;
@@ -250,7 +252,13 @@ export function execute(spec: RunSpec): Execution {
     };
   })();
 
-  return { pid, startedAt, result, stop };
+  const killNow = (): void => {
+    if (leaderExited) return;
+    stopReason ??= "abandoned";
+    kill();
+  };
+
+  return { pid, startedAt, result, stop, kill: killNow };
 }
 
 function failed(startedAt: Date, error: string): Execution {
@@ -267,7 +275,7 @@ function failed(startedAt: Date, error: string): Execution {
     startedAt,
     finishedAt: new Date(),
   };
-  return { pid: null, startedAt, result: Promise.resolve(result), stop: () => {} };
+  return { pid: null, startedAt, result: Promise.resolve(result), stop: () => {}, kill: () => {} };
 }
 
 // Bun reports a missing cwd as "ENOENT ... posix_spawn 'sh'", which blames the shell.

@@ -141,6 +141,14 @@ export class Worker {
     this.client = null;
   }
 
+  /**
+   * Exiting at once, without drain: kills every running command's process group, so that
+   * none runs on unsupervised while the coordinator requeues it (it finds this worker lost).
+   */
+  abort(): void {
+    for (const entry of this.running.values()) entry.execution?.kill();
+  }
+
   private connect(): void {
     if (this.stopping) return;
     const address = this.options.addresses[this.addressIndex % this.options.addresses.length]!;

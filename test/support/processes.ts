@@ -11,16 +11,23 @@ const ROOT = new URL("../..", import.meta.url).pathname;
 export class RoleProcess {
   readonly lines: LogLine[] = [];
   readonly raw: string[] = [];
-  private waiters: { test: (line: LogLine) => boolean; resolve: (line: LogLine) => void }[] = [];
+  private waiters: { test: (line: LogLine) => boolean; resolve: (line: LogLine) => void; fail: (why: string) => void }[] = [];
+  /** Set once the process has exited and its output has been read to the end. */
+  private gone: string | null = null;
   readonly exited: Promise<number>;
 
   constructor(
     readonly role: string,
     readonly proc: Subprocess<"ignore", "pipe", "pipe">,
+    /** Leads a process group of its own (started through `bun run`). */
+    readonly grouped = false,
   ) {
-    void this.pump(proc.stdout);
-    void this.pump(proc.stderr);
     this.exited = proc.exited;
+    // A line still awaited when the process is gone and its output read will never come.
+    void Promise.all([this.pump(proc.stdout), this.pump(proc.stderr), proc.exited]).then(([, , code]) => {
+      this.gone = `exited (code ${code}, signal ${proc.signalCode ?? "none"})`;
+      for (const waiter of this.waiters.splice(0)) waiter.fail(this.gone);
+    });
   }
 
   get pid(): number {
@@ -31,20 +38,23 @@ export class RoleProcess {
   waitFor(test: (line: LogLine) => boolean, what = "a matching log line", timeoutMs = 30_000): Promise<LogLine> {
     const seen = this.lines.find(test);
     if (seen) return Promise.resolve(seen);
+    const failure = (why: string) =>
+      new Error(`${this.role} (pid ${this.pid}) did not log ${what}: ${why}; it logged:\n${this.raw.slice(-30).join("\n")}`);
+    if (this.gone) return Promise.reject(failure(this.gone));
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.waiters = this.waiters.filter((w) => w.resolve !== done);
-        reject(
-          new Error(
-            `${this.role} (pid ${this.pid}) did not log ${what} within ${timeoutMs} ms; it logged:\n${this.raw.slice(-30).join("\n")}`,
-          ),
-        );
+        reject(failure(`not within ${timeoutMs} ms`));
       }, timeoutMs);
       const done = (line: LogLine) => {
         clearTimeout(timer);
         resolve(line);
       };
-      this.waiters.push({ test, resolve: done });
+      const fail = (why: string) => {
+        clearTimeout(timer);
+        reject(failure(why));
+      };
+      this.waiters.push({ test, resolve: done, fail });
     });
   }
 
@@ -60,11 +70,24 @@ export class RoleProcess {
     }
   }
 
+  /**
+   * Signals the process's whole group, as systemd and a terminal's Ctrl+C do: for a role
+   * started with `viaBunRun`, both `bun run` and the role receive it.
+   */
+  signalGroup(signal: NodeJS.Signals): void {
+    try {
+      process.kill(-this.pid, signal);
+    } catch {
+      // already gone
+    }
+  }
+
   /** SIGTERM, then SIGKILL if it has not exited within the grace period. */
   async stop(graceMs = 10_000): Promise<number> {
     if (this.proc.exitCode !== null || this.proc.signalCode !== null) return this.proc.exitCode ?? -1;
     this.kill("SIGTERM");
-    const timer = setTimeout(() => this.kill("SIGKILL"), graceMs);
+    // `bun run` does not forward SIGKILL: kill its role with it.
+    const timer = setTimeout(() => (this.grouped ? this.signalGroup("SIGKILL") : this.kill("SIGKILL")), graceMs);
     const code = await this.exited;
     clearTimeout(timer);
     return code;
@@ -98,16 +121,26 @@ export class RoleProcess {
   }
 }
 
-export function spawnRole(role: "scheduler" | "coordinator" | "worker" | "start", env: Record<string, string>): RoleProcess {
+/**
+ * Starts a role as `bun <entry>`, or with `viaBunRun` as the README does, `bun run <role>`
+ * (which forwards the signals it gets to the role), leading a process group of its own.
+ */
+export function spawnRole(
+  role: "scheduler" | "coordinator" | "worker" | "start",
+  env: Record<string, string>,
+  options: { viaBunRun?: boolean } = {},
+): RoleProcess {
   const entry = role === "start" ? "src/start.ts" : `src/${role}/main.ts`;
-  const proc = Bun.spawn(["bun", entry], {
+  const proc = Bun.spawn(options.viaBunRun ? ["bun", "run", role] : ["bun", entry], {
     cwd: ROOT,
+    // setsid(): the group is the role's alone, so a group signal reaches nothing else.
+    detached: options.viaBunRun === true,
     env: { PATH: process.env.PATH ?? "/usr/bin:/bin", HOME: process.env.HOME ?? "/tmp", TQ_LOG_LEVEL: "info", ...env },
     stdin: "ignore",
     stdout: "pipe",
     stderr: "pipe",
   });
-  return new RoleProcess(role, proc);
+  return new RoleProcess(role, proc, options.viaBunRun === true);
 }
 
 export interface Cluster {
@@ -122,7 +155,7 @@ export interface Cluster {
   scheduler: RoleProcess | null;
   workers: RoleProcess[];
   /** Starts one more worker process and waits until it is connected. */
-  addWorker(env?: Record<string, string>): Promise<RoleProcess>;
+  addWorker(env?: Record<string, string>, options?: { viaBunRun?: boolean }): Promise<RoleProcess>;
   stop(): Promise<void>;
 }
 
@@ -148,14 +181,18 @@ export async function startCluster(
   await Promise.all([coordinator.waitForMsg("coordinator started"), scheduler?.waitForMsg("scheduler started")]);
   const grpcAddress = `127.0.0.1:${grpcPort}`;
   const workers: RoleProcess[] = [];
-  const addWorker = async (env: Record<string, string> = {}) => {
+  const addWorker = async (env: Record<string, string> = {}, spawnOptions: { viaBunRun?: boolean } = {}) => {
     const { DATABASE_URL: _, ...workerEnv } = common;
-    const worker = spawnRole("worker", {
-      ...workerEnv,
-      TQ_COORDINATOR_ADDRESSES: grpcAddress,
-      TQ_WORKER_SLOTS: String(options.slots ?? 2),
-      ...env,
-    });
+    const worker = spawnRole(
+      "worker",
+      {
+        ...workerEnv,
+        TQ_COORDINATOR_ADDRESSES: grpcAddress,
+        TQ_WORKER_SLOTS: String(options.slots ?? 2),
+        ...env,
+      },
+      spawnOptions,
+    );
     all.push(worker);
     workers.push(worker);
     await worker.waitForMsg("connected");

@@ -190,6 +190,20 @@ test("a process group that ignores SIGTERM is SIGKILLed after killGraceMs", asyn
   });
 });
 
+test("kill() SIGKILLs the whole group at once, without waiting out the grace", async () => {
+  await withFifo(async (fifo) => {
+    // A grace far longer than the test: only an immediate SIGKILL ends this in time.
+    const e = execute(spec(`trap '' TERM; sleep 100 & echo $! > ${fifo}; wait`, { killGraceMs: 120_000 }));
+    const grandchild = Number(await readiness(fifo, e.result));
+    expect(isRunning(grandchild)).toBe(true);
+    e.kill();
+    const r = await e.result;
+    expect(r.outcome).toBe("abandoned");
+    expect(r.signal).toBe("SIGKILL");
+    expect(isRunning(grandchild)).toBe(false);
+  });
+});
+
 test("leaves no timers behind, so a process that only ran tasks exits", async () => {
   // A leaked timeout or SIGKILL timer (60 s each here) would keep this process alive past
   // the test's own timeout.
