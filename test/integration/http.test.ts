@@ -41,7 +41,7 @@ afterAll(async () => {
 });
 
 beforeEach(async () => {
-  await db.sql`TRUNCATE tasks, task_events, workers`;
+  await db.sql`TRUNCATE tasks, task_events, task_attempts, workers`;
 });
 
 interface Answer {

@@ -155,7 +155,7 @@ afterAll(async () => {
 });
 
 beforeEach(async () => {
-  await db.sql`TRUNCATE tasks, task_events, workers`;
+  await db.sql`TRUNCATE tasks, task_events, task_attempts, workers`;
 });
 
 async function submit(): Promise<string> {
@@ -195,11 +195,13 @@ describe("GET /tasks/:id/events", () => {
 
     const messages = [first!];
     for (let message = await stream.nextTask(); message !== null; message = await stream.nextTask()) messages.push(message);
-    const states = messages.map((m) => m.data.state);
-    // Changes that land together may arrive as one update; order and the end never change.
-    expect(states[0]).toBe("queued");
-    expect(states.at(-1)).toBe("succeeded");
-    expect(["queued", "dispatched", "running", "succeeded"].filter((s) => states.includes(s))).toEqual(states);
+    // One message per event, none skipped even when they land together, each with its own facts.
+    expect(messages.slice(1).map((m) => [m.data.event.kind, m.data.event.state, m.data.event.attempt])).toEqual([
+      ["dispatched", "dispatched", 1],
+      ["started", "running", 1],
+      ["succeeded", "succeeded", 1],
+    ]);
+    for (const m of messages.slice(1)) expect(m.data.event.id).toBe(m.id);
     const ids = messages.map((m) => BigInt(m.id!));
     for (let i = 1; i < ids.length; i++) expect(ids[i]!).toBeGreaterThan(ids[i - 1]!);
     const last = messages.at(-1)!;
@@ -209,7 +211,7 @@ describe("GET /tasks/:id/events", () => {
       stdout: "ok\n",
       worker_id: "w-other",
       coordinator_id: "c-other",
-      event: { kind: "succeeded", event_id: last.id },
+      event: { kind: "succeeded", id: last.id, state: "succeeded", worker_id: "w-other" },
     });
     expect(last.data.completed_at).toMatch(/Z$/);
     // The stream ended on its own; the watcher let go of the feed.
@@ -296,7 +298,7 @@ describe("watchTask", () => {
     quiet.lastResync!();
     const update = (await next).value;
     expect(update?.task.state).toBe("cancelled");
-    expect(update?.event).toMatchObject({ kind: "cancelled", event_id: outcome.task.event_id, state: "cancelled" });
+    expect(update?.event).toMatchObject({ kind: "cancelled", id: outcome.task.event_id, state: "cancelled" });
     expect(update?.eventId).toBe(outcome.task.event_id);
     expect((await updates.next()).done).toBe(true);
     expect(quiet.active()).toBe(0);
@@ -333,7 +335,14 @@ describe("watchTask", () => {
     quiet.lastListener!(change);
     const update = (await next).value;
     expect(update?.task).toMatchObject({ state: "dispatched", attempt: 1, worker_id: "w1" });
-    expect(update?.event).toEqual(change);
+    expect(update?.event).toMatchObject({
+      id: change.event_id,
+      kind: "dispatched",
+      state: "dispatched",
+      attempt: 1,
+      worker_id: "w1",
+    });
+    expect(update?.eventId).toBe(change.event_id);
     await updates.return(undefined);
     expect(quiet.active()).toBe(0);
   });
