@@ -4,13 +4,14 @@ import { createApp } from "../../src/api/index";
 import { watchTask } from "../../src/api/service";
 import { taskEventsResponse } from "../../src/api/sse";
 import { loadConfig } from "../../src/config";
+import { listTaskEvents } from "../../src/db/events";
 import { type TaskChange, TaskChangeFeed } from "../../src/db/notify";
 import type { Sql } from "../../src/db/sql";
-import { cancelTask, claimDue, insertTask } from "../../src/db/tasks";
+import { cancelTask, claimDue, finishAttempt, insertTask, markStarted } from "../../src/db/tasks";
 import { silentLogger } from "../../src/log";
 import { TaskQueueError } from "../../src/task/errors";
 import { TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
-import { createTask, newTaskId, openAuth, taskSpec } from "../support/factories";
+import { attemptResult, createTask, newTaskId, openAuth, taskSpec } from "../support/factories";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -164,8 +165,9 @@ async function submit(): Promise<string> {
   return ((await response.json()) as { id: string }).id;
 }
 
-async function openEvents(id: string, signal?: AbortSignal) {
-  const response = await app.handle(new Request(`http://localhost/tasks/${id}/events`, { signal }));
+async function openEvents(id: string, signal?: AbortSignal, lastEventId?: string) {
+  const headers: Record<string, string> = lastEventId === undefined ? {} : { "last-event-id": lastEventId };
+  const response = await app.handle(new Request(`http://localhost/tasks/${id}/events`, { signal, headers }));
   expect(response.status).toBe(200);
   expect(response.headers.get("content-type")).toStartWith("text/event-stream");
   expect(response.headers.get("cache-control")).toBe("no-cache");
@@ -280,6 +282,78 @@ describe("GET /tasks/:id/events", () => {
     expect((await stream.next())?.data.state).toBe("queued");
     expect(await stream.next()).toEqual({ comment: "keepalive" });
     await stream.cancel();
+    await live.released();
+  });
+});
+
+describe("GET /tasks/:id/events with Last-Event-ID", () => {
+  /** Every message until the stream ends. */
+  async function drain(stream: Awaited<ReturnType<typeof openEvents>>) {
+    const messages = [];
+    for (let message = await stream.nextTask(); message !== null; message = await stream.nextTask()) messages.push(message);
+    return messages;
+  }
+
+  test("replays every event after the id, in order, each with its own facts, and ends at the final one", async () => {
+    const task = await createTask(db.sql, taskSpec({ maxAttempts: 2 }));
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
+    await markStarted(db.sql, { id: task.id, attempt: 1, workerId: "w1", startedAt: new Date(), pid: 1 });
+    await finishAttempt(db.sql, { id: task.id, attempt: 1, workerId: "w1" }, attemptResult({ state: "failed", exitCode: 5 }));
+    await claimDue(db.sql, "c1", ["w2"], 30_000);
+    await finishAttempt(db.sql, { id: task.id, attempt: 2, workerId: "w2" }, attemptResult());
+    const history = await listTaskEvents(db.sql, task.id);
+    const from = history[1]!; // attempt 1's dispatch
+    const messages = await drain(await openEvents(task.id, undefined, from.id));
+    const expected = history.slice(2);
+    expect(messages.map((m) => m.id)).toEqual(expected.map((e) => e.id));
+    expect(messages.map((m) => [m.data.event.kind, m.data.event.state, m.data.event.attempt, m.data.event.at])).toEqual(
+      expected.map((e) => [e.kind, e.state, e.attempt, e.at.toISOString()]),
+    );
+    expect(messages.map((m) => m.data.event.kind)).toEqual(["started", "retrying", "dispatched", "succeeded"]);
+    // The task as it is now rides along; the event says what it was then.
+    expect(messages[1]!.data).toMatchObject({ state: "succeeded", event: { state: "queued", detail: { exit_code: 5 } } });
+    await live.released();
+  });
+
+  test("replays what was missed, then continues live with no gap and no repeat", async () => {
+    const task = await createTask(db.sql, taskSpec());
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
+    const stream = await openEvents(task.id, undefined, task.event_id);
+    const replayed = await stream.nextTask();
+    expect(replayed?.data.event).toMatchObject({ kind: "dispatched", attempt: 1, worker_id: "w1" });
+    await inAnotherProcess(
+      `
+      const id = process.env.TASK_ID;
+      await tasks.markStarted(sql, { id, attempt: 1, workerId: "w1", startedAt: new Date(), pid: 9 });
+      await tasks.finishAttempt(sql, { id, attempt: 1, workerId: "w1" }, {
+        state: "succeeded", exitCode: 0, signal: null, stdout: "", stderr: "", stdoutTruncated: false,
+        stderrTruncated: false, error: null, startedAt: new Date(), finishedAt: new Date(),
+      });`,
+      { TASK_ID: task.id },
+    );
+    const rest = await drain(stream);
+    const history = await listTaskEvents(db.sql, task.id);
+    expect([replayed!, ...rest].map((m) => m.id)).toEqual(history.slice(1).map((e) => e.id));
+    expect(rest.map((m) => m.data.event.kind)).toEqual(["started", "succeeded"]);
+    await live.released();
+  });
+
+  test("a final task with nothing after the id is 204, so EventSource stops reconnecting", async () => {
+    const id = await submit();
+    const cancelled = await cancelTask(db.sql, id);
+    if (cancelled.kind !== "cancelled") throw new Error(cancelled.kind);
+    const response = await app.handle(
+      new Request(`http://localhost/tasks/${id}/events`, { headers: { "last-event-id": cancelled.task.event_id } }),
+    );
+    expect(response.status).toBe(204);
+    await live.released();
+  });
+
+  test("a malformed Last-Event-ID is a 400 naming it", async () => {
+    const id = await submit();
+    const response = await app.handle(new Request(`http://localhost/tasks/${id}/events`, { headers: { "last-event-id": "x1" } }));
+    expect(response.status).toBe(400);
+    expect(await response.json()).toMatchObject({ error: { code: "invalid_argument", field: "Last-Event-ID" } });
     await live.released();
   });
 });
