@@ -210,6 +210,17 @@ export function parseEventId(value: string, field: string): string {
 }
 
 /**
+ * Whether a watch resumed after `afterEventId` has anything to send: an event after it, or a
+ * task not yet final. Throws for a bad or unknown id.
+ */
+export async function canFollow(deps: ApiDeps, id: string, afterEventId: string): Promise<boolean> {
+  requireTaskId(id, "id");
+  const read = await readTaskSince(deps.sql, id, afterEventId, 1);
+  if (!read) throw notFound(`task ${id} not found`);
+  return read.events.length > 0 || !isFinal(read.task.state);
+}
+
+/**
  * Live history of one task, until it reaches a final state. From now (no `afterEventId`): the
  * current row first (event null), then one update per task_events row written after it. With
  * `afterEventId`: every event after that id, in order, then live the same way: a client that

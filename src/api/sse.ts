@@ -7,7 +7,7 @@ import { isFinal, isTaskState } from "../task/state";
 import type { ApiDeps } from "./deps";
 import { errorAnswer } from "./errors";
 import { taskEventJson } from "./model";
-import { parseEventId, type TaskUpdate, watchTask } from "./service";
+import { canFollow, parseEventId, type TaskUpdate, watchTask } from "./service";
 
 /** A comment this often keeps proxies and clients from timing the stream out. */
 export const KEEPALIVE_MS = 15_000;
@@ -42,10 +42,13 @@ export async function taskEventsResponse(
 ): Promise<Response> {
   const raw = options.lastEventId?.trim();
   const afterEventId = raw ? parseEventId(raw, "Last-Event-ID") : undefined;
+  // A resume may have nothing to send until the task next changes: the stream opens once the
+  // task is known and something can follow, not at its next event.
+  if (afterEventId !== undefined && !(await canFollow(deps, id, afterEventId))) return new Response(null, { status: 204 });
   const stop = new AbortController();
   const updates = watchTask(deps, id, stop.signal, { afterEventId });
-  const first = await updates.next();
-  if (first.done) return new Response(null, { status: 204 });
+  const first = afterEventId === undefined ? await updates.next() : null;
+  if (first?.done) return new Response(null, { status: 204 });
   options.server?.timeout(request, 0);
 
   const encoder = new TextEncoder();
@@ -70,8 +73,11 @@ export async function taskEventsResponse(
           // Already closed or cancelled by the client.
         }
       };
-      controller.enqueue(encoder.encode(sseMessage(first.value)));
-      if (endsWatch(first.value) || request.signal.aborted) return close();
+      if (first) {
+        controller.enqueue(encoder.encode(sseMessage(first.value)));
+        if (endsWatch(first.value)) return close();
+      } else controller.enqueue(encoder.encode(`: resuming after event ${afterEventId}\n\n`));
+      if (request.signal.aborted) return close();
       request.signal.addEventListener("abort", close);
       keepalive = setInterval(() => controller.enqueue(encoder.encode(": keepalive\n\n")), options.keepaliveMs ?? KEEPALIVE_MS);
     },

@@ -338,6 +338,20 @@ describe("GET /tasks/:id/events with Last-Event-ID", () => {
     await live.released();
   });
 
+  test("a resume with nothing missed opens at once and waits for the next event", async () => {
+    const task = await createTask(db.sql, taskSpec());
+    // Answered before the task changes again: the status and headers do not wait for an event.
+    const stream = await openEvents(task.id, undefined, task.event_id);
+    expect(await stream.next()).toEqual({ comment: `resuming after event ${task.event_id}` });
+    const cancelled = await cancelTask(db.sql, task.id);
+    if (cancelled.kind !== "cancelled") throw new Error(cancelled.kind);
+    const next = await stream.nextTask();
+    expect(next?.id).toBe(cancelled.task.event_id);
+    expect(next?.data.event).toMatchObject({ kind: "cancelled", state: "cancelled" });
+    expect(await stream.nextTask()).toBeNull();
+    await live.released();
+  });
+
   test("a final task with nothing after the id is 204, so EventSource stops reconnecting", async () => {
     const id = await submit();
     const cancelled = await cancelTask(db.sql, id);
