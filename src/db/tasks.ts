@@ -1,7 +1,8 @@
 // All SQL on the tasks table. Every state change is one statement that also appends its
-// task_events row and notifies the change (src/db/notify.ts says on which channels), so
-// history, live status and the row itself can never disagree. Each guarded change names the state(s) and attempt
-// it expects; callers act on "nothing changed".
+// task_events row, writes the attempt's task_attempts row (src/db/attempts.ts) and notifies the
+// change (src/db/notify.ts says on which channels), so history, attempts, live status and the
+// row itself can never disagree. Each guarded change names the state(s) and attempt it expects;
+// callers act on "nothing changed".
 
 import { describeResult } from "../task/attempt";
 import type { TaskState } from "../task/state";
