@@ -234,7 +234,8 @@ async function run(options: BenchOptions): Promise<BenchResult> {
         lateness:
           "performance.now() at which the FIFO line arrived, put on the wall clock by an offset (Date.now() - performance.now(), read at Date.now() ticks) taken before the submit, minus scheduled_at",
         clocks:
-          "the database's clock decides dueness (scheduled_at <= clock_timestamp()); on one machine it is the bench's wall clock, " +
+          "the database's clock decides dueness (run_at <= clock_timestamp(); run_at is scheduled_at for a first attempt, and " +
+          "these tasks have one); on one machine it is the bench's wall clock, " +
           "figures.postgres_clock_ahead_ms says by how much it differs",
         database: db.postgres.source,
       },

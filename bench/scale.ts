@@ -62,9 +62,10 @@ async function run(options: BenchOptions): Promise<BenchResult> {
     console.log(`scale: empty queue: p50 ${ms(empty.p50)} ms; inserting ${plan.waiting} future tasks`);
     const inserting = performance.now();
     await sql`
-      INSERT INTO tasks (id, command, scheduled_at)
-      SELECT gen_random_uuid(), 'true', now() + interval '1 day' + make_interval(secs => g / 1000.0)
-      FROM generate_series(1, ${plan.waiting}::int) g`;
+      INSERT INTO tasks (id, command, scheduled_at, run_at)
+      SELECT gen_random_uuid(), 'true', at, at
+      FROM generate_series(1, ${plan.waiting}::int) g
+      CROSS JOIN LATERAL (SELECT now() + interval '1 day' + make_interval(secs => g / 1000.0) AS at) due`;
     await sql`ANALYZE tasks`;
     console.log(`scale: inserted in ${Math.round(performance.now() - inserting)} ms`);
     const loaded = distribution(await sequential(cluster.coordinatorUrl, fifo, plan.tasks, plan.warmup));

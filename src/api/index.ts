@@ -19,8 +19,13 @@ import { authentication, principalOf } from "./auth";
 import type { ApiDeps } from "./deps";
 import { errorHandling, readJsonBody } from "./errors";
 import {
+  AttemptList,
+  attemptJson,
   ErrorJson,
+  EventPage,
+  eventJson,
   HealthJson,
+  HistoryQuery,
   ReadyJson,
   ScheduleResponse,
   StatusJson,
@@ -37,7 +42,17 @@ import {
   WorkerList,
   workerJson,
 } from "./model";
-import { cancelTaskOrThrow, checkReady, getTaskOrThrow, listTaskPage, listWorkers, submitTask, submitTasks } from "./service";
+import {
+  cancelTaskOrThrow,
+  checkReady,
+  getTaskOrThrow,
+  listTaskAttempts,
+  listTaskHistory,
+  listTaskPage,
+  listWorkers,
+  submitTask,
+  submitTasks,
+} from "./service";
 import { taskEventsResponse } from "./sse";
 
 export function createApp(deps: ApiDeps) {
@@ -224,24 +239,89 @@ function tasksController(deps: ApiDeps) {
         },
       },
     )
-    .get("/tasks/:id/events", ({ params, request, server }) => taskEventsResponse(deps, params.id, request, { server }), {
-      params: TaskIdParams,
-      detail: {
-        tags: ["tasks"],
-        summary: "Watch a task",
-        description:
-          "Server-sent events: the current state first, then every change until a final state, then the stream ends. " +
-          "Each message is `event: task` with `id:` the task_events id; a `: keepalive` comment comes every 15 s.",
-        responses: {
-          200: {
-            description: "An event stream of TaskEventJson messages.",
-            content: { "text/event-stream": { schema: TaskEventJson as object } },
-          },
-          400: { description: "Malformed id." },
-          404: { description: "Unknown task." },
+    .get(
+      "/tasks/:id/attempts",
+      async ({ params }) => ({ attempts: (await listTaskAttempts(deps, params.id)).map(attemptJson) }),
+      {
+        params: TaskIdParams,
+        response: { 200: AttemptList, ...lookupFailures },
+        detail: {
+          tags: ["tasks"],
+          summary: "List a task's attempts",
+          description:
+            "Every attempt, first to last, each with its worker, dispatched/started/finished times, pid, exit code, signal, " +
+            "error, output tails and outcome (null while it holds the task). Empty before the first dispatch.",
         },
       },
-    });
+    )
+    .get(
+      "/tasks/:id/history",
+      async ({ params, query }) => {
+        const page = await listTaskHistory(deps, params.id, query);
+        return { events: page.events.map(eventJson), next_cursor: page.nextCursor };
+      },
+      {
+        transform({ query }) {
+          const raw = query as Record<string, unknown>;
+          if (typeof raw.limit === "string" && /^-?\d{1,9}$/.test(raw.limit)) raw.limit = Number(raw.limit);
+        },
+        params: TaskIdParams,
+        query: HistoryQuery,
+        response: { 200: EventPage, ...lookupFailures },
+        detail: {
+          tags: ["tasks"],
+          summary: "List a task's history",
+          description: "Every task_events row of the task, oldest first, paged by cursor (follow next_cursor).",
+        },
+      },
+    )
+    .get(
+      "/tasks/:id/events",
+      ({ params, headers, request, server }) =>
+        taskEventsResponse(deps, params.id, request, { server, lastEventId: headers["last-event-id"] }),
+      {
+        params: TaskIdParams,
+        headers: t.Object(
+          {
+            "last-event-id": t.Optional(
+              t.String({
+                description:
+                  "Resume after this event (the id: of the last message received; EventSource sends it when it reconnects).",
+              }),
+            ),
+          },
+          { additionalProperties: true },
+        ),
+        detail: {
+          tags: ["tasks"],
+          summary: "Watch a task",
+          description:
+            "Server-sent events, each `event: task` with `id:` its task_events id and data a TaskEventJson: the task as " +
+            "read with the event, and the event itself (its own id, at, kind, state, attempt, worker_id, actor, detail). " +
+            "Without Last-Event-ID the first message is the current state (event null, id the newest event); then one " +
+            "message per event, none skipped, until the event that made the task final, and the stream ends. With " +
+            "Last-Event-ID: every event after that id in order, then live the same way, with no gap and no repeat; when " +
+            "the task is final and nothing follows the id, the answer is 204 (EventSource then stops reconnecting). " +
+            "A `: keepalive` comment comes every 15 s.",
+          responses: {
+            200: {
+              description: "An event stream of TaskEventJson messages.",
+              content: { "text/event-stream": { schema: TaskEventJson as object } },
+            },
+            204: { description: "Last-Event-ID names the task's final event or later: nothing follows." },
+            400: {
+              description: "Malformed id or Last-Event-ID.",
+              content: { "application/json": { schema: ErrorJson as object } },
+            },
+            404: { description: "Unknown task.", content: { "application/json": { schema: ErrorJson as object } } },
+            503: {
+              description: "The database is unavailable.",
+              content: { "application/json": { schema: ErrorJson as object } },
+            },
+          },
+        },
+      },
+    );
 }
 
 function workersController(deps: ApiDeps) {

@@ -1,8 +1,9 @@
 // What the HTTP API answers, as TypeBox schemas (the route response schemas, and so the
 // OpenAPI document), and the conversions from database rows. Types come from the schemas.
 import { type TLiteral, type TSchema, Type } from "@sinclair/typebox";
-import type { TaskChange } from "../db/notify";
+import type { TaskEventRow } from "../db/events";
 import type { WorkerRow } from "../db/workers";
+import { ATTEMPT_OUTCOMES, type Attempt } from "../task/attempt";
 import { TASK_STATES } from "../task/state";
 import type { Task } from "../task/task";
 
@@ -22,12 +23,27 @@ export const TaskStateJson = Type.Union(
   { description: "queued, dispatched, running, then succeeded, failed, timed_out or cancelled." },
 );
 
+const ScheduledAt = Type.String({
+  format: "date-time",
+  description: "The time the task was asked to run at, exactly as submitted (run now: the submit's time). Never changes.",
+  examples: ["2023-04-01T15:04:05.000Z"],
+});
+
+const RunAt = Type.String({
+  format: "date-time",
+  description:
+    "When the current or next attempt becomes due: scheduled_at at first, then moved by each retry's backoff. " +
+    "Dispatch never starts an attempt before it.",
+  examples: ["2023-04-01T15:04:06.000Z"],
+});
+
 export const TaskJson = Type.Object(
   {
     id: Type.String({ format: "uuid" }),
     command: Type.String(),
     state: TaskStateJson,
-    scheduled_at: Timestamp,
+    scheduled_at: ScheduledAt,
+    run_at: RunAt,
     created_at: Timestamp,
     picked_at: Nullable(Timestamp),
     started_at: Nullable(Timestamp),
@@ -47,7 +63,15 @@ export const TaskJson = Type.Object(
     stderr: Nullable(Type.String({ description: "Tail of standard error." })),
     stdout_truncated: Type.Boolean(),
     stderr_truncated: Type.Boolean(),
-    error: Nullable(Type.String({ description: "Why the task failed without an exit code, or ran out of attempts." })),
+    error: Nullable(
+      Type.String({
+        description:
+          "While attempts remain: the last attempt's error (e.g. a timeout). Once failed or timed_out: why no further " +
+          'attempt follows, e.g. "exhausted 3 attempts: last exit code 127" (or last signal SIGKILL, timed out after 5000 ms, ' +
+          'worker lost, could not start: ...), or "exit code 1; the task does not retry failures".',
+        examples: ["exhausted 3 attempts: last exit code 127"],
+      }),
+    ),
     lease_expires_at: Nullable(
       Type.String({
         format: "date-time",
@@ -79,7 +103,8 @@ export const StatusJson = Type.Object(
     task_id: Type.String({ format: "uuid" }),
     command: Type.String(),
     state: TaskStateJson,
-    scheduled_at: Timestamp,
+    scheduled_at: ScheduledAt,
+    run_at: RunAt,
     picked_at: Nullable(Timestamp),
     started_at: Nullable(Timestamp),
     completed_at: Nullable(Timestamp),
@@ -88,7 +113,11 @@ export const StatusJson = Type.Object(
     cancelled_at: Nullable(Timestamp),
     attempt: Type.Integer(),
     exit_code: Nullable(Type.Integer()),
-    error: Nullable(Type.String()),
+    error: Nullable(
+      Type.String({
+        description: 'As in GET /tasks/:id: for a final failure, why, e.g. "exhausted 3 attempts: last exit code 127".',
+      }),
+    ),
   },
   { additionalProperties: false },
 );
@@ -115,20 +144,88 @@ export const TaskList = Type.Object(
 );
 export type TaskList = typeof TaskList.static;
 
-/** One SSE message of `GET /tasks/:id/events`: the task, and the change that led to it. */
+export const AttemptOutcomeJson = Type.Union(
+  ATTEMPT_OUTCOMES.map((outcome) => Type.Literal(outcome)) as unknown as Literals<typeof ATTEMPT_OUTCOMES>,
+  {
+    description:
+      "How the attempt ended: succeeded, failed, timed_out (its result), lost (ended without a result: worker lost, " +
+      "lease lapsed, handed back), stopped (the task was cancelled), stale (its result came after it had ended lost or " +
+      "stopped; the result is kept here and changed nothing).",
+  },
+);
+
+export const AttemptJson = Type.Object(
+  {
+    task_id: Type.String({ format: "uuid" }),
+    attempt: Type.Integer({ minimum: 1, description: "1 for the first attempt." }),
+    worker_id: Type.String(),
+    coordinator_id: Nullable(Type.String()),
+    dispatched_at: Timestamp,
+    started_at: Nullable(Timestamp),
+    finished_at: Nullable(Timestamp),
+    pid: Nullable(Type.Integer()),
+    exit_code: Nullable(Type.Integer()),
+    signal: Nullable(Type.String()),
+    error: Nullable(
+      Type.String({ description: "Why it ended without an exit code (timeout, could not start, worker lost...)." }),
+    ),
+    stdout: Nullable(Type.String({ description: "Tail of standard output." })),
+    stderr: Nullable(Type.String({ description: "Tail of standard error." })),
+    stdout_truncated: Type.Boolean(),
+    stderr_truncated: Type.Boolean(),
+    outcome: Type.Union([AttemptOutcomeJson, Type.Null()], { description: "null while the attempt holds its task." }),
+  },
+  { additionalProperties: false, description: "One attempt of a task." },
+);
+export type AttemptJson = typeof AttemptJson.static;
+
+export const AttemptList = Type.Object(
+  { attempts: Type.Array(AttemptJson, { description: "Every attempt, first to last." }) },
+  { additionalProperties: false },
+);
+export type AttemptList = typeof AttemptList.static;
+
+export const EventJson = Type.Object(
+  {
+    id: Type.String({ description: "task_events id (a bigint, as text); increases with every event." }),
+    at: Timestamp,
+    kind: Type.String({
+      description:
+        "submitted, submitted+dispatched, dispatched, started, succeeded, failed, timed_out, retrying (a failed or timed-out " +
+        "attempt that is retried: detail.outcome, detail.run_at), requeued (an attempt lost, retried at once), cancelled, " +
+        "stale (a result that came too late), stopped (the worker stopped an attempt as told).",
+    }),
+    state: TaskStateJson,
+    attempt: Type.Integer({ description: "The attempt the event is about (0 before the first dispatch)." }),
+    worker_id: Nullable(Type.String()),
+    actor: Nullable(Type.String({ description: "The API token (by name) that asked for the change." })),
+    detail: Nullable(Type.Record(Type.String(), Type.Unknown(), { description: "What else the event knows, by kind." })),
+  },
+  { additionalProperties: false, description: "One row of the task's history; state is the task's state after it." },
+);
+export type EventJson = typeof EventJson.static;
+
+export const EventPage = Type.Object(
+  {
+    events: Type.Array(EventJson, { description: "Oldest first." }),
+    next_cursor: Nullable(Type.String({ description: "Pass as `cursor` for the next page; null on the last page." })),
+  },
+  { additionalProperties: false },
+);
+export type EventPage = typeof EventPage.static;
+
+/** One SSE message of `GET /tasks/:id/events`: the task now, and the event the message is about. */
 export const TaskEventJson = Type.Object(
   {
     ...TaskJson.properties,
-    event: Nullable(
-      Type.Object({
-        kind: Type.String({
-          description: "submitted, dispatched, started, succeeded, failed, timed_out, cancelled, requeued...",
-        }),
-        event_id: Type.String({ description: "task_events id (a bigint, as text)." }),
-      }),
-    ),
+    event: Nullable(EventJson),
   },
-  { additionalProperties: false, description: "event is null in the first message, which is the state when the stream opened." },
+  {
+    additionalProperties: false,
+    description:
+      "The task as read with the event, and the event itself (its own kind, state, attempt and time). event is null " +
+      "in the first message of a stream opened without Last-Event-ID, which is the state when the stream opened.",
+  },
 );
 export type TaskEventJson = typeof TaskEventJson.static;
 
@@ -180,6 +277,11 @@ export const TaskIdParams = Type.Object({ id: Type.String({ description: "Task i
 
 export const StatusQuery = Type.Object({ task_id: Type.String({ description: "Task id (UUID)." }) });
 
+export const HistoryQuery = Type.Object({
+  limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 500, description: "Page size. Defaults to 50." })),
+  cursor: Type.Optional(Type.String({ description: "next_cursor of the previous page." })),
+});
+
 export const TaskListQuery = Type.Object({
   state: Type.Optional(TaskStateJson),
   limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 500, description: "Page size. Defaults to 50." })),
@@ -195,6 +297,7 @@ export function taskJson(task: Task): TaskJson {
     command: task.command,
     state: task.state,
     scheduled_at: iso(task.scheduled_at),
+    run_at: iso(task.run_at),
     created_at: iso(task.created_at),
     picked_at: isoOrNull(task.picked_at),
     started_at: isoOrNull(task.started_at),
@@ -234,6 +337,7 @@ export function statusJson(task: Task): StatusJson {
     command: task.command,
     state: task.state,
     scheduled_at: iso(task.scheduled_at),
+    run_at: iso(task.run_at),
     picked_at: isoOrNull(task.picked_at),
     started_at: isoOrNull(task.started_at),
     completed_at: isoOrNull(task.completed_at),
@@ -250,8 +354,43 @@ export function scheduleResponse(task: Task): ScheduleResponse {
   return { task_id: task.id, command: task.command, scheduled_at: iso(task.scheduled_at) };
 }
 
-export function taskEventJson(task: Task, event: TaskChange | null): TaskEventJson {
-  return { ...taskJson(task), event: event === null ? null : { kind: event.kind, event_id: event.event_id } };
+export function attemptJson(attempt: Attempt): AttemptJson {
+  return {
+    task_id: attempt.task_id,
+    attempt: attempt.attempt,
+    worker_id: attempt.worker_id,
+    coordinator_id: attempt.coordinator_id,
+    dispatched_at: iso(attempt.dispatched_at),
+    started_at: isoOrNull(attempt.started_at),
+    finished_at: isoOrNull(attempt.finished_at),
+    pid: attempt.pid,
+    exit_code: attempt.exit_code,
+    signal: attempt.signal,
+    error: attempt.error,
+    stdout: attempt.stdout,
+    stderr: attempt.stderr,
+    stdout_truncated: attempt.stdout_truncated,
+    stderr_truncated: attempt.stderr_truncated,
+    outcome: attempt.outcome,
+  };
+}
+
+export function eventJson(event: TaskEventRow): EventJson {
+  return {
+    id: event.id,
+    at: iso(event.at),
+    kind: event.kind,
+    // The column only ever holds task states.
+    state: event.state as EventJson["state"],
+    attempt: event.attempt,
+    worker_id: event.worker_id,
+    actor: event.actor,
+    detail: event.detail,
+  };
+}
+
+export function taskEventJson(task: Task, event: TaskEventRow | null): TaskEventJson {
+  return { ...taskJson(task), event: event === null ? null : eventJson(event) };
 }
 
 export function workerJson(worker: WorkerRow): WorkerJson {

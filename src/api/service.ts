@@ -2,10 +2,12 @@
 // TaskService call these, so both transports validate and answer alike. They throw
 // TaskQueueError for client mistakes; database errors pass through to the transport's mapper.
 
-import type { TaskChange } from "../db/notify";
+import { listAttempts } from "../db/attempts";
+import { listTaskEventsAfter, readTaskSince, type TaskEventRow } from "../db/events";
 import { ping } from "../db/sql";
-import { cancelTask, getTask, getTaskWithLastEvent, insertTasks, listTasks, type TaskWithLastEvent } from "../db/tasks";
+import { cancelTask, getTask, insertTasks, listTasks } from "../db/tasks";
 import { listLiveWorkers, type WorkerRow } from "../db/workers";
+import type { Attempt } from "../task/attempt";
 import { conflict, invalidArgument, notFound, TaskQueueError, unavailable } from "../task/errors";
 import { decodeCursor, encodeCursor, isTaskId } from "../task/spec";
 import { isFinal, isTaskState, TASK_STATES } from "../task/state";
@@ -68,15 +70,20 @@ export interface TaskPage {
   nextCursor: string | null;
 }
 
+function pageSize(value: number | undefined): number {
+  const limit = value ?? DEFAULT_PAGE_SIZE;
+  if (!Number.isInteger(limit) || limit < 1 || limit > MAX_PAGE_SIZE) {
+    throw invalidArgument("limit", `limit must be an integer from 1 to ${MAX_PAGE_SIZE}`);
+  }
+  return limit;
+}
+
 export async function listTaskPage(deps: ApiDeps, query: TaskPageQuery): Promise<TaskPage> {
   const { state, cursor } = query;
   if (state !== undefined && !isTaskState(state)) {
     throw invalidArgument("state", `state must be one of: ${TASK_STATES.join(", ")}`);
   }
-  const limit = query.limit ?? DEFAULT_PAGE_SIZE;
-  if (!Number.isInteger(limit) || limit < 1 || limit > MAX_PAGE_SIZE) {
-    throw invalidArgument("limit", `limit must be an integer from 1 to ${MAX_PAGE_SIZE}`);
-  }
+  const limit = pageSize(query.limit);
   const before = cursor === undefined ? undefined : decodeCursor(cursor);
   // One row more than the page tells whether another page follows.
   const rows = await listTasks(deps.sql, { state, limit: limit + 1, before });
@@ -126,91 +133,158 @@ export async function checkReady(deps: ApiDeps, timeoutMs = READY_TIMEOUT_MS): P
   }
 }
 
-export interface TaskUpdate {
-  task: Task;
-  /** The change that led to `task`; null in the first update, the state when watching began. */
-  event: TaskChange | null;
-  /** The newest task_events id that `task` reflects ("0" when it has none). */
-  eventId: string;
+/** Every attempt of a task, first to last (none before its first dispatch). */
+export async function listTaskAttempts(deps: ApiDeps, id: string, field = "id"): Promise<Attempt[]> {
+  requireTaskId(id, field);
+  const attempts = await listAttempts(deps.sql, id);
+  if (attempts.length === 0 && !(await getTask(deps.sql, id))) throw notFound(`task ${id} not found`);
+  return attempts;
 }
 
-const eventNumber = (id: string | null): bigint => {
+export interface HistoryPage {
+  /** Oldest first. */
+  events: TaskEventRow[];
+  /** Cursor of the next page; null on the last. */
+  nextCursor: string | null;
+}
+
+/** The opaque history cursor: base64url of the last event id of the page. */
+const encodeEventCursor = (eventId: string) => Buffer.from(`event:${eventId}`, "utf8").toString("base64url");
+
+function decodeEventCursor(cursor: string): string {
+  const text = /^[A-Za-z0-9_-]{1,64}$/.test(cursor) ? Buffer.from(cursor, "base64url").toString("utf8") : "";
+  const match = /^event:(\d{1,19})$/.exec(text);
+  if (!match || encodeEventCursor(match[1]!) !== cursor) {
+    throw invalidArgument("cursor", "cursor is not valid; pass next_cursor from the previous page unchanged");
+  }
+  return match[1]!;
+}
+
+/** Every task_events row of a task, oldest first, paged by cursor. */
+export async function listTaskHistory(
+  deps: ApiDeps,
+  id: string,
+  query: Omit<TaskPageQuery, "state">,
+  field = "id",
+): Promise<HistoryPage> {
+  requireTaskId(id, field);
+  const limit = pageSize(query.limit);
+  const after = query.cursor === undefined ? "0" : decodeEventCursor(query.cursor);
+  const rows = await listTaskEventsAfter(deps.sql, id, after, limit + 1);
+  // Every task has its submitted event: no rows at all means no task.
+  if (rows.length === 0 && !(await getTask(deps.sql, id))) throw notFound(`task ${id} not found`);
+  const events = rows.slice(0, limit);
+  const last = events.at(-1);
+  return { events, nextCursor: rows.length > limit && last ? encodeEventCursor(last.id) : null };
+}
+
+const eventNumber = (id: string): bigint => {
   try {
-    return id === null ? 0n : BigInt(id);
+    return BigInt(id);
   } catch {
     return -1n;
   }
 };
 
-function withoutEvent(row: TaskWithLastEvent): Task {
-  const { event_id: _id, event_kind: _kind, ...task } = row;
-  return task;
+export interface TaskUpdate {
+  /** The task as it is now (read with the event, or after it). */
+  task: Task;
+  /**
+   * The history row this update is about, with its own kind, state, attempt and time; null in
+   * the first update of a watch from now, which is the state when watching began.
+   */
+  event: TaskEventRow | null;
+  /** The update's id: the event's id, or for the first update the newest event of the task ("0": none). */
+  eventId: string;
+}
+
+/** Events read per round trip while watching (a replay of more takes several). */
+const WATCH_PAGE = 500;
+
+/** A task_events id given by a client (Last-Event-ID, after_event_id): digits, at most a bigint. */
+export function parseEventId(value: string, field: string): string {
+  if (!/^\d{1,19}$/.test(value) || BigInt(value) > 9223372036854775807n) {
+    throw invalidArgument(field, `${field} must be an event id (the id of an event this API sent)`);
+  }
+  return BigInt(value).toString();
 }
 
 /**
- * Live state of one task: the current row first, then the row again after each change, until
- * it reaches a final state. Subscribes before the first read, so no change falls between the
- * read and the subscription; notifications for changes the row already shows are skipped.
- * Several changes that arrive together yield one update (the row as it is now).
- *
- * Stop it by aborting `signal` (a pending wait ends at once) or by return() between updates;
- * either releases the subscriptions.
+ * Whether a watch resumed after `afterEventId` has anything to send: an event after it, or a
+ * task not yet final. Throws for a bad or unknown id.
  */
-export async function* watchTask(deps: ApiDeps, id: string, signal: AbortSignal): AsyncGenerator<TaskUpdate, void, undefined> {
+export async function canFollow(deps: ApiDeps, id: string, afterEventId: string): Promise<boolean> {
   requireTaskId(id, "id");
-  const pending: TaskChange[] = [];
-  let resync = false;
+  const read = await readTaskSince(deps.sql, id, afterEventId, 1);
+  if (!read) throw notFound(`task ${id} not found`);
+  return read.events.length > 0 || !isFinal(read.task.state);
+}
+
+/**
+ * Live history of one task, until it reaches a final state. From now (no `afterEventId`): the
+ * current row first (event null), then one update per task_events row written after it. With
+ * `afterEventId`: every event after that id, in order, then live the same way: a client that
+ * reconnects with the last id it saw misses nothing and sees nothing twice. Each update
+ * carries its event and the task as read with it. The watch ends after the event that put the
+ * task in a final state (a replay that starts after it yields nothing).
+ *
+ * Subscribes before the first read, so no change falls between the read and the
+ * subscription; each wake reads the row and the events after the last one sent in one
+ * statement. Stop it by aborting `signal` (a pending wait ends at once) or by return()
+ * between updates; either releases the subscriptions.
+ */
+export async function* watchTask(
+  deps: ApiDeps,
+  id: string,
+  signal: AbortSignal,
+  options: { afterEventId?: string } = {},
+): AsyncGenerator<TaskUpdate, void, undefined> {
+  requireTaskId(id, "id");
+  let pending = false;
   let wake: (() => void) | null = null;
+  let seen = options.afterEventId === undefined ? null : BigInt(options.afterEventId);
+  let known = false;
   const poke = () => {
     const resolve = wake;
     wake = null;
     resolve?.();
   };
   const offResync = deps.feed.onResync(() => {
-    resync = true;
+    pending = true;
     poke();
   });
   let offTask: () => void = () => {};
   signal.addEventListener("abort", poke);
   try {
     offTask = await deps.feed.onTask(id, (change) => {
-      pending.push(change);
+      if (seen !== null && eventNumber(change.event_id) <= seen) return;
+      pending = true;
       poke();
     });
-    const first = await getTaskWithLastEvent(deps.sql, id);
-    if (!first) throw notFound(`task ${id} not found`);
-    let seen = eventNumber(first.event_id);
-    let state = first.state;
-    yield { task: withoutEvent(first), event: null, eventId: seen.toString() };
-    while (!isFinal(state) && !signal.aborted) {
-      if (pending.length === 0 && !resync) {
-        await new Promise<void>((resolve) => (wake = resolve));
-        continue;
+    if (seen === null) {
+      const first = await readTaskSince(deps.sql, id, "0", 0);
+      if (!first) throw notFound(`task ${id} not found`);
+      seen = BigInt(first.lastEventId);
+      known = true;
+      yield { task: first.task, event: null, eventId: first.lastEventId };
+      if (isFinal(first.task.state)) return;
+    }
+    while (!signal.aborted) {
+      pending = false;
+      const read = await readTaskSince(deps.sql, id, seen.toString(), WATCH_PAGE);
+      if (!read) {
+        if (!known) throw notFound(`task ${id} not found`);
+        return;
       }
-      const changes = pending.splice(0).filter((change) => eventNumber(change.event_id) > seen);
-      const reread = resync || changes.length > 0;
-      resync = false;
-      if (!reread) continue;
-      const row = await getTaskWithLastEvent(deps.sql, id);
-      if (!row) return;
-      const rowEvent = eventNumber(row.event_id);
-      if (rowEvent <= seen) continue;
-      seen = rowEvent;
-      state = row.state;
-      const task = withoutEvent(row);
-      // The notification of the change the row shows, or (after a resync, or when a later
-      // change overtook its notification) the same facts read from the row.
-      const event = changes.find((change) => eventNumber(change.event_id) === rowEvent) ?? {
-        id: task.id,
-        state: task.state,
-        attempt: task.attempt,
-        worker_id: task.worker_id,
-        coordinator_id: task.coordinator_id,
-        event_id: rowEvent.toString(),
-        kind: row.event_kind ?? "",
-        due_in_ms: null,
-      };
-      yield { task, event, eventId: rowEvent.toString() };
+      known = true;
+      for (const event of read.events) {
+        seen = BigInt(event.id);
+        yield { task: read.task, event, eventId: event.id };
+        if (isTaskState(event.state) && isFinal(event.state)) return;
+      }
+      if (read.events.length === WATCH_PAGE) continue;
+      if (isFinal(read.task.state)) return;
+      while (!pending && !signal.aborted) await new Promise<void>((resolve) => (wake = resolve));
     }
   } finally {
     offTask();

@@ -1,12 +1,13 @@
-// `GET /tasks/:id/events` as server-sent events: the current state first, then every change
-// until a final state, then the stream ends. Each message carries the task_events id, so a
-// client can tell updates apart and order them.
+// `GET /tasks/:id/events` as server-sent events: the current state first (or, with
+// Last-Event-ID, every event after that one), then every event until a final state, then the
+// stream ends. Each message's id is its task_events id, so a client that reconnects with the
+// last id it saw misses nothing and sees nothing twice.
 
-import { isFinal } from "../task/state";
+import { isFinal, isTaskState } from "../task/state";
 import type { ApiDeps } from "./deps";
 import { errorAnswer } from "./errors";
 import { taskEventJson } from "./model";
-import { type TaskUpdate, watchTask } from "./service";
+import { canFollow, parseEventId, type TaskUpdate, watchTask } from "./service";
 
 /** A comment this often keeps proxies and clients from timing the stream out. */
 export const KEEPALIVE_MS = 15_000;
@@ -15,10 +16,18 @@ export function sseMessage(update: TaskUpdate): string {
   return `id: ${update.eventId}\nevent: task\ndata: ${JSON.stringify(taskEventJson(update.task, update.event))}\n\n`;
 }
 
+/** The last update of a watch: the final state when it began, or the event that made the task final. */
+function endsWatch(update: TaskUpdate): boolean {
+  const state = update.event === null ? update.task.state : update.event.state;
+  return isTaskState(state) && isFinal(state);
+}
+
 export interface TaskEventsOptions {
   keepaliveMs?: number;
   /** When served by Bun.serve: lifts the idle timeout, which would cut a quiet stream. */
   server?: { timeout(request: Request, seconds: number): void } | null;
+  /** The Last-Event-ID header: resume after this event. */
+  lastEventId?: string | null;
 }
 
 /**
@@ -31,10 +40,15 @@ export async function taskEventsResponse(
   request: Request,
   options: TaskEventsOptions = {},
 ): Promise<Response> {
+  const raw = options.lastEventId?.trim();
+  const afterEventId = raw ? parseEventId(raw, "Last-Event-ID") : undefined;
+  // A resume may have nothing to send until the task next changes: the stream opens once the
+  // task is known and something can follow, not at its next event.
+  if (afterEventId !== undefined && !(await canFollow(deps, id, afterEventId))) return new Response(null, { status: 204 });
   const stop = new AbortController();
-  const updates = watchTask(deps, id, stop.signal);
-  const first = await updates.next();
-  if (first.done) return new Response(null, { status: 204 });
+  const updates = watchTask(deps, id, stop.signal, { afterEventId });
+  const first = afterEventId === undefined ? await updates.next() : null;
+  if (first?.done) return new Response(null, { status: 204 });
   options.server?.timeout(request, 0);
 
   const encoder = new TextEncoder();
@@ -59,8 +73,11 @@ export async function taskEventsResponse(
           // Already closed or cancelled by the client.
         }
       };
-      controller.enqueue(encoder.encode(sseMessage(first.value)));
-      if (isFinal(first.value.task.state) || request.signal.aborted) return close();
+      if (first) {
+        controller.enqueue(encoder.encode(sseMessage(first.value)));
+        if (endsWatch(first.value)) return close();
+      } else controller.enqueue(encoder.encode(`: resuming after event ${afterEventId}\n\n`));
+      if (request.signal.aborted) return close();
       request.signal.addEventListener("abort", close);
       keepalive = setInterval(() => controller.enqueue(encoder.encode(": keepalive\n\n")), options.keepaliveMs ?? KEEPALIVE_MS);
     },
@@ -71,7 +88,7 @@ export async function taskEventsResponse(
         if (closed) return;
         if (next.done) return close();
         controller.enqueue(encoder.encode(sseMessage(next.value)));
-        if (isFinal(next.value.task.state)) close();
+        if (endsWatch(next.value)) close();
       } catch (error) {
         if (closed) return;
         // Headers are sent: the error becomes the last message.

@@ -7,7 +7,7 @@ import {
   type FinishReport,
   finishAttempts,
   markStartedMany,
-  recordAttemptNote,
+  recordAttemptStopped,
   requeueAttempt,
   type StartReport,
 } from "../db/tasks";
@@ -132,7 +132,7 @@ export class Completer {
         let applied = true;
         // The requeue's NOTIFY wakes every coordinator's dispatcher.
         if (action.kind === "requeue") applied = (await requeueAttempt(this.options.sql, target, action.reason)) !== null;
-        else await recordAttemptNote(this.options.sql, target, "stopped", { reason: action.reason });
+        else await recordAttemptStopped(this.options.sql, target, action.reason);
         this.ack(worker, target, !applied);
         return;
       } catch (error) {

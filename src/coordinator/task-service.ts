@@ -3,14 +3,26 @@
 import { create } from "@bufbuild/protobuf";
 import type * as grpc from "@grpc/grpc-js";
 import type { ApiDeps } from "../api/deps";
-import { cancelTaskOrThrow, getTaskOrThrow, listTaskPage, submitTask, watchTask } from "../api/service";
+import {
+  cancelTaskOrThrow,
+  getTaskOrThrow,
+  listTaskAttempts,
+  listTaskHistory,
+  listTaskPage,
+  parseEventId,
+  submitTask,
+  watchTask,
+} from "../api/service";
 import type { Principal, Scope } from "../auth/tokens";
-import { TaskEventSchema } from "../gen/taskqueue/v1/task_pb";
 import {
   type CancelTaskRequest,
   CancelTaskResponseSchema,
   type GetTaskRequest,
   GetTaskResponseSchema,
+  type ListAttemptsRequest,
+  ListAttemptsResponseSchema,
+  type ListTaskEventsRequest,
+  ListTaskEventsResponseSchema,
   type ListTasksRequest,
   ListTasksResponseSchema,
   type SubmitTaskRequest,
@@ -19,7 +31,7 @@ import {
   type WatchTaskResponse,
   WatchTaskResponseSchema,
 } from "../gen/taskqueue/v1/task_service_pb";
-import { fromTimestamp, stateFromProto, stateToProto, taskToProto } from "../rpc/convert";
+import { attemptToProto, eventToProto, fromTimestamp, stateFromProto, taskToProto } from "../rpc/convert";
 import { toServiceError } from "../rpc/status";
 import { invalidArgument } from "../task/errors";
 import { parseIdempotencyKey, toTaskSpec } from "../task/spec";
@@ -98,6 +110,20 @@ export function taskServiceHandlers(deps: ApiDeps): grpc.UntypedServiceImplement
     cancelTask: unary(deps, "cancel", async (request: CancelTaskRequest, principal) =>
       create(CancelTaskResponseSchema, { task: taskToProto(await cancelTaskOrThrow(deps, request.id, principal.name)) }),
     ),
+    listAttempts: unary(deps, "read", async (request: ListAttemptsRequest) =>
+      create(ListAttemptsResponseSchema, {
+        attempts: (await listTaskAttempts(deps, request.taskId, "task_id")).map(attemptToProto),
+      }),
+    ),
+    listTaskEvents: unary(deps, "read", async (request: ListTaskEventsRequest) => {
+      const page = await listTaskHistory(
+        deps,
+        request.taskId,
+        { limit: request.limit === 0 ? undefined : request.limit, cursor: request.cursor === "" ? undefined : request.cursor },
+        "task_id",
+      );
+      return create(ListTaskEventsResponseSchema, { events: page.events.map(eventToProto), nextCursor: page.nextCursor ?? "" });
+    }),
     watchTask: (call: grpc.ServerWritableStream<WatchTaskRequest, WatchTaskResponse>) => {
       const controller = new AbortController();
       call.on("cancelled", () => controller.abort());
@@ -105,21 +131,13 @@ export function taskServiceHandlers(deps: ApiDeps): grpc.UntypedServiceImplement
       void (async () => {
         try {
           await authorize(deps, call.metadata, "read");
-          for await (const update of watchTask(deps, call.request.id, controller.signal)) {
-            const event = update.event;
+          const after = call.request.afterEventId;
+          const options = { afterEventId: after === "" ? undefined : parseEventId(after, "after_event_id") };
+          for await (const update of watchTask(deps, call.request.id, controller.signal, options)) {
             call.write(
               create(WatchTaskResponseSchema, {
                 task: taskToProto(update.task),
-                event: event
-                  ? create(TaskEventSchema, {
-                      id: update.eventId,
-                      taskId: event.id,
-                      kind: event.kind,
-                      state: stateToProto(update.task.state),
-                      attempt: update.task.attempt,
-                      workerId: update.task.worker_id ?? "",
-                    })
-                  : undefined,
+                event: update.event ? eventToProto(update.event) : undefined,
               }),
             );
           }

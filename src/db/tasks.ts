@@ -1,10 +1,13 @@
 // All SQL on the tasks table. Every state change is one statement that also appends its
-// task_events row and notifies the change (src/db/notify.ts says on which channels), so
-// history, live status and the row itself can never disagree. Each guarded change names the state(s) and attempt
-// it expects; callers act on "nothing changed".
+// task_events row, writes the attempt's task_attempts row (src/db/attempts.ts) and notifies the
+// change (src/db/notify.ts says on which channels), so history, attempts, live status and the
+// row itself can never disagree. Each guarded change names the state(s) and attempt it expects;
+// callers act on "nothing changed".
 
+import { describeResult } from "../task/attempt";
 import type { TaskState } from "../task/state";
 import type { AttemptResult, Task, TaskSpec } from "../task/task";
+import { endAttempts, finishAttemptRows, openAttempts, startAttempts } from "./attempts";
 import { TASK_CHANNEL, TASK_CHANNEL_PREFIX } from "./notify";
 import type { Sql } from "./sql";
 
@@ -58,7 +61,7 @@ function changeTail(
       -- Coordinators need each cancel, but of the tasks queued here only the one due first:
       -- a dispatch pass claims whatever is due, so one wake-up (or timer) covers them all.
       CASE WHEN t.state = 'cancelled'
-             OR t.id = (SELECT q.id FROM t q WHERE q.state = 'queued' ORDER BY q.scheduled_at, q.id LIMIT 1)
+             OR t.id = (SELECT q.id FROM t q WHERE q.state = 'queued' ORDER BY q.run_at, q.id LIMIT 1)
         THEN pg_notify(${TASK_CHANNEL}, n.payload) END::text AS notified_all
     FROM t JOIN e ON e.task_id = t.id
     CROSS JOIN LATERAL (
@@ -66,7 +69,7 @@ function changeTail(
         'id', t.id, 'state', t.state, 'attempt', t.attempt, 'worker_id', t.worker_id,
         'coordinator_id', t.coordinator_id, 'event_id', e.id::text, 'kind', e.kind,
         'due_in_ms', CASE WHEN t.state = 'queued'
-          THEN greatest(0, ceil(extract(epoch FROM t.scheduled_at - clock_timestamp()) * 1000))::bigint END
+          THEN greatest(0, ceil(extract(epoch FROM t.run_at - clock_timestamp()) * 1000))::bigint END
       )::text AS payload
     ) n`;
 }
@@ -184,14 +187,12 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
              actor, worker_id, coordinator_id, lease_ms)
     ),
     t AS (
-      INSERT INTO tasks (id, command, state, scheduled_at, picked_at, attempt, max_attempts, timeout_ms, env, secret_env, cwd,
+      INSERT INTO tasks (id, command, state, scheduled_at, run_at, picked_at, attempt, max_attempts, timeout_ms, env, secret_env, cwd,
                          worker_id, coordinator_id, lease_expires_at,
                          retry_on_failure, retry_on_timeout, retry_on_lost, retry_backoff_base_ms, retry_backoff_cap_ms,
                          idempotency_key, idempotency_hash)
       SELECT r.id, r.command, CASE WHEN r.worker_id IS NULL THEN 'queued' ELSE 'dispatched' END,
-             -- Truncated, not rounded: timestamptz(3) would round a run-now time up to 0.5 ms
-             -- into the future, making the task briefly "not yet due".
-             coalesce(r.scheduled_at, date_trunc('milliseconds', clock_timestamp())),
+             due.at, due.at,
              CASE WHEN r.worker_id IS NOT NULL THEN clock_timestamp() END,
              CASE WHEN r.worker_id IS NULL THEN 0 ELSE 1 END,
              r.max_attempts, r.timeout_ms, coalesce(r.env, '{}'::jsonb), coalesce(r.secret_env, '{}'::jsonb), r.cwd,
@@ -200,9 +201,13 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
              r.retry_on_failure, r.retry_on_timeout, r.retry_on_lost, r.retry_backoff_base_ms, r.retry_backoff_cap_ms,
              r.idempotency_key, r.idempotency_hash
       FROM r
+      -- Truncated, not rounded: timestamptz(3) would round a run-now time up to 0.5 ms into
+      -- the future, making the task briefly "not yet due".
+      CROSS JOIN LATERAL (SELECT coalesce(r.scheduled_at, date_trunc('milliseconds', clock_timestamp())) AS at) due
       ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
       RETURNING *
     ),
+    ${openAttempts(sql)},
     ${changeTail(
       sql,
       {
@@ -264,7 +269,7 @@ export async function listTasks(sql: Sql, query: ListTasksQuery): Promise<Task[]
 
 /** A claimed attempt, and how long until its task is due by the database's clock. */
 export type ClaimedTask = TaskChangeRow & {
-  /** 0 when due; otherwise the milliseconds (rounded up) until scheduled_at. */
+  /** 0 when due; otherwise the milliseconds (rounded up) until run_at. */
   start_in_ms: number;
 };
 
@@ -290,9 +295,9 @@ export async function claimDue(
         -- now() (the statement's start), not clock_timestamp(): a volatile bound cannot be an
         -- index condition, and the scan would walk every future task. It is never later than
         -- the real time, so a task still never starts early.
-        WHERE state = 'queued' AND scheduled_at <= now() + make_interval(secs => ${Math.max(0, aheadMs) / 1000})
-        -- Due order, on tasks_due_idx (priorities come with their own issue).
-        ORDER BY scheduled_at, id
+        WHERE state = 'queued' AND run_at <= now() + make_interval(secs => ${Math.max(0, aheadMs) / 1000})
+        -- Due order, on tasks_run_at_idx (priorities come with their own issue).
+        ORDER BY run_at, id
         LIMIT ${slots.length}
         FOR UPDATE SKIP LOCKED
       ) due
@@ -308,8 +313,9 @@ export async function claimDue(
       RETURNING tasks.*,
         -- Rounded up, and read after the claim: waiting this long from any later moment never
         -- starts the task before its time.
-        greatest(0, ceil(extract(epoch FROM tasks.scheduled_at - clock_timestamp()) * 1000))::integer AS start_in_ms
+        greatest(0, ceil(extract(epoch FROM tasks.run_at - clock_timestamp()) * 1000))::integer AS start_in_ms
     ),
+    ${openAttempts(sql)},
     ${recordChange(sql, "dispatched")}`;
   return strip(rows) as ClaimedTask[];
 }
@@ -320,7 +326,7 @@ export async function claimDue(
  */
 export async function nextDueIn(sql: Sql): Promise<number | null> {
   const rows = await sql<{ due_in_ms: string | null }[]>`
-    SELECT greatest(0, ceil(extract(epoch FROM min(scheduled_at) - clock_timestamp()) * 1000))::bigint::text AS due_in_ms
+    SELECT greatest(0, ceil(extract(epoch FROM min(run_at) - clock_timestamp()) * 1000))::bigint::text AS due_in_ms
     FROM tasks WHERE state = 'queued'`;
   const value = rows[0]?.due_in_ms;
   return value == null ? null : Number(value);
@@ -356,6 +362,7 @@ export async function markStartedMany(sql: Sql, refs: readonly StartReport[]): P
       WHERE tasks.id = r.id AND tasks.attempt = r.attempt AND tasks.worker_id = r.worker_id AND tasks.state = 'dispatched'
       RETURNING tasks.*, 'started'::text AS event_kind, jsonb_build_object('pid', r.pid) AS event_detail
     ),
+    ${startAttempts(sql)},
     ${recordChanges(sql)}`;
   return strip(rows);
 }
@@ -366,11 +373,12 @@ export interface FinishReport {
 }
 
 /**
- * Records an attempt's result if that attempt still holds the task (the fence). A failure or
- * timeout that the task's policy retries, with attempts left, goes back to the queue due
- * after an exponential backoff with jitter; otherwise the result is final. Either way the
- * attempt's result is kept in its event. A report from a superseded attempt or another
- * worker changes nothing and is recorded as `stale`.
+ * Records an attempt's result if that attempt still holds the task (the fence), on the task
+ * and on its attempt row. A failure or timeout that the task's policy retries, with attempts
+ * left, goes back to the queue with run_at after an exponential backoff with jitter (event
+ * `retrying`); otherwise the result is final, and a final failure's error says why there is
+ * no further attempt. scheduled_at never changes. A report from a superseded attempt or
+ * another worker changes no task and is recorded as `stale` (see recordStaleResult).
  */
 export async function finishAttempt(
   sql: Sql,
@@ -399,6 +407,7 @@ export async function finishAttempts(sql: Sql, reports: readonly FinishReport[])
     r_stdout_truncated: result.stdoutTruncated,
     r_stderr_truncated: result.stderrTruncated,
     r_error: result.error,
+    r_reason: result.state === "succeeded" ? null : describeResult(result),
     r_started_at: result.startedAt?.toISOString() ?? null,
     r_finished_at: result.finishedAt.toISOString(),
   }));
@@ -407,7 +416,7 @@ export async function finishAttempts(sql: Sql, reports: readonly FinishReport[])
       SELECT * FROM json_to_recordset(${jsonRows(sql, json)}) AS r(
         r_id uuid, r_attempt integer, r_worker_id text, r_state text, r_exit_code integer, r_signal text,
         r_stdout text, r_stderr text, r_stdout_truncated boolean, r_stderr_truncated boolean, r_error text,
-        r_started_at timestamptz, r_finished_at timestamptz)
+        r_reason text, r_started_at timestamptz, r_finished_at timestamptz)
     ),
     d AS (
       SELECT r.*, tasks.id,
@@ -422,20 +431,27 @@ export async function finishAttempts(sql: Sql, reports: readonly FinishReport[])
     t AS (
       UPDATE tasks SET
         state = CASE WHEN d.retry THEN 'queued' ELSE d.r_state END,
-        scheduled_at = CASE WHEN d.retry THEN clock_timestamp() + make_interval(secs => d.backoff_ms / 1000)
-                            ELSE tasks.scheduled_at END,
+        run_at = CASE WHEN d.retry THEN clock_timestamp() + make_interval(secs => d.backoff_ms / 1000) ELSE tasks.run_at END,
         lease_expires_at = NULL,
         started_at = coalesce(tasks.started_at, d.r_started_at),
         completed_at = CASE WHEN d.r_state = 'succeeded' THEN d.r_finished_at END,
         failed_at = CASE WHEN d.r_state <> 'succeeded' AND NOT d.retry THEN d.r_finished_at END,
         exit_code = d.r_exit_code, signal = d.r_signal, stdout = d.r_stdout, stderr = d.r_stderr,
-        stdout_truncated = d.r_stdout_truncated, stderr_truncated = d.r_stderr_truncated, error = d.r_error
+        stdout_truncated = d.r_stdout_truncated, stderr_truncated = d.r_stderr_truncated,
+        error = CASE WHEN d.r_state = 'succeeded' OR d.retry THEN d.r_error
+                     ELSE ${finalError(
+                       sql,
+                       sql`d.r_reason`,
+                       sql`CASE d.r_state WHEN 'timed_out' THEN tasks.retry_on_timeout ELSE tasks.retry_on_failure END`,
+                       sql`CASE d.r_state WHEN 'timed_out' THEN 'timeouts' ELSE 'failures' END`,
+                     )} END
       FROM d WHERE tasks.id = d.id
-      RETURNING tasks.*, d.r_state AS event_kind, jsonb_build_object(
-        'exit_code', d.r_exit_code, 'signal', d.r_signal, 'error', d.r_error, 'stdout', d.r_stdout,
-        'stderr', d.r_stderr, 'stdout_truncated', d.r_stdout_truncated, 'stderr_truncated', d.r_stderr_truncated
-      ) AS event_detail
+      -- The output stays on the task and its attempt row; the event says what happened.
+      RETURNING tasks.*, CASE WHEN d.retry THEN 'retrying' ELSE d.r_state END AS event_kind, jsonb_build_object(
+        'outcome', d.r_state, 'exit_code', d.r_exit_code, 'signal', d.r_signal, 'error', d.r_error
+      ) || CASE WHEN d.retry THEN jsonb_build_object('run_at', tasks.run_at) ELSE '{}'::jsonb END AS event_detail
     ),
+    ${finishAttemptRows(sql)},
     ${recordChanges(sql)}`;
   const byId = new Map(strip(rows).map((row) => [row.id, row]));
   const out: (TaskChangeRow | null)[] = [];
@@ -444,43 +460,86 @@ export async function finishAttempts(sql: Sql, reports: readonly FinishReport[])
     if (applied && applied.attempt === ref.attempt) out.push(applied);
     else {
       out.push(null);
-      await recordAttemptNote(sql, ref, "stale", { reported: result.state });
+      await recordStaleResult(sql, ref, result);
     }
   }
   return out;
 }
 
 /**
- * Appends an event about one attempt that does not change the task: `stale`, a report for an
- * attempt that no longer holds the task; `stopped`, the worker stopped an attempt's process
- * as it was told (the task was cancelled, or the attempt superseded).
+ * A final task's error: why its last attempt ended (`reason`, text), and why no other
+ * follows: the task's policy does not retry this (`retries`, the policy's flag for it, and
+ * `what`, its name), or it has run its max_attempts. For an UPDATE of tasks.
  */
-export async function recordAttemptNote(
-  sql: Sql,
-  ref: { id: string; attempt: number; workerId: string },
-  kind: "stale" | "stopped",
-  note: { reported: string } | { reason: string },
-): Promise<void> {
+function finalError(sql: Sql, reason: Fragment, retries: Fragment, what: Fragment): Fragment {
+  return sql`CASE
+    WHEN NOT ${retries} THEN ${reason} || '; the task does not retry ' || ${what}
+    ELSE 'exhausted ' || tasks.max_attempts || CASE WHEN tasks.max_attempts = 1 THEN ' attempt' ELSE ' attempts' END
+         || ': last ' || ${reason} END`;
+}
+
+/**
+ * A result for an attempt that no longer holds its task (superseded, its task cancelled, or
+ * a repeat of one already applied): the task does not change and its history gets a `stale`
+ * event. An attempt that had ended without a result (lost or stopped) keeps this result on
+ * its row, with outcome `stale`: what the process really did stays visible. An attempt whose
+ * own result was applied keeps it.
+ */
+export async function recordStaleResult(sql: Sql, ref: AttemptRef, result: AttemptResult): Promise<void> {
   await sql`
+    WITH a AS (
+      UPDATE task_attempts SET
+        started_at = coalesce(started_at, ${result.startedAt}::timestamptz), finished_at = ${result.finishedAt}::timestamptz,
+        exit_code = ${result.exitCode}::integer, signal = ${result.signal}::text, error = coalesce(${result.error}::text, error),
+        stdout = ${result.stdout}::text, stderr = ${result.stderr}::text,
+        stdout_truncated = ${result.stdoutTruncated}, stderr_truncated = ${result.stderrTruncated}, outcome = 'stale'
+      WHERE task_id = ${ref.id} AND attempt = ${ref.attempt} AND worker_id = ${ref.workerId}
+        AND (outcome IS NULL OR outcome IN ('lost', 'stopped'))
+    )
     INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail)
-    SELECT id, ${kind}, state, ${ref.attempt}, ${ref.workerId},
-           ${sql.json(note)}::jsonb || jsonb_build_object('current_attempt', attempt)
+    SELECT id, 'stale', state, ${ref.attempt}, ${ref.workerId},
+           jsonb_build_object('reported', ${result.state}::text, 'current_attempt', attempt)
     FROM tasks WHERE id = ${ref.id}`;
 }
 
 /**
- * SET clause for an attempt that ended without a result (its worker was lost or gave it
- * back): back to the queue at once, or failed when no attempts are left or the task's policy
- * does not retry a lost worker.
+ * The worker stopped an attempt's process as it was told (the task was cancelled, or the
+ * attempt superseded): the task does not change; its history gets a `stopped` event, and an
+ * attempt row not yet ended gets outcome `stopped`.
  */
-function requeueOrFail(sql: Sql, reason: string): Fragment {
+export async function recordAttemptStopped(sql: Sql, ref: AttemptRef, reason: string): Promise<void> {
+  await sql`
+    WITH a AS (
+      UPDATE task_attempts SET outcome = 'stopped', finished_at = clock_timestamp(), error = ${reason}
+      WHERE task_id = ${ref.id} AND attempt = ${ref.attempt} AND worker_id = ${ref.workerId} AND outcome IS NULL
+    )
+    INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail)
+    SELECT id, 'stopped', state, ${ref.attempt}, ${ref.workerId}, jsonb_build_object('reason', ${reason}::text, 'current_attempt', attempt)
+    FROM tasks WHERE id = ${ref.id}`;
+}
+
+/**
+ * The change for an attempt that ended without a result: its task goes back to the queue at
+ * once (run_at unchanged: it was due already), or fails when no attempts are left or the
+ * task's policy does not retry a lost worker; the attempt's outcome is `lost`. Given the
+ * WHERE clause choosing the attempts, the whole statement.
+ */
+function requeueOrFail(sql: Sql, reason: string, where: Fragment): Fragment {
+  const retry = sql`tasks.attempt < tasks.max_attempts AND tasks.retry_on_lost`;
   return sql`
-    state = CASE WHEN attempt < max_attempts AND retry_on_lost THEN 'queued' ELSE 'failed' END,
-    failed_at = CASE WHEN attempt < max_attempts AND retry_on_lost THEN NULL ELSE clock_timestamp() END,
-    lease_expires_at = NULL,
-    error = CASE WHEN attempt < max_attempts AND retry_on_lost THEN error
-                 WHEN NOT retry_on_lost THEN ${reason} || '; the task does not retry a lost worker'
-                 ELSE ${reason} || '; no attempts left (' || max_attempts || ')' END`;
+    WITH t AS (
+      UPDATE tasks SET
+        state = CASE WHEN ${retry} THEN 'queued' ELSE 'failed' END,
+        failed_at = CASE WHEN ${retry} THEN NULL ELSE clock_timestamp() END,
+        lease_expires_at = NULL,
+        error = CASE WHEN ${retry} THEN tasks.error
+                     ELSE ${finalError(sql, sql`${reason}::text`, sql`tasks.retry_on_lost`, sql`'a lost worker'`)} END
+      WHERE ${where}
+      RETURNING *, CASE WHEN state = 'queued' THEN 'requeued' ELSE 'failed' END AS event_kind,
+        jsonb_build_object('outcome', 'lost', 'reason', ${reason}::text) AS event_detail
+    ),
+    ${endAttempts(sql, "lost", reason)},
+    ${recordChanges(sql)}`;
 }
 
 /**
@@ -494,14 +553,12 @@ export async function requeueWorkerTasks(
   reason: string,
   keep: readonly string[] = [],
 ): Promise<TaskChangeRow[]> {
-  const rows = await sql<(Task & { event_id: string })[]>`
-    WITH t AS (
-      UPDATE tasks SET ${requeueOrFail(sql, reason)}
-      WHERE worker_id = ${workerId} AND state IN ('dispatched', 'running')
-        AND (id::text || ':' || attempt) NOT IN (SELECT jsonb_array_elements_text(${sql.json(keep)}::jsonb))
-      RETURNING *
-    ),
-    ${recordChange(sql, "requeued", { reason })}`;
+  const rows = await sql<(Task & { event_id: string })[]>`${requeueOrFail(
+    sql,
+    reason,
+    sql`worker_id = ${workerId} AND state IN ('dispatched', 'running')
+        AND (id::text || ':' || attempt) NOT IN (SELECT jsonb_array_elements_text(${sql.json(keep)}::jsonb))`,
+  )}`;
   return strip(rows);
 }
 
@@ -511,14 +568,11 @@ export async function requeueAttempt(
   ref: { id: string; attempt: number; workerId: string },
   reason: string,
 ): Promise<TaskChangeRow | null> {
-  const rows = await sql<(Task & { event_id: string })[]>`
-    WITH t AS (
-      UPDATE tasks SET ${requeueOrFail(sql, reason)}
-      WHERE id = ${ref.id} AND attempt = ${ref.attempt} AND worker_id = ${ref.workerId}
-        AND state IN ('dispatched', 'running')
-      RETURNING *
-    ),
-    ${recordChange(sql, "requeued", { reason })}`;
+  const rows = await sql<(Task & { event_id: string })[]>`${requeueOrFail(
+    sql,
+    reason,
+    sql`id = ${ref.id} AND attempt = ${ref.attempt} AND worker_id = ${ref.workerId} AND state IN ('dispatched', 'running')`,
+  )}`;
   return strip(rows)[0] ?? null;
 }
 
@@ -565,19 +619,17 @@ export async function renewLeases(sql: Sql, refs: readonly AttemptRef[], leaseMs
  */
 export async function requeueExpiredLeases(sql: Sql, leaseMs: number): Promise<TaskChangeRow[]> {
   const lease = sql`make_interval(secs => ${Math.max(0, leaseMs) / 1000})`;
-  const rows = await sql<(Task & { event_id: string })[]>`
-    WITH t AS (
-      UPDATE tasks SET ${requeueOrFail(sql, "worker lost (lease expired)")}
-      WHERE state IN ('dispatched', 'running') AND lease_expires_at < now()
+  const rows = await sql<(Task & { event_id: string })[]>`${requeueOrFail(
+    sql,
+    "worker lost (lease expired)",
+    sql`state IN ('dispatched', 'running') AND lease_expires_at < now()
         AND NOT EXISTS (
           SELECT 1 FROM workers w
           WHERE w.id = tasks.worker_id AND w.state <> 'gone'
             AND w.last_heartbeat_at <= tasks.lease_expires_at - ${lease}
             AND greatest(w.last_heartbeat_at, pg_postmaster_start_time()) > now() - 2 * ${lease}
-        )
-      RETURNING *
-    ),
-    ${recordChange(sql, "requeued", { reason: "lease expired" })}`;
+        )`,
+  )}`;
   return strip(rows);
 }
 
@@ -588,8 +640,9 @@ export type CancelOutcome =
 
 /**
  * Cancels a task that has not reached a final state. An in-flight task is marked cancelled at
- * once; the coordinator holding its worker sees the notification and stops the process, and
- * the fence turns the attempt's late report into a stale event.
+ * once, and its attempt ends `stopped`; the coordinator holding its worker sees the
+ * notification and stops the process, and the fence turns the attempt's late report into a
+ * stale event.
  */
 export async function cancelTask(sql: Sql, id: string, actor: string | null = null): Promise<CancelOutcome> {
   const rows = await sql<(Task & { event_id: string; was_state: TaskState })[]>`
@@ -601,6 +654,7 @@ export async function cancelTask(sql: Sql, id: string, actor: string | null = nu
       FROM before WHERE tasks.id = before.id
       RETURNING tasks.*, before.state AS was_state
     ),
+    ${endAttempts(sql, "stopped", "cancelled")},
     ${recordChange(sql, "cancelled", null, actor)}`;
   const row = rows[0];
   if (row) {
@@ -609,23 +663,4 @@ export async function cancelTask(sql: Sql, id: string, actor: string | null = nu
   }
   const task = await getTask(sql, id);
   return task ? { kind: "final", task } : { kind: "not_found" };
-}
-
-export type TaskWithLastEvent = Task & { event_id: string | null; event_kind: string | null };
-
-/**
- * A task and the newest event its row reflects, read in one statement so they agree: live
- * watchers skip notifications for changes the row already shows.
- */
-export async function getTaskWithLastEvent(sql: Sql, id: string): Promise<TaskWithLastEvent | null> {
-  const rows = await sql<TaskWithLastEvent[]>`
-    SELECT t.*, e.id::text AS event_id, e.kind AS event_kind
-    FROM tasks t
-    LEFT JOIN LATERAL (
-      SELECT id, kind FROM task_events
-      WHERE task_id = t.id AND kind <> 'stale'
-      ORDER BY id DESC LIMIT 1
-    ) e ON true
-    WHERE t.id = ${id}`;
-  return rows[0] ?? null;
 }

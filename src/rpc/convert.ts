@@ -1,9 +1,22 @@
 // Conversions between the domain types (src/task) and the generated protobuf messages.
+
+import type { JsonObject } from "@bufbuild/protobuf";
 import { create } from "@bufbuild/protobuf";
 import { type Timestamp, timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
-import { type Task as PbTask, TaskState as PbTaskState, TaskSchema } from "../gen/taskqueue/v1/task_pb";
+import type { TaskEventRow } from "../db/events";
+import {
+  AttemptSchema,
+  type Attempt as PbAttempt,
+  AttemptOutcome as PbAttemptOutcome,
+  type Task as PbTask,
+  type TaskEvent as PbTaskEvent,
+  TaskState as PbTaskState,
+  TaskEventSchema,
+  TaskSchema,
+} from "../gen/taskqueue/v1/task_pb";
 import { Outcome, type TaskFinished } from "../gen/taskqueue/v1/worker_service_pb";
-import type { TaskState } from "../task/state";
+import type { Attempt, AttemptOutcome } from "../task/attempt";
+import { isTaskState, type TaskState } from "../task/state";
 import type { AttemptResult, Task } from "../task/task";
 
 const STATE_TO_PROTO: Record<TaskState, PbTaskState> = {
@@ -38,6 +51,7 @@ export function taskToProto(task: Task): PbTask {
     command: task.command,
     state: stateToProto(task.state),
     scheduledAt: toTimestamp(task.scheduled_at),
+    runAt: toTimestamp(task.run_at),
     createdAt: toTimestamp(task.created_at),
     pickedAt: toTimestamp(task.picked_at),
     startedAt: toTimestamp(task.started_at),
@@ -67,6 +81,51 @@ export function taskToProto(task: Task): PbTask {
     idempotencyKey: task.idempotency_key ?? "",
     leaseExpiresAt: toTimestamp(task.lease_expires_at),
     secretEnvKeys: Object.keys(task.secret_env ?? {}).sort(),
+  });
+}
+
+const OUTCOME_TO_PROTO: Record<AttemptOutcome, PbAttemptOutcome> = {
+  succeeded: PbAttemptOutcome.SUCCEEDED,
+  failed: PbAttemptOutcome.FAILED,
+  timed_out: PbAttemptOutcome.TIMED_OUT,
+  lost: PbAttemptOutcome.LOST,
+  stopped: PbAttemptOutcome.STOPPED,
+  stale: PbAttemptOutcome.STALE,
+};
+
+export function attemptToProto(attempt: Attempt): PbAttempt {
+  return create(AttemptSchema, {
+    taskId: attempt.task_id,
+    attempt: attempt.attempt,
+    workerId: attempt.worker_id,
+    coordinatorId: attempt.coordinator_id ?? "",
+    dispatchedAt: toTimestamp(attempt.dispatched_at),
+    startedAt: toTimestamp(attempt.started_at),
+    finishedAt: toTimestamp(attempt.finished_at),
+    pid: attempt.pid ?? undefined,
+    exitCode: attempt.exit_code ?? undefined,
+    signal: attempt.signal ?? "",
+    error: attempt.error ?? "",
+    stdout: attempt.stdout ?? "",
+    stderr: attempt.stderr ?? "",
+    stdoutTruncated: attempt.stdout_truncated,
+    stderrTruncated: attempt.stderr_truncated,
+    outcome: attempt.outcome === null ? PbAttemptOutcome.UNSPECIFIED : OUTCOME_TO_PROTO[attempt.outcome],
+  });
+}
+
+export function eventToProto(event: TaskEventRow): PbTaskEvent {
+  return create(TaskEventSchema, {
+    id: event.id,
+    taskId: event.task_id,
+    kind: event.kind,
+    state: isTaskState(event.state) ? stateToProto(event.state) : PbTaskState.UNSPECIFIED,
+    attempt: event.attempt,
+    workerId: event.worker_id ?? "",
+    at: toTimestamp(event.at),
+    actor: event.actor ?? "",
+    // jsonb: JSON values only.
+    detail: (event.detail ?? undefined) as JsonObject | undefined,
   });
 }
 

@@ -2,20 +2,28 @@
 // of it. The database column `tasks.state` holds these names; the proto enum mirrors them.
 
 /**
- * - queued: persisted, waiting for its scheduled_at and a free worker slot. In: submit
- *   (scheduler or coordinator), requeue of a lost or handed-back attempt. Out: dispatch
+ * - queued: persisted, waiting for its run_at and a free worker slot. run_at starts as the
+ *   scheduled_at the client asked for (which never changes) and a retry's backoff moves it.
+ *   In: submit (scheduler or coordinator), a retry of a failed or timed-out attempt (event
+ *   `retrying`), requeue of a lost or handed-back attempt (`requeued`). Out: dispatch
  *   (coordinator claim), cancel.
- * - dispatched: claimed by a coordinator and assigned to one worker (picked_at, attempt + 1),
- *   up to TQ_DISPATCH_AHEAD_MS before scheduled_at: the worker holds it until then. Out:
- *   running (worker's TaskStarted), a final state (TaskFinished can overtake TaskStarted),
- *   queued (worker lost, or handed back unstarted), cancelled.
- * - running: the worker's process started (started_at). Out: a final state, queued (worker
- *   lost or task handed back), cancelled.
+ * - dispatched: claimed by a coordinator and assigned to one worker (picked_at, attempt + 1,
+ *   a new task_attempts row), up to TQ_DISPATCH_AHEAD_MS before run_at: the worker holds it
+ *   until then. Out: running (worker's TaskStarted), a final state (TaskFinished can overtake
+ *   TaskStarted), queued (retry; worker lost, or handed back unstarted), cancelled.
+ * - running: the worker's process started (started_at, on the task and its attempt). Out: a
+ *   final state, queued (retry, worker lost or task handed back), cancelled.
  * - succeeded: exited 0 (completed_at). Final.
- * - failed: exited non-zero, killed by a signal, could not start, or ran out of attempts
- *   (failed_at, with exit_code / signal / error). Final.
- * - timed_out: killed after its timeout (failed_at). Final.
- * - cancelled: cancelled by a client (cancelled_at). Final.
+ * - failed: exited non-zero, killed by a signal, could not start, or its worker was lost, with
+ *   no further attempt (failed_at, with exit_code / signal, and error saying why no attempt
+ *   follows: "exhausted 3 attempts: last exit code 127", or "...; the task does not retry
+ *   failures"). Final.
+ * - timed_out: killed after its timeout, with no further attempt (failed_at, error as for
+ *   failed). Final.
+ * - cancelled: cancelled by a client (cancelled_at; an attempt in flight ends `stopped`). Final.
+ *
+ * Each attempt keeps its own row (src/task/attempt.ts) and every change its task_events row;
+ * the task row shows the current attempt only.
  */
 export const TASK_STATES = ["queued", "dispatched", "running", "succeeded", "failed", "timed_out", "cancelled"] as const;
 

@@ -6,7 +6,10 @@ export interface Task {
   command: string;
   state: TaskState;
   priority: number;
+  /** The time the client asked for, exactly as submitted (run-now: the submit's time). Never changes. */
   scheduled_at: Date;
+  /** When the current or next attempt becomes due: scheduled_at, then moved by each retry's backoff. */
+  run_at: Date;
   created_at: Date;
   picked_at: Date | null;
   started_at: Date | null;

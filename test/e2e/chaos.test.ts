@@ -201,7 +201,7 @@ test("1,000 tasks through worker kills, a freeze, a coordinator kill and a Postg
   // (a worker dispatched to, up to the moment it was found dead, held them).
   const taken = await sql<{ n: number }[]>`
     SELECT count(DISTINCT task_id)::int AS n FROM task_events
-    WHERE kind = 'requeued' AND worker_id IN ${sql(victims)}`;
+    WHERE (kind = 'requeued' OR detail ->> 'outcome' = 'lost') AND worker_id IN ${sql(victims)}`;
   const exposed = taken[0]?.n ?? 0;
   const rerunTasks = [...executions.values()].filter((n) => n > 1).length;
   const neverRan = ids.filter((id) => !executions.has(id)).length;

@@ -119,7 +119,13 @@ test("a failed attempt is retried after its backoff and the next one succeeds", 
     const done = await watchTask(cluster.coordinatorUrl, task.id);
     expect(done).toMatchObject({ state: "succeeded", attempt: 2, stdout: "attempt 2\n" });
     const history = await events(task.id);
-    expect(history.filter((e) => /^(failed|succeeded)/.test(e))).toEqual(["failed#1", "succeeded#2"]);
+    // The first failure is retried: its event says so, and the attempt keeps its exit code.
+    expect(history.filter((e) => /^(retrying|failed|succeeded)/.test(e))).toEqual(["retrying#1", "succeeded#2"]);
+    const attempts = (await getJson(`${cluster.coordinatorUrl}/tasks/${task.id}/attempts`)).json.attempts;
+    expect(attempts.map((a: { exit_code: number; outcome: string }) => [a.exit_code, a.outcome])).toEqual([
+      [7, "failed"],
+      [0, "succeeded"],
+    ]);
   } finally {
     await cluster.stop();
   }

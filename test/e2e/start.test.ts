@@ -79,8 +79,18 @@ test("the seed's curl examples in the README work as printed", async () => {
   const done = await watchTask(`http://127.0.0.1:${ports.scheduler}`, created.task_id);
   expect(done).toMatchObject({ state: "failed", exit_code: 127 });
   const shown = JSON.parse(await sh(status!.replace("your_task_id", created.task_id)));
-  expect(shown).toMatchObject({ task_id: created.task_id, state: "failed", exit_code: 127, completed_at: null });
-  for (const field of ["scheduled_at", "created_at", "picked_at", "started_at", "failed_at"])
+  // Retried twice with backoff, yet still showing the time asked for, and why it failed.
+  expect(shown).toMatchObject({
+    task_id: created.task_id,
+    state: "failed",
+    attempt: 3,
+    exit_code: 127,
+    completed_at: null,
+    scheduled_at: "2023-04-01T15:04:05.000Z",
+    error: "exhausted 3 attempts: last exit code 127",
+  });
+  expect(Date.parse(shown.run_at)).toBeGreaterThan(Date.parse(shown.scheduled_at));
+  for (const field of ["scheduled_at", "run_at", "created_at", "picked_at", "started_at", "failed_at"])
     expect(shown[field]).toEqual(expect.any(String));
 });
 

@@ -7,8 +7,11 @@ import * as grpc from "@grpc/grpc-js";
 import { loadConfig } from "../../src/config";
 import { Coordinator } from "../../src/coordinator/coordinator";
 import { TaskChangeFeed } from "../../src/db/notify";
-import { TaskState } from "../../src/gen/taskqueue/v1/task_pb";
+import { claimDue, finishAttempt } from "../../src/db/tasks";
+import { AttemptOutcome, TaskState } from "../../src/gen/taskqueue/v1/task_pb";
 import {
+  type ListAttemptsResponse,
+  type ListTaskEventsResponse,
   type ListTasksResponse,
   type SubmitTaskResponse,
   TaskService,
@@ -24,6 +27,7 @@ import {
 import { silentLogger } from "../../src/log";
 import { clientConstructor } from "../../src/rpc/definitions";
 import { freePort, HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
+import { attemptResult } from "../support/factories";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -156,6 +160,75 @@ describe("TaskService", () => {
     expect(seen.map((m) => m.task!.state)).toEqual([TaskState.QUEUED, TaskState.CANCELLED]);
     expect(seen[0]!.event).toBeUndefined();
     expect(seen[1]!.event!.kind).toBe("cancelled");
+  });
+});
+
+describe("attempts and history over gRPC", () => {
+  test("the Task keeps scheduled_at as submitted beside run_at; ListAttempts, ListTaskEvents and a resumed WatchTask show each attempt", async () => {
+    const requested = new Date("2023-04-01T15:04:05.123Z");
+    const { task } = await call<SubmitTaskResponse>("submitTask", {
+      command: "exit 3",
+      scheduledAt: timestampFromDate(requested),
+      maxAttempts: 2,
+      retry: { backoffBaseMs: 0, backoffCapMs: 0 },
+    });
+    const id = task!.id;
+    // No worker is connected here: the attempts are driven through the database, as a coordinator would.
+    for (let attempt = 1; attempt <= 2; attempt++) {
+      const [claimed] = await claimDue(db.sql, "c-test", [`w${attempt}`], 30_000);
+      expect(claimed).toMatchObject({ id, attempt });
+      await finishAttempt(db.sql, { id, attempt, workerId: `w${attempt}` }, attemptResult({ state: "failed", exitCode: 3 }));
+    }
+    const got = (await call<{ task: typeof task }>("getTask", { id })).task!;
+    expect(got.scheduledAt).toEqual(timestampFromDate(requested));
+    expect(Number(got.runAt!.seconds)).toBeGreaterThan(Number(got.scheduledAt!.seconds));
+    expect(got.error).toBe("exhausted 2 attempts: last exit code 3");
+
+    const { attempts } = await call<ListAttemptsResponse>("listAttempts", { taskId: id });
+    expect(attempts.map((a) => [a.attempt, a.workerId, a.exitCode, a.outcome])).toEqual([
+      [1, "w1", 3, AttemptOutcome.FAILED],
+      [2, "w2", 3, AttemptOutcome.FAILED],
+    ]);
+    expect(attempts.every((a) => a.dispatchedAt !== undefined && a.finishedAt !== undefined)).toBe(true);
+
+    const events: ListTaskEventsResponse["events"] = [];
+    let cursor = "";
+    do {
+      const page: ListTaskEventsResponse = await call("listTaskEvents", { taskId: id, limit: 2, cursor });
+      events.push(...page.events);
+      cursor = page.nextCursor;
+    } while (cursor !== "");
+    expect(events.map((e) => [e.kind, e.state, e.attempt])).toEqual([
+      ["submitted", TaskState.QUEUED, 0],
+      ["dispatched", TaskState.DISPATCHED, 1],
+      ["retrying", TaskState.QUEUED, 1],
+      ["dispatched", TaskState.DISPATCHED, 2],
+      ["failed", TaskState.FAILED, 2],
+    ]);
+    expect(events[2]!.detail).toMatchObject({ outcome: "failed", exit_code: 3 });
+    expect(events.every((e) => e.at !== undefined && e.taskId === id)).toBe(true);
+
+    // Resumed after the first dispatch: the rest, in order, then the stream ends.
+    const stream = tasks.watchTask!({ id, afterEventId: events[1]!.id }) as grpc.ClientReadableStream<WatchTaskResponse>;
+    const seen: WatchTaskResponse[] = [];
+    await new Promise<void>((resolve, reject) => {
+      stream.on("data", (message: WatchTaskResponse) => seen.push(message));
+      stream.on("end", resolve);
+      stream.on("error", reject);
+    });
+    expect(seen.map((m) => m.event!.id)).toEqual(events.slice(2).map((e) => e.id));
+    expect(seen.map((m) => m.event!.kind)).toEqual(["retrying", "dispatched", "failed"]);
+    expect(seen.every((m) => m.task!.state === TaskState.FAILED)).toBe(true);
+
+    expect(await failure(call("listAttempts", { taskId: "nope" }))).toBe(grpc.status.INVALID_ARGUMENT);
+    expect(await failure(call("listAttempts", { taskId: Bun.randomUUIDv7() }))).toBe(grpc.status.NOT_FOUND);
+    expect(await failure(call("listTaskEvents", { taskId: id, cursor: "bogus" }))).toBe(grpc.status.INVALID_ARGUMENT);
+    const bad = tasks.watchTask!({ id, afterEventId: "x" }) as grpc.ClientReadableStream<WatchTaskResponse>;
+    const code = await new Promise<number>((resolve) => {
+      bad.on("error", (error: grpc.ServiceError) => resolve(error.code));
+      bad.on("end", () => resolve(-1));
+    });
+    expect(code).toBe(grpc.status.INVALID_ARGUMENT);
   });
 });
 

@@ -41,7 +41,7 @@ afterAll(async () => {
 });
 
 beforeEach(async () => {
-  await db.sql`TRUNCATE tasks, task_events, workers`;
+  await db.sql`TRUNCATE tasks, task_events, task_attempts, workers`;
 });
 
 interface Answer {
@@ -101,6 +101,7 @@ const TASK_KEYS = [
   "max_attempts",
   "picked_at",
   "retry",
+  "run_at",
   "scheduled_at",
   "secret_env_keys",
   "signal",
@@ -119,6 +120,7 @@ const STATUS_KEYS = [
   "command",
   "state",
   "scheduled_at",
+  "run_at",
   "picked_at",
   "started_at",
   "completed_at",
@@ -203,6 +205,7 @@ describe("GET /status (seed)", () => {
       command: "echo hi",
       state: "queued",
       scheduled_at: "2023-04-01T15:04:05.000Z",
+      run_at: "2023-04-01T15:04:05.000Z",
       picked_at: null,
       completed_at: null,
       attempt: 0,
@@ -216,7 +219,13 @@ describe("GET /status (seed)", () => {
     await claimDue(db.sql, "c1", ["w1"], 30_000);
     await finishAttempt(db.sql, { id: task.id, attempt: 1, workerId: "w1" }, { ...success, state: "failed", exitCode: 2 });
     const answer = await call("GET", `/status?task_id=${task.id}`);
-    expect(answer.json).toMatchObject({ state: "failed", attempt: 1, exit_code: 2, completed_at: null });
+    expect(answer.json).toMatchObject({
+      state: "failed",
+      attempt: 1,
+      exit_code: 2,
+      completed_at: null,
+      error: "exhausted 1 attempt: last exit code 2",
+    });
     expect(answer.json.picked_at).toMatch(ISO_MS);
     expect(answer.json.failed_at).toMatch(ISO_MS);
   });
@@ -524,6 +533,124 @@ describe("GET /tasks", () => {
   });
 });
 
+describe("retries keep the requested time", () => {
+  test("scheduled_at stays byte-identical through every retry while run_at moves; the final error says why", async () => {
+    const body = '{"command":"exit 3","scheduled_at":"2023-04-01T17:04:05.123+02:00"}';
+    const scheduled = await post("/schedule", body);
+    expect(scheduled.status).toBe(200);
+    const submitted = scheduled.json.scheduled_at;
+    expect(submitted).toBe("2023-04-01T15:04:05.123Z");
+    const id = scheduled.json.task_id;
+    const runAts: string[] = [];
+    for (let attempt = 1; attempt <= 3; attempt++) {
+      // The default backoff (1 s, doubling) is due later than now; the claim waits for run_at.
+      await db.sql`UPDATE tasks SET run_at = now() - interval '1 millisecond' WHERE id = ${id} AND state = 'queued'`;
+      const [claimed] = await claimDue(db.sql, "c1", ["w1"], 30_000);
+      expect(claimed?.attempt).toBe(attempt);
+      await finishAttempt(db.sql, { id, attempt, workerId: "w1" }, { ...success, state: "failed", exitCode: 3 });
+      const status = await call("GET", `/status?task_id=${id}`);
+      expect(status.json.scheduled_at).toBe(submitted);
+      runAts.push(status.json.run_at);
+      const task = await call("GET", `/tasks/${id}`);
+      expect(task.json.scheduled_at).toBe(submitted);
+      expect(task.json.run_at).toBe(status.json.run_at);
+    }
+    expect(Date.parse(runAts[0]!)).toBeGreaterThan(Date.parse(submitted));
+    const final = await call("GET", `/status?task_id=${id}`);
+    expect(final.json).toMatchObject({
+      state: "failed",
+      attempt: 3,
+      exit_code: 3,
+      error: "exhausted 3 attempts: last exit code 3",
+    });
+    const listed = await call("GET", "/tasks");
+    expect(listed.json.tasks[0]).toMatchObject({ id, scheduled_at: submitted, run_at: final.json.run_at });
+  });
+});
+
+describe("GET /tasks/:id/attempts", () => {
+  test("lists every attempt in order with its worker, exit code and its own times", async () => {
+    const task = await createTask(db.sql, taskSpec({ maxAttempts: 3 }));
+    expect((await call("GET", `/tasks/${task.id}/attempts`)).json).toEqual({ attempts: [] });
+    const startedAt = (attempt: number) => new Date(Date.UTC(2030, 0, 1, 0, 0, attempt));
+    for (let attempt = 1; attempt <= 3; attempt++) {
+      const [claimed] = await claimDue(db.sql, "c1", [`w${attempt}`], 30_000);
+      expect(claimed?.attempt).toBe(attempt);
+      await finishAttempt(
+        db.sql,
+        { id: task.id, attempt, workerId: `w${attempt}` },
+        { ...success, state: "failed", exitCode: 10 + attempt, startedAt: startedAt(attempt) },
+      );
+    }
+    const answer = await call("GET", `/tasks/${task.id}/attempts`);
+    expect(answer.status).toBe(200);
+    const attempts = answer.json.attempts as any[];
+    expect(attempts.map((a) => [a.attempt, a.worker_id, a.exit_code, a.outcome])).toEqual([
+      [1, "w1", 11, "failed"],
+      [2, "w2", 12, "failed"],
+      [3, "w3", 13, "failed"],
+    ]);
+    expect(attempts.map((a) => a.started_at)).toEqual([1, 2, 3].map((n) => startedAt(n).toISOString()));
+    for (const a of attempts) {
+      expect(a.dispatched_at).toMatch(ISO_MS);
+      expect(a.finished_at).toMatch(ISO_MS);
+      expect(a).toMatchObject({ task_id: task.id, coordinator_id: "c1", stdout: "done\n", stdout_truncated: false });
+    }
+    // The task row shows the last attempt only.
+    expect((await call("GET", `/tasks/${task.id}`)).json.started_at).toBe(startedAt(3).toISOString());
+  });
+
+  test("malformed and unknown ids", async () => {
+    expectError(await call("GET", "/tasks/nope/attempts"), 400, "invalid_argument", "id");
+    expectError(await call("GET", `/tasks/${newTaskId()}/attempts`), 404, "not_found", undefined);
+  });
+});
+
+describe("GET /tasks/:id/history", () => {
+  test("pages every event oldest first, with kind, state, attempt, worker and actor", async () => {
+    const task = await createTask(db.sql, taskSpec({ maxAttempts: 2 }));
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
+    await finishAttempt(db.sql, { id: task.id, attempt: 1, workerId: "w1" }, { ...success, state: "failed", exitCode: 1 });
+    await claimDue(db.sql, "c1", ["w2"], 30_000);
+    await cancelTask(db.sql, task.id, "alice");
+    const seen: any[] = [];
+    let cursor: string | null = null;
+    let pages = 0;
+    do {
+      const answer: Answer = await call("GET", `/tasks/${task.id}/history?limit=2${cursor ? `&cursor=${cursor}` : ""}`);
+      expect(answer.status).toBe(200);
+      expect(answer.json.events.length).toBeLessThanOrEqual(2);
+      seen.push(...answer.json.events);
+      cursor = answer.json.next_cursor;
+      pages++;
+    } while (cursor !== null);
+    expect(pages).toBe(3);
+    expect(seen.map((e) => [e.kind, e.state, e.attempt, e.worker_id])).toEqual([
+      ["submitted", "queued", 0, null],
+      ["dispatched", "dispatched", 1, "w1"],
+      ["retrying", "queued", 1, "w1"],
+      ["dispatched", "dispatched", 2, "w2"],
+      ["cancelled", "cancelled", 2, "w2"],
+    ]);
+    const ids = seen.map((e) => BigInt(e.id));
+    for (let i = 1; i < ids.length; i++) expect(ids[i]!).toBeGreaterThan(ids[i - 1]!);
+    expect(seen[2].detail).toMatchObject({ outcome: "failed", exit_code: 1 });
+    expect(seen[4].actor).toBe("alice");
+    for (const e of seen) expect(e.at).toMatch(ISO_MS);
+    const all = await call("GET", `/tasks/${task.id}/history`);
+    expect(all.json.events).toHaveLength(5);
+    expect(all.json.next_cursor).toBeNull();
+  });
+
+  test("bad ids, limits and cursors name their parameter", async () => {
+    const task = await createTask(db.sql, taskSpec());
+    expectError(await call("GET", "/tasks/nope/history"), 400, "invalid_argument", "id");
+    expectError(await call("GET", `/tasks/${newTaskId()}/history`), 404, "not_found", undefined);
+    expectError(await call("GET", `/tasks/${task.id}/history?limit=0`), 400, "invalid_argument", "limit");
+    expectError(await call("GET", `/tasks/${task.id}/history?cursor=bogus`), 400, "invalid_argument", "cursor");
+  });
+});
+
 describe("GET /workers", () => {
   test("lists live workers with the tasks they hold", async () => {
     await upsertWorker(db.sql, {
@@ -583,8 +710,10 @@ describe("health and documentation", () => {
         "/tasks",
         "/tasks/batch",
         "/tasks/{id}",
+        "/tasks/{id}/attempts",
         "/tasks/{id}/cancel",
         "/tasks/{id}/events",
+        "/tasks/{id}/history",
         "/workers",
       ].sort(),
     );

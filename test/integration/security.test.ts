@@ -49,7 +49,7 @@ describe("REST", () => {
   const tokens: Record<string, string> = {};
 
   beforeAll(async () => {
-    await db.sql`TRUNCATE tasks, task_events, workers, api_tokens`;
+    await db.sql`TRUNCATE tasks, task_events, task_attempts, workers, api_tokens`;
     tokens.submitter = await makeToken("submitter", ["submit"]);
     tokens.reader = await makeToken("reader", ["read"]);
     tokens.canceller = await makeToken("canceller", ["cancel", "submit"]);
@@ -240,7 +240,7 @@ describe("gRPC", () => {
   let reader: string;
 
   beforeAll(async () => {
-    await db.sql`TRUNCATE tasks, task_events, workers, api_tokens`;
+    await db.sql`TRUNCATE tasks, task_events, task_attempts, workers, api_tokens`;
     submitter = await makeToken("g-submitter", ["submit"]);
     reader = await makeToken("g-reader", ["read"]);
     const config = loadConfig({

@@ -4,13 +4,14 @@ import { createApp } from "../../src/api/index";
 import { watchTask } from "../../src/api/service";
 import { taskEventsResponse } from "../../src/api/sse";
 import { loadConfig } from "../../src/config";
+import { listTaskEvents } from "../../src/db/events";
 import { type TaskChange, TaskChangeFeed } from "../../src/db/notify";
 import type { Sql } from "../../src/db/sql";
-import { cancelTask, claimDue, insertTask } from "../../src/db/tasks";
+import { cancelTask, claimDue, finishAttempt, insertTask, markStarted } from "../../src/db/tasks";
 import { silentLogger } from "../../src/log";
 import { TaskQueueError } from "../../src/task/errors";
 import { TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
-import { createTask, newTaskId, openAuth, taskSpec } from "../support/factories";
+import { attemptResult, createTask, newTaskId, openAuth, taskSpec } from "../support/factories";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -155,7 +156,7 @@ afterAll(async () => {
 });
 
 beforeEach(async () => {
-  await db.sql`TRUNCATE tasks, task_events, workers`;
+  await db.sql`TRUNCATE tasks, task_events, task_attempts, workers`;
 });
 
 async function submit(): Promise<string> {
@@ -164,8 +165,9 @@ async function submit(): Promise<string> {
   return ((await response.json()) as { id: string }).id;
 }
 
-async function openEvents(id: string, signal?: AbortSignal) {
-  const response = await app.handle(new Request(`http://localhost/tasks/${id}/events`, { signal }));
+async function openEvents(id: string, signal?: AbortSignal, lastEventId?: string) {
+  const headers: Record<string, string> = lastEventId === undefined ? {} : { "last-event-id": lastEventId };
+  const response = await app.handle(new Request(`http://localhost/tasks/${id}/events`, { signal, headers }));
   expect(response.status).toBe(200);
   expect(response.headers.get("content-type")).toStartWith("text/event-stream");
   expect(response.headers.get("cache-control")).toBe("no-cache");
@@ -195,11 +197,13 @@ describe("GET /tasks/:id/events", () => {
 
     const messages = [first!];
     for (let message = await stream.nextTask(); message !== null; message = await stream.nextTask()) messages.push(message);
-    const states = messages.map((m) => m.data.state);
-    // Changes that land together may arrive as one update; order and the end never change.
-    expect(states[0]).toBe("queued");
-    expect(states.at(-1)).toBe("succeeded");
-    expect(["queued", "dispatched", "running", "succeeded"].filter((s) => states.includes(s))).toEqual(states);
+    // One message per event, none skipped even when they land together, each with its own facts.
+    expect(messages.slice(1).map((m) => [m.data.event.kind, m.data.event.state, m.data.event.attempt])).toEqual([
+      ["dispatched", "dispatched", 1],
+      ["started", "running", 1],
+      ["succeeded", "succeeded", 1],
+    ]);
+    for (const m of messages.slice(1)) expect(m.data.event.id).toBe(m.id);
     const ids = messages.map((m) => BigInt(m.id!));
     for (let i = 1; i < ids.length; i++) expect(ids[i]!).toBeGreaterThan(ids[i - 1]!);
     const last = messages.at(-1)!;
@@ -209,7 +213,7 @@ describe("GET /tasks/:id/events", () => {
       stdout: "ok\n",
       worker_id: "w-other",
       coordinator_id: "c-other",
-      event: { kind: "succeeded", event_id: last.id },
+      event: { kind: "succeeded", id: last.id, state: "succeeded", worker_id: "w-other" },
     });
     expect(last.data.completed_at).toMatch(/Z$/);
     // The stream ended on its own; the watcher let go of the feed.
@@ -282,6 +286,92 @@ describe("GET /tasks/:id/events", () => {
   });
 });
 
+describe("GET /tasks/:id/events with Last-Event-ID", () => {
+  /** Every message until the stream ends. */
+  async function drain(stream: Awaited<ReturnType<typeof openEvents>>) {
+    const messages = [];
+    for (let message = await stream.nextTask(); message !== null; message = await stream.nextTask()) messages.push(message);
+    return messages;
+  }
+
+  test("replays every event after the id, in order, each with its own facts, and ends at the final one", async () => {
+    const task = await createTask(db.sql, taskSpec({ maxAttempts: 2 }));
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
+    await markStarted(db.sql, { id: task.id, attempt: 1, workerId: "w1", startedAt: new Date(), pid: 1 });
+    await finishAttempt(db.sql, { id: task.id, attempt: 1, workerId: "w1" }, attemptResult({ state: "failed", exitCode: 5 }));
+    await claimDue(db.sql, "c1", ["w2"], 30_000);
+    await finishAttempt(db.sql, { id: task.id, attempt: 2, workerId: "w2" }, attemptResult());
+    const history = await listTaskEvents(db.sql, task.id);
+    const from = history[1]!; // attempt 1's dispatch
+    const messages = await drain(await openEvents(task.id, undefined, from.id));
+    const expected = history.slice(2);
+    expect(messages.map((m) => m.id)).toEqual(expected.map((e) => e.id));
+    expect(messages.map((m) => [m.data.event.kind, m.data.event.state, m.data.event.attempt, m.data.event.at])).toEqual(
+      expected.map((e) => [e.kind, e.state, e.attempt, e.at.toISOString()]),
+    );
+    expect(messages.map((m) => m.data.event.kind)).toEqual(["started", "retrying", "dispatched", "succeeded"]);
+    // The task as it is now rides along; the event says what it was then.
+    expect(messages[1]!.data).toMatchObject({ state: "succeeded", event: { state: "queued", detail: { exit_code: 5 } } });
+    await live.released();
+  });
+
+  test("replays what was missed, then continues live with no gap and no repeat", async () => {
+    const task = await createTask(db.sql, taskSpec());
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
+    const stream = await openEvents(task.id, undefined, task.event_id);
+    const replayed = await stream.nextTask();
+    expect(replayed?.data.event).toMatchObject({ kind: "dispatched", attempt: 1, worker_id: "w1" });
+    await inAnotherProcess(
+      `
+      const id = process.env.TASK_ID;
+      await tasks.markStarted(sql, { id, attempt: 1, workerId: "w1", startedAt: new Date(), pid: 9 });
+      await tasks.finishAttempt(sql, { id, attempt: 1, workerId: "w1" }, {
+        state: "succeeded", exitCode: 0, signal: null, stdout: "", stderr: "", stdoutTruncated: false,
+        stderrTruncated: false, error: null, startedAt: new Date(), finishedAt: new Date(),
+      });`,
+      { TASK_ID: task.id },
+    );
+    const rest = await drain(stream);
+    const history = await listTaskEvents(db.sql, task.id);
+    expect([replayed!, ...rest].map((m) => m.id)).toEqual(history.slice(1).map((e) => e.id));
+    expect(rest.map((m) => m.data.event.kind)).toEqual(["started", "succeeded"]);
+    await live.released();
+  });
+
+  test("a resume with nothing missed opens at once and waits for the next event", async () => {
+    const task = await createTask(db.sql, taskSpec());
+    // Answered before the task changes again: the status and headers do not wait for an event.
+    const stream = await openEvents(task.id, undefined, task.event_id);
+    expect(await stream.next()).toEqual({ comment: `resuming after event ${task.event_id}` });
+    const cancelled = await cancelTask(db.sql, task.id);
+    if (cancelled.kind !== "cancelled") throw new Error(cancelled.kind);
+    const next = await stream.nextTask();
+    expect(next?.id).toBe(cancelled.task.event_id);
+    expect(next?.data.event).toMatchObject({ kind: "cancelled", state: "cancelled" });
+    expect(await stream.nextTask()).toBeNull();
+    await live.released();
+  });
+
+  test("a final task with nothing after the id is 204, so EventSource stops reconnecting", async () => {
+    const id = await submit();
+    const cancelled = await cancelTask(db.sql, id);
+    if (cancelled.kind !== "cancelled") throw new Error(cancelled.kind);
+    const response = await app.handle(
+      new Request(`http://localhost/tasks/${id}/events`, { headers: { "last-event-id": cancelled.task.event_id } }),
+    );
+    expect(response.status).toBe(204);
+    await live.released();
+  });
+
+  test("a malformed Last-Event-ID is a 400 naming it", async () => {
+    const id = await submit();
+    const response = await app.handle(new Request(`http://localhost/tasks/${id}/events`, { headers: { "last-event-id": "x1" } }));
+    expect(response.status).toBe(400);
+    expect(await response.json()).toMatchObject({ error: { code: "invalid_argument", field: "Last-Event-ID" } });
+    await live.released();
+  });
+});
+
 describe("watchTask", () => {
   test("re-reads the task after a resync, when notifications may have been missed", async () => {
     // Never started: no notification reaches this feed, as while its connection was down.
@@ -296,7 +386,7 @@ describe("watchTask", () => {
     quiet.lastResync!();
     const update = (await next).value;
     expect(update?.task.state).toBe("cancelled");
-    expect(update?.event).toMatchObject({ kind: "cancelled", event_id: outcome.task.event_id, state: "cancelled" });
+    expect(update?.event).toMatchObject({ kind: "cancelled", id: outcome.task.event_id, state: "cancelled" });
     expect(update?.eventId).toBe(outcome.task.event_id);
     expect((await updates.next()).done).toBe(true);
     expect(quiet.active()).toBe(0);
@@ -333,7 +423,14 @@ describe("watchTask", () => {
     quiet.lastListener!(change);
     const update = (await next).value;
     expect(update?.task).toMatchObject({ state: "dispatched", attempt: 1, worker_id: "w1" });
-    expect(update?.event).toEqual(change);
+    expect(update?.event).toMatchObject({
+      id: change.event_id,
+      kind: "dispatched",
+      state: "dispatched",
+      attempt: 1,
+      worker_id: "w1",
+    });
+    expect(update?.eventId).toBe(change.event_id);
     await updates.return(undefined);
     expect(quiet.active()).toBe(0);
   });

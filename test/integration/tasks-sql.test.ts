@@ -1,4 +1,5 @@
 import { describe, expect, setDefaultTimeout, test } from "bun:test";
+import { listAttempts } from "../../src/db/attempts";
 import { listTaskEvents } from "../../src/db/events";
 import { migrate, readMigrations } from "../../src/db/migrate";
 import { type TaskChange, TaskChangeFeed } from "../../src/db/notify";
@@ -30,7 +31,7 @@ const db = useTestDatabase();
 const success = (over: Partial<AttemptResult> = {}): AttemptResult => attemptResult({ stdout: "ok\n", ...over });
 
 async function clear() {
-  await db.sql`TRUNCATE tasks, task_events, workers`;
+  await db.sql`TRUNCATE tasks, task_events, task_attempts, workers`;
 }
 
 describe("insertTask", () => {
@@ -204,7 +205,12 @@ describe("fenced reports", () => {
     expect(byId.has(keep.id)).toBe(false);
     expect(byId.get(drop.id)?.state).toBe("queued");
     expect(byId.get(last.id)?.state).toBe("failed");
-    expect(byId.get(last.id)?.error).toBe("worker lost; no attempts left (1)");
+    expect(byId.get(last.id)?.error).toBe("exhausted 1 attempt: last worker lost");
+    // A lost attempt with no attempt left ends the task: the event says failed, not requeued.
+    expect((await listTaskEvents(db.sql, drop.id)).at(-1)).toMatchObject({ kind: "requeued", state: "queued" });
+    expect((await listTaskEvents(db.sql, last.id)).at(-1)).toMatchObject({ kind: "failed", state: "failed" });
+    expect((await listAttempts(db.sql, drop.id))[0]).toMatchObject({ outcome: "lost", error: "worker lost" });
+    expect((await listAttempts(db.sql, keep.id))[0]).toMatchObject({ outcome: null, finished_at: null });
     expect((await getTask(db.sql, keep.id))?.state).toBe("dispatched");
   });
 
@@ -306,14 +312,19 @@ describe("retries", () => {
     const before = Date.now();
     const { applied } = await finishAttempt(db.sql, { id: task.id, attempt: 1, workerId: "w1" }, failure());
     expect(applied).toMatchObject({ state: "queued", attempt: 1, exit_code: 1, failed_at: null, lease_expires_at: null });
-    // First backoff: the base times a jitter in [0.5, 1).
-    const delay = applied!.scheduled_at.getTime() - before;
+    // First backoff: the base times a jitter in [0.5, 1), on run_at; scheduled_at stays as submitted.
+    const delay = applied!.run_at.getTime() - before;
     expect(delay).toBeGreaterThanOrEqual(30_000 - 1000);
     expect(delay).toBeLessThanOrEqual(60_000 + 1000);
+    expect(applied!.scheduled_at).toEqual(task.scheduled_at);
     expect(await claimDue(db.sql, "c1", ["w1"], 30_000)).toEqual([]);
     const events = await listTaskEvents(db.sql, task.id);
-    expect(events.at(-1)).toMatchObject({ kind: "failed", state: "queued", attempt: 1 });
-    expect(events.at(-1)?.detail).toMatchObject({ exit_code: 1, stderr: "boom\n" });
+    // Not "failed" while the task is queued: the kind says a retry follows, and when.
+    expect(events.at(-1)).toMatchObject({ kind: "retrying", state: "queued", attempt: 1 });
+    expect(events.at(-1)?.detail).toMatchObject({ outcome: "failed", exit_code: 1 });
+    expect(new Date(String(events.at(-1)?.detail?.run_at)).getTime()).toBe(applied!.run_at.getTime());
+    const [attempt] = await listAttempts(db.sql, task.id);
+    expect(attempt).toMatchObject({ attempt: 1, outcome: "failed", exit_code: 1, stderr: "boom\n", worker_id: "w1" });
   });
 
   test("backoff doubles per attempt up to the cap; the last attempt's failure is final", async () => {
@@ -329,13 +340,13 @@ describe("retries", () => {
       expect(applied?.state).toBe(attempt < 3 ? "queued" : "failed");
     }
     const final = await getTask(db.sql, task.id);
-    expect(final).toMatchObject({ state: "failed", exit_code: 3, attempt: 3 });
+    expect(final).toMatchObject({ state: "failed", exit_code: 3, attempt: 3, error: "exhausted 3 attempts: last exit code 3" });
     expect(final?.failed_at).toBeInstanceOf(Date);
-    const results = (await listTaskEvents(db.sql, task.id)).filter((e) => e.kind === "failed");
-    expect(results.map((e) => [e.attempt, e.detail?.exit_code])).toEqual([
-      [1, 1],
-      [2, 2],
-      [3, 3],
+    const results = (await listTaskEvents(db.sql, task.id)).filter((e) => e.kind === "retrying" || e.kind === "failed");
+    expect(results.map((e) => [e.kind, e.state, e.attempt, e.detail?.exit_code])).toEqual([
+      ["retrying", "queued", 1, 1],
+      ["retrying", "queued", 2, 2],
+      ["failed", "failed", 3, 3],
     ]);
   });
 
@@ -587,5 +598,261 @@ describe("migrate", () => {
   test("refuses a migration that was edited after it was applied", async () => {
     const edited = readMigrations().map((m, i) => (i === 0 ? { ...m, checksum: "different" } : m));
     expect(migrate(db.sql, edited)).rejects.toThrow(/changed after it was applied/);
+  });
+});
+
+describe("run_at", () => {
+  test("retries move run_at and never scheduled_at; the claim and nextDueIn follow run_at", async () => {
+    await clear();
+    const requested = new Date("2023-04-01T15:04:05.000Z");
+    const retry = { onFailure: true, onTimeout: true, onLost: true, backoffBaseMs: 0, backoffCapMs: 0 };
+    const task = await createTask(db.sql, taskSpec({ scheduledAt: requested, maxAttempts: 3, retry }));
+    expect(task.run_at).toEqual(requested);
+    const runAts: number[] = [];
+    for (let attempt = 1; attempt <= 3; attempt++) {
+      const [claimed] = await claimDue(db.sql, "c1", ["w1"], 30_000);
+      expect(claimed?.attempt).toBe(attempt);
+      const { applied } = await finishAttempt(
+        db.sql,
+        { id: task.id, attempt, workerId: "w1" },
+        success({ state: "failed", exitCode: 3 }),
+      );
+      expect(applied?.scheduled_at.toISOString()).toBe("2023-04-01T15:04:05.000Z");
+      runAts.push(applied!.run_at.getTime());
+    }
+    // Each retry is due at its own time, after the submitted one; the final attempt leaves run_at alone.
+    expect(runAts[0]).toBeGreaterThan(requested.getTime());
+    expect(runAts[1]).toBeGreaterThanOrEqual(runAts[0]!);
+    expect(runAts[2]).toBe(runAts[1]!);
+    const final = await getTask(db.sql, task.id);
+    expect(final?.scheduled_at.toISOString()).toBe("2023-04-01T15:04:05.000Z");
+
+    // A retry backed off into the future is not due, though its scheduled_at has long passed.
+    const later = await createTask(
+      db.sql,
+      taskSpec({ scheduledAt: requested, retry: { ...retry, backoffBaseMs: 120_000, backoffCapMs: 120_000 } }),
+    );
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
+    await finishAttempt(db.sql, { id: later.id, attempt: 1, workerId: "w1" }, success({ state: "failed", exitCode: 1 }));
+    expect(await claimDue(db.sql, "c1", ["w1"], 30_000)).toEqual([]);
+    const due = await nextDueIn(db.sql);
+    expect(due).toBeGreaterThan(50_000);
+    expect(due).toBeLessThanOrEqual(120_000);
+  });
+
+  test("the claim reads the run_at index, not the table", async () => {
+    await clear();
+    const plan = await db.sql.begin(async (tx) => {
+      await tx`SET LOCAL enable_seqscan = off`;
+      return tx<{ "QUERY PLAN": string }[]>`
+        EXPLAIN SELECT id FROM tasks WHERE state = 'queued' AND run_at <= now() ORDER BY run_at, id LIMIT 8 FOR UPDATE SKIP LOCKED`;
+    });
+    const text = plan.map((row) => row["QUERY PLAN"]).join("\n");
+    expect(text).toContain("tasks_run_at_idx");
+    expect(text).not.toContain("Sort");
+  });
+});
+
+describe("attempts", () => {
+  const at = (ms: number) => new Date(Date.UTC(2030, 0, 1, 0, 0, 0, ms));
+
+  test("each attempt keeps its worker, times, pid, result and outcome after the task moved on", async () => {
+    await clear();
+    const task = await createTask(db.sql, taskSpec({ maxAttempts: 3 }));
+    for (let attempt = 1; attempt <= 3; attempt++) {
+      const worker = `w${attempt}`;
+      const [claimed] = await claimDue(db.sql, `c${attempt}`, [worker], 30_000);
+      const [open] = await listAttempts(db.sql, task.id).then((rows) => rows.slice(-1));
+      expect(open).toMatchObject({ attempt, worker_id: worker, coordinator_id: `c${attempt}`, outcome: null, started_at: null });
+      expect(open?.dispatched_at).toEqual(claimed!.picked_at!);
+      await markStarted(db.sql, { id: task.id, attempt, workerId: worker, startedAt: at(attempt * 1000), pid: 100 + attempt });
+      await finishAttempt(
+        db.sql,
+        { id: task.id, attempt, workerId: worker },
+        success({
+          state: "failed",
+          exitCode: 126 + attempt,
+          stdout: `out ${attempt}\n`,
+          startedAt: at(attempt * 1000),
+          finishedAt: at(attempt * 1000 + 500),
+        }),
+      );
+    }
+    const attempts = await listAttempts(db.sql, task.id);
+    expect(
+      attempts.map((a) => [
+        a.attempt,
+        a.worker_id,
+        a.pid,
+        a.exit_code,
+        a.stdout,
+        a.outcome,
+        a.started_at?.getTime(),
+        a.finished_at?.getTime(),
+      ]),
+    ).toEqual([
+      [1, "w1", 101, 127, "out 1\n", "failed", at(1000).getTime(), at(1500).getTime()],
+      [2, "w2", 102, 128, "out 2\n", "failed", at(2000).getTime(), at(2500).getTime()],
+      [3, "w3", 103, 129, "out 3\n", "failed", at(3000).getTime(), at(3500).getTime()],
+    ]);
+    expect((await getTask(db.sql, task.id))?.error).toBe("exhausted 3 attempts: last exit code 129");
+  });
+
+  test("the run-now fast path opens attempt 1; a cancel stops the attempt in flight", async () => {
+    await clear();
+    const task = await createTask(db.sql, taskSpec(), { assignTo: { workerId: "w1", coordinatorId: "c1", leaseMs: 30_000 } });
+    expect(await listAttempts(db.sql, task.id)).toMatchObject([
+      { attempt: 1, worker_id: "w1", coordinator_id: "c1", outcome: null },
+    ]);
+    await cancelTask(db.sql, task.id);
+    const [stopped] = await listAttempts(db.sql, task.id);
+    expect(stopped).toMatchObject({ outcome: "stopped", error: "cancelled" });
+    expect(stopped?.finished_at).toBeInstanceOf(Date);
+    // A queued task cancelled after a retry: its last attempt keeps the outcome it had.
+    const retried = await createTask(db.sql, taskSpec());
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
+    await finishAttempt(db.sql, { id: retried.id, attempt: 1, workerId: "w1" }, success({ state: "failed", exitCode: 1 }));
+    await cancelTask(db.sql, retried.id);
+    expect((await listAttempts(db.sql, retried.id)).map((a) => a.outcome)).toEqual(["failed"]);
+  });
+
+  test("a late result of a lost attempt is kept on its row as stale; a repeated result changes nothing", async () => {
+    await clear();
+    const task = await createTask(db.sql, taskSpec());
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
+    await markStarted(db.sql, { id: task.id, attempt: 1, workerId: "w1", startedAt: at(0), pid: 7 });
+    await requeueWorkerTasks(db.sql, "w1", "worker lost");
+    expect((await listAttempts(db.sql, task.id))[0]).toMatchObject({ outcome: "lost", error: "worker lost", pid: 7 });
+    await claimDue(db.sql, "c1", ["w2"], 30_000);
+    const late = await finishAttempt(
+      db.sql,
+      { id: task.id, attempt: 1, workerId: "w1" },
+      success({ exitCode: 0, stdout: "done anyway\n", startedAt: at(0), finishedAt: at(900) }),
+    );
+    expect(late.applied).toBeNull();
+    const second = await finishAttempt(
+      db.sql,
+      { id: task.id, attempt: 2, workerId: "w2" },
+      success({ state: "failed", exitCode: 2, finishedAt: at(2000) }),
+    );
+    expect(second.applied?.state).toBe("queued");
+    // The worker re-sends attempt 2's result (its ack was lost): the row keeps what was applied.
+    await finishAttempt(db.sql, { id: task.id, attempt: 2, workerId: "w2" }, success({ exitCode: 0, stdout: "other\n" }));
+    const [first, again] = await listAttempts(db.sql, task.id);
+    expect(first).toMatchObject({ outcome: "stale", exit_code: 0, stdout: "done anyway\n", error: "worker lost" });
+    expect(first?.finished_at?.getTime()).toBe(at(900).getTime());
+    expect(again).toMatchObject({ outcome: "failed", exit_code: 2 });
+    const stale = (await listTaskEvents(db.sql, task.id)).filter((e) => e.kind === "stale");
+    expect(stale.map((e) => [e.attempt, e.detail?.reported])).toEqual([
+      [1, "succeeded"],
+      [2, "succeeded"],
+    ]);
+  });
+});
+
+describe("a final task says why", () => {
+  const noBackoff = { onFailure: true, onTimeout: true, onLost: true, backoffBaseMs: 0, backoffCapMs: 0 };
+
+  /** Runs every attempt of a new task to `result` (or loses it) and returns the task's final error. */
+  async function finalError(
+    spec: Parameters<typeof taskSpec>[0],
+    end: AttemptResult | "lost",
+  ): Promise<{ state: string | undefined; error: string | null | undefined }> {
+    await clear();
+    const task = await createTask(db.sql, taskSpec(spec));
+    for (;;) {
+      const [claimed] = await claimDue(db.sql, "c1", ["w1"], 30_000);
+      if (!claimed) break;
+      if (end === "lost") await requeueWorkerTasks(db.sql, "w1", "worker lost");
+      else await finishAttempt(db.sql, { id: task.id, attempt: claimed.attempt, workerId: "w1" }, end);
+    }
+    const final = await getTask(db.sql, task.id);
+    return { state: final?.state, error: final?.error };
+  }
+
+  test.each([
+    [{ maxAttempts: 3 }, { state: "failed", exitCode: 127 }, "failed", "exhausted 3 attempts: last exit code 127"],
+    [
+      { maxAttempts: 2 },
+      { state: "failed", exitCode: null, signal: "SIGKILL" },
+      "failed",
+      "exhausted 2 attempts: last signal SIGKILL",
+    ],
+    [
+      { maxAttempts: 2 },
+      { state: "timed_out", exitCode: null, signal: "SIGTERM", error: "timed out after 50 ms" },
+      "timed_out",
+      "exhausted 2 attempts: last timed out after 50 ms",
+    ],
+    [
+      { maxAttempts: 1 },
+      { state: "failed", exitCode: null, error: "cwd /nope does not exist" },
+      "failed",
+      "exhausted 1 attempt: last could not start: cwd /nope does not exist",
+    ],
+    [
+      { maxAttempts: 3, retry: { ...noBackoff, onFailure: false } },
+      { state: "failed", exitCode: 1 },
+      "failed",
+      "exit code 1; the task does not retry failures",
+    ],
+    [
+      { maxAttempts: 3, retry: { ...noBackoff, onTimeout: false } },
+      { state: "timed_out", exitCode: null, error: "timed out after 5 ms" },
+      "timed_out",
+      "timed out after 5 ms; the task does not retry timeouts",
+    ],
+  ] as const)("%j ending %j is %s: %s", async (spec, result, state, error) => {
+    const outcome = await finalError({ retry: noBackoff, ...spec }, success({ ...result, stdout: "" }));
+    expect(outcome).toEqual({ state, error });
+  });
+
+  test("a lost worker: exhausted, or not retried by the task's policy", async () => {
+    expect(await finalError({ maxAttempts: 2, retry: noBackoff }, "lost")).toEqual({
+      state: "failed",
+      error: "exhausted 2 attempts: last worker lost",
+    });
+    expect(await finalError({ maxAttempts: 2, retry: { ...noBackoff, onLost: false } }, "lost")).toEqual({
+      state: "failed",
+      error: "worker lost; the task does not retry a lost worker",
+    });
+  });
+});
+
+describe("migration of existing rows", () => {
+  test("old rows get run_at = scheduled_at and their attempts rebuilt from history", async () => {
+    const all = readMigrations();
+    const index = all.findIndex((m) => m.sql.includes("CREATE TABLE task_attempts"));
+    expect(index).toBeGreaterThan(0);
+    const old = await createTestDatabase({ migrate: false });
+    try {
+      await migrate(old.sql, all.slice(0, index));
+      const id = newTaskId();
+      await old.sql`
+        INSERT INTO tasks (id, command, state, scheduled_at, attempt, worker_id, coordinator_id, started_at, lease_expires_at)
+        VALUES (${id}, 'exit 3', 'running', '2023-04-01T15:04:05Z', 2, 'w2', 'c2', '2030-01-01T00:00:02Z', now() + interval '1 minute')`;
+      await old.sql`
+        INSERT INTO task_events (task_id, at, kind, state, attempt, worker_id, detail) VALUES
+          (${id}, '2030-01-01T00:00:00Z', 'submitted', 'queued', 0, NULL, NULL),
+          (${id}, '2030-01-01T00:00:00.1Z', 'dispatched', 'dispatched', 1, 'w1', NULL),
+          (${id}, '2030-01-01T00:00:00.2Z', 'started', 'running', 1, 'w1', '{"pid": 41}'),
+          (${id}, '2030-01-01T00:00:01Z', 'failed', 'queued', 1, 'w1', '{"exit_code": 3, "signal": null, "error": null, "stdout": "a", "stderr": "b", "stdout_truncated": false, "stderr_truncated": true}'),
+          (${id}, '2030-01-01T00:00:01.5Z', 'dispatched', 'dispatched', 2, 'w2', NULL),
+          (${id}, '2030-01-01T00:00:01.6Z', 'started', 'running', 2, 'w2', '{"pid": 42}')`;
+      expect(await migrate(old.sql)).toEqual(all.slice(index).map((m) => m.version));
+      const task = await getTask(old.sql, id);
+      expect(task?.run_at.toISOString()).toBe("2023-04-01T15:04:05.000Z");
+      const attempts = await listAttempts(old.sql, id);
+      expect(attempts).toMatchObject([
+        { attempt: 1, worker_id: "w1", pid: 41, exit_code: 3, stdout: "a", stderr_truncated: true, outcome: "failed" },
+        { attempt: 2, worker_id: "w2", coordinator_id: "c2", pid: 42, outcome: null, finished_at: null },
+      ]);
+      expect(attempts[1]?.started_at?.toISOString()).toBe("2030-01-01T00:00:02.000Z");
+      // The open attempt goes on as any other.
+      await finishAttempt(old.sql, { id, attempt: 2, workerId: "w2" }, success({ state: "failed", exitCode: 3 }));
+      expect((await listAttempts(old.sql, id))[1]).toMatchObject({ outcome: "failed", exit_code: 3 });
+    } finally {
+      await dropTestDatabase(old);
+    }
   });
 });

@@ -13,6 +13,7 @@ const task: Task = {
   state: "failed",
   priority: 0,
   scheduled_at: new Date("2026-01-02T03:04:05.678Z"),
+  run_at: new Date("2026-01-02T03:04:09.012Z"),
   created_at: new Date("2026-01-02T03:04:00.000Z"),
   picked_at: new Date("2026-01-02T03:04:05.700Z"),
   started_at: new Date("2026-01-02T03:04:05.710Z"),
@@ -55,6 +56,7 @@ test("a task survives the trip through the wire format", () => {
   expect(decoded.id).toBe(task.id);
   expect(decoded.state).toBe(TaskState.FAILED);
   expect(fromTimestamp(decoded.scheduledAt)).toEqual(task.scheduled_at);
+  expect(fromTimestamp(decoded.runAt)).toEqual(task.run_at);
   expect(fromTimestamp(decoded.failedAt)).toEqual(task.failed_at);
   expect(decoded.completedAt).toBeUndefined();
   expect(decoded.exitCode).toBe(-3);

@@ -5,14 +5,14 @@
 import type { GenEnum, GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
-import type { Message } from "@bufbuild/protobuf";
+import { file_google_protobuf_struct, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { JsonObject, Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file taskqueue/v1/task.proto.
  */
 export const file_taskqueue_v1_task: GenFile = /*@__PURE__*/
-  fileDesc("Chd0YXNrcXVldWUvdjEvdGFzay5wcm90bxIMdGFza3F1ZXVlLnYxIvsGCgRUYXNrEgoKAmlkGAEgASgJEg8KB2NvbW1hbmQYAiABKAkSJgoFc3RhdGUYAyABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEjAKDHNjaGVkdWxlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJcGlja2VkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWZhaWxlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY2FuY2VsbGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdhdHRlbXB0GAsgASgNEhQKDG1heF9hdHRlbXB0cxgMIAEoDRISCgp0aW1lb3V0X21zGA0gASgNEigKA2VudhgOIAMoCzIbLnRhc2txdWV1ZS52MS5UYXNrLkVudkVudHJ5EgsKA2N3ZBgPIAEoCRIRCgl3b3JrZXJfaWQYECABKAkSFgoJZXhpdF9jb2RlGBEgASgRSACIAQESDgoGc2lnbmFsGBIgASgJEg4KBnN0ZG91dBgTIAEoCRIOCgZzdGRlcnIYFCABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgVIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGBYgASgIEg0KBWVycm9yGBcgASgJEigKBXJldHJ5GBggASgLMhkudGFza3F1ZXVlLnYxLlJldHJ5UG9saWN5EhcKD2lkZW1wb3RlbmN5X2tleRgZIAEoCRI0ChBsZWFzZV9leHBpcmVzX2F0GBogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIXCg9zZWNyZXRfZW52X2tleXMYGyADKAkaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIMCgpfZXhpdF9jb2RlIuEBCgtSZXRyeVBvbGljeRIXCgpvbl9mYWlsdXJlGAEgASgISACIAQESFwoKb25fdGltZW91dBgCIAEoCEgBiAEBEhQKB29uX2xvc3QYAyABKAhIAogBARIcCg9iYWNrb2ZmX2Jhc2VfbXMYBCABKA1IA4gBARIbCg5iYWNrb2ZmX2NhcF9tcxgFIAEoDUgEiAEBQg0KC19vbl9mYWlsdXJlQg0KC19vbl90aW1lb3V0QgoKCF9vbl9sb3N0QhIKEF9iYWNrb2ZmX2Jhc2VfbXNCEQoPX2JhY2tvZmZfY2FwX21zIqoBCglUYXNrRXZlbnQSCgoCaWQYASABKAkSDwoHdGFza19pZBgCIAEoCRIMCgRraW5kGAMgASgJEiYKBXN0YXRlGAQgASgOMhcudGFza3F1ZXVlLnYxLlRhc2tTdGF0ZRIPCgdhdHRlbXB0GAUgASgNEhEKCXdvcmtlcl9pZBgGIAEoCRImCgJhdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAq1gEKCVRhc2tTdGF0ZRIaChZUQVNLX1NUQVRFX1VOU1BFQ0lGSUVEEAASFQoRVEFTS19TVEFURV9RVUVVRUQQARIZChVUQVNLX1NUQVRFX0RJU1BBVENIRUQQAhIWChJUQVNLX1NUQVRFX1JVTk5JTkcQAxIYChRUQVNLX1NUQVRFX1NVQ0NFRURFRBAEEhUKEVRBU0tfU1RBVEVfRkFJTEVEEAUSGAoUVEFTS19TVEFURV9USU1FRF9PVVQQBhIYChRUQVNLX1NUQVRFX0NBTkNFTExFRBAHYgZwcm90bzM", [file_google_protobuf_timestamp]);
+  fileDesc("Chd0YXNrcXVldWUvdjEvdGFzay5wcm90bxIMdGFza3F1ZXVlLnYxIqcHCgRUYXNrEgoKAmlkGAEgASgJEg8KB2NvbW1hbmQYAiABKAkSJgoFc3RhdGUYAyABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEjAKDHNjaGVkdWxlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJcGlja2VkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWZhaWxlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY2FuY2VsbGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdhdHRlbXB0GAsgASgNEhQKDG1heF9hdHRlbXB0cxgMIAEoDRISCgp0aW1lb3V0X21zGA0gASgNEigKA2VudhgOIAMoCzIbLnRhc2txdWV1ZS52MS5UYXNrLkVudkVudHJ5EgsKA2N3ZBgPIAEoCRIRCgl3b3JrZXJfaWQYECABKAkSFgoJZXhpdF9jb2RlGBEgASgRSACIAQESDgoGc2lnbmFsGBIgASgJEg4KBnN0ZG91dBgTIAEoCRIOCgZzdGRlcnIYFCABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgVIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGBYgASgIEg0KBWVycm9yGBcgASgJEigKBXJldHJ5GBggASgLMhkudGFza3F1ZXVlLnYxLlJldHJ5UG9saWN5EhcKD2lkZW1wb3RlbmN5X2tleRgZIAEoCRI0ChBsZWFzZV9leHBpcmVzX2F0GBogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIXCg9zZWNyZXRfZW52X2tleXMYGyADKAkSKgoGcnVuX2F0GBwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgwKCl9leGl0X2NvZGUi4QEKC1JldHJ5UG9saWN5EhcKCm9uX2ZhaWx1cmUYASABKAhIAIgBARIXCgpvbl90aW1lb3V0GAIgASgISAGIAQESFAoHb25fbG9zdBgDIAEoCEgCiAEBEhwKD2JhY2tvZmZfYmFzZV9tcxgEIAEoDUgDiAEBEhsKDmJhY2tvZmZfY2FwX21zGAUgASgNSASIAQFCDQoLX29uX2ZhaWx1cmVCDQoLX29uX3RpbWVvdXRCCgoIX29uX2xvc3RCEgoQX2JhY2tvZmZfYmFzZV9tc0IRCg9fYmFja29mZl9jYXBfbXMi4gEKCVRhc2tFdmVudBIKCgJpZBgBIAEoCRIPCgd0YXNrX2lkGAIgASgJEgwKBGtpbmQYAyABKAkSJgoFc3RhdGUYBCABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEg8KB2F0dGVtcHQYBSABKA0SEQoJd29ya2VyX2lkGAYgASgJEiYKAmF0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVhY3RvchgIIAEoCRInCgZkZXRhaWwYCSABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0IswDCgdBdHRlbXB0Eg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoDRIRCgl3b3JrZXJfaWQYAyABKAkSFgoOY29vcmRpbmF0b3JfaWQYBCABKAkSMQoNZGlzcGF0Y2hlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKA3BpZBgIIAEoBUgAiAEBEhYKCWV4aXRfY29kZRgJIAEoEUgBiAEBEg4KBnNpZ25hbBgKIAEoCRINCgVlcnJvchgLIAEoCRIOCgZzdGRvdXQYDCABKAkSDgoGc3RkZXJyGA0gASgJEhgKEHN0ZG91dF90cnVuY2F0ZWQYDiABKAgSGAoQc3RkZXJyX3RydW5jYXRlZBgPIAEoCBItCgdvdXRjb21lGBAgASgOMhwudGFza3F1ZXVlLnYxLkF0dGVtcHRPdXRjb21lQgYKBF9waWRCDAoKX2V4aXRfY29kZSrWAQoJVGFza1N0YXRlEhoKFlRBU0tfU1RBVEVfVU5TUEVDSUZJRUQQABIVChFUQVNLX1NUQVRFX1FVRVVFRBABEhkKFVRBU0tfU1RBVEVfRElTUEFUQ0hFRBACEhYKElRBU0tfU1RBVEVfUlVOTklORxADEhgKFFRBU0tfU1RBVEVfU1VDQ0VFREVEEAQSFQoRVEFTS19TVEFURV9GQUlMRUQQBRIYChRUQVNLX1NUQVRFX1RJTUVEX09VVBAGEhgKFFRBU0tfU1RBVEVfQ0FOQ0VMTEVEEAcq3QEKDkF0dGVtcHRPdXRjb21lEh8KG0FUVEVNUFRfT1VUQ09NRV9VTlNQRUNJRklFRBAAEh0KGUFUVEVNUFRfT1VUQ09NRV9TVUNDRUVERUQQARIaChZBVFRFTVBUX09VVENPTUVfRkFJTEVEEAISHQoZQVRURU1QVF9PVVRDT01FX1RJTUVEX09VVBADEhgKFEFUVEVNUFRfT1VUQ09NRV9MT1NUEAQSGwoXQVRURU1QVF9PVVRDT01FX1NUT1BQRUQQBRIZChVBVFRFTVBUX09VVENPTUVfU1RBTEUQBmIGcHJvdG8z", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message taskqueue.v1.Task
@@ -158,6 +158,14 @@ export type Task = Message<"taskqueue.v1.Task"> & {
    * @generated from field: repeated string secret_env_keys = 27;
    */
   secretEnvKeys: string[];
+
+  /**
+   * When the current or next attempt becomes due: scheduled_at at first, then moved by each
+   * retry's backoff. scheduled_at stays as submitted.
+   *
+   * @generated from field: google.protobuf.Timestamp run_at = 28;
+   */
+  runAt?: Timestamp | undefined;
 };
 
 /**
@@ -218,6 +226,8 @@ export const RetryPolicySchema: GenMessage<RetryPolicy> = /*@__PURE__*/
  */
 export type TaskEvent = Message<"taskqueue.v1.TaskEvent"> & {
   /**
+   * A bigint as text; increases with every event.
+   *
    * @generated from field: string id = 1;
    */
   id: string;
@@ -228,11 +238,17 @@ export type TaskEvent = Message<"taskqueue.v1.TaskEvent"> & {
   taskId: string;
 
   /**
+   * submitted, submitted+dispatched, dispatched, started, succeeded, failed, timed_out,
+   * retrying (a failed or timed-out attempt that is retried), requeued (a lost attempt,
+   * retried at once), cancelled, stale, stopped.
+   *
    * @generated from field: string kind = 3;
    */
   kind: string;
 
   /**
+   * The task's state after the event.
+   *
    * @generated from field: taskqueue.v1.TaskState state = 4;
    */
   state: TaskState;
@@ -251,6 +267,20 @@ export type TaskEvent = Message<"taskqueue.v1.TaskEvent"> & {
    * @generated from field: google.protobuf.Timestamp at = 7;
    */
   at?: Timestamp | undefined;
+
+  /**
+   * The API token (by name) that asked for the change; empty when none did.
+   *
+   * @generated from field: string actor = 8;
+   */
+  actor: string;
+
+  /**
+   * What else the event knows, by kind (e.g. retrying: outcome, exit_code, run_at).
+   *
+   * @generated from field: google.protobuf.Struct detail = 9;
+   */
+  detail?: JsonObject | undefined;
 };
 
 /**
@@ -259,6 +289,102 @@ export type TaskEvent = Message<"taskqueue.v1.TaskEvent"> & {
  */
 export const TaskEventSchema: GenMessage<TaskEvent> = /*@__PURE__*/
   messageDesc(file_taskqueue_v1_task, 2);
+
+/**
+ * Attempt is one row of task_attempts: one dispatch of a task and what came of it.
+ *
+ * @generated from message taskqueue.v1.Attempt
+ */
+export type Attempt = Message<"taskqueue.v1.Attempt"> & {
+  /**
+   * @generated from field: string task_id = 1;
+   */
+  taskId: string;
+
+  /**
+   * 1 for the first attempt.
+   *
+   * @generated from field: uint32 attempt = 2;
+   */
+  attempt: number;
+
+  /**
+   * @generated from field: string worker_id = 3;
+   */
+  workerId: string;
+
+  /**
+   * @generated from field: string coordinator_id = 4;
+   */
+  coordinatorId: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp dispatched_at = 5;
+   */
+  dispatchedAt?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp started_at = 6;
+   */
+  startedAt?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp finished_at = 7;
+   */
+  finishedAt?: Timestamp | undefined;
+
+  /**
+   * @generated from field: optional int32 pid = 8;
+   */
+  pid?: number | undefined;
+
+  /**
+   * @generated from field: optional sint32 exit_code = 9;
+   */
+  exitCode?: number | undefined;
+
+  /**
+   * @generated from field: string signal = 10;
+   */
+  signal: string;
+
+  /**
+   * @generated from field: string error = 11;
+   */
+  error: string;
+
+  /**
+   * @generated from field: string stdout = 12;
+   */
+  stdout: string;
+
+  /**
+   * @generated from field: string stderr = 13;
+   */
+  stderr: string;
+
+  /**
+   * @generated from field: bool stdout_truncated = 14;
+   */
+  stdoutTruncated: boolean;
+
+  /**
+   * @generated from field: bool stderr_truncated = 15;
+   */
+  stderrTruncated: boolean;
+
+  /**
+   * @generated from field: taskqueue.v1.AttemptOutcome outcome = 16;
+   */
+  outcome: AttemptOutcome;
+};
+
+/**
+ * Describes the message taskqueue.v1.Attempt.
+ * Use `create(AttemptSchema)` to create a new message.
+ */
+export const AttemptSchema: GenMessage<Attempt> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_task, 3);
 
 /**
  * TaskState mirrors the `state` column of the tasks table; src/task/state.ts documents who
@@ -313,4 +439,54 @@ export enum TaskState {
  */
 export const TaskStateSchema: GenEnum<TaskState> = /*@__PURE__*/
   enumDesc(file_taskqueue_v1_task, 0);
+
+/**
+ * How an attempt ended; src/task/attempt.ts says what each one means.
+ *
+ * @generated from enum taskqueue.v1.AttemptOutcome
+ */
+export enum AttemptOutcome {
+  /**
+   * The attempt still holds its task.
+   *
+   * @generated from enum value: ATTEMPT_OUTCOME_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * @generated from enum value: ATTEMPT_OUTCOME_SUCCEEDED = 1;
+   */
+  SUCCEEDED = 1,
+
+  /**
+   * @generated from enum value: ATTEMPT_OUTCOME_FAILED = 2;
+   */
+  FAILED = 2,
+
+  /**
+   * @generated from enum value: ATTEMPT_OUTCOME_TIMED_OUT = 3;
+   */
+  TIMED_OUT = 3,
+
+  /**
+   * @generated from enum value: ATTEMPT_OUTCOME_LOST = 4;
+   */
+  LOST = 4,
+
+  /**
+   * @generated from enum value: ATTEMPT_OUTCOME_STOPPED = 5;
+   */
+  STOPPED = 5,
+
+  /**
+   * @generated from enum value: ATTEMPT_OUTCOME_STALE = 6;
+   */
+  STALE = 6,
+}
+
+/**
+ * Describes the enum taskqueue.v1.AttemptOutcome.
+ */
+export const AttemptOutcomeSchema: GenEnum<AttemptOutcome> = /*@__PURE__*/
+  enumDesc(file_taskqueue_v1_task, 1);
 

@@ -6,7 +6,7 @@ import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegen
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
-import type { RetryPolicy, Task, TaskEvent, TaskState } from "./task_pb";
+import type { Attempt, RetryPolicy, Task, TaskEvent, TaskState } from "./task_pb";
 import { file_taskqueue_v1_task } from "./task_pb";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file taskqueue/v1/task_service.proto.
  */
 export const file_taskqueue_v1_task_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch90YXNrcXVldWUvdjEvdGFza19zZXJ2aWNlLnByb3RvEgx0YXNrcXVldWUudjEiqQMKEVN1Ym1pdFRhc2tSZXF1ZXN0Eg8KB2NvbW1hbmQYASABKAkSMAoMc2NoZWR1bGVkX2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgp0aW1lb3V0X21zGAMgASgNEhQKDG1heF9hdHRlbXB0cxgEIAEoDRI1CgNlbnYYBSADKAsyKC50YXNrcXVldWUudjEuU3VibWl0VGFza1JlcXVlc3QuRW52RW50cnkSCwoDY3dkGAYgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgHIAEoCRIoCgVyZXRyeRgIIAEoCzIZLnRhc2txdWV1ZS52MS5SZXRyeVBvbGljeRJCCgpzZWNyZXRfZW52GAkgAygLMi4udGFza3F1ZXVlLnYxLlN1Ym1pdFRhc2tSZXF1ZXN0LlNlY3JldEVudkVudHJ5GioKCEVudkVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEaMAoOU2VjcmV0RW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJHChJTdWJtaXRUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrEg8KB2NyZWF0ZWQYAiABKAgiHAoOR2V0VGFza1JlcXVlc3QSCgoCaWQYASABKAkiMwoPR2V0VGFza1Jlc3BvbnNlEiAKBHRhc2sYASABKAsyEi50YXNrcXVldWUudjEuVGFzayJZChBMaXN0VGFza3NSZXF1ZXN0EiYKBXN0YXRlGAEgASgOMhcudGFza3F1ZXVlLnYxLlRhc2tTdGF0ZRINCgVsaW1pdBgCIAEoDRIOCgZjdXJzb3IYAyABKAkiSwoRTGlzdFRhc2tzUmVzcG9uc2USIQoFdGFza3MYASADKAsyEi50YXNrcXVldWUudjEuVGFzaxITCgtuZXh0X2N1cnNvchgCIAEoCSIfChFDYW5jZWxUYXNrUmVxdWVzdBIKCgJpZBgBIAEoCSI2ChJDYW5jZWxUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrIh4KEFdhdGNoVGFza1JlcXVlc3QSCgoCaWQYASABKAkiXQoRV2F0Y2hUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrEiYKBWV2ZW50GAIgASgLMhcudGFza3F1ZXVlLnYxLlRhc2tFdmVudDKVAwoLVGFza1NlcnZpY2USTwoKU3VibWl0VGFzaxIfLnRhc2txdWV1ZS52MS5TdWJtaXRUYXNrUmVxdWVzdBogLnRhc2txdWV1ZS52MS5TdWJtaXRUYXNrUmVzcG9uc2USRgoHR2V0VGFzaxIcLnRhc2txdWV1ZS52MS5HZXRUYXNrUmVxdWVzdBodLnRhc2txdWV1ZS52MS5HZXRUYXNrUmVzcG9uc2USTAoJTGlzdFRhc2tzEh4udGFza3F1ZXVlLnYxLkxpc3RUYXNrc1JlcXVlc3QaHy50YXNrcXVldWUudjEuTGlzdFRhc2tzUmVzcG9uc2USTwoKQ2FuY2VsVGFzaxIfLnRhc2txdWV1ZS52MS5DYW5jZWxUYXNrUmVxdWVzdBogLnRhc2txdWV1ZS52MS5DYW5jZWxUYXNrUmVzcG9uc2USTgoJV2F0Y2hUYXNrEh4udGFza3F1ZXVlLnYxLldhdGNoVGFza1JlcXVlc3QaHy50YXNrcXVldWUudjEuV2F0Y2hUYXNrUmVzcG9uc2UwAWIGcHJvdG8z", [file_google_protobuf_timestamp, file_taskqueue_v1_task]);
+  fileDesc("Ch90YXNrcXVldWUvdjEvdGFza19zZXJ2aWNlLnByb3RvEgx0YXNrcXVldWUudjEiqQMKEVN1Ym1pdFRhc2tSZXF1ZXN0Eg8KB2NvbW1hbmQYASABKAkSMAoMc2NoZWR1bGVkX2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgp0aW1lb3V0X21zGAMgASgNEhQKDG1heF9hdHRlbXB0cxgEIAEoDRI1CgNlbnYYBSADKAsyKC50YXNrcXVldWUudjEuU3VibWl0VGFza1JlcXVlc3QuRW52RW50cnkSCwoDY3dkGAYgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgHIAEoCRIoCgVyZXRyeRgIIAEoCzIZLnRhc2txdWV1ZS52MS5SZXRyeVBvbGljeRJCCgpzZWNyZXRfZW52GAkgAygLMi4udGFza3F1ZXVlLnYxLlN1Ym1pdFRhc2tSZXF1ZXN0LlNlY3JldEVudkVudHJ5GioKCEVudkVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEaMAoOU2VjcmV0RW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJHChJTdWJtaXRUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrEg8KB2NyZWF0ZWQYAiABKAgiHAoOR2V0VGFza1JlcXVlc3QSCgoCaWQYASABKAkiMwoPR2V0VGFza1Jlc3BvbnNlEiAKBHRhc2sYASABKAsyEi50YXNrcXVldWUudjEuVGFzayJZChBMaXN0VGFza3NSZXF1ZXN0EiYKBXN0YXRlGAEgASgOMhcudGFza3F1ZXVlLnYxLlRhc2tTdGF0ZRINCgVsaW1pdBgCIAEoDRIOCgZjdXJzb3IYAyABKAkiSwoRTGlzdFRhc2tzUmVzcG9uc2USIQoFdGFza3MYASADKAsyEi50YXNrcXVldWUudjEuVGFzaxITCgtuZXh0X2N1cnNvchgCIAEoCSIfChFDYW5jZWxUYXNrUmVxdWVzdBIKCgJpZBgBIAEoCSI2ChJDYW5jZWxUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrIjYKEFdhdGNoVGFza1JlcXVlc3QSCgoCaWQYASABKAkSFgoOYWZ0ZXJfZXZlbnRfaWQYAiABKAkiXQoRV2F0Y2hUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrEiYKBWV2ZW50GAIgASgLMhcudGFza3F1ZXVlLnYxLlRhc2tFdmVudCImChNMaXN0QXR0ZW1wdHNSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkiPwoUTGlzdEF0dGVtcHRzUmVzcG9uc2USJwoIYXR0ZW1wdHMYASADKAsyFS50YXNrcXVldWUudjEuQXR0ZW1wdCJHChVMaXN0VGFza0V2ZW50c1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRINCgVsaW1pdBgCIAEoDRIOCgZjdXJzb3IYAyABKAkiVgoWTGlzdFRhc2tFdmVudHNSZXNwb25zZRInCgZldmVudHMYASADKAsyFy50YXNrcXVldWUudjEuVGFza0V2ZW50EhMKC25leHRfY3Vyc29yGAIgASgJMskECgtUYXNrU2VydmljZRJPCgpTdWJtaXRUYXNrEh8udGFza3F1ZXVlLnYxLlN1Ym1pdFRhc2tSZXF1ZXN0GiAudGFza3F1ZXVlLnYxLlN1Ym1pdFRhc2tSZXNwb25zZRJGCgdHZXRUYXNrEhwudGFza3F1ZXVlLnYxLkdldFRhc2tSZXF1ZXN0Gh0udGFza3F1ZXVlLnYxLkdldFRhc2tSZXNwb25zZRJMCglMaXN0VGFza3MSHi50YXNrcXVldWUudjEuTGlzdFRhc2tzUmVxdWVzdBofLnRhc2txdWV1ZS52MS5MaXN0VGFza3NSZXNwb25zZRJPCgpDYW5jZWxUYXNrEh8udGFza3F1ZXVlLnYxLkNhbmNlbFRhc2tSZXF1ZXN0GiAudGFza3F1ZXVlLnYxLkNhbmNlbFRhc2tSZXNwb25zZRJOCglXYXRjaFRhc2sSHi50YXNrcXVldWUudjEuV2F0Y2hUYXNrUmVxdWVzdBofLnRhc2txdWV1ZS52MS5XYXRjaFRhc2tSZXNwb25zZTABElUKDExpc3RBdHRlbXB0cxIhLnRhc2txdWV1ZS52MS5MaXN0QXR0ZW1wdHNSZXF1ZXN0GiIudGFza3F1ZXVlLnYxLkxpc3RBdHRlbXB0c1Jlc3BvbnNlElsKDkxpc3RUYXNrRXZlbnRzEiMudGFza3F1ZXVlLnYxLkxpc3RUYXNrRXZlbnRzUmVxdWVzdBokLnRhc2txdWV1ZS52MS5MaXN0VGFza0V2ZW50c1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_taskqueue_v1_task]);
 
 /**
  * @generated from message taskqueue.v1.SubmitTaskRequest
@@ -239,6 +239,14 @@ export type WatchTaskRequest = Message<"taskqueue.v1.WatchTaskRequest"> & {
    * @generated from field: string id = 1;
    */
   id: string;
+
+  /**
+   * Resume after this event (the id of the last TaskEvent received): every later event is
+   * sent in order, then live, with no gap and no repeat. Empty: start from the current state.
+   *
+   * @generated from field: string after_event_id = 2;
+   */
+  afterEventId: string;
 };
 
 /**
@@ -253,12 +261,15 @@ export const WatchTaskRequestSchema: GenMessage<WatchTaskRequest> = /*@__PURE__*
  */
 export type WatchTaskResponse = Message<"taskqueue.v1.WatchTaskResponse"> & {
   /**
+   * The task as read with the event.
+   *
    * @generated from field: taskqueue.v1.Task task = 1;
    */
   task?: Task | undefined;
 
   /**
-   * The change that produced this snapshot; unset on the first message.
+   * The event this message is about, with its own kind, state, attempt and time; unset on
+   * the first message of a watch without after_event_id (the state when watching began).
    *
    * @generated from field: taskqueue.v1.TaskEvent event = 2;
    */
@@ -271,6 +282,95 @@ export type WatchTaskResponse = Message<"taskqueue.v1.WatchTaskResponse"> & {
  */
 export const WatchTaskResponseSchema: GenMessage<WatchTaskResponse> = /*@__PURE__*/
   messageDesc(file_taskqueue_v1_task_service, 9);
+
+/**
+ * @generated from message taskqueue.v1.ListAttemptsRequest
+ */
+export type ListAttemptsRequest = Message<"taskqueue.v1.ListAttemptsRequest"> & {
+  /**
+   * @generated from field: string task_id = 1;
+   */
+  taskId: string;
+};
+
+/**
+ * Describes the message taskqueue.v1.ListAttemptsRequest.
+ * Use `create(ListAttemptsRequestSchema)` to create a new message.
+ */
+export const ListAttemptsRequestSchema: GenMessage<ListAttemptsRequest> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_task_service, 10);
+
+/**
+ * @generated from message taskqueue.v1.ListAttemptsResponse
+ */
+export type ListAttemptsResponse = Message<"taskqueue.v1.ListAttemptsResponse"> & {
+  /**
+   * @generated from field: repeated taskqueue.v1.Attempt attempts = 1;
+   */
+  attempts: Attempt[];
+};
+
+/**
+ * Describes the message taskqueue.v1.ListAttemptsResponse.
+ * Use `create(ListAttemptsResponseSchema)` to create a new message.
+ */
+export const ListAttemptsResponseSchema: GenMessage<ListAttemptsResponse> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_task_service, 11);
+
+/**
+ * @generated from message taskqueue.v1.ListTaskEventsRequest
+ */
+export type ListTaskEventsRequest = Message<"taskqueue.v1.ListTaskEventsRequest"> & {
+  /**
+   * @generated from field: string task_id = 1;
+   */
+  taskId: string;
+
+  /**
+   * Zero means the default page size.
+   *
+   * @generated from field: uint32 limit = 2;
+   */
+  limit: number;
+
+  /**
+   * @generated from field: string cursor = 3;
+   */
+  cursor: string;
+};
+
+/**
+ * Describes the message taskqueue.v1.ListTaskEventsRequest.
+ * Use `create(ListTaskEventsRequestSchema)` to create a new message.
+ */
+export const ListTaskEventsRequestSchema: GenMessage<ListTaskEventsRequest> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_task_service, 12);
+
+/**
+ * @generated from message taskqueue.v1.ListTaskEventsResponse
+ */
+export type ListTaskEventsResponse = Message<"taskqueue.v1.ListTaskEventsResponse"> & {
+  /**
+   * Oldest first.
+   *
+   * @generated from field: repeated taskqueue.v1.TaskEvent events = 1;
+   */
+  events: TaskEvent[];
+
+  /**
+   * Empty on the last page.
+   *
+   * @generated from field: string next_cursor = 2;
+   */
+  nextCursor: string;
+};
+
+/**
+ * Describes the message taskqueue.v1.ListTaskEventsResponse.
+ * Use `create(ListTaskEventsResponseSchema)` to create a new message.
+ */
+export const ListTaskEventsResponseSchema: GenMessage<ListTaskEventsResponse> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_task_service, 13);
 
 /**
  * TaskService is the client API of the coordinator; it mirrors the REST routes.
@@ -311,7 +411,8 @@ export const TaskService: GenService<{
     output: typeof CancelTaskResponseSchema;
   },
   /**
-   * WatchTask sends the current state first, then every change until a final state.
+   * WatchTask sends the current state first (or, with after_event_id, every event after
+   * that one), then one message per event until the event that made the task final.
    *
    * @generated from rpc taskqueue.v1.TaskService.WatchTask
    */
@@ -319,6 +420,26 @@ export const TaskService: GenService<{
     methodKind: "server_streaming";
     input: typeof WatchTaskRequestSchema;
     output: typeof WatchTaskResponseSchema;
+  },
+  /**
+   * ListAttempts returns every attempt of a task, first to last.
+   *
+   * @generated from rpc taskqueue.v1.TaskService.ListAttempts
+   */
+  listAttempts: {
+    methodKind: "unary";
+    input: typeof ListAttemptsRequestSchema;
+    output: typeof ListAttemptsResponseSchema;
+  },
+  /**
+   * ListTaskEvents pages through a task's history, oldest first.
+   *
+   * @generated from rpc taskqueue.v1.TaskService.ListTaskEvents
+   */
+  listTaskEvents: {
+    methodKind: "unary";
+    input: typeof ListTaskEventsRequestSchema;
+    output: typeof ListTaskEventsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_taskqueue_v1_task_service, 0);

@@ -1,0 +1,65 @@
+// SQL on task_attempts, one row per attempt. Rows are written inside the statements of
+// src/db/tasks.ts that change the task (so an attempt and its task never disagree): each
+// function here that returns a Fragment is one CTE of such a statement and names the CTE
+// columns it reads. The reads are plain queries.
+import type { Attempt } from "../task/attempt";
+import type { Sql } from "./sql";
+
+type Fragment = ReturnType<Sql>;
+
+/**
+ * CTE `a_open`: opens an attempt for each row of `t` (the changed tasks) that is now
+ * dispatched: a claim, or a task born dispatched on the run-now fast path.
+ */
+export function openAttempts(sql: Sql): Fragment {
+  return sql`
+    a_open AS (
+      INSERT INTO task_attempts (task_id, attempt, worker_id, coordinator_id, dispatched_at)
+      SELECT t.id, t.attempt, t.worker_id, t.coordinator_id, t.picked_at FROM t WHERE t.state = 'dispatched'
+    )`;
+}
+
+/**
+ * CTE `a_start`: the process of each row of `t` started (t.started_at, and the pid in
+ * t.event_detail).
+ */
+export function startAttempts(sql: Sql): Fragment {
+  return sql`
+    a_start AS (
+      UPDATE task_attempts SET started_at = t.started_at, pid = (t.event_detail ->> 'pid')::integer
+      FROM t WHERE task_attempts.task_id = t.id AND task_attempts.attempt = t.attempt
+    )`;
+}
+
+/**
+ * CTE `a_end`: the worker's result for each row of `d` (finishAttempts' applied reports: id,
+ * r_attempt and the r_* result columns) ends its attempt.
+ */
+export function finishAttemptRows(sql: Sql): Fragment {
+  return sql`
+    a_end AS (
+      UPDATE task_attempts SET
+        started_at = coalesce(task_attempts.started_at, d.r_started_at), finished_at = d.r_finished_at,
+        exit_code = d.r_exit_code, signal = d.r_signal, error = d.r_error, stdout = d.r_stdout, stderr = d.r_stderr,
+        stdout_truncated = d.r_stdout_truncated, stderr_truncated = d.r_stderr_truncated, outcome = d.r_state
+      FROM d WHERE task_attempts.task_id = d.id AND task_attempts.attempt = d.r_attempt
+    )`;
+}
+
+/**
+ * CTE `a_end`: the current attempt of each row of `t` ended without a result, with `outcome`
+ * (lost or stopped) and the reason as its error. An attempt that already ended keeps its
+ * outcome (a cancel of a task queued for its retry).
+ */
+export function endAttempts(sql: Sql, outcome: "lost" | "stopped", reason: string | null): Fragment {
+  return sql`
+    a_end AS (
+      UPDATE task_attempts SET outcome = ${outcome}, finished_at = clock_timestamp(), error = coalesce(${reason}::text, task_attempts.error)
+      FROM t WHERE task_attempts.task_id = t.id AND task_attempts.attempt = t.attempt AND task_attempts.outcome IS NULL
+    )`;
+}
+
+/** Every attempt of a task, first to last. */
+export async function listAttempts(sql: Sql, taskId: string): Promise<Attempt[]> {
+  return sql<Attempt[]>`SELECT * FROM task_attempts WHERE task_id = ${taskId} ORDER BY attempt`;
+}

@@ -1,0 +1,50 @@
+// Attempts: one per dispatch of a task, kept in task_attempts. The task row shows the current
+// attempt; an attempt row keeps its own times and result after the task moved on.
+import type { AttemptResult } from "./task";
+
+/**
+ * How an attempt ended; null (in the row and the API) while it holds its task.
+ * - succeeded, failed, timed_out: the worker reported this result and it was applied.
+ * - lost: it ended without a result: its worker died, froze, was cut off or left, its lease
+ *   lapsed, or the worker handed it back unstarted or on drain (error says which).
+ * - stopped: the task was cancelled while the attempt held it.
+ * - stale: its result arrived after the attempt had already ended (lost or stopped) and
+ *   changed nothing; the result is kept on the row, for the record, and the task's own
+ *   history has the matching `stale` event. A result re-sent for an attempt whose result was
+ *   already applied leaves the row as it is.
+ */
+export const ATTEMPT_OUTCOMES = ["succeeded", "failed", "timed_out", "lost", "stopped", "stale"] as const;
+
+export type AttemptOutcome = (typeof ATTEMPT_OUTCOMES)[number];
+
+/** One attempt as task_attempts stores it and the API returns it. */
+export interface Attempt {
+  task_id: string;
+  attempt: number;
+  worker_id: string;
+  coordinator_id: string | null;
+  dispatched_at: Date;
+  started_at: Date | null;
+  finished_at: Date | null;
+  pid: number | null;
+  exit_code: number | null;
+  signal: string | null;
+  error: string | null;
+  stdout: string | null;
+  stderr: string | null;
+  stdout_truncated: boolean;
+  stderr_truncated: boolean;
+  outcome: AttemptOutcome | null;
+}
+
+/**
+ * What ended an attempt that did not succeed, as the tail of a final task's error
+ * ("exhausted 3 attempts: last exit code 127").
+ */
+export function describeResult(result: Pick<AttemptResult, "state" | "exitCode" | "signal" | "error">): string {
+  if (result.state === "timed_out") return result.error ?? "timed out";
+  if (result.signal !== null) return `signal ${result.signal}`;
+  if (result.exitCode !== null) return `exit code ${result.exitCode}`;
+  if (result.error !== null) return `could not start: ${result.error}`;
+  return "no result";
+}
