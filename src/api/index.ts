@@ -193,7 +193,7 @@ function tasksController(deps: ApiDeps) {
           tags: ["tasks"],
           summary: "Submit many tasks",
           description:
-            'Body: {"tasks": [<full form of POST /tasks>, ...]}, at most TQ_MAX_BATCH (1000) tasks, written in one statement: all or none. Batches take no Idempotency-Key.',
+            'Body: {"tasks": [<full form of POST /tasks>, ...]}, at most TQ_MAX_BATCH (1000) tasks, written in one statement: all or none.',
         },
       },
     )

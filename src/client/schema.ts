@@ -91,7 +91,7 @@ export interface paths {
         put?: never;
         /**
          * Submit many tasks
-         * @description Body: {"tasks": [<full form of POST /tasks>, ...]}, at most TQ_MAX_BATCH (1000) tasks, written in one statement: all or none. Batches take no Idempotency-Key.
+         * @description Body: {"tasks": [<full form of POST /tasks>, ...]}, at most TQ_MAX_BATCH (1000) tasks, written in one statement: all or none.
          */
         post: operations["submitTasks"];
         delete?: never;
