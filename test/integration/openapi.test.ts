@@ -251,3 +251,29 @@ describe("the OpenAPI document", () => {
     }
   });
 });
+
+describe("the reference page's files", () => {
+  test("come from the role: the page at /openapi and /openapi/, Swagger UI's files, and nothing else", async () => {
+    const get = (path: string) => app.handle(new Request(`http://localhost${path}`));
+    for (const path of ["/openapi", "/openapi/"]) {
+      const page = await get(path);
+      expect(page.status).toBe(200);
+      expect(page.headers.get("content-type")).toStartWith("text/html");
+      expect(page.headers.get("content-security-policy")).toContain("script-src 'self'");
+      const html = await page.text();
+      const sources = [...html.matchAll(/(?:src|href)="([^"]+)"/g)].map((m) => m[1]!);
+      expect(sources.length).toBe(4);
+      for (const source of sources) {
+        expect(source).toStartWith("/openapi/");
+        const asset = await get(source);
+        expect(asset.status, source).toBe(200);
+        expect((await asset.arrayBuffer()).byteLength, source).toBeGreaterThan(100);
+      }
+    }
+    expect((await get("/openapi/swagger-ui-bundle.js")).headers.get("content-type")).toContain("javascript");
+    expect((await get("/openapi/swagger-ui.css")).headers.get("content-type")).toContain("text/css");
+    const missing = await get("/openapi/..%2Fpackage.json");
+    expect(missing.status).toBe(404);
+    expect(((await missing.json()) as any).error.code).toBe("not_found");
+  });
+});
