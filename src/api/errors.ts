@@ -5,13 +5,13 @@ import { Elysia, NotFoundError, ParseError, ValidationError } from "elysia";
 import { type ErrorCode, isDatabaseUnavailable, TaskQueueError, unavailable } from "../task/errors";
 import { describeValueError } from "../task/spec";
 import type { ApiDeps } from "./deps";
-import type { ErrorJson } from "./model";
+import type { ErrorJson, HttpErrorCode } from "./model";
 
 /** An error only HTTP has: the body is not JSON, or no route matches. */
 export class HttpError extends Error {
   constructor(
     readonly status: number,
-    readonly code: string,
+    readonly code: HttpErrorCode,
     message: string,
     readonly field?: string,
   ) {
@@ -42,7 +42,7 @@ export interface ErrorAnswer {
   headers?: Record<string, string>;
 }
 
-const answer = (status: number, code: string, message: string, field?: string): ErrorAnswer => ({
+const answer = (status: number, code: HttpErrorCode, message: string, field?: string): ErrorAnswer => ({
   status,
   body: { error: field === undefined ? { code, message } : { code, message, field } },
 });

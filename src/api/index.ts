@@ -2,18 +2,8 @@
 // instance per controller, composed by createApp. Handlers only translate between HTTP and
 // src/api/service.ts.
 
-import { openapi } from "@elysiajs/openapi";
 import { Elysia, status, t } from "elysia";
-import pkg from "../../package.json" with { type: "json" };
-import {
-  parseIdempotencyKey,
-  ScheduleInput,
-  SubmitInput,
-  TaskInput,
-  toBatchSpecs,
-  toScheduleSpec,
-  toTaskSpec,
-} from "../task/spec";
+import { BatchInput, parseIdempotencyKey, SubmitInput, TaskInput, toBatchSpecs, toScheduleSpec, toTaskSpec } from "../task/spec";
 import type { TaskSpec } from "../task/task";
 import { authentication, principalOf } from "./auth";
 import type { ApiDeps } from "./deps";
@@ -21,7 +11,6 @@ import { errorHandling, readJsonBody } from "./errors";
 import {
   AttemptList,
   attemptJson,
-  ErrorJson,
   EventPage,
   eventJson,
   HealthJson,
@@ -43,6 +32,17 @@ import {
   workerJson,
 } from "./model";
 import {
+  answer,
+  apiDocumentation,
+  BODY_ERRORS,
+  documentedResponses,
+  jsonRequestBody,
+  openResponses,
+  ResponseHeaders,
+  responses,
+  ScheduleRequest,
+} from "./openapi";
+import {
   cancelTaskOrThrow,
   checkReady,
   getTaskOrThrow,
@@ -59,39 +59,7 @@ export function createApp(deps: ApiDeps) {
   return new Elysia({ normalize: false })
     .use(errorHandling(deps))
     .use(authentication(deps))
-    .use(
-      openapi({
-        path: "/openapi",
-        specPath: "/openapi/json",
-        documentation: {
-          info: {
-            title: "task-queue",
-            version: pkg.version,
-            description: "Runs shell commands on a fleet of workers, now or at a set time.",
-          },
-          components: {
-            securitySchemes: {
-              bearerAuth: {
-                type: "http",
-                scheme: "bearer",
-                description:
-                  "An API token (bun run token create). Scopes: submit (POST /schedule, /submit, /tasks), read (every GET " +
-                  "but health), cancel (POST /tasks/:id/cancel), admin (all). Required once a token has been created " +
-                  "(revoking them all does not lift it; bun run token open-api does), and always on a role listening " +
-                  "beyond loopback; /healthz, /readyz and /openapi stay open.",
-              },
-            },
-          },
-          security: [{ bearerAuth: [] }],
-          tags: [
-            { name: "tasks", description: "Submit, inspect, list, cancel and watch tasks." },
-            { name: "seed", description: "The original API, kept compatible." },
-            { name: "workers", description: "Workers connected to any coordinator." },
-            { name: "health", description: "Liveness and readiness." },
-          ],
-        },
-      }),
-    )
+    .use(apiDocumentation())
     .use(seedController(deps))
     .use(tasksController(deps))
     .use(workersController(deps))
@@ -109,8 +77,13 @@ const jsonBody = (deps: ApiDeps) => [
   "json" as const,
 ];
 
-const failures = { 400: ErrorJson, 413: ErrorJson, 503: ErrorJson };
-const lookupFailures = { 400: ErrorJson, 404: ErrorJson, 503: ErrorJson };
+const created = answer(TaskJson, "The task, created.", ResponseHeaders.location);
+const replayed = answer(
+  TaskJson,
+  "The original task, for a repeated Idempotency-Key: nothing was created.",
+  ResponseHeaders.replayed,
+);
+const keyConflict = { 409: "The Idempotency-Key was used before with a different request (conflict)." };
 
 const IdempotencyHeaders = t.Object(
   {
@@ -153,21 +126,34 @@ function seedController(deps: ApiDeps) {
           (await submitTask(deps, withKey(toScheduleSpec(body, deps.config), headers), principalOf(request).name)).task,
         ),
       {
+        // toScheduleSpec checks the body: it also takes the seed's schedule_at, which the document
+        // gives as a deprecated alias of the required scheduled_at.
         parse: jsonBody(deps),
-        body: ScheduleInput,
         headers: IdempotencyHeaders,
-        response: { 200: ScheduleResponse, ...failures, 409: ErrorJson },
+        response: responses(
+          {
+            200: answer(
+              ScheduleResponse,
+              "The task, scheduled (or the original one, for a repeated Idempotency-Key).",
+              ResponseHeaders.replayed,
+            ),
+          },
+          [...BODY_ERRORS, 409],
+          keyConflict,
+        ),
         detail: {
+          operationId: "scheduleTask",
           tags: ["seed"],
           summary: "Schedule a command",
           description: "Seed-compatible: answers 200 with the normalized scheduled_at. `schedule_at` is accepted as an alias.",
+          requestBody: jsonRequestBody(ScheduleRequest),
         },
       },
     )
     .get("/status", async ({ query }) => statusJson(await getTaskOrThrow(deps, query.task_id, "task_id")), {
       query: StatusQuery,
-      response: { 200: StatusJson, ...lookupFailures },
-      detail: { tags: ["seed"], summary: "Status of a task" },
+      response: responses({ 200: answer(StatusJson, "The task's status.") }, [400, 404]),
+      detail: { operationId: "getStatus", tags: ["seed"], summary: "Status of a task" },
     });
 }
 
@@ -177,15 +163,20 @@ function tasksController(deps: ApiDeps) {
       parse: jsonBody(deps),
       body: SubmitInput,
       headers: IdempotencyHeaders,
-      response: { 201: TaskJson, 200: TaskJson, ...failures, 409: ErrorJson },
-      detail: { tags: ["tasks"], summary: "Run a command now" },
+      response: responses({ 201: created, 200: replayed }, [...BODY_ERRORS, 409], keyConflict),
+      detail: { operationId: "runTask", tags: ["tasks"], summary: "Run a command now" },
     })
     .post("/tasks", ({ body, headers, set, request }) => submitted(deps, toTaskSpec(body, deps.config), request, headers, set), {
       parse: jsonBody(deps),
       body: TaskInput,
       headers: IdempotencyHeaders,
-      response: { 201: TaskJson, 200: TaskJson, ...failures, 409: ErrorJson },
-      detail: { tags: ["tasks"], summary: "Submit a task", description: "Runs now, or at scheduled_at." },
+      response: responses({ 201: created, 200: replayed }, [...BODY_ERRORS, 409], keyConflict),
+      detail: {
+        operationId: "submitTask",
+        tags: ["tasks"],
+        summary: "Submit a task",
+        description: "Runs now, or at scheduled_at.",
+      },
     })
     .post(
       "/tasks/batch",
@@ -194,13 +185,30 @@ function tasksController(deps: ApiDeps) {
         return status(201, { tasks: (await submitTasks(deps, specs, principalOf(request).name)).map(taskJson) });
       },
       {
+        // toBatchSpecs checks the body, naming the task at fault (`tasks[3].command`).
         parse: jsonBody(deps),
-        response: { 201: TaskBatch, ...failures },
+        response: responses(
+          {
+            201: answer(TaskBatch, "The tasks, created, in the order submitted."),
+            200: answer(
+              TaskBatch,
+              "The original tasks, for a repeated Idempotency-Key: nothing was created.",
+              ResponseHeaders.replayed,
+            ),
+          },
+          [...BODY_ERRORS, 409],
+          {
+            ...keyConflict,
+            413: "The body is larger than TQ_MAX_BODY_BYTES, or the batch holds more than TQ_MAX_BATCH tasks (payload_too_large).",
+          },
+        ),
         detail: {
+          operationId: "submitTasks",
+          requestBody: jsonRequestBody(BatchInput),
           tags: ["tasks"],
           summary: "Submit many tasks",
           description:
-            'Body: {"tasks": [<full form of POST /tasks>, ...]}, at most TQ_MAX_BATCH (1000) tasks, written in one statement: all or none. Batches take no Idempotency-Key.',
+            'Body: {"tasks": [<full form of POST /tasks>, ...]}, at most TQ_MAX_BATCH (1000) tasks, written in one statement: all or none.',
         },
       },
     )
@@ -217,22 +225,30 @@ function tasksController(deps: ApiDeps) {
           if (typeof raw.limit === "string" && /^-?\d{1,9}$/.test(raw.limit)) raw.limit = Number(raw.limit);
         },
         query: TaskListQuery,
-        response: { 200: TaskList, 400: ErrorJson, 503: ErrorJson },
-        detail: { tags: ["tasks"], summary: "List tasks", description: "Newest first, filtered by state, paged by cursor." },
+        response: responses({ 200: answer(TaskList, "A page of tasks, newest first.") }, [400]),
+        detail: {
+          operationId: "listTasks",
+          tags: ["tasks"],
+          summary: "List tasks",
+          description: "Newest first, filtered by state, paged by cursor.",
+        },
       },
     )
     .get("/tasks/:id", async ({ params }) => taskJson(await getTaskOrThrow(deps, params.id)), {
       params: TaskIdParams,
-      response: { 200: TaskJson, ...lookupFailures },
-      detail: { tags: ["tasks"], summary: "Get a task" },
+      response: responses({ 200: answer(TaskJson, "The task.") }, [400, 404]),
+      detail: { operationId: "getTask", tags: ["tasks"], summary: "Get a task" },
     })
     .post(
       "/tasks/:id/cancel",
       async ({ params, request }) => taskJson(await cancelTaskOrThrow(deps, params.id, principalOf(request).name)),
       {
         params: TaskIdParams,
-        response: { 200: TaskJson, 409: ErrorJson, ...lookupFailures },
+        response: responses({ 200: answer(TaskJson, "The task, cancelled.") }, [400, 404, 409], {
+          409: "The task already finished (conflict).",
+        }),
         detail: {
+          operationId: "cancelTask",
           tags: ["tasks"],
           summary: "Cancel a task",
           description: "Cancels a queued or in-flight task (its process is stopped); 409 when it already finished.",
@@ -244,8 +260,9 @@ function tasksController(deps: ApiDeps) {
       async ({ params }) => ({ attempts: (await listTaskAttempts(deps, params.id)).map(attemptJson) }),
       {
         params: TaskIdParams,
-        response: { 200: AttemptList, ...lookupFailures },
+        response: responses({ 200: answer(AttemptList, "The task's attempts, first to last.") }, [400, 404]),
         detail: {
+          operationId: "listTaskAttempts",
           tags: ["tasks"],
           summary: "List a task's attempts",
           description:
@@ -267,8 +284,9 @@ function tasksController(deps: ApiDeps) {
         },
         params: TaskIdParams,
         query: HistoryQuery,
-        response: { 200: EventPage, ...lookupFailures },
+        response: responses({ 200: answer(EventPage, "A page of the task's events, oldest first.") }, [400, 404]),
         detail: {
+          operationId: "listTaskHistory",
           tags: ["tasks"],
           summary: "List a task's history",
           description: "Every task_events row of the task, oldest first, paged by cursor (follow next_cursor).",
@@ -293,6 +311,7 @@ function tasksController(deps: ApiDeps) {
           { additionalProperties: true },
         ),
         detail: {
+          operationId: "watchTask",
           tags: ["tasks"],
           summary: "Watch a task",
           description:
@@ -303,22 +322,16 @@ function tasksController(deps: ApiDeps) {
             "Last-Event-ID: every event after that id in order, then live the same way, with no gap and no repeat; when " +
             "the task is final and nothing follows the id, the answer is 204 (EventSource then stops reconnecting). " +
             "A `: keepalive` comment comes every 15 s.",
-          responses: {
-            200: {
-              description: "An event stream of TaskEventJson messages.",
-              content: { "text/event-stream": { schema: TaskEventJson as object } },
+          responses: documentedResponses(
+            {
+              200: {
+                description: "An event stream of TaskEvent messages.",
+                content: { "text/event-stream": { schema: TaskEventJson } },
+              },
+              204: { description: "Last-Event-ID names the task's final event or later: nothing follows." },
             },
-            204: { description: "Last-Event-ID names the task's final event or later: nothing follows." },
-            400: {
-              description: "Malformed id or Last-Event-ID.",
-              content: { "application/json": { schema: ErrorJson as object } },
-            },
-            404: { description: "Unknown task.", content: { "application/json": { schema: ErrorJson as object } } },
-            503: {
-              description: "The database is unavailable.",
-              content: { "application/json": { schema: ErrorJson as object } },
-            },
-          },
+            [400, 404],
+          ),
         },
       },
     );
@@ -326,16 +339,16 @@ function tasksController(deps: ApiDeps) {
 
 function workersController(deps: ApiDeps) {
   return new Elysia({ normalize: false }).get("/workers", async () => ({ workers: (await listWorkers(deps)).map(workerJson) }), {
-    response: { 200: WorkerList, 503: ErrorJson },
-    detail: { tags: ["workers"], summary: "Live workers" },
+    response: responses({ 200: answer(WorkerList, "Live workers, on every coordinator.") }, []),
+    detail: { operationId: "listWorkers", tags: ["workers"], summary: "Live workers" },
   });
 }
 
 function healthController(deps: ApiDeps) {
   return new Elysia({ normalize: false })
     .get("/healthz", () => ({ status: "ok" as const, role: deps.role }), {
-      response: { 200: HealthJson },
-      detail: { tags: ["health"], summary: "Liveness: the process answers", security: [] },
+      response: openResponses({ 200: answer(HealthJson, "The process answers.") }, []),
+      detail: { operationId: "healthz", tags: ["health"], summary: "Liveness: the process answers", security: [] },
     })
     .get(
       "/readyz",
@@ -344,8 +357,8 @@ function healthController(deps: ApiDeps) {
         return { status: "ready" as const };
       },
       {
-        response: { 200: ReadyJson, 503: ErrorJson },
-        detail: { tags: ["health"], summary: "Readiness: the database answers within 2 s", security: [] },
+        response: openResponses({ 200: answer(ReadyJson, "The database answered.") }, [503]),
+        detail: { operationId: "readyz", tags: ["health"], summary: "Readiness: the database answers within 2 s", security: [] },
       },
     );
 }

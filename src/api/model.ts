@@ -4,6 +4,7 @@ import { type TLiteral, type TSchema, Type } from "@sinclair/typebox";
 import type { TaskEventRow } from "../db/events";
 import type { WorkerRow } from "../db/workers";
 import { ATTEMPT_OUTCOMES, type Attempt } from "../task/attempt";
+import type { ErrorCode } from "../task/errors";
 import { TASK_STATES } from "../task/state";
 import type { Task } from "../task/task";
 
@@ -249,12 +250,35 @@ export type WorkerJson = typeof WorkerJson.static;
 export const WorkerList = Type.Object({ workers: Type.Array(WorkerJson) }, { additionalProperties: false });
 export type WorkerList = typeof WorkerList.static;
 
+/** Every code an HTTP error answer carries: the typed errors' codes and those only HTTP has. */
+export const HTTP_ERROR_CODES = [
+  "invalid_argument",
+  "invalid_json",
+  "unauthenticated",
+  "permission_denied",
+  "not_found",
+  "method_not_allowed",
+  "conflict",
+  "payload_too_large",
+  "unsupported_media_type",
+  "rate_limited",
+  "unavailable",
+  "internal",
+] as const;
+export type HttpErrorCode = (typeof HTTP_ERROR_CODES)[number];
+/** Fails to compile when a typed error code is missing from HTTP_ERROR_CODES. */
+export type EveryErrorCodeListed = [Exclude<ErrorCode, HttpErrorCode>] extends [never] ? true : never;
+true satisfies EveryErrorCodeListed;
+
+export const ErrorCodeJson = Type.Union(
+  HTTP_ERROR_CODES.map((code) => Type.Literal(code)) as unknown as Literals<typeof HTTP_ERROR_CODES>,
+  { description: "What went wrong, stable for clients to act on; the message says it in words." },
+);
+
 export const ErrorJson = Type.Object(
   {
     error: Type.Object({
-      code: Type.String({
-        description: "invalid_argument, invalid_json, not_found, conflict, payload_too_large, unavailable or internal.",
-      }),
+      code: ErrorCodeJson,
       message: Type.String(),
       field: Type.Optional(Type.String({ description: "The request field the error is about." })),
       request_id: Type.Optional(Type.String({ description: "Quote it when reporting an internal error." })),
@@ -273,9 +297,9 @@ export type HealthJson = typeof HealthJson.static;
 export const ReadyJson = Type.Object({ status: Type.Literal("ready") }, { additionalProperties: false });
 export type ReadyJson = typeof ReadyJson.static;
 
-export const TaskIdParams = Type.Object({ id: Type.String({ description: "Task id (UUID)." }) });
+export const TaskIdParams = Type.Object({ id: Type.String({ format: "uuid", description: "Task id (UUID)." }) });
 
-export const StatusQuery = Type.Object({ task_id: Type.String({ description: "Task id (UUID)." }) });
+export const StatusQuery = Type.Object({ task_id: Type.String({ format: "uuid", description: "Task id (UUID)." }) });
 
 export const HistoryQuery = Type.Object({
   limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 500, description: "Page size. Defaults to 50." })),

@@ -361,6 +361,8 @@ export function describeValueError(error: ValueError, root: string): { field: st
       }
       return { field, message: `${field} is not a known field` };
     }
+    case ValueErrorType.StringFormat:
+      return { field, message: `${field} must be ${schema.format === "uuid" ? "a UUID" : `in ${String(schema.format)} format`}` };
     default:
       return { field, message: `${field} ${describeRule(schema) ?? `is invalid: ${error.message}`}` };
   }

@@ -717,7 +717,10 @@ describe("health and documentation", () => {
         "/workers",
       ].sort(),
     );
-    expect(doc.paths["/tasks"].post.requestBody.content["application/json"].schema.required).toEqual(["command"]);
+    expect(doc.paths["/tasks"].post.requestBody.content["application/json"].schema).toEqual({
+      $ref: "#/components/schemas/TaskInput",
+    });
+    expect(doc.components.schemas.TaskInput.required).toEqual(["command"]);
     expect(doc.paths["/schedule"].post.responses["200"]).toBeDefined();
     expect(doc.paths["/tasks/{id}/events"].get.responses["200"].content["text/event-stream"]).toBeDefined();
   });
@@ -726,7 +729,7 @@ describe("health and documentation", () => {
     const answer = await call("GET", "/openapi");
     expect(answer.status).toBe(200);
     expect(answer.headers.get("content-type")).toContain("text/html");
-    expect(answer.text).toContain("openapi/json");
+    expect(answer.text).toContain("/openapi/swagger-ui-bundle.js");
   });
 
   test("an unknown route is a JSON 404", async () => {

@@ -42,3 +42,19 @@ test("proto/ passes buf lint", () => {
   expect(result.stdout.toString()).toBe("");
   expect(result.exitCode).toBe(0);
 });
+
+test("src/client is up to date with the OpenAPI document the roles serve (run `bun run gen` and commit)", () => {
+  const scratch = mkdtempSync(join(tmpdir(), "tq-gen-client-"));
+  try {
+    const result = Bun.spawnSync(["bun", join(ROOT, "scripts/gen-client.ts"), scratch], { cwd: ROOT, stderr: "pipe" });
+    expect(result.stderr.toString()).toContain("wrote openapi.json and schema.ts");
+    expect(result.exitCode).toBe(0);
+    for (const name of ["openapi.json", "schema.ts"]) {
+      const fresh = readFileSync(join(scratch, name), "utf8");
+      expect(fresh.length).toBeGreaterThan(1000);
+      expect(readFileSync(join(ROOT, "src/client", name), "utf8"), `src/client/${name}`).toBe(fresh);
+    }
+  } finally {
+    rmSync(scratch, { recursive: true, force: true });
+  }
+});
