@@ -34,7 +34,8 @@ export async function stopEmbeddedServer(): Promise<void> {
   const db = await embedded;
   embedded = null;
   await db.stop();
-  if (embeddedDir) rmSync(embeddedDir, { recursive: true, force: true });
+  // The cluster's folder is the requested one unless root's postgres user could not reach it.
+  for (const dir of [db.dataDir, embeddedDir]) if (dir) rmSync(dir, { recursive: true, force: true });
 }
 
 export async function freePort(): Promise<number> {
