@@ -23,6 +23,8 @@ async function serverUrl(): Promise<string> {
       dataDir: embeddedDir,
       port: await freePort(),
       settings: { fsync: "off", synchronous_commit: "off", full_page_writes: "off" },
+      // As bun start does: run by root, where the binaries go if user postgres cannot reach node_modules.
+      ...(process.env.TQ_EMBEDDED_PG_HOME ? { home: process.env.TQ_EMBEDDED_PG_HOME } : {}),
     });
   }
   return (await embedded).adminUrl;
