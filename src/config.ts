@@ -129,6 +129,12 @@ export const ConfigSchema = Type.Object({
     description: "Embedded PostgreSQL data folder for `bun start`. Defaults to .data/postgres.",
   }),
   TQ_EMBEDDED_PG_PORT: Port(54329, "Embedded PostgreSQL port for `bun start`. Defaults to 54329."),
+  TQ_EMBEDDED_PG_HOME: Type.String({
+    minLength: 1,
+    default: "/var/lib/task-queue",
+    description:
+      "Started by root, embedded PostgreSQL runs as user postgres: its binaries, and a TQ_DATA_DIR that user cannot reach, are placed here. Defaults to /var/lib/task-queue.",
+  }),
   TQ_INSECURE: Type.Boolean({
     default: false,
     description:

@@ -18,7 +18,13 @@ await runRole("start", async (config, log) => {
   let url = config.DATABASE_URL;
   if (!url) {
     log.info({ dataDir: config.TQ_DATA_DIR, port: config.TQ_EMBEDDED_PG_PORT }, "starting embedded PostgreSQL");
-    embedded = await startEmbedded({ dataDir: config.TQ_DATA_DIR, port: config.TQ_EMBEDDED_PG_PORT });
+    const pgLog = log.child({ component: "postgres" });
+    embedded = await startEmbedded({
+      dataDir: config.TQ_DATA_DIR,
+      port: config.TQ_EMBEDDED_PG_PORT,
+      home: config.TQ_EMBEDDED_PG_HOME,
+      onLog: (line) => pgLog.debug(line),
+    });
     url = embedded.url;
   }
   await migrateDatabase(url);
@@ -46,7 +52,7 @@ await runRole("start", async (config, log) => {
       `  coordinator  ${info.httpUrl}   (POST /submit, /tasks, /workers, /openapi)`,
       `  gRPC         ${info.grpcAddress}`,
       `  workers      ${workers.length} x ${config.TQ_WORKER_SLOTS} slots`,
-      `  database     ${embedded ? `embedded PostgreSQL in ${config.TQ_DATA_DIR} (port ${config.TQ_EMBEDDED_PG_PORT})` : "DATABASE_URL"}`,
+      `  database     ${embedded ? describeEmbedded(embedded, config.TQ_EMBEDDED_PG_PORT) : "DATABASE_URL"}`,
       "Press Ctrl+C to stop.",
     ].join("\n"),
   );
@@ -62,3 +68,9 @@ await runRole("start", async (config, log) => {
     },
   };
 });
+
+function describeEmbedded(embedded: EmbeddedDatabase, port: number): string {
+  const where = `embedded PostgreSQL in ${embedded.dataDir} (port ${port})`;
+  // Started by root in a private folder: say where the data went instead, and why.
+  return embedded.unreachable ? `${where}, as user postgres cannot reach ${embedded.unreachable}` : where;
+}

@@ -1,11 +1,12 @@
 // `bun start` on embedded PostgreSQL, driven by the README's own curl examples.
 import { afterAll, beforeAll, expect, setDefaultTimeout, test } from "bun:test";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { freePort, HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS } from "../support/db";
 import { watchTask } from "../support/http";
 import { RoleProcess } from "../support/processes";
+import { readmeCurls, runReadmeCommand } from "../support/readme";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -14,29 +15,8 @@ let dataDir: string;
 let start: RoleProcess;
 let ports: { scheduler: number; coordinator: number };
 
-/** The curl commands of one README section, in order. */
-function readmeCurls(section: string): string[] {
-  const readme = readFileSync(join(ROOT, "README.md"), "utf8");
-  const from = readme.indexOf(`### ${section}`);
-  expect(from).toBeGreaterThanOrEqual(0);
-  const end = readme.indexOf("\n### ", from + 1);
-  return readme
-    .slice(from, end < 0 ? undefined : end)
-    .split("\n")
-    .filter((line) => line.startsWith("curl "));
-}
-
 /** Runs a README command as printed, pointed at this test's ports. */
-async function sh(command: string): Promise<string> {
-  const local = command
-    .replaceAll("localhost:8081", `localhost:${ports.scheduler}`)
-    .replaceAll("localhost:8080", `localhost:${ports.coordinator}`);
-  const proc = Bun.spawn(["sh", "-c", `${local} --silent --show-error --max-time 10`], { stdout: "pipe", stderr: "pipe" });
-  const [out, err, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
-  expect(err).toBe("");
-  expect(code).toBe(0);
-  return out;
-}
+const sh = (command: string) => runReadmeCommand(command, ports);
 
 beforeAll(async () => {
   dataDir = mkdtempSync(join(tmpdir(), "tq-start-"));

@@ -253,29 +253,45 @@ describe("leases", () => {
 
   test("a lapse is believed once the worker's coordinator has vouched for it since, or has been silent two leases", async () => {
     await clear();
-    const LEASE = 1000;
     const worker = (id: string) =>
       upsertWorker(db.sql, { id, name: id, coordinatorId: "c1", slots: 4, labels: {}, version: "t" });
     await Promise.all(["lagging", "vouched", "silent", "gone"].map(worker));
     const tasks = await Promise.all(Array.from({ length: 4 }, () => createTask(db.sql, taskSpec())));
-    const claimed = await claimDue(db.sql, "c1", ["lagging", "vouched", "silent", "gone"], LEASE);
+    // One transaction, so that every now() below, the rule's included, is the same instant.
+    const tx = await db.sql.reserve();
+    let up: number;
+    let lease: number;
+    let claimed: Awaited<ReturnType<typeof claimDue>>;
+    let rescued: Set<string>;
+    try {
+      await tx`BEGIN`;
+      // Silence counts from the database's own start too: the lease is a quarter of its uptime
+      // (at most 1 s), so that a worker silent for five leases has been silent over two since
+      // then, even on a cluster started a moment ago.
+      [{ up } = { up: 0 }] = await tx<{ up: number }[]>`
+        SELECT extract(epoch FROM now() - pg_postmaster_start_time()) * 1000 AS up`;
+      lease = Math.min(1000, Number(up) / 4);
+      const leases = (n: number) => tx`make_interval(secs => ${(n * lease) / 1000})`;
+      claimed = await claimDue(tx, "c1", ["lagging", "vouched", "silent", "gone"], lease);
+      // Every lease lapsed a hundredth of a lease ago, renewed (or dispatched) a lease before that.
+      await tx`UPDATE tasks SET lease_expires_at = now() - ${leases(0.01)}`;
+      // lagging: its coordinator's last pass came before that renewal (it has not caught up yet).
+      await tx`UPDATE workers SET last_heartbeat_at = now() - ${leases(1.11)} WHERE id = 'lagging'`;
+      // vouched: a pass after the renewal did not renew the attempt: the worker does not hold it.
+      await tx`UPDATE workers SET last_heartbeat_at = now() WHERE id = 'vouched'`;
+      // silent: no pass for more than two leases (and the database has been up longer than that).
+      await tx`UPDATE workers SET last_heartbeat_at = now() - ${leases(5)} WHERE id = 'silent'`;
+      await markWorkerGone(tx, "gone", "c1");
+      rescued = new Set((await requeueExpiredLeases(tx, lease)).map((t) => t.id));
+      await tx`COMMIT`;
+    } finally {
+      await tx`ROLLBACK`.catch(() => {}); // only a warning after COMMIT
+      tx.release();
+    }
+    expect(Number(up)).toBeGreaterThan(2 * lease);
+    expect(lease).toBeGreaterThan(0);
     const on = (w: string) => claimed.find((t) => t.worker_id === w)!.id;
     expect(claimed).toHaveLength(tasks.length);
-    // Every lease lapsed 10 ms ago, renewed (or dispatched) a lease before that.
-    await db.sql`UPDATE tasks SET lease_expires_at = now() - interval '10 milliseconds'`;
-    // lagging: its coordinator's last pass came before that renewal (it has not caught up yet).
-    await db.sql`UPDATE workers SET last_heartbeat_at = now() - interval '10 milliseconds' - interval '1100 milliseconds' WHERE id = 'lagging'`;
-    // vouched: a pass after the renewal did not renew the attempt: the worker does not hold it.
-    await db.sql`UPDATE workers SET last_heartbeat_at = now() WHERE id = 'vouched'`;
-    // silent: no pass for more than two leases (and the database has been up longer than that).
-    await db.sql`UPDATE workers SET last_heartbeat_at = now() - interval '5 seconds' WHERE id = 'silent'`;
-    const [{ up } = { up: 0 }] = await db.sql<
-      { up: number }[]
-    >`SELECT extract(epoch FROM now() - pg_postmaster_start_time()) AS up`;
-    expect(Number(up)).toBeGreaterThan(2);
-    await markWorkerGone(db.sql, "gone", "c1");
-
-    const rescued = new Set((await requeueExpiredLeases(db.sql, LEASE)).map((t) => t.id));
     expect(rescued).toEqual(new Set([on("vouched"), on("silent"), on("gone")]));
     expect((await getTask(db.sql, on("lagging")))?.state).toBe("dispatched");
   });

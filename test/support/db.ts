@@ -23,6 +23,8 @@ async function serverUrl(): Promise<string> {
       dataDir: embeddedDir,
       port: await freePort(),
       settings: { fsync: "off", synchronous_commit: "off", full_page_writes: "off" },
+      // As bun start does: run by root, where the binaries go if user postgres cannot reach node_modules.
+      ...(process.env.TQ_EMBEDDED_PG_HOME ? { home: process.env.TQ_EMBEDDED_PG_HOME } : {}),
     });
   }
   return (await embedded).adminUrl;
@@ -34,7 +36,8 @@ export async function stopEmbeddedServer(): Promise<void> {
   const db = await embedded;
   embedded = null;
   await db.stop();
-  if (embeddedDir) rmSync(embeddedDir, { recursive: true, force: true });
+  // The cluster's folder is the requested one unless root's postgres user could not reach it.
+  for (const dir of [db.dataDir, embeddedDir]) if (dir) rmSync(dir, { recursive: true, force: true });
 }
 
 export async function freePort(): Promise<number> {
