@@ -1,6 +1,9 @@
 // The README's flow through the generated client (src/client), against real role processes
 // that require an API token: what a program built on the OpenAPI document gets.
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { hashToken, newToken } from "../../src/auth/tokens";
 import { createClient, type Schemas, type TaskQueueClient } from "../../src/client";
 import { isFinal } from "../../src/task/state";
@@ -51,6 +54,29 @@ describe("the typed client", () => {
   afterAll(async () => {
     await cluster?.stop();
   }, HOOK_TIMEOUT_MS);
+
+  test("the README's TypeScript example runs as printed", async () => {
+    const root = join(import.meta.dir, "../..");
+    const readme = readFileSync(join(root, "README.md"), "utf8");
+    const example = /```ts\n([\s\S]*?)```/.exec(readme)?.[1];
+    expect(example).toContain('from "./src/client"');
+    const dir = mkdtempSync(join(tmpdir(), "tq-readme-ts-"));
+    try {
+      const file = join(dir, "example.ts");
+      const program = example!
+        .replace('"./src/client"', JSON.stringify(join(root, "src/client")))
+        .replace("http://localhost:8080", cluster.coordinatorUrl);
+      writeFileSync(file, `${program}\nif (error) throw new Error(JSON.stringify(error));\nconsole.log(JSON.stringify(data));\n`);
+      const run = Bun.spawn(["bun", file], { env: { ...process.env, TQ_TOKEN: token }, stdout: "pipe", stderr: "pipe" });
+      const [out, err, code] = await Promise.all([new Response(run.stdout).text(), new Response(run.stderr).text(), run.exited]);
+      expect(code, err).toBe(0);
+      const task = JSON.parse(out) as Schemas["Task"];
+      expect(task.command).toBe("echo hello");
+      expect((await waitFinal(coordinator, task.id)).state).toBe("succeeded");
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
 
   test("runs the README's flow: schedule, status, submit, tasks, get, list, cancel, workers, health", async () => {
     // The original API, on the scheduler.
