@@ -5,6 +5,7 @@ import type { TaskChange } from "../db/notify";
 import type { WorkerRow } from "../db/workers";
 import { TASK_STATES } from "../task/state";
 import type { Task } from "../task/task";
+import { HTTP_ERROR_CODES } from "./errors";
 
 const Nullable = <T extends TSchema>(schema: T) => Type.Union([schema, Type.Null()]);
 
@@ -101,7 +102,14 @@ export const ScheduleResponse = Type.Object(
 export type ScheduleResponse = typeof ScheduleResponse.static;
 
 export const TaskBatch = Type.Object(
-  { tasks: Type.Array(TaskJson, { description: "The created tasks, in the order submitted." }) },
+  {
+    tasks: Type.Array(TaskJson, { description: "The batch's tasks, in the order submitted." }),
+    replayed: Type.Array(Type.Integer({ minimum: 0 }), {
+      description:
+        "Indexes (0-based, ascending) of the tasks that were not created by this request but returned as they were: an " +
+        "item's idempotency_key was used before, or the whole batch is a repeat under its Idempotency-Key (every index).",
+    }),
+  },
   { additionalProperties: false },
 );
 export type TaskBatch = typeof TaskBatch.static;
@@ -155,9 +163,7 @@ export type WorkerList = typeof WorkerList.static;
 export const ErrorJson = Type.Object(
   {
     error: Type.Object({
-      code: Type.String({
-        description: "invalid_argument, invalid_json, not_found, conflict, payload_too_large, unavailable or internal.",
-      }),
+      code: Type.String({ description: `One of: ${HTTP_ERROR_CODES.join(", ")}.` }),
       message: Type.String(),
       field: Type.Optional(Type.String({ description: "The request field the error is about." })),
       request_id: Type.Optional(Type.String({ description: "Quote it when reporting an internal error." })),
