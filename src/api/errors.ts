@@ -2,20 +2,10 @@
 // message written for clients; anything else is logged and answered as an opaque internal
 // error with a request id, so internal text (SQL, stack, file paths) never reaches a client.
 import { Elysia, NotFoundError, ParseError, ValidationError } from "elysia";
-import { ERROR_CODES, type ErrorCode, isDatabaseUnavailable, TaskQueueError, unavailable } from "../task/errors";
+import { type ErrorCode, isDatabaseUnavailable, TaskQueueError, unavailable } from "../task/errors";
 import { describeValueError } from "../task/spec";
 import type { ApiDeps } from "./deps";
-import type { ErrorJson } from "./model";
-
-/** Every `error.code` the HTTP API answers with: the typed errors' codes, then HTTP's own. */
-export const HTTP_ERROR_CODES = [
-  ...ERROR_CODES,
-  "invalid_json",
-  "unsupported_media_type",
-  "method_not_allowed",
-  "internal",
-] as const;
-export type HttpErrorCode = (typeof HTTP_ERROR_CODES)[number];
+import type { ErrorJson, HttpErrorCode } from "./model";
 
 /** An error only HTTP has: the body is not JSON or of another media type, or no route matches. */
 export class HttpError extends Error {

@@ -3,9 +3,9 @@
 import { type TLiteral, type TSchema, Type } from "@sinclair/typebox";
 import type { TaskChange } from "../db/notify";
 import type { WorkerRow } from "../db/workers";
+import type { ErrorCode } from "../task/errors";
 import { TASK_STATES } from "../task/state";
 import type { Task } from "../task/task";
-import { HTTP_ERROR_CODES } from "./errors";
 
 const Nullable = <T extends TSchema>(schema: T) => Type.Union([schema, Type.Null()]);
 
@@ -159,6 +159,26 @@ export type WorkerJson = typeof WorkerJson.static;
 
 export const WorkerList = Type.Object({ workers: Type.Array(WorkerJson) }, { additionalProperties: false });
 export type WorkerList = typeof WorkerList.static;
+
+/** Every code an HTTP error answer carries: the typed errors' codes and those only HTTP has. */
+export const HTTP_ERROR_CODES = [
+  "invalid_argument",
+  "invalid_json",
+  "unauthenticated",
+  "permission_denied",
+  "not_found",
+  "method_not_allowed",
+  "conflict",
+  "payload_too_large",
+  "unsupported_media_type",
+  "rate_limited",
+  "unavailable",
+  "internal",
+] as const;
+export type HttpErrorCode = (typeof HTTP_ERROR_CODES)[number];
+/** Fails to compile when a typed error code is missing from HTTP_ERROR_CODES. */
+export type EveryErrorCodeListed = [Exclude<ErrorCode, HttpErrorCode>] extends [never] ? true : never;
+true satisfies EveryErrorCodeListed;
 
 export const ErrorJson = Type.Object(
   {

@@ -2,18 +2,15 @@
 // src/rpc/status.ts for gRPC). Their messages are written for clients; anything else that
 // is thrown is reported as an opaque internal error.
 
-/** The codes of typed errors, which every transport maps (HTTP status, gRPC status). */
-export const ERROR_CODES = [
-  "invalid_argument",
-  "unauthenticated",
-  "permission_denied",
-  "not_found",
-  "conflict",
-  "payload_too_large",
-  "rate_limited",
-  "unavailable",
-] as const;
-export type ErrorCode = (typeof ERROR_CODES)[number];
+export type ErrorCode =
+  | "invalid_argument"
+  | "unauthenticated"
+  | "permission_denied"
+  | "not_found"
+  | "conflict"
+  | "payload_too_large"
+  | "rate_limited"
+  | "unavailable";
 
 export class TaskQueueError extends Error {
   constructor(

@@ -1,8 +1,8 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, setDefaultTimeout, test } from "bun:test";
 import pino from "pino";
 import type { ApiDeps } from "../../src/api/deps";
-import { HTTP_ERROR_CODES } from "../../src/api/errors";
 import { createApp } from "../../src/api/index";
+import { HTTP_ERROR_CODES } from "../../src/api/model";
 import { loadConfig } from "../../src/config";
 import { TaskChangeFeed } from "../../src/db/notify";
 import { connect, type Sql } from "../../src/db/sql";
