@@ -7,13 +7,14 @@ import { describeValueError } from "../task/spec";
 import type { ApiDeps } from "./deps";
 import type { ErrorJson, HttpErrorCode } from "./model";
 
-/** An error only HTTP has: the body is not JSON, or no route matches. */
+/** An error only HTTP has: the body is not JSON or of another media type, or no route matches. */
 export class HttpError extends Error {
   constructor(
     readonly status: number,
     readonly code: HttpErrorCode,
     message: string,
     readonly field?: string,
+    readonly headers?: Record<string, string>,
   ) {
     super(message);
     this.name = "HttpError";
@@ -23,7 +24,28 @@ export class HttpError extends Error {
 export const invalidJson = (message: string) => new HttpError(400, "invalid_json", message, "body");
 
 export const payloadTooLarge = (limit: number) =>
-  new TaskQueueError("payload_too_large", `request body is larger than ${limit} bytes`, "body");
+  new TaskQueueError("payload_too_large", `request body is larger than ${limit} bytes (TQ_MAX_BODY_BYTES)`, "body");
+
+export const unsupportedMediaType = (contentType: string) =>
+  new HttpError(
+    415,
+    "unsupported_media_type",
+    `Content-Type ${JSON.stringify(contentType)} is not accepted; send application/json (or no Content-Type)`,
+    "Content-Type",
+  );
+
+export const methodNotAllowed = (method: string, path: string, allowed: readonly string[]) =>
+  new HttpError(405, "method_not_allowed", `${method} is not allowed on ${path}; allowed: ${allowed.join(", ")}`, undefined, {
+    allow: allowed.join(", "),
+  });
+
+/**
+ * Bun.serve's own maxRequestBodySize answers a bare 413 (no body, Connection: close) before the
+ * app sees the request, so the roles set it beyond any real body and the app enforces
+ * TQ_MAX_BODY_BYTES itself, with the JSON error: errorHandling refuses a declared
+ * Content-Length, readJsonBody the bytes actually read, and no route reads a body otherwise.
+ */
+export const SERVER_MAX_REQUEST_BODY_SIZE = Number.MAX_SAFE_INTEGER;
 
 const STATUS: Record<ErrorCode, number> = {
   invalid_argument: 400,
@@ -62,7 +84,11 @@ export function errorAnswer(error: unknown, deps: Pick<ApiDeps, "log">, where: s
     if (error.code === "rate_limited") typed.headers = { "retry-after": String(error.retryAfterSeconds ?? 1) };
     return typed;
   }
-  if (error instanceof HttpError) return answer(error.status, error.code, error.message, error.field);
+  if (error instanceof HttpError) {
+    const typed = answer(error.status, error.code, error.message, error.field);
+    if (error.headers) typed.headers = error.headers;
+    return typed;
+  }
   if (error instanceof ValidationError && error.type !== "response") {
     const first = error.valueError;
     if (first) {
@@ -83,32 +109,93 @@ export function errorAnswer(error: unknown, deps: Pick<ApiDeps, "log">, where: s
   return { status: 500, body: { error: { code: "internal", message: "internal error", request_id: requestId } } };
 }
 
-export function errorResponse(error: unknown, deps: Pick<ApiDeps, "log">, request: Request): Response {
-  const where = `${request.method} ${new URL(request.url).pathname}`;
-  const { status, body, headers } = errorAnswer(error, deps, where);
+/** A route of the app, as Elysia lists it (`app.routes`). */
+export interface RouteEntry {
+  method: string;
+  path: string;
+}
+
+const compiledRoutes = new WeakMap<readonly RouteEntry[], { method: string; pattern: RegExp }[]>();
+
+function routePattern(path: string): RegExp {
+  const source = path
+    .split("/")
+    .map((segment) => {
+      if (segment === "*") return ".*";
+      if (segment.startsWith(":")) return segment.endsWith("?") ? "[^/]*" : "[^/]+";
+      return segment.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+    })
+    .join("/");
+  return new RegExp(`^${source}$`);
+}
+
+/**
+ * The methods the app serves on `path`, from its own route table (HEAD wherever GET is, as
+ * Bun answers it); empty when no route has that path.
+ */
+export function allowedMethods(routes: readonly RouteEntry[], path: string): string[] {
+  let compiled = compiledRoutes.get(routes);
+  if (!compiled) {
+    compiled = routes.map((route) => ({ method: route.method.toUpperCase(), pattern: routePattern(route.path) }));
+    compiledRoutes.set(routes, compiled);
+  }
+  const methods = new Set(compiled.filter((route) => route.pattern.test(path)).map((route) => route.method));
+  if (methods.has("GET")) methods.add("HEAD");
+  return [...methods].filter((method) => method !== "ALL").sort();
+}
+
+export function errorResponse(
+  error: unknown,
+  deps: Pick<ApiDeps, "log">,
+  request: Request,
+  routes: () => readonly RouteEntry[] = () => [],
+): Response {
+  const path = new URL(request.url).pathname;
+  if (error instanceof NotFoundError) {
+    // A known path asked with a method it does not serve.
+    const allowed = allowedMethods(routes(), path);
+    if (allowed.length > 0 && !allowed.includes(request.method)) error = methodNotAllowed(request.method, path, allowed);
+  }
+  const { status, body, headers } = errorAnswer(error, deps, `${request.method} ${path}`);
   return Response.json(body, { status, headers });
 }
 
 /**
  * Error mapping and the body size limit for the whole app. The Content-Length check refuses
  * a large body before it is read; readJsonBody guards the bytes actually read, since a
- * chunked body has no Content-Length.
+ * chunked body has no Content-Length. `routes` is the finished app's route table, for the
+ * Allow header of a 405.
  */
-export function errorHandling(deps: Pick<ApiDeps, "log" | "config">) {
+export function errorHandling(deps: Pick<ApiDeps, "log" | "config">, routes: () => readonly RouteEntry[] = () => []) {
   const limit = deps.config.TQ_MAX_BODY_BYTES;
   return new Elysia({ normalize: false })
     .onRequest(({ request }) => {
       const length = request.headers.get("content-length");
       if (length !== null && Number(length) > limit) throw payloadTooLarge(limit);
     })
-    .onError({ as: "global" }, ({ error, request }) => errorResponse(error, deps, request));
+    .onError({ as: "global" }, ({ error, request }) => errorResponse(error, deps, request, routes));
+}
+
+/** The media types a JSON body may be declared as; none at all is accepted too. */
+function acceptsAsJson(contentType: string): boolean {
+  const essence = contentType.split(";")[0]!.trim().toLowerCase();
+  return (
+    essence === "" ||
+    essence === "application/json" ||
+    /^application\/[!#$%&'*.^`|~\w-]+\+json$/.test(essence) ||
+    // What curl sends by default with -d: the seed's examples send JSON that way.
+    essence === "application/x-www-form-urlencoded"
+  );
 }
 
 /**
- * Reads a request body as JSON whatever its Content-Type: the seed's curl examples send JSON
- * as application/x-www-form-urlencoded.
+ * Reads a request body as JSON, declared as JSON, as application/x-www-form-urlencoded (the
+ * seed's curl examples send JSON so) or not at all; any other media type is a 415, before a
+ * byte is read.
  */
 export async function readJsonBody(request: Request, limit: number): Promise<unknown> {
+  const contentType = request.headers.get("content-type");
+  if (contentType !== null && !acceptsAsJson(contentType)) throw unsupportedMediaType(contentType);
   const chunks: Uint8Array[] = [];
   let size = 0;
   if (request.body) {

@@ -7,7 +7,7 @@ import { BatchInput, parseIdempotencyKey, SubmitInput, TaskInput, toBatchSpecs, 
 import type { TaskSpec } from "../task/task";
 import { authentication, principalOf } from "./auth";
 import type { ApiDeps } from "./deps";
-import { errorHandling, readJsonBody } from "./errors";
+import { errorHandling, type RouteEntry, readJsonBody } from "./errors";
 import {
   AttemptList,
   attemptJson,
@@ -56,14 +56,18 @@ import {
 import { taskEventsResponse } from "./sse";
 
 export function createApp(deps: ApiDeps) {
-  return new Elysia({ normalize: false })
-    .use(errorHandling(deps))
+  // The finished app's own route table gives a 405 its Allow header.
+  let routes: () => readonly RouteEntry[] = () => [];
+  const app = new Elysia({ normalize: false })
+    .use(errorHandling(deps, () => routes()))
     .use(authentication(deps))
     .use(apiDocumentation())
     .use(seedController(deps))
     .use(tasksController(deps))
     .use(workersController(deps))
     .use(healthController(deps));
+  routes = () => app.routes;
+  return app;
 }
 
 /**
@@ -98,20 +102,39 @@ const IdempotencyHeaders = t.Object(
   { additionalProperties: true },
 );
 
+const BatchIdempotencyHeaders = t.Object(
+  {
+    "idempotency-key": t.Optional(
+      t.String({
+        description:
+          "Makes the whole batch safe to repeat: a later batch with the same key returns the original tasks (200, header " +
+          "Idempotent-Replayed: true, every index in `replayed`) and creates nothing; the same key with a different batch " +
+          "is a 409. Batch keys are their own namespace, apart from tasks' idempotency keys.",
+      }),
+    ),
+  },
+  { additionalProperties: true },
+);
+
 function withKey(spec: TaskSpec, headers: { "idempotency-key"?: string }): TaskSpec {
   return { ...spec, idempotencyKey: parseIdempotencyKey(headers["idempotency-key"]) };
 }
 
-/** 201 with the new task, or 200 with the original one for a repeated Idempotency-Key. */
+type SetHeaders = { headers: Record<string, string | number> };
+
+/** 201 with the new task and its Location, or 200 with the original one for a repeated Idempotency-Key. */
 async function submitted(
   deps: ApiDeps,
   spec: TaskSpec,
   request: Request,
   headers: { "idempotency-key"?: string },
-  set: { headers: Record<string, string | number> },
+  set: SetHeaders,
 ) {
   const { task, created } = await submitTask(deps, withKey(spec, headers), principalOf(request).name);
-  if (created) return status(201, taskJson(task));
+  if (created) {
+    set.headers.location = `/tasks/${task.id}`;
+    return status(201, taskJson(task));
+  }
   set.headers["idempotent-replayed"] = "true";
   return status(200, taskJson(task));
 }
@@ -121,10 +144,13 @@ function seedController(deps: ApiDeps) {
   return new Elysia({ normalize: false })
     .post(
       "/schedule",
-      async ({ body, headers, request }) =>
-        scheduleResponse(
-          (await submitTask(deps, withKey(toScheduleSpec(body, deps.config), headers), principalOf(request).name)).task,
-        ),
+      async ({ body, headers, request, set }) => {
+        const spec = withKey(toScheduleSpec(body, deps.config), headers);
+        const { task, created } = await submitTask(deps, spec, principalOf(request).name);
+        // The seed's 200 either way; the header tells a replay apart.
+        if (!created) set.headers["idempotent-replayed"] = "true";
+        return scheduleResponse(task);
+      },
       {
         // toScheduleSpec checks the body: it also takes the seed's schedule_at, which the document
         // gives as a deprecated alias of the required scheduled_at.
@@ -180,13 +206,19 @@ function tasksController(deps: ApiDeps) {
     })
     .post(
       "/tasks/batch",
-      async ({ body, request }) => {
+      async ({ body, headers, request, set }) => {
         const specs = toBatchSpecs(body, deps.config, deps.config.TQ_MAX_BATCH);
-        return status(201, { tasks: (await submitTasks(deps, specs, principalOf(request).name)).map(taskJson) });
+        const batchKey = parseIdempotencyKey(headers["idempotency-key"]);
+        const batch = await submitTasks(deps, specs, principalOf(request).name, batchKey);
+        const answer = { tasks: batch.tasks.map(taskJson), replayed: batch.replayed };
+        if (batch.created) return status(201, answer);
+        set.headers["idempotent-replayed"] = "true";
+        return status(200, answer);
       },
       {
         // toBatchSpecs checks the body, naming the task at fault (`tasks[3].command`).
         parse: jsonBody(deps),
+        headers: BatchIdempotencyHeaders,
         response: responses(
           {
             201: answer(TaskBatch, "The tasks, created, in the order submitted."),
@@ -208,7 +240,10 @@ function tasksController(deps: ApiDeps) {
           tags: ["tasks"],
           summary: "Submit many tasks",
           description:
-            'Body: {"tasks": [<full form of POST /tasks>, ...]}, at most TQ_MAX_BATCH (1000) tasks, written in one statement: all or none.',
+            'Body: {"tasks": [<full form of POST /tasks, plus an optional idempotency_key>, ...]}, 1 to TQ_MAX_BATCH (1000) ' +
+            "tasks, written in one statement: all or none. An item whose idempotency_key was used before is answered with " +
+            "the original task, and its index is listed in `replayed`; 201 when any task was created, else 200 with " +
+            "Idempotent-Replayed: true. No Location: a batch creates many resources.",
         },
       },
     )

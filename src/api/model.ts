@@ -131,7 +131,14 @@ export const ScheduleResponse = Type.Object(
 export type ScheduleResponse = typeof ScheduleResponse.static;
 
 export const TaskBatch = Type.Object(
-  { tasks: Type.Array(TaskJson, { description: "The created tasks, in the order submitted." }) },
+  {
+    tasks: Type.Array(TaskJson, { description: "The batch's tasks, in the order submitted." }),
+    replayed: Type.Array(Type.Integer({ minimum: 0 }), {
+      description:
+        "Indexes (0-based, ascending) of the tasks that were not created by this request but returned as they were: an " +
+        "item's idempotency_key was used before, or the whole batch is a repeat under its Idempotency-Key (every index).",
+    }),
+  },
   { additionalProperties: false },
 );
 export type TaskBatch = typeof TaskBatch.static;

@@ -12,7 +12,7 @@ import { Kind, type TSchema, Type } from "@sinclair/typebox";
 import { Elysia } from "elysia";
 import pkg from "../../package.json" with { type: "json" };
 import { notFound } from "../task/errors";
-import { BatchInput, ScheduleInput, SubmitInput, TaskInput } from "../task/spec";
+import { BatchInput, BatchItemInput, ScheduleInput, SubmitInput, TaskInput } from "../task/spec";
 import {
   AttemptJson,
   AttemptList,
@@ -85,6 +85,7 @@ export const NAMED_SCHEMAS: Record<string, TSchema> = {
   SubmitInput,
   ScheduleInput: ScheduleRequest,
   BatchInput,
+  BatchItemInput,
   RetryPolicy: TaskInput.properties.retry,
 };
 

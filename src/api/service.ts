@@ -3,8 +3,9 @@
 // TaskQueueError for client mistakes; database errors pass through to the transport's mapper.
 
 import { listAttempts } from "../db/attempts";
+import { batchHash, claimBatchKey, getBatch } from "../db/batches";
 import { listTaskEventsAfter, readTaskSince, type TaskEventRow } from "../db/events";
-import { ping } from "../db/sql";
+import { ping, type Sql } from "../db/sql";
 import { cancelTask, getTask, insertTasks, listTasks } from "../db/tasks";
 import { listLiveWorkers, type WorkerRow } from "../db/workers";
 import type { Attempt } from "../task/attempt";
@@ -35,13 +36,78 @@ export async function submitTask(deps: ApiDeps, spec: TaskSpec, actor: string): 
   return { task: outcome.task, created: false };
 }
 
-/** Persists validated specs as new queued tasks in one statement; resolves after commit. */
-export async function submitTasks(deps: ApiDeps, specs: TaskSpec[], actor: string): Promise<Task[]> {
-  const outcomes = await insertTasks(
-    deps.sql,
-    specs.map((spec) => ({ id: Bun.randomUUIDv7(), spec, actor })),
+export interface SubmittedBatch {
+  /** One per spec, in order: the new task, or the original one for a replay. */
+  tasks: Task[];
+  /** Indexes of the tasks returned as they were rather than created. */
+  replayed: number[];
+  /** Whether this request created any task. */
+  created: boolean;
+}
+
+/**
+ * Persists validated specs as new queued tasks in one statement; resolves after commit.
+ * An item whose idempotency key was used before gets the original task; under a batch key
+ * (`batchKey`), a repeat of the whole batch gets the original tasks and writes nothing. Any key
+ * used before for a different request is a conflict, and then nothing is written.
+ */
+export async function submitTasks(
+  deps: ApiDeps,
+  specs: TaskSpec[],
+  actor: string,
+  batchKey: string | null = null,
+): Promise<SubmittedBatch> {
+  const items = specs.map((spec) => ({ id: Bun.randomUUIDv7(), spec, actor }));
+  if (batchKey === null && specs.every((spec) => spec.idempotencyKey === null)) {
+    // Nothing to replay and nothing to conflict: the statement alone, no transaction.
+    const outcomes = await insertTasks(deps.sql, items);
+    return { tasks: outcomes.map((outcome) => outcome.task), replayed: [], created: true };
+  }
+  // A transaction, so that a conflict found after the insert writes nothing, and so that the
+  // batch key is held until the tasks are committed (a concurrent repeat waits for them).
+  return deps.sql.begin(async (transaction) => {
+    // The query functions take a Sql; a transaction answers every query they make.
+    const tx = transaction as unknown as Sql;
+    const hash = batchHash(specs);
+    if (batchKey !== null) {
+      const claimed = await claimBatchKey(tx, { key: batchKey, hash, taskIds: items.map((item) => item.id), actor });
+      if (!claimed) return replayBatch(tx, batchKey, hash, specs);
+    }
+    const outcomes = await insertTasks(tx, items);
+    const replayed: number[] = [];
+    outcomes.forEach((outcome, i) => {
+      if (outcome.kind === "created") return;
+      if (!outcome.sameRequest) {
+        throw new TaskQueueError(
+          "conflict",
+          `tasks[${i}]: idempotency_key ${JSON.stringify(specs[i]?.idempotencyKey)} was already used for a different ` +
+            `request (task ${outcome.task.id}); nothing was written`,
+          `tasks[${i}].idempotency_key`,
+        );
+      }
+      replayed.push(i);
+    });
+    return { tasks: outcomes.map((outcome) => outcome.task), replayed, created: replayed.length < items.length };
+  });
+}
+
+/** The answer to a repeated batch key: the original tasks, or a conflict for another batch. */
+async function replayBatch(sql: Sql, key: string, hash: string, specs: TaskSpec[]): Promise<SubmittedBatch> {
+  const stored = await getBatch(
+    sql,
+    key,
+    specs.map((spec) => spec.idempotencyKey),
   );
-  return outcomes.map((outcome) => outcome.task);
+  if (!stored) throw new Error("the batch key was taken but no batch holds it");
+  if (stored.requestHash !== hash) {
+    throw conflict(
+      `Idempotency-Key ${JSON.stringify(key)} was already used for a different batch (of ${stored.tasks.length} tasks); nothing was written`,
+    );
+  }
+  const tasks = stored.tasks.filter((task) => task !== null);
+  if (tasks.length !== stored.tasks.length)
+    throw notFound(`a task of the batch under Idempotency-Key ${JSON.stringify(key)} no longer exists`);
+  return { tasks, replayed: tasks.map((_, i) => i), created: false };
 }
 
 function requireTaskId(id: string, field: string): void {

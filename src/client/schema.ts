@@ -91,7 +91,7 @@ export interface paths {
         put?: never;
         /**
          * Submit many tasks
-         * @description Body: {"tasks": [<full form of POST /tasks>, ...]}, at most TQ_MAX_BATCH (1000) tasks, written in one statement: all or none.
+         * @description Body: {"tasks": [<full form of POST /tasks, plus an optional idempotency_key>, ...]}, 1 to TQ_MAX_BATCH (1000) tasks, written in one statement: all or none. An item whose idempotency_key was used before is answered with the original task, and its index is listed in `replayed`; 201 when any task was created, else 200 with Idempotent-Replayed: true. No Location: a batch creates many resources.
          */
         post: operations["submitTasks"];
         delete?: never;
@@ -360,8 +360,10 @@ export interface components {
             next_cursor: string | null;
         };
         TaskBatch: {
-            /** @description The created tasks, in the order submitted. */
+            /** @description The batch's tasks, in the order submitted. */
             tasks: components["schemas"]["Task"][];
+            /** @description Indexes (0-based, ascending) of the tasks that were not created by this request but returned as they were: an item's idempotency_key was used before, or the whole batch is a repeat under its Idempotency-Key (every index). */
+            replayed: number[];
         };
         /** @description The task as read with the event, and the event itself (its own kind, state, attempt and time). event is null in the first message of a stream opened without Last-Event-ID, which is the state when the stream opened. */
         TaskEvent: {
@@ -663,12 +665,12 @@ export interface components {
         /** @description A task to run now, or at scheduled_at. */
         TaskInput: {
             /**
-             * @description Shell command, run with `sh -c`. Not blank, no NUL byte, at most 65536 characters.
+             * @description Shell command, run with `sh -c`. Not blank, no NUL byte, at most 65536 bytes (UTF-8).
              * @example echo hello
              */
             command: string;
             /**
-             * @description When the task becomes due: an RFC 3339 date-time with a time zone (`Z` or `±hh:mm`), years 1970-9999. A time in the past runs at once.
+             * @description When the task becomes due: an RFC 3339 date-time with a time zone (`Z` or `±hh:mm`), any fraction of a second (kept to the millisecond), a leap second (`23:59:60Z`, read as the next second), from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999Z. A time in the past, however far, runs at once.
              * @example 2023-04-01T15:04:05Z
              */
             scheduled_at?: string;
@@ -684,14 +686,14 @@ export interface components {
             secret_env?: {
                 [key: string]: string;
             };
-            /** @description Absolute working directory on the worker. Defaults to the worker's own. */
+            /** @description Absolute working directory on the worker, at most 4096 bytes. Defaults to the worker's own. */
             cwd?: string;
             retry?: components["schemas"]["RetryPolicy"];
         };
         /** @description A task to run as soon as a worker is free. */
         SubmitInput: {
             /**
-             * @description Shell command, run with `sh -c`. Not blank, no NUL byte, at most 65536 characters.
+             * @description Shell command, run with `sh -c`. Not blank, no NUL byte, at most 65536 bytes (UTF-8).
              * @example echo hello
              */
             command: string;
@@ -707,19 +709,19 @@ export interface components {
             secret_env?: {
                 [key: string]: string;
             };
-            /** @description Absolute working directory on the worker. Defaults to the worker's own. */
+            /** @description Absolute working directory on the worker, at most 4096 bytes. Defaults to the worker's own. */
             cwd?: string;
             retry?: components["schemas"]["RetryPolicy"];
         };
         /** @description A task to run at scheduled_at (required). */
         ScheduleInput: {
             /**
-             * @description Shell command, run with `sh -c`. Not blank, no NUL byte, at most 65536 characters.
+             * @description Shell command, run with `sh -c`. Not blank, no NUL byte, at most 65536 bytes (UTF-8).
              * @example echo hello
              */
             command: string;
             /**
-             * @description When the task becomes due: an RFC 3339 date-time with a time zone (`Z` or `±hh:mm`), years 1970-9999. A time in the past runs at once.
+             * @description When the task becomes due: an RFC 3339 date-time with a time zone (`Z` or `±hh:mm`), any fraction of a second (kept to the millisecond), a leap second (`23:59:60Z`, read as the next second), from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999Z. A time in the past, however far, runs at once.
              * @example 2023-04-01T15:04:05Z
              */
             scheduled_at: string;
@@ -731,8 +733,38 @@ export interface components {
         };
         /** @description Tasks submitted in one statement: all are created, or none. */
         BatchInput: {
-            /** @description The tasks, in the full form of POST /tasks. */
-            tasks: components["schemas"]["TaskInput"][];
+            /** @description The tasks, at least one. */
+            tasks: components["schemas"]["BatchItemInput"][];
+        };
+        /** @description A task of a batch: the full form of POST /tasks, with an optional idempotency_key. */
+        BatchItemInput: {
+            /**
+             * @description Shell command, run with `sh -c`. Not blank, no NUL byte, at most 65536 bytes (UTF-8).
+             * @example echo hello
+             */
+            command: string;
+            /**
+             * @description When the task becomes due: an RFC 3339 date-time with a time zone (`Z` or `±hh:mm`), any fraction of a second (kept to the millisecond), a leap second (`23:59:60Z`, read as the next second), from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999Z. A time in the past, however far, runs at once.
+             * @example 2023-04-01T15:04:05Z
+             */
+            scheduled_at?: string;
+            /** @description Kill the command after this many milliseconds; 0 means no timeout. Defaults to 0. */
+            timeout_ms?: number;
+            /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
+            max_attempts?: number;
+            /** @description Extra environment variables: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes. */
+            env?: {
+                [key: string]: string;
+            };
+            /** @description Environment variables passed to the process but never returned by any API, event stream or log: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes. */
+            secret_env?: {
+                [key: string]: string;
+            };
+            /** @description Absolute working directory on the worker, at most 4096 bytes. Defaults to the worker's own. */
+            cwd?: string;
+            retry?: components["schemas"]["RetryPolicy"];
+            /** @description This task's own idempotency key (visible ASCII, at most 255 bytes): when it was used before, the original task is returned in its place (its index listed in `replayed`); with a different request, the batch is a 409. */
+            idempotency_key?: string;
         };
         /** @description What is retried while attempts remain (max_attempts), and the exponential backoff (with jitter) between attempts. */
         RetryPolicy: {
@@ -742,9 +774,9 @@ export interface components {
             on_timeout?: boolean;
             /** @description Retry when the worker died, froze or was cut off (at once). Defaults to true. */
             on_lost?: boolean;
-            /** @description Backoff before the second attempt, doubling after each further one. Defaults to TQ_RETRY_BACKOFF_BASE_MS. */
+            /** @description Backoff before the second attempt, doubling after each further one. Defaults to TQ_RETRY_BACKOFF_BASE_MS, or to backoff_cap_ms when that is lower. */
             backoff_base_ms?: number;
-            /** @description Longest backoff between attempts. Defaults to TQ_RETRY_BACKOFF_CAP_MS. */
+            /** @description Longest backoff between attempts, at least backoff_base_ms (400 otherwise). Defaults to TQ_RETRY_BACKOFF_CAP_MS, or to backoff_base_ms when that is higher. */
             backoff_cap_ms?: number;
         };
     };
@@ -1294,7 +1326,9 @@ export interface operations {
     submitTasks: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                "idempotency-key"?: string;
+            };
             path?: never;
             cookie?: never;
         };

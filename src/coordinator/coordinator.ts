@@ -5,6 +5,7 @@ import { hostname } from "node:os";
 import * as grpc from "@grpc/grpc-js";
 import { createApp } from "../api";
 import type { ApiDeps } from "../api/deps";
+import { SERVER_MAX_REQUEST_BODY_SIZE } from "../api/errors";
 import { checkReady } from "../api/service";
 import { Authenticator } from "../auth/authenticator";
 import { checkExposure } from "../auth/exposure";
@@ -149,7 +150,7 @@ export class Coordinator {
     this.app.listen({
       hostname: config.TQ_HOST,
       port: config.TQ_COORDINATOR_PORT,
-      maxRequestBodySize: config.TQ_MAX_BODY_BYTES,
+      maxRequestBodySize: SERVER_MAX_REQUEST_BODY_SIZE,
       tls: httpTls(config),
     });
     this.httpPort = this.app.server?.port ?? config.TQ_COORDINATOR_PORT;

@@ -31,7 +31,7 @@ import {
   type WatchTaskResponse,
   WatchTaskResponseSchema,
 } from "../gen/taskqueue/v1/task_service_pb";
-import { attemptToProto, eventToProto, fromTimestamp, stateFromProto, taskToProto } from "../rpc/convert";
+import { attemptToProto, clientTimestamp, eventToProto, stateFromProto, taskToProto } from "../rpc/convert";
 import { toServiceError } from "../rpc/status";
 import { invalidArgument } from "../task/errors";
 import { parseIdempotencyKey, toTaskSpec } from "../task/spec";
@@ -63,11 +63,8 @@ function unary<Req, Res>(
 /** The REST full form of a SubmitTaskRequest, so both transports validate alike. */
 function submitInput(request: SubmitTaskRequest): Record<string, unknown> {
   const input: Record<string, unknown> = { command: request.command };
-  const scheduledAt = fromTimestamp(request.scheduledAt);
-  if (scheduledAt) {
-    if (Number.isNaN(scheduledAt.getTime())) throw invalidArgument("scheduled_at", "scheduled_at is not a valid time");
-    input.scheduled_at = scheduledAt.toISOString();
-  }
+  const scheduledAt = clientTimestamp(request.scheduledAt, "scheduled_at");
+  if (scheduledAt) input.scheduled_at = scheduledAt.toISOString();
   if (request.timeoutMs !== 0) input.timeout_ms = request.timeoutMs;
   if (request.maxAttempts !== 0) input.max_attempts = request.maxAttempts;
   if (Object.keys(request.env).length > 0) input.env = request.env;

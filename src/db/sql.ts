@@ -25,7 +25,20 @@ export function connect(url: string, options: ConnectOptions = {}): Sql {
     backoff: (retries: number) => Math.min(1, 0.05 * 2 ** retries) * (0.5 + Math.random() / 2),
     onnotice: () => {},
     connection: { application_name: options.applicationName ?? "task-queue" },
+    types: { date: { to: 1184, from: [1082, 1114, 1184], serialize: (date: Date) => date.toISOString(), parse: parseTimestamp } },
   });
+}
+
+/**
+ * A date/time column's text as a Date. postgres.js would take `new Date(text)`, which reads
+ * PostgreSQL's "0050-01-01 00:00:00+00" as 1950 (years 1-99 as two-digit years); read as ISO
+ * in UTC, the year is taken as written, and the offset (±hh, ±hh:mm or ±hh:mm:ss) applied.
+ */
+export function parseTimestamp(text: string): Date {
+  const m = /^(00\d\d-\d\d-\d\d) (\d\d:\d\d:\d\d(?:\.\d+)?)(?:([+-])(\d\d)(?::(\d\d))?(?::(\d\d))?)?$/.exec(text);
+  if (!m) return new Date(text);
+  const offsetSeconds = (m[3] === "-" ? -1 : 1) * (Number(m[4] ?? 0) * 3600 + Number(m[5] ?? 0) * 60 + Number(m[6] ?? 0));
+  return new Date(Date.parse(`${m[1]}T${m[2]}Z`) - offsetSeconds * 1000);
 }
 
 /** Resolves when the database answers a trivial query (readiness). */

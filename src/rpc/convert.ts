@@ -16,6 +16,7 @@ import {
 } from "../gen/taskqueue/v1/task_pb";
 import { Outcome, type TaskFinished } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Attempt, AttemptOutcome } from "../task/attempt";
+import { invalidArgument } from "../task/errors";
 import { isTaskState, type TaskState } from "../task/state";
 import type { AttemptResult, Task } from "../task/task";
 
@@ -44,6 +45,29 @@ export function stateFromProto(state: PbTaskState): TaskState | undefined {
 
 export const toTimestamp = (date: Date | null): Timestamp | undefined => (date ? timestampFromDate(date) : undefined);
 export const fromTimestamp = (timestamp: Timestamp | undefined): Date | null => (timestamp ? timestampDate(timestamp) : null);
+
+/** google.protobuf.Timestamp's own range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z. */
+const MIN_SECONDS = -62_135_596_800n;
+const MAX_SECONDS = 253_402_300_799n;
+
+/**
+ * A client's Timestamp as a Date, refused (invalid_argument naming `field`) when it breaks the
+ * type's rules: nanos in 0..999,999,999 and seconds within years 1-9999. timestampDate would
+ * carry out-of-range nanos into the seconds (2e9 nanos: 2 s later).
+ */
+export function clientTimestamp(timestamp: Timestamp | undefined, field: string): Date | null {
+  if (!timestamp) return null;
+  if (!Number.isInteger(timestamp.nanos) || timestamp.nanos < 0 || timestamp.nanos > 999_999_999) {
+    throw invalidArgument(field, `${field}.nanos must be from 0 to 999999999; it is ${timestamp.nanos}`);
+  }
+  if (timestamp.seconds < MIN_SECONDS || timestamp.seconds > MAX_SECONDS) {
+    throw invalidArgument(
+      field,
+      `${field}.seconds must be from ${MIN_SECONDS} to ${MAX_SECONDS} (0001-01-01 to 9999-12-31); it is ${timestamp.seconds}`,
+    );
+  }
+  return timestampDate(timestamp);
+}
 
 export function taskToProto(task: Task): PbTask {
   return create(TaskSchema, {

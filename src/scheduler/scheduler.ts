@@ -2,6 +2,7 @@
 // coordinators) and answers status; it holds no workers, so any number of replicas can run.
 
 import { createApp } from "../api";
+import { SERVER_MAX_REQUEST_BODY_SIZE } from "../api/errors";
 import { Authenticator } from "../auth/authenticator";
 import { checkExposure } from "../auth/exposure";
 import type { Config } from "../config";
@@ -48,7 +49,7 @@ export class Scheduler {
     this.app.listen({
       hostname: this.config.TQ_HOST,
       port: this.config.TQ_SCHEDULER_PORT,
-      maxRequestBodySize: this.config.TQ_MAX_BODY_BYTES,
+      maxRequestBodySize: SERVER_MAX_REQUEST_BODY_SIZE,
       tls: httpTls(this.config),
     });
     const url = `${httpScheme(this.config)}://${this.config.TQ_HOST}:${this.app.server?.port ?? this.config.TQ_SCHEDULER_PORT}`;

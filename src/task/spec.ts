@@ -10,31 +10,35 @@ import type { Config } from "../config";
 import { invalidArgument, TaskQueueError } from "./errors";
 import type { TaskSpec } from "./task";
 
-export const MAX_COMMAND_LENGTH = 65_536;
+export const MAX_COMMAND_BYTES = 65_536;
 /** Seven days. */
 export const MAX_TIMEOUT_MS = 604_800_000;
 export const MAX_ATTEMPTS_LIMIT = 100;
 export const MAX_ENV_ENTRIES = 256;
 export const MAX_ENV_VALUE_BYTES = 32 * 1024;
-export const MAX_CWD_LENGTH = 4096;
+export const MAX_CWD_BYTES = 4096;
 /** One day. */
 export const MAX_BACKOFF_MS = 86_400_000;
-export const MAX_IDEMPOTENCY_KEY_LENGTH = 255;
+export const MAX_IDEMPOTENCY_KEY_BYTES = 255;
 export const ENV_KEY_PATTERN = "^[A-Za-z_][A-Za-z0-9_]*$";
 
 const EXAMPLE_TIME = "2023-04-01T15:04:05Z";
 
+// Every string limit here counts UTF-8 bytes (checked in buildSpec). A schema's maxLength
+// counts UTF-16 code units, never more than the bytes, so it is a bound that refuses nothing
+// valid; it stays for the document and to stop a huge string early.
 const Command = Type.String({
   minLength: 1,
-  maxLength: MAX_COMMAND_LENGTH,
-  description: `Shell command, run with \`sh -c\`. Not blank, no NUL byte, at most ${MAX_COMMAND_LENGTH} characters.`,
+  maxLength: MAX_COMMAND_BYTES,
+  description: `Shell command, run with \`sh -c\`. Not blank, no NUL byte, at most ${MAX_COMMAND_BYTES} bytes (UTF-8).`,
   examples: ["echo hello"],
 });
 
 const ScheduledAt = Type.String({
   description:
-    "When the task becomes due: an RFC 3339 date-time with a time zone (`Z` or `±hh:mm`), years 1970-9999. " +
-    "A time in the past runs at once.",
+    "When the task becomes due: an RFC 3339 date-time with a time zone (`Z` or `±hh:mm`), any fraction of a second " +
+    "(kept to the millisecond), a leap second (`23:59:60Z`, read as the next second), from 0001-01-01T00:00:00Z to " +
+    "9999-12-31T23:59:59.999Z. A time in the past, however far, runs at once.",
   examples: [EXAMPLE_TIME],
 });
 
@@ -68,8 +72,8 @@ const runOptions = {
   cwd: Type.Optional(
     Type.String({
       minLength: 1,
-      maxLength: MAX_CWD_LENGTH,
-      description: "Absolute working directory on the worker. Defaults to the worker's own.",
+      maxLength: MAX_CWD_BYTES,
+      description: `Absolute working directory on the worker, at most ${MAX_CWD_BYTES} bytes. Defaults to the worker's own.`,
     }),
   ),
   retry: Type.Optional(
@@ -87,14 +91,17 @@ const runOptions = {
             minimum: 0,
             maximum: MAX_BACKOFF_MS,
             description:
-              "Backoff before the second attempt, doubling after each further one. Defaults to TQ_RETRY_BACKOFF_BASE_MS.",
+              "Backoff before the second attempt, doubling after each further one. Defaults to TQ_RETRY_BACKOFF_BASE_MS, " +
+              "or to backoff_cap_ms when that is lower.",
           }),
         ),
         backoff_cap_ms: Type.Optional(
           Type.Integer({
             minimum: 0,
             maximum: MAX_BACKOFF_MS,
-            description: "Longest backoff between attempts. Defaults to TQ_RETRY_BACKOFF_CAP_MS.",
+            description:
+              "Longest backoff between attempts, at least backoff_base_ms (400 otherwise). Defaults to " +
+              "TQ_RETRY_BACKOFF_CAP_MS, or to backoff_base_ms when that is higher.",
           }),
         ),
       },
@@ -145,9 +152,26 @@ export function toTaskSpec(input: unknown, config: SpecConfig): TaskSpec {
   return buildSpec(body, scheduledAt, config);
 }
 
+/** One task of a batch: the full form, and its own idempotency key. */
+export const BatchItemInput = Type.Object(
+  {
+    ...TaskInput.properties,
+    idempotency_key: Type.Optional(
+      Type.String({
+        maxLength: MAX_IDEMPOTENCY_KEY_BYTES,
+        description:
+          "This task's own idempotency key (visible ASCII, at most 255 bytes): when it was used before, the original task " +
+          "is returned in its place (its index listed in `replayed`); with a different request, the batch is a 409.",
+      }),
+    ),
+  },
+  { ...strict, description: "A task of a batch: the full form of POST /tasks, with an optional idempotency_key." },
+);
+export type BatchItemInput = Static<typeof BatchItemInput>;
+
 /** `POST /tasks/batch`: many full-form tasks at once. */
 export const BatchInput = Type.Object(
-  { tasks: Type.Array(TaskInput, { minItems: 1, description: "The tasks, in the full form of POST /tasks." }) },
+  { tasks: Type.Array(BatchItemInput, { minItems: 1, description: "The tasks, at least one." }) },
   { ...strict, description: "Tasks submitted in one statement: all are created, or none." },
 );
 export type BatchInput = Static<typeof BatchInput>;
@@ -165,10 +189,15 @@ export function toBatchSpecs(input: unknown, config: SpecConfig, maxBatch: numbe
       "tasks",
     );
   }
+  if (Array.isArray(count) && count.length === 0) {
+    throw invalidArgument("tasks", `tasks is empty; a batch holds 1 to ${maxBatch} tasks`);
+  }
   const body = checkSchema(BatchInput, input);
-  return body.tasks.map((task, i) => {
+  return body.tasks.map(({ idempotency_key: key, ...task }, i) => {
     try {
-      return toTaskSpec(task, config);
+      const spec = toTaskSpec(task, config);
+      spec.idempotencyKey = parseIdempotencyKey(key, "idempotency_key");
+      return spec;
     } catch (error) {
       if (error instanceof TaskQueueError && error.field !== undefined) {
         throw invalidArgument(`tasks[${i}].${error.field}`, `tasks[${i}]: ${error.message}`);
@@ -200,6 +229,7 @@ export function toScheduleSpec(input: unknown, config: SpecConfig): TaskSpec {
 function buildSpec(body: SubmitInput, scheduledAt: Date | null, config: SpecConfig): TaskSpec {
   if (body.command.trim() === "") throw invalidArgument("command", "command must not be blank");
   if (body.command.includes("\0")) throw invalidArgument("command", "command must not contain a NUL byte");
+  checkBytes("command", body.command, MAX_COMMAND_BYTES);
   const env = body.env ?? {};
   const secretEnv = body.secret_env ?? {};
   for (const [field, values] of [
@@ -208,9 +238,7 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, config: SpecConf
   ] as const) {
     for (const [key, value] of Object.entries(values)) {
       if (value.includes("\0")) throw invalidArgument(`${field}.${key}`, `${field}.${key} must not contain a NUL byte`);
-      if (Buffer.byteLength(value, "utf8") > MAX_ENV_VALUE_BYTES) {
-        throw invalidArgument(`${field}.${key}`, `${field}.${key} must be at most ${MAX_ENV_VALUE_BYTES} bytes`);
-      }
+      checkBytes(`${field}.${key}`, value, MAX_ENV_VALUE_BYTES);
     }
   }
   const both = Object.keys(env).length + Object.keys(secretEnv).length;
@@ -221,8 +249,19 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, config: SpecConf
   if (cwd !== null) {
     if (!cwd.startsWith("/")) throw invalidArgument("cwd", "cwd must be an absolute path");
     if (cwd.includes("\0")) throw invalidArgument("cwd", "cwd must not contain a NUL byte");
+    checkBytes("cwd", cwd, MAX_CWD_BYTES);
   }
   const retry = body.retry ?? {};
+  // A default never contradicts what the client sent: an explicit base above the default cap
+  // lifts the cap to it, an explicit cap below the default base lowers the base to it.
+  const backoffBaseMs = retry.backoff_base_ms ?? Math.min(config.TQ_RETRY_BACKOFF_BASE_MS, retry.backoff_cap_ms ?? Infinity);
+  const backoffCapMs = retry.backoff_cap_ms ?? Math.max(config.TQ_RETRY_BACKOFF_CAP_MS, backoffBaseMs);
+  if (backoffCapMs < backoffBaseMs) {
+    throw invalidArgument(
+      "retry.backoff_cap_ms",
+      `retry.backoff_cap_ms (${backoffCapMs}) must be at least retry.backoff_base_ms (${backoffBaseMs})`,
+    );
+  }
   return {
     command: body.command,
     scheduledAt,
@@ -235,11 +274,17 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, config: SpecConf
       onFailure: retry.on_failure ?? true,
       onTimeout: retry.on_timeout ?? true,
       onLost: retry.on_lost ?? true,
-      backoffBaseMs: retry.backoff_base_ms ?? config.TQ_RETRY_BACKOFF_BASE_MS,
-      backoffCapMs: retry.backoff_cap_ms ?? config.TQ_RETRY_BACKOFF_CAP_MS,
+      backoffBaseMs,
+      backoffCapMs,
     },
     idempotencyKey: null,
   };
+}
+
+/** A string limit, in UTF-8 bytes. */
+function checkBytes(field: string, value: string, limit: number): void {
+  const bytes = Buffer.byteLength(value, "utf8");
+  if (bytes > limit) throw invalidArgument(field, `${field} must be at most ${limit} bytes (UTF-8); it has ${bytes}`);
 }
 
 /**
@@ -248,22 +293,25 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, config: SpecConf
  */
 export function parseIdempotencyKey(value: string | null | undefined, field = "Idempotency-Key"): string | null {
   if (value === null || value === undefined || value === "") return null;
-  if (value.length > MAX_IDEMPOTENCY_KEY_LENGTH) {
-    throw invalidArgument(field, `${field} must be at most ${MAX_IDEMPOTENCY_KEY_LENGTH} characters`);
-  }
+  checkBytes(field, value, MAX_IDEMPOTENCY_KEY_BYTES);
   if (!/^[\x21-\x7e]+$/.test(value)) throw invalidArgument(field, `${field} must be visible ASCII characters without spaces`);
   return value;
 }
 
 const RFC3339 = /^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:[Zz]|([+-])(\d{2}):(\d{2}))$/;
 const ZONELESS = /^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?$/;
-const MIN_TIME = Date.UTC(1970, 0, 1);
-const MAX_TIME = Date.UTC(10_000, 0, 1);
+/** google.protobuf.Timestamp's range, and what PostgreSQL and RFC 3339 (in UTC) both hold. */
+/** 0001-01-01T00:00:00Z. */
+export const MIN_TIME_MS = -62_135_596_800_000;
+/** 9999-12-31T23:59:59.999Z. */
+export const MAX_TIME_MS = 253_402_300_799_999;
+const RANGE = "from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999Z";
 
 /**
  * Parses an RFC 3339 date-time that states its time zone. A time without one would be read in
  * the server's zone, which differs between replicas, so it is refused rather than guessed.
- * Fractions below a millisecond are dropped (the column keeps milliseconds).
+ * Fractions below a millisecond are dropped (the column keeps milliseconds); a leap second
+ * (23:59:60 in UTC) is the second after 23:59:59, as PostgreSQL reads it.
  */
 export function parseScheduledAt(value: string, field: string): Date {
   const m = RFC3339.exec(value);
@@ -275,11 +323,10 @@ export function parseScheduledAt(value: string, field: string): Date {
   }
   const [year, month, day, hour, minute, second] = m.slice(1, 7).map(Number) as [number, number, number, number, number, number];
   const millis = Number((m[7] ?? "").padEnd(3, "0").slice(0, 3));
-  if (year < 1970 || year > 9999) throw invalidArgument(field, `${field} year must be between 1970 and 9999`);
   if (month < 1 || month > 12 || day < 1 || day > daysInMonth(year, month)) {
     throw invalidArgument(field, `${field} is not a calendar date: ${m[1]}-${m[2]}-${m[3]}`);
   }
-  if (hour > 23 || minute > 59 || second > 59) {
+  if (hour > 23 || minute > 59 || second > 60) {
     throw invalidArgument(field, `${field} is not a time of day: ${m[4]}:${m[5]}:${m[6]}`);
   }
   let offsetMinutes = 0;
@@ -289,13 +336,26 @@ export function parseScheduledAt(value: string, field: string): Date {
     if (offsetHours > 23 || offsetMins > 59) throw invalidArgument(field, `${field} has an invalid time zone offset`);
     offsetMinutes = (m[8] === "-" ? -1 : 1) * (offsetHours * 60 + offsetMins);
   }
-  const time = Date.UTC(year, month - 1, day, hour, minute, second, millis) - offsetMinutes * 60_000;
-  if (time < MIN_TIME || time >= MAX_TIME) throw invalidArgument(field, `${field} year must be between 1970 and 9999`);
+  // Date.UTC would read years 0-99 as 1900-1999.
+  const date = new Date(0);
+  date.setUTCFullYear(year, month - 1, day);
+  date.setUTCHours(hour, minute, Math.min(second, 59), millis);
+  let time = date.getTime() - offsetMinutes * 60_000;
+  if (second === 60) {
+    const utc = new Date(time);
+    if (utc.getUTCHours() !== 23 || utc.getUTCMinutes() !== 59) {
+      throw invalidArgument(field, `${field} is not a time of day: ${m[4]}:${m[5]}:60 (a leap second is 23:59:60 in UTC)`);
+    }
+    time += 1000;
+  }
+  if (year === 0 || time < MIN_TIME_MS || time > MAX_TIME_MS) throw invalidArgument(field, `${field} must be ${RANGE}`);
   return new Date(time);
 }
 
 function daysInMonth(year: number, month: number): number {
-  return new Date(Date.UTC(year, month, 0)).getUTCDate();
+  const date = new Date(0);
+  date.setUTCFullYear(year, month, 0);
+  return date.getUTCDate();
 }
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
@@ -347,13 +407,13 @@ export function describeValueError(error: ValueError, root: string): { field: st
     .split("/")
     .slice(1)
     .map((s) => s.replace(/~1/g, "/").replace(/~0/g, "~"));
-  const field = segments.join(".") || root;
+  const field = fieldPath(segments) || root;
   const schema = error.schema as Record<string, unknown>;
   switch (error.type) {
     case ValueErrorType.ObjectRequiredProperty:
       return { field, message: `${field} is required` };
     case ValueErrorType.ObjectAdditionalProperties: {
-      const parent = segments.slice(0, -1).join(".");
+      const parent = fieldPath(segments.slice(0, -1));
       const key = segments.at(-1) ?? "";
       const keyPattern = Object.keys((schema.patternProperties as object | undefined) ?? {})[0];
       if (keyPattern !== undefined && parent !== "") {
@@ -366,6 +426,15 @@ export function describeValueError(error: ValueError, root: string): { field: st
     default:
       return { field, message: `${field} ${describeRule(schema) ?? `is invalid: ${error.message}`}` };
   }
+}
+
+/** `tasks[3].env.A`: an array index in brackets, the form the batch's own checks name. */
+function fieldPath(segments: readonly string[]): string {
+  return segments.reduce((path, segment) => {
+    if (/^\d+$/.test(segment) && path !== "" && !/\.(env|secret_env)$|^(env|secret_env)$/.test(path))
+      return `${path}[${segment}]`;
+    return path === "" ? segment : `${path}.${segment}`;
+  }, "");
 }
 
 /** The rule a schema states, as "must be ...", or null when it has no simple wording. */
@@ -392,7 +461,8 @@ function describeRule(schema: Record<string, unknown>): string | null {
       const longest = schema.maxLength as number | undefined;
       let rule = shortest === 1 ? "must be a non-empty string" : "must be a string";
       if (shortest > 1) rule += ` of at least ${shortest} characters`;
-      if (longest !== undefined) rule += `${shortest > 1 ? " and" : ""} of at most ${longest} characters`;
+      // Every maxLength here stands for a limit in bytes (see Command).
+      if (longest !== undefined) rule += `${shortest > 1 ? " and" : ""} of at most ${longest} bytes (UTF-8)`;
       if (schema.pattern !== undefined) rule += ` matching ${String(schema.pattern)}`;
       return rule;
     }
@@ -402,8 +472,13 @@ function describeRule(schema: Record<string, unknown>): string | null {
       return `must be a number${range}`;
     case "boolean":
       return "must be true or false";
-    case "array":
-      return "must be an array";
+    case "array": {
+      const fewest = schema.minItems as number | undefined;
+      const most = schema.maxItems as number | undefined;
+      if (fewest !== undefined && most !== undefined) return `must be an array of ${fewest} to ${most} items`;
+      if (fewest !== undefined) return `must be an array of at least ${fewest} item${fewest === 1 ? "" : "s"}`;
+      return most === undefined ? "must be an array" : `must be an array of at most ${most} items`;
+    }
     case "object": {
       const most = schema.maxProperties as number | undefined;
       return `must be a JSON object${most === undefined ? "" : ` with at most ${most} entries`}`;

@@ -1,6 +1,7 @@
 // gRPC round trips against a real coordinator (in this process) on a real database: the
 // TaskService a client uses, and the WorkerService stream a worker speaks, driven by hand.
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { connect } from "node:net";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import * as grpc from "@grpc/grpc-js";
@@ -139,6 +140,52 @@ describe("TaskService", () => {
     expect(await failure(call("submitTask", { command: "" }))).toBe(grpc.status.INVALID_ARGUMENT);
     expect(await failure(call("submitTask", { command: "x\u0000y" }))).toBe(grpc.status.INVALID_ARGUMENT);
     expect(await failure(call("listTasks", { state: 99 }))).toBe(grpc.status.INVALID_ARGUMENT);
+  });
+
+  test("a Timestamp out of its range is INVALID_ARGUMENT, never moved; every year from 0001 is kept", async () => {
+    const before = await db.sql<{ n: number }[]>`SELECT count(*)::int AS n FROM tasks`;
+    for (const scheduledAt of [
+      { seconds: 1_900_000_000n, nanos: 2_000_000_000 },
+      { seconds: 1_900_000_000n, nanos: -1 },
+      { seconds: 253_402_300_800n, nanos: 0 },
+      { seconds: -62_135_596_801n, nanos: 0 },
+    ]) {
+      expect(await failure(call("submitTask", { command: "echo when", scheduledAt }))).toBe(grpc.status.INVALID_ARGUMENT);
+    }
+    const after = await db.sql<{ n: number }[]>`SELECT count(*)::int AS n FROM tasks`;
+    expect(after[0]?.n).toBe(before[0]?.n);
+    for (const iso of ["0001-01-01T00:00:00.000Z", "1969-07-20T20:17:40.999Z", "9999-12-31T23:59:59.999Z"]) {
+      const at = new Date(iso);
+      const submitted = await call<SubmitTaskResponse>("submitTask", { command: "echo old", scheduledAt: timestampFromDate(at) });
+      // Due at once: out of the way of the hand-driven workers below.
+      await call("cancelTask", { id: submitted.task!.id });
+      const kept = submitted.task!.scheduledAt!;
+      expect({ iso, seconds: kept.seconds, nanos: kept.nanos }).toEqual({
+        iso,
+        seconds: BigInt(Math.floor(at.getTime() / 1000)),
+        nanos: (((at.getTime() % 1000) + 1000) % 1000) * 1_000_000,
+      });
+    }
+  });
+
+  test("the coordinator's HTTP port answers a body over the limit with the JSON 413", async () => {
+    const { port } = new URL(coordinator.info().httpUrl);
+    const answer = await new Promise<string>((resolve, reject) => {
+      const socket = connect(Number(port), "127.0.0.1", () =>
+        socket.write("POST /submit HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2000000\r\n\r\n"),
+      );
+      let text = "";
+      socket.on("data", (data) => {
+        text += data.toString();
+        if (text.includes("}}")) {
+          socket.destroy();
+          resolve(text);
+        }
+      });
+      socket.on("error", reject);
+    });
+    expect(answer).toStartWith("HTTP/1.1 413");
+    expect(answer).toContain('{"error":{"code":"payload_too_large","message":"request body is larger than 1048576 bytes');
   });
 
   test("WatchTask sends the current state first, then each change until a final state", async () => {

@@ -2,6 +2,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, setDefaultTimeout, t
 import pino from "pino";
 import type { ApiDeps } from "../../src/api/deps";
 import { createApp } from "../../src/api/index";
+import { HTTP_ERROR_CODES } from "../../src/api/model";
 import { loadConfig } from "../../src/config";
 import { TaskChangeFeed } from "../../src/db/notify";
 import { connect, type Sql } from "../../src/db/sql";
@@ -41,7 +42,7 @@ afterAll(async () => {
 });
 
 beforeEach(async () => {
-  await db.sql`TRUNCATE tasks, task_events, task_attempts, workers`;
+  await db.sql`TRUNCATE tasks, task_events, task_attempts, workers, task_batches`;
 });
 
 interface Answer {
@@ -331,12 +332,44 @@ describe("POST /submit and POST /tasks", () => {
       /calendar/,
     ],
     [
-      "a year before 1970",
-      '{"command": "x", "scheduled_at": "1900-01-01T00:00:00Z"}',
+      "the year 0000",
+      '{"command": "x", "scheduled_at": "0000-12-31T23:59:59Z"}',
       400,
       "invalid_argument",
       "scheduled_at",
-      /1970/,
+      /from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999Z/,
+    ],
+    [
+      "a backoff cap below its base",
+      '{"command": "x", "retry": {"backoff_base_ms": 5000, "backoff_cap_ms": 1000}}',
+      400,
+      "invalid_argument",
+      "retry.backoff_cap_ms",
+      /backoff_cap_ms \(1000\) must be at least retry.backoff_base_ms \(5000\)/,
+    ],
+    [
+      "a command over 64 KiB in UTF-8 bytes, though under 65536 characters",
+      JSON.stringify({ command: "é".repeat(40_000) }),
+      400,
+      "invalid_argument",
+      "command",
+      /at most 65536 bytes \(UTF-8\); it has 80000/,
+    ],
+    [
+      "a cwd over 4096 bytes",
+      JSON.stringify({ command: "x", cwd: `/${"€".repeat(2000)}` }),
+      400,
+      "invalid_argument",
+      "cwd",
+      /at most 4096 bytes/,
+    ],
+    [
+      "a secret_env value over 32 KiB in bytes",
+      JSON.stringify({ command: "x", secret_env: { K: "😀".repeat(9000) } }),
+      400,
+      "invalid_argument",
+      "secret_env.K",
+      /at most 32768 bytes/,
     ],
     ["a numeric scheduled_at", '{"command": "x", "scheduled_at": 1680361445}', 400, "invalid_argument", "scheduled_at", /string/],
     ["a string timeout", '{"command": "x", "timeout_ms": "10"}', 400, "invalid_argument", "timeout_ms", /integer/],
@@ -734,7 +767,7 @@ describe("health and documentation", () => {
 
   test("an unknown route is a JSON 404", async () => {
     expectError(await call("GET", "/nope"), 404, "not_found", undefined, /GET \/nope/);
-    expectError(await call("DELETE", "/tasks"), 404, "not_found", undefined);
+    expectError(await call("DELETE", "/tasks/x/y"), 404, "not_found", undefined);
   });
 });
 
@@ -824,6 +857,12 @@ describe("Idempotency-Key", () => {
       { headers: { "idempotency-key": "s-1" } },
     );
     expect(scheduleAgain.json.task_id).toBe(viaSchedule.json.task_id);
+    // The seed's 200 and shape both times; only the header tells the replay apart.
+    expect(viaSchedule.status).toBe(200);
+    expect(viaSchedule.headers.get("idempotent-replayed")).toBeNull();
+    expect(scheduleAgain.status).toBe(200);
+    expect(scheduleAgain.headers.get("idempotent-replayed")).toBe("true");
+    expect(scheduleAgain.json).toEqual(viaSchedule.json);
     const count = await db.sql<{ n: number }[]>`SELECT count(*)::int AS n FROM tasks`;
     expect(count[0]?.n).toBe(2);
   });
@@ -876,8 +915,7 @@ describe("POST /tasks/batch", () => {
     });
     expectError(bad, 400, "invalid_argument", "tasks[1].scheduled_at", /time zone/);
     const empty = await post("/tasks/batch", { tasks: [] });
-    expect(empty.status).toBe(400);
-    expect(empty.json.error.field).toMatch(/^tasks/);
+    expectError(empty, 400, "invalid_argument", "tasks", /tasks is empty; a batch holds 1 to 1000 tasks/);
     const count = await db.sql<{ n: number }[]>`SELECT count(*)::int AS n FROM tasks`;
     expect(count[0]?.n).toBe(0);
   });
@@ -886,5 +924,221 @@ describe("POST /tasks/batch", () => {
     const tasks = Array.from({ length: 1001 }, (_, i) => ({ command: `echo ${i}` }));
     const answer = await post("/tasks/batch", { tasks });
     expectError(answer, 413, "payload_too_large", "tasks", /at most 1000 tasks \(TQ_MAX_BATCH\)/);
+  });
+});
+
+describe("POST /tasks/batch idempotency", () => {
+  const countTasks = async () => (await db.sql<{ n: number }[]>`SELECT count(*)::int AS n FROM tasks`)[0]?.n;
+  const ids = (answer: Answer) => answer.json.tasks.map((t: { id: string }) => t.id);
+  const batch = { tasks: [{ command: "echo 1" }, { command: "echo 2", scheduled_at: "2099-01-01T00:00:00Z" }] };
+
+  test("a repeat under the same Idempotency-Key returns the same tasks with 200 and creates nothing", async () => {
+    const headers = { "idempotency-key": "batch-1" };
+    const first = await post("/tasks/batch", batch, { headers });
+    expect(first.status).toBe(201);
+    expect(first.headers.get("idempotent-replayed")).toBeNull();
+    expect(first.json.replayed).toEqual([]);
+    const again = await post("/tasks/batch", batch, { headers });
+    expect(again.status).toBe(200);
+    expect(again.headers.get("idempotent-replayed")).toBe("true");
+    expect(ids(again)).toEqual(ids(first));
+    expect(again.json.replayed).toEqual([0, 1]);
+    for (const task of again.json.tasks) expectTaskJson(task);
+    expect(await countTasks()).toBe(2);
+    // Without the key the same batch is new work.
+    expect((await post("/tasks/batch", batch)).status).toBe(201);
+    expect(await countTasks()).toBe(4);
+  });
+
+  test("the same key with a different batch is a 409 and writes nothing", async () => {
+    const headers = { "idempotency-key": "batch-2" };
+    await post("/tasks/batch", batch, { headers });
+    const longer = { tasks: [...batch.tasks, { command: "echo 3" }] };
+    expectError(await post("/tasks/batch", longer, { headers }), 409, "conflict", undefined, /different batch \(of 2 tasks\)/);
+    const changed = { tasks: [{ command: "echo 1" }, { command: "echo two" }] };
+    expectError(await post("/tasks/batch", changed, { headers }), 409, "conflict", undefined, /batch-2/);
+    expect(await countTasks()).toBe(2);
+  });
+
+  test("concurrent repeats of a keyed batch create each task once", async () => {
+    const headers = { "idempotency-key": "batch-burst" };
+    const answers = await Promise.all(Array.from({ length: 8 }, () => post("/tasks/batch", batch, { headers })));
+    expect(answers.filter((a) => a.status === 201)).toHaveLength(1);
+    expect(answers.filter((a) => a.status === 200)).toHaveLength(7);
+    expect(new Set(answers.map((a) => ids(a).join()))).toHaveLength(1);
+    expect(await countTasks()).toBe(2);
+  });
+
+  test("per-item keys: an item whose key was used returns the original task and is listed in replayed", async () => {
+    const single = await post("/tasks", { command: "echo 2" }, { headers: { "idempotency-key": "item-b" } });
+    expect(single.status).toBe(201);
+    const items = {
+      tasks: [
+        { command: "echo 1", idempotency_key: "item-a" },
+        { command: "echo 2", idempotency_key: "item-b" },
+        { command: "echo 3" },
+      ],
+    };
+    const first = await post("/tasks/batch", items);
+    expect(first.status).toBe(201);
+    expect(first.json.replayed).toEqual([1]);
+    expect(first.json.tasks[1].id).toBe(single.json.id);
+    expect(first.json.tasks.map((t: { idempotency_key: string | null }) => t.idempotency_key)).toEqual([
+      "item-a",
+      "item-b",
+      null,
+    ]);
+    expect(await countTasks()).toBe(3);
+    // Every keyed item is replayed; the unkeyed one is new.
+    const again = await post("/tasks/batch", items);
+    expect(again.status).toBe(201);
+    expect(again.json.replayed).toEqual([0, 1]);
+    expect(ids(again).slice(0, 2)).toEqual(ids(first).slice(0, 2));
+    expect(await countTasks()).toBe(4);
+    // All items replayed: nothing created, so 200 and the header.
+    const keyedOnly = await post("/tasks/batch", { tasks: items.tasks.slice(0, 2) });
+    expect(keyedOnly.status).toBe(200);
+    expect(keyedOnly.headers.get("idempotent-replayed")).toBe("true");
+    expect(keyedOnly.json.replayed).toEqual([0, 1]);
+  });
+
+  test("a batch key with per-item keys replays the tasks its items resolved to", async () => {
+    await post("/tasks", { command: "echo old" }, { headers: { "idempotency-key": "item-old" } });
+    const body = { tasks: [{ command: "echo old", idempotency_key: "item-old" }, { command: "echo new" }] };
+    const headers = { "idempotency-key": "batch-mixed" };
+    const first = await post("/tasks/batch", body, { headers });
+    expect(first.json.replayed).toEqual([0]);
+    const again = await post("/tasks/batch", body, { headers });
+    expect(again.status).toBe(200);
+    expect(ids(again)).toEqual(ids(first));
+    expect(await countTasks()).toBe(2);
+  });
+
+  test("an item key used for a different request is a 409 naming the item, and nothing of the batch is written", async () => {
+    await post("/tasks", { command: "echo original" }, { headers: { "idempotency-key": "taken" } });
+    const answer = await post("/tasks/batch", {
+      tasks: [{ command: "echo fresh" }, { command: "echo other", idempotency_key: "taken" }],
+    });
+    expectError(answer, 409, "conflict", "tasks[1].idempotency_key", /already used for a different request/);
+    expect(await countTasks()).toBe(1);
+    // The same key twice in one batch for different requests, too.
+    const twice = await post("/tasks/batch", {
+      tasks: [
+        { command: "echo a", idempotency_key: "dup" },
+        { command: "echo b", idempotency_key: "dup" },
+      ],
+    });
+    expectError(twice, 409, "conflict", "tasks[1].idempotency_key");
+    expect(await countTasks()).toBe(1);
+    // A rolled-back batch leaves its batch key free.
+    const headers = { "idempotency-key": "batch-after-conflict" };
+    expectError(
+      await post("/tasks/batch", { tasks: [{ command: "echo other", idempotency_key: "taken" }] }, { headers }),
+      409,
+      "conflict",
+      "tasks[0].idempotency_key",
+    );
+    expect((await post("/tasks/batch", batch, { headers })).status).toBe(201);
+  });
+
+  test("keys are checked like the header's, naming the item", async () => {
+    const answer = await post("/tasks/batch", { tasks: [{ command: "echo x", idempotency_key: "has spaces" }] });
+    expectError(answer, 400, "invalid_argument", "tasks[0].idempotency_key", /visible ASCII/);
+    const long = await post("/tasks/batch", { tasks: [{ command: "echo x", idempotency_key: "k".repeat(256) }] });
+    expectError(long, 400, "invalid_argument", "tasks[0].idempotency_key", /at most 255 bytes/);
+    const header = await post("/tasks/batch", batch, { headers: { "idempotency-key": "k".repeat(256) } });
+    expectError(header, 400, "invalid_argument", "Idempotency-Key", /at most 255 bytes/);
+    expect(await countTasks()).toBe(0);
+  });
+});
+
+describe("errors a client can act on", () => {
+  test("a body of another media type is 415 naming Content-Type; JSON, +json, the form type and none are read", async () => {
+    for (const type of ["text/plain", "multipart/form-data; boundary=x", "application/xml", "garbage"]) {
+      const answer = await post("/tasks", { command: "echo typed" }, { headers: { "content-type": type } });
+      expectError(answer, 415, "unsupported_media_type", "Content-Type", /application\/json/);
+    }
+    expect(await db.sql`SELECT id FROM tasks`).toHaveLength(0);
+    for (const type of [
+      "application/json",
+      "Application/JSON; charset=utf-8",
+      "application/merge-patch+json",
+      "application/x-www-form-urlencoded",
+    ]) {
+      expect((await post("/submit", { command: "echo typed" }, { headers: { "content-type": type } })).status).toBe(201);
+    }
+    const bare = await app.handle(
+      new Request("http://localhost/submit", { method: "POST", body: new Blob(['{"command":"x"}']) }),
+    );
+    expect(bare.headers.get("content-type")).toContain("json");
+    expect(bare.status).toBe(201);
+  });
+
+  test("a known path with a wrong method is 405 with Allow from the app's routes", async () => {
+    const tasks = await call("DELETE", "/tasks");
+    expectError(tasks, 405, "method_not_allowed", undefined, /DELETE is not allowed on \/tasks; allowed: GET, HEAD, POST/);
+    expect(tasks.headers.get("allow")).toBe("GET, HEAD, POST");
+    expect((await call("PUT", "/schedule")).headers.get("allow")).toBe("POST");
+    // /tasks/batch is also /tasks/:id, which GET serves.
+    expect((await call("PUT", "/tasks/batch")).headers.get("allow")).toBe("GET, HEAD, POST");
+    expect((await call("POST", `/tasks/${newTaskId()}`)).headers.get("allow")).toBe("GET, HEAD");
+    expect((await call("GET", `/tasks/${newTaskId()}/cancel`)).headers.get("allow")).toBe("POST");
+    expect((await call("PATCH", "/healthz")).status).toBe(405);
+    // The table is the app's own: a route added to it is allowed at once.
+    const extended = createApp(depsFor(db.sql, { feed })).delete("/tasks", () => "gone");
+    expect((await call("PUT", "/tasks", { on: extended })).headers.get("allow")).toBe("DELETE, GET, HEAD, POST");
+  });
+
+  test("201 carries the new task's Location; a replay's 200 does not", async () => {
+    for (const path of ["/submit", "/tasks"]) {
+      const created = await post(path, { command: "echo here" });
+      expect(created.status).toBe(201);
+      expect(created.headers.get("location")).toBe(`/tasks/${created.json.id}`);
+      const fetched = await call("GET", created.headers.get("location")!);
+      expect(fetched.json.id).toBe(created.json.id);
+    }
+    const headers = { "idempotency-key": "located" };
+    await post("/tasks", { command: "echo here" }, { headers });
+    const replay = await post("/tasks", { command: "echo here" }, { headers });
+    expect(replay.status).toBe(200);
+    expect(replay.headers.get("location")).toBeNull();
+  });
+
+  test("every valid RFC 3339 time is accepted and kept to the millisecond", async () => {
+    const cases: [string, string][] = [
+      ["2016-12-31T23:59:60Z", "2017-01-01T00:00:00.000Z"],
+      ["2016-12-31T23:59:60.5Z", "2017-01-01T00:00:00.500Z"],
+      ["2017-01-01T00:59:60+01:00", "2017-01-01T00:00:00.000Z"],
+      ["1969-07-20T20:17:40Z", "1969-07-20T20:17:40.000Z"],
+      ["0050-03-01T12:00:00Z", "0050-03-01T12:00:00.000Z"],
+      ["0001-01-01T00:00:00Z", "0001-01-01T00:00:00.000Z"],
+      ["9999-12-31T23:59:59.999999999Z", "9999-12-31T23:59:59.999Z"],
+      ["2030-01-01t09:00:00z", "2030-01-01T09:00:00.000Z"],
+      ["2030-01-01T09:00:00.123456789123-05:30", "2030-01-01T14:30:00.123Z"],
+    ];
+    for (const [input, stored] of cases) {
+      const answer = await post("/tasks", { command: "echo when", scheduled_at: input });
+      expect({ input, status: answer.status }).toEqual({ input, status: 201 });
+      expect({ input, at: answer.json.scheduled_at }).toEqual({ input, at: stored });
+      // Read back from the database, not only echoed.
+      const read = await call("GET", `/tasks/${answer.json.id}`);
+      expect({ input, at: read.json.scheduled_at }).toEqual({ input, at: stored });
+    }
+    const seed = await post("/schedule", { command: "echo when", scheduled_at: "1900-01-01T00:00:00Z" });
+    expect(seed.status).toBe(200);
+    expect((await call("GET", `/status?task_id=${seed.json.task_id}`)).json.scheduled_at).toBe("1900-01-01T00:00:00.000Z");
+    expectError(
+      await post("/tasks", { command: "x", scheduled_at: "2016-12-31T12:59:60Z" }),
+      400,
+      "invalid_argument",
+      "scheduled_at",
+      /not a time of day/,
+    );
+  });
+
+  test("the error codes are listed for clients", async () => {
+    const doc = await call("GET", "/openapi/json");
+    const text = JSON.stringify(doc.json);
+    for (const code of HTTP_ERROR_CODES) expect(text).toContain(code);
   });
 });

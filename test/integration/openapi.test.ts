@@ -159,7 +159,7 @@ describe("the OpenAPI document", () => {
     for (const ref of allRefs(doc)) resolve(ref);
     // Nested uses are references too, not copies.
     expect(doc.components.schemas.TaskList.properties.tasks.items).toEqual({ $ref: "#/components/schemas/Task" });
-    expect(doc.components.schemas.BatchInput.properties.tasks.items).toEqual({ $ref: "#/components/schemas/TaskInput" });
+    expect(doc.components.schemas.BatchInput.properties.tasks.items).toEqual({ $ref: "#/components/schemas/BatchItemInput" });
     expect(doc.components.schemas.Task.properties.state).toEqual({ $ref: "#/components/schemas/TaskState" });
     expect(JSON.stringify(doc)).not.toContain('"$id"');
   });

@@ -5,10 +5,13 @@ import {
   decodeCursor,
   encodeCursor,
   isTaskId,
-  MAX_COMMAND_LENGTH,
+  MAX_COMMAND_BYTES,
   MAX_ENV_VALUE_BYTES,
+  MAX_TIME_MS,
+  MIN_TIME_MS,
   parseIdempotencyKey,
   parseScheduledAt,
+  toBatchSpecs,
   toScheduleSpec,
   toTaskSpec,
 } from "../../src/task/spec";
@@ -26,8 +29,13 @@ function rejection(run: () => unknown): TaskQueueError {
   throw new Error("expected an invalid_argument error, but nothing was thrown");
 }
 
-const rejects = (input: unknown, field: string, message?: RegExp) => {
-  const error = rejection(() => toTaskSpec(input, config));
+const rejects = (
+  input: unknown,
+  field: string,
+  message?: RegExp,
+  parse: (input: unknown) => unknown = (body) => toTaskSpec(body, config),
+) => {
+  const error = rejection(() => parse(input));
   expect(error.field).toBe(field);
   if (message) expect(error.message).toMatch(message);
   return error;
@@ -82,13 +90,35 @@ describe("toTaskSpec", () => {
     rejects({ command: "x", retry: { sometimes: true } }, "retry.sometimes");
   });
 
+  test("backoff_cap_ms below backoff_base_ms is refused; a default yields to what was sent", () => {
+    rejects({ command: "x", retry: { backoff_base_ms: 5000, backoff_cap_ms: 4999 } }, "retry.backoff_cap_ms", /at least/);
+    const equal = toTaskSpec({ command: "x", retry: { backoff_base_ms: 5000, backoff_cap_ms: 5000 } }, config).retry;
+    expect([equal.backoffBaseMs, equal.backoffCapMs]).toEqual([5000, 5000]);
+    const highBase = toTaskSpec({ command: "x", retry: { backoff_base_ms: 120_000 } }, config).retry;
+    expect([highBase.backoffBaseMs, highBase.backoffCapMs]).toEqual([120_000, 120_000]);
+    const lowCap = toTaskSpec({ command: "x", retry: { backoff_cap_ms: 200 } }, config).retry;
+    expect([lowCap.backoffBaseMs, lowCap.backoffCapMs]).toEqual([200, 200]);
+  });
+
+  test("a batch: empty says so, items may carry their own idempotency_key, errors name the item", () => {
+    rejects({ tasks: [] }, "tasks", /tasks is empty; a batch holds 1 to 10 tasks/, (input) => toBatchSpecs(input, config, 10));
+    const specs = toBatchSpecs({ tasks: [{ command: "a", idempotency_key: "k-1" }, { command: "b" }] }, config, 10);
+    expect(specs.map((spec) => spec.idempotencyKey)).toEqual(["k-1", null]);
+    rejects({ tasks: [{ command: "a" }, { command: 5 }] }, "tasks[1].command", /string/, (input) =>
+      toBatchSpecs(input, config, 10),
+    );
+    rejects({ tasks: [{ command: "a", idempotency_key: "a b" }] }, "tasks[0].idempotency_key", /visible ASCII/, (input) =>
+      toBatchSpecs(input, config, 10),
+    );
+  });
+
   test("an idempotency key is visible ASCII of bounded length", () => {
     expect(parseIdempotencyKey(undefined)).toBeNull();
     expect(parseIdempotencyKey("")).toBeNull();
     expect(parseIdempotencyKey("order-42/retry:1")).toBe("order-42/retry:1");
     expect(() => parseIdempotencyKey("has space")).toThrow(/visible ASCII/);
     expect(() => parseIdempotencyKey("é")).toThrow(/visible ASCII/);
-    expect(() => parseIdempotencyKey("k".repeat(256))).toThrow(/at most 255/);
+    expect(() => parseIdempotencyKey("k".repeat(256))).toThrow(/at most 255 bytes/);
   });
 
   test("command: required, a string, not blank, no NUL, bounded", () => {
@@ -97,8 +127,12 @@ describe("toTaskSpec", () => {
     rejects({ command: "" }, "command", /non-empty/);
     rejects({ command: "  \t\n" }, "command", /blank/);
     rejects({ command: "echo a\0b" }, "command", /NUL/);
-    rejects({ command: "x".repeat(MAX_COMMAND_LENGTH + 1) }, "command", /at most 65536/);
-    expect(toTaskSpec({ command: "x".repeat(MAX_COMMAND_LENGTH) }, config).command).toHaveLength(MAX_COMMAND_LENGTH);
+    rejects({ command: "x".repeat(MAX_COMMAND_BYTES + 1) }, "command", /at most 65536 bytes/);
+    expect(toTaskSpec({ command: "x".repeat(MAX_COMMAND_BYTES) }, config).command).toHaveLength(MAX_COMMAND_BYTES);
+    // UTF-8 bytes, not characters: 32768 two-byte characters fill the limit, one more is over.
+    expect(toTaskSpec({ command: "é".repeat(MAX_COMMAND_BYTES / 2) }, config).command).toHaveLength(MAX_COMMAND_BYTES / 2);
+    rejects({ command: "é".repeat(MAX_COMMAND_BYTES / 2 + 1) }, "command", /at most 65536 bytes \(UTF-8\); it has 65538/);
+    rejects({ command: "😀".repeat(MAX_COMMAND_BYTES / 4 + 1) }, "command", /at most 65536 bytes/);
   });
 
   test("the body must be an object with known fields only", () => {
@@ -210,12 +244,36 @@ describe("parseScheduledAt", () => {
     refused("2023-04-01T12:00:00+24:00", /offset/);
   });
 
-  test("refuses years outside 1970..9999", () => {
-    refused("1969-12-31T23:59:59Z", /1970 and 9999/);
-    refused("0000-01-01T00:00:00Z", /1970 and 9999/);
+  test("accepts every year from 0001 to 9999, leap seconds, and any fraction", () => {
+    expect(parse("1969-12-31T23:59:59Z").getTime()).toBe(-1000);
+    expect(parse("1900-01-01T00:00:00Z").toISOString()).toBe("1900-01-01T00:00:00.000Z");
+    // Not read as 1950: years below 100 are years, not two-digit years.
+    expect(parse("0050-01-01T00:00:00Z").toISOString()).toBe("0050-01-01T00:00:00.000Z");
+    expect(parse("0001-01-01T00:00:00Z").getTime()).toBe(MIN_TIME_MS);
+    expect(parse("0004-02-29T00:00:00Z").toISOString()).toBe("0004-02-29T00:00:00.000Z");
+    expect(parse("9999-12-31T23:59:59.999999Z").getTime()).toBe(MAX_TIME_MS);
+    expect(parse("1970-01-01T00:30:00+01:00").getTime()).toBe(-1_800_000);
+    // A leap second is the second after 23:59:59 UTC, as PostgreSQL reads it.
+    expect(parse("2016-12-31T23:59:60Z").toISOString()).toBe("2017-01-01T00:00:00.000Z");
+    expect(parse("2016-12-31T23:59:60.25Z").toISOString()).toBe("2017-01-01T00:00:00.250Z");
+    expect(parse("2016-12-31T18:59:60-05:00").toISOString()).toBe("2017-01-01T00:00:00.000Z");
+    expect(parse("2023-04-01T15:04:05.1234567890123456789Z").toISOString()).toBe("2023-04-01T15:04:05.123Z");
+  });
+
+  test("refuses instants outside 0001-01-01T00:00:00Z..9999-12-31T23:59:59.999Z", () => {
+    const range = /from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999Z/;
+    refused("0000-01-01T00:00:00Z", range);
+    refused("0000-12-31T23:59:59Z", range);
     // The instant, not only the written year, must be in range.
-    refused("1970-01-01T00:30:00+01:00", /1970 and 9999/);
-    refused("9999-12-31T23:00:00-02:00", /1970 and 9999/);
+    refused("0001-01-01T00:30:00+01:00", range);
+    refused("9999-12-31T23:00:00-02:00", range);
+    refused("0003-02-29T00:00:00Z", /calendar date/);
+  });
+
+  test("a leap second only at 23:59:60 UTC", () => {
+    refused("2016-12-31T23:58:60Z", /not a time of day/);
+    refused("2016-12-31T23:59:60+01:00", /not a time of day/);
+    refused("2016-12-31T23:59:61Z", /not a time of day/);
   });
 
   test("names the field it was given", () => {
