@@ -10,7 +10,7 @@ import { do_not_optimize, measure } from "mitata";
 import mitataPackage from "mitata/package.json" with { type: "json" };
 import type { ApiDeps } from "../src/api/deps";
 import { createApp } from "../src/api/index";
-import { loadConfig } from "../src/config";
+import { apiSettings, loadConfig } from "../src/config";
 import { migrate } from "../src/db/migrate";
 import { TaskChangeFeed } from "../src/db/notify";
 import { connect, type Sql } from "../src/db/sql";
@@ -298,7 +298,7 @@ async function run(options: BenchOptions): Promise<BenchResult> {
     // The real app and error mapping; only persistence is a stub, so nothing reaches the pool.
     const deps: ApiDeps = {
       role: "coordinator",
-      config,
+      settings: apiSettings(config),
       sql,
       feed: new TaskChangeFeed(sql),
       log: silentLogger,
@@ -324,7 +324,11 @@ async function run(options: BenchOptions): Promise<BenchResult> {
       ...pb.task.cases,
       ...pb.assign.cases,
       ...pb.finished.cases,
-      { key: "to_task_spec", label: "toTaskSpec, full-form body", fn: () => do_not_optimize(toTaskSpec(FULL_FORM_BODY, config)) },
+      {
+        key: "to_task_spec",
+        label: "toTaskSpec, full-form body",
+        fn: () => do_not_optimize(toTaskSpec(FULL_FORM_BODY, deps.settings.taskDefaults)),
+      },
       { key: "http_submit", label: "POST /submit through app.handle, stub persistence", fn: submitOnce },
     ];
 

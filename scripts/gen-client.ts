@@ -13,7 +13,7 @@ import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { createApp } from "../src/api/index";
 import { ANONYMOUS } from "../src/auth/tokens";
-import { loadConfig } from "../src/config";
+import { apiSettings, loadConfig } from "../src/config";
 import { TaskChangeFeed } from "../src/db/notify";
 import { connect } from "../src/db/sql";
 import { silentLogger } from "../src/log";
@@ -26,7 +26,7 @@ export async function openApiJson(): Promise<string> {
   const sql = connect("postgres://127.0.0.1:1/never", { max: 1 });
   const app = createApp({
     role: "coordinator",
-    config: loadConfig({}),
+    settings: apiSettings(loadConfig({})),
     sql,
     feed: new TaskChangeFeed(sql),
     log: silentLogger,

@@ -1,7 +1,13 @@
 // Configuration: one TypeBox schema, read from the environment once in each role's main and
-// passed down as a typed object. This is the only module that reads process.env.
+// passed down as a typed object. This is the only module that reads process.env. Each role's
+// assembly turns it into the options its parts take (taskDefaults, apiSettings, authOptions,
+// leaseTimings below), so no part below a role reads a setting by its variable's name.
 import { type Static, Type } from "@sinclair/typebox";
 import { Value } from "@sinclair/typebox/value";
+import type { ApiSettings } from "./api/deps";
+import type { AuthOptions } from "./auth/authenticator";
+import { type LeaseTimings, leaseMsFor } from "./task/lease";
+import type { TaskDefaults } from "./task/spec";
 
 const Port = (fallback: number, description: string) =>
   Type.Integer({ minimum: 0, maximum: 65535, default: fallback, description });
@@ -272,6 +278,43 @@ export function requireDatabaseUrl(config: Config, role: string): string {
     throw new ConfigError(`${role} needs DATABASE_URL (for example postgres://user@127.0.0.1:5432/taskqueue)`);
   }
   return config.DATABASE_URL;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The configuration as the parts take it.
+
+/** What a task gets where its request says nothing. */
+export function taskDefaults(config: Config): TaskDefaults {
+  return {
+    maxAttempts: config.TQ_DEFAULT_MAX_ATTEMPTS,
+    retry: { backoffBaseMs: config.TQ_RETRY_BACKOFF_BASE_MS, backoffCapMs: config.TQ_RETRY_BACKOFF_CAP_MS },
+  };
+}
+
+/** The HTTP API's limits and defaults (the gRPC TaskService, which shares its service, takes them too). */
+export function apiSettings(config: Config): ApiSettings {
+  return {
+    maxBodyBytes: config.TQ_MAX_BODY_BYTES,
+    maxBatchTasks: config.TQ_MAX_BATCH,
+    taskDefaults: taskDefaults(config),
+    workerTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS,
+  };
+}
+
+/** Who may call the API: where the role listens, tokens from configuration, rate limits. */
+export function authOptions(config: Config): AuthOptions {
+  return {
+    host: config.TQ_HOST,
+    insecure: config.TQ_INSECURE,
+    configuredTokens: config.TQ_API_TOKENS,
+    rateLimit: { perSecond: config.TQ_RATE_LIMIT_PER_SECOND, burst: config.TQ_RATE_LIMIT_BURST },
+  };
+}
+
+/** The heartbeat timings and the lease they imply (src/task/lease.ts). */
+export function leaseTimings(config: Config): LeaseTimings {
+  const heartbeat = { heartbeatIntervalMs: config.TQ_HEARTBEAT_INTERVAL_MS, heartbeatTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS };
+  return { ...heartbeat, leaseMs: leaseMsFor(heartbeat) };
 }
 
 /** The process environment, which a worker's tasks inherit (minus DATABASE_URL and TQ_*). */

@@ -2,16 +2,28 @@
 // the role that serves it.
 
 import type { Principal, Scope } from "../auth/tokens";
-import type { Config } from "../config";
 import type { TaskChangeFeed } from "../db/notify";
 import type { Sql } from "../db/sql";
 import type { InsertOutcome } from "../db/tasks";
 import type { Logger } from "../log";
+import type { TaskDefaults } from "../task/spec";
 import type { TaskSpec } from "../task/task";
+
+/** The API's limits and defaults, from the configuration (apiSettings in src/config.ts). */
+export interface ApiSettings {
+  /** Largest request body, in bytes (413 beyond). */
+  maxBodyBytes: number;
+  /** Most tasks one POST /tasks/batch may hold (413 beyond). */
+  maxBatchTasks: number;
+  /** What a submitted task gets where it says nothing. */
+  taskDefaults: TaskDefaults;
+  /** GET /workers lists the workers heard from within this long: the heartbeat timeout. */
+  workerTimeoutMs: number;
+}
 
 export interface ApiDeps {
   role: "scheduler" | "coordinator";
-  config: Config;
+  settings: ApiSettings;
   sql: Sql;
   /** Started by the role; live status (SSE, WatchTask) subscribes to it. */
   feed: TaskChangeFeed;

@@ -3,7 +3,7 @@
 // error with a request id, so internal text (SQL, stack, file paths) never reaches a client.
 import { Elysia, NotFoundError, ParseError, ValidationError } from "elysia";
 import { type ErrorCode, isDatabaseUnavailable, TaskQueueError, unavailable } from "../task/errors";
-import { describeValueError } from "../task/spec";
+import { describeValueError } from "../task/explain";
 import type { ApiDeps } from "./deps";
 import type { ErrorJson, HttpErrorCode } from "./model";
 
@@ -166,8 +166,8 @@ export function errorResponse(
  * chunked body has no Content-Length. `routes` is the finished app's route table, for the
  * Allow header of a 405.
  */
-export function errorHandling(deps: Pick<ApiDeps, "log" | "config">, routes: () => readonly RouteEntry[] = () => []) {
-  const limit = deps.config.TQ_MAX_BODY_BYTES;
+export function errorHandling(deps: Pick<ApiDeps, "log" | "settings">, routes: () => readonly RouteEntry[] = () => []) {
+  const limit = deps.settings.maxBodyBytes;
   return new Elysia({ normalize: false })
     .onRequest(({ request }) => {
       const length = request.headers.get("content-length");

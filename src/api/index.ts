@@ -77,7 +77,7 @@ export function createApp(deps: ApiDeps) {
  * document that the body is application/json.
  */
 const jsonBody = (deps: ApiDeps) => [
-  ({ request }: { request: Request }) => readJsonBody(request, deps.config.TQ_MAX_BODY_BYTES),
+  ({ request }: { request: Request }) => readJsonBody(request, deps.settings.maxBodyBytes),
   "json" as const,
 ];
 
@@ -145,7 +145,7 @@ function seedController(deps: ApiDeps) {
     .post(
       "/schedule",
       async ({ body, headers, request, set }) => {
-        const spec = withKey(toScheduleSpec(body, deps.config), headers);
+        const spec = withKey(toScheduleSpec(body, deps.settings.taskDefaults), headers);
         const { task, created } = await submitTask(deps, spec, principalOf(request).name);
         // The seed's 200 either way; the header tells a replay apart.
         if (!created) set.headers["idempotent-replayed"] = "true";
@@ -184,15 +184,16 @@ function seedController(deps: ApiDeps) {
 }
 
 function tasksController(deps: ApiDeps) {
+  const { taskDefaults: defaults, maxBatchTasks } = deps.settings;
   return new Elysia({ normalize: false })
-    .post("/submit", ({ body, headers, set, request }) => submitted(deps, toTaskSpec(body, deps.config), request, headers, set), {
+    .post("/submit", ({ body, headers, set, request }) => submitted(deps, toTaskSpec(body, defaults), request, headers, set), {
       parse: jsonBody(deps),
       body: SubmitInput,
       headers: IdempotencyHeaders,
       response: responses({ 201: created, 200: replayed }, [...BODY_ERRORS, 409], keyConflict),
       detail: { operationId: "runTask", tags: ["tasks"], summary: "Run a command now" },
     })
-    .post("/tasks", ({ body, headers, set, request }) => submitted(deps, toTaskSpec(body, deps.config), request, headers, set), {
+    .post("/tasks", ({ body, headers, set, request }) => submitted(deps, toTaskSpec(body, defaults), request, headers, set), {
       parse: jsonBody(deps),
       body: TaskInput,
       headers: IdempotencyHeaders,
@@ -207,7 +208,7 @@ function tasksController(deps: ApiDeps) {
     .post(
       "/tasks/batch",
       async ({ body, headers, request, set }) => {
-        const specs = toBatchSpecs(body, deps.config, deps.config.TQ_MAX_BATCH);
+        const specs = toBatchSpecs(body, defaults, maxBatchTasks);
         const batchKey = parseIdempotencyKey(headers["idempotency-key"]);
         const batch = await submitTasks(deps, specs, principalOf(request).name, batchKey);
         const answer = { tasks: batch.tasks.map(taskJson), replayed: batch.replayed };

@@ -10,9 +10,10 @@ import { cancelTask, getTask, insertTasks, listTasks } from "../db/tasks";
 import { listLiveWorkers, type WorkerRow } from "../db/workers";
 import type { Attempt } from "../task/attempt";
 import { conflict, invalidArgument, notFound, TaskQueueError, unavailable } from "../task/errors";
-import { decodeCursor, encodeCursor, isTaskId } from "../task/spec";
+import { isTaskId } from "../task/spec";
 import { isFinal, isTaskState, TASK_STATES } from "../task/state";
 import type { Submitted, Task, TaskSpec } from "../task/task";
+import { decodeCursor, encodeCursor } from "./cursor";
 import type { ApiDeps } from "./deps";
 
 export const DEFAULT_PAGE_SIZE = 50;
@@ -176,7 +177,7 @@ export async function cancelTaskOrThrow(deps: ApiDeps, id: string, actor: string
 }
 
 export async function listWorkers(deps: ApiDeps): Promise<WorkerRow[]> {
-  return listLiveWorkers(deps.sql, deps.config.TQ_HEARTBEAT_TIMEOUT_MS);
+  return listLiveWorkers(deps.sql, deps.settings.workerTimeoutMs);
 }
 
 /** Resolves when the database answers within READY_TIMEOUT_MS; throws unavailable otherwise. */

@@ -6,7 +6,6 @@
 // role that listens beyond loopback without TQ_INSECURE (which then refuses to start with no
 // token at all: src/auth/exposure.ts). Verified tokens and the database's answer are cached
 // for a few seconds, so a revoke or an opening takes effect within AUTH_CACHE_MS.
-import type { Config } from "../config";
 import type { Sql } from "../db/sql";
 import { type ApiAccess, apiAccess, findLiveToken } from "../db/tokens";
 import type { Logger } from "../log";
@@ -28,6 +27,18 @@ import {
 
 export const AUTH_CACHE_MS = 5000;
 
+/** What the Authenticator takes from the configuration (authOptions in src/config.ts). */
+export interface AuthOptions {
+  /** Where the role listens: beyond loopback a token is always required, unless `insecure`. */
+  host: string;
+  /** Told to run unprotected beyond loopback. */
+  insecure: boolean;
+  /** Tokens from configuration, besides the table's: comma-separated name:scope+scope:sha256 entries. */
+  configuredTokens: string | undefined;
+  /** Requests per second each token may make to this process (0: no limit), and how many at once. */
+  rateLimit: { perSecond: number; burst: number };
+}
+
 export class Authenticator {
   private readonly configured: ConfiguredToken[];
   private readonly required: boolean;
@@ -39,13 +50,13 @@ export class Authenticator {
 
   constructor(
     private readonly sql: Sql,
-    config: Config,
+    options: AuthOptions,
     private readonly log: Logger,
   ) {
-    this.configured = parseConfiguredTokens(config.TQ_API_TOKENS);
-    this.required = !isLoopback(config.TQ_HOST) && !config.TQ_INSECURE;
-    this.limiter =
-      config.TQ_RATE_LIMIT_PER_SECOND > 0 ? new RateLimiter(config.TQ_RATE_LIMIT_PER_SECOND, config.TQ_RATE_LIMIT_BURST) : null;
+    this.configured = parseConfiguredTokens(options.configuredTokens);
+    this.required = !isLoopback(options.host) && !options.insecure;
+    const { perSecond, burst } = options.rateLimit;
+    this.limiter = perSecond > 0 ? new RateLimiter(perSecond, burst) : null;
   }
 
   /** Reads whether the API is closed and how many tokens exist, and keeps that fresh. */

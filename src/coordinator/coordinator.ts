@@ -9,7 +9,7 @@ import { SERVER_MAX_REQUEST_BODY_SIZE } from "../api/errors";
 import { checkReady } from "../api/service";
 import { Authenticator } from "../auth/authenticator";
 import { checkExposure } from "../auth/exposure";
-import type { Config } from "../config";
+import { apiSettings, authOptions, type Config, leaseTimings } from "../config";
 import { type TaskChange, TaskChangeFeed } from "../db/notify";
 import { connect, type Sql } from "../db/sql";
 import { TaskService } from "../gen/taskqueue/v1/task_service_pb";
@@ -57,9 +57,7 @@ export class Coordinator {
     this.id = config.TQ_COORDINATOR_ID ?? `${hostname()}:${config.TQ_GRPC_PORT}`;
     // A worker silent for two intervals may be frozen: it gets no new work meanwhile.
     this.registry = new WorkerRegistry(2 * config.TQ_HEARTBEAT_INTERVAL_MS);
-    // An attempt's lease outlasts the heartbeat timeout by an interval, so that a silent
-    // worker is declared dead (and left out of dispatch) before its leases lapse.
-    const leaseMs = config.TQ_HEARTBEAT_TIMEOUT_MS + config.TQ_HEARTBEAT_INTERVAL_MS;
+    const lease = leaseTimings(config);
     this.sql = connect(databaseUrl, { max: config.TQ_DB_POOL_SIZE, applicationName: `task-queue coordinator ${this.id}` });
     this.feed = new TaskChangeFeed(this.sql);
     this.dispatcher = new Dispatcher({
@@ -68,7 +66,7 @@ export class Coordinator {
       coordinatorId: this.id,
       log: log.child({ part: "dispatcher" }),
       safetyPollMs: config.TQ_SAFETY_POLL_MS,
-      leaseMs,
+      leaseMs: lease.leaseMs,
       aheadMs: config.TQ_DISPATCH_AHEAD_MS,
     });
     this.completer = new Completer({
@@ -84,9 +82,7 @@ export class Coordinator {
       completer: this.completer,
       coordinatorId: this.id,
       log: log.child({ part: "sessions" }),
-      heartbeatIntervalMs: config.TQ_HEARTBEAT_INTERVAL_MS,
-      heartbeatTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS,
-      leaseMs,
+      ...lease,
       workerToken: config.TQ_WORKER_TOKEN,
     });
     this.rescuer = new Rescuer({
@@ -94,16 +90,14 @@ export class Coordinator {
       registry: this.registry,
       coordinatorId: this.id,
       log: log.child({ part: "rescuer" }),
-      heartbeatIntervalMs: config.TQ_HEARTBEAT_INTERVAL_MS,
-      heartbeatTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS,
-      leaseMs,
+      ...lease,
       onSilent: this.sessions.onSilent,
     });
-    this.auth = new Authenticator(this.sql, config, log.child({ part: "auth" }));
+    this.auth = new Authenticator(this.sql, authOptions(config), log.child({ part: "auth" }));
     const deps: ApiDeps = {
       role: "coordinator",
       auth: this.auth,
-      config,
+      settings: apiSettings(config),
       sql: this.sql,
       feed: this.feed,
       log: log.child({ part: "api" }),

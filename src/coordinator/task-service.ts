@@ -86,7 +86,7 @@ function submitInput(request: SubmitTaskRequest): Record<string, unknown> {
 export function taskServiceHandlers(deps: ApiDeps): grpc.UntypedServiceImplementation {
   return {
     submitTask: unary(deps, "submit", async (request: SubmitTaskRequest, principal) => {
-      const spec = toTaskSpec(submitInput(request), deps.config);
+      const spec = toTaskSpec(submitInput(request), deps.settings.taskDefaults);
       spec.idempotencyKey = parseIdempotencyKey(request.idempotencyKey, "idempotency_key");
       const { task, created } = await submitTask(deps, spec, principal.name);
       return create(SubmitTaskResponseSchema, { task: taskToProto(task), created });

@@ -5,7 +5,7 @@ import { createApp } from "../api";
 import { SERVER_MAX_REQUEST_BODY_SIZE } from "../api/errors";
 import { Authenticator } from "../auth/authenticator";
 import { checkExposure } from "../auth/exposure";
-import type { Config } from "../config";
+import { apiSettings, authOptions, type Config } from "../config";
 import { GroupCommit } from "../db/group-commit";
 import { TaskChangeFeed } from "../db/notify";
 import { connect, type Sql } from "../db/sql";
@@ -28,12 +28,12 @@ export class Scheduler {
   ) {
     this.sql = connect(databaseUrl, { max: config.TQ_DB_POOL_SIZE, applicationName: "task-queue scheduler" });
     this.feed = new TaskChangeFeed(this.sql);
-    this.auth = new Authenticator(this.sql, config, log.child({ part: "auth" }));
+    this.auth = new Authenticator(this.sql, authOptions(config), log.child({ part: "auth" }));
     this.inserts = new GroupCommit((items) => insertTasks(this.sql, items), { maxBatch: MAX_INSERT_BATCH });
     this.app = createApp({
       role: "scheduler",
       auth: this.auth,
-      config,
+      settings: apiSettings(config),
       sql: this.sql,
       feed: this.feed,
       log: log.child({ part: "api" }),

@@ -3,11 +3,10 @@
 // toTaskSpec adds the rules JSON Schema cannot say (a real calendar date, no NUL byte, which
 // PostgreSQL text cannot hold) and accepts any transport's input, so nothing malformed
 // reaches the database or a shell.
-import { type Static, type TSchema, Type } from "@sinclair/typebox";
-import { type TypeCheck, TypeCompiler } from "@sinclair/typebox/compiler";
-import { Value, type ValueError, ValueErrorType } from "@sinclair/typebox/value";
-import type { Config } from "../config";
+import { type Static, Type } from "@sinclair/typebox";
 import { invalidArgument, TaskQueueError } from "./errors";
+import { checkSchema } from "./explain";
+import { EXAMPLE_TIME, parseRfc3339 } from "./rfc3339";
 import type { TaskSpec } from "./task";
 
 export const MAX_COMMAND_BYTES = 65_536;
@@ -21,8 +20,6 @@ export const MAX_CWD_BYTES = 4096;
 export const MAX_BACKOFF_MS = 86_400_000;
 export const MAX_IDEMPOTENCY_KEY_BYTES = 255;
 export const ENV_KEY_PATTERN = "^[A-Za-z_][A-Za-z0-9_]*$";
-
-const EXAMPLE_TIME = "2023-04-01T15:04:05Z";
 
 // Every string limit here counts UTF-8 bytes (checked in buildSpec). A schema's maxLength
 // counts UTF-16 code units, never more than the bytes, so it is a bound that refuses nothing
@@ -143,13 +140,17 @@ export const ScheduleInput = Type.Object(
 );
 export type ScheduleInput = Static<typeof ScheduleInput>;
 
-export type SpecConfig = Pick<Config, "TQ_DEFAULT_MAX_ATTEMPTS" | "TQ_RETRY_BACKOFF_BASE_MS" | "TQ_RETRY_BACKOFF_CAP_MS">;
+/** What a task gets where its request says nothing; from the configuration (taskDefaults in src/config.ts). */
+export interface TaskDefaults {
+  maxAttempts: number;
+  retry: { backoffBaseMs: number; backoffCapMs: number };
+}
 
 /** Validates a full-form request; throws invalidArgument naming the field. */
-export function toTaskSpec(input: unknown, config: SpecConfig): TaskSpec {
+export function toTaskSpec(input: unknown, defaults: TaskDefaults): TaskSpec {
   const body = checkSchema(TaskInput, input);
-  const scheduledAt = body.scheduled_at === undefined ? null : parseScheduledAt(body.scheduled_at, "scheduled_at");
-  return buildSpec(body, scheduledAt, config);
+  const scheduledAt = body.scheduled_at === undefined ? null : parseRfc3339(body.scheduled_at, "scheduled_at");
+  return buildSpec(body, scheduledAt, defaults);
 }
 
 /** One task of a batch: the full form, and its own idempotency key. */
@@ -180,7 +181,7 @@ export type BatchInput = Static<typeof BatchInput>;
  * Validates a batch; too many tasks is payload_too_large naming the limit, and an invalid
  * task an invalid_argument naming it (`tasks[3].command`).
  */
-export function toBatchSpecs(input: unknown, config: SpecConfig, maxBatch: number): TaskSpec[] {
+export function toBatchSpecs(input: unknown, defaults: TaskDefaults, maxBatch: number): TaskSpec[] {
   const count = (input as { tasks?: unknown })?.tasks;
   if (Array.isArray(count) && count.length > maxBatch) {
     throw new TaskQueueError(
@@ -195,7 +196,7 @@ export function toBatchSpecs(input: unknown, config: SpecConfig, maxBatch: numbe
   const body = checkSchema(BatchInput, input);
   return body.tasks.map(({ idempotency_key: key, ...task }, i) => {
     try {
-      const spec = toTaskSpec(task, config);
+      const spec = toTaskSpec(task, defaults);
       spec.idempotencyKey = parseIdempotencyKey(key, "idempotency_key");
       return spec;
     } catch (error) {
@@ -208,7 +209,7 @@ export function toBatchSpecs(input: unknown, config: SpecConfig, maxBatch: numbe
 }
 
 /** Validates a seed `/schedule` request: scheduled_at (or its alias) is required. */
-export function toScheduleSpec(input: unknown, config: SpecConfig): TaskSpec {
+export function toScheduleSpec(input: unknown, defaults: TaskDefaults): TaskSpec {
   const body = checkSchema(ScheduleInput, input);
   const { scheduled_at: current, schedule_at: legacy } = body;
   if (current === undefined && legacy === undefined) {
@@ -216,17 +217,17 @@ export function toScheduleSpec(input: unknown, config: SpecConfig): TaskSpec {
   }
   let scheduledAt: Date;
   if (current !== undefined) {
-    scheduledAt = parseScheduledAt(current, "scheduled_at");
-    if (legacy !== undefined && parseScheduledAt(legacy, "schedule_at").getTime() !== scheduledAt.getTime()) {
+    scheduledAt = parseRfc3339(current, "scheduled_at");
+    if (legacy !== undefined && parseRfc3339(legacy, "schedule_at").getTime() !== scheduledAt.getTime()) {
       throw invalidArgument("schedule_at", "schedule_at (legacy alias) disagrees with scheduled_at; send only scheduled_at");
     }
   } else {
-    scheduledAt = parseScheduledAt(legacy!, "schedule_at");
+    scheduledAt = parseRfc3339(legacy!, "schedule_at");
   }
-  return buildSpec({ command: body.command }, scheduledAt, config);
+  return buildSpec({ command: body.command }, scheduledAt, defaults);
 }
 
-function buildSpec(body: SubmitInput, scheduledAt: Date | null, config: SpecConfig): TaskSpec {
+function buildSpec(body: SubmitInput, scheduledAt: Date | null, defaults: TaskDefaults): TaskSpec {
   if (body.command.trim() === "") throw invalidArgument("command", "command must not be blank");
   if (body.command.includes("\0")) throw invalidArgument("command", "command must not contain a NUL byte");
   checkBytes("command", body.command, MAX_COMMAND_BYTES);
@@ -254,8 +255,8 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, config: SpecConf
   const retry = body.retry ?? {};
   // A default never contradicts what the client sent: an explicit base above the default cap
   // lifts the cap to it, an explicit cap below the default base lowers the base to it.
-  const backoffBaseMs = retry.backoff_base_ms ?? Math.min(config.TQ_RETRY_BACKOFF_BASE_MS, retry.backoff_cap_ms ?? Infinity);
-  const backoffCapMs = retry.backoff_cap_ms ?? Math.max(config.TQ_RETRY_BACKOFF_CAP_MS, backoffBaseMs);
+  const backoffBaseMs = retry.backoff_base_ms ?? Math.min(defaults.retry.backoffBaseMs, retry.backoff_cap_ms ?? Infinity);
+  const backoffCapMs = retry.backoff_cap_ms ?? Math.max(defaults.retry.backoffCapMs, backoffBaseMs);
   if (backoffCapMs < backoffBaseMs) {
     throw invalidArgument(
       "retry.backoff_cap_ms",
@@ -266,7 +267,7 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, config: SpecConf
     command: body.command,
     scheduledAt,
     timeoutMs: body.timeout_ms ?? 0,
-    maxAttempts: body.max_attempts ?? config.TQ_DEFAULT_MAX_ATTEMPTS,
+    maxAttempts: body.max_attempts ?? defaults.maxAttempts,
     env: { ...env },
     secretEnv: { ...secretEnv },
     cwd,
@@ -298,192 +299,9 @@ export function parseIdempotencyKey(value: string | null | undefined, field = "I
   return value;
 }
 
-const RFC3339 = /^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:[Zz]|([+-])(\d{2}):(\d{2}))$/;
-const ZONELESS = /^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?$/;
-/** google.protobuf.Timestamp's range, and what PostgreSQL and RFC 3339 (in UTC) both hold. */
-/** 0001-01-01T00:00:00Z. */
-export const MIN_TIME_MS = -62_135_596_800_000;
-/** 9999-12-31T23:59:59.999Z. */
-export const MAX_TIME_MS = 253_402_300_799_999;
-const RANGE = "from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999Z";
-
-/**
- * Parses an RFC 3339 date-time that states its time zone. A time without one would be read in
- * the server's zone, which differs between replicas, so it is refused rather than guessed.
- * Fractions below a millisecond are dropped (the column keeps milliseconds); a leap second
- * (23:59:60 in UTC) is the second after 23:59:59, as PostgreSQL reads it.
- */
-export function parseScheduledAt(value: string, field: string): Date {
-  const m = RFC3339.exec(value);
-  if (!m) {
-    if (ZONELESS.test(value)) {
-      throw invalidArgument(field, `${field} must include a time zone (Z or ±hh:mm), e.g. "${EXAMPLE_TIME}"`);
-    }
-    throw invalidArgument(field, `${field} must be an RFC 3339 date-time with a time zone, e.g. "${EXAMPLE_TIME}"`);
-  }
-  const [year, month, day, hour, minute, second] = m.slice(1, 7).map(Number) as [number, number, number, number, number, number];
-  const millis = Number((m[7] ?? "").padEnd(3, "0").slice(0, 3));
-  if (month < 1 || month > 12 || day < 1 || day > daysInMonth(year, month)) {
-    throw invalidArgument(field, `${field} is not a calendar date: ${m[1]}-${m[2]}-${m[3]}`);
-  }
-  if (hour > 23 || minute > 59 || second > 60) {
-    throw invalidArgument(field, `${field} is not a time of day: ${m[4]}:${m[5]}:${m[6]}`);
-  }
-  let offsetMinutes = 0;
-  if (m[8] !== undefined) {
-    const offsetHours = Number(m[9]);
-    const offsetMins = Number(m[10]);
-    if (offsetHours > 23 || offsetMins > 59) throw invalidArgument(field, `${field} has an invalid time zone offset`);
-    offsetMinutes = (m[8] === "-" ? -1 : 1) * (offsetHours * 60 + offsetMins);
-  }
-  // Date.UTC would read years 0-99 as 1900-1999.
-  const date = new Date(0);
-  date.setUTCFullYear(year, month - 1, day);
-  date.setUTCHours(hour, minute, Math.min(second, 59), millis);
-  let time = date.getTime() - offsetMinutes * 60_000;
-  if (second === 60) {
-    const utc = new Date(time);
-    if (utc.getUTCHours() !== 23 || utc.getUTCMinutes() !== 59) {
-      throw invalidArgument(field, `${field} is not a time of day: ${m[4]}:${m[5]}:60 (a leap second is 23:59:60 in UTC)`);
-    }
-    time += 1000;
-  }
-  if (year === 0 || time < MIN_TIME_MS || time > MAX_TIME_MS) throw invalidArgument(field, `${field} must be ${RANGE}`);
-  return new Date(time);
-}
-
-function daysInMonth(year: number, month: number): number {
-  const date = new Date(0);
-  date.setUTCFullYear(year, month, 0);
-  return date.getUTCDate();
-}
-
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
 /** A task id: a UUID of any version (ours are v7), in the canonical hyphenated form. */
 export function isTaskId(value: string): boolean {
   return UUID.test(value);
-}
-
-/** The opaque list cursor: base64url of the last id of the page. */
-export function encodeCursor(lastId: string): string {
-  return Buffer.from(lastId, "utf8").toString("base64url");
-}
-
-/** The id a cursor stands for; anything encodeCursor did not produce is refused. */
-export function decodeCursor(cursor: string): string {
-  const id = /^[A-Za-z0-9_-]{1,64}$/.test(cursor) ? Buffer.from(cursor, "base64url").toString("utf8") : "";
-  if (!isTaskId(id) || encodeCursor(id) !== cursor) {
-    throw invalidArgument("cursor", "cursor is not valid; pass next_cursor from the previous page unchanged");
-  }
-  return id;
-}
-
-/** Checks a value against a schema; the first problem becomes invalidArgument naming its field. */
-const compiled = new WeakMap<TSchema, TypeCheck<TSchema>>();
-
-export function checkSchema<T extends TSchema>(schema: T, value: unknown): Static<T> {
-  // A compiled check for the usual valid body; the interpreted walk only to explain a failure.
-  let check = compiled.get(schema);
-  if (!check) {
-    check = TypeCompiler.Compile(schema);
-    compiled.set(schema, check);
-  }
-  if (check.Check(value)) return value as Static<T>;
-  const error = Value.Errors(schema, value).First();
-  if (error) {
-    const { field, message } = describeValueError(error, "body");
-    throw invalidArgument(field, message);
-  }
-  return value as Static<T>;
-}
-
-/**
- * Turns a TypeBox error into the field it is about and the rule it broke, in words a client
- * can act on. `root` names the value itself when the error is about the whole of it.
- */
-export function describeValueError(error: ValueError, root: string): { field: string; message: string } {
-  const segments = error.path
-    .split("/")
-    .slice(1)
-    .map((s) => s.replace(/~1/g, "/").replace(/~0/g, "~"));
-  const field = fieldPath(segments) || root;
-  const schema = error.schema as Record<string, unknown>;
-  switch (error.type) {
-    case ValueErrorType.ObjectRequiredProperty:
-      return { field, message: `${field} is required` };
-    case ValueErrorType.ObjectAdditionalProperties: {
-      const parent = fieldPath(segments.slice(0, -1));
-      const key = segments.at(-1) ?? "";
-      const keyPattern = Object.keys((schema.patternProperties as object | undefined) ?? {})[0];
-      if (keyPattern !== undefined && parent !== "") {
-        return { field: parent, message: `${parent} key ${JSON.stringify(key)} must match ${keyPattern}` };
-      }
-      return { field, message: `${field} is not a known field` };
-    }
-    case ValueErrorType.StringFormat:
-      return { field, message: `${field} must be ${schema.format === "uuid" ? "a UUID" : `in ${String(schema.format)} format`}` };
-    default:
-      return { field, message: `${field} ${describeRule(schema) ?? `is invalid: ${error.message}`}` };
-  }
-}
-
-/** `tasks[3].env.A`: an array index in brackets, the form the batch's own checks name. */
-function fieldPath(segments: readonly string[]): string {
-  return segments.reduce((path, segment) => {
-    if (/^\d+$/.test(segment) && path !== "" && !/\.(env|secret_env)$|^(env|secret_env)$/.test(path))
-      return `${path}[${segment}]`;
-    return path === "" ? segment : `${path}.${segment}`;
-  }, "");
-}
-
-/** The rule a schema states, as "must be ...", or null when it has no simple wording. */
-function describeRule(schema: Record<string, unknown>): string | null {
-  const anyOf = schema.anyOf as Record<string, unknown>[] | undefined;
-  if (anyOf) {
-    if (anyOf.every((s) => "const" in s)) return `must be one of: ${anyOf.map((s) => String(s.const)).join(", ")}`;
-    const numeric = anyOf.find((s) => s.type === "integer" || s.type === "number");
-    return numeric ? describeRule(numeric) : null;
-  }
-  const min = schema.minimum as number | undefined;
-  const max = schema.maximum as number | undefined;
-  const range =
-    min !== undefined && max !== undefined
-      ? ` from ${min} to ${max}`
-      : min !== undefined
-        ? ` of at least ${min}`
-        : max !== undefined
-          ? ` of at most ${max}`
-          : "";
-  switch (schema.type) {
-    case "string": {
-      const shortest = (schema.minLength as number | undefined) ?? 0;
-      const longest = schema.maxLength as number | undefined;
-      let rule = shortest === 1 ? "must be a non-empty string" : "must be a string";
-      if (shortest > 1) rule += ` of at least ${shortest} characters`;
-      // Every maxLength here stands for a limit in bytes (see Command).
-      if (longest !== undefined) rule += `${shortest > 1 ? " and" : ""} of at most ${longest} bytes (UTF-8)`;
-      if (schema.pattern !== undefined) rule += ` matching ${String(schema.pattern)}`;
-      return rule;
-    }
-    case "integer":
-      return `must be an integer${range}`;
-    case "number":
-      return `must be a number${range}`;
-    case "boolean":
-      return "must be true or false";
-    case "array": {
-      const fewest = schema.minItems as number | undefined;
-      const most = schema.maxItems as number | undefined;
-      if (fewest !== undefined && most !== undefined) return `must be an array of ${fewest} to ${most} items`;
-      if (fewest !== undefined) return `must be an array of at least ${fewest} item${fewest === 1 ? "" : "s"}`;
-      return most === undefined ? "must be an array" : `must be an array of at most ${most} items`;
-    }
-    case "object": {
-      const most = schema.maxProperties as number | undefined;
-      return `must be a JSON object${most === undefined ? "" : ` with at most ${most} entries`}`;
-    }
-    default:
-      return null;
-  }
 }

@@ -17,6 +17,7 @@ import {
 } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
 import { clientConstructor } from "../rpc/definitions";
+import { leaseMsFor } from "../task/lease";
 import { type Execution, execute, type RunResult } from "./executor";
 
 const WorkerClient = clientConstructor(WorkerService);
@@ -81,7 +82,7 @@ export class Worker {
   private addressIndex: number;
   /** Runs while disconnected: when it fires, our view of the leases has lapsed. */
   private leaseTimer: ReturnType<typeof setTimeout> | null = null;
-  /** The coordinator's heartbeat timeout (the lease), from Welcome. */
+  /** The lease on our attempts: from our options, then from the coordinator's Welcome. */
   private leaseMs: number;
   private readonly connectedWaiters = new Set<() => void>();
   private readonly waiters = new Set<() => void>();
@@ -89,7 +90,7 @@ export class Worker {
   constructor(private readonly options: WorkerOptions) {
     this.workerId = options.id ?? Bun.randomUUIDv7();
     this.addressIndex = Math.floor(Math.random() * options.addresses.length);
-    this.leaseMs = options.heartbeatTimeoutMs + options.heartbeatIntervalMs;
+    this.leaseMs = leaseMsFor(options);
   }
 
   get id(): string {
@@ -237,10 +238,8 @@ export class Worker {
         this.welcomed = true;
         if (payload.value.resumeToken) this.resumeToken = payload.value.resumeToken;
         this.failures = 0;
-        // The coordinator's lease on our attempts: its heartbeat timeout plus an interval.
-        if (payload.value.heartbeatTimeoutMs > 0) {
-          this.leaseMs = payload.value.heartbeatTimeoutMs + payload.value.heartbeatIntervalMs;
-        }
+        // The coordinator's lease on our attempts follows from its heartbeat timings.
+        if (payload.value.heartbeatTimeoutMs > 0) this.leaseMs = leaseMsFor(payload.value);
         if (this.leaseTimer) clearTimeout(this.leaseTimer);
         this.leaseTimer = null;
         this.options.log.info({ coordinator: payload.value.coordinatorId }, "connected");

@@ -7,7 +7,7 @@ import pino from "pino";
 import { createApp } from "../../src/api";
 import { Authenticator } from "../../src/auth/authenticator";
 import { hashToken, newToken } from "../../src/auth/tokens";
-import { loadConfig } from "../../src/config";
+import { apiSettings, authOptions, loadConfig } from "../../src/config";
 import { TaskChangeFeed } from "../../src/db/notify";
 import { insertTask } from "../../src/db/tasks";
 import { apiAccess, insertToken, openApi, revokeToken } from "../../src/db/tokens";
@@ -28,10 +28,10 @@ beforeAll(async () => {
   const log = pino({ level: "info" }, { write: (line: string) => logged.push(line) });
   feed = new TaskChangeFeed(db.sql);
   await feed.start();
-  auth = new Authenticator(db.sql, config, log);
+  auth = new Authenticator(db.sql, authOptions(config), log);
   app = createApp({
     role: "coordinator",
-    config,
+    settings: apiSettings(config),
     sql: db.sql,
     feed,
     log,
@@ -96,7 +96,7 @@ test("revoking the last token leaves the API closed: 401 without a token", async
   expect(auth.enforced).toBe(true);
   expect(await apiAccess(db.sql)).toMatchObject({ live: 0, closed: true, openedAt: null });
   // A role started afterwards is closed too, and the revoked token does not get in.
-  const fresh = new Authenticator(db.sql, loadConfig({}), pino({ level: "silent" }));
+  const fresh = new Authenticator(db.sql, authOptions(loadConfig({})), pino({ level: "silent" }));
   await fresh.start();
   expect(fresh.enforced).toBe(true);
   await expect(fresh.check(undefined, "read")).rejects.toMatchObject({ code: "unauthenticated" });

@@ -7,7 +7,7 @@ import * as grpc from "@grpc/grpc-js";
 import { createApp } from "../../src/api";
 import { Authenticator } from "../../src/auth/authenticator";
 import { hashToken, newToken, type Scope } from "../../src/auth/tokens";
-import { loadConfig } from "../../src/config";
+import { apiSettings, authOptions, loadConfig } from "../../src/config";
 import { Coordinator } from "../../src/coordinator/coordinator";
 import { TaskChangeFeed } from "../../src/db/notify";
 import { insertTask } from "../../src/db/tasks";
@@ -274,11 +274,11 @@ test(`REST: ${REST_CASES} hostile requests, never a 5xx, nothing rejected is wri
   const config = loadConfig({});
   const feed = new TaskChangeFeed(db.sql);
   await feed.start();
-  const auth = new Authenticator(db.sql, config, silentLogger);
+  const auth = new Authenticator(db.sql, authOptions(config), silentLogger);
   await auth.start();
   const app = createApp({
     role: "scheduler",
-    config,
+    settings: apiSettings(config),
     sql: db.sql,
     feed,
     log: silentLogger,

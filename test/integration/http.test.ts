@@ -3,7 +3,7 @@ import pino from "pino";
 import type { ApiDeps } from "../../src/api/deps";
 import { createApp } from "../../src/api/index";
 import { HTTP_ERROR_CODES } from "../../src/api/model";
-import { loadConfig } from "../../src/config";
+import { apiSettings, loadConfig } from "../../src/config";
 import { TaskChangeFeed } from "../../src/db/notify";
 import { connect, type Sql } from "../../src/db/sql";
 import { cancelTask, claimDue, finishAttempt, getTask, insertTask } from "../../src/db/tasks";
@@ -21,7 +21,7 @@ let app: ReturnType<typeof createApp>;
 function depsFor(sql: Sql, over: Partial<ApiDeps> = {}): ApiDeps {
   return {
     role: "scheduler",
-    config: loadConfig({}),
+    settings: apiSettings(loadConfig({})),
     sql,
     feed: new TaskChangeFeed(sql),
     log: silentLogger,
@@ -409,7 +409,7 @@ describe("body size limit", () => {
   const limit = 1024;
   let small: ReturnType<typeof createApp>;
   beforeAll(() => {
-    small = createApp(depsFor(db.sql, { feed, config: loadConfig({ TQ_MAX_BODY_BYTES: String(limit) }) }));
+    small = createApp(depsFor(db.sql, { feed, settings: apiSettings(loadConfig({ TQ_MAX_BODY_BYTES: String(limit) })) }));
   });
   const bodyOf = (size: number) => {
     const body = JSON.stringify({ command: "x".repeat(size - '{"command":""}'.length) });

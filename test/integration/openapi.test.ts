@@ -5,7 +5,7 @@ import { beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { createConfig, lintFromString } from "@redocly/openapi-core";
 import { createApp } from "../../src/api/index";
 import { HTTP_ERROR_CODES } from "../../src/api/model";
-import { loadConfig } from "../../src/config";
+import { apiSettings, loadConfig } from "../../src/config";
 import { TaskChangeFeed } from "../../src/db/notify";
 import { insertTask } from "../../src/db/tasks";
 import { silentLogger } from "../../src/log";
@@ -21,7 +21,7 @@ let doc: any;
 beforeAll(async () => {
   app = createApp({
     role: "coordinator",
-    config: loadConfig({}),
+    settings: apiSettings(loadConfig({})),
     sql: db.sql,
     feed: new TaskChangeFeed(db.sql),
     log: silentLogger,

@@ -8,7 +8,7 @@ import { createApp } from "../../src/api";
 import { Authenticator } from "../../src/auth/authenticator";
 import { checkExposure } from "../../src/auth/exposure";
 import { hashToken, newToken, type Scope } from "../../src/auth/tokens";
-import { ConfigError, loadConfig } from "../../src/config";
+import { apiSettings, authOptions, ConfigError, loadConfig } from "../../src/config";
 import { Coordinator } from "../../src/coordinator/coordinator";
 import { TaskChangeFeed } from "../../src/db/notify";
 import { insertTask } from "../../src/db/tasks";
@@ -59,11 +59,11 @@ describe("REST", () => {
     const config = loadConfig({ TQ_RATE_LIMIT_PER_SECOND: "1", TQ_RATE_LIMIT_BURST: "1000" });
     feed = new TaskChangeFeed(db.sql);
     await feed.start();
-    auth = new Authenticator(db.sql, config, captured.log);
+    auth = new Authenticator(db.sql, authOptions(config), captured.log);
     await auth.start();
     app = createApp({
       role: "scheduler",
-      config,
+      settings: apiSettings(config),
       sql: db.sql,
       feed,
       log: captured.log,
@@ -180,12 +180,12 @@ describe("REST", () => {
 test("a per-token rate limit answers 429 with Retry-After", async () => {
   const token = await makeToken(`limited-${Date.now()}`, ["read"]);
   const config = loadConfig({ TQ_RATE_LIMIT_PER_SECOND: "0.5", TQ_RATE_LIMIT_BURST: "2" });
-  const auth = new Authenticator(db.sql, config, silentLogger);
+  const auth = new Authenticator(db.sql, authOptions(config), silentLogger);
   await auth.start();
   const feed = new TaskChangeFeed(db.sql);
   const app = createApp({
     role: "scheduler",
-    config,
+    settings: apiSettings(config),
     sql: db.sql,
     feed,
     log: silentLogger,
@@ -205,12 +205,12 @@ test("a per-token rate limit answers 429 with Retry-After", async () => {
 test("tokens from TQ_API_TOKENS work alongside the table's", async () => {
   const { token } = newToken();
   const config = loadConfig({ TQ_API_TOKENS: `from-config:read+submit:${hashToken(token)}` });
-  const auth = new Authenticator(db.sql, config, silentLogger);
+  const auth = new Authenticator(db.sql, authOptions(config), silentLogger);
   await auth.start();
   expect(auth.enforced).toBe(true);
   expect((await auth.check(`Bearer ${token}`, "submit")).name).toBe("from-config");
   await expect(auth.check(`Bearer ${token}`, "cancel")).rejects.toMatchObject({ code: "permission_denied" });
-  expect(() => new Authenticator(db.sql, loadConfig({ TQ_API_TOKENS: "bad entry" }), silentLogger)).toThrow(
+  expect(() => new Authenticator(db.sql, authOptions(loadConfig({ TQ_API_TOKENS: "bad entry" })), silentLogger)).toThrow(
     /not name:scope\+scope:sha256-hex/,
   );
   auth.stop();

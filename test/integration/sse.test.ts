@@ -3,7 +3,7 @@ import type { ApiDeps } from "../../src/api/deps";
 import { createApp } from "../../src/api/index";
 import { watchTask } from "../../src/api/service";
 import { taskEventsResponse } from "../../src/api/sse";
-import { loadConfig } from "../../src/config";
+import { apiSettings, loadConfig } from "../../src/config";
 import { listTaskEvents } from "../../src/db/events";
 import { type TaskChange, TaskChangeFeed } from "../../src/db/notify";
 import type { Sql } from "../../src/db/sql";
@@ -59,7 +59,7 @@ function watchedFeed(sql: Sql) {
 function depsFor(sql: Sql, feed: TaskChangeFeed): ApiDeps {
   return {
     role: "coordinator",
-    config: loadConfig({}),
+    settings: apiSettings(loadConfig({})),
     sql,
     feed,
     log: silentLogger,

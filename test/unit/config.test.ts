@@ -1,5 +1,17 @@
 import { expect, test } from "bun:test";
-import { ConfigError, coordinatorAddresses, loadConfig, requireDatabaseUrl } from "../../src/config";
+import { readdirSync, readFileSync, statSync } from "node:fs";
+import { join, relative } from "node:path";
+import {
+  apiSettings,
+  authOptions,
+  ConfigError,
+  coordinatorAddresses,
+  leaseTimings,
+  loadConfig,
+  requireDatabaseUrl,
+  taskDefaults,
+} from "../../src/config";
+import { leaseMsFor } from "../../src/task/lease";
 
 test("defaults apply when nothing is set", () => {
   const config = loadConfig({});
@@ -53,4 +65,75 @@ test("coordinator addresses are a host:port list", () => {
 test("single roles need DATABASE_URL", () => {
   expect(() => requireDatabaseUrl(loadConfig({}), "scheduler")).toThrow(/scheduler needs DATABASE_URL/);
   expect(requireDatabaseUrl(loadConfig({ DATABASE_URL: "postgres://x@h/db" }), "scheduler")).toBe("postgres://x@h/db");
+});
+
+test("the parts get their settings under domain names", () => {
+  const config = loadConfig({
+    TQ_DEFAULT_MAX_ATTEMPTS: "7",
+    TQ_RETRY_BACKOFF_BASE_MS: "250",
+    TQ_RETRY_BACKOFF_CAP_MS: "9000",
+    TQ_MAX_BODY_BYTES: "4096",
+    TQ_MAX_BATCH: "12",
+    TQ_HEARTBEAT_INTERVAL_MS: "200",
+    TQ_HEARTBEAT_TIMEOUT_MS: "1000",
+    TQ_HOST: "0.0.0.0",
+    TQ_INSECURE: "true",
+    TQ_API_TOKENS: "ci:read:abc",
+    TQ_RATE_LIMIT_PER_SECOND: "2.5",
+    TQ_RATE_LIMIT_BURST: "9",
+  });
+  const defaults = { maxAttempts: 7, retry: { backoffBaseMs: 250, backoffCapMs: 9000 } };
+  expect(taskDefaults(config)).toEqual(defaults);
+  expect(apiSettings(config)).toEqual({ maxBodyBytes: 4096, maxBatchTasks: 12, taskDefaults: defaults, workerTimeoutMs: 1000 });
+  expect(authOptions(config)).toEqual({
+    host: "0.0.0.0",
+    insecure: true,
+    configuredTokens: "ci:read:abc",
+    rateLimit: { perSecond: 2.5, burst: 9 },
+  });
+  expect(leaseTimings(config)).toEqual({ heartbeatIntervalMs: 200, heartbeatTimeoutMs: 1000, leaseMs: 1200 });
+});
+
+test("an attempt's lease is the heartbeat timeout plus one interval", () => {
+  expect(leaseMsFor({ heartbeatIntervalMs: 1000, heartbeatTimeoutMs: 3000 })).toBe(4000);
+  expect(leaseTimings(loadConfig({})).leaseMs).toBe(4000);
+});
+
+// The roles' assembly (and the checks of the configuration itself, whose messages name the
+// variables to set) may read the configuration by its variables' names; the parts they build
+// take typed options instead.
+const READS_CONFIGURATION = new Set([
+  "src/config.ts",
+  "src/role.ts",
+  "src/tls.ts",
+  "src/start.ts",
+  "src/auth/exposure.ts",
+  "src/coordinator/coordinator.ts",
+  "src/scheduler/scheduler.ts",
+  "src/worker/main.ts",
+  "src/worker/options.ts",
+]);
+
+function sources(dir: string): string[] {
+  return readdirSync(dir).flatMap((name) => {
+    const path = join(dir, name);
+    if (statSync(path).isDirectory()) return name === "gen" ? [] : sources(path);
+    return path.endsWith(".ts") ? [path] : [];
+  });
+}
+
+test("no part below a role reads a setting by its variable's name, and the lease is computed once", () => {
+  const root = join(import.meta.dir, "../..");
+  const readers: string[] = [];
+  const leaseFormulas: string[] = [];
+  for (const path of sources(join(root, "src"))) {
+    const file = relative(root, path);
+    const text = readFileSync(path, "utf8");
+    if (/\.TQ_[A-Z0-9_]+\b/.test(text) && !READS_CONFIGURATION.has(file)) readers.push(file);
+    if (/heartbeat_?timeout_?ms\s*\+|\+\s*[\w.]*heartbeat_?timeout_?ms/i.test(text) && file !== "src/task/lease.ts") {
+      leaseFormulas.push(file);
+    }
+  }
+  expect(readers).toEqual([]);
+  expect(leaseFormulas).toEqual([]);
 });

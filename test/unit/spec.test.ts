@@ -1,22 +1,19 @@
 import { describe, expect, test } from "bun:test";
-import { loadConfig } from "../../src/config";
+import { decodeCursor, encodeCursor } from "../../src/api/cursor";
+import { loadConfig, taskDefaults } from "../../src/config";
 import { TaskQueueError } from "../../src/task/errors";
+import { MAX_TIME_MS, MIN_TIME_MS, parseRfc3339 } from "../../src/task/rfc3339";
 import {
-  decodeCursor,
-  encodeCursor,
   isTaskId,
   MAX_COMMAND_BYTES,
   MAX_ENV_VALUE_BYTES,
-  MAX_TIME_MS,
-  MIN_TIME_MS,
   parseIdempotencyKey,
-  parseScheduledAt,
   toBatchSpecs,
   toScheduleSpec,
   toTaskSpec,
 } from "../../src/task/spec";
 
-const config = loadConfig({});
+const defaults = taskDefaults(loadConfig({}));
 
 /** The invalid_argument error `run` throws, so tests can check its field and message. */
 function rejection(run: () => unknown): TaskQueueError {
@@ -33,7 +30,7 @@ const rejects = (
   input: unknown,
   field: string,
   message?: RegExp,
-  parse: (input: unknown) => unknown = (body) => toTaskSpec(body, config),
+  parse: (input: unknown) => unknown = (body) => toTaskSpec(body, defaults),
 ) => {
   const error = rejection(() => parse(input));
   expect(error.field).toBe(field);
@@ -43,18 +40,18 @@ const rejects = (
 
 describe("toTaskSpec", () => {
   test("a bare command gets the defaults: now, no timeout, configured attempts", () => {
-    expect(toTaskSpec({ command: "echo hi" }, config)).toEqual({
+    expect(toTaskSpec({ command: "echo hi" }, defaults)).toEqual({
       command: "echo hi",
       scheduledAt: null,
       timeoutMs: 0,
-      maxAttempts: config.TQ_DEFAULT_MAX_ATTEMPTS,
+      maxAttempts: defaults.maxAttempts,
       env: {},
       secretEnv: {},
       cwd: null,
       retry: { onFailure: true, onTimeout: true, onLost: true, backoffBaseMs: 1000, backoffCapMs: 60_000 },
       idempotencyKey: null,
     });
-    expect(toTaskSpec({ command: "x" }, { ...config, TQ_DEFAULT_MAX_ATTEMPTS: 7 }).maxAttempts).toBe(7);
+    expect(toTaskSpec({ command: "x" }, { ...defaults, maxAttempts: 7 }).maxAttempts).toBe(7);
   });
 
   test("the full form is carried over", () => {
@@ -67,7 +64,7 @@ describe("toTaskSpec", () => {
         env: { A: "1", _b2: "two words" },
         cwd: "/srv/app",
       },
-      config,
+      defaults,
     );
     expect(spec).toEqual({
       command: "make test",
@@ -83,7 +80,7 @@ describe("toTaskSpec", () => {
   });
 
   test("a retry policy overrides the defaults field by field", () => {
-    const spec = toTaskSpec({ command: "x", retry: { on_failure: false, backoff_base_ms: 50 } }, config);
+    const spec = toTaskSpec({ command: "x", retry: { on_failure: false, backoff_base_ms: 50 } }, defaults);
     expect(spec.retry).toEqual({ onFailure: false, onTimeout: true, onLost: true, backoffBaseMs: 50, backoffCapMs: 60_000 });
     rejects({ command: "x", retry: { on_failure: "no" } }, "retry.on_failure");
     rejects({ command: "x", retry: { backoff_base_ms: -1 } }, "retry.backoff_base_ms");
@@ -92,23 +89,23 @@ describe("toTaskSpec", () => {
 
   test("backoff_cap_ms below backoff_base_ms is refused; a default yields to what was sent", () => {
     rejects({ command: "x", retry: { backoff_base_ms: 5000, backoff_cap_ms: 4999 } }, "retry.backoff_cap_ms", /at least/);
-    const equal = toTaskSpec({ command: "x", retry: { backoff_base_ms: 5000, backoff_cap_ms: 5000 } }, config).retry;
+    const equal = toTaskSpec({ command: "x", retry: { backoff_base_ms: 5000, backoff_cap_ms: 5000 } }, defaults).retry;
     expect([equal.backoffBaseMs, equal.backoffCapMs]).toEqual([5000, 5000]);
-    const highBase = toTaskSpec({ command: "x", retry: { backoff_base_ms: 120_000 } }, config).retry;
+    const highBase = toTaskSpec({ command: "x", retry: { backoff_base_ms: 120_000 } }, defaults).retry;
     expect([highBase.backoffBaseMs, highBase.backoffCapMs]).toEqual([120_000, 120_000]);
-    const lowCap = toTaskSpec({ command: "x", retry: { backoff_cap_ms: 200 } }, config).retry;
+    const lowCap = toTaskSpec({ command: "x", retry: { backoff_cap_ms: 200 } }, defaults).retry;
     expect([lowCap.backoffBaseMs, lowCap.backoffCapMs]).toEqual([200, 200]);
   });
 
   test("a batch: empty says so, items may carry their own idempotency_key, errors name the item", () => {
-    rejects({ tasks: [] }, "tasks", /tasks is empty; a batch holds 1 to 10 tasks/, (input) => toBatchSpecs(input, config, 10));
-    const specs = toBatchSpecs({ tasks: [{ command: "a", idempotency_key: "k-1" }, { command: "b" }] }, config, 10);
+    rejects({ tasks: [] }, "tasks", /tasks is empty; a batch holds 1 to 10 tasks/, (input) => toBatchSpecs(input, defaults, 10));
+    const specs = toBatchSpecs({ tasks: [{ command: "a", idempotency_key: "k-1" }, { command: "b" }] }, defaults, 10);
     expect(specs.map((spec) => spec.idempotencyKey)).toEqual(["k-1", null]);
     rejects({ tasks: [{ command: "a" }, { command: 5 }] }, "tasks[1].command", /string/, (input) =>
-      toBatchSpecs(input, config, 10),
+      toBatchSpecs(input, defaults, 10),
     );
     rejects({ tasks: [{ command: "a", idempotency_key: "a b" }] }, "tasks[0].idempotency_key", /visible ASCII/, (input) =>
-      toBatchSpecs(input, config, 10),
+      toBatchSpecs(input, defaults, 10),
     );
   });
 
@@ -128,9 +125,9 @@ describe("toTaskSpec", () => {
     rejects({ command: "  \t\n" }, "command", /blank/);
     rejects({ command: "echo a\0b" }, "command", /NUL/);
     rejects({ command: "x".repeat(MAX_COMMAND_BYTES + 1) }, "command", /at most 65536 bytes/);
-    expect(toTaskSpec({ command: "x".repeat(MAX_COMMAND_BYTES) }, config).command).toHaveLength(MAX_COMMAND_BYTES);
+    expect(toTaskSpec({ command: "x".repeat(MAX_COMMAND_BYTES) }, defaults).command).toHaveLength(MAX_COMMAND_BYTES);
     // UTF-8 bytes, not characters: 32768 two-byte characters fill the limit, one more is over.
-    expect(toTaskSpec({ command: "é".repeat(MAX_COMMAND_BYTES / 2) }, config).command).toHaveLength(MAX_COMMAND_BYTES / 2);
+    expect(toTaskSpec({ command: "é".repeat(MAX_COMMAND_BYTES / 2) }, defaults).command).toHaveLength(MAX_COMMAND_BYTES / 2);
     rejects({ command: "é".repeat(MAX_COMMAND_BYTES / 2 + 1) }, "command", /at most 65536 bytes \(UTF-8\); it has 65538/);
     rejects({ command: "😀".repeat(MAX_COMMAND_BYTES / 4 + 1) }, "command", /at most 65536 bytes/);
   });
@@ -143,8 +140,8 @@ describe("toTaskSpec", () => {
   });
 
   test("timeout_ms: an integer from 0 to 7 days", () => {
-    expect(toTaskSpec({ command: "x", timeout_ms: 0 }, config).timeoutMs).toBe(0);
-    expect(toTaskSpec({ command: "x", timeout_ms: 604_800_000 }, config).timeoutMs).toBe(604_800_000);
+    expect(toTaskSpec({ command: "x", timeout_ms: 0 }, defaults).timeoutMs).toBe(0);
+    expect(toTaskSpec({ command: "x", timeout_ms: 604_800_000 }, defaults).timeoutMs).toBe(604_800_000);
     rejects({ command: "x", timeout_ms: -1 }, "timeout_ms", /from 0 to 604800000/);
     rejects({ command: "x", timeout_ms: 604_800_001 }, "timeout_ms", /integer/);
     rejects({ command: "x", timeout_ms: 1.5 }, "timeout_ms", /integer/);
@@ -152,8 +149,8 @@ describe("toTaskSpec", () => {
   });
 
   test("max_attempts: an integer from 1 to 100", () => {
-    expect(toTaskSpec({ command: "x", max_attempts: 1 }, config).maxAttempts).toBe(1);
-    expect(toTaskSpec({ command: "x", max_attempts: 100 }, config).maxAttempts).toBe(100);
+    expect(toTaskSpec({ command: "x", max_attempts: 1 }, defaults).maxAttempts).toBe(1);
+    expect(toTaskSpec({ command: "x", max_attempts: 100 }, defaults).maxAttempts).toBe(100);
     rejects({ command: "x", max_attempts: 0 }, "max_attempts", /from 1 to 100/);
     rejects({ command: "x", max_attempts: 101 }, "max_attempts");
     rejects({ command: "x", max_attempts: null }, "max_attempts");
@@ -169,8 +166,8 @@ describe("toTaskSpec", () => {
     const many = Object.fromEntries(Array.from({ length: 257 }, (_, i) => [`V${i}`, "x"]));
     rejects({ command: "x", env: many }, "env", /at most 256 entries/);
     const enough = Object.fromEntries(Array.from({ length: 256 }, (_, i) => [`V${i}`, "x"]));
-    expect(Object.keys(toTaskSpec({ command: "x", env: enough }, config).env)).toHaveLength(256);
-    expect(toTaskSpec({ command: "x", env: { BIG: "x".repeat(MAX_ENV_VALUE_BYTES) } }, config).env.BIG).toHaveLength(
+    expect(Object.keys(toTaskSpec({ command: "x", env: enough }, defaults).env)).toHaveLength(256);
+    expect(toTaskSpec({ command: "x", env: { BIG: "x".repeat(MAX_ENV_VALUE_BYTES) } }, defaults).env.BIG).toHaveLength(
       MAX_ENV_VALUE_BYTES,
     );
     rejects({ command: "x", env: { BIG: "x".repeat(MAX_ENV_VALUE_BYTES + 1) } }, "env.BIG");
@@ -179,7 +176,7 @@ describe("toTaskSpec", () => {
   });
 
   test("cwd: an absolute path without NUL, at most 4096 characters", () => {
-    expect(toTaskSpec({ command: "x", cwd: "/" }, config).cwd).toBe("/");
+    expect(toTaskSpec({ command: "x", cwd: "/" }, defaults).cwd).toBe("/");
     rejects({ command: "x", cwd: "relative/dir" }, "cwd", /absolute/);
     rejects({ command: "x", cwd: "" }, "cwd");
     rejects({ command: "x", cwd: "/tmp/\0" }, "cwd", /NUL/);
@@ -192,8 +189,8 @@ describe("toTaskSpec", () => {
   });
 });
 
-describe("parseScheduledAt", () => {
-  const parse = (value: string) => parseScheduledAt(value, "scheduled_at");
+describe("parseRfc3339", () => {
+  const parse = (value: string) => parseRfc3339(value, "scheduled_at");
   const refused = (value: string, message: RegExp) => {
     const error = rejection(() => parse(value));
     expect(error.field).toBe("scheduled_at");
@@ -277,38 +274,38 @@ describe("parseScheduledAt", () => {
   });
 
   test("names the field it was given", () => {
-    expect(rejection(() => parseScheduledAt("nope", "schedule_at")).field).toBe("schedule_at");
+    expect(rejection(() => parseRfc3339("nope", "schedule_at")).field).toBe("schedule_at");
   });
 });
 
 describe("toScheduleSpec", () => {
   test("requires scheduled_at and normalizes it", () => {
-    const spec = toScheduleSpec({ command: "echo hi", scheduled_at: "2023-04-01T17:04:05+02:00" }, config);
+    const spec = toScheduleSpec({ command: "echo hi", scheduled_at: "2023-04-01T17:04:05+02:00" }, defaults);
     expect(spec.scheduledAt?.toISOString()).toBe("2023-04-01T15:04:05.000Z");
     expect(spec.command).toBe("echo hi");
-    const missing = rejection(() => toScheduleSpec({ command: "echo hi" }, config));
+    const missing = rejection(() => toScheduleSpec({ command: "echo hi" }, defaults));
     expect(missing.field).toBe("scheduled_at");
     expect(missing.message).toMatch(/required/);
   });
 
   test("accepts the seed's legacy schedule_at alias", () => {
-    const spec = toScheduleSpec({ command: "x", schedule_at: "2023-04-01T15:04:05Z" }, config);
+    const spec = toScheduleSpec({ command: "x", schedule_at: "2023-04-01T15:04:05Z" }, defaults);
     expect(spec.scheduledAt?.toISOString()).toBe("2023-04-01T15:04:05.000Z");
-    expect(rejection(() => toScheduleSpec({ command: "x", schedule_at: "soon" }, config)).field).toBe("schedule_at");
+    expect(rejection(() => toScheduleSpec({ command: "x", schedule_at: "soon" }, defaults)).field).toBe("schedule_at");
     const same = { command: "x", scheduled_at: "2023-04-01T15:04:05Z", schedule_at: "2023-04-01T16:04:05+01:00" };
-    expect(toScheduleSpec(same, config).scheduledAt?.toISOString()).toBe("2023-04-01T15:04:05.000Z");
+    expect(toScheduleSpec(same, defaults).scheduledAt?.toISOString()).toBe("2023-04-01T15:04:05.000Z");
     const differ = rejection(() =>
-      toScheduleSpec({ command: "x", scheduled_at: "2023-04-01T15:04:05Z", schedule_at: "2023-04-02T15:04:05Z" }, config),
+      toScheduleSpec({ command: "x", scheduled_at: "2023-04-01T15:04:05Z", schedule_at: "2023-04-02T15:04:05Z" }, defaults),
     );
     expect(differ.field).toBe("schedule_at");
   });
 
   test("applies the same command rules and refuses other fields", () => {
-    expect(rejection(() => toScheduleSpec({ command: "a\0", scheduled_at: "2023-04-01T15:04:05Z" }, config)).field).toBe(
+    expect(rejection(() => toScheduleSpec({ command: "a\0", scheduled_at: "2023-04-01T15:04:05Z" }, defaults)).field).toBe(
       "command",
     );
     expect(
-      rejection(() => toScheduleSpec({ command: "x", scheduled_at: "2023-04-01T15:04:05Z", timeout_ms: 5 }, config)).field,
+      rejection(() => toScheduleSpec({ command: "x", scheduled_at: "2023-04-01T15:04:05Z", timeout_ms: 5 }, defaults)).field,
     ).toBe("timeout_ms");
   });
 });
