@@ -1,4 +1,9 @@
+// Runs one command: `sh -c` in its own session and process group, with the task's env and cwd,
+// a timeout, and a stop that reaches the whole group (SIGTERM, then SIGKILL after the grace).
+// A result resolves only once nothing of the group runs and its pipes are read out; what the
+// command wrote is captured by src/worker/output.ts.
 import { readdirSync, readFileSync, statSync } from "node:fs";
+import { type CapturedOutput, captureTail, NO_OUTPUT } from "./output";
 
 export type Outcome = "exited" | "spawn_failed" | "timed_out" | "cancelled" | "abandoned";
 
@@ -24,16 +29,12 @@ export interface RunSpec {
   drainMs?: number;
 }
 
-export interface RunResult {
+export interface RunResult extends CapturedOutput {
   outcome: Outcome;
   /** null when killed by a signal or never spawned. */
   exitCode: number | null;
   /** Signal name (e.g. "SIGKILL") or number for unnamed signals; null when exited normally. */
   signal: string | null;
-  stdout: string;
-  stderr: string;
-  stdoutTruncated: boolean;
-  stderrTruncated: boolean;
   /** Why the task did not run to completion; null for "exited", "cancelled" and "abandoned". */
   error: string | null;
   pid: number | null;
@@ -80,65 +81,6 @@ function inheritable(baseEnv: Record<string, string | undefined>): Record<string
   return out;
 }
 
-const DECODER = new TextDecoder("utf-8", { ignoreBOM: true });
-
-/** Keeps the last `limit` bytes written to it; memory stays within limit plus one chunk. */
-export class TailBuffer {
-  private readonly chunks: Uint8Array[] = [];
-  private size = 0;
-  private dropped = false;
-
-  constructor(private readonly limit: number) {}
-
-  push(chunk: Uint8Array): void {
-    if (chunk.length === 0) return;
-    if (chunk.length >= this.limit) {
-      // Copy: a view would pin the whole (possibly large) chunk in memory.
-      this.dropped ||= this.size > 0 || chunk.length > this.limit;
-      this.chunks.length = 0;
-      this.chunks.push(chunk.slice(chunk.length - this.limit));
-      this.size = this.limit;
-      return;
-    }
-    this.chunks.push(chunk);
-    this.size += chunk.length;
-    // Drop whole chunks that lie entirely before the tail; the partial one is cut in bytes().
-    let first = this.chunks[0];
-    while (first !== undefined && this.size - first.length >= this.limit) {
-      this.chunks.shift();
-      this.size -= first.length;
-      this.dropped = true;
-      first = this.chunks[0];
-    }
-  }
-
-  get truncated(): boolean {
-    return this.dropped || this.size > this.limit;
-  }
-
-  bytes(): Uint8Array {
-    const all = new Uint8Array(this.size);
-    let at = 0;
-    for (const c of this.chunks) {
-      all.set(c, at);
-      at += c.length;
-    }
-    return this.size > this.limit ? all.subarray(this.size - this.limit) : all;
-  }
-
-  /** UTF-8 text; when the head was cut, a partial leading character is dropped. */
-  text(): string {
-    let bytes = this.bytes();
-    if (this.truncated) {
-      let skip = 0;
-      // At most 3 continuation bytes (10xxxxxx) can precede the next character start.
-      while (skip < 3 && skip < bytes.length && ((bytes[skip] ?? 0) & 0xc0) === 0x80) skip++;
-      bytes = bytes.subarray(skip);
-    }
-    return DECODER.decode(bytes);
-  }
-}
-
 export function execute(spec: RunSpec): Execution {
   const startedAt = new Date();
   const cwd = spec.cwd === undefined || spec.cwd === "" ? undefined : spec.cwd;
@@ -163,13 +105,8 @@ export function execute(spec: RunSpec): Execution {
   }
 
   const pid = proc.pid;
-  const limit = Math.max(0, Math.floor(spec.maxOutputBytes));
   const grace = Math.max(0, spec.killGraceMs);
-  const out = new TailBuffer(limit);
-  const err = new TailBuffer(limit);
-  const stdoutReader = proc.stdout.getReader();
-  const stderrReader = proc.stderr.getReader();
-  const reading = Promise.all([pump(stdoutReader, out), pump(stderrReader, err)]);
+  const output = captureTail(proc.stdout, proc.stderr, spec.maxOutputBytes);
 
   let stopReason: "cancelled" | "abandoned" | "timed_out" | null = null;
   let leaderExited = false;
@@ -214,26 +151,26 @@ export function execute(spec: RunSpec): Execution {
     if (!groupExists(pid)) {
       // The usual case: the group ended with its leader. Nothing to signal; read the pipes out
       // (bounded, as a descendant that left the group may still hold them).
-      drained = await settledWithin(reading, grace + (spec.drainMs ?? DEFAULT_DRAIN_MS));
+      drained = await settledWithin(output.done, grace + (spec.drainMs ?? DEFAULT_DRAIN_MS));
     } else {
       // The task ends with its leader: anything it left running in the group gets SIGTERM and
       // the same grace (ended early once nothing holds our pipes), then SIGKILL. The group id
       // cannot be reused while any member lives, and pids are allocated sequentially, so
       // signalling it here is safe in practice.
       terminate();
-      await Promise.race([reading, killed]);
+      await Promise.race([output.done, killed]);
       kill();
       // SIGKILL is delivered asynchronously; wait until the group has really stopped running
       // so that a resolved result means nothing of the task is left, and until our pipes are
       // closed.
       let draining = true;
-      drained = await settledWithin(Promise.all([reading, groupGone(pid, () => draining)]), spec.drainMs ?? DEFAULT_DRAIN_MS);
+      drained = await settledWithin(Promise.all([output.done, groupGone(pid, () => draining)]), spec.drainMs ?? DEFAULT_DRAIN_MS);
       draining = false;
     }
     clearTimeout(killTimer);
     if (!drained) {
       // A descendant escaped the group (setsid) and still holds a pipe; keep what we have.
-      await Promise.all([stdoutReader.cancel().catch(() => {}), stderrReader.cancel().catch(() => {})]);
+      await output.cancel();
     }
 
     const signal = proc.signalCode === null ? null : String(proc.signalCode);
@@ -241,10 +178,7 @@ export function execute(spec: RunSpec): Execution {
       outcome: stopReason ?? "exited",
       exitCode: proc.exitCode,
       signal,
-      stdout: out.text(),
-      stderr: err.text(),
-      stdoutTruncated: out.truncated,
-      stderrTruncated: err.truncated,
+      ...output.collect(),
       error: stopReason === "timed_out" ? `timed out after ${timedOutAfter} ms` : null,
       pid,
       startedAt,
@@ -266,10 +200,7 @@ function failed(startedAt: Date, error: string): Execution {
     outcome: "spawn_failed",
     exitCode: null,
     signal: null,
-    stdout: "",
-    stderr: "",
-    stdoutTruncated: false,
-    stderrTruncated: false,
+    ...NO_OUTPUT,
     error,
     pid: null,
     startedAt,
@@ -286,23 +217,6 @@ function checkDirectory(cwd: string): string | null {
     const code = errorCode(err);
     if (code === "ENOENT") return `cwd ${cwd} does not exist`;
     return `cwd ${cwd} is not accessible: ${errorText(err)}`;
-  }
-}
-
-// Structural reader type: Bun's pipes are typed as node:stream/web readers, which the DOM
-// ReadableStreamDefaultReader type does not accept.
-async function pump(
-  reader: { read(): Promise<{ done: boolean; value?: Uint8Array | undefined }> },
-  into: TailBuffer,
-): Promise<void> {
-  try {
-    for (;;) {
-      const { done, value } = await reader.read();
-      if (done) return;
-      if (value !== undefined) into.push(value);
-    }
-  } catch {
-    // A read error ends this stream's output; the exit status is still the result.
   }
 }
 

@@ -2,23 +2,22 @@
 // It dials its coordinator list in order and reconnects with backoff when the stream ends;
 // running tasks keep running meanwhile, and results not yet acknowledged are re-sent on the
 // next stream. stop() drains: no new work, running tasks finish or are handed back.
-import { create } from "@bufbuild/protobuf";
-import { timestampFromDate, timestampMs } from "@bufbuild/protobuf/wkt";
+// This file is the loop: the stream, reconnecting, the lease while cut off, and handing each
+// message to its part: the attempts held (attempts.ts) or what is sent (reporter.ts).
+import { timestampMs } from "@bufbuild/protobuf/wkt";
 import * as grpc from "@grpc/grpc-js";
 import {
   type Assign,
   type CoordinatorMessage,
-  Outcome,
-  type TaskFinished,
-  TaskFinishedSchema,
+  type Welcome,
   type WorkerMessage,
-  WorkerMessageSchema,
   WorkerService,
 } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
 import { clientConstructor } from "../rpc/definitions";
 import { leaseMsFor } from "../task/lease";
-import { type Execution, execute, type RunResult } from "./executor";
+import { Attempts } from "./attempts";
+import { Reporter } from "./reporter";
 
 const WorkerClient = clientConstructor(WorkerService);
 
@@ -42,62 +41,51 @@ export interface WorkerOptions {
   baseEnv: Record<string, string | undefined>;
 }
 
-interface Running {
-  assign: Assign;
-  /** null while the attempt waits for its start time (Assign.start_in_ms). */
-  execution: Execution | null;
-  /** The wait for the start time. */
-  hold?: ReturnType<typeof setTimeout>;
-  /** Why the coordinator told us to stop it, if it did. */
-  stopReason?: string;
-}
-
-const OUTCOMES: Record<RunResult["outcome"], Outcome> = {
-  exited: Outcome.EXITED,
-  spawn_failed: Outcome.SPAWN_FAILED,
-  timed_out: Outcome.TIMED_OUT,
-  cancelled: Outcome.CANCELLED,
-  abandoned: Outcome.ABANDONED,
-};
-
-const key = (taskId: string, attempt: number) => `${taskId}:${attempt}`;
+type Stream = grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage>;
 
 export class Worker {
   private workerId: string;
-  private readonly running = new Map<string, Running>();
-  /** Results the coordinator has not acknowledged yet, re-sent after a reconnect. */
-  private readonly unacked = new Map<string, TaskFinished>();
-  private call: grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage> | null = null;
-  private client: grpc.Client | null = null;
-  private welcomed = false;
-  private stopping = false;
-  private draining = false;
-  private heartbeat: ReturnType<typeof setInterval> | null = null;
-  private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
-  private seq = 0n;
   /** From Welcome: proves on reconnecting that we are the worker that took our id. */
   private resumeToken = "";
-  private failures = 0;
-  /** Where in the coordinator list to start: random, so that workers spread over coordinators. */
+  private readonly reporter = new Reporter((message) => this.write(message));
+  private readonly attempts: Attempts;
+  private stream: Stream | null = null;
+  private client: grpc.Client | null = null;
+  private welcomed = false;
+  /** No new work: the coordinator sent Drain, or stop() began. */
+  private draining = false;
+  /** stop() has finished: the stream is closed and is not dialed again. */
+  private closed = false;
+  private heartbeatTimer: ReturnType<typeof setInterval> | null = null;
+  private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
+  /** Dials that failed since the last Welcome; the reconnect backoff grows with them. */
+  private dialFailures = 0;
+  /** Where in the coordinator list to dial next: starts random, so that workers spread over coordinators. */
   private addressIndex: number;
-  /** Runs while disconnected: when it fires, our view of the leases has lapsed. */
-  private leaseTimer: ReturnType<typeof setTimeout> | null = null;
-  /** The lease on our attempts: from our options, then from the coordinator's Welcome. */
+  /** The coordinator's lease on our attempts (its heartbeat timeout plus an interval), from Welcome. */
   private leaseMs: number;
-  private readonly connectedWaiters = new Set<() => void>();
-  private readonly waiters = new Set<() => void>();
+  /** Runs while disconnected after a Welcome: when it fires, our view of the leases has lapsed. */
+  private cutOffTimer: ReturnType<typeof setTimeout> | null = null;
+  private readonly welcomeWaiters = new Set<() => void>();
 
   constructor(private readonly options: WorkerOptions) {
     this.workerId = options.id ?? Bun.randomUUIDv7();
     this.addressIndex = Math.floor(Math.random() * options.addresses.length);
     this.leaseMs = leaseMsFor(options);
+    this.attempts = new Attempts({
+      log: options.log,
+      killGraceMs: options.killGraceMs,
+      maxOutputBytes: options.maxOutputBytes,
+      baseEnv: options.baseEnv,
+      events: this.reporter,
+    });
   }
 
   get id(): string {
     return this.workerId;
   }
 
-  /** Starts dialing; resolves at once (the worker keeps reconnecting on its own). */
+  /** Starts dialing and returns; the worker keeps reconnecting on its own until stop(). */
   start(): void {
     this.connect();
   }
@@ -105,11 +93,12 @@ export class Worker {
   /** Resolves once a coordinator has welcomed this worker. */
   connected(): Promise<void> {
     if (this.welcomed) return Promise.resolve();
-    return new Promise((resolve) => this.connectedWaiters.add(resolve));
+    return new Promise((resolve) => this.welcomeWaiters.add(resolve));
   }
 
+  /** Attempts held, waiting for their start time or running. */
   get runningCount(): number {
-    return this.running.size;
+    return this.attempts.size;
   }
 
   /**
@@ -118,26 +107,24 @@ export class Worker {
    * closes the stream.
    */
   async stop(): Promise<void> {
-    if (this.stopping) return;
-    this.draining = true;
-    this.releaseHeld("the worker is draining");
-    this.sendHeartbeat();
+    if (this.closed) return;
+    this.drain();
     const grace = this.options.drainGraceMs;
-    if (this.running.size > 0) {
-      this.options.log.info({ running: this.running.size, graceMs: grace }, "draining: waiting for running tasks");
+    if (this.attempts.size > 0) {
+      this.options.log.info({ running: this.attempts.size, graceMs: grace }, "draining: waiting for running tasks");
       const timeout = Bun.sleep(grace).then(() => "timeout" as const);
-      if ((await Promise.race([this.idle(), timeout])) === "timeout") {
-        this.options.log.warn({ running: this.running.size }, "drain grace over: handing running tasks back");
-        for (const [k, entry] of this.running) this.stopEntry(k, entry, "abandoned", "the worker is draining");
-        await this.idle();
+      if ((await Promise.race([this.attempts.empty(), timeout])) === "timeout") {
+        this.options.log.warn({ running: this.attempts.size }, "drain grace over: handing running tasks back");
+        this.attempts.abandonAll("the worker is draining");
+        await this.attempts.empty();
       }
     }
     // Give the coordinator a moment to acknowledge the last results.
-    if (this.unacked.size > 0 && this.welcomed) await Promise.race([this.acked(), Bun.sleep(2000)]);
-    this.stopping = true;
+    if (this.reporter.pending > 0 && this.welcomed) await Promise.race([this.reporter.allAcknowledged(), Bun.sleep(2000)]);
+    this.closed = true;
     this.clearTimers();
-    this.call?.end();
-    this.call = null;
+    this.stream?.end();
+    this.stream = null;
     this.client?.close();
     this.client = null;
   }
@@ -147,11 +134,11 @@ export class Worker {
    * none runs on unsupervised while the coordinator requeues it (it finds this worker lost).
    */
   abort(): void {
-    for (const entry of this.running.values()) entry.execution?.kill();
+    this.attempts.killAll();
   }
 
   private connect(): void {
-    if (this.stopping) return;
+    if (this.closed) return;
     const address = this.options.addresses[this.addressIndex % this.options.addresses.length]!;
     const client = new WorkerClient(address, this.options.credentials ?? grpc.credentials.createInsecure(), {
       // Our own HTTP/2 connection per worker, even when several share a process.
@@ -165,24 +152,22 @@ export class Worker {
     this.client = client;
     const metadata = new grpc.Metadata();
     if (this.options.workerToken) metadata.set("authorization", `Bearer ${this.options.workerToken}`);
-    const call = (
-      client as unknown as { connect(metadata: grpc.Metadata): grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage> }
-    ).connect(metadata);
-    this.call = call;
+    const stream = (client as unknown as { connect(metadata: grpc.Metadata): Stream }).connect(metadata);
+    this.stream = stream;
     let closed = false;
     const onClosed = (why: string) => {
       if (closed) return;
       closed = true;
-      if (this.call === call) this.disconnected(address, why);
+      if (this.stream === stream) this.disconnected(address, why);
       client.close();
     };
     // Messages still buffered from a stream that has failed are dropped: we have already told
     // the next coordinator (in Hello) what we hold, and anything assigned there is requeued.
-    call.on("data", (message: CoordinatorMessage) => {
-      if (this.call === call && !closed) this.receive(message);
+    stream.on("data", (message: CoordinatorMessage) => {
+      if (this.stream === stream && !closed) this.receive(message);
     });
-    call.on("error", (error: grpc.ServiceError) => {
-      if (error.code === grpc.status.PERMISSION_DENIED && this.call === call) {
+    stream.on("error", (error: grpc.ServiceError) => {
+      if (error.code === grpc.status.PERMISSION_DENIED && this.stream === stream) {
         // Our id is held by a worker with another resume token (ours was lost): start afresh.
         // What we still run is superseded there, and is stopped when we report it.
         this.workerId = Bun.randomUUIDv7();
@@ -191,41 +176,33 @@ export class Worker {
       }
       onClosed(error.details || error.message);
     });
-    call.on("end", () => onClosed("stream ended"));
-    call.on("close", () => onClosed("stream closed"));
-    this.write(
-      create(WorkerMessageSchema, {
-        payload: {
-          case: "hello",
-          value: {
-            workerId: this.id,
-            name: this.options.name,
-            slots: this.options.slots,
-            version: this.options.version ?? "",
-            resumeToken: this.resumeToken,
-            inFlight: [...this.running.values()]
-              .map(({ assign }) => assign.ref!)
-              .concat([...this.unacked.values()].map((f) => f.ref!)),
-          },
-        },
-      }),
-      true,
+    stream.on("end", () => onClosed("stream ended"));
+    stream.on("close", () => onClosed("stream closed"));
+    this.reporter.hello(
+      {
+        workerId: this.id,
+        name: this.options.name,
+        slots: this.options.slots,
+        version: this.options.version ?? "",
+        resumeToken: this.resumeToken,
+      },
+      this.attempts.refs(),
     );
   }
 
   private disconnected(address: string, why: string): void {
-    this.call = null;
+    this.stream = null;
     this.client = null;
     const wasWelcomed = this.welcomed;
     this.welcomed = false;
-    if (this.heartbeat) clearInterval(this.heartbeat);
-    this.heartbeat = null;
-    if (this.stopping) return;
-    if (wasWelcomed) this.startLeaseTimer();
-    this.failures = wasWelcomed ? 1 : this.failures + 1;
+    if (this.heartbeatTimer) clearInterval(this.heartbeatTimer);
+    this.heartbeatTimer = null;
+    if (this.closed) return;
+    if (wasWelcomed) this.startCutOffTimer();
+    this.dialFailures = wasWelcomed ? 1 : this.dialFailures + 1;
     // Move on to the next coordinator in the list after a failure there.
     this.addressIndex++;
-    const backoff = Math.min(5000, 100 * 2 ** Math.min(this.failures - 1, 6));
+    const backoff = Math.min(5000, 100 * 2 ** Math.min(this.dialFailures - 1, 6));
     const delay = Math.round(backoff / 2 + (Math.random() * backoff) / 2);
     this.options.log.warn({ address, why, retryInMs: delay }, "disconnected from coordinator");
     this.reconnectTimer = setTimeout(() => this.connect(), delay);
@@ -235,55 +212,46 @@ export class Worker {
     const payload = message.payload;
     switch (payload.case) {
       case "welcome":
-        this.welcomed = true;
-        if (payload.value.resumeToken) this.resumeToken = payload.value.resumeToken;
-        this.failures = 0;
-        // The coordinator's lease on our attempts follows from its heartbeat timings.
-        if (payload.value.heartbeatTimeoutMs > 0) this.leaseMs = leaseMsFor(payload.value);
-        if (this.leaseTimer) clearTimeout(this.leaseTimer);
-        this.leaseTimer = null;
-        this.options.log.info({ coordinator: payload.value.coordinatorId }, "connected");
-        for (const finished of this.unacked.values()) this.write(finishedMessage(finished));
-        this.heartbeat = setInterval(() => this.sendHeartbeat(), this.options.heartbeatIntervalMs);
-        for (const resolve of this.connectedWaiters) resolve();
-        this.connectedWaiters.clear();
+        this.welcome(payload.value);
         return;
       case "assign":
-        this.run(payload.value);
+        this.assigned(payload.value);
         return;
-      case "cancel": {
-        const ref = payload.value.ref;
-        const running = ref ? this.running.get(key(ref.taskId, ref.attempt)) : undefined;
-        if (!ref || !running) return;
-        this.options.log.info({ task: ref.taskId, attempt: ref.attempt, reason: payload.value.reason }, "stopping task");
-        running.stopReason ??= payload.value.reason || "cancelled";
-        this.stopEntry(key(ref.taskId, ref.attempt), running, "cancelled", running.stopReason);
+      case "cancel":
+        if (payload.value.ref) this.attempts.cancel(payload.value.ref, payload.value.reason);
         return;
-      }
-      case "ack": {
-        const ref = payload.value.ref;
-        if (ref) this.unacked.delete(key(ref.taskId, ref.attempt));
-        this.poke();
+      case "ack":
+        if (payload.value.ref) this.reporter.acknowledged(payload.value.ref);
         return;
-      }
       case "drain":
-        this.draining = true;
-        this.releaseHeld("the worker is draining");
-        this.sendHeartbeat();
+        this.drain();
         return;
       default:
         return;
     }
   }
 
-  private run(assign: Assign): void {
+  private welcome(welcome: Welcome): void {
+    this.welcomed = true;
+    if (welcome.resumeToken) this.resumeToken = welcome.resumeToken;
+    this.dialFailures = 0;
+    if (welcome.heartbeatTimeoutMs > 0) this.leaseMs = leaseMsFor(welcome);
+    if (this.cutOffTimer) clearTimeout(this.cutOffTimer);
+    this.cutOffTimer = null;
+    this.options.log.info({ coordinator: welcome.coordinatorId }, "connected");
+    this.reporter.resend();
+    this.heartbeatTimer = setInterval(() => this.heartbeat(), this.options.heartbeatIntervalMs);
+    for (const resolve of this.welcomeWaiters) resolve();
+    this.welcomeWaiters.clear();
+  }
+
+  private assigned(assign: Assign): void {
     const ref = assign.ref;
     if (!ref) return;
-    const k = key(ref.taskId, ref.attempt);
-    if (this.running.has(k) || this.unacked.has(k)) return; // a duplicate delivery
+    if (this.attempts.holds(ref) || this.reporter.holds(ref)) return; // a duplicate delivery
     if (this.draining) {
       // Raced with our drain: hand it straight back.
-      this.report(abandoned(assign, "the worker is draining"));
+      this.reporter.notStarted(ref, "abandoned", "the worker is draining");
       return;
     }
     if (assign.leaseExpiresAt && timestampMs(assign.leaseExpiresAt) < Date.now()) {
@@ -292,98 +260,21 @@ export class Worker {
         { task: ref.taskId, attempt: ref.attempt },
         "assignment arrived after its lease lapsed; not running it",
       );
-      this.report(abandoned(assign, "the assignment arrived after its lease lapsed"));
+      this.reporter.notStarted(ref, "abandoned", "the assignment arrived after its lease lapsed");
       return;
     }
-    const entry: Running = { assign, execution: null };
-    this.running.set(k, entry);
-    if (assign.startInMs <= 0) {
-      this.launch(k, entry);
-      return;
-    }
-    // Early hand-over: wait out the time until the task is due. Checked against the
-    // monotonic clock, as a timer may fire a fraction of a millisecond early.
-    const startAt = performance.now() + assign.startInMs;
-    const wait = () => {
-      const left = startAt - performance.now();
-      if (left > 0) {
-        entry.hold = setTimeout(wait, Math.ceil(left));
-        return;
-      }
-      entry.hold = undefined;
-      this.launch(k, entry);
-    };
-    entry.hold = setTimeout(wait, assign.startInMs);
+    this.attempts.take(assign);
   }
 
-  private launch(k: string, entry: Running): void {
-    const { assign } = entry;
-    const ref = assign.ref!;
-    const execution = execute({
-      command: assign.command,
-      env: { ...assign.env, TQ_TASK_ID: ref.taskId, TQ_TASK_ATTEMPT: String(ref.attempt) },
-      cwd: assign.cwd || undefined,
-      timeoutMs: assign.timeoutMs,
-      killGraceMs: this.options.killGraceMs,
-      maxOutputBytes: this.options.maxOutputBytes,
-      baseEnv: this.options.baseEnv,
-    });
-    entry.execution = execution;
-    if (execution.pid !== null) {
-      this.write(
-        create(WorkerMessageSchema, {
-          payload: {
-            case: "started",
-            value: { ref, pid: execution.pid, startedAt: timestampFromDate(execution.startedAt) },
-          },
-        }),
-      );
-    }
-    void execution.result.then((result) => {
-      this.running.delete(k);
-      if (result.outcome !== "exited") {
-        this.options.log.info(
-          { task: ref.taskId, attempt: ref.attempt, outcome: result.outcome, pid: result.pid },
-          "task stopped",
-        );
-      }
-      this.report(
-        create(TaskFinishedSchema, {
-          ref,
-          outcome: OUTCOMES[result.outcome],
-          exitCode: result.exitCode ?? undefined,
-          signal: result.signal ?? "",
-          stdout: result.stdout,
-          stderr: result.stderr,
-          stdoutTruncated: result.stdoutTruncated,
-          stderrTruncated: result.stderrTruncated,
-          error: result.error ?? (result.outcome === "cancelled" ? (entry.stopReason ?? "") : ""),
-          startedAt: timestampFromDate(result.startedAt),
-          finishedAt: timestampFromDate(result.finishedAt),
-        }),
-      );
-      this.poke();
-    });
+  /** Takes no new work from now on: hands back what waits for its start time, and says so. */
+  private drain(): void {
+    this.draining = true;
+    this.attempts.releaseWaiting("the worker is draining");
+    this.heartbeat();
   }
 
-  /**
-   * Stops an attempt: a running process is stopped and reports itself when it has exited;
-   * one still waiting for its start time never starts and is reported at once.
-   */
-  private stopEntry(k: string, entry: Running, outcome: "cancelled" | "abandoned", why: string): void {
-    if (entry.execution) {
-      entry.execution.stop(outcome);
-      return;
-    }
-    clearTimeout(entry.hold);
-    this.running.delete(k);
-    this.report(notStarted(entry.assign, outcome === "cancelled" ? Outcome.CANCELLED : Outcome.ABANDONED, why));
-    this.poke();
-  }
-
-  /** Hands back every attempt still waiting for its start time (we take no new work). */
-  private releaseHeld(why: string): void {
-    for (const [k, entry] of this.running) if (!entry.execution) this.stopEntry(k, entry, "abandoned", why);
+  private heartbeat(): void {
+    this.reporter.heartbeat(this.attempts.refs(), this.draining);
   }
 
   /**
@@ -391,103 +282,33 @@ export class Worker {
    * requeued and run elsewhere: it stops them, so that two copies do not run for long. Their
    * results (abandoned) are reported when it reconnects, and fenced off there.
    */
-  private startLeaseTimer(): void {
-    if (this.leaseTimer) clearTimeout(this.leaseTimer);
-    this.leaseTimer = setTimeout(() => {
-      this.leaseTimer = null;
-      if (this.welcomed || this.running.size === 0) return;
+  private startCutOffTimer(): void {
+    if (this.cutOffTimer) clearTimeout(this.cutOffTimer);
+    this.cutOffTimer = setTimeout(() => {
+      this.cutOffTimer = null;
+      if (this.welcomed || this.attempts.size === 0) return;
       this.options.log.warn(
-        { running: this.running.size, leaseMs: this.leaseMs },
+        { running: this.attempts.size, leaseMs: this.leaseMs },
         "lease lapsed while disconnected: stopping tasks",
       );
-      for (const [k, entry] of this.running)
-        this.stopEntry(k, entry, "abandoned", "the lease lapsed while the worker was cut off");
+      this.attempts.abandonAll("the lease lapsed while the worker was cut off");
     }, this.leaseMs);
   }
 
-  private report(finished: TaskFinished): void {
-    this.unacked.set(key(finished.ref!.taskId, finished.ref!.attempt), finished);
-    this.write(finishedMessage(finished));
-  }
-
-  private sendHeartbeat(): void {
-    this.write(
-      create(WorkerMessageSchema, {
-        payload: {
-          case: "heartbeat",
-          value: {
-            seq: ++this.seq,
-            // Unacknowledged results too: their attempts still hold their tasks until recorded.
-            running: [...this.running.values()]
-              .map(({ assign }) => assign.ref!)
-              .concat([...this.unacked.values()].map((f) => f.ref!)),
-            draining: this.draining,
-          },
-        },
-      }),
-    );
-  }
-
   /** Writes on the current stream; before Welcome only Hello goes out. */
-  private write(message: WorkerMessage, beforeWelcome = false): void {
-    const call = this.call;
-    if (!call || (!this.welcomed && !beforeWelcome) || call.writableEnded || call.destroyed) return;
-    call.write(message);
-  }
-
-  /** Resolves once no task runs. */
-  private idle(): Promise<void> {
-    return this.until(() => this.running.size === 0);
-  }
-
-  /** Resolves once every result is acknowledged. */
-  private acked(): Promise<void> {
-    return this.until(() => this.unacked.size === 0);
-  }
-
-  private until(condition: () => boolean): Promise<void> {
-    if (condition()) return Promise.resolve();
-    return new Promise((resolve) => {
-      const check = () => {
-        if (!condition()) return;
-        this.waiters.delete(check);
-        resolve();
-      };
-      this.waiters.add(check);
-    });
-  }
-
-  /** Re-checks what stop() waits for, after running or unacked changed. */
-  private poke(): void {
-    for (const check of [...this.waiters]) check();
+  private write(message: WorkerMessage): void {
+    const stream = this.stream;
+    if (!stream || stream.writableEnded || stream.destroyed) return;
+    if (!this.welcomed && message.payload.case !== "hello") return;
+    stream.write(message);
   }
 
   private clearTimers(): void {
-    if (this.heartbeat) clearInterval(this.heartbeat);
+    if (this.heartbeatTimer) clearInterval(this.heartbeatTimer);
     if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
-    if (this.leaseTimer) clearTimeout(this.leaseTimer);
-    this.heartbeat = null;
+    if (this.cutOffTimer) clearTimeout(this.cutOffTimer);
+    this.heartbeatTimer = null;
     this.reconnectTimer = null;
-    this.leaseTimer = null;
+    this.cutOffTimer = null;
   }
-}
-
-function finishedMessage(finished: TaskFinished): WorkerMessage {
-  return create(WorkerMessageSchema, { payload: { case: "finished", value: finished } });
-}
-
-function abandoned(assign: Assign, why: string): TaskFinished {
-  return notStarted(assign, Outcome.ABANDONED, why);
-}
-
-/** The report of an attempt whose command never started here. */
-function notStarted(assign: Assign, outcome: Outcome, why: string): TaskFinished {
-  const now = timestampFromDate(new Date());
-  return create(TaskFinishedSchema, {
-    ref: assign.ref,
-    outcome,
-    error: why,
-    startedAt: now,
-    finishedAt: now,
-  });
 }

@@ -2,7 +2,8 @@ import { expect, test } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { execute, type RunResult, type RunSpec, TailBuffer } from "../../src/worker/executor.ts";
+import { execute, type RunResult, type RunSpec } from "../../src/worker/executor.ts";
+import { TailBuffer } from "../../src/worker/output.ts";
 import { isRunning } from "../support/proc";
 
 const baseEnv = { PATH: process.env.PATH ?? "/usr/bin:/bin" };

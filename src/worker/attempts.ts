@@ -1,0 +1,160 @@
+// The attempts this worker holds, from their Assign until their result goes to the reporter.
+// An attempt handed over early (Assign.start_in_ms) first waits for its start time; one stopped
+// while it waits never starts. A running attempt is stopped through its process group and
+// reports itself once the group has exited.
+import type { Assign, TaskRef } from "../gen/taskqueue/v1/worker_service_pb";
+import type { Logger } from "../log";
+import { type Execution, execute, type RunResult } from "./executor";
+
+export const attemptKey = (taskId: string, attempt: number) => `${taskId}:${attempt}`;
+
+/** What the attempts tell the coordinator (through the reporter). */
+export interface AttemptEvents {
+  /** The command was spawned. */
+  started(ref: TaskRef, pid: number, startedAt: Date): void;
+  /** The command ended; `stopReason` is why the coordinator stopped it, if it did. */
+  finished(ref: TaskRef, result: RunResult, stopReason: string | undefined): void;
+  /** The attempt ended before its command started: cancelled, or handed back while it waited. */
+  notStarted(ref: TaskRef, outcome: "cancelled" | "abandoned", why: string): void;
+}
+
+export interface AttemptsOptions {
+  log: Logger;
+  killGraceMs: number;
+  maxOutputBytes: number;
+  /** Environment the tasks inherit; the executor strips the worker's own settings from it. */
+  baseEnv: Record<string, string | undefined>;
+  events: AttemptEvents;
+}
+
+interface HeldAttempt {
+  assign: Assign;
+  /** null while the attempt waits for its start time. */
+  execution: Execution | null;
+  /** Waits out the start time, while the attempt waits. */
+  startTimer?: ReturnType<typeof setTimeout>;
+  /** Why the coordinator told us to stop it, if it did. */
+  stopReason?: string;
+}
+
+export class Attempts {
+  /** Waiting and running attempts, by attempt key. */
+  private readonly held = new Map<string, HeldAttempt>();
+  private readonly emptyWaiters: Array<() => void> = [];
+
+  constructor(private readonly options: AttemptsOptions) {}
+
+  /** How many attempts are held, waiting or running. */
+  get size(): number {
+    return this.held.size;
+  }
+
+  holds(ref: TaskRef): boolean {
+    return this.held.has(attemptKey(ref.taskId, ref.attempt));
+  }
+
+  refs(): TaskRef[] {
+    return [...this.held.values()].map(({ assign }) => assign.ref!);
+  }
+
+  /** Takes on an assigned attempt (it has a ref): runs it now, or once its start time has come. */
+  take(assign: Assign): void {
+    const k = attemptKey(assign.ref!.taskId, assign.ref!.attempt);
+    const attempt: HeldAttempt = { assign, execution: null };
+    this.held.set(k, attempt);
+    if (assign.startInMs <= 0) {
+      this.launch(k, attempt);
+      return;
+    }
+    // Early hand-over: wait out the time until the task is due. Checked against the
+    // monotonic clock, as a timer may fire a fraction of a millisecond early.
+    const startAt = performance.now() + assign.startInMs;
+    const wait = () => {
+      const left = startAt - performance.now();
+      if (left > 0) {
+        attempt.startTimer = setTimeout(wait, Math.ceil(left));
+        return;
+      }
+      attempt.startTimer = undefined;
+      this.launch(k, attempt);
+    };
+    attempt.startTimer = setTimeout(wait, assign.startInMs);
+  }
+
+  /** The coordinator's Cancel: stops the attempt, if we hold it. */
+  cancel(ref: TaskRef, reason: string): void {
+    const k = attemptKey(ref.taskId, ref.attempt);
+    const attempt = this.held.get(k);
+    if (!attempt) return;
+    this.options.log.info({ task: ref.taskId, attempt: ref.attempt, reason }, "stopping task");
+    attempt.stopReason ??= reason || "cancelled";
+    this.stop(k, attempt, "cancelled", attempt.stopReason);
+  }
+
+  /** Hands back every attempt still waiting for its start time (we take no new work). */
+  releaseWaiting(why: string): void {
+    for (const [k, attempt] of this.held) if (!attempt.execution) this.stop(k, attempt, "abandoned", why);
+  }
+
+  /** Hands back every attempt, waiting or running: running ones once their process group has exited. */
+  abandonAll(why: string): void {
+    for (const [k, attempt] of this.held) this.stop(k, attempt, "abandoned", why);
+  }
+
+  /** Kills every running command's process group at once, without grace: the worker exits now. */
+  killAll(): void {
+    for (const attempt of this.held.values()) attempt.execution?.kill();
+  }
+
+  /** Resolves once no attempt is held. */
+  empty(): Promise<void> {
+    if (this.held.size === 0) return Promise.resolve();
+    return new Promise((resolve) => this.emptyWaiters.push(resolve));
+  }
+
+  private launch(k: string, attempt: HeldAttempt): void {
+    const { assign } = attempt;
+    const ref = assign.ref!;
+    const execution = execute({
+      command: assign.command,
+      env: { ...assign.env, TQ_TASK_ID: ref.taskId, TQ_TASK_ATTEMPT: String(ref.attempt) },
+      cwd: assign.cwd || undefined,
+      timeoutMs: assign.timeoutMs,
+      killGraceMs: this.options.killGraceMs,
+      maxOutputBytes: this.options.maxOutputBytes,
+      baseEnv: this.options.baseEnv,
+    });
+    attempt.execution = execution;
+    if (execution.pid !== null) this.options.events.started(ref, execution.pid, execution.startedAt);
+    void execution.result.then((result) => {
+      this.held.delete(k);
+      if (result.outcome !== "exited") {
+        this.options.log.info(
+          { task: ref.taskId, attempt: ref.attempt, outcome: result.outcome, pid: result.pid },
+          "task stopped",
+        );
+      }
+      this.options.events.finished(ref, result, attempt.stopReason);
+      this.settle();
+    });
+  }
+
+  /**
+   * Stops an attempt: a running process is stopped and reports itself when it has exited;
+   * one still waiting for its start time never starts and is reported at once.
+   */
+  private stop(k: string, attempt: HeldAttempt, outcome: "cancelled" | "abandoned", why: string): void {
+    if (attempt.execution) {
+      attempt.execution.stop(outcome);
+      return;
+    }
+    clearTimeout(attempt.startTimer);
+    this.held.delete(k);
+    this.options.events.notStarted(attempt.assign.ref!, outcome, why);
+    this.settle();
+  }
+
+  private settle(): void {
+    if (this.held.size === 0) for (const resolve of this.emptyWaiters.splice(0)) resolve();
+  }
+}

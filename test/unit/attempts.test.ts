@@ -1,0 +1,112 @@
+// The attempts a worker holds, without a coordinator: an early hand-over waits for its start
+// time, one stopped while it waits never starts, and a running one reports once it has exited.
+import { expect, test } from "bun:test";
+import { create } from "@bufbuild/protobuf";
+import { type Assign, AssignSchema, type TaskRef, TaskRefSchema } from "../../src/gen/taskqueue/v1/worker_service_pb";
+import { silentLogger } from "../../src/log";
+import { type AttemptEvents, Attempts } from "../../src/worker/attempts";
+import type { RunResult } from "../../src/worker/executor";
+
+type Event =
+  | { kind: "started"; ref: TaskRef; pid: number }
+  | { kind: "finished"; ref: TaskRef; result: RunResult; stopReason: string | undefined }
+  | { kind: "notStarted"; ref: TaskRef; outcome: "cancelled" | "abandoned"; why: string };
+
+/** Attempts whose events are recorded; next() resolves with the next event. */
+function attempts() {
+  const events: Event[] = [];
+  const waiting: Array<(event: Event) => void> = [];
+  const record = (event: Event) => {
+    events.push(event);
+    waiting.shift()?.(event);
+  };
+  const sink: AttemptEvents = {
+    started: (ref, pid) => record({ kind: "started", ref, pid }),
+    finished: (ref, result, stopReason) => record({ kind: "finished", ref, result, stopReason }),
+    notStarted: (ref, outcome, why) => record({ kind: "notStarted", ref, outcome, why }),
+  };
+  const held = new Attempts({
+    log: silentLogger,
+    killGraceMs: 2000,
+    maxOutputBytes: 1000,
+    baseEnv: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
+    events: sink,
+  });
+  let seen = 0;
+  const next = (): Promise<Event> => {
+    const at = seen++;
+    const event = events[at];
+    return event ? Promise.resolve(event) : new Promise((resolve) => waiting.push(resolve));
+  };
+  return { held, events, next };
+}
+
+const ref = (taskId: string): TaskRef => create(TaskRefSchema, { taskId, attempt: 1 });
+
+function assign(taskId: string, command: string, startInMs = 0): Assign {
+  return create(AssignSchema, { ref: { taskId, attempt: 1 }, command, startInMs });
+}
+
+test("an attempt cancelled while it waits for its start time never starts and is reported at once", async () => {
+  const { held, events } = attempts();
+  held.take(assign("t-wait", "true", 60_000));
+  expect(held.size).toBe(1);
+  expect(held.refs().map((r) => r.taskId)).toEqual(["t-wait"]);
+  expect(held.holds(ref("t-wait"))).toBe(true);
+  expect(held.holds(ref("t-other"))).toBe(false);
+  held.cancel(ref("t-wait"), "");
+  expect(events).toEqual([
+    { kind: "notStarted", ref: expect.objectContaining({ taskId: "t-wait" }), outcome: "cancelled", why: "cancelled" },
+  ]);
+  expect(held.size).toBe(0);
+  await held.empty();
+});
+
+test("releaseWaiting hands back only what waits; a running attempt reports its own result", async () => {
+  const { held, next } = attempts();
+  held.take(assign("t-run", "echo ran"));
+  held.take(assign("t-early", "true", 60_000));
+  const started = await next();
+  expect(started).toMatchObject({ kind: "started", ref: { taskId: "t-run" } });
+  held.releaseWaiting("the worker is draining");
+  expect(await next()).toMatchObject({
+    kind: "notStarted",
+    ref: { taskId: "t-early" },
+    outcome: "abandoned",
+    why: "the worker is draining",
+  });
+  const emptied = held.empty();
+  const finished = await next();
+  expect(finished).toMatchObject({ kind: "finished", ref: { taskId: "t-run" }, stopReason: undefined });
+  if (finished.kind !== "finished") throw new Error("expected a result");
+  expect(finished.result.outcome).toBe("exited");
+  expect(finished.result.stdout).toBe("ran\n");
+  await emptied;
+  expect(held.size).toBe(0);
+});
+
+test("a cancelled running attempt is stopped through its process group and reports the coordinator's reason", async () => {
+  const { held, next } = attempts();
+  held.take(assign("t-long", "sleep 100"));
+  expect(await next()).toMatchObject({ kind: "started", ref: { taskId: "t-long" } });
+  held.cancel(ref("t-long"), "cancelled by the user");
+  expect(held.size).toBe(1); // still held until its group has exited
+  const finished = await next();
+  expect(finished).toMatchObject({ kind: "finished", stopReason: "cancelled by the user" });
+  if (finished.kind !== "finished") throw new Error("expected a result");
+  expect(finished.result.outcome).toBe("cancelled");
+  expect(held.size).toBe(0);
+});
+
+test("abandonAll hands back waiting and running attempts alike", async () => {
+  const { held, next } = attempts();
+  held.take(assign("t-long", "sleep 100"));
+  expect(await next()).toMatchObject({ kind: "started" });
+  held.take(assign("t-early", "true", 60_000));
+  held.abandonAll("the lease lapsed while the worker was cut off");
+  expect(await next()).toMatchObject({ kind: "notStarted", ref: { taskId: "t-early" }, outcome: "abandoned" });
+  const finished = await next();
+  if (finished.kind !== "finished") throw new Error("expected a result");
+  expect(finished.result.outcome).toBe("abandoned");
+  await held.empty();
+});
