@@ -23,8 +23,8 @@ import { Completer } from "./completer";
 import { Dispatcher } from "./dispatcher";
 import { attemptKey, WorkerRegistry } from "./registry";
 import { Rescuer, stopAttempt } from "./rescuer";
-import { WorkerSessions } from "./service";
 import { taskServiceHandlers } from "./task-service";
+import { WorkerSessions } from "./worker-sessions";
 
 export interface CoordinatorInfo {
   id: string;

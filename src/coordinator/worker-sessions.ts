@@ -1,4 +1,4 @@
-// WorkerService.Connect: one bidirectional stream per worker. The worker says Hello; we
+// The worker sessions (WorkerService.Connect): one bidirectional stream per worker. The worker says Hello; we
 // register it, give back the tasks the database thinks it holds but it does not, and answer
 // Welcome. From then on the dispatcher pushes Assign, the completer answers reports with
 // Ack, and the end of the stream (or silence past the heartbeat timeout) requeues whatever
