@@ -1,7 +1,6 @@
 // Turns a worker's reports into fenced state changes and acknowledges them. A result is
 // acknowledged only once it is durable (or known stale), so a worker keeps re-sending it
 // across database outages and reconnects.
-import { create } from "@bufbuild/protobuf";
 import type { Sql } from "../db/sql";
 import {
   type FinishReport,
@@ -11,9 +10,10 @@ import {
   requeueAttempt,
   type StartReport,
 } from "../db/tasks";
-import { CoordinatorMessageSchema, type TaskFinished, type TaskStarted } from "../gen/taskqueue/v1/worker_service_pb";
+import type { TaskFinished, TaskStarted } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
 import { type FinishAction, finishAction, fromTimestamp } from "../rpc/convert";
+import { ackMessage } from "../rpc/messages";
 import { attemptKey, type WorkerConnection, type WorkerRegistry } from "./registry";
 
 export interface CompleterOptions {
@@ -112,11 +112,7 @@ export class Completer {
   }
 
   private ack(worker: WorkerConnection, ref: { id: string; attempt: number }, stale: boolean): void {
-    worker.send(
-      create(CoordinatorMessageSchema, {
-        payload: { case: "ack", value: { ref: { taskId: ref.id, attempt: ref.attempt }, stale } },
-      }),
-    );
+    worker.send(ackMessage({ taskId: ref.id, attempt: ref.attempt }, stale));
   }
 
   /** A handed-back or stopped attempt (rare): one statement each, retried like results. */

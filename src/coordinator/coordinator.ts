@@ -17,12 +17,13 @@ import { WorkerService } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
 import { guardMalformed, serverDefinition } from "../rpc/definitions";
 import { Health, HealthService } from "../rpc/health";
+import { cancelMessage } from "../rpc/messages";
 import { addReflection } from "../rpc/reflection";
 import { grpcServerCredentials, httpScheme, httpTls } from "../tls";
 import { Completer } from "./completer";
 import { Dispatcher } from "./dispatcher";
 import { attemptKey, WorkerRegistry } from "./registry";
-import { Rescuer, stopAttempt } from "./rescuer";
+import { Rescuer } from "./rescuer";
 import { taskServiceHandlers } from "./task-service";
 import { WorkerSessions } from "./worker-sessions";
 
@@ -198,7 +199,7 @@ export class Coordinator {
     if (change.state === "cancelled" && change.worker_id) {
       const worker = this.registry.get(change.worker_id);
       if (worker?.inFlight.has(attemptKey(change.id, change.attempt))) {
-        stopAttempt(worker, { taskId: change.id, attempt: change.attempt }, "cancelled");
+        worker.send(cancelMessage({ taskId: change.id, attempt: change.attempt }, "cancelled"));
       }
     }
   }

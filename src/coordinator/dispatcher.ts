@@ -2,7 +2,6 @@
 // down the workers' streams. It wakes on a NOTIFY of a due task, on a freed slot, on a worker
 // joining, and on a timer set for the earliest future task; a slow safety poll covers a
 // missed notification. Between wakes it does nothing.
-import { create } from "@bufbuild/protobuf";
 import { GroupCommit } from "../db/group-commit";
 import type { TaskChange } from "../db/notify";
 import type { Sql } from "../db/sql";
@@ -15,9 +14,8 @@ import {
   nextDueIn,
   requeueAttempt,
 } from "../db/tasks";
-import { CoordinatorMessageSchema } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
-import { toTimestamp } from "../rpc/convert";
+import { assignMessage } from "../rpc/messages";
 import type { Task, TaskSpec } from "../task/task";
 import { attemptKey, type WorkerRegistry } from "./registry";
 
@@ -191,23 +189,7 @@ export class Dispatcher {
       );
       return;
     }
-    worker.send(
-      create(CoordinatorMessageSchema, {
-        payload: {
-          case: "assign",
-          value: {
-            ref: { taskId: task.id, attempt: task.attempt },
-            command: task.command,
-            // The secret values travel only to the worker that runs the task.
-            env: { ...task.env, ...task.secret_env },
-            cwd: task.cwd ?? "",
-            timeoutMs: task.timeout_ms,
-            leaseExpiresAt: toTimestamp(task.lease_expires_at),
-            startInMs,
-          },
-        },
-      }),
-    );
+    worker.send(assignMessage(task, startInMs));
   }
 
   private armTimer(dueInMs: number): void {

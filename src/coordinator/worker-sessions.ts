@@ -3,24 +3,18 @@
 // Welcome. From then on the dispatcher pushes Assign, the completer answers reports with
 // Ack, and the end of the stream (or silence past the heartbeat timeout) requeues whatever
 // the worker still held.
-import { create } from "@bufbuild/protobuf";
 import * as grpc from "@grpc/grpc-js";
 import { bearerToken, hashToken, sameSecret } from "../auth/tokens";
 import type { Sql } from "../db/sql";
 import { renewLeases, requeueWorkerTasks } from "../db/tasks";
 import { markWorkerGone, setWorkerDraining, upsertWorker } from "../db/workers";
-import {
-  type CoordinatorMessage,
-  CoordinatorMessageSchema,
-  type Hello,
-  type WorkerMessage,
-} from "../gen/taskqueue/v1/worker_service_pb";
+import type { CoordinatorMessage, Hello, WorkerMessage } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
 import { MalformedMessage } from "../rpc/definitions";
+import { cancelMessage, welcomeMessage } from "../rpc/messages";
 import type { Completer } from "./completer";
 import type { Dispatcher } from "./dispatcher";
 import { attemptKey, type WorkerConnection, type WorkerRegistry } from "./registry";
-import { stopAttempt } from "./rescuer";
 
 export type WorkerStream = grpc.ServerDuplexStream<WorkerMessage, CoordinatorMessage>;
 
@@ -215,21 +209,17 @@ export class WorkerSessions {
     if (connection.ended) return true;
     registry.add(connection);
     connection.send(
-      create(CoordinatorMessageSchema, {
-        payload: {
-          case: "welcome",
-          value: {
-            workerId: connection.id,
-            coordinatorId,
-            heartbeatIntervalMs: this.options.heartbeatIntervalMs,
-            heartbeatTimeoutMs: this.options.heartbeatTimeoutMs,
-            resumeToken,
-          },
-        },
+      welcomeMessage({
+        workerId: connection.id,
+        coordinatorId,
+        heartbeatIntervalMs: this.options.heartbeatIntervalMs,
+        heartbeatTimeoutMs: this.options.heartbeatTimeoutMs,
+        resumeToken,
       }),
     );
     for (const ref of hello.inFlight) {
-      if (!renewed.has(attemptKey(ref.taskId, ref.attempt))) stopAttempt(connection, ref, "the attempt no longer holds its task");
+      if (!renewed.has(attemptKey(ref.taskId, ref.attempt)))
+        connection.send(cancelMessage(ref, "the attempt no longer holds its task"));
     }
     this.options.log.info({ worker: connection.id, name: connection.name, slots: connection.slots }, "worker joined");
     this.options.dispatcher.wake();
