@@ -14,7 +14,7 @@ import type { TaskFinished, TaskStarted } from "../gen/taskqueue/v1/worker_servi
 import type { Logger } from "../log";
 import { type FinishAction, finishAction, fromTimestamp } from "../rpc/convert";
 import { ackMessage } from "../rpc/messages";
-import { attemptKey, type WorkerConnection, type WorkerRegistry } from "./registry";
+import type { WorkerConnection, WorkerRegistry } from "./registry";
 
 export interface CompleterOptions {
   sql: Sql;
@@ -55,7 +55,7 @@ export class Completer {
     const ref = message.ref;
     if (!ref) return;
     // The process has exited: the slot is free whatever the database says.
-    if (worker.inFlight.delete(attemptKey(ref.taskId, ref.attempt))) this.options.onSlotFreed();
+    if (this.options.registry.release(worker, ref.taskId, ref.attempt)) this.options.onSlotFreed();
     const action = finishAction(message);
     const target = { id: ref.taskId, attempt: ref.attempt, workerId: worker.id };
     if (action.kind === "record") this.finishes.push({ worker, report: { ref: target, result: action.result } });

@@ -17,7 +17,7 @@ import {
 import type { Logger } from "../log";
 import { assignMessage } from "../rpc/messages";
 import type { Task, TaskSpec } from "../task/task";
-import { attemptKey, type WorkerRegistry } from "./registry";
+import type { WorkerRegistry } from "./registry";
 
 export interface DispatcherOptions {
   sql: Sql;
@@ -108,12 +108,9 @@ export class Dispatcher {
    * queued like any other.
    */
   async submit(id: string, spec: TaskSpec, actor?: string): Promise<InsertOutcome> {
-    const plan = spec.scheduledAt === null && !this.stopped ? this.options.registry.slotPlan(1) : [];
-    const workerId = plan[0];
-    const worker = workerId ? this.options.registry.get(workerId) : undefined;
+    const registry = this.options.registry;
+    const worker = spec.scheduledAt === null && !this.stopped ? registry.reserveFreeSlot(id, 1) : null;
     if (!worker) return this.inserts.add({ id, spec, actor });
-    const key = attemptKey(id, 1);
-    worker.inFlight.set(key, performance.now());
     let outcome: InsertOutcome;
     try {
       outcome = await this.inserts.add({
@@ -123,12 +120,12 @@ export class Dispatcher {
         assignTo: { workerId: worker.id, coordinatorId: this.options.coordinatorId, leaseMs: this.options.leaseMs },
       });
     } catch (error) {
-      worker.inFlight.delete(key);
+      registry.release(worker, id, 1);
       throw error;
     }
     if (outcome.kind === "existing") {
       // A repeated idempotency key: nothing was written, the slot stays free.
-      worker.inFlight.delete(key);
+      registry.release(worker, id, 1);
       return outcome;
     }
     const task = outcome.task;
@@ -148,7 +145,7 @@ export class Dispatcher {
         const claimed = await claimDue(sql, coordinatorId, plan, leaseMs, aheadMs);
         for (const task of claimed) {
           const worker = task.worker_id ? this.options.registry.get(task.worker_id) : undefined;
-          if (worker) worker.inFlight.set(attemptKey(task.id, task.attempt), performance.now());
+          if (worker) this.options.registry.reserve(worker, task.id, task.attempt);
           this.assign(task.worker_id ?? "", task, task.start_in_ms);
         }
         if (claimed.length < plan.length) break;

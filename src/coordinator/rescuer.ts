@@ -50,8 +50,8 @@ export class Rescuer {
   }
 
   checkSilent(now = performance.now()): void {
-    for (const worker of this.options.registry.all()) {
-      if (now - worker.lastSeen > this.options.heartbeatTimeoutMs) this.options.onSilent(worker);
+    for (const worker of this.options.registry.silentFor(this.options.heartbeatTimeoutMs, now)) {
+      this.options.onSilent(worker);
     }
   }
 
@@ -114,9 +114,7 @@ export class Rescuer {
       }
       // Assigned a lease ago and never reported: the assignment was lost on the way. Its
       // lease lapses (and the task is requeued); the slot is free.
-      for (const [key, assignedAt] of worker.inFlight) {
-        if (!keys.has(key) && now - assignedAt > this.options.leaseMs) worker.inFlight.delete(key);
-      }
+      this.options.registry.expireUnreported(worker, keys, this.options.leaseMs, now);
     }
   }
 }

@@ -74,7 +74,7 @@ export class WorkerSessions {
       clearTimeout(helloTimer);
       this.streams.delete(call);
       if (session) {
-        session.ended = true;
+        this.options.registry.streamEnded(session);
         this.track(this.lost(session, reason));
       }
     };
@@ -101,16 +101,13 @@ export class WorkerSessions {
         );
         return;
       }
-      const now = performance.now();
+      const registry = this.options.registry;
       // Back from a silence that kept work away from it: look for work for it.
-      const wasSuspect = this.options.registry.isSuspect(session, now);
-      session.lastSeen = now;
-      if (wasSuspect) this.options.dispatcher.wake();
+      if (registry.heard(session)) this.options.dispatcher.wake();
       switch (payload.case) {
         case "heartbeat":
-          session.reported = payload.value.running.map((ref) => ({ taskId: ref.taskId, attempt: ref.attempt }));
-          if (payload.value.draining && !session.draining) {
-            session.draining = true;
+          registry.heartbeat(session, payload.value.running);
+          if (payload.value.draining && registry.drain(session)) {
             void setWorkerDraining(this.options.sql, session.id, this.options.coordinatorId).catch(() => {});
           }
           return;
@@ -149,26 +146,17 @@ export class WorkerSessions {
 
   private connection(call: WorkerStream, hello: Hello): WorkerConnection {
     const log = this.options.log;
-    const registry = this.options.registry;
-    const connection: WorkerConnection = {
-      id: hello.workerId,
-      name: hello.name || hello.workerId,
-      slots: hello.slots,
-      inFlight: new Map(hello.inFlight.map((ref) => [attemptKey(ref.taskId, ref.attempt), performance.now()])),
-      reported: hello.inFlight.map((ref) => ({ taskId: ref.taskId, attempt: ref.attempt })),
-      draining: false,
-      ended: false,
-      lastSeen: performance.now(),
-      send(message) {
-        if (!registry.isCurrent(connection) || call.destroyed || call.writableEnded) return;
+    const join = { id: hello.workerId, name: hello.name || hello.workerId, slots: hello.slots, held: hello.inFlight };
+    return this.options.registry.open(join, {
+      write(message) {
+        if (call.destroyed || call.writableEnded) return;
         call.write(message);
       },
       close(reason) {
-        log.info({ worker: connection.id, reason }, "ending worker stream");
+        log.info({ worker: join.id, reason }, "ending worker stream");
         endWithStatus(call, grpc.status.UNAVAILABLE, reason);
       },
-    };
-    return connection;
+    });
   }
 
   /** Returns false when the worker id is taken by another worker (nothing was changed). */
