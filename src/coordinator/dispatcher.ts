@@ -2,21 +2,12 @@
 // down the workers' streams. It wakes on a NOTIFY of a due task, on a freed slot, on a worker
 // joining, and on a timer set for the earliest future task; a slow safety poll covers a
 // missed notification. Between wakes it does nothing.
-import { GroupCommit } from "../db/group-commit";
 import type { TaskChange } from "../db/notify";
 import type { Sql } from "../db/sql";
-import {
-  claimDue,
-  type InsertOutcome,
-  insertTasks,
-  MAX_INSERT_BATCH,
-  type NewTask,
-  nextDueIn,
-  requeueAttempt,
-} from "../db/tasks";
+import { claimDue, nextDueIn, requeueAttempt } from "../db/tasks";
 import type { Logger } from "../log";
 import { assignMessage } from "../rpc/messages";
-import type { Task, TaskSpec } from "../task/task";
+import type { Task } from "../task/task";
 import type { WorkerRegistry } from "./registry";
 
 export interface DispatcherOptions {
@@ -49,12 +40,8 @@ export class Dispatcher {
   private lookAheadPending = false;
   private idle: Promise<void> = Promise.resolve();
   private markIdle: () => void = () => {};
-  /** Concurrent submits share one INSERT and one commit (see src/db/group-commit.ts). */
-  private readonly inserts: GroupCommit<NewTask, InsertOutcome>;
 
-  constructor(private readonly options: DispatcherOptions) {
-    this.inserts = new GroupCommit((items) => insertTasks(options.sql, items), { maxBatch: MAX_INSERT_BATCH });
-  }
+  constructor(private readonly options: DispatcherOptions) {}
 
   start(): void {
     this.stopped = false;
@@ -71,9 +58,9 @@ export class Dispatcher {
     await this.idle;
   }
 
-  /** Resolves when no submit is being written; call once nothing submits any more. */
-  async submitsDrained(): Promise<void> {
-    await this.inserts.drained();
+  /** Between start() and stop(): the coordinator hands run-now tasks to its workers only then. */
+  get active(): boolean {
+    return !this.stopped;
   }
 
   /**
@@ -100,39 +87,6 @@ export class Dispatcher {
     if (change.state !== "queued" || change.due_in_ms === null) return;
     if (change.due_in_ms <= this.options.aheadMs) this.wake();
     else this.armTimer(change.due_in_ms - this.options.aheadMs);
-  }
-
-  /**
-   * The run-now fast path: when one of our workers has a free slot, the task is persisted
-   * already dispatched to it and pushed at once, saving the claim round trip. Otherwise it is
-   * queued like any other.
-   */
-  async submit(id: string, spec: TaskSpec, actor?: string): Promise<InsertOutcome> {
-    const registry = this.options.registry;
-    const worker = spec.scheduledAt === null && !this.stopped ? registry.reserveFreeSlot(id, 1) : null;
-    if (!worker) return this.inserts.add({ id, spec, actor });
-    let outcome: InsertOutcome;
-    try {
-      outcome = await this.inserts.add({
-        id,
-        spec,
-        actor,
-        assignTo: { workerId: worker.id, coordinatorId: this.options.coordinatorId, leaseMs: this.options.leaseMs },
-      });
-    } catch (error) {
-      registry.release(worker, id, 1);
-      throw error;
-    }
-    if (outcome.kind === "existing") {
-      // A repeated idempotency key: nothing was written, the slot stays free.
-      registry.release(worker, id, 1);
-      return outcome;
-    }
-    const task = outcome.task;
-    // The worker may have left while we were inserting (its lost-worker requeue ran before
-    // our commit and did not see this task): then assign() gives the attempt back.
-    this.assign(worker.id, task);
-    return outcome;
   }
 
   private async pass(): Promise<void> {
@@ -176,8 +130,9 @@ export class Dispatcher {
    * Pushes an Assign to the worker. One that left since the task was given to it gets
    * nothing, and this one attempt goes back to the queue (if that fails, its lease lapses).
    * Only the attempt: the worker may hold other tasks through another coordinator by now.
+   * Also the hand-over of a task born dispatched by the run-now fast path (src/db/submitter.ts).
    */
-  private assign(workerId: string, task: Task, startInMs = 0): void {
+  assign(workerId: string, task: Task, startInMs = 0): void {
     const worker = this.options.registry.get(workerId);
     if (!worker) {
       const ref = { id: task.id, attempt: task.attempt, workerId };
