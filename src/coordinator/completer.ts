@@ -74,6 +74,12 @@ export class Completer {
    * Group commit: reports that arrive while a write is in flight wait for it and then go
    * together in one statement, so under load the database sees one write per batch rather
    * than one per task, and an idle system still writes each report at once.
+   *
+   * Not src/db/group-commit.ts: that answers each caller and, on an error, rejects the batch or
+   * writes its items one by one. Here nobody waits for an answer but the worker's Ack, starts
+   * and finishes go in order through one loop (a start before the finish that follows it), a
+   * failed start is dropped (the finish repairs it), and failed finishes are retried whole, in
+   * place, after a pause that holds back every other write while the database is away.
    */
   private kick(): void {
     if (this.flushing) return;
