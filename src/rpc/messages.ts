@@ -78,6 +78,7 @@ export function drainMessage(reason: string): CoordinatorMessage {
 
 // --- Worker to coordinator -----------------------------------------------------------------
 
+/** Who the worker is, as it says in every Hello. */
 export interface HelloFields {
   workerId: string;
   name: string;
@@ -85,14 +86,12 @@ export interface HelloFields {
   version: string;
   /** From the Welcome of this worker's first stream; empty on the first Hello. */
   resumeToken: string;
-  /** Attempts the worker still runs or holds an unacknowledged result for. */
-  inFlight: readonly WireRef[];
 }
 
-/** The first message on every stream. */
-export function helloMessage(fields: HelloFields): WorkerMessage {
+/** The first message on every stream. `inFlight`: the attempts it still runs or holds an unacknowledged result for. */
+export function helloMessage(fields: HelloFields, inFlight: readonly WireRef[]): WorkerMessage {
   return create(WorkerMessageSchema, {
-    payload: { case: "hello", value: { ...fields, inFlight: fields.inFlight.map(taskRef) } },
+    payload: { case: "hello", value: { ...fields, inFlight: inFlight.map(taskRef) } },
   });
 }
 

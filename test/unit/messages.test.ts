@@ -86,9 +86,7 @@ test("the worker's Hello, Heartbeat, Started and Finished carry their fields", (
     { taskId: "a", attempt: 1 },
     { taskId: "b", attempt: 4 },
   ];
-  const hello = fromWorker(
-    helloMessage({ workerId: "w", name: "n", slots: 3, version: "1.2", resumeToken: "r", inFlight: refs }),
-  );
+  const hello = fromWorker(helloMessage({ workerId: "w", name: "n", slots: 3, version: "1.2", resumeToken: "r" }, refs));
   expect(hello.payload).toMatchObject({
     case: "hello",
     value: { workerId: "w", name: "n", slots: 3, version: "1.2", resumeToken: "r", inFlight: refs },
