@@ -1,7 +1,7 @@
-// The worker sessions (WorkerService.Connect): one bidirectional stream per worker. The worker says Hello; we
-// register it, give back the tasks the database thinks it holds but it does not, and answer
-// Welcome. From then on the dispatcher pushes Assign, the completer answers reports with
-// Ack, and the end of the stream (or silence past the heartbeat timeout) requeues whatever
+// The worker sessions (WorkerService.Connect): one bidirectional stream per worker. The worker
+// says Hello; we register it, give back the tasks the database thinks it holds but it does not,
+// and answer Welcome. From then on the dispatcher pushes Assign, the completer answers reports
+// with Ack, and the end of the stream (or silence past the heartbeat timeout) requeues whatever
 // the worker still held.
 import * as grpc from "@grpc/grpc-js";
 import { bearerToken, hashToken, sameSecret } from "../auth/tokens";
