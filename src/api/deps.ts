@@ -34,9 +34,10 @@ export interface ApiDeps {
    */
   auth: { check(authorization: string | null | undefined, scope: Scope): Promise<Principal> };
   /**
-   * Persists a new task and resolves after commit. The scheduler inserts it queued; the
-   * coordinator may hand a run-now task to one of its own workers in the same statement.
-   * A spec whose idempotency key was used before writes nothing and returns the earlier task.
+   * Persists a new task and resolves after commit: the role's Submitter (src/db/submitter.ts).
+   * The scheduler inserts it queued; the coordinator may hand a run-now task to one of its own
+   * workers in the same statement. A spec whose idempotency key was used before writes nothing
+   * and returns the earlier task.
    */
   submit(id: string, spec: TaskSpec, actor: string): Promise<InsertOutcome>;
 }

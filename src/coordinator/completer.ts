@@ -1,7 +1,6 @@
 // Turns a worker's reports into fenced state changes and acknowledges them. A result is
 // acknowledged only once it is durable (or known stale), so a worker keeps re-sending it
 // across database outages and reconnects.
-import { create } from "@bufbuild/protobuf";
 import type { Sql } from "../db/sql";
 import {
   type FinishReport,
@@ -11,10 +10,11 @@ import {
   requeueAttempt,
   type StartReport,
 } from "../db/tasks";
-import { CoordinatorMessageSchema, type TaskFinished, type TaskStarted } from "../gen/taskqueue/v1/worker_service_pb";
+import type { TaskFinished, TaskStarted } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
 import { type FinishAction, finishAction, fromTimestamp } from "../rpc/convert";
-import { attemptKey, type WorkerConnection, type WorkerRegistry } from "./registry";
+import { ackMessage } from "../rpc/messages";
+import type { WorkerConnection, WorkerRegistry } from "./registry";
 
 export interface CompleterOptions {
   sql: Sql;
@@ -55,7 +55,7 @@ export class Completer {
     const ref = message.ref;
     if (!ref) return;
     // The process has exited: the slot is free whatever the database says.
-    if (worker.inFlight.delete(attemptKey(ref.taskId, ref.attempt))) this.options.onSlotFreed();
+    if (this.options.registry.release(worker, ref.taskId, ref.attempt)) this.options.onSlotFreed();
     const action = finishAction(message);
     const target = { id: ref.taskId, attempt: ref.attempt, workerId: worker.id };
     if (action.kind === "record") this.finishes.push({ worker, report: { ref: target, result: action.result } });
@@ -74,6 +74,12 @@ export class Completer {
    * Group commit: reports that arrive while a write is in flight wait for it and then go
    * together in one statement, so under load the database sees one write per batch rather
    * than one per task, and an idle system still writes each report at once.
+   *
+   * Not src/db/group-commit.ts: that answers each caller and, on an error, rejects the batch or
+   * writes its items one by one. Here nobody waits for an answer but the worker's Ack, starts
+   * and finishes go in order through one loop (a start before the finish that follows it), a
+   * failed start is dropped (the finish repairs it), and failed finishes are retried whole, in
+   * place, after a pause that holds back every other write while the database is away.
    */
   private kick(): void {
     if (this.flushing) return;
@@ -112,11 +118,7 @@ export class Completer {
   }
 
   private ack(worker: WorkerConnection, ref: { id: string; attempt: number }, stale: boolean): void {
-    worker.send(
-      create(CoordinatorMessageSchema, {
-        payload: { case: "ack", value: { ref: { taskId: ref.id, attempt: ref.attempt }, stale } },
-      }),
-    );
+    worker.send(ackMessage({ taskId: ref.id, attempt: ref.attempt }, stale));
   }
 
   /** A handed-back or stopped attempt (rare): one statement each, retried like results. */

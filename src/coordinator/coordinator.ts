@@ -1,6 +1,7 @@
-// The coordinator role assembled: HTTP API, gRPC (WorkerService + TaskService), the dispatch
-// loop, the completer and the rescuer, on one database connection pool and one LISTEN
-// connection. main.ts and start.ts only build one and call start()/stop().
+// The coordinator role assembled: HTTP API, gRPC (WorkerService + TaskService), the submitter
+// with this role's run-now fast path, the dispatch loop, the completer and the rescuer, on one
+// database connection pool and one LISTEN connection. main.ts and start.ts only build one and
+// call start()/stop().
 import { hostname } from "node:os";
 import * as grpc from "@grpc/grpc-js";
 import { createApp } from "../api";
@@ -12,19 +13,21 @@ import { checkExposure } from "../auth/exposure";
 import { apiSettings, authOptions, type Config, leaseTimings } from "../config";
 import { type TaskChange, TaskChangeFeed } from "../db/notify";
 import { connect, type Sql } from "../db/sql";
+import { type RunNowPlacement, Submitter } from "../db/submitter";
 import { TaskService } from "../gen/taskqueue/v1/task_service_pb";
 import { WorkerService } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
 import { guardMalformed, serverDefinition } from "../rpc/definitions";
 import { Health, HealthService } from "../rpc/health";
+import { cancelMessage } from "../rpc/messages";
 import { addReflection } from "../rpc/reflection";
 import { grpcServerCredentials, httpScheme, httpTls } from "../tls";
 import { Completer } from "./completer";
 import { Dispatcher } from "./dispatcher";
 import { attemptKey, WorkerRegistry } from "./registry";
-import { Rescuer, stopAttempt } from "./rescuer";
-import { WorkerSessions } from "./service";
+import { Rescuer } from "./rescuer";
 import { taskServiceHandlers } from "./task-service";
+import { WorkerSessions } from "./worker-sessions";
 
 export interface CoordinatorInfo {
   id: string;
@@ -37,6 +40,7 @@ export class Coordinator {
   readonly registry: WorkerRegistry;
   private readonly sql: Sql;
   private readonly feed: TaskChangeFeed;
+  private readonly submitter: Submitter;
   private readonly dispatcher: Dispatcher;
   private readonly completer: Completer;
   private readonly rescuer: Rescuer;
@@ -46,6 +50,8 @@ export class Coordinator {
   private readonly auth: Authenticator;
   private readonly app: ReturnType<typeof createApp>;
   private unsubscribe: (() => void)[] = [];
+  /** Of an attempt, renewed while its worker reports it. */
+  private readonly leaseMs: number;
   private httpPort = 0;
   private grpcPort = 0;
 
@@ -58,6 +64,7 @@ export class Coordinator {
     // A worker silent for two intervals may be frozen: it gets no new work meanwhile.
     this.registry = new WorkerRegistry(2 * config.TQ_HEARTBEAT_INTERVAL_MS);
     const lease = leaseTimings(config);
+    this.leaseMs = lease.leaseMs;
     this.sql = connect(databaseUrl, { max: config.TQ_DB_POOL_SIZE, applicationName: `task-queue coordinator ${this.id}` });
     this.feed = new TaskChangeFeed(this.sql);
     this.dispatcher = new Dispatcher({
@@ -69,6 +76,7 @@ export class Coordinator {
       leaseMs: lease.leaseMs,
       aheadMs: config.TQ_DISPATCH_AHEAD_MS,
     });
+    this.submitter = new Submitter({ sql: this.sql, placeRunNow: (id) => this.placeRunNow(id) });
     this.completer = new Completer({
       sql: this.sql,
       registry: this.registry,
@@ -101,7 +109,7 @@ export class Coordinator {
       sql: this.sql,
       feed: this.feed,
       log: log.child({ part: "api" }),
-      submit: (id, spec, actor) => this.dispatcher.submit(id, spec, actor),
+      submit: (id, spec, actor) => this.submitter.submit(id, spec, actor),
     };
     this.app = createApp(deps);
     this.grpcServer = new grpc.Server({
@@ -177,12 +185,29 @@ export class Coordinator {
     const forced = setTimeout(() => this.grpcServer.forceShutdown(), 2000);
     await new Promise<void>((resolve) => this.grpcServer.tryShutdown(() => resolve()));
     clearTimeout(forced);
-    await this.dispatcher.submitsDrained();
+    await this.submitter.drained();
     await this.completer.stop();
     await this.feed.stop();
     this.auth.stop();
     await this.sql.end({ timeout: 5 });
     this.log.info({ id: this.id }, "coordinator stopped");
+  }
+
+  /**
+   * The run-now fast path: when one of our workers has a free slot, the task is written already
+   * dispatched to it and pushed at once, saving the claim round trip; otherwise it is queued.
+   */
+  private placeRunNow(id: string): RunNowPlacement | null {
+    if (!this.dispatcher.active) return null;
+    const worker = this.registry.reserveFreeSlot(id, 1);
+    if (!worker) return null;
+    return {
+      assignTo: { workerId: worker.id, coordinatorId: this.id, leaseMs: this.leaseMs },
+      // The worker may have left while we were inserting (its lost-worker requeue ran before
+      // our commit and did not see this task): then assign() gives the attempt back.
+      assigned: (task) => this.dispatcher.assign(worker.id, task),
+      release: () => void this.registry.release(worker, id, 1),
+    };
   }
 
   private onTaskChange(change: TaskChange): void {
@@ -192,7 +217,7 @@ export class Coordinator {
     if (change.state === "cancelled" && change.worker_id) {
       const worker = this.registry.get(change.worker_id);
       if (worker?.inFlight.has(attemptKey(change.id, change.attempt))) {
-        stopAttempt(worker, { taskId: change.id, attempt: change.attempt }, "cancelled");
+        worker.send(cancelMessage({ taskId: change.id, attempt: change.attempt }, "cancelled"));
       }
     }
   }

@@ -2,24 +2,13 @@
 // down the workers' streams. It wakes on a NOTIFY of a due task, on a freed slot, on a worker
 // joining, and on a timer set for the earliest future task; a slow safety poll covers a
 // missed notification. Between wakes it does nothing.
-import { create } from "@bufbuild/protobuf";
-import { GroupCommit } from "../db/group-commit";
 import type { TaskChange } from "../db/notify";
 import type { Sql } from "../db/sql";
-import {
-  claimDue,
-  type InsertOutcome,
-  insertTasks,
-  MAX_INSERT_BATCH,
-  type NewTask,
-  nextDueIn,
-  requeueAttempt,
-} from "../db/tasks";
-import { CoordinatorMessageSchema } from "../gen/taskqueue/v1/worker_service_pb";
+import { claimDue, nextDueIn, requeueAttempt } from "../db/tasks";
 import type { Logger } from "../log";
-import { toTimestamp } from "../rpc/convert";
-import type { Task, TaskSpec } from "../task/task";
-import { attemptKey, type WorkerRegistry } from "./registry";
+import { assignMessage } from "../rpc/messages";
+import type { Task } from "../task/task";
+import type { WorkerRegistry } from "./registry";
 
 export interface DispatcherOptions {
   sql: Sql;
@@ -51,12 +40,8 @@ export class Dispatcher {
   private lookAheadPending = false;
   private idle: Promise<void> = Promise.resolve();
   private markIdle: () => void = () => {};
-  /** Concurrent submits share one INSERT and one commit (see src/db/group-commit.ts). */
-  private readonly inserts: GroupCommit<NewTask, InsertOutcome>;
 
-  constructor(private readonly options: DispatcherOptions) {
-    this.inserts = new GroupCommit((items) => insertTasks(options.sql, items), { maxBatch: MAX_INSERT_BATCH });
-  }
+  constructor(private readonly options: DispatcherOptions) {}
 
   start(): void {
     this.stopped = false;
@@ -73,9 +58,9 @@ export class Dispatcher {
     await this.idle;
   }
 
-  /** Resolves when no submit is being written; call once nothing submits any more. */
-  async submitsDrained(): Promise<void> {
-    await this.inserts.drained();
+  /** Between start() and stop(): the coordinator hands run-now tasks to its workers only then. */
+  get active(): boolean {
+    return !this.stopped;
   }
 
   /**
@@ -104,42 +89,6 @@ export class Dispatcher {
     else this.armTimer(change.due_in_ms - this.options.aheadMs);
   }
 
-  /**
-   * The run-now fast path: when one of our workers has a free slot, the task is persisted
-   * already dispatched to it and pushed at once, saving the claim round trip. Otherwise it is
-   * queued like any other.
-   */
-  async submit(id: string, spec: TaskSpec, actor?: string): Promise<InsertOutcome> {
-    const plan = spec.scheduledAt === null && !this.stopped ? this.options.registry.slotPlan(1) : [];
-    const workerId = plan[0];
-    const worker = workerId ? this.options.registry.get(workerId) : undefined;
-    if (!worker) return this.inserts.add({ id, spec, actor });
-    const key = attemptKey(id, 1);
-    worker.inFlight.set(key, performance.now());
-    let outcome: InsertOutcome;
-    try {
-      outcome = await this.inserts.add({
-        id,
-        spec,
-        actor,
-        assignTo: { workerId: worker.id, coordinatorId: this.options.coordinatorId, leaseMs: this.options.leaseMs },
-      });
-    } catch (error) {
-      worker.inFlight.delete(key);
-      throw error;
-    }
-    if (outcome.kind === "existing") {
-      // A repeated idempotency key: nothing was written, the slot stays free.
-      worker.inFlight.delete(key);
-      return outcome;
-    }
-    const task = outcome.task;
-    // The worker may have left while we were inserting (its lost-worker requeue ran before
-    // our commit and did not see this task): then assign() gives the attempt back.
-    this.assign(worker.id, task);
-    return outcome;
-  }
-
   private async pass(): Promise<void> {
     try {
       for (;;) {
@@ -150,7 +99,7 @@ export class Dispatcher {
         const claimed = await claimDue(sql, coordinatorId, plan, leaseMs, aheadMs);
         for (const task of claimed) {
           const worker = task.worker_id ? this.options.registry.get(task.worker_id) : undefined;
-          if (worker) worker.inFlight.set(attemptKey(task.id, task.attempt), performance.now());
+          if (worker) this.options.registry.reserve(worker, task.id, task.attempt);
           this.assign(task.worker_id ?? "", task, task.start_in_ms);
         }
         if (claimed.length < plan.length) break;
@@ -181,8 +130,9 @@ export class Dispatcher {
    * Pushes an Assign to the worker. One that left since the task was given to it gets
    * nothing, and this one attempt goes back to the queue (if that fails, its lease lapses).
    * Only the attempt: the worker may hold other tasks through another coordinator by now.
+   * Also the hand-over of a task born dispatched by the run-now fast path (src/db/submitter.ts).
    */
-  private assign(workerId: string, task: Task, startInMs = 0): void {
+  assign(workerId: string, task: Task, startInMs = 0): void {
     const worker = this.options.registry.get(workerId);
     if (!worker) {
       const ref = { id: task.id, attempt: task.attempt, workerId };
@@ -191,23 +141,7 @@ export class Dispatcher {
       );
       return;
     }
-    worker.send(
-      create(CoordinatorMessageSchema, {
-        payload: {
-          case: "assign",
-          value: {
-            ref: { taskId: task.id, attempt: task.attempt },
-            command: task.command,
-            // The secret values travel only to the worker that runs the task.
-            env: { ...task.env, ...task.secret_env },
-            cwd: task.cwd ?? "",
-            timeoutMs: task.timeout_ms,
-            leaseExpiresAt: toTimestamp(task.lease_expires_at),
-            startInMs,
-          },
-        },
-      }),
-    );
+    worker.send(assignMessage(task, startInMs));
   }
 
   private armTimer(dueInMs: number): void {

@@ -1,7 +1,16 @@
 // The workers connected to this coordinator and the slots they have free. Only this process
 // writes it; the database's workers table is the cross-coordinator view.
+//
+// The registry is the one owner of what it knows about a connection: which attempts count
+// against its slots, what it last reported, whether it drains, when it was last heard from.
+// Every other part reads that through WorkerConnection and changes it only through a verb here
+// (reserve, release, heard, heartbeat, drain, streamEnded, expireUnreported).
 import type { CoordinatorMessage } from "../gen/taskqueue/v1/worker_service_pb";
 
+/** One attempt as a worker names it on its stream. */
+type HeldRef = { readonly taskId: string; readonly attempt: number };
+
+/** A worker's stream as every part but the registry sees it. */
 export interface WorkerConnection {
   readonly id: string;
   readonly name: string;
@@ -11,23 +20,73 @@ export interface WorkerConnection {
    * when they were assigned (performance.now()). An attempt leaves when its result arrives,
    * or when the worker's heartbeats stop listing it a lease after it was assigned.
    */
-  readonly inFlight: Map<string, number>;
+  readonly inFlight: ReadonlyMap<string, number>;
   /** Attempts the worker listed in its last heartbeat: their leases are renewed. */
-  reported: { taskId: string; attempt: number }[];
-  draining: boolean;
+  readonly reported: readonly HeldRef[];
+  readonly draining: boolean;
   /** Set when its stream has ended. */
-  ended: boolean;
+  readonly ended: boolean;
   /** performance.now() of the last message from the worker. */
-  lastSeen: number;
+  readonly lastSeen: number;
+  /** Writes on the stream while this is the worker's current connection; otherwise nothing. */
   send(message: CoordinatorMessage): void;
   /** Ends the stream from our side (heartbeat timeout, shutdown). */
   close(reason: string): void;
 }
 
+/** What a worker says about itself in Hello. */
+export interface WorkerJoin {
+  id: string;
+  name: string;
+  slots: number;
+  /** The attempts it still runs or holds a result for: they count against its slots. */
+  held: readonly HeldRef[];
+}
+
+/** The stream under a connection, as the session that serves it gives it to the registry. */
+export interface WorkerLink {
+  /** Writes a message unless the stream has ended. */
+  write(message: CoordinatorMessage): void;
+  close(reason: string): void;
+}
+
 export const attemptKey = (taskId: string, attempt: number) => `${taskId}:${attempt}`;
 
+const copyRef = (ref: HeldRef): HeldRef => ({ taskId: ref.taskId, attempt: ref.attempt });
+
+/** The only implementation of WorkerConnection; its fields are written by the registry alone. */
+class Connection implements WorkerConnection {
+  readonly inFlight = new Map<string, number>();
+  reported: readonly HeldRef[];
+  draining = false;
+  ended = false;
+  lastSeen: number;
+
+  constructor(
+    readonly id: string,
+    readonly name: string,
+    readonly slots: number,
+    held: readonly HeldRef[],
+    now: number,
+    private readonly registry: WorkerRegistry,
+    private readonly link: WorkerLink,
+  ) {
+    for (const ref of held) this.inFlight.set(attemptKey(ref.taskId, ref.attempt), now);
+    this.reported = held.map(copyRef);
+    this.lastSeen = now;
+  }
+
+  send(message: CoordinatorMessage): void {
+    if (this.registry.isCurrent(this)) this.link.write(message);
+  }
+
+  close(reason: string): void {
+    this.link.close(reason);
+  }
+}
+
 export class WorkerRegistry {
-  private readonly workers = new Map<string, WorkerConnection>();
+  private readonly workers = new Map<string, Connection>();
 
   /**
    * @param suspectAfterMs A worker silent this long gets no new work while the heartbeat
@@ -47,9 +106,17 @@ export class WorkerRegistry {
     return [...this.workers.values()];
   }
 
+  /**
+   * A connection for a worker that said Hello, not yet in the registry (see add): it sends
+   * nothing until it is, but its reports are counted from now on.
+   */
+  open(join: WorkerJoin, link: WorkerLink, now = performance.now()): WorkerConnection {
+    return new Connection(join.id, join.name, join.slots, join.held, now, this, link);
+  }
+
   /** Adds a connection, in place of any earlier one of the same worker. */
   add(connection: WorkerConnection): void {
-    this.workers.set(connection.id, connection);
+    this.workers.set(connection.id, own(connection));
   }
 
   /** Removes the connection if it is still the current one for its worker id. */
@@ -61,6 +128,74 @@ export class WorkerRegistry {
 
   isCurrent(connection: WorkerConnection): boolean {
     return this.workers.get(connection.id) === connection;
+  }
+
+  /** A message arrived from the worker. Returns whether it had been silent long enough to be suspect. */
+  heard(connection: WorkerConnection, now = performance.now()): boolean {
+    const wasSuspect = this.isSuspect(connection, now);
+    own(connection).lastSeen = now;
+    return wasSuspect;
+  }
+
+  /** The attempts the worker's latest heartbeat lists. */
+  heartbeat(connection: WorkerConnection, running: readonly HeldRef[]): void {
+    own(connection).reported = running.map(copyRef);
+  }
+
+  /** The worker takes no new work from now on. Returns true the first time. */
+  drain(connection: WorkerConnection): boolean {
+    const worker = own(connection);
+    if (worker.draining) return false;
+    worker.draining = true;
+    return true;
+  }
+
+  /** Its stream is over; it is removed separately (remove), once what it held is dealt with. */
+  streamEnded(connection: WorkerConnection): void {
+    own(connection).ended = true;
+  }
+
+  /** Counts an attempt given to the worker against its slots, from `now`. */
+  reserve(connection: WorkerConnection, taskId: string, attempt: number, now = performance.now()): void {
+    own(connection).inFlight.set(attemptKey(taskId, attempt), now);
+  }
+
+  /**
+   * Reserves a slot for an attempt on the worker that `slotPlan` would give it first. Returns
+   * that worker, or null when no worker has a free slot.
+   */
+  reserveFreeSlot(taskId: string, attempt: number): WorkerConnection | null {
+    const id = this.slotPlan(1)[0];
+    const worker = id === undefined ? undefined : this.workers.get(id);
+    if (!worker) return null;
+    this.reserve(worker, taskId, attempt);
+    return worker;
+  }
+
+  /** The attempt no longer counts against the worker's slots. Returns whether it did. */
+  release(connection: WorkerConnection, taskId: string, attempt: number): boolean {
+    return own(connection).inFlight.delete(attemptKey(taskId, attempt));
+  }
+
+  /**
+   * Releases the attempts reserved over `olderThanMs` ago that the worker's heartbeat (keys in
+   * `reported`) does not list: their assignment was lost on the way. Returns how many.
+   */
+  expireUnreported(connection: WorkerConnection, reported: ReadonlySet<string>, olderThanMs: number, now = performance.now()) {
+    const inFlight = own(connection).inFlight;
+    let expired = 0;
+    for (const [key, reservedAt] of inFlight) {
+      if (!reported.has(key) && now - reservedAt > olderThanMs) {
+        inFlight.delete(key);
+        expired++;
+      }
+    }
+    return expired;
+  }
+
+  /** The registered workers not heard from for over `timeoutMs`. */
+  silentFor(timeoutMs: number, now = performance.now()): WorkerConnection[] {
+    return this.all().filter((worker) => now - worker.lastSeen > timeoutMs);
   }
 
   /** Silent long enough that it gets no new work for now. */
@@ -108,4 +243,10 @@ export class WorkerRegistry {
     }
     return plan;
   }
+}
+
+/** Every WorkerConnection comes from open(); anything else is a bug in the caller. */
+function own(connection: WorkerConnection): Connection {
+  if (!(connection instanceof Connection)) throw new Error(`worker ${connection.id}: not a connection the registry opened`);
+  return connection;
 }

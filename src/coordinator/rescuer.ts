@@ -4,12 +4,11 @@
 // no longer holds its task (superseded, or cancelled while the worker was away: the polled
 // fallback to the pushed Cancel), and requeues any task, of any coordinator, whose lease
 // lapsed (its worker or its coordinator died, or the assignment never arrived).
-import { create } from "@bufbuild/protobuf";
 import { ping, type Sql } from "../db/sql";
 import { type AttemptRef, renewLeases, requeueExpiredLeases } from "../db/tasks";
 import { touchWorkers } from "../db/workers";
-import { CoordinatorMessageSchema } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
+import { cancelMessage } from "../rpc/messages";
 import { attemptKey, type WorkerConnection, type WorkerRegistry } from "./registry";
 
 export interface RescuerOptions {
@@ -51,8 +50,8 @@ export class Rescuer {
   }
 
   checkSilent(now = performance.now()): void {
-    for (const worker of this.options.registry.all()) {
-      if (now - worker.lastSeen > this.options.heartbeatTimeoutMs) this.options.onSilent(worker);
+    for (const worker of this.options.registry.silentFor(this.options.heartbeatTimeoutMs, now)) {
+      this.options.onSilent(worker);
     }
   }
 
@@ -111,22 +110,11 @@ export class Rescuer {
       for (const ref of reported) {
         const key = attemptKey(ref.taskId, ref.attempt);
         keys.add(key);
-        if (!renewed.has(key)) stopAttempt(worker, ref, "the attempt no longer holds its task");
+        if (!renewed.has(key)) worker.send(cancelMessage(ref, "the attempt no longer holds its task"));
       }
       // Assigned a lease ago and never reported: the assignment was lost on the way. Its
       // lease lapses (and the task is requeued); the slot is free.
-      for (const [key, assignedAt] of worker.inFlight) {
-        if (!keys.has(key) && now - assignedAt > this.options.leaseMs) worker.inFlight.delete(key);
-      }
+      this.options.registry.expireUnreported(worker, keys, this.options.leaseMs, now);
     }
   }
-}
-
-/** Tells a worker to stop an attempt (a no-op on its side if it no longer runs it). */
-export function stopAttempt(worker: WorkerConnection, ref: { taskId: string; attempt: number }, reason: string): void {
-  worker.send(
-    create(CoordinatorMessageSchema, {
-      payload: { case: "cancel", value: { ref: { taskId: ref.taskId, attempt: ref.attempt }, reason } },
-    }),
-  );
 }

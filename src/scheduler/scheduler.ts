@@ -6,10 +6,9 @@ import { SERVER_MAX_REQUEST_BODY_SIZE } from "../api/errors";
 import { Authenticator } from "../auth/authenticator";
 import { checkExposure } from "../auth/exposure";
 import { apiSettings, authOptions, type Config } from "../config";
-import { GroupCommit } from "../db/group-commit";
 import { TaskChangeFeed } from "../db/notify";
 import { connect, type Sql } from "../db/sql";
-import { type InsertOutcome, insertTasks, MAX_INSERT_BATCH, type NewTask } from "../db/tasks";
+import { Submitter } from "../db/submitter";
 import type { Logger } from "../log";
 import { httpScheme, httpTls } from "../tls";
 
@@ -18,8 +17,8 @@ export class Scheduler {
   private readonly feed: TaskChangeFeed;
   private readonly app: ReturnType<typeof createApp>;
   private readonly auth: Authenticator;
-  /** Concurrent submits share one INSERT and one commit (see src/db/group-commit.ts). */
-  private readonly inserts: GroupCommit<NewTask, InsertOutcome>;
+  /** Writes every task queued: the scheduler has no workers to hand one to. */
+  private readonly submitter: Submitter;
 
   constructor(
     private readonly config: Config,
@@ -29,7 +28,7 @@ export class Scheduler {
     this.sql = connect(databaseUrl, { max: config.TQ_DB_POOL_SIZE, applicationName: "task-queue scheduler" });
     this.feed = new TaskChangeFeed(this.sql);
     this.auth = new Authenticator(this.sql, authOptions(config), log.child({ part: "auth" }));
-    this.inserts = new GroupCommit((items) => insertTasks(this.sql, items), { maxBatch: MAX_INSERT_BATCH });
+    this.submitter = new Submitter({ sql: this.sql });
     this.app = createApp({
       role: "scheduler",
       auth: this.auth,
@@ -37,7 +36,7 @@ export class Scheduler {
       sql: this.sql,
       feed: this.feed,
       log: log.child({ part: "api" }),
-      submit: (id, spec, actor) => this.inserts.add({ id, spec, actor }),
+      submit: (id, spec, actor) => this.submitter.submit(id, spec, actor),
     });
   }
 
@@ -59,7 +58,7 @@ export class Scheduler {
 
   async stop(): Promise<void> {
     await this.app.stop();
-    await this.inserts.drained();
+    await this.submitter.drained();
     await this.feed.stop();
     this.auth.stop();
     await this.sql.end({ timeout: 5 });

@@ -1,4 +1,4 @@
-// What the worker tells its coordinator, and the one place its messages are built. A result is
+// What the worker tells its coordinator (its messages are built by src/rpc/messages.ts). A result is
 // kept until the coordinator acknowledges it and is re-sent on the next stream after a
 // reconnect; hello, heartbeats and started go out once, on the stream of the moment.
 import { create } from "@bufbuild/protobuf";
@@ -9,20 +9,10 @@ import {
   TaskFinishedSchema,
   type TaskRef,
   type WorkerMessage,
-  WorkerMessageSchema,
 } from "../gen/taskqueue/v1/worker_service_pb";
+import { finishedMessage, type HelloFields, heartbeatMessage, helloMessage, startedMessage } from "../rpc/messages";
 import { type AttemptEvents, attemptKey } from "./attempts";
 import type { RunResult } from "./executor";
-
-/** Who this worker is, as Hello says on every new stream. */
-export interface Introduction {
-  workerId: string;
-  name: string;
-  slots: number;
-  version: string;
-  /** From the last Welcome: proves that we are the worker that took our id. */
-  resumeToken: string;
-}
 
 export class Reporter implements AttemptEvents {
   /** Results the coordinator has not acknowledged yet, by attempt key. */
@@ -44,7 +34,7 @@ export class Reporter implements AttemptEvents {
   }
 
   /** Opens a stream: who we are, and every attempt we hold (`running` and unacknowledged). */
-  hello(introduction: Introduction, running: TaskRef[]): void {
+  hello(introduction: HelloFields, running: TaskRef[]): void {
     this.send(helloMessage(introduction, this.held(running)));
   }
 
@@ -91,7 +81,7 @@ export class Reporter implements AttemptEvents {
   }
 }
 
-// The worker's messages, one builder each.
+// The worker's results, built in one place (the messages themselves: src/rpc/messages.ts).
 
 const OUTCOMES: Record<RunResult["outcome"], Outcome> = {
   exited: Outcome.EXITED,
@@ -100,24 +90,6 @@ const OUTCOMES: Record<RunResult["outcome"], Outcome> = {
   cancelled: Outcome.CANCELLED,
   abandoned: Outcome.ABANDONED,
 };
-
-function helloMessage(introduction: Introduction, inFlight: TaskRef[]): WorkerMessage {
-  return create(WorkerMessageSchema, { payload: { case: "hello", value: { ...introduction, inFlight } } });
-}
-
-function heartbeatMessage(seq: bigint, running: TaskRef[], draining: boolean): WorkerMessage {
-  return create(WorkerMessageSchema, { payload: { case: "heartbeat", value: { seq, running, draining } } });
-}
-
-function startedMessage(ref: TaskRef, pid: number, startedAt: Date): WorkerMessage {
-  return create(WorkerMessageSchema, {
-    payload: { case: "started", value: { ref, pid, startedAt: timestampFromDate(startedAt) } },
-  });
-}
-
-function finishedMessage(finished: TaskFinished): WorkerMessage {
-  return create(WorkerMessageSchema, { payload: { case: "finished", value: finished } });
-}
 
 /** The result of an attempt whose command ran. */
 function ranResult(ref: TaskRef, result: RunResult, stopReason: string | undefined): TaskFinished {

@@ -23,19 +23,8 @@ function countingSql(): { sql: Sql; statements: () => number } {
   return { sql, statements: () => count };
 }
 
-function fakeWorker(id: string, onAssign: (message: CoordinatorMessage) => void): WorkerConnection {
-  return {
-    id,
-    name: id,
-    slots: 1,
-    inFlight: new Map(),
-    reported: [],
-    draining: false,
-    ended: false,
-    lastSeen: performance.now(),
-    send: (message) => onAssign(message),
-    close() {},
-  };
+function fakeWorker(registry: WorkerRegistry, id: string, onAssign: (message: CoordinatorMessage) => void): WorkerConnection {
+  return registry.open({ id, name: id, slots: 1, held: [] }, { write: (message) => onAssign(message), close() {} });
 }
 
 function dispatcher(sql: Sql, registry: WorkerRegistry, aheadMs = 0): Dispatcher {
@@ -71,7 +60,7 @@ describe("Dispatcher timer", () => {
     const registry = new WorkerRegistry();
     const assigned = new Promise<{ taskId: string; at: number }>((resolve) =>
       registry.add(
-        fakeWorker("w-1", (message) => {
+        fakeWorker(registry, "w-1", (message) => {
           if (message.payload.case === "assign") resolve({ taskId: message.payload.value.ref?.taskId ?? "", at: Date.now() });
         }),
       ),

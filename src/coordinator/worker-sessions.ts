@@ -1,26 +1,20 @@
-// WorkerService.Connect: one bidirectional stream per worker. The worker says Hello; we
-// register it, give back the tasks the database thinks it holds but it does not, and answer
-// Welcome. From then on the dispatcher pushes Assign, the completer answers reports with
-// Ack, and the end of the stream (or silence past the heartbeat timeout) requeues whatever
+// The worker sessions (WorkerService.Connect): one bidirectional stream per worker. The worker
+// says Hello; we register it, give back the tasks the database thinks it holds but it does not,
+// and answer Welcome. From then on the dispatcher pushes Assign, the completer answers reports
+// with Ack, and the end of the stream (or silence past the heartbeat timeout) requeues whatever
 // the worker still held.
-import { create } from "@bufbuild/protobuf";
 import * as grpc from "@grpc/grpc-js";
 import { bearerToken, hashToken, sameSecret } from "../auth/tokens";
 import type { Sql } from "../db/sql";
 import { renewLeases, requeueWorkerTasks } from "../db/tasks";
 import { markWorkerGone, setWorkerDraining, upsertWorker } from "../db/workers";
-import {
-  type CoordinatorMessage,
-  CoordinatorMessageSchema,
-  type Hello,
-  type WorkerMessage,
-} from "../gen/taskqueue/v1/worker_service_pb";
+import type { CoordinatorMessage, Hello, WorkerMessage } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
 import { MalformedMessage } from "../rpc/definitions";
+import { cancelMessage, welcomeMessage } from "../rpc/messages";
 import type { Completer } from "./completer";
 import type { Dispatcher } from "./dispatcher";
 import { attemptKey, type WorkerConnection, type WorkerRegistry } from "./registry";
-import { stopAttempt } from "./rescuer";
 
 export type WorkerStream = grpc.ServerDuplexStream<WorkerMessage, CoordinatorMessage>;
 
@@ -80,7 +74,7 @@ export class WorkerSessions {
       clearTimeout(helloTimer);
       this.streams.delete(call);
       if (session) {
-        session.ended = true;
+        this.options.registry.streamEnded(session);
         this.track(this.lost(session, reason));
       }
     };
@@ -107,16 +101,13 @@ export class WorkerSessions {
         );
         return;
       }
-      const now = performance.now();
+      const registry = this.options.registry;
       // Back from a silence that kept work away from it: look for work for it.
-      const wasSuspect = this.options.registry.isSuspect(session, now);
-      session.lastSeen = now;
-      if (wasSuspect) this.options.dispatcher.wake();
+      if (registry.heard(session)) this.options.dispatcher.wake();
       switch (payload.case) {
         case "heartbeat":
-          session.reported = payload.value.running.map((ref) => ({ taskId: ref.taskId, attempt: ref.attempt }));
-          if (payload.value.draining && !session.draining) {
-            session.draining = true;
+          registry.heartbeat(session, payload.value.running);
+          if (payload.value.draining && registry.drain(session)) {
             void setWorkerDraining(this.options.sql, session.id, this.options.coordinatorId).catch(() => {});
           }
           return;
@@ -155,26 +146,17 @@ export class WorkerSessions {
 
   private connection(call: WorkerStream, hello: Hello): WorkerConnection {
     const log = this.options.log;
-    const registry = this.options.registry;
-    const connection: WorkerConnection = {
-      id: hello.workerId,
-      name: hello.name || hello.workerId,
-      slots: hello.slots,
-      inFlight: new Map(hello.inFlight.map((ref) => [attemptKey(ref.taskId, ref.attempt), performance.now()])),
-      reported: hello.inFlight.map((ref) => ({ taskId: ref.taskId, attempt: ref.attempt })),
-      draining: false,
-      ended: false,
-      lastSeen: performance.now(),
-      send(message) {
-        if (!registry.isCurrent(connection) || call.destroyed || call.writableEnded) return;
+    const join = { id: hello.workerId, name: hello.name || hello.workerId, slots: hello.slots, held: hello.inFlight };
+    return this.options.registry.open(join, {
+      write(message) {
+        if (call.destroyed || call.writableEnded) return;
         call.write(message);
       },
       close(reason) {
-        log.info({ worker: connection.id, reason }, "ending worker stream");
+        log.info({ worker: join.id, reason }, "ending worker stream");
         endWithStatus(call, grpc.status.UNAVAILABLE, reason);
       },
-    };
-    return connection;
+    });
   }
 
   /** Returns false when the worker id is taken by another worker (nothing was changed). */
@@ -215,21 +197,17 @@ export class WorkerSessions {
     if (connection.ended) return true;
     registry.add(connection);
     connection.send(
-      create(CoordinatorMessageSchema, {
-        payload: {
-          case: "welcome",
-          value: {
-            workerId: connection.id,
-            coordinatorId,
-            heartbeatIntervalMs: this.options.heartbeatIntervalMs,
-            heartbeatTimeoutMs: this.options.heartbeatTimeoutMs,
-            resumeToken,
-          },
-        },
+      welcomeMessage({
+        workerId: connection.id,
+        coordinatorId,
+        heartbeatIntervalMs: this.options.heartbeatIntervalMs,
+        heartbeatTimeoutMs: this.options.heartbeatTimeoutMs,
+        resumeToken,
       }),
     );
     for (const ref of hello.inFlight) {
-      if (!renewed.has(attemptKey(ref.taskId, ref.attempt))) stopAttempt(connection, ref, "the attempt no longer holds its task");
+      if (!renewed.has(attemptKey(ref.taskId, ref.attempt)))
+        connection.send(cancelMessage(ref, "the attempt no longer holds its task"));
     }
     this.options.log.info({ worker: connection.id, name: connection.name, slots: connection.slots }, "worker joined");
     this.options.dispatcher.wake();

@@ -1,0 +1,66 @@
+// The write path of new tasks, the same in every role that accepts them: concurrent submits
+// share one insertTasks statement and its commit (group-commit.ts), so the NOTIFY that wakes
+// the coordinators costs one commit per batch rather than one per task. A coordinator adds its
+// run-now fast path through `placeRunNow`; the scheduler (and whatever else submits) has none
+// and writes every task queued.
+
+import type { TaskSpec } from "../task/task";
+import { GroupCommit } from "./group-commit";
+import type { Sql } from "./sql";
+import { type Assignment, type InsertOutcome, insertTasks, MAX_INSERT_BATCH, type NewTask, type TaskChangeRow } from "./tasks";
+
+/** A free worker slot held for a run-now task while its insert is written. */
+export interface RunNowPlacement {
+  /** Where the task is born dispatched, in the statement that writes it. */
+  assignTo: Assignment;
+  /** The task was written dispatched there: hand it to the worker. */
+  assigned(task: TaskChangeRow): void;
+  /** Nothing was written to the slot (the write failed, or the idempotency key's earlier task answered): free it. */
+  release(): void;
+}
+
+export interface SubmitterOptions {
+  sql: Sql;
+  /**
+   * Asked for each task to run now (no scheduled time): a slot to give it in the same statement
+   * that writes it, which saves the claim's round trip, or null to queue it like any other.
+   * Without it every task is written queued.
+   */
+  placeRunNow?: (id: string) => RunNowPlacement | null;
+}
+
+export class Submitter {
+  private readonly inserts: GroupCommit<NewTask, InsertOutcome>;
+
+  constructor(private readonly options: SubmitterOptions) {
+    this.inserts = new GroupCommit((items) => insertTasks(options.sql, items), { maxBatch: MAX_INSERT_BATCH });
+  }
+
+  /**
+   * Persists a new task and resolves after commit. A spec whose idempotency key was used before
+   * writes nothing and returns the earlier task.
+   */
+  async submit(id: string, spec: TaskSpec, actor?: string): Promise<InsertOutcome> {
+    const placement = spec.scheduledAt === null ? (this.options.placeRunNow?.(id) ?? null) : null;
+    if (!placement) return this.inserts.add({ id, spec, actor });
+    let outcome: InsertOutcome;
+    try {
+      outcome = await this.inserts.add({ id, spec, actor, assignTo: placement.assignTo });
+    } catch (error) {
+      placement.release();
+      throw error;
+    }
+    if (outcome.kind === "existing") {
+      // A repeated idempotency key: nothing was written, the slot stays free.
+      placement.release();
+      return outcome;
+    }
+    placement.assigned(outcome.task);
+    return outcome;
+  }
+
+  /** Resolves when no submit is being written; call once nothing submits any more. */
+  async drained(): Promise<void> {
+    await this.inserts.drained();
+  }
+}

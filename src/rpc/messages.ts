@@ -1,0 +1,117 @@
+// Every message of the worker stream (WorkerService.Connect), one function each, so that what
+// travels on the wire is decided in one place: first what the coordinator sends, then what the
+// worker sends.
+import { create } from "@bufbuild/protobuf";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import {
+  type CoordinatorMessage,
+  CoordinatorMessageSchema,
+  type TaskFinished,
+  type TaskRef,
+  TaskRefSchema,
+  type WorkerMessage,
+  WorkerMessageSchema,
+} from "../gen/taskqueue/v1/worker_service_pb";
+import type { Task } from "../task/task";
+import { toTimestamp } from "./convert";
+
+/** One attempt as the wire names it (the fields of TaskRef, in any object that has them). */
+type WireRef = Pick<TaskRef, "taskId" | "attempt">;
+
+/** Only the two fields: a ref may come with more (a worker id), which the wire does not carry. */
+function taskRef(ref: WireRef): TaskRef {
+  return create(TaskRefSchema, { taskId: ref.taskId, attempt: ref.attempt });
+}
+
+// --- Coordinator to worker -----------------------------------------------------------------
+
+export interface WelcomeFields {
+  workerId: string;
+  coordinatorId: string;
+  heartbeatIntervalMs: number;
+  heartbeatTimeoutMs: number;
+  /** To present in Hello when reconnecting. */
+  resumeToken: string;
+}
+
+/** The answer to Hello once the worker is registered and reconciled. */
+export function welcomeMessage(fields: WelcomeFields): CoordinatorMessage {
+  return create(CoordinatorMessageSchema, { payload: { case: "welcome", value: { ...fields } } });
+}
+
+/**
+ * Hands the task's current attempt to the worker that holds it. `startInMs` delays the start
+ * of a task handed over before it is due (0: at once).
+ */
+export function assignMessage(task: Task, startInMs = 0): CoordinatorMessage {
+  return create(CoordinatorMessageSchema, {
+    payload: {
+      case: "assign",
+      value: {
+        ref: taskRef({ taskId: task.id, attempt: task.attempt }),
+        command: task.command,
+        // The secret values travel only to the worker that runs the task.
+        env: { ...task.env, ...task.secret_env },
+        cwd: task.cwd ?? "",
+        timeoutMs: task.timeout_ms,
+        leaseExpiresAt: toTimestamp(task.lease_expires_at),
+        startInMs,
+      },
+    },
+  });
+}
+
+/** Tells a worker to stop an attempt (a no-op on its side if it no longer runs it). */
+export function cancelMessage(ref: WireRef, reason: string): CoordinatorMessage {
+  return create(CoordinatorMessageSchema, { payload: { case: "cancel", value: { ref: taskRef(ref), reason } } });
+}
+
+/** A result is durable (or `stale`: it changed nothing) and the worker may forget it. */
+export function ackMessage(ref: WireRef, stale: boolean): CoordinatorMessage {
+  return create(CoordinatorMessageSchema, { payload: { case: "ack", value: { ref: taskRef(ref), stale } } });
+}
+
+/** Asks the worker to take no new work and finish what it runs. No coordinator part sends it yet. */
+export function drainMessage(reason: string): CoordinatorMessage {
+  return create(CoordinatorMessageSchema, { payload: { case: "drain", value: { reason } } });
+}
+
+// --- Worker to coordinator -----------------------------------------------------------------
+
+/** Who the worker is, as it says in every Hello. */
+export interface HelloFields {
+  workerId: string;
+  name: string;
+  slots: number;
+  version: string;
+  /** From the Welcome of this worker's first stream; empty on the first Hello. */
+  resumeToken: string;
+}
+
+/** The first message on every stream. `inFlight`: the attempts it still runs or holds an unacknowledged result for. */
+export function helloMessage(fields: HelloFields, inFlight: readonly WireRef[]): WorkerMessage {
+  return create(WorkerMessageSchema, {
+    payload: { case: "hello", value: { ...fields, inFlight: inFlight.map(taskRef) } },
+  });
+}
+
+/**
+ * `running`: the attempts whose leases the coordinator renews (those running and those with an
+ * unacknowledged result). `draining`: the worker takes no new work.
+ */
+export function heartbeatMessage(seq: bigint, running: readonly WireRef[], draining: boolean): WorkerMessage {
+  return create(WorkerMessageSchema, {
+    payload: { case: "heartbeat", value: { seq, running: running.map(taskRef), draining } },
+  });
+}
+
+export function startedMessage(ref: WireRef, pid: number, startedAt: Date): WorkerMessage {
+  return create(WorkerMessageSchema, {
+    payload: { case: "started", value: { ref: taskRef(ref), pid, startedAt: timestampFromDate(startedAt) } },
+  });
+}
+
+/** A result, sent when the attempt ends and re-sent after a reconnect until acknowledged. */
+export function finishedMessage(finished: TaskFinished): WorkerMessage {
+  return create(WorkerMessageSchema, { payload: { case: "finished", value: finished } });
+}
