@@ -6,7 +6,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { freePort, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { getJson, postJson, watchTask } from "../support/http";
-import { isRunning } from "../support/proc";
+import { isRunning } from "../support/is-running";
 import { type RoleProcess, spawnRole, startCluster } from "../support/processes";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);

@@ -3,7 +3,7 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { execute, type RunResult, type RunSpec, TailBuffer } from "../../src/worker/executor.ts";
-import { isRunning } from "../support/proc";
+import { isRunning } from "../support/is-running";
 
 const baseEnv = { PATH: process.env.PATH ?? "/usr/bin:/bin" };
 
