@@ -123,7 +123,10 @@ export class Worker {
     this.sendHeartbeat();
     const grace = this.options.drainGraceMs;
     if (this.running.size > 0) {
-      this.options.log.info({ running: this.running.size, graceMs: grace }, "draining: waiting for running tasks");
+      this.options.log.info(
+        { event: "worker.draining", running: this.running.size, graceMs: grace },
+        "draining: waiting for running tasks",
+      );
       const timeout = Bun.sleep(grace).then(() => "timeout" as const);
       if ((await Promise.race([this.idle(), timeout])) === "timeout") {
         this.options.log.warn({ running: this.running.size }, "drain grace over: handing running tasks back");
@@ -226,7 +229,7 @@ export class Worker {
     this.addressIndex++;
     const backoff = Math.min(5000, 100 * 2 ** Math.min(this.failures - 1, 6));
     const delay = Math.round(backoff / 2 + (Math.random() * backoff) / 2);
-    this.options.log.warn({ address, why, retryInMs: delay }, "disconnected from coordinator");
+    this.options.log.warn({ event: "worker.disconnected", address, why, retryInMs: delay }, "disconnected from coordinator");
     this.reconnectTimer = setTimeout(() => this.connect(), delay);
   }
 
@@ -243,7 +246,7 @@ export class Worker {
         }
         if (this.leaseTimer) clearTimeout(this.leaseTimer);
         this.leaseTimer = null;
-        this.options.log.info({ coordinator: payload.value.coordinatorId }, "connected");
+        this.options.log.info({ event: "worker.connected", coordinator: payload.value.coordinatorId }, "connected");
         for (const finished of this.unacked.values()) this.write(finishedMessage(finished));
         this.heartbeat = setInterval(() => this.sendHeartbeat(), this.options.heartbeatIntervalMs);
         for (const resolve of this.connectedWaiters) resolve();
@@ -344,7 +347,7 @@ export class Worker {
       this.running.delete(k);
       if (result.outcome !== "exited") {
         this.options.log.info(
-          { task: ref.taskId, attempt: ref.attempt, outcome: result.outcome, pid: result.pid },
+          { event: "worker.task_stopped", task: ref.taskId, attempt: ref.attempt, outcome: result.outcome, pid: result.pid },
           "task stopped",
         );
       }

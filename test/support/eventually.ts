@@ -9,6 +9,8 @@ export interface EventuallyOptions {
   timeoutMs?: number;
   /** Pause between tries. Defaults to 20 ms. */
   intervalMs?: number;
+  /** Gives up after this many tries, too, when a test allows only so many. Defaults to no limit. */
+  tries?: number;
 }
 
 /**
@@ -19,6 +21,7 @@ export interface EventuallyOptions {
 export async function eventually<T>(fn: () => T | Promise<T>, options: EventuallyOptions): Promise<NonNullable<T>> {
   const timeoutMs = options.timeoutMs ?? 10_000;
   const intervalMs = options.intervalMs ?? 20;
+  const maxTries = options.tries ?? Number.POSITIVE_INFINITY;
   const deadline = performance.now() + timeoutMs;
   let last: { error: unknown } | { value: unknown } = { value: "no try finished" };
   let tries = 0;
@@ -43,6 +46,7 @@ export async function eventually<T>(fn: () => T | Promise<T>, options: Eventuall
     }
     if ("value" in outcome && outcome.value) return outcome.value as NonNullable<T>;
     last = outcome;
+    if (tries >= maxTries) break;
     const pause = Math.min(intervalMs, deadline - performance.now());
     if (pause > 0) await Bun.sleep(pause);
   }
@@ -50,7 +54,8 @@ export async function eventually<T>(fn: () => T | Promise<T>, options: Eventuall
     "error" in last
       ? `last error: ${last.error instanceof Error ? last.error.message : String(last.error)}`
       : `last value: ${describe(last.value)}`;
-  throw new Error(`${options.what}: not within ${timeoutMs} ms (${tries} tries); ${detail}`, {
+  const limit = tries >= maxTries ? `not in ${tries} tries` : `not within ${timeoutMs} ms (${tries} tries)`;
+  throw new Error(`${options.what}: ${limit}; ${detail}`, {
     cause: "error" in last ? last.error : undefined,
   });
 }

@@ -133,28 +133,38 @@ export function timerMark(): number {
   return timerSeq;
 }
 
-/** The timers created after `mark` that are still armed, described for a failure message. */
-export function timersSince(mark: number): string[] {
-  return [...timers.values()].filter((timer) => timer.id > mark).map(describeTimer);
+/**
+ * The timers created after `mark` that are still armed, described for a failure message;
+ * `besides` leaves out those created by code under these paths (its first frame).
+ */
+export function timersSince(mark: number, besides: string[] = []): string[] {
+  return [...timers.values()]
+    .filter((timer) => timer.id > mark && !besides.some((path) => firstFrame(timer).includes(path)))
+    .map(describeTimer);
 }
 
 /**
  * Fails unless every timer created since `mark` is gone: for a part's start/stop test, take the
- * mark before start() and call this after stop().
+ * mark before start() and call this after stop(). A part that borrows the test's pool passes
+ * `besides: ["node_modules/postgres/"]`: the pool's idle timers are the test's, not the part's.
  */
-export function expectNoTimersSince(mark: number, what: string): void {
-  const left = timersSince(mark);
+export function expectNoTimersSince(mark: number, what: string, options: { besides?: string[] } = {}): void {
+  const left = timersSince(mark, options.besides);
   if (left.length > 0) throw new Error(`${what} left ${left.length} timer(s) armed:\n${left.join("\n")}`);
 }
 
-function describeTimer(timer: LiveTimer): string {
-  const frames = (timer.origin.stack ?? "")
+function frames(timer: LiveTimer): string[] {
+  return (timer.origin.stack ?? "")
     .split("\n")
     .slice(1)
     .map((line) => line.trim())
-    .filter((line) => !line.includes("test/support/leaks.ts"))
-    .slice(0, 4);
-  return `  ${timer.kind} of ${timer.delayMs} ms, created ${frames.join(" < ")}`;
+    .filter((line) => !line.includes("test/support/leaks.ts"));
+}
+
+const firstFrame = (timer: LiveTimer) => frames(timer)[0] ?? "";
+
+function describeTimer(timer: LiveTimer): string {
+  return `  ${timer.kind} of ${timer.delayMs} ms, created ${frames(timer).slice(0, 4).join(" < ")}`;
 }
 
 /** What `file` left behind: armed timers and running processes it created, and its own leftovers. */
