@@ -3,7 +3,7 @@
 // graphile-worker fails a test that "failed to release all workers"; this is that guard.
 //
 // Bun has no active-handle API (process.getActiveResourcesInfo() is always empty), so the
-// preload wraps setTimeout/setInterval and Bun.spawn, and tags what each creates with the test
+// preload wraps setTimeout/setInterval, Bun.sleep and Bun.spawn, and tags what each creates with the test
 // file then running (Bun.main). Bun runs the preload's afterAll once per run, not per file, so
 // a file is checked when the next file's first test begins, and the last one at the end of the
 // run; a check that finds something fails loudly, naming the file that left it.
@@ -11,7 +11,7 @@ import { runningInGroup } from "./is-running";
 
 interface LiveTimer {
   id: number;
-  kind: "timeout" | "interval";
+  kind: "timeout" | "interval" | "Bun.sleep";
   delayMs: number;
   file: string;
   /** Where it was created, from the stack at creation. */
@@ -56,7 +56,7 @@ export async function startForTheRun<T>(start: () => Promise<T>): Promise<T> {
   }
 }
 
-/** Wraps the timer functions and Bun.spawn; the preload calls this once, before any test file. */
+/** Wraps the timer functions, Bun.sleep and Bun.spawn; the preload calls this once, before any test file. */
 export function installLeakTracking(): void {
   if (installed) return;
   installed = true;
@@ -110,6 +110,14 @@ export function installLeakTracking(): void {
       return realClearInterval(handle as Timer);
     },
   });
+
+  // A loop that sleeps (a retry, a backoff) is as much left behind as a timer.
+  const realSleep = Bun.sleep;
+  Bun.sleep = ((ms: number | Date) => {
+    const handle = {};
+    track("Bun.sleep", handle, ms instanceof Date ? ms.getTime() - Date.now() : ms);
+    return realSleep(ms).finally(() => timers.delete(handle));
+  }) as typeof Bun.sleep;
 
   const realSpawn = Bun.spawn;
   Bun.spawn = ((...args: Parameters<typeof Bun.spawn>) => {
