@@ -63,7 +63,7 @@ async function run(options: BenchOptions): Promise<BenchResult> {
     const cluster = await startBenchCluster(scope, db.url, { workers: WORKERS, slots: SLOTS, env: roleEnv });
     const sql = postgres(db.url, { max: 2, onnotice: () => {} });
     scope.defer("close the bench's database connection", () => sql.end({ timeout: 5 }));
-    const grpcAddress = cluster.processes[0]!.lines.find((l) => l.msg === "coordinator started")?.grpcAddress;
+    const grpcAddress = cluster.processes[0]!.logged("coordinator.started")[0]?.grpcAddress;
     const TaskClient = clientConstructor(TaskService);
     const grpcClient = new TaskClient(String(grpcAddress), grpc.credentials.createInsecure()) as grpc.Client &
       Record<string, Function>;

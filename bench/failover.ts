@@ -33,7 +33,7 @@ const STEP_TIMEOUT_MS = 15_000;
 type Fault = "crash" | "freeze";
 
 async function workerIds(workers: RoleProcess[]): Promise<Map<string, RoleProcess>> {
-  const entries = await Promise.all(workers.map(async (w) => [String((await w.waitForMsg("worker starting")).id), w] as const));
+  const entries = await Promise.all(workers.map(async (w) => [String((await w.waitForEvent("worker.starting")).id), w] as const));
   return new Map(entries);
 }
 
@@ -66,10 +66,10 @@ async function trial(cluster: BenchCluster, fifo: FifoSignals, fault: Fault, gat
     await victim.exited;
     await cluster.addWorker();
   } else {
-    const connects = victim.lines.filter((l) => l.msg === "connected").length;
+    const connects = victim.logged("worker.connected").length;
     victim.kill("SIGCONT");
     await victim.waitFor(
-      (l) => l.msg === "connected" && victim.lines.filter((x) => x.msg === "connected").length > connects,
+      (l) => l.event === "worker.connected" && victim.logged("worker.connected").length > connects,
       "a reconnect after SIGCONT",
       STEP_TIMEOUT_MS,
     );

@@ -175,16 +175,16 @@ export interface BenchCluster {
   logs(lines?: number): string;
 }
 
-/** Resolves when `proc` logs `msg`; fails at once, with its output, if it exits first. */
-async function ready(proc: RoleProcess, msg: string): Promise<void> {
+/** Resolves when `proc` logs `event`; fails at once, with its output, if it exits first. */
+async function ready(proc: RoleProcess, event: string): Promise<void> {
   let settled = false;
-  const logged = proc.waitForMsg(msg, 30_000);
+  const logged = proc.waitForEvent(event, { timeoutMs: 30_000 });
   const exitedFirst = proc.exited.then(async (code) => {
     if (settled) return;
     // Let the pipes deliver the last lines the process wrote.
     await Bun.sleep(100);
     throw new Error(
-      `${proc.role} (pid ${proc.pid}) exited with ${code} before logging "${msg}"; it logged:\n${proc.raw.slice(-30).join("\n")}`,
+      `${proc.role} (pid ${proc.pid}) exited with ${code} before logging ${event}; it logged:\n${proc.raw.slice(-30).join("\n")}`,
     );
   });
   // The loser of the race must not surface later as an unhandled rejection.
@@ -222,7 +222,7 @@ export async function startBenchCluster(
     TQ_GRPC_PORT: String(grpcPort),
   });
   const scheduler = spawn("scheduler", { ...options.env, DATABASE_URL: databaseUrl, TQ_SCHEDULER_PORT: String(schedulerPort) });
-  await Promise.all([ready(coordinator, "coordinator started"), ready(scheduler, "scheduler started")]);
+  await Promise.all([ready(coordinator, "coordinator.started"), ready(scheduler, "scheduler.started")]);
   const workers: RoleProcess[] = [];
   const addWorker = async () => {
     // No DATABASE_URL: workers hold no database credentials.
@@ -232,7 +232,7 @@ export async function startBenchCluster(
       TQ_WORKER_SLOTS: String(options.slots),
     });
     workers.push(worker);
-    await ready(worker, "connected");
+    await ready(worker, "worker.connected");
     return worker;
   };
   await Promise.all(Array.from({ length: options.workers }, addWorker));

@@ -35,13 +35,13 @@ export async function runRole(role: string, start: (config: Config, log: Logger)
   };
   const signals = new StopSignals({
     stop: (signal) => {
-      log.info({ signal }, "stopping");
+      log.info({ event: "role.stopping", signal }, "stopping");
       void stop();
     },
-    again: (signal) => log.info({ signal }, "stopping already: the drain goes on"),
-    armed: () => log.info("stopping: interrupt again (Ctrl+C) to stop now without drain"),
+    again: (signal) => log.info({ event: "role.stopping_again", signal }, "stopping already: the drain goes on"),
+    armed: () => log.info({ event: "role.stop_armed" }, "stopping: interrupt again (Ctrl+C) to stop now without drain"),
     now: () => {
-      log.warn({ signal: "SIGINT" }, "second interrupt: stopping now without drain");
+      log.warn({ event: "role.stopping_now", signal: "SIGINT" }, "second interrupt: stopping now without drain");
       running?.abort?.();
       process.exit(130);
     },

@@ -111,7 +111,10 @@ export class Completer {
       // Unacknowledged, the workers still hold these results; keep the ones still ours.
       const kept = finishes.filter(({ worker }) => this.options.registry.isCurrent(worker));
       if (this.stopped || kept.length === 0) return;
-      this.options.log.warn({ err: error, tasks: kept.length }, "recording results failed; retrying");
+      this.options.log.warn(
+        { event: "completer.record_failed", err: error, tasks: kept.length },
+        "recording results failed; retrying",
+      );
       await Bun.sleep(this.options.retryMs ?? 500);
       this.finishes.unshift(...kept);
     }

@@ -159,7 +159,7 @@ export class Coordinator {
     this.dispatcher.start();
     this.rescuer.start();
     const info = this.info();
-    this.log.info(info, "coordinator started");
+    this.log.info({ event: "coordinator.started", ...info }, "coordinator started");
     return info;
   }
 
@@ -190,7 +190,7 @@ export class Coordinator {
     await this.feed.stop();
     this.auth.stop();
     await this.sql.end({ timeout: 5 });
-    this.log.info({ id: this.id }, "coordinator stopped");
+    this.log.info({ event: "coordinator.stopped", id: this.id }, "coordinator stopped");
   }
 
   /**

@@ -52,7 +52,7 @@ export class Scheduler {
       tls: httpTls(this.config),
     });
     const url = `${httpScheme(this.config)}://${this.config.TQ_HOST}:${this.app.server?.port ?? this.config.TQ_SCHEDULER_PORT}`;
-    this.log.info({ url }, "scheduler started");
+    this.log.info({ event: "scheduler.started", url }, "scheduler started");
     return url;
   }
 
@@ -62,6 +62,6 @@ export class Scheduler {
     await this.feed.stop();
     this.auth.stop();
     await this.sql.end({ timeout: 5 });
-    this.log.info("scheduler stopped");
+    this.log.info({ event: "scheduler.stopped" }, "scheduler stopped");
   }
 }

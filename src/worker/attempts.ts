@@ -130,7 +130,7 @@ export class Attempts {
       this.held.delete(k);
       if (result.outcome !== "exited") {
         this.options.log.info(
-          { task: ref.taskId, attempt: ref.attempt, outcome: result.outcome, pid: result.pid },
+          { event: "worker.task_stopped", task: ref.taskId, attempt: ref.attempt, outcome: result.outcome, pid: result.pid },
           "task stopped",
         );
       }

@@ -13,7 +13,10 @@ await runRole("worker", async (config, log) => {
       addresses: coordinatorAddresses(config),
     }),
   );
-  log.info({ id: worker.id, addresses: coordinatorAddresses(config), slots: config.TQ_WORKER_SLOTS }, "worker starting");
+  log.info(
+    { event: "worker.starting", id: worker.id, addresses: coordinatorAddresses(config), slots: config.TQ_WORKER_SLOTS },
+    "worker starting",
+  );
   worker.start();
   return worker;
 });

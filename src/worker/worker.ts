@@ -111,7 +111,10 @@ export class Worker {
     this.drain();
     const grace = this.options.drainGraceMs;
     if (this.attempts.size > 0) {
-      this.options.log.info({ running: this.attempts.size, graceMs: grace }, "draining: waiting for running tasks");
+      this.options.log.info(
+        { event: "worker.draining", running: this.attempts.size, graceMs: grace },
+        "draining: waiting for running tasks",
+      );
       const timeout = Bun.sleep(grace).then(() => "timeout" as const);
       if ((await Promise.race([this.attempts.empty(), timeout])) === "timeout") {
         this.options.log.warn({ running: this.attempts.size }, "drain grace over: handing running tasks back");
@@ -204,7 +207,7 @@ export class Worker {
     this.addressIndex++;
     const backoff = Math.min(5000, 100 * 2 ** Math.min(this.dialFailures - 1, 6));
     const delay = Math.round(backoff / 2 + (Math.random() * backoff) / 2);
-    this.options.log.warn({ address, why, retryInMs: delay }, "disconnected from coordinator");
+    this.options.log.warn({ event: "worker.disconnected", address, why, retryInMs: delay }, "disconnected from coordinator");
     this.reconnectTimer = setTimeout(() => this.connect(), delay);
   }
 
@@ -238,7 +241,7 @@ export class Worker {
     if (welcome.heartbeatTimeoutMs > 0) this.leaseMs = leaseMsFor(welcome);
     if (this.cutOffTimer) clearTimeout(this.cutOffTimer);
     this.cutOffTimer = null;
-    this.options.log.info({ coordinator: welcome.coordinatorId }, "connected");
+    this.options.log.info({ event: "worker.connected", coordinator: welcome.coordinatorId }, "connected");
     this.reporter.resend();
     this.heartbeatTimer = setInterval(() => this.heartbeat(), this.options.heartbeatIntervalMs);
     for (const resolve of this.welcomeWaiters) resolve();

@@ -59,7 +59,7 @@ test("1,000 tasks through worker kills, a freeze, a coordinator kill and a Postg
       TQ_GRPC_PORT: String(c.grpc),
     });
     processes.push(c.process);
-    await c.process.waitForMsg("coordinator started");
+    await c.process.waitForEvent("coordinator.started");
   };
   await Promise.all(coordinators.map(startCoordinator));
   const addresses = coordinators.map((c) => `127.0.0.1:${c.grpc}`).join(",");
@@ -72,8 +72,8 @@ test("1,000 tasks through worker kills, a freeze, a coordinator kill and a Postg
       TQ_LOG_LEVEL: "info",
     });
     processes.push(worker);
-    const id = String((await worker.waitForMsg("worker starting")).id);
-    await worker.waitForMsg("connected");
+    const id = String((await worker.waitForEvent("worker.starting")).id);
+    await worker.waitForEvent("worker.connected");
     return { process: worker, id };
   };
   const workers = await Promise.all([startWorker(), startWorker(), startWorker()]);

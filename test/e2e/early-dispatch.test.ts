@@ -7,6 +7,7 @@ import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
+import { eventually } from "../support/eventually";
 import { getJson, postJson, watchTask } from "../support/http";
 import { type Cluster, startCluster } from "../support/processes";
 
@@ -83,19 +84,18 @@ describe(`TQ_DISPATCH_AHEAD_MS=${AHEAD_MS}`, () => {
     expect(done).toMatchObject({ state: "succeeded", attempt: 2 });
     expect(done.worker_id).not.toBe(first.worker_id);
     expect(Number(String(done.stdout).trim())).toBeGreaterThanOrEqual(new Date(scheduledAt).getTime());
-    const [stayingId] = await Promise.all([staying.waitForMsg("worker starting")]);
+    const [stayingId] = await Promise.all([staying.waitForEvent("worker.starting")]);
     expect(done.worker_id).toBe(String(stayingId?.id));
   });
 });
 
 /** The kinds of the task's events once one of `kind` is among them (the note has no notification to wait on). */
 async function waitForEvent(id: string, kind: string): Promise<{ kind: string }[]> {
-  const deadline = Date.now() + 10_000;
-  for (;;) {
-    const events = await db.sql<{ kind: string }[]>`SELECT kind FROM task_events WHERE task_id = ${id} ORDER BY id`;
-    if (events.some((e) => e.kind === kind)) return [...events];
-    if (Date.now() > deadline)
-      throw new Error(`task ${id} has no ${kind} event after 10 s: ${events.map((e) => e.kind).join(", ")}`);
-    await Bun.sleep(20);
-  }
+  return eventually(
+    async () => {
+      const events = await db.sql<{ kind: string }[]>`SELECT kind FROM task_events WHERE task_id = ${id} ORDER BY id`;
+      return events.some((e) => e.kind === kind) ? [...events] : null;
+    },
+    { what: `a ${kind} event of task ${id}`, timeoutMs: 10_000 },
+  );
 }

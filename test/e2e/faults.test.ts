@@ -6,7 +6,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { freePort, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { getJson, postJson, watchTask } from "../support/http";
-import { isRunning } from "../support/proc";
+import { isRunning } from "../support/is-running";
 import { type RoleProcess, spawnRole, startCluster } from "../support/processes";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
@@ -26,7 +26,7 @@ const pidOf = (name: string, attempt: number) => Number(readFileSync(join(dir, `
 const openGate = (name: string) => writeFileSync(join(dir, `${name}.gate`), "");
 
 async function workerId(worker: RoleProcess): Promise<string> {
-  return String((await worker.waitForMsg("worker starting")).id);
+  return String((await worker.waitForEvent("worker.starting")).id);
 }
 
 async function events(taskId: string): Promise<string[]> {
@@ -50,7 +50,7 @@ test("a frozen worker is declared dead and its task runs elsewhere; resumed, its
     expect(isRunning(stalePid)).toBe(true);
     frozen.kill("SIGCONT");
     // Back, it reconnects and is told to stop the superseded attempt.
-    await frozen.waitFor((line) => line.msg === "task stopped" && line.attempt === 1, "the stale attempt stopped");
+    await frozen.waitForEvent("worker.task_stopped", { where: (line) => line.attempt === 1, what: "the stale attempt stopped" });
     expect(isRunning(stalePid)).toBe(false);
     openGate("freeze");
     const done = await watchTask(cluster.coordinatorUrl, task.id);
@@ -76,7 +76,10 @@ test("cancelling a running task kills its process group; the task is cancelled",
     expect(cancelled.status).toBe(200);
     expect(cancelled.json).toMatchObject({ state: "cancelled" });
     expect(cancelled.json.cancelled_at).toEqual(expect.any(String));
-    await cluster.workers[0]!.waitFor((l) => l.msg === "task stopped" && l.task === task.id, "the cancelled task stopped");
+    await cluster.workers[0]!.waitForEvent("worker.task_stopped", {
+      where: (l) => l.task === task.id,
+      what: "the cancelled task stopped",
+    });
     expect(isRunning(pid)).toBe(false);
     const again = await postJson(`${cluster.coordinatorUrl}/tasks/${task.id}/cancel`, {});
     expect(again.status).toBe(409);
@@ -138,15 +141,18 @@ describe("two coordinators", () => {
     try {
       // The worker knows both; it starts on a random one, so make sure it is on A first.
       const worker = await a.addWorker({ TQ_COORDINATOR_ADDRESSES: `${a.grpcAddress},${b.grpcAddress}` });
-      const joined = await worker.waitForMsg("connected");
-      const onA = String(joined.coordinator) === String((await a.coordinator.waitForMsg("coordinator started")).id);
+      const joined = await worker.waitForEvent("worker.connected");
+      const onA = String(joined.coordinator) === String((await a.coordinator.waitForEvent("coordinator.started")).id);
       const [home, away] = onA ? [a, b] : [b, a];
       const { json: task } = await postJson(`${home.coordinatorUrl}/submit`, { command: blocking("failover") });
       await watchTask(home.coordinatorUrl, task.id, (t) => t.state === "running");
       home.coordinator.kill("SIGKILL");
       await home.coordinator.exited;
-      const awayId = String((await away.coordinator.waitForMsg("coordinator started")).id);
-      await worker.waitFor((l) => l.msg === "connected" && l.coordinator === awayId, "a connect to the other coordinator");
+      const awayId = String((await away.coordinator.waitForEvent("coordinator.started")).id);
+      await worker.waitForEvent("worker.connected", {
+        where: (l) => l.coordinator === awayId,
+        what: "a connect to the other coordinator",
+      });
       openGate("failover");
       const done = await watchTask(away.coordinatorUrl, task.id);
       expect(done).toMatchObject({ state: "succeeded", attempt: 1, stdout: "attempt 1\n" });
@@ -166,11 +172,11 @@ test("every role stops cleanly on SIGTERM", async () => {
     TQ_GRPC_PORT: String(await freePort()),
   });
   const scheduler = spawnRole("scheduler", { ...env, TQ_SCHEDULER_PORT: String(await freePort()) });
-  await Promise.all([coordinator.waitForMsg("coordinator started"), scheduler.waitForMsg("scheduler started")]);
+  await Promise.all([coordinator.waitForEvent("coordinator.started"), scheduler.waitForEvent("scheduler.started")]);
   coordinator.kill("SIGTERM");
   scheduler.kill("SIGTERM");
   expect(await coordinator.exited).toBe(0);
   expect(await scheduler.exited).toBe(0);
-  await coordinator.waitForMsg("coordinator stopped");
-  await scheduler.waitForMsg("scheduler stopped");
+  await coordinator.waitForEvent("coordinator.stopped");
+  await scheduler.waitForEvent("scheduler.stopped");
 });

@@ -20,8 +20,8 @@ afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 const blockUntil = (gate: string) => `while [ ! -e '${gate}' ]; do sleep 0.02; done; echo "attempt $TQ_TASK_ATTEMPT"`;
 
-async function workerIds(processes: { waitForMsg(msg: string): Promise<Record<string, unknown>> }[]) {
-  return Promise.all(processes.map(async (p) => String((await p.waitForMsg("worker starting")).id)));
+async function workerIds(processes: { waitForEvent(event: string): Promise<Record<string, unknown>> }[]) {
+  return Promise.all(processes.map(async (p) => String((await p.waitForEvent("worker.starting")).id)));
 }
 
 test("SIGTERM drains a worker: its running task finishes, then it exits 0", async () => {
@@ -32,7 +32,7 @@ test("SIGTERM drains a worker: its running task finishes, then it exits 0", asyn
     await watchTask(cluster.coordinatorUrl, task.id, (t) => t.state === "running");
     const worker = cluster.workers[0]!;
     worker.kill("SIGTERM");
-    await worker.waitForMsg("draining: waiting for running tasks");
+    await worker.waitForEvent("worker.draining");
     writeFileSync(gate, "");
     expect(await worker.exited).toBe(0);
     const done = await watchTask(cluster.coordinatorUrl, task.id);
@@ -81,13 +81,13 @@ test("a coordinator restart: the worker reconnects, keeps its task, and delivers
     const old = cluster.coordinator;
     old.kill("SIGKILL");
     await old.exited;
-    await worker.waitForMsg("disconnected from coordinator");
+    await worker.waitForEvent("worker.disconnected");
     // The task finishes while no coordinator is there: the worker holds the result.
     writeFileSync(gate, "");
-    const connects = worker.lines.filter((l) => l.msg === "connected").length;
+    const connects = worker.logged("worker.connected").length;
     await cluster.restartCoordinator();
     await worker.waitFor(
-      (l) => l.msg === "connected" && worker.lines.filter((x) => x.msg === "connected").length > connects,
+      (l) => l.event === "worker.connected" && worker.logged("worker.connected").length > connects,
       "a second connect",
     );
     const done = await watchTask(cluster.coordinatorUrl, task.id);

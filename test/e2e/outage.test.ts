@@ -7,6 +7,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { type EmbeddedDatabase, startEmbedded } from "../../src/db/embedded";
 import { freePort, HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS } from "../support/db";
+import { eventually } from "../support/eventually";
 import { postJson, watchTask } from "../support/http";
 import { type Cluster, startCluster } from "../support/processes";
 
@@ -32,15 +33,9 @@ afterAll(async () => {
   rmSync(pgDir, { recursive: true, force: true });
 }, HOOK_TIMEOUT_MS);
 
-async function retrying<T>(attempt: () => Promise<T>, tries = 5): Promise<T> {
-  for (let i = 1; ; i++) {
-    try {
-      return await attempt();
-    } catch (error) {
-      if (i >= tries) throw error;
-      await Bun.sleep(100 * i);
-    }
-  }
+/** Repeats `attempt` until it succeeds, a bounded number of times. */
+function retrying<T>(what: string, attempt: () => Promise<T>): Promise<NonNullable<T>> {
+  return eventually(attempt, { what, tries: 5, intervalMs: 250, timeoutMs: 45_000 });
 }
 
 async function timed<T>(work: () => Promise<T>): Promise<{ value: T; ms: number }> {
@@ -73,23 +68,25 @@ test("while PostgreSQL is down the APIs answer 503, and afterwards everything ca
   }
   // The task finishes while the database is away: the worker holds the result.
   writeFileSync(gate, "");
-  await cluster.coordinator.waitForMsg("recording results failed; retrying");
+  await cluster.coordinator.waitForEvent("completer.record_failed");
 
   await pg.restart();
   // Right after the restart a request may still meet a connection the restart broke (503, or
   // a stream ending with an error event), as any client would: try again, a bounded number
   // of times.
-  const done = await retrying(() => watchTask(cluster.coordinatorUrl, task.id));
+  const done = await retrying("the held task, watched", () => watchTask(cluster.coordinatorUrl, task.id));
   expect(done).toMatchObject({ state: "succeeded", attempt: 1, stdout: "attempt 1\n" });
   // Dispatch resumed by itself.
-  const { status, json: next } = await retrying(async () => {
+  const { status, json: next } = await retrying("a submit after the restart", async () => {
     const answer = await postJson(`${cluster.schedulerUrl}/submit`, { command: "echo after" });
     if (answer.status === 503) throw new Error("503 right after the restart");
     return answer;
   });
   expect(status).toBe(201);
   // Another pooled connection may still be one the restart broke: the same bounded retry.
-  expect(await retrying(() => watchTask(cluster.coordinatorUrl, next.id))).toMatchObject({
+  expect(
+    await retrying("the task submitted after the restart, watched", () => watchTask(cluster.coordinatorUrl, next.id)),
+  ).toMatchObject({
     state: "succeeded",
     stdout: "after\n",
   });

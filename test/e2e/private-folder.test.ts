@@ -105,7 +105,7 @@ describe.skipIf(!AS_ROOT)("as root, in a clone under a 0700 folder", () => {
       const proc = Bun.spawn(["bun", "start"], { cwd: clone, env, stdin: "ignore", stdout: "pipe", stderr: "pipe" });
       const role = new RoleProcess("start", proc);
       await Promise.race([
-        role.waitForMsg("task-queue is running", 60_000),
+        role.waitForText("task-queue is running", 60_000),
         role.exited.then((code) => {
           throw new Error(`bun start exited with ${code}:\n${role.raw.join("\n")}`);
         }),

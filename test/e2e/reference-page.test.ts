@@ -32,7 +32,7 @@ describe.skipIf(skip)("the API reference page", () => {
         executablePath: CHROMIUM,
         args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
       }),
-      scheduler.waitForMsg("scheduler started"),
+      scheduler.waitForEvent("scheduler.started"),
     ]);
   }, HOOK_TIMEOUT_MS);
   afterAll(async () => {

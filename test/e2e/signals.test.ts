@@ -8,7 +8,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { freePort, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { postJson, watchTask } from "../support/http";
-import { isRunning } from "../support/proc";
+import { isRunning } from "../support/is-running";
 import { type RoleProcess, spawnRole, startCluster } from "../support/processes";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
@@ -27,12 +27,13 @@ const blocking = (name: string) =>
 const pidOf = (name: string, attempt: number) => Number(readFileSync(join(dir, `${name}-${attempt}`), "utf8").trim());
 const openGate = (name: string) => writeFileSync(join(dir, `${name}.gate`), "");
 
-const STOPPING = "stopping";
-const AGAIN = "stopping already: the drain goes on";
-const ARMED = "stopping: interrupt again (Ctrl+C) to stop now without drain";
-const NOW = "second interrupt: stopping now without drain";
+// What src/role.ts logs as it reads the stop signals (their `event`).
+const STOPPING = "role.stopping";
+const AGAIN = "role.stopping_again";
+const ARMED = "role.stop_armed";
+const NOW = "role.stopping_now";
 
-const count = (role: RoleProcess, msg: string) => role.lines.filter((line) => line.msg === msg).length;
+const count = (role: RoleProcess, event: string) => role.logged(event).length;
 
 async function taskRow(id: string) {
   const [row] = await db.sql<{ state: string; attempt: number; stdout: string }[]>`
@@ -47,9 +48,9 @@ test("worker: SIGTERM to the group, twice, drains once; the running task finishe
     const { json: task } = await postJson(`${cluster.coordinatorUrl}/submit`, { command: blocking("term") });
     await watchTask(cluster.coordinatorUrl, task.id, (t) => t.state === "running");
     worker.signalGroup("SIGTERM");
-    await worker.waitForMsg("draining: waiting for running tasks");
+    await worker.waitForEvent("worker.draining");
     worker.signalGroup("SIGTERM");
-    await worker.waitFor((line) => line.msg === AGAIN && line.signal === "SIGTERM", "a repeated SIGTERM");
+    await worker.waitForEvent(AGAIN, { where: (line) => line.signal === "SIGTERM", what: "a repeated SIGTERM" });
     openGate("term");
     expect(await worker.exited).toBe(0);
     expect(count(worker, STOPPING)).toBe(1);
@@ -69,11 +70,11 @@ test("worker: a second Ctrl-C stops it now (exit 130) and kills its task; the ta
     await watchTask(cluster.coordinatorUrl, task.id, (t) => t.state === "running");
     // One Ctrl-C reaches the worker twice (from the terminal and from `bun run`): one interrupt.
     worker.signalGroup("SIGINT");
-    await worker.waitForMsg("draining: waiting for running tasks");
-    await worker.waitForMsg(ARMED);
+    await worker.waitForEvent("worker.draining");
+    await worker.waitForEvent(ARMED);
     expect(count(worker, NOW)).toBe(0);
     worker.signalGroup("SIGINT");
-    await worker.waitForMsg(NOW);
+    await worker.waitForEvent(NOW);
     expect(await worker.exited).toBe(130);
     expect(count(worker, STOPPING)).toBe(1);
     expect(isRunning(pidOf("int", 1))).toBe(false);
@@ -99,9 +100,9 @@ async function drainingCoordinator(): Promise<{ coordinator: RoleProcess; releas
     { DATABASE_URL: db.url, TQ_COORDINATOR_PORT: String(await freePort()), TQ_GRPC_PORT: String(grpcPort) },
     { viaBunRun: true },
   );
-  await coordinator.waitForMsg("coordinator started");
+  await coordinator.waitForEvent("coordinator.started");
   const worker = spawnRole("worker", { TQ_COORDINATOR_ADDRESSES: `127.0.0.1:${grpcPort}` });
-  await worker.waitForMsg("connected");
+  await worker.waitForEvent("worker.connected");
   worker.kill("SIGSTOP");
   return {
     coordinator,
@@ -116,11 +117,11 @@ test("coordinator: SIGTERM to the group, twice, drains once and exits 0", async 
   const { coordinator, release } = await drainingCoordinator();
   try {
     coordinator.signalGroup("SIGTERM");
-    await coordinator.waitForMsg(STOPPING);
+    await coordinator.waitForEvent(STOPPING);
     coordinator.signalGroup("SIGTERM");
-    await coordinator.waitFor((line) => line.msg === AGAIN && line.signal === "SIGTERM", "a repeated SIGTERM");
+    await coordinator.waitForEvent(AGAIN, { where: (line) => line.signal === "SIGTERM", what: "a repeated SIGTERM" });
     expect(await coordinator.exited).toBe(0);
-    await coordinator.waitForMsg("coordinator stopped");
+    await coordinator.waitForEvent("coordinator.stopped");
     expect(count(coordinator, STOPPING)).toBe(1);
   } finally {
     await release();
@@ -131,12 +132,12 @@ test("coordinator: a second Ctrl-C stops it now without drain and says so (exit 
   const { coordinator, release } = await drainingCoordinator();
   try {
     coordinator.signalGroup("SIGINT");
-    await coordinator.waitForMsg(ARMED);
+    await coordinator.waitForEvent(ARMED);
     coordinator.signalGroup("SIGINT");
-    const line = await coordinator.waitForMsg(NOW);
+    const line = await coordinator.waitForEvent(NOW);
     expect(line.level).toBe(40); // warn
     expect(await coordinator.exited).toBe(130);
-    expect(count(coordinator, "coordinator stopped")).toBe(0);
+    expect(count(coordinator, "coordinator.stopped")).toBe(0);
   } finally {
     await release();
   }
@@ -149,10 +150,10 @@ test("scheduler: one Ctrl-C to the group (it arrives twice) drains and exits 0",
     { viaBunRun: true },
   );
   try {
-    await scheduler.waitForMsg("scheduler started");
+    await scheduler.waitForEvent("scheduler.started");
     scheduler.signalGroup("SIGINT");
     expect(await scheduler.exited).toBe(0);
-    await scheduler.waitForMsg("scheduler stopped");
+    await scheduler.waitForEvent("scheduler.stopped");
     expect(count(scheduler, STOPPING)).toBe(1);
     expect(count(scheduler, NOW)).toBe(0);
   } finally {

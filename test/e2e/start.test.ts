@@ -33,7 +33,7 @@ beforeAll(async () => {
   // Exactly as the README says, on embedded PostgreSQL: no DATABASE_URL.
   const proc = Bun.spawn(["bun", "run", "start"], { cwd: ROOT, env, stdin: "ignore", stdout: "pipe", stderr: "pipe" });
   start = new RoleProcess("start", proc);
-  await start.waitForMsg("task-queue is running", 60_000);
+  await start.waitForText("task-queue is running", 60_000);
 }, 90_000);
 
 afterAll(async () => {

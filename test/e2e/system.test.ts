@@ -107,7 +107,7 @@ test("with no worker connected a task stays queued, and runs once one connects",
     expect(task.state).toBe("queued");
     // Nothing can claim it: this coordinator has no workers (the database may still list
     // other tests' workers for a heartbeat timeout).
-    const coordinatorId = String((await cluster.coordinator.waitForMsg("coordinator started")).id);
+    const coordinatorId = String((await cluster.coordinator.waitForEvent("coordinator.started")).id);
     const workers = await getJson(`${cluster.coordinatorUrl}/workers`);
     expect((workers.json.workers as { coordinator_id: string }[]).filter((w) => w.coordinator_id === coordinatorId)).toEqual([]);
     const status = await getJson(`${cluster.coordinatorUrl}/tasks/${task.id}`);
@@ -132,7 +132,7 @@ test("a worker killed with SIGKILL mid-task: the task runs again elsewhere and s
     });
     const first: TaskJson = await watchTask(cluster.coordinatorUrl, task.id, (t) => t.state === "running");
     expect(first.attempt).toBe(1);
-    const ids = await Promise.all(cluster.workers.map(async (w) => String((await w.waitForMsg("worker starting")).id)));
+    const ids = await Promise.all(cluster.workers.map(async (w) => String((await w.waitForEvent("worker.starting")).id)));
     const victimIndex = ids.indexOf(first.worker_id!);
     expect(victimIndex).toBeGreaterThanOrEqual(0);
     cluster.workers[victimIndex]!.kill("SIGKILL");

@@ -69,9 +69,9 @@ async function finished(baseUrl: string, id: string, ca?: string): Promise<TaskJ
   }
 }
 
-/** The URL a role says it serves, from its "… started" line. */
-async function startedUrl(role: RoleProcess, msg: string, field: string): Promise<string> {
-  return String((await role.waitForMsg(msg))[field]);
+/** The URL a role says it serves, from its "….started" line. */
+async function startedUrl(role: RoleProcess, event: string, field: string): Promise<string> {
+  return String((await role.waitForEvent(event))[field]);
 }
 
 /**
@@ -86,10 +86,10 @@ async function expectRefused(cluster: Cluster, env: Record<string, string>): Pro
     ...env,
   });
   try {
-    const refusals = () => worker.lines.filter((line) => line.msg === "disconnected from coordinator");
+    const refusals = () => worker.logged("worker.disconnected");
     // A welcome ends the wait too, so that a worker let in fails at once.
-    await worker.waitFor((line) => line.msg === "connected" || refusals().length >= 2, "two refusals");
-    expect(worker.lines.map((line) => line.msg)).not.toContain("connected");
+    await worker.waitFor((line) => line.event === "worker.connected" || refusals().length >= 2, "two refusals");
+    expect(worker.lines.map((line) => line.event)).not.toContain("worker.connected");
     return String(refusals()[0]!.why);
   } finally {
     await worker.stop(5000);
@@ -107,8 +107,8 @@ describe("servers with TQ_TLS_CERT, a worker with TQ_TLS_CA", () => {
   }, HOOK_TIMEOUT_MS);
 
   test("a task submitted over HTTPS runs; both roles log https:// URLs", async () => {
-    const schedulerUrl = await startedUrl(cluster.scheduler!, "scheduler started", "url");
-    const coordinatorUrl = await startedUrl(cluster.coordinator, "coordinator started", "httpUrl");
+    const schedulerUrl = await startedUrl(cluster.scheduler!, "scheduler.started", "url");
+    const coordinatorUrl = await startedUrl(cluster.coordinator, "coordinator.started", "httpUrl");
     expect(schedulerUrl).toBe(cluster.schedulerUrl.replace("http:", "https:"));
     expect(coordinatorUrl).toBe(cluster.coordinatorUrl.replace("http:", "https:"));
     const task = await submit(schedulerUrl, "echo over tls");
@@ -126,7 +126,7 @@ describe("servers with TQ_TLS_CERT, a worker with TQ_TLS_CA", () => {
   test("a worker may dial the coordinator by name (SNI) as well as by IP", async () => {
     const port = cluster.grpcAddress.split(":")[1]!;
     const worker = await cluster.addWorker(workerTls({ TQ_TLS_CA: certs.ca, TQ_COORDINATOR_ADDRESSES: `localhost:${port}` }));
-    expect((await worker.waitForMsg("worker starting")).addresses).toEqual([`localhost:${port}`]);
+    expect((await worker.waitForEvent("worker.starting")).addresses).toEqual([`localhost:${port}`]);
   });
 
   test("a worker trusting another CA, or dialing without TLS, is never connected", async () => {
@@ -152,7 +152,7 @@ describe("mutual TLS: the coordinator with TQ_TLS_CLIENT_CA", () => {
     await cluster.addWorker(
       workerTls({ TQ_TLS_CA: certs.ca, TQ_TLS_CLIENT_CERT: certs.clientCert, TQ_TLS_CLIENT_KEY: certs.clientKey }),
     );
-    const coordinatorUrl = await startedUrl(cluster.coordinator, "coordinator started", "httpUrl");
+    const coordinatorUrl = await startedUrl(cluster.coordinator, "coordinator.started", "httpUrl");
     const task = await submit(coordinatorUrl, "echo mutual");
     expect(await finished(coordinatorUrl, task.id)).toMatchObject({ state: "succeeded", stdout: "mutual\n" });
   });
@@ -207,8 +207,8 @@ test("a missing certificate file stops a role at start-up, naming the option", a
     TQ_TLS_KEY: certs.serverKey,
   });
   try {
-    await worker.waitForMsg(`worker: TQ_TLS_CA=${missing}: no such file`);
-    await coordinator.waitForMsg(`coordinator: TQ_TLS_CERT=${missing}: no such file`);
+    await worker.waitForText(`worker: TQ_TLS_CA=${missing}: no such file`);
+    await coordinator.waitForText(`coordinator: TQ_TLS_CERT=${missing}: no such file`);
     expect(await worker.exited).toBe(1);
     expect(await coordinator.exited).toBe(1);
   } finally {

@@ -1,4 +1,4 @@
-import { describe, expect, setDefaultTimeout, test } from "bun:test";
+import { describe, expect, jest, setDefaultTimeout, test } from "bun:test";
 import { Dispatcher } from "../../src/coordinator/dispatcher";
 import { type WorkerConnection, WorkerRegistry } from "../../src/coordinator/registry";
 import type { Sql } from "../../src/db/sql";
@@ -6,21 +6,38 @@ import type { CoordinatorMessage } from "../../src/gen/taskqueue/v1/worker_servi
 import { silentLogger } from "../../src/log";
 import { TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { createTask, taskSpec } from "../support/factories";
+import { expectNoTimersSince, timerMark } from "../support/leaks";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
 const db = useTestDatabase();
 
-/** The test database's Sql, counting the statements run through it. */
-function countingSql(): { sql: Sql; statements: () => number } {
+/**
+ * The test database's Sql, counting the statements run through it. `settled()` resolves once
+ * every statement has answered and what the caller did with the answers has run (a turn of
+ * the event loop after the last one, with no new statement meanwhile).
+ */
+function countingSql(): { sql: Sql; statements: () => number; settled: () => Promise<void> } {
   let count = 0;
+  const open: PromiseLike<unknown>[] = [];
   const sql = new Proxy(db.sql, {
     apply(target, thisArg, args) {
       count++;
-      return Reflect.apply(target, thisArg, args);
+      const query = Reflect.apply(target, thisArg, args);
+      if (typeof query?.then === "function") open.push(query);
+      return query;
     },
   });
-  return { sql, statements: () => count };
+  const settled = async () => {
+    for (;;) {
+      // setImmediate, which Bun's fake timers leave real: the microtasks queued so far run first.
+      await new Promise((resolve) => setImmediate(resolve));
+      const answering = open.splice(0);
+      if (answering.length === 0) return;
+      await Promise.allSettled(answering);
+    }
+  };
+  return { sql, statements: () => count, settled };
 }
 
 function fakeWorker(registry: WorkerRegistry, id: string, onAssign: (message: CoordinatorMessage) => void): WorkerConnection {
@@ -43,13 +60,25 @@ describe("Dispatcher timer", () => {
   test("a task due in years does not make the timer fire at once and spin", async () => {
     await db.sql`TRUNCATE tasks CASCADE`;
     await createTask(db.sql, taskSpec({ scheduledAt: new Date("2099-01-01T00:00:00Z") }));
-    const { sql, statements } = countingSql();
+    const { sql, statements, settled } = countingSql();
     const subject = dispatcher(sql, new WorkerRegistry());
-    subject.start();
-    // The start pass reads when the next task is due; a timer past setTimeout's limit would
-    // fire after 1 ms and read it again, over and over.
-    await Bun.sleep(250);
-    await subject.stop();
+    // Fake time keeps setTimeout's limit: a delay past 2^31 - 1 ms fires after 1 ms, as it does
+    // in real time. So ten seconds pass at once, and nothing but the dispatcher moves them.
+    jest.useFakeTimers();
+    try {
+      const mark = timerMark();
+      subject.start();
+      // The start pass reads when the next task is due and arms its timer; a timer past
+      // setTimeout's limit would fire after 1 ms and read it again, over and over.
+      await settled();
+      expect(statements()).toBe(1);
+      jest.advanceTimersByTime(10_000);
+      await settled();
+      await subject.stop();
+      expectNoTimersSince(mark, "Dispatcher.stop()", { besides: ["node_modules/postgres/"] });
+    } finally {
+      jest.useRealTimers();
+    }
     expect(statements()).toBe(1);
   });
 
@@ -66,9 +95,11 @@ describe("Dispatcher timer", () => {
       ),
     );
     const subject = dispatcher(db.sql, registry);
+    const mark = timerMark();
     subject.start();
     const { taskId, at } = await assigned;
     await subject.stop();
+    expectNoTimersSince(mark, "Dispatcher.stop()", { besides: ["node_modules/postgres/"] });
     expect(taskId).toBe(task.id);
     expect(at).toBeGreaterThanOrEqual(due.getTime());
   });

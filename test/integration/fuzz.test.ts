@@ -351,6 +351,7 @@ test(`gRPC: ${GRPC_CASES} garbage messages, only client-error statuses, and the 
       if (who === 2) metadata.set("authorization", `Bearer ${printable(randomString(rng)).slice(0, 200) || "x"}`);
       const deadline = Date.now() + 5000;
       let details = "";
+      let cancelLater: ReturnType<typeof setTimeout> | undefined;
       const code = await new Promise<number>((resolve) => {
         if (method.kind === "unary") {
           client.makeUnaryRequest(method.path, raw, raw, bytes, metadata, { deadline }, (error) => {
@@ -370,9 +371,10 @@ test(`gRPC: ${GRPC_CASES} garbage messages, only client-error statuses, and the 
           call.write(bytes);
           // A garbage first message that decodes as something else than Hello is refused; one
           // that happens to be a valid Hello would be welcomed: end the stream either way.
-          setTimeout(() => call.cancel(), 200);
+          cancelLater = setTimeout(() => call.cancel(), 200);
         }
       });
+      clearTimeout(cancelLater);
       const name = grpc.status[code] ?? String(code);
       codes.set(name, (codes.get(name) ?? 0) + 1);
       if (!allowed.has(code) && code !== grpc.status.CANCELLED) {

@@ -29,6 +29,7 @@ import { silentLogger } from "../../src/log";
 import { clientConstructor } from "../../src/rpc/definitions";
 import { freePort, HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { attemptResult } from "../support/factories";
+import { expectNoTimersSince, timerMark } from "../support/leaks";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -61,7 +62,10 @@ async function failure(promise: Promise<unknown>): Promise<number | "resolved"> 
   }
 }
 
+let timersBefore = 0;
+
 beforeAll(async () => {
+  timersBefore = timerMark();
   const config = loadConfig({
     TQ_COORDINATOR_PORT: String(await freePort()),
     TQ_GRPC_PORT: String(await freePort()),
@@ -76,6 +80,9 @@ beforeAll(async () => {
 afterAll(async () => {
   tasks?.close();
   await coordinator?.stop();
+  // Its loops and streams, and every client the tests opened: nothing left armed. (The tests'
+  // own pool keeps idle timers; the coordinator's pool is checked as a connection at the end.)
+  expectNoTimersSince(timersBefore, "Coordinator.stop()", { besides: ["node_modules/postgres/"] });
 }, HOOK_TIMEOUT_MS);
 
 /** A hand-driven worker stream that queues what the coordinator sends. */

@@ -1,4 +1,4 @@
-import { afterAll, beforeAll, beforeEach, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, setDefaultTimeout, test } from "bun:test";
 import type { ApiDeps } from "../../src/api/deps";
 import { createApp } from "../../src/api/index";
 import { watchTask } from "../../src/api/service";
@@ -373,9 +373,21 @@ describe("GET /tasks/:id/events with Last-Event-ID", () => {
 });
 
 describe("watchTask", () => {
+  // Feeds never started, so that no notification reaches them; a subscription still opens
+  // their listening connection, which stop() closes.
+  const quietFeeds: TaskChangeFeed[] = [];
+  const quietFeed = () => {
+    const quiet = watchedFeed(db.sql);
+    quietFeeds.push(quiet.feed);
+    return quiet;
+  };
+  afterEach(async () => {
+    for (const feed of quietFeeds.splice(0)) await feed.stop();
+  });
+
   test("re-reads the task after a resync, when notifications may have been missed", async () => {
     // Never started: no notification reaches this feed, as while its connection was down.
-    const quiet = watchedFeed(db.sql);
+    const quiet = quietFeed();
     const task = await createTask(db.sql, taskSpec());
     const updates = watchTask(depsFor(db.sql, quiet.feed), task.id, new AbortController().signal);
     const first = await updates.next();
@@ -393,7 +405,7 @@ describe("watchTask", () => {
   });
 
   test("skips notifications of changes the first read already showed", async () => {
-    const quiet = watchedFeed(db.sql);
+    const quiet = quietFeed();
     const task = await createTask(db.sql, taskSpec());
     const updates = watchTask(depsFor(db.sql, quiet.feed), task.id, new AbortController().signal);
     await updates.next();
@@ -436,7 +448,7 @@ describe("watchTask", () => {
   });
 
   test("an abort ends a waiting watcher and releases it", async () => {
-    const quiet = watchedFeed(db.sql);
+    const quiet = quietFeed();
     const task = await createTask(db.sql, taskSpec());
     const abort = new AbortController();
     const updates = watchTask(depsFor(db.sql, quiet.feed), task.id, abort.signal);
@@ -448,7 +460,7 @@ describe("watchTask", () => {
   });
 
   test("an unknown task throws not_found and releases its subscriptions", async () => {
-    const quiet = watchedFeed(db.sql);
+    const quiet = quietFeed();
     const updates = watchTask(depsFor(db.sql, quiet.feed), newTaskId(), new AbortController().signal);
     const error = await updates.next().catch((e: unknown) => e);
     expect(error).toBeInstanceOf(TaskQueueError);

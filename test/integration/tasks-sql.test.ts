@@ -22,6 +22,7 @@ import {
 import { listLiveWorkers, markWorkerGone, touchWorkers, upsertWorker } from "../../src/db/workers";
 import type { AttemptResult } from "../../src/task/task";
 import { createTestDatabase, dropTestDatabase, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
+import { eventually } from "../support/eventually";
 import { attemptResult, createTask, newTaskId, taskSpec } from "../support/factories";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
@@ -474,14 +475,21 @@ describe("notification channels", () => {
     off();
     const unlisten = `UNLISTEN "tq_task_${task.id}"`;
     let last = "";
-    for (const deadline = Date.now() + 5000; last !== unlisten && Date.now() < deadline; await Bun.sleep(10)) {
-      const rows = await db.sql<{ query: string }[]>`
-        SELECT query FROM pg_stat_activity
-        WHERE datname = current_database() AND query LIKE ${`%LISTEN "tq_task_${task.id}"%`}
-          AND query NOT LIKE '%pg_stat_activity%'`;
-      last = rows[0]?.query ?? "";
+    try {
+      await eventually(
+        async () => {
+          const rows = await db.sql<{ query: string }[]>`
+            SELECT query FROM pg_stat_activity
+            WHERE datname = current_database() AND query LIKE ${`%LISTEN "tq_task_${task.id}"%`}
+              AND query NOT LIKE '%pg_stat_activity%'`;
+          last = rows[0]?.query ?? "";
+          return last === unlisten;
+        },
+        { what: `the listening backend to run ${unlisten}`, timeoutMs: 5000 },
+      );
+    } finally {
+      await feed.stop();
     }
-    await feed.stop();
     expect(last).toBe(unlisten);
     expect(seen).toEqual(["dispatched"]);
   });

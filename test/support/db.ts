@@ -1,7 +1,7 @@
 // A database per test file, on the server at TEST_DATABASE_URL / DATABASE_URL when set,
 // otherwise on one embedded PostgreSQL cluster started for the whole run (stopped by
-// preload.ts). Each file gets a fresh, migrated database and drops it afterwards.
-import { afterAll, beforeAll } from "bun:test";
+// preload.ts). Each file gets a fresh, migrated database, dropped once the file is done.
+import { beforeAll } from "bun:test";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -9,6 +9,7 @@ import postgres from "postgres";
 import { type EmbeddedDatabase, startEmbedded } from "../../src/db/embedded";
 import { migrate } from "../../src/db/migrate";
 import { connect, type Sql } from "../../src/db/sql";
+import { atFileEnd, startForTheRun } from "./leaks";
 
 let embedded: Promise<EmbeddedDatabase> | null = null;
 let embeddedDir: string | null = null;
@@ -19,13 +20,16 @@ async function serverUrl(): Promise<string> {
   if (configured) return configured;
   if (!embedded) {
     embeddedDir = mkdtempSync(join(tmpdir(), "tq-test-pg-"));
-    embedded = startEmbedded({
-      dataDir: embeddedDir,
-      port: await freePort(),
-      settings: { fsync: "off", synchronous_commit: "off", full_page_writes: "off" },
-      // As bun start does: run by root, where the binaries go if user postgres cannot reach node_modules.
-      ...(process.env.TQ_EMBEDDED_PG_HOME ? { home: process.env.TQ_EMBEDDED_PG_HOME } : {}),
-    });
+    const dataDir = embeddedDir;
+    embedded = startForTheRun(async () =>
+      startEmbedded({
+        dataDir,
+        port: await freePort(),
+        settings: { fsync: "off", synchronous_commit: "off", full_page_writes: "off" },
+        // As bun start does: run by root, where the binaries go if user postgres cannot reach node_modules.
+        ...(process.env.TQ_EMBEDDED_PG_HOME ? { home: process.env.TQ_EMBEDDED_PG_HOME } : {}),
+      }),
+    );
   }
   return (await embedded).adminUrl;
 }
@@ -96,18 +100,37 @@ export async function dropTestDatabase(db: TestDatabase): Promise<void> {
 }
 
 /**
- * The usual form: a database for the calling test file, created before its first test and
- * dropped after its last. Read `.sql` / `.url` inside tests.
+ * Ends the test's own pool, then drops the database; returns the connections still open to it
+ * at that moment (a part that was not stopped, or stopped without closing its pool).
+ */
+async function releaseTestDatabase(db: TestDatabase): Promise<string[]> {
+  await db.sql.end({ timeout: 5 });
+  const name = new URL(db.url).pathname.slice(1);
+  const admin = postgres(await serverUrl(), { max: 1, onnotice: () => {} });
+  try {
+    const open = await admin<{ pid: number; application_name: string; state: string | null; query: string }[]>`
+      SELECT pid, application_name, state, query FROM pg_stat_activity WHERE datname = ${name}`;
+    await admin`DROP DATABASE IF EXISTS ${admin(name)} WITH (FORCE)`;
+    return open.map(
+      (c) =>
+        `  a connection to its database: pid ${c.pid} "${c.application_name}" (${c.state ?? "?"}), last ${c.query.slice(0, 120)}`,
+    );
+  } finally {
+    await admin.end();
+  }
+}
+
+/**
+ * The usual form: a database for the calling test file, created before its first test. It is
+ * dropped once the file is done, after its own afterAll hooks have stopped what it started
+ * (test/support/leaks.ts), and a connection still open to it then fails the file.
  */
 export function useTestDatabase(): TestDatabase {
   const handle = {} as TestDatabase;
-  let db: TestDatabase | null = null;
   beforeAll(async () => {
-    db = await createTestDatabase();
+    const db = await createTestDatabase();
     Object.assign(handle, db);
-  }, HOOK_TIMEOUT_MS);
-  afterAll(async () => {
-    if (db) await dropTestDatabase(db);
+    atFileEnd(() => releaseTestDatabase(db));
   }, HOOK_TIMEOUT_MS);
   return handle;
 }

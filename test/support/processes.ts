@@ -1,10 +1,10 @@
 // Real role processes for end-to-end tests. Each process's JSON log lines are parsed as they
-// arrive, so tests wait on what a process says ("coordinator started", "connected") rather
-// than on time.
+// arrive, so tests wait on what a process says (its `event`: "coordinator.started",
+// "worker.connected") rather than on time.
 import type { Subprocess } from "bun";
 import { freePort } from "./db";
 
-export type LogLine = Record<string, unknown> & { msg?: string };
+export type LogLine = Record<string, unknown> & { msg?: string; event?: string };
 
 const ROOT = new URL("../..", import.meta.url).pathname;
 
@@ -58,8 +58,30 @@ export class RoleProcess {
     });
   }
 
-  waitForMsg(msg: string, timeoutMs?: number): Promise<LogLine> {
-    return this.waitFor((line) => line.msg === msg, `"${msg}"`, timeoutMs);
+  /**
+   * Resolves with the first log line carrying this `event` (see "Log events tests rely on" in
+   * ARCHITECTURE.md) and, if given, matching `where`. The message text is for humans and may
+   * change; the event name is what tests hold a role to.
+   */
+  waitForEvent(
+    event: string,
+    options: { where?: (line: LogLine) => boolean; what?: string; timeoutMs?: number } = {},
+  ): Promise<LogLine> {
+    const where = options.where ?? (() => true);
+    return this.waitFor((line) => line.event === event && where(line), options.what ?? `event ${event}`, options.timeoutMs);
+  }
+
+  /** The log lines seen so far that carry this `event`. */
+  logged(event: string): LogLine[] {
+    return this.lines.filter((line) => line.event === event);
+  }
+
+  /**
+   * Resolves with the first plain-text (not JSON) line that is `text`: what a role prints for
+   * people rather than logs, such as a start-up failure on stderr or `bun start`'s banner.
+   */
+  waitForText(text: string, timeoutMs?: number): Promise<LogLine> {
+    return this.waitFor((line) => line.text === true && line.msg === text, `the line "${text}"`, timeoutMs);
   }
 
   kill(signal: NodeJS.Signals = "SIGTERM"): void {
@@ -175,10 +197,10 @@ export async function startCluster(
     coordinator = spawnRole("coordinator", coordinatorEnv);
     all.push(coordinator);
     cluster.coordinator = coordinator;
-    await coordinator.waitForMsg("coordinator started");
+    await coordinator.waitForEvent("coordinator.started");
     return coordinator;
   };
-  await Promise.all([coordinator.waitForMsg("coordinator started"), scheduler?.waitForMsg("scheduler started")]);
+  await Promise.all([coordinator.waitForEvent("coordinator.started"), scheduler?.waitForEvent("scheduler.started")]);
   const grpcAddress = `127.0.0.1:${grpcPort}`;
   const workers: RoleProcess[] = [];
   const addWorker = async (env: Record<string, string> = {}, spawnOptions: { viaBunRun?: boolean } = {}) => {
@@ -195,7 +217,7 @@ export async function startCluster(
     );
     all.push(worker);
     workers.push(worker);
-    await worker.waitForMsg("connected");
+    await worker.waitForEvent("worker.connected");
     return worker;
   };
   try {

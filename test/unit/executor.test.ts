@@ -4,7 +4,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { execute, type RunResult, type RunSpec } from "../../src/worker/executor.ts";
 import { TailBuffer } from "../../src/worker/output.ts";
-import { isRunning } from "../support/proc";
+import { isRunning } from "../support/is-running";
 
 const baseEnv = { PATH: process.env.PATH ?? "/usr/bin:/bin" };
 

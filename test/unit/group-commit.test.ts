@@ -1,15 +1,25 @@
 import { describe, expect, test } from "bun:test";
 import { GroupCommit } from "../../src/db/group-commit";
 
-/** A write whose calls are recorded and which finishes only when told to. */
+/**
+ * A write whose calls are recorded and which finishes only when told to; `called(n)` resolves
+ * once it has been called n times.
+ */
 function controlledWrite() {
   const calls: number[][] = [];
   const pending: (() => void)[] = [];
+  const waiters: { n: number; resolve: () => void }[] = [];
   const write = (items: number[]) => {
     calls.push(items);
+    for (const waiter of waiters.filter((w) => calls.length >= w.n)) {
+      waiters.splice(waiters.indexOf(waiter), 1);
+      waiter.resolve();
+    }
     return new Promise<string[]>((resolve) => pending.push(() => resolve(items.map((n) => `ok ${n}`))));
   };
-  return { calls, pending, write };
+  const called = (n: number) =>
+    calls.length >= n ? Promise.resolve() : new Promise<void>((resolve) => waiters.push({ n, resolve }));
+  return { calls, pending, write, called };
 }
 
 /**
@@ -33,7 +43,7 @@ function gatedGroup(answer: (items: number[]) => number[]) {
 
 describe("GroupCommit", () => {
   test("writes the first item at once and everything that arrived meanwhile in one batch", async () => {
-    const { calls, pending, write } = controlledWrite();
+    const { calls, pending, write, called } = controlledWrite();
     const group = new GroupCommit(write, { maxBatch: 100 });
     const first = group.add(1);
     const rest = [2, 3, 4].map((n) => group.add(n));
@@ -41,7 +51,7 @@ describe("GroupCommit", () => {
     pending.shift()!();
     expect(await first).toBe("ok 1");
     // The second write starts once the first has settled.
-    while (calls.length < 2) await Bun.sleep(0);
+    await called(2);
     expect(calls[1]).toEqual([2, 3, 4]);
     pending.shift()!();
     expect(await Promise.all(rest)).toEqual(["ok 2", "ok 3", "ok 4"]);
@@ -49,11 +59,11 @@ describe("GroupCommit", () => {
   });
 
   test("splits a backlog at maxBatch", async () => {
-    const { calls, pending, write } = controlledWrite();
+    const { calls, pending, write, called } = controlledWrite();
     const group = new GroupCommit(write, { maxBatch: 2 });
     const all = [1, 2, 3, 4, 5].map((n) => group.add(n));
-    for (let i = 0; i < 3; i++) {
-      while (pending.length === 0) await Bun.sleep(0);
+    for (let i = 1; i <= 3; i++) {
+      await called(i);
       pending.shift()!();
     }
     expect(await Promise.all(all)).toEqual(["ok 1", "ok 2", "ok 3", "ok 4", "ok 5"]);

@@ -1,7 +1,17 @@
 // The stop-signal policy on its own, with a clock the test moves: repeated SIGTERMs and the
-// copies of one interrupt change nothing; a later interrupt stops at once.
-import { expect, test } from "bun:test";
+// copies of one interrupt change nothing; a later interrupt stops at once. The "armed" notice
+// is a timer of the window's length, on Bun's fake timers here: each test runs them out, so
+// none is left armed when it ends.
+import { afterEach, beforeEach, expect, jest, test } from "bun:test";
 import { type StopSignal, StopSignals } from "../../src/stop-signals";
+
+beforeEach(() => {
+  jest.useFakeTimers();
+});
+afterEach(() => {
+  jest.runOnlyPendingTimers();
+  jest.useRealTimers();
+});
 
 function recorder(windowMs = 500) {
   const calls: string[] = [];
@@ -57,10 +67,13 @@ test("an interrupt during a SIGTERM drain is the first interrupt; the next one s
   expect(calls).toEqual(["stop SIGTERM", "again SIGINT", "now"]);
 });
 
-test("the first interrupt arms the second once the window has passed", async () => {
+test("the first interrupt arms the second once the window has passed, not before", async () => {
   const { calls, signals, armedOnce } = recorder(20);
   signals.receive("SIGINT");
   expect(calls).toEqual(["stop SIGINT"]);
+  jest.advanceTimersByTime(19);
+  expect(calls).toEqual(["stop SIGINT"]);
+  jest.advanceTimersByTime(1);
   await armedOnce;
   expect(calls).toEqual(["stop SIGINT", "armed"]);
 });
