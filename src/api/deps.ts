@@ -3,9 +3,9 @@
 
 import type { Principal, Scope } from "../auth/tokens";
 import type { Config } from "../config";
+import type { InsertOutcome } from "../db/insert";
 import type { TaskChangeFeed } from "../db/notify";
 import type { Sql } from "../db/sql";
-import type { InsertOutcome } from "../db/tasks";
 import type { Logger } from "../log";
 import type { TaskSpec } from "../task/task";
 

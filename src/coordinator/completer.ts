@@ -10,11 +10,12 @@ import {
   recordAttemptStopped,
   requeueAttempt,
   type StartReport,
-} from "../db/tasks";
+} from "../db/transitions";
 import { CoordinatorMessageSchema, type TaskFinished, type TaskStarted } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
-import { type FinishAction, finishAction, fromTimestamp } from "../rpc/convert";
-import { attemptKey, type WorkerConnection, type WorkerRegistry } from "./registry";
+import { attemptRefFromProto, attemptRefToProto, type FinishAction, finishAction, fromTimestamp } from "../rpc/convert";
+import { type AttemptRef, attemptKey } from "../task/attempt";
+import type { WorkerConnection, WorkerRegistry } from "./registry";
 
 export interface CompleterOptions {
   sql: Sql;
@@ -42,9 +43,7 @@ export class Completer {
     const ref = message.ref;
     if (!ref) return;
     this.starts.push({
-      id: ref.taskId,
-      attempt: ref.attempt,
-      workerId: worker.id,
+      ...attemptRefFromProto(ref, worker.id),
       startedAt: fromTimestamp(message.startedAt) ?? new Date(),
       pid: message.pid,
     });
@@ -57,7 +56,7 @@ export class Completer {
     // The process has exited: the slot is free whatever the database says.
     if (worker.inFlight.delete(attemptKey(ref.taskId, ref.attempt))) this.options.onSlotFreed();
     const action = finishAction(message);
-    const target = { id: ref.taskId, attempt: ref.attempt, workerId: worker.id };
+    const target = attemptRefFromProto(ref, worker.id);
     if (action.kind === "record") this.finishes.push({ worker, report: { ref: target, result: action.result } });
     else this.track(this.recordOther(worker, message, action));
     this.kick();
@@ -111,10 +110,10 @@ export class Completer {
     }
   }
 
-  private ack(worker: WorkerConnection, ref: { id: string; attempt: number }, stale: boolean): void {
+  private ack(worker: WorkerConnection, ref: AttemptRef, stale: boolean): void {
     worker.send(
       create(CoordinatorMessageSchema, {
-        payload: { case: "ack", value: { ref: { taskId: ref.id, attempt: ref.attempt }, stale } },
+        payload: { case: "ack", value: { ref: attemptRefToProto(ref), stale } },
       }),
     );
   }
@@ -126,7 +125,7 @@ export class Completer {
     action: Exclude<FinishAction, { kind: "record" }>,
   ): Promise<void> {
     const ref = message.ref!;
-    const target = { id: ref.taskId, attempt: ref.attempt, workerId: worker.id };
+    const target = attemptRefFromProto(ref, worker.id);
     for (;;) {
       try {
         let applied = true;

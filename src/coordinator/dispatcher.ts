@@ -3,23 +3,18 @@
 // joining, and on a timer set for the earliest future task; a slow safety poll covers a
 // missed notification. Between wakes it does nothing.
 import { create } from "@bufbuild/protobuf";
+import { claimDue, nextDueIn } from "../db/claim";
 import { GroupCommit } from "../db/group-commit";
+import { type InsertOutcome, insertTasks, MAX_TASKS_PER_INSERT, type NewTask } from "../db/insert";
 import type { TaskChange } from "../db/notify";
 import type { Sql } from "../db/sql";
-import {
-  claimDue,
-  type InsertOutcome,
-  insertTasks,
-  MAX_INSERT_BATCH,
-  type NewTask,
-  nextDueIn,
-  requeueAttempt,
-} from "../db/tasks";
+import { requeueAttempt } from "../db/transitions";
 import { CoordinatorMessageSchema } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
-import { toTimestamp } from "../rpc/convert";
+import { attemptRefToProto, toTimestamp } from "../rpc/convert";
+import { attemptKey } from "../task/attempt";
 import type { Task, TaskSpec } from "../task/task";
-import { attemptKey, type WorkerRegistry } from "./registry";
+import type { WorkerRegistry } from "./registry";
 
 export interface DispatcherOptions {
   sql: Sql;
@@ -55,7 +50,7 @@ export class Dispatcher {
   private readonly inserts: GroupCommit<NewTask, InsertOutcome>;
 
   constructor(private readonly options: DispatcherOptions) {
-    this.inserts = new GroupCommit((items) => insertTasks(options.sql, items), { maxBatch: MAX_INSERT_BATCH });
+    this.inserts = new GroupCommit((items) => insertTasks(options.sql, items), { maxBatch: MAX_TASKS_PER_INSERT });
   }
 
   start(): void {
@@ -185,7 +180,7 @@ export class Dispatcher {
   private assign(workerId: string, task: Task, startInMs = 0): void {
     const worker = this.options.registry.get(workerId);
     if (!worker) {
-      const ref = { id: task.id, attempt: task.attempt, workerId };
+      const ref = { taskId: task.id, attempt: task.attempt, workerId };
       void requeueAttempt(this.options.sql, ref, "worker left before the assignment was sent").catch((error) =>
         this.options.log.warn({ err: error, task: task.id }, "giving back an unsent assignment failed; its lease will lapse"),
       );
@@ -196,7 +191,7 @@ export class Dispatcher {
         payload: {
           case: "assign",
           value: {
-            ref: { taskId: task.id, attempt: task.attempt },
+            ref: attemptRefToProto({ taskId: task.id, attempt: task.attempt }),
             command: task.command,
             // The secret values travel only to the worker that runs the task.
             env: { ...task.env, ...task.secret_env },

@@ -7,7 +7,7 @@ export interface WorkerConnection {
   readonly name: string;
   readonly slots: number;
   /**
-   * Attempts this coordinator counts against the worker's slots, as "taskId:attempt", with
+   * Attempts this coordinator counts against the worker's slots, by attemptKey, with
    * when they were assigned (performance.now()). An attempt leaves when its result arrives,
    * or when the worker's heartbeats stop listing it a lease after it was assigned.
    */
@@ -23,8 +23,6 @@ export interface WorkerConnection {
   /** Ends the stream from our side (heartbeat timeout, shutdown). */
   close(reason: string): void;
 }
-
-export const attemptKey = (taskId: string, attempt: number) => `${taskId}:${attempt}`;
 
 export class WorkerRegistry {
   private readonly workers = new Map<string, WorkerConnection>();

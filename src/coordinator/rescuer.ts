@@ -6,11 +6,13 @@
 // lapsed (its worker or its coordinator died, or the assignment never arrived).
 import { create } from "@bufbuild/protobuf";
 import { ping, type Sql } from "../db/sql";
-import { type AttemptRef, renewLeases, requeueExpiredLeases } from "../db/tasks";
+import { renewLeases, requeueExpiredLeases } from "../db/transitions";
 import { touchWorkers } from "../db/workers";
 import { CoordinatorMessageSchema } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
-import { attemptKey, type WorkerConnection, type WorkerRegistry } from "./registry";
+import { attemptRefFromProto, attemptRefToProto } from "../rpc/convert";
+import { type AttemptRef, attemptKey } from "../task/attempt";
+import type { WorkerConnection, WorkerRegistry } from "./registry";
 
 export interface RescuerOptions {
   sql: Sql;
@@ -98,7 +100,7 @@ export class Rescuer {
     // asked about can be judged by its answer.
     const asked = workers.map((worker) => ({ worker, reported: worker.reported }));
     const refs: AttemptRef[] = asked.flatMap(({ worker, reported }) =>
-      reported.map((ref) => ({ id: ref.taskId, attempt: ref.attempt, workerId: worker.id })),
+      reported.map((ref) => attemptRefFromProto(ref, worker.id)),
     );
     // With nothing to renew, a round trip all the same: the gap check in pass() must see an
     // outage even on a coordinator without workers, before it judges anyone's leases.
@@ -126,7 +128,7 @@ export class Rescuer {
 export function stopAttempt(worker: WorkerConnection, ref: { taskId: string; attempt: number }, reason: string): void {
   worker.send(
     create(CoordinatorMessageSchema, {
-      payload: { case: "cancel", value: { ref: { taskId: ref.taskId, attempt: ref.attempt }, reason } },
+      payload: { case: "cancel", value: { ref: attemptRefToProto(ref), reason } },
     }),
   );
 }

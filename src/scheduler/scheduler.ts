@@ -7,9 +7,9 @@ import { Authenticator } from "../auth/authenticator";
 import { checkExposure } from "../auth/exposure";
 import type { Config } from "../config";
 import { GroupCommit } from "../db/group-commit";
+import { type InsertOutcome, insertTasks, MAX_TASKS_PER_INSERT, type NewTask } from "../db/insert";
 import { TaskChangeFeed } from "../db/notify";
 import { connect, type Sql } from "../db/sql";
-import { type InsertOutcome, insertTasks, MAX_INSERT_BATCH, type NewTask } from "../db/tasks";
 import type { Logger } from "../log";
 import { httpScheme, httpTls } from "../tls";
 
@@ -29,7 +29,7 @@ export class Scheduler {
     this.sql = connect(databaseUrl, { max: config.TQ_DB_POOL_SIZE, applicationName: "task-queue scheduler" });
     this.feed = new TaskChangeFeed(this.sql);
     this.auth = new Authenticator(this.sql, config, log.child({ part: "auth" }));
-    this.inserts = new GroupCommit((items) => insertTasks(this.sql, items), { maxBatch: MAX_INSERT_BATCH });
+    this.inserts = new GroupCommit((items) => insertTasks(this.sql, items), { maxBatch: MAX_TASKS_PER_INSERT });
     this.app = createApp({
       role: "scheduler",
       auth: this.auth,

@@ -17,6 +17,7 @@ import {
 } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
 import { clientConstructor } from "../rpc/definitions";
+import { attemptKey } from "../task/attempt";
 import { type Execution, execute, type RunResult } from "./executor";
 
 const WorkerClient = clientConstructor(WorkerService);
@@ -58,8 +59,6 @@ const OUTCOMES: Record<RunResult["outcome"], Outcome> = {
   cancelled: Outcome.CANCELLED,
   abandoned: Outcome.ABANDONED,
 };
-
-const key = (taskId: string, attempt: number) => `${taskId}:${attempt}`;
 
 export class Worker {
   private workerId: string;
@@ -254,16 +253,16 @@ export class Worker {
         return;
       case "cancel": {
         const ref = payload.value.ref;
-        const running = ref ? this.running.get(key(ref.taskId, ref.attempt)) : undefined;
+        const running = ref ? this.running.get(attemptKey(ref.taskId, ref.attempt)) : undefined;
         if (!ref || !running) return;
         this.options.log.info({ task: ref.taskId, attempt: ref.attempt, reason: payload.value.reason }, "stopping task");
         running.stopReason ??= payload.value.reason || "cancelled";
-        this.stopEntry(key(ref.taskId, ref.attempt), running, "cancelled", running.stopReason);
+        this.stopEntry(attemptKey(ref.taskId, ref.attempt), running, "cancelled", running.stopReason);
         return;
       }
       case "ack": {
         const ref = payload.value.ref;
-        if (ref) this.unacked.delete(key(ref.taskId, ref.attempt));
+        if (ref) this.unacked.delete(attemptKey(ref.taskId, ref.attempt));
         this.poke();
         return;
       }
@@ -280,7 +279,7 @@ export class Worker {
   private run(assign: Assign): void {
     const ref = assign.ref;
     if (!ref) return;
-    const k = key(ref.taskId, ref.attempt);
+    const k = attemptKey(ref.taskId, ref.attempt);
     if (this.running.has(k) || this.unacked.has(k)) return; // a duplicate delivery
     if (this.draining) {
       // Raced with our drain: hand it straight back.
@@ -407,7 +406,7 @@ export class Worker {
   }
 
   private report(finished: TaskFinished): void {
-    this.unacked.set(key(finished.ref!.taskId, finished.ref!.attempt), finished);
+    this.unacked.set(attemptKey(finished.ref!.taskId, finished.ref!.attempt), finished);
     this.write(finishedMessage(finished));
   }
 
