@@ -27,8 +27,8 @@ export interface CompleterOptions {
   retryMs?: number;
 }
 
-/** Most reports of a kind written in one statement. */
-const MAX_BATCH = 500;
+/** Most reports of a kind (starts, results) written in one statement. */
+const MAX_REPORTS_PER_WRITE = 500;
 
 export class Completer {
   private readonly pending = new Set<Promise<void>>();
@@ -83,8 +83,8 @@ export class Completer {
   }
 
   private async flush(): Promise<void> {
-    const starts = this.starts.splice(0, MAX_BATCH);
-    const finishes = this.finishes.splice(0, MAX_BATCH);
+    const starts = this.starts.splice(0, MAX_REPORTS_PER_WRITE);
+    const finishes = this.finishes.splice(0, MAX_REPORTS_PER_WRITE);
     if (starts.length > 0) {
       await markStartedMany(this.options.sql, starts).catch((error) =>
         // TaskFinished carries started_at too, so a lost start is repaired by the finish.

@@ -50,7 +50,7 @@ export class Dispatcher {
   private readonly inserts: GroupCommit<NewTask, InsertOutcome>;
 
   constructor(private readonly options: DispatcherOptions) {
-    this.inserts = new GroupCommit((items) => insertTasks(options.sql, items), { maxBatch: MAX_TASKS_PER_INSERT });
+    this.inserts = new GroupCommit((items) => insertTasks(options.sql, items), { maxItemsPerWrite: MAX_TASKS_PER_INSERT });
   }
 
   start(): void {

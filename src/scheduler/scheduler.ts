@@ -29,7 +29,7 @@ export class Scheduler {
     this.sql = connect(databaseUrl, { max: config.TQ_DB_POOL_SIZE, applicationName: "task-queue scheduler" });
     this.feed = new TaskChangeFeed(this.sql);
     this.auth = new Authenticator(this.sql, config, log.child({ part: "auth" }));
-    this.inserts = new GroupCommit((items) => insertTasks(this.sql, items), { maxBatch: MAX_TASKS_PER_INSERT });
+    this.inserts = new GroupCommit((items) => insertTasks(this.sql, items), { maxItemsPerWrite: MAX_TASKS_PER_INSERT });
     this.app = createApp({
       role: "scheduler",
       auth: this.auth,
