@@ -71,9 +71,16 @@ export function unnest<R>(sql: Sql, rows: readonly R[], columns: Record<string, 
  * prepared once cannot use an index whose predicate it cannot see is implied.
  */
 export function states(sql: Sql, list: readonly TaskState[]): Fragment {
-  if (list.length === 0 || !list.every(isTaskState)) throw new Error(`not a list of task states: ${list.join(", ")}`);
-  return sql.unsafe(list.map((state) => `'${state}'`).join(", ")) as unknown as Fragment;
+  let text = STATE_LISTS.get(list);
+  if (text === undefined) {
+    if (list.length === 0 || !list.every(isTaskState)) throw new Error(`not a list of task states: ${list.join(", ")}`);
+    text = list.map((state) => `'${state}'`).join(", ");
+    STATE_LISTS.set(list, text);
+  }
+  return sql.unsafe(text) as unknown as Fragment;
 }
+
+const STATE_LISTS = new WeakMap<readonly TaskState[], string>();
 
 /** `ms` milliseconds (at least 0) from now by the database's clock: the end of a lease, a retry's due time. */
 export function fromNow(sql: Sql, ms: number): Fragment {
