@@ -128,7 +128,9 @@ const srcPath = (relative: string) => new URL(`../../src/${relative}`, import.me
 async function inAnotherProcess(body: string, env: Record<string, string>): Promise<void> {
   const script = `
     import { connect } from ${JSON.stringify(srcPath("db/sql.ts"))};
-    import * as tasks from ${JSON.stringify(srcPath("db/transitions.ts"))};
+    import * as claim from ${JSON.stringify(srcPath("db/claim.ts"))};
+    import * as transitions from ${JSON.stringify(srcPath("db/transitions.ts"))};
+    const tasks = { ...claim, ...transitions };
     const sql = connect(process.env.DATABASE_URL, { max: 1 });
     try {
       ${body}
