@@ -2,9 +2,9 @@
 // the role that serves it.
 
 import type { Principal, Scope } from "../auth/tokens";
+import type { InsertOutcome } from "../db/insert";
 import type { TaskChangeFeed } from "../db/notify";
 import type { Sql } from "../db/sql";
-import type { InsertOutcome } from "../db/tasks";
 import type { Logger } from "../log";
 import type { TaskDefaults } from "../task/spec";
 import type { TaskSpec } from "../task/task";

@@ -5,8 +5,10 @@
 import { listAttempts } from "../db/attempts";
 import { batchHash, claimBatchKey, getBatch } from "../db/batches";
 import { listTaskEventsAfter, readTaskSince, type TaskEventRow } from "../db/events";
+import { insertTasks } from "../db/insert";
 import { ping, type Sql } from "../db/sql";
-import { cancelTask, getTask, insertTasks, listTasks } from "../db/tasks";
+import { getTask, listTasks } from "../db/tasks";
+import { cancelTask } from "../db/transitions";
 import { listLiveWorkers, type WorkerRow } from "../db/workers";
 import type { Attempt } from "../task/attempt";
 import { conflict, invalidArgument, notFound, TaskQueueError, unavailable } from "../task/errors";

@@ -9,11 +9,12 @@ import {
   recordAttemptStopped,
   requeueAttempt,
   type StartReport,
-} from "../db/tasks";
+} from "../db/transitions";
 import type { TaskFinished, TaskStarted } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
-import { type FinishAction, finishAction, fromTimestamp } from "../rpc/convert";
+import { attemptRefFromProto, type FinishAction, finishAction, fromTimestamp } from "../rpc/convert";
 import { ackMessage } from "../rpc/messages";
+import type { AttemptRef } from "../task/attempt";
 import type { WorkerConnection, WorkerRegistry } from "./registry";
 
 export interface CompleterOptions {
@@ -26,8 +27,8 @@ export interface CompleterOptions {
   retryMs?: number;
 }
 
-/** Most reports of a kind written in one statement. */
-const MAX_BATCH = 500;
+/** Most reports of a kind (starts, results) written in one statement. */
+const MAX_REPORTS_PER_WRITE = 500;
 
 export class Completer {
   private readonly pending = new Set<Promise<void>>();
@@ -42,9 +43,7 @@ export class Completer {
     const ref = message.ref;
     if (!ref) return;
     this.starts.push({
-      id: ref.taskId,
-      attempt: ref.attempt,
-      workerId: worker.id,
+      ...attemptRefFromProto(ref, worker.id),
       startedAt: fromTimestamp(message.startedAt) ?? new Date(),
       pid: message.pid,
     });
@@ -57,7 +56,7 @@ export class Completer {
     // The process has exited: the slot is free whatever the database says.
     if (this.options.registry.release(worker, ref.taskId, ref.attempt)) this.options.onSlotFreed();
     const action = finishAction(message);
-    const target = { id: ref.taskId, attempt: ref.attempt, workerId: worker.id };
+    const target = attemptRefFromProto(ref, worker.id);
     if (action.kind === "record") this.finishes.push({ worker, report: { ref: target, result: action.result } });
     else this.track(this.recordOther(worker, message, action));
     this.kick();
@@ -90,8 +89,8 @@ export class Completer {
   }
 
   private async flush(): Promise<void> {
-    const starts = this.starts.splice(0, MAX_BATCH);
-    const finishes = this.finishes.splice(0, MAX_BATCH);
+    const starts = this.starts.splice(0, MAX_REPORTS_PER_WRITE);
+    const finishes = this.finishes.splice(0, MAX_REPORTS_PER_WRITE);
     if (starts.length > 0) {
       await markStartedMany(this.options.sql, starts).catch((error) =>
         // TaskFinished carries started_at too, so a lost start is repaired by the finish.
@@ -120,8 +119,8 @@ export class Completer {
     }
   }
 
-  private ack(worker: WorkerConnection, ref: { id: string; attempt: number }, stale: boolean): void {
-    worker.send(ackMessage({ taskId: ref.id, attempt: ref.attempt }, stale));
+  private ack(worker: WorkerConnection, ref: AttemptRef, stale: boolean): void {
+    worker.send(ackMessage(ref, stale));
   }
 
   /** A handed-back or stopped attempt (rare): one statement each, retried like results. */
@@ -131,7 +130,7 @@ export class Completer {
     action: Exclude<FinishAction, { kind: "record" }>,
   ): Promise<void> {
     const ref = message.ref!;
-    const target = { id: ref.taskId, attempt: ref.attempt, workerId: worker.id };
+    const target = attemptRefFromProto(ref, worker.id);
     for (;;) {
       try {
         let applied = true;

@@ -2,9 +2,10 @@
 // down the workers' streams. It wakes on a NOTIFY of a due task, on a freed slot, on a worker
 // joining, and on a timer set for the earliest future task; a slow safety poll covers a
 // missed notification. Between wakes it does nothing.
+import { claimDue, nextDueIn } from "../db/claim";
 import type { TaskChange } from "../db/notify";
 import type { Sql } from "../db/sql";
-import { claimDue, nextDueIn, requeueAttempt } from "../db/tasks";
+import { requeueAttempt } from "../db/transitions";
 import type { Logger } from "../log";
 import { assignMessage } from "../rpc/messages";
 import type { Task } from "../task/task";
@@ -135,7 +136,7 @@ export class Dispatcher {
   assign(workerId: string, task: Task, startInMs = 0): void {
     const worker = this.options.registry.get(workerId);
     if (!worker) {
-      const ref = { id: task.id, attempt: task.attempt, workerId };
+      const ref = { taskId: task.id, attempt: task.attempt, workerId };
       void requeueAttempt(this.options.sql, ref, "worker left before the assignment was sent").catch((error) =>
         this.options.log.warn({ err: error, task: task.id }, "giving back an unsent assignment failed; its lease will lapse"),
       );

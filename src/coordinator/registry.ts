@@ -6,6 +6,7 @@
 // Every other part reads that through WorkerConnection and changes it only through a verb here
 // (reserve, release, heard, heartbeat, drain, streamEnded, expireUnreported).
 import type { CoordinatorMessage } from "../gen/taskqueue/v1/worker_service_pb";
+import { attemptKey } from "../task/attempt";
 
 /** One attempt as a worker names it on its stream. */
 type HeldRef = { readonly taskId: string; readonly attempt: number };
@@ -16,7 +17,7 @@ export interface WorkerConnection {
   readonly name: string;
   readonly slots: number;
   /**
-   * Attempts this coordinator counts against the worker's slots, as "taskId:attempt", with
+   * Attempts this coordinator counts against the worker's slots, by attemptKey, with
    * when they were assigned (performance.now()). An attempt leaves when its result arrives,
    * or when the worker's heartbeats stop listing it a lease after it was assigned.
    */
@@ -49,8 +50,6 @@ export interface WorkerLink {
   write(message: CoordinatorMessage): void;
   close(reason: string): void;
 }
-
-export const attemptKey = (taskId: string, attempt: number) => `${taskId}:${attempt}`;
 
 const copyRef = (ref: HeldRef): HeldRef => ({ taskId: ref.taskId, attempt: ref.attempt });
 

@@ -5,11 +5,13 @@
 // fallback to the pushed Cancel), and requeues any task, of any coordinator, whose lease
 // lapsed (its worker or its coordinator died, or the assignment never arrived).
 import { ping, type Sql } from "../db/sql";
-import { type AttemptRef, renewLeases, requeueExpiredLeases } from "../db/tasks";
+import { renewLeases, requeueExpiredLeases } from "../db/transitions";
 import { touchWorkers } from "../db/workers";
 import type { Logger } from "../log";
+import { attemptRefFromProto } from "../rpc/convert";
 import { cancelMessage } from "../rpc/messages";
-import { attemptKey, type WorkerConnection, type WorkerRegistry } from "./registry";
+import { type AttemptRef, attemptKey } from "../task/attempt";
+import type { WorkerConnection, WorkerRegistry } from "./registry";
 
 export interface RescuerOptions {
   sql: Sql;
@@ -97,7 +99,7 @@ export class Rescuer {
     // asked about can be judged by its answer.
     const asked = workers.map((worker) => ({ worker, reported: worker.reported }));
     const refs: AttemptRef[] = asked.flatMap(({ worker, reported }) =>
-      reported.map((ref) => ({ id: ref.taskId, attempt: ref.attempt, workerId: worker.id })),
+      reported.map((ref) => attemptRefFromProto(ref, worker.id)),
     );
     // With nothing to renew, a round trip all the same: the gap check in pass() must see an
     // outage even on a coordinator without workers, before it judges anyone's leases.

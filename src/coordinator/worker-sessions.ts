@@ -6,15 +6,17 @@
 import * as grpc from "@grpc/grpc-js";
 import { bearerToken, hashToken, sameSecret } from "../auth/tokens";
 import type { Sql } from "../db/sql";
-import { renewLeases, requeueWorkerTasks } from "../db/tasks";
+import { renewLeases, requeueWorkerTasks } from "../db/transitions";
 import { markWorkerGone, setWorkerDraining, upsertWorker } from "../db/workers";
 import type { CoordinatorMessage, Hello, WorkerMessage } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
+import { attemptRefFromProto } from "../rpc/convert";
 import { MalformedMessage } from "../rpc/definitions";
 import { cancelMessage, welcomeMessage } from "../rpc/messages";
+import { attemptKey } from "../task/attempt";
 import type { Completer } from "./completer";
 import type { Dispatcher } from "./dispatcher";
-import { attemptKey, type WorkerConnection, type WorkerRegistry } from "./registry";
+import type { WorkerConnection, WorkerRegistry } from "./registry";
 
 export type WorkerStream = grpc.ServerDuplexStream<WorkerMessage, CoordinatorMessage>;
 
@@ -186,7 +188,7 @@ export class WorkerSessions {
     // under a renewed lease; the rest (superseded while it was frozen or cut off, or cancelled
     // meanwhile) it is told to stop. What the database says it holds but the worker does not
     // know of (lost in a coordinator crash) goes back to the queue.
-    const held = hello.inFlight.map((ref) => ({ id: ref.taskId, attempt: ref.attempt, workerId: connection.id }));
+    const held = hello.inFlight.map((ref) => attemptRefFromProto(ref, connection.id));
     const renewed = await renewLeases(sql, held, this.options.leaseMs);
     const requeued = await requeueWorkerTasks(sql, connection.id, "not held by the worker after reconnecting", [
       ...connection.inFlight.keys(),

@@ -1,11 +1,10 @@
-// SQL on task_attempts, one row per attempt. Rows are written inside the statements of
-// src/db/tasks.ts that change the task (so an attempt and its task never disagree): each
-// function here that returns a Fragment is one CTE of such a statement and names the CTE
-// columns it reads. The reads are plain queries.
+// SQL on task_attempts, one row per attempt. Rows are written inside the statements that
+// change the task (src/db/insert.ts, claim.ts, transitions.ts), so an attempt and its task
+// never disagree: each function here that returns a Fragment is one CTE of such a statement
+// and names the CTE columns it reads. The reads are plain queries.
 import type { Attempt } from "../task/attempt";
+import type { Fragment } from "./encode";
 import type { Sql } from "./sql";
-
-type Fragment = ReturnType<Sql>;
 
 /**
  * CTE `a_open`: opens an attempt for each row of `t` (the changed tasks) that is now
@@ -32,17 +31,17 @@ export function startAttempts(sql: Sql): Fragment {
 }
 
 /**
- * CTE `a_end`: the worker's result for each row of `d` (finishAttempts' applied reports: id,
- * r_attempt and the r_* result columns) ends its attempt.
+ * CTE `a_end`: the worker's result for each row of `d` (finishAttempts' applied reports: the
+ * task's id, the attempt, and the result's columns, its state as `outcome`) ends its attempt.
  */
 export function finishAttemptRows(sql: Sql): Fragment {
   return sql`
     a_end AS (
       UPDATE task_attempts SET
-        started_at = coalesce(task_attempts.started_at, d.r_started_at), finished_at = d.r_finished_at,
-        exit_code = d.r_exit_code, signal = d.r_signal, error = d.r_error, stdout = d.r_stdout, stderr = d.r_stderr,
-        stdout_truncated = d.r_stdout_truncated, stderr_truncated = d.r_stderr_truncated, outcome = d.r_state
-      FROM d WHERE task_attempts.task_id = d.id AND task_attempts.attempt = d.r_attempt
+        started_at = coalesce(task_attempts.started_at, d.started_at), finished_at = d.finished_at,
+        exit_code = d.exit_code, signal = d.signal, error = d.error, stdout = d.stdout, stderr = d.stderr,
+        stdout_truncated = d.stdout_truncated, stderr_truncated = d.stderr_truncated, outcome = d.outcome
+      FROM d WHERE task_attempts.task_id = d.id AND task_attempts.attempt = d.attempt
     )`;
 }
 

@@ -13,8 +13,8 @@ interface Waiting<I, O> {
 }
 
 export interface GroupCommitOptions {
-  /** Most items in one write. */
-  maxBatch: number;
+  /** Most items one write carries; a longer queue goes in several. */
+  maxItemsPerWrite: number;
 }
 
 export class GroupCommit<I, O> {
@@ -49,7 +49,7 @@ export class GroupCommit<I, O> {
   }
 
   private async flush(): Promise<void> {
-    const batch = this.queue.splice(0, this.options.maxBatch);
+    const batch = this.queue.splice(0, this.options.maxItemsPerWrite);
     try {
       settle(batch, await this.write(batch.map((w) => w.item)));
     } catch (error) {

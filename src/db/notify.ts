@@ -1,7 +1,7 @@
-// Live task changes. Every state change statement (src/db/tasks.ts) NOTIFYs in its own
-// transaction, on two channels. Each change goes to the task's own channel (taskChannel(id)),
-// which its live watchers LISTEN on while they watch (except its creation: nobody can watch a
-// task before its id is out). TASK_CHANNEL, which every coordinator
+// Live task changes. Every state change statement NOTIFYs in its own transaction (the change
+// tail, src/db/changes.ts), on two channels. Each change goes to the task's own channel
+// (taskChannel(id)), which its live watchers LISTEN on while they watch (except its creation:
+// nobody can watch a task before its id is out). TASK_CHANNEL, which every coordinator
 // LISTENs on, gets what dispatch acts on: each cancel, and of the tasks a statement queued
 // only the one due first (a dispatch pass claims everything due, so one wake-up or timer
 // covers the rest). So a process receives only changes it acts on: a burn-down of short

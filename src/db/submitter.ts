@@ -5,9 +5,10 @@
 // and writes every task queued.
 
 import type { TaskSpec } from "../task/task";
+import type { TaskChangeRow } from "./changes";
 import { GroupCommit } from "./group-commit";
+import { type Assignment, type InsertOutcome, insertTasks, MAX_TASKS_PER_INSERT, type NewTask } from "./insert";
 import type { Sql } from "./sql";
-import { type Assignment, type InsertOutcome, insertTasks, MAX_INSERT_BATCH, type NewTask, type TaskChangeRow } from "./tasks";
 
 /** A free worker slot held for a run-now task while its insert is written. */
 export interface RunNowPlacement {
@@ -33,7 +34,7 @@ export class Submitter {
   private readonly inserts: GroupCommit<NewTask, InsertOutcome>;
 
   constructor(private readonly options: SubmitterOptions) {
-    this.inserts = new GroupCommit((items) => insertTasks(options.sql, items), { maxBatch: MAX_INSERT_BATCH });
+    this.inserts = new GroupCommit((items) => insertTasks(options.sql, items), { maxItemsPerWrite: MAX_TASKS_PER_INSERT });
   }
 
   /**

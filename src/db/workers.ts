@@ -2,6 +2,8 @@
 // it writes the row on Hello, refreshes last_heartbeat_at for all its workers in one
 // statement, and marks it gone when the stream ends. GET /workers lists the rows refreshed within
 // the heartbeat timeout. (Whether a worker's tasks are lost is decided by their leases.)
+import { IN_FLIGHT_STATES } from "../task/state";
+import { array, states } from "./encode";
 import type { Sql } from "./sql";
 
 export type WorkerState = "connected" | "draining" | "gone";
@@ -60,7 +62,7 @@ export async function touchWorkers(sql: Sql, coordinatorId: string, ids: readonl
   if (ids.length === 0) return;
   await sql`
     UPDATE workers SET last_heartbeat_at = clock_timestamp()
-    WHERE coordinator_id = ${coordinatorId} AND state <> 'gone' AND id IN (SELECT jsonb_array_elements_text(${sql.json(ids)}::jsonb))`;
+    WHERE coordinator_id = ${coordinatorId} AND state <> 'gone' AND id = ANY(${array(sql, ids, "text")})`;
 }
 
 export async function setWorkerDraining(sql: Sql, id: string, coordinatorId: string): Promise<void> {
@@ -89,7 +91,7 @@ export async function markWorkerGone(sql: Sql, id: string, coordinatorId: string
 export async function listLiveWorkers(sql: Sql, heartbeatTimeoutMs: number): Promise<WorkerRow[]> {
   return sql<WorkerRow[]>`
     SELECT w.*, (
-      SELECT count(*)::int FROM tasks t WHERE t.worker_id = w.id AND t.state IN ('dispatched', 'running')
+      SELECT count(*)::int FROM tasks t WHERE t.worker_id = w.id AND t.state IN (${states(sql, IN_FLIGHT_STATES)})
     ) AS running
     FROM workers w
     WHERE w.state <> 'gone'

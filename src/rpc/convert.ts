@@ -14,8 +14,8 @@ import {
   TaskEventSchema,
   TaskSchema,
 } from "../gen/taskqueue/v1/task_pb";
-import { Outcome, type TaskFinished } from "../gen/taskqueue/v1/worker_service_pb";
-import type { Attempt, AttemptOutcome } from "../task/attempt";
+import { Outcome, type TaskFinished, type TaskRef, TaskRefSchema } from "../gen/taskqueue/v1/worker_service_pb";
+import { type Attempt, type AttemptOutcome, type AttemptRef, exitedState } from "../task/attempt";
 import { invalidArgument } from "../task/errors";
 import { isTaskState, type TaskState } from "../task/state";
 import type { AttemptResult, Task } from "../task/task";
@@ -153,6 +153,16 @@ export function eventToProto(event: TaskEventRow): PbTaskEvent {
   });
 }
 
+/** A TaskRef from a worker's stream names an attempt of that worker. */
+export function attemptRefFromProto(ref: Pick<TaskRef, "taskId" | "attempt">, workerId: string): AttemptRef {
+  return { taskId: ref.taskId, attempt: ref.attempt, workerId };
+}
+
+/** The TaskRef of an attempt, for the stream of the worker that holds it. */
+export function attemptRefToProto(ref: Pick<AttemptRef, "taskId" | "attempt">): TaskRef {
+  return create(TaskRefSchema, { taskId: ref.taskId, attempt: ref.attempt });
+}
+
 /** What a worker's TaskFinished asks the coordinator to do with the attempt. */
 export type FinishAction =
   | { kind: "record"; result: AttemptResult }
@@ -174,10 +184,8 @@ export function finishAction(finished: TaskFinished): FinishAction {
     finishedAt: fromTimestamp(finished.finishedAt) ?? new Date(),
   };
   switch (finished.outcome) {
-    case Outcome.EXITED: {
-      const ok = base.exitCode === 0 && base.signal === null;
-      return { kind: "record", result: { ...base, state: ok ? "succeeded" : "failed" } };
-    }
+    case Outcome.EXITED:
+      return { kind: "record", result: { ...base, state: exitedState(base.exitCode, base.signal) } };
     case Outcome.TIMED_OUT:
       return { kind: "record", result: { ...base, state: "timed_out" } };
     case Outcome.ABANDONED:

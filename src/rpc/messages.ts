@@ -8,20 +8,14 @@ import {
   CoordinatorMessageSchema,
   type TaskFinished,
   type TaskRef,
-  TaskRefSchema,
   type WorkerMessage,
   WorkerMessageSchema,
 } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Task } from "../task/task";
-import { toTimestamp } from "./convert";
+import { attemptRefToProto, toTimestamp } from "./convert";
 
 /** One attempt as the wire names it (the fields of TaskRef, in any object that has them). */
 type WireRef = Pick<TaskRef, "taskId" | "attempt">;
-
-/** Only the two fields: a ref may come with more (a worker id), which the wire does not carry. */
-function taskRef(ref: WireRef): TaskRef {
-  return create(TaskRefSchema, { taskId: ref.taskId, attempt: ref.attempt });
-}
 
 // --- Coordinator to worker -----------------------------------------------------------------
 
@@ -48,7 +42,7 @@ export function assignMessage(task: Task, startInMs = 0): CoordinatorMessage {
     payload: {
       case: "assign",
       value: {
-        ref: taskRef({ taskId: task.id, attempt: task.attempt }),
+        ref: attemptRefToProto({ taskId: task.id, attempt: task.attempt }),
         command: task.command,
         // The secret values travel only to the worker that runs the task.
         env: { ...task.env, ...task.secret_env },
@@ -63,12 +57,12 @@ export function assignMessage(task: Task, startInMs = 0): CoordinatorMessage {
 
 /** Tells a worker to stop an attempt (a no-op on its side if it no longer runs it). */
 export function cancelMessage(ref: WireRef, reason: string): CoordinatorMessage {
-  return create(CoordinatorMessageSchema, { payload: { case: "cancel", value: { ref: taskRef(ref), reason } } });
+  return create(CoordinatorMessageSchema, { payload: { case: "cancel", value: { ref: attemptRefToProto(ref), reason } } });
 }
 
 /** A result is durable (or `stale`: it changed nothing) and the worker may forget it. */
 export function ackMessage(ref: WireRef, stale: boolean): CoordinatorMessage {
-  return create(CoordinatorMessageSchema, { payload: { case: "ack", value: { ref: taskRef(ref), stale } } });
+  return create(CoordinatorMessageSchema, { payload: { case: "ack", value: { ref: attemptRefToProto(ref), stale } } });
 }
 
 /** Asks the worker to take no new work and finish what it runs. No coordinator part sends it yet. */
@@ -91,7 +85,7 @@ export interface HelloFields {
 /** The first message on every stream. `inFlight`: the attempts it still runs or holds an unacknowledged result for. */
 export function helloMessage(fields: HelloFields, inFlight: readonly WireRef[]): WorkerMessage {
   return create(WorkerMessageSchema, {
-    payload: { case: "hello", value: { ...fields, inFlight: inFlight.map(taskRef) } },
+    payload: { case: "hello", value: { ...fields, inFlight: inFlight.map((ref) => attemptRefToProto(ref)) } },
   });
 }
 
@@ -101,13 +95,13 @@ export function helloMessage(fields: HelloFields, inFlight: readonly WireRef[]):
  */
 export function heartbeatMessage(seq: bigint, running: readonly WireRef[], draining: boolean): WorkerMessage {
   return create(WorkerMessageSchema, {
-    payload: { case: "heartbeat", value: { seq, running: running.map(taskRef), draining } },
+    payload: { case: "heartbeat", value: { seq, running: running.map((ref) => attemptRefToProto(ref)), draining } },
   });
 }
 
 export function startedMessage(ref: WireRef, pid: number, startedAt: Date): WorkerMessage {
   return create(WorkerMessageSchema, {
-    payload: { case: "started", value: { ref: taskRef(ref), pid, startedAt: timestampFromDate(startedAt) } },
+    payload: { case: "started", value: { ref: attemptRefToProto(ref), pid, startedAt: timestampFromDate(startedAt) } },
   });
 }
 

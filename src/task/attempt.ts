@@ -48,3 +48,22 @@ export function describeResult(result: Pick<AttemptResult, "state" | "exitCode" 
   if (result.error !== null) return `could not start: ${result.error}`;
   return "no result";
 }
+
+/**
+ * One attempt of a task, as given to one worker: what every report and every fenced change
+ * names. The attempt number is the fencing token, and the worker must be the one it was
+ * given to.
+ */
+export interface AttemptRef {
+  taskId: string;
+  attempt: number;
+  workerId: string;
+}
+
+/** An attempt's key in maps and sets, in every role: "taskId:attempt". */
+export const attemptKey = (taskId: string, attempt: number): string => `${taskId}:${attempt}`;
+
+/** A process that exited succeeded only with exit code 0 and no signal. */
+export function exitedState(exitCode: number | null, signal: string | null): "succeeded" | "failed" {
+  return exitCode === 0 && signal === null ? "succeeded" : "failed";
+}

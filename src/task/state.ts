@@ -31,9 +31,10 @@ export type TaskState = (typeof TASK_STATES)[number];
 
 export const FINAL_STATES: ReadonlySet<TaskState> = new Set(["succeeded", "failed", "timed_out", "cancelled"]);
 
-/** States in which a worker holds the task. */
-export const IN_FLIGHT_STATES = ["dispatched", "running"] as const satisfies readonly TaskState[];
-
+/**
+ * Which state may follow which. The SQL guards are read off this table (GUARDS below): each
+ * statement expects exactly the states its change may start from.
+ */
 const TRANSITIONS: Record<TaskState, readonly TaskState[]> = {
   queued: ["dispatched", "cancelled"],
   dispatched: ["running", "succeeded", "failed", "timed_out", "queued", "cancelled"],
@@ -56,7 +57,25 @@ export function canTransition(from: TaskState, to: TaskState): boolean {
   return TRANSITIONS[from].includes(to);
 }
 
-/** The states from which `to` may be entered; SQL guards use this list. */
+/** The states from which `to` may be entered. */
 export function statesLeadingTo(to: TaskState): TaskState[] {
   return TASK_STATES.filter((from) => TRANSITIONS[from].includes(to));
 }
+
+/**
+ * States in which a worker holds the task: those a retry or a requeue takes it back to the
+ * queue from, and the ones a result, a lost attempt or a lease renewal must find.
+ */
+export const IN_FLIGHT_STATES: readonly TaskState[] = statesLeadingTo("queued");
+
+/** The states each guarded change expects, as src/db's statements name them. */
+export const GUARDS = {
+  /** A claim (queued -> dispatched). */
+  claim: statesLeadingTo("dispatched"),
+  /** A start report (dispatched -> running). */
+  start: statesLeadingTo("running"),
+  /** A result, a lost or handed-back attempt, a lease renewal: the attempt is still in flight. */
+  inFlight: IN_FLIGHT_STATES,
+  /** A client's cancel. */
+  cancel: statesLeadingTo("cancelled"),
+} as const satisfies Record<string, readonly TaskState[]>;

@@ -4,9 +4,8 @@
 // reports itself once the group has exited.
 import type { Assign, TaskRef } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
+import { attemptKey } from "../task/attempt";
 import { type Execution, execute, type RunResult } from "./executor";
-
-export const attemptKey = (taskId: string, attempt: number) => `${taskId}:${attempt}`;
 
 /** What the attempts tell the coordinator (through the reporter). */
 export interface AttemptEvents {

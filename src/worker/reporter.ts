@@ -11,7 +11,8 @@ import {
   type WorkerMessage,
 } from "../gen/taskqueue/v1/worker_service_pb";
 import { finishedMessage, type HelloFields, heartbeatMessage, helloMessage, startedMessage } from "../rpc/messages";
-import { type AttemptEvents, attemptKey } from "./attempts";
+import { attemptKey } from "../task/attempt";
+import type { AttemptEvents } from "./attempts";
 import type { RunResult } from "./executor";
 
 export class Reporter implements AttemptEvents {

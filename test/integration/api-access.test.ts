@@ -8,8 +8,8 @@ import { createApp } from "../../src/api";
 import { Authenticator } from "../../src/auth/authenticator";
 import { hashToken, newToken } from "../../src/auth/tokens";
 import { apiSettings, authOptions, loadConfig } from "../../src/config";
+import { insertTask } from "../../src/db/insert";
 import { TaskChangeFeed } from "../../src/db/notify";
-import { insertTask } from "../../src/db/tasks";
 import { apiAccess, insertToken, openApi, revokeToken } from "../../src/db/tokens";
 import { HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 

@@ -7,8 +7,9 @@ import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import * as grpc from "@grpc/grpc-js";
 import { loadConfig } from "../../src/config";
 import { Coordinator } from "../../src/coordinator/coordinator";
+import { claimDue } from "../../src/db/claim";
 import { TaskChangeFeed } from "../../src/db/notify";
-import { claimDue, finishAttempt } from "../../src/db/tasks";
+import { finishAttempt } from "../../src/db/transitions";
 import { AttemptOutcome, TaskState } from "../../src/gen/taskqueue/v1/task_pb";
 import {
   type ListAttemptsResponse,
@@ -231,7 +232,11 @@ describe("attempts and history over gRPC", () => {
     for (let attempt = 1; attempt <= 2; attempt++) {
       const [claimed] = await claimDue(db.sql, "c-test", [`w${attempt}`], 30_000);
       expect(claimed).toMatchObject({ id, attempt });
-      await finishAttempt(db.sql, { id, attempt, workerId: `w${attempt}` }, attemptResult({ state: "failed", exitCode: 3 }));
+      await finishAttempt(
+        db.sql,
+        { taskId: id, attempt, workerId: `w${attempt}` },
+        attemptResult({ state: "failed", exitCode: 3 }),
+      );
     }
     const got = (await call<{ task: typeof task }>("getTask", { id })).task!;
     expect(got.scheduledAt).toEqual(timestampFromDate(requested));

@@ -4,9 +4,12 @@ import type { ApiDeps } from "../../src/api/deps";
 import { createApp } from "../../src/api/index";
 import { HTTP_ERROR_CODES } from "../../src/api/model";
 import { apiSettings, loadConfig } from "../../src/config";
+import { claimDue } from "../../src/db/claim";
+import { insertTask } from "../../src/db/insert";
 import { TaskChangeFeed } from "../../src/db/notify";
 import { connect, type Sql } from "../../src/db/sql";
-import { cancelTask, claimDue, finishAttempt, getTask, insertTask } from "../../src/db/tasks";
+import { getTask } from "../../src/db/tasks";
+import { cancelTask, finishAttempt } from "../../src/db/transitions";
 import { markWorkerGone, upsertWorker } from "../../src/db/workers";
 import { silentLogger } from "../../src/log";
 import { TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
@@ -218,7 +221,7 @@ describe("GET /status (seed)", () => {
   test("shows what happened to the task", async () => {
     const task = await createTask(db.sql, taskSpec({ maxAttempts: 1 }));
     await claimDue(db.sql, "c1", ["w1"], 30_000);
-    await finishAttempt(db.sql, { id: task.id, attempt: 1, workerId: "w1" }, { ...success, state: "failed", exitCode: 2 });
+    await finishAttempt(db.sql, { taskId: task.id, attempt: 1, workerId: "w1" }, { ...success, state: "failed", exitCode: 2 });
     const answer = await call("GET", `/status?task_id=${task.id}`);
     expect(answer.json).toMatchObject({
       state: "failed",
@@ -498,7 +501,7 @@ describe("POST /tasks/:id/cancel", () => {
   test("a finished task answers 409 with its state", async () => {
     const task = await createTask(db.sql, taskSpec());
     await claimDue(db.sql, "c1", ["w1"], 30_000);
-    await finishAttempt(db.sql, { id: task.id, attempt: 1, workerId: "w1" }, success);
+    await finishAttempt(db.sql, { taskId: task.id, attempt: 1, workerId: "w1" }, success);
     expectError(await call("POST", `/tasks/${task.id}/cancel`), 409, "conflict", undefined, /^task is already succeeded$/);
     expect((await getTask(db.sql, task.id))?.state).toBe("succeeded");
   });
@@ -580,7 +583,7 @@ describe("retries keep the requested time", () => {
       await db.sql`UPDATE tasks SET run_at = now() - interval '1 millisecond' WHERE id = ${id} AND state = 'queued'`;
       const [claimed] = await claimDue(db.sql, "c1", ["w1"], 30_000);
       expect(claimed?.attempt).toBe(attempt);
-      await finishAttempt(db.sql, { id, attempt, workerId: "w1" }, { ...success, state: "failed", exitCode: 3 });
+      await finishAttempt(db.sql, { taskId: id, attempt, workerId: "w1" }, { ...success, state: "failed", exitCode: 3 });
       const status = await call("GET", `/status?task_id=${id}`);
       expect(status.json.scheduled_at).toBe(submitted);
       runAts.push(status.json.run_at);
@@ -611,7 +614,7 @@ describe("GET /tasks/:id/attempts", () => {
       expect(claimed?.attempt).toBe(attempt);
       await finishAttempt(
         db.sql,
-        { id: task.id, attempt, workerId: `w${attempt}` },
+        { taskId: task.id, attempt, workerId: `w${attempt}` },
         { ...success, state: "failed", exitCode: 10 + attempt, startedAt: startedAt(attempt) },
       );
     }
@@ -643,7 +646,7 @@ describe("GET /tasks/:id/history", () => {
   test("pages every event oldest first, with kind, state, attempt, worker and actor", async () => {
     const task = await createTask(db.sql, taskSpec({ maxAttempts: 2 }));
     await claimDue(db.sql, "c1", ["w1"], 30_000);
-    await finishAttempt(db.sql, { id: task.id, attempt: 1, workerId: "w1" }, { ...success, state: "failed", exitCode: 1 });
+    await finishAttempt(db.sql, { taskId: task.id, attempt: 1, workerId: "w1" }, { ...success, state: "failed", exitCode: 1 });
     await claimDue(db.sql, "c1", ["w2"], 30_000);
     await cancelTask(db.sql, task.id, "alice");
     const seen: any[] = [];

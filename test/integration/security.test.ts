@@ -10,8 +10,8 @@ import { checkExposure } from "../../src/auth/exposure";
 import { hashToken, newToken, type Scope } from "../../src/auth/tokens";
 import { apiSettings, authOptions, ConfigError, loadConfig } from "../../src/config";
 import { Coordinator } from "../../src/coordinator/coordinator";
+import { insertTask } from "../../src/db/insert";
 import { TaskChangeFeed } from "../../src/db/notify";
-import { insertTask } from "../../src/db/tasks";
 import { insertToken, revokeToken } from "../../src/db/tokens";
 import { TaskService } from "../../src/gen/taskqueue/v1/task_service_pb";
 import {

@@ -4,10 +4,12 @@ import { createApp } from "../../src/api/index";
 import { watchTask } from "../../src/api/service";
 import { taskEventsResponse } from "../../src/api/sse";
 import { apiSettings, loadConfig } from "../../src/config";
+import { claimDue } from "../../src/db/claim";
 import { listTaskEvents } from "../../src/db/events";
+import { insertTask } from "../../src/db/insert";
 import { type TaskChange, TaskChangeFeed } from "../../src/db/notify";
 import type { Sql } from "../../src/db/sql";
-import { cancelTask, claimDue, finishAttempt, insertTask, markStarted } from "../../src/db/tasks";
+import { cancelTask, finishAttempt, markStarted } from "../../src/db/transitions";
 import { silentLogger } from "../../src/log";
 import { TaskQueueError } from "../../src/task/errors";
 import { TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
@@ -126,7 +128,9 @@ const srcPath = (relative: string) => new URL(`../../src/${relative}`, import.me
 async function inAnotherProcess(body: string, env: Record<string, string>): Promise<void> {
   const script = `
     import { connect } from ${JSON.stringify(srcPath("db/sql.ts"))};
-    import * as tasks from ${JSON.stringify(srcPath("db/tasks.ts"))};
+    import * as claim from ${JSON.stringify(srcPath("db/claim.ts"))};
+    import * as transitions from ${JSON.stringify(srcPath("db/transitions.ts"))};
+    const tasks = { ...claim, ...transitions };
     const sql = connect(process.env.DATABASE_URL, { max: 1 });
     try {
       ${body}
@@ -187,8 +191,8 @@ describe("GET /tasks/:id/events", () => {
       const id = process.env.TASK_ID;
       const [claimed] = await tasks.claimDue(sql, "c-other", ["w-other"], 30000);
       if (claimed?.id !== id) throw new Error("claimed " + claimed?.id);
-      await tasks.markStarted(sql, { id, attempt: 1, workerId: "w-other", startedAt: new Date(), pid: 4242 });
-      await tasks.finishAttempt(sql, { id, attempt: 1, workerId: "w-other" }, {
+      await tasks.markStarted(sql, { taskId: id, attempt: 1, workerId: "w-other", startedAt: new Date(), pid: 4242 });
+      await tasks.finishAttempt(sql, { taskId: id, attempt: 1, workerId: "w-other" }, {
         state: "succeeded", exitCode: 0, signal: null, stdout: "ok\\n", stderr: "", stdoutTruncated: false,
         stderrTruncated: false, error: null, startedAt: new Date(), finishedAt: new Date(),
       });`,
@@ -297,10 +301,10 @@ describe("GET /tasks/:id/events with Last-Event-ID", () => {
   test("replays every event after the id, in order, each with its own facts, and ends at the final one", async () => {
     const task = await createTask(db.sql, taskSpec({ maxAttempts: 2 }));
     await claimDue(db.sql, "c1", ["w1"], 30_000);
-    await markStarted(db.sql, { id: task.id, attempt: 1, workerId: "w1", startedAt: new Date(), pid: 1 });
-    await finishAttempt(db.sql, { id: task.id, attempt: 1, workerId: "w1" }, attemptResult({ state: "failed", exitCode: 5 }));
+    await markStarted(db.sql, { taskId: task.id, attempt: 1, workerId: "w1", startedAt: new Date(), pid: 1 });
+    await finishAttempt(db.sql, { taskId: task.id, attempt: 1, workerId: "w1" }, attemptResult({ state: "failed", exitCode: 5 }));
     await claimDue(db.sql, "c1", ["w2"], 30_000);
-    await finishAttempt(db.sql, { id: task.id, attempt: 2, workerId: "w2" }, attemptResult());
+    await finishAttempt(db.sql, { taskId: task.id, attempt: 2, workerId: "w2" }, attemptResult());
     const history = await listTaskEvents(db.sql, task.id);
     const from = history[1]!; // attempt 1's dispatch
     const messages = await drain(await openEvents(task.id, undefined, from.id));
@@ -324,8 +328,8 @@ describe("GET /tasks/:id/events with Last-Event-ID", () => {
     await inAnotherProcess(
       `
       const id = process.env.TASK_ID;
-      await tasks.markStarted(sql, { id, attempt: 1, workerId: "w1", startedAt: new Date(), pid: 9 });
-      await tasks.finishAttempt(sql, { id, attempt: 1, workerId: "w1" }, {
+      await tasks.markStarted(sql, { taskId: id, attempt: 1, workerId: "w1", startedAt: new Date(), pid: 9 });
+      await tasks.finishAttempt(sql, { taskId: id, attempt: 1, workerId: "w1" }, {
         state: "succeeded", exitCode: 0, signal: null, stdout: "", stderr: "", stdoutTruncated: false,
         stderrTruncated: false, error: null, startedAt: new Date(), finishedAt: new Date(),
       });`,

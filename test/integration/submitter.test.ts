@@ -1,6 +1,6 @@
 import { describe, expect, setDefaultTimeout, test } from "bun:test";
+import type { TaskChangeRow } from "../../src/db/changes";
 import { type RunNowPlacement, Submitter } from "../../src/db/submitter";
-import type { TaskChangeRow } from "../../src/db/tasks";
 import { TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { newTaskId, taskSpec } from "../support/factories";
 

@@ -1,24 +1,21 @@
 import { describe, expect, setDefaultTimeout, test } from "bun:test";
 import { listAttempts } from "../../src/db/attempts";
+import { claimDue, nextDueIn } from "../../src/db/claim";
 import { listTaskEvents } from "../../src/db/events";
+import { insertTask, insertTasks } from "../../src/db/insert";
 import { migrate, readMigrations } from "../../src/db/migrate";
 import { type TaskChange, TaskChangeFeed } from "../../src/db/notify";
 import { connect } from "../../src/db/sql";
+import { getTask, listTasks } from "../../src/db/tasks";
 import {
   cancelTask,
-  claimDue,
   finishAttempt,
-  getTask,
-  insertTask,
-  insertTasks,
-  listTasks,
   markStarted,
-  nextDueIn,
   renewLeases,
   requeueAttempt,
   requeueExpiredLeases,
   requeueWorkerTasks,
-} from "../../src/db/tasks";
+} from "../../src/db/transitions";
 import { listLiveWorkers, markWorkerGone, touchWorkers, upsertWorker } from "../../src/db/workers";
 import type { AttemptResult } from "../../src/task/task";
 import { createTestDatabase, dropTestDatabase, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
@@ -150,9 +147,9 @@ describe("fenced reports", () => {
     await clear();
     const task = await createTask(db.sql, taskSpec());
     await claimDue(db.sql, "c1", ["w1"], 30_000);
-    const started = await markStarted(db.sql, { id: task.id, attempt: 1, workerId: "w1", startedAt: new Date(), pid: 42 });
+    const started = await markStarted(db.sql, { taskId: task.id, attempt: 1, workerId: "w1", startedAt: new Date(), pid: 42 });
     expect(started?.state).toBe("running");
-    const { applied } = await finishAttempt(db.sql, { id: task.id, attempt: 1, workerId: "w1" }, success());
+    const { applied } = await finishAttempt(db.sql, { taskId: task.id, attempt: 1, workerId: "w1" }, success());
     expect(applied).toMatchObject({ state: "succeeded", exit_code: 0, stdout: "ok\n" });
     expect(applied?.completed_at).toBeInstanceOf(Date);
     expect(applied?.failed_at).toBeNull();
@@ -166,7 +163,7 @@ describe("fenced reports", () => {
     await claimDue(db.sql, "c1", ["w1"], 30_000);
     const { applied } = await finishAttempt(
       db.sql,
-      { id: task.id, attempt: 1, workerId: "w1" },
+      { taskId: task.id, attempt: 1, workerId: "w1" },
       success({ state: "failed", exitCode: 3 }),
     );
     expect(applied).toMatchObject({ state: "failed", exit_code: 3 });
@@ -182,13 +179,13 @@ describe("fenced reports", () => {
     expect(requeued.map((t) => [t.id, t.state])).toEqual([[task.id, "queued"]]);
     const [second] = await claimDue(db.sql, "c1", ["w2"], 30_000);
     expect(second).toMatchObject({ id: task.id, attempt: 2, worker_id: "w2" });
-    const stale = await finishAttempt(db.sql, { id: task.id, attempt: 1, workerId: "w1" }, success());
+    const stale = await finishAttempt(db.sql, { taskId: task.id, attempt: 1, workerId: "w1" }, success());
     expect(stale.applied).toBeNull();
-    expect(await markStarted(db.sql, { id: task.id, attempt: 1, workerId: "w1", startedAt: new Date(), pid: 1 })).toBeNull();
+    expect(await markStarted(db.sql, { taskId: task.id, attempt: 1, workerId: "w1", startedAt: new Date(), pid: 1 })).toBeNull();
     // Right attempt, wrong worker: also fenced.
-    expect((await finishAttempt(db.sql, { id: task.id, attempt: 2, workerId: "w1" }, success())).applied).toBeNull();
+    expect((await finishAttempt(db.sql, { taskId: task.id, attempt: 2, workerId: "w1" }, success())).applied).toBeNull();
     expect((await getTask(db.sql, task.id))?.state).toBe("dispatched");
-    const { applied } = await finishAttempt(db.sql, { id: task.id, attempt: 2, workerId: "w2" }, success());
+    const { applied } = await finishAttempt(db.sql, { taskId: task.id, attempt: 2, workerId: "w2" }, success());
     expect(applied?.state).toBe("succeeded");
     const events = await listTaskEvents(db.sql, task.id);
     expect(events.filter((e) => e.kind === "stale").map((e) => e.attempt)).toEqual([1, 2]);
@@ -219,8 +216,8 @@ describe("fenced reports", () => {
     await clear();
     const task = await createTask(db.sql, taskSpec());
     await claimDue(db.sql, "c1", ["w1"], 30_000);
-    expect(await requeueAttempt(db.sql, { id: task.id, attempt: 2, workerId: "w1" }, "handed back")).toBeNull();
-    expect((await requeueAttempt(db.sql, { id: task.id, attempt: 1, workerId: "w1" }, "handed back"))?.state).toBe("queued");
+    expect(await requeueAttempt(db.sql, { taskId: task.id, attempt: 2, workerId: "w1" }, "handed back")).toBeNull();
+    expect((await requeueAttempt(db.sql, { taskId: task.id, attempt: 1, workerId: "w1" }, "handed back"))?.state).toBe("queued");
   });
 });
 
@@ -236,9 +233,9 @@ describe("leases", () => {
     const renewed = await renewLeases(
       db.sql,
       [
-        { id: a.id, attempt: 1, workerId: "w1" },
-        { id: b.id, attempt: 7, workerId: "w1" }, // superseded attempt: not renewed
-        { id: c.id, attempt: 1, workerId: "w9" }, // another worker: not renewed
+        { taskId: a.id, attempt: 1, workerId: "w1" },
+        { taskId: b.id, attempt: 7, workerId: "w1" }, // superseded attempt: not renewed
+        { taskId: c.id, attempt: 1, workerId: "w9" }, // another worker: not renewed
       ],
       60_000,
     );
@@ -327,7 +324,7 @@ describe("retries", () => {
     );
     await claimDue(db.sql, "c1", ["w1"], 30_000);
     const before = Date.now();
-    const { applied } = await finishAttempt(db.sql, { id: task.id, attempt: 1, workerId: "w1" }, failure());
+    const { applied } = await finishAttempt(db.sql, { taskId: task.id, attempt: 1, workerId: "w1" }, failure());
     expect(applied).toMatchObject({ state: "queued", attempt: 1, exit_code: 1, failed_at: null, lease_expires_at: null });
     // First backoff: the base times a jitter in [0.5, 1), on run_at; scheduled_at stays as submitted.
     const delay = applied!.run_at.getTime() - before;
@@ -353,7 +350,11 @@ describe("retries", () => {
     for (let attempt = 1; attempt <= 3; attempt++) {
       const [claimed] = await claimDue(db.sql, "c1", ["w1"], 30_000);
       expect(claimed?.attempt).toBe(attempt);
-      const { applied } = await finishAttempt(db.sql, { id: task.id, attempt, workerId: "w1" }, failure({ exitCode: attempt }));
+      const { applied } = await finishAttempt(
+        db.sql,
+        { taskId: task.id, attempt, workerId: "w1" },
+        failure({ exitCode: attempt }),
+      );
       expect(applied?.state).toBe(attempt < 3 ? "queued" : "failed");
     }
     const final = await getTask(db.sql, task.id);
@@ -373,11 +374,11 @@ describe("retries", () => {
     const failing = await createTask(db.sql, taskSpec({ retry: off }));
     const timing = await createTask(db.sql, taskSpec({ retry: off }));
     await claimDue(db.sql, "c1", ["w1", "w1"], 30_000);
-    expect((await finishAttempt(db.sql, { id: failing.id, attempt: 1, workerId: "w1" }, failure())).applied?.state).toBe(
+    expect((await finishAttempt(db.sql, { taskId: failing.id, attempt: 1, workerId: "w1" }, failure())).applied?.state).toBe(
       "failed",
     );
     const timedOut = failure({ state: "timed_out", exitCode: null, signal: "SIGTERM", error: "timed out after 5 ms" });
-    expect((await finishAttempt(db.sql, { id: timing.id, attempt: 1, workerId: "w1" }, timedOut)).applied?.state).toBe(
+    expect((await finishAttempt(db.sql, { taskId: timing.id, attempt: 1, workerId: "w1" }, timedOut)).applied?.state).toBe(
       "timed_out",
     );
   });
@@ -432,8 +433,8 @@ describe("notification channels", () => {
     await createTask(db.sql, taskSpec(), { id });
     const [claimed] = await claimDue(db.sql, "c1", ["w1"], 30_000);
     expect(claimed?.id).toBe(id);
-    await markStarted(db.sql, { id, attempt: 1, workerId: "w1", startedAt: new Date(), pid: 42 });
-    await finishAttempt(db.sql, { id, attempt: 1, workerId: "w1" }, success());
+    await markStarted(db.sql, { taskId: id, attempt: 1, workerId: "w1", startedAt: new Date(), pid: 42 });
+    await finishAttempt(db.sql, { taskId: id, attempt: 1, workerId: "w1" }, success());
     await done;
     // Notifications arrive in commit order: once the marker's cancel is in, nothing more of
     // the task is on its way to the shared channel.
@@ -638,7 +639,7 @@ describe("run_at", () => {
       expect(claimed?.attempt).toBe(attempt);
       const { applied } = await finishAttempt(
         db.sql,
-        { id: task.id, attempt, workerId: "w1" },
+        { taskId: task.id, attempt, workerId: "w1" },
         success({ state: "failed", exitCode: 3 }),
       );
       expect(applied?.scheduled_at.toISOString()).toBe("2023-04-01T15:04:05.000Z");
@@ -657,7 +658,7 @@ describe("run_at", () => {
       taskSpec({ scheduledAt: requested, retry: { ...retry, backoffBaseMs: 120_000, backoffCapMs: 120_000 } }),
     );
     await claimDue(db.sql, "c1", ["w1"], 30_000);
-    await finishAttempt(db.sql, { id: later.id, attempt: 1, workerId: "w1" }, success({ state: "failed", exitCode: 1 }));
+    await finishAttempt(db.sql, { taskId: later.id, attempt: 1, workerId: "w1" }, success({ state: "failed", exitCode: 1 }));
     expect(await claimDue(db.sql, "c1", ["w1"], 30_000)).toEqual([]);
     const due = await nextDueIn(db.sql);
     expect(due).toBeGreaterThan(50_000);
@@ -689,10 +690,16 @@ describe("attempts", () => {
       const [open] = await listAttempts(db.sql, task.id).then((rows) => rows.slice(-1));
       expect(open).toMatchObject({ attempt, worker_id: worker, coordinator_id: `c${attempt}`, outcome: null, started_at: null });
       expect(open?.dispatched_at).toEqual(claimed!.picked_at!);
-      await markStarted(db.sql, { id: task.id, attempt, workerId: worker, startedAt: at(attempt * 1000), pid: 100 + attempt });
+      await markStarted(db.sql, {
+        taskId: task.id,
+        attempt,
+        workerId: worker,
+        startedAt: at(attempt * 1000),
+        pid: 100 + attempt,
+      });
       await finishAttempt(
         db.sql,
-        { id: task.id, attempt, workerId: worker },
+        { taskId: task.id, attempt, workerId: worker },
         success({
           state: "failed",
           exitCode: 126 + attempt,
@@ -735,7 +742,7 @@ describe("attempts", () => {
     // A queued task cancelled after a retry: its last attempt keeps the outcome it had.
     const retried = await createTask(db.sql, taskSpec());
     await claimDue(db.sql, "c1", ["w1"], 30_000);
-    await finishAttempt(db.sql, { id: retried.id, attempt: 1, workerId: "w1" }, success({ state: "failed", exitCode: 1 }));
+    await finishAttempt(db.sql, { taskId: retried.id, attempt: 1, workerId: "w1" }, success({ state: "failed", exitCode: 1 }));
     await cancelTask(db.sql, retried.id);
     expect((await listAttempts(db.sql, retried.id)).map((a) => a.outcome)).toEqual(["failed"]);
   });
@@ -744,24 +751,24 @@ describe("attempts", () => {
     await clear();
     const task = await createTask(db.sql, taskSpec());
     await claimDue(db.sql, "c1", ["w1"], 30_000);
-    await markStarted(db.sql, { id: task.id, attempt: 1, workerId: "w1", startedAt: at(0), pid: 7 });
+    await markStarted(db.sql, { taskId: task.id, attempt: 1, workerId: "w1", startedAt: at(0), pid: 7 });
     await requeueWorkerTasks(db.sql, "w1", "worker lost");
     expect((await listAttempts(db.sql, task.id))[0]).toMatchObject({ outcome: "lost", error: "worker lost", pid: 7 });
     await claimDue(db.sql, "c1", ["w2"], 30_000);
     const late = await finishAttempt(
       db.sql,
-      { id: task.id, attempt: 1, workerId: "w1" },
+      { taskId: task.id, attempt: 1, workerId: "w1" },
       success({ exitCode: 0, stdout: "done anyway\n", startedAt: at(0), finishedAt: at(900) }),
     );
     expect(late.applied).toBeNull();
     const second = await finishAttempt(
       db.sql,
-      { id: task.id, attempt: 2, workerId: "w2" },
+      { taskId: task.id, attempt: 2, workerId: "w2" },
       success({ state: "failed", exitCode: 2, finishedAt: at(2000) }),
     );
     expect(second.applied?.state).toBe("queued");
     // The worker re-sends attempt 2's result (its ack was lost): the row keeps what was applied.
-    await finishAttempt(db.sql, { id: task.id, attempt: 2, workerId: "w2" }, success({ exitCode: 0, stdout: "other\n" }));
+    await finishAttempt(db.sql, { taskId: task.id, attempt: 2, workerId: "w2" }, success({ exitCode: 0, stdout: "other\n" }));
     const [first, again] = await listAttempts(db.sql, task.id);
     expect(first).toMatchObject({ outcome: "stale", exit_code: 0, stdout: "done anyway\n", error: "worker lost" });
     expect(first?.finished_at?.getTime()).toBe(at(900).getTime());
@@ -788,7 +795,7 @@ describe("a final task says why", () => {
       const [claimed] = await claimDue(db.sql, "c1", ["w1"], 30_000);
       if (!claimed) break;
       if (end === "lost") await requeueWorkerTasks(db.sql, "w1", "worker lost");
-      else await finishAttempt(db.sql, { id: task.id, attempt: claimed.attempt, workerId: "w1" }, end);
+      else await finishAttempt(db.sql, { taskId: task.id, attempt: claimed.attempt, workerId: "w1" }, end);
     }
     const final = await getTask(db.sql, task.id);
     return { state: final?.state, error: final?.error };
@@ -873,7 +880,7 @@ describe("migration of existing rows", () => {
       ]);
       expect(attempts[1]?.started_at?.toISOString()).toBe("2030-01-01T00:00:02.000Z");
       // The open attempt goes on as any other.
-      await finishAttempt(old.sql, { id, attempt: 2, workerId: "w2" }, success({ state: "failed", exitCode: 3 }));
+      await finishAttempt(old.sql, { taskId: id, attempt: 2, workerId: "w2" }, success({ state: "failed", exitCode: 3 }));
       expect((await listAttempts(old.sql, id))[1]).toMatchObject({ outcome: "failed", exit_code: 3 });
     } finally {
       await dropTestDatabase(old);

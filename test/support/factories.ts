@@ -1,8 +1,9 @@
 // Row factories for tests.
 
 import { ANONYMOUS } from "../../src/auth/tokens";
+import type { TaskChangeRow } from "../../src/db/changes";
+import { type Assignment, insertTask } from "../../src/db/insert";
 import type { Sql } from "../../src/db/sql";
-import { type Assignment, insertTask, type TaskChangeRow } from "../../src/db/tasks";
 import type { AttemptResult, TaskSpec } from "../../src/task/task";
 
 export function taskSpec(overrides: Partial<TaskSpec> = {}): TaskSpec {

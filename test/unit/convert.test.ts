@@ -3,7 +3,16 @@ import { create, fromBinary, type MessageInitShape, toBinary } from "@bufbuild/p
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { TaskSchema, TaskState } from "../../src/gen/taskqueue/v1/task_pb";
 import { Outcome, TaskFinishedSchema, TaskRefSchema } from "../../src/gen/taskqueue/v1/worker_service_pb";
-import { finishAction, fromTimestamp, stateFromProto, stateToProto, taskToProto } from "../../src/rpc/convert";
+import {
+  attemptRefFromProto,
+  attemptRefToProto,
+  finishAction,
+  fromTimestamp,
+  stateFromProto,
+  stateToProto,
+  taskToProto,
+} from "../../src/rpc/convert";
+import { attemptKey } from "../../src/task/attempt";
 import { TASK_STATES } from "../../src/task/state";
 import type { Task } from "../../src/task/task";
 
@@ -111,4 +120,16 @@ test("a worker's report becomes the right action", () => {
     kind: "stopped",
     reason: "cancelled",
   });
+});
+
+test("a TaskRef is an attempt of the stream's worker, and back", () => {
+  const message = create(TaskRefSchema, { taskId: task.id, attempt: 2 });
+  const ref = attemptRefFromProto(message, "w7");
+  expect(ref).toEqual({ taskId: task.id, attempt: 2, workerId: "w7" });
+  const back = attemptRefToProto(ref);
+  expect(back.$typeName).toBe("taskqueue.v1.TaskRef");
+  expect(fromBinary(TaskRefSchema, toBinary(TaskRefSchema, back))).toEqual(message);
+  // Every role keys an attempt the same way, from the message or the domain ref.
+  expect(attemptKey(message.taskId, message.attempt)).toBe(`${task.id}:2`);
+  expect(attemptKey(ref.taskId, ref.attempt)).toBe(attemptKey(message.taskId, message.attempt));
 });

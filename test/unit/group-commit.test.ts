@@ -36,7 +36,7 @@ function gatedGroup(answer: (items: number[]) => number[]) {
       if (calls.length === 1) await opened;
       return answer(items);
     },
-    { maxBatch: 100 },
+    { maxItemsPerWrite: 100 },
   );
   return { calls, gate, group };
 }
@@ -44,7 +44,7 @@ function gatedGroup(answer: (items: number[]) => number[]) {
 describe("GroupCommit", () => {
   test("writes the first item at once and everything that arrived meanwhile in one batch", async () => {
     const { calls, pending, write, called } = controlledWrite();
-    const group = new GroupCommit(write, { maxBatch: 100 });
+    const group = new GroupCommit(write, { maxItemsPerWrite: 100 });
     const first = group.add(1);
     const rest = [2, 3, 4].map((n) => group.add(n));
     expect(calls).toEqual([[1]]);
@@ -58,9 +58,9 @@ describe("GroupCommit", () => {
     await group.drained();
   });
 
-  test("splits a backlog at maxBatch", async () => {
+  test("splits a backlog at maxItemsPerWrite", async () => {
     const { calls, pending, write, called } = controlledWrite();
-    const group = new GroupCommit(write, { maxBatch: 2 });
+    const group = new GroupCommit(write, { maxItemsPerWrite: 2 });
     const all = [1, 2, 3, 4, 5].map((n) => group.add(n));
     for (let i = 1; i <= 3; i++) {
       await called(i);

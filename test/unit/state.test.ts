@@ -1,5 +1,13 @@
 import { expect, test } from "bun:test";
-import { canTransition, isFinal, isTaskState, statesLeadingTo, TASK_STATES } from "../../src/task/state";
+import {
+  canTransition,
+  GUARDS,
+  IN_FLIGHT_STATES,
+  isFinal,
+  isTaskState,
+  statesLeadingTo,
+  TASK_STATES,
+} from "../../src/task/state";
 
 test("final states have no way out", () => {
   for (const state of TASK_STATES) {
@@ -26,4 +34,15 @@ test("state names are recognised exactly", () => {
   expect(isTaskState("queued")).toBe(true);
   expect(isTaskState("QUEUED")).toBe(false);
   expect(isTaskState("done")).toBe(false);
+});
+
+test("the SQL guards are the states each change may start from", () => {
+  expect(GUARDS.claim).toEqual(["queued"]);
+  expect(GUARDS.start).toEqual(["dispatched"]);
+  expect(GUARDS.cancel).toEqual(["queued", "dispatched", "running"]);
+  expect(GUARDS.inFlight).toEqual(["dispatched", "running"]);
+  // A result or a loss may end the attempt in any of these, and each is entered from in flight only.
+  for (const to of ["succeeded", "failed", "timed_out", "queued"] as const)
+    expect(statesLeadingTo(to)).toEqual([...IN_FLIGHT_STATES]);
+  for (const guard of Object.values(GUARDS)) for (const state of guard) expect(isFinal(state), state).toBe(false);
 });

@@ -1,0 +1,142 @@
+// Inserts of new tasks: each with its first event (and, on the run-now fast path, its first
+// attempt), and the dispatch wake-up, in one statement for a whole batch.
+import type { Task, TaskSpec } from "../task/task";
+import { openAttempts } from "./attempts";
+import { changedRows, changeTail, type TaskChangeRow } from "./changes";
+import { array, unnest } from "./encode";
+import type { Sql } from "./sql";
+
+export interface Assignment {
+  workerId: string;
+  coordinatorId: string;
+  /** Lease on the first attempt, renewed while the worker reports it. */
+  leaseMs: number;
+}
+
+/** Identifies a request for idempotency: the same key with another request is a conflict. */
+export function specHash(spec: TaskSpec): string {
+  const { idempotencyKey: _, ...request } = spec;
+  return new Bun.CryptoHasher("sha256").update(JSON.stringify(request)).digest("hex");
+}
+
+export type InsertOutcome =
+  | { kind: "created"; task: TaskChangeRow }
+  /** The Idempotency-Key was used before: the earlier task, and whether it was the same request. */
+  | { kind: "existing"; task: Task; sameRequest: boolean };
+
+/**
+ * Most tasks one insertTasks statement should carry: what a group commit of submits writes
+ * at once (as many as the API's largest batch request by default, TQ_MAX_BATCH).
+ */
+export const MAX_TASKS_PER_INSERT = 1000;
+
+export interface NewTask {
+  id: string;
+  spec: TaskSpec;
+  /** The API token (by name) that submitted it, for the audit trail. */
+  actor?: string | null;
+  /**
+   * Born dispatched to this worker (attempt 1): the run-now fast path of a coordinator that
+   * has a free slot, which saves the claim round trip.
+   */
+  assignTo?: Assignment;
+}
+
+/** insertTasks for one item. */
+export async function insertTask(
+  sql: Sql,
+  id: string,
+  spec: TaskSpec,
+  options: { assignTo?: Assignment; actor?: string } = {},
+): Promise<InsertOutcome> {
+  const [outcome] = await insertTasks(sql, [{ id, spec, ...options }]);
+  if (!outcome) throw new Error("insertTasks answered nothing for one task");
+  return outcome;
+}
+
+/**
+ * Persists new tasks with their `submitted` (or `submitted+dispatched`) events, and wakes
+ * dispatch, in one statement; resolves after commit with one outcome per item, in order. A
+ * task whose idempotency key is already taken writes nothing and its outcome is the earlier
+ * task (a concurrent repeat waits for the first to commit, through the unique index); so does
+ * a repeat of a key earlier in the same call.
+ */
+export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<InsertOutcome[]> {
+  if (items.length === 0) return [];
+  const hashes = items.map(({ spec }) => (spec.idempotencyKey === null ? null : specHash(spec)));
+  const inserted = await sql<(Task & { event_id: string })[]>`
+    WITH r AS (
+      SELECT * FROM ${unnest(sql, items, {
+        id: ["uuid", (t) => t.id],
+        command: ["text", (t) => t.spec.command],
+        scheduled_at: ["timestamptz", (t) => t.spec.scheduledAt],
+        max_attempts: ["integer", (t) => t.spec.maxAttempts],
+        timeout_ms: ["integer", (t) => t.spec.timeoutMs],
+        env: ["jsonb", (t) => t.spec.env],
+        secret_env: ["jsonb", (t) => t.spec.secretEnv],
+        cwd: ["text", (t) => t.spec.cwd],
+        retry_on_failure: ["boolean", (t) => t.spec.retry.onFailure],
+        retry_on_timeout: ["boolean", (t) => t.spec.retry.onTimeout],
+        retry_on_lost: ["boolean", (t) => t.spec.retry.onLost],
+        retry_backoff_base_ms: ["integer", (t) => t.spec.retry.backoffBaseMs],
+        retry_backoff_cap_ms: ["integer", (t) => t.spec.retry.backoffCapMs],
+        idempotency_key: ["text", (t) => t.spec.idempotencyKey],
+        idempotency_hash: ["text", (_, i) => hashes[i] ?? null],
+        actor: ["text", (t) => t.actor ?? null],
+        worker_id: ["text", (t) => t.assignTo?.workerId ?? null],
+        coordinator_id: ["text", (t) => t.assignTo?.coordinatorId ?? null],
+        lease_ms: ["double precision", (t) => (t.assignTo ? Math.max(0, t.assignTo.leaseMs) : null)],
+      })}
+    ),
+    t AS (
+      INSERT INTO tasks (id, command, state, scheduled_at, run_at, picked_at, attempt, max_attempts, timeout_ms, env, secret_env, cwd,
+                         worker_id, coordinator_id, lease_expires_at,
+                         retry_on_failure, retry_on_timeout, retry_on_lost, retry_backoff_base_ms, retry_backoff_cap_ms,
+                         idempotency_key, idempotency_hash)
+      SELECT r.id, r.command, CASE WHEN r.worker_id IS NULL THEN 'queued' ELSE 'dispatched' END,
+             due.at, due.at,
+             CASE WHEN r.worker_id IS NOT NULL THEN clock_timestamp() END,
+             CASE WHEN r.worker_id IS NULL THEN 0 ELSE 1 END,
+             r.max_attempts, r.timeout_ms, coalesce(r.env, '{}'::jsonb), coalesce(r.secret_env, '{}'::jsonb), r.cwd,
+             r.worker_id, r.coordinator_id,
+             clock_timestamp() + make_interval(secs => r.lease_ms / 1000),
+             r.retry_on_failure, r.retry_on_timeout, r.retry_on_lost, r.retry_backoff_base_ms, r.retry_backoff_cap_ms,
+             r.idempotency_key, r.idempotency_hash
+      FROM r
+      -- Truncated, not rounded: timestamptz(3) would round a run-now time up to 0.5 ms into
+      -- the future, making the task briefly "not yet due".
+      CROSS JOIN LATERAL (SELECT coalesce(r.scheduled_at, date_trunc('milliseconds', clock_timestamp())) AS at) due
+      ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+      RETURNING *
+    ),
+    ${openAttempts(sql)},
+    ${changeTail(
+      sql,
+      {
+        kind: sql`CASE WHEN t.state = 'dispatched' THEN 'submitted+dispatched' ELSE 'submitted' END`,
+        detail: sql`NULL::jsonb`,
+        actor: sql`r.actor`,
+        from: sql`t JOIN r ON r.id = t.id`,
+      },
+      false,
+    )}`;
+  const created = new Map(changedRows(inserted).map((row) => [row.id, row]));
+  const outcomes: (InsertOutcome | undefined)[] = items.map(({ id }) => {
+    const task = created.get(id);
+    return task ? { kind: "created", task } : undefined;
+  });
+  if (created.size === items.length) return outcomes as InsertOutcome[];
+
+  const keys = [...new Set(items.filter(({ id }) => !created.has(id)).map(({ spec }) => spec.idempotencyKey))];
+  if (keys.includes(null)) throw new Error("insert wrote nothing for a task without an idempotency key");
+  const existing = await sql<Task[]>`
+    SELECT * FROM tasks WHERE idempotency_key = ANY(${array(sql, keys, "text")})`;
+  const byKey = new Map(existing.map((task) => [task.idempotency_key, task]));
+  return items.map(({ spec }, i) => {
+    const outcome = outcomes[i];
+    if (outcome) return outcome;
+    const task = byKey.get(spec.idempotencyKey);
+    if (!task) throw new Error("insert wrote nothing and no task holds its idempotency key");
+    return { kind: "existing", task, sameRequest: task.idempotency_hash === hashes[i] };
+  });
+}

@@ -1,0 +1,356 @@
+// The state changes of an attempt after its claim: started, finished, lost or handed back,
+// renewed, and the client's cancel. Each is one statement that also writes the attempt's
+// task_attempts row (src/db/attempts.ts) and the change tail (src/db/changes.ts). What a
+// result or a loss does to the task is decided by src/task/retry.ts; the statements here only
+// fence (the task, the attempt, its worker, and the states GUARDS names) and apply the
+// decision. Callers act on "nothing changed".
+import { type AttemptRef, attemptKey } from "../task/attempt";
+import { decideFinish, decideLost, type FinishDecision, mayRetry, RETRY_FACT_COLUMNS, type RetryFacts } from "../task/retry";
+import { GUARDS, type TaskState } from "../task/state";
+import type { AttemptResult, Task } from "../task/task";
+import { endAttempts, finishAttemptRows, startAttempts } from "./attempts";
+import { changedRows, recordChange, recordChanges, type TaskChangeRow } from "./changes";
+import { array, type Column, type Fragment, fromNow, states, unnest } from "./encode";
+import type { Sql } from "./sql";
+import { getTask } from "./tasks";
+
+/** The batch columns naming each row's attempt: id, attempt, worker_id. */
+function refColumns<R>(ref: (row: R) => AttemptRef): Record<string, Column<R>> {
+  return {
+    id: ["uuid", (row) => ref(row).taskId],
+    attempt: ["integer", (row) => ref(row).attempt],
+    worker_id: ["text", (row) => ref(row).workerId],
+  };
+}
+
+/** The fence: the task that batch row `r` names, while r's attempt and worker hold it in one of `guard`. */
+function fence(sql: Sql, guard: readonly TaskState[]): Fragment {
+  return sql`tasks.id = r.id AND tasks.attempt = r.attempt AND tasks.worker_id = r.worker_id
+    AND tasks.state IN (${states(sql, guard)})`;
+}
+
+/** A retry decision's facts for each task id (the attempt is the report's, which the fence pins). */
+async function readRetryFacts(sql: Sql, ids: readonly string[]): Promise<Map<string, RetryFacts>> {
+  if (ids.length === 0) return new Map();
+  const rows = await sql<(RetryFacts & { id: string })[]>`
+    SELECT id, ${sql(RETRY_FACT_COLUMNS)} FROM tasks WHERE id = ANY(${array(sql, ids, "uuid")})`;
+  return new Map(rows.map(({ id, ...facts }) => [id, facts]));
+}
+
+export interface StartReport extends AttemptRef {
+  startedAt: Date;
+  pid: number;
+}
+
+/** dispatched -> running, for the attempt and worker that hold the task. */
+export async function markStarted(sql: Sql, report: StartReport): Promise<TaskChangeRow | null> {
+  return (await markStartedMany(sql, [report]))[0] ?? null;
+}
+
+/** markStarted for many reports in one statement; returns the rows that changed. */
+export async function markStartedMany(sql: Sql, reports: readonly StartReport[]): Promise<TaskChangeRow[]> {
+  if (reports.length === 0) return [];
+  const rows = await sql<(Task & { event_id: string })[]>`
+    WITH t AS (
+      UPDATE tasks SET state = 'running', started_at = r.started_at
+      FROM ${unnest(sql, reports, {
+        ...refColumns((report) => report),
+        started_at: ["timestamptz", (report) => report.startedAt],
+        pid: ["integer", (report) => report.pid],
+      })}
+      WHERE ${fence(sql, GUARDS.start)}
+      RETURNING tasks.*, 'started'::text AS event_kind, jsonb_build_object('pid', r.pid) AS event_detail
+    ),
+    ${startAttempts(sql)},
+    ${recordChanges(sql)}`;
+  return changedRows(rows);
+}
+
+export interface FinishReport {
+  ref: AttemptRef;
+  result: AttemptResult;
+}
+
+/**
+ * Records an attempt's result if that attempt still holds the task (the fence), on the task
+ * and on its attempt row, as decideFinish says: back to the queue after a backoff (event
+ * `retrying`), or final, a final failure's error saying why no attempt follows.
+ * scheduled_at never changes. A report from a superseded attempt or another worker changes
+ * no task and is recorded as `stale` (see recordStaleResult).
+ */
+export async function finishAttempt(
+  sql: Sql,
+  ref: AttemptRef,
+  result: AttemptResult,
+): Promise<{ applied: TaskChangeRow | null }> {
+  const [applied] = await finishAttempts(sql, [{ ref, result }]);
+  return { applied: applied ?? null };
+}
+
+/**
+ * finishAttempt for many reports in one statement (a completer's batch); returns, per report
+ * in order, the changed row or null for a stale one (recorded as such). Only the reports that
+ * may be retried need their task's retry facts, read first: a batch of successes is one
+ * round trip. The facts read are still the ones the statement applies to: the policy never
+ * changes, and the attempt is the report's, which the fence pins.
+ */
+export async function finishAttempts(sql: Sql, reports: readonly FinishReport[]): Promise<(TaskChangeRow | null)[]> {
+  if (reports.length === 0) return [];
+  const facts = await readRetryFacts(
+    sql,
+    reports.filter(({ result }) => mayRetry(result)).map(({ ref }) => ref.taskId),
+  );
+  const decided: (FinishReport & { decision: FinishDecision })[] = [];
+  for (const { ref, result } of reports) {
+    const task = facts.get(ref.taskId);
+    // No such task: stale, below.
+    if (mayRetry(result) && !task) continue;
+    decided.push({ ref, result, decision: decideFinish(result, task ? { ...task, attempt: ref.attempt } : null) });
+  }
+  const rows = decided.length === 0 ? [] : await applyFinishes(sql, decided);
+  const byId = new Map(changedRows(rows).map((row) => [row.id, row]));
+  const out: (TaskChangeRow | null)[] = [];
+  for (const { ref, result } of reports) {
+    const applied = byId.get(ref.taskId);
+    if (applied && applied.attempt === ref.attempt) out.push(applied);
+    else {
+      out.push(null);
+      await recordStaleResult(sql, ref, result);
+    }
+  }
+  return out;
+}
+
+function applyFinishes(sql: Sql, decided: readonly (FinishReport & { decision: FinishDecision })[]) {
+  return sql<(Task & { event_id: string })[]>`
+    WITH r AS (
+      SELECT * FROM ${unnest(sql, decided, {
+        ...refColumns((d) => d.ref),
+        outcome: ["text", (d) => d.result.state],
+        exit_code: ["integer", (d) => d.result.exitCode],
+        signal: ["text", (d) => d.result.signal],
+        stdout: ["text", (d) => d.result.stdout],
+        stderr: ["text", (d) => d.result.stderr],
+        stdout_truncated: ["boolean", (d) => d.result.stdoutTruncated],
+        stderr_truncated: ["boolean", (d) => d.result.stderrTruncated],
+        error: ["text", (d) => d.result.error],
+        started_at: ["timestamptz", (d) => d.result.startedAt],
+        finished_at: ["timestamptz", (d) => d.result.finishedAt],
+        state: ["text", (d) => d.decision.state],
+        retry_in_ms: ["double precision", (d) => d.decision.retryInMs],
+        completed_at: ["timestamptz", (d) => d.decision.completedAt],
+        failed_at: ["timestamptz", (d) => d.decision.failedAt],
+        task_error: ["text", (d) => d.decision.error],
+        event_kind: ["text", (d) => d.decision.eventKind],
+      })}
+    ),
+    d AS (
+      SELECT r.* FROM tasks JOIN r ON ${fence(sql, GUARDS.inFlight)}
+      FOR UPDATE OF tasks
+    ),
+    t AS (
+      UPDATE tasks SET
+        state = d.state,
+        run_at = CASE WHEN d.retry_in_ms IS NULL THEN tasks.run_at
+                      ELSE clock_timestamp() + make_interval(secs => d.retry_in_ms / 1000) END,
+        lease_expires_at = NULL,
+        started_at = coalesce(tasks.started_at, d.started_at),
+        completed_at = d.completed_at, failed_at = d.failed_at,
+        exit_code = d.exit_code, signal = d.signal, stdout = d.stdout, stderr = d.stderr,
+        stdout_truncated = d.stdout_truncated, stderr_truncated = d.stderr_truncated,
+        error = d.task_error
+      FROM d WHERE tasks.id = d.id
+      -- The output stays on the task and its attempt row; the event says what happened.
+      RETURNING tasks.*, d.event_kind, jsonb_build_object(
+        'outcome', d.outcome, 'exit_code', d.exit_code, 'signal', d.signal, 'error', d.error
+      ) || CASE WHEN d.retry_in_ms IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('run_at', tasks.run_at) END AS event_detail
+    ),
+    ${finishAttemptRows(sql)},
+    ${recordChanges(sql)}`;
+}
+
+/**
+ * A result for an attempt that no longer holds its task (superseded, its task cancelled, or
+ * a repeat of one already applied): the task does not change and its history gets a `stale`
+ * event. An attempt that had ended without a result (lost or stopped) keeps this result on
+ * its row, with outcome `stale`: what the process really did stays visible. An attempt whose
+ * own result was applied keeps it.
+ */
+export async function recordStaleResult(sql: Sql, ref: AttemptRef, result: AttemptResult): Promise<void> {
+  await sql`
+    WITH a AS (
+      UPDATE task_attempts SET
+        started_at = coalesce(started_at, ${result.startedAt}::timestamptz), finished_at = ${result.finishedAt}::timestamptz,
+        exit_code = ${result.exitCode}::integer, signal = ${result.signal}::text, error = coalesce(${result.error}::text, error),
+        stdout = ${result.stdout}::text, stderr = ${result.stderr}::text,
+        stdout_truncated = ${result.stdoutTruncated}, stderr_truncated = ${result.stderrTruncated}, outcome = 'stale'
+      WHERE task_id = ${ref.taskId} AND attempt = ${ref.attempt} AND worker_id = ${ref.workerId}
+        AND (outcome IS NULL OR outcome IN ('lost', 'stopped'))
+    )
+    INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail)
+    SELECT id, 'stale', state, ${ref.attempt}, ${ref.workerId},
+           jsonb_build_object('reported', ${result.state}::text, 'current_attempt', attempt)
+    FROM tasks WHERE id = ${ref.taskId}`;
+}
+
+/**
+ * The worker stopped an attempt's process as it was told (the task was cancelled, or the
+ * attempt superseded): the task does not change; its history gets a `stopped` event, and an
+ * attempt row not yet ended gets outcome `stopped`.
+ */
+export async function recordAttemptStopped(sql: Sql, ref: AttemptRef, reason: string): Promise<void> {
+  await sql`
+    WITH a AS (
+      UPDATE task_attempts SET outcome = 'stopped', finished_at = clock_timestamp(), error = ${reason}
+      WHERE task_id = ${ref.taskId} AND attempt = ${ref.attempt} AND worker_id = ${ref.workerId} AND outcome IS NULL
+    )
+    INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail)
+    SELECT id, 'stopped', state, ${ref.attempt}, ${ref.workerId}, jsonb_build_object('reason', ${reason}::text, 'current_attempt', attempt)
+    FROM tasks WHERE id = ${ref.taskId}`;
+}
+
+/**
+ * Ends the in-flight attempts that `where` chooses (a condition on `tasks`, every column
+ * qualified) without a result, as decideLost says: back to the queue at once (run_at
+ * unchanged: it was due already), or failed; the attempt's outcome is `lost`. Attempts whose
+ * key is in `keep` are left alone.
+ *
+ * Two round trips when there is something to change, one when there is not (as on most
+ * rescuer passes): the candidates and their retry facts are read, then the decisions applied
+ * under the fence and `where` again, so an attempt that finished, was requeued by someone
+ * else or had its lease renewed in between is not touched.
+ */
+async function loseAttempts(sql: Sql, reason: string, where: Fragment, keep: ReadonlySet<string> = new Set()) {
+  const candidates = await sql<(RetryFacts & { id: string; worker_id: string })[]>`
+    SELECT id, worker_id, ${sql(RETRY_FACT_COLUMNS)} FROM tasks
+    WHERE tasks.state IN (${states(sql, GUARDS.inFlight)}) AND ${where}`;
+  const lost = candidates
+    .filter((task) => !keep.has(attemptKey(task.id, task.attempt)))
+    .map((task) => ({ task, decision: decideLost(task, reason) }));
+  if (lost.length === 0) return [];
+  const rows = await sql<(Task & { event_id: string })[]>`
+    WITH t AS (
+      UPDATE tasks SET
+        state = r.state,
+        -- By the database's clock, as every final time of a lost attempt.
+        failed_at = CASE WHEN r.state = 'failed' THEN clock_timestamp() END,
+        lease_expires_at = NULL,
+        error = coalesce(r.error, tasks.error)
+      FROM ${unnest(sql, lost, {
+        ...refColumns(({ task }) => ({ taskId: task.id, attempt: task.attempt, workerId: task.worker_id })),
+        state: ["text", ({ decision }) => decision.state],
+        error: ["text", ({ decision }) => decision.error],
+        event_kind: ["text", ({ decision }) => decision.eventKind],
+      })}
+      WHERE ${fence(sql, GUARDS.inFlight)} AND ${where}
+      RETURNING tasks.*, r.event_kind, jsonb_build_object('outcome', 'lost', 'reason', ${reason}::text) AS event_detail
+    ),
+    ${endAttempts(sql, "lost", reason)},
+    ${recordChanges(sql)}`;
+  return changedRows(rows);
+}
+
+/**
+ * Gives a worker's in-flight attempts back to the queue (worker lost, task handed back),
+ * except the ones it still holds (`keep`, by attemptKey). A task with no attempts left fails
+ * instead. Returns the changed rows.
+ */
+export async function requeueWorkerTasks(
+  sql: Sql,
+  workerId: string,
+  reason: string,
+  keep: Iterable<string> = [],
+): Promise<TaskChangeRow[]> {
+  return loseAttempts(sql, reason, sql`tasks.worker_id = ${workerId}`, new Set(keep));
+}
+
+/** Requeues one attempt (a worker handed it back), under the same fence as a finish. */
+export async function requeueAttempt(sql: Sql, ref: AttemptRef, reason: string): Promise<TaskChangeRow | null> {
+  const rows = await loseAttempts(
+    sql,
+    reason,
+    sql`tasks.id = ${ref.taskId} AND tasks.attempt = ${ref.attempt} AND tasks.worker_id = ${ref.workerId}`,
+  );
+  return rows[0] ?? null;
+}
+
+/**
+ * Renews the leases of attempts that their workers report holding, in one statement, and
+ * returns the keys (attemptKey) of the ones renewed. An attempt not renewed no longer holds
+ * its task (superseded, cancelled or finished): the caller tells the worker to stop it.
+ */
+export async function renewLeases(sql: Sql, refs: readonly AttemptRef[], leaseMs: number): Promise<Set<string>> {
+  if (refs.length === 0) return new Set();
+  const rows = await sql<{ id: string; attempt: number }[]>`
+    UPDATE tasks SET lease_expires_at = ${fromNow(sql, leaseMs)}
+    FROM ${unnest(
+      sql,
+      refs,
+      refColumns((ref) => ref),
+    )}
+    WHERE ${fence(sql, GUARDS.inFlight)}
+    RETURNING tasks.id, tasks.attempt`;
+  return new Set(rows.map((row) => attemptKey(row.id, row.attempt)));
+}
+
+/**
+ * Requeues in-flight tasks whose lease lapsed: no worker has reported them for a lease period
+ * (the worker or its coordinator died, or the assignment never arrived). Any coordinator may
+ * run it.
+ *
+ * A lapse is believed only once the worker's coordinator has had its say. Each coordinator
+ * pass vouches for its workers (workers.last_heartbeat_at) and then renews what they report,
+ * so a worker vouched for after its attempt's last renewal, without a renewal, no longer holds
+ * that attempt. A worker not vouched for since then belongs to a coordinator that has not run
+ * a pass for a lease period: it is dead or was cut off, or the database was away and it has
+ * not yet caught up. Its leases are left alone for two lease periods from its last pass (or
+ * from the database's own restart, whichever is later), so that a coordinator slower to
+ * recover from an outage than the one rescuing does not have its healthy workers' tasks run
+ * twice. A gone or unknown worker's lapsed leases are requeued at once.
+ */
+export async function requeueExpiredLeases(sql: Sql, leaseMs: number): Promise<TaskChangeRow[]> {
+  const lease = sql`make_interval(secs => ${Math.max(0, leaseMs) / 1000})`;
+  return loseAttempts(
+    sql,
+    "worker lost (lease expired)",
+    sql`tasks.lease_expires_at < now()
+        AND NOT EXISTS (
+          SELECT 1 FROM workers w
+          WHERE w.id = tasks.worker_id AND w.state <> 'gone'
+            AND w.last_heartbeat_at <= tasks.lease_expires_at - ${lease}
+            AND greatest(w.last_heartbeat_at, pg_postmaster_start_time()) > now() - 2 * ${lease}
+        )`,
+  );
+}
+
+export type CancelOutcome =
+  | { kind: "cancelled"; task: TaskChangeRow; wasState: TaskState }
+  | { kind: "final"; task: Task }
+  | { kind: "not_found" };
+
+/**
+ * Cancels a task that has not reached a final state. An in-flight task is marked cancelled at
+ * once, and its attempt ends `stopped`; the coordinator holding its worker sees the
+ * notification and stops the process, and the fence turns the attempt's late report into a
+ * stale event.
+ */
+export async function cancelTask(sql: Sql, id: string, actor: string | null = null): Promise<CancelOutcome> {
+  const rows = await sql<(Task & { event_id: string; was_state: TaskState })[]>`
+    WITH before AS (
+      SELECT id, state FROM tasks WHERE id = ${id} AND state IN (${states(sql, GUARDS.cancel)}) FOR UPDATE
+    ),
+    t AS (
+      UPDATE tasks SET state = 'cancelled', cancelled_at = clock_timestamp(), lease_expires_at = NULL
+      FROM before WHERE tasks.id = before.id
+      RETURNING tasks.*, before.state AS was_state
+    ),
+    ${endAttempts(sql, "stopped", "cancelled")},
+    ${recordChange(sql, "cancelled", null, actor)}`;
+  const row = rows[0];
+  if (row) {
+    const { was_state, ...task } = changedRows(rows)[0] as TaskChangeRow & { was_state: TaskState };
+    return { kind: "cancelled", task: task as TaskChangeRow, wasState: was_state };
+  }
+  const task = await getTask(sql, id);
+  return task ? { kind: "final", task } : { kind: "not_found" };
+}
