@@ -181,17 +181,17 @@ export type BatchInput = Static<typeof BatchInput>;
  * Validates a batch; too many tasks is payload_too_large naming the limit, and an invalid
  * task an invalid_argument naming it (`tasks[3].command`).
  */
-export function toBatchSpecs(input: unknown, defaults: TaskDefaults, maxBatch: number): TaskSpec[] {
+export function toBatchSpecs(input: unknown, defaults: TaskDefaults, maxTasks: number): TaskSpec[] {
   const count = (input as { tasks?: unknown })?.tasks;
-  if (Array.isArray(count) && count.length > maxBatch) {
+  if (Array.isArray(count) && count.length > maxTasks) {
     throw new TaskQueueError(
       "payload_too_large",
-      `a batch may hold at most ${maxBatch} tasks (TQ_MAX_BATCH); this one has ${count.length}`,
+      `a batch may hold at most ${maxTasks} tasks (TQ_MAX_BATCH); this one has ${count.length}`,
       "tasks",
     );
   }
   if (Array.isArray(count) && count.length === 0) {
-    throw invalidArgument("tasks", `tasks is empty; a batch holds 1 to ${maxBatch} tasks`);
+    throw invalidArgument("tasks", `tasks is empty; a batch holds 1 to ${maxTasks} tasks`);
   }
   const body = checkSchema(BatchInput, input);
   return body.tasks.map(({ idempotency_key: key, ...task }, i) => {
