@@ -13,6 +13,7 @@ import type { Logger } from "../log";
 import { attemptRefFromProto } from "../rpc/convert";
 import { MalformedMessage } from "../rpc/definitions";
 import { cancelMessage, welcomeMessage } from "../rpc/messages";
+import { type Agreement, agreeWithWorker, ProtocolMismatch } from "../rpc/protocol";
 import { attemptKey } from "../task/attempt";
 import type { Completer } from "./completer";
 import type { Dispatcher } from "./dispatcher";
@@ -35,6 +36,8 @@ export interface WorkerSessionsOptions {
   helloTimeoutMs?: number;
   /** Join token every stream must carry (authorization: Bearer); none: any stream may join. */
   workerToken?: string;
+  /** The worker protocols served. Defaults to this build's range (src/rpc/protocol.ts). */
+  protocols?: { oldest: number; newest: number };
 }
 
 const MAX_ID = 200;
@@ -89,10 +92,17 @@ export class WorkerSessions {
         if (payload.case !== "hello") return fail(grpc.status.FAILED_PRECONDITION, "the first message must be Hello");
         const problem = helloProblem(payload.value);
         if (problem) return fail(grpc.status.INVALID_ARGUMENT, problem);
+        let agreement: Agreement;
+        try {
+          agreement = agreeWithWorker(payload.value, this.options.protocols);
+        } catch (error) {
+          if (!(error instanceof ProtocolMismatch)) throw error;
+          return fail(grpc.status.FAILED_PRECONDITION, error.message);
+        }
         clearTimeout(helloTimer);
         // Claimed synchronously so that messages arriving during registration are kept.
-        session = this.connection(call, payload.value);
-        void this.register(session, payload.value).then(
+        session = this.connection(call, payload.value, agreement);
+        void this.register(session, payload.value, agreement).then(
           (registered) => {
             if (!registered) fail(grpc.status.PERMISSION_DENIED, "this worker id belongs to another worker; start with a new id");
           },
@@ -146,9 +156,15 @@ export class WorkerSessions {
     await Promise.all(this.ending);
   }
 
-  private connection(call: WorkerStream, hello: Hello): WorkerConnection {
+  private connection(call: WorkerStream, hello: Hello, agreement: Agreement): WorkerConnection {
     const log = this.options.log;
-    const join = { id: hello.workerId, name: hello.name || hello.workerId, slots: hello.slots, held: hello.inFlight };
+    const join = {
+      id: hello.workerId,
+      name: hello.name || hello.workerId,
+      slots: hello.slots,
+      held: hello.inFlight,
+      features: agreement.features,
+    };
     return this.options.registry.open(join, {
       write(message) {
         if (call.destroyed || call.writableEnded) return;
@@ -162,7 +178,7 @@ export class WorkerSessions {
   }
 
   /** Returns false when the worker id is taken by another worker (nothing was changed). */
-  private async register(connection: WorkerConnection, hello: Hello): Promise<boolean> {
+  private async register(connection: WorkerConnection, hello: Hello, agreement: Agreement): Promise<boolean> {
     const { sql, registry, coordinatorId } = this.options;
     // The token stays the same across reconnects, so that a Welcome lost on the way does not
     // lock the worker out of its own id.
@@ -199,19 +215,32 @@ export class WorkerSessions {
     if (connection.ended) return true;
     registry.add(connection);
     connection.send(
-      welcomeMessage({
-        workerId: connection.id,
-        coordinatorId,
-        heartbeatIntervalMs: this.options.heartbeatIntervalMs,
-        heartbeatTimeoutMs: this.options.heartbeatTimeoutMs,
-        resumeToken,
-      }),
+      welcomeMessage(
+        {
+          workerId: connection.id,
+          coordinatorId,
+          heartbeatIntervalMs: this.options.heartbeatIntervalMs,
+          heartbeatTimeoutMs: this.options.heartbeatTimeoutMs,
+          resumeToken,
+        },
+        agreement,
+      ),
     );
     for (const ref of hello.inFlight) {
       if (!renewed.has(attemptKey(ref.taskId, ref.attempt)))
         connection.send(cancelMessage(ref, "the attempt no longer holds its task"));
     }
-    this.options.log.info({ worker: connection.id, name: connection.name, slots: connection.slots }, "worker joined");
+    this.options.log.info(
+      {
+        event: "coordinator.worker_joined",
+        worker: connection.id,
+        name: connection.name,
+        slots: connection.slots,
+        protocol: agreement.protocolVersion,
+        features: [...agreement.features],
+      },
+      "worker joined",
+    );
     this.options.dispatcher.wake();
     return true;
   }
