@@ -89,9 +89,7 @@ test("revoking a worker closes its stream, kills its task and requeues it to ano
   );
   const holder = first.worker_id as string;
   const [victim, survivor] = (await workerId(onOld)) === holder ? [onOld, onNew] : [onNew, onOld];
-  const firstPid = Number(
-    await eventually(() => readFileSync(pids, "utf8").split("\n")[0] || null, { what: "the task's pid" }),
-  );
+  const firstPid = Number(await eventually(() => readFileSync(pids, "utf8").split("\n")[0] || null, { what: "the task's pid" }));
   expect(isRunning(firstPid)).toBe(true);
 
   const revoke = Bun.spawn(["bun", "run", "token", "worker-revoke", "--id", holder], {
