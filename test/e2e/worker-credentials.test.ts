@@ -3,11 +3,11 @@
 // its running task killed and requeued to another worker.
 import { afterAll, beforeAll, expect, setDefaultTimeout, test } from "bun:test";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { networkInterfaces, tmpdir } from "node:os";
 import { join } from "node:path";
 import { hashToken } from "../../src/auth/tokens";
 import { newJoinToken } from "../../src/auth/worker-tokens";
-import { HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
+import { freePort, HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { eventually } from "../support/eventually";
 import { getJson, postJson } from "../support/http";
 import { isRunning } from "../support/is-running";
@@ -126,4 +126,36 @@ test("revoking a worker closes its stream, kills its task and requeues it to ano
   const survivorId = await workerId(survivor);
   expect(rows.find((row) => row.startsWith(survivorId))).toContain("live");
   await postJson(`${cluster.coordinatorUrl}/tasks/${id}/cancel`, {});
+});
+
+/** A non-loopback address of this machine (nothing is sent to it: the roles refuse first). */
+function ownAddress(): string {
+  for (const list of Object.values(networkInterfaces())) {
+    for (const entry of list ?? []) if (!entry.internal && entry.family === "IPv4") return entry.address;
+  }
+  return "0.0.0.0";
+}
+
+test("plaintext beyond loopback: the coordinator and the worker refuse to start unless TQ_INSECURE", async () => {
+  const host = ownAddress();
+  const ports = async () => ({ TQ_COORDINATOR_PORT: String(await freePort()), TQ_GRPC_PORT: String(await freePort()) });
+  const protectedEnv = {
+    DATABASE_URL: db.url,
+    TQ_API_TOKENS: `ops:admin:${hashToken("x".repeat(40))}`,
+    TQ_WORKER_TOKEN: newToken,
+  };
+  for (const bind of ["0.0.0.0", host]) {
+    const coordinator = spawnRole("coordinator", { ...protectedEnv, ...(await ports()), TQ_HOST: bind });
+    expect(await coordinator.exited).toBe(1);
+    expect(coordinator.raw.join("\n")).toContain(`would listen on ${bind} (beyond loopback) without TLS`);
+  }
+  const insecure = spawnRole("coordinator", { ...protectedEnv, ...(await ports()), TQ_HOST: "0.0.0.0", TQ_INSECURE: "true" });
+  await insecure.waitForEvent("coordinator.started");
+  expect(insecure.raw.join("\n")).toContain("INSECURE");
+  expect(await insecure.stop()).toBe(0);
+
+  const worker = spawnRole("worker", { TQ_COORDINATOR_ADDRESSES: `${host}:${await freePort()}`, TQ_WORKER_TOKEN: newToken });
+  expect(await worker.exited).toBe(1);
+  expect(worker.raw.join("\n")).toContain(`would dial ${host}:`);
+  expect(worker.logged("worker.starting")).toHaveLength(0);
 });
