@@ -843,15 +843,15 @@ describe("failures", () => {
       await locker`LOCK TABLE tasks IN SHARE MODE`;
       expect((await call("GET", "/tasks", { on: locked })).status).toBe(200);
       expectError(await call("GET", "/readyz", { on: locked }), 503, "unavailable", undefined);
+      await locker`ROLLBACK`;
+      expect((await call("GET", "/readyz", { on: locked })).status).toBe(200);
+      const listed = (await call("GET", "/tasks", { on: locked })).json.tasks.map((t: { command: string }) => t.command);
+      expect(listed).not.toContain("echo lost?");
     } finally {
       await locker`ROLLBACK`;
       locker.release();
+      await strict.end();
     }
-    expect((await call("GET", "/readyz", { on: locked })).status).toBe(200);
-    expect((await call("GET", "/tasks", { on: locked })).json.tasks.map((t: { command: string }) => t.command)).not.toContain(
-      "echo lost?",
-    );
-    await strict.end();
   });
 
   test("an unexpected error is an opaque 500 with a request id, and is logged", async () => {
