@@ -54,7 +54,7 @@ test("two join tokens are accepted during a rotation, a third is refused", async
   await outsider.stop(2000);
   const joined = await db.sql<{ worker_id: string; joined_with: string }[]>`
     SELECT worker_id, joined_with FROM worker_credentials ORDER BY joined_with`;
-  expect(joined).toEqual([
+  expect([...joined]).toEqual([
     { worker_id: await workerId(onNew), joined_with: "new" },
     { worker_id: await workerId(onOld), joined_with: "old" },
   ]);
