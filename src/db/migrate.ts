@@ -120,6 +120,10 @@ export interface MigrateOptions {
 export async function migrate(sql: Sql, migrations = readMigrations(), options: MigrateOptions = {}): Promise<number[]> {
   const conn = await sql.reserve();
   try {
+    // A role's pool runs under TQ_DB_STATEMENT_TIMEOUT_MS and TQ_DB_LOCK_TIMEOUT_MS; a migration
+    // may rewrite a big table or build an index concurrently. Neither is a hang: lift both for
+    // this session while it migrates (RESET below gives the pool its own settings back).
+    await conn`SELECT set_config('statement_timeout', '0', false), set_config('lock_timeout', '0', false)`;
     await lock(conn, options.lockPollMs ?? 100);
     try {
       return await applyPending(conn, migrations, options);
@@ -128,6 +132,8 @@ export async function migrate(sql: Sql, migrations = readMigrations(), options: 
       await conn`SELECT pg_advisory_unlock(${MIGRATION_LOCK_KEY.toString()}::bigint)`.catch(() => {});
     }
   } finally {
+    await conn`RESET statement_timeout`.catch(() => {});
+    await conn`RESET lock_timeout`.catch(() => {});
     conn.release();
   }
 }

@@ -3,7 +3,7 @@ import { listAttempts } from "../../src/db/attempts";
 import { claimDue, nextDueIn } from "../../src/db/claim";
 import { listTaskEvents } from "../../src/db/events";
 import { insertTask, insertTasks } from "../../src/db/insert";
-import { migrate, readMigrations } from "../../src/db/migrate";
+import { migrate, parseMigration, readMigrations } from "../../src/db/migrate";
 import { type TaskChange, TaskChangeFeed } from "../../src/db/notify";
 import { connect } from "../../src/db/sql";
 import { getTask, listTasks } from "../../src/db/tasks";
@@ -616,6 +616,31 @@ describe("migrate", () => {
       expect(applied.flat().sort()).toEqual(versions);
       expect(await migrate(fresh.sql)).toEqual([]);
     } finally {
+      await dropTestDatabase(fresh);
+    }
+  });
+
+  test("runs under no statement or lock timeout, whatever the pool it is given sets", async () => {
+    const fresh = await createTestDatabase({ migrate: false });
+    const strict = connect(fresh.url, { max: 1, statementTimeoutMs: 50, lockTimeoutMs: 50 });
+    try {
+      const [pool] = await strict<{ statement_timeout: string; lock_timeout: string }[]>`
+        SELECT current_setting('statement_timeout') AS statement_timeout, current_setting('lock_timeout') AS lock_timeout`;
+      expect(pool).toEqual({ statement_timeout: "50ms", lock_timeout: "50ms" });
+      // A long migration (or a wait for another process's advisory lock) would be cut short.
+      const probe = `DO $$ BEGIN
+        IF current_setting('statement_timeout') <> '0' OR current_setting('lock_timeout') <> '0' THEN
+          RAISE EXCEPTION 'migration under statement_timeout % and lock_timeout %',
+            current_setting('statement_timeout'), current_setting('lock_timeout');
+        END IF;
+      END $$`;
+      expect(await migrate(strict, [parseMigration(1, "probe", probe)])).toEqual([1]);
+      // The pool's own settings are back on the connection the migration used.
+      const [after] = await strict<{ statement_timeout: string; lock_timeout: string }[]>`
+        SELECT current_setting('statement_timeout') AS statement_timeout, current_setting('lock_timeout') AS lock_timeout`;
+      expect(after).toEqual({ statement_timeout: "50ms", lock_timeout: "50ms" });
+    } finally {
+      await strict.end();
       await dropTestDatabase(fresh);
     }
   });
