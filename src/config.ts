@@ -7,6 +7,7 @@ import { Value } from "@sinclair/typebox/value";
 import type { ApiSettings } from "./api/deps";
 import type { AuthOptions } from "./auth/authenticator";
 import { type JoinToken, joinTokens } from "./auth/worker-tokens";
+import type { ConnectOptions } from "./db/sql";
 import { type LeaseTimings, leaseMsFor } from "./task/lease";
 import type { TaskDefaults } from "./task/spec";
 
@@ -130,6 +131,16 @@ export const ConfigSchema = Type.Object({
     default: 10,
     description: "PostgreSQL connections per process. Defaults to 10.",
   }),
+  TQ_DB_STATEMENT_TIMEOUT_MS: Millis(
+    5000,
+    "PostgreSQL statement_timeout on every connection of a role's pool: a statement running longer is cancelled and its request answered 503 (migrations are exempt); 0 turns it off. Defaults to 5000 ms.",
+    0,
+  ),
+  TQ_DB_LOCK_TIMEOUT_MS: Millis(
+    2000,
+    "PostgreSQL lock_timeout on every connection of a role's pool: a statement waiting longer for a lock (a table locked by a migration or by hand) fails and its request is answered 503; 0 turns it off. Defaults to 2000 ms.",
+    0,
+  ),
   TQ_DATA_DIR: Type.String({
     minLength: 1,
     default: ".data/postgres",
@@ -317,6 +328,15 @@ export function authOptions(config: Config): AuthOptions {
     insecure: config.TQ_INSECURE,
     configuredTokens: config.TQ_API_TOKENS,
     rateLimit: { perSecond: config.TQ_RATE_LIMIT_PER_SECOND, burst: config.TQ_RATE_LIMIT_BURST },
+  };
+}
+
+/** A role's pool: its size and the server-side timeouts every one of its connections runs under. */
+export function databaseOptions(config: Config): ConnectOptions {
+  return {
+    max: config.TQ_DB_POOL_SIZE,
+    statementTimeoutMs: config.TQ_DB_STATEMENT_TIMEOUT_MS,
+    lockTimeoutMs: config.TQ_DB_LOCK_TIMEOUT_MS,
   };
 }
 
