@@ -40,9 +40,10 @@ export function welcomeMessage(fields: WelcomeFields, agreement: Agreement): Coo
 
 /**
  * Hands the task's current attempt to the worker that holds it. `startInMs` delays the start
- * of a task handed over before it is due (0: at once).
+ * of a task handed over before it is due (0: at once); `leaseMs` is what is left of the
+ * attempt's lease as it is sent, which the worker counts down on its monotonic clock.
  */
-export function assignMessage(task: Task, startInMs = 0): CoordinatorMessage {
+export function assignMessage(task: Task, startInMs: number, leaseMs: number): CoordinatorMessage {
   return create(CoordinatorMessageSchema, {
     payload: {
       case: "assign",
@@ -55,6 +56,7 @@ export function assignMessage(task: Task, startInMs = 0): CoordinatorMessage {
         timeoutMs: task.timeout_ms,
         leaseExpiresAt: toTimestamp(task.lease_expires_at),
         startInMs,
+        leaseMs,
       },
     },
   });
@@ -89,12 +91,21 @@ export interface HelloFields {
 
 /**
  * The first message on every stream. `inFlight`: the attempts it still runs or holds an
- * unacknowledged result for. It announces this build's protocol and features.
+ * unacknowledged result for. `wallClock`: the worker's wall clock now, from which the
+ * coordinator measures its skew. It announces this build's protocol and features.
  */
-export function helloMessage(fields: HelloFields, inFlight: readonly WireRef[]): WorkerMessage {
+export function helloMessage(fields: HelloFields, inFlight: readonly WireRef[], wallClock: Date): WorkerMessage {
   const protocol = { protocolVersion: PROTOCOL_VERSION, minProtocolVersion: OLDEST_SERVED_PROTOCOL, features: [...FEATURES] };
   return create(WorkerMessageSchema, {
-    payload: { case: "hello", value: { ...fields, ...protocol, inFlight: inFlight.map((ref) => attemptRefToProto(ref)) } },
+    payload: {
+      case: "hello",
+      value: {
+        ...fields,
+        ...protocol,
+        inFlight: inFlight.map((ref) => attemptRefToProto(ref)),
+        wallClock: timestampFromDate(wallClock),
+      },
+    },
   });
 }
 
