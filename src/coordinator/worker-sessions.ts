@@ -17,6 +17,7 @@ import type { Logger } from "../log";
 import { attemptRefFromProto } from "../rpc/convert";
 import { MalformedMessage } from "../rpc/definitions";
 import { cancelMessage, welcomeMessage } from "../rpc/messages";
+import { type Agreement, agreeWithWorker, ProtocolMismatch } from "../rpc/protocol";
 import { attemptKey } from "../task/attempt";
 import type { Completer } from "./completer";
 import type { Dispatcher } from "./dispatcher";
@@ -46,6 +47,8 @@ export interface WorkerSessionsOptions {
   clockSkewWarnMs?: number;
   /** Our wall clock, for measuring a worker's skew. Defaults to Date.now. */
   now?: () => number;
+  /** The worker protocols served. Defaults to this build's range (src/rpc/protocol.ts). */
+  protocols?: { oldest: number; newest: number };
 }
 
 /** How a stream got in: with the named join token, with no join token required, or not yet. */
@@ -112,12 +115,19 @@ export class WorkerSessions {
         }
         const problem = helloProblem(payload.value);
         if (problem) return fail(grpc.status.INVALID_ARGUMENT, problem);
+        let agreement: Agreement;
+        try {
+          agreement = agreeWithWorker(payload.value, this.options.protocols);
+        } catch (error) {
+          if (!(error instanceof ProtocolMismatch)) throw error;
+          return fail(grpc.status.FAILED_PRECONDITION, error.message);
+        }
         clearTimeout(helloTimer);
         const skewMs = this.clockSkew(payload.value);
         // Claimed synchronously so that messages arriving during registration are kept.
-        session = this.connection(call, payload.value);
+        session = this.connection(call, payload.value, agreement);
         this.calls.set(session, call);
-        void this.register(session, payload.value, admission, skewMs).then(
+        void this.register(session, payload.value, admission, skewMs, agreement).then(
           (outcome) => {
             if (outcome === "taken")
               fail(grpc.status.PERMISSION_DENIED, "this worker id belongs to another worker; start with a new id");
@@ -186,9 +196,15 @@ export class WorkerSessions {
     await Promise.all(this.ending);
   }
 
-  private connection(call: WorkerStream, hello: Hello): WorkerConnection {
+  private connection(call: WorkerStream, hello: Hello, agreement: Agreement): WorkerConnection {
     const log = this.options.log;
-    const join = { id: hello.workerId, name: hello.name || hello.workerId, slots: hello.slots, held: hello.inFlight };
+    const join = {
+      id: hello.workerId,
+      name: hello.name || hello.workerId,
+      slots: hello.slots,
+      held: hello.inFlight,
+      features: agreement.features,
+    };
     return this.options.registry.open(join, {
       write(message) {
         if (call.destroyed || call.writableEnded) return;
@@ -241,6 +257,7 @@ export class WorkerSessions {
     hello: Hello,
     admission: Admission,
     clockSkewMs: number | null,
+    agreement: Agreement,
   ): Promise<"registered" | "taken" | "revoked" | "unauthenticated"> {
     const { sql, registry, coordinatorId } = this.options;
     // The credential stays the same across reconnects, so that a Welcome lost on the way does
@@ -297,19 +314,32 @@ export class WorkerSessions {
     if (connection.ended) return "registered";
     registry.add(connection);
     connection.send(
-      welcomeMessage({
-        workerId: connection.id,
-        coordinatorId,
-        heartbeatIntervalMs: this.options.heartbeatIntervalMs,
-        heartbeatTimeoutMs: this.options.heartbeatTimeoutMs,
-        resumeToken,
-      }),
+      welcomeMessage(
+        {
+          workerId: connection.id,
+          coordinatorId,
+          heartbeatIntervalMs: this.options.heartbeatIntervalMs,
+          heartbeatTimeoutMs: this.options.heartbeatTimeoutMs,
+          resumeToken,
+        },
+        agreement,
+      ),
     );
     for (const ref of hello.inFlight) {
       if (!renewed.has(attemptKey(ref.taskId, ref.attempt)))
         connection.send(cancelMessage(ref, "the attempt no longer holds its task"));
     }
-    this.options.log.info({ worker: connection.id, name: connection.name, slots: connection.slots }, "worker joined");
+    this.options.log.info(
+      {
+        event: "coordinator.worker_joined",
+        worker: connection.id,
+        name: connection.name,
+        slots: connection.slots,
+        protocol: agreement.protocolVersion,
+        features: [...agreement.features],
+      },
+      "worker joined",
+    );
     this.options.dispatcher.wake();
     return "registered";
   }

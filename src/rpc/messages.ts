@@ -13,6 +13,7 @@ import {
 } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Task } from "../task/task";
 import { attemptRefToProto, toTimestamp } from "./convert";
+import { type Agreement, FEATURES, OLDEST_SERVED_PROTOCOL, PROTOCOL_VERSION } from "./protocol";
 
 /** One attempt as the wire names it (the fields of TaskRef, in any object that has them). */
 type WireRef = Pick<TaskRef, "taskId" | "attempt">;
@@ -28,9 +29,13 @@ export interface WelcomeFields {
   resumeToken: string;
 }
 
-/** The answer to Hello once the worker is registered and reconciled. */
-export function welcomeMessage(fields: WelcomeFields): CoordinatorMessage {
-  return create(CoordinatorMessageSchema, { payload: { case: "welcome", value: { ...fields } } });
+/**
+ * The answer to Hello once the worker is registered and reconciled, with the protocol agreed
+ * for the stream (a worker before versions ignores those fields).
+ */
+export function welcomeMessage(fields: WelcomeFields, agreement: Agreement): CoordinatorMessage {
+  const protocol = { protocolVersion: agreement.protocolVersion, features: [...agreement.features] };
+  return create(CoordinatorMessageSchema, { payload: { case: "welcome", value: { ...fields, ...protocol } } });
 }
 
 /**
@@ -87,13 +92,19 @@ export interface HelloFields {
 /**
  * The first message on every stream. `inFlight`: the attempts it still runs or holds an
  * unacknowledged result for. `wallClock`: the worker's wall clock now, from which the
- * coordinator measures its skew.
+ * coordinator measures its skew. It announces this build's protocol and features.
  */
 export function helloMessage(fields: HelloFields, inFlight: readonly WireRef[], wallClock: Date): WorkerMessage {
+  const protocol = { protocolVersion: PROTOCOL_VERSION, minProtocolVersion: OLDEST_SERVED_PROTOCOL, features: [...FEATURES] };
   return create(WorkerMessageSchema, {
     payload: {
       case: "hello",
-      value: { ...fields, inFlight: inFlight.map((ref) => attemptRefToProto(ref)), wallClock: timestampFromDate(wallClock) },
+      value: {
+        ...fields,
+        ...protocol,
+        inFlight: inFlight.map((ref) => attemptRefToProto(ref)),
+        wallClock: timestampFromDate(wallClock),
+      },
     },
   });
 }

@@ -39,6 +39,8 @@ export interface WorkerOptions {
   killGraceMs: number;
   drainGraceMs: number;
   maxOutputBytes: number;
+  /** Wait before dialing again after a coordinator refused our protocol. Defaults to 30 s. */
+  refusedBackoffMs?: number;
   version?: string;
   /** Join token sent to the coordinator (authorization: Bearer). */
   workerToken?: string;
@@ -78,6 +80,11 @@ export class Worker {
   private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
   /** Dials that failed since the last Welcome; the reconnect backoff grows with them. */
   private dialFailures = 0;
+  /**
+   * Why the last coordinator refused to serve us (FAILED_PRECONDITION: its protocol and ours do
+   * not meet); set until the next Welcome. Dialing again soon would only be refused again.
+   */
+  private refusal: string | null = null;
   /** Where in the coordinator list to dial next: starts random, so that workers spread over coordinators. */
   private addressIndex: number;
   /** The coordinator's lease on our attempts (its heartbeat timeout plus an interval), from Welcome. */
@@ -203,6 +210,7 @@ export class Worker {
         this.resumeToken = "";
         this.options.log.warn({ id: this.workerId }, "the coordinator refused our worker id; continuing under a new one");
       }
+      if (error.code === grpc.status.FAILED_PRECONDITION && this.stream === stream) this.refusal = error.details || error.message;
       onClosed(error.details || error.message);
     });
     stream.on("end", () => onClosed("stream ended"));
@@ -254,8 +262,18 @@ export class Worker {
     this.dialFailures = wasWelcomed ? 1 : this.dialFailures + 1;
     // Move on to the next coordinator in the list after a failure there.
     this.addressIndex++;
-    const backoff = Math.min(5000, 100 * 2 ** Math.min(this.dialFailures - 1, 6));
+    const backoff = this.refusal
+      ? (this.options.refusedBackoffMs ?? 30_000)
+      : Math.min(5000, 100 * 2 ** Math.min(this.dialFailures - 1, 6));
     const delay = Math.round(backoff / 2 + (Math.random() * backoff) / 2);
+    if (this.refusal) {
+      // Not a crash: the process stays up, drains on a signal as ever, and tries again slowly
+      // (the next address in the list may be a coordinator that serves us).
+      this.options.log.error(
+        { event: "worker.refused", address, why: this.refusal, retryInMs: delay },
+        "the coordinator cannot serve this worker's protocol version",
+      );
+    }
     this.options.log.warn({ event: "worker.disconnected", address, why, retryInMs: delay }, "disconnected from coordinator");
     this.reconnectTimer = setTimeout(() => this.connect(), delay);
   }
@@ -285,12 +303,21 @@ export class Worker {
 
   private welcome(welcome: Welcome): void {
     this.welcomed = true;
+    this.refusal = null;
     if (welcome.resumeToken) this.resumeToken = welcome.resumeToken;
     this.dialFailures = 0;
     if (welcome.heartbeatTimeoutMs > 0) this.leaseMs = leaseMsFor(welcome);
     if (this.cutOffTimer) clearTimeout(this.cutOffTimer);
     this.cutOffTimer = null;
-    this.options.log.info({ event: "worker.connected", coordinator: welcome.coordinatorId }, "connected");
+    this.options.log.info(
+      {
+        event: "worker.connected",
+        coordinator: welcome.coordinatorId,
+        protocol: welcome.protocolVersion,
+        features: welcome.features,
+      },
+      "connected",
+    );
     this.reporter.resend();
     this.heartbeatTimer = setInterval(() => this.heartbeat(), this.options.heartbeatIntervalMs);
     for (const resolve of this.welcomeWaiters) resolve();

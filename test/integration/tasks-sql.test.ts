@@ -3,7 +3,7 @@ import { listAttempts } from "../../src/db/attempts";
 import { claimDue, nextDueIn } from "../../src/db/claim";
 import { listTaskEvents } from "../../src/db/events";
 import { insertTask, insertTasks } from "../../src/db/insert";
-import { migrate, readMigrations } from "../../src/db/migrate";
+import { migrate, parseMigration, readMigrations } from "../../src/db/migrate";
 import { type TaskChange, TaskChangeFeed } from "../../src/db/notify";
 import { connect } from "../../src/db/sql";
 import { getTask, listTasks } from "../../src/db/tasks";
@@ -674,7 +674,7 @@ describe("migrate", () => {
       const applied = await Promise.all(others.map((sql) => migrate(sql)));
       await Promise.all(others.map((sql) => sql.end()));
       const versions = readMigrations().map((m) => m.version);
-      expect(applied.flat().sort()).toEqual(versions);
+      expect(applied.flat().sort((a, b) => a - b)).toEqual(versions);
       expect(await migrate(fresh.sql)).toEqual([]);
     } finally {
       await dropTestDatabase(fresh);
@@ -695,7 +695,11 @@ describe("migrate", () => {
             current_setting('statement_timeout'), current_setting('lock_timeout');
         END IF;
       END $$`;
-      expect(await migrate(strict, [{ version: 1, name: "probe", sql: probe, checksum: "probe" }])).toEqual([1]);
+      expect(await migrate(strict, [parseMigration(1, "probe", probe)])).toEqual([1]);
+      // The pool's own settings are back on the connection the migration used.
+      const [after] = await strict<{ statement_timeout: string; lock_timeout: string }[]>`
+        SELECT current_setting('statement_timeout') AS statement_timeout, current_setting('lock_timeout') AS lock_timeout`;
+      expect(after).toEqual({ statement_timeout: "50ms", lock_timeout: "50ms" });
     } finally {
       await strict.end();
       await dropTestDatabase(fresh);

@@ -20,6 +20,7 @@ import {
   startedMessage,
   welcomeMessage,
 } from "../../src/rpc/messages";
+import { FEATURES, OLDEST_SERVED_PROTOCOL, PROTOCOL_VERSION } from "../../src/rpc/protocol";
 import type { Task } from "../../src/task/task";
 
 /** What the other side decodes. */
@@ -73,17 +74,28 @@ test("Cancel and Ack name only the attempt, whatever else the ref holds", () => 
 
 test("Welcome and Drain carry their fields", () => {
   const welcome = overWire(
-    welcomeMessage({
+    welcomeMessage(
+      {
+        workerId: "w-1",
+        coordinatorId: "c-1",
+        heartbeatIntervalMs: 1000,
+        heartbeatTimeoutMs: 5000,
+        resumeToken: "tok",
+      },
+      { protocolVersion: 1, features: new Set(["start_in_ms"] as const) },
+    ),
+  );
+  expect(welcome.payload).toMatchObject({
+    case: "welcome",
+    value: {
       workerId: "w-1",
       coordinatorId: "c-1",
       heartbeatIntervalMs: 1000,
       heartbeatTimeoutMs: 5000,
       resumeToken: "tok",
-    }),
-  );
-  expect(welcome.payload).toMatchObject({
-    case: "welcome",
-    value: { workerId: "w-1", coordinatorId: "c-1", heartbeatIntervalMs: 1000, heartbeatTimeoutMs: 5000, resumeToken: "tok" },
+      protocolVersion: 1,
+      features: ["start_in_ms"],
+    },
   });
   expect(overWire(drainMessage("shutting down")).payload).toMatchObject({ case: "drain", value: { reason: "shutting down" } });
 });
@@ -101,6 +113,11 @@ test("the worker's Hello, Heartbeat, Started and Finished carry their fields", (
     case: "hello",
     value: { workerId: "w", name: "n", slots: 3, version: "1.2", resumeToken: "r", inFlight: refs },
   });
+  // This build's protocol, and every feature it implements.
+  expect(hello.payload).toMatchObject({
+    value: { protocolVersion: PROTOCOL_VERSION, minProtocolVersion: OLDEST_SERVED_PROTOCOL, features: [...FEATURES] },
+  });
+  expect(FEATURES).toContain("start_in_ms");
   if (hello.payload.case !== "hello") throw new Error("expected hello");
   expect(hello.payload.value.wallClock && timestampDate(hello.payload.value.wallClock).toISOString()).toBe(
     wallClock.toISOString(),
