@@ -46,13 +46,15 @@ export class Completer {
   private readonly starts: StartReport[] = [];
   private readonly finishes: { worker: WorkerConnection; report: FinishReport }[] = [];
   private flushing: Promise<void> | null = null;
+  /** Reports taken out of the queues by the write in progress (and its retry pause). */
+  private writing = 0;
   private stopped = false;
 
   constructor(private readonly options: CompleterOptions) {}
 
   /** Reports held for the database: starts, results, and hand-backs being recorded. */
   get backlog(): number {
-    return this.starts.length + this.finishes.length + this.pending.size;
+    return this.starts.length + this.finishes.length + this.writing + this.pending.size;
   }
 
   started(worker: WorkerConnection, message: TaskStarted): void {
@@ -118,6 +120,7 @@ export class Completer {
     if (this.flushing) return;
     this.flushing = this.flush().finally(() => {
       this.flushing = null;
+      this.writing = 0;
       if ((this.starts.length > 0 || this.finishes.length > 0) && !this.stopped) this.kick();
       else this.checkBacklog();
     });
@@ -126,6 +129,7 @@ export class Completer {
   private async flush(): Promise<void> {
     const starts = this.starts.splice(0, MAX_REPORTS_PER_WRITE);
     const finishes = this.finishes.splice(0, MAX_REPORTS_PER_WRITE);
+    this.writing = starts.length + finishes.length;
     if (starts.length > 0) {
       await markStartedMany(this.options.sql, starts).catch((error) =>
         // TaskFinished carries started_at too, so a lost start is repaired by the finish.
