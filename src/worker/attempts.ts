@@ -131,7 +131,7 @@ export class Attempts {
       this.held.delete(k);
       if (result.outcome !== "exited") {
         this.options.log.info(
-          { event: "worker.task_stopped", ...this.fields(ref), outcome: result.outcome, pid: result.pid },
+          { event: "worker.task_stopped", ...this.fields(ref), outcome: result.outcome, task_pid: result.pid },
           "task stopped",
         );
       }
