@@ -891,9 +891,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -980,9 +982,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1105,9 +1109,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1187,9 +1193,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1312,9 +1320,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1435,9 +1445,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1524,9 +1536,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1622,9 +1636,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1711,9 +1727,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1803,9 +1821,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1901,9 +1921,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1970,9 +1992,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -2037,9 +2061,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
