@@ -176,7 +176,8 @@ export class Completer {
       try {
         let applied = true;
         // The requeue's NOTIFY wakes every coordinator's dispatcher.
-        if (action.kind === "requeue") applied = (await requeueAttempt(this.options.sql, target, action.reason)) !== null;
+        if (action.kind === "requeue")
+          applied = (await requeueAttempt(this.options.sql, target, action.reason, action.cause)) !== null;
         else await recordAttemptStopped(this.options.sql, target, action.reason);
         const result = finishedTimes(message);
         this.logFinished(worker, target, action.kind === "requeue" ? "handed_back" : "stopped", result, !applied, action.reason);

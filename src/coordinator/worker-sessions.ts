@@ -4,6 +4,7 @@
 // and answer Welcome. From then on the dispatcher pushes Assign, the completer answers reports
 // with Ack, and the end of the stream (or silence past the heartbeat timeout) requeues whatever
 // the worker still held.
+import { timestampMs } from "@bufbuild/protobuf/wkt";
 import * as grpc from "@grpc/grpc-js";
 import { bearerToken, hashToken } from "../auth/tokens";
 import { type JoinToken, matchJoinToken, newWorkerCredential, REFUSAL_KEY, REFUSAL_REVOKED } from "../auth/worker-tokens";
@@ -41,12 +42,23 @@ export interface WorkerSessionsOptions {
    * join. A worker presenting a valid credential for its id needs none.
    */
   joinTokens?: readonly JoinToken[];
+  /** A worker whose clock is off ours by more than this is logged. Defaults to CLOCK_SKEW_WARN_MS. */
+  clockSkewWarnMs?: number;
+  /** Our wall clock, for measuring a worker's skew. Defaults to Date.now. */
+  now?: () => number;
 }
 
 /** How a stream got in: with the named join token, with no join token required, or not yet. */
 type Admission = { joinedWith: string | null } | null;
 
 const MAX_ID = 200;
+
+/**
+ * The clock skew (ms) past which a joining worker is logged (coordinator.worker_clock_skew).
+ * Leases travel as durations and dueness is the database's, so skew does not fail tasks; it
+ * skews the times the worker reports (started_at, finished_at), which is what is warned of.
+ */
+export const CLOCK_SKEW_WARN_MS = 1000;
 
 export class WorkerSessions {
   private readonly streams = new Set<WorkerStream>();
@@ -101,10 +113,11 @@ export class WorkerSessions {
         const problem = helloProblem(payload.value);
         if (problem) return fail(grpc.status.INVALID_ARGUMENT, problem);
         clearTimeout(helloTimer);
+        const skewMs = this.clockSkew(payload.value);
         // Claimed synchronously so that messages arriving during registration are kept.
         session = this.connection(call, payload.value);
         this.calls.set(session, call);
-        void this.register(session, payload.value, admission).then(
+        void this.register(session, payload.value, admission, skewMs).then(
           (outcome) => {
             if (outcome === "taken")
               fail(grpc.status.PERMISSION_DENIED, "this worker id belongs to another worker; start with a new id");
@@ -192,6 +205,27 @@ export class WorkerSessions {
     });
   }
 
+  /**
+   * The worker's wall clock in its Hello minus ours as we read it (positive: it runs ahead),
+   * logged past the warning threshold; null when it did not say. The Hello's time in transit
+   * counts against the worker, by a few milliseconds.
+   */
+  private clockSkew(hello: Hello): number | null {
+    if (!hello.wallClock) return null;
+    const measured = Math.round(timestampMs(hello.wallClock) - (this.options.now ?? Date.now)());
+    if (!Number.isFinite(measured)) return null;
+    // The column is an integer: a clock off by more than 24 days is shown as that much.
+    const skewMs = Math.max(-(2 ** 31 - 1), Math.min(2 ** 31 - 1, measured));
+    const warnMs = this.options.clockSkewWarnMs ?? CLOCK_SKEW_WARN_MS;
+    if (Math.abs(skewMs) > warnMs) {
+      this.options.log.warn(
+        { event: "coordinator.worker_clock_skew", worker: hello.workerId, skewMs, warnMs },
+        "the worker's clock is off the coordinator's; the times it reports are skewed by as much",
+      );
+    }
+    return skewMs;
+  }
+
   /** The join token a new stream carries, if one is required; null when it carries none accepted. */
   private admit(call: WorkerStream): Admission {
     const tokens = this.options.joinTokens ?? [];
@@ -210,6 +244,7 @@ export class WorkerSessions {
     connection: WorkerConnection,
     hello: Hello,
     admission: Admission,
+    clockSkewMs: number | null,
   ): Promise<"registered" | "taken" | "revoked" | "unauthenticated"> {
     const { sql, registry, coordinatorId } = this.options;
     // The credential stays the same across reconnects, so that a Welcome lost on the way does
@@ -241,6 +276,7 @@ export class WorkerSessions {
       version: hello.version,
       presentedHash: hello.resumeToken ? hashToken(hello.resumeToken) : null,
       resumeHash: hashToken(resumeToken),
+      clockSkewMs,
     });
     if (!registered) return "taken";
     // An older stream of the same worker is over: its end must not requeue what this one holds.
@@ -252,10 +288,11 @@ export class WorkerSessions {
     // Of what the worker says it holds, the attempts that still hold their task keep running
     // under a renewed lease; the rest (superseded while it was frozen or cut off, or cancelled
     // meanwhile) it is told to stop. What the database says it holds but the worker does not
-    // know of (lost in a coordinator crash) goes back to the queue.
+    // know of (its assignment never reached it: the coordinator that sent it stopped or
+    // crashed first) goes back to the queue, interrupted: it never ran, and it does not count.
     const held = hello.inFlight.map((ref) => attemptRefFromProto(ref, connection.id));
     const renewed = await renewLeases(sql, held, this.options.leaseMs);
-    const requeued = await requeueWorkerTasks(sql, connection.id, "not held by the worker after reconnecting", [
+    const requeued = await requeueWorkerTasks(sql, connection.id, "not held by the worker after reconnecting", "interrupted", [
       ...connection.inFlight.keys(),
     ]);
     if (requeued.length > 0) this.options.log.warn({ worker: connection.id, tasks: requeued.length }, "requeued tasks");
@@ -296,7 +333,7 @@ export class WorkerSessions {
         // Already registered through another coordinator (a reconnect that outran our
         // noticing the old stream end): that coordinator reconciled its tasks at Hello.
         if (!(await markWorkerGone(sql, connection.id, coordinatorId))) return;
-        const requeued = await requeueWorkerTasks(sql, connection.id, `worker lost (${reason})`);
+        const requeued = await requeueWorkerTasks(sql, connection.id, `worker lost (${reason})`, "lost");
         if (requeued.length > 0) log.warn({ worker: connection.id, tasks: requeued.map((t) => t.id) }, "requeued lost tasks");
         return;
       } catch (error) {

@@ -54,6 +54,11 @@ export interface WorkerOptions {
   onRevoked?: () => void;
   /** Environment the tasks inherit; the executor strips the worker's own settings from it. */
   baseEnv: Record<string, string | undefined>;
+  /**
+   * The wall clock, in ms since the epoch, that the worker says in Hello and judges the lease
+   * of an older coordinator's assignment by (tests set one that runs fast). Defaults to Date.now.
+   */
+  now?: () => number;
 }
 
 type Stream = grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage>;
@@ -117,7 +122,11 @@ export class Worker {
   private cutOffTimer: ReturnType<typeof setTimeout> | null = null;
   private readonly welcomeWaiters = new Set<() => void>();
 
+  /** Our wall clock (WorkerOptions.now). */
+  private readonly now: () => number;
+
   constructor(private readonly options: WorkerOptions) {
+    this.now = options.now ?? Date.now;
     this.workerId = options.id ?? Bun.randomUUIDv7();
     this.addressIndex = Math.floor(Math.random() * options.addresses.length);
     this.leaseMs = leaseMsFor(options);
@@ -183,7 +192,7 @@ export class Worker {
       const timeout = Bun.sleep(grace).then(() => "timeout" as const);
       if ((await Promise.race([this.attempts.empty(), timeout])) === "timeout") {
         this.options.log.warn({ running: this.attempts.size }, "drain grace over: handing running tasks back");
-        this.attempts.abandonAll("the worker is draining");
+        this.attempts.abandonAll("the worker is draining", "interrupted");
         await this.attempts.empty();
       }
     }
@@ -259,6 +268,7 @@ export class Worker {
         resumeToken: this.resumeToken,
       },
       this.attempts.refs(),
+      new Date(this.now()),
     );
   }
 
@@ -275,7 +285,7 @@ export class Worker {
     this.closed = true;
     this.welcomed = false;
     this.resumeToken = "";
-    this.attempts.releaseWaiting("the worker's credential was revoked");
+    this.attempts.releaseWaiting("the worker's credential was revoked", "lost");
     this.attempts.killAll();
     this.clearTimers();
     this.stream = null;
@@ -349,14 +359,14 @@ export class Worker {
     if (!ref) return;
     if (this.attempts.holds(ref) || this.reporter.holds(ref)) return; // a duplicate delivery
     if (this.draining) {
-      // Raced with our drain: hand it straight back.
-      this.reporter.notStarted(ref, "abandoned", "the worker is draining");
+      // Raced with our drain: hand it straight back, not counted against the task.
+      this.reporter.notStarted(ref, "abandoned", "the worker is draining", true);
       return;
     }
-    if (assign.leaseExpiresAt && timestampMs(assign.leaseExpiresAt) < Date.now()) {
-      // Held up past its lease (we were frozen, say): it may already run elsewhere.
+    if (leaseLapsed(assign, this.now)) {
+      // It may already run elsewhere.
       this.options.log.warn(this.attempts.fields(ref), "assignment arrived after its lease lapsed; not running it");
-      this.reporter.notStarted(ref, "abandoned", "the assignment arrived after its lease lapsed");
+      this.reporter.notStarted(ref, "abandoned", "the assignment arrived after its lease lapsed", false);
       return;
     }
     this.attempts.take(assign);
@@ -365,7 +375,7 @@ export class Worker {
   /** Takes no new work from now on: hands back what waits for its start time, and says so. */
   private drain(): void {
     this.draining = true;
-    this.attempts.releaseWaiting("the worker is draining");
+    this.attempts.releaseWaiting("the worker is draining", "interrupted");
     this.heartbeat();
   }
 
@@ -408,7 +418,7 @@ export class Worker {
         { running: this.attempts.size, leaseMs: this.leaseMs },
         "lease lapsed while disconnected: stopping tasks",
       );
-      this.attempts.abandonAll("the lease lapsed while the worker was cut off");
+      this.attempts.abandonAll("the lease lapsed while the worker was cut off", "lost");
     }, this.leaseMs);
   }
 
@@ -428,4 +438,17 @@ export class Worker {
     this.reconnectTimer = null;
     this.cutOffTimer = null;
   }
+}
+
+/**
+ * Whether an assignment's lease ran out before we could take it. `lease_ms` is what was left
+ * as the coordinator sent it, on its monotonic clock; we take the assignment at once on
+ * receipt, so what is left on ours is the same, and no wall clock is compared with another
+ * host's (a worker whose clock runs fast would otherwise refuse every assignment). Zero: it
+ * lapsed before it was sent. An older coordinator sends only lease_expires_at, a time by the
+ * database's clock, which is all we can compare with our own wall clock.
+ */
+export function leaseLapsed(assign: Pick<Assign, "leaseMs" | "leaseExpiresAt">, now: () => number): boolean {
+  if (assign.leaseMs !== undefined) return assign.leaseMs <= 0;
+  return assign.leaseExpiresAt !== undefined && timestampMs(assign.leaseExpiresAt) < now();
 }

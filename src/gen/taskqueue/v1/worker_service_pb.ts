@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file taskqueue/v1/worker_service.proto.
  */
 export const file_taskqueue_v1_worker_service: GenFile = /*@__PURE__*/
-  fileDesc("CiF0YXNrcXVldWUvdjEvd29ya2VyX3NlcnZpY2UucHJvdG8SDHRhc2txdWV1ZS52MSLMAQoNV29ya2VyTWVzc2FnZRIkCgVoZWxsbxgBIAEoCzITLnRhc2txdWV1ZS52MS5IZWxsb0gAEiwKCWhlYXJ0YmVhdBgCIAEoCzIXLnRhc2txdWV1ZS52MS5IZWFydGJlYXRIABIsCgdzdGFydGVkGAMgASgLMhkudGFza3F1ZXVlLnYxLlRhc2tTdGFydGVkSAASLgoIZmluaXNoZWQYBCABKAsyGi50YXNrcXVldWUudjEuVGFza0ZpbmlzaGVkSABCCQoHcGF5bG9hZCLhAQoSQ29vcmRpbmF0b3JNZXNzYWdlEigKB3dlbGNvbWUYASABKAsyFS50YXNrcXVldWUudjEuV2VsY29tZUgAEiYKBmFzc2lnbhgCIAEoCzIULnRhc2txdWV1ZS52MS5Bc3NpZ25IABImCgZjYW5jZWwYAyABKAsyFC50YXNrcXVldWUudjEuQ2FuY2VsSAASIAoDYWNrGAQgASgLMhEudGFza3F1ZXVlLnYxLkFja0gAEiQKBWRyYWluGAUgASgLMhMudGFza3F1ZXVlLnYxLkRyYWluSABCCQoHcGF5bG9hZCIrCgdUYXNrUmVmEg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoDSLoAQoFSGVsbG8SEQoJd29ya2VyX2lkGAEgASgJEgwKBG5hbWUYAiABKAkSDQoFc2xvdHMYAyABKA0SDwoHdmVyc2lvbhgEIAEoCRIoCglpbl9mbGlnaHQYBSADKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhIvCgZsYWJlbHMYBiADKAsyHy50YXNrcXVldWUudjEuSGVsbG8uTGFiZWxzRW50cnkSFAoMcmVzdW1lX3Rva2VuGAcgASgJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiYAoJSGVhcnRiZWF0EgsKA3NlcRgBIAEoBBImCgdydW5uaW5nGAIgAygLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSEAoIZHJhaW5pbmcYAyABKAgSDAoEZnVsbBhkIAEoCCJuCgtUYXNrU3RhcnRlZBIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhILCgNwaWQYAiABKA0SLgoKc3RhcnRlZF9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi1AIKDFRhc2tGaW5pc2hlZBIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhImCgdvdXRjb21lGAIgASgOMhUudGFza3F1ZXVlLnYxLk91dGNvbWUSFgoJZXhpdF9jb2RlGAMgASgRSACIAQESDgoGc2lnbmFsGAQgASgJEg4KBnN0ZG91dBgFIAEoCRIOCgZzdGRlcnIYBiABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgHIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGAggASgIEg0KBWVycm9yGAkgASgJEi4KCnN0YXJ0ZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaGVkX2F0GAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIMCgpfZXhpdF9jb2RlIocBCgdXZWxjb21lEhEKCXdvcmtlcl9pZBgBIAEoCRIWCg5jb29yZGluYXRvcl9pZBgCIAEoCRIdChVoZWFydGJlYXRfaW50ZXJ2YWxfbXMYAyABKA0SHAoUaGVhcnRiZWF0X3RpbWVvdXRfbXMYBCABKA0SFAoMcmVzdW1lX3Rva2VuGAUgASgJIoECCgZBc3NpZ24SIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSDwoHY29tbWFuZBgCIAEoCRIqCgNlbnYYAyADKAsyHS50YXNrcXVldWUudjEuQXNzaWduLkVudkVudHJ5EgsKA2N3ZBgEIAEoCRISCgp0aW1lb3V0X21zGAUgASgNEjQKEGxlYXNlX2V4cGlyZXNfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC3N0YXJ0X2luX21zGAcgASgNGioKCEVudkVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiPAoGQ2FuY2VsEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEg4KBnJlYXNvbhgCIAEoCSI4CgNBY2sSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSDQoFc3RhbGUYAiABKAgiFwoFRHJhaW4SDgoGcmVhc29uGAEgASgJKpUBCgdPdXRjb21lEhcKE09VVENPTUVfVU5TUEVDSUZJRUQQABISCg5PVVRDT01FX0VYSVRFRBABEhgKFE9VVENPTUVfU1BBV05fRkFJTEVEEAISFQoRT1VUQ09NRV9USU1FRF9PVVQQAxIVChFPVVRDT01FX0NBTkNFTExFRBAEEhUKEU9VVENPTUVfQUJBTkRPTkVEEAUyXQoNV29ya2VyU2VydmljZRJMCgdDb25uZWN0EhsudGFza3F1ZXVlLnYxLldvcmtlck1lc3NhZ2UaIC50YXNrcXVldWUudjEuQ29vcmRpbmF0b3JNZXNzYWdlKAEwAWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("CiF0YXNrcXVldWUvdjEvd29ya2VyX3NlcnZpY2UucHJvdG8SDHRhc2txdWV1ZS52MSLMAQoNV29ya2VyTWVzc2FnZRIkCgVoZWxsbxgBIAEoCzITLnRhc2txdWV1ZS52MS5IZWxsb0gAEiwKCWhlYXJ0YmVhdBgCIAEoCzIXLnRhc2txdWV1ZS52MS5IZWFydGJlYXRIABIsCgdzdGFydGVkGAMgASgLMhkudGFza3F1ZXVlLnYxLlRhc2tTdGFydGVkSAASLgoIZmluaXNoZWQYBCABKAsyGi50YXNrcXVldWUudjEuVGFza0ZpbmlzaGVkSABCCQoHcGF5bG9hZCLhAQoSQ29vcmRpbmF0b3JNZXNzYWdlEigKB3dlbGNvbWUYASABKAsyFS50YXNrcXVldWUudjEuV2VsY29tZUgAEiYKBmFzc2lnbhgCIAEoCzIULnRhc2txdWV1ZS52MS5Bc3NpZ25IABImCgZjYW5jZWwYAyABKAsyFC50YXNrcXVldWUudjEuQ2FuY2VsSAASIAoDYWNrGAQgASgLMhEudGFza3F1ZXVlLnYxLkFja0gAEiQKBWRyYWluGAUgASgLMhMudGFza3F1ZXVlLnYxLkRyYWluSABCCQoHcGF5bG9hZCIrCgdUYXNrUmVmEg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoDSKYAgoFSGVsbG8SEQoJd29ya2VyX2lkGAEgASgJEgwKBG5hbWUYAiABKAkSDQoFc2xvdHMYAyABKA0SDwoHdmVyc2lvbhgEIAEoCRIoCglpbl9mbGlnaHQYBSADKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhIvCgZsYWJlbHMYBiADKAsyHy50YXNrcXVldWUudjEuSGVsbG8uTGFiZWxzRW50cnkSFAoMcmVzdW1lX3Rva2VuGAcgASgJEi4KCndhbGxfY2xvY2sYRiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiYAoJSGVhcnRiZWF0EgsKA3NlcRgBIAEoBBImCgdydW5uaW5nGAIgAygLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSEAoIZHJhaW5pbmcYAyABKAgSDAoEZnVsbBhkIAEoCCJuCgtUYXNrU3RhcnRlZBIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhILCgNwaWQYAiABKA0SLgoKc3RhcnRlZF9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi6QIKDFRhc2tGaW5pc2hlZBIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhImCgdvdXRjb21lGAIgASgOMhUudGFza3F1ZXVlLnYxLk91dGNvbWUSFgoJZXhpdF9jb2RlGAMgASgRSACIAQESDgoGc2lnbmFsGAQgASgJEg4KBnN0ZG91dBgFIAEoCRIOCgZzdGRlcnIYBiABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgHIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGAggASgIEg0KBWVycm9yGAkgASgJEi4KCnN0YXJ0ZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaGVkX2F0GAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtpbnRlcnJ1cHRlZBhGIAEoCEIMCgpfZXhpdF9jb2RlIocBCgdXZWxjb21lEhEKCXdvcmtlcl9pZBgBIAEoCRIWCg5jb29yZGluYXRvcl9pZBgCIAEoCRIdChVoZWFydGJlYXRfaW50ZXJ2YWxfbXMYAyABKA0SHAoUaGVhcnRiZWF0X3RpbWVvdXRfbXMYBCABKA0SFAoMcmVzdW1lX3Rva2VuGAUgASgJIqUCCgZBc3NpZ24SIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSDwoHY29tbWFuZBgCIAEoCRIqCgNlbnYYAyADKAsyHS50YXNrcXVldWUudjEuQXNzaWduLkVudkVudHJ5EgsKA2N3ZBgEIAEoCRISCgp0aW1lb3V0X21zGAUgASgNEjQKEGxlYXNlX2V4cGlyZXNfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC3N0YXJ0X2luX21zGAcgASgNEhUKCGxlYXNlX21zGEYgASgNSACIAQEaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUILCglfbGVhc2VfbXMiPAoGQ2FuY2VsEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEg4KBnJlYXNvbhgCIAEoCSI4CgNBY2sSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSDQoFc3RhbGUYAiABKAgiFwoFRHJhaW4SDgoGcmVhc29uGAEgASgJKpUBCgdPdXRjb21lEhcKE09VVENPTUVfVU5TUEVDSUZJRUQQABISCg5PVVRDT01FX0VYSVRFRBABEhgKFE9VVENPTUVfU1BBV05fRkFJTEVEEAISFQoRT1VUQ09NRV9USU1FRF9PVVQQAxIVChFPVVRDT01FX0NBTkNFTExFRBAEEhUKEU9VVENPTUVfQUJBTkRPTkVEEAUyXQoNV29ya2VyU2VydmljZRJMCgdDb25uZWN0EhsudGFza3F1ZXVlLnYxLldvcmtlck1lc3NhZ2UaIC50YXNrcXVldWUudjEuQ29vcmRpbmF0b3JNZXNzYWdlKAEwAWIGcHJvdG8z", [file_google_protobuf_timestamp]);
 
 /**
  * @generated from message taskqueue.v1.WorkerMessage
@@ -172,6 +172,14 @@ export type Hello = Message<"taskqueue.v1.Hello"> & {
    * @generated from field: string resume_token = 7;
    */
   resumeToken: string;
+
+  /**
+   * The worker's wall clock as it sends this Hello: the coordinator compares it with its own
+   * and records the difference as the worker's clock skew (GET /workers). Unset by older workers.
+   *
+   * @generated from field: google.protobuf.Timestamp wall_clock = 70;
+   */
+  wallClock?: Timestamp | undefined;
 };
 
 /**
@@ -307,6 +315,15 @@ export type TaskFinished = Message<"taskqueue.v1.TaskFinished"> & {
    * @generated from field: google.protobuf.Timestamp finished_at = 11;
    */
   finishedAt?: Timestamp | undefined;
+
+  /**
+   * With OUTCOME_ABANDONED: the worker handed the attempt back for its own reasons (it is
+   * draining), not because it found its lease lapsed. An interrupted attempt does not count
+   * against the task's max_attempts. Older workers never set it: their hand-backs count.
+   *
+   * @generated from field: bool interrupted = 70;
+   */
+  interrupted: boolean;
 };
 
 /**
@@ -387,9 +404,9 @@ export type Assign = Message<"taskqueue.v1.Assign"> & {
   timeoutMs: number;
 
   /**
-   * The attempt's lease at dispatch. A worker that receives the assignment only after it
-   * lapsed (it was frozen, or the message was held up) does not run it: the task may already
-   * run elsewhere. Hosts are assumed to keep their clocks within a fraction of the lease.
+   * The attempt's lease at dispatch, by the database's clock: for display, and for workers
+   * that predate lease_ms (which compare it with their own wall clock). A worker reading
+   * lease_ms ignores it, so that its clock's skew does not decide.
    *
    * @generated from field: google.protobuf.Timestamp lease_expires_at = 6;
    */
@@ -404,6 +421,18 @@ export type Assign = Message<"taskqueue.v1.Assign"> & {
    * @generated from field: uint32 start_in_ms = 7;
    */
   startInMs: number;
+
+  /**
+   * What was left of the attempt's lease when the coordinator sent this, in milliseconds,
+   * measured on the coordinator's monotonic clock from when the lease was granted. The worker
+   * counts it down on its own monotonic clock from receipt, and does not start an attempt
+   * whose lease has run out (0: it lapsed before it was sent): the task may already run
+   * elsewhere. Durations need no agreement between the hosts' wall clocks. Unset by older
+   * coordinators: then the worker compares lease_expires_at with its wall clock.
+   *
+   * @generated from field: optional uint32 lease_ms = 70;
+   */
+  leaseMs?: number | undefined;
 };
 
 /**
