@@ -68,6 +68,24 @@ export const ConfigSchema = Type.Object({
     default: 2,
     description: "Workers that `bun start` runs in its process. Defaults to 2.",
   }),
+  TQ_WORKER_HEALTH_PORT: Port(
+    0,
+    "Port of the worker's own GET /healthz (connected, last acknowledgement, running and unacknowledged counts), bound on TQ_HOST; 0 serves none. Defaults to 0.",
+  ),
+  TQ_WORKER_MAX_UNACKED: Type.Integer({
+    minimum: 1,
+    maximum: 1_000_000,
+    default: 1000,
+    description:
+      "Results a worker keeps waiting for the coordinator's acknowledgement before it reports itself full and takes no new work. Defaults to 1000.",
+  }),
+  TQ_COMPLETER_MAX_PENDING: Type.Integer({
+    minimum: 1,
+    maximum: 1_000_000,
+    default: 10_000,
+    description:
+      "Worker results a coordinator holds in memory waiting for the database; at this many it gives its workers no new work until they are written. Defaults to 10000.",
+  }),
   TQ_HEARTBEAT_INTERVAL_MS: Millis(1000, "How often a worker heartbeats on its stream. Defaults to 1000 ms."),
   TQ_HEARTBEAT_TIMEOUT_MS: Millis(
     3000,

@@ -82,7 +82,9 @@ export class Coordinator {
       sql: this.sql,
       registry: this.registry,
       log: log.child({ part: "completer" }),
+      coordinatorId: this.id,
       onSlotFreed: () => this.dispatcher.wake(),
+      maxPending: config.TQ_COMPLETER_MAX_PENDING,
     });
     this.sessions = new WorkerSessions({
       sql: this.sql,

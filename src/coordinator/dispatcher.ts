@@ -6,7 +6,7 @@ import { claimDue, nextDueIn } from "../db/claim";
 import type { TaskChange } from "../db/notify";
 import type { Sql } from "../db/sql";
 import { requeueAttempt } from "../db/transitions";
-import type { Logger } from "../log";
+import { type Logger, taskFields } from "../log";
 import { assignMessage } from "../rpc/messages";
 import type { Task } from "../task/task";
 import type { WorkerRegistry } from "./registry";
@@ -158,7 +158,10 @@ export class Dispatcher {
     if (!worker) {
       const ref = { taskId: task.id, attempt: task.attempt, workerId };
       void requeueAttempt(this.options.sql, ref, "worker left before the assignment was sent", "interrupted").catch((error) =>
-        this.options.log.warn({ err: error, task: task.id }, "giving back an unsent assignment failed; its lease will lapse"),
+        this.options.log.warn(
+          { err: error, ...taskFields({ ...ref, coordinatorId: this.options.coordinatorId }) },
+          "giving back an unsent assignment failed; its lease will lapse",
+        ),
       );
       return;
     }

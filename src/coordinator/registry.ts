@@ -4,7 +4,7 @@
 // The registry is the one owner of what it knows about a connection: which attempts count
 // against its slots, what it last reported, whether it drains, when it was last heard from.
 // Every other part reads that through WorkerConnection and changes it only through a verb here
-// (reserve, release, heard, heartbeat, drain, streamEnded, expireUnreported).
+// (reserve, release, heard, heartbeat, drain, streamEnded, expireUnreported, holdWork).
 import type { CoordinatorMessage } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Feature } from "../rpc/protocol";
 import { attemptKey } from "../task/attempt";
@@ -28,6 +28,8 @@ export interface WorkerConnection {
   /** Attempts the worker listed in its last heartbeat: their leases are renewed. */
   readonly reported: readonly HeldRef[];
   readonly draining: boolean;
+  /** The worker said (in its last heartbeat) that it holds too many unacknowledged results. */
+  readonly full: boolean;
   /** Set when its stream has ended. */
   readonly ended: boolean;
   /** performance.now() of the last message from the worker. */
@@ -63,6 +65,7 @@ class Connection implements WorkerConnection {
   readonly inFlight = new Map<string, number>();
   reported: readonly HeldRef[];
   draining = false;
+  full = false;
   ended = false;
   lastSeen: number;
 
@@ -92,6 +95,8 @@ class Connection implements WorkerConnection {
 
 export class WorkerRegistry {
   private readonly workers = new Map<string, Connection>();
+  /** Why no worker gets new work for now (the completer's backlog), or null. */
+  private heldBack: string | null = null;
 
   /**
    * @param suspectAfterMs A worker silent this long gets no new work while the heartbeat
@@ -142,9 +147,29 @@ export class WorkerRegistry {
     return wasSuspect;
   }
 
-  /** The attempts the worker's latest heartbeat lists. */
-  heartbeat(connection: WorkerConnection, running: readonly HeldRef[]): void {
-    own(connection).reported = running.map(copyRef);
+  /**
+   * The attempts the worker's latest heartbeat lists, and whether it says it is full (too many
+   * results wait for our acknowledgement: it takes no new work until they are acknowledged).
+   */
+  heartbeat(connection: WorkerConnection, running: readonly HeldRef[], full = false): void {
+    const worker = own(connection);
+    worker.reported = running.map(copyRef);
+    worker.full = full;
+  }
+
+  /**
+   * While held (`why` says why), no worker has a free slot: backpressure from this
+   * coordinator's own backlog. Returns whether that changed anything.
+   */
+  holdWork(why: string | null): boolean {
+    if ((this.heldBack === null) === (why === null)) return false;
+    this.heldBack = why;
+    return true;
+  }
+
+  /** Why no worker gets new work for now, or null. */
+  get workHeldBack(): string | null {
+    return this.heldBack;
   }
 
   /** The worker takes no new work from now on. Returns true the first time. */
@@ -209,7 +234,7 @@ export class WorkerRegistry {
   }
 
   freeSlots(connection: WorkerConnection, now = performance.now()): number {
-    if (connection.draining || this.isSuspect(connection, now)) return 0;
+    if (this.heldBack !== null || connection.draining || connection.full || this.isSuspect(connection, now)) return 0;
     return Math.max(0, connection.slots - connection.inFlight.size);
   }
 

@@ -146,12 +146,16 @@ export class WorkerSessions {
       // Back from a silence that kept work away from it: look for work for it.
       if (registry.heard(session)) this.options.dispatcher.wake();
       switch (payload.case) {
-        case "heartbeat":
-          registry.heartbeat(session, payload.value.running);
+        case "heartbeat": {
+          const wasFull = session.full;
+          registry.heartbeat(session, payload.value.running, payload.value.full);
+          // No longer full: its free slots count again.
+          if (wasFull && !payload.value.full) this.options.dispatcher.wake();
           if (payload.value.draining && registry.drain(session)) {
             void setWorkerDraining(this.options.sql, session.id, this.options.coordinatorId).catch(() => {});
           }
           return;
+        }
         case "started":
           return this.options.completer.started(session, payload.value);
         case "finished":

@@ -113,9 +113,9 @@ export function helloMessage(fields: HelloFields, inFlight: readonly WireRef[], 
  * `running`: the attempts whose leases the coordinator renews (those running and those with an
  * unacknowledged result). `draining`: the worker takes no new work.
  */
-export function heartbeatMessage(seq: bigint, running: readonly WireRef[], draining: boolean): WorkerMessage {
+export function heartbeatMessage(seq: bigint, running: readonly WireRef[], draining: boolean, full = false): WorkerMessage {
   return create(WorkerMessageSchema, {
-    payload: { case: "heartbeat", value: { seq, running: running.map((ref) => attemptRefToProto(ref)), draining } },
+    payload: { case: "heartbeat", value: { seq, running: running.map((ref) => attemptRefToProto(ref)), draining, full } },
   });
 }
 

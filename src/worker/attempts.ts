@@ -3,7 +3,7 @@
 // while it waits never starts. A running attempt is stopped through its process group and
 // reports itself once the group has exited.
 import type { Assign, TaskRef } from "../gen/taskqueue/v1/worker_service_pb";
-import type { Logger } from "../log";
+import { type Logger, taskFields } from "../log";
 import { attemptKey, type LossCause } from "../task/attempt";
 import { type Execution, execute, type RunResult } from "./executor";
 
@@ -28,6 +28,8 @@ export interface AttemptsOptions {
   /** Environment the tasks inherit; the executor strips the worker's own settings from it. */
   baseEnv: Record<string, string | undefined>;
   events: AttemptEvents;
+  /** Who holds the attempts now, for their log lines (the worker's id, its coordinator). */
+  identity?: () => { workerId: string; coordinatorId: string | null };
 }
 
 interface HeldAttempt {
@@ -91,7 +93,7 @@ export class Attempts {
     const k = attemptKey(ref.taskId, ref.attempt);
     const attempt = this.held.get(k);
     if (!attempt) return;
-    this.options.log.info({ task: ref.taskId, attempt: ref.attempt, reason }, "stopping task");
+    this.options.log.info({ ...this.fields(ref), reason }, "stopping task");
     attempt.stopReason ??= reason || "cancelled";
     this.stop(k, attempt, "cancelled", attempt.stopReason);
   }
@@ -138,7 +140,7 @@ export class Attempts {
       this.held.delete(k);
       if (result.outcome !== "exited") {
         this.options.log.info(
-          { event: "worker.task_stopped", task: ref.taskId, attempt: ref.attempt, outcome: result.outcome, pid: result.pid },
+          { event: "worker.task_stopped", ...this.fields(ref), outcome: result.outcome, task_pid: result.pid },
           "task stopped",
         );
       }
@@ -172,6 +174,12 @@ export class Attempts {
       outcome === "abandoned" && attempt.handBack === "interrupted",
     );
     this.settle();
+  }
+
+  /** The four fields of a task-scoped log line. */
+  fields(ref: TaskRef) {
+    const identity = this.options.identity?.();
+    return taskFields({ taskId: ref.taskId, attempt: ref.attempt, ...identity });
   }
 
   private settle(): void {

@@ -4,6 +4,7 @@ import { hostname } from "node:os";
 import { checkWorkerExposure } from "../auth/exposure";
 import { coordinatorAddresses } from "../config";
 import { runRole } from "../role";
+import { WorkerHealthServer } from "./health";
 import { workerOptions } from "./options";
 import { Worker } from "./worker";
 
@@ -26,5 +27,23 @@ await runRole("worker", async (config, log) => {
     "worker starting",
   );
   worker.start();
-  return worker;
+  const health =
+    config.TQ_WORKER_HEALTH_PORT > 0
+      ? new WorkerHealthServer({
+          host: config.TQ_HOST,
+          port: config.TQ_WORKER_HEALTH_PORT,
+          health: () => worker.health(),
+          heartbeatTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS,
+          log,
+        })
+      : null;
+  health?.start();
+  return {
+    // /healthz answers through the drain, so a probe sees it draining rather than gone.
+    async stop() {
+      await worker.stop();
+      await health?.stop();
+    },
+    abort: () => worker.abort(),
+  };
 });

@@ -19,6 +19,7 @@ export function workerOptions(config: Config, log: Logger, where: { name: string
     drainGraceMs: config.TQ_DRAIN_GRACE_MS,
     maxOutputBytes: config.TQ_MAX_OUTPUT_BYTES,
     refusedBackoffMs: config.TQ_WORKER_REFUSED_BACKOFF_MS,
+    maxUnacked: config.TQ_WORKER_MAX_UNACKED,
     version: pkg.version,
     baseEnv: inheritedEnvironment(),
     workerToken: config.TQ_WORKER_TOKEN,

@@ -21,8 +21,14 @@ export class Reporter implements AttemptEvents {
   private readonly acknowledgedWaiters: Array<() => void> = [];
   private heartbeatSeq = 0n;
 
-  /** `send` writes on the current stream, if any; what it cannot send is lost with the stream. */
-  constructor(private readonly send: (message: WorkerMessage) => void) {}
+  /**
+   * `send` writes on the current stream, if any; what it cannot send is lost with the stream.
+   * `onPendingChange` hears every change of `pending`.
+   */
+  constructor(
+    private readonly send: (message: WorkerMessage) => void,
+    private readonly onPendingChange: () => void = () => {},
+  ) {}
 
   /** How many results wait for their acknowledgement. */
   get pending(): number {
@@ -42,8 +48,8 @@ export class Reporter implements AttemptEvents {
     this.send(helloMessage(introduction, this.held(running), wallClock));
   }
 
-  heartbeat(running: TaskRef[], draining: boolean): void {
-    this.send(heartbeatMessage(++this.heartbeatSeq, this.held(running), draining));
+  heartbeat(running: TaskRef[], draining: boolean, full = false): void {
+    this.send(heartbeatMessage(++this.heartbeatSeq, this.held(running), draining, full));
   }
 
   /** On Welcome: the new stream gets every result the last one did not see acknowledged. */
@@ -52,8 +58,9 @@ export class Reporter implements AttemptEvents {
   }
 
   acknowledged(ref: TaskRef): void {
-    this.unacknowledged.delete(attemptKey(ref.taskId, ref.attempt));
+    if (!this.unacknowledged.delete(attemptKey(ref.taskId, ref.attempt))) return;
     if (this.unacknowledged.size === 0) for (const resolve of this.acknowledgedWaiters.splice(0)) resolve();
+    this.onPendingChange();
   }
 
   /** Resolves once every result is acknowledged. */
@@ -77,6 +84,7 @@ export class Reporter implements AttemptEvents {
   private keep(finished: TaskFinished): void {
     this.unacknowledged.set(attemptKey(finished.ref!.taskId, finished.ref!.attempt), finished);
     this.send(finishedMessage(finished));
+    this.onPendingChange();
   }
 
   /** Unacknowledged results too: their attempts still hold their tasks until recorded. */

@@ -42,6 +42,11 @@ export interface WorkerOptions {
   /** Wait before dialing again after a coordinator refused our protocol. Defaults to 30 s. */
   refusedBackoffMs?: number;
   version?: string;
+  /**
+   * Results kept unacknowledged at which the worker reports itself full (takes no new work
+   * until some are acknowledged). Defaults to 1000.
+   */
+  maxUnacked?: number;
   /** Join token sent to the coordinator (authorization: Bearer). */
   workerToken?: string;
   /**
@@ -60,6 +65,26 @@ export interface WorkerOptions {
 
 type Stream = grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage>;
 
+/** What the worker's /healthz says (src/worker/health.ts). */
+export interface WorkerHealth {
+  worker_id: string;
+  /** Welcomed by a coordinator on the current stream. */
+  connected: boolean;
+  /** The coordinator that welcomed us last, or null before the first. */
+  coordinator: string | null;
+  /** Since the coordinator last acknowledged a result; null before the first. */
+  last_ack_age_ms: number | null;
+  /** How long the worker has been without a coordinator; 0 while connected. */
+  disconnected_ms: number;
+  /** Attempts held, waiting for their start time or running. */
+  running: number;
+  /** Results waiting for the coordinator's acknowledgement. */
+  unacknowledged: number;
+  draining: boolean;
+  /** Too many results are unacknowledged: no new work until some are. */
+  full: boolean;
+}
+
 export class Worker {
   private workerId: string;
   /**
@@ -67,13 +92,24 @@ export class Worker {
    * id, and lets us back in without a join token (src/auth/worker-tokens.ts).
    */
   private resumeToken = "";
-  private readonly reporter = new Reporter((message) => this.write(message));
+  private readonly reporter = new Reporter(
+    (message) => this.write(message),
+    () => this.checkFull(),
+  );
   private readonly attempts: Attempts;
   private stream: Stream | null = null;
   private client: grpc.Client | null = null;
   private welcomed = false;
+  /** The coordinator that welcomed us last (still named while we are cut off from it). */
+  private coordinatorId: string | null = null;
   /** No new work: the coordinator sent Drain, or stop() began. */
   private draining = false;
+  /** No new work for now: too many results wait for their acknowledgement (see checkFull). */
+  private full = false;
+  /** performance.now() of the last Ack, or null before the first. */
+  private lastAckAt: number | null = null;
+  /** performance.now() since which no coordinator has welcomed us (we are not connected). */
+  private disconnectedSince = performance.now();
   /** stop() has finished: the stream is closed and is not dialed again. */
   private closed = false;
   private heartbeatTimer: ReturnType<typeof setInterval> | null = null;
@@ -107,6 +143,7 @@ export class Worker {
       maxOutputBytes: options.maxOutputBytes,
       baseEnv: options.baseEnv,
       events: this.reporter,
+      identity: () => ({ workerId: this.workerId, coordinatorId: this.coordinatorId }),
     });
   }
 
@@ -128,6 +165,21 @@ export class Worker {
   /** Attempts held, waiting for their start time or running. */
   get runningCount(): number {
     return this.attempts.size;
+  }
+
+  /** The worker's state for its /healthz. */
+  health(now = performance.now()): WorkerHealth {
+    return {
+      worker_id: this.workerId,
+      connected: this.welcomed,
+      coordinator: this.coordinatorId,
+      last_ack_age_ms: this.lastAckAt === null ? null : Math.round(now - this.lastAckAt),
+      disconnected_ms: this.welcomed ? 0 : Math.round(now - this.disconnectedSince),
+      running: this.attempts.size,
+      unacknowledged: this.reporter.pending,
+      draining: this.draining,
+      full: this.full,
+    };
   }
 
   /**
@@ -255,6 +307,7 @@ export class Worker {
     this.client = null;
     const wasWelcomed = this.welcomed;
     this.welcomed = false;
+    if (wasWelcomed) this.disconnectedSince = performance.now();
     if (this.heartbeatTimer) clearInterval(this.heartbeatTimer);
     this.heartbeatTimer = null;
     if (this.closed) return;
@@ -291,6 +344,7 @@ export class Worker {
         if (payload.value.ref) this.attempts.cancel(payload.value.ref, payload.value.reason);
         return;
       case "ack":
+        this.lastAckAt = performance.now();
         if (payload.value.ref) this.reporter.acknowledged(payload.value.ref);
         return;
       case "drain":
@@ -305,6 +359,7 @@ export class Worker {
     this.welcomed = true;
     this.refusal = null;
     if (welcome.resumeToken) this.resumeToken = welcome.resumeToken;
+    this.coordinatorId = welcome.coordinatorId || null;
     this.dialFailures = 0;
     if (welcome.heartbeatTimeoutMs > 0) this.leaseMs = leaseMsFor(welcome);
     if (this.cutOffTimer) clearTimeout(this.cutOffTimer);
@@ -319,6 +374,8 @@ export class Worker {
       "connected",
     );
     this.reporter.resend();
+    // A new coordinator learns at once that we take no new work.
+    if (this.full) this.heartbeat();
     this.heartbeatTimer = setInterval(() => this.heartbeat(), this.options.heartbeatIntervalMs);
     for (const resolve of this.welcomeWaiters) resolve();
     this.welcomeWaiters.clear();
@@ -335,10 +392,7 @@ export class Worker {
     }
     if (leaseLapsed(assign, this.now)) {
       // It may already run elsewhere.
-      this.options.log.warn(
-        { task: ref.taskId, attempt: ref.attempt },
-        "assignment arrived after its lease lapsed; not running it",
-      );
+      this.options.log.warn(this.attempts.fields(ref), "assignment arrived after its lease lapsed; not running it");
       this.reporter.notStarted(ref, "abandoned", "the assignment arrived after its lease lapsed", false);
       return;
     }
@@ -353,7 +407,28 @@ export class Worker {
   }
 
   private heartbeat(): void {
-    this.reporter.heartbeat(this.attempts.refs(), this.draining);
+    this.reporter.heartbeat(this.attempts.refs(), this.draining, this.full);
+  }
+
+  /**
+   * Backpressure on unacknowledged results: at maxUnacked the worker says in a heartbeat (sent
+   * at once) that it is full, and the coordinator gives it no new work until acknowledgements
+   * bring it below again. Assignments already on their way still run: the buffer exceeds its
+   * bound by at most what was sent before the coordinator heard.
+   */
+  private checkFull(): void {
+    const full = this.reporter.pending >= (this.options.maxUnacked ?? 1000);
+    if (full === this.full) return;
+    this.full = full;
+    if (full) {
+      this.options.log.warn(
+        { event: "worker.full", unacknowledged: this.reporter.pending },
+        "too many results wait for the coordinator's acknowledgement: taking no new work",
+      );
+    } else {
+      this.options.log.info({ event: "worker.not_full", unacknowledged: this.reporter.pending }, "taking work again");
+    }
+    if (this.welcomed) this.heartbeat();
   }
 
   /**

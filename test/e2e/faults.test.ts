@@ -77,7 +77,7 @@ test("cancelling a running task kills its process group; the task is cancelled",
     expect(cancelled.json).toMatchObject({ state: "cancelled" });
     expect(cancelled.json.cancelled_at).toEqual(expect.any(String));
     await cluster.workers[0]!.waitForEvent("worker.task_stopped", {
-      where: (l) => l.task === task.id,
+      where: (l) => l.task_id === task.id,
       what: "the cancelled task stopped",
     });
     expect(isRunning(pid)).toBe(false);

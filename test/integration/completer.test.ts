@@ -1,0 +1,104 @@
+// The completer under a database outage: its backlog of results is bounded. At the bound it
+// holds back all new work (no worker has a free slot), nothing is acknowledged before it is
+// written, and once the database is back every result is written and acknowledged and work
+// resumes.
+import { afterAll, beforeAll, expect, setDefaultTimeout, test } from "bun:test";
+import { create } from "@bufbuild/protobuf";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import pino from "pino";
+import { Completer } from "../../src/coordinator/completer";
+import { WorkerRegistry } from "../../src/coordinator/registry";
+import { connect, type Sql } from "../../src/db/sql";
+import { getTask } from "../../src/db/tasks";
+import { type CoordinatorMessage, Outcome, TaskFinishedSchema } from "../../src/gen/taskqueue/v1/worker_service_pb";
+import { HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
+import { eventually } from "../support/eventually";
+import { createTask } from "../support/factories";
+import { TcpProxy } from "../support/tcp-proxy";
+
+setDefaultTimeout(TEST_TIMEOUT_MS);
+
+const db = useTestDatabase();
+let proxy: TcpProxy;
+let sql: Sql;
+
+beforeAll(async () => {
+  const target = new URL(db.url);
+  proxy = await TcpProxy.start(target.hostname, Number(target.port || 5432));
+  sql = connect(proxy.url(db.url), { max: 2, connectTimeout: 1 });
+}, HOOK_TIMEOUT_MS);
+
+afterAll(async () => {
+  proxy?.restore();
+  await sql?.end({ timeout: 1 });
+  await proxy?.stop();
+}, HOOK_TIMEOUT_MS);
+
+test("a database outage fills the backlog to its bound: work is held back, then resumes once results are written", async () => {
+  const registry = new WorkerRegistry();
+  const acks: CoordinatorMessage[] = [];
+  const worker = registry.open(
+    { id: "w1", name: "w1", slots: 4, held: [], features: new Set() },
+    { write: (m) => acks.push(m), close() {} },
+  );
+  registry.add(worker);
+  let freed = 0;
+  const lines: { event?: string }[] = [];
+  const log = pino({ level: "info" }, { write: (line: string) => lines.push(JSON.parse(line)) });
+  const logged = (event: string) => lines.filter((line) => line.event === event).length;
+  const completer = new Completer({
+    sql,
+    registry,
+    log,
+    coordinatorId: "c1",
+    onSlotFreed: () => freed++,
+    retryMs: 50,
+    maxPending: 2,
+  });
+  const tasks = await Promise.all(
+    [1, 2, 3].map(() => createTask(db.sql, undefined, { assignTo: { workerId: "w1", coordinatorId: "c1", leaseMs: 60_000 } })),
+  );
+  for (const task of tasks) registry.reserve(worker, task.id, task.attempt);
+  expect(registry.totalFree()).toBe(1);
+
+  // An established connection that the cut resets: the write fails (a new one would only
+  // hang until the restore, which holds the backlog just the same).
+  await sql`SELECT 1`;
+  proxy.cut();
+  const now = timestampFromDate(new Date());
+  for (const task of tasks) {
+    completer.finished(
+      worker,
+      create(TaskFinishedSchema, {
+        ref: { taskId: task.id, attempt: task.attempt },
+        outcome: Outcome.EXITED,
+        exitCode: 0,
+        startedAt: now,
+        finishedAt: now,
+      }),
+    );
+  }
+  // Three results for a bound of two: every slot is free by the worker's count, yet none is
+  // offered while they wait for the database.
+  expect(completer.backlog).toBe(3);
+  expect(registry.workHeldBack).not.toBeNull();
+  expect(registry.totalFree()).toBe(0);
+  expect(registry.reserveFreeSlot("another", 1)).toBeNull();
+  // Kept for a retry while the database is away, never acknowledged, never grown.
+  await eventually(() => logged("completer.record_failed") >= 1, { what: "the failed write retried", timeoutMs: 10_000 });
+  expect(completer.backlog).toBe(3);
+  expect(acks).toHaveLength(0);
+  expect(freed).toBe(3);
+  expect(logged("completer.backlog_full")).toBe(1);
+
+  proxy.restore();
+  await eventually(() => acks.length === 3, { what: "every result acknowledged", timeoutMs: 20_000 });
+  expect(completer.backlog).toBe(0);
+  expect(registry.workHeldBack).toBeNull();
+  expect(registry.totalFree()).toBe(4);
+  expect(logged("completer.backlog_cleared")).toBe(1);
+  expect(freed).toBe(4);
+  expect(logged("attempt.finished")).toBe(3);
+  for (const task of tasks) expect((await getTask(db.sql, task.id))?.state).toBe("succeeded");
+  await completer.stop();
+});
