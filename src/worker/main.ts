@@ -3,14 +3,16 @@
 import { hostname } from "node:os";
 import { coordinatorAddresses } from "../config";
 import { runRole } from "../role";
-import { workerOptions } from "./options";
+import { taskIdentities, workerOptions } from "./options";
 import { Worker } from "./worker";
 
 await runRole("worker", async (config, log) => {
+  const [identities] = taskIdentities(config, log);
   const worker = new Worker(
     workerOptions(config, log, {
       name: config.TQ_WORKER_NAME ?? `${hostname()}/${process.pid}`,
       addresses: coordinatorAddresses(config),
+      identities,
     }),
   );
   log.info(

@@ -17,6 +17,7 @@ import type { Logger } from "../log";
 import { clientConstructor } from "../rpc/definitions";
 import { leaseMsFor } from "../task/lease";
 import { Attempts } from "./attempts";
+import type { TaskIdentity } from "./identity";
 import { Reporter } from "./reporter";
 
 const WorkerClient = clientConstructor(WorkerService);
@@ -39,6 +40,8 @@ export interface WorkerOptions {
   workerToken?: string;
   /** Environment the tasks inherit; the executor strips the worker's own settings from it. */
   baseEnv: Record<string, string | undefined>;
+  /** One user per slot to run tasks as (src/worker/identity.ts); unset: tasks run as the worker. */
+  identities?: readonly TaskIdentity[];
 }
 
 type Stream = grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage>;
@@ -77,6 +80,7 @@ export class Worker {
       killGraceMs: options.killGraceMs,
       maxOutputBytes: options.maxOutputBytes,
       baseEnv: options.baseEnv,
+      identities: options.identities,
       events: this.reporter,
     });
   }
