@@ -307,6 +307,8 @@ export interface components {
             cancelled_at: string | null;
             /** @description Attempts started so far; the current one while in flight. */
             attempt: number;
+            /** @description Of those, the attempts that ended interrupted (handed back by a draining worker, or never delivered): they do not count, so attempt - interruptions is what max_attempts limits. */
+            interruptions: number;
             max_attempts: number;
             /** @description 0: no timeout. */
             timeout_ms: number;
@@ -421,6 +423,8 @@ export interface components {
             cancelled_at: string | null;
             /** @description Attempts started so far; the current one while in flight. */
             attempt: number;
+            /** @description Of those, the attempts that ended interrupted (handed back by a draining worker, or never delivered): they do not count, so attempt - interruptions is what max_attempts limits. */
+            interruptions: number;
             max_attempts: number;
             /** @description 0: no timeout. */
             timeout_ms: number;
@@ -504,7 +508,7 @@ export interface components {
              * @description null while the attempt holds its task.
              * @enum {string|null}
              */
-            outcome: "succeeded" | "failed" | "timed_out" | "lost" | "stopped" | "stale" | null;
+            outcome: "succeeded" | "failed" | "timed_out" | "lost" | "interrupted" | "stopped" | "stale" | null;
         };
         AttemptList: {
             /** @description Every attempt, first to last. */
@@ -520,7 +524,7 @@ export interface components {
              * @example 2023-04-01T15:04:05.000Z
              */
             at: string;
-            /** @description submitted, submitted+dispatched, dispatched, started, succeeded, failed, timed_out, retrying (a failed or timed-out attempt that is retried: detail.outcome, detail.run_at), requeued (an attempt lost, retried at once), cancelled, stale (a result that came too late), stopped (the worker stopped an attempt as told). */
+            /** @description submitted, submitted+dispatched, dispatched, started, succeeded, failed, timed_out, retrying (a failed or timed-out attempt that is retried: detail.outcome, detail.run_at), requeued (an attempt lost or interrupted, retried at once: detail.cause is lost or interrupted), cancelled, stale (a result that came too late), stopped (the worker stopped an attempt as told). */
             kind: string;
             state: components["schemas"]["TaskState"];
             /** @description The attempt the event is about (0 before the first dispatch). */
@@ -633,6 +637,8 @@ export interface components {
              * @example 2023-04-01T15:04:05.000Z
              */
             last_heartbeat_at: string;
+            /** @description The worker's wall clock minus its coordinator's when it joined, in ms (positive: the worker runs ahead); null when the worker did not say its time. Leases travel as durations, so skew does not fail tasks, but it skews the times the worker reports. */
+            clock_skew_ms: number | null;
         };
         WorkerList: {
             workers: components["schemas"]["Worker"][];
@@ -891,9 +897,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -980,9 +988,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1105,9 +1115,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1187,9 +1199,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1312,9 +1326,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1435,9 +1451,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1524,9 +1542,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1622,9 +1642,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1711,9 +1733,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1803,9 +1827,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1901,9 +1927,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1970,9 +1998,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -2037,9 +2067,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {

@@ -97,11 +97,13 @@ export class Dispatcher {
         const plan = this.options.registry.slotPlan();
         if (plan.length === 0) break;
         const { sql, coordinatorId, leaseMs, aheadMs } = this.options;
+        // Before the claim: the leases it grants start later than this, never earlier.
+        const grantedAt = performance.now();
         const claimed = await claimDue(sql, coordinatorId, plan, leaseMs, aheadMs);
         for (const task of claimed) {
           const worker = task.worker_id ? this.options.registry.get(task.worker_id) : undefined;
           if (worker) this.options.registry.reserve(worker, task.id, task.attempt);
-          this.assign(task.worker_id ?? "", task, task.start_in_ms);
+          this.assign(task.worker_id ?? "", task, grantedAt, task.start_in_ms);
         }
         if (claimed.length < plan.length) break;
       }
@@ -129,20 +131,25 @@ export class Dispatcher {
 
   /**
    * Pushes an Assign to the worker. One that left since the task was given to it gets
-   * nothing, and this one attempt goes back to the queue (if that fails, its lease lapses).
-   * Only the attempt: the worker may hold other tasks through another coordinator by now.
-   * Also the hand-over of a task born dispatched by the run-now fast path (src/db/submitter.ts).
+   * nothing, and this one attempt goes back to the queue, interrupted: it never ran, so it
+   * does not count against max_attempts (if that fails, its lease lapses). Only the attempt:
+   * the worker may hold other tasks through another coordinator by now. Also the hand-over of
+   * a task born dispatched by the run-now fast path (src/db/submitter.ts).
+   *
+   * `grantedAt` is performance.now() no later than the statement that granted the lease: the
+   * Assign carries what is left of it as a duration, so that no wall clock decides.
    */
-  assign(workerId: string, task: Task, startInMs = 0): void {
+  assign(workerId: string, task: Task, grantedAt: number, startInMs = 0): void {
     const worker = this.options.registry.get(workerId);
     if (!worker) {
       const ref = { taskId: task.id, attempt: task.attempt, workerId };
-      void requeueAttempt(this.options.sql, ref, "worker left before the assignment was sent").catch((error) =>
+      void requeueAttempt(this.options.sql, ref, "worker left before the assignment was sent", "interrupted").catch((error) =>
         this.options.log.warn({ err: error, task: task.id }, "giving back an unsent assignment failed; its lease will lapse"),
       );
       return;
     }
-    worker.send(assignMessage(task, startInMs));
+    const leaseLeftMs = Math.max(0, Math.floor(this.options.leaseMs - (performance.now() - grantedAt)));
+    worker.send(assignMessage(task, startInMs, leaseLeftMs));
   }
 
   private armTimer(dueInMs: number): void {

@@ -35,9 +35,10 @@ export function welcomeMessage(fields: WelcomeFields): CoordinatorMessage {
 
 /**
  * Hands the task's current attempt to the worker that holds it. `startInMs` delays the start
- * of a task handed over before it is due (0: at once).
+ * of a task handed over before it is due (0: at once); `leaseMs` is what is left of the
+ * attempt's lease as it is sent, which the worker counts down on its monotonic clock.
  */
-export function assignMessage(task: Task, startInMs = 0): CoordinatorMessage {
+export function assignMessage(task: Task, startInMs: number, leaseMs: number): CoordinatorMessage {
   return create(CoordinatorMessageSchema, {
     payload: {
       case: "assign",
@@ -50,6 +51,7 @@ export function assignMessage(task: Task, startInMs = 0): CoordinatorMessage {
         timeoutMs: task.timeout_ms,
         leaseExpiresAt: toTimestamp(task.lease_expires_at),
         startInMs,
+        leaseMs,
       },
     },
   });
@@ -82,10 +84,17 @@ export interface HelloFields {
   resumeToken: string;
 }
 
-/** The first message on every stream. `inFlight`: the attempts it still runs or holds an unacknowledged result for. */
-export function helloMessage(fields: HelloFields, inFlight: readonly WireRef[]): WorkerMessage {
+/**
+ * The first message on every stream. `inFlight`: the attempts it still runs or holds an
+ * unacknowledged result for. `wallClock`: the worker's wall clock now, from which the
+ * coordinator measures its skew.
+ */
+export function helloMessage(fields: HelloFields, inFlight: readonly WireRef[], wallClock: Date): WorkerMessage {
   return create(WorkerMessageSchema, {
-    payload: { case: "hello", value: { ...fields, inFlight: inFlight.map((ref) => attemptRefToProto(ref)) } },
+    payload: {
+      case: "hello",
+      value: { ...fields, inFlight: inFlight.map((ref) => attemptRefToProto(ref)), wallClock: timestampFromDate(wallClock) },
+    },
   });
 }
 

@@ -6,6 +6,7 @@
 // message to its part: the attempts held (attempts.ts) or what is sent (reporter.ts).
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import * as grpc from "@grpc/grpc-js";
+import { REFUSAL_KEY, REFUSAL_REVOKED } from "../auth/worker-tokens";
 import {
   type Assign,
   type CoordinatorMessage,
@@ -21,6 +22,10 @@ import type { TaskIdentity } from "./identity";
 import { Reporter } from "./reporter";
 
 const WorkerClient = clientConstructor(WorkerService);
+
+function isRevoked(error: grpc.ServiceError): boolean {
+  return error.metadata?.get(REFUSAL_KEY)[0] === REFUSAL_REVOKED;
+}
 
 export interface WorkerOptions {
   id?: string;
@@ -38,17 +43,30 @@ export interface WorkerOptions {
   version?: string;
   /** Join token sent to the coordinator (authorization: Bearer). */
   workerToken?: string;
+  /**
+   * Called once the coordinator has refused this worker's credential as revoked: the worker
+   * has killed its tasks (the coordinator requeued them) and stopped. `bun run worker` exits.
+   */
+  onRevoked?: () => void;
   /** Environment the tasks inherit; the executor strips the worker's own settings from it. */
   baseEnv: Record<string, string | undefined>;
   /** One user per slot to run tasks as (src/worker/identity.ts); unset: tasks run as the worker. */
   identities?: readonly TaskIdentity[];
+  /**
+   * The wall clock, in ms since the epoch, that the worker says in Hello and judges the lease
+   * of an older coordinator's assignment by (tests set one that runs fast). Defaults to Date.now.
+   */
+  now?: () => number;
 }
 
 type Stream = grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage>;
 
 export class Worker {
   private workerId: string;
-  /** From Welcome: proves on reconnecting that we are the worker that took our id. */
+  /**
+   * Our credential, from Welcome: proves on reconnecting that we are the worker that took our
+   * id, and lets us back in without a join token (src/auth/worker-tokens.ts).
+   */
   private resumeToken = "";
   private readonly reporter = new Reporter((message) => this.write(message));
   private readonly attempts: Attempts;
@@ -71,7 +89,11 @@ export class Worker {
   private cutOffTimer: ReturnType<typeof setTimeout> | null = null;
   private readonly welcomeWaiters = new Set<() => void>();
 
+  /** Our wall clock (WorkerOptions.now). */
+  private readonly now: () => number;
+
   constructor(private readonly options: WorkerOptions) {
+    this.now = options.now ?? Date.now;
     this.workerId = options.id ?? Bun.randomUUIDv7();
     this.addressIndex = Math.floor(Math.random() * options.addresses.length);
     this.leaseMs = leaseMsFor(options);
@@ -122,7 +144,7 @@ export class Worker {
       const timeout = Bun.sleep(grace).then(() => "timeout" as const);
       if ((await Promise.race([this.attempts.empty(), timeout])) === "timeout") {
         this.options.log.warn({ running: this.attempts.size }, "drain grace over: handing running tasks back");
-        this.attempts.abandonAll("the worker is draining");
+        this.attempts.abandonAll("the worker is draining", "interrupted");
         await this.attempts.empty();
       }
     }
@@ -174,6 +196,10 @@ export class Worker {
       if (this.stream === stream && !closed) this.receive(message);
     });
     stream.on("error", (error: grpc.ServiceError) => {
+      if (error.code === grpc.status.UNAUTHENTICATED && this.stream === stream && isRevoked(error)) {
+        this.revoked();
+        return;
+      }
       if (error.code === grpc.status.PERMISSION_DENIED && this.stream === stream) {
         // Our id is held by a worker with another resume token (ours was lost): start afresh.
         // What we still run is superseded there, and is stopped when we report it.
@@ -194,7 +220,30 @@ export class Worker {
         resumeToken: this.resumeToken,
       },
       this.attempts.refs(),
+      new Date(this.now()),
     );
+  }
+
+  /**
+   * Our credential was revoked: we are shut out, and the coordinator has requeued our tasks,
+   * so they are killed here at once rather than left to run a second copy. Nothing is dialed
+   * again; the credential and id are forgotten.
+   */
+  private revoked(): void {
+    this.options.log.error(
+      { event: "worker.revoked", id: this.workerId, running: this.attempts.size },
+      "the coordinator revoked this worker's credential: killing its tasks and stopping",
+    );
+    this.closed = true;
+    this.welcomed = false;
+    this.resumeToken = "";
+    this.attempts.releaseWaiting("the worker's credential was revoked", "lost");
+    this.attempts.killAll();
+    this.clearTimers();
+    this.stream = null;
+    this.client?.close();
+    this.client = null;
+    this.options.onRevoked?.();
   }
 
   private disconnected(address: string, why: string): void {
@@ -257,17 +306,17 @@ export class Worker {
     if (!ref) return;
     if (this.attempts.holds(ref) || this.reporter.holds(ref)) return; // a duplicate delivery
     if (this.draining) {
-      // Raced with our drain: hand it straight back.
-      this.reporter.notStarted(ref, "abandoned", "the worker is draining");
+      // Raced with our drain: hand it straight back, not counted against the task.
+      this.reporter.notStarted(ref, "abandoned", "the worker is draining", true);
       return;
     }
-    if (assign.leaseExpiresAt && timestampMs(assign.leaseExpiresAt) < Date.now()) {
-      // Held up past its lease (we were frozen, say): it may already run elsewhere.
+    if (leaseLapsed(assign, this.now)) {
+      // It may already run elsewhere.
       this.options.log.warn(
         { task: ref.taskId, attempt: ref.attempt },
         "assignment arrived after its lease lapsed; not running it",
       );
-      this.reporter.notStarted(ref, "abandoned", "the assignment arrived after its lease lapsed");
+      this.reporter.notStarted(ref, "abandoned", "the assignment arrived after its lease lapsed", false);
       return;
     }
     this.attempts.take(assign);
@@ -276,7 +325,7 @@ export class Worker {
   /** Takes no new work from now on: hands back what waits for its start time, and says so. */
   private drain(): void {
     this.draining = true;
-    this.attempts.releaseWaiting("the worker is draining");
+    this.attempts.releaseWaiting("the worker is draining", "interrupted");
     this.heartbeat();
   }
 
@@ -298,7 +347,7 @@ export class Worker {
         { running: this.attempts.size, leaseMs: this.leaseMs },
         "lease lapsed while disconnected: stopping tasks",
       );
-      this.attempts.abandonAll("the lease lapsed while the worker was cut off");
+      this.attempts.abandonAll("the lease lapsed while the worker was cut off", "lost");
     }, this.leaseMs);
   }
 
@@ -318,4 +367,17 @@ export class Worker {
     this.reconnectTimer = null;
     this.cutOffTimer = null;
   }
+}
+
+/**
+ * Whether an assignment's lease ran out before we could take it. `lease_ms` is what was left
+ * as the coordinator sent it, on its monotonic clock; we take the assignment at once on
+ * receipt, so what is left on ours is the same, and no wall clock is compared with another
+ * host's (a worker whose clock runs fast would otherwise refuse every assignment). Zero: it
+ * lapsed before it was sent. An older coordinator sends only lease_expires_at, a time by the
+ * database's clock, which is all we can compare with our own wall clock.
+ */
+export function leaseLapsed(assign: Pick<Assign, "leaseMs" | "leaseExpiresAt">, now: () => number): boolean {
+  if (assign.leaseMs !== undefined) return assign.leaseMs <= 0;
+  return assign.leaseExpiresAt !== undefined && timestampMs(assign.leaseExpiresAt) < now();
 }

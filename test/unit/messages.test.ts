@@ -39,7 +39,7 @@ const task = {
 } as unknown as Task;
 
 test("Assign carries the attempt, the command, the secret env over the plain one and the lease", () => {
-  const message = overWire(assignMessage(task, 250));
+  const message = overWire(assignMessage(task, 250, 9_500));
   expect(message.payload.case).toBe("assign");
   if (message.payload.case !== "assign") return;
   const assign = message.payload.value;
@@ -50,7 +50,14 @@ test("Assign carries the attempt, the command, the secret env over the plain one
   expect(assign.timeoutMs).toBe(1500);
   expect(assign.startInMs).toBe(250);
   expect(assign.leaseExpiresAt && timestampDate(assign.leaseExpiresAt).toISOString()).toBe("2026-01-02T03:04:05.678Z");
-  expect(overWire(assignMessage({ ...task, cwd: "/tmp" })).payload.value).toMatchObject({ cwd: "/tmp", startInMs: 0 });
+  expect(assign.leaseMs).toBe(9_500);
+  // A lease that ran out before sending still travels, as 0: the worker can tell it from an
+  // older coordinator's Assign, which has none.
+  expect(overWire(assignMessage({ ...task, cwd: "/tmp" }, 0, 0)).payload.value).toMatchObject({
+    cwd: "/tmp",
+    startInMs: 0,
+    leaseMs: 0,
+  });
 });
 
 test("Cancel and Ack name only the attempt, whatever else the ref holds", () => {
@@ -86,11 +93,18 @@ test("the worker's Hello, Heartbeat, Started and Finished carry their fields", (
     { taskId: "a", attempt: 1 },
     { taskId: "b", attempt: 4 },
   ];
-  const hello = fromWorker(helloMessage({ workerId: "w", name: "n", slots: 3, version: "1.2", resumeToken: "r" }, refs));
+  const wallClock = new Date("2026-01-02T03:04:15.678Z");
+  const hello = fromWorker(
+    helloMessage({ workerId: "w", name: "n", slots: 3, version: "1.2", resumeToken: "r" }, refs, wallClock),
+  );
   expect(hello.payload).toMatchObject({
     case: "hello",
     value: { workerId: "w", name: "n", slots: 3, version: "1.2", resumeToken: "r", inFlight: refs },
   });
+  if (hello.payload.case !== "hello") throw new Error("expected hello");
+  expect(hello.payload.value.wallClock && timestampDate(hello.payload.value.wallClock).toISOString()).toBe(
+    wallClock.toISOString(),
+  );
   expect(fromWorker(heartbeatMessage(7n, refs, true)).payload).toMatchObject({
     case: "heartbeat",
     value: { seq: 7n, running: refs, draining: true },

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file taskqueue/v1/worker_service.proto.
  */
 export const file_taskqueue_v1_worker_service: GenFile = /*@__PURE__*/
-  fileDesc("CiF0YXNrcXVldWUvdjEvd29ya2VyX3NlcnZpY2UucHJvdG8SDHRhc2txdWV1ZS52MSLMAQoNV29ya2VyTWVzc2FnZRIkCgVoZWxsbxgBIAEoCzITLnRhc2txdWV1ZS52MS5IZWxsb0gAEiwKCWhlYXJ0YmVhdBgCIAEoCzIXLnRhc2txdWV1ZS52MS5IZWFydGJlYXRIABIsCgdzdGFydGVkGAMgASgLMhkudGFza3F1ZXVlLnYxLlRhc2tTdGFydGVkSAASLgoIZmluaXNoZWQYBCABKAsyGi50YXNrcXVldWUudjEuVGFza0ZpbmlzaGVkSABCCQoHcGF5bG9hZCLhAQoSQ29vcmRpbmF0b3JNZXNzYWdlEigKB3dlbGNvbWUYASABKAsyFS50YXNrcXVldWUudjEuV2VsY29tZUgAEiYKBmFzc2lnbhgCIAEoCzIULnRhc2txdWV1ZS52MS5Bc3NpZ25IABImCgZjYW5jZWwYAyABKAsyFC50YXNrcXVldWUudjEuQ2FuY2VsSAASIAoDYWNrGAQgASgLMhEudGFza3F1ZXVlLnYxLkFja0gAEiQKBWRyYWluGAUgASgLMhMudGFza3F1ZXVlLnYxLkRyYWluSABCCQoHcGF5bG9hZCIrCgdUYXNrUmVmEg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoDSLoAQoFSGVsbG8SEQoJd29ya2VyX2lkGAEgASgJEgwKBG5hbWUYAiABKAkSDQoFc2xvdHMYAyABKA0SDwoHdmVyc2lvbhgEIAEoCRIoCglpbl9mbGlnaHQYBSADKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhIvCgZsYWJlbHMYBiADKAsyHy50YXNrcXVldWUudjEuSGVsbG8uTGFiZWxzRW50cnkSFAoMcmVzdW1lX3Rva2VuGAcgASgJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiUgoJSGVhcnRiZWF0EgsKA3NlcRgBIAEoBBImCgdydW5uaW5nGAIgAygLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSEAoIZHJhaW5pbmcYAyABKAgibgoLVGFza1N0YXJ0ZWQSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSCwoDcGlkGAIgASgNEi4KCnN0YXJ0ZWRfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wItQCCgxUYXNrRmluaXNoZWQSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSJgoHb3V0Y29tZRgCIAEoDjIVLnRhc2txdWV1ZS52MS5PdXRjb21lEhYKCWV4aXRfY29kZRgDIAEoEUgAiAEBEg4KBnNpZ25hbBgEIAEoCRIOCgZzdGRvdXQYBSABKAkSDgoGc3RkZXJyGAYgASgJEhgKEHN0ZG91dF90cnVuY2F0ZWQYByABKAgSGAoQc3RkZXJyX3RydW5jYXRlZBgIIAEoCBINCgVlcnJvchgJIAEoCRIuCgpzdGFydGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hlZF9hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCDAoKX2V4aXRfY29kZSKHAQoHV2VsY29tZRIRCgl3b3JrZXJfaWQYASABKAkSFgoOY29vcmRpbmF0b3JfaWQYAiABKAkSHQoVaGVhcnRiZWF0X2ludGVydmFsX21zGAMgASgNEhwKFGhlYXJ0YmVhdF90aW1lb3V0X21zGAQgASgNEhQKDHJlc3VtZV90b2tlbhgFIAEoCSKBAgoGQXNzaWduEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEg8KB2NvbW1hbmQYAiABKAkSKgoDZW52GAMgAygLMh0udGFza3F1ZXVlLnYxLkFzc2lnbi5FbnZFbnRyeRILCgNjd2QYBCABKAkSEgoKdGltZW91dF9tcxgFIAEoDRI0ChBsZWFzZV9leHBpcmVzX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtzdGFydF9pbl9tcxgHIAEoDRoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIjwKBkNhbmNlbBIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhIOCgZyZWFzb24YAiABKAkiOAoDQWNrEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEg0KBXN0YWxlGAIgASgIIhcKBURyYWluEg4KBnJlYXNvbhgBIAEoCSqVAQoHT3V0Y29tZRIXChNPVVRDT01FX1VOU1BFQ0lGSUVEEAASEgoOT1VUQ09NRV9FWElURUQQARIYChRPVVRDT01FX1NQQVdOX0ZBSUxFRBACEhUKEU9VVENPTUVfVElNRURfT1VUEAMSFQoRT1VUQ09NRV9DQU5DRUxMRUQQBBIVChFPVVRDT01FX0FCQU5ET05FRBAFMl0KDVdvcmtlclNlcnZpY2USTAoHQ29ubmVjdBIbLnRhc2txdWV1ZS52MS5Xb3JrZXJNZXNzYWdlGiAudGFza3F1ZXVlLnYxLkNvb3JkaW5hdG9yTWVzc2FnZSgBMAFiBnByb3RvMw", [file_google_protobuf_timestamp]);
+  fileDesc("CiF0YXNrcXVldWUvdjEvd29ya2VyX3NlcnZpY2UucHJvdG8SDHRhc2txdWV1ZS52MSLMAQoNV29ya2VyTWVzc2FnZRIkCgVoZWxsbxgBIAEoCzITLnRhc2txdWV1ZS52MS5IZWxsb0gAEiwKCWhlYXJ0YmVhdBgCIAEoCzIXLnRhc2txdWV1ZS52MS5IZWFydGJlYXRIABIsCgdzdGFydGVkGAMgASgLMhkudGFza3F1ZXVlLnYxLlRhc2tTdGFydGVkSAASLgoIZmluaXNoZWQYBCABKAsyGi50YXNrcXVldWUudjEuVGFza0ZpbmlzaGVkSABCCQoHcGF5bG9hZCLhAQoSQ29vcmRpbmF0b3JNZXNzYWdlEigKB3dlbGNvbWUYASABKAsyFS50YXNrcXVldWUudjEuV2VsY29tZUgAEiYKBmFzc2lnbhgCIAEoCzIULnRhc2txdWV1ZS52MS5Bc3NpZ25IABImCgZjYW5jZWwYAyABKAsyFC50YXNrcXVldWUudjEuQ2FuY2VsSAASIAoDYWNrGAQgASgLMhEudGFza3F1ZXVlLnYxLkFja0gAEiQKBWRyYWluGAUgASgLMhMudGFza3F1ZXVlLnYxLkRyYWluSABCCQoHcGF5bG9hZCIrCgdUYXNrUmVmEg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoDSKYAgoFSGVsbG8SEQoJd29ya2VyX2lkGAEgASgJEgwKBG5hbWUYAiABKAkSDQoFc2xvdHMYAyABKA0SDwoHdmVyc2lvbhgEIAEoCRIoCglpbl9mbGlnaHQYBSADKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhIvCgZsYWJlbHMYBiADKAsyHy50YXNrcXVldWUudjEuSGVsbG8uTGFiZWxzRW50cnkSFAoMcmVzdW1lX3Rva2VuGAcgASgJEi4KCndhbGxfY2xvY2sYRiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiUgoJSGVhcnRiZWF0EgsKA3NlcRgBIAEoBBImCgdydW5uaW5nGAIgAygLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSEAoIZHJhaW5pbmcYAyABKAgibgoLVGFza1N0YXJ0ZWQSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSCwoDcGlkGAIgASgNEi4KCnN0YXJ0ZWRfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIukCCgxUYXNrRmluaXNoZWQSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSJgoHb3V0Y29tZRgCIAEoDjIVLnRhc2txdWV1ZS52MS5PdXRjb21lEhYKCWV4aXRfY29kZRgDIAEoEUgAiAEBEg4KBnNpZ25hbBgEIAEoCRIOCgZzdGRvdXQYBSABKAkSDgoGc3RkZXJyGAYgASgJEhgKEHN0ZG91dF90cnVuY2F0ZWQYByABKAgSGAoQc3RkZXJyX3RydW5jYXRlZBgIIAEoCBINCgVlcnJvchgJIAEoCRIuCgpzdGFydGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hlZF9hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLaW50ZXJydXB0ZWQYRiABKAhCDAoKX2V4aXRfY29kZSKHAQoHV2VsY29tZRIRCgl3b3JrZXJfaWQYASABKAkSFgoOY29vcmRpbmF0b3JfaWQYAiABKAkSHQoVaGVhcnRiZWF0X2ludGVydmFsX21zGAMgASgNEhwKFGhlYXJ0YmVhdF90aW1lb3V0X21zGAQgASgNEhQKDHJlc3VtZV90b2tlbhgFIAEoCSKlAgoGQXNzaWduEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEg8KB2NvbW1hbmQYAiABKAkSKgoDZW52GAMgAygLMh0udGFza3F1ZXVlLnYxLkFzc2lnbi5FbnZFbnRyeRILCgNjd2QYBCABKAkSEgoKdGltZW91dF9tcxgFIAEoDRI0ChBsZWFzZV9leHBpcmVzX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtzdGFydF9pbl9tcxgHIAEoDRIVCghsZWFzZV9tcxhGIAEoDUgAiAEBGioKCEVudkVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCCwoJX2xlYXNlX21zIjwKBkNhbmNlbBIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhIOCgZyZWFzb24YAiABKAkiOAoDQWNrEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEg0KBXN0YWxlGAIgASgIIhcKBURyYWluEg4KBnJlYXNvbhgBIAEoCSqVAQoHT3V0Y29tZRIXChNPVVRDT01FX1VOU1BFQ0lGSUVEEAASEgoOT1VUQ09NRV9FWElURUQQARIYChRPVVRDT01FX1NQQVdOX0ZBSUxFRBACEhUKEU9VVENPTUVfVElNRURfT1VUEAMSFQoRT1VUQ09NRV9DQU5DRUxMRUQQBBIVChFPVVRDT01FX0FCQU5ET05FRBAFMl0KDVdvcmtlclNlcnZpY2USTAoHQ29ubmVjdBIbLnRhc2txdWV1ZS52MS5Xb3JrZXJNZXNzYWdlGiAudGFza3F1ZXVlLnYxLkNvb3JkaW5hdG9yTWVzc2FnZSgBMAFiBnByb3RvMw", [file_google_protobuf_timestamp]);
 
 /**
  * @generated from message taskqueue.v1.WorkerMessage
@@ -172,6 +172,14 @@ export type Hello = Message<"taskqueue.v1.Hello"> & {
    * @generated from field: string resume_token = 7;
    */
   resumeToken: string;
+
+  /**
+   * The worker's wall clock as it sends this Hello: the coordinator compares it with its own
+   * and records the difference as the worker's clock skew (GET /workers). Unset by older workers.
+   *
+   * @generated from field: google.protobuf.Timestamp wall_clock = 70;
+   */
+  wallClock?: Timestamp | undefined;
 };
 
 /**
@@ -298,6 +306,15 @@ export type TaskFinished = Message<"taskqueue.v1.TaskFinished"> & {
    * @generated from field: google.protobuf.Timestamp finished_at = 11;
    */
   finishedAt?: Timestamp | undefined;
+
+  /**
+   * With OUTCOME_ABANDONED: the worker handed the attempt back for its own reasons (it is
+   * draining), not because it found its lease lapsed. An interrupted attempt does not count
+   * against the task's max_attempts. Older workers never set it: their hand-backs count.
+   *
+   * @generated from field: bool interrupted = 70;
+   */
+  interrupted: boolean;
 };
 
 /**
@@ -378,9 +395,9 @@ export type Assign = Message<"taskqueue.v1.Assign"> & {
   timeoutMs: number;
 
   /**
-   * The attempt's lease at dispatch. A worker that receives the assignment only after it
-   * lapsed (it was frozen, or the message was held up) does not run it: the task may already
-   * run elsewhere. Hosts are assumed to keep their clocks within a fraction of the lease.
+   * The attempt's lease at dispatch, by the database's clock: for display, and for workers
+   * that predate lease_ms (which compare it with their own wall clock). A worker reading
+   * lease_ms ignores it, so that its clock's skew does not decide.
    *
    * @generated from field: google.protobuf.Timestamp lease_expires_at = 6;
    */
@@ -395,6 +412,18 @@ export type Assign = Message<"taskqueue.v1.Assign"> & {
    * @generated from field: uint32 start_in_ms = 7;
    */
   startInMs: number;
+
+  /**
+   * What was left of the attempt's lease when the coordinator sent this, in milliseconds,
+   * measured on the coordinator's monotonic clock from when the lease was granted. The worker
+   * counts it down on its own monotonic clock from receipt, and does not start an attempt
+   * whose lease has run out (0: it lapsed before it was sent): the task may already run
+   * elsewhere. Durations need no agreement between the hosts' wall clocks. Unset by older
+   * coordinators: then the worker compares lease_expires_at with its wall clock.
+   *
+   * @generated from field: optional uint32 lease_ms = 70;
+   */
+  leaseMs?: number | undefined;
 };
 
 /**
