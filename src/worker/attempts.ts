@@ -5,7 +5,8 @@
 import type { Assign, TaskRef } from "../gen/taskqueue/v1/worker_service_pb";
 import { type Logger, taskFields } from "../log";
 import { attemptKey, type LossCause } from "../task/attempt";
-import { type Execution, execute, type RunResult } from "./executor";
+import { type Execution, execute, notRun, type RunResult } from "./executor";
+import type { TaskIdentity } from "./identity";
 
 /** What the attempts tell the coordinator (through the reporter). */
 export interface AttemptEvents {
@@ -27,6 +28,11 @@ export interface AttemptsOptions {
   maxOutputBytes: number;
   /** Environment the tasks inherit; the executor strips the worker's own settings from it. */
   baseEnv: Record<string, string | undefined>;
+  /**
+   * One user per slot (src/worker/identity.ts): an attempt runs as a user no other held attempt
+   * has. Unset: every attempt runs as the worker.
+   */
+  identities?: readonly TaskIdentity[];
   events: AttemptEvents;
   /** Who holds the attempts now, for their log lines (the worker's id, its coordinator). */
   identity?: () => { workerId: string; coordinatorId: string | null };
@@ -40,6 +46,8 @@ interface HeldAttempt {
   startTimer?: ReturnType<typeof setTimeout>;
   /** Why it was stopped (the coordinator's Cancel, or our hand-back), if it was. */
   stopReason?: string;
+  /** The slot user it runs as, held from Assign until the attempt is forgotten. */
+  identity?: TaskIdentity;
   /** Why we handed it back, if we did: interrupted (drain) or lost (our lease lapsed). */
   handBack?: LossCause;
 }
@@ -48,8 +56,12 @@ export class Attempts {
   /** Waiting and running attempts, by attempt key. */
   private readonly held = new Map<string, HeldAttempt>();
   private readonly emptyWaiters: Array<() => void> = [];
+  /** Slot users no held attempt has, lowest uid last (popped first). */
+  private readonly freeIdentities: TaskIdentity[];
 
-  constructor(private readonly options: AttemptsOptions) {}
+  constructor(private readonly options: AttemptsOptions) {
+    this.freeIdentities = [...(options.identities ?? [])].reverse();
+  }
 
   /** How many attempts are held, waiting or running. */
   get size(): number {
@@ -67,7 +79,7 @@ export class Attempts {
   /** Takes on an assigned attempt (it has a ref): runs it now, or once its start time has come. */
   take(assign: Assign): void {
     const k = attemptKey(assign.ref!.taskId, assign.ref!.attempt);
-    const attempt: HeldAttempt = { assign, execution: null };
+    const attempt: HeldAttempt = { assign, execution: null, identity: this.freeIdentities.pop() };
     this.held.set(k, attempt);
     if (assign.startInMs <= 0) {
       this.launch(k, attempt);
@@ -125,19 +137,25 @@ export class Attempts {
   private launch(k: string, attempt: HeldAttempt): void {
     const { assign } = attempt;
     const ref = assign.ref!;
-    const execution = execute({
-      command: assign.command,
-      env: { ...assign.env, TQ_TASK_ID: ref.taskId, TQ_TASK_ATTEMPT: String(ref.attempt) },
-      cwd: assign.cwd || undefined,
-      timeoutMs: assign.timeoutMs,
-      killGraceMs: this.options.killGraceMs,
-      maxOutputBytes: this.options.maxOutputBytes,
-      baseEnv: this.options.baseEnv,
-    });
+    // More attempts than slots (the coordinator should never send them): sharing a user would
+    // let two tasks read each other's environment, so the extra one fails instead.
+    const execution =
+      this.options.identities && !attempt.identity
+        ? notRun(`no free slot user: this worker already runs ${this.options.identities.length} tasks`)
+        : execute({
+            command: assign.command,
+            env: { ...assign.env, TQ_TASK_ID: ref.taskId, TQ_TASK_ATTEMPT: String(ref.attempt) },
+            cwd: assign.cwd || undefined,
+            timeoutMs: assign.timeoutMs,
+            killGraceMs: this.options.killGraceMs,
+            maxOutputBytes: this.options.maxOutputBytes,
+            baseEnv: this.options.baseEnv,
+            user: attempt.identity,
+          });
     attempt.execution = execution;
     if (execution.pid !== null) this.options.events.started(ref, execution.pid, execution.startedAt);
     void execution.result.then((result) => {
-      this.held.delete(k);
+      this.forget(k);
       if (result.outcome !== "exited") {
         this.options.log.info(
           { event: "worker.task_stopped", ...this.fields(ref), outcome: result.outcome, task_pid: result.pid },
@@ -166,7 +184,7 @@ export class Attempts {
       return;
     }
     clearTimeout(attempt.startTimer);
-    this.held.delete(k);
+    this.forget(k);
     this.options.events.notStarted(
       attempt.assign.ref!,
       outcome,
@@ -180,6 +198,16 @@ export class Attempts {
   fields(ref: TaskRef) {
     const identity = this.options.identity?.();
     return taskFields({ taskId: ref.taskId, attempt: ref.attempt, ...identity });
+  }
+
+  /** The attempt is no longer held; its slot user is free once nothing of it runs. */
+  private forget(k: string): void {
+    const identity = this.held.get(k)?.identity;
+    this.held.delete(k);
+    if (identity) {
+      this.freeIdentities.push(identity);
+      this.freeIdentities.sort((a, b) => b.uid - a.uid);
+    }
   }
 
   private settle(): void {

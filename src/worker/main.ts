@@ -5,15 +5,17 @@ import { checkWorkerExposure } from "../auth/exposure";
 import { coordinatorAddresses } from "../config";
 import { runRole } from "../role";
 import { WorkerHealthServer } from "./health";
-import { workerOptions } from "./options";
+import { taskIdentities, workerOptions } from "./options";
 import { Worker } from "./worker";
 
 await runRole("worker", async (config, log) => {
   checkWorkerExposure(config, coordinatorAddresses(config), log);
+  const [identities] = taskIdentities(config, log);
   const worker = new Worker({
     ...workerOptions(config, log, {
       name: config.TQ_WORKER_NAME ?? `${hostname()}/${process.pid}`,
       addresses: coordinatorAddresses(config),
+      identities,
     }),
     // Shut out: its tasks are killed already. A supervisor that restarts it gets a new worker,
     // which needs an accepted join token to get in.

@@ -18,6 +18,7 @@ import type { Logger } from "../log";
 import { clientConstructor } from "../rpc/definitions";
 import { leaseMsFor } from "../task/lease";
 import { Attempts } from "./attempts";
+import type { TaskIdentity } from "./identity";
 import { Reporter } from "./reporter";
 
 const WorkerClient = clientConstructor(WorkerService);
@@ -56,6 +57,8 @@ export interface WorkerOptions {
   onRevoked?: () => void;
   /** Environment the tasks inherit; the executor strips the worker's own settings from it. */
   baseEnv: Record<string, string | undefined>;
+  /** One user per slot to run tasks as (src/worker/identity.ts); unset: tasks run as the worker. */
+  identities?: readonly TaskIdentity[];
   /**
    * The wall clock, in ms since the epoch, that the worker says in Hello and judges the lease
    * of an older coordinator's assignment by (tests set one that runs fast). Defaults to Date.now.
@@ -142,6 +145,7 @@ export class Worker {
       killGraceMs: options.killGraceMs,
       maxOutputBytes: options.maxOutputBytes,
       baseEnv: options.baseEnv,
+      identities: options.identities,
       events: this.reporter,
       identity: () => ({ workerId: this.workerId, coordinatorId: this.coordinatorId }),
     });

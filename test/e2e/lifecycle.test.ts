@@ -1,12 +1,12 @@
 // How roles come and go: a worker drains on SIGTERM, hands work back after its grace period,
 // and rides out a coordinator restart without losing or re-running its task.
 import { afterAll, beforeAll, expect, setDefaultTimeout, test } from "bun:test";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { getJson, postJson, watchTask } from "../support/http";
 import { startCluster } from "../support/processes";
+import { taskDir } from "../support/task-dir";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -14,7 +14,7 @@ const db = useTestDatabase();
 let dir: string;
 
 beforeAll(() => {
-  dir = mkdtempSync(join(tmpdir(), "tq-life-"));
+  dir = taskDir("tq-life-");
 });
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
