@@ -136,7 +136,7 @@ export class Completer {
         let applied = true;
         // The requeue's NOTIFY wakes every coordinator's dispatcher.
         if (action.kind === "requeue") applied = (await requeueAttempt(this.options.sql, target, action.reason)) !== null;
-        else await recordAttemptStopped(this.options.sql, target, action.reason);
+        else await recordAttemptStopped(this.options.sql, target, action.reason, action.usage);
         this.ack(worker, target, !applied);
         return;
       } catch (error) {

@@ -12,7 +12,7 @@ import {
   WorkerMessageSchema,
 } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Task } from "../task/task";
-import { attemptRefToProto, toTimestamp } from "./convert";
+import { attemptRefToProto, limitsToProto, toTimestamp } from "./convert";
 
 /** One attempt as the wire names it (the fields of TaskRef, in any object that has them). */
 type WireRef = Pick<TaskRef, "taskId" | "attempt">;
@@ -50,6 +50,7 @@ export function assignMessage(task: Task, startInMs = 0): CoordinatorMessage {
         timeoutMs: task.timeout_ms,
         leaseExpiresAt: toTimestamp(task.lease_expires_at),
         startInMs,
+        limits: task.limits ? limitsToProto(task.limits) : undefined,
       },
     },
   });

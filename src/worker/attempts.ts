@@ -4,8 +4,10 @@
 // reports itself once the group has exited.
 import type { Assign, TaskRef } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
+import { limitsFromProto } from "../rpc/convert";
 import { attemptKey } from "../task/attempt";
 import { type Execution, execute, type RunResult } from "./executor";
+import type { Limiter } from "./limits";
 
 /** What the attempts tell the coordinator (through the reporter). */
 export interface AttemptEvents {
@@ -24,6 +26,8 @@ export interface AttemptsOptions {
   /** Environment the tasks inherit; the executor strips the worker's own settings from it. */
   baseEnv: Record<string, string | undefined>;
   events: AttemptEvents;
+  /** Limits each attempt (src/worker/limits.ts); none: plain `sh -c`. */
+  limiter?: Limiter;
 }
 
 interface HeldAttempt {
@@ -122,6 +126,7 @@ export class Attempts {
       killGraceMs: this.options.killGraceMs,
       maxOutputBytes: this.options.maxOutputBytes,
       baseEnv: this.options.baseEnv,
+      confinement: this.options.limiter?.confine(k, assign.limits ? limitsFromProto(assign.limits) : null),
     });
     attempt.execution = execution;
     if (execution.pid !== null) this.options.events.started(ref, execution.pid, execution.startedAt);

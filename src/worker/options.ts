@@ -21,5 +21,14 @@ export function workerOptions(config: Config, log: Logger, where: { name: string
     version: pkg.version,
     baseEnv: inheritedEnvironment(),
     workerToken: config.TQ_WORKER_TOKEN,
+    limits: {
+      mode: config.TQ_WORKER_LIMITS,
+      maxima: {
+        memoryMb: config.TQ_WORKER_MAX_MEMORY_MB,
+        pids: config.TQ_WORKER_MAX_PIDS,
+        nofile: config.TQ_WORKER_MAX_NOFILE,
+        cpu: config.TQ_WORKER_MAX_CPU,
+      },
+    },
   };
 }

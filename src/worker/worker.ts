@@ -17,6 +17,7 @@ import type { Logger } from "../log";
 import { clientConstructor } from "../rpc/definitions";
 import { leaseMsFor } from "../task/lease";
 import { Attempts } from "./attempts";
+import { createLimiter, type Limiter, type LimitMaxima, type LimitsMode } from "./limits";
 import { Reporter } from "./reporter";
 
 const WorkerClient = clientConstructor(WorkerService);
@@ -39,6 +40,8 @@ export interface WorkerOptions {
   workerToken?: string;
   /** Environment the tasks inherit; the executor strips the worker's own settings from it. */
   baseEnv: Record<string, string | undefined>;
+  /** How tasks are limited and this worker's maxima (src/worker/limits.ts). Defaults to no limits. */
+  limits?: { mode: LimitsMode; maxima: LimitMaxima };
 }
 
 type Stream = grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage>;
@@ -49,6 +52,7 @@ export class Worker {
   private resumeToken = "";
   private readonly reporter = new Reporter((message) => this.write(message));
   private readonly attempts: Attempts;
+  private readonly limiter: Limiter;
   private stream: Stream | null = null;
   private client: grpc.Client | null = null;
   private welcomed = false;
@@ -72,7 +76,14 @@ export class Worker {
     this.workerId = options.id ?? Bun.randomUUIDv7();
     this.addressIndex = Math.floor(Math.random() * options.addresses.length);
     this.leaseMs = leaseMsFor(options);
+    this.limiter = createLimiter({
+      mode: options.limits?.mode ?? "none",
+      maxima: options.limits?.maxima ?? { memoryMb: 0, pids: 0, nofile: 0, cpu: 0 },
+      name: `taskqueue-${this.workerId}`,
+      log: options.log,
+    });
     this.attempts = new Attempts({
+      limiter: this.limiter,
       log: options.log,
       killGraceMs: options.killGraceMs,
       maxOutputBytes: options.maxOutputBytes,
@@ -130,6 +141,8 @@ export class Worker {
     this.stream = null;
     this.client?.close();
     this.client = null;
+    // Every attempt's cgroup is gone with its attempt; this removes the worker's own directory.
+    if (this.attempts.size === 0) this.limiter.close();
   }
 
   /**

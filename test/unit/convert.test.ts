@@ -52,6 +52,7 @@ const task: Task = {
   idempotency_key: null,
   idempotency_hash: null,
   secret_env: { TOKEN: "s3cret" },
+  limits: null,
 };
 
 test("every state maps to the proto enum and back", () => {
@@ -119,6 +120,7 @@ test("a worker's report becomes the right action", () => {
   expect(finishAction(finished({ outcome: Outcome.CANCELLED, error: "cancelled" }))).toEqual({
     kind: "stopped",
     reason: "cancelled",
+    usage: null,
   });
 });
 

@@ -12,7 +12,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file taskqueue/v1/task.proto.
  */
 export const file_taskqueue_v1_task: GenFile = /*@__PURE__*/
-  fileDesc("Chd0YXNrcXVldWUvdjEvdGFzay5wcm90bxIMdGFza3F1ZXVlLnYxIqcHCgRUYXNrEgoKAmlkGAEgASgJEg8KB2NvbW1hbmQYAiABKAkSJgoFc3RhdGUYAyABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEjAKDHNjaGVkdWxlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJcGlja2VkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWZhaWxlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY2FuY2VsbGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdhdHRlbXB0GAsgASgNEhQKDG1heF9hdHRlbXB0cxgMIAEoDRISCgp0aW1lb3V0X21zGA0gASgNEigKA2VudhgOIAMoCzIbLnRhc2txdWV1ZS52MS5UYXNrLkVudkVudHJ5EgsKA2N3ZBgPIAEoCRIRCgl3b3JrZXJfaWQYECABKAkSFgoJZXhpdF9jb2RlGBEgASgRSACIAQESDgoGc2lnbmFsGBIgASgJEg4KBnN0ZG91dBgTIAEoCRIOCgZzdGRlcnIYFCABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgVIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGBYgASgIEg0KBWVycm9yGBcgASgJEigKBXJldHJ5GBggASgLMhkudGFza3F1ZXVlLnYxLlJldHJ5UG9saWN5EhcKD2lkZW1wb3RlbmN5X2tleRgZIAEoCRI0ChBsZWFzZV9leHBpcmVzX2F0GBogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIXCg9zZWNyZXRfZW52X2tleXMYGyADKAkSKgoGcnVuX2F0GBwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgwKCl9leGl0X2NvZGUi4QEKC1JldHJ5UG9saWN5EhcKCm9uX2ZhaWx1cmUYASABKAhIAIgBARIXCgpvbl90aW1lb3V0GAIgASgISAGIAQESFAoHb25fbG9zdBgDIAEoCEgCiAEBEhwKD2JhY2tvZmZfYmFzZV9tcxgEIAEoDUgDiAEBEhsKDmJhY2tvZmZfY2FwX21zGAUgASgNSASIAQFCDQoLX29uX2ZhaWx1cmVCDQoLX29uX3RpbWVvdXRCCgoIX29uX2xvc3RCEgoQX2JhY2tvZmZfYmFzZV9tc0IRCg9fYmFja29mZl9jYXBfbXMi4gEKCVRhc2tFdmVudBIKCgJpZBgBIAEoCRIPCgd0YXNrX2lkGAIgASgJEgwKBGtpbmQYAyABKAkSJgoFc3RhdGUYBCABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEg8KB2F0dGVtcHQYBSABKA0SEQoJd29ya2VyX2lkGAYgASgJEiYKAmF0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVhY3RvchgIIAEoCRInCgZkZXRhaWwYCSABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0IswDCgdBdHRlbXB0Eg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoDRIRCgl3b3JrZXJfaWQYAyABKAkSFgoOY29vcmRpbmF0b3JfaWQYBCABKAkSMQoNZGlzcGF0Y2hlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKA3BpZBgIIAEoBUgAiAEBEhYKCWV4aXRfY29kZRgJIAEoEUgBiAEBEg4KBnNpZ25hbBgKIAEoCRINCgVlcnJvchgLIAEoCRIOCgZzdGRvdXQYDCABKAkSDgoGc3RkZXJyGA0gASgJEhgKEHN0ZG91dF90cnVuY2F0ZWQYDiABKAgSGAoQc3RkZXJyX3RydW5jYXRlZBgPIAEoCBItCgdvdXRjb21lGBAgASgOMhwudGFza3F1ZXVlLnYxLkF0dGVtcHRPdXRjb21lQgYKBF9waWRCDAoKX2V4aXRfY29kZSrWAQoJVGFza1N0YXRlEhoKFlRBU0tfU1RBVEVfVU5TUEVDSUZJRUQQABIVChFUQVNLX1NUQVRFX1FVRVVFRBABEhkKFVRBU0tfU1RBVEVfRElTUEFUQ0hFRBACEhYKElRBU0tfU1RBVEVfUlVOTklORxADEhgKFFRBU0tfU1RBVEVfU1VDQ0VFREVEEAQSFQoRVEFTS19TVEFURV9GQUlMRUQQBRIYChRUQVNLX1NUQVRFX1RJTUVEX09VVBAGEhgKFFRBU0tfU1RBVEVfQ0FOQ0VMTEVEEAcq3QEKDkF0dGVtcHRPdXRjb21lEh8KG0FUVEVNUFRfT1VUQ09NRV9VTlNQRUNJRklFRBAAEh0KGUFUVEVNUFRfT1VUQ09NRV9TVUNDRUVERUQQARIaChZBVFRFTVBUX09VVENPTUVfRkFJTEVEEAISHQoZQVRURU1QVF9PVVRDT01FX1RJTUVEX09VVBADEhgKFEFUVEVNUFRfT1VUQ09NRV9MT1NUEAQSGwoXQVRURU1QVF9PVVRDT01FX1NUT1BQRUQQBRIZChVBVFRFTVBUX09VVENPTUVfU1RBTEUQBmIGcHJvdG8z", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("Chd0YXNrcXVldWUvdjEvdGFzay5wcm90bxIMdGFza3F1ZXVlLnYxItEHCgRUYXNrEgoKAmlkGAEgASgJEg8KB2NvbW1hbmQYAiABKAkSJgoFc3RhdGUYAyABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEjAKDHNjaGVkdWxlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJcGlja2VkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWZhaWxlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY2FuY2VsbGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdhdHRlbXB0GAsgASgNEhQKDG1heF9hdHRlbXB0cxgMIAEoDRISCgp0aW1lb3V0X21zGA0gASgNEigKA2VudhgOIAMoCzIbLnRhc2txdWV1ZS52MS5UYXNrLkVudkVudHJ5EgsKA2N3ZBgPIAEoCRIRCgl3b3JrZXJfaWQYECABKAkSFgoJZXhpdF9jb2RlGBEgASgRSACIAQESDgoGc2lnbmFsGBIgASgJEg4KBnN0ZG91dBgTIAEoCRIOCgZzdGRlcnIYFCABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgVIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGBYgASgIEg0KBWVycm9yGBcgASgJEigKBXJldHJ5GBggASgLMhkudGFza3F1ZXVlLnYxLlJldHJ5UG9saWN5EhcKD2lkZW1wb3RlbmN5X2tleRgZIAEoCRI0ChBsZWFzZV9leHBpcmVzX2F0GBogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIXCg9zZWNyZXRfZW52X2tleXMYGyADKAkSKgoGcnVuX2F0GBwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIoCgZsaW1pdHMYPCABKAsyGC50YXNrcXVldWUudjEuVGFza0xpbWl0cxoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgwKCl9leGl0X2NvZGUiiAEKClRhc2tMaW1pdHMSFgoJbWVtb3J5X21iGAEgASgNSACIAQESEQoEcGlkcxgCIAEoDUgBiAEBEhMKBm5vZmlsZRgDIAEoDUgCiAEBEhAKA2NwdRgEIAEoAUgDiAEBQgwKCl9tZW1vcnlfbWJCBwoFX3BpZHNCCQoHX25vZmlsZUIGCgRfY3B1IvIBCgxBdHRlbXB0VXNhZ2USFgoObGltaXRzX2FwcGxpZWQYASABKAkSKAoGbGltaXRzGAIgASgLMhgudGFza3F1ZXVlLnYxLlRhc2tMaW1pdHMSGAoLY3B1X3VzZXJfdXMYAyABKARIAIgBARIaCg1jcHVfc3lzdGVtX3VzGAQgASgESAGIAQESHgoRcGVha19tZW1vcnlfYnl0ZXMYBSABKARIAogBARISCgpvb21fa2lsbGVkGAYgASgIQg4KDF9jcHVfdXNlcl91c0IQCg5fY3B1X3N5c3RlbV91c0IUChJfcGVha19tZW1vcnlfYnl0ZXMi4QEKC1JldHJ5UG9saWN5EhcKCm9uX2ZhaWx1cmUYASABKAhIAIgBARIXCgpvbl90aW1lb3V0GAIgASgISAGIAQESFAoHb25fbG9zdBgDIAEoCEgCiAEBEhwKD2JhY2tvZmZfYmFzZV9tcxgEIAEoDUgDiAEBEhsKDmJhY2tvZmZfY2FwX21zGAUgASgNSASIAQFCDQoLX29uX2ZhaWx1cmVCDQoLX29uX3RpbWVvdXRCCgoIX29uX2xvc3RCEgoQX2JhY2tvZmZfYmFzZV9tc0IRCg9fYmFja29mZl9jYXBfbXMi4gEKCVRhc2tFdmVudBIKCgJpZBgBIAEoCRIPCgd0YXNrX2lkGAIgASgJEgwKBGtpbmQYAyABKAkSJgoFc3RhdGUYBCABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEg8KB2F0dGVtcHQYBSABKA0SEQoJd29ya2VyX2lkGAYgASgJEiYKAmF0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVhY3RvchgIIAEoCRInCgZkZXRhaWwYCSABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0IvcDCgdBdHRlbXB0Eg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoDRIRCgl3b3JrZXJfaWQYAyABKAkSFgoOY29vcmRpbmF0b3JfaWQYBCABKAkSMQoNZGlzcGF0Y2hlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKA3BpZBgIIAEoBUgAiAEBEhYKCWV4aXRfY29kZRgJIAEoEUgBiAEBEg4KBnNpZ25hbBgKIAEoCRINCgVlcnJvchgLIAEoCRIOCgZzdGRvdXQYDCABKAkSDgoGc3RkZXJyGA0gASgJEhgKEHN0ZG91dF90cnVuY2F0ZWQYDiABKAgSGAoQc3RkZXJyX3RydW5jYXRlZBgPIAEoCBItCgdvdXRjb21lGBAgASgOMhwudGFza3F1ZXVlLnYxLkF0dGVtcHRPdXRjb21lEikKBXVzYWdlGDwgASgLMhoudGFza3F1ZXVlLnYxLkF0dGVtcHRVc2FnZUIGCgRfcGlkQgwKCl9leGl0X2NvZGUq1gEKCVRhc2tTdGF0ZRIaChZUQVNLX1NUQVRFX1VOU1BFQ0lGSUVEEAASFQoRVEFTS19TVEFURV9RVUVVRUQQARIZChVUQVNLX1NUQVRFX0RJU1BBVENIRUQQAhIWChJUQVNLX1NUQVRFX1JVTk5JTkcQAxIYChRUQVNLX1NUQVRFX1NVQ0NFRURFRBAEEhUKEVRBU0tfU1RBVEVfRkFJTEVEEAUSGAoUVEFTS19TVEFURV9USU1FRF9PVVQQBhIYChRUQVNLX1NUQVRFX0NBTkNFTExFRBAHKt0BCg5BdHRlbXB0T3V0Y29tZRIfChtBVFRFTVBUX09VVENPTUVfVU5TUEVDSUZJRUQQABIdChlBVFRFTVBUX09VVENPTUVfU1VDQ0VFREVEEAESGgoWQVRURU1QVF9PVVRDT01FX0ZBSUxFRBACEh0KGUFUVEVNUFRfT1VUQ09NRV9USU1FRF9PVVQQAxIYChRBVFRFTVBUX09VVENPTUVfTE9TVBAEEhsKF0FUVEVNUFRfT1VUQ09NRV9TVE9QUEVEEAUSGQoVQVRURU1QVF9PVVRDT01FX1NUQUxFEAZiBnByb3RvMw", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message taskqueue.v1.Task
@@ -166,6 +166,13 @@ export type Task = Message<"taskqueue.v1.Task"> & {
    * @generated from field: google.protobuf.Timestamp run_at = 28;
    */
   runAt?: Timestamp | undefined;
+
+  /**
+   * What the task asked for; unset when it asked for nothing (each worker's maxima apply).
+   *
+   * @generated from field: taskqueue.v1.TaskLimits limits = 60;
+   */
+  limits?: TaskLimits | undefined;
 };
 
 /**
@@ -174,6 +181,101 @@ export type Task = Message<"taskqueue.v1.Task"> & {
  */
 export const TaskSchema: GenMessage<Task> = /*@__PURE__*/
   messageDesc(file_taskqueue_v1_task, 0);
+
+/**
+ * Resource limits a task asks for. Each is capped by the maxima of the worker that runs it
+ * (TQ_WORKER_MAX_*), an unset one is the worker's maximum, and the attempt records what
+ * applied (AttemptUsage).
+ *
+ * @generated from message taskqueue.v1.TaskLimits
+ */
+export type TaskLimits = Message<"taskqueue.v1.TaskLimits"> & {
+  /**
+   * Memory in MiB: the cgroup's memory limit (the OOM killer ends the attempt), or without
+   * cgroups the address space (ulimit -v).
+   *
+   * @generated from field: optional uint32 memory_mb = 1;
+   */
+  memoryMb?: number | undefined;
+
+  /**
+   * Processes and threads at once (the cgroup's pids.max); not enforced without cgroups.
+   *
+   * @generated from field: optional uint32 pids = 2;
+   */
+  pids?: number | undefined;
+
+  /**
+   * Open files per process (ulimit -n).
+   *
+   * @generated from field: optional uint32 nofile = 3;
+   */
+  nofile?: number | undefined;
+
+  /**
+   * CPU cores (0.5 is half a core), the cgroup's CPU quota; not enforced without cgroups.
+   *
+   * @generated from field: optional double cpu = 4;
+   */
+  cpu?: number | undefined;
+};
+
+/**
+ * Describes the message taskqueue.v1.TaskLimits.
+ * Use `create(TaskLimitsSchema)` to create a new message.
+ */
+export const TaskLimitsSchema: GenMessage<TaskLimits> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_task, 1);
+
+/**
+ * How one attempt was limited and what it used, as its worker measured it.
+ *
+ * @generated from message taskqueue.v1.AttemptUsage
+ */
+export type AttemptUsage = Message<"taskqueue.v1.AttemptUsage"> & {
+  /**
+   * "cgroup-v1", "cgroup-v2", "rlimit" or "none".
+   *
+   * @generated from field: string limits_applied = 1;
+   */
+  limitsApplied: string;
+
+  /**
+   * The limits that held; an unset one did not.
+   *
+   * @generated from field: taskqueue.v1.TaskLimits limits = 2;
+   */
+  limits?: TaskLimits | undefined;
+
+  /**
+   * @generated from field: optional uint64 cpu_user_us = 3;
+   */
+  cpuUserUs?: bigint | undefined;
+
+  /**
+   * @generated from field: optional uint64 cpu_system_us = 4;
+   */
+  cpuSystemUs?: bigint | undefined;
+
+  /**
+   * @generated from field: optional uint64 peak_memory_bytes = 5;
+   */
+  peakMemoryBytes?: bigint | undefined;
+
+  /**
+   * The kernel's OOM killer killed a process of the attempt.
+   *
+   * @generated from field: bool oom_killed = 6;
+   */
+  oomKilled: boolean;
+};
+
+/**
+ * Describes the message taskqueue.v1.AttemptUsage.
+ * Use `create(AttemptUsageSchema)` to create a new message.
+ */
+export const AttemptUsageSchema: GenMessage<AttemptUsage> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_task, 2);
 
 /**
  * What is retried while attempts remain, and the exponential backoff (with jitter) between
@@ -217,7 +319,7 @@ export type RetryPolicy = Message<"taskqueue.v1.RetryPolicy"> & {
  * Use `create(RetryPolicySchema)` to create a new message.
  */
 export const RetryPolicySchema: GenMessage<RetryPolicy> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 1);
+  messageDesc(file_taskqueue_v1_task, 3);
 
 /**
  * TaskEvent is one row of the append-only task_events history.
@@ -288,7 +390,7 @@ export type TaskEvent = Message<"taskqueue.v1.TaskEvent"> & {
  * Use `create(TaskEventSchema)` to create a new message.
  */
 export const TaskEventSchema: GenMessage<TaskEvent> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 2);
+  messageDesc(file_taskqueue_v1_task, 4);
 
 /**
  * Attempt is one row of task_attempts: one dispatch of a task and what came of it.
@@ -377,6 +479,13 @@ export type Attempt = Message<"taskqueue.v1.Attempt"> & {
    * @generated from field: taskqueue.v1.AttemptOutcome outcome = 16;
    */
   outcome: AttemptOutcome;
+
+  /**
+   * Unset until the attempt's result arrived, and from workers that do not measure.
+   *
+   * @generated from field: taskqueue.v1.AttemptUsage usage = 60;
+   */
+  usage?: AttemptUsage | undefined;
 };
 
 /**
@@ -384,7 +493,7 @@ export type Attempt = Message<"taskqueue.v1.Attempt"> & {
  * Use `create(AttemptSchema)` to create a new message.
  */
 export const AttemptSchema: GenMessage<Attempt> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 3);
+  messageDesc(file_taskqueue_v1_task, 5);
 
 /**
  * TaskState mirrors the `state` column of the tasks table; src/task/state.ts documents who
