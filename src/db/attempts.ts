@@ -90,7 +90,7 @@ export async function recordUsage(
   if (!usage) return;
   const int = (value: number | null) => (value === null ? null : Math.max(0, Math.round(value)));
   await sql`
-    UPDATE task_attempts SET limits_applied = ${usage.limitsApplied}, limits = ${JSON.stringify(usage.limits)}::jsonb,
+    UPDATE task_attempts SET limits_applied = ${usage.limitsApplied}, limits = ${JSON.stringify(usage.limits)}::text::jsonb,
       cpu_user_us = ${int(usage.cpuUserUs)}::bigint, cpu_system_us = ${int(usage.cpuSystemUs)}::bigint,
       peak_memory_bytes = ${int(usage.peakMemoryBytes)}::bigint, oom_killed = ${usage.oomKilled}
     WHERE task_id = ${ref.taskId} AND attempt = ${ref.attempt} AND worker_id = ${ref.workerId}`;
