@@ -102,6 +102,7 @@ const TASK_KEYS = [
   "id",
   "idempotency_key",
   "lease_expires_at",
+  "limits",
   "max_attempts",
   "picked_at",
   "retry",
