@@ -146,6 +146,8 @@ function detectV2(own: string, dirName: string): Detected {
 const CPU_PERIOD_US = 100_000;
 /** Rounds of kill-and-wait (each up to ~200 ms) before killAll gives up on a cgroup that will not empty. */
 const KILL_ROUNDS = 25;
+/** How long freezeAndKill waits for FREEZING to become FROZEN before it kills what it sees anyway. */
+const FREEZE_WAIT_MS = 50;
 
 class V1Cgroups implements Cgroups {
   readonly version = "v1";
@@ -214,15 +216,29 @@ class V1TaskCgroup implements TaskCgroup {
   }
 
   async killAll(): Promise<void> {
-    const state = join(this.freezer, "freezer.state");
+    // Everything listed now gets SIGKILL before anything is awaited: a worker exiting at once
+    // may never come back from the await.
+    this.signal("SIGKILL");
     for (let round = 0; round < KILL_ROUNDS && this.populated(); round++) {
-      tryWrite(state, "FROZEN");
-      // FREEZING until every task has stopped; a process that is mid-fork finishes it first.
-      for (let i = 0; i < 200 && readText(state) === "FREEZING"; i++) await Bun.sleep(1);
-      this.signal("SIGKILL");
-      tryWrite(state, "THAWED");
       for (let i = 0; i < 200 && this.populated(); i++) await Bun.sleep(1);
+      if (this.populated()) this.freezeAndKill();
     }
+  }
+
+  /**
+   * What forked past the first SIGKILL: freeze the cgroup so that nothing forks while it is
+   * read, SIGKILL what it lists, thaw it so the kills are delivered. Synchronous from freeze to
+   * thaw, so the cgroup is never left frozen by a worker that exits meanwhile.
+   */
+  private freezeAndKill(): void {
+    const state = join(this.freezer, "freezer.state");
+    tryWrite(state, "FROZEN");
+    const deadline = performance.now() + FREEZE_WAIT_MS;
+    while (readText(state) === "FREEZING" && performance.now() < deadline) {
+      // Spin: a frozen cgroup must not wait on the event loop.
+    }
+    this.signal("SIGKILL");
+    tryWrite(state, "THAWED");
   }
 
   usage(): CgroupUsage {
