@@ -5,7 +5,7 @@
 // remove. Everything here needs write access to the hierarchy (root, for v1 on these hosts);
 // detectCgroups says why when it cannot have it, and the worker falls back to rlimits.
 import { chownSync, existsSync, mkdirSync, readdirSync, readFileSync, rmdirSync, writeFileSync } from "node:fs";
-import { join } from "node:path";
+import { basename, dirname, join } from "node:path";
 
 export type CgroupVersion = "v1" | "v2";
 
@@ -61,7 +61,10 @@ export interface Cgroups {
 export type Detected = { ok: true; cgroups: Cgroups } | { ok: false; why: string };
 
 export interface DetectOptions {
-  /** Name of this worker's directory under its own cgroup. Defaults to `taskqueue-<pid>`. */
+  /**
+   * Name of this worker's directory under its own cgroup: `taskqueue-<pid>-<anything>`, so
+   * that a later worker can tell a dead one's leftovers and remove them. Defaults to `taskqueue-<pid>-worker`.
+   */
   dirName?: string;
   /** Read instead of /proc/self (tests). */
   procSelf?: string;
@@ -86,7 +89,7 @@ interface Mounts {
 /** Finds a hierarchy the worker may create cgroups in; v1 first, as on these hosts. */
 export function detectCgroups(options: DetectOptions = {}): Detected {
   const self = options.procSelf ?? "/proc/self";
-  const dirName = options.dirName ?? `taskqueue-${process.pid}`;
+  const dirName = options.dirName ?? `taskqueue-${process.pid}-worker`;
   let membership: Membership;
   let mounts: Mounts;
   try {
@@ -104,7 +107,10 @@ export function detectCgroups(options: DetectOptions = {}): Detected {
       if (mount !== undefined && path !== undefined) dirs.set(c, join(mount, path, dirName));
     }
     try {
-      for (const dir of dirs.values()) mkdirSync(dir, { recursive: true });
+      for (const dir of dirs.values()) {
+        sweepSiblings(dir);
+        mkdirSync(dir, { recursive: true });
+      }
     } catch (err) {
       removeDirs([...dirs.values()]);
       return { ok: false, why: `cgroup v1 is mounted but ${errorText(err)} (the worker needs root to create cgroups)` };
@@ -162,6 +168,8 @@ class V1Cgroups implements Cgroups {
     try {
       for (const [c, parent] of this.dirs) {
         const dir = join(parent, name);
+        // recursive: the worker's own directory comes back if another worker swept it while empty.
+        mkdirSync(parent, { recursive: true });
         mkdirSync(dir);
         dirs.set(c, dir);
       }
@@ -390,6 +398,36 @@ export function parseMounts(text: string): Mounts {
     }
   }
   return { v1, v2 };
+}
+
+/**
+ * Removes what workers killed outright left beside `dir`: a directory named
+ * `<prefix>-<pid>-...` whose pid no longer runs, with its attempts' cgroups (rmdir refuses one
+ * a process is still in). A live worker's directory is never touched.
+ */
+function sweepSiblings(dir: string): void {
+  const parent = dirname(dir);
+  const prefix = /^([a-z]+)-\d+-/.exec(basename(dir))?.[1];
+  if (prefix === undefined) return;
+  const pattern = new RegExp(`^${prefix}-(\\d+)-`);
+  try {
+    for (const entry of readdirSync(parent, { withFileTypes: true })) {
+      const pid = pattern.exec(entry.name)?.[1];
+      if (!entry.isDirectory() || pid === undefined || join(parent, entry.name) === dir || processExists(Number(pid))) continue;
+      removeDirs([join(parent, entry.name)]);
+    }
+  } catch {
+    // Not readable: nothing to sweep.
+  }
+}
+
+function processExists(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as { code?: string }).code === "EPERM";
+  }
 }
 
 function removeDirs(dirs: string[]): void {

@@ -219,12 +219,18 @@ export function oomError(limits: EffectiveLimits): string {
  * its own directory, `name`, there) and logs which mechanism its tasks get, and why not
  * cgroups when it falls back to rlimits.
  */
-export function createLimiter(options: { mode: LimitsMode; maxima: LimitMaxima; name: string; log: Logger }): Limiter {
+export function createLimiter(options: {
+  mode: LimitsMode;
+  maxima: LimitMaxima;
+  /** Unique among the workers of this process (the worker id). */
+  name: string;
+  log: Logger;
+}): Limiter {
   const { mode, maxima, log } = options;
   let cgroups: Cgroups | null = null;
   let why: string | undefined;
   if (mode === "auto") {
-    const detected = detectCgroups({ dirName: options.name });
+    const detected = detectCgroups({ dirName: `taskqueue-${process.pid}-${options.name}` });
     if (detected.ok) cgroups = detected.cgroups;
     else why = detected.why;
   }

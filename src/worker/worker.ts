@@ -92,7 +92,7 @@ export class Worker {
     this.limiter = createLimiter({
       mode: options.limits?.mode ?? "none",
       maxima: options.limits?.maxima ?? { memoryMb: 0, pids: 0, nofile: 0, cpu: 0 },
-      name: `taskqueue-${this.workerId}`,
+      name: this.workerId,
       log: options.log,
     });
     this.attempts = new Attempts({

@@ -20,7 +20,7 @@ const db = useTestDatabase();
 /** Why the cgroup cases cannot run here, or null when they can. */
 function cgroupsUnavailable(): string | null {
   if (process.getuid?.() !== 0) return "not root";
-  const probe = detectCgroups({ dirName: `taskqueue-probe-${process.pid}` });
+  const probe = detectCgroups({ dirName: `taskqueue-${process.pid}-probe` });
   if (!probe.ok) return probe.why;
   probe.cgroups.close();
   return null;

@@ -75,7 +75,7 @@ test("cgroup membership and mounts are read from /proc/self (v1 hybrid host and 
 });
 
 const isRoot = process.getuid?.() === 0;
-const detected = isRoot ? detectCgroups({ dirName: `taskqueue-unit-${process.pid}` }) : null;
+const detected = isRoot ? detectCgroups({ dirName: `taskqueue-${process.pid}-unit` }) : null;
 const cgroups = detected?.ok ? detected.cgroups : null;
 if (!cgroups) {
   console.warn(`test/unit/limits.test.ts: skipping the cgroup cases: ${isRoot ? (detected as { why: string }).why : "not root"}`);
