@@ -110,6 +110,11 @@ export const ConfigSchema = Type.Object({
     "On SIGTERM a worker lets running tasks finish for this long, then hands them back. Defaults to 30000 ms.",
     0,
   ),
+  TQ_WORKER_REFUSED_BACKOFF_MS: Millis(
+    30_000,
+    "How long a worker waits before dialing again after a coordinator refused its protocol version (FAILED_PRECONDITION), with jitter. Defaults to 30000 ms.",
+    10,
+  ),
   TQ_KILL_GRACE_MS: Millis(5000, "Between SIGTERM and SIGKILL when a task times out or is stopped. Defaults to 5000 ms.", 0),
   TQ_SAFETY_POLL_MS: Millis(
     5000,

@@ -27,7 +27,7 @@ await runRole("start", async (config, log) => {
     });
     url = embedded.url;
   }
-  await migrateDatabase(url);
+  await migrateDatabase(url, log);
   const coordinator = new Coordinator(config, url, log.child({ component: "coordinator" }));
   const scheduler = new Scheduler(config, url, log.child({ component: "scheduler" }));
   const info = await coordinator.start();

@@ -135,7 +135,8 @@ export class Completer {
       try {
         let applied = true;
         // The requeue's NOTIFY wakes every coordinator's dispatcher.
-        if (action.kind === "requeue") applied = (await requeueAttempt(this.options.sql, target, action.reason)) !== null;
+        if (action.kind === "requeue")
+          applied = (await requeueAttempt(this.options.sql, target, action.reason, action.cause)) !== null;
         else await recordAttemptStopped(this.options.sql, target, action.reason, action.usage);
         this.ack(worker, target, !applied);
         return;

@@ -6,6 +6,7 @@
 // Every other part reads that through WorkerConnection and changes it only through a verb here
 // (reserve, release, heard, heartbeat, drain, streamEnded, expireUnreported).
 import type { CoordinatorMessage } from "../gen/taskqueue/v1/worker_service_pb";
+import type { Feature } from "../rpc/protocol";
 import { attemptKey } from "../task/attempt";
 
 /** One attempt as a worker names it on its stream. */
@@ -16,6 +17,8 @@ export interface WorkerConnection {
   readonly id: string;
   readonly name: string;
   readonly slots: number;
+  /** The features agreed at Hello (src/rpc/protocol.ts): nothing else is relied on. */
+  readonly features: ReadonlySet<Feature>;
   /**
    * Attempts this coordinator counts against the worker's slots, by attemptKey, with
    * when they were assigned (performance.now()). An attempt leaves when its result arrives,
@@ -42,6 +45,8 @@ export interface WorkerJoin {
   slots: number;
   /** The attempts it still runs or holds a result for: they count against its slots. */
   held: readonly HeldRef[];
+  /** The features agreed with it (src/rpc/protocol.ts agreeWithWorker). */
+  features: ReadonlySet<Feature>;
 }
 
 /** The stream under a connection, as the session that serves it gives it to the registry. */
@@ -65,6 +70,7 @@ class Connection implements WorkerConnection {
     readonly id: string,
     readonly name: string,
     readonly slots: number,
+    readonly features: ReadonlySet<Feature>,
     held: readonly HeldRef[],
     now: number,
     private readonly registry: WorkerRegistry,
@@ -110,7 +116,7 @@ export class WorkerRegistry {
    * nothing until it is, but its reports are counted from now on.
    */
   open(join: WorkerJoin, link: WorkerLink, now = performance.now()): WorkerConnection {
-    return new Connection(join.id, join.name, join.slots, join.held, now, this, link);
+    return new Connection(join.id, join.name, join.slots, new Set(join.features), join.held, now, this, link);
   }
 
   /** Adds a connection, in place of any earlier one of the same worker. */

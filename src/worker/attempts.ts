@@ -5,7 +5,7 @@
 import type { Assign, TaskRef } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
 import { limitsFromProto } from "../rpc/convert";
-import { attemptKey } from "../task/attempt";
+import { attemptKey, type LossCause } from "../task/attempt";
 import { type Execution, execute, type RunResult } from "./executor";
 import type { Limiter } from "./limits";
 
@@ -13,10 +13,14 @@ import type { Limiter } from "./limits";
 export interface AttemptEvents {
   /** The command was spawned. */
   started(ref: TaskRef, pid: number, startedAt: Date): void;
-  /** The command ended; `stopReason` is why the coordinator stopped it, if it did. */
-  finished(ref: TaskRef, result: RunResult, stopReason: string | undefined): void;
+  /**
+   * The command ended; `stopReason` is why it was stopped (told to, or handed back), if it
+   * was. `interrupted`: it was handed back for the worker's own reasons (drain), which do not
+   * count against the task's attempts.
+   */
+  finished(ref: TaskRef, result: RunResult, stopReason: string | undefined, interrupted: boolean): void;
   /** The attempt ended before its command started: cancelled, or handed back while it waited. */
-  notStarted(ref: TaskRef, outcome: "cancelled" | "abandoned", why: string): void;
+  notStarted(ref: TaskRef, outcome: "cancelled" | "abandoned", why: string, interrupted: boolean): void;
 }
 
 export interface AttemptsOptions {
@@ -36,8 +40,10 @@ interface HeldAttempt {
   execution: Execution | null;
   /** Waits out the start time, while the attempt waits. */
   startTimer?: ReturnType<typeof setTimeout>;
-  /** Why the coordinator told us to stop it, if it did. */
+  /** Why it was stopped (the coordinator's Cancel, or our hand-back), if it was. */
   stopReason?: string;
+  /** Why we handed it back, if we did: interrupted (drain) or lost (our lease lapsed). */
+  handBack?: LossCause;
 }
 
 export class Attempts {
@@ -94,14 +100,17 @@ export class Attempts {
     this.stop(k, attempt, "cancelled", attempt.stopReason);
   }
 
-  /** Hands back every attempt still waiting for its start time (we take no new work). */
-  releaseWaiting(why: string): void {
-    for (const [k, attempt] of this.held) if (!attempt.execution) this.stop(k, attempt, "abandoned", why);
+  /**
+   * Hands back every attempt still waiting for its start time (we take no new work).
+   * `cause`: interrupted (drain) or lost (our lease lapsed), as the coordinator is told.
+   */
+  releaseWaiting(why: string, cause: LossCause): void {
+    for (const [k, attempt] of this.held) if (!attempt.execution) this.handBack(k, attempt, why, cause);
   }
 
   /** Hands back every attempt, waiting or running: running ones once their process group has exited. */
-  abandonAll(why: string): void {
-    for (const [k, attempt] of this.held) this.stop(k, attempt, "abandoned", why);
+  abandonAll(why: string, cause: LossCause): void {
+    for (const [k, attempt] of this.held) this.handBack(k, attempt, why, cause);
   }
 
   /** Kills every running command's process group at once, without grace: the worker exits now. */
@@ -138,9 +147,16 @@ export class Attempts {
           "task stopped",
         );
       }
-      this.options.events.finished(ref, result, attempt.stopReason);
+      this.options.events.finished(ref, result, attempt.stopReason, attempt.handBack === "interrupted");
       this.settle();
     });
+  }
+
+  /** The first hand-back decides what the coordinator is told (a drain after a lapse is still a lapse). */
+  private handBack(k: string, attempt: HeldAttempt, why: string, cause: LossCause): void {
+    attempt.handBack ??= cause;
+    attempt.stopReason ??= why;
+    this.stop(k, attempt, "abandoned", attempt.stopReason);
   }
 
   /**
@@ -154,7 +170,12 @@ export class Attempts {
     }
     clearTimeout(attempt.startTimer);
     this.held.delete(k);
-    this.options.events.notStarted(attempt.assign.ref!, outcome, why);
+    this.options.events.notStarted(
+      attempt.assign.ref!,
+      outcome,
+      why,
+      outcome === "abandoned" && attempt.handBack === "interrupted",
+    );
     this.settle();
   }
 

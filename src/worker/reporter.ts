@@ -35,9 +35,12 @@ export class Reporter implements AttemptEvents {
     return this.unacknowledged.has(attemptKey(ref.taskId, ref.attempt));
   }
 
-  /** Opens a stream: who we are, and every attempt we hold (`running` and unacknowledged). */
-  hello(introduction: HelloFields, running: TaskRef[]): void {
-    this.send(helloMessage(introduction, this.held(running)));
+  /**
+   * Opens a stream: who we are, every attempt we hold (`running` and unacknowledged), and our
+   * wall clock, so that the coordinator can tell how far it is off.
+   */
+  hello(introduction: HelloFields, running: TaskRef[], wallClock: Date): void {
+    this.send(helloMessage(introduction, this.held(running), wallClock));
   }
 
   heartbeat(running: TaskRef[], draining: boolean): void {
@@ -64,12 +67,12 @@ export class Reporter implements AttemptEvents {
     this.send(startedMessage(ref, pid, startedAt));
   }
 
-  finished(ref: TaskRef, result: RunResult, stopReason: string | undefined): void {
-    this.keep(ranResult(ref, result, stopReason));
+  finished(ref: TaskRef, result: RunResult, stopReason: string | undefined, interrupted: boolean): void {
+    this.keep(ranResult(ref, result, stopReason, interrupted));
   }
 
-  notStarted(ref: TaskRef, outcome: "cancelled" | "abandoned", why: string): void {
-    this.keep(notStartedResult(ref, outcome, why));
+  notStarted(ref: TaskRef, outcome: "cancelled" | "abandoned", why: string, interrupted: boolean): void {
+    this.keep(notStartedResult(ref, outcome, why, interrupted));
   }
 
   private keep(finished: TaskFinished): void {
@@ -93,8 +96,12 @@ const OUTCOMES: Record<RunResult["outcome"], Outcome> = {
   abandoned: Outcome.ABANDONED,
 };
 
-/** The result of an attempt whose command ran. */
-function ranResult(ref: TaskRef, result: RunResult, stopReason: string | undefined): TaskFinished {
+/**
+ * The result of an attempt whose command ran. A stopped one says why (the Cancel's reason, or
+ * the hand-back's); a handed-back one whether it was interrupted.
+ */
+function ranResult(ref: TaskRef, result: RunResult, stopReason: string | undefined, interrupted: boolean): TaskFinished {
+  const stopped = result.outcome === "cancelled" || result.outcome === "abandoned";
   return create(TaskFinishedSchema, {
     ref,
     outcome: OUTCOMES[result.outcome],
@@ -104,15 +111,23 @@ function ranResult(ref: TaskRef, result: RunResult, stopReason: string | undefin
     stderr: result.stderr,
     stdoutTruncated: result.stdoutTruncated,
     stderrTruncated: result.stderrTruncated,
-    error: result.error ?? (result.outcome === "cancelled" ? (stopReason ?? "") : ""),
+    error: result.error ?? (stopped ? (stopReason ?? "") : ""),
     startedAt: timestampFromDate(result.startedAt),
     finishedAt: timestampFromDate(result.finishedAt),
+    interrupted: result.outcome === "abandoned" && interrupted,
     usage: result.usage ? usageToProto(result.usage) : undefined,
   });
 }
 
 /** The result of an attempt whose command never started here. */
-function notStartedResult(ref: TaskRef, outcome: "cancelled" | "abandoned", why: string): TaskFinished {
+function notStartedResult(ref: TaskRef, outcome: "cancelled" | "abandoned", why: string, interrupted: boolean): TaskFinished {
   const now = timestampFromDate(new Date());
-  return create(TaskFinishedSchema, { ref, outcome: OUTCOMES[outcome], error: why, startedAt: now, finishedAt: now });
+  return create(TaskFinishedSchema, {
+    ref,
+    outcome: OUTCOMES[outcome],
+    error: why,
+    startedAt: now,
+    finishedAt: now,
+    interrupted: outcome === "abandoned" && interrupted,
+  });
 }

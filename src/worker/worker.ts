@@ -40,6 +40,8 @@ export interface WorkerOptions {
   killGraceMs: number;
   drainGraceMs: number;
   maxOutputBytes: number;
+  /** Wait before dialing again after a coordinator refused our protocol. Defaults to 30 s. */
+  refusedBackoffMs?: number;
   version?: string;
   /** Join token sent to the coordinator (authorization: Bearer). */
   workerToken?: string;
@@ -50,6 +52,11 @@ export interface WorkerOptions {
   onRevoked?: () => void;
   /** Environment the tasks inherit; the executor strips the worker's own settings from it. */
   baseEnv: Record<string, string | undefined>;
+  /**
+   * The wall clock, in ms since the epoch, that the worker says in Hello and judges the lease
+   * of an older coordinator's assignment by (tests set one that runs fast). Defaults to Date.now.
+   */
+  now?: () => number;
   /** How tasks are limited and this worker's maxima (src/worker/limits.ts). Defaults to no limits. */
   limits?: { mode: LimitsMode; maxima: LimitMaxima };
 }
@@ -77,6 +84,11 @@ export class Worker {
   private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
   /** Dials that failed since the last Welcome; the reconnect backoff grows with them. */
   private dialFailures = 0;
+  /**
+   * Why the last coordinator refused to serve us (FAILED_PRECONDITION: its protocol and ours do
+   * not meet); set until the next Welcome. Dialing again soon would only be refused again.
+   */
+  private refusal: string | null = null;
   /** Where in the coordinator list to dial next: starts random, so that workers spread over coordinators. */
   private addressIndex: number;
   /** The coordinator's lease on our attempts (its heartbeat timeout plus an interval), from Welcome. */
@@ -85,7 +97,11 @@ export class Worker {
   private cutOffTimer: ReturnType<typeof setTimeout> | null = null;
   private readonly welcomeWaiters = new Set<() => void>();
 
+  /** Our wall clock (WorkerOptions.now). */
+  private readonly now: () => number;
+
   constructor(private readonly options: WorkerOptions) {
+    this.now = options.now ?? Date.now;
     this.workerId = options.id ?? Bun.randomUUIDv7();
     this.addressIndex = Math.floor(Math.random() * options.addresses.length);
     this.leaseMs = leaseMsFor(options);
@@ -142,7 +158,7 @@ export class Worker {
       const timeout = Bun.sleep(grace).then(() => "timeout" as const);
       if ((await Promise.race([this.attempts.empty(), timeout])) === "timeout") {
         this.options.log.warn({ running: this.attempts.size }, "drain grace over: handing running tasks back");
-        this.attempts.abandonAll("the worker is draining");
+        this.attempts.abandonAll("the worker is draining", "interrupted");
         await this.attempts.empty();
       }
     }
@@ -207,6 +223,7 @@ export class Worker {
         this.resumeToken = "";
         this.options.log.warn({ id: this.workerId }, "the coordinator refused our worker id; continuing under a new one");
       }
+      if (error.code === grpc.status.FAILED_PRECONDITION && this.stream === stream) this.refusal = error.details || error.message;
       onClosed(error.details || error.message);
     });
     stream.on("end", () => onClosed("stream ended"));
@@ -220,6 +237,7 @@ export class Worker {
         resumeToken: this.resumeToken,
       },
       this.attempts.refs(),
+      new Date(this.now()),
     );
   }
 
@@ -236,7 +254,7 @@ export class Worker {
     this.closed = true;
     this.welcomed = false;
     this.resumeToken = "";
-    this.attempts.releaseWaiting("the worker's credential was revoked");
+    this.attempts.releaseWaiting("the worker's credential was revoked", "lost");
     this.attempts.killAll();
     this.clearTimers();
     this.stream = null;
@@ -257,8 +275,18 @@ export class Worker {
     this.dialFailures = wasWelcomed ? 1 : this.dialFailures + 1;
     // Move on to the next coordinator in the list after a failure there.
     this.addressIndex++;
-    const backoff = Math.min(5000, 100 * 2 ** Math.min(this.dialFailures - 1, 6));
+    const backoff = this.refusal
+      ? (this.options.refusedBackoffMs ?? 30_000)
+      : Math.min(5000, 100 * 2 ** Math.min(this.dialFailures - 1, 6));
     const delay = Math.round(backoff / 2 + (Math.random() * backoff) / 2);
+    if (this.refusal) {
+      // Not a crash: the process stays up, drains on a signal as ever, and tries again slowly
+      // (the next address in the list may be a coordinator that serves us).
+      this.options.log.error(
+        { event: "worker.refused", address, why: this.refusal, retryInMs: delay },
+        "the coordinator cannot serve this worker's protocol version",
+      );
+    }
     this.options.log.warn({ event: "worker.disconnected", address, why, retryInMs: delay }, "disconnected from coordinator");
     this.reconnectTimer = setTimeout(() => this.connect(), delay);
   }
@@ -288,12 +316,21 @@ export class Worker {
 
   private welcome(welcome: Welcome): void {
     this.welcomed = true;
+    this.refusal = null;
     if (welcome.resumeToken) this.resumeToken = welcome.resumeToken;
     this.dialFailures = 0;
     if (welcome.heartbeatTimeoutMs > 0) this.leaseMs = leaseMsFor(welcome);
     if (this.cutOffTimer) clearTimeout(this.cutOffTimer);
     this.cutOffTimer = null;
-    this.options.log.info({ event: "worker.connected", coordinator: welcome.coordinatorId }, "connected");
+    this.options.log.info(
+      {
+        event: "worker.connected",
+        coordinator: welcome.coordinatorId,
+        protocol: welcome.protocolVersion,
+        features: welcome.features,
+      },
+      "connected",
+    );
     this.reporter.resend();
     this.heartbeatTimer = setInterval(() => this.heartbeat(), this.options.heartbeatIntervalMs);
     for (const resolve of this.welcomeWaiters) resolve();
@@ -305,17 +342,17 @@ export class Worker {
     if (!ref) return;
     if (this.attempts.holds(ref) || this.reporter.holds(ref)) return; // a duplicate delivery
     if (this.draining) {
-      // Raced with our drain: hand it straight back.
-      this.reporter.notStarted(ref, "abandoned", "the worker is draining");
+      // Raced with our drain: hand it straight back, not counted against the task.
+      this.reporter.notStarted(ref, "abandoned", "the worker is draining", true);
       return;
     }
-    if (assign.leaseExpiresAt && timestampMs(assign.leaseExpiresAt) < Date.now()) {
-      // Held up past its lease (we were frozen, say): it may already run elsewhere.
+    if (leaseLapsed(assign, this.now)) {
+      // It may already run elsewhere.
       this.options.log.warn(
         { task: ref.taskId, attempt: ref.attempt },
         "assignment arrived after its lease lapsed; not running it",
       );
-      this.reporter.notStarted(ref, "abandoned", "the assignment arrived after its lease lapsed");
+      this.reporter.notStarted(ref, "abandoned", "the assignment arrived after its lease lapsed", false);
       return;
     }
     this.attempts.take(assign);
@@ -324,7 +361,7 @@ export class Worker {
   /** Takes no new work from now on: hands back what waits for its start time, and says so. */
   private drain(): void {
     this.draining = true;
-    this.attempts.releaseWaiting("the worker is draining");
+    this.attempts.releaseWaiting("the worker is draining", "interrupted");
     this.heartbeat();
   }
 
@@ -346,7 +383,7 @@ export class Worker {
         { running: this.attempts.size, leaseMs: this.leaseMs },
         "lease lapsed while disconnected: stopping tasks",
       );
-      this.attempts.abandonAll("the lease lapsed while the worker was cut off");
+      this.attempts.abandonAll("the lease lapsed while the worker was cut off", "lost");
     }, this.leaseMs);
   }
 
@@ -366,4 +403,17 @@ export class Worker {
     this.reconnectTimer = null;
     this.cutOffTimer = null;
   }
+}
+
+/**
+ * Whether an assignment's lease ran out before we could take it. `lease_ms` is what was left
+ * as the coordinator sent it, on its monotonic clock; we take the assignment at once on
+ * receipt, so what is left on ours is the same, and no wall clock is compared with another
+ * host's (a worker whose clock runs fast would otherwise refuse every assignment). Zero: it
+ * lapsed before it was sent. An older coordinator sends only lease_expires_at, a time by the
+ * database's clock, which is all we can compare with our own wall clock.
+ */
+export function leaseLapsed(assign: Pick<Assign, "leaseMs" | "leaseExpiresAt">, now: () => number): boolean {
+  if (assign.leaseMs !== undefined) return assign.leaseMs <= 0;
+  return assign.leaseExpiresAt !== undefined && timestampMs(assign.leaseExpiresAt) < now();
 }

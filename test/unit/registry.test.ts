@@ -18,7 +18,7 @@ function open(
     return { taskId, attempt: Number(attempt) };
   });
   const worker = registry.open(
-    { id, name: id, slots, held: refs },
+    { id, name: id, slots, held: refs, features: new Set() },
     { write: (message) => sent.push(message), close: (reason) => closed.push(reason) },
     at,
   );
@@ -205,6 +205,7 @@ test("a connection the registry did not open is refused by its verbs", () => {
     id: "x",
     name: "x",
     slots: 1,
+    features: new Set(),
     inFlight: new Map(),
     reported: [],
     draining: false,

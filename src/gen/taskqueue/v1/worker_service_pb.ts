@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file taskqueue/v1/worker_service.proto.
  */
 export const file_taskqueue_v1_worker_service: GenFile = /*@__PURE__*/
-  fileDesc("CiF0YXNrcXVldWUvdjEvd29ya2VyX3NlcnZpY2UucHJvdG8SDHRhc2txdWV1ZS52MSLMAQoNV29ya2VyTWVzc2FnZRIkCgVoZWxsbxgBIAEoCzITLnRhc2txdWV1ZS52MS5IZWxsb0gAEiwKCWhlYXJ0YmVhdBgCIAEoCzIXLnRhc2txdWV1ZS52MS5IZWFydGJlYXRIABIsCgdzdGFydGVkGAMgASgLMhkudGFza3F1ZXVlLnYxLlRhc2tTdGFydGVkSAASLgoIZmluaXNoZWQYBCABKAsyGi50YXNrcXVldWUudjEuVGFza0ZpbmlzaGVkSABCCQoHcGF5bG9hZCLhAQoSQ29vcmRpbmF0b3JNZXNzYWdlEigKB3dlbGNvbWUYASABKAsyFS50YXNrcXVldWUudjEuV2VsY29tZUgAEiYKBmFzc2lnbhgCIAEoCzIULnRhc2txdWV1ZS52MS5Bc3NpZ25IABImCgZjYW5jZWwYAyABKAsyFC50YXNrcXVldWUudjEuQ2FuY2VsSAASIAoDYWNrGAQgASgLMhEudGFza3F1ZXVlLnYxLkFja0gAEiQKBWRyYWluGAUgASgLMhMudGFza3F1ZXVlLnYxLkRyYWluSABCCQoHcGF5bG9hZCIrCgdUYXNrUmVmEg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoDSLoAQoFSGVsbG8SEQoJd29ya2VyX2lkGAEgASgJEgwKBG5hbWUYAiABKAkSDQoFc2xvdHMYAyABKA0SDwoHdmVyc2lvbhgEIAEoCRIoCglpbl9mbGlnaHQYBSADKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhIvCgZsYWJlbHMYBiADKAsyHy50YXNrcXVldWUudjEuSGVsbG8uTGFiZWxzRW50cnkSFAoMcmVzdW1lX3Rva2VuGAcgASgJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiUgoJSGVhcnRiZWF0EgsKA3NlcRgBIAEoBBImCgdydW5uaW5nGAIgAygLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSEAoIZHJhaW5pbmcYAyABKAgibgoLVGFza1N0YXJ0ZWQSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSCwoDcGlkGAIgASgNEi4KCnN0YXJ0ZWRfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIv8CCgxUYXNrRmluaXNoZWQSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSJgoHb3V0Y29tZRgCIAEoDjIVLnRhc2txdWV1ZS52MS5PdXRjb21lEhYKCWV4aXRfY29kZRgDIAEoEUgAiAEBEg4KBnNpZ25hbBgEIAEoCRIOCgZzdGRvdXQYBSABKAkSDgoGc3RkZXJyGAYgASgJEhgKEHN0ZG91dF90cnVuY2F0ZWQYByABKAgSGAoQc3RkZXJyX3RydW5jYXRlZBgIIAEoCBINCgVlcnJvchgJIAEoCRIuCgpzdGFydGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hlZF9hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKQoFdXNhZ2UYPCABKAsyGi50YXNrcXVldWUudjEuQXR0ZW1wdFVzYWdlQgwKCl9leGl0X2NvZGUihwEKB1dlbGNvbWUSEQoJd29ya2VyX2lkGAEgASgJEhYKDmNvb3JkaW5hdG9yX2lkGAIgASgJEh0KFWhlYXJ0YmVhdF9pbnRlcnZhbF9tcxgDIAEoDRIcChRoZWFydGJlYXRfdGltZW91dF9tcxgEIAEoDRIUCgxyZXN1bWVfdG9rZW4YBSABKAkiqwIKBkFzc2lnbhIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhIPCgdjb21tYW5kGAIgASgJEioKA2VudhgDIAMoCzIdLnRhc2txdWV1ZS52MS5Bc3NpZ24uRW52RW50cnkSCwoDY3dkGAQgASgJEhIKCnRpbWVvdXRfbXMYBSABKA0SNAoQbGVhc2VfZXhwaXJlc19hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLc3RhcnRfaW5fbXMYByABKA0SKAoGbGltaXRzGDwgASgLMhgudGFza3F1ZXVlLnYxLlRhc2tMaW1pdHMaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASI8CgZDYW5jZWwSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSDgoGcmVhc29uGAIgASgJIjgKA0FjaxIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhINCgVzdGFsZRgCIAEoCCIXCgVEcmFpbhIOCgZyZWFzb24YASABKAkqlQEKB091dGNvbWUSFwoTT1VUQ09NRV9VTlNQRUNJRklFRBAAEhIKDk9VVENPTUVfRVhJVEVEEAESGAoUT1VUQ09NRV9TUEFXTl9GQUlMRUQQAhIVChFPVVRDT01FX1RJTUVEX09VVBADEhUKEU9VVENPTUVfQ0FOQ0VMTEVEEAQSFQoRT1VUQ09NRV9BQkFORE9ORUQQBTJdCg1Xb3JrZXJTZXJ2aWNlEkwKB0Nvbm5lY3QSGy50YXNrcXVldWUudjEuV29ya2VyTWVzc2FnZRogLnRhc2txdWV1ZS52MS5Db29yZGluYXRvck1lc3NhZ2UoATABYgZwcm90bzM", [file_google_protobuf_timestamp, file_taskqueue_v1_task]);
+  fileDesc("CiF0YXNrcXVldWUvdjEvd29ya2VyX3NlcnZpY2UucHJvdG8SDHRhc2txdWV1ZS52MSLMAQoNV29ya2VyTWVzc2FnZRIkCgVoZWxsbxgBIAEoCzITLnRhc2txdWV1ZS52MS5IZWxsb0gAEiwKCWhlYXJ0YmVhdBgCIAEoCzIXLnRhc2txdWV1ZS52MS5IZWFydGJlYXRIABIsCgdzdGFydGVkGAMgASgLMhkudGFza3F1ZXVlLnYxLlRhc2tTdGFydGVkSAASLgoIZmluaXNoZWQYBCABKAsyGi50YXNrcXVldWUudjEuVGFza0ZpbmlzaGVkSABCCQoHcGF5bG9hZCLhAQoSQ29vcmRpbmF0b3JNZXNzYWdlEigKB3dlbGNvbWUYASABKAsyFS50YXNrcXVldWUudjEuV2VsY29tZUgAEiYKBmFzc2lnbhgCIAEoCzIULnRhc2txdWV1ZS52MS5Bc3NpZ25IABImCgZjYW5jZWwYAyABKAsyFC50YXNrcXVldWUudjEuQ2FuY2VsSAASIAoDYWNrGAQgASgLMhEudGFza3F1ZXVlLnYxLkFja0gAEiQKBWRyYWluGAUgASgLMhMudGFza3F1ZXVlLnYxLkRyYWluSABCCQoHcGF5bG9hZCIrCgdUYXNrUmVmEg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoDSLiAgoFSGVsbG8SEQoJd29ya2VyX2lkGAEgASgJEgwKBG5hbWUYAiABKAkSDQoFc2xvdHMYAyABKA0SDwoHdmVyc2lvbhgEIAEoCRIoCglpbl9mbGlnaHQYBSADKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhIvCgZsYWJlbHMYBiADKAsyHy50YXNrcXVldWUudjEuSGVsbG8uTGFiZWxzRW50cnkSFAoMcmVzdW1lX3Rva2VuGAcgASgJEi4KCndhbGxfY2xvY2sYRiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEHByb3RvY29sX3ZlcnNpb24YUCABKA0SHAoUbWluX3Byb3RvY29sX3ZlcnNpb24YUSABKA0SEAoIZmVhdHVyZXMYUiADKAkaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJSCglIZWFydGJlYXQSCwoDc2VxGAEgASgEEiYKB3J1bm5pbmcYAiADKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhIQCghkcmFpbmluZxgDIAEoCCJuCgtUYXNrU3RhcnRlZBIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhILCgNwaWQYAiABKA0SLgoKc3RhcnRlZF9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAilAMKDFRhc2tGaW5pc2hlZBIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhImCgdvdXRjb21lGAIgASgOMhUudGFza3F1ZXVlLnYxLk91dGNvbWUSFgoJZXhpdF9jb2RlGAMgASgRSACIAQESDgoGc2lnbmFsGAQgASgJEg4KBnN0ZG91dBgFIAEoCRIOCgZzdGRlcnIYBiABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgHIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGAggASgIEg0KBWVycm9yGAkgASgJEi4KCnN0YXJ0ZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaGVkX2F0GAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCgV1c2FnZRg8IAEoCzIaLnRhc2txdWV1ZS52MS5BdHRlbXB0VXNhZ2USEwoLaW50ZXJydXB0ZWQYRiABKAhCDAoKX2V4aXRfY29kZSKzAQoHV2VsY29tZRIRCgl3b3JrZXJfaWQYASABKAkSFgoOY29vcmRpbmF0b3JfaWQYAiABKAkSHQoVaGVhcnRiZWF0X2ludGVydmFsX21zGAMgASgNEhwKFGhlYXJ0YmVhdF90aW1lb3V0X21zGAQgASgNEhQKDHJlc3VtZV90b2tlbhgFIAEoCRIYChBwcm90b2NvbF92ZXJzaW9uGFAgASgNEhAKCGZlYXR1cmVzGFIgAygJIs8CCgZBc3NpZ24SIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSDwoHY29tbWFuZBgCIAEoCRIqCgNlbnYYAyADKAsyHS50YXNrcXVldWUudjEuQXNzaWduLkVudkVudHJ5EgsKA2N3ZBgEIAEoCRISCgp0aW1lb3V0X21zGAUgASgNEjQKEGxlYXNlX2V4cGlyZXNfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC3N0YXJ0X2luX21zGAcgASgNEigKBmxpbWl0cxg8IAEoCzIYLnRhc2txdWV1ZS52MS5UYXNrTGltaXRzEhUKCGxlYXNlX21zGEYgASgNSACIAQEaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUILCglfbGVhc2VfbXMiPAoGQ2FuY2VsEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEg4KBnJlYXNvbhgCIAEoCSI4CgNBY2sSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSDQoFc3RhbGUYAiABKAgiFwoFRHJhaW4SDgoGcmVhc29uGAEgASgJKpUBCgdPdXRjb21lEhcKE09VVENPTUVfVU5TUEVDSUZJRUQQABISCg5PVVRDT01FX0VYSVRFRBABEhgKFE9VVENPTUVfU1BBV05fRkFJTEVEEAISFQoRT1VUQ09NRV9USU1FRF9PVVQQAxIVChFPVVRDT01FX0NBTkNFTExFRBAEEhUKEU9VVENPTUVfQUJBTkRPTkVEEAUyXQoNV29ya2VyU2VydmljZRJMCgdDb25uZWN0EhsudGFza3F1ZXVlLnYxLldvcmtlck1lc3NhZ2UaIC50YXNrcXVldWUudjEuQ29vcmRpbmF0b3JNZXNzYWdlKAEwAWIGcHJvdG8z", [file_google_protobuf_timestamp, file_taskqueue_v1_task]);
 
 /**
  * @generated from message taskqueue.v1.WorkerMessage
@@ -174,6 +174,37 @@ export type Hello = Message<"taskqueue.v1.Hello"> & {
    * @generated from field: string resume_token = 7;
    */
   resumeToken: string;
+
+  /**
+   * The worker's wall clock as it sends this Hello: the coordinator compares it with its own
+   * and records the difference as the worker's clock skew (GET /workers). Unset by older workers.
+   *
+   * @generated from field: google.protobuf.Timestamp wall_clock = 70;
+   */
+  wallClock?: Timestamp | undefined;
+
+  /**
+   * The wire protocol the worker speaks (src/rpc/protocol.ts). Zero: a worker from before
+   * versions were announced.
+   *
+   * @generated from field: uint32 protocol_version = 80;
+   */
+  protocolVersion: number;
+
+  /**
+   * The oldest protocol the worker can still speak, for a coordinator older than it.
+   *
+   * @generated from field: uint32 min_protocol_version = 81;
+   */
+  minProtocolVersion: number;
+
+  /**
+   * The optional behaviours the worker implements (src/rpc/protocol.ts names each). A
+   * coordinator relies on none that is missing here.
+   *
+   * @generated from field: repeated string features = 82;
+   */
+  features: string[];
 };
 
 /**
@@ -307,6 +338,15 @@ export type TaskFinished = Message<"taskqueue.v1.TaskFinished"> & {
    * @generated from field: taskqueue.v1.AttemptUsage usage = 60;
    */
   usage?: AttemptUsage | undefined;
+
+  /**
+   * With OUTCOME_ABANDONED: the worker handed the attempt back for its own reasons (it is
+   * draining), not because it found its lease lapsed. An interrupted attempt does not count
+   * against the task's max_attempts. Older workers never set it: their hand-backs count.
+   *
+   * @generated from field: bool interrupted = 70;
+   */
+  interrupted: boolean;
 };
 
 /**
@@ -346,6 +386,20 @@ export type Welcome = Message<"taskqueue.v1.Welcome"> & {
    * @generated from field: string resume_token = 5;
    */
   resumeToken: string;
+
+  /**
+   * The protocol this stream speaks: the lower of the two sides' versions.
+   *
+   * @generated from field: uint32 protocol_version = 80;
+   */
+  protocolVersion: number;
+
+  /**
+   * The features this coordinator will rely on on this stream: those both sides implement.
+   *
+   * @generated from field: repeated string features = 82;
+   */
+  features: string[];
 };
 
 /**
@@ -387,9 +441,9 @@ export type Assign = Message<"taskqueue.v1.Assign"> & {
   timeoutMs: number;
 
   /**
-   * The attempt's lease at dispatch. A worker that receives the assignment only after it
-   * lapsed (it was frozen, or the message was held up) does not run it: the task may already
-   * run elsewhere. Hosts are assumed to keep their clocks within a fraction of the lease.
+   * The attempt's lease at dispatch, by the database's clock: for display, and for workers
+   * that predate lease_ms (which compare it with their own wall clock). A worker reading
+   * lease_ms ignores it, so that its clock's skew does not decide.
    *
    * @generated from field: google.protobuf.Timestamp lease_expires_at = 6;
    */
@@ -399,7 +453,8 @@ export type Assign = Message<"taskqueue.v1.Assign"> & {
    * Start the command this many milliseconds after receiving the assignment (0: at once). A
    * coordinator hands a task over shortly before it is due, so that the claim and the trip
    * here are not on the path to its start. Counted from receipt, so a late delivery only
-   * makes the start later, never earlier. The attempt holds its slot meanwhile.
+   * makes the start later, never earlier. The attempt holds its slot meanwhile. Nonzero only
+   * for a worker with the "start_in_ms" feature: one without it would start at once.
    *
    * @generated from field: uint32 start_in_ms = 7;
    */
@@ -411,6 +466,18 @@ export type Assign = Message<"taskqueue.v1.Assign"> & {
    * @generated from field: taskqueue.v1.TaskLimits limits = 60;
    */
   limits?: TaskLimits | undefined;
+
+  /**
+   * What was left of the attempt's lease when the coordinator sent this, in milliseconds,
+   * measured on the coordinator's monotonic clock from when the lease was granted. The worker
+   * counts it down on its own monotonic clock from receipt, and does not start an attempt
+   * whose lease has run out (0: it lapsed before it was sent): the task may already run
+   * elsewhere. Durations need no agreement between the hosts' wall clocks. Unset by older
+   * coordinators: then the worker compares lease_expires_at with its wall clock.
+   *
+   * @generated from field: optional uint32 lease_ms = 70;
+   */
+  leaseMs?: number | undefined;
 };
 
 /**
