@@ -111,6 +111,7 @@ function representativeTask(): Task {
     idempotency_key: "backup-2030-01-01",
     idempotency_hash: "9f2c".repeat(16),
     secret_env: { PGPASSWORD: "not-returned" },
+    limits: { memory_mb: 512, pids: 64 },
   };
 }
 
@@ -154,6 +155,7 @@ function createdRow(id: string, spec: TaskSpec): TaskChangeRow {
     idempotency_key: spec.idempotencyKey,
     idempotency_hash: null,
     secret_env: spec.secretEnv,
+    limits: spec.limits ?? null,
     event_id: "1",
   };
 }

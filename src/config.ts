@@ -65,6 +65,38 @@ export const ConfigSchema = Type.Object({
       description: "Human-readable worker name shown by GET /workers. Defaults to <hostname>/<pid>.",
     }),
   ),
+  TQ_WORKER_LIMITS: Type.Union([Type.Literal("auto"), Type.Literal("rlimit"), Type.Literal("none")], {
+    default: "auto",
+    description:
+      "How a worker enforces task limits: auto (a cgroup per attempt where the worker may create them, which needs root " +
+      "for cgroup v1, else rlimits), rlimit (per-process limits only), none. Defaults to auto.",
+  }),
+  TQ_WORKER_MAX_MEMORY_MB: Type.Integer({
+    minimum: 0,
+    maximum: 4_194_304,
+    default: 0,
+    description:
+      "Most memory (MiB) a task may have on this worker, and what one that asks none gets; 0: no maximum. Defaults to 0.",
+  }),
+  TQ_WORKER_MAX_PIDS: Type.Integer({
+    minimum: 0,
+    maximum: 4_194_304,
+    default: 4096,
+    description:
+      "Most processes and threads a task may run at once on this worker (cgroups only); 0: no maximum. Defaults to 4096.",
+  }),
+  TQ_WORKER_MAX_NOFILE: Type.Integer({
+    minimum: 0,
+    maximum: 1_048_576,
+    default: 0,
+    description: "Most open files per process of a task on this worker; 0: the worker's own limit. Defaults to 0.",
+  }),
+  TQ_WORKER_MAX_CPU: Type.Number({
+    minimum: 0,
+    maximum: 1024,
+    default: 0,
+    description: "Most CPU cores a task may use on this worker (cgroups only); 0: no maximum. Defaults to 0.",
+  }),
   TQ_WORKERS: Type.Integer({
     minimum: 0,
     maximum: 64,

@@ -6,7 +6,7 @@ import type { WorkerRow } from "../db/workers";
 import { ATTEMPT_OUTCOMES, type Attempt } from "../task/attempt";
 import type { ErrorCode } from "../task/errors";
 import { TASK_STATES } from "../task/state";
-import type { Task } from "../task/task";
+import { LIMITS_APPLIED, type Task } from "../task/task";
 
 const Nullable = <T extends TSchema>(schema: T) => Type.Union([schema, Type.Null()]);
 
@@ -18,6 +18,17 @@ const Timestamp = Type.String({
 
 /** One literal schema per value, as a tuple: Elysia infers nothing useful from a plain array. */
 type Literals<T extends readonly string[]> = { -readonly [K in keyof T]: TLiteral<T[K]> };
+
+/** The limits that held for an attempt, each null when none did. */
+export const EffectiveLimitsJson = Type.Object(
+  {
+    memory_mb: Nullable(Type.Integer({ description: "MiB." })),
+    pids: Nullable(Type.Integer()),
+    nofile: Nullable(Type.Integer()),
+    cpu: Nullable(Type.Number({ description: "CPU cores." })),
+  },
+  { additionalProperties: false, description: "The limits that held: the task's, clamped to its worker's maxima." },
+);
 
 export const TaskStateJson = Type.Union(
   TASK_STATES.map((state) => Type.Literal(state)) as unknown as Literals<typeof TASK_STATES>,
@@ -98,6 +109,20 @@ export const TaskJson = Type.Object(
     secret_env_keys: Type.Array(Type.String(), {
       description: "Names of the secret environment variables; their values are never returned.",
     }),
+    limits: Nullable(
+      Type.Object(
+        {
+          memory_mb: Type.Optional(Type.Integer()),
+          pids: Type.Optional(Type.Integer()),
+          nofile: Type.Optional(Type.Integer()),
+          cpu: Type.Optional(Type.Number()),
+        },
+        {
+          additionalProperties: false,
+          description: "The limits the task asked for; null when none (each attempt's own record says what applied).",
+        },
+      ),
+    ),
   },
   { additionalProperties: false },
 );
@@ -188,6 +213,23 @@ export const AttemptJson = Type.Object(
     stdout_truncated: Type.Boolean(),
     stderr_truncated: Type.Boolean(),
     outcome: Type.Union([AttemptOutcomeJson, Type.Null()], { description: "null while the attempt holds its task." }),
+    limits_applied: Nullable(
+      Type.Union(LIMITS_APPLIED.map((mechanism) => Type.Literal(mechanism)) as unknown as Literals<typeof LIMITS_APPLIED>, {
+        description:
+          "How the worker enforced the limits: cgroup-v1 or cgroup-v2 (a cgroup per attempt, which stopping the task " +
+          "empties), rlimit (per-process limits in the spawned shell) or none. null until the result arrived.",
+      }),
+    ),
+    limits: Nullable(EffectiveLimitsJson),
+    cpu_user_us: Nullable(Type.Integer({ description: "User CPU time, microseconds." })),
+    cpu_system_us: Nullable(Type.Integer({ description: "System CPU time, microseconds." })),
+    peak_memory_bytes: Nullable(
+      Type.Integer({
+        description:
+          "Peak memory: the cgroup's peak charge, else the largest resident set of the command and its waited-for children.",
+      }),
+    ),
+    oom_killed: Nullable(Type.Boolean({ description: "The kernel's OOM killer killed a process of the attempt." })),
   },
   { additionalProperties: false, description: "One attempt of a task." },
 );
@@ -368,6 +410,7 @@ export function taskJson(task: Task): TaskJson {
     },
     idempotency_key: task.idempotency_key,
     secret_env_keys: Object.keys(task.secret_env ?? {}).sort(),
+    limits: task.limits ?? null,
     exit_code: task.exit_code,
     signal: task.signal,
     stdout: task.stdout,
@@ -419,7 +462,18 @@ export function attemptJson(attempt: Attempt): AttemptJson {
     stdout_truncated: attempt.stdout_truncated,
     stderr_truncated: attempt.stderr_truncated,
     outcome: attempt.outcome,
+    limits_applied: attempt.limits_applied ?? null,
+    limits: attempt.limits ?? null,
+    cpu_user_us: bigintOrNull(attempt.cpu_user_us),
+    cpu_system_us: bigintOrNull(attempt.cpu_system_us),
+    peak_memory_bytes: bigintOrNull(attempt.peak_memory_bytes),
+    oom_killed: attempt.oom_killed ?? null,
   };
+}
+
+/** A bigint column (text from postgres.js) as a number: microseconds and bytes stay below 2^53. */
+function bigintOrNull(value: string | number | null | undefined): number | null {
+  return value === null || value === undefined ? null : Number(value);
 }
 
 export function eventJson(event: TaskEventRow): EventJson {

@@ -349,6 +349,13 @@ export interface components {
             idempotency_key: string | null;
             /** @description Names of the secret environment variables; their values are never returned. */
             secret_env_keys: string[];
+            /** @description The limits the task asked for; null when none (each attempt's own record says what applied). */
+            limits: {
+                memory_mb?: number;
+                pids?: number;
+                nofile?: number;
+                cpu?: number;
+            } | null;
         };
         /**
          * @description queued, dispatched, running, then succeeded, failed, timed_out or cancelled.
@@ -465,6 +472,13 @@ export interface components {
             idempotency_key: string | null;
             /** @description Names of the secret environment variables; their values are never returned. */
             secret_env_keys: string[];
+            /** @description The limits the task asked for; null when none (each attempt's own record says what applied). */
+            limits: {
+                memory_mb?: number;
+                pids?: number;
+                nofile?: number;
+                cpu?: number;
+            } | null;
             event: components["schemas"]["Event"] | null;
         };
         /** @description One attempt of a task. */
@@ -509,6 +523,25 @@ export interface components {
              * @enum {string|null}
              */
             outcome: "succeeded" | "failed" | "timed_out" | "lost" | "interrupted" | "stopped" | "stale" | null;
+            /** @enum {string|null} */
+            limits_applied: "cgroup-v1" | "cgroup-v2" | "rlimit" | "none" | null;
+            /** @description The limits that held: the task's, clamped to its worker's maxima. */
+            limits: {
+                /** @description MiB. */
+                memory_mb: number | null;
+                pids: number | null;
+                nofile: number | null;
+                /** @description CPU cores. */
+                cpu: number | null;
+            } | null;
+            /** @description User CPU time, microseconds. */
+            cpu_user_us: number | null;
+            /** @description System CPU time, microseconds. */
+            cpu_system_us: number | null;
+            /** @description Peak memory: the cgroup's peak charge, else the largest resident set of the command and its waited-for children. */
+            peak_memory_bytes: number | null;
+            /** @description The kernel's OOM killer killed a process of the attempt. */
+            oom_killed: boolean | null;
         };
         AttemptList: {
             /** @description Every attempt, first to last. */
@@ -694,6 +727,17 @@ export interface components {
             };
             /** @description Absolute working directory on the worker, at most 4096 bytes. Defaults to the worker's own. */
             cwd?: string;
+            /** @description Resource limits, each capped by the maxima of the worker that runs the task (TQ_WORKER_MAX_*); one left out is that worker's maximum. A request above a worker's maximum is clamped, not refused (the submitter cannot know the worker); each attempt records what applied and how (`limits_applied`, `limits`). */
+            limits?: {
+                /** @description Memory in MiB. With cgroups, the attempt's memory limit: the OOM killer ends it and the attempt says oom_killed. Without, the address space of each process (ulimit -v). */
+                memory_mb?: number;
+                /** @description Processes and threads at once (cgroup pids.max); a fork beyond it fails. Not enforced without cgroups. */
+                pids?: number;
+                /** @description Open files per process (ulimit -n). */
+                nofile?: number;
+                /** @description CPU cores (0.5 is half a core): the cgroup's CPU quota. Not enforced without cgroups. */
+                cpu?: number;
+            };
             retry?: components["schemas"]["RetryPolicy"];
         };
         /** @description A task to run as soon as a worker is free. */
@@ -717,6 +761,17 @@ export interface components {
             };
             /** @description Absolute working directory on the worker, at most 4096 bytes. Defaults to the worker's own. */
             cwd?: string;
+            /** @description Resource limits, each capped by the maxima of the worker that runs the task (TQ_WORKER_MAX_*); one left out is that worker's maximum. A request above a worker's maximum is clamped, not refused (the submitter cannot know the worker); each attempt records what applied and how (`limits_applied`, `limits`). */
+            limits?: {
+                /** @description Memory in MiB. With cgroups, the attempt's memory limit: the OOM killer ends it and the attempt says oom_killed. Without, the address space of each process (ulimit -v). */
+                memory_mb?: number;
+                /** @description Processes and threads at once (cgroup pids.max); a fork beyond it fails. Not enforced without cgroups. */
+                pids?: number;
+                /** @description Open files per process (ulimit -n). */
+                nofile?: number;
+                /** @description CPU cores (0.5 is half a core): the cgroup's CPU quota. Not enforced without cgroups. */
+                cpu?: number;
+            };
             retry?: components["schemas"]["RetryPolicy"];
         };
         /** @description A task to run at scheduled_at (required). */
@@ -768,6 +823,17 @@ export interface components {
             };
             /** @description Absolute working directory on the worker, at most 4096 bytes. Defaults to the worker's own. */
             cwd?: string;
+            /** @description Resource limits, each capped by the maxima of the worker that runs the task (TQ_WORKER_MAX_*); one left out is that worker's maximum. A request above a worker's maximum is clamped, not refused (the submitter cannot know the worker); each attempt records what applied and how (`limits_applied`, `limits`). */
+            limits?: {
+                /** @description Memory in MiB. With cgroups, the attempt's memory limit: the OOM killer ends it and the attempt says oom_killed. Without, the address space of each process (ulimit -v). */
+                memory_mb?: number;
+                /** @description Processes and threads at once (cgroup pids.max); a fork beyond it fails. Not enforced without cgroups. */
+                pids?: number;
+                /** @description Open files per process (ulimit -n). */
+                nofile?: number;
+                /** @description CPU cores (0.5 is half a core): the cgroup's CPU quota. Not enforced without cgroups. */
+                cpu?: number;
+            };
             retry?: components["schemas"]["RetryPolicy"];
             /** @description This task's own idempotency key (visible ASCII, at most 255 bytes): when it was used before, the original task is returned in its place (its index listed in `replayed`); with a different request, the batch is a 409. */
             idempotency_key?: string;

@@ -178,7 +178,7 @@ export class Completer {
         // The requeue's NOTIFY wakes every coordinator's dispatcher.
         if (action.kind === "requeue")
           applied = (await requeueAttempt(this.options.sql, target, action.reason, action.cause)) !== null;
-        else await recordAttemptStopped(this.options.sql, target, action.reason);
+        else await recordAttemptStopped(this.options.sql, target, action.reason, action.usage);
         const result = finishedTimes(message);
         this.logFinished(worker, target, action.kind === "requeue" ? "handed_back" : "stopped", result, !applied, action.reason);
         this.ack(worker, target, !applied);

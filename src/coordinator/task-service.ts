@@ -31,7 +31,7 @@ import {
   type WatchTaskResponse,
   WatchTaskResponseSchema,
 } from "../gen/taskqueue/v1/task_service_pb";
-import { attemptToProto, clientTimestamp, eventToProto, stateFromProto, taskToProto } from "../rpc/convert";
+import { attemptToProto, clientTimestamp, eventToProto, limitsFromProto, stateFromProto, taskToProto } from "../rpc/convert";
 import { toServiceError } from "../rpc/status";
 import { invalidArgument } from "../task/errors";
 import { parseIdempotencyKey, toTaskSpec } from "../task/spec";
@@ -80,6 +80,7 @@ function submitInput(request: SubmitTaskRequest): Record<string, unknown> {
     if (retry.backoffCapMs !== undefined) policy.backoff_cap_ms = retry.backoffCapMs;
     input.retry = policy;
   }
+  if (request.limits) input.limits = limitsFromProto(request.limits);
   return input;
 }
 

@@ -7,12 +7,13 @@ import type { Sql } from "./sql";
 export type Fragment = ReturnType<Sql>;
 
 /** The element types a batch column may have. */
-export type ColumnType = "uuid" | "text" | "integer" | "boolean" | "jsonb" | "timestamptz" | "double precision";
+export type ColumnType = "uuid" | "text" | "integer" | "bigint" | "boolean" | "jsonb" | "timestamptz" | "double precision";
 
 const ARRAY_CASTS: Record<ColumnType, (sql: Sql) => Fragment> = {
   uuid: (sql) => sql`::text::uuid[]`,
   text: (sql) => sql`::text::text[]`,
   integer: (sql) => sql`::text::integer[]`,
+  bigint: (sql) => sql`::text::bigint[]`,
   boolean: (sql) => sql`::text::boolean[]`,
   jsonb: (sql) => sql`::text::jsonb[]`,
   timestamptz: (sql) => sql`::text::timestamptz[]`,

@@ -8,7 +8,7 @@ import { type AttemptRef, attemptKey, type LossCause } from "../task/attempt";
 import { decideFinish, decideLost, type FinishDecision, mayRetry, RETRY_FACT_COLUMNS, type RetryFacts } from "../task/retry";
 import { GUARDS, type TaskState } from "../task/state";
 import type { AttemptResult, Task } from "../task/task";
-import { endAttempts, finishAttemptRows, startAttempts } from "./attempts";
+import { endAttempts, finishAttemptRows, recordUsage, startAttempts, usageColumns } from "./attempts";
 import { changedRows, recordChange, recordChanges, type TaskChangeRow } from "./changes";
 import { array, type Column, type Fragment, fromNow, states, unnest } from "./encode";
 import type { Sql } from "./sql";
@@ -136,6 +136,7 @@ function applyFinishes(sql: Sql, decided: readonly (FinishReport & { decision: F
         error: ["text", (d) => d.result.error],
         started_at: ["timestamptz", (d) => d.result.startedAt],
         finished_at: ["timestamptz", (d) => d.result.finishedAt],
+        ...usageColumns((d: FinishReport) => d.result.usage),
         state: ["text", (d) => d.decision.state],
         retry_in_ms: ["double precision", (d) => d.decision.retryInMs],
         completed_at: ["timestamptz", (d) => d.decision.completedAt],
@@ -191,6 +192,7 @@ export async function recordStaleResult(sql: Sql, ref: AttemptRef, result: Attem
     SELECT id, 'stale', state, ${ref.attempt}, ${ref.workerId},
            jsonb_build_object('reported', ${result.state}::text, 'current_attempt', attempt)
     FROM tasks WHERE id = ${ref.taskId}`;
+  await recordUsage(sql, ref, result.usage);
 }
 
 /**
@@ -198,7 +200,12 @@ export async function recordStaleResult(sql: Sql, ref: AttemptRef, result: Attem
  * attempt superseded): the task does not change; its history gets a `stopped` event, and an
  * attempt row not yet ended gets outcome `stopped`.
  */
-export async function recordAttemptStopped(sql: Sql, ref: AttemptRef, reason: string): Promise<void> {
+export async function recordAttemptStopped(
+  sql: Sql,
+  ref: AttemptRef,
+  reason: string,
+  usage: AttemptResult["usage"] = null,
+): Promise<void> {
   await sql`
     WITH a AS (
       UPDATE task_attempts SET outcome = 'stopped', finished_at = clock_timestamp(), error = ${reason}
@@ -207,6 +214,7 @@ export async function recordAttemptStopped(sql: Sql, ref: AttemptRef, reason: st
     INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail)
     SELECT id, 'stopped', state, ${ref.attempt}, ${ref.workerId}, jsonb_build_object('reason', ${reason}::text, 'current_attempt', attempt)
     FROM tasks WHERE id = ${ref.taskId}`;
+  await recordUsage(sql, ref, usage);
 }
 
 /**

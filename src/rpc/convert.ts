@@ -6,19 +6,31 @@ import { type Timestamp, timestampDate, timestampFromDate } from "@bufbuild/prot
 import type { TaskEventRow } from "../db/events";
 import {
   AttemptSchema,
+  AttemptUsageSchema,
   type Attempt as PbAttempt,
   AttemptOutcome as PbAttemptOutcome,
+  type AttemptUsage as PbAttemptUsage,
   type Task as PbTask,
   type TaskEvent as PbTaskEvent,
+  type TaskLimits as PbTaskLimits,
   TaskState as PbTaskState,
   TaskEventSchema,
+  TaskLimitsSchema,
   TaskSchema,
 } from "../gen/taskqueue/v1/task_pb";
 import { Outcome, type TaskFinished, type TaskRef, TaskRefSchema } from "../gen/taskqueue/v1/worker_service_pb";
 import { type Attempt, type AttemptOutcome, type AttemptRef, exitedState, type LossCause } from "../task/attempt";
 import { invalidArgument } from "../task/errors";
 import { isTaskState, type TaskState } from "../task/state";
-import type { AttemptResult, Task } from "../task/task";
+import {
+  type AttemptResult,
+  type AttemptUsage,
+  type EffectiveLimits,
+  LIMITS_APPLIED,
+  type LimitsApplied,
+  type Task,
+  type TaskLimits,
+} from "../task/task";
 
 const STATE_TO_PROTO: Record<TaskState, PbTaskState> = {
   queued: PbTaskState.QUEUED,
@@ -106,7 +118,75 @@ export function taskToProto(task: Task): PbTask {
     idempotencyKey: task.idempotency_key ?? "",
     leaseExpiresAt: toTimestamp(task.lease_expires_at),
     secretEnvKeys: Object.keys(task.secret_env ?? {}).sort(),
+    limits: task.limits ? limitsToProto(task.limits) : undefined,
   });
+}
+
+/** Limits as the wire carries them: a missing or null one is unset. */
+export function limitsToProto(limits: TaskLimits | EffectiveLimits): PbTaskLimits {
+  return create(TaskLimitsSchema, {
+    memoryMb: limits.memory_mb ?? undefined,
+    pids: limits.pids ?? undefined,
+    nofile: limits.nofile ?? undefined,
+    cpu: limits.cpu ?? undefined,
+  });
+}
+
+/** A wire TaskLimits as the API spells it (the fields set, and only those), for validation by src/task/spec.ts. */
+export function limitsFromProto(limits: PbTaskLimits): TaskLimits {
+  const out: TaskLimits = {};
+  if (limits.memoryMb !== undefined) out.memory_mb = limits.memoryMb;
+  if (limits.pids !== undefined) out.pids = limits.pids;
+  if (limits.nofile !== undefined) out.nofile = limits.nofile;
+  if (limits.cpu !== undefined) out.cpu = limits.cpu;
+  return out;
+}
+
+export function usageToProto(usage: AttemptUsage): PbAttemptUsage {
+  return create(AttemptUsageSchema, {
+    limitsApplied: usage.limitsApplied,
+    limits: limitsToProto(usage.limits),
+    cpuUserUs: usage.cpuUserUs === null ? undefined : BigInt(Math.max(0, Math.round(usage.cpuUserUs))),
+    cpuSystemUs: usage.cpuSystemUs === null ? undefined : BigInt(Math.max(0, Math.round(usage.cpuSystemUs))),
+    peakMemoryBytes: usage.peakMemoryBytes === null ? undefined : BigInt(Math.max(0, Math.round(usage.peakMemoryBytes))),
+    oomKilled: usage.oomKilled,
+  });
+}
+
+/** A worker's usage report; an unknown mechanism name reads as "none". */
+export function usageFromProto(usage: PbAttemptUsage): AttemptUsage {
+  const limits = limitsFromProto(usage.limits ?? create(TaskLimitsSchema));
+  const applied = (LIMITS_APPLIED as readonly string[]).includes(usage.limitsApplied)
+    ? (usage.limitsApplied as LimitsApplied)
+    : "none";
+  const num = (value: bigint | undefined) => (value === undefined ? null : Number(value));
+  return {
+    limitsApplied: applied,
+    limits: {
+      memory_mb: limits.memory_mb ?? null,
+      pids: limits.pids ?? null,
+      nofile: limits.nofile ?? null,
+      cpu: limits.cpu ?? null,
+    },
+    cpuUserUs: num(usage.cpuUserUs),
+    cpuSystemUs: num(usage.cpuSystemUs),
+    peakMemoryBytes: num(usage.peakMemoryBytes),
+    oomKilled: usage.oomKilled,
+  };
+}
+
+/** An attempt row's usage, or null when none was recorded. */
+export function attemptUsage(attempt: Attempt): AttemptUsage | null {
+  if (attempt.limits_applied === null) return null;
+  const num = (value: string | number | null) => (value === null ? null : Number(value));
+  return {
+    limitsApplied: attempt.limits_applied,
+    limits: attempt.limits ?? { memory_mb: null, pids: null, nofile: null, cpu: null },
+    cpuUserUs: num(attempt.cpu_user_us),
+    cpuSystemUs: num(attempt.cpu_system_us),
+    peakMemoryBytes: num(attempt.peak_memory_bytes),
+    oomKilled: attempt.oom_killed ?? false,
+  };
 }
 
 const OUTCOME_TO_PROTO: Record<AttemptOutcome, PbAttemptOutcome> = {
@@ -137,6 +217,7 @@ export function attemptToProto(attempt: Attempt): PbAttempt {
     stdoutTruncated: attempt.stdout_truncated,
     stderrTruncated: attempt.stderr_truncated,
     outcome: attempt.outcome === null ? PbAttemptOutcome.UNSPECIFIED : OUTCOME_TO_PROTO[attempt.outcome],
+    usage: ((usage) => (usage ? usageToProto(usage) : undefined))(attemptUsage(attempt)),
   });
 }
 
@@ -174,7 +255,7 @@ export type FinishAction =
    */
   | { kind: "requeue"; reason: string; cause: LossCause }
   /** The worker stopped it as told (cancelled or superseded): the task does not change. */
-  | { kind: "stopped"; reason: string };
+  | { kind: "stopped"; reason: string; usage: AttemptUsage | null };
 
 export function finishAction(finished: TaskFinished): FinishAction {
   const base = {
@@ -187,9 +268,12 @@ export function finishAction(finished: TaskFinished): FinishAction {
     error: finished.error || null,
     startedAt: fromTimestamp(finished.startedAt),
     finishedAt: fromTimestamp(finished.finishedAt) ?? new Date(),
+    usage: finished.usage ? usageFromProto(finished.usage) : null,
   };
   switch (finished.outcome) {
     case Outcome.EXITED:
+      // An attempt the OOM killer reached failed, whatever its shell's exit code says.
+      if (base.usage?.oomKilled) return { kind: "record", result: { ...base, state: "failed" } };
       return { kind: "record", result: { ...base, state: exitedState(base.exitCode, base.signal) } };
     case Outcome.TIMED_OUT:
       return { kind: "record", result: { ...base, state: "timed_out" } };
@@ -200,7 +284,7 @@ export function finishAction(finished: TaskFinished): FinishAction {
         cause: finished.interrupted ? "interrupted" : "lost",
       };
     case Outcome.CANCELLED:
-      return { kind: "stopped", reason: base.error ?? "told to stop" };
+      return { kind: "stopped", reason: base.error ?? "told to stop", usage: base.usage };
     default:
       return {
         kind: "record",

@@ -12,7 +12,7 @@ import {
   WorkerMessageSchema,
 } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Task } from "../task/task";
-import { attemptRefToProto, toTimestamp } from "./convert";
+import { attemptRefToProto, limitsToProto, toTimestamp } from "./convert";
 import { type Agreement, FEATURES, OLDEST_SERVED_PROTOCOL, PROTOCOL_VERSION } from "./protocol";
 
 /** One attempt as the wire names it (the fields of TaskRef, in any object that has them). */
@@ -57,6 +57,7 @@ export function assignMessage(task: Task, startInMs: number, leaseMs: number): C
         leaseExpiresAt: toTimestamp(task.lease_expires_at),
         startInMs,
         leaseMs,
+        limits: task.limits ? limitsToProto(task.limits) : undefined,
       },
     },
   });

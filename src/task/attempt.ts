@@ -1,6 +1,6 @@
 // Attempts: one per dispatch of a task, kept in task_attempts. The task row shows the current
 // attempt; an attempt row keeps its own times and result after the task moved on.
-import type { AttemptResult } from "./task";
+import type { AttemptResult, EffectiveLimits, LimitsApplied } from "./task";
 
 /**
  * How an attempt ended; null (in the row and the API) while it holds its task.
@@ -38,14 +38,24 @@ export interface Attempt {
   stdout_truncated: boolean;
   stderr_truncated: boolean;
   outcome: AttemptOutcome | null;
+  /** How the worker enforced the limits; null until a result with usage arrived. */
+  limits_applied: LimitsApplied | null;
+  /** The limits that held. */
+  limits: EffectiveLimits | null;
+  /** bigint columns: postgres.js reads them as strings. */
+  cpu_user_us: string | number | null;
+  cpu_system_us: string | number | null;
+  peak_memory_bytes: string | number | null;
+  oom_killed: boolean | null;
 }
 
 /**
  * What ended an attempt that did not succeed, as the tail of a final task's error
  * ("exhausted 3 attempts: last exit code 127").
  */
-export function describeResult(result: Pick<AttemptResult, "state" | "exitCode" | "signal" | "error">): string {
+export function describeResult(result: Pick<AttemptResult, "state" | "exitCode" | "signal" | "error" | "usage">): string {
   if (result.state === "timed_out") return result.error ?? "timed out";
+  if (result.usage?.oomKilled) return result.error ?? "killed: out of memory";
   if (result.signal !== null) return `signal ${result.signal}`;
   if (result.exitCode !== null) return `exit code ${result.exitCode}`;
   if (result.error !== null) return `could not start: ${result.error}`;

@@ -20,6 +20,11 @@ export const MAX_CWD_BYTES = 4096;
 export const MAX_BACKOFF_MS = 86_400_000;
 export const MAX_IDEMPOTENCY_KEY_BYTES = 255;
 export const ENV_KEY_PATTERN = "^[A-Za-z_][A-Za-z0-9_]*$";
+/** Bounds of a task's limits: what any worker could grant (each worker caps them further). */
+export const MAX_LIMIT_MEMORY_MB = 4_194_304;
+export const MAX_LIMIT_PIDS = 4_194_304;
+export const MAX_LIMIT_NOFILE = 1_048_576;
+export const MAX_LIMIT_CPU = 1024;
 
 // Every string limit here counts UTF-8 bytes (checked in buildSpec). A schema's maxLength
 // counts UTF-16 code units, never more than the bytes, so it is a bound that refuses nothing
@@ -47,6 +52,46 @@ const EnvMap = (what: string) =>
     description: `${what}: at most ${MAX_ENV_ENTRIES}, names matching ${ENV_KEY_PATTERN}, values without NUL of at most ${MAX_ENV_VALUE_BYTES} bytes.`,
   });
 
+const strict = { additionalProperties: false } as const;
+
+const Limits = Type.Object(
+  {
+    memory_mb: Type.Optional(
+      Type.Integer({
+        minimum: 1,
+        maximum: MAX_LIMIT_MEMORY_MB,
+        description:
+          "Memory in MiB. With cgroups, the attempt's memory limit: the OOM killer ends it and the attempt says " +
+          "oom_killed. Without, the address space of each process (ulimit -v).",
+      }),
+    ),
+    pids: Type.Optional(
+      Type.Integer({
+        minimum: 1,
+        maximum: MAX_LIMIT_PIDS,
+        description: "Processes and threads at once (cgroup pids.max); a fork beyond it fails. Not enforced without cgroups.",
+      }),
+    ),
+    nofile: Type.Optional(
+      Type.Integer({ minimum: 1, maximum: MAX_LIMIT_NOFILE, description: "Open files per process (ulimit -n)." }),
+    ),
+    cpu: Type.Optional(
+      Type.Number({
+        exclusiveMinimum: 0,
+        maximum: MAX_LIMIT_CPU,
+        description: "CPU cores (0.5 is half a core): the cgroup's CPU quota. Not enforced without cgroups.",
+      }),
+    ),
+  },
+  {
+    ...strict,
+    description:
+      "Resource limits, each capped by the maxima of the worker that runs the task (TQ_WORKER_MAX_*); one left out is that " +
+      "worker's maximum. A request above a worker's maximum is clamped, not refused (the submitter cannot know the worker); " +
+      "each attempt records what applied and how (`limits_applied`, `limits`).",
+  },
+);
+
 const runOptions = {
   timeout_ms: Type.Optional(
     Type.Integer({
@@ -73,6 +118,7 @@ const runOptions = {
       description: `Absolute working directory on the worker, at most ${MAX_CWD_BYTES} bytes. Defaults to the worker's own.`,
     }),
   ),
+  limits: Type.Optional(Limits),
   retry: Type.Optional(
     Type.Object(
       {
@@ -110,8 +156,6 @@ const runOptions = {
     ),
   ),
 };
-
-const strict = { additionalProperties: false } as const;
 
 /** The full form (`POST /tasks`, gRPC SubmitTask). */
 export const TaskInput = Type.Object(
@@ -279,6 +323,7 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, defaults: TaskDe
       backoffCapMs,
     },
     idempotencyKey: null,
+    ...(body.limits === undefined || Object.keys(body.limits).length === 0 ? {} : { limits: { ...body.limits } }),
   };
 }
 

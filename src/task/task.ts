@@ -48,6 +48,48 @@ export interface Task {
   idempotency_hash: string | null;
   /** Passed to the process, never returned by any API. */
   secret_env: Record<string, string>;
+  /** What the task asked for; null when it asked for nothing (the worker's maxima apply). */
+  limits: TaskLimits | null;
+}
+
+/**
+ * Resource limits a task asks for, each capped by the worker that runs it (its TQ_WORKER_MAX_*
+ * settings); absent: the worker's maximum. Stored and sent as the API spells them.
+ */
+export interface TaskLimits {
+  /** Memory in MiB: the cgroup's memory limit (the OOM killer ends the task), else the address space (ulimit -v). */
+  memory_mb?: number;
+  /** Processes and threads at once: the cgroup's pids.max. Not enforced without cgroups. */
+  pids?: number;
+  /** Open files per process (ulimit -n), with or without cgroups. */
+  nofile?: number;
+  /** CPU cores (0.5: half a core), the cgroup's CPU quota. Not enforced without cgroups. */
+  cpu?: number;
+}
+
+/** How an attempt's limits were enforced. */
+export const LIMITS_APPLIED = ["cgroup-v1", "cgroup-v2", "rlimit", "none"] as const;
+export type LimitsApplied = (typeof LIMITS_APPLIED)[number];
+
+/** The limits that held for one attempt, each null when none held. */
+export interface EffectiveLimits {
+  memory_mb: number | null;
+  pids: number | null;
+  nofile: number | null;
+  cpu: number | null;
+}
+
+/** What an attempt used and how it was limited, as its worker measured it. */
+export interface AttemptUsage {
+  limitsApplied: LimitsApplied;
+  limits: EffectiveLimits;
+  /** CPU time in microseconds; null when unknown (the process never ran). */
+  cpuUserUs: number | null;
+  cpuSystemUs: number | null;
+  /** Peak memory: the cgroup's peak charge, else the largest resident set of the process and the children it waited for. */
+  peakMemoryBytes: number | null;
+  /** The kernel's OOM killer killed a process of the attempt. */
+  oomKilled: boolean;
 }
 
 /** What is retried while attempts remain, and the backoff between attempts. */
@@ -77,6 +119,8 @@ export interface TaskSpec {
   retry: RetryPolicy;
   /** A repeated submit with the same key returns the original task. */
   idempotencyKey: string | null;
+  /** Absent: none asked for (and the idempotency hash of such a spec is what it was before limits existed). */
+  limits?: TaskLimits;
 }
 
 /** The outcome of a submit: the task, and whether this call created it. */
@@ -98,4 +142,6 @@ export interface AttemptResult {
   error: string | null;
   startedAt: Date | null;
   finishedAt: Date;
+  /** Absent or null from a worker that does not measure (an older build). */
+  usage?: AttemptUsage | null;
 }

@@ -4,9 +4,11 @@
 // reports itself once the group has exited.
 import type { Assign, TaskRef } from "../gen/taskqueue/v1/worker_service_pb";
 import { type Logger, taskFields } from "../log";
+import { limitsFromProto } from "../rpc/convert";
 import { attemptKey, type LossCause } from "../task/attempt";
 import { type Execution, execute, notRun, type RunResult } from "./executor";
 import type { TaskIdentity } from "./identity";
+import type { Limiter } from "./limits";
 
 /** What the attempts tell the coordinator (through the reporter). */
 export interface AttemptEvents {
@@ -36,6 +38,8 @@ export interface AttemptsOptions {
   events: AttemptEvents;
   /** Who holds the attempts now, for their log lines (the worker's id, its coordinator). */
   identity?: () => { workerId: string; coordinatorId: string | null };
+  /** Limits each attempt (src/worker/limits.ts); none: plain `sh -c`. */
+  limiter?: Limiter;
 }
 
 interface HeldAttempt {
@@ -151,6 +155,11 @@ export class Attempts {
             maxOutputBytes: this.options.maxOutputBytes,
             baseEnv: this.options.baseEnv,
             user: attempt.identity,
+            confinement: this.options.limiter?.confine(
+              k,
+              assign.limits ? limitsFromProto(assign.limits) : null,
+              attempt.identity ? { uid: attempt.identity.uid, gid: attempt.identity.gid } : undefined,
+            ),
           });
     attempt.execution = execution;
     if (execution.pid !== null) this.options.events.started(ref, execution.pid, execution.startedAt);

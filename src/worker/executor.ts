@@ -3,7 +3,9 @@
 // A result resolves only once nothing of the group runs and its pipes are read out; what the
 // command wrote is captured by src/worker/output.ts.
 import { readdirSync, readFileSync, statSync } from "node:fs";
+import type { AttemptUsage } from "../task/task";
 import { searchDenied, type TaskIdentity } from "./identity";
+import { type Confinement, oomError } from "./limits";
 import { type CapturedOutput, captureTail, NO_OUTPUT } from "./output";
 
 export type Outcome = "exited" | "spawn_failed" | "timed_out" | "cancelled" | "abandoned";
@@ -33,6 +35,11 @@ export interface RunSpec {
    * given cwd must be reachable by it. Unset: the command runs as the worker.
    */
   user?: TaskIdentity;
+  /**
+   * The attempt's limits (src/worker/limits.ts): what to spawn, and the cgroup that stopping
+   * the task empties, setsid escapees included. None: plain `sh -c`, no usage beyond rusage.
+   */
+  confinement?: Confinement;
 }
 
 export interface RunResult extends CapturedOutput {
@@ -46,6 +53,8 @@ export interface RunResult extends CapturedOutput {
   pid: number | null;
   startedAt: Date;
   finishedAt: Date;
+  /** What the attempt used and how it was limited; null when it never spawned. */
+  usage: AttemptUsage | null;
 }
 
 export interface Execution {
@@ -93,14 +102,19 @@ export function execute(spec: RunSpec): Execution {
   const cwd = spec.cwd === undefined || spec.cwd === "" ? user?.home : spec.cwd;
 
   const cwdProblem = cwd === undefined ? null : checkDirectory(cwd, user);
-  if (cwdProblem !== null) return failed(startedAt, cwdProblem);
+  const confinement = spec.confinement;
+  if (cwdProblem !== null) {
+    confinement?.release();
+    return failed(startedAt, cwdProblem);
+  }
+  const cgroup = confinement?.cgroup ?? null;
   const env = taskEnv(spec.baseEnv, spec.env);
   // The worker's own HOME is out of the slot user's reach.
   if (user && spec.env.HOME === undefined) env.HOME = user.home;
 
   let proc: Bun.Subprocess<"ignore", "pipe", "pipe">;
   try {
-    proc = Bun.spawn(["sh", "-c", spec.command], {
+    proc = Bun.spawn(confinement?.argv(spec.command) ?? ["sh", "-c", spec.command], {
       cwd,
       env,
       // The spawn changes directory before it changes user, so checkDirectory vouched for cwd.
@@ -114,6 +128,7 @@ export function execute(spec: RunSpec): Execution {
       detached: true,
     });
   } catch (err) {
+    confinement?.release();
     return failed(startedAt, `spawn failed: ${errorText(err)}`);
   }
 
@@ -127,6 +142,7 @@ export function execute(spec: RunSpec): Execution {
   let killSent = false;
   let timeoutTimer: ReturnType<typeof setTimeout> | undefined;
   let killTimer: ReturnType<typeof setTimeout> | undefined;
+  let cgroupEmptied: Promise<void> = Promise.resolve();
   let signalKilled!: () => void;
   const killed = new Promise<void>((resolve) => (signalKilled = resolve));
 
@@ -135,12 +151,15 @@ export function execute(spec: RunSpec): Execution {
     killSent = true;
     clearTimeout(killTimer);
     signalGroup(pid, "SIGKILL");
+    // Hook: the cgroup reaches what left the group (setsid); the result awaits its emptying.
+    if (cgroup) cgroupEmptied = cgroup.killAll();
     signalKilled();
   };
   const terminate = (): void => {
     if (termSent) return;
     termSent = true;
     signalGroup(pid, "SIGTERM");
+    cgroup?.signal("SIGTERM");
     killTimer = setTimeout(kill, grace);
   };
   let timedOutAfter = 0;
@@ -161,7 +180,8 @@ export function execute(spec: RunSpec): Execution {
     clearTimeout(timeoutTimer);
 
     let drained: boolean;
-    if (!groupExists(pid)) {
+    // Hook: with a cgroup, what is left of the task is whatever is still in it.
+    if (!groupExists(pid) && !cgroup?.populated()) {
       // The usual case: the group ended with its leader. Nothing to signal; read the pipes out
       // (bounded, as a descendant that left the group may still hold them).
       drained = await settledWithin(output.done, grace + (spec.drainMs ?? DEFAULT_DRAIN_MS));
@@ -177,7 +197,10 @@ export function execute(spec: RunSpec): Execution {
       // so that a resolved result means nothing of the task is left, and until our pipes are
       // closed.
       let draining = true;
-      drained = await settledWithin(Promise.all([output.done, groupGone(pid, () => draining)]), spec.drainMs ?? DEFAULT_DRAIN_MS);
+      drained = await settledWithin(
+        Promise.all([output.done, groupGone(pid, () => draining), cgroupEmptied]),
+        spec.drainMs ?? DEFAULT_DRAIN_MS,
+      );
       draining = false;
     }
     clearTimeout(killTimer);
@@ -187,12 +210,18 @@ export function execute(spec: RunSpec): Execution {
     }
 
     const signal = proc.signalCode === null ? null : String(proc.signalCode);
+    // Hook: usage is read before the cgroup goes.
+    const usage = confinement?.usage(proc.resourceUsage()) ?? plainUsage(proc.resourceUsage());
+    confinement?.release();
+    let error = stopReason === "timed_out" ? `timed out after ${timedOutAfter} ms` : null;
+    if (usage.oomKilled && stopReason === null) error = oomError(usage.limits);
     return {
       outcome: stopReason ?? "exited",
       exitCode: proc.exitCode,
       signal,
       ...output.collect(),
-      error: stopReason === "timed_out" ? `timed out after ${timedOutAfter} ms` : null,
+      usage,
+      error,
       pid,
       startedAt,
       finishedAt: new Date(),
@@ -223,8 +252,21 @@ function failed(startedAt: Date, error: string): Execution {
     pid: null,
     startedAt,
     finishedAt: new Date(),
+    usage: null,
   };
   return { pid: null, startedAt, result: Promise.resolve(result), stop: () => {}, kill: () => {} };
+}
+
+/** Usage of an attempt run without a confinement: rusage only. */
+function plainUsage(rusage: ReturnType<Bun.Subprocess["resourceUsage"]>): AttemptUsage {
+  return {
+    limitsApplied: "none",
+    limits: { memory_mb: null, pids: null, nofile: null, cpu: null },
+    cpuUserUs: rusage ? Number(rusage.cpuTime.user) : null,
+    cpuSystemUs: rusage ? Number(rusage.cpuTime.system) : null,
+    peakMemoryBytes: rusage ? rusage.maxRSS : null,
+    oomKilled: false,
+  };
 }
 
 // Bun reports a missing cwd as "ENOENT ... posix_spawn 'sh'", which blames the shell.

@@ -29,6 +29,15 @@ export function workerOptions(
     baseEnv: inheritedEnvironment(),
     workerToken: config.TQ_WORKER_TOKEN,
     identities: where.identities,
+    limits: {
+      mode: config.TQ_WORKER_LIMITS,
+      maxima: {
+        memoryMb: config.TQ_WORKER_MAX_MEMORY_MB,
+        pids: config.TQ_WORKER_MAX_PIDS,
+        nofile: config.TQ_WORKER_MAX_NOFILE,
+        cpu: config.TQ_WORKER_MAX_CPU,
+      },
+    },
   };
 }
 

@@ -10,6 +10,7 @@ import {
   type TaskRef,
   type WorkerMessage,
 } from "../gen/taskqueue/v1/worker_service_pb";
+import { usageToProto } from "../rpc/convert";
 import { finishedMessage, type HelloFields, heartbeatMessage, helloMessage, startedMessage } from "../rpc/messages";
 import { attemptKey } from "../task/attempt";
 import type { AttemptEvents } from "./attempts";
@@ -122,6 +123,7 @@ function ranResult(ref: TaskRef, result: RunResult, stopReason: string | undefin
     startedAt: timestampFromDate(result.startedAt),
     finishedAt: timestampFromDate(result.finishedAt),
     interrupted: result.outcome === "abandoned" && interrupted,
+    usage: result.usage ? usageToProto(result.usage) : undefined,
   });
 }
 

@@ -19,6 +19,7 @@ import { clientConstructor } from "../rpc/definitions";
 import { leaseMsFor } from "../task/lease";
 import { Attempts } from "./attempts";
 import type { TaskIdentity } from "./identity";
+import { createLimiter, type Limiter, type LimitMaxima, type LimitsMode } from "./limits";
 import { Reporter } from "./reporter";
 
 const WorkerClient = clientConstructor(WorkerService);
@@ -64,6 +65,8 @@ export interface WorkerOptions {
    * of an older coordinator's assignment by (tests set one that runs fast). Defaults to Date.now.
    */
   now?: () => number;
+  /** How tasks are limited and this worker's maxima (src/worker/limits.ts). Defaults to no limits. */
+  limits?: { mode: LimitsMode; maxima: LimitMaxima };
 }
 
 type Stream = grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage>;
@@ -100,6 +103,7 @@ export class Worker {
     () => this.checkFull(),
   );
   private readonly attempts: Attempts;
+  private readonly limiter: Limiter;
   private stream: Stream | null = null;
   private client: grpc.Client | null = null;
   private welcomed = false;
@@ -140,7 +144,14 @@ export class Worker {
     this.workerId = options.id ?? Bun.randomUUIDv7();
     this.addressIndex = Math.floor(Math.random() * options.addresses.length);
     this.leaseMs = leaseMsFor(options);
+    this.limiter = createLimiter({
+      mode: options.limits?.mode ?? "none",
+      maxima: options.limits?.maxima ?? { memoryMb: 0, pids: 0, nofile: 0, cpu: 0 },
+      name: this.workerId,
+      log: options.log,
+    });
     this.attempts = new Attempts({
+      limiter: this.limiter,
       log: options.log,
       killGraceMs: options.killGraceMs,
       maxOutputBytes: options.maxOutputBytes,
@@ -215,6 +226,8 @@ export class Worker {
     this.stream = null;
     this.client?.close();
     this.client = null;
+    // Every attempt's cgroup is gone with its attempt; this removes the worker's own directory.
+    if (this.attempts.size === 0) this.limiter.close();
   }
 
   /**

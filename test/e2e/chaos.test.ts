@@ -5,7 +5,7 @@
 // flight on the killed or frozen workers. Bounded: it stops by itself within about 90 s and
 // cleans up every process it started.
 import { afterAll, beforeAll, expect, setDefaultTimeout, test } from "bun:test";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { type EmbeddedDatabase, startEmbedded } from "../../src/db/embedded";
@@ -81,6 +81,8 @@ test("1,000 tasks through worker kills, a freeze, a coordinator kill and a Postg
 
   const runs = join(dir, "runs");
   writeFileSync(runs, "");
+  // Tasks may run as their slots' own users: every one of them appends here.
+  chmodSync(runs, 0o666);
   // Each run appends its task id: the ground truth of how often a task really ran.
   const command = `echo "$TQ_TASK_ID" >> '${runs}'; sleep 0.1`;
 

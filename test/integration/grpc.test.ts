@@ -327,6 +327,65 @@ describe("WorkerService", () => {
     worker.close();
   });
 
+  test("limits travel from SubmitTask to Assign; the worker's usage and an OOM kill reach ListAttempts", async () => {
+    const worker = openWorker();
+    const workerId = `hand-${Bun.randomUUIDv7()}`;
+    worker.send({ case: "hello", value: { workerId, name: "hand", slots: 1 } });
+    expect((await worker.next()).payload.case).toBe("welcome");
+
+    const { task } = await call<SubmitTaskResponse>("submitTask", {
+      command: "head -c 200M /dev/zero | tail",
+      maxAttempts: 1,
+      limits: { memoryMb: 32, pids: 16 },
+    });
+    expect(task!.limits).toMatchObject({ memoryMb: 32, pids: 16 });
+    expect(task!.limits!.nofile).toBeUndefined();
+    const assign = await worker.next();
+    if (assign.payload.case !== "assign") throw new Error("expected assign");
+    expect(assign.payload.value.limits).toMatchObject({ memoryMb: 32, pids: 16 });
+    const ref = assign.payload.value.ref!;
+
+    // The shell exits 137 after the OOM killer took its pipeline's tail.
+    const now = timestampFromDate(new Date());
+    worker.send({
+      case: "finished",
+      value: {
+        ref,
+        outcome: Outcome.EXITED,
+        exitCode: 137,
+        error: "killed: out of memory (memory_mb 32)",
+        startedAt: now,
+        finishedAt: now,
+        usage: {
+          limitsApplied: "cgroup-v1",
+          limits: { memoryMb: 32, pids: 16 },
+          cpuUserUs: 1200n,
+          cpuSystemUs: 3400n,
+          peakMemoryBytes: 33_554_432n,
+          oomKilled: true,
+        },
+      },
+    });
+    expect((await worker.next()).payload).toMatchObject({ case: "ack", value: { stale: false } });
+    const { attempts } = await call<ListAttemptsResponse>("listAttempts", { taskId: task!.id });
+    expect(attempts[0]!.outcome).toBe(AttemptOutcome.FAILED);
+    expect(attempts[0]!.error).toBe("killed: out of memory (memory_mb 32)");
+    expect(attempts[0]!.usage).toMatchObject({
+      limitsApplied: "cgroup-v1",
+      limits: { memoryMb: 32, pids: 16 },
+      cpuUserUs: 1200n,
+      cpuSystemUs: 3400n,
+      peakMemoryBytes: 33_554_432n,
+      oomKilled: true,
+    });
+    const got = (await call<{ task: typeof task }>("getTask", { id: task!.id })).task!;
+    expect(got.state).toBe(TaskState.FAILED);
+    expect(got.error).toContain("out of memory");
+
+    expect(await failure(call("submitTask", { command: "true", limits: { memoryMb: 0 } }))).toBe(grpc.status.INVALID_ARGUMENT);
+    worker.close();
+  });
+
   test("an assignment a reconnecting worker never got is requeued interrupted, and does not use up the one attempt", async () => {
     const first = openWorker();
     const workerId = `reconnect-${Bun.randomUUIDv7()}`;

@@ -103,6 +103,7 @@ const TASK_KEYS = [
   "idempotency_key",
   "interruptions",
   "lease_expires_at",
+  "limits",
   "max_attempts",
   "picked_at",
   "retry",

@@ -53,6 +53,7 @@ const task: Task = {
   idempotency_key: null,
   idempotency_hash: null,
   secret_env: { TOKEN: "s3cret" },
+  limits: null,
 };
 
 test("every state maps to the proto enum and back", () => {
@@ -126,6 +127,7 @@ test("a worker's report becomes the right action", () => {
   expect(finishAction(finished({ outcome: Outcome.CANCELLED, error: "cancelled" }))).toEqual({
     kind: "stopped",
     reason: "cancelled",
+    usage: null,
   });
 });
 
@@ -139,4 +141,30 @@ test("a TaskRef is an attempt of the stream's worker, and back", () => {
   // Every role keys an attempt the same way, from the message or the domain ref.
   expect(attemptKey(message.taskId, message.attempt)).toBe(`${task.id}:2`);
   expect(attemptKey(ref.taskId, ref.attempt)).toBe(attemptKey(message.taskId, message.attempt));
+});
+
+test("an attempt the OOM killer reached fails whatever its exit code; its usage crosses the wire unchanged", () => {
+  const usage = {
+    limitsApplied: "cgroup-v2",
+    limits: { memoryMb: 32, cpu: 0.5 },
+    cpuUserUs: 10n,
+    cpuSystemUs: 20n,
+    peakMemoryBytes: 30n,
+    oomKilled: true,
+  } as const;
+  const action = finishAction(finished({ outcome: Outcome.EXITED, exitCode: 0, error: "killed: out of memory", usage }));
+  expect(action).toMatchObject({ kind: "record", result: { state: "failed", error: "killed: out of memory" } });
+  if (action.kind !== "record") throw new Error("expected record");
+  expect(action.result.usage).toEqual({
+    limitsApplied: "cgroup-v2",
+    limits: { memory_mb: 32, pids: null, nofile: null, cpu: 0.5 },
+    cpuUserUs: 10,
+    cpuSystemUs: 20,
+    peakMemoryBytes: 30,
+    oomKilled: true,
+  });
+  // Without usage (an older worker) an exit 0 still succeeds.
+  expect(finishAction(finished({ outcome: Outcome.EXITED, exitCode: 0 }))).toMatchObject({
+    result: { state: "succeeded", usage: null },
+  });
 });

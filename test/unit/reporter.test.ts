@@ -31,6 +31,7 @@ function result(overrides: Partial<RunResult>): RunResult {
     pid: 42,
     startedAt: at,
     finishedAt: new Date(at.getTime() + 5),
+    usage: null,
     ...overrides,
   };
 }

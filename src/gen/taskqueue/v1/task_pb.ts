@@ -12,7 +12,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file taskqueue/v1/task.proto.
  */
 export const file_taskqueue_v1_task: GenFile = /*@__PURE__*/
-  fileDesc("Chd0YXNrcXVldWUvdjEvdGFzay5wcm90bxIMdGFza3F1ZXVlLnYxIr4HCgRUYXNrEgoKAmlkGAEgASgJEg8KB2NvbW1hbmQYAiABKAkSJgoFc3RhdGUYAyABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEjAKDHNjaGVkdWxlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJcGlja2VkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWZhaWxlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY2FuY2VsbGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdhdHRlbXB0GAsgASgNEhQKDG1heF9hdHRlbXB0cxgMIAEoDRISCgp0aW1lb3V0X21zGA0gASgNEigKA2VudhgOIAMoCzIbLnRhc2txdWV1ZS52MS5UYXNrLkVudkVudHJ5EgsKA2N3ZBgPIAEoCRIRCgl3b3JrZXJfaWQYECABKAkSFgoJZXhpdF9jb2RlGBEgASgRSACIAQESDgoGc2lnbmFsGBIgASgJEg4KBnN0ZG91dBgTIAEoCRIOCgZzdGRlcnIYFCABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgVIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGBYgASgIEg0KBWVycm9yGBcgASgJEigKBXJldHJ5GBggASgLMhkudGFza3F1ZXVlLnYxLlJldHJ5UG9saWN5EhcKD2lkZW1wb3RlbmN5X2tleRgZIAEoCRI0ChBsZWFzZV9leHBpcmVzX2F0GBogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIXCg9zZWNyZXRfZW52X2tleXMYGyADKAkSKgoGcnVuX2F0GBwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1pbnRlcnJ1cHRpb25zGEYgASgNGioKCEVudkVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCDAoKX2V4aXRfY29kZSLhAQoLUmV0cnlQb2xpY3kSFwoKb25fZmFpbHVyZRgBIAEoCEgAiAEBEhcKCm9uX3RpbWVvdXQYAiABKAhIAYgBARIUCgdvbl9sb3N0GAMgASgISAKIAQESHAoPYmFja29mZl9iYXNlX21zGAQgASgNSAOIAQESGwoOYmFja29mZl9jYXBfbXMYBSABKA1IBIgBAUINCgtfb25fZmFpbHVyZUINCgtfb25fdGltZW91dEIKCghfb25fbG9zdEISChBfYmFja29mZl9iYXNlX21zQhEKD19iYWNrb2ZmX2NhcF9tcyLiAQoJVGFza0V2ZW50EgoKAmlkGAEgASgJEg8KB3Rhc2tfaWQYAiABKAkSDAoEa2luZBgDIAEoCRImCgVzdGF0ZRgEIAEoDjIXLnRhc2txdWV1ZS52MS5UYXNrU3RhdGUSDwoHYXR0ZW1wdBgFIAEoDRIRCgl3b3JrZXJfaWQYBiABKAkSJgoCYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWFjdG9yGAggASgJEicKBmRldGFpbBgJIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QizAMKB0F0dGVtcHQSDwoHdGFza19pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgNEhEKCXdvcmtlcl9pZBgDIAEoCRIWCg5jb29yZGluYXRvcl9pZBgEIAEoCRIxCg1kaXNwYXRjaGVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hlZF9hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoDcGlkGAggASgFSACIAQESFgoJZXhpdF9jb2RlGAkgASgRSAGIAQESDgoGc2lnbmFsGAogASgJEg0KBWVycm9yGAsgASgJEg4KBnN0ZG91dBgMIAEoCRIOCgZzdGRlcnIYDSABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgOIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGA8gASgIEi0KB291dGNvbWUYECABKA4yHC50YXNrcXVldWUudjEuQXR0ZW1wdE91dGNvbWVCBgoEX3BpZEIMCgpfZXhpdF9jb2RlKtYBCglUYXNrU3RhdGUSGgoWVEFTS19TVEFURV9VTlNQRUNJRklFRBAAEhUKEVRBU0tfU1RBVEVfUVVFVUVEEAESGQoVVEFTS19TVEFURV9ESVNQQVRDSEVEEAISFgoSVEFTS19TVEFURV9SVU5OSU5HEAMSGAoUVEFTS19TVEFURV9TVUNDRUVERUQQBBIVChFUQVNLX1NUQVRFX0ZBSUxFRBAFEhgKFFRBU0tfU1RBVEVfVElNRURfT1VUEAYSGAoUVEFTS19TVEFURV9DQU5DRUxMRUQQByr+AQoOQXR0ZW1wdE91dGNvbWUSHwobQVRURU1QVF9PVVRDT01FX1VOU1BFQ0lGSUVEEAASHQoZQVRURU1QVF9PVVRDT01FX1NVQ0NFRURFRBABEhoKFkFUVEVNUFRfT1VUQ09NRV9GQUlMRUQQAhIdChlBVFRFTVBUX09VVENPTUVfVElNRURfT1VUEAMSGAoUQVRURU1QVF9PVVRDT01FX0xPU1QQBBIbChdBVFRFTVBUX09VVENPTUVfU1RPUFBFRBAFEhkKFUFUVEVNUFRfT1VUQ09NRV9TVEFMRRAGEh8KG0FUVEVNUFRfT1VUQ09NRV9JTlRFUlJVUFRFRBAHYgZwcm90bzM", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("Chd0YXNrcXVldWUvdjEvdGFzay5wcm90bxIMdGFza3F1ZXVlLnYxIugHCgRUYXNrEgoKAmlkGAEgASgJEg8KB2NvbW1hbmQYAiABKAkSJgoFc3RhdGUYAyABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEjAKDHNjaGVkdWxlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJcGlja2VkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWZhaWxlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY2FuY2VsbGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdhdHRlbXB0GAsgASgNEhQKDG1heF9hdHRlbXB0cxgMIAEoDRISCgp0aW1lb3V0X21zGA0gASgNEigKA2VudhgOIAMoCzIbLnRhc2txdWV1ZS52MS5UYXNrLkVudkVudHJ5EgsKA2N3ZBgPIAEoCRIRCgl3b3JrZXJfaWQYECABKAkSFgoJZXhpdF9jb2RlGBEgASgRSACIAQESDgoGc2lnbmFsGBIgASgJEg4KBnN0ZG91dBgTIAEoCRIOCgZzdGRlcnIYFCABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgVIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGBYgASgIEg0KBWVycm9yGBcgASgJEigKBXJldHJ5GBggASgLMhkudGFza3F1ZXVlLnYxLlJldHJ5UG9saWN5EhcKD2lkZW1wb3RlbmN5X2tleRgZIAEoCRI0ChBsZWFzZV9leHBpcmVzX2F0GBogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIXCg9zZWNyZXRfZW52X2tleXMYGyADKAkSKgoGcnVuX2F0GBwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIoCgZsaW1pdHMYPCABKAsyGC50YXNrcXVldWUudjEuVGFza0xpbWl0cxIVCg1pbnRlcnJ1cHRpb25zGEYgASgNGioKCEVudkVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCDAoKX2V4aXRfY29kZSKIAQoKVGFza0xpbWl0cxIWCgltZW1vcnlfbWIYASABKA1IAIgBARIRCgRwaWRzGAIgASgNSAGIAQESEwoGbm9maWxlGAMgASgNSAKIAQESEAoDY3B1GAQgASgBSAOIAQFCDAoKX21lbW9yeV9tYkIHCgVfcGlkc0IJCgdfbm9maWxlQgYKBF9jcHUi8gEKDEF0dGVtcHRVc2FnZRIWCg5saW1pdHNfYXBwbGllZBgBIAEoCRIoCgZsaW1pdHMYAiABKAsyGC50YXNrcXVldWUudjEuVGFza0xpbWl0cxIYCgtjcHVfdXNlcl91cxgDIAEoBEgAiAEBEhoKDWNwdV9zeXN0ZW1fdXMYBCABKARIAYgBARIeChFwZWFrX21lbW9yeV9ieXRlcxgFIAEoBEgCiAEBEhIKCm9vbV9raWxsZWQYBiABKAhCDgoMX2NwdV91c2VyX3VzQhAKDl9jcHVfc3lzdGVtX3VzQhQKEl9wZWFrX21lbW9yeV9ieXRlcyLhAQoLUmV0cnlQb2xpY3kSFwoKb25fZmFpbHVyZRgBIAEoCEgAiAEBEhcKCm9uX3RpbWVvdXQYAiABKAhIAYgBARIUCgdvbl9sb3N0GAMgASgISAKIAQESHAoPYmFja29mZl9iYXNlX21zGAQgASgNSAOIAQESGwoOYmFja29mZl9jYXBfbXMYBSABKA1IBIgBAUINCgtfb25fZmFpbHVyZUINCgtfb25fdGltZW91dEIKCghfb25fbG9zdEISChBfYmFja29mZl9iYXNlX21zQhEKD19iYWNrb2ZmX2NhcF9tcyLiAQoJVGFza0V2ZW50EgoKAmlkGAEgASgJEg8KB3Rhc2tfaWQYAiABKAkSDAoEa2luZBgDIAEoCRImCgVzdGF0ZRgEIAEoDjIXLnRhc2txdWV1ZS52MS5UYXNrU3RhdGUSDwoHYXR0ZW1wdBgFIAEoDRIRCgl3b3JrZXJfaWQYBiABKAkSJgoCYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWFjdG9yGAggASgJEicKBmRldGFpbBgJIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3Qi9wMKB0F0dGVtcHQSDwoHdGFza19pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgNEhEKCXdvcmtlcl9pZBgDIAEoCRIWCg5jb29yZGluYXRvcl9pZBgEIAEoCRIxCg1kaXNwYXRjaGVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hlZF9hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoDcGlkGAggASgFSACIAQESFgoJZXhpdF9jb2RlGAkgASgRSAGIAQESDgoGc2lnbmFsGAogASgJEg0KBWVycm9yGAsgASgJEg4KBnN0ZG91dBgMIAEoCRIOCgZzdGRlcnIYDSABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgOIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGA8gASgIEi0KB291dGNvbWUYECABKA4yHC50YXNrcXVldWUudjEuQXR0ZW1wdE91dGNvbWUSKQoFdXNhZ2UYPCABKAsyGi50YXNrcXVldWUudjEuQXR0ZW1wdFVzYWdlQgYKBF9waWRCDAoKX2V4aXRfY29kZSrWAQoJVGFza1N0YXRlEhoKFlRBU0tfU1RBVEVfVU5TUEVDSUZJRUQQABIVChFUQVNLX1NUQVRFX1FVRVVFRBABEhkKFVRBU0tfU1RBVEVfRElTUEFUQ0hFRBACEhYKElRBU0tfU1RBVEVfUlVOTklORxADEhgKFFRBU0tfU1RBVEVfU1VDQ0VFREVEEAQSFQoRVEFTS19TVEFURV9GQUlMRUQQBRIYChRUQVNLX1NUQVRFX1RJTUVEX09VVBAGEhgKFFRBU0tfU1RBVEVfQ0FOQ0VMTEVEEAcq/gEKDkF0dGVtcHRPdXRjb21lEh8KG0FUVEVNUFRfT1VUQ09NRV9VTlNQRUNJRklFRBAAEh0KGUFUVEVNUFRfT1VUQ09NRV9TVUNDRUVERUQQARIaChZBVFRFTVBUX09VVENPTUVfRkFJTEVEEAISHQoZQVRURU1QVF9PVVRDT01FX1RJTUVEX09VVBADEhgKFEFUVEVNUFRfT1VUQ09NRV9MT1NUEAQSGwoXQVRURU1QVF9PVVRDT01FX1NUT1BQRUQQBRIZChVBVFRFTVBUX09VVENPTUVfU1RBTEUQBhIfChtBVFRFTVBUX09VVENPTUVfSU5URVJSVVBURUQQB2IGcHJvdG8z", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message taskqueue.v1.Task
@@ -168,6 +168,13 @@ export type Task = Message<"taskqueue.v1.Task"> & {
   runAt?: Timestamp | undefined;
 
   /**
+   * What the task asked for; unset when it asked for nothing (each worker's maxima apply).
+   *
+   * @generated from field: taskqueue.v1.TaskLimits limits = 60;
+   */
+  limits?: TaskLimits | undefined;
+
+  /**
    * Of the attempts so far, those that ended interrupted (handed back on a worker's drain, or
    * never delivered): attempt - interruptions counts against max_attempts.
    *
@@ -182,6 +189,101 @@ export type Task = Message<"taskqueue.v1.Task"> & {
  */
 export const TaskSchema: GenMessage<Task> = /*@__PURE__*/
   messageDesc(file_taskqueue_v1_task, 0);
+
+/**
+ * Resource limits a task asks for. Each is capped by the maxima of the worker that runs it
+ * (TQ_WORKER_MAX_*), an unset one is the worker's maximum, and the attempt records what
+ * applied (AttemptUsage).
+ *
+ * @generated from message taskqueue.v1.TaskLimits
+ */
+export type TaskLimits = Message<"taskqueue.v1.TaskLimits"> & {
+  /**
+   * Memory in MiB: the cgroup's memory limit (the OOM killer ends the attempt), or without
+   * cgroups the address space (ulimit -v).
+   *
+   * @generated from field: optional uint32 memory_mb = 1;
+   */
+  memoryMb?: number | undefined;
+
+  /**
+   * Processes and threads at once (the cgroup's pids.max); not enforced without cgroups.
+   *
+   * @generated from field: optional uint32 pids = 2;
+   */
+  pids?: number | undefined;
+
+  /**
+   * Open files per process (ulimit -n).
+   *
+   * @generated from field: optional uint32 nofile = 3;
+   */
+  nofile?: number | undefined;
+
+  /**
+   * CPU cores (0.5 is half a core), the cgroup's CPU quota; not enforced without cgroups.
+   *
+   * @generated from field: optional double cpu = 4;
+   */
+  cpu?: number | undefined;
+};
+
+/**
+ * Describes the message taskqueue.v1.TaskLimits.
+ * Use `create(TaskLimitsSchema)` to create a new message.
+ */
+export const TaskLimitsSchema: GenMessage<TaskLimits> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_task, 1);
+
+/**
+ * How one attempt was limited and what it used, as its worker measured it.
+ *
+ * @generated from message taskqueue.v1.AttemptUsage
+ */
+export type AttemptUsage = Message<"taskqueue.v1.AttemptUsage"> & {
+  /**
+   * "cgroup-v1", "cgroup-v2", "rlimit" or "none".
+   *
+   * @generated from field: string limits_applied = 1;
+   */
+  limitsApplied: string;
+
+  /**
+   * The limits that held; an unset one did not.
+   *
+   * @generated from field: taskqueue.v1.TaskLimits limits = 2;
+   */
+  limits?: TaskLimits | undefined;
+
+  /**
+   * @generated from field: optional uint64 cpu_user_us = 3;
+   */
+  cpuUserUs?: bigint | undefined;
+
+  /**
+   * @generated from field: optional uint64 cpu_system_us = 4;
+   */
+  cpuSystemUs?: bigint | undefined;
+
+  /**
+   * @generated from field: optional uint64 peak_memory_bytes = 5;
+   */
+  peakMemoryBytes?: bigint | undefined;
+
+  /**
+   * The kernel's OOM killer killed a process of the attempt.
+   *
+   * @generated from field: bool oom_killed = 6;
+   */
+  oomKilled: boolean;
+};
+
+/**
+ * Describes the message taskqueue.v1.AttemptUsage.
+ * Use `create(AttemptUsageSchema)` to create a new message.
+ */
+export const AttemptUsageSchema: GenMessage<AttemptUsage> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_task, 2);
 
 /**
  * What is retried while attempts remain, and the exponential backoff (with jitter) between
@@ -225,7 +327,7 @@ export type RetryPolicy = Message<"taskqueue.v1.RetryPolicy"> & {
  * Use `create(RetryPolicySchema)` to create a new message.
  */
 export const RetryPolicySchema: GenMessage<RetryPolicy> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 1);
+  messageDesc(file_taskqueue_v1_task, 3);
 
 /**
  * TaskEvent is one row of the append-only task_events history.
@@ -296,7 +398,7 @@ export type TaskEvent = Message<"taskqueue.v1.TaskEvent"> & {
  * Use `create(TaskEventSchema)` to create a new message.
  */
 export const TaskEventSchema: GenMessage<TaskEvent> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 2);
+  messageDesc(file_taskqueue_v1_task, 4);
 
 /**
  * Attempt is one row of task_attempts: one dispatch of a task and what came of it.
@@ -385,6 +487,13 @@ export type Attempt = Message<"taskqueue.v1.Attempt"> & {
    * @generated from field: taskqueue.v1.AttemptOutcome outcome = 16;
    */
   outcome: AttemptOutcome;
+
+  /**
+   * Unset until the attempt's result arrived, and from workers that do not measure.
+   *
+   * @generated from field: taskqueue.v1.AttemptUsage usage = 60;
+   */
+  usage?: AttemptUsage | undefined;
 };
 
 /**
@@ -392,7 +501,7 @@ export type Attempt = Message<"taskqueue.v1.Attempt"> & {
  * Use `create(AttemptSchema)` to create a new message.
  */
 export const AttemptSchema: GenMessage<Attempt> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 3);
+  messageDesc(file_taskqueue_v1_task, 5);
 
 /**
  * TaskState mirrors the `state` column of the tasks table; src/task/state.ts documents who

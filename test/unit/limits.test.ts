@@ -1,0 +1,130 @@
+// The worker's limits policy (src/worker/limits.ts) and the cgroup plumbing it stands on
+// (src/worker/cgroup.ts): clamping to the worker's maxima, the rlimit fallback through real
+// shells, and, as root with cgroups, that an attempt's cgroup is made, limits, and goes.
+import { afterAll, describe, expect, test } from "bun:test";
+import { existsSync, readFileSync } from "node:fs";
+import { detectCgroups, parseMembership, parseMounts } from "../../src/worker/cgroup";
+import { execute } from "../../src/worker/executor";
+import { Limiter } from "../../src/worker/limits";
+import { eventually } from "../support/eventually";
+import { isRunning } from "../support/is-running";
+
+const baseEnv = { PATH: process.env.PATH ?? "/usr/bin:/bin" };
+const NO_MAXIMA = { memoryMb: 0, pids: 0, nofile: 0, cpu: 0 };
+
+function run(command: string, limiter: Limiter, limits: Parameters<Limiter["confine"]>[1]) {
+  const confinement = limiter.confine(`unit-${Bun.randomUUIDv7()}`, limits);
+  return execute({ command, env: {}, timeoutMs: 0, killGraceMs: 500, maxOutputBytes: 4096, baseEnv, confinement }).result;
+}
+
+test("a request is capped by the worker's maxima; one left out is the maximum; 0 is no maximum", () => {
+  const limiter = new Limiter({ memoryMb: 512, pids: 64, nofile: 0, cpu: 2 }, null, "rlimit");
+  expect(limiter.effective({ memory_mb: 4096, pids: 8, cpu: 0.5 })).toEqual({ memory_mb: 512, pids: 8, cpu: 0.5 });
+  expect(limiter.effective(null)).toEqual({ memory_mb: 512, pids: 64, cpu: 2 });
+  expect(new Limiter(NO_MAXIMA, null, "rlimit").effective({ nofile: 10 })).toEqual({ nofile: 10 });
+  // Open files never above the worker's own hard limit, which a task could not raise to.
+  const huge = new Limiter(NO_MAXIMA, null, "rlimit").effective({ nofile: 1_048_576 });
+  expect(huge.nofile).toBeLessThanOrEqual(1_048_576);
+});
+
+test("without cgroups, memory and open files are rlimits in the spawned shell; pids and cpu are not enforced", async () => {
+  const limiter = new Limiter(NO_MAXIMA, null, "rlimit");
+  const r = await run("ulimit -n; ulimit -v", limiter, { memory_mb: 100, nofile: 64, pids: 5, cpu: 1 });
+  expect(r.stdout).toBe("64\n102400\n");
+  expect(r.usage).toMatchObject({ limitsApplied: "rlimit", limits: { memory_mb: 100, nofile: 64, pids: null, cpu: null } });
+  expect(r.usage!.peakMemoryBytes).toBeGreaterThan(0);
+  expect(r.usage!.cpuUserUs).not.toBeNull();
+});
+
+test("an address-space limit stops a memory hog without cgroups (not an OOM kill)", async () => {
+  const r = await run("head -c 200M /dev/zero | tail", new Limiter(NO_MAXIMA, null, "rlimit"), { memory_mb: 32 });
+  expect(r.exitCode).not.toBe(0);
+  expect(r.usage!.oomKilled).toBe(false);
+});
+
+test("the command reaches the shell as an argument, unchanged, with $0 as before", async () => {
+  const command = `printf '%s|%s|%s\\n' "$0" '$cmd "quoted"' "$#"`;
+  const r = await run(command, new Limiter(NO_MAXIMA, null, "rlimit"), { nofile: 100 });
+  expect(r.stdout).toBe(`sh|$cmd "quoted"|0\n`);
+});
+
+test("with nothing to limit, or limits off, the task runs as plain sh -c and says none", async () => {
+  const plain = new Limiter(NO_MAXIMA, null, "rlimit").confine("x", null);
+  expect(plain.applied).toBe("none");
+  expect(plain.argv("echo hi")).toEqual(["sh", "-c", "echo hi"]);
+  const off = new Limiter({ memoryMb: 64, pids: 0, nofile: 0, cpu: 0 }, null, "none").confine("y", { nofile: 3 });
+  expect(off.applied).toBe("none");
+  expect(off.limits).toEqual({ memory_mb: null, pids: null, nofile: null, cpu: null });
+  expect(off.argv("echo hi")).toEqual(["sh", "-c", "echo hi"]);
+});
+
+test("cgroup membership and mounts are read from /proc/self (v1 hybrid host and a v2-only host)", () => {
+  const v1 = parseMembership("8:pids:/\n4:memory:/process_api/abc\n6:freezer:/\n2:cpu,cpuacct:/x\n0::/\n");
+  expect(v1.v1.get("memory")).toBe("/process_api/abc");
+  expect(v1.v1.get("cpuacct")).toBe("/x");
+  const mounts = parseMounts(
+    "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n" +
+      "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n" +
+      "50 31 0:40 /nested /mnt/other rw - cgroup cgroup rw,pids\n",
+  );
+  expect(mounts.v1.get("memory")).toBe("/sys/fs/cgroup/memory");
+  // A mount of a sub-tree cannot take /proc/self/cgroup's paths.
+  expect(mounts.v1.has("pids")).toBe(false);
+  expect(mounts.v2).toBe("/sys/fs/cgroup/unified");
+  expect(parseMembership("0::/user.slice/app.service\n")).toEqual({ v1: new Map(), v2: "/user.slice/app.service" });
+});
+
+const isRoot = process.getuid?.() === 0;
+const detected = isRoot ? detectCgroups({ dirName: `taskqueue-${process.pid}-unit` }) : null;
+const cgroups = detected?.ok ? detected.cgroups : null;
+if (!cgroups) {
+  console.warn(`test/unit/limits.test.ts: skipping the cgroup cases: ${isRoot ? (detected as { why: string }).why : "not root"}`);
+}
+
+afterAll(() => cgroups?.close());
+
+describe.skipIf(cgroups === null)("with cgroups", () => {
+  test("an attempt runs in its own cgroup, limited as asked, which is removed when it ends", async () => {
+    const limiter = new Limiter(NO_MAXIMA, cgroups, "auto");
+    const confinement = limiter.confine(`unit-${Bun.randomUUIDv7()}`, { memory_mb: 48, pids: 20, nofile: 77 });
+    const files = [...confinement.cgroup!.procsFiles];
+    const dirs = files.map((f) => f.slice(0, f.lastIndexOf("/")));
+    expect(dirs.every((d) => existsSync(d))).toBe(true);
+    const memoryDir = dirs.find((d) => d.includes("/memory/"));
+    const command = `cat /proc/self/cgroup; ulimit -n${memoryDir ? `; cat '${memoryDir}/memory.limit_in_bytes'` : ""}`;
+    const r = await execute({ command, env: {}, timeoutMs: 0, killGraceMs: 500, maxOutputBytes: 1 << 16, baseEnv, confinement })
+      .result;
+    expect(r.exitCode).toBe(0);
+    const name = dirs[0]!.slice(dirs[0]!.lastIndexOf("/") + 1);
+    expect(r.stdout).toContain(`/${name}\n`);
+    expect(r.stdout).toContain("\n77\n");
+    if (memoryDir) expect(r.stdout).toContain(`${48 * 1024 * 1024}`);
+    expect(r.usage).toMatchObject({ limits: { memory_mb: 48, pids: 20, nofile: 77 }, oomKilled: false });
+    expect(dirs.some((d) => existsSync(d))).toBe(false);
+  });
+
+  test("killAll empties the cgroup of processes that left the process group and session", async () => {
+    const limiter = new Limiter(NO_MAXIMA, cgroups, "auto");
+    const confinement = limiter.confine(`unit-${Bun.randomUUIDv7()}`, null);
+    const execution = execute({
+      command: "for i in 1 2 3; do setsid sleep 300 & done; wait",
+      env: {},
+      timeoutMs: 0,
+      killGraceMs: 200,
+      maxOutputBytes: 4096,
+      baseEnv,
+      confinement,
+    });
+    // Four processes in the cgroup: the shell and three escapees.
+    const cgroup = confinement.cgroup!;
+    const members = () => readFileSync(cgroup.procsFiles[0]!, "utf8").trim().split("\n").filter(Boolean).map(Number);
+    const pids = await eventually(() => (members().length === 4 ? members() : null), { what: "the escapees in the cgroup" });
+    const escapees = pids.filter((pid) => pid !== execution.pid);
+    expect(escapees).toHaveLength(3);
+    execution.stop("cancelled");
+    const r = await execution.result;
+    expect(r.outcome).toBe("cancelled");
+    expect(escapees.filter(isRunning)).toEqual([]);
+    expect(existsSync(cgroup.procsFiles[0]!)).toBe(false);
+  });
+});
