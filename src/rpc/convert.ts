@@ -94,6 +94,8 @@ export function taskToProto(task: Task): PbTask {
     stderr: task.stderr ?? "",
     stdoutTruncated: task.stdout_truncated,
     stderrTruncated: task.stderr_truncated,
+    stdoutReplaced: task.stdout_replaced,
+    stderrReplaced: task.stderr_replaced,
     error: task.error ?? "",
     retry: {
       onFailure: task.retry_on_failure,
@@ -134,6 +136,8 @@ export function attemptToProto(attempt: Attempt): PbAttempt {
     stderr: attempt.stderr ?? "",
     stdoutTruncated: attempt.stdout_truncated,
     stderrTruncated: attempt.stderr_truncated,
+    stdoutReplaced: attempt.stdout_replaced,
+    stderrReplaced: attempt.stderr_replaced,
     outcome: attempt.outcome === null ? PbAttemptOutcome.UNSPECIFIED : OUTCOME_TO_PROTO[attempt.outcome],
   });
 }
@@ -179,6 +183,8 @@ export function finishAction(finished: TaskFinished): FinishAction {
     stderr: finished.stderr,
     stdoutTruncated: finished.stdoutTruncated,
     stderrTruncated: finished.stderrTruncated,
+    stdoutReplaced: finished.stdoutReplaced,
+    stderrReplaced: finished.stderrReplaced,
     error: finished.error || null,
     startedAt: fromTimestamp(finished.startedAt),
     finishedAt: fromTimestamp(finished.finishedAt) ?? new Date(),

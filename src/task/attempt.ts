@@ -34,6 +34,8 @@ export interface Attempt {
   stderr: string | null;
   stdout_truncated: boolean;
   stderr_truncated: boolean;
+  stdout_replaced: boolean;
+  stderr_replaced: boolean;
   outcome: AttemptOutcome | null;
 }
 

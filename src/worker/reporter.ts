@@ -103,6 +103,8 @@ function ranResult(ref: TaskRef, result: RunResult, stopReason: string | undefin
     stderr: result.stderr,
     stdoutTruncated: result.stdoutTruncated,
     stderrTruncated: result.stderrTruncated,
+    stdoutReplaced: result.stdoutReplaced,
+    stderrReplaced: result.stderrReplaced,
     error: result.error ?? (result.outcome === "cancelled" ? (stopReason ?? "") : ""),
     startedAt: timestampFromDate(result.startedAt),
     finishedAt: timestampFromDate(result.finishedAt),
