@@ -1,7 +1,7 @@
 // The completer against real PostgreSQL: a result the database refuses fails only its own task,
 // beside a healthy one in the same batch, and the database being away is not mistaken for that.
 import { afterEach, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { create } from "@bufbuild/protobuf";
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import pino from "pino";
 import { Completer } from "../../src/coordinator/completer";
@@ -83,7 +83,7 @@ async function dispatchedTask(): Promise<string> {
   return row.id;
 }
 
-function finished(taskId: string, fields: Partial<TaskFinished> = {}): TaskFinished {
+function finished(taskId: string, fields: MessageInitShape<typeof TaskFinishedSchema> = {}): TaskFinished {
   const now = new Date();
   return create(TaskFinishedSchema, {
     ref: { taskId, attempt: 1 },
@@ -124,7 +124,9 @@ async function expectRefusedBesideHealthy(h: Harness, poisoned: string, healthy:
   // The database's own words are logged, with the task, and never stored on it.
   const refused = h.log.lines.filter((line) => line.event === "completer.result_refused");
   expect(refused.map((line) => line.task)).toEqual([poisoned]);
-  expect(JSON.stringify(bad)).not.toContain((refused[0]?.err as { message: string }).message);
+  const reason = (refused[0]?.err as { message?: string } | undefined)?.message;
+  expect(reason).toBeString();
+  expect(JSON.stringify(bad)).not.toContain(reason ?? "");
 }
 
 describe("a result the database refuses fails only its own task", () => {
@@ -135,7 +137,7 @@ describe("a result the database refuses fails only its own task", () => {
     await expectRefusedBesideHealthy(h, poisoned, healthy);
     const refused = h.log.lines.find((line) => line.event === "completer.result_refused");
     // 22021: invalid byte sequence for encoding "UTF8": 0x00.
-    expect((refused?.err as { code?: string }).code).toBe("22021");
+    expect((refused?.err as { code?: string } | undefined)?.code).toBe("22021");
   });
 
   test("a time PostgreSQL cannot hold (a worker with a broken clock) beside a healthy result", async () => {
@@ -157,7 +159,7 @@ describe("a result the database refuses fails only its own task", () => {
       reportTogether(h, [finished(poisoned, { stdout: "forbidden" }), finished(healthy)], healthy);
       await expectRefusedBesideHealthy(h, poisoned, healthy);
       const refused = h.log.lines.find((line) => line.event === "completer.result_refused");
-      expect((refused?.err as { code?: string }).code).toBe("23514");
+      expect((refused?.err as { code?: string } | undefined)?.code).toBe("23514");
     } finally {
       await db.sql`ALTER TABLE task_attempts DROP CONSTRAINT test_no_forbidden_output`;
     }
@@ -208,7 +210,7 @@ describe("a database that is away is not a refused result", () => {
       );
       await db.sql`SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'completer-under-test'`;
       const failed = await h.log.waitFor("completer.record_failed");
-      expect((failed.err as { code?: string }).code).toBeDefined();
+      expect((failed.err as { code?: string } | undefined)?.code).toBeDefined();
       // Nothing was acknowledged or refused while the database was away.
       expect(h.acks()).toEqual([]);
       expect(h.log.lines.some((line) => line.event === "completer.result_refused")).toBe(false);
