@@ -1,7 +1,7 @@
 // The completer against real PostgreSQL: a result the database refuses fails only its own task,
 // beside a healthy one in the same batch, and the database being away is not mistaken for that.
 import { afterEach, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import pino from "pino";
 import { Completer } from "../../src/coordinator/completer";
@@ -83,7 +83,7 @@ async function dispatchedTask(): Promise<string> {
   return row.id;
 }
 
-function finished(taskId: string, fields: MessageInitShape<typeof TaskFinishedSchema> = {}): TaskFinished {
+function finished(taskId: string, fields: Partial<Pick<TaskFinished, "stdout" | "startedAt" | "finishedAt">> = {}): TaskFinished {
   const now = new Date();
   return create(TaskFinishedSchema, {
     ref: { taskId, attempt: 1 },
