@@ -12,6 +12,7 @@ import type { CoordinatorMessage, Hello, WorkerMessage } from "../gen/taskqueue/
 import type { Logger } from "../log";
 import { attemptRefFromProto } from "../rpc/convert";
 import { MalformedMessage } from "../rpc/definitions";
+import { GRPC_DEFAULT_MAX_MESSAGE_BYTES } from "../rpc/message-size";
 import { cancelMessage, welcomeMessage } from "../rpc/messages";
 import { attemptKey } from "../task/attempt";
 import type { Completer } from "./completer";
@@ -35,6 +36,8 @@ export interface WorkerSessionsOptions {
   helloTimeoutMs?: number;
   /** Join token every stream must carry (authorization: Bearer); none: any stream may join. */
   workerToken?: string;
+  /** The largest message the gRPC server accepts, told to workers in Welcome. Defaults to gRPC's 4 MiB. */
+  maxMessageBytes?: number;
 }
 
 const MAX_ID = 200;
@@ -205,6 +208,7 @@ export class WorkerSessions {
         heartbeatIntervalMs: this.options.heartbeatIntervalMs,
         heartbeatTimeoutMs: this.options.heartbeatTimeoutMs,
         resumeToken,
+        maxMessageBytes: this.options.maxMessageBytes ?? GRPC_DEFAULT_MAX_MESSAGE_BYTES,
       }),
     );
     for (const ref of hello.inFlight) {

@@ -26,6 +26,8 @@ export interface WelcomeFields {
   heartbeatTimeoutMs: number;
   /** To present in Hello when reconnecting. */
   resumeToken: string;
+  /** The largest message the coordinator accepts: the worker cuts its results to fit. */
+  maxMessageBytes: number;
 }
 
 /** The answer to Hello once the worker is registered and reconciled. */

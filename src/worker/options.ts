@@ -18,6 +18,7 @@ export function workerOptions(config: Config, log: Logger, where: { name: string
     killGraceMs: config.TQ_KILL_GRACE_MS,
     drainGraceMs: config.TQ_DRAIN_GRACE_MS,
     maxOutputBytes: config.TQ_MAX_OUTPUT_BYTES,
+    maxMessageBytes: config.TQ_GRPC_MAX_MESSAGE_BYTES,
     version: pkg.version,
     baseEnv: inheritedEnvironment(),
     workerToken: config.TQ_WORKER_TOKEN,

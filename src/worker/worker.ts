@@ -15,6 +15,7 @@ import {
 } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
 import { clientConstructor } from "../rpc/definitions";
+import { GRPC_DEFAULT_MAX_MESSAGE_BYTES, grpcMessageLimits } from "../rpc/message-size";
 import { leaseMsFor } from "../task/lease";
 import { Attempts } from "./attempts";
 import { Reporter } from "./reporter";
@@ -34,6 +35,8 @@ export interface WorkerOptions {
   killGraceMs: number;
   drainGraceMs: number;
   maxOutputBytes: number;
+  /** The largest gRPC message this worker sends or accepts. Defaults to gRPC's 4 MiB. */
+  maxMessageBytes?: number;
   version?: string;
   /** Join token sent to the coordinator (authorization: Bearer). */
   workerToken?: string;
@@ -68,6 +71,10 @@ export class Worker {
   private cutOffTimer: ReturnType<typeof setTimeout> | null = null;
   private readonly welcomeWaiters = new Set<() => void>();
 
+  private get maxMessageBytes(): number {
+    return this.options.maxMessageBytes ?? GRPC_DEFAULT_MAX_MESSAGE_BYTES;
+  }
+
   constructor(private readonly options: WorkerOptions) {
     this.workerId = options.id ?? Bun.randomUUIDv7();
     this.addressIndex = Math.floor(Math.random() * options.addresses.length);
@@ -79,6 +86,7 @@ export class Worker {
       baseEnv: options.baseEnv,
       events: this.reporter,
     });
+    this.reporter.maxMessageBytes = this.maxMessageBytes;
   }
 
   get id(): string {
@@ -151,6 +159,7 @@ export class Worker {
       "grpc.keepalive_permit_without_calls": 1,
       "grpc.initial_reconnect_backoff_ms": 100,
       "grpc.max_reconnect_backoff_ms": 2000,
+      ...grpcMessageLimits(this.maxMessageBytes),
     });
     this.client = client;
     const metadata = new grpc.Metadata();
@@ -239,6 +248,9 @@ export class Worker {
     if (welcome.resumeToken) this.resumeToken = welcome.resumeToken;
     this.dialFailures = 0;
     if (welcome.heartbeatTimeoutMs > 0) this.leaseMs = leaseMsFor(welcome);
+    // Results must fit what this coordinator accepts, as well as our own limit; an older
+    // coordinator does not say, and accepts gRPC's default.
+    this.reporter.maxMessageBytes = Math.min(this.maxMessageBytes, welcome.maxMessageBytes || GRPC_DEFAULT_MAX_MESSAGE_BYTES);
     if (this.cutOffTimer) clearTimeout(this.cutOffTimer);
     this.cutOffTimer = null;
     this.options.log.info({ event: "worker.connected", coordinator: welcome.coordinatorId }, "connected");

@@ -72,12 +72,14 @@ test("Welcome and Drain carry their fields", () => {
       heartbeatIntervalMs: 1000,
       heartbeatTimeoutMs: 5000,
       resumeToken: "tok",
+      maxMessageBytes: 8 * 1024 * 1024,
     }),
   );
   expect(welcome.payload).toMatchObject({
     case: "welcome",
     value: { workerId: "w-1", coordinatorId: "c-1", heartbeatIntervalMs: 1000, heartbeatTimeoutMs: 5000, resumeToken: "tok" },
   });
+  expect(welcome.payload.value).toMatchObject({ maxMessageBytes: 8 * 1024 * 1024 });
   expect(overWire(drainMessage("shutting down")).payload).toMatchObject({ case: "drain", value: { reason: "shutting down" } });
 });
 
