@@ -38,15 +38,18 @@ export function fitFinished(finished: TaskFinished, maxBytes: number): TaskFinis
   const fitted = clone(TaskFinishedSchema, finished);
   for (const field of [...largerFirst(fitted), "error" as const]) {
     if (size <= maxBytes) break;
-    const bytes = Buffer.byteLength(fitted[field], "utf8");
-    // Length prefixes only shrink, so cutting the excess brings the message within the limit
-    // unless this field is shorter than the excess; then the next one goes too.
-    const keep = Math.max(0, bytes - (size - maxBytes));
-    if (field === "error") fitted.error = headOf(fitted.error, keep);
-    else fitted[field] = tailOf(fitted[field], keep);
+    // The flag costs bytes of its own: set it before measuring what to cut.
     if (field === "stdout") fitted.stdoutTruncated = true;
     if (field === "stderr") fitted.stderrTruncated = true;
     size = finishedMessageBytes(fitted);
+    // Cutting the excess brings the message within the limit unless this field is shorter
+    // than the excess (then the next one goes too); a length prefix only shrinks.
+    while (size > maxBytes && fitted[field] !== "") {
+      const keep = Math.max(0, Buffer.byteLength(fitted[field], "utf8") - (size - maxBytes));
+      if (field === "error") fitted.error = headOf(fitted.error, keep);
+      else fitted[field] = tailOf(fitted[field], keep);
+      size = finishedMessageBytes(fitted);
+    }
   }
   return fitted;
 }
