@@ -12,8 +12,11 @@ RUN bun install --frozen-lockfile --production
 FROM oven/bun:1.4.5-slim
 WORKDIR /app
 # Servers bind every interface so other containers (and published ports) can reach them.
+# The compose file runs the API roles on a read-only root: Bun's runtime transpiler cache,
+# written under the user's home otherwise, is off (the sources are transpiled at each start).
 ENV NODE_ENV=production \
-    TQ_HOST=0.0.0.0
+    TQ_HOST=0.0.0.0 \
+    BUN_RUNTIME_TRANSPILER_CACHE_PATH=0
 # Files stay owned by root: the roles only read them, and the worker's tasks, which run as
 # the same user, cannot rewrite the code that runs them.
 COPY --from=deps /app/node_modules ./node_modules

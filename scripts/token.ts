@@ -4,23 +4,31 @@
 //   bun run token revoke --name ci
 //   bun run token open-api                               lets requests in without a token
 //   bun run token hash --name ci --scope submit,read     a token for TQ_API_TOKENS (no database)
+//   bun run token worker-hash --name 2025-06             a join token for TQ_WORKER_TOKENS (no database)
+//   bun run token worker-list [--all]                    workers' credentials (live ones; --all with revoked)
+//   bun run token worker-revoke --id WORKER_ID           shuts one worker out (its coordinator closes its stream)
 // Uses DATABASE_URL, or else the embedded database of `bun start` (TQ_EMBEDDED_PG_PORT).
 // Data goes to stdout, messages and warnings to stderr.
 import { hostname, userInfo } from "node:os";
 import { parseArgs } from "node:util";
 import { hashToken, newToken, parseScopes, TOKEN_NAME_PATTERN } from "../src/auth/tokens";
+import { newJoinToken } from "../src/auth/worker-tokens";
 import { loadConfig } from "../src/config";
 import { embeddedServerUrl } from "../src/db/embedded";
 import { migrateDatabase } from "../src/db/migrate";
 import { connect } from "../src/db/sql";
 import { type ApiAccess, apiAccess, insertToken, listTokens, openApi, revokeToken } from "../src/db/tokens";
+import { listCredentials, revokeCredential } from "../src/db/worker-credentials";
 
 const USAGE = `usage:
   bun run token create --name NAME --scope submit,read,cancel,admin
   bun run token list
   bun run token revoke --name NAME
   bun run token open-api   (once every token is revoked: requests need no token until one is created)
-  bun run token hash --name NAME --scope SCOPES   (prints a TQ_API_TOKENS entry; no database)`;
+  bun run token hash --name NAME --scope SCOPES   (prints a TQ_API_TOKENS entry; no database)
+  bun run token worker-hash --name NAME   (prints a join token and its TQ_WORKER_TOKENS entry; no database)
+  bun run token worker-list [--all]   (worker credentials; --all includes revoked ones)
+  bun run token worker-revoke --id WORKER_ID`;
 
 const OPEN_HINT = "create a token (bun run token create --name NAME --scope SCOPES) or open it with: bun run token open-api";
 
@@ -40,13 +48,13 @@ function fail(message: string): never {
 async function main(): Promise<void> {
   const { positionals, values } = parseArgs({
     args: Bun.argv.slice(2),
-    options: { name: { type: "string" }, scope: { type: "string" } },
+    options: { name: { type: "string" }, scope: { type: "string" }, id: { type: "string" }, all: { type: "boolean" } },
     allowPositionals: true,
     strict: true,
   });
   const command = positionals[0];
   const name = values.name;
-  if (command === "create" || command === "hash" || command === "revoke") {
+  if (command === "create" || command === "hash" || command === "revoke" || command === "worker-hash") {
     if (!name) fail(`--name is required\n${USAGE}`);
     if (!TOKEN_NAME_PATTERN.test(name))
       fail("--name must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit");
@@ -58,14 +66,49 @@ async function main(): Promise<void> {
     console.log(`TQ_API_TOKENS entry: ${name}:${scopes.join("+")}:${hashToken(token)}`);
     return;
   }
-  if (command !== "create" && command !== "list" && command !== "revoke" && command !== "open-api") fail(USAGE);
+  if (command === "worker-hash") {
+    const token = newJoinToken();
+    console.log(`join token (shown once): ${token}`);
+    console.log(`TQ_WORKER_TOKENS entry: ${name}:${hashToken(token)}`);
+    console.error(
+      "token: add the entry to the coordinators' TQ_WORKER_TOKENS (beside the old one), give workers the token, " +
+        "then drop the old entry: workers already joined keep their own credentials",
+    );
+    return;
+  }
+  if (command === "worker-revoke" && !values.id) fail(`--id is required\n${USAGE}`);
+  const commands = ["create", "list", "revoke", "open-api", "worker-list", "worker-revoke"];
+  if (!commands.includes(command ?? "")) fail(USAGE);
 
   const config = loadConfig();
   const url = config.DATABASE_URL ?? `${embeddedServerUrl(config.TQ_EMBEDDED_PG_PORT)}/taskqueue`;
   await migrateDatabase(url);
   const sql = connect(url, { max: 1, applicationName: "task-queue token" });
   try {
-    if (command === "create") {
+    if (command === "worker-list") {
+      const rows = await listCredentials(sql, { includeRevoked: values.all === true });
+      if (rows.length === 0) console.log("no worker credentials");
+      for (const row of rows) {
+        const status = row.revoked_at ? `revoked ${row.revoked_at.toISOString()} by ${row.revoked_by}` : "live";
+        console.log(
+          [
+            row.worker_id,
+            row.name ?? "-",
+            row.state ?? "-",
+            `joined with ${row.joined_with ?? "no token"}`,
+            `created ${row.created_at.toISOString()}`,
+            `last used ${row.last_used_at.toISOString()}`,
+            status,
+          ].join("\t"),
+        );
+      }
+    } else if (command === "worker-revoke") {
+      const by = `${userInfo().username}@${hostname()}`;
+      if (!(await revokeCredential(sql, values.id!, by))) fail(`no live credential for worker "${values.id}"`);
+      console.log(
+        `revoked the credential of worker "${values.id}": its coordinator closes its stream within a heartbeat and requeues its tasks`,
+      );
+    } else if (command === "create") {
       const scopes = parseScopes(values.scope ?? "");
       const { id, token } = newToken();
       try {

@@ -6,6 +6,8 @@ import { type Static, Type } from "@sinclair/typebox";
 import { Value } from "@sinclair/typebox/value";
 import type { ApiSettings } from "./api/deps";
 import type { AuthOptions } from "./auth/authenticator";
+import { type JoinToken, joinTokens } from "./auth/worker-tokens";
+import type { ConnectOptions } from "./db/sql";
 import { GRPC_DEFAULT_MAX_MESSAGE_BYTES, RESULT_HEADROOM_BYTES } from "./rpc/message-size";
 import { type LeaseTimings, leaseMsFor } from "./task/lease";
 import type { TaskDefaults } from "./task/spec";
@@ -138,6 +140,16 @@ export const ConfigSchema = Type.Object({
     default: 10,
     description: "PostgreSQL connections per process. Defaults to 10.",
   }),
+  TQ_DB_STATEMENT_TIMEOUT_MS: Millis(
+    5000,
+    "PostgreSQL statement_timeout on every connection of a role's pool: a statement running longer is cancelled and its request answered 503 (migrations are exempt); 0 turns it off. Defaults to 5000 ms.",
+    0,
+  ),
+  TQ_DB_LOCK_TIMEOUT_MS: Millis(
+    2000,
+    "PostgreSQL lock_timeout on every connection of a role's pool: a statement waiting longer for a lock (a table locked by a migration or by hand) fails and its request is answered 503; 0 turns it off. Defaults to 2000 ms.",
+    0,
+  ),
   TQ_DATA_DIR: Type.String({
     minLength: 1,
     default: ".data/postgres",
@@ -153,7 +165,7 @@ export const ConfigSchema = Type.Object({
   TQ_INSECURE: Type.Boolean({
     default: false,
     description:
-      "Let a role listen beyond loopback without API tokens or a worker token. Defaults to false: such a role refuses to start.",
+      "Let a role listen beyond loopback without API tokens, a worker token or TLS, and a worker dial a coordinator beyond loopback without TLS. Defaults to false: such a role refuses to start.",
   }),
   TQ_API_TOKENS: Type.Optional(
     Type.String({
@@ -166,7 +178,14 @@ export const ConfigSchema = Type.Object({
     Type.String({
       minLength: 16,
       description:
-        "Shared join token: the coordinator requires it from every worker, and a worker presents it. Unset by default (allowed on loopback only).",
+        "Join token: a worker presents it to join; the coordinator accepts it (besides TQ_WORKER_TOKENS). Joined workers reconnect with their own credential. Unset by default (allowed on loopback only).",
+    }),
+  ),
+  TQ_WORKER_TOKENS: Type.Optional(
+    Type.String({
+      minLength: 1,
+      description:
+        "Join tokens the coordinator accepts besides TQ_WORKER_TOKEN, for rotation with overlap: comma-separated name:sha256-of-token entries, as `bun run token worker-hash` prints them. Unset by default.",
     }),
   ),
   TQ_RATE_LIMIT_PER_SECOND: Type.Number({
@@ -261,6 +280,7 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
       `invalid configuration: a task's result (2 x TQ_MAX_OUTPUT_BYTES = ${2 * config.TQ_MAX_OUTPUT_BYTES}, plus ${RESULT_HEADROOM_BYTES} bytes for the rest of it) must fit TQ_GRPC_MAX_MESSAGE_BYTES (${config.TQ_GRPC_MAX_MESSAGE_BYTES}); lower TQ_MAX_OUTPUT_BYTES to at most ${Math.floor((config.TQ_GRPC_MAX_MESSAGE_BYTES - RESULT_HEADROOM_BYTES) / 2)} or raise TQ_GRPC_MAX_MESSAGE_BYTES to at least ${result}`,
     );
   }
+  workerJoinTokens(config);
   if (Boolean(config.TQ_TLS_CERT) !== Boolean(config.TQ_TLS_KEY)) {
     throw new ConfigError("invalid configuration: TQ_TLS_CERT and TQ_TLS_KEY go together");
   }
@@ -324,6 +344,24 @@ export function authOptions(config: Config): AuthOptions {
     configuredTokens: config.TQ_API_TOKENS,
     rateLimit: { perSecond: config.TQ_RATE_LIMIT_PER_SECOND, burst: config.TQ_RATE_LIMIT_BURST },
   };
+}
+
+/** A role's pool: its size and the server-side timeouts every one of its connections runs under. */
+export function databaseOptions(config: Config): ConnectOptions {
+  return {
+    max: config.TQ_DB_POOL_SIZE,
+    statementTimeoutMs: config.TQ_DB_STATEMENT_TIMEOUT_MS,
+    lockTimeoutMs: config.TQ_DB_LOCK_TIMEOUT_MS,
+  };
+}
+
+/** The join tokens a coordinator accepts from workers (none: any worker may join). */
+export function workerJoinTokens(config: Config): JoinToken[] {
+  try {
+    return joinTokens(config.TQ_WORKER_TOKEN, config.TQ_WORKER_TOKENS);
+  } catch (error) {
+    throw new ConfigError(`invalid configuration: ${(error as Error).message}`);
+  }
 }
 
 /** The heartbeat timings and the lease they imply (src/task/lease.ts). */

@@ -2,7 +2,7 @@
 // message written for clients; anything else is logged and answered as an opaque internal
 // error with a request id, so internal text (SQL, stack, file paths) never reaches a client.
 import { Elysia, NotFoundError, ParseError, ValidationError } from "elysia";
-import { type ErrorCode, isDatabaseUnavailable, TaskQueueError, unavailable } from "../task/errors";
+import { type ErrorCode, isDatabaseTimeout, isDatabaseUnavailable, TaskQueueError, unavailable } from "../task/errors";
 import { describeValueError } from "../task/explain";
 import type { ApiDeps } from "./deps";
 import type { ErrorJson, HttpErrorCode } from "./model";
@@ -47,6 +47,8 @@ export const methodNotAllowed = (method: string, path: string, allowed: readonly
  */
 export const SERVER_MAX_REQUEST_BODY_SIZE = Number.MAX_SAFE_INTEGER;
 
+const databaseTimedOut = () => unavailable("the database did not answer in time; try again shortly");
+
 const STATUS: Record<ErrorCode, number> = {
   invalid_argument: 400,
   unauthenticated: 401,
@@ -81,7 +83,9 @@ export function errorAnswer(error: unknown, deps: Pick<ApiDeps, "log">, where: s
   if (error instanceof TaskQueueError) {
     const typed = answer(STATUS[error.code], error.code, error.message, error.field);
     if (error.code === "unauthenticated") typed.headers = { "www-authenticate": 'Bearer realm="task-queue"' };
-    if (error.code === "rate_limited") typed.headers = { "retry-after": String(error.retryAfterSeconds ?? 1) };
+    if (error.code === "rate_limited" || error.code === "unavailable") {
+      typed.headers = { "retry-after": String(error.retryAfterSeconds ?? 1) };
+    }
     return typed;
   }
   if (error instanceof HttpError) {
@@ -100,9 +104,10 @@ export function errorAnswer(error: unknown, deps: Pick<ApiDeps, "log">, where: s
   if (error instanceof ParseError) return answer(400, "invalid_json", "request body is not valid JSON", "body");
   if (error instanceof NotFoundError) return answer(404, "not_found", `no route for ${where}`);
   if (isDatabaseUnavailable(error)) {
-    deps.log.warn({ err: error, where }, "database unavailable");
-    const { message } = unavailable();
-    return answer(503, "unavailable", message);
+    // A statement or lock timeout: the database is there but too slow or the table locked.
+    const timedOut = isDatabaseTimeout(error);
+    deps.log.warn({ err: error, where }, timedOut ? "database timed out" : "database unavailable");
+    return errorAnswer(timedOut ? databaseTimedOut() : unavailable(), deps, where);
   }
   const requestId = Bun.randomUUIDv7();
   deps.log.error({ err: error, request_id: requestId, where }, "request failed");

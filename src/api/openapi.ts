@@ -127,12 +127,13 @@ const ERROR_DESCRIPTIONS: Record<ErrorStatus, string> = {
   415: "The body is neither JSON nor the form type curl sends by default (unsupported_media_type).",
   429: "Too many requests for this token (rate_limited); try again after Retry-After seconds.",
   500: "An internal error (internal); quote its request_id when reporting it.",
-  503: "The database is unavailable (unavailable); try again shortly.",
+  503: "The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds.",
 };
 
 const ERROR_HEADERS: Partial<Record<ErrorStatus, Record<string, TSchema>>> = {
   401: { "WWW-Authenticate": Type.String({ description: 'The scheme to authenticate with: Bearer realm="task-queue".' }) },
   429: { "Retry-After": Type.Integer({ minimum: 1, description: "Seconds to wait before the next request." }) },
+  503: { "Retry-After": Type.Integer({ minimum: 1, description: "Seconds to wait before trying again." }) },
 };
 
 /** Response headers routes declare. */

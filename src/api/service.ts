@@ -6,12 +6,12 @@ import { listAttempts } from "../db/attempts";
 import { batchHash, claimBatchKey, getBatch } from "../db/batches";
 import { listTaskEventsAfter, readTaskSince, type TaskEventRow } from "../db/events";
 import { insertTasks } from "../db/insert";
-import { ping, type Sql } from "../db/sql";
-import { getTask, listTasks } from "../db/tasks";
+import type { Sql } from "../db/sql";
+import { getTask, listTasks, probeTasks } from "../db/tasks";
 import { cancelTask } from "../db/transitions";
 import { listLiveWorkers, type WorkerRow } from "../db/workers";
 import type { Attempt } from "../task/attempt";
-import { conflict, invalidArgument, notFound, TaskQueueError, unavailable } from "../task/errors";
+import { conflict, invalidArgument, isDatabaseTimeout, notFound, TaskQueueError, unavailable } from "../task/errors";
 import { isTaskId } from "../task/spec";
 import { isFinal, isTaskState, TASK_STATES } from "../task/state";
 import type { Submitted, Task, TaskSpec } from "../task/task";
@@ -22,6 +22,11 @@ export const DEFAULT_PAGE_SIZE = 50;
 export const MAX_PAGE_SIZE = 500;
 /** How long /readyz waits for the database. */
 export const READY_TIMEOUT_MS = 2000;
+/**
+ * How long /readyz lets the tasks table keep it waiting, by the server's own timeouts. Shorter
+ * than READY_TIMEOUT_MS, so that a locked table is told apart from an unreachable database.
+ */
+export const READY_PROBE_TIMEOUT_MS = 1000;
 
 /**
  * Persists a validated spec under a new id; resolves after commit. A repeat of an earlier
@@ -182,10 +187,15 @@ export async function listWorkers(deps: ApiDeps): Promise<WorkerRow[]> {
   return listLiveWorkers(deps.sql, deps.settings.workerTimeoutMs);
 }
 
-/** Resolves when the database answers within READY_TIMEOUT_MS; throws unavailable otherwise. */
+/**
+ * Resolves when the tasks table can be read and written within READY_PROBE_TIMEOUT_MS (and the
+ * whole check, a wait for a pooled connection included, took less than READY_TIMEOUT_MS);
+ * throws unavailable otherwise. So a table locked by a migration or by hand, which stalls
+ * every submit and list, makes the role unready rather than leaving it looking healthy.
+ */
 export async function checkReady(deps: ApiDeps, timeoutMs = READY_TIMEOUT_MS): Promise<void> {
   let timer: Timer | undefined;
-  const query = ping(deps.sql);
+  const query = probeTasks(deps.sql, Math.min(READY_PROBE_TIMEOUT_MS, timeoutMs));
   // The query may settle after we have answered; its outcome no longer matters then.
   query.catch(() => {});
   const timeout = new Promise<never>((_, reject) => {
@@ -196,6 +206,7 @@ export async function checkReady(deps: ApiDeps, timeoutMs = READY_TIMEOUT_MS): P
   } catch (error) {
     if (error instanceof TaskQueueError) throw error;
     deps.log.warn({ err: error }, "readiness check failed");
+    if (isDatabaseTimeout(error)) throw unavailable("the tasks table is locked or the database is too slow to answer");
     throw unavailable("the database is not reachable");
   } finally {
     clearTimeout(timer);

@@ -326,6 +326,10 @@ export interface components {
             stderr: string | null;
             stdout_truncated: boolean;
             stderr_truncated: boolean;
+            /** @description The worker replaced bytes of the output that text cannot hold (a NUL byte, bytes that are not UTF-8) with U+FFFD. */
+            stdout_replaced: boolean;
+            /** @description The worker replaced bytes of the output that text cannot hold (a NUL byte, bytes that are not UTF-8) with U+FFFD. */
+            stderr_replaced: boolean;
             /**
              * @description While attempts remain: the last attempt's error (e.g. a timeout). Once failed or timed_out: why no further attempt follows, e.g. "exhausted 3 attempts: last exit code 127" (or last signal SIGKILL, timed out after 5000 ms, worker lost, could not start: ...), or "exit code 1; the task does not retry failures".
              * @example exhausted 3 attempts: last exit code 127
@@ -440,6 +444,10 @@ export interface components {
             stderr: string | null;
             stdout_truncated: boolean;
             stderr_truncated: boolean;
+            /** @description The worker replaced bytes of the output that text cannot hold (a NUL byte, bytes that are not UTF-8) with U+FFFD. */
+            stdout_replaced: boolean;
+            /** @description The worker replaced bytes of the output that text cannot hold (a NUL byte, bytes that are not UTF-8) with U+FFFD. */
+            stderr_replaced: boolean;
             /**
              * @description While attempts remain: the last attempt's error (e.g. a timeout). Once failed or timed_out: why no further attempt follows, e.g. "exhausted 3 attempts: last exit code 127" (or last signal SIGKILL, timed out after 5000 ms, worker lost, could not start: ...), or "exit code 1; the task does not retry failures".
              * @example exhausted 3 attempts: last exit code 127
@@ -500,6 +508,10 @@ export interface components {
             stderr: string | null;
             stdout_truncated: boolean;
             stderr_truncated: boolean;
+            /** @description The worker replaced bytes of the output that text cannot hold (a NUL byte, bytes that are not UTF-8) with U+FFFD. */
+            stdout_replaced: boolean;
+            /** @description The worker replaced bytes of the output that text cannot hold (a NUL byte, bytes that are not UTF-8) with U+FFFD. */
+            stderr_replaced: boolean;
             /**
              * @description null while the attempt holds its task.
              * @enum {string|null}
@@ -678,11 +690,11 @@ export interface components {
             timeout_ms?: number;
             /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
             max_attempts?: number;
-            /** @description Extra environment variables: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes. */
+            /** @description Extra environment variables: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes; env and secret_env together at most 1048576 bytes, counting each NAME=value, its NUL and 8 bytes. */
             env?: {
                 [key: string]: string;
             };
-            /** @description Environment variables passed to the process but never returned by any API, event stream or log: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes. */
+            /** @description Environment variables passed to the process but never returned by any API, event stream or log: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes; env and secret_env together at most 1048576 bytes, counting each NAME=value, its NUL and 8 bytes. */
             secret_env?: {
                 [key: string]: string;
             };
@@ -701,11 +713,11 @@ export interface components {
             timeout_ms?: number;
             /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
             max_attempts?: number;
-            /** @description Extra environment variables: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes. */
+            /** @description Extra environment variables: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes; env and secret_env together at most 1048576 bytes, counting each NAME=value, its NUL and 8 bytes. */
             env?: {
                 [key: string]: string;
             };
-            /** @description Environment variables passed to the process but never returned by any API, event stream or log: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes. */
+            /** @description Environment variables passed to the process but never returned by any API, event stream or log: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes; env and secret_env together at most 1048576 bytes, counting each NAME=value, its NUL and 8 bytes. */
             secret_env?: {
                 [key: string]: string;
             };
@@ -752,11 +764,11 @@ export interface components {
             timeout_ms?: number;
             /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
             max_attempts?: number;
-            /** @description Extra environment variables: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes. */
+            /** @description Extra environment variables: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes; env and secret_env together at most 1048576 bytes, counting each NAME=value, its NUL and 8 bytes. */
             env?: {
                 [key: string]: string;
             };
-            /** @description Environment variables passed to the process but never returned by any API, event stream or log: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes. */
+            /** @description Environment variables passed to the process but never returned by any API, event stream or log: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes; env and secret_env together at most 1048576 bytes, counting each NAME=value, its NUL and 8 bytes. */
             secret_env?: {
                 [key: string]: string;
             };
@@ -891,9 +903,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -980,9 +994,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1105,9 +1121,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1187,9 +1205,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1312,9 +1332,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1435,9 +1457,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1524,9 +1548,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1622,9 +1648,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1711,9 +1739,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1803,9 +1833,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1901,9 +1933,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1970,9 +2004,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -2037,9 +2073,11 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description The database is unavailable (unavailable); try again shortly. */
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
             503: {
                 headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {

@@ -10,7 +10,7 @@ import { SERVER_MAX_REQUEST_BODY_SIZE } from "../api/errors";
 import { checkReady } from "../api/service";
 import { Authenticator } from "../auth/authenticator";
 import { checkExposure } from "../auth/exposure";
-import { apiSettings, authOptions, type Config, leaseTimings } from "../config";
+import { apiSettings, authOptions, type Config, databaseOptions, leaseTimings, workerJoinTokens } from "../config";
 import { type TaskChange, TaskChangeFeed } from "../db/notify";
 import { connect, type Sql } from "../db/sql";
 import { type RunNowPlacement, Submitter } from "../db/submitter";
@@ -67,7 +67,7 @@ export class Coordinator {
     this.registry = new WorkerRegistry(2 * config.TQ_HEARTBEAT_INTERVAL_MS);
     const lease = leaseTimings(config);
     this.leaseMs = lease.leaseMs;
-    this.sql = connect(databaseUrl, { max: config.TQ_DB_POOL_SIZE, applicationName: `task-queue coordinator ${this.id}` });
+    this.sql = connect(databaseUrl, { ...databaseOptions(config), applicationName: `task-queue coordinator ${this.id}` });
     this.feed = new TaskChangeFeed(this.sql);
     this.dispatcher = new Dispatcher({
       sql: this.sql,
@@ -93,7 +93,7 @@ export class Coordinator {
       coordinatorId: this.id,
       log: log.child({ part: "sessions" }),
       ...lease,
-      workerToken: config.TQ_WORKER_TOKEN,
+      joinTokens: workerJoinTokens(config),
       maxMessageBytes: config.TQ_GRPC_MAX_MESSAGE_BYTES,
     });
     this.rescuer = new Rescuer({
@@ -103,6 +103,7 @@ export class Coordinator {
       log: log.child({ part: "rescuer" }),
       ...lease,
       onSilent: this.sessions.onSilent,
+      onRevoked: this.sessions.onRevoked,
     });
     this.auth = new Authenticator(this.sql, authOptions(config), log.child({ part: "auth" }));
     const deps: ApiDeps = {

@@ -3,9 +3,11 @@
 // leases of the attempts its workers report holding, tells a worker to stop any attempt that
 // no longer holds its task (superseded, or cancelled while the worker was away: the polled
 // fallback to the pushed Cancel), and requeues any task, of any coordinator, whose lease
-// lapsed (its worker or its coordinator died, or the assignment never arrived).
+// lapsed (its worker or its coordinator died, or the assignment never arrived). On the same
+// tick it closes the streams of its workers whose credential was revoked.
 import { ping, type Sql } from "../db/sql";
 import { renewLeases, requeueExpiredLeases } from "../db/transitions";
+import { revokedAmong } from "../db/worker-credentials";
 import { touchWorkers } from "../db/workers";
 import type { Logger } from "../log";
 import { attemptRefFromProto } from "../rpc/convert";
@@ -25,6 +27,8 @@ export interface RescuerOptions {
   leaseMs: number;
   /** Declares a silent worker dead (closes its stream, requeues its tasks). */
   onSilent: (worker: WorkerConnection) => void;
+  /** Ends the stream of a worker whose credential was revoked (its end requeues its tasks). */
+  onRevoked?: (worker: WorkerConnection) => void;
 }
 
 export class Rescuer {
@@ -65,7 +69,17 @@ export class Rescuer {
   private async pass(): Promise<void> {
     const { sql, registry, coordinatorId, heartbeatIntervalMs, leaseMs, log } = this.options;
     try {
-      const workers = registry.all();
+      let workers = registry.all();
+      const revoked = new Set(
+        await revokedAmong(
+          sql,
+          workers.map((w) => w.id),
+        ),
+      );
+      if (revoked.size > 0) {
+        for (const worker of workers) if (revoked.has(worker.id)) this.options.onRevoked?.(worker);
+        workers = workers.filter((w) => !revoked.has(w.id));
+      }
       await touchWorkers(
         sql,
         coordinatorId,

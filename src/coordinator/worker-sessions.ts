@@ -1,12 +1,15 @@
 // The worker sessions (WorkerService.Connect): one bidirectional stream per worker. The worker
-// says Hello; we register it, give back the tasks the database thinks it holds but it does not,
+// says Hello; we check who it is (a join token in the stream's metadata, or the credential it
+// was given for its id: src/auth/worker-tokens.ts), register it, give back the tasks the database thinks it holds but it does not,
 // and answer Welcome. From then on the dispatcher pushes Assign, the completer answers reports
 // with Ack, and the end of the stream (or silence past the heartbeat timeout) requeues whatever
 // the worker still held.
 import * as grpc from "@grpc/grpc-js";
-import { bearerToken, hashToken, sameSecret } from "../auth/tokens";
+import { bearerToken, hashToken } from "../auth/tokens";
+import { type JoinToken, matchJoinToken, newWorkerCredential, REFUSAL_KEY, REFUSAL_REVOKED } from "../auth/worker-tokens";
 import type { Sql } from "../db/sql";
 import { renewLeases, requeueWorkerTasks } from "../db/transitions";
+import { insertCredential, useCredential } from "../db/worker-credentials";
 import { markWorkerGone, setWorkerDraining, upsertWorker } from "../db/workers";
 import type { CoordinatorMessage, Hello, WorkerMessage } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
@@ -34,17 +37,24 @@ export interface WorkerSessionsOptions {
   leaseMs: number;
   /** How long a new stream may take to say Hello. Defaults to 10 s. */
   helloTimeoutMs?: number;
-  /** Join token every stream must carry (authorization: Bearer); none: any stream may join. */
-  workerToken?: string;
+  /**
+   * Join tokens a new worker must carry one of (authorization: Bearer); none: any stream may
+   * join. A worker presenting a valid credential for its id needs none.
+   */
+  joinTokens?: readonly JoinToken[];
   /** The largest message the gRPC server accepts, told to workers in Welcome. Defaults to gRPC's 4 MiB. */
   maxMessageBytes?: number;
 }
+
+/** How a stream got in: with the named join token, with no join token required, or not yet. */
+type Admission = { joinedWith: string | null } | null;
 
 const MAX_ID = 200;
 
 export class WorkerSessions {
   private readonly streams = new Set<WorkerStream>();
   private readonly ending = new Set<Promise<void>>();
+  private readonly calls = new WeakMap<WorkerConnection, WorkerStream>();
   private closed = false;
 
   constructor(private readonly options: WorkerSessionsOptions) {}
@@ -55,12 +65,7 @@ export class WorkerSessions {
       endWithStatus(call, grpc.status.UNAVAILABLE, "coordinator is shutting down");
       return;
     }
-    if (this.options.workerToken !== undefined && !hasToken(call, this.options.workerToken)) {
-      // Nothing it sends is read and nothing is sent to it.
-      this.options.log.warn({ peer: call.getPeer() }, "refused a worker stream without the worker token");
-      endWithStatus(call, grpc.status.UNAUTHENTICATED, "a worker token is required (authorization: Bearer <TQ_WORKER_TOKEN>)");
-      return;
-    }
+    const admission = this.admit(call);
     this.streams.add(call);
     let session: WorkerConnection | null = null;
     let ended = false;
@@ -90,14 +95,25 @@ export class WorkerSessions {
       const payload = message.payload;
       if (!session) {
         if (payload.case !== "hello") return fail(grpc.status.FAILED_PRECONDITION, "the first message must be Hello");
+        // Without a join token, only a Hello that presents a credential is looked at further;
+        // nothing is sent to the stream and nothing is written for it.
+        if (!admission && !payload.value.resumeToken) {
+          this.options.log.warn({ peer: call.getPeer() }, "refused a worker stream without a join token or credential");
+          return fail(grpc.status.UNAUTHENTICATED, "a worker token is required (authorization: Bearer <TQ_WORKER_TOKEN>)");
+        }
         const problem = helloProblem(payload.value);
         if (problem) return fail(grpc.status.INVALID_ARGUMENT, problem);
         clearTimeout(helloTimer);
         // Claimed synchronously so that messages arriving during registration are kept.
         session = this.connection(call, payload.value);
-        void this.register(session, payload.value).then(
-          (registered) => {
-            if (!registered) fail(grpc.status.PERMISSION_DENIED, "this worker id belongs to another worker; start with a new id");
+        this.calls.set(session, call);
+        void this.register(session, payload.value, admission).then(
+          (outcome) => {
+            if (outcome === "taken")
+              fail(grpc.status.PERMISSION_DENIED, "this worker id belongs to another worker; start with a new id");
+            else if (outcome === "revoked") refuseRevoked(call);
+            else if (outcome === "unauthenticated")
+              fail(grpc.status.UNAUTHENTICATED, "a worker token is required (authorization: Bearer <TQ_WORKER_TOKEN>)");
           },
           (error) => {
             this.options.log.warn({ err: error, worker: payload.value.workerId }, "registering a worker failed");
@@ -141,6 +157,17 @@ export class WorkerSessions {
     worker.close("heartbeat timeout");
   };
 
+  /** Ends the stream of a worker whose credential was revoked; its end requeues its tasks. */
+  readonly onRevoked = (worker: WorkerConnection): void => {
+    const call = this.calls.get(worker);
+    this.options.log.warn(
+      { event: "sessions.worker_revoked", worker: worker.id },
+      "worker credential revoked; closing its stream",
+    );
+    if (call) refuseRevoked(call);
+    else worker.close("worker credential revoked");
+  };
+
   /** Ends every stream (shutdown); workers reconnect to another coordinator or to us later. */
   async stop(): Promise<void> {
     this.closed = true;
@@ -164,12 +191,46 @@ export class WorkerSessions {
     });
   }
 
-  /** Returns false when the worker id is taken by another worker (nothing was changed). */
-  private async register(connection: WorkerConnection, hello: Hello): Promise<boolean> {
+  /** The join token a new stream carries, if one is required; null when it carries none accepted. */
+  private admit(call: WorkerStream): Admission {
+    const tokens = this.options.joinTokens ?? [];
+    if (tokens.length === 0) return { joinedWith: null };
+    const value = call.metadata.get("authorization")[0];
+    const joinedWith = matchJoinToken(tokens, bearerToken(typeof value === "string" ? value : undefined));
+    return joinedWith === null ? null : { joinedWith };
+  }
+
+  /**
+   * Registers a worker, unless its id is taken by another worker ("taken"), its credential
+   * was revoked ("revoked"), or it came without a join token and without a valid credential
+   * ("unauthenticated"); nothing is changed then.
+   */
+  private async register(
+    connection: WorkerConnection,
+    hello: Hello,
+    admission: Admission,
+  ): Promise<"registered" | "taken" | "revoked" | "unauthenticated"> {
     const { sql, registry, coordinatorId } = this.options;
-    // The token stays the same across reconnects, so that a Welcome lost on the way does not
-    // lock the worker out of its own id.
-    const resumeToken = hello.resumeToken || Buffer.from(crypto.getRandomValues(new Uint8Array(32))).toString("base64url");
+    // The credential stays the same across reconnects, so that a Welcome lost on the way does
+    // not lock the worker out of its own id.
+    let resumeToken = hello.resumeToken;
+    if (resumeToken) {
+      const check = await useCredential(sql, connection.id, hashToken(resumeToken));
+      if (check === "revoked") return "revoked";
+      // A joined worker whose id has no credential row yet (the database was reset, say) is
+      // left to upsertWorker's check of the resume hash, as before credentials.
+      if (check === "wrong") return admission ? "taken" : "unauthenticated";
+      if (check === "unknown") {
+        if (!admission) return "unauthenticated";
+        if (!(await insertCredential(sql, { workerId: connection.id, secretHash: hashToken(resumeToken), ...admission })))
+          return "taken";
+      }
+    } else {
+      if (!admission) return "unauthenticated";
+      resumeToken = newWorkerCredential();
+      if (!(await insertCredential(sql, { workerId: connection.id, secretHash: hashToken(resumeToken), ...admission })))
+        return "taken";
+    }
     const registered = await upsertWorker(sql, {
       id: connection.id,
       name: connection.name,
@@ -180,7 +241,7 @@ export class WorkerSessions {
       presentedHash: hello.resumeToken ? hashToken(hello.resumeToken) : null,
       resumeHash: hashToken(resumeToken),
     });
-    if (!registered) return false;
+    if (!registered) return "taken";
     // An older stream of the same worker is over: its end must not requeue what this one holds.
     const previous = registry.get(connection.id);
     if (previous) {
@@ -199,7 +260,7 @@ export class WorkerSessions {
     if (requeued.length > 0) this.options.log.warn({ worker: connection.id, tasks: requeued.length }, "requeued tasks");
     // Only now may the dispatcher see it: work assigned before the reconciliation above would
     // have been requeued by it while the worker ran it.
-    if (connection.ended) return true;
+    if (connection.ended) return "registered";
     registry.add(connection);
     connection.send(
       welcomeMessage({
@@ -217,7 +278,7 @@ export class WorkerSessions {
     }
     this.options.log.info({ worker: connection.id, name: connection.name, slots: connection.slots }, "worker joined");
     this.options.dispatcher.wake();
-    return true;
+    return "registered";
   }
 
   private async lost(connection: WorkerConnection, reason: string): Promise<void> {
@@ -255,16 +316,17 @@ export class WorkerSessions {
   }
 }
 
-function hasToken(call: WorkerStream, token: string): boolean {
-  const value = call.metadata.get("authorization")[0];
-  const presented = bearerToken(typeof value === "string" ? value : undefined);
-  return presented !== null && sameSecret(presented, token);
+/** Ends a worker stream with a status (grpc-js sends the status of an emitted error). */
+function endWithStatus(call: WorkerStream, code: grpc.status, details: string, metadata?: grpc.Metadata): void {
+  if (call.destroyed || call.writableEnded) return;
+  call.emit("error", Object.assign(new Error(details), { code, details, ...(metadata ? { metadata } : {}) }));
 }
 
-/** Ends a worker stream with a status (grpc-js sends the status of an emitted error). */
-function endWithStatus(call: WorkerStream, code: grpc.status, details: string): void {
-  if (call.destroyed || call.writableEnded) return;
-  call.emit("error", Object.assign(new Error(details), { code, details }));
+/** Refuses a worker whose credential is revoked, saying so in a trailer so that it stops. */
+function refuseRevoked(call: WorkerStream): void {
+  const metadata = new grpc.Metadata();
+  metadata.set(REFUSAL_KEY, REFUSAL_REVOKED);
+  endWithStatus(call, grpc.status.UNAUTHENTICATED, "this worker's credential was revoked", metadata);
 }
 
 function helloProblem(hello: Hello): string | null {

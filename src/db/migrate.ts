@@ -42,6 +42,10 @@ export function readMigrations(dir = MIGRATIONS_DIR): Migration[] {
 /** Applies pending migrations; returns the versions it applied. */
 export async function migrate(sql: Sql, migrations = readMigrations()): Promise<number[]> {
   return sql.begin(async (tx) => {
+    // A role's pool runs under TQ_DB_STATEMENT_TIMEOUT_MS and TQ_DB_LOCK_TIMEOUT_MS; a migration
+    // may rewrite a big table, and a process starting beside one that migrates waits for the
+    // advisory lock until it is done. Neither is a hang: lift both for this transaction only.
+    await tx`SELECT set_config('statement_timeout', '0', true), set_config('lock_timeout', '0', true)`;
     await tx`SELECT pg_advisory_xact_lock(${MIGRATION_LOCK_KEY.toString()}::bigint)`;
     await tx`
       CREATE TABLE IF NOT EXISTS schema_migrations (

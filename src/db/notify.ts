@@ -153,6 +153,9 @@ export class TaskChangeFeed {
   }
 
   private listeningConnection(): Sql {
+    // The pool's startup parameters come along, its statement and lock timeouts included: they
+    // bound each LISTEN and UNLISTEN, never the idle wait between notifications, which is no
+    // statement.
     this.connection ??= postgres({
       ...this.sql.options,
       max: 1,

@@ -11,6 +11,29 @@ export interface ConnectOptions {
   connectTimeout?: number;
   /** Name shown in pg_stat_activity. */
   applicationName?: string;
+  /**
+   * statement_timeout on every connection, in ms: a statement running longer is cancelled
+   * (SQLSTATE 57014, answered as 503). 0 turns it off. Defaults to the server's own setting.
+   */
+  statementTimeoutMs?: number;
+  /**
+   * lock_timeout on every connection, in ms: a statement waiting longer for a lock fails
+   * (SQLSTATE 55P03, answered as 503). 0 turns it off. Defaults to the server's own setting.
+   */
+  lockTimeoutMs?: number;
+}
+
+/**
+ * The settings a connection starts with. They travel in the startup packet, so they hold from
+ * the first statement on every connection of the pool, the LISTEN connection made from its
+ * options included (src/db/notify.ts), and survive reconnects; no SET per checkout. Numbers go
+ * as strings: postgres.js drops a falsy value, and "0" (off) must still be sent.
+ */
+export function startupParameters(options: ConnectOptions): Record<string, string> {
+  const parameters: Record<string, string> = { application_name: options.applicationName ?? "task-queue" };
+  if (options.statementTimeoutMs !== undefined) parameters.statement_timeout = String(options.statementTimeoutMs);
+  if (options.lockTimeoutMs !== undefined) parameters.lock_timeout = String(options.lockTimeoutMs);
+  return parameters;
 }
 
 export function connect(url: string, options: ConnectOptions = {}): Sql {
@@ -24,7 +47,7 @@ export function connect(url: string, options: ConnectOptions = {}): Sql {
     // and would otherwise wait up to 20 s between attempts, stalling requests meant to get 503.
     backoff: (retries: number) => Math.min(1, 0.05 * 2 ** retries) * (0.5 + Math.random() / 2),
     onnotice: () => {},
-    connection: { application_name: options.applicationName ?? "task-queue" },
+    connection: startupParameters(options),
     types: { date: { to: 1184, from: [1082, 1114, 1184], serialize: (date: Date) => date.toISOString(), parse: parseTimestamp } },
   });
 }

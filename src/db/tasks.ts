@@ -27,3 +27,19 @@ export async function listTasks(sql: Sql, query: ListTasksQuery): Promise<Task[]
     ORDER BY id DESC
     LIMIT ${query.limit}`;
 }
+
+/**
+ * Readiness: resolves when the tasks table can be read and written now, fails (57014 or
+ * 55P03) when either would wait longer than `timeoutMs`. A bare SELECT 1 answers while the
+ * table is locked and every submit and list hangs; this takes the lock a write takes (ROW
+ * EXCLUSIVE, which a migration's CREATE INDEX or an ACCESS EXCLUSIVE holder blocks) and reads
+ * a row, under timeouts of its own, in a transaction that changes nothing. ROW EXCLUSIVE
+ * conflicts with no other writer, so the probe holds up nobody's work.
+ */
+export async function probeTasks(sql: Sql, timeoutMs: number): Promise<void> {
+  await sql.begin(async (tx) => {
+    await tx`SELECT set_config('lock_timeout', ${String(timeoutMs)}, true), set_config('statement_timeout', ${String(timeoutMs)}, true)`;
+    await tx`LOCK TABLE tasks IN ROW EXCLUSIVE MODE`;
+    await tx`SELECT 1 FROM tasks LIMIT 1`;
+  });
+}

@@ -2,7 +2,7 @@
 // our typed errors carry their message to the client; anything else is an opaque INTERNAL.
 import * as grpc from "@grpc/grpc-js";
 import type { Logger } from "../log";
-import { type ErrorCode, isDatabaseUnavailable, TaskQueueError } from "../task/errors";
+import { type ErrorCode, isDatabaseTimeout, isDatabaseUnavailable, TaskQueueError } from "../task/errors";
 
 const CODES: Record<ErrorCode, grpc.status> = {
   invalid_argument: grpc.status.INVALID_ARGUMENT,
@@ -20,8 +20,12 @@ export function toServiceError(error: unknown, log: Logger): Partial<grpc.Servic
     const details = error.field ? `${error.field}: ${error.message}` : error.message;
     return { code: CODES[error.code], details, message: details };
   }
+  // A statement or lock timeout (the database slow, a table locked) is UNAVAILABLE too:
+  // nothing was written, and a retry may succeed.
   if (isDatabaseUnavailable(error)) {
-    const details = "the database is unavailable; try again shortly";
+    const details = isDatabaseTimeout(error)
+      ? "the database did not answer in time; try again shortly"
+      : "the database is unavailable; try again shortly";
     return { code: grpc.status.UNAVAILABLE, details, message: details };
   }
   const requestId = Bun.randomUUIDv7();

@@ -5,7 +5,7 @@ import { createApp } from "../api";
 import { SERVER_MAX_REQUEST_BODY_SIZE } from "../api/errors";
 import { Authenticator } from "../auth/authenticator";
 import { checkExposure } from "../auth/exposure";
-import { apiSettings, authOptions, type Config } from "../config";
+import { apiSettings, authOptions, type Config, databaseOptions } from "../config";
 import { TaskChangeFeed } from "../db/notify";
 import { connect, type Sql } from "../db/sql";
 import { Submitter } from "../db/submitter";
@@ -25,7 +25,7 @@ export class Scheduler {
     databaseUrl: string,
     private readonly log: Logger,
   ) {
-    this.sql = connect(databaseUrl, { max: config.TQ_DB_POOL_SIZE, applicationName: "task-queue scheduler" });
+    this.sql = connect(databaseUrl, { ...databaseOptions(config), applicationName: "task-queue scheduler" });
     this.feed = new TaskChangeFeed(this.sql);
     this.auth = new Authenticator(this.sql, authOptions(config), log.child({ part: "auth" }));
     this.submitter = new Submitter({ sql: this.sql });

@@ -18,7 +18,7 @@ export class TaskQueueError extends Error {
     message: string,
     /** The request field the error is about, when there is one. */
     readonly field?: string,
-    /** For rate_limited: when to try again. */
+    /** For rate_limited and unavailable: when to try again (Retry-After). */
     readonly retryAfterSeconds?: number,
   ) {
     super(message);
@@ -44,8 +44,17 @@ export const rateLimited = (retryAfterSeconds: number) =>
     retryAfterSeconds,
   );
 
+/** Seconds a client is told to wait (Retry-After) before trying again after a 503. */
+export const UNAVAILABLE_RETRY_AFTER_SECONDS = 1;
+
 export const unavailable = (message = "the database is unavailable; try again shortly") =>
-  new TaskQueueError("unavailable", message);
+  new TaskQueueError("unavailable", message, undefined, UNAVAILABLE_RETRY_AFTER_SECONDS);
+
+/**
+ * PostgreSQL: query_canceled (a statement_timeout, or a cancel), lock_not_available (a
+ * lock_timeout). The statement and its transaction were rolled back: nothing was written.
+ */
+const TIMEOUT_ERROR_CODES = new Set(["57014", "55P03"]);
 
 const CONNECTION_ERROR_CODES = new Set([
   "ECONNREFUSED",
@@ -71,11 +80,26 @@ const CONNECTION_ERROR_CODES = new Set([
   "08004",
 ]);
 
-/** True when an error means the database cannot be reached (answered as 503 / UNAVAILABLE). */
-export function isDatabaseUnavailable(error: unknown): boolean {
-  if (typeof error !== "object" || error === null) return false;
+function errorCode(error: unknown): string | undefined {
+  if (typeof error !== "object" || error === null) return undefined;
   const code = (error as { code?: unknown }).code;
-  return typeof code === "string" && CONNECTION_ERROR_CODES.has(code);
+  return typeof code === "string" ? code : undefined;
+}
+
+/** True when a statement gave up waiting for the database: its statement or lock timeout. */
+export function isDatabaseTimeout(error: unknown): boolean {
+  const code = errorCode(error);
+  return code !== undefined && TIMEOUT_ERROR_CODES.has(code);
+}
+
+/**
+ * True when an error means the database cannot serve us now: it cannot be reached, or a
+ * statement timed out (answered as 503 / UNAVAILABLE, with Retry-After). Neither is any one
+ * request's or item's fault, so a batch that meets one fails whole rather than item by item.
+ */
+export function isDatabaseUnavailable(error: unknown): boolean {
+  const code = errorCode(error);
+  return code !== undefined && (CONNECTION_ERROR_CODES.has(code) || TIMEOUT_ERROR_CODES.has(code));
 }
 
 /**

@@ -6,6 +6,7 @@
 // message to its part: the attempts held (attempts.ts) or what is sent (reporter.ts).
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import * as grpc from "@grpc/grpc-js";
+import { REFUSAL_KEY, REFUSAL_REVOKED } from "../auth/worker-tokens";
 import {
   type Assign,
   type CoordinatorMessage,
@@ -21,6 +22,10 @@ import { Attempts } from "./attempts";
 import { Reporter } from "./reporter";
 
 const WorkerClient = clientConstructor(WorkerService);
+
+function isRevoked(error: grpc.ServiceError): boolean {
+  return error.metadata?.get(REFUSAL_KEY)[0] === REFUSAL_REVOKED;
+}
 
 export interface WorkerOptions {
   id?: string;
@@ -40,6 +45,11 @@ export interface WorkerOptions {
   version?: string;
   /** Join token sent to the coordinator (authorization: Bearer). */
   workerToken?: string;
+  /**
+   * Called once the coordinator has refused this worker's credential as revoked: the worker
+   * has killed its tasks (the coordinator requeued them) and stopped. `bun run worker` exits.
+   */
+  onRevoked?: () => void;
   /** Environment the tasks inherit; the executor strips the worker's own settings from it. */
   baseEnv: Record<string, string | undefined>;
 }
@@ -48,7 +58,10 @@ type Stream = grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage>;
 
 export class Worker {
   private workerId: string;
-  /** From Welcome: proves on reconnecting that we are the worker that took our id. */
+  /**
+   * Our credential, from Welcome: proves on reconnecting that we are the worker that took our
+   * id, and lets us back in without a join token (src/auth/worker-tokens.ts).
+   */
   private resumeToken = "";
   private readonly reporter = new Reporter((message) => this.write(message));
   private readonly attempts: Attempts;
@@ -179,6 +192,10 @@ export class Worker {
       if (this.stream === stream && !closed) this.receive(message);
     });
     stream.on("error", (error: grpc.ServiceError) => {
+      if (error.code === grpc.status.UNAUTHENTICATED && this.stream === stream && isRevoked(error)) {
+        this.revoked();
+        return;
+      }
       if (error.code === grpc.status.PERMISSION_DENIED && this.stream === stream) {
         // Our id is held by a worker with another resume token (ours was lost): start afresh.
         // What we still run is superseded there, and is stopped when we report it.
@@ -200,6 +217,28 @@ export class Worker {
       },
       this.attempts.refs(),
     );
+  }
+
+  /**
+   * Our credential was revoked: we are shut out, and the coordinator has requeued our tasks,
+   * so they are killed here at once rather than left to run a second copy. Nothing is dialed
+   * again; the credential and id are forgotten.
+   */
+  private revoked(): void {
+    this.options.log.error(
+      { event: "worker.revoked", id: this.workerId, running: this.attempts.size },
+      "the coordinator revoked this worker's credential: killing its tasks and stopping",
+    );
+    this.closed = true;
+    this.welcomed = false;
+    this.resumeToken = "";
+    this.attempts.releaseWaiting("the worker's credential was revoked");
+    this.attempts.killAll();
+    this.clearTimers();
+    this.stream = null;
+    this.client?.close();
+    this.client = null;
+    this.options.onRevoked?.();
   }
 
   private disconnected(address: string, why: string): void {

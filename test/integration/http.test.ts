@@ -817,11 +817,52 @@ describe("failures", () => {
       for (const answer of answers) {
         expectError(answer, 503, "unavailable", undefined);
         expect(answer.text).not.toMatch(/ECONNREFUSED|127\.0\.0\.1|postgres|connect/i);
+        expect(Number(answer.headers.get("retry-after"))).toBeGreaterThanOrEqual(1);
       }
       // A bad request is still answered as such: validation comes before the database.
       expectError(await call("GET", "/tasks/nope", { on: outage }), 400, "invalid_argument", "id");
     } finally {
       await Promise.all(pools.map((pool) => pool.end({ timeout: 1 })));
+    }
+  });
+
+  test("a locked tasks table answers 503 with Retry-After within the lock timeout, and /readyz says 503", async () => {
+    const strict = connect(db.url, { max: 4, lockTimeoutMs: 200, statementTimeoutMs: 1000 });
+    const locked = createApp(depsFor(strict, { feed }));
+    const locker = await db.sql.reserve();
+    try {
+      expect((await call("GET", "/readyz", { on: locked })).status).toBe(200);
+      await locker`BEGIN`;
+      await locker`LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE`;
+      const started = performance.now();
+      const answers = [
+        await post("/tasks", { command: "echo lost?" }, { on: locked }),
+        await call("GET", "/tasks", { on: locked }),
+        await call("GET", `/tasks/${newTaskId()}`, { on: locked }),
+        await call("GET", "/readyz", { on: locked }),
+      ];
+      // Without the timeouts each would wait for the lock for as long as it is held.
+      expect(performance.now() - started).toBeLessThan(4 * 1500);
+      for (const answer of answers) {
+        expectError(answer, 503, "unavailable", undefined);
+        expect(Number(answer.headers.get("retry-after"))).toBeGreaterThanOrEqual(1);
+        expect(answer.text).not.toMatch(/55P03|57014|canceling/);
+      }
+      // A table that is readable but not writable (a SHARE lock: CREATE INDEX without
+      // CONCURRENTLY) stalls every submit: not ready either.
+      await locker`ROLLBACK`;
+      await locker`BEGIN`;
+      await locker`LOCK TABLE tasks IN SHARE MODE`;
+      expect((await call("GET", "/tasks", { on: locked })).status).toBe(200);
+      expectError(await call("GET", "/readyz", { on: locked }), 503, "unavailable", undefined);
+      await locker`ROLLBACK`;
+      expect((await call("GET", "/readyz", { on: locked })).status).toBe(200);
+      const listed = (await call("GET", "/tasks", { on: locked })).json.tasks.map((t: { command: string }) => t.command);
+      expect(listed).not.toContain("echo lost?");
+    } finally {
+      await locker`ROLLBACK`;
+      locker.release();
+      await strict.end();
     }
   });
 

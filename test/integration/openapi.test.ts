@@ -210,6 +210,7 @@ describe("the OpenAPI document", () => {
     expect(doc.paths["/tasks/batch"].post.responses["200"].headers["Idempotent-Replayed"]).toBeDefined();
     for (const [, , operation] of operations()) {
       if (operation.responses["429"]) expect(operation.responses["429"].headers["Retry-After"].schema.type).toBe("integer");
+      if (operation.responses["503"]) expect(operation.responses["503"].headers["Retry-After"].schema.type).toBe("integer");
       if (operation.responses["401"])
         expect(operation.responses["401"].headers["WWW-Authenticate"].description).toContain("Bearer");
     }

@@ -6,13 +6,14 @@ import * as grpc from "@grpc/grpc-js";
 import pino from "pino";
 import { createApp } from "../../src/api";
 import { Authenticator } from "../../src/auth/authenticator";
-import { checkExposure } from "../../src/auth/exposure";
+import { checkExposure, checkWorkerExposure } from "../../src/auth/exposure";
 import { hashToken, newToken, type Scope } from "../../src/auth/tokens";
 import { apiSettings, authOptions, ConfigError, loadConfig } from "../../src/config";
 import { Coordinator } from "../../src/coordinator/coordinator";
 import { insertTask } from "../../src/db/insert";
 import { TaskChangeFeed } from "../../src/db/notify";
 import { insertToken, revokeToken } from "../../src/db/tokens";
+import { revokeCredential } from "../../src/db/worker-credentials";
 import { TaskService } from "../../src/gen/taskqueue/v1/task_service_pb";
 import {
   type CoordinatorMessage,
@@ -223,12 +224,34 @@ describe("safe defaults", () => {
     expect(() => checkExposure(exposed, "scheduler", 0, silentLogger)).toThrow(/without API tokens/);
     expect(() => checkExposure(exposed, "scheduler", 1, silentLogger)).not.toThrow();
     expect(() => checkExposure(exposed, "coordinator", 1, silentLogger)).toThrow(/worker token/);
-    const guarded = loadConfig({ TQ_HOST: "0.0.0.0", TQ_WORKER_TOKEN: "w".repeat(32) });
+    const tls = { TQ_TLS_CERT: "/etc/tq/cert.pem", TQ_TLS_KEY: "/etc/tq/key.pem" };
+    const guarded = loadConfig({ TQ_HOST: "0.0.0.0", TQ_WORKER_TOKEN: "w".repeat(32), ...tls });
     expect(() => checkExposure(guarded, "coordinator", 1, silentLogger)).not.toThrow();
+    const rotating = loadConfig({ TQ_HOST: "0.0.0.0", TQ_WORKER_TOKENS: `next:${"a".repeat(64)}`, ...tls });
+    expect(() => checkExposure(rotating, "coordinator", 1, silentLogger)).not.toThrow();
+    // Tokens are not enough beyond loopback: they and secret_env would travel in plaintext.
+    const plaintext = loadConfig({ TQ_HOST: "0.0.0.0", TQ_WORKER_TOKEN: "w".repeat(32) });
+    expect(() => checkExposure(plaintext, "coordinator", 1, silentLogger)).toThrow(/without TLS/);
     const { log, lines } = capturingLogger();
     checkExposure(loadConfig({ TQ_HOST: "0.0.0.0", TQ_INSECURE: "true" }), "coordinator", 0, log);
     expect(lines.join("")).toContain("INSECURE");
     expect(() => checkExposure(loadConfig({}), "coordinator", 0, silentLogger)).not.toThrow();
+  });
+
+  test("a worker refuses to dial a coordinator beyond loopback in plaintext, unless told it is insecure", () => {
+    const remote = ["10.1.2.3:50051", "coordinator:50051", "[fd00::1]:50051", "0.0.0.0:50051"];
+    for (const address of remote) {
+      expect(() => checkWorkerExposure(loadConfig({}), ["127.0.0.1:50051", address], silentLogger)).toThrow(
+        new RegExp(`dial ${address.replace(/[[\]]/g, "\\$&")} \\(beyond loopback\\) without TLS`),
+      );
+    }
+    for (const local of ["127.0.0.1:50051", "localhost:1", "[::1]:50051", "127.9.9.9:7"]) {
+      expect(() => checkWorkerExposure(loadConfig({}), [local], silentLogger)).not.toThrow();
+    }
+    expect(() => checkWorkerExposure(loadConfig({ TQ_TLS_CA: "/etc/tq/ca.pem" }), remote, silentLogger)).not.toThrow();
+    const { log, lines } = capturingLogger();
+    checkWorkerExposure(loadConfig({ TQ_INSECURE: "true" }), remote, log);
+    expect(lines.join("")).toContain("INSECURE");
   });
 });
 
@@ -240,7 +263,7 @@ describe("gRPC", () => {
   let reader: string;
 
   beforeAll(async () => {
-    await db.sql`TRUNCATE tasks, task_events, task_attempts, workers, api_tokens`;
+    await db.sql`TRUNCATE tasks, task_events, task_attempts, workers, worker_credentials, api_tokens`;
     submitter = await makeToken("g-submitter", ["submit"]);
     reader = await makeToken("g-reader", ["read"]);
     const config = loadConfig({
@@ -368,5 +391,63 @@ describe("gRPC", () => {
     expect((await again.next()).payload.case).toBe("welcome");
     again.close();
     first.close();
+  });
+
+  test("a worker's credential lets it back in without the join token, under its own id only", async () => {
+    const first = workerStream(workerToken);
+    first.send({ case: "hello", value: { workerId: "w-cred", name: "cred", slots: 1 } });
+    const welcome = await first.next();
+    if (welcome.payload.case !== "welcome") throw new Error("expected welcome");
+    const credential = welcome.payload.value.resumeToken;
+    first.close();
+    const [row] = await db.sql<{ secret_hash: string; joined_with: string }[]>`
+      SELECT secret_hash, joined_with FROM worker_credentials WHERE worker_id = 'w-cred'`;
+    expect(row).toEqual({ secret_hash: hashToken(credential), joined_with: "TQ_WORKER_TOKEN" });
+
+    // Another worker cannot use it: not for its own id, nor with a join token it does not have.
+    const thief = workerStream();
+    thief.send({ case: "hello", value: { workerId: "w-thief", name: "thief", slots: 1, resumeToken: credential } });
+    expect((await thief.closed)?.code).toBe(grpc.status.UNAUTHENTICATED);
+    thief.close();
+    const guess = workerStream();
+    guess.send({ case: "hello", value: { workerId: "w-cred", name: "guess", slots: 1, resumeToken: `${credential}x` } });
+    expect((await guess.closed)?.code).toBe(grpc.status.UNAUTHENTICATED);
+    guess.close();
+    expect(await db.sql`SELECT id FROM workers WHERE id = 'w-thief'`).toHaveLength(0);
+    expect(await db.sql`SELECT worker_id FROM worker_credentials WHERE worker_id = 'w-thief'`).toHaveLength(0);
+
+    // Its owner needs no join token to come back.
+    const back = workerStream();
+    back.send({ case: "hello", value: { workerId: "w-cred", name: "cred", slots: 1, resumeToken: credential } });
+    const again = await back.next();
+    expect(again.payload.case === "welcome" && again.payload.value.resumeToken).toBe(credential);
+    back.close();
+  });
+
+  test("revoking a credential closes its worker's stream and keeps it out, join token or not", async () => {
+    const first = workerStream(workerToken);
+    first.send({ case: "hello", value: { workerId: "w-revoked", name: "revoked", slots: 1 } });
+    const welcome = await first.next();
+    if (welcome.payload.case !== "welcome") throw new Error("expected welcome");
+    const credential = welcome.payload.value.resumeToken;
+    expect(await revokeCredential(db.sql, "w-revoked", "test")).toBe(true);
+    // Closed by the coordinator's next renewal tick (every heartbeat interval), saying why.
+    const closed = await first.closed;
+    expect(closed?.code).toBe(grpc.status.UNAUTHENTICATED);
+    expect(closed?.metadata.get("tq-refusal")).toEqual(["credential-revoked"]);
+    first.close();
+    for (const token of [undefined, workerToken]) {
+      const again = workerStream(token);
+      again.send({ case: "hello", value: { workerId: "w-revoked", name: "revoked", slots: 1, resumeToken: credential } });
+      const refused = await again.closed;
+      expect(refused?.code).toBe(grpc.status.UNAUTHENTICATED);
+      expect(refused?.metadata.get("tq-refusal")).toEqual(["credential-revoked"]);
+      again.close();
+    }
+    // Without the credential, the id is taken.
+    const fresh = workerStream(workerToken);
+    fresh.send({ case: "hello", value: { workerId: "w-revoked", name: "revoked", slots: 1 } });
+    expect((await fresh.closed)?.code).toBe(grpc.status.PERMISSION_DENIED);
+    fresh.close();
   });
 });

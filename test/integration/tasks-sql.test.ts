@@ -620,6 +620,27 @@ describe("migrate", () => {
     }
   });
 
+  test("runs under no statement or lock timeout, whatever the pool it is given sets", async () => {
+    const fresh = await createTestDatabase({ migrate: false });
+    const strict = connect(fresh.url, { max: 1, statementTimeoutMs: 50, lockTimeoutMs: 50 });
+    try {
+      const [pool] = await strict<{ statement_timeout: string; lock_timeout: string }[]>`
+        SELECT current_setting('statement_timeout') AS statement_timeout, current_setting('lock_timeout') AS lock_timeout`;
+      expect(pool).toEqual({ statement_timeout: "50ms", lock_timeout: "50ms" });
+      // A long migration (or a wait for another process's advisory lock) would be cut short.
+      const probe = `DO $$ BEGIN
+        IF current_setting('statement_timeout') <> '0' OR current_setting('lock_timeout') <> '0' THEN
+          RAISE EXCEPTION 'migration under statement_timeout % and lock_timeout %',
+            current_setting('statement_timeout'), current_setting('lock_timeout');
+        END IF;
+      END $$`;
+      expect(await migrate(strict, [{ version: 1, name: "probe", sql: probe, checksum: "probe" }])).toEqual([1]);
+    } finally {
+      await strict.end();
+      await dropTestDatabase(fresh);
+    }
+  });
+
   test("refuses a migration that was edited after it was applied", async () => {
     const edited = readMigrations().map((m, i) => (i === 0 ? { ...m, checksum: "different" } : m));
     expect(migrate(db.sql, edited)).rejects.toThrow(/changed after it was applied/);

@@ -535,6 +535,163 @@ describe("docker-compose.yml", () => {
   });
 });
 
+/** Compose memory sizes as Docker reads them: "512m", "2g", "1048576", "1.5g". */
+function bytesOf(value: unknown): number {
+  const match = /^(\d+(?:\.\d+)?)\s*([bkmg]?)b?$/i.exec(String(value).trim());
+  if (!match) throw new Error(`not a memory size: ${JSON.stringify(value)}`);
+  const unit: Record<string, number> = { "": 1, b: 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3 };
+  return Number(match[1]) * (unit[(match[2] ?? "").toLowerCase()] ?? Number.NaN);
+}
+
+/** mem_limit, or the deploy.resources.limits.memory form. */
+function memoryLimitOf(service: Record<string, unknown>): number | undefined {
+  if (service.mem_limit !== undefined) return bytesOf(service.mem_limit);
+  const deploy = isRecord(service.deploy) ? service.deploy : {};
+  const resources = isRecord(deploy.resources) ? deploy.resources : {};
+  const limits = isRecord(resources.limits) ? resources.limits : {};
+  return limits.memory === undefined ? undefined : bytesOf(limits.memory);
+}
+
+/** A healthcheck's test as argv (CMD form), or through sh (CMD-SHELL and the string form). */
+function healthcheckArgv(service: Record<string, unknown>): string[] {
+  const check = record(service.healthcheck, "healthcheck");
+  const test = check.test;
+  if (typeof test === "string") return ["/bin/sh", "-c", test];
+  if (!Array.isArray(test)) throw new Error("healthcheck test is neither a string nor a list");
+  const [form, ...rest] = test.map(String);
+  if (form === "CMD") return rest;
+  if (form === "CMD-SHELL") return ["/bin/sh", "-c", rest.join(" ")];
+  throw new Error(`healthcheck test form ${form} is not CMD or CMD-SHELL`);
+}
+
+/** Runs a healthcheck's argv here (its executable is the image's bun), with `rewrite` applied to its script. */
+async function runCheck(argv: string[], rewrite: (script: string) => string): Promise<number> {
+  const [executable, ...args] = argv;
+  expect(executable).toBe("bun");
+  const proc = Bun.spawn([process.execPath, ...args.map((a, i) => (args[i - 1] === "-e" ? rewrite(a) : a))], {
+    stdout: "ignore",
+    stderr: "ignore",
+  });
+  return proc.exited;
+}
+
+const apiRoles = ["coordinator", "scheduler"] as const;
+/** What the worker may be given back (see docker-compose.yml): slot users need no more. */
+const WORKER_CAPABILITIES = new Set(["SETUID", "SETGID", "CHOWN", "KILL"]);
+const normalCap = (cap: unknown) => String(cap).toUpperCase().replace(/^CAP_/, "");
+
+describe("docker-compose.yml limits and privileges", () => {
+  test("every role drops all capabilities; the API roles get none back, the worker at most what slot users need", () => {
+    for (const role of roles) {
+      const dropped = (Array.isArray(service(role).cap_drop) ? (service(role).cap_drop as unknown[]) : []).map(normalCap);
+      expect({ role, dropped }).toEqual({ role, dropped: ["ALL"] });
+      const added = (Array.isArray(service(role).cap_add) ? (service(role).cap_add as unknown[]) : []).map(normalCap);
+      if ((apiRoles as readonly string[]).includes(role)) expect({ role, added }).toEqual({ role, added: [] });
+      for (const cap of added) expect({ role, cap, allowed: WORKER_CAPABILITIES.has(cap) }).toEqual({ role, cap, allowed: true });
+      expect({ role, privileged: service(role).privileged ?? false }).toEqual({ role, privileged: false });
+    }
+  });
+
+  test("every role sets no-new-privileges", () => {
+    for (const role of roles) {
+      const options = (Array.isArray(service(role).security_opt) ? (service(role).security_opt as unknown[]) : []).map(String);
+      expect({ role, nnp: options.some((o) => /^no-new-privileges(:true|=true)?$/.test(o)) }).toEqual({ role, nnp: true });
+    }
+  });
+
+  test("the API roles run on a read-only root with a small tmpfs /tmp, and Bun writes no transpiler cache", () => {
+    for (const role of apiRoles) {
+      expect({ role, readOnly: service(role).read_only }).toEqual({ role, readOnly: true });
+      const tmpfs = [service(role).tmpfs ?? []].flat().map((t) => String(t).split(":")[0]);
+      expect({ role, tmpfs }).toEqual({ role, tmpfs: ["/tmp"] });
+    }
+    // Bun would otherwise cache transpiled sources under the user's home, unwritable there.
+    expect(imageEnv.BUN_RUNTIME_TRANSPILER_CACHE_PATH).toBe("0");
+  });
+
+  test("every role has a pids limit and a memory limit; the worker's leave room for every slot's task", () => {
+    for (const role of roles) {
+      const pids = service(role).pids_limit;
+      expect({ role, pids: typeof pids === "number" && Number.isInteger(pids) && pids > 0 }).toEqual({ role, pids: true });
+      const memory = memoryLimitOf(service(role));
+      expect({ role, memory: memory !== undefined && memory >= 128 * 1024 ** 2 }).toEqual({ role, memory: true });
+    }
+    const slots = roleConfig("worker").TQ_WORKER_SLOTS;
+    // Each task is at least sh and a child; the worker itself has its threads.
+    expect(Number(service("worker").pids_limit)).toBeGreaterThan(slots * 16);
+    expect(memoryLimitOf(service("worker"))!).toBeGreaterThan(memoryLimitOf(service("coordinator"))!);
+  });
+
+  test("every service has a healthcheck whose executable is in its image; roles use bun, as the slim image has no curl or wget", () => {
+    for (const name of Object.keys(services)) {
+      const check = record(service(name).healthcheck, `${name} healthcheck`);
+      for (const key of ["interval", "timeout"]) expect(durationMs(String(check[key]))).toBeGreaterThan(0);
+      if (check.start_period !== undefined) expect(durationMs(String(check.start_period))).toBeGreaterThan(0);
+    }
+    expect(finalStage.image).toMatch(/-slim$/);
+    for (const role of roles) {
+      const argv = healthcheckArgv(service(role));
+      expect({ role, executable: argv[0] }).toEqual({ role, executable: "bun" });
+      expect(argv.join(" ")).not.toMatch(/\b(curl|wget)\b/);
+    }
+  });
+
+  test("a role another waits on as healthy has a healthcheck; workers wait for a healthy coordinator", () => {
+    for (const name of Object.keys(services)) {
+      for (const [dependency, condition] of Object.entries(dependenciesOf(service(name)))) {
+        if (condition === "service_healthy")
+          expect({ name, dependency, check: service(dependency).healthcheck !== undefined }).toEqual({
+            name,
+            dependency,
+            check: true,
+          });
+      }
+    }
+    expect(dependenciesOf(service("worker")).coordinator).toBe("service_healthy");
+  });
+
+  test("the API roles' healthchecks ask their own port's /healthz, and fail when it does not answer 200", async () => {
+    const ports: Record<(typeof apiRoles)[number], number> = {
+      coordinator: roleConfig("coordinator").TQ_COORDINATOR_PORT,
+      scheduler: roleConfig("scheduler").TQ_SCHEDULER_PORT,
+    };
+    for (const role of apiRoles) {
+      const argv = healthcheckArgv(service(role));
+      const target = `http://127.0.0.1:${ports[role]}/healthz`;
+      expect({ role, asks: argv.join(" ").includes(target) }).toEqual({ role, asks: true });
+      // The same script, pointed at a stand-in on a free port of this host.
+      let status = 200;
+      const server = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch: () => new Response("{}", { status }) });
+      const pointed = (script: string) => script.replace(target, `http://127.0.0.1:${server.port}/healthz`);
+      try {
+        expect({ role, healthy: await runCheck(argv, pointed) }).toEqual({ role, healthy: 0 });
+        status = 503;
+        expect({ role, unhealthy: await runCheck(argv, pointed) }).not.toEqual({ role, unhealthy: 0 });
+      } finally {
+        server.stop(true);
+      }
+      expect({ role, down: await runCheck(argv, pointed) }).not.toEqual({ role, down: 0 });
+    }
+  });
+
+  test("the worker's healthcheck finds a live worker process and fails without one", async () => {
+    const argv = healthcheckArgv(service("worker"));
+    const script = argv[argv.indexOf("-e") + 1] ?? "";
+    expect(script).toContain("src/worker/main.ts");
+    // This host may run other workers: look for a name only the stand-in carries.
+    const marker = `tq-health-${Bun.randomUUIDv7()}/main.ts`;
+    const marked = (text: string) => text.replace("src/worker/main.ts", marker);
+    const standIn = Bun.spawn(["sh", "-c", "read line", marker], { stdin: "pipe", stdout: "ignore" });
+    try {
+      expect(await runCheck(argv, marked)).toBe(0);
+    } finally {
+      standIn.stdin.end();
+      await standIn.exited;
+    }
+    expect(await runCheck(argv, marked)).not.toBe(0);
+  });
+});
+
 describe("test helpers", () => {
   // The checks above are only as good as these parsers; pin their edge cases.
   test("parseDockerfile joins continuations and drops comments inside them", () => {
@@ -558,6 +715,13 @@ describe("test helpers", () => {
     expect(dockerIgnored(["bench/results"], "bench/run.ts")).toBe(false);
     expect(dockerIgnored(["*.log", "!keep.log"], "keep.log")).toBe(false);
     expect(dockerIgnored(["*.log"], "a.log")).toBe(true);
+  });
+
+  test("bytesOf reads Docker memory sizes", () => {
+    expect(bytesOf("512m")).toBe(512 * 1024 ** 2);
+    expect(bytesOf("2g")).toBe(2 * 1024 ** 3);
+    expect(bytesOf(1048576)).toBe(1048576);
+    expect(() => bytesOf("lots")).toThrow();
   });
 
   test("durationMs reads Go durations", () => {
