@@ -2,6 +2,8 @@
 // passed down as a typed object. This is the only module that reads process.env. Each role's
 // assembly turns it into the options its parts take (taskDefaults, apiSettings, authOptions,
 // leaseTimings below), so no part below a role reads a setting by its variable's name.
+
+import { readFileSync } from "node:fs";
 import { type Static, Type } from "@sinclair/typebox";
 import { Value } from "@sinclair/typebox/value";
 import type { ApiSettings } from "./api/deps";
@@ -11,6 +13,7 @@ import type { ConnectOptions } from "./db/sql";
 import { GRPC_DEFAULT_MAX_MESSAGE_BYTES, RESULT_HEADROOM_BYTES } from "./rpc/message-size";
 import { type LeaseTimings, leaseMsFor } from "./task/lease";
 import type { TaskDefaults } from "./task/spec";
+import type { IsolationSettings } from "./worker/identity";
 
 const Port = (fallback: number, description: string) =>
   Type.Integer({ minimum: 0, maximum: 65535, default: fallback, description });
@@ -69,6 +72,24 @@ export const ConfigSchema = Type.Object({
     default: 2,
     description: "Workers that `bun start` runs in its process. Defaults to 2.",
   }),
+  TQ_WORKER_HEALTH_PORT: Port(
+    0,
+    "Port of the worker's own GET /healthz (connected, last acknowledgement, running and unacknowledged counts), bound on TQ_HOST; 0 serves none. Defaults to 0.",
+  ),
+  TQ_WORKER_MAX_UNACKED: Type.Integer({
+    minimum: 1,
+    maximum: 1_000_000,
+    default: 1000,
+    description:
+      "Results a worker keeps waiting for the coordinator's acknowledgement before it reports itself full and takes no new work. Defaults to 1000.",
+  }),
+  TQ_COMPLETER_MAX_PENDING: Type.Integer({
+    minimum: 1,
+    maximum: 1_000_000,
+    default: 10_000,
+    description:
+      "Worker results a coordinator holds in memory waiting for the database; at this many it gives its workers no new work until they are written. Defaults to 10000.",
+  }),
   TQ_HEARTBEAT_INTERVAL_MS: Millis(1000, "How often a worker heartbeats on its stream. Defaults to 1000 ms."),
   TQ_HEARTBEAT_TIMEOUT_MS: Millis(
     3000,
@@ -78,6 +99,11 @@ export const ConfigSchema = Type.Object({
     30_000,
     "On SIGTERM a worker lets running tasks finish for this long, then hands them back. Defaults to 30000 ms.",
     0,
+  ),
+  TQ_WORKER_REFUSED_BACKOFF_MS: Millis(
+    30_000,
+    "How long a worker waits before dialing again after a coordinator refused its protocol version (FAILED_PRECONDITION), with jitter. Defaults to 30000 ms.",
+    10,
   ),
   TQ_KILL_GRACE_MS: Millis(5000, "Between SIGTERM and SIGKILL when a task times out or is stopped. Defaults to 5000 ms.", 0),
   TQ_SAFETY_POLL_MS: Millis(
@@ -188,6 +214,30 @@ export const ConfigSchema = Type.Object({
         "Join tokens the coordinator accepts besides TQ_WORKER_TOKEN, for rotation with overlap: comma-separated name:sha256-of-token entries, as `bun run token worker-hash` prints them. Unset by default.",
     }),
   ),
+  TQ_WORKER_TOKEN_FILE: Type.Optional(
+    Type.String({
+      minLength: 1,
+      description:
+        "Path of a file holding the join token (instead of TQ_WORKER_TOKEN, which then stays out of the process's environment); read once at start. Unset by default.",
+    }),
+  ),
+  TQ_TASK_ISOLATION: Type.Union([Type.Literal("auto"), Type.Literal("required"), Type.Literal("off")], {
+    default: "auto",
+    description:
+      "auto: a worker able to switch users (root, or CAP_SETUID and CAP_SETGID) runs each slot's tasks as its own uid from TQ_TASK_UIDS, otherwise it warns and runs them as itself; required: it refuses to start unless able; off: tasks run as the worker. Defaults to auto.",
+  }),
+  TQ_TASK_UIDS: Type.String({
+    pattern: "^[0-9]+-[0-9]+$",
+    default: "20000-20063",
+    description:
+      "Range of uids (and gids, the same numbers) a worker's slots run their tasks as: slot i is the first plus i, so each worker on a host needs a range of its own. Defaults to 20000-20063.",
+  }),
+  TQ_TASK_HOME_DIR: Type.String({
+    minLength: 1,
+    default: "/var/lib/task-queue/slots",
+    description:
+      "Where each slot's private home (<uid>, mode 0700) is made: the default cwd and HOME of its tasks. Defaults to /var/lib/task-queue/slots.",
+  }),
   TQ_RATE_LIMIT_PER_SECOND: Type.Number({
     minimum: 0,
     maximum: 1_000_000,
@@ -280,6 +330,8 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
       `invalid configuration: a task's result (2 x TQ_MAX_OUTPUT_BYTES = ${2 * config.TQ_MAX_OUTPUT_BYTES}, plus ${RESULT_HEADROOM_BYTES} bytes for the rest of it) must fit TQ_GRPC_MAX_MESSAGE_BYTES (${config.TQ_GRPC_MAX_MESSAGE_BYTES}); lower TQ_MAX_OUTPUT_BYTES to at most ${Math.floor((config.TQ_GRPC_MAX_MESSAGE_BYTES - RESULT_HEADROOM_BYTES) / 2)} or raise TQ_GRPC_MAX_MESSAGE_BYTES to at least ${result}`,
     );
   }
+  taskIsolation(config);
+  readWorkerTokenFile(config);
   workerJoinTokens(config);
   if (Boolean(config.TQ_TLS_CERT) !== Boolean(config.TQ_TLS_KEY)) {
     throw new ConfigError("invalid configuration: TQ_TLS_CERT and TQ_TLS_KEY go together");
@@ -305,6 +357,39 @@ export function coordinatorAddresses(config: Config): string[] {
   }
   if (list.length === 0) throw new ConfigError("invalid configuration: TQ_COORDINATOR_ADDRESSES is empty");
   return list;
+}
+
+/**
+ * TQ_WORKER_TOKEN_FILE read into TQ_WORKER_TOKEN, so that the token need never be in the
+ * environment, where a process of the same user can read it (/proc/<pid>/environ).
+ */
+function readWorkerTokenFile(config: Config): void {
+  const path = config.TQ_WORKER_TOKEN_FILE;
+  if (path === undefined) return;
+  if (config.TQ_WORKER_TOKEN !== undefined) {
+    throw new ConfigError("invalid configuration: set TQ_WORKER_TOKEN or TQ_WORKER_TOKEN_FILE, not both");
+  }
+  let token: string;
+  try {
+    token = readFileSync(path, "utf8").trim();
+  } catch (err) {
+    throw new ConfigError(`invalid configuration: TQ_WORKER_TOKEN_FILE ${path} cannot be read: ${(err as Error).message}`);
+  }
+  if (token.length < 16) {
+    throw new ConfigError(`invalid configuration: TQ_WORKER_TOKEN_FILE ${path} must hold a token of at least 16 characters`);
+  }
+  config.TQ_WORKER_TOKEN = token;
+}
+
+/** Who a worker's tasks run as (src/worker/identity.ts). */
+export function taskIsolation(config: Config): IsolationSettings {
+  const [first, last] = config.TQ_TASK_UIDS.split("-").map(Number) as [number, number];
+  if (first < 1 || last > 4_294_967_294 || first > last) {
+    throw new ConfigError(
+      `invalid configuration: TQ_TASK_UIDS=${config.TQ_TASK_UIDS}: expected first-last with 1 <= first <= last <= 4294967294`,
+    );
+  }
+  return { mode: config.TQ_TASK_ISOLATION, ids: { first, last }, homeDir: config.TQ_TASK_HOME_DIR };
 }
 
 /** The database URL, or a clear error for a role that cannot run without one. */

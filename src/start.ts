@@ -7,13 +7,15 @@ import { migrateDatabase } from "./db/migrate";
 import { runRole } from "./role";
 import { Scheduler } from "./scheduler/scheduler";
 import { inProcessWorkerCredentials } from "./tls";
-import { workerOptions } from "./worker/options";
+import { taskIdentities, workerOptions } from "./worker/options";
 import { Worker } from "./worker/worker";
 
 await runRole("start", async (config, log) => {
   // Our workers dial this process over its own TLS: without TQ_TLS_CA they trust TQ_TLS_CERT
   // itself, so that a self-signed certificate works out of the box.
   const credentials = inProcessWorkerCredentials(config);
+  // Before the database: a worker that cannot isolate as asked stops the start at once.
+  const identities = taskIdentities(config, log.child({ component: "worker" }), config.TQ_WORKERS);
   let embedded: EmbeddedDatabase | null = null;
   let url = config.DATABASE_URL;
   if (!url) {
@@ -27,7 +29,7 @@ await runRole("start", async (config, log) => {
     });
     url = embedded.url;
   }
-  await migrateDatabase(url);
+  await migrateDatabase(url, log);
   const coordinator = new Coordinator(config, url, log.child({ component: "coordinator" }));
   const scheduler = new Scheduler(config, url, log.child({ component: "scheduler" }));
   const info = await coordinator.start();
@@ -39,6 +41,7 @@ await runRole("start", async (config, log) => {
         ...workerOptions(config, log.child({ component: "worker", index: i }), {
           name: `${hostname()}/${process.pid}/worker-${i + 1}`,
           addresses: [info.grpcAddress],
+          identities: identities[i],
         }),
         credentials,
       }),

@@ -19,6 +19,12 @@ export function scopeFor(method: string, path: string): Scope | null {
 
 const principals = new WeakMap<Request, Principal>();
 
+/** The name of the API token that made this request, or null when none was checked (an open route or API). */
+export function tokenNameOf(request: Request): string | null {
+  const principal = principals.get(request);
+  return principal && principal !== ANONYMOUS ? principal.name : null;
+}
+
 /** Who made this request (after the authentication hook ran). */
 export function principalOf(request: Request): Principal {
   return principals.get(request) ?? ANONYMOUS;

@@ -6,6 +6,7 @@ import { type ErrorCode, isDatabaseTimeout, isDatabaseUnavailable, TaskQueueErro
 import { describeValueError } from "../task/explain";
 import type { ApiDeps } from "./deps";
 import type { ErrorJson, HttpErrorCode } from "./model";
+import { noteStatus, requestIdOf } from "./request-log";
 
 /** An error only HTTP has: the body is not JSON or of another media type, or no route matches. */
 export class HttpError extends Error {
@@ -75,7 +76,12 @@ const answer = (status: number, code: HttpErrorCode, message: string, field?: st
  * The status and body for an error. Unknown errors are logged here with the request id they
  * are answered with; `where` says what was being done (method and path).
  */
-export function errorAnswer(error: unknown, deps: Pick<ApiDeps, "log">, where: string): ErrorAnswer {
+export function errorAnswer(
+  error: unknown,
+  deps: Pick<ApiDeps, "log">,
+  where: string,
+  requestId: string = Bun.randomUUIDv7(),
+): ErrorAnswer {
   // A parser's own error (too large, not JSON) reaches us wrapped in Elysia's ParseError.
   if (error instanceof ParseError && (error.cause instanceof TaskQueueError || error.cause instanceof HttpError)) {
     error = error.cause;
@@ -109,7 +115,6 @@ export function errorAnswer(error: unknown, deps: Pick<ApiDeps, "log">, where: s
     deps.log.warn({ err: error, where }, timedOut ? "database timed out" : "database unavailable");
     return errorAnswer(timedOut ? databaseTimedOut() : unavailable(), deps, where);
   }
-  const requestId = Bun.randomUUIDv7();
   deps.log.error({ err: error, request_id: requestId, where }, "request failed");
   return { status: 500, body: { error: { code: "internal", message: "internal error", request_id: requestId } } };
 }
@@ -120,7 +125,29 @@ export interface RouteEntry {
   path: string;
 }
 
-const compiledRoutes = new WeakMap<readonly RouteEntry[], { method: string; pattern: RegExp }[]>();
+const compiledRoutes = new WeakMap<readonly RouteEntry[], { method: string; path: string; pattern: RegExp }[]>();
+
+function compile(routes: readonly RouteEntry[]) {
+  let compiled = compiledRoutes.get(routes);
+  if (!compiled) {
+    compiled = routes.map((route) => ({
+      method: route.method.toUpperCase(),
+      path: route.path,
+      pattern: routePattern(route.path),
+    }));
+    compiledRoutes.set(routes, compiled);
+  }
+  return compiled;
+}
+
+/** The template of the route that serves `method path` (HEAD as GET), or null when none does. */
+export function routeTemplate(routes: readonly RouteEntry[], method: string, path: string): string | null {
+  const wanted = method === "HEAD" ? "GET" : method;
+  const compiled = compile(routes);
+  const exact = compiled.find((route) => route.method === wanted && route.path === path);
+  if (exact) return exact.path;
+  return compiled.find((route) => route.method === wanted && route.pattern.test(path))?.path ?? null;
+}
 
 function routePattern(path: string): RegExp {
   const source = path
@@ -139,11 +166,7 @@ function routePattern(path: string): RegExp {
  * Bun answers it); empty when no route has that path.
  */
 export function allowedMethods(routes: readonly RouteEntry[], path: string): string[] {
-  let compiled = compiledRoutes.get(routes);
-  if (!compiled) {
-    compiled = routes.map((route) => ({ method: route.method.toUpperCase(), pattern: routePattern(route.path) }));
-    compiledRoutes.set(routes, compiled);
-  }
+  const compiled = compile(routes);
   const methods = new Set(compiled.filter((route) => route.pattern.test(path)).map((route) => route.method));
   if (methods.has("GET")) methods.add("HEAD");
   return [...methods].filter((method) => method !== "ALL").sort();
@@ -161,7 +184,8 @@ export function errorResponse(
     const allowed = allowedMethods(routes(), path);
     if (allowed.length > 0 && !allowed.includes(request.method)) error = methodNotAllowed(request.method, path, allowed);
   }
-  const { status, body, headers } = errorAnswer(error, deps, `${request.method} ${path}`);
+  const { status, body, headers } = errorAnswer(error, deps, `${request.method} ${path}`, requestIdOf(request));
+  noteStatus(request, status);
   return Response.json(body, { status, headers });
 }
 

@@ -5,7 +5,7 @@
 import { Elysia, status, t } from "elysia";
 import { BatchInput, parseIdempotencyKey, SubmitInput, TaskInput, toBatchSpecs, toScheduleSpec, toTaskSpec } from "../task/spec";
 import type { TaskSpec } from "../task/task";
-import { authentication, principalOf } from "./auth";
+import { authentication, principalOf, tokenNameOf } from "./auth";
 import type { ApiDeps } from "./deps";
 import { errorHandling, type RouteEntry, readJsonBody } from "./errors";
 import {
@@ -42,6 +42,7 @@ import {
   responses,
   ScheduleRequest,
 } from "./openapi";
+import { requestLog } from "./request-log";
 import {
   cancelTaskOrThrow,
   checkReady,
@@ -59,6 +60,8 @@ export function createApp(deps: ApiDeps) {
   // The finished app's own route table gives a 405 its Allow header.
   let routes: () => readonly RouteEntry[] = () => [];
   const app = new Elysia({ normalize: false })
+    // First: its id and clock start before anything else can refuse the request.
+    .use(requestLog(deps, tokenNameOf, () => routes()))
     .use(errorHandling(deps, () => routes()))
     .use(authentication(deps))
     .use(apiDocumentation())

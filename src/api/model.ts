@@ -52,6 +52,11 @@ export const TaskJson = Type.Object(
     failed_at: Nullable(Timestamp),
     cancelled_at: Nullable(Timestamp),
     attempt: Type.Integer({ description: "Attempts started so far; the current one while in flight." }),
+    interruptions: Type.Integer({
+      description:
+        "Of those, the attempts that ended interrupted (handed back by a draining worker, or never delivered): " +
+        "they do not count, so attempt - interruptions is what max_attempts limits.",
+    }),
     max_attempts: Type.Integer(),
     timeout_ms: Type.Integer({ description: "0: no timeout." }),
     env: Type.Record(Type.String(), Type.String()),
@@ -165,8 +170,9 @@ export const AttemptOutcomeJson = Type.Union(
   {
     description:
       "How the attempt ended: succeeded, failed, timed_out (its result), lost (ended without a result: worker lost, " +
-      "lease lapsed, handed back), stopped (the task was cancelled), stale (its result came after it had ended lost or " +
-      "stopped; the result is kept here and changed nothing).",
+      "lease lapsed; counts against max_attempts), interrupted (ended without a result, not counted: handed back by a " +
+      "draining worker, or never delivered), stopped (the task was cancelled), stale (its result came after it had " +
+      "ended lost, interrupted or stopped; the result is kept here and changed nothing).",
   },
 );
 
@@ -216,7 +222,8 @@ export const EventJson = Type.Object(
     kind: Type.String({
       description:
         "submitted, submitted+dispatched, dispatched, started, succeeded, failed, timed_out, retrying (a failed or timed-out " +
-        "attempt that is retried: detail.outcome, detail.run_at), requeued (an attempt lost, retried at once), cancelled, " +
+        "attempt that is retried: detail.outcome, detail.run_at), requeued (an attempt lost or interrupted, retried at " +
+        "once: detail.cause is lost or interrupted), cancelled, " +
         "stale (a result that came too late), stopped (the worker stopped an attempt as told).",
     }),
     state: TaskStateJson,
@@ -265,6 +272,14 @@ export const WorkerJson = Type.Object(
     version: Type.String(),
     connected_at: Timestamp,
     last_heartbeat_at: Timestamp,
+    clock_skew_ms: Nullable(
+      Type.Integer({
+        description:
+          "The worker's wall clock minus its coordinator's when it joined, in ms (positive: the worker runs ahead); " +
+          "null when the worker did not say its time. Leases travel as durations, so skew does not fail tasks, " +
+          "but it skews the times the worker reports.",
+      }),
+    ),
   },
   { additionalProperties: false },
 );
@@ -352,6 +367,7 @@ export function taskJson(task: Task): TaskJson {
     failed_at: isoOrNull(task.failed_at),
     cancelled_at: isoOrNull(task.cancelled_at),
     attempt: task.attempt,
+    interruptions: task.interruptions,
     max_attempts: task.max_attempts,
     timeout_ms: task.timeout_ms,
     env: task.env,
@@ -457,5 +473,6 @@ export function workerJson(worker: WorkerRow): WorkerJson {
     version: worker.version,
     connected_at: iso(worker.connected_at),
     last_heartbeat_at: iso(worker.last_heartbeat_at),
+    clock_skew_ms: worker.clock_skew_ms,
   };
 }

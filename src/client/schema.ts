@@ -307,6 +307,8 @@ export interface components {
             cancelled_at: string | null;
             /** @description Attempts started so far; the current one while in flight. */
             attempt: number;
+            /** @description Of those, the attempts that ended interrupted (handed back by a draining worker, or never delivered): they do not count, so attempt - interruptions is what max_attempts limits. */
+            interruptions: number;
             max_attempts: number;
             /** @description 0: no timeout. */
             timeout_ms: number;
@@ -425,6 +427,8 @@ export interface components {
             cancelled_at: string | null;
             /** @description Attempts started so far; the current one while in flight. */
             attempt: number;
+            /** @description Of those, the attempts that ended interrupted (handed back by a draining worker, or never delivered): they do not count, so attempt - interruptions is what max_attempts limits. */
+            interruptions: number;
             max_attempts: number;
             /** @description 0: no timeout. */
             timeout_ms: number;
@@ -516,7 +520,7 @@ export interface components {
              * @description null while the attempt holds its task.
              * @enum {string|null}
              */
-            outcome: "succeeded" | "failed" | "timed_out" | "lost" | "stopped" | "stale" | null;
+            outcome: "succeeded" | "failed" | "timed_out" | "lost" | "interrupted" | "stopped" | "stale" | null;
         };
         AttemptList: {
             /** @description Every attempt, first to last. */
@@ -532,7 +536,7 @@ export interface components {
              * @example 2023-04-01T15:04:05.000Z
              */
             at: string;
-            /** @description submitted, submitted+dispatched, dispatched, started, succeeded, failed, timed_out, retrying (a failed or timed-out attempt that is retried: detail.outcome, detail.run_at), requeued (an attempt lost, retried at once), cancelled, stale (a result that came too late), stopped (the worker stopped an attempt as told). */
+            /** @description submitted, submitted+dispatched, dispatched, started, succeeded, failed, timed_out, retrying (a failed or timed-out attempt that is retried: detail.outcome, detail.run_at), requeued (an attempt lost or interrupted, retried at once: detail.cause is lost or interrupted), cancelled, stale (a result that came too late), stopped (the worker stopped an attempt as told). */
             kind: string;
             state: components["schemas"]["TaskState"];
             /** @description The attempt the event is about (0 before the first dispatch). */
@@ -645,6 +649,8 @@ export interface components {
              * @example 2023-04-01T15:04:05.000Z
              */
             last_heartbeat_at: string;
+            /** @description The worker's wall clock minus its coordinator's when it joined, in ms (positive: the worker runs ahead); null when the worker did not say its time. Leases travel as durations, so skew does not fail tasks, but it skews the times the worker reports. */
+            clock_skew_ms: number | null;
         };
         WorkerList: {
             workers: components["schemas"]["Worker"][];

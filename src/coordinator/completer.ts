@@ -1,6 +1,12 @@
 // Turns a worker's reports into fenced state changes and acknowledges them. A result is
 // acknowledged only once it is durable (or known stale), so a worker keeps re-sending it
 // across database outages and reconnects.
+//
+// Backpressure: the reports waiting for the database are bounded. At `maxPending` the
+// completer holds back all new work (the registry gives no worker a free slot), so the only
+// reports still to come are those of attempts already out: the backlog stays within
+// maxPending plus the slots of the connected workers, and shrinks once the database takes
+// writes again, when new work resumes.
 import type { Sql } from "../db/sql";
 import {
   type FinishReport,
@@ -11,22 +17,27 @@ import {
   type StartReport,
 } from "../db/transitions";
 import type { TaskFinished, TaskStarted } from "../gen/taskqueue/v1/worker_service_pb";
-import type { Logger } from "../log";
+import { type Logger, taskFields } from "../log";
 import { attemptRefFromProto, type FinishAction, finishAction, fromTimestamp } from "../rpc/convert";
 import { ackMessage } from "../rpc/messages";
 import type { AttemptRef } from "../task/attempt";
 import { isTransientDatabaseError } from "../task/errors";
 import { unstorableResult } from "../task/retry";
+import type { AttemptResult } from "../task/task";
 import type { WorkerConnection, WorkerRegistry } from "./registry";
 
 export interface CompleterOptions {
   sql: Sql;
   registry: WorkerRegistry;
   log: Logger;
-  /** Called when a slot frees up. */
+  /** This coordinator, for the log lines of the attempts it records. */
+  coordinatorId: string;
+  /** Called when a slot frees up (or new work may go out again). */
   onSlotFreed: () => void;
   /** Delay between retries of a report the database did not take. Defaults to 500 ms. */
   retryMs?: number;
+  /** Reports held for the database at which new work is held back. Defaults to 10000. */
+  maxPending?: number;
 }
 
 /** A result waiting to be written, and the worker to acknowledge it to. */
@@ -43,9 +54,16 @@ export class Completer {
   private readonly starts: StartReport[] = [];
   private readonly finishes: Finish[] = [];
   private flushing: Promise<void> | null = null;
+  /** Reports taken out of the queues by the write in progress (and its retry pause). */
+  private writing = 0;
   private stopped = false;
 
   constructor(private readonly options: CompleterOptions) {}
+
+  /** Reports held for the database: starts, results, and hand-backs being recorded. */
+  get backlog(): number {
+    return this.starts.length + this.finishes.length + this.writing + this.pending.size;
+  }
 
   started(worker: WorkerConnection, message: TaskStarted): void {
     const ref = message.ref;
@@ -70,6 +88,23 @@ export class Completer {
     this.kick();
   }
 
+  /** Holds back new work while the backlog is at its bound, and lets it go once below. */
+  private checkBacklog(): void {
+    const max = this.options.maxPending ?? 10_000;
+    const full = this.backlog >= max;
+    const why = full ? `${this.backlog} worker reports wait for the database` : null;
+    if (!this.options.registry.holdWork(why)) return;
+    if (full) {
+      this.options.log.warn(
+        { event: "completer.backlog_full", backlog: this.backlog, max },
+        "too many reports wait for the database: no new work until they are written",
+      );
+    } else {
+      this.options.log.info({ event: "completer.backlog_cleared", backlog: this.backlog }, "reports written: new work resumes");
+      this.options.onSlotFreed();
+    }
+  }
+
   /** Waits for reports in progress (they give up retrying once stopped). */
   async stop(): Promise<void> {
     this.stopped = true;
@@ -91,16 +126,20 @@ export class Completer {
    * group-commit does, and a result refused alone fails only its own task.
    */
   private kick(): void {
+    this.checkBacklog();
     if (this.flushing) return;
     this.flushing = this.flush().finally(() => {
       this.flushing = null;
+      this.writing = 0;
       if ((this.starts.length > 0 || this.finishes.length > 0) && !this.stopped) this.kick();
+      else this.checkBacklog();
     });
   }
 
   private async flush(): Promise<void> {
     const starts = this.starts.splice(0, MAX_REPORTS_PER_WRITE);
     const finishes = this.finishes.splice(0, MAX_REPORTS_PER_WRITE);
+    this.writing = starts.length + finishes.length;
     if (starts.length > 0) await this.recordStarts(starts);
     if (finishes.length === 0) return;
     const later = await this.recordFinishes(finishes);
@@ -135,7 +174,10 @@ export class Completer {
       try {
         await markStartedMany(this.options.sql, [start]);
       } catch (error) {
-        this.options.log.warn({ err: error, task: start.taskId, attempt: start.attempt }, "recording a start failed");
+        this.options.log.warn(
+          { err: error, ...taskFields({ ...start, coordinatorId: this.options.coordinatorId }) },
+          "recording a start failed",
+        );
         if (isTransientDatabaseError(error)) return;
       }
     }
@@ -153,8 +195,8 @@ export class Completer {
         this.options.sql,
         finishes.map((f) => f.report),
       );
-      finishes.forEach(({ worker, report }, i) => {
-        this.ack(worker, report.ref, applied[i] === null);
+      finishes.forEach((finish, i) => {
+        this.recorded(finish, applied[i] === null);
       });
       return { reports: [] };
     } catch (error) {
@@ -165,7 +207,7 @@ export class Completer {
     for (const [i, finish] of finishes.entries()) {
       try {
         const [applied] = await finishAttempts(this.options.sql, [finish.report]);
-        this.ack(finish.worker, finish.report.ref, applied === null);
+        this.recorded(finish, applied === null);
       } catch (error) {
         if (isTransientDatabaseError(error) || !(await this.recordRefused(finish, error))) {
           return { reports: finishes.slice(i), error };
@@ -173,6 +215,12 @@ export class Completer {
       }
     }
     return { reports: [] };
+  }
+
+  /** A result is durable (or known stale): its log line, and the worker's Ack. */
+  private recorded({ worker, report }: Finish, stale: boolean): void {
+    this.logFinished(worker, report.ref, report.result.state, report.result, stale);
+    this.ack(worker, report.ref, stale);
   }
 
   /**
@@ -183,16 +231,15 @@ export class Completer {
    */
   private async recordRefused(finish: Finish, refused: unknown): Promise<boolean> {
     const { worker, report } = finish;
-    const where = { task: report.ref.taskId, attempt: report.ref.attempt, worker: worker.id };
+    const where = taskFields({ ...report.ref, workerId: worker.id, coordinatorId: this.options.coordinatorId });
     this.options.log.error(
       { event: "completer.result_refused", ...where, err: refused },
       "the database refused a result; failing its task",
     );
+    const stored = { ref: report.ref, result: unstorableResult(report.result), unstorable: true };
     try {
-      const [applied] = await finishAttempts(this.options.sql, [
-        { ref: report.ref, result: unstorableResult(report.result), unstorable: true },
-      ]);
-      this.ack(worker, report.ref, applied === null);
+      const [applied] = await finishAttempts(this.options.sql, [stored]);
+      this.recorded({ worker, report: stored }, applied === null);
     } catch (error) {
       if (isTransientDatabaseError(error)) return false;
       // Nothing of the worker's is left in what was written. Acknowledged, the attempt drops
@@ -223,25 +270,31 @@ export class Completer {
       try {
         let applied = true;
         // The requeue's NOTIFY wakes every coordinator's dispatcher.
-        if (action.kind === "requeue") applied = (await requeueAttempt(this.options.sql, target, reason)) !== null;
+        if (action.kind === "requeue") applied = (await requeueAttempt(this.options.sql, target, reason, action.cause)) !== null;
         else await recordAttemptStopped(this.options.sql, target, reason);
+        const result = finishedTimes(message);
+        this.logFinished(worker, target, action.kind === "requeue" ? "handed_back" : "stopped", result, !applied, reason);
         this.ack(worker, target, !applied);
         return;
       } catch (error) {
         if (this.stopped || !this.options.registry.isCurrent(worker)) return;
+        const where = taskFields({ ...target, coordinatorId: this.options.coordinatorId });
         const fallback = action.kind === "requeue" ? "handed back by the worker" : "told to stop";
         if (!isTransientDatabaseError(error) && reason !== fallback) {
           // The worker's words (which the database refused) are not needed to apply the report.
-          this.options.log.error({ err: error, task: ref.taskId }, "the database refused a report's reason; using our own");
+          this.options.log.error({ err: error, ...where }, "the database refused a report's reason; using our own");
           reason = fallback;
           continue;
         }
         if (!isTransientDatabaseError(error)) {
-          this.options.log.error({ err: error, task: ref.taskId }, "the database refused a report; dropping it");
+          this.options.log.error({ err: error, ...where }, "the database refused a report; dropping it");
           this.ack(worker, target, true);
           return;
         }
-        this.options.log.warn({ err: error, task: ref.taskId }, "recording a report failed; retrying");
+        this.options.log.warn(
+          { err: error, ...taskFields({ ...target, coordinatorId: this.options.coordinatorId }) },
+          "recording a report failed; retrying",
+        );
         await Bun.sleep(this.options.retryMs ?? 500);
       }
     }
@@ -249,6 +302,60 @@ export class Completer {
 
   private track(promise: Promise<void>): void {
     this.pending.add(promise);
-    void promise.finally(() => this.pending.delete(promise));
+    void promise.finally(() => {
+      this.pending.delete(promise);
+      this.checkBacklog();
+    });
   }
+
+  /**
+   * One line per attempt whose end this coordinator recorded (event `attempt.finished`): how it
+   * ended, its exit code or signal, how long it ran, and its resource usage when the worker
+   * measured it. `stale`: the attempt no longer held its task, so the result changed nothing.
+   */
+  private logFinished(
+    worker: WorkerConnection,
+    ref: AttemptRef,
+    outcome: string,
+    result: Pick<AttemptResult, "exitCode" | "signal" | "startedAt" | "finishedAt" | "error">,
+    stale: boolean,
+    reason?: string,
+  ): void {
+    const durationMs = result.startedAt ? Math.max(0, result.finishedAt.getTime() - result.startedAt.getTime()) : null;
+    this.options.log.info(
+      {
+        event: "attempt.finished",
+        ...taskFields({ ...ref, workerId: worker.id, coordinatorId: this.options.coordinatorId }),
+        outcome,
+        exit_code: result.exitCode,
+        signal: result.signal,
+        duration_ms: durationMs,
+        stale,
+        ...(reason || result.error ? { error: reason ?? result.error } : {}),
+        ...usageOf(result),
+      },
+      "attempt finished",
+    );
+  }
+}
+
+/** The times and exit status of a hand-back or a stop, for its log line. */
+function finishedTimes(message: TaskFinished): Pick<AttemptResult, "exitCode" | "signal" | "startedAt" | "finishedAt" | "error"> {
+  return {
+    exitCode: message.exitCode ?? null,
+    signal: message.signal || null,
+    startedAt: fromTimestamp(message.startedAt),
+    finishedAt: fromTimestamp(message.finishedAt) ?? new Date(),
+    error: message.error || null,
+  };
+}
+
+/**
+ * The attempt's resource usage, when its result carries one (`usage`: CPU time, peak memory,
+ * OOM; measured by workers that can), as plain JSON for the log line.
+ */
+function usageOf(result: object): { usage?: unknown } {
+  const usage = (result as { usage?: unknown }).usage;
+  if (usage === undefined || usage === null) return {};
+  return { usage: JSON.parse(JSON.stringify(usage, (_k, v) => (typeof v === "bigint" ? Number(v) : v))) };
 }

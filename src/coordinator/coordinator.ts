@@ -83,7 +83,9 @@ export class Coordinator {
       sql: this.sql,
       registry: this.registry,
       log: log.child({ part: "completer" }),
+      coordinatorId: this.id,
       onSlotFreed: () => this.dispatcher.wake(),
+      maxPending: config.TQ_COMPLETER_MAX_PENDING,
     });
     this.sessions = new WorkerSessions({
       sql: this.sql,
@@ -207,11 +209,13 @@ export class Coordinator {
     if (!this.dispatcher.active) return null;
     const worker = this.registry.reserveFreeSlot(id, 1);
     if (!worker) return null;
+    // Before the insert that grants the lease: what the Assign says is left of it is never more.
+    const grantedAt = performance.now();
     return {
       assignTo: { workerId: worker.id, coordinatorId: this.id, leaseMs: this.leaseMs },
       // The worker may have left while we were inserting (its lost-worker requeue ran before
       // our commit and did not see this task): then assign() gives the attempt back.
-      assigned: (task) => this.dispatcher.assign(worker.id, task),
+      assigned: (task) => this.dispatcher.assign(worker.id, task, grantedAt),
       release: () => void this.registry.release(worker, id, 1),
     };
   }

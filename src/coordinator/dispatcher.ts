@@ -6,7 +6,7 @@ import { claimDue, nextDueIn } from "../db/claim";
 import type { TaskChange } from "../db/notify";
 import type { Sql } from "../db/sql";
 import { requeueAttempt } from "../db/transitions";
-import type { Logger } from "../log";
+import { type Logger, taskFields } from "../log";
 import { assignMessage } from "../rpc/messages";
 import type { Task } from "../task/task";
 import type { WorkerRegistry } from "./registry";
@@ -22,7 +22,8 @@ export interface DispatcherOptions {
   leaseMs: number;
   /**
    * Tasks due within this many ms are handed over early; the worker starts each at its time
-   * (Assign.start_in_ms). 0 hands tasks over only once due.
+   * (Assign.start_in_ms). 0 hands tasks over only once due. Only to workers with the
+   * "start_in_ms" feature: the others get only tasks already due.
    */
   aheadMs: number;
 }
@@ -86,8 +87,9 @@ export class Dispatcher {
    */
   onTaskChange(change: TaskChange): void {
     if (change.state !== "queued" || change.due_in_ms === null) return;
-    if (change.due_in_ms <= this.options.aheadMs) this.wake();
-    else this.armTimer(change.due_in_ms - this.options.aheadMs);
+    const ahead = this.aheadNow();
+    if (change.due_in_ms <= ahead) this.wake();
+    else this.armTimer(change.due_in_ms - ahead);
   }
 
   private async pass(): Promise<void> {
@@ -96,19 +98,33 @@ export class Dispatcher {
         if (this.stopped) break;
         const plan = this.options.registry.slotPlan();
         if (plan.length === 0) break;
-        const { sql, coordinatorId, leaseMs, aheadMs } = this.options;
-        const claimed = await claimDue(sql, coordinatorId, plan, leaseMs, aheadMs);
-        for (const task of claimed) {
-          const worker = task.worker_id ? this.options.registry.get(task.worker_id) : undefined;
-          if (worker) this.options.registry.reserve(worker, task.id, task.attempt);
-          this.assign(task.worker_id ?? "", task, task.start_in_ms);
+        // A worker without start_in_ms would start an early hand-over at once: its slots are
+        // claimed for due tasks only, first, so that they take the tasks already due.
+        const early = plan.filter((id) => this.takesEarly(id));
+        const dueOnly = plan.filter((id) => !this.takesEarly(id));
+        let filled = false;
+        for (const [slots, aheadMs] of [
+          [dueOnly, 0],
+          [early, this.options.aheadMs],
+        ] as const) {
+          if (slots.length === 0 || this.stopped) continue;
+          const { sql, coordinatorId, leaseMs } = this.options;
+          // Before the claim: the leases it grants start later than this, never earlier.
+          const grantedAt = performance.now();
+          const claimed = await claimDue(sql, coordinatorId, slots, leaseMs, aheadMs);
+          for (const task of claimed) {
+            const worker = task.worker_id ? this.options.registry.get(task.worker_id) : undefined;
+            if (worker) this.options.registry.reserve(worker, task.id, task.attempt);
+            this.assign(task.worker_id ?? "", task, grantedAt, task.start_in_ms);
+          }
+          if (claimed.length === slots.length) filled = true;
         }
-        if (claimed.length < plan.length) break;
+        if (!filled) break;
       }
       if (this.lookAheadPending && !this.stopped) {
         this.lookAheadPending = false;
         const dueIn = await nextDueIn(this.options.sql);
-        const ahead = this.options.aheadMs;
+        const ahead = this.aheadNow();
         if (dueIn !== null && dueIn > ahead) this.armTimer(dueIn - ahead);
         // Within reach but not claimed: another coordinator holds it mid-claim, or it came
         // within the window during the pass. Look again shortly rather than spinning.
@@ -129,20 +145,40 @@ export class Dispatcher {
 
   /**
    * Pushes an Assign to the worker. One that left since the task was given to it gets
-   * nothing, and this one attempt goes back to the queue (if that fails, its lease lapses).
-   * Only the attempt: the worker may hold other tasks through another coordinator by now.
-   * Also the hand-over of a task born dispatched by the run-now fast path (src/db/submitter.ts).
+   * nothing, and this one attempt goes back to the queue, interrupted: it never ran, so it
+   * does not count against max_attempts (if that fails, its lease lapses). Only the attempt:
+   * the worker may hold other tasks through another coordinator by now. Also the hand-over of
+   * a task born dispatched by the run-now fast path (src/db/submitter.ts).
+   *
+   * `grantedAt` is performance.now() no later than the statement that granted the lease: the
+   * Assign carries what is left of it as a duration, so that no wall clock decides.
    */
-  assign(workerId: string, task: Task, startInMs = 0): void {
+  assign(workerId: string, task: Task, grantedAt: number, startInMs = 0): void {
     const worker = this.options.registry.get(workerId);
     if (!worker) {
       const ref = { taskId: task.id, attempt: task.attempt, workerId };
-      void requeueAttempt(this.options.sql, ref, "worker left before the assignment was sent").catch((error) =>
-        this.options.log.warn({ err: error, task: task.id }, "giving back an unsent assignment failed; its lease will lapse"),
+      void requeueAttempt(this.options.sql, ref, "worker left before the assignment was sent", "interrupted").catch((error) =>
+        this.options.log.warn(
+          { err: error, ...taskFields({ ...ref, coordinatorId: this.options.coordinatorId }) },
+          "giving back an unsent assignment failed; its lease will lapse",
+        ),
       );
       return;
     }
-    worker.send(assignMessage(task, startInMs));
+    const leaseLeftMs = Math.max(0, Math.floor(this.options.leaseMs - (performance.now() - grantedAt)));
+    worker.send(assignMessage(task, startInMs, leaseLeftMs));
+  }
+
+  private takesEarly(workerId: string): boolean {
+    return this.options.registry.get(workerId)?.features.has("start_in_ms") === true;
+  }
+
+  /** The hand-over window that a free slot can use now: 0 unless a worker with one takes early hand-overs. */
+  private aheadNow(): number {
+    if (this.options.aheadMs === 0) return 0;
+    const registry = this.options.registry;
+    const any = registry.all().some((worker) => worker.features.has("start_in_ms") && registry.freeSlots(worker) > 0);
+    return any ? this.options.aheadMs : 0;
   }
 
   private armTimer(dueInMs: number): void {

@@ -6,7 +6,7 @@ import { Coordinator } from "./coordinator";
 
 await runRole("coordinator", async (config, log) => {
   const url = requireDatabaseUrl(config, "coordinator");
-  await migrateDatabase(url);
+  await migrateDatabase(url, log);
   const coordinator = new Coordinator(config, url, log);
   await coordinator.start();
   return coordinator;

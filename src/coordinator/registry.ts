@@ -4,8 +4,9 @@
 // The registry is the one owner of what it knows about a connection: which attempts count
 // against its slots, what it last reported, whether it drains, when it was last heard from.
 // Every other part reads that through WorkerConnection and changes it only through a verb here
-// (reserve, release, heard, heartbeat, drain, streamEnded, expireUnreported).
+// (reserve, release, heard, heartbeat, drain, streamEnded, expireUnreported, holdWork).
 import type { CoordinatorMessage } from "../gen/taskqueue/v1/worker_service_pb";
+import type { Feature } from "../rpc/protocol";
 import { attemptKey } from "../task/attempt";
 
 /** One attempt as a worker names it on its stream. */
@@ -16,6 +17,8 @@ export interface WorkerConnection {
   readonly id: string;
   readonly name: string;
   readonly slots: number;
+  /** The features agreed at Hello (src/rpc/protocol.ts): nothing else is relied on. */
+  readonly features: ReadonlySet<Feature>;
   /**
    * Attempts this coordinator counts against the worker's slots, by attemptKey, with
    * when they were assigned (performance.now()). An attempt leaves when its result arrives,
@@ -25,6 +28,8 @@ export interface WorkerConnection {
   /** Attempts the worker listed in its last heartbeat: their leases are renewed. */
   readonly reported: readonly HeldRef[];
   readonly draining: boolean;
+  /** The worker said (in its last heartbeat) that it holds too many unacknowledged results. */
+  readonly full: boolean;
   /** Set when its stream has ended. */
   readonly ended: boolean;
   /** performance.now() of the last message from the worker. */
@@ -42,6 +47,8 @@ export interface WorkerJoin {
   slots: number;
   /** The attempts it still runs or holds a result for: they count against its slots. */
   held: readonly HeldRef[];
+  /** The features agreed with it (src/rpc/protocol.ts agreeWithWorker). */
+  features: ReadonlySet<Feature>;
 }
 
 /** The stream under a connection, as the session that serves it gives it to the registry. */
@@ -58,6 +65,7 @@ class Connection implements WorkerConnection {
   readonly inFlight = new Map<string, number>();
   reported: readonly HeldRef[];
   draining = false;
+  full = false;
   ended = false;
   lastSeen: number;
 
@@ -65,6 +73,7 @@ class Connection implements WorkerConnection {
     readonly id: string,
     readonly name: string,
     readonly slots: number,
+    readonly features: ReadonlySet<Feature>,
     held: readonly HeldRef[],
     now: number,
     private readonly registry: WorkerRegistry,
@@ -86,6 +95,8 @@ class Connection implements WorkerConnection {
 
 export class WorkerRegistry {
   private readonly workers = new Map<string, Connection>();
+  /** Why no worker gets new work for now (the completer's backlog), or null. */
+  private heldBack: string | null = null;
 
   /**
    * @param suspectAfterMs A worker silent this long gets no new work while the heartbeat
@@ -110,7 +121,7 @@ export class WorkerRegistry {
    * nothing until it is, but its reports are counted from now on.
    */
   open(join: WorkerJoin, link: WorkerLink, now = performance.now()): WorkerConnection {
-    return new Connection(join.id, join.name, join.slots, join.held, now, this, link);
+    return new Connection(join.id, join.name, join.slots, new Set(join.features), join.held, now, this, link);
   }
 
   /** Adds a connection, in place of any earlier one of the same worker. */
@@ -136,9 +147,29 @@ export class WorkerRegistry {
     return wasSuspect;
   }
 
-  /** The attempts the worker's latest heartbeat lists. */
-  heartbeat(connection: WorkerConnection, running: readonly HeldRef[]): void {
-    own(connection).reported = running.map(copyRef);
+  /**
+   * The attempts the worker's latest heartbeat lists, and whether it says it is full (too many
+   * results wait for our acknowledgement: it takes no new work until they are acknowledged).
+   */
+  heartbeat(connection: WorkerConnection, running: readonly HeldRef[], full = false): void {
+    const worker = own(connection);
+    worker.reported = running.map(copyRef);
+    worker.full = full;
+  }
+
+  /**
+   * While held (`why` says why), no worker has a free slot: backpressure from this
+   * coordinator's own backlog. Returns whether that changed anything.
+   */
+  holdWork(why: string | null): boolean {
+    if ((this.heldBack === null) === (why === null)) return false;
+    this.heldBack = why;
+    return true;
+  }
+
+  /** Why no worker gets new work for now, or null. */
+  get workHeldBack(): string | null {
+    return this.heldBack;
   }
 
   /** The worker takes no new work from now on. Returns true the first time. */
@@ -203,7 +234,7 @@ export class WorkerRegistry {
   }
 
   freeSlots(connection: WorkerConnection, now = performance.now()): number {
-    if (connection.draining || this.isSuspect(connection, now)) return 0;
+    if (this.heldBack !== null || connection.draining || connection.full || this.isSuspect(connection, now)) return 0;
     return Math.max(0, connection.slots - connection.inFlight.size);
   }
 

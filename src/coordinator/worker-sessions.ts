@@ -4,6 +4,7 @@
 // and answer Welcome. From then on the dispatcher pushes Assign, the completer answers reports
 // with Ack, and the end of the stream (or silence past the heartbeat timeout) requeues whatever
 // the worker still held.
+import { timestampMs } from "@bufbuild/protobuf/wkt";
 import * as grpc from "@grpc/grpc-js";
 import { bearerToken, hashToken } from "../auth/tokens";
 import { type JoinToken, matchJoinToken, newWorkerCredential, REFUSAL_KEY, REFUSAL_REVOKED } from "../auth/worker-tokens";
@@ -17,6 +18,7 @@ import { attemptRefFromProto } from "../rpc/convert";
 import { MalformedMessage } from "../rpc/definitions";
 import { GRPC_DEFAULT_MAX_MESSAGE_BYTES } from "../rpc/message-size";
 import { cancelMessage, welcomeMessage } from "../rpc/messages";
+import { type Agreement, agreeWithWorker, ProtocolMismatch } from "../rpc/protocol";
 import { attemptKey } from "../task/attempt";
 import type { Completer } from "./completer";
 import type { Dispatcher } from "./dispatcher";
@@ -44,12 +46,25 @@ export interface WorkerSessionsOptions {
   joinTokens?: readonly JoinToken[];
   /** The largest message the gRPC server accepts, told to workers in Welcome. Defaults to gRPC's 4 MiB. */
   maxMessageBytes?: number;
+  /** A worker whose clock is off ours by more than this is logged. Defaults to CLOCK_SKEW_WARN_MS. */
+  clockSkewWarnMs?: number;
+  /** Our wall clock, for measuring a worker's skew. Defaults to Date.now. */
+  now?: () => number;
+  /** The worker protocols served. Defaults to this build's range (src/rpc/protocol.ts). */
+  protocols?: { oldest: number; newest: number };
 }
 
 /** How a stream got in: with the named join token, with no join token required, or not yet. */
 type Admission = { joinedWith: string | null } | null;
 
 const MAX_ID = 200;
+
+/**
+ * The clock skew (ms) past which a joining worker is logged (coordinator.worker_clock_skew).
+ * Leases travel as durations and dueness is the database's, so skew does not fail tasks; it
+ * skews the times the worker reports (started_at, finished_at), which is what is warned of.
+ */
+export const CLOCK_SKEW_WARN_MS = 1000;
 
 export class WorkerSessions {
   private readonly streams = new Set<WorkerStream>();
@@ -103,11 +118,19 @@ export class WorkerSessions {
         }
         const problem = helloProblem(payload.value);
         if (problem) return fail(grpc.status.INVALID_ARGUMENT, problem);
+        let agreement: Agreement;
+        try {
+          agreement = agreeWithWorker(payload.value, this.options.protocols);
+        } catch (error) {
+          if (!(error instanceof ProtocolMismatch)) throw error;
+          return fail(grpc.status.FAILED_PRECONDITION, error.message);
+        }
         clearTimeout(helloTimer);
+        const skewMs = this.clockSkew(payload.value);
         // Claimed synchronously so that messages arriving during registration are kept.
-        session = this.connection(call, payload.value);
+        session = this.connection(call, payload.value, agreement);
         this.calls.set(session, call);
-        void this.register(session, payload.value, admission).then(
+        void this.register(session, payload.value, admission, skewMs, agreement).then(
           (outcome) => {
             if (outcome === "taken")
               fail(grpc.status.PERMISSION_DENIED, "this worker id belongs to another worker; start with a new id");
@@ -126,12 +149,16 @@ export class WorkerSessions {
       // Back from a silence that kept work away from it: look for work for it.
       if (registry.heard(session)) this.options.dispatcher.wake();
       switch (payload.case) {
-        case "heartbeat":
-          registry.heartbeat(session, payload.value.running);
+        case "heartbeat": {
+          const wasFull = session.full;
+          registry.heartbeat(session, payload.value.running, payload.value.full);
+          // No longer full: its free slots count again.
+          if (wasFull && !payload.value.full) this.options.dispatcher.wake();
           if (payload.value.draining && registry.drain(session)) {
             void setWorkerDraining(this.options.sql, session.id, this.options.coordinatorId).catch(() => {});
           }
           return;
+        }
         case "started":
           return this.options.completer.started(session, payload.value);
         case "finished":
@@ -176,9 +203,15 @@ export class WorkerSessions {
     await Promise.all(this.ending);
   }
 
-  private connection(call: WorkerStream, hello: Hello): WorkerConnection {
+  private connection(call: WorkerStream, hello: Hello, agreement: Agreement): WorkerConnection {
     const log = this.options.log;
-    const join = { id: hello.workerId, name: hello.name || hello.workerId, slots: hello.slots, held: hello.inFlight };
+    const join = {
+      id: hello.workerId,
+      name: hello.name || hello.workerId,
+      slots: hello.slots,
+      held: hello.inFlight,
+      features: agreement.features,
+    };
     return this.options.registry.open(join, {
       write(message) {
         if (call.destroyed || call.writableEnded) return;
@@ -189,6 +222,27 @@ export class WorkerSessions {
         endWithStatus(call, grpc.status.UNAVAILABLE, reason);
       },
     });
+  }
+
+  /**
+   * The worker's wall clock in its Hello minus ours as we read it (positive: it runs ahead),
+   * logged past the warning threshold; null when it did not say. The Hello's time in transit
+   * counts against the worker, by a few milliseconds.
+   */
+  private clockSkew(hello: Hello): number | null {
+    if (!hello.wallClock) return null;
+    const measured = Math.round(timestampMs(hello.wallClock) - (this.options.now ?? Date.now)());
+    if (!Number.isFinite(measured)) return null;
+    // The column is an integer: a clock off by more than 24 days is shown as that much.
+    const skewMs = Math.max(-(2 ** 31 - 1), Math.min(2 ** 31 - 1, measured));
+    const warnMs = this.options.clockSkewWarnMs ?? CLOCK_SKEW_WARN_MS;
+    if (Math.abs(skewMs) > warnMs) {
+      this.options.log.warn(
+        { event: "coordinator.worker_clock_skew", worker: hello.workerId, skewMs, warnMs },
+        "the worker's clock is off the coordinator's; the times it reports are skewed by as much",
+      );
+    }
+    return skewMs;
   }
 
   /** The join token a new stream carries, if one is required; null when it carries none accepted. */
@@ -209,6 +263,8 @@ export class WorkerSessions {
     connection: WorkerConnection,
     hello: Hello,
     admission: Admission,
+    clockSkewMs: number | null,
+    agreement: Agreement,
   ): Promise<"registered" | "taken" | "revoked" | "unauthenticated"> {
     const { sql, registry, coordinatorId } = this.options;
     // The credential stays the same across reconnects, so that a Welcome lost on the way does
@@ -240,6 +296,7 @@ export class WorkerSessions {
       version: hello.version,
       presentedHash: hello.resumeToken ? hashToken(hello.resumeToken) : null,
       resumeHash: hashToken(resumeToken),
+      clockSkewMs,
     });
     if (!registered) return "taken";
     // An older stream of the same worker is over: its end must not requeue what this one holds.
@@ -251,10 +308,11 @@ export class WorkerSessions {
     // Of what the worker says it holds, the attempts that still hold their task keep running
     // under a renewed lease; the rest (superseded while it was frozen or cut off, or cancelled
     // meanwhile) it is told to stop. What the database says it holds but the worker does not
-    // know of (lost in a coordinator crash) goes back to the queue.
+    // know of (its assignment never reached it: the coordinator that sent it stopped or
+    // crashed first) goes back to the queue, interrupted: it never ran, and it does not count.
     const held = hello.inFlight.map((ref) => attemptRefFromProto(ref, connection.id));
     const renewed = await renewLeases(sql, held, this.options.leaseMs);
-    const requeued = await requeueWorkerTasks(sql, connection.id, "not held by the worker after reconnecting", [
+    const requeued = await requeueWorkerTasks(sql, connection.id, "not held by the worker after reconnecting", "interrupted", [
       ...connection.inFlight.keys(),
     ]);
     if (requeued.length > 0) this.options.log.warn({ worker: connection.id, tasks: requeued.length }, "requeued tasks");
@@ -263,20 +321,33 @@ export class WorkerSessions {
     if (connection.ended) return "registered";
     registry.add(connection);
     connection.send(
-      welcomeMessage({
-        workerId: connection.id,
-        coordinatorId,
-        heartbeatIntervalMs: this.options.heartbeatIntervalMs,
-        heartbeatTimeoutMs: this.options.heartbeatTimeoutMs,
-        resumeToken,
-        maxMessageBytes: this.options.maxMessageBytes ?? GRPC_DEFAULT_MAX_MESSAGE_BYTES,
-      }),
+      welcomeMessage(
+        {
+          workerId: connection.id,
+          coordinatorId,
+          heartbeatIntervalMs: this.options.heartbeatIntervalMs,
+          heartbeatTimeoutMs: this.options.heartbeatTimeoutMs,
+          resumeToken,
+          maxMessageBytes: this.options.maxMessageBytes ?? GRPC_DEFAULT_MAX_MESSAGE_BYTES,
+        },
+        agreement,
+      ),
     );
     for (const ref of hello.inFlight) {
       if (!renewed.has(attemptKey(ref.taskId, ref.attempt)))
         connection.send(cancelMessage(ref, "the attempt no longer holds its task"));
     }
-    this.options.log.info({ worker: connection.id, name: connection.name, slots: connection.slots }, "worker joined");
+    this.options.log.info(
+      {
+        event: "coordinator.worker_joined",
+        worker: connection.id,
+        name: connection.name,
+        slots: connection.slots,
+        protocol: agreement.protocolVersion,
+        features: [...agreement.features],
+      },
+      "worker joined",
+    );
     this.options.dispatcher.wake();
     return "registered";
   }
@@ -296,7 +367,7 @@ export class WorkerSessions {
         // Already registered through another coordinator (a reconnect that outran our
         // noticing the old stream end): that coordinator reconciled its tasks at Hello.
         if (!(await markWorkerGone(sql, connection.id, coordinatorId))) return;
-        const requeued = await requeueWorkerTasks(sql, connection.id, `worker lost (${reason})`);
+        const requeued = await requeueWorkerTasks(sql, connection.id, `worker lost (${reason})`, "lost");
         if (requeued.length > 0) log.warn({ worker: connection.id, tasks: requeued.map((t) => t.id) }, "requeued lost tasks");
         return;
       } catch (error) {

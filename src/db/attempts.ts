@@ -48,10 +48,10 @@ export function finishAttemptRows(sql: Sql): Fragment {
 
 /**
  * CTE `a_end`: the current attempt of each row of `t` ended without a result, with `outcome`
- * (lost or stopped) and the reason as its error. An attempt that already ended keeps its
+ * (lost, interrupted or stopped) and the reason as its error. An attempt that already ended keeps its
  * outcome (a cancel of a task queued for its retry).
  */
-export function endAttempts(sql: Sql, outcome: "lost" | "stopped", reason: string | null): Fragment {
+export function endAttempts(sql: Sql, outcome: "lost" | "interrupted" | "stopped", reason: string | null): Fragment {
   return sql`
     a_end AS (
       UPDATE task_attempts SET outcome = ${outcome}, finished_at = clock_timestamp(), error = coalesce(${reason}::text, task_attempts.error)

@@ -4,7 +4,7 @@
 // result or a loss does to the task is decided by src/task/retry.ts; the statements here only
 // fence (the task, the attempt, its worker, and the states GUARDS names) and apply the
 // decision. Callers act on "nothing changed".
-import { type AttemptRef, attemptKey } from "../task/attempt";
+import { type AttemptRef, attemptKey, type LossCause } from "../task/attempt";
 import {
   decideFinish,
   decideLost,
@@ -203,7 +203,7 @@ export async function recordStaleResult(sql: Sql, ref: AttemptRef, result: Attem
         stdout_truncated = ${result.stdoutTruncated}, stderr_truncated = ${result.stderrTruncated},
         stdout_replaced = ${result.stdoutReplaced}, stderr_replaced = ${result.stderrReplaced}, outcome = 'stale'
       WHERE task_id = ${ref.taskId} AND attempt = ${ref.attempt} AND worker_id = ${ref.workerId}
-        AND (outcome IS NULL OR outcome IN ('lost', 'stopped'))
+        AND (outcome IS NULL OR outcome IN ('lost', 'interrupted', 'stopped'))
     )
     INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail)
     SELECT id, 'stale', state, ${ref.attempt}, ${ref.workerId},
@@ -229,22 +229,30 @@ export async function recordAttemptStopped(sql: Sql, ref: AttemptRef, reason: st
 
 /**
  * Ends the in-flight attempts that `where` chooses (a condition on `tasks`, every column
- * qualified) without a result, as decideLost says: back to the queue at once (run_at
- * unchanged: it was due already), or failed; the attempt's outcome is `lost`. Attempts whose
- * key is in `keep` are left alone.
+ * qualified) without a result, as decideLost says for `cause`: back to the queue at once
+ * (run_at unchanged: it was due already), or failed. The attempt's outcome is the cause
+ * (`lost` or `interrupted`), and so is the event's detail.cause; an interrupted attempt also
+ * raises tasks.interruptions, so it does not count against max_attempts. Attempts whose key is
+ * in `keep` are left alone.
  *
  * Two round trips when there is something to change, one when there is not (as on most
  * rescuer passes): the candidates and their retry facts are read, then the decisions applied
  * under the fence and `where` again, so an attempt that finished, was requeued by someone
  * else or had its lease renewed in between is not touched.
  */
-async function loseAttempts(sql: Sql, reason: string, where: Fragment, keep: ReadonlySet<string> = new Set()) {
+async function loseAttempts(
+  sql: Sql,
+  reason: string,
+  cause: LossCause,
+  where: Fragment,
+  keep: ReadonlySet<string> = new Set(),
+): Promise<TaskChangeRow[]> {
   const candidates = await sql<(RetryFacts & { id: string; worker_id: string })[]>`
     SELECT id, worker_id, ${sql(RETRY_FACT_COLUMNS)} FROM tasks
     WHERE tasks.state IN (${states(sql, GUARDS.inFlight)}) AND ${where}`;
   const lost = candidates
     .filter((task) => !keep.has(attemptKey(task.id, task.attempt)))
-    .map((task) => ({ task, decision: decideLost(task, reason) }));
+    .map((task) => ({ task, decision: decideLost(task, reason, cause) }));
   if (lost.length === 0) return [];
   const rows = await sql<(Task & { event_id: string })[]>`
     WITH t AS (
@@ -253,40 +261,50 @@ async function loseAttempts(sql: Sql, reason: string, where: Fragment, keep: Rea
         -- By the database's clock, as every final time of a lost attempt.
         failed_at = CASE WHEN r.state = 'failed' THEN clock_timestamp() END,
         lease_expires_at = NULL,
+        interruptions = tasks.interruptions + CASE WHEN r.interrupted THEN 1 ELSE 0 END,
         error = coalesce(r.error, tasks.error)
       FROM ${unnest(sql, lost, {
         ...refColumns(({ task }) => ({ taskId: task.id, attempt: task.attempt, workerId: task.worker_id })),
         state: ["text", ({ decision }) => decision.state],
         error: ["text", ({ decision }) => decision.error],
         event_kind: ["text", ({ decision }) => decision.eventKind],
+        interrupted: ["boolean", ({ decision }) => decision.interrupted],
       })}
       WHERE ${fence(sql, GUARDS.inFlight)} AND ${where}
-      RETURNING tasks.*, r.event_kind, jsonb_build_object('outcome', 'lost', 'reason', ${reason}::text) AS event_detail
+      RETURNING tasks.*, r.event_kind,
+        jsonb_build_object('outcome', ${cause}::text, 'cause', ${cause}::text, 'reason', ${reason}::text) AS event_detail
     ),
-    ${endAttempts(sql, "lost", reason)},
+    ${endAttempts(sql, cause, reason)},
     ${recordChanges(sql)}`;
   return changedRows(rows);
 }
 
 /**
- * Gives a worker's in-flight attempts back to the queue (worker lost, task handed back),
- * except the ones it still holds (`keep`, by attemptKey). A task with no attempts left fails
- * instead. Returns the changed rows.
+ * Gives a worker's in-flight attempts back to the queue, except the ones it still holds
+ * (`keep`, by attemptKey): `lost` when the worker is (its stream ended, it went silent),
+ * `interrupted` when they never reached it (it reconnected without them). A lost attempt of a
+ * task with no attempts left fails it instead. Returns the changed rows.
  */
 export async function requeueWorkerTasks(
   sql: Sql,
   workerId: string,
   reason: string,
+  cause: LossCause,
   keep: Iterable<string> = [],
 ): Promise<TaskChangeRow[]> {
-  return loseAttempts(sql, reason, sql`tasks.worker_id = ${workerId}`, new Set(keep));
+  return loseAttempts(sql, reason, cause, sql`tasks.worker_id = ${workerId}`, new Set(keep));
 }
 
-/** Requeues one attempt (a worker handed it back), under the same fence as a finish. */
-export async function requeueAttempt(sql: Sql, ref: AttemptRef, reason: string): Promise<TaskChangeRow | null> {
+/**
+ * Requeues one attempt under the same fence as a finish: its worker handed it back
+ * (`interrupted` on drain, `lost` when it found its lease lapsed), or the assignment could not
+ * be sent (`interrupted`).
+ */
+export async function requeueAttempt(sql: Sql, ref: AttemptRef, reason: string, cause: LossCause): Promise<TaskChangeRow | null> {
   const rows = await loseAttempts(
     sql,
     reason,
+    cause,
     sql`tasks.id = ${ref.taskId} AND tasks.attempt = ${ref.attempt} AND tasks.worker_id = ${ref.workerId}`,
   );
   return rows[0] ?? null;
@@ -331,6 +349,7 @@ export async function requeueExpiredLeases(sql: Sql, leaseMs: number): Promise<T
   return loseAttempts(
     sql,
     "worker lost (lease expired)",
+    "lost",
     sql`tasks.lease_expires_at < now()
         AND NOT EXISTS (
           SELECT 1 FROM workers w

@@ -19,6 +19,8 @@ export interface WorkerRow {
   connected_at: Date;
   last_heartbeat_at: Date;
   disconnected_at: Date | null;
+  /** The worker's wall clock minus its coordinator's at Hello (positive: ahead); null: not said. */
+  clock_skew_ms: number | null;
   /** Tasks the worker holds (dispatched or running). */
   running: number;
 }
@@ -41,17 +43,20 @@ export async function upsertWorker(
     presentedHash?: string | null;
     /** Hash of the resume token handed out now. */
     resumeHash?: string | null;
+    /** Its wall clock minus the coordinator's, as measured at Hello; null: it did not say. */
+    clockSkewMs?: number | null;
   },
 ): Promise<boolean> {
   const rows = await sql`
-    INSERT INTO workers (id, name, coordinator_id, slots, labels, version, state, resume_hash)
+    INSERT INTO workers (id, name, coordinator_id, slots, labels, version, state, resume_hash, clock_skew_ms)
     VALUES (${worker.id}, ${worker.name}, ${worker.coordinatorId}, ${worker.slots},
-            ${sql.json(worker.labels)}::jsonb, ${worker.version}, 'connected', ${worker.resumeHash ?? null})
+            ${sql.json(worker.labels)}::jsonb, ${worker.version}, 'connected', ${worker.resumeHash ?? null},
+            ${worker.clockSkewMs ?? null}::integer)
     ON CONFLICT (id) DO UPDATE SET
       name = excluded.name, coordinator_id = excluded.coordinator_id, slots = excluded.slots,
       labels = excluded.labels, version = excluded.version, state = 'connected',
       connected_at = clock_timestamp(), last_heartbeat_at = clock_timestamp(), disconnected_at = NULL,
-      resume_hash = excluded.resume_hash
+      resume_hash = excluded.resume_hash, clock_skew_ms = excluded.clock_skew_ms
     WHERE workers.resume_hash IS NULL OR workers.resume_hash = ${worker.presentedHash ?? null}
     RETURNING id`;
   return rows.length > 0;

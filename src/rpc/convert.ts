@@ -15,7 +15,7 @@ import {
   TaskSchema,
 } from "../gen/taskqueue/v1/task_pb";
 import { Outcome, type TaskFinished, type TaskRef, TaskRefSchema } from "../gen/taskqueue/v1/worker_service_pb";
-import { type Attempt, type AttemptOutcome, type AttemptRef, exitedState } from "../task/attempt";
+import { type Attempt, type AttemptOutcome, type AttemptRef, exitedState, type LossCause } from "../task/attempt";
 import { invalidArgument } from "../task/errors";
 import { isTaskState, type TaskState } from "../task/state";
 import type { AttemptResult, Task } from "../task/task";
@@ -83,6 +83,7 @@ export function taskToProto(task: Task): PbTask {
     failedAt: toTimestamp(task.failed_at),
     cancelledAt: toTimestamp(task.cancelled_at),
     attempt: task.attempt,
+    interruptions: task.interruptions,
     maxAttempts: task.max_attempts,
     timeoutMs: task.timeout_ms,
     env: task.env,
@@ -115,6 +116,7 @@ const OUTCOME_TO_PROTO: Record<AttemptOutcome, PbAttemptOutcome> = {
   failed: PbAttemptOutcome.FAILED,
   timed_out: PbAttemptOutcome.TIMED_OUT,
   lost: PbAttemptOutcome.LOST,
+  interrupted: PbAttemptOutcome.INTERRUPTED,
   stopped: PbAttemptOutcome.STOPPED,
   stale: PbAttemptOutcome.STALE,
 };
@@ -170,8 +172,11 @@ export function attemptRefToProto(ref: Pick<AttemptRef, "taskId" | "attempt">): 
 /** What a worker's TaskFinished asks the coordinator to do with the attempt. */
 export type FinishAction =
   | { kind: "record"; result: AttemptResult }
-  /** The worker handed the task back (drain): requeue it. */
-  | { kind: "requeue"; reason: string }
+  /**
+   * The worker handed the task back: requeue it, `interrupted` (not counted against
+   * max_attempts) when the worker says so (drain), else `lost` (it found the lease lapsed).
+   */
+  | { kind: "requeue"; reason: string; cause: LossCause }
   /** The worker stopped it as told (cancelled or superseded): the task does not change. */
   | { kind: "stopped"; reason: string };
 
@@ -195,7 +200,11 @@ export function finishAction(finished: TaskFinished): FinishAction {
     case Outcome.TIMED_OUT:
       return { kind: "record", result: { ...base, state: "timed_out" } };
     case Outcome.ABANDONED:
-      return { kind: "requeue", reason: base.error ?? "handed back by the worker" };
+      return {
+        kind: "requeue",
+        reason: base.error ?? "handed back by the worker",
+        cause: finished.interrupted ? "interrupted" : "lost",
+      };
     case Outcome.CANCELLED:
       return { kind: "stopped", reason: base.error ?? "told to stop" };
     default:

@@ -13,6 +13,7 @@ import {
 } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Task } from "../task/task";
 import { attemptRefToProto, toTimestamp } from "./convert";
+import { type Agreement, FEATURES, OLDEST_SERVED_PROTOCOL, PROTOCOL_VERSION } from "./protocol";
 
 /** One attempt as the wire names it (the fields of TaskRef, in any object that has them). */
 type WireRef = Pick<TaskRef, "taskId" | "attempt">;
@@ -26,20 +27,25 @@ export interface WelcomeFields {
   heartbeatTimeoutMs: number;
   /** To present in Hello when reconnecting. */
   resumeToken: string;
-  /** The largest message the coordinator accepts: the worker cuts its results to fit. */
-  maxMessageBytes: number;
+  /** The largest message the coordinator accepts: the worker cuts its results to fit. Unset: gRPC's 4 MiB. */
+  maxMessageBytes?: number;
 }
 
-/** The answer to Hello once the worker is registered and reconciled. */
-export function welcomeMessage(fields: WelcomeFields): CoordinatorMessage {
-  return create(CoordinatorMessageSchema, { payload: { case: "welcome", value: { ...fields } } });
+/**
+ * The answer to Hello once the worker is registered and reconciled, with the protocol agreed
+ * for the stream (a worker before versions ignores those fields).
+ */
+export function welcomeMessage(fields: WelcomeFields, agreement: Agreement): CoordinatorMessage {
+  const protocol = { protocolVersion: agreement.protocolVersion, features: [...agreement.features] };
+  return create(CoordinatorMessageSchema, { payload: { case: "welcome", value: { ...fields, ...protocol } } });
 }
 
 /**
  * Hands the task's current attempt to the worker that holds it. `startInMs` delays the start
- * of a task handed over before it is due (0: at once).
+ * of a task handed over before it is due (0: at once); `leaseMs` is what is left of the
+ * attempt's lease as it is sent, which the worker counts down on its monotonic clock.
  */
-export function assignMessage(task: Task, startInMs = 0): CoordinatorMessage {
+export function assignMessage(task: Task, startInMs: number, leaseMs: number): CoordinatorMessage {
   return create(CoordinatorMessageSchema, {
     payload: {
       case: "assign",
@@ -52,6 +58,7 @@ export function assignMessage(task: Task, startInMs = 0): CoordinatorMessage {
         timeoutMs: task.timeout_ms,
         leaseExpiresAt: toTimestamp(task.lease_expires_at),
         startInMs,
+        leaseMs,
       },
     },
   });
@@ -84,10 +91,23 @@ export interface HelloFields {
   resumeToken: string;
 }
 
-/** The first message on every stream. `inFlight`: the attempts it still runs or holds an unacknowledged result for. */
-export function helloMessage(fields: HelloFields, inFlight: readonly WireRef[]): WorkerMessage {
+/**
+ * The first message on every stream. `inFlight`: the attempts it still runs or holds an
+ * unacknowledged result for. `wallClock`: the worker's wall clock now, from which the
+ * coordinator measures its skew. It announces this build's protocol and features.
+ */
+export function helloMessage(fields: HelloFields, inFlight: readonly WireRef[], wallClock: Date): WorkerMessage {
+  const protocol = { protocolVersion: PROTOCOL_VERSION, minProtocolVersion: OLDEST_SERVED_PROTOCOL, features: [...FEATURES] };
   return create(WorkerMessageSchema, {
-    payload: { case: "hello", value: { ...fields, inFlight: inFlight.map((ref) => attemptRefToProto(ref)) } },
+    payload: {
+      case: "hello",
+      value: {
+        ...fields,
+        ...protocol,
+        inFlight: inFlight.map((ref) => attemptRefToProto(ref)),
+        wallClock: timestampFromDate(wallClock),
+      },
+    },
   });
 }
 
@@ -95,9 +115,9 @@ export function helloMessage(fields: HelloFields, inFlight: readonly WireRef[]):
  * `running`: the attempts whose leases the coordinator renews (those running and those with an
  * unacknowledged result). `draining`: the worker takes no new work.
  */
-export function heartbeatMessage(seq: bigint, running: readonly WireRef[], draining: boolean): WorkerMessage {
+export function heartbeatMessage(seq: bigint, running: readonly WireRef[], draining: boolean, full = false): WorkerMessage {
   return create(WorkerMessageSchema, {
-    payload: { case: "heartbeat", value: { seq, running: running.map((ref) => attemptRefToProto(ref)), draining } },
+    payload: { case: "heartbeat", value: { seq, running: running.map((ref) => attemptRefToProto(ref)), draining, full } },
   });
 }
 

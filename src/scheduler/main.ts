@@ -6,7 +6,7 @@ import { Scheduler } from "./scheduler";
 
 await runRole("scheduler", async (config, log) => {
   const url = requireDatabaseUrl(config, "scheduler");
-  await migrateDatabase(url);
+  await migrateDatabase(url, log);
   const scheduler = new Scheduler(config, url, log);
   await scheduler.start();
   return scheduler;

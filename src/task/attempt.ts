@@ -5,15 +5,18 @@ import type { AttemptResult } from "./task";
 /**
  * How an attempt ended; null (in the row and the API) while it holds its task.
  * - succeeded, failed, timed_out: the worker reported this result and it was applied.
- * - lost: it ended without a result: its worker died, froze, was cut off or left, its lease
- *   lapsed, or the worker handed it back unstarted or on drain (error says which).
+ * - lost: it ended without a result: its worker died, froze, was cut off or left, or its
+ *   lease lapsed (error says which). Counts against the task's max_attempts.
+ * - interrupted: it ended without a result for reasons not the task's nor a lost worker's:
+ *   its worker handed it back on drain, or it was never delivered (the coordinator stopped,
+ *   or the worker left before the assignment went out). Does not count against max_attempts.
  * - stopped: the task was cancelled while the attempt held it.
- * - stale: its result arrived after the attempt had already ended (lost or stopped) and
+ * - stale: its result arrived after the attempt had already ended (lost, interrupted or stopped) and
  *   changed nothing; the result is kept on the row, for the record, and the task's own
  *   history has the matching `stale` event. A result re-sent for an attempt whose result was
  *   already applied leaves the row as it is.
  */
-export const ATTEMPT_OUTCOMES = ["succeeded", "failed", "timed_out", "lost", "stopped", "stale"] as const;
+export const ATTEMPT_OUTCOMES = ["succeeded", "failed", "timed_out", "lost", "interrupted", "stopped", "stale"] as const;
 
 export type AttemptOutcome = (typeof ATTEMPT_OUTCOMES)[number];
 
@@ -63,6 +66,13 @@ export interface AttemptRef {
 }
 
 /** An attempt's key in maps and sets, in every role: "taskId:attempt". */
+/**
+ * Why an attempt ended without a result: `lost` (its worker died, froze, was cut off, or its
+ * lease lapsed), counted against max_attempts; or `interrupted` (a drain's hand-back, or an
+ * assignment never delivered), which is not.
+ */
+export type LossCause = "lost" | "interrupted";
+
 export const attemptKey = (taskId: string, attempt: number): string => `${taskId}:${attempt}`;
 
 /** A process that exited succeeded only with exit code 0 and no signal. */

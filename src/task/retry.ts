@@ -5,16 +5,18 @@
 // Times are not decided here. A retry's delay is added to the database's clock, and a final
 // failure of a lost attempt is stamped by it, as every other time that dueness is judged
 // against (ARCHITECTURE.md, "Task states").
-import { describeResult } from "./attempt";
+import { describeResult, type LossCause } from "./attempt";
 import type { AttemptResult, Task } from "./task";
 
 /**
- * What the decisions read from a task: the attempt that ended (pinned by the fence) and the
- * retry policy it was submitted with (which never changes).
+ * What the decisions read from a task: the attempt that ended (pinned by the fence), how many
+ * of its attempts were interrupted (which changes only with the attempt, so the fence pins it
+ * too), and the retry policy it was submitted with (which never changes).
  */
 export type RetryFacts = Pick<
   Task,
   | "attempt"
+  | "interruptions"
   | "max_attempts"
   | "retry_on_failure"
   | "retry_on_timeout"
@@ -26,6 +28,7 @@ export type RetryFacts = Pick<
 /** The task columns RetryFacts holds, for the statement that reads them. */
 export const RETRY_FACT_COLUMNS = [
   "attempt",
+  "interruptions",
   "max_attempts",
   "retry_on_failure",
   "retry_on_timeout",
@@ -35,12 +38,21 @@ export const RETRY_FACT_COLUMNS = [
 ] as const satisfies readonly (keyof RetryFacts)[];
 
 /**
- * The delay before the attempt after `task.attempt`: min(cap, base * 2^(n-1)), times a
- * random factor in [0.5, 1) (`random` in [0, 1)), so that tasks failing together do not
- * retry together. The exponent stops at 30: past that the cap has long won.
+ * The attempts that count against max_attempts, the one that ended included: every attempt
+ * but the interrupted ones. `task.attempt` stays the fencing token.
+ */
+export function countedAttempts(task: Pick<RetryFacts, "attempt" | "interruptions">): number {
+  return task.attempt - task.interruptions;
+}
+
+/**
+ * The delay before the next attempt after n counted attempts (countedAttempts):
+ * min(cap, base * 2^(n-1)), times a random factor in [0.5, 1) (`random` in [0, 1)), so that
+ * tasks failing together do not retry together. The exponent stops at 30: past that the cap
+ * has long won.
  */
 export function backoffMs(task: RetryFacts, random: () => number = Math.random): number {
-  const exponential = task.retry_backoff_base_ms * 2 ** Math.min(task.attempt - 1, 30);
+  const exponential = task.retry_backoff_base_ms * 2 ** Math.min(Math.max(0, countedAttempts(task) - 1), 30);
   return Math.min(task.retry_backoff_cap_ms, exponential) * (0.5 + random() / 2);
 }
 
@@ -98,7 +110,7 @@ export function decideFinish(result: AttemptResult, task: RetryFacts | null, ran
   if (task === null) throw new Error("decideFinish: a result that may be retried needs its task");
   const timedOut = result.state === "timed_out";
   const retried = timedOut ? task.retry_on_timeout : task.retry_on_failure;
-  if (retried && task.attempt < task.max_attempts) {
+  if (retried && countedAttempts(task) < task.max_attempts) {
     return {
       state: "queued",
       retryInMs: backoffMs(task, random),
@@ -118,22 +130,34 @@ export function decideFinish(result: AttemptResult, task: RetryFacts | null, ran
   };
 }
 
-/** What an attempt that ended without a result (its worker lost, or handed back) does to its task. */
+/** What an attempt that ended without a result (its worker lost, or interrupted) does to its task. */
 export interface LostDecision {
   state: "queued" | "failed";
   /** A final failure's error; null: the task keeps the error it has. */
   error: string | null;
   eventKind: "requeued" | "failed";
+  /** Whether the attempt was interrupted: it does not count (tasks.interruptions rises by one). */
+  interrupted: boolean;
 }
 
 /**
- * A lost attempt goes back to the queue at once (no backoff: the task was due already, and
- * the loss was not its command's doing), unless the task's policy does not retry a lost
- * worker or it has no attempts left: then it fails with `reason`.
+ * An attempt that ended without a result goes back to the queue at once (no backoff: the task
+ * was due already, and the ending was not its command's doing), unless the task's policy does
+ * not retry a lost worker or, for a `lost` attempt, it has no attempts left: then it fails with
+ * `reason`. An `interrupted` attempt (a drain's hand-back, an assignment never delivered) is
+ * not counted against max_attempts, so it never exhausts them; the policy still applies, as
+ * an interrupted command may have done part of its work.
  */
-export function decideLost(task: RetryFacts, reason: string): LostDecision {
-  if (task.retry_on_lost && task.attempt < task.max_attempts) return { state: "queued", error: null, eventKind: "requeued" };
-  return { state: "failed", error: finalError(task, reason, task.retry_on_lost, "a lost worker"), eventKind: "failed" };
+export function decideLost(task: RetryFacts, reason: string, cause: LossCause): LostDecision {
+  const interrupted = cause === "interrupted";
+  const left = interrupted || countedAttempts(task) < task.max_attempts;
+  if (task.retry_on_lost && left) return { state: "queued", error: null, eventKind: "requeued", interrupted };
+  return {
+    state: "failed",
+    error: finalError(task, reason, task.retry_on_lost, "a lost worker"),
+    eventKind: "failed",
+    interrupted,
+  };
 }
 
 /** A task's error when the database refused its attempt's result (see decideUnstorable). */

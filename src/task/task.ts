@@ -16,7 +16,13 @@ export interface Task {
   completed_at: Date | null;
   failed_at: Date | null;
   cancelled_at: Date | null;
+  /** Attempts started so far, the current one included: the fencing token, which only rises. */
   attempt: number;
+  /**
+   * Of those, the attempts that ended interrupted (a drain's hand-back, an assignment never
+   * delivered): attempt - interruptions is what counts against max_attempts.
+   */
+  interruptions: number;
   max_attempts: number;
   timeout_ms: number;
   env: Record<string, string>;

@@ -3,18 +3,23 @@
 // while it waits never starts. A running attempt is stopped through its process group and
 // reports itself once the group has exited.
 import type { Assign, TaskRef } from "../gen/taskqueue/v1/worker_service_pb";
-import type { Logger } from "../log";
-import { attemptKey } from "../task/attempt";
-import { type Execution, execute, type RunResult } from "./executor";
+import { type Logger, taskFields } from "../log";
+import { attemptKey, type LossCause } from "../task/attempt";
+import { type Execution, execute, notRun, type RunResult } from "./executor";
+import type { TaskIdentity } from "./identity";
 
 /** What the attempts tell the coordinator (through the reporter). */
 export interface AttemptEvents {
   /** The command was spawned. */
   started(ref: TaskRef, pid: number, startedAt: Date): void;
-  /** The command ended; `stopReason` is why the coordinator stopped it, if it did. */
-  finished(ref: TaskRef, result: RunResult, stopReason: string | undefined): void;
+  /**
+   * The command ended; `stopReason` is why it was stopped (told to, or handed back), if it
+   * was. `interrupted`: it was handed back for the worker's own reasons (drain), which do not
+   * count against the task's attempts.
+   */
+  finished(ref: TaskRef, result: RunResult, stopReason: string | undefined, interrupted: boolean): void;
   /** The attempt ended before its command started: cancelled, or handed back while it waited. */
-  notStarted(ref: TaskRef, outcome: "cancelled" | "abandoned", why: string): void;
+  notStarted(ref: TaskRef, outcome: "cancelled" | "abandoned", why: string, interrupted: boolean): void;
 }
 
 export interface AttemptsOptions {
@@ -23,7 +28,14 @@ export interface AttemptsOptions {
   maxOutputBytes: number;
   /** Environment the tasks inherit; the executor strips the worker's own settings from it. */
   baseEnv: Record<string, string | undefined>;
+  /**
+   * One user per slot (src/worker/identity.ts): an attempt runs as a user no other held attempt
+   * has. Unset: every attempt runs as the worker.
+   */
+  identities?: readonly TaskIdentity[];
   events: AttemptEvents;
+  /** Who holds the attempts now, for their log lines (the worker's id, its coordinator). */
+  identity?: () => { workerId: string; coordinatorId: string | null };
 }
 
 interface HeldAttempt {
@@ -32,16 +44,24 @@ interface HeldAttempt {
   execution: Execution | null;
   /** Waits out the start time, while the attempt waits. */
   startTimer?: ReturnType<typeof setTimeout>;
-  /** Why the coordinator told us to stop it, if it did. */
+  /** Why it was stopped (the coordinator's Cancel, or our hand-back), if it was. */
   stopReason?: string;
+  /** The slot user it runs as, held from Assign until the attempt is forgotten. */
+  identity?: TaskIdentity;
+  /** Why we handed it back, if we did: interrupted (drain) or lost (our lease lapsed). */
+  handBack?: LossCause;
 }
 
 export class Attempts {
   /** Waiting and running attempts, by attempt key. */
   private readonly held = new Map<string, HeldAttempt>();
   private readonly emptyWaiters: Array<() => void> = [];
+  /** Slot users no held attempt has, lowest uid last (popped first). */
+  private readonly freeIdentities: TaskIdentity[];
 
-  constructor(private readonly options: AttemptsOptions) {}
+  constructor(private readonly options: AttemptsOptions) {
+    this.freeIdentities = [...(options.identities ?? [])].reverse();
+  }
 
   /** How many attempts are held, waiting or running. */
   get size(): number {
@@ -59,7 +79,7 @@ export class Attempts {
   /** Takes on an assigned attempt (it has a ref): runs it now, or once its start time has come. */
   take(assign: Assign): void {
     const k = attemptKey(assign.ref!.taskId, assign.ref!.attempt);
-    const attempt: HeldAttempt = { assign, execution: null };
+    const attempt: HeldAttempt = { assign, execution: null, identity: this.freeIdentities.pop() };
     this.held.set(k, attempt);
     if (assign.startInMs <= 0) {
       this.launch(k, attempt);
@@ -85,19 +105,22 @@ export class Attempts {
     const k = attemptKey(ref.taskId, ref.attempt);
     const attempt = this.held.get(k);
     if (!attempt) return;
-    this.options.log.info({ task: ref.taskId, attempt: ref.attempt, reason }, "stopping task");
+    this.options.log.info({ ...this.fields(ref), reason }, "stopping task");
     attempt.stopReason ??= reason || "cancelled";
     this.stop(k, attempt, "cancelled", attempt.stopReason);
   }
 
-  /** Hands back every attempt still waiting for its start time (we take no new work). */
-  releaseWaiting(why: string): void {
-    for (const [k, attempt] of this.held) if (!attempt.execution) this.stop(k, attempt, "abandoned", why);
+  /**
+   * Hands back every attempt still waiting for its start time (we take no new work).
+   * `cause`: interrupted (drain) or lost (our lease lapsed), as the coordinator is told.
+   */
+  releaseWaiting(why: string, cause: LossCause): void {
+    for (const [k, attempt] of this.held) if (!attempt.execution) this.handBack(k, attempt, why, cause);
   }
 
   /** Hands back every attempt, waiting or running: running ones once their process group has exited. */
-  abandonAll(why: string): void {
-    for (const [k, attempt] of this.held) this.stop(k, attempt, "abandoned", why);
+  abandonAll(why: string, cause: LossCause): void {
+    for (const [k, attempt] of this.held) this.handBack(k, attempt, why, cause);
   }
 
   /** Kills every running command's process group at once, without grace: the worker exits now. */
@@ -114,28 +137,41 @@ export class Attempts {
   private launch(k: string, attempt: HeldAttempt): void {
     const { assign } = attempt;
     const ref = assign.ref!;
-    const execution = execute({
-      command: assign.command,
-      env: { ...assign.env, TQ_TASK_ID: ref.taskId, TQ_TASK_ATTEMPT: String(ref.attempt) },
-      cwd: assign.cwd || undefined,
-      timeoutMs: assign.timeoutMs,
-      killGraceMs: this.options.killGraceMs,
-      maxOutputBytes: this.options.maxOutputBytes,
-      baseEnv: this.options.baseEnv,
-    });
+    // More attempts than slots (the coordinator should never send them): sharing a user would
+    // let two tasks read each other's environment, so the extra one fails instead.
+    const execution =
+      this.options.identities && !attempt.identity
+        ? notRun(`no free slot user: this worker already runs ${this.options.identities.length} tasks`)
+        : execute({
+            command: assign.command,
+            env: { ...assign.env, TQ_TASK_ID: ref.taskId, TQ_TASK_ATTEMPT: String(ref.attempt) },
+            cwd: assign.cwd || undefined,
+            timeoutMs: assign.timeoutMs,
+            killGraceMs: this.options.killGraceMs,
+            maxOutputBytes: this.options.maxOutputBytes,
+            baseEnv: this.options.baseEnv,
+            user: attempt.identity,
+          });
     attempt.execution = execution;
     if (execution.pid !== null) this.options.events.started(ref, execution.pid, execution.startedAt);
     void execution.result.then((result) => {
-      this.held.delete(k);
+      this.forget(k);
       if (result.outcome !== "exited") {
         this.options.log.info(
-          { event: "worker.task_stopped", task: ref.taskId, attempt: ref.attempt, outcome: result.outcome, pid: result.pid },
+          { event: "worker.task_stopped", ...this.fields(ref), outcome: result.outcome, task_pid: result.pid },
           "task stopped",
         );
       }
-      this.options.events.finished(ref, result, attempt.stopReason);
+      this.options.events.finished(ref, result, attempt.stopReason, attempt.handBack === "interrupted");
       this.settle();
     });
+  }
+
+  /** The first hand-back decides what the coordinator is told (a drain after a lapse is still a lapse). */
+  private handBack(k: string, attempt: HeldAttempt, why: string, cause: LossCause): void {
+    attempt.handBack ??= cause;
+    attempt.stopReason ??= why;
+    this.stop(k, attempt, "abandoned", attempt.stopReason);
   }
 
   /**
@@ -148,9 +184,30 @@ export class Attempts {
       return;
     }
     clearTimeout(attempt.startTimer);
-    this.held.delete(k);
-    this.options.events.notStarted(attempt.assign.ref!, outcome, why);
+    this.forget(k);
+    this.options.events.notStarted(
+      attempt.assign.ref!,
+      outcome,
+      why,
+      outcome === "abandoned" && attempt.handBack === "interrupted",
+    );
     this.settle();
+  }
+
+  /** The four fields of a task-scoped log line. */
+  fields(ref: TaskRef) {
+    const identity = this.options.identity?.();
+    return taskFields({ taskId: ref.taskId, attempt: ref.attempt, ...identity });
+  }
+
+  /** The attempt is no longer held; its slot user is free once nothing of it runs. */
+  private forget(k: string): void {
+    const identity = this.held.get(k)?.identity;
+    this.held.delete(k);
+    if (identity) {
+      this.freeIdentities.push(identity);
+      this.freeIdentities.sort((a, b) => b.uid - a.uid);
+    }
   }
 
   private settle(): void {

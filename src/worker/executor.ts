@@ -3,6 +3,7 @@
 // A result resolves only once nothing of the group runs and its pipes are read out; what the
 // command wrote is captured by src/worker/output.ts.
 import { readdirSync, readFileSync, statSync } from "node:fs";
+import { searchDenied, type TaskIdentity } from "./identity";
 import { type CapturedOutput, captureTail, NO_OUTPUT } from "./output";
 
 export type Outcome = "exited" | "spawn_failed" | "timed_out" | "cancelled" | "abandoned";
@@ -12,7 +13,7 @@ export interface RunSpec {
   command: string;
   /** Task env, layered over `baseEnv` after the worker's own variables are removed from it. */
   env: Record<string, string>;
-  /** Defaults to the worker's cwd when undefined or "". */
+  /** Defaults to the user's home, or without a user the worker's cwd, when undefined or "". */
   cwd?: string;
   /** 0 = no timeout. */
   timeoutMs: number;
@@ -27,6 +28,11 @@ export interface RunSpec {
    * descendants that left the group (setsid) but still hold our pipes. Defaults to 1000 ms.
    */
   drainMs?: number;
+  /**
+   * Run as this slot user (src/worker/identity.ts): its home is the default cwd and HOME, and a
+   * given cwd must be reachable by it. Unset: the command runs as the worker.
+   */
+  user?: TaskIdentity;
 }
 
 export interface RunResult extends CapturedOutput {
@@ -83,16 +89,23 @@ function inheritable(baseEnv: Record<string, string | undefined>): Record<string
 
 export function execute(spec: RunSpec): Execution {
   const startedAt = new Date();
-  const cwd = spec.cwd === undefined || spec.cwd === "" ? undefined : spec.cwd;
+  const user = spec.user;
+  const cwd = spec.cwd === undefined || spec.cwd === "" ? user?.home : spec.cwd;
 
-  const cwdProblem = cwd === undefined ? null : checkDirectory(cwd);
+  const cwdProblem = cwd === undefined ? null : checkDirectory(cwd, user);
   if (cwdProblem !== null) return failed(startedAt, cwdProblem);
+  const env = taskEnv(spec.baseEnv, spec.env);
+  // The worker's own HOME is out of the slot user's reach.
+  if (user && spec.env.HOME === undefined) env.HOME = user.home;
 
   let proc: Bun.Subprocess<"ignore", "pipe", "pipe">;
   try {
     proc = Bun.spawn(["sh", "-c", spec.command], {
       cwd,
-      env: taskEnv(spec.baseEnv, spec.env),
+      env,
+      // The spawn changes directory before it changes user, so checkDirectory vouched for cwd.
+      uid: user?.uid,
+      gid: user?.gid,
       stdin: "ignore",
       stdout: "pipe",
       stderr: "pipe",
@@ -195,6 +208,11 @@ export function execute(spec: RunSpec): Execution {
   return { pid, startedAt, result, stop, kill: killNow };
 }
 
+/** An execution that never spawned: its result is spawn_failed with this error. */
+export function notRun(error: string): Execution {
+  return failed(new Date(), error);
+}
+
 function failed(startedAt: Date, error: string): Execution {
   const result: RunResult = {
     outcome: "spawn_failed",
@@ -210,9 +228,11 @@ function failed(startedAt: Date, error: string): Execution {
 }
 
 // Bun reports a missing cwd as "ENOENT ... posix_spawn 'sh'", which blames the shell.
-function checkDirectory(cwd: string): string | null {
+function checkDirectory(cwd: string, user: TaskIdentity | undefined): string | null {
   try {
-    return statSync(cwd).isDirectory() ? null : `cwd ${cwd} is not a directory`;
+    if (!statSync(cwd).isDirectory()) return `cwd ${cwd} is not a directory`;
+    const denied = user ? searchDenied(cwd, user) : null;
+    return denied === null ? null : `cwd ${cwd} is not accessible to the task's user (uid ${user?.uid}): ${denied} denies it`;
   } catch (err) {
     const code = errorCode(err);
     if (code === "ENOENT") return `cwd ${cwd} does not exist`;

@@ -4,15 +4,18 @@ import { hostname } from "node:os";
 import { checkWorkerExposure } from "../auth/exposure";
 import { coordinatorAddresses } from "../config";
 import { runRole } from "../role";
-import { workerOptions } from "./options";
+import { WorkerHealthServer } from "./health";
+import { taskIdentities, workerOptions } from "./options";
 import { Worker } from "./worker";
 
 await runRole("worker", async (config, log) => {
   checkWorkerExposure(config, coordinatorAddresses(config), log);
+  const [identities] = taskIdentities(config, log);
   const worker = new Worker({
     ...workerOptions(config, log, {
       name: config.TQ_WORKER_NAME ?? `${hostname()}/${process.pid}`,
       addresses: coordinatorAddresses(config),
+      identities,
     }),
     // Shut out: its tasks are killed already. A supervisor that restarts it gets a new worker,
     // which needs an accepted join token to get in.
@@ -26,5 +29,23 @@ await runRole("worker", async (config, log) => {
     "worker starting",
   );
   worker.start();
-  return worker;
+  const health =
+    config.TQ_WORKER_HEALTH_PORT > 0
+      ? new WorkerHealthServer({
+          host: config.TQ_HOST,
+          port: config.TQ_WORKER_HEALTH_PORT,
+          health: () => worker.health(),
+          heartbeatTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS,
+          log,
+        })
+      : null;
+  health?.start();
+  return {
+    // /healthz answers through the drain, so a probe sees it draining rather than gone.
+    async stop() {
+      await worker.stop();
+      await health?.stop();
+    },
+    abort: () => worker.abort(),
+  };
 });

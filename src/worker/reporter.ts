@@ -24,8 +24,14 @@ export class Reporter implements AttemptEvents {
   /** The largest message the current stream takes: each result is cut to fit it when sent. */
   maxMessageBytes = GRPC_DEFAULT_MAX_MESSAGE_BYTES;
 
-  /** `send` writes on the current stream, if any; what it cannot send is lost with the stream. */
-  constructor(private readonly send: (message: WorkerMessage) => void) {}
+  /**
+   * `send` writes on the current stream, if any; what it cannot send is lost with the stream.
+   * `onPendingChange` hears every change of `pending`.
+   */
+  constructor(
+    private readonly send: (message: WorkerMessage) => void,
+    private readonly onPendingChange: () => void = () => {},
+  ) {}
 
   /** How many results wait for their acknowledgement. */
   get pending(): number {
@@ -37,13 +43,16 @@ export class Reporter implements AttemptEvents {
     return this.unacknowledged.has(attemptKey(ref.taskId, ref.attempt));
   }
 
-  /** Opens a stream: who we are, and every attempt we hold (`running` and unacknowledged). */
-  hello(introduction: HelloFields, running: TaskRef[]): void {
-    this.send(helloMessage(introduction, this.held(running)));
+  /**
+   * Opens a stream: who we are, every attempt we hold (`running` and unacknowledged), and our
+   * wall clock, so that the coordinator can tell how far it is off.
+   */
+  hello(introduction: HelloFields, running: TaskRef[], wallClock: Date): void {
+    this.send(helloMessage(introduction, this.held(running), wallClock));
   }
 
-  heartbeat(running: TaskRef[], draining: boolean): void {
-    this.send(heartbeatMessage(++this.heartbeatSeq, this.held(running), draining));
+  heartbeat(running: TaskRef[], draining: boolean, full = false): void {
+    this.send(heartbeatMessage(++this.heartbeatSeq, this.held(running), draining, full));
   }
 
   /** On Welcome: the new stream gets every result the last one did not see acknowledged. */
@@ -52,8 +61,9 @@ export class Reporter implements AttemptEvents {
   }
 
   acknowledged(ref: TaskRef): void {
-    this.unacknowledged.delete(attemptKey(ref.taskId, ref.attempt));
+    if (!this.unacknowledged.delete(attemptKey(ref.taskId, ref.attempt))) return;
     if (this.unacknowledged.size === 0) for (const resolve of this.acknowledgedWaiters.splice(0)) resolve();
+    this.onPendingChange();
   }
 
   /** Resolves once every result is acknowledged. */
@@ -66,17 +76,18 @@ export class Reporter implements AttemptEvents {
     this.send(startedMessage(ref, pid, startedAt));
   }
 
-  finished(ref: TaskRef, result: RunResult, stopReason: string | undefined): void {
-    this.keep(ranResult(ref, result, stopReason));
+  finished(ref: TaskRef, result: RunResult, stopReason: string | undefined, interrupted: boolean): void {
+    this.keep(ranResult(ref, result, stopReason, interrupted));
   }
 
-  notStarted(ref: TaskRef, outcome: "cancelled" | "abandoned", why: string): void {
-    this.keep(notStartedResult(ref, outcome, why));
+  notStarted(ref: TaskRef, outcome: "cancelled" | "abandoned", why: string, interrupted: boolean): void {
+    this.keep(notStartedResult(ref, outcome, why, interrupted));
   }
 
   private keep(finished: TaskFinished): void {
     this.unacknowledged.set(attemptKey(finished.ref!.taskId, finished.ref!.attempt), finished);
     this.send(finishedMessage(fitFinished(finished, this.maxMessageBytes)));
+    this.onPendingChange();
   }
 
   /** Unacknowledged results too: their attempts still hold their tasks until recorded. */
@@ -95,8 +106,12 @@ const OUTCOMES: Record<RunResult["outcome"], Outcome> = {
   abandoned: Outcome.ABANDONED,
 };
 
-/** The result of an attempt whose command ran. */
-function ranResult(ref: TaskRef, result: RunResult, stopReason: string | undefined): TaskFinished {
+/**
+ * The result of an attempt whose command ran. A stopped one says why (the Cancel's reason, or
+ * the hand-back's); a handed-back one whether it was interrupted.
+ */
+function ranResult(ref: TaskRef, result: RunResult, stopReason: string | undefined, interrupted: boolean): TaskFinished {
+  const stopped = result.outcome === "cancelled" || result.outcome === "abandoned";
   return create(TaskFinishedSchema, {
     ref,
     outcome: OUTCOMES[result.outcome],
@@ -108,14 +123,22 @@ function ranResult(ref: TaskRef, result: RunResult, stopReason: string | undefin
     stderrTruncated: result.stderrTruncated,
     stdoutReplaced: result.stdoutReplaced,
     stderrReplaced: result.stderrReplaced,
-    error: result.error ?? (result.outcome === "cancelled" ? (stopReason ?? "") : ""),
+    error: result.error ?? (stopped ? (stopReason ?? "") : ""),
     startedAt: timestampFromDate(result.startedAt),
     finishedAt: timestampFromDate(result.finishedAt),
+    interrupted: result.outcome === "abandoned" && interrupted,
   });
 }
 
 /** The result of an attempt whose command never started here. */
-function notStartedResult(ref: TaskRef, outcome: "cancelled" | "abandoned", why: string): TaskFinished {
+function notStartedResult(ref: TaskRef, outcome: "cancelled" | "abandoned", why: string, interrupted: boolean): TaskFinished {
   const now = timestampFromDate(new Date());
-  return create(TaskFinishedSchema, { ref, outcome: OUTCOMES[outcome], error: why, startedAt: now, finishedAt: now });
+  return create(TaskFinishedSchema, {
+    ref,
+    outcome: OUTCOMES[outcome],
+    error: why,
+    startedAt: now,
+    finishedAt: now,
+    interrupted: outcome === "abandoned" && interrupted,
+  });
 }

@@ -19,6 +19,7 @@ import { clientConstructor } from "../rpc/definitions";
 import { GRPC_DEFAULT_MAX_MESSAGE_BYTES, grpcMessageLimits } from "../rpc/message-size";
 import { leaseMsFor } from "../task/lease";
 import { Attempts } from "./attempts";
+import type { TaskIdentity } from "./identity";
 import { Reporter } from "./reporter";
 
 const WorkerClient = clientConstructor(WorkerService);
@@ -42,7 +43,14 @@ export interface WorkerOptions {
   maxOutputBytes: number;
   /** The largest gRPC message this worker sends or accepts. Defaults to gRPC's 4 MiB. */
   maxMessageBytes?: number;
+  /** Wait before dialing again after a coordinator refused our protocol. Defaults to 30 s. */
+  refusedBackoffMs?: number;
   version?: string;
+  /**
+   * Results kept unacknowledged at which the worker reports itself full (takes no new work
+   * until some are acknowledged). Defaults to 1000.
+   */
+  maxUnacked?: number;
   /** Join token sent to the coordinator (authorization: Bearer). */
   workerToken?: string;
   /**
@@ -52,9 +60,36 @@ export interface WorkerOptions {
   onRevoked?: () => void;
   /** Environment the tasks inherit; the executor strips the worker's own settings from it. */
   baseEnv: Record<string, string | undefined>;
+  /** One user per slot to run tasks as (src/worker/identity.ts); unset: tasks run as the worker. */
+  identities?: readonly TaskIdentity[];
+  /**
+   * The wall clock, in ms since the epoch, that the worker says in Hello and judges the lease
+   * of an older coordinator's assignment by (tests set one that runs fast). Defaults to Date.now.
+   */
+  now?: () => number;
 }
 
 type Stream = grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage>;
+
+/** What the worker's /healthz says (src/worker/health.ts). */
+export interface WorkerHealth {
+  worker_id: string;
+  /** Welcomed by a coordinator on the current stream. */
+  connected: boolean;
+  /** The coordinator that welcomed us last, or null before the first. */
+  coordinator: string | null;
+  /** Since the coordinator last acknowledged a result; null before the first. */
+  last_ack_age_ms: number | null;
+  /** How long the worker has been without a coordinator; 0 while connected. */
+  disconnected_ms: number;
+  /** Attempts held, waiting for their start time or running. */
+  running: number;
+  /** Results waiting for the coordinator's acknowledgement. */
+  unacknowledged: number;
+  draining: boolean;
+  /** Too many results are unacknowledged: no new work until some are. */
+  full: boolean;
+}
 
 export class Worker {
   private workerId: string;
@@ -63,19 +98,35 @@ export class Worker {
    * id, and lets us back in without a join token (src/auth/worker-tokens.ts).
    */
   private resumeToken = "";
-  private readonly reporter = new Reporter((message) => this.write(message));
+  private readonly reporter = new Reporter(
+    (message) => this.write(message),
+    () => this.checkFull(),
+  );
   private readonly attempts: Attempts;
   private stream: Stream | null = null;
   private client: grpc.Client | null = null;
   private welcomed = false;
+  /** The coordinator that welcomed us last (still named while we are cut off from it). */
+  private coordinatorId: string | null = null;
   /** No new work: the coordinator sent Drain, or stop() began. */
   private draining = false;
+  /** No new work for now: too many results wait for their acknowledgement (see checkFull). */
+  private full = false;
+  /** performance.now() of the last Ack, or null before the first. */
+  private lastAckAt: number | null = null;
+  /** performance.now() since which no coordinator has welcomed us (we are not connected). */
+  private disconnectedSince = performance.now();
   /** stop() has finished: the stream is closed and is not dialed again. */
   private closed = false;
   private heartbeatTimer: ReturnType<typeof setInterval> | null = null;
   private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
   /** Dials that failed since the last Welcome; the reconnect backoff grows with them. */
   private dialFailures = 0;
+  /**
+   * Why the last coordinator refused to serve us (FAILED_PRECONDITION: its protocol and ours do
+   * not meet); set until the next Welcome. Dialing again soon would only be refused again.
+   */
+  private refusal: string | null = null;
   /** Where in the coordinator list to dial next: starts random, so that workers spread over coordinators. */
   private addressIndex: number;
   /** The coordinator's lease on our attempts (its heartbeat timeout plus an interval), from Welcome. */
@@ -87,8 +138,11 @@ export class Worker {
   private get maxMessageBytes(): number {
     return this.options.maxMessageBytes ?? GRPC_DEFAULT_MAX_MESSAGE_BYTES;
   }
+  /** Our wall clock (WorkerOptions.now). */
+  private readonly now: () => number;
 
   constructor(private readonly options: WorkerOptions) {
+    this.now = options.now ?? Date.now;
     this.workerId = options.id ?? Bun.randomUUIDv7();
     this.addressIndex = Math.floor(Math.random() * options.addresses.length);
     this.leaseMs = leaseMsFor(options);
@@ -97,7 +151,9 @@ export class Worker {
       killGraceMs: options.killGraceMs,
       maxOutputBytes: options.maxOutputBytes,
       baseEnv: options.baseEnv,
+      identities: options.identities,
       events: this.reporter,
+      identity: () => ({ workerId: this.workerId, coordinatorId: this.coordinatorId }),
     });
     this.reporter.maxMessageBytes = this.maxMessageBytes;
   }
@@ -122,6 +178,21 @@ export class Worker {
     return this.attempts.size;
   }
 
+  /** The worker's state for its /healthz. */
+  health(now = performance.now()): WorkerHealth {
+    return {
+      worker_id: this.workerId,
+      connected: this.welcomed,
+      coordinator: this.coordinatorId,
+      last_ack_age_ms: this.lastAckAt === null ? null : Math.round(now - this.lastAckAt),
+      disconnected_ms: this.welcomed ? 0 : Math.round(now - this.disconnectedSince),
+      running: this.attempts.size,
+      unacknowledged: this.reporter.pending,
+      draining: this.draining,
+      full: this.full,
+    };
+  }
+
   /**
    * Drains: takes no new work, lets running tasks finish for the drain grace period, then
    * hands the rest back, waits (briefly) for the coordinator to acknowledge the results, and
@@ -139,7 +210,7 @@ export class Worker {
       const timeout = Bun.sleep(grace).then(() => "timeout" as const);
       if ((await Promise.race([this.attempts.empty(), timeout])) === "timeout") {
         this.options.log.warn({ running: this.attempts.size }, "drain grace over: handing running tasks back");
-        this.attempts.abandonAll("the worker is draining");
+        this.attempts.abandonAll("the worker is draining", "interrupted");
         await this.attempts.empty();
       }
     }
@@ -203,6 +274,7 @@ export class Worker {
         this.resumeToken = "";
         this.options.log.warn({ id: this.workerId }, "the coordinator refused our worker id; continuing under a new one");
       }
+      if (error.code === grpc.status.FAILED_PRECONDITION && this.stream === stream) this.refusal = error.details || error.message;
       onClosed(error.details || error.message);
     });
     stream.on("end", () => onClosed("stream ended"));
@@ -216,6 +288,7 @@ export class Worker {
         resumeToken: this.resumeToken,
       },
       this.attempts.refs(),
+      new Date(this.now()),
     );
   }
 
@@ -232,7 +305,7 @@ export class Worker {
     this.closed = true;
     this.welcomed = false;
     this.resumeToken = "";
-    this.attempts.releaseWaiting("the worker's credential was revoked");
+    this.attempts.releaseWaiting("the worker's credential was revoked", "lost");
     this.attempts.killAll();
     this.clearTimers();
     this.stream = null;
@@ -246,6 +319,7 @@ export class Worker {
     this.client = null;
     const wasWelcomed = this.welcomed;
     this.welcomed = false;
+    if (wasWelcomed) this.disconnectedSince = performance.now();
     if (this.heartbeatTimer) clearInterval(this.heartbeatTimer);
     this.heartbeatTimer = null;
     if (this.closed) return;
@@ -253,8 +327,18 @@ export class Worker {
     this.dialFailures = wasWelcomed ? 1 : this.dialFailures + 1;
     // Move on to the next coordinator in the list after a failure there.
     this.addressIndex++;
-    const backoff = Math.min(5000, 100 * 2 ** Math.min(this.dialFailures - 1, 6));
+    const backoff = this.refusal
+      ? (this.options.refusedBackoffMs ?? 30_000)
+      : Math.min(5000, 100 * 2 ** Math.min(this.dialFailures - 1, 6));
     const delay = Math.round(backoff / 2 + (Math.random() * backoff) / 2);
+    if (this.refusal) {
+      // Not a crash: the process stays up, drains on a signal as ever, and tries again slowly
+      // (the next address in the list may be a coordinator that serves us).
+      this.options.log.error(
+        { event: "worker.refused", address, why: this.refusal, retryInMs: delay },
+        "the coordinator cannot serve this worker's protocol version",
+      );
+    }
     this.options.log.warn({ event: "worker.disconnected", address, why, retryInMs: delay }, "disconnected from coordinator");
     this.reconnectTimer = setTimeout(() => this.connect(), delay);
   }
@@ -272,6 +356,7 @@ export class Worker {
         if (payload.value.ref) this.attempts.cancel(payload.value.ref, payload.value.reason);
         return;
       case "ack":
+        this.lastAckAt = performance.now();
         if (payload.value.ref) this.reporter.acknowledged(payload.value.ref);
         return;
       case "drain":
@@ -284,7 +369,9 @@ export class Worker {
 
   private welcome(welcome: Welcome): void {
     this.welcomed = true;
+    this.refusal = null;
     if (welcome.resumeToken) this.resumeToken = welcome.resumeToken;
+    this.coordinatorId = welcome.coordinatorId || null;
     this.dialFailures = 0;
     if (welcome.heartbeatTimeoutMs > 0) this.leaseMs = leaseMsFor(welcome);
     // Results must fit what this coordinator accepts, as well as our own limit; an older
@@ -292,8 +379,18 @@ export class Worker {
     this.reporter.maxMessageBytes = Math.min(this.maxMessageBytes, welcome.maxMessageBytes || GRPC_DEFAULT_MAX_MESSAGE_BYTES);
     if (this.cutOffTimer) clearTimeout(this.cutOffTimer);
     this.cutOffTimer = null;
-    this.options.log.info({ event: "worker.connected", coordinator: welcome.coordinatorId }, "connected");
+    this.options.log.info(
+      {
+        event: "worker.connected",
+        coordinator: welcome.coordinatorId,
+        protocol: welcome.protocolVersion,
+        features: welcome.features,
+      },
+      "connected",
+    );
     this.reporter.resend();
+    // A new coordinator learns at once that we take no new work.
+    if (this.full) this.heartbeat();
     this.heartbeatTimer = setInterval(() => this.heartbeat(), this.options.heartbeatIntervalMs);
     for (const resolve of this.welcomeWaiters) resolve();
     this.welcomeWaiters.clear();
@@ -304,17 +401,14 @@ export class Worker {
     if (!ref) return;
     if (this.attempts.holds(ref) || this.reporter.holds(ref)) return; // a duplicate delivery
     if (this.draining) {
-      // Raced with our drain: hand it straight back.
-      this.reporter.notStarted(ref, "abandoned", "the worker is draining");
+      // Raced with our drain: hand it straight back, not counted against the task.
+      this.reporter.notStarted(ref, "abandoned", "the worker is draining", true);
       return;
     }
-    if (assign.leaseExpiresAt && timestampMs(assign.leaseExpiresAt) < Date.now()) {
-      // Held up past its lease (we were frozen, say): it may already run elsewhere.
-      this.options.log.warn(
-        { task: ref.taskId, attempt: ref.attempt },
-        "assignment arrived after its lease lapsed; not running it",
-      );
-      this.reporter.notStarted(ref, "abandoned", "the assignment arrived after its lease lapsed");
+    if (leaseLapsed(assign, this.now)) {
+      // It may already run elsewhere.
+      this.options.log.warn(this.attempts.fields(ref), "assignment arrived after its lease lapsed; not running it");
+      this.reporter.notStarted(ref, "abandoned", "the assignment arrived after its lease lapsed", false);
       return;
     }
     this.attempts.take(assign);
@@ -323,12 +417,33 @@ export class Worker {
   /** Takes no new work from now on: hands back what waits for its start time, and says so. */
   private drain(): void {
     this.draining = true;
-    this.attempts.releaseWaiting("the worker is draining");
+    this.attempts.releaseWaiting("the worker is draining", "interrupted");
     this.heartbeat();
   }
 
   private heartbeat(): void {
-    this.reporter.heartbeat(this.attempts.refs(), this.draining);
+    this.reporter.heartbeat(this.attempts.refs(), this.draining, this.full);
+  }
+
+  /**
+   * Backpressure on unacknowledged results: at maxUnacked the worker says in a heartbeat (sent
+   * at once) that it is full, and the coordinator gives it no new work until acknowledgements
+   * bring it below again. Assignments already on their way still run: the buffer exceeds its
+   * bound by at most what was sent before the coordinator heard.
+   */
+  private checkFull(): void {
+    const full = this.reporter.pending >= (this.options.maxUnacked ?? 1000);
+    if (full === this.full) return;
+    this.full = full;
+    if (full) {
+      this.options.log.warn(
+        { event: "worker.full", unacknowledged: this.reporter.pending },
+        "too many results wait for the coordinator's acknowledgement: taking no new work",
+      );
+    } else {
+      this.options.log.info({ event: "worker.not_full", unacknowledged: this.reporter.pending }, "taking work again");
+    }
+    if (this.welcomed) this.heartbeat();
   }
 
   /**
@@ -345,7 +460,7 @@ export class Worker {
         { running: this.attempts.size, leaseMs: this.leaseMs },
         "lease lapsed while disconnected: stopping tasks",
       );
-      this.attempts.abandonAll("the lease lapsed while the worker was cut off");
+      this.attempts.abandonAll("the lease lapsed while the worker was cut off", "lost");
     }, this.leaseMs);
   }
 
@@ -365,4 +480,17 @@ export class Worker {
     this.reconnectTimer = null;
     this.cutOffTimer = null;
   }
+}
+
+/**
+ * Whether an assignment's lease ran out before we could take it. `lease_ms` is what was left
+ * as the coordinator sent it, on its monotonic clock; we take the assignment at once on
+ * receipt, so what is left on ours is the same, and no wall clock is compared with another
+ * host's (a worker whose clock runs fast would otherwise refuse every assignment). Zero: it
+ * lapsed before it was sent. An older coordinator sends only lease_expires_at, a time by the
+ * database's clock, which is all we can compare with our own wall clock.
+ */
+export function leaseLapsed(assign: Pick<Assign, "leaseMs" | "leaseExpiresAt">, now: () => number): boolean {
+  if (assign.leaseMs !== undefined) return assign.leaseMs <= 0;
+  return assign.leaseExpiresAt !== undefined && timestampMs(assign.leaseExpiresAt) < now();
 }

@@ -12,6 +12,7 @@ import { type EmbeddedDatabase, startEmbedded } from "../../src/db/embedded";
 import { connect, type Sql } from "../../src/db/sql";
 import { freePort, HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS } from "../support/db";
 import { type RoleProcess, spawnRole } from "../support/processes";
+import { taskDir } from "../support/task-dir";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -26,7 +27,7 @@ let sql: Sql;
 const processes: RoleProcess[] = [];
 
 beforeAll(async () => {
-  dir = mkdtempSync(join(tmpdir(), "tq-chaos-"));
+  dir = taskDir("tq-chaos-");
   pgDir = mkdtempSync(join(tmpdir(), "tq-chaos-pg-"));
   pg = await startEmbedded({ dataDir: pgDir, port: await freePort(), settings: { fsync: "off" } });
   sql = connect(pg.url, { max: 2 });

@@ -3,13 +3,13 @@
 // observable: the task is dispatched well before its time, still never starts early, and
 // while it waits it can be cancelled, or handed back by a draining worker.
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { existsSync, mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { existsSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { eventually } from "../support/eventually";
 import { getJson, postJson, watchTask } from "../support/http";
 import { type Cluster, startCluster } from "../support/processes";
+import { taskDir } from "../support/task-dir";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -19,7 +19,7 @@ let dir: string;
 let cluster: Cluster;
 
 beforeAll(async () => {
-  dir = mkdtempSync(join(tmpdir(), "tq-ahead-"));
+  dir = taskDir("tq-ahead-");
   cluster = await startCluster(db.url, {
     workers: 1,
     slots: 2,

@@ -1,13 +1,13 @@
 // Fault tolerance with real processes: frozen workers, cancels and timeouts that really stop
 // processes, retries, a second coordinator to fail over to, and graceful shutdown.
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { freePort, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { getJson, postJson, watchTask } from "../support/http";
 import { isRunning } from "../support/is-running";
 import { type RoleProcess, spawnRole, startCluster } from "../support/processes";
+import { taskDir } from "../support/task-dir";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -15,7 +15,7 @@ const db = useTestDatabase();
 let dir: string;
 
 beforeAll(() => {
-  dir = mkdtempSync(join(tmpdir(), "tq-faults-"));
+  dir = taskDir("tq-faults-");
 });
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
@@ -77,7 +77,7 @@ test("cancelling a running task kills its process group; the task is cancelled",
     expect(cancelled.json).toMatchObject({ state: "cancelled" });
     expect(cancelled.json.cancelled_at).toEqual(expect.any(String));
     await cluster.workers[0]!.waitForEvent("worker.task_stopped", {
-      where: (l) => l.task === task.id,
+      where: (l) => l.task_id === task.id,
       what: "the cancelled task stopped",
     });
     expect(isRunning(pid)).toBe(false);

@@ -3,12 +3,12 @@
 // lock timeout, /readyz says 503 meanwhile, the coordinator's loops ride it out, and once
 // the lock is gone everything carries on.
 import { afterAll, beforeAll, expect, setDefaultTimeout, test } from "bun:test";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { postJson, watchTask } from "../support/http";
 import { type Cluster, startCluster } from "../support/processes";
+import { taskDir } from "../support/task-dir";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -19,7 +19,7 @@ let dir: string;
 let cluster: Cluster;
 
 beforeAll(async () => {
-  dir = mkdtempSync(join(tmpdir(), "tq-locked-"));
+  dir = taskDir("tq-locked-");
   cluster = await startCluster(db.url, {
     workers: 1,
     slots: 2,

@@ -10,6 +10,7 @@ import { freePort, HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS } from "../support/db";
 import { eventually } from "../support/eventually";
 import { postJson, watchTask } from "../support/http";
 import { type Cluster, startCluster } from "../support/processes";
+import { taskDir } from "../support/task-dir";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -19,7 +20,7 @@ let pg: EmbeddedDatabase;
 let cluster: Cluster;
 
 beforeAll(async () => {
-  dir = mkdtempSync(join(tmpdir(), "tq-outage-"));
+  dir = taskDir("tq-outage-");
   // Its own folder: started by root, PostgreSQL runs as user postgres, which must reach it.
   pgDir = mkdtempSync(join(tmpdir(), "tq-outage-pg-"));
   pg = await startEmbedded({ dataDir: pgDir, port: await freePort(), settings: { fsync: "off" } });

@@ -3,13 +3,13 @@
 // receives, so the role gets each signal twice. Repeated SIGTERMs drain once and exit 0; only
 // a second interrupt cuts the drain short (exit 130).
 import { afterAll, beforeAll, expect, setDefaultTimeout, test } from "bun:test";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { freePort, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { postJson, watchTask } from "../support/http";
 import { isRunning } from "../support/is-running";
 import { type RoleProcess, spawnRole, startCluster } from "../support/processes";
+import { taskDir } from "../support/task-dir";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -17,7 +17,7 @@ const db = useTestDatabase();
 let dir: string;
 
 beforeAll(() => {
-  dir = mkdtempSync(join(tmpdir(), "tq-signals-"));
+  dir = taskDir("tq-signals-");
 });
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 

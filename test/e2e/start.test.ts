@@ -4,7 +4,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { freePort, HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS } from "../support/db";
-import { watchTask } from "../support/http";
+import { postJson, watchTask } from "../support/http";
 import { RoleProcess } from "../support/processes";
 import { readmeCurls, runReadmeCommand } from "../support/readme";
 
@@ -82,4 +82,17 @@ test("the README's run-now example runs on the built-in workers", async () => {
   expect(done).toMatchObject({ state: "succeeded", stdout: "hello\n" });
   const workers = JSON.parse(await sh(`curl http://localhost:8080/workers`)) as { workers: unknown[] };
   expect(workers.workers).toHaveLength(2);
+});
+
+test.skipIf(process.getuid?.() !== 0)("started as root, its workers run tasks as their slots' own users", async () => {
+  // TQ_WORKERS=2 x TQ_WORKER_SLOTS=4 by default: the two workers take consecutive slices.
+  expect(start.logged("worker.isolated").map((line) => line.uids)).toEqual(["20000-20007"]);
+  expect(start.logged("worker.no_isolation")).toEqual([]);
+  const created = await postJson(`http://127.0.0.1:${ports.coordinator}/submit`, { command: "id -u", max_attempts: 1 });
+  expect(created.status).toBe(201);
+  const done = await watchTask(`http://127.0.0.1:${ports.coordinator}`, created.json.id);
+  expect(done.state).toBe("succeeded");
+  const uid = Number(String(done.stdout).trim());
+  expect(uid).toBeGreaterThanOrEqual(20_000);
+  expect(uid).toBeLessThanOrEqual(20_007);
 });

@@ -1,12 +1,12 @@
 // The roles as separate processes on a real database: scheduling, execution, spreading,
 // waiting for a worker, and rescue after a SIGKILL.
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { getJson, postJson, type TaskJson, watchTask } from "../support/http";
 import { type Cluster, startCluster } from "../support/processes";
+import { taskDir } from "../support/task-dir";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -14,7 +14,7 @@ const db = useTestDatabase();
 let dir: string;
 
 beforeAll(() => {
-  dir = mkdtempSync(join(tmpdir(), "tq-e2e-"));
+  dir = taskDir("tq-e2e-");
 });
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 

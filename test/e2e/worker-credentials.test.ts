@@ -2,8 +2,8 @@
 // kept through the removal of the token they joined with, and a revoked worker shut out with
 // its running task killed and requeued to another worker.
 import { afterAll, beforeAll, expect, setDefaultTimeout, test } from "bun:test";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
-import { networkInterfaces, tmpdir } from "node:os";
+import { readFileSync, rmSync } from "node:fs";
+import { networkInterfaces } from "node:os";
 import { join } from "node:path";
 import { hashToken } from "../../src/auth/tokens";
 import { newJoinToken } from "../../src/auth/worker-tokens";
@@ -12,6 +12,7 @@ import { eventually } from "../support/eventually";
 import { getJson, postJson } from "../support/http";
 import { isRunning } from "../support/is-running";
 import { type Cluster, type RoleProcess, spawnRole, startCluster } from "../support/processes";
+import { taskDir } from "../support/task-dir";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -22,7 +23,7 @@ let cluster: Cluster;
 let dir: string;
 
 beforeAll(async () => {
-  dir = mkdtempSync(join(tmpdir(), "tq-creds-"));
+  dir = taskDir("tq-creds-");
   cluster = await startCluster(db.url, {
     workers: 0,
     scheduler: false,

@@ -41,7 +41,10 @@ function countingSql(): { sql: Sql; statements: () => number; settled: () => Pro
 }
 
 function fakeWorker(registry: WorkerRegistry, id: string, onAssign: (message: CoordinatorMessage) => void): WorkerConnection {
-  return registry.open({ id, name: id, slots: 1, held: [] }, { write: (message) => onAssign(message), close() {} });
+  return registry.open(
+    { id, name: id, slots: 1, held: [], features: new Set(["start_in_ms"] as const) },
+    { write: (message) => onAssign(message), close() {} },
+  );
 }
 
 function dispatcher(sql: Sql, registry: WorkerRegistry, aheadMs = 0): Dispatcher {

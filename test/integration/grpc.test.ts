@@ -327,6 +327,41 @@ describe("WorkerService", () => {
     worker.close();
   });
 
+  test("an assignment a reconnecting worker never got is requeued interrupted, and does not use up the one attempt", async () => {
+    const first = openWorker();
+    const workerId = `reconnect-${Bun.randomUUIDv7()}`;
+    first.send({ case: "hello", value: { workerId, name: "reconnect", slots: 1 } });
+    const welcome = await first.next();
+    if (welcome.payload.case !== "welcome") throw new Error(`expected welcome, got ${welcome.payload.case}`);
+    const { task } = await call<SubmitTaskResponse>("submitTask", { command: "true", maxAttempts: 1 });
+    const assign = await first.next();
+    expect(assign.payload).toMatchObject({ case: "assign", value: { ref: { taskId: task!.id, attempt: 1 } } });
+    // The Assign was lost with its stream, as when the coordinator stops with it unread: the
+    // worker's next stream says it holds nothing.
+    const second = openWorker();
+    second.send({
+      case: "hello",
+      value: { workerId, name: "reconnect", slots: 1, resumeToken: welcome.payload.value.resumeToken, inFlight: [] },
+    });
+    expect((await second.next()).payload.case).toBe("welcome");
+    // Before, max_attempts 1 failed the task here; now it is given out again.
+    const again = await second.next();
+    expect(again.payload).toMatchObject({ case: "assign", value: { ref: { taskId: task!.id, attempt: 2 } } });
+    const attempts = await db.sql<{ attempt: number; outcome: string | null }[]>`
+      SELECT attempt, outcome FROM task_attempts WHERE task_id = ${task!.id} ORDER BY attempt`;
+    expect([...attempts]).toEqual([
+      { attempt: 1, outcome: "interrupted" },
+      { attempt: 2, outcome: null },
+    ]);
+    const [requeued] = await db.sql<{ detail: { cause: string } }[]>`
+      SELECT detail FROM task_events WHERE task_id = ${task!.id} AND kind = 'requeued'`;
+    expect(requeued?.detail.cause).toBe("interrupted");
+    const [row] = await db.sql`SELECT interruptions FROM tasks WHERE id = ${task!.id}`;
+    expect(row).toEqual({ interruptions: 1 });
+    second.close();
+    first.close();
+  });
+
   test("a stream that does not start with Hello is refused", async () => {
     const worker = openWorker();
     worker.send({ case: "heartbeat", value: { seq: 1n } });

@@ -101,6 +101,7 @@ const TASK_KEYS = [
   "failed_at",
   "id",
   "idempotency_key",
+  "interruptions",
   "lease_expires_at",
   "max_attempts",
   "picked_at",
@@ -710,6 +711,7 @@ describe("GET /workers", () => {
       slots: 4,
       labels: { zone: "a" },
       version: "1.2.3",
+      clockSkewMs: -1500,
     });
     await upsertWorker(db.sql, { id: "w2", name: "beta", coordinatorId: "c1", slots: 2, labels: {}, version: "1.2.3" });
     await markWorkerGone(db.sql, "w2", "c1");
@@ -728,6 +730,7 @@ describe("GET /workers", () => {
       running: 1,
       labels: { zone: "a" },
       version: "1.2.3",
+      clock_skew_ms: -1500,
     });
     expect(worker.connected_at).toMatch(ISO_MS);
     expect(worker.last_heartbeat_at).toMatch(ISO_MS);

@@ -3,7 +3,7 @@ import { listAttempts } from "../../src/db/attempts";
 import { claimDue, nextDueIn } from "../../src/db/claim";
 import { listTaskEvents } from "../../src/db/events";
 import { insertTask, insertTasks } from "../../src/db/insert";
-import { migrate, readMigrations } from "../../src/db/migrate";
+import { migrate, parseMigration, readMigrations } from "../../src/db/migrate";
 import { type TaskChange, TaskChangeFeed } from "../../src/db/notify";
 import { connect } from "../../src/db/sql";
 import { getTask, listTasks } from "../../src/db/tasks";
@@ -175,7 +175,7 @@ describe("fenced reports", () => {
     await clear();
     const task = await createTask(db.sql, taskSpec());
     await claimDue(db.sql, "c1", ["w1"], 30_000);
-    const requeued = await requeueWorkerTasks(db.sql, "w1", "worker lost");
+    const requeued = await requeueWorkerTasks(db.sql, "w1", "worker lost", "lost");
     expect(requeued.map((t) => [t.id, t.state])).toEqual([[task.id, "queued"]]);
     const [second] = await claimDue(db.sql, "c1", ["w2"], 30_000);
     expect(second).toMatchObject({ id: task.id, attempt: 2, worker_id: "w2" });
@@ -198,7 +198,7 @@ describe("fenced reports", () => {
     const drop = await createTask(db.sql, taskSpec());
     const last = await createTask(db.sql, taskSpec({ maxAttempts: 1 }));
     await claimDue(db.sql, "c1", ["w1", "w1", "w1"], 30_000);
-    const changed = await requeueWorkerTasks(db.sql, "w1", "worker lost", [`${keep.id}:1`]);
+    const changed = await requeueWorkerTasks(db.sql, "w1", "worker lost", "lost", [`${keep.id}:1`]);
     const byId = new Map(changed.map((t) => [t.id, t]));
     expect(byId.has(keep.id)).toBe(false);
     expect(byId.get(drop.id)?.state).toBe("queued");
@@ -216,8 +216,69 @@ describe("fenced reports", () => {
     await clear();
     const task = await createTask(db.sql, taskSpec());
     await claimDue(db.sql, "c1", ["w1"], 30_000);
-    expect(await requeueAttempt(db.sql, { taskId: task.id, attempt: 2, workerId: "w1" }, "handed back")).toBeNull();
-    expect((await requeueAttempt(db.sql, { taskId: task.id, attempt: 1, workerId: "w1" }, "handed back"))?.state).toBe("queued");
+    expect(await requeueAttempt(db.sql, { taskId: task.id, attempt: 2, workerId: "w1" }, "handed back", "lost")).toBeNull();
+    expect((await requeueAttempt(db.sql, { taskId: task.id, attempt: 1, workerId: "w1" }, "handed back", "lost"))?.state).toBe(
+      "queued",
+    );
+  });
+
+  test("an interrupted attempt does not use up the task's attempts; a lost one does, and the history says which", async () => {
+    await clear();
+    const task = await createTask(db.sql, taskSpec({ maxAttempts: 1 }));
+    const [first] = await claimDue(db.sql, "c1", ["w1"], 30_000);
+    const ref1 = { taskId: task.id, attempt: first!.attempt, workerId: "w1" };
+    const requeued = await requeueAttempt(db.sql, ref1, "the worker is draining", "interrupted");
+    expect(requeued).toMatchObject({ state: "queued", attempt: 1, interruptions: 1 });
+    // The same again, as a reconnected worker's unknown assignment.
+    const [second] = await claimDue(db.sql, "c1", ["w2"], 30_000);
+    expect(second).toMatchObject({ attempt: 2, interruptions: 1 });
+    const changed = await requeueWorkerTasks(db.sql, "w2", "not held by the worker after reconnecting", "interrupted");
+    expect(changed.map((t) => [t.state, t.interruptions])).toEqual([["queued", 2]]);
+    // A genuine loss counts: with max_attempts 1, it is the one attempt, and the task fails.
+    const [third] = await claimDue(db.sql, "c1", ["w3"], 30_000);
+    expect(third?.attempt).toBe(3);
+    const [lost] = await requeueWorkerTasks(db.sql, "w3", "worker lost (stream ended)", "lost");
+    expect(lost).toMatchObject({
+      state: "failed",
+      attempt: 3,
+      interruptions: 2,
+      error: "exhausted 1 attempt: last worker lost (stream ended)",
+    });
+
+    expect((await listAttempts(db.sql, task.id)).map((a) => [a.attempt, a.outcome, a.error])).toEqual([
+      [1, "interrupted", "the worker is draining"],
+      [2, "interrupted", "not held by the worker after reconnecting"],
+      [3, "lost", "worker lost (stream ended)"],
+    ]);
+    const ends = (await listTaskEvents(db.sql, task.id)).filter((e) => e.kind === "requeued" || e.kind === "failed");
+    expect(ends.map((e) => [e.kind, e.attempt, e.detail?.cause, e.detail?.outcome])).toEqual([
+      ["requeued", 1, "interrupted", "interrupted"],
+      ["requeued", 2, "interrupted", "interrupted"],
+      ["failed", 3, "lost", "lost"],
+    ]);
+    // A late result of an interrupted attempt is kept on its row as stale.
+    await finishAttempt(db.sql, ref1, success());
+    expect((await listAttempts(db.sql, task.id))[0]?.outcome).toBe("stale");
+  });
+
+  test("a failure after an interruption is retried while the counted attempts allow it", async () => {
+    await clear();
+    const task = await createTask(db.sql, taskSpec({ maxAttempts: 2 }));
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
+    await requeueAttempt(db.sql, { taskId: task.id, attempt: 1, workerId: "w1" }, "the worker is draining", "interrupted");
+    const failure = attemptResult({ state: "failed", exitCode: 1, error: null });
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
+    // Attempt 2 is the first that counts: one more follows.
+    expect((await finishAttempt(db.sql, { taskId: task.id, attempt: 2, workerId: "w1" }, failure)).applied?.state).toBe("queued");
+    await db.sql`UPDATE tasks SET run_at = now() WHERE id = ${task.id}`;
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
+    const { applied } = await finishAttempt(db.sql, { taskId: task.id, attempt: 3, workerId: "w1" }, failure);
+    expect(applied).toMatchObject({
+      state: "failed",
+      attempt: 3,
+      interruptions: 1,
+      error: "exhausted 2 attempts: last exit code 1",
+    });
   });
 });
 
@@ -613,7 +674,7 @@ describe("migrate", () => {
       const applied = await Promise.all(others.map((sql) => migrate(sql)));
       await Promise.all(others.map((sql) => sql.end()));
       const versions = readMigrations().map((m) => m.version);
-      expect(applied.flat().sort()).toEqual(versions);
+      expect(applied.flat().sort((a, b) => a - b)).toEqual(versions);
       expect(await migrate(fresh.sql)).toEqual([]);
     } finally {
       await dropTestDatabase(fresh);
@@ -634,7 +695,11 @@ describe("migrate", () => {
             current_setting('statement_timeout'), current_setting('lock_timeout');
         END IF;
       END $$`;
-      expect(await migrate(strict, [{ version: 1, name: "probe", sql: probe, checksum: "probe" }])).toEqual([1]);
+      expect(await migrate(strict, [parseMigration(1, "probe", probe)])).toEqual([1]);
+      // The pool's own settings are back on the connection the migration used.
+      const [after] = await strict<{ statement_timeout: string; lock_timeout: string }[]>`
+        SELECT current_setting('statement_timeout') AS statement_timeout, current_setting('lock_timeout') AS lock_timeout`;
+      expect(after).toEqual({ statement_timeout: "50ms", lock_timeout: "50ms" });
     } finally {
       await strict.end();
       await dropTestDatabase(fresh);
@@ -773,7 +838,7 @@ describe("attempts", () => {
     const task = await createTask(db.sql, taskSpec());
     await claimDue(db.sql, "c1", ["w1"], 30_000);
     await markStarted(db.sql, { taskId: task.id, attempt: 1, workerId: "w1", startedAt: at(0), pid: 7 });
-    await requeueWorkerTasks(db.sql, "w1", "worker lost");
+    await requeueWorkerTasks(db.sql, "w1", "worker lost", "lost");
     expect((await listAttempts(db.sql, task.id))[0]).toMatchObject({ outcome: "lost", error: "worker lost", pid: 7 });
     await claimDue(db.sql, "c1", ["w2"], 30_000);
     const late = await finishAttempt(
@@ -815,7 +880,7 @@ describe("a final task says why", () => {
     for (;;) {
       const [claimed] = await claimDue(db.sql, "c1", ["w1"], 30_000);
       if (!claimed) break;
-      if (end === "lost") await requeueWorkerTasks(db.sql, "w1", "worker lost");
+      if (end === "lost") await requeueWorkerTasks(db.sql, "w1", "worker lost", "lost");
       else await finishAttempt(db.sql, { taskId: task.id, attempt: claimed.attempt, workerId: "w1" }, end);
     }
     const final = await getTask(db.sql, task.id);

@@ -150,7 +150,11 @@ export class RoleProcess {
 export function spawnRole(
   role: "scheduler" | "coordinator" | "worker" | "start",
   env: Record<string, string>,
-  options: { viaBunRun?: boolean } = {},
+  options: {
+    viaBunRun?: boolean;
+    /** Run the role as this uid and gid (the tests run as root). */
+    user?: { uid: number; gid: number };
+  } = {},
 ): RoleProcess {
   const entry = role === "start" ? "src/start.ts" : `src/${role}/main.ts`;
   const proc = Bun.spawn(options.viaBunRun ? ["bun", "run", role] : ["bun", entry], {
@@ -161,6 +165,8 @@ export function spawnRole(
     stdin: "ignore",
     stdout: "pipe",
     stderr: "pipe",
+    uid: options.user?.uid,
+    gid: options.user?.gid,
   });
   return new RoleProcess(role, proc, options.viaBunRun === true);
 }

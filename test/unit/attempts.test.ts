@@ -9,8 +9,8 @@ import type { RunResult } from "../../src/worker/executor";
 
 type Event =
   | { kind: "started"; ref: TaskRef; pid: number }
-  | { kind: "finished"; ref: TaskRef; result: RunResult; stopReason: string | undefined }
-  | { kind: "notStarted"; ref: TaskRef; outcome: "cancelled" | "abandoned"; why: string };
+  | { kind: "finished"; ref: TaskRef; result: RunResult; stopReason: string | undefined; interrupted: boolean }
+  | { kind: "notStarted"; ref: TaskRef; outcome: "cancelled" | "abandoned"; why: string; interrupted: boolean };
 
 /** Attempts whose events are recorded; next() resolves with the next event. */
 function attempts() {
@@ -22,8 +22,8 @@ function attempts() {
   };
   const sink: AttemptEvents = {
     started: (ref, pid) => record({ kind: "started", ref, pid }),
-    finished: (ref, result, stopReason) => record({ kind: "finished", ref, result, stopReason }),
-    notStarted: (ref, outcome, why) => record({ kind: "notStarted", ref, outcome, why }),
+    finished: (ref, result, stopReason, interrupted) => record({ kind: "finished", ref, result, stopReason, interrupted }),
+    notStarted: (ref, outcome, why, interrupted) => record({ kind: "notStarted", ref, outcome, why, interrupted }),
   };
   const held = new Attempts({
     log: silentLogger,
@@ -56,7 +56,13 @@ test("an attempt cancelled while it waits for its start time never starts and is
   expect(held.holds(ref("t-other"))).toBe(false);
   held.cancel(ref("t-wait"), "");
   expect(events).toEqual([
-    { kind: "notStarted", ref: expect.objectContaining({ taskId: "t-wait" }), outcome: "cancelled", why: "cancelled" },
+    {
+      kind: "notStarted",
+      ref: expect.objectContaining({ taskId: "t-wait" }),
+      outcome: "cancelled",
+      why: "cancelled",
+      interrupted: false,
+    },
   ]);
   expect(held.size).toBe(0);
   await held.empty();
@@ -68,12 +74,13 @@ test("releaseWaiting hands back only what waits; a running attempt reports its o
   held.take(assign("t-early", "true", 60_000));
   const started = await next();
   expect(started).toMatchObject({ kind: "started", ref: { taskId: "t-run" } });
-  held.releaseWaiting("the worker is draining");
+  held.releaseWaiting("the worker is draining", "interrupted");
   expect(await next()).toMatchObject({
     kind: "notStarted",
     ref: { taskId: "t-early" },
     outcome: "abandoned",
     why: "the worker is draining",
+    interrupted: true,
   });
   const emptied = held.empty();
   const finished = await next();
@@ -103,10 +110,31 @@ test("abandonAll hands back waiting and running attempts alike", async () => {
   held.take(assign("t-long", "sleep 100"));
   expect(await next()).toMatchObject({ kind: "started" });
   held.take(assign("t-early", "true", 60_000));
-  held.abandonAll("the lease lapsed while the worker was cut off");
-  expect(await next()).toMatchObject({ kind: "notStarted", ref: { taskId: "t-early" }, outcome: "abandoned" });
+  held.abandonAll("the lease lapsed while the worker was cut off", "lost");
+  expect(await next()).toMatchObject({
+    kind: "notStarted",
+    ref: { taskId: "t-early" },
+    outcome: "abandoned",
+    interrupted: false,
+  });
   const finished = await next();
   if (finished.kind !== "finished") throw new Error("expected a result");
   expect(finished.result.outcome).toBe("abandoned");
+  expect(finished).toMatchObject({ stopReason: "the lease lapsed while the worker was cut off", interrupted: false });
+  await held.empty();
+});
+
+test("a drain's hand-back of a running attempt says it was interrupted; the first hand-back's cause stands", async () => {
+  const { held, next } = attempts();
+  held.take(assign("t-drained", "sleep 100"));
+  held.take(assign("t-lapsed", "sleep 100"));
+  expect(await next()).toMatchObject({ kind: "started" });
+  expect(await next()).toMatchObject({ kind: "started" });
+  held.abandonAll("the worker is draining", "interrupted");
+  held.abandonAll("the lease lapsed while the worker was cut off", "lost");
+  const results = [await next(), await next()];
+  for (const finished of results) {
+    expect(finished).toMatchObject({ kind: "finished", stopReason: "the worker is draining", interrupted: true });
+  }
   await held.empty();
 });

@@ -30,6 +30,7 @@ const task: Task = {
   failed_at: new Date("2026-01-02T03:04:06.000Z"),
   cancelled_at: null,
   attempt: 2,
+  interruptions: 0,
   max_attempts: 3,
   timeout_ms: 0,
   env: { A: "1" },
@@ -119,6 +120,12 @@ test("a worker's report becomes the right action", () => {
   expect(finishAction(finished({ outcome: Outcome.ABANDONED }))).toEqual({
     kind: "requeue",
     reason: "handed back by the worker",
+    cause: "lost",
+  });
+  expect(finishAction(finished({ outcome: Outcome.ABANDONED, error: "the worker is draining", interrupted: true }))).toEqual({
+    kind: "requeue",
+    reason: "the worker is draining",
+    cause: "interrupted",
   });
   expect(finishAction(finished({ outcome: Outcome.CANCELLED, error: "cancelled" }))).toEqual({
     kind: "stopped",

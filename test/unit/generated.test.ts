@@ -1,10 +1,14 @@
 // The committed code in src/gen must be what `bun run gen` produces from proto/.
-import { expect, test } from "bun:test";
+import { expect, setDefaultTimeout, test } from "bun:test";
 import { cpSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, relative } from "node:path";
 
 const ROOT = join(import.meta.dir, "../..");
+
+// Each test runs a generator as a process (buf, or the bundled openapi-typescript): seconds on a
+// loaded machine, more than the runner's 5 s default.
+setDefaultTimeout(60_000);
 
 function files(dir: string): Map<string, string> {
   const out = new Map<string, string>();

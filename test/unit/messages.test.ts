@@ -20,6 +20,7 @@ import {
   startedMessage,
   welcomeMessage,
 } from "../../src/rpc/messages";
+import { FEATURES, OLDEST_SERVED_PROTOCOL, PROTOCOL_VERSION } from "../../src/rpc/protocol";
 import type { Task } from "../../src/task/task";
 
 /** What the other side decodes. */
@@ -39,7 +40,7 @@ const task = {
 } as unknown as Task;
 
 test("Assign carries the attempt, the command, the secret env over the plain one and the lease", () => {
-  const message = overWire(assignMessage(task, 250));
+  const message = overWire(assignMessage(task, 250, 9_500));
   expect(message.payload.case).toBe("assign");
   if (message.payload.case !== "assign") return;
   const assign = message.payload.value;
@@ -50,7 +51,14 @@ test("Assign carries the attempt, the command, the secret env over the plain one
   expect(assign.timeoutMs).toBe(1500);
   expect(assign.startInMs).toBe(250);
   expect(assign.leaseExpiresAt && timestampDate(assign.leaseExpiresAt).toISOString()).toBe("2026-01-02T03:04:05.678Z");
-  expect(overWire(assignMessage({ ...task, cwd: "/tmp" })).payload.value).toMatchObject({ cwd: "/tmp", startInMs: 0 });
+  expect(assign.leaseMs).toBe(9_500);
+  // A lease that ran out before sending still travels, as 0: the worker can tell it from an
+  // older coordinator's Assign, which has none.
+  expect(overWire(assignMessage({ ...task, cwd: "/tmp" }, 0, 0)).payload.value).toMatchObject({
+    cwd: "/tmp",
+    startInMs: 0,
+    leaseMs: 0,
+  });
 });
 
 test("Cancel and Ack name only the attempt, whatever else the ref holds", () => {
@@ -66,18 +74,29 @@ test("Cancel and Ack name only the attempt, whatever else the ref holds", () => 
 
 test("Welcome and Drain carry their fields", () => {
   const welcome = overWire(
-    welcomeMessage({
+    welcomeMessage(
+      {
+        workerId: "w-1",
+        coordinatorId: "c-1",
+        heartbeatIntervalMs: 1000,
+        heartbeatTimeoutMs: 5000,
+        resumeToken: "tok",
+        maxMessageBytes: 8 * 1024 * 1024,
+      },
+      { protocolVersion: 1, features: new Set(["start_in_ms"] as const) },
+    ),
+  );
+  expect(welcome.payload).toMatchObject({
+    case: "welcome",
+    value: {
       workerId: "w-1",
       coordinatorId: "c-1",
       heartbeatIntervalMs: 1000,
       heartbeatTimeoutMs: 5000,
       resumeToken: "tok",
-      maxMessageBytes: 8 * 1024 * 1024,
-    }),
-  );
-  expect(welcome.payload).toMatchObject({
-    case: "welcome",
-    value: { workerId: "w-1", coordinatorId: "c-1", heartbeatIntervalMs: 1000, heartbeatTimeoutMs: 5000, resumeToken: "tok" },
+      protocolVersion: 1,
+      features: ["start_in_ms"],
+    },
   });
   expect(welcome.payload.value).toMatchObject({ maxMessageBytes: 8 * 1024 * 1024 });
   expect(overWire(drainMessage("shutting down")).payload).toMatchObject({ case: "drain", value: { reason: "shutting down" } });
@@ -88,11 +107,23 @@ test("the worker's Hello, Heartbeat, Started and Finished carry their fields", (
     { taskId: "a", attempt: 1 },
     { taskId: "b", attempt: 4 },
   ];
-  const hello = fromWorker(helloMessage({ workerId: "w", name: "n", slots: 3, version: "1.2", resumeToken: "r" }, refs));
+  const wallClock = new Date("2026-01-02T03:04:15.678Z");
+  const hello = fromWorker(
+    helloMessage({ workerId: "w", name: "n", slots: 3, version: "1.2", resumeToken: "r" }, refs, wallClock),
+  );
   expect(hello.payload).toMatchObject({
     case: "hello",
     value: { workerId: "w", name: "n", slots: 3, version: "1.2", resumeToken: "r", inFlight: refs },
   });
+  // This build's protocol, and every feature it implements.
+  expect(hello.payload).toMatchObject({
+    value: { protocolVersion: PROTOCOL_VERSION, minProtocolVersion: OLDEST_SERVED_PROTOCOL, features: [...FEATURES] },
+  });
+  expect(FEATURES).toContain("start_in_ms");
+  if (hello.payload.case !== "hello") throw new Error("expected hello");
+  expect(hello.payload.value.wallClock && timestampDate(hello.payload.value.wallClock).toISOString()).toBe(
+    wallClock.toISOString(),
+  );
   expect(fromWorker(heartbeatMessage(7n, refs, true)).payload).toMatchObject({
     case: "heartbeat",
     value: { seq: 7n, running: refs, draining: true },

@@ -18,7 +18,7 @@ function open(
     return { taskId, attempt: Number(attempt) };
   });
   const worker = registry.open(
-    { id, name: id, slots, held: refs },
+    { id, name: id, slots, held: refs, features: new Set() },
     { write: (message) => sent.push(message), close: (reason) => closed.push(reason) },
     at,
   );
@@ -205,9 +205,11 @@ test("a connection the registry did not open is refused by its verbs", () => {
     id: "x",
     name: "x",
     slots: 1,
+    features: new Set(),
     inFlight: new Map(),
     reported: [],
     draining: false,
+    full: false,
     ended: false,
     lastSeen: 0,
     send() {},
@@ -215,4 +217,24 @@ test("a connection the registry did not open is refused by its verbs", () => {
   } satisfies WorkerConnection;
   expect(() => registry.add(impostor)).toThrow("not a connection the registry opened");
   expect(() => registry.reserve(impostor, "t", 1)).toThrow("not a connection the registry opened");
+});
+
+test("a full worker and a held-back registry give no free slots, until they clear", () => {
+  const registry = new WorkerRegistry();
+  const a = add(registry, "a", 2);
+  add(registry, "b", 1);
+  registry.heartbeat(a, [], true);
+  expect(a.full).toBe(true);
+  expect(registry.slotPlan()).toEqual(["b"]);
+  registry.heartbeat(a, [], false);
+  expect(registry.totalFree()).toBe(3);
+  expect(registry.holdWork("backlog")).toBe(true);
+  expect(registry.holdWork("still")).toBe(false);
+  expect(registry.workHeldBack).toBe("backlog");
+  expect(registry.totalFree()).toBe(0);
+  expect(registry.reserveFreeSlot("t", 1)).toBeNull();
+  expect(registry.holdWork(null)).toBe(true);
+  expect(registry.holdWork(null)).toBe(false);
+  expect(registry.slotPlan()).toEqual(["a", "a", "b"]);
+  expect(registry.totalFree()).toBe(3);
 });

@@ -39,15 +39,16 @@ function result(overrides: Partial<RunResult>): RunResult {
 
 test("a result is kept until acknowledged: re-sent, and named in Hello and heartbeats", async () => {
   const { reporter: r, sent } = reporter();
-  r.finished(ref("done"), result({}), undefined);
+  r.finished(ref("done"), result({}), undefined, false);
   expect(sent.map((m) => m.payload.case)).toEqual(["finished"]);
   expect(r.pending).toBe(1);
   expect(r.holds(ref("done"))).toBe(true);
 
-  r.hello(introduction, [ref("running")]);
+  r.hello(introduction, [ref("running")], new Date("2030-01-01T00:00:10.250Z"));
   const hello = sent.at(-1)!.payload;
   if (hello.case !== "hello") throw new Error(`expected hello, got ${hello.case}`);
   expect(hello.value).toMatchObject({ workerId: "w-1", name: "one", slots: 2, version: "t", resumeToken: "r" });
+  expect(timestampMs(hello.value.wallClock!)).toBe(Date.parse("2030-01-01T00:00:10.250Z"));
   expect(refs(hello.value.inFlight)).toEqual(["running:1", "done:1"]);
 
   r.heartbeat([ref("running")], true);
@@ -73,9 +74,11 @@ test("a result is kept until acknowledged: re-sent, and named in Hello and heart
 
 test("a ran result carries the command's result, and a cancelled one the coordinator's reason", () => {
   const { reporter: r, sent } = reporter();
-  r.finished(ref("ran"), result({ exitCode: 3 }), undefined);
-  r.finished(ref("stopped"), result({ outcome: "cancelled", exitCode: null, signal: "SIGTERM" }), "cancelled by the user");
-  const [ran, stopped] = sent.map((m) => {
+  r.finished(ref("ran"), result({ exitCode: 3 }), undefined, false);
+  r.finished(ref("stopped"), result({ outcome: "cancelled", exitCode: null, signal: "SIGTERM" }), "cancelled by the user", false);
+  r.finished(ref("drained"), result({ outcome: "abandoned", exitCode: null, signal: "SIGTERM" }), "the worker is draining", true);
+  r.finished(ref("lapsed"), result({ outcome: "abandoned", exitCode: null, signal: "SIGTERM" }), "the lease lapsed", false);
+  const [ran, stopped, drained, lapsed] = sent.map((m) => {
     if (m.payload.case !== "finished") throw new Error(`expected finished, got ${m.payload.case}`);
     return m.payload.value;
   });
@@ -90,17 +93,22 @@ test("a ran result carries the command's result, and a cancelled one the coordin
   expect(timestampMs(ran!.finishedAt!) - timestampMs(ran!.startedAt!)).toBe(5);
   expect(stopped).toMatchObject({ outcome: Outcome.CANCELLED, signal: "SIGTERM", error: "cancelled by the user" });
   expect(stopped!.exitCode).toBeUndefined();
+  expect(stopped!.interrupted).toBe(false);
+  expect(drained).toMatchObject({ outcome: Outcome.ABANDONED, error: "the worker is draining", interrupted: true });
+  expect(lapsed).toMatchObject({ outcome: Outcome.ABANDONED, error: "the lease lapsed", interrupted: false });
 });
 
 test("an attempt that never started is reported with its outcome and why", () => {
   const { reporter: r, sent } = reporter();
-  r.notStarted(ref("early"), "abandoned", "the worker is draining");
-  r.notStarted(ref("waiting"), "cancelled", "cancelled");
-  const [abandoned, cancelled] = sent.map((m) => (m.payload.case === "finished" ? m.payload.value : undefined));
-  expect(abandoned).toMatchObject({ outcome: Outcome.ABANDONED, error: "the worker is draining", stdout: "" });
+  r.notStarted(ref("early"), "abandoned", "the worker is draining", true);
+  r.notStarted(ref("waiting"), "cancelled", "cancelled", false);
+  r.notStarted(ref("late"), "abandoned", "the assignment arrived after its lease lapsed", false);
+  const [abandoned, cancelled, late] = sent.map((m) => (m.payload.case === "finished" ? m.payload.value : undefined));
+  expect(abandoned).toMatchObject({ outcome: Outcome.ABANDONED, error: "the worker is draining", stdout: "", interrupted: true });
+  expect(late).toMatchObject({ outcome: Outcome.ABANDONED, interrupted: false });
   expect(abandoned!.startedAt).toEqual(abandoned!.finishedAt);
   expect(cancelled).toMatchObject({ outcome: Outcome.CANCELLED, error: "cancelled" });
-  expect(r.pending).toBe(2);
+  expect(r.pending).toBe(3);
 });
 
 test("started goes out once and is not kept", () => {

@@ -12,6 +12,7 @@ import { attemptResult } from "../support/factories";
 
 const facts = (over: Partial<RetryFacts> = {}): RetryFacts => ({
   attempt: 1,
+  interruptions: 0,
   max_attempts: 3,
   retry_on_failure: true,
   retry_on_timeout: true,
@@ -123,25 +124,65 @@ describe("decideFinish", () => {
 
 describe("decideLost", () => {
   test("a lost attempt with attempts left is requeued at once, keeping the task's error", () => {
-    expect(decideLost(facts({ attempt: 2 }), "worker lost")).toEqual({ state: "queued", error: null, eventKind: "requeued" });
+    expect(decideLost(facts({ attempt: 2 }), "worker lost", "lost")).toEqual({
+      state: "queued",
+      error: null,
+      eventKind: "requeued",
+      interrupted: false,
+    });
   });
 
   test("with no attempt left it fails with the reason", () => {
-    expect(decideLost(facts({ attempt: 3 }), "worker lost")).toEqual({
+    expect(decideLost(facts({ attempt: 3 }), "worker lost", "lost")).toEqual({
       state: "failed",
       error: "exhausted 3 attempts: last worker lost",
       eventKind: "failed",
+      interrupted: false,
     });
   });
 
   test("a policy that does not retry a lost worker fails it at once", () => {
-    expect(decideLost(facts({ retry_on_lost: false }), "worker lost (lease expired)")).toEqual({
+    expect(decideLost(facts({ retry_on_lost: false }), "worker lost (lease expired)", "lost")).toEqual({
       state: "failed",
       error: "worker lost (lease expired); the task does not retry a lost worker",
       eventKind: "failed",
+      interrupted: false,
     });
     // The other flags do not govern a loss.
-    expect(decideLost(facts({ retry_on_failure: false, retry_on_timeout: false }), "gone").state).toBe("queued");
+    expect(decideLost(facts({ retry_on_failure: false, retry_on_timeout: false }), "gone", "lost").state).toBe("queued");
+  });
+
+  test("an interrupted attempt is requeued even as the last one, and says it was interrupted", () => {
+    expect(decideLost(facts({ attempt: 1, max_attempts: 1 }), "the worker is draining", "interrupted")).toEqual({
+      state: "queued",
+      error: null,
+      eventKind: "requeued",
+      interrupted: true,
+    });
+    // The policy still decides whether an ending without a result is retried at all.
+    expect(decideLost(facts({ retry_on_lost: false }), "the worker is draining", "interrupted")).toMatchObject({
+      state: "failed",
+      interrupted: true,
+    });
+  });
+
+  test("interrupted attempts do not count: a loss after them still has attempts left", () => {
+    // Attempt 3 of max 2, one of the earlier two interrupted: this is the second that counts.
+    expect(decideLost(facts({ attempt: 3, interruptions: 1, max_attempts: 2 }), "worker lost", "lost").state).toBe("failed");
+    expect(decideLost(facts({ attempt: 3, interruptions: 2, max_attempts: 2 }), "worker lost", "lost").state).toBe("queued");
+  });
+});
+
+describe("counted attempts in decideFinish", () => {
+  test("a failure after an interruption is retried while the counted attempts are below max_attempts", () => {
+    expect(decideFinish(failed, facts({ attempt: 2, interruptions: 1, max_attempts: 2 })).state).toBe("queued");
+    expect(decideFinish(failed, facts({ attempt: 3, interruptions: 1, max_attempts: 2 })).state).toBe("failed");
+  });
+
+  test("the backoff grows with the counted attempts only", () => {
+    const fixedHalf = () => 0;
+    expect(backoffMs(facts({ attempt: 3, interruptions: 2 }), fixedHalf)).toBe(500);
+    expect(backoffMs(facts({ attempt: 3, interruptions: 0 }), fixedHalf)).toBe(2000);
   });
 });
 

@@ -1,3 +1,5 @@
+-- compatible-with: 6
+-- (Builds before it insert tasks without run_at, which is NOT NULL from here: stop them first.)
 -- The requested time is kept, and every attempt has its own record.
 
 -- scheduled_at is the time the client asked for and never changes; run_at is when the current
@@ -8,9 +10,8 @@ ALTER TABLE tasks ADD COLUMN run_at timestamptz(3);
 UPDATE tasks SET run_at = scheduled_at;
 ALTER TABLE tasks ALTER COLUMN run_at SET NOT NULL;
 
--- The claim reads queued tasks in due order.
-DROP INDEX IF EXISTS tasks_due_idx;
-CREATE INDEX tasks_run_at_idx ON tasks (run_at, id) WHERE state = 'queued';
+-- The claim's index on run_at is built by a later migration, concurrently (outside a
+-- transaction), so that a big tasks table stays writable meanwhile.
 
 -- One row per attempt, written by the same statements that change the task: a claim (or the
 -- run-now fast path) opens it, the worker's reports fill it in, and whatever ends the attempt

@@ -1,3 +1,5 @@
+-- compatible-with: 6
+-- (A build at 6 has no batch endpoint and never reads this table.)
 -- The Idempotency-Key of a POST /tasks/batch: the batch it first created, so that a repeat
 -- returns the same tasks and creates nothing, and the same key with a different batch is a
 -- 409. Batch keys are their own namespace, apart from tasks.idempotency_key. task_ids holds

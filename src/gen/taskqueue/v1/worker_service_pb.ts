@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file taskqueue/v1/worker_service.proto.
  */
 export const file_taskqueue_v1_worker_service: GenFile = /*@__PURE__*/
-  fileDesc("CiF0YXNrcXVldWUvdjEvd29ya2VyX3NlcnZpY2UucHJvdG8SDHRhc2txdWV1ZS52MSLMAQoNV29ya2VyTWVzc2FnZRIkCgVoZWxsbxgBIAEoCzITLnRhc2txdWV1ZS52MS5IZWxsb0gAEiwKCWhlYXJ0YmVhdBgCIAEoCzIXLnRhc2txdWV1ZS52MS5IZWFydGJlYXRIABIsCgdzdGFydGVkGAMgASgLMhkudGFza3F1ZXVlLnYxLlRhc2tTdGFydGVkSAASLgoIZmluaXNoZWQYBCABKAsyGi50YXNrcXVldWUudjEuVGFza0ZpbmlzaGVkSABCCQoHcGF5bG9hZCLhAQoSQ29vcmRpbmF0b3JNZXNzYWdlEigKB3dlbGNvbWUYASABKAsyFS50YXNrcXVldWUudjEuV2VsY29tZUgAEiYKBmFzc2lnbhgCIAEoCzIULnRhc2txdWV1ZS52MS5Bc3NpZ25IABImCgZjYW5jZWwYAyABKAsyFC50YXNrcXVldWUudjEuQ2FuY2VsSAASIAoDYWNrGAQgASgLMhEudGFza3F1ZXVlLnYxLkFja0gAEiQKBWRyYWluGAUgASgLMhMudGFza3F1ZXVlLnYxLkRyYWluSABCCQoHcGF5bG9hZCIrCgdUYXNrUmVmEg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoDSLoAQoFSGVsbG8SEQoJd29ya2VyX2lkGAEgASgJEgwKBG5hbWUYAiABKAkSDQoFc2xvdHMYAyABKA0SDwoHdmVyc2lvbhgEIAEoCRIoCglpbl9mbGlnaHQYBSADKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhIvCgZsYWJlbHMYBiADKAsyHy50YXNrcXVldWUudjEuSGVsbG8uTGFiZWxzRW50cnkSFAoMcmVzdW1lX3Rva2VuGAcgASgJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiUgoJSGVhcnRiZWF0EgsKA3NlcRgBIAEoBBImCgdydW5uaW5nGAIgAygLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSEAoIZHJhaW5pbmcYAyABKAgibgoLVGFza1N0YXJ0ZWQSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSCwoDcGlkGAIgASgNEi4KCnN0YXJ0ZWRfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIoYDCgxUYXNrRmluaXNoZWQSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSJgoHb3V0Y29tZRgCIAEoDjIVLnRhc2txdWV1ZS52MS5PdXRjb21lEhYKCWV4aXRfY29kZRgDIAEoEUgAiAEBEg4KBnNpZ25hbBgEIAEoCRIOCgZzdGRvdXQYBSABKAkSDgoGc3RkZXJyGAYgASgJEhgKEHN0ZG91dF90cnVuY2F0ZWQYByABKAgSGAoQc3RkZXJyX3RydW5jYXRlZBgIIAEoCBINCgVlcnJvchgJIAEoCRIuCgpzdGFydGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hlZF9hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFwoPc3Rkb3V0X3JlcGxhY2VkGCggASgIEhcKD3N0ZGVycl9yZXBsYWNlZBgpIAEoCEIMCgpfZXhpdF9jb2RlIqIBCgdXZWxjb21lEhEKCXdvcmtlcl9pZBgBIAEoCRIWCg5jb29yZGluYXRvcl9pZBgCIAEoCRIdChVoZWFydGJlYXRfaW50ZXJ2YWxfbXMYAyABKA0SHAoUaGVhcnRiZWF0X3RpbWVvdXRfbXMYBCABKA0SFAoMcmVzdW1lX3Rva2VuGAUgASgJEhkKEW1heF9tZXNzYWdlX2J5dGVzGCogASgNIoECCgZBc3NpZ24SIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSDwoHY29tbWFuZBgCIAEoCRIqCgNlbnYYAyADKAsyHS50YXNrcXVldWUudjEuQXNzaWduLkVudkVudHJ5EgsKA2N3ZBgEIAEoCRISCgp0aW1lb3V0X21zGAUgASgNEjQKEGxlYXNlX2V4cGlyZXNfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC3N0YXJ0X2luX21zGAcgASgNGioKCEVudkVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiPAoGQ2FuY2VsEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEg4KBnJlYXNvbhgCIAEoCSI4CgNBY2sSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSDQoFc3RhbGUYAiABKAgiFwoFRHJhaW4SDgoGcmVhc29uGAEgASgJKpUBCgdPdXRjb21lEhcKE09VVENPTUVfVU5TUEVDSUZJRUQQABISCg5PVVRDT01FX0VYSVRFRBABEhgKFE9VVENPTUVfU1BBV05fRkFJTEVEEAISFQoRT1VUQ09NRV9USU1FRF9PVVQQAxIVChFPVVRDT01FX0NBTkNFTExFRBAEEhUKEU9VVENPTUVfQUJBTkRPTkVEEAUyXQoNV29ya2VyU2VydmljZRJMCgdDb25uZWN0EhsudGFza3F1ZXVlLnYxLldvcmtlck1lc3NhZ2UaIC50YXNrcXVldWUudjEuQ29vcmRpbmF0b3JNZXNzYWdlKAEwAWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("CiF0YXNrcXVldWUvdjEvd29ya2VyX3NlcnZpY2UucHJvdG8SDHRhc2txdWV1ZS52MSLMAQoNV29ya2VyTWVzc2FnZRIkCgVoZWxsbxgBIAEoCzITLnRhc2txdWV1ZS52MS5IZWxsb0gAEiwKCWhlYXJ0YmVhdBgCIAEoCzIXLnRhc2txdWV1ZS52MS5IZWFydGJlYXRIABIsCgdzdGFydGVkGAMgASgLMhkudGFza3F1ZXVlLnYxLlRhc2tTdGFydGVkSAASLgoIZmluaXNoZWQYBCABKAsyGi50YXNrcXVldWUudjEuVGFza0ZpbmlzaGVkSABCCQoHcGF5bG9hZCLhAQoSQ29vcmRpbmF0b3JNZXNzYWdlEigKB3dlbGNvbWUYASABKAsyFS50YXNrcXVldWUudjEuV2VsY29tZUgAEiYKBmFzc2lnbhgCIAEoCzIULnRhc2txdWV1ZS52MS5Bc3NpZ25IABImCgZjYW5jZWwYAyABKAsyFC50YXNrcXVldWUudjEuQ2FuY2VsSAASIAoDYWNrGAQgASgLMhEudGFza3F1ZXVlLnYxLkFja0gAEiQKBWRyYWluGAUgASgLMhMudGFza3F1ZXVlLnYxLkRyYWluSABCCQoHcGF5bG9hZCIrCgdUYXNrUmVmEg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoDSLiAgoFSGVsbG8SEQoJd29ya2VyX2lkGAEgASgJEgwKBG5hbWUYAiABKAkSDQoFc2xvdHMYAyABKA0SDwoHdmVyc2lvbhgEIAEoCRIoCglpbl9mbGlnaHQYBSADKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhIvCgZsYWJlbHMYBiADKAsyHy50YXNrcXVldWUudjEuSGVsbG8uTGFiZWxzRW50cnkSFAoMcmVzdW1lX3Rva2VuGAcgASgJEi4KCndhbGxfY2xvY2sYRiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEHByb3RvY29sX3ZlcnNpb24YUCABKA0SHAoUbWluX3Byb3RvY29sX3ZlcnNpb24YUSABKA0SEAoIZmVhdHVyZXMYUiADKAkaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJgCglIZWFydGJlYXQSCwoDc2VxGAEgASgEEiYKB3J1bm5pbmcYAiADKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhIQCghkcmFpbmluZxgDIAEoCBIMCgRmdWxsGGQgASgIIm4KC1Rhc2tTdGFydGVkEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEgsKA3BpZBgCIAEoDRIuCgpzdGFydGVkX2F0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKbAwoMVGFza0ZpbmlzaGVkEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEiYKB291dGNvbWUYAiABKA4yFS50YXNrcXVldWUudjEuT3V0Y29tZRIWCglleGl0X2NvZGUYAyABKBFIAIgBARIOCgZzaWduYWwYBCABKAkSDgoGc3Rkb3V0GAUgASgJEg4KBnN0ZGVychgGIAEoCRIYChBzdGRvdXRfdHJ1bmNhdGVkGAcgASgIEhgKEHN0ZGVycl90cnVuY2F0ZWQYCCABKAgSDQoFZXJyb3IYCSABKAkSLgoKc3RhcnRlZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoZWRfYXQYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD3N0ZG91dF9yZXBsYWNlZBgoIAEoCBIXCg9zdGRlcnJfcmVwbGFjZWQYKSABKAgSEwoLaW50ZXJydXB0ZWQYRiABKAhCDAoKX2V4aXRfY29kZSLOAQoHV2VsY29tZRIRCgl3b3JrZXJfaWQYASABKAkSFgoOY29vcmRpbmF0b3JfaWQYAiABKAkSHQoVaGVhcnRiZWF0X2ludGVydmFsX21zGAMgASgNEhwKFGhlYXJ0YmVhdF90aW1lb3V0X21zGAQgASgNEhQKDHJlc3VtZV90b2tlbhgFIAEoCRIZChFtYXhfbWVzc2FnZV9ieXRlcxgqIAEoDRIYChBwcm90b2NvbF92ZXJzaW9uGFAgASgNEhAKCGZlYXR1cmVzGFIgAygJIqUCCgZBc3NpZ24SIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSDwoHY29tbWFuZBgCIAEoCRIqCgNlbnYYAyADKAsyHS50YXNrcXVldWUudjEuQXNzaWduLkVudkVudHJ5EgsKA2N3ZBgEIAEoCRISCgp0aW1lb3V0X21zGAUgASgNEjQKEGxlYXNlX2V4cGlyZXNfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC3N0YXJ0X2luX21zGAcgASgNEhUKCGxlYXNlX21zGEYgASgNSACIAQEaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUILCglfbGVhc2VfbXMiPAoGQ2FuY2VsEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEg4KBnJlYXNvbhgCIAEoCSI4CgNBY2sSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSDQoFc3RhbGUYAiABKAgiFwoFRHJhaW4SDgoGcmVhc29uGAEgASgJKpUBCgdPdXRjb21lEhcKE09VVENPTUVfVU5TUEVDSUZJRUQQABISCg5PVVRDT01FX0VYSVRFRBABEhgKFE9VVENPTUVfU1BBV05fRkFJTEVEEAISFQoRT1VUQ09NRV9USU1FRF9PVVQQAxIVChFPVVRDT01FX0NBTkNFTExFRBAEEhUKEU9VVENPTUVfQUJBTkRPTkVEEAUyXQoNV29ya2VyU2VydmljZRJMCgdDb25uZWN0EhsudGFza3F1ZXVlLnYxLldvcmtlck1lc3NhZ2UaIC50YXNrcXVldWUudjEuQ29vcmRpbmF0b3JNZXNzYWdlKAEwAWIGcHJvdG8z", [file_google_protobuf_timestamp]);
 
 /**
  * @generated from message taskqueue.v1.WorkerMessage
@@ -172,6 +172,37 @@ export type Hello = Message<"taskqueue.v1.Hello"> & {
    * @generated from field: string resume_token = 7;
    */
   resumeToken: string;
+
+  /**
+   * The worker's wall clock as it sends this Hello: the coordinator compares it with its own
+   * and records the difference as the worker's clock skew (GET /workers). Unset by older workers.
+   *
+   * @generated from field: google.protobuf.Timestamp wall_clock = 70;
+   */
+  wallClock?: Timestamp | undefined;
+
+  /**
+   * The wire protocol the worker speaks (src/rpc/protocol.ts). Zero: a worker from before
+   * versions were announced.
+   *
+   * @generated from field: uint32 protocol_version = 80;
+   */
+  protocolVersion: number;
+
+  /**
+   * The oldest protocol the worker can still speak, for a coordinator older than it.
+   *
+   * @generated from field: uint32 min_protocol_version = 81;
+   */
+  minProtocolVersion: number;
+
+  /**
+   * The optional behaviours the worker implements (src/rpc/protocol.ts names each). A
+   * coordinator relies on none that is missing here.
+   *
+   * @generated from field: repeated string features = 82;
+   */
+  features: string[];
 };
 
 /**
@@ -204,6 +235,15 @@ export type Heartbeat = Message<"taskqueue.v1.Heartbeat"> & {
    * @generated from field: bool draining = 3;
    */
   draining: boolean;
+
+  /**
+   * Set while the worker holds too many results the coordinator has not acknowledged (the
+   * database is slow or away): it takes no new work until they are acknowledged. Unlike
+   * draining, it clears itself.
+   *
+   * @generated from field: bool full = 100;
+   */
+  full: boolean;
 };
 
 /**
@@ -311,6 +351,15 @@ export type TaskFinished = Message<"taskqueue.v1.TaskFinished"> & {
    * @generated from field: bool stderr_replaced = 41;
    */
   stderrReplaced: boolean;
+
+  /**
+   * With OUTCOME_ABANDONED: the worker handed the attempt back for its own reasons (it is
+   * draining), not because it found its lease lapsed. An interrupted attempt does not count
+   * against the task's max_attempts. Older workers never set it: their hand-backs count.
+   *
+   * @generated from field: bool interrupted = 70;
+   */
+  interrupted: boolean;
 };
 
 /**
@@ -358,6 +407,20 @@ export type Welcome = Message<"taskqueue.v1.Welcome"> & {
    * @generated from field: uint32 max_message_bytes = 42;
    */
   maxMessageBytes: number;
+
+  /**
+   * The protocol this stream speaks: the lower of the two sides' versions.
+   *
+   * @generated from field: uint32 protocol_version = 80;
+   */
+  protocolVersion: number;
+
+  /**
+   * The features this coordinator will rely on on this stream: those both sides implement.
+   *
+   * @generated from field: repeated string features = 82;
+   */
+  features: string[];
 };
 
 /**
@@ -399,9 +462,9 @@ export type Assign = Message<"taskqueue.v1.Assign"> & {
   timeoutMs: number;
 
   /**
-   * The attempt's lease at dispatch. A worker that receives the assignment only after it
-   * lapsed (it was frozen, or the message was held up) does not run it: the task may already
-   * run elsewhere. Hosts are assumed to keep their clocks within a fraction of the lease.
+   * The attempt's lease at dispatch, by the database's clock: for display, and for workers
+   * that predate lease_ms (which compare it with their own wall clock). A worker reading
+   * lease_ms ignores it, so that its clock's skew does not decide.
    *
    * @generated from field: google.protobuf.Timestamp lease_expires_at = 6;
    */
@@ -411,11 +474,24 @@ export type Assign = Message<"taskqueue.v1.Assign"> & {
    * Start the command this many milliseconds after receiving the assignment (0: at once). A
    * coordinator hands a task over shortly before it is due, so that the claim and the trip
    * here are not on the path to its start. Counted from receipt, so a late delivery only
-   * makes the start later, never earlier. The attempt holds its slot meanwhile.
+   * makes the start later, never earlier. The attempt holds its slot meanwhile. Nonzero only
+   * for a worker with the "start_in_ms" feature: one without it would start at once.
    *
    * @generated from field: uint32 start_in_ms = 7;
    */
   startInMs: number;
+
+  /**
+   * What was left of the attempt's lease when the coordinator sent this, in milliseconds,
+   * measured on the coordinator's monotonic clock from when the lease was granted. The worker
+   * counts it down on its own monotonic clock from receipt, and does not start an attempt
+   * whose lease has run out (0: it lapsed before it was sent): the task may already run
+   * elsewhere. Durations need no agreement between the hosts' wall clocks. Unset by older
+   * coordinators: then the worker compares lease_expires_at with its wall clock.
+   *
+   * @generated from field: optional uint32 lease_ms = 70;
+   */
+  leaseMs?: number | undefined;
 };
 
 /**

@@ -1,0 +1,245 @@
+// Version skew on the worker stream: what a coordinator agrees with workers of other builds at
+// Hello (src/rpc/protocol.ts). An older worker (no version, no features) gets no early
+// hand-over; a worker this coordinator cannot serve is refused with FAILED_PRECONDITION naming
+// both versions, and a refused worker backs off instead of dialing again at once.
+import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import * as grpc from "@grpc/grpc-js";
+import pino from "pino";
+import { loadConfig } from "../../src/config";
+import { Coordinator } from "../../src/coordinator/coordinator";
+import { type SubmitTaskResponse, TaskService } from "../../src/gen/taskqueue/v1/task_service_pb";
+import {
+  type CoordinatorMessage,
+  Outcome,
+  type WorkerMessage,
+  WorkerMessageSchema,
+  WorkerService,
+} from "../../src/gen/taskqueue/v1/worker_service_pb";
+import { silentLogger } from "../../src/log";
+import { clientConstructor, serverDefinition } from "../../src/rpc/definitions";
+import { FEATURES, OLDEST_SERVED_PROTOCOL, PROTOCOL_VERSION } from "../../src/rpc/protocol";
+import { Worker } from "../../src/worker/worker";
+import { freePort, HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
+
+setDefaultTimeout(TEST_TIMEOUT_MS);
+
+const db = useTestDatabase();
+const AHEAD_MS = 1000;
+let coordinator: Coordinator;
+let address: string;
+let tasks: grpc.Client & Record<string, Function>;
+
+const TaskClient = clientConstructor(TaskService);
+const WorkerClient = clientConstructor(WorkerService);
+
+beforeAll(async () => {
+  const config = loadConfig({
+    TQ_COORDINATOR_PORT: String(await freePort()),
+    TQ_GRPC_PORT: String(await freePort()),
+    TQ_HEARTBEAT_INTERVAL_MS: "200",
+    TQ_HEARTBEAT_TIMEOUT_MS: "5000",
+    TQ_DISPATCH_AHEAD_MS: String(AHEAD_MS),
+  });
+  coordinator = new Coordinator(config, db.url, silentLogger);
+  address = (await coordinator.start()).grpcAddress;
+  tasks = new TaskClient(address, grpc.credentials.createInsecure()) as typeof tasks;
+}, HOOK_TIMEOUT_MS);
+
+afterAll(async () => {
+  tasks?.close();
+  await coordinator?.stop();
+}, HOOK_TIMEOUT_MS);
+
+function submitIn(ms: number): Promise<SubmitTaskResponse> {
+  const scheduledAt = timestampFromDate(new Date(Date.now() + ms));
+  return new Promise((resolve, reject) =>
+    tasks.submitTask!(
+      { command: "true", scheduledAt },
+      new grpc.Metadata(),
+      (error: grpc.ServiceError | null, r: SubmitTaskResponse) => (error ? reject(error) : resolve(r)),
+    ),
+  );
+}
+
+/** A hand-driven worker stream that queues what the coordinator sends. */
+function openWorker() {
+  const client = new WorkerClient(address, grpc.credentials.createInsecure(), { "grpc.use_local_subchannel_pool": 1 });
+  const stream = (client as unknown as { connect(): grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage> }).connect();
+  const inbox: CoordinatorMessage[] = [];
+  let waiting: ((m: CoordinatorMessage) => void) | null = null;
+  const closed = new Promise<grpc.ServiceError | null>((resolve) => {
+    stream.on("error", (error: grpc.ServiceError) => resolve(error));
+    stream.on("end", () => resolve(null));
+  });
+  stream.on("data", (message: CoordinatorMessage) => {
+    if (waiting) {
+      const w = waiting;
+      waiting = null;
+      w(message);
+    } else inbox.push(message);
+  });
+  const send = (payload: MessageInitShape<typeof WorkerMessageSchema>["payload"]) =>
+    stream.write(create(WorkerMessageSchema, { payload }));
+  // A silent worker gets no work (it may be frozen): keep heartbeating as a worker does.
+  let seq = 0n;
+  const heartbeats = setInterval(() => send({ case: "heartbeat", value: { seq: ++seq } }), 100);
+  void closed.then(() => clearInterval(heartbeats));
+  return {
+    send,
+    next: (): Promise<CoordinatorMessage> =>
+      inbox.length > 0 ? Promise.resolve(inbox.shift()!) : new Promise((resolve) => (waiting = resolve)),
+    closed,
+    close() {
+      clearInterval(heartbeats);
+      stream.end();
+      client.close();
+    },
+  };
+}
+
+/** Hello, then the task it is handed; the attempt's dispatch time against the task's run_at (the database's clock). */
+async function handOver(hello: MessageInitShape<typeof WorkerMessageSchema>["payload"]) {
+  const worker = openWorker();
+  worker.send(hello);
+  const welcome = await worker.next();
+  if (welcome.payload.case !== "welcome") throw new Error(`expected welcome, got ${welcome.payload.case}`);
+  const { task } = await submitIn(1500);
+  const assign = await worker.next();
+  if (assign.payload.case !== "assign") throw new Error(`expected assign, got ${assign.payload.case}`);
+  expect(assign.payload.value.ref?.taskId).toBe(task!.id);
+  const [row] = await db.sql<{ early_ms: number }[]>`
+    SELECT (extract(epoch FROM t.run_at - a.dispatched_at) * 1000)::float8 AS early_ms
+    FROM tasks t JOIN task_attempts a ON a.task_id = t.id AND a.attempt = t.attempt WHERE t.id = ${task!.id}`;
+  // Report it done, so that the next test's task finds the slot free.
+  const ref = assign.payload.value.ref!;
+  const now = timestampFromDate(new Date());
+  worker.send({ case: "finished", value: { ref, outcome: Outcome.EXITED, exitCode: 0, startedAt: now, finishedAt: now } });
+  expect((await worker.next()).payload.case).toBe("ack");
+  worker.close();
+  await worker.closed;
+  return { welcome: welcome.payload.value, assign: assign.payload.value, earlyMs: row!.early_ms };
+}
+
+describe("protocol agreement at Hello", () => {
+  test("a worker that announces no version (an older build) is protocol 0 with no features and gets only due tasks", async () => {
+    const { welcome, assign, earlyMs } = await handOver({
+      case: "hello",
+      value: { workerId: `old-${Bun.randomUUIDv7()}`, name: "old", slots: 1 },
+    });
+    expect(welcome.protocolVersion).toBe(0);
+    expect(welcome.features).toEqual([]);
+    expect(assign.startInMs).toBe(0);
+    // Claimed only once due by the database's clock: never handed over early.
+    expect(earlyMs).toBeLessThanOrEqual(0);
+  });
+
+  test("a worker with start_in_ms is handed tasks early and told to wait", async () => {
+    const { welcome, assign, earlyMs } = await handOver({
+      case: "hello",
+      value: {
+        workerId: `new-${Bun.randomUUIDv7()}`,
+        name: "new",
+        slots: 1,
+        protocolVersion: PROTOCOL_VERSION,
+        minProtocolVersion: OLDEST_SERVED_PROTOCOL,
+        features: [...FEATURES, "a-feature-from-the-future"],
+      },
+    });
+    expect(welcome.protocolVersion).toBe(PROTOCOL_VERSION);
+    // Only what both sides know.
+    expect(welcome.features).toEqual([...FEATURES]);
+    expect(assign.startInMs).toBeGreaterThan(0);
+    expect(earlyMs).toBeGreaterThan(0);
+  });
+
+  test("a newer worker that still speaks our version is served at ours", async () => {
+    const worker = openWorker();
+    worker.send({
+      case: "hello",
+      value: { workerId: `newer-${Bun.randomUUIDv7()}`, slots: 1, protocolVersion: PROTOCOL_VERSION + 5, minProtocolVersion: 1 },
+    });
+    const welcome = await worker.next();
+    expect(welcome.payload).toMatchObject({ case: "welcome", value: { protocolVersion: PROTOCOL_VERSION } });
+    worker.close();
+    await worker.closed;
+  });
+
+  test("a worker this coordinator cannot serve is refused with FAILED_PRECONDITION naming both versions", async () => {
+    const worker = openWorker();
+    const tooNew = PROTOCOL_VERSION + 98;
+    worker.send({
+      case: "hello",
+      value: { workerId: `future-${Bun.randomUUIDv7()}`, slots: 1, protocolVersion: tooNew, minProtocolVersion: tooNew },
+    });
+    const error = await worker.closed;
+    expect(error?.code).toBe(grpc.status.FAILED_PRECONDITION);
+    expect(error?.details).toContain(`worker protocol ${tooNew}`);
+    expect(error?.details).toContain(`protocols ${OLDEST_SERVED_PROTOCOL} to ${PROTOCOL_VERSION}`);
+    worker.close();
+  });
+});
+
+describe("a refused worker", () => {
+  test("logs worker.refused with the coordinator's reason and waits its refusal backoff before dialing again", async () => {
+    // A coordinator from a later release that no longer serves this worker's protocol.
+    const reason = `worker protocol ${PROTOCOL_VERSION} is too old: this coordinator speaks protocols 7 to 9; upgrade the worker`;
+    let dials = 0;
+    const server = new grpc.Server();
+    server.addService(serverDefinition(WorkerService), {
+      connect(call: grpc.ServerDuplexStream<WorkerMessage, CoordinatorMessage>) {
+        dials++;
+        call.once("data", () =>
+          call.emit("error", Object.assign(new Error(reason), { code: grpc.status.FAILED_PRECONDITION, details: reason })),
+        );
+      },
+    });
+    const port = await new Promise<number>((resolve, reject) =>
+      server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (error, p) =>
+        error ? reject(error) : resolve(p),
+      ),
+    );
+    const lines: Record<string, unknown>[] = [];
+    let onLine: (() => void) | null = null;
+    const log = pino(
+      { level: "info" },
+      {
+        write(text: string) {
+          lines.push(JSON.parse(text));
+          onLine?.();
+        },
+      },
+    );
+    const refused = new Promise<Record<string, unknown>>((resolve) => {
+      onLine = () => {
+        const line = lines.find((l) => l.event === "worker.refused");
+        if (line) resolve(line);
+      };
+    });
+    const worker = new Worker({
+      name: "refused",
+      slots: 1,
+      addresses: [`127.0.0.1:${port}`],
+      log,
+      heartbeatIntervalMs: 200,
+      heartbeatTimeoutMs: 1000,
+      killGraceMs: 100,
+      drainGraceMs: 100,
+      maxOutputBytes: 1024,
+      refusedBackoffMs: 60_000,
+      baseEnv: {},
+    });
+    try {
+      worker.start();
+      const line = await refused;
+      expect(line.why).toBe(reason);
+      // Half the backoff at least (jitter), where a plain disconnect retries within 100 ms.
+      expect(Number(line.retryInMs)).toBeGreaterThanOrEqual(30_000);
+      expect(dials).toBe(1);
+    } finally {
+      await worker.stop();
+      server.forceShutdown();
+    }
+  });
+});
