@@ -10,6 +10,7 @@ import type { ApiSettings } from "./api/deps";
 import type { AuthOptions } from "./auth/authenticator";
 import { type JoinToken, joinTokens } from "./auth/worker-tokens";
 import type { ConnectOptions } from "./db/sql";
+import { GRPC_DEFAULT_MAX_MESSAGE_BYTES, RESULT_HEADROOM_BYTES } from "./rpc/message-size";
 import { type LeaseTimings, leaseMsFor } from "./task/lease";
 import type { TaskDefaults } from "./task/spec";
 import type { IsolationSettings } from "./worker/identity";
@@ -153,7 +154,15 @@ export const ConfigSchema = Type.Object({
     minimum: 0,
     maximum: 16 * 1024 * 1024,
     default: 64 * 1024,
-    description: "Tail of stdout and of stderr kept per task, in bytes. Defaults to 65536.",
+    description:
+      "Tail of stdout and of stderr kept per task, in bytes; twice this plus 65536 must fit TQ_GRPC_MAX_MESSAGE_BYTES. Defaults to 65536.",
+  }),
+  TQ_GRPC_MAX_MESSAGE_BYTES: Type.Integer({
+    minimum: 2 * 1024 * 1024,
+    maximum: 256 * 1024 * 1024,
+    default: GRPC_DEFAULT_MAX_MESSAGE_BYTES,
+    description:
+      "Largest gRPC message a coordinator or worker sends or accepts (a task's result, an assignment), in bytes; a coordinator tells its workers, which cut results to fit. Defaults to 4194304 (gRPC's own default).",
   }),
   TQ_MAX_BODY_BYTES: Type.Integer({
     minimum: 1024,
@@ -347,6 +356,12 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     );
   }
   coordinatorAddresses(config);
+  const result = 2 * config.TQ_MAX_OUTPUT_BYTES + RESULT_HEADROOM_BYTES;
+  if (result > config.TQ_GRPC_MAX_MESSAGE_BYTES) {
+    throw new ConfigError(
+      `invalid configuration: a task's result (2 x TQ_MAX_OUTPUT_BYTES = ${2 * config.TQ_MAX_OUTPUT_BYTES}, plus ${RESULT_HEADROOM_BYTES} bytes for the rest of it) must fit TQ_GRPC_MAX_MESSAGE_BYTES (${config.TQ_GRPC_MAX_MESSAGE_BYTES}); lower TQ_MAX_OUTPUT_BYTES to at most ${Math.floor((config.TQ_GRPC_MAX_MESSAGE_BYTES - RESULT_HEADROOM_BYTES) / 2)} or raise TQ_GRPC_MAX_MESSAGE_BYTES to at least ${result}`,
+    );
+  }
   taskIsolation(config);
   readWorkerTokenFile(config);
   workerJoinTokens(config);

@@ -80,6 +80,14 @@ export const TaskJson = Type.Object(
     stderr: Nullable(Type.String({ description: "Tail of standard error." })),
     stdout_truncated: Type.Boolean(),
     stderr_truncated: Type.Boolean(),
+    stdout_replaced: Type.Boolean({
+      description:
+        "The worker replaced bytes of the output that text cannot hold (a NUL byte, bytes that are not UTF-8) with U+FFFD.",
+    }),
+    stderr_replaced: Type.Boolean({
+      description:
+        "The worker replaced bytes of the output that text cannot hold (a NUL byte, bytes that are not UTF-8) with U+FFFD.",
+    }),
     error: Nullable(
       Type.String({
         description:
@@ -212,6 +220,14 @@ export const AttemptJson = Type.Object(
     stderr: Nullable(Type.String({ description: "Tail of standard error." })),
     stdout_truncated: Type.Boolean(),
     stderr_truncated: Type.Boolean(),
+    stdout_replaced: Type.Boolean({
+      description:
+        "The worker replaced bytes of the output that text cannot hold (a NUL byte, bytes that are not UTF-8) with U+FFFD.",
+    }),
+    stderr_replaced: Type.Boolean({
+      description:
+        "The worker replaced bytes of the output that text cannot hold (a NUL byte, bytes that are not UTF-8) with U+FFFD.",
+    }),
     outcome: Type.Union([AttemptOutcomeJson, Type.Null()], { description: "null while the attempt holds its task." }),
     limits_applied: Nullable(
       Type.Union(LIMITS_APPLIED.map((mechanism) => Type.Literal(mechanism)) as unknown as Literals<typeof LIMITS_APPLIED>, {
@@ -417,6 +433,8 @@ export function taskJson(task: Task): TaskJson {
     stderr: task.stderr,
     stdout_truncated: task.stdout_truncated,
     stderr_truncated: task.stderr_truncated,
+    stdout_replaced: task.stdout_replaced,
+    stderr_replaced: task.stderr_replaced,
     error: task.error,
   };
 }
@@ -461,6 +479,8 @@ export function attemptJson(attempt: Attempt): AttemptJson {
     stderr: attempt.stderr,
     stdout_truncated: attempt.stdout_truncated,
     stderr_truncated: attempt.stderr_truncated,
+    stdout_replaced: attempt.stdout_replaced,
+    stderr_replaced: attempt.stderr_replaced,
     outcome: attempt.outcome,
     limits_applied: attempt.limits_applied ?? null,
     limits: attempt.limits ?? null,

@@ -328,6 +328,10 @@ export interface components {
             stderr: string | null;
             stdout_truncated: boolean;
             stderr_truncated: boolean;
+            /** @description The worker replaced bytes of the output that text cannot hold (a NUL byte, bytes that are not UTF-8) with U+FFFD. */
+            stdout_replaced: boolean;
+            /** @description The worker replaced bytes of the output that text cannot hold (a NUL byte, bytes that are not UTF-8) with U+FFFD. */
+            stderr_replaced: boolean;
             /**
              * @description While attempts remain: the last attempt's error (e.g. a timeout). Once failed or timed_out: why no further attempt follows, e.g. "exhausted 3 attempts: last exit code 127" (or last signal SIGKILL, timed out after 5000 ms, worker lost, could not start: ...), or "exit code 1; the task does not retry failures".
              * @example exhausted 3 attempts: last exit code 127
@@ -451,6 +455,10 @@ export interface components {
             stderr: string | null;
             stdout_truncated: boolean;
             stderr_truncated: boolean;
+            /** @description The worker replaced bytes of the output that text cannot hold (a NUL byte, bytes that are not UTF-8) with U+FFFD. */
+            stdout_replaced: boolean;
+            /** @description The worker replaced bytes of the output that text cannot hold (a NUL byte, bytes that are not UTF-8) with U+FFFD. */
+            stderr_replaced: boolean;
             /**
              * @description While attempts remain: the last attempt's error (e.g. a timeout). Once failed or timed_out: why no further attempt follows, e.g. "exhausted 3 attempts: last exit code 127" (or last signal SIGKILL, timed out after 5000 ms, worker lost, could not start: ...), or "exit code 1; the task does not retry failures".
              * @example exhausted 3 attempts: last exit code 127
@@ -518,6 +526,10 @@ export interface components {
             stderr: string | null;
             stdout_truncated: boolean;
             stderr_truncated: boolean;
+            /** @description The worker replaced bytes of the output that text cannot hold (a NUL byte, bytes that are not UTF-8) with U+FFFD. */
+            stdout_replaced: boolean;
+            /** @description The worker replaced bytes of the output that text cannot hold (a NUL byte, bytes that are not UTF-8) with U+FFFD. */
+            stderr_replaced: boolean;
             /**
              * @description null while the attempt holds its task.
              * @enum {string|null}
@@ -717,11 +729,11 @@ export interface components {
             timeout_ms?: number;
             /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
             max_attempts?: number;
-            /** @description Extra environment variables: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes. */
+            /** @description Extra environment variables: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes; env and secret_env together at most 1048576 bytes, counting each NAME=value, its NUL and 8 bytes. */
             env?: {
                 [key: string]: string;
             };
-            /** @description Environment variables passed to the process but never returned by any API, event stream or log: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes. */
+            /** @description Environment variables passed to the process but never returned by any API, event stream or log: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes; env and secret_env together at most 1048576 bytes, counting each NAME=value, its NUL and 8 bytes. */
             secret_env?: {
                 [key: string]: string;
             };
@@ -751,11 +763,11 @@ export interface components {
             timeout_ms?: number;
             /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
             max_attempts?: number;
-            /** @description Extra environment variables: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes. */
+            /** @description Extra environment variables: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes; env and secret_env together at most 1048576 bytes, counting each NAME=value, its NUL and 8 bytes. */
             env?: {
                 [key: string]: string;
             };
-            /** @description Environment variables passed to the process but never returned by any API, event stream or log: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes. */
+            /** @description Environment variables passed to the process but never returned by any API, event stream or log: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes; env and secret_env together at most 1048576 bytes, counting each NAME=value, its NUL and 8 bytes. */
             secret_env?: {
                 [key: string]: string;
             };
@@ -813,11 +825,11 @@ export interface components {
             timeout_ms?: number;
             /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
             max_attempts?: number;
-            /** @description Extra environment variables: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes. */
+            /** @description Extra environment variables: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes; env and secret_env together at most 1048576 bytes, counting each NAME=value, its NUL and 8 bytes. */
             env?: {
                 [key: string]: string;
             };
-            /** @description Environment variables passed to the process but never returned by any API, event stream or log: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes. */
+            /** @description Environment variables passed to the process but never returned by any API, event stream or log: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes; env and secret_env together at most 1048576 bytes, counting each NAME=value, its NUL and 8 bytes. */
             secret_env?: {
                 [key: string]: string;
             };

@@ -19,6 +19,7 @@ import { WorkerService } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
 import { guardMalformed, serverDefinition } from "../rpc/definitions";
 import { Health, HealthService } from "../rpc/health";
+import { grpcMessageLimits } from "../rpc/message-size";
 import { cancelMessage } from "../rpc/messages";
 import { addReflection } from "../rpc/reflection";
 import { attemptKey } from "../task/attempt";
@@ -95,6 +96,7 @@ export class Coordinator {
       log: log.child({ part: "sessions" }),
       ...lease,
       joinTokens: workerJoinTokens(config),
+      maxMessageBytes: config.TQ_GRPC_MAX_MESSAGE_BYTES,
     });
     this.rescuer = new Rescuer({
       sql: this.sql,
@@ -123,6 +125,8 @@ export class Coordinator {
       "grpc.keepalive_permit_without_calls": 1,
       // Workers ping every heartbeat interval; allow it (the default would answer GOAWAY).
       "grpc.http2.min_ping_interval_without_data_ms": Math.min(1000, config.TQ_HEARTBEAT_INTERVAL_MS),
+      // Explicit, and told to workers in Welcome: they cut their results to fit it.
+      ...grpcMessageLimits(config.TQ_GRPC_MAX_MESSAGE_BYTES),
     });
     this.grpcServer.addService(serverDefinition(WorkerService), { connect: this.sessions.connect });
     this.grpcServer.addService(serverDefinition(TaskService), guardMalformed(TaskService, taskServiceHandlers(deps)));

@@ -16,6 +16,7 @@ import type { CoordinatorMessage, Hello, WorkerMessage } from "../gen/taskqueue/
 import type { Logger } from "../log";
 import { attemptRefFromProto } from "../rpc/convert";
 import { MalformedMessage } from "../rpc/definitions";
+import { GRPC_DEFAULT_MAX_MESSAGE_BYTES } from "../rpc/message-size";
 import { cancelMessage, welcomeMessage } from "../rpc/messages";
 import { type Agreement, agreeWithWorker, ProtocolMismatch } from "../rpc/protocol";
 import { attemptKey } from "../task/attempt";
@@ -43,6 +44,8 @@ export interface WorkerSessionsOptions {
    * join. A worker presenting a valid credential for its id needs none.
    */
   joinTokens?: readonly JoinToken[];
+  /** The largest message the gRPC server accepts, told to workers in Welcome. Defaults to gRPC's 4 MiB. */
+  maxMessageBytes?: number;
   /** A worker whose clock is off ours by more than this is logged. Defaults to CLOCK_SKEW_WARN_MS. */
   clockSkewWarnMs?: number;
   /** Our wall clock, for measuring a worker's skew. Defaults to Date.now. */
@@ -325,6 +328,7 @@ export class WorkerSessions {
           heartbeatIntervalMs: this.options.heartbeatIntervalMs,
           heartbeatTimeoutMs: this.options.heartbeatTimeoutMs,
           resumeToken,
+          maxMessageBytes: this.options.maxMessageBytes ?? GRPC_DEFAULT_MAX_MESSAGE_BYTES,
         },
         agreement,
       ),

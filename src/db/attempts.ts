@@ -41,7 +41,8 @@ export function finishAttemptRows(sql: Sql): Fragment {
       UPDATE task_attempts SET
         started_at = coalesce(task_attempts.started_at, d.started_at), finished_at = d.finished_at,
         exit_code = d.exit_code, signal = d.signal, error = d.error, stdout = d.stdout, stderr = d.stderr,
-        stdout_truncated = d.stdout_truncated, stderr_truncated = d.stderr_truncated, outcome = d.outcome,
+        stdout_truncated = d.stdout_truncated, stderr_truncated = d.stderr_truncated,
+        stdout_replaced = d.stdout_replaced, stderr_replaced = d.stderr_replaced, outcome = d.outcome,
         limits_applied = d.limits_applied, limits = d.limits, cpu_user_us = d.cpu_user_us, cpu_system_us = d.cpu_system_us,
         peak_memory_bytes = d.peak_memory_bytes, oom_killed = d.oom_killed
       FROM d WHERE task_attempts.task_id = d.id AND task_attempts.attempt = d.attempt

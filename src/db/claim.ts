@@ -46,7 +46,8 @@ export async function claimDue(
         worker_id = (${array(sql, slots, "text")})[c.n::int], coordinator_id = ${coordinatorId},
         lease_expires_at = ${fromNow(sql, leaseMs)},
         started_at = NULL, exit_code = NULL, signal = NULL, error = NULL,
-        stdout = NULL, stderr = NULL, stdout_truncated = false, stderr_truncated = false
+        stdout = NULL, stderr = NULL, stdout_truncated = false, stderr_truncated = false,
+        stdout_replaced = false, stderr_replaced = false
       FROM c WHERE tasks.id = c.id
       RETURNING tasks.*,
         -- Rounded up, and read after the claim: waiting this long from any later moment never

@@ -5,7 +5,15 @@
 // fence (the task, the attempt, its worker, and the states GUARDS names) and apply the
 // decision. Callers act on "nothing changed".
 import { type AttemptRef, attemptKey, type LossCause } from "../task/attempt";
-import { decideFinish, decideLost, type FinishDecision, mayRetry, RETRY_FACT_COLUMNS, type RetryFacts } from "../task/retry";
+import {
+  decideFinish,
+  decideLost,
+  decideUnstorable,
+  type FinishDecision,
+  mayRetry,
+  RETRY_FACT_COLUMNS,
+  type RetryFacts,
+} from "../task/retry";
 import { GUARDS, type TaskState } from "../task/state";
 import type { AttemptResult, Task } from "../task/task";
 import { endAttempts, finishAttemptRows, recordUsage, startAttempts, usageColumns } from "./attempts";
@@ -69,6 +77,8 @@ export async function markStartedMany(sql: Sql, reports: readonly StartReport[])
 export interface FinishReport {
   ref: AttemptRef;
   result: AttemptResult;
+  /** Stands in for a result the database refused: the task fails for good (decideUnstorable). */
+  unstorable?: boolean;
 }
 
 /**
@@ -98,10 +108,14 @@ export async function finishAttempts(sql: Sql, reports: readonly FinishReport[])
   if (reports.length === 0) return [];
   const facts = await readRetryFacts(
     sql,
-    reports.filter(({ result }) => mayRetry(result)).map(({ ref }) => ref.taskId),
+    reports.filter((report) => !report.unstorable && mayRetry(report.result)).map(({ ref }) => ref.taskId),
   );
   const decided: (FinishReport & { decision: FinishDecision })[] = [];
-  for (const { ref, result } of reports) {
+  for (const { ref, result, unstorable } of reports) {
+    if (unstorable) {
+      decided.push({ ref, result, decision: decideUnstorable(result) });
+      continue;
+    }
     const task = facts.get(ref.taskId);
     // No such task: stale, below.
     if (mayRetry(result) && !task) continue;
@@ -133,6 +147,8 @@ function applyFinishes(sql: Sql, decided: readonly (FinishReport & { decision: F
         stderr: ["text", (d) => d.result.stderr],
         stdout_truncated: ["boolean", (d) => d.result.stdoutTruncated],
         stderr_truncated: ["boolean", (d) => d.result.stderrTruncated],
+        stdout_replaced: ["boolean", (d) => d.result.stdoutReplaced],
+        stderr_replaced: ["boolean", (d) => d.result.stderrReplaced],
         error: ["text", (d) => d.result.error],
         started_at: ["timestamptz", (d) => d.result.startedAt],
         finished_at: ["timestamptz", (d) => d.result.finishedAt],
@@ -159,6 +175,7 @@ function applyFinishes(sql: Sql, decided: readonly (FinishReport & { decision: F
         completed_at = d.completed_at, failed_at = d.failed_at,
         exit_code = d.exit_code, signal = d.signal, stdout = d.stdout, stderr = d.stderr,
         stdout_truncated = d.stdout_truncated, stderr_truncated = d.stderr_truncated,
+        stdout_replaced = d.stdout_replaced, stderr_replaced = d.stderr_replaced,
         error = d.task_error
       FROM d WHERE tasks.id = d.id
       -- The output stays on the task and its attempt row; the event says what happened.
@@ -184,7 +201,8 @@ export async function recordStaleResult(sql: Sql, ref: AttemptRef, result: Attem
         started_at = coalesce(started_at, ${result.startedAt}::timestamptz), finished_at = ${result.finishedAt}::timestamptz,
         exit_code = ${result.exitCode}::integer, signal = ${result.signal}::text, error = coalesce(${result.error}::text, error),
         stdout = ${result.stdout}::text, stderr = ${result.stderr}::text,
-        stdout_truncated = ${result.stdoutTruncated}, stderr_truncated = ${result.stderrTruncated}, outcome = 'stale'
+        stdout_truncated = ${result.stdoutTruncated}, stderr_truncated = ${result.stderrTruncated},
+        stdout_replaced = ${result.stdoutReplaced}, stderr_replaced = ${result.stderrReplaced}, outcome = 'stale'
       WHERE task_id = ${ref.taskId} AND attempt = ${ref.attempt} AND worker_id = ${ref.workerId}
         AND (outcome IS NULL OR outcome IN ('lost', 'interrupted', 'stopped'))
     )

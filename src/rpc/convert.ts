@@ -107,6 +107,8 @@ export function taskToProto(task: Task): PbTask {
     stderr: task.stderr ?? "",
     stdoutTruncated: task.stdout_truncated,
     stderrTruncated: task.stderr_truncated,
+    stdoutReplaced: task.stdout_replaced,
+    stderrReplaced: task.stderr_replaced,
     error: task.error ?? "",
     retry: {
       onFailure: task.retry_on_failure,
@@ -216,6 +218,8 @@ export function attemptToProto(attempt: Attempt): PbAttempt {
     stderr: attempt.stderr ?? "",
     stdoutTruncated: attempt.stdout_truncated,
     stderrTruncated: attempt.stderr_truncated,
+    stdoutReplaced: attempt.stdout_replaced,
+    stderrReplaced: attempt.stderr_replaced,
     outcome: attempt.outcome === null ? PbAttemptOutcome.UNSPECIFIED : OUTCOME_TO_PROTO[attempt.outcome],
     usage: ((usage) => (usage ? usageToProto(usage) : undefined))(attemptUsage(attempt)),
   });
@@ -265,6 +269,8 @@ export function finishAction(finished: TaskFinished): FinishAction {
     stderr: finished.stderr,
     stdoutTruncated: finished.stdoutTruncated,
     stderrTruncated: finished.stderrTruncated,
+    stdoutReplaced: finished.stdoutReplaced,
+    stderrReplaced: finished.stderrReplaced,
     error: finished.error || null,
     startedAt: fromTimestamp(finished.startedAt),
     finishedAt: fromTimestamp(finished.finishedAt) ?? new Date(),

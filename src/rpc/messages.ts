@@ -27,6 +27,8 @@ export interface WelcomeFields {
   heartbeatTimeoutMs: number;
   /** To present in Hello when reconnecting. */
   resumeToken: string;
+  /** The largest message the coordinator accepts: the worker cuts its results to fit. Unset: gRPC's 4 MiB. */
+  maxMessageBytes?: number;
 }
 
 /**

@@ -37,6 +37,8 @@ export interface Attempt {
   stderr: string | null;
   stdout_truncated: boolean;
   stderr_truncated: boolean;
+  stdout_replaced: boolean;
+  stderr_replaced: boolean;
   outcome: AttemptOutcome | null;
   /** How the worker enforced the limits; null until a result with usage arrived. */
   limits_applied: LimitsApplied | null;

@@ -101,3 +101,22 @@ export function isDatabaseUnavailable(error: unknown): boolean {
   const code = errorCode(error);
   return code !== undefined && (CONNECTION_ERROR_CODES.has(code) || TIMEOUT_ERROR_CODES.has(code));
 }
+
+/**
+ * SQLSTATE classes of errors that say nothing about the values written: the database is away
+ * or busy (08 connection, 40 serialization or deadlock, 53 resources, 57 operator intervention,
+ * such as a statement timeout, 58 system). Writing the same values later may well succeed.
+ */
+const TRANSIENT_SQLSTATE_CLASSES = new Set(["08", "40", "53", "57", "58"]);
+
+/**
+ * True when a write failed for a reason that is not the values it carried (isDatabaseUnavailable,
+ * a timeout, a deadlock, a lock not granted): the batch is retried whole later, rather than
+ * written item by item to find the one the database refuses.
+ */
+export function isTransientDatabaseError(error: unknown): boolean {
+  if (isDatabaseUnavailable(error)) return true;
+  const code = (error as { code?: unknown } | null)?.code;
+  if (typeof code !== "string" || !/^[0-9A-Z]{5}$/.test(code)) return false;
+  return TRANSIENT_SQLSTATE_CLASSES.has(code.slice(0, 2)) || code === "55P03";
+}

@@ -159,3 +159,44 @@ export function decideLost(task: RetryFacts, reason: string, cause: LossCause): 
     interrupted,
   };
 }
+
+/** A task's error when the database refused its attempt's result (see decideUnstorable). */
+export const UNSTORABLE_RESULT_ERROR = "result could not be stored";
+
+/**
+ * A result the database refused (a value it cannot hold, a constraint it breaks) fails its
+ * task for good, whatever its policy: the same worker would likely send the same result again,
+ * and the command has run. The reason stays in the coordinator's log, not in the task.
+ */
+export function decideUnstorable(result: Pick<AttemptResult, "finishedAt">): FinishDecision {
+  return {
+    state: "failed",
+    retryInMs: null,
+    completedAt: null,
+    failedAt: result.finishedAt,
+    error: UNSTORABLE_RESULT_ERROR,
+    eventKind: "failed",
+  };
+}
+
+/**
+ * What is stored in place of a refused result: its exit code (an integer always fits), and
+ * none of its text or times, which may be what the database refused; finished now, by the
+ * coordinator's clock.
+ */
+export function unstorableResult(result: Pick<AttemptResult, "exitCode">): AttemptResult {
+  return {
+    state: "failed",
+    exitCode: result.exitCode,
+    signal: null,
+    stdout: "",
+    stderr: "",
+    stdoutTruncated: false,
+    stderrTruncated: false,
+    stdoutReplaced: false,
+    stderrReplaced: false,
+    error: UNSTORABLE_RESULT_ERROR,
+    startedAt: null,
+    finishedAt: new Date(),
+  };
+}

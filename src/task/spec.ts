@@ -15,6 +15,13 @@ export const MAX_TIMEOUT_MS = 604_800_000;
 export const MAX_ATTEMPTS_LIMIT = 100;
 export const MAX_ENV_ENTRIES = 256;
 export const MAX_ENV_VALUE_BYTES = 32 * 1024;
+/**
+ * env and secret_env together, as execve counts them: each entry's `NAME=value` and its NUL,
+ * and its pointer (8 bytes). Linux refuses (E2BIG) a command whose arguments and environment
+ * pass ARG_MAX (2 MiB with the default 8 MiB stack); this leaves the other half for the command
+ * itself (at most 64 KiB) and the environment the worker passes on.
+ */
+export const MAX_ENV_TOTAL_BYTES = 1024 * 1024;
 export const MAX_CWD_BYTES = 4096;
 /** One day. */
 export const MAX_BACKOFF_MS = 86_400_000;
@@ -49,7 +56,7 @@ const EnvMap = (what: string) =>
   Type.Record(Type.String({ pattern: ENV_KEY_PATTERN }), Type.String({ maxLength: MAX_ENV_VALUE_BYTES }), {
     additionalProperties: false,
     maxProperties: MAX_ENV_ENTRIES,
-    description: `${what}: at most ${MAX_ENV_ENTRIES}, names matching ${ENV_KEY_PATTERN}, values without NUL of at most ${MAX_ENV_VALUE_BYTES} bytes.`,
+    description: `${what}: at most ${MAX_ENV_ENTRIES}, names matching ${ENV_KEY_PATTERN}, values without NUL of at most ${MAX_ENV_VALUE_BYTES} bytes; env and secret_env together at most ${MAX_ENV_TOTAL_BYTES} bytes, counting each NAME=value, its NUL and 8 bytes.`,
   });
 
 const strict = { additionalProperties: false } as const;
@@ -290,6 +297,13 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, defaults: TaskDe
   if (both > MAX_ENV_ENTRIES) {
     throw invalidArgument("secret_env", `env and secret_env together may hold at most ${MAX_ENV_ENTRIES} entries`);
   }
+  const envBytes = execveBytes(env) + execveBytes(secretEnv);
+  if (envBytes > MAX_ENV_TOTAL_BYTES) {
+    throw invalidArgument(
+      Object.keys(secretEnv).length > 0 ? "secret_env" : "env",
+      `env and secret_env together must be at most ${MAX_ENV_TOTAL_BYTES} bytes (each NAME=value, its NUL and 8 bytes, as execve counts them); they have ${envBytes}`,
+    );
+  }
   const cwd = body.cwd ?? null;
   if (cwd !== null) {
     if (!cwd.startsWith("/")) throw invalidArgument("cwd", "cwd must be an absolute path");
@@ -325,6 +339,14 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, defaults: TaskDe
     idempotencyKey: null,
     ...(body.limits === undefined || Object.keys(body.limits).length === 0 ? {} : { limits: { ...body.limits } }),
   };
+}
+
+/** What an environment costs execve: NAME=value and a NUL per entry, and the entry's pointer. */
+function execveBytes(env: Record<string, string>): number {
+  let total = 0;
+  for (const [key, value] of Object.entries(env))
+    total += Buffer.byteLength(key, "utf8") + Buffer.byteLength(value, "utf8") + 2 + 8;
+  return total;
 }
 
 /** A string limit, in UTF-8 bytes. */

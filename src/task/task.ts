@@ -36,6 +36,8 @@ export interface Task {
   stderr: string | null;
   stdout_truncated: boolean;
   stderr_truncated: boolean;
+  stdout_replaced: boolean;
+  stderr_replaced: boolean;
   error: string | null;
   /** When the current attempt's lease lapses; null unless dispatched or running. */
   lease_expires_at: Date | null;
@@ -139,6 +141,9 @@ export interface AttemptResult {
   stderr: string;
   stdoutTruncated: boolean;
   stderrTruncated: boolean;
+  /** The worker replaced NUL or invalid UTF-8 in the stream with U+FFFD. */
+  stdoutReplaced: boolean;
+  stderrReplaced: boolean;
   error: string | null;
   startedAt: Date | null;
   finishedAt: Date;

@@ -2,12 +2,18 @@
 // runs. Today it keeps the bounded tail of each stream; live logs will replace it with one that
 // streams chunks, behind the same OutputCapture shape, so the executor does not change.
 
-/** A command's output as its result reports it. */
+/**
+ * A command's output as its result reports it. Each stream is text that PostgreSQL and JSON can
+ * hold: a NUL byte or a byte sequence that is not UTF-8 is replaced with U+FFFD, and `*Replaced`
+ * says so (the text is then not byte for byte what the command wrote).
+ */
 export interface CapturedOutput {
   stdout: string;
   stderr: string;
   stdoutTruncated: boolean;
   stderrTruncated: boolean;
+  stdoutReplaced: boolean;
+  stderrReplaced: boolean;
 }
 
 /** The output of one running command. */
@@ -21,7 +27,14 @@ export interface OutputCapture {
 }
 
 /** The output of a command that never started. */
-export const NO_OUTPUT: CapturedOutput = { stdout: "", stderr: "", stdoutTruncated: false, stderrTruncated: false };
+export const NO_OUTPUT: CapturedOutput = {
+  stdout: "",
+  stderr: "",
+  stdoutTruncated: false,
+  stderrTruncated: false,
+  stdoutReplaced: false,
+  stderrReplaced: false,
+};
 
 // Structural types: Bun's pipes are typed as node:stream/web streams, which the DOM
 // ReadableStream and ReadableStreamDefaultReader types do not accept.
@@ -46,7 +59,18 @@ export function captureTail(stdout: Pipe, stderr: Pipe, maxBytes: number): Outpu
     cancel: async () => {
       await Promise.all([stdoutReader.cancel().catch(() => {}), stderrReader.cancel().catch(() => {})]);
     },
-    collect: () => ({ stdout: out.text(), stderr: err.text(), stdoutTruncated: out.truncated, stderrTruncated: err.truncated }),
+    collect: () => {
+      const o = out.text();
+      const e = err.text();
+      return {
+        stdout: o.text,
+        stderr: e.text,
+        stdoutTruncated: o.truncated,
+        stderrTruncated: e.truncated,
+        stdoutReplaced: o.replaced,
+        stderrReplaced: e.replaced,
+      };
+    },
   };
 }
 
@@ -62,7 +86,16 @@ async function pump(reader: PipeReader, into: TailBuffer): Promise<void> {
   }
 }
 
-const DECODER = new TextDecoder("utf-8", { ignoreBOM: true });
+const STRICT = new TextDecoder("utf-8", { ignoreBOM: true, fatal: true });
+const LENIENT = new TextDecoder("utf-8", { ignoreBOM: true });
+const NUL = /\0/g;
+
+/** Text of a stream's tail: what it keeps, whether its head was cut, whether bytes were replaced. */
+export interface TailText {
+  text: string;
+  truncated: boolean;
+  replaced: boolean;
+}
 
 /** Keeps the last `limit` bytes written to it; memory stays within limit plus one chunk. */
 export class TailBuffer {
@@ -108,15 +141,44 @@ export class TailBuffer {
     return this.size > this.limit ? all.subarray(this.size - this.limit) : all;
   }
 
-  /** UTF-8 text; when the head was cut, a partial leading character is dropped. */
-  text(): string {
+  /**
+   * The tail as text PostgreSQL can store: NUL (which `text` cannot hold) and invalid UTF-8
+   * become U+FFFD. Replacement can make the text longer than the bytes it came from (one bad
+   * byte, three bytes of U+FFFD), so the text is cut again to `limit` bytes of UTF-8: the
+   * result stays within what the limit promises, and what TaskFinished is sized for. A partial
+   * leading character of a cut head is dropped, not replaced.
+   */
+  text(): TailText {
     let bytes = this.bytes();
-    if (this.truncated) {
-      let skip = 0;
-      // At most 3 continuation bytes (10xxxxxx) can precede the next character start.
-      while (skip < 3 && skip < bytes.length && ((bytes[skip] ?? 0) & 0xc0) === 0x80) skip++;
-      bytes = bytes.subarray(skip);
+    let truncated = this.truncated;
+    if (truncated) bytes = bytes.subarray(leadingContinuationBytes(bytes));
+    let text: string;
+    let replaced = false;
+    try {
+      text = STRICT.decode(bytes);
+    } catch {
+      text = LENIENT.decode(bytes);
+      replaced = true;
     }
-    return DECODER.decode(bytes);
+    if (text.includes("\0")) {
+      text = text.replace(NUL, "\uFFFD");
+      replaced = true;
+    }
+    if (replaced) {
+      const encoded = Buffer.from(text, "utf8");
+      if (encoded.length > this.limit) {
+        const tail = encoded.subarray(encoded.length - this.limit);
+        text = tail.subarray(leadingContinuationBytes(tail)).toString("utf8");
+        truncated = true;
+      }
+    }
+    return { text, truncated, replaced };
   }
+}
+
+/** At most 3 continuation bytes (10xxxxxx) can precede the next character start. */
+function leadingContinuationBytes(bytes: Uint8Array): number {
+  let skip = 0;
+  while (skip < 3 && skip < bytes.length && ((bytes[skip] ?? 0) & 0xc0) === 0x80) skip++;
+  return skip;
 }

@@ -11,6 +11,7 @@ import {
   type WorkerMessage,
 } from "../gen/taskqueue/v1/worker_service_pb";
 import { usageToProto } from "../rpc/convert";
+import { fitFinished, GRPC_DEFAULT_MAX_MESSAGE_BYTES } from "../rpc/message-size";
 import { finishedMessage, type HelloFields, heartbeatMessage, helloMessage, startedMessage } from "../rpc/messages";
 import { attemptKey } from "../task/attempt";
 import type { AttemptEvents } from "./attempts";
@@ -21,6 +22,8 @@ export class Reporter implements AttemptEvents {
   private readonly unacknowledged = new Map<string, TaskFinished>();
   private readonly acknowledgedWaiters: Array<() => void> = [];
   private heartbeatSeq = 0n;
+  /** The largest message the current stream takes: each result is cut to fit it when sent. */
+  maxMessageBytes = GRPC_DEFAULT_MAX_MESSAGE_BYTES;
 
   /**
    * `send` writes on the current stream, if any; what it cannot send is lost with the stream.
@@ -55,7 +58,7 @@ export class Reporter implements AttemptEvents {
 
   /** On Welcome: the new stream gets every result the last one did not see acknowledged. */
   resend(): void {
-    for (const finished of this.unacknowledged.values()) this.send(finishedMessage(finished));
+    for (const finished of this.unacknowledged.values()) this.send(finishedMessage(fitFinished(finished, this.maxMessageBytes)));
   }
 
   acknowledged(ref: TaskRef): void {
@@ -84,7 +87,7 @@ export class Reporter implements AttemptEvents {
 
   private keep(finished: TaskFinished): void {
     this.unacknowledged.set(attemptKey(finished.ref!.taskId, finished.ref!.attempt), finished);
-    this.send(finishedMessage(finished));
+    this.send(finishedMessage(fitFinished(finished, this.maxMessageBytes)));
     this.onPendingChange();
   }
 
@@ -119,6 +122,8 @@ function ranResult(ref: TaskRef, result: RunResult, stopReason: string | undefin
     stderr: result.stderr,
     stdoutTruncated: result.stdoutTruncated,
     stderrTruncated: result.stderrTruncated,
+    stdoutReplaced: result.stdoutReplaced,
+    stderrReplaced: result.stderrReplaced,
     error: result.error ?? (stopped ? (stopReason ?? "") : ""),
     startedAt: timestampFromDate(result.startedAt),
     finishedAt: timestampFromDate(result.finishedAt),

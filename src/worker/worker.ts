@@ -16,6 +16,7 @@ import {
 } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
 import { clientConstructor } from "../rpc/definitions";
+import { GRPC_DEFAULT_MAX_MESSAGE_BYTES, grpcMessageLimits } from "../rpc/message-size";
 import { leaseMsFor } from "../task/lease";
 import { Attempts } from "./attempts";
 import type { TaskIdentity } from "./identity";
@@ -41,6 +42,8 @@ export interface WorkerOptions {
   killGraceMs: number;
   drainGraceMs: number;
   maxOutputBytes: number;
+  /** The largest gRPC message this worker sends or accepts. Defaults to gRPC's 4 MiB. */
+  maxMessageBytes?: number;
   /** Wait before dialing again after a coordinator refused our protocol. Defaults to 30 s. */
   refusedBackoffMs?: number;
   version?: string;
@@ -136,6 +139,9 @@ export class Worker {
   private cutOffTimer: ReturnType<typeof setTimeout> | null = null;
   private readonly welcomeWaiters = new Set<() => void>();
 
+  private get maxMessageBytes(): number {
+    return this.options.maxMessageBytes ?? GRPC_DEFAULT_MAX_MESSAGE_BYTES;
+  }
   /** Our wall clock (WorkerOptions.now). */
   private readonly now: () => number;
 
@@ -160,6 +166,7 @@ export class Worker {
       events: this.reporter,
       identity: () => ({ workerId: this.workerId, coordinatorId: this.coordinatorId }),
     });
+    this.reporter.maxMessageBytes = this.maxMessageBytes;
   }
 
   get id(): string {
@@ -249,6 +256,7 @@ export class Worker {
       "grpc.keepalive_permit_without_calls": 1,
       "grpc.initial_reconnect_backoff_ms": 100,
       "grpc.max_reconnect_backoff_ms": 2000,
+      ...grpcMessageLimits(this.maxMessageBytes),
     });
     this.client = client;
     const metadata = new grpc.Metadata();
@@ -379,6 +387,9 @@ export class Worker {
     this.coordinatorId = welcome.coordinatorId || null;
     this.dialFailures = 0;
     if (welcome.heartbeatTimeoutMs > 0) this.leaseMs = leaseMsFor(welcome);
+    // Results must fit what this coordinator accepts, as well as our own limit; an older
+    // coordinator does not say, and accepts gRPC's default.
+    this.reporter.maxMessageBytes = Math.min(this.maxMessageBytes, welcome.maxMessageBytes || GRPC_DEFAULT_MAX_MESSAGE_BYTES);
     if (this.cutOffTimer) clearTimeout(this.cutOffTimer);
     this.cutOffTimer = null;
     this.options.log.info(

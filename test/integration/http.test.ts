@@ -114,8 +114,10 @@ const TASK_KEYS = [
   "started_at",
   "state",
   "stderr",
+  "stderr_replaced",
   "stderr_truncated",
   "stdout",
+  "stdout_replaced",
   "stdout_truncated",
   "timeout_ms",
   "worker_id",
@@ -470,6 +472,18 @@ describe("body size limit", () => {
     expect(large.length).toBeLessThan(1024 * 1024);
     expect((await post("/tasks", large)).status).toBe(201);
     expectError(await post("/tasks", "x".repeat(1024 * 1024 + 1)), 413, "payload_too_large", "body");
+  });
+
+  test("with a larger body limit, an environment execve would refuse (E2BIG) is a 400 naming the limit", async () => {
+    const roomy = createApp(
+      depsFor(db.sql, { feed, settings: apiSettings(loadConfig({ TQ_MAX_BODY_BYTES: String(16 * 1024 * 1024) })) }),
+    );
+    // 256 x 32 KiB: every entry within its own limits, 8 MiB together.
+    const env = Object.fromEntries(Array.from({ length: 256 }, (_, i) => [`V${i}`, "y".repeat(32 * 1024)]));
+    const answer = await post("/tasks", { command: "env", env }, { on: roomy });
+    expectError(answer, 400, "invalid_argument", "env", /at most 1048576 bytes/);
+    const rows = await db.sql`SELECT id FROM tasks WHERE command = 'env' AND env ? 'V255'`;
+    expect(rows.length).toBe(0);
   });
 });
 

@@ -194,7 +194,7 @@ describe("GET /tasks/:id/events", () => {
       await tasks.markStarted(sql, { taskId: id, attempt: 1, workerId: "w-other", startedAt: new Date(), pid: 4242 });
       await tasks.finishAttempt(sql, { taskId: id, attempt: 1, workerId: "w-other" }, {
         state: "succeeded", exitCode: 0, signal: null, stdout: "ok\\n", stderr: "", stdoutTruncated: false,
-        stderrTruncated: false, error: null, startedAt: new Date(), finishedAt: new Date(),
+        stderrTruncated: false, stdoutReplaced: false, stderrReplaced: false, error: null, startedAt: new Date(), finishedAt: new Date(),
       });`,
       { TASK_ID: id },
     );
@@ -331,7 +331,7 @@ describe("GET /tasks/:id/events with Last-Event-ID", () => {
       await tasks.markStarted(sql, { taskId: id, attempt: 1, workerId: "w1", startedAt: new Date(), pid: 9 });
       await tasks.finishAttempt(sql, { taskId: id, attempt: 1, workerId: "w1" }, {
         state: "succeeded", exitCode: 0, signal: null, stdout: "", stderr: "", stdoutTruncated: false,
-        stderrTruncated: false, error: null, startedAt: new Date(), finishedAt: new Date(),
+        stderrTruncated: false, stdoutReplaced: false, stderrReplaced: false, error: null, startedAt: new Date(), finishedAt: new Date(),
       });`,
       { TASK_ID: task.id },
     );

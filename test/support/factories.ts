@@ -31,6 +31,8 @@ export function attemptResult(overrides: Partial<AttemptResult> = {}): AttemptRe
     stderr: "",
     stdoutTruncated: false,
     stderrTruncated: false,
+    stdoutReplaced: false,
+    stderrReplaced: false,
     error: null,
     startedAt: new Date(),
     finishedAt: new Date(),

@@ -52,6 +52,23 @@ test("the heartbeat timeout must exceed the interval", () => {
   );
 });
 
+test("a task's result must fit the gRPC message limit, or the role refuses to start", () => {
+  expect(loadConfig({}).TQ_GRPC_MAX_MESSAGE_BYTES).toBe(4 * 1024 * 1024);
+  // 8 MiB of output let a 6 MB result through, which the coordinator's 4 MiB limit refused.
+  expect(() => loadConfig({ TQ_MAX_OUTPUT_BYTES: String(8 * 1024 * 1024) })).toThrow(
+    /TQ_MAX_OUTPUT_BYTES = 16777216.*must fit TQ_GRPC_MAX_MESSAGE_BYTES \(4194304\); lower TQ_MAX_OUTPUT_BYTES to at most 2064384 or raise TQ_GRPC_MAX_MESSAGE_BYTES to at least 16842752/,
+  );
+  // Exactly at the limit, and one byte over.
+  expect(loadConfig({ TQ_MAX_OUTPUT_BYTES: "2064384" }).TQ_MAX_OUTPUT_BYTES).toBe(2064384);
+  expect(() => loadConfig({ TQ_MAX_OUTPUT_BYTES: "2064385" })).toThrow(ConfigError);
+  expect(
+    loadConfig({ TQ_MAX_OUTPUT_BYTES: String(8 * 1024 * 1024), TQ_GRPC_MAX_MESSAGE_BYTES: String(17 * 1024 * 1024) })
+      .TQ_GRPC_MAX_MESSAGE_BYTES,
+  ).toBe(17 * 1024 * 1024);
+  // An assignment (command, env, cwd) must fit too: the limit has a floor.
+  expect(() => loadConfig({ TQ_GRPC_MAX_MESSAGE_BYTES: String(1024 * 1024) })).toThrow(/TQ_GRPC_MAX_MESSAGE_BYTES/);
+});
+
 test("coordinator addresses are a host:port list", () => {
   expect(coordinatorAddresses(loadConfig({ TQ_COORDINATOR_ADDRESSES: "a:1, b.example:50051,[::1]:7" }))).toEqual([
     "a:1",

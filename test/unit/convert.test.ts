@@ -43,6 +43,8 @@ const task: Task = {
   stderr: null,
   stdout_truncated: true,
   stderr_truncated: false,
+  stdout_replaced: true,
+  stderr_replaced: false,
   error: null,
   lease_expires_at: null,
   retry_on_failure: true,
@@ -73,6 +75,8 @@ test("a task survives the trip through the wire format", () => {
   expect(decoded.exitCode).toBe(-3);
   expect(decoded.env).toEqual({ A: "1" });
   expect(decoded.stdoutTruncated).toBe(true);
+  expect(decoded.stdoutReplaced).toBe(true);
+  expect(decoded.stderrReplaced).toBe(false);
   expect(decoded.stderr).toBe("");
   expect(decoded.attempt).toBe(2);
 });

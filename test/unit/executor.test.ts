@@ -137,16 +137,38 @@ test("large output stays bounded", async () => {
   expect(r.stdoutTruncated).toBe(true);
 });
 
+test("a NUL byte and invalid UTF-8 become U+FFFD, and the result says so", async () => {
+  const r = await run("printf 'a\\0b'; printf 'x\\377\\376y' >&2", { maxOutputBytes: 100 });
+  expect(r.stdout).toBe("a\uFFFDb");
+  expect(r.stdoutReplaced).toBe(true);
+  expect(r.stderr).toBe("x\uFFFD\uFFFDy");
+  expect(r.stderrReplaced).toBe(true);
+  const clean = await run("printf 'caf\\303\\251'", { maxOutputBytes: 100 });
+  expect(clean.stdout).toBe("café");
+  expect(clean.stdoutReplaced).toBe(false);
+  expect(clean.stderrReplaced).toBe(false);
+});
+
+test("replacement never makes a tail longer than its limit in bytes", () => {
+  const tail = new TailBuffer(10);
+  tail.push(new Uint8Array(10).fill(0xff)); // ten invalid bytes: thirty bytes of U+FFFD
+  const text = tail.text();
+  expect(text.replaced).toBe(true);
+  expect(text.truncated).toBe(true);
+  expect(Buffer.byteLength(text.text, "utf8")).toBeLessThanOrEqual(10);
+  expect(text.text).toBe("\uFFFD".repeat(3));
+});
+
 test("tail buffer drops a partial leading UTF-8 character", () => {
   const tail = new TailBuffer(4);
   tail.push(new TextEncoder().encode("xé€")); // 1 + 2 + 3 bytes; the tail starts mid-é
   expect(tail.truncated).toBe(true);
-  expect(tail.text()).toBe("€");
+  expect(tail.text().text).toBe("€");
   const exact = new TailBuffer(3);
   exact.push(new TextEncoder().encode("ab"));
   exact.push(new TextEncoder().encode("c"));
   expect(exact.truncated).toBe(false);
-  expect(exact.text()).toBe("abc");
+  expect(exact.text()).toEqual({ text: "abc", truncated: false, replaced: false });
 });
 
 test("times out and kills the group", async () => {

@@ -81,6 +81,7 @@ test("Welcome and Drain carry their fields", () => {
         heartbeatIntervalMs: 1000,
         heartbeatTimeoutMs: 5000,
         resumeToken: "tok",
+        maxMessageBytes: 8 * 1024 * 1024,
       },
       { protocolVersion: 1, features: new Set(["start_in_ms"] as const) },
     ),
@@ -97,6 +98,7 @@ test("Welcome and Drain carry their fields", () => {
       features: ["start_in_ms"],
     },
   });
+  expect(welcome.payload.value).toMatchObject({ maxMessageBytes: 8 * 1024 * 1024 });
   expect(overWire(drainMessage("shutting down")).payload).toMatchObject({ case: "drain", value: { reason: "shutting down" } });
 });
 

@@ -27,6 +27,8 @@ function result(overrides: Partial<RunResult>): RunResult {
     stderr: "",
     stdoutTruncated: false,
     stderrTruncated: true,
+    stdoutReplaced: false,
+    stderrReplaced: false,
     error: null,
     pid: 42,
     startedAt: at,

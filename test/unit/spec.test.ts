@@ -6,6 +6,7 @@ import { MAX_TIME_MS, MIN_TIME_MS, parseRfc3339 } from "../../src/task/rfc3339";
 import {
   isTaskId,
   MAX_COMMAND_BYTES,
+  MAX_ENV_TOTAL_BYTES,
   MAX_ENV_VALUE_BYTES,
   parseIdempotencyKey,
   toBatchSpecs,
@@ -173,6 +174,20 @@ describe("toTaskSpec", () => {
     rejects({ command: "x", env: { BIG: "x".repeat(MAX_ENV_VALUE_BYTES + 1) } }, "env.BIG");
     // Within the character limit, over the byte limit: "é" is two bytes.
     rejects({ command: "x", env: { BIG: "é".repeat(MAX_ENV_VALUE_BYTES / 2 + 1) } }, "env.BIG", /32768 bytes/);
+  });
+
+  test("env and secret_env together stay under what execve takes", () => {
+    // 256 x 32 KiB (8 MiB) passed every per-entry rule and failed at spawn with E2BIG.
+    const huge = Object.fromEntries(Array.from({ length: 256 }, (_, i) => [`V${i}`, "x".repeat(MAX_ENV_VALUE_BYTES)]));
+    rejects({ command: "x", env: huge }, "env", /at most 1048576 bytes/);
+    // Exactly at the limit: NAME=value, a NUL and 8 bytes per entry.
+    const entry = (i: number) => `V${String(i).padStart(2, "0")}`;
+    const value = (room: number) => "x".repeat(room - entry(0).length - 2 - 8);
+    const per = MAX_ENV_TOTAL_BYTES / 32;
+    const full = Object.fromEntries(Array.from({ length: 32 }, (_, i) => [entry(i), value(per)]));
+    expect(Object.keys(toTaskSpec({ command: "x", env: full }, defaults).env)).toHaveLength(32);
+    // One byte more, in secret_env: the total is what counts, and the field named is secret_env.
+    rejects({ command: "x", env: full, secret_env: { S: "" } }, "secret_env", /they have 1048587/);
   });
 
   test("cwd: an absolute path without NUL, at most 4096 characters", () => {
