@@ -83,8 +83,9 @@ export interface FinishReport {
 
 /**
  * Records an attempt's result if that attempt still holds the task (the fence), on the task
- * and on its attempt row (the output only there), as decideFinish says: back to the queue after a backoff (event
- * `retrying`), or final, a final failure's error saying why no attempt follows.
+ * and on its attempt row (the output only there), as decideFinish says: back to the queue
+ * after a backoff (event `retrying`), or final, a final failure's error saying why no attempt
+ * follows.
  * scheduled_at never changes. A report from a superseded attempt or another worker changes
  * no task and is recorded as `stale` (see recordStaleResult).
  */
