@@ -1,6 +1,7 @@
 // task_batches: the Idempotency-Key of a POST /tasks/batch and the batch it first created.
 import type { Task, TaskSpec } from "../task/task";
 import type { Sql } from "./sql";
+import { selectTasks } from "./tasks";
 
 /** Identifies a batch request: its specs in order, with each item's own idempotency key. */
 export function batchHash(specs: readonly TaskSpec[]): string {
@@ -48,7 +49,7 @@ export async function getBatch(sql: Sql, key: string, itemKeys: readonly (string
     FROM task_batches b
     CROSS JOIN LATERAL unnest(b.task_ids) WITH ORDINALITY AS u(task_id, n)
     LEFT JOIN LATERAL (
-      SELECT * FROM tasks
+      ${selectTasks(sql)}
       WHERE tasks.id = u.task_id
          OR tasks.idempotency_key = (${JSON.stringify(itemKeys)}::text::json ->> (u.n::int - 1))
       ORDER BY tasks.id = u.task_id DESC

@@ -1,11 +1,13 @@
 // The tail of every state change of a task: given a CTE `t` of the changed task rows, one
 // task_events row each and their notifications (src/db/notify.ts says who listens where), in
 // the same statement as the change itself, so that the row, its history and the live stream
-// can never disagree.
+// can never disagree. `t` holds the task rows' own columns (taskRowColumns), never their
+// output, which the tail reads from the current attempt.
 import type { Task } from "../task/task";
 import type { Fragment } from "./encode";
 import { TASK_CHANNEL, TASK_CHANNEL_PREFIX } from "./notify";
 import type { Sql } from "./sql";
+import { currentAttempt, outputColumns } from "./tasks";
 
 /** A changed task as its statement returns it, with the id of the event it appended. */
 export type TaskChangeRow = Task & { event_id: string };
@@ -25,9 +27,12 @@ export function recordChange(
   });
 }
 
-/** The change tail for rows of `t` that carry their own event_kind and event_detail columns. */
-export function recordChanges(sql: Sql): Fragment {
-  return changeTail(sql, { kind: sql`t.event_kind`, detail: sql`t.event_detail`, actor: sql`NULL::text` });
+/**
+ * The change tail for rows of `t` that carry their own event_kind and event_detail columns;
+ * `output` as in changeTail.
+ */
+export function recordChanges(sql: Sql, output?: Fragment): Fragment {
+  return changeTail(sql, { kind: sql`t.event_kind`, detail: sql`t.event_detail`, actor: sql`NULL::text`, output });
 }
 
 /**
@@ -44,10 +49,15 @@ function wakesCoordinators(sql: Sql): Fragment {
  * Appends one event per row and notifies. Each fragment may use the columns of `t`, the
  * changed rows, and of what `from` joins to it (by default nothing). The payload is small
  * and fixed (NOTIFY payloads are capped at 8000 bytes); listeners read the rest from the row.
+ *
+ * The rows returned carry the output of each task's current attempt, as every read does
+ * (src/db/tasks.ts). The statement sees task_attempts as it was before it ran: right for a
+ * change that leaves the attempt's output alone (an attempt it opens has none yet), while a
+ * statement that writes the output passes `output`, a join naming the written values `o`.
  */
 export function changeTail(
   sql: Sql,
-  event: { kind: Fragment; detail: Fragment; actor: Fragment; from?: Fragment },
+  event: { kind: Fragment; detail: Fragment; actor: Fragment; from?: Fragment; output?: Fragment },
   /** False for new tasks: nobody can be watching a task whose id is not out yet. */
   watched = true,
 ): Fragment {
@@ -58,10 +68,11 @@ export function changeTail(
       FROM ${event.from ?? sql`t`}
       RETURNING id, task_id, kind
     )
-    SELECT t.*, e.id::text AS event_id,
+    SELECT t.*, ${outputColumns(sql)}, e.id::text AS event_id,
       ${watched ? sql`pg_notify(${TASK_CHANNEL_PREFIX} || t.id::text, n.payload)::text` : sql`NULL::text`} AS notified,
       CASE WHEN ${wakesCoordinators(sql)} THEN pg_notify(${TASK_CHANNEL}, n.payload) END::text AS notified_all
     FROM t JOIN e ON e.task_id = t.id
+    ${event.output ?? currentAttempt(sql, "t")}
     CROSS JOIN LATERAL (
       SELECT json_build_object(
         'id', t.id, 'state', t.state, 'attempt', t.attempt, 'worker_id', t.worker_id,

@@ -4,6 +4,7 @@ import { openAttempts } from "./attempts";
 import { changedRows, recordChange, type TaskChangeRow } from "./changes";
 import { array, fromNow, states } from "./encode";
 import type { Sql } from "./sql";
+import { taskRowColumns } from "./tasks";
 
 /** A claimed attempt, and how long until its task is due by the database's clock. */
 export type ClaimedTask = TaskChangeRow & {
@@ -45,11 +46,9 @@ export async function claimDue(
         state = 'dispatched', picked_at = clock_timestamp(), attempt = tasks.attempt + 1,
         worker_id = (${array(sql, slots, "text")})[c.n::int], coordinator_id = ${coordinatorId},
         lease_expires_at = ${fromNow(sql, leaseMs)},
-        started_at = NULL, exit_code = NULL, signal = NULL, error = NULL,
-        stdout = NULL, stderr = NULL, stdout_truncated = false, stderr_truncated = false,
-        stdout_replaced = false, stderr_replaced = false
+        started_at = NULL, exit_code = NULL, signal = NULL, error = NULL
       FROM c WHERE tasks.id = c.id
-      RETURNING tasks.*,
+      RETURNING ${taskRowColumns(sql, "tasks")},
         -- Rounded up, and read after the claim: waiting this long from any later moment never
         -- starts the task before its time.
         greatest(0, ceil(extract(epoch FROM tasks.run_at - clock_timestamp()) * 1000))::integer AS start_in_ms

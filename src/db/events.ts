@@ -2,6 +2,7 @@
 // statements in tasks.ts; this module reads them.
 import type { Task } from "../task/task";
 import type { Sql } from "./sql";
+import { currentAttempt, outputColumns, taskRowColumns } from "./tasks";
 
 export interface TaskEventRow {
   /** bigint, as text. */
@@ -46,7 +47,7 @@ export interface TaskSince {
  */
 export async function readTaskSince(sql: Sql, id: string, after: string, limit: number): Promise<TaskSince | null> {
   const rows = await sql<(Task & { since_events: (Omit<TaskEventRow, "at"> & { at: string })[]; last_event_id: string })[]>`
-    SELECT t.*,
+    SELECT ${taskRowColumns(sql, "t")}, ${outputColumns(sql)},
       coalesce((
         SELECT json_agg(e ORDER BY e.seq) FROM (
           SELECT id AS seq, id::text AS id, task_id, at, kind, state, attempt, worker_id, actor, detail
@@ -54,7 +55,7 @@ export async function readTaskSince(sql: Sql, id: string, after: string, limit: 
         ) e
       ), '[]'::json) AS since_events,
       coalesce((SELECT max(id) FROM task_events WHERE task_id = t.id), 0)::text AS last_event_id
-    FROM tasks t WHERE t.id = ${id}`;
+    FROM tasks t ${currentAttempt(sql, "t")} WHERE t.id = ${id}`;
   const row = rows[0];
   if (!row) return null;
   const { since_events, last_event_id, ...task } = row;

@@ -5,6 +5,7 @@ import { openAttempts } from "./attempts";
 import { changedRows, changeTail, type TaskChangeRow } from "./changes";
 import { array, unnest } from "./encode";
 import type { Sql } from "./sql";
+import { selectTasks, taskRowColumns } from "./tasks";
 
 export interface Assignment {
   workerId: string;
@@ -108,7 +109,7 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
       -- the future, making the task briefly "not yet due".
       CROSS JOIN LATERAL (SELECT coalesce(r.scheduled_at, date_trunc('milliseconds', clock_timestamp())) AS at) due
       ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-      RETURNING *
+      RETURNING ${taskRowColumns(sql, "tasks")}
     ),
     ${openAttempts(sql)},
     ${changeTail(
@@ -131,7 +132,7 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
   const keys = [...new Set(items.filter(({ id }) => !created.has(id)).map(({ spec }) => spec.idempotencyKey))];
   if (keys.includes(null)) throw new Error("insert wrote nothing for a task without an idempotency key");
   const existing = await sql<Task[]>`
-    SELECT * FROM tasks WHERE idempotency_key = ANY(${array(sql, keys, "text")})`;
+    ${selectTasks(sql)} WHERE tasks.idempotency_key = ANY(${array(sql, keys, "text")})`;
   const byKey = new Map(existing.map((task) => [task.idempotency_key, task]));
   return items.map(({ spec }, i) => {
     const outcome = outcomes[i];

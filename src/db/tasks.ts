@@ -3,10 +3,89 @@
 // loss, its lease, a cancel), each ending in the change tail of changes.ts.
 import type { TaskState } from "../task/state";
 import type { Task } from "../task/task";
+import type { Fragment } from "./encode";
 import type { Sql } from "./sql";
 
+/**
+ * A task's output, which is stored once, on its attempt (task_attempts): the columns of the
+ * same names on tasks are no longer written (a later release drops them) and never read.
+ */
+export const OUTPUT_COLUMNS = [
+  "stdout",
+  "stderr",
+  "stdout_truncated",
+  "stderr_truncated",
+  "stdout_replaced",
+  "stderr_replaced",
+] as const;
+
+/** Every column of a Task that its own row holds: all of tasks but the output (a test checks it against the table). */
+export const TASK_ROW_COLUMNS = [
+  "id",
+  "command",
+  "state",
+  "priority",
+  "scheduled_at",
+  "run_at",
+  "created_at",
+  "picked_at",
+  "started_at",
+  "completed_at",
+  "failed_at",
+  "cancelled_at",
+  "attempt",
+  "interruptions",
+  "max_attempts",
+  "timeout_ms",
+  "env",
+  "cwd",
+  "worker_id",
+  "coordinator_id",
+  "exit_code",
+  "signal",
+  "error",
+  "lease_expires_at",
+  "retry_on_failure",
+  "retry_on_timeout",
+  "retry_on_lost",
+  "retry_backoff_base_ms",
+  "retry_backoff_cap_ms",
+  "idempotency_key",
+  "idempotency_hash",
+  "secret_env",
+  "limits",
+] as const;
+
+/** The task row's own columns, qualified by `table` (a statement's RETURNING, or a read's select list). */
+export function taskRowColumns(sql: Sql, table: string): Fragment {
+  return sql`${sql(TASK_ROW_COLUMNS.map((column) => `${table}.${column}`))}`;
+}
+
+/**
+ * The output columns of a Task, read from `o`: its current attempt (currentAttempt), or a
+ * relation with the same columns. No attempt (a task never claimed) is no output.
+ */
+export function outputColumns(sql: Sql): Fragment {
+  return sql`o.stdout, o.stderr,
+    coalesce(o.stdout_truncated, false) AS stdout_truncated, coalesce(o.stderr_truncated, false) AS stderr_truncated,
+    coalesce(o.stdout_replaced, false) AS stdout_replaced, coalesce(o.stderr_replaced, false) AS stderr_replaced`;
+}
+
+/** Joins the current attempt of the task rows `table` as `o`, by its primary key. */
+export function currentAttempt(sql: Sql, table: string): Fragment {
+  return sql`LEFT JOIN task_attempts o ON o.task_id = ${sql(`${table}.id`)} AND o.attempt = ${sql(`${table}.attempt`)}`;
+}
+
+/**
+ * The one select of a task with its output, for every read: append WHERE, ORDER BY and LIMIT,
+ * naming the task's columns as `tasks.<column>` (task_attempts shares some of their names).
+ */
+export function selectTasks(sql: Sql): Fragment {
+  return sql`SELECT ${taskRowColumns(sql, "tasks")}, ${outputColumns(sql)} FROM tasks ${currentAttempt(sql, "tasks")}`;
+}
+
 export async function getTask(sql: Sql, id: string): Promise<Task | null> {
-  const rows = await sql<Task[]>`SELECT * FROM tasks WHERE id = ${id}`;
+  const rows = await sql<Task[]>`${selectTasks(sql)} WHERE tasks.id = ${id}`;
   return rows[0] ?? null;
 }
 
@@ -20,11 +99,11 @@ export interface ListTasksQuery {
 /** Newest first; one more row than asked tells the caller whether a next page exists. */
 export async function listTasks(sql: Sql, query: ListTasksQuery): Promise<Task[]> {
   return sql<Task[]>`
-    SELECT * FROM tasks
+    ${selectTasks(sql)}
     WHERE true
-      ${query.state ? sql`AND state = ${query.state}` : sql``}
-      ${query.before ? sql`AND id < ${query.before}` : sql``}
-    ORDER BY id DESC
+      ${query.state ? sql`AND tasks.state = ${query.state}` : sql``}
+      ${query.before ? sql`AND tasks.id < ${query.before}` : sql``}
+    ORDER BY tasks.id DESC
     LIMIT ${query.limit}`;
 }
 

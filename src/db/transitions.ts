@@ -20,7 +20,7 @@ import { endAttempts, finishAttemptRows, recordUsage, startAttempts, usageColumn
 import { changedRows, recordChange, recordChanges, type TaskChangeRow } from "./changes";
 import { array, type Column, type Fragment, fromNow, states, unnest } from "./encode";
 import type { Sql } from "./sql";
-import { getTask } from "./tasks";
+import { getTask, taskRowColumns } from "./tasks";
 
 /** The batch columns naming each row's attempt: id, attempt, worker_id. */
 function refColumns<R>(ref: (row: R) => AttemptRef): Record<string, Column<R>> {
@@ -67,7 +67,7 @@ export async function markStartedMany(sql: Sql, reports: readonly StartReport[])
         pid: ["integer", (report) => report.pid],
       })}
       WHERE ${fence(sql, GUARDS.start)}
-      RETURNING tasks.*, 'started'::text AS event_kind, jsonb_build_object('pid', r.pid) AS event_detail
+      RETURNING ${taskRowColumns(sql, "tasks")}, 'started'::text AS event_kind, jsonb_build_object('pid', r.pid) AS event_detail
     ),
     ${startAttempts(sql)},
     ${recordChanges(sql)}`;
@@ -83,8 +83,9 @@ export interface FinishReport {
 
 /**
  * Records an attempt's result if that attempt still holds the task (the fence), on the task
- * and on its attempt row, as decideFinish says: back to the queue after a backoff (event
- * `retrying`), or final, a final failure's error saying why no attempt follows.
+ * and on its attempt row (the output only there), as decideFinish says: back to the queue
+ * after a backoff (event `retrying`), or final, a final failure's error saying why no attempt
+ * follows.
  * scheduled_at never changes. A report from a superseded attempt or another worker changes
  * no task and is recorded as `stale` (see recordStaleResult).
  */
@@ -173,18 +174,18 @@ function applyFinishes(sql: Sql, decided: readonly (FinishReport & { decision: F
         lease_expires_at = NULL,
         started_at = coalesce(tasks.started_at, d.started_at),
         completed_at = d.completed_at, failed_at = d.failed_at,
-        exit_code = d.exit_code, signal = d.signal, stdout = d.stdout, stderr = d.stderr,
-        stdout_truncated = d.stdout_truncated, stderr_truncated = d.stderr_truncated,
-        stdout_replaced = d.stdout_replaced, stderr_replaced = d.stderr_replaced,
+        exit_code = d.exit_code, signal = d.signal,
         error = d.task_error
       FROM d WHERE tasks.id = d.id
-      -- The output stays on the task and its attempt row; the event says what happened.
-      RETURNING tasks.*, d.event_kind, jsonb_build_object(
+      -- The output is stored once, on the attempt row (a_end); the event says what happened.
+      RETURNING ${taskRowColumns(sql, "tasks")}, d.event_kind, jsonb_build_object(
         'outcome', d.outcome, 'exit_code', d.exit_code, 'signal', d.signal, 'error', d.error
       ) || CASE WHEN d.retry_in_ms IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('run_at', tasks.run_at) END AS event_detail
     ),
     ${finishAttemptRows(sql)},
-    ${recordChanges(sql)}`;
+    -- The statement cannot see what a_end writes: the answer's output is the result's own
+    -- (one row per task, should a batch carry a report twice).
+    ${recordChanges(sql, sql`CROSS JOIN LATERAL (SELECT * FROM d WHERE d.id = t.id LIMIT 1) o`)}`;
 }
 
 /**
@@ -279,7 +280,7 @@ async function loseAttempts(
         interrupted: ["boolean", ({ decision }) => decision.interrupted],
       })}
       WHERE ${fence(sql, GUARDS.inFlight)} AND ${where}
-      RETURNING tasks.*, r.event_kind,
+      RETURNING ${taskRowColumns(sql, "tasks")}, r.event_kind,
         jsonb_build_object('outcome', ${cause}::text, 'cause', ${cause}::text, 'reason', ${reason}::text) AS event_detail
     ),
     ${endAttempts(sql, cause, reason)},
@@ -387,7 +388,7 @@ export async function cancelTask(sql: Sql, id: string, actor: string | null = nu
     t AS (
       UPDATE tasks SET state = 'cancelled', cancelled_at = clock_timestamp(), lease_expires_at = NULL
       FROM before WHERE tasks.id = before.id
-      RETURNING tasks.*, before.state AS was_state
+      RETURNING ${taskRowColumns(sql, "tasks")}, before.state AS was_state
     ),
     ${endAttempts(sql, "stopped", "cancelled")},
     ${recordChange(sql, "cancelled", null, actor)}`;

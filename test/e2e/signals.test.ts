@@ -5,6 +5,7 @@
 import { afterAll, beforeAll, expect, setDefaultTimeout, test } from "bun:test";
 import { readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { getTask } from "../../src/db/tasks";
 import { freePort, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { postJson, watchTask } from "../support/http";
 import { isRunning } from "../support/is-running";
@@ -36,9 +37,8 @@ const NOW = "role.stopping_now";
 const count = (role: RoleProcess, event: string) => role.logged(event).length;
 
 async function taskRow(id: string) {
-  const [row] = await db.sql<{ state: string; attempt: number; stdout: string }[]>`
-    SELECT state, attempt, stdout FROM tasks WHERE id = ${id}`;
-  return row;
+  const task = await getTask(db.sql, id);
+  return task && { state: task.state, attempt: task.attempt, stdout: task.stdout };
 }
 
 test("worker: SIGTERM to the group, twice, drains once; the running task finishes and the worker exits 0", async () => {

@@ -315,8 +315,15 @@ describe("WorkerService", () => {
     });
     const ack = await worker.next();
     expect(ack.payload).toMatchObject({ case: "ack", value: { ref: { taskId: task!.id, attempt: 1 }, stale: false } });
-    const [row] = await db.sql`SELECT state, stdout, exit_code, worker_id FROM tasks WHERE id = ${task!.id}`;
-    expect(row).toEqual({ state: "succeeded", stdout: "from-hand\n", exit_code: 0, worker_id: workerId });
+    const [row] = await db.sql`SELECT state, exit_code, worker_id FROM tasks WHERE id = ${task!.id}`;
+    expect(row).toEqual({ state: "succeeded", exit_code: 0, worker_id: workerId });
+    // The output is stored on the attempt; GetTask shows it.
+    const [attemptRow] = await db.sql`SELECT stdout FROM task_attempts WHERE task_id = ${task!.id} AND attempt = 1`;
+    expect(attemptRow).toEqual({ stdout: "from-hand\n" });
+    expect((await call<{ task: typeof task }>("getTask", { id: task!.id })).task).toMatchObject({
+      state: TaskState.SUCCEEDED,
+      stdout: "from-hand\n",
+    });
 
     // The same result again (a re-send after a reconnect) changes nothing.
     worker.send({ case: "finished", value: { ref, outcome: Outcome.EXITED, exitCode: 1, finishedAt: now } });

@@ -493,6 +493,23 @@ describe("GET /tasks/:id", () => {
     expectError(await call("GET", "/tasks/01890a5d-ac96-774b-bcce-b302099a805"), 400, "invalid_argument", "id");
     expectError(await call("GET", `/tasks/${newTaskId()}`), 404, "not_found", undefined, /not found/);
   });
+
+  test("shows the output of the task's current attempt, which only the attempt row stores", async () => {
+    const task = await createTask(db.sql, taskSpec({ maxAttempts: 2 }));
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
+    await finishAttempt(
+      db.sql,
+      { taskId: task.id, attempt: 1, workerId: "w1" },
+      { ...success, state: "failed", exitCode: 2, stdout: "one\n" },
+    );
+    expect((await call("GET", `/tasks/${task.id}`)).json).toMatchObject({ state: "queued", attempt: 1, stdout: "one\n" });
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
+    await finishAttempt(db.sql, { taskId: task.id, attempt: 2, workerId: "w1" }, { ...success, stdoutTruncated: true });
+    const answer = await call("GET", `/tasks/${task.id}`);
+    expect(answer.json).toMatchObject({ state: "succeeded", attempt: 2, stdout: "done\n", stdout_truncated: true });
+    const [row] = await db.sql`SELECT stdout, stdout_truncated FROM tasks WHERE id = ${task.id}`;
+    expect(row).toEqual({ stdout: null, stdout_truncated: false });
+  });
 });
 
 describe("POST /tasks/:id/cancel", () => {

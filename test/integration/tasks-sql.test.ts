@@ -1,12 +1,13 @@
 import { describe, expect, setDefaultTimeout, test } from "bun:test";
 import { listAttempts } from "../../src/db/attempts";
+import { claimBatchKey, getBatch } from "../../src/db/batches";
 import { claimDue, nextDueIn } from "../../src/db/claim";
-import { listTaskEvents } from "../../src/db/events";
+import { listTaskEvents, readTaskSince } from "../../src/db/events";
 import { insertTask, insertTasks } from "../../src/db/insert";
 import { migrate, parseMigration, readMigrations } from "../../src/db/migrate";
 import { type TaskChange, TaskChangeFeed } from "../../src/db/notify";
 import { connect } from "../../src/db/sql";
-import { getTask, listTasks } from "../../src/db/tasks";
+import { getTask, listTasks, OUTPUT_COLUMNS, TASK_ROW_COLUMNS } from "../../src/db/tasks";
 import {
   cancelTask,
   finishAttempt,
@@ -761,6 +762,106 @@ describe("run_at", () => {
     const text = plan.map((row) => row["QUERY PLAN"]).join("\n");
     expect(text).toContain("tasks_run_at_idx");
     expect(text).not.toContain("Sort");
+  });
+});
+
+describe("output stored once", () => {
+  /** The output columns of the tasks row itself, which nothing writes any more. */
+  const rowOutput = async (id: string) => (await db.sql`SELECT ${db.sql(OUTPUT_COLUMNS)} FROM tasks WHERE id = ${id}`)[0];
+  const unwritten = {
+    stdout: null,
+    stderr: null,
+    stdout_truncated: false,
+    stderr_truncated: false,
+    stdout_replaced: false,
+    stderr_replaced: false,
+  };
+  const output = (task: object | null | undefined) =>
+    task && Object.fromEntries(OUTPUT_COLUMNS.map((column) => [column, (task as Record<string, unknown>)[column]]));
+
+  test("a finished attempt's output is on its attempt row only; every read and answer shows the current attempt's", async () => {
+    await clear();
+    const task = await createTask(db.sql, taskSpec({ maxAttempts: 2, idempotencyKey: "once-1" }));
+    const [claimed] = await claimDue(db.sql, "c1", ["w1"], 30_000);
+    expect(output(claimed)).toEqual(unwritten);
+    const ref1 = { taskId: task.id, attempt: 1, workerId: "w1" };
+    const first = {
+      stdout: "first\n",
+      stderr: "e1",
+      stdout_truncated: true,
+      stderr_truncated: false,
+      stdout_replaced: false,
+      stderr_replaced: true,
+    };
+    const { applied } = await finishAttempt(
+      db.sql,
+      ref1,
+      success({ state: "failed", exitCode: 1, stdout: "first\n", stderr: "e1", stdoutTruncated: true, stderrReplaced: true }),
+    );
+    expect(applied?.state).toBe("queued");
+    expect(output(applied)).toEqual(first);
+    expect(await rowOutput(task.id)).toEqual(unwritten);
+    expect(output(await getTask(db.sql, task.id))).toEqual(first);
+    expect(output((await listTasks(db.sql, { limit: 10 }))[0])).toEqual(first);
+    expect(output((await readTaskSince(db.sql, task.id, "0", 10))?.task)).toEqual(first);
+    const replay = await insertTask(db.sql, newTaskId(), taskSpec({ maxAttempts: 2, idempotencyKey: "once-1" }));
+    expect(replay.kind).toBe("existing");
+    expect(output(replay.task)).toEqual(first);
+
+    // The retry's attempt has no output yet, and shows none; the first keeps its own.
+    const [retried] = await claimDue(db.sql, "c1", ["w2"], 30_000);
+    expect(retried).toMatchObject({ id: task.id, attempt: 2 });
+    expect(output(retried)).toEqual(unwritten);
+    expect(output(await getTask(db.sql, task.id))).toEqual(unwritten);
+    const started = await markStarted(db.sql, { taskId: task.id, attempt: 2, workerId: "w2", startedAt: new Date(), pid: 7 });
+    expect(output(started)).toEqual(unwritten);
+    const second = { ...unwritten, stdout: "second\n", stderr: "", stdout_replaced: true };
+    const done = await finishAttempt(
+      db.sql,
+      { taskId: task.id, attempt: 2, workerId: "w2" },
+      success({ stdout: "second\n", stdoutReplaced: true }),
+    );
+    expect(output(done.applied)).toEqual(second);
+    expect(await rowOutput(task.id)).toEqual(unwritten);
+    expect(output(await getTask(db.sql, task.id))).toEqual(second);
+    const attempts = await listAttempts(db.sql, task.id);
+    expect(attempts.map(output)).toEqual([first, second]);
+  });
+
+  test("a cancel, a lost attempt and a batch replay answer with the current attempt's output", async () => {
+    await clear();
+    const task = await createTask(db.sql, taskSpec({ maxAttempts: 3 }));
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
+    await finishAttempt(
+      db.sql,
+      { taskId: task.id, attempt: 1, workerId: "w1" },
+      success({ state: "failed", exitCode: 2, stdout: "one\n" }),
+    );
+    expect(await claimBatchKey(db.sql, { key: "once-batch", hash: "h", taskIds: [task.id], actor: null })).toBe(true);
+    expect((await getBatch(db.sql, "once-batch", [null]))?.tasks[0]?.stdout).toBe("one\n");
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
+    const [lost] = await requeueWorkerTasks(db.sql, "w1", "gone", "lost");
+    expect(lost).toMatchObject({ state: "queued", attempt: 2, stdout: null });
+    const cancelled = await cancelTask(db.sql, task.id);
+    expect(cancelled.kind).toBe("cancelled");
+    if (cancelled.kind === "cancelled") expect(cancelled.task).toMatchObject({ attempt: 2, stdout: null });
+
+    const other = await createTask(db.sql, taskSpec({ maxAttempts: 2 }));
+    await claimDue(db.sql, "c1", ["w1"], 30_000);
+    await finishAttempt(
+      db.sql,
+      { taskId: other.id, attempt: 1, workerId: "w1" },
+      success({ state: "failed", exitCode: 2, stdout: "kept\n" }),
+    );
+    const stopped = await cancelTask(db.sql, other.id);
+    if (stopped.kind !== "cancelled") throw new Error(`expected a cancel, got ${stopped.kind}`);
+    expect(stopped.task).toMatchObject({ state: "cancelled", attempt: 1, stdout: "kept\n" });
+  });
+
+  test("a Task's columns are the tasks row's own and its output", async () => {
+    const rows = await db.sql<{ column_name: string }[]>`
+      SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = 'tasks'`;
+    expect(rows.map((row) => row.column_name).sort()).toEqual([...TASK_ROW_COLUMNS, ...OUTPUT_COLUMNS].sort());
   });
 });
 
