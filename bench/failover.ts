@@ -3,7 +3,7 @@
 // run as real processes with the product's heartbeat settings. Each trial runs a task that
 // signals the FIFO when an attempt's shell starts and then waits for a gate; the bench kills
 // or freezes the worker holding it and times until the next attempt signals.
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { watchTask } from "../test/support/http";
@@ -86,6 +86,8 @@ async function run(options: BenchOptions): Promise<BenchResult> {
     console.log(`failover: PostgreSQL (${db.postgres.source}): ${db.postgres.version}`);
     const fifo = FifoSignals.open(scope);
     const gateDir = mkdtempSync(join(tmpdir(), "tq-bench-gates-"));
+    // Tasks may run as their slots' own users, who must see the gates appear.
+    chmodSync(gateDir, 0o711);
     scope.defer("remove the gates", () => existsSync(gateDir) && rmSync(gateDir, { recursive: true, force: true }));
     const roleEnv = {
       TQ_HEARTBEAT_INTERVAL_MS: String(HEARTBEAT_INTERVAL_MS),

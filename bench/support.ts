@@ -1,7 +1,7 @@
 // What every bench shares: the result shape, a clean-up scope that also runs on Ctrl-C, a
 // throwaway database (on DATABASE_URL's server, or on embedded PostgreSQL in a temp folder),
 // a FIFO that spawned shells write to, and percentiles.
-import { closeSync, mkdtempSync, openSync, rmSync } from "node:fs";
+import { chmodSync, closeSync, mkdtempSync, openSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import postgres from "postgres";
@@ -294,11 +294,13 @@ export class FifoSignals {
 
   constructor() {
     this.dir = mkdtempSync(join(tmpdir(), "tq-bench-fifo-"));
+    // A worker started as root runs tasks as its slots' own users: they must reach the FIFO.
+    chmodSync(this.dir, 0o711);
     this.path = join(this.dir, "signals");
   }
 
   start(): void {
-    const made = Bun.spawnSync(["mkfifo", "-m", "600", this.path]);
+    const made = Bun.spawnSync(["mkfifo", "-m", "622", this.path]);
     if (made.exitCode !== 0) throw new Error(`mkfifo ${this.path} failed: ${made.stderr.toString().trim()}`);
     this.fd = openSync(this.path, "r+");
     const reader = Bun.file(this.fd).stream().getReader();
