@@ -1,10 +1,14 @@
-import { expect, test } from "bun:test";
+import { expect, setDefaultTimeout, test } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { execute, type RunResult, type RunSpec } from "../../src/worker/executor.ts";
 import { TailBuffer } from "../../src/worker/output.ts";
 import { isRunning } from "../support/is-running";
+
+// Real processes and signals: well under a second each when the machine is idle, but a loaded
+// CI machine has taken over the runner's 5 s default.
+setDefaultTimeout(30_000);
 
 const baseEnv = { PATH: process.env.PATH ?? "/usr/bin:/bin" };
 
