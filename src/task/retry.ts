@@ -6,7 +6,7 @@
 // failure of a lost attempt is stamped by it, as every other time that dueness is judged
 // against (ARCHITECTURE.md, "Task states").
 import { describeResult, type LossCause } from "./attempt";
-import type { AttemptResult, Task } from "./task";
+import { type AttemptResult, NO_OUTPUT, type Task } from "./task";
 
 /**
  * What the decisions read from a task: the attempt that ended (pinned by the fence), how many
@@ -189,12 +189,7 @@ export function unstorableResult(result: Pick<AttemptResult, "exitCode">): Attem
     state: "failed",
     exitCode: result.exitCode,
     signal: null,
-    stdout: "",
-    stderr: "",
-    stdoutTruncated: false,
-    stderrTruncated: false,
-    stdoutReplaced: false,
-    stderrReplaced: false,
+    ...NO_OUTPUT,
     error: UNSTORABLE_RESULT_ERROR,
     startedAt: null,
     finishedAt: new Date(),

@@ -132,11 +132,12 @@ export interface Submitted {
   created: boolean;
 }
 
-/** How an attempt ended, as the worker reports it. */
-export interface AttemptResult {
-  state: "succeeded" | "failed" | "timed_out";
-  exitCode: number | null;
-  signal: string | null;
+/**
+ * The tail of an attempt's output, as the worker captured it. Each stream is text that
+ * PostgreSQL and JSON can hold: a NUL byte or a byte sequence that is not UTF-8 is replaced with
+ * U+FFFD, and `*Replaced` says so (the text is then not byte for byte what the command wrote).
+ */
+export interface CapturedOutput {
   stdout: string;
   stderr: string;
   stdoutTruncated: boolean;
@@ -144,6 +145,23 @@ export interface AttemptResult {
   /** The worker replaced NUL or invalid UTF-8 in the stream with U+FFFD. */
   stdoutReplaced: boolean;
   stderrReplaced: boolean;
+}
+
+/** The output of a command that never started (or whose output is not kept). */
+export const NO_OUTPUT: CapturedOutput = {
+  stdout: "",
+  stderr: "",
+  stdoutTruncated: false,
+  stderrTruncated: false,
+  stdoutReplaced: false,
+  stderrReplaced: false,
+};
+
+/** How an attempt ended, as the worker reports it. */
+export interface AttemptResult extends CapturedOutput {
+  state: "succeeded" | "failed" | "timed_out";
+  exitCode: number | null;
+  signal: string | null;
   error: string | null;
   startedAt: Date | null;
   finishedAt: Date;

@@ -4,9 +4,10 @@
 // command wrote is captured by src/worker/output.ts.
 import { readdirSync, readFileSync, statSync } from "node:fs";
 import type { AttemptUsage } from "../task/task";
+import { type CapturedOutput, NO_OUTPUT } from "../task/task";
 import { searchDenied, type TaskIdentity } from "./identity";
 import { type Confinement, oomError } from "./limits";
-import { type CapturedOutput, captureTail, NO_OUTPUT } from "./output";
+import { captureTail } from "./output";
 
 export type Outcome = "exited" | "spawn_failed" | "timed_out" | "cancelled" | "abandoned";
 

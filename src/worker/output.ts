@@ -2,19 +2,7 @@
 // runs. Today it keeps the bounded tail of each stream; live logs will replace it with one that
 // streams chunks, behind the same OutputCapture shape, so the executor does not change.
 
-/**
- * A command's output as its result reports it. Each stream is text that PostgreSQL and JSON can
- * hold: a NUL byte or a byte sequence that is not UTF-8 is replaced with U+FFFD, and `*Replaced`
- * says so (the text is then not byte for byte what the command wrote).
- */
-export interface CapturedOutput {
-  stdout: string;
-  stderr: string;
-  stdoutTruncated: boolean;
-  stderrTruncated: boolean;
-  stdoutReplaced: boolean;
-  stderrReplaced: boolean;
-}
+import type { CapturedOutput } from "../task/task";
 
 /** The output of one running command. */
 export interface OutputCapture {
@@ -25,16 +13,6 @@ export interface OutputCapture {
   /** What was captured until now. */
   collect(): CapturedOutput;
 }
-
-/** The output of a command that never started. */
-export const NO_OUTPUT: CapturedOutput = {
-  stdout: "",
-  stderr: "",
-  stdoutTruncated: false,
-  stderrTruncated: false,
-  stdoutReplaced: false,
-  stderrReplaced: false,
-};
 
 // Structural types: Bun's pipes are typed as node:stream/web streams, which the DOM
 // ReadableStream and ReadableStreamDefaultReader types do not accept.

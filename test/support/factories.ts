@@ -4,7 +4,7 @@ import { ANONYMOUS } from "../../src/auth/tokens";
 import type { TaskChangeRow } from "../../src/db/changes";
 import { type Assignment, insertTask } from "../../src/db/insert";
 import type { Sql } from "../../src/db/sql";
-import type { AttemptResult, TaskSpec } from "../../src/task/task";
+import { type AttemptResult, NO_OUTPUT, type TaskSpec } from "../../src/task/task";
 
 export function taskSpec(overrides: Partial<TaskSpec> = {}): TaskSpec {
   return {
@@ -27,12 +27,7 @@ export function attemptResult(overrides: Partial<AttemptResult> = {}): AttemptRe
     state: "succeeded",
     exitCode: 0,
     signal: null,
-    stdout: "",
-    stderr: "",
-    stdoutTruncated: false,
-    stderrTruncated: false,
-    stdoutReplaced: false,
-    stderrReplaced: false,
+    ...NO_OUTPUT,
     error: null,
     startedAt: new Date(),
     finishedAt: new Date(),
