@@ -119,6 +119,11 @@ const BatchIdempotencyHeaders = t.Object(
   { additionalProperties: true },
 );
 
+/** Query values arrive as text; the paged lists' schemas want `limit` as a number. */
+function limitAsNumber({ query }: { query: Record<string, unknown> }): void {
+  if (typeof query.limit === "string" && /^-?\d{1,9}$/.test(query.limit)) query.limit = Number(query.limit);
+}
+
 function withKey(spec: TaskSpec, headers: { "idempotency-key"?: string }): TaskSpec {
   return { ...spec, idempotencyKey: parseIdempotencyKey(headers["idempotency-key"]) };
 }
@@ -258,11 +263,7 @@ function tasksController(deps: ApiDeps) {
         return { tasks: page.tasks.map(taskJson), next_cursor: page.nextCursor };
       },
       {
-        // Query values arrive as text; the schema wants the number.
-        transform({ query }) {
-          const raw = query as Record<string, unknown>;
-          if (typeof raw.limit === "string" && /^-?\d{1,9}$/.test(raw.limit)) raw.limit = Number(raw.limit);
-        },
+        transform: limitAsNumber,
         query: TaskListQuery,
         response: responses({ 200: answer(TaskList, "A page of tasks, newest first.") }, [400]),
         detail: {
@@ -317,10 +318,7 @@ function tasksController(deps: ApiDeps) {
         return { events: page.events.map(eventJson), next_cursor: page.nextCursor };
       },
       {
-        transform({ query }) {
-          const raw = query as Record<string, unknown>;
-          if (typeof raw.limit === "string" && /^-?\d{1,9}$/.test(raw.limit)) raw.limit = Number(raw.limit);
-        },
+        transform: limitAsNumber,
         params: TaskIdParams,
         query: HistoryQuery,
         response: responses({ 200: answer(EventPage, "A page of the task's events, oldest first.") }, [400, 404]),

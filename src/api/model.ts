@@ -181,10 +181,13 @@ export const TaskBatch = Type.Object(
 );
 export type TaskBatch = typeof TaskBatch.static;
 
+/** The cursor of the page after this one, in every paged answer. */
+const NextCursor = Nullable(Type.String({ description: "Pass as `cursor` for the next page; null on the last page." }));
+
 export const TaskList = Type.Object(
   {
     tasks: Type.Array(TaskJson, { description: "Newest first." }),
-    next_cursor: Nullable(Type.String({ description: "Pass as `cursor` for the next page; null on the last page." })),
+    next_cursor: NextCursor,
   },
   { additionalProperties: false },
 );
@@ -281,7 +284,7 @@ export type EventJson = typeof EventJson.static;
 export const EventPage = Type.Object(
   {
     events: Type.Array(EventJson, { description: "Oldest first." }),
-    next_cursor: Nullable(Type.String({ description: "Pass as `cursor` for the next page; null on the last page." })),
+    next_cursor: NextCursor,
   },
   { additionalProperties: false },
 );
@@ -381,16 +384,15 @@ export const TaskIdParams = Type.Object({ id: Type.String({ format: "uuid", desc
 
 export const StatusQuery = Type.Object({ task_id: Type.String({ format: "uuid", description: "Task id (UUID)." }) });
 
-export const HistoryQuery = Type.Object({
+/** The query of every paged list: its size and where it starts. */
+const pageQuery = {
   limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 500, description: "Page size. Defaults to 50." })),
   cursor: Type.Optional(Type.String({ description: "next_cursor of the previous page." })),
-});
+};
 
-export const TaskListQuery = Type.Object({
-  state: Type.Optional(TaskStateJson),
-  limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 500, description: "Page size. Defaults to 50." })),
-  cursor: Type.Optional(Type.String({ description: "next_cursor of the previous page." })),
-});
+export const HistoryQuery = Type.Object(pageQuery);
+
+export const TaskListQuery = Type.Object({ state: Type.Optional(TaskStateJson), ...pageQuery });
 
 const iso = (date: Date) => date.toISOString();
 const isoOrNull = (date: Date | null) => (date === null ? null : date.toISOString());
