@@ -51,11 +51,6 @@ export function sameHash(a: string, b: string): boolean {
   return x.length === y.length && x.length > 0 && timingSafeEqual(x, y);
 }
 
-/** Constant-time comparison of two secrets of any length (by their digests). */
-export function sameSecret(a: string, b: string): boolean {
-  return sameHash(hashToken(a), hashToken(b));
-}
-
 export function parseScopes(value: string, separator: string | RegExp = ","): Scope[] {
   const scopes = value
     .split(separator)
