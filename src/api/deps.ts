@@ -6,6 +6,7 @@ import type { InsertOutcome } from "../db/insert";
 import type { TaskChangeFeed } from "../db/notify";
 import type { Sql } from "../db/sql";
 import type { Logger } from "../log";
+import type { TaskMetrics } from "../metrics/metrics";
 import type { TaskDefaults } from "../task/spec";
 import type { TaskSpec } from "../task/task";
 
@@ -40,4 +41,6 @@ export interface ApiDeps {
    * and returns the earlier task.
    */
   submit(id: string, spec: TaskSpec, actor: string): Promise<InsertOutcome>;
+  /** The role's metrics (src/metrics): GET /metrics serves them, submits and cancels count there. */
+  metrics?: TaskMetrics;
 }

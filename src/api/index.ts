@@ -3,6 +3,7 @@
 // src/api/service.ts.
 
 import { Elysia, status, t } from "elysia";
+import { METRICS_CONTENT_TYPE } from "../metrics/metrics";
 import { BatchInput, parseIdempotencyKey, SubmitInput, TaskInput, toBatchSpecs, toScheduleSpec, toTaskSpec } from "../task/spec";
 import type { TaskSpec } from "../task/task";
 import { authentication, principalOf, tokenNameOf } from "./auth";
@@ -15,6 +16,7 @@ import {
   eventJson,
   HealthJson,
   HistoryQuery,
+  MetricsText,
   ReadyJson,
   ScheduleResponse,
   StatusJson,
@@ -68,7 +70,8 @@ export function createApp(deps: ApiDeps) {
     .use(seedController(deps))
     .use(tasksController(deps))
     .use(workersController(deps))
-    .use(healthController(deps));
+    .use(healthController(deps))
+    .use(metricsController(deps));
   routes = () => app.routes;
   return app;
 }
@@ -398,4 +401,27 @@ function healthController(deps: ApiDeps) {
         detail: { operationId: "readyz", tags: ["health"], summary: "Readiness: the database answers within 2 s", security: [] },
       },
     );
+}
+
+/** GET /metrics: the role's Prometheus metrics (src/metrics), for a `read` token like every GET. */
+function metricsController(deps: ApiDeps) {
+  return new Elysia({ normalize: false }).get(
+    "/metrics",
+    async () =>
+      new Response(deps.metrics ? await deps.metrics.scrape() : "", { headers: { "content-type": METRICS_CONTENT_TYPE } }),
+    {
+      detail: {
+        operationId: "getMetrics",
+        tags: ["metrics"],
+        summary: "Prometheus metrics",
+        description:
+          "This role's counters, histograms and gauges in the Prometheus text format (names `taskqueue_*`, each " +
+          "labelled with the role). Needs a `read` token once tokens exist; Prometheus sends one as `authorization`.",
+        responses: documentedResponses(
+          { 200: { description: "The metrics, as text.", content: { "text/plain": { schema: MetricsText } } } },
+          [],
+        ),
+      },
+    },
+  );
 }

@@ -21,6 +21,7 @@ import {
   EventJson,
   EventPage,
   HealthJson,
+  MetricsText,
   ReadyJson,
   ScheduleResponse,
   StatusJson,
@@ -87,6 +88,7 @@ export const NAMED_SCHEMAS: Record<string, TSchema> = {
   BatchInput,
   BatchItemInput,
   RetryPolicy: TaskInput.properties.retry,
+  MetricsText,
 };
 
 // Each named schema carries its name as $id (what Elysia's .model() would give it), so that
@@ -234,6 +236,7 @@ const documentation = {
     { name: "seed", description: "The original API, kept compatible." },
     { name: "workers", description: "Workers connected to any coordinator." },
     { name: "health", description: "Liveness and readiness." },
+    { name: "metrics", description: "Prometheus metrics of the role." },
   ],
   securitySchemes: {
     bearerAuth: {

@@ -35,7 +35,10 @@ export const READY_PROBE_TIMEOUT_MS = 1000;
  */
 export async function submitTask(deps: ApiDeps, spec: TaskSpec, actor: string): Promise<Submitted> {
   const outcome = await deps.submit(Bun.randomUUIDv7(), spec, actor);
-  if (outcome.kind === "created") return { task: outcome.task, created: true };
+  if (outcome.kind === "created") {
+    deps.metrics?.submitted();
+    return { task: outcome.task, created: true };
+  }
   if (!outcome.sameRequest) {
     throw conflict(
       `idempotency key ${JSON.stringify(spec.idempotencyKey)} was already used for a different request (task ${outcome.task.id})`,
@@ -69,11 +72,12 @@ export async function submitTasks(
   if (batchKey === null && specs.every((spec) => spec.idempotencyKey === null)) {
     // Nothing to replay and nothing to conflict: the statement alone, no transaction.
     const outcomes = await insertTasks(deps.sql, items);
+    deps.metrics?.submitted(outcomes.length);
     return { tasks: outcomes.map((outcome) => outcome.task), replayed: [], created: true };
   }
   // A transaction, so that a conflict found after the insert writes nothing, and so that the
   // batch key is held until the tasks are committed (a concurrent repeat waits for them).
-  return deps.sql.begin(async (transaction) => {
+  const batch = await deps.sql.begin(async (transaction) => {
     // The query functions take a Sql; a transaction answers every query they make.
     const tx = transaction as unknown as Sql;
     const hash = batchHash(specs);
@@ -97,6 +101,9 @@ export async function submitTasks(
     });
     return { tasks: outcomes.map((outcome) => outcome.task), replayed, created: replayed.length < items.length };
   });
+  // Counted once committed; a replayed batch created none.
+  if (batch.created) deps.metrics?.submitted(batch.tasks.length - batch.replayed.length);
+  return batch;
 }
 
 /** The answer to a repeated batch key: the original tasks, or a conflict for another batch. */
@@ -175,6 +182,7 @@ export async function cancelTaskOrThrow(deps: ApiDeps, id: string, actor: string
   const outcome = await cancelTask(deps.sql, id, actor);
   switch (outcome.kind) {
     case "cancelled":
+      deps.metrics?.finished("cancelled");
       return outcome.task;
     case "final":
       throw conflict(`task is already ${outcome.task.state}`);

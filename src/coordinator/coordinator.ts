@@ -17,6 +17,9 @@ import { type RunNowPlacement, Submitter } from "../db/submitter";
 import { TaskService } from "../gen/taskqueue/v1/task_service_pb";
 import { WorkerService } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
+import { addDatabaseGauges } from "../metrics/database-gauges";
+import { TaskMetrics } from "../metrics/metrics";
+import { addRegistryGauges } from "../metrics/registry-gauges";
 import { guardMalformed, serverDefinition } from "../rpc/definitions";
 import { Health, HealthService } from "../rpc/health";
 import { grpcMessageLimits } from "../rpc/message-size";
@@ -51,6 +54,8 @@ export class Coordinator {
   private readonly health: HealthService;
   private readonly auth: Authenticator;
   private readonly app: ReturnType<typeof createApp>;
+  /** This role's own registry (not the all-in-one process's other roles'): GET /metrics. */
+  readonly metrics = new TaskMetrics("coordinator");
   private unsubscribe: (() => void)[] = [];
   /** Of an attempt, renewed while its worker reports it. */
   private readonly leaseMs: number;
@@ -77,6 +82,7 @@ export class Coordinator {
       safetyPollMs: config.TQ_SAFETY_POLL_MS,
       leaseMs: lease.leaseMs,
       aheadMs: config.TQ_DISPATCH_AHEAD_MS,
+      metrics: this.metrics,
     });
     this.submitter = new Submitter({ sql: this.sql, placeRunNow: (id) => this.placeRunNow(id) });
     this.completer = new Completer({
@@ -86,6 +92,7 @@ export class Coordinator {
       coordinatorId: this.id,
       onSlotFreed: () => this.dispatcher.wake(),
       maxPending: config.TQ_COMPLETER_MAX_PENDING,
+      metrics: this.metrics,
     });
     this.sessions = new WorkerSessions({
       sql: this.sql,
@@ -97,6 +104,7 @@ export class Coordinator {
       ...lease,
       joinTokens: workerJoinTokens(config),
       maxMessageBytes: config.TQ_GRPC_MAX_MESSAGE_BYTES,
+      metrics: this.metrics,
     });
     this.rescuer = new Rescuer({
       sql: this.sql,
@@ -106,7 +114,10 @@ export class Coordinator {
       ...lease,
       onSilent: this.sessions.onSilent,
       onRevoked: this.sessions.onRevoked,
+      metrics: this.metrics,
     });
+    addRegistryGauges(this.metrics, this.registry);
+    addDatabaseGauges(this.metrics, this.sql);
     this.auth = new Authenticator(this.sql, authOptions(config), log.child({ part: "auth" }));
     const deps: ApiDeps = {
       role: "coordinator",
@@ -116,6 +127,7 @@ export class Coordinator {
       feed: this.feed,
       log: log.child({ part: "api" }),
       submit: (id, spec, actor) => this.submitter.submit(id, spec, actor),
+      metrics: this.metrics,
     };
     this.app = createApp(deps);
     this.grpcServer = new grpc.Server({

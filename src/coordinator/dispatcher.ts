@@ -7,6 +7,7 @@ import type { TaskChange } from "../db/notify";
 import type { Sql } from "../db/sql";
 import { requeueAttempt } from "../db/transitions";
 import { type Logger, taskFields } from "../log";
+import type { TaskMetrics } from "../metrics/metrics";
 import { assignMessage } from "../rpc/messages";
 import type { Task } from "../task/task";
 import type { WorkerRegistry } from "./registry";
@@ -26,6 +27,8 @@ export interface DispatcherOptions {
    * "start_in_ms" feature: the others get only tasks already due.
    */
   aheadMs: number;
+  /** Counts each Assign sent, and the wait since its attempt became due. */
+  metrics?: TaskMetrics;
 }
 
 /** The longest delay setTimeout honours. */
@@ -167,6 +170,7 @@ export class Dispatcher {
     }
     const leaseLeftMs = Math.max(0, Math.floor(this.options.leaseMs - (performance.now() - grantedAt)));
     worker.send(assignMessage(task, startInMs, leaseLeftMs));
+    this.options.metrics?.dispatched((Date.now() - task.run_at.getTime()) / 1000);
   }
 
   private takesEarly(workerId: string): boolean {

@@ -10,6 +10,7 @@ import { renewLeases, requeueExpiredLeases } from "../db/transitions";
 import { revokedAmong } from "../db/worker-credentials";
 import { touchWorkers } from "../db/workers";
 import type { Logger } from "../log";
+import type { TaskMetrics } from "../metrics/metrics";
 import { attemptRefFromProto } from "../rpc/convert";
 import { cancelMessage } from "../rpc/messages";
 import { type AttemptRef, attemptKey } from "../task/attempt";
@@ -29,6 +30,8 @@ export interface RescuerOptions {
   onSilent: (worker: WorkerConnection) => void;
   /** Ends the stream of a worker whose credential was revoked (its end requeues its tasks). */
   onRevoked?: (worker: WorkerConnection) => void;
+  /** Counts the attempts requeued for a lapsed lease. */
+  metrics?: TaskMetrics;
 }
 
 export class Rescuer {
@@ -99,6 +102,7 @@ export class Rescuer {
       }
       if (now < this.graceUntil) return;
       const rescued = await requeueExpiredLeases(sql, leaseMs);
+      this.options.metrics?.rescued(rescued.length);
       if (rescued.length > 0) {
         log.warn({ tasks: rescued.map((t) => t.id) }, "requeued tasks whose lease lapsed");
       }

@@ -14,6 +14,7 @@ import { insertCredential, useCredential } from "../db/worker-credentials";
 import { markWorkerGone, setWorkerDraining, upsertWorker } from "../db/workers";
 import type { CoordinatorMessage, Hello, WorkerMessage } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
+import type { TaskMetrics } from "../metrics/metrics";
 import { attemptRefFromProto } from "../rpc/convert";
 import { MalformedMessage } from "../rpc/definitions";
 import { GRPC_DEFAULT_MAX_MESSAGE_BYTES } from "../rpc/message-size";
@@ -52,6 +53,8 @@ export interface WorkerSessionsOptions {
   now?: () => number;
   /** The worker protocols served. Defaults to this build's range (src/rpc/protocol.ts). */
   protocols?: { oldest: number; newest: number };
+  /** Counts the attempts of lost workers requeued. */
+  metrics?: TaskMetrics;
 }
 
 /** How a stream got in: with the named join token, with no join token required, or not yet. */
@@ -368,6 +371,7 @@ export class WorkerSessions {
         // noticing the old stream end): that coordinator reconciled its tasks at Hello.
         if (!(await markWorkerGone(sql, connection.id, coordinatorId))) return;
         const requeued = await requeueWorkerTasks(sql, connection.id, `worker lost (${reason})`, "lost");
+        this.options.metrics?.rescued(requeued.length);
         if (requeued.length > 0) log.warn({ worker: connection.id, tasks: requeued.map((t) => t.id) }, "requeued lost tasks");
         return;
       } catch (error) {

@@ -10,6 +10,8 @@ import { TaskChangeFeed } from "../db/notify";
 import { connect, type Sql } from "../db/sql";
 import { Submitter } from "../db/submitter";
 import type { Logger } from "../log";
+import { addDatabaseGauges } from "../metrics/database-gauges";
+import { TaskMetrics } from "../metrics/metrics";
 import { httpScheme, httpTls } from "../tls";
 
 export class Scheduler {
@@ -19,6 +21,8 @@ export class Scheduler {
   private readonly auth: Authenticator;
   /** Writes every task queued: the scheduler has no workers to hand one to. */
   private readonly submitter: Submitter;
+  /** This role's own registry: GET /metrics. */
+  readonly metrics = new TaskMetrics("scheduler");
 
   constructor(
     private readonly config: Config,
@@ -37,7 +41,9 @@ export class Scheduler {
       feed: this.feed,
       log: log.child({ part: "api" }),
       submit: (id, spec, actor) => this.submitter.submit(id, spec, actor),
+      metrics: this.metrics,
     });
+    addDatabaseGauges(this.metrics, this.sql);
   }
 
   /** Returns the URL it serves. */
