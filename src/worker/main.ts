@@ -3,6 +3,7 @@
 import { hostname } from "node:os";
 import { checkWorkerExposure } from "../auth/exposure";
 import { coordinatorAddresses } from "../config";
+import { workerMetrics } from "../metrics/worker-metrics";
 import { runRole } from "../role";
 import { WorkerHealthServer } from "./health";
 import { taskIdentities, workerOptions } from "./options";
@@ -37,6 +38,7 @@ await runRole("worker", async (config, log) => {
           health: () => worker.health(),
           heartbeatTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS,
           log,
+          metrics: workerMetrics(config.TQ_WORKER_SLOTS, () => worker.health()),
         })
       : null;
   health?.start();
