@@ -114,6 +114,7 @@ function representativeTask(): Task {
     idempotency_hash: "9f2c".repeat(16),
     secret_env: { PGPASSWORD: "not-returned" },
     limits: { memory_mb: 512, pids: 64 },
+    traceparent: null,
   };
 }
 
@@ -160,6 +161,7 @@ function createdRow(id: string, spec: TaskSpec): TaskChangeRow {
     idempotency_hash: null,
     secret_env: spec.secretEnv,
     limits: spec.limits ?? null,
+    traceparent: null,
     event_id: "1",
   };
 }

@@ -141,7 +141,12 @@ async function submitted(
   headers: { "idempotency-key"?: string },
   set: SetHeaders,
 ) {
-  const { task, created } = await submitTask(deps, withKey(spec, headers), principalOf(request).name);
+  const { task, created } = await submitTask(
+    deps,
+    withKey(spec, headers),
+    principalOf(request).name,
+    request.headers.get("traceparent"),
+  );
   if (created) {
     set.headers.location = `/tasks/${task.id}`;
     return status(201, taskJson(task));
@@ -157,7 +162,7 @@ function seedController(deps: ApiDeps) {
       "/schedule",
       async ({ body, headers, request, set }) => {
         const spec = withKey(toScheduleSpec(body, deps.settings.taskDefaults), headers);
-        const { task, created } = await submitTask(deps, spec, principalOf(request).name);
+        const { task, created } = await submitTask(deps, spec, principalOf(request).name, request.headers.get("traceparent"));
         // The seed's 200 either way; the header tells a replay apart.
         if (!created) set.headers["idempotent-replayed"] = "true";
         return scheduleResponse(task);
@@ -221,7 +226,7 @@ function tasksController(deps: ApiDeps) {
       async ({ body, headers, request, set }) => {
         const specs = toBatchSpecs(body, defaults, maxBatchTasks);
         const batchKey = parseIdempotencyKey(headers["idempotency-key"]);
-        const batch = await submitTasks(deps, specs, principalOf(request).name, batchKey);
+        const batch = await submitTasks(deps, specs, principalOf(request).name, batchKey, request.headers.get("traceparent"));
         const answer = { tasks: batch.tasks.map(taskJson), replayed: batch.replayed };
         if (batch.created) return status(201, answer);
         set.headers["idempotent-replayed"] = "true";

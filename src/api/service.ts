@@ -15,6 +15,7 @@ import { conflict, invalidArgument, isDatabaseTimeout, notFound, TaskQueueError,
 import { isTaskId } from "../task/spec";
 import { isFinal, isTaskState, TASK_STATES } from "../task/state";
 import type { Submitted, Task, TaskSpec } from "../task/task";
+import { normalTraceparent } from "../trace/traceparent";
 import { decodeCursor, encodeCursor } from "./cursor";
 import type { ApiDeps } from "./deps";
 
@@ -33,8 +34,19 @@ export const READY_PROBE_TIMEOUT_MS = 1000;
  * request with the same idempotency key returns that task (created: false); the same key with
  * a different request is a conflict.
  */
-export async function submitTask(deps: ApiDeps, spec: TaskSpec, actor: string): Promise<Submitted> {
-  const outcome = await deps.submit(Bun.randomUUIDv7(), spec, actor);
+export async function submitTask(
+  deps: ApiDeps,
+  spec: TaskSpec,
+  actor: string,
+  /** The caller's W3C traceparent (REST header, gRPC metadata), if any. */
+  traceparent: string | null = null,
+): Promise<Submitted> {
+  const id = Bun.randomUUIDv7();
+  const outcome = deps.tracing
+    ? await deps.tracing.around("persist", traceparent, { "taskqueue.task_id": id }, (span) =>
+        deps.submit(id, spec, actor, span.traceparent),
+      )
+    : await deps.submit(id, spec, actor, normalTraceparent(traceparent));
   if (outcome.kind === "created") {
     deps.metrics?.submitted();
     return { task: outcome.task, created: true };
@@ -67,8 +79,25 @@ export async function submitTasks(
   specs: TaskSpec[],
   actor: string,
   batchKey: string | null = null,
+  /** The caller's W3C traceparent: every task of the batch is stored under it (or under its persist span). */
+  traceparent: string | null = null,
 ): Promise<SubmittedBatch> {
-  const items = specs.map((spec) => ({ id: Bun.randomUUIDv7(), spec, actor }));
+  if (deps.tracing) {
+    return deps.tracing.around("persist", traceparent, { "taskqueue.tasks": specs.length }, (span) =>
+      writeBatch(deps, specs, actor, batchKey, span.traceparent),
+    );
+  }
+  return writeBatch(deps, specs, actor, batchKey, normalTraceparent(traceparent));
+}
+
+async function writeBatch(
+  deps: ApiDeps,
+  specs: TaskSpec[],
+  actor: string,
+  batchKey: string | null,
+  traceparent: string | null,
+): Promise<SubmittedBatch> {
+  const items = specs.map((spec) => ({ id: Bun.randomUUIDv7(), spec, actor, traceparent }));
   if (batchKey === null && specs.every((spec) => spec.idempotencyKey === null)) {
     // Nothing to replay and nothing to conflict: the statement alone, no transaction.
     const outcomes = await insertTasks(deps.sql, items);

@@ -10,7 +10,15 @@ import { SERVER_MAX_REQUEST_BODY_SIZE } from "../api/errors";
 import { checkReady } from "../api/service";
 import { Authenticator } from "../auth/authenticator";
 import { checkExposure } from "../auth/exposure";
-import { apiSettings, authOptions, type Config, databaseOptions, leaseTimings, workerJoinTokens } from "../config";
+import {
+  apiSettings,
+  authOptions,
+  type Config,
+  databaseOptions,
+  leaseTimings,
+  tracingEndpoint,
+  workerJoinTokens,
+} from "../config";
 import { type TaskChange, TaskChangeFeed } from "../db/notify";
 import { connect, type Sql } from "../db/sql";
 import { type RunNowPlacement, Submitter } from "../db/submitter";
@@ -27,6 +35,7 @@ import { cancelMessage } from "../rpc/messages";
 import { addReflection } from "../rpc/reflection";
 import { attemptKey } from "../task/attempt";
 import { grpcServerCredentials, httpScheme, httpTls } from "../tls";
+import { type Tracing, tracingFor } from "../trace/tracing";
 import { Completer } from "./completer";
 import { Dispatcher } from "./dispatcher";
 import { WorkerRegistry } from "./registry";
@@ -56,6 +65,8 @@ export class Coordinator {
   private readonly app: ReturnType<typeof createApp>;
   /** This role's own registry (not the all-in-one process's other roles'): GET /metrics. */
   readonly metrics = new TaskMetrics("coordinator");
+  /** Null unless OTEL_EXPORTER_OTLP_ENDPOINT is set. */
+  private readonly tracing: Tracing | null;
   private unsubscribe: (() => void)[] = [];
   /** Of an attempt, renewed while its worker reports it. */
   private readonly leaseMs: number;
@@ -68,6 +79,7 @@ export class Coordinator {
     private readonly log: Logger,
   ) {
     this.id = config.TQ_COORDINATOR_ID ?? `${hostname()}:${config.TQ_GRPC_PORT}`;
+    this.tracing = tracingFor(tracingEndpoint(config), "coordinator");
     // A worker silent for two intervals may be frozen: it gets no new work meanwhile.
     this.registry = new WorkerRegistry(2 * config.TQ_HEARTBEAT_INTERVAL_MS);
     const lease = leaseTimings(config);
@@ -83,6 +95,7 @@ export class Coordinator {
       leaseMs: lease.leaseMs,
       aheadMs: config.TQ_DISPATCH_AHEAD_MS,
       metrics: this.metrics,
+      tracing: this.tracing,
     });
     this.submitter = new Submitter({ sql: this.sql, placeRunNow: (id) => this.placeRunNow(id) });
     this.completer = new Completer({
@@ -126,8 +139,9 @@ export class Coordinator {
       sql: this.sql,
       feed: this.feed,
       log: log.child({ part: "api" }),
-      submit: (id, spec, actor) => this.submitter.submit(id, spec, actor),
+      submit: (id, spec, actor, traceparent) => this.submitter.submit(id, spec, actor, traceparent),
       metrics: this.metrics,
+      tracing: this.tracing,
     };
     this.app = createApp(deps);
     this.grpcServer = new grpc.Server({
@@ -210,6 +224,7 @@ export class Coordinator {
     await this.feed.stop();
     this.auth.stop();
     await this.sql.end({ timeout: 5 });
+    await this.tracing?.stop();
     this.log.info({ event: "coordinator.stopped", id: this.id }, "coordinator stopped");
   }
 

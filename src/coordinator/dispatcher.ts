@@ -10,6 +10,7 @@ import { type Logger, taskFields } from "../log";
 import type { TaskMetrics } from "../metrics/metrics";
 import { assignMessage } from "../rpc/messages";
 import type { Task } from "../task/task";
+import type { Tracing } from "../trace/tracing";
 import type { WorkerRegistry } from "./registry";
 
 export interface DispatcherOptions {
@@ -29,6 +30,8 @@ export interface DispatcherOptions {
   aheadMs: number;
   /** Counts each Assign sent, and the wait since its attempt became due. */
   metrics?: TaskMetrics;
+  /** The role's tracing (src/trace); absent or null: off. */
+  tracing?: Tracing | null;
 }
 
 /** The longest delay setTimeout honours. */
@@ -169,7 +172,18 @@ export class Dispatcher {
       return;
     }
     const leaseLeftMs = Math.max(0, Math.floor(this.options.leaseMs - (performance.now() - grantedAt)));
-    worker.send(assignMessage(task, startInMs, leaseLeftMs));
+    const { tracing } = this.options;
+    // Only a task submitted under a trace gets a dispatch span: the others start none.
+    const span =
+      tracing && task.traceparent
+        ? tracing.start("dispatch", task.traceparent, {
+            "taskqueue.task_id": task.id,
+            "taskqueue.attempt": task.attempt,
+            "taskqueue.worker_id": workerId,
+          })
+        : null;
+    worker.send(assignMessage(task, startInMs, leaseLeftMs, span?.traceparent ?? task.traceparent));
+    span?.end();
     this.options.metrics?.dispatched((Date.now() - task.run_at.getTime()) / 1000);
   }
 

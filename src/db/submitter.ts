@@ -41,12 +41,12 @@ export class Submitter {
    * Persists a new task and resolves after commit. A spec whose idempotency key was used before
    * writes nothing and returns the earlier task.
    */
-  async submit(id: string, spec: TaskSpec, actor?: string): Promise<InsertOutcome> {
+  async submit(id: string, spec: TaskSpec, actor?: string, traceparent: string | null = null): Promise<InsertOutcome> {
     const placement = spec.scheduledAt === null ? (this.options.placeRunNow?.(id) ?? null) : null;
-    if (!placement) return this.inserts.add({ id, spec, actor });
+    if (!placement) return this.inserts.add({ id, spec, actor, traceparent });
     let outcome: InsertOutcome;
     try {
-      outcome = await this.inserts.add({ id, spec, actor, assignTo: placement.assignTo });
+      outcome = await this.inserts.add({ id, spec, actor, assignTo: placement.assignTo, traceparent });
     } catch (error) {
       placement.release();
       throw error;

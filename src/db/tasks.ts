@@ -54,6 +54,7 @@ export const TASK_ROW_COLUMNS = [
   "idempotency_hash",
   "secret_env",
   "limits",
+  "traceparent",
 ] as const;
 
 /** The task row's own columns, qualified by `table` (a statement's RETURNING, or a read's select list). */

@@ -5,7 +5,7 @@ import { createApp } from "../api";
 import { SERVER_MAX_REQUEST_BODY_SIZE } from "../api/errors";
 import { Authenticator } from "../auth/authenticator";
 import { checkExposure } from "../auth/exposure";
-import { apiSettings, authOptions, type Config, databaseOptions } from "../config";
+import { apiSettings, authOptions, type Config, databaseOptions, tracingEndpoint } from "../config";
 import { TaskChangeFeed } from "../db/notify";
 import { connect, type Sql } from "../db/sql";
 import { Submitter } from "../db/submitter";
@@ -13,6 +13,7 @@ import type { Logger } from "../log";
 import { addDatabaseGauges } from "../metrics/database-gauges";
 import { TaskMetrics } from "../metrics/metrics";
 import { httpScheme, httpTls } from "../tls";
+import { type Tracing, tracingFor } from "../trace/tracing";
 
 export class Scheduler {
   private readonly sql: Sql;
@@ -23,12 +24,15 @@ export class Scheduler {
   private readonly submitter: Submitter;
   /** This role's own registry: GET /metrics. */
   readonly metrics = new TaskMetrics("scheduler");
+  /** Null unless OTEL_EXPORTER_OTLP_ENDPOINT is set. */
+  private readonly tracing: Tracing | null;
 
   constructor(
     private readonly config: Config,
     databaseUrl: string,
     private readonly log: Logger,
   ) {
+    this.tracing = tracingFor(tracingEndpoint(config), "scheduler");
     this.sql = connect(databaseUrl, { ...databaseOptions(config), applicationName: "task-queue scheduler" });
     this.feed = new TaskChangeFeed(this.sql);
     this.auth = new Authenticator(this.sql, authOptions(config), log.child({ part: "auth" }));
@@ -40,8 +44,9 @@ export class Scheduler {
       sql: this.sql,
       feed: this.feed,
       log: log.child({ part: "api" }),
-      submit: (id, spec, actor) => this.submitter.submit(id, spec, actor),
+      submit: (id, spec, actor, traceparent) => this.submitter.submit(id, spec, actor, traceparent),
       metrics: this.metrics,
+      tracing: this.tracing,
     });
     addDatabaseGauges(this.metrics, this.sql);
   }
@@ -68,6 +73,7 @@ export class Scheduler {
     await this.feed.stop();
     this.auth.stop();
     await this.sql.end({ timeout: 5 });
+    await this.tracing?.stop();
     this.log.info({ event: "scheduler.stopped" }, "scheduler stopped");
   }
 }

@@ -2,9 +2,10 @@
 // once. It holds no database credentials. SIGTERM drains (see Worker.stop).
 import { hostname } from "node:os";
 import { checkWorkerExposure } from "../auth/exposure";
-import { coordinatorAddresses } from "../config";
+import { coordinatorAddresses, tracingEndpoint } from "../config";
 import { workerMetrics } from "../metrics/worker-metrics";
 import { runRole } from "../role";
+import { tracingFor } from "../trace/tracing";
 import { WorkerHealthServer } from "./health";
 import { taskIdentities, workerOptions } from "./options";
 import { Worker } from "./worker";
@@ -12,7 +13,9 @@ import { Worker } from "./worker";
 await runRole("worker", async (config, log) => {
   checkWorkerExposure(config, coordinatorAddresses(config), log);
   const [identities] = taskIdentities(config, log);
+  const tracing = tracingFor(tracingEndpoint(config), "worker");
   const worker = new Worker({
+    tracing,
     ...workerOptions(config, log, {
       name: config.TQ_WORKER_NAME ?? `${hostname()}/${process.pid}`,
       addresses: coordinatorAddresses(config),
@@ -47,6 +50,7 @@ await runRole("worker", async (config, log) => {
     async stop() {
       await worker.stop();
       await health?.stop();
+      await tracing?.stop();
     },
     abort: () => worker.abort(),
   };

@@ -18,6 +18,7 @@ import type { Logger } from "../log";
 import { clientConstructor } from "../rpc/definitions";
 import { GRPC_DEFAULT_MAX_MESSAGE_BYTES, grpcMessageLimits } from "../rpc/message-size";
 import { leaseMsFor } from "../task/lease";
+import type { Tracing } from "../trace/tracing";
 import { Attempts } from "./attempts";
 import type { TaskIdentity } from "./identity";
 import { createLimiter, type Limiter, type LimitMaxima, type LimitsMode } from "./limits";
@@ -31,6 +32,8 @@ function isRevoked(error: grpc.ServiceError): boolean {
 
 export interface WorkerOptions {
   id?: string;
+  /** Run spans for traced assignments (src/trace); absent or null: off. */
+  tracing?: Tracing | null;
   name: string;
   slots: number;
   addresses: string[];
@@ -165,6 +168,7 @@ export class Worker {
       identities: options.identities,
       events: this.reporter,
       identity: () => ({ workerId: this.workerId, coordinatorId: this.coordinatorId }),
+      tracing: options.tracing,
     });
     this.reporter.maxMessageBytes = this.maxMessageBytes;
   }

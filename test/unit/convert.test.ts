@@ -56,6 +56,7 @@ const task: Task = {
   idempotency_hash: null,
   secret_env: { TOKEN: "s3cret" },
   limits: null,
+  traceparent: null,
 };
 
 test("every state maps to the proto enum and back", () => {
