@@ -132,3 +132,14 @@ test("a worker serves its own metrics beside /healthz", async () => {
   expect(value(families, "taskqueue_worker_connected")).toBe(1);
   expect(families.has("taskqueue_tasks_submitted_total")).toBe(false);
 });
+
+test("with tracing off, a submit's traceparent still reaches the task's TRACEPARENT as it came", async () => {
+  const traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+  const response = await fetch(`${cluster.coordinatorUrl}/submit`, {
+    method: "POST",
+    headers: { "content-type": "application/json", traceparent },
+    body: JSON.stringify({ command: 'printf %s "$TRACEPARENT"' }),
+  });
+  const { id } = (await response.json()) as { id: string };
+  expect(await watchTask(cluster.coordinatorUrl, id)).toMatchObject({ state: "succeeded", stdout: traceparent });
+});
