@@ -774,6 +774,7 @@ describe("health and documentation", () => {
     expect(Object.keys(doc.paths).sort()).toEqual(
       [
         "/healthz",
+        "/metrics",
         "/readyz",
         "/schedule",
         "/status",
