@@ -15,6 +15,9 @@ import { BasicTracerProvider, BatchSpanProcessor } from "@opentelemetry/sdk-trac
 import pkg from "../../package.json" with { type: "json" };
 import { formatTraceparent, parseTraceparent } from "./traceparent";
 
+/** The longest a role's stop waits for its last spans to be exported. */
+const STOP_TIMEOUT_MS = 2000;
+
 export interface TracingOptions {
   /** OTEL_EXPORTER_OTLP_ENDPOINT: the collector's base URL; spans go to `<it>/v1/traces`. */
   endpoint: string;
@@ -69,9 +72,20 @@ export class Tracing {
     }
   }
 
-  /** Exports what is left and stops. */
+  /**
+   * Exports what is left and stops; gives up after STOP_TIMEOUT_MS, so that a collector that
+   * is away does not hold up a role's stop (the SDK would wait 30 s).
+   */
   async stop(): Promise<void> {
-    await this.provider.shutdown();
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const gaveUp = new Promise<void>((resolve) => {
+      timer = setTimeout(resolve, STOP_TIMEOUT_MS);
+    });
+    try {
+      await Promise.race([this.provider.shutdown().catch(() => {}), gaveUp]);
+    } finally {
+      clearTimeout(timer);
+    }
   }
 }
 
