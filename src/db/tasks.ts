@@ -54,6 +54,13 @@ export const TASK_ROW_COLUMNS = [
   "idempotency_hash",
   "secret_env",
   "limits",
+  // Routing (src/db/claim.ts, src/task/labels.ts).
+  "queue",
+  "requires",
+  "prefers",
+  "schedule_timeout_ms",
+  "priority_aging_ms",
+  "rank",
 ] as const;
 
 /** The task row's own columns, qualified by `table` (a statement's RETURNING, or a read's select list). */
