@@ -25,6 +25,7 @@
 //
 // Never more tasks than slots: a group takes at most its own slot count, and each slot index
 // of a group goes to one task.
+import { ANY_TASK, MAX_PRIORITY, type WorkerRouting } from "../task/routing";
 import { GUARDS } from "../task/state";
 import { openAttempts } from "./attempts";
 import { changedRows, recordChange, type TaskChangeRow } from "./changes";
@@ -39,17 +40,6 @@ export type ClaimedTask = TaskChangeRow & {
   start_in_ms: number;
 };
 
-/** What a worker takes: the queues it serves (null: all) and its labels. */
-export interface WorkerRouting {
-  queues: readonly string[] | null;
-  labels: Readonly<Record<string, string>>;
-}
-
-/** A worker that has not said otherwise: every queue, no labels. */
-export const ANY_TASK: WorkerRouting = { queues: null, labels: {} };
-
-/** The highest |priority| a task may have (src/task/spec.ts validates it). */
-export const MAX_PRIORITY = 100;
 
 export interface ClaimOptions {
   /** Tasks due within this many ms are claimed too (earliest rank first). */

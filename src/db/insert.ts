@@ -107,13 +107,13 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
                          retry_on_failure, retry_on_timeout, retry_on_lost, retry_backoff_base_ms, retry_backoff_cap_ms,
                          idempotency_key, idempotency_hash, limits,
                          queue, priority, requires, prefers, schedule_timeout_ms, priority_aging_ms)
-      SELECT r.id, r.command, CASE WHEN r.worker_id IS NULL THEN 'queued' ELSE 'dispatched' END,
+      SELECT r.id, r.command, CASE WHEN fast.worker_id IS NULL THEN 'queued' ELSE 'dispatched' END,
              due.at, due.at,
-             CASE WHEN r.worker_id IS NOT NULL THEN clock_timestamp() END,
-             CASE WHEN r.worker_id IS NULL THEN 0 ELSE 1 END,
+             CASE WHEN fast.worker_id IS NOT NULL THEN clock_timestamp() END,
+             CASE WHEN fast.worker_id IS NULL THEN 0 ELSE 1 END,
              r.max_attempts, r.timeout_ms, coalesce(r.env, '{}'::jsonb), coalesce(r.secret_env, '{}'::jsonb), r.cwd,
-             r.worker_id, r.coordinator_id,
-             clock_timestamp() + make_interval(secs => r.lease_ms / 1000),
+             fast.worker_id, fast.coordinator_id,
+             CASE WHEN fast.worker_id IS NOT NULL THEN clock_timestamp() + make_interval(secs => r.lease_ms / 1000) END,
              r.retry_on_failure, r.retry_on_timeout, r.retry_on_lost, r.retry_backoff_base_ms, r.retry_backoff_cap_ms,
              r.idempotency_key, r.idempotency_hash, r.limits,
              r.queue, r.priority, r.requires, r.prefers, r.schedule_timeout_ms, r.priority_aging_ms
@@ -121,6 +121,14 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
       -- Truncated, not rounded: timestamptz(3) would round a run-now time up to 0.5 ms into
       -- the future, making the task briefly "not yet due".
       CROSS JOIN LATERAL (SELECT coalesce(r.scheduled_at, date_trunc('milliseconds', clock_timestamp())) AS at) due
+      -- The fast path only where the claim would not hold the task back: a paused or limited
+      -- queue is the claim's to decide (the caller frees the slot of a task born queued).
+      CROSS JOIN LATERAL (
+        SELECT r.worker_id, r.coordinator_id
+        WHERE r.worker_id IS NOT NULL AND NOT EXISTS (
+          SELECT 1 FROM queues q WHERE q.name = r.queue AND (q.paused OR q.concurrency_limit IS NOT NULL))
+        UNION ALL SELECT NULL, NULL LIMIT 1
+      ) fast
       ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
       RETURNING ${taskRowColumns(sql, "tasks")}
     ),

@@ -1,6 +1,7 @@
 // The task record as the database stores it and every transport reads it.
 import type { LabelPreference, LabelRequirement } from "./labels";
 import type { TaskState } from "./state";
+import type { Waiting } from "./waiting";
 
 export interface Task {
   id: string;
@@ -65,6 +66,8 @@ export interface Task {
   priority_aging_ms: number;
   /** The claim's order: run_at - priority * priority_aging_ms. */
   rank: Date | null;
+  /** Not a column: what a queued task waits for, filled by reads that show it (src/db/waiting.ts). */
+  waiting?: Waiting | null;
 }
 
 /**

@@ -67,6 +67,9 @@ END $$;
 CREATE TRIGGER tasks_queue_first_use AFTER INSERT ON tasks
   REFERENCING NEW TABLE AS new_tasks FOR EACH STATEMENT EXECUTE FUNCTION tq_queue_first_use();
 
+-- The queues a worker serves (a JSON array); NULL: every queue. For the waiting reason.
+ALTER TABLE workers ADD COLUMN queues jsonb;
+
 -- A label value as a number, or NULL when it is not one (comparisons then do not match).
 CREATE FUNCTION tq_label_number(value text) RETURNS numeric LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
   SELECT CASE WHEN value ~ '^-?[0-9]+(\.[0-9]+)?$' THEN value::numeric END
