@@ -6,6 +6,7 @@ import { claimDue, nextDueIn } from "../db/claim";
 import type { TaskChange } from "../db/notify";
 import type { Sql } from "../db/sql";
 import { requeueAttempt } from "../db/transitions";
+import { expireScheduleTimeouts } from "../db/waiting";
 import { type Logger, taskFields } from "../log";
 import { assignMessage } from "../rpc/messages";
 import type { WorkerRouting } from "../task/routing";
@@ -133,6 +134,8 @@ export class Dispatcher {
       }
       if (this.lookAheadPending && !this.stopped) {
         this.lookAheadPending = false;
+        // Timer and safety-poll passes also fail the tasks whose schedule_timeout_ms passed.
+        await expireScheduleTimeouts(this.options.sql);
         const dueIn = await nextDueIn(this.options.sql);
         const ahead = this.aheadNow();
         if (dueIn !== null && dueIn > ahead) this.armTimer(dueIn - ahead);

@@ -2,10 +2,13 @@
 // routing's reasons here (queue paused, no live worker matches, queue full); flow control adds
 // its own columns and reasons in the same statement (key full, rate limit, parents).
 import { describeRequirement, type LabelRequirement } from "../task/labels";
+import { GUARDS } from "../task/state";
 import type { Task } from "../task/task";
 import { firstWaiting, type Waiting } from "../task/waiting";
-import { array } from "./encode";
+import { changedRows, recordChange, type TaskChangeRow } from "./changes";
+import { array, states } from "./encode";
 import type { Sql } from "./sql";
+import { taskRowColumns } from "./tasks";
 
 interface WaitingRow {
   id: string;
@@ -55,4 +58,28 @@ function reasonsOf(row: WaitingRow): Waiting[] {
   }
   if (row.full) reasons.push({ kind: "queue_full", message: `queue ${row.queue} is at its concurrency limit` });
   return reasons;
+}
+
+/**
+ * Fails the queued tasks whose schedule_timeout_ms has passed since their run_at (by the
+ * database's clock) without a dispatch, each with why it waited; returns them. Any coordinator
+ * may run it: the guard makes a second run change nothing.
+ */
+export async function expireScheduleTimeouts(sql: Sql, limit = 1000): Promise<TaskChangeRow[]> {
+  const rows = await sql<(TaskChangeRow & { event_id: string })[]>`
+    WITH due AS (
+      SELECT id FROM tasks
+      WHERE state IN (${states(sql, GUARDS.scheduleTimeout)}) AND schedule_timeout_ms > 0
+        AND run_at + make_interval(secs => schedule_timeout_ms / 1000.0) <= clock_timestamp()
+      LIMIT ${limit}
+      FOR UPDATE SKIP LOCKED
+    ),
+    t AS (
+      UPDATE tasks SET state = 'failed', failed_at = clock_timestamp(), lease_expires_at = NULL,
+        error = 'schedule_timeout: not dispatched within ' || tasks.schedule_timeout_ms || ' ms of its run_at'
+      FROM due WHERE tasks.id = due.id
+      RETURNING ${taskRowColumns(sql, "tasks")}
+    ),
+    ${recordChange(sql, "schedule_timeout")}`;
+  return changedRows(rows);
 }
