@@ -487,6 +487,7 @@ export function apiSettings(config: Config): ApiSettings {
     maxBatchTasks: config.TQ_MAX_BATCH,
     taskDefaults: taskDefaults(config),
     workerTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS,
+    priorityAgingMs: config.TQ_PRIORITY_AGING_MS,
   };
 }
 

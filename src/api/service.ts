@@ -67,7 +67,8 @@ export async function submitTasks(
   actor: string,
   batchKey: string | null = null,
 ): Promise<SubmittedBatch> {
-  const items = specs.map((spec) => ({ id: Bun.randomUUIDv7(), spec, actor }));
+  const agingMs = deps.settings.priorityAgingMs;
+  const items = specs.map((spec) => ({ id: Bun.randomUUIDv7(), spec, actor, agingMs }));
   if (batchKey === null && specs.every((spec) => spec.idempotencyKey === null)) {
     // Nothing to replay and nothing to conflict: the statement alone, no transaction.
     const outcomes = await insertTasks(deps.sql, items);
