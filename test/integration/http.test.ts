@@ -106,8 +106,13 @@ const TASK_KEYS = [
   "limits",
   "max_attempts",
   "picked_at",
+  "prefer",
+  "priority",
+  "queue",
+  "require",
   "retry",
   "run_at",
+  "schedule_timeout_ms",
   "scheduled_at",
   "secret_env_keys",
   "signal",
@@ -120,6 +125,7 @@ const TASK_KEYS = [
   "stdout_replaced",
   "stdout_truncated",
   "timeout_ms",
+  "waiting",
   "worker_id",
 ].sort();
 
