@@ -101,7 +101,11 @@ async function run(options: BenchOptions): Promise<BenchResult> {
         const timeline = await taskTimeline(sql, b.ids);
         const p = distribution(spans(timeline, "picked_at", "started_at"));
         console.log(`routing: round ${round} ${shape}: latency ${quartet(l)}; burn-down ${b.tasks_per_s}/s`);
-        figures[`${shape}_${round}`] = { latency: l, burn: { tasks_per_s: b.tasks_per_s, elapsed_ms: b.elapsed_ms }, picked_to_started: p };
+        figures[`${shape}_${round}`] = {
+          latency: l,
+          burn: { tasks_per_s: b.tasks_per_s, elapsed_ms: b.elapsed_ms },
+          picked_to_started: p,
+        };
         const prev = burn[shape];
         burn[shape] = prev
           ? { tasks_per_s: (prev.tasks_per_s + b.tasks_per_s) / 2, elapsed_ms: prev.elapsed_ms + b.elapsed_ms }
@@ -113,8 +117,14 @@ async function run(options: BenchOptions): Promise<BenchResult> {
     const report = await requireAllSucceeded(sql);
     const ratio = (a: number, b: number) => Math.round((a / b) * 1000) / 1000;
     const summary: SummaryRow[] = [
-      { metric: `dispatch: created→started at ${sizes.rate}/s via scheduler, plain (p50 / p90 / p99 / max)`, value: quartet(latency.plain) },
-      { metric: `dispatch: the same, ${QUEUES} queues, priorities -10..10, labels required/preferred`, value: quartet(latency.routed) },
+      {
+        metric: `dispatch: created→started at ${sizes.rate}/s via scheduler, plain (p50 / p90 / p99 / max)`,
+        value: quartet(latency.plain),
+      },
+      {
+        metric: `dispatch: the same, ${QUEUES} queues, priorities -10..10, labels required/preferred`,
+        value: quartet(latency.routed),
+      },
       {
         metric: "dispatch p50 / p99 routed ÷ plain (target ≤ 1.10)",
         value: `×${ratio(latency.routed.p50, latency.plain.p50)} / ×${ratio(latency.routed.p99, latency.plain.p99)}`,
@@ -124,14 +134,28 @@ async function run(options: BenchOptions): Promise<BenchResult> {
         value: `${burn.plain.tasks_per_s.toFixed(1)} / ${burn.routed.tasks_per_s.toFixed(1)} tasks/s`,
       },
       { metric: "burn-down routed ÷ plain (target ≥ 0.90)", value: `×${ratio(burn.routed.tasks_per_s, burn.plain.tasks_per_s)}` },
-      { metric: "tasks ended non-succeeded (must be 0)", value: String(Object.entries(report.states).filter(([s]) => s !== "succeeded").reduce((n, [, c]) => n + Number(c), 0)) },
+      {
+        metric: "tasks ended non-succeeded (must be 0)",
+        value: String(
+          Object.entries(report.states)
+            .filter(([s]) => s !== "succeeded")
+            .reduce((n, [, c]) => n + Number(c), 0),
+        ),
+      },
     ];
     for (const row of summary) console.log(`routing: ${row.metric}: ${row.value}`);
     return {
       name: "routing",
       description:
         "Queues, priorities and labels against the plain case on the same cluster: dispatch latency of an open loop and burn-down of a backlog.",
-      settings: { ...sizes, workers: WORKERS, slots: SLOTS, queues: QUEUES, worker_labels: ["gpu=1,region=eu", "region=us"], role_env: env },
+      settings: {
+        ...sizes,
+        workers: WORKERS,
+        slots: SLOTS,
+        queues: QUEUES,
+        worker_labels: ["gpu=1,region=eu", "region=us"],
+        role_env: env,
+      },
       figures: { ...figures, states: report.states },
       summary,
       postgres: db.postgres,
