@@ -44,6 +44,7 @@ export class Dispatcher {
   private timerAt = Number.POSITIVE_INFINITY;
   private poll: ReturnType<typeof setInterval> | null = null;
   private lookAheadPending = false;
+  private expirePending = false;
   private idle: Promise<void> = Promise.resolve();
   private markIdle: () => void = () => {};
 
@@ -51,7 +52,10 @@ export class Dispatcher {
 
   start(): void {
     this.stopped = false;
-    this.poll = setInterval(() => this.wake(true), this.options.safetyPollMs);
+    this.poll = setInterval(() => {
+      this.expirePending = true;
+      this.wake(true);
+    }, this.options.safetyPollMs);
     this.wake(true);
   }
 
@@ -132,10 +136,13 @@ export class Dispatcher {
         }
         if (!filled) break;
       }
+      if (this.expirePending && !this.stopped) {
+        // Each safety poll also fails the queued tasks whose schedule_timeout_ms has passed.
+        this.expirePending = false;
+        await expireScheduleTimeouts(this.options.sql);
+      }
       if (this.lookAheadPending && !this.stopped) {
         this.lookAheadPending = false;
-        // Timer and safety-poll passes also fail the tasks whose schedule_timeout_ms passed.
-        await expireScheduleTimeouts(this.options.sql);
         const dueIn = await nextDueIn(this.options.sql);
         const ahead = this.aheadNow();
         if (dueIn !== null && dueIn > ahead) this.armTimer(dueIn - ahead);
