@@ -42,6 +42,7 @@ import {
   responses,
   ScheduleRequest,
 } from "./openapi";
+import { queuesController } from "./queues";
 import { requestLog } from "./request-log";
 import {
   cancelTaskOrThrow,
@@ -68,6 +69,7 @@ export function createApp(deps: ApiDeps) {
     .use(seedController(deps))
     .use(tasksController(deps))
     .use(workersController(deps))
+    .use(queuesController(deps))
     .use(healthController(deps));
   routes = () => app.routes;
   return app;

@@ -7,6 +7,7 @@ import { type Static, Type } from "@sinclair/typebox";
 import { invalidArgument, TaskQueueError } from "./errors";
 import { checkSchema } from "./explain";
 import { EXAMPLE_TIME, parseRfc3339 } from "./rfc3339";
+import { routingOptions, toRouting } from "./routing";
 import type { TaskSpec } from "./task";
 
 export const MAX_COMMAND_BYTES = 65_536;
@@ -162,6 +163,8 @@ const runOptions = {
       },
     ),
   ),
+  // Queue, priority, labels (src/task/routing.ts).
+  ...routingOptions,
 };
 
 /** The full form (`POST /tasks`, gRPC SubmitTask). */
@@ -321,6 +324,7 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, defaults: TaskDe
       `retry.backoff_cap_ms (${backoffCapMs}) must be at least retry.backoff_base_ms (${backoffBaseMs})`,
     );
   }
+  const routing = toRouting(body);
   return {
     command: body.command,
     scheduledAt,
@@ -338,6 +342,7 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, defaults: TaskDe
     },
     idempotencyKey: null,
     ...(body.limits === undefined || Object.keys(body.limits).length === 0 ? {} : { limits: { ...body.limits } }),
+    ...(routing === undefined ? {} : { routing }),
   };
 }
 
