@@ -114,6 +114,11 @@ function representativeTask(): Task {
     idempotency_hash: "9f2c".repeat(16),
     secret_env: { PGPASSWORD: "not-returned" },
     limits: { memory_mb: 512, pids: 64 },
+    ref: null,
+    on_parent_failure: null,
+    parents_pending: 0,
+    has_children: false,
+    parent_env: null,
   };
 }
 
@@ -160,6 +165,11 @@ function createdRow(id: string, spec: TaskSpec): TaskChangeRow {
     idempotency_hash: null,
     secret_env: spec.secretEnv,
     limits: spec.limits ?? null,
+    ref: null,
+    on_parent_failure: null,
+    parents_pending: 0,
+    has_children: false,
+    parent_env: null,
     event_id: "1",
   };
 }

@@ -365,7 +365,7 @@ export interface components {
          * @description queued, dispatched, running, then succeeded, failed, timed_out or cancelled.
          * @enum {string}
          */
-        TaskState: "queued" | "dispatched" | "running" | "succeeded" | "failed" | "timed_out" | "cancelled";
+        TaskState: "waiting" | "queued" | "dispatched" | "running" | "succeeded" | "failed" | "timed_out" | "cancelled";
         TaskList: {
             /** @description Newest first. */
             tasks: components["schemas"]["Task"][];
@@ -725,6 +725,15 @@ export interface components {
              * @example 2023-04-01T15:04:05Z
              */
             scheduled_at?: string;
+            /**
+             * @description Parents: task ids (and, in a batch, refs of other items). The task waits (state `waiting`) until every parent has ended, and runs once all succeeded (see on_parent_failure). A parent that will retry has not ended yet. At most 100; an unknown id or ref is a 400 naming it.
+             * @example [
+             *       "build"
+             *     ]
+             */
+            depends_on?: string[];
+            /** @enum {string} */
+            on_parent_failure?: "cancel" | "skip" | "run";
             /** @description Kill the command after this many milliseconds; 0 means no timeout. Defaults to 0. */
             timeout_ms?: number;
             /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
@@ -759,6 +768,15 @@ export interface components {
              * @example echo hello
              */
             command: string;
+            /**
+             * @description Parents: task ids (and, in a batch, refs of other items). The task waits (state `waiting`) until every parent has ended, and runs once all succeeded (see on_parent_failure). A parent that will retry has not ended yet. At most 100; an unknown id or ref is a 400 naming it.
+             * @example [
+             *       "build"
+             *     ]
+             */
+            depends_on?: string[];
+            /** @enum {string} */
+            on_parent_failure?: "cancel" | "skip" | "run";
             /** @description Kill the command after this many milliseconds; 0 means no timeout. Defaults to 0. */
             timeout_ms?: number;
             /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
@@ -821,6 +839,15 @@ export interface components {
              * @example 2023-04-01T15:04:05Z
              */
             scheduled_at?: string;
+            /**
+             * @description Parents: task ids (and, in a batch, refs of other items). The task waits (state `waiting`) until every parent has ended, and runs once all succeeded (see on_parent_failure). A parent that will retry has not ended yet. At most 100; an unknown id or ref is a 400 naming it.
+             * @example [
+             *       "build"
+             *     ]
+             */
+            depends_on?: string[];
+            /** @enum {string} */
+            on_parent_failure?: "cancel" | "skip" | "run";
             /** @description Kill the command after this many milliseconds; 0 means no timeout. Defaults to 0. */
             timeout_ms?: number;
             /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
@@ -849,6 +876,11 @@ export interface components {
             retry?: components["schemas"]["RetryPolicy"];
             /** @description This task's own idempotency key (visible ASCII, at most 255 bytes): when it was used before, the original task is returned in its place (its index listed in `replayed`); with a different request, the batch is a 409. */
             idempotency_key?: string;
+            /**
+             * @description This task's name within the batch, for the other items' depends_on, and the <ref> of their TQ_PARENT_<ref>_EXIT: a letter or _, then letters, digits or _, at most 64. Unique in the batch.
+             * @example build
+             */
+            ref?: string;
         };
         /** @description What is retried while attempts remain (max_attempts), and the exponential backoff (with jitter) between attempts. */
         RetryPolicy: {

@@ -41,6 +41,11 @@ export interface NewTask {
    * has a free slot, which saves the claim round trip.
    */
   assignTo?: Assignment;
+  /**
+   * Parents it waits for (src/db/dependencies.ts adds the edges in the same transaction): born
+   * `waiting` with this many pending. Never with assignTo.
+   */
+  parents?: number;
 }
 
 /** insertTasks for one item. */
@@ -88,14 +93,18 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
         coordinator_id: ["text", (t) => t.assignTo?.coordinatorId ?? null],
         lease_ms: ["double precision", (t) => (t.assignTo ? Math.max(0, t.assignTo.leaseMs) : null)],
         limits: ["jsonb", (t) => t.spec.limits ?? null],
+        ref: ["text", (t) => t.spec.ref ?? null],
+        on_parent_failure: ["text", (t) => (t.parents ? (t.spec.onParentFailure ?? "cancel") : null)],
+        parents_pending: ["integer", (t) => t.parents ?? 0],
       })}
     ),
     t AS (
       INSERT INTO tasks (id, command, state, scheduled_at, run_at, picked_at, attempt, max_attempts, timeout_ms, env, secret_env, cwd,
                          worker_id, coordinator_id, lease_expires_at,
                          retry_on_failure, retry_on_timeout, retry_on_lost, retry_backoff_base_ms, retry_backoff_cap_ms,
-                         idempotency_key, idempotency_hash, limits)
-      SELECT r.id, r.command, CASE WHEN r.worker_id IS NULL THEN 'queued' ELSE 'dispatched' END,
+                         idempotency_key, idempotency_hash, limits, ref, on_parent_failure, parents_pending)
+      SELECT r.id, r.command,
+             CASE WHEN r.parents_pending > 0 THEN 'waiting' WHEN r.worker_id IS NULL THEN 'queued' ELSE 'dispatched' END,
              due.at, due.at,
              CASE WHEN r.worker_id IS NOT NULL THEN clock_timestamp() END,
              CASE WHEN r.worker_id IS NULL THEN 0 ELSE 1 END,
@@ -103,7 +112,7 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
              r.worker_id, r.coordinator_id,
              clock_timestamp() + make_interval(secs => r.lease_ms / 1000),
              r.retry_on_failure, r.retry_on_timeout, r.retry_on_lost, r.retry_backoff_base_ms, r.retry_backoff_cap_ms,
-             r.idempotency_key, r.idempotency_hash, r.limits
+             r.idempotency_key, r.idempotency_hash, r.limits, r.ref, r.on_parent_failure, r.parents_pending
       FROM r
       -- Truncated, not rounded: timestamptz(3) would round a run-now time up to 0.5 ms into
       -- the future, making the task briefly "not yet due".

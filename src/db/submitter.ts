@@ -42,7 +42,8 @@ export class Submitter {
    * writes nothing and returns the earlier task.
    */
   async submit(id: string, spec: TaskSpec, actor?: string): Promise<InsertOutcome> {
-    const placement = spec.scheduledAt === null ? (this.options.placeRunNow?.(id) ?? null) : null;
+    // A task with parents is born waiting, never dispatched.
+    const placement = spec.scheduledAt === null && !spec.dependsOn ? (this.options.placeRunNow?.(id) ?? null) : null;
     if (!placement) return this.inserts.add({ id, spec, actor });
     let outcome: InsertOutcome;
     try {

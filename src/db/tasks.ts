@@ -54,6 +54,11 @@ export const TASK_ROW_COLUMNS = [
   "idempotency_hash",
   "secret_env",
   "limits",
+  "ref",
+  "on_parent_failure",
+  "parents_pending",
+  "has_children",
+  "parent_env",
 ] as const;
 
 /** The task row's own columns, qualified by `table` (a statement's RETURNING, or a read's select list). */

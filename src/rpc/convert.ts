@@ -3,6 +3,7 @@
 import type { JsonObject } from "@bufbuild/protobuf";
 import { create } from "@bufbuild/protobuf";
 import { type Timestamp, timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
+import type { DependencyRow, TaskDependencies } from "../db/dependencies";
 import type { TaskEventRow } from "../db/events";
 import {
   AttemptSchema,
@@ -14,6 +15,7 @@ import {
   type TaskEvent as PbTaskEvent,
   type TaskLimits as PbTaskLimits,
   TaskState as PbTaskState,
+  TaskDependencySchema,
   TaskEventSchema,
   TaskLimitsSchema,
   TaskSchema,
@@ -31,8 +33,10 @@ import {
   type Task,
   type TaskLimits,
 } from "../task/task";
+import { waitingReason } from "../task/waiting";
 
 const STATE_TO_PROTO: Record<TaskState, PbTaskState> = {
+  waiting: PbTaskState.WAITING,
   queued: PbTaskState.QUEUED,
   dispatched: PbTaskState.DISPATCHED,
   running: PbTaskState.RUNNING,
@@ -121,7 +125,20 @@ export function taskToProto(task: Task): PbTask {
     leaseExpiresAt: toTimestamp(task.lease_expires_at),
     secretEnvKeys: Object.keys(task.secret_env ?? {}).sort(),
     limits: task.limits ? limitsToProto(task.limits) : undefined,
+    ref: task.ref ?? "",
+    onParentFailure: task.on_parent_failure ?? "",
   });
+}
+
+/** A task with its dependencies and what it waits for, as GetTask answers. */
+export function taskWithDependenciesToProto(task: Task, dependencies: TaskDependencies): PbTask {
+  const message = taskToProto(task);
+  const edge = (row: DependencyRow) =>
+    create(TaskDependencySchema, { id: row.id, ref: row.ref ?? "", state: stateToProto(row.state) });
+  message.parents = dependencies.parents.map(edge);
+  message.children = dependencies.children.map(edge);
+  message.waitingReason = waitingReason(task, dependencies) ?? "";
+  return message;
 }
 
 /** Limits as the wire carries them: a missing or null one is unset. */

@@ -56,6 +56,11 @@ const task: Task = {
   idempotency_hash: null,
   secret_env: { TOKEN: "s3cret" },
   limits: null,
+  ref: null,
+  on_parent_failure: null,
+  parents_pending: 0,
+  has_children: false,
+  parent_env: null,
 };
 
 test("every state maps to the proto enum and back", () => {

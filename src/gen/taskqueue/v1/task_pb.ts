@@ -12,7 +12,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file taskqueue/v1/task.proto.
  */
 export const file_taskqueue_v1_task: GenFile = /*@__PURE__*/
-  fileDesc("Chd0YXNrcXVldWUvdjEvdGFzay5wcm90bxIMdGFza3F1ZXVlLnYxIpoICgRUYXNrEgoKAmlkGAEgASgJEg8KB2NvbW1hbmQYAiABKAkSJgoFc3RhdGUYAyABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEjAKDHNjaGVkdWxlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJcGlja2VkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWZhaWxlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY2FuY2VsbGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdhdHRlbXB0GAsgASgNEhQKDG1heF9hdHRlbXB0cxgMIAEoDRISCgp0aW1lb3V0X21zGA0gASgNEigKA2VudhgOIAMoCzIbLnRhc2txdWV1ZS52MS5UYXNrLkVudkVudHJ5EgsKA2N3ZBgPIAEoCRIRCgl3b3JrZXJfaWQYECABKAkSFgoJZXhpdF9jb2RlGBEgASgRSACIAQESDgoGc2lnbmFsGBIgASgJEg4KBnN0ZG91dBgTIAEoCRIOCgZzdGRlcnIYFCABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgVIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGBYgASgIEhcKD3N0ZG91dF9yZXBsYWNlZBgoIAEoCBIXCg9zdGRlcnJfcmVwbGFjZWQYKSABKAgSDQoFZXJyb3IYFyABKAkSKAoFcmV0cnkYGCABKAsyGS50YXNrcXVldWUudjEuUmV0cnlQb2xpY3kSFwoPaWRlbXBvdGVuY3lfa2V5GBkgASgJEjQKEGxlYXNlX2V4cGlyZXNfYXQYGiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD3NlY3JldF9lbnZfa2V5cxgbIAMoCRIqCgZydW5fYXQYHCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEigKBmxpbWl0cxg8IAEoCzIYLnRhc2txdWV1ZS52MS5UYXNrTGltaXRzEhUKDWludGVycnVwdGlvbnMYRiABKA0aKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIMCgpfZXhpdF9jb2RlIogBCgpUYXNrTGltaXRzEhYKCW1lbW9yeV9tYhgBIAEoDUgAiAEBEhEKBHBpZHMYAiABKA1IAYgBARITCgZub2ZpbGUYAyABKA1IAogBARIQCgNjcHUYBCABKAFIA4gBAUIMCgpfbWVtb3J5X21iQgcKBV9waWRzQgkKB19ub2ZpbGVCBgoEX2NwdSLyAQoMQXR0ZW1wdFVzYWdlEhYKDmxpbWl0c19hcHBsaWVkGAEgASgJEigKBmxpbWl0cxgCIAEoCzIYLnRhc2txdWV1ZS52MS5UYXNrTGltaXRzEhgKC2NwdV91c2VyX3VzGAMgASgESACIAQESGgoNY3B1X3N5c3RlbV91cxgEIAEoBEgBiAEBEh4KEXBlYWtfbWVtb3J5X2J5dGVzGAUgASgESAKIAQESEgoKb29tX2tpbGxlZBgGIAEoCEIOCgxfY3B1X3VzZXJfdXNCEAoOX2NwdV9zeXN0ZW1fdXNCFAoSX3BlYWtfbWVtb3J5X2J5dGVzIuEBCgtSZXRyeVBvbGljeRIXCgpvbl9mYWlsdXJlGAEgASgISACIAQESFwoKb25fdGltZW91dBgCIAEoCEgBiAEBEhQKB29uX2xvc3QYAyABKAhIAogBARIcCg9iYWNrb2ZmX2Jhc2VfbXMYBCABKA1IA4gBARIbCg5iYWNrb2ZmX2NhcF9tcxgFIAEoDUgEiAEBQg0KC19vbl9mYWlsdXJlQg0KC19vbl90aW1lb3V0QgoKCF9vbl9sb3N0QhIKEF9iYWNrb2ZmX2Jhc2VfbXNCEQoPX2JhY2tvZmZfY2FwX21zIuIBCglUYXNrRXZlbnQSCgoCaWQYASABKAkSDwoHdGFza19pZBgCIAEoCRIMCgRraW5kGAMgASgJEiYKBXN0YXRlGAQgASgOMhcudGFza3F1ZXVlLnYxLlRhc2tTdGF0ZRIPCgdhdHRlbXB0GAUgASgNEhEKCXdvcmtlcl9pZBgGIAEoCRImCgJhdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFYWN0b3IYCCABKAkSJwoGZGV0YWlsGAkgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCKpBAoHQXR0ZW1wdBIPCgd0YXNrX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKA0SEQoJd29ya2VyX2lkGAMgASgJEhYKDmNvb3JkaW5hdG9yX2lkGAQgASgJEjEKDWRpc3BhdGNoZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnN0YXJ0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCgNwaWQYCCABKAVIAIgBARIWCglleGl0X2NvZGUYCSABKBFIAYgBARIOCgZzaWduYWwYCiABKAkSDQoFZXJyb3IYCyABKAkSDgoGc3Rkb3V0GAwgASgJEg4KBnN0ZGVychgNIAEoCRIYChBzdGRvdXRfdHJ1bmNhdGVkGA4gASgIEhgKEHN0ZGVycl90cnVuY2F0ZWQYDyABKAgSFwoPc3Rkb3V0X3JlcGxhY2VkGCggASgIEhcKD3N0ZGVycl9yZXBsYWNlZBgpIAEoCBItCgdvdXRjb21lGBAgASgOMhwudGFza3F1ZXVlLnYxLkF0dGVtcHRPdXRjb21lEikKBXVzYWdlGDwgASgLMhoudGFza3F1ZXVlLnYxLkF0dGVtcHRVc2FnZUIGCgRfcGlkQgwKCl9leGl0X2NvZGUq1gEKCVRhc2tTdGF0ZRIaChZUQVNLX1NUQVRFX1VOU1BFQ0lGSUVEEAASFQoRVEFTS19TVEFURV9RVUVVRUQQARIZChVUQVNLX1NUQVRFX0RJU1BBVENIRUQQAhIWChJUQVNLX1NUQVRFX1JVTk5JTkcQAxIYChRUQVNLX1NUQVRFX1NVQ0NFRURFRBAEEhUKEVRBU0tfU1RBVEVfRkFJTEVEEAUSGAoUVEFTS19TVEFURV9USU1FRF9PVVQQBhIYChRUQVNLX1NUQVRFX0NBTkNFTExFRBAHKv4BCg5BdHRlbXB0T3V0Y29tZRIfChtBVFRFTVBUX09VVENPTUVfVU5TUEVDSUZJRUQQABIdChlBVFRFTVBUX09VVENPTUVfU1VDQ0VFREVEEAESGgoWQVRURU1QVF9PVVRDT01FX0ZBSUxFRBACEh0KGUFUVEVNUFRfT1VUQ09NRV9USU1FRF9PVVQQAxIYChRBVFRFTVBUX09VVENPTUVfTE9TVBAEEhsKF0FUVEVNUFRfT1VUQ09NRV9TVE9QUEVEEAUSGQoVQVRURU1QVF9PVVRDT01FX1NUQUxFEAYSHwobQVRURU1QVF9PVVRDT01FX0lOVEVSUlVQVEVEEAdiBnByb3RvMw", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("Chd0YXNrcXVldWUvdjEvdGFzay5wcm90bxIMdGFza3F1ZXVlLnYxIr4JCgRUYXNrEgoKAmlkGAEgASgJEg8KB2NvbW1hbmQYAiABKAkSJgoFc3RhdGUYAyABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEjAKDHNjaGVkdWxlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJcGlja2VkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWZhaWxlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY2FuY2VsbGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdhdHRlbXB0GAsgASgNEhQKDG1heF9hdHRlbXB0cxgMIAEoDRISCgp0aW1lb3V0X21zGA0gASgNEigKA2VudhgOIAMoCzIbLnRhc2txdWV1ZS52MS5UYXNrLkVudkVudHJ5EgsKA2N3ZBgPIAEoCRIRCgl3b3JrZXJfaWQYECABKAkSFgoJZXhpdF9jb2RlGBEgASgRSACIAQESDgoGc2lnbmFsGBIgASgJEg4KBnN0ZG91dBgTIAEoCRIOCgZzdGRlcnIYFCABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgVIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGBYgASgIEhcKD3N0ZG91dF9yZXBsYWNlZBgoIAEoCBIXCg9zdGRlcnJfcmVwbGFjZWQYKSABKAgSDQoFZXJyb3IYFyABKAkSKAoFcmV0cnkYGCABKAsyGS50YXNrcXVldWUudjEuUmV0cnlQb2xpY3kSFwoPaWRlbXBvdGVuY3lfa2V5GBkgASgJEjQKEGxlYXNlX2V4cGlyZXNfYXQYGiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD3NlY3JldF9lbnZfa2V5cxgbIAMoCRIqCgZydW5fYXQYHCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEigKBmxpbWl0cxg8IAEoCzIYLnRhc2txdWV1ZS52MS5UYXNrTGltaXRzEhUKDWludGVycnVwdGlvbnMYRiABKA0SDAoDcmVmGI4CIAEoCRIaChFvbl9wYXJlbnRfZmFpbHVyZRiPAiABKAkSLgoHcGFyZW50cxiQAiADKAsyHC50YXNrcXVldWUudjEuVGFza0RlcGVuZGVuY3kSLwoIY2hpbGRyZW4YkQIgAygLMhwudGFza3F1ZXVlLnYxLlRhc2tEZXBlbmRlbmN5EhcKDndhaXRpbmdfcmVhc29uGJICIAEoCRoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgwKCl9leGl0X2NvZGUiUQoOVGFza0RlcGVuZGVuY3kSCgoCaWQYASABKAkSCwoDcmVmGAIgASgJEiYKBXN0YXRlGAMgASgOMhcudGFza3F1ZXVlLnYxLlRhc2tTdGF0ZSKIAQoKVGFza0xpbWl0cxIWCgltZW1vcnlfbWIYASABKA1IAIgBARIRCgRwaWRzGAIgASgNSAGIAQESEwoGbm9maWxlGAMgASgNSAKIAQESEAoDY3B1GAQgASgBSAOIAQFCDAoKX21lbW9yeV9tYkIHCgVfcGlkc0IJCgdfbm9maWxlQgYKBF9jcHUi8gEKDEF0dGVtcHRVc2FnZRIWCg5saW1pdHNfYXBwbGllZBgBIAEoCRIoCgZsaW1pdHMYAiABKAsyGC50YXNrcXVldWUudjEuVGFza0xpbWl0cxIYCgtjcHVfdXNlcl91cxgDIAEoBEgAiAEBEhoKDWNwdV9zeXN0ZW1fdXMYBCABKARIAYgBARIeChFwZWFrX21lbW9yeV9ieXRlcxgFIAEoBEgCiAEBEhIKCm9vbV9raWxsZWQYBiABKAhCDgoMX2NwdV91c2VyX3VzQhAKDl9jcHVfc3lzdGVtX3VzQhQKEl9wZWFrX21lbW9yeV9ieXRlcyLhAQoLUmV0cnlQb2xpY3kSFwoKb25fZmFpbHVyZRgBIAEoCEgAiAEBEhcKCm9uX3RpbWVvdXQYAiABKAhIAYgBARIUCgdvbl9sb3N0GAMgASgISAKIAQESHAoPYmFja29mZl9iYXNlX21zGAQgASgNSAOIAQESGwoOYmFja29mZl9jYXBfbXMYBSABKA1IBIgBAUINCgtfb25fZmFpbHVyZUINCgtfb25fdGltZW91dEIKCghfb25fbG9zdEISChBfYmFja29mZl9iYXNlX21zQhEKD19iYWNrb2ZmX2NhcF9tcyLiAQoJVGFza0V2ZW50EgoKAmlkGAEgASgJEg8KB3Rhc2tfaWQYAiABKAkSDAoEa2luZBgDIAEoCRImCgVzdGF0ZRgEIAEoDjIXLnRhc2txdWV1ZS52MS5UYXNrU3RhdGUSDwoHYXR0ZW1wdBgFIAEoDRIRCgl3b3JrZXJfaWQYBiABKAkSJgoCYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWFjdG9yGAggASgJEicKBmRldGFpbBgJIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiqQQKB0F0dGVtcHQSDwoHdGFza19pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgNEhEKCXdvcmtlcl9pZBgDIAEoCRIWCg5jb29yZGluYXRvcl9pZBgEIAEoCRIxCg1kaXNwYXRjaGVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hlZF9hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoDcGlkGAggASgFSACIAQESFgoJZXhpdF9jb2RlGAkgASgRSAGIAQESDgoGc2lnbmFsGAogASgJEg0KBWVycm9yGAsgASgJEg4KBnN0ZG91dBgMIAEoCRIOCgZzdGRlcnIYDSABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgOIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGA8gASgIEhcKD3N0ZG91dF9yZXBsYWNlZBgoIAEoCBIXCg9zdGRlcnJfcmVwbGFjZWQYKSABKAgSLQoHb3V0Y29tZRgQIAEoDjIcLnRhc2txdWV1ZS52MS5BdHRlbXB0T3V0Y29tZRIpCgV1c2FnZRg8IAEoCzIaLnRhc2txdWV1ZS52MS5BdHRlbXB0VXNhZ2VCBgoEX3BpZEIMCgpfZXhpdF9jb2RlKu8BCglUYXNrU3RhdGUSGgoWVEFTS19TVEFURV9VTlNQRUNJRklFRBAAEhUKEVRBU0tfU1RBVEVfUVVFVUVEEAESGQoVVEFTS19TVEFURV9ESVNQQVRDSEVEEAISFgoSVEFTS19TVEFURV9SVU5OSU5HEAMSGAoUVEFTS19TVEFURV9TVUNDRUVERUQQBBIVChFUQVNLX1NUQVRFX0ZBSUxFRBAFEhgKFFRBU0tfU1RBVEVfVElNRURfT1VUEAYSGAoUVEFTS19TVEFURV9DQU5DRUxMRUQQBxIXChJUQVNLX1NUQVRFX1dBSVRJTkcQjgIq/gEKDkF0dGVtcHRPdXRjb21lEh8KG0FUVEVNUFRfT1VUQ09NRV9VTlNQRUNJRklFRBAAEh0KGUFUVEVNUFRfT1VUQ09NRV9TVUNDRUVERUQQARIaChZBVFRFTVBUX09VVENPTUVfRkFJTEVEEAISHQoZQVRURU1QVF9PVVRDT01FX1RJTUVEX09VVBADEhgKFEFUVEVNUFRfT1VUQ09NRV9MT1NUEAQSGwoXQVRURU1QVF9PVVRDT01FX1NUT1BQRUQQBRIZChVBVFRFTVBUX09VVENPTUVfU1RBTEUQBhIfChtBVFRFTVBUX09VVENPTUVfSU5URVJSVVBURUQQB2IGcHJvdG8z", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message taskqueue.v1.Task
@@ -193,6 +193,39 @@ export type Task = Message<"taskqueue.v1.Task"> & {
    * @generated from field: uint32 interruptions = 70;
    */
   interruptions: number;
+
+  /**
+   * Dependencies. Its ref in the batch that declared it (empty outside one).
+   *
+   * @generated from field: string ref = 270;
+   */
+  ref: string;
+
+  /**
+   * cancel, skip or run; empty without parents.
+   *
+   * @generated from field: string on_parent_failure = 271;
+   */
+  onParentFailure: string;
+
+  /**
+   * Filled by GetTask: the tasks it depends on, and those that depend on it.
+   *
+   * @generated from field: repeated taskqueue.v1.TaskDependency parents = 272;
+   */
+  parents: TaskDependency[];
+
+  /**
+   * @generated from field: repeated taskqueue.v1.TaskDependency children = 273;
+   */
+  children: TaskDependency[];
+
+  /**
+   * What the task waits for, e.g. "waiting: parents <id>, <id>"; empty when nothing (GetTask).
+   *
+   * @generated from field: string waiting_reason = 274;
+   */
+  waitingReason: string;
 };
 
 /**
@@ -201,6 +234,37 @@ export type Task = Message<"taskqueue.v1.Task"> & {
  */
 export const TaskSchema: GenMessage<Task> = /*@__PURE__*/
   messageDesc(file_taskqueue_v1_task, 0);
+
+/**
+ * One end of a dependency edge, as the other end sees it.
+ *
+ * @generated from message taskqueue.v1.TaskDependency
+ */
+export type TaskDependency = Message<"taskqueue.v1.TaskDependency"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * The name the child knows the parent by (TQ_PARENT_<ref>_EXIT); for children, their own ref.
+   *
+   * @generated from field: string ref = 2;
+   */
+  ref: string;
+
+  /**
+   * @generated from field: taskqueue.v1.TaskState state = 3;
+   */
+  state: TaskState;
+};
+
+/**
+ * Describes the message taskqueue.v1.TaskDependency.
+ * Use `create(TaskDependencySchema)` to create a new message.
+ */
+export const TaskDependencySchema: GenMessage<TaskDependency> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_task, 1);
 
 /**
  * Resource limits a task asks for. Each is capped by the maxima of the worker that runs it
@@ -245,7 +309,7 @@ export type TaskLimits = Message<"taskqueue.v1.TaskLimits"> & {
  * Use `create(TaskLimitsSchema)` to create a new message.
  */
 export const TaskLimitsSchema: GenMessage<TaskLimits> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 1);
+  messageDesc(file_taskqueue_v1_task, 2);
 
 /**
  * How one attempt was limited and what it used, as its worker measured it.
@@ -295,7 +359,7 @@ export type AttemptUsage = Message<"taskqueue.v1.AttemptUsage"> & {
  * Use `create(AttemptUsageSchema)` to create a new message.
  */
 export const AttemptUsageSchema: GenMessage<AttemptUsage> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 2);
+  messageDesc(file_taskqueue_v1_task, 3);
 
 /**
  * What is retried while attempts remain, and the exponential backoff (with jitter) between
@@ -339,7 +403,7 @@ export type RetryPolicy = Message<"taskqueue.v1.RetryPolicy"> & {
  * Use `create(RetryPolicySchema)` to create a new message.
  */
 export const RetryPolicySchema: GenMessage<RetryPolicy> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 3);
+  messageDesc(file_taskqueue_v1_task, 4);
 
 /**
  * TaskEvent is one row of the append-only task_events history.
@@ -410,7 +474,7 @@ export type TaskEvent = Message<"taskqueue.v1.TaskEvent"> & {
  * Use `create(TaskEventSchema)` to create a new message.
  */
 export const TaskEventSchema: GenMessage<TaskEvent> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 4);
+  messageDesc(file_taskqueue_v1_task, 5);
 
 /**
  * Attempt is one row of task_attempts: one dispatch of a task and what came of it.
@@ -525,7 +589,7 @@ export type Attempt = Message<"taskqueue.v1.Attempt"> & {
  * Use `create(AttemptSchema)` to create a new message.
  */
 export const AttemptSchema: GenMessage<Attempt> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 5);
+  messageDesc(file_taskqueue_v1_task, 6);
 
 /**
  * TaskState mirrors the `state` column of the tasks table; src/task/state.ts documents who
@@ -573,6 +637,13 @@ export enum TaskState {
    * @generated from enum value: TASK_STATE_CANCELLED = 7;
    */
   CANCELLED = 7,
+
+  /**
+   * Blocked on its parents (depends_on): released to queued, or ended, as they end.
+   *
+   * @generated from enum value: TASK_STATE_WAITING = 270;
+   */
+  WAITING = 270,
 }
 
 /**
