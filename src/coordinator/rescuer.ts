@@ -5,8 +5,9 @@
 // fallback to the pushed Cancel), and requeues any task, of any coordinator, whose lease
 // lapsed (its worker or its coordinator died, or the assignment never arrived). On the same
 // tick it closes the streams of its workers whose credential was revoked.
-import { ping, type Sql } from "../db/sql";
+
 import { sweepDependencies } from "../db/dependencies";
+import { ping, type Sql } from "../db/sql";
 import { renewLeases, requeueExpiredLeases } from "../db/transitions";
 import { revokedAmong } from "../db/worker-credentials";
 import { touchWorkers } from "../db/workers";
