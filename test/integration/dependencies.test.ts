@@ -55,7 +55,6 @@ async function call(method: string, path: string, body?: unknown, headers: Recor
   });
   const response = await app.handle(request);
   expect(response.status).not.toBe(500);
-  // biome-ignore lint/suspicious/noExplicitAny: tests read whatever shape the route documents
   return { status: response.status, json: (await response.json()) as any };
 }
 
