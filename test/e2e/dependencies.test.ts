@@ -7,6 +7,7 @@ import { join } from "node:path";
 import { TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { getJson, postJson, type TaskJson, watchTask } from "../support/http";
 import { type Cluster, startCluster } from "../support/processes";
+import { readmeCurls, runReadmeCommand } from "../support/readme";
 import { taskDir } from "../support/task-dir";
 
 setDefaultTimeout(TEST_TIMEOUT_MS * 2);
@@ -134,6 +135,33 @@ test("a failed parent: cancel and skip end the child, run runs it with the paren
     expect(skippedRow).toMatchObject({ state: "cancelled", error: `skipped: parent ${build!.id} (build) ended failed` });
     const history = (await getJson(`${cluster.coordinatorUrl}/tasks/${skipped!.id}/history`)).json;
     expect(history.events.map((event: { kind: string }) => event.kind)).toEqual(["submitted", "skipped"]);
+  } finally {
+    await cluster.stop();
+  }
+});
+
+test("the README's batch DAG runs as printed", async () => {
+  const cluster = await startCluster(db.url, { workers: 1, slots: 2, scheduler: false });
+  try {
+    const [dag] = readmeCurls("Dependencies");
+    expect(dag).toContain("/tasks/batch");
+    const port = Number(new URL(cluster.coordinatorUrl).port);
+    const answer = JSON.parse(await runReadmeCommand(dag!, { scheduler: port, coordinator: port }));
+    const [build, lint, testTask, report] = answer.tasks as TaskJson[];
+    expect(testTask!.state).toBe("waiting");
+    expect(await watchTask(cluster.coordinatorUrl, report!.id)).toMatchObject({
+      state: "succeeded",
+      stdout: "lint exited 3\n",
+    });
+    expect(await watchTask(cluster.coordinatorUrl, testTask!.id)).toMatchObject({
+      state: "succeeded",
+      stdout: "build exited 0\n",
+    });
+    expect((await getJson(`${cluster.coordinatorUrl}/tasks/${lint!.id}`)).json.state).toBe("failed");
+    const shown = (await getJson(`${cluster.coordinatorUrl}/tasks/${report!.id}`)).json;
+    expect(shown.parents.map((p: { ref: string }) => p.ref).sort()).toEqual(["lint", "test"]);
+    const parent = (await getJson(`${cluster.coordinatorUrl}/tasks/${build!.id}`)).json;
+    expect(parent.children).toEqual([{ id: testTask!.id, ref: "test", state: "succeeded" }]);
   } finally {
     await cluster.stop();
   }
