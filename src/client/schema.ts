@@ -360,6 +360,31 @@ export interface components {
                 nofile?: number;
                 cpu?: number;
             } | null;
+            /** @description Its ref in the batch that declared it; null outside a DAG batch. */
+            ref: string | null;
+            /** @description cancel, skip or run (see POST /tasks depends_on); null for a task without parents. */
+            on_parent_failure: string | null;
+            /** @description GET /tasks/:id only: the tasks it depends on, each with the ref it knows them by (TQ_PARENT_<ref>_EXIT). */
+            parents?: {
+                /** Format: uuid */
+                id: string;
+                /** @description A parent: the name the child knows it by. A child: its own ref. */
+                ref: string | null;
+                state: components["schemas"]["TaskState"];
+            }[];
+            /** @description GET /tasks/:id only: the tasks that depend on it, with their own refs. */
+            children?: {
+                /** Format: uuid */
+                id: string;
+                /** @description A parent: the name the child knows it by. A child: its own ref. */
+                ref: string | null;
+                state: components["schemas"]["TaskState"];
+            }[];
+            /**
+             * @description GET /tasks/:id only: what the task waits for, e.g. `waiting: parents <id>, <id>`; null when nothing.
+             * @example waiting: parents 01960f3c-8a4e-7b21-9c3d-2f5e6a7b8c9d
+             */
+            waiting_reason?: string | null;
         };
         /**
          * @description queued, dispatched, running, then succeeded, failed, timed_out or cancelled.
@@ -487,6 +512,31 @@ export interface components {
                 nofile?: number;
                 cpu?: number;
             } | null;
+            /** @description Its ref in the batch that declared it; null outside a DAG batch. */
+            ref: string | null;
+            /** @description cancel, skip or run (see POST /tasks depends_on); null for a task without parents. */
+            on_parent_failure: string | null;
+            /** @description GET /tasks/:id only: the tasks it depends on, each with the ref it knows them by (TQ_PARENT_<ref>_EXIT). */
+            parents?: {
+                /** Format: uuid */
+                id: string;
+                /** @description A parent: the name the child knows it by. A child: its own ref. */
+                ref: string | null;
+                state: components["schemas"]["TaskState"];
+            }[];
+            /** @description GET /tasks/:id only: the tasks that depend on it, with their own refs. */
+            children?: {
+                /** Format: uuid */
+                id: string;
+                /** @description A parent: the name the child knows it by. A child: its own ref. */
+                ref: string | null;
+                state: components["schemas"]["TaskState"];
+            }[];
+            /**
+             * @description GET /tasks/:id only: what the task waits for, e.g. `waiting: parents <id>, <id>`; null when nothing.
+             * @example waiting: parents 01960f3c-8a4e-7b21-9c3d-2f5e6a7b8c9d
+             */
+            waiting_reason?: string | null;
             event: components["schemas"]["Event"] | null;
         };
         /** @description One attempt of a task. */
@@ -1585,7 +1635,7 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description The task. */
+            /** @description The task, with its parents and children. */
             200: {
                 headers: {
                     [name: string]: unknown;

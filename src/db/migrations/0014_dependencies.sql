@@ -19,9 +19,13 @@ ALTER TABLE tasks ADD COLUMN has_children boolean NOT NULL DEFAULT false;
 -- TQ_PARENT_<ref>_EXIT for each parent, written at release, merged into the env at dispatch.
 ALTER TABLE tasks ADD COLUMN parent_env jsonb;
 
+-- No foreign keys, on purpose: both ends are checked by the one statement that adds edges (it
+-- writes the parent row and the child was just inserted), tasks are never deleted, and a
+-- reference would stop every `TRUNCATE tasks` that does not name this table too. Whatever
+-- deletes tasks one day deletes their edges with them.
 CREATE TABLE task_dependencies (
-  child_id  uuid NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
-  parent_id uuid NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+  child_id  uuid NOT NULL,
+  parent_id uuid NOT NULL,
   -- The name the child knows the parent by: its batch ref, or its id with '-' as '_'.
   ref       text NOT NULL,
   -- The parent ended and this edge was counted off the child's parents_pending (exactly once).
