@@ -5,10 +5,10 @@ import type { DependencyRow, TaskDependencies } from "../db/dependencies";
 import type { TaskEventRow } from "../db/events";
 import type { WorkerRow } from "../db/workers";
 import { ATTEMPT_OUTCOMES, type Attempt } from "../task/attempt";
+import { parentsWaiting, waitingLine } from "../task/dependencies";
 import type { ErrorCode } from "../task/errors";
 import { TASK_STATES } from "../task/state";
 import { LIMITS_APPLIED, type Task } from "../task/task";
-import { waitingReason } from "../task/waiting";
 
 const Nullable = <T extends TSchema>(schema: T) => Type.Union([schema, Type.Null()]);
 
@@ -482,7 +482,7 @@ export function taskWithDependenciesJson(task: Task, dependencies: TaskDependenc
     ...taskJson(task),
     parents: dependencies.parents.map(edge),
     children: dependencies.children.map(edge),
-    waiting_reason: waitingReason(task, dependencies),
+    waiting_reason: waitingLine(parentsWaiting(task, dependencies.parents)),
   };
 }
 

@@ -4,7 +4,7 @@
 
 import { listAttempts } from "../db/attempts";
 import { batchHash, claimBatchKey, getBatch } from "../db/batches";
-import { addDependencies, getDependencies, type NewEdge, refOfId, type TaskDependencies } from "../db/dependencies";
+import { addDependencies, getDependencies, type NewEdge, type TaskDependencies } from "../db/dependencies";
 import { listTaskEventsAfter, readTaskSince, type TaskEventRow } from "../db/events";
 import { insertTasks, type NewTask } from "../db/insert";
 import type { Sql } from "../db/sql";
@@ -12,6 +12,7 @@ import { getTask, listTasks, probeTasks } from "../db/tasks";
 import { cancelTask } from "../db/transitions";
 import { listLiveWorkers, type WorkerRow } from "../db/workers";
 import type { Attempt } from "../task/attempt";
+import { refOfId } from "../task/dependencies";
 import { conflict, invalidArgument, isDatabaseTimeout, notFound, TaskQueueError, unavailable } from "../task/errors";
 import { isTaskId } from "../task/spec";
 import { isFinal, isTaskState, TASK_STATES } from "../task/state";

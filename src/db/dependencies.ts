@@ -34,16 +34,6 @@ export interface NewEdge {
   ref: string;
 }
 
-/** The ref of a parent named by id: the id with its hyphens as underscores. */
-export function refOfId(id: string): string {
-  return id.replaceAll("-", "_");
-}
-
-/** The variable a child reads its parent's exit code from. */
-export function parentExitVariable(ref: string): string {
-  return `TQ_PARENT_${ref}_EXIT`;
-}
-
 /**
  * Adds the edges of children just inserted `waiting` (in the caller's transaction), and
  * resolves those whose parent has ended already. Returns the parent ids that name no task (the

@@ -22,6 +22,7 @@ import {
 } from "../gen/taskqueue/v1/task_pb";
 import { Outcome, type TaskFinished, type TaskRef, TaskRefSchema } from "../gen/taskqueue/v1/worker_service_pb";
 import { type Attempt, type AttemptOutcome, type AttemptRef, exitedState, type LossCause } from "../task/attempt";
+import { parentsWaiting, waitingLine } from "../task/dependencies";
 import { invalidArgument } from "../task/errors";
 import { isTaskState, type TaskState } from "../task/state";
 import {
@@ -33,7 +34,6 @@ import {
   type Task,
   type TaskLimits,
 } from "../task/task";
-import { waitingReason } from "../task/waiting";
 
 const STATE_TO_PROTO: Record<TaskState, PbTaskState> = {
   waiting: PbTaskState.WAITING,
@@ -137,7 +137,7 @@ export function taskWithDependenciesToProto(task: Task, dependencies: TaskDepend
     create(TaskDependencySchema, { id: row.id, ref: row.ref ?? "", state: stateToProto(row.state) });
   message.parents = dependencies.parents.map(edge);
   message.children = dependencies.children.map(edge);
-  message.waitingReason = waitingReason(task, dependencies) ?? "";
+  message.waitingReason = waitingLine(parentsWaiting(task, dependencies.parents)) ?? "";
   return message;
 }
 

@@ -1,20 +1,23 @@
-// What a task waits for, in words: the one waiting-reason field every transport shows
-// (GET /tasks/:id `waiting_reason`, gRPC Task.waiting_reason). Each rule that can hold a task
-// back adds its clause here; dependencies are the first.
+// What a queued task waits for, in one small shape every rule fills: routing (no live worker
+// matches, the queue is paused or full), flow control (a concurrency key full, a rate limit,
+// parents not done). Task views show the first reason that holds (REST `waiting`, gRPC
+// Task.waiting); src/db/waiting.ts finds them.
 
-/** A parent of a task as the reason needs it. */
-export interface WaitingParent {
-  id: string;
-  /** The parent has ended and was counted off. */
-  resolved: boolean;
+/** The reasons, in the order a view reports them (the first that holds wins). */
+export const WAITING_KINDS = ["queue_paused", "no_worker", "queue_full", "key_full", "rate_limit", "parents"] as const;
+export type WaitingKind = (typeof WAITING_KINDS)[number];
+
+export interface Waiting {
+  kind: WaitingKind;
+  /** For people: "no worker with gpu=1", "queue emails is paused". */
+  message: string;
 }
 
-/**
- * "waiting: parents <id>, <id>" for a task blocked on its parents (the ones not yet ended, in
- * id order); null when the task waits for nothing this module knows.
- */
-export function waitingReason(task: { state: string }, dependencies: { parents: readonly WaitingParent[] }): string | null {
-  if (task.state !== "waiting") return null;
-  const pending = dependencies.parents.filter((parent) => !parent.resolved).map((parent) => parent.id);
-  return pending.length === 0 ? "waiting: parents" : `waiting: parents ${pending.join(", ")}`;
+/** The first reason by WAITING_KINDS order, or null. */
+export function firstWaiting(reasons: readonly Waiting[]): Waiting | null {
+  let best: Waiting | null = null;
+  for (const reason of reasons) {
+    if (best === null || WAITING_KINDS.indexOf(reason.kind) < WAITING_KINDS.indexOf(best.kind)) best = reason;
+  }
+  return best;
 }
