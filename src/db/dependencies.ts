@@ -81,7 +81,13 @@ export async function addDependencies(
 export async function afterTasksEnded(sql: Sql, rows: readonly Pick<Task, "id" | "state" | "has_children">[]): Promise<void> {
   const ended = rows.filter((row) => row.has_children && FINAL_STATES.has(row.state)).map((row) => row.id);
   if (ended.length === 0) return;
-  await resolveDependencies(sql, sql`d.parent_id = ANY(${array(sql, ended, "uuid")})`);
+  try {
+    await resolveDependencies(sql, sql`d.parent_id = ANY(${array(sql, ended, "uuid")})`);
+  } catch {
+    // The change that ended the parents is committed, and its caller must act on it (a
+    // result acknowledged, a cancel answered) rather than retry it: the rescuer's sweep
+    // resolves these edges on its next pass, and logs that it did.
+  }
 }
 
 /** Resolves every edge whose parent has ended but that nobody resolved (a process died in between). */
@@ -110,11 +116,20 @@ async function resolveDependencies(sql: Sql, scope: Fragment): Promise<TaskChang
 function resolveOnce(sql: Sql, scope: Fragment) {
   // The first failed parent (by id) names the failure; a cancelled child's error and event say it.
   return sql<(Task & { event_id: string })[]>`
-    WITH flip AS (
+    -- Edges, then children, are locked in key order: two of these statements that share
+    -- edges (a sweep and a finish) or children (two parents ending at once) wait for each
+    -- other rather than deadlock.
+    WITH c AS (
+      SELECT d.child_id, d.parent_id, p.state AS parent_state
+      FROM task_dependencies d JOIN tasks p ON p.id = d.parent_id
+      WHERE NOT d.resolved AND p.state IN (${states(sql, ENDED)}) AND ${scope}
+      ORDER BY d.child_id, d.parent_id
+      FOR UPDATE OF d
+    ),
+    flip AS (
       UPDATE task_dependencies d SET resolved = true
-      FROM tasks p
-      WHERE p.id = d.parent_id AND NOT d.resolved AND p.state IN (${states(sql, ENDED)}) AND ${scope}
-      RETURNING d.child_id, d.parent_id, d.ref, p.state AS parent_state
+      FROM c WHERE d.child_id = c.child_id AND d.parent_id = c.parent_id
+      RETURNING d.child_id, d.parent_id, d.ref, c.parent_state
     ),
     x AS (
       SELECT child_id, count(*)::int AS n,
@@ -132,6 +147,7 @@ function resolveOnce(sql: Sql, scope: Fragment) {
              ELSE 'wait' END AS verdict
       FROM tasks JOIN x ON x.child_id = tasks.id
       WHERE tasks.state IN (${states(sql, GUARDS.waiting)})
+      ORDER BY tasks.id
       FOR UPDATE OF tasks
     ),
     t AS (
