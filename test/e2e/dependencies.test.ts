@@ -52,10 +52,13 @@ function twentyTaskDag(): Item[] {
   return items;
 }
 
+/** Slower to declare a worker dead than the suite's default: 20 tasks on a loaded machine must not be rescued away. */
+const PATIENT = { TQ_HEARTBEAT_TIMEOUT_MS: "5000" };
+
 async function startTwoCoordinators(): Promise<Cluster[]> {
-  const first = await startCluster(db.url, { workers: 1, slots: 3 });
+  const first = await startCluster(db.url, { workers: 1, slots: 3, env: PATIENT });
   try {
-    return [first, await startCluster(db.url, { workers: 1, slots: 3, scheduler: false })];
+    return [first, await startCluster(db.url, { workers: 1, slots: 3, scheduler: false, env: PATIENT })];
   } catch (error) {
     await first.stop();
     throw error;
