@@ -120,6 +120,11 @@ function representativeTask(): Task {
     schedule_timeout_ms: 0,
     priority_aging_ms: 1000,
     rank: null,
+    ref: null,
+    on_parent_failure: null,
+    parents_pending: 0,
+    has_children: false,
+    parent_env: null,
   };
 }
 
@@ -172,6 +177,11 @@ function createdRow(id: string, spec: TaskSpec): TaskChangeRow {
     schedule_timeout_ms: 0,
     priority_aging_ms: 1000,
     rank: null,
+    ref: null,
+    on_parent_failure: null,
+    parents_pending: 0,
+    has_children: false,
+    parent_env: null,
     event_id: "1",
   };
 }

@@ -57,6 +57,7 @@ export const QueueJson = Type.Object(
     running: Count("Tasks of the queue dispatched or running now."),
     depth: Type.Object(
       {
+        waiting: Count("Waiting for their parents (not yet queued)."),
         queued: Count("Queued (due or not)."),
         dispatched: Count("Dispatched."),
         running: Count("Running."),

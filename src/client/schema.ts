@@ -450,12 +450,32 @@ export interface components {
             /** @description Fails after waiting this long for a worker; 0: never. */
             schedule_timeout_ms: number;
             waiting: components["schemas"]["Waiting"] | null;
+            /** @description Its ref in the batch that declared it; null outside a DAG batch. */
+            ref: string | null;
+            /** @description cancel, skip or run (see POST /tasks depends_on); null for a task without parents. */
+            on_parent_failure: string | null;
+            /** @description GET /tasks/:id only: the tasks it depends on, each with the ref it knows them by (TQ_PARENT_<ref>_EXIT). */
+            parents?: {
+                /** Format: uuid */
+                id: string;
+                /** @description A parent: the name the child knows it by. A child: its own ref. */
+                ref: string | null;
+                state: components["schemas"]["TaskState"];
+            }[];
+            /** @description GET /tasks/:id only: the tasks that depend on it, with their own refs. */
+            children?: {
+                /** Format: uuid */
+                id: string;
+                /** @description A parent: the name the child knows it by. A child: its own ref. */
+                ref: string | null;
+                state: components["schemas"]["TaskState"];
+            }[];
         };
         /**
          * @description queued, dispatched, running, then succeeded, failed, timed_out or cancelled.
          * @enum {string}
          */
-        TaskState: "queued" | "dispatched" | "running" | "succeeded" | "failed" | "timed_out" | "cancelled";
+        TaskState: "waiting" | "queued" | "dispatched" | "running" | "succeeded" | "failed" | "timed_out" | "cancelled";
         TaskList: {
             /** @description Newest first. */
             tasks: components["schemas"]["Task"][];
@@ -590,6 +610,26 @@ export interface components {
             /** @description Fails after waiting this long for a worker; 0: never. */
             schedule_timeout_ms: number;
             waiting: components["schemas"]["Waiting"] | null;
+            /** @description Its ref in the batch that declared it; null outside a DAG batch. */
+            ref: string | null;
+            /** @description cancel, skip or run (see POST /tasks depends_on); null for a task without parents. */
+            on_parent_failure: string | null;
+            /** @description GET /tasks/:id only: the tasks it depends on, each with the ref it knows them by (TQ_PARENT_<ref>_EXIT). */
+            parents?: {
+                /** Format: uuid */
+                id: string;
+                /** @description A parent: the name the child knows it by. A child: its own ref. */
+                ref: string | null;
+                state: components["schemas"]["TaskState"];
+            }[];
+            /** @description GET /tasks/:id only: the tasks that depend on it, with their own refs. */
+            children?: {
+                /** Format: uuid */
+                id: string;
+                /** @description A parent: the name the child knows it by. A child: its own ref. */
+                ref: string | null;
+                state: components["schemas"]["TaskState"];
+            }[];
             event: components["schemas"]["Event"] | null;
         };
         /** @description One attempt of a task. */
@@ -828,6 +868,15 @@ export interface components {
              * @example 2023-04-01T15:04:05Z
              */
             scheduled_at?: string;
+            /**
+             * @description Parents: task ids (and, in a batch, refs of other items). The task waits (state `waiting`) until every parent has ended, and runs once all succeeded (see on_parent_failure). A parent that will retry has not ended yet. At most 100; an unknown id or ref is a 400 naming it.
+             * @example [
+             *       "build"
+             *     ]
+             */
+            depends_on?: string[];
+            /** @enum {string} */
+            on_parent_failure?: "cancel" | "skip" | "run";
             /** @description Kill the command after this many milliseconds; 0 means no timeout. Defaults to 0. */
             timeout_ms?: number;
             /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
@@ -876,6 +925,15 @@ export interface components {
              * @example echo hello
              */
             command: string;
+            /**
+             * @description Parents: task ids (and, in a batch, refs of other items). The task waits (state `waiting`) until every parent has ended, and runs once all succeeded (see on_parent_failure). A parent that will retry has not ended yet. At most 100; an unknown id or ref is a 400 naming it.
+             * @example [
+             *       "build"
+             *     ]
+             */
+            depends_on?: string[];
+            /** @enum {string} */
+            on_parent_failure?: "cancel" | "skip" | "run";
             /** @description Kill the command after this many milliseconds; 0 means no timeout. Defaults to 0. */
             timeout_ms?: number;
             /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
@@ -952,6 +1010,15 @@ export interface components {
              * @example 2023-04-01T15:04:05Z
              */
             scheduled_at?: string;
+            /**
+             * @description Parents: task ids (and, in a batch, refs of other items). The task waits (state `waiting`) until every parent has ended, and runs once all succeeded (see on_parent_failure). A parent that will retry has not ended yet. At most 100; an unknown id or ref is a 400 naming it.
+             * @example [
+             *       "build"
+             *     ]
+             */
+            depends_on?: string[];
+            /** @enum {string} */
+            on_parent_failure?: "cancel" | "skip" | "run";
             /** @description Kill the command after this many milliseconds; 0 means no timeout. Defaults to 0. */
             timeout_ms?: number;
             /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
@@ -994,6 +1061,11 @@ export interface components {
             schedule_timeout_ms?: number;
             /** @description This task's own idempotency key (visible ASCII, at most 255 bytes): when it was used before, the original task is returned in its place (its index listed in `replayed`); with a different request, the batch is a 409. */
             idempotency_key?: string;
+            /**
+             * @description This task's name within the batch, for the other items' depends_on, and the <ref> of their TQ_PARENT_<ref>_EXIT: a letter or _, then letters, digits or _, at most 64. Unique in the batch.
+             * @example build
+             */
+            ref?: string;
         };
         /** @description What is retried while attempts remain (max_attempts), and the exponential backoff (with jitter) between attempts. */
         RetryPolicy: {
@@ -1023,6 +1095,8 @@ export interface components {
             running: number;
             /** @description The queue's tasks by state. */
             depth: {
+                /** @description Waiting for their parents (not yet queued). */
+                waiting: number;
                 /** @description Queued (due or not). */
                 queued: number;
                 /** @description Dispatched. */
@@ -1774,7 +1848,7 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description The task. */
+            /** @description The task, with its parents and children. */
             200: {
                 headers: {
                     [name: string]: unknown;

@@ -43,6 +43,11 @@ export interface NewTask {
   assignTo?: Assignment;
   /** TQ_PRIORITY_AGING_MS of the submitting role: the task's rank uses it. */
   agingMs?: number;
+  /**
+   * Parents it waits for (src/db/dependencies.ts adds the edges in the same transaction): born
+   * `waiting` with this many pending. Never with assignTo.
+   */
+  parents?: number;
 }
 
 /** TQ_PRIORITY_AGING_MS's default: a task gains one priority step per second of waiting. */
@@ -99,6 +104,9 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
         prefers: ["jsonb", (t) => t.spec.routing?.prefers ?? []],
         schedule_timeout_ms: ["integer", (t) => t.spec.routing?.scheduleTimeoutMs ?? 0],
         priority_aging_ms: ["integer", (t) => t.agingMs ?? DEFAULT_PRIORITY_AGING_MS],
+        ref: ["text", (t) => t.spec.ref ?? null],
+        on_parent_failure: ["text", (t) => (t.parents ? (t.spec.onParentFailure ?? "cancel") : null)],
+        parents_pending: ["integer", (t) => t.parents ?? 0],
       })}
     ),
     t AS (
@@ -106,8 +114,10 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
                          worker_id, coordinator_id, lease_expires_at,
                          retry_on_failure, retry_on_timeout, retry_on_lost, retry_backoff_base_ms, retry_backoff_cap_ms,
                          idempotency_key, idempotency_hash, limits,
-                         queue, priority, requires, prefers, schedule_timeout_ms, priority_aging_ms)
-      SELECT r.id, r.command, CASE WHEN fast.worker_id IS NULL THEN 'queued' ELSE 'dispatched' END,
+                         queue, priority, requires, prefers, schedule_timeout_ms, priority_aging_ms,
+                         ref, on_parent_failure, parents_pending)
+      SELECT r.id, r.command,
+             CASE WHEN r.parents_pending > 0 THEN 'waiting' WHEN fast.worker_id IS NULL THEN 'queued' ELSE 'dispatched' END,
              due.at, due.at,
              CASE WHEN fast.worker_id IS NOT NULL THEN clock_timestamp() END,
              CASE WHEN fast.worker_id IS NULL THEN 0 ELSE 1 END,
@@ -116,7 +126,8 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
              CASE WHEN fast.worker_id IS NOT NULL THEN clock_timestamp() + make_interval(secs => r.lease_ms / 1000) END,
              r.retry_on_failure, r.retry_on_timeout, r.retry_on_lost, r.retry_backoff_base_ms, r.retry_backoff_cap_ms,
              r.idempotency_key, r.idempotency_hash, r.limits,
-             r.queue, r.priority, r.requires, r.prefers, r.schedule_timeout_ms, r.priority_aging_ms
+             r.queue, r.priority, r.requires, r.prefers, r.schedule_timeout_ms, r.priority_aging_ms,
+             r.ref, r.on_parent_failure, r.parents_pending
       FROM r
       -- Truncated, not rounded: timestamptz(3) would round a run-now time up to 0.5 ms into
       -- the future, making the task briefly "not yet due".

@@ -44,7 +44,8 @@ export class Submitter {
    * writes nothing and returns the earlier task.
    */
   async submit(id: string, spec: TaskSpec, actor?: string): Promise<InsertOutcome> {
-    const placement = spec.scheduledAt === null ? (this.options.placeRunNow?.(id, spec) ?? null) : null;
+    // A task with parents is born waiting, never dispatched.
+    const placement = spec.scheduledAt === null && !spec.dependsOn ? (this.options.placeRunNow?.(id, spec) ?? null) : null;
     const agingMs = this.options.agingMs;
     if (!placement) return this.inserts.add({ id, spec, actor, agingMs });
     let outcome: InsertOutcome;

@@ -61,6 +61,11 @@ export const TASK_ROW_COLUMNS = [
   "schedule_timeout_ms",
   "priority_aging_ms",
   "rank",
+  "ref",
+  "on_parent_failure",
+  "parents_pending",
+  "has_children",
+  "parent_env",
 ] as const;
 
 /** The task row's own columns, qualified by `table` (a statement's RETURNING, or a read's select list). */

@@ -12,7 +12,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file taskqueue/v1/task.proto.
  */
 export const file_taskqueue_v1_task: GenFile = /*@__PURE__*/
-  fileDesc("Chd0YXNrcXVldWUvdjEvdGFzay5wcm90bxIMdGFza3F1ZXVlLnYxItkJCgRUYXNrEgoKAmlkGAEgASgJEg8KB2NvbW1hbmQYAiABKAkSJgoFc3RhdGUYAyABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEjAKDHNjaGVkdWxlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJcGlja2VkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWZhaWxlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY2FuY2VsbGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdhdHRlbXB0GAsgASgNEhQKDG1heF9hdHRlbXB0cxgMIAEoDRISCgp0aW1lb3V0X21zGA0gASgNEigKA2VudhgOIAMoCzIbLnRhc2txdWV1ZS52MS5UYXNrLkVudkVudHJ5EgsKA2N3ZBgPIAEoCRIRCgl3b3JrZXJfaWQYECABKAkSFgoJZXhpdF9jb2RlGBEgASgRSACIAQESDgoGc2lnbmFsGBIgASgJEg4KBnN0ZG91dBgTIAEoCRIOCgZzdGRlcnIYFCABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgVIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGBYgASgIEhcKD3N0ZG91dF9yZXBsYWNlZBgoIAEoCBIXCg9zdGRlcnJfcmVwbGFjZWQYKSABKAgSDQoFZXJyb3IYFyABKAkSKAoFcmV0cnkYGCABKAsyGS50YXNrcXVldWUudjEuUmV0cnlQb2xpY3kSFwoPaWRlbXBvdGVuY3lfa2V5GBkgASgJEjQKEGxlYXNlX2V4cGlyZXNfYXQYGiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD3NlY3JldF9lbnZfa2V5cxgbIAMoCRIqCgZydW5fYXQYHCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEigKBmxpbWl0cxg8IAEoCzIYLnRhc2txdWV1ZS52MS5UYXNrTGltaXRzEhUKDWludGVycnVwdGlvbnMYRiABKA0SDgoFcXVldWUY5gEgASgJEhEKCHByaW9yaXR5GOcBIAEoERIpCgdyZXF1aXJlGOgBIAMoCzIXLnRhc2txdWV1ZS52MS5MYWJlbFJ1bGUSKAoGcHJlZmVyGOkBIAMoCzIXLnRhc2txdWV1ZS52MS5MYWJlbFJ1bGUSHAoTc2NoZWR1bGVfdGltZW91dF9tcxjqASABKA0SJwoHd2FpdGluZxjrASABKAsyFS50YXNrcXVldWUudjEuV2FpdGluZxoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgwKCl9leGl0X2NvZGUiUgoJTGFiZWxSdWxlEgsKA2tleRgBIAEoCRIKCgJvcBgCIAEoCRISCgV2YWx1ZRgDIAEoCUgAiAEBEg4KBndlaWdodBgEIAEoDUIICgZfdmFsdWUiKAoHV2FpdGluZxIMCgRraW5kGAEgASgJEg8KB21lc3NhZ2UYAiABKAkiiAEKClRhc2tMaW1pdHMSFgoJbWVtb3J5X21iGAEgASgNSACIAQESEQoEcGlkcxgCIAEoDUgBiAEBEhMKBm5vZmlsZRgDIAEoDUgCiAEBEhAKA2NwdRgEIAEoAUgDiAEBQgwKCl9tZW1vcnlfbWJCBwoFX3BpZHNCCQoHX25vZmlsZUIGCgRfY3B1IvIBCgxBdHRlbXB0VXNhZ2USFgoObGltaXRzX2FwcGxpZWQYASABKAkSKAoGbGltaXRzGAIgASgLMhgudGFza3F1ZXVlLnYxLlRhc2tMaW1pdHMSGAoLY3B1X3VzZXJfdXMYAyABKARIAIgBARIaCg1jcHVfc3lzdGVtX3VzGAQgASgESAGIAQESHgoRcGVha19tZW1vcnlfYnl0ZXMYBSABKARIAogBARISCgpvb21fa2lsbGVkGAYgASgIQg4KDF9jcHVfdXNlcl91c0IQCg5fY3B1X3N5c3RlbV91c0IUChJfcGVha19tZW1vcnlfYnl0ZXMi4QEKC1JldHJ5UG9saWN5EhcKCm9uX2ZhaWx1cmUYASABKAhIAIgBARIXCgpvbl90aW1lb3V0GAIgASgISAGIAQESFAoHb25fbG9zdBgDIAEoCEgCiAEBEhwKD2JhY2tvZmZfYmFzZV9tcxgEIAEoDUgDiAEBEhsKDmJhY2tvZmZfY2FwX21zGAUgASgNSASIAQFCDQoLX29uX2ZhaWx1cmVCDQoLX29uX3RpbWVvdXRCCgoIX29uX2xvc3RCEgoQX2JhY2tvZmZfYmFzZV9tc0IRCg9fYmFja29mZl9jYXBfbXMi4gEKCVRhc2tFdmVudBIKCgJpZBgBIAEoCRIPCgd0YXNrX2lkGAIgASgJEgwKBGtpbmQYAyABKAkSJgoFc3RhdGUYBCABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEg8KB2F0dGVtcHQYBSABKA0SEQoJd29ya2VyX2lkGAYgASgJEiYKAmF0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVhY3RvchgIIAEoCRInCgZkZXRhaWwYCSABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0IqkECgdBdHRlbXB0Eg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoDRIRCgl3b3JrZXJfaWQYAyABKAkSFgoOY29vcmRpbmF0b3JfaWQYBCABKAkSMQoNZGlzcGF0Y2hlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKA3BpZBgIIAEoBUgAiAEBEhYKCWV4aXRfY29kZRgJIAEoEUgBiAEBEg4KBnNpZ25hbBgKIAEoCRINCgVlcnJvchgLIAEoCRIOCgZzdGRvdXQYDCABKAkSDgoGc3RkZXJyGA0gASgJEhgKEHN0ZG91dF90cnVuY2F0ZWQYDiABKAgSGAoQc3RkZXJyX3RydW5jYXRlZBgPIAEoCBIXCg9zdGRvdXRfcmVwbGFjZWQYKCABKAgSFwoPc3RkZXJyX3JlcGxhY2VkGCkgASgIEi0KB291dGNvbWUYECABKA4yHC50YXNrcXVldWUudjEuQXR0ZW1wdE91dGNvbWUSKQoFdXNhZ2UYPCABKAsyGi50YXNrcXVldWUudjEuQXR0ZW1wdFVzYWdlQgYKBF9waWRCDAoKX2V4aXRfY29kZSrWAQoJVGFza1N0YXRlEhoKFlRBU0tfU1RBVEVfVU5TUEVDSUZJRUQQABIVChFUQVNLX1NUQVRFX1FVRVVFRBABEhkKFVRBU0tfU1RBVEVfRElTUEFUQ0hFRBACEhYKElRBU0tfU1RBVEVfUlVOTklORxADEhgKFFRBU0tfU1RBVEVfU1VDQ0VFREVEEAQSFQoRVEFTS19TVEFURV9GQUlMRUQQBRIYChRUQVNLX1NUQVRFX1RJTUVEX09VVBAGEhgKFFRBU0tfU1RBVEVfQ0FOQ0VMTEVEEAcq/gEKDkF0dGVtcHRPdXRjb21lEh8KG0FUVEVNUFRfT1VUQ09NRV9VTlNQRUNJRklFRBAAEh0KGUFUVEVNUFRfT1VUQ09NRV9TVUNDRUVERUQQARIaChZBVFRFTVBUX09VVENPTUVfRkFJTEVEEAISHQoZQVRURU1QVF9PVVRDT01FX1RJTUVEX09VVBADEhgKFEFUVEVNUFRfT1VUQ09NRV9MT1NUEAQSGwoXQVRURU1QVF9PVVRDT01FX1NUT1BQRUQQBRIZChVBVFRFTVBUX09VVENPTUVfU1RBTEUQBhIfChtBVFRFTVBUX09VVENPTUVfSU5URVJSVVBURUQQB2IGcHJvdG8z", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("Chd0YXNrcXVldWUvdjEvdGFzay5wcm90bxIMdGFza3F1ZXVlLnYxIuwKCgRUYXNrEgoKAmlkGAEgASgJEg8KB2NvbW1hbmQYAiABKAkSJgoFc3RhdGUYAyABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEjAKDHNjaGVkdWxlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJcGlja2VkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWZhaWxlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY2FuY2VsbGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdhdHRlbXB0GAsgASgNEhQKDG1heF9hdHRlbXB0cxgMIAEoDRISCgp0aW1lb3V0X21zGA0gASgNEigKA2VudhgOIAMoCzIbLnRhc2txdWV1ZS52MS5UYXNrLkVudkVudHJ5EgsKA2N3ZBgPIAEoCRIRCgl3b3JrZXJfaWQYECABKAkSFgoJZXhpdF9jb2RlGBEgASgRSACIAQESDgoGc2lnbmFsGBIgASgJEg4KBnN0ZG91dBgTIAEoCRIOCgZzdGRlcnIYFCABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgVIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGBYgASgIEhcKD3N0ZG91dF9yZXBsYWNlZBgoIAEoCBIXCg9zdGRlcnJfcmVwbGFjZWQYKSABKAgSDQoFZXJyb3IYFyABKAkSKAoFcmV0cnkYGCABKAsyGS50YXNrcXVldWUudjEuUmV0cnlQb2xpY3kSFwoPaWRlbXBvdGVuY3lfa2V5GBkgASgJEjQKEGxlYXNlX2V4cGlyZXNfYXQYGiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD3NlY3JldF9lbnZfa2V5cxgbIAMoCRIqCgZydW5fYXQYHCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEigKBmxpbWl0cxg8IAEoCzIYLnRhc2txdWV1ZS52MS5UYXNrTGltaXRzEhUKDWludGVycnVwdGlvbnMYRiABKA0SDgoFcXVldWUY5gEgASgJEhEKCHByaW9yaXR5GOcBIAEoERIpCgdyZXF1aXJlGOgBIAMoCzIXLnRhc2txdWV1ZS52MS5MYWJlbFJ1bGUSKAoGcHJlZmVyGOkBIAMoCzIXLnRhc2txdWV1ZS52MS5MYWJlbFJ1bGUSHAoTc2NoZWR1bGVfdGltZW91dF9tcxjqASABKA0SJwoHd2FpdGluZxjrASABKAsyFS50YXNrcXVldWUudjEuV2FpdGluZxIMCgNyZWYYjgIgASgJEhoKEW9uX3BhcmVudF9mYWlsdXJlGI8CIAEoCRIuCgdwYXJlbnRzGJACIAMoCzIcLnRhc2txdWV1ZS52MS5UYXNrRGVwZW5kZW5jeRIvCghjaGlsZHJlbhiRAiADKAsyHC50YXNrcXVldWUudjEuVGFza0RlcGVuZGVuY3kaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIMCgpfZXhpdF9jb2RlSgYIkgIQkwIiUgoJTGFiZWxSdWxlEgsKA2tleRgBIAEoCRIKCgJvcBgCIAEoCRISCgV2YWx1ZRgDIAEoCUgAiAEBEg4KBndlaWdodBgEIAEoDUIICgZfdmFsdWUiKAoHV2FpdGluZxIMCgRraW5kGAEgASgJEg8KB21lc3NhZ2UYAiABKAkiUQoOVGFza0RlcGVuZGVuY3kSCgoCaWQYASABKAkSCwoDcmVmGAIgASgJEiYKBXN0YXRlGAMgASgOMhcudGFza3F1ZXVlLnYxLlRhc2tTdGF0ZSKIAQoKVGFza0xpbWl0cxIWCgltZW1vcnlfbWIYASABKA1IAIgBARIRCgRwaWRzGAIgASgNSAGIAQESEwoGbm9maWxlGAMgASgNSAKIAQESEAoDY3B1GAQgASgBSAOIAQFCDAoKX21lbW9yeV9tYkIHCgVfcGlkc0IJCgdfbm9maWxlQgYKBF9jcHUi8gEKDEF0dGVtcHRVc2FnZRIWCg5saW1pdHNfYXBwbGllZBgBIAEoCRIoCgZsaW1pdHMYAiABKAsyGC50YXNrcXVldWUudjEuVGFza0xpbWl0cxIYCgtjcHVfdXNlcl91cxgDIAEoBEgAiAEBEhoKDWNwdV9zeXN0ZW1fdXMYBCABKARIAYgBARIeChFwZWFrX21lbW9yeV9ieXRlcxgFIAEoBEgCiAEBEhIKCm9vbV9raWxsZWQYBiABKAhCDgoMX2NwdV91c2VyX3VzQhAKDl9jcHVfc3lzdGVtX3VzQhQKEl9wZWFrX21lbW9yeV9ieXRlcyLhAQoLUmV0cnlQb2xpY3kSFwoKb25fZmFpbHVyZRgBIAEoCEgAiAEBEhcKCm9uX3RpbWVvdXQYAiABKAhIAYgBARIUCgdvbl9sb3N0GAMgASgISAKIAQESHAoPYmFja29mZl9iYXNlX21zGAQgASgNSAOIAQESGwoOYmFja29mZl9jYXBfbXMYBSABKA1IBIgBAUINCgtfb25fZmFpbHVyZUINCgtfb25fdGltZW91dEIKCghfb25fbG9zdEISChBfYmFja29mZl9iYXNlX21zQhEKD19iYWNrb2ZmX2NhcF9tcyLiAQoJVGFza0V2ZW50EgoKAmlkGAEgASgJEg8KB3Rhc2tfaWQYAiABKAkSDAoEa2luZBgDIAEoCRImCgVzdGF0ZRgEIAEoDjIXLnRhc2txdWV1ZS52MS5UYXNrU3RhdGUSDwoHYXR0ZW1wdBgFIAEoDRIRCgl3b3JrZXJfaWQYBiABKAkSJgoCYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWFjdG9yGAggASgJEicKBmRldGFpbBgJIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiqQQKB0F0dGVtcHQSDwoHdGFza19pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgNEhEKCXdvcmtlcl9pZBgDIAEoCRIWCg5jb29yZGluYXRvcl9pZBgEIAEoCRIxCg1kaXNwYXRjaGVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hlZF9hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoDcGlkGAggASgFSACIAQESFgoJZXhpdF9jb2RlGAkgASgRSAGIAQESDgoGc2lnbmFsGAogASgJEg0KBWVycm9yGAsgASgJEg4KBnN0ZG91dBgMIAEoCRIOCgZzdGRlcnIYDSABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgOIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGA8gASgIEhcKD3N0ZG91dF9yZXBsYWNlZBgoIAEoCBIXCg9zdGRlcnJfcmVwbGFjZWQYKSABKAgSLQoHb3V0Y29tZRgQIAEoDjIcLnRhc2txdWV1ZS52MS5BdHRlbXB0T3V0Y29tZRIpCgV1c2FnZRg8IAEoCzIaLnRhc2txdWV1ZS52MS5BdHRlbXB0VXNhZ2VCBgoEX3BpZEIMCgpfZXhpdF9jb2RlKu8BCglUYXNrU3RhdGUSGgoWVEFTS19TVEFURV9VTlNQRUNJRklFRBAAEhUKEVRBU0tfU1RBVEVfUVVFVUVEEAESGQoVVEFTS19TVEFURV9ESVNQQVRDSEVEEAISFgoSVEFTS19TVEFURV9SVU5OSU5HEAMSGAoUVEFTS19TVEFURV9TVUNDRUVERUQQBBIVChFUQVNLX1NUQVRFX0ZBSUxFRBAFEhgKFFRBU0tfU1RBVEVfVElNRURfT1VUEAYSGAoUVEFTS19TVEFURV9DQU5DRUxMRUQQBxIXChJUQVNLX1NUQVRFX1dBSVRJTkcQjgIq/gEKDkF0dGVtcHRPdXRjb21lEh8KG0FUVEVNUFRfT1VUQ09NRV9VTlNQRUNJRklFRBAAEh0KGUFUVEVNUFRfT1VUQ09NRV9TVUNDRUVERUQQARIaChZBVFRFTVBUX09VVENPTUVfRkFJTEVEEAISHQoZQVRURU1QVF9PVVRDT01FX1RJTUVEX09VVBADEhgKFEFUVEVNUFRfT1VUQ09NRV9MT1NUEAQSGwoXQVRURU1QVF9PVVRDT01FX1NUT1BQRUQQBRIZChVBVFRFTVBUX09VVENPTUVfU1RBTEUQBhIfChtBVFRFTVBUX09VVENPTUVfSU5URVJSVVBURUQQB2IGcHJvdG8z", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message taskqueue.v1.Task
@@ -229,6 +229,32 @@ export type Task = Message<"taskqueue.v1.Task"> & {
    * @generated from field: taskqueue.v1.Waiting waiting = 235;
    */
   waiting?: Waiting | undefined;
+
+  /**
+   * Dependencies. Its ref in the batch that declared it (empty outside one).
+   *
+   * @generated from field: string ref = 270;
+   */
+  ref: string;
+
+  /**
+   * cancel, skip or run; empty without parents.
+   *
+   * @generated from field: string on_parent_failure = 271;
+   */
+  onParentFailure: string;
+
+  /**
+   * Filled by GetTask: the tasks it depends on, and those that depend on it.
+   *
+   * @generated from field: repeated taskqueue.v1.TaskDependency parents = 272;
+   */
+  parents: TaskDependency[];
+
+  /**
+   * @generated from field: repeated taskqueue.v1.TaskDependency children = 273;
+   */
+  children: TaskDependency[];
 };
 
 /**
@@ -302,6 +328,37 @@ export const WaitingSchema: GenMessage<Waiting> = /*@__PURE__*/
   messageDesc(file_taskqueue_v1_task, 2);
 
 /**
+ * One end of a dependency edge, as the other end sees it.
+ *
+ * @generated from message taskqueue.v1.TaskDependency
+ */
+export type TaskDependency = Message<"taskqueue.v1.TaskDependency"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * The name the child knows the parent by (TQ_PARENT_<ref>_EXIT); for children, their own ref.
+   *
+   * @generated from field: string ref = 2;
+   */
+  ref: string;
+
+  /**
+   * @generated from field: taskqueue.v1.TaskState state = 3;
+   */
+  state: TaskState;
+};
+
+/**
+ * Describes the message taskqueue.v1.TaskDependency.
+ * Use `create(TaskDependencySchema)` to create a new message.
+ */
+export const TaskDependencySchema: GenMessage<TaskDependency> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_task, 3);
+
+/**
  * Resource limits a task asks for. Each is capped by the maxima of the worker that runs it
  * (TQ_WORKER_MAX_*), an unset one is the worker's maximum, and the attempt records what
  * applied (AttemptUsage).
@@ -344,7 +401,7 @@ export type TaskLimits = Message<"taskqueue.v1.TaskLimits"> & {
  * Use `create(TaskLimitsSchema)` to create a new message.
  */
 export const TaskLimitsSchema: GenMessage<TaskLimits> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 3);
+  messageDesc(file_taskqueue_v1_task, 4);
 
 /**
  * How one attempt was limited and what it used, as its worker measured it.
@@ -394,7 +451,7 @@ export type AttemptUsage = Message<"taskqueue.v1.AttemptUsage"> & {
  * Use `create(AttemptUsageSchema)` to create a new message.
  */
 export const AttemptUsageSchema: GenMessage<AttemptUsage> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 4);
+  messageDesc(file_taskqueue_v1_task, 5);
 
 /**
  * What is retried while attempts remain, and the exponential backoff (with jitter) between
@@ -438,7 +495,7 @@ export type RetryPolicy = Message<"taskqueue.v1.RetryPolicy"> & {
  * Use `create(RetryPolicySchema)` to create a new message.
  */
 export const RetryPolicySchema: GenMessage<RetryPolicy> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 5);
+  messageDesc(file_taskqueue_v1_task, 6);
 
 /**
  * TaskEvent is one row of the append-only task_events history.
@@ -509,7 +566,7 @@ export type TaskEvent = Message<"taskqueue.v1.TaskEvent"> & {
  * Use `create(TaskEventSchema)` to create a new message.
  */
 export const TaskEventSchema: GenMessage<TaskEvent> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 6);
+  messageDesc(file_taskqueue_v1_task, 7);
 
 /**
  * Attempt is one row of task_attempts: one dispatch of a task and what came of it.
@@ -624,7 +681,7 @@ export type Attempt = Message<"taskqueue.v1.Attempt"> & {
  * Use `create(AttemptSchema)` to create a new message.
  */
 export const AttemptSchema: GenMessage<Attempt> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 7);
+  messageDesc(file_taskqueue_v1_task, 8);
 
 /**
  * TaskState mirrors the `state` column of the tasks table; src/task/state.ts documents who
@@ -672,6 +729,13 @@ export enum TaskState {
    * @generated from enum value: TASK_STATE_CANCELLED = 7;
    */
   CANCELLED = 7,
+
+  /**
+   * Blocked on its parents (depends_on): released to queued, or ended, as they end.
+   *
+   * @generated from enum value: TASK_STATE_WAITING = 270;
+   */
+  WAITING = 270,
 }
 
 /**
