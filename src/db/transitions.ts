@@ -215,6 +215,20 @@ export async function recordStaleResult(sql: Sql, ref: AttemptRef, result: Attem
 }
 
 /**
+ * A hand-back (the worker gave the attempt up: drained, fenced by its lease, or refused after a
+ * stall) for an attempt that no longer holds its task: the task does not change, and its
+ * history gets a `stale` event saying what was reported, as for a superseded result.
+ */
+export async function recordStaleHandBack(sql: Sql, ref: AttemptRef, reason: string, cause: LossCause): Promise<void> {
+  await sql`
+    INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail)
+    SELECT id, 'stale', state, ${ref.attempt}, ${ref.workerId},
+           jsonb_build_object('reported', 'handed_back', 'cause', ${cause}::text, 'reason', ${reason}::text,
+                              'current_attempt', attempt)
+    FROM tasks WHERE id = ${ref.taskId}`;
+}
+
+/**
  * The worker stopped an attempt's process as it was told (the task was cancelled, or the
  * attempt superseded): the task does not change; its history gets a `stopped` event, and an
  * attempt row not yet ended gets outcome `stopped`.
