@@ -729,6 +729,8 @@ export interface components {
             timeout_ms?: number;
             /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
             max_attempts?: number;
+            /** @description How long each attempt's lease lasts, renewed by its worker's heartbeats: a worker cut off for this long stops the attempt on its own, and only then may another run it. At least the heartbeat timeout plus two intervals (5000 ms with the defaults). Defaults to TQ_DEFAULT_LEASE_MS (30000). */
+            lease_ms?: number;
             /** @description Extra environment variables: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes; env and secret_env together at most 1048576 bytes, counting each NAME=value, its NUL and 8 bytes. */
             env?: {
                 [key: string]: string;
@@ -763,6 +765,8 @@ export interface components {
             timeout_ms?: number;
             /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
             max_attempts?: number;
+            /** @description How long each attempt's lease lasts, renewed by its worker's heartbeats: a worker cut off for this long stops the attempt on its own, and only then may another run it. At least the heartbeat timeout plus two intervals (5000 ms with the defaults). Defaults to TQ_DEFAULT_LEASE_MS (30000). */
+            lease_ms?: number;
             /** @description Extra environment variables: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes; env and secret_env together at most 1048576 bytes, counting each NAME=value, its NUL and 8 bytes. */
             env?: {
                 [key: string]: string;
@@ -825,6 +829,8 @@ export interface components {
             timeout_ms?: number;
             /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
             max_attempts?: number;
+            /** @description How long each attempt's lease lasts, renewed by its worker's heartbeats: a worker cut off for this long stops the attempt on its own, and only then may another run it. At least the heartbeat timeout plus two intervals (5000 ms with the defaults). Defaults to TQ_DEFAULT_LEASE_MS (30000). */
+            lease_ms?: number;
             /** @description Extra environment variables: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes; env and secret_env together at most 1048576 bytes, counting each NAME=value, its NUL and 8 bytes. */
             env?: {
                 [key: string]: string;

@@ -2,7 +2,7 @@
 import { GUARDS } from "../task/state";
 import { openAttempts } from "./attempts";
 import { changedRows, recordChange, type TaskChangeRow } from "./changes";
-import { array, fromNow, states } from "./encode";
+import { array, states } from "./encode";
 import type { Sql } from "./sql";
 import { taskRowColumns } from "./tasks";
 
@@ -45,7 +45,8 @@ export async function claimDue(
       UPDATE tasks SET
         state = 'dispatched', picked_at = clock_timestamp(), attempt = tasks.attempt + 1,
         worker_id = (${array(sql, slots, "text")})[c.n::int], coordinator_id = ${coordinatorId},
-        lease_expires_at = ${fromNow(sql, leaseMs)},
+        -- The task's own lease, or the default (leaseMs: TQ_DEFAULT_LEASE_MS).
+        lease_expires_at = clock_timestamp() + make_interval(secs => coalesce(tasks.lease_ms, ${leaseMs}::integer) / 1000.0),
         started_at = NULL, exit_code = NULL, signal = NULL, error = NULL
       FROM c WHERE tasks.id = c.id
       RETURNING ${taskRowColumns(sql, "tasks")},

@@ -10,7 +10,7 @@ import { selectTasks, taskRowColumns } from "./tasks";
 export interface Assignment {
   workerId: string;
   coordinatorId: string;
-  /** Lease on the first attempt, renewed while the worker reports it. */
+  /** Lease on the first attempt when the task asks for none (TQ_DEFAULT_LEASE_MS); renewed while the worker reports it. */
   leaseMs: number;
 }
 
@@ -86,7 +86,8 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
         actor: ["text", (t) => t.actor ?? null],
         worker_id: ["text", (t) => t.assignTo?.workerId ?? null],
         coordinator_id: ["text", (t) => t.assignTo?.coordinatorId ?? null],
-        lease_ms: ["double precision", (t) => (t.assignTo ? Math.max(0, t.assignTo.leaseMs) : null)],
+        lease_ms: ["double precision", (t) => (t.assignTo ? Math.max(0, t.spec.leaseMs ?? t.assignTo.leaseMs) : null)],
+        task_lease_ms: ["integer", (t) => t.spec.leaseMs ?? null],
         limits: ["jsonb", (t) => t.spec.limits ?? null],
       })}
     ),
@@ -94,7 +95,7 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
       INSERT INTO tasks (id, command, state, scheduled_at, run_at, picked_at, attempt, max_attempts, timeout_ms, env, secret_env, cwd,
                          worker_id, coordinator_id, lease_expires_at,
                          retry_on_failure, retry_on_timeout, retry_on_lost, retry_backoff_base_ms, retry_backoff_cap_ms,
-                         idempotency_key, idempotency_hash, limits)
+                         idempotency_key, idempotency_hash, limits, lease_ms)
       SELECT r.id, r.command, CASE WHEN r.worker_id IS NULL THEN 'queued' ELSE 'dispatched' END,
              due.at, due.at,
              CASE WHEN r.worker_id IS NOT NULL THEN clock_timestamp() END,
@@ -103,7 +104,7 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
              r.worker_id, r.coordinator_id,
              clock_timestamp() + make_interval(secs => r.lease_ms / 1000),
              r.retry_on_failure, r.retry_on_timeout, r.retry_on_lost, r.retry_backoff_base_ms, r.retry_backoff_cap_ms,
-             r.idempotency_key, r.idempotency_hash, r.limits
+             r.idempotency_key, r.idempotency_hash, r.limits, r.task_lease_ms
       FROM r
       -- Truncated, not rounded: timestamptz(3) would round a run-now time up to 0.5 ms into
       -- the future, making the task briefly "not yet due".

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file taskqueue/v1/worker_service.proto.
  */
 export const file_taskqueue_v1_worker_service: GenFile = /*@__PURE__*/
-  fileDesc("CiF0YXNrcXVldWUvdjEvd29ya2VyX3NlcnZpY2UucHJvdG8SDHRhc2txdWV1ZS52MSLMAQoNV29ya2VyTWVzc2FnZRIkCgVoZWxsbxgBIAEoCzITLnRhc2txdWV1ZS52MS5IZWxsb0gAEiwKCWhlYXJ0YmVhdBgCIAEoCzIXLnRhc2txdWV1ZS52MS5IZWFydGJlYXRIABIsCgdzdGFydGVkGAMgASgLMhkudGFza3F1ZXVlLnYxLlRhc2tTdGFydGVkSAASLgoIZmluaXNoZWQYBCABKAsyGi50YXNrcXVldWUudjEuVGFza0ZpbmlzaGVkSABCCQoHcGF5bG9hZCLhAQoSQ29vcmRpbmF0b3JNZXNzYWdlEigKB3dlbGNvbWUYASABKAsyFS50YXNrcXVldWUudjEuV2VsY29tZUgAEiYKBmFzc2lnbhgCIAEoCzIULnRhc2txdWV1ZS52MS5Bc3NpZ25IABImCgZjYW5jZWwYAyABKAsyFC50YXNrcXVldWUudjEuQ2FuY2VsSAASIAoDYWNrGAQgASgLMhEudGFza3F1ZXVlLnYxLkFja0gAEiQKBWRyYWluGAUgASgLMhMudGFza3F1ZXVlLnYxLkRyYWluSABCCQoHcGF5bG9hZCIrCgdUYXNrUmVmEg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoDSLiAgoFSGVsbG8SEQoJd29ya2VyX2lkGAEgASgJEgwKBG5hbWUYAiABKAkSDQoFc2xvdHMYAyABKA0SDwoHdmVyc2lvbhgEIAEoCRIoCglpbl9mbGlnaHQYBSADKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhIvCgZsYWJlbHMYBiADKAsyHy50YXNrcXVldWUudjEuSGVsbG8uTGFiZWxzRW50cnkSFAoMcmVzdW1lX3Rva2VuGAcgASgJEi4KCndhbGxfY2xvY2sYRiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEHByb3RvY29sX3ZlcnNpb24YUCABKA0SHAoUbWluX3Byb3RvY29sX3ZlcnNpb24YUSABKA0SEAoIZmVhdHVyZXMYUiADKAkaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJgCglIZWFydGJlYXQSCwoDc2VxGAEgASgEEiYKB3J1bm5pbmcYAiADKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhIQCghkcmFpbmluZxgDIAEoCBIMCgRmdWxsGGQgASgIIm4KC1Rhc2tTdGFydGVkEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEgsKA3BpZBgCIAEoDRIuCgpzdGFydGVkX2F0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLGAwoMVGFza0ZpbmlzaGVkEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEiYKB291dGNvbWUYAiABKA4yFS50YXNrcXVldWUudjEuT3V0Y29tZRIWCglleGl0X2NvZGUYAyABKBFIAIgBARIOCgZzaWduYWwYBCABKAkSDgoGc3Rkb3V0GAUgASgJEg4KBnN0ZGVychgGIAEoCRIYChBzdGRvdXRfdHJ1bmNhdGVkGAcgASgIEhgKEHN0ZGVycl90cnVuY2F0ZWQYCCABKAgSDQoFZXJyb3IYCSABKAkSLgoKc3RhcnRlZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoZWRfYXQYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEikKBXVzYWdlGDwgASgLMhoudGFza3F1ZXVlLnYxLkF0dGVtcHRVc2FnZRIXCg9zdGRvdXRfcmVwbGFjZWQYKCABKAgSFwoPc3RkZXJyX3JlcGxhY2VkGCkgASgIEhMKC2ludGVycnVwdGVkGEYgASgIQgwKCl9leGl0X2NvZGUizgEKB1dlbGNvbWUSEQoJd29ya2VyX2lkGAEgASgJEhYKDmNvb3JkaW5hdG9yX2lkGAIgASgJEh0KFWhlYXJ0YmVhdF9pbnRlcnZhbF9tcxgDIAEoDRIcChRoZWFydGJlYXRfdGltZW91dF9tcxgEIAEoDRIUCgxyZXN1bWVfdG9rZW4YBSABKAkSGQoRbWF4X21lc3NhZ2VfYnl0ZXMYKiABKA0SGAoQcHJvdG9jb2xfdmVyc2lvbhhQIAEoDRIQCghmZWF0dXJlcxhSIAMoCSLPAgoGQXNzaWduEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEg8KB2NvbW1hbmQYAiABKAkSKgoDZW52GAMgAygLMh0udGFza3F1ZXVlLnYxLkFzc2lnbi5FbnZFbnRyeRILCgNjd2QYBCABKAkSEgoKdGltZW91dF9tcxgFIAEoDRI0ChBsZWFzZV9leHBpcmVzX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtzdGFydF9pbl9tcxgHIAEoDRIoCgZsaW1pdHMYPCABKAsyGC50YXNrcXVldWUudjEuVGFza0xpbWl0cxIVCghsZWFzZV9tcxhGIAEoDUgAiAEBGioKCEVudkVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCCwoJX2xlYXNlX21zIjwKBkNhbmNlbBIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhIOCgZyZWFzb24YAiABKAkiOAoDQWNrEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEg0KBXN0YWxlGAIgASgIIhcKBURyYWluEg4KBnJlYXNvbhgBIAEoCSqVAQoHT3V0Y29tZRIXChNPVVRDT01FX1VOU1BFQ0lGSUVEEAASEgoOT1VUQ09NRV9FWElURUQQARIYChRPVVRDT01FX1NQQVdOX0ZBSUxFRBACEhUKEU9VVENPTUVfVElNRURfT1VUEAMSFQoRT1VUQ09NRV9DQU5DRUxMRUQQBBIVChFPVVRDT01FX0FCQU5ET05FRBAFMl0KDVdvcmtlclNlcnZpY2USTAoHQ29ubmVjdBIbLnRhc2txdWV1ZS52MS5Xb3JrZXJNZXNzYWdlGiAudGFza3F1ZXVlLnYxLkNvb3JkaW5hdG9yTWVzc2FnZSgBMAFiBnByb3RvMw", [file_google_protobuf_timestamp, file_taskqueue_v1_task]);
+  fileDesc("CiF0YXNrcXVldWUvdjEvd29ya2VyX3NlcnZpY2UucHJvdG8SDHRhc2txdWV1ZS52MSLMAQoNV29ya2VyTWVzc2FnZRIkCgVoZWxsbxgBIAEoCzITLnRhc2txdWV1ZS52MS5IZWxsb0gAEiwKCWhlYXJ0YmVhdBgCIAEoCzIXLnRhc2txdWV1ZS52MS5IZWFydGJlYXRIABIsCgdzdGFydGVkGAMgASgLMhkudGFza3F1ZXVlLnYxLlRhc2tTdGFydGVkSAASLgoIZmluaXNoZWQYBCABKAsyGi50YXNrcXVldWUudjEuVGFza0ZpbmlzaGVkSABCCQoHcGF5bG9hZCKTAgoSQ29vcmRpbmF0b3JNZXNzYWdlEigKB3dlbGNvbWUYASABKAsyFS50YXNrcXVldWUudjEuV2VsY29tZUgAEiYKBmFzc2lnbhgCIAEoCzIULnRhc2txdWV1ZS52MS5Bc3NpZ25IABImCgZjYW5jZWwYAyABKAsyFC50YXNrcXVldWUudjEuQ2FuY2VsSAASIAoDYWNrGAQgASgLMhEudGFza3F1ZXVlLnYxLkFja0gAEiQKBWRyYWluGAUgASgLMhMudGFza3F1ZXVlLnYxLkRyYWluSAASMAoFbGVhc2UYZCABKAsyHy50YXNrcXVldWUudjEuTGVhc2VDb25maXJtYXRpb25IAEIJCgdwYXlsb2FkIisKB1Rhc2tSZWYSDwoHdGFza19pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgNIvUCCgVIZWxsbxIRCgl3b3JrZXJfaWQYASABKAkSDAoEbmFtZRgCIAEoCRINCgVzbG90cxgDIAEoDRIPCgd2ZXJzaW9uGAQgASgJEigKCWluX2ZsaWdodBgFIAMoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEi8KBmxhYmVscxgGIAMoCzIfLnRhc2txdWV1ZS52MS5IZWxsby5MYWJlbHNFbnRyeRIUCgxyZXN1bWVfdG9rZW4YByABKAkSLgoKd2FsbF9jbG9jaxhGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGAoQcHJvdG9jb2xfdmVyc2lvbhhQIAEoDRIcChRtaW5fcHJvdG9jb2xfdmVyc2lvbhhRIAEoDRIQCghmZWF0dXJlcxhSIAMoCRIRCglsZWFzZV9zZXEYZCABKAQaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJNChFMZWFzZUNvbmZpcm1hdGlvbhILCgNzZXEYASABKAQSKwoHcmVuZXdlZBgCIAMoCzIaLnRhc2txdWV1ZS52MS5MZWFzZVJlbmV3YWwiRAoMTGVhc2VSZW5ld2FsEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEhAKCGxlYXNlX21zGAIgASgNImAKCUhlYXJ0YmVhdBILCgNzZXEYASABKAQSJgoHcnVubmluZxgCIAMoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEhAKCGRyYWluaW5nGAMgASgIEgwKBGZ1bGwYZCABKAgibgoLVGFza1N0YXJ0ZWQSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSCwoDcGlkGAIgASgNEi4KCnN0YXJ0ZWRfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIsYDCgxUYXNrRmluaXNoZWQSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSJgoHb3V0Y29tZRgCIAEoDjIVLnRhc2txdWV1ZS52MS5PdXRjb21lEhYKCWV4aXRfY29kZRgDIAEoEUgAiAEBEg4KBnNpZ25hbBgEIAEoCRIOCgZzdGRvdXQYBSABKAkSDgoGc3RkZXJyGAYgASgJEhgKEHN0ZG91dF90cnVuY2F0ZWQYByABKAgSGAoQc3RkZXJyX3RydW5jYXRlZBgIIAEoCBINCgVlcnJvchgJIAEoCRIuCgpzdGFydGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hlZF9hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKQoFdXNhZ2UYPCABKAsyGi50YXNrcXVldWUudjEuQXR0ZW1wdFVzYWdlEhcKD3N0ZG91dF9yZXBsYWNlZBgoIAEoCBIXCg9zdGRlcnJfcmVwbGFjZWQYKSABKAgSEwoLaW50ZXJydXB0ZWQYRiABKAhCDAoKX2V4aXRfY29kZSLOAQoHV2VsY29tZRIRCgl3b3JrZXJfaWQYASABKAkSFgoOY29vcmRpbmF0b3JfaWQYAiABKAkSHQoVaGVhcnRiZWF0X2ludGVydmFsX21zGAMgASgNEhwKFGhlYXJ0YmVhdF90aW1lb3V0X21zGAQgASgNEhQKDHJlc3VtZV90b2tlbhgFIAEoCRIZChFtYXhfbWVzc2FnZV9ieXRlcxgqIAEoDRIYChBwcm90b2NvbF92ZXJzaW9uGFAgASgNEhAKCGZlYXR1cmVzGFIgAygJIs8CCgZBc3NpZ24SIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSDwoHY29tbWFuZBgCIAEoCRIqCgNlbnYYAyADKAsyHS50YXNrcXVldWUudjEuQXNzaWduLkVudkVudHJ5EgsKA2N3ZBgEIAEoCRISCgp0aW1lb3V0X21zGAUgASgNEjQKEGxlYXNlX2V4cGlyZXNfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC3N0YXJ0X2luX21zGAcgASgNEigKBmxpbWl0cxg8IAEoCzIYLnRhc2txdWV1ZS52MS5UYXNrTGltaXRzEhUKCGxlYXNlX21zGEYgASgNSACIAQEaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUILCglfbGVhc2VfbXMiPAoGQ2FuY2VsEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEg4KBnJlYXNvbhgCIAEoCSI4CgNBY2sSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSDQoFc3RhbGUYAiABKAgiFwoFRHJhaW4SDgoGcmVhc29uGAEgASgJKpUBCgdPdXRjb21lEhcKE09VVENPTUVfVU5TUEVDSUZJRUQQABISCg5PVVRDT01FX0VYSVRFRBABEhgKFE9VVENPTUVfU1BBV05fRkFJTEVEEAISFQoRT1VUQ09NRV9USU1FRF9PVVQQAxIVChFPVVRDT01FX0NBTkNFTExFRBAEEhUKEU9VVENPTUVfQUJBTkRPTkVEEAUyXQoNV29ya2VyU2VydmljZRJMCgdDb25uZWN0EhsudGFza3F1ZXVlLnYxLldvcmtlck1lc3NhZ2UaIC50YXNrcXVldWUudjEuQ29vcmRpbmF0b3JNZXNzYWdlKAEwAWIGcHJvdG8z", [file_google_protobuf_timestamp, file_taskqueue_v1_task]);
 
 /**
  * @generated from message taskqueue.v1.WorkerMessage
@@ -94,6 +94,14 @@ export type CoordinatorMessage = Message<"taskqueue.v1.CoordinatorMessage"> & {
      */
     value: Drain;
     case: "drain";
+  } | {
+    /**
+     * Sent only to workers that name the lease_confirm feature.
+     *
+     * @generated from field: taskqueue.v1.LeaseConfirmation lease = 100;
+     */
+    value: LeaseConfirmation;
+    case: "lease";
   } | { case: undefined; value?: undefined };
 };
 
@@ -205,6 +213,14 @@ export type Hello = Message<"taskqueue.v1.Hello"> & {
    * @generated from field: repeated string features = 82;
    */
   features: string[];
+
+  /**
+   * Numbered from the same sequence as Heartbeat.seq: the coordinator's LeaseConfirmation for
+   * the leases renewed at this Hello names it (lease_confirm feature). Zero from older workers.
+   *
+   * @generated from field: uint64 lease_seq = 100;
+   */
+  leaseSeq: bigint;
 };
 
 /**
@@ -213,6 +229,54 @@ export type Hello = Message<"taskqueue.v1.Hello"> & {
  */
 export const HelloSchema: GenMessage<Hello> = /*@__PURE__*/
   messageDesc(file_taskqueue_v1_worker_service, 3);
+
+/**
+ * The coordinator renewed these attempts' leases on the strength of the worker's Hello or
+ * Heartbeat numbered `seq`: each lease runs at least lease_ms from when the coordinator
+ * received it, hence from when the worker sent it, which is where the worker counts it from.
+ *
+ * @generated from message taskqueue.v1.LeaseConfirmation
+ */
+export type LeaseConfirmation = Message<"taskqueue.v1.LeaseConfirmation"> & {
+  /**
+   * @generated from field: uint64 seq = 1;
+   */
+  seq: bigint;
+
+  /**
+   * @generated from field: repeated taskqueue.v1.LeaseRenewal renewed = 2;
+   */
+  renewed: LeaseRenewal[];
+};
+
+/**
+ * Describes the message taskqueue.v1.LeaseConfirmation.
+ * Use `create(LeaseConfirmationSchema)` to create a new message.
+ */
+export const LeaseConfirmationSchema: GenMessage<LeaseConfirmation> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_worker_service, 4);
+
+/**
+ * @generated from message taskqueue.v1.LeaseRenewal
+ */
+export type LeaseRenewal = Message<"taskqueue.v1.LeaseRenewal"> & {
+  /**
+   * @generated from field: taskqueue.v1.TaskRef ref = 1;
+   */
+  ref?: TaskRef | undefined;
+
+  /**
+   * @generated from field: uint32 lease_ms = 2;
+   */
+  leaseMs: number;
+};
+
+/**
+ * Describes the message taskqueue.v1.LeaseRenewal.
+ * Use `create(LeaseRenewalSchema)` to create a new message.
+ */
+export const LeaseRenewalSchema: GenMessage<LeaseRenewal> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_worker_service, 5);
 
 /**
  * @generated from message taskqueue.v1.Heartbeat
@@ -253,7 +317,7 @@ export type Heartbeat = Message<"taskqueue.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 4);
+  messageDesc(file_taskqueue_v1_worker_service, 6);
 
 /**
  * @generated from message taskqueue.v1.TaskStarted
@@ -280,7 +344,7 @@ export type TaskStarted = Message<"taskqueue.v1.TaskStarted"> & {
  * Use `create(TaskStartedSchema)` to create a new message.
  */
 export const TaskStartedSchema: GenMessage<TaskStarted> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 5);
+  messageDesc(file_taskqueue_v1_worker_service, 7);
 
 /**
  * @generated from message taskqueue.v1.TaskFinished
@@ -376,7 +440,7 @@ export type TaskFinished = Message<"taskqueue.v1.TaskFinished"> & {
  * Use `create(TaskFinishedSchema)` to create a new message.
  */
 export const TaskFinishedSchema: GenMessage<TaskFinished> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 6);
+  messageDesc(file_taskqueue_v1_worker_service, 8);
 
 /**
  * @generated from message taskqueue.v1.Welcome
@@ -437,7 +501,7 @@ export type Welcome = Message<"taskqueue.v1.Welcome"> & {
  * Use `create(WelcomeSchema)` to create a new message.
  */
 export const WelcomeSchema: GenMessage<Welcome> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 7);
+  messageDesc(file_taskqueue_v1_worker_service, 9);
 
 /**
  * @generated from message taskqueue.v1.Assign
@@ -515,7 +579,7 @@ export type Assign = Message<"taskqueue.v1.Assign"> & {
  * Use `create(AssignSchema)` to create a new message.
  */
 export const AssignSchema: GenMessage<Assign> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 8);
+  messageDesc(file_taskqueue_v1_worker_service, 10);
 
 /**
  * @generated from message taskqueue.v1.Cancel
@@ -537,7 +601,7 @@ export type Cancel = Message<"taskqueue.v1.Cancel"> & {
  * Use `create(CancelSchema)` to create a new message.
  */
 export const CancelSchema: GenMessage<Cancel> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 9);
+  messageDesc(file_taskqueue_v1_worker_service, 11);
 
 /**
  * Ack tells the worker a result is durable (or stale) and may be forgotten.
@@ -561,7 +625,7 @@ export type Ack = Message<"taskqueue.v1.Ack"> & {
  * Use `create(AckSchema)` to create a new message.
  */
 export const AckSchema: GenMessage<Ack> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 10);
+  messageDesc(file_taskqueue_v1_worker_service, 12);
 
 /**
  * Drain asks the worker to take no new work and finish what it runs.
@@ -580,7 +644,7 @@ export type Drain = Message<"taskqueue.v1.Drain"> & {
  * Use `create(DrainSchema)` to create a new message.
  */
 export const DrainSchema: GenMessage<Drain> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 11);
+  messageDesc(file_taskqueue_v1_worker_service, 13);
 
 /**
  * @generated from enum taskqueue.v1.Outcome
