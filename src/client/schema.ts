@@ -342,6 +342,8 @@ export interface components {
              * @description While dispatched or running: when the attempt's lease lapses unless its worker reports it.
              */
             lease_expires_at: string | null;
+            /** @description Each attempt's lease as the task asked (lease_ms); null: the TQ_DEFAULT_LEASE_MS of the coordinator granting it. */
+            lease_ms: number | null;
             /** @description What is retried while attempts remain, and the backoff between attempts. */
             retry: {
                 on_failure: boolean;
@@ -469,6 +471,8 @@ export interface components {
              * @description While dispatched or running: when the attempt's lease lapses unless its worker reports it.
              */
             lease_expires_at: string | null;
+            /** @description Each attempt's lease as the task asked (lease_ms); null: the TQ_DEFAULT_LEASE_MS of the coordinator granting it. */
+            lease_ms: number | null;
             /** @description What is retried while attempts remain, and the backoff between attempts. */
             retry: {
                 on_failure: boolean;

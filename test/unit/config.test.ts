@@ -99,7 +99,7 @@ test("the parts get their settings under domain names", () => {
     TQ_RATE_LIMIT_PER_SECOND: "2.5",
     TQ_RATE_LIMIT_BURST: "9",
   });
-  const defaults = { maxAttempts: 7, retry: { backoffBaseMs: 250, backoffCapMs: 9000 } };
+  const defaults = { maxAttempts: 7, retry: { backoffBaseMs: 250, backoffCapMs: 9000 }, minLeaseMs: 1400 };
   expect(taskDefaults(config)).toEqual(defaults);
   expect(apiSettings(config)).toEqual({ maxBodyBytes: 4096, maxBatchTasks: 12, taskDefaults: defaults, workerTimeoutMs: 1000 });
   expect(authOptions(config)).toEqual({
