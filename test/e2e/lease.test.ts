@@ -7,6 +7,7 @@ import { join } from "node:path";
 import { TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { postJson, watchTask } from "../support/http";
 import { startCluster } from "../support/processes";
+import { readmeCurls } from "../support/readme";
 import { taskDir } from "../support/task-dir";
 import { TcpProxy } from "../support/tcp-proxy";
 
@@ -45,6 +46,15 @@ test("a lease_ms below the heartbeat timeout plus two intervals is a 400 naming 
     expect(ok.json.lease_ms).toBe(1400);
     const unset = await postJson(`${cluster.coordinatorUrl}/submit`, { command: "true" });
     expect(unset.json.lease_ms).toBeNull();
+    // The README's example, as printed.
+    const example = readmeCurls("More of the API").find((line) => line.includes('"lease_ms"'));
+    const body = JSON.parse(/-d '(.*)'$/.exec(example ?? "")?.[1] ?? "null");
+    const printed = await postJson(`${cluster.coordinatorUrl}/tasks`, body);
+    expect(printed.status).toBe(201);
+    expect(printed.json.lease_ms).toBe(120_000);
+    // Nothing of this test is left for the next one's workers.
+    for (const id of [ok.json.id, unset.json.id, printed.json.id])
+      await postJson(`${cluster.coordinatorUrl}/tasks/${id}/cancel`, {});
   } finally {
     await cluster.stop();
   }
@@ -71,12 +81,11 @@ test("a running task survives a coordinator restart shorter than its lease: noth
     await coordinator.waitForEvent("coordinator.worker_joined");
     openGate("restart");
     const done = await watchTask(cluster.coordinatorUrl, task.id);
-    if (done.attempt !== 1)
-      console.log(await history(task.id), worker.raw.join("\n"), coordinator.raw.join("\n"), old.raw.slice(-20).join("\n"));
     expect(done).toMatchObject({ state: "succeeded", attempt: 1, stdout: "attempt 1\n" });
     expect(await history(task.id)).not.toContain("requeued#1");
-    expect(worker.logged("worker.lease_fenced")).toEqual([]);
-    expect(worker.logged("worker.task_stopped")).toEqual([]);
+    const ofTask = (event: string) => worker.logged(event).filter((l) => l.task_id === task.id);
+    expect(ofTask("worker.lease_fenced")).toEqual([]);
+    expect(ofTask("worker.task_stopped")).toEqual([]);
   } finally {
     await cluster.stop();
   }
