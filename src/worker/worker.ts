@@ -436,6 +436,8 @@ export class Worker {
     // A new coordinator learns at once that we take no new work.
     if (this.full) this.heartbeat();
     this.heartbeatTimer = setInterval(() => this.heartbeat(), this.options.heartbeatIntervalMs);
+    // A stall noticed while this stream was being set up: reconcile on it now.
+    if (this.reconcile && this.reconcile.seq === null) this.heartbeat();
     for (const resolve of this.welcomeWaiters) resolve();
     this.welcomeWaiters.clear();
   }
