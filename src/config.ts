@@ -125,7 +125,7 @@ export const ConfigSchema = Type.Object({
   TQ_HEARTBEAT_INTERVAL_MS: Millis(1000, "How often a worker heartbeats on its stream. Defaults to 1000 ms."),
   TQ_HEARTBEAT_TIMEOUT_MS: Millis(
     3000,
-    "Silence after which the coordinator declares a worker dead and requeues its tasks. Defaults to 3000 ms.",
+    "Silence after which the coordinator declares a worker dead: it gets no new work (its tasks keep their leases, TQ_DEFAULT_LEASE_MS). Defaults to 3000 ms.",
   ),
   TQ_DEFAULT_LEASE_MS: Millis(
     30_000,
