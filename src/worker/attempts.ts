@@ -150,7 +150,8 @@ export class Attempts {
   fence(key: string, why: string, graceMs: number): boolean {
     const attempt = this.held.get(key);
     if (!attempt) return false;
-    attempt.handBack ??= "lost";
+    // One that never started did not use up an attempt.
+    attempt.handBack ??= attempt.execution ? "lost" : "interrupted";
     attempt.stopReason ??= why;
     this.stop(key, attempt, "abandoned", attempt.stopReason, graceMs);
     return true;

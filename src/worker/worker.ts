@@ -437,7 +437,8 @@ export class Worker {
     if (this.full) this.heartbeat();
     this.heartbeatTimer = setInterval(() => this.heartbeat(), this.options.heartbeatIntervalMs);
     // A stall noticed while this stream was being set up: reconcile on it now.
-    if (this.reconcile && this.reconcile.seq === null) this.heartbeat();
+    if (this.reconcile && !this.confirms) this.cannotReconcile();
+    else if (this.reconcile && this.reconcile.seq === null) this.heartbeat();
     for (const resolve of this.welcomeWaiters) resolve();
     this.welcomeWaiters.clear();
   }
@@ -594,21 +595,28 @@ export class Worker {
       { event: "worker.stall_detected", gapMs: Math.round(gapMs), held: this.attempts.size, connected: this.welcomed },
       "this worker stalled: starting nothing until a coordinator confirms its leases",
     );
+    // Already reconciling on a message sent before this stall: its confirmation still vouches
+    // for what was taken before that message, and what came after (in this stall too) is
+    // reported in one more round. Starting over would never finish under frequent stalls.
+    if (this.reconcile?.seq != null) return;
     this.reconcile = { seq: null, sentAt: null };
-    // Without confirmations (an older coordinator) nothing would end the reconciliation: what
-    // was taken before or during the stall is refused, as its lease cannot be trusted.
-    if (this.welcomed && !this.confirms) {
-      this.reconcile = null;
-      for (const { key, ref } of this.attempts.parked()) {
-        this.options.log.warn(
-          { event: "worker.assignment_refused", ...this.attempts.fields(ref), reason: "stalled" },
-          "not starting it",
-        );
-        this.attempts.resumeParked(key, "refuse");
-      }
-      return;
+    if (this.welcomed && !this.confirms) this.cannotReconcile();
+    else if (this.welcomed) this.heartbeat();
+  }
+
+  /**
+   * Without confirmations (a coordinator of an older build) nothing would end a
+   * reconciliation: what was held back is refused, as its lease cannot be trusted.
+   */
+  private cannotReconcile(): void {
+    this.reconcile = null;
+    for (const { key, ref } of this.attempts.parked()) {
+      this.options.log.warn(
+        { event: "worker.assignment_refused", ...this.attempts.fields(ref), reason: "stalled; no lease confirmations" },
+        "an assignment held back after a stall cannot be confirmed: not starting it",
+      );
+      this.attempts.resumeParked(key, "refuse");
     }
-    if (this.welcomed) this.heartbeat();
   }
 
   /**
