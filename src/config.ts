@@ -12,7 +12,7 @@ import { type JoinToken, joinTokens } from "./auth/worker-tokens";
 import type { ConnectOptions } from "./db/sql";
 import { GRPC_DEFAULT_MAX_MESSAGE_BYTES, RESULT_HEADROOM_BYTES } from "./rpc/message-size";
 import { parseLabels } from "./task/labels";
-import { type LeaseTimings, leaseMsFor } from "./task/lease";
+import { type HeartbeatTimings, type LeaseTimings, minLeaseMs } from "./task/lease";
 import { QUEUE_NAME_PATTERN } from "./task/routing";
 import type { TaskDefaults } from "./task/spec";
 import type { IsolationSettings } from "./worker/identity";
@@ -127,7 +127,11 @@ export const ConfigSchema = Type.Object({
   TQ_HEARTBEAT_INTERVAL_MS: Millis(1000, "How often a worker heartbeats on its stream. Defaults to 1000 ms."),
   TQ_HEARTBEAT_TIMEOUT_MS: Millis(
     3000,
-    "Silence after which the coordinator declares a worker dead and requeues its tasks. Defaults to 3000 ms.",
+    "Silence after which the coordinator declares a worker dead: it gets no new work (its tasks keep their leases, TQ_DEFAULT_LEASE_MS). Defaults to 3000 ms.",
+  ),
+  TQ_DEFAULT_LEASE_MS: Millis(
+    30_000,
+    "Each attempt's lease when its task asks for none (lease_ms): a worker cut off for this long stops the attempt itself, and only then may another coordinator rerun it. At least TQ_HEARTBEAT_TIMEOUT_MS plus two TQ_HEARTBEAT_INTERVAL_MS. Defaults to 30000 ms.",
   ),
   TQ_DRAIN_GRACE_MS: Millis(
     30_000,
@@ -374,6 +378,12 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
       `invalid configuration: TQ_HEARTBEAT_TIMEOUT_MS (${config.TQ_HEARTBEAT_TIMEOUT_MS}) must exceed TQ_HEARTBEAT_INTERVAL_MS (${config.TQ_HEARTBEAT_INTERVAL_MS})`,
     );
   }
+  const shortestLease = minLeaseMs(heartbeatOf(config));
+  if (config.TQ_DEFAULT_LEASE_MS < shortestLease) {
+    throw new ConfigError(
+      `invalid configuration: TQ_DEFAULT_LEASE_MS (${config.TQ_DEFAULT_LEASE_MS}) must be at least TQ_HEARTBEAT_TIMEOUT_MS plus two TQ_HEARTBEAT_INTERVAL_MS (${shortestLease})`,
+    );
+  }
   coordinatorAddresses(config);
   const result = 2 * config.TQ_MAX_OUTPUT_BYTES + RESULT_HEADROOM_BYTES;
   if (result > config.TQ_GRPC_MAX_MESSAGE_BYTES) {
@@ -478,6 +488,7 @@ export function taskDefaults(config: Config): TaskDefaults {
   return {
     maxAttempts: config.TQ_DEFAULT_MAX_ATTEMPTS,
     retry: { backoffBaseMs: config.TQ_RETRY_BACKOFF_BASE_MS, backoffCapMs: config.TQ_RETRY_BACKOFF_CAP_MS },
+    minLeaseMs: minLeaseMs(heartbeatOf(config)),
   };
 }
 
@@ -520,10 +531,13 @@ export function workerJoinTokens(config: Config): JoinToken[] {
   }
 }
 
-/** The heartbeat timings and the lease they imply (src/task/lease.ts). */
+function heartbeatOf(config: Config): HeartbeatTimings {
+  return { heartbeatIntervalMs: config.TQ_HEARTBEAT_INTERVAL_MS, heartbeatTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS };
+}
+
+/** The heartbeat timings and the default lease of an attempt (src/task/lease.ts). */
 export function leaseTimings(config: Config): LeaseTimings {
-  const heartbeat = { heartbeatIntervalMs: config.TQ_HEARTBEAT_INTERVAL_MS, heartbeatTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS };
-  return { ...heartbeat, leaseMs: leaseMsFor(heartbeat) };
+  return { ...heartbeatOf(config), leaseMs: config.TQ_DEFAULT_LEASE_MS };
 }
 
 /** The process environment, which a worker's tasks inherit (minus DATABASE_URL and TQ_*). */

@@ -118,6 +118,12 @@ export const TaskJson = Type.Object(
         description: "While dispatched or running: when the attempt's lease lapses unless its worker reports it.",
       }),
     ),
+    lease_ms: Nullable(
+      Type.Integer({
+        description:
+          "Each attempt's lease as the task asked (lease_ms); null: the TQ_DEFAULT_LEASE_MS of the coordinator granting it.",
+      }),
+    ),
     retry: Type.Object(
       {
         on_failure: Type.Boolean(),
@@ -452,6 +458,7 @@ export function taskJson(task: Task): TaskJson {
     worker_id: task.worker_id,
     coordinator_id: task.coordinator_id,
     lease_expires_at: isoOrNull(task.lease_expires_at),
+    lease_ms: task.lease_ms,
     retry: {
       on_failure: task.retry_on_failure,
       on_timeout: task.retry_on_timeout,

@@ -419,6 +419,8 @@ export interface components {
              * @description While dispatched or running: when the attempt's lease lapses unless its worker reports it.
              */
             lease_expires_at: string | null;
+            /** @description Each attempt's lease as the task asked (lease_ms); null: the TQ_DEFAULT_LEASE_MS of the coordinator granting it. */
+            lease_ms: number | null;
             /** @description What is retried while attempts remain, and the backoff between attempts. */
             retry: {
                 on_failure: boolean;
@@ -579,6 +581,8 @@ export interface components {
              * @description While dispatched or running: when the attempt's lease lapses unless its worker reports it.
              */
             lease_expires_at: string | null;
+            /** @description Each attempt's lease as the task asked (lease_ms); null: the TQ_DEFAULT_LEASE_MS of the coordinator granting it. */
+            lease_ms: number | null;
             /** @description What is retried while attempts remain, and the backoff between attempts. */
             retry: {
                 on_failure: boolean;
@@ -881,6 +885,8 @@ export interface components {
             timeout_ms?: number;
             /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
             max_attempts?: number;
+            /** @description How long each attempt's lease lasts, renewed by its worker's heartbeats: a worker cut off for this long stops the attempt on its own, and only then may another run it. At least the heartbeat timeout plus two intervals (5000 ms with the defaults). Defaults to TQ_DEFAULT_LEASE_MS (30000). */
+            lease_ms?: number;
             /** @description Extra environment variables: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes; env and secret_env together at most 1048576 bytes, counting each NAME=value, its NUL and 8 bytes. */
             env?: {
                 [key: string]: string;
@@ -938,6 +944,8 @@ export interface components {
             timeout_ms?: number;
             /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
             max_attempts?: number;
+            /** @description How long each attempt's lease lasts, renewed by its worker's heartbeats: a worker cut off for this long stops the attempt on its own, and only then may another run it. At least the heartbeat timeout plus two intervals (5000 ms with the defaults). Defaults to TQ_DEFAULT_LEASE_MS (30000). */
+            lease_ms?: number;
             /** @description Extra environment variables: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes; env and secret_env together at most 1048576 bytes, counting each NAME=value, its NUL and 8 bytes. */
             env?: {
                 [key: string]: string;
@@ -1023,6 +1031,8 @@ export interface components {
             timeout_ms?: number;
             /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
             max_attempts?: number;
+            /** @description How long each attempt's lease lasts, renewed by its worker's heartbeats: a worker cut off for this long stops the attempt on its own, and only then may another run it. At least the heartbeat timeout plus two intervals (5000 ms with the defaults). Defaults to TQ_DEFAULT_LEASE_MS (30000). */
+            lease_ms?: number;
             /** @description Extra environment variables: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes; env and secret_env together at most 1048576 bytes, counting each NAME=value, its NUL and 8 bytes. */
             env?: {
                 [key: string]: string;

@@ -185,7 +185,8 @@ export class Dispatcher {
       );
       return;
     }
-    const leaseLeftMs = Math.max(0, Math.floor(this.options.leaseMs - (performance.now() - grantedAt)));
+    const leaseMs = task.lease_ms ?? this.options.leaseMs;
+    const leaseLeftMs = Math.max(0, Math.floor(leaseMs - (performance.now() - grantedAt)));
     worker.send(assignMessage(task, startInMs, leaseLeftMs));
   }
 

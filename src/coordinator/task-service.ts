@@ -76,6 +76,7 @@ function submitInput(request: SubmitTaskRequest): Record<string, unknown> {
   if (scheduledAt) input.scheduled_at = scheduledAt.toISOString();
   if (request.timeoutMs !== 0) input.timeout_ms = request.timeoutMs;
   if (request.maxAttempts !== 0) input.max_attempts = request.maxAttempts;
+  if (request.leaseMs !== undefined) input.lease_ms = request.leaseMs;
   if (Object.keys(request.env).length > 0) input.env = request.env;
   if (Object.keys(request.secretEnv).length > 0) input.secret_env = request.secretEnv;
   if (request.cwd !== "") input.cwd = request.cwd;

@@ -17,7 +17,7 @@ import type { Logger } from "../log";
 import { attemptRefFromProto } from "../rpc/convert";
 import { MalformedMessage } from "../rpc/definitions";
 import { GRPC_DEFAULT_MAX_MESSAGE_BYTES } from "../rpc/message-size";
-import { cancelMessage, welcomeMessage } from "../rpc/messages";
+import { cancelMessage, leaseMessage, welcomeMessage } from "../rpc/messages";
 import { type Agreement, agreeWithWorker, ProtocolMismatch } from "../rpc/protocol";
 import { attemptKey } from "../task/attempt";
 import { workerRouting } from "../task/routing";
@@ -71,6 +71,8 @@ export class WorkerSessions {
   private readonly streams = new Set<WorkerStream>();
   private readonly ending = new Set<Promise<void>>();
   private readonly calls = new WeakMap<WorkerConnection, WorkerStream>();
+  /** Connections ended for their silence: their attempts are left to their leases. */
+  private readonly silenced = new WeakSet<WorkerConnection>();
   private closed = false;
 
   constructor(private readonly options: WorkerSessionsOptions) {}
@@ -152,7 +154,7 @@ export class WorkerSessions {
       switch (payload.case) {
         case "heartbeat": {
           const wasFull = session.full;
-          registry.heartbeat(session, payload.value.running, payload.value.full);
+          registry.heartbeat(session, payload.value.running, payload.value.full, payload.value.seq);
           // No longer full: its free slots count again.
           if (wasFull && !payload.value.full) this.options.dispatcher.wake();
           if (payload.value.draining && registry.drain(session)) {
@@ -179,9 +181,18 @@ export class WorkerSessions {
     call.on("cancelled", () => end("stream cancelled"));
   };
 
-  /** Declares a silent worker dead: ends its stream and requeues its tasks. */
+  /**
+   * Declares a silent worker dead for dispatch: ends its stream, and leaves its attempts to
+   * their leases (silence proves nothing: the worker may be cut off and still running them, and
+   * it fences them itself before their leases run out). Any coordinator's rescuer requeues
+   * them once their leases have lapsed; a reconnect in time renews them.
+   */
   readonly onSilent = (worker: WorkerConnection): void => {
-    this.options.log.warn({ worker: worker.id }, "worker missed its heartbeats; declaring it dead");
+    this.options.log.warn(
+      { event: "sessions.worker_silent", worker: worker.id },
+      "worker missed its heartbeats; declaring it dead (its tasks keep their leases)",
+    );
+    this.silenced.add(worker);
     worker.close("heartbeat timeout");
   };
 
@@ -213,6 +224,7 @@ export class WorkerSessions {
       held: hello.inFlight,
       features: agreement.features,
       routing: workerRouting(hello.queues, hello.labels),
+      seq: hello.leaseSeq,
     };
     return this.options.registry.open(join, {
       write(message) {
@@ -336,10 +348,15 @@ export class WorkerSessions {
         agreement,
       ),
     );
+    const confirmed: { ref: (typeof hello.inFlight)[number]; leaseMs: number }[] = [];
     for (const ref of hello.inFlight) {
-      if (!renewed.has(attemptKey(ref.taskId, ref.attempt)))
-        connection.send(cancelMessage(ref, "the attempt no longer holds its task"));
+      const leaseMs = renewed.get(attemptKey(ref.taskId, ref.attempt));
+      if (leaseMs === undefined) connection.send(cancelMessage(ref, "the attempt no longer holds its task"));
+      else confirmed.push({ ref, leaseMs });
     }
+    // The renewals above, counted by the worker from when it sent its Hello.
+    if (hello.leaseSeq !== 0n && connection.features.has("lease_confirm"))
+      connection.send(leaseMessage(hello.leaseSeq, confirmed));
     this.options.log.info(
       {
         event: "coordinator.worker_joined",
@@ -370,6 +387,8 @@ export class WorkerSessions {
         // Already registered through another coordinator (a reconnect that outran our
         // noticing the old stream end): that coordinator reconciled its tasks at Hello.
         if (!(await markWorkerGone(sql, connection.id, coordinatorId))) return;
+        // Silent, not known dead: its attempts' leases decide (the rescuer).
+        if (this.silenced.has(connection)) return;
         const requeued = await requeueWorkerTasks(sql, connection.id, `worker lost (${reason})`, "lost");
         if (requeued.length > 0) log.warn({ worker: connection.id, tasks: requeued.map((t) => t.id) }, "requeued lost tasks");
         return;

@@ -29,7 +29,7 @@ import { ANY_TASK, MAX_PRIORITY, type WorkerRouting } from "../task/routing";
 import { GUARDS } from "../task/state";
 import { openAttempts } from "./attempts";
 import { changedRows, recordChange, type TaskChangeRow } from "./changes";
-import { type Fragment, fromNow, states, unnest } from "./encode";
+import { type Fragment, states, unnest } from "./encode";
 import { flowCandidateColumns, flowCandidateFilter, flowConsume, flowRooms, flowWithinRooms } from "./flow";
 import type { Sql } from "./sql";
 import { taskRowColumns } from "./tasks";
@@ -198,7 +198,8 @@ export async function claimDue(
       UPDATE tasks SET
         state = 'dispatched', picked_at = clock_timestamp(), attempt = tasks.attempt + 1,
         worker_id = pick.worker_id, coordinator_id = ${coordinatorId},
-        lease_expires_at = ${fromNow(sql, leaseMs)},
+        -- The task's own lease, or the default (leaseMs: TQ_DEFAULT_LEASE_MS).
+        lease_expires_at = clock_timestamp() + make_interval(secs => coalesce(tasks.lease_ms, ${leaseMs}::integer) / 1000.0),
         started_at = NULL, exit_code = NULL, signal = NULL, error = NULL
       FROM pick WHERE tasks.id = pick.id
       RETURNING ${taskRowColumns(sql, "tasks")},

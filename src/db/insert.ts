@@ -10,7 +10,7 @@ import { selectTasks, taskRowColumns } from "./tasks";
 export interface Assignment {
   workerId: string;
   coordinatorId: string;
-  /** Lease on the first attempt, renewed while the worker reports it. */
+  /** Lease on the first attempt when the task asks for none (TQ_DEFAULT_LEASE_MS); renewed while the worker reports it. */
   leaseMs: number;
 }
 
@@ -96,7 +96,8 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
         actor: ["text", (t) => t.actor ?? null],
         worker_id: ["text", (t) => t.assignTo?.workerId ?? null],
         coordinator_id: ["text", (t) => t.assignTo?.coordinatorId ?? null],
-        lease_ms: ["double precision", (t) => (t.assignTo ? Math.max(0, t.assignTo.leaseMs) : null)],
+        lease_ms: ["double precision", (t) => (t.assignTo ? Math.max(0, t.spec.leaseMs ?? t.assignTo.leaseMs) : null)],
+        task_lease_ms: ["integer", (t) => t.spec.leaseMs ?? null],
         limits: ["jsonb", (t) => t.spec.limits ?? null],
         queue: ["text", (t) => t.spec.routing?.queue ?? "default"],
         priority: ["integer", (t) => t.spec.routing?.priority ?? 0],
@@ -115,7 +116,7 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
                          retry_on_failure, retry_on_timeout, retry_on_lost, retry_backoff_base_ms, retry_backoff_cap_ms,
                          idempotency_key, idempotency_hash, limits,
                          queue, priority, requires, prefers, schedule_timeout_ms, priority_aging_ms,
-                         ref, on_parent_failure, parents_pending)
+                         ref, on_parent_failure, parents_pending, lease_ms)
       SELECT r.id, r.command,
              CASE WHEN r.parents_pending > 0 THEN 'waiting' WHEN fast.worker_id IS NULL THEN 'queued' ELSE 'dispatched' END,
              due.at, due.at,
@@ -127,7 +128,7 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
              r.retry_on_failure, r.retry_on_timeout, r.retry_on_lost, r.retry_backoff_base_ms, r.retry_backoff_cap_ms,
              r.idempotency_key, r.idempotency_hash, r.limits,
              r.queue, r.priority, r.requires, r.prefers, r.schedule_timeout_ms, r.priority_aging_ms,
-             r.ref, r.on_parent_failure, r.parents_pending
+             r.ref, r.on_parent_failure, r.parents_pending, r.task_lease_ms
       FROM r
       -- Truncated, not rounded: timestamptz(3) would round a run-now time up to 0.5 ms into
       -- the future, making the task briefly "not yet due".

@@ -45,6 +45,7 @@ export const TASK_ROW_COLUMNS = [
   "signal",
   "error",
   "lease_expires_at",
+  "lease_ms",
   "retry_on_failure",
   "retry_on_timeout",
   "retry_on_lost",

@@ -124,6 +124,7 @@ export function taskToProto(task: Task): PbTask {
     },
     idempotencyKey: task.idempotency_key ?? "",
     leaseExpiresAt: toTimestamp(task.lease_expires_at),
+    ...(task.lease_ms === null ? {} : { leaseMs: task.lease_ms }),
     secretEnvKeys: Object.keys(task.secret_env ?? {}).sort(),
     limits: task.limits ? limitsToProto(task.limits) : undefined,
     queue: task.queue ?? "default",

@@ -77,6 +77,20 @@ export function ackMessage(ref: WireRef, stale: boolean): CoordinatorMessage {
 }
 
 /** Asks the worker to take no new work and finish what it runs. No coordinator part sends it yet. */
+/**
+ * The leases renewed on the strength of the worker's Hello or Heartbeat numbered `seq`, each
+ * with the lease it got (its task's lease_ms): the worker counts each from when it sent that
+ * message (src/worker/lease-fence.ts). Only to a worker with the lease_confirm feature.
+ */
+export function leaseMessage(seq: bigint, renewed: readonly { ref: WireRef; leaseMs: number }[]): CoordinatorMessage {
+  return create(CoordinatorMessageSchema, {
+    payload: {
+      case: "lease",
+      value: { seq, renewed: renewed.map(({ ref, leaseMs }) => ({ ref: attemptRefToProto(ref), leaseMs })) },
+    },
+  });
+}
+
 export function drainMessage(reason: string): CoordinatorMessage {
   return create(CoordinatorMessageSchema, { payload: { case: "drain", value: { reason } } });
 }
@@ -101,7 +115,7 @@ export interface HelloFields {
  * unacknowledged result for. `wallClock`: the worker's wall clock now, from which the
  * coordinator measures its skew. It announces this build's protocol and features.
  */
-export function helloMessage(fields: HelloFields, inFlight: readonly WireRef[], wallClock: Date): WorkerMessage {
+export function helloMessage(fields: HelloFields, inFlight: readonly WireRef[], wallClock: Date, leaseSeq = 0n): WorkerMessage {
   const protocol = { protocolVersion: PROTOCOL_VERSION, minProtocolVersion: OLDEST_SERVED_PROTOCOL, features: [...FEATURES] };
   return create(WorkerMessageSchema, {
     payload: {
@@ -111,6 +125,7 @@ export function helloMessage(fields: HelloFields, inFlight: readonly WireRef[], 
         ...protocol,
         inFlight: inFlight.map((ref) => attemptRefToProto(ref)),
         wallClock: timestampFromDate(wallClock),
+        leaseSeq,
       },
     },
   });

@@ -26,6 +26,8 @@ export const MAX_ENV_TOTAL_BYTES = 1024 * 1024;
 export const MAX_CWD_BYTES = 4096;
 /** One day. */
 export const MAX_BACKOFF_MS = 86_400_000;
+/** The longest lease an attempt may hold (lease_ms): a week, as the longest timeout. */
+export const MAX_LEASE_MS = 604_800_000;
 export const MAX_IDEMPOTENCY_KEY_BYTES = 255;
 export const ENV_KEY_PATTERN = "^[A-Za-z_][A-Za-z0-9_]*$";
 /** Bounds of a task's limits: what any worker could grant (each worker caps them further). */
@@ -146,6 +148,16 @@ const runOptions = {
       description: "Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3).",
     }),
   ),
+  lease_ms: Type.Optional(
+    Type.Integer({
+      minimum: 1,
+      maximum: MAX_LEASE_MS,
+      description:
+        "How long each attempt's lease lasts, renewed by its worker's heartbeats: a worker cut off for this long stops " +
+        "the attempt on its own, and only then may another run it. At least the heartbeat timeout plus two intervals " +
+        "(5000 ms with the defaults). Defaults to TQ_DEFAULT_LEASE_MS (30000).",
+    }),
+  ),
   env: Type.Optional(EnvMap("Extra environment variables")),
   secret_env: Type.Optional(
     EnvMap("Environment variables passed to the process but never returned by any API, event stream or log"),
@@ -229,6 +241,11 @@ export type ScheduleInput = Static<typeof ScheduleInput>;
 export interface TaskDefaults {
   maxAttempts: number;
   retry: { backoffBaseMs: number; backoffCapMs: number };
+  /**
+   * The shortest lease a request may ask for (lease_ms): the heartbeat timeout plus two
+   * intervals (minLeaseMs, src/task/lease.ts). Unset: no lower bound but 1.
+   */
+  minLeaseMs?: number;
 }
 
 /** Validates a full-form request; throws invalidArgument naming the field. */
@@ -422,6 +439,13 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, defaults: TaskDe
     );
   }
   const routing = toRouting(body);
+  const minLeaseMs = defaults.minLeaseMs ?? 1;
+  if (body.lease_ms !== undefined && body.lease_ms < minLeaseMs) {
+    throw invalidArgument(
+      "lease_ms",
+      `lease_ms (${body.lease_ms}) must be at least ${minLeaseMs} (the heartbeat timeout plus two heartbeat intervals)`,
+    );
+  }
   return {
     command: body.command,
     scheduledAt,
@@ -438,6 +462,9 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, defaults: TaskDe
       backoffCapMs,
     },
     idempotencyKey: null,
+    // Absent: TQ_DEFAULT_LEASE_MS of the coordinator that grants it (and the idempotency hash
+    // of such a spec is what it was before leases were a task option).
+    ...(body.lease_ms === undefined ? {} : { leaseMs: body.lease_ms }),
     ...(body.limits === undefined || Object.keys(body.limits).length === 0 ? {} : { limits: { ...body.limits } }),
     ...(routing === undefined ? {} : { routing }),
     ...(body.depends_on === undefined || body.depends_on.length === 0

@@ -43,6 +43,8 @@ export interface Task {
   error: string | null;
   /** When the current attempt's lease lapses; null unless dispatched or running. */
   lease_expires_at: Date | null;
+  /** Each attempt's lease as the task asked; null: TQ_DEFAULT_LEASE_MS of the coordinator granting it. */
+  lease_ms: number | null;
   retry_on_failure: boolean;
   retry_on_timeout: boolean;
   retry_on_lost: boolean;
@@ -157,6 +159,8 @@ export interface TaskSpec {
   retry: RetryPolicy;
   /** A repeated submit with the same key returns the original task. */
   idempotencyKey: string | null;
+  /** Each attempt's lease (lease_ms); absent: TQ_DEFAULT_LEASE_MS of the coordinator granting it. */
+  leaseMs?: number;
   /** Absent: none asked for (and the idempotency hash of such a spec is what it was before limits existed). */
   limits?: TaskLimits;
   /** Absent: the default queue, priority 0, any worker (and the idempotency hash is unchanged). */

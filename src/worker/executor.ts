@@ -64,10 +64,11 @@ export interface Execution {
   /** Never rejects. */
   readonly result: Promise<RunResult>;
   /**
-   * Kill the whole process group: SIGTERM, then SIGKILL after killGraceMs. Outcome is the
-   * given reason unless the process already exited. Idempotent: the first reason wins.
+   * Kill the whole process group: SIGTERM, then SIGKILL after killGraceMs (or `graceMs`, if
+   * shorter: a lease fence). Outcome is the given reason unless the process already exited.
+   * Idempotent: the first reason wins.
    */
-  stop(reason: "cancelled" | "abandoned" | "timed_out"): void;
+  stop(reason: "cancelled" | "abandoned" | "timed_out", graceMs?: number): void;
   /** SIGKILL the whole process group at once, without grace: the worker is exiting now. */
   kill(): void;
 }
@@ -156,21 +157,21 @@ export function execute(spec: RunSpec): Execution {
     if (cgroup) cgroupEmptied = cgroup.killAll();
     signalKilled();
   };
-  const terminate = (): void => {
+  const terminate = (graceMs = grace): void => {
     if (termSent) return;
     termSent = true;
     signalGroup(pid, "SIGTERM");
     cgroup?.signal("SIGTERM");
-    killTimer = setTimeout(kill, grace);
+    killTimer = setTimeout(kill, Math.min(grace, graceMs));
   };
   let timedOutAfter = 0;
-  const stop = (reason: "cancelled" | "abandoned" | "timed_out"): void => {
+  const stop = (reason: "cancelled" | "abandoned" | "timed_out", graceMs?: number): void => {
     if (leaderExited || stopReason !== null) return;
     stopReason = reason;
     // A caller may enforce its own deadline through stop("timed_out").
     timedOutAfter = spec.timeoutMs > 0 ? spec.timeoutMs : Date.now() - startedAt.getTime();
     clearTimeout(timeoutTimer);
-    terminate();
+    terminate(graceMs);
   };
 
   if (spec.timeoutMs > 0) timeoutTimer = setTimeout(() => stop("timed_out"), spec.timeoutMs);

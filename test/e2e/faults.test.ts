@@ -35,11 +35,12 @@ async function events(taskId: string): Promise<string[]> {
   return rows.map((row) => `${row.kind}#${row.attempt}`);
 }
 
-test("a frozen worker is declared dead and its task runs elsewhere; resumed, its stale copy is stopped", async () => {
+test("a frozen worker is declared dead, its task runs elsewhere once its lease lapsed; resumed, its stale copy is stopped", async () => {
   const cluster = await startCluster(db.url, { workers: 0, slots: 1 });
   try {
     const frozen = await cluster.addWorker();
-    const { json: task } = await postJson(`${cluster.coordinatorUrl}/submit`, { command: blocking("freeze") });
+    // A lease of its own, well above the heartbeat timeout (1 s here): silence alone requeues nothing.
+    const { json: task } = await postJson(`${cluster.coordinatorUrl}/submit`, { command: blocking("freeze"), lease_ms: 3000 });
     const first = await watchTask(cluster.coordinatorUrl, task.id, (t) => t.state === "running");
     expect(first.worker_id).toBe(await workerId(frozen));
     const other = await cluster.addWorker();
@@ -48,8 +49,10 @@ test("a frozen worker is declared dead and its task runs elsewhere; resumed, its
     expect(second.worker_id).toBe(await workerId(other));
     const stalePid = pidOf("freeze", 1);
     expect(isRunning(stalePid)).toBe(true);
+    expect(cluster.coordinator.logged("sessions.worker_silent").length).toBeGreaterThan(0);
     frozen.kill("SIGCONT");
-    // Back, it reconnects and is told to stop the superseded attempt.
+    // Back, it stops the superseded attempt: its own count of the lease ran out while frozen
+    // (worker.lease_fenced), or it is told to on reconnecting.
     await frozen.waitForEvent("worker.task_stopped", { where: (line) => line.attempt === 1, what: "the stale attempt stopped" });
     expect(isRunning(stalePid)).toBe(false);
     openGate("freeze");

@@ -180,6 +180,13 @@ describe("TaskService", () => {
     expect(await failure(call("submitTask", { command: "" }))).toBe(grpc.status.INVALID_ARGUMENT);
     expect(await failure(call("submitTask", { command: "x\u0000y" }))).toBe(grpc.status.INVALID_ARGUMENT);
     expect(await failure(call("listTasks", { state: 99 }))).toBe(grpc.status.INVALID_ARGUMENT);
+    // A lease of its own: at least the heartbeat timeout plus two intervals (1400 ms here).
+    expect(await failure(call("submitTask", { command: "true", leaseMs: 1399 }))).toBe(grpc.status.INVALID_ARGUMENT);
+    const leased = await call<SubmitTaskResponse>("submitTask", { command: "true", leaseMs: 1400 });
+    expect(leased.task!.leaseMs).toBe(1400);
+    const byDefault = await call<SubmitTaskResponse>("submitTask", { command: "true" });
+    expect(byDefault.task!.leaseMs).toBeUndefined();
+    for (const id of [leased.task!.id, byDefault.task!.id]) await call("cancelTask", { id });
   });
 
   test("a Timestamp out of its range is INVALID_ARGUMENT, never moved; every year from 0001 is kept", async () => {
@@ -476,7 +483,7 @@ describe("WorkerService", () => {
     worker.close();
   });
 
-  test("a worker that goes silent is declared dead and its task is requeued", async () => {
+  test("a worker that goes silent is declared dead and its task is requeued once its lease lapses", async () => {
     const worker = openWorker();
     const workerId = `silent-${Bun.randomUUIDv7()}`;
     worker.send({ case: "hello", value: { workerId, name: "silent", slots: 1 } });
@@ -489,7 +496,8 @@ describe("WorkerService", () => {
     });
     const nextRequeue = () => new Promise<void>((resolve) => (onRequeue = resolve));
     let requeue = nextRequeue();
-    const { task } = await call<SubmitTaskResponse>("submitTask", { command: "true", maxAttempts: 5 });
+    // The shortest lease (1400 ms here): silence alone requeues nothing, its lapse does.
+    const { task } = await call<SubmitTaskResponse>("submitTask", { command: "true", maxAttempts: 5, leaseMs: 1400 });
     expect((await worker.next()).payload.case).toBe("assign");
     // No heartbeats: after the timeout (1 s here) the coordinator ends the stream. (The
     // lapsed lease may requeue the attempt first, and it may go to this worker once more.)
@@ -502,9 +510,9 @@ describe("WorkerService", () => {
       requeue = nextRequeue();
     }
     await feed.stop();
-    const events = await db.sql<{ kind: string; worker_id: string }[]>`
-      SELECT kind, worker_id FROM task_events WHERE task_id = ${task!.id} ORDER BY id`;
-    expect(events.at(-1)).toEqual({ kind: "requeued", worker_id: workerId });
+    const events = await db.sql<{ kind: string; worker_id: string; reason: string }[]>`
+      SELECT kind, worker_id, detail ->> 'reason' AS reason FROM task_events WHERE task_id = ${task!.id} ORDER BY id`;
+    expect(events.at(-1)).toEqual({ kind: "requeued", worker_id: workerId, reason: "worker lost (lease expired)" });
     worker.close();
   });
 });

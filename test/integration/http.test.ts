@@ -102,6 +102,7 @@ const TASK_KEYS = [
   "id",
   "idempotency_key",
   "interruptions",
+  "lease_ms",
   "lease_expires_at",
   "limits",
   "max_attempts",

@@ -47,6 +47,7 @@ const task: Task = {
   stderr_replaced: false,
   error: null,
   lease_expires_at: null,
+  lease_ms: null,
   retry_on_failure: true,
   retry_on_timeout: true,
   retry_on_lost: true,

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file taskqueue/v1/worker_service.proto.
  */
 export const file_taskqueue_v1_worker_service: GenFile = /*@__PURE__*/
-  fileDesc("CiF0YXNrcXVldWUvdjEvd29ya2VyX3NlcnZpY2UucHJvdG8SDHRhc2txdWV1ZS52MSLMAQoNV29ya2VyTWVzc2FnZRIkCgVoZWxsbxgBIAEoCzITLnRhc2txdWV1ZS52MS5IZWxsb0gAEiwKCWhlYXJ0YmVhdBgCIAEoCzIXLnRhc2txdWV1ZS52MS5IZWFydGJlYXRIABIsCgdzdGFydGVkGAMgASgLMhkudGFza3F1ZXVlLnYxLlRhc2tTdGFydGVkSAASLgoIZmluaXNoZWQYBCABKAsyGi50YXNrcXVldWUudjEuVGFza0ZpbmlzaGVkSABCCQoHcGF5bG9hZCLhAQoSQ29vcmRpbmF0b3JNZXNzYWdlEigKB3dlbGNvbWUYASABKAsyFS50YXNrcXVldWUudjEuV2VsY29tZUgAEiYKBmFzc2lnbhgCIAEoCzIULnRhc2txdWV1ZS52MS5Bc3NpZ25IABImCgZjYW5jZWwYAyABKAsyFC50YXNrcXVldWUudjEuQ2FuY2VsSAASIAoDYWNrGAQgASgLMhEudGFza3F1ZXVlLnYxLkFja0gAEiQKBWRyYWluGAUgASgLMhMudGFza3F1ZXVlLnYxLkRyYWluSABCCQoHcGF5bG9hZCIrCgdUYXNrUmVmEg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoDSLzAgoFSGVsbG8SEQoJd29ya2VyX2lkGAEgASgJEgwKBG5hbWUYAiABKAkSDQoFc2xvdHMYAyABKA0SDwoHdmVyc2lvbhgEIAEoCRIoCglpbl9mbGlnaHQYBSADKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhIvCgZsYWJlbHMYBiADKAsyHy50YXNrcXVldWUudjEuSGVsbG8uTGFiZWxzRW50cnkSFAoMcmVzdW1lX3Rva2VuGAcgASgJEi4KCndhbGxfY2xvY2sYRiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEHByb3RvY29sX3ZlcnNpb24YUCABKA0SHAoUbWluX3Byb3RvY29sX3ZlcnNpb24YUSABKA0SEAoIZmVhdHVyZXMYUiADKAkSDwoGcXVldWVzGOYBIAMoCRotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBImAKCUhlYXJ0YmVhdBILCgNzZXEYASABKAQSJgoHcnVubmluZxgCIAMoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEhAKCGRyYWluaW5nGAMgASgIEgwKBGZ1bGwYZCABKAgibgoLVGFza1N0YXJ0ZWQSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSCwoDcGlkGAIgASgNEi4KCnN0YXJ0ZWRfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIsYDCgxUYXNrRmluaXNoZWQSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSJgoHb3V0Y29tZRgCIAEoDjIVLnRhc2txdWV1ZS52MS5PdXRjb21lEhYKCWV4aXRfY29kZRgDIAEoEUgAiAEBEg4KBnNpZ25hbBgEIAEoCRIOCgZzdGRvdXQYBSABKAkSDgoGc3RkZXJyGAYgASgJEhgKEHN0ZG91dF90cnVuY2F0ZWQYByABKAgSGAoQc3RkZXJyX3RydW5jYXRlZBgIIAEoCBINCgVlcnJvchgJIAEoCRIuCgpzdGFydGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hlZF9hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKQoFdXNhZ2UYPCABKAsyGi50YXNrcXVldWUudjEuQXR0ZW1wdFVzYWdlEhcKD3N0ZG91dF9yZXBsYWNlZBgoIAEoCBIXCg9zdGRlcnJfcmVwbGFjZWQYKSABKAgSEwoLaW50ZXJydXB0ZWQYRiABKAhCDAoKX2V4aXRfY29kZSLOAQoHV2VsY29tZRIRCgl3b3JrZXJfaWQYASABKAkSFgoOY29vcmRpbmF0b3JfaWQYAiABKAkSHQoVaGVhcnRiZWF0X2ludGVydmFsX21zGAMgASgNEhwKFGhlYXJ0YmVhdF90aW1lb3V0X21zGAQgASgNEhQKDHJlc3VtZV90b2tlbhgFIAEoCRIZChFtYXhfbWVzc2FnZV9ieXRlcxgqIAEoDRIYChBwcm90b2NvbF92ZXJzaW9uGFAgASgNEhAKCGZlYXR1cmVzGFIgAygJIs8CCgZBc3NpZ24SIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSDwoHY29tbWFuZBgCIAEoCRIqCgNlbnYYAyADKAsyHS50YXNrcXVldWUudjEuQXNzaWduLkVudkVudHJ5EgsKA2N3ZBgEIAEoCRISCgp0aW1lb3V0X21zGAUgASgNEjQKEGxlYXNlX2V4cGlyZXNfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC3N0YXJ0X2luX21zGAcgASgNEigKBmxpbWl0cxg8IAEoCzIYLnRhc2txdWV1ZS52MS5UYXNrTGltaXRzEhUKCGxlYXNlX21zGEYgASgNSACIAQEaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUILCglfbGVhc2VfbXMiPAoGQ2FuY2VsEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEg4KBnJlYXNvbhgCIAEoCSI4CgNBY2sSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSDQoFc3RhbGUYAiABKAgiFwoFRHJhaW4SDgoGcmVhc29uGAEgASgJKpUBCgdPdXRjb21lEhcKE09VVENPTUVfVU5TUEVDSUZJRUQQABISCg5PVVRDT01FX0VYSVRFRBABEhgKFE9VVENPTUVfU1BBV05fRkFJTEVEEAISFQoRT1VUQ09NRV9USU1FRF9PVVQQAxIVChFPVVRDT01FX0NBTkNFTExFRBAEEhUKEU9VVENPTUVfQUJBTkRPTkVEEAUyXQoNV29ya2VyU2VydmljZRJMCgdDb25uZWN0EhsudGFza3F1ZXVlLnYxLldvcmtlck1lc3NhZ2UaIC50YXNrcXVldWUudjEuQ29vcmRpbmF0b3JNZXNzYWdlKAEwAWIGcHJvdG8z", [file_google_protobuf_timestamp, file_taskqueue_v1_task]);
+  fileDesc("CiF0YXNrcXVldWUvdjEvd29ya2VyX3NlcnZpY2UucHJvdG8SDHRhc2txdWV1ZS52MSLMAQoNV29ya2VyTWVzc2FnZRIkCgVoZWxsbxgBIAEoCzITLnRhc2txdWV1ZS52MS5IZWxsb0gAEiwKCWhlYXJ0YmVhdBgCIAEoCzIXLnRhc2txdWV1ZS52MS5IZWFydGJlYXRIABIsCgdzdGFydGVkGAMgASgLMhkudGFza3F1ZXVlLnYxLlRhc2tTdGFydGVkSAASLgoIZmluaXNoZWQYBCABKAsyGi50YXNrcXVldWUudjEuVGFza0ZpbmlzaGVkSABCCQoHcGF5bG9hZCKTAgoSQ29vcmRpbmF0b3JNZXNzYWdlEigKB3dlbGNvbWUYASABKAsyFS50YXNrcXVldWUudjEuV2VsY29tZUgAEiYKBmFzc2lnbhgCIAEoCzIULnRhc2txdWV1ZS52MS5Bc3NpZ25IABImCgZjYW5jZWwYAyABKAsyFC50YXNrcXVldWUudjEuQ2FuY2VsSAASIAoDYWNrGAQgASgLMhEudGFza3F1ZXVlLnYxLkFja0gAEiQKBWRyYWluGAUgASgLMhMudGFza3F1ZXVlLnYxLkRyYWluSAASMAoFbGVhc2UYZCABKAsyHy50YXNrcXVldWUudjEuTGVhc2VDb25maXJtYXRpb25IAEIJCgdwYXlsb2FkIisKB1Rhc2tSZWYSDwoHdGFza19pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgNIoYDCgVIZWxsbxIRCgl3b3JrZXJfaWQYASABKAkSDAoEbmFtZRgCIAEoCRINCgVzbG90cxgDIAEoDRIPCgd2ZXJzaW9uGAQgASgJEigKCWluX2ZsaWdodBgFIAMoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEi8KBmxhYmVscxgGIAMoCzIfLnRhc2txdWV1ZS52MS5IZWxsby5MYWJlbHNFbnRyeRIUCgxyZXN1bWVfdG9rZW4YByABKAkSLgoKd2FsbF9jbG9jaxhGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGAoQcHJvdG9jb2xfdmVyc2lvbhhQIAEoDRIcChRtaW5fcHJvdG9jb2xfdmVyc2lvbhhRIAEoDRIQCghmZWF0dXJlcxhSIAMoCRIPCgZxdWV1ZXMY5gEgAygJEhEKCWxlYXNlX3NlcRhkIAEoBBotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIk0KEUxlYXNlQ29uZmlybWF0aW9uEgsKA3NlcRgBIAEoBBIrCgdyZW5ld2VkGAIgAygLMhoudGFza3F1ZXVlLnYxLkxlYXNlUmVuZXdhbCJECgxMZWFzZVJlbmV3YWwSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSEAoIbGVhc2VfbXMYAiABKA0iYAoJSGVhcnRiZWF0EgsKA3NlcRgBIAEoBBImCgdydW5uaW5nGAIgAygLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSEAoIZHJhaW5pbmcYAyABKAgSDAoEZnVsbBhkIAEoCCJuCgtUYXNrU3RhcnRlZBIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhILCgNwaWQYAiABKA0SLgoKc3RhcnRlZF9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAixgMKDFRhc2tGaW5pc2hlZBIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhImCgdvdXRjb21lGAIgASgOMhUudGFza3F1ZXVlLnYxLk91dGNvbWUSFgoJZXhpdF9jb2RlGAMgASgRSACIAQESDgoGc2lnbmFsGAQgASgJEg4KBnN0ZG91dBgFIAEoCRIOCgZzdGRlcnIYBiABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgHIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGAggASgIEg0KBWVycm9yGAkgASgJEi4KCnN0YXJ0ZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaGVkX2F0GAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCgV1c2FnZRg8IAEoCzIaLnRhc2txdWV1ZS52MS5BdHRlbXB0VXNhZ2USFwoPc3Rkb3V0X3JlcGxhY2VkGCggASgIEhcKD3N0ZGVycl9yZXBsYWNlZBgpIAEoCBITCgtpbnRlcnJ1cHRlZBhGIAEoCEIMCgpfZXhpdF9jb2RlIs4BCgdXZWxjb21lEhEKCXdvcmtlcl9pZBgBIAEoCRIWCg5jb29yZGluYXRvcl9pZBgCIAEoCRIdChVoZWFydGJlYXRfaW50ZXJ2YWxfbXMYAyABKA0SHAoUaGVhcnRiZWF0X3RpbWVvdXRfbXMYBCABKA0SFAoMcmVzdW1lX3Rva2VuGAUgASgJEhkKEW1heF9tZXNzYWdlX2J5dGVzGCogASgNEhgKEHByb3RvY29sX3ZlcnNpb24YUCABKA0SEAoIZmVhdHVyZXMYUiADKAkizwIKBkFzc2lnbhIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhIPCgdjb21tYW5kGAIgASgJEioKA2VudhgDIAMoCzIdLnRhc2txdWV1ZS52MS5Bc3NpZ24uRW52RW50cnkSCwoDY3dkGAQgASgJEhIKCnRpbWVvdXRfbXMYBSABKA0SNAoQbGVhc2VfZXhwaXJlc19hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLc3RhcnRfaW5fbXMYByABKA0SKAoGbGltaXRzGDwgASgLMhgudGFza3F1ZXVlLnYxLlRhc2tMaW1pdHMSFQoIbGVhc2VfbXMYRiABKA1IAIgBARoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgsKCV9sZWFzZV9tcyI8CgZDYW5jZWwSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSDgoGcmVhc29uGAIgASgJIjgKA0FjaxIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhINCgVzdGFsZRgCIAEoCCIXCgVEcmFpbhIOCgZyZWFzb24YASABKAkqlQEKB091dGNvbWUSFwoTT1VUQ09NRV9VTlNQRUNJRklFRBAAEhIKDk9VVENPTUVfRVhJVEVEEAESGAoUT1VUQ09NRV9TUEFXTl9GQUlMRUQQAhIVChFPVVRDT01FX1RJTUVEX09VVBADEhUKEU9VVENPTUVfQ0FOQ0VMTEVEEAQSFQoRT1VUQ09NRV9BQkFORE9ORUQQBTJdCg1Xb3JrZXJTZXJ2aWNlEkwKB0Nvbm5lY3QSGy50YXNrcXVldWUudjEuV29ya2VyTWVzc2FnZRogLnRhc2txdWV1ZS52MS5Db29yZGluYXRvck1lc3NhZ2UoATABYgZwcm90bzM", [file_google_protobuf_timestamp, file_taskqueue_v1_task]);
 
 /**
  * @generated from message taskqueue.v1.WorkerMessage
@@ -94,6 +94,14 @@ export type CoordinatorMessage = Message<"taskqueue.v1.CoordinatorMessage"> & {
      */
     value: Drain;
     case: "drain";
+  } | {
+    /**
+     * Sent only to workers that name the lease_confirm feature.
+     *
+     * @generated from field: taskqueue.v1.LeaseConfirmation lease = 100;
+     */
+    value: LeaseConfirmation;
+    case: "lease";
   } | { case: undefined; value?: undefined };
 };
 
@@ -212,6 +220,14 @@ export type Hello = Message<"taskqueue.v1.Hello"> & {
    * @generated from field: repeated string queues = 230;
    */
   queues: string[];
+
+  /**
+   * Numbered from the same sequence as Heartbeat.seq: the coordinator's LeaseConfirmation for
+   * the leases renewed at this Hello names it (lease_confirm feature). Zero from older workers.
+   *
+   * @generated from field: uint64 lease_seq = 100;
+   */
+  leaseSeq: bigint;
 };
 
 /**
@@ -220,6 +236,54 @@ export type Hello = Message<"taskqueue.v1.Hello"> & {
  */
 export const HelloSchema: GenMessage<Hello> = /*@__PURE__*/
   messageDesc(file_taskqueue_v1_worker_service, 3);
+
+/**
+ * The coordinator renewed these attempts' leases on the strength of the worker's Hello or
+ * Heartbeat numbered `seq`: each lease runs at least lease_ms from when the coordinator
+ * received it, hence from when the worker sent it, which is where the worker counts it from.
+ *
+ * @generated from message taskqueue.v1.LeaseConfirmation
+ */
+export type LeaseConfirmation = Message<"taskqueue.v1.LeaseConfirmation"> & {
+  /**
+   * @generated from field: uint64 seq = 1;
+   */
+  seq: bigint;
+
+  /**
+   * @generated from field: repeated taskqueue.v1.LeaseRenewal renewed = 2;
+   */
+  renewed: LeaseRenewal[];
+};
+
+/**
+ * Describes the message taskqueue.v1.LeaseConfirmation.
+ * Use `create(LeaseConfirmationSchema)` to create a new message.
+ */
+export const LeaseConfirmationSchema: GenMessage<LeaseConfirmation> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_worker_service, 4);
+
+/**
+ * @generated from message taskqueue.v1.LeaseRenewal
+ */
+export type LeaseRenewal = Message<"taskqueue.v1.LeaseRenewal"> & {
+  /**
+   * @generated from field: taskqueue.v1.TaskRef ref = 1;
+   */
+  ref?: TaskRef | undefined;
+
+  /**
+   * @generated from field: uint32 lease_ms = 2;
+   */
+  leaseMs: number;
+};
+
+/**
+ * Describes the message taskqueue.v1.LeaseRenewal.
+ * Use `create(LeaseRenewalSchema)` to create a new message.
+ */
+export const LeaseRenewalSchema: GenMessage<LeaseRenewal> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_worker_service, 5);
 
 /**
  * @generated from message taskqueue.v1.Heartbeat
@@ -260,7 +324,7 @@ export type Heartbeat = Message<"taskqueue.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 4);
+  messageDesc(file_taskqueue_v1_worker_service, 6);
 
 /**
  * @generated from message taskqueue.v1.TaskStarted
@@ -287,7 +351,7 @@ export type TaskStarted = Message<"taskqueue.v1.TaskStarted"> & {
  * Use `create(TaskStartedSchema)` to create a new message.
  */
 export const TaskStartedSchema: GenMessage<TaskStarted> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 5);
+  messageDesc(file_taskqueue_v1_worker_service, 7);
 
 /**
  * @generated from message taskqueue.v1.TaskFinished
@@ -383,7 +447,7 @@ export type TaskFinished = Message<"taskqueue.v1.TaskFinished"> & {
  * Use `create(TaskFinishedSchema)` to create a new message.
  */
 export const TaskFinishedSchema: GenMessage<TaskFinished> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 6);
+  messageDesc(file_taskqueue_v1_worker_service, 8);
 
 /**
  * @generated from message taskqueue.v1.Welcome
@@ -444,7 +508,7 @@ export type Welcome = Message<"taskqueue.v1.Welcome"> & {
  * Use `create(WelcomeSchema)` to create a new message.
  */
 export const WelcomeSchema: GenMessage<Welcome> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 7);
+  messageDesc(file_taskqueue_v1_worker_service, 9);
 
 /**
  * @generated from message taskqueue.v1.Assign
@@ -522,7 +586,7 @@ export type Assign = Message<"taskqueue.v1.Assign"> & {
  * Use `create(AssignSchema)` to create a new message.
  */
 export const AssignSchema: GenMessage<Assign> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 8);
+  messageDesc(file_taskqueue_v1_worker_service, 10);
 
 /**
  * @generated from message taskqueue.v1.Cancel
@@ -544,7 +608,7 @@ export type Cancel = Message<"taskqueue.v1.Cancel"> & {
  * Use `create(CancelSchema)` to create a new message.
  */
 export const CancelSchema: GenMessage<Cancel> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 9);
+  messageDesc(file_taskqueue_v1_worker_service, 11);
 
 /**
  * Ack tells the worker a result is durable (or stale) and may be forgotten.
@@ -568,7 +632,7 @@ export type Ack = Message<"taskqueue.v1.Ack"> & {
  * Use `create(AckSchema)` to create a new message.
  */
 export const AckSchema: GenMessage<Ack> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 10);
+  messageDesc(file_taskqueue_v1_worker_service, 12);
 
 /**
  * Drain asks the worker to take no new work and finish what it runs.
@@ -587,7 +651,7 @@ export type Drain = Message<"taskqueue.v1.Drain"> & {
  * Use `create(DrainSchema)` to create a new message.
  */
 export const DrainSchema: GenMessage<Drain> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 11);
+  messageDesc(file_taskqueue_v1_worker_service, 13);
 
 /**
  * @generated from enum taskqueue.v1.Outcome
