@@ -6,7 +6,15 @@
 import { readFileSync } from "node:fs";
 import postgres from "postgres";
 import type { RoleProcess } from "../test/support/processes";
-import { closeAllScopes, createBenchDatabase, PRODUCT_ROLE_ENV, Scope, startBenchCluster, submitBatch, untilAllFinal } from "./support";
+import {
+  closeAllScopes,
+  createBenchDatabase,
+  PRODUCT_ROLE_ENV,
+  Scope,
+  startBenchCluster,
+  submitBatch,
+  untilAllFinal,
+} from "./support";
 
 const TASKS = Number(process.argv[2] ?? 2000);
 const TICK_US = 1_000_000 / 100; // USER_HZ
@@ -25,7 +33,9 @@ function memoryKb(pid: number): { rss: number; hwm: number } {
 
 async function workerPids(worker: RoleProcess): Promise<{ worker: number; watchdog: number | null }> {
   const pid = Number((await worker.waitForEvent("worker.starting")).pid);
-  const started = worker.logged("watchdog.started")[0] ?? (await worker.waitForEvent("watchdog.started", { timeoutMs: 5000 }).catch(() => null));
+  const started =
+    worker.logged("watchdog.started")[0] ??
+    (await worker.waitForEvent("watchdog.started", { timeoutMs: 5000 }).catch(() => null));
   return { worker: pid, watchdog: started ? Number(started.pid) : null };
 }
 

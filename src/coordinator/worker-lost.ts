@@ -65,7 +65,8 @@ async function handle(options: WorkerLostOptions, request: ReportWorkerLostReque
     };
   }
   const why = request.reason.slice(0, 300);
-  const reason = why ? `${WATCHDOG_REASON} (${why})` : WATCHDOG_REASON;
+  // "worker lost: ..." as every other loss of a worker reads (a final task's error says it too).
+  const reason = `worker lost: ${WATCHDOG_REASON}${why ? ` (${why})` : ""}`;
   const requeued: string[] = [];
   for (const ref of request.attempts) {
     const row = await requeueAttempt(sql, attemptRefFromProto(ref, request.workerId), reason, "lost");

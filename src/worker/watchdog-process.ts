@@ -27,14 +27,48 @@ const args = JSON.parse(process.argv[2] ?? "{}") as WatchdogArgs;
 const config: Config = loadConfig();
 const log = createLogger("watchdog", config.TQ_LOG_LEVEL).child({ worker_pid: args.worker_pid });
 
+/**
+ * A silent worker that is not stopped (its event loop is stuck, or this process was itself
+ * held up and has beats still unread) is given this many silence bounds before it is taken
+ * for hung and killed as a frozen one is.
+ */
+const HUNG_AFTER_BOUNDS = 4;
+
 let state: WatchdogState | null = null;
 let lost = false;
 let silence: ReturnType<typeof setTimeout> | undefined;
+/** Silence bounds passed since the last beat. */
+let silentBounds = 0;
 
 const armSilence = () => {
   clearTimeout(silence);
-  silence = setTimeout(() => void workerLost("frozen"), args.silence_ms);
+  silentBounds = 0;
+  silence = setTimeout(onSilence, args.silence_ms);
 };
+
+/**
+ * Beats missing for the bound: a worker stopped as a whole (SIGSTOP, state T in /proc) is
+ * frozen now; any other silence is given more bounds, so that neither a busy worker nor a
+ * watchdog that was itself descheduled (its unread beats queue behind this timer) is killed.
+ */
+function onSilence(): void {
+  silentBounds++;
+  if (workerStopped() || silentBounds >= HUNG_AFTER_BOUNDS) {
+    void workerLost("frozen");
+    return;
+  }
+  silence = setTimeout(onSilence, args.silence_ms);
+}
+
+function workerStopped(): boolean {
+  try {
+    const stat = readFileSync(`/proc/${args.worker_pid}/stat`, "utf8");
+    const status = stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3);
+    return status === "T" || status === "t";
+  } catch {
+    return false; // gone: the pipe's end says so
+  }
+}
 
 log.info({ event: "watchdog.started", silence_ms: args.silence_ms }, "watching the worker");
 armSilence();
@@ -82,7 +116,7 @@ async function workerLost(how: "exited" | "frozen"): Promise<void> {
   const reason =
     how === "exited"
       ? "the worker exited"
-      : `no heartbeat from the worker for ${args.silence_ms} ms (frozen); the watchdog killed it`;
+      : `no heartbeat from the worker for ${silentBounds * args.silence_ms} ms (frozen); the watchdog killed it`;
   const startedAt = performance.now();
   const allGone = await killAll(attempts);
   const fields = {

@@ -73,7 +73,7 @@ async function expectConfirmedDeath(cluster: Cluster, victim: RoleProcess, name:
   const history = await historyOf(cluster, taskId);
   const requeue = history.findIndex((e) => e.attempt === 1 && e.detail?.cause === "lost");
   expect(requeue).toBeGreaterThan(-1);
-  expect(history[requeue]!.detail.reason).toStartWith("stopped by the watchdog after the worker died");
+  expect(history[requeue]!.detail.reason).toStartWith("worker lost: stopped by the watchdog after the worker died");
   // Requeued by the report: the next attempt's dispatch comes after it.
   const next = history.findIndex((e) => e.attempt === 2);
   expect(next).toBeGreaterThan(requeue);
