@@ -135,6 +135,10 @@ test("a reset stream with a live worker requeues nothing: the task keeps running
     const { json: attempts } = await getJson(`${cluster.coordinatorUrl}/tasks/${task.id}/attempts`);
     expect(attempts.attempts.map((a: { outcome: string }) => a.outcome)).toEqual(["succeeded"]);
     expect(cluster.coordinator.logged("coordinator.worker_lost")).toEqual([]);
+    // Drained, it leaves its watchdog nothing to stop or report.
+    await worker.stop();
+    expect(await worker.waitForEvent("watchdog.stopped")).toMatchObject({ how: "exited" });
+    expect(worker.logged("watchdog.worker_lost")).toEqual([]);
   } finally {
     writeFileSync(join(dir, "reset.gate"), "");
     await cluster.stop();
