@@ -1,5 +1,5 @@
 // bun bench/watchdog-cost.ts [tasks]: what the worker's watchdog costs. For TQ_WORKER_WATCHDOG
-// on and off, one worker (4 slots, product heartbeat timings) burns down `tasks` (2000) `true`
+// on, lean and off, one worker (4 slots, product heartbeat timings) burns down `tasks` (2000) `true`
 // tasks; the CPU time of the watchdog and of the worker over the burn-down (utime+stime from
 // /proc/<pid>/stat) and their RSS (VmRSS, VmHWM from /proc/<pid>/status) are printed, and the
 // watchdog's CPU over 10 s idle. Not a registered bench: a measurement for the record.
@@ -39,7 +39,7 @@ async function workerPids(worker: RoleProcess): Promise<{ worker: number; watchd
   return { worker: pid, watchdog: started ? Number(started.pid) : null };
 }
 
-async function run(mode: "on" | "off"): Promise<void> {
+async function run(mode: "on" | "lean" | "off"): Promise<void> {
   const scope = new Scope();
   try {
     const database = await createBenchDatabase(scope);
@@ -90,5 +90,5 @@ async function run(mode: "on" | "off"): Promise<void> {
   }
 }
 
-for (const mode of ["on", "off"] as const) await run(mode);
+for (const mode of ["on", "lean", "off"] as const) await run(mode);
 await closeAllScopes();

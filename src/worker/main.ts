@@ -14,8 +14,9 @@ await runRole("worker", async (config, log) => {
   const [identities] = taskIdentities(config, log);
   // Started before any task, outside our process group: our tasks die with us (src/worker/watchdog.ts).
   const watchdog =
-    config.TQ_WORKER_WATCHDOG === "on"
+    config.TQ_WORKER_WATCHDOG !== "off"
       ? new Watchdog({
+          watcher: config.TQ_WORKER_WATCHDOG === "lean" ? "bash" : "bun",
           ...watchdogTimings({
             heartbeatIntervalMs: config.TQ_HEARTBEAT_INTERVAL_MS,
             heartbeatTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS,

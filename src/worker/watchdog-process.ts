@@ -16,7 +16,7 @@ import { type Config, coordinatorAddresses, loadConfig } from "../config";
 import { createLogger } from "../log";
 import type { HeldProcess } from "./attempts";
 import { groupRunning } from "./executor";
-import type { WatchdogArgs, WatchdogState } from "./watchdog";
+import { parseStateLine, type WatchdogArgs, type WatchdogState } from "./watchdog";
 
 /** How long the watchdog tries to reach a coordinator before it gives up (the leases lapse then). */
 const REPORT_FOR_MS = 15_000;
@@ -70,30 +70,33 @@ function workerStopped(): boolean {
   }
 }
 
-log.info({ event: "watchdog.started", silence_ms: args.silence_ms }, "watching the worker");
-armSilence();
-let buffer = "";
-const decoder = new TextDecoder();
-for await (const chunk of Bun.stdin.stream()) {
-  if (lost) break;
+const handedOver = process.argv[3];
+if (handedOver === "exited" || handedOver === "frozen") {
+  // From src/worker/watchdog.sh, which watched, has killed the process groups (and a frozen
+  // worker) already, and passes the last state line on stdin.
+  silentBounds = Number(process.argv[4] ?? 0);
+  state = parseStateLine((await Bun.stdin.text()).trim());
+  lost = false;
+  await workerLost(handedOver);
+} else {
+  // No bash: this process watches itself.
   armSilence();
-  buffer += decoder.decode(chunk, { stream: true });
-  let newline = buffer.lastIndexOf("\n");
-  if (newline < 0) continue;
-  // Only the last complete state line matters; the empty lines are beats.
-  const lines = buffer.slice(0, newline).split("\n");
-  buffer = buffer.slice(newline + 1);
-  for (newline = lines.length - 1; newline >= 0; newline--) {
-    if (lines[newline] === "") continue;
-    try {
-      state = JSON.parse(lines[newline]!) as WatchdogState;
-    } catch {
-      log.warn({ line: lines[newline]!.slice(0, 200) }, "ignored a state line that is not JSON");
-    }
-    break;
+  let buffer = "";
+  const decoder = new TextDecoder();
+  for await (const chunk of Bun.stdin.stream()) {
+    if (lost) break;
+    armSilence();
+    buffer += decoder.decode(chunk, { stream: true });
+    const newline = buffer.lastIndexOf("\n");
+    if (newline < 0) continue;
+    // Only the last complete state line matters; the empty lines are beats.
+    const lines = buffer.slice(0, newline).split("\n");
+    buffer = buffer.slice(newline + 1);
+    const last = lines.findLast((line) => line !== "");
+    if (last !== undefined) state = parseStateLine(last) ?? state;
   }
+  if (!lost) await workerLost("exited");
 }
-if (!lost) await workerLost("exited");
 
 async function workerLost(how: "exited" | "frozen"): Promise<void> {
   if (lost) return;

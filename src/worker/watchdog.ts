@@ -18,6 +18,25 @@ export interface WatchdogState {
   attempts: HeldProcess[];
 }
 
+/**
+ * A state line: the process groups first, for the bash half to kill at once, then a tab and
+ * the state as JSON. Lines stay well under PIPE_BUF for a few dozen slots, so a write is atomic.
+ */
+export function stateLine(state: WatchdogState): string {
+  const pgids = state.attempts.flatMap((a) => (a.pgid === null ? [] : [a.pgid]));
+  return `${pgids.join(" ")}\t${JSON.stringify(state)}\n`;
+}
+
+/** The state in a line, or null when it is not one. */
+export function parseStateLine(line: string): WatchdogState | null {
+  const tab = line.indexOf("\t");
+  try {
+    return JSON.parse(tab >= 0 ? line.slice(tab + 1) : line) as WatchdogState;
+  } catch {
+    return null;
+  }
+}
+
 /** What the watchdog process is started with (argv[2], JSON). */
 export interface WatchdogArgs {
   worker_pid: number;
@@ -32,21 +51,28 @@ export interface WatchdogOptions {
   beatMs: number;
   /** The state sent on every change. */
   state: () => WatchdogState;
-  /** The watchdog's argv. Defaults to this Bun running watchdog-process.ts. */
+  /**
+   * Who watches: `bun` (watchdog-process.ts throughout: ~60 MB RSS, it reacts and reports at
+   * once) or `bash` (watchdog.sh: ~3 MB and next to no CPU while it waits; it kills the process
+   * groups at once, but the report waits for Bun to start). Defaults to bun; bash falls back to
+   * bun where there is no bash.
+   */
+  watcher?: "bun" | "bash";
+  /** The watchdog's argv (tests). Defaults to what `watcher` says. */
   command?: string[];
 }
 
 /**
  * How long a silent worker is given before its watchdog takes it for frozen: the heartbeat
  * timeout less one interval, so that its tasks are stopped (and reported) before any
- * coordinator gives up on the worker, and at least four intervals of the watchdog's own beats.
+ * coordinator gives up on the worker, and sent four beats per bound.
  */
 export function watchdogTimings(timings: { heartbeatIntervalMs: number; heartbeatTimeoutMs: number }): {
   silenceMs: number;
   beatMs: number;
 } {
   const silenceMs = Math.max(timings.heartbeatTimeoutMs - timings.heartbeatIntervalMs, timings.heartbeatTimeoutMs / 2);
-  return { silenceMs: Math.round(silenceMs), beatMs: Math.max(10, Math.round(silenceMs / 8)) };
+  return { silenceMs: Math.round(silenceMs), beatMs: Math.max(10, Math.round(silenceMs / 4)) };
 }
 
 export class Watchdog {
@@ -63,11 +89,20 @@ export class Watchdog {
 
   start(): void {
     const args: WatchdogArgs = { worker_pid: process.pid, silence_ms: this.options.silenceMs };
-    const command = this.options.command ?? [
-      process.execPath,
-      new URL("./watchdog-process.ts", import.meta.url).pathname,
-      JSON.stringify(args),
-    ];
+    const report = [process.execPath, new URL("./watchdog-process.ts", import.meta.url).pathname, JSON.stringify(args)];
+    // The bash half watches for a few MB and hands over to Bun only when there is work to do.
+    const bash = this.options.watcher === "bash" ? Bun.which("bash") : null;
+    const command =
+      this.options.command ??
+      (bash
+        ? [
+            bash,
+            new URL("./watchdog.sh", import.meta.url).pathname,
+            String(this.options.silenceMs / 1000),
+            String(process.pid),
+            ...report,
+          ]
+        : report);
     this.proc = Bun.spawn(command, {
       stdin: "pipe",
       stdout: "inherit",
@@ -81,6 +116,10 @@ export class Watchdog {
     void proc.exited.then((code) => {
       if (this.proc === proc) this.gone(`it exited (code ${code})`);
     });
+    this.options.log.info(
+      { event: "watchdog.started", watchdog_pid: proc.pid, silence_ms: this.options.silenceMs, watcher: bash ? "bash" : "bun" },
+      "the watchdog is watching this worker",
+    );
     this.send();
     this.timer = setInterval(() => this.send(), this.options.beatMs);
   }
@@ -117,7 +156,7 @@ export class Watchdog {
   private send(): void {
     const proc = this.proc;
     if (!proc) return;
-    const line = this.dirty ? `${JSON.stringify(this.options.state())}\n` : "\n";
+    const line = this.dirty ? stateLine(this.options.state()) : "\n";
     this.dirty = false;
     try {
       proc.stdin.write(line);
