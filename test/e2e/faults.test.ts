@@ -41,6 +41,7 @@ test("a frozen worker without a watchdog: its task runs elsewhere once its lease
   const cluster = await startCluster(db.url, { workers: 0, slots: 1 });
   try {
     const frozen = await cluster.addWorker({ TQ_WORKER_WATCHDOG: "off" });
+    await frozen.waitForEvent("worker.no_watchdog");
     const { json: task } = await postJson(`${cluster.coordinatorUrl}/submit`, { command: blocking("freeze") });
     const first = await watchTask(cluster.coordinatorUrl, task.id, (t) => t.state === "running");
     expect(first.worker_id).toBe(await workerId(frozen));
