@@ -36,7 +36,7 @@ async function workerPids(worker: RoleProcess): Promise<{ worker: number; watchd
   const started =
     worker.logged("watchdog.started")[0] ??
     (await worker.waitForEvent("watchdog.started", { timeoutMs: 5000 }).catch(() => null));
-  return { worker: pid, watchdog: started ? Number(started.pid) : null };
+  return { worker: pid, watchdog: started ? Number(started.watchdog_pid) : null };
 }
 
 async function run(mode: "on" | "lean" | "off"): Promise<void> {
