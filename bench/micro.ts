@@ -114,6 +114,17 @@ function representativeTask(): Task {
     idempotency_hash: "9f2c".repeat(16),
     secret_env: { PGPASSWORD: "not-returned" },
     limits: { memory_mb: 512, pids: 64 },
+    queue: "default",
+    requires: [],
+    prefers: [],
+    schedule_timeout_ms: 0,
+    priority_aging_ms: 1000,
+    rank: null,
+    ref: null,
+    on_parent_failure: null,
+    parents_pending: 0,
+    has_children: false,
+    parent_env: null,
   };
 }
 
@@ -160,6 +171,17 @@ function createdRow(id: string, spec: TaskSpec): TaskChangeRow {
     idempotency_hash: null,
     secret_env: spec.secretEnv,
     limits: spec.limits ?? null,
+    queue: "default",
+    requires: [],
+    prefers: [],
+    schedule_timeout_ms: 0,
+    priority_aging_ms: 1000,
+    rank: null,
+    ref: null,
+    on_parent_failure: null,
+    parents_pending: 0,
+    has_children: false,
+    parent_env: null,
     event_id: "1",
   };
 }

@@ -28,6 +28,7 @@ import {
   TaskList,
   TaskListQuery,
   taskJson,
+  taskWithDependenciesJson,
   WorkerList,
   workerJson,
 } from "./model";
@@ -42,6 +43,7 @@ import {
   responses,
   ScheduleRequest,
 } from "./openapi";
+import { queuesController } from "./queues";
 import { requestLog } from "./request-log";
 import {
   cancelTaskOrThrow,
@@ -53,6 +55,7 @@ import {
   listWorkers,
   submitTask,
   submitTasks,
+  taskDependencies,
 } from "./service";
 import { taskEventsResponse } from "./sse";
 
@@ -68,6 +71,7 @@ export function createApp(deps: ApiDeps) {
     .use(seedController(deps))
     .use(tasksController(deps))
     .use(workersController(deps))
+    .use(queuesController(deps))
     .use(healthController(deps));
   routes = () => app.routes;
   return app;
@@ -274,11 +278,18 @@ function tasksController(deps: ApiDeps) {
         },
       },
     )
-    .get("/tasks/:id", async ({ params }) => taskJson(await getTaskOrThrow(deps, params.id)), {
-      params: TaskIdParams,
-      response: responses({ 200: answer(TaskJson, "The task.") }, [400, 404]),
-      detail: { operationId: "getTask", tags: ["tasks"], summary: "Get a task" },
-    })
+    .get(
+      "/tasks/:id",
+      async ({ params }) => {
+        const task = await getTaskOrThrow(deps, params.id);
+        return taskWithDependenciesJson(task, await taskDependencies(deps, task));
+      },
+      {
+        params: TaskIdParams,
+        response: responses({ 200: answer(TaskJson, "The task, with its parents and children.") }, [400, 404]),
+        detail: { operationId: "getTask", tags: ["tasks"], summary: "Get a task" },
+      },
+    )
     .post(
       "/tasks/:id/cancel",
       async ({ params, request }) => taskJson(await cancelTaskOrThrow(deps, params.id, principalOf(request).name)),

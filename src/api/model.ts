@@ -1,12 +1,17 @@
 // What the HTTP API answers, as TypeBox schemas (the route response schemas, and so the
 // OpenAPI document), and the conversions from database rows. Types come from the schemas.
+
 import { type TLiteral, type TSchema, Type } from "@sinclair/typebox";
+import type { DependencyRow, TaskDependencies } from "../db/dependencies";
 import type { TaskEventRow } from "../db/events";
 import type { WorkerRow } from "../db/workers";
 import { ATTEMPT_OUTCOMES, type Attempt } from "../task/attempt";
+import { parentsWaiting } from "../task/dependencies";
 import type { ErrorCode } from "../task/errors";
+import { QueueName } from "../task/routing";
 import { TASK_STATES } from "../task/state";
 import { LIMITS_APPLIED, type Task } from "../task/task";
+import { TaskRoutingJson, taskRoutingJson } from "./queues-model";
 
 const Nullable = <T extends TSchema>(schema: T) => Type.Union([schema, Type.Null()]);
 
@@ -48,6 +53,16 @@ const RunAt = Type.String({
     "Dispatch never starts an attempt before it.",
   examples: ["2023-04-01T15:04:06.000Z"],
 });
+
+/** One end of a dependency edge, as GET /tasks/:id shows it. */
+export const DependencyJson = Type.Object(
+  {
+    id: Type.String({ format: "uuid" }),
+    ref: Nullable(Type.String({ description: "A parent: the name the child knows it by. A child: its own ref." })),
+    state: TaskStateJson,
+  },
+  { additionalProperties: false },
+);
 
 export const TaskJson = Type.Object(
   {
@@ -130,6 +145,20 @@ export const TaskJson = Type.Object(
           description: "The limits the task asked for; null when none (each attempt's own record says what applied).",
         },
       ),
+    ),
+    // Routing (src/task/routing.ts).
+    ...TaskRoutingJson,
+    ref: Nullable(Type.String({ description: "Its ref in the batch that declared it; null outside a DAG batch." })),
+    on_parent_failure: Nullable(
+      Type.String({ description: "cancel, skip or run (see POST /tasks depends_on); null for a task without parents." }),
+    ),
+    parents: Type.Optional(
+      Type.Array(DependencyJson, {
+        description: "GET /tasks/:id only: the tasks it depends on, each with the ref it knows them by (TQ_PARENT_<ref>_EXIT).",
+      }),
+    ),
+    children: Type.Optional(
+      Type.Array(DependencyJson, { description: "GET /tasks/:id only: the tasks that depend on it, with their own refs." }),
     ),
   },
   { additionalProperties: false },
@@ -392,7 +421,11 @@ const pageQuery = {
 
 export const HistoryQuery = Type.Object(pageQuery);
 
-export const TaskListQuery = Type.Object({ state: Type.Optional(TaskStateJson), ...pageQuery });
+export const TaskListQuery = Type.Object({
+  state: Type.Optional(TaskStateJson),
+  queue: Type.Optional({ ...QueueName, description: "Only tasks of this queue." }),
+  ...pageQuery,
+});
 
 const iso = (date: Date) => date.toISOString();
 const isoOrNull = (date: Date | null) => (date === null ? null : date.toISOString());
@@ -429,6 +462,9 @@ export function taskJson(task: Task): TaskJson {
     idempotency_key: task.idempotency_key,
     secret_env_keys: Object.keys(task.secret_env ?? {}).sort(),
     limits: task.limits ?? null,
+    ...taskRoutingJson(task),
+    ref: task.ref ?? null,
+    on_parent_failure: task.on_parent_failure ?? null,
     exit_code: task.exit_code,
     signal: task.signal,
     stdout: task.stdout,
@@ -438,6 +474,18 @@ export function taskJson(task: Task): TaskJson {
     stdout_replaced: task.stdout_replaced,
     stderr_replaced: task.stderr_replaced,
     error: task.error,
+  };
+}
+
+/** GET /tasks/:id: the task with its parents, children and what it waits for. */
+export function taskWithDependenciesJson(task: Task, dependencies: TaskDependencies): TaskJson {
+  const edge = ({ id, ref, state }: DependencyRow) => ({ id, ref, state });
+  return {
+    ...taskJson(task),
+    parents: dependencies.parents.map(edge),
+    children: dependencies.children.map(edge),
+    // A task blocked on its parents says so in the one `waiting` field every rule fills.
+    waiting: task.waiting ?? parentsWaiting(task, dependencies.parents),
   };
 }
 

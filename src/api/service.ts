@@ -4,14 +4,18 @@
 
 import { listAttempts } from "../db/attempts";
 import { batchHash, claimBatchKey, getBatch } from "../db/batches";
+import { addDependencies, getDependencies, type NewEdge, type TaskDependencies } from "../db/dependencies";
 import { listTaskEventsAfter, readTaskSince, type TaskEventRow } from "../db/events";
-import { insertTasks } from "../db/insert";
+import { insertTasks, type NewTask } from "../db/insert";
 import type { Sql } from "../db/sql";
 import { getTask, listTasks, probeTasks } from "../db/tasks";
 import { cancelTask } from "../db/transitions";
+import { withWaiting } from "../db/waiting";
 import { listLiveWorkers, type WorkerRow } from "../db/workers";
 import type { Attempt } from "../task/attempt";
+import { refOfId } from "../task/dependencies";
 import { conflict, invalidArgument, isDatabaseTimeout, notFound, TaskQueueError, unavailable } from "../task/errors";
+import { parseQueueName } from "../task/routing";
 import { isTaskId } from "../task/spec";
 import { isFinal, isTaskState, TASK_STATES } from "../task/state";
 import type { Submitted, Task, TaskSpec } from "../task/task";
@@ -34,6 +38,13 @@ export const READY_PROBE_TIMEOUT_MS = 1000;
  * a different request is a conflict.
  */
 export async function submitTask(deps: ApiDeps, spec: TaskSpec, actor: string): Promise<Submitted> {
+  if (spec.dependsOn) {
+    // Its edges are written in the insert's transaction: the batch path.
+    const batch = await submitTasks(deps, [spec], actor, null, true);
+    const task = batch.tasks[0];
+    if (!task) throw new Error("a batch of one answered no task");
+    return { task, created: batch.created };
+  }
   const outcome = await deps.submit(Bun.randomUUIDv7(), spec, actor);
   if (outcome.kind === "created") return { task: outcome.task, created: true };
   if (!outcome.sameRequest) {
@@ -64,9 +75,19 @@ export async function submitTasks(
   specs: TaskSpec[],
   actor: string,
   batchKey: string | null = null,
+  /** One task of POST /tasks (or /submit, SubmitTask): errors name its fields without `tasks[i].`. */
+  single = false,
 ): Promise<SubmittedBatch> {
-  const items = specs.map((spec) => ({ id: Bun.randomUUIDv7(), spec, actor }));
-  if (batchKey === null && specs.every((spec) => spec.idempotencyKey === null)) {
+  const agingMs = deps.settings.priorityAgingMs;
+  const items: NewTask[] = specs.map((spec) => ({
+    id: Bun.randomUUIDv7(),
+    spec,
+    actor,
+    agingMs,
+    ...(spec.dependsOn ? { parents: spec.dependsOn.length } : {}),
+  }));
+  const withParents = specs.some((spec) => spec.dependsOn);
+  if (batchKey === null && !withParents && specs.every((spec) => spec.idempotencyKey === null)) {
     // Nothing to replay and nothing to conflict: the statement alone, no transaction.
     const outcomes = await insertTasks(deps.sql, items);
     return { tasks: outcomes.map((outcome) => outcome.task), replayed: [], created: true };
@@ -95,8 +116,75 @@ export async function submitTasks(
       }
       replayed.push(i);
     });
+    if (withParents) {
+      const changed = await attachParents(
+        tx,
+        specs,
+        outcomes.map((outcome) => outcome.task),
+        new Set(replayed),
+        single,
+      );
+      // Children whose parents had ended already are released (or ended) by now.
+      const tasks = outcomes.map((outcome) => changed.get(outcome.task.id) ?? outcome.task);
+      return { tasks, replayed, created: replayed.length < items.length };
+    }
     return { tasks: outcomes.map((outcome) => outcome.task), replayed, created: replayed.length < items.length };
   });
+}
+
+/**
+ * The edges of a batch's new tasks, their refs resolved to the tasks the batch answers with (a
+ * replayed item's is the original task); an id that names no task is a 400 naming it, which
+ * rolls the batch back.
+ */
+async function attachParents(
+  tx: Sql,
+  specs: TaskSpec[],
+  tasks: Task[],
+  replayed: ReadonlySet<number>,
+  single: boolean,
+): Promise<Map<string, Task>> {
+  const byRef = new Map<string, Task>();
+  specs.forEach((spec, i) => {
+    const task = tasks[i];
+    if (spec.ref !== undefined && task) byRef.set(spec.ref, task);
+  });
+  const edges: NewEdge[] = [];
+  specs.forEach((spec, i) => {
+    const child = tasks[i];
+    // A replayed item is the task it was before, with the edges it had.
+    if (!spec.dependsOn || !child || replayed.has(i)) return;
+    const seen = new Set<string>();
+    for (const entry of spec.dependsOn) {
+      const parent = byRef.get(entry);
+      const parentId = parent?.id ?? entry;
+      if (seen.has(parentId)) {
+        throw invalidArgument(`tasks[${i}].depends_on`, `tasks[${i}]: depends_on names task ${parentId} twice`);
+      }
+      seen.add(parentId);
+      edges.push({ childId: child.id, parentId, ref: parent ? entry : refOfId(entry) });
+    }
+  });
+  const { missing, changed } = await addDependencies(tx, edges);
+  if (missing.length > 0) {
+    const unknown = new Set(missing);
+    const i = Math.max(
+      0,
+      specs.findIndex((spec) => spec.dependsOn?.some((entry) => unknown.has(entry))),
+    );
+    const field = single ? "depends_on" : `tasks[${i}].depends_on`;
+    throw invalidArgument(
+      field,
+      `${single ? "" : `tasks[${i}]: `}depends_on: no task ${missing.sort().join(", ")}; nothing was written`,
+    );
+  }
+  return new Map(changed.map((row) => [row.id, row]));
+}
+
+/** A task's parents and children, for GET /tasks/:id. */
+export async function taskDependencies(deps: ApiDeps, task: Task): Promise<TaskDependencies> {
+  if (!task.on_parent_failure && !task.has_children) return { parents: [], children: [] };
+  return getDependencies(deps.sql, task.id);
 }
 
 /** The answer to a repeated batch key: the original tasks, or a conflict for another batch. */
@@ -127,6 +215,7 @@ export async function getTaskOrThrow(deps: ApiDeps, id: string, field = "id"): P
   requireTaskId(id, field);
   const task = await getTask(deps.sql, id);
   if (!task) throw notFound(`task ${id} not found`);
+  await withWaiting(deps.sql, [task], deps.settings.workerTimeoutMs);
   return task;
 }
 
@@ -135,6 +224,8 @@ export interface TaskPageQuery {
   /** 1..500. Defaults to 50. */
   limit?: number;
   cursor?: string;
+  /** Only tasks of this queue. */
+  queue?: string;
 }
 
 export interface TaskPage {
@@ -160,8 +251,9 @@ export async function listTaskPage(deps: ApiDeps, query: TaskPageQuery): Promise
   const limit = pageSize(query.limit);
   const before = cursor === undefined ? undefined : decodeCursor(cursor);
   // One row more than the page tells whether another page follows.
-  const rows = await listTasks(deps.sql, { state, limit: limit + 1, before });
-  const tasks = rows.slice(0, limit);
+  if (query.queue !== undefined) parseQueueName(query.queue, "queue");
+  const rows = await listTasks(deps.sql, { state, limit: limit + 1, before, queue: query.queue });
+  const tasks = await withWaiting(deps.sql, rows.slice(0, limit), deps.settings.workerTimeoutMs);
   const last = tasks.at(-1);
   return { tasks, nextCursor: rows.length > limit && last ? encodeCursor(last.id) : null };
 }

@@ -214,6 +214,83 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/queues": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** List queues */
+        get: operations["listQueues"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/queues/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        /**
+         * Set a queue's concurrency limit
+         * @description The limit holds across every worker and coordinator; null removes it.
+         */
+        patch: operations["updateQueue"];
+        trace?: never;
+    };
+    "/queues/{name}/pause": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Pause a queue
+         * @description Its queued tasks stay queued (and say so); those running carry on.
+         */
+        post: operations["pauseQueue"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/queues/{name}/resume": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Resume a queue
+         * @description Its due tasks are dispatched at once.
+         */
+        post: operations["resumeQueue"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/healthz": {
         parameters: {
             query?: never;
@@ -360,12 +437,45 @@ export interface components {
                 nofile?: number;
                 cpu?: number;
             } | null;
+            /**
+             * @description A queue name: 1 to 63 letters, digits, `_`, `.` or `-`, starting with a letter or digit.
+             * @example default
+             * @example emails
+             */
+            queue: string;
+            /** @description Higher first; ages (TQ_PRIORITY_AGING_MS). */
+            priority: number;
+            require: components["schemas"]["LabelRequirement"][];
+            prefer: components["schemas"]["LabelPreference"][];
+            /** @description Fails after waiting this long for a worker; 0: never. */
+            schedule_timeout_ms: number;
+            waiting: components["schemas"]["Waiting"] | null;
+            /** @description Its ref in the batch that declared it; null outside a DAG batch. */
+            ref: string | null;
+            /** @description cancel, skip or run (see POST /tasks depends_on); null for a task without parents. */
+            on_parent_failure: string | null;
+            /** @description GET /tasks/:id only: the tasks it depends on, each with the ref it knows them by (TQ_PARENT_<ref>_EXIT). */
+            parents?: {
+                /** Format: uuid */
+                id: string;
+                /** @description A parent: the name the child knows it by. A child: its own ref. */
+                ref: string | null;
+                state: components["schemas"]["TaskState"];
+            }[];
+            /** @description GET /tasks/:id only: the tasks that depend on it, with their own refs. */
+            children?: {
+                /** Format: uuid */
+                id: string;
+                /** @description A parent: the name the child knows it by. A child: its own ref. */
+                ref: string | null;
+                state: components["schemas"]["TaskState"];
+            }[];
         };
         /**
          * @description queued, dispatched, running, then succeeded, failed, timed_out or cancelled.
          * @enum {string}
          */
-        TaskState: "queued" | "dispatched" | "running" | "succeeded" | "failed" | "timed_out" | "cancelled";
+        TaskState: "waiting" | "queued" | "dispatched" | "running" | "succeeded" | "failed" | "timed_out" | "cancelled";
         TaskList: {
             /** @description Newest first. */
             tasks: components["schemas"]["Task"][];
@@ -487,6 +597,39 @@ export interface components {
                 nofile?: number;
                 cpu?: number;
             } | null;
+            /**
+             * @description A queue name: 1 to 63 letters, digits, `_`, `.` or `-`, starting with a letter or digit.
+             * @example default
+             * @example emails
+             */
+            queue: string;
+            /** @description Higher first; ages (TQ_PRIORITY_AGING_MS). */
+            priority: number;
+            require: components["schemas"]["LabelRequirement"][];
+            prefer: components["schemas"]["LabelPreference"][];
+            /** @description Fails after waiting this long for a worker; 0: never. */
+            schedule_timeout_ms: number;
+            waiting: components["schemas"]["Waiting"] | null;
+            /** @description Its ref in the batch that declared it; null outside a DAG batch. */
+            ref: string | null;
+            /** @description cancel, skip or run (see POST /tasks depends_on); null for a task without parents. */
+            on_parent_failure: string | null;
+            /** @description GET /tasks/:id only: the tasks it depends on, each with the ref it knows them by (TQ_PARENT_<ref>_EXIT). */
+            parents?: {
+                /** Format: uuid */
+                id: string;
+                /** @description A parent: the name the child knows it by. A child: its own ref. */
+                ref: string | null;
+                state: components["schemas"]["TaskState"];
+            }[];
+            /** @description GET /tasks/:id only: the tasks that depend on it, with their own refs. */
+            children?: {
+                /** Format: uuid */
+                id: string;
+                /** @description A parent: the name the child knows it by. A child: its own ref. */
+                ref: string | null;
+                state: components["schemas"]["TaskState"];
+            }[];
             event: components["schemas"]["Event"] | null;
         };
         /** @description One attempt of a task. */
@@ -725,6 +868,15 @@ export interface components {
              * @example 2023-04-01T15:04:05Z
              */
             scheduled_at?: string;
+            /**
+             * @description Parents: task ids (and, in a batch, refs of other items). The task waits (state `waiting`) until every parent has ended, and runs once all succeeded (see on_parent_failure). A parent that will retry has not ended yet. At most 100; an unknown id or ref is a 400 naming it.
+             * @example [
+             *       "build"
+             *     ]
+             */
+            depends_on?: string[];
+            /** @enum {string} */
+            on_parent_failure?: "cancel" | "skip" | "run";
             /** @description Kill the command after this many milliseconds; 0 means no timeout. Defaults to 0. */
             timeout_ms?: number;
             /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
@@ -751,6 +903,20 @@ export interface components {
                 cpu?: number;
             };
             retry?: components["schemas"]["RetryPolicy"];
+            /**
+             * @description A queue name: 1 to 63 letters, digits, `_`, `.` or `-`, starting with a letter or digit. Defaults to `default`.
+             * @example default
+             * @example emails
+             */
+            queue?: string;
+            /** @description Higher runs first, from -100 to 100; defaults to 0. Priorities age: a waiting task ranks as run_at - priority * TQ_PRIORITY_AGING_MS, so a task is passed by one of higher priority only while that one has waited less than the difference times the aging. */
+            priority?: number;
+            /** @description Worker labels the task needs (all of them); it waits, saying so, while no live worker has them. */
+            require?: components["schemas"]["LabelRequirement"][];
+            /** @description Worker labels the task prefers, with weights: among free workers, one with a higher score is chosen. */
+            prefer?: components["schemas"]["LabelPreference"][];
+            /** @description Fail the task if it has waited this long after its run_at without being dispatched; 0 (the default) waits forever. */
+            schedule_timeout_ms?: number;
         };
         /** @description A task to run as soon as a worker is free. */
         SubmitInput: {
@@ -759,6 +925,15 @@ export interface components {
              * @example echo hello
              */
             command: string;
+            /**
+             * @description Parents: task ids (and, in a batch, refs of other items). The task waits (state `waiting`) until every parent has ended, and runs once all succeeded (see on_parent_failure). A parent that will retry has not ended yet. At most 100; an unknown id or ref is a 400 naming it.
+             * @example [
+             *       "build"
+             *     ]
+             */
+            depends_on?: string[];
+            /** @enum {string} */
+            on_parent_failure?: "cancel" | "skip" | "run";
             /** @description Kill the command after this many milliseconds; 0 means no timeout. Defaults to 0. */
             timeout_ms?: number;
             /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
@@ -785,6 +960,20 @@ export interface components {
                 cpu?: number;
             };
             retry?: components["schemas"]["RetryPolicy"];
+            /**
+             * @description A queue name: 1 to 63 letters, digits, `_`, `.` or `-`, starting with a letter or digit. Defaults to `default`.
+             * @example default
+             * @example emails
+             */
+            queue?: string;
+            /** @description Higher runs first, from -100 to 100; defaults to 0. Priorities age: a waiting task ranks as run_at - priority * TQ_PRIORITY_AGING_MS, so a task is passed by one of higher priority only while that one has waited less than the difference times the aging. */
+            priority?: number;
+            /** @description Worker labels the task needs (all of them); it waits, saying so, while no live worker has them. */
+            require?: components["schemas"]["LabelRequirement"][];
+            /** @description Worker labels the task prefers, with weights: among free workers, one with a higher score is chosen. */
+            prefer?: components["schemas"]["LabelPreference"][];
+            /** @description Fail the task if it has waited this long after its run_at without being dispatched; 0 (the default) waits forever. */
+            schedule_timeout_ms?: number;
         };
         /** @description A task to run at scheduled_at (required). */
         ScheduleInput: {
@@ -821,6 +1010,15 @@ export interface components {
              * @example 2023-04-01T15:04:05Z
              */
             scheduled_at?: string;
+            /**
+             * @description Parents: task ids (and, in a batch, refs of other items). The task waits (state `waiting`) until every parent has ended, and runs once all succeeded (see on_parent_failure). A parent that will retry has not ended yet. At most 100; an unknown id or ref is a 400 naming it.
+             * @example [
+             *       "build"
+             *     ]
+             */
+            depends_on?: string[];
+            /** @enum {string} */
+            on_parent_failure?: "cancel" | "skip" | "run";
             /** @description Kill the command after this many milliseconds; 0 means no timeout. Defaults to 0. */
             timeout_ms?: number;
             /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
@@ -847,8 +1045,27 @@ export interface components {
                 cpu?: number;
             };
             retry?: components["schemas"]["RetryPolicy"];
+            /**
+             * @description A queue name: 1 to 63 letters, digits, `_`, `.` or `-`, starting with a letter or digit. Defaults to `default`.
+             * @example default
+             * @example emails
+             */
+            queue?: string;
+            /** @description Higher runs first, from -100 to 100; defaults to 0. Priorities age: a waiting task ranks as run_at - priority * TQ_PRIORITY_AGING_MS, so a task is passed by one of higher priority only while that one has waited less than the difference times the aging. */
+            priority?: number;
+            /** @description Worker labels the task needs (all of them); it waits, saying so, while no live worker has them. */
+            require?: components["schemas"]["LabelRequirement"][];
+            /** @description Worker labels the task prefers, with weights: among free workers, one with a higher score is chosen. */
+            prefer?: components["schemas"]["LabelPreference"][];
+            /** @description Fail the task if it has waited this long after its run_at without being dispatched; 0 (the default) waits forever. */
+            schedule_timeout_ms?: number;
             /** @description This task's own idempotency key (visible ASCII, at most 255 bytes): when it was used before, the original task is returned in its place (its index listed in `replayed`); with a different request, the batch is a 409. */
             idempotency_key?: string;
+            /**
+             * @description This task's name within the batch, for the other items' depends_on, and the <ref> of their TQ_PARENT_<ref>_EXIT: a letter or _, then letters, digits or _, at most 64. Unique in the batch.
+             * @example build
+             */
+            ref?: string;
         };
         /** @description What is retried while attempts remain (max_attempts), and the exponential backoff (with jitter) between attempts. */
         RetryPolicy: {
@@ -862,6 +1079,83 @@ export interface components {
             backoff_base_ms?: number;
             /** @description Longest backoff between attempts, at least backoff_base_ms (400 otherwise). Defaults to TQ_RETRY_BACKOFF_CAP_MS, or to backoff_base_ms when that is higher. */
             backoff_cap_ms?: number;
+        };
+        Queue: {
+            /**
+             * @description A queue name: 1 to 63 letters, digits, `_`, `.` or `-`, starting with a letter or digit.
+             * @example default
+             * @example emails
+             */
+            name: string;
+            /** @description A paused queue's tasks stay queued; those running carry on. */
+            paused: boolean;
+            /** @description Most tasks of the queue dispatched or running at once, across every coordinator; null: no limit. */
+            concurrency_limit: number | null;
+            /** @description Tasks of the queue dispatched or running now. */
+            running: number;
+            /** @description The queue's tasks by state. */
+            depth: {
+                /** @description Waiting for their parents (not yet queued). */
+                waiting: number;
+                /** @description Queued (due or not). */
+                queued: number;
+                /** @description Dispatched. */
+                dispatched: number;
+                /** @description Running. */
+                running: number;
+                /** @description Succeeded. */
+                succeeded: number;
+                /** @description Failed. */
+                failed: number;
+                /** @description Timed out. */
+                timed_out: number;
+                /** @description Cancelled. */
+                cancelled: number;
+            };
+        };
+        QueueList: {
+            queues: components["schemas"]["Queue"][];
+        };
+        /** @description Changes a queue (creating it if it does not exist). */
+        QueuePatch: {
+            /** @description Most tasks of the queue live at once across every coordinator; null removes the limit. */
+            concurrency_limit: number | null;
+        };
+        /** @description Why a queued task is not running yet. */
+        Waiting: {
+            /** @enum {string} */
+            kind: "queue_paused" | "no_worker" | "queue_full" | "key_full" | "rate_limit" | "parents";
+            /**
+             * @description In words, e.g. "no worker with gpu=1".
+             * @example no worker with gpu=1
+             */
+            message: string;
+        };
+        /** @description A label a worker must have, e.g. {key: gpu, op: '=', value: '1'}. */
+        LabelRequirement: {
+            /**
+             * @description The label's name.
+             * @example gpu
+             */
+            key: string;
+            /** @enum {string} */
+            op: "=" | "!=" | ">" | ">=" | "<" | "<=" | "exists";
+            /** @description What to compare with; a number for the ordering comparators; none for exists. */
+            value?: string;
+        };
+        /** @description A label a worker is preferred for, with a weight. */
+        LabelPreference: {
+            /**
+             * @description The label's name.
+             * @example gpu
+             */
+            key: string;
+            /** @enum {string} */
+            op: "=" | "!=" | ">" | ">=" | "<" | "<=" | "exists";
+            /** @description What to compare with; a number for the ordering comparators; none for exists. */
+            value?: string;
+            /** @description How much a worker that matches is preferred. */
+            weight: number;
         };
     };
     responses: never;
@@ -1210,6 +1504,7 @@ export interface operations {
         parameters: {
             query?: {
                 state?: components["schemas"]["TaskState"];
+                queue?: string;
                 limit?: number;
                 cursor?: string;
             };
@@ -1553,7 +1848,7 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description The task. */
+            /** @description The task, with its parents and children. */
             200: {
                 headers: {
                     [name: string]: unknown;
@@ -2034,6 +2329,346 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["WorkerList"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    listQueues: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Every queue, with its depth by state and running count. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["QueueList"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    updateQueue: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        /** @description Changes a queue (creating it if it does not exist). */
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["QueuePatch"];
+            };
+        };
+        responses: {
+            /** @description The queue, changed (created if it did not exist). */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Queue"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is larger than TQ_MAX_BODY_BYTES (payload_too_large); the message names the limit. */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is neither JSON nor the form type curl sends by default (unsupported_media_type). */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    pauseQueue: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The queue, changed. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Queue"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    resumeQueue: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The queue, changed. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Queue"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
                 };
             };
             /** @description No valid API token (unauthenticated). */

@@ -5,6 +5,8 @@
 // fallback to the pushed Cancel), and requeues any task, of any coordinator, whose lease
 // lapsed (its worker or its coordinator died, or the assignment never arrived). On the same
 // tick it closes the streams of its workers whose credential was revoked.
+
+import { sweepDependencies } from "../db/dependencies";
 import { ping, type Sql } from "../db/sql";
 import { renewLeases, requeueExpiredLeases } from "../db/transitions";
 import { revokedAmong } from "../db/worker-credentials";
@@ -102,6 +104,9 @@ export class Rescuer {
       if (rescued.length > 0) {
         log.warn({ tasks: rescued.map((t) => t.id) }, "requeued tasks whose lease lapsed");
       }
+      // Dependencies a process died before resolving (src/db/dependencies.ts): usually none.
+      const resolved = await sweepDependencies(sql);
+      if (resolved.length > 0) log.warn({ tasks: resolved.map((t) => t.id) }, "resolved dependencies left unresolved");
     } catch (error) {
       log.warn({ err: error }, "renewing leases failed");
     }

@@ -11,6 +11,7 @@ import {
   listTaskPage,
   parseEventId,
   submitTask,
+  taskDependencies,
   watchTask,
 } from "../api/service";
 import type { Principal, Scope } from "../auth/tokens";
@@ -31,7 +32,15 @@ import {
   type WatchTaskResponse,
   WatchTaskResponseSchema,
 } from "../gen/taskqueue/v1/task_service_pb";
-import { attemptToProto, clientTimestamp, eventToProto, limitsFromProto, stateFromProto, taskToProto } from "../rpc/convert";
+import {
+  attemptToProto,
+  clientTimestamp,
+  eventToProto,
+  limitsFromProto,
+  stateFromProto,
+  taskToProto,
+  taskWithDependenciesToProto,
+} from "../rpc/convert";
 import { toServiceError } from "../rpc/status";
 import { invalidArgument } from "../task/errors";
 import { parseIdempotencyKey, toTaskSpec } from "../task/spec";
@@ -81,6 +90,13 @@ function submitInput(request: SubmitTaskRequest): Record<string, unknown> {
     input.retry = policy;
   }
   if (request.limits) input.limits = limitsFromProto(request.limits);
+  if (request.queue !== "") input.queue = request.queue;
+  if (request.priority !== 0) input.priority = request.priority;
+  if (request.require.length > 0) input.require = request.require.map(({ key, op, value }) => ({ key, op, value }));
+  if (request.prefer.length > 0) input.prefer = request.prefer.map(({ key, op, value, weight }) => ({ key, op, value, weight }));
+  if (request.scheduleTimeoutMs !== 0) input.schedule_timeout_ms = request.scheduleTimeoutMs;
+  if (request.dependsOn.length > 0) input.depends_on = request.dependsOn;
+  if (request.onParentFailure !== "") input.on_parent_failure = request.onParentFailure;
   return input;
 }
 
@@ -92,9 +108,12 @@ export function taskServiceHandlers(deps: ApiDeps): grpc.UntypedServiceImplement
       const { task, created } = await submitTask(deps, spec, principal.name);
       return create(SubmitTaskResponseSchema, { task: taskToProto(task), created });
     }),
-    getTask: unary(deps, "read", async (request: GetTaskRequest) =>
-      create(GetTaskResponseSchema, { task: taskToProto(await getTaskOrThrow(deps, request.id)) }),
-    ),
+    getTask: unary(deps, "read", async (request: GetTaskRequest) => {
+      const task = await getTaskOrThrow(deps, request.id);
+      return create(GetTaskResponseSchema, {
+        task: taskWithDependenciesToProto(task, await taskDependencies(deps, task)),
+      });
+    }),
     listTasks: unary(deps, "read", async (request: ListTasksRequest) => {
       const state = request.state === 0 ? undefined : stateFromProto(request.state);
       if (request.state !== 0 && state === undefined) throw invalidArgument("state", `unknown state ${request.state}`);
@@ -102,6 +121,7 @@ export function taskServiceHandlers(deps: ApiDeps): grpc.UntypedServiceImplement
         state,
         limit: request.limit === 0 ? undefined : request.limit,
         cursor: request.cursor === "" ? undefined : request.cursor,
+        ...(request.queue === "" ? {} : { queue: request.queue }),
       });
       return create(ListTasksResponseSchema, { tasks: page.tasks.map(taskToProto), nextCursor: page.nextCursor ?? "" });
     }),

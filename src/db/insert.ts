@@ -41,7 +41,17 @@ export interface NewTask {
    * has a free slot, which saves the claim round trip.
    */
   assignTo?: Assignment;
+  /** TQ_PRIORITY_AGING_MS of the submitting role: the task's rank uses it. */
+  agingMs?: number;
+  /**
+   * Parents it waits for (src/db/dependencies.ts adds the edges in the same transaction): born
+   * `waiting` with this many pending. Never with assignTo.
+   */
+  parents?: number;
 }
+
+/** TQ_PRIORITY_AGING_MS's default: a task gains one priority step per second of waiting. */
+export const DEFAULT_PRIORITY_AGING_MS = 1000;
 
 /** insertTasks for one item. */
 export async function insertTask(
@@ -88,26 +98,48 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
         coordinator_id: ["text", (t) => t.assignTo?.coordinatorId ?? null],
         lease_ms: ["double precision", (t) => (t.assignTo ? Math.max(0, t.assignTo.leaseMs) : null)],
         limits: ["jsonb", (t) => t.spec.limits ?? null],
+        queue: ["text", (t) => t.spec.routing?.queue ?? "default"],
+        priority: ["integer", (t) => t.spec.routing?.priority ?? 0],
+        requires: ["jsonb", (t) => t.spec.routing?.requires ?? []],
+        prefers: ["jsonb", (t) => t.spec.routing?.prefers ?? []],
+        schedule_timeout_ms: ["integer", (t) => t.spec.routing?.scheduleTimeoutMs ?? 0],
+        priority_aging_ms: ["integer", (t) => t.agingMs ?? DEFAULT_PRIORITY_AGING_MS],
+        ref: ["text", (t) => t.spec.ref ?? null],
+        on_parent_failure: ["text", (t) => (t.parents ? (t.spec.onParentFailure ?? "cancel") : null)],
+        parents_pending: ["integer", (t) => t.parents ?? 0],
       })}
     ),
     t AS (
       INSERT INTO tasks (id, command, state, scheduled_at, run_at, picked_at, attempt, max_attempts, timeout_ms, env, secret_env, cwd,
                          worker_id, coordinator_id, lease_expires_at,
                          retry_on_failure, retry_on_timeout, retry_on_lost, retry_backoff_base_ms, retry_backoff_cap_ms,
-                         idempotency_key, idempotency_hash, limits)
-      SELECT r.id, r.command, CASE WHEN r.worker_id IS NULL THEN 'queued' ELSE 'dispatched' END,
+                         idempotency_key, idempotency_hash, limits,
+                         queue, priority, requires, prefers, schedule_timeout_ms, priority_aging_ms,
+                         ref, on_parent_failure, parents_pending)
+      SELECT r.id, r.command,
+             CASE WHEN r.parents_pending > 0 THEN 'waiting' WHEN fast.worker_id IS NULL THEN 'queued' ELSE 'dispatched' END,
              due.at, due.at,
-             CASE WHEN r.worker_id IS NOT NULL THEN clock_timestamp() END,
-             CASE WHEN r.worker_id IS NULL THEN 0 ELSE 1 END,
+             CASE WHEN fast.worker_id IS NOT NULL THEN clock_timestamp() END,
+             CASE WHEN fast.worker_id IS NULL THEN 0 ELSE 1 END,
              r.max_attempts, r.timeout_ms, coalesce(r.env, '{}'::jsonb), coalesce(r.secret_env, '{}'::jsonb), r.cwd,
-             r.worker_id, r.coordinator_id,
-             clock_timestamp() + make_interval(secs => r.lease_ms / 1000),
+             fast.worker_id, fast.coordinator_id,
+             CASE WHEN fast.worker_id IS NOT NULL THEN clock_timestamp() + make_interval(secs => r.lease_ms / 1000) END,
              r.retry_on_failure, r.retry_on_timeout, r.retry_on_lost, r.retry_backoff_base_ms, r.retry_backoff_cap_ms,
-             r.idempotency_key, r.idempotency_hash, r.limits
+             r.idempotency_key, r.idempotency_hash, r.limits,
+             r.queue, r.priority, r.requires, r.prefers, r.schedule_timeout_ms, r.priority_aging_ms,
+             r.ref, r.on_parent_failure, r.parents_pending
       FROM r
       -- Truncated, not rounded: timestamptz(3) would round a run-now time up to 0.5 ms into
       -- the future, making the task briefly "not yet due".
       CROSS JOIN LATERAL (SELECT coalesce(r.scheduled_at, date_trunc('milliseconds', clock_timestamp())) AS at) due
+      -- The fast path only where the claim would not hold the task back: a paused or limited
+      -- queue is the claim's to decide (the caller frees the slot of a task born queued).
+      CROSS JOIN LATERAL (
+        SELECT r.worker_id, r.coordinator_id
+        WHERE r.worker_id IS NOT NULL AND NOT EXISTS (
+          SELECT 1 FROM queues q WHERE q.name = r.queue AND (q.paused OR q.concurrency_limit IS NOT NULL))
+        UNION ALL SELECT NULL, NULL LIMIT 1
+      ) fast
       ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
       RETURNING ${taskRowColumns(sql, "tasks")}
     ),

@@ -54,6 +54,18 @@ export const TASK_ROW_COLUMNS = [
   "idempotency_hash",
   "secret_env",
   "limits",
+  // Routing (src/db/claim.ts, src/task/labels.ts).
+  "queue",
+  "requires",
+  "prefers",
+  "schedule_timeout_ms",
+  "priority_aging_ms",
+  "rank",
+  "ref",
+  "on_parent_failure",
+  "parents_pending",
+  "has_children",
+  "parent_env",
 ] as const;
 
 /** The task row's own columns, qualified by `table` (a statement's RETURNING, or a read's select list). */
@@ -94,6 +106,7 @@ export interface ListTasksQuery {
   limit: number;
   /** List tasks older than this id (ids are UUIDv7: creation order). */
   before?: string;
+  queue?: string;
 }
 
 /** Newest first; one more row than asked tells the caller whether a next page exists. */
@@ -103,6 +116,7 @@ export async function listTasks(sql: Sql, query: ListTasksQuery): Promise<Task[]
     WHERE true
       ${query.state ? sql`AND tasks.state = ${query.state}` : sql``}
       ${query.before ? sql`AND tasks.id < ${query.before}` : sql``}
+      ${query.queue ? sql`AND tasks.queue = ${query.queue}` : sql``}
     ORDER BY tasks.id DESC
     LIMIT ${query.limit}`;
 }

@@ -18,6 +18,7 @@ import { GUARDS, type TaskState } from "../task/state";
 import type { AttemptResult, Task } from "../task/task";
 import { endAttempts, finishAttemptRows, recordUsage, startAttempts, usageColumns } from "./attempts";
 import { changedRows, recordChange, recordChanges, type TaskChangeRow } from "./changes";
+import { afterTasksEnded } from "./dependencies";
 import { array, type Column, type Fragment, fromNow, states, unnest } from "./encode";
 import type { Sql } from "./sql";
 import { getTask, taskRowColumns } from "./tasks";
@@ -123,6 +124,8 @@ export async function finishAttempts(sql: Sql, reports: readonly FinishReport[])
     decided.push({ ref, result, decision: decideFinish(result, task ? { ...task, attempt: ref.attempt } : null) });
   }
   const rows = decided.length === 0 ? [] : await applyFinishes(sql, decided);
+  // Children of the tasks that ended here are resolved next, with a snapshot that sees them all.
+  await afterTasksEnded(sql, rows);
   const byId = new Map(changedRows(rows).map((row) => [row.id, row]));
   const out: (TaskChangeRow | null)[] = [];
   for (const { ref, result } of reports) {
@@ -285,6 +288,7 @@ async function loseAttempts(
     ),
     ${endAttempts(sql, cause, reason)},
     ${recordChanges(sql)}`;
+  await afterTasksEnded(sql, rows);
   return changedRows(rows);
 }
 
@@ -394,6 +398,7 @@ export async function cancelTask(sql: Sql, id: string, actor: string | null = nu
     ${recordChange(sql, "cancelled", null, actor)}`;
   const row = rows[0];
   if (row) {
+    await afterTasksEnded(sql, rows);
     const { was_state, ...task } = changedRows(rows)[0] as TaskChangeRow & { was_state: TaskState };
     return { kind: "cancelled", task: task as TaskChangeRow, wasState: was_state };
   }

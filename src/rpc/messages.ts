@@ -52,8 +52,9 @@ export function assignMessage(task: Task, startInMs: number, leaseMs: number): C
       value: {
         ref: attemptRefToProto({ taskId: task.id, attempt: task.attempt }),
         command: task.command,
-        // The secret values travel only to the worker that runs the task.
-        env: { ...task.env, ...task.secret_env },
+        // The secret values travel only to the worker that runs the task. The parents' exit
+        // codes (TQ_PARENT_<ref>_EXIT, written at release) come after the task's own env.
+        env: { ...task.env, ...(task.parent_env ?? {}), ...task.secret_env },
         cwd: task.cwd ?? "",
         timeoutMs: task.timeout_ms,
         leaseExpiresAt: toTimestamp(task.lease_expires_at),
@@ -90,6 +91,9 @@ export interface HelloFields {
   version: string;
   /** From the Welcome of this worker's first stream; empty on the first Hello. */
   resumeToken: string;
+  /** TQ_WORKER_QUEUES (empty: every queue) and TQ_WORKER_LABELS. */
+  queues?: string[];
+  labels?: Record<string, string>;
 }
 
 /**

@@ -1,5 +1,7 @@
 // The task record as the database stores it and every transport reads it.
+import type { LabelPreference, LabelRequirement } from "./labels";
 import type { TaskState } from "./state";
+import type { Waiting } from "./waiting";
 
 export interface Task {
   id: string;
@@ -52,7 +54,41 @@ export interface Task {
   secret_env: Record<string, string>;
   /** What the task asked for; null when it asked for nothing (the worker's maxima apply). */
   limits: TaskLimits | null;
+  /** The named queue (src/db/queues.ts). */
+  queue: string;
+  /** Labels a worker must have to take the task (src/task/labels.ts). */
+  requires: LabelRequirement[];
+  /** Labels a worker is preferred for, with weights. */
+  prefers: LabelPreference[];
+  /** Fails queued after this long without a worker; 0: waits forever. */
+  schedule_timeout_ms: number;
+  /** The aging its rank was computed with (TQ_PRIORITY_AGING_MS of its submitter). */
+  priority_aging_ms: number;
+  /** The claim's order: run_at - priority * priority_aging_ms. */
+  rank: Date | null;
+  /** Not a column: what a queued task waits for, filled by reads that show it (src/db/waiting.ts). */
+  waiting?: Waiting | null;
+  // Dependencies (src/db/dependencies.ts).
+  /** Its ref in the batch that declared it; null outside a DAG batch. */
+  ref: string | null;
+  /** What a failed parent does to it; null for a task without parents. */
+  on_parent_failure: ParentFailurePolicy | null;
+  /** Parents not yet ended (counted off exactly once each); 0 once released. */
+  parents_pending: number;
+  /** Some task depends on it: ending it resolves its children's edges. */
+  has_children: boolean;
+  /** TQ_PARENT_<ref>_EXIT of each parent, written at release; merged into the env at dispatch. */
+  parent_env: Record<string, string> | null;
 }
+
+/**
+ * What a child does when a parent ends other than succeeded (failed, timed_out, cancelled; a
+ * parent that will retry has not ended): `cancel` it (the default; event `parent_failed`),
+ * `skip` it (ends cancelled too, event `skipped`, error "skipped: ..."), or `run` it anyway
+ * once every parent has ended.
+ */
+export const PARENT_FAILURE_POLICIES = ["cancel", "skip", "run"] as const;
+export type ParentFailurePolicy = (typeof PARENT_FAILURE_POLICIES)[number];
 
 /**
  * Resource limits a task asks for, each capped by the worker that runs it (its TQ_WORKER_MAX_*
@@ -123,6 +159,28 @@ export interface TaskSpec {
   idempotencyKey: string | null;
   /** Absent: none asked for (and the idempotency hash of such a spec is what it was before limits existed). */
   limits?: TaskLimits;
+  /** Absent: the default queue, priority 0, any worker (and the idempotency hash is unchanged). */
+  routing?: TaskRouting;
+  /**
+   * Parents: task ids, or (in a batch) refs of other items. Absent: none (and the idempotency
+   * hash is what it was before dependencies existed).
+   */
+  dependsOn?: string[];
+  /** With dependsOn; absent means cancel. */
+  onParentFailure?: ParentFailurePolicy;
+  /** This item's name in its batch, for the other items' dependsOn. */
+  ref?: string;
+}
+
+/** Where and in what order a task runs (src/db/claim.ts). */
+export interface TaskRouting {
+  queue: string;
+  /** Higher first, from -MAX_PRIORITY to MAX_PRIORITY; ages (TQ_PRIORITY_AGING_MS). */
+  priority: number;
+  requires: LabelRequirement[];
+  prefers: LabelPreference[];
+  /** 0: waits for a worker forever. */
+  scheduleTimeoutMs: number;
 }
 
 /** The outcome of a submit: the task, and whether this call created it. */

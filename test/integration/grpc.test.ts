@@ -117,6 +117,38 @@ function openWorker() {
 }
 
 describe("TaskService", () => {
+  test("SubmitTask takes depends_on and on_parent_failure; GetTask shows parents, children and the waiting reason", async () => {
+    const parent = (
+      await call<SubmitTaskResponse>("submitTask", {
+        command: "echo parent",
+        scheduledAt: timestampFromDate(new Date(Date.now() + 3_600_000)),
+      })
+    ).task!;
+    const child = (
+      await call<SubmitTaskResponse>("submitTask", { command: "echo child", dependsOn: [parent.id], onParentFailure: "skip" })
+    ).task!;
+    expect(child.state).toBe(TaskState.WAITING);
+    expect(child.onParentFailure).toBe("skip");
+    const shown = (await call<{ task: typeof child }>("getTask", { id: child.id })).task!;
+    expect(shown.parents.map((p) => ({ id: p.id, ref: p.ref, state: p.state }))).toEqual([
+      { id: parent.id, ref: parent.id.replaceAll("-", "_"), state: TaskState.QUEUED },
+    ]);
+    expect(shown.waiting?.kind).toBe("parents");
+    expect(shown.waiting?.message).toBe(`parents ${parent.id}`);
+    const above = (await call<{ task: typeof child }>("getTask", { id: parent.id })).task!;
+    expect(above.children.map((c) => c.id)).toEqual([child.id]);
+    expect(await failure(call("submitTask", { command: "true", dependsOn: [Bun.randomUUIDv7()] }))).toBe(
+      grpc.status.INVALID_ARGUMENT,
+    );
+    expect(await failure(call("submitTask", { command: "true", dependsOn: [parent.id], onParentFailure: "maybe" }))).toBe(
+      grpc.status.INVALID_ARGUMENT,
+    );
+    await call("cancelTask", { id: parent.id });
+    const skipped = (await call<{ task: typeof child }>("getTask", { id: child.id })).task!;
+    expect(skipped.state).toBe(TaskState.CANCELLED);
+    expect(skipped.error).toBe(`skipped: parent ${parent.id} (${parent.id.replaceAll("-", "_")}) ended cancelled`);
+  });
+
   test("submit, get, list and cancel round-trip; bad input is INVALID_ARGUMENT", async () => {
     const at = new Date(Date.now() + 3_600_000);
     const submitted = await call<SubmitTaskResponse>("submitTask", {

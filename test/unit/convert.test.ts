@@ -56,6 +56,17 @@ const task: Task = {
   idempotency_hash: null,
   secret_env: { TOKEN: "s3cret" },
   limits: null,
+  queue: "default",
+  requires: [],
+  prefers: [],
+  schedule_timeout_ms: 0,
+  priority_aging_ms: 1000,
+  rank: null,
+  ref: null,
+  on_parent_failure: null,
+  parents_pending: 0,
+  has_children: false,
+  parent_env: null,
 };
 
 test("every state maps to the proto enum and back", () => {
