@@ -74,6 +74,14 @@ export const ConfigSchema = Type.Object({
       "How a worker enforces task limits: auto (a cgroup per attempt where the worker may create them, which needs root " +
       "for cgroup v1, else rlimits), rlimit (per-process limits only), none. Defaults to auto.",
   }),
+  TQ_WORKER_WATCHDOG: Type.Union([Type.Literal("on"), Type.Literal("lean"), Type.Literal("off")], {
+    default: "on",
+    description:
+      "on: each worker starts a watchdog process outside its process group that kills the worker's tasks when the worker " +
+      "dies or freezes and reports them stopped, so that they are requeued at once (a Bun process, ~60 MB); lean: the " +
+      "same, watched by bash (~3 MB, next to no CPU), the report starting Bun only then, so it comes later; off: no " +
+      "watchdog, the tasks run on until their lease lapses. Defaults to on.",
+  }),
   TQ_WORKER_MAX_MEMORY_MB: Type.Integer({
     minimum: 0,
     maximum: 4_194_304,

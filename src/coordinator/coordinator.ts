@@ -31,6 +31,7 @@ import { Dispatcher } from "./dispatcher";
 import { WorkerRegistry } from "./registry";
 import { Rescuer } from "./rescuer";
 import { taskServiceHandlers } from "./task-service";
+import { reportWorkerLostHandler } from "./worker-lost";
 import { WorkerSessions } from "./worker-sessions";
 
 export interface CoordinatorInfo {
@@ -135,7 +136,17 @@ export class Coordinator {
       // Explicit, and told to workers in Welcome: they cut their results to fit it.
       ...grpcMessageLimits(config.TQ_GRPC_MAX_MESSAGE_BYTES),
     });
-    this.grpcServer.addService(serverDefinition(WorkerService), { connect: this.sessions.connect });
+    this.grpcServer.addService(
+      serverDefinition(WorkerService),
+      guardMalformed(WorkerService, {
+        connect: this.sessions.connect,
+        reportWorkerLost: reportWorkerLostHandler({
+          sql: this.sql,
+          registry: this.registry,
+          log: log.child({ part: "sessions" }),
+        }),
+      }),
+    );
     this.grpcServer.addService(serverDefinition(TaskService), guardMalformed(TaskService, taskServiceHandlers(deps)));
     // Health and reflection need no token: they tell only what /readyz and the .proto files do.
     const served = [WorkerService, TaskService];

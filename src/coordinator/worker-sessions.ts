@@ -1,9 +1,12 @@
 // The worker sessions (WorkerService.Connect): one bidirectional stream per worker. The worker
 // says Hello; we check who it is (a join token in the stream's metadata, or the credential it
 // was given for its id: src/auth/worker-tokens.ts), register it, give back the tasks the database thinks it holds but it does not,
-// and answer Welcome. From then on the dispatcher pushes Assign, the completer answers reports
-// with Ack, and the end of the stream (or silence past the heartbeat timeout) requeues whatever
-// the worker still held.
+// and answer Welcome. From then on the dispatcher pushes Assign and the completer answers
+// reports with Ack. The end of a stream (or silence past the heartbeat timeout, which ends it)
+// only takes the worker out of dispatch: a reset connection leaves a live worker running its
+// tasks, so what it held is requeued at once only on confirmed death (its watchdog's report,
+// src/coordinator/worker-lost.ts), otherwise when its leases lapse (src/coordinator/rescuer.ts),
+// or at its next Hello.
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import * as grpc from "@grpc/grpc-js";
 import { bearerToken, hashToken } from "../auth/tokens";
@@ -71,8 +74,6 @@ export class WorkerSessions {
   private readonly streams = new Set<WorkerStream>();
   private readonly ending = new Set<Promise<void>>();
   private readonly calls = new WeakMap<WorkerConnection, WorkerStream>();
-  /** Connections ended for their silence: their attempts are left to their leases. */
-  private readonly silenced = new WeakSet<WorkerConnection>();
   private closed = false;
 
   constructor(private readonly options: WorkerSessionsOptions) {}
@@ -182,21 +183,21 @@ export class WorkerSessions {
   };
 
   /**
-   * Declares a silent worker dead for dispatch: ends its stream, and leaves its attempts to
-   * their leases (silence proves nothing: the worker may be cut off and still running them, and
-   * it fences them itself before their leases run out). Any coordinator's rescuer requeues
-   * them once their leases have lapsed; a reconnect in time renews them.
+   * Declares a silent worker dead for dispatch: ends its stream, and leaves its attempts to its
+   * watchdog's report or their leases (silence proves nothing: the worker may be cut off and
+   * still running them, and it fences them itself before their leases run out). Any
+   * coordinator's rescuer requeues them once their leases have lapsed; a reconnect in time
+   * renews them.
    */
   readonly onSilent = (worker: WorkerConnection): void => {
     this.options.log.warn(
       { event: "sessions.worker_silent", worker: worker.id },
       "worker missed its heartbeats; declaring it dead (its tasks keep their leases)",
     );
-    this.silenced.add(worker);
     worker.close("heartbeat timeout");
   };
 
-  /** Ends the stream of a worker whose credential was revoked; its end requeues its tasks. */
+  /** Ends the stream of a worker whose credential was revoked; it kills its tasks, and its watchdog reports them. */
   readonly onRevoked = (worker: WorkerConnection): void => {
     const call = this.calls.get(worker);
     this.options.log.warn(
@@ -372,30 +373,34 @@ export class WorkerSessions {
     return "registered";
   }
 
+  /**
+   * A stream ended. Not proof of death: the worker may be alive behind a reset connection,
+   * running its tasks, and will reconnect and say in Hello what it holds. So it only leaves
+   * dispatch and is marked gone; its attempts are requeued at once only on confirmed death
+   * (its watchdog's ReportWorkerLost), else when their leases lapse, which any coordinator's
+   * rescuer requeues (a gone worker's at once when they lapse).
+   */
   private async lost(connection: WorkerConnection, reason: string): Promise<void> {
     // Not registered (it ended during registration, or a newer stream replaced it): what it
     // held is reconciled by that stream's Hello, or lapses with its leases.
     if (!this.options.registry.remove(connection)) return;
     // Shutting down: the workers keep running their tasks and reconnect (to another
-    // coordinator, or to our successor), saying in Hello what they hold. If one never comes
-    // back, its tasks' leases lapse and any coordinator's rescuer requeues them.
+    // coordinator, or to our successor), saying in Hello what they hold.
     if (this.closed) return;
     const { sql, coordinatorId, log } = this.options;
-    log.info({ worker: connection.id, reason }, "worker left");
+    log.info(
+      { event: "coordinator.worker_unconfirmed", worker: connection.id, reason, held: connection.inFlight.size },
+      "worker stream ended: no new work for it; its tasks wait for its watchdog's report or their leases",
+    );
     for (let attempt = 0; ; attempt++) {
       try {
         // Already registered through another coordinator (a reconnect that outran our
-        // noticing the old stream end): that coordinator reconciled its tasks at Hello.
-        if (!(await markWorkerGone(sql, connection.id, coordinatorId))) return;
-        // Silent, not known dead: its attempts' leases decide (the rescuer).
-        if (this.silenced.has(connection)) return;
-        const requeued = await requeueWorkerTasks(sql, connection.id, `worker lost (${reason})`, "lost");
-        if (requeued.length > 0) log.warn({ worker: connection.id, tasks: requeued.map((t) => t.id) }, "requeued lost tasks");
+        // noticing the old stream end): nothing to mark.
+        await markWorkerGone(sql, connection.id, coordinatorId);
         return;
       } catch (error) {
-        // Their leases lapse and any coordinator's rescuer requeues them.
         if (attempt >= 2 || this.closed) {
-          log.warn({ err: error, worker: connection.id }, "requeueing a lost worker's tasks failed; the rescuer will");
+          log.warn({ err: error, worker: connection.id }, "marking a worker gone failed");
           return;
         }
         await Bun.sleep(200 * (attempt + 1));

@@ -48,6 +48,18 @@ export interface AttemptsOptions {
   gate?: (key: string, receivedAt: number) => "start" | "hold" | "refuse";
   /** Hears that an attempt is no longer held (the worker forgets its lease). */
   onForget?: (key: string) => void;
+  /** Called, synchronously, whenever what `processes()` returns changed (the watchdog is told at once). */
+  changed?: () => void;
+}
+
+/** One held attempt as the worker's watchdog must know it, to stop it if the worker dies. */
+export interface HeldProcess {
+  taskId: string;
+  attempt: number;
+  /** The process group it runs in (the leader's pid); null while it waits for its start time. */
+  pgid: number | null;
+  /** Its cgroup's cgroup.procs files, for what left the group. */
+  cgroupProcs: readonly string[];
 }
 
 /** Why the worker refused to start an attempt: its lease could not be trusted. */
@@ -95,11 +107,22 @@ export class Attempts {
     return [...this.held.values()].map(({ assign }) => assign.ref!);
   }
 
+  /** Every held attempt with its process group and cgroup (for the watchdog). */
+  processes(): HeldProcess[] {
+    return [...this.held.values()].map(({ assign, execution }) => ({
+      taskId: assign.ref!.taskId,
+      attempt: assign.ref!.attempt,
+      pgid: execution?.pid ?? null,
+      cgroupProcs: execution?.cgroupProcs ?? [],
+    }));
+  }
+
   /** Takes on an assigned attempt (it has a ref): runs it now, or once its start time has come. */
   take(assign: Assign): void {
     const k = attemptKey(assign.ref!.taskId, assign.ref!.attempt);
     const attempt: HeldAttempt = { assign, execution: null, identity: this.freeIdentities.pop(), receivedAt: performance.now() };
     this.held.set(k, attempt);
+    this.options.changed?.();
     if (assign.startInMs <= 0) {
       this.launch(k, attempt);
       return;
@@ -220,6 +243,8 @@ export class Attempts {
             ),
           });
     attempt.execution = execution;
+    // Before anything is awaited: a worker that dies from here on leaves its watchdog knowing this group.
+    this.options.changed?.();
     if (execution.pid !== null) this.options.events.started(ref, execution.pid, execution.startedAt);
     void execution.result.then((result) => {
       this.forget(k);
@@ -272,6 +297,7 @@ export class Attempts {
     const identity = this.held.get(k)?.identity;
     this.held.delete(k);
     this.options.onForget?.(k);
+    this.options.changed?.();
     if (identity) {
       this.freeIdentities.push(identity);
       this.freeIdentities.sort((a, b) => b.uid - a.uid);

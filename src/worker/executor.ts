@@ -61,6 +61,8 @@ export interface RunResult extends CapturedOutput {
 export interface Execution {
   readonly pid: number | null;
   readonly startedAt: Date;
+  /** The cgroup.procs files of the attempt's cgroup, if it has one: the worker's watchdog kills what they list. */
+  readonly cgroupProcs: readonly string[];
   /** Never rejects. */
   readonly result: Promise<RunResult>;
   /**
@@ -236,7 +238,7 @@ export function execute(spec: RunSpec): Execution {
     kill();
   };
 
-  return { pid, startedAt, result, stop, kill: killNow };
+  return { pid, startedAt, cgroupProcs: cgroup?.procsFiles ?? [], result, stop, kill: killNow };
 }
 
 /** An execution that never spawned: its result is spawn_failed with this error. */
@@ -256,7 +258,7 @@ function failed(startedAt: Date, error: string): Execution {
     finishedAt: new Date(),
     usage: null,
   };
-  return { pid: null, startedAt, result: Promise.resolve(result), stop: () => {}, kill: () => {} };
+  return { pid: null, startedAt, cgroupProcs: [], result: Promise.resolve(result), stop: () => {}, kill: () => {} };
 }
 
 /** Usage of an attempt run without a confinement: rusage only. */
@@ -320,7 +322,8 @@ async function groupGone(pgid: number, keepWaiting: () => boolean): Promise<void
   while (keepWaiting() && groupRunning(pgid)) await Bun.sleep(GROUP_POLL_MS);
 }
 
-function groupRunning(pgid: number): boolean {
+/** Whether any process of group pgid still runs (zombies do not count, where /proc shows them). */
+export function groupRunning(pgid: number): boolean {
   try {
     process.kill(-pgid, 0);
   } catch {

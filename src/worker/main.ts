@@ -6,17 +6,32 @@ import { coordinatorAddresses } from "../config";
 import { runRole } from "../role";
 import { WorkerHealthServer } from "./health";
 import { taskIdentities, workerOptions } from "./options";
+import { Watchdog, watchdogTimings } from "./watchdog";
 import { Worker } from "./worker";
 
 await runRole("worker", async (config, log) => {
   checkWorkerExposure(config, coordinatorAddresses(config), log);
   const [identities] = taskIdentities(config, log);
+  // Started before any task, outside our process group: our tasks die with us (src/worker/watchdog.ts).
+  const watchdog =
+    config.TQ_WORKER_WATCHDOG !== "off"
+      ? new Watchdog({
+          watcher: config.TQ_WORKER_WATCHDOG === "lean" ? "bash" : "bun",
+          ...watchdogTimings({
+            heartbeatIntervalMs: config.TQ_HEARTBEAT_INTERVAL_MS,
+            heartbeatTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS,
+          }),
+          log,
+          state: () => worker.watchState(),
+        })
+      : null;
   const worker = new Worker({
     ...workerOptions(config, log, {
       name: config.TQ_WORKER_NAME ?? `${hostname()}/${process.pid}`,
       addresses: coordinatorAddresses(config),
       identities,
     }),
+    onWatchedChange: () => watchdog?.changed(),
     // Shut out: its tasks are killed already. A supervisor that restarts it gets a new worker,
     // which needs an accepted join token to get in.
     onRevoked: () => {
@@ -28,6 +43,12 @@ await runRole("worker", async (config, log) => {
     { event: "worker.starting", id: worker.id, addresses: coordinatorAddresses(config), slots: config.TQ_WORKER_SLOTS },
     "worker starting",
   );
+  if (watchdog) watchdog.start();
+  else
+    log.warn(
+      { event: "worker.no_watchdog" },
+      "TQ_WORKER_WATCHDOG=off: if this worker dies or freezes, its tasks run on until their lease lapses",
+    );
   worker.start();
   const health =
     config.TQ_WORKER_HEALTH_PORT > 0
@@ -44,6 +65,7 @@ await runRole("worker", async (config, log) => {
     // /healthz answers through the drain, so a probe sees it draining rather than gone.
     async stop() {
       await worker.stop();
+      await watchdog?.stop();
       await health?.stop();
     },
     abort: () => worker.abort(),

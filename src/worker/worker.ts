@@ -25,6 +25,7 @@ import type { TaskIdentity } from "./identity";
 import { LeaseFence, StallDetector } from "./lease-fence";
 import { createLimiter, type Limiter, type LimitMaxima, type LimitsMode } from "./limits";
 import { Reporter } from "./reporter";
+import type { WatchdogState } from "./watchdog";
 
 const WorkerClient = clientConstructor(WorkerService);
 
@@ -77,6 +78,11 @@ export interface WorkerOptions {
   now?: () => number;
   /** How tasks are limited and this worker's maxima (src/worker/limits.ts). Defaults to no limits. */
   limits?: { mode: LimitsMode; maxima: LimitMaxima };
+  /**
+   * Called, synchronously, whenever what `watchState()` returns changed: the worker's watchdog
+   * (src/worker/watchdog.ts) is told at once, before any process of a new attempt can outlive us.
+   */
+  onWatchedChange?: () => void;
 }
 
 type Stream = grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage>;
@@ -159,6 +165,8 @@ export class Worker {
    */
   private reconcile: { seq: bigint | null; sentAt: number | null } | null = null;
   private readonly welcomeWaiters = new Set<() => void>();
+  /** The coordinator address dialed last. */
+  private address: string | null = null;
 
   private get maxMessageBytes(): number {
     return this.options.maxMessageBytes ?? GRPC_DEFAULT_MAX_MESSAGE_BYTES;
@@ -190,6 +198,7 @@ export class Worker {
       identity: () => ({ workerId: this.workerId, coordinatorId: this.coordinatorId }),
       gate: (key, receivedAt) => this.gate(key, receivedAt),
       onForget: (key) => this.fence.forget(key),
+      changed: options.onWatchedChange,
     });
     this.reporter.maxMessageBytes = this.maxMessageBytes;
   }
@@ -211,6 +220,16 @@ export class Worker {
   connected(): Promise<void> {
     if (this.welcomed) return Promise.resolve();
     return new Promise((resolve) => this.welcomeWaiters.add(resolve));
+  }
+
+  /** What the watchdog must know to stop our tasks and report them if we die (src/worker/watchdog.ts). */
+  watchState(): WatchdogState {
+    return {
+      worker_id: this.workerId,
+      credential: this.resumeToken,
+      address: this.address,
+      attempts: this.attempts.processes(),
+    };
   }
 
   /** Attempts held, waiting for their start time or running. */
@@ -277,6 +296,7 @@ export class Worker {
   private connect(): void {
     if (this.closed) return;
     const address = this.options.addresses[this.addressIndex % this.options.addresses.length]!;
+    this.address = address;
     const client = new WorkerClient(address, this.options.credentials ?? grpc.credentials.createInsecure(), {
       // Our own HTTP/2 connection per worker, even when several share a process.
       "grpc.use_local_subchannel_pool": 1,
@@ -314,6 +334,7 @@ export class Worker {
         // What we still run is superseded there, and is stopped when we report it.
         this.workerId = Bun.randomUUIDv7();
         this.resumeToken = "";
+        this.options.onWatchedChange?.();
         this.options.log.warn({ id: this.workerId }, "the coordinator refused our worker id; continuing under a new one");
       }
       if (error.code === grpc.status.FAILED_PRECONDITION && this.stream === stream) this.refusal = error.details || error.message;
@@ -419,6 +440,7 @@ export class Worker {
     this.welcomed = true;
     this.refusal = null;
     if (welcome.resumeToken) this.resumeToken = welcome.resumeToken;
+    this.options.onWatchedChange?.();
     this.coordinatorId = welcome.coordinatorId || null;
     this.dialFailures = 0;
     if (welcome.heartbeatTimeoutMs > 0 && welcome.heartbeatIntervalMs > 0) {

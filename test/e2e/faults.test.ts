@@ -35,10 +35,13 @@ async function events(taskId: string): Promise<string[]> {
   return rows.map((row) => `${row.kind}#${row.attempt}`);
 }
 
-test("a frozen worker is declared dead, its task runs elsewhere once its lease lapsed; resumed, its stale copy is stopped", async () => {
+// With its watchdog on, a frozen worker is killed with its tasks first (test/e2e/watchdog.test.ts);
+// without one, this is what remains: the lease lapses, and the thawed worker stops its stale copy.
+test("a frozen worker without a watchdog: its task runs elsewhere once its lease lapses; resumed, its stale copy is stopped", async () => {
   const cluster = await startCluster(db.url, { workers: 0, slots: 1 });
   try {
-    const frozen = await cluster.addWorker();
+    const frozen = await cluster.addWorker({ TQ_WORKER_WATCHDOG: "off" });
+    await frozen.waitForEvent("worker.no_watchdog");
     // A lease of its own, well above the heartbeat timeout (1 s here): silence alone requeues nothing.
     const { json: task } = await postJson(`${cluster.coordinatorUrl}/submit`, { command: blocking("freeze"), lease_ms: 3000 });
     const first = await watchTask(cluster.coordinatorUrl, task.id, (t) => t.state === "running");

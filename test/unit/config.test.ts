@@ -139,6 +139,8 @@ const READS_CONFIGURATION = new Set([
   "src/scheduler/scheduler.ts",
   "src/worker/main.ts",
   "src/worker/options.ts",
+  // The watchdog's own process: an entry point, as a main is.
+  "src/worker/watchdog-process.ts",
 ]);
 
 function sources(dir: string): string[] {
