@@ -202,6 +202,17 @@ test("1,000 tasks through worker kills, a freeze, a coordinator kill and a Postg
     if (r.kind === "start") executions.set(r.task, (executions.get(r.task) ?? 0) + 1);
   }
   const overlapping = overlaps(records);
+  // Hand-over delay: from the claim (dispatched_at, the database's clock) to the attempt's
+  // shell writing its start (same machine's clock): where an assignment held up on its way
+  // to a live worker would show (issue 12 item 6).
+  const dispatched = await sql<{ task_id: string; attempt: number; at_ms: number }[]>`
+    SELECT task_id, attempt, extract(epoch FROM dispatched_at) * 1000 AS at_ms FROM task_attempts`;
+  const dispatchedAt = new Map(dispatched.map((d) => [`${d.task_id}#${d.attempt}`, Number(d.at_ms)]));
+  const handovers = records
+    .filter((r) => r.kind === "start" && dispatchedAt.has(`${r.task}#${r.attempt}`))
+    .map((r) => Number(r.ns / 1_000_000n) - dispatchedAt.get(`${r.task}#${r.attempt}`)!)
+    .sort((a, b) => a - b);
+  const handoverAt = (q: number) => Math.round(handovers[Math.min(handovers.length - 1, Math.floor(q * handovers.length))] ?? 0);
   const reExecutions = [...executions.values()].reduce((sum, n) => sum + n - 1, 0);
   // The tasks in flight on the killed or frozen workers: those the system took back from them
   // (a worker dispatched to, up to the moment it was found dead, held them).
@@ -227,6 +238,7 @@ test("1,000 tasks through worker kills, a freeze, a coordinator kill and a Postg
     inFlightWhenKilledOrFrozen: exposedAtKill,
     neverRan,
     overlappingAttempts: overlapping.length,
+    handoverMs: { p50: handoverAt(0.5), p99: handoverAt(0.99), max: Math.round(handovers.at(-1) ?? 0), over1s: handovers.filter((d) => d > 1000).length },
     chaos: log,
   };
   console.log(`chaos: ${JSON.stringify(report, null, 2)}`);

@@ -1,0 +1,133 @@
+// Experiment for issue 12 item 6 (held-up assignments): how long a message written on a
+// grpc-js bidi stream (the coordinator's `call.write(Assign)`) takes to reach the other
+// process's `data` handler, under Bun's node:http2, in the shapes the product produces:
+// a steady trickle, bursts (a dispatch pass over many free slots), the worker answering each
+// message with reports (Started, Finished with output tails) on the same connection, the
+// worker's event loop blocked (spawning), and the worker not reading for a while.
+// Usage: bun bench/experiments/stream-delay.ts [scenario...]; prints p50/p99/max delay (ms).
+// The server is this process; the client is a child process, as a worker is.
+import * as grpc from "@grpc/grpc-js";
+
+const now = () => performance.timeOrigin + performance.now();
+const bytes = (b: Buffer) => b;
+const definition: grpc.ServiceDefinition = {
+  connect: {
+    path: "/exp.Exp/Connect",
+    requestStream: true,
+    responseStream: true,
+    requestSerialize: bytes,
+    requestDeserialize: bytes,
+    responseSerialize: bytes,
+    responseDeserialize: bytes,
+  },
+};
+// The product's keepalive settings (src/coordinator/coordinator.ts, src/worker/worker.ts) at the test suite's heartbeat.
+const keepalive = { "grpc.keepalive_time_ms": 1000, "grpc.keepalive_timeout_ms": 1000, "grpc.keepalive_permit_without_calls": 1 };
+
+interface Scenario {
+  name: string;
+  /** Messages the server writes, and the gap between batches. */
+  batches: number;
+  perBatch: number;
+  gapMs: number;
+  /** Per message received, the client writes this many reply bytes (0: none). */
+  replyBytes: number;
+  /** Per message received, the client blocks its event loop this long. */
+  blockMs: number;
+  /** The client stops reading for this long after the first message (0: never). */
+  pauseMs: number;
+}
+
+const SCENARIOS: Scenario[] = [
+  { name: "trickle", batches: 400, perBatch: 1, gapMs: 5, replyBytes: 0, blockMs: 0, pauseMs: 0 },
+  { name: "bursts of 200", batches: 10, perBatch: 200, gapMs: 300, replyBytes: 0, blockMs: 0, pauseMs: 0 },
+  { name: "bursts + 2 KB replies", batches: 10, perBatch: 200, gapMs: 300, replyBytes: 2048, blockMs: 0, pauseMs: 0 },
+  { name: "bursts + 130 KB replies", batches: 10, perBatch: 50, gapMs: 300, replyBytes: 130_000, blockMs: 0, pauseMs: 0 },
+  { name: "trickle, client blocked 3 ms each", batches: 400, perBatch: 1, gapMs: 2, replyBytes: 256, blockMs: 3, pauseMs: 0 },
+  { name: "bursts, client pauses 2 s", batches: 10, perBatch: 200, gapMs: 300, replyBytes: 0, blockMs: 0, pauseMs: 2000 },
+];
+
+function message(size: number): Buffer {
+  const b = Buffer.alloc(size);
+  b.writeDoubleLE(now(), 0);
+  return b;
+}
+
+async function client(address: string, scenario: Scenario): Promise<void> {
+  const Client = grpc.makeGenericClientConstructor(definition, "Exp");
+  const c = new Client(address, grpc.credentials.createInsecure(), keepalive) as unknown as {
+    connect(): grpc.ClientDuplexStream<Buffer, Buffer>;
+  };
+  const stream = c.connect();
+  const delays: number[] = [];
+  const total = scenario.batches * scenario.perBatch;
+  let paused = false;
+  stream.on("data", (b: Buffer) => {
+    delays.push(now() - b.readDoubleLE(0));
+    if (scenario.blockMs > 0) {
+      const until = performance.now() + scenario.blockMs;
+      while (performance.now() < until) {}
+    }
+    if (scenario.replyBytes > 0) stream.write(message(scenario.replyBytes));
+    if (scenario.pauseMs > 0 && !paused) {
+      paused = true;
+      stream.pause();
+      setTimeout(() => stream.resume(), scenario.pauseMs);
+    }
+    if (delays.length === total) {
+      process.stdout.write(`${JSON.stringify(delays)}\n`);
+      stream.end();
+      c.close?.();
+      setTimeout(() => process.exit(0), 50);
+    }
+  });
+  stream.write(message(64)); // hello
+}
+
+async function server(scenario: Scenario): Promise<number[]> {
+  const s = new grpc.Server(keepalive);
+  let done: (d: number[]) => void = () => {};
+  const result = new Promise<number[]>((r) => (done = r));
+  s.addService(definition, {
+    connect: (call: grpc.ServerDuplexStream<Buffer, Buffer>) => {
+      let started = false;
+      call.on("data", () => {
+        if (started) return;
+        started = true;
+        void (async () => {
+          for (let i = 0; i < scenario.batches; i++) {
+            for (let j = 0; j < scenario.perBatch; j++) call.write(message(600));
+            await Bun.sleep(scenario.gapMs);
+          }
+        })();
+      });
+      call.on("end", () => call.end());
+      call.on("error", () => {});
+    },
+  });
+  const port = await new Promise<number>((resolve, reject) =>
+    s.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (e, p) => (e ? reject(e) : resolve(p))),
+  );
+  const child = Bun.spawn(["bun", import.meta.path, "--client", `127.0.0.1:${port}`, scenario.name], { stdout: "pipe", stderr: "inherit" });
+  const out = await new Response(child.stdout).text();
+  await child.exited;
+  s.forceShutdown();
+  done(JSON.parse(out.trim().split("\n").pop() ?? "[]") as number[]);
+  return result;
+}
+
+const pct = (sorted: number[], p: number) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? Number.NaN;
+
+if (process.argv[2] === "--client") {
+  const scenario = SCENARIOS.find((s) => s.name === process.argv[4]);
+  if (!scenario) throw new Error(`no scenario ${process.argv[4]}`);
+  await client(process.argv[3]!, scenario);
+} else {
+  const wanted = process.argv.slice(2);
+  for (const scenario of SCENARIOS.filter((s) => wanted.length === 0 || wanted.includes(s.name))) {
+    const delays = (await server(scenario)).sort((a, b) => a - b);
+    console.log(
+      `${scenario.name.padEnd(36)} n=${delays.length} p50 ${pct(delays, 50).toFixed(1)} p99 ${pct(delays, 99).toFixed(1)} max ${(delays.at(-1) ?? Number.NaN).toFixed(1)} ms`,
+    );
+  }
+}
