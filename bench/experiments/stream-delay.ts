@@ -57,6 +57,7 @@ async function client(address: string, scenario: Scenario): Promise<void> {
   const Client = grpc.makeGenericClientConstructor(definition, "Exp");
   const c = new Client(address, grpc.credentials.createInsecure(), keepalive) as unknown as {
     connect(): grpc.ClientDuplexStream<Buffer, Buffer>;
+    close(): void;
   };
   const stream = c.connect();
   const delays: number[] = [];
@@ -77,7 +78,7 @@ async function client(address: string, scenario: Scenario): Promise<void> {
     if (delays.length === total) {
       process.stdout.write(`${JSON.stringify(delays)}\n`);
       stream.end();
-      c.close?.();
+      c.close();
       setTimeout(() => process.exit(0), 50);
     }
   });
