@@ -81,7 +81,15 @@ async function polledGone(group: number, from: number, until: number): Promise<n
   return null;
 }
 
-async function trial(rig: Rig, fifo: FifoSignals, log: string, gateDir: string, fault: Fault, i: number, leaseMs?: number): Promise<Trial> {
+async function trial(
+  rig: Rig,
+  fifo: FifoSignals,
+  log: string,
+  gateDir: string,
+  fault: Fault,
+  i: number,
+  leaseMs?: number,
+): Promise<Trial> {
   const gate = join(gateDir, `${fault}-${i}`);
   const signal = `if [ "$TQ_TASK_ATTEMPT" = 1 ]; then echo "$TQ_TASK_ID-1"; else echo "$TQ_TASK_ID-again"; fi > '${fifo.path}'`;
   const body = `${signal}; while [ ! -e '${gate}' ]; do sleep 0.01; done`;
@@ -170,7 +178,8 @@ async function loopbackRig(scope: Scope, databaseUrl: string, env: Record<string
   });
   const ids = new Map<string, RoleProcess>();
   for (const w of cluster.workers) ids.set(String((await w.waitForEvent("worker.starting")).id), w);
-  const task = async (id: string) => (await (await fetch(`${cluster.coordinatorUrl}/tasks/${id}`)).json()) as Record<string, unknown>;
+  const task = async (id: string) =>
+    (await (await fetch(`${cluster.coordinatorUrl}/tasks/${id}`)).json()) as Record<string, unknown>;
   return {
     describe: "loopback, each worker process signalled alone (no network namespaces here)",
     async submit(body) {
@@ -226,7 +235,8 @@ async function restartCase(cluster: NetCluster, log: string, tasks: number, down
     (async () => {
       for (;;) {
         for (const id of ids) states.set(id, (await (await cluster.api(`/tasks/${id}`)).json()) as Record<string, unknown>);
-        if ([...states.values()].every((t) => ["succeeded", "failed", "timed_out", "cancelled"].includes(String(t.state)))) return;
+        if ([...states.values()].every((t) => ["succeeded", "failed", "timed_out", "cancelled"].includes(String(t.state))))
+          return;
         await Bun.sleep(200);
       }
     })(),
@@ -234,7 +244,8 @@ async function restartCase(cluster: NetCluster, log: string, tasks: number, down
     "the restart case's tasks to finish",
   );
   const spans = attemptSpans(readAttemptLog(log)).filter((s) => ids.includes(s.task));
-  const stoppedByWorkers = cluster.workers.reduce((n, w) => n + w.process.logged("worker.task_stopped").length, 0) - stoppedBefore;
+  const stoppedByWorkers =
+    cluster.workers.reduce((n, w) => n + w.process.logged("worker.task_stopped").length, 0) - stoppedBefore;
   return {
     tasks,
     down_ms: downMs,
@@ -296,7 +307,9 @@ async function run(options: BenchOptions): Promise<BenchResult> {
         const probe = await rig.submit({ command: "true", lease_ms: PARTITION_LEASE_MS });
         void probe;
       } catch (error) {
-        console.log(`failover: lease_ms refused (${error instanceof Error ? error.message : error}); partition on the default lease`);
+        console.log(
+          `failover: lease_ms refused (${error instanceof Error ? error.message : error}); partition on the default lease`,
+        );
         partitionLease = undefined;
       }
     }
@@ -333,8 +346,13 @@ async function run(options: BenchOptions): Promise<BenchResult> {
       figures[fault] = s;
       const gone = s.oldGone ? quartet(s.oldGone) : "never";
       const target = fault === "partition" && partitionLease === undefined ? "" : `; target next p99 <= ${targets[fault]} ms`;
-      console.log(`  ${fault.padEnd(9)} old gone ${gone}; next started ${quartet(s.nextStarted)}; old gone first ${s.inOrder}/${s.nextStarted.n}`);
-      summary.push({ metric: `${fault}: fault → old attempt's processes gone`, value: `${gone}${s.oldNeverGone ? ` (${s.oldNeverGone} never)` : ""}` });
+      console.log(
+        `  ${fault.padEnd(9)} old gone ${gone}; next started ${quartet(s.nextStarted)}; old gone first ${s.inOrder}/${s.nextStarted.n}`,
+      );
+      summary.push({
+        metric: `${fault}: fault → old attempt's processes gone`,
+        value: `${gone}${s.oldNeverGone ? ` (${s.oldNeverGone} never)` : ""}`,
+      });
       summary.push({ metric: `${fault}: fault → next attempt started${target}`, value: quartet(s.nextStarted) });
       summary.push({ metric: `${fault}: old gone before next started`, value: `${s.inOrder} of ${s.nextStarted.n} trials` });
     }

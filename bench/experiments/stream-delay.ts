@@ -109,7 +109,10 @@ async function server(scenario: Scenario): Promise<number[]> {
   const port = await new Promise<number>((resolve, reject) =>
     s.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (e, p) => (e ? reject(e) : resolve(p))),
   );
-  const child = Bun.spawn(["bun", import.meta.path, "--client", `127.0.0.1:${port}`, scenario.name], { stdout: "pipe", stderr: "inherit" });
+  const child = Bun.spawn(["bun", import.meta.path, "--client", `127.0.0.1:${port}`, scenario.name], {
+    stdout: "pipe",
+    stderr: "inherit",
+  });
   const out = await new Response(child.stdout).text();
   await child.exited;
   s.forceShutdown();
@@ -117,7 +120,8 @@ async function server(scenario: Scenario): Promise<number[]> {
   return result;
 }
 
-const pct = (sorted: number[], p: number) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? Number.NaN;
+const pct = (sorted: number[], p: number) =>
+  sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? Number.NaN;
 
 if (process.argv[2] === "--client") {
   const scenario = SCENARIOS.find((s) => s.name === process.argv[4]);

@@ -238,7 +238,12 @@ test("1,000 tasks through worker kills, a freeze, a coordinator kill and a Postg
     inFlightWhenKilledOrFrozen: exposedAtKill,
     neverRan,
     overlappingAttempts: overlapping.length,
-    handoverMs: { p50: handoverAt(0.5), p99: handoverAt(0.99), max: Math.round(handovers.at(-1) ?? 0), over1s: handovers.filter((d) => d > 1000).length },
+    handoverMs: {
+      p50: handoverAt(0.5),
+      p99: handoverAt(0.99),
+      max: Math.round(handovers.at(-1) ?? 0),
+      over1s: handovers.filter((d) => d > 1000).length,
+    },
     chaos: log,
   };
   console.log(`chaos: ${JSON.stringify(report, null, 2)}`);
@@ -255,7 +260,8 @@ test("1,000 tasks through worker kills, a freeze, a coordinator kill and a Postg
     );
   }
 
-  if (overlapping.length > 0) console.log(`attempts alive at once:\n${overlapping.map((o) => `  ${describeOverlap(o)}`).join("\n")}`);
+  if (overlapping.length > 0)
+    console.log(`attempts alive at once:\n${overlapping.map((o) => `  ${describeOverlap(o)}`).join("\n")}`);
 
   expect(open).toBe(0);
   expect(overlapping.map(describeOverlap)).toEqual([]);

@@ -10,7 +10,15 @@
 // only where the machine cannot make network namespaces (not root, no CAP_NET_ADMIN).
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { rmSync } from "node:fs";
-import { type AttemptSpan, attemptSpans, createAttemptLog, describeOverlap, loggedCommand, overlaps, readAttemptLog } from "../support/attempt-log";
+import {
+  type AttemptSpan,
+  attemptSpans,
+  createAttemptLog,
+  describeOverlap,
+  loggedCommand,
+  overlaps,
+  readAttemptLog,
+} from "../support/attempt-log";
 import { HOOK_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { eventually } from "../support/eventually";
 import { type NetCluster, type NetWorker, startNetCluster } from "../support/net-cluster";
@@ -55,7 +63,8 @@ describe.skipIf(unavailable !== null)("multihost", () => {
       SELECT kind, attempt, worker_id, detail ->> 'reason' AS reason, detail ->> 'outcome' AS outcome
       FROM task_events WHERE task_id = ${id} ORDER BY id`;
   const spansOf = (id: string): AttemptSpan[] => attemptSpans(readAttemptLog(log)).filter((s) => s.task === id);
-  const state = async (id: string) => (await db.sql<{ state: string; attempt: number }[]>`SELECT state, attempt FROM tasks WHERE id = ${id}`)[0];
+  const state = async (id: string) =>
+    (await db.sql<{ state: string; attempt: number }[]>`SELECT state, attempt FROM tasks WHERE id = ${id}`)[0];
   const attemptWorker = async (id: string, attempt: number) =>
     (await db.sql<{ worker_id: string }[]>`SELECT worker_id FROM task_attempts WHERE task_id = ${id} AND attempt = ${attempt}`)[0]
       ?.worker_id;
@@ -73,7 +82,9 @@ describe.skipIf(unavailable !== null)("multihost", () => {
     }
     await eventually(
       async () => {
-        const rows = await db.sql<{ n: number }[]>`SELECT count(*)::int AS n FROM tasks WHERE state IN ('queued', 'dispatched', 'running')`;
+        const rows = await db.sql<
+          { n: number }[]
+        >`SELECT count(*)::int AS n FROM tasks WHERE state IN ('queued', 'dispatched', 'running')`;
         return rows[0]?.n === 0;
       },
       { what: "no task in flight", timeoutMs: 30_000 },
@@ -81,7 +92,10 @@ describe.skipIf(unavailable !== null)("multihost", () => {
   }
 
   /** Submits `body` logged, waits until its first attempt runs; returns the task and which host runs it. */
-  async function startTask(body: string, extra: Record<string, unknown> = {}): Promise<{ id: string; a: NetWorker; b: NetWorker; first: AttemptSpan }> {
+  async function startTask(
+    body: string,
+    extra: Record<string, unknown> = {},
+  ): Promise<{ id: string; a: NetWorker; b: NetWorker; first: AttemptSpan }> {
     const id = await cluster.submit({ command: loggedCommand(log, body), max_attempts: 3, ...extra });
     const first = await eventually(() => spansOf(id)[0], { what: `task ${id}'s first attempt to start`, timeoutMs: 15_000 });
     const workerId = await eventually(() => attemptWorker(id, 1), { what: `task ${id}'s first attempt row` });

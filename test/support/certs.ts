@@ -124,7 +124,10 @@ export function makeTestCerts(options: { serverIps?: readonly string[] } = {}): 
   try {
     // `req` wants a distinguished_name section even when -subj gives the name.
     const extraIps = (options.serverIps ?? []).map((ip) => `, IP:${ip}`).join("");
-    writeFileSync(join(dir, "ext.cnf"), `[req]\ndistinguished_name = dn\n[dn]\n${EXTENSIONS.replace("SERVER_EXTRA_IPS", extraIps)}`);
+    writeFileSync(
+      join(dir, "ext.cnf"),
+      `[req]\ndistinguished_name = dn\n[dn]\n${EXTENSIONS.replace("SERVER_EXTRA_IPS", extraIps)}`,
+    );
     makeCa(dir, "ca");
     makeCa(dir, "other-ca");
     makeLeaf(dir, "server", "ca", "server", 1001);

@@ -132,7 +132,9 @@ export async function startNetCluster(
     byId: (id) => started.find((w) => w.id === id),
     logs(lines = 40) {
       return processes
-        .map((p) => `--- ${p.role} (pid ${p.pid}), last ${Math.min(lines, p.raw.length)} lines:\n${p.raw.slice(-lines).join("\n")}`)
+        .map(
+          (p) => `--- ${p.role} (pid ${p.pid}), last ${Math.min(lines, p.raw.length)} lines:\n${p.raw.slice(-lines).join("\n")}`,
+        )
         .join("\n");
     },
     async stop() {

@@ -141,7 +141,9 @@ export function createNetwork(count: number): Network {
         ip,
         hostVeth,
         exec: (command) =>
-          joinNetns ? ["nsenter", `--net=/run/netns/${namespace}`, "--", ...command] : ["ip", "netns", "exec", namespace, ...command],
+          joinNetns
+            ? ["nsenter", `--net=/run/netns/${namespace}`, "--", ...command]
+            : ["ip", "netns", "exec", namespace, ...command],
         cut: () => must(["ip", "link", "set", hostVeth, "down"]),
         heal: () => must(["ip", "link", "set", hostVeth, "up"]),
       });
