@@ -156,7 +156,11 @@ function netRig(cluster: NetCluster): Rig {
         p.signalGroup("SIGSTOP");
         return async () => {
           p.signalGroup("SIGCONT");
-          await reconnected(p, before);
+          // Thawed, it reconnects, unless its watchdog killed it as frozen: then a new one.
+          const back = reconnected(p, before);
+          back.catch(() => {});
+          await Promise.race([back, p.exited]);
+          if (p.proc.exitCode !== null || p.proc.signalCode !== null) await cluster.startWorker(worker.host);
         };
       }
       const host = cluster.network.hosts[worker.host]!;

@@ -36,6 +36,11 @@ interface Scenario {
   blockMs: number;
   /** The client stops reading for this long after the first message (0: never). */
   pauseMs: number;
+  /**
+   * A second client on its own connection, sent the same messages, is frozen (SIGSTOP) this
+   * long from 1 s in: does a stuck neighbour hold up the first client's messages?
+   */
+  frozenNeighbourMs?: number;
 }
 
 const SCENARIOS: Scenario[] = [
@@ -45,6 +50,8 @@ const SCENARIOS: Scenario[] = [
   { name: "bursts + 130 KB replies", batches: 10, perBatch: 50, gapMs: 300, replyBytes: 130_000, blockMs: 0, pauseMs: 0 },
   { name: "trickle, client blocked 3 ms each", batches: 400, perBatch: 1, gapMs: 2, replyBytes: 256, blockMs: 3, pauseMs: 0 },
   { name: "bursts, client pauses 2 s", batches: 10, perBatch: 200, gapMs: 300, replyBytes: 0, blockMs: 0, pauseMs: 2000 },
+  { name: "trickle, neighbour frozen 2.5 s", batches: 600, perBatch: 1, gapMs: 5, replyBytes: 0, blockMs: 0, pauseMs: 0, frozenNeighbourMs: 2500 },
+  { name: "bursts, neighbour frozen 2.5 s", batches: 12, perBatch: 200, gapMs: 300, replyBytes: 0, blockMs: 0, pauseMs: 0, frozenNeighbourMs: 2500 },
 ];
 
 function message(size: number): Buffer {
@@ -65,6 +72,7 @@ async function client(address: string, scenario: Scenario): Promise<void> {
   let paused = false;
   stream.on("data", (b: Buffer) => {
     delays.push(now() - b.readDoubleLE(0));
+    if (process.env.EXP_TRACE && delays.length % 50 === 0) console.error(`client ${process.pid}: ${delays.length} received, last delay ${delays.at(-1)?.toFixed(1)} ms`);
     if (scenario.blockMs > 0) {
       const until = performance.now() + scenario.blockMs;
       while (performance.now() < until) {}
@@ -82,6 +90,8 @@ async function client(address: string, scenario: Scenario): Promise<void> {
       setTimeout(() => process.exit(0), 50);
     }
   });
+  stream.on("error", (e) => console.error(`client ${process.pid}: ${e.message}`));
+  if (process.env.EXP_TRACE) console.error(`client ${process.pid}: writing hello`);
   stream.write(message(64)); // hello
 }
 
@@ -89,15 +99,17 @@ async function server(scenario: Scenario): Promise<number[]> {
   const s = new grpc.Server(keepalive);
   let done: (d: number[]) => void = () => {};
   const result = new Promise<number[]>((r) => (done = r));
+  const clients = scenario.frozenNeighbourMs ? 2 : 1;
+  const calls: grpc.ServerDuplexStream<Buffer, Buffer>[] = [];
   s.addService(definition, {
     connect: (call: grpc.ServerDuplexStream<Buffer, Buffer>) => {
-      let started = false;
-      call.on("data", () => {
-        if (started) return;
-        started = true;
+      call.once("data", () => {
+        calls.push(call);
+        if (process.env.EXP_TRACE) console.error(`server: stream ${calls.length} of ${clients} joined`);
+        if (calls.length < clients) return;
         void (async () => {
           for (let i = 0; i < scenario.batches; i++) {
-            for (let j = 0; j < scenario.perBatch; j++) call.write(message(600));
+            for (const c of calls) for (let j = 0; j < scenario.perBatch; j++) c.write(message(600));
             await Bun.sleep(scenario.gapMs);
           }
         })();
@@ -113,8 +125,29 @@ async function server(scenario: Scenario): Promise<number[]> {
     stdout: "pipe",
     stderr: "inherit",
   });
+  let neighbour: Bun.Subprocess | null = null;
+  if (scenario.frozenNeighbourMs) {
+    // Its delays are not counted: it only has to be connected, and then stuck.
+    neighbour = Bun.spawn(["bun", import.meta.path, "--client", `127.0.0.1:${port}`, scenario.name], {
+      stdout: "ignore",
+      stderr: "inherit",
+    });
+    const frozen = neighbour;
+    const holdMs = scenario.frozenNeighbourMs;
+    void (async () => {
+      while (calls.length < 2) await Bun.sleep(10);
+      await Bun.sleep(1000);
+      frozen.kill("SIGSTOP");
+      if (process.env.EXP_TRACE) console.error(`server: neighbour ${frozen.pid} frozen`);
+      await Bun.sleep(holdMs);
+      frozen.kill("SIGCONT");
+      if (process.env.EXP_TRACE) console.error(`server: neighbour ${frozen.pid} thawed`);
+    })();
+  }
   const out = await new Response(child.stdout).text();
   await child.exited;
+  neighbour?.kill("SIGCONT");
+  neighbour?.kill("SIGKILL");
   s.forceShutdown();
   done(JSON.parse(out.trim().split("\n").pop() ?? "[]") as number[]);
   return result;
