@@ -50,8 +50,26 @@ const SCENARIOS: Scenario[] = [
   { name: "bursts + 130 KB replies", batches: 10, perBatch: 50, gapMs: 300, replyBytes: 130_000, blockMs: 0, pauseMs: 0 },
   { name: "trickle, client blocked 3 ms each", batches: 400, perBatch: 1, gapMs: 2, replyBytes: 256, blockMs: 3, pauseMs: 0 },
   { name: "bursts, client pauses 2 s", batches: 10, perBatch: 200, gapMs: 300, replyBytes: 0, blockMs: 0, pauseMs: 2000 },
-  { name: "trickle, neighbour frozen 2.5 s", batches: 600, perBatch: 1, gapMs: 5, replyBytes: 0, blockMs: 0, pauseMs: 0, frozenNeighbourMs: 2500 },
-  { name: "bursts, neighbour frozen 2.5 s", batches: 12, perBatch: 200, gapMs: 300, replyBytes: 0, blockMs: 0, pauseMs: 0, frozenNeighbourMs: 2500 },
+  {
+    name: "trickle, neighbour frozen 2.5 s",
+    batches: 600,
+    perBatch: 1,
+    gapMs: 5,
+    replyBytes: 0,
+    blockMs: 0,
+    pauseMs: 0,
+    frozenNeighbourMs: 2500,
+  },
+  {
+    name: "bursts, neighbour frozen 2.5 s",
+    batches: 12,
+    perBatch: 200,
+    gapMs: 300,
+    replyBytes: 0,
+    blockMs: 0,
+    pauseMs: 0,
+    frozenNeighbourMs: 2500,
+  },
 ];
 
 function message(size: number): Buffer {
@@ -68,11 +86,14 @@ async function client(address: string, scenario: Scenario): Promise<void> {
   };
   const stream = c.connect();
   const delays: number[] = [];
+  const sentAt: number[] = [];
   const total = scenario.batches * scenario.perBatch;
   let paused = false;
   stream.on("data", (b: Buffer) => {
     delays.push(now() - b.readDoubleLE(0));
-    if (process.env.EXP_TRACE && delays.length % 50 === 0) console.error(`client ${process.pid}: ${delays.length} received, last delay ${delays.at(-1)?.toFixed(1)} ms`);
+    sentAt.push(b.readDoubleLE(0));
+    if (process.env.EXP_TRACE && delays.length % 50 === 0)
+      console.error(`client ${process.pid}: ${delays.length} received, last delay ${delays.at(-1)?.toFixed(1)} ms`);
     if (scenario.blockMs > 0) {
       const until = performance.now() + scenario.blockMs;
       while (performance.now() < until) {}
@@ -84,7 +105,7 @@ async function client(address: string, scenario: Scenario): Promise<void> {
       setTimeout(() => stream.resume(), scenario.pauseMs);
     }
     if (delays.length === total) {
-      process.stdout.write(`${JSON.stringify(delays)}\n`);
+      process.stdout.write(`${JSON.stringify({ delays, sentAt })}\n`);
       stream.end();
       c.close();
       setTimeout(() => process.exit(0), 50);
@@ -95,10 +116,13 @@ async function client(address: string, scenario: Scenario): Promise<void> {
   stream.write(message(64)); // hello
 }
 
-async function server(scenario: Scenario): Promise<number[]> {
+/** Delays of the messages sent while the neighbour was frozen, and of the others. */
+let frozenWindow: [number, number] | null = null;
+
+async function server(scenario: Scenario): Promise<{ delays: number[]; sentAt: number[] }> {
   const s = new grpc.Server(keepalive);
-  let done: (d: number[]) => void = () => {};
-  const result = new Promise<number[]>((r) => (done = r));
+  let done: (d: { delays: number[]; sentAt: number[] }) => void = () => {};
+  const result = new Promise<{ delays: number[]; sentAt: number[] }>((r) => (done = r));
   const clients = scenario.frozenNeighbourMs ? 2 : 1;
   const calls: grpc.ServerDuplexStream<Buffer, Buffer>[] = [];
   s.addService(definition, {
@@ -138,9 +162,11 @@ async function server(scenario: Scenario): Promise<number[]> {
       while (calls.length < 2) await Bun.sleep(10);
       await Bun.sleep(1000);
       frozen.kill("SIGSTOP");
+      const frozenAt = now();
       if (process.env.EXP_TRACE) console.error(`server: neighbour ${frozen.pid} frozen`);
       await Bun.sleep(holdMs);
       frozen.kill("SIGCONT");
+      frozenWindow = [frozenAt, now()];
       if (process.env.EXP_TRACE) console.error(`server: neighbour ${frozen.pid} thawed`);
     })();
   }
@@ -149,7 +175,7 @@ async function server(scenario: Scenario): Promise<number[]> {
   neighbour?.kill("SIGCONT");
   neighbour?.kill("SIGKILL");
   s.forceShutdown();
-  done(JSON.parse(out.trim().split("\n").pop() ?? "[]") as number[]);
+  done(JSON.parse(out.trim().split("\n").pop() ?? "{}") as { delays: number[]; sentAt: number[] });
   return result;
 }
 
@@ -163,9 +189,19 @@ if (process.argv[2] === "--client") {
 } else {
   const wanted = process.argv.slice(2);
   for (const scenario of SCENARIOS.filter((s) => wanted.length === 0 || wanted.includes(s.name))) {
-    const delays = (await server(scenario)).sort((a, b) => a - b);
-    console.log(
-      `${scenario.name.padEnd(36)} n=${delays.length} p50 ${pct(delays, 50).toFixed(1)} p99 ${pct(delays, 99).toFixed(1)} max ${(delays.at(-1) ?? Number.NaN).toFixed(1)} ms`,
-    );
+    frozenWindow = null;
+    const { delays, sentAt } = await server(scenario);
+    const line = (label: string, values: number[]) => {
+      const sorted = [...values].sort((a, b) => a - b);
+      return `${label.padEnd(44)} n=${sorted.length} p50 ${pct(sorted, 50).toFixed(1)} p99 ${pct(sorted, 99).toFixed(1)} max ${(sorted.at(-1) ?? Number.NaN).toFixed(1)} ms`;
+    };
+    console.log(line(scenario.name, delays));
+    const window = frozenWindow as [number, number] | null;
+    if (window) {
+      const during = delays.filter((_, i) => sentAt[i]! >= window[0] && sentAt[i]! <= window[1]);
+      const outside = delays.filter((_, i) => sentAt[i]! < window[0] || sentAt[i]! > window[1]);
+      console.log(line("  sent while the neighbour was frozen", during));
+      console.log(line("  sent otherwise", outside));
+    }
   }
 }
