@@ -157,9 +157,7 @@ function netRig(cluster: NetCluster): Rig {
         return async () => {
           p.signalGroup("SIGCONT");
           // Thawed, it reconnects, unless its watchdog killed it as frozen: then a new one.
-          const back = reconnected(p, before);
-          back.catch(() => {});
-          await Promise.race([back, p.exited]);
+          await Promise.race([reconnected(p, before).catch(() => {}), p.exited]);
           if (p.proc.exitCode !== null || p.proc.signalCode !== null) await cluster.startWorker(worker.host);
         };
       }
