@@ -48,7 +48,13 @@ export async function startNetCluster(
   options: { hosts: number; slots: number; env: Record<string, string> },
 ): Promise<NetCluster> {
   const network = createNetwork(options.hosts);
-  const certs = makeTestCerts({ serverIps: [network.serverIp] });
+  let certs: TestCerts;
+  try {
+    certs = makeTestCerts({ serverIps: [network.serverIp] });
+  } catch (error) {
+    network.remove();
+    throw error;
+  }
   const { token: apiToken } = newToken();
   const joinToken = newJoinToken();
   const processes: RoleProcess[] = [];

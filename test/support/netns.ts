@@ -10,13 +10,16 @@
 //   namespace tq-X-0: tqX-0p 10.A.B.2 ─ veth ─ tqX-0h on the bridge
 //   namespace tq-X-1: tqX-1p 10.A.B.3 ─ veth ─ tqX-1h on the bridge   …
 // `remove()` deletes the namespaces (which deletes their veths) and the bridge; every network
-// made is also removed at process exit, whatever happened.
+// made is also removed at process exit. A process killed before it could (a test run stopped
+// by a timeout) leaves a record under OWNERS naming its pid: the next createNetwork on the
+// machine removes the networks of owners that are gone.
 //
 // Processes join a namespace with `nsenter --net=/run/netns/<name>`, which changes only the
 // network namespace. `ip netns exec` does that too but also remounts /sys, which hides
 // /sys/fs/cgroup: a worker started that way could not confine its tasks in cgroups as it does
 // on a real host. It is the fallback when nsenter is missing.
-import { existsSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { RoleProcess } from "./processes";
 
 const ROOT = new URL("../..", import.meta.url).pathname;
@@ -87,6 +90,42 @@ export interface Network {
 }
 
 const live = new Set<Network>();
+/** One file per network made: its id, holding the pid of the process that made it. */
+const OWNERS = "/tmp/tq-netns-owners";
+
+function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+function removeById(id: string, count: number): void {
+  for (let i = 0; i < count; i++) run(["ip", "netns", "del", `tq-${id}-${i}`]);
+  run(["ip", "link", "del", `tq${id}-br`]);
+  rmSync(join(OWNERS, id), { force: true });
+}
+
+/** Removes the networks whose owning process is gone. */
+function sweepOrphans(): void {
+  let ids: string[];
+  try {
+    ids = readdirSync(OWNERS);
+  } catch {
+    return;
+  }
+  for (const id of ids) {
+    let owner: { pid: number; count: number };
+    try {
+      owner = JSON.parse(readFileSync(join(OWNERS, id), "utf8")) as { pid: number; count: number };
+    } catch {
+      continue;
+    }
+    if (!pidAlive(owner.pid)) removeById(id, owner.count);
+  }
+}
 let exitHook = false;
 
 const joinNetns = existsSync("/usr/bin/nsenter") || run(["nsenter", "--version"]).ok;
@@ -95,7 +134,10 @@ const joinNetns = existsSync("/usr/bin/nsenter") || run(["nsenter", "--version"]
 export function createNetwork(count: number): Network {
   const reason = netnsUnavailable();
   if (reason) throw new Error(`cannot create network namespaces: ${reason}`);
+  sweepOrphans();
   const id = randomHex(5);
+  mkdirSync(OWNERS, { recursive: true });
+  writeFileSync(join(OWNERS, id), JSON.stringify({ pid: process.pid, count }));
   // 10.200.0.0 - 10.249.255.0: a /24 of its own, unlikely to meet another run's.
   const random = crypto.getRandomValues(new Uint8Array(2));
   const subnet = `10.${200 + (random[0]! % 50)}.${random[1]!}`;
@@ -108,6 +150,7 @@ export function createNetwork(count: number): Network {
     live.delete(network);
     for (const ns of namespaces) run(["ip", "netns", "del", ns]);
     run(["ip", "link", "del", bridge]);
+    rmSync(join(OWNERS, id), { force: true });
   };
   const network: Network = { serverIp: `${subnet}.1`, hosts: [], remove };
   live.add(network);
