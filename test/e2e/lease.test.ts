@@ -142,8 +142,11 @@ test("a worker thawed after a freeze longer than the heartbeat timeout does not 
   const timings = { TQ_HEARTBEAT_INTERVAL_MS: "1000", TQ_HEARTBEAT_TIMEOUT_MS: "3000" };
   const cluster = await startCluster(db.url, { workers: 0, slots: 1, scheduler: false, env: timings });
   try {
-    const frozen = await cluster.addWorker();
+    // Without its watchdog, which would kill a frozen worker (test/e2e/watchdog.test.ts): this is
+    // the stall the worker must notice itself (a paused VM or container freezes the watchdog too).
+    const frozen = await cluster.addWorker({ TQ_WORKER_WATCHDOG: "off" });
     const frozenId = String((await frozen.waitForEvent("worker.starting")).id);
+    await frozen.waitForEvent("worker.no_watchdog");
     frozen.kill("SIGSTOP");
     const { json: task } = await postJson(`${cluster.coordinatorUrl}/submit`, { command: blocking("thaw"), lease_ms: 5000 });
     try {

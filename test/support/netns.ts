@@ -143,11 +143,15 @@ export function createNetwork(count: number): Network {
   const subnet = `10.${200 + (random[0]! % 50)}.${random[1]!}`;
   const bridge = `tq${id}-br`;
   const namespaces: string[] = [];
+  const veths: string[] = [];
   let removed = false;
   const remove = () => {
     if (removed) return;
     removed = true;
     live.delete(network);
+    // Each veth first: a namespace's own end goes only once the kernel frees the namespace,
+    // which may be after `ip netns del` returns; deleting our end takes both ends at once.
+    for (const veth of veths) run(["ip", "link", "del", veth]);
     for (const ns of namespaces) run(["ip", "netns", "del", ns]);
     run(["ip", "link", "del", bridge]);
     rmSync(join(OWNERS, id), { force: true });
@@ -172,6 +176,7 @@ export function createNetwork(count: number): Network {
       must(["ip", "netns", "add", namespace]);
       namespaces.push(namespace);
       must(["ip", "link", "add", hostVeth, "type", "veth", "peer", "name", peer]);
+      veths.push(hostVeth);
       must(["ip", "link", "set", peer, "netns", namespace]);
       must(["ip", "link", "set", hostVeth, "master", bridge]);
       must(["ip", "link", "set", hostVeth, "up"]);
