@@ -3,6 +3,7 @@ import { GUARDS } from "../task/state";
 import { openAttempts } from "./attempts";
 import { changedRows, recordChange, type TaskChangeRow } from "./changes";
 import { array, fromNow, states } from "./encode";
+import { flowAdmissible, flowAdmit, flowKeyRank } from "./flow";
 import type { Sql } from "./sql";
 import { taskRowColumns } from "./tasks";
 
@@ -28,19 +29,21 @@ export async function claimDue(
 ): Promise<ClaimedTask[]> {
   if (slots.length === 0) return [];
   const rows = await sql<(ClaimedTask & { event_id: string })[]>`
-    WITH c AS (
-      SELECT id, row_number() OVER () AS n FROM (
-        SELECT id FROM tasks
-        -- now() (the statement's start), not clock_timestamp(): a volatile bound cannot be an
-        -- index condition, and the scan would walk every future task. It is never later than
-        -- the real time, so a task still never starts early.
-        WHERE state IN (${states(sql, GUARDS.claim)}) AND run_at <= now() + make_interval(secs => ${Math.max(0, aheadMs) / 1000})
-        -- Due order, on tasks_run_at_idx (priorities come with their own issue).
-        ORDER BY run_at, id
-        LIMIT ${slots.length}
-        FOR UPDATE SKIP LOCKED
-      ) due
+    WITH w AS (
+      SELECT id, run_at, concurrency_key, rate_limit, rate_limit_key, ${flowKeyRank(sql)} AS key_rank FROM tasks
+      -- now() (the statement's start), not clock_timestamp(): a volatile bound cannot be an
+      -- index condition, and the scan would walk every future task. It is never later than
+      -- the real time, so a task still never starts early.
+      WHERE state IN (${states(sql, GUARDS.claim)}) AND run_at <= now() + make_interval(secs => ${Math.max(0, aheadMs) / 1000})
+        -- Flow control (src/db/flow.ts): only tasks their key and bucket have room for.
+        AND ${flowAdmissible(sql)}
+      -- Due order, on tasks_run_at_idx (priorities come with their own issue).
+      ORDER BY run_at, id
+      -- Twice the slots: flowAdmit may leave some (a key or bucket another claim holds).
+      LIMIT ${slots.length * 2}
+      FOR UPDATE SKIP LOCKED
     ),
+    ${flowAdmit(sql, slots.length)}
     t AS (
       UPDATE tasks SET
         state = 'dispatched', picked_at = clock_timestamp(), attempt = tasks.attempt + 1,

@@ -1,6 +1,7 @@
 // Inserts of new tasks: each with its first event (and, on the run-now fast path, its first
 // attempt), and the dispatch wake-up, in one statement for a whole batch.
 import type { Task, TaskSpec } from "../task/task";
+import { flowColumns, flowRows } from "./flow";
 import { openAttempts } from "./attempts";
 import { changedRows, changeTail, type TaskChangeRow } from "./changes";
 import { array, unnest } from "./encode";
@@ -88,13 +89,16 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
         coordinator_id: ["text", (t) => t.assignTo?.coordinatorId ?? null],
         lease_ms: ["double precision", (t) => (t.assignTo ? Math.max(0, t.assignTo.leaseMs) : null)],
         limits: ["jsonb", (t) => t.spec.limits ?? null],
+        ...flowColumns,
       })}
     ),
+    ${flowRows(sql)}
     t AS (
       INSERT INTO tasks (id, command, state, scheduled_at, run_at, picked_at, attempt, max_attempts, timeout_ms, env, secret_env, cwd,
                          worker_id, coordinator_id, lease_expires_at,
                          retry_on_failure, retry_on_timeout, retry_on_lost, retry_backoff_base_ms, retry_backoff_cap_ms,
-                         idempotency_key, idempotency_hash, limits)
+                         idempotency_key, idempotency_hash, limits,
+                         concurrency_key, concurrency_max, concurrency_strategy, rate_limit, rate_limit_key)
       SELECT r.id, r.command, CASE WHEN r.worker_id IS NULL THEN 'queued' ELSE 'dispatched' END,
              due.at, due.at,
              CASE WHEN r.worker_id IS NOT NULL THEN clock_timestamp() END,
@@ -103,7 +107,8 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
              r.worker_id, r.coordinator_id,
              clock_timestamp() + make_interval(secs => r.lease_ms / 1000),
              r.retry_on_failure, r.retry_on_timeout, r.retry_on_lost, r.retry_backoff_base_ms, r.retry_backoff_cap_ms,
-             r.idempotency_key, r.idempotency_hash, r.limits
+             r.idempotency_key, r.idempotency_hash, r.limits,
+             r.concurrency_key, r.concurrency_max, r.concurrency_strategy, r.rate_limit, r.rate_limit_key
       FROM r
       -- Truncated, not rounded: timestamptz(3) would round a run-now time up to 0.5 ms into
       -- the future, making the task briefly "not yet due".

@@ -4,6 +4,7 @@
 // run-now fast path through `placeRunNow`; the scheduler (and whatever else submits) has none
 // and writes every task queued.
 
+import { hasFlow } from "./flow";
 import type { TaskSpec } from "../task/task";
 import type { TaskChangeRow } from "./changes";
 import { GroupCommit } from "./group-commit";
@@ -42,7 +43,8 @@ export class Submitter {
    * writes nothing and returns the earlier task.
    */
   async submit(id: string, spec: TaskSpec, actor?: string): Promise<InsertOutcome> {
-    const placement = spec.scheduledAt === null ? (this.options.placeRunNow?.(id) ?? null) : null;
+    // A task under flow control waits for the claim, the one place its key and bucket are kept.
+    const placement = spec.scheduledAt === null && !hasFlow(spec) ? (this.options.placeRunNow?.(id) ?? null) : null;
     if (!placement) return this.inserts.add({ id, spec, actor });
     let outcome: InsertOutcome;
     try {

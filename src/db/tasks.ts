@@ -54,6 +54,12 @@ export const TASK_ROW_COLUMNS = [
   "idempotency_hash",
   "secret_env",
   "limits",
+  // Flow control (src/db/flow.ts).
+  "concurrency_key",
+  "concurrency_max",
+  "concurrency_strategy",
+  "rate_limit",
+  "rate_limit_key",
 ] as const;
 
 /** The task row's own columns, qualified by `table` (a statement's RETURNING, or a read's select list). */

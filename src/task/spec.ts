@@ -5,6 +5,7 @@
 // reaches the database or a shell.
 import { type Static, Type } from "@sinclair/typebox";
 import { invalidArgument, TaskQueueError } from "./errors";
+import { flowOptions, toConcurrencySpec, toRateLimitRef } from "./flow";
 import { checkSchema } from "./explain";
 import { EXAMPLE_TIME, parseRfc3339 } from "./rfc3339";
 import type { TaskSpec } from "./task";
@@ -126,6 +127,8 @@ const runOptions = {
     }),
   ),
   limits: Type.Optional(Limits),
+  // Flow control (src/task/flow.ts): concurrency, rate_limit.
+  ...flowOptions,
   retry: Type.Optional(
     Type.Object(
       {
@@ -321,6 +324,8 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, defaults: TaskDe
       `retry.backoff_cap_ms (${backoffCapMs}) must be at least retry.backoff_base_ms (${backoffBaseMs})`,
     );
   }
+  const concurrency = body.concurrency === undefined ? undefined : toConcurrencySpec(body.concurrency);
+  const rateLimit = body.rate_limit === undefined ? undefined : toRateLimitRef(body.rate_limit, concurrency?.key);
   return {
     command: body.command,
     scheduledAt,
@@ -338,6 +343,8 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, defaults: TaskDe
     },
     idempotencyKey: null,
     ...(body.limits === undefined || Object.keys(body.limits).length === 0 ? {} : { limits: { ...body.limits } }),
+    ...(concurrency === undefined ? {} : { concurrency }),
+    ...(rateLimit === undefined ? {} : { rateLimit }),
   };
 }
 
