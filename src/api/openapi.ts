@@ -12,7 +12,9 @@ import { Kind, type TSchema, Type } from "@sinclair/typebox";
 import { Elysia } from "elysia";
 import pkg from "../../package.json" with { type: "json" };
 import { notFound } from "../task/errors";
+import { ConcurrencyInput } from "../task/flow";
 import { BatchInput, BatchItemInput, ScheduleInput, SubmitInput, TaskInput } from "../task/spec";
+import { RateLimitInput, RateLimitJson, RateLimitList, RateLimitPatch } from "./flow-model";
 import {
   AttemptJson,
   AttemptList,
@@ -87,6 +89,12 @@ export const NAMED_SCHEMAS: Record<string, TSchema> = {
   BatchInput,
   BatchItemInput,
   RetryPolicy: TaskInput.properties.retry,
+  // Flow control (src/api/flow.ts, src/task/flow.ts).
+  Concurrency: ConcurrencyInput,
+  RateLimit: RateLimitJson,
+  RateLimitList,
+  RateLimitInput,
+  RateLimitPatch,
 };
 
 // Each named schema carries its name as $id (what Elysia's .model() would give it), so that

@@ -17,6 +17,7 @@ import { isFinal, isTaskState, TASK_STATES } from "../task/state";
 import type { Submitted, Task, TaskSpec } from "../task/task";
 import { decodeCursor, encodeCursor } from "./cursor";
 import type { ApiDeps } from "./deps";
+import { applyStrategies, checkFlowSpecs } from "./flow";
 
 export const DEFAULT_PAGE_SIZE = 50;
 export const MAX_PAGE_SIZE = 500;
@@ -34,8 +35,12 @@ export const READY_PROBE_TIMEOUT_MS = 1000;
  * a different request is a conflict.
  */
 export async function submitTask(deps: ApiDeps, spec: TaskSpec, actor: string): Promise<Submitted> {
+  await checkFlowSpecs(deps, [spec], (_, name) => name);
   const outcome = await deps.submit(Bun.randomUUIDv7(), spec, actor);
-  if (outcome.kind === "created") return { task: outcome.task, created: true };
+  if (outcome.kind === "created") {
+    const [task] = await applyStrategies(deps, [outcome.task], actor);
+    return { task: task ?? outcome.task, created: true };
+  }
   if (!outcome.sameRequest) {
     throw conflict(
       `idempotency key ${JSON.stringify(spec.idempotencyKey)} was already used for a different request (task ${outcome.task.id})`,
@@ -65,6 +70,18 @@ export async function submitTasks(
   actor: string,
   batchKey: string | null = null,
 ): Promise<SubmittedBatch> {
+  await checkFlowSpecs(deps, specs, (i, name) => `tasks[${i}].${name}`);
+  const batch = await insertBatch(deps, specs, actor, batchKey);
+  // Flow control's strategies for full keys, once the batch is committed (src/api/flow.ts).
+  const tasks = await applyStrategies(
+    deps,
+    batch.tasks.map((task, i) => (batch.replayed.includes(i) ? { ...task, concurrency_strategy: null } : task)),
+    actor,
+  );
+  return { ...batch, tasks: tasks.map((task, i) => (batch.replayed.includes(i) ? batch.tasks[i]! : task)) };
+}
+
+async function insertBatch(deps: ApiDeps, specs: TaskSpec[], actor: string, batchKey: string | null): Promise<SubmittedBatch> {
   const items = specs.map((spec) => ({ id: Bun.randomUUIDv7(), spec, actor }));
   if (batchKey === null && specs.every((spec) => spec.idempotencyKey === null)) {
     // Nothing to replay and nothing to conflict: the statement alone, no transaction.

@@ -86,6 +86,8 @@ export class Dispatcher {
    * one arms the timer for the start of its window.
    */
   onTaskChange(change: TaskChange): void {
+    // A keyed task left its live states: a task waiting for its key's slot may run now.
+    if (change.frees_key) return this.wake();
     if (change.state !== "queued" || change.due_in_ms === null) return;
     const ahead = this.aheadNow();
     if (change.due_in_ms <= ahead) this.wake();
@@ -119,7 +121,12 @@ export class Dispatcher {
           }
           if (claimed.length === slots.length) filled = true;
         }
-        if (!filled) break;
+        if (!filled) {
+          // Slots left free: a task held back by a rate limit may get a token before any wake
+          // comes, so look again when the next one is due (nextDueIn counts the next token).
+          this.lookAheadPending = true;
+          break;
+        }
       }
       if (this.lookAheadPending && !this.stopped) {
         this.lookAheadPending = false;

@@ -3,7 +3,7 @@ import { GUARDS } from "../task/state";
 import { openAttempts } from "./attempts";
 import { changedRows, recordChange, type TaskChangeRow } from "./changes";
 import { array, fromNow, states } from "./encode";
-import { flowAdmissible, flowAdmit, flowKeyRank } from "./flow";
+import { flowAdmissible, flowAdmit, flowKeyRank, flowNextToken } from "./flow";
 import type { Sql } from "./sql";
 import { taskRowColumns } from "./tasks";
 
@@ -66,9 +66,12 @@ export async function claimDue(
  * due now), or null when nothing is queued. The database's clock, not ours, decides dueness.
  */
 export async function nextDueIn(sql: Sql): Promise<number | null> {
+  // Flow control: tasks their key or bucket holds back are not due; a bucket's next token is.
   const rows = await sql<{ due_in_ms: string | null }[]>`
-    SELECT greatest(0, ceil(extract(epoch FROM min(run_at) - clock_timestamp()) * 1000))::bigint::text AS due_in_ms
-    FROM tasks WHERE state IN (${states(sql, GUARDS.claim)})`;
+    SELECT least(
+      (SELECT greatest(0, ceil(extract(epoch FROM min(run_at) - clock_timestamp()) * 1000))::bigint
+       FROM tasks WHERE state IN (${states(sql, GUARDS.claim)}) AND ${flowAdmissible(sql)}),
+      ${flowNextToken(sql)})::text AS due_in_ms`;
   const value = rows[0]?.due_in_ms;
   return value == null ? null : Number(value);
 }

@@ -16,8 +16,9 @@
 // - Candidates of a full key or an empty bucket never take the claim's window: the scan admits
 //   a task only if the tasks of its key queued before it leave it room (and likewise its
 //   bucket's tokens), counted on the queued partial indexes and bounded by the max.
-import type { TaskSpec } from "../task/task";
+
 import { type ConcurrencyStrategy, expandSchedule, type Rate } from "../task/flow";
+import type { TaskSpec } from "../task/task";
 import { changedRows, recordChange, type TaskChangeRow } from "./changes";
 import type { Column, Fragment } from "./encode";
 import type { Sql } from "./sql";
@@ -62,6 +63,15 @@ export function flowRows(sql: Sql): Fragment {
 }
 
 const LIVE = "('dispatched', 'running')";
+
+/**
+ * For the change tail (src/db/changes.ts): a changed row `t` of a keyed task that is no longer
+ * live (ended, or back in the queue) frees a slot of its key, which wakes every coordinator:
+ * the task waiting for that slot may be any coordinator's to claim.
+ */
+export function freesKey(sql: Sql): Fragment {
+  return sql.unsafe(`(t.concurrency_key IS NOT NULL AND t.state NOT IN ${LIVE})`) as unknown as Fragment;
+}
 
 /** A bucket's tokens refilled to now() (b: rate_buckets, l: rate_limits). */
 function refilled(b: string, l: string): string {
@@ -153,15 +163,19 @@ export function flowAdmit(sql: Sql, limit: number): Fragment {
 }
 
 /**
- * Milliseconds until the next token of a bucket that has a due queued task waiting for one
- * (null when none waits): the dispatcher sets its timer to it rather than the next poll.
+ * A subquery: milliseconds until the next token of a bucket that a due queued task waits for
+ * (null when none waits), for nextDueIn: the dispatcher sets its timer to it, not the next poll.
  */
-export async function nextTokenIn(sql: Sql): Promise<number | null> {
-  const rows = await sql<{ in_ms: string | null }[]>`
-    SELECT min(ceil(greatest(0, (1 - ${sql.unsafe(refilled("b", "l"))}) * l.period_ms / l.rate_count)))::bigint::text AS in_ms
+export function flowNextToken(sql: Sql): Fragment {
+  return sql.unsafe(`(SELECT min(ceil(greatest(0, (1 - ${refilled("b", "l")}) * l.period_ms / l.rate_count)))::bigint
     FROM rate_buckets b JOIN rate_limits l ON l.name = b.name
     WHERE EXISTS (SELECT 1 FROM tasks q WHERE q.rate_limit = b.name AND q.rate_limit_key = b.key
-      AND q.state = 'queued' AND q.run_at <= now())`;
+      AND q.state = 'queued' AND q.run_at <= now()))`) as unknown as Fragment;
+}
+
+/** flowNextToken on its own. */
+export async function nextTokenIn(sql: Sql): Promise<number | null> {
+  const rows = await sql<{ in_ms: string | null }[]>`SELECT ${flowNextToken(sql)}::text AS in_ms`;
   const value = rows[0]?.in_ms;
   return value == null ? null : Number(value);
 }

@@ -1,10 +1,10 @@
 // Inserts of new tasks: each with its first event (and, on the run-now fast path, its first
 // attempt), and the dispatch wake-up, in one statement for a whole batch.
 import type { Task, TaskSpec } from "../task/task";
-import { flowColumns, flowRows } from "./flow";
 import { openAttempts } from "./attempts";
 import { changedRows, changeTail, type TaskChangeRow } from "./changes";
 import { array, unnest } from "./encode";
+import { flowColumns, flowRows } from "./flow";
 import type { Sql } from "./sql";
 import { selectTasks, taskRowColumns } from "./tasks";
 

@@ -4,9 +4,9 @@
 // run-now fast path through `placeRunNow`; the scheduler (and whatever else submits) has none
 // and writes every task queued.
 
-import { hasFlow } from "./flow";
 import type { TaskSpec } from "../task/task";
 import type { TaskChangeRow } from "./changes";
+import { hasFlow } from "./flow";
 import { GroupCommit } from "./group-commit";
 import { type Assignment, type InsertOutcome, insertTasks, MAX_TASKS_PER_INSERT, type NewTask } from "./insert";
 import type { Sql } from "./sql";

@@ -124,7 +124,10 @@ function checkKey(key: string, field: string): void {
 
 export function checkRateLimitName(name: string, field: string): void {
   if (!new RegExp(RATE_LIMIT_NAME_PATTERN).test(name)) {
-    throw invalidArgument(field, `${field}: a rate limit name is 1 to 64 letters, digits, "_", "." or "-", not ${JSON.stringify(name)}`);
+    throw invalidArgument(
+      field,
+      `${field}: a rate limit name is 1 to 64 letters, digits, "_", "." or "-", not ${JSON.stringify(name)}`,
+    );
   }
 }
 
@@ -139,7 +142,11 @@ const UNIT_MS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_00
 /** Parses "100/1m", "10/s", "5/500ms" (units ms, s, m, h, d; the period's number defaults to 1). */
 export function parseRate(text: string, field = "rate"): Rate {
   const match = /^\s*(\d{1,9})\s*\/\s*(\d{1,9})?\s*(ms|s|m|h|d)\s*$/.exec(text);
-  if (!match) throw invalidArgument(field, `${field} must look like "100/1m" (count/period; units ms, s, m, h, d), not ${JSON.stringify(text)}`);
+  if (!match)
+    throw invalidArgument(
+      field,
+      `${field} must look like "100/1m" (count/period; units ms, s, m, h, d), not ${JSON.stringify(text)}`,
+    );
   const count = Number(match[1]);
   const periodMs = Number(match[2] ?? "1") * UNIT_MS[match[3]!]!;
   if (count < 1) throw invalidArgument(field, `${field}: the count must be at least 1`);

@@ -5,8 +5,8 @@
 // reaches the database or a shell.
 import { type Static, Type } from "@sinclair/typebox";
 import { invalidArgument, TaskQueueError } from "./errors";
-import { flowOptions, toConcurrencySpec, toRateLimitRef } from "./flow";
 import { checkSchema } from "./explain";
+import { flowOptions, toConcurrencySpec, toRateLimitRef } from "./flow";
 import { EXAMPLE_TIME, parseRfc3339 } from "./rfc3339";
 import type { TaskSpec } from "./task";
 

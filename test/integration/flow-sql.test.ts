@@ -71,7 +71,7 @@ describe("concurrency keys in the claim", () => {
     const [held] = await claimDue(db.sql, "c1", slots(1, "dead"), 60_000);
     expect(held).toBeDefined();
     expect(await claimDue(db.sql, "c1", slots(3, "w2"), 60_000)).toHaveLength(0);
-    await requeueWorkerTasks(db.sql, "dead", "worker lost");
+    await requeueWorkerTasks(db.sql, "dead", "worker lost", "lost");
     // Requeued keeping its run_at, it is first in its key's line again: exactly one gets in.
     const after = await claimDue(db.sql, "c1", slots(3, "w2"), 60_000);
     expect(after.map((t) => t.id)).toEqual([held!.id]);
@@ -89,7 +89,8 @@ describe("concurrency keys in the claim", () => {
         // Finish everything live, so the next round claims again.
         const live = await db.sql<{ id: string; attempt: number; worker_id: string }[]>`
           SELECT id, attempt, worker_id FROM tasks WHERE state IN ('dispatched', 'running')`;
-        for (const t of live) await finishAttempt(db.sql, { taskId: t.id, attempt: t.attempt, workerId: t.worker_id }, attemptResult());
+        for (const t of live)
+          await finishAttempt(db.sql, { taskId: t.id, attempt: t.attempt, workerId: t.worker_id }, attemptResult());
       }
     } finally {
       await Promise.all(others.map((sql) => sql.end({ timeout: 5 })));
