@@ -114,6 +114,12 @@ function representativeTask(): Task {
     idempotency_hash: "9f2c".repeat(16),
     secret_env: { PGPASSWORD: "not-returned" },
     limits: { memory_mb: 512, pids: 64 },
+    queue: "default",
+    requires: [],
+    prefers: [],
+    schedule_timeout_ms: 0,
+    priority_aging_ms: 1000,
+    rank: null,
   };
 }
 
@@ -160,6 +166,12 @@ function createdRow(id: string, spec: TaskSpec): TaskChangeRow {
     idempotency_hash: null,
     secret_env: spec.secretEnv,
     limits: spec.limits ?? null,
+    queue: "default",
+    requires: [],
+    prefers: [],
+    schedule_timeout_ms: 0,
+    priority_aging_ms: 1000,
+    rank: null,
     event_id: "1",
   };
 }

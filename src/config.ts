@@ -11,7 +11,9 @@ import type { AuthOptions } from "./auth/authenticator";
 import { type JoinToken, joinTokens } from "./auth/worker-tokens";
 import type { ConnectOptions } from "./db/sql";
 import { GRPC_DEFAULT_MAX_MESSAGE_BYTES, RESULT_HEADROOM_BYTES } from "./rpc/message-size";
+import { parseLabels } from "./task/labels";
 import { type LeaseTimings, leaseMsFor } from "./task/lease";
+import { QUEUE_NAME_PATTERN } from "./task/routing";
 import type { TaskDefaults } from "./task/spec";
 import type { IsolationSettings } from "./worker/identity";
 
@@ -311,6 +313,23 @@ export const ConfigSchema = Type.Object({
   TQ_TLS_CLIENT_KEY: Type.Optional(
     Type.String({ minLength: 1, description: "PEM private key path for TQ_TLS_CLIENT_CERT. Unset by default." }),
   ),
+  // Queues, priorities, labels (src/task/routing.ts, src/db/claim.ts).
+  TQ_WORKER_QUEUES: Type.String({
+    default: "",
+    description: "Comma-separated queues this worker takes tasks from. Defaults to empty: every queue.",
+  }),
+  TQ_WORKER_LABELS: Type.String({
+    default: "",
+    description:
+      "This worker's labels, `key=value` comma-separated (`gpu=1,region=eu,mem_gb=64`; a bare key is `true`), matched against tasks' `require` and `prefer`. Defaults to none.",
+  }),
+  TQ_PRIORITY_AGING_MS: Type.Integer({
+    minimum: 0,
+    maximum: 3_600_000,
+    default: 1000,
+    description:
+      "How fast a waiting task's priority ages: tasks run in order of run_at - priority * this, so a task is passed by one of priority higher by d only while that one has waited less than d times this. Set the same on every role. Defaults to 1000 ms.",
+  }),
   TQ_LOG_LEVEL: Type.Union(
     [Type.Literal("debug"), Type.Literal("info"), Type.Literal("warn"), Type.Literal("error"), Type.Literal("silent")],
     { default: "info", description: "Log level: debug, info, warn, error or silent. Defaults to info." },
@@ -363,6 +382,7 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     );
   }
   taskIsolation(config);
+  workerRoutingConfig(config);
   readWorkerTokenFile(config);
   workerJoinTokens(config);
   if (Boolean(config.TQ_TLS_CERT) !== Boolean(config.TQ_TLS_KEY)) {
@@ -375,6 +395,23 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     throw new ConfigError("invalid configuration: TQ_TLS_CLIENT_CA (mutual TLS) needs TQ_TLS_CERT and TQ_TLS_KEY");
   }
   return config;
+}
+
+/** TQ_WORKER_QUEUES and TQ_WORKER_LABELS, validated: what the worker tells its coordinator in Hello. */
+export function workerRoutingConfig(config: Config): { queues: string[]; labels: Record<string, string> } {
+  const queues = config.TQ_WORKER_QUEUES.split(",")
+    .map((q) => q.trim())
+    .filter((q) => q !== "");
+  for (const q of queues) {
+    if (!new RegExp(QUEUE_NAME_PATTERN).test(q)) {
+      throw new ConfigError(`invalid configuration: TQ_WORKER_QUEUES: "${q}" is not a queue name (${QUEUE_NAME_PATTERN})`);
+    }
+  }
+  try {
+    return { queues, labels: parseLabels(config.TQ_WORKER_LABELS) };
+  } catch (error) {
+    throw new ConfigError(`invalid configuration: TQ_WORKER_LABELS: ${(error as Error).message}`);
+  }
 }
 
 /** The worker's dial list, validated. */

@@ -751,6 +751,42 @@ export interface components {
                 cpu?: number;
             };
             retry?: components["schemas"]["RetryPolicy"];
+            /**
+             * @description A queue name: 1 to 63 letters, digits, `_`, `.` or `-`, starting with a letter or digit. Defaults to `default`.
+             * @example default
+             * @example emails
+             */
+            queue?: string;
+            /** @description Higher runs first, from -100 to 100; defaults to 0. Priorities age: a waiting task ranks as run_at - priority * TQ_PRIORITY_AGING_MS, so a task is passed by one of higher priority only while that one has waited less than the difference times the aging. */
+            priority?: number;
+            /** @description Worker labels the task needs (all of them); it waits, saying so, while no live worker has them. */
+            require?: {
+                /**
+                 * @description The label's name.
+                 * @example gpu
+                 */
+                key: string;
+                /** @enum {string} */
+                op: "=" | "!=" | ">" | ">=" | "<" | "<=" | "exists";
+                /** @description What to compare with; a number for the ordering comparators; none for exists. */
+                value?: string;
+            }[];
+            /** @description Worker labels the task prefers, with weights: among free workers, one with a higher score is chosen. */
+            prefer?: {
+                /**
+                 * @description The label's name.
+                 * @example gpu
+                 */
+                key: string;
+                /** @enum {string} */
+                op: "=" | "!=" | ">" | ">=" | "<" | "<=" | "exists";
+                /** @description What to compare with; a number for the ordering comparators; none for exists. */
+                value?: string;
+                /** @description How much a worker that matches is preferred. */
+                weight: number;
+            }[];
+            /** @description Fail the task if it has waited this long after its run_at without being dispatched; 0 (the default) waits forever. */
+            schedule_timeout_ms?: number;
         };
         /** @description A task to run as soon as a worker is free. */
         SubmitInput: {
@@ -785,6 +821,42 @@ export interface components {
                 cpu?: number;
             };
             retry?: components["schemas"]["RetryPolicy"];
+            /**
+             * @description A queue name: 1 to 63 letters, digits, `_`, `.` or `-`, starting with a letter or digit. Defaults to `default`.
+             * @example default
+             * @example emails
+             */
+            queue?: string;
+            /** @description Higher runs first, from -100 to 100; defaults to 0. Priorities age: a waiting task ranks as run_at - priority * TQ_PRIORITY_AGING_MS, so a task is passed by one of higher priority only while that one has waited less than the difference times the aging. */
+            priority?: number;
+            /** @description Worker labels the task needs (all of them); it waits, saying so, while no live worker has them. */
+            require?: {
+                /**
+                 * @description The label's name.
+                 * @example gpu
+                 */
+                key: string;
+                /** @enum {string} */
+                op: "=" | "!=" | ">" | ">=" | "<" | "<=" | "exists";
+                /** @description What to compare with; a number for the ordering comparators; none for exists. */
+                value?: string;
+            }[];
+            /** @description Worker labels the task prefers, with weights: among free workers, one with a higher score is chosen. */
+            prefer?: {
+                /**
+                 * @description The label's name.
+                 * @example gpu
+                 */
+                key: string;
+                /** @enum {string} */
+                op: "=" | "!=" | ">" | ">=" | "<" | "<=" | "exists";
+                /** @description What to compare with; a number for the ordering comparators; none for exists. */
+                value?: string;
+                /** @description How much a worker that matches is preferred. */
+                weight: number;
+            }[];
+            /** @description Fail the task if it has waited this long after its run_at without being dispatched; 0 (the default) waits forever. */
+            schedule_timeout_ms?: number;
         };
         /** @description A task to run at scheduled_at (required). */
         ScheduleInput: {
@@ -847,6 +919,42 @@ export interface components {
                 cpu?: number;
             };
             retry?: components["schemas"]["RetryPolicy"];
+            /**
+             * @description A queue name: 1 to 63 letters, digits, `_`, `.` or `-`, starting with a letter or digit. Defaults to `default`.
+             * @example default
+             * @example emails
+             */
+            queue?: string;
+            /** @description Higher runs first, from -100 to 100; defaults to 0. Priorities age: a waiting task ranks as run_at - priority * TQ_PRIORITY_AGING_MS, so a task is passed by one of higher priority only while that one has waited less than the difference times the aging. */
+            priority?: number;
+            /** @description Worker labels the task needs (all of them); it waits, saying so, while no live worker has them. */
+            require?: {
+                /**
+                 * @description The label's name.
+                 * @example gpu
+                 */
+                key: string;
+                /** @enum {string} */
+                op: "=" | "!=" | ">" | ">=" | "<" | "<=" | "exists";
+                /** @description What to compare with; a number for the ordering comparators; none for exists. */
+                value?: string;
+            }[];
+            /** @description Worker labels the task prefers, with weights: among free workers, one with a higher score is chosen. */
+            prefer?: {
+                /**
+                 * @description The label's name.
+                 * @example gpu
+                 */
+                key: string;
+                /** @enum {string} */
+                op: "=" | "!=" | ">" | ">=" | "<" | "<=" | "exists";
+                /** @description What to compare with; a number for the ordering comparators; none for exists. */
+                value?: string;
+                /** @description How much a worker that matches is preferred. */
+                weight: number;
+            }[];
+            /** @description Fail the task if it has waited this long after its run_at without being dispatched; 0 (the default) waits forever. */
+            schedule_timeout_ms?: number;
             /** @description This task's own idempotency key (visible ASCII, at most 255 bytes): when it was used before, the original task is returned in its place (its index listed in `replayed`); with a different request, the batch is a 409. */
             idempotency_key?: string;
         };

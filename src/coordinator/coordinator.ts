@@ -26,6 +26,8 @@ import { attemptKey } from "../task/attempt";
 import { grpcServerCredentials, httpScheme, httpTls } from "../tls";
 import { Completer } from "./completer";
 import { Dispatcher } from "./dispatcher";
+import { DEFAULT_QUEUE, isPlainRouting, servesQueue } from "../task/routing";
+import type { TaskSpec } from "../task/task";
 import { WorkerRegistry } from "./registry";
 import { Rescuer } from "./rescuer";
 import { taskServiceHandlers } from "./task-service";
@@ -77,8 +79,13 @@ export class Coordinator {
       safetyPollMs: config.TQ_SAFETY_POLL_MS,
       leaseMs: lease.leaseMs,
       aheadMs: config.TQ_DISPATCH_AHEAD_MS,
+      agingMs: config.TQ_PRIORITY_AGING_MS,
     });
-    this.submitter = new Submitter({ sql: this.sql, placeRunNow: (id) => this.placeRunNow(id) });
+    this.submitter = new Submitter({
+      sql: this.sql,
+      placeRunNow: (id, spec) => this.placeRunNow(id, spec),
+      agingMs: config.TQ_PRIORITY_AGING_MS,
+    });
     this.completer = new Completer({
       sql: this.sql,
       registry: this.registry,
@@ -205,10 +212,16 @@ export class Coordinator {
    * The run-now fast path: when one of our workers has a free slot, the task is written already
    * dispatched to it and pushed at once, saving the claim round trip; otherwise it is queued.
    */
-  private placeRunNow(id: string): RunNowPlacement | null {
+  private placeRunNow(id: string, spec: TaskSpec): RunNowPlacement | null {
     if (!this.dispatcher.active) return null;
+    // Routing and priorities are the claim's to decide: only a plain task takes the fast path.
+    if (spec.routing !== undefined && !isPlainRouting(spec.routing)) return null;
     const worker = this.registry.reserveFreeSlot(id, 1);
     if (!worker) return null;
+    if (!servesQueue(worker.routing, spec.routing?.queue ?? DEFAULT_QUEUE)) {
+      this.registry.release(worker, id, 1);
+      return null;
+    }
     // Before the insert that grants the lease: what the Assign says is left of it is never more.
     const grantedAt = performance.now();
     return {

@@ -8,6 +8,7 @@ import type { Sql } from "../db/sql";
 import { requeueAttempt } from "../db/transitions";
 import { type Logger, taskFields } from "../log";
 import { assignMessage } from "../rpc/messages";
+import type { WorkerRouting } from "../task/routing";
 import type { Task } from "../task/task";
 import type { WorkerRegistry } from "./registry";
 
@@ -26,6 +27,8 @@ export interface DispatcherOptions {
    * "start_in_ms" feature: the others get only tasks already due.
    */
   aheadMs: number;
+  /** TQ_PRIORITY_AGING_MS: bounds the claim's rank scan. Defaults to 1000. */
+  agingMs?: number;
 }
 
 /** The longest delay setTimeout honours. */
@@ -113,13 +116,20 @@ export class Dispatcher {
           const { sql, coordinatorId, leaseMs } = this.options;
           // Before the claim: the leases it grants start later than this, never earlier.
           const grantedAt = performance.now();
-          const claimed = await claimDue(sql, coordinatorId, slots, leaseMs, aheadMs);
+          const claimed = await claimDue(sql, coordinatorId, slots, leaseMs, {
+            aheadMs,
+            routing: this.routing(slots),
+            agingMs: this.options.agingMs,
+          });
           for (const task of claimed) {
             const worker = task.worker_id ? this.options.registry.get(task.worker_id) : undefined;
             if (worker) this.options.registry.reserve(worker, task.id, task.attempt);
             this.assign(task.worker_id ?? "", task, grantedAt, task.start_in_ms);
           }
-          if (claimed.length === slots.length) filled = true;
+          // All slots filled: there may be more. With workers of different routing, a pass can
+          // also fill some and not others (the candidates it read were for the filled ones):
+          // any progress is worth another pass, which reads for the slots still free.
+          if (claimed.length === slots.length || (claimed.length > 0 && this.mixedRouting(slots))) filled = true;
         }
         if (!filled) {
           // Slots left free: a task held back by a rate limit may get a token before any wake
@@ -174,6 +184,22 @@ export class Dispatcher {
     }
     const leaseLeftMs = Math.max(0, Math.floor(this.options.leaseMs - (performance.now() - grantedAt)));
     worker.send(assignMessage(task, startInMs, leaseLeftMs));
+  }
+
+  /** The routing of the workers that have slots in `slots` (a worker without any takes any task). */
+  private routing(slots: readonly string[]): Map<string, WorkerRouting> {
+    const routing = new Map<string, WorkerRouting>();
+    for (const id of slots) {
+      if (routing.has(id)) continue;
+      const r = this.options.registry.get(id)?.routing;
+      if (r) routing.set(id, r);
+    }
+    return routing;
+  }
+
+  private mixedRouting(slots: readonly string[]): boolean {
+    const first = this.options.registry.get(slots[0] ?? "")?.routing;
+    return slots.some((id) => this.options.registry.get(id)?.routing !== first);
   }
 
   private takesEarly(workerId: string): boolean {

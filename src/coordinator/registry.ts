@@ -8,6 +8,7 @@
 import type { CoordinatorMessage } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Feature } from "../rpc/protocol";
 import { attemptKey } from "../task/attempt";
+import { ANY_TASK, type WorkerRouting } from "../task/routing";
 
 /** One attempt as a worker names it on its stream. */
 type HeldRef = { readonly taskId: string; readonly attempt: number };
@@ -19,6 +20,8 @@ export interface WorkerConnection {
   readonly slots: number;
   /** The features agreed at Hello (src/rpc/protocol.ts): nothing else is relied on. */
   readonly features: ReadonlySet<Feature>;
+  /** The queues it serves and its labels (Hello): which tasks the claim gives it. Absent: any task. */
+  readonly routing?: WorkerRouting;
   /**
    * Attempts this coordinator counts against the worker's slots, by attemptKey, with
    * when they were assigned (performance.now()). An attempt leaves when its result arrives,
@@ -49,6 +52,8 @@ export interface WorkerJoin {
   held: readonly HeldRef[];
   /** The features agreed with it (src/rpc/protocol.ts agreeWithWorker). */
   features: ReadonlySet<Feature>;
+  /** Absent: every queue, no labels. */
+  routing?: WorkerRouting;
 }
 
 /** The stream under a connection, as the session that serves it gives it to the registry. */
@@ -68,6 +73,7 @@ class Connection implements WorkerConnection {
   full = false;
   ended = false;
   lastSeen: number;
+  routing: WorkerRouting = ANY_TASK;
 
   constructor(
     readonly id: string,
@@ -121,7 +127,9 @@ export class WorkerRegistry {
    * nothing until it is, but its reports are counted from now on.
    */
   open(join: WorkerJoin, link: WorkerLink, now = performance.now()): WorkerConnection {
-    return new Connection(join.id, join.name, join.slots, new Set(join.features), join.held, now, this, link);
+    const connection = new Connection(join.id, join.name, join.slots, new Set(join.features), join.held, now, this, link);
+    if (join.routing) connection.routing = join.routing;
+    return connection;
   }
 
   /** Adds a connection, in place of any earlier one of the same worker. */

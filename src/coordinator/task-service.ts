@@ -81,6 +81,11 @@ function submitInput(request: SubmitTaskRequest): Record<string, unknown> {
     input.retry = policy;
   }
   if (request.limits) input.limits = limitsFromProto(request.limits);
+  if (request.queue !== "") input.queue = request.queue;
+  if (request.priority !== 0) input.priority = request.priority;
+  if (request.require.length > 0) input.require = request.require.map(({ key, op, value }) => ({ key, op, value }));
+  if (request.prefer.length > 0) input.prefer = request.prefer.map(({ key, op, value, weight }) => ({ key, op, value, weight }));
+  if (request.scheduleTimeoutMs !== 0) input.schedule_timeout_ms = request.scheduleTimeoutMs;
   return input;
 }
 
@@ -102,6 +107,7 @@ export function taskServiceHandlers(deps: ApiDeps): grpc.UntypedServiceImplement
         state,
         limit: request.limit === 0 ? undefined : request.limit,
         cursor: request.cursor === "" ? undefined : request.cursor,
+        ...(request.queue === "" ? {} : { queue: request.queue }),
       });
       return create(ListTasksResponseSchema, { tasks: page.tasks.map(taskToProto), nextCursor: page.nextCursor ?? "" });
     }),

@@ -20,6 +20,7 @@ import { GRPC_DEFAULT_MAX_MESSAGE_BYTES } from "../rpc/message-size";
 import { cancelMessage, welcomeMessage } from "../rpc/messages";
 import { type Agreement, agreeWithWorker, ProtocolMismatch } from "../rpc/protocol";
 import { attemptKey } from "../task/attempt";
+import { workerRouting } from "../task/routing";
 import type { Completer } from "./completer";
 import type { Dispatcher } from "./dispatcher";
 import type { WorkerConnection, WorkerRegistry } from "./registry";
@@ -211,6 +212,7 @@ export class WorkerSessions {
       slots: hello.slots,
       held: hello.inFlight,
       features: agreement.features,
+      routing: workerRouting(hello.queues, hello.labels),
     };
     return this.options.registry.open(join, {
       write(message) {
@@ -293,6 +295,7 @@ export class WorkerSessions {
       coordinatorId,
       slots: connection.slots,
       labels: hello.labels,
+      queues: hello.queues.length === 0 ? null : hello.queues,
       version: hello.version,
       presentedHash: hello.resumeToken ? hashToken(hello.resumeToken) : null,
       resumeHash: hashToken(resumeToken),

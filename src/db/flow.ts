@@ -78,50 +78,56 @@ function refilled(b: string, l: string): string {
   return `least(${l}.burst::double precision, ${b}.tokens + greatest(0, extract(epoch FROM now() - ${b}.updated_at) * 1000) * ${l}.rate_count / ${l}.period_ms)`;
 }
 
+/** `(ahead.rank, ahead.id) < (tasks.rank, tasks.id)`: queued before `tasks` in the claim's order. */
+const AHEAD = "(ahead.rank, ahead.id) < (tasks.rank, tasks.id)";
+
+/** How many queued tasks of the same key come before `tasks`, counted up to its max. */
+const KEY_AHEAD = `(SELECT count(*) FROM (SELECT 1 FROM tasks ahead
+    WHERE ahead.concurrency_key = tasks.concurrency_key AND ahead.state = 'queued' AND ${AHEAD}
+    LIMIT tasks.concurrency_max) a)`;
+
 /**
- * The claim scan's condition for `tasks` (a plain read: the claim's snapshot): the task's key
- * has room for it after the live tasks and those queued before it, and its bucket has a token
- * for it after those queued before it. A task whose limit was deleted runs unlimited.
+ * The claim's condition on a candidate `tasks` row (a plain read: the claim's snapshot), with
+ * a leading AND: the task's key has room for it after the live tasks and those queued before
+ * it, and its bucket has a token for it after those queued before it. Exact once flowRooms
+ * finds the key's and bucket's rows unchanged since the snapshot, so the candidates never
+ * include a full key's or an empty bucket's tasks, and never use up the claim's window. A
+ * task whose limit was deleted runs unlimited.
  */
-export function flowAdmissible(sql: Sql): Fragment {
-  return sql.unsafe(`(tasks.concurrency_key IS NULL OR (
+export function flowCandidateFilter(sql: Sql): Fragment {
+  return sql.unsafe(`AND (tasks.concurrency_key IS NULL OR (
       (SELECT count(*) FROM tasks live WHERE live.concurrency_key = tasks.concurrency_key AND live.state IN ${LIVE})
-      + (SELECT count(*) FROM (SELECT 1 FROM tasks ahead
-           WHERE ahead.concurrency_key = tasks.concurrency_key AND ahead.state = 'queued'
-             AND (ahead.run_at, ahead.id) < (tasks.run_at, tasks.id)
-           LIMIT tasks.concurrency_max) a)
-      < tasks.concurrency_max))
+      + ${KEY_AHEAD} < tasks.concurrency_max))
     AND (tasks.rate_limit IS NULL
       OR NOT EXISTS (SELECT 1 FROM rate_limits l WHERE l.name = tasks.rate_limit)
       OR EXISTS (SELECT 1 FROM rate_buckets b JOIN rate_limits l ON l.name = b.name
         WHERE b.name = tasks.rate_limit AND b.key = tasks.rate_limit_key
           AND (SELECT count(*) FROM (SELECT 1 FROM tasks ahead
                  WHERE ahead.rate_limit = tasks.rate_limit AND ahead.rate_limit_key = tasks.rate_limit_key
-                   AND ahead.state = 'queued' AND (ahead.run_at, ahead.id) < (tasks.run_at, tasks.id)
+                   AND ahead.state = 'queued' AND ${AHEAD}
                  LIMIT floor(${refilled("b", "l")})::bigint) a) + 1 <= floor(${refilled("b", "l")})))`) as unknown as Fragment;
 }
 
 /**
- * The task's rank in its key's queue (1 for the next one), for round robin: a claim orders
- * its window by it first, so each key gets one slot before any key gets a second.
+ * Extra columns of `cand`: the flow columns, and the task's rank in its key's queue (1 for
+ * the next one), for round robin: the pick orders by it first (flowPickOrder), so each key
+ * gets one slot before any key gets a second.
  */
-export function flowKeyRank(sql: Sql): Fragment {
-  return sql.unsafe(`CASE WHEN tasks.concurrency_key IS NULL THEN 1 ELSE 1 + (SELECT count(*) FROM (SELECT 1 FROM tasks ahead
-      WHERE ahead.concurrency_key = tasks.concurrency_key AND ahead.state = 'queued'
-        AND (ahead.run_at, ahead.id) < (tasks.run_at, tasks.id) LIMIT tasks.concurrency_max) a) END`) as unknown as Fragment;
+export function flowCandidateColumns(sql: Sql): Fragment {
+  return sql.unsafe(`, tasks.concurrency_key, tasks.rate_limit, tasks.rate_limit_key,
+    CASE WHEN tasks.concurrency_key IS NULL THEN 1 ELSE 1 + ${KEY_AHEAD} END AS key_rank`) as unknown as Fragment;
 }
 
 /**
- * The claim's CTEs after its window `w` (locked candidate rows with id, run_at, key_rank,
- * concurrency_key, rate_limit, rate_limit_key), ending in `c (id, n)`: at most `limit` of them,
- * round robin over keys, each of whose key and bucket rows this claim holds unchanged since its
- * snapshot. Then `flow_spend` records what the claim took; the claim's UPDATE reads `c`.
+ * CTEs after `room`: the key and bucket rows of the candidates, locked FOR UPDATE SKIP LOCKED
+ * (a claim never waits on them, so no deadlock), kept only when unchanged since the claim's
+ * snapshot (see the top of this file): then the candidate filter's counts were exact.
  */
-export function flowAdmit(sql: Sql, limit: number): Fragment {
+export function flowRooms(sql: Sql): Fragment {
   return sql`
     flow_k AS (
       SELECT k.key, k.claims FROM concurrency_keys k
-      WHERE k.key IN (SELECT w.concurrency_key FROM w WHERE w.concurrency_key IS NOT NULL)
+      WHERE k.key IN (SELECT cand.concurrency_key FROM cand WHERE cand.concurrency_key IS NOT NULL)
       ORDER BY k.key FOR UPDATE SKIP LOCKED
     ),
     flow_k_ok AS (
@@ -129,7 +135,7 @@ export function flowAdmit(sql: Sql, limit: number): Fragment {
     ),
     flow_b AS (
       SELECT b.name, b.key, b.tokens, b.updated_at FROM rate_buckets b
-      WHERE (b.name, b.key) IN (SELECT w.rate_limit, w.rate_limit_key FROM w WHERE w.rate_limit IS NOT NULL)
+      WHERE (b.name, b.key) IN (SELECT cand.rate_limit, cand.rate_limit_key FROM cand WHERE cand.rate_limit IS NOT NULL)
       ORDER BY b.name, b.key FOR UPDATE SKIP LOCKED
     ),
     flow_b_ok AS (
@@ -137,29 +143,45 @@ export function flowAdmit(sql: Sql, limit: number): Fragment {
       FROM flow_b JOIN rate_limits l ON l.name = flow_b.name
       JOIN rate_buckets snap ON snap.name = flow_b.name AND snap.key = flow_b.key
         AND snap.tokens = flow_b.tokens AND snap.updated_at = flow_b.updated_at
-    ),
-    c AS (
-      SELECT w.id, w.concurrency_key, w.rate_limit, w.rate_limit_key,
-        row_number() OVER (ORDER BY w.key_rank, w.run_at, w.id) AS n
-      FROM w
-      WHERE (w.concurrency_key IS NULL OR w.concurrency_key IN (SELECT key FROM flow_k_ok))
-        AND (w.rate_limit IS NULL
-          OR NOT EXISTS (SELECT 1 FROM rate_limits l WHERE l.name = w.rate_limit)
-          OR (w.rate_limit, w.rate_limit_key) IN (SELECT name, key FROM flow_b_ok))
-      ORDER BY w.key_rank, w.run_at, w.id
-      LIMIT ${limit}
-    ),
+    ),`;
+}
+
+/** Conditions in `ok` on `w`: a candidate's key and bucket rows are held and unchanged. */
+export function flowWithinRooms(sql: Sql): Fragment {
+  return sql`AND (w.concurrency_key IS NULL OR w.concurrency_key IN (SELECT key FROM flow_k_ok))
+    AND (w.rate_limit IS NULL
+      OR NOT EXISTS (SELECT 1 FROM rate_limits l WHERE l.name = w.rate_limit)
+      OR (w.rate_limit, w.rate_limit_key) IN (SELECT name, key FROM flow_b_ok))`;
+}
+
+/** The pick's first order term, with a trailing comma: round robin over keys (key_rank). */
+export function flowPickOrder(sql: Sql): Fragment {
+  return sql`ok.key_rank,`;
+}
+
+/**
+ * CTEs after `t` (the claimed rows): each key a claimed task holds gets its `claims` raised
+ * (what tells a later claim with an older snapshot to leave the key), and each bucket loses
+ * the tokens its claimed tasks took, refilled to now first.
+ */
+export function flowConsume(sql: Sql): Fragment {
+  return sql`
     flow_spend_k AS (
       UPDATE concurrency_keys k SET claims = k.claims + 1
-      WHERE k.key IN (SELECT c.concurrency_key FROM c WHERE c.concurrency_key IS NOT NULL)
+      WHERE k.key IN (SELECT t.concurrency_key FROM t WHERE t.concurrency_key IS NOT NULL)
     ),
     flow_spend_b AS (
       UPDATE rate_buckets b SET tokens = ok.tokens - used.n, updated_at = greatest(b.updated_at, now())
       FROM flow_b_ok ok,
-        (SELECT c.rate_limit, c.rate_limit_key, count(*) AS n FROM c WHERE c.rate_limit IS NOT NULL
-         GROUP BY c.rate_limit, c.rate_limit_key) used
+        (SELECT t.rate_limit, t.rate_limit_key, count(*) AS n FROM t WHERE t.rate_limit IS NOT NULL
+         GROUP BY t.rate_limit, t.rate_limit_key) used
       WHERE b.name = ok.name AND b.key = ok.key AND used.rate_limit = ok.name AND used.rate_limit_key = ok.key
     ),`;
+}
+
+/** The admissible condition alone (no leading AND), for nextDueIn. */
+export function flowAdmissible(sql: Sql): Fragment {
+  return sql`TRUE ${flowCandidateFilter(sql)}`;
 }
 
 /**

@@ -42,7 +42,12 @@ export interface NewTask {
    * has a free slot, which saves the claim round trip.
    */
   assignTo?: Assignment;
+  /** TQ_PRIORITY_AGING_MS of the submitting role: the task's rank uses it. */
+  agingMs?: number;
 }
+
+/** TQ_PRIORITY_AGING_MS's default: a task gains one priority step per second of waiting. */
+export const DEFAULT_PRIORITY_AGING_MS = 1000;
 
 /** insertTasks for one item. */
 export async function insertTask(
@@ -90,6 +95,12 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
         lease_ms: ["double precision", (t) => (t.assignTo ? Math.max(0, t.assignTo.leaseMs) : null)],
         limits: ["jsonb", (t) => t.spec.limits ?? null],
         ...flowColumns,
+        queue: ["text", (t) => t.spec.routing?.queue ?? "default"],
+        priority: ["integer", (t) => t.spec.routing?.priority ?? 0],
+        requires: ["jsonb", (t) => t.spec.routing?.requires ?? []],
+        prefers: ["jsonb", (t) => t.spec.routing?.prefers ?? []],
+        schedule_timeout_ms: ["integer", (t) => t.spec.routing?.scheduleTimeoutMs ?? 0],
+        priority_aging_ms: ["integer", (t) => t.agingMs ?? DEFAULT_PRIORITY_AGING_MS],
       })}
     ),
     ${flowRows(sql)}
@@ -98,21 +109,31 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
                          worker_id, coordinator_id, lease_expires_at,
                          retry_on_failure, retry_on_timeout, retry_on_lost, retry_backoff_base_ms, retry_backoff_cap_ms,
                          idempotency_key, idempotency_hash, limits,
-                         concurrency_key, concurrency_max, concurrency_strategy, rate_limit, rate_limit_key)
-      SELECT r.id, r.command, CASE WHEN r.worker_id IS NULL THEN 'queued' ELSE 'dispatched' END,
+                         concurrency_key, concurrency_max, concurrency_strategy, rate_limit, rate_limit_key,
+                         queue, priority, requires, prefers, schedule_timeout_ms, priority_aging_ms)
+      SELECT r.id, r.command, CASE WHEN fast.worker_id IS NULL THEN 'queued' ELSE 'dispatched' END,
              due.at, due.at,
-             CASE WHEN r.worker_id IS NOT NULL THEN clock_timestamp() END,
-             CASE WHEN r.worker_id IS NULL THEN 0 ELSE 1 END,
+             CASE WHEN fast.worker_id IS NOT NULL THEN clock_timestamp() END,
+             CASE WHEN fast.worker_id IS NULL THEN 0 ELSE 1 END,
              r.max_attempts, r.timeout_ms, coalesce(r.env, '{}'::jsonb), coalesce(r.secret_env, '{}'::jsonb), r.cwd,
-             r.worker_id, r.coordinator_id,
-             clock_timestamp() + make_interval(secs => r.lease_ms / 1000),
+             fast.worker_id, fast.coordinator_id,
+             CASE WHEN fast.worker_id IS NOT NULL THEN clock_timestamp() + make_interval(secs => r.lease_ms / 1000) END,
              r.retry_on_failure, r.retry_on_timeout, r.retry_on_lost, r.retry_backoff_base_ms, r.retry_backoff_cap_ms,
              r.idempotency_key, r.idempotency_hash, r.limits,
-             r.concurrency_key, r.concurrency_max, r.concurrency_strategy, r.rate_limit, r.rate_limit_key
+             r.concurrency_key, r.concurrency_max, r.concurrency_strategy, r.rate_limit, r.rate_limit_key,
+             r.queue, r.priority, r.requires, r.prefers, r.schedule_timeout_ms, r.priority_aging_ms
       FROM r
       -- Truncated, not rounded: timestamptz(3) would round a run-now time up to 0.5 ms into
       -- the future, making the task briefly "not yet due".
       CROSS JOIN LATERAL (SELECT coalesce(r.scheduled_at, date_trunc('milliseconds', clock_timestamp())) AS at) due
+      -- The fast path only where the claim would not hold the task back: a paused or limited
+      -- queue is the claim's to decide (the caller frees the slot of a task born queued).
+      CROSS JOIN LATERAL (
+        SELECT r.worker_id, r.coordinator_id
+        WHERE r.worker_id IS NOT NULL AND NOT EXISTS (
+          SELECT 1 FROM queues q WHERE q.name = r.queue AND (q.paused OR q.concurrency_limit IS NOT NULL))
+        UNION ALL SELECT NULL, NULL LIMIT 1
+      ) fast
       ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
       RETURNING ${taskRowColumns(sql, "tasks")}
     ),

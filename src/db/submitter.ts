@@ -28,7 +28,9 @@ export interface SubmitterOptions {
    * that writes it, which saves the claim's round trip, or null to queue it like any other.
    * Without it every task is written queued.
    */
-  placeRunNow?: (id: string) => RunNowPlacement | null;
+  placeRunNow?: (id: string, spec: TaskSpec) => RunNowPlacement | null;
+  /** TQ_PRIORITY_AGING_MS: the rank of the tasks it writes. Defaults to 1000. */
+  agingMs?: number;
 }
 
 export class Submitter {
@@ -44,17 +46,19 @@ export class Submitter {
    */
   async submit(id: string, spec: TaskSpec, actor?: string): Promise<InsertOutcome> {
     // A task under flow control waits for the claim, the one place its key and bucket are kept.
-    const placement = spec.scheduledAt === null && !hasFlow(spec) ? (this.options.placeRunNow?.(id) ?? null) : null;
-    if (!placement) return this.inserts.add({ id, spec, actor });
+    const placement = spec.scheduledAt === null && !hasFlow(spec) ? (this.options.placeRunNow?.(id, spec) ?? null) : null;
+    const agingMs = this.options.agingMs;
+    if (!placement) return this.inserts.add({ id, spec, actor, agingMs });
     let outcome: InsertOutcome;
     try {
-      outcome = await this.inserts.add({ id, spec, actor, assignTo: placement.assignTo });
+      outcome = await this.inserts.add({ id, spec, actor, agingMs, assignTo: placement.assignTo });
     } catch (error) {
       placement.release();
       throw error;
     }
-    if (outcome.kind === "existing") {
-      // A repeated idempotency key: nothing was written, the slot stays free.
+    if (outcome.kind === "existing" || outcome.task.state === "queued") {
+      // A repeated idempotency key: nothing was written, the slot stays free. Or the task's
+      // queue is paused or limited, which only the claim may decide: it was born queued.
       placement.release();
       return outcome;
     }

@@ -60,6 +60,13 @@ export const TASK_ROW_COLUMNS = [
   "concurrency_strategy",
   "rate_limit",
   "rate_limit_key",
+  // Routing (src/db/claim.ts, src/task/labels.ts).
+  "queue",
+  "requires",
+  "prefers",
+  "schedule_timeout_ms",
+  "priority_aging_ms",
+  "rank",
 ] as const;
 
 /** The task row's own columns, qualified by `table` (a statement's RETURNING, or a read's select list). */

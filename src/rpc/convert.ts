@@ -121,6 +121,12 @@ export function taskToProto(task: Task): PbTask {
     leaseExpiresAt: toTimestamp(task.lease_expires_at),
     secretEnvKeys: Object.keys(task.secret_env ?? {}).sort(),
     limits: task.limits ? limitsToProto(task.limits) : undefined,
+    queue: task.queue ?? "default",
+    priority: task.priority,
+    require: (task.requires ?? []).map((r) => ({ key: r.key, op: r.op, value: r.value })),
+    prefer: (task.prefers ?? []).map((p) => ({ key: p.key, op: p.op, value: p.value, weight: p.weight })),
+    scheduleTimeoutMs: task.schedule_timeout_ms ?? 0,
+    waiting: task.waiting ?? undefined,
   });
 }
 

@@ -90,6 +90,9 @@ export interface HelloFields {
   version: string;
   /** From the Welcome of this worker's first stream; empty on the first Hello. */
   resumeToken: string;
+  /** TQ_WORKER_QUEUES (empty: every queue) and TQ_WORKER_LABELS. */
+  queues?: string[];
+  labels?: Record<string, string>;
 }
 
 /**

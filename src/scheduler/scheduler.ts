@@ -28,7 +28,7 @@ export class Scheduler {
     this.sql = connect(databaseUrl, { ...databaseOptions(config), applicationName: "task-queue scheduler" });
     this.feed = new TaskChangeFeed(this.sql);
     this.auth = new Authenticator(this.sql, authOptions(config), log.child({ part: "auth" }));
-    this.submitter = new Submitter({ sql: this.sql });
+    this.submitter = new Submitter({ sql: this.sql, agingMs: config.TQ_PRIORITY_AGING_MS });
     this.app = createApp({
       role: "scheduler",
       auth: this.auth,

@@ -8,6 +8,7 @@ import { invalidArgument, TaskQueueError } from "./errors";
 import { checkSchema } from "./explain";
 import { flowOptions, toConcurrencySpec, toRateLimitRef } from "./flow";
 import { EXAMPLE_TIME, parseRfc3339 } from "./rfc3339";
+import { routingOptions, toRouting } from "./routing";
 import type { TaskSpec } from "./task";
 
 export const MAX_COMMAND_BYTES = 65_536;
@@ -165,6 +166,8 @@ const runOptions = {
       },
     ),
   ),
+  // Queue, priority, labels (src/task/routing.ts).
+  ...routingOptions,
 };
 
 /** The full form (`POST /tasks`, gRPC SubmitTask). */
@@ -326,6 +329,7 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, defaults: TaskDe
   }
   const concurrency = body.concurrency === undefined ? undefined : toConcurrencySpec(body.concurrency);
   const rateLimit = body.rate_limit === undefined ? undefined : toRateLimitRef(body.rate_limit, concurrency?.key);
+  const routing = toRouting(body);
   return {
     command: body.command,
     scheduledAt,
@@ -345,6 +349,7 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, defaults: TaskDe
     ...(body.limits === undefined || Object.keys(body.limits).length === 0 ? {} : { limits: { ...body.limits } }),
     ...(concurrency === undefined ? {} : { concurrency }),
     ...(rateLimit === undefined ? {} : { rateLimit }),
+    ...(routing === undefined ? {} : { routing }),
   };
 }
 

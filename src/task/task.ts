@@ -1,6 +1,8 @@
 // The task record as the database stores it and every transport reads it.
 import type { ConcurrencySpec, RateLimitRef } from "./flow";
+import type { LabelPreference, LabelRequirement } from "./labels";
 import type { TaskState } from "./state";
+import type { Waiting } from "./waiting";
 
 export interface Task {
   id: string;
@@ -60,6 +62,20 @@ export interface Task {
   /** The rate limit's name and bucket ('' for the limit's own); null without. */
   rate_limit?: string | null;
   rate_limit_key?: string | null;
+  /** The named queue (src/db/queues.ts). */
+  queue: string;
+  /** Labels a worker must have to take the task (src/task/labels.ts). */
+  requires: LabelRequirement[];
+  /** Labels a worker is preferred for, with weights. */
+  prefers: LabelPreference[];
+  /** Fails queued after this long without a worker; 0: waits forever. */
+  schedule_timeout_ms: number;
+  /** The aging its rank was computed with (TQ_PRIORITY_AGING_MS of its submitter). */
+  priority_aging_ms: number;
+  /** The claim's order: run_at - priority * priority_aging_ms. */
+  rank: Date | null;
+  /** Not a column: what a queued task waits for, filled by reads that show it (src/db/waiting.ts). */
+  waiting?: Waiting | null;
 }
 
 /**
@@ -135,6 +151,19 @@ export interface TaskSpec {
   concurrency?: ConcurrencySpec;
   /** Absent: no rate limit. */
   rateLimit?: RateLimitRef;
+  /** Absent: the default queue, priority 0, any worker (and the idempotency hash is unchanged). */
+  routing?: TaskRouting;
+}
+
+/** Where and in what order a task runs (src/db/claim.ts). */
+export interface TaskRouting {
+  queue: string;
+  /** Higher first, from -MAX_PRIORITY to MAX_PRIORITY; ages (TQ_PRIORITY_AGING_MS). */
+  priority: number;
+  requires: LabelRequirement[];
+  prefers: LabelPreference[];
+  /** 0: waits for a worker forever. */
+  scheduleTimeoutMs: number;
 }
 
 /** The outcome of a submit: the task, and whether this call created it. */

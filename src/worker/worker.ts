@@ -33,6 +33,10 @@ export interface WorkerOptions {
   id?: string;
   name: string;
   slots: number;
+  /** The queues it serves (TQ_WORKER_QUEUES); empty or absent: every queue. */
+  queues?: readonly string[];
+  /** Its labels (TQ_WORKER_LABELS), matched against tasks' require and prefer. */
+  labels?: Readonly<Record<string, string>>;
   addresses: string[];
   /** How to dial the coordinators (TLS or not). Defaults to plaintext. */
   credentials?: grpc.ChannelCredentials;
@@ -299,6 +303,8 @@ export class Worker {
         slots: this.options.slots,
         version: this.options.version ?? "",
         resumeToken: this.resumeToken,
+        queues: [...(this.options.queues ?? [])],
+        labels: { ...(this.options.labels ?? {}) },
       },
       this.attempts.refs(),
       new Date(this.now()),

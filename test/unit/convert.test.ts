@@ -56,6 +56,12 @@ const task: Task = {
   idempotency_hash: null,
   secret_env: { TOKEN: "s3cret" },
   limits: null,
+  queue: "default",
+  requires: [],
+  prefers: [],
+  schedule_timeout_ms: 0,
+  priority_aging_ms: 1000,
+  rank: null,
 };
 
 test("every state maps to the proto enum and back", () => {

@@ -12,7 +12,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file taskqueue/v1/task.proto.
  */
 export const file_taskqueue_v1_task: GenFile = /*@__PURE__*/
-  fileDesc("Chd0YXNrcXVldWUvdjEvdGFzay5wcm90bxIMdGFza3F1ZXVlLnYxIpoICgRUYXNrEgoKAmlkGAEgASgJEg8KB2NvbW1hbmQYAiABKAkSJgoFc3RhdGUYAyABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEjAKDHNjaGVkdWxlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJcGlja2VkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWZhaWxlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY2FuY2VsbGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdhdHRlbXB0GAsgASgNEhQKDG1heF9hdHRlbXB0cxgMIAEoDRISCgp0aW1lb3V0X21zGA0gASgNEigKA2VudhgOIAMoCzIbLnRhc2txdWV1ZS52MS5UYXNrLkVudkVudHJ5EgsKA2N3ZBgPIAEoCRIRCgl3b3JrZXJfaWQYECABKAkSFgoJZXhpdF9jb2RlGBEgASgRSACIAQESDgoGc2lnbmFsGBIgASgJEg4KBnN0ZG91dBgTIAEoCRIOCgZzdGRlcnIYFCABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgVIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGBYgASgIEhcKD3N0ZG91dF9yZXBsYWNlZBgoIAEoCBIXCg9zdGRlcnJfcmVwbGFjZWQYKSABKAgSDQoFZXJyb3IYFyABKAkSKAoFcmV0cnkYGCABKAsyGS50YXNrcXVldWUudjEuUmV0cnlQb2xpY3kSFwoPaWRlbXBvdGVuY3lfa2V5GBkgASgJEjQKEGxlYXNlX2V4cGlyZXNfYXQYGiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD3NlY3JldF9lbnZfa2V5cxgbIAMoCRIqCgZydW5fYXQYHCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEigKBmxpbWl0cxg8IAEoCzIYLnRhc2txdWV1ZS52MS5UYXNrTGltaXRzEhUKDWludGVycnVwdGlvbnMYRiABKA0aKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIMCgpfZXhpdF9jb2RlIogBCgpUYXNrTGltaXRzEhYKCW1lbW9yeV9tYhgBIAEoDUgAiAEBEhEKBHBpZHMYAiABKA1IAYgBARITCgZub2ZpbGUYAyABKA1IAogBARIQCgNjcHUYBCABKAFIA4gBAUIMCgpfbWVtb3J5X21iQgcKBV9waWRzQgkKB19ub2ZpbGVCBgoEX2NwdSLyAQoMQXR0ZW1wdFVzYWdlEhYKDmxpbWl0c19hcHBsaWVkGAEgASgJEigKBmxpbWl0cxgCIAEoCzIYLnRhc2txdWV1ZS52MS5UYXNrTGltaXRzEhgKC2NwdV91c2VyX3VzGAMgASgESACIAQESGgoNY3B1X3N5c3RlbV91cxgEIAEoBEgBiAEBEh4KEXBlYWtfbWVtb3J5X2J5dGVzGAUgASgESAKIAQESEgoKb29tX2tpbGxlZBgGIAEoCEIOCgxfY3B1X3VzZXJfdXNCEAoOX2NwdV9zeXN0ZW1fdXNCFAoSX3BlYWtfbWVtb3J5X2J5dGVzIuEBCgtSZXRyeVBvbGljeRIXCgpvbl9mYWlsdXJlGAEgASgISACIAQESFwoKb25fdGltZW91dBgCIAEoCEgBiAEBEhQKB29uX2xvc3QYAyABKAhIAogBARIcCg9iYWNrb2ZmX2Jhc2VfbXMYBCABKA1IA4gBARIbCg5iYWNrb2ZmX2NhcF9tcxgFIAEoDUgEiAEBQg0KC19vbl9mYWlsdXJlQg0KC19vbl90aW1lb3V0QgoKCF9vbl9sb3N0QhIKEF9iYWNrb2ZmX2Jhc2VfbXNCEQoPX2JhY2tvZmZfY2FwX21zIuIBCglUYXNrRXZlbnQSCgoCaWQYASABKAkSDwoHdGFza19pZBgCIAEoCRIMCgRraW5kGAMgASgJEiYKBXN0YXRlGAQgASgOMhcudGFza3F1ZXVlLnYxLlRhc2tTdGF0ZRIPCgdhdHRlbXB0GAUgASgNEhEKCXdvcmtlcl9pZBgGIAEoCRImCgJhdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFYWN0b3IYCCABKAkSJwoGZGV0YWlsGAkgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCKpBAoHQXR0ZW1wdBIPCgd0YXNrX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKA0SEQoJd29ya2VyX2lkGAMgASgJEhYKDmNvb3JkaW5hdG9yX2lkGAQgASgJEjEKDWRpc3BhdGNoZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnN0YXJ0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCgNwaWQYCCABKAVIAIgBARIWCglleGl0X2NvZGUYCSABKBFIAYgBARIOCgZzaWduYWwYCiABKAkSDQoFZXJyb3IYCyABKAkSDgoGc3Rkb3V0GAwgASgJEg4KBnN0ZGVychgNIAEoCRIYChBzdGRvdXRfdHJ1bmNhdGVkGA4gASgIEhgKEHN0ZGVycl90cnVuY2F0ZWQYDyABKAgSFwoPc3Rkb3V0X3JlcGxhY2VkGCggASgIEhcKD3N0ZGVycl9yZXBsYWNlZBgpIAEoCBItCgdvdXRjb21lGBAgASgOMhwudGFza3F1ZXVlLnYxLkF0dGVtcHRPdXRjb21lEikKBXVzYWdlGDwgASgLMhoudGFza3F1ZXVlLnYxLkF0dGVtcHRVc2FnZUIGCgRfcGlkQgwKCl9leGl0X2NvZGUq1gEKCVRhc2tTdGF0ZRIaChZUQVNLX1NUQVRFX1VOU1BFQ0lGSUVEEAASFQoRVEFTS19TVEFURV9RVUVVRUQQARIZChVUQVNLX1NUQVRFX0RJU1BBVENIRUQQAhIWChJUQVNLX1NUQVRFX1JVTk5JTkcQAxIYChRUQVNLX1NUQVRFX1NVQ0NFRURFRBAEEhUKEVRBU0tfU1RBVEVfRkFJTEVEEAUSGAoUVEFTS19TVEFURV9USU1FRF9PVVQQBhIYChRUQVNLX1NUQVRFX0NBTkNFTExFRBAHKv4BCg5BdHRlbXB0T3V0Y29tZRIfChtBVFRFTVBUX09VVENPTUVfVU5TUEVDSUZJRUQQABIdChlBVFRFTVBUX09VVENPTUVfU1VDQ0VFREVEEAESGgoWQVRURU1QVF9PVVRDT01FX0ZBSUxFRBACEh0KGUFUVEVNUFRfT1VUQ09NRV9USU1FRF9PVVQQAxIYChRBVFRFTVBUX09VVENPTUVfTE9TVBAEEhsKF0FUVEVNUFRfT1VUQ09NRV9TVE9QUEVEEAUSGQoVQVRURU1QVF9PVVRDT01FX1NUQUxFEAYSHwobQVRURU1QVF9PVVRDT01FX0lOVEVSUlVQVEVEEAdiBnByb3RvMw", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("Chd0YXNrcXVldWUvdjEvdGFzay5wcm90bxIMdGFza3F1ZXVlLnYxItkJCgRUYXNrEgoKAmlkGAEgASgJEg8KB2NvbW1hbmQYAiABKAkSJgoFc3RhdGUYAyABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEjAKDHNjaGVkdWxlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJcGlja2VkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWZhaWxlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY2FuY2VsbGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdhdHRlbXB0GAsgASgNEhQKDG1heF9hdHRlbXB0cxgMIAEoDRISCgp0aW1lb3V0X21zGA0gASgNEigKA2VudhgOIAMoCzIbLnRhc2txdWV1ZS52MS5UYXNrLkVudkVudHJ5EgsKA2N3ZBgPIAEoCRIRCgl3b3JrZXJfaWQYECABKAkSFgoJZXhpdF9jb2RlGBEgASgRSACIAQESDgoGc2lnbmFsGBIgASgJEg4KBnN0ZG91dBgTIAEoCRIOCgZzdGRlcnIYFCABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgVIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGBYgASgIEhcKD3N0ZG91dF9yZXBsYWNlZBgoIAEoCBIXCg9zdGRlcnJfcmVwbGFjZWQYKSABKAgSDQoFZXJyb3IYFyABKAkSKAoFcmV0cnkYGCABKAsyGS50YXNrcXVldWUudjEuUmV0cnlQb2xpY3kSFwoPaWRlbXBvdGVuY3lfa2V5GBkgASgJEjQKEGxlYXNlX2V4cGlyZXNfYXQYGiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD3NlY3JldF9lbnZfa2V5cxgbIAMoCRIqCgZydW5fYXQYHCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEigKBmxpbWl0cxg8IAEoCzIYLnRhc2txdWV1ZS52MS5UYXNrTGltaXRzEhUKDWludGVycnVwdGlvbnMYRiABKA0SDgoFcXVldWUY5gEgASgJEhEKCHByaW9yaXR5GOcBIAEoERIpCgdyZXF1aXJlGOgBIAMoCzIXLnRhc2txdWV1ZS52MS5MYWJlbFJ1bGUSKAoGcHJlZmVyGOkBIAMoCzIXLnRhc2txdWV1ZS52MS5MYWJlbFJ1bGUSHAoTc2NoZWR1bGVfdGltZW91dF9tcxjqASABKA0SJwoHd2FpdGluZxjrASABKAsyFS50YXNrcXVldWUudjEuV2FpdGluZxoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgwKCl9leGl0X2NvZGUiUgoJTGFiZWxSdWxlEgsKA2tleRgBIAEoCRIKCgJvcBgCIAEoCRISCgV2YWx1ZRgDIAEoCUgAiAEBEg4KBndlaWdodBgEIAEoDUIICgZfdmFsdWUiKAoHV2FpdGluZxIMCgRraW5kGAEgASgJEg8KB21lc3NhZ2UYAiABKAkiiAEKClRhc2tMaW1pdHMSFgoJbWVtb3J5X21iGAEgASgNSACIAQESEQoEcGlkcxgCIAEoDUgBiAEBEhMKBm5vZmlsZRgDIAEoDUgCiAEBEhAKA2NwdRgEIAEoAUgDiAEBQgwKCl9tZW1vcnlfbWJCBwoFX3BpZHNCCQoHX25vZmlsZUIGCgRfY3B1IvIBCgxBdHRlbXB0VXNhZ2USFgoObGltaXRzX2FwcGxpZWQYASABKAkSKAoGbGltaXRzGAIgASgLMhgudGFza3F1ZXVlLnYxLlRhc2tMaW1pdHMSGAoLY3B1X3VzZXJfdXMYAyABKARIAIgBARIaCg1jcHVfc3lzdGVtX3VzGAQgASgESAGIAQESHgoRcGVha19tZW1vcnlfYnl0ZXMYBSABKARIAogBARISCgpvb21fa2lsbGVkGAYgASgIQg4KDF9jcHVfdXNlcl91c0IQCg5fY3B1X3N5c3RlbV91c0IUChJfcGVha19tZW1vcnlfYnl0ZXMi4QEKC1JldHJ5UG9saWN5EhcKCm9uX2ZhaWx1cmUYASABKAhIAIgBARIXCgpvbl90aW1lb3V0GAIgASgISAGIAQESFAoHb25fbG9zdBgDIAEoCEgCiAEBEhwKD2JhY2tvZmZfYmFzZV9tcxgEIAEoDUgDiAEBEhsKDmJhY2tvZmZfY2FwX21zGAUgASgNSASIAQFCDQoLX29uX2ZhaWx1cmVCDQoLX29uX3RpbWVvdXRCCgoIX29uX2xvc3RCEgoQX2JhY2tvZmZfYmFzZV9tc0IRCg9fYmFja29mZl9jYXBfbXMi4gEKCVRhc2tFdmVudBIKCgJpZBgBIAEoCRIPCgd0YXNrX2lkGAIgASgJEgwKBGtpbmQYAyABKAkSJgoFc3RhdGUYBCABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEg8KB2F0dGVtcHQYBSABKA0SEQoJd29ya2VyX2lkGAYgASgJEiYKAmF0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVhY3RvchgIIAEoCRInCgZkZXRhaWwYCSABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0IqkECgdBdHRlbXB0Eg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoDRIRCgl3b3JrZXJfaWQYAyABKAkSFgoOY29vcmRpbmF0b3JfaWQYBCABKAkSMQoNZGlzcGF0Y2hlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKA3BpZBgIIAEoBUgAiAEBEhYKCWV4aXRfY29kZRgJIAEoEUgBiAEBEg4KBnNpZ25hbBgKIAEoCRINCgVlcnJvchgLIAEoCRIOCgZzdGRvdXQYDCABKAkSDgoGc3RkZXJyGA0gASgJEhgKEHN0ZG91dF90cnVuY2F0ZWQYDiABKAgSGAoQc3RkZXJyX3RydW5jYXRlZBgPIAEoCBIXCg9zdGRvdXRfcmVwbGFjZWQYKCABKAgSFwoPc3RkZXJyX3JlcGxhY2VkGCkgASgIEi0KB291dGNvbWUYECABKA4yHC50YXNrcXVldWUudjEuQXR0ZW1wdE91dGNvbWUSKQoFdXNhZ2UYPCABKAsyGi50YXNrcXVldWUudjEuQXR0ZW1wdFVzYWdlQgYKBF9waWRCDAoKX2V4aXRfY29kZSrWAQoJVGFza1N0YXRlEhoKFlRBU0tfU1RBVEVfVU5TUEVDSUZJRUQQABIVChFUQVNLX1NUQVRFX1FVRVVFRBABEhkKFVRBU0tfU1RBVEVfRElTUEFUQ0hFRBACEhYKElRBU0tfU1RBVEVfUlVOTklORxADEhgKFFRBU0tfU1RBVEVfU1VDQ0VFREVEEAQSFQoRVEFTS19TVEFURV9GQUlMRUQQBRIYChRUQVNLX1NUQVRFX1RJTUVEX09VVBAGEhgKFFRBU0tfU1RBVEVfQ0FOQ0VMTEVEEAcq/gEKDkF0dGVtcHRPdXRjb21lEh8KG0FUVEVNUFRfT1VUQ09NRV9VTlNQRUNJRklFRBAAEh0KGUFUVEVNUFRfT1VUQ09NRV9TVUNDRUVERUQQARIaChZBVFRFTVBUX09VVENPTUVfRkFJTEVEEAISHQoZQVRURU1QVF9PVVRDT01FX1RJTUVEX09VVBADEhgKFEFUVEVNUFRfT1VUQ09NRV9MT1NUEAQSGwoXQVRURU1QVF9PVVRDT01FX1NUT1BQRUQQBRIZChVBVFRFTVBUX09VVENPTUVfU1RBTEUQBhIfChtBVFRFTVBUX09VVENPTUVfSU5URVJSVVBURUQQB2IGcHJvdG8z", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message taskqueue.v1.Task
@@ -193,6 +193,42 @@ export type Task = Message<"taskqueue.v1.Task"> & {
    * @generated from field: uint32 interruptions = 70;
    */
   interruptions: number;
+
+  /**
+   * Routing (queues, priorities, labels: fields 230-249).
+   *
+   * @generated from field: string queue = 230;
+   */
+  queue: string;
+
+  /**
+   * @generated from field: sint32 priority = 231;
+   */
+  priority: number;
+
+  /**
+   * @generated from field: repeated taskqueue.v1.LabelRule require = 232;
+   */
+  require: LabelRule[];
+
+  /**
+   * @generated from field: repeated taskqueue.v1.LabelRule prefer = 233;
+   */
+  prefer: LabelRule[];
+
+  /**
+   * 0: waits for a worker forever.
+   *
+   * @generated from field: uint32 schedule_timeout_ms = 234;
+   */
+  scheduleTimeoutMs: number;
+
+  /**
+   * Why a queued task is not running yet; unset when nothing holds it back.
+   *
+   * @generated from field: taskqueue.v1.Waiting waiting = 235;
+   */
+  waiting?: Waiting | undefined;
 };
 
 /**
@@ -201,6 +237,69 @@ export type Task = Message<"taskqueue.v1.Task"> & {
  */
 export const TaskSchema: GenMessage<Task> = /*@__PURE__*/
   messageDesc(file_taskqueue_v1_task, 0);
+
+/**
+ * A worker label a task requires (weight unset) or prefers (with a weight).
+ *
+ * @generated from message taskqueue.v1.LabelRule
+ */
+export type LabelRule = Message<"taskqueue.v1.LabelRule"> & {
+  /**
+   * @generated from field: string key = 1;
+   */
+  key: string;
+
+  /**
+   * "=", "!=", ">", ">=", "<", "<=" or "exists".
+   *
+   * @generated from field: string op = 2;
+   */
+  op: string;
+
+  /**
+   * Unset for exists.
+   *
+   * @generated from field: optional string value = 3;
+   */
+  value?: string | undefined;
+
+  /**
+   * @generated from field: uint32 weight = 4;
+   */
+  weight: number;
+};
+
+/**
+ * Describes the message taskqueue.v1.LabelRule.
+ * Use `create(LabelRuleSchema)` to create a new message.
+ */
+export const LabelRuleSchema: GenMessage<LabelRule> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_task, 1);
+
+/**
+ * What a queued task waits for: kind ("no_worker", "queue_paused", "queue_full", and flow
+ * control's own), and the reason in words ("no worker with gpu=1").
+ *
+ * @generated from message taskqueue.v1.Waiting
+ */
+export type Waiting = Message<"taskqueue.v1.Waiting"> & {
+  /**
+   * @generated from field: string kind = 1;
+   */
+  kind: string;
+
+  /**
+   * @generated from field: string message = 2;
+   */
+  message: string;
+};
+
+/**
+ * Describes the message taskqueue.v1.Waiting.
+ * Use `create(WaitingSchema)` to create a new message.
+ */
+export const WaitingSchema: GenMessage<Waiting> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_task, 2);
 
 /**
  * Resource limits a task asks for. Each is capped by the maxima of the worker that runs it
@@ -245,7 +344,7 @@ export type TaskLimits = Message<"taskqueue.v1.TaskLimits"> & {
  * Use `create(TaskLimitsSchema)` to create a new message.
  */
 export const TaskLimitsSchema: GenMessage<TaskLimits> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 1);
+  messageDesc(file_taskqueue_v1_task, 3);
 
 /**
  * How one attempt was limited and what it used, as its worker measured it.
@@ -295,7 +394,7 @@ export type AttemptUsage = Message<"taskqueue.v1.AttemptUsage"> & {
  * Use `create(AttemptUsageSchema)` to create a new message.
  */
 export const AttemptUsageSchema: GenMessage<AttemptUsage> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 2);
+  messageDesc(file_taskqueue_v1_task, 4);
 
 /**
  * What is retried while attempts remain, and the exponential backoff (with jitter) between
@@ -339,7 +438,7 @@ export type RetryPolicy = Message<"taskqueue.v1.RetryPolicy"> & {
  * Use `create(RetryPolicySchema)` to create a new message.
  */
 export const RetryPolicySchema: GenMessage<RetryPolicy> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 3);
+  messageDesc(file_taskqueue_v1_task, 5);
 
 /**
  * TaskEvent is one row of the append-only task_events history.
@@ -410,7 +509,7 @@ export type TaskEvent = Message<"taskqueue.v1.TaskEvent"> & {
  * Use `create(TaskEventSchema)` to create a new message.
  */
 export const TaskEventSchema: GenMessage<TaskEvent> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 4);
+  messageDesc(file_taskqueue_v1_task, 6);
 
 /**
  * Attempt is one row of task_attempts: one dispatch of a task and what came of it.
@@ -525,7 +624,7 @@ export type Attempt = Message<"taskqueue.v1.Attempt"> & {
  * Use `create(AttemptSchema)` to create a new message.
  */
 export const AttemptSchema: GenMessage<Attempt> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 5);
+  messageDesc(file_taskqueue_v1_task, 7);
 
 /**
  * TaskState mirrors the `state` column of the tasks table; src/task/state.ts documents who

@@ -15,8 +15,8 @@ ALTER TABLE tasks
 -- The live tasks of a key, counted by the claim (a partial index: live tasks are few).
 CREATE INDEX tasks_concurrency_live_idx ON tasks (concurrency_key)
   WHERE concurrency_key IS NOT NULL AND state IN ('dispatched', 'running');
--- The queued tasks of a key, in due order (the strategies' and waiting reasons' reads).
-CREATE INDEX tasks_concurrency_queued_idx ON tasks (concurrency_key, run_at, id)
+-- The queued tasks of a key, in the claim's order (rank) (the strategies' and waiting reasons' reads).
+CREATE INDEX tasks_concurrency_queued_idx ON tasks (concurrency_key, rank, id)
   WHERE concurrency_key IS NOT NULL AND state = 'queued';
 
 -- One row per key, written only by claims: a claim locks the rows of the keys it admits from
@@ -46,6 +46,6 @@ CREATE TABLE rate_buckets (
   PRIMARY KEY (name, key)
 );
 
--- The queued tasks of a bucket, in due order (the claim's rank of a task in its bucket).
-CREATE INDEX tasks_rate_limit_queued_idx ON tasks (rate_limit, rate_limit_key, run_at, id)
+-- The queued tasks of a bucket, in the claim's order (the claim's rank of a task in its bucket).
+CREATE INDEX tasks_rate_limit_queued_idx ON tasks (rate_limit, rate_limit_key, rank, id)
   WHERE rate_limit IS NOT NULL AND state = 'queued';
