@@ -3,6 +3,7 @@
 import { Type } from "@sinclair/typebox";
 import type { RateLimitRow } from "../db/flow";
 import { formatRate, MAX_BURST, RATE_LIMIT_NAME_PATTERN } from "../task/flow";
+import type { Task } from "../task/task";
 
 const Name = Type.String({
   pattern: RATE_LIMIT_NAME_PATTERN,
@@ -55,5 +56,45 @@ export function rateLimitJson(row: RateLimitRow): typeof RateLimitJson.static {
     tokens_per_second: (row.rate_count * 1000) / row.period_ms,
     created_at: row.created_at.toISOString(),
     updated_at: row.updated_at.toISOString(),
+  };
+}
+
+/** A task view's flow control fields (TaskJson). */
+export const flowTaskFields = {
+  concurrency: Type.Union(
+    [
+      Type.Object(
+        { key: Type.String(), max: Type.Integer(), strategy: Type.String() },
+        { additionalProperties: false, description: "The task's concurrency key (expanded), its max and strategy." },
+      ),
+      Type.Null(),
+    ],
+    { description: "The task's concurrency key; null when it has none." },
+  ),
+  rate_limit: Type.Union([Type.String(), Type.Null()], {
+    description: "The rate limit it takes a token from (`name` or `name:bucket`); null when none.",
+  }),
+  waiting: Type.Union(
+    [
+      Type.Object(
+        {
+          kind: Type.String({ description: "key_full, rate_limit (and routing's kinds)." }),
+          message: Type.String({ examples: ["waiting: rate limit smtp, next slot in 420 ms"] }),
+        },
+        { additionalProperties: false },
+      ),
+      Type.Null(),
+    ],
+    { description: "Why a queued task is not dispatched yet; null when nothing holds it back (or it is not queued)." },
+  ),
+};
+
+export function flowTaskJson(task: Task) {
+  return {
+    concurrency: task.concurrency_key
+      ? { key: task.concurrency_key, max: task.concurrency_max ?? 1, strategy: task.concurrency_strategy ?? "queue" }
+      : null,
+    rate_limit: task.rate_limit ? (task.rate_limit_key ? `${task.rate_limit}:${task.rate_limit_key}` : task.rate_limit) : null,
+    waiting: task.waiting ?? null,
   };
 }

@@ -184,13 +184,18 @@ export async function applyStrategies(deps: ApiDeps, tasks: Task[], actor: strin
   return tasks.map((task) => byId.get(task.id) ?? task);
 }
 
-/** A queued task's flow-control waiting reason, or null when flow control holds nothing back. */
-export async function flowWaitingReason(deps: Pick<ApiDeps, "sql">, task: Task): Promise<string | null> {
-  if (task.state !== "queued" || (!task.concurrency_key && !task.rate_limit)) return null;
+/**
+ * What flow control holds a queued task back for (kind key_full or rate_limit), or null. A
+ * reason another rule already gave (routing's) is kept: the first that holds wins.
+ */
+export async function withFlowWaiting(deps: Pick<ApiDeps, "sql">, task: Task): Promise<Task> {
+  if (task.state !== "queued" || task.waiting || (!task.concurrency_key && !task.rate_limit)) return task;
   const row = await flowWaitOf(deps.sql, task.id);
-  if (!row) return null;
-  if (task.concurrency_key && row.key_live !== null && row.key_live >= (task.concurrency_max ?? 1)) {
-    return describeWait({ kind: "concurrency", key: task.concurrency_key, live: row.key_live, max: task.concurrency_max ?? 1 });
+  if (!row) return task;
+  const max = task.concurrency_max ?? 1;
+  if (task.concurrency_key && row.key_live !== null && row.key_live >= max) {
+    const wait = { kind: "concurrency", key: task.concurrency_key, live: row.key_live, max } as const;
+    return { ...task, waiting: { kind: "key_full", message: describeWait(wait) } };
   }
   if (
     task.rate_limit &&
@@ -200,7 +205,8 @@ export async function flowWaitingReason(deps: Pick<ApiDeps, "sql">, task: Task):
     row.bucket_tokens < 1
   ) {
     const nextInMs = nextTokenInMs({ tokens: row.bucket_tokens, atMs: 0 }, { count: row.rate_count, periodMs: row.period_ms });
-    return describeWait({ kind: "rate_limit", name: task.rate_limit, key: task.rate_limit_key ?? "", nextInMs });
+    const wait = { kind: "rate_limit", name: task.rate_limit, key: task.rate_limit_key ?? "", nextInMs } as const;
+    return { ...task, waiting: { kind: "rate_limit", message: describeWait(wait) } };
   }
-  return null;
+  return task;
 }

@@ -1,5 +1,6 @@
 // What the HTTP API answers, as TypeBox schemas (the route response schemas, and so the
 // OpenAPI document), and the conversions from database rows. Types come from the schemas.
+
 import { type TLiteral, type TSchema, Type } from "@sinclair/typebox";
 import type { TaskEventRow } from "../db/events";
 import type { WorkerRow } from "../db/workers";
@@ -7,6 +8,7 @@ import { ATTEMPT_OUTCOMES, type Attempt } from "../task/attempt";
 import type { ErrorCode } from "../task/errors";
 import { TASK_STATES } from "../task/state";
 import { LIMITS_APPLIED, type Task } from "../task/task";
+import { flowTaskFields, flowTaskJson } from "./flow-model";
 
 const Nullable = <T extends TSchema>(schema: T) => Type.Union([schema, Type.Null()]);
 
@@ -131,6 +133,8 @@ export const TaskJson = Type.Object(
         },
       ),
     ),
+    // Flow control (src/api/flow-model.ts).
+    ...flowTaskFields,
   },
   { additionalProperties: false },
 );
@@ -438,6 +442,7 @@ export function taskJson(task: Task): TaskJson {
     stdout_replaced: task.stdout_replaced,
     stderr_replaced: task.stderr_replaced,
     error: task.error,
+    ...flowTaskJson(task),
   };
 }
 

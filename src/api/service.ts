@@ -17,7 +17,7 @@ import { isFinal, isTaskState, TASK_STATES } from "../task/state";
 import type { Submitted, Task, TaskSpec } from "../task/task";
 import { decodeCursor, encodeCursor } from "./cursor";
 import type { ApiDeps } from "./deps";
-import { applyStrategies, checkFlowSpecs } from "./flow";
+import { applyStrategies, checkFlowSpecs, withFlowWaiting } from "./flow";
 
 export const DEFAULT_PAGE_SIZE = 50;
 export const MAX_PAGE_SIZE = 500;
@@ -144,7 +144,7 @@ export async function getTaskOrThrow(deps: ApiDeps, id: string, field = "id"): P
   requireTaskId(id, field);
   const task = await getTask(deps.sql, id);
   if (!task) throw notFound(`task ${id} not found`);
-  return task;
+  return withFlowWaiting(deps, task);
 }
 
 export interface TaskPageQuery {

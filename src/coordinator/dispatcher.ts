@@ -90,7 +90,10 @@ export class Dispatcher {
    */
   onTaskChange(change: TaskChange): void {
     // A keyed task left its live states: a task waiting for its key's slot may run now.
-    if (change.frees_key) return this.wake();
+    if (change.frees_key) {
+      this.wake();
+      return;
+    }
     if (change.state !== "queued" || change.due_in_ms === null) return;
     const ahead = this.aheadNow();
     if (change.due_in_ms <= ahead) this.wake();

@@ -49,7 +49,6 @@ export type ClaimedTask = TaskChangeRow & {
   start_in_ms: number;
 };
 
-
 export interface ClaimOptions {
   /** Tasks due within this many ms are claimed too (earliest rank first). */
   aheadMs?: number;

@@ -75,7 +75,8 @@ export const routingOptions = {
     Type.Integer({
       minimum: 0,
       maximum: MAX_SCHEDULE_TIMEOUT_MS,
-      description: "Fail the task if it has waited this long after its run_at without being dispatched; 0 (the default) waits forever.",
+      description:
+        "Fail the task if it has waited this long after its run_at without being dispatched; 0 (the default) waits forever.",
     }),
   ),
 };
