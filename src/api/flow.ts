@@ -111,16 +111,16 @@ export function rateLimitsController(deps: ApiDeps) {
     )
     .delete(
       "/rate-limits/:name",
-      async ({ params, set }) => {
+      async ({ params }) => {
         requireName(params.name);
-        if (!(await deleteRateLimit(deps.sql, params.name))) throw notFound(`rate limit ${params.name} not found`);
-        set.status = 204;
-        return undefined;
+        const row = await deleteRateLimit(deps.sql, params.name);
+        if (!row) throw notFound(`rate limit ${params.name} not found`);
+        return rateLimitJson(row);
       },
       {
         params: NameParams,
         response: responses(
-          { 204: t.Void({ description: "Deleted; tasks naming it run unlimited." }) },
+          { 200: answer(RateLimitJson, "The limit, deleted: tasks naming it now run unlimited.") },
           [400, 404],
           notFoundLimit,
         ),

@@ -12,7 +12,6 @@ import { Kind, type TSchema, Type } from "@sinclair/typebox";
 import { Elysia } from "elysia";
 import pkg from "../../package.json" with { type: "json" };
 import { notFound } from "../task/errors";
-import { ConcurrencyInput } from "../task/flow";
 import { BatchInput, BatchItemInput, ScheduleInput, SubmitInput, TaskInput } from "../task/spec";
 import { RateLimitInput, RateLimitJson, RateLimitList, RateLimitPatch } from "./flow-model";
 import {
@@ -90,7 +89,7 @@ export const NAMED_SCHEMAS: Record<string, TSchema> = {
   BatchItemInput,
   RetryPolicy: TaskInput.properties.retry,
   // Flow control (src/api/flow.ts, src/task/flow.ts).
-  Concurrency: ConcurrencyInput,
+  Concurrency: TaskInput.properties.concurrency,
   RateLimit: RateLimitJson,
   RateLimitList,
   RateLimitInput,

@@ -820,18 +820,7 @@ export interface components {
                 /** @description CPU cores (0.5 is half a core): the cgroup's CPU quota. Not enforced without cgroups. */
                 cpu?: number;
             };
-            /** @description Per-key concurrency. */
-            concurrency?: {
-                /**
-                 * @description Tasks with the same key share `max` live slots (dispatched or running), across every coordinator. `{schedule}` is replaced by the id of the schedule that created the task.
-                 * @example customer-42
-                 */
-                key: string;
-                /** @description Most live tasks with this key. Defaults to 1. */
-                max?: number;
-                /** @enum {string} */
-                strategy?: "queue" | "cancel_in_progress" | "cancel_newest";
-            };
+            concurrency?: components["schemas"]["Concurrency"];
             /**
              * @description A rate limit (POST /rate-limits) each attempt takes a token from: `name`, or `name:bucket` for a bucket of its own per value (`{key}` is replaced by the concurrency key, `{schedule}` by the schedule's id).
              * @example smtp
@@ -908,18 +897,7 @@ export interface components {
                 /** @description CPU cores (0.5 is half a core): the cgroup's CPU quota. Not enforced without cgroups. */
                 cpu?: number;
             };
-            /** @description Per-key concurrency. */
-            concurrency?: {
-                /**
-                 * @description Tasks with the same key share `max` live slots (dispatched or running), across every coordinator. `{schedule}` is replaced by the id of the schedule that created the task.
-                 * @example customer-42
-                 */
-                key: string;
-                /** @description Most live tasks with this key. Defaults to 1. */
-                max?: number;
-                /** @enum {string} */
-                strategy?: "queue" | "cancel_in_progress" | "cancel_newest";
-            };
+            concurrency?: components["schemas"]["Concurrency"];
             /**
              * @description A rate limit (POST /rate-limits) each attempt takes a token from: `name`, or `name:bucket` for a bucket of its own per value (`{key}` is replaced by the concurrency key, `{schedule}` by the schedule's id).
              * @example smtp
@@ -1024,18 +1002,7 @@ export interface components {
                 /** @description CPU cores (0.5 is half a core): the cgroup's CPU quota. Not enforced without cgroups. */
                 cpu?: number;
             };
-            /** @description Per-key concurrency. */
-            concurrency?: {
-                /**
-                 * @description Tasks with the same key share `max` live slots (dispatched or running), across every coordinator. `{schedule}` is replaced by the id of the schedule that created the task.
-                 * @example customer-42
-                 */
-                key: string;
-                /** @description Most live tasks with this key. Defaults to 1. */
-                max?: number;
-                /** @enum {string} */
-                strategy?: "queue" | "cancel_in_progress" | "cancel_newest";
-            };
+            concurrency?: components["schemas"]["Concurrency"];
             /**
              * @description A rate limit (POST /rate-limits) each attempt takes a token from: `name`, or `name:bucket` for a bucket of its own per value (`{key}` is replaced by the concurrency key, `{schedule}` by the schedule's id).
              * @example smtp
@@ -2660,14 +2627,13 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description Deleted; tasks naming it run unlimited. */
-            204: {
+            /** @description The limit, deleted: tasks naming it now run unlimited. */
+            200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    type: unknown;
-                    description: unknown;
+                    "application/json": components["schemas"]["RateLimit"];
                 };
             };
             /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */

@@ -277,10 +277,12 @@ export async function updateRateLimit(
   });
 }
 
-/** Deletes a limit and its buckets; tasks naming it then run unlimited. False when there was none. */
-export async function deleteRateLimit(sql: Sql, name: string): Promise<boolean> {
-  const rows = await sql`DELETE FROM rate_limits WHERE name = ${name} RETURNING name`;
-  return rows.length > 0;
+/** Deletes a limit and its buckets; tasks naming it then run unlimited. Null when there was none. */
+export async function deleteRateLimit(sql: Sql, name: string): Promise<RateLimitRow | null> {
+  const rows = await sql<
+    RateLimitRow[]
+  >`DELETE FROM rate_limits WHERE name = ${name} RETURNING ${sql.unsafe(RATE_LIMIT_COLUMNS)}`;
+  return rows[0] ?? null;
 }
 
 /**

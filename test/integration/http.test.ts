@@ -121,6 +121,10 @@ const TASK_KEYS = [
   "stdout_truncated",
   "timeout_ms",
   "worker_id",
+  // Flow control.
+  "concurrency",
+  "rate_limit",
+  "waiting",
 ].sort();
 
 const STATUS_KEYS = [
@@ -774,6 +778,8 @@ describe("health and documentation", () => {
     expect(Object.keys(doc.paths).sort()).toEqual(
       [
         "/healthz",
+        "/rate-limits",
+        "/rate-limits/{name}",
         "/readyz",
         "/schedule",
         "/status",
