@@ -302,15 +302,24 @@ export async function applyKeyStrategies(
     const t = tx as unknown as Sql;
     const keys = [...new Set(acting.map((task) => task.key))].sort();
     await t`SELECT key FROM concurrency_keys WHERE key = ANY(${t.array(keys, 25)}) ORDER BY key FOR UPDATE`;
+    // A new task a claim already took found room: its key was not full for it.
+    const ids = acting.map((task) => task.id);
+    const stillQueued = new Set(
+      (await t<{ id: string }[]>`SELECT id FROM tasks WHERE id = ANY(${t.array(ids, 2950)}) AND state = 'queued'`).map(
+        (r) => r.id,
+      ),
+    );
     const live = await t<{ id: string; key: string }[]>`
       SELECT id, concurrency_key AS key FROM tasks
       WHERE concurrency_key = ANY(${t.array(keys, 25)}) AND state IN ('dispatched', 'running')
+        AND id <> ALL(${t.array(ids, 2950)})
       ORDER BY picked_at, id`;
     const byKey = new Map<string, string[]>();
     for (const row of live) byKey.set(row.key, [...(byKey.get(row.key) ?? []), row.id]);
     const cancelNew: string[] = [];
     const toCancel: { id: string; key: string }[] = [];
     for (const task of acting) {
+      if (!stillQueued.has(task.id)) continue;
       const ids = byKey.get(task.key) ?? [];
       if (ids.length < task.max) continue;
       if (task.strategy === "cancel_newest") cancelNew.push(task.id);

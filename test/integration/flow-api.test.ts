@@ -49,7 +49,6 @@ async function call(method: string, path: string, body?: unknown) {
   const response = await app.handle(request);
   const text = await response.text();
   expect(response.status).not.toBe(500);
-  // biome-ignore lint/suspicious/noExplicitAny: tests read whatever shape the route documents
   const json: any = response.headers.get("content-type")?.startsWith("application/json") ? JSON.parse(text) : null;
   return { status: response.status, json, headers: response.headers };
 }
