@@ -168,7 +168,11 @@ async function run(options: BenchOptions): Promise<BenchResult> {
       };
     } catch (error) {
       const message = error instanceof Error ? error.message : String(error);
-      throw new Error(`${message}\nrole process logs:\n${cluster.logs()}`);
+      const left = await sql`
+        SELECT state, concurrency_key IS NOT NULL AS keyed, rate_limit, count(*)::int AS n, min(attempt) AS min_attempt,
+          max(attempt) AS max_attempt FROM tasks
+        WHERE state NOT IN ('succeeded', 'failed', 'timed_out', 'cancelled') GROUP BY 1, 2, 3`.catch(() => []);
+      throw new Error(`${message}\nunfinished: ${JSON.stringify(left)}\nrole process logs:\n${cluster.logs()}`);
     }
     const f = figures as {
       plain: BurnDown;
