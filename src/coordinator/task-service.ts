@@ -86,6 +86,11 @@ function submitInput(request: SubmitTaskRequest): Record<string, unknown> {
   if (request.require.length > 0) input.require = request.require.map(({ key, op, value }) => ({ key, op, value }));
   if (request.prefer.length > 0) input.prefer = request.prefer.map(({ key, op, value, weight }) => ({ key, op, value, weight }));
   if (request.scheduleTimeoutMs !== 0) input.schedule_timeout_ms = request.scheduleTimeoutMs;
+  if (request.concurrency) {
+    const { key, max, strategy } = request.concurrency;
+    input.concurrency = { key, ...(max === 0 ? {} : { max }), ...(strategy === "" ? {} : { strategy }) };
+  }
+  if (request.rateLimit !== "") input.rate_limit = request.rateLimit;
   return input;
 }
 

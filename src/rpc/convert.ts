@@ -3,6 +3,7 @@
 import type { JsonObject } from "@bufbuild/protobuf";
 import { create } from "@bufbuild/protobuf";
 import { type Timestamp, timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { flowTaskJson } from "../api/flow-model";
 import type { TaskEventRow } from "../db/events";
 import {
   AttemptSchema,
@@ -127,10 +128,17 @@ export function taskToProto(task: Task): PbTask {
     prefer: (task.prefers ?? []).map((p) => ({ key: p.key, op: p.op, value: p.value, weight: p.weight })),
     scheduleTimeoutMs: task.schedule_timeout_ms ?? 0,
     waiting: task.waiting ?? undefined,
+    ...flowToProto(task),
   });
 }
 
 /** Limits as the wire carries them: a missing or null one is unset. */
+/** A task's flow control fields, as the REST view spells them (src/api/flow-model.ts). */
+function flowToProto(task: Task) {
+  const { concurrency, rate_limit } = flowTaskJson(task);
+  return { concurrency: concurrency ?? undefined, rateLimit: rate_limit ?? "" };
+}
+
 export function limitsToProto(limits: TaskLimits | EffectiveLimits): PbTaskLimits {
   return create(TaskLimitsSchema, {
     memoryMb: limits.memory_mb ?? undefined,

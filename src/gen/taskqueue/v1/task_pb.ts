@@ -12,7 +12,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file taskqueue/v1/task.proto.
  */
 export const file_taskqueue_v1_task: GenFile = /*@__PURE__*/
-  fileDesc("Chd0YXNrcXVldWUvdjEvdGFzay5wcm90bxIMdGFza3F1ZXVlLnYxItkJCgRUYXNrEgoKAmlkGAEgASgJEg8KB2NvbW1hbmQYAiABKAkSJgoFc3RhdGUYAyABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEjAKDHNjaGVkdWxlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJcGlja2VkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWZhaWxlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY2FuY2VsbGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdhdHRlbXB0GAsgASgNEhQKDG1heF9hdHRlbXB0cxgMIAEoDRISCgp0aW1lb3V0X21zGA0gASgNEigKA2VudhgOIAMoCzIbLnRhc2txdWV1ZS52MS5UYXNrLkVudkVudHJ5EgsKA2N3ZBgPIAEoCRIRCgl3b3JrZXJfaWQYECABKAkSFgoJZXhpdF9jb2RlGBEgASgRSACIAQESDgoGc2lnbmFsGBIgASgJEg4KBnN0ZG91dBgTIAEoCRIOCgZzdGRlcnIYFCABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgVIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGBYgASgIEhcKD3N0ZG91dF9yZXBsYWNlZBgoIAEoCBIXCg9zdGRlcnJfcmVwbGFjZWQYKSABKAgSDQoFZXJyb3IYFyABKAkSKAoFcmV0cnkYGCABKAsyGS50YXNrcXVldWUudjEuUmV0cnlQb2xpY3kSFwoPaWRlbXBvdGVuY3lfa2V5GBkgASgJEjQKEGxlYXNlX2V4cGlyZXNfYXQYGiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD3NlY3JldF9lbnZfa2V5cxgbIAMoCRIqCgZydW5fYXQYHCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEigKBmxpbWl0cxg8IAEoCzIYLnRhc2txdWV1ZS52MS5UYXNrTGltaXRzEhUKDWludGVycnVwdGlvbnMYRiABKA0SDgoFcXVldWUY5gEgASgJEhEKCHByaW9yaXR5GOcBIAEoERIpCgdyZXF1aXJlGOgBIAMoCzIXLnRhc2txdWV1ZS52MS5MYWJlbFJ1bGUSKAoGcHJlZmVyGOkBIAMoCzIXLnRhc2txdWV1ZS52MS5MYWJlbFJ1bGUSHAoTc2NoZWR1bGVfdGltZW91dF9tcxjqASABKA0SJwoHd2FpdGluZxjrASABKAsyFS50YXNrcXVldWUudjEuV2FpdGluZxoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgwKCl9leGl0X2NvZGUiUgoJTGFiZWxSdWxlEgsKA2tleRgBIAEoCRIKCgJvcBgCIAEoCRISCgV2YWx1ZRgDIAEoCUgAiAEBEg4KBndlaWdodBgEIAEoDUIICgZfdmFsdWUiKAoHV2FpdGluZxIMCgRraW5kGAEgASgJEg8KB21lc3NhZ2UYAiABKAkiiAEKClRhc2tMaW1pdHMSFgoJbWVtb3J5X21iGAEgASgNSACIAQESEQoEcGlkcxgCIAEoDUgBiAEBEhMKBm5vZmlsZRgDIAEoDUgCiAEBEhAKA2NwdRgEIAEoAUgDiAEBQgwKCl9tZW1vcnlfbWJCBwoFX3BpZHNCCQoHX25vZmlsZUIGCgRfY3B1IvIBCgxBdHRlbXB0VXNhZ2USFgoObGltaXRzX2FwcGxpZWQYASABKAkSKAoGbGltaXRzGAIgASgLMhgudGFza3F1ZXVlLnYxLlRhc2tMaW1pdHMSGAoLY3B1X3VzZXJfdXMYAyABKARIAIgBARIaCg1jcHVfc3lzdGVtX3VzGAQgASgESAGIAQESHgoRcGVha19tZW1vcnlfYnl0ZXMYBSABKARIAogBARISCgpvb21fa2lsbGVkGAYgASgIQg4KDF9jcHVfdXNlcl91c0IQCg5fY3B1X3N5c3RlbV91c0IUChJfcGVha19tZW1vcnlfYnl0ZXMi4QEKC1JldHJ5UG9saWN5EhcKCm9uX2ZhaWx1cmUYASABKAhIAIgBARIXCgpvbl90aW1lb3V0GAIgASgISAGIAQESFAoHb25fbG9zdBgDIAEoCEgCiAEBEhwKD2JhY2tvZmZfYmFzZV9tcxgEIAEoDUgDiAEBEhsKDmJhY2tvZmZfY2FwX21zGAUgASgNSASIAQFCDQoLX29uX2ZhaWx1cmVCDQoLX29uX3RpbWVvdXRCCgoIX29uX2xvc3RCEgoQX2JhY2tvZmZfYmFzZV9tc0IRCg9fYmFja29mZl9jYXBfbXMi4gEKCVRhc2tFdmVudBIKCgJpZBgBIAEoCRIPCgd0YXNrX2lkGAIgASgJEgwKBGtpbmQYAyABKAkSJgoFc3RhdGUYBCABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEg8KB2F0dGVtcHQYBSABKA0SEQoJd29ya2VyX2lkGAYgASgJEiYKAmF0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVhY3RvchgIIAEoCRInCgZkZXRhaWwYCSABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0IqkECgdBdHRlbXB0Eg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoDRIRCgl3b3JrZXJfaWQYAyABKAkSFgoOY29vcmRpbmF0b3JfaWQYBCABKAkSMQoNZGlzcGF0Y2hlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKA3BpZBgIIAEoBUgAiAEBEhYKCWV4aXRfY29kZRgJIAEoEUgBiAEBEg4KBnNpZ25hbBgKIAEoCRINCgVlcnJvchgLIAEoCRIOCgZzdGRvdXQYDCABKAkSDgoGc3RkZXJyGA0gASgJEhgKEHN0ZG91dF90cnVuY2F0ZWQYDiABKAgSGAoQc3RkZXJyX3RydW5jYXRlZBgPIAEoCBIXCg9zdGRvdXRfcmVwbGFjZWQYKCABKAgSFwoPc3RkZXJyX3JlcGxhY2VkGCkgASgIEi0KB291dGNvbWUYECABKA4yHC50YXNrcXVldWUudjEuQXR0ZW1wdE91dGNvbWUSKQoFdXNhZ2UYPCABKAsyGi50YXNrcXVldWUudjEuQXR0ZW1wdFVzYWdlQgYKBF9waWRCDAoKX2V4aXRfY29kZSrWAQoJVGFza1N0YXRlEhoKFlRBU0tfU1RBVEVfVU5TUEVDSUZJRUQQABIVChFUQVNLX1NUQVRFX1FVRVVFRBABEhkKFVRBU0tfU1RBVEVfRElTUEFUQ0hFRBACEhYKElRBU0tfU1RBVEVfUlVOTklORxADEhgKFFRBU0tfU1RBVEVfU1VDQ0VFREVEEAQSFQoRVEFTS19TVEFURV9GQUlMRUQQBRIYChRUQVNLX1NUQVRFX1RJTUVEX09VVBAGEhgKFFRBU0tfU1RBVEVfQ0FOQ0VMTEVEEAcq/gEKDkF0dGVtcHRPdXRjb21lEh8KG0FUVEVNUFRfT1VUQ09NRV9VTlNQRUNJRklFRBAAEh0KGUFUVEVNUFRfT1VUQ09NRV9TVUNDRUVERUQQARIaChZBVFRFTVBUX09VVENPTUVfRkFJTEVEEAISHQoZQVRURU1QVF9PVVRDT01FX1RJTUVEX09VVBADEhgKFEFUVEVNUFRfT1VUQ09NRV9MT1NUEAQSGwoXQVRURU1QVF9PVVRDT01FX1NUT1BQRUQQBRIZChVBVFRFTVBUX09VVENPTUVfU1RBTEUQBhIfChtBVFRFTVBUX09VVENPTUVfSU5URVJSVVBURUQQB2IGcHJvdG8z", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("Chd0YXNrcXVldWUvdjEvdGFzay5wcm90bxIMdGFza3F1ZXVlLnYxIp8KCgRUYXNrEgoKAmlkGAEgASgJEg8KB2NvbW1hbmQYAiABKAkSJgoFc3RhdGUYAyABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEjAKDHNjaGVkdWxlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJcGlja2VkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWZhaWxlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY2FuY2VsbGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdhdHRlbXB0GAsgASgNEhQKDG1heF9hdHRlbXB0cxgMIAEoDRISCgp0aW1lb3V0X21zGA0gASgNEigKA2VudhgOIAMoCzIbLnRhc2txdWV1ZS52MS5UYXNrLkVudkVudHJ5EgsKA2N3ZBgPIAEoCRIRCgl3b3JrZXJfaWQYECABKAkSFgoJZXhpdF9jb2RlGBEgASgRSACIAQESDgoGc2lnbmFsGBIgASgJEg4KBnN0ZG91dBgTIAEoCRIOCgZzdGRlcnIYFCABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgVIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGBYgASgIEhcKD3N0ZG91dF9yZXBsYWNlZBgoIAEoCBIXCg9zdGRlcnJfcmVwbGFjZWQYKSABKAgSDQoFZXJyb3IYFyABKAkSKAoFcmV0cnkYGCABKAsyGS50YXNrcXVldWUudjEuUmV0cnlQb2xpY3kSFwoPaWRlbXBvdGVuY3lfa2V5GBkgASgJEjQKEGxlYXNlX2V4cGlyZXNfYXQYGiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD3NlY3JldF9lbnZfa2V5cxgbIAMoCRIqCgZydW5fYXQYHCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEigKBmxpbWl0cxg8IAEoCzIYLnRhc2txdWV1ZS52MS5UYXNrTGltaXRzEhUKDWludGVycnVwdGlvbnMYRiABKA0SDgoFcXVldWUY5gEgASgJEhEKCHByaW9yaXR5GOcBIAEoERIpCgdyZXF1aXJlGOgBIAMoCzIXLnRhc2txdWV1ZS52MS5MYWJlbFJ1bGUSKAoGcHJlZmVyGOkBIAMoCzIXLnRhc2txdWV1ZS52MS5MYWJlbFJ1bGUSHAoTc2NoZWR1bGVfdGltZW91dF9tcxjqASABKA0SJwoHd2FpdGluZxjrASABKAsyFS50YXNrcXVldWUudjEuV2FpdGluZxIvCgtjb25jdXJyZW5jeRj6ASABKAsyGS50YXNrcXVldWUudjEuQ29uY3VycmVuY3kSEwoKcmF0ZV9saW1pdBj7ASABKAkaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIMCgpfZXhpdF9jb2RlIjkKC0NvbmN1cnJlbmN5EgsKA2tleRgBIAEoCRILCgNtYXgYAiABKA0SEAoIc3RyYXRlZ3kYAyABKAkiUgoJTGFiZWxSdWxlEgsKA2tleRgBIAEoCRIKCgJvcBgCIAEoCRISCgV2YWx1ZRgDIAEoCUgAiAEBEg4KBndlaWdodBgEIAEoDUIICgZfdmFsdWUiKAoHV2FpdGluZxIMCgRraW5kGAEgASgJEg8KB21lc3NhZ2UYAiABKAkiiAEKClRhc2tMaW1pdHMSFgoJbWVtb3J5X21iGAEgASgNSACIAQESEQoEcGlkcxgCIAEoDUgBiAEBEhMKBm5vZmlsZRgDIAEoDUgCiAEBEhAKA2NwdRgEIAEoAUgDiAEBQgwKCl9tZW1vcnlfbWJCBwoFX3BpZHNCCQoHX25vZmlsZUIGCgRfY3B1IvIBCgxBdHRlbXB0VXNhZ2USFgoObGltaXRzX2FwcGxpZWQYASABKAkSKAoGbGltaXRzGAIgASgLMhgudGFza3F1ZXVlLnYxLlRhc2tMaW1pdHMSGAoLY3B1X3VzZXJfdXMYAyABKARIAIgBARIaCg1jcHVfc3lzdGVtX3VzGAQgASgESAGIAQESHgoRcGVha19tZW1vcnlfYnl0ZXMYBSABKARIAogBARISCgpvb21fa2lsbGVkGAYgASgIQg4KDF9jcHVfdXNlcl91c0IQCg5fY3B1X3N5c3RlbV91c0IUChJfcGVha19tZW1vcnlfYnl0ZXMi4QEKC1JldHJ5UG9saWN5EhcKCm9uX2ZhaWx1cmUYASABKAhIAIgBARIXCgpvbl90aW1lb3V0GAIgASgISAGIAQESFAoHb25fbG9zdBgDIAEoCEgCiAEBEhwKD2JhY2tvZmZfYmFzZV9tcxgEIAEoDUgDiAEBEhsKDmJhY2tvZmZfY2FwX21zGAUgASgNSASIAQFCDQoLX29uX2ZhaWx1cmVCDQoLX29uX3RpbWVvdXRCCgoIX29uX2xvc3RCEgoQX2JhY2tvZmZfYmFzZV9tc0IRCg9fYmFja29mZl9jYXBfbXMi4gEKCVRhc2tFdmVudBIKCgJpZBgBIAEoCRIPCgd0YXNrX2lkGAIgASgJEgwKBGtpbmQYAyABKAkSJgoFc3RhdGUYBCABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEg8KB2F0dGVtcHQYBSABKA0SEQoJd29ya2VyX2lkGAYgASgJEiYKAmF0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVhY3RvchgIIAEoCRInCgZkZXRhaWwYCSABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0IqkECgdBdHRlbXB0Eg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoDRIRCgl3b3JrZXJfaWQYAyABKAkSFgoOY29vcmRpbmF0b3JfaWQYBCABKAkSMQoNZGlzcGF0Y2hlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKA3BpZBgIIAEoBUgAiAEBEhYKCWV4aXRfY29kZRgJIAEoEUgBiAEBEg4KBnNpZ25hbBgKIAEoCRINCgVlcnJvchgLIAEoCRIOCgZzdGRvdXQYDCABKAkSDgoGc3RkZXJyGA0gASgJEhgKEHN0ZG91dF90cnVuY2F0ZWQYDiABKAgSGAoQc3RkZXJyX3RydW5jYXRlZBgPIAEoCBIXCg9zdGRvdXRfcmVwbGFjZWQYKCABKAgSFwoPc3RkZXJyX3JlcGxhY2VkGCkgASgIEi0KB291dGNvbWUYECABKA4yHC50YXNrcXVldWUudjEuQXR0ZW1wdE91dGNvbWUSKQoFdXNhZ2UYPCABKAsyGi50YXNrcXVldWUudjEuQXR0ZW1wdFVzYWdlQgYKBF9waWRCDAoKX2V4aXRfY29kZSrWAQoJVGFza1N0YXRlEhoKFlRBU0tfU1RBVEVfVU5TUEVDSUZJRUQQABIVChFUQVNLX1NUQVRFX1FVRVVFRBABEhkKFVRBU0tfU1RBVEVfRElTUEFUQ0hFRBACEhYKElRBU0tfU1RBVEVfUlVOTklORxADEhgKFFRBU0tfU1RBVEVfU1VDQ0VFREVEEAQSFQoRVEFTS19TVEFURV9GQUlMRUQQBRIYChRUQVNLX1NUQVRFX1RJTUVEX09VVBAGEhgKFFRBU0tfU1RBVEVfQ0FOQ0VMTEVEEAcq/gEKDkF0dGVtcHRPdXRjb21lEh8KG0FUVEVNUFRfT1VUQ09NRV9VTlNQRUNJRklFRBAAEh0KGUFUVEVNUFRfT1VUQ09NRV9TVUNDRUVERUQQARIaChZBVFRFTVBUX09VVENPTUVfRkFJTEVEEAISHQoZQVRURU1QVF9PVVRDT01FX1RJTUVEX09VVBADEhgKFEFUVEVNUFRfT1VUQ09NRV9MT1NUEAQSGwoXQVRURU1QVF9PVVRDT01FX1NUT1BQRUQQBRIZChVBVFRFTVBUX09VVENPTUVfU1RBTEUQBhIfChtBVFRFTVBUX09VVENPTUVfSU5URVJSVVBURUQQB2IGcHJvdG8z", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message taskqueue.v1.Task
@@ -229,6 +229,19 @@ export type Task = Message<"taskqueue.v1.Task"> & {
    * @generated from field: taskqueue.v1.Waiting waiting = 235;
    */
   waiting?: Waiting | undefined;
+
+  /**
+   * Flow control (fields 250-269): the concurrency key (expanded) with its max and strategy,
+   * unset without one; the rate limit (`name` or `name:bucket`), empty without one.
+   *
+   * @generated from field: taskqueue.v1.Concurrency concurrency = 250;
+   */
+  concurrency?: Concurrency | undefined;
+
+  /**
+   * @generated from field: string rate_limit = 251;
+   */
+  rateLimit: string;
 };
 
 /**
@@ -237,6 +250,36 @@ export type Task = Message<"taskqueue.v1.Task"> & {
  */
 export const TaskSchema: GenMessage<Task> = /*@__PURE__*/
   messageDesc(file_taskqueue_v1_task, 0);
+
+/**
+ * A task's concurrency key: at most `max` tasks with the key live at once; `strategy` when
+ * full: "queue" (the default), "cancel_in_progress" or "cancel_newest".
+ *
+ * @generated from message taskqueue.v1.Concurrency
+ */
+export type Concurrency = Message<"taskqueue.v1.Concurrency"> & {
+  /**
+   * @generated from field: string key = 1;
+   */
+  key: string;
+
+  /**
+   * @generated from field: uint32 max = 2;
+   */
+  max: number;
+
+  /**
+   * @generated from field: string strategy = 3;
+   */
+  strategy: string;
+};
+
+/**
+ * Describes the message taskqueue.v1.Concurrency.
+ * Use `create(ConcurrencySchema)` to create a new message.
+ */
+export const ConcurrencySchema: GenMessage<Concurrency> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_task, 1);
 
 /**
  * A worker label a task requires (weight unset) or prefers (with a weight).
@@ -274,7 +317,7 @@ export type LabelRule = Message<"taskqueue.v1.LabelRule"> & {
  * Use `create(LabelRuleSchema)` to create a new message.
  */
 export const LabelRuleSchema: GenMessage<LabelRule> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 1);
+  messageDesc(file_taskqueue_v1_task, 2);
 
 /**
  * What a queued task waits for: kind ("no_worker", "queue_paused", "queue_full", and flow
@@ -299,7 +342,7 @@ export type Waiting = Message<"taskqueue.v1.Waiting"> & {
  * Use `create(WaitingSchema)` to create a new message.
  */
 export const WaitingSchema: GenMessage<Waiting> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 2);
+  messageDesc(file_taskqueue_v1_task, 3);
 
 /**
  * Resource limits a task asks for. Each is capped by the maxima of the worker that runs it
@@ -344,7 +387,7 @@ export type TaskLimits = Message<"taskqueue.v1.TaskLimits"> & {
  * Use `create(TaskLimitsSchema)` to create a new message.
  */
 export const TaskLimitsSchema: GenMessage<TaskLimits> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 3);
+  messageDesc(file_taskqueue_v1_task, 4);
 
 /**
  * How one attempt was limited and what it used, as its worker measured it.
@@ -394,7 +437,7 @@ export type AttemptUsage = Message<"taskqueue.v1.AttemptUsage"> & {
  * Use `create(AttemptUsageSchema)` to create a new message.
  */
 export const AttemptUsageSchema: GenMessage<AttemptUsage> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 4);
+  messageDesc(file_taskqueue_v1_task, 5);
 
 /**
  * What is retried while attempts remain, and the exponential backoff (with jitter) between
@@ -438,7 +481,7 @@ export type RetryPolicy = Message<"taskqueue.v1.RetryPolicy"> & {
  * Use `create(RetryPolicySchema)` to create a new message.
  */
 export const RetryPolicySchema: GenMessage<RetryPolicy> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 5);
+  messageDesc(file_taskqueue_v1_task, 6);
 
 /**
  * TaskEvent is one row of the append-only task_events history.
@@ -509,7 +552,7 @@ export type TaskEvent = Message<"taskqueue.v1.TaskEvent"> & {
  * Use `create(TaskEventSchema)` to create a new message.
  */
 export const TaskEventSchema: GenMessage<TaskEvent> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 6);
+  messageDesc(file_taskqueue_v1_task, 7);
 
 /**
  * Attempt is one row of task_attempts: one dispatch of a task and what came of it.
@@ -624,7 +667,7 @@ export type Attempt = Message<"taskqueue.v1.Attempt"> & {
  * Use `create(AttemptSchema)` to create a new message.
  */
 export const AttemptSchema: GenMessage<Attempt> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 7);
+  messageDesc(file_taskqueue_v1_task, 8);
 
 /**
  * TaskState mirrors the `state` column of the tasks table; src/task/state.ts documents who
