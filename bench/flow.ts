@@ -172,7 +172,12 @@ async function run(options: BenchOptions): Promise<BenchResult> {
         SELECT state, concurrency_key IS NOT NULL AS keyed, rate_limit, count(*)::int AS n, min(attempt) AS min_attempt,
           max(attempt) AS max_attempt FROM tasks
         WHERE state NOT IN ('succeeded', 'failed', 'timed_out', 'cancelled') GROUP BY 1, 2, 3`.catch(() => []);
-      throw new Error(`${message}\nunfinished: ${JSON.stringify(left)}\nrole process logs:\n${cluster.logs()}`);
+      const warnings = cluster.processes.flatMap((p) =>
+        p.lines.filter((line) => Number(line.level) >= 40).map((line) => `${p.role}: ${JSON.stringify(line).slice(0, 600)}`),
+      );
+      throw new Error(
+        `${message}\nunfinished: ${JSON.stringify(left)}\nwarnings:\n${warnings.slice(-30).join("\n")}\nrole process logs:\n${cluster.logs()}`,
+      );
     }
     const f = figures as {
       plain: BurnDown;
