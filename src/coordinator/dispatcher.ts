@@ -3,6 +3,7 @@
 // joining, and on a timer set for the earliest future task; a slow safety poll covers a
 // missed notification. Between wakes it does nothing.
 import { claimDue, nextDueIn } from "../db/claim";
+import { nextTokenIn } from "../db/flow";
 import type { TaskChange } from "../db/notify";
 import type { Sql } from "../db/sql";
 import { requeueAttempt } from "../db/transitions";
@@ -135,9 +136,10 @@ export class Dispatcher {
           if (claimed.length === slots.length || (claimed.length > 0 && this.mixedRouting(slots))) filled = true;
         }
         if (!filled) {
-          // Slots left free: a task held back by a rate limit may get a token before any wake
-          // comes, so look again when the next one is due (nextDueIn counts the next token).
-          this.lookAheadPending = true;
+          // Slots left free: a task held back by a rate limit gets its token before any wake
+          // comes, so wake when the next token is due (src/db/flow.ts), not at the next poll.
+          const tokenIn = await nextTokenIn(this.options.sql);
+          if (tokenIn !== null && !this.stopped) this.armTimer(Math.max(1, tokenIn));
           break;
         }
       }
