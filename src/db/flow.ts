@@ -96,7 +96,14 @@ const KEY_AHEAD = `(SELECT count(*) FROM (SELECT 1 FROM tasks ahead
  */
 export function flowCandidateFilter(sql: Sql): Fragment {
   return sql.unsafe(`AND (tasks.concurrency_key IS NULL OR (
-      (SELECT count(*) FROM tasks live WHERE live.concurrency_key = tasks.concurrency_key AND live.state IN ${LIVE})
+      -- First, once per statement (a hashed subplan): the keys whose live tasks fill the largest
+      -- max among them. A hot key's backlog is then passed over at the cost of a hash probe a
+      -- row, not two index probes. (A task asking a larger max than its key's live ones waits
+      -- until the key is below theirs.)
+      tasks.concurrency_key NOT IN (SELECT full_key.concurrency_key FROM tasks full_key
+        WHERE full_key.concurrency_key IS NOT NULL AND full_key.state IN ${LIVE}
+        GROUP BY full_key.concurrency_key HAVING count(*) >= max(full_key.concurrency_max))
+      AND (SELECT count(*) FROM tasks live WHERE live.concurrency_key = tasks.concurrency_key AND live.state IN ${LIVE})
       + ${KEY_AHEAD} < tasks.concurrency_max))
     AND (tasks.rate_limit IS NULL
       OR NOT EXISTS (SELECT 1 FROM rate_limits l WHERE l.name = tasks.rate_limit)
