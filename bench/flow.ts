@@ -24,7 +24,7 @@ import {
   within,
 } from "./support";
 
-const FULL = { tasks: 1000, batch: 500, latency: 100, rated: 400, rate: 40 };
+const FULL = { tasks: 1000, batch: 500, latency: 100, rated: 300, rate: 20 };
 const QUICK = { tasks: 300, batch: 100, latency: 10, rated: 40, rate: 20 };
 const WORKERS = 4;
 const WORKER_SLOTS = 2;
