@@ -233,4 +233,41 @@ async function run(options: BenchOptions): Promise<BenchResult> {
   }
 }
 
+/** The rate limit alone, at a rate far under what the slots drain on a busy machine. */
+async function runRate(options: BenchOptions): Promise<BenchResult> {
+  const p = options.quick ? { rated: 20, rate: 5 } : { rated: 150, rate: 5 };
+  const scope = new Scope();
+  try {
+    const db = await createBenchDatabase(scope, (line) => console.log(`flow-rate: ${line}`));
+    const cluster = await startBenchCluster(scope, db.url, { workers: WORKERS, slots: WORKER_SLOTS, env: PRODUCT_ROLE_ENV });
+    const sql = connect(db.url, { max: 1, applicationName: "bench-flow-rate" });
+    scope.defer("close the bench's database connection", () => sql.end({ timeout: 5 }));
+    const rate = await rated(cluster.schedulerUrl, sql, p.rated, p.rate);
+    console.log(`flow-rate: rate limit ${rate.limit_per_s}/s admitted ${rate.admitted_per_s}/s (${rate.off_by_percent}%)`);
+    return {
+      name: "flow-rate",
+      description:
+        "A rate-limited queue's admitted rate against its limit: a backlog of `true` tasks naming one limit, from the attempts' dispatched_at.",
+      settings: {
+        ...p,
+        burst: rate.burst,
+        processes: { coordinator: 1, scheduler: 1, workers: WORKERS, worker_slots: WORKER_SLOTS },
+        rate: "admitted = (n - burst) / (last - first dispatch)",
+        database: db.postgres.source,
+      },
+      figures: { rate },
+      summary: [
+        {
+          metric: `rate limit ${rate.limit_per_s}/s (burst ${rate.burst}): admitted rate over ${rate.tasks} tasks`,
+          value: `${rate.admitted_per_s}/s (${rate.off_by_percent}% off)`,
+        },
+      ],
+      postgres: db.postgres,
+    };
+  } finally {
+    await scope.close();
+  }
+}
+
 export const flow: Bench = { name: "flow", run };
+export const flowRate: Bench = { name: "flow-rate", run: runRate };

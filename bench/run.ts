@@ -7,7 +7,7 @@ import { cpus, tmpdir } from "node:os";
 import { join } from "node:path";
 import { dispatch } from "./dispatch";
 import { failover } from "./failover";
-import { flow } from "./flow";
+import { flow, flowRate } from "./flow";
 import { ingest } from "./ingest";
 import { latency } from "./latency";
 import { micro } from "./micro";
@@ -16,7 +16,7 @@ import { scale } from "./scale";
 import { type Bench, type BenchResult, closeAllScopes } from "./support";
 import { throughput } from "./throughput";
 
-const BENCHES: readonly Bench[] = [latency, dispatch, throughput, precision, ingest, failover, scale, micro, flow];
+const BENCHES: readonly Bench[] = [latency, dispatch, throughput, precision, ingest, failover, scale, micro, flow, flowRate];
 
 const ROOT = join(import.meta.dir, "..");
 const RESULTS_DIR = join(import.meta.dir, "results");
