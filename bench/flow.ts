@@ -95,7 +95,7 @@ interface RatedRun {
 
 async function rated(baseUrl: string, sql: Sql, tasks: number, rate: number): Promise<RatedRun> {
   // A burst of a quarter second's tokens: a claim a little late does not lose what it was owed.
-  const burst = Math.max(1, Math.round(rate / 4));
+  const burst = Math.max(2, Math.round(rate / 4));
   const created = await fetch(`${baseUrl}/rate-limits`, {
     method: "POST",
     headers: { "content-type": "application/json" },

@@ -138,8 +138,10 @@ export class Dispatcher {
         if (!filled) {
           // Slots left free: a task held back by a rate limit gets its token before any wake
           // comes, so wake when the next token is due (src/db/flow.ts), not at the next poll.
+          // The answer is as of the statement: the round trip since is already spent.
+          const asked = performance.now();
           const tokenIn = await nextTokenIn(this.options.sql);
-          if (tokenIn !== null && !this.stopped) this.armTimer(Math.max(1, tokenIn));
+          if (tokenIn !== null && !this.stopped) this.armTimer(Math.max(1, tokenIn - (performance.now() - asked)));
           break;
         }
       }
