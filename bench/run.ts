@@ -12,11 +12,24 @@ import { ingest } from "./ingest";
 import { latency } from "./latency";
 import { micro } from "./micro";
 import { precision } from "./precision";
+import { routing } from "./routing";
 import { scale } from "./scale";
 import { type Bench, type BenchResult, closeAllScopes } from "./support";
 import { throughput } from "./throughput";
 
-const BENCHES: readonly Bench[] = [latency, dispatch, throughput, precision, ingest, failover, scale, micro, flow, flowRate];
+const BENCHES: readonly Bench[] = [
+  latency,
+  dispatch,
+  throughput,
+  routing,
+  precision,
+  ingest,
+  failover,
+  scale,
+  micro,
+  flow,
+  flowRate,
+];
 
 const ROOT = join(import.meta.dir, "..");
 const RESULTS_DIR = join(import.meta.dir, "results");

@@ -314,15 +314,15 @@ export const ConfigSchema = Type.Object({
     Type.String({ minLength: 1, description: "PEM private key path for TQ_TLS_CLIENT_CERT. Unset by default." }),
   ),
   // Queues, priorities, labels (src/task/routing.ts, src/db/claim.ts).
-  TQ_WORKER_QUEUES: Type.String({
-    default: "",
-    description: "Comma-separated queues this worker takes tasks from. Defaults to empty: every queue.",
-  }),
-  TQ_WORKER_LABELS: Type.String({
-    default: "",
-    description:
-      "This worker's labels, `key=value` comma-separated (`gpu=1,region=eu,mem_gb=64`; a bare key is `true`), matched against tasks' `require` and `prefer`. Defaults to none.",
-  }),
+  TQ_WORKER_QUEUES: Type.Optional(
+    Type.String({ description: "Comma-separated queues this worker takes tasks from. Unset by default: every queue." }),
+  ),
+  TQ_WORKER_LABELS: Type.Optional(
+    Type.String({
+      description:
+        "This worker's labels, `key=value` comma-separated (`gpu=1,region=eu,mem_gb=64`; a bare key is `true`), matched against tasks' `require` and `prefer`. Unset by default: none.",
+    }),
+  ),
   TQ_PRIORITY_AGING_MS: Type.Integer({
     minimum: 0,
     maximum: 3_600_000,
@@ -399,7 +399,8 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
 
 /** TQ_WORKER_QUEUES and TQ_WORKER_LABELS, validated: what the worker tells its coordinator in Hello. */
 export function workerRoutingConfig(config: Config): { queues: string[]; labels: Record<string, string> } {
-  const queues = config.TQ_WORKER_QUEUES.split(",")
+  const queues = (config.TQ_WORKER_QUEUES ?? "")
+    .split(",")
     .map((q) => q.trim())
     .filter((q) => q !== "");
   for (const q of queues) {
@@ -408,7 +409,7 @@ export function workerRoutingConfig(config: Config): { queues: string[]; labels:
     }
   }
   try {
-    return { queues, labels: parseLabels(config.TQ_WORKER_LABELS) };
+    return { queues, labels: parseLabels(config.TQ_WORKER_LABELS ?? "") };
   } catch (error) {
     throw new ConfigError(`invalid configuration: TQ_WORKER_LABELS: ${(error as Error).message}`);
   }
@@ -487,6 +488,7 @@ export function apiSettings(config: Config): ApiSettings {
     maxBatchTasks: config.TQ_MAX_BATCH,
     taskDefaults: taskDefaults(config),
     workerTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS,
+    priorityAgingMs: config.TQ_PRIORITY_AGING_MS,
   };
 }
 

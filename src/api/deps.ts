@@ -19,6 +19,8 @@ export interface ApiSettings {
   taskDefaults: TaskDefaults;
   /** GET /workers lists the workers heard from within this long: the heartbeat timeout. */
   workerTimeoutMs: number;
+  /** TQ_PRIORITY_AGING_MS: the rank of the tasks a batch writes (single submits go through the Submitter). */
+  priorityAgingMs?: number;
 }
 
 export interface ApiDeps {

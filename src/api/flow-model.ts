@@ -74,19 +74,6 @@ export const flowTaskFields = {
   rate_limit: Type.Union([Type.String(), Type.Null()], {
     description: "The rate limit it takes a token from (`name` or `name:bucket`); null when none.",
   }),
-  waiting: Type.Union(
-    [
-      Type.Object(
-        {
-          kind: Type.String({ description: "key_full, rate_limit (and routing's kinds)." }),
-          message: Type.String({ examples: ["waiting: rate limit smtp, next slot in 420 ms"] }),
-        },
-        { additionalProperties: false },
-      ),
-      Type.Null(),
-    ],
-    { description: "Why a queued task is not dispatched yet; null when nothing holds it back (or it is not queued)." },
-  ),
 };
 
 export function flowTaskJson(task: Task) {
@@ -95,6 +82,5 @@ export function flowTaskJson(task: Task) {
       ? { key: task.concurrency_key, max: task.concurrency_max ?? 1, strategy: task.concurrency_strategy ?? "queue" }
       : null,
     rate_limit: task.rate_limit ? (task.rate_limit_key ? `${task.rate_limit}:${task.rate_limit_key}` : task.rate_limit) : null,
-    waiting: task.waiting ?? null,
   };
 }

@@ -43,6 +43,7 @@ import {
   responses,
   ScheduleRequest,
 } from "./openapi";
+import { queuesController } from "./queues";
 import { requestLog } from "./request-log";
 import {
   cancelTaskOrThrow,
@@ -70,6 +71,7 @@ export function createApp(deps: ApiDeps) {
     .use(tasksController(deps))
     .use(workersController(deps))
     .use(rateLimitsController(deps))
+    .use(queuesController(deps))
     .use(healthController(deps));
   routes = () => app.routes;
   return app;

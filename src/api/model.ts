@@ -6,9 +6,11 @@ import type { TaskEventRow } from "../db/events";
 import type { WorkerRow } from "../db/workers";
 import { ATTEMPT_OUTCOMES, type Attempt } from "../task/attempt";
 import type { ErrorCode } from "../task/errors";
+import { QueueName } from "../task/routing";
 import { TASK_STATES } from "../task/state";
 import { LIMITS_APPLIED, type Task } from "../task/task";
 import { flowTaskFields, flowTaskJson } from "./flow-model";
+import { TaskRoutingJson, taskRoutingJson } from "./queues-model";
 
 const Nullable = <T extends TSchema>(schema: T) => Type.Union([schema, Type.Null()]);
 
@@ -135,6 +137,8 @@ export const TaskJson = Type.Object(
     ),
     // Flow control (src/api/flow-model.ts).
     ...flowTaskFields,
+    // Routing (src/task/routing.ts).
+    ...TaskRoutingJson,
   },
   { additionalProperties: false },
 );
@@ -396,7 +400,11 @@ const pageQuery = {
 
 export const HistoryQuery = Type.Object(pageQuery);
 
-export const TaskListQuery = Type.Object({ state: Type.Optional(TaskStateJson), ...pageQuery });
+export const TaskListQuery = Type.Object({
+  state: Type.Optional(TaskStateJson),
+  queue: Type.Optional({ ...QueueName, description: "Only tasks of this queue." }),
+  ...pageQuery,
+});
 
 const iso = (date: Date) => date.toISOString();
 const isoOrNull = (date: Date | null) => (date === null ? null : date.toISOString());
@@ -433,6 +441,7 @@ export function taskJson(task: Task): TaskJson {
     idempotency_key: task.idempotency_key,
     secret_env_keys: Object.keys(task.secret_env ?? {}).sort(),
     limits: task.limits ?? null,
+    ...taskRoutingJson(task),
     exit_code: task.exit_code,
     signal: task.signal,
     stdout: task.stdout,

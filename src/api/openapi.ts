@@ -12,6 +12,7 @@ import { Kind, type TSchema, Type } from "@sinclair/typebox";
 import { Elysia } from "elysia";
 import pkg from "../../package.json" with { type: "json" };
 import { notFound } from "../task/errors";
+import { LabelPreferenceSchema, LabelRequirementSchema } from "../task/routing";
 import { BatchInput, BatchItemInput, ScheduleInput, SubmitInput, TaskInput } from "../task/spec";
 import { RateLimitInput, RateLimitJson, RateLimitList, RateLimitPatch } from "./flow-model";
 import {
@@ -33,6 +34,7 @@ import {
   WorkerJson,
   WorkerList,
 } from "./model";
+import { QueueJson, QueueList, QueuePatch, WaitingJson } from "./queues-model";
 
 export const OPENAPI_PATH = "/openapi";
 export const OPENAPI_JSON_PATH = `${OPENAPI_PATH}/json`;
@@ -94,6 +96,13 @@ export const NAMED_SCHEMAS: Record<string, TSchema> = {
   RateLimitList,
   RateLimitInput,
   RateLimitPatch,
+  // Queues, priorities, labels.
+  Queue: QueueJson,
+  QueueList,
+  QueuePatch,
+  Waiting: WaitingJson,
+  LabelRequirement: LabelRequirementSchema,
+  LabelPreference: LabelPreferenceSchema,
 };
 
 // Each named schema carries its name as $id (what Elysia's .model() would give it), so that

@@ -9,9 +9,11 @@ import { insertTasks } from "../db/insert";
 import type { Sql } from "../db/sql";
 import { getTask, listTasks, probeTasks } from "../db/tasks";
 import { cancelTask } from "../db/transitions";
+import { withWaiting } from "../db/waiting";
 import { listLiveWorkers, type WorkerRow } from "../db/workers";
 import type { Attempt } from "../task/attempt";
 import { conflict, invalidArgument, isDatabaseTimeout, notFound, TaskQueueError, unavailable } from "../task/errors";
+import { parseQueueName } from "../task/routing";
 import { isTaskId } from "../task/spec";
 import { isFinal, isTaskState, TASK_STATES } from "../task/state";
 import type { Submitted, Task, TaskSpec } from "../task/task";
@@ -82,7 +84,8 @@ export async function submitTasks(
 }
 
 async function insertBatch(deps: ApiDeps, specs: TaskSpec[], actor: string, batchKey: string | null): Promise<SubmittedBatch> {
-  const items = specs.map((spec) => ({ id: Bun.randomUUIDv7(), spec, actor }));
+  const agingMs = deps.settings.priorityAgingMs;
+  const items = specs.map((spec) => ({ id: Bun.randomUUIDv7(), spec, actor, agingMs }));
   if (batchKey === null && specs.every((spec) => spec.idempotencyKey === null)) {
     // Nothing to replay and nothing to conflict: the statement alone, no transaction.
     const outcomes = await insertTasks(deps.sql, items);
@@ -144,6 +147,7 @@ export async function getTaskOrThrow(deps: ApiDeps, id: string, field = "id"): P
   requireTaskId(id, field);
   const task = await getTask(deps.sql, id);
   if (!task) throw notFound(`task ${id} not found`);
+  await withWaiting(deps.sql, [task], deps.settings.workerTimeoutMs);
   return withFlowWaiting(deps, task);
 }
 
@@ -152,6 +156,8 @@ export interface TaskPageQuery {
   /** 1..500. Defaults to 50. */
   limit?: number;
   cursor?: string;
+  /** Only tasks of this queue. */
+  queue?: string;
 }
 
 export interface TaskPage {
@@ -177,8 +183,9 @@ export async function listTaskPage(deps: ApiDeps, query: TaskPageQuery): Promise
   const limit = pageSize(query.limit);
   const before = cursor === undefined ? undefined : decodeCursor(cursor);
   // One row more than the page tells whether another page follows.
-  const rows = await listTasks(deps.sql, { state, limit: limit + 1, before });
-  const tasks = rows.slice(0, limit);
+  if (query.queue !== undefined) parseQueueName(query.queue, "queue");
+  const rows = await listTasks(deps.sql, { state, limit: limit + 1, before, queue: query.queue });
+  const tasks = await withWaiting(deps.sql, rows.slice(0, limit), deps.settings.workerTimeoutMs);
   const last = tasks.at(-1);
   return { tasks, nextCursor: rows.length > limit && last ? encodeCursor(last.id) : null };
 }

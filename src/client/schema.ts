@@ -254,6 +254,83 @@ export interface paths {
         patch: operations["updateRateLimit"];
         trace?: never;
     };
+    "/queues": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** List queues */
+        get: operations["listQueues"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/queues/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        /**
+         * Set a queue's concurrency limit
+         * @description The limit holds across every worker and coordinator; null removes it.
+         */
+        patch: operations["updateQueue"];
+        trace?: never;
+    };
+    "/queues/{name}/pause": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Pause a queue
+         * @description Its queued tasks stay queued (and say so); those running carry on.
+         */
+        post: operations["pauseQueue"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/queues/{name}/resume": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Resume a queue
+         * @description Its due tasks are dispatched at once.
+         */
+        post: operations["resumeQueue"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/healthz": {
         parameters: {
             query?: never;
@@ -408,13 +485,19 @@ export interface components {
             } | null;
             /** @description The rate limit it takes a token from (`name` or `name:bucket`); null when none. */
             rate_limit: string | null;
-            /** @description Why a queued task is not dispatched yet; null when nothing holds it back (or it is not queued). */
-            waiting: {
-                /** @description key_full, rate_limit (and routing's kinds). */
-                kind: string;
-                /** @example waiting: rate limit smtp, next slot in 420 ms */
-                message: string;
-            } | null;
+            /**
+             * @description A queue name: 1 to 63 letters, digits, `_`, `.` or `-`, starting with a letter or digit.
+             * @example default
+             * @example emails
+             */
+            queue: string;
+            /** @description Higher first; ages (TQ_PRIORITY_AGING_MS). */
+            priority: number;
+            require: components["schemas"]["LabelRequirement"][];
+            prefer: components["schemas"]["LabelPreference"][];
+            /** @description Fails after waiting this long for a worker; 0: never. */
+            schedule_timeout_ms: number;
+            waiting: components["schemas"]["Waiting"] | null;
         };
         /**
          * @description queued, dispatched, running, then succeeded, failed, timed_out or cancelled.
@@ -550,13 +633,19 @@ export interface components {
             } | null;
             /** @description The rate limit it takes a token from (`name` or `name:bucket`); null when none. */
             rate_limit: string | null;
-            /** @description Why a queued task is not dispatched yet; null when nothing holds it back (or it is not queued). */
-            waiting: {
-                /** @description key_full, rate_limit (and routing's kinds). */
-                kind: string;
-                /** @example waiting: rate limit smtp, next slot in 420 ms */
-                message: string;
-            } | null;
+            /**
+             * @description A queue name: 1 to 63 letters, digits, `_`, `.` or `-`, starting with a letter or digit.
+             * @example default
+             * @example emails
+             */
+            queue: string;
+            /** @description Higher first; ages (TQ_PRIORITY_AGING_MS). */
+            priority: number;
+            require: components["schemas"]["LabelRequirement"][];
+            prefer: components["schemas"]["LabelPreference"][];
+            /** @description Fails after waiting this long for a worker; 0: never. */
+            schedule_timeout_ms: number;
+            waiting: components["schemas"]["Waiting"] | null;
             event: components["schemas"]["Event"] | null;
         };
         /** @description One attempt of a task. */
@@ -837,31 +926,9 @@ export interface components {
             /** @description Higher runs first, from -100 to 100; defaults to 0. Priorities age: a waiting task ranks as run_at - priority * TQ_PRIORITY_AGING_MS, so a task is passed by one of higher priority only while that one has waited less than the difference times the aging. */
             priority?: number;
             /** @description Worker labels the task needs (all of them); it waits, saying so, while no live worker has them. */
-            require?: {
-                /**
-                 * @description The label's name.
-                 * @example gpu
-                 */
-                key: string;
-                /** @enum {string} */
-                op: "=" | "!=" | ">" | ">=" | "<" | "<=" | "exists";
-                /** @description What to compare with; a number for the ordering comparators; none for exists. */
-                value?: string;
-            }[];
+            require?: components["schemas"]["LabelRequirement"][];
             /** @description Worker labels the task prefers, with weights: among free workers, one with a higher score is chosen. */
-            prefer?: {
-                /**
-                 * @description The label's name.
-                 * @example gpu
-                 */
-                key: string;
-                /** @enum {string} */
-                op: "=" | "!=" | ">" | ">=" | "<" | "<=" | "exists";
-                /** @description What to compare with; a number for the ordering comparators; none for exists. */
-                value?: string;
-                /** @description How much a worker that matches is preferred. */
-                weight: number;
-            }[];
+            prefer?: components["schemas"]["LabelPreference"][];
             /** @description Fail the task if it has waited this long after its run_at without being dispatched; 0 (the default) waits forever. */
             schedule_timeout_ms?: number;
         };
@@ -914,31 +981,9 @@ export interface components {
             /** @description Higher runs first, from -100 to 100; defaults to 0. Priorities age: a waiting task ranks as run_at - priority * TQ_PRIORITY_AGING_MS, so a task is passed by one of higher priority only while that one has waited less than the difference times the aging. */
             priority?: number;
             /** @description Worker labels the task needs (all of them); it waits, saying so, while no live worker has them. */
-            require?: {
-                /**
-                 * @description The label's name.
-                 * @example gpu
-                 */
-                key: string;
-                /** @enum {string} */
-                op: "=" | "!=" | ">" | ">=" | "<" | "<=" | "exists";
-                /** @description What to compare with; a number for the ordering comparators; none for exists. */
-                value?: string;
-            }[];
+            require?: components["schemas"]["LabelRequirement"][];
             /** @description Worker labels the task prefers, with weights: among free workers, one with a higher score is chosen. */
-            prefer?: {
-                /**
-                 * @description The label's name.
-                 * @example gpu
-                 */
-                key: string;
-                /** @enum {string} */
-                op: "=" | "!=" | ">" | ">=" | "<" | "<=" | "exists";
-                /** @description What to compare with; a number for the ordering comparators; none for exists. */
-                value?: string;
-                /** @description How much a worker that matches is preferred. */
-                weight: number;
-            }[];
+            prefer?: components["schemas"]["LabelPreference"][];
             /** @description Fail the task if it has waited this long after its run_at without being dispatched; 0 (the default) waits forever. */
             schedule_timeout_ms?: number;
         };
@@ -1019,31 +1064,9 @@ export interface components {
             /** @description Higher runs first, from -100 to 100; defaults to 0. Priorities age: a waiting task ranks as run_at - priority * TQ_PRIORITY_AGING_MS, so a task is passed by one of higher priority only while that one has waited less than the difference times the aging. */
             priority?: number;
             /** @description Worker labels the task needs (all of them); it waits, saying so, while no live worker has them. */
-            require?: {
-                /**
-                 * @description The label's name.
-                 * @example gpu
-                 */
-                key: string;
-                /** @enum {string} */
-                op: "=" | "!=" | ">" | ">=" | "<" | "<=" | "exists";
-                /** @description What to compare with; a number for the ordering comparators; none for exists. */
-                value?: string;
-            }[];
+            require?: components["schemas"]["LabelRequirement"][];
             /** @description Worker labels the task prefers, with weights: among free workers, one with a higher score is chosen. */
-            prefer?: {
-                /**
-                 * @description The label's name.
-                 * @example gpu
-                 */
-                key: string;
-                /** @enum {string} */
-                op: "=" | "!=" | ">" | ">=" | "<" | "<=" | "exists";
-                /** @description What to compare with; a number for the ordering comparators; none for exists. */
-                value?: string;
-                /** @description How much a worker that matches is preferred. */
-                weight: number;
-            }[];
+            prefer?: components["schemas"]["LabelPreference"][];
             /** @description Fail the task if it has waited this long after its run_at without being dispatched; 0 (the default) waits forever. */
             schedule_timeout_ms?: number;
             /** @description This task's own idempotency key (visible ASCII, at most 255 bytes): when it was used before, the original task is returned in its place (its index listed in `replayed`); with a different request, the batch is a 409. */
@@ -1115,6 +1138,81 @@ export interface components {
             rate?: string;
             /** @description Most tokens the bucket holds (what may start at once after a quiet spell). Defaults to the rate's count. */
             burst?: number;
+        };
+        Queue: {
+            /**
+             * @description A queue name: 1 to 63 letters, digits, `_`, `.` or `-`, starting with a letter or digit.
+             * @example default
+             * @example emails
+             */
+            name: string;
+            /** @description A paused queue's tasks stay queued; those running carry on. */
+            paused: boolean;
+            /** @description Most tasks of the queue dispatched or running at once, across every coordinator; null: no limit. */
+            concurrency_limit: number | null;
+            /** @description Tasks of the queue dispatched or running now. */
+            running: number;
+            /** @description The queue's tasks by state. */
+            depth: {
+                /** @description Queued (due or not). */
+                queued: number;
+                /** @description Dispatched. */
+                dispatched: number;
+                /** @description Running. */
+                running: number;
+                /** @description Succeeded. */
+                succeeded: number;
+                /** @description Failed. */
+                failed: number;
+                /** @description Timed out. */
+                timed_out: number;
+                /** @description Cancelled. */
+                cancelled: number;
+            };
+        };
+        QueueList: {
+            queues: components["schemas"]["Queue"][];
+        };
+        /** @description Changes a queue (creating it if it does not exist). */
+        QueuePatch: {
+            /** @description Most tasks of the queue live at once across every coordinator; null removes the limit. */
+            concurrency_limit: number | null;
+        };
+        /** @description Why a queued task is not running yet. */
+        Waiting: {
+            /** @enum {string} */
+            kind: "queue_paused" | "no_worker" | "queue_full" | "key_full" | "rate_limit" | "parents";
+            /**
+             * @description In words, e.g. "no worker with gpu=1".
+             * @example no worker with gpu=1
+             */
+            message: string;
+        };
+        /** @description A label a worker must have, e.g. {key: gpu, op: '=', value: '1'}. */
+        LabelRequirement: {
+            /**
+             * @description The label's name.
+             * @example gpu
+             */
+            key: string;
+            /** @enum {string} */
+            op: "=" | "!=" | ">" | ">=" | "<" | "<=" | "exists";
+            /** @description What to compare with; a number for the ordering comparators; none for exists. */
+            value?: string;
+        };
+        /** @description A label a worker is preferred for, with a weight. */
+        LabelPreference: {
+            /**
+             * @description The label's name.
+             * @example gpu
+             */
+            key: string;
+            /** @enum {string} */
+            op: "=" | "!=" | ">" | ">=" | "<" | "<=" | "exists";
+            /** @description What to compare with; a number for the ordering comparators; none for exists. */
+            value?: string;
+            /** @description How much a worker that matches is preferred. */
+            weight: number;
         };
     };
     responses: never;
@@ -1463,6 +1561,7 @@ export interface operations {
         parameters: {
             query?: {
                 state?: components["schemas"]["TaskState"];
+                queue?: string;
                 limit?: number;
                 cursor?: string;
             };
@@ -2781,6 +2880,346 @@ export interface operations {
             };
             /** @description The body is neither JSON nor the form type curl sends by default (unsupported_media_type). */
             415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    listQueues: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Every queue, with its depth by state and running count. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["QueueList"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    updateQueue: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        /** @description Changes a queue (creating it if it does not exist). */
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["QueuePatch"];
+            };
+        };
+        responses: {
+            /** @description The queue, changed (created if it did not exist). */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Queue"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is larger than TQ_MAX_BODY_BYTES (payload_too_large); the message names the limit. */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is neither JSON nor the form type curl sends by default (unsupported_media_type). */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    pauseQueue: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The queue, changed. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Queue"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    resumeQueue: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The queue, changed. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Queue"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
                 headers: {
                     [name: string]: unknown;
                 };

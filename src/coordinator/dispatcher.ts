@@ -7,6 +7,7 @@ import { nextTokenIn } from "../db/flow";
 import type { TaskChange } from "../db/notify";
 import type { Sql } from "../db/sql";
 import { requeueAttempt } from "../db/transitions";
+import { expireScheduleTimeouts } from "../db/waiting";
 import { type Logger, taskFields } from "../log";
 import { assignMessage } from "../rpc/messages";
 import type { WorkerRouting } from "../task/routing";
@@ -44,6 +45,7 @@ export class Dispatcher {
   private timerAt = Number.POSITIVE_INFINITY;
   private poll: ReturnType<typeof setInterval> | null = null;
   private lookAheadPending = false;
+  private expirePending = false;
   private idle: Promise<void> = Promise.resolve();
   private markIdle: () => void = () => {};
 
@@ -51,7 +53,10 @@ export class Dispatcher {
 
   start(): void {
     this.stopped = false;
-    this.poll = setInterval(() => this.wake(true), this.options.safetyPollMs);
+    this.poll = setInterval(() => {
+      this.expirePending = true;
+      this.wake(true);
+    }, this.options.safetyPollMs);
     this.wake(true);
   }
 
@@ -144,6 +149,11 @@ export class Dispatcher {
           if (tokenIn !== null && !this.stopped) this.armTimer(Math.max(1, tokenIn - (performance.now() - asked)));
           break;
         }
+      }
+      if (this.expirePending && !this.stopped) {
+        // Each safety poll also fails the queued tasks whose schedule_timeout_ms has passed.
+        this.expirePending = false;
+        await expireScheduleTimeouts(this.options.sql);
       }
       if (this.lookAheadPending && !this.stopped) {
         this.lookAheadPending = false;

@@ -29,7 +29,7 @@ import { ANY_TASK, MAX_PRIORITY, type WorkerRouting } from "../task/routing";
 import { GUARDS } from "../task/state";
 import { openAttempts } from "./attempts";
 import { changedRows, recordChange, type TaskChangeRow } from "./changes";
-import { fromNow, states, unnest } from "./encode";
+import { type Fragment, fromNow, states, unnest } from "./encode";
 import {
   flowAdmissible,
   flowCandidateColumns,
@@ -88,6 +88,54 @@ function groupSlots(slots: readonly string[], routing: ReadonlyMap<string, Worke
 }
 
 /**
+ * `pick(id, worker_id)` for one group (the plain case: every free worker takes any task): the
+ * best candidates in rank order, the k-th to the group's k-th slot.
+ */
+function pickOneGroup(sql: Sql): Fragment {
+  return sql`pick AS (
+      SELECT s.id, g.slots->>(s.k - 1)::int AS worker_id
+      FROM (SELECT ok.id, row_number() OVER (ORDER BY ${flowPickOrder(sql)} ok.rank, ok.id) AS k FROM ok) s
+      CROSS JOIN g WHERE s.k <= g.n
+    ),`;
+}
+
+/** `pick(id, worker_id)` for several groups: group by group, each from what is left. */
+function pickGroups(sql: Sql, agingMs: number): Fragment {
+  return sql`
+    -- Groups in order of how few candidates they can take: a worker that can take only some
+    -- tasks picks before one that can take any, so the general worker does not use up the
+    -- tasks only the special one could run. Between groups as constrained, the one the
+    -- candidates prefer more (prefer weights) picks first.
+    go AS (
+      SELECT g.*, row_number() OVER (ORDER BY e.eligible, e.score DESC, g.g) AS step FROM g
+      CROSS JOIN LATERAL (
+        SELECT count(*) AS eligible, coalesce(sum(tq_labels_score(ok.prefers, g.labels)), 0) AS score FROM ok
+        WHERE (g.queues IS NULL OR g.queues ? ok.queue) AND tq_labels_match(ok.requires, g.labels)) e
+    ),
+    pick AS (
+      WITH RECURSIVE p(step, taken, assigned) AS (
+        SELECT 0::bigint, ARRAY[]::uuid[], '[]'::jsonb
+        UNION ALL
+        SELECT p.step + 1, p.taken || coalesce(x.ids, ARRAY[]::uuid[]), p.assigned || coalesce(x.rows, '[]'::jsonb)
+        FROM p JOIN go ON go.step = p.step + 1
+        CROSS JOIN LATERAL (
+          SELECT array_agg(s.id) AS ids,
+                 jsonb_agg(jsonb_build_object('id', s.id, 'worker', go.slots->>(s.k - 1)::int)) AS rows
+          FROM (
+            SELECT ok.id, row_number() OVER (ORDER BY ${flowPickOrder(sql)} ok.rank - make_interval(secs => s0.score * ${agingMs / 1000}), ok.id) AS k
+            FROM ok CROSS JOIN LATERAL (SELECT tq_labels_score(ok.prefers, go.labels) AS score) s0
+            WHERE ok.id <> ALL (p.taken)
+              AND (go.queues IS NULL OR go.queues ? ok.queue) AND tq_labels_match(ok.requires, go.labels)
+          ) s WHERE s.k <= go.n
+        ) x
+      )
+      SELECT (a->>'id')::uuid AS id, a->>'worker' AS worker_id
+      FROM (SELECT assigned FROM p ORDER BY step DESC LIMIT 1) last, jsonb_array_elements(last.assigned) a
+    ),
+`;
+}
+
+/**
  * Claims due tasks for the given worker slots, one slot per task, in one statement: never
  * more tasks than slots, and SKIP LOCKED lets concurrent coordinators claim disjoint sets.
  * `slots[i]` is a worker with one free slot (a worker appears once per free slot); each claimed
@@ -127,7 +175,10 @@ export async function claimDue(
       WHERE state IN (${states(sql, GUARDS.claim)})
         AND rank <= now() + make_interval(secs => ${boundSecs})
         AND run_at <= now() + make_interval(secs => ${aheadSecs})
-        AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = tasks.queue AND q.paused)
+        -- Paused, or full as of the statement's snapshot (room below decides under the lock).
+        AND NOT EXISTS (
+          SELECT 1 FROM queues q WHERE q.name = tasks.queue
+            AND (q.paused OR (q.concurrency_limit IS NOT NULL AND q.live >= q.concurrency_limit)))
         AND EXISTS (
           SELECT 1 FROM g
           WHERE (g.queues IS NULL OR g.queues ? tasks.queue)
@@ -151,35 +202,7 @@ export async function claimDue(
       WHERE (room.name IS NULL OR w.queue_n <= room.room)
         ${flowWithinRooms(sql)}
     ),
-    -- Groups in order of how few candidates they can take: a worker that can take only some
-    -- tasks picks before one that can take any, so the general worker does not use up the
-    -- tasks only the special one could run.
-    go AS (
-      SELECT g.*, row_number() OVER (ORDER BY e.eligible, g.g) AS step FROM g
-      CROSS JOIN LATERAL (
-        SELECT count(*) AS eligible FROM ok
-        WHERE (g.queues IS NULL OR g.queues ? ok.queue) AND tq_labels_match(ok.requires, g.labels)) e
-    ),
-    pick AS (
-      WITH RECURSIVE p(step, taken, assigned) AS (
-        SELECT 0::bigint, ARRAY[]::uuid[], '[]'::jsonb
-        UNION ALL
-        SELECT p.step + 1, p.taken || coalesce(x.ids, ARRAY[]::uuid[]), p.assigned || coalesce(x.rows, '[]'::jsonb)
-        FROM p JOIN go ON go.step = p.step + 1
-        CROSS JOIN LATERAL (
-          SELECT array_agg(s.id) AS ids,
-                 jsonb_agg(jsonb_build_object('id', s.id, 'worker', go.slots->>(s.k - 1)::int)) AS rows
-          FROM (
-            SELECT ok.id, row_number() OVER (ORDER BY ${flowPickOrder(sql)} ok.rank - make_interval(secs => s0.score * ${(options.agingMs ?? 1000) / 1000}), ok.id) AS k
-            FROM ok CROSS JOIN LATERAL (SELECT tq_labels_score(ok.prefers, go.labels) AS score) s0
-            WHERE ok.id <> ALL (p.taken)
-              AND (go.queues IS NULL OR go.queues ? ok.queue) AND tq_labels_match(ok.requires, go.labels)
-          ) s WHERE s.k <= go.n
-        ) x
-      )
-      SELECT (a->>'id')::uuid AS id, a->>'worker' AS worker_id
-      FROM (SELECT assigned FROM p ORDER BY step DESC LIMIT 1) last, jsonb_array_elements(last.assigned) a
-    ),
+    ${groups.length === 1 ? pickOneGroup(sql) : pickGroups(sql, options.agingMs ?? 1000)}
     t AS (
       UPDATE tasks SET
         state = 'dispatched', picked_at = clock_timestamp(), attempt = tasks.attempt + 1,

@@ -107,6 +107,7 @@ export interface ListTasksQuery {
   limit: number;
   /** List tasks older than this id (ids are UUIDv7: creation order). */
   before?: string;
+  queue?: string;
 }
 
 /** Newest first; one more row than asked tells the caller whether a next page exists. */
@@ -116,6 +117,7 @@ export async function listTasks(sql: Sql, query: ListTasksQuery): Promise<Task[]
     WHERE true
       ${query.state ? sql`AND tasks.state = ${query.state}` : sql``}
       ${query.before ? sql`AND tasks.id < ${query.before}` : sql``}
+      ${query.queue ? sql`AND tasks.queue = ${query.queue}` : sql``}
     ORDER BY tasks.id DESC
     LIMIT ${query.limit}`;
 }

@@ -3,7 +3,7 @@
 // src/task/spec.ts spreads into every task form, and the rules JSON Schema cannot say.
 import { type Static, Type } from "@sinclair/typebox";
 import { invalidArgument } from "./errors";
-import { checkLabelRules, LABEL_OPS, type LabelPreference, type LabelRequirement } from "./labels";
+import { checkLabelRules, type LabelPreference, type LabelRequirement } from "./labels";
 import type { TaskRouting } from "./task";
 
 /** Priorities run from -MAX_PRIORITY to MAX_PRIORITY (src/db/claim.ts bounds its scan with it). */
@@ -25,7 +25,15 @@ export const QueueName = Type.String({
 const labelRule = {
   key: Type.String({ minLength: 1, maxLength: 63, description: "The label's name.", examples: ["gpu"] }),
   op: Type.Union(
-    LABEL_OPS.map((op) => Type.Literal(op)),
+    [
+      Type.Literal("="),
+      Type.Literal("!="),
+      Type.Literal(">"),
+      Type.Literal(">="),
+      Type.Literal("<"),
+      Type.Literal("<="),
+      Type.Literal("exists"),
+    ],
     { description: "`=`, `!=` (a worker without the label matches), `>`, `>=`, `<`, `<=` (numbers), `exists`." },
   ),
   value: Type.Optional(
@@ -87,7 +95,7 @@ type RoutingInput = { [K in keyof typeof routingOptions]?: Static<(typeof routin
 export function toRouting(body: RoutingInput): TaskRouting | undefined {
   const { queue, priority, require, prefer, schedule_timeout_ms: timeout } = body;
   if ([queue, priority, require, prefer, timeout].every((v) => v === undefined)) return undefined;
-  if (queue !== undefined && !QUEUE_NAME.test(queue)) throw invalidArgument("queue", "queue must match " + QUEUE_NAME_PATTERN);
+  if (queue !== undefined && !QUEUE_NAME.test(queue)) throw invalidArgument("queue", `queue must match ${QUEUE_NAME_PATTERN}`);
   const requires: LabelRequirement[] = (require ?? []).map((r) => ({ ...r }));
   const prefers: LabelPreference[] = (prefer ?? []).map((p) => ({ ...p }));
   checkLabelRules(requires, "require");

@@ -6,7 +6,8 @@
  *   scheduled_at the client asked for (which never changes) and a retry's backoff moves it.
  *   In: submit (scheduler or coordinator), a retry of a failed or timed-out attempt (event
  *   `retrying`), requeue of a lost or handed-back attempt (`requeued`). Out: dispatch
- *   (coordinator claim), cancel.
+ *   (coordinator claim), cancel, failed when its schedule_timeout_ms passed without a worker
+ *   (event `schedule_timeout`).
  * - dispatched: claimed by a coordinator and assigned to one worker (picked_at, attempt + 1,
  *   a new task_attempts row), up to TQ_DISPATCH_AHEAD_MS before run_at: the worker holds it
  *   until then. Out: running (worker's TaskStarted), a final state (TaskFinished can overtake
@@ -36,7 +37,8 @@ export const FINAL_STATES: ReadonlySet<TaskState> = new Set(["succeeded", "faile
  * statement expects exactly the states its change may start from.
  */
 const TRANSITIONS: Record<TaskState, readonly TaskState[]> = {
-  queued: ["dispatched", "cancelled"],
+  // queued -> failed: its schedule_timeout_ms passed without a worker (src/db/waiting.ts).
+  queued: ["dispatched", "failed", "cancelled"],
   dispatched: ["running", "succeeded", "failed", "timed_out", "queued", "cancelled"],
   running: ["succeeded", "failed", "timed_out", "queued", "cancelled"],
   succeeded: [],
@@ -78,4 +80,6 @@ export const GUARDS = {
   inFlight: IN_FLIGHT_STATES,
   /** A client's cancel. */
   cancel: statesLeadingTo("cancelled"),
+  /** A queued task's schedule_timeout_ms passing (queued -> failed). */
+  scheduleTimeout: ["queued"] as TaskState[],
 } as const satisfies Record<string, readonly TaskState[]>;

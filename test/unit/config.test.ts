@@ -101,7 +101,13 @@ test("the parts get their settings under domain names", () => {
   });
   const defaults = { maxAttempts: 7, retry: { backoffBaseMs: 250, backoffCapMs: 9000 } };
   expect(taskDefaults(config)).toEqual(defaults);
-  expect(apiSettings(config)).toEqual({ maxBodyBytes: 4096, maxBatchTasks: 12, taskDefaults: defaults, workerTimeoutMs: 1000 });
+  expect(apiSettings(config)).toEqual({
+    maxBodyBytes: 4096,
+    maxBatchTasks: 12,
+    taskDefaults: defaults,
+    workerTimeoutMs: 1000,
+    priorityAgingMs: 1000,
+  });
   expect(authOptions(config)).toEqual({
     host: "0.0.0.0",
     insecure: true,

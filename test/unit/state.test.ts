@@ -42,7 +42,9 @@ test("the SQL guards are the states each change may start from", () => {
   expect(GUARDS.cancel).toEqual(["queued", "dispatched", "running"]);
   expect(GUARDS.inFlight).toEqual(["dispatched", "running"]);
   // A result or a loss may end the attempt in any of these, and each is entered from in flight only.
-  for (const to of ["succeeded", "failed", "timed_out", "queued"] as const)
-    expect(statesLeadingTo(to)).toEqual([...IN_FLIGHT_STATES]);
+  for (const to of ["succeeded", "timed_out", "queued"] as const) expect(statesLeadingTo(to)).toEqual([...IN_FLIGHT_STATES]);
+  // And failed also from queued: a schedule_timeout_ms that passed without a worker.
+  expect(statesLeadingTo("failed")).toEqual(["queued", ...IN_FLIGHT_STATES]);
+  expect(GUARDS.scheduleTimeout).toEqual(["queued"]);
   for (const guard of Object.values(GUARDS)) for (const state of guard) expect(isFinal(state), state).toBe(false);
 });

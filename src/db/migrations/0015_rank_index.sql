@@ -5,3 +5,5 @@
 CREATE INDEX CONCURRENTLY IF NOT EXISTS tasks_rank_idx ON tasks (rank, id) WHERE state = 'queued';
 -- GET /queues (depth by state) and the GET /tasks queue filter.
 CREATE INDEX CONCURRENTLY IF NOT EXISTS tasks_queue_state_idx ON tasks (queue, state);
+-- The schedule_timeout_ms sweep (src/db/waiting.ts) reads only the queued tasks that have one.
+CREATE INDEX CONCURRENTLY IF NOT EXISTS tasks_schedule_timeout_idx ON tasks (run_at) WHERE state = 'queued' AND schedule_timeout_ms > 0;
