@@ -7,6 +7,7 @@ import { apiSettings, loadConfig } from "../../src/config";
 import { claimDue } from "../../src/db/claim";
 import { insertTask } from "../../src/db/insert";
 import { TaskChangeFeed } from "../../src/db/notify";
+import { upsertWorker } from "../../src/db/workers";
 import { silentLogger } from "../../src/log";
 import { TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { openAuth } from "../support/factories";
@@ -136,6 +137,11 @@ describe("submit checks", () => {
 });
 
 describe("strategies and waiting reasons", () => {
+  // A live worker, so that routing's "no worker" is not the first reason a task waits for.
+  beforeEach(async () => {
+    await upsertWorker(db.sql, { id: "w1", name: "w1", coordinatorId: "c1", slots: 4, labels: {}, version: "1" });
+  });
+
   const keyed = (strategy: string) => ({ command: "x", concurrency: { key: "k", max: 1, strategy } });
 
   test("queue: the second waits, saying its key is full", async () => {
