@@ -8,6 +8,7 @@ import { join } from "node:path";
 import { dependencies } from "./dependencies";
 import { dispatch } from "./dispatch";
 import { failover } from "./failover";
+import { flow, flowRate } from "./flow";
 import { ingest } from "./ingest";
 import { latency } from "./latency";
 import { micro } from "./micro";
@@ -28,6 +29,8 @@ const BENCHES: readonly Bench[] = [
   scale,
   micro,
   dependencies,
+  flow,
+  flowRate,
 ];
 
 const ROOT = join(import.meta.dir, "..");

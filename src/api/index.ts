@@ -8,6 +8,7 @@ import type { TaskSpec } from "../task/task";
 import { authentication, principalOf, tokenNameOf } from "./auth";
 import type { ApiDeps } from "./deps";
 import { errorHandling, type RouteEntry, readJsonBody } from "./errors";
+import { rateLimitsController } from "./flow";
 import {
   AttemptList,
   attemptJson,
@@ -71,6 +72,7 @@ export function createApp(deps: ApiDeps) {
     .use(seedController(deps))
     .use(tasksController(deps))
     .use(workersController(deps))
+    .use(rateLimitsController(deps))
     .use(queuesController(deps))
     .use(healthController(deps));
   routes = () => app.routes;

@@ -11,6 +11,7 @@ import type { ErrorCode } from "../task/errors";
 import { QueueName } from "../task/routing";
 import { TASK_STATES } from "../task/state";
 import { LIMITS_APPLIED, type Task } from "../task/task";
+import { flowTaskFields, flowTaskJson } from "./flow-model";
 import { TaskRoutingJson, taskRoutingJson } from "./queues-model";
 
 const Nullable = <T extends TSchema>(schema: T) => Type.Union([schema, Type.Null()]);
@@ -152,6 +153,8 @@ export const TaskJson = Type.Object(
         },
       ),
     ),
+    // Flow control (src/api/flow-model.ts).
+    ...flowTaskFields,
     // Routing (src/task/routing.ts).
     ...TaskRoutingJson,
     ref: Nullable(Type.String({ description: "Its ref in the batch that declared it; null outside a DAG batch." })),
@@ -481,6 +484,7 @@ export function taskJson(task: Task): TaskJson {
     stdout_replaced: task.stdout_replaced,
     stderr_replaced: task.stderr_replaced,
     error: task.error,
+    ...flowTaskJson(task),
   };
 }
 

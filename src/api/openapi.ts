@@ -14,6 +14,7 @@ import pkg from "../../package.json" with { type: "json" };
 import { notFound } from "../task/errors";
 import { LabelPreferenceSchema, LabelRequirementSchema } from "../task/routing";
 import { BatchInput, BatchItemInput, ScheduleInput, SubmitInput, TaskInput } from "../task/spec";
+import { RateLimitInput, RateLimitJson, RateLimitList, RateLimitPatch } from "./flow-model";
 import {
   AttemptJson,
   AttemptList,
@@ -89,6 +90,12 @@ export const NAMED_SCHEMAS: Record<string, TSchema> = {
   BatchInput,
   BatchItemInput,
   RetryPolicy: TaskInput.properties.retry,
+  // Flow control (src/api/flow.ts, src/task/flow.ts).
+  Concurrency: TaskInput.properties.concurrency,
+  RateLimit: RateLimitJson,
+  RateLimitList,
+  RateLimitInput,
+  RateLimitPatch,
   // Queues, priorities, labels.
   Queue: QueueJson,
   QueueList,

@@ -21,6 +21,7 @@ import { isFinal, isTaskState, TASK_STATES } from "../task/state";
 import type { Submitted, Task, TaskSpec } from "../task/task";
 import { decodeCursor, encodeCursor } from "./cursor";
 import type { ApiDeps } from "./deps";
+import { applyStrategies, checkFlowSpecs, withFlowWaiting } from "./flow";
 
 export const DEFAULT_PAGE_SIZE = 50;
 export const MAX_PAGE_SIZE = 500;
@@ -45,8 +46,12 @@ export async function submitTask(deps: ApiDeps, spec: TaskSpec, actor: string): 
     if (!task) throw new Error("a batch of one answered no task");
     return { task, created: batch.created };
   }
+  await checkFlowSpecs(deps, [spec], (_, name) => name);
   const outcome = await deps.submit(Bun.randomUUIDv7(), spec, actor);
-  if (outcome.kind === "created") return { task: outcome.task, created: true };
+  if (outcome.kind === "created") {
+    const [task] = await applyStrategies(deps, [outcome.task], actor);
+    return { task: task ?? outcome.task, created: true };
+  }
   if (!outcome.sameRequest) {
     throw conflict(
       `idempotency key ${JSON.stringify(spec.idempotencyKey)} was already used for a different request (task ${outcome.task.id})`,
@@ -77,6 +82,24 @@ export async function submitTasks(
   batchKey: string | null = null,
   /** One task of POST /tasks (or /submit, SubmitTask): errors name its fields without `tasks[i].`. */
   single = false,
+): Promise<SubmittedBatch> {
+  await checkFlowSpecs(deps, specs, (i, name) => (single ? name : `tasks[${i}].${name}`));
+  const batch = await insertBatch(deps, specs, actor, batchKey, single);
+  // Flow control's strategies for full keys, once the batch is committed (src/api/flow.ts).
+  const tasks = await applyStrategies(
+    deps,
+    batch.tasks.map((task, i) => (batch.replayed.includes(i) ? { ...task, concurrency_strategy: null } : task)),
+    actor,
+  );
+  return { ...batch, tasks: tasks.map((task, i) => (batch.replayed.includes(i) ? batch.tasks[i]! : task)) };
+}
+
+async function insertBatch(
+  deps: ApiDeps,
+  specs: TaskSpec[],
+  actor: string,
+  batchKey: string | null,
+  single: boolean,
 ): Promise<SubmittedBatch> {
   const agingMs = deps.settings.priorityAgingMs;
   const items: NewTask[] = specs.map((spec) => ({
@@ -216,7 +239,7 @@ export async function getTaskOrThrow(deps: ApiDeps, id: string, field = "id"): P
   const task = await getTask(deps.sql, id);
   if (!task) throw notFound(`task ${id} not found`);
   await withWaiting(deps.sql, [task], deps.settings.workerTimeoutMs);
-  return task;
+  return withFlowWaiting(deps, task);
 }
 
 export interface TaskPageQuery {

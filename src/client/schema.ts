@@ -214,6 +214,46 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/rate-limits": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** List rate limits */
+        get: operations["listRateLimits"];
+        put?: never;
+        /**
+         * Create a rate limit
+         * @description Tasks naming it (`rate_limit`) each take a token when dispatched; a task without one stays queued, saying when the next token comes.
+         */
+        post: operations["createRateLimit"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/rate-limits/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Get a rate limit */
+        get: operations["getRateLimit"];
+        put?: never;
+        post?: never;
+        /** Delete a rate limit */
+        delete: operations["deleteRateLimit"];
+        options?: never;
+        head?: never;
+        /** Change a rate limit */
+        patch: operations["updateRateLimit"];
+        trace?: never;
+    };
     "/queues": {
         parameters: {
             query?: never;
@@ -439,6 +479,14 @@ export interface components {
                 nofile?: number;
                 cpu?: number;
             } | null;
+            /** @description The task's concurrency key (expanded), its max and strategy. */
+            concurrency: {
+                key: string;
+                max: number;
+                strategy: string;
+            } | null;
+            /** @description The rate limit it takes a token from (`name` or `name:bucket`); null when none. */
+            rate_limit: string | null;
             /**
              * @description A queue name: 1 to 63 letters, digits, `_`, `.` or `-`, starting with a letter or digit.
              * @example default
@@ -601,6 +649,14 @@ export interface components {
                 nofile?: number;
                 cpu?: number;
             } | null;
+            /** @description The task's concurrency key (expanded), its max and strategy. */
+            concurrency: {
+                key: string;
+                max: number;
+                strategy: string;
+            } | null;
+            /** @description The rate limit it takes a token from (`name` or `name:bucket`); null when none. */
+            rate_limit: string | null;
             /**
              * @description A queue name: 1 to 63 letters, digits, `_`, `.` or `-`, starting with a letter or digit.
              * @example default
@@ -908,6 +964,13 @@ export interface components {
                 /** @description CPU cores (0.5 is half a core): the cgroup's CPU quota. Not enforced without cgroups. */
                 cpu?: number;
             };
+            concurrency?: components["schemas"]["Concurrency"];
+            /**
+             * @description A rate limit (POST /rate-limits) each attempt takes a token from: `name`, or `name:bucket` for a bucket of its own per value (`{key}` is replaced by the concurrency key, `{schedule}` by the schedule's id).
+             * @example smtp
+             * @example smtp:{key}
+             */
+            rate_limit?: string;
             retry?: components["schemas"]["RetryPolicy"];
             /**
              * @description A queue name: 1 to 63 letters, digits, `_`, `.` or `-`, starting with a letter or digit. Defaults to `default`.
@@ -967,6 +1030,13 @@ export interface components {
                 /** @description CPU cores (0.5 is half a core): the cgroup's CPU quota. Not enforced without cgroups. */
                 cpu?: number;
             };
+            concurrency?: components["schemas"]["Concurrency"];
+            /**
+             * @description A rate limit (POST /rate-limits) each attempt takes a token from: `name`, or `name:bucket` for a bucket of its own per value (`{key}` is replaced by the concurrency key, `{schedule}` by the schedule's id).
+             * @example smtp
+             * @example smtp:{key}
+             */
+            rate_limit?: string;
             retry?: components["schemas"]["RetryPolicy"];
             /**
              * @description A queue name: 1 to 63 letters, digits, `_`, `.` or `-`, starting with a letter or digit. Defaults to `default`.
@@ -1054,6 +1124,13 @@ export interface components {
                 /** @description CPU cores (0.5 is half a core): the cgroup's CPU quota. Not enforced without cgroups. */
                 cpu?: number;
             };
+            concurrency?: components["schemas"]["Concurrency"];
+            /**
+             * @description A rate limit (POST /rate-limits) each attempt takes a token from: `name`, or `name:bucket` for a bucket of its own per value (`{key}` is replaced by the concurrency key, `{schedule}` by the schedule's id).
+             * @example smtp
+             * @example smtp:{key}
+             */
+            rate_limit?: string;
             retry?: components["schemas"]["RetryPolicy"];
             /**
              * @description A queue name: 1 to 63 letters, digits, `_`, `.` or `-`, starting with a letter or digit. Defaults to `default`.
@@ -1089,6 +1166,60 @@ export interface components {
             backoff_base_ms?: number;
             /** @description Longest backoff between attempts, at least backoff_base_ms (400 otherwise). Defaults to TQ_RETRY_BACKOFF_CAP_MS, or to backoff_base_ms when that is higher. */
             backoff_cap_ms?: number;
+        };
+        /** @description Per-key concurrency. */
+        Concurrency: {
+            /**
+             * @description Tasks with the same key share `max` live slots (dispatched or running), across every coordinator. `{schedule}` is replaced by the id of the schedule that created the task.
+             * @example customer-42
+             */
+            key: string;
+            /** @description Most live tasks with this key. Defaults to 1. */
+            max?: number;
+            /** @enum {string} */
+            strategy?: "queue" | "cancel_in_progress" | "cancel_newest";
+        };
+        /** @description A named rate limit. */
+        RateLimit: {
+            name: string;
+            /** @description As "count/period", e.g. "100/1m". */
+            rate: string;
+            burst: number;
+            /** @description The refill rate, for comparison. */
+            tokens_per_second: number;
+            /** Format: date-time */
+            created_at: string;
+            /** Format: date-time */
+            updated_at: string;
+        };
+        /** @description Every rate limit, by name. */
+        RateLimitList: {
+            rate_limits: components["schemas"]["RateLimit"][];
+        };
+        /** @description A named rate limit: a token bucket shared by every coordinator. */
+        RateLimitInput: {
+            /**
+             * @description The limit's name: 1 to 64 letters, digits, "_", "." or "-", starting with a letter or digit.
+             * @example smtp
+             */
+            name: string;
+            /**
+             * @description Tokens per period: "100/1m", "10/s", "5/500ms" (units ms, s, m, h, d).
+             * @example 100/1m
+             */
+            rate: string;
+            /** @description Most tokens the bucket holds (what may start at once after a quiet spell). Defaults to the rate's count. */
+            burst?: number;
+        };
+        /** @description A change of a limit's rate or burst; its buckets keep the tokens they earned (cut to a lower burst). */
+        RateLimitPatch: {
+            /**
+             * @description Tokens per period: "100/1m", "10/s", "5/500ms" (units ms, s, m, h, d).
+             * @example 100/1m
+             */
+            rate?: string;
+            /** @description Most tokens the bucket holds (what may start at once after a quiet spell). Defaults to the rate's count. */
+            burst?: number;
         };
         Queue: {
             /**
@@ -2354,6 +2485,485 @@ export interface operations {
             };
             /** @description The token does not have the scope this route needs (permission_denied). */
             403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    listRateLimits: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Every rate limit, by name. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["RateLimitList"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    createRateLimit: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** @description A named rate limit: a token bucket shared by every coordinator. */
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["RateLimitInput"];
+            };
+        };
+        responses: {
+            /** @description The limit, created. */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["RateLimit"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description A limit by that name exists (conflict). */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is larger than TQ_MAX_BODY_BYTES (payload_too_large); the message names the limit. */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is neither JSON nor the form type curl sends by default (unsupported_media_type). */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getRateLimit: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The limit. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["RateLimit"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No rate limit by that name (not_found). */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    deleteRateLimit: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The limit, deleted: tasks naming it now run unlimited. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["RateLimit"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No rate limit by that name (not_found). */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    updateRateLimit: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        /** @description A change of a limit's rate or burst; its buckets keep the tokens they earned (cut to a lower burst). */
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["RateLimitPatch"];
+            };
+        };
+        responses: {
+            /** @description The limit, changed. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["RateLimit"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No rate limit by that name (not_found). */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is larger than TQ_MAX_BODY_BYTES (payload_too_large); the message names the limit. */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is neither JSON nor the form type curl sends by default (unsupported_media_type). */
+            415: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -3,6 +3,7 @@
 // joining, and on a timer set for the earliest future task; a slow safety poll covers a
 // missed notification. Between wakes it does nothing.
 import { claimDue, nextDueIn } from "../db/claim";
+import { nextTokenIn } from "../db/flow";
 import type { TaskChange } from "../db/notify";
 import type { Sql } from "../db/sql";
 import { requeueAttempt } from "../db/transitions";
@@ -94,6 +95,11 @@ export class Dispatcher {
    * one arms the timer for the start of its window.
    */
   onTaskChange(change: TaskChange): void {
+    // A keyed task left its live states: a task waiting for its key's slot may run now.
+    if (change.frees_key) {
+      this.wake();
+      return;
+    }
     if (change.state !== "queued" || change.due_in_ms === null) return;
     const ahead = this.aheadNow();
     if (change.due_in_ms <= ahead) this.wake();
@@ -134,7 +140,15 @@ export class Dispatcher {
           // any progress is worth another pass, which reads for the slots still free.
           if (claimed.length === slots.length || (claimed.length > 0 && this.mixedRouting(slots))) filled = true;
         }
-        if (!filled) break;
+        if (!filled) {
+          // Slots left free: a task held back by a rate limit gets its token before any wake
+          // comes, so wake when the next token is due (src/db/flow.ts), not at the next poll.
+          // The answer is as of the statement: the round trip since is already spent.
+          const asked = performance.now();
+          const tokenIn = await nextTokenIn(this.options.sql);
+          if (tokenIn !== null && !this.stopped) this.armTimer(Math.max(1, tokenIn - (performance.now() - asked)));
+          break;
+        }
       }
       if (this.expirePending && !this.stopped) {
         // Each safety poll also fails the queued tasks whose schedule_timeout_ms has passed.

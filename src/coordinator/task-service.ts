@@ -98,6 +98,11 @@ function submitInput(request: SubmitTaskRequest): Record<string, unknown> {
   if (request.scheduleTimeoutMs !== 0) input.schedule_timeout_ms = request.scheduleTimeoutMs;
   if (request.dependsOn.length > 0) input.depends_on = request.dependsOn;
   if (request.onParentFailure !== "") input.on_parent_failure = request.onParentFailure;
+  if (request.concurrency) {
+    const { key, max, strategy } = request.concurrency;
+    input.concurrency = { key, ...(max === 0 ? {} : { max }), ...(strategy === "" ? {} : { strategy }) };
+  }
+  if (request.rateLimit !== "") input.rate_limit = request.rateLimit;
   return input;
 }
 

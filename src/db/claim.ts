@@ -30,7 +30,16 @@ import { GUARDS } from "../task/state";
 import { openAttempts } from "./attempts";
 import { changedRows, recordChange, type TaskChangeRow } from "./changes";
 import { type Fragment, states, unnest } from "./encode";
-import { flowCandidateColumns, flowCandidateFilter, flowConsume, flowRooms, flowWithinRooms } from "./flow";
+import {
+  flowAdmissible,
+  flowCandidateColumns,
+  flowCandidateFilter,
+  flowConsume,
+  flowNextToken,
+  flowPickOrder,
+  flowRooms,
+  flowWithinRooms,
+} from "./flow";
 import type { Sql } from "./sql";
 import { taskRowColumns } from "./tasks";
 
@@ -85,7 +94,7 @@ function groupSlots(slots: readonly string[], routing: ReadonlyMap<string, Worke
 function pickOneGroup(sql: Sql): Fragment {
   return sql`pick AS (
       SELECT s.id, g.slots->>(s.k - 1)::int AS worker_id
-      FROM (SELECT ok.id, row_number() OVER (ORDER BY ok.rank, ok.id) AS k FROM ok) s
+      FROM (SELECT ok.id, row_number() OVER (ORDER BY ${flowPickOrder(sql)} ok.rank, ok.id) AS k FROM ok) s
       CROSS JOIN g WHERE s.k <= g.n
     ),`;
 }
@@ -113,7 +122,7 @@ function pickGroups(sql: Sql, agingMs: number): Fragment {
           SELECT array_agg(s.id) AS ids,
                  jsonb_agg(jsonb_build_object('id', s.id, 'worker', go.slots->>(s.k - 1)::int)) AS rows
           FROM (
-            SELECT ok.id, row_number() OVER (ORDER BY ok.rank - make_interval(secs => s0.score * ${agingMs / 1000}), ok.id) AS k
+            SELECT ok.id, row_number() OVER (ORDER BY ${flowPickOrder(sql)} ok.rank - make_interval(secs => s0.score * ${agingMs / 1000}), ok.id) AS k
             FROM ok CROSS JOIN LATERAL (SELECT tq_labels_score(ok.prefers, go.labels) AS score) s0
             WHERE ok.id <> ALL (p.taken)
               AND (go.queues IS NULL OR go.queues ? ok.queue) AND tq_labels_match(ok.requires, go.labels)
@@ -221,9 +230,12 @@ export async function claimDue(
  * due now), or null when nothing is queued. The database's clock, not ours, decides dueness.
  */
 export async function nextDueIn(sql: Sql): Promise<number | null> {
+  // Flow control: tasks their key or bucket holds back are not due; a bucket's next token is.
   const rows = await sql<{ due_in_ms: string | null }[]>`
-    SELECT greatest(0, ceil(extract(epoch FROM min(run_at) - clock_timestamp()) * 1000))::bigint::text AS due_in_ms
-    FROM tasks WHERE state IN (${states(sql, GUARDS.claim)})`;
+    SELECT least(
+      (SELECT greatest(0, ceil(extract(epoch FROM min(run_at) - clock_timestamp()) * 1000))::bigint
+       FROM tasks WHERE state IN (${states(sql, GUARDS.claim)}) AND ${flowAdmissible(sql)}),
+      ${flowNextToken(sql)})::text AS due_in_ms`;
   const value = rows[0]?.due_in_ms;
   return value == null ? null : Number(value);
 }

@@ -4,6 +4,7 @@ import type { Task, TaskSpec } from "../task/task";
 import { openAttempts } from "./attempts";
 import { changedRows, changeTail, type TaskChangeRow } from "./changes";
 import { array, unnest } from "./encode";
+import { flowColumns, flowRows } from "./flow";
 import type { Sql } from "./sql";
 import { selectTasks, taskRowColumns } from "./tasks";
 
@@ -99,6 +100,7 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
         lease_ms: ["double precision", (t) => (t.assignTo ? Math.max(0, t.spec.leaseMs ?? t.assignTo.leaseMs) : null)],
         task_lease_ms: ["integer", (t) => t.spec.leaseMs ?? null],
         limits: ["jsonb", (t) => t.spec.limits ?? null],
+        ...flowColumns,
         queue: ["text", (t) => t.spec.routing?.queue ?? "default"],
         priority: ["integer", (t) => t.spec.routing?.priority ?? 0],
         requires: ["jsonb", (t) => t.spec.routing?.requires ?? []],
@@ -110,13 +112,15 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
         parents_pending: ["integer", (t) => t.parents ?? 0],
       })}
     ),
+    ${flowRows(sql)}
     t AS (
       INSERT INTO tasks (id, command, state, scheduled_at, run_at, picked_at, attempt, max_attempts, timeout_ms, env, secret_env, cwd,
                          worker_id, coordinator_id, lease_expires_at,
                          retry_on_failure, retry_on_timeout, retry_on_lost, retry_backoff_base_ms, retry_backoff_cap_ms,
                          idempotency_key, idempotency_hash, limits,
                          queue, priority, requires, prefers, schedule_timeout_ms, priority_aging_ms,
-                         ref, on_parent_failure, parents_pending, lease_ms)
+                         ref, on_parent_failure, parents_pending, lease_ms,
+                         concurrency_key, concurrency_max, concurrency_strategy, rate_limit, rate_limit_key)
       SELECT r.id, r.command,
              CASE WHEN r.parents_pending > 0 THEN 'waiting' WHEN fast.worker_id IS NULL THEN 'queued' ELSE 'dispatched' END,
              due.at, due.at,
@@ -128,7 +132,8 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
              r.retry_on_failure, r.retry_on_timeout, r.retry_on_lost, r.retry_backoff_base_ms, r.retry_backoff_cap_ms,
              r.idempotency_key, r.idempotency_hash, r.limits,
              r.queue, r.priority, r.requires, r.prefers, r.schedule_timeout_ms, r.priority_aging_ms,
-             r.ref, r.on_parent_failure, r.parents_pending, r.task_lease_ms
+             r.ref, r.on_parent_failure, r.parents_pending, r.task_lease_ms,
+             r.concurrency_key, r.concurrency_max, r.concurrency_strategy, r.rate_limit, r.rate_limit_key
       FROM r
       -- Truncated, not rounded: timestamptz(3) would round a run-now time up to 0.5 ms into
       -- the future, making the task briefly "not yet due".

@@ -6,6 +6,7 @@
 
 import type { TaskSpec } from "../task/task";
 import type { TaskChangeRow } from "./changes";
+import { hasFlow } from "./flow";
 import { GroupCommit } from "./group-commit";
 import { type Assignment, type InsertOutcome, insertTasks, MAX_TASKS_PER_INSERT, type NewTask } from "./insert";
 import type { Sql } from "./sql";
@@ -44,8 +45,10 @@ export class Submitter {
    * writes nothing and returns the earlier task.
    */
   async submit(id: string, spec: TaskSpec, actor?: string): Promise<InsertOutcome> {
-    // A task with parents is born waiting, never dispatched.
-    const placement = spec.scheduledAt === null && !spec.dependsOn ? (this.options.placeRunNow?.(id, spec) ?? null) : null;
+    // A task with parents is born waiting, never dispatched; a task under flow control waits
+    // for the claim, the one place its key and bucket are kept.
+    const placement =
+      spec.scheduledAt === null && !spec.dependsOn && !hasFlow(spec) ? (this.options.placeRunNow?.(id, spec) ?? null) : null;
     const agingMs = this.options.agingMs;
     if (!placement) return this.inserts.add({ id, spec, actor, agingMs });
     let outcome: InsertOutcome;

@@ -55,6 +55,12 @@ export const TASK_ROW_COLUMNS = [
   "idempotency_hash",
   "secret_env",
   "limits",
+  // Flow control (src/db/flow.ts).
+  "concurrency_key",
+  "concurrency_max",
+  "concurrency_strategy",
+  "rate_limit",
+  "rate_limit_key",
   // Routing (src/db/claim.ts, src/task/labels.ts).
   "queue",
   "requires",

@@ -3,6 +3,7 @@
 import type { JsonObject } from "@bufbuild/protobuf";
 import { create } from "@bufbuild/protobuf";
 import { type Timestamp, timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { flowTaskJson } from "../api/flow-model";
 import type { DependencyRow, TaskDependencies } from "../db/dependencies";
 import type { TaskEventRow } from "../db/events";
 import {
@@ -135,6 +136,7 @@ export function taskToProto(task: Task): PbTask {
     waiting: task.waiting ?? undefined,
     ref: task.ref ?? "",
     onParentFailure: task.on_parent_failure ?? "",
+    ...flowToProto(task),
   });
 }
 
@@ -151,6 +153,12 @@ export function taskWithDependenciesToProto(task: Task, dependencies: TaskDepend
 }
 
 /** Limits as the wire carries them: a missing or null one is unset. */
+/** A task's flow control fields, as the REST view spells them (src/api/flow-model.ts). */
+function flowToProto(task: Task) {
+  const { concurrency, rate_limit } = flowTaskJson(task);
+  return { concurrency: concurrency ?? undefined, rateLimit: rate_limit ?? "" };
+}
+
 export function limitsToProto(limits: TaskLimits | EffectiveLimits): PbTaskLimits {
   return create(TaskLimitsSchema, {
     memoryMb: limits.memory_mb ?? undefined,

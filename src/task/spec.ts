@@ -6,6 +6,7 @@
 import { type Static, Type } from "@sinclair/typebox";
 import { invalidArgument, TaskQueueError } from "./errors";
 import { checkSchema } from "./explain";
+import { flowOptions, toConcurrencySpec, toRateLimitRef } from "./flow";
 import { EXAMPLE_TIME, parseRfc3339 } from "./rfc3339";
 import { routingOptions, toRouting } from "./routing";
 import { PARENT_FAILURE_POLICIES, type TaskSpec } from "./task";
@@ -170,6 +171,8 @@ const runOptions = {
     }),
   ),
   limits: Type.Optional(Limits),
+  // Flow control (src/task/flow.ts): concurrency, rate_limit.
+  ...flowOptions,
   retry: Type.Optional(
     Type.Object(
       {
@@ -438,6 +441,8 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, defaults: TaskDe
       `retry.backoff_cap_ms (${backoffCapMs}) must be at least retry.backoff_base_ms (${backoffBaseMs})`,
     );
   }
+  const concurrency = body.concurrency === undefined ? undefined : toConcurrencySpec(body.concurrency);
+  const rateLimit = body.rate_limit === undefined ? undefined : toRateLimitRef(body.rate_limit, concurrency?.key);
   const routing = toRouting(body);
   const minLeaseMs = defaults.minLeaseMs ?? 1;
   if (body.lease_ms !== undefined && body.lease_ms < minLeaseMs) {
@@ -466,6 +471,8 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, defaults: TaskDe
     // of such a spec is what it was before leases were a task option).
     ...(body.lease_ms === undefined ? {} : { leaseMs: body.lease_ms }),
     ...(body.limits === undefined || Object.keys(body.limits).length === 0 ? {} : { limits: { ...body.limits } }),
+    ...(concurrency === undefined ? {} : { concurrency }),
+    ...(rateLimit === undefined ? {} : { rateLimit }),
     ...(routing === undefined ? {} : { routing }),
     ...(body.depends_on === undefined || body.depends_on.length === 0
       ? {}

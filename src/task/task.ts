@@ -1,4 +1,5 @@
 // The task record as the database stores it and every transport reads it.
+import type { ConcurrencySpec, RateLimitRef } from "./flow";
 import type { LabelPreference, LabelRequirement } from "./labels";
 import type { TaskState } from "./state";
 import type { Waiting } from "./waiting";
@@ -56,6 +57,13 @@ export interface Task {
   secret_env: Record<string, string>;
   /** What the task asked for; null when it asked for nothing (the worker's maxima apply). */
   limits: TaskLimits | null;
+  /** Flow control (src/task/flow.ts): the concurrency key (expanded), its max and strategy; null without. */
+  concurrency_key?: string | null;
+  concurrency_max?: number | null;
+  concurrency_strategy?: string | null;
+  /** The rate limit's name and bucket ('' for the limit's own); null without. */
+  rate_limit?: string | null;
+  rate_limit_key?: string | null;
   /** The named queue (src/db/queues.ts). */
   queue: string;
   /** Labels a worker must have to take the task (src/task/labels.ts). */
@@ -163,6 +171,10 @@ export interface TaskSpec {
   leaseMs?: number;
   /** Absent: none asked for (and the idempotency hash of such a spec is what it was before limits existed). */
   limits?: TaskLimits;
+  /** Absent: no concurrency key (flow control, src/task/flow.ts; `{schedule}` filled in at creation). */
+  concurrency?: ConcurrencySpec;
+  /** Absent: no rate limit. */
+  rateLimit?: RateLimitRef;
   /** Absent: the default queue, priority 0, any worker (and the idempotency hash is unchanged). */
   routing?: TaskRouting;
   /**

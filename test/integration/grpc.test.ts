@@ -149,6 +149,17 @@ describe("TaskService", () => {
     expect(skipped.error).toBe(`skipped: parent ${parent.id} (${parent.id.replaceAll("-", "_")}) ended cancelled`);
   });
 
+  test("flow control: a concurrency key and a rate limit round-trip; an unknown limit is INVALID_ARGUMENT", async () => {
+    const submitted = await call<SubmitTaskResponse>("submitTask", {
+      command: "echo keyed",
+      scheduledAt: timestampFromDate(new Date(Date.now() + 3_600_000)),
+      concurrency: { key: "grpc-key", max: 2 },
+    });
+    expect(submitted.task!.concurrency).toMatchObject({ key: "grpc-key", max: 2, strategy: "queue" });
+    expect(submitted.task!.rateLimit).toBe("");
+    expect(await failure(call("submitTask", { command: "x", rateLimit: "no-such-limit" }))).toBe(grpc.status.INVALID_ARGUMENT);
+  });
+
   test("submit, get, list and cancel round-trip; bad input is INVALID_ARGUMENT", async () => {
     const at = new Date(Date.now() + 3_600_000);
     const submitted = await call<SubmitTaskResponse>("submitTask", {

@@ -130,6 +130,9 @@ const TASK_KEYS = [
   "worker_id",
   "ref",
   "on_parent_failure",
+  // Flow control.
+  "concurrency",
+  "rate_limit",
 ].sort();
 
 /** What GET /tasks/:id adds to the task (its dependencies, what it waits for). */
@@ -792,6 +795,8 @@ describe("health and documentation", () => {
     expect(Object.keys(doc.paths).sort()).toEqual(
       [
         "/healthz",
+        "/rate-limits",
+        "/rate-limits/{name}",
         "/queues",
         "/queues/{name}",
         "/queues/{name}/pause",

@@ -12,7 +12,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file taskqueue/v1/task.proto.
  */
 export const file_taskqueue_v1_task: GenFile = /*@__PURE__*/
-  fileDesc("Chd0YXNrcXVldWUvdjEvdGFzay5wcm90bxIMdGFza3F1ZXVlLnYxIpALCgRUYXNrEgoKAmlkGAEgASgJEg8KB2NvbW1hbmQYAiABKAkSJgoFc3RhdGUYAyABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEjAKDHNjaGVkdWxlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJcGlja2VkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWZhaWxlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY2FuY2VsbGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdhdHRlbXB0GAsgASgNEhQKDG1heF9hdHRlbXB0cxgMIAEoDRISCgp0aW1lb3V0X21zGA0gASgNEigKA2VudhgOIAMoCzIbLnRhc2txdWV1ZS52MS5UYXNrLkVudkVudHJ5EgsKA2N3ZBgPIAEoCRIRCgl3b3JrZXJfaWQYECABKAkSFgoJZXhpdF9jb2RlGBEgASgRSACIAQESDgoGc2lnbmFsGBIgASgJEg4KBnN0ZG91dBgTIAEoCRIOCgZzdGRlcnIYFCABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgVIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGBYgASgIEhcKD3N0ZG91dF9yZXBsYWNlZBgoIAEoCBIXCg9zdGRlcnJfcmVwbGFjZWQYKSABKAgSDQoFZXJyb3IYFyABKAkSKAoFcmV0cnkYGCABKAsyGS50YXNrcXVldWUudjEuUmV0cnlQb2xpY3kSFwoPaWRlbXBvdGVuY3lfa2V5GBkgASgJEjQKEGxlYXNlX2V4cGlyZXNfYXQYGiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhUKCGxlYXNlX21zGGQgASgNSAGIAQESFwoPc2VjcmV0X2Vudl9rZXlzGBsgAygJEioKBnJ1bl9hdBgcIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKAoGbGltaXRzGDwgASgLMhgudGFza3F1ZXVlLnYxLlRhc2tMaW1pdHMSFQoNaW50ZXJydXB0aW9ucxhGIAEoDRIOCgVxdWV1ZRjmASABKAkSEQoIcHJpb3JpdHkY5wEgASgREikKB3JlcXVpcmUY6AEgAygLMhcudGFza3F1ZXVlLnYxLkxhYmVsUnVsZRIoCgZwcmVmZXIY6QEgAygLMhcudGFza3F1ZXVlLnYxLkxhYmVsUnVsZRIcChNzY2hlZHVsZV90aW1lb3V0X21zGOoBIAEoDRInCgd3YWl0aW5nGOsBIAEoCzIVLnRhc2txdWV1ZS52MS5XYWl0aW5nEgwKA3JlZhiOAiABKAkSGgoRb25fcGFyZW50X2ZhaWx1cmUYjwIgASgJEi4KB3BhcmVudHMYkAIgAygLMhwudGFza3F1ZXVlLnYxLlRhc2tEZXBlbmRlbmN5Ei8KCGNoaWxkcmVuGJECIAMoCzIcLnRhc2txdWV1ZS52MS5UYXNrRGVwZW5kZW5jeRoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgwKCl9leGl0X2NvZGVCCwoJX2xlYXNlX21zSgYIkgIQkwIiUgoJTGFiZWxSdWxlEgsKA2tleRgBIAEoCRIKCgJvcBgCIAEoCRISCgV2YWx1ZRgDIAEoCUgAiAEBEg4KBndlaWdodBgEIAEoDUIICgZfdmFsdWUiKAoHV2FpdGluZxIMCgRraW5kGAEgASgJEg8KB21lc3NhZ2UYAiABKAkiUQoOVGFza0RlcGVuZGVuY3kSCgoCaWQYASABKAkSCwoDcmVmGAIgASgJEiYKBXN0YXRlGAMgASgOMhcudGFza3F1ZXVlLnYxLlRhc2tTdGF0ZSKIAQoKVGFza0xpbWl0cxIWCgltZW1vcnlfbWIYASABKA1IAIgBARIRCgRwaWRzGAIgASgNSAGIAQESEwoGbm9maWxlGAMgASgNSAKIAQESEAoDY3B1GAQgASgBSAOIAQFCDAoKX21lbW9yeV9tYkIHCgVfcGlkc0IJCgdfbm9maWxlQgYKBF9jcHUi8gEKDEF0dGVtcHRVc2FnZRIWCg5saW1pdHNfYXBwbGllZBgBIAEoCRIoCgZsaW1pdHMYAiABKAsyGC50YXNrcXVldWUudjEuVGFza0xpbWl0cxIYCgtjcHVfdXNlcl91cxgDIAEoBEgAiAEBEhoKDWNwdV9zeXN0ZW1fdXMYBCABKARIAYgBARIeChFwZWFrX21lbW9yeV9ieXRlcxgFIAEoBEgCiAEBEhIKCm9vbV9raWxsZWQYBiABKAhCDgoMX2NwdV91c2VyX3VzQhAKDl9jcHVfc3lzdGVtX3VzQhQKEl9wZWFrX21lbW9yeV9ieXRlcyLhAQoLUmV0cnlQb2xpY3kSFwoKb25fZmFpbHVyZRgBIAEoCEgAiAEBEhcKCm9uX3RpbWVvdXQYAiABKAhIAYgBARIUCgdvbl9sb3N0GAMgASgISAKIAQESHAoPYmFja29mZl9iYXNlX21zGAQgASgNSAOIAQESGwoOYmFja29mZl9jYXBfbXMYBSABKA1IBIgBAUINCgtfb25fZmFpbHVyZUINCgtfb25fdGltZW91dEIKCghfb25fbG9zdEISChBfYmFja29mZl9iYXNlX21zQhEKD19iYWNrb2ZmX2NhcF9tcyLiAQoJVGFza0V2ZW50EgoKAmlkGAEgASgJEg8KB3Rhc2tfaWQYAiABKAkSDAoEa2luZBgDIAEoCRImCgVzdGF0ZRgEIAEoDjIXLnRhc2txdWV1ZS52MS5UYXNrU3RhdGUSDwoHYXR0ZW1wdBgFIAEoDRIRCgl3b3JrZXJfaWQYBiABKAkSJgoCYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWFjdG9yGAggASgJEicKBmRldGFpbBgJIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiqQQKB0F0dGVtcHQSDwoHdGFza19pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgNEhEKCXdvcmtlcl9pZBgDIAEoCRIWCg5jb29yZGluYXRvcl9pZBgEIAEoCRIxCg1kaXNwYXRjaGVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hlZF9hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoDcGlkGAggASgFSACIAQESFgoJZXhpdF9jb2RlGAkgASgRSAGIAQESDgoGc2lnbmFsGAogASgJEg0KBWVycm9yGAsgASgJEg4KBnN0ZG91dBgMIAEoCRIOCgZzdGRlcnIYDSABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgOIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGA8gASgIEhcKD3N0ZG91dF9yZXBsYWNlZBgoIAEoCBIXCg9zdGRlcnJfcmVwbGFjZWQYKSABKAgSLQoHb3V0Y29tZRgQIAEoDjIcLnRhc2txdWV1ZS52MS5BdHRlbXB0T3V0Y29tZRIpCgV1c2FnZRg8IAEoCzIaLnRhc2txdWV1ZS52MS5BdHRlbXB0VXNhZ2VCBgoEX3BpZEIMCgpfZXhpdF9jb2RlKu8BCglUYXNrU3RhdGUSGgoWVEFTS19TVEFURV9VTlNQRUNJRklFRBAAEhUKEVRBU0tfU1RBVEVfUVVFVUVEEAESGQoVVEFTS19TVEFURV9ESVNQQVRDSEVEEAISFgoSVEFTS19TVEFURV9SVU5OSU5HEAMSGAoUVEFTS19TVEFURV9TVUNDRUVERUQQBBIVChFUQVNLX1NUQVRFX0ZBSUxFRBAFEhgKFFRBU0tfU1RBVEVfVElNRURfT1VUEAYSGAoUVEFTS19TVEFURV9DQU5DRUxMRUQQBxIXChJUQVNLX1NUQVRFX1dBSVRJTkcQjgIq/gEKDkF0dGVtcHRPdXRjb21lEh8KG0FUVEVNUFRfT1VUQ09NRV9VTlNQRUNJRklFRBAAEh0KGUFUVEVNUFRfT1VUQ09NRV9TVUNDRUVERUQQARIaChZBVFRFTVBUX09VVENPTUVfRkFJTEVEEAISHQoZQVRURU1QVF9PVVRDT01FX1RJTUVEX09VVBADEhgKFEFUVEVNUFRfT1VUQ09NRV9MT1NUEAQSGwoXQVRURU1QVF9PVVRDT01FX1NUT1BQRUQQBRIZChVBVFRFTVBUX09VVENPTUVfU1RBTEUQBhIfChtBVFRFTVBUX09VVENPTUVfSU5URVJSVVBURUQQB2IGcHJvdG8z", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("Chd0YXNrcXVldWUvdjEvdGFzay5wcm90bxIMdGFza3F1ZXVlLnYxItYLCgRUYXNrEgoKAmlkGAEgASgJEg8KB2NvbW1hbmQYAiABKAkSJgoFc3RhdGUYAyABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEjAKDHNjaGVkdWxlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJcGlja2VkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWZhaWxlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY2FuY2VsbGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdhdHRlbXB0GAsgASgNEhQKDG1heF9hdHRlbXB0cxgMIAEoDRISCgp0aW1lb3V0X21zGA0gASgNEigKA2VudhgOIAMoCzIbLnRhc2txdWV1ZS52MS5UYXNrLkVudkVudHJ5EgsKA2N3ZBgPIAEoCRIRCgl3b3JrZXJfaWQYECABKAkSFgoJZXhpdF9jb2RlGBEgASgRSACIAQESDgoGc2lnbmFsGBIgASgJEg4KBnN0ZG91dBgTIAEoCRIOCgZzdGRlcnIYFCABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgVIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGBYgASgIEhcKD3N0ZG91dF9yZXBsYWNlZBgoIAEoCBIXCg9zdGRlcnJfcmVwbGFjZWQYKSABKAgSDQoFZXJyb3IYFyABKAkSKAoFcmV0cnkYGCABKAsyGS50YXNrcXVldWUudjEuUmV0cnlQb2xpY3kSFwoPaWRlbXBvdGVuY3lfa2V5GBkgASgJEjQKEGxlYXNlX2V4cGlyZXNfYXQYGiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhUKCGxlYXNlX21zGGQgASgNSAGIAQESFwoPc2VjcmV0X2Vudl9rZXlzGBsgAygJEioKBnJ1bl9hdBgcIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKAoGbGltaXRzGDwgASgLMhgudGFza3F1ZXVlLnYxLlRhc2tMaW1pdHMSFQoNaW50ZXJydXB0aW9ucxhGIAEoDRIOCgVxdWV1ZRjmASABKAkSEQoIcHJpb3JpdHkY5wEgASgREikKB3JlcXVpcmUY6AEgAygLMhcudGFza3F1ZXVlLnYxLkxhYmVsUnVsZRIoCgZwcmVmZXIY6QEgAygLMhcudGFza3F1ZXVlLnYxLkxhYmVsUnVsZRIcChNzY2hlZHVsZV90aW1lb3V0X21zGOoBIAEoDRInCgd3YWl0aW5nGOsBIAEoCzIVLnRhc2txdWV1ZS52MS5XYWl0aW5nEgwKA3JlZhiOAiABKAkSGgoRb25fcGFyZW50X2ZhaWx1cmUYjwIgASgJEi4KB3BhcmVudHMYkAIgAygLMhwudGFza3F1ZXVlLnYxLlRhc2tEZXBlbmRlbmN5Ei8KCGNoaWxkcmVuGJECIAMoCzIcLnRhc2txdWV1ZS52MS5UYXNrRGVwZW5kZW5jeRIvCgtjb25jdXJyZW5jeRj6ASABKAsyGS50YXNrcXVldWUudjEuQ29uY3VycmVuY3kSEwoKcmF0ZV9saW1pdBj7ASABKAkaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIMCgpfZXhpdF9jb2RlQgsKCV9sZWFzZV9tc0oGCJICEJMCIjkKC0NvbmN1cnJlbmN5EgsKA2tleRgBIAEoCRILCgNtYXgYAiABKA0SEAoIc3RyYXRlZ3kYAyABKAkiUgoJTGFiZWxSdWxlEgsKA2tleRgBIAEoCRIKCgJvcBgCIAEoCRISCgV2YWx1ZRgDIAEoCUgAiAEBEg4KBndlaWdodBgEIAEoDUIICgZfdmFsdWUiKAoHV2FpdGluZxIMCgRraW5kGAEgASgJEg8KB21lc3NhZ2UYAiABKAkiUQoOVGFza0RlcGVuZGVuY3kSCgoCaWQYASABKAkSCwoDcmVmGAIgASgJEiYKBXN0YXRlGAMgASgOMhcudGFza3F1ZXVlLnYxLlRhc2tTdGF0ZSKIAQoKVGFza0xpbWl0cxIWCgltZW1vcnlfbWIYASABKA1IAIgBARIRCgRwaWRzGAIgASgNSAGIAQESEwoGbm9maWxlGAMgASgNSAKIAQESEAoDY3B1GAQgASgBSAOIAQFCDAoKX21lbW9yeV9tYkIHCgVfcGlkc0IJCgdfbm9maWxlQgYKBF9jcHUi8gEKDEF0dGVtcHRVc2FnZRIWCg5saW1pdHNfYXBwbGllZBgBIAEoCRIoCgZsaW1pdHMYAiABKAsyGC50YXNrcXVldWUudjEuVGFza0xpbWl0cxIYCgtjcHVfdXNlcl91cxgDIAEoBEgAiAEBEhoKDWNwdV9zeXN0ZW1fdXMYBCABKARIAYgBARIeChFwZWFrX21lbW9yeV9ieXRlcxgFIAEoBEgCiAEBEhIKCm9vbV9raWxsZWQYBiABKAhCDgoMX2NwdV91c2VyX3VzQhAKDl9jcHVfc3lzdGVtX3VzQhQKEl9wZWFrX21lbW9yeV9ieXRlcyLhAQoLUmV0cnlQb2xpY3kSFwoKb25fZmFpbHVyZRgBIAEoCEgAiAEBEhcKCm9uX3RpbWVvdXQYAiABKAhIAYgBARIUCgdvbl9sb3N0GAMgASgISAKIAQESHAoPYmFja29mZl9iYXNlX21zGAQgASgNSAOIAQESGwoOYmFja29mZl9jYXBfbXMYBSABKA1IBIgBAUINCgtfb25fZmFpbHVyZUINCgtfb25fdGltZW91dEIKCghfb25fbG9zdEISChBfYmFja29mZl9iYXNlX21zQhEKD19iYWNrb2ZmX2NhcF9tcyLiAQoJVGFza0V2ZW50EgoKAmlkGAEgASgJEg8KB3Rhc2tfaWQYAiABKAkSDAoEa2luZBgDIAEoCRImCgVzdGF0ZRgEIAEoDjIXLnRhc2txdWV1ZS52MS5UYXNrU3RhdGUSDwoHYXR0ZW1wdBgFIAEoDRIRCgl3b3JrZXJfaWQYBiABKAkSJgoCYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWFjdG9yGAggASgJEicKBmRldGFpbBgJIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiqQQKB0F0dGVtcHQSDwoHdGFza19pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgNEhEKCXdvcmtlcl9pZBgDIAEoCRIWCg5jb29yZGluYXRvcl9pZBgEIAEoCRIxCg1kaXNwYXRjaGVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hlZF9hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoDcGlkGAggASgFSACIAQESFgoJZXhpdF9jb2RlGAkgASgRSAGIAQESDgoGc2lnbmFsGAogASgJEg0KBWVycm9yGAsgASgJEg4KBnN0ZG91dBgMIAEoCRIOCgZzdGRlcnIYDSABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgOIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGA8gASgIEhcKD3N0ZG91dF9yZXBsYWNlZBgoIAEoCBIXCg9zdGRlcnJfcmVwbGFjZWQYKSABKAgSLQoHb3V0Y29tZRgQIAEoDjIcLnRhc2txdWV1ZS52MS5BdHRlbXB0T3V0Y29tZRIpCgV1c2FnZRg8IAEoCzIaLnRhc2txdWV1ZS52MS5BdHRlbXB0VXNhZ2VCBgoEX3BpZEIMCgpfZXhpdF9jb2RlKu8BCglUYXNrU3RhdGUSGgoWVEFTS19TVEFURV9VTlNQRUNJRklFRBAAEhUKEVRBU0tfU1RBVEVfUVVFVUVEEAESGQoVVEFTS19TVEFURV9ESVNQQVRDSEVEEAISFgoSVEFTS19TVEFURV9SVU5OSU5HEAMSGAoUVEFTS19TVEFURV9TVUNDRUVERUQQBBIVChFUQVNLX1NUQVRFX0ZBSUxFRBAFEhgKFFRBU0tfU1RBVEVfVElNRURfT1VUEAYSGAoUVEFTS19TVEFURV9DQU5DRUxMRUQQBxIXChJUQVNLX1NUQVRFX1dBSVRJTkcQjgIq/gEKDkF0dGVtcHRPdXRjb21lEh8KG0FUVEVNUFRfT1VUQ09NRV9VTlNQRUNJRklFRBAAEh0KGUFUVEVNUFRfT1VUQ09NRV9TVUNDRUVERUQQARIaChZBVFRFTVBUX09VVENPTUVfRkFJTEVEEAISHQoZQVRURU1QVF9PVVRDT01FX1RJTUVEX09VVBADEhgKFEFUVEVNUFRfT1VUQ09NRV9MT1NUEAQSGwoXQVRURU1QVF9PVVRDT01FX1NUT1BQRUQQBRIZChVBVFRFTVBUX09VVENPTUVfU1RBTEUQBhIfChtBVFRFTVBUX09VVENPTUVfSU5URVJSVVBURUQQB2IGcHJvdG8z", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message taskqueue.v1.Task
@@ -262,6 +262,19 @@ export type Task = Message<"taskqueue.v1.Task"> & {
    * @generated from field: repeated taskqueue.v1.TaskDependency children = 273;
    */
   children: TaskDependency[];
+
+  /**
+   * Flow control (fields 250-269): the concurrency key (expanded) with its max and strategy,
+   * unset without one; the rate limit (`name` or `name:bucket`), empty without one.
+   *
+   * @generated from field: taskqueue.v1.Concurrency concurrency = 250;
+   */
+  concurrency?: Concurrency | undefined;
+
+  /**
+   * @generated from field: string rate_limit = 251;
+   */
+  rateLimit: string;
 };
 
 /**
@@ -270,6 +283,36 @@ export type Task = Message<"taskqueue.v1.Task"> & {
  */
 export const TaskSchema: GenMessage<Task> = /*@__PURE__*/
   messageDesc(file_taskqueue_v1_task, 0);
+
+/**
+ * A task's concurrency key: at most `max` tasks with the key live at once; `strategy` when
+ * full: "queue" (the default), "cancel_in_progress" or "cancel_newest".
+ *
+ * @generated from message taskqueue.v1.Concurrency
+ */
+export type Concurrency = Message<"taskqueue.v1.Concurrency"> & {
+  /**
+   * @generated from field: string key = 1;
+   */
+  key: string;
+
+  /**
+   * @generated from field: uint32 max = 2;
+   */
+  max: number;
+
+  /**
+   * @generated from field: string strategy = 3;
+   */
+  strategy: string;
+};
+
+/**
+ * Describes the message taskqueue.v1.Concurrency.
+ * Use `create(ConcurrencySchema)` to create a new message.
+ */
+export const ConcurrencySchema: GenMessage<Concurrency> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_task, 1);
 
 /**
  * A worker label a task requires (weight unset) or prefers (with a weight).
@@ -307,7 +350,7 @@ export type LabelRule = Message<"taskqueue.v1.LabelRule"> & {
  * Use `create(LabelRuleSchema)` to create a new message.
  */
 export const LabelRuleSchema: GenMessage<LabelRule> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 1);
+  messageDesc(file_taskqueue_v1_task, 2);
 
 /**
  * What a queued task waits for: kind ("no_worker", "queue_paused", "queue_full", and flow
@@ -332,7 +375,7 @@ export type Waiting = Message<"taskqueue.v1.Waiting"> & {
  * Use `create(WaitingSchema)` to create a new message.
  */
 export const WaitingSchema: GenMessage<Waiting> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 2);
+  messageDesc(file_taskqueue_v1_task, 3);
 
 /**
  * One end of a dependency edge, as the other end sees it.
@@ -363,7 +406,7 @@ export type TaskDependency = Message<"taskqueue.v1.TaskDependency"> & {
  * Use `create(TaskDependencySchema)` to create a new message.
  */
 export const TaskDependencySchema: GenMessage<TaskDependency> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 3);
+  messageDesc(file_taskqueue_v1_task, 4);
 
 /**
  * Resource limits a task asks for. Each is capped by the maxima of the worker that runs it
@@ -408,7 +451,7 @@ export type TaskLimits = Message<"taskqueue.v1.TaskLimits"> & {
  * Use `create(TaskLimitsSchema)` to create a new message.
  */
 export const TaskLimitsSchema: GenMessage<TaskLimits> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 4);
+  messageDesc(file_taskqueue_v1_task, 5);
 
 /**
  * How one attempt was limited and what it used, as its worker measured it.
@@ -458,7 +501,7 @@ export type AttemptUsage = Message<"taskqueue.v1.AttemptUsage"> & {
  * Use `create(AttemptUsageSchema)` to create a new message.
  */
 export const AttemptUsageSchema: GenMessage<AttemptUsage> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 5);
+  messageDesc(file_taskqueue_v1_task, 6);
 
 /**
  * What is retried while attempts remain, and the exponential backoff (with jitter) between
@@ -502,7 +545,7 @@ export type RetryPolicy = Message<"taskqueue.v1.RetryPolicy"> & {
  * Use `create(RetryPolicySchema)` to create a new message.
  */
 export const RetryPolicySchema: GenMessage<RetryPolicy> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 6);
+  messageDesc(file_taskqueue_v1_task, 7);
 
 /**
  * TaskEvent is one row of the append-only task_events history.
@@ -573,7 +616,7 @@ export type TaskEvent = Message<"taskqueue.v1.TaskEvent"> & {
  * Use `create(TaskEventSchema)` to create a new message.
  */
 export const TaskEventSchema: GenMessage<TaskEvent> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 7);
+  messageDesc(file_taskqueue_v1_task, 8);
 
 /**
  * Attempt is one row of task_attempts: one dispatch of a task and what came of it.
@@ -688,7 +731,7 @@ export type Attempt = Message<"taskqueue.v1.Attempt"> & {
  * Use `create(AttemptSchema)` to create a new message.
  */
 export const AttemptSchema: GenMessage<Attempt> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 8);
+  messageDesc(file_taskqueue_v1_task, 9);
 
 /**
  * TaskState mirrors the `state` column of the tasks table; src/task/state.ts documents who
