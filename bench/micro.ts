@@ -114,6 +114,8 @@ function representativeTask(): Task {
     idempotency_hash: "9f2c".repeat(16),
     secret_env: { PGPASSWORD: "not-returned" },
     limits: { memory_mb: 512, pids: 64 },
+    schedule_id: null,
+    fire_at: null,
   };
 }
 
@@ -160,6 +162,8 @@ function createdRow(id: string, spec: TaskSpec): TaskChangeRow {
     idempotency_hash: null,
     secret_env: spec.secretEnv,
     limits: spec.limits ?? null,
+    schedule_id: spec.firing?.scheduleId ?? null,
+    fire_at: spec.firing?.fireAt ?? null,
     event_id: "1",
   };
 }

@@ -65,6 +65,42 @@ export async function insertTask(
 export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<InsertOutcome[]> {
   if (items.length === 0) return [];
   const hashes = items.map(({ spec }) => (spec.idempotencyKey === null ? null : specHash(spec)));
+  const created = await writeTasks(sql, items, hashes);
+  const outcomes: (InsertOutcome | undefined)[] = items.map(({ id }) => {
+    const task = created.get(id);
+    return task ? { kind: "created", task } : undefined;
+  });
+  if (created.size === items.length) return outcomes as InsertOutcome[];
+  if (items.some(({ id, spec }) => spec.firing !== undefined && !created.has(id))) {
+    throw new Error("insertTasks was given a firing that was already written; use insertFirings");
+  }
+
+  const keys = [...new Set(items.filter(({ id }) => !created.has(id)).map(({ spec }) => spec.idempotencyKey))];
+  if (keys.includes(null)) throw new Error("insert wrote nothing for a task without an idempotency key");
+  const existing = await sql<Task[]>`
+    ${selectTasks(sql)} WHERE tasks.idempotency_key = ANY(${array(sql, keys, "text")})`;
+  const byKey = new Map(existing.map((task) => [task.idempotency_key, task]));
+  return items.map(({ spec }, i) => {
+    const outcome = outcomes[i];
+    if (outcome) return outcome;
+    const task = byKey.get(spec.idempotencyKey);
+    if (!task) throw new Error("insert wrote nothing and no task holds its idempotency key");
+    return { kind: "existing", task, sameRequest: task.idempotency_hash === hashes[i] };
+  });
+}
+
+/**
+ * The one insert statement: tasks, their first events (and run-now attempts), the wake-up, and,
+ * when any item is a schedule's firing, its schedule_firings row. The firing row is claimed
+ * first, ON CONFLICT DO NOTHING on its (schedule_id, fire_at) key, and the task is written only
+ * when the claim wrote the row: a fire time makes one task, whoever else fires it at once.
+ */
+async function writeTasks(
+  sql: Sql,
+  items: readonly NewTask[],
+  hashes: readonly (string | null)[],
+): Promise<Map<string, TaskChangeRow>> {
+  const firings = items.some(({ spec }) => spec.firing !== undefined);
   const inserted = await sql<(Task & { event_id: string })[]>`
     WITH r AS (
       SELECT * FROM ${unnest(sql, items, {
@@ -88,13 +124,16 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
         coordinator_id: ["text", (t) => t.assignTo?.coordinatorId ?? null],
         lease_ms: ["double precision", (t) => (t.assignTo ? Math.max(0, t.assignTo.leaseMs) : null)],
         limits: ["jsonb", (t) => t.spec.limits ?? null],
+        schedule_id: ["uuid", (t) => t.spec.firing?.scheduleId ?? null],
+        fire_at: ["timestamptz", (t) => t.spec.firing?.fireAt ?? null],
       })}
     ),
+    ${firings ? firingClaim(sql) : sql``}
     t AS (
       INSERT INTO tasks (id, command, state, scheduled_at, run_at, picked_at, attempt, max_attempts, timeout_ms, env, secret_env, cwd,
                          worker_id, coordinator_id, lease_expires_at,
                          retry_on_failure, retry_on_timeout, retry_on_lost, retry_backoff_base_ms, retry_backoff_cap_ms,
-                         idempotency_key, idempotency_hash, limits)
+                         idempotency_key, idempotency_hash, limits, schedule_id, fire_at)
       SELECT r.id, r.command, CASE WHEN r.worker_id IS NULL THEN 'queued' ELSE 'dispatched' END,
              due.at, due.at,
              CASE WHEN r.worker_id IS NOT NULL THEN clock_timestamp() END,
@@ -103,11 +142,12 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
              r.worker_id, r.coordinator_id,
              clock_timestamp() + make_interval(secs => r.lease_ms / 1000),
              r.retry_on_failure, r.retry_on_timeout, r.retry_on_lost, r.retry_backoff_base_ms, r.retry_backoff_cap_ms,
-             r.idempotency_key, r.idempotency_hash, r.limits
+             r.idempotency_key, r.idempotency_hash, r.limits, r.schedule_id, r.fire_at
       FROM r
       -- Truncated, not rounded: timestamptz(3) would round a run-now time up to 0.5 ms into
       -- the future, making the task briefly "not yet due".
       CROSS JOIN LATERAL (SELECT coalesce(r.scheduled_at, date_trunc('milliseconds', clock_timestamp())) AS at) due
+      ${firings ? sql`WHERE r.schedule_id IS NULL OR r.id IN (SELECT task_id FROM f)` : sql``}
       ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
       RETURNING ${taskRowColumns(sql, "tasks")}
     ),
@@ -122,23 +162,35 @@ export async function insertTasks(sql: Sql, items: readonly NewTask[]): Promise<
       },
       false,
     )}`;
-  const created = new Map(changedRows(inserted).map((row) => [row.id, row]));
-  const outcomes: (InsertOutcome | undefined)[] = items.map(({ id }) => {
-    const task = created.get(id);
-    return task ? { kind: "created", task } : undefined;
-  });
-  if (created.size === items.length) return outcomes as InsertOutcome[];
+  return new Map(changedRows(inserted).map((row) => [row.id, row]));
+}
 
-  const keys = [...new Set(items.filter(({ id }) => !created.has(id)).map(({ spec }) => spec.idempotencyKey))];
-  if (keys.includes(null)) throw new Error("insert wrote nothing for a task without an idempotency key");
-  const existing = await sql<Task[]>`
-    ${selectTasks(sql)} WHERE tasks.idempotency_key = ANY(${array(sql, keys, "text")})`;
-  const byKey = new Map(existing.map((task) => [task.idempotency_key, task]));
-  return items.map(({ spec }, i) => {
-    const outcome = outcomes[i];
-    if (outcome) return outcome;
-    const task = byKey.get(spec.idempotencyKey);
-    if (!task) throw new Error("insert wrote nothing and no task holds its idempotency key");
-    return { kind: "existing", task, sameRequest: task.idempotency_hash === hashes[i] };
-  });
+function firingClaim(sql: Sql) {
+  return sql`f AS (
+      INSERT INTO schedule_firings (schedule_id, fire_at, outcome, task_id)
+      SELECT r.schedule_id, r.fire_at, 'created', r.id FROM r WHERE r.schedule_id IS NOT NULL
+      -- A buffered firing (overlap buffer_one) has its row already, without a task: its task is
+      -- written once, when the row is still buffered.
+      ON CONFLICT (schedule_id, fire_at) DO UPDATE SET outcome = 'created', task_id = excluded.task_id, recorded_at = clock_timestamp()
+        WHERE schedule_firings.outcome = 'buffered'
+      RETURNING task_id
+    ),`;
+}
+
+/**
+ * Writes schedule firings' tasks (each spec with its `firing`), in one statement. Resolves with
+ * the task created for each item, or null where that fire time had been written before (by
+ * another replica, or by this one before a crash).
+ */
+export async function insertFirings(sql: Sql, items: readonly NewTask[]): Promise<(TaskChangeRow | null)[]> {
+  if (items.length === 0) return [];
+  if (items.some(({ spec }) => spec.firing === undefined || spec.idempotencyKey !== null)) {
+    throw new Error("insertFirings takes firings without idempotency keys");
+  }
+  const created = await writeTasks(
+    sql,
+    items,
+    items.map(() => null),
+  );
+  return items.map(({ id }) => created.get(id) ?? null);
 }

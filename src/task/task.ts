@@ -52,6 +52,9 @@ export interface Task {
   secret_env: Record<string, string>;
   /** What the task asked for; null when it asked for nothing (the worker's maxima apply). */
   limits: TaskLimits | null;
+  /** The recurring schedule whose firing created the task, and that firing's time; null otherwise. */
+  schedule_id: string | null;
+  fire_at: Date | null;
 }
 
 /**
@@ -123,6 +126,8 @@ export interface TaskSpec {
   idempotencyKey: string | null;
   /** Absent: none asked for (and the idempotency hash of such a spec is what it was before limits existed). */
   limits?: TaskLimits;
+  /** The schedule firing that creates this task: at most one task per (schedule, fire time). */
+  firing?: { scheduleId: string; fireAt: Date };
 }
 
 /** The outcome of a submit: the task, and whether this call created it. */

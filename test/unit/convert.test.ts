@@ -56,6 +56,8 @@ const task: Task = {
   idempotency_hash: null,
   secret_env: { TOKEN: "s3cret" },
   limits: null,
+  schedule_id: null,
+  fire_at: null,
 };
 
 test("every state maps to the proto enum and back", () => {
