@@ -13,6 +13,8 @@ export function scopeFor(method: string, path: string): Scope | null {
   if (OPEN.some((pattern) => pattern.test(path))) return null;
   if (method === "POST" && /^\/tasks\/[^/]+\/cancel$/.test(path)) return "cancel";
   if (method === "POST" && /^\/(schedule|submit|tasks|tasks\/batch)$/.test(path)) return "submit";
+  // Recurring schedules: every change creates tasks, or stops them from being created.
+  if (method !== "GET" && method !== "HEAD" && /^\/schedules(\/[^/]+(\/(pause|resume|trigger))?)?$/.test(path)) return "submit";
   // Every other route reads (an unknown path is answered 404 only to a caller who may read).
   return "read";
 }

@@ -43,6 +43,7 @@ import {
   ScheduleRequest,
 } from "./openapi";
 import { requestLog } from "./request-log";
+import { schedulesController } from "./schedules";
 import {
   cancelTaskOrThrow,
   checkReady,
@@ -68,6 +69,7 @@ export function createApp(deps: ApiDeps) {
     .use(seedController(deps))
     .use(tasksController(deps))
     .use(workersController(deps))
+    .use(schedulesController(deps))
     .use(healthController(deps));
   routes = () => app.routes;
   return app;

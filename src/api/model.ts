@@ -131,6 +131,10 @@ export const TaskJson = Type.Object(
         },
       ),
     ),
+    schedule_id: Nullable(
+      Type.String({ format: "uuid", description: "The recurring schedule whose firing created the task; null otherwise." }),
+    ),
+    fire_at: Nullable(Type.String({ format: "date-time", description: "The fire time of that firing (equal to scheduled_at)." })),
   },
   { additionalProperties: false },
 );
@@ -392,7 +396,17 @@ const pageQuery = {
 
 export const HistoryQuery = Type.Object(pageQuery);
 
-export const TaskListQuery = Type.Object({ state: Type.Optional(TaskStateJson), ...pageQuery });
+export const TaskListQuery = Type.Object({
+  state: Type.Optional(TaskStateJson),
+  schedule_id: Type.Optional(Type.String({ format: "uuid", description: "Only the tasks this recurring schedule created." })),
+  fire_at: Type.Optional(
+    Type.String({
+      description: "Only the task of this fire time (RFC 3339), with schedule_id.",
+      examples: ["2026-12-01T12:00:00Z"],
+    }),
+  ),
+  ...pageQuery,
+});
 
 const iso = (date: Date) => date.toISOString();
 const isoOrNull = (date: Date | null) => (date === null ? null : date.toISOString());
@@ -429,6 +443,8 @@ export function taskJson(task: Task): TaskJson {
     idempotency_key: task.idempotency_key,
     secret_env_keys: Object.keys(task.secret_env ?? {}).sort(),
     limits: task.limits ?? null,
+    schedule_id: task.schedule_id ?? null,
+    fire_at: task.fire_at ? iso(task.fire_at) : null,
     exit_code: task.exit_code,
     signal: task.signal,
     stdout: task.stdout,

@@ -11,6 +11,7 @@ import { toOpenAPISchema, withHeaders } from "@elysiajs/openapi";
 import { Kind, type TSchema, Type } from "@sinclair/typebox";
 import { Elysia } from "elysia";
 import pkg from "../../package.json" with { type: "json" };
+import { CatchUpJson, OverlapJson, ScheduleCreateInput, SchedulePatchInput } from "../schedule/spec";
 import { notFound } from "../task/errors";
 import { BatchInput, BatchItemInput, ScheduleInput, SubmitInput, TaskInput } from "../task/spec";
 import {
@@ -32,6 +33,7 @@ import {
   WorkerJson,
   WorkerList,
 } from "./model";
+import { FiringJson, ScheduleJson, ScheduleList } from "./schedules";
 
 export const OPENAPI_PATH = "/openapi";
 export const OPENAPI_JSON_PATH = `${OPENAPI_PATH}/json`;
@@ -87,6 +89,14 @@ export const NAMED_SCHEMAS: Record<string, TSchema> = {
   BatchInput,
   BatchItemInput,
   RetryPolicy: TaskInput.properties.retry,
+  // Recurring schedules (src/api/schedules.ts).
+  Schedule: ScheduleJson,
+  ScheduleList,
+  ScheduleFiring: FiringJson,
+  ScheduleCreateInput,
+  SchedulePatchInput,
+  ScheduleOverlap: OverlapJson,
+  CatchUp: CatchUpJson,
 };
 
 // Each named schema carries its name as $id (what Elysia's .model() would give it), so that

@@ -12,6 +12,7 @@ import { cancelTask } from "../db/transitions";
 import { listLiveWorkers, type WorkerRow } from "../db/workers";
 import type { Attempt } from "../task/attempt";
 import { conflict, invalidArgument, isDatabaseTimeout, notFound, TaskQueueError, unavailable } from "../task/errors";
+import { parseRfc3339 } from "../task/rfc3339";
 import { isTaskId } from "../task/spec";
 import { isFinal, isTaskState, TASK_STATES } from "../task/state";
 import type { Submitted, Task, TaskSpec } from "../task/task";
@@ -132,6 +133,8 @@ export async function getTaskOrThrow(deps: ApiDeps, id: string, field = "id"): P
 
 export interface TaskPageQuery {
   state?: string;
+  schedule_id?: string;
+  fire_at?: string;
   /** 1..500. Defaults to 50. */
   limit?: number;
   cursor?: string;
@@ -160,7 +163,9 @@ export async function listTaskPage(deps: ApiDeps, query: TaskPageQuery): Promise
   const limit = pageSize(query.limit);
   const before = cursor === undefined ? undefined : decodeCursor(cursor);
   // One row more than the page tells whether another page follows.
-  const rows = await listTasks(deps.sql, { state, limit: limit + 1, before });
+  if (query.schedule_id !== undefined) requireTaskId(query.schedule_id, "schedule_id");
+  const fireAt = query.fire_at === undefined ? undefined : parseRfc3339(query.fire_at, "fire_at");
+  const rows = await listTasks(deps.sql, { state, scheduleId: query.schedule_id, fireAt, limit: limit + 1, before });
   const tasks = rows.slice(0, limit);
   const last = tasks.at(-1);
   return { tasks, nextCursor: rows.length > limit && last ? encodeCursor(last.id) : null };

@@ -10,7 +10,16 @@ import { SERVER_MAX_REQUEST_BODY_SIZE } from "../api/errors";
 import { checkReady } from "../api/service";
 import { Authenticator } from "../auth/authenticator";
 import { checkExposure } from "../auth/exposure";
-import { apiSettings, authOptions, type Config, databaseOptions, leaseTimings, workerJoinTokens } from "../config";
+import {
+  apiSettings,
+  authOptions,
+  type Config,
+  databaseOptions,
+  leaseTimings,
+  scheduleFiring,
+  taskDefaults,
+  workerJoinTokens,
+} from "../config";
 import { type TaskChange, TaskChangeFeed } from "../db/notify";
 import { connect, type Sql } from "../db/sql";
 import { type RunNowPlacement, Submitter } from "../db/submitter";
@@ -22,6 +31,7 @@ import { Health, HealthService } from "../rpc/health";
 import { grpcMessageLimits } from "../rpc/message-size";
 import { cancelMessage } from "../rpc/messages";
 import { addReflection } from "../rpc/reflection";
+import { ScheduleFirer } from "../schedule/firer";
 import { attemptKey } from "../task/attempt";
 import { grpcServerCredentials, httpScheme, httpTls } from "../tls";
 import { Completer } from "./completer";
@@ -51,6 +61,8 @@ export class Coordinator {
   private readonly health: HealthService;
   private readonly auth: Authenticator;
   private readonly app: ReturnType<typeof createApp>;
+  /** The recurring schedules' firing loop, unless TQ_SCHEDULES=false. */
+  private readonly firer: ScheduleFirer | null;
   private unsubscribe: (() => void)[] = [];
   /** Of an attempt, renewed while its worker reports it. */
   private readonly leaseMs: number;
@@ -108,6 +120,10 @@ export class Coordinator {
       onRevoked: this.sessions.onRevoked,
     });
     this.auth = new Authenticator(this.sql, authOptions(config), log.child({ part: "auth" }));
+    const firing = scheduleFiring(config);
+    this.firer = firing
+      ? new ScheduleFirer({ sql: this.sql, log: log.child({ part: "schedules" }), taskDefaults: taskDefaults(config), ...firing })
+      : null;
     const deps: ApiDeps = {
       role: "coordinator",
       auth: this.auth,
@@ -116,6 +132,7 @@ export class Coordinator {
       feed: this.feed,
       log: log.child({ part: "api" }),
       submit: (id, spec, actor) => this.submitter.submit(id, spec, actor),
+      wakeScheduleFirer: () => this.firer?.wake(),
     };
     this.app = createApp(deps);
     this.grpcServer = new grpc.Server({
@@ -166,6 +183,7 @@ export class Coordinator {
     this.httpPort = this.app.server?.port ?? config.TQ_COORDINATOR_PORT;
     this.dispatcher.start();
     this.rescuer.start();
+    this.firer?.start();
     const info = this.info();
     this.log.info({ event: "coordinator.started", ...info }, "coordinator started");
     return info;
@@ -185,6 +203,7 @@ export class Coordinator {
     this.health.stop();
     for (const unsubscribe of this.unsubscribe) unsubscribe();
     this.unsubscribe = [];
+    await this.firer?.stop();
     await this.rescuer.stop();
     await this.dispatcher.stop();
     await this.app.stop();

@@ -6,8 +6,8 @@
 import type { CatchUpMode, OverlapPolicy } from "../schedule/rules";
 import type { ScheduleDefinition } from "../schedule/spec";
 import { TaskQueueError } from "../task/errors";
-import { GUARDS } from "../task/state";
 import type { TaskState } from "../task/state";
+import { GUARDS } from "../task/state";
 import { states, unnest } from "./encode";
 import type { Sql } from "./sql";
 
@@ -76,7 +76,8 @@ export async function insertSchedule(
       RETURNING ${columns(sql)}`;
     return created!;
   } catch (error) {
-    if (isUniqueViolation(error)) throw new TaskQueueError("conflict", `a schedule named ${JSON.stringify(d.name)} exists`, "name");
+    if (isUniqueViolation(error))
+      throw new TaskQueueError("conflict", `a schedule named ${JSON.stringify(d.name)} exists`, "name");
     throw error;
   }
 }
@@ -137,6 +138,19 @@ export async function listFirings(sql: Sql, scheduleId: string, limit: number): 
   return sql<FiringRow[]>`
     SELECT schedule_id, fire_at, outcome, task_id, reason, recorded_at FROM schedule_firings
     WHERE schedule_id = ${scheduleId} ORDER BY fire_at DESC LIMIT ${limit}`;
+}
+
+/** One firing of a schedule. */
+export async function getFiring(sql: Sql, scheduleId: string, fireAt: Date): Promise<FiringRow | null> {
+  const rows = await sql<FiringRow[]>`
+    SELECT schedule_id, fire_at, outcome, task_id, reason, recorded_at FROM schedule_firings
+    WHERE schedule_id = ${scheduleId} AND fire_at = ${fireAt}`;
+  return rows[0] ?? null;
+}
+
+/** Sets (or clears) the firing a buffer_one schedule holds back. */
+export async function setBuffered(sql: Sql, id: string, fireAt: Date | null): Promise<void> {
+  await sql`UPDATE schedules SET buffered_fire_at = ${fireAt} WHERE id = ${id}`;
 }
 
 /** A claimed schedule, with the database's clock at the claim. */

@@ -5,7 +5,7 @@
 // it at its time) with its schedule_firings row, in one transaction. Exactly one task per fire
 // time holds because the firing row and the task are one statement on a unique key; a replica
 // killed mid-pass rolls back and another plans the same fire times again.
-import type { Logger } from "../log";
+
 import { insertFirings, type NewTask } from "../db/insert";
 import {
   advanceSchedules,
@@ -21,6 +21,7 @@ import {
 } from "../db/schedules";
 import type { Sql } from "../db/sql";
 import { cancelTask } from "../db/transitions";
+import type { Logger } from "../log";
 import type { TaskDefaults } from "../task/spec";
 import { planFirings, type Timing } from "./rules";
 import { firingSpec } from "./spec";
@@ -108,7 +109,12 @@ export async function fireTimes(
         // A previous firing of this same pass is not written yet: it is dropped, and recorded skipped.
         for (const dropped of items.filter((item) => liveIds.includes(item.id))) {
           const at = dropped.spec.firing!.fireAt;
-          result.recorded.push({ scheduleId: schedule.id, fireAt: at, outcome: "skipped", reason: "cancelled by a later firing" });
+          result.recorded.push({
+            scheduleId: schedule.id,
+            fireAt: at,
+            outcome: "skipped",
+            reason: "cancelled by a later firing",
+          });
         }
         for (let i = items.length - 1; i >= 0; i--) if (liveIds.includes(items[i]!.id)) items.splice(i, 1);
         create(fireAt);

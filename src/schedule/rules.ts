@@ -38,7 +38,10 @@ const UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000,
 export function parseDuration(value: string, field: string, minMs = 0): number {
   const parts = [...value.matchAll(/(\d+)(ms|s|m|h|d)/g)];
   if (value === "" || parts.map((p) => p[0]).join("") !== value) {
-    throw invalidArgument(field, `${field} must be a duration such as "90s", "5m", "1h30m" (units ms, s, m, h, d); got ${JSON.stringify(value)}`);
+    throw invalidArgument(
+      field,
+      `${field} must be a duration such as "90s", "5m", "1h30m" (units ms, s, m, h, d); got ${JSON.stringify(value)}`,
+    );
   }
   const ms = parts.reduce((sum, [, n, unit]) => sum + Number(n) * (UNITS[unit as string] ?? 0), 0);
   if (ms < minMs || ms > MAX_DURATION_MS) {
@@ -71,7 +74,10 @@ export function checkTimeZone(zone: string): string {
   try {
     new Intl.DateTimeFormat("en-US", { timeZone: zone });
   } catch {
-    throw invalidArgument("time_zone", `time_zone must be an IANA time zone such as "Europe/Berlin"; got ${JSON.stringify(zone)}`);
+    throw invalidArgument(
+      "time_zone",
+      `time_zone must be an IANA time zone such as "Europe/Berlin"; got ${JSON.stringify(zone)}`,
+    );
   }
   // Intl accepts some aliases croner cannot convert with; ask croner too.
   try {

@@ -1,7 +1,7 @@
 // What a client may ask of a recurring schedule, and the one place that validates it. The task
 // template is the run-now task form (SubmitInput, src/task/spec.ts), checked by toTaskSpec at
 // creation and built again at each firing, so every task option flows into a schedule unchanged.
-import { type Static, Type } from "@sinclair/typebox";
+import { type Static, type TLiteral, Type } from "@sinclair/typebox";
 import { invalidArgument } from "../task/errors";
 import { checkSchema } from "../task/explain";
 import { SubmitInput, type TaskDefaults, toTaskSpec } from "../task/spec";
@@ -19,6 +19,12 @@ import {
 } from "./rules";
 
 export const MAX_SCHEDULE_NAME_BYTES = 200;
+
+/** One literal schema per value, as a tuple: Elysia infers nothing useful from a plain array. */
+type Literals<T extends readonly string[]> = { -readonly [K in keyof T]: TLiteral<T[K]> };
+export function literals<const T extends readonly string[]>(values: T): Literals<T> {
+  return values.map((value) => Type.Literal(value)) as unknown as Literals<T>;
+}
 
 const Name = Type.String({
   minLength: 1,
@@ -38,7 +44,8 @@ const CronField = Type.String({
 const Every = Type.String({
   minLength: 2,
   maxLength: 40,
-  description: 'Fixed interval ("90s", "5m", "1h30m"; at least 1s), counted from the schedule\'s creation. Exactly one of cron and every.',
+  description:
+    'Fixed interval ("90s", "5m", "1h30m"; at least 1s), counted from the schedule\'s creation. Exactly one of cron and every.',
   examples: ["90s"],
 });
 const TimeZone = Type.String({
@@ -47,29 +54,23 @@ const TimeZone = Type.String({
   description: "IANA time zone the cron pattern is read in. Defaults to UTC.",
   examples: ["Europe/Berlin"],
 });
-export const OverlapJson = Type.Union(
-  OVERLAP_POLICIES.map((p) => Type.Literal(p)),
-  {
-    description:
-      "When a fire time comes while the previous firing's task is still live: allow (run it anyway), skip (record it " +
-      "skipped), buffer_one (hold one firing back until the live task ends; more are skipped), cancel_previous (cancel " +
-      "the live task, whose process group is killed, and run). Defaults to allow.",
-  },
-);
+export const OverlapJson = Type.Union(literals(OVERLAP_POLICIES), {
+  description:
+    "When a fire time comes while the previous firing's task is still live: allow (run it anyway), skip (record it " +
+    "skipped), buffer_one (hold one firing back until the live task ends; more are skipped), cancel_previous (cancel " +
+    "the live task, whose process group is killed, and run). Defaults to allow.",
+});
 export const CatchUpJson = Type.Object(
   {
     window: Type.Optional(
       Type.String({ maxLength: 40, description: 'How far back overdue fire times are caught up ("1h"). Defaults to 1h.' }),
     ),
     mode: Type.Optional(
-      Type.Union(
-        CATCH_UP_MODES.map((m) => Type.Literal(m)),
-        {
-          description:
-            "Fire times overdue after downtime or a pause: all (run each within the window, at most 100), latest (run " +
-            "the newest), none (run none). Every one not run is recorded missed. Defaults to latest.",
-        },
-      ),
+      Type.Union(literals(CATCH_UP_MODES), {
+        description:
+          "Fire times overdue after downtime or a pause: all (run each within the window, at most 100), latest (run " +
+          "the newest), none (run none). Every one not run is recorded missed. Defaults to latest.",
+      }),
     ),
   },
   { additionalProperties: false, description: "What to do with fire times that passed while nothing could fire them." },
