@@ -103,6 +103,20 @@ export function checkCron(pattern: string): string {
   return pattern;
 }
 
+const crons = new Map<string, Cron>();
+
+/** One parsed Cron per pattern and zone (parsing is most of what a next-time costs). */
+function cronFor(timing: Extract<Timing, { kind: "cron" }>): Cron {
+  const key = `${timing.timeZone}\u0000${timing.cron}`;
+  let cron = crons.get(key);
+  if (!cron) {
+    if (crons.size > 10_000) crons.clear();
+    cron = new Cron(timing.cron, { timezone: timing.timeZone, paused: true });
+    crons.set(key, cron);
+  }
+  return cron;
+}
+
 const wallFormats = new Map<string, Intl.DateTimeFormat>();
 
 /** The local wall-clock time of `at` in `zone`, to the second. */
@@ -150,7 +164,7 @@ export function nextFireTime(timing: Timing, after: Date): Date | null {
     const n = since < 0 ? 0 : Math.floor(since / timing.everyMs) + 1;
     return new Date(timing.anchor.getTime() + n * timing.everyMs);
   }
-  const cron = new Cron(timing.cron, { timezone: timing.timeZone, paused: true });
+  const cron = cronFor(timing);
   let from = after;
   // A repeated hour has at most 3600 (seconds) candidates to pass over.
   for (let i = 0; i < 10_000; i++) {
@@ -173,6 +187,24 @@ export function nextFireTimes(timing: Timing, after: Date, count: number): Date[
     from = next;
   }
   return times;
+}
+
+/**
+ * Where to start walking the fire times from `from` so that the 2 * CATCH_UP_CAP last ones before
+ * `until` are still walked, and how many fire times the jump passes over (for cron, estimated
+ * from the spacing of those it keeps: croner cannot count without walking).
+ */
+function jumpBefore(timing: Timing, from: Date, until: Date): { to: Date; skipped: number } {
+  if (timing.kind === "every") {
+    const n = Math.floor((until.getTime() - from.getTime()) / timing.everyMs);
+    const skip = Math.max(0, n - 2 * CATCH_UP_CAP);
+    return { to: new Date(from.getTime() + skip * timing.everyMs), skipped: skip };
+  }
+  const previous = cronFor(timing).previousRuns(2 * CATCH_UP_CAP, until);
+  const oldest = previous.at(-1);
+  if (!oldest || oldest.getTime() <= from.getTime() || previous.length < 2 * CATCH_UP_CAP) return { to: from, skipped: 0 };
+  const spacing = (until.getTime() - oldest.getTime()) / previous.length;
+  return { to: oldest, skipped: Math.max(0, Math.round((oldest.getTime() - from.getTime()) / spacing)) };
 }
 
 /** What one pass does with the fire times from a schedule's next_fire_at up to its horizon. */
@@ -203,12 +235,12 @@ export function planFirings(timing: Timing, catchUp: CatchUp, from: Date, now: D
   let overdueCount = 0;
   let at: Date | null = from;
   // An outage of a year on a per-second schedule is 31 million fire times: jump over the ones
-  // that could never be recorded instead of walking them all.
-  const skipTo = now.getTime() - ON_TIME_GRACE_MS - catchUp.windowMs;
-  if (at.getTime() < skipTo && timing.kind === "every") {
-    const n = Math.floor((skipTo - at.getTime()) / timing.everyMs);
-    overdueCount += Math.max(0, n - CATCH_UP_CAP);
-    at = new Date(at.getTime() + Math.max(0, n - CATCH_UP_CAP) * timing.everyMs);
+  // that no mode could run or record (all but the newest 2 * CATCH_UP_CAP overdue) instead of
+  // walking them all, and count them.
+  if (at.getTime() < onTimeFrom) {
+    const jump = jumpBefore(timing, at, new Date(onTimeFrom));
+    overdueCount += jump.skipped;
+    at = jump.to;
   }
   let steps = 0;
   while (at !== null && at.getTime() <= horizon.getTime()) {
@@ -216,7 +248,8 @@ export function planFirings(timing: Timing, catchUp: CatchUp, from: Date, now: D
     else {
       overdueCount++;
       overdue.push(at);
-      if (overdue.length > CATCH_UP_CAP * 2) overdue.splice(0, CATCH_UP_CAP);
+      // Keep at least the newest 2 * CATCH_UP_CAP: what any mode can run or record.
+      if (overdue.length > CATCH_UP_CAP * 4) overdue.splice(0, CATCH_UP_CAP * 2);
     }
     at = nextFireTime(timing, at);
     if (++steps > 1_000_000) break;
