@@ -126,6 +126,7 @@ async function writeTasks(
         limits: ["jsonb", (t) => t.spec.limits ?? null],
         schedule_id: ["uuid", (t) => t.spec.firing?.scheduleId ?? null],
         fire_at: ["timestamptz", (t) => t.spec.firing?.fireAt ?? null],
+        firing_reason: ["text", (t) => t.spec.firing?.reason ?? null],
       })}
     ),
     ${firings ? firingClaim(sql) : sql``}
@@ -167,11 +168,11 @@ async function writeTasks(
 
 function firingClaim(sql: Sql) {
   return sql`f AS (
-      INSERT INTO schedule_firings (schedule_id, fire_at, outcome, task_id)
-      SELECT r.schedule_id, r.fire_at, 'created', r.id FROM r WHERE r.schedule_id IS NOT NULL
+      INSERT INTO schedule_firings (schedule_id, fire_at, outcome, task_id, reason)
+      SELECT r.schedule_id, r.fire_at, 'created', r.id, r.firing_reason FROM r WHERE r.schedule_id IS NOT NULL
       -- A buffered firing (overlap buffer_one) has its row already, without a task: its task is
       -- written once, when the row is still buffered.
-      ON CONFLICT (schedule_id, fire_at) DO UPDATE SET outcome = 'created', task_id = excluded.task_id, recorded_at = clock_timestamp()
+      ON CONFLICT (schedule_id, fire_at) DO UPDATE SET outcome = 'created', task_id = excluded.task_id, reason = excluded.reason, recorded_at = clock_timestamp()
         WHERE schedule_firings.outcome = 'buffered'
       RETURNING task_id
     ),`;

@@ -66,19 +66,21 @@ export async function fireTimes(
   live: readonly LiveTask[],
   defaults: TaskDefaults,
   buffered: Date | null,
+  /** Why each fire time that is not on time runs (a catch-up, a trigger, a buffered firing): its firing row's reason. */
+  reasons: ReadonlyMap<number, string> = new Map(),
 ): Promise<FiringResult & { buffered: Date | null }> {
   const result: FiringResult = { created: [], recorded: [], cancelled: [] };
   const items: NewTask[] = [];
   let liveIds = live.map((task) => task.id);
   const actor = `schedule:${schedule.name}`;
-  const create = (fireAt: Date) => {
+  const create = (fireAt: Date, reason = reasons.get(fireAt.getTime())) => {
     const id = Bun.randomUUIDv7();
-    items.push({ id, spec: firingSpec(schedule.template, defaults, schedule.id, fireAt), actor });
+    items.push({ id, spec: firingSpec(schedule.template, defaults, schedule.id, fireAt, reason), actor });
     liveIds = [id];
   };
   // A buffered firing runs once nothing is live any more.
   if (buffered !== null && liveIds.length === 0) {
-    create(buffered);
+    create(buffered, "buffered until the previous task ended");
     buffered = null;
   }
   for (const fireAt of times) {
@@ -157,7 +159,7 @@ export async function firePass(options: Pick<FirerOptions, "sql" | "log" | "task
               now,
               horizon,
             )
-          : { run: [], missed: [], missedUnrecorded: 0, next: schedule.next_fire_at };
+          : { run: [], caughtUp: [], missed: [], missedUnrecorded: 0, next: schedule.next_fire_at };
       const missed: FiringRecord[] = plan.missed.map((fireAt) => ({
         scheduleId: schedule.id,
         fireAt,
@@ -172,6 +174,7 @@ export async function firePass(options: Pick<FirerOptions, "sql" | "log" | "task
         live.filter((task) => task.schedule_id === schedule.id),
         taskDefaults,
         schedule.buffered_fire_at,
+        new Map(plan.caughtUp.map((time) => [time.getTime(), `caught up (mode ${schedule.catch_up_mode})`])),
       );
       handled += plan.run.length + plan.missed.length;
       advances.push({

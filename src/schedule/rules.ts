@@ -211,6 +211,8 @@ function jumpBefore(timing: Timing, from: Date, until: Date): { to: Date; skippe
 export interface FiringPlan {
   /** Fire times to run (on time, or caught up), oldest first. */
   run: Date[];
+  /** Of those, the overdue ones the catch-up rule runs. */
+  caughtUp: Date[];
   /** Fire times not run: recorded as missed, oldest first (at most CATCH_UP_CAP). */
   missed: Date[];
   /** Missed fire times beyond the cap: counted, not recorded. */
@@ -263,6 +265,7 @@ export function planFirings(timing: Timing, catchUp: CatchUp, from: Date, now: D
   const missed = notRun.slice(-CATCH_UP_CAP);
   return {
     run: [...caughtUp, ...onTime],
+    caughtUp,
     missed,
     missedUnrecorded: overdueCount - caughtUp.length - missed.length,
     next: at,

@@ -159,7 +159,15 @@ export async function triggerSchedule(deps: ScheduleDeps, idOrName: string): Pro
     if (!schedule) throw notFound(`no schedule ${JSON.stringify(idOrName)}`);
     const fireAt = await databaseNow(tx);
     const live = await liveScheduleTasks(tx, [schedule.id]);
-    const fired = await fireTimes(tx, schedule, [fireAt], live, deps.taskDefaults, schedule.buffered_fire_at);
+    const fired = await fireTimes(
+      tx,
+      schedule,
+      [fireAt],
+      live,
+      deps.taskDefaults,
+      schedule.buffered_fire_at,
+      new Map([[fireAt.getTime(), "triggered"]]),
+    );
     await setBuffered(tx, schedule.id, fired.buffered);
     const firing = await getFiring(tx, schedule.id, fireAt);
     if (!firing) throw new Error("a triggered firing left no row");

@@ -193,6 +193,16 @@ export function patchDefinition(
 }
 
 /** The task a firing creates: the template, due at the fire time, marked with its schedule. */
-export function firingSpec(template: unknown, defaults: TaskDefaults, scheduleId: string, fireAt: Date): TaskSpec {
-  return { ...toTaskSpec(template, defaults), scheduledAt: fireAt, firing: { scheduleId, fireAt } };
+export function firingSpec(
+  template: unknown,
+  defaults: TaskDefaults,
+  scheduleId: string,
+  fireAt: Date,
+  reason?: string,
+): TaskSpec {
+  return {
+    ...toTaskSpec(template, defaults),
+    scheduledAt: fireAt,
+    firing: { scheduleId, fireAt, ...(reason ? { reason } : {}) },
+  };
 }

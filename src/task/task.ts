@@ -127,7 +127,7 @@ export interface TaskSpec {
   /** Absent: none asked for (and the idempotency hash of such a spec is what it was before limits existed). */
   limits?: TaskLimits;
   /** The schedule firing that creates this task: at most one task per (schedule, fire time). */
-  firing?: { scheduleId: string; fireAt: Date };
+  firing?: { scheduleId: string; fireAt: Date; reason?: string };
 }
 
 /** The outcome of a submit: the task, and whether this call created it. */

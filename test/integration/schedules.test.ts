@@ -63,7 +63,12 @@ const pass = () => firePass({ sql: db.sql, log: silentLogger, taskDefaults: defa
 
 /** An `every 1m` schedule whose plan is moved `seconds` into the past: as if nothing fired it meanwhile. */
 async function overdueSchedule(extra: Record<string, unknown>, seconds = 630) {
-  const created = await call("POST", "/schedules", { name: `s${Bun.randomUUIDv7()}`, every: "1m", task: { command: "true" }, ...extra });
+  const created = await call("POST", "/schedules", {
+    name: `s${Bun.randomUUIDv7()}`,
+    every: "1m",
+    task: { command: "true" },
+    ...extra,
+  });
   expect(created.status).toBe(201);
   await db.sql`
     UPDATE schedules SET next_fire_at = next_fire_at - make_interval(secs => ${seconds}),
@@ -170,13 +175,17 @@ describe("firing", () => {
     const writers = Array.from({ length: 8 }, () => connect(db.url, { max: 1 }));
     try {
       const results = await Promise.all(
-        writers.map((sql: Sql) => insertFirings(sql, [{ id: Bun.randomUUIDv7(), spec: firingSpec({ command: "true" }, defaults, id, fireAt) }])),
+        writers.map((sql: Sql) =>
+          insertFirings(sql, [{ id: Bun.randomUUIDv7(), spec: firingSpec({ command: "true" }, defaults, id, fireAt) }]),
+        ),
       );
       expect(results.flat().filter((row) => row !== null)).toHaveLength(1);
     } finally {
       await Promise.all(writers.map((sql) => sql.end()));
     }
-    const [count] = await db.sql<{ n: number }[]>`SELECT count(*)::int AS n FROM tasks WHERE schedule_id = ${id} AND fire_at = ${fireAt}`;
+    const [count] = await db.sql<
+      { n: number }[]
+    >`SELECT count(*)::int AS n FROM tasks WHERE schedule_id = ${id} AND fire_at = ${fireAt}`;
     expect(count!.n).toBe(1);
   });
 
@@ -224,7 +233,7 @@ describe("catch-up after downtime: ten overdue fire times", () => {
     const id = await overdueSchedule({ catch_up: { window: "1h", mode: "latest" } });
     await call("POST", `/schedules/${id}/pause`);
     expect(await pass()).toBe(0);
-    expect(await firings(id)).toEqual([]);
+    expect(await firings(id)).toHaveLength(0);
     await call("POST", `/schedules/${id}/resume`);
     await pass();
     expect((await firings(id)).map((r) => r.outcome)).toEqual([...Array(9).fill("missed"), "created"]);
@@ -258,7 +267,9 @@ describe("overlap while the previous firing's task is live", () => {
     await pass();
     const after = await firings(id);
     expect(after[1]!.outcome).toBe("created");
-    const [task] = await db.sql<{ fire_at: Date; state: string }[]>`SELECT fire_at, state FROM tasks WHERE id = ${after[1]!.task_id}`;
+    const [task] = await db.sql<
+      { fire_at: Date; state: string }[]
+    >`SELECT fire_at, state FROM tasks WHERE id = ${after[1]!.task_id}`;
     expect(task).toEqual({ fire_at: rows[1]!.fire_at, state: "queued" });
     expect((await call("GET", `/schedules/${id}`)).json.buffered_fire_at).toBeNull();
   });
