@@ -23,6 +23,7 @@ import {
 import { type TaskChange, TaskChangeFeed } from "../db/notify";
 import { connect, type Sql } from "../db/sql";
 import { type RunNowPlacement, Submitter } from "../db/submitter";
+import { ScheduleService } from "../gen/taskqueue/v1/schedule_service_pb";
 import { TaskService } from "../gen/taskqueue/v1/task_service_pb";
 import { WorkerService } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
@@ -38,6 +39,7 @@ import { Completer } from "./completer";
 import { Dispatcher } from "./dispatcher";
 import { WorkerRegistry } from "./registry";
 import { Rescuer } from "./rescuer";
+import { scheduleServiceHandlers } from "./schedule-service";
 import { taskServiceHandlers } from "./task-service";
 import { WorkerSessions } from "./worker-sessions";
 
@@ -147,8 +149,9 @@ export class Coordinator {
     });
     this.grpcServer.addService(serverDefinition(WorkerService), { connect: this.sessions.connect });
     this.grpcServer.addService(serverDefinition(TaskService), guardMalformed(TaskService, taskServiceHandlers(deps)));
+    this.grpcServer.addService(serverDefinition(ScheduleService), guardMalformed(ScheduleService, scheduleServiceHandlers(deps)));
     // Health and reflection need no token: they tell only what /readyz and the .proto files do.
-    const served = [WorkerService, TaskService];
+    const served = [WorkerService, TaskService, ScheduleService];
     this.health = new HealthService({
       services: served.map((service) => service.typeName),
       probe: () => checkReady(deps),

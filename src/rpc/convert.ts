@@ -121,6 +121,8 @@ export function taskToProto(task: Task): PbTask {
     leaseExpiresAt: toTimestamp(task.lease_expires_at),
     secretEnvKeys: Object.keys(task.secret_env ?? {}).sort(),
     limits: task.limits ? limitsToProto(task.limits) : undefined,
+    scheduleId: task.schedule_id ?? "",
+    fireAt: toTimestamp(task.fire_at ?? null),
   });
 }
 
