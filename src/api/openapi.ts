@@ -11,7 +11,7 @@ import { toOpenAPISchema, withHeaders } from "@elysiajs/openapi";
 import { Kind, type TSchema, Type } from "@sinclair/typebox";
 import { Elysia } from "elysia";
 import pkg from "../../package.json" with { type: "json" };
-import { CatchUpJson, OverlapJson, ScheduleCreateInput, SchedulePatchInput } from "../schedule/spec";
+import { ScheduleCreateInput, SchedulePatchInput } from "../schedule/spec";
 import { notFound } from "../task/errors";
 import { BatchInput, BatchItemInput, ScheduleInput, SubmitInput, TaskInput } from "../task/spec";
 import {
@@ -95,8 +95,6 @@ export const NAMED_SCHEMAS: Record<string, TSchema> = {
   ScheduleFiring: FiringJson,
   ScheduleCreateInput,
   SchedulePatchInput,
-  ScheduleOverlap: OverlapJson,
-  CatchUp: CatchUpJson,
 };
 
 // Each named schema carries its name as $id (what Elysia's .model() would give it), so that

@@ -19,7 +19,7 @@ import { SubmitInput } from "../task/spec";
 import { principalOf } from "./auth";
 import type { ApiDeps } from "./deps";
 import { readJsonBody } from "./errors";
-import { answer, BODY_ERRORS, jsonRequestBody, responses } from "./openapi";
+import { answer, BODY_ERRORS, documentedResponses, jsonRequestBody, responses } from "./openapi";
 
 const Nullable = <T extends ReturnType<typeof Type.String>>(schema: T) => Type.Union([schema, Type.Null()]);
 const Time = (description: string) => Type.String({ description });
@@ -191,7 +191,7 @@ export function schedulesController(deps: ApiDeps) {
       "/schedules/:id",
       async ({ params }) => {
         await removeSchedule(service, params.id);
-        return status(204, undefined);
+        return new Response(null, { status: 204 });
       },
       {
         params: ScheduleIdParams,
@@ -200,8 +200,8 @@ export function schedulesController(deps: ApiDeps) {
           tags: ["schedules"],
           summary: "Delete a schedule",
           description: "Its firings go with it; the tasks it created stay (with their schedule_id).",
+          responses: documentedResponses({ 204: { description: "Deleted." } }, [400, 404]),
         },
-        response: responses({ 204: Type.Undefined({ description: "Deleted." }) }, [400, 404]),
       },
     )
     .post("/schedules/:id/pause", async ({ params }) => scheduleJson(await pauseSchedule(service, params.id, true)), {
