@@ -12,10 +12,11 @@ import { latency } from "./latency";
 import { micro } from "./micro";
 import { precision } from "./precision";
 import { scale } from "./scale";
+import { schedulesBench } from "./schedules";
 import { type Bench, type BenchResult, closeAllScopes } from "./support";
 import { throughput } from "./throughput";
 
-const BENCHES: readonly Bench[] = [latency, dispatch, throughput, precision, ingest, failover, scale, micro];
+const BENCHES: readonly Bench[] = [latency, dispatch, throughput, precision, ingest, failover, scale, micro, schedulesBench];
 
 const ROOT = join(import.meta.dir, "..");
 const RESULTS_DIR = join(import.meta.dir, "results");
