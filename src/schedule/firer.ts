@@ -54,23 +54,31 @@ export interface FiringResult {
   cancelled: string[];
 }
 
+/** What a schedule's fire times come to under its overlap policy, before anything is written. */
+export interface FiringDecision {
+  items: NewTask[];
+  recorded: FiringRecord[];
+  /** Live tasks to cancel first (cancel_previous). */
+  cancelled: { id: string; actor: string }[];
+  /** The firing held back (buffer_one) after this, or null. */
+  buffered: Date | null;
+}
+
 /**
- * Applies a schedule's fire times (oldest first) under its overlap policy, given its live tasks,
- * and writes them: the tasks with their firing rows, then the firings without a task. Call in the
- * transaction that holds the schedule's lock.
+ * Applies a schedule's fire times (oldest first) under its overlap policy, given its live
+ * tasks and the firing it holds back (buffer_one); writes nothing.
  */
-export async function fireTimes(
-  sql: Sql,
+export function decideFirings(
   schedule: ScheduleRow,
   times: readonly Date[],
   live: readonly LiveTask[],
   defaults: TaskDefaults,
   buffered: Date | null,
-  /** Why each fire time that is not on time runs (a catch-up, a trigger, a buffered firing): its firing row's reason. */
+  /** Why each fire time that is not on time runs (a catch-up, a trigger): its firing row's reason. */
   reasons: ReadonlyMap<number, string> = new Map(),
-): Promise<FiringResult & { buffered: Date | null }> {
-  const result: FiringResult = { created: [], recorded: [], cancelled: [] };
-  const items: NewTask[] = [];
+): FiringDecision {
+  const decision: FiringDecision = { items: [], recorded: [], cancelled: [], buffered };
+  const { items, recorded } = decision;
   let liveIds = live.map((task) => task.id);
   const actor = `schedule:${schedule.name}`;
   const create = (fireAt: Date, reason = reasons.get(fireAt.getTime())) => {
@@ -79,9 +87,9 @@ export async function fireTimes(
     liveIds = [id];
   };
   // A buffered firing runs once nothing is live any more.
-  if (buffered !== null && liveIds.length === 0) {
-    create(buffered, "buffered until the previous task ended");
-    buffered = null;
+  if (decision.buffered !== null && liveIds.length === 0) {
+    create(decision.buffered, "buffered until the previous task ended");
+    decision.buffered = null;
   }
   for (const fireAt of times) {
     if (liveIds.length === 0 || schedule.overlap === "allow") {
@@ -91,29 +99,28 @@ export async function fireTimes(
     }
     switch (schedule.overlap) {
       case "skip":
-        result.recorded.push({ scheduleId: schedule.id, fireAt, outcome: "skipped", reason: `task ${liveIds[0]} still live` });
+        recorded.push({ scheduleId: schedule.id, fireAt, outcome: "skipped", reason: `task ${liveIds[0]} still live` });
         break;
       case "buffer_one":
-        if (buffered === null) {
-          buffered = fireAt;
-          result.recorded.push({ scheduleId: schedule.id, fireAt, outcome: "buffered", reason: `waits for task ${liveIds[0]}` });
+        if (decision.buffered === null) {
+          decision.buffered = fireAt;
+          recorded.push({ scheduleId: schedule.id, fireAt, outcome: "buffered", reason: `waits for task ${liveIds[0]}` });
         } else {
-          result.recorded.push({
+          recorded.push({
             scheduleId: schedule.id,
             fireAt,
             outcome: "skipped",
-            reason: `a firing (${buffered.toISOString()}) is already buffered`,
+            reason: `a firing (${decision.buffered.toISOString()}) is already buffered`,
           });
         }
         break;
       case "cancel_previous":
-        result.cancelled.push(...liveIds.filter((id) => !items.some((item) => item.id === id)));
+        for (const id of liveIds) if (!items.some((item) => item.id === id)) decision.cancelled.push({ id, actor });
         // A previous firing of this same pass is not written yet: it is dropped, and recorded skipped.
         for (const dropped of items.filter((item) => liveIds.includes(item.id))) {
-          const at = dropped.spec.firing!.fireAt;
-          result.recorded.push({
+          recorded.push({
             scheduleId: schedule.id,
-            fireAt: at,
+            fireAt: dropped.spec.firing!.fireAt,
             outcome: "skipped",
             reason: "cancelled by a later firing",
           });
@@ -123,15 +130,32 @@ export async function fireTimes(
         break;
     }
   }
-  // Cancelled before the new task is written, so the old process group is told to stop first.
-  for (const id of result.cancelled) await cancelTask(sql, id, actor);
+  return decision;
+}
+
+/**
+ * Writes decisions, in as few statements as there are kinds of write: the cancels first (so an
+ * old process group is told to stop before its successor exists), every task with its firing
+ * row in one insertFirings, then every firing without a task. Call in the transaction that holds
+ * the schedules' locks.
+ */
+export async function writeFirings(sql: Sql, decisions: readonly FiringDecision[]): Promise<FiringResult> {
+  const result: FiringResult = { created: [], recorded: [], cancelled: [] };
+  for (const decision of decisions) {
+    for (const { id, actor } of decision.cancelled) {
+      await cancelTask(sql, id, actor);
+      result.cancelled.push(id);
+    }
+  }
+  const items = decisions.flatMap((decision) => decision.items);
   const rows = await insertFirings(sql, items);
   rows.forEach((row, i) => {
-    const item = items[i]!;
-    if (row) result.created.push({ scheduleId: schedule.id, fireAt: item.spec.firing!.fireAt, taskId: row.id });
+    const firing = items[i]!.spec.firing!;
+    if (row) result.created.push({ scheduleId: firing.scheduleId, fireAt: firing.fireAt, taskId: row.id });
   });
+  result.recorded = decisions.flatMap((decision) => decision.recorded);
   await recordFirings(sql, result.recorded);
-  return { ...result, buffered };
+  return result;
 }
 
 /** One pass over the due schedules; resolves with how many fire times it handled. */
@@ -144,9 +168,11 @@ export async function firePass(options: Pick<FirerOptions, "sql" | "log" | "task
     if (due.length === 0) return;
     const live = await liveScheduleTasks(
       tx,
-      due.map((schedule) => schedule.id),
+      due.filter((schedule) => schedule.overlap !== "allow" || schedule.buffered_fire_at !== null).map((schedule) => schedule.id),
     );
     const advances: ScheduleAdvance[] = [];
+    const decisions: FiringDecision[] = [];
+    const missed: FiringRecord[] = [];
     for (const schedule of due) {
       const now = schedule.now;
       const horizon = new Date(now.getTime() + aheadMs);
@@ -160,15 +186,15 @@ export async function firePass(options: Pick<FirerOptions, "sql" | "log" | "task
               horizon,
             )
           : { run: [], caughtUp: [], missed: [], missedUnrecorded: 0, next: schedule.next_fire_at };
-      const missed: FiringRecord[] = plan.missed.map((fireAt) => ({
-        scheduleId: schedule.id,
-        fireAt,
-        outcome: "missed",
-        reason: `overdue by more than the catch-up rule runs (mode ${schedule.catch_up_mode})`,
-      }));
-      await recordFirings(tx, missed);
-      const fired = await fireTimes(
-        tx,
+      for (const fireAt of plan.missed) {
+        missed.push({
+          scheduleId: schedule.id,
+          fireAt,
+          outcome: "missed",
+          reason: `overdue by more than the catch-up rule runs (mode ${schedule.catch_up_mode})`,
+        });
+      }
+      const decision = decideFirings(
         schedule,
         plan.run,
         live.filter((task) => task.schedule_id === schedule.id),
@@ -176,32 +202,35 @@ export async function firePass(options: Pick<FirerOptions, "sql" | "log" | "task
         schedule.buffered_fire_at,
         new Map(plan.caughtUp.map((time) => [time.getTime(), `caught up (mode ${schedule.catch_up_mode})`])),
       );
+      decisions.push(decision);
       handled += plan.run.length + plan.missed.length;
       advances.push({
         id: schedule.id,
         nextFireAt: plan.next,
-        bufferedFireAt: fired.buffered,
+        bufferedFireAt: decision.buffered,
         missedUnrecorded: plan.missedUnrecorded,
       });
-      for (const task of fired.created) {
-        log.info(
-          { event: "schedule.fired", schedule_id: task.scheduleId, fire_at: task.fireAt.toISOString(), task_id: task.taskId },
-          "schedule fired",
-        );
-      }
-      for (const record of [...missed, ...fired.recorded]) {
-        log.info(
-          {
-            event: `schedule.${record.outcome}`,
-            schedule_id: record.scheduleId,
-            fire_at: record.fireAt.toISOString(),
-            reason: record.reason,
-          },
-          `schedule firing ${record.outcome}`,
-        );
-      }
     }
+    await recordFirings(tx, missed);
+    const fired = await writeFirings(tx, decisions);
     await advanceSchedules(tx, advances);
+    for (const task of fired.created) {
+      log.info(
+        { event: "schedule.fired", schedule_id: task.scheduleId, fire_at: task.fireAt.toISOString(), task_id: task.taskId },
+        "schedule fired",
+      );
+    }
+    for (const record of [...missed, ...fired.recorded]) {
+      log.info(
+        {
+          event: `schedule.${record.outcome}`,
+          schedule_id: record.scheduleId,
+          fire_at: record.fireAt.toISOString(),
+          reason: record.reason,
+        },
+        `schedule firing ${record.outcome}`,
+      );
+    }
   });
   return handled;
 }

@@ -20,7 +20,7 @@ import {
 import type { Sql } from "../db/sql";
 import { invalidArgument, notFound } from "../task/errors";
 import type { TaskDefaults } from "../task/spec";
-import { fireTimes, timingOf } from "./firer";
+import { decideFirings, timingOf, writeFirings } from "./firer";
 import { nextFireTime, nextFireTimes } from "./rules";
 import { patchDefinition, type ScheduleDefinition, toScheduleDefinition } from "./spec";
 
@@ -159,8 +159,7 @@ export async function triggerSchedule(deps: ScheduleDeps, idOrName: string): Pro
     if (!schedule) throw notFound(`no schedule ${JSON.stringify(idOrName)}`);
     const fireAt = await databaseNow(tx);
     const live = await liveScheduleTasks(tx, [schedule.id]);
-    const fired = await fireTimes(
-      tx,
+    const decision = decideFirings(
       schedule,
       [fireAt],
       live,
@@ -168,7 +167,8 @@ export async function triggerSchedule(deps: ScheduleDeps, idOrName: string): Pro
       schedule.buffered_fire_at,
       new Map([[fireAt.getTime(), "triggered"]]),
     );
-    await setBuffered(tx, schedule.id, fired.buffered);
+    await writeFirings(tx, [decision]);
+    await setBuffered(tx, schedule.id, decision.buffered);
     const firing = await getFiring(tx, schedule.id, fireAt);
     if (!firing) throw new Error("a triggered firing left no row");
     return firing;
