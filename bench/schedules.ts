@@ -27,7 +27,7 @@ const QUICK = { schedules: 10, seconds: 5 };
 const WORKERS = 2;
 const WORKER_SLOTS = 64;
 const POLL_MS = 100;
-const STEP_TIMEOUT_MS = 30_000;
+const STEP_TIMEOUT_MS = 180_000;
 
 async function postJson(url: string, body: unknown): Promise<{ status: number; json: { id: string } }> {
   const response = await fetch(url, {
