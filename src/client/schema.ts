@@ -1024,7 +1024,8 @@ export interface components {
                 /** @description Names of the secret variables; values are never returned. */
                 secret_env_keys: string[];
             };
-            overlap: components["schemas"]["ScheduleOverlap"];
+            /** @enum {string} */
+            overlap: "allow" | "skip" | "buffer_one" | "cancel_previous";
             /** @description What to do with fire times that passed while nothing could fire them. */
             catch_up: {
                 window: string;
@@ -1089,7 +1090,8 @@ export interface components {
              */
             time_zone?: string;
             task: components["schemas"]["SubmitInput"];
-            overlap?: components["schemas"]["ScheduleOverlap"];
+            /** @enum {string} */
+            overlap?: "allow" | "skip" | "buffer_one" | "cancel_previous";
             /** @description What to do with fire times that passed while nothing could fire them. */
             catch_up?: {
                 /** @description How far back overdue fire times are caught up ("1h"). Defaults to 1h. */
@@ -1151,7 +1153,8 @@ export interface components {
                 };
                 retry?: components["schemas"]["RetryPolicy"];
             };
-            overlap?: components["schemas"]["ScheduleOverlap"];
+            /** @enum {string} */
+            overlap?: "allow" | "skip" | "buffer_one" | "cancel_previous";
             /** @description What to do with fire times that passed while nothing could fire them. */
             catch_up?: {
                 /** @description How far back overdue fire times are caught up ("1h"). Defaults to 1h. */
@@ -1159,18 +1162,6 @@ export interface components {
                 /** @enum {string} */
                 mode?: "all" | "latest" | "none";
             };
-        };
-        /**
-         * @description When a fire time comes while the previous firing's task is still live: allow (run it anyway), skip (record it skipped), buffer_one (hold one firing back until the live task ends; more are skipped), cancel_previous (cancel the live task, whose process group is killed, and run). Defaults to allow.
-         * @enum {string}
-         */
-        ScheduleOverlap: "allow" | "skip" | "buffer_one" | "cancel_previous";
-        /** @description What to do with fire times that passed while nothing could fire them. */
-        CatchUp: {
-            /** @description How far back overdue fire times are caught up ("1h"). Defaults to 1h. */
-            window?: string;
-            /** @enum {string} */
-            mode?: "all" | "latest" | "none";
         };
     };
     responses: never;
@@ -2702,10 +2693,7 @@ export interface operations {
                 headers: {
                     [name: string]: unknown;
                 };
-                content: {
-                    type: unknown;
-                    description: unknown;
-                };
+                content?: never;
             };
             /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
             400: {
