@@ -27,7 +27,7 @@ const QUICK = { schedules: 10, seconds: 5 };
 const WORKERS = 2;
 const WORKER_SLOTS = 64;
 const POLL_MS = 100;
-const STEP_TIMEOUT_MS = 180_000;
+const STEP_TIMEOUT_MS = 120_000;
 
 async function postJson(url: string, body: unknown): Promise<{ status: number; json: { id: string } }> {
   const response = await fetch(url, {
@@ -75,7 +75,14 @@ async function run(options: BenchOptions): Promise<BenchResult> {
     const to = new Date(from.getTime() + (seconds - 1) * 1000);
     await Bun.sleep(to.getTime() - Date.now() + 1500);
     for (const id of ids) await postJson(`${cluster.schedulerUrl}/schedules/${id}/pause`, {});
-    await untilAllFinal(sql, POLL_MS, STEP_TIMEOUT_MS);
+    try {
+      await untilAllFinal(sql, POLL_MS, STEP_TIMEOUT_MS);
+    } catch (error) {
+      const states = await sql`SELECT state, count(*)::int AS n, min(run_at) AS oldest FROM tasks GROUP BY state`;
+      throw new Error(
+        `${error instanceof Error ? error.message : String(error)}; tasks by state: ${JSON.stringify(states)}\nrole process logs:\n${cluster.logs(15)}`,
+      );
+    }
 
     const rows = await sql<{ schedule_id: string; fire_at: Date; tasks: number; late_ms: number | null; early: number }[]>`
       SELECT f.schedule_id, f.fire_at, count(t.id)::int AS tasks,
