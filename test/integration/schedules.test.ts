@@ -46,7 +46,7 @@ beforeEach(async () => {
   await db.sql`TRUNCATE tasks, task_events, task_attempts, schedules, schedule_firings`;
 });
 
-// biome-ignore lint/suspicious/noExplicitAny: tests read whatever shape the route documents.
+// Tests read whatever shape the route documents.
 async function call(method: string, path: string, body?: unknown): Promise<{ status: number; json: any }> {
   const request = new Request(`http://localhost${path}`, {
     method,
