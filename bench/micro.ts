@@ -126,6 +126,8 @@ function representativeTask(): Task {
     parents_pending: 0,
     has_children: false,
     parent_env: null,
+    schedule_id: null,
+    fire_at: null,
   };
 }
 
@@ -184,6 +186,8 @@ function createdRow(id: string, spec: TaskSpec): TaskChangeRow {
     parents_pending: 0,
     has_children: false,
     parent_env: null,
+    schedule_id: spec.firing?.scheduleId ?? null,
+    fire_at: spec.firing?.fireAt ?? null,
     event_id: "1",
   };
 }

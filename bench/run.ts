@@ -15,6 +15,7 @@ import { micro } from "./micro";
 import { precision } from "./precision";
 import { routing } from "./routing";
 import { scale } from "./scale";
+import { schedulesBench } from "./schedules";
 import { type Bench, type BenchResult, closeAllScopes } from "./support";
 import { throughput } from "./throughput";
 
@@ -31,6 +32,7 @@ const BENCHES: readonly Bench[] = [
   dependencies,
   flow,
   flowRate,
+  schedulesBench,
 ];
 
 const ROOT = join(import.meta.dir, "..");

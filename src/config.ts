@@ -164,6 +164,23 @@ export const ConfigSchema = Type.Object({
     description:
       "How long before a task is due the coordinator hands it to a worker, which starts it at its time; 0 hands tasks over only once due. The attempt holds its slot meanwhile. Defaults to 50 ms.",
   }),
+  // Recurring schedules (src/schedule/firer.ts).
+  TQ_SCHEDULE_AHEAD_MS: Type.Integer({
+    minimum: 0,
+    maximum: 60_000,
+    default: 500,
+    description:
+      "How long before its fire time a schedule's firing writes its task (due at the fire time, so it starts then, never before). Defaults to 500 ms.",
+  }),
+  TQ_SCHEDULE_POLL_MS: Millis(
+    1000,
+    "Longest sleep of the schedule firing loop: how soon a schedule created or resumed on another replica is seen. Defaults to 1000 ms.",
+    10,
+  ),
+  TQ_SCHEDULES: Type.Boolean({
+    default: true,
+    description: "Whether this scheduler or coordinator runs the schedule firing loop (any number may). Defaults to true.",
+  }),
   TQ_MAX_OUTPUT_BYTES: Type.Integer({
     minimum: 0,
     maximum: 16 * 1024 * 1024,
@@ -509,6 +526,11 @@ export function apiSettings(config: Config): ApiSettings {
     workerTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS,
     priorityAgingMs: config.TQ_PRIORITY_AGING_MS,
   };
+}
+
+/** The schedule firing loop's timings, or null where this role does not fire schedules. */
+export function scheduleFiring(config: Config): { aheadMs: number; pollMs: number } | null {
+  return config.TQ_SCHEDULES ? { aheadMs: config.TQ_SCHEDULE_AHEAD_MS, pollMs: config.TQ_SCHEDULE_POLL_MS } : null;
 }
 
 /** Who may call the API: where the role listens, tokens from configuration, rate limits. */

@@ -17,6 +17,8 @@ export function scopeFor(method: string, path: string): Scope | null {
   if (method !== "GET" && method !== "HEAD" && /^\/rate-limits(\/[^/]*)?$/.test(path)) return "admin";
   // A queue's settings (limit, pause) are the operator's.
   if ((method === "PATCH" || method === "POST") && /^\/queues\/[^/]+(\/(pause|resume))?$/.test(path)) return "admin";
+  // Recurring schedules: every change creates tasks, or stops them from being created.
+  if (method !== "GET" && method !== "HEAD" && /^\/schedules(\/[^/]+(\/(pause|resume|trigger))?)?$/.test(path)) return "submit";
   // Every other route reads (an unknown path is answered 404 only to a caller who may read).
   return "read";
 }

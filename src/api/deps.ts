@@ -42,4 +42,6 @@ export interface ApiDeps {
    * and returns the earlier task.
    */
   submit(id: string, spec: TaskSpec, actor: string): Promise<InsertOutcome>;
+  /** Wakes this role's schedule firing loop after a schedule was created, changed or resumed (none: it polls). */
+  wakeScheduleFirer?: () => void;
 }

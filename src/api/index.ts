@@ -46,6 +46,7 @@ import {
 } from "./openapi";
 import { queuesController } from "./queues";
 import { requestLog } from "./request-log";
+import { schedulesController } from "./schedules";
 import {
   cancelTaskOrThrow,
   checkReady,
@@ -74,6 +75,7 @@ export function createApp(deps: ApiDeps) {
     .use(workersController(deps))
     .use(rateLimitsController(deps))
     .use(queuesController(deps))
+    .use(schedulesController(deps))
     .use(healthController(deps));
   routes = () => app.routes;
   return app;

@@ -169,6 +169,10 @@ export const TaskJson = Type.Object(
     children: Type.Optional(
       Type.Array(DependencyJson, { description: "GET /tasks/:id only: the tasks that depend on it, with their own refs." }),
     ),
+    schedule_id: Nullable(
+      Type.String({ format: "uuid", description: "The recurring schedule whose firing created the task; null otherwise." }),
+    ),
+    fire_at: Nullable(Type.String({ format: "date-time", description: "The fire time of that firing (equal to scheduled_at)." })),
   },
   { additionalProperties: false },
 );
@@ -433,6 +437,13 @@ export const HistoryQuery = Type.Object(pageQuery);
 export const TaskListQuery = Type.Object({
   state: Type.Optional(TaskStateJson),
   queue: Type.Optional({ ...QueueName, description: "Only tasks of this queue." }),
+  schedule_id: Type.Optional(Type.String({ format: "uuid", description: "Only the tasks this recurring schedule created." })),
+  fire_at: Type.Optional(
+    Type.String({
+      description: "Only the task of this fire time (RFC 3339), with schedule_id.",
+      examples: ["2026-12-01T12:00:00Z"],
+    }),
+  ),
   ...pageQuery,
 });
 
@@ -475,6 +486,8 @@ export function taskJson(task: Task): TaskJson {
     ...taskRoutingJson(task),
     ref: task.ref ?? null,
     on_parent_failure: task.on_parent_failure ?? null,
+    schedule_id: task.schedule_id ?? null,
+    fire_at: task.fire_at ? iso(task.fire_at) : null,
     exit_code: task.exit_code,
     signal: task.signal,
     stdout: task.stdout,

@@ -11,6 +11,7 @@ import { toOpenAPISchema, withHeaders } from "@elysiajs/openapi";
 import { Kind, type TSchema, Type } from "@sinclair/typebox";
 import { Elysia } from "elysia";
 import pkg from "../../package.json" with { type: "json" };
+import { ScheduleCreateInput, SchedulePatchInput } from "../schedule/spec";
 import { notFound } from "../task/errors";
 import { LabelPreferenceSchema, LabelRequirementSchema } from "../task/routing";
 import { BatchInput, BatchItemInput, ScheduleInput, SubmitInput, TaskInput } from "../task/spec";
@@ -35,6 +36,7 @@ import {
   WorkerList,
 } from "./model";
 import { QueueJson, QueueList, QueuePatch, WaitingJson } from "./queues-model";
+import { FiringJson, ScheduleJson, ScheduleList } from "./schedules";
 
 export const OPENAPI_PATH = "/openapi";
 export const OPENAPI_JSON_PATH = `${OPENAPI_PATH}/json`;
@@ -103,6 +105,12 @@ export const NAMED_SCHEMAS: Record<string, TSchema> = {
   Waiting: WaitingJson,
   LabelRequirement: LabelRequirementSchema,
   LabelPreference: LabelPreferenceSchema,
+  // Recurring schedules (src/api/schedules.ts).
+  Schedule: ScheduleJson,
+  ScheduleList,
+  ScheduleFiring: FiringJson,
+  ScheduleCreateInput,
+  SchedulePatchInput,
 };
 
 // Each named schema carries its name as $id (what Elysia's .model() would give it), so that

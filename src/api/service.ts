@@ -15,6 +15,7 @@ import { listLiveWorkers, type WorkerRow } from "../db/workers";
 import type { Attempt } from "../task/attempt";
 import { refOfId } from "../task/dependencies";
 import { conflict, invalidArgument, isDatabaseTimeout, notFound, TaskQueueError, unavailable } from "../task/errors";
+import { parseRfc3339 } from "../task/rfc3339";
 import { parseQueueName } from "../task/routing";
 import { isTaskId } from "../task/spec";
 import { isFinal, isTaskState, TASK_STATES } from "../task/state";
@@ -244,6 +245,8 @@ export async function getTaskOrThrow(deps: ApiDeps, id: string, field = "id"): P
 
 export interface TaskPageQuery {
   state?: string;
+  schedule_id?: string;
+  fire_at?: string;
   /** 1..500. Defaults to 50. */
   limit?: number;
   cursor?: string;
@@ -275,7 +278,16 @@ export async function listTaskPage(deps: ApiDeps, query: TaskPageQuery): Promise
   const before = cursor === undefined ? undefined : decodeCursor(cursor);
   // One row more than the page tells whether another page follows.
   if (query.queue !== undefined) parseQueueName(query.queue, "queue");
-  const rows = await listTasks(deps.sql, { state, limit: limit + 1, before, queue: query.queue });
+  if (query.schedule_id !== undefined) requireTaskId(query.schedule_id, "schedule_id");
+  const fireAt = query.fire_at === undefined ? undefined : parseRfc3339(query.fire_at, "fire_at");
+  const rows = await listTasks(deps.sql, {
+    state,
+    scheduleId: query.schedule_id,
+    fireAt,
+    limit: limit + 1,
+    before,
+    queue: query.queue,
+  });
   const tasks = await withWaiting(deps.sql, rows.slice(0, limit), deps.settings.workerTimeoutMs);
   const last = tasks.at(-1);
   return { tasks, nextCursor: rows.length > limit && last ? encodeCursor(last.id) : null };

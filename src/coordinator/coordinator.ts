@@ -10,10 +10,20 @@ import { SERVER_MAX_REQUEST_BODY_SIZE } from "../api/errors";
 import { checkReady } from "../api/service";
 import { Authenticator } from "../auth/authenticator";
 import { checkExposure } from "../auth/exposure";
-import { apiSettings, authOptions, type Config, databaseOptions, leaseTimings, workerJoinTokens } from "../config";
+import {
+  apiSettings,
+  authOptions,
+  type Config,
+  databaseOptions,
+  leaseTimings,
+  scheduleFiring,
+  taskDefaults,
+  workerJoinTokens,
+} from "../config";
 import { type TaskChange, TaskChangeFeed } from "../db/notify";
 import { connect, type Sql } from "../db/sql";
 import { type RunNowPlacement, Submitter } from "../db/submitter";
+import { ScheduleService } from "../gen/taskqueue/v1/schedule_service_pb";
 import { TaskService } from "../gen/taskqueue/v1/task_service_pb";
 import { WorkerService } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
@@ -22,6 +32,7 @@ import { Health, HealthService } from "../rpc/health";
 import { grpcMessageLimits } from "../rpc/message-size";
 import { cancelMessage } from "../rpc/messages";
 import { addReflection } from "../rpc/reflection";
+import { ScheduleFirer } from "../schedule/firer";
 import { attemptKey } from "../task/attempt";
 import { DEFAULT_QUEUE, isPlainRouting, servesQueue } from "../task/routing";
 import type { TaskSpec } from "../task/task";
@@ -30,6 +41,7 @@ import { Completer } from "./completer";
 import { Dispatcher } from "./dispatcher";
 import { WorkerRegistry } from "./registry";
 import { Rescuer } from "./rescuer";
+import { scheduleServiceHandlers } from "./schedule-service";
 import { taskServiceHandlers } from "./task-service";
 import { reportWorkerLostHandler } from "./worker-lost";
 import { WorkerSessions } from "./worker-sessions";
@@ -54,6 +66,8 @@ export class Coordinator {
   private readonly health: HealthService;
   private readonly auth: Authenticator;
   private readonly app: ReturnType<typeof createApp>;
+  /** The recurring schedules' firing loop, unless TQ_SCHEDULES=false. */
+  private readonly firer: ScheduleFirer | null;
   private unsubscribe: (() => void)[] = [];
   /** Of an attempt, renewed while its worker reports it. */
   private readonly leaseMs: number;
@@ -116,6 +130,10 @@ export class Coordinator {
       onRevoked: this.sessions.onRevoked,
     });
     this.auth = new Authenticator(this.sql, authOptions(config), log.child({ part: "auth" }));
+    const firing = scheduleFiring(config);
+    this.firer = firing
+      ? new ScheduleFirer({ sql: this.sql, log: log.child({ part: "schedules" }), taskDefaults: taskDefaults(config), ...firing })
+      : null;
     const deps: ApiDeps = {
       role: "coordinator",
       auth: this.auth,
@@ -124,6 +142,7 @@ export class Coordinator {
       feed: this.feed,
       log: log.child({ part: "api" }),
       submit: (id, spec, actor) => this.submitter.submit(id, spec, actor),
+      wakeScheduleFirer: () => this.firer?.wake(),
     };
     this.app = createApp(deps);
     this.grpcServer = new grpc.Server({
@@ -148,8 +167,9 @@ export class Coordinator {
       }),
     );
     this.grpcServer.addService(serverDefinition(TaskService), guardMalformed(TaskService, taskServiceHandlers(deps)));
+    this.grpcServer.addService(serverDefinition(ScheduleService), guardMalformed(ScheduleService, scheduleServiceHandlers(deps)));
     // Health and reflection need no token: they tell only what /readyz and the .proto files do.
-    const served = [WorkerService, TaskService];
+    const served = [WorkerService, TaskService, ScheduleService];
     this.health = new HealthService({
       services: served.map((service) => service.typeName),
       probe: () => checkReady(deps),
@@ -184,6 +204,7 @@ export class Coordinator {
     this.httpPort = this.app.server?.port ?? config.TQ_COORDINATOR_PORT;
     this.dispatcher.start();
     this.rescuer.start();
+    this.firer?.start();
     const info = this.info();
     this.log.info({ event: "coordinator.started", ...info }, "coordinator started");
     return info;
@@ -203,6 +224,7 @@ export class Coordinator {
     this.health.stop();
     for (const unsubscribe of this.unsubscribe) unsubscribe();
     this.unsubscribe = [];
+    await this.firer?.stop();
     await this.rescuer.stop();
     await this.dispatcher.stop();
     await this.app.stop();

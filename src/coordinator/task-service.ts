@@ -54,7 +54,7 @@ function authorize(deps: ApiDeps, metadata: grpc.Metadata, scope: Scope): Promis
 }
 
 /** Runs a unary handler for a caller allowed `scope`, mapping thrown errors to gRPC status once. */
-function unary<Req, Res>(
+export function unary<Req, Res>(
   deps: ApiDeps,
   scope: Scope,
   handle: (request: Req, principal: Principal) => Promise<Res>,
@@ -70,7 +70,7 @@ function unary<Req, Res>(
 }
 
 /** The REST full form of a SubmitTaskRequest, so both transports validate alike. */
-function submitInput(request: SubmitTaskRequest): Record<string, unknown> {
+export function submitInput(request: SubmitTaskRequest): Record<string, unknown> {
   const input: Record<string, unknown> = { command: request.command };
   const scheduledAt = clientTimestamp(request.scheduledAt, "scheduled_at");
   if (scheduledAt) input.scheduled_at = scheduledAt.toISOString();
@@ -128,6 +128,8 @@ export function taskServiceHandlers(deps: ApiDeps): grpc.UntypedServiceImplement
         limit: request.limit === 0 ? undefined : request.limit,
         cursor: request.cursor === "" ? undefined : request.cursor,
         ...(request.queue === "" ? {} : { queue: request.queue }),
+        schedule_id: request.scheduleId === "" ? undefined : request.scheduleId,
+        fire_at: clientTimestamp(request.fireAt, "fire_at")?.toISOString(),
       });
       return create(ListTasksResponseSchema, { tasks: page.tasks.map(taskToProto), nextCursor: page.nextCursor ?? "" });
     }),

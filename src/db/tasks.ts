@@ -73,6 +73,8 @@ export const TASK_ROW_COLUMNS = [
   "parents_pending",
   "has_children",
   "parent_env",
+  "schedule_id",
+  "fire_at",
 ] as const;
 
 /** The task row's own columns, qualified by `table` (a statement's RETURNING, or a read's select list). */
@@ -110,6 +112,10 @@ export async function getTask(sql: Sql, id: string): Promise<Task | null> {
 
 export interface ListTasksQuery {
   state?: TaskState;
+  /** Only the tasks of this recurring schedule. */
+  scheduleId?: string;
+  /** Only the task of this fire time (with scheduleId). */
+  fireAt?: Date;
   limit: number;
   /** List tasks older than this id (ids are UUIDv7: creation order). */
   before?: string;
@@ -122,6 +128,8 @@ export async function listTasks(sql: Sql, query: ListTasksQuery): Promise<Task[]
     ${selectTasks(sql)}
     WHERE true
       ${query.state ? sql`AND tasks.state = ${query.state}` : sql``}
+      ${query.scheduleId ? sql`AND tasks.schedule_id = ${query.scheduleId}` : sql``}
+      ${query.fireAt ? sql`AND tasks.fire_at = ${query.fireAt}` : sql``}
       ${query.before ? sql`AND tasks.id < ${query.before}` : sql``}
       ${query.queue ? sql`AND tasks.queue = ${query.queue}` : sql``}
     ORDER BY tasks.id DESC

@@ -137,6 +137,8 @@ export function taskToProto(task: Task): PbTask {
     ref: task.ref ?? "",
     onParentFailure: task.on_parent_failure ?? "",
     ...flowToProto(task),
+    scheduleId: task.schedule_id ?? "",
+    fireAt: toTimestamp(task.fire_at ?? null),
   });
 }
 

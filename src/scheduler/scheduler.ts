@@ -1,15 +1,17 @@
-// The scheduler role: the HTTP API alone. It persists tasks queued (NOTIFY wakes the
-// coordinators) and answers status; it holds no workers, so any number of replicas can run.
+// The scheduler role: the HTTP API and the recurring schedules' firing loop. It persists tasks
+// queued (NOTIFY wakes the coordinators) and answers status; it holds no workers, and replicas
+// share the due schedules (src/schedule/firer.ts), so any number of them can run.
 
 import { createApp } from "../api";
 import { SERVER_MAX_REQUEST_BODY_SIZE } from "../api/errors";
 import { Authenticator } from "../auth/authenticator";
 import { checkExposure } from "../auth/exposure";
-import { apiSettings, authOptions, type Config, databaseOptions } from "../config";
+import { apiSettings, authOptions, type Config, databaseOptions, scheduleFiring, taskDefaults } from "../config";
 import { TaskChangeFeed } from "../db/notify";
 import { connect, type Sql } from "../db/sql";
 import { Submitter } from "../db/submitter";
 import type { Logger } from "../log";
+import { ScheduleFirer } from "../schedule/firer";
 import { httpScheme, httpTls } from "../tls";
 
 export class Scheduler {
@@ -19,6 +21,8 @@ export class Scheduler {
   private readonly auth: Authenticator;
   /** Writes every task queued: the scheduler has no workers to hand one to. */
   private readonly submitter: Submitter;
+  /** The recurring schedules' firing loop, unless TQ_SCHEDULES=false. */
+  private readonly firer: ScheduleFirer | null;
 
   constructor(
     private readonly config: Config,
@@ -29,6 +33,10 @@ export class Scheduler {
     this.feed = new TaskChangeFeed(this.sql);
     this.auth = new Authenticator(this.sql, authOptions(config), log.child({ part: "auth" }));
     this.submitter = new Submitter({ sql: this.sql, agingMs: config.TQ_PRIORITY_AGING_MS });
+    const firing = scheduleFiring(config);
+    this.firer = firing
+      ? new ScheduleFirer({ sql: this.sql, log: log.child({ part: "schedules" }), taskDefaults: taskDefaults(config), ...firing })
+      : null;
     this.app = createApp({
       role: "scheduler",
       auth: this.auth,
@@ -37,6 +45,7 @@ export class Scheduler {
       feed: this.feed,
       log: log.child({ part: "api" }),
       submit: (id, spec, actor) => this.submitter.submit(id, spec, actor),
+      wakeScheduleFirer: () => this.firer?.wake(),
     });
   }
 
@@ -51,12 +60,14 @@ export class Scheduler {
       maxRequestBodySize: SERVER_MAX_REQUEST_BODY_SIZE,
       tls: httpTls(this.config),
     });
+    this.firer?.start();
     const url = `${httpScheme(this.config)}://${this.config.TQ_HOST}:${this.app.server?.port ?? this.config.TQ_SCHEDULER_PORT}`;
     this.log.info({ event: "scheduler.started", url }, "scheduler started");
     return url;
   }
 
   async stop(): Promise<void> {
+    await this.firer?.stop();
     await this.app.stop();
     await this.submitter.drained();
     await this.feed.stop();

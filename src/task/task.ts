@@ -89,6 +89,9 @@ export interface Task {
   has_children: boolean;
   /** TQ_PARENT_<ref>_EXIT of each parent, written at release; merged into the env at dispatch. */
   parent_env: Record<string, string> | null;
+  /** The recurring schedule whose firing created the task, and that firing's time; null otherwise. */
+  schedule_id: string | null;
+  fire_at: Date | null;
 }
 
 /**
@@ -186,6 +189,8 @@ export interface TaskSpec {
   onParentFailure?: ParentFailurePolicy;
   /** This item's name in its batch, for the other items' dependsOn. */
   ref?: string;
+  /** The schedule firing that creates this task: at most one task per (schedule, fire time). */
+  firing?: { scheduleId: string; fireAt: Date; reason?: string };
 }
 
 /** Where and in what order a task runs (src/db/claim.ts). */

@@ -68,6 +68,8 @@ const task: Task = {
   parents_pending: 0,
   has_children: false,
   parent_env: null,
+  schedule_id: null,
+  fire_at: null,
 };
 
 test("every state maps to the proto enum and back", () => {
