@@ -5,17 +5,35 @@
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { cpus, tmpdir } from "node:os";
 import { join } from "node:path";
+import { dependencies } from "./dependencies";
 import { dispatch } from "./dispatch";
 import { failover } from "./failover";
+import { flow, flowRate } from "./flow";
 import { ingest } from "./ingest";
 import { latency } from "./latency";
 import { micro } from "./micro";
 import { precision } from "./precision";
+import { routing } from "./routing";
 import { scale } from "./scale";
+import { schedulesBench } from "./schedules";
 import { type Bench, type BenchResult, closeAllScopes } from "./support";
 import { throughput } from "./throughput";
 
-const BENCHES: readonly Bench[] = [latency, dispatch, throughput, precision, ingest, failover, scale, micro];
+const BENCHES: readonly Bench[] = [
+  latency,
+  dispatch,
+  throughput,
+  routing,
+  precision,
+  ingest,
+  failover,
+  scale,
+  micro,
+  dependencies,
+  flow,
+  flowRate,
+  schedulesBench,
+];
 
 const ROOT = join(import.meta.dir, "..");
 const RESULTS_DIR = join(import.meta.dir, "results");

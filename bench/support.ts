@@ -205,7 +205,13 @@ async function ready(proc: RoleProcess, event: string): Promise<void> {
 export async function startBenchCluster(
   scope: Scope,
   databaseUrl: string,
-  options: { workers: number; slots: number; env: Record<string, string> },
+  options: {
+    workers: number;
+    slots: number;
+    env: Record<string, string>;
+    /** Extra settings of the i-th worker (labels, queues). */
+    workerEnv?: (i: number) => Record<string, string>;
+  },
 ): Promise<BenchCluster> {
   const [httpPort, grpcPort, schedulerPort] = await Promise.all([freePort(), freePort(), freePort()]);
   const processes: RoleProcess[] = [];
@@ -224,12 +230,14 @@ export async function startBenchCluster(
   const scheduler = spawn("scheduler", { ...options.env, DATABASE_URL: databaseUrl, TQ_SCHEDULER_PORT: String(schedulerPort) });
   await Promise.all([ready(coordinator, "coordinator.started"), ready(scheduler, "scheduler.started")]);
   const workers: RoleProcess[] = [];
+  let workerIndex = 0;
   const addWorker = async () => {
     // No DATABASE_URL: workers hold no database credentials.
     const worker = spawn("worker", {
       ...options.env,
       TQ_COORDINATOR_ADDRESSES: `127.0.0.1:${grpcPort}`,
       TQ_WORKER_SLOTS: String(options.slots),
+      ...options.workerEnv?.(workerIndex++),
     });
     workers.push(worker);
     await ready(worker, "worker.connected");
@@ -410,6 +418,10 @@ const BATCH_TIMEOUT_MS = 30_000;
 export interface BatchTask {
   command: string;
   scheduled_at?: string;
+  queue?: string;
+  priority?: number;
+  require?: { key: string; op: string; value?: string }[];
+  prefer?: { key: string; op: string; value?: string; weight: number }[];
 }
 
 /** POST /tasks/batch; returns the created tasks' ids and scheduled_at, in the order sent. */

@@ -11,7 +11,9 @@ import type { AuthOptions } from "./auth/authenticator";
 import { type JoinToken, joinTokens } from "./auth/worker-tokens";
 import type { ConnectOptions } from "./db/sql";
 import { GRPC_DEFAULT_MAX_MESSAGE_BYTES, RESULT_HEADROOM_BYTES } from "./rpc/message-size";
-import { type LeaseTimings, leaseMsFor } from "./task/lease";
+import { parseLabels } from "./task/labels";
+import { type HeartbeatTimings, type LeaseTimings, minLeaseMs } from "./task/lease";
+import { QUEUE_NAME_PATTERN } from "./task/routing";
 import type { TaskDefaults } from "./task/spec";
 import type { IsolationSettings } from "./worker/identity";
 
@@ -72,6 +74,14 @@ export const ConfigSchema = Type.Object({
       "How a worker enforces task limits: auto (a cgroup per attempt where the worker may create them, which needs root " +
       "for cgroup v1, else rlimits), rlimit (per-process limits only), none. Defaults to auto.",
   }),
+  TQ_WORKER_WATCHDOG: Type.Union([Type.Literal("on"), Type.Literal("lean"), Type.Literal("off")], {
+    default: "on",
+    description:
+      "on: each worker starts a watchdog process outside its process group that kills the worker's tasks when the worker " +
+      "dies or freezes and reports them stopped, so that they are requeued at once (a Bun process, ~60 MB); lean: the " +
+      "same, watched by bash (~3 MB, next to no CPU), the report starting Bun only then, so it comes later; off: no " +
+      "watchdog, the tasks run on until their lease lapses. Defaults to on.",
+  }),
   TQ_WORKER_MAX_MEMORY_MB: Type.Integer({
     minimum: 0,
     maximum: 4_194_304,
@@ -125,7 +135,11 @@ export const ConfigSchema = Type.Object({
   TQ_HEARTBEAT_INTERVAL_MS: Millis(1000, "How often a worker heartbeats on its stream. Defaults to 1000 ms."),
   TQ_HEARTBEAT_TIMEOUT_MS: Millis(
     3000,
-    "Silence after which the coordinator declares a worker dead and requeues its tasks. Defaults to 3000 ms.",
+    "Silence after which the coordinator declares a worker dead: it gets no new work (its tasks keep their leases, TQ_DEFAULT_LEASE_MS). Defaults to 3000 ms.",
+  ),
+  TQ_DEFAULT_LEASE_MS: Millis(
+    30_000,
+    "Each attempt's lease when its task asks for none (lease_ms): a worker cut off for this long stops the attempt itself, and only then may another coordinator rerun it. At least TQ_HEARTBEAT_TIMEOUT_MS plus two TQ_HEARTBEAT_INTERVAL_MS. Defaults to 30000 ms.",
   ),
   TQ_DRAIN_GRACE_MS: Millis(
     30_000,
@@ -149,6 +163,23 @@ export const ConfigSchema = Type.Object({
     default: 50,
     description:
       "How long before a task is due the coordinator hands it to a worker, which starts it at its time; 0 hands tasks over only once due. The attempt holds its slot meanwhile. Defaults to 50 ms.",
+  }),
+  // Recurring schedules (src/schedule/firer.ts).
+  TQ_SCHEDULE_AHEAD_MS: Type.Integer({
+    minimum: 0,
+    maximum: 60_000,
+    default: 500,
+    description:
+      "How long before its fire time a schedule's firing writes its task (due at the fire time, so it starts then, never before). Defaults to 500 ms.",
+  }),
+  TQ_SCHEDULE_POLL_MS: Millis(
+    1000,
+    "Longest sleep of the schedule firing loop: how soon a schedule created or resumed on another replica is seen. Defaults to 1000 ms.",
+    10,
+  ),
+  TQ_SCHEDULES: Type.Boolean({
+    default: true,
+    description: "Whether this scheduler or coordinator runs the schedule firing loop (any number may). Defaults to true.",
   }),
   TQ_MAX_OUTPUT_BYTES: Type.Integer({
     minimum: 0,
@@ -311,6 +342,23 @@ export const ConfigSchema = Type.Object({
   TQ_TLS_CLIENT_KEY: Type.Optional(
     Type.String({ minLength: 1, description: "PEM private key path for TQ_TLS_CLIENT_CERT. Unset by default." }),
   ),
+  // Queues, priorities, labels (src/task/routing.ts, src/db/claim.ts).
+  TQ_WORKER_QUEUES: Type.Optional(
+    Type.String({ description: "Comma-separated queues this worker takes tasks from. Unset by default: every queue." }),
+  ),
+  TQ_WORKER_LABELS: Type.Optional(
+    Type.String({
+      description:
+        "This worker's labels, `key=value` comma-separated (`gpu=1,region=eu,mem_gb=64`; a bare key is `true`), matched against tasks' `require` and `prefer`. Unset by default: none.",
+    }),
+  ),
+  TQ_PRIORITY_AGING_MS: Type.Integer({
+    minimum: 0,
+    maximum: 3_600_000,
+    default: 1000,
+    description:
+      "How fast a waiting task's priority ages: tasks run in order of run_at - priority * this, so a task is passed by one of priority higher by d only while that one has waited less than d times this. Set the same on every role. Defaults to 1000 ms.",
+  }),
   TQ_LOG_LEVEL: Type.Union(
     [Type.Literal("debug"), Type.Literal("info"), Type.Literal("warn"), Type.Literal("error"), Type.Literal("silent")],
     { default: "info", description: "Log level: debug, info, warn, error or silent. Defaults to info." },
@@ -363,6 +411,12 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
       `invalid configuration: TQ_HEARTBEAT_TIMEOUT_MS (${config.TQ_HEARTBEAT_TIMEOUT_MS}) must exceed TQ_HEARTBEAT_INTERVAL_MS (${config.TQ_HEARTBEAT_INTERVAL_MS})`,
     );
   }
+  const shortestLease = minLeaseMs(heartbeatOf(config));
+  if (config.TQ_DEFAULT_LEASE_MS < shortestLease) {
+    throw new ConfigError(
+      `invalid configuration: TQ_DEFAULT_LEASE_MS (${config.TQ_DEFAULT_LEASE_MS}) must be at least TQ_HEARTBEAT_TIMEOUT_MS plus two TQ_HEARTBEAT_INTERVAL_MS (${shortestLease})`,
+    );
+  }
   coordinatorAddresses(config);
   const result = 2 * config.TQ_MAX_OUTPUT_BYTES + RESULT_HEADROOM_BYTES;
   if (result > config.TQ_GRPC_MAX_MESSAGE_BYTES) {
@@ -371,6 +425,7 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     );
   }
   taskIsolation(config);
+  workerRoutingConfig(config);
   readWorkerTokenFile(config);
   workerJoinTokens(config);
   if (Boolean(config.TQ_TLS_CERT) !== Boolean(config.TQ_TLS_KEY)) {
@@ -383,6 +438,24 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     throw new ConfigError("invalid configuration: TQ_TLS_CLIENT_CA (mutual TLS) needs TQ_TLS_CERT and TQ_TLS_KEY");
   }
   return config;
+}
+
+/** TQ_WORKER_QUEUES and TQ_WORKER_LABELS, validated: what the worker tells its coordinator in Hello. */
+export function workerRoutingConfig(config: Config): { queues: string[]; labels: Record<string, string> } {
+  const queues = (config.TQ_WORKER_QUEUES ?? "")
+    .split(",")
+    .map((q) => q.trim())
+    .filter((q) => q !== "");
+  for (const q of queues) {
+    if (!new RegExp(QUEUE_NAME_PATTERN).test(q)) {
+      throw new ConfigError(`invalid configuration: TQ_WORKER_QUEUES: "${q}" is not a queue name (${QUEUE_NAME_PATTERN})`);
+    }
+  }
+  try {
+    return { queues, labels: parseLabels(config.TQ_WORKER_LABELS ?? "") };
+  } catch (error) {
+    throw new ConfigError(`invalid configuration: TQ_WORKER_LABELS: ${(error as Error).message}`);
+  }
 }
 
 /** The worker's dial list, validated. */
@@ -448,6 +521,7 @@ export function taskDefaults(config: Config): TaskDefaults {
   return {
     maxAttempts: config.TQ_DEFAULT_MAX_ATTEMPTS,
     retry: { backoffBaseMs: config.TQ_RETRY_BACKOFF_BASE_MS, backoffCapMs: config.TQ_RETRY_BACKOFF_CAP_MS },
+    minLeaseMs: minLeaseMs(heartbeatOf(config)),
   };
 }
 
@@ -458,7 +532,13 @@ export function apiSettings(config: Config): ApiSettings {
     maxBatchTasks: config.TQ_MAX_BATCH,
     taskDefaults: taskDefaults(config),
     workerTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS,
+    priorityAgingMs: config.TQ_PRIORITY_AGING_MS,
   };
+}
+
+/** The schedule firing loop's timings, or null where this role does not fire schedules. */
+export function scheduleFiring(config: Config): { aheadMs: number; pollMs: number } | null {
+  return config.TQ_SCHEDULES ? { aheadMs: config.TQ_SCHEDULE_AHEAD_MS, pollMs: config.TQ_SCHEDULE_POLL_MS } : null;
 }
 
 /** Who may call the API: where the role listens, tokens from configuration, rate limits. */
@@ -489,10 +569,13 @@ export function workerJoinTokens(config: Config): JoinToken[] {
   }
 }
 
-/** The heartbeat timings and the lease they imply (src/task/lease.ts). */
+function heartbeatOf(config: Config): HeartbeatTimings {
+  return { heartbeatIntervalMs: config.TQ_HEARTBEAT_INTERVAL_MS, heartbeatTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS };
+}
+
+/** The heartbeat timings and the default lease of an attempt (src/task/lease.ts). */
 export function leaseTimings(config: Config): LeaseTimings {
-  const heartbeat = { heartbeatIntervalMs: config.TQ_HEARTBEAT_INTERVAL_MS, heartbeatTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS };
-  return { ...heartbeat, leaseMs: leaseMsFor(heartbeat) };
+  return { ...heartbeatOf(config), leaseMs: config.TQ_DEFAULT_LEASE_MS };
 }
 
 /** The process environment, which a worker's tasks inherit (minus DATABASE_URL and TQ_*). */

@@ -13,6 +13,12 @@ export function scopeFor(method: string, path: string): Scope | null {
   if (OPEN.some((pattern) => pattern.test(path))) return null;
   if (method === "POST" && /^\/tasks\/[^/]+\/cancel$/.test(path)) return "cancel";
   if (method === "POST" && /^\/(schedule|submit|tasks|tasks\/batch)$/.test(path)) return "submit";
+  // Rate limits change what every submitter gets: an administrator's.
+  if (method !== "GET" && method !== "HEAD" && /^\/rate-limits(\/[^/]*)?$/.test(path)) return "admin";
+  // A queue's settings (limit, pause) are the operator's.
+  if ((method === "PATCH" || method === "POST") && /^\/queues\/[^/]+(\/(pause|resume))?$/.test(path)) return "admin";
+  // Recurring schedules: every change creates tasks, or stops them from being created.
+  if (method !== "GET" && method !== "HEAD" && /^\/schedules(\/[^/]+(\/(pause|resume|trigger))?)?$/.test(path)) return "submit";
   // Every other route reads (an unknown path is answered 404 only to a caller who may read).
   return "read";
 }

@@ -21,6 +21,8 @@ export interface ApiSettings {
   taskDefaults: TaskDefaults;
   /** GET /workers lists the workers heard from within this long: the heartbeat timeout. */
   workerTimeoutMs: number;
+  /** TQ_PRIORITY_AGING_MS: the rank of the tasks a batch writes (single submits go through the Submitter). */
+  priorityAgingMs?: number;
 }
 
 export interface ApiDeps {
@@ -46,4 +48,6 @@ export interface ApiDeps {
   metrics?: TaskMetrics;
   /** The role's tracing (src/trace), null or absent when off: submits get a `persist` span. */
   tracing?: Tracing | null;
+  /** Wakes this role's schedule firing loop after a schedule was created, changed or resumed (none: it polls). */
+  wakeScheduleFirer?: () => void;
 }

@@ -9,6 +9,7 @@ import type { TaskSpec } from "../task/task";
 import { authentication, principalOf, tokenNameOf } from "./auth";
 import type { ApiDeps } from "./deps";
 import { errorHandling, type RouteEntry, readJsonBody } from "./errors";
+import { rateLimitsController } from "./flow";
 import {
   AttemptList,
   attemptJson,
@@ -30,6 +31,7 @@ import {
   TaskList,
   TaskListQuery,
   taskJson,
+  taskWithDependenciesJson,
   WorkerList,
   workerJson,
 } from "./model";
@@ -44,7 +46,9 @@ import {
   responses,
   ScheduleRequest,
 } from "./openapi";
+import { queuesController } from "./queues";
 import { requestLog } from "./request-log";
+import { schedulesController } from "./schedules";
 import {
   cancelTaskOrThrow,
   checkReady,
@@ -55,6 +59,7 @@ import {
   listWorkers,
   submitTask,
   submitTasks,
+  taskDependencies,
 } from "./service";
 import { taskEventsResponse } from "./sse";
 
@@ -70,6 +75,9 @@ export function createApp(deps: ApiDeps) {
     .use(seedController(deps))
     .use(tasksController(deps))
     .use(workersController(deps))
+    .use(rateLimitsController(deps))
+    .use(queuesController(deps))
+    .use(schedulesController(deps))
     .use(healthController(deps))
     .use(metricsController(deps));
   routes = () => app.routes;
@@ -226,7 +234,14 @@ function tasksController(deps: ApiDeps) {
       async ({ body, headers, request, set }) => {
         const specs = toBatchSpecs(body, defaults, maxBatchTasks);
         const batchKey = parseIdempotencyKey(headers["idempotency-key"]);
-        const batch = await submitTasks(deps, specs, principalOf(request).name, batchKey, request.headers.get("traceparent"));
+        const batch = await submitTasks(
+          deps,
+          specs,
+          principalOf(request).name,
+          batchKey,
+          false,
+          request.headers.get("traceparent"),
+        );
         const answer = { tasks: batch.tasks.map(taskJson), replayed: batch.replayed };
         if (batch.created) return status(201, answer);
         set.headers["idempotent-replayed"] = "true";
@@ -282,11 +297,18 @@ function tasksController(deps: ApiDeps) {
         },
       },
     )
-    .get("/tasks/:id", async ({ params }) => taskJson(await getTaskOrThrow(deps, params.id)), {
-      params: TaskIdParams,
-      response: responses({ 200: answer(TaskJson, "The task.") }, [400, 404]),
-      detail: { operationId: "getTask", tags: ["tasks"], summary: "Get a task" },
-    })
+    .get(
+      "/tasks/:id",
+      async ({ params }) => {
+        const task = await getTaskOrThrow(deps, params.id);
+        return taskWithDependenciesJson(task, await taskDependencies(deps, task));
+      },
+      {
+        params: TaskIdParams,
+        response: responses({ 200: answer(TaskJson, "The task, with its parents and children.") }, [400, 404]),
+        detail: { operationId: "getTask", tags: ["tasks"], summary: "Get a task" },
+      },
+    )
     .post(
       "/tasks/:id/cancel",
       async ({ params, request }) => taskJson(await cancelTaskOrThrow(deps, params.id, principalOf(request).name)),

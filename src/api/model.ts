@@ -1,12 +1,18 @@
 // What the HTTP API answers, as TypeBox schemas (the route response schemas, and so the
 // OpenAPI document), and the conversions from database rows. Types come from the schemas.
+
 import { type TLiteral, type TSchema, Type } from "@sinclair/typebox";
+import type { DependencyRow, TaskDependencies } from "../db/dependencies";
 import type { TaskEventRow } from "../db/events";
 import type { WorkerRow } from "../db/workers";
 import { ATTEMPT_OUTCOMES, type Attempt } from "../task/attempt";
+import { parentsWaiting } from "../task/dependencies";
 import type { ErrorCode } from "../task/errors";
+import { QueueName } from "../task/routing";
 import { TASK_STATES } from "../task/state";
 import { LIMITS_APPLIED, type Task } from "../task/task";
+import { flowTaskFields, flowTaskJson } from "./flow-model";
+import { TaskRoutingJson, taskRoutingJson } from "./queues-model";
 
 const Nullable = <T extends TSchema>(schema: T) => Type.Union([schema, Type.Null()]);
 
@@ -48,6 +54,16 @@ const RunAt = Type.String({
     "Dispatch never starts an attempt before it.",
   examples: ["2023-04-01T15:04:06.000Z"],
 });
+
+/** One end of a dependency edge, as GET /tasks/:id shows it. */
+export const DependencyJson = Type.Object(
+  {
+    id: Type.String({ format: "uuid" }),
+    ref: Nullable(Type.String({ description: "A parent: the name the child knows it by. A child: its own ref." })),
+    state: TaskStateJson,
+  },
+  { additionalProperties: false },
+);
 
 export const TaskJson = Type.Object(
   {
@@ -103,6 +119,12 @@ export const TaskJson = Type.Object(
         description: "While dispatched or running: when the attempt's lease lapses unless its worker reports it.",
       }),
     ),
+    lease_ms: Nullable(
+      Type.Integer({
+        description:
+          "Each attempt's lease as the task asked (lease_ms); null: the TQ_DEFAULT_LEASE_MS of the coordinator granting it.",
+      }),
+    ),
     retry: Type.Object(
       {
         on_failure: Type.Boolean(),
@@ -131,6 +153,26 @@ export const TaskJson = Type.Object(
         },
       ),
     ),
+    // Flow control (src/api/flow-model.ts).
+    ...flowTaskFields,
+    // Routing (src/task/routing.ts).
+    ...TaskRoutingJson,
+    ref: Nullable(Type.String({ description: "Its ref in the batch that declared it; null outside a DAG batch." })),
+    on_parent_failure: Nullable(
+      Type.String({ description: "cancel, skip or run (see POST /tasks depends_on); null for a task without parents." }),
+    ),
+    parents: Type.Optional(
+      Type.Array(DependencyJson, {
+        description: "GET /tasks/:id only: the tasks it depends on, each with the ref it knows them by (TQ_PARENT_<ref>_EXIT).",
+      }),
+    ),
+    children: Type.Optional(
+      Type.Array(DependencyJson, { description: "GET /tasks/:id only: the tasks that depend on it, with their own refs." }),
+    ),
+    schedule_id: Nullable(
+      Type.String({ format: "uuid", description: "The recurring schedule whose firing created the task; null otherwise." }),
+    ),
+    fire_at: Nullable(Type.String({ format: "date-time", description: "The fire time of that firing (equal to scheduled_at)." })),
   },
   { additionalProperties: false },
 );
@@ -392,7 +434,18 @@ const pageQuery = {
 
 export const HistoryQuery = Type.Object(pageQuery);
 
-export const TaskListQuery = Type.Object({ state: Type.Optional(TaskStateJson), ...pageQuery });
+export const TaskListQuery = Type.Object({
+  state: Type.Optional(TaskStateJson),
+  queue: Type.Optional({ ...QueueName, description: "Only tasks of this queue." }),
+  schedule_id: Type.Optional(Type.String({ format: "uuid", description: "Only the tasks this recurring schedule created." })),
+  fire_at: Type.Optional(
+    Type.String({
+      description: "Only the task of this fire time (RFC 3339), with schedule_id.",
+      examples: ["2026-12-01T12:00:00Z"],
+    }),
+  ),
+  ...pageQuery,
+});
 
 const iso = (date: Date) => date.toISOString();
 const isoOrNull = (date: Date | null) => (date === null ? null : date.toISOString());
@@ -419,6 +472,7 @@ export function taskJson(task: Task): TaskJson {
     worker_id: task.worker_id,
     coordinator_id: task.coordinator_id,
     lease_expires_at: isoOrNull(task.lease_expires_at),
+    lease_ms: task.lease_ms,
     retry: {
       on_failure: task.retry_on_failure,
       on_timeout: task.retry_on_timeout,
@@ -429,6 +483,11 @@ export function taskJson(task: Task): TaskJson {
     idempotency_key: task.idempotency_key,
     secret_env_keys: Object.keys(task.secret_env ?? {}).sort(),
     limits: task.limits ?? null,
+    ...taskRoutingJson(task),
+    ref: task.ref ?? null,
+    on_parent_failure: task.on_parent_failure ?? null,
+    schedule_id: task.schedule_id ?? null,
+    fire_at: task.fire_at ? iso(task.fire_at) : null,
     exit_code: task.exit_code,
     signal: task.signal,
     stdout: task.stdout,
@@ -438,6 +497,19 @@ export function taskJson(task: Task): TaskJson {
     stdout_replaced: task.stdout_replaced,
     stderr_replaced: task.stderr_replaced,
     error: task.error,
+    ...flowTaskJson(task),
+  };
+}
+
+/** GET /tasks/:id: the task with its parents, children and what it waits for. */
+export function taskWithDependenciesJson(task: Task, dependencies: TaskDependencies): TaskJson {
+  const edge = ({ id, ref, state }: DependencyRow) => ({ id, ref, state });
+  return {
+    ...taskJson(task),
+    parents: dependencies.parents.map(edge),
+    children: dependencies.children.map(edge),
+    // A task blocked on its parents says so in the one `waiting` field every rule fills.
+    waiting: task.waiting ?? parentsWaiting(task, dependencies.parents),
   };
 }
 

@@ -11,8 +11,11 @@ import { toOpenAPISchema, withHeaders } from "@elysiajs/openapi";
 import { Kind, type TSchema, Type } from "@sinclair/typebox";
 import { Elysia } from "elysia";
 import pkg from "../../package.json" with { type: "json" };
+import { ScheduleCreateInput, SchedulePatchInput } from "../schedule/spec";
 import { notFound } from "../task/errors";
+import { LabelPreferenceSchema, LabelRequirementSchema } from "../task/routing";
 import { BatchInput, BatchItemInput, ScheduleInput, SubmitInput, TaskInput } from "../task/spec";
+import { RateLimitInput, RateLimitJson, RateLimitList, RateLimitPatch } from "./flow-model";
 import {
   AttemptJson,
   AttemptList,
@@ -33,6 +36,8 @@ import {
   WorkerJson,
   WorkerList,
 } from "./model";
+import { QueueJson, QueueList, QueuePatch, WaitingJson } from "./queues-model";
+import { FiringJson, ScheduleJson, ScheduleList } from "./schedules";
 
 export const OPENAPI_PATH = "/openapi";
 export const OPENAPI_JSON_PATH = `${OPENAPI_PATH}/json`;
@@ -89,6 +94,25 @@ export const NAMED_SCHEMAS: Record<string, TSchema> = {
   BatchItemInput,
   RetryPolicy: TaskInput.properties.retry,
   MetricsText,
+  // Flow control (src/api/flow.ts, src/task/flow.ts).
+  Concurrency: TaskInput.properties.concurrency,
+  RateLimit: RateLimitJson,
+  RateLimitList,
+  RateLimitInput,
+  RateLimitPatch,
+  // Queues, priorities, labels.
+  Queue: QueueJson,
+  QueueList,
+  QueuePatch,
+  Waiting: WaitingJson,
+  LabelRequirement: LabelRequirementSchema,
+  LabelPreference: LabelPreferenceSchema,
+  // Recurring schedules (src/api/schedules.ts).
+  Schedule: ScheduleJson,
+  ScheduleList,
+  ScheduleFiring: FiringJson,
+  ScheduleCreateInput,
+  SchedulePatchInput,
 };
 
 // Each named schema carries its name as $id (what Elysia's .model() would give it), so that

@@ -4,20 +4,26 @@
 
 import { listAttempts } from "../db/attempts";
 import { batchHash, claimBatchKey, getBatch } from "../db/batches";
+import { addDependencies, getDependencies, type NewEdge, type TaskDependencies } from "../db/dependencies";
 import { listTaskEventsAfter, readTaskSince, type TaskEventRow } from "../db/events";
-import { insertTasks } from "../db/insert";
+import { insertTasks, type NewTask } from "../db/insert";
 import type { Sql } from "../db/sql";
 import { getTask, listTasks, probeTasks } from "../db/tasks";
 import { cancelTask } from "../db/transitions";
+import { withWaiting } from "../db/waiting";
 import { listLiveWorkers, type WorkerRow } from "../db/workers";
 import type { Attempt } from "../task/attempt";
+import { refOfId } from "../task/dependencies";
 import { conflict, invalidArgument, isDatabaseTimeout, notFound, TaskQueueError, unavailable } from "../task/errors";
+import { parseRfc3339 } from "../task/rfc3339";
+import { parseQueueName } from "../task/routing";
 import { isTaskId } from "../task/spec";
 import { isFinal, isTaskState, TASK_STATES } from "../task/state";
 import type { Submitted, Task, TaskSpec } from "../task/task";
 import { normalTraceparent } from "../trace/traceparent";
 import { decodeCursor, encodeCursor } from "./cursor";
 import type { ApiDeps } from "./deps";
+import { applyStrategies, checkFlowSpecs, withFlowWaiting } from "./flow";
 
 export const DEFAULT_PAGE_SIZE = 50;
 export const MAX_PAGE_SIZE = 500;
@@ -41,6 +47,14 @@ export async function submitTask(
   /** The caller's W3C traceparent (REST header, gRPC metadata), if any. */
   traceparent: string | null = null,
 ): Promise<Submitted> {
+  if (spec.dependsOn) {
+    // Its edges are written in the insert's transaction: the batch path (which counts and traces it).
+    const batch = await submitTasks(deps, [spec], actor, null, true, traceparent);
+    const task = batch.tasks[0];
+    if (!task) throw new Error("a batch of one answered no task");
+    return { task, created: batch.created };
+  }
+  await checkFlowSpecs(deps, [spec], (_, name) => name);
   const id = Bun.randomUUIDv7();
   const outcome = deps.tracing
     ? await deps.tracing.around("persist", traceparent, { "taskqueue.task_id": id }, (span) =>
@@ -49,7 +63,8 @@ export async function submitTask(
     : await deps.submit(id, spec, actor, normalTraceparent(traceparent));
   if (outcome.kind === "created") {
     deps.metrics?.submitted();
-    return { task: outcome.task, created: true };
+    const [task] = await applyStrategies(deps, [outcome.task], actor);
+    return { task: task ?? outcome.task, created: true };
   }
   if (!outcome.sameRequest) {
     throw conflict(
@@ -79,26 +94,45 @@ export async function submitTasks(
   specs: TaskSpec[],
   actor: string,
   batchKey: string | null = null,
+  /** One task of POST /tasks (or /submit, SubmitTask): errors name its fields without `tasks[i].`. */
+  single = false,
   /** The caller's W3C traceparent: every task of the batch is stored under it (or under its persist span). */
   traceparent: string | null = null,
 ): Promise<SubmittedBatch> {
-  if (deps.tracing) {
-    return deps.tracing.around("persist", traceparent, { "taskqueue.tasks": specs.length }, (span) =>
-      writeBatch(deps, specs, actor, batchKey, span.traceparent),
-    );
-  }
-  return writeBatch(deps, specs, actor, batchKey, normalTraceparent(traceparent));
+  await checkFlowSpecs(deps, specs, (i, name) => (single ? name : `tasks[${i}].${name}`));
+  const batch = deps.tracing
+    ? await deps.tracing.around("persist", traceparent, { "taskqueue.tasks": specs.length }, (span) =>
+        insertBatch(deps, specs, actor, batchKey, single, span.traceparent),
+      )
+    : await insertBatch(deps, specs, actor, batchKey, single, normalTraceparent(traceparent));
+  // Flow control's strategies for full keys, once the batch is committed (src/api/flow.ts).
+  const tasks = await applyStrategies(
+    deps,
+    batch.tasks.map((task, i) => (batch.replayed.includes(i) ? { ...task, concurrency_strategy: null } : task)),
+    actor,
+  );
+  return { ...batch, tasks: tasks.map((task, i) => (batch.replayed.includes(i) ? batch.tasks[i]! : task)) };
 }
 
-async function writeBatch(
+async function insertBatch(
   deps: ApiDeps,
   specs: TaskSpec[],
   actor: string,
   batchKey: string | null,
+  single: boolean,
   traceparent: string | null,
 ): Promise<SubmittedBatch> {
-  const items = specs.map((spec) => ({ id: Bun.randomUUIDv7(), spec, actor, traceparent }));
-  if (batchKey === null && specs.every((spec) => spec.idempotencyKey === null)) {
+  const agingMs = deps.settings.priorityAgingMs;
+  const items: NewTask[] = specs.map((spec) => ({
+    id: Bun.randomUUIDv7(),
+    spec,
+    actor,
+    agingMs,
+    traceparent,
+    ...(spec.dependsOn ? { parents: spec.dependsOn.length } : {}),
+  }));
+  const withParents = specs.some((spec) => spec.dependsOn);
+  if (batchKey === null && !withParents && specs.every((spec) => spec.idempotencyKey === null)) {
     // Nothing to replay and nothing to conflict: the statement alone, no transaction.
     const outcomes = await insertTasks(deps.sql, items);
     deps.metrics?.submitted(outcomes.length);
@@ -128,11 +162,78 @@ async function writeBatch(
       }
       replayed.push(i);
     });
+    if (withParents) {
+      const changed = await attachParents(
+        tx,
+        specs,
+        outcomes.map((outcome) => outcome.task),
+        new Set(replayed),
+        single,
+      );
+      // Children whose parents had ended already are released (or ended) by now.
+      const tasks = outcomes.map((outcome) => changed.get(outcome.task.id) ?? outcome.task);
+      return { tasks, replayed, created: replayed.length < items.length };
+    }
     return { tasks: outcomes.map((outcome) => outcome.task), replayed, created: replayed.length < items.length };
   });
   // Counted once committed; a replayed batch created none.
   if (batch.created) deps.metrics?.submitted(batch.tasks.length - batch.replayed.length);
   return batch;
+}
+
+/**
+ * The edges of a batch's new tasks, their refs resolved to the tasks the batch answers with (a
+ * replayed item's is the original task); an id that names no task is a 400 naming it, which
+ * rolls the batch back.
+ */
+async function attachParents(
+  tx: Sql,
+  specs: TaskSpec[],
+  tasks: Task[],
+  replayed: ReadonlySet<number>,
+  single: boolean,
+): Promise<Map<string, Task>> {
+  const byRef = new Map<string, Task>();
+  specs.forEach((spec, i) => {
+    const task = tasks[i];
+    if (spec.ref !== undefined && task) byRef.set(spec.ref, task);
+  });
+  const edges: NewEdge[] = [];
+  specs.forEach((spec, i) => {
+    const child = tasks[i];
+    // A replayed item is the task it was before, with the edges it had.
+    if (!spec.dependsOn || !child || replayed.has(i)) return;
+    const seen = new Set<string>();
+    for (const entry of spec.dependsOn) {
+      const parent = byRef.get(entry);
+      const parentId = parent?.id ?? entry;
+      if (seen.has(parentId)) {
+        throw invalidArgument(`tasks[${i}].depends_on`, `tasks[${i}]: depends_on names task ${parentId} twice`);
+      }
+      seen.add(parentId);
+      edges.push({ childId: child.id, parentId, ref: parent ? entry : refOfId(entry) });
+    }
+  });
+  const { missing, changed } = await addDependencies(tx, edges);
+  if (missing.length > 0) {
+    const unknown = new Set(missing);
+    const i = Math.max(
+      0,
+      specs.findIndex((spec) => spec.dependsOn?.some((entry) => unknown.has(entry))),
+    );
+    const field = single ? "depends_on" : `tasks[${i}].depends_on`;
+    throw invalidArgument(
+      field,
+      `${single ? "" : `tasks[${i}]: `}depends_on: no task ${missing.sort().join(", ")}; nothing was written`,
+    );
+  }
+  return new Map(changed.map((row) => [row.id, row]));
+}
+
+/** A task's parents and children, for GET /tasks/:id. */
+export async function taskDependencies(deps: ApiDeps, task: Task): Promise<TaskDependencies> {
+  if (!task.on_parent_failure && !task.has_children) return { parents: [], children: [] };
+  return getDependencies(deps.sql, task.id);
 }
 
 /** The answer to a repeated batch key: the original tasks, or a conflict for another batch. */
@@ -163,14 +264,19 @@ export async function getTaskOrThrow(deps: ApiDeps, id: string, field = "id"): P
   requireTaskId(id, field);
   const task = await getTask(deps.sql, id);
   if (!task) throw notFound(`task ${id} not found`);
-  return task;
+  await withWaiting(deps.sql, [task], deps.settings.workerTimeoutMs);
+  return withFlowWaiting(deps, task);
 }
 
 export interface TaskPageQuery {
   state?: string;
+  schedule_id?: string;
+  fire_at?: string;
   /** 1..500. Defaults to 50. */
   limit?: number;
   cursor?: string;
+  /** Only tasks of this queue. */
+  queue?: string;
 }
 
 export interface TaskPage {
@@ -196,8 +302,18 @@ export async function listTaskPage(deps: ApiDeps, query: TaskPageQuery): Promise
   const limit = pageSize(query.limit);
   const before = cursor === undefined ? undefined : decodeCursor(cursor);
   // One row more than the page tells whether another page follows.
-  const rows = await listTasks(deps.sql, { state, limit: limit + 1, before });
-  const tasks = rows.slice(0, limit);
+  if (query.queue !== undefined) parseQueueName(query.queue, "queue");
+  if (query.schedule_id !== undefined) requireTaskId(query.schedule_id, "schedule_id");
+  const fireAt = query.fire_at === undefined ? undefined : parseRfc3339(query.fire_at, "fire_at");
+  const rows = await listTasks(deps.sql, {
+    state,
+    scheduleId: query.schedule_id,
+    fireAt,
+    limit: limit + 1,
+    before,
+    queue: query.queue,
+  });
+  const tasks = await withWaiting(deps.sql, rows.slice(0, limit), deps.settings.workerTimeoutMs);
   const last = tasks.at(-1);
   return { tasks, nextCursor: rows.length > limit && last ? encodeCursor(last.id) : null };
 }

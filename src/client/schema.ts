@@ -214,6 +214,223 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/rate-limits": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** List rate limits */
+        get: operations["listRateLimits"];
+        put?: never;
+        /**
+         * Create a rate limit
+         * @description Tasks naming it (`rate_limit`) each take a token when dispatched; a task without one stays queued, saying when the next token comes.
+         */
+        post: operations["createRateLimit"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/rate-limits/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Get a rate limit */
+        get: operations["getRateLimit"];
+        put?: never;
+        post?: never;
+        /** Delete a rate limit */
+        delete: operations["deleteRateLimit"];
+        options?: never;
+        head?: never;
+        /** Change a rate limit */
+        patch: operations["updateRateLimit"];
+        trace?: never;
+    };
+    "/queues": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** List queues */
+        get: operations["listQueues"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/queues/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        /**
+         * Set a queue's concurrency limit
+         * @description The limit holds across every worker and coordinator; null removes it.
+         */
+        patch: operations["updateQueue"];
+        trace?: never;
+    };
+    "/queues/{name}/pause": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Pause a queue
+         * @description Its queued tasks stay queued (and say so); those running carry on.
+         */
+        post: operations["pauseQueue"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/queues/{name}/resume": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Resume a queue
+         * @description Its due tasks are dispatched at once.
+         */
+        post: operations["resumeQueue"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/schedules": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** List schedules */
+        get: operations["listSchedules"];
+        put?: never;
+        /**
+         * Create a recurring schedule
+         * @description Fires at each time of `cron` (in `time_zone`) or every `every`, creating the task `task` with scheduled_at and fire_at set to the fire time: exactly one task per fire time, however many replicas fire schedules.
+         */
+        post: operations["createSchedule"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/schedules/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Get a schedule */
+        get: operations["getSchedule"];
+        put?: never;
+        post?: never;
+        /**
+         * Delete a schedule
+         * @description Its firings go with it; the tasks it created stay (with their schedule_id).
+         */
+        delete: operations["deleteSchedule"];
+        options?: never;
+        head?: never;
+        /**
+         * Change a schedule
+         * @description Fields left out stay. A new cron, every or time_zone plans again from now.
+         */
+        patch: operations["updateSchedule"];
+        trace?: never;
+    };
+    "/schedules/{id}/pause": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Pause a schedule */
+        post: operations["pauseSchedule"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/schedules/{id}/resume": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Resume a schedule
+         * @description Fire times that passed while paused are caught up or recorded missed, by its catch_up rule.
+         */
+        post: operations["resumeSchedule"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/schedules/{id}/trigger": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Fire a schedule now */
+        post: operations["triggerSchedule"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/healthz": {
         parameters: {
             query?: never;
@@ -362,6 +579,8 @@ export interface components {
              * @description While dispatched or running: when the attempt's lease lapses unless its worker reports it.
              */
             lease_expires_at: string | null;
+            /** @description Each attempt's lease as the task asked (lease_ms); null: the TQ_DEFAULT_LEASE_MS of the coordinator granting it. */
+            lease_ms: number | null;
             /** @description What is retried while attempts remain, and the backoff between attempts. */
             retry: {
                 on_failure: boolean;
@@ -380,12 +599,63 @@ export interface components {
                 nofile?: number;
                 cpu?: number;
             } | null;
+            /** @description The task's concurrency key (expanded), its max and strategy. */
+            concurrency: {
+                key: string;
+                max: number;
+                strategy: string;
+            } | null;
+            /** @description The rate limit it takes a token from (`name` or `name:bucket`); null when none. */
+            rate_limit: string | null;
+            /**
+             * @description A queue name: 1 to 63 letters, digits, `_`, `.` or `-`, starting with a letter or digit.
+             * @example default
+             * @example emails
+             */
+            queue: string;
+            /** @description Higher first; ages (TQ_PRIORITY_AGING_MS). */
+            priority: number;
+            require: components["schemas"]["LabelRequirement"][];
+            prefer: components["schemas"]["LabelPreference"][];
+            /** @description Fails after waiting this long for a worker; 0: never. */
+            schedule_timeout_ms: number;
+            waiting: components["schemas"]["Waiting"] | null;
+            /** @description Its ref in the batch that declared it; null outside a DAG batch. */
+            ref: string | null;
+            /** @description cancel, skip or run (see POST /tasks depends_on); null for a task without parents. */
+            on_parent_failure: string | null;
+            /** @description GET /tasks/:id only: the tasks it depends on, each with the ref it knows them by (TQ_PARENT_<ref>_EXIT). */
+            parents?: {
+                /** Format: uuid */
+                id: string;
+                /** @description A parent: the name the child knows it by. A child: its own ref. */
+                ref: string | null;
+                state: components["schemas"]["TaskState"];
+            }[];
+            /** @description GET /tasks/:id only: the tasks that depend on it, with their own refs. */
+            children?: {
+                /** Format: uuid */
+                id: string;
+                /** @description A parent: the name the child knows it by. A child: its own ref. */
+                ref: string | null;
+                state: components["schemas"]["TaskState"];
+            }[];
+            /**
+             * Format: uuid
+             * @description The recurring schedule whose firing created the task; null otherwise.
+             */
+            schedule_id: string | null;
+            /**
+             * Format: date-time
+             * @description The fire time of that firing (equal to scheduled_at).
+             */
+            fire_at: string | null;
         };
         /**
          * @description queued, dispatched, running, then succeeded, failed, timed_out or cancelled.
          * @enum {string}
          */
-        TaskState: "queued" | "dispatched" | "running" | "succeeded" | "failed" | "timed_out" | "cancelled";
+        TaskState: "waiting" | "queued" | "dispatched" | "running" | "succeeded" | "failed" | "timed_out" | "cancelled";
         TaskList: {
             /** @description Newest first. */
             tasks: components["schemas"]["Task"][];
@@ -489,6 +759,8 @@ export interface components {
              * @description While dispatched or running: when the attempt's lease lapses unless its worker reports it.
              */
             lease_expires_at: string | null;
+            /** @description Each attempt's lease as the task asked (lease_ms); null: the TQ_DEFAULT_LEASE_MS of the coordinator granting it. */
+            lease_ms: number | null;
             /** @description What is retried while attempts remain, and the backoff between attempts. */
             retry: {
                 on_failure: boolean;
@@ -507,6 +779,57 @@ export interface components {
                 nofile?: number;
                 cpu?: number;
             } | null;
+            /** @description The task's concurrency key (expanded), its max and strategy. */
+            concurrency: {
+                key: string;
+                max: number;
+                strategy: string;
+            } | null;
+            /** @description The rate limit it takes a token from (`name` or `name:bucket`); null when none. */
+            rate_limit: string | null;
+            /**
+             * @description A queue name: 1 to 63 letters, digits, `_`, `.` or `-`, starting with a letter or digit.
+             * @example default
+             * @example emails
+             */
+            queue: string;
+            /** @description Higher first; ages (TQ_PRIORITY_AGING_MS). */
+            priority: number;
+            require: components["schemas"]["LabelRequirement"][];
+            prefer: components["schemas"]["LabelPreference"][];
+            /** @description Fails after waiting this long for a worker; 0: never. */
+            schedule_timeout_ms: number;
+            waiting: components["schemas"]["Waiting"] | null;
+            /** @description Its ref in the batch that declared it; null outside a DAG batch. */
+            ref: string | null;
+            /** @description cancel, skip or run (see POST /tasks depends_on); null for a task without parents. */
+            on_parent_failure: string | null;
+            /** @description GET /tasks/:id only: the tasks it depends on, each with the ref it knows them by (TQ_PARENT_<ref>_EXIT). */
+            parents?: {
+                /** Format: uuid */
+                id: string;
+                /** @description A parent: the name the child knows it by. A child: its own ref. */
+                ref: string | null;
+                state: components["schemas"]["TaskState"];
+            }[];
+            /** @description GET /tasks/:id only: the tasks that depend on it, with their own refs. */
+            children?: {
+                /** Format: uuid */
+                id: string;
+                /** @description A parent: the name the child knows it by. A child: its own ref. */
+                ref: string | null;
+                state: components["schemas"]["TaskState"];
+            }[];
+            /**
+             * Format: uuid
+             * @description The recurring schedule whose firing created the task; null otherwise.
+             */
+            schedule_id: string | null;
+            /**
+             * Format: date-time
+             * @description The fire time of that firing (equal to scheduled_at).
+             */
+            fire_at: string | null;
             event: components["schemas"]["Event"] | null;
         };
         /** @description One attempt of a task. */
@@ -745,10 +1068,21 @@ export interface components {
              * @example 2023-04-01T15:04:05Z
              */
             scheduled_at?: string;
+            /**
+             * @description Parents: task ids (and, in a batch, refs of other items). The task waits (state `waiting`) until every parent has ended, and runs once all succeeded (see on_parent_failure). A parent that will retry has not ended yet. At most 100; an unknown id or ref is a 400 naming it.
+             * @example [
+             *       "build"
+             *     ]
+             */
+            depends_on?: string[];
+            /** @enum {string} */
+            on_parent_failure?: "cancel" | "skip" | "run";
             /** @description Kill the command after this many milliseconds; 0 means no timeout. Defaults to 0. */
             timeout_ms?: number;
             /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
             max_attempts?: number;
+            /** @description How long each attempt's lease lasts, renewed by its worker's heartbeats: a worker cut off for this long stops the attempt on its own, and only then may another run it. At least the heartbeat timeout plus two intervals (5000 ms with the defaults). Defaults to TQ_DEFAULT_LEASE_MS (30000). */
+            lease_ms?: number;
             /** @description Extra environment variables: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes; env and secret_env together at most 1048576 bytes, counting each NAME=value, its NUL and 8 bytes. */
             env?: {
                 [key: string]: string;
@@ -770,7 +1104,28 @@ export interface components {
                 /** @description CPU cores (0.5 is half a core): the cgroup's CPU quota. Not enforced without cgroups. */
                 cpu?: number;
             };
+            concurrency?: components["schemas"]["Concurrency"];
+            /**
+             * @description A rate limit (POST /rate-limits) each attempt takes a token from: `name`, or `name:bucket` for a bucket of its own per value (`{key}` is replaced by the concurrency key, `{schedule}` by the schedule's id).
+             * @example smtp
+             * @example smtp:{key}
+             */
+            rate_limit?: string;
             retry?: components["schemas"]["RetryPolicy"];
+            /**
+             * @description A queue name: 1 to 63 letters, digits, `_`, `.` or `-`, starting with a letter or digit. Defaults to `default`.
+             * @example default
+             * @example emails
+             */
+            queue?: string;
+            /** @description Higher runs first, from -100 to 100; defaults to 0. Priorities age: a waiting task ranks as run_at - priority * TQ_PRIORITY_AGING_MS, so a task is passed by one of higher priority only while that one has waited less than the difference times the aging. */
+            priority?: number;
+            /** @description Worker labels the task needs (all of them); it waits, saying so, while no live worker has them. */
+            require?: components["schemas"]["LabelRequirement"][];
+            /** @description Worker labels the task prefers, with weights: among free workers, one with a higher score is chosen. */
+            prefer?: components["schemas"]["LabelPreference"][];
+            /** @description Fail the task if it has waited this long after its run_at without being dispatched; 0 (the default) waits forever. */
+            schedule_timeout_ms?: number;
         };
         /** @description A task to run as soon as a worker is free. */
         SubmitInput: {
@@ -779,10 +1134,21 @@ export interface components {
              * @example echo hello
              */
             command: string;
+            /**
+             * @description Parents: task ids (and, in a batch, refs of other items). The task waits (state `waiting`) until every parent has ended, and runs once all succeeded (see on_parent_failure). A parent that will retry has not ended yet. At most 100; an unknown id or ref is a 400 naming it.
+             * @example [
+             *       "build"
+             *     ]
+             */
+            depends_on?: string[];
+            /** @enum {string} */
+            on_parent_failure?: "cancel" | "skip" | "run";
             /** @description Kill the command after this many milliseconds; 0 means no timeout. Defaults to 0. */
             timeout_ms?: number;
             /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
             max_attempts?: number;
+            /** @description How long each attempt's lease lasts, renewed by its worker's heartbeats: a worker cut off for this long stops the attempt on its own, and only then may another run it. At least the heartbeat timeout plus two intervals (5000 ms with the defaults). Defaults to TQ_DEFAULT_LEASE_MS (30000). */
+            lease_ms?: number;
             /** @description Extra environment variables: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes; env and secret_env together at most 1048576 bytes, counting each NAME=value, its NUL and 8 bytes. */
             env?: {
                 [key: string]: string;
@@ -804,7 +1170,28 @@ export interface components {
                 /** @description CPU cores (0.5 is half a core): the cgroup's CPU quota. Not enforced without cgroups. */
                 cpu?: number;
             };
+            concurrency?: components["schemas"]["Concurrency"];
+            /**
+             * @description A rate limit (POST /rate-limits) each attempt takes a token from: `name`, or `name:bucket` for a bucket of its own per value (`{key}` is replaced by the concurrency key, `{schedule}` by the schedule's id).
+             * @example smtp
+             * @example smtp:{key}
+             */
+            rate_limit?: string;
             retry?: components["schemas"]["RetryPolicy"];
+            /**
+             * @description A queue name: 1 to 63 letters, digits, `_`, `.` or `-`, starting with a letter or digit. Defaults to `default`.
+             * @example default
+             * @example emails
+             */
+            queue?: string;
+            /** @description Higher runs first, from -100 to 100; defaults to 0. Priorities age: a waiting task ranks as run_at - priority * TQ_PRIORITY_AGING_MS, so a task is passed by one of higher priority only while that one has waited less than the difference times the aging. */
+            priority?: number;
+            /** @description Worker labels the task needs (all of them); it waits, saying so, while no live worker has them. */
+            require?: components["schemas"]["LabelRequirement"][];
+            /** @description Worker labels the task prefers, with weights: among free workers, one with a higher score is chosen. */
+            prefer?: components["schemas"]["LabelPreference"][];
+            /** @description Fail the task if it has waited this long after its run_at without being dispatched; 0 (the default) waits forever. */
+            schedule_timeout_ms?: number;
         };
         /** @description A task to run at scheduled_at (required). */
         ScheduleInput: {
@@ -841,10 +1228,21 @@ export interface components {
              * @example 2023-04-01T15:04:05Z
              */
             scheduled_at?: string;
+            /**
+             * @description Parents: task ids (and, in a batch, refs of other items). The task waits (state `waiting`) until every parent has ended, and runs once all succeeded (see on_parent_failure). A parent that will retry has not ended yet. At most 100; an unknown id or ref is a 400 naming it.
+             * @example [
+             *       "build"
+             *     ]
+             */
+            depends_on?: string[];
+            /** @enum {string} */
+            on_parent_failure?: "cancel" | "skip" | "run";
             /** @description Kill the command after this many milliseconds; 0 means no timeout. Defaults to 0. */
             timeout_ms?: number;
             /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
             max_attempts?: number;
+            /** @description How long each attempt's lease lasts, renewed by its worker's heartbeats: a worker cut off for this long stops the attempt on its own, and only then may another run it. At least the heartbeat timeout plus two intervals (5000 ms with the defaults). Defaults to TQ_DEFAULT_LEASE_MS (30000). */
+            lease_ms?: number;
             /** @description Extra environment variables: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes; env and secret_env together at most 1048576 bytes, counting each NAME=value, its NUL and 8 bytes. */
             env?: {
                 [key: string]: string;
@@ -866,9 +1264,35 @@ export interface components {
                 /** @description CPU cores (0.5 is half a core): the cgroup's CPU quota. Not enforced without cgroups. */
                 cpu?: number;
             };
+            concurrency?: components["schemas"]["Concurrency"];
+            /**
+             * @description A rate limit (POST /rate-limits) each attempt takes a token from: `name`, or `name:bucket` for a bucket of its own per value (`{key}` is replaced by the concurrency key, `{schedule}` by the schedule's id).
+             * @example smtp
+             * @example smtp:{key}
+             */
+            rate_limit?: string;
             retry?: components["schemas"]["RetryPolicy"];
+            /**
+             * @description A queue name: 1 to 63 letters, digits, `_`, `.` or `-`, starting with a letter or digit. Defaults to `default`.
+             * @example default
+             * @example emails
+             */
+            queue?: string;
+            /** @description Higher runs first, from -100 to 100; defaults to 0. Priorities age: a waiting task ranks as run_at - priority * TQ_PRIORITY_AGING_MS, so a task is passed by one of higher priority only while that one has waited less than the difference times the aging. */
+            priority?: number;
+            /** @description Worker labels the task needs (all of them); it waits, saying so, while no live worker has them. */
+            require?: components["schemas"]["LabelRequirement"][];
+            /** @description Worker labels the task prefers, with weights: among free workers, one with a higher score is chosen. */
+            prefer?: components["schemas"]["LabelPreference"][];
+            /** @description Fail the task if it has waited this long after its run_at without being dispatched; 0 (the default) waits forever. */
+            schedule_timeout_ms?: number;
             /** @description This task's own idempotency key (visible ASCII, at most 255 bytes): when it was used before, the original task is returned in its place (its index listed in `replayed`); with a different request, the batch is a 409. */
             idempotency_key?: string;
+            /**
+             * @description This task's name within the batch, for the other items' depends_on, and the <ref> of their TQ_PARENT_<ref>_EXIT: a letter or _, then letters, digits or _, at most 64. Unique in the batch.
+             * @example build
+             */
+            ref?: string;
         };
         /** @description What is retried while attempts remain (max_attempts), and the exponential backoff (with jitter) between attempts. */
         RetryPolicy: {
@@ -885,6 +1309,381 @@ export interface components {
         };
         /** @description The Prometheus text exposition format (version 0.0.4) of this role's metrics: see the README's "Metrics and traces". */
         MetricsText: string;
+        /** @description Per-key concurrency. */
+        Concurrency: {
+            /**
+             * @description Tasks with the same key share `max` live slots (dispatched or running), across every coordinator. `{schedule}` is replaced by the id of the schedule that created the task.
+             * @example customer-42
+             */
+            key: string;
+            /** @description Most live tasks with this key. Defaults to 1. */
+            max?: number;
+            /** @enum {string} */
+            strategy?: "queue" | "cancel_in_progress" | "cancel_newest";
+        };
+        /** @description A named rate limit. */
+        RateLimit: {
+            name: string;
+            /** @description As "count/period", e.g. "100/1m". */
+            rate: string;
+            burst: number;
+            /** @description The refill rate, for comparison. */
+            tokens_per_second: number;
+            /** Format: date-time */
+            created_at: string;
+            /** Format: date-time */
+            updated_at: string;
+        };
+        /** @description Every rate limit, by name. */
+        RateLimitList: {
+            rate_limits: components["schemas"]["RateLimit"][];
+        };
+        /** @description A named rate limit: a token bucket shared by every coordinator. */
+        RateLimitInput: {
+            /**
+             * @description The limit's name: 1 to 64 letters, digits, "_", "." or "-", starting with a letter or digit.
+             * @example smtp
+             */
+            name: string;
+            /**
+             * @description Tokens per period: "100/1m", "10/s", "5/500ms" (units ms, s, m, h, d).
+             * @example 100/1m
+             */
+            rate: string;
+            /** @description Most tokens the bucket holds (what may start at once after a quiet spell). Defaults to the rate's count. */
+            burst?: number;
+        };
+        /** @description A change of a limit's rate or burst; its buckets keep the tokens they earned (cut to a lower burst). */
+        RateLimitPatch: {
+            /**
+             * @description Tokens per period: "100/1m", "10/s", "5/500ms" (units ms, s, m, h, d).
+             * @example 100/1m
+             */
+            rate?: string;
+            /** @description Most tokens the bucket holds (what may start at once after a quiet spell). Defaults to the rate's count. */
+            burst?: number;
+        };
+        Queue: {
+            /**
+             * @description A queue name: 1 to 63 letters, digits, `_`, `.` or `-`, starting with a letter or digit.
+             * @example default
+             * @example emails
+             */
+            name: string;
+            /** @description A paused queue's tasks stay queued; those running carry on. */
+            paused: boolean;
+            /** @description Most tasks of the queue dispatched or running at once, across every coordinator; null: no limit. */
+            concurrency_limit: number | null;
+            /** @description Tasks of the queue dispatched or running now. */
+            running: number;
+            /** @description The queue's tasks by state. */
+            depth: {
+                /** @description Waiting for their parents (not yet queued). */
+                waiting: number;
+                /** @description Queued (due or not). */
+                queued: number;
+                /** @description Dispatched. */
+                dispatched: number;
+                /** @description Running. */
+                running: number;
+                /** @description Succeeded. */
+                succeeded: number;
+                /** @description Failed. */
+                failed: number;
+                /** @description Timed out. */
+                timed_out: number;
+                /** @description Cancelled. */
+                cancelled: number;
+            };
+        };
+        QueueList: {
+            queues: components["schemas"]["Queue"][];
+        };
+        /** @description Changes a queue (creating it if it does not exist). */
+        QueuePatch: {
+            /** @description Most tasks of the queue live at once across every coordinator; null removes the limit. */
+            concurrency_limit: number | null;
+        };
+        /** @description Why a queued task is not running yet. */
+        Waiting: {
+            /** @enum {string} */
+            kind: "queue_paused" | "no_worker" | "queue_full" | "key_full" | "rate_limit" | "parents";
+            /**
+             * @description In words, e.g. "no worker with gpu=1".
+             * @example no worker with gpu=1
+             */
+            message: string;
+        };
+        /** @description A label a worker must have, e.g. {key: gpu, op: '=', value: '1'}. */
+        LabelRequirement: {
+            /**
+             * @description The label's name.
+             * @example gpu
+             */
+            key: string;
+            /** @enum {string} */
+            op: "=" | "!=" | ">" | ">=" | "<" | "<=" | "exists";
+            /** @description What to compare with; a number for the ordering comparators; none for exists. */
+            value?: string;
+        };
+        /** @description A label a worker is preferred for, with a weight. */
+        LabelPreference: {
+            /**
+             * @description The label's name.
+             * @example gpu
+             */
+            key: string;
+            /** @enum {string} */
+            op: "=" | "!=" | ">" | ">=" | "<" | "<=" | "exists";
+            /** @description What to compare with; a number for the ordering comparators; none for exists. */
+            value?: string;
+            /** @description How much a worker that matches is preferred. */
+            weight: number;
+        };
+        /** @description A recurring schedule. */
+        Schedule: {
+            /** @description Schedule id (UUID). */
+            id: string;
+            name: string;
+            cron: string | null;
+            /** @description The interval, as "1h30m". */
+            every: string | null;
+            time_zone: string;
+            /** @description The task each firing creates (the form of POST /submit). */
+            task: {
+                /**
+                 * @description Shell command, run with `sh -c`. Not blank, no NUL byte, at most 65536 bytes (UTF-8).
+                 * @example echo hello
+                 */
+                command: string;
+                /**
+                 * @description Parents: task ids (and, in a batch, refs of other items). The task waits (state `waiting`) until every parent has ended, and runs once all succeeded (see on_parent_failure). A parent that will retry has not ended yet. At most 100; an unknown id or ref is a 400 naming it.
+                 * @example [
+                 *       "build"
+                 *     ]
+                 */
+                depends_on?: string[];
+                /** @enum {string} */
+                on_parent_failure?: "cancel" | "skip" | "run";
+                /** @description Kill the command after this many milliseconds; 0 means no timeout. Defaults to 0. */
+                timeout_ms?: number;
+                /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
+                max_attempts?: number;
+                /** @description How long each attempt's lease lasts, renewed by its worker's heartbeats: a worker cut off for this long stops the attempt on its own, and only then may another run it. At least the heartbeat timeout plus two intervals (5000 ms with the defaults). Defaults to TQ_DEFAULT_LEASE_MS (30000). */
+                lease_ms?: number;
+                /** @description Extra environment variables: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes; env and secret_env together at most 1048576 bytes, counting each NAME=value, its NUL and 8 bytes. */
+                env?: {
+                    [key: string]: string;
+                };
+                /** @description Absolute working directory on the worker, at most 4096 bytes. Defaults to the worker's own. */
+                cwd?: string;
+                /** @description Resource limits, each capped by the maxima of the worker that runs the task (TQ_WORKER_MAX_*); one left out is that worker's maximum. A request above a worker's maximum is clamped, not refused (the submitter cannot know the worker); each attempt records what applied and how (`limits_applied`, `limits`). */
+                limits?: {
+                    /** @description Memory in MiB. With cgroups, the attempt's memory limit: the OOM killer ends it and the attempt says oom_killed. Without, the address space of each process (ulimit -v). */
+                    memory_mb?: number;
+                    /** @description Processes and threads at once (cgroup pids.max); a fork beyond it fails. Not enforced without cgroups. */
+                    pids?: number;
+                    /** @description Open files per process (ulimit -n). */
+                    nofile?: number;
+                    /** @description CPU cores (0.5 is half a core): the cgroup's CPU quota. Not enforced without cgroups. */
+                    cpu?: number;
+                };
+                concurrency?: components["schemas"]["Concurrency"];
+                /**
+                 * @description A rate limit (POST /rate-limits) each attempt takes a token from: `name`, or `name:bucket` for a bucket of its own per value (`{key}` is replaced by the concurrency key, `{schedule}` by the schedule's id).
+                 * @example smtp
+                 * @example smtp:{key}
+                 */
+                rate_limit?: string;
+                retry?: components["schemas"]["RetryPolicy"];
+                /**
+                 * @description A queue name: 1 to 63 letters, digits, `_`, `.` or `-`, starting with a letter or digit. Defaults to `default`.
+                 * @example default
+                 * @example emails
+                 */
+                queue?: string;
+                /** @description Higher runs first, from -100 to 100; defaults to 0. Priorities age: a waiting task ranks as run_at - priority * TQ_PRIORITY_AGING_MS, so a task is passed by one of higher priority only while that one has waited less than the difference times the aging. */
+                priority?: number;
+                /** @description Worker labels the task needs (all of them); it waits, saying so, while no live worker has them. */
+                require?: components["schemas"]["LabelRequirement"][];
+                /** @description Worker labels the task prefers, with weights: among free workers, one with a higher score is chosen. */
+                prefer?: components["schemas"]["LabelPreference"][];
+                /** @description Fail the task if it has waited this long after its run_at without being dispatched; 0 (the default) waits forever. */
+                schedule_timeout_ms?: number;
+                /** @description Names of the secret variables; values are never returned. */
+                secret_env_keys: string[];
+            };
+            /** @enum {string} */
+            overlap: "allow" | "skip" | "buffer_one" | "cancel_previous";
+            /** @description What to do with fire times that passed while nothing could fire them. */
+            catch_up: {
+                window: string;
+                /** @enum {string} */
+                mode?: "all" | "latest" | "none";
+            };
+            paused: boolean;
+            /** @description The first fire time not yet planned. */
+            next_fire_at: string | null;
+            /** @description The next 5 fire times. */
+            upcoming: string[];
+            /** @description A fire time held back (overlap buffer_one) until the live task ends. */
+            buffered_fire_at: string | null;
+            /** @description Missed fire times beyond the 100 a pass records (counted, not listed). */
+            missed_unrecorded: number;
+            /** @description The 20 most recent firings, newest first: created, skipped, missed and buffered. */
+            firings: components["schemas"]["ScheduleFiring"][];
+            /** @description Created. */
+            created_at: string;
+            /** @description Last changed. */
+            updated_at: string;
+        };
+        /** @description A page of schedules, newest first. */
+        ScheduleList: {
+            schedules: components["schemas"]["Schedule"][];
+            /** @description Pass as cursor for the next page; null on the last. */
+            next_cursor: string | null;
+        };
+        /** @description One fire time of a schedule and what came of it. */
+        ScheduleFiring: {
+            /** @description The fire time. */
+            fire_at: string;
+            /** @enum {string} */
+            outcome: "created" | "skipped" | "missed" | "buffered";
+            /** @description The task it created. */
+            task_id: string | null;
+            /** @description Why it was skipped, missed or buffered. */
+            reason: string | null;
+            /** @description When the firing was recorded. */
+            recorded_at: string;
+        };
+        /** @description A recurring schedule: when it fires, and the task each firing creates. */
+        ScheduleCreateInput: {
+            /**
+             * @description Unique name: letters, digits and . _ : - (starting with a letter or digit), at most 200 characters.
+             * @example nightly-report
+             */
+            name: string;
+            /**
+             * @description Cron pattern (croner): 5 fields (minute hour day month weekday), or 6 with seconds first, or a macro (@yearly, @monthly, @weekly, @daily, @hourly). Exactly one of cron and every.
+             * @example *\/5 * * * *
+             */
+            cron?: string;
+            /**
+             * @description Fixed interval ("90s", "5m", "1h30m"; at least 1s), counted from the schedule's creation. Exactly one of cron and every.
+             * @example 90s
+             */
+            every?: string;
+            /**
+             * @description IANA time zone the cron pattern is read in. Defaults to UTC.
+             * @example Europe/Berlin
+             */
+            time_zone?: string;
+            task: components["schemas"]["SubmitInput"];
+            /** @enum {string} */
+            overlap?: "allow" | "skip" | "buffer_one" | "cancel_previous";
+            /** @description What to do with fire times that passed while nothing could fire them. */
+            catch_up?: {
+                /** @description How far back overdue fire times are caught up ("1h"). Defaults to 1h. */
+                window?: string;
+                /** @enum {string} */
+                mode?: "all" | "latest" | "none";
+            };
+            /** @description Create it paused. Defaults to false. */
+            paused?: boolean;
+        };
+        /** @description Changes to a schedule; a new cron or every replaces the other and plans from now. */
+        SchedulePatchInput: {
+            /**
+             * @description Cron pattern (croner): 5 fields (minute hour day month weekday), or 6 with seconds first, or a macro (@yearly, @monthly, @weekly, @daily, @hourly). Exactly one of cron and every.
+             * @example *\/5 * * * *
+             */
+            cron?: string;
+            /**
+             * @description Fixed interval ("90s", "5m", "1h30m"; at least 1s), counted from the schedule's creation. Exactly one of cron and every.
+             * @example 90s
+             */
+            every?: string;
+            /**
+             * @description IANA time zone the cron pattern is read in. Defaults to UTC.
+             * @example Europe/Berlin
+             */
+            time_zone?: string;
+            /** @description A task to run as soon as a worker is free. */
+            task?: {
+                /**
+                 * @description Shell command, run with `sh -c`. Not blank, no NUL byte, at most 65536 bytes (UTF-8).
+                 * @example echo hello
+                 */
+                command: string;
+                /**
+                 * @description Parents: task ids (and, in a batch, refs of other items). The task waits (state `waiting`) until every parent has ended, and runs once all succeeded (see on_parent_failure). A parent that will retry has not ended yet. At most 100; an unknown id or ref is a 400 naming it.
+                 * @example [
+                 *       "build"
+                 *     ]
+                 */
+                depends_on?: string[];
+                /** @enum {string} */
+                on_parent_failure?: "cancel" | "skip" | "run";
+                /** @description Kill the command after this many milliseconds; 0 means no timeout. Defaults to 0. */
+                timeout_ms?: number;
+                /** @description Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3). */
+                max_attempts?: number;
+                /** @description How long each attempt's lease lasts, renewed by its worker's heartbeats: a worker cut off for this long stops the attempt on its own, and only then may another run it. At least the heartbeat timeout plus two intervals (5000 ms with the defaults). Defaults to TQ_DEFAULT_LEASE_MS (30000). */
+                lease_ms?: number;
+                /** @description Extra environment variables: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes; env and secret_env together at most 1048576 bytes, counting each NAME=value, its NUL and 8 bytes. */
+                env?: {
+                    [key: string]: string;
+                };
+                /** @description Environment variables passed to the process but never returned by any API, event stream or log: at most 256, names matching ^[A-Za-z_][A-Za-z0-9_]*$, values without NUL of at most 32768 bytes; env and secret_env together at most 1048576 bytes, counting each NAME=value, its NUL and 8 bytes. */
+                secret_env?: {
+                    [key: string]: string;
+                };
+                /** @description Absolute working directory on the worker, at most 4096 bytes. Defaults to the worker's own. */
+                cwd?: string;
+                /** @description Resource limits, each capped by the maxima of the worker that runs the task (TQ_WORKER_MAX_*); one left out is that worker's maximum. A request above a worker's maximum is clamped, not refused (the submitter cannot know the worker); each attempt records what applied and how (`limits_applied`, `limits`). */
+                limits?: {
+                    /** @description Memory in MiB. With cgroups, the attempt's memory limit: the OOM killer ends it and the attempt says oom_killed. Without, the address space of each process (ulimit -v). */
+                    memory_mb?: number;
+                    /** @description Processes and threads at once (cgroup pids.max); a fork beyond it fails. Not enforced without cgroups. */
+                    pids?: number;
+                    /** @description Open files per process (ulimit -n). */
+                    nofile?: number;
+                    /** @description CPU cores (0.5 is half a core): the cgroup's CPU quota. Not enforced without cgroups. */
+                    cpu?: number;
+                };
+                concurrency?: components["schemas"]["Concurrency"];
+                /**
+                 * @description A rate limit (POST /rate-limits) each attempt takes a token from: `name`, or `name:bucket` for a bucket of its own per value (`{key}` is replaced by the concurrency key, `{schedule}` by the schedule's id).
+                 * @example smtp
+                 * @example smtp:{key}
+                 */
+                rate_limit?: string;
+                retry?: components["schemas"]["RetryPolicy"];
+                /**
+                 * @description A queue name: 1 to 63 letters, digits, `_`, `.` or `-`, starting with a letter or digit. Defaults to `default`.
+                 * @example default
+                 * @example emails
+                 */
+                queue?: string;
+                /** @description Higher runs first, from -100 to 100; defaults to 0. Priorities age: a waiting task ranks as run_at - priority * TQ_PRIORITY_AGING_MS, so a task is passed by one of higher priority only while that one has waited less than the difference times the aging. */
+                priority?: number;
+                /** @description Worker labels the task needs (all of them); it waits, saying so, while no live worker has them. */
+                require?: components["schemas"]["LabelRequirement"][];
+                /** @description Worker labels the task prefers, with weights: among free workers, one with a higher score is chosen. */
+                prefer?: components["schemas"]["LabelPreference"][];
+                /** @description Fail the task if it has waited this long after its run_at without being dispatched; 0 (the default) waits forever. */
+                schedule_timeout_ms?: number;
+            };
+            /** @enum {string} */
+            overlap?: "allow" | "skip" | "buffer_one" | "cancel_previous";
+            /** @description What to do with fire times that passed while nothing could fire them. */
+            catch_up?: {
+                /** @description How far back overdue fire times are caught up ("1h"). Defaults to 1h. */
+                window?: string;
+                /** @enum {string} */
+                mode?: "all" | "latest" | "none";
+            };
+        };
     };
     responses: never;
     parameters: never;
@@ -1232,6 +2031,9 @@ export interface operations {
         parameters: {
             query?: {
                 state?: components["schemas"]["TaskState"];
+                queue?: string;
+                schedule_id?: string;
+                fire_at?: string;
                 limit?: number;
                 cursor?: string;
             };
@@ -1575,7 +2377,7 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description The task. */
+            /** @description The task, with its parents and children. */
             200: {
                 headers: {
                     [name: string]: unknown;
@@ -2071,6 +2873,1587 @@ export interface operations {
             };
             /** @description The token does not have the scope this route needs (permission_denied). */
             403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    listRateLimits: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Every rate limit, by name. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["RateLimitList"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    createRateLimit: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** @description A named rate limit: a token bucket shared by every coordinator. */
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["RateLimitInput"];
+            };
+        };
+        responses: {
+            /** @description The limit, created. */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["RateLimit"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description A limit by that name exists (conflict). */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is larger than TQ_MAX_BODY_BYTES (payload_too_large); the message names the limit. */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is neither JSON nor the form type curl sends by default (unsupported_media_type). */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getRateLimit: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The limit. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["RateLimit"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No rate limit by that name (not_found). */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    deleteRateLimit: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The limit, deleted: tasks naming it now run unlimited. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["RateLimit"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No rate limit by that name (not_found). */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    updateRateLimit: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        /** @description A change of a limit's rate or burst; its buckets keep the tokens they earned (cut to a lower burst). */
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["RateLimitPatch"];
+            };
+        };
+        responses: {
+            /** @description The limit, changed. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["RateLimit"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No rate limit by that name (not_found). */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is larger than TQ_MAX_BODY_BYTES (payload_too_large); the message names the limit. */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is neither JSON nor the form type curl sends by default (unsupported_media_type). */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    listQueues: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Every queue, with its depth by state and running count. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["QueueList"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    updateQueue: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        /** @description Changes a queue (creating it if it does not exist). */
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["QueuePatch"];
+            };
+        };
+        responses: {
+            /** @description The queue, changed (created if it did not exist). */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Queue"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is larger than TQ_MAX_BODY_BYTES (payload_too_large); the message names the limit. */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is neither JSON nor the form type curl sends by default (unsupported_media_type). */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    pauseQueue: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The queue, changed. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Queue"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    resumeQueue: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The queue, changed. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Queue"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    listSchedules: {
+        parameters: {
+            query?: {
+                limit?: number;
+                cursor?: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description A page of schedules, newest first. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ScheduleList"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    createSchedule: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** @description A recurring schedule: when it fires, and the task each firing creates. */
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ScheduleCreateInput"];
+            };
+        };
+        responses: {
+            /** @description The schedule, created. */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Schedule"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description A schedule with this name exists (conflict). */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is larger than TQ_MAX_BODY_BYTES (payload_too_large); the message names the limit. */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is neither JSON nor the form type curl sends by default (unsupported_media_type). */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getSchedule: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The schedule, its next 5 fire times and its recent firings. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Schedule"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No such task (not_found). */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    deleteSchedule: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Deleted. */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No such task (not_found). */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    updateSchedule: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        /** @description Changes to a schedule; a new cron or every replaces the other and plans from now. */
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["SchedulePatchInput"];
+            };
+        };
+        responses: {
+            /** @description The schedule, changed. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Schedule"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No such task (not_found). */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is larger than TQ_MAX_BODY_BYTES (payload_too_large); the message names the limit. */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is neither JSON nor the form type curl sends by default (unsupported_media_type). */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    pauseSchedule: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The schedule, paused. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Schedule"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No such task (not_found). */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    resumeSchedule: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The schedule, resumed. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Schedule"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No such task (not_found). */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    triggerSchedule: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The firing: now, under the overlap policy. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ScheduleFiring"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No such task (not_found). */
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };

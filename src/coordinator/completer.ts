@@ -14,6 +14,7 @@ import {
   finishAttempts,
   markStartedMany,
   recordAttemptStopped,
+  recordStaleHandBack,
   requeueAttempt,
   type StartReport,
 } from "../db/transitions";
@@ -300,8 +301,11 @@ export class Completer {
       try {
         let applied = true;
         // The requeue's NOTIFY wakes every coordinator's dispatcher.
-        if (action.kind === "requeue") applied = (await requeueAttempt(this.options.sql, target, reason, action.cause)) !== null;
-        else await recordAttemptStopped(this.options.sql, target, reason, action.usage);
+        if (action.kind === "requeue") {
+          applied = (await requeueAttempt(this.options.sql, target, reason, action.cause)) !== null;
+          // Superseded (or a repeat of one applied): the history still says it came.
+          if (!applied) await recordStaleHandBack(this.options.sql, target, reason, action.cause);
+        } else await recordAttemptStopped(this.options.sql, target, reason, action.usage);
         const result = finishedTimes(message);
         this.logFinished(worker, target, action.kind === "requeue" ? "handed_back" : "stopped", result, !applied, reason);
         if (!applied) this.options.metrics?.staleReport();

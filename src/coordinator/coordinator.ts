@@ -16,12 +16,15 @@ import {
   type Config,
   databaseOptions,
   leaseTimings,
+  scheduleFiring,
+  taskDefaults,
   tracingEndpoint,
   workerJoinTokens,
 } from "../config";
 import { type TaskChange, TaskChangeFeed } from "../db/notify";
 import { connect, type Sql } from "../db/sql";
 import { type RunNowPlacement, Submitter } from "../db/submitter";
+import { ScheduleService } from "../gen/taskqueue/v1/schedule_service_pb";
 import { TaskService } from "../gen/taskqueue/v1/task_service_pb";
 import { WorkerService } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
@@ -33,14 +36,19 @@ import { Health, HealthService } from "../rpc/health";
 import { grpcMessageLimits } from "../rpc/message-size";
 import { cancelMessage } from "../rpc/messages";
 import { addReflection } from "../rpc/reflection";
+import { ScheduleFirer } from "../schedule/firer";
 import { attemptKey } from "../task/attempt";
+import { DEFAULT_QUEUE, isPlainRouting, servesQueue } from "../task/routing";
+import type { TaskSpec } from "../task/task";
 import { grpcServerCredentials, httpScheme, httpTls } from "../tls";
 import { type Tracing, tracingFor } from "../trace/tracing";
 import { Completer } from "./completer";
 import { Dispatcher } from "./dispatcher";
 import { WorkerRegistry } from "./registry";
 import { Rescuer } from "./rescuer";
+import { scheduleServiceHandlers } from "./schedule-service";
 import { taskServiceHandlers } from "./task-service";
+import { reportWorkerLostHandler } from "./worker-lost";
 import { WorkerSessions } from "./worker-sessions";
 
 export interface CoordinatorInfo {
@@ -67,6 +75,8 @@ export class Coordinator {
   readonly metrics = new TaskMetrics("coordinator");
   /** Null unless OTEL_EXPORTER_OTLP_ENDPOINT is set. */
   private readonly tracing: Tracing | null;
+  /** The recurring schedules' firing loop, unless TQ_SCHEDULES=false. */
+  private readonly firer: ScheduleFirer | null;
   private unsubscribe: (() => void)[] = [];
   /** Of an attempt, renewed while its worker reports it. */
   private readonly leaseMs: number;
@@ -96,8 +106,13 @@ export class Coordinator {
       aheadMs: config.TQ_DISPATCH_AHEAD_MS,
       metrics: this.metrics,
       tracing: this.tracing,
+      agingMs: config.TQ_PRIORITY_AGING_MS,
     });
-    this.submitter = new Submitter({ sql: this.sql, placeRunNow: (id) => this.placeRunNow(id) });
+    this.submitter = new Submitter({
+      sql: this.sql,
+      placeRunNow: (id, spec) => this.placeRunNow(id, spec),
+      agingMs: config.TQ_PRIORITY_AGING_MS,
+    });
     this.completer = new Completer({
       sql: this.sql,
       registry: this.registry,
@@ -117,7 +132,6 @@ export class Coordinator {
       ...lease,
       joinTokens: workerJoinTokens(config),
       maxMessageBytes: config.TQ_GRPC_MAX_MESSAGE_BYTES,
-      metrics: this.metrics,
     });
     this.rescuer = new Rescuer({
       sql: this.sql,
@@ -132,6 +146,16 @@ export class Coordinator {
     addRegistryGauges(this.metrics, this.registry);
     addDatabaseGauges(this.metrics, this.sql);
     this.auth = new Authenticator(this.sql, authOptions(config), log.child({ part: "auth" }));
+    const firing = scheduleFiring(config);
+    this.firer = firing
+      ? new ScheduleFirer({
+          sql: this.sql,
+          log: log.child({ part: "schedules" }),
+          taskDefaults: taskDefaults(config),
+          metrics: this.metrics,
+          ...firing,
+        })
+      : null;
     const deps: ApiDeps = {
       role: "coordinator",
       auth: this.auth,
@@ -142,6 +166,7 @@ export class Coordinator {
       submit: (id, spec, actor, traceparent) => this.submitter.submit(id, spec, actor, traceparent),
       metrics: this.metrics,
       tracing: this.tracing,
+      wakeScheduleFirer: () => this.firer?.wake(),
     };
     this.app = createApp(deps);
     this.grpcServer = new grpc.Server({
@@ -154,10 +179,22 @@ export class Coordinator {
       // Explicit, and told to workers in Welcome: they cut their results to fit it.
       ...grpcMessageLimits(config.TQ_GRPC_MAX_MESSAGE_BYTES),
     });
-    this.grpcServer.addService(serverDefinition(WorkerService), { connect: this.sessions.connect });
+    this.grpcServer.addService(
+      serverDefinition(WorkerService),
+      guardMalformed(WorkerService, {
+        connect: this.sessions.connect,
+        reportWorkerLost: reportWorkerLostHandler({
+          sql: this.sql,
+          registry: this.registry,
+          log: log.child({ part: "sessions" }),
+          metrics: this.metrics,
+        }),
+      }),
+    );
     this.grpcServer.addService(serverDefinition(TaskService), guardMalformed(TaskService, taskServiceHandlers(deps)));
+    this.grpcServer.addService(serverDefinition(ScheduleService), guardMalformed(ScheduleService, scheduleServiceHandlers(deps)));
     // Health and reflection need no token: they tell only what /readyz and the .proto files do.
-    const served = [WorkerService, TaskService];
+    const served = [WorkerService, TaskService, ScheduleService];
     this.health = new HealthService({
       services: served.map((service) => service.typeName),
       probe: () => checkReady(deps),
@@ -192,6 +229,7 @@ export class Coordinator {
     this.httpPort = this.app.server?.port ?? config.TQ_COORDINATOR_PORT;
     this.dispatcher.start();
     this.rescuer.start();
+    this.firer?.start();
     const info = this.info();
     this.log.info({ event: "coordinator.started", ...info }, "coordinator started");
     return info;
@@ -211,6 +249,7 @@ export class Coordinator {
     this.health.stop();
     for (const unsubscribe of this.unsubscribe) unsubscribe();
     this.unsubscribe = [];
+    await this.firer?.stop();
     await this.rescuer.stop();
     await this.dispatcher.stop();
     await this.app.stop();
@@ -232,10 +271,16 @@ export class Coordinator {
    * The run-now fast path: when one of our workers has a free slot, the task is written already
    * dispatched to it and pushed at once, saving the claim round trip; otherwise it is queued.
    */
-  private placeRunNow(id: string): RunNowPlacement | null {
+  private placeRunNow(id: string, spec: TaskSpec): RunNowPlacement | null {
     if (!this.dispatcher.active) return null;
+    // Routing and priorities are the claim's to decide: only a plain task takes the fast path.
+    if (spec.routing !== undefined && !isPlainRouting(spec.routing)) return null;
     const worker = this.registry.reserveFreeSlot(id, 1);
     if (!worker) return null;
+    if (!servesQueue(worker.routing, spec.routing?.queue ?? DEFAULT_QUEUE)) {
+      this.registry.release(worker, id, 1);
+      return null;
+    }
     // Before the insert that grants the lease: what the Assign says is left of it is never more.
     const grantedAt = performance.now();
     return {

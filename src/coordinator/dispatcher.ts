@@ -3,12 +3,15 @@
 // joining, and on a timer set for the earliest future task; a slow safety poll covers a
 // missed notification. Between wakes it does nothing.
 import { claimDue, nextDueIn } from "../db/claim";
+import { nextTokenIn } from "../db/flow";
 import type { TaskChange } from "../db/notify";
 import type { Sql } from "../db/sql";
 import { requeueAttempt } from "../db/transitions";
+import { expireScheduleTimeouts } from "../db/waiting";
 import { type Logger, taskFields } from "../log";
 import type { TaskMetrics } from "../metrics/metrics";
 import { assignMessage } from "../rpc/messages";
+import type { WorkerRouting } from "../task/routing";
 import type { Task } from "../task/task";
 import type { Tracing } from "../trace/tracing";
 import type { WorkerRegistry } from "./registry";
@@ -32,6 +35,8 @@ export interface DispatcherOptions {
   metrics?: TaskMetrics;
   /** The role's tracing (src/trace); absent or null: off. */
   tracing?: Tracing | null;
+  /** TQ_PRIORITY_AGING_MS: bounds the claim's rank scan. Defaults to 1000. */
+  agingMs?: number;
 }
 
 /** The longest delay setTimeout honours. */
@@ -46,6 +51,7 @@ export class Dispatcher {
   private timerAt = Number.POSITIVE_INFINITY;
   private poll: ReturnType<typeof setInterval> | null = null;
   private lookAheadPending = false;
+  private expirePending = false;
   private idle: Promise<void> = Promise.resolve();
   private markIdle: () => void = () => {};
 
@@ -53,7 +59,10 @@ export class Dispatcher {
 
   start(): void {
     this.stopped = false;
-    this.poll = setInterval(() => this.wake(true), this.options.safetyPollMs);
+    this.poll = setInterval(() => {
+      this.expirePending = true;
+      this.wake(true);
+    }, this.options.safetyPollMs);
     this.wake(true);
   }
 
@@ -92,6 +101,11 @@ export class Dispatcher {
    * one arms the timer for the start of its window.
    */
   onTaskChange(change: TaskChange): void {
+    // A keyed task left its live states: a task waiting for its key's slot may run now.
+    if (change.frees_key) {
+      this.wake();
+      return;
+    }
     if (change.state !== "queued" || change.due_in_ms === null) return;
     const ahead = this.aheadNow();
     if (change.due_in_ms <= ahead) this.wake();
@@ -117,15 +131,36 @@ export class Dispatcher {
           const { sql, coordinatorId, leaseMs } = this.options;
           // Before the claim: the leases it grants start later than this, never earlier.
           const grantedAt = performance.now();
-          const claimed = await claimDue(sql, coordinatorId, slots, leaseMs, aheadMs);
+          const claimed = await claimDue(sql, coordinatorId, slots, leaseMs, {
+            aheadMs,
+            routing: this.routing(slots),
+            agingMs: this.options.agingMs,
+          });
           for (const task of claimed) {
             const worker = task.worker_id ? this.options.registry.get(task.worker_id) : undefined;
             if (worker) this.options.registry.reserve(worker, task.id, task.attempt);
             this.assign(task.worker_id ?? "", task, grantedAt, task.start_in_ms);
           }
-          if (claimed.length === slots.length) filled = true;
+          // All slots filled: there may be more. With workers of different routing, a pass can
+          // also fill some and not others (the candidates it read were for the filled ones):
+          // any progress is worth another pass, which reads for the slots still free.
+          if (claimed.length === slots.length || (claimed.length > 0 && this.mixedRouting(slots))) filled = true;
         }
-        if (!filled) break;
+        if (!filled) {
+          // Slots left free: a task held back by a rate limit gets its token before any wake
+          // comes, so wake when the next token is due (src/db/flow.ts), not at the next poll.
+          // The answer is as of the statement: the round trip since is already spent.
+          const asked = performance.now();
+          const tokenIn = await nextTokenIn(this.options.sql);
+          if (tokenIn !== null) this.options.metrics?.rateLimited();
+          if (tokenIn !== null && !this.stopped) this.armTimer(Math.max(1, tokenIn - (performance.now() - asked)));
+          break;
+        }
+      }
+      if (this.expirePending && !this.stopped) {
+        // Each safety poll also fails the queued tasks whose schedule_timeout_ms has passed.
+        this.expirePending = false;
+        await expireScheduleTimeouts(this.options.sql);
       }
       if (this.lookAheadPending && !this.stopped) {
         this.lookAheadPending = false;
@@ -171,7 +206,8 @@ export class Dispatcher {
       );
       return;
     }
-    const leaseLeftMs = Math.max(0, Math.floor(this.options.leaseMs - (performance.now() - grantedAt)));
+    const leaseMs = task.lease_ms ?? this.options.leaseMs;
+    const leaseLeftMs = Math.max(0, Math.floor(leaseMs - (performance.now() - grantedAt)));
     const { tracing } = this.options;
     // Only a task submitted under a trace gets a dispatch span: the others start none.
     const span =
@@ -185,6 +221,22 @@ export class Dispatcher {
     worker.send(assignMessage(task, startInMs, leaseLeftMs, span?.traceparent ?? task.traceparent));
     span?.end();
     this.options.metrics?.dispatched((Date.now() - task.run_at.getTime()) / 1000);
+  }
+
+  /** The routing of the workers that have slots in `slots` (a worker without any takes any task). */
+  private routing(slots: readonly string[]): Map<string, WorkerRouting> {
+    const routing = new Map<string, WorkerRouting>();
+    for (const id of slots) {
+      if (routing.has(id)) continue;
+      const r = this.options.registry.get(id)?.routing;
+      if (r) routing.set(id, r);
+    }
+    return routing;
+  }
+
+  private mixedRouting(slots: readonly string[]): boolean {
+    const first = this.options.registry.get(slots[0] ?? "")?.routing;
+    return slots.some((id) => this.options.registry.get(id)?.routing !== first);
   }
 
   private takesEarly(workerId: string): boolean {

@@ -8,6 +8,7 @@
 import type { CoordinatorMessage } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Feature } from "../rpc/protocol";
 import { attemptKey } from "../task/attempt";
+import { ANY_TASK, type WorkerRouting } from "../task/routing";
 
 /** One attempt as a worker names it on its stream. */
 type HeldRef = { readonly taskId: string; readonly attempt: number };
@@ -19,6 +20,8 @@ export interface WorkerConnection {
   readonly slots: number;
   /** The features agreed at Hello (src/rpc/protocol.ts): nothing else is relied on. */
   readonly features: ReadonlySet<Feature>;
+  /** The queues it serves and its labels (Hello): which tasks the claim gives it. Absent: any task. */
+  readonly routing?: WorkerRouting;
   /**
    * Attempts this coordinator counts against the worker's slots, by attemptKey, with
    * when they were assigned (performance.now()). An attempt leaves when its result arrives,
@@ -27,6 +30,11 @@ export interface WorkerConnection {
   readonly inFlight: ReadonlyMap<string, number>;
   /** Attempts the worker listed in its last heartbeat: their leases are renewed. */
   readonly reported: readonly HeldRef[];
+  /**
+   * The number of the Hello or Heartbeat that said `reported` (Heartbeat.seq, Hello.lease_seq):
+   * the renewals made on its strength are confirmed to the worker under it. 0: it did not say.
+   */
+  readonly reportedSeq: bigint;
   readonly draining: boolean;
   /** The worker said (in its last heartbeat) that it holds too many unacknowledged results. */
   readonly full: boolean;
@@ -49,6 +57,10 @@ export interface WorkerJoin {
   held: readonly HeldRef[];
   /** The features agreed with it (src/rpc/protocol.ts agreeWithWorker). */
   features: ReadonlySet<Feature>;
+  /** Absent: every queue, no labels. */
+  routing?: WorkerRouting;
+  /** Hello.lease_seq: the number its held attempts were reported under. */
+  seq?: bigint;
 }
 
 /** The stream under a connection, as the session that serves it gives it to the registry. */
@@ -64,10 +76,12 @@ const copyRef = (ref: HeldRef): HeldRef => ({ taskId: ref.taskId, attempt: ref.a
 class Connection implements WorkerConnection {
   readonly inFlight = new Map<string, number>();
   reported: readonly HeldRef[];
+  reportedSeq: bigint;
   draining = false;
   full = false;
   ended = false;
   lastSeen: number;
+  routing: WorkerRouting = ANY_TASK;
 
   constructor(
     readonly id: string,
@@ -75,12 +89,14 @@ class Connection implements WorkerConnection {
     readonly slots: number,
     readonly features: ReadonlySet<Feature>,
     held: readonly HeldRef[],
+    seq: bigint,
     now: number,
     private readonly registry: WorkerRegistry,
     private readonly link: WorkerLink,
   ) {
     for (const ref of held) this.inFlight.set(attemptKey(ref.taskId, ref.attempt), now);
     this.reported = held.map(copyRef);
+    this.reportedSeq = seq;
     this.lastSeen = now;
   }
 
@@ -121,7 +137,19 @@ export class WorkerRegistry {
    * nothing until it is, but its reports are counted from now on.
    */
   open(join: WorkerJoin, link: WorkerLink, now = performance.now()): WorkerConnection {
-    return new Connection(join.id, join.name, join.slots, new Set(join.features), join.held, now, this, link);
+    const connection = new Connection(
+      join.id,
+      join.name,
+      join.slots,
+      new Set(join.features),
+      join.held,
+      join.seq ?? 0n,
+      now,
+      this,
+      link,
+    );
+    if (join.routing) connection.routing = join.routing;
+    return connection;
   }
 
   /** Adds a connection, in place of any earlier one of the same worker. */
@@ -151,9 +179,10 @@ export class WorkerRegistry {
    * The attempts the worker's latest heartbeat lists, and whether it says it is full (too many
    * results wait for our acknowledgement: it takes no new work until they are acknowledged).
    */
-  heartbeat(connection: WorkerConnection, running: readonly HeldRef[], full = false): void {
+  heartbeat(connection: WorkerConnection, running: readonly HeldRef[], full = false, seq = 0n): void {
     const worker = own(connection);
     worker.reported = running.map(copyRef);
+    worker.reportedSeq = seq;
     worker.full = full;
   }
 

@@ -5,6 +5,8 @@
 // fallback to the pushed Cancel), and requeues any task, of any coordinator, whose lease
 // lapsed (its worker or its coordinator died, or the assignment never arrived). On the same
 // tick it closes the streams of its workers whose credential was revoked.
+
+import { sweepDependencies } from "../db/dependencies";
 import { ping, type Sql } from "../db/sql";
 import { renewLeases, requeueExpiredLeases } from "../db/transitions";
 import { revokedAmong } from "../db/worker-credentials";
@@ -12,7 +14,7 @@ import { touchWorkers } from "../db/workers";
 import type { Logger } from "../log";
 import type { TaskMetrics } from "../metrics/metrics";
 import { attemptRefFromProto } from "../rpc/convert";
-import { cancelMessage } from "../rpc/messages";
+import { cancelMessage, leaseMessage } from "../rpc/messages";
 import { type AttemptRef, attemptKey } from "../task/attempt";
 import type { WorkerConnection, WorkerRegistry } from "./registry";
 
@@ -24,7 +26,10 @@ export interface RescuerOptions {
   heartbeatIntervalMs: number;
   /** Silence after which a worker is declared dead. */
   heartbeatTimeoutMs: number;
-  /** An attempt not reported for this long is lost (longer than the heartbeat timeout). */
+  /**
+   * The lease of an attempt whose task asks for none (TQ_DEFAULT_LEASE_MS); each task's own
+   * lease_ms otherwise. An attempt not renewed for its lease is lost.
+   */
   leaseMs: number;
   /** Declares a silent worker dead (closes its stream, requeues its tasks). */
   onSilent: (worker: WorkerConnection) => void;
@@ -37,10 +42,17 @@ export interface RescuerOptions {
 export class Rescuer {
   private timers: ReturnType<typeof setInterval>[] = [];
   private busy: Promise<void> | null = null;
-  /** After renewals were held up, no lease is judged until this (performance.now()). */
-  private graceUntil = 0;
+  /**
+   * Since when (performance.now()) this coordinator has been renewing without a gap: from its
+   * start, and again after renewals were held up. It believes the lapse of a lease only once
+   * it has been renewing for that lease's length (mayBelieveLapse, src/task/lease.ts), so that
+   * workers reconnecting to it renew first.
+   */
+  private renewingSince = performance.now();
   /** When renewals last succeeded (performance.now()). */
   private lastRenewal = performance.now();
+  /** The report (its seq) each worker's leases were last renewed on. */
+  private readonly renewedSeq = new WeakMap<WorkerConnection, bigint>();
 
   constructor(private readonly options: RescuerOptions) {}
 
@@ -94,46 +106,61 @@ export class Rescuer {
       this.lastRenewal = now;
       if (gap > 2 * heartbeatIntervalMs + 100) {
         // Renewals were held up (the database was away or slow, or this process stalled), so
-        // nobody's leases were renewed: a lapse now says nothing about the workers. Give every
-        // coordinator one lease period to renew before believing any.
-        this.graceUntil = now + leaseMs;
-        log.info({ gapMs: Math.round(gap), graceMs: leaseMs }, "renewals were held up: renewing leases before rescuing any");
+        // nobody's leases were renewed: a lapse now says nothing about the workers. Every lease
+        // gets its own length to be renewed before its lapse is believed.
+        this.renewingSince = now;
+        log.info(
+          { event: "rescuer.renewals_held_up", gapMs: Math.round(gap), graceMs: leaseMs },
+          "renewals were held up: renewing leases before rescuing any",
+        );
         return;
       }
-      if (now < this.graceUntil) return;
-      const rescued = await requeueExpiredLeases(sql, leaseMs);
+      const rescued = await requeueExpiredLeases(sql, leaseMs, now - this.renewingSince);
       this.options.metrics?.rescued(rescued.length);
       if (rescued.length > 0) {
         log.warn({ tasks: rescued.map((t) => t.id) }, "requeued tasks whose lease lapsed");
       }
+      // Dependencies a process died before resolving (src/db/dependencies.ts): usually none.
+      const resolved = await sweepDependencies(sql);
+      if (resolved.length > 0) log.warn({ tasks: resolved.map((t) => t.id) }, "resolved dependencies left unresolved");
     } catch (error) {
       log.warn({ err: error }, "renewing leases failed");
     }
   }
 
-  /** Renews what the workers report; stops what no longer holds its task; forgets lost deliveries. */
+  /**
+   * Renews what the workers report, and confirms it to them; stops what no longer holds its
+   * task; forgets lost deliveries. Each report is renewed once: a worker silent since its last
+   * heartbeat has its leases run out from the renewal that heartbeat earned, not from ours.
+   */
   private async renew(workers: WorkerConnection[]): Promise<void> {
     // A snapshot: heartbeats replace `reported` while the query runs, and only what was
     // asked about can be judged by its answer.
-    const asked = workers.map((worker) => ({ worker, reported: worker.reported }));
-    const refs: AttemptRef[] = asked.flatMap(({ worker, reported }) =>
+    const asked = workers.map((worker) => ({ worker, reported: worker.reported, seq: worker.reportedSeq }));
+    const fresh = asked.filter(({ worker, seq }) => seq === 0n || seq !== this.renewedSeq.get(worker));
+    const refs: AttemptRef[] = fresh.flatMap(({ worker, reported }) =>
       reported.map((ref) => attemptRefFromProto(ref, worker.id)),
     );
     // With nothing to renew, a round trip all the same: the gap check in pass() must see an
     // outage even on a coordinator without workers, before it judges anyone's leases.
-    let renewed = new Set<string>();
+    let renewed = new Map<string, number>();
     if (refs.length > 0) renewed = await renewLeases(this.options.sql, refs, this.options.leaseMs);
     else await ping(this.options.sql);
+    for (const { worker, reported, seq } of fresh) {
+      this.renewedSeq.set(worker, seq);
+      const confirmed: { ref: (typeof reported)[number]; leaseMs: number }[] = [];
+      for (const ref of reported) {
+        const leaseMs = renewed.get(attemptKey(ref.taskId, ref.attempt));
+        if (leaseMs === undefined) worker.send(cancelMessage(ref, "the attempt no longer holds its task"));
+        else confirmed.push({ ref, leaseMs });
+      }
+      if (seq !== 0n && worker.features.has("lease_confirm")) worker.send(leaseMessage(seq, confirmed));
+    }
     const now = performance.now();
     for (const { worker, reported } of asked) {
-      const keys = new Set<string>();
-      for (const ref of reported) {
-        const key = attemptKey(ref.taskId, ref.attempt);
-        keys.add(key);
-        if (!renewed.has(key)) worker.send(cancelMessage(ref, "the attempt no longer holds its task"));
-      }
       // Assigned a lease ago and never reported: the assignment was lost on the way. Its
       // lease lapses (and the task is requeued); the slot is free.
+      const keys = new Set(reported.map((ref) => attemptKey(ref.taskId, ref.attempt)));
       this.options.registry.expireUnreported(worker, keys, this.options.leaseMs, now);
     }
   }

@@ -11,6 +11,7 @@ import {
   listTaskPage,
   parseEventId,
   submitTask,
+  taskDependencies,
   watchTask,
 } from "../api/service";
 import type { Principal, Scope } from "../auth/tokens";
@@ -31,7 +32,15 @@ import {
   type WatchTaskResponse,
   WatchTaskResponseSchema,
 } from "../gen/taskqueue/v1/task_service_pb";
-import { attemptToProto, clientTimestamp, eventToProto, limitsFromProto, stateFromProto, taskToProto } from "../rpc/convert";
+import {
+  attemptToProto,
+  clientTimestamp,
+  eventToProto,
+  limitsFromProto,
+  stateFromProto,
+  taskToProto,
+  taskWithDependenciesToProto,
+} from "../rpc/convert";
 import { toServiceError } from "../rpc/status";
 import { invalidArgument } from "../task/errors";
 import { parseIdempotencyKey, toTaskSpec } from "../task/spec";
@@ -45,7 +54,7 @@ function authorize(deps: ApiDeps, metadata: grpc.Metadata, scope: Scope): Promis
 }
 
 /** Runs a unary handler for a caller allowed `scope`, mapping thrown errors to gRPC status once. */
-function unary<Req, Res>(
+export function unary<Req, Res>(
   deps: ApiDeps,
   scope: Scope,
   handle: (request: Req, principal: Principal, metadata: grpc.Metadata) => Promise<Res>,
@@ -61,12 +70,13 @@ function unary<Req, Res>(
 }
 
 /** The REST full form of a SubmitTaskRequest, so both transports validate alike. */
-function submitInput(request: SubmitTaskRequest): Record<string, unknown> {
+export function submitInput(request: SubmitTaskRequest): Record<string, unknown> {
   const input: Record<string, unknown> = { command: request.command };
   const scheduledAt = clientTimestamp(request.scheduledAt, "scheduled_at");
   if (scheduledAt) input.scheduled_at = scheduledAt.toISOString();
   if (request.timeoutMs !== 0) input.timeout_ms = request.timeoutMs;
   if (request.maxAttempts !== 0) input.max_attempts = request.maxAttempts;
+  if (request.leaseMs !== undefined) input.lease_ms = request.leaseMs;
   if (Object.keys(request.env).length > 0) input.env = request.env;
   if (Object.keys(request.secretEnv).length > 0) input.secret_env = request.secretEnv;
   if (request.cwd !== "") input.cwd = request.cwd;
@@ -81,6 +91,18 @@ function submitInput(request: SubmitTaskRequest): Record<string, unknown> {
     input.retry = policy;
   }
   if (request.limits) input.limits = limitsFromProto(request.limits);
+  if (request.queue !== "") input.queue = request.queue;
+  if (request.priority !== 0) input.priority = request.priority;
+  if (request.require.length > 0) input.require = request.require.map(({ key, op, value }) => ({ key, op, value }));
+  if (request.prefer.length > 0) input.prefer = request.prefer.map(({ key, op, value, weight }) => ({ key, op, value, weight }));
+  if (request.scheduleTimeoutMs !== 0) input.schedule_timeout_ms = request.scheduleTimeoutMs;
+  if (request.dependsOn.length > 0) input.depends_on = request.dependsOn;
+  if (request.onParentFailure !== "") input.on_parent_failure = request.onParentFailure;
+  if (request.concurrency) {
+    const { key, max, strategy } = request.concurrency;
+    input.concurrency = { key, ...(max === 0 ? {} : { max }), ...(strategy === "" ? {} : { strategy }) };
+  }
+  if (request.rateLimit !== "") input.rate_limit = request.rateLimit;
   return input;
 }
 
@@ -92,9 +114,12 @@ export function taskServiceHandlers(deps: ApiDeps): grpc.UntypedServiceImplement
       const { task, created } = await submitTask(deps, spec, principal.name, traceparentOf(metadata));
       return create(SubmitTaskResponseSchema, { task: taskToProto(task), created });
     }),
-    getTask: unary(deps, "read", async (request: GetTaskRequest) =>
-      create(GetTaskResponseSchema, { task: taskToProto(await getTaskOrThrow(deps, request.id)) }),
-    ),
+    getTask: unary(deps, "read", async (request: GetTaskRequest) => {
+      const task = await getTaskOrThrow(deps, request.id);
+      return create(GetTaskResponseSchema, {
+        task: taskWithDependenciesToProto(task, await taskDependencies(deps, task)),
+      });
+    }),
     listTasks: unary(deps, "read", async (request: ListTasksRequest) => {
       const state = request.state === 0 ? undefined : stateFromProto(request.state);
       if (request.state !== 0 && state === undefined) throw invalidArgument("state", `unknown state ${request.state}`);
@@ -102,6 +127,9 @@ export function taskServiceHandlers(deps: ApiDeps): grpc.UntypedServiceImplement
         state,
         limit: request.limit === 0 ? undefined : request.limit,
         cursor: request.cursor === "" ? undefined : request.cursor,
+        ...(request.queue === "" ? {} : { queue: request.queue }),
+        schedule_id: request.scheduleId === "" ? undefined : request.scheduleId,
+        fire_at: clientTimestamp(request.fireAt, "fire_at")?.toISOString(),
       });
       return create(ListTasksResponseSchema, { tasks: page.tasks.map(taskToProto), nextCursor: page.nextCursor ?? "" });
     }),

@@ -1,9 +1,12 @@
 // The worker sessions (WorkerService.Connect): one bidirectional stream per worker. The worker
 // says Hello; we check who it is (a join token in the stream's metadata, or the credential it
 // was given for its id: src/auth/worker-tokens.ts), register it, give back the tasks the database thinks it holds but it does not,
-// and answer Welcome. From then on the dispatcher pushes Assign, the completer answers reports
-// with Ack, and the end of the stream (or silence past the heartbeat timeout) requeues whatever
-// the worker still held.
+// and answer Welcome. From then on the dispatcher pushes Assign and the completer answers
+// reports with Ack. The end of a stream (or silence past the heartbeat timeout, which ends it)
+// only takes the worker out of dispatch: a reset connection leaves a live worker running its
+// tasks, so what it held is requeued at once only on confirmed death (its watchdog's report,
+// src/coordinator/worker-lost.ts), otherwise when its leases lapse (src/coordinator/rescuer.ts),
+// or at its next Hello.
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import * as grpc from "@grpc/grpc-js";
 import { bearerToken, hashToken } from "../auth/tokens";
@@ -14,13 +17,13 @@ import { insertCredential, useCredential } from "../db/worker-credentials";
 import { markWorkerGone, setWorkerDraining, upsertWorker } from "../db/workers";
 import type { CoordinatorMessage, Hello, WorkerMessage } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
-import type { TaskMetrics } from "../metrics/metrics";
 import { attemptRefFromProto } from "../rpc/convert";
 import { MalformedMessage } from "../rpc/definitions";
 import { GRPC_DEFAULT_MAX_MESSAGE_BYTES } from "../rpc/message-size";
-import { cancelMessage, welcomeMessage } from "../rpc/messages";
+import { cancelMessage, leaseMessage, welcomeMessage } from "../rpc/messages";
 import { type Agreement, agreeWithWorker, ProtocolMismatch } from "../rpc/protocol";
 import { attemptKey } from "../task/attempt";
+import { workerRouting } from "../task/routing";
 import type { Completer } from "./completer";
 import type { Dispatcher } from "./dispatcher";
 import type { WorkerConnection, WorkerRegistry } from "./registry";
@@ -53,8 +56,6 @@ export interface WorkerSessionsOptions {
   now?: () => number;
   /** The worker protocols served. Defaults to this build's range (src/rpc/protocol.ts). */
   protocols?: { oldest: number; newest: number };
-  /** Counts the attempts of lost workers requeued. */
-  metrics?: TaskMetrics;
 }
 
 /** How a stream got in: with the named join token, with no join token required, or not yet. */
@@ -154,7 +155,7 @@ export class WorkerSessions {
       switch (payload.case) {
         case "heartbeat": {
           const wasFull = session.full;
-          registry.heartbeat(session, payload.value.running, payload.value.full);
+          registry.heartbeat(session, payload.value.running, payload.value.full, payload.value.seq);
           // No longer full: its free slots count again.
           if (wasFull && !payload.value.full) this.options.dispatcher.wake();
           if (payload.value.draining && registry.drain(session)) {
@@ -181,13 +182,22 @@ export class WorkerSessions {
     call.on("cancelled", () => end("stream cancelled"));
   };
 
-  /** Declares a silent worker dead: ends its stream and requeues its tasks. */
+  /**
+   * Declares a silent worker dead for dispatch: ends its stream, and leaves its attempts to its
+   * watchdog's report or their leases (silence proves nothing: the worker may be cut off and
+   * still running them, and it fences them itself before their leases run out). Any
+   * coordinator's rescuer requeues them once their leases have lapsed; a reconnect in time
+   * renews them.
+   */
   readonly onSilent = (worker: WorkerConnection): void => {
-    this.options.log.warn({ worker: worker.id }, "worker missed its heartbeats; declaring it dead");
+    this.options.log.warn(
+      { event: "sessions.worker_silent", worker: worker.id },
+      "worker missed its heartbeats; declaring it dead (its tasks keep their leases)",
+    );
     worker.close("heartbeat timeout");
   };
 
-  /** Ends the stream of a worker whose credential was revoked; its end requeues its tasks. */
+  /** Ends the stream of a worker whose credential was revoked; it kills its tasks, and its watchdog reports them. */
   readonly onRevoked = (worker: WorkerConnection): void => {
     const call = this.calls.get(worker);
     this.options.log.warn(
@@ -214,6 +224,8 @@ export class WorkerSessions {
       slots: hello.slots,
       held: hello.inFlight,
       features: agreement.features,
+      routing: workerRouting(hello.queues, hello.labels),
+      seq: hello.leaseSeq,
     };
     return this.options.registry.open(join, {
       write(message) {
@@ -296,6 +308,7 @@ export class WorkerSessions {
       coordinatorId,
       slots: connection.slots,
       labels: hello.labels,
+      queues: hello.queues.length === 0 ? null : hello.queues,
       version: hello.version,
       presentedHash: hello.resumeToken ? hashToken(hello.resumeToken) : null,
       resumeHash: hashToken(resumeToken),
@@ -336,10 +349,15 @@ export class WorkerSessions {
         agreement,
       ),
     );
+    const confirmed: { ref: (typeof hello.inFlight)[number]; leaseMs: number }[] = [];
     for (const ref of hello.inFlight) {
-      if (!renewed.has(attemptKey(ref.taskId, ref.attempt)))
-        connection.send(cancelMessage(ref, "the attempt no longer holds its task"));
+      const leaseMs = renewed.get(attemptKey(ref.taskId, ref.attempt));
+      if (leaseMs === undefined) connection.send(cancelMessage(ref, "the attempt no longer holds its task"));
+      else confirmed.push({ ref, leaseMs });
     }
+    // The renewals above, counted by the worker from when it sent its Hello.
+    if (hello.leaseSeq !== 0n && connection.features.has("lease_confirm"))
+      connection.send(leaseMessage(hello.leaseSeq, confirmed));
     this.options.log.info(
       {
         event: "coordinator.worker_joined",
@@ -355,29 +373,34 @@ export class WorkerSessions {
     return "registered";
   }
 
+  /**
+   * A stream ended. Not proof of death: the worker may be alive behind a reset connection,
+   * running its tasks, and will reconnect and say in Hello what it holds. So it only leaves
+   * dispatch and is marked gone; its attempts are requeued at once only on confirmed death
+   * (its watchdog's ReportWorkerLost), else when their leases lapse, which any coordinator's
+   * rescuer requeues (a gone worker's at once when they lapse).
+   */
   private async lost(connection: WorkerConnection, reason: string): Promise<void> {
     // Not registered (it ended during registration, or a newer stream replaced it): what it
     // held is reconciled by that stream's Hello, or lapses with its leases.
     if (!this.options.registry.remove(connection)) return;
     // Shutting down: the workers keep running their tasks and reconnect (to another
-    // coordinator, or to our successor), saying in Hello what they hold. If one never comes
-    // back, its tasks' leases lapse and any coordinator's rescuer requeues them.
+    // coordinator, or to our successor), saying in Hello what they hold.
     if (this.closed) return;
     const { sql, coordinatorId, log } = this.options;
-    log.info({ worker: connection.id, reason }, "worker left");
+    log.info(
+      { event: "coordinator.worker_unconfirmed", worker: connection.id, reason, held: connection.inFlight.size },
+      "worker stream ended: no new work for it; its tasks wait for its watchdog's report or their leases",
+    );
     for (let attempt = 0; ; attempt++) {
       try {
         // Already registered through another coordinator (a reconnect that outran our
-        // noticing the old stream end): that coordinator reconciled its tasks at Hello.
-        if (!(await markWorkerGone(sql, connection.id, coordinatorId))) return;
-        const requeued = await requeueWorkerTasks(sql, connection.id, `worker lost (${reason})`, "lost");
-        this.options.metrics?.rescued(requeued.length);
-        if (requeued.length > 0) log.warn({ worker: connection.id, tasks: requeued.map((t) => t.id) }, "requeued lost tasks");
+        // noticing the old stream end): nothing to mark.
+        await markWorkerGone(sql, connection.id, coordinatorId);
         return;
       } catch (error) {
-        // Their leases lapse and any coordinator's rescuer requeues them.
         if (attempt >= 2 || this.closed) {
-          log.warn({ err: error, worker: connection.id }, "requeueing a lost worker's tasks failed; the rescuer will");
+          log.warn({ err: error, worker: connection.id }, "marking a worker gone failed");
           return;
         }
         await Bun.sleep(200 * (attempt + 1));

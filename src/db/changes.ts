@@ -5,6 +5,7 @@
 // output, which the tail reads from the current attempt.
 import type { Task } from "../task/task";
 import type { Fragment } from "./encode";
+import { freesKey } from "./flow";
 import { TASK_CHANNEL, TASK_CHANNEL_PREFIX } from "./notify";
 import type { Sql } from "./sql";
 import { currentAttempt, outputColumns } from "./tasks";
@@ -42,7 +43,8 @@ export function recordChanges(sql: Sql, output?: Fragment): Fragment {
  */
 function wakesCoordinators(sql: Sql): Fragment {
   return sql`t.state = 'cancelled'
-    OR t.id = (SELECT q.id FROM t q WHERE q.state = 'queued' ORDER BY q.run_at, q.id LIMIT 1)`;
+    OR t.id = (SELECT q.id FROM t q WHERE q.state = 'queued' ORDER BY q.run_at, q.id LIMIT 1)
+    OR ${freesKey(sql)}`;
 }
 
 /**
@@ -78,7 +80,8 @@ export function changeTail(
         'id', t.id, 'state', t.state, 'attempt', t.attempt, 'worker_id', t.worker_id,
         'coordinator_id', t.coordinator_id, 'event_id', e.id::text, 'kind', e.kind,
         'due_in_ms', CASE WHEN t.state = 'queued'
-          THEN greatest(0, ceil(extract(epoch FROM t.run_at - clock_timestamp()) * 1000))::bigint END
+          THEN greatest(0, ceil(extract(epoch FROM t.run_at - clock_timestamp()) * 1000))::bigint END,
+        'frees_key', ${freesKey(sql)}
       )::text AS payload
     ) n`;
 }

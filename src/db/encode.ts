@@ -82,8 +82,3 @@ export function states(sql: Sql, list: readonly TaskState[]): Fragment {
 }
 
 const STATE_LISTS = new WeakMap<readonly TaskState[], string>();
-
-/** `ms` milliseconds (at least 0) from now by the database's clock: the end of a lease, a retry's due time. */
-export function fromNow(sql: Sql, ms: number): Fragment {
-  return sql`clock_timestamp() + make_interval(secs => ${Math.max(0, ms) / 1000})`;
-}

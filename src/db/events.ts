@@ -19,18 +19,21 @@ export interface TaskEventRow {
   detail: Record<string, unknown> | null;
 }
 
-/** Every event of a task, in order. */
+/**
+ * Every event of a task, in order. Ordered by the table's column: `ORDER BY id` would sort by
+ * the output column `id::text` ("10" before "7").
+ */
 export async function listTaskEvents(sql: Sql, taskId: string): Promise<TaskEventRow[]> {
   return sql<TaskEventRow[]>`
     SELECT id::text AS id, task_id, at, kind, state, attempt, worker_id, actor, detail
-    FROM task_events WHERE task_id = ${taskId} ORDER BY id`;
+    FROM task_events WHERE task_id = ${taskId} ORDER BY task_events.id`;
 }
 
 /** Up to `limit` events of a task after the event `after` (a task_events id; "0": from the start), in order. */
 export async function listTaskEventsAfter(sql: Sql, taskId: string, after: string, limit: number): Promise<TaskEventRow[]> {
   return sql<TaskEventRow[]>`
     SELECT id::text AS id, task_id, at, kind, state, attempt, worker_id, actor, detail
-    FROM task_events WHERE task_id = ${taskId} AND id > ${after}::bigint ORDER BY id LIMIT ${limit}`;
+    FROM task_events WHERE task_id = ${taskId} AND id > ${after}::bigint ORDER BY task_events.id LIMIT ${limit}`;
 }
 
 export interface TaskSince {
@@ -51,7 +54,7 @@ export async function readTaskSince(sql: Sql, id: string, after: string, limit: 
       coalesce((
         SELECT json_agg(e ORDER BY e.seq) FROM (
           SELECT id AS seq, id::text AS id, task_id, at, kind, state, attempt, worker_id, actor, detail
-          FROM task_events WHERE task_id = t.id AND id > ${after}::bigint ORDER BY id LIMIT ${limit}
+          FROM task_events WHERE task_id = t.id AND id > ${after}::bigint ORDER BY task_events.id LIMIT ${limit}
         ) e
       ), '[]'::json) AS since_events,
       coalesce((SELECT max(id) FROM task_events WHERE task_id = t.id), 0)::text AS last_event_id

@@ -29,6 +29,8 @@ export interface TaskChange {
   kind: string;
   /** For a queued task: milliseconds until it is due by the database's clock. */
   due_in_ms: number | null;
+  /** A task with a concurrency key left its live states: a waiting task of its key may now run (src/db/flow.ts). */
+  frees_key?: boolean;
 }
 
 export function parseTaskChange(payload: string): TaskChange | null {
@@ -44,6 +46,7 @@ export function parseTaskChange(payload: string): TaskChange | null {
       event_id: String(value.event_id ?? "0"),
       kind: String(value.kind ?? ""),
       due_in_ms: value.due_in_ms == null ? null : Number(value.due_in_ms),
+      ...(value.frees_key === true ? { frees_key: true } : {}),
     };
   } catch {
     return null;

@@ -6,6 +6,7 @@
 
 import type { TaskSpec } from "../task/task";
 import type { TaskChangeRow } from "./changes";
+import { hasFlow } from "./flow";
 import { GroupCommit } from "./group-commit";
 import { type Assignment, type InsertOutcome, insertTasks, MAX_TASKS_PER_INSERT, type NewTask } from "./insert";
 import type { Sql } from "./sql";
@@ -27,7 +28,9 @@ export interface SubmitterOptions {
    * that writes it, which saves the claim's round trip, or null to queue it like any other.
    * Without it every task is written queued.
    */
-  placeRunNow?: (id: string) => RunNowPlacement | null;
+  placeRunNow?: (id: string, spec: TaskSpec) => RunNowPlacement | null;
+  /** TQ_PRIORITY_AGING_MS: the rank of the tasks it writes. Defaults to 1000. */
+  agingMs?: number;
 }
 
 export class Submitter {
@@ -42,17 +45,22 @@ export class Submitter {
    * writes nothing and returns the earlier task.
    */
   async submit(id: string, spec: TaskSpec, actor?: string, traceparent: string | null = null): Promise<InsertOutcome> {
-    const placement = spec.scheduledAt === null ? (this.options.placeRunNow?.(id) ?? null) : null;
-    if (!placement) return this.inserts.add({ id, spec, actor, traceparent });
+    // A task with parents is born waiting, never dispatched; a task under flow control waits
+    // for the claim, the one place its key and bucket are kept.
+    const placement =
+      spec.scheduledAt === null && !spec.dependsOn && !hasFlow(spec) ? (this.options.placeRunNow?.(id, spec) ?? null) : null;
+    const agingMs = this.options.agingMs;
+    if (!placement) return this.inserts.add({ id, spec, actor, agingMs, traceparent });
     let outcome: InsertOutcome;
     try {
-      outcome = await this.inserts.add({ id, spec, actor, assignTo: placement.assignTo, traceparent });
+      outcome = await this.inserts.add({ id, spec, actor, agingMs, assignTo: placement.assignTo, traceparent });
     } catch (error) {
       placement.release();
       throw error;
     }
-    if (outcome.kind === "existing") {
-      // A repeated idempotency key: nothing was written, the slot stays free.
+    if (outcome.kind === "existing" || outcome.task.state === "queued") {
+      // A repeated idempotency key: nothing was written, the slot stays free. Or the task's
+      // queue is paused or limited, which only the claim may decide: it was born queued.
       placement.release();
       return outcome;
     }

@@ -45,6 +45,7 @@ export const TASK_ROW_COLUMNS = [
   "signal",
   "error",
   "lease_expires_at",
+  "lease_ms",
   "retry_on_failure",
   "retry_on_timeout",
   "retry_on_lost",
@@ -55,6 +56,26 @@ export const TASK_ROW_COLUMNS = [
   "secret_env",
   "limits",
   "traceparent",
+  // Flow control (src/db/flow.ts).
+  "concurrency_key",
+  "concurrency_max",
+  "concurrency_strategy",
+  "rate_limit",
+  "rate_limit_key",
+  // Routing (src/db/claim.ts, src/task/labels.ts).
+  "queue",
+  "requires",
+  "prefers",
+  "schedule_timeout_ms",
+  "priority_aging_ms",
+  "rank",
+  "ref",
+  "on_parent_failure",
+  "parents_pending",
+  "has_children",
+  "parent_env",
+  "schedule_id",
+  "fire_at",
 ] as const;
 
 /** The task row's own columns, qualified by `table` (a statement's RETURNING, or a read's select list). */
@@ -92,9 +113,14 @@ export async function getTask(sql: Sql, id: string): Promise<Task | null> {
 
 export interface ListTasksQuery {
   state?: TaskState;
+  /** Only the tasks of this recurring schedule. */
+  scheduleId?: string;
+  /** Only the task of this fire time (with scheduleId). */
+  fireAt?: Date;
   limit: number;
   /** List tasks older than this id (ids are UUIDv7: creation order). */
   before?: string;
+  queue?: string;
 }
 
 /** Newest first; one more row than asked tells the caller whether a next page exists. */
@@ -103,7 +129,10 @@ export async function listTasks(sql: Sql, query: ListTasksQuery): Promise<Task[]
     ${selectTasks(sql)}
     WHERE true
       ${query.state ? sql`AND tasks.state = ${query.state}` : sql``}
+      ${query.scheduleId ? sql`AND tasks.schedule_id = ${query.scheduleId}` : sql``}
+      ${query.fireAt ? sql`AND tasks.fire_at = ${query.fireAt}` : sql``}
       ${query.before ? sql`AND tasks.id < ${query.before}` : sql``}
+      ${query.queue ? sql`AND tasks.queue = ${query.queue}` : sql``}
     ORDER BY tasks.id DESC
     LIMIT ${query.limit}`;
 }

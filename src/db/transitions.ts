@@ -18,7 +18,8 @@ import { GUARDS, type TaskState } from "../task/state";
 import type { AttemptResult, Task } from "../task/task";
 import { endAttempts, finishAttemptRows, recordUsage, startAttempts, usageColumns } from "./attempts";
 import { changedRows, recordChange, recordChanges, type TaskChangeRow } from "./changes";
-import { array, type Column, type Fragment, fromNow, states, unnest } from "./encode";
+import { afterTasksEnded } from "./dependencies";
+import { array, type Column, type Fragment, states, unnest } from "./encode";
 import type { Sql } from "./sql";
 import { getTask, taskRowColumns } from "./tasks";
 
@@ -123,6 +124,8 @@ export async function finishAttempts(sql: Sql, reports: readonly FinishReport[])
     decided.push({ ref, result, decision: decideFinish(result, task ? { ...task, attempt: ref.attempt } : null) });
   }
   const rows = decided.length === 0 ? [] : await applyFinishes(sql, decided);
+  // Children of the tasks that ended here are resolved next, with a snapshot that sees them all.
+  await afterTasksEnded(sql, rows);
   const byId = new Map(changedRows(rows).map((row) => [row.id, row]));
   const out: (TaskChangeRow | null)[] = [];
   for (const { ref, result } of reports) {
@@ -215,6 +218,20 @@ export async function recordStaleResult(sql: Sql, ref: AttemptRef, result: Attem
 }
 
 /**
+ * A hand-back (the worker gave the attempt up: drained, fenced by its lease, or refused after a
+ * stall) for an attempt that no longer holds its task: the task does not change, and its
+ * history gets a `stale` event saying what was reported, as for a superseded result.
+ */
+export async function recordStaleHandBack(sql: Sql, ref: AttemptRef, reason: string, cause: LossCause): Promise<void> {
+  await sql`
+    INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail)
+    SELECT id, 'stale', state, ${ref.attempt}, ${ref.workerId},
+           jsonb_build_object('reported', 'handed_back', 'cause', ${cause}::text, 'reason', ${reason}::text,
+                              'current_attempt', attempt)
+    FROM tasks WHERE id = ${ref.taskId}`;
+}
+
+/**
  * The worker stopped an attempt's process as it was told (the task was cancelled, or the
  * attempt superseded): the task does not change; its history gets a `stopped` event, and an
  * attempt row not yet ended gets outcome `stopped`.
@@ -285,6 +302,7 @@ async function loseAttempts(
     ),
     ${endAttempts(sql, cause, reason)},
     ${recordChanges(sql)}`;
+  await afterTasksEnded(sql, rows);
   return changedRows(rows);
 }
 
@@ -320,22 +338,24 @@ export async function requeueAttempt(sql: Sql, ref: AttemptRef, reason: string, 
 }
 
 /**
- * Renews the leases of attempts that their workers report holding, in one statement, and
- * returns the keys (attemptKey) of the ones renewed. An attempt not renewed no longer holds
+ * Renews the leases of attempts that their workers report holding, in one statement, each by
+ * its task's own lease_ms (`defaultLeaseMs`, TQ_DEFAULT_LEASE_MS, for a task that asks for
+ * none), and returns the ones renewed: attemptKey to the lease granted, which the caller
+ * confirms to the worker (src/worker/lease-fence.ts). An attempt not renewed no longer holds
  * its task (superseded, cancelled or finished): the caller tells the worker to stop it.
  */
-export async function renewLeases(sql: Sql, refs: readonly AttemptRef[], leaseMs: number): Promise<Set<string>> {
-  if (refs.length === 0) return new Set();
-  const rows = await sql<{ id: string; attempt: number }[]>`
-    UPDATE tasks SET lease_expires_at = ${fromNow(sql, leaseMs)}
+export async function renewLeases(sql: Sql, refs: readonly AttemptRef[], defaultLeaseMs: number): Promise<Map<string, number>> {
+  if (refs.length === 0) return new Map();
+  const rows = await sql<{ id: string; attempt: number; lease_ms: number }[]>`
+    UPDATE tasks SET lease_expires_at = clock_timestamp() + make_interval(secs => coalesce(tasks.lease_ms, ${defaultLeaseMs}::integer) / 1000.0)
     FROM ${unnest(
       sql,
       refs,
       refColumns((ref) => ref),
     )}
     WHERE ${fence(sql, GUARDS.inFlight)}
-    RETURNING tasks.id, tasks.attempt`;
-  return new Set(rows.map((row) => attemptKey(row.id, row.attempt)));
+    RETURNING tasks.id, tasks.attempt, coalesce(tasks.lease_ms, ${defaultLeaseMs}::integer) AS lease_ms`;
+  return new Map(rows.map((row) => [attemptKey(row.id, row.attempt), row.lease_ms]));
 }
 
 /**
@@ -352,14 +372,28 @@ export async function renewLeases(sql: Sql, refs: readonly AttemptRef[], leaseMs
  * from the database's own restart, whichever is later), so that a coordinator slower to
  * recover from an outage than the one rescuing does not have its healthy workers' tasks run
  * twice. A gone or unknown worker's lapsed leases are requeued at once.
+ *
+ * Each task's lease is its own lease_ms (`defaultLeaseMs` for one that asks for none). And the
+ * coordinator asking believes only lapses of leases no longer than `trustedForMs`, the time it
+ * has been renewing without a gap (since its start, or since renewals were held up): a lease
+ * longer than that may belong to a worker that is reconnecting to it and has not yet renewed
+ * (src/task/lease.ts mayBelieveLapse).
  */
-export async function requeueExpiredLeases(sql: Sql, leaseMs: number): Promise<TaskChangeRow[]> {
-  const lease = sql`make_interval(secs => ${Math.max(0, leaseMs) / 1000})`;
+export async function requeueExpiredLeases(
+  sql: Sql,
+  defaultLeaseMs: number,
+  trustedForMs = Number.POSITIVE_INFINITY,
+): Promise<TaskChangeRow[]> {
+  const leaseMsOf = sql`coalesce(tasks.lease_ms, ${defaultLeaseMs}::integer)`;
+  const lease = sql`make_interval(secs => ${leaseMsOf} / 1000.0)`;
+  const trusted = Number.isFinite(trustedForMs)
+    ? sql`AND ${leaseMsOf} <= ${Math.max(0, Math.floor(trustedForMs))}::bigint`
+    : sql``;
   return loseAttempts(
     sql,
     "worker lost (lease expired)",
     "lost",
-    sql`tasks.lease_expires_at < now()
+    sql`tasks.lease_expires_at < now() ${trusted}
         AND NOT EXISTS (
           SELECT 1 FROM workers w
           WHERE w.id = tasks.worker_id AND w.state <> 'gone'
@@ -394,6 +428,7 @@ export async function cancelTask(sql: Sql, id: string, actor: string | null = nu
     ${recordChange(sql, "cancelled", null, actor)}`;
   const row = rows[0];
   if (row) {
+    await afterTasksEnded(sql, rows);
     const { was_state, ...task } = changedRows(rows)[0] as TaskChangeRow & { was_state: TaskState };
     return { kind: "cancelled", task: task as TaskChangeRow, wasState: was_state };
   }

@@ -38,6 +38,8 @@ export async function upsertWorker(
     coordinatorId: string;
     slots: number;
     labels: Record<string, string>;
+    /** The queues it serves; null or absent: every queue. */
+    queues?: readonly string[] | null;
     version: string;
     /** Hash of the resume token the worker presented (null: none). */
     presentedHash?: string | null;
@@ -48,13 +50,13 @@ export async function upsertWorker(
   },
 ): Promise<boolean> {
   const rows = await sql`
-    INSERT INTO workers (id, name, coordinator_id, slots, labels, version, state, resume_hash, clock_skew_ms)
+    INSERT INTO workers (id, name, coordinator_id, slots, labels, queues, version, state, resume_hash, clock_skew_ms)
     VALUES (${worker.id}, ${worker.name}, ${worker.coordinatorId}, ${worker.slots},
-            ${sql.json(worker.labels)}::jsonb, ${worker.version}, 'connected', ${worker.resumeHash ?? null},
-            ${worker.clockSkewMs ?? null}::integer)
+            ${sql.json(worker.labels)}::jsonb, ${worker.queues ? JSON.stringify(worker.queues) : null}::jsonb,
+            ${worker.version}, 'connected', ${worker.resumeHash ?? null}, ${worker.clockSkewMs ?? null}::integer)
     ON CONFLICT (id) DO UPDATE SET
       name = excluded.name, coordinator_id = excluded.coordinator_id, slots = excluded.slots,
-      labels = excluded.labels, version = excluded.version, state = 'connected',
+      labels = excluded.labels, queues = excluded.queues, version = excluded.version, state = 'connected',
       connected_at = clock_timestamp(), last_heartbeat_at = clock_timestamp(), disconnected_at = NULL,
       resume_hash = excluded.resume_hash, clock_skew_ms = excluded.clock_skew_ms
     WHERE workers.resume_hash IS NULL OR workers.resume_hash = ${worker.presentedHash ?? null}

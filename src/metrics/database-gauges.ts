@@ -1,7 +1,7 @@
 // The gauges read from the database at scrape time: unfinished tasks by queue and state, and
 // the age of the oldest due task still queued, by queue. One statement per scrape at most once
 // a second, whichever gauge asks first; the others of the same scrape reuse its answer.
-import { type DepthRow, readQueueDepth, tasksHaveQueueColumn } from "../db/depth";
+import { type DepthRow, readQueueDepth } from "../db/depth";
 import type { Sql } from "../db/sql";
 import type { TaskMetrics } from "./metrics";
 
@@ -9,18 +9,12 @@ import type { TaskMetrics } from "./metrics";
 const CACHE_MS = 1000;
 
 export function addDatabaseGauges(metrics: TaskMetrics, sql: Sql): void {
-  let byQueue: Promise<boolean> | null = null;
   let reading: Promise<DepthRow[]> | null = null;
   let readAt = Number.NEGATIVE_INFINITY;
   const read = (): Promise<DepthRow[]> => {
     if (reading && performance.now() - readAt < CACHE_MS) return reading;
     readAt = performance.now();
-    // Asked once: the column arrives with a migration, which a restart picks up.
-    byQueue ??= tasksHaveQueueColumn(sql).catch((error) => {
-      byQueue = null;
-      throw error;
-    });
-    reading = byQueue.then((queues) => readQueueDepth(sql, queues));
+    reading = readQueueDepth(sql);
     // A failed reading is not kept: the next scrape asks again.
     reading.catch(() => {
       readAt = Number.NEGATIVE_INFINITY;
@@ -29,7 +23,7 @@ export function addDatabaseGauges(metrics: TaskMetrics, sql: Sql): void {
   };
   metrics.gauge(
     "taskqueue_queue_depth",
-    "Unfinished tasks by queue and state (queued, dispatched, running); one `default` queue before queues exist.",
+    "Unfinished tasks by queue and state (waiting, queued, dispatched, running).",
     ["queue", "state"],
     async (gauge) => {
       gauge.reset();

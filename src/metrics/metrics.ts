@@ -83,7 +83,10 @@ export class TaskMetrics {
       FiringOutcome,
       Counter.Internal
     >;
-    this.rateLimitedTotal = counter("taskqueue_tasks_rate_limited_total", "Claims of due tasks held back by a rate limit.");
+    this.rateLimitedTotal = counter(
+      "taskqueue_dispatch_rate_limited_total",
+      "Dispatch passes that left worker slots free while a due task waited for a rate limit's token.",
+    );
     this.submitToStart = histogram(
       "taskqueue_task_submit_to_start_seconds",
       "From a task's creation to the start of its first attempt.",
@@ -148,7 +151,10 @@ export class TaskMetrics {
     if (latenessSeconds !== null) this.lateness.observe(Math.max(0, latenessSeconds));
   }
 
-  /** Due tasks a claim held back for a rate limit (branch `flow`). */
+  /**
+   * Dispatch passes that left slots free while a due task waited for a token (src/db/flow.ts).
+   * The claim filters such tasks out inside its statement, so a pass knows that some wait, not how many.
+   */
   rateLimited(count = 1): void {
     if (count > 0) this.rateLimitedTotal.inc(count);
   }

@@ -3,6 +3,8 @@
 import type { JsonObject } from "@bufbuild/protobuf";
 import { create } from "@bufbuild/protobuf";
 import { type Timestamp, timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { flowTaskJson } from "../api/flow-model";
+import type { DependencyRow, TaskDependencies } from "../db/dependencies";
 import type { TaskEventRow } from "../db/events";
 import {
   AttemptSchema,
@@ -14,12 +16,15 @@ import {
   type TaskEvent as PbTaskEvent,
   type TaskLimits as PbTaskLimits,
   TaskState as PbTaskState,
+  TaskDependencySchema,
   TaskEventSchema,
   TaskLimitsSchema,
   TaskSchema,
+  WaitingSchema,
 } from "../gen/taskqueue/v1/task_pb";
 import { Outcome, type TaskFinished, type TaskRef, TaskRefSchema } from "../gen/taskqueue/v1/worker_service_pb";
 import { type Attempt, type AttemptOutcome, type AttemptRef, exitedState, type LossCause } from "../task/attempt";
+import { parentsWaiting } from "../task/dependencies";
 import { invalidArgument } from "../task/errors";
 import { isTaskState, type TaskState } from "../task/state";
 import {
@@ -33,6 +38,7 @@ import {
 } from "../task/task";
 
 const STATE_TO_PROTO: Record<TaskState, PbTaskState> = {
+  waiting: PbTaskState.WAITING,
   queued: PbTaskState.QUEUED,
   dispatched: PbTaskState.DISPATCHED,
   running: PbTaskState.RUNNING,
@@ -119,12 +125,42 @@ export function taskToProto(task: Task): PbTask {
     },
     idempotencyKey: task.idempotency_key ?? "",
     leaseExpiresAt: toTimestamp(task.lease_expires_at),
+    ...(task.lease_ms === null ? {} : { leaseMs: task.lease_ms }),
     secretEnvKeys: Object.keys(task.secret_env ?? {}).sort(),
     limits: task.limits ? limitsToProto(task.limits) : undefined,
+    queue: task.queue ?? "default",
+    priority: task.priority,
+    require: (task.requires ?? []).map((r) => ({ key: r.key, op: r.op, value: r.value })),
+    prefer: (task.prefers ?? []).map((p) => ({ key: p.key, op: p.op, value: p.value, weight: p.weight })),
+    scheduleTimeoutMs: task.schedule_timeout_ms ?? 0,
+    waiting: task.waiting ?? undefined,
+    ref: task.ref ?? "",
+    onParentFailure: task.on_parent_failure ?? "",
+    ...flowToProto(task),
+    scheduleId: task.schedule_id ?? "",
+    fireAt: toTimestamp(task.fire_at ?? null),
   });
 }
 
+/** A task with its dependencies and what it waits for, as GetTask answers. */
+export function taskWithDependenciesToProto(task: Task, dependencies: TaskDependencies): PbTask {
+  const message = taskToProto(task);
+  const edge = (row: DependencyRow) =>
+    create(TaskDependencySchema, { id: row.id, ref: row.ref ?? "", state: stateToProto(row.state) });
+  message.parents = dependencies.parents.map(edge);
+  message.children = dependencies.children.map(edge);
+  const waiting = task.waiting ?? parentsWaiting(task, dependencies.parents);
+  if (waiting) message.waiting = create(WaitingSchema, waiting);
+  return message;
+}
+
 /** Limits as the wire carries them: a missing or null one is unset. */
+/** A task's flow control fields, as the REST view spells them (src/api/flow-model.ts). */
+function flowToProto(task: Task) {
+  const { concurrency, rate_limit } = flowTaskJson(task);
+  return { concurrency: concurrency ?? undefined, rateLimit: rate_limit ?? "" };
+}
+
 export function limitsToProto(limits: TaskLimits | EffectiveLimits): PbTaskLimits {
   return create(TaskLimitsSchema, {
     memoryMb: limits.memory_mb ?? undefined,

@@ -57,8 +57,9 @@ export function assignMessage(
       value: {
         ref: attemptRefToProto({ taskId: task.id, attempt: task.attempt }),
         command: task.command,
-        // The secret values travel only to the worker that runs the task.
-        env: { ...task.env, ...task.secret_env },
+        // The secret values travel only to the worker that runs the task. The parents' exit
+        // codes (TQ_PARENT_<ref>_EXIT, written at release) come after the task's own env.
+        env: { ...task.env, ...(task.parent_env ?? {}), ...task.secret_env },
         cwd: task.cwd ?? "",
         timeoutMs: task.timeout_ms,
         leaseExpiresAt: toTimestamp(task.lease_expires_at),
@@ -83,6 +84,20 @@ export function ackMessage(ref: WireRef, stale: boolean): CoordinatorMessage {
 }
 
 /** Asks the worker to take no new work and finish what it runs. No coordinator part sends it yet. */
+/**
+ * The leases renewed on the strength of the worker's Hello or Heartbeat numbered `seq`, each
+ * with the lease it got (its task's lease_ms): the worker counts each from when it sent that
+ * message (src/worker/lease-fence.ts). Only to a worker with the lease_confirm feature.
+ */
+export function leaseMessage(seq: bigint, renewed: readonly { ref: WireRef; leaseMs: number }[]): CoordinatorMessage {
+  return create(CoordinatorMessageSchema, {
+    payload: {
+      case: "lease",
+      value: { seq, renewed: renewed.map(({ ref, leaseMs }) => ({ ref: attemptRefToProto(ref), leaseMs })) },
+    },
+  });
+}
+
 export function drainMessage(reason: string): CoordinatorMessage {
   return create(CoordinatorMessageSchema, { payload: { case: "drain", value: { reason } } });
 }
@@ -97,6 +112,9 @@ export interface HelloFields {
   version: string;
   /** From the Welcome of this worker's first stream; empty on the first Hello. */
   resumeToken: string;
+  /** TQ_WORKER_QUEUES (empty: every queue) and TQ_WORKER_LABELS. */
+  queues?: string[];
+  labels?: Record<string, string>;
 }
 
 /**
@@ -104,7 +122,7 @@ export interface HelloFields {
  * unacknowledged result for. `wallClock`: the worker's wall clock now, from which the
  * coordinator measures its skew. It announces this build's protocol and features.
  */
-export function helloMessage(fields: HelloFields, inFlight: readonly WireRef[], wallClock: Date): WorkerMessage {
+export function helloMessage(fields: HelloFields, inFlight: readonly WireRef[], wallClock: Date, leaseSeq = 0n): WorkerMessage {
   const protocol = { protocolVersion: PROTOCOL_VERSION, minProtocolVersion: OLDEST_SERVED_PROTOCOL, features: [...FEATURES] };
   return create(WorkerMessageSchema, {
     payload: {
@@ -114,6 +132,7 @@ export function helloMessage(fields: HelloFields, inFlight: readonly WireRef[], 
         ...protocol,
         inFlight: inFlight.map((ref) => attemptRefToProto(ref)),
         wallClock: timestampFromDate(wallClock),
+        leaseSeq,
       },
     },
   });

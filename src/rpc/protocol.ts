@@ -26,6 +26,13 @@ export const FEATURE_MEANINGS = {
    * that ignores start_in_ms would start an early hand-over before its time.
    */
   start_in_ms: "waits Assign.start_in_ms after receipt before starting the command",
+  /**
+   * The worker counts each attempt's lease from the renewals the coordinator confirms
+   * (LeaseConfirmation, numbered after the worker's Hello or Heartbeat) and stops the attempt
+   * itself a margin before it runs out; the coordinator sends confirmations only to a worker
+   * that names it (src/task/lease.ts, src/worker/lease-fence.ts).
+   */
+  lease_confirm: "counts each attempt's lease from confirmed renewals and fences itself before it runs out",
 } as const;
 
 export type Feature = keyof typeof FEATURE_MEANINGS;

@@ -6,8 +6,10 @@
 import { type Static, Type } from "@sinclair/typebox";
 import { invalidArgument, TaskQueueError } from "./errors";
 import { checkSchema } from "./explain";
+import { flowOptions, toConcurrencySpec, toRateLimitRef } from "./flow";
 import { EXAMPLE_TIME, parseRfc3339 } from "./rfc3339";
-import type { TaskSpec } from "./task";
+import { routingOptions, toRouting } from "./routing";
+import { PARENT_FAILURE_POLICIES, type TaskSpec } from "./task";
 
 export const MAX_COMMAND_BYTES = 65_536;
 /** Seven days. */
@@ -25,6 +27,8 @@ export const MAX_ENV_TOTAL_BYTES = 1024 * 1024;
 export const MAX_CWD_BYTES = 4096;
 /** One day. */
 export const MAX_BACKOFF_MS = 86_400_000;
+/** The longest lease an attempt may hold (lease_ms): a week, as the longest timeout. */
+export const MAX_LEASE_MS = 604_800_000;
 export const MAX_IDEMPOTENCY_KEY_BYTES = 255;
 export const ENV_KEY_PATTERN = "^[A-Za-z_][A-Za-z0-9_]*$";
 /** Bounds of a task's limits: what any worker could grant (each worker caps them further). */
@@ -32,6 +36,10 @@ export const MAX_LIMIT_MEMORY_MB = 4_194_304;
 export const MAX_LIMIT_PIDS = 4_194_304;
 export const MAX_LIMIT_NOFILE = 1_048_576;
 export const MAX_LIMIT_CPU = 1024;
+/** Parents one task may list. */
+export const MAX_DEPENDS_ON = 100;
+/** A batch ref: usable as it is in TQ_PARENT_<ref>_EXIT. */
+export const REF_PATTERN = "^[A-Za-z_][A-Za-z0-9_]{0,63}$";
 
 // Every string limit here counts UTF-8 bytes (checked in buildSpec). A schema's maxLength
 // counts UTF-16 code units, never more than the bytes, so it is a bound that refuses nothing
@@ -99,7 +107,34 @@ const Limits = Type.Object(
   },
 );
 
+const dependencyOptions = {
+  depends_on: Type.Optional(
+    Type.Array(Type.String({ minLength: 1, maxLength: 64 }), {
+      maxItems: MAX_DEPENDS_ON,
+      uniqueItems: true,
+      description:
+        "Parents: task ids (and, in a batch, refs of other items). The task waits (state `waiting`) until every parent " +
+        "has ended, and runs once all succeeded (see on_parent_failure). A parent that will retry has not ended yet. " +
+        `At most ${MAX_DEPENDS_ON}; an unknown id or ref is a 400 naming it.`,
+      examples: [["build"]],
+    }),
+  ),
+  on_parent_failure: Type.Optional(
+    Type.Union(
+      PARENT_FAILURE_POLICIES.map((policy) => Type.Literal(policy)),
+      {
+        description:
+          "When a parent ends failed, timed_out or cancelled: `cancel` (the default) ends this task cancelled with an error " +
+          "naming the parent (event `parent_failed`); `skip` ends it cancelled with an error starting `skipped:` (event " +
+          "`skipped`); `run` runs it anyway once every parent has ended. Its own children see a cancelled or skipped task " +
+          "as a failed parent.",
+      },
+    ),
+  ),
+};
+
 const runOptions = {
+  ...dependencyOptions,
   timeout_ms: Type.Optional(
     Type.Integer({
       minimum: 0,
@@ -114,6 +149,16 @@ const runOptions = {
       description: "Attempts before the task fails for good. Defaults to TQ_DEFAULT_MAX_ATTEMPTS (3).",
     }),
   ),
+  lease_ms: Type.Optional(
+    Type.Integer({
+      minimum: 1,
+      maximum: MAX_LEASE_MS,
+      description:
+        "How long each attempt's lease lasts, renewed by its worker's heartbeats: a worker cut off for this long stops " +
+        "the attempt on its own, and only then may another run it. At least the heartbeat timeout plus two intervals " +
+        "(5000 ms with the defaults). Defaults to TQ_DEFAULT_LEASE_MS (30000).",
+    }),
+  ),
   env: Type.Optional(EnvMap("Extra environment variables")),
   secret_env: Type.Optional(
     EnvMap("Environment variables passed to the process but never returned by any API, event stream or log"),
@@ -126,6 +171,8 @@ const runOptions = {
     }),
   ),
   limits: Type.Optional(Limits),
+  // Flow control (src/task/flow.ts): concurrency, rate_limit.
+  ...flowOptions,
   retry: Type.Optional(
     Type.Object(
       {
@@ -162,6 +209,8 @@ const runOptions = {
       },
     ),
   ),
+  // Queue, priority, labels (src/task/routing.ts).
+  ...routingOptions,
 };
 
 /** The full form (`POST /tasks`, gRPC SubmitTask). */
@@ -195,13 +244,23 @@ export type ScheduleInput = Static<typeof ScheduleInput>;
 export interface TaskDefaults {
   maxAttempts: number;
   retry: { backoffBaseMs: number; backoffCapMs: number };
+  /**
+   * The shortest lease a request may ask for (lease_ms): the heartbeat timeout plus two
+   * intervals (minLeaseMs, src/task/lease.ts). Unset: no lower bound but 1.
+   */
+  minLeaseMs?: number;
 }
 
 /** Validates a full-form request; throws invalidArgument naming the field. */
 export function toTaskSpec(input: unknown, defaults: TaskDefaults): TaskSpec {
   const body = checkSchema(TaskInput, input);
   const scheduledAt = body.scheduled_at === undefined ? null : parseRfc3339(body.scheduled_at, "scheduled_at");
-  return buildSpec(body, scheduledAt, defaults);
+  const spec = buildSpec(body, scheduledAt, defaults);
+  for (const parent of spec.dependsOn ?? []) {
+    // Refs are a batch's: outside one, only ids name a parent.
+    if (!isTaskId(parent)) throw invalidArgument("depends_on", `depends_on: ${JSON.stringify(parent)} is not a task id`);
+  }
+  return spec;
 }
 
 /** One task of a batch: the full form, and its own idempotency key. */
@@ -214,6 +273,15 @@ export const BatchItemInput = Type.Object(
         description:
           "This task's own idempotency key (visible ASCII, at most 255 bytes): when it was used before, the original task " +
           "is returned in its place (its index listed in `replayed`); with a different request, the batch is a 409.",
+      }),
+    ),
+    ref: Type.Optional(
+      Type.String({
+        pattern: REF_PATTERN,
+        description:
+          "This task's name within the batch, for the other items' depends_on, and the <ref> of their " +
+          "TQ_PARENT_<ref>_EXIT: a letter or _, then letters, digits or _, at most 64. Unique in the batch.",
+        examples: ["build"],
       }),
     ),
   },
@@ -245,10 +313,13 @@ export function toBatchSpecs(input: unknown, defaults: TaskDefaults, maxTasks: n
     throw invalidArgument("tasks", `tasks is empty; a batch holds 1 to ${maxTasks} tasks`);
   }
   const body = checkSchema(BatchInput, input);
-  return body.tasks.map(({ idempotency_key: key, ...task }, i) => {
+  const specs = body.tasks.map(({ idempotency_key: key, ref, ...task }, i) => {
     try {
-      const spec = toTaskSpec(task, defaults);
+      const checked = checkSchema(TaskInput, task);
+      const scheduledAt = checked.scheduled_at === undefined ? null : parseRfc3339(checked.scheduled_at, "scheduled_at");
+      const spec = buildSpec(checked, scheduledAt, defaults);
       spec.idempotencyKey = parseIdempotencyKey(key, "idempotency_key");
+      if (ref !== undefined) spec.ref = ref;
       return spec;
     } catch (error) {
       if (error instanceof TaskQueueError && error.field !== undefined) {
@@ -256,6 +327,55 @@ export function toBatchSpecs(input: unknown, defaults: TaskDefaults, maxTasks: n
       }
       throw error;
     }
+  });
+  checkBatchGraph(specs);
+  return specs;
+}
+
+/**
+ * A batch's refs and depends_on: refs unique and not ids, each entry a ref of the batch or a
+ * task id, and no cycle among the refs (a 400 naming it: "cycle: build -> test -> build").
+ * Whether an id exists is the database's to say.
+ */
+function checkBatchGraph(specs: readonly TaskSpec[]): void {
+  const index = new Map<string, number>();
+  specs.forEach((spec, i) => {
+    if (spec.ref === undefined) return;
+    if (index.has(spec.ref))
+      throw invalidArgument(`tasks[${i}].ref`, `tasks[${i}]: ref ${JSON.stringify(spec.ref)} is used twice`);
+    index.set(spec.ref, i);
+  });
+  specs.forEach((spec, i) => {
+    for (const parent of spec.dependsOn ?? []) {
+      if (!index.has(parent) && !isTaskId(parent)) {
+        throw invalidArgument(
+          `tasks[${i}].depends_on`,
+          `tasks[${i}]: depends_on names ${JSON.stringify(parent)}, which is neither a ref in this batch nor a task id`,
+        );
+      }
+    }
+  });
+  // Depth-first, refs only (an id names a task that exists already, so it cannot close a cycle).
+  const state = new Map<number, "open" | "done">();
+  const path: number[] = [];
+  const visit = (i: number): void => {
+    state.set(i, "open");
+    path.push(i);
+    for (const parent of specs[i]?.dependsOn ?? []) {
+      const j = index.get(parent);
+      if (j === undefined) continue;
+      if (state.get(j) === "open") {
+        const cycle = [...path.slice(path.indexOf(j)), j].map((k) => specs[k]?.ref);
+        // Written in the direction work flows: parent -> child.
+        throw invalidArgument(`tasks[${i}].depends_on`, `cycle: ${cycle.reverse().join(" -> ")}`);
+      }
+      if (state.get(j) === undefined) visit(j);
+    }
+    path.pop();
+    state.set(i, "done");
+  };
+  specs.forEach((_, i) => {
+    if (state.get(i) === undefined) visit(i);
   });
 }
 
@@ -321,6 +441,16 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, defaults: TaskDe
       `retry.backoff_cap_ms (${backoffCapMs}) must be at least retry.backoff_base_ms (${backoffBaseMs})`,
     );
   }
+  const concurrency = body.concurrency === undefined ? undefined : toConcurrencySpec(body.concurrency);
+  const rateLimit = body.rate_limit === undefined ? undefined : toRateLimitRef(body.rate_limit, concurrency?.key);
+  const routing = toRouting(body);
+  const minLeaseMs = defaults.minLeaseMs ?? 1;
+  if (body.lease_ms !== undefined && body.lease_ms < minLeaseMs) {
+    throw invalidArgument(
+      "lease_ms",
+      `lease_ms (${body.lease_ms}) must be at least ${minLeaseMs} (the heartbeat timeout plus two heartbeat intervals)`,
+    );
+  }
   return {
     command: body.command,
     scheduledAt,
@@ -337,7 +467,16 @@ function buildSpec(body: SubmitInput, scheduledAt: Date | null, defaults: TaskDe
       backoffCapMs,
     },
     idempotencyKey: null,
+    // Absent: TQ_DEFAULT_LEASE_MS of the coordinator that grants it (and the idempotency hash
+    // of such a spec is what it was before leases were a task option).
+    ...(body.lease_ms === undefined ? {} : { leaseMs: body.lease_ms }),
     ...(body.limits === undefined || Object.keys(body.limits).length === 0 ? {} : { limits: { ...body.limits } }),
+    ...(concurrency === undefined ? {} : { concurrency }),
+    ...(rateLimit === undefined ? {} : { rateLimit }),
+    ...(routing === undefined ? {} : { routing }),
+    ...(body.depends_on === undefined || body.depends_on.length === 0
+      ? {}
+      : { dependsOn: [...body.depends_on], onParentFailure: body.on_parent_failure ?? "cancel" }),
   };
 }
 

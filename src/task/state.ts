@@ -2,11 +2,17 @@
 // of it. The database column `tasks.state` holds these names; the proto enum mirrors them.
 
 /**
+ * - waiting: persisted with parents (depends_on) not all ended; not claimable, and not in the
+ *   claim's queued index. In: submit with parents. Out: queued once every parent has ended
+ *   (succeeded, or any end under on_parent_failure `run`: event `released`), cancelled when a
+ *   parent failed under `cancel` (event `parent_failed`) or `skip` (event `skipped`), or by a
+ *   client. src/db/dependencies.ts makes these moves.
  * - queued: persisted, waiting for its run_at and a free worker slot. run_at starts as the
  *   scheduled_at the client asked for (which never changes) and a retry's backoff moves it.
  *   In: submit (scheduler or coordinator), a retry of a failed or timed-out attempt (event
  *   `retrying`), requeue of a lost or handed-back attempt (`requeued`). Out: dispatch
- *   (coordinator claim), cancel.
+ *   (coordinator claim), cancel, failed when its schedule_timeout_ms passed without a worker
+ *   (event `schedule_timeout`).
  * - dispatched: claimed by a coordinator and assigned to one worker (picked_at, attempt + 1,
  *   a new task_attempts row), up to TQ_DISPATCH_AHEAD_MS before run_at: the worker holds it
  *   until then. Out: running (worker's TaskStarted), a final state (TaskFinished can overtake
@@ -25,7 +31,16 @@
  * Each attempt keeps its own row (src/task/attempt.ts) and every change its task_events row;
  * the task row shows the current attempt only.
  */
-export const TASK_STATES = ["queued", "dispatched", "running", "succeeded", "failed", "timed_out", "cancelled"] as const;
+export const TASK_STATES = [
+  "waiting",
+  "queued",
+  "dispatched",
+  "running",
+  "succeeded",
+  "failed",
+  "timed_out",
+  "cancelled",
+] as const;
 
 export type TaskState = (typeof TASK_STATES)[number];
 
@@ -36,7 +51,9 @@ export const FINAL_STATES: ReadonlySet<TaskState> = new Set(["succeeded", "faile
  * statement expects exactly the states its change may start from.
  */
 const TRANSITIONS: Record<TaskState, readonly TaskState[]> = {
-  queued: ["dispatched", "cancelled"],
+  // queued -> failed: its schedule_timeout_ms passed without a worker (src/db/waiting.ts).
+  queued: ["dispatched", "failed", "cancelled"],
+  waiting: ["queued", "cancelled"],
   dispatched: ["running", "succeeded", "failed", "timed_out", "queued", "cancelled"],
   running: ["succeeded", "failed", "timed_out", "queued", "cancelled"],
   succeeded: [],
@@ -64,9 +81,11 @@ export function statesLeadingTo(to: TaskState): TaskState[] {
 
 /**
  * States in which a worker holds the task: those a retry or a requeue takes it back to the
- * queue from, and the ones a result, a lost attempt or a lease renewal must find.
+ * queue from, and the ones a result, a lost attempt or a lease renewal must find (the states
+ * a start report can come from, and running itself; `waiting` leads to queued too, but no
+ * worker holds it).
  */
-export const IN_FLIGHT_STATES: readonly TaskState[] = statesLeadingTo("queued");
+export const IN_FLIGHT_STATES: readonly TaskState[] = [...statesLeadingTo("running"), "running"];
 
 /** The states each guarded change expects, as src/db's statements name them. */
 export const GUARDS = {
@@ -78,4 +97,8 @@ export const GUARDS = {
   inFlight: IN_FLIGHT_STATES,
   /** A client's cancel. */
   cancel: statesLeadingTo("cancelled"),
+  /** A queued task's schedule_timeout_ms passing (queued -> failed). */
+  scheduleTimeout: ["queued"] as TaskState[],
+  /** Parents resolved (src/db/dependencies.ts): waiting -> queued or cancelled. */
+  waiting: ["waiting"],
 } as const satisfies Record<string, readonly TaskState[]>;

@@ -1,5 +1,8 @@
 // The task record as the database stores it and every transport reads it.
+import type { ConcurrencySpec, RateLimitRef } from "./flow";
+import type { LabelPreference, LabelRequirement } from "./labels";
 import type { TaskState } from "./state";
+import type { Waiting } from "./waiting";
 
 export interface Task {
   id: string;
@@ -41,6 +44,8 @@ export interface Task {
   error: string | null;
   /** When the current attempt's lease lapses; null unless dispatched or running. */
   lease_expires_at: Date | null;
+  /** Each attempt's lease as the task asked; null: TQ_DEFAULT_LEASE_MS of the coordinator granting it. */
+  lease_ms: number | null;
   retry_on_failure: boolean;
   retry_on_timeout: boolean;
   retry_on_lost: boolean;
@@ -54,7 +59,51 @@ export interface Task {
   limits: TaskLimits | null;
   /** The W3C traceparent it was submitted under (src/trace), carried to its worker; null: none. */
   traceparent: string | null;
+  /** Flow control (src/task/flow.ts): the concurrency key (expanded), its max and strategy; null without. */
+  concurrency_key?: string | null;
+  concurrency_max?: number | null;
+  concurrency_strategy?: string | null;
+  /** The rate limit's name and bucket ('' for the limit's own); null without. */
+  rate_limit?: string | null;
+  rate_limit_key?: string | null;
+  /** The named queue (src/db/queues.ts). */
+  queue: string;
+  /** Labels a worker must have to take the task (src/task/labels.ts). */
+  requires: LabelRequirement[];
+  /** Labels a worker is preferred for, with weights. */
+  prefers: LabelPreference[];
+  /** Fails queued after this long without a worker; 0: waits forever. */
+  schedule_timeout_ms: number;
+  /** The aging its rank was computed with (TQ_PRIORITY_AGING_MS of its submitter). */
+  priority_aging_ms: number;
+  /** The claim's order: run_at - priority * priority_aging_ms. */
+  rank: Date | null;
+  /** Not a column: what a queued task waits for, filled by reads that show it (src/db/waiting.ts). */
+  waiting?: Waiting | null;
+  // Dependencies (src/db/dependencies.ts).
+  /** Its ref in the batch that declared it; null outside a DAG batch. */
+  ref: string | null;
+  /** What a failed parent does to it; null for a task without parents. */
+  on_parent_failure: ParentFailurePolicy | null;
+  /** Parents not yet ended (counted off exactly once each); 0 once released. */
+  parents_pending: number;
+  /** Some task depends on it: ending it resolves its children's edges. */
+  has_children: boolean;
+  /** TQ_PARENT_<ref>_EXIT of each parent, written at release; merged into the env at dispatch. */
+  parent_env: Record<string, string> | null;
+  /** The recurring schedule whose firing created the task, and that firing's time; null otherwise. */
+  schedule_id: string | null;
+  fire_at: Date | null;
 }
+
+/**
+ * What a child does when a parent ends other than succeeded (failed, timed_out, cancelled; a
+ * parent that will retry has not ended): `cancel` it (the default; event `parent_failed`),
+ * `skip` it (ends cancelled too, event `skipped`, error "skipped: ..."), or `run` it anyway
+ * once every parent has ended.
+ */
+export const PARENT_FAILURE_POLICIES = ["cancel", "skip", "run"] as const;
+export type ParentFailurePolicy = (typeof PARENT_FAILURE_POLICIES)[number];
 
 /**
  * Resource limits a task asks for, each capped by the worker that runs it (its TQ_WORKER_MAX_*
@@ -123,8 +172,38 @@ export interface TaskSpec {
   retry: RetryPolicy;
   /** A repeated submit with the same key returns the original task. */
   idempotencyKey: string | null;
+  /** Each attempt's lease (lease_ms); absent: TQ_DEFAULT_LEASE_MS of the coordinator granting it. */
+  leaseMs?: number;
   /** Absent: none asked for (and the idempotency hash of such a spec is what it was before limits existed). */
   limits?: TaskLimits;
+  /** Absent: no concurrency key (flow control, src/task/flow.ts; `{schedule}` filled in at creation). */
+  concurrency?: ConcurrencySpec;
+  /** Absent: no rate limit. */
+  rateLimit?: RateLimitRef;
+  /** Absent: the default queue, priority 0, any worker (and the idempotency hash is unchanged). */
+  routing?: TaskRouting;
+  /**
+   * Parents: task ids, or (in a batch) refs of other items. Absent: none (and the idempotency
+   * hash is what it was before dependencies existed).
+   */
+  dependsOn?: string[];
+  /** With dependsOn; absent means cancel. */
+  onParentFailure?: ParentFailurePolicy;
+  /** This item's name in its batch, for the other items' dependsOn. */
+  ref?: string;
+  /** The schedule firing that creates this task: at most one task per (schedule, fire time). */
+  firing?: { scheduleId: string; fireAt: Date; reason?: string };
+}
+
+/** Where and in what order a task runs (src/db/claim.ts). */
+export interface TaskRouting {
+  queue: string;
+  /** Higher first, from -MAX_PRIORITY to MAX_PRIORITY; ages (TQ_PRIORITY_AGING_MS). */
+  priority: number;
+  requires: LabelRequirement[];
+  prefers: LabelPreference[];
+  /** 0: waits for a worker forever. */
+  scheduleTimeoutMs: number;
 }
 
 /** The outcome of a submit: the task, and whether this call created it. */

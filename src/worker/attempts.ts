@@ -43,7 +43,30 @@ export interface AttemptsOptions {
   limiter?: Limiter;
   /** Starts a `run` span per traced attempt (src/trace); absent or null: off. */
   tracing?: Tracing | null;
+  /**
+   * Asked as an attempt is about to start (at once, or when its start time came): start it,
+   * hold it (parked until resumeParked decides), or refuse it (handed back, never started).
+   * The worker's lease rules (src/worker/worker.ts). Unset: start.
+   */
+  gate?: (key: string, receivedAt: number) => "start" | "hold" | "refuse";
+  /** Hears that an attempt is no longer held (the worker forgets its lease). */
+  onForget?: (key: string) => void;
+  /** Called, synchronously, whenever what `processes()` returns changed (the watchdog is told at once). */
+  changed?: () => void;
 }
+
+/** One held attempt as the worker's watchdog must know it, to stop it if the worker dies. */
+export interface HeldProcess {
+  taskId: string;
+  attempt: number;
+  /** The process group it runs in (the leader's pid); null while it waits for its start time. */
+  pgid: number | null;
+  /** Its cgroup's cgroup.procs files, for what left the group. */
+  cgroupProcs: readonly string[];
+}
+
+/** Why the worker refused to start an attempt: its lease could not be trusted. */
+export const REFUSED_UNTRUSTED = "the worker could not trust the assignment's lease (it stalled or was cut off); not started";
 
 interface HeldAttempt {
   assign: Assign;
@@ -57,6 +80,10 @@ interface HeldAttempt {
   identity?: TaskIdentity;
   /** Why we handed it back, if we did: interrupted (drain) or lost (our lease lapsed). */
   handBack?: LossCause;
+  /** performance.now() when its Assign was taken. */
+  receivedAt: number;
+  /** Held back by the gate before its start, until resumeParked. */
+  parked?: boolean;
 }
 
 export class Attempts {
@@ -83,11 +110,22 @@ export class Attempts {
     return [...this.held.values()].map(({ assign }) => assign.ref!);
   }
 
+  /** Every held attempt with its process group and cgroup (for the watchdog). */
+  processes(): HeldProcess[] {
+    return [...this.held.values()].map(({ assign, execution }) => ({
+      taskId: assign.ref!.taskId,
+      attempt: assign.ref!.attempt,
+      pgid: execution?.pid ?? null,
+      cgroupProcs: execution?.cgroupProcs ?? [],
+    }));
+  }
+
   /** Takes on an assigned attempt (it has a ref): runs it now, or once its start time has come. */
   take(assign: Assign): void {
     const k = attemptKey(assign.ref!.taskId, assign.ref!.attempt);
-    const attempt: HeldAttempt = { assign, execution: null, identity: this.freeIdentities.pop() };
+    const attempt: HeldAttempt = { assign, execution: null, identity: this.freeIdentities.pop(), receivedAt: performance.now() };
     this.held.set(k, attempt);
+    this.options.changed?.();
     if (assign.startInMs <= 0) {
       this.launch(k, attempt);
       return;
@@ -130,6 +168,38 @@ export class Attempts {
     for (const [k, attempt] of this.held) this.handBack(k, attempt, why, cause);
   }
 
+  /**
+   * Fences an attempt whose lease is about to run out: a running one is stopped (TERM, then
+   * KILL after `graceMs` at most) and handed back as lost; one not started never starts.
+   * Returns whether it was held.
+   */
+  fence(key: string, why: string, graceMs: number): boolean {
+    const attempt = this.held.get(key);
+    if (!attempt) return false;
+    // One that never started did not use up an attempt.
+    attempt.handBack ??= attempt.execution ? "lost" : "interrupted";
+    attempt.stopReason ??= why;
+    this.stop(key, attempt, "abandoned", attempt.stopReason, graceMs);
+    return true;
+  }
+
+  /** Attempts held back by the gate, with when their Assign was taken. */
+  parked(): { key: string; ref: TaskRef; receivedAt: number }[] {
+    const out: { key: string; ref: TaskRef; receivedAt: number }[] = [];
+    for (const [key, attempt] of this.held)
+      if (attempt.parked) out.push({ key, ref: attempt.assign.ref!, receivedAt: attempt.receivedAt });
+    return out;
+  }
+
+  /** Starts a parked attempt, or refuses it (handed back, interrupted: it never ran). */
+  resumeParked(key: string, decision: "start" | "refuse"): void {
+    const attempt = this.held.get(key);
+    if (!attempt?.parked) return;
+    attempt.parked = false;
+    if (decision === "start") this.launch(key, attempt, true);
+    else this.handBack(key, attempt, REFUSED_UNTRUSTED, "interrupted");
+  }
+
   /** Kills every running command's process group at once, without grace: the worker exits now. */
   killAll(): void {
     for (const attempt of this.held.values()) attempt.execution?.kill();
@@ -141,9 +211,20 @@ export class Attempts {
     return new Promise((resolve) => this.emptyWaiters.push(resolve));
   }
 
-  private launch(k: string, attempt: HeldAttempt): void {
+  private launch(k: string, attempt: HeldAttempt, decided = false): void {
     const { assign } = attempt;
     const ref = assign.ref!;
+    const gate = decided ? "start" : (this.options.gate?.(k, attempt.receivedAt) ?? "start");
+    // The gate may have fenced it meanwhile (its lease ran out as it was asked).
+    if (this.held.get(k) !== attempt) return;
+    if (gate === "hold") {
+      attempt.parked = true;
+      return;
+    }
+    if (gate === "refuse") {
+      this.handBack(k, attempt, REFUSED_UNTRUSTED, "interrupted");
+      return;
+    }
     // Traced: the run span, a child of the dispatch span, lasts the attempt, and the command's
     // TRACEPARENT names it (so the command's own spans are its children). Not traced here:
     // the dispatch span's traceparent is passed on as it came.
@@ -181,6 +262,8 @@ export class Attempts {
             ),
           });
     attempt.execution = execution;
+    // Before anything is awaited: a worker that dies from here on leaves its watchdog knowing this group.
+    this.options.changed?.();
     if (execution.pid !== null) this.options.events.started(ref, execution.pid, execution.startedAt);
     void execution.result.then((result) => {
       run?.end(result.outcome === "exited" && result.exitCode === 0 ? null : `ended ${result.outcome}`, {
@@ -210,9 +293,9 @@ export class Attempts {
    * Stops an attempt: a running process is stopped and reports itself when it has exited;
    * one still waiting for its start time never starts and is reported at once.
    */
-  private stop(k: string, attempt: HeldAttempt, outcome: "cancelled" | "abandoned", why: string): void {
+  private stop(k: string, attempt: HeldAttempt, outcome: "cancelled" | "abandoned", why: string, graceMs?: number): void {
     if (attempt.execution) {
-      attempt.execution.stop(outcome);
+      attempt.execution.stop(outcome, graceMs);
       return;
     }
     clearTimeout(attempt.startTimer);
@@ -236,6 +319,8 @@ export class Attempts {
   private forget(k: string): void {
     const identity = this.held.get(k)?.identity;
     this.held.delete(k);
+    this.options.onForget?.(k);
+    this.options.changed?.();
     if (identity) {
       this.freeIdentities.push(identity);
       this.freeIdentities.sort((a, b) => b.uid - a.uid);

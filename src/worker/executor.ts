@@ -61,13 +61,16 @@ export interface RunResult extends CapturedOutput {
 export interface Execution {
   readonly pid: number | null;
   readonly startedAt: Date;
+  /** The cgroup.procs files of the attempt's cgroup, if it has one: the worker's watchdog kills what they list. */
+  readonly cgroupProcs: readonly string[];
   /** Never rejects. */
   readonly result: Promise<RunResult>;
   /**
-   * Kill the whole process group: SIGTERM, then SIGKILL after killGraceMs. Outcome is the
-   * given reason unless the process already exited. Idempotent: the first reason wins.
+   * Kill the whole process group: SIGTERM, then SIGKILL after killGraceMs (or `graceMs`, if
+   * shorter: a lease fence). Outcome is the given reason unless the process already exited.
+   * Idempotent: the first reason wins.
    */
-  stop(reason: "cancelled" | "abandoned" | "timed_out"): void;
+  stop(reason: "cancelled" | "abandoned" | "timed_out", graceMs?: number): void;
   /** SIGKILL the whole process group at once, without grace: the worker is exiting now. */
   kill(): void;
 }
@@ -156,21 +159,21 @@ export function execute(spec: RunSpec): Execution {
     if (cgroup) cgroupEmptied = cgroup.killAll();
     signalKilled();
   };
-  const terminate = (): void => {
+  const terminate = (graceMs = grace): void => {
     if (termSent) return;
     termSent = true;
     signalGroup(pid, "SIGTERM");
     cgroup?.signal("SIGTERM");
-    killTimer = setTimeout(kill, grace);
+    killTimer = setTimeout(kill, Math.min(grace, graceMs));
   };
   let timedOutAfter = 0;
-  const stop = (reason: "cancelled" | "abandoned" | "timed_out"): void => {
+  const stop = (reason: "cancelled" | "abandoned" | "timed_out", graceMs?: number): void => {
     if (leaderExited || stopReason !== null) return;
     stopReason = reason;
     // A caller may enforce its own deadline through stop("timed_out").
     timedOutAfter = spec.timeoutMs > 0 ? spec.timeoutMs : Date.now() - startedAt.getTime();
     clearTimeout(timeoutTimer);
-    terminate();
+    terminate(graceMs);
   };
 
   if (spec.timeoutMs > 0) timeoutTimer = setTimeout(() => stop("timed_out"), spec.timeoutMs);
@@ -235,7 +238,7 @@ export function execute(spec: RunSpec): Execution {
     kill();
   };
 
-  return { pid, startedAt, result, stop, kill: killNow };
+  return { pid, startedAt, cgroupProcs: cgroup?.procsFiles ?? [], result, stop, kill: killNow };
 }
 
 /** An execution that never spawned: its result is spawn_failed with this error. */
@@ -255,7 +258,7 @@ function failed(startedAt: Date, error: string): Execution {
     finishedAt: new Date(),
     usage: null,
   };
-  return { pid: null, startedAt, result: Promise.resolve(result), stop: () => {}, kill: () => {} };
+  return { pid: null, startedAt, cgroupProcs: [], result: Promise.resolve(result), stop: () => {}, kill: () => {} };
 }
 
 /** Usage of an attempt run without a confinement: rusage only. */
@@ -319,7 +322,8 @@ async function groupGone(pgid: number, keepWaiting: () => boolean): Promise<void
   while (keepWaiting() && groupRunning(pgid)) await Bun.sleep(GROUP_POLL_MS);
 }
 
-function groupRunning(pgid: number): boolean {
+/** Whether any process of group pgid still runs (zombies do not count, where /proc shows them). */
+export function groupRunning(pgid: number): boolean {
   try {
     process.kill(-pgid, 0);
   } catch {

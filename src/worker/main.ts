@@ -8,12 +8,26 @@ import { runRole } from "../role";
 import { tracingFor } from "../trace/tracing";
 import { WorkerHealthServer } from "./health";
 import { taskIdentities, workerOptions } from "./options";
+import { Watchdog, watchdogTimings } from "./watchdog";
 import { Worker } from "./worker";
 
 await runRole("worker", async (config, log) => {
   checkWorkerExposure(config, coordinatorAddresses(config), log);
   const [identities] = taskIdentities(config, log);
   const tracing = tracingFor(tracingEndpoint(config), "worker");
+  // Started before any task, outside our process group: our tasks die with us (src/worker/watchdog.ts).
+  const watchdog =
+    config.TQ_WORKER_WATCHDOG !== "off"
+      ? new Watchdog({
+          watcher: config.TQ_WORKER_WATCHDOG === "lean" ? "bash" : "bun",
+          ...watchdogTimings({
+            heartbeatIntervalMs: config.TQ_HEARTBEAT_INTERVAL_MS,
+            heartbeatTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS,
+          }),
+          log,
+          state: () => worker.watchState(),
+        })
+      : null;
   const worker = new Worker({
     tracing,
     ...workerOptions(config, log, {
@@ -21,6 +35,7 @@ await runRole("worker", async (config, log) => {
       addresses: coordinatorAddresses(config),
       identities,
     }),
+    onWatchedChange: () => watchdog?.changed(),
     // Shut out: its tasks are killed already. A supervisor that restarts it gets a new worker,
     // which needs an accepted join token to get in.
     onRevoked: () => {
@@ -32,6 +47,12 @@ await runRole("worker", async (config, log) => {
     { event: "worker.starting", id: worker.id, addresses: coordinatorAddresses(config), slots: config.TQ_WORKER_SLOTS },
     "worker starting",
   );
+  if (watchdog) watchdog.start();
+  else
+    log.warn(
+      { event: "worker.no_watchdog" },
+      "TQ_WORKER_WATCHDOG=off: if this worker dies or freezes, its tasks run on until their lease lapses",
+    );
   worker.start();
   const health =
     config.TQ_WORKER_HEALTH_PORT > 0
@@ -49,6 +70,7 @@ await runRole("worker", async (config, log) => {
     // /healthz answers through the drain, so a probe sees it draining rather than gone.
     async stop() {
       await worker.stop();
+      await watchdog?.stop();
       await health?.stop();
       await tracing?.stop();
     },

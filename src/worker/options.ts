@@ -1,7 +1,7 @@
 // WorkerOptions from the configuration, shared by `bun run worker` and `bun start`.
 
 import pkg from "../../package.json";
-import { type Config, inheritedEnvironment, taskIsolation } from "../config";
+import { type Config, inheritedEnvironment, taskIsolation, workerRoutingConfig } from "../config";
 import type { Logger } from "../log";
 import { grpcClientCredentials } from "../tls";
 import { cannotSwitchUsers, prepareIdentities, readableBy, type TaskIdentity } from "./identity";
@@ -17,6 +17,7 @@ export function workerOptions(
     addresses: where.addresses,
     credentials: grpcClientCredentials(config),
     slots: config.TQ_WORKER_SLOTS,
+    ...workerRoutingConfig(config),
     log,
     heartbeatIntervalMs: config.TQ_HEARTBEAT_INTERVAL_MS,
     heartbeatTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS,

@@ -48,12 +48,18 @@ export class Reporter implements AttemptEvents {
    * Opens a stream: who we are, every attempt we hold (`running` and unacknowledged), and our
    * wall clock, so that the coordinator can tell how far it is off.
    */
-  hello(introduction: HelloFields, running: TaskRef[], wallClock: Date): void {
-    this.send(helloMessage(introduction, this.held(running), wallClock));
+  hello(introduction: HelloFields, running: TaskRef[], wallClock: Date): bigint {
+    // Numbered from the heartbeats' sequence: a LeaseConfirmation names one or the other.
+    const seq = ++this.heartbeatSeq;
+    this.send(helloMessage(introduction, this.held(running), wallClock, seq));
+    return seq;
   }
 
-  heartbeat(running: TaskRef[], draining: boolean, full = false): void {
-    this.send(heartbeatMessage(++this.heartbeatSeq, this.held(running), draining, full));
+  /** Sends a heartbeat; returns its number (Heartbeat.seq). */
+  heartbeat(running: TaskRef[], draining: boolean, full = false): bigint {
+    const seq = ++this.heartbeatSeq;
+    this.send(heartbeatMessage(seq, this.held(running), draining, full));
+    return seq;
   }
 
   /** On Welcome: the new stream gets every result the last one did not see acknowledged. */

@@ -10,6 +10,7 @@ import { REFUSAL_KEY, REFUSAL_REVOKED } from "../auth/worker-tokens";
 import {
   type Assign,
   type CoordinatorMessage,
+  type LeaseConfirmation,
   type Welcome,
   type WorkerMessage,
   WorkerService,
@@ -17,12 +18,15 @@ import {
 import type { Logger } from "../log";
 import { clientConstructor } from "../rpc/definitions";
 import { GRPC_DEFAULT_MAX_MESSAGE_BYTES, grpcMessageLimits } from "../rpc/message-size";
-import { leaseMsFor } from "../task/lease";
+import { attemptKey } from "../task/attempt";
+import { fenceKillGraceMs, type HeartbeatTimings, legacyLeaseMsFor } from "../task/lease";
 import type { Tracing } from "../trace/tracing";
 import { Attempts } from "./attempts";
 import type { TaskIdentity } from "./identity";
+import { LeaseFence, StallDetector } from "./lease-fence";
 import { createLimiter, type Limiter, type LimitMaxima, type LimitsMode } from "./limits";
 import { Reporter } from "./reporter";
+import type { WatchdogState } from "./watchdog";
 
 const WorkerClient = clientConstructor(WorkerService);
 
@@ -36,6 +40,10 @@ export interface WorkerOptions {
   tracing?: Tracing | null;
   name: string;
   slots: number;
+  /** The queues it serves (TQ_WORKER_QUEUES); empty or absent: every queue. */
+  queues?: readonly string[];
+  /** Its labels (TQ_WORKER_LABELS), matched against tasks' require and prefer. */
+  labels?: Readonly<Record<string, string>>;
   addresses: string[];
   /** How to dial the coordinators (TLS or not). Defaults to plaintext. */
   credentials?: grpc.ChannelCredentials;
@@ -73,6 +81,11 @@ export interface WorkerOptions {
   now?: () => number;
   /** How tasks are limited and this worker's maxima (src/worker/limits.ts). Defaults to no limits. */
   limits?: { mode: LimitsMode; maxima: LimitMaxima };
+  /**
+   * Called, synchronously, whenever what `watchState()` returns changed: the worker's watchdog
+   * (src/worker/watchdog.ts) is told at once, before any process of a new attempt can outlive us.
+   */
+  onWatchedChange?: () => void;
 }
 
 type Stream = grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage>;
@@ -136,11 +149,27 @@ export class Worker {
   private refusal: string | null = null;
   /** Where in the coordinator list to dial next: starts random, so that workers spread over coordinators. */
   private addressIndex: number;
-  /** The coordinator's lease on our attempts (its heartbeat timeout plus an interval), from Welcome. */
-  private leaseMs: number;
-  /** Runs while disconnected after a Welcome: when it fires, our view of the leases has lapsed. */
-  private cutOffTimer: ReturnType<typeof setTimeout> | null = null;
+  /**
+   * The coordinator's heartbeat timings, from Welcome (ours until then): the lease margins are
+   * counted with them.
+   */
+  private timings: HeartbeatTimings;
+  /** Each held attempt's lease on our own clock (src/worker/lease-fence.ts). */
+  private fence: LeaseFence;
+  private readonly stall: StallDetector;
+  /** Checks for our own stalls and for leases about to run out. */
+  private tickTimer: ReturnType<typeof setInterval> | null = null;
+  /** The current coordinator confirms renewals (lease_confirm); without it we count a legacy lease. */
+  private confirms = false;
+  /**
+   * After a stall: no attempt starts until a coordinator has confirmed the leases of a
+   * Hello or Heartbeat sent after it (`seq`, sent at `sentAt`; null until sent). Null: not
+   * reconciling.
+   */
+  private reconcile: { seq: bigint | null; sentAt: number | null } | null = null;
   private readonly welcomeWaiters = new Set<() => void>();
+  /** The coordinator address dialed last. */
+  private address: string | null = null;
 
   private get maxMessageBytes(): number {
     return this.options.maxMessageBytes ?? GRPC_DEFAULT_MAX_MESSAGE_BYTES;
@@ -152,7 +181,9 @@ export class Worker {
     this.now = options.now ?? Date.now;
     this.workerId = options.id ?? Bun.randomUUIDv7();
     this.addressIndex = Math.floor(Math.random() * options.addresses.length);
-    this.leaseMs = leaseMsFor(options);
+    this.timings = { heartbeatIntervalMs: options.heartbeatIntervalMs, heartbeatTimeoutMs: options.heartbeatTimeoutMs };
+    this.fence = new LeaseFence({ ...this.timings, killGraceMs: options.killGraceMs });
+    this.stall = new StallDetector(options.heartbeatIntervalMs, performance.now());
     this.limiter = createLimiter({
       mode: options.limits?.mode ?? "none",
       maxima: options.limits?.maxima ?? { memoryMb: 0, pids: 0, nofile: 0, cpu: 0 },
@@ -169,6 +200,9 @@ export class Worker {
       events: this.reporter,
       identity: () => ({ workerId: this.workerId, coordinatorId: this.coordinatorId }),
       tracing: options.tracing,
+      gate: (key, receivedAt) => this.gate(key, receivedAt),
+      onForget: (key) => this.fence.forget(key),
+      changed: options.onWatchedChange,
     });
     this.reporter.maxMessageBytes = this.maxMessageBytes;
   }
@@ -179,6 +213,10 @@ export class Worker {
 
   /** Starts dialing and returns; the worker keeps reconnecting on its own until stop(). */
   start(): void {
+    this.tickTimer = setInterval(
+      () => this.tick(),
+      Math.max(10, Math.min(250, Math.floor(this.options.heartbeatIntervalMs / 4))),
+    );
     this.connect();
   }
 
@@ -186,6 +224,16 @@ export class Worker {
   connected(): Promise<void> {
     if (this.welcomed) return Promise.resolve();
     return new Promise((resolve) => this.welcomeWaiters.add(resolve));
+  }
+
+  /** What the watchdog must know to stop our tasks and report them if we die (src/worker/watchdog.ts). */
+  watchState(): WatchdogState {
+    return {
+      worker_id: this.workerId,
+      credential: this.resumeToken,
+      address: this.address,
+      attempts: this.attempts.processes(),
+    };
   }
 
   /** Attempts held, waiting for their start time or running. */
@@ -252,6 +300,7 @@ export class Worker {
   private connect(): void {
     if (this.closed) return;
     const address = this.options.addresses[this.addressIndex % this.options.addresses.length]!;
+    this.address = address;
     const client = new WorkerClient(address, this.options.credentials ?? grpc.credentials.createInsecure(), {
       // Our own HTTP/2 connection per worker, even when several share a process.
       "grpc.use_local_subchannel_pool": 1,
@@ -289,6 +338,7 @@ export class Worker {
         // What we still run is superseded there, and is stopped when we report it.
         this.workerId = Bun.randomUUIDv7();
         this.resumeToken = "";
+        this.options.onWatchedChange?.();
         this.options.log.warn({ id: this.workerId }, "the coordinator refused our worker id; continuing under a new one");
       }
       if (error.code === grpc.status.FAILED_PRECONDITION && this.stream === stream) this.refusal = error.details || error.message;
@@ -296,17 +346,21 @@ export class Worker {
     });
     stream.on("end", () => onClosed("stream ended"));
     stream.on("close", () => onClosed("stream closed"));
-    this.reporter.hello(
+    const sentAt = performance.now();
+    const seq = this.reporter.hello(
       {
         workerId: this.id,
         name: this.options.name,
         slots: this.options.slots,
         version: this.options.version ?? "",
         resumeToken: this.resumeToken,
+        queues: [...(this.options.queues ?? [])],
+        labels: { ...(this.options.labels ?? {}) },
       },
       this.attempts.refs(),
       new Date(this.now()),
     );
+    this.sentNumbered(seq, sentAt);
   }
 
   /**
@@ -340,7 +394,6 @@ export class Worker {
     if (this.heartbeatTimer) clearInterval(this.heartbeatTimer);
     this.heartbeatTimer = null;
     if (this.closed) return;
-    if (wasWelcomed) this.startCutOffTimer();
     this.dialFailures = wasWelcomed ? 1 : this.dialFailures + 1;
     // Move on to the next coordinator in the list after a failure there.
     this.addressIndex++;
@@ -379,6 +432,9 @@ export class Worker {
       case "drain":
         this.drain();
         return;
+      case "lease":
+        this.leaseConfirmed(payload.value);
+        return;
       default:
         return;
     }
@@ -388,14 +444,17 @@ export class Worker {
     this.welcomed = true;
     this.refusal = null;
     if (welcome.resumeToken) this.resumeToken = welcome.resumeToken;
+    this.options.onWatchedChange?.();
     this.coordinatorId = welcome.coordinatorId || null;
     this.dialFailures = 0;
-    if (welcome.heartbeatTimeoutMs > 0) this.leaseMs = leaseMsFor(welcome);
+    if (welcome.heartbeatTimeoutMs > 0 && welcome.heartbeatIntervalMs > 0) {
+      this.timings = { heartbeatIntervalMs: welcome.heartbeatIntervalMs, heartbeatTimeoutMs: welcome.heartbeatTimeoutMs };
+      this.fence.timings = this.timings;
+    }
+    this.confirms = welcome.features.includes("lease_confirm");
     // Results must fit what this coordinator accepts, as well as our own limit; an older
     // coordinator does not say, and accepts gRPC's default.
     this.reporter.maxMessageBytes = Math.min(this.maxMessageBytes, welcome.maxMessageBytes || GRPC_DEFAULT_MAX_MESSAGE_BYTES);
-    if (this.cutOffTimer) clearTimeout(this.cutOffTimer);
-    this.cutOffTimer = null;
     this.options.log.info(
       {
         event: "worker.connected",
@@ -409,6 +468,9 @@ export class Worker {
     // A new coordinator learns at once that we take no new work.
     if (this.full) this.heartbeat();
     this.heartbeatTimer = setInterval(() => this.heartbeat(), this.options.heartbeatIntervalMs);
+    // A stall noticed while this stream was being set up: reconcile on it now.
+    if (this.reconcile && !this.confirms) this.cannotReconcile();
+    else if (this.reconcile && this.reconcile.seq === null) this.heartbeat();
     for (const resolve of this.welcomeWaiters) resolve();
     this.welcomeWaiters.clear();
   }
@@ -422,12 +484,17 @@ export class Worker {
       this.reporter.notStarted(ref, "abandoned", "the worker is draining", true);
       return;
     }
+    // A stall noticed first: an Assign read after one may have waited in our buffers through it.
+    this.tick();
     if (leaseLapsed(assign, this.now)) {
       // It may already run elsewhere.
       this.options.log.warn(this.attempts.fields(ref), "assignment arrived after its lease lapsed; not running it");
       this.reporter.notStarted(ref, "abandoned", "the assignment arrived after its lease lapsed", false);
       return;
     }
+    // Counted from receipt until a confirmation replaces it; an older coordinator sends no
+    // lease_ms, and its lease is the legacy one.
+    this.fence.granted(attemptKey(ref.taskId, ref.attempt), assign.leaseMs ?? legacyLeaseMsFor(this.timings), performance.now());
     this.attempts.take(assign);
   }
 
@@ -439,7 +506,149 @@ export class Worker {
   }
 
   private heartbeat(): void {
-    this.reporter.heartbeat(this.attempts.refs(), this.draining, this.full);
+    const sentAt = performance.now();
+    const refs = this.attempts.refs();
+    const seq = this.reporter.heartbeat(refs, this.draining, this.full);
+    this.sentNumbered(seq, sentAt);
+    // A coordinator that confirms nothing renews what a heartbeat reports, with the legacy
+    // lease: counted from the send while we are connected to it (not after).
+    if (this.welcomed && !this.confirms) {
+      const leaseMs = legacyLeaseMsFor(this.timings);
+      this.fence.confirm(
+        seq,
+        refs.map((ref) => ({ key: attemptKey(ref.taskId, ref.attempt), leaseMs })),
+      );
+    }
+  }
+
+  /** A numbered Hello or Heartbeat went out (on the current stream, if any). */
+  private sentNumbered(seq: bigint, sentAt: number): void {
+    this.fence.sent(seq, sentAt);
+    if (this.reconcile && this.reconcile.seq === null && (this.welcomed || this.stream)) this.reconcile = { seq, sentAt };
+  }
+
+  /**
+   * A coordinator renewed leases on the strength of our message numbered `seq`: each renewed
+   * attempt's lease now counts from that message's send. While reconciling after a stall, the
+   * first confirmation of a message sent after it decides what was held back: an attempt
+   * reported in it starts if renewed and is refused if not; one taken after it was sent is
+   * reported in another heartbeat first (it may have waited in our buffers through the stall).
+   */
+  private leaseConfirmed(confirmation: LeaseConfirmation): void {
+    const renewed = confirmation.renewed.flatMap(({ ref, leaseMs }) =>
+      ref ? [{ key: attemptKey(ref.taskId, ref.attempt), leaseMs }] : [],
+    );
+    const moved = this.fence.confirm(confirmation.seq, renewed) ?? new Set<string>();
+    const reconcile = this.reconcile;
+    if (!reconcile || reconcile.seq === null || reconcile.sentAt === null || confirmation.seq < reconcile.seq) return;
+    let uncovered = 0;
+    for (const { key, ref, receivedAt } of this.attempts.parked()) {
+      if (receivedAt > reconcile.sentAt) {
+        uncovered++;
+        continue;
+      }
+      if (moved.has(key) && this.fence.trusted(key, performance.now())) {
+        this.attempts.resumeParked(key, "start");
+      } else {
+        this.options.log.warn(
+          { event: "worker.assignment_refused", ...this.attempts.fields(ref), reason: "not renewed after a stall" },
+          "an assignment held back after a stall was not renewed: not starting it",
+        );
+        this.attempts.resumeParked(key, "refuse");
+      }
+    }
+    if (uncovered === 0) {
+      this.reconcile = null;
+      this.options.log.info({ event: "worker.reconciled" }, "leases confirmed after the stall: starting work again");
+      return;
+    }
+    this.reconcile = { seq: null, sentAt: null };
+    if (this.welcomed) this.heartbeat();
+  }
+
+  /**
+   * Whether an attempt about to start may: its lease must still hold by our count (refused
+   * otherwise), and while reconciling after a stall it waits for the confirmation.
+   */
+  private gate(key: string, receivedAt: number): "start" | "hold" | "refuse" {
+    this.tick();
+    const now = performance.now();
+    if (!this.fence.trusted(key, now)) {
+      const [taskId = "", attempt = "0"] = key.split(":");
+      this.options.log.warn(
+        {
+          event: "worker.assignment_refused",
+          ...this.attempts.fields({ taskId, attempt: Number(attempt) } as Parameters<Attempts["fields"]>[0]),
+          reason: "lease not trusted",
+          heldMs: Math.round(now - receivedAt),
+        },
+        "an assignment's lease can no longer be trusted: not starting it",
+      );
+      return "refuse";
+    }
+    if (this.reconcile) return "hold";
+    return "start";
+  }
+
+  /**
+   * Every few ms: a gap longer than a heartbeat interval since the last tick is our own stall
+   * (frozen, or the event loop blocked), after which nothing starts until a coordinator has
+   * confirmed our leases; an attempt whose lease is about to run out by our count is fenced.
+   */
+  private tick(): void {
+    const now = performance.now();
+    const gap = this.stall.tick(now);
+    if (gap !== null) this.stalled(gap);
+    for (const key of this.fence.due(now)) {
+      const lease = this.fence.leaseOf(key);
+      this.fence.forget(key);
+      const ref = this.attempts.refs().find((r) => attemptKey(r.taskId, r.attempt) === key);
+      if (!ref) continue;
+      this.options.log.warn(
+        {
+          event: "worker.lease_fenced",
+          ...this.attempts.fields(ref),
+          lease_ms: lease?.leaseMs,
+          fence_grace_ms: fenceKillGraceMs(this.timings, this.options.killGraceMs),
+          connected: this.welcomed,
+        },
+        "the attempt's lease is about to run out unconfirmed: stopping it",
+      );
+      this.attempts.fence(
+        key,
+        "the attempt's lease ran out on the worker before a coordinator confirmed its renewal",
+        fenceKillGraceMs(this.timings, this.options.killGraceMs),
+      );
+    }
+  }
+
+  private stalled(gapMs: number): void {
+    this.options.log.warn(
+      { event: "worker.stall_detected", gapMs: Math.round(gapMs), held: this.attempts.size, connected: this.welcomed },
+      "this worker stalled: starting nothing until a coordinator confirms its leases",
+    );
+    // Already reconciling on a message sent before this stall: its confirmation still vouches
+    // for what was taken before that message, and what came after (in this stall too) is
+    // reported in one more round. Starting over would never finish under frequent stalls.
+    if (this.reconcile?.seq != null) return;
+    this.reconcile = { seq: null, sentAt: null };
+    if (this.welcomed && !this.confirms) this.cannotReconcile();
+    else if (this.welcomed) this.heartbeat();
+  }
+
+  /**
+   * Without confirmations (a coordinator of an older build) nothing would end a
+   * reconciliation: what was held back is refused, as its lease cannot be trusted.
+   */
+  private cannotReconcile(): void {
+    this.reconcile = null;
+    for (const { key, ref } of this.attempts.parked()) {
+      this.options.log.warn(
+        { event: "worker.assignment_refused", ...this.attempts.fields(ref), reason: "stalled; no lease confirmations" },
+        "an assignment held back after a stall cannot be confirmed: not starting it",
+      );
+      this.attempts.resumeParked(key, "refuse");
+    }
   }
 
   /**
@@ -463,24 +672,6 @@ export class Worker {
     if (this.welcomed) this.heartbeat();
   }
 
-  /**
-   * Cut off from every coordinator for a lease period, the worker must assume its tasks were
-   * requeued and run elsewhere: it stops them, so that two copies do not run for long. Their
-   * results (abandoned) are reported when it reconnects, and fenced off there.
-   */
-  private startCutOffTimer(): void {
-    if (this.cutOffTimer) clearTimeout(this.cutOffTimer);
-    this.cutOffTimer = setTimeout(() => {
-      this.cutOffTimer = null;
-      if (this.welcomed || this.attempts.size === 0) return;
-      this.options.log.warn(
-        { running: this.attempts.size, leaseMs: this.leaseMs },
-        "lease lapsed while disconnected: stopping tasks",
-      );
-      this.attempts.abandonAll("the lease lapsed while the worker was cut off", "lost");
-    }, this.leaseMs);
-  }
-
   /** Writes on the current stream; before Welcome only Hello goes out. */
   private write(message: WorkerMessage): void {
     const stream = this.stream;
@@ -492,10 +683,10 @@ export class Worker {
   private clearTimers(): void {
     if (this.heartbeatTimer) clearInterval(this.heartbeatTimer);
     if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
-    if (this.cutOffTimer) clearTimeout(this.cutOffTimer);
+    if (this.tickTimer) clearInterval(this.tickTimer);
     this.heartbeatTimer = null;
     this.reconnectTimer = null;
-    this.cutOffTimer = null;
+    this.tickTimer = null;
   }
 }
 

@@ -2,14 +2,16 @@
 // restarted, one is frozen (SIGSTOP) and resumed, a coordinator is killed and restarted, and
 // PostgreSQL is restarted once. Afterwards every task is final and succeeded exactly once in
 // the history, none is lost, and the tasks that ran more than once are no more than those in
-// flight on the killed or frozen workers. Bounded: it stops by itself within about 90 s and
+// flight on the killed or frozen workers, and no two attempts of one task were ever alive at
+// once (each command logs its start and end, test/support/attempt-log.ts). Bounded: it stops by itself within about 90 s and
 // cleans up every process it started.
 import { afterAll, beforeAll, expect, setDefaultTimeout, test } from "bun:test";
-import { chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { type EmbeddedDatabase, startEmbedded } from "../../src/db/embedded";
 import { connect, type Sql } from "../../src/db/sql";
+import { createAttemptLog, describeOverlap, loggedCommand, overlaps, readAttemptLog } from "../support/attempt-log";
 import { freePort, HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS } from "../support/db";
 import { type RoleProcess, spawnRole } from "../support/processes";
 import { taskDir } from "../support/task-dir";
@@ -79,12 +81,11 @@ test("1,000 tasks through worker kills, a freeze, a coordinator kill and a Postg
   };
   const workers = await Promise.all([startWorker(), startWorker(), startWorker()]);
 
-  const runs = join(dir, "runs");
-  writeFileSync(runs, "");
-  // Tasks may run as their slots' own users: every one of them appends here.
-  chmodSync(runs, 0o666);
-  // Each run appends its task id: the ground truth of how often a task really ran.
-  const command = `echo "$TQ_TASK_ID" >> '${runs}'; sleep 0.1`;
+  // Each run appends its start and end (task, attempt, pid, date +%s%N): the ground truth of
+  // how often a task really ran and whether two of its attempts were ever alive at once.
+  // Tasks may run as their slots' own users: the file is writable by all.
+  const runs = createAttemptLog(dir);
+  const command = loggedCommand(runs, "sleep 0.1");
 
   /** Tasks held by a worker right now: what its death or freeze may cause to run again. */
   const inFlightOn = async (workerId: string) => {
@@ -195,10 +196,23 @@ test("1,000 tasks through worker kills, a freeze, a coordinator kill and a Postg
     SELECT count(*)::int AS n FROM (
       SELECT task_id FROM task_events WHERE kind = 'succeeded' GROUP BY task_id HAVING count(*) > 1) x`;
   const stale = await sql<{ n: number }[]>`SELECT count(*)::int AS n FROM task_events WHERE kind = 'stale'`;
+  const records = readAttemptLog(runs);
   const executions = new Map<string, number>();
-  for (const line of readFileSync(runs, "utf8").split("\n")) {
-    if (line) executions.set(line, (executions.get(line) ?? 0) + 1);
+  for (const r of records) {
+    if (r.kind === "start") executions.set(r.task, (executions.get(r.task) ?? 0) + 1);
   }
+  const overlapping = overlaps(records);
+  // Hand-over delay: from the claim (dispatched_at, the database's clock) to the attempt's
+  // shell writing its start (same machine's clock): where an assignment held up on its way
+  // to a live worker would show (issue 12 item 6).
+  const dispatched = await sql<{ task_id: string; attempt: number; at_ms: number }[]>`
+    SELECT task_id, attempt, extract(epoch FROM dispatched_at) * 1000 AS at_ms FROM task_attempts`;
+  const dispatchedAt = new Map(dispatched.map((d) => [`${d.task_id}#${d.attempt}`, Number(d.at_ms)]));
+  const handovers = records
+    .filter((r) => r.kind === "start" && dispatchedAt.has(`${r.task}#${r.attempt}`))
+    .map((r) => Number(r.ns / 1_000_000n) - dispatchedAt.get(`${r.task}#${r.attempt}`)!)
+    .sort((a, b) => a - b);
+  const handoverAt = (q: number) => Math.round(handovers[Math.min(handovers.length - 1, Math.floor(q * handovers.length))] ?? 0);
   const reExecutions = [...executions.values()].reduce((sum, n) => sum + n - 1, 0);
   // The tasks in flight on the killed or frozen workers: those the system took back from them
   // (a worker dispatched to, up to the moment it was found dead, held them).
@@ -223,6 +237,13 @@ test("1,000 tasks through worker kills, a freeze, a coordinator kill and a Postg
     inFlightOnKilledOrFrozenWorkers: exposed,
     inFlightWhenKilledOrFrozen: exposedAtKill,
     neverRan,
+    overlappingAttempts: overlapping.length,
+    handoverMs: {
+      p50: handoverAt(0.5),
+      p99: handoverAt(0.99),
+      max: Math.round(handovers.at(-1) ?? 0),
+      over1s: handovers.filter((d) => d > 1000).length,
+    },
     chaos: log,
   };
   console.log(`chaos: ${JSON.stringify(report, null, 2)}`);
@@ -239,7 +260,11 @@ test("1,000 tasks through worker kills, a freeze, a coordinator kill and a Postg
     );
   }
 
+  if (overlapping.length > 0)
+    console.log(`attempts alive at once:\n${overlapping.map((o) => `  ${describeOverlap(o)}`).join("\n")}`);
+
   expect(open).toBe(0);
+  expect(overlapping.map(describeOverlap)).toEqual([]);
   expect(report.states).toEqual({ succeeded: TASKS });
   expect(successes[0]).toEqual({ n: TASKS, tasks: TASKS });
   expect(neverRan).toBe(0);

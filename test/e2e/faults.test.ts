@@ -35,11 +35,15 @@ async function events(taskId: string): Promise<string[]> {
   return rows.map((row) => `${row.kind}#${row.attempt}`);
 }
 
-test("a frozen worker is declared dead and its task runs elsewhere; resumed, its stale copy is stopped", async () => {
+// With its watchdog on, a frozen worker is killed with its tasks first (test/e2e/watchdog.test.ts);
+// without one, this is what remains: the lease lapses, and the thawed worker stops its stale copy.
+test("a frozen worker without a watchdog: its task runs elsewhere once its lease lapses; resumed, its stale copy is stopped", async () => {
   const cluster = await startCluster(db.url, { workers: 0, slots: 1 });
   try {
-    const frozen = await cluster.addWorker();
-    const { json: task } = await postJson(`${cluster.coordinatorUrl}/submit`, { command: blocking("freeze") });
+    const frozen = await cluster.addWorker({ TQ_WORKER_WATCHDOG: "off" });
+    await frozen.waitForEvent("worker.no_watchdog");
+    // A lease of its own, well above the heartbeat timeout (1 s here): silence alone requeues nothing.
+    const { json: task } = await postJson(`${cluster.coordinatorUrl}/submit`, { command: blocking("freeze"), lease_ms: 3000 });
     const first = await watchTask(cluster.coordinatorUrl, task.id, (t) => t.state === "running");
     expect(first.worker_id).toBe(await workerId(frozen));
     const other = await cluster.addWorker();
@@ -48,8 +52,10 @@ test("a frozen worker is declared dead and its task runs elsewhere; resumed, its
     expect(second.worker_id).toBe(await workerId(other));
     const stalePid = pidOf("freeze", 1);
     expect(isRunning(stalePid)).toBe(true);
+    expect(cluster.coordinator.logged("sessions.worker_silent").length).toBeGreaterThan(0);
     frozen.kill("SIGCONT");
-    // Back, it reconnects and is told to stop the superseded attempt.
+    // Back, it stops the superseded attempt: its own count of the lease ran out while frozen
+    // (worker.lease_fenced), or it is told to on reconnecting.
     await frozen.waitForEvent("worker.task_stopped", { where: (line) => line.attempt === 1, what: "the stale attempt stopped" });
     expect(isRunning(stalePid)).toBe(false);
     openGate("freeze");

@@ -102,7 +102,7 @@ test("the coordinator counts a task's dispatch, start and success; the scheduler
   // Declared before their branches call them: schedules and rate limits.
   expect(after.get("taskqueue_schedule_firings_total")?.type).toBe("COUNTER");
   expect(after.get("taskqueue_schedule_lateness_seconds")?.type).toBe("HISTOGRAM");
-  expect(after.get("taskqueue_tasks_rate_limited_total")?.type).toBe("COUNTER");
+  expect(after.get("taskqueue_dispatch_rate_limited_total")?.type).toBe("COUNTER");
 
   expect(value(after, "taskqueue_workers")).toBe(1);
   expect(value(after, "taskqueue_worker_slots", { use: "free" }) + value(after, "taskqueue_worker_slots", { use: "used" })).toBe(

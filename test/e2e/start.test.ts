@@ -4,6 +4,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { freePort, HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS } from "../support/db";
+import { eventually } from "../support/eventually";
 import { postJson, watchTask } from "../support/http";
 import { RoleProcess } from "../support/processes";
 import { readmeCurls, runReadmeCommand } from "../support/readme";
@@ -82,6 +83,38 @@ test("the README's run-now example runs on the built-in workers", async () => {
   expect(done).toMatchObject({ state: "succeeded", stdout: "hello\n" });
   const workers = JSON.parse(await sh(`curl http://localhost:8080/workers`)) as { workers: unknown[] };
   expect(workers.workers).toHaveLength(2);
+});
+
+test("the README's recurring schedule examples work as printed", async () => {
+  const curls = readmeCurls("Recurring schedules").filter((line) => line.includes("/schedules") || line.includes("schedule_id"));
+  const [create, nightly, show, tasks, patch, trigger, pause, resume, remove] = curls;
+  expect(curls).toHaveLength(9);
+  const created = JSON.parse(await sh(create!)) as { id: string; cron: string; upcoming: string[] };
+  expect(created).toMatchObject({ cron: "*/5 * * * * *" });
+  expect(created.upcoming).toHaveLength(5);
+  const other = JSON.parse(await sh(nightly!)) as { time_zone: string; overlap: string; catch_up: unknown };
+  expect(other).toMatchObject({ time_zone: "Europe/Berlin", overlap: "skip", catch_up: { window: "6h", mode: "latest" } });
+  // bun start fires schedules (its coordinator and scheduler both run the loop): the first
+  // firing's task runs on the built-in workers.
+  const firing = await eventually(
+    async () => {
+      const view = JSON.parse(await sh(show!)) as { firings: { outcome: string; task_id: string | null }[] };
+      return view.firings.find((f) => f.outcome === "created") ?? null;
+    },
+    { what: "the first firing", timeoutMs: 20_000, intervalMs: 250 },
+  );
+  const listed = JSON.parse(await sh(tasks!.replace("SCHEDULE_ID", created.id))) as {
+    tasks: { id: string; schedule_id: string }[];
+  };
+  expect(listed.tasks.map((t) => t.id)).toContain(firing.task_id!);
+  const done = await watchTask(`http://127.0.0.1:${ports.scheduler}`, firing.task_id!);
+  expect(done).toMatchObject({ state: "succeeded", stdout: "beat\n", schedule_id: created.id });
+  expect(JSON.parse(await sh(patch!))).toMatchObject({ overlap: "buffer_one" });
+  expect((JSON.parse(await sh(trigger!)) as { outcome: string }).outcome).toMatch(/^(created|buffered)$/);
+  expect(JSON.parse(await sh(pause!))).toMatchObject({ paused: true });
+  expect(JSON.parse(await sh(resume!))).toMatchObject({ paused: false });
+  expect(await sh(remove!)).toBe("");
+  await sh(pause!);
 });
 
 test.skipIf(process.getuid?.() !== 0)("started as root, its workers run tasks as their slots' own users", async () => {

@@ -22,9 +22,22 @@ function countingSql(): { sql: Sql; statements: () => number; settled: () => Pro
   const open: PromiseLike<unknown>[] = [];
   const sql = new Proxy(db.sql, {
     apply(target, thisArg, args) {
-      count++;
       const query = Reflect.apply(target, thisArg, args);
-      if (typeof query?.then === "function") open.push(query);
+      // A statement runs when awaited; a template that only becomes part of another statement
+      // (a fragment, such as flow control's filters) is never awaited, so it is not counted.
+      if (typeof query?.then === "function") {
+        const then = query.then.bind(query);
+        let awaited = false;
+        // biome-ignore lint/suspicious/noThenProperty: the statement is counted when it is awaited.
+        query.then = (onFulfilled?: (value: unknown) => unknown, onRejected?: (reason: unknown) => unknown) => {
+          if (!awaited) {
+            awaited = true;
+            count++;
+            open.push(query);
+          }
+          return then(onFulfilled, onRejected);
+        };
+      }
       return query;
     },
   });

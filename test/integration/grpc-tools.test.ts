@@ -12,6 +12,7 @@ import { service as healthServiceDefinition } from "grpc-health-check";
 import { hashToken, newToken } from "../../src/auth/tokens";
 import { loadConfig } from "../../src/config";
 import { Coordinator } from "../../src/coordinator/coordinator";
+import { ScheduleService } from "../../src/gen/taskqueue/v1/schedule_service_pb";
 import { TaskService } from "../../src/gen/taskqueue/v1/task_service_pb";
 import { WorkerService } from "../../src/gen/taskqueue/v1/worker_service_pb";
 import { silentLogger } from "../../src/log";
@@ -88,9 +89,9 @@ for (const version of ["v1", "v1alpha"] as const) {
   test(`reflection ${version} lists every service served and sends the generated descriptors, byte for byte, with no token`, async () => {
     const reflection = client(guardedInfo.grpcAddress, version);
     expect(await reflection.listServices()).toEqual(
-      ["grpc.health.v1.Health", TaskService.typeName, WorkerService.typeName].sort(),
+      ["grpc.health.v1.Health", TaskService.typeName, WorkerService.typeName, ScheduleService.typeName].sort(),
     );
-    for (const service of [TaskService, WorkerService]) {
+    for (const service of [TaskService, WorkerService, ScheduleService]) {
       const sent = await reflection.filesContaining(service.typeName);
       // The file declaring the symbol first, then all it imports (the well-known types too).
       expect(sent[0]!.name).toBe(service.file.proto.name);
@@ -135,14 +136,16 @@ test("a client that learnt TaskService by reflection submits, gets and lists tas
 
 test("health, learnt by reflection, is SERVING for the server and each service, with no token", async () => {
   const reflection = client(guardedInfo.grpcAddress, "v1alpha");
-  for (const name of ["", TaskService.typeName, WorkerService.typeName]) {
+  for (const name of ["", TaskService.typeName, WorkerService.typeName, ScheduleService.typeName]) {
     expect(await reflection.unary("grpc.health.v1.Health/Check", { service: name })).toEqual({ status: "SERVING" });
   }
   expect(await failure(reflection.unary("grpc.health.v1.Health/Check", { service: "no.such.Service" }))).toBe(
     grpc.status.NOT_FOUND,
   );
   expect(await reflection.unary("grpc.health.v1.Health/List")).toEqual({
-    statuses: Object.fromEntries(["", TaskService.typeName, WorkerService.typeName].map((name) => [name, { status: "SERVING" }])),
+    statuses: Object.fromEntries(
+      ["", TaskService.typeName, WorkerService.typeName, ScheduleService.typeName].map((name) => [name, { status: "SERVING" }]),
+    ),
   });
   const watch = await reflection.stream("grpc.health.v1.Health/Watch", { service: "no.such.Service" });
   expect(await watch.next()).toEqual({ status: "SERVICE_UNKNOWN" });

@@ -117,6 +117,49 @@ function openWorker() {
 }
 
 describe("TaskService", () => {
+  test("SubmitTask takes depends_on and on_parent_failure; GetTask shows parents, children and the waiting reason", async () => {
+    const parent = (
+      await call<SubmitTaskResponse>("submitTask", {
+        command: "echo parent",
+        scheduledAt: timestampFromDate(new Date(Date.now() + 3_600_000)),
+      })
+    ).task!;
+    const child = (
+      await call<SubmitTaskResponse>("submitTask", { command: "echo child", dependsOn: [parent.id], onParentFailure: "skip" })
+    ).task!;
+    expect(child.state).toBe(TaskState.WAITING);
+    expect(child.onParentFailure).toBe("skip");
+    const shown = (await call<{ task: typeof child }>("getTask", { id: child.id })).task!;
+    expect(shown.parents.map((p) => ({ id: p.id, ref: p.ref, state: p.state }))).toEqual([
+      { id: parent.id, ref: parent.id.replaceAll("-", "_"), state: TaskState.QUEUED },
+    ]);
+    expect(shown.waiting?.kind).toBe("parents");
+    expect(shown.waiting?.message).toBe(`parents ${parent.id}`);
+    const above = (await call<{ task: typeof child }>("getTask", { id: parent.id })).task!;
+    expect(above.children.map((c) => c.id)).toEqual([child.id]);
+    expect(await failure(call("submitTask", { command: "true", dependsOn: [Bun.randomUUIDv7()] }))).toBe(
+      grpc.status.INVALID_ARGUMENT,
+    );
+    expect(await failure(call("submitTask", { command: "true", dependsOn: [parent.id], onParentFailure: "maybe" }))).toBe(
+      grpc.status.INVALID_ARGUMENT,
+    );
+    await call("cancelTask", { id: parent.id });
+    const skipped = (await call<{ task: typeof child }>("getTask", { id: child.id })).task!;
+    expect(skipped.state).toBe(TaskState.CANCELLED);
+    expect(skipped.error).toBe(`skipped: parent ${parent.id} (${parent.id.replaceAll("-", "_")}) ended cancelled`);
+  });
+
+  test("flow control: a concurrency key and a rate limit round-trip; an unknown limit is INVALID_ARGUMENT", async () => {
+    const submitted = await call<SubmitTaskResponse>("submitTask", {
+      command: "echo keyed",
+      scheduledAt: timestampFromDate(new Date(Date.now() + 3_600_000)),
+      concurrency: { key: "grpc-key", max: 2 },
+    });
+    expect(submitted.task!.concurrency).toMatchObject({ key: "grpc-key", max: 2, strategy: "queue" });
+    expect(submitted.task!.rateLimit).toBe("");
+    expect(await failure(call("submitTask", { command: "x", rateLimit: "no-such-limit" }))).toBe(grpc.status.INVALID_ARGUMENT);
+  });
+
   test("submit, get, list and cancel round-trip; bad input is INVALID_ARGUMENT", async () => {
     const at = new Date(Date.now() + 3_600_000);
     const submitted = await call<SubmitTaskResponse>("submitTask", {
@@ -148,6 +191,13 @@ describe("TaskService", () => {
     expect(await failure(call("submitTask", { command: "" }))).toBe(grpc.status.INVALID_ARGUMENT);
     expect(await failure(call("submitTask", { command: "x\u0000y" }))).toBe(grpc.status.INVALID_ARGUMENT);
     expect(await failure(call("listTasks", { state: 99 }))).toBe(grpc.status.INVALID_ARGUMENT);
+    // A lease of its own: at least the heartbeat timeout plus two intervals (1400 ms here).
+    expect(await failure(call("submitTask", { command: "true", leaseMs: 1399 }))).toBe(grpc.status.INVALID_ARGUMENT);
+    const leased = await call<SubmitTaskResponse>("submitTask", { command: "true", leaseMs: 1400 });
+    expect(leased.task!.leaseMs).toBe(1400);
+    const byDefault = await call<SubmitTaskResponse>("submitTask", { command: "true" });
+    expect(byDefault.task!.leaseMs).toBeUndefined();
+    for (const id of [leased.task!.id, byDefault.task!.id]) await call("cancelTask", { id });
   });
 
   test("a Timestamp out of its range is INVALID_ARGUMENT, never moved; every year from 0001 is kept", async () => {
@@ -444,7 +494,7 @@ describe("WorkerService", () => {
     worker.close();
   });
 
-  test("a worker that goes silent is declared dead and its task is requeued", async () => {
+  test("a worker that goes silent is declared dead and its task is requeued once its lease lapses", async () => {
     const worker = openWorker();
     const workerId = `silent-${Bun.randomUUIDv7()}`;
     worker.send({ case: "hello", value: { workerId, name: "silent", slots: 1 } });
@@ -457,7 +507,8 @@ describe("WorkerService", () => {
     });
     const nextRequeue = () => new Promise<void>((resolve) => (onRequeue = resolve));
     let requeue = nextRequeue();
-    const { task } = await call<SubmitTaskResponse>("submitTask", { command: "true", maxAttempts: 5 });
+    // The shortest lease (1400 ms here): silence alone requeues nothing, its lapse does.
+    const { task } = await call<SubmitTaskResponse>("submitTask", { command: "true", maxAttempts: 5, leaseMs: 1400 });
     expect((await worker.next()).payload.case).toBe("assign");
     // No heartbeats: after the timeout (1 s here) the coordinator ends the stream. (The
     // lapsed lease may requeue the attempt first, and it may go to this worker once more.)
@@ -470,9 +521,9 @@ describe("WorkerService", () => {
       requeue = nextRequeue();
     }
     await feed.stop();
-    const events = await db.sql<{ kind: string; worker_id: string }[]>`
-      SELECT kind, worker_id FROM task_events WHERE task_id = ${task!.id} ORDER BY id`;
-    expect(events.at(-1)).toEqual({ kind: "requeued", worker_id: workerId });
+    const events = await db.sql<{ kind: string; worker_id: string; reason: string }[]>`
+      SELECT kind, worker_id, detail ->> 'reason' AS reason FROM task_events WHERE task_id = ${task!.id} ORDER BY id`;
+    expect(events.at(-1)).toEqual({ kind: "requeued", worker_id: workerId, reason: "worker lost (lease expired)" });
     worker.close();
   });
 });

@@ -301,7 +301,7 @@ describe("leases", () => {
       ],
       60_000,
     );
-    expect([...renewed]).toEqual([`${a.id}:1`]);
+    expect([...renewed]).toEqual([[`${a.id}:1`, 60_000]]);
     const rescued = await requeueExpiredLeases(db.sql, 0);
     const byId = new Map(rescued.map((t) => [t.id, t]));
     expect(byId.has(a.id)).toBe(false);

@@ -45,7 +45,7 @@ subjectKeyIdentifier = hash
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature
 extendedKeyUsage = serverAuth
-subjectAltName = DNS:localhost, IP:127.0.0.1
+subjectAltName = DNS:localhost, IP:127.0.0.1SERVER_EXTRA_IPS
 authorityKeyIdentifier = keyid
 
 # What openssl req -x509 -addext subjectAltName=... makes with the stock openssl.cnf.
@@ -118,11 +118,16 @@ function makeLeaf(dir: string, name: string, caName: string, extensions: string,
   ]);
 }
 
-export function makeTestCerts(): TestCerts {
+/** `serverIps`: more addresses the server certificate is valid for (e.g. a veth's, test/support/netns.ts). */
+export function makeTestCerts(options: { serverIps?: readonly string[] } = {}): TestCerts {
   const dir = mkdtempSync(join(tmpdir(), "tq-certs-"));
   try {
     // `req` wants a distinguished_name section even when -subj gives the name.
-    writeFileSync(join(dir, "ext.cnf"), `[req]\ndistinguished_name = dn\n[dn]\n${EXTENSIONS}`);
+    const extraIps = (options.serverIps ?? []).map((ip) => `, IP:${ip}`).join("");
+    writeFileSync(
+      join(dir, "ext.cnf"),
+      `[req]\ndistinguished_name = dn\n[dn]\n${EXTENSIONS.replace("SERVER_EXTRA_IPS", extraIps)}`,
+    );
     makeCa(dir, "ca");
     makeCa(dir, "other-ca");
     makeLeaf(dir, "server", "ca", "server", 1001);

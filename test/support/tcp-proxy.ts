@@ -1,11 +1,13 @@
 // A TCP proxy to a real server that a test can cut and restore: a database outage for one
 // process, without stopping a server other tests share. While cut, open connections are
-// reset and new ones are closed on arrival.
+// reset and new ones are closed on arrival. Or it can go silent (`silence`): a link cut
+// without a reset, where bytes are dropped both ways and nothing is closed, as a cable pulled.
 import { connect, createServer, type Server, type Socket } from "node:net";
 
 export class TcpProxy {
   private readonly sockets = new Set<Socket>();
   private cutOff = false;
+  private silent = false;
 
   private constructor(
     private readonly server: Server,
@@ -39,6 +41,17 @@ export class TcpProxy {
 
   restore(): void {
     this.cutOff = false;
+    if (this.silent) {
+      // What was dropped broke the streams that were open: they end now, as after a real cut.
+      this.silent = false;
+      for (const socket of this.sockets) socket.destroy();
+      this.sockets.clear();
+    }
+  }
+
+  /** Drops every byte both ways, on open and new connections, and closes nothing, until restore(). */
+  silence(): void {
+    this.silent = true;
   }
 
   async stop(): Promise<void> {
@@ -63,6 +76,13 @@ export class TcpProxy {
         peer.destroy();
       });
     }
-    client.pipe(upstream).pipe(client);
+    for (const [from, to] of [
+      [client, upstream],
+      [upstream, client],
+    ] as const) {
+      from.on("data", (chunk) => {
+        if (!this.silent) to.write(chunk);
+      });
+    }
   }
 }

@@ -4,7 +4,7 @@ import { expect, test } from "bun:test";
 import { create } from "@bufbuild/protobuf";
 import { type Assign, AssignSchema, type TaskRef, TaskRefSchema } from "../../src/gen/taskqueue/v1/worker_service_pb";
 import { silentLogger } from "../../src/log";
-import { type AttemptEvents, Attempts } from "../../src/worker/attempts";
+import { type AttemptEvents, Attempts, REFUSED_UNTRUSTED } from "../../src/worker/attempts";
 import type { RunResult } from "../../src/worker/executor";
 
 type Event =
@@ -13,7 +13,7 @@ type Event =
   | { kind: "notStarted"; ref: TaskRef; outcome: "cancelled" | "abandoned"; why: string; interrupted: boolean };
 
 /** Attempts whose events are recorded; next() resolves with the next event. */
-function attempts() {
+function attempts(gate?: (key: string, receivedAt: number) => "start" | "hold" | "refuse") {
   const events: Event[] = [];
   const waiting: Array<(event: Event) => void> = [];
   const record = (event: Event) => {
@@ -31,6 +31,7 @@ function attempts() {
     maxOutputBytes: 1000,
     baseEnv: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
     events: sink,
+    gate,
   });
   let seen = 0;
   const next = (): Promise<Event> => {
@@ -137,4 +138,42 @@ test("a drain's hand-back of a running attempt says it was interrupted; the firs
     expect(finished).toMatchObject({ kind: "finished", stopReason: "the worker is draining", interrupted: true });
   }
   await held.empty();
+});
+
+test("the gate holds an attempt back until it is resumed, or refuses it: handed back, interrupted, never started", async () => {
+  let decision: "start" | "hold" | "refuse" = "hold";
+  const { held, events, next } = attempts(() => decision);
+  held.take(assign("t-held", "true"));
+  expect(events).toEqual([]);
+  expect(held.parked().map((p) => p.key)).toEqual(["t-held:1"]);
+  held.resumeParked("t-held:1", "start");
+  expect((await next()).kind).toBe("started");
+  expect((await next()).kind).toBe("finished");
+
+  decision = "refuse";
+  held.take(assign("t-refused", "true"));
+  expect(events.at(-1)).toEqual({
+    kind: "notStarted",
+    ref: ref("t-refused"),
+    outcome: "abandoned",
+    why: REFUSED_UNTRUSTED,
+    interrupted: true,
+  });
+
+  decision = "hold";
+  held.take(assign("t-held-then-refused", "true"));
+  held.resumeParked("t-held-then-refused:1", "refuse");
+  expect(events.at(-1)).toMatchObject({ kind: "notStarted", outcome: "abandoned", why: REFUSED_UNTRUSTED, interrupted: true });
+  expect(held.size).toBe(0);
+});
+
+test("a fenced running attempt is stopped through its process group and handed back as lost", async () => {
+  const { held, next } = attempts();
+  held.take(assign("t-fenced", "sleep 30"));
+  expect((await next()).kind).toBe("started");
+  expect(held.fence("t-fenced:1", "the lease ran out on the worker", 100)).toBe(true);
+  const finished = await next();
+  expect(finished).toMatchObject({ kind: "finished", stopReason: "the lease ran out on the worker", interrupted: false });
+  if (finished.kind === "finished") expect(finished.result.outcome).toBe("abandoned");
+  expect(held.fence("t-fenced:1", "again", 100)).toBe(false);
 });

@@ -11,7 +11,7 @@ import {
   requireDatabaseUrl,
   taskDefaults,
 } from "../../src/config";
-import { leaseMsFor } from "../../src/task/lease";
+import { minLeaseMs } from "../../src/task/lease";
 
 test("defaults apply when nothing is set", () => {
   const config = loadConfig({});
@@ -99,21 +99,31 @@ test("the parts get their settings under domain names", () => {
     TQ_RATE_LIMIT_PER_SECOND: "2.5",
     TQ_RATE_LIMIT_BURST: "9",
   });
-  const defaults = { maxAttempts: 7, retry: { backoffBaseMs: 250, backoffCapMs: 9000 } };
+  const defaults = { maxAttempts: 7, retry: { backoffBaseMs: 250, backoffCapMs: 9000 }, minLeaseMs: 1400 };
   expect(taskDefaults(config)).toEqual(defaults);
-  expect(apiSettings(config)).toEqual({ maxBodyBytes: 4096, maxBatchTasks: 12, taskDefaults: defaults, workerTimeoutMs: 1000 });
+  expect(apiSettings(config)).toEqual({
+    maxBodyBytes: 4096,
+    maxBatchTasks: 12,
+    taskDefaults: defaults,
+    workerTimeoutMs: 1000,
+    priorityAgingMs: 1000,
+  });
   expect(authOptions(config)).toEqual({
     host: "0.0.0.0",
     insecure: true,
     configuredTokens: "ci:read:abc",
     rateLimit: { perSecond: 2.5, burst: 9 },
   });
-  expect(leaseTimings(config)).toEqual({ heartbeatIntervalMs: 200, heartbeatTimeoutMs: 1000, leaseMs: 1200 });
+  expect(leaseTimings(config)).toEqual({ heartbeatIntervalMs: 200, heartbeatTimeoutMs: 1000, leaseMs: 30_000 });
 });
 
-test("an attempt's lease is the heartbeat timeout plus one interval", () => {
-  expect(leaseMsFor({ heartbeatIntervalMs: 1000, heartbeatTimeoutMs: 3000 })).toBe(4000);
-  expect(leaseTimings(loadConfig({})).leaseMs).toBe(4000);
+test("an attempt's default lease is TQ_DEFAULT_LEASE_MS, at least the heartbeat timeout plus two intervals", () => {
+  expect(minLeaseMs({ heartbeatIntervalMs: 1000, heartbeatTimeoutMs: 3000 })).toBe(5000);
+  expect(leaseTimings(loadConfig({})).leaseMs).toBe(30_000);
+  expect(leaseTimings(loadConfig({ TQ_DEFAULT_LEASE_MS: "5000" })).leaseMs).toBe(5000);
+  expect(() => loadConfig({ TQ_DEFAULT_LEASE_MS: "4999" })).toThrow(
+    "TQ_DEFAULT_LEASE_MS (4999) must be at least TQ_HEARTBEAT_TIMEOUT_MS plus two TQ_HEARTBEAT_INTERVAL_MS (5000)",
+  );
 });
 
 // The roles' assembly (and the checks of the configuration itself, whose messages name the
@@ -129,6 +139,8 @@ const READS_CONFIGURATION = new Set([
   "src/scheduler/scheduler.ts",
   "src/worker/main.ts",
   "src/worker/options.ts",
+  // The watchdog's own process: an entry point, as a main is.
+  "src/worker/watchdog-process.ts",
 ]);
 
 function sources(dir: string): string[] {

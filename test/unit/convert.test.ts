@@ -47,6 +47,7 @@ const task: Task = {
   stderr_replaced: false,
   error: null,
   lease_expires_at: null,
+  lease_ms: null,
   retry_on_failure: true,
   retry_on_timeout: true,
   retry_on_lost: true,
@@ -57,6 +58,19 @@ const task: Task = {
   secret_env: { TOKEN: "s3cret" },
   limits: null,
   traceparent: null,
+  queue: "default",
+  requires: [],
+  prefers: [],
+  schedule_timeout_ms: 0,
+  priority_aging_ms: 1000,
+  rank: null,
+  ref: null,
+  on_parent_failure: null,
+  parents_pending: 0,
+  has_children: false,
+  parent_env: null,
+  schedule_id: null,
+  fire_at: null,
 };
 
 test("every state maps to the proto enum and back", () => {

@@ -208,6 +208,7 @@ test("a connection the registry did not open is refused by its verbs", () => {
     features: new Set(),
     inFlight: new Map(),
     reported: [],
+    reportedSeq: 0n,
     draining: false,
     full: false,
     ended: false,

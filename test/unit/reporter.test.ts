@@ -55,7 +55,9 @@ test("a result is kept until acknowledged: re-sent, and named in Hello and heart
   r.heartbeat([ref("running")], true);
   r.heartbeat([], false);
   const beats = sent.flatMap((m) => (m.payload.case === "heartbeat" ? [m.payload.value] : []));
-  expect(beats.map((b) => b.seq)).toEqual([1n, 2n]);
+  // Hello and heartbeats share one sequence (LeaseConfirmation names either).
+  expect(hello.value.leaseSeq).toBe(1n);
+  expect(beats.map((b) => b.seq)).toEqual([2n, 3n]);
   expect(refs(beats[0]!.running)).toEqual(["running:1", "done:1"]);
   expect(beats[0]!.draining).toBe(true);
   expect(refs(beats[1]!.running)).toEqual(["done:1"]);

@@ -354,3 +354,94 @@ describe("ids and cursors", () => {
     }
   });
 });
+
+describe("dependencies", () => {
+  const id = "01960f3c-8a4e-7b21-9c3d-2f5e6a7b8c9d";
+  const refused = (run: () => unknown) => {
+    try {
+      run();
+    } catch (error) {
+      if (error instanceof TaskQueueError) return { field: error.field, message: error.message };
+      throw error;
+    }
+    throw new Error("accepted");
+  };
+
+  test("depends_on takes task ids outside a batch; on_parent_failure defaults to cancel", () => {
+    expect(toTaskSpec({ command: "true", depends_on: [id] }, defaults)).toMatchObject({
+      dependsOn: [id],
+      onParentFailure: "cancel",
+    });
+    expect(toTaskSpec({ command: "true" }, defaults)).not.toHaveProperty("dependsOn");
+    expect(refused(() => toTaskSpec({ command: "true", depends_on: ["build"] }, defaults)).field).toBe("depends_on");
+    expect(refused(() => toTaskSpec({ command: "true", depends_on: [id], on_parent_failure: "maybe" }, defaults)).field).toBe(
+      "on_parent_failure",
+    );
+  });
+
+  test("a batch's refs are unique and valid names; depends_on names a ref of the batch or an id", () => {
+    const specs = toBatchSpecs(
+      {
+        tasks: [
+          { ref: "build", command: "make" },
+          { command: "make test", depends_on: ["build", id], on_parent_failure: "run" },
+        ],
+      },
+      defaults,
+      10,
+    );
+    expect(specs[0]?.ref).toBe("build");
+    expect(specs[1]).toMatchObject({ dependsOn: ["build", id], onParentFailure: "run" });
+    const twice = refused(() =>
+      toBatchSpecs(
+        {
+          tasks: [
+            { ref: "a", command: "x" },
+            { ref: "a", command: "y" },
+          ],
+        },
+        defaults,
+        10,
+      ),
+    );
+    expect(twice).toMatchObject({ field: "tasks[1].ref" });
+    expect(refused(() => toBatchSpecs({ tasks: [{ ref: "not-a-name", command: "x" }] }, defaults, 10)).field).toBe(
+      "tasks[0].ref",
+    );
+    const unknown = refused(() => toBatchSpecs({ tasks: [{ command: "x", depends_on: ["nope"] }] }, defaults, 10));
+    expect(unknown).toMatchObject({ field: "tasks[0].depends_on" });
+    expect(unknown.message).toContain('"nope"');
+  });
+
+  test("a cycle is refused, named in the direction work flows", () => {
+    const cycle = refused(() =>
+      toBatchSpecs(
+        {
+          tasks: [
+            { ref: "build", command: "x", depends_on: ["deploy"] },
+            { ref: "test", command: "x", depends_on: ["build"] },
+            { ref: "deploy", command: "x", depends_on: ["test"] },
+            { ref: "other", command: "x" },
+          ],
+        },
+        defaults,
+        10,
+      ),
+    );
+    expect(cycle.message).toBe("cycle: build -> test -> deploy -> build");
+    // A diamond is not a cycle.
+    const diamond = toBatchSpecs(
+      {
+        tasks: [
+          { ref: "a", command: "x" },
+          { ref: "b", command: "x", depends_on: ["a"] },
+          { ref: "c", command: "x", depends_on: ["a"] },
+          { ref: "d", command: "x", depends_on: ["b", "c"] },
+        ],
+      },
+      defaults,
+      10,
+    );
+    expect(diamond).toHaveLength(4);
+  });
+});

@@ -26,8 +26,11 @@ test("the lifecycle of DESIGN.md", () => {
   expect(canTransition("dispatched", "succeeded")).toBe(true);
   expect(canTransition("running", "queued")).toBe(true);
   expect(canTransition("running", "dispatched")).toBe(false);
-  expect(statesLeadingTo("cancelled")).toEqual(["queued", "dispatched", "running"]);
-  expect(statesLeadingTo("queued")).toEqual(["dispatched", "running"]);
+  expect(statesLeadingTo("cancelled")).toEqual(["waiting", "queued", "dispatched", "running"]);
+  expect(statesLeadingTo("queued")).toEqual(["waiting", "dispatched", "running"]);
+  // A task blocked on its parents is released to the queue or ended, never claimed as it is.
+  expect(canTransition("waiting", "queued")).toBe(true);
+  expect(canTransition("waiting", "dispatched")).toBe(false);
 });
 
 test("state names are recognised exactly", () => {
@@ -39,10 +42,15 @@ test("state names are recognised exactly", () => {
 test("the SQL guards are the states each change may start from", () => {
   expect(GUARDS.claim).toEqual(["queued"]);
   expect(GUARDS.start).toEqual(["dispatched"]);
-  expect(GUARDS.cancel).toEqual(["queued", "dispatched", "running"]);
+  expect(GUARDS.cancel).toEqual(["waiting", "queued", "dispatched", "running"]);
   expect(GUARDS.inFlight).toEqual(["dispatched", "running"]);
+  expect(GUARDS.waiting).toEqual(["waiting"]);
   // A result or a loss may end the attempt in any of these, and each is entered from in flight only.
-  for (const to of ["succeeded", "failed", "timed_out", "queued"] as const)
-    expect(statesLeadingTo(to)).toEqual([...IN_FLIGHT_STATES]);
+  for (const to of ["succeeded", "timed_out"] as const) expect(statesLeadingTo(to)).toEqual([...IN_FLIGHT_STATES]);
+  // And failed also from queued: a schedule_timeout_ms that passed without a worker.
+  expect(statesLeadingTo("failed")).toEqual(["queued", ...IN_FLIGHT_STATES]);
+  expect(GUARDS.scheduleTimeout).toEqual(["queued"]);
+  // The queue is entered from in flight (retry, requeue) and from waiting (parents resolved).
+  expect(statesLeadingTo("queued")).toEqual(["waiting", ...IN_FLIGHT_STATES]);
   for (const guard of Object.values(GUARDS)) for (const state of guard) expect(isFinal(state), state).toBe(false);
 });

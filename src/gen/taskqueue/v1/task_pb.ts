@@ -12,7 +12,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file taskqueue/v1/task.proto.
  */
 export const file_taskqueue_v1_task: GenFile = /*@__PURE__*/
-  fileDesc("Chd0YXNrcXVldWUvdjEvdGFzay5wcm90bxIMdGFza3F1ZXVlLnYxIpoICgRUYXNrEgoKAmlkGAEgASgJEg8KB2NvbW1hbmQYAiABKAkSJgoFc3RhdGUYAyABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEjAKDHNjaGVkdWxlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJcGlja2VkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWZhaWxlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY2FuY2VsbGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdhdHRlbXB0GAsgASgNEhQKDG1heF9hdHRlbXB0cxgMIAEoDRISCgp0aW1lb3V0X21zGA0gASgNEigKA2VudhgOIAMoCzIbLnRhc2txdWV1ZS52MS5UYXNrLkVudkVudHJ5EgsKA2N3ZBgPIAEoCRIRCgl3b3JrZXJfaWQYECABKAkSFgoJZXhpdF9jb2RlGBEgASgRSACIAQESDgoGc2lnbmFsGBIgASgJEg4KBnN0ZG91dBgTIAEoCRIOCgZzdGRlcnIYFCABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgVIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGBYgASgIEhcKD3N0ZG91dF9yZXBsYWNlZBgoIAEoCBIXCg9zdGRlcnJfcmVwbGFjZWQYKSABKAgSDQoFZXJyb3IYFyABKAkSKAoFcmV0cnkYGCABKAsyGS50YXNrcXVldWUudjEuUmV0cnlQb2xpY3kSFwoPaWRlbXBvdGVuY3lfa2V5GBkgASgJEjQKEGxlYXNlX2V4cGlyZXNfYXQYGiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD3NlY3JldF9lbnZfa2V5cxgbIAMoCRIqCgZydW5fYXQYHCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEigKBmxpbWl0cxg8IAEoCzIYLnRhc2txdWV1ZS52MS5UYXNrTGltaXRzEhUKDWludGVycnVwdGlvbnMYRiABKA0aKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIMCgpfZXhpdF9jb2RlIogBCgpUYXNrTGltaXRzEhYKCW1lbW9yeV9tYhgBIAEoDUgAiAEBEhEKBHBpZHMYAiABKA1IAYgBARITCgZub2ZpbGUYAyABKA1IAogBARIQCgNjcHUYBCABKAFIA4gBAUIMCgpfbWVtb3J5X21iQgcKBV9waWRzQgkKB19ub2ZpbGVCBgoEX2NwdSLyAQoMQXR0ZW1wdFVzYWdlEhYKDmxpbWl0c19hcHBsaWVkGAEgASgJEigKBmxpbWl0cxgCIAEoCzIYLnRhc2txdWV1ZS52MS5UYXNrTGltaXRzEhgKC2NwdV91c2VyX3VzGAMgASgESACIAQESGgoNY3B1X3N5c3RlbV91cxgEIAEoBEgBiAEBEh4KEXBlYWtfbWVtb3J5X2J5dGVzGAUgASgESAKIAQESEgoKb29tX2tpbGxlZBgGIAEoCEIOCgxfY3B1X3VzZXJfdXNCEAoOX2NwdV9zeXN0ZW1fdXNCFAoSX3BlYWtfbWVtb3J5X2J5dGVzIuEBCgtSZXRyeVBvbGljeRIXCgpvbl9mYWlsdXJlGAEgASgISACIAQESFwoKb25fdGltZW91dBgCIAEoCEgBiAEBEhQKB29uX2xvc3QYAyABKAhIAogBARIcCg9iYWNrb2ZmX2Jhc2VfbXMYBCABKA1IA4gBARIbCg5iYWNrb2ZmX2NhcF9tcxgFIAEoDUgEiAEBQg0KC19vbl9mYWlsdXJlQg0KC19vbl90aW1lb3V0QgoKCF9vbl9sb3N0QhIKEF9iYWNrb2ZmX2Jhc2VfbXNCEQoPX2JhY2tvZmZfY2FwX21zIuIBCglUYXNrRXZlbnQSCgoCaWQYASABKAkSDwoHdGFza19pZBgCIAEoCRIMCgRraW5kGAMgASgJEiYKBXN0YXRlGAQgASgOMhcudGFza3F1ZXVlLnYxLlRhc2tTdGF0ZRIPCgdhdHRlbXB0GAUgASgNEhEKCXdvcmtlcl9pZBgGIAEoCRImCgJhdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFYWN0b3IYCCABKAkSJwoGZGV0YWlsGAkgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCKpBAoHQXR0ZW1wdBIPCgd0YXNrX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKA0SEQoJd29ya2VyX2lkGAMgASgJEhYKDmNvb3JkaW5hdG9yX2lkGAQgASgJEjEKDWRpc3BhdGNoZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnN0YXJ0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCgNwaWQYCCABKAVIAIgBARIWCglleGl0X2NvZGUYCSABKBFIAYgBARIOCgZzaWduYWwYCiABKAkSDQoFZXJyb3IYCyABKAkSDgoGc3Rkb3V0GAwgASgJEg4KBnN0ZGVychgNIAEoCRIYChBzdGRvdXRfdHJ1bmNhdGVkGA4gASgIEhgKEHN0ZGVycl90cnVuY2F0ZWQYDyABKAgSFwoPc3Rkb3V0X3JlcGxhY2VkGCggASgIEhcKD3N0ZGVycl9yZXBsYWNlZBgpIAEoCBItCgdvdXRjb21lGBAgASgOMhwudGFza3F1ZXVlLnYxLkF0dGVtcHRPdXRjb21lEikKBXVzYWdlGDwgASgLMhoudGFza3F1ZXVlLnYxLkF0dGVtcHRVc2FnZUIGCgRfcGlkQgwKCl9leGl0X2NvZGUq1gEKCVRhc2tTdGF0ZRIaChZUQVNLX1NUQVRFX1VOU1BFQ0lGSUVEEAASFQoRVEFTS19TVEFURV9RVUVVRUQQARIZChVUQVNLX1NUQVRFX0RJU1BBVENIRUQQAhIWChJUQVNLX1NUQVRFX1JVTk5JTkcQAxIYChRUQVNLX1NUQVRFX1NVQ0NFRURFRBAEEhUKEVRBU0tfU1RBVEVfRkFJTEVEEAUSGAoUVEFTS19TVEFURV9USU1FRF9PVVQQBhIYChRUQVNLX1NUQVRFX0NBTkNFTExFRBAHKv4BCg5BdHRlbXB0T3V0Y29tZRIfChtBVFRFTVBUX09VVENPTUVfVU5TUEVDSUZJRUQQABIdChlBVFRFTVBUX09VVENPTUVfU1VDQ0VFREVEEAESGgoWQVRURU1QVF9PVVRDT01FX0ZBSUxFRBACEh0KGUFUVEVNUFRfT1VUQ09NRV9USU1FRF9PVVQQAxIYChRBVFRFTVBUX09VVENPTUVfTE9TVBAEEhsKF0FUVEVNUFRfT1VUQ09NRV9TVE9QUEVEEAUSGQoVQVRURU1QVF9PVVRDT01FX1NUQUxFEAYSHwobQVRURU1QVF9PVVRDT01FX0lOVEVSUlVQVEVEEAdiBnByb3RvMw", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("Chd0YXNrcXVldWUvdjEvdGFzay5wcm90bxIMdGFza3F1ZXVlLnYxIpoMCgRUYXNrEgoKAmlkGAEgASgJEg8KB2NvbW1hbmQYAiABKAkSJgoFc3RhdGUYAyABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlEjAKDHNjaGVkdWxlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJcGlja2VkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWZhaWxlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY2FuY2VsbGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdhdHRlbXB0GAsgASgNEhQKDG1heF9hdHRlbXB0cxgMIAEoDRISCgp0aW1lb3V0X21zGA0gASgNEigKA2VudhgOIAMoCzIbLnRhc2txdWV1ZS52MS5UYXNrLkVudkVudHJ5EgsKA2N3ZBgPIAEoCRIRCgl3b3JrZXJfaWQYECABKAkSFgoJZXhpdF9jb2RlGBEgASgRSACIAQESDgoGc2lnbmFsGBIgASgJEg4KBnN0ZG91dBgTIAEoCRIOCgZzdGRlcnIYFCABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgVIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGBYgASgIEhcKD3N0ZG91dF9yZXBsYWNlZBgoIAEoCBIXCg9zdGRlcnJfcmVwbGFjZWQYKSABKAgSDQoFZXJyb3IYFyABKAkSKAoFcmV0cnkYGCABKAsyGS50YXNrcXVldWUudjEuUmV0cnlQb2xpY3kSFwoPaWRlbXBvdGVuY3lfa2V5GBkgASgJEjQKEGxlYXNlX2V4cGlyZXNfYXQYGiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhUKCGxlYXNlX21zGGQgASgNSAGIAQESFwoPc2VjcmV0X2Vudl9rZXlzGBsgAygJEioKBnJ1bl9hdBgcIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKAoGbGltaXRzGDwgASgLMhgudGFza3F1ZXVlLnYxLlRhc2tMaW1pdHMSFQoNaW50ZXJydXB0aW9ucxhGIAEoDRIOCgVxdWV1ZRjmASABKAkSEQoIcHJpb3JpdHkY5wEgASgREikKB3JlcXVpcmUY6AEgAygLMhcudGFza3F1ZXVlLnYxLkxhYmVsUnVsZRIoCgZwcmVmZXIY6QEgAygLMhcudGFza3F1ZXVlLnYxLkxhYmVsUnVsZRIcChNzY2hlZHVsZV90aW1lb3V0X21zGOoBIAEoDRInCgd3YWl0aW5nGOsBIAEoCzIVLnRhc2txdWV1ZS52MS5XYWl0aW5nEgwKA3JlZhiOAiABKAkSGgoRb25fcGFyZW50X2ZhaWx1cmUYjwIgASgJEi4KB3BhcmVudHMYkAIgAygLMhwudGFza3F1ZXVlLnYxLlRhc2tEZXBlbmRlbmN5Ei8KCGNoaWxkcmVuGJECIAMoCzIcLnRhc2txdWV1ZS52MS5UYXNrRGVwZW5kZW5jeRIvCgtjb25jdXJyZW5jeRj6ASABKAsyGS50YXNrcXVldWUudjEuQ29uY3VycmVuY3kSEwoKcmF0ZV9saW1pdBj7ASABKAkSFAoLc2NoZWR1bGVfaWQYyAEgASgJEiwKB2ZpcmVfYXQYyQEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgwKCl9leGl0X2NvZGVCCwoJX2xlYXNlX21zSgYIkgIQkwIiOQoLQ29uY3VycmVuY3kSCwoDa2V5GAEgASgJEgsKA21heBgCIAEoDRIQCghzdHJhdGVneRgDIAEoCSJSCglMYWJlbFJ1bGUSCwoDa2V5GAEgASgJEgoKAm9wGAIgASgJEhIKBXZhbHVlGAMgASgJSACIAQESDgoGd2VpZ2h0GAQgASgNQggKBl92YWx1ZSIoCgdXYWl0aW5nEgwKBGtpbmQYASABKAkSDwoHbWVzc2FnZRgCIAEoCSJRCg5UYXNrRGVwZW5kZW5jeRIKCgJpZBgBIAEoCRILCgNyZWYYAiABKAkSJgoFc3RhdGUYAyABKA4yFy50YXNrcXVldWUudjEuVGFza1N0YXRlIogBCgpUYXNrTGltaXRzEhYKCW1lbW9yeV9tYhgBIAEoDUgAiAEBEhEKBHBpZHMYAiABKA1IAYgBARITCgZub2ZpbGUYAyABKA1IAogBARIQCgNjcHUYBCABKAFIA4gBAUIMCgpfbWVtb3J5X21iQgcKBV9waWRzQgkKB19ub2ZpbGVCBgoEX2NwdSLyAQoMQXR0ZW1wdFVzYWdlEhYKDmxpbWl0c19hcHBsaWVkGAEgASgJEigKBmxpbWl0cxgCIAEoCzIYLnRhc2txdWV1ZS52MS5UYXNrTGltaXRzEhgKC2NwdV91c2VyX3VzGAMgASgESACIAQESGgoNY3B1X3N5c3RlbV91cxgEIAEoBEgBiAEBEh4KEXBlYWtfbWVtb3J5X2J5dGVzGAUgASgESAKIAQESEgoKb29tX2tpbGxlZBgGIAEoCEIOCgxfY3B1X3VzZXJfdXNCEAoOX2NwdV9zeXN0ZW1fdXNCFAoSX3BlYWtfbWVtb3J5X2J5dGVzIuEBCgtSZXRyeVBvbGljeRIXCgpvbl9mYWlsdXJlGAEgASgISACIAQESFwoKb25fdGltZW91dBgCIAEoCEgBiAEBEhQKB29uX2xvc3QYAyABKAhIAogBARIcCg9iYWNrb2ZmX2Jhc2VfbXMYBCABKA1IA4gBARIbCg5iYWNrb2ZmX2NhcF9tcxgFIAEoDUgEiAEBQg0KC19vbl9mYWlsdXJlQg0KC19vbl90aW1lb3V0QgoKCF9vbl9sb3N0QhIKEF9iYWNrb2ZmX2Jhc2VfbXNCEQoPX2JhY2tvZmZfY2FwX21zIuIBCglUYXNrRXZlbnQSCgoCaWQYASABKAkSDwoHdGFza19pZBgCIAEoCRIMCgRraW5kGAMgASgJEiYKBXN0YXRlGAQgASgOMhcudGFza3F1ZXVlLnYxLlRhc2tTdGF0ZRIPCgdhdHRlbXB0GAUgASgNEhEKCXdvcmtlcl9pZBgGIAEoCRImCgJhdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFYWN0b3IYCCABKAkSJwoGZGV0YWlsGAkgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCKpBAoHQXR0ZW1wdBIPCgd0YXNrX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKA0SEQoJd29ya2VyX2lkGAMgASgJEhYKDmNvb3JkaW5hdG9yX2lkGAQgASgJEjEKDWRpc3BhdGNoZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnN0YXJ0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCgNwaWQYCCABKAVIAIgBARIWCglleGl0X2NvZGUYCSABKBFIAYgBARIOCgZzaWduYWwYCiABKAkSDQoFZXJyb3IYCyABKAkSDgoGc3Rkb3V0GAwgASgJEg4KBnN0ZGVychgNIAEoCRIYChBzdGRvdXRfdHJ1bmNhdGVkGA4gASgIEhgKEHN0ZGVycl90cnVuY2F0ZWQYDyABKAgSFwoPc3Rkb3V0X3JlcGxhY2VkGCggASgIEhcKD3N0ZGVycl9yZXBsYWNlZBgpIAEoCBItCgdvdXRjb21lGBAgASgOMhwudGFza3F1ZXVlLnYxLkF0dGVtcHRPdXRjb21lEikKBXVzYWdlGDwgASgLMhoudGFza3F1ZXVlLnYxLkF0dGVtcHRVc2FnZUIGCgRfcGlkQgwKCl9leGl0X2NvZGUq7wEKCVRhc2tTdGF0ZRIaChZUQVNLX1NUQVRFX1VOU1BFQ0lGSUVEEAASFQoRVEFTS19TVEFURV9RVUVVRUQQARIZChVUQVNLX1NUQVRFX0RJU1BBVENIRUQQAhIWChJUQVNLX1NUQVRFX1JVTk5JTkcQAxIYChRUQVNLX1NUQVRFX1NVQ0NFRURFRBAEEhUKEVRBU0tfU1RBVEVfRkFJTEVEEAUSGAoUVEFTS19TVEFURV9USU1FRF9PVVQQBhIYChRUQVNLX1NUQVRFX0NBTkNFTExFRBAHEhcKElRBU0tfU1RBVEVfV0FJVElORxCOAir+AQoOQXR0ZW1wdE91dGNvbWUSHwobQVRURU1QVF9PVVRDT01FX1VOU1BFQ0lGSUVEEAASHQoZQVRURU1QVF9PVVRDT01FX1NVQ0NFRURFRBABEhoKFkFUVEVNUFRfT1VUQ09NRV9GQUlMRUQQAhIdChlBVFRFTVBUX09VVENPTUVfVElNRURfT1VUEAMSGAoUQVRURU1QVF9PVVRDT01FX0xPU1QQBBIbChdBVFRFTVBUX09VVENPTUVfU1RPUFBFRBAFEhkKFUFUVEVNUFRfT1VUQ09NRV9TVEFMRRAGEh8KG0FUVEVNUFRfT1VUQ09NRV9JTlRFUlJVUFRFRBAHYgZwcm90bzM", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message taskqueue.v1.Task
@@ -165,6 +165,13 @@ export type Task = Message<"taskqueue.v1.Task"> & {
   leaseExpiresAt?: Timestamp | undefined;
 
   /**
+   * Each attempt's lease as the task asked; unset: TQ_DEFAULT_LEASE_MS of the coordinator granting it.
+   *
+   * @generated from field: optional uint32 lease_ms = 100;
+   */
+  leaseMs?: number | undefined;
+
+  /**
    * Names of the secret environment variables; their values are never returned.
    *
    * @generated from field: repeated string secret_env_keys = 27;
@@ -193,6 +200,93 @@ export type Task = Message<"taskqueue.v1.Task"> & {
    * @generated from field: uint32 interruptions = 70;
    */
   interruptions: number;
+
+  /**
+   * Routing (queues, priorities, labels: fields 230-249).
+   *
+   * @generated from field: string queue = 230;
+   */
+  queue: string;
+
+  /**
+   * @generated from field: sint32 priority = 231;
+   */
+  priority: number;
+
+  /**
+   * @generated from field: repeated taskqueue.v1.LabelRule require = 232;
+   */
+  require: LabelRule[];
+
+  /**
+   * @generated from field: repeated taskqueue.v1.LabelRule prefer = 233;
+   */
+  prefer: LabelRule[];
+
+  /**
+   * 0: waits for a worker forever.
+   *
+   * @generated from field: uint32 schedule_timeout_ms = 234;
+   */
+  scheduleTimeoutMs: number;
+
+  /**
+   * Why a queued task is not running yet; unset when nothing holds it back.
+   *
+   * @generated from field: taskqueue.v1.Waiting waiting = 235;
+   */
+  waiting?: Waiting | undefined;
+
+  /**
+   * Dependencies. Its ref in the batch that declared it (empty outside one).
+   *
+   * @generated from field: string ref = 270;
+   */
+  ref: string;
+
+  /**
+   * cancel, skip or run; empty without parents.
+   *
+   * @generated from field: string on_parent_failure = 271;
+   */
+  onParentFailure: string;
+
+  /**
+   * Filled by GetTask: the tasks it depends on, and those that depend on it.
+   *
+   * @generated from field: repeated taskqueue.v1.TaskDependency parents = 272;
+   */
+  parents: TaskDependency[];
+
+  /**
+   * @generated from field: repeated taskqueue.v1.TaskDependency children = 273;
+   */
+  children: TaskDependency[];
+
+  /**
+   * Flow control (fields 250-269): the concurrency key (expanded) with its max and strategy,
+   * unset without one; the rate limit (`name` or `name:bucket`), empty without one.
+   *
+   * @generated from field: taskqueue.v1.Concurrency concurrency = 250;
+   */
+  concurrency?: Concurrency | undefined;
+
+  /**
+   * @generated from field: string rate_limit = 251;
+   */
+  rateLimit: string;
+
+  /**
+   * The recurring schedule whose firing created the task, and that fire time; empty/unset otherwise.
+   *
+   * @generated from field: string schedule_id = 200;
+   */
+  scheduleId: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp fire_at = 201;
+   */
+  fireAt?: Timestamp | undefined;
 };
 
 /**
@@ -201,6 +295,130 @@ export type Task = Message<"taskqueue.v1.Task"> & {
  */
 export const TaskSchema: GenMessage<Task> = /*@__PURE__*/
   messageDesc(file_taskqueue_v1_task, 0);
+
+/**
+ * A task's concurrency key: at most `max` tasks with the key live at once; `strategy` when
+ * full: "queue" (the default), "cancel_in_progress" or "cancel_newest".
+ *
+ * @generated from message taskqueue.v1.Concurrency
+ */
+export type Concurrency = Message<"taskqueue.v1.Concurrency"> & {
+  /**
+   * @generated from field: string key = 1;
+   */
+  key: string;
+
+  /**
+   * @generated from field: uint32 max = 2;
+   */
+  max: number;
+
+  /**
+   * @generated from field: string strategy = 3;
+   */
+  strategy: string;
+};
+
+/**
+ * Describes the message taskqueue.v1.Concurrency.
+ * Use `create(ConcurrencySchema)` to create a new message.
+ */
+export const ConcurrencySchema: GenMessage<Concurrency> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_task, 1);
+
+/**
+ * A worker label a task requires (weight unset) or prefers (with a weight).
+ *
+ * @generated from message taskqueue.v1.LabelRule
+ */
+export type LabelRule = Message<"taskqueue.v1.LabelRule"> & {
+  /**
+   * @generated from field: string key = 1;
+   */
+  key: string;
+
+  /**
+   * "=", "!=", ">", ">=", "<", "<=" or "exists".
+   *
+   * @generated from field: string op = 2;
+   */
+  op: string;
+
+  /**
+   * Unset for exists.
+   *
+   * @generated from field: optional string value = 3;
+   */
+  value?: string | undefined;
+
+  /**
+   * @generated from field: uint32 weight = 4;
+   */
+  weight: number;
+};
+
+/**
+ * Describes the message taskqueue.v1.LabelRule.
+ * Use `create(LabelRuleSchema)` to create a new message.
+ */
+export const LabelRuleSchema: GenMessage<LabelRule> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_task, 2);
+
+/**
+ * What a queued task waits for: kind ("no_worker", "queue_paused", "queue_full", and flow
+ * control's own), and the reason in words ("no worker with gpu=1").
+ *
+ * @generated from message taskqueue.v1.Waiting
+ */
+export type Waiting = Message<"taskqueue.v1.Waiting"> & {
+  /**
+   * @generated from field: string kind = 1;
+   */
+  kind: string;
+
+  /**
+   * @generated from field: string message = 2;
+   */
+  message: string;
+};
+
+/**
+ * Describes the message taskqueue.v1.Waiting.
+ * Use `create(WaitingSchema)` to create a new message.
+ */
+export const WaitingSchema: GenMessage<Waiting> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_task, 3);
+
+/**
+ * One end of a dependency edge, as the other end sees it.
+ *
+ * @generated from message taskqueue.v1.TaskDependency
+ */
+export type TaskDependency = Message<"taskqueue.v1.TaskDependency"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * The name the child knows the parent by (TQ_PARENT_<ref>_EXIT); for children, their own ref.
+   *
+   * @generated from field: string ref = 2;
+   */
+  ref: string;
+
+  /**
+   * @generated from field: taskqueue.v1.TaskState state = 3;
+   */
+  state: TaskState;
+};
+
+/**
+ * Describes the message taskqueue.v1.TaskDependency.
+ * Use `create(TaskDependencySchema)` to create a new message.
+ */
+export const TaskDependencySchema: GenMessage<TaskDependency> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_task, 4);
 
 /**
  * Resource limits a task asks for. Each is capped by the maxima of the worker that runs it
@@ -245,7 +463,7 @@ export type TaskLimits = Message<"taskqueue.v1.TaskLimits"> & {
  * Use `create(TaskLimitsSchema)` to create a new message.
  */
 export const TaskLimitsSchema: GenMessage<TaskLimits> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 1);
+  messageDesc(file_taskqueue_v1_task, 5);
 
 /**
  * How one attempt was limited and what it used, as its worker measured it.
@@ -295,7 +513,7 @@ export type AttemptUsage = Message<"taskqueue.v1.AttemptUsage"> & {
  * Use `create(AttemptUsageSchema)` to create a new message.
  */
 export const AttemptUsageSchema: GenMessage<AttemptUsage> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 2);
+  messageDesc(file_taskqueue_v1_task, 6);
 
 /**
  * What is retried while attempts remain, and the exponential backoff (with jitter) between
@@ -339,7 +557,7 @@ export type RetryPolicy = Message<"taskqueue.v1.RetryPolicy"> & {
  * Use `create(RetryPolicySchema)` to create a new message.
  */
 export const RetryPolicySchema: GenMessage<RetryPolicy> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 3);
+  messageDesc(file_taskqueue_v1_task, 7);
 
 /**
  * TaskEvent is one row of the append-only task_events history.
@@ -410,7 +628,7 @@ export type TaskEvent = Message<"taskqueue.v1.TaskEvent"> & {
  * Use `create(TaskEventSchema)` to create a new message.
  */
 export const TaskEventSchema: GenMessage<TaskEvent> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 4);
+  messageDesc(file_taskqueue_v1_task, 8);
 
 /**
  * Attempt is one row of task_attempts: one dispatch of a task and what came of it.
@@ -525,7 +743,7 @@ export type Attempt = Message<"taskqueue.v1.Attempt"> & {
  * Use `create(AttemptSchema)` to create a new message.
  */
 export const AttemptSchema: GenMessage<Attempt> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task, 5);
+  messageDesc(file_taskqueue_v1_task, 9);
 
 /**
  * TaskState mirrors the `state` column of the tasks table; src/task/state.ts documents who
@@ -573,6 +791,13 @@ export enum TaskState {
    * @generated from enum value: TASK_STATE_CANCELLED = 7;
    */
   CANCELLED = 7,
+
+  /**
+   * Blocked on its parents (depends_on): released to queued, or ended, as they end.
+   *
+   * @generated from enum value: TASK_STATE_WAITING = 270;
+   */
+  WAITING = 270,
 }
 
 /**

@@ -6,7 +6,7 @@ import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegen
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
-import type { Attempt, RetryPolicy, Task, TaskEvent, TaskLimits, TaskState } from "./task_pb";
+import type { Attempt, Concurrency, LabelRule, RetryPolicy, Task, TaskEvent, TaskLimits, TaskState } from "./task_pb";
 import { file_taskqueue_v1_task } from "./task_pb";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file taskqueue/v1/task_service.proto.
  */
 export const file_taskqueue_v1_task_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch90YXNrcXVldWUvdjEvdGFza19zZXJ2aWNlLnByb3RvEgx0YXNrcXVldWUudjEi0wMKEVN1Ym1pdFRhc2tSZXF1ZXN0Eg8KB2NvbW1hbmQYASABKAkSMAoMc2NoZWR1bGVkX2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgp0aW1lb3V0X21zGAMgASgNEhQKDG1heF9hdHRlbXB0cxgEIAEoDRI1CgNlbnYYBSADKAsyKC50YXNrcXVldWUudjEuU3VibWl0VGFza1JlcXVlc3QuRW52RW50cnkSCwoDY3dkGAYgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgHIAEoCRIoCgVyZXRyeRgIIAEoCzIZLnRhc2txdWV1ZS52MS5SZXRyeVBvbGljeRJCCgpzZWNyZXRfZW52GAkgAygLMi4udGFza3F1ZXVlLnYxLlN1Ym1pdFRhc2tSZXF1ZXN0LlNlY3JldEVudkVudHJ5EigKBmxpbWl0cxg8IAEoCzIYLnRhc2txdWV1ZS52MS5UYXNrTGltaXRzGioKCEVudkVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEaMAoOU2VjcmV0RW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJHChJTdWJtaXRUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrEg8KB2NyZWF0ZWQYAiABKAgiHAoOR2V0VGFza1JlcXVlc3QSCgoCaWQYASABKAkiMwoPR2V0VGFza1Jlc3BvbnNlEiAKBHRhc2sYASABKAsyEi50YXNrcXVldWUudjEuVGFzayJZChBMaXN0VGFza3NSZXF1ZXN0EiYKBXN0YXRlGAEgASgOMhcudGFza3F1ZXVlLnYxLlRhc2tTdGF0ZRINCgVsaW1pdBgCIAEoDRIOCgZjdXJzb3IYAyABKAkiSwoRTGlzdFRhc2tzUmVzcG9uc2USIQoFdGFza3MYASADKAsyEi50YXNrcXVldWUudjEuVGFzaxITCgtuZXh0X2N1cnNvchgCIAEoCSIfChFDYW5jZWxUYXNrUmVxdWVzdBIKCgJpZBgBIAEoCSI2ChJDYW5jZWxUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrIjYKEFdhdGNoVGFza1JlcXVlc3QSCgoCaWQYASABKAkSFgoOYWZ0ZXJfZXZlbnRfaWQYAiABKAkiXQoRV2F0Y2hUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrEiYKBWV2ZW50GAIgASgLMhcudGFza3F1ZXVlLnYxLlRhc2tFdmVudCImChNMaXN0QXR0ZW1wdHNSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkiPwoUTGlzdEF0dGVtcHRzUmVzcG9uc2USJwoIYXR0ZW1wdHMYASADKAsyFS50YXNrcXVldWUudjEuQXR0ZW1wdCJHChVMaXN0VGFza0V2ZW50c1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRINCgVsaW1pdBgCIAEoDRIOCgZjdXJzb3IYAyABKAkiVgoWTGlzdFRhc2tFdmVudHNSZXNwb25zZRInCgZldmVudHMYASADKAsyFy50YXNrcXVldWUudjEuVGFza0V2ZW50EhMKC25leHRfY3Vyc29yGAIgASgJMskECgtUYXNrU2VydmljZRJPCgpTdWJtaXRUYXNrEh8udGFza3F1ZXVlLnYxLlN1Ym1pdFRhc2tSZXF1ZXN0GiAudGFza3F1ZXVlLnYxLlN1Ym1pdFRhc2tSZXNwb25zZRJGCgdHZXRUYXNrEhwudGFza3F1ZXVlLnYxLkdldFRhc2tSZXF1ZXN0Gh0udGFza3F1ZXVlLnYxLkdldFRhc2tSZXNwb25zZRJMCglMaXN0VGFza3MSHi50YXNrcXVldWUudjEuTGlzdFRhc2tzUmVxdWVzdBofLnRhc2txdWV1ZS52MS5MaXN0VGFza3NSZXNwb25zZRJPCgpDYW5jZWxUYXNrEh8udGFza3F1ZXVlLnYxLkNhbmNlbFRhc2tSZXF1ZXN0GiAudGFza3F1ZXVlLnYxLkNhbmNlbFRhc2tSZXNwb25zZRJOCglXYXRjaFRhc2sSHi50YXNrcXVldWUudjEuV2F0Y2hUYXNrUmVxdWVzdBofLnRhc2txdWV1ZS52MS5XYXRjaFRhc2tSZXNwb25zZTABElUKDExpc3RBdHRlbXB0cxIhLnRhc2txdWV1ZS52MS5MaXN0QXR0ZW1wdHNSZXF1ZXN0GiIudGFza3F1ZXVlLnYxLkxpc3RBdHRlbXB0c1Jlc3BvbnNlElsKDkxpc3RUYXNrRXZlbnRzEiMudGFza3F1ZXVlLnYxLkxpc3RUYXNrRXZlbnRzUmVxdWVzdBokLnRhc2txdWV1ZS52MS5MaXN0VGFza0V2ZW50c1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_taskqueue_v1_task]);
+  fileDesc("Ch90YXNrcXVldWUvdjEvdGFza19zZXJ2aWNlLnByb3RvEgx0YXNrcXVldWUudjEihAYKEVN1Ym1pdFRhc2tSZXF1ZXN0Eg8KB2NvbW1hbmQYASABKAkSMAoMc2NoZWR1bGVkX2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgp0aW1lb3V0X21zGAMgASgNEhQKDG1heF9hdHRlbXB0cxgEIAEoDRI1CgNlbnYYBSADKAsyKC50YXNrcXVldWUudjEuU3VibWl0VGFza1JlcXVlc3QuRW52RW50cnkSCwoDY3dkGAYgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgHIAEoCRIoCgVyZXRyeRgIIAEoCzIZLnRhc2txdWV1ZS52MS5SZXRyeVBvbGljeRJCCgpzZWNyZXRfZW52GAkgAygLMi4udGFza3F1ZXVlLnYxLlN1Ym1pdFRhc2tSZXF1ZXN0LlNlY3JldEVudkVudHJ5EigKBmxpbWl0cxg8IAEoCzIYLnRhc2txdWV1ZS52MS5UYXNrTGltaXRzEg4KBXF1ZXVlGOYBIAEoCRIRCghwcmlvcml0eRjnASABKBESKQoHcmVxdWlyZRjoASADKAsyFy50YXNrcXVldWUudjEuTGFiZWxSdWxlEigKBnByZWZlchjpASADKAsyFy50YXNrcXVldWUudjEuTGFiZWxSdWxlEhwKE3NjaGVkdWxlX3RpbWVvdXRfbXMY6gEgASgNEhMKCmRlcGVuZHNfb24YjgIgAygJEhoKEW9uX3BhcmVudF9mYWlsdXJlGI8CIAEoCRIVCghsZWFzZV9tcxhkIAEoDUgAiAEBEi8KC2NvbmN1cnJlbmN5GPoBIAEoCzIZLnRhc2txdWV1ZS52MS5Db25jdXJyZW5jeRITCgpyYXRlX2xpbWl0GPsBIAEoCRoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBGjAKDlNlY3JldEVudkVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCCwoJX2xlYXNlX21zIkcKElN1Ym1pdFRhc2tSZXNwb25zZRIgCgR0YXNrGAEgASgLMhIudGFza3F1ZXVlLnYxLlRhc2sSDwoHY3JlYXRlZBgCIAEoCCIcCg5HZXRUYXNrUmVxdWVzdBIKCgJpZBgBIAEoCSIzCg9HZXRUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrIq0BChBMaXN0VGFza3NSZXF1ZXN0EiYKBXN0YXRlGAEgASgOMhcudGFza3F1ZXVlLnYxLlRhc2tTdGF0ZRINCgVsaW1pdBgCIAEoDRIOCgZjdXJzb3IYAyABKAkSDgoFcXVldWUY5gEgASgJEhQKC3NjaGVkdWxlX2lkGMgBIAEoCRIsCgdmaXJlX2F0GMkBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiSwoRTGlzdFRhc2tzUmVzcG9uc2USIQoFdGFza3MYASADKAsyEi50YXNrcXVldWUudjEuVGFzaxITCgtuZXh0X2N1cnNvchgCIAEoCSIfChFDYW5jZWxUYXNrUmVxdWVzdBIKCgJpZBgBIAEoCSI2ChJDYW5jZWxUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrIjYKEFdhdGNoVGFza1JlcXVlc3QSCgoCaWQYASABKAkSFgoOYWZ0ZXJfZXZlbnRfaWQYAiABKAkiXQoRV2F0Y2hUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrEiYKBWV2ZW50GAIgASgLMhcudGFza3F1ZXVlLnYxLlRhc2tFdmVudCImChNMaXN0QXR0ZW1wdHNSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkiPwoUTGlzdEF0dGVtcHRzUmVzcG9uc2USJwoIYXR0ZW1wdHMYASADKAsyFS50YXNrcXVldWUudjEuQXR0ZW1wdCJHChVMaXN0VGFza0V2ZW50c1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRINCgVsaW1pdBgCIAEoDRIOCgZjdXJzb3IYAyABKAkiVgoWTGlzdFRhc2tFdmVudHNSZXNwb25zZRInCgZldmVudHMYASADKAsyFy50YXNrcXVldWUudjEuVGFza0V2ZW50EhMKC25leHRfY3Vyc29yGAIgASgJMskECgtUYXNrU2VydmljZRJPCgpTdWJtaXRUYXNrEh8udGFza3F1ZXVlLnYxLlN1Ym1pdFRhc2tSZXF1ZXN0GiAudGFza3F1ZXVlLnYxLlN1Ym1pdFRhc2tSZXNwb25zZRJGCgdHZXRUYXNrEhwudGFza3F1ZXVlLnYxLkdldFRhc2tSZXF1ZXN0Gh0udGFza3F1ZXVlLnYxLkdldFRhc2tSZXNwb25zZRJMCglMaXN0VGFza3MSHi50YXNrcXVldWUudjEuTGlzdFRhc2tzUmVxdWVzdBofLnRhc2txdWV1ZS52MS5MaXN0VGFza3NSZXNwb25zZRJPCgpDYW5jZWxUYXNrEh8udGFza3F1ZXVlLnYxLkNhbmNlbFRhc2tSZXF1ZXN0GiAudGFza3F1ZXVlLnYxLkNhbmNlbFRhc2tSZXNwb25zZRJOCglXYXRjaFRhc2sSHi50YXNrcXVldWUudjEuV2F0Y2hUYXNrUmVxdWVzdBofLnRhc2txdWV1ZS52MS5XYXRjaFRhc2tSZXNwb25zZTABElUKDExpc3RBdHRlbXB0cxIhLnRhc2txdWV1ZS52MS5MaXN0QXR0ZW1wdHNSZXF1ZXN0GiIudGFza3F1ZXVlLnYxLkxpc3RBdHRlbXB0c1Jlc3BvbnNlElsKDkxpc3RUYXNrRXZlbnRzEiMudGFza3F1ZXVlLnYxLkxpc3RUYXNrRXZlbnRzUmVxdWVzdBokLnRhc2txdWV1ZS52MS5MaXN0VGFza0V2ZW50c1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_taskqueue_v1_task]);
 
 /**
  * @generated from message taskqueue.v1.SubmitTaskRequest
@@ -80,6 +80,68 @@ export type SubmitTaskRequest = Message<"taskqueue.v1.SubmitTaskRequest"> & {
    * @generated from field: taskqueue.v1.TaskLimits limits = 60;
    */
   limits?: TaskLimits | undefined;
+
+  /**
+   * Routing (fields 230-249): empty queue is "default".
+   *
+   * @generated from field: string queue = 230;
+   */
+  queue: string;
+
+  /**
+   * @generated from field: sint32 priority = 231;
+   */
+  priority: number;
+
+  /**
+   * @generated from field: repeated taskqueue.v1.LabelRule require = 232;
+   */
+  require: LabelRule[];
+
+  /**
+   * @generated from field: repeated taskqueue.v1.LabelRule prefer = 233;
+   */
+  prefer: LabelRule[];
+
+  /**
+   * @generated from field: uint32 schedule_timeout_ms = 234;
+   */
+  scheduleTimeoutMs: number;
+
+  /**
+   * Parent task ids: the task waits until they end (see on_parent_failure).
+   *
+   * @generated from field: repeated string depends_on = 270;
+   */
+  dependsOn: string[];
+
+  /**
+   * cancel (default), skip or run: what a failed, timed-out or cancelled parent does to it.
+   *
+   * @generated from field: string on_parent_failure = 271;
+   */
+  onParentFailure: string;
+
+  /**
+   * Each attempt's lease in milliseconds (REST lease_ms); unset means TQ_DEFAULT_LEASE_MS. At
+   * least the heartbeat timeout plus two intervals, else INVALID_ARGUMENT.
+   *
+   * @generated from field: optional uint32 lease_ms = 100;
+   */
+  leaseMs?: number | undefined;
+
+  /**
+   * Flow control (fields 250-269): a concurrency key (max 0: 1; strategy "": queue) and a rate
+   * limit (`name` or `name:bucket`; empty: none).
+   *
+   * @generated from field: taskqueue.v1.Concurrency concurrency = 250;
+   */
+  concurrency?: Concurrency | undefined;
+
+  /**
+   * @generated from field: string rate_limit = 251;
+   */
+  rateLimit: string;
 };
 
 /**
@@ -169,6 +231,25 @@ export type ListTasksRequest = Message<"taskqueue.v1.ListTasksRequest"> & {
    * @generated from field: string cursor = 3;
    */
   cursor: string;
+
+  /**
+   * Empty lists every queue.
+   *
+   * @generated from field: string queue = 230;
+   */
+  queue: string;
+
+  /**
+   * Only the tasks of this recurring schedule (and, with fire_at, of that fire time).
+   *
+   * @generated from field: string schedule_id = 200;
+   */
+  scheduleId: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp fire_at = 201;
+   */
+  fireAt?: Timestamp | undefined;
 };
 
 /**

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file taskqueue/v1/worker_service.proto.
  */
 export const file_taskqueue_v1_worker_service: GenFile = /*@__PURE__*/
-  fileDesc("CiF0YXNrcXVldWUvdjEvd29ya2VyX3NlcnZpY2UucHJvdG8SDHRhc2txdWV1ZS52MSLMAQoNV29ya2VyTWVzc2FnZRIkCgVoZWxsbxgBIAEoCzITLnRhc2txdWV1ZS52MS5IZWxsb0gAEiwKCWhlYXJ0YmVhdBgCIAEoCzIXLnRhc2txdWV1ZS52MS5IZWFydGJlYXRIABIsCgdzdGFydGVkGAMgASgLMhkudGFza3F1ZXVlLnYxLlRhc2tTdGFydGVkSAASLgoIZmluaXNoZWQYBCABKAsyGi50YXNrcXVldWUudjEuVGFza0ZpbmlzaGVkSABCCQoHcGF5bG9hZCLhAQoSQ29vcmRpbmF0b3JNZXNzYWdlEigKB3dlbGNvbWUYASABKAsyFS50YXNrcXVldWUudjEuV2VsY29tZUgAEiYKBmFzc2lnbhgCIAEoCzIULnRhc2txdWV1ZS52MS5Bc3NpZ25IABImCgZjYW5jZWwYAyABKAsyFC50YXNrcXVldWUudjEuQ2FuY2VsSAASIAoDYWNrGAQgASgLMhEudGFza3F1ZXVlLnYxLkFja0gAEiQKBWRyYWluGAUgASgLMhMudGFza3F1ZXVlLnYxLkRyYWluSABCCQoHcGF5bG9hZCIrCgdUYXNrUmVmEg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoDSLiAgoFSGVsbG8SEQoJd29ya2VyX2lkGAEgASgJEgwKBG5hbWUYAiABKAkSDQoFc2xvdHMYAyABKA0SDwoHdmVyc2lvbhgEIAEoCRIoCglpbl9mbGlnaHQYBSADKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhIvCgZsYWJlbHMYBiADKAsyHy50YXNrcXVldWUudjEuSGVsbG8uTGFiZWxzRW50cnkSFAoMcmVzdW1lX3Rva2VuGAcgASgJEi4KCndhbGxfY2xvY2sYRiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEHByb3RvY29sX3ZlcnNpb24YUCABKA0SHAoUbWluX3Byb3RvY29sX3ZlcnNpb24YUSABKA0SEAoIZmVhdHVyZXMYUiADKAkaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJgCglIZWFydGJlYXQSCwoDc2VxGAEgASgEEiYKB3J1bm5pbmcYAiADKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhIQCghkcmFpbmluZxgDIAEoCBIMCgRmdWxsGGQgASgIIm4KC1Rhc2tTdGFydGVkEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEgsKA3BpZBgCIAEoDRIuCgpzdGFydGVkX2F0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLGAwoMVGFza0ZpbmlzaGVkEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEiYKB291dGNvbWUYAiABKA4yFS50YXNrcXVldWUudjEuT3V0Y29tZRIWCglleGl0X2NvZGUYAyABKBFIAIgBARIOCgZzaWduYWwYBCABKAkSDgoGc3Rkb3V0GAUgASgJEg4KBnN0ZGVychgGIAEoCRIYChBzdGRvdXRfdHJ1bmNhdGVkGAcgASgIEhgKEHN0ZGVycl90cnVuY2F0ZWQYCCABKAgSDQoFZXJyb3IYCSABKAkSLgoKc3RhcnRlZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoZWRfYXQYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEikKBXVzYWdlGDwgASgLMhoudGFza3F1ZXVlLnYxLkF0dGVtcHRVc2FnZRIXCg9zdGRvdXRfcmVwbGFjZWQYKCABKAgSFwoPc3RkZXJyX3JlcGxhY2VkGCkgASgIEhMKC2ludGVycnVwdGVkGEYgASgIQgwKCl9leGl0X2NvZGUizgEKB1dlbGNvbWUSEQoJd29ya2VyX2lkGAEgASgJEhYKDmNvb3JkaW5hdG9yX2lkGAIgASgJEh0KFWhlYXJ0YmVhdF9pbnRlcnZhbF9tcxgDIAEoDRIcChRoZWFydGJlYXRfdGltZW91dF9tcxgEIAEoDRIUCgxyZXN1bWVfdG9rZW4YBSABKAkSGQoRbWF4X21lc3NhZ2VfYnl0ZXMYKiABKA0SGAoQcHJvdG9jb2xfdmVyc2lvbhhQIAEoDRIQCghmZWF0dXJlcxhSIAMoCSLlAgoGQXNzaWduEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEg8KB2NvbW1hbmQYAiABKAkSKgoDZW52GAMgAygLMh0udGFza3F1ZXVlLnYxLkFzc2lnbi5FbnZFbnRyeRILCgNjd2QYBCABKAkSEgoKdGltZW91dF9tcxgFIAEoDRI0ChBsZWFzZV9leHBpcmVzX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtzdGFydF9pbl9tcxgHIAEoDRIoCgZsaW1pdHMYPCABKAsyGC50YXNrcXVldWUudjEuVGFza0xpbWl0cxIVCghsZWFzZV9tcxhGIAEoDUgAiAEBEhQKC3RyYWNlcGFyZW50GKwCIAEoCRoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgsKCV9sZWFzZV9tcyI8CgZDYW5jZWwSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSDgoGcmVhc29uGAIgASgJIjgKA0FjaxIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhINCgVzdGFsZRgCIAEoCCIXCgVEcmFpbhIOCgZyZWFzb24YASABKAkqlQEKB091dGNvbWUSFwoTT1VUQ09NRV9VTlNQRUNJRklFRBAAEhIKDk9VVENPTUVfRVhJVEVEEAESGAoUT1VUQ09NRV9TUEFXTl9GQUlMRUQQAhIVChFPVVRDT01FX1RJTUVEX09VVBADEhUKEU9VVENPTUVfQ0FOQ0VMTEVEEAQSFQoRT1VUQ09NRV9BQkFORE9ORUQQBTJdCg1Xb3JrZXJTZXJ2aWNlEkwKB0Nvbm5lY3QSGy50YXNrcXVldWUudjEuV29ya2VyTWVzc2FnZRogLnRhc2txdWV1ZS52MS5Db29yZGluYXRvck1lc3NhZ2UoATABYgZwcm90bzM", [file_google_protobuf_timestamp, file_taskqueue_v1_task]);
+  fileDesc("CiF0YXNrcXVldWUvdjEvd29ya2VyX3NlcnZpY2UucHJvdG8SDHRhc2txdWV1ZS52MSLMAQoNV29ya2VyTWVzc2FnZRIkCgVoZWxsbxgBIAEoCzITLnRhc2txdWV1ZS52MS5IZWxsb0gAEiwKCWhlYXJ0YmVhdBgCIAEoCzIXLnRhc2txdWV1ZS52MS5IZWFydGJlYXRIABIsCgdzdGFydGVkGAMgASgLMhkudGFza3F1ZXVlLnYxLlRhc2tTdGFydGVkSAASLgoIZmluaXNoZWQYBCABKAsyGi50YXNrcXVldWUudjEuVGFza0ZpbmlzaGVkSABCCQoHcGF5bG9hZCKTAgoSQ29vcmRpbmF0b3JNZXNzYWdlEigKB3dlbGNvbWUYASABKAsyFS50YXNrcXVldWUudjEuV2VsY29tZUgAEiYKBmFzc2lnbhgCIAEoCzIULnRhc2txdWV1ZS52MS5Bc3NpZ25IABImCgZjYW5jZWwYAyABKAsyFC50YXNrcXVldWUudjEuQ2FuY2VsSAASIAoDYWNrGAQgASgLMhEudGFza3F1ZXVlLnYxLkFja0gAEiQKBWRyYWluGAUgASgLMhMudGFza3F1ZXVlLnYxLkRyYWluSAASMAoFbGVhc2UYZCABKAsyHy50YXNrcXVldWUudjEuTGVhc2VDb25maXJtYXRpb25IAEIJCgdwYXlsb2FkIisKB1Rhc2tSZWYSDwoHdGFza19pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgNIoYDCgVIZWxsbxIRCgl3b3JrZXJfaWQYASABKAkSDAoEbmFtZRgCIAEoCRINCgVzbG90cxgDIAEoDRIPCgd2ZXJzaW9uGAQgASgJEigKCWluX2ZsaWdodBgFIAMoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEi8KBmxhYmVscxgGIAMoCzIfLnRhc2txdWV1ZS52MS5IZWxsby5MYWJlbHNFbnRyeRIUCgxyZXN1bWVfdG9rZW4YByABKAkSLgoKd2FsbF9jbG9jaxhGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGAoQcHJvdG9jb2xfdmVyc2lvbhhQIAEoDRIcChRtaW5fcHJvdG9jb2xfdmVyc2lvbhhRIAEoDRIQCghmZWF0dXJlcxhSIAMoCRIPCgZxdWV1ZXMY5gEgAygJEhEKCWxlYXNlX3NlcRhkIAEoBBotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIk0KEUxlYXNlQ29uZmlybWF0aW9uEgsKA3NlcRgBIAEoBBIrCgdyZW5ld2VkGAIgAygLMhoudGFza3F1ZXVlLnYxLkxlYXNlUmVuZXdhbCJECgxMZWFzZVJlbmV3YWwSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSEAoIbGVhc2VfbXMYAiABKA0iYAoJSGVhcnRiZWF0EgsKA3NlcRgBIAEoBBImCgdydW5uaW5nGAIgAygLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSEAoIZHJhaW5pbmcYAyABKAgSDAoEZnVsbBhkIAEoCCJuCgtUYXNrU3RhcnRlZBIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhILCgNwaWQYAiABKA0SLgoKc3RhcnRlZF9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAixgMKDFRhc2tGaW5pc2hlZBIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhImCgdvdXRjb21lGAIgASgOMhUudGFza3F1ZXVlLnYxLk91dGNvbWUSFgoJZXhpdF9jb2RlGAMgASgRSACIAQESDgoGc2lnbmFsGAQgASgJEg4KBnN0ZG91dBgFIAEoCRIOCgZzdGRlcnIYBiABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgHIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGAggASgIEg0KBWVycm9yGAkgASgJEi4KCnN0YXJ0ZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaGVkX2F0GAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCgV1c2FnZRg8IAEoCzIaLnRhc2txdWV1ZS52MS5BdHRlbXB0VXNhZ2USFwoPc3Rkb3V0X3JlcGxhY2VkGCggASgIEhcKD3N0ZGVycl9yZXBsYWNlZBgpIAEoCBITCgtpbnRlcnJ1cHRlZBhGIAEoCEIMCgpfZXhpdF9jb2RlIs4BCgdXZWxjb21lEhEKCXdvcmtlcl9pZBgBIAEoCRIWCg5jb29yZGluYXRvcl9pZBgCIAEoCRIdChVoZWFydGJlYXRfaW50ZXJ2YWxfbXMYAyABKA0SHAoUaGVhcnRiZWF0X3RpbWVvdXRfbXMYBCABKA0SFAoMcmVzdW1lX3Rva2VuGAUgASgJEhkKEW1heF9tZXNzYWdlX2J5dGVzGCogASgNEhgKEHByb3RvY29sX3ZlcnNpb24YUCABKA0SEAoIZmVhdHVyZXMYUiADKAki5QIKBkFzc2lnbhIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhIPCgdjb21tYW5kGAIgASgJEioKA2VudhgDIAMoCzIdLnRhc2txdWV1ZS52MS5Bc3NpZ24uRW52RW50cnkSCwoDY3dkGAQgASgJEhIKCnRpbWVvdXRfbXMYBSABKA0SNAoQbGVhc2VfZXhwaXJlc19hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLc3RhcnRfaW5fbXMYByABKA0SKAoGbGltaXRzGDwgASgLMhgudGFza3F1ZXVlLnYxLlRhc2tMaW1pdHMSFQoIbGVhc2VfbXMYRiABKA1IAIgBARIUCgt0cmFjZXBhcmVudBisAiABKAkaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUILCglfbGVhc2VfbXMiPAoGQ2FuY2VsEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEg4KBnJlYXNvbhgCIAEoCSI4CgNBY2sSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSDQoFc3RhbGUYAiABKAgiFwoFRHJhaW4SDgoGcmVhc29uGAEgASgJImUKF1JlcG9ydFdvcmtlckxvc3RSZXF1ZXN0EhEKCXdvcmtlcl9pZBgBIAEoCRInCghhdHRlbXB0cxgCIAMoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEg4KBnJlYXNvbhgDIAEoCSIsChhSZXBvcnRXb3JrZXJMb3N0UmVzcG9uc2USEAoIcmVxdWV1ZWQYASABKA0qlQEKB091dGNvbWUSFwoTT1VUQ09NRV9VTlNQRUNJRklFRBAAEhIKDk9VVENPTUVfRVhJVEVEEAESGAoUT1VUQ09NRV9TUEFXTl9GQUlMRUQQAhIVChFPVVRDT01FX1RJTUVEX09VVBADEhUKEU9VVENPTUVfQ0FOQ0VMTEVEEAQSFQoRT1VUQ09NRV9BQkFORE9ORUQQBTLAAQoNV29ya2VyU2VydmljZRJMCgdDb25uZWN0EhsudGFza3F1ZXVlLnYxLldvcmtlck1lc3NhZ2UaIC50YXNrcXVldWUudjEuQ29vcmRpbmF0b3JNZXNzYWdlKAEwARJhChBSZXBvcnRXb3JrZXJMb3N0EiUudGFza3F1ZXVlLnYxLlJlcG9ydFdvcmtlckxvc3RSZXF1ZXN0GiYudGFza3F1ZXVlLnYxLlJlcG9ydFdvcmtlckxvc3RSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp, file_taskqueue_v1_task]);
 
 /**
  * @generated from message taskqueue.v1.WorkerMessage
@@ -94,6 +94,14 @@ export type CoordinatorMessage = Message<"taskqueue.v1.CoordinatorMessage"> & {
      */
     value: Drain;
     case: "drain";
+  } | {
+    /**
+     * Sent only to workers that name the lease_confirm feature.
+     *
+     * @generated from field: taskqueue.v1.LeaseConfirmation lease = 100;
+     */
+    value: LeaseConfirmation;
+    case: "lease";
   } | { case: undefined; value?: undefined };
 };
 
@@ -205,6 +213,21 @@ export type Hello = Message<"taskqueue.v1.Hello"> & {
    * @generated from field: repeated string features = 82;
    */
   features: string[];
+
+  /**
+   * The queues the worker serves (TQ_WORKER_QUEUES); empty: every queue.
+   *
+   * @generated from field: repeated string queues = 230;
+   */
+  queues: string[];
+
+  /**
+   * Numbered from the same sequence as Heartbeat.seq: the coordinator's LeaseConfirmation for
+   * the leases renewed at this Hello names it (lease_confirm feature). Zero from older workers.
+   *
+   * @generated from field: uint64 lease_seq = 100;
+   */
+  leaseSeq: bigint;
 };
 
 /**
@@ -213,6 +236,54 @@ export type Hello = Message<"taskqueue.v1.Hello"> & {
  */
 export const HelloSchema: GenMessage<Hello> = /*@__PURE__*/
   messageDesc(file_taskqueue_v1_worker_service, 3);
+
+/**
+ * The coordinator renewed these attempts' leases on the strength of the worker's Hello or
+ * Heartbeat numbered `seq`: each lease runs at least lease_ms from when the coordinator
+ * received it, hence from when the worker sent it, which is where the worker counts it from.
+ *
+ * @generated from message taskqueue.v1.LeaseConfirmation
+ */
+export type LeaseConfirmation = Message<"taskqueue.v1.LeaseConfirmation"> & {
+  /**
+   * @generated from field: uint64 seq = 1;
+   */
+  seq: bigint;
+
+  /**
+   * @generated from field: repeated taskqueue.v1.LeaseRenewal renewed = 2;
+   */
+  renewed: LeaseRenewal[];
+};
+
+/**
+ * Describes the message taskqueue.v1.LeaseConfirmation.
+ * Use `create(LeaseConfirmationSchema)` to create a new message.
+ */
+export const LeaseConfirmationSchema: GenMessage<LeaseConfirmation> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_worker_service, 4);
+
+/**
+ * @generated from message taskqueue.v1.LeaseRenewal
+ */
+export type LeaseRenewal = Message<"taskqueue.v1.LeaseRenewal"> & {
+  /**
+   * @generated from field: taskqueue.v1.TaskRef ref = 1;
+   */
+  ref?: TaskRef | undefined;
+
+  /**
+   * @generated from field: uint32 lease_ms = 2;
+   */
+  leaseMs: number;
+};
+
+/**
+ * Describes the message taskqueue.v1.LeaseRenewal.
+ * Use `create(LeaseRenewalSchema)` to create a new message.
+ */
+export const LeaseRenewalSchema: GenMessage<LeaseRenewal> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_worker_service, 5);
 
 /**
  * @generated from message taskqueue.v1.Heartbeat
@@ -253,7 +324,7 @@ export type Heartbeat = Message<"taskqueue.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 4);
+  messageDesc(file_taskqueue_v1_worker_service, 6);
 
 /**
  * @generated from message taskqueue.v1.TaskStarted
@@ -280,7 +351,7 @@ export type TaskStarted = Message<"taskqueue.v1.TaskStarted"> & {
  * Use `create(TaskStartedSchema)` to create a new message.
  */
 export const TaskStartedSchema: GenMessage<TaskStarted> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 5);
+  messageDesc(file_taskqueue_v1_worker_service, 7);
 
 /**
  * @generated from message taskqueue.v1.TaskFinished
@@ -376,7 +447,7 @@ export type TaskFinished = Message<"taskqueue.v1.TaskFinished"> & {
  * Use `create(TaskFinishedSchema)` to create a new message.
  */
 export const TaskFinishedSchema: GenMessage<TaskFinished> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 6);
+  messageDesc(file_taskqueue_v1_worker_service, 8);
 
 /**
  * @generated from message taskqueue.v1.Welcome
@@ -437,7 +508,7 @@ export type Welcome = Message<"taskqueue.v1.Welcome"> & {
  * Use `create(WelcomeSchema)` to create a new message.
  */
 export const WelcomeSchema: GenMessage<Welcome> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 7);
+  messageDesc(file_taskqueue_v1_worker_service, 9);
 
 /**
  * @generated from message taskqueue.v1.Assign
@@ -523,7 +594,7 @@ export type Assign = Message<"taskqueue.v1.Assign"> & {
  * Use `create(AssignSchema)` to create a new message.
  */
 export const AssignSchema: GenMessage<Assign> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 8);
+  messageDesc(file_taskqueue_v1_worker_service, 10);
 
 /**
  * @generated from message taskqueue.v1.Cancel
@@ -545,7 +616,7 @@ export type Cancel = Message<"taskqueue.v1.Cancel"> & {
  * Use `create(CancelSchema)` to create a new message.
  */
 export const CancelSchema: GenMessage<Cancel> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 9);
+  messageDesc(file_taskqueue_v1_worker_service, 11);
 
 /**
  * Ack tells the worker a result is durable (or stale) and may be forgotten.
@@ -569,7 +640,7 @@ export type Ack = Message<"taskqueue.v1.Ack"> & {
  * Use `create(AckSchema)` to create a new message.
  */
 export const AckSchema: GenMessage<Ack> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 10);
+  messageDesc(file_taskqueue_v1_worker_service, 12);
 
 /**
  * Drain asks the worker to take no new work and finish what it runs.
@@ -588,7 +659,58 @@ export type Drain = Message<"taskqueue.v1.Drain"> & {
  * Use `create(DrainSchema)` to create a new message.
  */
 export const DrainSchema: GenMessage<Drain> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 11);
+  messageDesc(file_taskqueue_v1_worker_service, 13);
+
+/**
+ * @generated from message taskqueue.v1.ReportWorkerLostRequest
+ */
+export type ReportWorkerLostRequest = Message<"taskqueue.v1.ReportWorkerLostRequest"> & {
+  /**
+   * @generated from field: string worker_id = 1;
+   */
+  workerId: string;
+
+  /**
+   * The attempts whose processes the watchdog stopped (every process group and cgroup gone).
+   *
+   * @generated from field: repeated taskqueue.v1.TaskRef attempts = 2;
+   */
+  attempts: TaskRef[];
+
+  /**
+   * Why the worker is lost, for people: "the worker exited", "no heartbeat for 800 ms".
+   *
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message taskqueue.v1.ReportWorkerLostRequest.
+ * Use `create(ReportWorkerLostRequestSchema)` to create a new message.
+ */
+export const ReportWorkerLostRequestSchema: GenMessage<ReportWorkerLostRequest> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_worker_service, 14);
+
+/**
+ * @generated from message taskqueue.v1.ReportWorkerLostResponse
+ */
+export type ReportWorkerLostResponse = Message<"taskqueue.v1.ReportWorkerLostResponse"> & {
+  /**
+   * How many of the attempts were requeued (or failed, with no attempts left); the others no
+   * longer held their task.
+   *
+   * @generated from field: uint32 requeued = 1;
+   */
+  requeued: number;
+};
+
+/**
+ * Describes the message taskqueue.v1.ReportWorkerLostResponse.
+ * Use `create(ReportWorkerLostResponseSchema)` to create a new message.
+ */
+export const ReportWorkerLostResponseSchema: GenMessage<ReportWorkerLostResponse> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_worker_service, 15);
 
 /**
  * @generated from enum taskqueue.v1.Outcome
@@ -653,6 +775,19 @@ export const WorkerService: GenService<{
     methodKind: "bidi_streaming";
     input: typeof WorkerMessageSchema;
     output: typeof CoordinatorMessageSchema;
+  },
+  /**
+   * A worker's watchdog (src/worker/watchdog-process.ts) reports that its worker died or froze
+   * and that it stopped these attempts' processes: the coordinator requeues them at once
+   * ("confirmed death"). Authenticated with the worker's credential (from Welcome) as
+   * `authorization: Bearer <credential>`; a join token alone is not enough.
+   *
+   * @generated from rpc taskqueue.v1.WorkerService.ReportWorkerLost
+   */
+  reportWorkerLost: {
+    methodKind: "unary";
+    input: typeof ReportWorkerLostRequestSchema;
+    output: typeof ReportWorkerLostResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_taskqueue_v1_worker_service, 0);

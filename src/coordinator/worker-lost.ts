@@ -1,0 +1,99 @@
+// WorkerService.ReportWorkerLost: a worker's watchdog (src/worker/watchdog-process.ts) says its
+// worker died or froze and that it stopped these attempts' processes. That is confirmed death,
+// the one case besides the worker's own word in which an attempt is requeued before its lease
+// lapses: a closed stream alone proves nothing (src/coordinator/worker-sessions.ts).
+//
+// Only the worker's own credential (from Welcome) is accepted, revoked or not (a revoked worker
+// kills its tasks and exits, and its watchdog then reports them): a join token proves that one
+// may join, not that one speaks for this worker. Each requeue is fenced on the task, attempt
+// and worker, so a report can only end attempts that worker still held.
+import * as grpc from "@grpc/grpc-js";
+import { bearerToken, hashToken } from "../auth/tokens";
+import type { Sql } from "../db/sql";
+import { requeueAttempt } from "../db/transitions";
+import { useCredential } from "../db/worker-credentials";
+import type { ReportWorkerLostRequest, ReportWorkerLostResponse } from "../gen/taskqueue/v1/worker_service_pb";
+import type { Logger } from "../log";
+import type { TaskMetrics } from "../metrics/metrics";
+import { attemptRefFromProto } from "../rpc/convert";
+import type { WorkerRegistry } from "./registry";
+
+export interface WorkerLostOptions {
+  sql: Sql;
+  registry: WorkerRegistry;
+  log: Logger;
+  /** Counts the attempts requeued on confirmed death (taskqueue_tasks_rescued_total). */
+  metrics?: TaskMetrics;
+}
+
+/** What the history says (event detail.reason) of an attempt the watchdog stopped. */
+export const WATCHDOG_REASON = "stopped by the watchdog after the worker died";
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+export function reportWorkerLostHandler(
+  options: WorkerLostOptions,
+): grpc.handleUnaryCall<ReportWorkerLostRequest, Partial<ReportWorkerLostResponse>> {
+  return (call, callback) => {
+    const request = call.request;
+    const problem = requestProblem(request);
+    if (problem) return callback({ code: grpc.status.INVALID_ARGUMENT, details: problem });
+    const value = call.metadata.get("authorization")[0];
+    const credential = bearerToken(typeof value === "string" ? value : undefined);
+    void handle(options, request, credential).then(
+      (answer) =>
+        callback(answer.ok ? null : { code: answer.code, details: answer.details }, answer.ok ? answer.response : undefined),
+      (error) => {
+        options.log.warn({ err: error, worker: request.workerId }, "recording a lost worker failed");
+        callback({ code: grpc.status.UNAVAILABLE, details: "could not record the report; retry" });
+      },
+    );
+  };
+}
+
+type Answer = { ok: true; response: Partial<ReportWorkerLostResponse> } | { ok: false; code: grpc.status; details: string };
+
+async function handle(options: WorkerLostOptions, request: ReportWorkerLostRequest, credential: string | null): Promise<Answer> {
+  const { sql, log, registry } = options;
+  const check = credential ? await useCredential(sql, request.workerId, hashToken(credential)) : "unknown";
+  if (check !== "valid" && check !== "revoked") {
+    log.warn(
+      { event: "coordinator.worker_lost_refused", worker: request.workerId },
+      "refused a lost-worker report without that worker's credential",
+    );
+    return {
+      ok: false,
+      code: grpc.status.UNAUTHENTICATED,
+      details: "the worker's own credential is required (authorization: Bearer)",
+    };
+  }
+  const why = request.reason.slice(0, 300);
+  // "worker lost: ..." as every other loss of a worker reads (a final task's error says it too).
+  const reason = `worker lost: ${WATCHDOG_REASON}${why ? ` (${why})` : ""}`;
+  const requeued: string[] = [];
+  for (const ref of request.attempts) {
+    const row = await requeueAttempt(sql, attemptRefFromProto(ref, request.workerId), reason, "lost");
+    if (row) requeued.push(row.id);
+  }
+  options.metrics?.rescued(requeued.length);
+  log.warn(
+    {
+      event: "coordinator.worker_lost",
+      worker: request.workerId,
+      attempts: request.attempts.map((ref) => `${ref.taskId}:${ref.attempt}`),
+      requeued: requeued.length,
+      reason: why,
+    },
+    "the worker's watchdog confirmed its death: requeued its stopped attempts",
+  );
+  // Dead, or killed by its watchdog: a stream still open here is a corpse's.
+  registry.get(request.workerId)?.close("its watchdog reported it lost");
+  return { ok: true, response: { requeued: requeued.length } };
+}
+
+function requestProblem(request: ReportWorkerLostRequest): string | null {
+  if (!request.workerId || request.workerId.length > 200) return "worker_id must be 1 to 200 characters";
+  if (request.attempts.length > 1024) return "attempts lists more attempts than a worker can hold";
+  for (const ref of request.attempts) if (!UUID.test(ref.taskId)) return "attempts[].task_id must be a task id";
+  return null;
+}

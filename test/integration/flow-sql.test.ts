@@ -1,0 +1,125 @@
+import { describe, expect, setDefaultTimeout, test } from "bun:test";
+import { claimDue } from "../../src/db/claim";
+import { createRateLimit, nextTokenIn } from "../../src/db/flow";
+import { insertTasks } from "../../src/db/insert";
+import { connect } from "../../src/db/sql";
+import { finishAttempt, requeueWorkerTasks } from "../../src/db/transitions";
+import type { TaskSpec } from "../../src/task/task";
+import { TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
+import { attemptResult, newTaskId, taskSpec } from "../support/factories";
+
+setDefaultTimeout(TEST_TIMEOUT_MS);
+
+const db = useTestDatabase();
+
+async function clear() {
+  await db.sql`TRUNCATE tasks, task_events, task_attempts, workers, concurrency_keys, rate_limits, rate_buckets CASCADE`;
+}
+
+const keyed = (key: string, max: number, over: Partial<TaskSpec> = {}): TaskSpec =>
+  taskSpec({ concurrency: { key, max, strategy: "queue" }, ...over });
+
+async function submit(specs: TaskSpec[]): Promise<string[]> {
+  const items = specs.map((spec) => ({ id: newTaskId(), spec }));
+  await insertTasks(db.sql, items);
+  return items.map((item) => item.id);
+}
+
+const slots = (n: number, worker = "w1") => Array.from({ length: n }, () => worker);
+
+async function liveOf(key: string): Promise<number> {
+  const [row] = await db.sql<{ n: number }[]>`
+    SELECT count(*)::int AS n FROM tasks WHERE concurrency_key = ${key} AND state IN ('dispatched', 'running')`;
+  return row!.n;
+}
+
+describe("concurrency keys in the claim", () => {
+  test("a key with max 2 gives 2 of 5 tasks, and a finished one lets the next in", async () => {
+    await clear();
+    await submit(Array.from({ length: 5 }, () => keyed("k", 2)));
+    const first = await claimDue(db.sql, "c1", slots(5), 60_000);
+    expect(first).toHaveLength(2);
+    expect(await claimDue(db.sql, "c1", slots(5), 60_000)).toHaveLength(0);
+    const done = first[0]!;
+    await finishAttempt(db.sql, { taskId: done.id, attempt: done.attempt, workerId: "w1" }, attemptResult());
+    const next = await claimDue(db.sql, "c1", slots(5), 60_000);
+    expect(next).toHaveLength(1);
+    expect(await liveOf("k")).toBe(2);
+  });
+
+  test("candidates of a full key do not use up the claim's slots", async () => {
+    await clear();
+    await submit(Array.from({ length: 20 }, () => keyed("hot", 1)));
+    const plain = await submit(Array.from({ length: 3 }, () => taskSpec()));
+    const claimed = await claimDue(db.sql, "c1", slots(4), 60_000);
+    expect(claimed).toHaveLength(4);
+    expect(claimed.filter((t) => plain.includes(t.id))).toHaveLength(3);
+  });
+
+  test("keys are served round robin: each key gets one slot before any gets a second", async () => {
+    await clear();
+    const a = await submit(Array.from({ length: 5 }, () => keyed("a", 5)));
+    const b = await submit(Array.from({ length: 2 }, () => keyed("b", 5)));
+    const claimed = await claimDue(db.sql, "c1", slots(3), 60_000);
+    expect(claimed.filter((t) => a.includes(t.id))).toHaveLength(2);
+    expect(claimed.filter((t) => b.includes(t.id))).toHaveLength(1);
+  });
+
+  test("a rescued attempt keeps its key slot until it is requeued, and frees it once", async () => {
+    await clear();
+    await submit(Array.from({ length: 3 }, () => keyed("r", 1)));
+    const [held] = await claimDue(db.sql, "c1", slots(1, "dead"), 60_000);
+    expect(held).toBeDefined();
+    expect(await claimDue(db.sql, "c1", slots(3, "w2"), 60_000)).toHaveLength(0);
+    await requeueWorkerTasks(db.sql, "dead", "worker lost", "lost");
+    // Requeued keeping its run_at, it is first in its key's line again: exactly one gets in.
+    const after = await claimDue(db.sql, "c1", slots(3, "w2"), 60_000);
+    expect(after.map((t) => t.id)).toEqual([held!.id]);
+    expect(await liveOf("r")).toBe(1);
+  });
+
+  test("concurrent claims from separate connections never exceed a key's max", async () => {
+    await clear();
+    await submit(Array.from({ length: 60 }, (_, i) => keyed(`k${i % 3}`, 2)));
+    const others = [connect(db.url, { max: 2 }), connect(db.url, { max: 2 })];
+    try {
+      for (let round = 0; round < 10; round++) {
+        await Promise.all([db.sql, ...others].map((sql, i) => claimDue(sql, `c${i}`, slots(4, `w${i}`), 60_000)));
+        for (const key of ["k0", "k1", "k2"]) expect(await liveOf(key)).toBeLessThanOrEqual(2);
+        // Finish everything live, so the next round claims again.
+        const live = await db.sql<{ id: string; attempt: number; worker_id: string }[]>`
+          SELECT id, attempt, worker_id FROM tasks WHERE state IN ('dispatched', 'running')`;
+        for (const t of live)
+          await finishAttempt(db.sql, { taskId: t.id, attempt: t.attempt, workerId: t.worker_id }, attemptResult());
+      }
+    } finally {
+      await Promise.all(others.map((sql) => sql.end({ timeout: 5 })));
+    }
+  });
+});
+
+describe("rate limits in the claim", () => {
+  test("a bucket admits its burst, then none until a token refills, and says when", async () => {
+    await clear();
+    await createRateLimit(db.sql, "smtp", { count: 1, periodMs: 60_000 }, 3);
+    await submit(Array.from({ length: 10 }, () => taskSpec({ rateLimit: { name: "smtp", key: "" } })));
+    const plain = await submit([taskSpec()]);
+    const claimed = await claimDue(db.sql, "c1", slots(10), 60_000);
+    expect(claimed).toHaveLength(4);
+    expect(claimed.some((t) => t.id === plain[0])).toBe(true);
+    const wait = await nextTokenIn(db.sql);
+    expect(wait).toBeGreaterThan(50_000);
+    expect(wait).toBeLessThanOrEqual(60_000);
+  });
+
+  test("per-key buckets are separate", async () => {
+    await clear();
+    await createRateLimit(db.sql, "api", { count: 1, periodMs: 60_000 }, 1);
+    await submit([
+      ...Array.from({ length: 3 }, () => taskSpec({ rateLimit: { name: "api", key: "a" } })),
+      ...Array.from({ length: 3 }, () => taskSpec({ rateLimit: { name: "api", key: "b" } })),
+    ]);
+    const claimed = await claimDue(db.sql, "c1", slots(6), 60_000);
+    expect(claimed.map((t) => t.rate_limit_key).sort()).toEqual(["a", "b"]);
+  });
+});
