@@ -363,6 +363,14 @@ export const ConfigSchema = Type.Object({
     [Type.Literal("debug"), Type.Literal("info"), Type.Literal("warn"), Type.Literal("error"), Type.Literal("silent")],
     { default: "info", description: "Log level: debug, info, warn, error or silent. Defaults to info." },
   ),
+  // --- traces (branch `metrics`) ---
+  OTEL_EXPORTER_OTLP_ENDPOINT: Type.Optional(
+    Type.String({
+      pattern: "^https?://",
+      description:
+        "OpenTelemetry collector base URL (OTLP/HTTP, JSON); spans go to <it>/v1/traces. Unset by default: no traces, at no cost.",
+    }),
+  ),
 });
 
 export type Config = Static<typeof ConfigSchema>;
@@ -573,4 +581,9 @@ export function leaseTimings(config: Config): LeaseTimings {
 /** The process environment, which a worker's tasks inherit (minus DATABASE_URL and TQ_*). */
 export function inheritedEnvironment(): Record<string, string | undefined> {
   return { ...process.env };
+}
+
+/** Where the role exports its spans (src/trace/tracing.ts), or undefined: tracing is off. */
+export function tracingEndpoint(config: Config): string | undefined {
+  return config.OTEL_EXPORTER_OTLP_ENDPOINT;
 }

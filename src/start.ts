@@ -1,12 +1,14 @@
 // bun start: the whole system in one process — scheduler, coordinator and TQ_WORKERS
 // workers — on embedded PostgreSQL kept in TQ_DATA_DIR unless DATABASE_URL is set.
 import { hostname } from "node:os";
+import { tracingEndpoint } from "./config";
 import { Coordinator } from "./coordinator/coordinator";
 import { type EmbeddedDatabase, startEmbedded } from "./db/embedded";
 import { migrateDatabase } from "./db/migrate";
 import { runRole } from "./role";
 import { Scheduler } from "./scheduler/scheduler";
 import { inProcessWorkerCredentials } from "./tls";
+import { tracingFor } from "./trace/tracing";
 import { taskIdentities, workerOptions } from "./worker/options";
 import { Worker } from "./worker/worker";
 
@@ -34,6 +36,8 @@ await runRole("start", async (config, log) => {
   const scheduler = new Scheduler(config, url, log.child({ component: "scheduler" }));
   const info = await coordinator.start();
   const schedulerUrl = await scheduler.start();
+  // The in-process workers share one tracer provider, their role's own (not the servers').
+  const tracing = tracingFor(tracingEndpoint(config), "worker");
   const workers = Array.from(
     { length: config.TQ_WORKERS },
     (_, i) =>
@@ -44,6 +48,7 @@ await runRole("start", async (config, log) => {
           identities: identities[i],
         }),
         credentials,
+        tracing,
       }),
   );
   for (const worker of workers) worker.start();
@@ -62,6 +67,7 @@ await runRole("start", async (config, log) => {
   return {
     async stop() {
       await Promise.all(workers.map((worker) => worker.stop()));
+      await tracing?.stop();
       await scheduler.stop();
       await coordinator.stop();
       await embedded?.stop();

@@ -6,8 +6,10 @@ import type { InsertOutcome } from "../db/insert";
 import type { TaskChangeFeed } from "../db/notify";
 import type { Sql } from "../db/sql";
 import type { Logger } from "../log";
+import type { TaskMetrics } from "../metrics/metrics";
 import type { TaskDefaults } from "../task/spec";
 import type { TaskSpec } from "../task/task";
+import type { Tracing } from "../trace/tracing";
 
 /** The API's limits and defaults, from the configuration (apiSettings in src/config.ts). */
 export interface ApiSettings {
@@ -41,7 +43,11 @@ export interface ApiDeps {
    * workers in the same statement. A spec whose idempotency key was used before writes nothing
    * and returns the earlier task.
    */
-  submit(id: string, spec: TaskSpec, actor: string): Promise<InsertOutcome>;
+  submit(id: string, spec: TaskSpec, actor: string, traceparent?: string | null): Promise<InsertOutcome>;
+  /** The role's metrics (src/metrics): GET /metrics serves them, submits and cancels count there. */
+  metrics?: TaskMetrics;
+  /** The role's tracing (src/trace), null or absent when off: submits get a `persist` span. */
+  tracing?: Tracing | null;
   /** Wakes this role's schedule firing loop after a schedule was created, changed or resumed (none: it polls). */
   wakeScheduleFirer?: () => void;
 }

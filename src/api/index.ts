@@ -3,6 +3,7 @@
 // src/api/service.ts.
 
 import { Elysia, status, t } from "elysia";
+import { METRICS_CONTENT_TYPE } from "../metrics/metrics";
 import { BatchInput, parseIdempotencyKey, SubmitInput, TaskInput, toBatchSpecs, toScheduleSpec, toTaskSpec } from "../task/spec";
 import type { TaskSpec } from "../task/task";
 import { authentication, principalOf, tokenNameOf } from "./auth";
@@ -16,6 +17,7 @@ import {
   eventJson,
   HealthJson,
   HistoryQuery,
+  MetricsText,
   ReadyJson,
   ScheduleResponse,
   StatusJson,
@@ -76,7 +78,8 @@ export function createApp(deps: ApiDeps) {
     .use(rateLimitsController(deps))
     .use(queuesController(deps))
     .use(schedulesController(deps))
-    .use(healthController(deps));
+    .use(healthController(deps))
+    .use(metricsController(deps));
   routes = () => app.routes;
   return app;
 }
@@ -146,7 +149,12 @@ async function submitted(
   headers: { "idempotency-key"?: string },
   set: SetHeaders,
 ) {
-  const { task, created } = await submitTask(deps, withKey(spec, headers), principalOf(request).name);
+  const { task, created } = await submitTask(
+    deps,
+    withKey(spec, headers),
+    principalOf(request).name,
+    request.headers.get("traceparent"),
+  );
   if (created) {
     set.headers.location = `/tasks/${task.id}`;
     return status(201, taskJson(task));
@@ -162,7 +170,7 @@ function seedController(deps: ApiDeps) {
       "/schedule",
       async ({ body, headers, request, set }) => {
         const spec = withKey(toScheduleSpec(body, deps.settings.taskDefaults), headers);
-        const { task, created } = await submitTask(deps, spec, principalOf(request).name);
+        const { task, created } = await submitTask(deps, spec, principalOf(request).name, request.headers.get("traceparent"));
         // The seed's 200 either way; the header tells a replay apart.
         if (!created) set.headers["idempotent-replayed"] = "true";
         return scheduleResponse(task);
@@ -226,7 +234,14 @@ function tasksController(deps: ApiDeps) {
       async ({ body, headers, request, set }) => {
         const specs = toBatchSpecs(body, defaults, maxBatchTasks);
         const batchKey = parseIdempotencyKey(headers["idempotency-key"]);
-        const batch = await submitTasks(deps, specs, principalOf(request).name, batchKey);
+        const batch = await submitTasks(
+          deps,
+          specs,
+          principalOf(request).name,
+          batchKey,
+          false,
+          request.headers.get("traceparent"),
+        );
         const answer = { tasks: batch.tasks.map(taskJson), replayed: batch.replayed };
         if (batch.created) return status(201, answer);
         set.headers["idempotent-replayed"] = "true";
@@ -413,4 +428,27 @@ function healthController(deps: ApiDeps) {
         detail: { operationId: "readyz", tags: ["health"], summary: "Readiness: the database answers within 2 s", security: [] },
       },
     );
+}
+
+/** GET /metrics: the role's Prometheus metrics (src/metrics), for a `read` token like every GET. */
+function metricsController(deps: ApiDeps) {
+  return new Elysia({ normalize: false }).get(
+    "/metrics",
+    async () =>
+      new Response(deps.metrics ? await deps.metrics.scrape() : "", { headers: { "content-type": METRICS_CONTENT_TYPE } }),
+    {
+      detail: {
+        operationId: "getMetrics",
+        tags: ["metrics"],
+        summary: "Prometheus metrics",
+        description:
+          "This role's counters, histograms and gauges in the Prometheus text format (names `taskqueue_*`, each " +
+          "labelled with the role). Needs a `read` token once tokens exist; Prometheus sends one as `authorization`.",
+        responses: documentedResponses(
+          { 200: { description: "The metrics, as text.", content: { "text/plain": { schema: MetricsText } } } },
+          [],
+        ),
+      },
+    },
+  );
 }

@@ -604,3 +604,10 @@ export function workerJson(worker: WorkerRow): WorkerJson {
     clock_skew_ms: worker.clock_skew_ms,
   };
 }
+
+// --- metrics (branch `metrics`) ---
+
+export const MetricsText = Type.String({
+  description:
+    "The Prometheus text exposition format (version 0.0.4) of this role's metrics: see the README's \"Metrics and traces\".",
+});

@@ -24,6 +24,7 @@ import {
   EventJson,
   EventPage,
   HealthJson,
+  MetricsText,
   ReadyJson,
   ScheduleResponse,
   StatusJson,
@@ -92,6 +93,7 @@ export const NAMED_SCHEMAS: Record<string, TSchema> = {
   BatchInput,
   BatchItemInput,
   RetryPolicy: TaskInput.properties.retry,
+  MetricsText,
   // Flow control (src/api/flow.ts, src/task/flow.ts).
   Concurrency: TaskInput.properties.concurrency,
   RateLimit: RateLimitJson,
@@ -258,6 +260,7 @@ const documentation = {
     { name: "seed", description: "The original API, kept compatible." },
     { name: "workers", description: "Workers connected to any coordinator." },
     { name: "health", description: "Liveness and readiness." },
+    { name: "metrics", description: "Prometheus metrics of the role." },
   ],
   securitySchemes: {
     bearerAuth: {

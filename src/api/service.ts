@@ -20,6 +20,7 @@ import { parseQueueName } from "../task/routing";
 import { isTaskId } from "../task/spec";
 import { isFinal, isTaskState, TASK_STATES } from "../task/state";
 import type { Submitted, Task, TaskSpec } from "../task/task";
+import { normalTraceparent } from "../trace/traceparent";
 import { decodeCursor, encodeCursor } from "./cursor";
 import type { ApiDeps } from "./deps";
 import { applyStrategies, checkFlowSpecs, withFlowWaiting } from "./flow";
@@ -39,17 +40,29 @@ export const READY_PROBE_TIMEOUT_MS = 1000;
  * request with the same idempotency key returns that task (created: false); the same key with
  * a different request is a conflict.
  */
-export async function submitTask(deps: ApiDeps, spec: TaskSpec, actor: string): Promise<Submitted> {
+export async function submitTask(
+  deps: ApiDeps,
+  spec: TaskSpec,
+  actor: string,
+  /** The caller's W3C traceparent (REST header, gRPC metadata), if any. */
+  traceparent: string | null = null,
+): Promise<Submitted> {
   if (spec.dependsOn) {
-    // Its edges are written in the insert's transaction: the batch path.
-    const batch = await submitTasks(deps, [spec], actor, null, true);
+    // Its edges are written in the insert's transaction: the batch path (which counts and traces it).
+    const batch = await submitTasks(deps, [spec], actor, null, true, traceparent);
     const task = batch.tasks[0];
     if (!task) throw new Error("a batch of one answered no task");
     return { task, created: batch.created };
   }
   await checkFlowSpecs(deps, [spec], (_, name) => name);
-  const outcome = await deps.submit(Bun.randomUUIDv7(), spec, actor);
+  const id = Bun.randomUUIDv7();
+  const outcome = deps.tracing
+    ? await deps.tracing.around("persist", traceparent, { "taskqueue.task_id": id }, (span) =>
+        deps.submit(id, spec, actor, span.traceparent),
+      )
+    : await deps.submit(id, spec, actor, normalTraceparent(traceparent));
   if (outcome.kind === "created") {
+    deps.metrics?.submitted();
     const [task] = await applyStrategies(deps, [outcome.task], actor);
     return { task: task ?? outcome.task, created: true };
   }
@@ -83,9 +96,15 @@ export async function submitTasks(
   batchKey: string | null = null,
   /** One task of POST /tasks (or /submit, SubmitTask): errors name its fields without `tasks[i].`. */
   single = false,
+  /** The caller's W3C traceparent: every task of the batch is stored under it (or under its persist span). */
+  traceparent: string | null = null,
 ): Promise<SubmittedBatch> {
   await checkFlowSpecs(deps, specs, (i, name) => (single ? name : `tasks[${i}].${name}`));
-  const batch = await insertBatch(deps, specs, actor, batchKey, single);
+  const batch = deps.tracing
+    ? await deps.tracing.around("persist", traceparent, { "taskqueue.tasks": specs.length }, (span) =>
+        insertBatch(deps, specs, actor, batchKey, single, span.traceparent),
+      )
+    : await insertBatch(deps, specs, actor, batchKey, single, normalTraceparent(traceparent));
   // Flow control's strategies for full keys, once the batch is committed (src/api/flow.ts).
   const tasks = await applyStrategies(
     deps,
@@ -101,6 +120,7 @@ async function insertBatch(
   actor: string,
   batchKey: string | null,
   single: boolean,
+  traceparent: string | null,
 ): Promise<SubmittedBatch> {
   const agingMs = deps.settings.priorityAgingMs;
   const items: NewTask[] = specs.map((spec) => ({
@@ -108,17 +128,19 @@ async function insertBatch(
     spec,
     actor,
     agingMs,
+    traceparent,
     ...(spec.dependsOn ? { parents: spec.dependsOn.length } : {}),
   }));
   const withParents = specs.some((spec) => spec.dependsOn);
   if (batchKey === null && !withParents && specs.every((spec) => spec.idempotencyKey === null)) {
     // Nothing to replay and nothing to conflict: the statement alone, no transaction.
     const outcomes = await insertTasks(deps.sql, items);
+    deps.metrics?.submitted(outcomes.length);
     return { tasks: outcomes.map((outcome) => outcome.task), replayed: [], created: true };
   }
   // A transaction, so that a conflict found after the insert writes nothing, and so that the
   // batch key is held until the tasks are committed (a concurrent repeat waits for them).
-  return deps.sql.begin(async (transaction) => {
+  const batch = await deps.sql.begin(async (transaction) => {
     // The query functions take a Sql; a transaction answers every query they make.
     const tx = transaction as unknown as Sql;
     const hash = batchHash(specs);
@@ -154,6 +176,9 @@ async function insertBatch(
     }
     return { tasks: outcomes.map((outcome) => outcome.task), replayed, created: replayed.length < items.length };
   });
+  // Counted once committed; a replayed batch created none.
+  if (batch.created) deps.metrics?.submitted(batch.tasks.length - batch.replayed.length);
+  return batch;
 }
 
 /**
@@ -302,6 +327,7 @@ export async function cancelTaskOrThrow(deps: ApiDeps, id: string, actor: string
   const outcome = await cancelTask(deps.sql, id, actor);
   switch (outcome.kind) {
     case "cancelled":
+      deps.metrics?.finished("cancelled");
       return outcome.task;
     case "final":
       throw conflict(`task is already ${outcome.task.state}`);

@@ -7,6 +7,7 @@
 // reports still to come are those of attempts already out: the backlog stays within
 // maxPending plus the slots of the connected workers, and shrinks once the database takes
 // writes again, when new work resumes.
+import type { TaskChangeRow } from "../db/changes";
 import type { Sql } from "../db/sql";
 import {
   type FinishReport,
@@ -19,6 +20,7 @@ import {
 } from "../db/transitions";
 import type { TaskFinished, TaskStarted } from "../gen/taskqueue/v1/worker_service_pb";
 import { type Logger, taskFields } from "../log";
+import { type FinalState, secondsBetween, type TaskMetrics } from "../metrics/metrics";
 import { attemptRefFromProto, type FinishAction, finishAction, fromTimestamp } from "../rpc/convert";
 import { ackMessage } from "../rpc/messages";
 import type { AttemptRef } from "../task/attempt";
@@ -39,6 +41,8 @@ export interface CompleterOptions {
   retryMs?: number;
   /** Reports held for the database at which new work is held back. Defaults to 10000. */
   maxPending?: number;
+  /** Counts starts, results, retries and stale reports as they are recorded. */
+  metrics?: TaskMetrics;
 }
 
 /** A result waiting to be written, and the worker to acknowledge it to. */
@@ -46,6 +50,9 @@ interface Finish {
   worker: WorkerConnection;
   report: FinishReport;
 }
+
+/** The final states a result can give its task (a cancel is counted by the API that made it). */
+const FINISHED_STATES: ReadonlySet<string> = new Set<FinalState>(["succeeded", "failed", "timed_out"]);
 
 /** Most reports of a kind (starts, results) written in one statement. */
 const MAX_REPORTS_PER_WRITE = 500;
@@ -163,7 +170,7 @@ export class Completer {
    */
   private async recordStarts(starts: StartReport[]): Promise<void> {
     try {
-      await markStartedMany(this.options.sql, starts);
+      this.countStarts(await markStartedMany(this.options.sql, starts));
       return;
     } catch (error) {
       if (starts.length === 1 || isTransientDatabaseError(error)) {
@@ -173,7 +180,7 @@ export class Completer {
     }
     for (const start of starts) {
       try {
-        await markStartedMany(this.options.sql, [start]);
+        this.countStarts(await markStartedMany(this.options.sql, [start]));
       } catch (error) {
         this.options.log.warn(
           { err: error, ...taskFields({ ...start, coordinatorId: this.options.coordinatorId }) },
@@ -197,7 +204,7 @@ export class Completer {
         finishes.map((f) => f.report),
       );
       finishes.forEach((finish, i) => {
-        this.recorded(finish, applied[i] === null);
+        this.recorded(finish, applied[i] ?? null);
       });
       return { reports: [] };
     } catch (error) {
@@ -208,7 +215,7 @@ export class Completer {
     for (const [i, finish] of finishes.entries()) {
       try {
         const [applied] = await finishAttempts(this.options.sql, [finish.report]);
-        this.recorded(finish, applied === null);
+        this.recorded(finish, applied ?? null);
       } catch (error) {
         if (isTransientDatabaseError(error) || !(await this.recordRefused(finish, error))) {
           return { reports: finishes.slice(i), error };
@@ -218,10 +225,33 @@ export class Completer {
     return { reports: [] };
   }
 
-  /** A result is durable (or known stale): its log line, and the worker's Ack. */
-  private recorded({ worker, report }: Finish, stale: boolean): void {
+  /** A result is durable (`applied`: the task as changed, or null when stale): its log line, its count, the worker's Ack. */
+  private recorded({ worker, report }: Finish, applied: TaskChangeRow | null): void {
+    const stale = applied === null;
     this.logFinished(worker, report.ref, report.result.state, report.result, stale);
+    this.countFinish(applied, report.result);
     this.ack(worker, report.ref, stale);
+  }
+
+  /** Starts recorded: the first attempt's start also times submit-to-start. */
+  private countStarts(rows: readonly TaskChangeRow[]): void {
+    const metrics = this.options.metrics;
+    if (!metrics) return;
+    for (const row of rows) {
+      metrics.started(row.attempt === 1 && row.started_at ? secondsBetween(row.created_at, row.started_at) : null);
+    }
+  }
+
+  private countFinish(applied: TaskChangeRow | null, result: Pick<AttemptResult, "startedAt" | "finishedAt">): void {
+    const metrics = this.options.metrics;
+    if (!metrics) return;
+    if (applied === null) {
+      metrics.staleReport();
+      return;
+    }
+    const runSeconds = result.startedAt ? secondsBetween(result.startedAt, result.finishedAt) : null;
+    if (applied.state === "queued") metrics.retried(runSeconds);
+    else if (FINISHED_STATES.has(applied.state)) metrics.finished(applied.state as FinalState, runSeconds);
   }
 
   /**
@@ -240,7 +270,7 @@ export class Completer {
     const stored = { ref: report.ref, result: unstorableResult(report.result), unstorable: true };
     try {
       const [applied] = await finishAttempts(this.options.sql, [stored]);
-      this.recorded({ worker, report: stored }, applied === null);
+      this.recorded({ worker, report: stored }, applied ?? null);
     } catch (error) {
       if (isTransientDatabaseError(error)) return false;
       // Nothing of the worker's is left in what was written. Acknowledged, the attempt drops
@@ -278,6 +308,7 @@ export class Completer {
         } else await recordAttemptStopped(this.options.sql, target, reason, action.usage);
         const result = finishedTimes(message);
         this.logFinished(worker, target, action.kind === "requeue" ? "handed_back" : "stopped", result, !applied, reason);
+        if (!applied) this.options.metrics?.staleReport();
         this.ack(worker, target, !applied);
         return;
       } catch (error) {

@@ -18,6 +18,7 @@ import {
   leaseTimings,
   scheduleFiring,
   taskDefaults,
+  tracingEndpoint,
   workerJoinTokens,
 } from "../config";
 import { type TaskChange, TaskChangeFeed } from "../db/notify";
@@ -27,6 +28,9 @@ import { ScheduleService } from "../gen/taskqueue/v1/schedule_service_pb";
 import { TaskService } from "../gen/taskqueue/v1/task_service_pb";
 import { WorkerService } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
+import { addDatabaseGauges } from "../metrics/database-gauges";
+import { TaskMetrics } from "../metrics/metrics";
+import { addRegistryGauges } from "../metrics/registry-gauges";
 import { guardMalformed, serverDefinition } from "../rpc/definitions";
 import { Health, HealthService } from "../rpc/health";
 import { grpcMessageLimits } from "../rpc/message-size";
@@ -37,6 +41,7 @@ import { attemptKey } from "../task/attempt";
 import { DEFAULT_QUEUE, isPlainRouting, servesQueue } from "../task/routing";
 import type { TaskSpec } from "../task/task";
 import { grpcServerCredentials, httpScheme, httpTls } from "../tls";
+import { type Tracing, tracingFor } from "../trace/tracing";
 import { Completer } from "./completer";
 import { Dispatcher } from "./dispatcher";
 import { WorkerRegistry } from "./registry";
@@ -66,6 +71,10 @@ export class Coordinator {
   private readonly health: HealthService;
   private readonly auth: Authenticator;
   private readonly app: ReturnType<typeof createApp>;
+  /** This role's own registry (not the all-in-one process's other roles'): GET /metrics. */
+  readonly metrics = new TaskMetrics("coordinator");
+  /** Null unless OTEL_EXPORTER_OTLP_ENDPOINT is set. */
+  private readonly tracing: Tracing | null;
   /** The recurring schedules' firing loop, unless TQ_SCHEDULES=false. */
   private readonly firer: ScheduleFirer | null;
   private unsubscribe: (() => void)[] = [];
@@ -80,6 +89,7 @@ export class Coordinator {
     private readonly log: Logger,
   ) {
     this.id = config.TQ_COORDINATOR_ID ?? `${hostname()}:${config.TQ_GRPC_PORT}`;
+    this.tracing = tracingFor(tracingEndpoint(config), "coordinator");
     // A worker silent for two intervals may be frozen: it gets no new work meanwhile.
     this.registry = new WorkerRegistry(2 * config.TQ_HEARTBEAT_INTERVAL_MS);
     const lease = leaseTimings(config);
@@ -94,6 +104,8 @@ export class Coordinator {
       safetyPollMs: config.TQ_SAFETY_POLL_MS,
       leaseMs: lease.leaseMs,
       aheadMs: config.TQ_DISPATCH_AHEAD_MS,
+      metrics: this.metrics,
+      tracing: this.tracing,
       agingMs: config.TQ_PRIORITY_AGING_MS,
     });
     this.submitter = new Submitter({
@@ -108,6 +120,7 @@ export class Coordinator {
       coordinatorId: this.id,
       onSlotFreed: () => this.dispatcher.wake(),
       maxPending: config.TQ_COMPLETER_MAX_PENDING,
+      metrics: this.metrics,
     });
     this.sessions = new WorkerSessions({
       sql: this.sql,
@@ -128,11 +141,20 @@ export class Coordinator {
       ...lease,
       onSilent: this.sessions.onSilent,
       onRevoked: this.sessions.onRevoked,
+      metrics: this.metrics,
     });
+    addRegistryGauges(this.metrics, this.registry);
+    addDatabaseGauges(this.metrics, this.sql);
     this.auth = new Authenticator(this.sql, authOptions(config), log.child({ part: "auth" }));
     const firing = scheduleFiring(config);
     this.firer = firing
-      ? new ScheduleFirer({ sql: this.sql, log: log.child({ part: "schedules" }), taskDefaults: taskDefaults(config), ...firing })
+      ? new ScheduleFirer({
+          sql: this.sql,
+          log: log.child({ part: "schedules" }),
+          taskDefaults: taskDefaults(config),
+          metrics: this.metrics,
+          ...firing,
+        })
       : null;
     const deps: ApiDeps = {
       role: "coordinator",
@@ -141,7 +163,9 @@ export class Coordinator {
       sql: this.sql,
       feed: this.feed,
       log: log.child({ part: "api" }),
-      submit: (id, spec, actor) => this.submitter.submit(id, spec, actor),
+      submit: (id, spec, actor, traceparent) => this.submitter.submit(id, spec, actor, traceparent),
+      metrics: this.metrics,
+      tracing: this.tracing,
       wakeScheduleFirer: () => this.firer?.wake(),
     };
     this.app = createApp(deps);
@@ -163,6 +187,7 @@ export class Coordinator {
           sql: this.sql,
           registry: this.registry,
           log: log.child({ part: "sessions" }),
+          metrics: this.metrics,
         }),
       }),
     );
@@ -238,6 +263,7 @@ export class Coordinator {
     await this.feed.stop();
     this.auth.stop();
     await this.sql.end({ timeout: 5 });
+    await this.tracing?.stop();
     this.log.info({ event: "coordinator.stopped", id: this.id }, "coordinator stopped");
   }
 

@@ -9,9 +9,11 @@ import type { Sql } from "../db/sql";
 import { requeueAttempt } from "../db/transitions";
 import { expireScheduleTimeouts } from "../db/waiting";
 import { type Logger, taskFields } from "../log";
+import type { TaskMetrics } from "../metrics/metrics";
 import { assignMessage } from "../rpc/messages";
 import type { WorkerRouting } from "../task/routing";
 import type { Task } from "../task/task";
+import type { Tracing } from "../trace/tracing";
 import type { WorkerRegistry } from "./registry";
 
 export interface DispatcherOptions {
@@ -29,6 +31,10 @@ export interface DispatcherOptions {
    * "start_in_ms" feature: the others get only tasks already due.
    */
   aheadMs: number;
+  /** Counts each Assign sent, and the wait since its attempt became due. */
+  metrics?: TaskMetrics;
+  /** The role's tracing (src/trace); absent or null: off. */
+  tracing?: Tracing | null;
   /** TQ_PRIORITY_AGING_MS: bounds the claim's rank scan. Defaults to 1000. */
   agingMs?: number;
 }
@@ -146,6 +152,7 @@ export class Dispatcher {
           // The answer is as of the statement: the round trip since is already spent.
           const asked = performance.now();
           const tokenIn = await nextTokenIn(this.options.sql);
+          if (tokenIn !== null) this.options.metrics?.rateLimited();
           if (tokenIn !== null && !this.stopped) this.armTimer(Math.max(1, tokenIn - (performance.now() - asked)));
           break;
         }
@@ -201,7 +208,19 @@ export class Dispatcher {
     }
     const leaseMs = task.lease_ms ?? this.options.leaseMs;
     const leaseLeftMs = Math.max(0, Math.floor(leaseMs - (performance.now() - grantedAt)));
-    worker.send(assignMessage(task, startInMs, leaseLeftMs));
+    const { tracing } = this.options;
+    // Only a task submitted under a trace gets a dispatch span: the others start none.
+    const span =
+      tracing && task.traceparent
+        ? tracing.start("dispatch", task.traceparent, {
+            "taskqueue.task_id": task.id,
+            "taskqueue.attempt": task.attempt,
+            "taskqueue.worker_id": workerId,
+          })
+        : null;
+    worker.send(assignMessage(task, startInMs, leaseLeftMs, span?.traceparent ?? task.traceparent));
+    span?.end();
+    this.options.metrics?.dispatched((Date.now() - task.run_at.getTime()) / 1000);
   }
 
   /** The routing of the workers that have slots in `slots` (a worker without any takes any task). */

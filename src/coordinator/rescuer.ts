@@ -12,6 +12,7 @@ import { renewLeases, requeueExpiredLeases } from "../db/transitions";
 import { revokedAmong } from "../db/worker-credentials";
 import { touchWorkers } from "../db/workers";
 import type { Logger } from "../log";
+import type { TaskMetrics } from "../metrics/metrics";
 import { attemptRefFromProto } from "../rpc/convert";
 import { cancelMessage, leaseMessage } from "../rpc/messages";
 import { type AttemptRef, attemptKey } from "../task/attempt";
@@ -34,6 +35,8 @@ export interface RescuerOptions {
   onSilent: (worker: WorkerConnection) => void;
   /** Ends the stream of a worker whose credential was revoked (its end requeues its tasks). */
   onRevoked?: (worker: WorkerConnection) => void;
+  /** Counts the attempts requeued for a lapsed lease. */
+  metrics?: TaskMetrics;
 }
 
 export class Rescuer {
@@ -113,6 +116,7 @@ export class Rescuer {
         return;
       }
       const rescued = await requeueExpiredLeases(sql, leaseMs, now - this.renewingSince);
+      this.options.metrics?.rescued(rescued.length);
       if (rescued.length > 0) {
         log.warn({ tasks: rescued.map((t) => t.id) }, "requeued tasks whose lease lapsed");
       }

@@ -57,11 +57,11 @@ function authorize(deps: ApiDeps, metadata: grpc.Metadata, scope: Scope): Promis
 export function unary<Req, Res>(
   deps: ApiDeps,
   scope: Scope,
-  handle: (request: Req, principal: Principal) => Promise<Res>,
+  handle: (request: Req, principal: Principal, metadata: grpc.Metadata) => Promise<Res>,
 ): Unary<Req, Res> {
   return (call, callback) => {
     authorize(deps, call.metadata, scope)
-      .then((principal) => handle(call.request, principal))
+      .then((principal) => handle(call.request, principal, call.metadata))
       .then(
         (response) => callback(null, response),
         (error: unknown) => callback(toServiceError(error, deps.log)),
@@ -108,10 +108,10 @@ export function submitInput(request: SubmitTaskRequest): Record<string, unknown>
 
 export function taskServiceHandlers(deps: ApiDeps): grpc.UntypedServiceImplementation {
   return {
-    submitTask: unary(deps, "submit", async (request: SubmitTaskRequest, principal) => {
+    submitTask: unary(deps, "submit", async (request: SubmitTaskRequest, principal, metadata) => {
       const spec = toTaskSpec(submitInput(request), deps.settings.taskDefaults);
       spec.idempotencyKey = parseIdempotencyKey(request.idempotencyKey, "idempotency_key");
-      const { task, created } = await submitTask(deps, spec, principal.name);
+      const { task, created } = await submitTask(deps, spec, principal.name, traceparentOf(metadata));
       return create(SubmitTaskResponseSchema, { task: taskToProto(task), created });
     }),
     getTask: unary(deps, "read", async (request: GetTaskRequest) => {
@@ -175,4 +175,10 @@ export function taskServiceHandlers(deps: ApiDeps): grpc.UntypedServiceImplement
       })();
     },
   };
+}
+
+/** The caller's W3C traceparent, sent as gRPC metadata (as OpenTelemetry's gRPC propagation does). */
+function traceparentOf(metadata: grpc.Metadata): string | null {
+  const [value] = metadata.get("traceparent");
+  return typeof value === "string" ? value : null;
 }

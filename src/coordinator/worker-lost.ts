@@ -14,6 +14,7 @@ import { requeueAttempt } from "../db/transitions";
 import { useCredential } from "../db/worker-credentials";
 import type { ReportWorkerLostRequest, ReportWorkerLostResponse } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
+import type { TaskMetrics } from "../metrics/metrics";
 import { attemptRefFromProto } from "../rpc/convert";
 import type { WorkerRegistry } from "./registry";
 
@@ -21,6 +22,8 @@ export interface WorkerLostOptions {
   sql: Sql;
   registry: WorkerRegistry;
   log: Logger;
+  /** Counts the attempts requeued on confirmed death (taskqueue_tasks_rescued_total). */
+  metrics?: TaskMetrics;
 }
 
 /** What the history says (event detail.reason) of an attempt the watchdog stopped. */
@@ -72,6 +75,7 @@ async function handle(options: WorkerLostOptions, request: ReportWorkerLostReque
     const row = await requeueAttempt(sql, attemptRefFromProto(ref, request.workerId), reason, "lost");
     if (row) requeued.push(row.id);
   }
+  options.metrics?.rescued(requeued.length);
   log.warn(
     {
       event: "coordinator.worker_lost",

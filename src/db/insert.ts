@@ -49,6 +49,8 @@ export interface NewTask {
    * `waiting` with this many pending. Never with assignTo.
    */
   parents?: number;
+  /** The W3C traceparent to store with it (src/trace): its submit's span, or the caller's. */
+  traceparent?: string | null;
 }
 
 /** TQ_PRIORITY_AGING_MS's default: a task gains one priority step per second of waiting. */
@@ -149,6 +151,7 @@ async function writeTasks(
         schedule_id: ["uuid", (t) => t.spec.firing?.scheduleId ?? null],
         fire_at: ["timestamptz", (t) => t.spec.firing?.fireAt ?? null],
         firing_reason: ["text", (t) => t.spec.firing?.reason ?? null],
+        traceparent: ["text", (t) => t.traceparent ?? null],
       })}
     ),
     ${flowRows(sql)}
@@ -161,7 +164,7 @@ async function writeTasks(
                          queue, priority, requires, prefers, schedule_timeout_ms, priority_aging_ms,
                          ref, on_parent_failure, parents_pending, lease_ms,
                          concurrency_key, concurrency_max, concurrency_strategy, rate_limit, rate_limit_key,
-                         schedule_id, fire_at)
+                         schedule_id, fire_at, traceparent)
       SELECT r.id, r.command,
              CASE WHEN r.parents_pending > 0 THEN 'waiting' WHEN fast.worker_id IS NULL THEN 'queued' ELSE 'dispatched' END,
              due.at, due.at,
@@ -175,7 +178,7 @@ async function writeTasks(
              r.queue, r.priority, r.requires, r.prefers, r.schedule_timeout_ms, r.priority_aging_ms,
              r.ref, r.on_parent_failure, r.parents_pending, r.task_lease_ms,
              r.concurrency_key, r.concurrency_max, r.concurrency_strategy, r.rate_limit, r.rate_limit_key,
-             r.schedule_id, r.fire_at
+             r.schedule_id, r.fire_at, r.traceparent
       FROM r
       -- Truncated, not rounded: timestamptz(3) would round a run-now time up to 0.5 ms into
       -- the future, making the task briefly "not yet due".

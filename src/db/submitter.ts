@@ -44,16 +44,16 @@ export class Submitter {
    * Persists a new task and resolves after commit. A spec whose idempotency key was used before
    * writes nothing and returns the earlier task.
    */
-  async submit(id: string, spec: TaskSpec, actor?: string): Promise<InsertOutcome> {
+  async submit(id: string, spec: TaskSpec, actor?: string, traceparent: string | null = null): Promise<InsertOutcome> {
     // A task with parents is born waiting, never dispatched; a task under flow control waits
     // for the claim, the one place its key and bucket are kept.
     const placement =
       spec.scheduledAt === null && !spec.dependsOn && !hasFlow(spec) ? (this.options.placeRunNow?.(id, spec) ?? null) : null;
     const agingMs = this.options.agingMs;
-    if (!placement) return this.inserts.add({ id, spec, actor, agingMs });
+    if (!placement) return this.inserts.add({ id, spec, actor, agingMs, traceparent });
     let outcome: InsertOutcome;
     try {
-      outcome = await this.inserts.add({ id, spec, actor, agingMs, assignTo: placement.assignTo });
+      outcome = await this.inserts.add({ id, spec, actor, agingMs, assignTo: placement.assignTo, traceparent });
     } catch (error) {
       placement.release();
       throw error;

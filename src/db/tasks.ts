@@ -55,6 +55,7 @@ export const TASK_ROW_COLUMNS = [
   "idempotency_hash",
   "secret_env",
   "limits",
+  "traceparent",
   // Flow control (src/db/flow.ts).
   "concurrency_key",
   "concurrency_max",

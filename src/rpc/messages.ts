@@ -45,7 +45,12 @@ export function welcomeMessage(fields: WelcomeFields, agreement: Agreement): Coo
  * of a task handed over before it is due (0: at once); `leaseMs` is what is left of the
  * attempt's lease as it is sent, which the worker counts down on its monotonic clock.
  */
-export function assignMessage(task: Task, startInMs: number, leaseMs: number): CoordinatorMessage {
+export function assignMessage(
+  task: Task,
+  startInMs: number,
+  leaseMs: number,
+  traceparent = task.traceparent,
+): CoordinatorMessage {
   return create(CoordinatorMessageSchema, {
     payload: {
       case: "assign",
@@ -61,6 +66,8 @@ export function assignMessage(task: Task, startInMs: number, leaseMs: number): C
         startInMs,
         leaseMs,
         limits: task.limits ? limitsToProto(task.limits) : undefined,
+        // The dispatch span's (src/trace), or the one stored with the task when tracing is off here.
+        traceparent: traceparent ?? "",
       },
     },
   });

@@ -22,6 +22,7 @@ import {
 import type { Sql } from "../db/sql";
 import { cancelTask } from "../db/transitions";
 import type { Logger } from "../log";
+import type { TaskMetrics } from "../metrics/metrics";
 import type { TaskDefaults } from "../task/spec";
 import { planFirings, type Timing } from "./rules";
 import { firingSpec } from "./spec";
@@ -39,6 +40,8 @@ export interface FirerOptions {
   aheadMs: number;
   /** Longest sleep between passes: how soon another replica's new schedule or a buffered firing is seen (TQ_SCHEDULE_POLL_MS). */
   pollMs: number;
+  /** Counts each due firing by outcome once its pass committed (taskqueue_schedule_firings_total), with a fired one's lateness. */
+  metrics?: TaskMetrics;
 }
 
 export function timingOf(schedule: ScheduleRow): Timing {
@@ -159,9 +162,13 @@ export async function writeFirings(sql: Sql, decisions: readonly FiringDecision[
 }
 
 /** One pass over the due schedules; resolves with how many fire times it handled. */
-export async function firePass(options: Pick<FirerOptions, "sql" | "log" | "taskDefaults" | "aheadMs">): Promise<number> {
+export async function firePass(
+  options: Pick<FirerOptions, "sql" | "log" | "taskDefaults" | "aheadMs" | "metrics">,
+): Promise<number> {
   const { sql, log, taskDefaults, aheadMs } = options;
   let handled = 0;
+  // What the committed pass did, for the metrics (a pass rolled back counts nothing).
+  const passes: { fired: FiringResult; missed: FiringRecord[] }[] = [];
   await sql.begin(async (transaction) => {
     const tx = transaction as unknown as Sql;
     const due: DueSchedule[] = await claimDueSchedules(tx, aheadMs, SCHEDULES_PER_PASS);
@@ -214,6 +221,7 @@ export async function firePass(options: Pick<FirerOptions, "sql" | "log" | "task
     await recordFirings(tx, missed);
     const fired = await writeFirings(tx, decisions);
     await advanceSchedules(tx, advances);
+    passes.push({ fired, missed });
     for (const task of fired.created) {
       log.info(
         { event: "schedule.fired", schedule_id: task.scheduleId, fire_at: task.fireAt.toISOString(), task_id: task.taskId },
@@ -232,7 +240,19 @@ export async function firePass(options: Pick<FirerOptions, "sql" | "log" | "task
       );
     }
   });
+  const { metrics } = options;
+  if (metrics) for (const pass of passes) countFirings(metrics, pass);
   return handled;
+}
+
+/** A fired firing's lateness runs from its fire time to its task's commit (0 when written ahead). */
+function countFirings(metrics: TaskMetrics, { fired, missed }: { fired: FiringResult; missed: FiringRecord[] }): void {
+  const now = Date.now();
+  for (const task of fired.created) metrics.scheduleFired("fired", (now - task.fireAt.getTime()) / 1000);
+  for (const record of [...missed, ...fired.recorded]) {
+    // A buffered firing is not over yet: it is counted fired (or skipped) when its task is written.
+    if (record.outcome === "skipped" || record.outcome === "missed") metrics.scheduleFired(record.outcome);
+  }
 }
 
 /** The loop: a pass, then sleep until the next schedule is due within aheadMs (at most pollMs). */

@@ -6,13 +6,16 @@ import { createApp } from "../api";
 import { SERVER_MAX_REQUEST_BODY_SIZE } from "../api/errors";
 import { Authenticator } from "../auth/authenticator";
 import { checkExposure } from "../auth/exposure";
-import { apiSettings, authOptions, type Config, databaseOptions, scheduleFiring, taskDefaults } from "../config";
+import { apiSettings, authOptions, type Config, databaseOptions, scheduleFiring, taskDefaults, tracingEndpoint } from "../config";
 import { TaskChangeFeed } from "../db/notify";
 import { connect, type Sql } from "../db/sql";
 import { Submitter } from "../db/submitter";
 import type { Logger } from "../log";
+import { addDatabaseGauges } from "../metrics/database-gauges";
+import { TaskMetrics } from "../metrics/metrics";
 import { ScheduleFirer } from "../schedule/firer";
 import { httpScheme, httpTls } from "../tls";
+import { type Tracing, tracingFor } from "../trace/tracing";
 
 export class Scheduler {
   private readonly sql: Sql;
@@ -21,6 +24,10 @@ export class Scheduler {
   private readonly auth: Authenticator;
   /** Writes every task queued: the scheduler has no workers to hand one to. */
   private readonly submitter: Submitter;
+  /** This role's own registry: GET /metrics. */
+  readonly metrics = new TaskMetrics("scheduler");
+  /** Null unless OTEL_EXPORTER_OTLP_ENDPOINT is set. */
+  private readonly tracing: Tracing | null;
   /** The recurring schedules' firing loop, unless TQ_SCHEDULES=false. */
   private readonly firer: ScheduleFirer | null;
 
@@ -29,13 +36,20 @@ export class Scheduler {
     databaseUrl: string,
     private readonly log: Logger,
   ) {
+    this.tracing = tracingFor(tracingEndpoint(config), "scheduler");
     this.sql = connect(databaseUrl, { ...databaseOptions(config), applicationName: "task-queue scheduler" });
     this.feed = new TaskChangeFeed(this.sql);
     this.auth = new Authenticator(this.sql, authOptions(config), log.child({ part: "auth" }));
     this.submitter = new Submitter({ sql: this.sql, agingMs: config.TQ_PRIORITY_AGING_MS });
     const firing = scheduleFiring(config);
     this.firer = firing
-      ? new ScheduleFirer({ sql: this.sql, log: log.child({ part: "schedules" }), taskDefaults: taskDefaults(config), ...firing })
+      ? new ScheduleFirer({
+          sql: this.sql,
+          log: log.child({ part: "schedules" }),
+          taskDefaults: taskDefaults(config),
+          metrics: this.metrics,
+          ...firing,
+        })
       : null;
     this.app = createApp({
       role: "scheduler",
@@ -44,9 +58,12 @@ export class Scheduler {
       sql: this.sql,
       feed: this.feed,
       log: log.child({ part: "api" }),
-      submit: (id, spec, actor) => this.submitter.submit(id, spec, actor),
+      submit: (id, spec, actor, traceparent) => this.submitter.submit(id, spec, actor, traceparent),
+      metrics: this.metrics,
+      tracing: this.tracing,
       wakeScheduleFirer: () => this.firer?.wake(),
     });
+    addDatabaseGauges(this.metrics, this.sql);
   }
 
   /** Returns the URL it serves. */
@@ -73,6 +90,7 @@ export class Scheduler {
     await this.feed.stop();
     this.auth.stop();
     await this.sql.end({ timeout: 5 });
+    await this.tracing?.stop();
     this.log.info({ event: "scheduler.stopped" }, "scheduler stopped");
   }
 }

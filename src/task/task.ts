@@ -57,6 +57,8 @@ export interface Task {
   secret_env: Record<string, string>;
   /** What the task asked for; null when it asked for nothing (the worker's maxima apply). */
   limits: TaskLimits | null;
+  /** The W3C traceparent it was submitted under (src/trace), carried to its worker; null: none. */
+  traceparent: string | null;
   /** Flow control (src/task/flow.ts): the concurrency key (expanded), its max and strategy; null without. */
   concurrency_key?: string | null;
   concurrency_max?: number | null;

@@ -6,6 +6,7 @@ import type { Assign, TaskRef } from "../gen/taskqueue/v1/worker_service_pb";
 import { type Logger, taskFields } from "../log";
 import { limitsFromProto } from "../rpc/convert";
 import { attemptKey, type LossCause } from "../task/attempt";
+import type { Tracing } from "../trace/tracing";
 import { type Execution, execute, notRun, type RunResult } from "./executor";
 import type { TaskIdentity } from "./identity";
 import type { Limiter } from "./limits";
@@ -40,6 +41,8 @@ export interface AttemptsOptions {
   identity?: () => { workerId: string; coordinatorId: string | null };
   /** Limits each attempt (src/worker/limits.ts); none: plain `sh -c`. */
   limiter?: Limiter;
+  /** Starts a `run` span per traced attempt (src/trace); absent or null: off. */
+  tracing?: Tracing | null;
   /**
    * Asked as an attempt is about to start (at once, or when its start time came): start it,
    * hold it (parked until resumeParked decides), or refuse it (handed back, never started).
@@ -222,6 +225,17 @@ export class Attempts {
       this.handBack(k, attempt, REFUSED_UNTRUSTED, "interrupted");
       return;
     }
+    // Traced: the run span, a child of the dispatch span, lasts the attempt, and the command's
+    // TRACEPARENT names it (so the command's own spans are its children). Not traced here:
+    // the dispatch span's traceparent is passed on as it came.
+    const run =
+      this.options.tracing && assign.traceparent
+        ? this.options.tracing.start("run", assign.traceparent, {
+            "taskqueue.task_id": ref.taskId,
+            "taskqueue.attempt": ref.attempt,
+          })
+        : null;
+    const traceparent = run?.traceparent ?? assign.traceparent;
     // More attempts than slots (the coordinator should never send them): sharing a user would
     // let two tasks read each other's environment, so the extra one fails instead.
     const execution =
@@ -229,7 +243,12 @@ export class Attempts {
         ? notRun(`no free slot user: this worker already runs ${this.options.identities.length} tasks`)
         : execute({
             command: assign.command,
-            env: { ...assign.env, TQ_TASK_ID: ref.taskId, TQ_TASK_ATTEMPT: String(ref.attempt) },
+            env: {
+              ...assign.env,
+              TQ_TASK_ID: ref.taskId,
+              TQ_TASK_ATTEMPT: String(ref.attempt),
+              ...(traceparent ? { TRACEPARENT: traceparent } : {}),
+            },
             cwd: assign.cwd || undefined,
             timeoutMs: assign.timeoutMs,
             killGraceMs: this.options.killGraceMs,
@@ -247,6 +266,10 @@ export class Attempts {
     this.options.changed?.();
     if (execution.pid !== null) this.options.events.started(ref, execution.pid, execution.startedAt);
     void execution.result.then((result) => {
+      run?.end(result.outcome === "exited" && result.exitCode === 0 ? null : `ended ${result.outcome}`, {
+        "taskqueue.outcome": result.outcome,
+        ...(result.exitCode === null ? {} : { "process.exit.code": result.exitCode }),
+      });
       this.forget(k);
       if (result.outcome !== "exited") {
         this.options.log.info(

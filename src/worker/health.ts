@@ -1,4 +1,4 @@
-// The worker's own GET /healthz (TQ_WORKER_HEALTH_PORT), for a supervisor or an orchestrator's
+// The worker's own GET /healthz and GET /metrics (TQ_WORKER_HEALTH_PORT), for a supervisor or an orchestrator's
 // probe: whether it is connected, to which coordinator, how long since a result was last
 // acknowledged, and how much it holds. A worker without a coordinator for longer than the
 // heartbeat timeout answers 503: by then its coordinators have declared it dead.
@@ -14,6 +14,8 @@ export interface WorkerHealthServerOptions {
   /** How long without a coordinator is unhealthy: the heartbeat timeout. */
   heartbeatTimeoutMs: number;
   log: Logger;
+  /** GET /metrics beside /healthz: the Prometheus text of the worker's metrics (src/metrics/worker-metrics.ts). */
+  metrics?: { metrics(): Promise<string>; contentType: string };
 }
 
 /** 200 while connected or only briefly cut off; 503 once cut off past the heartbeat timeout. */
@@ -34,6 +36,10 @@ export class WorkerHealthServer {
       port: options.port,
       fetch(request) {
         const url = new URL(request.url);
+        if (url.pathname === "/metrics" && options.metrics && (request.method === "GET" || request.method === "HEAD")) {
+          const metrics = options.metrics;
+          return metrics.metrics().then((text) => new Response(text, { headers: { "content-type": metrics.contentType } }));
+        }
         if (url.pathname !== "/healthz") {
           return Response.json(
             { error: { code: "not_found", message: `no route for ${url.pathname}; try /healthz` } },

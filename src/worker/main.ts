@@ -2,8 +2,10 @@
 // once. It holds no database credentials. SIGTERM drains (see Worker.stop).
 import { hostname } from "node:os";
 import { checkWorkerExposure } from "../auth/exposure";
-import { coordinatorAddresses } from "../config";
+import { coordinatorAddresses, tracingEndpoint } from "../config";
+import { workerMetrics } from "../metrics/worker-metrics";
 import { runRole } from "../role";
+import { tracingFor } from "../trace/tracing";
 import { WorkerHealthServer } from "./health";
 import { taskIdentities, workerOptions } from "./options";
 import { Watchdog, watchdogTimings } from "./watchdog";
@@ -12,6 +14,7 @@ import { Worker } from "./worker";
 await runRole("worker", async (config, log) => {
   checkWorkerExposure(config, coordinatorAddresses(config), log);
   const [identities] = taskIdentities(config, log);
+  const tracing = tracingFor(tracingEndpoint(config), "worker");
   // Started before any task, outside our process group: our tasks die with us (src/worker/watchdog.ts).
   const watchdog =
     config.TQ_WORKER_WATCHDOG !== "off"
@@ -26,6 +29,7 @@ await runRole("worker", async (config, log) => {
         })
       : null;
   const worker = new Worker({
+    tracing,
     ...workerOptions(config, log, {
       name: config.TQ_WORKER_NAME ?? `${hostname()}/${process.pid}`,
       addresses: coordinatorAddresses(config),
@@ -58,6 +62,7 @@ await runRole("worker", async (config, log) => {
           health: () => worker.health(),
           heartbeatTimeoutMs: config.TQ_HEARTBEAT_TIMEOUT_MS,
           log,
+          metrics: workerMetrics(config.TQ_WORKER_SLOTS, () => worker.health()),
         })
       : null;
   health?.start();
@@ -67,6 +72,7 @@ await runRole("worker", async (config, log) => {
       await worker.stop();
       await watchdog?.stop();
       await health?.stop();
+      await tracing?.stop();
     },
     abort: () => worker.abort(),
   };

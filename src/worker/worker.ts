@@ -20,6 +20,7 @@ import { clientConstructor } from "../rpc/definitions";
 import { GRPC_DEFAULT_MAX_MESSAGE_BYTES, grpcMessageLimits } from "../rpc/message-size";
 import { attemptKey } from "../task/attempt";
 import { fenceKillGraceMs, type HeartbeatTimings, legacyLeaseMsFor } from "../task/lease";
+import type { Tracing } from "../trace/tracing";
 import { Attempts } from "./attempts";
 import type { TaskIdentity } from "./identity";
 import { LeaseFence, StallDetector } from "./lease-fence";
@@ -35,6 +36,8 @@ function isRevoked(error: grpc.ServiceError): boolean {
 
 export interface WorkerOptions {
   id?: string;
+  /** Run spans for traced assignments (src/trace); absent or null: off. */
+  tracing?: Tracing | null;
   name: string;
   slots: number;
   /** The queues it serves (TQ_WORKER_QUEUES); empty or absent: every queue. */
@@ -196,6 +199,7 @@ export class Worker {
       identities: options.identities,
       events: this.reporter,
       identity: () => ({ workerId: this.workerId, coordinatorId: this.coordinatorId }),
+      tracing: options.tracing,
       gate: (key, receivedAt) => this.gate(key, receivedAt),
       onForget: (key) => this.fence.forget(key),
       changed: options.onWatchedChange,

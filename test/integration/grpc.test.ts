@@ -527,3 +527,22 @@ describe("WorkerService", () => {
     worker.close();
   });
 });
+
+describe("TaskService traceparent (branch metrics)", () => {
+  test("a traceparent in the metadata is stored with the task, in canonical form; a malformed one is ignored", async () => {
+    const submit = async (traceparent: string) => {
+      const metadata = new grpc.Metadata();
+      metadata.set("traceparent", traceparent);
+      const at = timestampFromDate(new Date(Date.now() + 3_600_000));
+      const { task } = await call<SubmitTaskResponse>("submitTask", { command: "true", scheduledAt: at }, metadata);
+      const [row] = await db.sql<{ traceparent: string | null }[]>`SELECT traceparent FROM tasks WHERE id = ${task!.id}`;
+      return row!.traceparent;
+    };
+    // Tracing is off in this coordinator: the caller's own traceparent is what its worker gets.
+    expect(await submit("00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01")).toBe(
+      "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    );
+    expect(await submit("00-00000000000000000000000000000000-00f067aa0ba902b7-01")).toBeNull();
+    expect(await submit("not a traceparent")).toBeNull();
+  });
+});

@@ -797,6 +797,7 @@ describe("health and documentation", () => {
     expect(Object.keys(doc.paths).sort()).toEqual(
       [
         "/healthz",
+        "/metrics",
         "/rate-limits",
         "/rate-limits/{name}",
         "/queues",

@@ -126,6 +126,10 @@ describe("REST", () => {
     expect((await call("GET", `/tasks/${id}`, tokens.reader)).status).toBe(200);
     expect((await call("GET", `/status?task_id=${id}`, tokens.reader)).status).toBe(200);
     expect((await call("GET", "/workers", tokens.reader)).status).toBe(200);
+    // Metrics are read like any GET: a scraper carries a read token.
+    expect((await call("GET", "/metrics")).status).toBe(401);
+    expect((await call("GET", "/metrics", tokens.submitter)).status).toBe(403);
+    expect((await call("GET", "/metrics", tokens.reader)).status).toBe(200);
     expect((await call("POST", `/tasks/${id}/cancel`, tokens.canceller)).status).toBe(200);
     expect((await call("GET", `/tasks/${id}`, tokens.admin)).status).toBe(200);
     expect((await call("POST", "/tasks", tokens.admin, { command: "echo root" })).status).toBe(201);

@@ -57,6 +57,7 @@ const task: Task = {
   idempotency_hash: null,
   secret_env: { TOKEN: "s3cret" },
   limits: null,
+  traceparent: null,
   queue: "default",
   requires: [],
   prefers: [],
