@@ -49,6 +49,10 @@ test("1,000 tasks through worker kills, a freeze, a coordinator kill and a Postg
     DATABASE_URL: pg.url,
     TQ_HEARTBEAT_INTERVAL_MS: "200",
     TQ_HEARTBEAT_TIMEOUT_MS: "1000",
+    // Leases on the same compressed scale as the heartbeats (the least allowed is 1400 ms): a task
+    // whose death nobody could confirm (its watchdog's report found no live coordinator) waits for
+    // its lease, and a restarted coordinator waits one lease before believing lapses.
+    TQ_DEFAULT_LEASE_MS: "2000",
     TQ_LOG_LEVEL: "warn",
   };
   const coordinators = await Promise.all(
