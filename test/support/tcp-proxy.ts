@@ -3,6 +3,7 @@
 // reset and new ones are closed on arrival. Or it can go silent (`silence`): a link cut
 // without a reset, where bytes are dropped both ways and nothing is closed, as a cable pulled.
 import { connect, createServer, type Server, type Socket } from "node:net";
+import { Transform } from "node:stream";
 
 export class TcpProxy {
   private readonly sockets = new Set<Socket>();
@@ -76,13 +77,13 @@ export class TcpProxy {
         peer.destroy();
       });
     }
-    for (const [from, to] of [
-      [client, upstream],
-      [upstream, client],
-    ] as const) {
-      from.on("data", (chunk) => {
-        if (!this.silent) to.write(chunk);
+    // Piped both ways (backpressure and half-closes pass as they would), through a gate that
+    // drops every byte while the link is silent.
+    const gate = () =>
+      new Transform({
+        transform: (chunk, _encoding, done) => (this.silent ? done() : done(null, chunk)),
       });
-    }
+    client.pipe(gate()).pipe(upstream);
+    upstream.pipe(gate()).pipe(client);
   }
 }
