@@ -90,8 +90,6 @@ export interface LogAttempt {
   anyStored: boolean;
   /** Bytes cut by the bound, as the final chunk says (0 before it). */
   cut: number;
-  /** Bytes stored, both streams merged. */
-  storedBytes: number;
 }
 
 /**
@@ -109,7 +107,6 @@ export async function readLogAttempt(sql: Sql, taskId: string, attempt: number):
       final_stored: boolean;
       any_stored: boolean;
       cut: string;
-      stored_bytes: string;
     }[]
   >`
     WITH t AS (SELECT id, state, attempt FROM tasks WHERE id = ${taskId}),
@@ -119,12 +116,11 @@ export async function readLogAttempt(sql: Sql, taskId: string, attempt: number):
            a.outcome, a.exit_code,
            coalesce(last.final, false) AS final_stored,
            last.seq IS NOT NULL AS any_stored,
-           coalesce(CASE WHEN last.final THEN last.cut END, 0)::text AS cut,
-           coalesce(last.pos + length(last.data), 0)::text AS stored_bytes
+           coalesce(CASE WHEN last.final THEN last.cut END, 0)::text AS cut
     FROM t CROSS JOIN k
     LEFT JOIN task_attempts a ON a.task_id = t.id AND a.attempt = k.attempt
     LEFT JOIN LATERAL (
-      SELECT seq, final, cut, pos, data FROM task_log_chunks c
+      SELECT seq, final, cut FROM task_log_chunks c
       WHERE c.task_id = t.id AND c.attempt = k.attempt ORDER BY seq DESC LIMIT 1
     ) last ON true`;
   if (!row) return null;
@@ -138,7 +134,6 @@ export async function readLogAttempt(sql: Sql, taskId: string, attempt: number):
     finalStored: row.final_stored,
     anyStored: row.any_stored,
     cut: Number(row.cut),
-    storedBytes: Number(row.stored_bytes),
   };
 }
 

@@ -144,7 +144,12 @@ test("follow sees output before the task ends, then the rest and end; plain read
   const resumed = await fetch(`${url}/tasks/${id}/logs?follow=1`, { headers: { "last-event-id": "6" } });
   const after: SseEvent[] = [];
   for await (const event of events(resumed)) after.push(event);
-  expect(after.filter((e) => e.event === "log").map((e) => e.data.data).join("")).toBe("second\nthird\n");
+  expect(
+    after
+      .filter((e) => e.event === "log")
+      .map((e) => e.data.data)
+      .join(""),
+  ).toBe("second\nthird\n");
   expect(after.at(-1)?.event).toBe("end");
 
   // The task view keeps its stored tail as before.
