@@ -444,6 +444,11 @@ export const LogsQuery = Type.Object({
   ),
 });
 
+/** The body of GET /tasks/:id/logs without follow. */
+export const LogText = Type.String({
+  description: "The bytes the attempt wrote from the offset on, as stored (text/plain; charset=utf-8).",
+});
+
 /** The data of one `event: log` or `event: end` of GET /tasks/:id/logs?follow=1. */
 export const LogEventJson = Type.Union([
   Type.Object({

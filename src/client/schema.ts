@@ -1329,6 +1329,23 @@ export interface components {
         };
         /** @description The Prometheus text exposition format (version 0.0.4) of this role's metrics: see the README's "Metrics and traces". */
         MetricsText: string;
+        /** @description The bytes the attempt wrote from the offset on, as stored (text/plain; charset=utf-8). */
+        LogText: string;
+        LogEvent: {
+            /** @enum {string} */
+            stream: "stdout" | "stderr";
+            /** @description Offset of the text's first byte. */
+            offset: number;
+            /** @description The bytes as UTF-8 text. */
+            data: string;
+        } | {
+            attempt: number;
+            /** @description The task's state. */
+            state: string;
+            exit_code: number | null;
+            /** @description Bytes cut by TQ_LOG_MAX_BYTES. */
+            truncated: number;
+        };
         /** @description Per-key concurrency. */
         Concurrency: {
             /**
@@ -2891,21 +2908,8 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "text/plain": string;
-                    "text/event-stream": {
-                        stream: "stdout" | "stderr";
-                        /** @description Offset of the text's first byte. */
-                        offset: number;
-                        /** @description The bytes as UTF-8 text. */
-                        data: string;
-                    } | {
-                        attempt: number;
-                        /** @description The task's state. */
-                        state: string;
-                        exit_code: number | null;
-                        /** @description Bytes cut by TQ_LOG_MAX_BYTES. */
-                        truncated: number;
-                    };
+                    "text/plain": components["schemas"]["LogText"];
+                    "text/event-stream": components["schemas"]["LogEvent"];
                 };
             };
             /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */

@@ -45,7 +45,7 @@ afterAll(async () => {
 });
 
 beforeEach(async () => {
-  await db.sql`TRUNCATE tasks, task_events, task_attempts, workers, task_batches`;
+  await db.sql`TRUNCATE tasks, task_events, task_attempts, task_log_chunks, workers, task_batches`;
 });
 
 interface Answer {
