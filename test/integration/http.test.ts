@@ -819,6 +819,7 @@ describe("health and documentation", () => {
         "/tasks/{id}/attempts",
         "/tasks/{id}/cancel",
         "/tasks/{id}/events",
+        "/tasks/{id}/logs",
         "/tasks/{id}/history",
         "/workers",
       ].sort(),
