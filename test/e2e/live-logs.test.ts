@@ -229,3 +229,23 @@ test("TailLogs over gRPC follows the same way", async () => {
     client.close();
   }
 });
+
+test("each attempt has its own log; attempt=K reads an earlier one, the default the latest", async () => {
+  const response = await fetch(`${url}/tasks`, {
+    method: "POST",
+    body: JSON.stringify({
+      command: 'echo "try $TQ_TASK_ATTEMPT"; [ "$TQ_TASK_ATTEMPT" -ge 2 ]',
+      max_attempts: 2,
+      retry: { backoff_base_ms: 10, backoff_cap_ms: 10 },
+    }),
+  });
+  const { id } = (await response.json()) as { id: string };
+  await eventually(async () => (await state(id)) === "succeeded", { what: "the second attempt succeeded", timeoutMs: 20_000 });
+  expect(await logs(id)).toMatchObject({ attempt: "2", body: "try 2\n", complete: "true" });
+  expect(await logs(id, "?attempt=1")).toMatchObject({ attempt: "1", body: "try 1\n", complete: "true" });
+  const first = await fetch(`${url}/tasks/${id}/logs?follow=1&attempt=1`);
+  const seen: SseEvent[] = [];
+  for await (const event of events(first)) seen.push(event);
+  expect(seen.map((e) => e.event)).toEqual(["log", "end"]);
+  expect(seen[1]!.data).toMatchObject({ attempt: 1, exit_code: 1, truncated: 0 });
+});

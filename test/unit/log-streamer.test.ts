@@ -4,6 +4,7 @@
 // keeps an attempt's flushes until its result is acknowledged and sends them again first.
 import { afterEach, beforeEach, expect, jest, test } from "bun:test";
 import { create } from "@bufbuild/protobuf";
+import { partialTail } from "../../src/api/logs";
 import { TaskRefSchema, type WorkerMessage } from "../../src/gen/taskqueue/v1/worker_service_pb";
 import { type LogFlush, LogStreamer, MIN_DELAY_MS } from "../../src/worker/log-streamer";
 import { Reporter } from "../../src/worker/reporter";
@@ -104,4 +105,14 @@ test("the reporter re-sends an attempt's flushes before its result, until the re
     cut: 0n,
   });
   expect(sent).toEqual([]);
+});
+
+test("a character cut at the end of what was read is held back for its rest (SSE text)", () => {
+  const euro = new TextEncoder().encode("a€"); // 61 e2 82 ac
+  expect(partialTail(euro)).toBe(0);
+  expect(partialTail(euro.subarray(0, 3))).toBe(2);
+  expect(partialTail(euro.subarray(0, 2))).toBe(1);
+  expect(partialTail(new TextEncoder().encode("plain"))).toBe(0);
+  const emoji = new TextEncoder().encode("😀"); // 4 bytes
+  expect(partialTail(emoji.subarray(0, 3))).toBe(3);
 });
