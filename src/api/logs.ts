@@ -73,9 +73,17 @@ export interface LogRead {
 /** What is stored of the attempt from the offset on (a plain GET). */
 export async function readLog(deps: ApiDeps, id: string, query: LogQuery): Promise<LogRead> {
   const state = await attemptOrThrow(deps, id, query.attempt);
-  const pieces =
-    state.attempt === 0 ? [] : await readLogPieces(deps.sql, id, state.attempt, query.stream, query.offset, READ_BYTES * 16);
-  const size = pieces.reduce((n, p) => n + p.data.length, 0);
+  // Everything stored from the offset (at most TQ_LOG_MAX_BYTES), read a bounded step at a time.
+  const pieces: LogPiece[] = [];
+  let size = 0;
+  while (state.attempt > 0) {
+    const step = await readLogPieces(deps.sql, id, state.attempt, query.stream, query.offset + size, READ_BYTES);
+    if (step.length === 0) break;
+    for (const piece of step) {
+      pieces.push(piece);
+      size += piece.data.length;
+    }
+  }
   const bytes = new Uint8Array(size);
   let at = 0;
   for (const piece of pieces) {

@@ -57,8 +57,10 @@ export async function insertLogChunks(sql: Sql, rows: readonly LogChunkRow[], ma
       JOIN task_attempts a ON a.task_id = i.task_id AND a.attempt = i.attempt AND a.worker_id = i.worker_id
       WHERE a.outcome IS NULL AND (i.pos < ${maxBytes}::bigint OR i.final)
     ), stored AS (
-      INSERT INTO task_log_chunks (task_id, attempt, seq, pos, out_pos, err_pos, runs, data, final, cut)
+      INSERT INTO task_log_chunks (task_id, attempt, seq, pos, out_pos, err_pos, runs, out_len, err_len, data, final, cut)
       SELECT task_id, attempt, seq, pos, out_pos, err_pos, runs::integer[],
+             (SELECT coalesce(sum(r) FILTER (WHERE r > 0), 0) FROM unnest(runs::integer[]) r),
+             (SELECT coalesce(-sum(r) FILTER (WHERE r < 0), 0) FROM unnest(runs::integer[]) r),
              substring(bytes FROM 1 FOR greatest(0, ${maxBytes}::bigint - pos)::integer), final,
              cut + greatest(0, pos + length(bytes) - ${maxBytes}::bigint)
       FROM fenced
@@ -157,11 +159,17 @@ export async function readLogPieces(
   offset: number,
   maxBytes: number,
 ): Promise<LogPiece[]> {
-  const column = selection === "stdout" ? "out_pos" : selection === "stderr" ? "err_pos" : "pos";
-  // length(data) bounds either stream's share of a row: a superset, cut exactly below.
+  // Only rows holding bytes of the selection past the offset: a read never comes back empty
+  // while later rows hold some.
+  const covers =
+    selection === "stdout"
+      ? sql`out_len > 0 AND out_pos + out_len > ${offset}`
+      : selection === "stderr"
+        ? sql`err_len > 0 AND err_pos + err_len > ${offset}`
+        : sql`pos + length(data) > ${offset}`;
   const rows = await sql<{ pos: string; out_pos: string; err_pos: string; runs: number[]; data: Uint8Array }[]>`
     SELECT pos::text, out_pos::text, err_pos::text, runs, data FROM task_log_chunks
-    WHERE task_id = ${taskId} AND attempt = ${attempt} AND ${sql(column)} + length(data) > ${offset}
+    WHERE task_id = ${taskId} AND attempt = ${attempt} AND ${covers} AND length(data) > 0
     ORDER BY seq
     LIMIT ${Math.max(1, Math.ceil(maxBytes / 1024))}`;
   const pieces: LogPiece[] = [];

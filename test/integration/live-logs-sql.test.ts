@@ -165,3 +165,21 @@ test("the writer's prune pass removes what retention expired", async () => {
   expect(await writer.prune()).toBe(3);
   await writer.stop();
 });
+
+test("a read of one stream skips rows holding only the other, however many", async () => {
+  const task = await runningTask();
+  const base = { taskId: task.id, attempt: 1, workerId: "w1", cut: 0, final: false };
+  await insertLogChunks(
+    db.sql,
+    [
+      { ...base, seq: 0, offset: 0, stdoutOffset: 0, stderrOffset: 0, runs: [-1], data: text("x") },
+      { ...base, seq: 1, offset: 1, stdoutOffset: 0, stderrOffset: 1, runs: [-1], data: text("y") },
+      { ...base, seq: 2, offset: 2, stdoutOffset: 0, stderrOffset: 2, runs: [1], data: text("z") },
+    ],
+    1 << 20,
+  );
+  // 1024 bytes at most: one row per read, so a read that took any row could come back empty.
+  expect(joined(await readLogPieces(db.sql, task.id, 1, "stdout", 0, 1024))).toBe("z");
+  expect(joined(await readLogPieces(db.sql, task.id, 1, "stderr", 1, 1024))).toBe("y");
+  expect(await readLogPieces(db.sql, task.id, 1, "stdout", 1, 1024)).toEqual([]);
+});

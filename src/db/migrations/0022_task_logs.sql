@@ -13,8 +13,11 @@ CREATE TABLE task_log_chunks (
   pos        bigint NOT NULL CHECK (pos >= 0),
   out_pos    bigint NOT NULL CHECK (out_pos >= 0),
   err_pos    bigint NOT NULL CHECK (err_pos >= 0),
-  -- Lengths of data's runs in order: positive from stdout, negative from stderr.
+  -- Lengths of data's runs in order: positive from stdout, negative from stderr; and their sums
+  -- per stream, so that a read of one stream finds its rows by offset.
   runs       integer[] NOT NULL,
+  out_len    integer NOT NULL CHECK (out_len >= 0),
+  err_len    integer NOT NULL CHECK (err_len >= 0),
   data       bytea NOT NULL,
   -- The attempt's last chunk: everything it wrote is at or before it.
   final      boolean NOT NULL DEFAULT false,
