@@ -2,7 +2,7 @@
 // over time. A task held on a file the test creates proves the tail sees output before the task
 // ends; offsets, streams, Last-Event-ID, the bound and TailLogs are read from the same logs.
 import { afterAll, beforeAll, expect, setDefaultTimeout, test } from "bun:test";
-import { rmSync } from "node:fs";
+import { existsSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import { TaskService } from "../../src/gen/taskqueue/v1/task_service_pb";
@@ -11,6 +11,7 @@ import { freePort, HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS, useTestDatabase } from "../
 import { eventually } from "../support/eventually";
 import { type RoleProcess, spawnRole } from "../support/processes";
 import { taskDir } from "../support/task-dir";
+import { TcpProxy } from "../support/tcp-proxy";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
@@ -20,12 +21,13 @@ let dir: string;
 let url: string;
 let grpcAddress: string;
 const MAX = 100_000;
+let common: Record<string, string> = {};
 
 beforeAll(async () => {
   dir = taskDir("tq-live-logs-");
   const http = await freePort();
   const grpcPort = await freePort();
-  const common = { TQ_HEARTBEAT_INTERVAL_MS: "200", TQ_HEARTBEAT_TIMEOUT_MS: "1000" };
+  common = { TQ_HEARTBEAT_INTERVAL_MS: "200", TQ_HEARTBEAT_TIMEOUT_MS: "1000" };
   const coordinator = spawnRole("coordinator", {
     ...common,
     DATABASE_URL: db.url,
@@ -37,7 +39,13 @@ beforeAll(async () => {
   await coordinator.waitForEvent("coordinator.started");
   url = `http://127.0.0.1:${http}`;
   grpcAddress = `127.0.0.1:${grpcPort}`;
-  const worker = spawnRole("worker", { ...common, TQ_COORDINATOR_ADDRESSES: grpcAddress, TQ_WORKER_SLOTS: "4" });
+  // The default queue only: queue "cut" is the worker behind the proxy's (the reconnect test).
+  const worker = spawnRole("worker", {
+    ...common,
+    TQ_COORDINATOR_ADDRESSES: grpcAddress,
+    TQ_WORKER_SLOTS: "4",
+    TQ_WORKER_QUEUES: "default",
+  });
   processes.push(worker);
   await worker.waitForEvent("worker.connected");
 }, HOOK_TIMEOUT_MS);
@@ -248,4 +256,38 @@ test("each attempt has its own log; attempt=K reads an earlier one, the default 
   for await (const event of events(first)) seen.push(event);
   expect(seen.map((e) => e.event)).toEqual(["log", "end"]);
   expect(seen[1]!.data).toMatchObject({ attempt: 1, exit_code: 1, truncated: 0 });
+});
+
+test("output written while the worker is cut off arrives after it reconnects, before its result", async () => {
+  const proxy = await TcpProxy.start("127.0.0.1", Number(grpcAddress.split(":")[1]));
+  const worker = spawnRole("worker", {
+    ...common,
+    TQ_COORDINATOR_ADDRESSES: `127.0.0.1:${proxy.port}`,
+    TQ_WORKER_QUEUES: "cut",
+  });
+  processes.push(worker);
+  try {
+    await worker.waitForEvent("worker.connected");
+    const go = join(dir, "go-cut");
+    const wrote = join(dir, "wrote-cut");
+    const response = await fetch(`${url}/tasks`, {
+      method: "POST",
+      body: JSON.stringify({
+        command: `echo one; while [ ! -e ${go} ]; do sleep 0.02; done; echo two; : > ${wrote}`,
+        queue: "cut",
+      }),
+    });
+    const { id } = (await response.json()) as { id: string };
+    await eventually(async () => (await logs(id)).body === "one\n", { what: "the first line stored", timeoutMs: 20_000 });
+    proxy.cut();
+    await worker.waitForEvent("worker.disconnected");
+    // Written and finished while no coordinator can hear it: kept, and sent again on the next stream.
+    await Bun.write(go, "");
+    await eventually(() => existsSync(wrote), { what: "the task wrote its second line while cut off", timeoutMs: 20_000 });
+    proxy.restore();
+    await eventually(async () => (await state(id)) === "succeeded", { what: "the task succeeded", timeoutMs: 30_000 });
+    expect(await logs(id)).toMatchObject({ body: "one\ntwo\n", complete: "true", attempt: "1" });
+  } finally {
+    await proxy.stop();
+  }
 });
