@@ -27,6 +27,12 @@ export interface LogWriterOptions {
   pruneBatch?: number;
   /** Pause before retrying a write the database refused for being away. Defaults to 500 ms. */
   retryMs?: number;
+  /**
+   * Most bytes of output held waiting for the database (an outage). Beyond it new output is
+   * dropped, and with it the rest of each attempt it belonged to, so that no log is stored with
+   * a gap and called complete. Defaults to 64 MiB.
+   */
+  maxPendingBytes?: number;
 }
 
 const MAX_ROWS_PER_WRITE = 500;
@@ -39,6 +45,9 @@ export class LogWriter {
   private pruneTimer: Timer | undefined;
   private pruning: Promise<void> | null = null;
   private stopped = false;
+  private pendingBytes = 0;
+  /** Attempts whose output was dropped at the backlog's bound: the rest of theirs is dropped too. */
+  private readonly gapped = new Set<string>();
 
   constructor(private readonly options: LogWriterOptions) {}
 
@@ -58,6 +67,8 @@ export class LogWriter {
     for (const entry of this.unwritten.values()) for (const resolve of entry.waiters.splice(0)) resolve();
     this.unwritten.clear();
     this.pending = [];
+    this.pendingBytes = 0;
+    this.gapped.clear();
   }
 
   /** A flush from `workerId`'s stream. */
@@ -65,6 +76,17 @@ export class LogWriter {
     const ref = output.ref;
     if (!ref || this.stopped) return;
     const key = attemptKey(ref.taskId, ref.attempt);
+    if (this.gapped.has(key) || this.pendingBytes + output.data.length > (this.options.maxPendingBytes ?? 64 * 1024 * 1024)) {
+      if (!this.gapped.has(key))
+        this.options.log.warn(
+          { event: "logs.backlog_full", task_id: ref.taskId, attempt: ref.attempt, pending_bytes: this.pendingBytes },
+          "too much output waits for the database: the rest of this attempt's output is dropped",
+        );
+      if (output.final) this.gapped.delete(key);
+      else this.gapped.add(key);
+      return;
+    }
+    this.pendingBytes += output.data.length;
     const entry = this.unwritten.get(key);
     if (entry) entry.count++;
     else this.unwritten.set(key, { count: 1, waiters: [] });
@@ -102,6 +124,7 @@ export class LogWriter {
   private async flush(): Promise<void> {
     const rows = this.pending.splice(0, MAX_ROWS_PER_WRITE);
     if (rows.length === 0) return;
+    const bytes = rows.reduce((n, row) => n + row.data.length, 0);
     try {
       await insertLogChunks(this.options.sql, rows, this.options.maxBytes);
     } catch (error) {
@@ -114,6 +137,8 @@ export class LogWriter {
       // Values the database refuses (never expected: bytes and numbers the worker counted) are dropped.
       this.options.log.error({ event: "logs.write_refused", err: error, chunks: rows.length }, "output could not be stored");
     }
+    // Written or refused: no longer held (a retry above returned before this).
+    this.pendingBytes -= bytes;
     for (const row of rows) {
       const key = attemptKey(row.taskId, row.attempt);
       const entry = this.unwritten.get(key);

@@ -183,3 +183,27 @@ test("a read of one stream skips rows holding only the other, however many", asy
   expect(joined(await readLogPieces(db.sql, task.id, 1, "stderr", 1, 1024))).toBe("y");
   expect(await readLogPieces(db.sql, task.id, 1, "stdout", 1, 1024)).toEqual([]);
 });
+
+test("at the writer's backlog bound an attempt's output is dropped from there on, so its log is never called complete", async () => {
+  const task = await runningTask();
+  const writer = new LogWriter({ sql: db.sql, log: silent, maxBytes: 1 << 20, retentionMs: 0, maxPendingBytes: 12 });
+  const output = (row: LogChunkRow) =>
+    create(TaskOutputSchema, {
+      ref: { taskId: row.taskId, attempt: row.attempt },
+      seq: row.seq,
+      offset: BigInt(row.offset),
+      stdoutOffset: BigInt(row.stdoutOffset),
+      stderrOffset: BigInt(row.stderrOffset),
+      runs: row.runs,
+      data: row.data,
+      final: row.final,
+    });
+  try {
+    // 5 + 5 fit the bound while the first write is in flight; the final 10 does not.
+    for (const row of flushes(task.id)) writer.add("w1", output(row));
+    await writer.whenWritten(task.id, 1);
+    expect(await readLogAttempt(db.sql, task.id, 1)).toMatchObject({ finalStored: false });
+  } finally {
+    await writer.stop();
+  }
+});
