@@ -26,11 +26,9 @@ export function logQuery(id: string, raw: { stream?: string; offset?: string | n
   const stream = raw.stream ?? "both";
   if (stream !== "stdout" && stream !== "stderr" && stream !== "both")
     throw invalidArgument("stream", "stream must be stdout, stderr or both");
-  return {
-    stream,
-    offset: counted(raw.offset, "offset"),
-    attempt: counted(raw.attempt, "attempt"),
-  };
+  const attempt = counted(raw.attempt, "attempt");
+  if (attempt > 2_147_483_647) throw invalidArgument("attempt", "attempt must be at most 2147483647");
+  return { stream, offset: counted(raw.offset, "offset"), attempt };
 }
 
 /** A non-negative integer from a query parameter or header; `field` names it in the error. */
@@ -74,16 +72,20 @@ export interface LogRead {
 export async function readLog(deps: ApiDeps, id: string, query: LogQuery): Promise<LogRead> {
   const state = await attemptOrThrow(deps, id, query.attempt);
   // Everything stored from the offset (at most TQ_LOG_MAX_BYTES), read a bounded step at a time.
+  // Output pruned by retention while the attempt ran is gone: the bytes then start later than asked.
   const pieces: LogPiece[] = [];
   let size = 0;
+  let end = query.offset;
   while (state.attempt > 0) {
-    const step = await readLogPieces(deps.sql, id, state.attempt, query.stream, query.offset + size, READ_BYTES);
+    const step = await readLogPieces(deps.sql, id, state.attempt, query.stream, end, READ_BYTES);
     if (step.length === 0) break;
     for (const piece of step) {
       pieces.push(piece);
       size += piece.data.length;
+      end = piece.offset + piece.data.length;
     }
   }
+  const start = pieces[0]?.offset ?? query.offset;
   const bytes = new Uint8Array(size);
   let at = 0;
   for (const piece of pieces) {
@@ -92,8 +94,8 @@ export async function readLog(deps: ApiDeps, id: string, query: LogQuery): Promi
   }
   return {
     attempt: state.attempt,
-    offset: query.offset,
-    nextOffset: query.offset + size,
+    offset: start,
+    nextOffset: end,
     complete: complete(state),
     truncated: state.cut,
     bytes,

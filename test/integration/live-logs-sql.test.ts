@@ -5,6 +5,8 @@
 import { expect, setDefaultTimeout, test } from "bun:test";
 import { create } from "@bufbuild/protobuf";
 import pino from "pino";
+import type { ApiDeps } from "../../src/api/deps";
+import { logQuery, readLog } from "../../src/api/logs";
 import { LogWriter } from "../../src/coordinator/log-writer";
 import { insertLogChunks, type LogChunkRow, pruneLogChunks, readLogAttempt, readLogPieces } from "../../src/db/logs";
 import { TaskChangeFeed } from "../../src/db/notify";
@@ -206,4 +208,17 @@ test("at the writer's backlog bound an attempt's output is dropped from there on
   } finally {
     await writer.stop();
   }
+});
+
+test("a read whose start was pruned says where its bytes begin", async () => {
+  const task = await runningTask();
+  await insertLogChunks(db.sql, flushes(task.id), 1 << 20);
+  await db.sql`UPDATE task_log_chunks SET written_at = now() - interval '2 hours' WHERE task_id = ${task.id} AND seq = 0`;
+  expect(await pruneLogChunks(db.sql, 3_600_000, 10)).toBe(1);
+  const deps = { sql: db.sql } as unknown as ApiDeps;
+  const read = await readLog(deps, task.id, logQuery(task.id, {}));
+  expect(new TextDecoder().decode(read.bytes)).toBe("err1\nout2\nerr2\n");
+  expect(read).toMatchObject({ attempt: 1, offset: 5, nextOffset: 20, complete: false });
+  expect(() => logQuery(task.id, { attempt: "4294967295" })).toThrow("attempt must be at most");
+  expect(() => logQuery("nope", {})).toThrow("task id");
 });
