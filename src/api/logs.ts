@@ -76,13 +76,15 @@ export async function readLog(deps: ApiDeps, id: string, query: LogQuery): Promi
   const pieces: LogPiece[] = [];
   let size = 0;
   let end = query.offset;
+  let fromSeq = 0;
   while (state.attempt > 0) {
-    const step = await readLogPieces(deps.sql, id, state.attempt, query.stream, end, READ_BYTES);
+    const step = await readLogPieces(deps.sql, id, state.attempt, query.stream, end, READ_BYTES, fromSeq);
     if (step.length === 0) break;
     for (const piece of step) {
       pieces.push(piece);
       size += piece.data.length;
       end = piece.offset + piece.data.length;
+      fromSeq = piece.seq;
     }
   }
   const start = pieces[0]?.offset ?? query.offset;
@@ -129,6 +131,8 @@ export async function* tailLog(deps: ApiDeps, id: string, query: LogQuery, signa
     // The attempt tailed: the one asked for, or the latest now, or (none yet) the first to come.
     let target = (await attemptOrThrow(deps, id, query.attempt)).attempt;
     let offset = query.offset;
+    // Rows before the one the last byte given came from hold nothing more: each step starts there.
+    let fromSeq = 0;
     while (!signal.aborted) {
       pending = false;
       const state = await attemptOrThrow(deps, id, target);
@@ -141,9 +145,10 @@ export async function* tailLog(deps: ApiDeps, id: string, query: LogQuery, signa
       } else {
         // Read until what is stored is given, then end if the attempt had ended before the read.
         const ended = complete(state) || state.ended;
-        const pieces = await readLogPieces(deps.sql, id, state.attempt, query.stream, offset, READ_BYTES);
+        const pieces = await readLogPieces(deps.sql, id, state.attempt, query.stream, offset, READ_BYTES, fromSeq);
         for (const piece of pieces) {
           offset = piece.offset + piece.data.length;
+          fromSeq = piece.seq;
           yield { kind: "log", piece, nextOffset: offset };
         }
         if (pieces.length > 0) continue;

@@ -144,6 +144,8 @@ export interface LogPiece {
   stream: LogStreamName;
   offset: number;
   data: Uint8Array;
+  /** The chunk its last byte came from: a later read from its end may start there (`fromSeq`). */
+  seq: number;
 }
 
 /**
@@ -158,6 +160,7 @@ export async function readLogPieces(
   selection: LogSelection,
   offset: number,
   maxBytes: number,
+  fromSeq = 0,
 ): Promise<LogPiece[]> {
   // Only rows holding bytes of the selection past the offset: a read never comes back empty
   // while later rows hold some.
@@ -167,9 +170,9 @@ export async function readLogPieces(
       : selection === "stderr"
         ? sql`err_len > 0 AND err_pos + err_len > ${offset}`
         : sql`pos + length(data) > ${offset}`;
-  const rows = await sql<{ pos: string; out_pos: string; err_pos: string; runs: number[]; data: Uint8Array }[]>`
-    SELECT pos::text, out_pos::text, err_pos::text, runs, data FROM task_log_chunks
-    WHERE task_id = ${taskId} AND attempt = ${attempt} AND ${covers} AND length(data) > 0
+  const rows = await sql<{ seq: number; pos: string; out_pos: string; err_pos: string; runs: number[]; data: Uint8Array }[]>`
+    SELECT seq, pos::text, out_pos::text, err_pos::text, runs, data FROM task_log_chunks
+    WHERE task_id = ${taskId} AND attempt = ${attempt} AND seq >= ${fromSeq} AND ${covers} AND length(data) > 0
     ORDER BY seq
     LIMIT ${Math.max(1, Math.ceil(maxBytes / 1024))}`;
   const pieces: LogPiece[] = [];
@@ -197,8 +200,10 @@ export async function readLogPieces(
       if (total + piece.length > maxBytes) piece = piece.subarray(0, maxBytes - total);
       if (piece.length === 0) continue;
       const last = pieces[pieces.length - 1];
-      if (last && last.stream === stream && last.offset + last.data.length === start + skip) last.data = concat(last.data, piece);
-      else pieces.push({ stream, offset: start + skip, data: piece });
+      if (last && last.stream === stream && last.offset + last.data.length === start + skip) {
+        last.data = concat(last.data, piece);
+        last.seq = row.seq;
+      } else pieces.push({ stream, offset: start + skip, data: piece, seq: row.seq });
       total += piece.length;
       if (total >= maxBytes) return pieces;
     }
