@@ -6,6 +6,7 @@
 import { type LogAttempt, type LogPiece, type LogSelection, readLogAttempt, readLogPieces } from "../db/logs";
 import { invalidArgument, TaskQueueError } from "../task/errors";
 import { isTaskId } from "../task/spec";
+import { isFinal, isTaskState } from "../task/state";
 import type { ApiDeps } from "./deps";
 import { errorAnswer } from "./errors";
 import { KEEPALIVE_MS } from "./sse";
@@ -138,13 +139,14 @@ export async function* tailLog(deps: ApiDeps, id: string, query: LogQuery, signa
       const state = await attemptOrThrow(deps, id, target);
       target = state.attempt;
       if (state.attempt === 0) {
-        if (FINAL.has(state.taskState)) {
+        if (isTaskState(state.taskState) && isFinal(state.taskState)) {
           yield { kind: "end", attempt: 0, state: state.taskState, exitCode: null, truncated: 0 };
           return;
         }
       } else {
-        // Read until what is stored is given, then end if the attempt had ended before the read.
-        const ended = complete(state) || state.ended;
+        // Read until what is stored is given, then end if the attempt had ended before the read
+        // (its output is stored before its end is: nothing more can come).
+        const ended = state.ended;
         const pieces = await readLogPieces(deps.sql, id, state.attempt, query.stream, offset, READ_BYTES, fromSeq);
         for (const piece of pieces) {
           offset = piece.offset + piece.data.length;
@@ -153,14 +155,8 @@ export async function* tailLog(deps: ApiDeps, id: string, query: LogQuery, signa
         }
         if (pieces.length > 0) continue;
         if (ended) {
-          const after = await readLogAttempt(deps.sql, id, state.attempt);
-          yield {
-            kind: "end",
-            attempt: state.attempt,
-            state: after?.taskState ?? state.taskState,
-            exitCode: state.exitCode,
-            truncated: state.cut,
-          };
+          // The end was written with the task's next state (retrying, final) in one statement.
+          yield { kind: "end", attempt: state.attempt, state: state.taskState, exitCode: state.exitCode, truncated: state.cut };
           return;
         }
       }
@@ -172,8 +168,6 @@ export async function* tailLog(deps: ApiDeps, id: string, query: LogQuery, signa
     signal.removeEventListener("abort", poke);
   }
 }
-
-const FINAL = new Set(["succeeded", "failed", "timed_out", "cancelled"]);
 
 export interface LogEventsOptions {
   keepaliveMs?: number;
