@@ -291,3 +291,21 @@ test("output written while the worker is cut off arrives after it reconnects, be
     await proxy.stop();
   }
 });
+
+test("following a task that has not run waits for it; cancelled before any attempt, it ends with attempt 0", async () => {
+  const response = await fetch(`${url}/tasks`, {
+    method: "POST",
+    body: JSON.stringify({ command: "echo never", queue: "nobody" }),
+  });
+  const { id } = (await response.json()) as { id: string };
+  expect(await logs(id)).toMatchObject({ status: 200, body: "", attempt: "0", complete: "false" });
+  const follow = await fetch(`${url}/tasks/${id}/logs?follow=1`);
+  expect(follow.status).toBe(200);
+  const cancelled = await fetch(`${url}/tasks/${id}/cancel`, { method: "POST" });
+  expect(cancelled.status).toBe(200);
+  const seen: SseEvent[] = [];
+  for await (const event of events(follow)) seen.push(event);
+  expect(seen).toEqual([
+    { event: "end", id: undefined, data: { attempt: 0, state: "cancelled", exit_code: null, truncated: 0 } },
+  ]);
+});
