@@ -363,6 +363,32 @@ export const ConfigSchema = Type.Object({
     [Type.Literal("debug"), Type.Literal("info"), Type.Literal("warn"), Type.Literal("error"), Type.Literal("silent")],
     { default: "info", description: "Log level: debug, info, warn, error or silent. Defaults to info." },
   ),
+  // --- live logs (branch `logs`: src/worker/log-streamer.ts, src/db/logs.ts) ---
+  TQ_LOG_MAX_BYTES: Type.Integer({
+    minimum: 0,
+    maximum: 1024 * 1024 * 1024,
+    default: 8 * 1024 * 1024,
+    description:
+      "Most bytes of output (stdout and stderr together) stored per attempt of a task; what is written beyond is cut, and the API says how much (tq-log-truncated). 0 stores none. Set it on coordinators, which tell their workers. Defaults to 8388608 (8 MiB).",
+  }),
+  TQ_LOG_RETENTION_MS: Type.Integer({
+    minimum: 0,
+    maximum: 10 * 365 * 86_400_000,
+    default: 7 * 86_400_000,
+    description:
+      "Stored output older than this is deleted by the coordinators, in small batches; 0 keeps it until its task is deleted. Defaults to 604800000 ms (7 days).",
+  }),
+  TQ_LOG_FLUSH_BYTES: Type.Integer({
+    minimum: 1024,
+    maximum: 1024 * 1024,
+    default: 64 * 1024,
+    description: "A worker sends a running task's buffered output once this many bytes wait. Defaults to 65536.",
+  }),
+  TQ_LOG_FLUSH_MS: Millis(
+    1000,
+    "Longest a worker holds a running task's output before sending it: the first bytes after a quiet spell go within 50 ms, a steady writer's every this long (or TQ_LOG_FLUSH_BYTES). Defaults to 1000 ms.",
+    50,
+  ),
   // --- traces (branch `metrics`) ---
   OTEL_EXPORTER_OTLP_ENDPOINT: Type.Optional(
     Type.String({

@@ -55,6 +55,8 @@ const STATUS: Record<ErrorCode, number> = {
   unauthenticated: 401,
   permission_denied: 403,
   not_found: 404,
+  task_not_found: 404,
+  attempt_not_found: 404,
   conflict: 409,
   payload_too_large: 413,
   rate_limited: 429,

@@ -10,6 +10,7 @@ import { authentication, principalOf, tokenNameOf } from "./auth";
 import type { ApiDeps } from "./deps";
 import { errorHandling, type RouteEntry, readJsonBody } from "./errors";
 import { rateLimitsController } from "./flow";
+import { logEventsResponse, logQuery, readLog } from "./logs";
 import {
   AttemptList,
   attemptJson,
@@ -17,6 +18,9 @@ import {
   eventJson,
   HealthJson,
   HistoryQuery,
+  LogEventJson,
+  LogsQuery,
+  LogText,
   MetricsText,
   ReadyJson,
   ScheduleResponse,
@@ -396,6 +400,68 @@ function tasksController(deps: ApiDeps) {
                 content: { "text/event-stream": { schema: TaskEventJson } },
               },
               204: { description: "Last-Event-ID names the task's final event or later: nothing follows." },
+            },
+            [400, 404],
+          ),
+        },
+      },
+    )
+    .get(
+      "/tasks/:id/logs",
+      async ({ params, query, headers, request, server }) => {
+        const q = logQuery(params.id, query);
+        if (query.follow === "1" || query.follow === "true")
+          return logEventsResponse(deps, params.id, q, request, { server, lastEventId: headers["last-event-id"] });
+        const read = await readLog(deps, params.id, q);
+        return new Response(read.bytes, {
+          headers: {
+            "content-type": "text/plain; charset=utf-8",
+            "cache-control": "no-cache",
+            "tq-log-attempt": String(read.attempt),
+            "tq-log-offset": String(read.offset),
+            "tq-log-next-offset": String(read.nextOffset),
+            "tq-log-complete": String(read.complete),
+            "tq-log-truncated": String(read.truncated),
+          },
+        });
+      },
+      {
+        params: TaskIdParams,
+        query: LogsQuery,
+        headers: t.Object(
+          {
+            "last-event-id": t.Optional(
+              t.String({ description: "With follow=1: resume from this offset (the id: of the last log message received)." }),
+            ),
+          },
+          { additionalProperties: true },
+        ),
+        detail: {
+          operationId: "getTaskLogs",
+          tags: ["tasks"],
+          summary: "Read or follow a task's output",
+          description:
+            "What an attempt of the task wrote to stdout and stderr, stored while it runs (src/db/logs.ts), from a byte " +
+            "offset. Without follow: the bytes stored from `offset` on, as text/plain, with headers tq-log-attempt, " +
+            "tq-log-offset, tq-log-next-offset (read again from here), tq-log-complete (the attempt has ended and everything " +
+            "it wrote is stored) and tq-log-truncated (bytes cut by TQ_LOG_MAX_BYTES). With follow=1: server-sent events, each " +
+            '`event: log` with `id:` the offset after it and data {"stream","offset","data"} (UTF-8 text), live until the ' +
+            'attempt has ended and everything is sent, then `event: end` with data {"attempt","state","exit_code",' +
+            '"truncated"} and the stream closes. Last-Event-ID resumes from that offset. For stream=both, offsets count the ' +
+            "two streams merged in the order written. A task not run yet is followed until its first attempt.",
+          responses: documentedResponses(
+            {
+              200: {
+                description: "The bytes (text/plain), or with follow=1 an event stream.",
+                headers: {
+                  "tq-log-attempt": { schema: { type: "integer" } },
+                  "tq-log-offset": { schema: { type: "integer" } },
+                  "tq-log-next-offset": { schema: { type: "integer" } },
+                  "tq-log-complete": { schema: { type: "boolean" } },
+                  "tq-log-truncated": { schema: { type: "integer" } },
+                },
+                content: { "text/plain": { schema: LogText }, "text/event-stream": { schema: LogEventJson } },
+              },
             },
             [400, 404],
           ),

@@ -382,6 +382,8 @@ export const HTTP_ERROR_CODES = [
   "unauthenticated",
   "permission_denied",
   "not_found",
+  "task_not_found",
+  "attempt_not_found",
   "method_not_allowed",
   "conflict",
   "payload_too_large",
@@ -423,6 +425,44 @@ export const ReadyJson = Type.Object({ status: Type.Literal("ready") }, { additi
 export type ReadyJson = typeof ReadyJson.static;
 
 export const TaskIdParams = Type.Object({ id: Type.String({ format: "uuid", description: "Task id (UUID)." }) });
+
+/** GET /tasks/:id/logs (src/api/logs.ts checks the values). */
+export const LogsQuery = Type.Object({
+  stream: Type.Optional(
+    Type.Union([Type.Literal("stdout"), Type.Literal("stderr"), Type.Literal("both")], {
+      description: "Which output: stdout, stderr or both merged in the order written. Defaults to both.",
+    }),
+  ),
+  offset: Type.Optional(Type.String({ pattern: "^[0-9]{1,15}$", description: "Byte offset to start from. Defaults to 0." })),
+  attempt: Type.Optional(
+    Type.String({ pattern: "^[0-9]{1,9}$", description: "Which attempt (1, 2, ...). Defaults to the latest." }),
+  ),
+  follow: Type.Optional(
+    Type.Union([Type.Literal("0"), Type.Literal("1"), Type.Literal("true"), Type.Literal("false")], {
+      description: "1: server-sent events, live until the attempt ends.",
+    }),
+  ),
+});
+
+/** The body of GET /tasks/:id/logs without follow. */
+export const LogText = Type.String({
+  description: "The bytes the attempt wrote from the offset on, as stored (text/plain; charset=utf-8).",
+});
+
+/** The data of one `event: log` or `event: end` of GET /tasks/:id/logs?follow=1. */
+export const LogEventJson = Type.Union([
+  Type.Object({
+    stream: Type.Union([Type.Literal("stdout"), Type.Literal("stderr")]),
+    offset: Type.Integer({ description: "Offset of the text's first byte." }),
+    data: Type.String({ description: "The bytes as UTF-8 text." }),
+  }),
+  Type.Object({
+    attempt: Type.Integer(),
+    state: Type.String({ description: "The task's state." }),
+    exit_code: Type.Union([Type.Integer(), Type.Null()]),
+    truncated: Type.Integer({ description: "Bytes cut by TQ_LOG_MAX_BYTES." }),
+  }),
+]);
 
 export const StatusQuery = Type.Object({ task_id: Type.String({ format: "uuid", description: "Task id (UUID)." }) });
 

@@ -24,6 +24,8 @@ import {
   EventJson,
   EventPage,
   HealthJson,
+  LogEventJson,
+  LogText,
   MetricsText,
   ReadyJson,
   ScheduleResponse,
@@ -94,6 +96,9 @@ export const NAMED_SCHEMAS: Record<string, TSchema> = {
   BatchItemInput,
   RetryPolicy: TaskInput.properties.retry,
   MetricsText,
+  // Live logs (src/api/logs.ts).
+  LogText,
+  LogEvent: LogEventJson,
   // Flow control (src/api/flow.ts, src/task/flow.ts).
   Concurrency: TaskInput.properties.concurrency,
   RateLimit: RateLimitJson,

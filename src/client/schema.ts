@@ -197,6 +197,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/tasks/{id}/logs": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Read or follow a task's output
+         * @description What an attempt of the task wrote to stdout and stderr, stored while it runs (src/db/logs.ts), from a byte offset. Without follow: the bytes stored from `offset` on, as text/plain, with headers tq-log-attempt, tq-log-offset, tq-log-next-offset (read again from here), tq-log-complete (the attempt has ended and everything it wrote is stored) and tq-log-truncated (bytes cut by TQ_LOG_MAX_BYTES). With follow=1: server-sent events, each `event: log` with `id:` the offset after it and data {"stream","offset","data"} (UTF-8 text), live until the attempt has ended and everything is sent, then `event: end` with data {"attempt","state","exit_code","truncated"} and the stream closes. Last-Event-ID resumes from that offset. For stream=both, offsets count the two streams merged in the order written. A task not run yet is followed until its first attempt.
+         */
+        get: operations["getTaskLogs"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/workers": {
         parameters: {
             query?: never;
@@ -1045,7 +1065,7 @@ export interface components {
          * @description What went wrong, stable for clients to act on; the message says it in words.
          * @enum {string}
          */
-        ErrorCode: "invalid_argument" | "invalid_json" | "unauthenticated" | "permission_denied" | "not_found" | "method_not_allowed" | "conflict" | "payload_too_large" | "unsupported_media_type" | "rate_limited" | "unavailable" | "internal";
+        ErrorCode: "invalid_argument" | "invalid_json" | "unauthenticated" | "permission_denied" | "not_found" | "task_not_found" | "attempt_not_found" | "method_not_allowed" | "conflict" | "payload_too_large" | "unsupported_media_type" | "rate_limited" | "unavailable" | "internal";
         Health: {
             /** @constant */
             status: "ok";
@@ -1309,6 +1329,23 @@ export interface components {
         };
         /** @description The Prometheus text exposition format (version 0.0.4) of this role's metrics: see the README's "Metrics and traces". */
         MetricsText: string;
+        /** @description The bytes the attempt wrote from the offset on, as stored (text/plain; charset=utf-8). */
+        LogText: string;
+        LogEvent: {
+            /** @enum {string} */
+            stream: "stdout" | "stderr";
+            /** @description Offset of the text's first byte. */
+            offset: number;
+            /** @description The bytes as UTF-8 text. */
+            data: string;
+        } | {
+            attempt: number;
+            /** @description The task's state. */
+            state: string;
+            exit_code: number | null;
+            /** @description Bytes cut by TQ_LOG_MAX_BYTES. */
+            truncated: number;
+        };
         /** @description Per-key concurrency. */
         Concurrency: {
             /**
@@ -2770,6 +2807,110 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content?: never;
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No such task (not_found). */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getTaskLogs: {
+        parameters: {
+            query?: {
+                stream?: "stdout" | "stderr" | "both";
+                offset?: string;
+                attempt?: string;
+                follow?: "0" | "1" | "true" | "false";
+            };
+            header?: {
+                "last-event-id"?: string;
+            };
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The bytes (text/plain), or with follow=1 an event stream. */
+            200: {
+                headers: {
+                    "tq-log-attempt"?: number;
+                    "tq-log-offset"?: number;
+                    "tq-log-next-offset"?: number;
+                    "tq-log-complete"?: boolean;
+                    "tq-log-truncated"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/plain": components["schemas"]["LogText"];
+                    "text/event-stream": components["schemas"]["LogEvent"];
+                };
             };
             /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
             400: {

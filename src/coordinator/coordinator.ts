@@ -44,6 +44,7 @@ import { grpcServerCredentials, httpScheme, httpTls } from "../tls";
 import { type Tracing, tracingFor } from "../trace/tracing";
 import { Completer } from "./completer";
 import { Dispatcher } from "./dispatcher";
+import { LogWriter } from "./log-writer";
 import { WorkerRegistry } from "./registry";
 import { Rescuer } from "./rescuer";
 import { scheduleServiceHandlers } from "./schedule-service";
@@ -65,6 +66,7 @@ export class Coordinator {
   private readonly submitter: Submitter;
   private readonly dispatcher: Dispatcher;
   private readonly completer: Completer;
+  private readonly logs: LogWriter;
   private readonly rescuer: Rescuer;
   private readonly sessions: WorkerSessions;
   private readonly grpcServer: grpc.Server;
@@ -122,6 +124,12 @@ export class Coordinator {
       maxPending: config.TQ_COMPLETER_MAX_PENDING,
       metrics: this.metrics,
     });
+    this.logs = new LogWriter({
+      sql: this.sql,
+      log: log.child({ part: "logs" }),
+      maxBytes: config.TQ_LOG_MAX_BYTES,
+      retentionMs: config.TQ_LOG_RETENTION_MS,
+    });
     this.sessions = new WorkerSessions({
       sql: this.sql,
       registry: this.registry,
@@ -132,6 +140,8 @@ export class Coordinator {
       ...lease,
       joinTokens: workerJoinTokens(config),
       maxMessageBytes: config.TQ_GRPC_MAX_MESSAGE_BYTES,
+      logs: this.logs,
+      logMaxBytes: config.TQ_LOG_MAX_BYTES,
     });
     this.rescuer = new Rescuer({
       sql: this.sql,
@@ -229,6 +239,7 @@ export class Coordinator {
     this.httpPort = this.app.server?.port ?? config.TQ_COORDINATOR_PORT;
     this.dispatcher.start();
     this.rescuer.start();
+    this.logs.start();
     this.firer?.start();
     const info = this.info();
     this.log.info({ event: "coordinator.started", ...info }, "coordinator started");
@@ -259,6 +270,8 @@ export class Coordinator {
     await new Promise<void>((resolve) => this.grpcServer.tryShutdown(() => resolve()));
     clearTimeout(forced);
     await this.submitter.drained();
+    // Before the completer: results wait for their output, and go to the completer once it is written.
+    await this.logs.stop();
     await this.completer.stop();
     await this.feed.stop();
     this.auth.stop();

@@ -1,8 +1,10 @@
 // gRPC TaskService: the same operations as the REST routes, through the same service
 // functions (src/api/service.ts) and the same validation (src/task/spec.ts).
+
 import { create } from "@bufbuild/protobuf";
 import type * as grpc from "@grpc/grpc-js";
 import type { ApiDeps } from "../api/deps";
+import { logQuery, readLog, tailLog } from "../api/logs";
 import {
   cancelTaskOrThrow,
   getTaskOrThrow,
@@ -26,8 +28,11 @@ import {
   ListTaskEventsResponseSchema,
   type ListTasksRequest,
   ListTasksResponseSchema,
+  type LogChunk,
+  LogChunkSchema,
   type SubmitTaskRequest,
   SubmitTaskResponseSchema,
+  type TailLogsRequest,
   type WatchTaskRequest,
   type WatchTaskResponse,
   WatchTaskResponseSchema,
@@ -150,6 +155,59 @@ export function taskServiceHandlers(deps: ApiDeps): grpc.UntypedServiceImplement
       );
       return create(ListTaskEventsResponseSchema, { events: page.events.map(eventToProto), nextCursor: page.nextCursor ?? "" });
     }),
+    tailLogs: (call: grpc.ServerWritableStream<TailLogsRequest, LogChunk>) => {
+      const controller = new AbortController();
+      call.on("cancelled", () => controller.abort());
+      call.on("close", () => controller.abort());
+      void (async () => {
+        try {
+          await authorize(deps, call.metadata, "read");
+          const r = call.request;
+          const query = logQuery(r.taskId, { stream: r.stream || "both", offset: String(r.offset), attempt: r.attempt });
+          if (!r.follow) {
+            const read = await readLog(deps, r.taskId, query);
+            // One message per stream run would need the pieces; the bytes go as stored, in order.
+            call.write(
+              create(LogChunkSchema, {
+                stream: query.stream === "both" ? "" : query.stream,
+                offset: BigInt(read.offset),
+                data: read.bytes,
+                nextOffset: BigInt(read.nextOffset),
+                end: read.complete,
+                attempt: read.attempt,
+                truncated: BigInt(read.truncated),
+              }),
+            );
+          } else {
+            for await (const item of tailLog(deps, r.taskId, query, controller.signal)) {
+              if (item.kind === "log") {
+                call.write(
+                  create(LogChunkSchema, {
+                    stream: item.piece.stream,
+                    offset: BigInt(item.piece.offset),
+                    data: item.piece.data,
+                    nextOffset: BigInt(item.nextOffset),
+                  }),
+                );
+              } else {
+                call.write(
+                  create(LogChunkSchema, {
+                    end: true,
+                    attempt: item.attempt,
+                    state: item.state,
+                    exitCode: item.exitCode ?? undefined,
+                    truncated: BigInt(item.truncated),
+                  }),
+                );
+              }
+            }
+          }
+          call.end();
+        } catch (error) {
+          if (!controller.signal.aborted) call.emit("error", Object.assign(new Error(), toServiceError(error, deps.log)));
+        }
+      })();
+    },
     watchTask: (call: grpc.ServerWritableStream<WatchTaskRequest, WatchTaskResponse>) => {
       const controller = new AbortController();
       call.on("cancelled", () => controller.abort());

@@ -26,6 +26,7 @@ import { attemptKey } from "../task/attempt";
 import { workerRouting } from "../task/routing";
 import type { Completer } from "./completer";
 import type { Dispatcher } from "./dispatcher";
+import type { LogWriter } from "./log-writer";
 import type { WorkerConnection, WorkerRegistry } from "./registry";
 
 export type WorkerStream = grpc.ServerDuplexStream<WorkerMessage, CoordinatorMessage>;
@@ -54,6 +55,10 @@ export interface WorkerSessionsOptions {
   clockSkewWarnMs?: number;
   /** Our wall clock, for measuring a worker's skew. Defaults to Date.now. */
   now?: () => number;
+  /** Stores live output (feature live_logs); unset: output messages are dropped. */
+  logs?: LogWriter;
+  /** TQ_LOG_MAX_BYTES, told to workers in Welcome. Defaults to 8 MiB. */
+  logMaxBytes?: number;
   /** The worker protocols served. Defaults to this build's range (src/rpc/protocol.ts). */
   protocols?: { oldest: number; newest: number };
 }
@@ -165,8 +170,18 @@ export class WorkerSessions {
         }
         case "started":
           return this.options.completer.started(session, payload.value);
-        case "finished":
-          return this.options.completer.finished(session, payload.value);
+        case "finished": {
+          // Recorded only after the output that came before it on the stream: an ended attempt's
+          // log is complete, and its stored chunks are not refused by the fence of its end.
+          const ref = payload.value.ref;
+          const written = ref ? this.options.logs?.whenWritten(ref.taskId, ref.attempt) : null;
+          if (!written) return this.options.completer.finished(session, payload.value);
+          const worker = session;
+          void written.then(() => this.options.completer.finished(worker, payload.value));
+          return;
+        }
+        case "output":
+          return this.options.logs?.add(session.id, payload.value);
         case "hello":
           return fail(grpc.status.FAILED_PRECONDITION, "Hello was already received on this stream");
         default:
@@ -345,6 +360,7 @@ export class WorkerSessions {
           heartbeatTimeoutMs: this.options.heartbeatTimeoutMs,
           resumeToken,
           maxMessageBytes: this.options.maxMessageBytes ?? GRPC_DEFAULT_MAX_MESSAGE_BYTES,
+          logMaxBytes: BigInt(this.options.logMaxBytes ?? 8 * 1024 * 1024),
         },
         agreement,
       ),

@@ -12,6 +12,7 @@ import {
   WorkerMessageSchema,
 } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Task } from "../task/task";
+import type { LogFlush } from "../worker/log-streamer";
 import { attemptRefToProto, limitsToProto, toTimestamp } from "./convert";
 import { type Agreement, FEATURES, OLDEST_SERVED_PROTOCOL, PROTOCOL_VERSION } from "./protocol";
 
@@ -29,6 +30,8 @@ export interface WelcomeFields {
   resumeToken: string;
   /** The largest message the coordinator accepts: the worker cuts its results to fit. Unset: gRPC's 4 MiB. */
   maxMessageBytes?: number;
+  /** With live_logs: most bytes of output per attempt the coordinator stores (TQ_LOG_MAX_BYTES). */
+  logMaxBytes?: bigint;
 }
 
 /**
@@ -157,4 +160,24 @@ export function startedMessage(ref: WireRef, pid: number, startedAt: Date): Work
 /** A result, sent when the attempt ends and re-sent after a reconnect until acknowledged. */
 export function finishedMessage(finished: TaskFinished): WorkerMessage {
   return create(WorkerMessageSchema, { payload: { case: "finished", value: finished } });
+}
+
+/** A flush of a running attempt's output (live logs), kept and re-sent like results until the result is acknowledged. */
+export function outputMessage(ref: WireRef, flush: LogFlush): WorkerMessage {
+  return create(WorkerMessageSchema, {
+    payload: {
+      case: "output",
+      value: {
+        ref: { taskId: ref.taskId, attempt: ref.attempt },
+        seq: flush.seq,
+        offset: flush.offset,
+        stdoutOffset: flush.stdoutOffset,
+        stderrOffset: flush.stderrOffset,
+        runs: flush.runs,
+        data: flush.data,
+        final: flush.final,
+        cut: flush.cut,
+      },
+    },
+  });
 }

@@ -33,6 +33,12 @@ export const FEATURE_MEANINGS = {
    * that names it (src/task/lease.ts, src/worker/lease-fence.ts).
    */
   lease_confirm: "counts each attempt's lease from confirmed renewals and fences itself before it runs out",
+  /**
+   * The worker sends running attempts' output as numbered TaskOutput flushes, before their
+   * TaskFinished, within Welcome.log_max_bytes; the coordinator stores them (src/db/logs.ts).
+   * A worker sends them only to a coordinator whose Welcome names it.
+   */
+  live_logs: "sends running attempts' output as numbered TaskOutput flushes before their results",
 } as const;
 
 export type Feature = keyof typeof FEATURE_MEANINGS;

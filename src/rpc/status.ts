@@ -9,6 +9,8 @@ const CODES: Record<ErrorCode, grpc.status> = {
   unauthenticated: grpc.status.UNAUTHENTICATED,
   permission_denied: grpc.status.PERMISSION_DENIED,
   not_found: grpc.status.NOT_FOUND,
+  task_not_found: grpc.status.NOT_FOUND,
+  attempt_not_found: grpc.status.NOT_FOUND,
   conflict: grpc.status.FAILED_PRECONDITION,
   payload_too_large: grpc.status.RESOURCE_EXHAUSTED,
   rate_limited: grpc.status.RESOURCE_EXHAUSTED,

@@ -7,6 +7,9 @@ export type ErrorCode =
   | "unauthenticated"
   | "permission_denied"
   | "not_found"
+  // Live logs (GET /tasks/:id/logs, TailLogs): the contract between helpers names these two.
+  | "task_not_found"
+  | "attempt_not_found"
   | "conflict"
   | "payload_too_large"
   | "rate_limited"

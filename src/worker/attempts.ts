@@ -10,6 +10,7 @@ import type { Tracing } from "../trace/tracing";
 import { type Execution, execute, notRun, type RunResult } from "./executor";
 import type { TaskIdentity } from "./identity";
 import type { Limiter } from "./limits";
+import { type LogFlush, LogStreamer, type LogStreamerOptions } from "./log-streamer";
 
 /** What the attempts tell the coordinator (through the reporter). */
 export interface AttemptEvents {
@@ -21,6 +22,8 @@ export interface AttemptEvents {
    * count against the task's attempts.
    */
   finished(ref: TaskRef, result: RunResult, stopReason: string | undefined, interrupted: boolean): void;
+  /** A flush of the running command's output (live logs); the final one comes before finished. */
+  output?(ref: TaskRef, flush: LogFlush): void;
   /** The attempt ended before its command started: cancelled, or handed back while it waited. */
   notStarted(ref: TaskRef, outcome: "cancelled" | "abandoned", why: string, interrupted: boolean): void;
 }
@@ -49,6 +52,11 @@ export interface AttemptsOptions {
    * The worker's lease rules (src/worker/worker.ts). Unset: start.
    */
   gate?: (key: string, receivedAt: number) => "start" | "hold" | "refuse";
+  /**
+   * How to stream the output of an attempt about to start (live logs), or null not to: asked
+   * once per attempt, since it depends on the coordinator of the moment. Unset: not streamed.
+   */
+  logStreaming?: () => LogStreamerOptions | null;
   /** Hears that an attempt is no longer held (the worker forgets its lease). */
   onForget?: (key: string) => void;
   /** Called, synchronously, whenever what `processes()` returns changed (the watchdog is told at once). */
@@ -236,6 +244,8 @@ export class Attempts {
           })
         : null;
     const traceparent = run?.traceparent ?? assign.traceparent;
+    const streaming = this.options.events.output ? this.options.logStreaming?.() : null;
+    const streamer = streaming ? new LogStreamer((flush) => this.options.events.output?.(ref, flush), streaming) : null;
     // More attempts than slots (the coordinator should never send them): sharing a user would
     // let two tasks read each other's environment, so the extra one fails instead.
     const execution =
@@ -253,6 +263,7 @@ export class Attempts {
             timeoutMs: assign.timeoutMs,
             killGraceMs: this.options.killGraceMs,
             maxOutputBytes: this.options.maxOutputBytes,
+            ...(streamer ? { onOutput: (stream, chunk) => streamer.push(stream, chunk) } : {}),
             baseEnv: this.options.baseEnv,
             user: attempt.identity,
             confinement: this.options.limiter?.confine(
@@ -271,6 +282,8 @@ export class Attempts {
         ...(result.exitCode === null ? {} : { "process.exit.code": result.exitCode }),
       });
       this.forget(k);
+      // The pipes are read out: the last of the output goes before the result (one stream, in order).
+      streamer?.finish();
       if (result.outcome !== "exited") {
         this.options.log.info(
           { event: "worker.task_stopped", ...this.fields(ref), outcome: result.outcome, task_pid: result.pid },

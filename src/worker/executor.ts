@@ -7,7 +7,7 @@ import type { AttemptUsage } from "../task/task";
 import { type CapturedOutput, NO_OUTPUT } from "../task/task";
 import { searchDenied, type TaskIdentity } from "./identity";
 import { type Confinement, oomError } from "./limits";
-import { captureTail } from "./output";
+import { captureTail, type OutputSink } from "./output";
 
 export type Outcome = "exited" | "spawn_failed" | "timed_out" | "cancelled" | "abandoned";
 
@@ -24,6 +24,8 @@ export interface RunSpec {
   killGraceMs: number;
   /** Keep only the last maxOutputBytes of stdout and of stderr each. */
   maxOutputBytes: number;
+  /** Hears every chunk of output as it is read (the live log); the tail is kept either way. */
+  onOutput?: OutputSink;
   /** Env inherited by the task (the worker's environment, from src/config.ts). */
   baseEnv: Record<string, string | undefined>;
   /**
@@ -138,7 +140,7 @@ export function execute(spec: RunSpec): Execution {
 
   const pid = proc.pid;
   const grace = Math.max(0, spec.killGraceMs);
-  const output = captureTail(proc.stdout, proc.stderr, spec.maxOutputBytes);
+  const output = captureTail(proc.stdout, proc.stderr, spec.maxOutputBytes, spec.onOutput);
 
   let stopReason: "cancelled" | "abandoned" | "timed_out" | null = null;
   let leaderExited = false;

@@ -24,6 +24,7 @@ export function workerOptions(
     killGraceMs: config.TQ_KILL_GRACE_MS,
     drainGraceMs: config.TQ_DRAIN_GRACE_MS,
     maxOutputBytes: config.TQ_MAX_OUTPUT_BYTES,
+    logFlush: { flushBytes: config.TQ_LOG_FLUSH_BYTES, maxDelayMs: config.TQ_LOG_FLUSH_MS },
     maxMessageBytes: config.TQ_GRPC_MAX_MESSAGE_BYTES,
     refusedBackoffMs: config.TQ_WORKER_REFUSED_BACKOFF_MS,
     maxUnacked: config.TQ_WORKER_MAX_UNACKED,

@@ -1,6 +1,6 @@
 // Output capture: what a running command writes to stdout and stderr, read from its pipes as it
-// runs. Today it keeps the bounded tail of each stream; live logs will replace it with one that
-// streams chunks, behind the same OutputCapture shape, so the executor does not change.
+// runs. It keeps the bounded tail of each stream (the result's stdout and stderr, the task
+// view's output) and hands every chunk read to a sink, the live log (src/worker/log-streamer.ts).
 
 import type { CapturedOutput } from "../task/task";
 
@@ -24,14 +24,17 @@ interface Pipe {
   getReader(): PipeReader;
 }
 
-/** Reads both pipes from now on, keeping the last `maxBytes` of each. */
-export function captureTail(stdout: Pipe, stderr: Pipe, maxBytes: number): OutputCapture {
+/** Hears every chunk read from either pipe, in the order read. */
+export type OutputSink = (stream: "stdout" | "stderr", chunk: Uint8Array) => void;
+
+/** Reads both pipes from now on, keeping the last `maxBytes` of each, and passing every chunk to `sink`. */
+export function captureTail(stdout: Pipe, stderr: Pipe, maxBytes: number, sink?: OutputSink): OutputCapture {
   const limit = Math.max(0, Math.floor(maxBytes));
   const out = new TailBuffer(limit);
   const err = new TailBuffer(limit);
   const stdoutReader = stdout.getReader();
   const stderrReader = stderr.getReader();
-  const done = Promise.all([pump(stdoutReader, out), pump(stderrReader, err)]).then(() => {});
+  const done = Promise.all([pump(stdoutReader, out, "stdout", sink), pump(stderrReader, err, "stderr", sink)]).then(() => {});
   return {
     done,
     cancel: async () => {
@@ -52,12 +55,15 @@ export function captureTail(stdout: Pipe, stderr: Pipe, maxBytes: number): Outpu
   };
 }
 
-async function pump(reader: PipeReader, into: TailBuffer): Promise<void> {
+async function pump(reader: PipeReader, into: TailBuffer, stream: "stdout" | "stderr", sink?: OutputSink): Promise<void> {
   try {
     for (;;) {
       const { done, value } = await reader.read();
       if (done) return;
-      if (value !== undefined) into.push(value);
+      if (value === undefined) continue;
+      // The sink first: the tail may keep the chunk itself.
+      sink?.(stream, value);
+      into.push(value);
     }
   } catch {
     // A read error ends this stream's output; the exit status is still the result.

@@ -12,16 +12,32 @@ import {
 } from "../gen/taskqueue/v1/worker_service_pb";
 import { usageToProto } from "../rpc/convert";
 import { fitFinished, GRPC_DEFAULT_MAX_MESSAGE_BYTES } from "../rpc/message-size";
-import { finishedMessage, type HelloFields, heartbeatMessage, helloMessage, startedMessage } from "../rpc/messages";
+import {
+  finishedMessage,
+  type HelloFields,
+  heartbeatMessage,
+  helloMessage,
+  outputMessage,
+  startedMessage,
+} from "../rpc/messages";
 import { attemptKey } from "../task/attempt";
 import type { AttemptEvents } from "./attempts";
 import type { RunResult } from "./executor";
+import type { LogFlush } from "./log-streamer";
 
 export class Reporter implements AttemptEvents {
   /** Results the coordinator has not acknowledged yet, by attempt key. */
   private readonly unacknowledged = new Map<string, TaskFinished>();
   private readonly acknowledgedWaiters: Array<() => void> = [];
   private heartbeatSeq = 0n;
+  /**
+   * Each attempt's output flushes (live logs), kept until its result is acknowledged: a stream
+   * that broke may have lost them, and the next one gets them again before the result. At most
+   * TQ_LOG_MAX_BYTES of data per attempt.
+   */
+  private readonly outputs = new Map<string, WorkerMessage[]>();
+  /** Whether the current stream's coordinator takes output (feature live_logs). */
+  liveLogs = false;
   /** The largest message the current stream takes: each result is cut to fit it when sent. */
   maxMessageBytes = GRPC_DEFAULT_MAX_MESSAGE_BYTES;
 
@@ -64,11 +80,15 @@ export class Reporter implements AttemptEvents {
 
   /** On Welcome: the new stream gets every result the last one did not see acknowledged. */
   resend(): void {
+    if (this.liveLogs) for (const messages of this.outputs.values()) for (const message of messages) this.send(message);
+    else this.outputs.clear();
     for (const finished of this.unacknowledged.values()) this.send(finishedMessage(fitFinished(finished, this.maxMessageBytes)));
   }
 
   acknowledged(ref: TaskRef): void {
-    if (!this.unacknowledged.delete(attemptKey(ref.taskId, ref.attempt))) return;
+    const key = attemptKey(ref.taskId, ref.attempt);
+    this.outputs.delete(key);
+    if (!this.unacknowledged.delete(key)) return;
     if (this.unacknowledged.size === 0) for (const resolve of this.acknowledgedWaiters.splice(0)) resolve();
     this.onPendingChange();
   }
@@ -81,6 +101,16 @@ export class Reporter implements AttemptEvents {
 
   started(ref: TaskRef, pid: number, startedAt: Date): void {
     this.send(startedMessage(ref, pid, startedAt));
+  }
+
+  output(ref: TaskRef, flush: LogFlush): void {
+    if (!this.liveLogs) return;
+    const message = outputMessage(ref, flush);
+    const key = attemptKey(ref.taskId, ref.attempt);
+    const kept = this.outputs.get(key);
+    if (kept) kept.push(message);
+    else this.outputs.set(key, [message]);
+    this.send(message);
   }
 
   finished(ref: TaskRef, result: RunResult, stopReason: string | undefined, interrupted: boolean): void {

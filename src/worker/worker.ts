@@ -53,6 +53,11 @@ export interface WorkerOptions {
   killGraceMs: number;
   drainGraceMs: number;
   maxOutputBytes: number;
+  /**
+   * Live logs: how running tasks' output is flushed to a coordinator that takes it (feature
+   * live_logs). Defaults to 64 KiB or 1000 ms (TQ_LOG_FLUSH_BYTES, TQ_LOG_FLUSH_MS).
+   */
+  logFlush?: { flushBytes: number; maxDelayMs: number };
   /** The largest gRPC message this worker sends or accepts. Defaults to gRPC's 4 MiB. */
   maxMessageBytes?: number;
   /** Wait before dialing again after a coordinator refused our protocol. Defaults to 30 s. */
@@ -168,6 +173,8 @@ export class Worker {
    */
   private reconcile: { seq: bigint | null; sentAt: number | null } | null = null;
   private readonly welcomeWaiters = new Set<() => void>();
+  /** The current coordinator's TQ_LOG_MAX_BYTES when it takes live logs (live_logs), else null. */
+  private logMaxBytes: number | null = null;
   /** The coordinator address dialed last. */
   private address: string | null = null;
 
@@ -201,6 +208,10 @@ export class Worker {
       identity: () => ({ workerId: this.workerId, coordinatorId: this.coordinatorId }),
       tracing: options.tracing,
       gate: (key, receivedAt) => this.gate(key, receivedAt),
+      logStreaming: () =>
+        this.logMaxBytes === null
+          ? null
+          : { maxBytes: this.logMaxBytes, flushBytes: 64 * 1024, maxDelayMs: 1000, ...options.logFlush },
       onForget: (key) => this.fence.forget(key),
       changed: options.onWatchedChange,
     });
@@ -452,6 +463,9 @@ export class Worker {
       this.fence.timings = this.timings;
     }
     this.confirms = welcome.features.includes("lease_confirm");
+    const liveLogs = welcome.features.includes("live_logs");
+    this.logMaxBytes = liveLogs ? Number(welcome.logMaxBytes) : null;
+    this.reporter.liveLogs = liveLogs;
     // Results must fit what this coordinator accepts, as well as our own limit; an older
     // coordinator does not say, and accepts gRPC's default.
     this.reporter.maxMessageBytes = Math.min(this.maxMessageBytes, welcome.maxMessageBytes || GRPC_DEFAULT_MAX_MESSAGE_BYTES);

@@ -237,7 +237,7 @@ test("the README's grpcurl examples work as printed", async () => {
       expect(await reflection.listServices()).toEqual(printed);
     } else if (verb === "describe") {
       expect((await reflection.filesContaining(symbol!)).length).toBeGreaterThan(0);
-    } else if (verb!.endsWith("/Watch")) {
+    } else if (verb!.endsWith("/Watch") || verb!.endsWith("/TailLogs")) {
       const watch = await reflection.stream(verb!, data, metadata);
       const first = await watch.next();
       if (comment.startsWith("{")) expect(first).toEqual(JSON.parse(comment));

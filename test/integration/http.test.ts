@@ -45,7 +45,7 @@ afterAll(async () => {
 });
 
 beforeEach(async () => {
-  await db.sql`TRUNCATE tasks, task_events, task_attempts, workers, task_batches`;
+  await db.sql`TRUNCATE tasks, task_events, task_attempts, task_log_chunks, workers, task_batches`;
 });
 
 interface Answer {
@@ -819,6 +819,7 @@ describe("health and documentation", () => {
         "/tasks/{id}/attempts",
         "/tasks/{id}/cancel",
         "/tasks/{id}/events",
+        "/tasks/{id}/logs",
         "/tasks/{id}/history",
         "/workers",
       ].sort(),

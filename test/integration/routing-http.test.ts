@@ -37,7 +37,7 @@ afterAll(async () => {
 });
 
 beforeEach(async () => {
-  await db.sql`TRUNCATE tasks, task_events, task_attempts, workers`;
+  await db.sql`TRUNCATE tasks, task_events, task_attempts, task_log_chunks, workers`;
   await db.sql`DELETE FROM queues WHERE name <> 'default'`;
 });
 

@@ -20,7 +20,7 @@ setDefaultTimeout(TEST_TIMEOUT_MS);
 const db = useTestDatabase();
 
 async function clear() {
-  await db.sql`TRUNCATE tasks, task_events, task_attempts, workers`;
+  await db.sql`TRUNCATE tasks, task_events, task_attempts, task_log_chunks, workers`;
   await db.sql`DELETE FROM queues WHERE name <> 'default'`;
   await db.sql`UPDATE queues SET paused = false, concurrency_limit = NULL, live = 0`;
 }

@@ -43,7 +43,7 @@ afterAll(async () => {
 });
 
 beforeEach(async () => {
-  await db.sql`TRUNCATE tasks, task_events, task_attempts, schedules, schedule_firings`;
+  await db.sql`TRUNCATE tasks, task_events, task_attempts, task_log_chunks, schedules, schedule_firings`;
 });
 
 // Tests read whatever shape the route documents.

@@ -50,7 +50,7 @@ describe("REST", () => {
   const tokens: Record<string, string> = {};
 
   beforeAll(async () => {
-    await db.sql`TRUNCATE tasks, task_events, task_attempts, workers, api_tokens`;
+    await db.sql`TRUNCATE tasks, task_events, task_attempts, task_log_chunks, workers, api_tokens`;
     tokens.submitter = await makeToken("submitter", ["submit"]);
     tokens.reader = await makeToken("reader", ["read"]);
     tokens.canceller = await makeToken("canceller", ["cancel", "submit"]);
@@ -267,7 +267,7 @@ describe("gRPC", () => {
   let reader: string;
 
   beforeAll(async () => {
-    await db.sql`TRUNCATE tasks, task_events, task_attempts, workers, worker_credentials, api_tokens`;
+    await db.sql`TRUNCATE tasks, task_events, task_attempts, task_log_chunks, workers, worker_credentials, api_tokens`;
     submitter = await makeToken("g-submitter", ["submit"]);
     reader = await makeToken("g-reader", ["read"]);
     const config = loadConfig({

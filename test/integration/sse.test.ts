@@ -160,7 +160,7 @@ afterAll(async () => {
 });
 
 beforeEach(async () => {
-  await db.sql`TRUNCATE tasks, task_events, task_attempts, workers`;
+  await db.sql`TRUNCATE tasks, task_events, task_attempts, task_log_chunks, workers`;
 });
 
 async function submit(): Promise<string> {

@@ -30,7 +30,7 @@ const db = useTestDatabase();
 const success = (over: Partial<AttemptResult> = {}): AttemptResult => attemptResult({ stdout: "ok\n", ...over });
 
 async function clear() {
-  await db.sql`TRUNCATE tasks, task_events, task_attempts, workers`;
+  await db.sql`TRUNCATE tasks, task_events, task_attempts, task_log_chunks, workers`;
 }
 
 describe("insertTask", () => {

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file taskqueue/v1/task_service.proto.
  */
 export const file_taskqueue_v1_task_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch90YXNrcXVldWUvdjEvdGFza19zZXJ2aWNlLnByb3RvEgx0YXNrcXVldWUudjEihAYKEVN1Ym1pdFRhc2tSZXF1ZXN0Eg8KB2NvbW1hbmQYASABKAkSMAoMc2NoZWR1bGVkX2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgp0aW1lb3V0X21zGAMgASgNEhQKDG1heF9hdHRlbXB0cxgEIAEoDRI1CgNlbnYYBSADKAsyKC50YXNrcXVldWUudjEuU3VibWl0VGFza1JlcXVlc3QuRW52RW50cnkSCwoDY3dkGAYgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgHIAEoCRIoCgVyZXRyeRgIIAEoCzIZLnRhc2txdWV1ZS52MS5SZXRyeVBvbGljeRJCCgpzZWNyZXRfZW52GAkgAygLMi4udGFza3F1ZXVlLnYxLlN1Ym1pdFRhc2tSZXF1ZXN0LlNlY3JldEVudkVudHJ5EigKBmxpbWl0cxg8IAEoCzIYLnRhc2txdWV1ZS52MS5UYXNrTGltaXRzEg4KBXF1ZXVlGOYBIAEoCRIRCghwcmlvcml0eRjnASABKBESKQoHcmVxdWlyZRjoASADKAsyFy50YXNrcXVldWUudjEuTGFiZWxSdWxlEigKBnByZWZlchjpASADKAsyFy50YXNrcXVldWUudjEuTGFiZWxSdWxlEhwKE3NjaGVkdWxlX3RpbWVvdXRfbXMY6gEgASgNEhMKCmRlcGVuZHNfb24YjgIgAygJEhoKEW9uX3BhcmVudF9mYWlsdXJlGI8CIAEoCRIVCghsZWFzZV9tcxhkIAEoDUgAiAEBEi8KC2NvbmN1cnJlbmN5GPoBIAEoCzIZLnRhc2txdWV1ZS52MS5Db25jdXJyZW5jeRITCgpyYXRlX2xpbWl0GPsBIAEoCRoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBGjAKDlNlY3JldEVudkVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCCwoJX2xlYXNlX21zIkcKElN1Ym1pdFRhc2tSZXNwb25zZRIgCgR0YXNrGAEgASgLMhIudGFza3F1ZXVlLnYxLlRhc2sSDwoHY3JlYXRlZBgCIAEoCCIcCg5HZXRUYXNrUmVxdWVzdBIKCgJpZBgBIAEoCSIzCg9HZXRUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrIq0BChBMaXN0VGFza3NSZXF1ZXN0EiYKBXN0YXRlGAEgASgOMhcudGFza3F1ZXVlLnYxLlRhc2tTdGF0ZRINCgVsaW1pdBgCIAEoDRIOCgZjdXJzb3IYAyABKAkSDgoFcXVldWUY5gEgASgJEhQKC3NjaGVkdWxlX2lkGMgBIAEoCRIsCgdmaXJlX2F0GMkBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiSwoRTGlzdFRhc2tzUmVzcG9uc2USIQoFdGFza3MYASADKAsyEi50YXNrcXVldWUudjEuVGFzaxITCgtuZXh0X2N1cnNvchgCIAEoCSIfChFDYW5jZWxUYXNrUmVxdWVzdBIKCgJpZBgBIAEoCSI2ChJDYW5jZWxUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrIjYKEFdhdGNoVGFza1JlcXVlc3QSCgoCaWQYASABKAkSFgoOYWZ0ZXJfZXZlbnRfaWQYAiABKAkiXQoRV2F0Y2hUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrEiYKBWV2ZW50GAIgASgLMhcudGFza3F1ZXVlLnYxLlRhc2tFdmVudCImChNMaXN0QXR0ZW1wdHNSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkiPwoUTGlzdEF0dGVtcHRzUmVzcG9uc2USJwoIYXR0ZW1wdHMYASADKAsyFS50YXNrcXVldWUudjEuQXR0ZW1wdCJHChVMaXN0VGFza0V2ZW50c1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRINCgVsaW1pdBgCIAEoDRIOCgZjdXJzb3IYAyABKAkiVgoWTGlzdFRhc2tFdmVudHNSZXNwb25zZRInCgZldmVudHMYASADKAsyFy50YXNrcXVldWUudjEuVGFza0V2ZW50EhMKC25leHRfY3Vyc29yGAIgASgJMskECgtUYXNrU2VydmljZRJPCgpTdWJtaXRUYXNrEh8udGFza3F1ZXVlLnYxLlN1Ym1pdFRhc2tSZXF1ZXN0GiAudGFza3F1ZXVlLnYxLlN1Ym1pdFRhc2tSZXNwb25zZRJGCgdHZXRUYXNrEhwudGFza3F1ZXVlLnYxLkdldFRhc2tSZXF1ZXN0Gh0udGFza3F1ZXVlLnYxLkdldFRhc2tSZXNwb25zZRJMCglMaXN0VGFza3MSHi50YXNrcXVldWUudjEuTGlzdFRhc2tzUmVxdWVzdBofLnRhc2txdWV1ZS52MS5MaXN0VGFza3NSZXNwb25zZRJPCgpDYW5jZWxUYXNrEh8udGFza3F1ZXVlLnYxLkNhbmNlbFRhc2tSZXF1ZXN0GiAudGFza3F1ZXVlLnYxLkNhbmNlbFRhc2tSZXNwb25zZRJOCglXYXRjaFRhc2sSHi50YXNrcXVldWUudjEuV2F0Y2hUYXNrUmVxdWVzdBofLnRhc2txdWV1ZS52MS5XYXRjaFRhc2tSZXNwb25zZTABElUKDExpc3RBdHRlbXB0cxIhLnRhc2txdWV1ZS52MS5MaXN0QXR0ZW1wdHNSZXF1ZXN0GiIudGFza3F1ZXVlLnYxLkxpc3RBdHRlbXB0c1Jlc3BvbnNlElsKDkxpc3RUYXNrRXZlbnRzEiMudGFza3F1ZXVlLnYxLkxpc3RUYXNrRXZlbnRzUmVxdWVzdBokLnRhc2txdWV1ZS52MS5MaXN0VGFza0V2ZW50c1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_taskqueue_v1_task]);
+  fileDesc("Ch90YXNrcXVldWUvdjEvdGFza19zZXJ2aWNlLnByb3RvEgx0YXNrcXVldWUudjEihAYKEVN1Ym1pdFRhc2tSZXF1ZXN0Eg8KB2NvbW1hbmQYASABKAkSMAoMc2NoZWR1bGVkX2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgp0aW1lb3V0X21zGAMgASgNEhQKDG1heF9hdHRlbXB0cxgEIAEoDRI1CgNlbnYYBSADKAsyKC50YXNrcXVldWUudjEuU3VibWl0VGFza1JlcXVlc3QuRW52RW50cnkSCwoDY3dkGAYgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgHIAEoCRIoCgVyZXRyeRgIIAEoCzIZLnRhc2txdWV1ZS52MS5SZXRyeVBvbGljeRJCCgpzZWNyZXRfZW52GAkgAygLMi4udGFza3F1ZXVlLnYxLlN1Ym1pdFRhc2tSZXF1ZXN0LlNlY3JldEVudkVudHJ5EigKBmxpbWl0cxg8IAEoCzIYLnRhc2txdWV1ZS52MS5UYXNrTGltaXRzEg4KBXF1ZXVlGOYBIAEoCRIRCghwcmlvcml0eRjnASABKBESKQoHcmVxdWlyZRjoASADKAsyFy50YXNrcXVldWUudjEuTGFiZWxSdWxlEigKBnByZWZlchjpASADKAsyFy50YXNrcXVldWUudjEuTGFiZWxSdWxlEhwKE3NjaGVkdWxlX3RpbWVvdXRfbXMY6gEgASgNEhMKCmRlcGVuZHNfb24YjgIgAygJEhoKEW9uX3BhcmVudF9mYWlsdXJlGI8CIAEoCRIVCghsZWFzZV9tcxhkIAEoDUgAiAEBEi8KC2NvbmN1cnJlbmN5GPoBIAEoCzIZLnRhc2txdWV1ZS52MS5Db25jdXJyZW5jeRITCgpyYXRlX2xpbWl0GPsBIAEoCRoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBGjAKDlNlY3JldEVudkVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCCwoJX2xlYXNlX21zIkcKElN1Ym1pdFRhc2tSZXNwb25zZRIgCgR0YXNrGAEgASgLMhIudGFza3F1ZXVlLnYxLlRhc2sSDwoHY3JlYXRlZBgCIAEoCCIcCg5HZXRUYXNrUmVxdWVzdBIKCgJpZBgBIAEoCSIzCg9HZXRUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrIq0BChBMaXN0VGFza3NSZXF1ZXN0EiYKBXN0YXRlGAEgASgOMhcudGFza3F1ZXVlLnYxLlRhc2tTdGF0ZRINCgVsaW1pdBgCIAEoDRIOCgZjdXJzb3IYAyABKAkSDgoFcXVldWUY5gEgASgJEhQKC3NjaGVkdWxlX2lkGMgBIAEoCRIsCgdmaXJlX2F0GMkBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiSwoRTGlzdFRhc2tzUmVzcG9uc2USIQoFdGFza3MYASADKAsyEi50YXNrcXVldWUudjEuVGFzaxITCgtuZXh0X2N1cnNvchgCIAEoCSIfChFDYW5jZWxUYXNrUmVxdWVzdBIKCgJpZBgBIAEoCSI2ChJDYW5jZWxUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrIjYKEFdhdGNoVGFza1JlcXVlc3QSCgoCaWQYASABKAkSFgoOYWZ0ZXJfZXZlbnRfaWQYAiABKAkiXQoRV2F0Y2hUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrEiYKBWV2ZW50GAIgASgLMhcudGFza3F1ZXVlLnYxLlRhc2tFdmVudCImChNMaXN0QXR0ZW1wdHNSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkiPwoUTGlzdEF0dGVtcHRzUmVzcG9uc2USJwoIYXR0ZW1wdHMYASADKAsyFS50YXNrcXVldWUudjEuQXR0ZW1wdCJHChVMaXN0VGFza0V2ZW50c1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRINCgVsaW1pdBgCIAEoDRIOCgZjdXJzb3IYAyABKAkiVgoWTGlzdFRhc2tFdmVudHNSZXNwb25zZRInCgZldmVudHMYASADKAsyFy50YXNrcXVldWUudjEuVGFza0V2ZW50EhMKC25leHRfY3Vyc29yGAIgASgJImMKD1RhaWxMb2dzUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEg4KBnN0cmVhbRgCIAEoCRIOCgZvZmZzZXQYAyABKAQSDwoHYXR0ZW1wdBgEIAEoDRIOCgZmb2xsb3cYBSABKAgiswEKCExvZ0NodW5rEg4KBnN0cmVhbRgBIAEoCRIOCgZvZmZzZXQYAiABKAQSDAoEZGF0YRgDIAEoDBITCgtuZXh0X29mZnNldBgEIAEoBBILCgNlbmQYBSABKAgSDwoHYXR0ZW1wdBgGIAEoDRINCgVzdGF0ZRgHIAEoCRIWCglleGl0X2NvZGUYCCABKBFIAIgBARIRCgl0cnVuY2F0ZWQYCSABKARCDAoKX2V4aXRfY29kZTKOBQoLVGFza1NlcnZpY2USTwoKU3VibWl0VGFzaxIfLnRhc2txdWV1ZS52MS5TdWJtaXRUYXNrUmVxdWVzdBogLnRhc2txdWV1ZS52MS5TdWJtaXRUYXNrUmVzcG9uc2USRgoHR2V0VGFzaxIcLnRhc2txdWV1ZS52MS5HZXRUYXNrUmVxdWVzdBodLnRhc2txdWV1ZS52MS5HZXRUYXNrUmVzcG9uc2USTAoJTGlzdFRhc2tzEh4udGFza3F1ZXVlLnYxLkxpc3RUYXNrc1JlcXVlc3QaHy50YXNrcXVldWUudjEuTGlzdFRhc2tzUmVzcG9uc2USTwoKQ2FuY2VsVGFzaxIfLnRhc2txdWV1ZS52MS5DYW5jZWxUYXNrUmVxdWVzdBogLnRhc2txdWV1ZS52MS5DYW5jZWxUYXNrUmVzcG9uc2USTgoJV2F0Y2hUYXNrEh4udGFza3F1ZXVlLnYxLldhdGNoVGFza1JlcXVlc3QaHy50YXNrcXVldWUudjEuV2F0Y2hUYXNrUmVzcG9uc2UwARJVCgxMaXN0QXR0ZW1wdHMSIS50YXNrcXVldWUudjEuTGlzdEF0dGVtcHRzUmVxdWVzdBoiLnRhc2txdWV1ZS52MS5MaXN0QXR0ZW1wdHNSZXNwb25zZRJbCg5MaXN0VGFza0V2ZW50cxIjLnRhc2txdWV1ZS52MS5MaXN0VGFza0V2ZW50c1JlcXVlc3QaJC50YXNrcXVldWUudjEuTGlzdFRhc2tFdmVudHNSZXNwb25zZRJDCghUYWlsTG9ncxIdLnRhc2txdWV1ZS52MS5UYWlsTG9nc1JlcXVlc3QaFi50YXNrcXVldWUudjEuTG9nQ2h1bmswAWIGcHJvdG8z", [file_google_protobuf_timestamp, file_taskqueue_v1_task]);
 
 /**
  * @generated from message taskqueue.v1.SubmitTaskRequest
@@ -459,6 +459,120 @@ export const ListTaskEventsResponseSchema: GenMessage<ListTaskEventsResponse> = 
   messageDesc(file_taskqueue_v1_task_service, 13);
 
 /**
+ * @generated from message taskqueue.v1.TailLogsRequest
+ */
+export type TailLogsRequest = Message<"taskqueue.v1.TailLogsRequest"> & {
+  /**
+   * @generated from field: string task_id = 1;
+   */
+  taskId: string;
+
+  /**
+   * "stdout", "stderr" or "both" (empty: both). Offsets count bytes of that stream; for both,
+   * of the two streams merged in the order written.
+   *
+   * @generated from field: string stream = 2;
+   */
+  stream: string;
+
+  /**
+   * @generated from field: uint64 offset = 3;
+   */
+  offset: bigint;
+
+  /**
+   * Zero: the task's latest attempt.
+   *
+   * @generated from field: uint32 attempt = 4;
+   */
+  attempt: number;
+
+  /**
+   * Keep the stream open and send output as it is written, until the attempt ends.
+   *
+   * @generated from field: bool follow = 5;
+   */
+  follow: boolean;
+};
+
+/**
+ * Describes the message taskqueue.v1.TailLogsRequest.
+ * Use `create(TailLogsRequestSchema)` to create a new message.
+ */
+export const TailLogsRequestSchema: GenMessage<TailLogsRequest> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_task_service, 14);
+
+/**
+ * @generated from message taskqueue.v1.LogChunk
+ */
+export type LogChunk = Message<"taskqueue.v1.LogChunk"> & {
+  /**
+   * "stdout" or "stderr"; empty on the end message.
+   *
+   * @generated from field: string stream = 1;
+   */
+  stream: string;
+
+  /**
+   * Offset of data's first byte (in the requested stream's numbering).
+   *
+   * @generated from field: uint64 offset = 2;
+   */
+  offset: bigint;
+
+  /**
+   * @generated from field: bytes data = 3;
+   */
+  data: Uint8Array;
+
+  /**
+   * The offset after data: resume from here.
+   *
+   * @generated from field: uint64 next_offset = 4;
+   */
+  nextOffset: bigint;
+
+  /**
+   * The last message: the attempt has ended and everything it wrote was sent (follow), or
+   * everything stored was sent (without follow, set only when the attempt has ended).
+   *
+   * @generated from field: bool end = 5;
+   */
+  end: boolean;
+
+  /**
+   * @generated from field: uint32 attempt = 6;
+   */
+  attempt: number;
+
+  /**
+   * With end: the task's state and the attempt's exit code.
+   *
+   * @generated from field: string state = 7;
+   */
+  state: string;
+
+  /**
+   * @generated from field: optional sint32 exit_code = 8;
+   */
+  exitCode?: number | undefined;
+
+  /**
+   * Bytes cut by TQ_LOG_MAX_BYTES (known once the attempt ended).
+   *
+   * @generated from field: uint64 truncated = 9;
+   */
+  truncated: bigint;
+};
+
+/**
+ * Describes the message taskqueue.v1.LogChunk.
+ * Use `create(LogChunkSchema)` to create a new message.
+ */
+export const LogChunkSchema: GenMessage<LogChunk> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_task_service, 15);
+
+/**
  * TaskService is the client API of the coordinator; it mirrors the REST routes.
  *
  * @generated from service taskqueue.v1.TaskService
@@ -526,6 +640,19 @@ export const TaskService: GenService<{
     methodKind: "unary";
     input: typeof ListTaskEventsRequestSchema;
     output: typeof ListTaskEventsResponseSchema;
+  },
+  /**
+   * TailLogs sends an attempt's output from an offset (GET /tasks/{id}/logs): what is stored,
+   * then with follow everything written until the attempt ends, and a last message with end set.
+   * The contract between helpers (and GET /tasks/{id}/logs) names the message LogChunk.
+   * buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+   *
+   * @generated from rpc taskqueue.v1.TaskService.TailLogs
+   */
+  tailLogs: {
+    methodKind: "server_streaming";
+    input: typeof TailLogsRequestSchema;
+    output: typeof LogChunkSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_taskqueue_v1_task_service, 0);

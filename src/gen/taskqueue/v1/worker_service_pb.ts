@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file taskqueue/v1/worker_service.proto.
  */
 export const file_taskqueue_v1_worker_service: GenFile = /*@__PURE__*/
-  fileDesc("CiF0YXNrcXVldWUvdjEvd29ya2VyX3NlcnZpY2UucHJvdG8SDHRhc2txdWV1ZS52MSLMAQoNV29ya2VyTWVzc2FnZRIkCgVoZWxsbxgBIAEoCzITLnRhc2txdWV1ZS52MS5IZWxsb0gAEiwKCWhlYXJ0YmVhdBgCIAEoCzIXLnRhc2txdWV1ZS52MS5IZWFydGJlYXRIABIsCgdzdGFydGVkGAMgASgLMhkudGFza3F1ZXVlLnYxLlRhc2tTdGFydGVkSAASLgoIZmluaXNoZWQYBCABKAsyGi50YXNrcXVldWUudjEuVGFza0ZpbmlzaGVkSABCCQoHcGF5bG9hZCKTAgoSQ29vcmRpbmF0b3JNZXNzYWdlEigKB3dlbGNvbWUYASABKAsyFS50YXNrcXVldWUudjEuV2VsY29tZUgAEiYKBmFzc2lnbhgCIAEoCzIULnRhc2txdWV1ZS52MS5Bc3NpZ25IABImCgZjYW5jZWwYAyABKAsyFC50YXNrcXVldWUudjEuQ2FuY2VsSAASIAoDYWNrGAQgASgLMhEudGFza3F1ZXVlLnYxLkFja0gAEiQKBWRyYWluGAUgASgLMhMudGFza3F1ZXVlLnYxLkRyYWluSAASMAoFbGVhc2UYZCABKAsyHy50YXNrcXVldWUudjEuTGVhc2VDb25maXJtYXRpb25IAEIJCgdwYXlsb2FkIisKB1Rhc2tSZWYSDwoHdGFza19pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgNIoYDCgVIZWxsbxIRCgl3b3JrZXJfaWQYASABKAkSDAoEbmFtZRgCIAEoCRINCgVzbG90cxgDIAEoDRIPCgd2ZXJzaW9uGAQgASgJEigKCWluX2ZsaWdodBgFIAMoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEi8KBmxhYmVscxgGIAMoCzIfLnRhc2txdWV1ZS52MS5IZWxsby5MYWJlbHNFbnRyeRIUCgxyZXN1bWVfdG9rZW4YByABKAkSLgoKd2FsbF9jbG9jaxhGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGAoQcHJvdG9jb2xfdmVyc2lvbhhQIAEoDRIcChRtaW5fcHJvdG9jb2xfdmVyc2lvbhhRIAEoDRIQCghmZWF0dXJlcxhSIAMoCRIPCgZxdWV1ZXMY5gEgAygJEhEKCWxlYXNlX3NlcRhkIAEoBBotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIk0KEUxlYXNlQ29uZmlybWF0aW9uEgsKA3NlcRgBIAEoBBIrCgdyZW5ld2VkGAIgAygLMhoudGFza3F1ZXVlLnYxLkxlYXNlUmVuZXdhbCJECgxMZWFzZVJlbmV3YWwSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSEAoIbGVhc2VfbXMYAiABKA0iYAoJSGVhcnRiZWF0EgsKA3NlcRgBIAEoBBImCgdydW5uaW5nGAIgAygLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSEAoIZHJhaW5pbmcYAyABKAgSDAoEZnVsbBhkIAEoCCJuCgtUYXNrU3RhcnRlZBIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhILCgNwaWQYAiABKA0SLgoKc3RhcnRlZF9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAixgMKDFRhc2tGaW5pc2hlZBIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhImCgdvdXRjb21lGAIgASgOMhUudGFza3F1ZXVlLnYxLk91dGNvbWUSFgoJZXhpdF9jb2RlGAMgASgRSACIAQESDgoGc2lnbmFsGAQgASgJEg4KBnN0ZG91dBgFIAEoCRIOCgZzdGRlcnIYBiABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgHIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGAggASgIEg0KBWVycm9yGAkgASgJEi4KCnN0YXJ0ZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaGVkX2F0GAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCgV1c2FnZRg8IAEoCzIaLnRhc2txdWV1ZS52MS5BdHRlbXB0VXNhZ2USFwoPc3Rkb3V0X3JlcGxhY2VkGCggASgIEhcKD3N0ZGVycl9yZXBsYWNlZBgpIAEoCBITCgtpbnRlcnJ1cHRlZBhGIAEoCEIMCgpfZXhpdF9jb2RlIs4BCgdXZWxjb21lEhEKCXdvcmtlcl9pZBgBIAEoCRIWCg5jb29yZGluYXRvcl9pZBgCIAEoCRIdChVoZWFydGJlYXRfaW50ZXJ2YWxfbXMYAyABKA0SHAoUaGVhcnRiZWF0X3RpbWVvdXRfbXMYBCABKA0SFAoMcmVzdW1lX3Rva2VuGAUgASgJEhkKEW1heF9tZXNzYWdlX2J5dGVzGCogASgNEhgKEHByb3RvY29sX3ZlcnNpb24YUCABKA0SEAoIZmVhdHVyZXMYUiADKAki5QIKBkFzc2lnbhIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhIPCgdjb21tYW5kGAIgASgJEioKA2VudhgDIAMoCzIdLnRhc2txdWV1ZS52MS5Bc3NpZ24uRW52RW50cnkSCwoDY3dkGAQgASgJEhIKCnRpbWVvdXRfbXMYBSABKA0SNAoQbGVhc2VfZXhwaXJlc19hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLc3RhcnRfaW5fbXMYByABKA0SKAoGbGltaXRzGDwgASgLMhgudGFza3F1ZXVlLnYxLlRhc2tMaW1pdHMSFQoIbGVhc2VfbXMYRiABKA1IAIgBARIUCgt0cmFjZXBhcmVudBisAiABKAkaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUILCglfbGVhc2VfbXMiPAoGQ2FuY2VsEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEg4KBnJlYXNvbhgCIAEoCSI4CgNBY2sSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSDQoFc3RhbGUYAiABKAgiFwoFRHJhaW4SDgoGcmVhc29uGAEgASgJImUKF1JlcG9ydFdvcmtlckxvc3RSZXF1ZXN0EhEKCXdvcmtlcl9pZBgBIAEoCRInCghhdHRlbXB0cxgCIAMoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEg4KBnJlYXNvbhgDIAEoCSIsChhSZXBvcnRXb3JrZXJMb3N0UmVzcG9uc2USEAoIcmVxdWV1ZWQYASABKA0qlQEKB091dGNvbWUSFwoTT1VUQ09NRV9VTlNQRUNJRklFRBAAEhIKDk9VVENPTUVfRVhJVEVEEAESGAoUT1VUQ09NRV9TUEFXTl9GQUlMRUQQAhIVChFPVVRDT01FX1RJTUVEX09VVBADEhUKEU9VVENPTUVfQ0FOQ0VMTEVEEAQSFQoRT1VUQ09NRV9BQkFORE9ORUQQBTLAAQoNV29ya2VyU2VydmljZRJMCgdDb25uZWN0EhsudGFza3F1ZXVlLnYxLldvcmtlck1lc3NhZ2UaIC50YXNrcXVldWUudjEuQ29vcmRpbmF0b3JNZXNzYWdlKAEwARJhChBSZXBvcnRXb3JrZXJMb3N0EiUudGFza3F1ZXVlLnYxLlJlcG9ydFdvcmtlckxvc3RSZXF1ZXN0GiYudGFza3F1ZXVlLnYxLlJlcG9ydFdvcmtlckxvc3RSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp, file_taskqueue_v1_task]);
+  fileDesc("CiF0YXNrcXVldWUvdjEvd29ya2VyX3NlcnZpY2UucHJvdG8SDHRhc2txdWV1ZS52MSL5AQoNV29ya2VyTWVzc2FnZRIkCgVoZWxsbxgBIAEoCzITLnRhc2txdWV1ZS52MS5IZWxsb0gAEiwKCWhlYXJ0YmVhdBgCIAEoCzIXLnRhc2txdWV1ZS52MS5IZWFydGJlYXRIABIsCgdzdGFydGVkGAMgASgLMhkudGFza3F1ZXVlLnYxLlRhc2tTdGFydGVkSAASLgoIZmluaXNoZWQYBCABKAsyGi50YXNrcXVldWUudjEuVGFza0ZpbmlzaGVkSAASKwoGb3V0cHV0GJADIAEoCzIYLnRhc2txdWV1ZS52MS5UYXNrT3V0cHV0SABCCQoHcGF5bG9hZCKTAgoSQ29vcmRpbmF0b3JNZXNzYWdlEigKB3dlbGNvbWUYASABKAsyFS50YXNrcXVldWUudjEuV2VsY29tZUgAEiYKBmFzc2lnbhgCIAEoCzIULnRhc2txdWV1ZS52MS5Bc3NpZ25IABImCgZjYW5jZWwYAyABKAsyFC50YXNrcXVldWUudjEuQ2FuY2VsSAASIAoDYWNrGAQgASgLMhEudGFza3F1ZXVlLnYxLkFja0gAEiQKBWRyYWluGAUgASgLMhMudGFza3F1ZXVlLnYxLkRyYWluSAASMAoFbGVhc2UYZCABKAsyHy50YXNrcXVldWUudjEuTGVhc2VDb25maXJtYXRpb25IAEIJCgdwYXlsb2FkIisKB1Rhc2tSZWYSDwoHdGFza19pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgNIoYDCgVIZWxsbxIRCgl3b3JrZXJfaWQYASABKAkSDAoEbmFtZRgCIAEoCRINCgVzbG90cxgDIAEoDRIPCgd2ZXJzaW9uGAQgASgJEigKCWluX2ZsaWdodBgFIAMoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEi8KBmxhYmVscxgGIAMoCzIfLnRhc2txdWV1ZS52MS5IZWxsby5MYWJlbHNFbnRyeRIUCgxyZXN1bWVfdG9rZW4YByABKAkSLgoKd2FsbF9jbG9jaxhGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGAoQcHJvdG9jb2xfdmVyc2lvbhhQIAEoDRIcChRtaW5fcHJvdG9jb2xfdmVyc2lvbhhRIAEoDRIQCghmZWF0dXJlcxhSIAMoCRIPCgZxdWV1ZXMY5gEgAygJEhEKCWxlYXNlX3NlcRhkIAEoBBotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIk0KEUxlYXNlQ29uZmlybWF0aW9uEgsKA3NlcRgBIAEoBBIrCgdyZW5ld2VkGAIgAygLMhoudGFza3F1ZXVlLnYxLkxlYXNlUmVuZXdhbCJECgxMZWFzZVJlbmV3YWwSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSEAoIbGVhc2VfbXMYAiABKA0iYAoJSGVhcnRiZWF0EgsKA3NlcRgBIAEoBBImCgdydW5uaW5nGAIgAygLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSEAoIZHJhaW5pbmcYAyABKAgSDAoEZnVsbBhkIAEoCCJuCgtUYXNrU3RhcnRlZBIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhILCgNwaWQYAiABKA0SLgoKc3RhcnRlZF9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAixgMKDFRhc2tGaW5pc2hlZBIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhImCgdvdXRjb21lGAIgASgOMhUudGFza3F1ZXVlLnYxLk91dGNvbWUSFgoJZXhpdF9jb2RlGAMgASgRSACIAQESDgoGc2lnbmFsGAQgASgJEg4KBnN0ZG91dBgFIAEoCRIOCgZzdGRlcnIYBiABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgHIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGAggASgIEg0KBWVycm9yGAkgASgJEi4KCnN0YXJ0ZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaGVkX2F0GAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCgV1c2FnZRg8IAEoCzIaLnRhc2txdWV1ZS52MS5BdHRlbXB0VXNhZ2USFwoPc3Rkb3V0X3JlcGxhY2VkGCggASgIEhcKD3N0ZGVycl9yZXBsYWNlZBgpIAEoCBITCgtpbnRlcnJ1cHRlZBhGIAEoCEIMCgpfZXhpdF9jb2RlIrMBCgpUYXNrT3V0cHV0EiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEgsKA3NlcRgCIAEoDRIOCgZvZmZzZXQYAyABKAQSFQoNc3Rkb3V0X29mZnNldBgEIAEoBBIVCg1zdGRlcnJfb2Zmc2V0GAUgASgEEgwKBHJ1bnMYBiADKBESDAoEZGF0YRgHIAEoDBINCgVmaW5hbBgIIAEoCBILCgNjdXQYCSABKAQi5gEKB1dlbGNvbWUSEQoJd29ya2VyX2lkGAEgASgJEhYKDmNvb3JkaW5hdG9yX2lkGAIgASgJEh0KFWhlYXJ0YmVhdF9pbnRlcnZhbF9tcxgDIAEoDRIcChRoZWFydGJlYXRfdGltZW91dF9tcxgEIAEoDRIUCgxyZXN1bWVfdG9rZW4YBSABKAkSGQoRbWF4X21lc3NhZ2VfYnl0ZXMYKiABKA0SFgoNbG9nX21heF9ieXRlcxiQAyABKAQSGAoQcHJvdG9jb2xfdmVyc2lvbhhQIAEoDRIQCghmZWF0dXJlcxhSIAMoCSLlAgoGQXNzaWduEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEg8KB2NvbW1hbmQYAiABKAkSKgoDZW52GAMgAygLMh0udGFza3F1ZXVlLnYxLkFzc2lnbi5FbnZFbnRyeRILCgNjd2QYBCABKAkSEgoKdGltZW91dF9tcxgFIAEoDRI0ChBsZWFzZV9leHBpcmVzX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtzdGFydF9pbl9tcxgHIAEoDRIoCgZsaW1pdHMYPCABKAsyGC50YXNrcXVldWUudjEuVGFza0xpbWl0cxIVCghsZWFzZV9tcxhGIAEoDUgAiAEBEhQKC3RyYWNlcGFyZW50GKwCIAEoCRoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgsKCV9sZWFzZV9tcyI8CgZDYW5jZWwSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSDgoGcmVhc29uGAIgASgJIjgKA0FjaxIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhINCgVzdGFsZRgCIAEoCCIXCgVEcmFpbhIOCgZyZWFzb24YASABKAkiZQoXUmVwb3J0V29ya2VyTG9zdFJlcXVlc3QSEQoJd29ya2VyX2lkGAEgASgJEicKCGF0dGVtcHRzGAIgAygLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSDgoGcmVhc29uGAMgASgJIiwKGFJlcG9ydFdvcmtlckxvc3RSZXNwb25zZRIQCghyZXF1ZXVlZBgBIAEoDSqVAQoHT3V0Y29tZRIXChNPVVRDT01FX1VOU1BFQ0lGSUVEEAASEgoOT1VUQ09NRV9FWElURUQQARIYChRPVVRDT01FX1NQQVdOX0ZBSUxFRBACEhUKEU9VVENPTUVfVElNRURfT1VUEAMSFQoRT1VUQ09NRV9DQU5DRUxMRUQQBBIVChFPVVRDT01FX0FCQU5ET05FRBAFMsABCg1Xb3JrZXJTZXJ2aWNlEkwKB0Nvbm5lY3QSGy50YXNrcXVldWUudjEuV29ya2VyTWVzc2FnZRogLnRhc2txdWV1ZS52MS5Db29yZGluYXRvck1lc3NhZ2UoATABEmEKEFJlcG9ydFdvcmtlckxvc3QSJS50YXNrcXVldWUudjEuUmVwb3J0V29ya2VyTG9zdFJlcXVlc3QaJi50YXNrcXVldWUudjEuUmVwb3J0V29ya2VyTG9zdFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_taskqueue_v1_task]);
 
 /**
  * @generated from message taskqueue.v1.WorkerMessage
@@ -47,6 +47,14 @@ export type WorkerMessage = Message<"taskqueue.v1.WorkerMessage"> & {
      */
     value: TaskFinished;
     case: "finished";
+  } | {
+    /**
+     * Sent only to a coordinator that agreed to the live_logs feature.
+     *
+     * @generated from field: taskqueue.v1.TaskOutput output = 400;
+     */
+    value: TaskOutput;
+    case: "output";
   } | { case: undefined; value?: undefined };
 };
 
@@ -450,6 +458,76 @@ export const TaskFinishedSchema: GenMessage<TaskFinished> = /*@__PURE__*/
   messageDesc(file_taskqueue_v1_worker_service, 8);
 
 /**
+ * One flush of a running attempt's output (src/worker/log-streamer.ts): both streams' bytes in
+ * the order written. Flushes are numbered from 0 per attempt; the worker keeps them until the
+ * attempt's result is acknowledged and sends them again after a reconnect, before the result,
+ * so a re-sent one is the same chunk (src/db/logs.ts stores each number once).
+ *
+ * @generated from message taskqueue.v1.TaskOutput
+ */
+export type TaskOutput = Message<"taskqueue.v1.TaskOutput"> & {
+  /**
+   * @generated from field: taskqueue.v1.TaskRef ref = 1;
+   */
+  ref?: TaskRef | undefined;
+
+  /**
+   * @generated from field: uint32 seq = 2;
+   */
+  seq: number;
+
+  /**
+   * Offset of data's first byte with both streams merged, and in stdout and stderr alone.
+   *
+   * @generated from field: uint64 offset = 3;
+   */
+  offset: bigint;
+
+  /**
+   * @generated from field: uint64 stdout_offset = 4;
+   */
+  stdoutOffset: bigint;
+
+  /**
+   * @generated from field: uint64 stderr_offset = 5;
+   */
+  stderrOffset: bigint;
+
+  /**
+   * Lengths of data's runs in order: positive from stdout, negative from stderr.
+   *
+   * @generated from field: repeated sint32 runs = 6;
+   */
+  runs: number[];
+
+  /**
+   * @generated from field: bytes data = 7;
+   */
+  data: Uint8Array;
+
+  /**
+   * The attempt's last flush: sent once the command's pipes are read out, before TaskFinished.
+   *
+   * @generated from field: bool final = 8;
+   */
+  final: boolean;
+
+  /**
+   * On the final flush: bytes written beyond log_max_bytes, which were not sent.
+   *
+   * @generated from field: uint64 cut = 9;
+   */
+  cut: bigint;
+};
+
+/**
+ * Describes the message taskqueue.v1.TaskOutput.
+ * Use `create(TaskOutputSchema)` to create a new message.
+ */
+export const TaskOutputSchema: GenMessage<TaskOutput> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_worker_service, 9);
+
+/**
  * @generated from message taskqueue.v1.Welcome
  */
 export type Welcome = Message<"taskqueue.v1.Welcome"> & {
@@ -489,6 +567,14 @@ export type Welcome = Message<"taskqueue.v1.Welcome"> & {
   maxMessageBytes: number;
 
   /**
+   * With the live_logs feature: the most bytes of output one attempt keeps (TQ_LOG_MAX_BYTES);
+   * the worker sends no more than this and says how much it cut in its final TaskOutput.
+   *
+   * @generated from field: uint64 log_max_bytes = 400;
+   */
+  logMaxBytes: bigint;
+
+  /**
    * The protocol this stream speaks: the lower of the two sides' versions.
    *
    * @generated from field: uint32 protocol_version = 80;
@@ -508,7 +594,7 @@ export type Welcome = Message<"taskqueue.v1.Welcome"> & {
  * Use `create(WelcomeSchema)` to create a new message.
  */
 export const WelcomeSchema: GenMessage<Welcome> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 9);
+  messageDesc(file_taskqueue_v1_worker_service, 10);
 
 /**
  * @generated from message taskqueue.v1.Assign
@@ -594,7 +680,7 @@ export type Assign = Message<"taskqueue.v1.Assign"> & {
  * Use `create(AssignSchema)` to create a new message.
  */
 export const AssignSchema: GenMessage<Assign> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 10);
+  messageDesc(file_taskqueue_v1_worker_service, 11);
 
 /**
  * @generated from message taskqueue.v1.Cancel
@@ -616,7 +702,7 @@ export type Cancel = Message<"taskqueue.v1.Cancel"> & {
  * Use `create(CancelSchema)` to create a new message.
  */
 export const CancelSchema: GenMessage<Cancel> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 11);
+  messageDesc(file_taskqueue_v1_worker_service, 12);
 
 /**
  * Ack tells the worker a result is durable (or stale) and may be forgotten.
@@ -640,7 +726,7 @@ export type Ack = Message<"taskqueue.v1.Ack"> & {
  * Use `create(AckSchema)` to create a new message.
  */
 export const AckSchema: GenMessage<Ack> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 12);
+  messageDesc(file_taskqueue_v1_worker_service, 13);
 
 /**
  * Drain asks the worker to take no new work and finish what it runs.
@@ -659,7 +745,7 @@ export type Drain = Message<"taskqueue.v1.Drain"> & {
  * Use `create(DrainSchema)` to create a new message.
  */
 export const DrainSchema: GenMessage<Drain> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 13);
+  messageDesc(file_taskqueue_v1_worker_service, 14);
 
 /**
  * @generated from message taskqueue.v1.ReportWorkerLostRequest
@@ -690,7 +776,7 @@ export type ReportWorkerLostRequest = Message<"taskqueue.v1.ReportWorkerLostRequ
  * Use `create(ReportWorkerLostRequestSchema)` to create a new message.
  */
 export const ReportWorkerLostRequestSchema: GenMessage<ReportWorkerLostRequest> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 14);
+  messageDesc(file_taskqueue_v1_worker_service, 15);
 
 /**
  * @generated from message taskqueue.v1.ReportWorkerLostResponse
@@ -710,7 +796,7 @@ export type ReportWorkerLostResponse = Message<"taskqueue.v1.ReportWorkerLostRes
  * Use `create(ReportWorkerLostResponseSchema)` to create a new message.
  */
 export const ReportWorkerLostResponseSchema: GenMessage<ReportWorkerLostResponse> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 15);
+  messageDesc(file_taskqueue_v1_worker_service, 16);
 
 /**
  * @generated from enum taskqueue.v1.Outcome
