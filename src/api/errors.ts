@@ -56,6 +56,7 @@ const STATUS: Record<ErrorCode, number> = {
   permission_denied: 403,
   not_found: 404,
   conflict: 409,
+  not_final: 409,
   payload_too_large: 413,
   rate_limited: 429,
   unavailable: 503,

@@ -10,6 +10,7 @@ import {
   listTaskHistory,
   listTaskPage,
   parseEventId,
+  retryTaskOrThrow,
   submitTask,
   taskDependencies,
   watchTask,
@@ -26,6 +27,8 @@ import {
   ListTaskEventsResponseSchema,
   type ListTasksRequest,
   ListTasksResponseSchema,
+  type RetryTaskRequest,
+  RetryTaskResponseSchema,
   type SubmitTaskRequest,
   SubmitTaskResponseSchema,
   type WatchTaskRequest,
@@ -135,6 +138,9 @@ export function taskServiceHandlers(deps: ApiDeps): grpc.UntypedServiceImplement
     }),
     cancelTask: unary(deps, "cancel", async (request: CancelTaskRequest, principal) =>
       create(CancelTaskResponseSchema, { task: taskToProto(await cancelTaskOrThrow(deps, request.id, principal.name)) }),
+    ),
+    retryTask: unary(deps, "submit", async (request: RetryTaskRequest, principal) =>
+      create(RetryTaskResponseSchema, { task: taskToProto(await retryTaskOrThrow(deps, request.id, principal.name)) }),
     ),
     listAttempts: unary(deps, "read", async (request: ListAttemptsRequest) =>
       create(ListAttemptsResponseSchema, {

@@ -10,6 +10,7 @@ const CODES: Record<ErrorCode, grpc.status> = {
   permission_denied: grpc.status.PERMISSION_DENIED,
   not_found: grpc.status.NOT_FOUND,
   conflict: grpc.status.FAILED_PRECONDITION,
+  not_final: grpc.status.FAILED_PRECONDITION,
   payload_too_large: grpc.status.RESOURCE_EXHAUSTED,
   rate_limited: grpc.status.RESOURCE_EXHAUSTED,
   unavailable: grpc.status.UNAVAILABLE,

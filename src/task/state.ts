@@ -28,6 +28,10 @@
  *   failed). Final.
  * - cancelled: cancelled by a client (cancelled_at; an attempt in flight ends `stopped`). Final.
  *
+ * Final means that nothing the system does moves the task again: only a client's retry
+ * (POST /tasks/:id/retry, gRPC RetryTask; src/db/transitions.ts retryTasks) takes a final task
+ * back to queued, due now, for one more attempt (event `retried`, with the actor).
+ *
  * Each attempt keeps its own row (src/task/attempt.ts) and every change its task_events row;
  * the task row shows the current attempt only.
  */
@@ -56,10 +60,11 @@ const TRANSITIONS: Record<TaskState, readonly TaskState[]> = {
   waiting: ["queued", "cancelled"],
   dispatched: ["running", "succeeded", "failed", "timed_out", "queued", "cancelled"],
   running: ["succeeded", "failed", "timed_out", "queued", "cancelled"],
-  succeeded: [],
-  failed: [],
-  timed_out: [],
-  cancelled: [],
+  // Final: left only by a client's retry.
+  succeeded: ["queued"],
+  failed: ["queued"],
+  timed_out: ["queued"],
+  cancelled: ["queued"],
 };
 
 export function isTaskState(value: string): value is TaskState {
@@ -97,6 +102,8 @@ export const GUARDS = {
   inFlight: IN_FLIGHT_STATES,
   /** A client's cancel. */
   cancel: statesLeadingTo("cancelled"),
+  /** A client's retry (a final state -> queued). */
+  retry: statesLeadingTo("queued").filter(isFinal),
   /** A queued task's schedule_timeout_ms passing (queued -> failed). */
   scheduleTimeout: ["queued"] as TaskState[],
   /** Parents resolved (src/db/dependencies.ts): waiting -> queued or cancelled. */

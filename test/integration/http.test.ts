@@ -815,11 +815,13 @@ describe("health and documentation", () => {
         "/submit",
         "/tasks",
         "/tasks/batch",
+        "/tasks/bulk",
         "/tasks/{id}",
         "/tasks/{id}/attempts",
         "/tasks/{id}/cancel",
         "/tasks/{id}/events",
         "/tasks/{id}/history",
+        "/tasks/{id}/retry",
         "/workers",
       ].sort(),
     );
