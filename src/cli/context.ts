@@ -55,9 +55,9 @@ export interface Context {
   err: (text: string) => void;
 }
 
-/** The CLI's settings: flags first, then TQ_URL and TQ_TOKEN from `env`. */
-export function makeContext(options: GlobalOptions, env: Record<string, string | undefined>): Context {
-  const url = (options.url ?? env.TQ_URL ?? DEFAULT_URL).trim();
+/** The CLI's settings, as src/cli/main.ts read them (flags first, then TQ_URL and TQ_TOKEN). */
+export function makeContext(options: GlobalOptions): Context {
+  const url = (options.url ?? DEFAULT_URL).trim();
   let parsed: URL;
   try {
     parsed = new URL(url);
@@ -67,7 +67,7 @@ export function makeContext(options: GlobalOptions, env: Record<string, string |
   if (parsed.protocol !== "http:" && parsed.protocol !== "https:") {
     throw usageError(`--url / TQ_URL must be http:// or https://, not ${parsed.protocol}`);
   }
-  const token = (options.token ?? env.TQ_TOKEN)?.trim() || undefined;
+  const token = options.token?.trim() || undefined;
   const baseUrl = url.replace(/\/+$/, "");
   return {
     url: baseUrl,

@@ -117,10 +117,11 @@ export async function main(argv: readonly string[], env: Record<string, string |
       write(process.stdout, verbHelp(verb));
       return EXIT.ok;
     }
-    const ctx = makeContext(
-      { url: values.url as string | undefined, token: values.token as string | undefined, json: values.json === true },
-      env,
-    );
+    const ctx = makeContext({
+      url: (values.url as string | undefined) ?? env.TQ_URL,
+      token: (values.token as string | undefined) ?? env.TQ_TOKEN,
+      json: values.json === true,
+    });
     return await verb.run(ctx, values, parsed.positionals);
   } catch (error) {
     if (error instanceof CliError) {
