@@ -55,7 +55,8 @@ afterAll(async () => {
 }, HOOK_TIMEOUT_MS);
 
 beforeEach(async () => {
-  await db.sql`TRUNCATE tasks, task_events, task_attempts, workers`;
+  // CASCADE: and whatever else refers to tasks (live logs' chunks).
+  await db.sql`TRUNCATE tasks, task_events, task_attempts, workers CASCADE`;
 });
 
 /** A task that ran `attempts` attempts on worker w1, each failing with exit code 3 (max_attempts = attempts). */
