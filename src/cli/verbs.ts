@@ -459,7 +459,7 @@ tq schedules pause|resume|trigger ID_OR_NAME`,
   --cron PATTERN       a cron pattern (5 or 6 fields), read in --time-zone
   --every DURATION     a fixed interval instead ("90s", "5m", "1h")
   --time-zone ZONE     IANA zone for --cron (default UTC)
-  --overlap POLICY     what a firing does while the last one runs (see the API: allow, skip, ...)
+  --overlap POLICY     what a firing does while the last one runs: allow, skip, buffer_one, cancel_previous
   --queue NAME, --priority N, --timeout-ms N, --max-attempts N, --env KEY=VALUE: the task each firing creates
   --paused             create it paused
 trigger  fires the schedule now, once (prints the firing)`,

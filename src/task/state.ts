@@ -10,7 +10,8 @@
  * - queued: persisted, waiting for its run_at and a free worker slot. run_at starts as the
  *   scheduled_at the client asked for (which never changes) and a retry's backoff moves it.
  *   In: submit (scheduler or coordinator), a retry of a failed or timed-out attempt (event
- *   `retrying`), requeue of a lost or handed-back attempt (`requeued`). Out: dispatch
+ *   `retrying`), requeue of a lost or handed-back attempt (`requeued`), a client's retry of a
+ *   final task (`retried`). Out: dispatch
  *   (coordinator claim), cancel, failed when its schedule_timeout_ms passed without a worker
  *   (event `schedule_timeout`).
  * - dispatched: claimed by a coordinator and assigned to one worker (picked_at, attempt + 1,
