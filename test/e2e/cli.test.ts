@@ -404,4 +404,19 @@ describe("in a terminal", () => {
       expect(stdout).toMatchObject({ code: 0, stdout: "one\nthree\n" });
     },
   );
+
+  // Last: it restarts the coordinator.
+  test("watch resumes after its coordinator restarts, showing each event once", async () => {
+    const gate = join(dir, "restart-gate");
+    const id = (await api(["submit", `while [ ! -e '${gate}' ]; do sleep 0.02; done`])).stdout.trim();
+    const terminal = inTerminal(["watch", id], { TQ_URL: cluster.coordinatorUrl, TQ_TOKEN: tokens.reader! });
+    await terminal.shows(/(started|now) +running +attempt 1/);
+    cluster.coordinator.kill("SIGKILL");
+    await cluster.coordinator.exited;
+    await cluster.restartCoordinator();
+    writeFileSync(gate, "");
+    expect(await terminal.exited()).toBe(0);
+    expect(terminal.screen.match(/succeeded +succeeded +attempt 1/g)).toHaveLength(1);
+    expect(terminal.screen.match(/started +running +attempt 1/g)?.length ?? 0).toBeLessThanOrEqual(1);
+  });
 });
