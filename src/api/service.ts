@@ -294,7 +294,8 @@ function pageSize(value: number | undefined): number {
   return limit;
 }
 
-export async function listTaskPage(deps: ApiDeps, query: TaskPageQuery): Promise<TaskPage> {
+/** `withReasons`: fill each task's `waiting` (what a view shows; a bulk action needs only the ids). */
+export async function listTaskPage(deps: ApiDeps, query: TaskPageQuery, withReasons = true): Promise<TaskPage> {
   const { state, cursor } = query;
   if (state !== undefined && !isTaskState(state)) {
     throw invalidArgument("state", `state must be one of: ${TASK_STATES.join(", ")}`);
@@ -313,7 +314,8 @@ export async function listTaskPage(deps: ApiDeps, query: TaskPageQuery): Promise
     before,
     queue: query.queue,
   });
-  const tasks = await withWaiting(deps.sql, rows.slice(0, limit), deps.settings.workerTimeoutMs);
+  const page = rows.slice(0, limit);
+  const tasks = withReasons ? await withWaiting(deps.sql, page, deps.settings.workerTimeoutMs) : page;
   const last = tasks.at(-1);
   return { tasks, nextCursor: rows.length > limit && last ? encodeCursor(last.id) : null };
 }
@@ -409,7 +411,7 @@ export async function bulkAction(deps: ApiDeps, action: BulkAction, target: Bulk
   }
   let cursor: string | undefined;
   do {
-    const page = await listTaskPage(deps, { ...target.filter, limit: BULK_PAGE, cursor });
+    const page = await listTaskPage(deps, { ...target.filter, limit: BULK_PAGE, cursor }, false);
     const ids = page.tasks.map((task) => task.id);
     if (ids.length > 0) await apply(ids, new Set(ids));
     cursor = page.nextCursor ?? undefined;
