@@ -45,9 +45,10 @@ function fail(message: string): never {
   process.exit(2);
 }
 
-async function main(): Promise<void> {
+/** The token commands, for `bun run token` and `tq token` (src/cli): `args` are what follows the word token. */
+export async function tokenCommand(args: readonly string[]): Promise<void> {
   const { positionals, values } = parseArgs({
-    args: Bun.argv.slice(2),
+    args: [...args],
     options: { name: { type: "string" }, scope: { type: "string" }, id: { type: "string" }, all: { type: "boolean" } },
     allowPositionals: true,
     strict: true,
@@ -163,4 +164,14 @@ async function main(): Promise<void> {
   }
 }
 
-main().catch((error) => fail(error instanceof Error ? error.message : String(error)));
+if (import.meta.main) {
+  tokenCommand(Bun.argv.slice(2)).catch((error) => fail(error instanceof Error ? error.message : String(error)));
+}
+
+/** The usage text, for `tq token --help`. */
+export const TOKEN_USAGE = USAGE;
+
+/** Runs a token command as `bun run token` does: on any failure, its message on stderr and exit 2. */
+export function runTokenCommand(args: readonly string[]): Promise<void> {
+  return tokenCommand(args).catch((error) => fail(error instanceof Error ? error.message : String(error)));
+}

@@ -2,7 +2,8 @@
 // read, nothing is validated, for a caller without a valid token). Which scope each route
 // needs is said here, in one table.
 import { Elysia } from "elysia";
-import { ANONYMOUS, type Principal, type Scope } from "../auth/tokens";
+import { ANONYMOUS, allows, type Principal, type Scope } from "../auth/tokens";
+import { permissionDenied } from "../task/errors";
 import type { ApiDeps } from "./deps";
 
 /** Routes anyone may call: liveness, readiness and the API's own description. */
@@ -12,6 +13,11 @@ const OPEN = [/^\/healthz$/, /^\/readyz$/, /^\/openapi(\/.*)?$/];
 export function scopeFor(method: string, path: string): Scope | null {
   if (OPEN.some((pattern) => pattern.test(path))) return null;
   if (method === "POST" && /^\/tasks\/[^/]+\/cancel$/.test(path)) return "cancel";
+  // A retry runs the command again, as a submit does.
+  if (method === "POST" && /^\/tasks\/[^/]+\/retry$/.test(path)) return "submit";
+  // A bulk action needs its action's scope, which only the body names: cancel, or submit for
+  // a retry (BULK_ACTION_SCOPES, checked by the route once the body is read).
+  if (method === "POST" && path === "/tasks/bulk") return "read";
   if (method === "POST" && /^\/(schedule|submit|tasks|tasks\/batch)$/.test(path)) return "submit";
   // Rate limits change what every submitter gets: an administrator's.
   if (method !== "GET" && method !== "HEAD" && /^\/rate-limits(\/[^/]*)?$/.test(path)) return "admin";
@@ -21,6 +27,14 @@ export function scopeFor(method: string, path: string): Scope | null {
   if (method !== "GET" && method !== "HEAD" && /^\/schedules(\/[^/]+(\/(pause|resume|trigger))?)?$/.test(path)) return "submit";
   // Every other route reads (an unknown path is answered 404 only to a caller who may read).
   return "read";
+}
+
+/** The scope each bulk action needs (POST /tasks/bulk), as its one-task route does. */
+export const BULK_ACTION_SCOPES = { cancel: "cancel", retry: "submit" } as const satisfies Record<string, Scope>;
+
+/** Throws permission_denied unless this request's token holds `scope` (for a scope the body decides). */
+export function requireScope(request: Request, scope: Scope): void {
+  if (!allows(principalOf(request), scope)) throw permissionDenied(`this token does not have the ${scope} scope`);
 }
 
 const principals = new WeakMap<Request, Principal>();

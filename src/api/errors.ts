@@ -58,6 +58,7 @@ const STATUS: Record<ErrorCode, number> = {
   task_not_found: 404,
   attempt_not_found: 404,
   conflict: 409,
+  not_final: 409,
   payload_too_large: 413,
   rate_limited: 429,
   unavailable: 503,

@@ -4,9 +4,10 @@
 
 import { Elysia, status, t } from "elysia";
 import { METRICS_CONTENT_TYPE } from "../metrics/metrics";
+import { invalidArgument } from "../task/errors";
 import { BatchInput, parseIdempotencyKey, SubmitInput, TaskInput, toBatchSpecs, toScheduleSpec, toTaskSpec } from "../task/spec";
 import type { TaskSpec } from "../task/task";
-import { authentication, principalOf, tokenNameOf } from "./auth";
+import { authentication, BULK_ACTION_SCOPES, principalOf, requireScope, tokenNameOf } from "./auth";
 import type { ApiDeps } from "./deps";
 import { errorHandling, type RouteEntry, readJsonBody } from "./errors";
 import { rateLimitsController } from "./flow";
@@ -14,6 +15,8 @@ import { logEventsResponse, logQuery, readLog } from "./logs";
 import {
   AttemptList,
   attemptJson,
+  BulkInput,
+  BulkResult,
   EventPage,
   eventJson,
   HealthJson,
@@ -54,6 +57,7 @@ import { queuesController } from "./queues";
 import { requestLog } from "./request-log";
 import { schedulesController } from "./schedules";
 import {
+  bulkAction,
   cancelTaskOrThrow,
   checkReady,
   getTaskOrThrow,
@@ -61,6 +65,7 @@ import {
   listTaskHistory,
   listTaskPage,
   listWorkers,
+  retryTaskOrThrow,
   submitTask,
   submitTasks,
   taskDependencies,
@@ -326,6 +331,51 @@ function tasksController(deps: ApiDeps) {
           tags: ["tasks"],
           summary: "Cancel a task",
           description: "Cancels a queued or in-flight task (its process is stopped); 409 when it already finished.",
+        },
+      },
+    )
+    .post(
+      "/tasks/:id/retry",
+      async ({ params, request }) => taskJson(await retryTaskOrThrow(deps, params.id, principalOf(request).name)),
+      {
+        params: TaskIdParams,
+        response: responses({ 200: answer(TaskJson, "The task, queued again.") }, [400, 404, 409], {
+          409: "The task has not finished (not_final).",
+        }),
+        detail: {
+          operationId: "retryTask",
+          tags: ["tasks"],
+          summary: "Retry a finished task",
+          description:
+            "Queues a task in a final state (succeeded, failed, timed_out, cancelled) again, due now, for one more " +
+            "attempt: its max_attempts rises only as far as that attempt needs. Recorded in its history as `retried` " +
+            "with the token's name. 409 not_final while it has not finished. Needs the submit scope.",
+        },
+      },
+    )
+    .post(
+      "/tasks/bulk",
+      async ({ body, request }) => {
+        requireScope(request, BULK_ACTION_SCOPES[body.action]);
+        if ((body.ids === undefined) === (body.filter === undefined)) {
+          throw invalidArgument("ids", "give exactly one of ids or filter");
+        }
+        const target = body.ids !== undefined ? { ids: body.ids } : { filter: body.filter ?? {} };
+        return bulkAction(deps, body.action, target, principalOf(request).name);
+      },
+      {
+        parse: jsonBody(deps),
+        body: BulkInput,
+        response: responses({ 200: answer(BulkResult, "What was done.") }, [...BODY_ERRORS]),
+        detail: {
+          operationId: "bulkTasks",
+          tags: ["tasks"],
+          summary: "Cancel or retry many tasks",
+          description:
+            'Body: {"action": "cancel"|"retry", "ids": [...]} or {"action": ..., "filter": {<the filters of GET /tasks>}}. ' +
+            "Each task is cancelled or retried by the rule of its one-task route (a retry needs the submit scope, a cancel " +
+            "the cancel scope); those it does not apply to are skipped with a reason (the first 100 listed). Over a filter, " +
+            "every matching task, newest first, 500 per statement.",
         },
       },
     )

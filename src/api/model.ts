@@ -386,6 +386,7 @@ export const HTTP_ERROR_CODES = [
   "attempt_not_found",
   "method_not_allowed",
   "conflict",
+  "not_final",
   "payload_too_large",
   "unsupported_media_type",
   "rate_limited",
@@ -486,6 +487,49 @@ export const TaskListQuery = Type.Object({
   ),
   ...pageQuery,
 });
+
+export const BulkInput = Type.Object(
+  {
+    action: Type.Union([Type.Literal("cancel"), Type.Literal("retry")], {
+      description: "cancel (needs the cancel scope) or retry (needs submit), each by the rule of its one-task route.",
+    }),
+    ids: Type.Optional(
+      Type.Array(Type.String({ format: "uuid" }), { minItems: 1, maxItems: 1000, description: "The tasks, by id (1 to 1000)." }),
+    ),
+    // The filters of GET /tasks, without its page fields.
+    filter: Type.Optional(
+      Type.Omit(TaskListQuery, ["limit", "cursor"], {
+        additionalProperties: false,
+        description: "The same filters as GET /tasks (every task they match, not one page).",
+      }),
+    ),
+  },
+  { additionalProperties: false, description: "One of ids or filter." },
+);
+export type BulkInput = typeof BulkInput.static;
+/** Which tasks a bulk action is over, by the filters of GET /tasks. */
+export const BulkFilter = BulkInput.properties.filter;
+
+export const BulkResult = Type.Object(
+  {
+    matched: Type.Integer({ description: "Tasks the ids or the filter named." }),
+    changed: Type.Integer({ description: "Tasks cancelled or queued again." }),
+    skipped: Type.Array(
+      Type.Object(
+        {
+          id: Type.String(),
+          reason: Type.Union([Type.Literal("not_found"), Type.Literal("not_final"), Type.Literal("already_final")], {
+            description: "not_found; not_final: a retry of a task not finished; already_final: a cancel of a finished task.",
+          }),
+        },
+        { additionalProperties: false },
+      ),
+      { description: "The tasks left alone and why, at most 100." },
+    ),
+  },
+  { additionalProperties: false },
+);
+export type BulkResult = typeof BulkResult.static;
 
 const iso = (date: Date) => date.toISOString();
 const isoOrNull = (date: Date | null) => (date === null ? null : date.toISOString());

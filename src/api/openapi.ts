@@ -19,6 +19,9 @@ import { RateLimitInput, RateLimitJson, RateLimitList, RateLimitPatch } from "./
 import {
   AttemptJson,
   AttemptList,
+  BulkFilter,
+  BulkInput,
+  BulkResult,
   ErrorCodeJson,
   ErrorJson,
   EventJson,
@@ -99,6 +102,10 @@ export const NAMED_SCHEMAS: Record<string, TSchema> = {
   // Live logs (src/api/logs.ts).
   LogText,
   LogEvent: LogEventJson,
+  // Retry and bulk actions (POST /tasks/:id/retry, POST /tasks/bulk).
+  BulkInput,
+  BulkFilter,
+  BulkResult,
   // Flow control (src/api/flow.ts, src/task/flow.ts).
   Concurrency: TaskInput.properties.concurrency,
   RateLimit: RateLimitJson,

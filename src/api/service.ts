@@ -8,13 +8,13 @@ import { addDependencies, getDependencies, type NewEdge, type TaskDependencies }
 import { listTaskEventsAfter, readTaskSince, type TaskEventRow } from "../db/events";
 import { insertTasks, type NewTask } from "../db/insert";
 import type { Sql } from "../db/sql";
-import { getTask, listTasks, probeTasks } from "../db/tasks";
-import { cancelTask } from "../db/transitions";
+import { existingTaskIds, getTask, listTasks, probeTasks } from "../db/tasks";
+import { cancelTask, cancelTasks, retryTask, retryTasks } from "../db/transitions";
 import { withWaiting } from "../db/waiting";
 import { listLiveWorkers, type WorkerRow } from "../db/workers";
 import type { Attempt } from "../task/attempt";
 import { refOfId } from "../task/dependencies";
-import { conflict, invalidArgument, isDatabaseTimeout, notFound, TaskQueueError, unavailable } from "../task/errors";
+import { conflict, invalidArgument, isDatabaseTimeout, notFinal, notFound, TaskQueueError, unavailable } from "../task/errors";
 import { parseRfc3339 } from "../task/rfc3339";
 import { parseQueueName } from "../task/routing";
 import { isTaskId } from "../task/spec";
@@ -294,7 +294,8 @@ function pageSize(value: number | undefined): number {
   return limit;
 }
 
-export async function listTaskPage(deps: ApiDeps, query: TaskPageQuery): Promise<TaskPage> {
+/** `withReasons`: fill each task's `waiting` (what a view shows; a bulk action needs only the ids). */
+export async function listTaskPage(deps: ApiDeps, query: TaskPageQuery, withReasons = true): Promise<TaskPage> {
   const { state, cursor } = query;
   if (state !== undefined && !isTaskState(state)) {
     throw invalidArgument("state", `state must be one of: ${TASK_STATES.join(", ")}`);
@@ -313,7 +314,8 @@ export async function listTaskPage(deps: ApiDeps, query: TaskPageQuery): Promise
     before,
     queue: query.queue,
   });
-  const tasks = await withWaiting(deps.sql, rows.slice(0, limit), deps.settings.workerTimeoutMs);
+  const page = rows.slice(0, limit);
+  const tasks = withReasons ? await withWaiting(deps.sql, page, deps.settings.workerTimeoutMs) : page;
   const last = tasks.at(-1);
   return { tasks, nextCursor: rows.length > limit && last ? encodeCursor(last.id) : null };
 }
@@ -334,6 +336,87 @@ export async function cancelTaskOrThrow(deps: ApiDeps, id: string, actor: string
     case "not_found":
       throw notFound(`task ${id} not found`);
   }
+}
+
+/**
+ * A client's retry of a finished task (src/db/transitions.ts retryTask holds the rule): queued
+ * again now for one more attempt; not_final (409) while it has not finished.
+ */
+export async function retryTaskOrThrow(deps: ApiDeps, id: string, actor: string): Promise<Task> {
+  requireTaskId(id, "id");
+  const outcome = await retryTask(deps.sql, id, actor);
+  switch (outcome.kind) {
+    case "retried":
+      return outcome.task;
+    case "not_final":
+      throw notFinal(
+        `task is ${outcome.task.state}: only a finished task (succeeded, failed, timed_out, cancelled) can be retried`,
+      );
+    case "not_found":
+      throw notFound(`task ${id} not found`);
+  }
+}
+
+export type BulkAction = "cancel" | "retry";
+
+/** Which tasks a bulk action is over: ids, or the filters of GET /tasks (its page fields ignored). */
+export type BulkTarget = { ids: readonly string[] } | { filter: Omit<TaskPageQuery, "limit" | "cursor"> };
+
+export interface BulkOutcome {
+  /** Tasks the ids or the filter named (ids unknown included). */
+  matched: number;
+  changed: number;
+  /** Why a task named was left alone: not_found, not_final (retry), already_final (cancel); at most BULK_SKIPPED_SHOWN. */
+  skipped: { id: string; reason: "not_found" | "not_final" | "already_final" }[];
+}
+
+/** At most this many ids in a bulk request's `ids`. */
+export const MAX_BULK_IDS = 1000;
+/** At most this many skipped tasks are listed in a bulk answer. */
+export const BULK_SKIPPED_SHOWN = 100;
+/** Tasks changed per statement of a bulk action over a filter. */
+const BULK_PAGE = 500;
+
+/**
+ * Cancels or retries many tasks, by the same rules as one (cancelTasks and retryTasks in
+ * src/db/transitions.ts), a page at a time: every task the filter matches when its page is
+ * read, newest first. Each page is its own statement: a failure midway leaves the pages
+ * before it done, and repeating the request is safe (a task already changed is skipped).
+ */
+export async function bulkAction(deps: ApiDeps, action: BulkAction, target: BulkTarget, actor: string): Promise<BulkOutcome> {
+  const outcome: BulkOutcome = { matched: 0, changed: 0, skipped: [] };
+  const apply = async (ids: string[], known: ReadonlySet<string> | null) => {
+    const changed = action === "cancel" ? await cancelTasks(deps.sql, ids, actor) : await retryTasks(deps.sql, ids, actor);
+    if (action === "cancel") for (const _ of changed) deps.metrics?.finished("cancelled");
+    outcome.matched += ids.length;
+    outcome.changed += changed.length;
+    const done = new Set(changed.map((row) => row.id));
+    const rest = ids.filter((id) => !done.has(id));
+    if (rest.length === 0 || outcome.skipped.length >= BULK_SKIPPED_SHOWN) return;
+    // Those that exist (a filter's always do, unless deleted meanwhile) were in the wrong state.
+    const existing = known ?? (await existingTaskIds(deps.sql, rest));
+    for (const id of rest) {
+      if (outcome.skipped.length >= BULK_SKIPPED_SHOWN) break;
+      const reason = !existing.has(id) ? "not_found" : action === "retry" ? "not_final" : "already_final";
+      outcome.skipped.push({ id, reason });
+    }
+  };
+  if ("ids" in target) {
+    if (target.ids.length === 0) throw invalidArgument("ids", "ids must name at least one task");
+    if (target.ids.length > MAX_BULK_IDS)
+      throw invalidArgument("ids", `ids may name at most ${MAX_BULK_IDS} tasks; use a filter for more`);
+    for (const [i, id] of target.ids.entries()) requireTaskId(id, `ids[${i}]`);
+    await apply([...new Set(target.ids)], null);
+    return outcome;
+  }
+  let cursor: string | undefined;
+  do {
+    const page = await listTaskPage(deps, { ...target.filter, limit: BULK_PAGE, cursor }, false);
+    const ids = page.tasks.map((task) => task.id);
+    if (ids.length > 0) await apply(ids, new Set(ids));
+    cursor = page.nextCursor ?? undefined;
+  } while (cursor !== undefined);
+  return outcome;
 }
 
 export async function listWorkers(deps: ApiDeps): Promise<WorkerRow[]> {

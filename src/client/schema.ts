@@ -137,6 +137,46 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/tasks/{id}/retry": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Retry a finished task
+         * @description Queues a task in a final state (succeeded, failed, timed_out, cancelled) again, due now, for one more attempt: its max_attempts rises only as far as that attempt needs. Recorded in its history as `retried` with the token's name. 409 not_final while it has not finished. Needs the submit scope.
+         */
+        post: operations["retryTask"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/tasks/bulk": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Cancel or retry many tasks
+         * @description Body: {"action": "cancel"|"retry", "ids": [...]} or {"action": ..., "filter": {<the filters of GET /tasks>}}. Each task is cancelled or retried by the rule of its one-task route (a retry needs the submit scope, a cancel the cancel scope); those it does not apply to are skipped with a reason (the first 100 listed). Over a filter, every matching task, newest first, 500 per statement.
+         */
+        post: operations["bulkTasks"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/tasks/{id}/attempts": {
         parameters: {
             query?: never;
@@ -1065,7 +1105,7 @@ export interface components {
          * @description What went wrong, stable for clients to act on; the message says it in words.
          * @enum {string}
          */
-        ErrorCode: "invalid_argument" | "invalid_json" | "unauthenticated" | "permission_denied" | "not_found" | "task_not_found" | "attempt_not_found" | "method_not_allowed" | "conflict" | "payload_too_large" | "unsupported_media_type" | "rate_limited" | "unavailable" | "internal";
+        ErrorCode: "invalid_argument" | "invalid_json" | "unauthenticated" | "permission_denied" | "not_found" | "task_not_found" | "attempt_not_found" | "method_not_allowed" | "conflict" | "not_final" | "payload_too_large" | "unsupported_media_type" | "rate_limited" | "unavailable" | "internal";
         Health: {
             /** @constant */
             status: "ok";
@@ -1345,6 +1385,46 @@ export interface components {
             exit_code: number | null;
             /** @description Bytes cut by TQ_LOG_MAX_BYTES. */
             truncated: number;
+        };
+        /** @description One of ids or filter. */
+        BulkInput: {
+            /** @enum {string} */
+            action: "cancel" | "retry";
+            /** @description The tasks, by id (1 to 1000). */
+            ids?: string[];
+            filter?: components["schemas"]["BulkFilter"];
+        };
+        /** @description The same filters as GET /tasks (every task they match, not one page). */
+        BulkFilter: {
+            state?: components["schemas"]["TaskState"];
+            /**
+             * @description Only tasks of this queue.
+             * @example default
+             * @example emails
+             */
+            queue?: string;
+            /**
+             * Format: uuid
+             * @description Only the tasks this recurring schedule created.
+             */
+            schedule_id?: string;
+            /**
+             * @description Only the task of this fire time (RFC 3339), with schedule_id.
+             * @example 2026-12-01T12:00:00Z
+             */
+            fire_at?: string;
+        };
+        BulkResult: {
+            /** @description Tasks the ids or the filter named. */
+            matched: number;
+            /** @description Tasks cancelled or queued again. */
+            changed: number;
+            /** @description The tasks left alone and why, at most 100. */
+            skipped: {
+                id: string;
+                /** @enum {string} */
+                reason: "not_found" | "not_final" | "already_final";
+            }[];
         };
         /** @description Per-key concurrency. */
         Concurrency: {
@@ -2554,6 +2634,209 @@ export interface operations {
             };
             /** @description The task already finished (conflict). */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    retryTask: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The task, queued again. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Task"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No such task (not_found). */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The task has not finished (not_final). */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    bulkTasks: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** @description One of ids or filter. */
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["BulkInput"];
+            };
+        };
+        responses: {
+            /** @description What was done. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["BulkResult"];
+                };
+            };
+            /** @description The request is invalid (invalid_argument, invalid_json): the error names the field and the rule it broke. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is larger than TQ_MAX_BODY_BYTES (payload_too_large); the message names the limit. */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is neither JSON nor the form type curl sends by default (unsupported_media_type). */
+            415: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -12,6 +12,7 @@ import {
   listTaskHistory,
   listTaskPage,
   parseEventId,
+  retryTaskOrThrow,
   submitTask,
   taskDependencies,
   watchTask,
@@ -30,6 +31,8 @@ import {
   ListTasksResponseSchema,
   type LogChunk,
   LogChunkSchema,
+  type RetryTaskRequest,
+  RetryTaskResponseSchema,
   type SubmitTaskRequest,
   SubmitTaskResponseSchema,
   type TailLogsRequest,
@@ -140,6 +143,9 @@ export function taskServiceHandlers(deps: ApiDeps): grpc.UntypedServiceImplement
     }),
     cancelTask: unary(deps, "cancel", async (request: CancelTaskRequest, principal) =>
       create(CancelTaskResponseSchema, { task: taskToProto(await cancelTaskOrThrow(deps, request.id, principal.name)) }),
+    ),
+    retryTask: unary(deps, "submit", async (request: RetryTaskRequest, principal) =>
+      create(RetryTaskResponseSchema, { task: taskToProto(await retryTaskOrThrow(deps, request.id, principal.name)) }),
     ),
     listAttempts: unary(deps, "read", async (request: ListAttemptsRequest) =>
       create(ListAttemptsResponseSchema, {

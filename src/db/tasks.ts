@@ -3,7 +3,7 @@
 // loss, its lease, a cancel), each ending in the change tail of changes.ts.
 import type { TaskState } from "../task/state";
 import type { Task } from "../task/task";
-import type { Fragment } from "./encode";
+import { array, type Fragment } from "./encode";
 import type { Sql } from "./sql";
 
 /**
@@ -135,6 +135,13 @@ export async function listTasks(sql: Sql, query: ListTasksQuery): Promise<Task[]
       ${query.queue ? sql`AND tasks.queue = ${query.queue}` : sql``}
     ORDER BY tasks.id DESC
     LIMIT ${query.limit}`;
+}
+
+/** Which of `ids` name a task. */
+export async function existingTaskIds(sql: Sql, ids: readonly string[]): Promise<Set<string>> {
+  if (ids.length === 0) return new Set();
+  const rows = await sql<{ id: string }[]>`SELECT id FROM tasks WHERE id = ANY(${array(sql, ids, "uuid")})`;
+  return new Set(rows.map((row) => row.id));
 }
 
 /**

@@ -17,7 +17,7 @@ import {
 import { GUARDS, type TaskState } from "../task/state";
 import type { AttemptResult, Task } from "../task/task";
 import { endAttempts, finishAttemptRows, recordUsage, startAttempts, usageColumns } from "./attempts";
-import { changedRows, recordChange, recordChanges, type TaskChangeRow } from "./changes";
+import { changedRows, changeTail, recordChange, recordChanges, type TaskChangeRow } from "./changes";
 import { afterTasksEnded } from "./dependencies";
 import { array, type Column, type Fragment, states, unnest } from "./encode";
 import type { Sql } from "./sql";
@@ -415,9 +415,26 @@ export type CancelOutcome =
  * stale event.
  */
 export async function cancelTask(sql: Sql, id: string, actor: string | null = null): Promise<CancelOutcome> {
+  const [row] = await cancelTasks(sql, [id], actor);
+  if (row) {
+    const { was_state, ...task } = row;
+    return { kind: "cancelled", task, wasState: was_state };
+  }
+  const task = await getTask(sql, id);
+  return task ? { kind: "final", task } : { kind: "not_found" };
+}
+
+/** cancelTask for many ids in one statement; returns the rows it cancelled, each with the state it left. */
+export async function cancelTasks(
+  sql: Sql,
+  ids: readonly string[],
+  actor: string | null = null,
+): Promise<(TaskChangeRow & { was_state: TaskState })[]> {
+  if (ids.length === 0) return [];
   const rows = await sql<(Task & { event_id: string; was_state: TaskState })[]>`
     WITH before AS (
-      SELECT id, state FROM tasks WHERE id = ${id} AND state IN (${states(sql, GUARDS.cancel)}) FOR UPDATE
+      SELECT id, state FROM tasks WHERE id = ANY(${array(sql, ids, "uuid")}) AND state IN (${states(sql, GUARDS.cancel)})
+      ORDER BY id FOR UPDATE
     ),
     t AS (
       UPDATE tasks SET state = 'cancelled', cancelled_at = clock_timestamp(), lease_expires_at = NULL
@@ -426,12 +443,67 @@ export async function cancelTask(sql: Sql, id: string, actor: string | null = nu
     ),
     ${endAttempts(sql, "stopped", "cancelled")},
     ${recordChange(sql, "cancelled", null, actor)}`;
-  const row = rows[0];
+  if (rows.length > 0) await afterTasksEnded(sql, rows);
+  return changedRows(rows) as (TaskChangeRow & { was_state: TaskState })[];
+}
+
+export type RetryOutcome =
+  | { kind: "retried"; task: TaskChangeRow; wasState: TaskState }
+  | { kind: "not_final"; task: Task }
+  | { kind: "not_found" };
+
+/**
+ * A client's retry: a task in a final state (GUARDS.retry) is queued again, due now, for one
+ * more attempt. The rule, in one place:
+ * - the end of the last attempt is cleared from the task (completed_at, failed_at,
+ *   cancelled_at, exit_code, signal, error); its attempt rows keep it, and the next claim
+ *   opens a new attempt under the next fencing number;
+ * - its attempt budget is raised only as far as one more attempt needs
+ *   (max_attempts = greatest(max_attempts, counted attempts + 1)): a task that exhausted its
+ *   attempts gets exactly one more, a cancelled one with attempts left keeps those. No attempt
+ *   holds a final task, so no decision under a fence can read the policy as it changes;
+ * - the event `retried` names the actor and the state it left (`detail.from`) and the budget
+ *   before and after.
+ * Children resolved when it ended stay as they were (each edge is resolved once).
+ */
+export async function retryTask(sql: Sql, id: string, actor: string | null = null): Promise<RetryOutcome> {
+  const [row] = await retryTasks(sql, [id], actor);
   if (row) {
-    await afterTasksEnded(sql, rows);
-    const { was_state, ...task } = changedRows(rows)[0] as TaskChangeRow & { was_state: TaskState };
-    return { kind: "cancelled", task: task as TaskChangeRow, wasState: was_state };
+    const { was_state, ...task } = row;
+    return { kind: "retried", task, wasState: was_state };
   }
   const task = await getTask(sql, id);
-  return task ? { kind: "final", task } : { kind: "not_found" };
+  return task ? { kind: "not_final", task } : { kind: "not_found" };
+}
+
+/** retryTask for many ids in one statement; returns the rows it queued, each with the state it left. */
+export async function retryTasks(
+  sql: Sql,
+  ids: readonly string[],
+  actor: string | null = null,
+): Promise<(TaskChangeRow & { was_state: TaskState })[]> {
+  if (ids.length === 0) return [];
+  const rows = await sql<(Task & { event_id: string; was_state: TaskState; was_max_attempts?: number })[]>`
+    WITH before AS (
+      SELECT id, state, max_attempts FROM tasks
+      WHERE id = ANY(${array(sql, ids, "uuid")}) AND state IN (${states(sql, GUARDS.retry)})
+      ORDER BY id FOR UPDATE
+    ),
+    t AS (
+      UPDATE tasks SET state = 'queued', run_at = clock_timestamp(), lease_expires_at = NULL,
+        completed_at = NULL, failed_at = NULL, cancelled_at = NULL, exit_code = NULL, signal = NULL, error = NULL,
+        max_attempts = greatest(tasks.max_attempts, tasks.attempt - tasks.interruptions + 1)
+      FROM before WHERE tasks.id = before.id
+      RETURNING ${taskRowColumns(sql, "tasks")}, before.state AS was_state, before.max_attempts AS was_max_attempts
+    ),
+    ${changeTail(sql, {
+      kind: sql`'retried'::text`,
+      detail: sql`jsonb_build_object('from', t.was_state, 'max_attempts_before', t.was_max_attempts, 'max_attempts', t.max_attempts)`,
+      actor: sql`${actor}::text`,
+    })}`;
+  return changedRows(rows).map(
+    ({ was_max_attempts: _, ...row }: TaskChangeRow & { was_max_attempts?: number }) => row,
+  ) as (TaskChangeRow & {
+    was_state: TaskState;
+  })[];
 }

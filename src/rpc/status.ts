@@ -12,6 +12,7 @@ const CODES: Record<ErrorCode, grpc.status> = {
   task_not_found: grpc.status.NOT_FOUND,
   attempt_not_found: grpc.status.NOT_FOUND,
   conflict: grpc.status.FAILED_PRECONDITION,
+  not_final: grpc.status.FAILED_PRECONDITION,
   payload_too_large: grpc.status.RESOURCE_EXHAUSTED,
   rate_limited: grpc.status.RESOURCE_EXHAUSTED,
   unavailable: grpc.status.UNAVAILABLE,

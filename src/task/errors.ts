@@ -11,6 +11,7 @@ export type ErrorCode =
   | "task_not_found"
   | "attempt_not_found"
   | "conflict"
+  | "not_final"
   | "payload_too_large"
   | "rate_limited"
   | "unavailable";
@@ -34,6 +35,9 @@ export const invalidArgument = (field: string, message: string) => new TaskQueue
 export const notFound = (message: string) => new TaskQueueError("not_found", message);
 
 export const conflict = (message: string) => new TaskQueueError("conflict", message);
+
+/** A retry of a task that has not finished (a conflict with its state, with its own code). */
+export const notFinal = (message: string) => new TaskQueueError("not_final", message);
 
 export const unauthenticated = (message: string) => new TaskQueueError("unauthenticated", message);
 

@@ -10,7 +10,8 @@
  * - queued: persisted, waiting for its run_at and a free worker slot. run_at starts as the
  *   scheduled_at the client asked for (which never changes) and a retry's backoff moves it.
  *   In: submit (scheduler or coordinator), a retry of a failed or timed-out attempt (event
- *   `retrying`), requeue of a lost or handed-back attempt (`requeued`). Out: dispatch
+ *   `retrying`), requeue of a lost or handed-back attempt (`requeued`), a client's retry of a
+ *   final task (`retried`). Out: dispatch
  *   (coordinator claim), cancel, failed when its schedule_timeout_ms passed without a worker
  *   (event `schedule_timeout`).
  * - dispatched: claimed by a coordinator and assigned to one worker (picked_at, attempt + 1,
@@ -27,6 +28,10 @@
  * - timed_out: killed after its timeout, with no further attempt (failed_at, error as for
  *   failed). Final.
  * - cancelled: cancelled by a client (cancelled_at; an attempt in flight ends `stopped`). Final.
+ *
+ * Final means that nothing the system does moves the task again: only a client's retry
+ * (POST /tasks/:id/retry, gRPC RetryTask; src/db/transitions.ts retryTasks) takes a final task
+ * back to queued, due now, for one more attempt (event `retried`, with the actor).
  *
  * Each attempt keeps its own row (src/task/attempt.ts) and every change its task_events row;
  * the task row shows the current attempt only.
@@ -56,10 +61,11 @@ const TRANSITIONS: Record<TaskState, readonly TaskState[]> = {
   waiting: ["queued", "cancelled"],
   dispatched: ["running", "succeeded", "failed", "timed_out", "queued", "cancelled"],
   running: ["succeeded", "failed", "timed_out", "queued", "cancelled"],
-  succeeded: [],
-  failed: [],
-  timed_out: [],
-  cancelled: [],
+  // Final: left only by a client's retry.
+  succeeded: ["queued"],
+  failed: ["queued"],
+  timed_out: ["queued"],
+  cancelled: ["queued"],
 };
 
 export function isTaskState(value: string): value is TaskState {
@@ -97,6 +103,8 @@ export const GUARDS = {
   inFlight: IN_FLIGHT_STATES,
   /** A client's cancel. */
   cancel: statesLeadingTo("cancelled"),
+  /** A client's retry (a final state -> queued). */
+  retry: statesLeadingTo("queued").filter(isFinal),
   /** A queued task's schedule_timeout_ms passing (queued -> failed). */
   scheduleTimeout: ["queued"] as TaskState[],
   /** Parents resolved (src/db/dependencies.ts): waiting -> queued or cancelled. */

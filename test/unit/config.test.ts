@@ -141,6 +141,8 @@ const READS_CONFIGURATION = new Set([
   "src/worker/options.ts",
   // The watchdog's own process: an entry point, as a main is.
   "src/worker/watchdog-process.ts",
+  // The CLI's entry point: its own two settings, TQ_URL and TQ_TOKEN.
+  "src/cli/main.ts",
 ]);
 
 function sources(dir: string): string[] {

@@ -9,11 +9,12 @@ import {
   TASK_STATES,
 } from "../../src/task/state";
 
-test("final states have no way out", () => {
+test("final states have no way out but a client's retry", () => {
   for (const state of TASK_STATES) {
     if (!isFinal(state)) continue;
-    for (const to of TASK_STATES) expect(canTransition(state, to), `${state} -> ${to}`).toBe(false);
+    for (const to of TASK_STATES) expect(canTransition(state, to), `${state} -> ${to}`).toBe(to === "queued");
   }
+  expect(GUARDS.retry).toEqual(["succeeded", "failed", "timed_out", "cancelled"]);
   expect(TASK_STATES.filter(isFinal)).toEqual(["succeeded", "failed", "timed_out", "cancelled"]);
 });
 
@@ -27,7 +28,15 @@ test("the lifecycle of DESIGN.md", () => {
   expect(canTransition("running", "queued")).toBe(true);
   expect(canTransition("running", "dispatched")).toBe(false);
   expect(statesLeadingTo("cancelled")).toEqual(["waiting", "queued", "dispatched", "running"]);
-  expect(statesLeadingTo("queued")).toEqual(["waiting", "dispatched", "running"]);
+  expect(statesLeadingTo("queued")).toEqual([
+    "waiting",
+    "dispatched",
+    "running",
+    "succeeded",
+    "failed",
+    "timed_out",
+    "cancelled",
+  ]);
   // A task blocked on its parents is released to the queue or ended, never claimed as it is.
   expect(canTransition("waiting", "queued")).toBe(true);
   expect(canTransition("waiting", "dispatched")).toBe(false);
@@ -50,7 +59,12 @@ test("the SQL guards are the states each change may start from", () => {
   // And failed also from queued: a schedule_timeout_ms that passed without a worker.
   expect(statesLeadingTo("failed")).toEqual(["queued", ...IN_FLIGHT_STATES]);
   expect(GUARDS.scheduleTimeout).toEqual(["queued"]);
-  // The queue is entered from in flight (retry, requeue) and from waiting (parents resolved).
-  expect(statesLeadingTo("queued")).toEqual(["waiting", ...IN_FLIGHT_STATES]);
-  for (const guard of Object.values(GUARDS)) for (const state of guard) expect(isFinal(state), state).toBe(false);
+  // The queue is entered from in flight (retry, requeue), from waiting (parents resolved) and
+  // from a final state (a client's retry).
+  expect(statesLeadingTo("queued")).toEqual(["waiting", ...IN_FLIGHT_STATES, ...GUARDS.retry]);
+  // Only the client's retry starts from a final state.
+  for (const [name, guard] of Object.entries(GUARDS)) {
+    if (name === "retry") continue;
+    for (const state of guard) expect(isFinal(state), state).toBe(false);
+  }
 });

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file taskqueue/v1/task_service.proto.
  */
 export const file_taskqueue_v1_task_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch90YXNrcXVldWUvdjEvdGFza19zZXJ2aWNlLnByb3RvEgx0YXNrcXVldWUudjEihAYKEVN1Ym1pdFRhc2tSZXF1ZXN0Eg8KB2NvbW1hbmQYASABKAkSMAoMc2NoZWR1bGVkX2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgp0aW1lb3V0X21zGAMgASgNEhQKDG1heF9hdHRlbXB0cxgEIAEoDRI1CgNlbnYYBSADKAsyKC50YXNrcXVldWUudjEuU3VibWl0VGFza1JlcXVlc3QuRW52RW50cnkSCwoDY3dkGAYgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgHIAEoCRIoCgVyZXRyeRgIIAEoCzIZLnRhc2txdWV1ZS52MS5SZXRyeVBvbGljeRJCCgpzZWNyZXRfZW52GAkgAygLMi4udGFza3F1ZXVlLnYxLlN1Ym1pdFRhc2tSZXF1ZXN0LlNlY3JldEVudkVudHJ5EigKBmxpbWl0cxg8IAEoCzIYLnRhc2txdWV1ZS52MS5UYXNrTGltaXRzEg4KBXF1ZXVlGOYBIAEoCRIRCghwcmlvcml0eRjnASABKBESKQoHcmVxdWlyZRjoASADKAsyFy50YXNrcXVldWUudjEuTGFiZWxSdWxlEigKBnByZWZlchjpASADKAsyFy50YXNrcXVldWUudjEuTGFiZWxSdWxlEhwKE3NjaGVkdWxlX3RpbWVvdXRfbXMY6gEgASgNEhMKCmRlcGVuZHNfb24YjgIgAygJEhoKEW9uX3BhcmVudF9mYWlsdXJlGI8CIAEoCRIVCghsZWFzZV9tcxhkIAEoDUgAiAEBEi8KC2NvbmN1cnJlbmN5GPoBIAEoCzIZLnRhc2txdWV1ZS52MS5Db25jdXJyZW5jeRITCgpyYXRlX2xpbWl0GPsBIAEoCRoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBGjAKDlNlY3JldEVudkVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCCwoJX2xlYXNlX21zIkcKElN1Ym1pdFRhc2tSZXNwb25zZRIgCgR0YXNrGAEgASgLMhIudGFza3F1ZXVlLnYxLlRhc2sSDwoHY3JlYXRlZBgCIAEoCCIcCg5HZXRUYXNrUmVxdWVzdBIKCgJpZBgBIAEoCSIzCg9HZXRUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrIq0BChBMaXN0VGFza3NSZXF1ZXN0EiYKBXN0YXRlGAEgASgOMhcudGFza3F1ZXVlLnYxLlRhc2tTdGF0ZRINCgVsaW1pdBgCIAEoDRIOCgZjdXJzb3IYAyABKAkSDgoFcXVldWUY5gEgASgJEhQKC3NjaGVkdWxlX2lkGMgBIAEoCRIsCgdmaXJlX2F0GMkBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiSwoRTGlzdFRhc2tzUmVzcG9uc2USIQoFdGFza3MYASADKAsyEi50YXNrcXVldWUudjEuVGFzaxITCgtuZXh0X2N1cnNvchgCIAEoCSIfChFDYW5jZWxUYXNrUmVxdWVzdBIKCgJpZBgBIAEoCSI2ChJDYW5jZWxUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrIjYKEFdhdGNoVGFza1JlcXVlc3QSCgoCaWQYASABKAkSFgoOYWZ0ZXJfZXZlbnRfaWQYAiABKAkiXQoRV2F0Y2hUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrEiYKBWV2ZW50GAIgASgLMhcudGFza3F1ZXVlLnYxLlRhc2tFdmVudCImChNMaXN0QXR0ZW1wdHNSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkiPwoUTGlzdEF0dGVtcHRzUmVzcG9uc2USJwoIYXR0ZW1wdHMYASADKAsyFS50YXNrcXVldWUudjEuQXR0ZW1wdCJHChVMaXN0VGFza0V2ZW50c1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRINCgVsaW1pdBgCIAEoDRIOCgZjdXJzb3IYAyABKAkiVgoWTGlzdFRhc2tFdmVudHNSZXNwb25zZRInCgZldmVudHMYASADKAsyFy50YXNrcXVldWUudjEuVGFza0V2ZW50EhMKC25leHRfY3Vyc29yGAIgASgJImMKD1RhaWxMb2dzUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEg4KBnN0cmVhbRgCIAEoCRIOCgZvZmZzZXQYAyABKAQSDwoHYXR0ZW1wdBgEIAEoDRIOCgZmb2xsb3cYBSABKAgiswEKCExvZ0NodW5rEg4KBnN0cmVhbRgBIAEoCRIOCgZvZmZzZXQYAiABKAQSDAoEZGF0YRgDIAEoDBITCgtuZXh0X29mZnNldBgEIAEoBBILCgNlbmQYBSABKAgSDwoHYXR0ZW1wdBgGIAEoDRINCgVzdGF0ZRgHIAEoCRIWCglleGl0X2NvZGUYCCABKBFIAIgBARIRCgl0cnVuY2F0ZWQYCSABKARCDAoKX2V4aXRfY29kZTKOBQoLVGFza1NlcnZpY2USTwoKU3VibWl0VGFzaxIfLnRhc2txdWV1ZS52MS5TdWJtaXRUYXNrUmVxdWVzdBogLnRhc2txdWV1ZS52MS5TdWJtaXRUYXNrUmVzcG9uc2USRgoHR2V0VGFzaxIcLnRhc2txdWV1ZS52MS5HZXRUYXNrUmVxdWVzdBodLnRhc2txdWV1ZS52MS5HZXRUYXNrUmVzcG9uc2USTAoJTGlzdFRhc2tzEh4udGFza3F1ZXVlLnYxLkxpc3RUYXNrc1JlcXVlc3QaHy50YXNrcXVldWUudjEuTGlzdFRhc2tzUmVzcG9uc2USTwoKQ2FuY2VsVGFzaxIfLnRhc2txdWV1ZS52MS5DYW5jZWxUYXNrUmVxdWVzdBogLnRhc2txdWV1ZS52MS5DYW5jZWxUYXNrUmVzcG9uc2USTgoJV2F0Y2hUYXNrEh4udGFza3F1ZXVlLnYxLldhdGNoVGFza1JlcXVlc3QaHy50YXNrcXVldWUudjEuV2F0Y2hUYXNrUmVzcG9uc2UwARJVCgxMaXN0QXR0ZW1wdHMSIS50YXNrcXVldWUudjEuTGlzdEF0dGVtcHRzUmVxdWVzdBoiLnRhc2txdWV1ZS52MS5MaXN0QXR0ZW1wdHNSZXNwb25zZRJbCg5MaXN0VGFza0V2ZW50cxIjLnRhc2txdWV1ZS52MS5MaXN0VGFza0V2ZW50c1JlcXVlc3QaJC50YXNrcXVldWUudjEuTGlzdFRhc2tFdmVudHNSZXNwb25zZRJDCghUYWlsTG9ncxIdLnRhc2txdWV1ZS52MS5UYWlsTG9nc1JlcXVlc3QaFi50YXNrcXVldWUudjEuTG9nQ2h1bmswAWIGcHJvdG8z", [file_google_protobuf_timestamp, file_taskqueue_v1_task]);
+  fileDesc("Ch90YXNrcXVldWUvdjEvdGFza19zZXJ2aWNlLnByb3RvEgx0YXNrcXVldWUudjEihAYKEVN1Ym1pdFRhc2tSZXF1ZXN0Eg8KB2NvbW1hbmQYASABKAkSMAoMc2NoZWR1bGVkX2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgp0aW1lb3V0X21zGAMgASgNEhQKDG1heF9hdHRlbXB0cxgEIAEoDRI1CgNlbnYYBSADKAsyKC50YXNrcXVldWUudjEuU3VibWl0VGFza1JlcXVlc3QuRW52RW50cnkSCwoDY3dkGAYgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgHIAEoCRIoCgVyZXRyeRgIIAEoCzIZLnRhc2txdWV1ZS52MS5SZXRyeVBvbGljeRJCCgpzZWNyZXRfZW52GAkgAygLMi4udGFza3F1ZXVlLnYxLlN1Ym1pdFRhc2tSZXF1ZXN0LlNlY3JldEVudkVudHJ5EigKBmxpbWl0cxg8IAEoCzIYLnRhc2txdWV1ZS52MS5UYXNrTGltaXRzEg4KBXF1ZXVlGOYBIAEoCRIRCghwcmlvcml0eRjnASABKBESKQoHcmVxdWlyZRjoASADKAsyFy50YXNrcXVldWUudjEuTGFiZWxSdWxlEigKBnByZWZlchjpASADKAsyFy50YXNrcXVldWUudjEuTGFiZWxSdWxlEhwKE3NjaGVkdWxlX3RpbWVvdXRfbXMY6gEgASgNEhMKCmRlcGVuZHNfb24YjgIgAygJEhoKEW9uX3BhcmVudF9mYWlsdXJlGI8CIAEoCRIVCghsZWFzZV9tcxhkIAEoDUgAiAEBEi8KC2NvbmN1cnJlbmN5GPoBIAEoCzIZLnRhc2txdWV1ZS52MS5Db25jdXJyZW5jeRITCgpyYXRlX2xpbWl0GPsBIAEoCRoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBGjAKDlNlY3JldEVudkVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCCwoJX2xlYXNlX21zIkcKElN1Ym1pdFRhc2tSZXNwb25zZRIgCgR0YXNrGAEgASgLMhIudGFza3F1ZXVlLnYxLlRhc2sSDwoHY3JlYXRlZBgCIAEoCCIcCg5HZXRUYXNrUmVxdWVzdBIKCgJpZBgBIAEoCSIzCg9HZXRUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrIq0BChBMaXN0VGFza3NSZXF1ZXN0EiYKBXN0YXRlGAEgASgOMhcudGFza3F1ZXVlLnYxLlRhc2tTdGF0ZRINCgVsaW1pdBgCIAEoDRIOCgZjdXJzb3IYAyABKAkSDgoFcXVldWUY5gEgASgJEhQKC3NjaGVkdWxlX2lkGMgBIAEoCRIsCgdmaXJlX2F0GMkBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiSwoRTGlzdFRhc2tzUmVzcG9uc2USIQoFdGFza3MYASADKAsyEi50YXNrcXVldWUudjEuVGFzaxITCgtuZXh0X2N1cnNvchgCIAEoCSIfChFDYW5jZWxUYXNrUmVxdWVzdBIKCgJpZBgBIAEoCSI2ChJDYW5jZWxUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrIh4KEFJldHJ5VGFza1JlcXVlc3QSCgoCaWQYASABKAkiNQoRUmV0cnlUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrIjYKEFdhdGNoVGFza1JlcXVlc3QSCgoCaWQYASABKAkSFgoOYWZ0ZXJfZXZlbnRfaWQYAiABKAkiXQoRV2F0Y2hUYXNrUmVzcG9uc2USIAoEdGFzaxgBIAEoCzISLnRhc2txdWV1ZS52MS5UYXNrEiYKBWV2ZW50GAIgASgLMhcudGFza3F1ZXVlLnYxLlRhc2tFdmVudCImChNMaXN0QXR0ZW1wdHNSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkiPwoUTGlzdEF0dGVtcHRzUmVzcG9uc2USJwoIYXR0ZW1wdHMYASADKAsyFS50YXNrcXVldWUudjEuQXR0ZW1wdCJHChVMaXN0VGFza0V2ZW50c1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRINCgVsaW1pdBgCIAEoDRIOCgZjdXJzb3IYAyABKAkiVgoWTGlzdFRhc2tFdmVudHNSZXNwb25zZRInCgZldmVudHMYASADKAsyFy50YXNrcXVldWUudjEuVGFza0V2ZW50EhMKC25leHRfY3Vyc29yGAIgASgJImMKD1RhaWxMb2dzUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEg4KBnN0cmVhbRgCIAEoCRIOCgZvZmZzZXQYAyABKAQSDwoHYXR0ZW1wdBgEIAEoDRIOCgZmb2xsb3cYBSABKAgiswEKCExvZ0NodW5rEg4KBnN0cmVhbRgBIAEoCRIOCgZvZmZzZXQYAiABKAQSDAoEZGF0YRgDIAEoDBITCgtuZXh0X29mZnNldBgEIAEoBBILCgNlbmQYBSABKAgSDwoHYXR0ZW1wdBgGIAEoDRINCgVzdGF0ZRgHIAEoCRIWCglleGl0X2NvZGUYCCABKBFIAIgBARIRCgl0cnVuY2F0ZWQYCSABKARCDAoKX2V4aXRfY29kZTLcBQoLVGFza1NlcnZpY2USTwoKU3VibWl0VGFzaxIfLnRhc2txdWV1ZS52MS5TdWJtaXRUYXNrUmVxdWVzdBogLnRhc2txdWV1ZS52MS5TdWJtaXRUYXNrUmVzcG9uc2USRgoHR2V0VGFzaxIcLnRhc2txdWV1ZS52MS5HZXRUYXNrUmVxdWVzdBodLnRhc2txdWV1ZS52MS5HZXRUYXNrUmVzcG9uc2USTAoJTGlzdFRhc2tzEh4udGFza3F1ZXVlLnYxLkxpc3RUYXNrc1JlcXVlc3QaHy50YXNrcXVldWUudjEuTGlzdFRhc2tzUmVzcG9uc2USTwoKQ2FuY2VsVGFzaxIfLnRhc2txdWV1ZS52MS5DYW5jZWxUYXNrUmVxdWVzdBogLnRhc2txdWV1ZS52MS5DYW5jZWxUYXNrUmVzcG9uc2USTAoJUmV0cnlUYXNrEh4udGFza3F1ZXVlLnYxLlJldHJ5VGFza1JlcXVlc3QaHy50YXNrcXVldWUudjEuUmV0cnlUYXNrUmVzcG9uc2USTgoJV2F0Y2hUYXNrEh4udGFza3F1ZXVlLnYxLldhdGNoVGFza1JlcXVlc3QaHy50YXNrcXVldWUudjEuV2F0Y2hUYXNrUmVzcG9uc2UwARJVCgxMaXN0QXR0ZW1wdHMSIS50YXNrcXVldWUudjEuTGlzdEF0dGVtcHRzUmVxdWVzdBoiLnRhc2txdWV1ZS52MS5MaXN0QXR0ZW1wdHNSZXNwb25zZRJbCg5MaXN0VGFza0V2ZW50cxIjLnRhc2txdWV1ZS52MS5MaXN0VGFza0V2ZW50c1JlcXVlc3QaJC50YXNrcXVldWUudjEuTGlzdFRhc2tFdmVudHNSZXNwb25zZRJDCghUYWlsTG9ncxIdLnRhc2txdWV1ZS52MS5UYWlsTG9nc1JlcXVlc3QaFi50YXNrcXVldWUudjEuTG9nQ2h1bmswAWIGcHJvdG8z", [file_google_protobuf_timestamp, file_taskqueue_v1_task]);
 
 /**
  * @generated from message taskqueue.v1.SubmitTaskRequest
@@ -318,6 +318,40 @@ export const CancelTaskResponseSchema: GenMessage<CancelTaskResponse> = /*@__PUR
   messageDesc(file_taskqueue_v1_task_service, 7);
 
 /**
+ * @generated from message taskqueue.v1.RetryTaskRequest
+ */
+export type RetryTaskRequest = Message<"taskqueue.v1.RetryTaskRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+};
+
+/**
+ * Describes the message taskqueue.v1.RetryTaskRequest.
+ * Use `create(RetryTaskRequestSchema)` to create a new message.
+ */
+export const RetryTaskRequestSchema: GenMessage<RetryTaskRequest> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_task_service, 8);
+
+/**
+ * @generated from message taskqueue.v1.RetryTaskResponse
+ */
+export type RetryTaskResponse = Message<"taskqueue.v1.RetryTaskResponse"> & {
+  /**
+   * @generated from field: taskqueue.v1.Task task = 1;
+   */
+  task?: Task | undefined;
+};
+
+/**
+ * Describes the message taskqueue.v1.RetryTaskResponse.
+ * Use `create(RetryTaskResponseSchema)` to create a new message.
+ */
+export const RetryTaskResponseSchema: GenMessage<RetryTaskResponse> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_task_service, 9);
+
+/**
  * @generated from message taskqueue.v1.WatchTaskRequest
  */
 export type WatchTaskRequest = Message<"taskqueue.v1.WatchTaskRequest"> & {
@@ -340,7 +374,7 @@ export type WatchTaskRequest = Message<"taskqueue.v1.WatchTaskRequest"> & {
  * Use `create(WatchTaskRequestSchema)` to create a new message.
  */
 export const WatchTaskRequestSchema: GenMessage<WatchTaskRequest> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task_service, 8);
+  messageDesc(file_taskqueue_v1_task_service, 10);
 
 /**
  * @generated from message taskqueue.v1.WatchTaskResponse
@@ -367,7 +401,7 @@ export type WatchTaskResponse = Message<"taskqueue.v1.WatchTaskResponse"> & {
  * Use `create(WatchTaskResponseSchema)` to create a new message.
  */
 export const WatchTaskResponseSchema: GenMessage<WatchTaskResponse> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task_service, 9);
+  messageDesc(file_taskqueue_v1_task_service, 11);
 
 /**
  * @generated from message taskqueue.v1.ListAttemptsRequest
@@ -384,7 +418,7 @@ export type ListAttemptsRequest = Message<"taskqueue.v1.ListAttemptsRequest"> & 
  * Use `create(ListAttemptsRequestSchema)` to create a new message.
  */
 export const ListAttemptsRequestSchema: GenMessage<ListAttemptsRequest> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task_service, 10);
+  messageDesc(file_taskqueue_v1_task_service, 12);
 
 /**
  * @generated from message taskqueue.v1.ListAttemptsResponse
@@ -401,7 +435,7 @@ export type ListAttemptsResponse = Message<"taskqueue.v1.ListAttemptsResponse"> 
  * Use `create(ListAttemptsResponseSchema)` to create a new message.
  */
 export const ListAttemptsResponseSchema: GenMessage<ListAttemptsResponse> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task_service, 11);
+  messageDesc(file_taskqueue_v1_task_service, 13);
 
 /**
  * @generated from message taskqueue.v1.ListTaskEventsRequest
@@ -430,7 +464,7 @@ export type ListTaskEventsRequest = Message<"taskqueue.v1.ListTaskEventsRequest"
  * Use `create(ListTaskEventsRequestSchema)` to create a new message.
  */
 export const ListTaskEventsRequestSchema: GenMessage<ListTaskEventsRequest> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task_service, 12);
+  messageDesc(file_taskqueue_v1_task_service, 14);
 
 /**
  * @generated from message taskqueue.v1.ListTaskEventsResponse
@@ -456,7 +490,7 @@ export type ListTaskEventsResponse = Message<"taskqueue.v1.ListTaskEventsRespons
  * Use `create(ListTaskEventsResponseSchema)` to create a new message.
  */
 export const ListTaskEventsResponseSchema: GenMessage<ListTaskEventsResponse> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task_service, 13);
+  messageDesc(file_taskqueue_v1_task_service, 15);
 
 /**
  * @generated from message taskqueue.v1.TailLogsRequest
@@ -500,7 +534,7 @@ export type TailLogsRequest = Message<"taskqueue.v1.TailLogsRequest"> & {
  * Use `create(TailLogsRequestSchema)` to create a new message.
  */
 export const TailLogsRequestSchema: GenMessage<TailLogsRequest> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task_service, 14);
+  messageDesc(file_taskqueue_v1_task_service, 16);
 
 /**
  * @generated from message taskqueue.v1.LogChunk
@@ -570,7 +604,7 @@ export type LogChunk = Message<"taskqueue.v1.LogChunk"> & {
  * Use `create(LogChunkSchema)` to create a new message.
  */
 export const LogChunkSchema: GenMessage<LogChunk> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_task_service, 15);
+  messageDesc(file_taskqueue_v1_task_service, 17);
 
 /**
  * TaskService is the client API of the coordinator; it mirrors the REST routes.
@@ -609,6 +643,17 @@ export const TaskService: GenService<{
     methodKind: "unary";
     input: typeof CancelTaskRequestSchema;
     output: typeof CancelTaskResponseSchema;
+  },
+  /**
+   * Queues a finished task again, due now, for one more attempt (as POST /tasks/:id/retry);
+   * FAILED_PRECONDITION while it has not finished. Needs the submit scope.
+   *
+   * @generated from rpc taskqueue.v1.TaskService.RetryTask
+   */
+  retryTask: {
+    methodKind: "unary";
+    input: typeof RetryTaskRequestSchema;
+    output: typeof RetryTaskResponseSchema;
   },
   /**
    * WatchTask sends the current state first (or, with after_event_id, every event after
