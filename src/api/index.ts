@@ -46,6 +46,7 @@ import {
   responses,
   ScheduleRequest,
 } from "./openapi";
+import { overviewController } from "./overview";
 import { queuesController } from "./queues";
 import { requestLog } from "./request-log";
 import { schedulesController } from "./schedules";
@@ -61,6 +62,7 @@ import {
   submitTasks,
   taskDependencies,
 } from "./service";
+import { uiController } from "../ui/server";
 import { taskEventsResponse } from "./sse";
 
 export function createApp(deps: ApiDeps) {
@@ -78,8 +80,10 @@ export function createApp(deps: ApiDeps) {
     .use(rateLimitsController(deps))
     .use(queuesController(deps))
     .use(schedulesController(deps))
+    .use(overviewController(deps))
     .use(healthController(deps))
-    .use(metricsController(deps));
+    .use(metricsController(deps))
+    .use(uiController(deps));
   routes = () => app.routes;
   return app;
 }

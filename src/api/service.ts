@@ -277,6 +277,12 @@ export interface TaskPageQuery {
   cursor?: string;
   /** Only tasks of this queue. */
   queue?: string;
+  /** Only tasks with this concurrency key. */
+  key?: string;
+  /** Only tasks requiring this label: `name` or `name=value`. */
+  label?: string;
+  /** Only tasks whose command contains this text. */
+  q?: string;
 }
 
 export interface TaskPage {
@@ -292,6 +298,15 @@ function pageSize(value: number | undefined): number {
     throw invalidArgument("limit", `limit must be an integer from 1 to ${MAX_PAGE_SIZE}`);
   }
   return limit;
+}
+
+/** `name` or `name=value`, as GET /tasks?label= takes it. */
+function parseLabelFilter(value: string | undefined): { name: string; value?: string } | undefined {
+  if (!value) return undefined;
+  const at = value.indexOf("=");
+  const name = (at < 0 ? value : value.slice(0, at)).trim();
+  if (name === "") throw invalidArgument("label", "label must be name or name=value");
+  return at < 0 ? { name } : { name, value: value.slice(at + 1) };
 }
 
 export async function listTaskPage(deps: ApiDeps, query: TaskPageQuery): Promise<TaskPage> {
@@ -312,6 +327,9 @@ export async function listTaskPage(deps: ApiDeps, query: TaskPageQuery): Promise
     limit: limit + 1,
     before,
     queue: query.queue,
+    key: query.key || undefined,
+    label: parseLabelFilter(query.label),
+    text: query.q || undefined,
   });
   const tasks = await withWaiting(deps.sql, rows.slice(0, limit), deps.settings.workerTimeoutMs);
   const last = tasks.at(-1);
