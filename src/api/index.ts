@@ -6,6 +6,7 @@ import { Elysia, status, t } from "elysia";
 import { METRICS_CONTENT_TYPE } from "../metrics/metrics";
 import { BatchInput, parseIdempotencyKey, SubmitInput, TaskInput, toBatchSpecs, toScheduleSpec, toTaskSpec } from "../task/spec";
 import type { TaskSpec } from "../task/task";
+import { uiController } from "../ui/server";
 import { authentication, principalOf, tokenNameOf } from "./auth";
 import type { ApiDeps } from "./deps";
 import { errorHandling, type RouteEntry, readJsonBody } from "./errors";
@@ -62,7 +63,6 @@ import {
   submitTasks,
   taskDependencies,
 } from "./service";
-import { uiController } from "../ui/server";
 import { taskEventsResponse } from "./sse";
 
 export function createApp(deps: ApiDeps) {

@@ -445,7 +445,9 @@ export const TaskListQuery = Type.Object({
     }),
   ),
   // The dashboard's filters (src/ui): a concurrency key, a required label, text in the command.
-  key: Type.Optional(Type.String({ maxLength: 512, description: "Only tasks with this concurrency key (as expanded at creation)." })),
+  key: Type.Optional(
+    Type.String({ maxLength: 512, description: "Only tasks with this concurrency key (as expanded at creation)." }),
+  ),
   label: Type.Optional(
     Type.String({
       maxLength: 256,

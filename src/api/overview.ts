@@ -181,7 +181,12 @@ export function overviewController(deps: ApiDeps) {
           "Server-sent events: `event: overview` with an Overview at once, then each time it changed (checked every 2 s), " +
           "a `: keepalive` comment after 15 s without change. Lasts until the client closes it.",
         responses: documentedResponses(
-          { 200: { description: "An event stream of Overview messages.", content: { "text/event-stream": { schema: OverviewJson } } } },
+          {
+            200: {
+              description: "An event stream of Overview messages.",
+              content: { "text/event-stream": { schema: OverviewJson } },
+            },
+          },
           [],
         ),
       },

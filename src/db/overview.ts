@@ -3,7 +3,8 @@
 // use. Each statement stays on an index on 100,000 tasks (EXPLAIN in test/integration/overview.test.ts):
 // the counts are an index-only scan of tasks_queue_state_idx, the hour's attempts a range of
 // task_attempts_finished_idx / task_attempts_started_idx (migration 0022), the keys the
-// partial concurrency indexes.
+// partial concurrency indexes. The reads return the pending statement (awaited like a
+// promise), so that the test can EXPLAIN the very statement served.
 import { GUARDS } from "../task/state";
 import { states } from "./encode";
 import type { Sql } from "./sql";
@@ -15,7 +16,7 @@ export interface StateCountRow {
 }
 
 /** Every task, counted by queue and state. */
-export async function countTasksByQueueAndState(sql: Sql): Promise<StateCountRow[]> {
+export function countTasksByQueueAndState(sql: Sql) {
   return sql<StateCountRow[]>`
     SELECT queue::text AS queue, state, count(*)::int AS tasks FROM tasks GROUP BY queue, state ORDER BY queue, state`;
 }
@@ -30,14 +31,14 @@ export interface MinuteRow {
 }
 
 /** Attempts that ended in each minute of the last `minutes` minutes, by outcome (database clock). */
-export async function throughputPerMinute(sql: Sql, minutes: number): Promise<MinuteRow[]> {
+export function throughputPerMinute(sql: Sql, minutes: number) {
   return sql<MinuteRow[]>`
     SELECT date_trunc('minute', finished_at) AS minute,
            count(*) FILTER (WHERE outcome = 'succeeded')::int AS succeeded,
            count(*) FILTER (WHERE outcome = 'failed')::int AS failed,
            count(*) FILTER (WHERE outcome NOT IN ('succeeded', 'failed'))::int AS other
     FROM task_attempts
-    WHERE finished_at >= date_trunc('minute', clock_timestamp()) - make_interval(mins => ${minutes - 1})
+    WHERE finished_at >= date_trunc('minute', now()) - make_interval(mins => ${minutes - 1})
     GROUP BY 1 ORDER BY 1`;
 }
 
@@ -53,7 +54,7 @@ export interface LatencyRow {
  * Submit-to-start latency of the first attempts started in each minute: from when the task
  * could first run (created, or its scheduled time if later) to its start.
  */
-export async function latencyPerMinute(sql: Sql, minutes: number): Promise<LatencyRow[]> {
+export function latencyPerMinute(sql: Sql, minutes: number) {
   return sql<LatencyRow[]>`
     SELECT date_trunc('minute', a.started_at) AS minute, count(*)::int AS started,
            percentile_cont(0.5) WITHIN GROUP (ORDER BY l.ms)::float8 AS p50_ms,
@@ -64,7 +65,7 @@ export async function latencyPerMinute(sql: Sql, minutes: number): Promise<Laten
     CROSS JOIN LATERAL (
       SELECT greatest(0, extract(epoch FROM a.started_at - greatest(t.created_at, t.scheduled_at)) * 1000) AS ms
     ) l
-    WHERE a.started_at >= date_trunc('minute', clock_timestamp()) - make_interval(mins => ${minutes - 1})
+    WHERE a.started_at >= date_trunc('minute', now()) - make_interval(mins => ${minutes - 1})
       AND a.attempt = 1
     GROUP BY 1 ORDER BY 1`;
 }
@@ -86,7 +87,7 @@ export interface ConcurrencyKeyRow {
 const LIVE = GUARDS.inFlight;
 
 /** Concurrency keys with live or queued tasks, the busiest first. */
-export async function concurrencyKeysInUse(sql: Sql, limit: number): Promise<ConcurrencyKeyRow[]> {
+export function concurrencyKeysInUse(sql: Sql, limit: number) {
   return sql<ConcurrencyKeyRow[]>`
     SELECT key, max(concurrency_max)::int AS max, sum(live)::int AS live, sum(queued)::int AS queued FROM (
       SELECT concurrency_key AS key, max(concurrency_max) AS concurrency_max, count(*) AS live, 0 AS queued

@@ -132,8 +132,8 @@ export interface ListTasksQuery {
 /** `%`, `_` and `\` stand for themselves in an ILIKE pattern. */
 const likeEscaped = (text: string) => text.replace(/[\\%_]/g, (c) => `\\${c}`);
 
-/** Newest first; one more row than asked tells the caller whether a next page exists. */
-export async function listTasks(sql: Sql, query: ListTasksQuery): Promise<Task[]> {
+/** Newest first; one more row than asked tells the caller whether a next page exists (the pending statement: EXPLAIN can wrap it). */
+export function listTasks(sql: Sql, query: ListTasksQuery) {
   return sql<Task[]>`
     ${selectTasks(sql)}
     WHERE true

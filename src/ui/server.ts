@@ -4,9 +4,9 @@
 // cookie only carries the token (src/ui/session.ts). Nothing is loaded from elsewhere, and
 // the Content-Security-Policy says so to the browser.
 import { Elysia } from "elysia";
-import { ANONYMOUS, type Principal, SCOPES } from "../auth/tokens";
 import type { ApiDeps } from "../api/deps";
 import { readJsonBody } from "../api/errors";
+import { ANONYMOUS, type Principal, SCOPES } from "../auth/tokens";
 import { invalidArgument, notFound, permissionDenied, TaskQueueError } from "../task/errors";
 import { uiBundle } from "./bundle";
 import { endedSessionCookie, sameOrigin, sessionCookie, sessionToken } from "./session";
@@ -139,4 +139,3 @@ export function uiController(deps: ApiDeps) {
     )
     .get(`${UI_PATH}/*`, page, hidden);
 }
-

@@ -103,7 +103,9 @@ describe.skipIf(skip)("the dashboard", () => {
     expect(await page.evaluate(() => (globalThis as any).document.cookie)).toBe("");
     // Everything came from the role: the page, its two assets, the API.
     const paths = new Set(view.loaded);
-    expect([...paths]).toEqual(expect.arrayContaining(["/ui", "/ui/assets/app.js", "/ui/assets/app.css", "/ui/session", "/overview"]));
+    expect([...paths]).toEqual(
+      expect.arrayContaining(["/ui", "/ui/assets/app.js", "/ui/assets/app.css", "/ui/session", "/overview"]),
+    );
 
     // Signing out ends the cookie: the sign-in form again.
     await page.locator(".who button", { hasText: "Sign out" }).click();
@@ -116,7 +118,12 @@ describe.skipIf(skip)("the dashboard", () => {
     const view = await loopbackPage(browser);
     // Not from the dashboard (its Content-Security-Policy would refuse first): the browser itself.
     for (const url of ["http://93.184.216.34/", "https://example.com/"]) {
-      expect(await view.page.goto(url).then(() => "reached", () => "refused")).toBe("refused");
+      expect(
+        await view.page.goto(url).then(
+          () => "reached",
+          () => "refused",
+        ),
+      ).toBe("refused");
     }
     expect(view.outside).toEqual(["http://93.184.216.34/", "https://example.com/"]);
     await view.context.close();
@@ -144,7 +151,9 @@ describe.skipIf(skip)("the dashboard", () => {
     const view = await signedIn(admin, "/ui/tasks");
     const { page } = view;
     const gate = join(dir, "gate-live");
-    await page.locator("[data-testid=submit-command]").fill(`echo first-line; while [ ! -e '${gate}' ]; do sleep 0.05; done; echo second-line`);
+    await page
+      .locator("[data-testid=submit-command]")
+      .fill(`echo first-line; while [ ! -e '${gate}' ]; do sleep 0.05; done; echo second-line`);
     await page.locator("[data-testid=submit]").click();
     await page.waitForURL(/\/ui\/tasks\/[0-9a-f-]{36}$/);
     const id = page.url().split("/").at(-1)!;
@@ -226,11 +235,19 @@ describe.skipIf(skip)("the dashboard", () => {
 
   test("filter the list by text, state and queue; the filters are the URL", async () => {
     const marker = `marker-${Date.now()}`;
-    const { json: a } = await api("/tasks", { method: "POST", body: JSON.stringify({ command: `echo ${marker} a`, queue: "filters" }) });
-    const { json: b } = await api("/tasks", { method: "POST", body: JSON.stringify({ command: `echo ${marker} b; exit 2`, max_attempts: 1 }) });
+    const { json: a } = await api("/tasks", {
+      method: "POST",
+      body: JSON.stringify({ command: `echo ${marker} a`, queue: "filters" }),
+    });
+    const { json: b } = await api("/tasks", {
+      method: "POST",
+      body: JSON.stringify({ command: `echo ${marker} b; exit 2`, max_attempts: 1 }),
+    });
     await api("/tasks", { method: "POST", body: JSON.stringify({ command: "echo unrelated" }) });
     for (const id of [a.id, b.id]) {
-      await eventually(async () => ["succeeded", "failed"].includes((await api(`/tasks/${id}`)).json.state), { what: `task ${id}` });
+      await eventually(async () => ["succeeded", "failed"].includes((await api(`/tasks/${id}`)).json.state), {
+        what: `task ${id}`,
+      });
     }
     const view = await signedIn(admin, "/ui/tasks");
     const { page } = view;

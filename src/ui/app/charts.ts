@@ -60,7 +60,12 @@ export function barChart(labels: string[], series: Series[], unit = ""): SVGSVGE
 }
 
 /** Lines over minutes (points only where a minute has a value). */
-export function lineChart(minutes: string[], points: { minute: string; values: number[] }[], series: Series[], unit = ""): SVGSVGElement {
+export function lineChart(
+  minutes: string[],
+  points: { minute: string; values: number[] }[],
+  series: Series[],
+  unit = "",
+): SVGSVGElement {
   const max = Math.max(1, ...points.flatMap((p) => p.values));
   const root = frame(Math.round(max), unit, minutes[0] ? clock(minutes[0]) : "", minutes.at(-1) ? clock(minutes.at(-1)!) : "");
   const index = new Map(minutes.map((minute, i) => [minute, i]));

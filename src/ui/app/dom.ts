@@ -46,7 +46,15 @@ export function ago(iso: string | null | undefined): string {
   const future = ms < 0;
   const s = Math.abs(ms) / 1000;
   const text =
-    s < 1 ? "now" : s < 60 ? `${Math.round(s)}s` : s < 3600 ? `${Math.round(s / 60)}m` : s < 86400 ? `${Math.round(s / 3600)}h` : `${Math.round(s / 86400)}d`;
+    s < 1
+      ? "now"
+      : s < 60
+        ? `${Math.round(s)}s`
+        : s < 3600
+          ? `${Math.round(s / 60)}m`
+          : s < 86400
+            ? `${Math.round(s / 3600)}h`
+            : `${Math.round(s / 86400)}d`;
   if (text === "now") return text;
   return future ? `in ${text}` : `${text} ago`;
 }

@@ -163,7 +163,13 @@ async function render(): Promise<void> {
 function signInPage(): void {
   overviewStream?.();
   overviewStream = null;
-  const input = h("input", { type: "password", name: "token", autocomplete: "current-password", placeholder: "tq_…", required: true });
+  const input = h("input", {
+    type: "password",
+    name: "token",
+    autocomplete: "current-password",
+    placeholder: "tq_…",
+    required: true,
+  });
   const message = h("p.error", { role: "alert" });
   const form = h(
     "form.signin",

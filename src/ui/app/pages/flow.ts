@@ -8,7 +8,10 @@ export const flowPage: Page = async (ctx) => {
   const keys = h("section.panel");
   fill(ctx.root, h("h1", {}, "Rate limits & concurrency keys"), limits, keys);
   const load = async () => {
-    const [{ rate_limits }, { keys: inUse }] = await Promise.all([need(api.GET("/rate-limits")), need(api.GET("/concurrency-keys"))]);
+    const [{ rate_limits }, { keys: inUse }] = await Promise.all([
+      need(api.GET("/rate-limits")),
+      need(api.GET("/concurrency-keys")),
+    ]);
     fill(
       limits,
       h("h2", {}, "Rate limits"),
@@ -17,8 +20,29 @@ export const flowPage: Page = async (ctx) => {
         : h(
             "table",
             {},
-            h("thead", {}, h("tr", {}, ["name", "rate", "burst", "tokens / s"].map((c) => h("th", {}, c)))),
-            h("tbody", {}, rate_limits.map((r) => h("tr", {}, h("td", {}, r.name), h("td", {}, r.rate), h("td.num", {}, String(r.burst)), h("td.num", {}, r.tokens_per_second.toFixed(2))))),
+            h(
+              "thead",
+              {},
+              h(
+                "tr",
+                {},
+                ["name", "rate", "burst", "tokens / s"].map((c) => h("th", {}, c)),
+              ),
+            ),
+            h(
+              "tbody",
+              {},
+              rate_limits.map((r) =>
+                h(
+                  "tr",
+                  {},
+                  h("td", {}, r.name),
+                  h("td", {}, r.rate),
+                  h("td.num", {}, String(r.burst)),
+                  h("td.num", {}, r.tokens_per_second.toFixed(2)),
+                ),
+              ),
+            ),
           ),
     );
     fill(
@@ -29,8 +53,28 @@ export const flowPage: Page = async (ctx) => {
         : h(
             "table",
             {},
-            h("thead", {}, h("tr", {}, ["key", "live / max", "queued"].map((c) => h("th", {}, c)))),
-            h("tbody", {}, inUse.map((k) => h("tr", {}, h("td", {}, link(`/ui/tasks?key=${encodeURIComponent(k.key)}`, k.key)), h("td.num", {}, `${k.live} / ${k.max ?? "—"}`), h("td.num", {}, String(k.queued))))),
+            h(
+              "thead",
+              {},
+              h(
+                "tr",
+                {},
+                ["key", "live / max", "queued"].map((c) => h("th", {}, c)),
+              ),
+            ),
+            h(
+              "tbody",
+              {},
+              inUse.map((k) =>
+                h(
+                  "tr",
+                  {},
+                  h("td", {}, link(`/ui/tasks?key=${encodeURIComponent(k.key)}`, k.key)),
+                  h("td.num", {}, `${k.live} / ${k.max ?? "—"}`),
+                  h("td.num", {}, String(k.queued)),
+                ),
+              ),
+            ),
           ),
     );
   };

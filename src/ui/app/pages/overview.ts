@@ -1,8 +1,9 @@
 // Overview: tasks by state and queue, throughput and submit-to-start latency over the last
 // hour, worker slots used and free; all from the live overview stream.
+
+import { api, need } from "../api";
 import { barChart, lineChart } from "../charts";
 import type { Overview, Page } from "../context";
-import { api, need } from "../api";
 import { badge, fill, h, link } from "../dom";
 
 const STATES = ["waiting", "queued", "dispatched", "running", "succeeded", "failed", "timed_out", "cancelled"];
@@ -18,7 +19,10 @@ export const overviewPage: Page = async (ctx) => {
     fill(
       states,
       STATES.map((state) =>
-        link(`/ui/tasks?state=${state}`, h("div.card", { "data-testid": `count-${state}` }, badge(state), h("strong", {}, String(o.states[state] ?? 0)))),
+        link(
+          `/ui/tasks?state=${state}`,
+          h("div.card", { "data-testid": `count-${state}` }, badge(state), h("strong", {}, String(o.states[state] ?? 0))),
+        ),
       ),
     );
     const pct = o.slots.total ? Math.round((o.slots.used / o.slots.total) * 100) : 0;
@@ -26,7 +30,11 @@ export const overviewPage: Page = async (ctx) => {
       slots,
       h("h2", {}, "Worker slots"),
       h("div.meter", { title: `${pct}% used` }, h("div.used", { style: `width:${pct}%` })),
-      h("p", { "data-testid": "slots" }, `${o.slots.used} used · ${o.slots.free} free · ${o.slots.total} total on ${o.slots.workers} workers`),
+      h(
+        "p",
+        { "data-testid": "slots" },
+        `${o.slots.used} used · ${o.slots.free} free · ${o.slots.total} total on ${o.slots.workers} workers`,
+      ),
     );
     const minutes = o.throughput.map((m) => m.minute);
     const ended = o.throughput.reduce((sum, m) => sum + m.succeeded + m.failed + m.other, 0);
@@ -38,7 +46,13 @@ export const overviewPage: Page = async (ctx) => {
         { name: "failed", className: "bad", values: o.throughput.map((m) => m.failed) },
         { name: "other", className: "other", values: o.throughput.map((m) => m.other) },
       ]),
-      h("p.legend", {}, h("span.ok", {}, "succeeded"), h("span.bad", {}, "failed"), h("span.other", {}, "timed out, lost, stopped")),
+      h(
+        "p.legend",
+        {},
+        h("span.ok", {}, "succeeded"),
+        h("span.bad", {}, "failed"),
+        h("span.other", {}, "timed out, lost, stopped"),
+      ),
     );
     fill(
       latency,
@@ -60,7 +74,17 @@ export const overviewPage: Page = async (ctx) => {
       h(
         "table",
         {},
-        h("thead", {}, h("tr", {}, h("th", {}, "queue"), STATES.map((s) => h("th", {}, s.replace("_", " "))), h("th", {}, "total"))),
+        h(
+          "thead",
+          {},
+          h(
+            "tr",
+            {},
+            h("th", {}, "queue"),
+            STATES.map((s) => h("th", {}, s.replace("_", " "))),
+            h("th", {}, "total"),
+          ),
+        ),
         h(
           "tbody",
           {},
@@ -69,7 +93,13 @@ export const overviewPage: Page = async (ctx) => {
               "tr",
               {},
               h("td", {}, link(`/ui/tasks?queue=${encodeURIComponent(q.queue)}`, q.queue)),
-              STATES.map((s) => h("td.num", {}, q.states[s] ? link(`/ui/tasks?queue=${encodeURIComponent(q.queue)}&state=${s}`, String(q.states[s])) : "0")),
+              STATES.map((s) =>
+                h(
+                  "td.num",
+                  {},
+                  q.states[s] ? link(`/ui/tasks?queue=${encodeURIComponent(q.queue)}&state=${s}`, String(q.states[s])) : "0",
+                ),
+              ),
               h("td.num", {}, String(q.total)),
             ),
           ),

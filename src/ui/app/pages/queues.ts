@@ -31,7 +31,19 @@ export const queuesPage: Page = async (ctx) => {
         : h(
             "table",
             {},
-            h("thead", {}, h("tr", {}, h("th", {}, "queue"), h("th", {}, "status"), h("th", {}, "running / limit"), STATES.map((s) => h("th", {}, s.replace("_", " "))), h("th", {}, ""))),
+            h(
+              "thead",
+              {},
+              h(
+                "tr",
+                {},
+                h("th", {}, "queue"),
+                h("th", {}, "status"),
+                h("th", {}, "running / limit"),
+                STATES.map((s) => h("th", {}, s.replace("_", " "))),
+                h("th", {}, ""),
+              ),
+            ),
             h(
               "tbody",
               {},
@@ -40,14 +52,22 @@ export const queuesPage: Page = async (ctx) => {
                   "tr",
                   { "data-queue": q.name },
                   h("td", {}, link(`/ui/tasks?queue=${encodeURIComponent(q.name)}`, q.name)),
-                  h("td", { "data-testid": `queue-status-${q.name}` }, q.paused ? h("span.badge.s-paused", {}, "paused") : h("span.badge.s-active", {}, "active")),
+                  h(
+                    "td",
+                    { "data-testid": `queue-status-${q.name}` },
+                    q.paused ? h("span.badge.s-paused", {}, "paused") : h("span.badge.s-active", {}, "active"),
+                  ),
                   h("td.num", {}, `${q.running} / ${q.concurrency_limit ?? "∞"}`),
                   STATES.map((s) => h("td.num", {}, String(q.depth[s]))),
                   h(
                     "td",
                     {},
                     ctx.can("admin")
-                      ? h("button", { type: "button", onclick: () => toggle(q.name, q.paused), "data-testid": `queue-toggle-${q.name}` }, q.paused ? "Resume" : "Pause")
+                      ? h(
+                          "button",
+                          { type: "button", onclick: () => toggle(q.name, q.paused), "data-testid": `queue-toggle-${q.name}` },
+                          q.paused ? "Resume" : "Pause",
+                        )
                       : null,
                   ),
                 ),

@@ -27,7 +27,13 @@ export const schedulesPage: Page = async (ctx) => {
       "article.panel.schedule",
       { "data-schedule": s.id },
       h("h2", {}, s.name, " ", s.paused ? h("span.badge.s-paused", {}, "paused") : h("span.badge.s-active", {}, "active")),
-      h("p", {}, s.cron ? `cron ${s.cron}` : `every ${s.every}`, ` · ${s.time_zone} · overlap ${s.overlap} · `, link(`/ui/tasks?schedule_id=${s.id}`, "its tasks")),
+      h(
+        "p",
+        {},
+        s.cron ? `cron ${s.cron}` : `every ${s.every}`,
+        ` · ${s.time_zone} · overlap ${s.overlap} · `,
+        link(`/ui/tasks?schedule_id=${s.id}`, "its tasks"),
+      ),
       h("pre.command", {}, String(s.task.command ?? "")),
       h(
         "div.actions",
@@ -41,15 +47,40 @@ export const schedulesPage: Page = async (ctx) => {
             ]
           : null,
       ),
-      h("div.columns", {},
-        h("div", {}, h("h3", {}, "Next fires"), h("ul", {}, s.upcoming.map((at) => h("li", {}, time(at), ` (${ago(at)})`)))),
+      h(
+        "div.columns",
+        {},
+        h(
+          "div",
+          {},
+          h("h3", {}, "Next fires"),
+          h(
+            "ul",
+            {},
+            s.upcoming.map((at) => h("li", {}, time(at), ` (${ago(at)})`)),
+          ),
+        ),
         h(
           "div",
           {},
           h("h3", {}, `Recent firings${missed ? ` · ${missed} missed` : ""}`),
           s.firings.length === 0
             ? h("p.muted", {}, "None yet.")
-            : h("ul", {}, s.firings.map((f) => h("li", {}, time(f.fire_at), " ", badge(f.outcome), f.task_id ? [" ", link(`/ui/tasks/${f.task_id}`, shortId(f.task_id))] : "", f.reason ? ` ${f.reason}` : ""))),
+            : h(
+                "ul",
+                {},
+                s.firings.map((f) =>
+                  h(
+                    "li",
+                    {},
+                    time(f.fire_at),
+                    " ",
+                    badge(f.outcome),
+                    f.task_id ? [" ", link(`/ui/tasks/${f.task_id}`, shortId(f.task_id))] : "",
+                    f.reason ? ` ${f.reason}` : "",
+                  ),
+                ),
+              ),
         ),
       ),
     );

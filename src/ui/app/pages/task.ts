@@ -2,7 +2,7 @@
 // live log tail, its history (every change with who made it), cancel and retry. Live: the
 // task's own event stream (GET /tasks/:id/events) and its log (GET /tasks/:id/logs?follow=1).
 import { api, need, postJson, type Schemas } from "../api";
-import type { Page, PageContext } from "../context";
+import type { PageContext } from "../context";
 import { ago, badge, duration, fill, h, link, shortId, time } from "../dom";
 import { eventSource, live } from "../live";
 
@@ -40,8 +40,19 @@ export const taskPage = async (ctx: PageContext, id: string): Promise<void> => {
   };
 
   const edges = (title: string, list: Task["parents"]) =>
-    list && list.length
-      ? h("div", {}, h("h3", {}, title), h("ul.edges", {}, list.map((e) => h("li", {}, link(`/ui/tasks/${e.id}`, shortId(e.id)), " ", e.ref ? `(${e.ref}) ` : "", badge(e.state)))))
+    list?.length
+      ? h(
+          "div",
+          {},
+          h("h3", {}, title),
+          h(
+            "ul.edges",
+            {},
+            list.map((e) =>
+              h("li", {}, link(`/ui/tasks/${e.id}`, shortId(e.id)), " ", e.ref ? `(${e.ref}) ` : "", badge(e.state)),
+            ),
+          ),
+        )
       : null;
 
   const drawTop = () => {
@@ -58,7 +69,15 @@ export const taskPage = async (ctx: PageContext, id: string): Promise<void> => {
       ["exit code", task.exit_code ?? "—"],
       ["worker", task.worker_id ?? "—"],
       ["timeout", task.timeout_ms ? duration(task.timeout_ms) : "none"],
-      ["concurrency key", task.concurrency ? link(`/ui/tasks?key=${encodeURIComponent(task.concurrency.key)}`, `${task.concurrency.key} (max ${task.concurrency.max})`) : "—"],
+      [
+        "concurrency key",
+        task.concurrency
+          ? link(
+              `/ui/tasks?key=${encodeURIComponent(task.concurrency.key)}`,
+              `${task.concurrency.key} (max ${task.concurrency.max})`,
+            )
+          : "—",
+      ],
       ["rate limit", task.rate_limit ?? "—"],
       ["schedule", task.schedule_id ? link(`/ui/tasks?schedule_id=${task.schedule_id}`, task.schedule_id) : "—"],
       ["requires", task.require.length ? task.require.map((r) => `${r.key}${r.op ?? ""}${r.value ?? ""}`).join(", ") : "—"],
@@ -71,11 +90,19 @@ export const taskPage = async (ctx: PageContext, id: string): Promise<void> => {
       h(
         "div.actions",
         {},
-        !final && ctx.can("cancel") ? h("button.danger", { type: "button", onclick: () => act("cancel"), "data-testid": "cancel" }, "Cancel") : null,
-        final && ctx.can("submit") ? h("button", { type: "button", onclick: () => act("retry"), "data-testid": "retry" }, "Retry") : null,
+        !final && ctx.can("cancel")
+          ? h("button.danger", { type: "button", onclick: () => act("cancel"), "data-testid": "cancel" }, "Cancel")
+          : null,
+        final && ctx.can("submit")
+          ? h("button", { type: "button", onclick: () => act("retry"), "data-testid": "retry" }, "Retry")
+          : null,
       ),
       task.waiting ? h("p.waiting", { "data-testid": "waiting" }, `Waiting: ${task.waiting.message}`) : null,
-      h("dl.facts", {}, facts.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v as Node | string)])),
+      h(
+        "dl.facts",
+        {},
+        facts.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v as Node | string)]),
+      ),
       h("div.edges-wrap", {}, edges("Parents", task.parents), edges("Children", task.children)),
     );
   };
@@ -100,12 +127,26 @@ export const taskPage = async (ctx: PageContext, id: string): Promise<void> => {
           return h(
             "li",
             { "data-attempt": a.attempt },
-            h("div.what", {}, `#${a.attempt} `, a.outcome ? badge(a.outcome) : badge("running"), ` on ${a.worker_id}`, a.exit_code !== null ? ` · exit ${a.exit_code}` : "", a.signal ? ` · ${a.signal}` : "", a.error ? ` · ${a.error}` : ""),
+            h(
+              "div.what",
+              {},
+              `#${a.attempt} `,
+              a.outcome ? badge(a.outcome) : badge("running"),
+              ` on ${a.worker_id}`,
+              a.exit_code !== null ? ` · exit ${a.exit_code}` : "",
+              a.signal ? ` · ${a.signal}` : "",
+              a.error ? ` · ${a.error}` : "",
+            ),
             h(
               "div.track",
               {},
-              h("div.wait", { style: `left:${pct(dispatched)};width:calc(${pct(started ?? finished)} - ${pct(dispatched)})`, title: "dispatched, not started" }),
-              started ? h("div.run", { style: `left:${pct(started)};width:calc(${pct(finished)} - ${pct(started)})`, title: "running" }) : null,
+              h("div.wait", {
+                style: `left:${pct(dispatched)};width:calc(${pct(started ?? finished)} - ${pct(dispatched)})`,
+                title: "dispatched, not started",
+              }),
+              started
+                ? h("div.run", { style: `left:${pct(started)};width:calc(${pct(finished)} - ${pct(started)})`, title: "running" })
+                : null,
             ),
             h("div.when", {}, "dispatched ", ago(a.dispatched_at), started ? ` · ran ${duration(finished - started)}` : ""),
           );
@@ -122,12 +163,29 @@ export const taskPage = async (ctx: PageContext, id: string): Promise<void> => {
       h(
         "table.history",
         {},
-        h("thead", {}, h("tr", {}, ["at", "event", "state", "attempt", "by", "detail"].map((c) => h("th", {}, c)))),
+        h(
+          "thead",
+          {},
+          h(
+            "tr",
+            {},
+            ["at", "event", "state", "attempt", "by", "detail"].map((c) => h("th", {}, c)),
+          ),
+        ),
         h(
           "tbody",
           {},
           page.events.map((e) =>
-            h("tr", {}, h("td", {}, time(e.at)), h("td", {}, e.kind), h("td", {}, badge(e.state)), h("td.num", {}, e.attempt), h("td", {}, e.actor ?? "—"), h("td.detail", {}, e.detail ? JSON.stringify(e.detail) : "")),
+            h(
+              "tr",
+              {},
+              h("td", {}, time(e.at)),
+              h("td", {}, e.kind),
+              h("td", {}, badge(e.state)),
+              h("td.num", {}, e.attempt),
+              h("td", {}, e.actor ?? "—"),
+              h("td.detail", {}, e.detail ? JSON.stringify(e.detail) : ""),
+            ),
           ),
         ),
       ),
@@ -154,32 +212,35 @@ export const taskPage = async (ctx: PageContext, id: string): Promise<void> => {
     if (log.ended || log.stop) return;
     logStatus.textContent = `(attempt ${log.attempt}, live)`;
     log.stop = live.add(
-      eventSource(() => `/tasks/${encodeURIComponent(id)}/logs?stream=both&follow=1&attempt=${log.attempt}&offset=${log.offset}`, {
-        log: (event) => {
-          const chunk = JSON.parse(event.data) as { stream: string; offset: number; data: string };
-          logView.append(chunk.stream === "stderr" ? h("span.stderr", {}, chunk.data) : chunk.data);
-          log.offset = Number(event.lastEventId) || chunk.offset + new TextEncoder().encode(chunk.data).length;
-          logView.scrollTop = logView.scrollHeight;
-        },
-        end: (event) => {
-          const end = JSON.parse(event.data) as { state: string; exit_code: number | null; truncated: number };
-          log.ended = true;
-          log.stop?.();
-          log.stop = null;
-          logStatus.textContent = `(attempt ${log.attempt}, ended: ${end.state}${end.exit_code !== null ? `, exit ${end.exit_code}` : ""}${end.truncated ? `, ${end.truncated} bytes cut` : ""})`;
-        },
-        error: (event) => {
-          // A stream that never opened (the log API answered an error, or is not there):
-          // EventSource gives up; show what the attempts stored.
-          const source = event.target as EventSource;
-          if (source.readyState === EventSource.CLOSED && log.offset === 0 && !log.ended) {
-            log.unavailable = true;
+      eventSource(
+        () => `/tasks/${encodeURIComponent(id)}/logs?stream=both&follow=1&attempt=${log.attempt}&offset=${log.offset}`,
+        {
+          log: (event) => {
+            const chunk = JSON.parse(event.data) as { stream: string; offset: number; data: string };
+            logView.append(chunk.stream === "stderr" ? h("span.stderr", {}, chunk.data) : chunk.data);
+            log.offset = Number(event.lastEventId) || chunk.offset + new TextEncoder().encode(chunk.data).length;
+            logView.scrollTop = logView.scrollHeight;
+          },
+          end: (event) => {
+            const end = JSON.parse(event.data) as { state: string; exit_code: number | null; truncated: number };
+            log.ended = true;
             log.stop?.();
             log.stop = null;
-            drawStoredTail();
-          }
+            logStatus.textContent = `(attempt ${log.attempt}, ended: ${end.state}${end.exit_code !== null ? `, exit ${end.exit_code}` : ""}${end.truncated ? `, ${end.truncated} bytes cut` : ""})`;
+          },
+          error: (event) => {
+            // A stream that never opened (the log API answered an error, or is not there):
+            // EventSource gives up; show what the attempts stored.
+            const source = event.target as EventSource;
+            if (source.readyState === EventSource.CLOSED && log.offset === 0 && !log.ended) {
+              log.unavailable = true;
+              log.stop?.();
+              log.stop = null;
+              drawStoredTail();
+            }
+          },
         },
-      }),
+      ),
     );
   };
 
@@ -199,17 +260,17 @@ export const taskPage = async (ctx: PageContext, id: string): Promise<void> => {
   await drawHistory();
 
   // Every change of the task, live: reread it (a burst of events costs one read).
-  let pending: ReturnType<typeof setTimeout> | null = null;
+  let pending = false;
   live.add(
     eventSource(() => `/tasks/${encodeURIComponent(id)}/events`, {
       task: () => {
-        pending ??= setTimeout(() => {
-          pending = null;
+        if (pending) return;
+        pending = true;
+        setTimeout(() => {
+          pending = false;
           void refresh().catch((error) => ctx.notify(String(error), "error"));
         }, 100);
       },
     }),
   );
 };
-
-export type { Page };

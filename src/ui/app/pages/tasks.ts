@@ -38,7 +38,8 @@ export const tasksPage: Page = async (ctx) => {
       onsubmit: (event: Event) => {
         event.preventDefault();
         const query = new URLSearchParams();
-        for (const [name, value] of new FormData(form)) if (typeof value === "string" && value.trim()) query.set(name, value.trim());
+        for (const [name, value] of new FormData(form))
+          if (typeof value === "string" && value.trim()) query.set(name, value.trim());
         ctx.navigate(`/ui/tasks${query.size ? `?${query}` : ""}`);
       },
     },
@@ -53,7 +54,13 @@ export const tasksPage: Page = async (ctx) => {
   );
 
   // Submit: the run-now form of POST /tasks (command, queue), for a quick task from the page.
-  const command = h("input", { name: "command", placeholder: "echo hello", required: true, "data-testid": "submit-command", size: 50 });
+  const command = h("input", {
+    name: "command",
+    placeholder: "echo hello",
+    required: true,
+    "data-testid": "submit-command",
+    size: 50,
+  });
   const queue = h("input", { name: "queue", placeholder: "default", "data-testid": "submit-queue" });
   const submit = ctx.can("submit")
     ? h(
@@ -63,7 +70,9 @@ export const tasksPage: Page = async (ctx) => {
             event.preventDefault();
             try {
               const task = await need(
-                api.POST("/tasks", { body: { command: command.value, ...(queue.value.trim() ? { queue: queue.value.trim() } : {}) } }),
+                api.POST("/tasks", {
+                  body: { command: command.value, ...(queue.value.trim() ? { queue: queue.value.trim() } : {}) },
+                }),
               );
               ctx.navigate(`/ui/tasks/${task.id}`);
             } catch (error) {
@@ -101,7 +110,9 @@ export const tasksPage: Page = async (ctx) => {
       );
       ctx.notify(
         `${action}: ${result.changed} of ${result.matched} changed` +
-          (result.skipped.length ? `; skipped ${result.skipped.length} (${[...new Set(result.skipped.map((s) => s.reason))].join(", ")})` : ""),
+          (result.skipped.length
+            ? `; skipped ${result.skipped.length} (${[...new Set(result.skipped.map((s) => s.reason))].join(", ")})`
+            : ""),
       );
       selected.clear();
       await load();
@@ -115,10 +126,44 @@ export const tasksPage: Page = async (ctx) => {
     fill(
       actions,
       h("span.muted", {}, `${selected.size} selected`),
-      may("cancel") ? h("button", { type: "button", disabled: selected.size === 0, onclick: () => bulk("cancel", "selected"), "data-testid": "cancel-selected" }, "Cancel selected") : null,
-      may("submit") ? h("button", { type: "button", disabled: selected.size === 0, onclick: () => bulk("retry", "selected"), "data-testid": "retry-selected" }, "Retry selected") : null,
-      may("cancel") ? h("button", { type: "button", onclick: () => bulk("cancel", "matching"), "data-testid": "cancel-matching" }, "Cancel all matching") : null,
-      may("submit") ? h("button", { type: "button", onclick: () => bulk("retry", "matching"), "data-testid": "retry-matching" }, "Retry all matching") : null,
+      may("cancel")
+        ? h(
+            "button",
+            {
+              type: "button",
+              disabled: selected.size === 0,
+              onclick: () => bulk("cancel", "selected"),
+              "data-testid": "cancel-selected",
+            },
+            "Cancel selected",
+          )
+        : null,
+      may("submit")
+        ? h(
+            "button",
+            {
+              type: "button",
+              disabled: selected.size === 0,
+              onclick: () => bulk("retry", "selected"),
+              "data-testid": "retry-selected",
+            },
+            "Retry selected",
+          )
+        : null,
+      may("cancel")
+        ? h(
+            "button",
+            { type: "button", onclick: () => bulk("cancel", "matching"), "data-testid": "cancel-matching" },
+            "Cancel all matching",
+          )
+        : null,
+      may("submit")
+        ? h(
+            "button",
+            { type: "button", onclick: () => bulk("retry", "matching"), "data-testid": "retry-matching" },
+            "Retry all matching",
+          )
+        : null,
     );
   };
 
@@ -143,7 +188,11 @@ export const tasksPage: Page = async (ctx) => {
       h("td", {}, task.queue),
       h("td.num", {}, `${task.attempt}/${task.max_attempts}`),
       h("td", { title: task.created_at }, ago(task.created_at)),
-      h("td", {}, task.waiting ? h("span.muted", {}, task.waiting.message) : FINAL.has(task.state) ? `exit ${task.exit_code ?? "—"}` : ""),
+      h(
+        "td",
+        {},
+        task.waiting ? h("span.muted", {}, task.waiting.message) : FINAL.has(task.state) ? `exit ${task.exit_code ?? "—"}` : "",
+      ),
     );
   };
 
@@ -180,7 +229,12 @@ export const tasksPage: Page = async (ctx) => {
             h(
               "thead",
               {},
-              h("tr", {}, h("th", {}, all), ["id", "state", "command", "queue", "attempt", "created", ""].map((c) => h("th", {}, c))),
+              h(
+                "tr",
+                {},
+                h("th", {}, all),
+                ["id", "state", "command", "queue", "attempt", "created", ""].map((c) => h("th", {}, c)),
+              ),
             ),
             h("tbody", {}, page.tasks.map(row)),
           ),

@@ -15,7 +15,17 @@ export const workersPage: Page = async (ctx) => {
         : h(
             "table",
             {},
-            h("thead", {}, h("tr", {}, ["name", "state", "labels", "slots used", "running tasks", "last heartbeat", "coordinator", "version"].map((c) => h("th", {}, c)))),
+            h(
+              "thead",
+              {},
+              h(
+                "tr",
+                {},
+                ["name", "state", "labels", "slots used", "running tasks", "last heartbeat", "coordinator", "version"].map((c) =>
+                  h("th", {}, c),
+                ),
+              ),
+            ),
             h(
               "tbody",
               {},
@@ -25,8 +35,21 @@ export const workersPage: Page = async (ctx) => {
                   { "data-worker": w.id },
                   h("td", { title: w.id }, w.name),
                   h("td", {}, w.state),
-                  h("td", {}, Object.entries(w.labels).map(([k, v]) => h("span.label", {}, `${k}=${v}`))),
-                  h("td", {}, h("div.meter.small", { title: `${w.running}/${w.slots}` }, h("div.used", { style: `width:${w.slots ? (w.running / w.slots) * 100 : 0}%` })), ` ${w.running}/${w.slots}`),
+                  h(
+                    "td",
+                    {},
+                    Object.entries(w.labels).map(([k, v]) => h("span.label", {}, `${k}=${v}`)),
+                  ),
+                  h(
+                    "td",
+                    {},
+                    h(
+                      "div.meter.small",
+                      { title: `${w.running}/${w.slots}` },
+                      h("div.used", { style: `width:${w.slots ? (w.running / w.slots) * 100 : 0}%` }),
+                    ),
+                    ` ${w.running}/${w.slots}`,
+                  ),
                   h("td.num", {}, String(w.running)),
                   h("td", { title: w.last_heartbeat_at }, ago(w.last_heartbeat_at)),
                   h("td.mono", {}, w.coordinator_id),
