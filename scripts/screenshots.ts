@@ -90,6 +90,7 @@ try {
       body: body === undefined ? undefined : JSON.stringify(body),
     });
     if (!response.ok) throw new Error(`${method} ${path}: ${response.status} ${await response.text()}`);
+    // biome-ignore lint/suspicious/noExplicitAny: the answers of many routes, read by field name
     return (await response.json()) as any;
   };
   await until("the coordinator", async () => (await fetch(`${base}/readyz`)).ok);
@@ -111,7 +112,12 @@ try {
   await api("POST", "/tasks", { command: "echo nightly export", queue: "reports" });
   await api("POST", "/queues/reports/pause");
   await api("POST", "/tasks", { command: "echo waiting for reports", queue: "reports" });
-  await api("POST", "/schedules", { name: "nightly-report", cron: "0 2 * * *", time_zone: "UTC", task: { command: "echo nightly" } });
+  await api("POST", "/schedules", {
+    name: "nightly-report",
+    cron: "0 2 * * *",
+    time_zone: "UTC",
+    task: { command: "echo nightly" },
+  });
   const every = await api("POST", "/schedules", { name: "heartbeat-check", every: "1m", task: { command: "echo ok" } });
   await api("POST", `/schedules/${every.id}/trigger`);
   await until("the running task's log", async () => (await api("GET", `/tasks/${running.id}`)).state === "running");
