@@ -169,7 +169,10 @@ describe.skipIf(skip)("the dashboard", () => {
     await page.locator("[data-testid=log]", { hasText: "second-line" }).waitFor();
     await page.locator("ol.timeline li[data-attempt='1'] .badge[data-state=succeeded]").waitFor();
     // The history says who submitted it.
-    expect((await api(`/tasks/${id}/history`)).json.events[0]).toMatchObject({ kind: "submitted", actor: "ops" });
+    expect((await api(`/tasks/${id}/history`)).json.events[0]).toMatchObject({
+      kind: expect.stringContaining("submitted"),
+      actor: "ops",
+    });
     await closeClean(view);
   });
 
