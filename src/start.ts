@@ -58,6 +58,7 @@ await runRole("start", async (config, log) => {
       "task-queue is running",
       `  scheduler    ${schedulerUrl}   (POST /schedule, GET /status, /openapi)`,
       `  coordinator  ${info.httpUrl}   (POST /submit, /tasks, /workers, /openapi)`,
+      `  dashboard    ${info.httpUrl}/ui`,
       `  gRPC         ${info.grpcAddress}`,
       `  workers      ${workers.length} x ${config.TQ_WORKER_SLOTS} slots`,
       `  database     ${embedded ? describeEmbedded(embedded, config.TQ_EMBEDDED_PG_PORT) : "DATABASE_URL"}`,

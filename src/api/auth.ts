@@ -4,10 +4,14 @@
 import { Elysia } from "elysia";
 import { ANONYMOUS, allows, type Principal, type Scope } from "../auth/tokens";
 import { permissionDenied } from "../task/errors";
+import { authorizationOf } from "../ui/session";
 import type { ApiDeps } from "./deps";
 
-/** Routes anyone may call: liveness, readiness and the API's own description. */
-const OPEN = [/^\/healthz$/, /^\/readyz$/, /^\/openapi(\/.*)?$/];
+/**
+ * Routes anyone may call: liveness, readiness, the API's own description, and the dashboard's
+ * page, assets and sign-in (src/ui: what it shows comes from the API's routes, checked here).
+ */
+const OPEN = [/^\/healthz$/, /^\/readyz$/, /^\/openapi(\/.*)?$/, /^\/ui(\/.*)?$/];
 
 /** The scope a request needs, or null for an open route. */
 export function scopeFor(method: string, path: string): Scope | null {
@@ -55,6 +59,7 @@ export function authentication(deps: Pick<ApiDeps, "auth">) {
   return new Elysia({ name: "authentication" }).onRequest(async ({ request }) => {
     const scope = scopeFor(request.method, new URL(request.url).pathname);
     if (scope === null) return;
-    principals.set(request, await deps.auth.check(request.headers.get("authorization"), scope));
+    // The dashboard's session cookie stands in for the header (src/ui/session.ts).
+    principals.set(request, await deps.auth.check(authorizationOf(request), scope));
   });
 }

@@ -7,6 +7,7 @@ import { METRICS_CONTENT_TYPE } from "../metrics/metrics";
 import { invalidArgument } from "../task/errors";
 import { BatchInput, parseIdempotencyKey, SubmitInput, TaskInput, toBatchSpecs, toScheduleSpec, toTaskSpec } from "../task/spec";
 import type { TaskSpec } from "../task/task";
+import { uiController } from "../ui/server";
 import { authentication, BULK_ACTION_SCOPES, principalOf, requireScope, tokenNameOf } from "./auth";
 import type { ApiDeps } from "./deps";
 import { errorHandling, type RouteEntry, readJsonBody } from "./errors";
@@ -53,6 +54,7 @@ import {
   responses,
   ScheduleRequest,
 } from "./openapi";
+import { overviewController } from "./overview";
 import { queuesController } from "./queues";
 import { requestLog } from "./request-log";
 import { schedulesController } from "./schedules";
@@ -87,8 +89,10 @@ export function createApp(deps: ApiDeps) {
     .use(rateLimitsController(deps))
     .use(queuesController(deps))
     .use(schedulesController(deps))
+    .use(overviewController(deps))
     .use(healthController(deps))
-    .use(metricsController(deps));
+    .use(metricsController(deps))
+    .use(uiController(deps));
   routes = () => app.routes;
   return app;
 }

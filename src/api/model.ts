@@ -485,6 +485,25 @@ export const TaskListQuery = Type.Object({
       examples: ["2026-12-01T12:00:00Z"],
     }),
   ),
+  // The dashboard's filters (src/ui): a concurrency key, a required label, text in the command.
+  key: Type.Optional(
+    Type.String({ maxLength: 512, description: "Only tasks with this concurrency key (as expanded at creation)." }),
+  ),
+  label: Type.Optional(
+    Type.String({
+      maxLength: 256,
+      description: "Only tasks that require this worker label: `name` (any rule on it) or `name=value`.",
+      examples: ["gpu", "region=eu"],
+    }),
+  ),
+  q: Type.Optional(
+    Type.String({
+      maxLength: 256,
+      description:
+        "Only tasks whose command contains this text (case-insensitive). Read newest first until a page is full, so " +
+        "combine it with other filters on a large table.",
+    }),
+  ),
   ...pageQuery,
 });
 

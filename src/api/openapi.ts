@@ -41,6 +41,7 @@ import {
   WorkerJson,
   WorkerList,
 } from "./model";
+import { ConcurrencyKeyJson, ConcurrencyKeyList, OverviewJson } from "./overview-model";
 import { QueueJson, QueueList, QueuePatch, WaitingJson } from "./queues-model";
 import { FiringJson, ScheduleJson, ScheduleList } from "./schedules";
 
@@ -125,6 +126,10 @@ export const NAMED_SCHEMAS: Record<string, TSchema> = {
   ScheduleFiring: FiringJson,
   ScheduleCreateInput,
   SchedulePatchInput,
+  // The dashboard's reads (src/api/overview.ts).
+  Overview: OverviewJson,
+  ConcurrencyKey: ConcurrencyKeyJson,
+  ConcurrencyKeyList,
 };
 
 // Each named schema carries its name as $id (what Elysia's .model() would give it), so that
@@ -273,6 +278,7 @@ const documentation = {
     { name: "workers", description: "Workers connected to any coordinator." },
     { name: "health", description: "Liveness and readiness." },
     { name: "metrics", description: "Prometheus metrics of the role." },
+    { name: "dashboard", description: "The reads behind the dashboard at /ui: the overview, live." },
   ],
   securitySchemes: {
     bearerAuth: {

@@ -277,6 +277,12 @@ export interface TaskPageQuery {
   cursor?: string;
   /** Only tasks of this queue. */
   queue?: string;
+  /** Only tasks with this concurrency key. */
+  key?: string;
+  /** Only tasks requiring this label: `name` or `name=value`. */
+  label?: string;
+  /** Only tasks whose command contains this text. */
+  q?: string;
 }
 
 export interface TaskPage {
@@ -292,6 +298,15 @@ function pageSize(value: number | undefined): number {
     throw invalidArgument("limit", `limit must be an integer from 1 to ${MAX_PAGE_SIZE}`);
   }
   return limit;
+}
+
+/** `name` or `name=value`, as GET /tasks?label= takes it. */
+function parseLabelFilter(value: string | undefined): { name: string; value?: string } | undefined {
+  if (!value) return undefined;
+  const at = value.indexOf("=");
+  const name = (at < 0 ? value : value.slice(0, at)).trim();
+  if (name === "") throw invalidArgument("label", "label must be name or name=value");
+  return at < 0 ? { name } : { name, value: value.slice(at + 1) };
 }
 
 /** `withReasons`: fill each task's `waiting` (what a view shows; a bulk action needs only the ids). */
@@ -313,6 +328,9 @@ export async function listTaskPage(deps: ApiDeps, query: TaskPageQuery, withReas
     limit: limit + 1,
     before,
     queue: query.queue,
+    key: query.key || undefined,
+    label: parseLabelFilter(query.label),
+    text: query.q || undefined,
   });
   const page = rows.slice(0, limit);
   const tasks = withReasons ? await withWaiting(deps.sql, page, deps.settings.workerTimeoutMs) : page;

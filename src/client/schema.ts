@@ -491,6 +491,66 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/overview": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Overview: tasks by state and queue, throughput, latency, slots
+         * @description What the dashboard's overview shows: every task counted by state and by queue, attempts ended per minute and submit-to-start latency per minute over the last hour, and worker slots used and free. Read at most once a second per role process (callers within that second share the read).
+         */
+        get: operations["getOverview"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/overview/events": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Watch the overview
+         * @description Server-sent events: `event: overview` with an Overview at once, then each time it changed (checked every 2 s), a `: keepalive` comment after 15 s without change. Lasts until the client closes it.
+         */
+        get: operations["watchOverview"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/concurrency-keys": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Concurrency keys in use
+         * @description Every concurrency key with live (dispatched or running) or queued tasks, the busiest first, at most 500.
+         */
+        get: operations["listConcurrencyKeys"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/healthz": {
         parameters: {
             query?: never;
@@ -1413,6 +1473,16 @@ export interface components {
              * @example 2026-12-01T12:00:00Z
              */
             fire_at?: string;
+            /** @description Only tasks with this concurrency key (as expanded at creation). */
+            key?: string;
+            /**
+             * @description Only tasks that require this worker label: `name` (any rule on it) or `name=value`.
+             * @example gpu
+             * @example region=eu
+             */
+            label?: string;
+            /** @description Only tasks whose command contains this text (case-insensitive). Read newest first until a page is full, so combine it with other filters on a large table. */
+            q?: string;
         };
         BulkResult: {
             /** @description Tasks the ids or the filter named. */
@@ -1801,6 +1871,81 @@ export interface components {
                 mode?: "all" | "latest" | "none";
             };
         };
+        /** @description The dashboard's overview of the whole system. */
+        Overview: {
+            /** @description When this was read (RFC 3339). */
+            at: string;
+            /** @description The newest task event's id: it moves whenever any task changes (the dashboard reloads a view then). */
+            last_event_id: string;
+            /** @description Every task, counted by state (states without tasks are 0). */
+            states: {
+                [key: string]: number;
+            };
+            /** @description Each queue that has tasks, with its tasks by state. */
+            queues: {
+                queue: string;
+                states: {
+                    [key: string]: number;
+                };
+                /** @description The queue's tasks, in any state. */
+                total: number;
+            }[];
+            /** @description Attempts ended per minute over the last hour, oldest first, one entry per minute. */
+            throughput: {
+                /**
+                 * @description The minute's start (RFC 3339, UTC).
+                 * @example 2026-12-02T02:31:00.000Z
+                 */
+                minute: string;
+                /** @description Attempts that succeeded in the minute. */
+                succeeded: number;
+                /** @description Attempts that failed (a non-zero exit). */
+                failed: number;
+                /** @description Attempts that ended otherwise: timed out, lost, stopped. */
+                other: number;
+            }[];
+            /** @description Submit-to-start latency per minute over the last hour (from when a task could first run, its creation or its scheduled time, to its first start), only minutes with starts. */
+            latency: {
+                /**
+                 * @description The minute's start (RFC 3339, UTC).
+                 * @example 2026-12-02T02:31:00.000Z
+                 */
+                minute: string;
+                /** @description First attempts started in the minute. */
+                started: number;
+                /** @description Median submit-to-start latency, ms. */
+                p50_ms: number;
+                /** @description 95th percentile, ms. */
+                p95_ms: number;
+                /** @description Slowest, ms. */
+                max_ms: number;
+            }[];
+            /** @description Worker slots, across every coordinator. */
+            slots: {
+                /** @description Live workers. */
+                workers: number;
+                /** @description Their slots. */
+                total: number;
+                /** @description Slots holding a task (dispatched or running). */
+                used: number;
+                /** @description Slots free. */
+                free: number;
+            };
+        };
+        ConcurrencyKey: {
+            /** @description The key, as expanded at creation. */
+            key: string;
+            /** @description Most live tasks of the key, as its tasks ask. */
+            max: number | null;
+            /** @description Tasks of the key dispatched or running. */
+            live: number;
+            /** @description Tasks of the key queued. */
+            queued: number;
+        };
+        ConcurrencyKeyList: {
+            /** @description Keys with live or queued tasks, busiest first (at most 500). */
+            keys: components["schemas"]["ConcurrencyKey"][];
+        };
     };
     responses: never;
     parameters: never;
@@ -2151,6 +2296,9 @@ export interface operations {
                 queue?: string;
                 schedule_id?: string;
                 fire_at?: string;
+                key?: string;
+                label?: string;
+                q?: string;
                 limit?: number;
                 cursor?: string;
             };
@@ -4878,6 +5026,219 @@ export interface operations {
             };
             /** @description No such task (not_found). */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getOverview: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The overview. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Overview"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    watchOverview: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description An event stream of Overview messages. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/event-stream": components["schemas"]["Overview"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Too many requests for this token (rate_limited); try again after Retry-After seconds. */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before the next request. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description An internal error (internal); quote its request_id when reporting it. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The database is unreachable, too slow or the tasks table locked (unavailable); try again after Retry-After seconds. */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again. */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    listConcurrencyKeys: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The concurrency keys in use. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ConcurrencyKeyList"];
+                };
+            };
+            /** @description No valid API token (unauthenticated). */
+            401: {
+                headers: {
+                    /** @description The scheme to authenticate with: Bearer realm="task-queue". */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The token does not have the scope this route needs (permission_denied). */
+            403: {
                 headers: {
                     [name: string]: unknown;
                 };

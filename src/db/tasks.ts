@@ -121,10 +121,19 @@ export interface ListTasksQuery {
   /** List tasks older than this id (ids are UUIDv7: creation order). */
   before?: string;
   queue?: string;
+  /** Only tasks with this concurrency key. */
+  key?: string;
+  /** Only tasks requiring this label name, and value when given. */
+  label?: { name: string; value?: string };
+  /** Only tasks whose command contains this text (case-insensitive). */
+  text?: string;
 }
 
-/** Newest first; one more row than asked tells the caller whether a next page exists. */
-export async function listTasks(sql: Sql, query: ListTasksQuery): Promise<Task[]> {
+/** `%`, `_` and `\` stand for themselves in an ILIKE pattern. */
+const likeEscaped = (text: string) => text.replace(/[\\%_]/g, (c) => `\\${c}`);
+
+/** Newest first; one more row than asked tells the caller whether a next page exists (the pending statement: EXPLAIN can wrap it). */
+export function listTasks(sql: Sql, query: ListTasksQuery) {
   return sql<Task[]>`
     ${selectTasks(sql)}
     WHERE true
@@ -133,6 +142,13 @@ export async function listTasks(sql: Sql, query: ListTasksQuery): Promise<Task[]
       ${query.fireAt ? sql`AND tasks.fire_at = ${query.fireAt}` : sql``}
       ${query.before ? sql`AND tasks.id < ${query.before}` : sql``}
       ${query.queue ? sql`AND tasks.queue = ${query.queue}` : sql``}
+      ${query.key ? sql`AND tasks.concurrency_key = ${query.key}` : sql``}
+      ${
+        query.label
+          ? sql`AND tasks.requires @> ${sql.json([query.label.value === undefined ? { key: query.label.name } : { key: query.label.name, value: query.label.value }])}`
+          : sql``
+      }
+      ${query.text ? sql`AND tasks.command ILIKE ${`%${likeEscaped(query.text)}%`}` : sql``}
     ORDER BY tasks.id DESC
     LIMIT ${query.limit}`;
 }

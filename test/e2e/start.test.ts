@@ -49,6 +49,21 @@ test("bun start prints its URLs", () => {
   expect(printed).toContain("embedded PostgreSQL");
 });
 
+test("bun start serves the dashboard on both ports with no build step", async () => {
+  expect(start.raw.join("\n")).toContain(`http://127.0.0.1:${ports.coordinator}/ui`);
+  for (const port of [ports.coordinator, ports.scheduler]) {
+    const page = await fetch(`http://127.0.0.1:${port}/ui`);
+    expect(page.status).toBe(200);
+    const html = await page.text();
+    const script = /src="(\/ui\/assets\/app\.js\?v=[0-9a-f]+)"/.exec(html)?.[1];
+    expect(script).toBeDefined();
+    const asset = await fetch(`http://127.0.0.1:${port}${script}`);
+    expect(asset.status).toBe(200);
+    expect(asset.headers.get("content-type")).toContain("javascript");
+    expect((await asset.text()).length).toBeGreaterThan(1000);
+  }
+});
+
 test("the seed's curl examples in the README work as printed", async () => {
   const [schedule, status] = readmeCurls("The original API");
   expect(schedule).toBe(

@@ -796,8 +796,11 @@ describe("health and documentation", () => {
     expect(doc.info).toMatchObject({ title: "task-queue", version: (await Bun.file("package.json").json()).version });
     expect(Object.keys(doc.paths).sort()).toEqual(
       [
+        "/concurrency-keys",
         "/healthz",
         "/metrics",
+        "/overview",
+        "/overview/events",
         "/rate-limits",
         "/rate-limits/{name}",
         "/queues",
