@@ -2,7 +2,7 @@
 // last hour's throughput and submit-to-start latency per minute, and the concurrency keys in
 // use. Each statement stays on an index on 100,000 tasks (EXPLAIN in test/integration/overview.test.ts):
 // the counts are an index-only scan of tasks_queue_state_idx, the hour's attempts a range of
-// task_attempts_finished_idx / task_attempts_started_idx (migration 0022), the keys the
+// task_attempts_finished_idx / task_attempts_started_idx (migration 0023), the keys the
 // partial concurrency indexes. The reads return the pending statement (awaited like a
 // promise), so that the test can EXPLAIN the very statement served.
 import { GUARDS } from "../task/state";
