@@ -50,7 +50,7 @@ afterAll(async () => {
 describe("reads", () => {
   const app = () => appWith(openAuth);
   beforeEach(async () => {
-    await db.sql`TRUNCATE tasks, task_events, task_attempts, workers`;
+    await db.sql`TRUNCATE tasks, task_events, task_attempts, task_log_chunks, workers`;
   });
 
   test("GET /overview counts tasks by state and queue, and charts the last hour by minute", async () => {
@@ -181,7 +181,7 @@ describe("sign-in", () => {
 
 describe("plans on 100,000 tasks", () => {
   beforeAll(async () => {
-    await db.sql`TRUNCATE tasks, task_events, task_attempts, workers`;
+    await db.sql`TRUNCATE tasks, task_events, task_attempts, task_log_chunks, workers`;
     // 100,000 finished tasks over the last 10 days, a tenth with a concurrency key, each with
     // its attempt; then 50 queued.
     await db.sql`
