@@ -5,6 +5,7 @@
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { cpus, tmpdir } from "node:os";
 import { join } from "node:path";
+import { cost } from "./cost";
 import { dependencies } from "./dependencies";
 import { dispatch } from "./dispatch";
 import { failover } from "./failover";
@@ -33,6 +34,7 @@ const BENCHES: readonly Bench[] = [
   flow,
   flowRate,
   schedulesBench,
+  cost,
 ];
 
 const ROOT = join(import.meta.dir, "..");

@@ -106,6 +106,8 @@ export interface BenchDatabase {
   /** URL of the fresh database the roles run on (they migrate it at start-up). */
   url: string;
   postgres: PostgresInfo;
+  /** The embedded cluster's data folder (its postmaster.pid names the server's process). */
+  dataDir?: string;
 }
 
 function withDatabase(url: string, database: string): string {
@@ -120,16 +122,30 @@ function withDatabase(url: string, database: string): string {
  * figures then include a real fsync per commit, like `bun start`). Everything it creates is
  * removed when `scope` closes.
  */
-export async function createBenchDatabase(scope: Scope, log: (line: string) => void = () => {}): Promise<BenchDatabase> {
-  let serverUrl = process.env.DATABASE_URL;
+export async function createBenchDatabase(
+  scope: Scope,
+  log: (line: string) => void = () => {},
+  /**
+   * Server settings that need a server of the bench's own (e.g. pg_stat_statements preloaded):
+   * given, the bench always starts embedded PostgreSQL, whatever DATABASE_URL says.
+   */
+  embeddedSettings?: Record<string, string>,
+): Promise<BenchDatabase> {
+  let serverUrl = embeddedSettings ? undefined : process.env.DATABASE_URL;
   let source = "DATABASE_URL";
+  let dataDirOf: string | undefined;
   if (!serverUrl) {
     source = "embedded";
     const dataDir = mkdtempSync(join(tmpdir(), "tq-bench-pg-"));
     scope.defer("remove the embedded data folder", () => rmSync(dataDir, { recursive: true, force: true }));
     const port = await freePort();
     log(`starting embedded PostgreSQL on 127.0.0.1:${port} in ${dataDir}`);
-    const embedded = await within(startEmbedded({ dataDir, port }), 120_000, "embedded PostgreSQL start");
+    const embedded = await within(
+      startEmbedded({ dataDir, port, settings: embeddedSettings }),
+      120_000,
+      "embedded PostgreSQL start",
+    );
+    dataDirOf = embedded.dataDir;
     scope.defer("stop embedded PostgreSQL", () => within(embedded.stop(), 30_000, "embedded PostgreSQL stop"));
     serverUrl = embedded.adminUrl;
   }
@@ -150,6 +166,7 @@ export async function createBenchDatabase(scope: Scope, log: (line: string) => v
     const [commit] = await admin<{ synchronous_commit: string }[]>`SHOW synchronous_commit`;
     return {
       url: withDatabase(serverUrl, name),
+      ...(dataDirOf ? { dataDir: dataDirOf } : {}),
       postgres: {
         version: row?.version ?? "unknown",
         source,
