@@ -5,6 +5,7 @@
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { cpus, tmpdir } from "node:os";
 import { join } from "node:path";
+import { controlPlane } from "./control-plane";
 import { cost } from "./cost";
 import { dependencies } from "./dependencies";
 import { dispatch } from "./dispatch";
@@ -35,6 +36,7 @@ const BENCHES: readonly Bench[] = [
   flowRate,
   schedulesBench,
   cost,
+  controlPlane,
 ];
 
 const ROOT = join(import.meta.dir, "..");

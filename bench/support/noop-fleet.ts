@@ -10,6 +10,7 @@
 // As a process (so that its CPU is counted apart from the bench's, from /proc):
 //   bun bench/support/noop-fleet.ts --address 127.0.0.1:7070 --workers 2000 --slots 1
 //     [--heartbeat-interval-ms 1000 --heartbeat-timeout-ms 3000 --token T --queues a,b --labels k=v,..]
+//     [--report-runs: one {"event":"fleet.run","task":id,"at":<epoch ms, fractional>} line per run]
 //   prints one JSON line {"event":"fleet.ready",...} once every worker is welcomed, then one
 //   {"event":"fleet.stats",...} line per second; drains and exits 0 on SIGTERM or SIGINT.
 import { parseArgs } from "node:util";
@@ -161,12 +162,15 @@ async function main(): Promise<void> {
       token: { type: "string" },
       queues: { type: "string" },
       labels: { type: "string" },
+      "report-runs": { type: "boolean" },
     },
   });
   const addresses = (values.address ?? []).flatMap((a) => a.split(",")).filter(Boolean);
   if (addresses.length === 0) throw new Error("noop fleet: give --address host:port (one or more)");
   const labels = parseKeyValues(values.labels);
+  const say = (fields: Record<string, unknown>) => process.stdout.write(`${JSON.stringify(fields)}\n`);
   const startedAt = performance.now();
+  const reportRuns = values["report-runs"] === true;
   const fleet = await startNoopFleet({
     addresses,
     workers: positive("workers", values.workers, 1),
@@ -176,8 +180,11 @@ async function main(): Promise<void> {
     workerToken: values.token,
     queues: values.queues?.split(",").filter(Boolean),
     labels: () => labels,
+    // The wall clock with sub-ms precision: the bench on this host compares it with its own.
+    onRun: reportRuns
+      ? (spec) => say({ event: "fleet.run", task: spec.env.TQ_TASK_ID, at: performance.timeOrigin + performance.now() })
+      : undefined,
   });
-  const say = (fields: Record<string, unknown>) => process.stdout.write(`${JSON.stringify(fields)}\n`);
   say({ event: "fleet.ready", workers: fleet.workers.length, connectMs: Math.round(performance.now() - startedAt) });
   const stats = setInterval(() => {
     const mem = process.memoryUsage();
@@ -201,4 +208,81 @@ if (import.meta.main) {
     process.stderr.write(`${error instanceof Error ? error.message : String(error)}\n`);
     process.exit(2);
   });
+}
+
+/** The fleet as a process of its own (its CPU apart from the bench's); `lines` are its JSON lines. */
+export interface FleetProcess {
+  proc: Bun.Subprocess<"ignore", "pipe", "pipe">;
+  /** Resolves with fleet.ready's fields once every worker is welcomed. */
+  ready: Promise<Record<string, unknown>>;
+  /** Hears every JSON line the fleet prints. */
+  onLine(listener: (line: Record<string, unknown>) => void): void;
+  /** SIGTERM (drain), then SIGKILL if it has not exited within 15 s. */
+  stop(): Promise<void>;
+}
+
+export function spawnNoopFleet(args: {
+  address: string;
+  workers: number;
+  slots: number;
+  reportRuns?: boolean;
+  heartbeatIntervalMs?: number;
+  heartbeatTimeoutMs?: number;
+}): FleetProcess {
+  const argv = [
+    "bun",
+    import.meta.path,
+    "--address",
+    args.address,
+    "--workers",
+    String(args.workers),
+    "--slots",
+    String(args.slots),
+    ...(args.reportRuns ? ["--report-runs"] : []),
+    ...(args.heartbeatIntervalMs ? ["--heartbeat-interval-ms", String(args.heartbeatIntervalMs)] : []),
+    ...(args.heartbeatTimeoutMs ? ["--heartbeat-timeout-ms", String(args.heartbeatTimeoutMs)] : []),
+  ];
+  const proc = Bun.spawn(argv, { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+  const listeners: ((line: Record<string, unknown>) => void)[] = [];
+  let stderr = "";
+  void (async () => {
+    for await (const chunk of proc.stderr) stderr += new TextDecoder().decode(chunk);
+  })();
+  const ready = new Promise<Record<string, unknown>>((resolve, reject) => {
+    listeners.push((line) => {
+      if (line.event === "fleet.ready") resolve(line);
+    });
+    void proc.exited.then((code) => reject(new Error(`noop fleet exited ${code} before it was ready: ${stderr.slice(-2000)}`)));
+  });
+  ready.catch(() => {});
+  void (async () => {
+    let buffered = "";
+    const decoder = new TextDecoder();
+    for await (const chunk of proc.stdout) {
+      buffered += decoder.decode(chunk, { stream: true });
+      let at = buffered.indexOf("\n");
+      while (at >= 0) {
+        const text = buffered.slice(0, at);
+        buffered = buffered.slice(at + 1);
+        at = buffered.indexOf("\n");
+        if (!text.startsWith("{")) continue;
+        const line = JSON.parse(text) as Record<string, unknown>;
+        for (const listener of listeners) listener(line);
+      }
+    }
+  })();
+  return {
+    proc,
+    ready,
+    onLine: (listener) => {
+      listeners.push(listener);
+    },
+    async stop() {
+      if (proc.exitCode !== null) return;
+      proc.kill("SIGTERM");
+      const timer = setTimeout(() => proc.kill("SIGKILL"), 15_000);
+      await proc.exited;
+      clearTimeout(timer);
+    },
+  };
 }

@@ -112,3 +112,40 @@ export function cpuPer(before: CpuSample, after: CpuSample, units: number): Reco
   out.total = Math.round((total / units) * 1000) / 1000;
   return out;
 }
+
+/**
+ * CPU ms per unit net of what the processes use when idle (heartbeats, polls, timers), measured
+ * over `idle` (two samples with no work between them): on a machine shared with other loads a
+ * burn-down takes longer, and the idle cost of the longer window would otherwise count as the
+ * tasks'. Both figures are reported; the net one is what a task adds.
+ */
+export function cpuPerNetOfIdle(
+  idle: { before: CpuSample; after: CpuSample },
+  before: CpuSample,
+  after: CpuSample,
+  units: number,
+): Record<string, number> {
+  const idleMs = idle.after.at - idle.before.at;
+  const windowMs = after.at - before.at;
+  const out: Record<string, number> = {};
+  let total = 0;
+  for (const name of Object.keys(after.cpu)) {
+    const idleRate = ((idle.after.cpu[name] ?? 0) - (idle.before.cpu[name] ?? 0)) / idleMs;
+    const used = (after.cpu[name] ?? 0) - (before.cpu[name] ?? 0) - idleRate * windowMs;
+    out[name] = Math.round((Math.max(0, used) / units) * 1000) / 1000;
+    total += Math.max(0, used);
+  }
+  out.total = Math.round((total / units) * 1000) / 1000;
+  return out;
+}
+
+/** Two samples `ms` apart with nothing submitted between them (for cpuPerNetOfIdle). */
+export async function idleSample(
+  roles: Record<string, number>,
+  postmaster: number | undefined,
+  ms: number,
+): Promise<{ before: CpuSample; after: CpuSample }> {
+  const before = sampleCpu(roles, postmaster);
+  await Bun.sleep(ms);
+  return { before, after: sampleCpu(roles, postmaster) };
+}
