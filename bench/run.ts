@@ -10,6 +10,7 @@ import { cost } from "./cost";
 import { dependencies } from "./dependencies";
 import { dispatch } from "./dispatch";
 import { failover } from "./failover";
+import { fleet } from "./fleet";
 import { flow, flowRate } from "./flow";
 import { ingest } from "./ingest";
 import { latency } from "./latency";
@@ -37,6 +38,7 @@ const BENCHES: readonly Bench[] = [
   schedulesBench,
   cost,
   controlPlane,
+  fleet,
 ];
 
 const ROOT = join(import.meta.dir, "..");

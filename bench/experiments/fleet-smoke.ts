@@ -8,7 +8,7 @@ try {
   const grpc = cluster.processes[0]!.lines.find((l) => l.event === "coordinator.started");
   console.log(JSON.stringify(grpc));
   const addr = String((grpc as any).grpc ?? (grpc as any).grpcAddress ?? "");
-  const fleet = await startNoopFleet({ addresses: [addr], workers: Number(process.argv[2] ?? 4), slots: 8 });
+  const fleet = await startNoopFleet({ addresses: [addr], workers: Number(process.argv[2] ?? 4), slots: Number(process.argv[4] ?? 8) });
   const sql = postgres(db.url, { max: 2, onnotice: () => {} });
   const t0 = performance.now();
   const N = Number(process.argv[3] ?? 2000);
