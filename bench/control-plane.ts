@@ -8,6 +8,7 @@
 // CPU per task of the coordinator, the fleet and the PostgreSQL cluster (an embedded server of
 // the bench's own, so that its backends are ours alone) is read from /proc over each series.
 import { connect } from "../src/db/sql";
+import { databaseWork } from "./cost";
 import {
   type Bench,
   type BenchOptions,
@@ -23,7 +24,6 @@ import {
   within,
 } from "./support";
 import { spawnNoopFleet } from "./support/noop-fleet";
-import { databaseWork } from "./cost";
 import { cpuPer, postmasterPid, sampleCpu } from "./support/proc-cpu";
 
 const FULL = { batchTasks: 60_000, singleTasks: 15_000, warmup: 2000 };
@@ -44,7 +44,8 @@ async function postOne(baseUrl: string): Promise<void> {
     headers: { "content-type": "application/json" },
     body: '{"command":"true"}',
   });
-  if (response.status !== 201) throw new Error(`POST /tasks answered ${response.status}: ${(await response.text()).slice(0, 300)}`);
+  if (response.status !== 201)
+    throw new Error(`POST /tasks answered ${response.status}: ${(await response.text()).slice(0, 300)}`);
   await response.arrayBuffer();
 }
 
@@ -79,7 +80,10 @@ async function run(options: BenchOptions): Promise<BenchResult> {
         while (next < count) {
           const n = Math.min(BATCH, count - next);
           next += n;
-          await submitBatch(url, Array.from({ length: n }, () => ({ command: "true" })));
+          await submitBatch(
+            url,
+            Array.from({ length: n }, () => ({ command: "true" })),
+          );
         }
       };
       await Promise.all(Array.from({ length: BATCH_IN_FLIGHT }, lane));
@@ -119,7 +123,9 @@ async function run(options: BenchOptions): Promise<BenchResult> {
       console.log(`control-plane ${name}: ${JSON.stringify(brief)}`);
       console.log(`  db per task: commits ${database.commits_per_task}, tuples read ${database.tuples_read_per_task}`);
       for (const s of database.statements.slice(0, 8))
-        console.log(`    ${s.calls_per_task} calls ${s.exec_ms_per_task} ms ${s.rows_per_call} rows/call  ${s.query.slice(0, 120)}`);
+        console.log(
+          `    ${s.calls_per_task} calls ${s.exec_ms_per_task} ms ${s.rows_per_call} rows/call  ${s.query.slice(0, 120)}`,
+        );
       return result;
     };
     await batches(warmup);

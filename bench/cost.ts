@@ -178,7 +178,9 @@ async function run(options: BenchOptions): Promise<BenchResult> {
     console.log(`\ncost: ${tasks} x \`${COMMAND}\`, ${layout.workers} worker(s) x ${layout.slots} slots`);
     console.log(`  queue ${r.tasks_per_s}/s, raw ${r.raw_per_s}/s, ratio ${r.over_raw}`);
     console.log(`  CPU ms/task net of idle ${JSON.stringify(r.cpu_ms_per_task)}; queue ${r.queue_cpu_ms_per_task}`);
-    console.log(`  CPU ms/task with idle ${JSON.stringify(r.cpu_ms_per_task_with_idle)}; idle ms/s ${JSON.stringify(r.idle_cpu_ms_per_s)}`);
+    console.log(
+      `  CPU ms/task with idle ${JSON.stringify(r.cpu_ms_per_task_with_idle)}; idle ms/s ${JSON.stringify(r.idle_cpu_ms_per_s)}`,
+    );
     console.log(
       `  db per task: commits ${r.database.commits_per_task}, tuples read ${r.database.tuples_read_per_task}, tables ${JSON.stringify(r.database.tables)}`,
     );

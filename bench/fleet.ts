@@ -46,7 +46,9 @@ async function statementsPerInterval(sql: Sql, windowMs: number) {
   const total = rows.reduce((sum, r) => sum + r.calls, 0);
   return {
     per_interval: Math.round((total / intervals) * 10) / 10,
-    top: rows.slice(0, 6).map((r) => ({ per_interval: Math.round((r.calls / intervals) * 10) / 10, query: r.query.slice(0, 160) })),
+    top: rows
+      .slice(0, 6)
+      .map((r) => ({ per_interval: Math.round((r.calls / intervals) * 10) / 10, query: r.query.slice(0, 160) })),
   };
 }
 
@@ -146,7 +148,8 @@ async function run(options: BenchOptions): Promise<BenchResult> {
     const many = await phase(workers);
     const thousands = (workers - 1) / 1000;
     const perThousand = {
-      coordinator_cpu_ms_per_s: Math.round(((many.coordinator_cpu_ms_per_s - one.coordinator_cpu_ms_per_s) / thousands) * 10) / 10,
+      coordinator_cpu_ms_per_s:
+        Math.round(((many.coordinator_cpu_ms_per_s - one.coordinator_cpu_ms_per_s) / thousands) * 10) / 10,
       coordinator_rss_mib: Math.round(((many.coordinator_rss_bytes - one.coordinator_rss_bytes) / 2 ** 20 / thousands) * 10) / 10,
       postgres_cpu_ms_per_s: Math.round(((many.postgres_cpu_ms_per_s - one.postgres_cpu_ms_per_s) / thousands) * 10) / 10,
       fleet_rss_mib: Math.round((many.fleet_rss_bytes / 2 ** 20 / (workers / 1000)) * 10) / 10,
@@ -170,7 +173,14 @@ async function run(options: BenchOptions): Promise<BenchResult> {
       name: "fleet",
       description:
         "Fleet size: many no-op workers (real streams and heartbeats, one process) on one coordinator: database statements per heartbeat interval, coordinator CPU and RSS per 1,000 workers, dispatch latency against 1 worker.",
-      settings: { workers, slots: 1, idle_window_ms: idleMs, dispatch_tasks: tasks, role_env: PRODUCT_ROLE_ENV, targets: TARGETS },
+      settings: {
+        workers,
+        slots: 1,
+        idle_window_ms: idleMs,
+        dispatch_tasks: tasks,
+        role_env: PRODUCT_ROLE_ENV,
+        targets: TARGETS,
+      },
       figures: { one, many, per_thousand_workers: perThousand, dispatch_p50_ratio: dispatchRatio },
       summary,
       postgres: db.postgres,

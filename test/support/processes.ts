@@ -159,7 +159,12 @@ export function spawnRole(
   const entry = role === "start" ? "src/start.ts" : `src/${role}/main.ts`;
   // TQ_BENCH_CPU_PROF=<folder>: each role writes a CPU profile there on exit (bench/cost.ts's profiles).
   const profile = process.env.TQ_BENCH_CPU_PROF
-    ? ["--cpu-prof", "--cpu-prof-md", `--cpu-prof-dir=${process.env.TQ_BENCH_CPU_PROF}`, `--cpu-prof-name=${role}-${Date.now()}.cpuprofile`]
+    ? [
+        "--cpu-prof",
+        "--cpu-prof-md",
+        `--cpu-prof-dir=${process.env.TQ_BENCH_CPU_PROF}`,
+        `--cpu-prof-name=${role}-${Date.now()}.cpuprofile`,
+      ]
     : [];
   const proc = Bun.spawn(options.viaBunRun ? ["bun", "run", role] : ["bun", ...profile, entry], {
     cwd: ROOT,
