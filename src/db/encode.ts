@@ -64,7 +64,9 @@ export function unnest<R>(sql: Sql, rows: readonly R[], columns: Record<string, 
   const values: string[] = [];
   defs.forEach(([type, pick], c) => {
     values.push(arrayLiteral(rows.map((row, i) => asText(pick(row, i)))));
-    strings.push(c < defs.length - 1 ? `${CAST_TEXT[type]}, ` : `${CAST_TEXT[type]}) AS r(${names.map(quoteIdentifier).join(",")})`);
+    strings.push(
+      c < defs.length - 1 ? `${CAST_TEXT[type]}, ` : `${CAST_TEXT[type]}) AS r(${names.map(quoteIdentifier).join(",")})`,
+    );
   });
   const template = Object.assign(strings, { raw: strings }) as unknown as TemplateStringsArray;
   return sql(template, ...values) as unknown as Fragment;
