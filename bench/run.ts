@@ -5,9 +5,12 @@
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { cpus, tmpdir } from "node:os";
 import { join } from "node:path";
+import { controlPlane } from "./control-plane";
+import { cost } from "./cost";
 import { dependencies } from "./dependencies";
 import { dispatch } from "./dispatch";
 import { failover } from "./failover";
+import { fleet } from "./fleet";
 import { flow, flowRate } from "./flow";
 import { ingest } from "./ingest";
 import { latency } from "./latency";
@@ -33,6 +36,9 @@ const BENCHES: readonly Bench[] = [
   flow,
   flowRate,
   schedulesBench,
+  cost,
+  controlPlane,
+  fleet,
 ];
 
 const ROOT = join(import.meta.dir, "..");

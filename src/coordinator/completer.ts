@@ -392,5 +392,16 @@ function finishedTimes(message: TaskFinished): Pick<AttemptResult, "exitCode" | 
 function usageOf(result: object): { usage?: unknown } {
   const usage = (result as { usage?: unknown }).usage;
   if (usage === undefined || usage === null) return {};
-  return { usage: JSON.parse(JSON.stringify(usage, (_k, v) => (typeof v === "bigint" ? Number(v) : v))) };
+  return { usage: plainJson(usage) };
+}
+
+/** A copy with bigints as numbers (pino cannot write a bigint), without a JSON round trip. */
+function plainJson(value: unknown): unknown {
+  if (typeof value === "bigint") return Number(value);
+  if (value === null || typeof value !== "object") return value;
+  if (Array.isArray(value)) return value.map(plainJson);
+  if (value instanceof Date) return value.toISOString();
+  const out: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(value)) if (v !== undefined) out[k] = plainJson(v);
+  return out;
 }

@@ -231,13 +231,15 @@ export async function claimDue(
  */
 export async function nextDueIn(sql: Sql): Promise<number | null> {
   // Flow control: tasks their key or bucket holds back are not due; a bucket's next token is.
+  // Clamped here, not with greatest(0, ...) in SQL: greatest ignores a NULL (nothing queued)
+  // and answered 0, "due now", which re-armed the dispatcher every 5 ms on an idle queue.
   const rows = await sql<{ due_in_ms: string | null }[]>`
     SELECT least(
-      (SELECT greatest(0, ceil(extract(epoch FROM min(run_at) - clock_timestamp()) * 1000))::bigint
+      (SELECT ceil(extract(epoch FROM min(run_at) - clock_timestamp()) * 1000)::bigint
        FROM tasks WHERE state IN (${states(sql, GUARDS.claim)}) AND ${flowAdmissible(sql)}),
       ${flowNextToken(sql)})::text AS due_in_ms`;
   const value = rows[0]?.due_in_ms;
-  return value == null ? null : Number(value);
+  return value == null ? null : Math.max(0, Number(value));
 }
 
 /** For tests and EXPLAIN: the slot arrays a claim of these slots would pass. */

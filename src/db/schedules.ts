@@ -176,11 +176,14 @@ export async function claimDueSchedules(sql: Sql, aheadMs: number, limit: number
  * is none), and whether any holds a buffered firing.
  */
 export async function nextScheduleDueIn(sql: Sql): Promise<{ ms: number | null; buffered: boolean }> {
+  // Clamped here: greatest(0, NULL) is 0 in SQL, which with no schedule at all read as "one
+  // due now" and ran the firing loop every 10 ms on an idle system.
   const [row] = await sql<{ ms: number | null; buffered: boolean | null }[]>`
-    SELECT greatest(0, extract(epoch FROM min(next_fire_at) - clock_timestamp()) * 1000)::float8 AS ms,
+    SELECT (extract(epoch FROM min(next_fire_at) - clock_timestamp()) * 1000)::float8 AS ms,
            bool_or(buffered_fire_at IS NOT NULL) AS buffered
     FROM schedules WHERE NOT paused`;
-  return { ms: row?.ms ?? null, buffered: row?.buffered ?? false };
+  const ms = row?.ms ?? null;
+  return { ms: ms === null ? null : Math.max(0, ms), buffered: row?.buffered ?? false };
 }
 
 export interface LiveTask {

@@ -80,8 +80,18 @@ export const TASK_ROW_COLUMNS = [
 
 /** The task row's own columns, qualified by `table` (a statement's RETURNING, or a read's select list). */
 export function taskRowColumns(sql: Sql, table: string): Fragment {
-  return sql`${sql(TASK_ROW_COLUMNS.map((column) => `${table}.${column}`))}`;
+  // Built once per table name: escaping some 60 identifiers on every statement was a visible
+  // part of the coordinator's CPU per task (issue 16's profile). No column transform is set
+  // (src/db/sql.ts), so the text is what sql(names) would build.
+  let text = ROW_COLUMN_LISTS.get(table);
+  if (text === undefined) {
+    text = TASK_ROW_COLUMNS.map((column) => `"${table.replace(/"/g, '""')}"."${column}"`).join(",");
+    ROW_COLUMN_LISTS.set(table, text);
+  }
+  return sql.unsafe(text) as unknown as Fragment;
 }
+
+const ROW_COLUMN_LISTS = new Map<string, string>();
 
 /**
  * The output columns of a Task, read from `o`: its current attempt (currentAttempt), or a

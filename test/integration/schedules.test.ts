@@ -8,6 +8,7 @@ import { createApp } from "../../src/api/index";
 import { apiSettings, loadConfig, taskDefaults } from "../../src/config";
 import { insertFirings, insertTask } from "../../src/db/insert";
 import { TaskChangeFeed } from "../../src/db/notify";
+import { nextScheduleDueIn } from "../../src/db/schedules";
 import { connect, type Sql } from "../../src/db/sql";
 import { cancelTask } from "../../src/db/transitions";
 import { silentLogger } from "../../src/log";
@@ -81,6 +82,14 @@ async function firings(id: string) {
   return db.sql<{ fire_at: Date; outcome: string; task_id: string | null }[]>`
     SELECT fire_at, outcome, task_id FROM schedule_firings WHERE schedule_id = ${id} ORDER BY fire_at`;
 }
+
+// First in the file: no schedule exists yet.
+describe("the firing loop's next due time", () => {
+  test("no schedule is no due time (null), not 0: an idle firer sleeps its poll interval", async () => {
+    // greatest(0, NULL) is 0 in SQL: no schedule at all once read as "due now", every 10 ms.
+    expect(await nextScheduleDueIn(db.sql)).toEqual({ ms: null, buffered: false });
+  });
+});
 
 describe("the API", () => {
   test("creates a schedule and shows its next 5 fire times", async () => {

@@ -97,6 +97,15 @@ describe("insertTask", () => {
     const due = await nextDueIn(db.sql);
     expect(due).toBeGreaterThan(55_000);
   });
+
+  test("nothing queued is no due time (null), not 0: an idle dispatcher arms no timer", async () => {
+    await clear();
+    // greatest(0, NULL) is 0 in SQL: the empty queue once read as "due now", every 5 ms.
+    expect(await nextDueIn(db.sql)).toBeNull();
+    await createTask(db.sql, taskSpec({ scheduledAt: new Date(Date.now() - 5000) }));
+    // An overdue task is due now: 0, never negative.
+    expect(await nextDueIn(db.sql)).toBe(0);
+  });
 });
 
 describe("claimDue", () => {

@@ -157,7 +157,16 @@ export function spawnRole(
   } = {},
 ): RoleProcess {
   const entry = role === "start" ? "src/start.ts" : `src/${role}/main.ts`;
-  const proc = Bun.spawn(options.viaBunRun ? ["bun", "run", role] : ["bun", entry], {
+  // TQ_BENCH_CPU_PROF=<folder>: each role writes a CPU profile there on exit (bench/cost.ts's profiles).
+  const profile = process.env.TQ_BENCH_CPU_PROF
+    ? [
+        "--cpu-prof",
+        "--cpu-prof-md",
+        `--cpu-prof-dir=${process.env.TQ_BENCH_CPU_PROF}`,
+        `--cpu-prof-name=${role}-${Date.now()}.cpuprofile`,
+      ]
+    : [];
+  const proc = Bun.spawn(options.viaBunRun ? ["bun", "run", role] : ["bun", ...profile, entry], {
     cwd: ROOT,
     // setsid(): the group is the role's alone, so a group signal reaches nothing else.
     detached: options.viaBunRun === true,
