@@ -352,7 +352,15 @@ export async function checkReady(deps: ApiDeps, timeoutMs = READY_TIMEOUT_MS): P
   // The query may settle after we have answered; its outcome no longer matters then.
   query.catch(() => {});
   const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(unavailable(`the database did not answer within ${timeoutMs} ms`)), timeoutMs);
+    timer = setTimeout(
+      () =>
+        reject(
+          unavailable(
+            `the database did not answer within ${timeoutMs} ms (no primary reachable: down, cut off, or a failover under way)`,
+          ),
+        ),
+      timeoutMs,
+    );
   });
   try {
     await Promise.race([query, timeout]);
@@ -360,10 +368,20 @@ export async function checkReady(deps: ApiDeps, timeoutMs = READY_TIMEOUT_MS): P
     if (error instanceof TaskQueueError) throw error;
     deps.log.warn({ err: error }, "readiness check failed");
     if (isDatabaseTimeout(error)) throw unavailable("the tasks table is locked or the database is too slow to answer");
-    throw unavailable("the database is not reachable");
+    throw unavailable(notReadyReason(error));
   } finally {
     clearTimeout(timer);
   }
+}
+
+/** Why the database cannot serve us, for /readyz: what a failover looks like from here. */
+function notReadyReason(error: unknown): string {
+  const code = (error as { code?: unknown } | null)?.code;
+  if (code === "25006") return "the database is a read-only standby now (demoted in a failover); waiting for the new primary";
+  if (code === "57P01" || code === "57P02") return "the database is shutting down or crashed (a failover may be under way)";
+  if (code === "57P03") return "the database is starting up or in recovery (a failover may be under way)";
+  if (code === "QUERY_TIMEOUT") return "the database stopped answering (cut off, or a failover under way)";
+  return `the database is not reachable${typeof code === "string" ? ` (${code})` : ""}`;
 }
 
 /** Every attempt of a task, first to last (none before its first dispatch). */
