@@ -245,6 +245,13 @@ export const ConfigSchema = Type.Object({
     "The client's own deadline for every database query of a role: past it the query fails (answered 503) and its connection is dropped, so a primary cut off the network (no reset, queries silent) cannot hold requests; keep it above TQ_DB_STATEMENT_TIMEOUT_MS. 0 turns it off. Defaults to 7000 ms.",
     0,
   ),
+  DATABASE_READ_URL: Type.Optional(
+    Type.String({
+      minLength: 1,
+      description:
+        "PostgreSQL URL for read queries that may lag a little (GET /tasks lists, /workers, /queues), e.g. a streaming replica (target_session_attrs=standby). Unset: DATABASE_URL serves them.",
+    }),
+  ),
   TQ_DATA_DIR: Type.String({
     minLength: 1,
     default: ".data/postgres",

@@ -305,7 +305,8 @@ export async function listTaskPage(deps: ApiDeps, query: TaskPageQuery): Promise
   if (query.queue !== undefined) parseQueueName(query.queue, "queue");
   if (query.schedule_id !== undefined) requireTaskId(query.schedule_id, "schedule_id");
   const fireAt = query.fire_at === undefined ? undefined : parseRfc3339(query.fire_at, "fire_at");
-  const rows = await listTasks(deps.sql, {
+  const reader = deps.readSql ?? deps.sql;
+  const rows = await listTasks(reader, {
     state,
     scheduleId: query.schedule_id,
     fireAt,
@@ -313,7 +314,7 @@ export async function listTaskPage(deps: ApiDeps, query: TaskPageQuery): Promise
     before,
     queue: query.queue,
   });
-  const tasks = await withWaiting(deps.sql, rows.slice(0, limit), deps.settings.workerTimeoutMs);
+  const tasks = await withWaiting(reader, rows.slice(0, limit), deps.settings.workerTimeoutMs);
   const last = tasks.at(-1);
   return { tasks, nextCursor: rows.length > limit && last ? encodeCursor(last.id) : null };
 }
@@ -337,7 +338,7 @@ export async function cancelTaskOrThrow(deps: ApiDeps, id: string, actor: string
 }
 
 export async function listWorkers(deps: ApiDeps): Promise<WorkerRow[]> {
-  return listLiveWorkers(deps.sql, deps.settings.workerTimeoutMs);
+  return listLiveWorkers(deps.readSql ?? deps.sql, deps.settings.workerTimeoutMs);
 }
 
 /**

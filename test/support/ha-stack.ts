@@ -135,6 +135,8 @@ export interface Answer {
 export class Load {
   readonly answers: Answer[] = [];
   readonly acked = new Map<string, string>();
+  /** Task id → when the try that was acknowledged was sent. */
+  readonly sentAtById = new Map<string, number>();
   private running = true;
   private stoppedAt: number | null = null;
   private readonly loops: Promise<void>[] = [];
@@ -173,7 +175,9 @@ export class Load {
         }
         this.answers.push({ sentAt, at: Date.now(), status, url });
         if (status === 200 || status === 201) {
-          this.acked.set(key, (JSON.parse(text) as { id: string }).id);
+          const id = (JSON.parse(text) as { id: string }).id;
+          this.acked.set(key, id);
+          this.sentAtById.set(id, sentAt);
           break;
         }
         // A key not yet acknowledged is retried even after stop() (it may have been written),
