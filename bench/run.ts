@@ -12,6 +12,7 @@ import { flow, flowRate } from "./flow";
 import { ingest } from "./ingest";
 import { latency } from "./latency";
 import { micro } from "./micro";
+import { pgScale } from "./pg-scale";
 import { precision } from "./precision";
 import { routing } from "./routing";
 import { scale } from "./scale";
@@ -33,6 +34,7 @@ const BENCHES: readonly Bench[] = [
   flow,
   flowRate,
   schedulesBench,
+  pgScale,
 ];
 
 const ROOT = join(import.meta.dir, "..");

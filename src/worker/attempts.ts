@@ -7,7 +7,7 @@ import { type Logger, taskFields } from "../log";
 import { limitsFromProto } from "../rpc/convert";
 import { attemptKey, type LossCause } from "../task/attempt";
 import type { Tracing } from "../trace/tracing";
-import { type Execution, execute, notRun, type RunResult } from "./executor";
+import { type Execution, execute, notRun, type RunResult, type RunSpec } from "./executor";
 import type { TaskIdentity } from "./identity";
 import type { Limiter } from "./limits";
 
@@ -53,6 +53,11 @@ export interface AttemptsOptions {
   onForget?: (key: string) => void;
   /** Called, synchronously, whenever what `processes()` returns changed (the watchdog is told at once). */
   changed?: () => void;
+  /**
+   * Runs an attempt's command. Defaults to the executor (src/worker/executor.ts); the benches'
+   * no-op fleet (bench/support/noop-fleet.ts) passes one that reports exit 0 at once.
+   */
+  execute?: (spec: RunSpec) => Execution;
 }
 
 /** One held attempt as the worker's watchdog must know it, to stop it if the worker dies. */
@@ -241,7 +246,7 @@ export class Attempts {
     const execution =
       this.options.identities && !attempt.identity
         ? notRun(`no free slot user: this worker already runs ${this.options.identities.length} tasks`)
-        : execute({
+        : (this.options.execute ?? execute)({
             command: assign.command,
             env: {
               ...assign.env,

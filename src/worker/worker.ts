@@ -21,7 +21,7 @@ import { GRPC_DEFAULT_MAX_MESSAGE_BYTES, grpcMessageLimits } from "../rpc/messag
 import { attemptKey } from "../task/attempt";
 import { fenceKillGraceMs, type HeartbeatTimings, legacyLeaseMsFor } from "../task/lease";
 import type { Tracing } from "../trace/tracing";
-import { Attempts } from "./attempts";
+import { Attempts, type AttemptsOptions } from "./attempts";
 import type { TaskIdentity } from "./identity";
 import { LeaseFence, StallDetector } from "./lease-fence";
 import { createLimiter, type Limiter, type LimitMaxima, type LimitsMode } from "./limits";
@@ -86,6 +86,8 @@ export interface WorkerOptions {
    * (src/worker/watchdog.ts) is told at once, before any process of a new attempt can outlive us.
    */
   onWatchedChange?: () => void;
+  /** Runs an attempt's command (AttemptsOptions.execute); defaults to the executor. */
+  execute?: AttemptsOptions["execute"];
 }
 
 type Stream = grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage>;
@@ -203,6 +205,7 @@ export class Worker {
       gate: (key, receivedAt) => this.gate(key, receivedAt),
       onForget: (key) => this.fence.forget(key),
       changed: options.onWatchedChange,
+      execute: options.execute,
     });
     this.reporter.maxMessageBytes = this.maxMessageBytes;
   }
