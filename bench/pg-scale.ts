@@ -63,13 +63,25 @@ function spawnFleet(host: NetHost, addresses: string[], workers: number, slots: 
     ]),
     { stdin: "ignore", stdout: "pipe", stderr: "pipe" },
   );
-  const ready = (async () => {
+  // Its stdout is read to the end (a stats line a second): closing the pipe would kill it.
+  let resolveReady: () => void = () => {};
+  let rejectReady: (error: Error) => void = () => {};
+  const ready = new Promise<void>((resolve, reject) => {
+    resolveReady = resolve;
+    rejectReady = reject;
+  });
+  void (async () => {
     let text = "";
     for await (const chunk of proc.stdout) {
-      text += new TextDecoder().decode(chunk);
-      if (text.includes('"fleet.ready"')) return;
+      if (text !== "done") {
+        text += new TextDecoder().decode(chunk);
+        if (text.includes('"fleet.ready"')) {
+          text = "done";
+          resolveReady();
+        }
+      }
     }
-    throw new Error("the no-op fleet ended before it was ready");
+    rejectReady(new Error("the no-op fleet ended before it was ready"));
   })();
   return { proc, ready };
 }
@@ -110,7 +122,7 @@ async function run(options: BenchOptions): Promise<BenchResult> {
     const init = Bun.spawnSync([...as, `${PG_BIN}/initdb`, "-D", data, "-A", "trust", "-U", "postgres"], { env: { HOME: dir } });
     if (init.exitCode !== 0) throw new Error(`initdb failed: ${init.stderr.toString()}`);
     const subnet = network.serverIp.replace(/\.1$/, ".0/24");
-    Bun.write(join(data, "pg_hba.conf"), `local all all trust\nhost all all ${subnet} trust\n`);
+    await Bun.write(join(data, "pg_hba.conf"), `local all all trust\nhost all all ${subnet} trust\n`);
     const server = Bun.spawn(
       pgHost.exec([
         ...as,
@@ -120,7 +132,7 @@ async function run(options: BenchOptions): Promise<BenchResult> {
         "-c",
         `listen_addresses=${pgHost.ip}`,
         "-c",
-        `unix_socket_directories=${dir}`,
+        `unix_socket_directories=${data}`,
         "-c",
         "max_connections=200",
         "-c",
@@ -132,14 +144,15 @@ async function run(options: BenchOptions): Promise<BenchResult> {
       server.kill("SIGINT");
       await server.exited;
     });
-    const admin = postgres(`postgres://postgres@${pgHost.ip}:5432/postgres`, { max: 1, onnotice: () => {} });
+    const admin = postgres(`postgres://postgres@${pgHost.ip}:5432/postgres`, { max: 1, connect_timeout: 2, onnotice: () => {} });
     scope.defer("close the admin connection", () => admin.end({ timeout: 1 }));
     for (let i = 0; ; i++) {
       try {
         await admin`SELECT 1`;
         break;
       } catch (error) {
-        if (i > 100) throw error;
+        if (i > 100 || server.exitCode !== null)
+          throw new Error(`PostgreSQL did not start: ${error}; ${await new Response(server.stderr).text()}`);
         await Bun.sleep(100);
       }
     }
@@ -165,28 +178,17 @@ async function run(options: BenchOptions): Promise<BenchResult> {
             TQ_COORDINATOR_ID: `scale@${host.ip}`,
             TQ_COORDINATOR_PORT: "8080",
             TQ_GRPC_PORT: "50051",
-            TQ_LOG_LEVEL: "warn",
+            TQ_LOG_LEVEL: "info",
           });
           roles.push(proc);
-          await proc.waitForEvent("coordinator.started", { timeoutMs: 60_000 }).catch(async () => {
-            // warn level hides the started line: wait for the port instead.
-            for (let i = 0; i < 300; i++) {
-              if (
-                (await fetch(`http://${host.ip}:8080/healthz`).then(
-                  (r) => r.status,
-                  () => 0,
-                )) === 200
-              )
-                return;
-              await Bun.sleep(100);
-            }
-            throw new Error(`coordinator on ${host.ip} did not start`);
-          });
+          await proc.waitForEvent("coordinator.started", { timeoutMs: 60_000 });
         }
+        if (process.env.TQ_BENCH_DEBUG) console.log("pg-scale: coordinators up");
         [f1, f2, f3].forEach((host, i) => {
           fleets.push(spawnFleet(host, [`${hosts[i % count]!.ip}:50051`], plan.workersPerFleet, plan.slots));
         });
         await Promise.all(fleets.map((f) => f.ready));
+        if (process.env.TQ_BENCH_DEBUG) console.log("pg-scale: fleets ready");
         const [{ pid: postmaster }] = (await admin`SELECT pg_backend_pid() AS pid`) as unknown as [{ pid: number }];
         const master = Number(
           readFileSync(`/proc/${postmaster}/stat`, "utf8")
