@@ -61,7 +61,9 @@ export function connect(url: string, options: ConnectOptions = {}): Sql {
     prepare: true,
     // Reconnect quickly after an outage. postgres.js shares its retry count across the pool
     // and would otherwise wait up to 20 s between attempts, stalling requests meant to get 503.
-    backoff: (retries: number) => Math.min(1, 0.05 * 2 ** retries) * (0.5 + Math.random() / 2),
+    // At most 250 ms: during a failover every connection attempt fails until the standby is
+    // promoted, and the first attempt after the promotion should come within a quarter second.
+    backoff: (retries: number) => Math.min(0.25, 0.05 * 2 ** retries) * (0.5 + Math.random() / 2),
     onnotice: () => {},
     connection: startupParameters(options),
     // Patched option (patches/postgres@3.4.9.patch): a deadline per query, client-side.
