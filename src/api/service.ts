@@ -382,7 +382,8 @@ function notReadyReason(error: unknown): string {
   if (code === "57P01" || code === "57P02") return "the database is shutting down or crashed (a failover may be under way)";
   if (code === "57P03") return "the database is starting up or in recovery (a failover may be under way)";
   if (code === "QUERY_TIMEOUT") return "the database stopped answering (cut off, or a failover under way)";
-  return `the database is not reachable${typeof code === "string" ? ` (${code})` : ""}`;
+  // Nothing of the server's or the driver's own text (addresses, codes) goes to clients.
+  return "the database is not reachable";
 }
 
 /** Every attempt of a task, first to last (none before its first dispatch). */
