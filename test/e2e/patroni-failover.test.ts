@@ -40,7 +40,13 @@ describe.skipIf(unavailable !== null)("PostgreSQL failover on Patroni", () => {
     if (dir) rmSync(dir, { recursive: true, force: true });
   }, 60_000);
 
-  async function failover(name: string, fault: (primary: PgNode) => void, heal: () => void = () => {}) {
+  async function failover(
+    name: string,
+    fault: (primary: PgNode) => void,
+    heal: () => void = () => {},
+    /** The fault outlasts /readyz's 2 s wait for certain (a cut: Patroni's ttl first). */
+    surelyNotReady = false,
+  ) {
     const before = await stack.cluster.waitHealthy(90_000);
     const standby = stack.cluster.nodes.find((n) => n !== before)!;
     const load = new Load(
@@ -88,6 +94,7 @@ describe.skipIf(unavailable !== null)("PostgreSQL failover on Patroni", () => {
       // 503, never 500 (0: our own fetch saw no answer, which must not happen: the coordinators stay up).
       const statuses = load.statuses();
       for (const status of statuses.keys()) expect([200, 201, 503]).toContain(status);
+      if (surelyNotReady) expect(ready.notReady.length).toBeGreaterThan(0);
       for (const answer of ready.notReady) {
         expect(answer.status).toBe(503);
         expect(JSON.parse(answer.body).error.message).toMatch(/database/);
@@ -145,6 +152,7 @@ describe.skipIf(unavailable !== null)("PostgreSQL failover on Patroni", () => {
         primary.host.cut();
       },
       () => cut?.host.heal(),
+      true,
     );
   });
 });
