@@ -15,6 +15,7 @@ import { flow, flowRate } from "./flow";
 import { ingest } from "./ingest";
 import { latency } from "./latency";
 import { micro } from "./micro";
+import { pgScale } from "./pg-scale";
 import { precision } from "./precision";
 import { routing } from "./routing";
 import { scale } from "./scale";
@@ -39,6 +40,7 @@ const BENCHES: readonly Bench[] = [
   cost,
   controlPlane,
   fleet,
+  pgScale,
 ];
 
 const ROOT = join(import.meta.dir, "..");

@@ -239,6 +239,19 @@ export const ConfigSchema = Type.Object({
     "PostgreSQL lock_timeout on every connection of a role's pool: a statement waiting longer for a lock (a table locked by a migration or by hand) fails and its request is answered 503; 0 turns it off. Defaults to 2000 ms.",
     0,
   ),
+  // PostgreSQL high availability (Patroni failover; README "Production").
+  TQ_DB_QUERY_TIMEOUT_MS: Millis(
+    7000,
+    "The client's own deadline for every database query of a role: past it the query fails (answered 503) and its connection is dropped, so a primary cut off the network (no reset, queries silent) cannot hold requests; keep it above TQ_DB_STATEMENT_TIMEOUT_MS. 0 turns it off. Defaults to 7000 ms.",
+    0,
+  ),
+  DATABASE_READ_URL: Type.Optional(
+    Type.String({
+      minLength: 1,
+      description:
+        "PostgreSQL URL for read queries that may lag a little (GET /tasks lists, /workers, /queues), e.g. a streaming replica (target_session_attrs=standby). Unset: DATABASE_URL serves them.",
+    }),
+  ),
   TQ_DATA_DIR: Type.String({
     minLength: 1,
     default: ".data/postgres",
@@ -583,6 +596,7 @@ export function databaseOptions(config: Config): ConnectOptions {
     max: config.TQ_DB_POOL_SIZE,
     statementTimeoutMs: config.TQ_DB_STATEMENT_TIMEOUT_MS,
     lockTimeoutMs: config.TQ_DB_LOCK_TIMEOUT_MS,
+    queryTimeoutMs: config.TQ_DB_QUERY_TIMEOUT_MS,
   };
 }
 

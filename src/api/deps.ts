@@ -29,6 +29,12 @@ export interface ApiDeps {
   role: "scheduler" | "coordinator";
   settings: ApiSettings;
   sql: Sql;
+  /**
+   * For read queries that may lag the primary a little (task lists, workers, queues): a pool
+   * on DATABASE_READ_URL, a streaming replica, when one is configured; else absent and `sql`
+   * serves them. A task read by id, and everything written, stays on `sql` (read your writes).
+   */
+  readSql?: Sql;
   /** Started by the role; live status (SSE, WatchTask) subscribes to it. */
   feed: TaskChangeFeed;
   log: Logger;

@@ -39,10 +39,13 @@ export async function readOverview(deps: ApiDeps): Promise<OverviewJson> {
 }
 
 async function computeOverview(deps: ApiDeps): Promise<OverviewJson> {
+  // The heavy reads go to a replica when DATABASE_READ_URL names one; the event id that live
+  // updates resume from stays on the primary, where the change feed is.
+  const reader = deps.readSql ?? deps.sql;
   const [counts, throughput, latency, workers, eventId] = await Promise.all([
-    countTasksByQueueAndState(deps.sql),
-    throughputPerMinute(deps.sql, OVERVIEW_MINUTES),
-    latencyPerMinute(deps.sql, OVERVIEW_MINUTES),
+    countTasksByQueueAndState(reader),
+    throughputPerMinute(reader, OVERVIEW_MINUTES),
+    latencyPerMinute(reader, OVERVIEW_MINUTES),
     listWorkers(deps),
     lastEventId(deps.sql),
   ]);
@@ -194,7 +197,7 @@ export function overviewController(deps: ApiDeps) {
     .get(
       "/concurrency-keys",
       async () => ({
-        keys: (await concurrencyKeysInUse(deps.sql, MAX_KEYS)).map((row) => ({
+        keys: (await concurrencyKeysInUse(deps.readSql ?? deps.sql, MAX_KEYS)).map((row) => ({
           key: row.key,
           max: row.max,
           live: row.live,

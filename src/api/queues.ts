@@ -22,7 +22,7 @@ export function queuesController(deps: ApiDeps) {
     detail: { operationId, tags: ["queues"], summary, description },
   });
   return new Elysia({ normalize: false })
-    .get("/queues", async () => ({ queues: (await listQueues(deps.sql)).map(queueJson) }), {
+    .get("/queues", async () => ({ queues: (await listQueues(deps.readSql ?? deps.sql)).map(queueJson) }), {
       response: responses({ 200: answer(QueueList, "Every queue, with its depth by state and running count.") }, []),
       detail: { operationId: "listQueues", tags: ["queues"], summary: "List queues" },
     })

@@ -321,7 +321,10 @@ export async function listTaskPage(deps: ApiDeps, query: TaskPageQuery, withReas
   if (query.queue !== undefined) parseQueueName(query.queue, "queue");
   if (query.schedule_id !== undefined) requireTaskId(query.schedule_id, "schedule_id");
   const fireAt = query.fire_at === undefined ? undefined : parseRfc3339(query.fire_at, "fire_at");
-  const rows = await listTasks(deps.sql, {
+  // A view may read a replica (DATABASE_READ_URL); a bulk action picks what it changes on the
+  // primary, so a replica's lag never hides a task it was asked to cover.
+  const reader = withReasons ? (deps.readSql ?? deps.sql) : deps.sql;
+  const rows = await listTasks(reader, {
     state,
     scheduleId: query.schedule_id,
     fireAt,
@@ -333,7 +336,7 @@ export async function listTaskPage(deps: ApiDeps, query: TaskPageQuery, withReas
     text: query.q || undefined,
   });
   const page = rows.slice(0, limit);
-  const tasks = withReasons ? await withWaiting(deps.sql, page, deps.settings.workerTimeoutMs) : page;
+  const tasks = withReasons ? await withWaiting(reader, page, deps.settings.workerTimeoutMs) : page;
   const last = tasks.at(-1);
   return { tasks, nextCursor: rows.length > limit && last ? encodeCursor(last.id) : null };
 }
@@ -438,7 +441,7 @@ export async function bulkAction(deps: ApiDeps, action: BulkAction, target: Bulk
 }
 
 export async function listWorkers(deps: ApiDeps): Promise<WorkerRow[]> {
-  return listLiveWorkers(deps.sql, deps.settings.workerTimeoutMs);
+  return listLiveWorkers(deps.readSql ?? deps.sql, deps.settings.workerTimeoutMs);
 }
 
 /**
@@ -453,7 +456,15 @@ export async function checkReady(deps: ApiDeps, timeoutMs = READY_TIMEOUT_MS): P
   // The query may settle after we have answered; its outcome no longer matters then.
   query.catch(() => {});
   const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(unavailable(`the database did not answer within ${timeoutMs} ms`)), timeoutMs);
+    timer = setTimeout(
+      () =>
+        reject(
+          unavailable(
+            `the database did not answer within ${timeoutMs} ms (no primary reachable: down, cut off, or a failover under way)`,
+          ),
+        ),
+      timeoutMs,
+    );
   });
   try {
     await Promise.race([query, timeout]);
@@ -461,10 +472,21 @@ export async function checkReady(deps: ApiDeps, timeoutMs = READY_TIMEOUT_MS): P
     if (error instanceof TaskQueueError) throw error;
     deps.log.warn({ err: error }, "readiness check failed");
     if (isDatabaseTimeout(error)) throw unavailable("the tasks table is locked or the database is too slow to answer");
-    throw unavailable("the database is not reachable");
+    throw unavailable(notReadyReason(error));
   } finally {
     clearTimeout(timer);
   }
+}
+
+/** Why the database cannot serve us, for /readyz: what a failover looks like from here. */
+function notReadyReason(error: unknown): string {
+  const code = (error as { code?: unknown } | null)?.code;
+  if (code === "25006") return "the database is a read-only standby now (demoted in a failover); waiting for the new primary";
+  if (code === "57P01" || code === "57P02") return "the database is shutting down or crashed (a failover may be under way)";
+  if (code === "57P03") return "the database is starting up or in recovery (a failover may be under way)";
+  if (code === "QUERY_TIMEOUT") return "the database stopped answering (cut off, or a failover under way)";
+  // Nothing of the server's or the driver's own text (addresses, codes) goes to clients.
+  return "the database is not reachable";
 }
 
 /** Every attempt of a task, first to last (none before its first dispatch). */

@@ -62,6 +62,8 @@ export class Coordinator {
   readonly id: string;
   readonly registry: WorkerRegistry;
   private readonly sql: Sql;
+  /** Lagging reads (lists) on DATABASE_READ_URL, a replica, when set (README, "Production"). */
+  private readonly readSql: Sql | null;
   private readonly feed: TaskChangeFeed;
   private readonly submitter: Submitter;
   private readonly dispatcher: Dispatcher;
@@ -97,6 +99,12 @@ export class Coordinator {
     const lease = leaseTimings(config);
     this.leaseMs = lease.leaseMs;
     this.sql = connect(databaseUrl, { ...databaseOptions(config), applicationName: `task-queue coordinator ${this.id}` });
+    this.readSql = config.DATABASE_READ_URL
+      ? connect(config.DATABASE_READ_URL, {
+          ...databaseOptions(config),
+          applicationName: `task-queue coordinator ${this.id} reads`,
+        })
+      : null;
     this.feed = new TaskChangeFeed(this.sql);
     this.dispatcher = new Dispatcher({
       sql: this.sql,
@@ -171,6 +179,7 @@ export class Coordinator {
       auth: this.auth,
       settings: apiSettings(config),
       sql: this.sql,
+      ...(this.readSql ? { readSql: this.readSql } : {}),
       feed: this.feed,
       log: log.child({ part: "api" }),
       submit: (id, spec, actor, traceparent) => this.submitter.submit(id, spec, actor, traceparent),
@@ -275,6 +284,7 @@ export class Coordinator {
     await this.completer.stop();
     await this.feed.stop();
     this.auth.stop();
+    await this.readSql?.end({ timeout: 5 });
     await this.sql.end({ timeout: 5 });
     await this.tracing?.stop();
     this.log.info({ event: "coordinator.stopped", id: this.id }, "coordinator stopped");

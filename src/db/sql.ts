@@ -21,6 +21,15 @@ export interface ConnectOptions {
    * (SQLSTATE 55P03, answered as 503). 0 turns it off. Defaults to the server's own setting.
    */
   lockTimeoutMs?: number;
+  /**
+   * The client's own deadline for every query, in ms (0 or unset: none). statement_timeout
+   * cannot end a query the server never answers: with the primary cut off (packets dropped,
+   * no reset) a query would wait on TCP for minutes. Past this deadline a query still waiting
+   * for a connection fails, and one sent has its connection destroyed (which fails all on it);
+   * the pool connects again, to the new primary after a failover. Error code QUERY_TIMEOUT
+   * (answered 503). Lives in the patched postgres.js (patches/postgres@3.4.9.patch, Query.deadline).
+   */
+  queryTimeoutMs?: number;
 }
 
 /**
@@ -36,6 +45,13 @@ export function startupParameters(options: ConnectOptions): Record<string, strin
   return parameters;
 }
 
+/**
+ * A pool on `url`. The URL may list several hosts (`postgres://u@h1:5432,h2:5432/db`) with
+ * `target_session_attrs=primary`: each connection goes to whichever host is the primary then,
+ * so after a failover the pool's next connections reach the new one (README, "Production").
+ * A connection that finds its server demoted (a write refused with 25006) is dropped by the
+ * patched postgres.js rather than written to again.
+ */
 export function connect(url: string, options: ConnectOptions = {}): Sql {
   return postgres(url, {
     max: options.max ?? 10,
@@ -45,9 +61,13 @@ export function connect(url: string, options: ConnectOptions = {}): Sql {
     prepare: true,
     // Reconnect quickly after an outage. postgres.js shares its retry count across the pool
     // and would otherwise wait up to 20 s between attempts, stalling requests meant to get 503.
-    backoff: (retries: number) => Math.min(1, 0.05 * 2 ** retries) * (0.5 + Math.random() / 2),
+    // At most 250 ms: during a failover every connection attempt fails until the standby is
+    // promoted, and the first attempt after the promotion should come within a quarter second.
+    backoff: (retries: number) => Math.min(0.25, 0.05 * 2 ** retries) * (0.5 + Math.random() / 2),
     onnotice: () => {},
     connection: startupParameters(options),
+    // Patched option (patches/postgres@3.4.9.patch): a deadline per query, client-side.
+    ...(options.queryTimeoutMs ? { query_timeout: options.queryTimeoutMs } : {}),
     types: { date: { to: 1184, from: [1082, 1114, 1184], serialize: (date: Date) => date.toISOString(), parse: parseTimestamp } },
   });
 }

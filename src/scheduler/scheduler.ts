@@ -19,6 +19,8 @@ import { type Tracing, tracingFor } from "../trace/tracing";
 
 export class Scheduler {
   private readonly sql: Sql;
+  /** Lagging reads (lists) on DATABASE_READ_URL, a replica, when set (README, "Production"). */
+  private readonly readSql: Sql | null;
   private readonly feed: TaskChangeFeed;
   private readonly app: ReturnType<typeof createApp>;
   private readonly auth: Authenticator;
@@ -38,6 +40,9 @@ export class Scheduler {
   ) {
     this.tracing = tracingFor(tracingEndpoint(config), "scheduler");
     this.sql = connect(databaseUrl, { ...databaseOptions(config), applicationName: "task-queue scheduler" });
+    this.readSql = config.DATABASE_READ_URL
+      ? connect(config.DATABASE_READ_URL, { ...databaseOptions(config), applicationName: "task-queue scheduler reads" })
+      : null;
     this.feed = new TaskChangeFeed(this.sql);
     this.auth = new Authenticator(this.sql, authOptions(config), log.child({ part: "auth" }));
     this.submitter = new Submitter({ sql: this.sql, agingMs: config.TQ_PRIORITY_AGING_MS });
@@ -56,6 +61,7 @@ export class Scheduler {
       auth: this.auth,
       settings: apiSettings(config),
       sql: this.sql,
+      ...(this.readSql ? { readSql: this.readSql } : {}),
       feed: this.feed,
       log: log.child({ part: "api" }),
       submit: (id, spec, actor, traceparent) => this.submitter.submit(id, spec, actor, traceparent),
@@ -89,6 +95,7 @@ export class Scheduler {
     await this.submitter.drained();
     await this.feed.stop();
     this.auth.stop();
+    await this.readSql?.end({ timeout: 5 });
     await this.sql.end({ timeout: 5 });
     await this.tracing?.stop();
     this.log.info({ event: "scheduler.stopped" }, "scheduler stopped");

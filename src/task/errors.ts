@@ -75,6 +75,12 @@ const CONNECTION_ERROR_CODES = new Set([
   "CONNECTION_DESTROYED",
   "CONNECT_TIMEOUT",
   "CONNECTION_CONNECT_TIMEOUT",
+  // The client's own deadline passed (ConnectOptions.queryTimeoutMs): the query may or may not
+  // have run, as with a reset link.
+  "QUERY_TIMEOUT",
+  // read_only_sql_transaction: the server is a standby now (demoted in a failover); the
+  // connection is dropped and the next one finds the primary.
+  "25006",
   // PostgreSQL: admin shutdown, crash shutdown, cannot connect now, too many connections.
   "57P01",
   "57P02",

@@ -80,7 +80,7 @@ export interface Execution {
 const DEFAULT_DRAIN_MS = 1000;
 
 /**
- * The environment a task sees. DATABASE_URL and TQ_* are the worker's own secrets and
+ * The environment a task sees. DATABASE_URL, DATABASE_READ_URL and TQ_* are the worker's own secrets and
  * configuration, so they are never inherited; the task env (which may carry TQ_TASK_ID and
  * TQ_TASK_ATTEMPT from the caller) is applied after that filter.
  */
@@ -95,7 +95,7 @@ function inheritable(baseEnv: Record<string, string | undefined>): Record<string
   if (out) return out;
   out = {};
   for (const [key, value] of Object.entries(baseEnv)) {
-    if (value === undefined || key === "DATABASE_URL" || key.startsWith("TQ_")) continue;
+    if (value === undefined || key === "DATABASE_URL" || key === "DATABASE_READ_URL" || key.startsWith("TQ_")) continue;
     out[key] = value;
   }
   inheritedCache.set(baseEnv, out);

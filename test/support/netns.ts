@@ -210,7 +210,7 @@ export function createNetwork(count: number): Network {
  */
 export function spawnRoleOn(
   host: NetHost,
-  role: "coordinator" | "worker",
+  role: "coordinator" | "worker" | "scheduler",
   env: Record<string, string>,
   options: { group?: boolean } = {},
 ): RoleProcess {

@@ -740,3 +740,57 @@ test("compose secrets come from a .env that git ignores, with a committed exampl
     expect(Object.keys(envExample())).toContain(secret);
   }
 });
+
+// docker-compose.ha.yml (README, "Production"): parsed and interpolated as docker-compose.yml.
+describe("docker-compose.ha.yml", () => {
+  const ha = record(interpolateDeep(Bun.YAML.parse(readFileSync(join(root, "docker-compose.ha.yml"), "utf8"))), "ha");
+  const haServices = record(ha.services, "services");
+  const haService = (name: string) => record(haServices[name], `service ${name}`);
+  const haRoles = ["coordinator1", "coordinator2", "scheduler", "worker"];
+  const haConfig = (name: string) => loadConfig({ ...imageEnv, ...environmentOf(haService(name)) });
+  const patroni = Bun.YAML.parse(readFileSync(join(root, "deploy/patroni/patroni.yml"), "utf8")) as {
+    etcd3: { hosts: string };
+    bootstrap: {
+      dcs: { ttl: number; loop_wait: number; retry_timeout: number; synchronous_mode: boolean; primary_start_timeout: number };
+    };
+  };
+
+  test("three etcd members, two Patroni PostgreSQL nodes, two coordinators, a scheduler and workers", () => {
+    expect(Object.keys(haServices).sort()).toEqual(
+      ["coordinator1", "coordinator2", "etcd1", "etcd2", "etcd3", "pg1", "pg2", "scheduler", "worker"].sort(),
+    );
+    for (const pg of ["pg1", "pg2"]) expect({ pg, build: haService(pg).build }).toEqual({ pg, build: "deploy/patroni" });
+    expect(patroni.etcd3.hosts.split(",").sort()).toEqual(["etcd1:2379", "etcd2:2379", "etcd3:2379"]);
+  });
+
+  test("every role with a database reaches both nodes through one multi-host URL that asks for the primary", () => {
+    for (const role of ["coordinator1", "coordinator2", "scheduler"]) {
+      const config = haConfig(role);
+      const match = /^postgres:\/\/[^@]+@([^/]+)\/taskqueue\?(.*)$/.exec(config.DATABASE_URL ?? "");
+      expect({ role, match: match !== null }).toEqual({ role, match: true });
+      expect(match![1]!.split(",").sort()).toEqual(["pg1:5432", "pg2:5432"]);
+      expect(new URLSearchParams(match![2]).get("target_session_attrs")).toBe("primary");
+    }
+    expect(environmentOf(haService("worker")).DATABASE_URL).toBeUndefined();
+  });
+
+  test("every role's environment loads as configuration; coordinators have ids of their own; workers dial both", () => {
+    for (const role of haRoles) expect(() => haConfig(role)).not.toThrow();
+    expect(haConfig("coordinator1").TQ_COORDINATOR_ID).not.toBe(haConfig("coordinator2").TQ_COORDINATOR_ID);
+    expect(coordinatorAddresses(haConfig("worker")).sort()).toEqual(["coordinator1:50051", "coordinator2:50051"]);
+  });
+
+  test("Patroni's timing is what the README's guarantees assume", () => {
+    const { ttl, loop_wait, retry_timeout, synchronous_mode, primary_start_timeout } = patroni.bootstrap.dcs;
+    expect(synchronous_mode).toBe(true);
+    expect(primary_start_timeout).toBe(0);
+    // Patroni's own rule: loop_wait + 2 * retry_timeout <= ttl.
+    expect(loop_wait + 2 * retry_timeout).toBeLessThanOrEqual(ttl);
+    for (const role of ["coordinator1", "coordinator2", "scheduler"]) {
+      const config = haConfig(role);
+      // A query's own deadline outlasts the server's statement timeout, and ends well within a lease.
+      expect(config.TQ_DB_QUERY_TIMEOUT_MS).toBeGreaterThan(config.TQ_DB_STATEMENT_TIMEOUT_MS);
+      expect(config.TQ_DB_QUERY_TIMEOUT_MS).toBeLessThan(config.TQ_DEFAULT_LEASE_MS);
+    }
+  });
+});

@@ -1,0 +1,117 @@
+// The client side of a PostgreSQL failover, on the machine's own server: a query's deadline
+// (ConnectOptions.queryTimeoutMs, the patched postgres.js) ends a query the server never
+// answers and drops its connection; a connection whose server refuses writes as read-only
+// (a demoted primary, 25006) is dropped and never written to again; a multi-host URL with
+// target_session_attrs=primary skips a host that does not answer. The whole failover, on
+// Patroni, is test/e2e/patroni-failover.test.ts.
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { connect, type Sql } from "../../src/db/sql";
+import { isDatabaseUnavailable } from "../../src/task/errors";
+import { freePort, useTestDatabase } from "../support/db";
+import { TcpProxy } from "../support/tcp-proxy";
+
+const db = useTestDatabase();
+let proxy: TcpProxy;
+const pools: Sql[] = [];
+
+beforeAll(async () => {
+  const target = new URL(db.url);
+  proxy = await TcpProxy.start(target.hostname, Number(target.port || 5432));
+});
+
+afterAll(async () => {
+  for (const pool of pools) await pool.end({ timeout: 1 });
+  await proxy.stop();
+});
+
+function pool(url: string, queryTimeoutMs: number): Sql {
+  const sql = connect(url, { max: 1, connectTimeout: 2, queryTimeoutMs, applicationName: "task-queue failover test" });
+  pools.push(sql);
+  return sql;
+}
+
+async function backendPid(sql: Sql): Promise<number> {
+  const [row] = await sql<{ pid: number }[]>`SELECT pg_backend_pid() AS pid`;
+  if (!row) throw new Error("no backend pid");
+  return row.pid;
+}
+
+async function failure(query: Promise<unknown>): Promise<Error & { code?: string }> {
+  try {
+    await query;
+  } catch (error) {
+    return error as Error & { code?: string };
+  }
+  throw new Error("the query succeeded");
+}
+
+describe("a query's own deadline", () => {
+  test("a query on a silent link fails with QUERY_TIMEOUT (503) and the pool connects again once it is back", async () => {
+    const sql = pool(proxy.url(db.url), 400);
+    const before = await backendPid(sql);
+    proxy.silence();
+    const error = await failure(sql`SELECT 1`);
+    expect(error.code).toBe("QUERY_TIMEOUT");
+    expect(isDatabaseUnavailable(error)).toBe(true);
+    // Queries that come while no connection can be made fail by their own deadline too.
+    expect((await failure(sql`SELECT 2`)).code).toBe("QUERY_TIMEOUT");
+    proxy.restore();
+    const after = await backendPid(sql);
+    expect(after).not.toBe(before);
+  });
+
+  test("a transaction's statements have the deadline too", async () => {
+    const sql = pool(proxy.url(db.url), 400);
+    await sql`SELECT 1`;
+    const transaction = sql.begin(async (tx) => {
+      await tx`SELECT 1`;
+      proxy.silence();
+      await tx`SELECT 2`;
+    });
+    expect(isDatabaseUnavailable(await failure(transaction))).toBe(true);
+    proxy.restore();
+    expect([...(await sql`SELECT 3 AS n`)]).toEqual([{ n: 3 }]);
+  });
+
+  test("a slow statement within its deadline is not cut", async () => {
+    const sql = pool(db.url, 2000);
+    expect(await sql`SELECT pg_sleep(0.3), 7 AS n`.then((rows) => rows[0]?.n)).toBe(7);
+  });
+});
+
+describe("a demoted server", () => {
+  test("a write refused as read-only (25006) drops the connection: the next query runs on a new one", async () => {
+    const sql = pool(`${db.url}?target_session_attrs=primary`, 5000);
+    await sql`CREATE TABLE IF NOT EXISTS failover_probe (n int)`;
+    const before = await backendPid(sql);
+    // As a standby would: this session refuses every write from now on.
+    await sql`SET SESSION default_transaction_read_only = on`;
+    const error = await failure(sql`INSERT INTO failover_probe VALUES (1)`);
+    expect(error.code).toBe("25006");
+    expect(isDatabaseUnavailable(error)).toBe(true);
+    // Not written to again: the pool made a new connection, where writes go through.
+    await sql`INSERT INTO failover_probe VALUES (2)`;
+    const after = await backendPid(sql);
+    expect(after).not.toBe(before);
+    expect((await sql<{ n: number }[]>`SELECT n FROM failover_probe`).map((r) => r.n)).toEqual([2]);
+  });
+
+  test("without target_session_attrs the connection is kept (a read-only role stays as configured)", async () => {
+    const sql = pool(db.url, 5000);
+    await sql`SET SESSION default_transaction_read_only = on`;
+    const before = await backendPid(sql);
+    expect((await failure(sql`CREATE TABLE failover_never (n int)`)).code).toBe("25006");
+    const after = await backendPid(sql);
+    expect(after).toBe(before);
+  });
+});
+
+describe("a multi-host URL", () => {
+  test("target_session_attrs=primary skips a host that refuses connections and finds the primary", async () => {
+    const target = new URL(db.url);
+    const dead = await freePort();
+    const url = `postgres://${target.username}@127.0.0.1:${dead},${target.hostname}:${target.port || 5432}${target.pathname}?target_session_attrs=primary`;
+    const sql = pool(url, 5000);
+    expect([...(await sql`SELECT pg_is_in_recovery() AS standby`)]).toEqual([{ standby: false }]);
+  });
+});
