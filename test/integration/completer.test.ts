@@ -8,12 +8,13 @@ import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import pino from "pino";
 import { Completer } from "../../src/coordinator/completer";
 import { WorkerRegistry } from "../../src/coordinator/registry";
+import { claimDue } from "../../src/db/claim";
 import { connect, type Sql } from "../../src/db/sql";
 import { getTask } from "../../src/db/tasks";
 import { type CoordinatorMessage, Outcome, TaskFinishedSchema } from "../../src/gen/taskqueue/v1/worker_service_pb";
 import { HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { eventually } from "../support/eventually";
-import { createTask } from "../support/factories";
+import { createTask, taskSpec } from "../support/factories";
 import { TcpProxy } from "../support/tcp-proxy";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
@@ -100,5 +101,57 @@ test("a database outage fills the backlog to its bound: work is held back, then 
   expect(freed).toBe(4);
   expect(logged("attempt.finished")).toBe(3);
   for (const task of tasks) expect((await getTask(db.sql, task.id))?.state).toBe("succeeded");
+  await completer.stop();
+});
+
+test("a keyed task's result wakes the dispatcher again once durable: only then is its key's slot free", async () => {
+  const registry = new WorkerRegistry();
+  const acks: CoordinatorMessage[] = [];
+  const worker = registry.open(
+    { id: "wk", name: "wk", slots: 2, held: [], features: new Set() },
+    { write: (m) => acks.push(m), close() {} },
+  );
+  registry.add(worker);
+  const wakes: string[] = [];
+  const completer = new Completer({
+    sql: db.sql,
+    registry,
+    log: pino({ level: "silent" }),
+    coordinatorId: "c1",
+    onSlotFreed: () => wakes.push("wake"),
+  });
+  const spec = taskSpec({ concurrency: { key: "completer-key", max: 1, strategy: "queue" } });
+  const first = await createTask(db.sql, spec);
+  const second = await createTask(db.sql, spec);
+  const plain = await createTask(db.sql, taskSpec(), { assignTo: { workerId: "wk", coordinatorId: "c1", leaseMs: 60_000 } });
+  const [claimed] = await claimDue(db.sql, "c1", ["wk"], 60_000);
+  expect(claimed?.id).toBe(first.id);
+  for (const task of [claimed!, plain]) registry.reserve(worker, task.id, task.attempt);
+  const finish = (task: { id: string; attempt: number }) => {
+    const now = timestampFromDate(new Date());
+    completer.finished(
+      worker,
+      create(TaskFinishedSchema, {
+        ref: { taskId: task.id, attempt: task.attempt },
+        outcome: Outcome.EXITED,
+        exitCode: 0,
+        startedAt: now,
+        finishedAt: now,
+      }),
+    );
+  };
+
+  // A plain task: one wake, when its process is gone.
+  finish(plain);
+  await eventually(() => acks.length === 1, { what: "the plain result acknowledged" });
+  expect(wakes).toHaveLength(1);
+  // A keyed one: that wake, and one more once the result is written.
+  finish(claimed!);
+  expect(wakes).toHaveLength(2);
+  await eventually(() => acks.length === 2, { what: "the keyed result acknowledged" });
+  expect(wakes).toHaveLength(3);
+  // What that wake's pass finds: the key's next task.
+  const next = await claimDue(db.sql, "c1", ["wk"], 60_000);
+  expect(next.map((t) => t.id)).toEqual([second.id]);
   await completer.stop();
 });

@@ -56,6 +56,37 @@ describe("concurrency keys in the claim", () => {
     expect(claimed.filter((t) => plain.includes(t.id))).toHaveLength(3);
   });
 
+  test("a hot key with live tasks gives only its room from a deep backlog, and the tasks behind it still go", async () => {
+    await clear();
+    await submit(Array.from({ length: 2 }, () => keyed("hot", 4)));
+    const live = await claimDue(db.sql, "c1", slots(2), 60_000);
+    expect(live).toHaveLength(2);
+    const backlog = await submit(Array.from({ length: 60 }, () => keyed("hot", 4)));
+    const plain = await submit(Array.from({ length: 3 }, () => taskSpec()));
+    const claimed = await claimDue(db.sql, "c1", slots(8), 60_000);
+    // Room for 2 more of the key (its first 2 queued), and the 3 plain ones.
+    expect(claimed.filter((t) => plain.includes(t.id))).toHaveLength(3);
+    expect(claimed.filter((t) => t.concurrency_key === "hot").map((t) => t.id).sort()).toEqual(backlog.slice(0, 2).sort());
+    expect(await liveOf("hot")).toBe(4);
+    expect(await claimDue(db.sql, "c1", slots(8), 60_000)).toHaveLength(0);
+    // One done: exactly the next one of the queue.
+    const done = claimed.find((t) => t.concurrency_key === "hot")!;
+    await finishAttempt(db.sql, { taskId: done.id, attempt: done.attempt, workerId: "w1" }, attemptResult());
+    expect((await claimDue(db.sql, "c1", slots(8), 60_000)).map((t) => t.id)).toEqual([backlog[2]!]);
+  });
+
+  test("a task asking a smaller max than its key's live ones is held to its own max", async () => {
+    await clear();
+    await submit(Array.from({ length: 2 }, () => keyed("mixed", 3)));
+    expect(await claimDue(db.sql, "c1", slots(2), 60_000)).toHaveLength(2);
+    await submit([keyed("mixed", 2)]);
+    await submit([keyed("mixed", 3)]);
+    // 2 live, room 1 by the live ones' max: the first queued asks 2 (full for it), and the
+    // one behind it would be a 4th (over its 3).
+    expect(await claimDue(db.sql, "c1", slots(4), 60_000)).toHaveLength(0);
+    expect(await liveOf("mixed")).toBe(2);
+  });
+
   test("keys are served round robin: each key gets one slot before any gets a second", async () => {
     await clear();
     const a = await submit(Array.from({ length: 5 }, () => keyed("a", 5)));
