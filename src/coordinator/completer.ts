@@ -318,7 +318,10 @@ export class Completer {
           applied = (await requeueAttempt(this.options.sql, target, reason, action.cause)) !== null;
           // Superseded (or a repeat of one applied): the history still says it came.
           if (!applied) await recordStaleHandBack(this.options.sql, target, reason, action.cause);
-        } else await recordAttemptStopped(this.options.sql, target, reason, action.usage);
+        } else if (await recordAttemptStopped(this.options.sql, target, reason, action.usage)) {
+          // A cancelled keyed task's process is gone: only now is its key's slot free.
+          this.options.onSlotFreed();
+        }
         const result = finishedTimes(message);
         this.logFinished(worker, target, action.kind === "requeue" ? "handed_back" : "stopped", result, !applied, reason);
         if (!applied) this.options.metrics?.staleReport();

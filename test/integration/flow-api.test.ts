@@ -7,6 +7,7 @@ import { apiSettings, loadConfig } from "../../src/config";
 import { claimDue } from "../../src/db/claim";
 import { insertTask } from "../../src/db/insert";
 import { TaskChangeFeed } from "../../src/db/notify";
+import { recordAttemptStopped } from "../../src/db/transitions";
 import { upsertWorker } from "../../src/db/workers";
 import { silentLogger } from "../../src/log";
 import { TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
@@ -168,12 +169,16 @@ describe("strategies and waiting reasons", () => {
     expect(other.json.state).toBe("queued");
   });
 
-  test("cancel_in_progress: the oldest live one is cancelled, and the new one is claimed next", async () => {
+  test("cancel_in_progress: the oldest live one is cancelled, and the new one is claimed once its process is gone", async () => {
     const first = await call("POST", "/tasks", keyed("cancel_in_progress"));
-    await claimDue(db.sql, "c1", ["w1"], 60_000);
+    const [live] = await claimDue(db.sql, "c1", ["w1"], 60_000);
     const second = await call("POST", "/tasks", keyed("cancel_in_progress"));
     expect(second.json.state).toBe("queued");
     expect((await call("GET", `/tasks/${first.json.id}`)).json.state).toBe("cancelled");
+    // Its process may still run until the worker reports it stopped: the key stays full.
+    expect(await claimDue(db.sql, "c1", ["w2"], 60_000)).toHaveLength(0);
+    expect((await call("GET", `/tasks/${second.json.id}`)).json.waiting.kind).toBe("key_full");
+    await recordAttemptStopped(db.sql, { taskId: live!.id, attempt: live!.attempt, workerId: "w1" }, "cancelled");
     const claimed = await claimDue(db.sql, "c1", ["w1"], 60_000);
     expect(claimed.map((t) => t.id)).toEqual([second.json.id]);
   });
