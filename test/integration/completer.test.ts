@@ -35,14 +35,32 @@ afterAll(async () => {
   await proxy?.stop();
 }, HOOK_TIMEOUT_MS);
 
-test("a database outage fills the backlog to its bound: work is held back, then resumes once results are written", async () => {
+/** A registry with one connected worker of `slots` slots, and the messages sent to it. */
+function connectedWorker(id: string, slots: number) {
   const registry = new WorkerRegistry();
   const acks: CoordinatorMessage[] = [];
   const worker = registry.open(
-    { id: "w1", name: "w1", slots: 4, held: [], features: new Set() },
+    { id, name: id, slots, held: [], features: new Set() },
     { write: (m) => acks.push(m), close() {} },
   );
   registry.add(worker);
+  return { registry, worker, acks };
+}
+
+/** The worker's TaskFinished of an attempt that exited 0. */
+function exitedZero(task: { id: string; attempt: number }) {
+  const now = timestampFromDate(new Date());
+  return create(TaskFinishedSchema, {
+    ref: { taskId: task.id, attempt: task.attempt },
+    outcome: Outcome.EXITED,
+    exitCode: 0,
+    startedAt: now,
+    finishedAt: now,
+  });
+}
+
+test("a database outage fills the backlog to its bound: work is held back, then resumes once results are written", async () => {
+  const { registry, worker, acks } = connectedWorker("w1", 4);
   let freed = 0;
   const lines: { event?: string }[] = [];
   const log = pino({ level: "info" }, { write: (line: string) => lines.push(JSON.parse(line)) });
@@ -66,19 +84,7 @@ test("a database outage fills the backlog to its bound: work is held back, then 
   // hang until the restore, which holds the backlog just the same).
   await sql`SELECT 1`;
   proxy.cut();
-  const now = timestampFromDate(new Date());
-  for (const task of tasks) {
-    completer.finished(
-      worker,
-      create(TaskFinishedSchema, {
-        ref: { taskId: task.id, attempt: task.attempt },
-        outcome: Outcome.EXITED,
-        exitCode: 0,
-        startedAt: now,
-        finishedAt: now,
-      }),
-    );
-  }
+  for (const task of tasks) completer.finished(worker, exitedZero(task));
   // Three results for a bound of two: every slot is free by the worker's count, yet none is
   // offered while they wait for the database.
   expect(completer.backlog).toBe(3);
@@ -105,13 +111,7 @@ test("a database outage fills the backlog to its bound: work is held back, then 
 });
 
 test("a keyed task's result wakes the dispatcher again once durable: only then is its key's slot free", async () => {
-  const registry = new WorkerRegistry();
-  const acks: CoordinatorMessage[] = [];
-  const worker = registry.open(
-    { id: "wk", name: "wk", slots: 2, held: [], features: new Set() },
-    { write: (m) => acks.push(m), close() {} },
-  );
-  registry.add(worker);
+  const { registry, worker, acks } = connectedWorker("wk", 2);
   const wakes: string[] = [];
   const completer = new Completer({
     sql: db.sql,
@@ -127,19 +127,7 @@ test("a keyed task's result wakes the dispatcher again once durable: only then i
   const [claimed] = await claimDue(db.sql, "c1", ["wk"], 60_000);
   expect(claimed?.id).toBe(first.id);
   for (const task of [claimed!, plain]) registry.reserve(worker, task.id, task.attempt);
-  const finish = (task: { id: string; attempt: number }) => {
-    const now = timestampFromDate(new Date());
-    completer.finished(
-      worker,
-      create(TaskFinishedSchema, {
-        ref: { taskId: task.id, attempt: task.attempt },
-        outcome: Outcome.EXITED,
-        exitCode: 0,
-        startedAt: now,
-        finishedAt: now,
-      }),
-    );
-  };
+  const finish = (task: { id: string; attempt: number }) => completer.finished(worker, exitedZero(task));
 
   // A plain task: one wake, when its process is gone.
   finish(plain);
