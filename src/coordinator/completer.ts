@@ -206,6 +206,7 @@ export class Completer {
       finishes.forEach((finish, i) => {
         this.recorded(finish, applied[i] ?? null);
       });
+      this.wakeForKeys(applied);
       return { reports: [] };
     } catch (error) {
       if (isTransientDatabaseError(error)) return { reports: finishes, error };
@@ -216,6 +217,7 @@ export class Completer {
       try {
         const [applied] = await finishAttempts(this.options.sql, [finish.report]);
         this.recorded(finish, applied ?? null);
+        this.wakeForKeys(applied ? [applied] : []);
       } catch (error) {
         if (isTransientDatabaseError(error) || !(await this.recordRefused(finish, error))) {
           return { reports: finishes.slice(i), error };
@@ -223,6 +225,17 @@ export class Completer {
       }
     }
     return { reports: [] };
+  }
+
+  /**
+   * Results of keyed tasks are durable: their keys' slots are free only now. The slot freed
+   * when the process exited woke a dispatch pass already, but that claim still counted the
+   * task live and left its key's next task queued; wake once more now rather than wait for
+   * the NOTIFY (which still wakes the other coordinators) to come back round.
+   */
+  private wakeForKeys(applied: readonly (TaskChangeRow | null | undefined)[]): void {
+    if (applied.some((row) => row?.concurrency_key && row.state !== "dispatched" && row.state !== "running"))
+      this.options.onSlotFreed();
   }
 
   /** A result is durable (`applied`: the task as changed, or null when stale): its log line, its count, the worker's Ack. */
@@ -305,7 +318,10 @@ export class Completer {
           applied = (await requeueAttempt(this.options.sql, target, reason, action.cause)) !== null;
           // Superseded (or a repeat of one applied): the history still says it came.
           if (!applied) await recordStaleHandBack(this.options.sql, target, reason, action.cause);
-        } else await recordAttemptStopped(this.options.sql, target, reason, action.usage);
+        } else if (await recordAttemptStopped(this.options.sql, target, reason, action.usage)) {
+          // A cancelled keyed task's process is gone: only now is its key's slot free.
+          this.options.onSlotFreed();
+        }
         const result = finishedTimes(message);
         this.logFinished(worker, target, action.kind === "requeue" ? "handed_back" : "stopped", result, !applied, reason);
         if (!applied) this.options.metrics?.staleReport();

@@ -7,7 +7,15 @@
 // kills its tasks and exits, and its watchdog then reports them): a join token proves that one
 // may join, not that one speaks for this worker. Each requeue is fenced on the task, attempt
 // and worker, so a report can only end attempts that worker still held.
+//
+// Rate limited before any database work: a watchdog reports once when its worker dies (and
+// retries what was not taken, at most every second), so per presented credential a few a
+// second and per peer host (all the workers of one machine may die at once) some more are
+// plenty; beyond that the answer is RESOURCE_EXHAUSTED with the wait, which the watchdog
+// retries like any other failure. Nobody can make the coordinator check credentials or
+// requeue faster than that, nor log a refusal a line per request.
 import * as grpc from "@grpc/grpc-js";
+import { RateLimiter } from "../auth/rate-limit";
 import { bearerToken, hashToken } from "../auth/tokens";
 import type { Sql } from "../db/sql";
 import { requeueAttempt } from "../db/transitions";
@@ -24,6 +32,33 @@ export interface WorkerLostOptions {
   log: Logger;
   /** Counts the attempts requeued on confirmed death (taskqueue_tasks_rescued_total). */
   metrics?: TaskMetrics;
+  /** The rate limits (defaults: WORKER_LOST_LIMITS). */
+  limits?: WorkerLostLimits;
+  /** The clock of the rate limits, in ms (defaults to performance.now). */
+  now?: () => number;
+}
+
+/** Reports a second, and at once, per presented credential and per peer host. */
+export interface WorkerLostLimits {
+  perCredential: { perSecond: number; burst: number };
+  perPeer: { perSecond: number; burst: number };
+}
+
+export const WORKER_LOST_LIMITS: WorkerLostLimits = {
+  perCredential: { perSecond: 1, burst: 5 },
+  perPeer: { perSecond: 10, burst: 50 },
+};
+
+/** Buckets kept per limit; past it the least recently used goes (src/auth/rate-limit.ts). */
+const MAX_BUCKETS = 10_000;
+
+/** The host of a grpc-js peer ("ipv4:10.0.0.7:41234", "ipv6:[::1]:5000", "unix:/path"), without its port. */
+export function peerHost(peer: string): string {
+  const ipv6 = /^ipv6:\[(.*)\](?::\d+)?$/.exec(peer);
+  if (ipv6) return ipv6[1]!;
+  const ipv4 = /^(?:ipv4:)?([^:]+):\d+$/.exec(peer);
+  if (ipv4) return ipv4[1]!;
+  return peer;
 }
 
 /** What the history says (event detail.reason) of an attempt the watchdog stopped. */
@@ -34,12 +69,34 @@ const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 export function reportWorkerLostHandler(
   options: WorkerLostOptions,
 ): grpc.handleUnaryCall<ReportWorkerLostRequest, Partial<ReportWorkerLostResponse>> {
+  const limits = options.limits ?? WORKER_LOST_LIMITS;
+  const byCredential = new RateLimiter(limits.perCredential.perSecond, limits.perCredential.burst, MAX_BUCKETS);
+  const byPeer = new RateLimiter(limits.perPeer.perSecond, limits.perPeer.burst, MAX_BUCKETS);
+  const now = options.now ?? (() => performance.now());
   return (call, callback) => {
     const request = call.request;
-    const problem = requestProblem(request);
-    if (problem) return callback({ code: grpc.status.INVALID_ARGUMENT, details: problem });
     const value = call.metadata.get("authorization")[0];
     const credential = bearerToken(typeof value === "string" ? value : undefined);
+    const peer = peerHost(call.getPeer());
+    const at = now();
+    // Both buckets pay for the request, so neither many peers with one credential nor many
+    // credentials from one peer go past their limit.
+    const wait = Math.max(
+      byPeer.take(peer, at),
+      byCredential.take(credential ? hashToken(credential) : `none:${request.workerId.slice(0, 200)}`, at),
+    );
+    if (wait > 0) {
+      options.log.debug(
+        { event: "coordinator.worker_lost_limited", worker: request.workerId, peer },
+        "lost-worker report rate limited",
+      );
+      return callback({
+        code: grpc.status.RESOURCE_EXHAUSTED,
+        details: `too many lost-worker reports from this worker or host; retry in ${Math.ceil(wait)} ms`,
+      });
+    }
+    const problem = requestProblem(request);
+    if (problem) return callback({ code: grpc.status.INVALID_ARGUMENT, details: problem });
     void handle(options, request, credential).then(
       (answer) =>
         callback(answer.ok ? null : { code: answer.code, details: answer.details }, answer.ok ? answer.response : undefined),

@@ -35,6 +35,7 @@ import {
   flowCandidateColumns,
   flowCandidateFilter,
   flowConsume,
+  flowNextHoldEnd,
   flowNextToken,
   flowPickOrder,
   flowRooms,
@@ -230,14 +231,16 @@ export async function claimDue(
  * due now), or null when nothing is queued. The database's clock, not ours, decides dueness.
  */
 export async function nextDueIn(sql: Sql): Promise<number | null> {
-  // Flow control: tasks their key or bucket holds back are not due; a bucket's next token is.
-  // Clamped here, not with greatest(0, ...) in SQL: greatest ignores a NULL (nothing queued)
-  // and answered 0, "due now", which re-armed the dispatcher every 5 ms on an idle queue.
+  // Flow control: tasks their key or bucket holds back are not due; a bucket's next token is,
+  // and so is the end of a stopping task's hold on its key.
   const rows = await sql<{ due_in_ms: string | null }[]>`
     SELECT least(
-      (SELECT ceil(extract(epoch FROM min(run_at) - clock_timestamp()) * 1000)::bigint
+      -- greatest inside min: min of no rows stays null (greatest(0, null) would be 0, and an
+      -- idle dispatcher with free slots would look again every 5 ms).
+      (SELECT min(greatest(0, ceil(extract(epoch FROM run_at - clock_timestamp()) * 1000)))::bigint
        FROM tasks WHERE state IN (${states(sql, GUARDS.claim)}) AND ${flowAdmissible(sql)}),
-      ${flowNextToken(sql)})::text AS due_in_ms`;
+      ${flowNextToken(sql)},
+      ${flowNextHoldEnd(sql)})::text AS due_in_ms`;
   const value = rows[0]?.due_in_ms;
   return value == null ? null : Math.max(0, Number(value));
 }

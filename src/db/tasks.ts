@@ -62,6 +62,7 @@ export const TASK_ROW_COLUMNS = [
   "concurrency_strategy",
   "rate_limit",
   "rate_limit_key",
+  "key_held_until",
   // Routing (src/db/claim.ts, src/task/labels.ts).
   "queue",
   "requires",

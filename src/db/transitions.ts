@@ -20,6 +20,8 @@ import { endAttempts, finishAttemptRows, recordUsage, startAttempts, usageColumn
 import { changedRows, changeTail, recordChange, recordChanges, type TaskChangeRow } from "./changes";
 import { afterTasksEnded } from "./dependencies";
 import { array, type Column, type Fragment, states, unnest } from "./encode";
+import { KEY_HOLD_GRACE_MS } from "./flow";
+import { TASK_CHANNEL } from "./notify";
 import type { Sql } from "./sql";
 import { getTask, taskRowColumns } from "./tasks";
 
@@ -234,23 +236,37 @@ export async function recordStaleHandBack(sql: Sql, ref: AttemptRef, reason: str
 /**
  * The worker stopped an attempt's process as it was told (the task was cancelled, or the
  * attempt superseded): the task does not change; its history gets a `stopped` event, and an
- * attempt row not yet ended gets outcome `stopped`.
+ * attempt row not yet ended gets outcome `stopped`. A cancelled keyed task's hold on its key's
+ * slot ends here (key_held_until): true when it did, for the caller to wake its dispatcher.
  */
 export async function recordAttemptStopped(
   sql: Sql,
   ref: AttemptRef,
   reason: string,
   usage: AttemptResult["usage"] = null,
-): Promise<void> {
-  await sql`
+): Promise<boolean> {
+  const rows = await sql<{ freed: boolean }[]>`
     WITH a AS (
       UPDATE task_attempts SET outcome = 'stopped', finished_at = clock_timestamp(), error = ${reason}
       WHERE task_id = ${ref.taskId} AND attempt = ${ref.attempt} AND worker_id = ${ref.workerId} AND outcome IS NULL
+    ),
+    -- The process is gone: a cancelled keyed task gives its key's slot back (and wakes every
+    -- coordinator: the task waiting for it may be any one's to claim).
+    held AS (
+      UPDATE tasks SET key_held_until = NULL
+      WHERE id = ${ref.taskId} AND attempt = ${ref.attempt} AND worker_id = ${ref.workerId} AND key_held_until IS NOT NULL
+      RETURNING id, state, attempt, worker_id, coordinator_id,
+        pg_notify(${TASK_CHANNEL}, json_build_object('id', id, 'state', state, 'attempt', attempt, 'worker_id', worker_id,
+          'coordinator_id', coordinator_id, 'kind', 'stopped', 'frees_key', true)::text) AS notified
+    ),
+    e AS (
+      INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail)
+      SELECT id, 'stopped', state, ${ref.attempt}, ${ref.workerId}, jsonb_build_object('reason', ${reason}::text, 'current_attempt', attempt)
+      FROM tasks WHERE id = ${ref.taskId}
     )
-    INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail)
-    SELECT id, 'stopped', state, ${ref.attempt}, ${ref.workerId}, jsonb_build_object('reason', ${reason}::text, 'current_attempt', attempt)
-    FROM tasks WHERE id = ${ref.taskId}`;
+    SELECT EXISTS (SELECT 1 FROM held) AS freed`;
   await recordUsage(sql, ref, usage);
+  return rows[0]?.freed === true;
 }
 
 /**
@@ -437,7 +453,12 @@ export async function cancelTasks(
       ORDER BY id FOR UPDATE
     ),
     t AS (
-      UPDATE tasks SET state = 'cancelled', cancelled_at = clock_timestamp(), lease_expires_at = NULL
+      UPDATE tasks SET state = 'cancelled', cancelled_at = clock_timestamp(), lease_expires_at = NULL,
+        -- A keyed task's process may still run until its worker has stopped it: it keeps its
+        -- key's slot until the worker reports the stop (recordAttemptStopped), or at the
+        -- latest past the lease it held by the kill grace (src/db/flow.ts HOLDING).
+        key_held_until = CASE WHEN tasks.concurrency_key IS NOT NULL AND before.state IN ('dispatched', 'running')
+          THEN greatest(tasks.lease_expires_at, clock_timestamp()) + make_interval(secs => ${KEY_HOLD_GRACE_MS / 1000}) END
       FROM before WHERE tasks.id = before.id
       RETURNING ${taskRowColumns(sql, "tasks")}, before.state AS was_state
     ),

@@ -66,6 +66,8 @@ export interface Task {
   /** The rate limit's name and bucket ('' for the limit's own); null without. */
   rate_limit?: string | null;
   rate_limit_key?: string | null;
+  /** Cancelled while live: it holds its key's slot until its process is gone, at the latest until then (migration 0024). */
+  key_held_until?: Date | null;
   /** The named queue (src/db/queues.ts). */
   queue: string;
   /** Labels a worker must have to take the task (src/task/labels.ts). */

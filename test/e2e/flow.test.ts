@@ -130,6 +130,15 @@ describe("concurrency keys across two coordinators", () => {
     );
     expect(stopped.outcome).toBeDefined();
     expect((await mostLive("deploy")).most).toBe(1);
+    // One live command at a time: the new one was dispatched only after the old one's worker
+    // reported its process gone (the `stopped` event), not at the cancel.
+    // (task_events.at is kept to the millisecond, rounded: 1 ms of slack.)
+    const [order] = await db.sql<{ stopped_at: Date; cancelled_at: Date; dispatched_at: Date }[]>`
+      SELECT (SELECT min(at) FROM task_events WHERE task_id = ${first.id} AND kind = 'stopped') AS stopped_at,
+        (SELECT cancelled_at FROM tasks WHERE id = ${first.id}) AS cancelled_at,
+        (SELECT min(dispatched_at) FROM task_attempts WHERE task_id = ${second.id}) AS dispatched_at`;
+    expect(order!.stopped_at.getTime()).toBeGreaterThanOrEqual(order!.cancelled_at.getTime() - 1);
+    expect(order!.dispatched_at.getTime()).toBeGreaterThanOrEqual(order!.stopped_at.getTime() - 1);
   });
 
   test("cancel_newest ends the new task cancelled at submit while the key is full", async () => {

@@ -8,12 +8,13 @@ import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import pino from "pino";
 import { Completer } from "../../src/coordinator/completer";
 import { WorkerRegistry } from "../../src/coordinator/registry";
+import { claimDue } from "../../src/db/claim";
 import { connect, type Sql } from "../../src/db/sql";
 import { getTask } from "../../src/db/tasks";
 import { type CoordinatorMessage, Outcome, TaskFinishedSchema } from "../../src/gen/taskqueue/v1/worker_service_pb";
 import { HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { eventually } from "../support/eventually";
-import { createTask } from "../support/factories";
+import { createTask, taskSpec } from "../support/factories";
 import { TcpProxy } from "../support/tcp-proxy";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
@@ -34,14 +35,32 @@ afterAll(async () => {
   await proxy?.stop();
 }, HOOK_TIMEOUT_MS);
 
-test("a database outage fills the backlog to its bound: work is held back, then resumes once results are written", async () => {
+/** A registry with one connected worker of `slots` slots, and the messages sent to it. */
+function connectedWorker(id: string, slots: number) {
   const registry = new WorkerRegistry();
   const acks: CoordinatorMessage[] = [];
   const worker = registry.open(
-    { id: "w1", name: "w1", slots: 4, held: [], features: new Set() },
+    { id, name: id, slots, held: [], features: new Set() },
     { write: (m) => acks.push(m), close() {} },
   );
   registry.add(worker);
+  return { registry, worker, acks };
+}
+
+/** The worker's TaskFinished of an attempt that exited 0. */
+function exitedZero(task: { id: string; attempt: number }) {
+  const now = timestampFromDate(new Date());
+  return create(TaskFinishedSchema, {
+    ref: { taskId: task.id, attempt: task.attempt },
+    outcome: Outcome.EXITED,
+    exitCode: 0,
+    startedAt: now,
+    finishedAt: now,
+  });
+}
+
+test("a database outage fills the backlog to its bound: work is held back, then resumes once results are written", async () => {
+  const { registry, worker, acks } = connectedWorker("w1", 4);
   let freed = 0;
   const lines: { event?: string }[] = [];
   const log = pino({ level: "info" }, { write: (line: string) => lines.push(JSON.parse(line)) });
@@ -65,19 +84,7 @@ test("a database outage fills the backlog to its bound: work is held back, then 
   // hang until the restore, which holds the backlog just the same).
   await sql`SELECT 1`;
   proxy.cut();
-  const now = timestampFromDate(new Date());
-  for (const task of tasks) {
-    completer.finished(
-      worker,
-      create(TaskFinishedSchema, {
-        ref: { taskId: task.id, attempt: task.attempt },
-        outcome: Outcome.EXITED,
-        exitCode: 0,
-        startedAt: now,
-        finishedAt: now,
-      }),
-    );
-  }
+  for (const task of tasks) completer.finished(worker, exitedZero(task));
   // Three results for a bound of two: every slot is free by the worker's count, yet none is
   // offered while they wait for the database.
   expect(completer.backlog).toBe(3);
@@ -100,5 +107,39 @@ test("a database outage fills the backlog to its bound: work is held back, then 
   expect(freed).toBe(4);
   expect(logged("attempt.finished")).toBe(3);
   for (const task of tasks) expect((await getTask(db.sql, task.id))?.state).toBe("succeeded");
+  await completer.stop();
+});
+
+test("a keyed task's result wakes the dispatcher again once durable: only then is its key's slot free", async () => {
+  const { registry, worker, acks } = connectedWorker("wk", 2);
+  const wakes: string[] = [];
+  const completer = new Completer({
+    sql: db.sql,
+    registry,
+    log: pino({ level: "silent" }),
+    coordinatorId: "c1",
+    onSlotFreed: () => wakes.push("wake"),
+  });
+  const spec = taskSpec({ concurrency: { key: "completer-key", max: 1, strategy: "queue" } });
+  const first = await createTask(db.sql, spec);
+  const second = await createTask(db.sql, spec);
+  const plain = await createTask(db.sql, taskSpec(), { assignTo: { workerId: "wk", coordinatorId: "c1", leaseMs: 60_000 } });
+  const [claimed] = await claimDue(db.sql, "c1", ["wk"], 60_000);
+  expect(claimed?.id).toBe(first.id);
+  for (const task of [claimed!, plain]) registry.reserve(worker, task.id, task.attempt);
+  const finish = (task: { id: string; attempt: number }) => completer.finished(worker, exitedZero(task));
+
+  // A plain task: one wake, when its process is gone.
+  finish(plain);
+  await eventually(() => acks.length === 1, { what: "the plain result acknowledged" });
+  expect(wakes).toHaveLength(1);
+  // A keyed one: that wake, and one more once the result is written.
+  finish(claimed!);
+  expect(wakes).toHaveLength(2);
+  await eventually(() => acks.length === 2, { what: "the keyed result acknowledged" });
+  expect(wakes).toHaveLength(3);
+  // What that wake's pass finds: the key's next task.
+  const next = await claimDue(db.sql, "c1", ["wk"], 60_000);
+  expect(next.map((t) => t.id)).toEqual([second.id]);
   await completer.stop();
 });

@@ -1,62 +1,27 @@
 // Task dependencies against real PostgreSQL: batch DAGs through the HTTP app, the edges'
 // resolution as parents end (every policy, retries, cascades), parents that ended before the
 // child was inserted, and two parents ending at once on two connections.
-import { afterAll, beforeAll, beforeEach, describe, expect, setDefaultTimeout, test } from "bun:test";
-import type { ApiDeps } from "../../src/api/deps";
-import { createApp } from "../../src/api/index";
-import { apiSettings, loadConfig } from "../../src/config";
+import { beforeEach, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { claimDue } from "../../src/db/claim";
 import { sweepDependencies } from "../../src/db/dependencies";
-import { insertTask } from "../../src/db/insert";
-import { TaskChangeFeed } from "../../src/db/notify";
 import { connect, type Sql } from "../../src/db/sql";
 import { getTask } from "../../src/db/tasks";
 import { cancelTask, finishAttempt } from "../../src/db/transitions";
-import { silentLogger } from "../../src/log";
 import { assignMessage } from "../../src/rpc/messages";
 import type { AttemptResult, Task } from "../../src/task/task";
+import { useApiApp } from "../support/api";
 import { TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
-import { attemptResult, openAuth } from "../support/factories";
+import { attemptResult } from "../support/factories";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
 const db = useTestDatabase();
-let feed: TaskChangeFeed;
-let app: ReturnType<typeof createApp>;
-
-beforeAll(async () => {
-  feed = new TaskChangeFeed(db.sql);
-  await feed.start();
-  const deps: ApiDeps = {
-    role: "scheduler",
-    settings: apiSettings(loadConfig({})),
-    sql: db.sql,
-    feed,
-    log: silentLogger,
-    auth: openAuth,
-    submit: (id, spec) => insertTask(db.sql, id, spec),
-  };
-  app = createApp(deps);
-});
-
-afterAll(async () => {
-  await feed.stop();
-});
+const api = useApiApp(db);
+const call = api.call;
 
 beforeEach(async () => {
   await db.sql`TRUNCATE tasks, task_events, task_attempts, task_log_chunks, workers, task_batches, task_dependencies`;
 });
-
-async function call(method: string, path: string, body?: unknown, headers: Record<string, string> = {}) {
-  const request = new Request(`http://localhost${path}`, {
-    method,
-    body: body === undefined ? undefined : JSON.stringify(body),
-    headers: { "content-type": "application/json", ...headers },
-  });
-  const response = await app.handle(request);
-  expect(response.status).not.toBe(500);
-  return { status: response.status, json: (await response.json()) as any };
-}
 
 const batch = (tasks: unknown[], headers: Record<string, string> = {}) => call("POST", "/tasks/batch", { tasks }, headers);
 

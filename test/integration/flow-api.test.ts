@@ -1,58 +1,21 @@
 // Flow control through the HTTP API: the rate limits' routes, the submit checks (400s naming
 // the field), the concurrency strategies and the waiting reasons in task views.
-import { afterAll, beforeAll, beforeEach, describe, expect, setDefaultTimeout, test } from "bun:test";
-import type { ApiDeps } from "../../src/api/deps";
-import { createApp } from "../../src/api/index";
-import { apiSettings, loadConfig } from "../../src/config";
+import { beforeEach, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { claimDue } from "../../src/db/claim";
-import { insertTask } from "../../src/db/insert";
-import { TaskChangeFeed } from "../../src/db/notify";
+import { recordAttemptStopped } from "../../src/db/transitions";
 import { upsertWorker } from "../../src/db/workers";
-import { silentLogger } from "../../src/log";
+import { useApiApp } from "../support/api";
 import { TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
-import { openAuth } from "../support/factories";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
 const db = useTestDatabase();
-let feed: TaskChangeFeed;
-let app: ReturnType<typeof createApp>;
-
-beforeAll(async () => {
-  feed = new TaskChangeFeed(db.sql);
-  await feed.start();
-  const deps: ApiDeps = {
-    role: "scheduler",
-    settings: apiSettings(loadConfig({})),
-    sql: db.sql,
-    feed,
-    log: silentLogger,
-    auth: openAuth,
-    submit: (id, spec) => insertTask(db.sql, id, spec),
-  };
-  app = createApp(deps);
-});
-
-afterAll(async () => {
-  await feed.stop();
-});
+const api = useApiApp(db);
+const call = api.call;
 
 beforeEach(async () => {
   await db.sql`TRUNCATE tasks, task_events, task_attempts, workers, concurrency_keys, rate_limits, rate_buckets CASCADE`;
 });
-
-async function call(method: string, path: string, body?: unknown) {
-  const request = new Request(`http://localhost${path}`, {
-    method,
-    headers: { "content-type": "application/json" },
-    ...(body === undefined ? {} : { body: typeof body === "string" ? body : JSON.stringify(body) }),
-  });
-  const response = await app.handle(request);
-  const text = await response.text();
-  expect(response.status).not.toBe(500);
-  const json: any = response.headers.get("content-type")?.startsWith("application/json") ? JSON.parse(text) : null;
-  return { status: response.status, json, headers: response.headers };
-}
 
 function expectError(answer: { status: number; json: any }, status: number, field: string, message?: RegExp) {
   expect(answer.status).toBe(status);
@@ -168,12 +131,16 @@ describe("strategies and waiting reasons", () => {
     expect(other.json.state).toBe("queued");
   });
 
-  test("cancel_in_progress: the oldest live one is cancelled, and the new one is claimed next", async () => {
+  test("cancel_in_progress: the oldest live one is cancelled, and the new one is claimed once its process is gone", async () => {
     const first = await call("POST", "/tasks", keyed("cancel_in_progress"));
-    await claimDue(db.sql, "c1", ["w1"], 60_000);
+    const [live] = await claimDue(db.sql, "c1", ["w1"], 60_000);
     const second = await call("POST", "/tasks", keyed("cancel_in_progress"));
     expect(second.json.state).toBe("queued");
     expect((await call("GET", `/tasks/${first.json.id}`)).json.state).toBe("cancelled");
+    // Its process may still run until the worker reports it stopped: the key stays full.
+    expect(await claimDue(db.sql, "c1", ["w2"], 60_000)).toHaveLength(0);
+    expect((await call("GET", `/tasks/${second.json.id}`)).json.waiting.kind).toBe("key_full");
+    await recordAttemptStopped(db.sql, { taskId: live!.id, attempt: live!.attempt, workerId: "w1" }, "cancelled");
     const claimed = await claimDue(db.sql, "c1", ["w1"], 60_000);
     expect(claimed.map((t) => t.id)).toEqual([second.json.id]);
   });

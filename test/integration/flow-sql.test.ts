@@ -1,9 +1,9 @@
 import { describe, expect, setDefaultTimeout, test } from "bun:test";
-import { claimDue } from "../../src/db/claim";
-import { createRateLimit, nextTokenIn } from "../../src/db/flow";
+import { claimDue, nextDueIn } from "../../src/db/claim";
+import { createRateLimit, flowWaitOf, nextTokenIn } from "../../src/db/flow";
 import { insertTasks } from "../../src/db/insert";
 import { connect } from "../../src/db/sql";
-import { finishAttempt, requeueWorkerTasks } from "../../src/db/transitions";
+import { cancelTask, finishAttempt, recordAttemptStopped, requeueWorkerTasks } from "../../src/db/transitions";
 import type { TaskSpec } from "../../src/task/task";
 import { TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { attemptResult, newTaskId, taskSpec } from "../support/factories";
@@ -54,6 +54,42 @@ describe("concurrency keys in the claim", () => {
     const claimed = await claimDue(db.sql, "c1", slots(4), 60_000);
     expect(claimed).toHaveLength(4);
     expect(claimed.filter((t) => plain.includes(t.id))).toHaveLength(3);
+  });
+
+  test("a hot key with live tasks gives only its room from a deep backlog, and the tasks behind it still go", async () => {
+    await clear();
+    await submit(Array.from({ length: 2 }, () => keyed("hot", 4)));
+    const live = await claimDue(db.sql, "c1", slots(2), 60_000);
+    expect(live).toHaveLength(2);
+    const backlog = await submit(Array.from({ length: 60 }, () => keyed("hot", 4)));
+    const plain = await submit(Array.from({ length: 3 }, () => taskSpec()));
+    const claimed = await claimDue(db.sql, "c1", slots(8), 60_000);
+    // Room for 2 more of the key (its first 2 queued), and the 3 plain ones.
+    expect(claimed.filter((t) => plain.includes(t.id))).toHaveLength(3);
+    expect(
+      claimed
+        .filter((t) => t.concurrency_key === "hot")
+        .map((t) => t.id)
+        .sort(),
+    ).toEqual(backlog.slice(0, 2).sort());
+    expect(await liveOf("hot")).toBe(4);
+    expect(await claimDue(db.sql, "c1", slots(8), 60_000)).toHaveLength(0);
+    // One done: exactly the next one of the queue.
+    const done = claimed.find((t) => t.concurrency_key === "hot")!;
+    await finishAttempt(db.sql, { taskId: done.id, attempt: done.attempt, workerId: "w1" }, attemptResult());
+    expect((await claimDue(db.sql, "c1", slots(8), 60_000)).map((t) => t.id)).toEqual([backlog[2]!]);
+  });
+
+  test("a task asking a smaller max than its key's live ones is held to its own max", async () => {
+    await clear();
+    await submit(Array.from({ length: 2 }, () => keyed("mixed", 3)));
+    expect(await claimDue(db.sql, "c1", slots(2), 60_000)).toHaveLength(2);
+    await submit([keyed("mixed", 2)]);
+    await submit([keyed("mixed", 3)]);
+    // 2 live, room 1 by the live ones' max: the first queued asks 2 (full for it), and the
+    // one behind it would be a 4th (over its 3).
+    expect(await claimDue(db.sql, "c1", slots(4), 60_000)).toHaveLength(0);
+    expect(await liveOf("mixed")).toBe(2);
   });
 
   test("keys are served round robin: each key gets one slot before any gets a second", async () => {
@@ -121,5 +157,63 @@ describe("rate limits in the claim", () => {
     ]);
     const claimed = await claimDue(db.sql, "c1", slots(6), 60_000);
     expect(claimed.map((t) => t.rate_limit_key).sort()).toEqual(["a", "b"]);
+  });
+});
+
+describe("a cancelled task keeps its key's slot until its process is gone", () => {
+  test("max 1: cancelling the live one lets the next in only once its worker reports the stop", async () => {
+    await clear();
+    const [old] = await claimDue(db.sql, "c1", slots(1), 60_000).then(async (none) => {
+      expect(none).toHaveLength(0);
+      await submit([keyed("one", 1)]);
+      return claimDue(db.sql, "c1", slots(1), 60_000);
+    });
+    const [next] = await submit([keyed("one", 1)]);
+    expect((await cancelTask(db.sql, old!.id)).kind).toBe("cancelled");
+    // The cancel is recorded, the process may still run: no second live command.
+    expect(await claimDue(db.sql, "c1", slots(2, "w2"), 60_000)).toHaveLength(0);
+    expect((await flowWaitOf(db.sql, next!))?.key_live).toBe(1);
+    expect(await nextDueIn(db.sql)).toBeGreaterThan(0);
+    // A stop reported for another attempt or worker frees nothing.
+    expect(await recordAttemptStopped(db.sql, { taskId: old!.id, attempt: old!.attempt, workerId: "w9" }, "cancelled")).toBe(
+      false,
+    );
+    expect(await claimDue(db.sql, "c1", slots(2, "w2"), 60_000)).toHaveLength(0);
+    // The worker that ran it reports it stopped: the slot is free, once.
+    expect(await recordAttemptStopped(db.sql, { taskId: old!.id, attempt: old!.attempt, workerId: "w1" }, "cancelled")).toBe(
+      true,
+    );
+    expect(await recordAttemptStopped(db.sql, { taskId: old!.id, attempt: old!.attempt, workerId: "w1" }, "cancelled")).toBe(
+      false,
+    );
+    expect((await claimDue(db.sql, "c1", slots(2, "w2"), 60_000)).map((t) => t.id)).toEqual([next!]);
+    expect(await liveOf("one")).toBe(1);
+  });
+
+  test("a worker that never reports: the hold ends at its time", async () => {
+    await clear();
+    await submit([keyed("gone", 1)]);
+    const [old] = await claimDue(db.sql, "c1", slots(1), 60_000);
+    const [next] = await submit([keyed("gone", 1)]);
+    await cancelTask(db.sql, old!.id);
+    expect(await claimDue(db.sql, "c1", slots(1, "w2"), 60_000)).toHaveLength(0);
+    await db.sql`UPDATE tasks SET key_held_until = clock_timestamp() - interval '1 ms' WHERE id = ${old!.id}`;
+    expect((await claimDue(db.sql, "c1", slots(1, "w2"), 60_000)).map((t) => t.id)).toEqual([next!]);
+  });
+
+  test("nextDueIn: null when nothing is queued or only a full key's tasks are", async () => {
+    await clear();
+    expect(await nextDueIn(db.sql)).toBeNull();
+    await submit([keyed("full", 1), keyed("full", 1)]);
+    expect(await claimDue(db.sql, "c1", slots(2), 60_000)).toHaveLength(1);
+    // The finish of the live one wakes the dispatchers (frees_key): no timer needed.
+    expect(await nextDueIn(db.sql)).toBeNull();
+  });
+
+  test("a task cancelled while queued holds nothing", async () => {
+    await clear();
+    const [queued, other] = await submit([keyed("q", 1), keyed("q", 1)]);
+    await cancelTask(db.sql, queued!);
+    expect((await claimDue(db.sql, "c1", slots(1), 60_000)).map((t) => t.id)).toEqual([other!]);
   });
 });

@@ -2,48 +2,26 @@
 // its firings by outcome once committed (src/schedule/firer.ts), and the queue depth reads
 // tasks.queue and counts tasks waiting for their parents (src/db/depth.ts), and a dispatch pass
 // that left slots free while a task waited for a rate limit's token counts one.
-import { afterAll, beforeAll, beforeEach, expect, setDefaultTimeout, test } from "bun:test";
-import type { ApiDeps } from "../../src/api/deps";
-import { createApp } from "../../src/api/index";
-import { apiSettings, loadConfig, taskDefaults } from "../../src/config";
+import { beforeEach, expect, setDefaultTimeout, test } from "bun:test";
+import { loadConfig, taskDefaults } from "../../src/config";
 import { Dispatcher } from "../../src/coordinator/dispatcher";
 import { WorkerRegistry } from "../../src/coordinator/registry";
 import { readQueueDepth } from "../../src/db/depth";
 import { createRateLimit } from "../../src/db/flow";
-import { insertTask, insertTasks } from "../../src/db/insert";
-import { TaskChangeFeed } from "../../src/db/notify";
+import { insertTasks } from "../../src/db/insert";
 import { silentLogger } from "../../src/log";
 import { TaskMetrics } from "../../src/metrics/metrics";
 import { firePass } from "../../src/schedule/firer";
+import { useApiApp } from "../support/api";
 import { TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { eventually } from "../support/eventually";
-import { newTaskId, openAuth, taskSpec } from "../support/factories";
+import { newTaskId, taskSpec } from "../support/factories";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
 const db = useTestDatabase();
-let feed: TaskChangeFeed;
-let app: ReturnType<typeof createApp>;
+const api = useApiApp(db);
 const defaults = taskDefaults(loadConfig({}));
-
-beforeAll(async () => {
-  feed = new TaskChangeFeed(db.sql);
-  await feed.start();
-  const deps: ApiDeps = {
-    role: "scheduler",
-    settings: apiSettings(loadConfig({})),
-    sql: db.sql,
-    feed,
-    log: silentLogger,
-    auth: openAuth,
-    submit: (id, spec) => insertTask(db.sql, id, spec),
-  };
-  app = createApp(deps);
-});
-
-afterAll(async () => {
-  await feed.stop();
-});
 
 beforeEach(async () => {
   await db.sql`TRUNCATE tasks, task_events, task_attempts, schedules, schedule_firings, rate_limits, rate_buckets CASCADE`;
@@ -51,7 +29,7 @@ beforeEach(async () => {
 
 /** An `every 1m` schedule whose plan is moved 630 s into the past: ten fire times are due. */
 async function overdueSchedule(extra: Record<string, unknown>): Promise<string> {
-  const response = await app.handle(
+  const response = await api.app.handle(
     new Request("http://localhost/schedules", {
       method: "POST",
       headers: { "content-type": "application/json" },

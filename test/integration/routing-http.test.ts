@@ -1,56 +1,21 @@
 // The routing options and the queues API through app.handle: what is accepted, what is a 400
 // naming the field, and what the task views and GET /queues show.
-import { afterAll, beforeAll, beforeEach, expect, setDefaultTimeout, test } from "bun:test";
+import { beforeEach, expect, setDefaultTimeout, test } from "bun:test";
 import { scopeFor } from "../../src/api/auth";
-import type { ApiDeps } from "../../src/api/deps";
-import { createApp } from "../../src/api/index";
-import { apiSettings, ConfigError, loadConfig, workerRoutingConfig } from "../../src/config";
-import { insertTask } from "../../src/db/insert";
-import { TaskChangeFeed } from "../../src/db/notify";
-import { silentLogger } from "../../src/log";
+import { ConfigError, loadConfig, workerRoutingConfig } from "../../src/config";
+import { useApiApp } from "../support/api";
 import { TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
-import { openAuth } from "../support/factories";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
 const db = useTestDatabase();
-let feed: TaskChangeFeed;
-let app: ReturnType<typeof createApp>;
-
-beforeAll(async () => {
-  feed = new TaskChangeFeed(db.sql);
-  await feed.start();
-  const deps: ApiDeps = {
-    role: "scheduler",
-    settings: apiSettings(loadConfig({})),
-    sql: db.sql,
-    feed,
-    log: silentLogger,
-    auth: openAuth,
-    submit: (id, spec) => insertTask(db.sql, id, spec),
-  };
-  app = createApp(deps);
-});
-
-afterAll(async () => {
-  await feed.stop();
-});
+const api = useApiApp(db);
+const call = api.call;
 
 beforeEach(async () => {
   await db.sql`TRUNCATE tasks, task_events, task_attempts, task_log_chunks, workers`;
   await db.sql`DELETE FROM queues WHERE name <> 'default'`;
 });
-
-async function call(method: string, path: string, body?: unknown) {
-  const request = new Request(`http://localhost${path}`, {
-    method,
-    headers: { "content-type": "application/json" },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  const response = await app.handle(request);
-  expect(response.status).not.toBe(500);
-  return { status: response.status, json: (await response.json()) as any };
-}
 
 test.each([
   [{ queue: "has space" }, "queue"],

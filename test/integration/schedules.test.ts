@@ -2,63 +2,28 @@
 // the firing loop's pass (firePass) run directly, with fire times moved into the past by SQL
 // where a real clock would be slow (an outage, a pause). No timing is asserted: each pass's
 // outcome follows from the rows.
-import { afterAll, beforeAll, beforeEach, describe, expect, setDefaultTimeout, test } from "bun:test";
-import type { ApiDeps } from "../../src/api/deps";
-import { createApp } from "../../src/api/index";
-import { apiSettings, loadConfig, taskDefaults } from "../../src/config";
-import { insertFirings, insertTask } from "../../src/db/insert";
-import { TaskChangeFeed } from "../../src/db/notify";
+import { beforeEach, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { loadConfig, taskDefaults } from "../../src/config";
+import { insertFirings } from "../../src/db/insert";
 import { nextScheduleDueIn } from "../../src/db/schedules";
 import { connect, type Sql } from "../../src/db/sql";
 import { cancelTask } from "../../src/db/transitions";
 import { silentLogger } from "../../src/log";
 import { firePass } from "../../src/schedule/firer";
 import { firingSpec } from "../../src/schedule/spec";
+import { useApiApp } from "../support/api";
 import { TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
-import { openAuth } from "../support/factories";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
 const db = useTestDatabase();
-let feed: TaskChangeFeed;
-let app: ReturnType<typeof createApp>;
+const api = useApiApp(db);
+const call = api.call;
 const defaults = taskDefaults(loadConfig({}));
-
-beforeAll(async () => {
-  feed = new TaskChangeFeed(db.sql);
-  await feed.start();
-  const deps: ApiDeps = {
-    role: "scheduler",
-    settings: apiSettings(loadConfig({})),
-    sql: db.sql,
-    feed,
-    log: silentLogger,
-    auth: openAuth,
-    submit: (id, spec) => insertTask(db.sql, id, spec),
-  };
-  app = createApp(deps);
-});
-
-afterAll(async () => {
-  await feed.stop();
-});
 
 beforeEach(async () => {
   await db.sql`TRUNCATE tasks, task_events, task_attempts, task_log_chunks, schedules, schedule_firings`;
 });
-
-// Tests read whatever shape the route documents.
-async function call(method: string, path: string, body?: unknown): Promise<{ status: number; json: any }> {
-  const request = new Request(`http://localhost${path}`, {
-    method,
-    headers: { "content-type": "application/json" },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  const response = await app.handle(request);
-  expect(response.status).not.toBe(500);
-  const text = await response.text();
-  return { status: response.status, json: text ? JSON.parse(text) : null };
-}
 
 const pass = () => firePass({ sql: db.sql, log: silentLogger, taskDefaults: defaults, aheadMs: 0 });
 

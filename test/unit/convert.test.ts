@@ -15,63 +15,30 @@ import {
 import { attemptKey } from "../../src/task/attempt";
 import { TASK_STATES } from "../../src/task/state";
 import type { Task } from "../../src/task/task";
+import { taskRow } from "../support/factories";
 
-const task: Task = {
+const task: Task = taskRow({
   id: "019ac6f2-5d8e-7c3a-9b1e-4f0a2d6c8e10",
   command: "echo hi",
   state: "failed",
-  priority: 0,
   scheduled_at: new Date("2026-01-02T03:04:05.678Z"),
   run_at: new Date("2026-01-02T03:04:09.012Z"),
   created_at: new Date("2026-01-02T03:04:00.000Z"),
   picked_at: new Date("2026-01-02T03:04:05.700Z"),
   started_at: new Date("2026-01-02T03:04:05.710Z"),
-  completed_at: null,
   failed_at: new Date("2026-01-02T03:04:06.000Z"),
-  cancelled_at: null,
   attempt: 2,
-  interruptions: 0,
-  max_attempts: 3,
-  timeout_ms: 0,
   env: { A: "1" },
-  cwd: null,
   worker_id: "w1",
   coordinator_id: "c1",
   exit_code: -3,
-  signal: null,
   stdout: "out",
-  stderr: null,
   stdout_truncated: true,
-  stderr_truncated: false,
   stdout_replaced: true,
-  stderr_replaced: false,
-  error: null,
-  lease_expires_at: null,
-  lease_ms: null,
-  retry_on_failure: true,
-  retry_on_timeout: true,
-  retry_on_lost: true,
   retry_backoff_base_ms: 1000,
   retry_backoff_cap_ms: 60_000,
-  idempotency_key: null,
-  idempotency_hash: null,
   secret_env: { TOKEN: "s3cret" },
-  limits: null,
-  traceparent: null,
-  queue: "default",
-  requires: [],
-  prefers: [],
-  schedule_timeout_ms: 0,
-  priority_aging_ms: 1000,
-  rank: null,
-  ref: null,
-  on_parent_failure: null,
-  parents_pending: 0,
-  has_children: false,
-  parent_env: null,
-  schedule_id: null,
-  fire_at: null,
-};
+});
 
 test("every state maps to the proto enum and back", () => {
   for (const state of TASK_STATES) expect(stateFromProto(stateToProto(state))).toBe(state);
