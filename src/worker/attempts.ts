@@ -9,7 +9,7 @@ import { attemptKey, type LossCause } from "../task/attempt";
 import type { Tracing } from "../trace/tracing";
 import { type Execution, execute, notRun, type RunResult } from "./executor";
 import type { TaskIdentity } from "./identity";
-import type { Limiter } from "./limits";
+import type { Confinement, Limiter } from "./limits";
 
 /** What the attempts tell the coordinator (through the reporter). */
 export interface AttemptEvents {
@@ -59,7 +59,7 @@ export interface AttemptsOptions {
 export interface HeldProcess {
   taskId: string;
   attempt: number;
-  /** The process group it runs in (the leader's pid); null while it waits for its start time. */
+  /** The process group it runs in (the leader's pid; an early hand-over's is spawned on receipt, held before its command); null before the spawn. */
   pgid: number | null;
   /** Its cgroup's cgroup.procs files, for what left the group. */
   cgroupProcs: readonly string[];
@@ -84,7 +84,28 @@ interface HeldAttempt {
   receivedAt: number;
   /** Held back by the gate before its start, until resumeParked. */
   parked?: boolean;
+  /**
+   * Made while an early hand-over waits for its start time (its cgroup and limits), so that at
+   * the start only the spawn is left to do; released if the attempt never starts.
+   */
+  confinement?: Confinement;
+  /**
+   * An early hand-over's process, spawned on receipt and held before its command
+   * (RunSpec.armed) until the start time releases it: the start is then a pipe write, not a
+   * spawn serialised behind every other attempt due at the same instant.
+   */
+  armed?: Execution;
+  /** Stopped before its start: the armed process is being killed, and then it is reported. */
+  disarming?: boolean;
+  /** performance.now() at which an early hand-over starts. */
+  startAt?: number;
 }
+
+/**
+ * An early hand-over is armed (spawned ahead) only while its start is at least this far off:
+ * a spawn takes a few ms of the event loop, and a start due meanwhile would wait for it.
+ */
+export const ARM_MARGIN_MS = 5;
 
 export class Attempts {
   /** Waiting and running attempts, by attempt key. */
@@ -92,6 +113,9 @@ export class Attempts {
   private readonly emptyWaiters: Array<() => void> = [];
   /** Slot users no held attempt has, lowest uid last (popped first). */
   private readonly freeIdentities: TaskIdentity[];
+  /** Early hand-overs waiting to be armed, one per turn of the event loop (so start timers come first). */
+  private readonly toArm: string[] = [];
+  private arming: ReturnType<typeof setImmediate> | null = null;
 
   constructor(private readonly options: AttemptsOptions) {
     this.freeIdentities = [...(options.identities ?? [])].reverse();
@@ -112,11 +136,11 @@ export class Attempts {
 
   /** Every held attempt with its process group and cgroup (for the watchdog). */
   processes(): HeldProcess[] {
-    return [...this.held.values()].map(({ assign, execution }) => ({
+    return [...this.held.values()].map(({ assign, execution, armed }) => ({
       taskId: assign.ref!.taskId,
       attempt: assign.ref!.attempt,
-      pgid: execution?.pid ?? null,
-      cgroupProcs: execution?.cgroupProcs ?? [],
+      pgid: (execution ?? armed)?.pid ?? null,
+      cgroupProcs: (execution ?? armed)?.cgroupProcs ?? [],
     }));
   }
 
@@ -133,6 +157,10 @@ export class Attempts {
     // Early hand-over: wait out the time until the task is due. Checked against the
     // monotonic clock, as a timer may fire a fraction of a millisecond early.
     const startAt = performance.now() + assign.startInMs;
+    // Meanwhile, what the start does not need to do at its time: the cgroup (a few ms of
+    // cgroupfs writes each, serialised with every other attempt due at the same instant).
+    attempt.startAt = startAt;
+    if (!this.options.identities || attempt.identity) this.queueArming(k);
     const wait = () => {
       const left = startAt - performance.now();
       if (left > 0) {
@@ -202,7 +230,7 @@ export class Attempts {
 
   /** Kills every running command's process group at once, without grace: the worker exits now. */
   killAll(): void {
-    for (const attempt of this.held.values()) attempt.execution?.kill();
+    for (const attempt of this.held.values()) (attempt.execution ?? attempt.armed)?.kill();
   }
 
   /** Resolves once no attempt is held. */
@@ -235,32 +263,11 @@ export class Attempts {
             "taskqueue.attempt": ref.attempt,
           })
         : null;
-    const traceparent = run?.traceparent ?? assign.traceparent;
-    // More attempts than slots (the coordinator should never send them): sharing a user would
-    // let two tasks read each other's environment, so the extra one fails instead.
-    const execution =
-      this.options.identities && !attempt.identity
-        ? notRun(`no free slot user: this worker already runs ${this.options.identities.length} tasks`)
-        : execute({
-            command: assign.command,
-            env: {
-              ...assign.env,
-              TQ_TASK_ID: ref.taskId,
-              TQ_TASK_ATTEMPT: String(ref.attempt),
-              ...(traceparent ? { TRACEPARENT: traceparent } : {}),
-            },
-            cwd: assign.cwd || undefined,
-            timeoutMs: assign.timeoutMs,
-            killGraceMs: this.options.killGraceMs,
-            maxOutputBytes: this.options.maxOutputBytes,
-            baseEnv: this.options.baseEnv,
-            user: attempt.identity,
-            confinement: this.options.limiter?.confine(
-              k,
-              assign.limits ? limitsFromProto(assign.limits) : null,
-              attempt.identity ? { uid: attempt.identity.uid, gid: attempt.identity.gid } : undefined,
-            ),
-          });
+    // Armed on receipt: released now. One whose process failed or ended meanwhile never ran
+    // the command, and a fresh spawn takes its place (reporting a spawn failure as it is).
+    const armed = attempt.armed;
+    attempt.armed = undefined;
+    const execution = armed?.release() ? armed : this.spawn(k, attempt, false, run?.traceparent);
     attempt.execution = execution;
     // Before anything is awaited: a worker that dies from here on leaves its watchdog knowing this group.
     this.options.changed?.();
@@ -282,6 +289,82 @@ export class Attempts {
     });
   }
 
+  private queueArming(k: string): void {
+    this.toArm.push(k);
+    this.arming ??= setImmediate(() => this.armNext());
+  }
+
+  /**
+   * Arms the next queued early hand-over: its cgroup and its process, held before the command,
+   * made while it waits. One per turn, so that a start timer due meanwhile runs between them;
+   * one whose start is too close (or past) is left to spawn at its start, as it would unarmed.
+   */
+  private armNext(): void {
+    this.arming = null;
+    for (;;) {
+      const k = this.toArm.shift();
+      if (k === undefined) return;
+      const attempt = this.held.get(k);
+      if (!attempt || attempt.execution || attempt.armed || attempt.disarming || attempt.startTimer === undefined) continue;
+      if ((attempt.startAt ?? 0) - performance.now() < ARM_MARGIN_MS) continue;
+      attempt.confinement ??= this.confine(k, attempt);
+      attempt.armed = this.spawn(k, attempt, true);
+      // The watchdog learns its process group now: a worker dying from here on leaves none behind.
+      this.options.changed?.();
+      break;
+    }
+    if (this.toArm.length > 0) this.arming = setImmediate(() => this.armNext());
+  }
+
+  /**
+   * Spawns the attempt's command: now, or armed (held before the command until released). More
+   * attempts than slots (the coordinator should never send them): sharing a user would let two
+   * tasks read each other's environment, so the extra one fails instead.
+   */
+  private spawn(k: string, attempt: HeldAttempt, armed: boolean, runTraceparent?: string): Execution {
+    const { assign } = attempt;
+    const ref = assign.ref!;
+    if (this.options.identities && !attempt.identity)
+      return notRun(`no free slot user: this worker already runs ${this.options.identities.length} tasks`);
+    // Traced: the command's TRACEPARENT names the run span (known only at the start; an armed
+    // one carries the dispatch span's, its parent).
+    const traceparent = runTraceparent ?? assign.traceparent;
+    return execute({
+      command: assign.command,
+      env: {
+        ...assign.env,
+        TQ_TASK_ID: ref.taskId,
+        TQ_TASK_ATTEMPT: String(ref.attempt),
+        ...(traceparent ? { TRACEPARENT: traceparent } : {}),
+      },
+      cwd: assign.cwd || undefined,
+      timeoutMs: assign.timeoutMs,
+      killGraceMs: this.options.killGraceMs,
+      maxOutputBytes: this.options.maxOutputBytes,
+      baseEnv: this.options.baseEnv,
+      user: attempt.identity,
+      confinement: this.takeConfinement(attempt) ?? this.confine(k, attempt),
+      armed,
+    });
+  }
+
+  /** The attempt's limits as the limiter applies them (a cgroup of its own where it can). */
+  private confine(k: string, attempt: HeldAttempt): Confinement | undefined {
+    const { assign, identity } = attempt;
+    return this.options.limiter?.confine(
+      k,
+      assign.limits ? limitsFromProto(assign.limits) : null,
+      identity ? { uid: identity.uid, gid: identity.gid } : undefined,
+    );
+  }
+
+  /** The confinement made ahead, handed to the execution (which releases it from then on). */
+  private takeConfinement(attempt: HeldAttempt): Confinement | undefined {
+    const confinement = attempt.confinement;
+    attempt.confinement = undefined;
+    return confinement;
+  }
+
   /** The first hand-back decides what the coordinator is told (a drain after a lapse is still a lapse). */
   private handBack(k: string, attempt: HeldAttempt, why: string, cause: LossCause): void {
     attempt.handBack ??= cause;
@@ -298,7 +381,26 @@ export class Attempts {
       attempt.execution.stop(outcome, graceMs);
       return;
     }
+    // Already being stopped before its start: reported once its process is gone.
+    if (attempt.disarming) return;
     clearTimeout(attempt.startTimer);
+    const armed = attempt.armed;
+    if (armed) {
+      // Its command never ran, but its process is reported gone only once it is: nothing of
+      // an attempt outlives its hand-back.
+      attempt.armed = undefined;
+      attempt.disarming = true;
+      armed.stop(outcome, 0);
+      void armed.result.then(() => this.notStarted(k, attempt, outcome, why));
+      return;
+    }
+    this.notStarted(k, attempt, outcome, why);
+  }
+
+  /** An attempt that never started (nothing of it runs) is forgotten and reported. */
+  private notStarted(k: string, attempt: HeldAttempt, outcome: "cancelled" | "abandoned", why: string): void {
+    // Never started: its cgroup, made ahead, holds nothing.
+    this.takeConfinement(attempt)?.release();
     this.forget(k);
     this.options.events.notStarted(
       attempt.assign.ref!,
