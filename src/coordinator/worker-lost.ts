@@ -24,6 +24,11 @@ export interface WorkerLostOptions {
   log: Logger;
   /** Counts the attempts requeued on confirmed death (taskqueue_tasks_rescued_total). */
   metrics?: TaskMetrics;
+  /**
+   * Told once attempts were requeued: this coordinator's dispatcher runs a pass at once rather
+   * than when the change comes back through the database's notification.
+   */
+  requeued?: () => void;
 }
 
 /** What the history says (event detail.reason) of an attempt the watchdog stopped. */
@@ -70,11 +75,15 @@ async function handle(options: WorkerLostOptions, request: ReportWorkerLostReque
   const why = request.reason.slice(0, 300);
   // "worker lost: ..." as every other loss of a worker reads (a final task's error says it too).
   const reason = `worker lost: ${WATCHDOG_REASON}${why ? ` (${why})` : ""}`;
-  const requeued: string[] = [];
-  for (const ref of request.attempts) {
-    const row = await requeueAttempt(sql, attemptRefFromProto(ref, request.workerId), reason, "lost");
-    if (row) requeued.push(row.id);
-  }
+  // Dead by its watchdog's word: none of the work requeued here may go back to it, whatever
+  // pass (this one's wake, or a notification's) comes before its stream is gone.
+  const corpse = registry.get(request.workerId);
+  if (corpse) registry.drain(corpse);
+  // Each requeue is fenced on its own attempt; they run side by side (the pool's connections).
+  const rows = await Promise.all(
+    request.attempts.map((ref) => requeueAttempt(sql, attemptRefFromProto(ref, request.workerId), reason, "lost")),
+  );
+  const requeued = rows.flatMap((row) => (row ? [row.id] : []));
   options.metrics?.rescued(requeued.length);
   log.warn(
     {
@@ -88,6 +97,7 @@ async function handle(options: WorkerLostOptions, request: ReportWorkerLostReque
   );
   // Dead, or killed by its watchdog: a stream still open here is a corpse's.
   registry.get(request.workerId)?.close("its watchdog reported it lost");
+  if (requeued.length > 0) options.requeued?.();
   return { ok: true, response: { requeued: requeued.length } };
 }
 
