@@ -51,6 +51,12 @@ export interface AttemptsOptions {
   gate?: (key: string, receivedAt: number) => "start" | "hold" | "refuse";
   /** Hears that an attempt is no longer held (the worker forgets its lease). */
   onForget?: (key: string) => void;
+  /**
+   * Arm early hand-overs (spawn each while it waits, held before its command) so that the
+   * start time only releases it. Defaults to true; false spawns at the start time (a bench's
+   * comparison).
+   */
+  armEarly?: boolean;
   /** Called, synchronously, whenever what `processes()` returns changed (the watchdog is told at once). */
   changed?: () => void;
 }
@@ -102,8 +108,9 @@ interface HeldAttempt {
 }
 
 /**
- * An early hand-over is armed (spawned ahead) only while its start is at least this far off:
- * a spawn takes a few ms of the event loop, and a start due meanwhile would wait for it.
+ * An early hand-over is armed (spawned ahead) only while every start is at least this far off,
+ * plus what a spawn has lately taken: a spawn holds the event loop, and a start due meanwhile
+ * would wait for it.
  */
 export const ARM_MARGIN_MS = 5;
 
@@ -115,7 +122,9 @@ export class Attempts {
   private readonly freeIdentities: TaskIdentity[];
   /** Early hand-overs waiting to be armed, one per turn of the event loop (so start timers come first). */
   private readonly toArm: string[] = [];
-  private arming: ReturnType<typeof setImmediate> | null = null;
+  private arming: ReturnType<typeof setTimeout> | null = null;
+  /** A recent armed spawn's cost, in ms (moving average): how close to a start none begins. */
+  private spawnCostMs = ARM_MARGIN_MS;
 
   constructor(private readonly options: AttemptsOptions) {
     this.freeIdentities = [...(options.identities ?? [])].reverse();
@@ -160,7 +169,7 @@ export class Attempts {
     // Meanwhile, what the start does not need to do at its time: the cgroup (a few ms of
     // cgroupfs writes each, serialised with every other attempt due at the same instant).
     attempt.startAt = startAt;
-    if (!this.options.identities || attempt.identity) this.queueArming(k);
+    if (this.options.armEarly !== false && (!this.options.identities || attempt.identity)) this.queueArming(k);
     const wait = () => {
       const left = startAt - performance.now();
       if (left > 0) {
@@ -291,29 +300,47 @@ export class Attempts {
 
   private queueArming(k: string): void {
     this.toArm.push(k);
-    this.arming ??= setImmediate(() => this.armNext());
+    this.arming ??= setTimeout(() => this.armNext(), 0);
   }
 
   /**
    * Arms the next queued early hand-over: its cgroup and its process, held before the command,
-   * made while it waits. One per turn, so that a start timer due meanwhile runs between them;
-   * one whose start is too close (or past) is left to spawn at its start, as it would unarmed.
+   * made while it waits. One spawn per timer turn, and none while any start (armed or not) is
+   * due within a spawn's time: a spawn holds the event loop, and a start must not wait for it.
+   * One whose own start is that close is left to spawn at its start, as it would unarmed.
    */
   private armNext(): void {
     this.arming = null;
+    const now = performance.now();
+    const margin = ARM_MARGIN_MS + this.spawnCostMs;
+    let soonest = Number.POSITIVE_INFINITY;
+    for (const held of this.held.values())
+      if (held.startTimer !== undefined && held.startAt !== undefined) soonest = Math.min(soonest, held.startAt);
     for (;;) {
-      const k = this.toArm.shift();
+      const k = this.toArm[0];
       if (k === undefined) return;
       const attempt = this.held.get(k);
-      if (!attempt || attempt.execution || attempt.armed || attempt.disarming || attempt.startTimer === undefined) continue;
-      if ((attempt.startAt ?? 0) - performance.now() < ARM_MARGIN_MS) continue;
+      const waiting = attempt && !attempt.execution && !attempt.armed && !attempt.disarming && attempt.startTimer !== undefined;
+      if (!attempt || !waiting || (attempt.startAt ?? 0) - now < margin) {
+        this.toArm.shift();
+        continue;
+      }
+      if (soonest - now < margin) {
+        // Another start comes first: arm again once it has passed.
+        this.arming = setTimeout(() => this.armNext(), Math.max(1, Math.ceil(soonest - now) + 1));
+        return;
+      }
+      this.toArm.shift();
+      const before = performance.now();
       attempt.confinement ??= this.confine(k, attempt);
       attempt.armed = this.spawn(k, attempt, true);
+      // What a spawn costs here now (a loaded host takes far longer): the margin follows it.
+      this.spawnCostMs = 0.7 * this.spawnCostMs + 0.3 * (performance.now() - before);
       // The watchdog learns its process group now: a worker dying from here on leaves none behind.
       this.options.changed?.();
       break;
     }
-    if (this.toArm.length > 0) this.arming = setImmediate(() => this.armNext());
+    if (this.toArm.length > 0) this.arming = setTimeout(() => this.armNext(), 0);
   }
 
   /**
