@@ -11,7 +11,7 @@ import * as grpc from "@grpc/grpc-js";
 import { bearerToken, hashToken } from "../auth/tokens";
 import type { Sql } from "../db/sql";
 import { requeueAttempt } from "../db/transitions";
-import { useCredential } from "../db/worker-credentials";
+import { checkCredential, touchCredential } from "../db/worker-credentials";
 import type { ReportWorkerLostRequest, ReportWorkerLostResponse } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
 import type { TaskMetrics } from "../metrics/metrics";
@@ -60,7 +60,14 @@ type Answer = { ok: true; response: Partial<ReportWorkerLostResponse> } | { ok: 
 
 async function handle(options: WorkerLostOptions, request: ReportWorkerLostRequest, credential: string | null): Promise<Answer> {
   const { sql, log, registry } = options;
-  const check = credential ? await useCredential(sql, request.workerId, hashToken(credential)) : "unknown";
+  const check = credential ? await checkCredential(sql, request.workerId, hashToken(credential)) : "unknown";
+  // The use is recorded beside the requeue, not before it: a rescue waits for one round trip less.
+  const touched =
+    check === "valid"
+      ? touchCredential(sql, request.workerId).catch((error) =>
+          log.warn({ err: error, worker: request.workerId }, "recording a credential's use failed"),
+        )
+      : null;
   if (check !== "valid" && check !== "revoked") {
     log.warn(
       { event: "coordinator.worker_lost_refused", worker: request.workerId },
@@ -98,6 +105,7 @@ async function handle(options: WorkerLostOptions, request: ReportWorkerLostReque
   // Dead, or killed by its watchdog: a stream still open here is a corpse's.
   registry.get(request.workerId)?.close("its watchdog reported it lost");
   if (requeued.length > 0) options.requeued?.();
+  await touched;
   return { ok: true, response: { requeued: requeued.length } };
 }
 
