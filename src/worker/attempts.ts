@@ -105,6 +105,8 @@ interface HeldAttempt {
   disarming?: boolean;
   /** performance.now() at which an early hand-over starts. */
   startAt?: number;
+  /** Tells that an armed attempt started, once (deferred past the release). */
+  tellStarted?: () => void;
 }
 
 /**
@@ -278,10 +280,26 @@ export class Attempts {
     attempt.armed = undefined;
     const execution = armed?.release() ? armed : this.spawn(k, attempt, false, run?.traceparent);
     attempt.execution = execution;
-    // Before anything is awaited: a worker that dies from here on leaves its watchdog knowing this group.
-    this.options.changed?.();
-    if (execution.pid !== null) this.options.events.started(ref, execution.pid, execution.startedAt);
+    if (execution === armed) {
+      // Released: the watchdog knows its group since it was armed (the same pid, the same
+      // cgroup). Its report waits until this turn's timers are done, so that the other
+      // attempts due at this instant are released first, not after each one's Started.
+      const { pid, startedAt } = execution;
+      let told = false;
+      attempt.tellStarted = () => {
+        if (told) return;
+        told = true;
+        this.options.events.started(ref, pid!, startedAt);
+      };
+      setImmediate(attempt.tellStarted);
+    } else {
+      // Before anything is awaited: a worker that dies from here on leaves its watchdog knowing this group.
+      this.options.changed?.();
+      if (execution.pid !== null) this.options.events.started(ref, execution.pid, execution.startedAt);
+    }
     void execution.result.then((result) => {
+      // Started is always told before Finished, however quick the command.
+      attempt.tellStarted?.();
       run?.end(result.outcome === "exited" && result.exitCode === 0 ? null : `ended ${result.outcome}`, {
         "taskqueue.outcome": result.outcome,
         ...(result.exitCode === null ? {} : { "process.exit.code": result.exitCode }),
