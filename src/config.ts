@@ -160,9 +160,12 @@ export const ConfigSchema = Type.Object({
   TQ_DISPATCH_AHEAD_MS: Type.Integer({
     minimum: 0,
     maximum: 1000,
-    default: 50,
+    // Issue 13 (schedule lateness): long enough for a worker to arm (spawn ahead, held before
+    // the command) every attempt due at one instant on a busy host, so that the start time only
+    // releases them (src/worker/attempts.ts). Was 50.
+    default: 200,
     description:
-      "How long before a task is due the coordinator hands it to a worker, which starts it at its time; 0 hands tasks over only once due. The attempt holds its slot meanwhile. Defaults to 50 ms.",
+      "How long before a task is due the coordinator hands it to a worker, which spawns its process meanwhile (held before the command) and starts the command at its time; 0 hands tasks over only once due. The attempt holds its slot meanwhile. Defaults to 200 ms.",
   }),
   // Recurring schedules (src/schedule/firer.ts).
   TQ_SCHEDULE_AHEAD_MS: Type.Integer({

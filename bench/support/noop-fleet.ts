@@ -77,6 +77,9 @@ function noopExecution(): Execution {
     pid: process.pid,
     startedAt,
     cgroupProcs: [],
+    // Never armed: the fleet's workers spawn nothing ahead (Attempts arms only its own executor).
+    released: true,
+    release: () => false,
     result: Promise.resolve(result),
     stop: () => {},
     kill: () => {},

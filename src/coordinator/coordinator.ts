@@ -207,6 +207,7 @@ export class Coordinator {
           registry: this.registry,
           log: log.child({ part: "sessions" }),
           metrics: this.metrics,
+          requeued: () => this.dispatcher.wake(),
         }),
       }),
     );

@@ -19,7 +19,7 @@ import { RateLimiter } from "../auth/rate-limit";
 import { bearerToken, hashToken } from "../auth/tokens";
 import type { Sql } from "../db/sql";
 import { requeueAttempt } from "../db/transitions";
-import { useCredential } from "../db/worker-credentials";
+import { checkCredential, touchCredential } from "../db/worker-credentials";
 import type { ReportWorkerLostRequest, ReportWorkerLostResponse } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
 import type { TaskMetrics } from "../metrics/metrics";
@@ -36,6 +36,11 @@ export interface WorkerLostOptions {
   limits?: WorkerLostLimits;
   /** The clock of the rate limits, in ms (defaults to performance.now). */
   now?: () => number;
+  /**
+   * Told once attempts were requeued: this coordinator's dispatcher runs a pass at once rather
+   * than when the change comes back through the database's notification.
+   */
+  requeued?: () => void;
 }
 
 /** Reports a second, and at once, per presented credential and per peer host. */
@@ -112,7 +117,14 @@ type Answer = { ok: true; response: Partial<ReportWorkerLostResponse> } | { ok: 
 
 async function handle(options: WorkerLostOptions, request: ReportWorkerLostRequest, credential: string | null): Promise<Answer> {
   const { sql, log, registry } = options;
-  const check = credential ? await useCredential(sql, request.workerId, hashToken(credential)) : "unknown";
+  const check = credential ? await checkCredential(sql, request.workerId, hashToken(credential)) : "unknown";
+  // The use is recorded beside the requeue, not before it: a rescue waits for one round trip less.
+  const touched =
+    check === "valid"
+      ? touchCredential(sql, request.workerId).catch((error) =>
+          log.warn({ err: error, worker: request.workerId }, "recording a credential's use failed"),
+        )
+      : null;
   if (check !== "valid" && check !== "revoked") {
     log.warn(
       { event: "coordinator.worker_lost_refused", worker: request.workerId },
@@ -127,11 +139,15 @@ async function handle(options: WorkerLostOptions, request: ReportWorkerLostReque
   const why = request.reason.slice(0, 300);
   // "worker lost: ..." as every other loss of a worker reads (a final task's error says it too).
   const reason = `worker lost: ${WATCHDOG_REASON}${why ? ` (${why})` : ""}`;
-  const requeued: string[] = [];
-  for (const ref of request.attempts) {
-    const row = await requeueAttempt(sql, attemptRefFromProto(ref, request.workerId), reason, "lost");
-    if (row) requeued.push(row.id);
-  }
+  // Dead by its watchdog's word: none of the work requeued here may go back to it, whatever
+  // pass (this one's wake, or a notification's) comes before its stream is gone.
+  const corpse = registry.get(request.workerId);
+  if (corpse) registry.drain(corpse);
+  // Each requeue is fenced on its own attempt; they run side by side (the pool's connections).
+  const rows = await Promise.all(
+    request.attempts.map((ref) => requeueAttempt(sql, attemptRefFromProto(ref, request.workerId), reason, "lost")),
+  );
+  const requeued = rows.flatMap((row) => (row ? [row.id] : []));
   options.metrics?.rescued(requeued.length);
   log.warn(
     {
@@ -145,6 +161,8 @@ async function handle(options: WorkerLostOptions, request: ReportWorkerLostReque
   );
   // Dead, or killed by its watchdog: a stream still open here is a corpse's.
   registry.get(request.workerId)?.close("its watchdog reported it lost");
+  if (requeued.length > 0) options.requeued?.();
+  await touched;
   return { ok: true, response: { requeued: requeued.length } };
 }
 

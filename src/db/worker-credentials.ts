@@ -24,13 +24,24 @@ export type CredentialCheck = "valid" | "revoked" | "wrong" | "unknown";
  * its use. A revoked credential says "revoked" only to the holder of the right secret.
  */
 export async function useCredential(sql: Sql, workerId: string, presentedHash: string): Promise<CredentialCheck> {
+  const check = await checkCredential(sql, workerId, presentedHash);
+  if (check === "valid") await touchCredential(sql, workerId);
+  return check;
+}
+
+/** useCredential's check alone (one round trip); record the use with touchCredential. */
+export async function checkCredential(sql: Sql, workerId: string, presentedHash: string): Promise<CredentialCheck> {
   const [row] = await sql<{ secret_hash: string; revoked: boolean }[]>`
     SELECT secret_hash, revoked_at IS NOT NULL AS revoked FROM worker_credentials WHERE worker_id = ${workerId}`;
   if (!row) return "unknown";
   if (!sameHash(row.secret_hash, presentedHash)) return "wrong";
   if (row.revoked) return "revoked";
-  await sql`UPDATE worker_credentials SET last_used_at = clock_timestamp() WHERE worker_id = ${workerId}`;
   return "valid";
+}
+
+/** Records a valid credential's use (last_used_at). */
+export async function touchCredential(sql: Sql, workerId: string): Promise<void> {
+  await sql`UPDATE worker_credentials SET last_used_at = clock_timestamp() WHERE worker_id = ${workerId}`;
 }
 
 /** Stores a new worker's credential; false (nothing changed) when the id has one already. */

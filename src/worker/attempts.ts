@@ -9,7 +9,7 @@ import { attemptKey, type LossCause } from "../task/attempt";
 import type { Tracing } from "../trace/tracing";
 import { type Execution, execute, notRun, type RunResult, type RunSpec } from "./executor";
 import type { TaskIdentity } from "./identity";
-import type { Limiter } from "./limits";
+import type { Confinement, Limiter } from "./limits";
 import { type LogFlush, LogStreamer, type LogStreamerOptions } from "./log-streamer";
 
 /** What the attempts tell the coordinator (through the reporter). */
@@ -59,6 +59,12 @@ export interface AttemptsOptions {
   logStreaming?: () => LogStreamerOptions | null;
   /** Hears that an attempt is no longer held (the worker forgets its lease). */
   onForget?: (key: string) => void;
+  /**
+   * Arm early hand-overs (spawn each while it waits, held before its command) so that the
+   * start time only releases it. Defaults to true; false spawns at the start time (a bench's
+   * comparison).
+   */
+  armEarly?: boolean;
   /** Called, synchronously, whenever what `processes()` returns changed (the watchdog is told at once). */
   changed?: () => void;
   /**
@@ -72,7 +78,7 @@ export interface AttemptsOptions {
 export interface HeldProcess {
   taskId: string;
   attempt: number;
-  /** The process group it runs in (the leader's pid); null while it waits for its start time. */
+  /** The process group it runs in (the leader's pid; an early hand-over's is spawned on receipt, held before its command); null before the spawn. */
   pgid: number | null;
   /** Its cgroup's cgroup.procs files, for what left the group. */
   cgroupProcs: readonly string[];
@@ -97,7 +103,34 @@ interface HeldAttempt {
   receivedAt: number;
   /** Held back by the gate before its start, until resumeParked. */
   parked?: boolean;
+  /**
+   * Made while an early hand-over waits for its start time (its cgroup and limits), so that at
+   * the start only the spawn is left to do; released if the attempt never starts.
+   */
+  confinement?: Confinement;
+  /**
+   * An early hand-over's process, spawned on receipt and held before its command
+   * (RunSpec.armed) until the start time releases it: the start is then a pipe write, not a
+   * spawn serialised behind every other attempt due at the same instant.
+   */
+  armed?: Execution;
+  /** Stopped before its start: the armed process is being killed, and then it is reported. */
+  disarming?: boolean;
+  /** performance.now() at which an early hand-over starts. */
+  startAt?: number;
+  /** Tells that an armed attempt started, once (deferred past the release). */
+  tellStarted?: () => void;
+  /** The last execution spawned for it, and the live-log streamer of that spawn (if streamed). */
+  spawned?: Execution;
+  streamer?: LogStreamer;
 }
+
+/**
+ * An early hand-over is armed (spawned ahead) only while every start is at least this far off,
+ * plus what a spawn has lately taken: a spawn holds the event loop, and a start due meanwhile
+ * would wait for it.
+ */
+export const ARM_MARGIN_MS = 5;
 
 export class Attempts {
   /** Waiting and running attempts, by attempt key. */
@@ -105,6 +138,11 @@ export class Attempts {
   private readonly emptyWaiters: Array<() => void> = [];
   /** Slot users no held attempt has, lowest uid last (popped first). */
   private readonly freeIdentities: TaskIdentity[];
+  /** Early hand-overs waiting to be armed, one per turn of the event loop (so start timers come first). */
+  private readonly toArm: string[] = [];
+  private arming: ReturnType<typeof setTimeout> | null = null;
+  /** A recent armed spawn's cost, in ms (moving average): how close to a start none begins. */
+  private spawnCostMs = ARM_MARGIN_MS;
 
   constructor(private readonly options: AttemptsOptions) {
     this.freeIdentities = [...(options.identities ?? [])].reverse();
@@ -125,11 +163,11 @@ export class Attempts {
 
   /** Every held attempt with its process group and cgroup (for the watchdog). */
   processes(): HeldProcess[] {
-    return [...this.held.values()].map(({ assign, execution }) => ({
+    return [...this.held.values()].map(({ assign, execution, armed }) => ({
       taskId: assign.ref!.taskId,
       attempt: assign.ref!.attempt,
-      pgid: execution?.pid ?? null,
-      cgroupProcs: execution?.cgroupProcs ?? [],
+      pgid: (execution ?? armed)?.pid ?? null,
+      cgroupProcs: (execution ?? armed)?.cgroupProcs ?? [],
     }));
   }
 
@@ -146,6 +184,11 @@ export class Attempts {
     // Early hand-over: wait out the time until the task is due. Checked against the
     // monotonic clock, as a timer may fire a fraction of a millisecond early.
     const startAt = performance.now() + assign.startInMs;
+    // Meanwhile, what the start does not need to do at its time: the cgroup (a few ms of
+    // cgroupfs writes each, serialised with every other attempt due at the same instant).
+    attempt.startAt = startAt;
+    if (this.options.armEarly !== false && !this.options.execute && (!this.options.identities || attempt.identity))
+      this.queueArming(k);
     const wait = () => {
       const left = startAt - performance.now();
       if (left > 0) {
@@ -215,7 +258,7 @@ export class Attempts {
 
   /** Kills every running command's process group at once, without grace: the worker exits now. */
   killAll(): void {
-    for (const attempt of this.held.values()) attempt.execution?.kill();
+    for (const attempt of this.held.values()) (attempt.execution ?? attempt.armed)?.kill();
   }
 
   /** Resolves once no attempt is held. */
@@ -248,40 +291,33 @@ export class Attempts {
             "taskqueue.attempt": ref.attempt,
           })
         : null;
-    const traceparent = run?.traceparent ?? assign.traceparent;
-    const streaming = this.options.events.output ? this.options.logStreaming?.() : null;
-    const streamer = streaming ? new LogStreamer((flush) => this.options.events.output?.(ref, flush), streaming) : null;
-    // More attempts than slots (the coordinator should never send them): sharing a user would
-    // let two tasks read each other's environment, so the extra one fails instead.
-    const execution =
-      this.options.identities && !attempt.identity
-        ? notRun(`no free slot user: this worker already runs ${this.options.identities.length} tasks`)
-        : (this.options.execute ?? execute)({
-            command: assign.command,
-            env: {
-              ...assign.env,
-              TQ_TASK_ID: ref.taskId,
-              TQ_TASK_ATTEMPT: String(ref.attempt),
-              ...(traceparent ? { TRACEPARENT: traceparent } : {}),
-            },
-            cwd: assign.cwd || undefined,
-            timeoutMs: assign.timeoutMs,
-            killGraceMs: this.options.killGraceMs,
-            maxOutputBytes: this.options.maxOutputBytes,
-            ...(streamer ? { onOutput: (stream, chunk) => streamer.push(stream, chunk) } : {}),
-            baseEnv: this.options.baseEnv,
-            user: attempt.identity,
-            confinement: this.options.limiter?.confine(
-              k,
-              assign.limits ? limitsFromProto(assign.limits) : null,
-              attempt.identity ? { uid: attempt.identity.uid, gid: attempt.identity.gid } : undefined,
-            ),
-          });
+    // Armed on receipt: released now. One whose process failed or ended meanwhile never ran
+    // the command, and a fresh spawn takes its place (reporting a spawn failure as it is).
+    const armed = attempt.armed;
+    attempt.armed = undefined;
+    const execution = armed?.release() ? armed : this.spawn(k, attempt, false, run?.traceparent);
+    const streamer = execution === armed || execution === attempt.spawned ? attempt.streamer : undefined;
     attempt.execution = execution;
-    // Before anything is awaited: a worker that dies from here on leaves its watchdog knowing this group.
-    this.options.changed?.();
-    if (execution.pid !== null) this.options.events.started(ref, execution.pid, execution.startedAt);
+    if (execution === armed) {
+      // Released: the watchdog knows its group since it was armed (the same pid, the same
+      // cgroup). Its report waits until this turn's timers are done, so that the other
+      // attempts due at this instant are released first, not after each one's Started.
+      const { pid, startedAt } = execution;
+      let told = false;
+      attempt.tellStarted = () => {
+        if (told) return;
+        told = true;
+        this.options.events.started(ref, pid!, startedAt);
+      };
+      setImmediate(attempt.tellStarted);
+    } else {
+      // Before anything is awaited: a worker that dies from here on leaves its watchdog knowing this group.
+      this.options.changed?.();
+      if (execution.pid !== null) this.options.events.started(ref, execution.pid, execution.startedAt);
+    }
     void execution.result.then((result) => {
+      // Started is always told before Finished, however quick the command.
+      attempt.tellStarted?.();
       run?.end(result.outcome === "exited" && result.exitCode === 0 ? null : `ended ${result.outcome}`, {
         "taskqueue.outcome": result.outcome,
         ...(result.exitCode === null ? {} : { "process.exit.code": result.exitCode }),
@@ -300,6 +336,108 @@ export class Attempts {
     });
   }
 
+  private queueArming(k: string): void {
+    this.toArm.push(k);
+    this.arming ??= setTimeout(() => this.armNext(), 0);
+  }
+
+  /**
+   * Arms the next queued early hand-over: its cgroup and its process, held before the command,
+   * made while it waits. One spawn per timer turn, and none while any start (armed or not) is
+   * due within a spawn's time: a spawn holds the event loop, and a start must not wait for it.
+   * One whose own start is that close is left to spawn at its start, as it would unarmed.
+   */
+  private armNext(): void {
+    this.arming = null;
+    const now = performance.now();
+    const margin = ARM_MARGIN_MS + this.spawnCostMs;
+    let soonest = Number.POSITIVE_INFINITY;
+    for (const held of this.held.values())
+      if (held.startTimer !== undefined && held.startAt !== undefined) soonest = Math.min(soonest, held.startAt);
+    for (;;) {
+      const k = this.toArm[0];
+      if (k === undefined) return;
+      const attempt = this.held.get(k);
+      const waiting = attempt && !attempt.execution && !attempt.armed && !attempt.disarming && attempt.startTimer !== undefined;
+      if (!attempt || !waiting || (attempt.startAt ?? 0) - now < margin) {
+        this.toArm.shift();
+        continue;
+      }
+      if (soonest - now < margin) {
+        // Another start comes first: arm again once it has passed.
+        this.arming = setTimeout(() => this.armNext(), Math.max(1, Math.ceil(soonest - now) + 1));
+        return;
+      }
+      this.toArm.shift();
+      const before = performance.now();
+      attempt.confinement ??= this.confine(k, attempt);
+      attempt.armed = this.spawn(k, attempt, true);
+      // What a spawn costs here now (a loaded host takes far longer): the margin follows it.
+      this.spawnCostMs = 0.7 * this.spawnCostMs + 0.3 * (performance.now() - before);
+      // The watchdog learns its process group now: a worker dying from here on leaves none behind.
+      this.options.changed?.();
+      break;
+    }
+    if (this.toArm.length > 0) this.arming = setTimeout(() => this.armNext(), 0);
+  }
+
+  /**
+   * Spawns the attempt's command: now, or armed (held before the command until released). More
+   * attempts than slots (the coordinator should never send them): sharing a user would let two
+   * tasks read each other's environment, so the extra one fails instead.
+   */
+  private spawn(k: string, attempt: HeldAttempt, armed: boolean, runTraceparent?: string): Execution {
+    const { assign } = attempt;
+    const ref = assign.ref!;
+    if (this.options.identities && !attempt.identity)
+      return notRun(`no free slot user: this worker already runs ${this.options.identities.length} tasks`);
+    // Traced: the command's TRACEPARENT names the run span (known only at the start; an armed
+    // one carries the dispatch span's, its parent).
+    const traceparent = runTraceparent ?? assign.traceparent;
+    // Live logs: how to stream is asked per spawn (it depends on the coordinator of the moment);
+    // an armed shell writes nothing before its release, so its streamer is made with it.
+    const streaming = this.options.events.output ? this.options.logStreaming?.() : null;
+    const streamer = streaming ? new LogStreamer((flush) => this.options.events.output?.(ref, flush), streaming) : undefined;
+    attempt.streamer = streamer;
+    const execution = (this.options.execute ?? execute)({
+      command: assign.command,
+      env: {
+        ...assign.env,
+        TQ_TASK_ID: ref.taskId,
+        TQ_TASK_ATTEMPT: String(ref.attempt),
+        ...(traceparent ? { TRACEPARENT: traceparent } : {}),
+      },
+      cwd: assign.cwd || undefined,
+      timeoutMs: assign.timeoutMs,
+      killGraceMs: this.options.killGraceMs,
+      maxOutputBytes: this.options.maxOutputBytes,
+      ...(streamer ? { onOutput: (stream, chunk) => streamer.push(stream, chunk) } : {}),
+      baseEnv: this.options.baseEnv,
+      user: attempt.identity,
+      confinement: this.takeConfinement(attempt) ?? this.confine(k, attempt),
+      armed,
+    });
+    attempt.spawned = execution;
+    return execution;
+  }
+
+  /** The attempt's limits as the limiter applies them (a cgroup of its own where it can). */
+  private confine(k: string, attempt: HeldAttempt): Confinement | undefined {
+    const { assign, identity } = attempt;
+    return this.options.limiter?.confine(
+      k,
+      assign.limits ? limitsFromProto(assign.limits) : null,
+      identity ? { uid: identity.uid, gid: identity.gid } : undefined,
+    );
+  }
+
+  /** The confinement made ahead, handed to the execution (which releases it from then on). */
+  private takeConfinement(attempt: HeldAttempt): Confinement | undefined {
+    const confinement = attempt.confinement;
+    attempt.confinement = undefined;
+    return confinement;
+  }
+
   /** The first hand-back decides what the coordinator is told (a drain after a lapse is still a lapse). */
   private handBack(k: string, attempt: HeldAttempt, why: string, cause: LossCause): void {
     attempt.handBack ??= cause;
@@ -316,7 +454,26 @@ export class Attempts {
       attempt.execution.stop(outcome, graceMs);
       return;
     }
+    // Already being stopped before its start: reported once its process is gone.
+    if (attempt.disarming) return;
     clearTimeout(attempt.startTimer);
+    const armed = attempt.armed;
+    if (armed) {
+      // Its command never ran, but its process is reported gone only once it is: nothing of
+      // an attempt outlives its hand-back.
+      attempt.armed = undefined;
+      attempt.disarming = true;
+      armed.stop(outcome, 0);
+      void armed.result.then(() => this.notStarted(k, attempt, outcome, why));
+      return;
+    }
+    this.notStarted(k, attempt, outcome, why);
+  }
+
+  /** An attempt that never started (nothing of it runs) is forgotten and reported. */
+  private notStarted(k: string, attempt: HeldAttempt, outcome: "cancelled" | "abandoned", why: string): void {
+    // Never started: its cgroup, made ahead, holds nothing.
+    this.takeConfinement(attempt)?.release();
     this.forget(k);
     this.options.events.notStarted(
       attempt.assign.ref!,

@@ -43,7 +43,20 @@ export interface RunSpec {
    * the task empties, setsid escapees included. None: plain `sh -c`, no usage beyond rusage.
    */
   confinement?: Confinement;
+  /**
+   * Spawn now, but hold the command until Execution.release(): the process (its group, its
+   * cgroup) exists ahead of the start time and waits on its stdin for the word to go, so that
+   * at the start time only a pipe write is left. A shell never released (stopped, or the worker
+   * died and its end of the pipe closed) exits without running the command.
+   */
+  armed?: boolean;
 }
+
+/**
+ * What an armed spawn runs ahead of the command (argv after it: the command line to exec). It
+ * reads one line; only "go" runs the command, with stdin from /dev/null as an unarmed one has.
+ */
+const ARMED_SCRIPT = 'IFS= read -r go; [ "$go" = go ] || exit 0; exec "$@" </dev/null';
 
 export interface RunResult extends CapturedOutput {
   outcome: Outcome;
@@ -62,7 +75,16 @@ export interface RunResult extends CapturedOutput {
 
 export interface Execution {
   readonly pid: number | null;
+  /** When the command started: its spawn, or for an armed one its release (the spawn until then). */
   readonly startedAt: Date;
+  /** False while an armed execution waits for release(); true otherwise. */
+  readonly released: boolean;
+  /**
+   * Lets an armed execution's command run now (the timeout counts from here). Returns whether
+   * it did: false when it was not armed, was released already, was stopped, or its process
+   * ended meanwhile (then it never runs the command).
+   */
+  release(): boolean;
   /** The cgroup.procs files of the attempt's cgroup, if it has one: the worker's watchdog kills what they list. */
   readonly cgroupProcs: readonly string[];
   /** Never rejects. */
@@ -103,7 +125,7 @@ function inheritable(baseEnv: Record<string, string | undefined>): Record<string
 }
 
 export function execute(spec: RunSpec): Execution {
-  const startedAt = new Date();
+  let startedAt = new Date();
   const user = spec.user;
   const cwd = spec.cwd === undefined || spec.cwd === "" ? user?.home : spec.cwd;
 
@@ -118,15 +140,16 @@ export function execute(spec: RunSpec): Execution {
   // The worker's own HOME is out of the slot user's reach.
   if (user && spec.env.HOME === undefined) env.HOME = user.home;
 
-  let proc: Bun.Subprocess<"ignore", "pipe", "pipe">;
+  let proc: Bun.Subprocess<"ignore" | "pipe", "pipe", "pipe">;
+  const argv = confinement?.argv(spec.command) ?? ["sh", "-c", spec.command];
   try {
-    proc = Bun.spawn(confinement?.argv(spec.command) ?? ["sh", "-c", spec.command], {
+    proc = Bun.spawn(spec.armed ? ["sh", "-c", ARMED_SCRIPT, "sh", ...argv] : argv, {
       cwd,
       env,
       // The spawn changes directory before it changes user, so checkDirectory vouched for cwd.
       uid: user?.uid,
       gid: user?.gid,
-      stdin: "ignore",
+      stdin: spec.armed ? "pipe" : "ignore",
       stdout: "pipe",
       stderr: "pipe",
       // setsid(): the child leads its own process group, so -pid reaches every descendant
@@ -178,12 +201,42 @@ export function execute(spec: RunSpec): Execution {
     terminate(graceMs);
   };
 
-  if (spec.timeoutMs > 0) timeoutTimer = setTimeout(() => stop("timed_out"), spec.timeoutMs);
+  let released = !spec.armed;
+  const armTimeout = () => {
+    if (spec.timeoutMs > 0) timeoutTimer = setTimeout(() => stop("timed_out"), spec.timeoutMs);
+  };
+  if (released) armTimeout();
+  const release = (): boolean => {
+    if (released || leaderExited || stopReason !== null) return false;
+    const stdin = proc.stdin;
+    if (!stdin || typeof stdin === "number") return false;
+    try {
+      stdin.write("go\n");
+      void stdin.end();
+    } catch {
+      return false;
+    }
+    released = true;
+    startedAt = new Date();
+    armTimeout();
+    return true;
+  };
+  // Unreleased, the shell waits on its stdin: closing it (at exit or a stop) ends the wait.
+  const closeStdin = () => {
+    const stdin = proc.stdin;
+    if (released || !stdin || typeof stdin === "number") return;
+    try {
+      void stdin.end();
+    } catch {
+      // closed already
+    }
+  };
 
   const result = (async (): Promise<RunResult> => {
     await proc.exited.catch(() => undefined);
     leaderExited = true;
     clearTimeout(timeoutTimer);
+    closeStdin();
 
     let drained: boolean;
     // Hook: with a cgroup, what is left of the task is whatever is still in it.
@@ -240,7 +293,20 @@ export function execute(spec: RunSpec): Execution {
     kill();
   };
 
-  return { pid, startedAt, cgroupProcs: cgroup?.procsFiles ?? [], result, stop, kill: killNow };
+  return {
+    pid,
+    get startedAt() {
+      return startedAt;
+    },
+    get released() {
+      return released;
+    },
+    release,
+    cgroupProcs: cgroup?.procsFiles ?? [],
+    result,
+    stop,
+    kill: killNow,
+  };
 }
 
 /** An execution that never spawned: its result is spawn_failed with this error. */
@@ -260,7 +326,16 @@ function failed(startedAt: Date, error: string): Execution {
     finishedAt: new Date(),
     usage: null,
   };
-  return { pid: null, startedAt, cgroupProcs: [], result: Promise.resolve(result), stop: () => {}, kill: () => {} };
+  return {
+    pid: null,
+    startedAt,
+    released: true,
+    release: () => false,
+    cgroupProcs: [],
+    result: Promise.resolve(result),
+    stop: () => {},
+    kill: () => {},
+  };
 }
 
 /** Usage of an attempt run without a confinement: rusage only. */

@@ -8,8 +8,10 @@
 // (WorkerService.ReportWorkerLost, with the worker's credential), so that the coordinator can
 // requeue them at once. Then it exits.
 //
-// Cheap by design: the steady state is one blocked read; the configuration and gRPC are
-// loaded only when there is something to report.
+// Cheap by design: the steady state is one blocked read. The Bun watcher loads gRPC and dials
+// its coordinator once, while it watches (a cold import and a TLS handshake cost a busy host
+// a few hundred ms, all of which a crashed worker's next attempt would wait for); the bash
+// watcher hands over to this file only when there is something to report.
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { type Config, coordinatorAddresses, loadConfig } from "../config";
@@ -39,6 +41,20 @@ let lost = false;
 let silence: ReturnType<typeof setTimeout> | undefined;
 /** Silence bounds passed since the last beat. */
 let silentBounds = 0;
+
+/** How long after its start the watcher loads what a report needs (past the worker's own start-up). */
+const WARM_AFTER_MS = 1000;
+
+type ReportKit = {
+  grpc: typeof import("@grpc/grpc-js");
+  Client: ReturnType<typeof import("../rpc/definitions").clientConstructor>;
+  credentials: import("@grpc/grpc-js").ChannelCredentials;
+};
+let kit: Promise<ReportKit> | null = null;
+/** The channel to each address, kept from the warm-up to the report. */
+const clients = new Map<string, InstanceType<ReportKit["Client"]>>();
+/** The address whose channel was opened ahead. */
+let warmed: string | null = null;
 
 const armSilence = () => {
   clearTimeout(silence);
@@ -81,6 +97,8 @@ if (handedOver === "exited" || handedOver === "frozen") {
 } else {
   // No bash: this process watches itself.
   armSilence();
+  // Ready to report before anything is lost: the report's modules loaded, its channel open.
+  setTimeout(() => void warm(null), WARM_AFTER_MS).unref();
   let buffer = "";
   const decoder = new TextDecoder();
   for await (const chunk of Bun.stdin.stream()) {
@@ -94,6 +112,7 @@ if (handedOver === "exited" || handedOver === "frozen") {
     buffer = buffer.slice(newline + 1);
     const last = lines.findLast((line) => line !== "");
     if (last !== undefined) state = parseStateLine(last) ?? state;
+    if (state?.address && state.address !== warmed) void warm(state.address);
   }
   if (!lost) await workerLost("exited");
 }
@@ -208,6 +227,56 @@ interface ReportClient {
   ): void;
 }
 
+/** The report's modules and credentials, loaded once. */
+function reportKit(): Promise<ReportKit> {
+  kit ??= (async () => {
+    const [grpc, { grpcClientCredentials }, { clientConstructor }, { WorkerService }] = await Promise.all([
+      import("@grpc/grpc-js"),
+      import("../tls"),
+      import("../rpc/definitions"),
+      import("../gen/taskqueue/v1/worker_service_pb"),
+    ]);
+    return { grpc, Client: clientConstructor(WorkerService), credentials: grpcClientCredentials(config) };
+  })();
+  return kit;
+}
+
+async function clientFor(address: string): Promise<InstanceType<ReportKit["Client"]>> {
+  const { Client, credentials } = await reportKit();
+  let client = clients.get(address);
+  if (!client) {
+    client = new Client(address, credentials);
+    clients.set(address, client);
+  }
+  return client;
+}
+
+/** A channel that failed a report is dropped: the next round dials afresh. */
+function dropClient(address: string): void {
+  clients.get(address)?.close();
+  clients.delete(address);
+}
+
+/**
+ * Loads the report's modules and, once the worker has said where it is connected, opens a
+ * channel there (grpc-js keeps it, and dials again on the report if it was lost meanwhile).
+ * Failures here are only a slower report later.
+ */
+async function warm(address: string | null): Promise<void> {
+  try {
+    if (address === null) {
+      await reportKit();
+      return;
+    }
+    if (warmed !== null && warmed !== address) dropClient(warmed);
+    warmed = address;
+    const client = await clientFor(address);
+    client.waitForReady(Date.now() + 5000, () => {});
+  } catch (error) {
+    log.debug({ event: "watchdog.warm_failed", err: error }, "could not prepare the report ahead; it is prepared when needed");
+  }
+}
+
 /** Tells a coordinator (the worker's own first, then the others) which attempts were stopped. */
 async function report(lostState: WatchdogState, reason: string): Promise<boolean> {
   const fields = { worker_id: lostState.worker_id, attempts: lostState.attempts.length };
@@ -215,15 +284,8 @@ async function report(lostState: WatchdogState, reason: string): Promise<boolean
     log.warn({ event: "watchdog.not_reported", ...fields }, "the worker was never welcomed: nothing to report with");
     return false;
   }
-  const [grpc, { grpcClientCredentials }, { clientConstructor }, { WorkerService }] = await Promise.all([
-    import("@grpc/grpc-js"),
-    import("../tls"),
-    import("../rpc/definitions"),
-    import("../gen/taskqueue/v1/worker_service_pb"),
-  ]);
-  const Client = clientConstructor(WorkerService);
+  const { grpc } = await reportKit();
   const addresses = [...new Set([...(lostState.address ? [lostState.address] : []), ...coordinatorAddresses(config)])];
-  const credentials = grpcClientCredentials(config);
   const metadata = new grpc.Metadata();
   metadata.set("authorization", `Bearer ${lostState.credential}`);
   const request = {
@@ -234,7 +296,7 @@ async function report(lostState: WatchdogState, reason: string): Promise<boolean
   const until = performance.now() + REPORT_FOR_MS;
   for (let round = 0; performance.now() < until; round++) {
     for (const address of addresses) {
-      const client = new Client(address, credentials);
+      const client = await clientFor(address);
       const outcome = await new Promise<{ requeued: number } | { error: string; final: boolean }>((resolve) => {
         (client as unknown as ReportClient).reportWorkerLost(
           request,
@@ -251,12 +313,12 @@ async function report(lostState: WatchdogState, reason: string): Promise<boolean
           },
         );
       });
-      client.close();
       if ("requeued" in outcome) {
         log.info({ event: "watchdog.reported", ...fields, address, requeued: outcome.requeued }, "reported the stopped tasks");
         return true;
       }
       log.warn({ ...fields, address, error: outcome.error }, "reporting the stopped tasks failed");
+      dropClient(address);
       if (outcome.final) {
         log.error({ event: "watchdog.not_reported", ...fields, error: outcome.error }, "the coordinator refused the report");
         return false;

@@ -52,7 +52,7 @@ export interface WatchdogOptions {
   /** The state sent on every change. */
   state: () => WatchdogState;
   /**
-   * Who watches: `bun` (watchdog-process.ts throughout: ~60 MB RSS, it reacts and reports at
+   * Who watches: `bun` (watchdog-process.ts throughout: ~67 MB RSS with gRPC loaded ahead, it reacts and reports at
    * once) or `bash` (watchdog.sh: ~3 MB and next to no CPU while it waits; it kills the process
    * groups at once, but the report waits for Bun to start). Defaults to bun; bash falls back to
    * bun where there is no bash.

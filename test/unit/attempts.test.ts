@@ -1,6 +1,9 @@
 // The attempts a worker holds, without a coordinator: an early hand-over waits for its start
 // time, one stopped while it waits never starts, and a running one reports once it has exited.
 import { expect, test } from "bun:test";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { create } from "@bufbuild/protobuf";
 import { type Assign, AssignSchema, type TaskRef, TaskRefSchema } from "../../src/gen/taskqueue/v1/worker_service_pb";
 import { silentLogger } from "../../src/log";
@@ -176,4 +179,89 @@ test("a fenced running attempt is stopped through its process group and handed b
   expect(finished).toMatchObject({ kind: "finished", stopReason: "the lease ran out on the worker", interrupted: false });
   if (finished.kind === "finished") expect(finished.result.outcome).toBe("abandoned");
   expect(held.fence("t-fenced:1", "again", 100)).toBe(false);
+});
+
+/** Attempts whose `changed` hook resolves armed() once an attempt's process group is known. */
+function armedAttempts() {
+  const events: Event[] = [];
+  let onArmed: ((pgid: number) => void) | null = null;
+  const held: Attempts = new Attempts({
+    log: silentLogger,
+    killGraceMs: 2000,
+    maxOutputBytes: 1000,
+    baseEnv: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
+    events: {
+      started: (r, pid) => events.push({ kind: "started", ref: r, pid }),
+      finished: (r, result, stopReason, interrupted) =>
+        events.push({ kind: "finished", ref: r, result, stopReason, interrupted }),
+      notStarted: (r, outcome, why, interrupted) => events.push({ kind: "notStarted", ref: r, outcome, why, interrupted }),
+    },
+    changed: () => {
+      const pgid = held.processes()[0]?.pgid;
+      if (pgid != null && onArmed) onArmed(pgid);
+    },
+  });
+  const armed = () => new Promise<number>((resolve) => (onArmed = resolve));
+  return { held, events, armed };
+}
+
+const groupAlive = (pgid: number) => {
+  try {
+    process.kill(-pgid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+};
+
+test("an early hand-over is spawned while it waits, held before its command, and released at its start time", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "attempts-armed-"));
+  try {
+    const marker = join(dir, "ran");
+    const { held, events, armed } = armedAttempts();
+    const startInMs = 300;
+    const waiting = armed();
+    const takenAt = performance.now();
+    held.take(assign("t-armed", `touch '${marker}'`, startInMs));
+    const pgid = await waiting;
+    // Its process group exists before its start, and the watchdog is told of it; the command has not run.
+    expect(groupAlive(pgid)).toBe(true);
+    expect(existsSync(marker)).toBe(false);
+    expect(events).toEqual([]);
+    await held.empty();
+    const started = events.find((e) => e.kind === "started");
+    expect(started).toMatchObject({ kind: "started", pid: pgid });
+    const finished = events.find((e) => e.kind === "finished");
+    if (finished?.kind !== "finished") throw new Error(`no finish: ${JSON.stringify(events)}`);
+    expect(finished.result).toMatchObject({ outcome: "exited", exitCode: 0 });
+    // Never early: the command started no sooner than its start time after the Assign was taken.
+    expect(finished.result.startedAt.getTime()).toBeGreaterThanOrEqual(
+      Math.floor(performance.timeOrigin + takenAt + startInMs) - 1,
+    );
+    expect(existsSync(marker)).toBe(true);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("an armed early hand-over cancelled before its start never runs, and is reported only once its process is gone", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "attempts-armed-"));
+  try {
+    const marker = join(dir, "ran");
+    const { held, events, armed } = armedAttempts();
+    const waiting = armed();
+    held.take(assign("t-armed-cancel", `touch '${marker}'`, 60_000));
+    const pgid = await waiting;
+    held.cancel(ref("t-armed-cancel"), "not wanted");
+    held.cancel(ref("t-armed-cancel"), "twice");
+    held.releaseWaiting("draining", "interrupted");
+    await held.empty();
+    expect(events).toEqual([
+      { kind: "notStarted", ref: ref("t-armed-cancel"), outcome: "cancelled", why: "not wanted", interrupted: false },
+    ]);
+    expect(groupAlive(pgid)).toBe(false);
+    expect(existsSync(marker)).toBe(false);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });

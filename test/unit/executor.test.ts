@@ -268,3 +268,53 @@ test("a background child that outlives the leader is killed and does not hang th
   expect(straggler).toBeGreaterThan(0);
   expect(isRunning(straggler)).toBe(false);
 });
+
+test("an armed execution holds its command until release(); its start time is the release", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "executor-armed-"));
+  try {
+    const marker = join(dir, "ran");
+    const execution = execute(spec(`echo "$TQ_X" > '${marker}'`, { env: { TQ_X: "x" }, armed: true }));
+    expect(execution.pid).not.toBeNull();
+    expect(execution.released).toBe(false);
+    // Spawned and waiting: its process group exists, the command has not run.
+    expect(isRunning(execution.pid!)).toBe(true);
+    expect(await Bun.file(marker).exists()).toBe(false);
+    const spawnedAt = execution.startedAt;
+    expect(execution.release()).toBe(true);
+    expect(execution.release()).toBe(false);
+    expect(execution.released).toBe(true);
+    expect(execution.startedAt.getTime()).toBeGreaterThanOrEqual(spawnedAt.getTime());
+    const result = await execution.result;
+    expect(result).toMatchObject({ outcome: "exited", exitCode: 0 });
+    expect(result.startedAt).toBe(execution.startedAt);
+    expect(await Bun.file(marker).text()).toBe("x\n");
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("an armed execution stopped or killed before release never runs its command", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "executor-armed-"));
+  try {
+    const marker = join(dir, "ran");
+    const stopped = execute(spec(`touch '${marker}'`, { armed: true }));
+    stopped.stop("cancelled");
+    expect(stopped.release()).toBe(false);
+    expect(await stopped.result).toMatchObject({ outcome: "cancelled" });
+    expect(isRunning(stopped.pid!)).toBe(false);
+
+    const killed = execute(spec(`touch '${marker}'`, { armed: true }));
+    killed.kill();
+    expect(await killed.result).toMatchObject({ outcome: "abandoned" });
+    expect(killed.release()).toBe(false);
+    expect(await Bun.file(marker).exists()).toBe(false);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("an armed execution with a missing cwd fails as an unarmed one does", async () => {
+  const execution = execute(spec("true", { cwd: "/nonexistent/armed", armed: true }));
+  expect(execution.release()).toBe(false);
+  expect(await execution.result).toMatchObject({ outcome: "spawn_failed", error: "cwd /nonexistent/armed does not exist" });
+});
