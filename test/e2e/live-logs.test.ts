@@ -191,6 +191,23 @@ test("a chatty task is stored in a few chunks, a silent one in none; the bound c
   expect(cut.complete).toBe("true");
 });
 
+test("an early hand-over (armed before its start time) streams its log as one started at once does", async () => {
+  // Due in 1.5 s: the coordinator hands it over TQ_DISPATCH_AHEAD_MS early and the worker arms
+  // it (its shell spawned, held before the command); its output is streamed from the release.
+  const runAt = new Date(Date.now() + 1500).toISOString();
+  const response = await fetch(`${url}/tasks`, {
+    method: "POST",
+    body: JSON.stringify({ command: "echo armed-out; echo armed-err >&2", scheduled_at: runAt }),
+  });
+  const body = (await response.json()) as { id: string };
+  expect(response.status).toBe(201);
+  const { id } = body;
+  await eventually(async () => (await state(id)) === "succeeded", { what: "early task succeeded", timeoutMs: 15_000 });
+  await eventually(async () => (await logs(id)).complete === "true", { what: "its log complete", timeoutMs: 10_000 });
+  expect((await logs(id, "?stream=stdout")).body).toBe("armed-out\n");
+  expect((await logs(id, "?stream=stderr")).body).toBe("armed-err\n");
+});
+
 test("unknown tasks and attempts are 404 with their codes; bad input is 400", async () => {
   const missing = await fetch(`${url}/tasks/${Bun.randomUUIDv7()}/logs`);
   expect(missing.status).toBe(404);
