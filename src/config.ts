@@ -11,6 +11,7 @@ import type { AuthOptions } from "./auth/authenticator";
 import { type JoinToken, joinTokens } from "./auth/worker-tokens";
 import type { ConnectOptions } from "./db/sql";
 import { GRPC_DEFAULT_MAX_MESSAGE_BYTES, RESULT_HEADROOM_BYTES } from "./rpc/message-size";
+import { parseDuration } from "./schedule/rules";
 import { parseLabels } from "./task/labels";
 import { type HeartbeatTimings, type LeaseTimings, minLeaseMs } from "./task/lease";
 import { QUEUE_NAME_PATTERN } from "./task/routing";
@@ -364,7 +365,7 @@ export const ConfigSchema = Type.Object({
     minLength: 1,
     default: "7d",
     description:
-      "How long a final task (succeeded, failed, timed_out, cancelled) is kept after it ended, with its events, attempts and logs, before a coordinator deletes it: a duration such as 7d, 36h, 1d12h, 90m or 30s (units w, d, h, m, s, ms); off or 0 keeps everything. Defaults to 7d.",
+      "How long a final task (succeeded, failed, timed_out, cancelled) is kept after it ended, with its events, attempts and logs, before a coordinator deletes it: a duration such as 7d, 36h, 1d12h, 90m or 30s (units d, h, m, s, ms; at most 366d); off or 0 keeps everything. Defaults to 7d.",
   }),
   TQ_RETENTION_BATCH_SIZE: Type.Integer({
     minimum: 1,
@@ -612,40 +613,20 @@ export function tracingEndpoint(config: Config): string | undefined {
   return config.OTEL_EXPORTER_OTLP_ENDPOINT;
 }
 
-const DURATION_UNITS_MS: Record<string, number> = { w: 604_800_000, d: 86_400_000, h: 3_600_000, m: 60_000, s: 1000, ms: 1 };
-/** Most TQ_RETENTION may be: a hundred years. */
-const MAX_RETENTION_MS = 100 * 365 * 86_400_000;
-
-/**
- * A duration such as "7d", "36h", "1d12h", "90m", "30s" or "500ms" in milliseconds; null when it
- * is not one. Written here rather than taken from `ms`, which reads "1d12h" as nothing and
- * "1.5 years" as something: a setting should accept one plain form and refuse the rest.
- */
-export function parseDuration(text: string): number | null {
-  const value = text.trim().toLowerCase();
-  if (!/^(\d+(ms|w|d|h|m|s))+$/.test(value)) return null;
-  let total = 0;
-  for (const [, amount, unit] of value.matchAll(/(\d+)(ms|w|d|h|m|s)/g)) {
-    total += Number(amount) * (DURATION_UNITS_MS[unit as string] as number);
-  }
-  return total;
-}
-
 /** TQ_RETENTION in milliseconds, or null: retention is off and nothing is ever deleted. */
 export function retentionMs(config: Config): number | null {
   const value = config.TQ_RETENTION.trim().toLowerCase();
   if (value === "off" || value === "0") return null;
-  const ms = parseDuration(value);
-  if (ms === null) {
-    throw new ConfigError(
-      `invalid configuration: TQ_RETENTION=${JSON.stringify(config.TQ_RETENTION)}: expected a duration such as 7d, 36h, 1d12h, 90m or 30s (units w, d, h, m, s, ms), or off`,
-    );
+  // The same duration form as a schedule's `every` (src/schedule/rules.ts), up to a year.
+  let ms: number;
+  try {
+    ms = parseDuration(value, "TQ_RETENTION");
+  } catch (error) {
+    throw new ConfigError(`invalid configuration: ${(error as Error).message}, or off`);
   }
   if (ms === 0) return null;
-  if (ms < 1000 || ms > MAX_RETENTION_MS) {
-    throw new ConfigError(
-      `invalid configuration: TQ_RETENTION=${JSON.stringify(config.TQ_RETENTION)}: must be from 1s to 100 years (or off, or 0)`,
-    );
+  if (ms < 1000) {
+    throw new ConfigError(`invalid configuration: TQ_RETENTION must be at least 1s (or off); got ${ms} ms`);
   }
   return ms;
 }

@@ -23,7 +23,7 @@ import type { Sql } from "./sql";
 const ENDED = [...FINAL_STATES];
 
 /** Arbitrary constant: "tq" + "prune". One coordinator prunes at a time. */
-const RETENTION_LOCK_KEY = 0x7471_7072_756e_65n;
+export const RETENTION_LOCK_KEY = 0x7471_7072_756e_65n;
 
 /** What one batch did: the rows it deleted by table, and whether any table may have more. */
 export interface PruneResult {
