@@ -13,6 +13,7 @@ import { ingest } from "./ingest";
 import { latency } from "./latency";
 import { micro } from "./micro";
 import { precision } from "./precision";
+import { retention } from "./retention";
 import { routing } from "./routing";
 import { scale } from "./scale";
 import { schedulesBench } from "./schedules";
@@ -33,6 +34,7 @@ const BENCHES: readonly Bench[] = [
   flow,
   flowRate,
   schedulesBench,
+  retention,
 ];
 
 const ROOT = join(import.meta.dir, "..");

@@ -135,10 +135,16 @@ export async function pruneBatch(sql: Sql, cutoff: Date, limit: number): Promise
   });
 }
 
-/** A child of `tasks` that has not ended: it still needs its parent's row. */
+/**
+ * A child of `tasks` that has not ended: it still needs its parent's row. A scalar subquery,
+ * not EXISTS: under the OR of NOT (has_children AND ...) the planner may turn an EXISTS into a
+ * hashed subplan that reads every live task once; this one is a lookup per parent (its edges
+ * by task_dependencies_parent_idx, each child by its key).
+ */
 function liveChildOf(sql: Sql) {
-  return sql`EXISTS (
-    SELECT 1 FROM task_dependencies d JOIN tasks c ON c.id = d.child_id
+  return sql`(
+    SELECT true FROM task_dependencies d JOIN tasks c ON c.id = d.child_id
     WHERE d.parent_id = tasks.id AND c.state NOT IN (${states(sql, ENDED)})
-  )`;
+    LIMIT 1
+  ) IS NOT NULL`;
 }
