@@ -67,7 +67,7 @@ async function sample(baseUrl: string, fifo: FifoSignals, i: number, into: Serie
 }
 
 /** The coordinator's taskqueue_retention_pruned_rows_total by table. */
-async function prunedRows(baseUrl: string): Promise<Record<string, number>> {
+export async function prunedRows(baseUrl: string): Promise<Record<string, number>> {
   const text = await (await fetch(`${baseUrl}/metrics`)).text();
   const out: Record<string, number> = {};
   for (const match of text.matchAll(/^taskqueue_retention_pruned_rows_total\{([^}]*)\} (\S+)$/gm)) {

@@ -18,6 +18,7 @@ import { routing } from "./routing";
 import { scale } from "./scale";
 import { schedulesBench } from "./schedules";
 import { type Bench, type BenchResult, closeAllScopes } from "./support";
+import { sustained } from "./sustained";
 import { throughput } from "./throughput";
 
 const BENCHES: readonly Bench[] = [
@@ -35,6 +36,7 @@ const BENCHES: readonly Bench[] = [
   flowRate,
   schedulesBench,
   retention,
+  sustained,
 ];
 
 const ROOT = join(import.meta.dir, "..");
