@@ -17,6 +17,7 @@ import { finishAttempt, markStarted } from "../../src/db/transitions";
 import { silentLogger } from "../../src/log";
 import { TaskMetrics } from "../../src/metrics/metrics";
 import { TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
+import { eventually } from "../support/eventually";
 import { attemptResult, createTask, openAuth, taskSpec } from "../support/factories";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
@@ -167,6 +168,30 @@ describe("a retention batch", () => {
     expect(text).toContain('taskqueue_retention_pruned_rows_total{table="tasks",role="coordinator"} 20');
     expect(text).toMatch(/taskqueue_retention_pruned_rows_total\{table="task_events",role="coordinator"\} [1-9]/);
     await pruner.stop();
+  });
+
+  test("the pruner's own loop runs passes after start(), and stop() ends it", async () => {
+    const ids: string[] = [];
+    for (let i = 0; i < 4; i++) ids.push((await createTask(db.sql, taskSpec({ command: `t${i}` }))).id);
+    await runAll();
+    await age(ids, 30);
+    const metrics = new TaskMetrics("coordinator");
+    const pruner = new Pruner({
+      sql: db.sql,
+      log: silentLogger,
+      retentionMs: 7 * DAY_MS,
+      batchSize: 2,
+      pauseMs: 1,
+      intervalMs: 10,
+      metrics,
+    });
+    pruner.start();
+    try {
+      await eventually(async () => (await count("tasks")) === 0, { what: "the old tasks pruned by the loop" });
+    } finally {
+      await pruner.stop();
+    }
+    expect(await metrics.scrape()).toContain('taskqueue_retention_pruned_rows_total{table="tasks",role="coordinator"} 4');
   });
 
   test("skips a row another transaction holds instead of waiting for it", async () => {
