@@ -28,8 +28,10 @@ import {
   within,
 } from "./support";
 
-const FULL = { durationS: 600, windowS: 60, sampleEveryS: 15, burnDown: 4000, raw: 2000, retention: "2m" };
-const QUICK = { durationS: 30, windowS: 6, sampleEveryS: 3, burnDown: 800, raw: 400, retention: "10s" };
+// The burn-down backlog is sized from a probe of `probe` tasks to last about `burnDownS`
+// seconds (within 500 to 20,000 tasks): long enough to measure a rate, whatever the machine.
+const FULL = { durationS: 600, windowS: 60, sampleEveryS: 15, probe: 300, burnDownS: 20, raw: 2000, retention: "2m" };
+const QUICK = { durationS: 30, windowS: 6, sampleEveryS: 3, probe: 100, burnDownS: 5, raw: 400, retention: "10s" };
 const WORKER_SLOTS = 8;
 /** Share of the measured burn-down rate the sustained phase submits at. */
 const LOAD_SHARE = 0.8;
@@ -96,6 +98,26 @@ async function rawBurnDown(fifo: FifoSignals, count: number, slots: number): Pro
   return { perSecond: count / ((performance.now() - began) / 1000), start: distribution(starts) };
 }
 
+/** Submits `count` tasks in batches of 1000 and waits until all are final; tasks/s. */
+async function burnDown(baseUrl: string, sql: postgres.Sql, fifo: FifoSignals, count: number): Promise<number> {
+  const command = fifo.command();
+  const began = performance.now();
+  const created: { id: string }[] = [];
+  for (let sent = 0; sent < count; sent += 1000) {
+    const n = Math.min(1000, count - sent);
+    created.push(
+      ...(await submitBatch(
+        baseUrl,
+        Array.from({ length: n }, () => ({ command })),
+      )),
+    );
+  }
+  const ended = await untilAllFinal(sql, 20, 15 * 60_000);
+  // Their FIFO lines, so that none is left over for the phase after.
+  for (const { id } of created) await fifo.waitFor(id, START_TIMEOUT_MS);
+  return count / ((ended - began) / 1000);
+}
+
 const mb = (bytes: number) => `${(bytes / 1024 / 1024).toFixed(1)} MB`;
 
 async function run(options: BenchOptions): Promise<BenchResult> {
@@ -120,20 +142,9 @@ async function run(options: BenchOptions): Promise<BenchResult> {
       // 1. The ceilings of this run: raw spawns, then the queue's burn-down of a backlog.
       const raw = await rawBurnDown(fifo, settings.raw, WORKER_SLOTS);
       console.log(`sustained: raw spawn ${raw.perSecond.toFixed(0)}/s, start ${quartet(raw.start)}`);
-      const burnStart = performance.now();
-      const backlog: { id: string }[] = [];
-      for (let sent = 0; sent < settings.burnDown; sent += 1000) {
-        const n = Math.min(1000, settings.burnDown - sent);
-        backlog.push(
-          ...(await submitBatch(
-            cluster.coordinatorUrl,
-            Array.from({ length: n }, () => ({ command })),
-          )),
-        );
-      }
-      const burnEnd = await untilAllFinal(sql, 20, 10 * 60_000);
-      for (const { id } of backlog) await fifo.waitFor(id, START_TIMEOUT_MS);
-      const burnPerSecond = settings.burnDown / ((burnEnd - burnStart) / 1000);
+      const probe = await burnDown(cluster.coordinatorUrl, sql, fifo, settings.probe);
+      const backlog = Math.round(Math.min(20_000, Math.max(500, probe * settings.burnDownS)));
+      const burnPerSecond = await burnDown(cluster.coordinatorUrl, sql, fifo, backlog);
       const rate = burnPerSecond * LOAD_SHARE;
       console.log(
         `sustained: burn-down ${burnPerSecond.toFixed(0)}/s (${(burnPerSecond / raw.perSecond).toFixed(2)} of raw); sustained phase at ${rate.toFixed(0)}/s for ${durationS} s`,
@@ -278,7 +289,8 @@ async function run(options: BenchOptions): Promise<BenchResult> {
           actual_duration_s: Math.round(actualS * 10) / 10,
           window_s: windowS,
           table_sample_every_s: sampleEveryS,
-          burn_down_tasks: settings.burnDown,
+          burn_down_probe_tasks: settings.probe,
+          burn_down_backlog_s: settings.burnDownS,
           raw_spawns: settings.raw,
           load_share: LOAD_SHARE,
           submit: `POST /tasks/batch every ${BEAT_MS} ms with the tasks due by then (open loop)`,
@@ -290,6 +302,7 @@ async function run(options: BenchOptions): Promise<BenchResult> {
         figures: {
           raw: { tasks_per_second: Math.round(raw.perSecond), spawn_to_start: raw.start },
           burn_down_per_second: Math.round(burnPerSecond),
+          burn_down_tasks: backlog,
           rate_per_second: Math.round(rate),
           tasks_sent: sent,
           windows,
