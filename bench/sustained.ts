@@ -136,6 +136,10 @@ async function run(options: BenchOptions): Promise<BenchResult> {
     const fifo = FifoSignals.open(scope);
     const sql = postgres(db.url, { max: 2, onnotice: () => {} });
     scope.defer("close the bench's connection", () => sql.end({ timeout: 5 }));
+    // Whether autovacuum runs at all on this server: with it off, dead rows are never reclaimed.
+    const [vacuumSetting] = await sql<{ autovacuum: string }[]>`SHOW autovacuum`;
+    const autovacuum = vacuumSetting?.autovacuum ?? "unknown";
+    console.log(`sustained: autovacuum ${autovacuum}`);
     const roleEnv = {
       ...PRODUCT_ROLE_ENV,
       TQ_RETENTION: settings.retention,
@@ -318,6 +322,7 @@ async function run(options: BenchOptions): Promise<BenchResult> {
           role_env: roleEnv,
           command: 'echo "$TQ_TASK_ID" > <fifo>',
           database: db.postgres.source,
+          autovacuum,
         },
         figures: {
           raw: { tasks_per_second: Math.round(raw.perSecond), spawn_to_start: raw.start },
