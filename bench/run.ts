@@ -17,10 +17,12 @@ import { latency } from "./latency";
 import { micro } from "./micro";
 import { pgScale } from "./pg-scale";
 import { precision } from "./precision";
+import { retention } from "./retention";
 import { routing } from "./routing";
 import { scale } from "./scale";
 import { schedulesBench } from "./schedules";
 import { type Bench, type BenchResult, closeAllScopes } from "./support";
+import { sustained } from "./sustained";
 import { throughput } from "./throughput";
 
 const BENCHES: readonly Bench[] = [
@@ -41,6 +43,8 @@ const BENCHES: readonly Bench[] = [
   controlPlane,
   fleet,
   pgScale,
+  retention,
+  sustained,
 ];
 
 const ROOT = join(import.meta.dir, "..");

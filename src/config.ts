@@ -11,6 +11,7 @@ import type { AuthOptions } from "./auth/authenticator";
 import { type JoinToken, joinTokens } from "./auth/worker-tokens";
 import type { ConnectOptions } from "./db/sql";
 import { GRPC_DEFAULT_MAX_MESSAGE_BYTES, RESULT_HEADROOM_BYTES } from "./rpc/message-size";
+import { parseDuration } from "./schedule/rules";
 import { parseLabels } from "./task/labels";
 import { type HeartbeatTimings, type LeaseTimings, minLeaseMs } from "./task/lease";
 import { QUEUE_NAME_PATTERN } from "./task/routing";
@@ -375,6 +376,29 @@ export const ConfigSchema = Type.Object({
     description:
       "How fast a waiting task's priority ages: tasks run in order of run_at - priority * this, so a task is passed by one of priority higher by d only while that one has waited less than d times this. Set the same on every role. Defaults to 1000 ms.",
   }),
+  // --- retention (branch `retention`; src/coordinator/pruner.ts, src/db/retention.ts) ---
+  TQ_RETENTION: Type.String({
+    minLength: 1,
+    default: "7d",
+    description:
+      "How long a final task (succeeded, failed, timed_out, cancelled) is kept after it ended, with its events, attempts and logs, before a coordinator deletes it: a duration such as 7d, 36h, 1d12h, 90m or 30s (units d, h, m, s, ms; at most 366d); off or 0 keeps everything. Defaults to 7d.",
+  }),
+  TQ_RETENTION_BATCH_SIZE: Type.Integer({
+    minimum: 1,
+    maximum: 100_000,
+    default: 500,
+    description: "Tasks deleted per retention batch, each batch one short transaction. Defaults to 500.",
+  }),
+  TQ_RETENTION_PAUSE_MS: Millis(
+    50,
+    "Pause between two retention batches, so that pruning a backlog never holds the database for long. Defaults to 50 ms.",
+    0,
+  ),
+  TQ_RETENTION_INTERVAL_MS: Millis(
+    60_000,
+    "How often a coordinator looks for tasks past TQ_RETENTION once a pass has found no more. Defaults to 60000 ms.",
+    10,
+  ),
   TQ_LOG_LEVEL: Type.Union(
     [Type.Literal("debug"), Type.Literal("info"), Type.Literal("warn"), Type.Literal("error"), Type.Literal("silent")],
     { default: "info", description: "Log level: debug, info, warn, error or silent. Defaults to info." },
@@ -466,6 +490,7 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
       `invalid configuration: a task's result (2 x TQ_MAX_OUTPUT_BYTES = ${2 * config.TQ_MAX_OUTPUT_BYTES}, plus ${RESULT_HEADROOM_BYTES} bytes for the rest of it) must fit TQ_GRPC_MAX_MESSAGE_BYTES (${config.TQ_GRPC_MAX_MESSAGE_BYTES}); lower TQ_MAX_OUTPUT_BYTES to at most ${Math.floor((config.TQ_GRPC_MAX_MESSAGE_BYTES - RESULT_HEADROOM_BYTES) / 2)} or raise TQ_GRPC_MAX_MESSAGE_BYTES to at least ${result}`,
     );
   }
+  retentionMs(config);
   taskIsolation(config);
   workerRoutingConfig(config);
   readWorkerTokenFile(config);
@@ -629,4 +654,36 @@ export function inheritedEnvironment(): Record<string, string | undefined> {
 /** Where the role exports its spans (src/trace/tracing.ts), or undefined: tracing is off. */
 export function tracingEndpoint(config: Config): string | undefined {
   return config.OTEL_EXPORTER_OTLP_ENDPOINT;
+}
+
+/** TQ_RETENTION in milliseconds, or null: retention is off and nothing is ever deleted. */
+export function retentionMs(config: Config): number | null {
+  const value = config.TQ_RETENTION.trim().toLowerCase();
+  if (value === "off" || value === "0") return null;
+  // The same duration form as a schedule's `every` (src/schedule/rules.ts), up to a year.
+  let ms: number;
+  try {
+    ms = parseDuration(value, "TQ_RETENTION");
+  } catch (error) {
+    throw new ConfigError(`invalid configuration: ${(error as Error).message}, or off`);
+  }
+  if (ms === 0) return null;
+  if (ms < 1000) {
+    throw new ConfigError(`invalid configuration: TQ_RETENTION must be at least 1s (or off); got ${ms} ms`);
+  }
+  return ms;
+}
+
+/** How the coordinator's pruner runs (src/coordinator/pruner.ts), or null: retention is off. */
+export function retentionSettings(
+  config: Config,
+): { retentionMs: number; batchSize: number; pauseMs: number; intervalMs: number } | null {
+  const ms = retentionMs(config);
+  if (ms === null) return null;
+  return {
+    retentionMs: ms,
+    batchSize: config.TQ_RETENTION_BATCH_SIZE,
+    pauseMs: config.TQ_RETENTION_PAUSE_MS,
+    intervalMs: config.TQ_RETENTION_INTERVAL_MS,
+  };
 }

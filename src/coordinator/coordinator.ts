@@ -16,6 +16,7 @@ import {
   type Config,
   databaseOptions,
   leaseTimings,
+  retentionSettings,
   scheduleFiring,
   taskDefaults,
   tracingEndpoint,
@@ -45,6 +46,7 @@ import { type Tracing, tracingFor } from "../trace/tracing";
 import { Completer } from "./completer";
 import { Dispatcher } from "./dispatcher";
 import { LogWriter } from "./log-writer";
+import { Pruner } from "./pruner";
 import { WorkerRegistry } from "./registry";
 import { Rescuer } from "./rescuer";
 import { scheduleServiceHandlers } from "./schedule-service";
@@ -70,6 +72,8 @@ export class Coordinator {
   private readonly completer: Completer;
   private readonly logs: LogWriter;
   private readonly rescuer: Rescuer;
+  /** Deletes final tasks past TQ_RETENTION; null when retention is off. */
+  private readonly pruner: Pruner | null;
   private readonly sessions: WorkerSessions;
   private readonly grpcServer: grpc.Server;
   private readonly health: HealthService;
@@ -161,6 +165,10 @@ export class Coordinator {
       onRevoked: this.sessions.onRevoked,
       metrics: this.metrics,
     });
+    const retention = retentionSettings(config);
+    this.pruner = retention
+      ? new Pruner({ sql: this.sql, log: log.child({ part: "retention" }), metrics: this.metrics, ...retention })
+      : null;
     addRegistryGauges(this.metrics, this.registry);
     addDatabaseGauges(this.metrics, this.sql);
     this.auth = new Authenticator(this.sql, authOptions(config), log.child({ part: "auth" }));
@@ -250,6 +258,7 @@ export class Coordinator {
     this.dispatcher.start();
     this.rescuer.start();
     this.logs.start();
+    this.pruner?.start();
     this.firer?.start();
     const info = this.info();
     this.log.info({ event: "coordinator.started", ...info }, "coordinator started");
@@ -272,6 +281,7 @@ export class Coordinator {
     this.unsubscribe = [];
     await this.firer?.stop();
     await this.rescuer.stop();
+    await this.pruner?.stop();
     await this.dispatcher.stop();
     await this.app.stop();
     await this.sessions.stop();

@@ -6,6 +6,9 @@
 // small verbs below, each an inc() or observe() on a child made once: nothing is allocated
 // per task.
 import { Counter, Gauge, Histogram, Registry } from "prom-client";
+import { PRUNED_TABLES, type PrunedRows } from "../db/retention";
+
+type PrunedTable = keyof PrunedRows;
 
 /** Buckets for latencies from a millisecond to ten minutes, in seconds. */
 export const LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600];
@@ -41,6 +44,7 @@ export class TaskMetrics {
   private readonly staleTotal: Counter;
   private readonly firingsBy: Record<FiringOutcome, Counter.Internal>;
   private readonly rateLimitedTotal: Counter;
+  private readonly prunedBy: Record<PrunedTable, Counter.Internal>;
   private readonly submitToStart: Histogram;
   private readonly queueWait: Histogram;
   private readonly runDuration: Histogram;
@@ -87,6 +91,15 @@ export class TaskMetrics {
       "taskqueue_dispatch_rate_limited_total",
       "Dispatch passes that left worker slots free while a due task waited for a rate limit's token.",
     );
+    const pruned = counter(
+      "taskqueue_retention_pruned_rows_total",
+      "Rows deleted by retention (TQ_RETENTION), by table; rows that went by a cascade (log chunks) are not counted.",
+      ["table"],
+    );
+    this.prunedBy = Object.fromEntries(PRUNED_TABLES.map((table) => [table, pruned.labels(table)])) as Record<
+      PrunedTable,
+      Counter.Internal
+    >;
     this.submitToStart = histogram(
       "taskqueue_task_submit_to_start_seconds",
       "From a task's creation to the start of its first attempt.",
@@ -157,6 +170,11 @@ export class TaskMetrics {
    */
   rateLimited(count = 1): void {
     if (count > 0) this.rateLimitedTotal.inc(count);
+  }
+
+  /** A retention batch committed (src/coordinator/pruner.ts). */
+  pruned(rows: PrunedRows): void {
+    for (const table of PRUNED_TABLES) if (rows[table] > 0) this.prunedBy[table].inc(rows[table]);
   }
 
   /** Adds a gauge whose values are read at scrape time. */
