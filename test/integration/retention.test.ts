@@ -49,7 +49,7 @@ afterAll(async () => {
 });
 
 beforeEach(async () => {
-  await db.sql`TRUNCATE tasks, task_events, task_attempts, workers, task_batches, task_dependencies, schedules, schedule_firings`;
+  await db.sql`TRUNCATE tasks, task_events, task_attempts, task_log_chunks, workers, task_batches, task_dependencies, schedules, schedule_firings`;
 });
 
 async function call(method: string, path: string, body?: unknown, headers: Record<string, string> = {}) {
