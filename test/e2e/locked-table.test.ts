@@ -64,9 +64,13 @@ test("with tasks locked, submits and lists answer 503 with Retry-After, /readyz 
     await locker`BEGIN`;
     await locker`LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE`;
 
-    // The held task finishes under the lock: the completer's write times out and is retried.
+    // The held task finishes under the lock: its output's write (live logs store a result's
+    // output before the result) or the completer's write times out, and is retried.
     writeFileSync(gate, "");
-    await cluster.coordinator.waitForEvent("completer.record_failed");
+    await Promise.any([
+      cluster.coordinator.waitForEvent("completer.record_failed"),
+      cluster.coordinator.waitForEvent("logs.write_failed"),
+    ]);
 
     for (const url of [cluster.coordinatorUrl, cluster.schedulerUrl]) {
       const json = { method: "POST", headers: { "content-type": "application/json" }, keepalive: false };
