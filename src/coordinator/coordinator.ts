@@ -164,6 +164,7 @@ export class Coordinator {
       onSilent: this.sessions.onSilent,
       onRevoked: this.sessions.onRevoked,
       metrics: this.metrics,
+      requeued: () => this.dispatcher.wake(),
     });
     const retention = retentionSettings(config);
     this.pruner = retention

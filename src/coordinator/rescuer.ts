@@ -37,6 +37,11 @@ export interface RescuerOptions {
   onRevoked?: (worker: WorkerConnection) => void;
   /** Counts the attempts requeued for a lapsed lease. */
   metrics?: TaskMetrics;
+  /**
+   * Told once tasks were requeued for a lapsed lease: this coordinator's dispatcher runs a
+   * pass at once rather than when the change comes back through the database's notification.
+   */
+  requeued?: () => void;
 }
 
 export class Rescuer {
@@ -118,6 +123,7 @@ export class Rescuer {
       const rescued = await requeueExpiredLeases(sql, leaseMs, now - this.renewingSince);
       this.options.metrics?.rescued(rescued.length);
       if (rescued.length > 0) {
+        this.options.requeued?.();
         log.warn({ tasks: rescued.map((t) => t.id) }, "requeued tasks whose lease lapsed");
       }
       // Dependencies a process died before resolving (src/db/dependencies.ts): usually none.
