@@ -8,7 +8,7 @@
 
 import { sweepDependencies } from "../db/dependencies";
 import { ping, type Sql } from "../db/sql";
-import { renewLeases, requeueExpiredLeases } from "../db/transitions";
+import { nextLeaseExpiryIn, renewLeases, requeueExpiredLeases } from "../db/transitions";
 import { revokedAmong } from "../db/worker-credentials";
 import { touchWorkers } from "../db/workers";
 import type { Logger } from "../log";
@@ -44,9 +44,18 @@ export interface RescuerOptions {
   requeued?: () => void;
 }
 
+/** After the soonest lease's end, by the database's clock (its timestamps are to the ms). */
+const LAPSE_CHECK_SLACK_MS = 5;
+
 export class Rescuer {
   private timers: ReturnType<typeof setInterval>[] = [];
   private busy: Promise<void> | null = null;
+  /**
+   * A check at the moment the soonest lease runs out, when that comes before the next pass:
+   * a lapse is then found within milliseconds, not within a heartbeat interval.
+   */
+  private lapseTimer: ReturnType<typeof setTimeout> | null = null;
+  private stopped = false;
   /**
    * Since when (performance.now()) this coordinator has been renewing without a gap: from its
    * start, and again after renewals were held up. It believes the lapse of a lease only once
@@ -70,8 +79,11 @@ export class Rescuer {
 
   /** Stops the timers and waits for a pass in progress. */
   async stop(): Promise<void> {
+    this.stopped = true;
     for (const timer of this.timers) clearInterval(timer);
     this.timers = [];
+    if (this.lapseTimer) clearTimeout(this.lapseTimer);
+    this.lapseTimer = null;
     await this.busy;
   }
 
@@ -79,6 +91,36 @@ export class Rescuer {
     for (const worker of this.options.registry.silentFor(this.options.heartbeatTimeoutMs, now)) {
       this.options.onSilent(worker);
     }
+  }
+
+  /** Requeues the tasks whose lease lapsed, if this coordinator may believe lapses by now. */
+  private async rescueLapsed(now: number): Promise<void> {
+    const { sql, leaseMs, log } = this.options;
+    const rescued = await requeueExpiredLeases(sql, leaseMs, now - this.renewingSince);
+    this.options.metrics?.rescued(rescued.length);
+    if (rescued.length > 0) {
+      this.options.requeued?.();
+      log.warn({ tasks: rescued.map((t) => t.id) }, "requeued tasks whose lease lapsed");
+    }
+  }
+
+  /**
+   * Arms a check for when the soonest lease runs out, when that is before the next pass. A
+   * lease renewed meanwhile makes it find nothing (one indexed statement), and the next pass
+   * arms it again.
+   */
+  private armLapseCheck(dueInMs: number | null): void {
+    if (this.lapseTimer) clearTimeout(this.lapseTimer);
+    this.lapseTimer = null;
+    if (this.stopped || dueInMs === null || dueInMs >= this.options.heartbeatIntervalMs) return;
+    this.lapseTimer = setTimeout(() => {
+      this.lapseTimer = null;
+      // Only between passes that renewed on time: a lapse after a gap waits for the pass's rules.
+      if (this.busy || performance.now() - this.lastRenewal > 2 * this.options.heartbeatIntervalMs) return;
+      this.busy = this.rescueLapsed(performance.now())
+        .catch((error) => this.options.log.warn({ err: error }, "requeueing lapsed leases failed"))
+        .finally(() => (this.busy = null));
+    }, Math.max(0, dueInMs) + LAPSE_CHECK_SLACK_MS);
   }
 
   renewAndRescue(): Promise<void> {
@@ -120,12 +162,8 @@ export class Rescuer {
         );
         return;
       }
-      const rescued = await requeueExpiredLeases(sql, leaseMs, now - this.renewingSince);
-      this.options.metrics?.rescued(rescued.length);
-      if (rescued.length > 0) {
-        this.options.requeued?.();
-        log.warn({ tasks: rescued.map((t) => t.id) }, "requeued tasks whose lease lapsed");
-      }
+      await this.rescueLapsed(now);
+      this.armLapseCheck(await nextLeaseExpiryIn(sql));
       // Dependencies a process died before resolving (src/db/dependencies.ts): usually none.
       const resolved = await sweepDependencies(sql);
       if (resolved.length > 0) log.warn({ tasks: resolved.map((t) => t.id) }, "resolved dependencies left unresolved");

@@ -419,6 +419,18 @@ export async function requeueExpiredLeases(
   );
 }
 
+/**
+ * ms until the soonest lease of an attempt in flight runs out (0 when one has), or null when
+ * none is in flight: one probe of tasks_lease_idx (its predicate is this one).
+ */
+export async function nextLeaseExpiryIn(sql: Sql): Promise<number | null> {
+  const rows = await sql<{ due_in_ms: string | null }[]>`
+    SELECT ceil(extract(epoch FROM min(lease_expires_at) - clock_timestamp()) * 1000)::bigint::text AS due_in_ms
+    FROM tasks WHERE state IN ('dispatched', 'running')`;
+  const value = rows[0]?.due_in_ms;
+  return value == null ? null : Math.max(0, Number(value));
+}
+
 export type CancelOutcome =
   | { kind: "cancelled"; task: TaskChangeRow; wasState: TaskState }
   | { kind: "final"; task: Task }

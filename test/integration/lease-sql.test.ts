@@ -7,6 +7,7 @@ import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import pino from "pino";
 import { Completer } from "../../src/coordinator/completer";
 import { WorkerRegistry } from "../../src/coordinator/registry";
+import { Rescuer } from "../../src/coordinator/rescuer";
 import { listTaskEvents } from "../../src/db/events";
 import { getTask } from "../../src/db/tasks";
 import { renewLeases, requeueExpiredLeases, requeueWorkerTasks } from "../../src/db/transitions";
@@ -93,4 +94,34 @@ test("each task's own lease_ms is granted and renewed; a lapse is believed only 
   expect((await getTask(db.sql, own.id))?.state).toBe("dispatched");
   const later = await requeueExpiredLeases(db.sql, 20_000, 60_000);
   expect(later.map((t) => t.id)).toEqual([own.id]);
+});
+
+test("the rescuer checks again when the soonest lease runs out, not only at its next pass", async () => {
+  // Passes a minute apart: only the check armed for the lease's end can requeue within the test.
+  const leaseMs = 400;
+  let requeued: () => void = () => {};
+  const woken = new Promise<void>((resolve) => (requeued = resolve));
+  const rescuer = new Rescuer({
+    sql: db.sql,
+    registry: new WorkerRegistry(),
+    coordinatorId: "c1",
+    log: pino({ level: "silent" }),
+    heartbeatIntervalMs: 60_000,
+    heartbeatTimeoutMs: 180_000,
+    leaseMs,
+    onSilent: () => {},
+    requeued: () => requeued(),
+  });
+  // Assigned after the rescuer began renewing: by the lease's end it has renewed for a whole
+  // lease, so it believes the lapse (nobody renews this worker's attempt).
+  const task = await createTask(db.sql, taskSpec(), {
+    assignTo: { workerId: "cut-off-worker", coordinatorId: "c1", leaseMs },
+  });
+  await rescuer.renewAndRescue();
+  expect((await getTask(db.sql, task.id))?.state).toBe("dispatched");
+  await woken;
+  expect((await getTask(db.sql, task.id))?.state).toBe("queued");
+  const events = await listTaskEvents(db.sql, task.id);
+  expect(events.at(-1)?.kind).toBe("requeued");
+  await rescuer.stop();
 });
