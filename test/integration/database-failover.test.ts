@@ -110,7 +110,9 @@ describe("a multi-host URL", () => {
   test("target_session_attrs=primary skips a host that refuses connections and finds the primary", async () => {
     const target = new URL(db.url);
     const dead = await freePort();
-    const url = `postgres://${target.username}@127.0.0.1:${dead},${target.hostname}:${target.port || 5432}${target.pathname}?target_session_attrs=primary`;
+    // The test database's own credentials (embedded PostgreSQL has a password).
+    const auth = target.password ? `${target.username}:${target.password}` : target.username;
+    const url = `postgres://${auth}@127.0.0.1:${dead},${target.hostname}:${target.port || 5432}${target.pathname}?target_session_attrs=primary`;
     const sql = pool(url, 5000);
     expect([...(await sql`SELECT pg_is_in_recovery() AS standby`)]).toEqual([{ standby: false }]);
   });
