@@ -9,7 +9,7 @@ import { isTaskId } from "../task/spec";
 import { isFinal, isTaskState } from "../task/state";
 import type { ApiDeps } from "./deps";
 import { errorAnswer } from "./errors";
-import { KEEPALIVE_MS } from "./sse";
+import { KEEPALIVE_MS, sseError, sseResponse } from "./sse";
 
 /** Most bytes one read (a plain GET, or one step of a tail) returns. */
 const READ_BYTES = 1024 * 1024;
@@ -258,7 +258,7 @@ export async function logEventsResponse(
       } catch (error) {
         if (closed) return;
         const { body } = errorAnswer(error, deps, where);
-        controller.enqueue(encoder.encode(`event: error\ndata: ${JSON.stringify(body)}\n\n`));
+        controller.enqueue(encoder.encode(sseError(body)));
         close();
       }
     },
@@ -267,13 +267,7 @@ export async function logEventsResponse(
     },
   });
 
-  return new Response(stream, {
-    headers: {
-      "content-type": "text/event-stream; charset=utf-8",
-      "cache-control": "no-cache",
-      "x-accel-buffering": "no",
-    },
-  });
+  return sseResponse(stream);
 }
 
 /** How many bytes at the end begin a UTF-8 character that is not complete yet (0 to 3). */

@@ -15,6 +15,7 @@ import { errorAnswer } from "./errors";
 import { answer, documentedResponses, responses } from "./openapi";
 import { ConcurrencyKeyList, OverviewJson } from "./overview-model";
 import { listWorkers } from "./service";
+import { KEEPALIVE_MS, sseError, sseResponse } from "./sse";
 
 /** The charts' span, in minutes. */
 export const OVERVIEW_MINUTES = 60;
@@ -22,7 +23,6 @@ export const OVERVIEW_MINUTES = 60;
 const OVERVIEW_CACHE_MS = 1000;
 /** How often a live overview is read again (sent only when it changed). */
 export const OVERVIEW_INTERVAL_MS = 2000;
-const KEEPALIVE_MS = 15_000;
 
 const cache = new WeakMap<object, { at: number; value: Promise<OverviewJson> }>();
 
@@ -142,7 +142,7 @@ export function overviewEventsResponse(
         } catch (error) {
           if (closed) return;
           const { body } = errorAnswer(error, deps, "GET /overview/events");
-          controller.enqueue(encoder.encode(`event: error\ndata: ${JSON.stringify(body)}\n\n`));
+          controller.enqueue(encoder.encode(sseError(body)));
         }
         if (!closed) timer = setTimeout(tick, intervalMs);
       };
@@ -153,9 +153,7 @@ export function overviewEventsResponse(
       clearTimeout(timer);
     },
   });
-  return new Response(stream, {
-    headers: { "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache", "x-accel-buffering": "no" },
-  });
+  return sseResponse(stream);
 }
 
 /** Most keys GET /concurrency-keys lists. */

@@ -12,6 +12,23 @@ import { canFollow, parseEventId, type TaskUpdate, watchTask } from "./service";
 /** A comment this often keeps proxies and clients from timing the stream out. */
 export const KEEPALIVE_MS = 15_000;
 
+/** The headers of every event stream the API serves (no caching, no proxy buffering). */
+const SSE_HEADERS = {
+  "content-type": "text/event-stream; charset=utf-8",
+  "cache-control": "no-cache",
+  "x-accel-buffering": "no",
+};
+
+/** An event stream's response (task events, live logs, the overview). */
+export function sseResponse(stream: ReadableStream<Uint8Array>): Response {
+  return new Response(stream, { headers: SSE_HEADERS });
+}
+
+/** An error after the headers were sent: it becomes the stream's last message. */
+export function sseError(body: unknown): string {
+  return `event: error\ndata: ${JSON.stringify(body)}\n\n`;
+}
+
 export function sseMessage(update: TaskUpdate): string {
   return `id: ${update.eventId}\nevent: task\ndata: ${JSON.stringify(taskEventJson(update.task, update.event))}\n\n`;
 }
@@ -93,7 +110,7 @@ export async function taskEventsResponse(
         if (closed) return;
         // Headers are sent: the error becomes the last message.
         const { body } = errorAnswer(error, deps, where);
-        controller.enqueue(encoder.encode(`event: error\ndata: ${JSON.stringify(body)}\n\n`));
+        controller.enqueue(encoder.encode(sseError(body)));
         close();
       }
     },
@@ -102,11 +119,5 @@ export async function taskEventsResponse(
     },
   });
 
-  return new Response(stream, {
-    headers: {
-      "content-type": "text/event-stream; charset=utf-8",
-      "cache-control": "no-cache",
-      "x-accel-buffering": "no",
-    },
-  });
+  return sseResponse(stream);
 }

@@ -3,66 +3,31 @@
 // old, a parent a live child needs, batch keys with tasks left, buffered firings); batches of
 // the configured size and a pass that runs them all; rows held by others skipped, not waited
 // for; one pruner at a time; the setting parsed, and off.
-import { afterAll, beforeAll, beforeEach, describe, expect, setDefaultTimeout, test } from "bun:test";
-import type { ApiDeps } from "../../src/api/deps";
-import { createApp } from "../../src/api/index";
-import { apiSettings, ConfigError, loadConfig, retentionSettings } from "../../src/config";
+import { beforeEach, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { ConfigError, loadConfig, retentionSettings } from "../../src/config";
 import { Pruner } from "../../src/coordinator/pruner";
 import { claimDue } from "../../src/db/claim";
-import { insertTask } from "../../src/db/insert";
-import { TaskChangeFeed } from "../../src/db/notify";
 import { pruneBatch, RETENTION_LOCK_KEY } from "../../src/db/retention";
 import { connect } from "../../src/db/sql";
 import { finishAttempt, markStarted } from "../../src/db/transitions";
 import { silentLogger } from "../../src/log";
 import { TaskMetrics } from "../../src/metrics/metrics";
+import { useApiApp } from "../support/api";
 import { TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { eventually } from "../support/eventually";
-import { attemptResult, createTask, openAuth, taskSpec } from "../support/factories";
+import { attemptResult, createTask, taskSpec } from "../support/factories";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
 
 const db = useTestDatabase();
-let feed: TaskChangeFeed;
-let app: ReturnType<typeof createApp>;
+const { call } = useApiApp(db);
 const DAY_MS = 86_400_000;
 /** The cutoff of a 7-day retention, as of now. */
 const cutoff = () => new Date(Date.now() - 7 * DAY_MS);
 
-beforeAll(async () => {
-  feed = new TaskChangeFeed(db.sql);
-  await feed.start();
-  const deps: ApiDeps = {
-    role: "scheduler",
-    settings: apiSettings(loadConfig({})),
-    sql: db.sql,
-    feed,
-    log: silentLogger,
-    auth: openAuth,
-    submit: (id, spec) => insertTask(db.sql, id, spec),
-  };
-  app = createApp(deps);
-});
-
-afterAll(async () => {
-  await feed.stop();
-});
-
 beforeEach(async () => {
   await db.sql`TRUNCATE tasks, task_events, task_attempts, task_log_chunks, workers, task_batches, task_dependencies, schedules, schedule_firings`;
 });
-
-async function call(method: string, path: string, body?: unknown, headers: Record<string, string> = {}) {
-  const response = await app.handle(
-    new Request(`http://localhost${path}`, {
-      method,
-      body: body === undefined ? undefined : JSON.stringify(body),
-      headers: { "content-type": "application/json", ...headers },
-    }),
-  );
-  expect(response.status).not.toBe(500);
-  return { status: response.status, json: (await response.json()) as any };
-}
 
 /** Claims, starts and ends every due task (worker w1), each with the given result state. */
 async function runAll(state: "succeeded" | "failed" = "succeeded"): Promise<string[]> {
