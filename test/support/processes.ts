@@ -147,6 +147,22 @@ export class RoleProcess {
  * Starts a role as `bun <entry>`, or with `viaBunRun` as the README does, `bun run <role>`
  * (which forwards the signals it gets to the role), leading a process group of its own.
  */
+/**
+ * TQ_BENCH_ROLE_ENV="K=V,K=V": settings laid over every role this harness starts, for
+ * before-and-after measurements of one setting (TQ_WORKER_LIMITS=none, say) without editing a bench.
+ */
+function experimentEnv(): Record<string, string> {
+  const spec = process.env.TQ_BENCH_ROLE_ENV;
+  if (!spec) return {};
+  const env: Record<string, string> = {};
+  for (const pair of spec.split(",")) {
+    const at = pair.indexOf("=");
+    if (at <= 0) throw new Error(`TQ_BENCH_ROLE_ENV: "${pair}" is not K=V`);
+    env[pair.slice(0, at).trim()] = pair.slice(at + 1);
+  }
+  return env;
+}
+
 export function spawnRole(
   role: "scheduler" | "coordinator" | "worker" | "start",
   env: Record<string, string>,
@@ -170,7 +186,13 @@ export function spawnRole(
     cwd: ROOT,
     // setsid(): the group is the role's alone, so a group signal reaches nothing else.
     detached: options.viaBunRun === true,
-    env: { PATH: process.env.PATH ?? "/usr/bin:/bin", HOME: process.env.HOME ?? "/tmp", TQ_LOG_LEVEL: "info", ...env },
+    env: {
+      PATH: process.env.PATH ?? "/usr/bin:/bin",
+      HOME: process.env.HOME ?? "/tmp",
+      TQ_LOG_LEVEL: "info",
+      ...env,
+      ...experimentEnv(),
+    },
     stdin: "ignore",
     stdout: "pipe",
     stderr: "pipe",
