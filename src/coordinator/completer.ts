@@ -43,7 +43,22 @@ export interface CompleterOptions {
   maxPending?: number;
   /** Counts starts, results, retries and stale reports as they are recorded. */
   metrics?: TaskMetrics;
+  /**
+   * How long a start waits to be written when nothing else is (0: not at all), so that a
+   * short task's finish, arriving meanwhile, takes it along (mergeStarts). Defaults to
+   * START_WINDOW_MS.
+   */
+  startWindowMs?: number;
 }
+
+/**
+ * A start's wait for its finish: long enough for a short command's exit to come back from the
+ * worker, short against what a start's record is for (the task's state showing `running`).
+ * Nothing waits on it: the worker runs the command whether or not its start is written, the
+ * lease covers the attempt either way (dispatched and running alike), and submit-to-start is
+ * timed by the start's own time.
+ */
+export const START_WINDOW_MS = 10;
 
 /** A result waiting to be written, and the worker to acknowledge it to. */
 interface Finish {
@@ -62,6 +77,8 @@ export class Completer {
   private readonly starts: StartReport[] = [];
   private readonly finishes: Finish[] = [];
   private flushing: Promise<void> | null = null;
+  /** Set while starts alone wait out their window (startWindowMs). */
+  private startTimer: ReturnType<typeof setTimeout> | null = null;
   /** Reports taken out of the queues by the write in progress (and its retry pause). */
   private writing = 0;
   private stopped = false;
@@ -116,6 +133,8 @@ export class Completer {
   /** Waits for reports in progress (they give up retrying once stopped). */
   async stop(): Promise<void> {
     this.stopped = true;
+    // Starts waiting out their window are written now.
+    if (this.startTimer) this.kick();
     await this.flushing;
     await Promise.all(this.pending);
   }
@@ -123,7 +142,8 @@ export class Completer {
   /**
    * Group commit: reports that arrive while a write is in flight wait for it and then go
    * together in one statement, so under load the database sees one write per batch rather
-   * than one per task, and an idle system still writes each report at once.
+   * than one per task, and an idle system still writes each result at once. Starts alone
+   * wait up to startWindowMs first, for finishes to take them along (mergeStarts).
    *
    * Not src/db/group-commit.ts: that answers each caller and, on an error, rejects the batch or
    * writes its items one by one. Here nobody waits for an answer but the worker's Ack, starts
@@ -133,9 +153,22 @@ export class Completer {
    * other write meanwhile. A batch refused for its values is written item by item, as
    * group-commit does, and a result refused alone fails only its own task.
    */
-  private kick(): void {
+  private kick(windowOver = false): void {
     this.checkBacklog();
     if (this.flushing) return;
+    const window = this.options.startWindowMs ?? START_WINDOW_MS;
+    if (!windowOver && this.finishes.length === 0 && this.starts.length > 0 && window > 0 && !this.stopped) {
+      // Starts alone: wait a little for their finishes (a result never waits).
+      this.startTimer ??= setTimeout(() => {
+        this.startTimer = null;
+        this.kick(true);
+      }, window);
+      return;
+    }
+    if (this.startTimer) {
+      clearTimeout(this.startTimer);
+      this.startTimer = null;
+    }
     this.flushing = this.flush().finally(() => {
       this.flushing = null;
       this.writing = 0;
@@ -145,8 +178,8 @@ export class Completer {
   }
 
   private async flush(): Promise<void> {
-    const starts = this.starts.splice(0, MAX_REPORTS_PER_WRITE);
     const finishes = this.finishes.splice(0, MAX_REPORTS_PER_WRITE);
+    const starts = mergeStarts(this.starts.splice(0, MAX_REPORTS_PER_WRITE), finishes);
     this.writing = starts.length + finishes.length;
     if (starts.length > 0) await this.recordStarts(starts);
     if (finishes.length === 0) return;
@@ -206,17 +239,19 @@ export class Completer {
       finishes.forEach((finish, i) => {
         this.recorded(finish, applied[i] ?? null);
       });
+      this.countMergedStarts(finishes, applied);
       this.wakeForKeys(applied);
       return { reports: [] };
     } catch (error) {
       if (isTransientDatabaseError(error)) return { reports: finishes, error };
-      if (finishes.length === 1)
+      if (finishes.length === 1 && !finishes[0]!.report.started)
         return (await this.recordRefused(finishes[0]!, error)) ? { reports: [] } : { reports: finishes, error };
     }
     for (const [i, finish] of finishes.entries()) {
       try {
-        const [applied] = await finishAttempts(this.options.sql, [finish.report]);
+        const [applied] = await this.finishAlone(finish);
         this.recorded(finish, applied ?? null);
+        this.countMergedStarts([finish], [applied ?? null]);
         this.wakeForKeys(applied ? [applied] : []);
       } catch (error) {
         if (isTransientDatabaseError(error) || !(await this.recordRefused(finish, error))) {
@@ -225,6 +260,25 @@ export class Completer {
       }
     }
     return { reports: [] };
+  }
+
+  /**
+   * One result by itself. Refused with a start merged into it, it is written again without
+   * that start, as if the start had gone alone and been refused (recordStarts drops such a
+   * start): the start's values must not cost the result.
+   */
+  private async finishAlone(finish: Finish): Promise<(TaskChangeRow | null)[]> {
+    try {
+      return await finishAttempts(this.options.sql, [finish.report]);
+    } catch (error) {
+      if (!finish.report.started || isTransientDatabaseError(error)) throw error;
+      this.options.log.warn(
+        { err: error, ...taskFields({ ...finish.report.ref, coordinatorId: this.options.coordinatorId }) },
+        "recording a start failed",
+      );
+      delete finish.report.started;
+      return await finishAttempts(this.options.sql, [finish.report]);
+    }
   }
 
   /**
@@ -255,6 +309,16 @@ export class Completer {
     }
   }
 
+  /** Starts written with their finishes (mergeStarts) count as starts too, once applied. */
+  private countMergedStarts(finishes: readonly Finish[], applied: readonly (TaskChangeRow | null)[]): void {
+    this.countStarts(
+      finishes.flatMap(({ report }, i) => {
+        const row = applied[i];
+        return report.started && row ? [row] : [];
+      }),
+    );
+  }
+
   private countFinish(applied: TaskChangeRow | null, result: Pick<AttemptResult, "startedAt" | "finishedAt">): void {
     const metrics = this.options.metrics;
     if (!metrics) return;
@@ -280,7 +344,7 @@ export class Completer {
       { event: "completer.result_refused", ...where, err: refused },
       "the database refused a result; failing its task",
     );
-    const stored = { ref: report.ref, result: unstorableResult(report.result), unstorable: true };
+    const stored: FinishReport = { ref: report.ref, result: unstorableResult(report.result), unstorable: true };
     try {
       const [applied] = await finishAttempts(this.options.sql, [stored]);
       this.recorded({ worker, report: stored }, applied ?? null);
@@ -388,6 +452,29 @@ export class Completer {
       "attempt finished",
     );
   }
+}
+
+/**
+ * A short task's Started and Finished often reach the completer before either is written: the
+ * start then goes with its finish (FinishReport.started), one update of the task and of its
+ * attempt instead of two each, and one statement fewer. Returns the starts still to write on
+ * their own. A start is merged only with the finish of the same attempt on the same worker,
+ * which the fence of the finish's statement checks as it would the start's.
+ */
+function mergeStarts(starts: StartReport[], finishes: readonly Finish[]): StartReport[] {
+  if (starts.length === 0 || finishes.length === 0) return starts;
+  const byAttempt = new Map<string, Finish>();
+  for (const finish of finishes) byAttempt.set(attemptRefKey(finish.report.ref), finish);
+  return starts.filter((start) => {
+    const finish = byAttempt.get(attemptRefKey(start));
+    if (!finish || finish.report.started) return true;
+    finish.report.started = { pid: start.pid };
+    return false;
+  });
+}
+
+function attemptRefKey(ref: AttemptRef): string {
+  return `${ref.taskId}/${ref.attempt}/${ref.workerId}`;
 }
 
 /** The times and exit status of a hand-back or a stop, for its log line. */

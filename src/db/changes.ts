@@ -13,6 +13,20 @@ import { currentAttempt, outputColumns } from "./tasks";
 /** A changed task as its statement returns it, with the id of the event it appended. */
 export type TaskChangeRow = Task & { event_id: string };
 
+/**
+ * An event recorded ahead of each changed row's own, for a change the statement made on the
+ * way (a start merged into its attempt's finish): rows of `t` that `from` keeps (a FROM clause
+ * over `t`), each with `kind` (never the kind of the change's own event), the state it left
+ * the task in and its `detail`. It is not notified: a watcher woken by the change's own
+ * notification reads the events after the last it saw, this one among them.
+ */
+export interface LeadingEvent {
+  kind: string;
+  state: string;
+  from: Fragment;
+  detail: Fragment;
+}
+
 /** The change tail for rows of `t` that all get the same event. */
 export function recordChange(
   sql: Sql,
@@ -32,8 +46,14 @@ export function recordChange(
  * The change tail for rows of `t` that carry their own event_kind and event_detail columns;
  * `output` as in changeTail.
  */
-export function recordChanges(sql: Sql, output?: Fragment): Fragment {
-  return changeTail(sql, { kind: sql`t.event_kind`, detail: sql`t.event_detail`, actor: sql`NULL::text`, output });
+export function recordChanges(sql: Sql, output?: Fragment, leading?: LeadingEvent): Fragment {
+  return changeTail(sql, {
+    kind: sql`t.event_kind`,
+    detail: sql`t.event_detail`,
+    actor: sql`NULL::text`,
+    output,
+    ...(leading ? { leading } : {}),
+  });
 }
 
 /**
@@ -59,21 +79,42 @@ function wakesCoordinators(sql: Sql): Fragment {
  */
 export function changeTail(
   sql: Sql,
-  event: { kind: Fragment; detail: Fragment; actor: Fragment; from?: Fragment; output?: Fragment },
+  event: {
+    kind: Fragment;
+    detail: Fragment;
+    actor: Fragment;
+    from?: Fragment;
+    output?: Fragment;
+    /** An earlier change the same statement also made (see LeadingEvent). */
+    leading?: LeadingEvent;
+  },
   /** False for new tasks: nobody can be watching a task whose id is not out yet. */
   watched = true,
 ): Fragment {
+  const own = sql`SELECT t.id, ${event.kind}, t.state, t.attempt, t.worker_id, ${event.detail}, ${event.actor}
+      FROM ${event.from ?? sql`t`}`;
+  const { leading } = event;
   return sql`
     e AS (
       INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail, actor)
-      SELECT t.id, ${event.kind}, t.state, t.attempt, t.worker_id, ${event.detail}, ${event.actor}
-      FROM ${event.from ?? sql`t`}
+      ${
+        leading
+          ? // Event ids are handed out in the order of the rows: every leading event before the change's own.
+            sql`SELECT task_id, kind, state, attempt, worker_id, detail, actor FROM (
+        SELECT t.id AS task_id, ${leading.kind}::text AS kind, ${leading.state}::text AS state, t.attempt, t.worker_id,
+          ${leading.detail} AS detail, NULL::text AS actor, 0 AS ord
+        FROM ${leading.from}
+        UNION ALL
+        SELECT own.*, 1 FROM (${own}) own
+      ) x ORDER BY x.ord`
+          : own
+      }
       RETURNING id, task_id, kind
     )
     SELECT t.*, ${outputColumns(sql)}, e.id::text AS event_id,
       ${watched ? sql`pg_notify(${TASK_CHANNEL_PREFIX} || t.id::text, n.payload)::text` : sql`NULL::text`} AS notified,
       CASE WHEN ${wakesCoordinators(sql)} THEN pg_notify(${TASK_CHANNEL}, n.payload) END::text AS notified_all
-    FROM t JOIN e ON e.task_id = t.id
+    FROM t JOIN e ON e.task_id = t.id ${leading ? sql`AND e.kind <> ${leading.kind}::text` : sql``}
     ${event.output ?? currentAttempt(sql, "t")}
     CROSS JOIN LATERAL (
       SELECT json_build_object(

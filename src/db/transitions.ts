@@ -82,6 +82,12 @@ export interface FinishReport {
   result: AttemptResult;
   /** Stands in for a result the database refused: the task fails for good (decideUnstorable). */
   unstorable?: boolean;
+  /**
+   * The attempt's start, when its report had not been written yet (a short task's Started
+   * and Finished in one flush): recorded by the same statement, its `started` event ahead of
+   * the result's, its pid on the attempt row, and no statement of its own.
+   */
+  started?: { pid: number };
 }
 
 /**
@@ -115,15 +121,16 @@ export async function finishAttempts(sql: Sql, reports: readonly FinishReport[])
     reports.filter((report) => !report.unstorable && mayRetry(report.result)).map(({ ref }) => ref.taskId),
   );
   const decided: (FinishReport & { decision: FinishDecision })[] = [];
-  for (const { ref, result, unstorable } of reports) {
-    if (unstorable) {
-      decided.push({ ref, result, decision: decideUnstorable(result) });
+  for (const report of reports) {
+    const { ref, result } = report;
+    if (report.unstorable) {
+      decided.push({ ...report, decision: decideUnstorable(result) });
       continue;
     }
     const task = facts.get(ref.taskId);
     // No such task: stale, below.
     if (mayRetry(result) && !task) continue;
-    decided.push({ ref, result, decision: decideFinish(result, task ? { ...task, attempt: ref.attempt } : null) });
+    decided.push({ ...report, decision: decideFinish(result, task ? { ...task, attempt: ref.attempt } : null) });
   }
   const rows = decided.length === 0 ? [] : await applyFinishes(sql, decided);
   // Children of the tasks that ended here are resolved next, with a snapshot that sees them all.
@@ -165,10 +172,11 @@ function applyFinishes(sql: Sql, decided: readonly (FinishReport & { decision: F
         failed_at: ["timestamptz", (d) => d.decision.failedAt],
         task_error: ["text", (d) => d.decision.error],
         event_kind: ["text", (d) => d.decision.eventKind],
+        start_pid: ["integer", (d) => d.started?.pid ?? null],
       })}
     ),
     d AS (
-      SELECT r.* FROM tasks JOIN r ON ${fence(sql, GUARDS.inFlight)}
+      SELECT r.*, tasks.state AS was_state FROM tasks JOIN r ON ${fence(sql, GUARDS.inFlight)}
       FOR UPDATE OF tasks
     ),
     t AS (
@@ -190,7 +198,16 @@ function applyFinishes(sql: Sql, decided: readonly (FinishReport & { decision: F
     ${finishAttemptRows(sql)},
     -- The statement cannot see what a_end writes: the answer's output is the result's own
     -- (one row per task, should a batch carry a report twice).
-    ${recordChanges(sql, sql`CROSS JOIN LATERAL (SELECT * FROM d WHERE d.id = t.id LIMIT 1) o`)}`;
+    ${recordChanges(sql, sql`CROSS JOIN LATERAL (SELECT * FROM d WHERE d.id = t.id LIMIT 1) o`, {
+      // A start merged into this finish, when no start was recorded before: its own event,
+      // as markStartedMany writes it.
+      kind: "started",
+      state: "running",
+      from: sql`t CROSS JOIN LATERAL (
+        SELECT s.start_pid FROM d s WHERE s.id = t.id AND s.start_pid IS NOT NULL AND s.was_state = 'dispatched' LIMIT 1
+      ) s`,
+      detail: sql`jsonb_build_object('pid', s.start_pid)`,
+    })}`;
 }
 
 /**
