@@ -246,7 +246,8 @@ export async function recordStaleResult(sql: Sql, ref: AttemptRef, result: Attem
     INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail)
     SELECT id, 'stale', state, ${ref.attempt}, ${ref.workerId},
            jsonb_build_object('reported', ${result.state}::text, 'current_attempt', attempt)
-    FROM tasks WHERE id = ${ref.taskId}`;
+    -- The lock keeps retention from deleting the task under the event (migration 0027).
+    FROM tasks WHERE id = ${ref.taskId} FOR KEY SHARE`;
   await recordUsage(sql, ref, result.usage);
 }
 
@@ -261,7 +262,7 @@ export async function recordStaleHandBack(sql: Sql, ref: AttemptRef, reason: str
     SELECT id, 'stale', state, ${ref.attempt}, ${ref.workerId},
            jsonb_build_object('reported', 'handed_back', 'cause', ${cause}::text, 'reason', ${reason}::text,
                               'current_attempt', attempt)
-    FROM tasks WHERE id = ${ref.taskId}`;
+    FROM tasks WHERE id = ${ref.taskId} FOR KEY SHARE`;
 }
 
 /**
@@ -290,10 +291,16 @@ export async function recordAttemptStopped(
         pg_notify(${TASK_CHANNEL}, json_build_object('id', id, 'state', state, 'attempt', attempt, 'worker_id', worker_id,
           'coordinator_id', coordinator_id, 'kind', 'stopped', 'frees_key', true)::text) AS notified
     ),
+    -- The task as held changed it, or else read under a lock that keeps retention from
+    -- deleting it under the event (migration 0027; a row this statement updated cannot be
+    -- locked by it as well).
+    locked AS (
+      SELECT id, state, attempt FROM tasks WHERE id = ${ref.taskId} AND NOT EXISTS (SELECT 1 FROM held) FOR KEY SHARE
+    ),
     e AS (
       INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail)
       SELECT id, 'stopped', state, ${ref.attempt}, ${ref.workerId}, jsonb_build_object('reason', ${reason}::text, 'current_attempt', attempt)
-      FROM tasks WHERE id = ${ref.taskId}
+      FROM (SELECT held.id, held.state, held.attempt FROM held UNION ALL SELECT id, state, attempt FROM locked) task
     )
     SELECT EXISTS (SELECT 1 FROM held) AS freed`;
   await recordUsage(sql, ref, usage);
