@@ -44,9 +44,8 @@ export interface CompleterOptions {
   /** Counts starts, results, retries and stale reports as they are recorded. */
   metrics?: TaskMetrics;
   /**
-   * How long a start waits to be written when nothing else is (0: not at all), so that a
-   * short task's finish, arriving meanwhile, takes it along (mergeStarts). Defaults to
-   * START_WINDOW_MS.
+   * How long a start may wait to be written (0: not at all), so that a short task's finish,
+   * arriving meanwhile, takes it along (takeStarts). Defaults to START_WINDOW_MS.
    */
   startWindowMs?: number;
 }
@@ -59,6 +58,12 @@ export interface CompleterOptions {
  * timed by the start's own time.
  */
 export const START_WINDOW_MS = 10;
+
+/** A start waiting to be written, and when it came (performance.now()). */
+interface QueuedStart {
+  report: StartReport;
+  at: number;
+}
 
 /** A result waiting to be written, and the worker to acknowledge it to. */
 interface Finish {
@@ -74,7 +79,8 @@ const MAX_REPORTS_PER_WRITE = 500;
 
 export class Completer {
   private readonly pending = new Set<Promise<void>>();
-  private readonly starts: StartReport[] = [];
+  /** In the order they came, so those whose window is over are first. */
+  private readonly starts: QueuedStart[] = [];
   private readonly finishes: Finish[] = [];
   private flushing: Promise<void> | null = null;
   /** Set while starts alone wait out their window (startWindowMs). */
@@ -94,9 +100,12 @@ export class Completer {
     const ref = message.ref;
     if (!ref) return;
     this.starts.push({
-      ...attemptRefFromProto(ref, worker.id),
-      startedAt: fromTimestamp(message.startedAt) ?? new Date(),
-      pid: message.pid,
+      report: {
+        ...attemptRefFromProto(ref, worker.id),
+        startedAt: fromTimestamp(message.startedAt) ?? new Date(),
+        pid: message.pid,
+      },
+      at: performance.now(),
     });
     this.kick();
   }
@@ -133,17 +142,20 @@ export class Completer {
   /** Waits for reports in progress (they give up retrying once stopped). */
   async stop(): Promise<void> {
     this.stopped = true;
-    // Starts waiting out their window are written now.
-    if (this.startTimer) this.kick();
     await this.flushing;
+    // Starts waiting out their window are written now.
+    if (this.starts.length > 0) {
+      this.kick();
+      await this.flushing;
+    }
     await Promise.all(this.pending);
   }
 
   /**
    * Group commit: reports that arrive while a write is in flight wait for it and then go
    * together in one statement, so under load the database sees one write per batch rather
-   * than one per task, and an idle system still writes each result at once. Starts alone
-   * wait up to startWindowMs first, for finishes to take them along (mergeStarts).
+   * than one per task, and an idle system still writes each result at once. A start waits up
+   * to startWindowMs, for its finish to take it along (takeStarts).
    *
    * Not src/db/group-commit.ts: that answers each caller and, on an error, rejects the batch or
    * writes its items one by one. Here nobody waits for an answer but the worker's Ack, starts
@@ -153,17 +165,21 @@ export class Completer {
    * other write meanwhile. A batch refused for its values is written item by item, as
    * group-commit does, and a result refused alone fails only its own task.
    */
-  private kick(windowOver = false): void {
+  private kick(): void {
     this.checkBacklog();
     if (this.flushing) return;
-    const window = this.options.startWindowMs ?? START_WINDOW_MS;
-    if (!windowOver && this.finishes.length === 0 && this.starts.length > 0 && window > 0 && !this.stopped) {
-      // Starts alone: wait a little for their finishes (a result never waits).
-      this.startTimer ??= setTimeout(() => {
-        this.startTimer = null;
-        this.kick(true);
-      }, window);
-      return;
+    if (this.finishes.length === 0) {
+      // Starts alone: the first is written once its window is over (a result never waits).
+      const first = this.starts[0];
+      if (!first) return;
+      const wait = first.at + this.startWindowMs() - performance.now();
+      if (wait > 0 && !this.stopped) {
+        this.startTimer ??= setTimeout(() => {
+          this.startTimer = null;
+          this.kick();
+        }, Math.ceil(wait));
+        return;
+      }
     }
     if (this.startTimer) {
       clearTimeout(this.startTimer);
@@ -179,7 +195,7 @@ export class Completer {
 
   private async flush(): Promise<void> {
     const finishes = this.finishes.splice(0, MAX_REPORTS_PER_WRITE);
-    const starts = mergeStarts(this.starts.splice(0, MAX_REPORTS_PER_WRITE), finishes);
+    const starts = this.takeStarts(finishes);
     this.writing = starts.length + finishes.length;
     if (starts.length > 0) await this.recordStarts(starts);
     if (finishes.length === 0) return;
@@ -194,6 +210,36 @@ export class Completer {
     );
     await Bun.sleep(this.options.retryMs ?? 500);
     this.finishes.unshift(...kept);
+  }
+
+  private startWindowMs(): number {
+    return this.options.startWindowMs ?? START_WINDOW_MS;
+  }
+
+  /**
+   * A short task's Started and Finished often both reach the completer before its start is
+   * written: the start then goes with its finish (FinishReport.started), one update of the task
+   * and of its attempt instead of two each, and one statement fewer. A start is merged only
+   * with the finish of the same attempt on the same worker, which the finish's fence checks as
+   * it would the start's. Takes those, and returns the starts to write on their own now: those
+   * whose window is over (every one once stopped), at most MAX_REPORTS_PER_WRITE. The others
+   * wait on in the queue for their finishes.
+   */
+  private takeStarts(finishes: readonly Finish[]): StartReport[] {
+    if (this.starts.length === 0) return [];
+    const byAttempt = new Map<string, Finish>();
+    for (const finish of finishes) byAttempt.set(attemptRefKey(finish.report.ref), finish);
+    const dueBy = this.stopped ? Number.POSITIVE_INFINITY : performance.now() - this.startWindowMs();
+    const alone: StartReport[] = [];
+    const kept: QueuedStart[] = [];
+    for (const queued of this.starts) {
+      const finish = byAttempt.get(attemptRefKey(queued.report));
+      if (finish && !finish.report.started) finish.report.started = { pid: queued.report.pid };
+      else if (queued.at <= dueBy && alone.length < MAX_REPORTS_PER_WRITE) alone.push(queued.report);
+      else kept.push(queued);
+    }
+    this.starts.splice(0, this.starts.length, ...kept);
+    return alone;
   }
 
   /**
@@ -309,7 +355,7 @@ export class Completer {
     }
   }
 
-  /** Starts written with their finishes (mergeStarts) count as starts too, once applied. */
+  /** Starts written with their finishes (takeStarts) count as starts too, once applied. */
   private countMergedStarts(finishes: readonly Finish[], applied: readonly (TaskChangeRow | null)[]): void {
     this.countStarts(
       finishes.flatMap(({ report }, i) => {
@@ -452,25 +498,6 @@ export class Completer {
       "attempt finished",
     );
   }
-}
-
-/**
- * A short task's Started and Finished often reach the completer before either is written: the
- * start then goes with its finish (FinishReport.started), one update of the task and of its
- * attempt instead of two each, and one statement fewer. Returns the starts still to write on
- * their own. A start is merged only with the finish of the same attempt on the same worker,
- * which the fence of the finish's statement checks as it would the start's.
- */
-function mergeStarts(starts: StartReport[], finishes: readonly Finish[]): StartReport[] {
-  if (starts.length === 0 || finishes.length === 0) return starts;
-  const byAttempt = new Map<string, Finish>();
-  for (const finish of finishes) byAttempt.set(attemptRefKey(finish.report.ref), finish);
-  return starts.filter((start) => {
-    const finish = byAttempt.get(attemptRefKey(start));
-    if (!finish || finish.report.started) return true;
-    finish.report.started = { pid: start.pid };
-    return false;
-  });
 }
 
 function attemptRefKey(ref: AttemptRef): string {
