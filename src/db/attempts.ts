@@ -33,13 +33,15 @@ export function startAttempts(sql: Sql): Fragment {
 
 /**
  * CTE `a_end`: the worker's result for each row of `d` (finishAttempts' applied reports: the
- * task's id, the attempt, and the result's columns, its state as `outcome`) ends its attempt.
+ * task's id, the attempt, and the result's columns, its state as `outcome`, and `start_pid`,
+ * the pid of a start merged into the finish) ends its attempt.
  */
 export function finishAttemptRows(sql: Sql): Fragment {
   return sql`
     a_end AS (
       UPDATE task_attempts SET
         started_at = coalesce(task_attempts.started_at, d.started_at), finished_at = d.finished_at,
+        pid = coalesce(task_attempts.pid, d.start_pid),
         exit_code = d.exit_code, signal = d.signal, error = d.error, stdout = d.stdout, stderr = d.stderr,
         stdout_truncated = d.stdout_truncated, stderr_truncated = d.stderr_truncated,
         stdout_replaced = d.stdout_replaced, stderr_replaced = d.stderr_replaced, outcome = d.outcome,

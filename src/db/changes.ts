@@ -8,10 +8,24 @@ import type { Fragment } from "./encode";
 import { freesKey } from "./flow";
 import { TASK_CHANNEL, TASK_CHANNEL_PREFIX } from "./notify";
 import type { Sql } from "./sql";
-import { currentAttempt, outputColumns } from "./tasks";
+import { outputColumns } from "./tasks";
 
 /** A changed task as its statement returns it, with the id of the event it appended. */
 export type TaskChangeRow = Task & { event_id: string };
+
+/**
+ * An event recorded ahead of each changed row's own, for a change the statement made on the
+ * way (a start merged into its attempt's finish): rows of `t` that `from` keeps (a FROM clause
+ * over `t`), each with `kind` (never the kind of the change's own event), the state it left
+ * the task in and its `detail`. It is not notified: a watcher woken by the change's own
+ * notification reads the events after the last it saw, this one among them.
+ */
+export interface LeadingEvent {
+  kind: string;
+  state: string;
+  from: Fragment;
+  detail: Fragment;
+}
 
 /** The change tail for rows of `t` that all get the same event. */
 export function recordChange(
@@ -32,8 +46,14 @@ export function recordChange(
  * The change tail for rows of `t` that carry their own event_kind and event_detail columns;
  * `output` as in changeTail.
  */
-export function recordChanges(sql: Sql, output?: Fragment): Fragment {
-  return changeTail(sql, { kind: sql`t.event_kind`, detail: sql`t.event_detail`, actor: sql`NULL::text`, output });
+export function recordChanges(sql: Sql, output?: Fragment, leading?: LeadingEvent): Fragment {
+  return changeTail(sql, {
+    kind: sql`t.event_kind`,
+    detail: sql`t.event_detail`,
+    actor: sql`NULL::text`,
+    output,
+    ...(leading ? { leading } : {}),
+  });
 }
 
 /**
@@ -59,22 +79,43 @@ function wakesCoordinators(sql: Sql): Fragment {
  */
 export function changeTail(
   sql: Sql,
-  event: { kind: Fragment; detail: Fragment; actor: Fragment; from?: Fragment; output?: Fragment },
+  event: {
+    kind: Fragment;
+    detail: Fragment;
+    actor: Fragment;
+    from?: Fragment;
+    output?: Fragment;
+    /** An earlier change the same statement also made (see LeadingEvent). */
+    leading?: LeadingEvent;
+  },
   /** False for new tasks: nobody can be watching a task whose id is not out yet. */
   watched = true,
 ): Fragment {
+  const own = sql`SELECT t.id, ${event.kind}, t.state, t.attempt, t.worker_id, ${event.detail}, ${event.actor}
+      FROM ${event.from ?? sql`t`}`;
+  const { leading } = event;
   return sql`
     e AS (
       INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail, actor)
-      SELECT t.id, ${event.kind}, t.state, t.attempt, t.worker_id, ${event.detail}, ${event.actor}
-      FROM ${event.from ?? sql`t`}
+      ${
+        leading
+          ? // Event ids are handed out in the order of the rows: every leading event before the change's own.
+            sql`SELECT task_id, kind, state, attempt, worker_id, detail, actor FROM (
+        SELECT t.id AS task_id, ${leading.kind}::text AS kind, ${leading.state}::text AS state, t.attempt, t.worker_id,
+          ${leading.detail} AS detail, NULL::text AS actor, 0 AS ord
+        FROM ${leading.from}
+        UNION ALL
+        SELECT own.*, 1 FROM (${own}) own
+      ) x ORDER BY x.ord`
+          : own
+      }
       RETURNING id, task_id, kind
     )
     SELECT t.*, ${outputColumns(sql)}, e.id::text AS event_id,
       ${watched ? sql`pg_notify(${TASK_CHANNEL_PREFIX} || t.id::text, n.payload)::text` : sql`NULL::text`} AS notified,
       CASE WHEN ${wakesCoordinators(sql)} THEN pg_notify(${TASK_CHANNEL}, n.payload) END::text AS notified_all
-    FROM t JOIN e ON e.task_id = t.id
-    ${event.output ?? currentAttempt(sql, "t")}
+    FROM t JOIN e ON e.task_id = t.id ${leading ? sql`AND e.kind <> ${leading.kind}::text` : sql``}
+    ${event.output ?? currentAttemptOf(sql)}
     CROSS JOIN LATERAL (
       SELECT json_build_object(
         'id', t.id, 'state', t.state, 'attempt', t.attempt, 'worker_id', t.worker_id,
@@ -84,6 +125,17 @@ export function changeTail(
         'frees_key', ${freesKey(sql)}
       )::text AS payload
     ) n`;
+}
+
+/**
+ * Each changed row's current attempt as `o` (src/db/tasks.ts currentAttempt's join, one row by
+ * the primary key), probed row by row: as a plain join the planner may read all of
+ * task_attempts and hash it, a scan per statement while the table is small.
+ */
+function currentAttemptOf(sql: Sql): Fragment {
+  return sql`LEFT JOIN LATERAL (
+      SELECT * FROM task_attempts a WHERE a.task_id = t.id AND a.attempt = t.attempt LIMIT 1
+    ) o ON true`;
 }
 
 /** The changed rows without the columns the change tail adds for its own use. */

@@ -34,10 +34,16 @@ function refColumns<R>(ref: (row: R) => AttemptRef): Record<string, Column<R>> {
   };
 }
 
-/** The fence: the task that batch row `r` names, while r's attempt and worker hold it in one of `guard`. */
-function fence(sql: Sql, guard: readonly TaskState[]): Fragment {
+/**
+ * The fence: the task that batch row `r` names, while r's attempt and worker hold it in one of
+ * `guard`. `ids` are the batch's task ids once more, as one array: the join alone leaves the
+ * planner free to read every task of a small table and hash the batch against them (a scan
+ * per batch while the table is a few thousand rows, as in a burn-down); with the array it
+ * probes the primary key for each id at any size.
+ */
+function fence(sql: Sql, guard: readonly TaskState[], ids: readonly string[]): Fragment {
   return sql`tasks.id = r.id AND tasks.attempt = r.attempt AND tasks.worker_id = r.worker_id
-    AND tasks.state IN (${states(sql, guard)})`;
+    AND tasks.state IN (${states(sql, guard)}) AND tasks.id = ANY(${array(sql, ids, "uuid")})`;
 }
 
 /** A retry decision's facts for each task id (the attempt is the report's, which the fence pins). */
@@ -69,7 +75,11 @@ export async function markStartedMany(sql: Sql, reports: readonly StartReport[])
         started_at: ["timestamptz", (report) => report.startedAt],
         pid: ["integer", (report) => report.pid],
       })}
-      WHERE ${fence(sql, GUARDS.start)}
+      WHERE ${fence(
+        sql,
+        GUARDS.start,
+        reports.map((report) => report.taskId),
+      )}
       RETURNING ${taskRowColumns(sql, "tasks")}, 'started'::text AS event_kind, jsonb_build_object('pid', r.pid) AS event_detail
     ),
     ${startAttempts(sql)},
@@ -82,6 +92,12 @@ export interface FinishReport {
   result: AttemptResult;
   /** Stands in for a result the database refused: the task fails for good (decideUnstorable). */
   unstorable?: boolean;
+  /**
+   * The attempt's start, when its report had not been written yet (a short task's Started
+   * and Finished in one flush): recorded by the same statement, its `started` event ahead of
+   * the result's, its pid on the attempt row, and no statement of its own.
+   */
+  started?: { pid: number };
 }
 
 /**
@@ -115,15 +131,16 @@ export async function finishAttempts(sql: Sql, reports: readonly FinishReport[])
     reports.filter((report) => !report.unstorable && mayRetry(report.result)).map(({ ref }) => ref.taskId),
   );
   const decided: (FinishReport & { decision: FinishDecision })[] = [];
-  for (const { ref, result, unstorable } of reports) {
-    if (unstorable) {
-      decided.push({ ref, result, decision: decideUnstorable(result) });
+  for (const report of reports) {
+    const { ref, result } = report;
+    if (report.unstorable) {
+      decided.push({ ...report, decision: decideUnstorable(result) });
       continue;
     }
     const task = facts.get(ref.taskId);
     // No such task: stale, below.
     if (mayRetry(result) && !task) continue;
-    decided.push({ ref, result, decision: decideFinish(result, task ? { ...task, attempt: ref.attempt } : null) });
+    decided.push({ ...report, decision: decideFinish(result, task ? { ...task, attempt: ref.attempt } : null) });
   }
   const rows = decided.length === 0 ? [] : await applyFinishes(sql, decided);
   // Children of the tasks that ended here are resolved next, with a snapshot that sees them all.
@@ -165,10 +182,15 @@ function applyFinishes(sql: Sql, decided: readonly (FinishReport & { decision: F
         failed_at: ["timestamptz", (d) => d.decision.failedAt],
         task_error: ["text", (d) => d.decision.error],
         event_kind: ["text", (d) => d.decision.eventKind],
+        start_pid: ["integer", (d) => d.started?.pid ?? null],
       })}
     ),
     d AS (
-      SELECT r.* FROM tasks JOIN r ON ${fence(sql, GUARDS.inFlight)}
+      SELECT r.*, tasks.state AS was_state FROM tasks JOIN r ON ${fence(
+        sql,
+        GUARDS.inFlight,
+        decided.map((d) => d.ref.taskId),
+      )}
       FOR UPDATE OF tasks
     ),
     t AS (
@@ -190,7 +212,16 @@ function applyFinishes(sql: Sql, decided: readonly (FinishReport & { decision: F
     ${finishAttemptRows(sql)},
     -- The statement cannot see what a_end writes: the answer's output is the result's own
     -- (one row per task, should a batch carry a report twice).
-    ${recordChanges(sql, sql`CROSS JOIN LATERAL (SELECT * FROM d WHERE d.id = t.id LIMIT 1) o`)}`;
+    ${recordChanges(sql, sql`CROSS JOIN LATERAL (SELECT * FROM d WHERE d.id = t.id LIMIT 1) o`, {
+      // A start merged into this finish, when no start was recorded before: its own event,
+      // as markStartedMany writes it.
+      kind: "started",
+      state: "running",
+      from: sql`t CROSS JOIN LATERAL (
+        SELECT s.start_pid FROM d s WHERE s.id = t.id AND s.start_pid IS NOT NULL AND s.was_state = 'dispatched' LIMIT 1
+      ) s`,
+      detail: sql`jsonb_build_object('pid', s.start_pid)`,
+    })}`;
 }
 
 /**
@@ -215,7 +246,8 @@ export async function recordStaleResult(sql: Sql, ref: AttemptRef, result: Attem
     INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail)
     SELECT id, 'stale', state, ${ref.attempt}, ${ref.workerId},
            jsonb_build_object('reported', ${result.state}::text, 'current_attempt', attempt)
-    FROM tasks WHERE id = ${ref.taskId}`;
+    -- The lock keeps retention from deleting the task under the event (migration 0027).
+    FROM tasks WHERE id = ${ref.taskId} FOR KEY SHARE`;
   await recordUsage(sql, ref, result.usage);
 }
 
@@ -230,7 +262,7 @@ export async function recordStaleHandBack(sql: Sql, ref: AttemptRef, reason: str
     SELECT id, 'stale', state, ${ref.attempt}, ${ref.workerId},
            jsonb_build_object('reported', 'handed_back', 'cause', ${cause}::text, 'reason', ${reason}::text,
                               'current_attempt', attempt)
-    FROM tasks WHERE id = ${ref.taskId}`;
+    FROM tasks WHERE id = ${ref.taskId} FOR KEY SHARE`;
 }
 
 /**
@@ -259,10 +291,16 @@ export async function recordAttemptStopped(
         pg_notify(${TASK_CHANNEL}, json_build_object('id', id, 'state', state, 'attempt', attempt, 'worker_id', worker_id,
           'coordinator_id', coordinator_id, 'kind', 'stopped', 'frees_key', true)::text) AS notified
     ),
+    -- The task as held changed it, or else read under a lock that keeps retention from
+    -- deleting it under the event (migration 0027; a row this statement updated cannot be
+    -- locked by it as well).
+    locked AS (
+      SELECT id, state, attempt FROM tasks WHERE id = ${ref.taskId} AND NOT EXISTS (SELECT 1 FROM held) FOR KEY SHARE
+    ),
     e AS (
       INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail)
       SELECT id, 'stopped', state, ${ref.attempt}, ${ref.workerId}, jsonb_build_object('reason', ${reason}::text, 'current_attempt', attempt)
-      FROM tasks WHERE id = ${ref.taskId}
+      FROM (SELECT held.id, held.state, held.attempt FROM held UNION ALL SELECT id, state, attempt FROM locked) task
     )
     SELECT EXISTS (SELECT 1 FROM held) AS freed`;
   await recordUsage(sql, ref, usage);
@@ -312,7 +350,11 @@ async function loseAttempts(
         event_kind: ["text", ({ decision }) => decision.eventKind],
         interrupted: ["boolean", ({ decision }) => decision.interrupted],
       })}
-      WHERE ${fence(sql, GUARDS.inFlight)} AND ${where}
+      WHERE ${fence(
+        sql,
+        GUARDS.inFlight,
+        lost.map(({ task }) => task.id),
+      )} AND ${where}
       RETURNING ${taskRowColumns(sql, "tasks")}, r.event_kind,
         jsonb_build_object('outcome', ${cause}::text, 'cause', ${cause}::text, 'reason', ${reason}::text) AS event_detail
     ),
@@ -369,7 +411,11 @@ export async function renewLeases(sql: Sql, refs: readonly AttemptRef[], default
       refs,
       refColumns((ref) => ref),
     )}
-    WHERE ${fence(sql, GUARDS.inFlight)}
+    WHERE ${fence(
+      sql,
+      GUARDS.inFlight,
+      refs.map((ref) => ref.taskId),
+    )}
     RETURNING tasks.id, tasks.attempt, coalesce(tasks.lease_ms, ${defaultLeaseMs}::integer) AS lease_ms`;
   return new Map(rows.map((row) => [attemptKey(row.id, row.attempt), row.lease_ms]));
 }

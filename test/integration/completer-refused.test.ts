@@ -183,6 +183,21 @@ describe("a result the database refuses fails only its own task", () => {
     expect((await getTask(db.sql, first))?.state).toBe("running");
     expect((await getTask(db.sql, refused))?.state).toBe("dispatched");
   });
+
+  test("a start the database refuses, merged into its finish, does not cost the result", async () => {
+    const [refused, healthy] = [await dispatchedTask(), await dispatchedTask()];
+    const h = harness(db.sql);
+    const start = (taskId: string, pid: number) => create(TaskStartedSchema, { ref: { taskId, attempt: 1 }, pid });
+    // Each start waits for its finish, and goes with it (2^31 is out of the pid column's range).
+    h.completer.started(h.worker, start(refused, 2 ** 31));
+    h.completer.started(h.worker, start(healthy, 3));
+    h.completer.finished(h.worker, finished(refused));
+    h.completer.finished(h.worker, finished(healthy));
+    await eventually(() => h.acks().length === 2, { what: "both results acknowledged", timeoutMs: 20_000 });
+    for (const id of [refused, healthy]) expect((await getTask(db.sql, id))?.state).toBe("succeeded");
+    expect((await listAttempts(db.sql, refused))[0]?.pid).toBeNull();
+    expect((await listAttempts(db.sql, healthy))[0]?.pid).toBe(3);
+  });
 });
 
 describe("a database that is away is not a refused result", () => {

@@ -8,10 +8,17 @@ import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import pino from "pino";
 import { Completer } from "../../src/coordinator/completer";
 import { WorkerRegistry } from "../../src/coordinator/registry";
+import { listAttempts } from "../../src/db/attempts";
 import { claimDue } from "../../src/db/claim";
+import { listTaskEvents } from "../../src/db/events";
 import { connect, type Sql } from "../../src/db/sql";
 import { getTask } from "../../src/db/tasks";
-import { type CoordinatorMessage, Outcome, TaskFinishedSchema } from "../../src/gen/taskqueue/v1/worker_service_pb";
+import {
+  type CoordinatorMessage,
+  Outcome,
+  TaskFinishedSchema,
+  TaskStartedSchema,
+} from "../../src/gen/taskqueue/v1/worker_service_pb";
 import { HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 import { eventually } from "../support/eventually";
 import { createTask, taskSpec } from "../support/factories";
@@ -141,5 +148,89 @@ test("a keyed task's result wakes the dispatcher again once durable: only then i
   // What that wake's pass finds: the key's next task.
   const next = await claimDue(db.sql, "c1", ["wk"], 60_000);
   expect(next.map((t) => t.id)).toEqual([second.id]);
+  await completer.stop();
+});
+
+test("a start still waiting when its finish comes is written with it: one statement, both events, in order", async () => {
+  const { registry, worker, acks } = connectedWorker("wm", 2);
+  // Counts the statements that record a start on its own.
+  let startStatements = 0;
+  const counted = new Proxy(db.sql, {
+    apply(target, self, args: unknown[]) {
+      const strings = args[0] as readonly string[] | undefined;
+      if (Array.isArray(strings) && strings.join("?").includes("UPDATE tasks SET state = 'running'")) startStatements++;
+      return Reflect.apply(target, self, args);
+    },
+  });
+  const completer = new Completer({
+    sql: counted,
+    registry,
+    log: pino({ level: "silent" }),
+    coordinatorId: "c1",
+    onSlotFreed() {},
+  });
+  const assignTo = { workerId: "wm", coordinatorId: "c1", leaseMs: 60_000 };
+  const [busy, short] = await Promise.all([
+    createTask(db.sql, undefined, { assignTo }),
+    createTask(db.sql, undefined, { assignTo }),
+  ]);
+  for (const task of [busy!, short!]) registry.reserve(worker, task.id, task.attempt);
+  const started = (task: { id: string; attempt: number }, pid: number) =>
+    completer.started(
+      worker,
+      create(TaskStartedSchema, {
+        ref: { taskId: task.id, attempt: task.attempt },
+        startedAt: timestampFromDate(new Date()),
+        pid,
+      }),
+    );
+  // The short task's finish comes within its start's window: they go together. The other
+  // start has no finish: it is written on its own once its window is over.
+  started(busy!, 100);
+  started(short!, 200);
+  completer.finished(worker, exitedZero(short!));
+  await eventually(() => acks.length === 1, { what: "the short task's result acknowledged" });
+  await eventually(async () => (await getTask(db.sql, busy!.id))?.state === "running", { what: "the other start recorded" });
+  expect(startStatements).toBe(1);
+  const events = await listTaskEvents(db.sql, short!.id);
+  expect(events.map((e) => [e.kind, e.state])).toEqual([
+    ["submitted+dispatched", "dispatched"],
+    ["started", "running"],
+    ["succeeded", "succeeded"],
+  ]);
+  expect(events[1]?.detail).toEqual({ pid: 200 });
+  const [attempt] = await listAttempts(db.sql, short!.id);
+  expect(attempt?.pid).toBe(200);
+  expect(attempt?.outcome).toBe("succeeded");
+  expect(attempt?.started_at).not.toBeNull();
+  const task = await getTask(db.sql, short!.id);
+  expect(task?.state).toBe("succeeded");
+  expect(task?.started_at).not.toBeNull();
+  expect((await listAttempts(db.sql, busy!.id))[0]?.pid).toBe(100);
+  await completer.stop();
+});
+
+test("a start with no finish after it is written once its window is over", async () => {
+  const { registry, worker } = connectedWorker("ww", 1);
+  const completer = new Completer({
+    sql: db.sql,
+    registry,
+    log: pino({ level: "silent" }),
+    coordinatorId: "c1",
+    onSlotFreed() {},
+  });
+  const task = await createTask(db.sql, undefined, { assignTo: { workerId: "ww", coordinatorId: "c1", leaseMs: 60_000 } });
+  registry.reserve(worker, task.id, task.attempt);
+  completer.started(
+    worker,
+    create(TaskStartedSchema, {
+      ref: { taskId: task.id, attempt: task.attempt },
+      startedAt: timestampFromDate(new Date()),
+      pid: 7,
+    }),
+  );
+  await eventually(async () => (await getTask(db.sql, task.id))?.state === "running", { what: "the start recorded" });
+  expect((await listAttempts(db.sql, task.id))[0]?.pid).toBe(7);
+  expect(completer.backlog).toBe(0);
   await completer.stop();
 });

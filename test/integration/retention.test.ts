@@ -9,7 +9,7 @@ import { Pruner } from "../../src/coordinator/pruner";
 import { claimDue } from "../../src/db/claim";
 import { pruneBatch, RETENTION_LOCK_KEY } from "../../src/db/retention";
 import { connect } from "../../src/db/sql";
-import { finishAttempt, markStarted } from "../../src/db/transitions";
+import { finishAttempt, markStarted, recordStaleHandBack, recordStaleResult } from "../../src/db/transitions";
 import { silentLogger } from "../../src/log";
 import { TaskMetrics } from "../../src/metrics/metrics";
 import { useApiApp } from "../support/api";
@@ -211,6 +211,43 @@ describe("a retention batch", () => {
     } finally {
       await other.end();
     }
+  });
+});
+
+describe("events and attempts have no foreign key (migration 0027)", () => {
+  test("a stale report for a task being pruned waits for the prune and then writes nothing", async () => {
+    const [id] = await (async () => {
+      await createTask(db.sql);
+      return runAll();
+    })();
+    const ref = { taskId: id!, attempt: 1, workerId: "w1" };
+    // A pruner's transaction, as pruneBatch's: the task locked, then deleted with its rows.
+    const pruner = await db.sql.reserve();
+    try {
+      await pruner`BEGIN`;
+      await pruner`SELECT id FROM tasks WHERE id = ${id!} FOR UPDATE`;
+      await pruner`DELETE FROM task_events WHERE task_id = ${id!}`;
+      await pruner`DELETE FROM task_attempts WHERE task_id = ${id!}`;
+      await pruner`DELETE FROM tasks WHERE id = ${id!}`;
+      const reports = Promise.all([
+        recordStaleResult(db.sql, ref, attemptResult()),
+        recordStaleHandBack(db.sql, ref, "drained", "interrupted"),
+      ]);
+      await eventually(
+        async () => {
+          const [row] = await db.sql<{ n: number }[]>`
+            SELECT count(*)::int AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%stale%'`;
+          return (row?.n ?? 0) === 2;
+        },
+        { what: "both reports waiting for the pruner's lock" },
+      );
+      await pruner`COMMIT`;
+      await reports;
+    } finally {
+      pruner.release();
+    }
+    const [left] = await db.sql<{ n: number }[]>`SELECT count(*)::int AS n FROM task_events WHERE task_id = ${id!}`;
+    expect(left?.n).toBe(0);
   });
 });
 
