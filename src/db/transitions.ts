@@ -246,7 +246,7 @@ export async function recordStaleResult(sql: Sql, ref: AttemptRef, result: Attem
     INSERT INTO task_events (task_id, kind, state, attempt, worker_id, detail)
     SELECT id, 'stale', state, ${ref.attempt}, ${ref.workerId},
            jsonb_build_object('reported', ${result.state}::text, 'current_attempt', attempt)
-    -- The lock keeps retention from deleting the task under the event (migration 0027).
+    -- The lock keeps retention from deleting the task under the event (migration 0026).
     FROM tasks WHERE id = ${ref.taskId} FOR KEY SHARE`;
   await recordUsage(sql, ref, result.usage);
 }
@@ -292,7 +292,7 @@ export async function recordAttemptStopped(
           'coordinator_id', coordinator_id, 'kind', 'stopped', 'frees_key', true)::text) AS notified
     ),
     -- The task as held changed it, or else read under a lock that keeps retention from
-    -- deleting it under the event (migration 0027; a row this statement updated cannot be
+    -- deleting it under the event (migration 0026; a row this statement updated cannot be
     -- locked by it as well).
     locked AS (
       SELECT id, state, attempt FROM tasks WHERE id = ${ref.taskId} AND NOT EXISTS (SELECT 1 FROM held) FOR KEY SHARE

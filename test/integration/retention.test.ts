@@ -214,7 +214,7 @@ describe("a retention batch", () => {
   });
 });
 
-describe("events and attempts have no foreign key (migration 0027)", () => {
+describe("events and attempts have no foreign key (migration 0026)", () => {
   test("a stale report for a task being pruned waits for the prune and then writes nothing", async () => {
     const [id] = await (async () => {
       await createTask(db.sql);
