@@ -130,7 +130,8 @@ describe("a connection lost with a write still scheduled", () => {
     // A socket of our own lets the close come before that flush, as a reset link does.
     const target = new URL(db.url);
     const sockets: net.Socket[] = [];
-    const sql = postgres(db.url, {
+    // `socket` (a socket factory) is postgres.js's own option, missing from its types.
+    const options = {
       max: 1,
       connect_timeout: 2,
       onnotice: () => {},
@@ -141,7 +142,8 @@ describe("a connection lost with a write still scheduled", () => {
           socket.once("connect", () => resolve(socket));
           socket.once("error", reject);
         }),
-    });
+    };
+    const sql = postgres(db.url, options as postgres.Options<Record<string, never>>);
     pools.push(sql as unknown as Sql);
     await sql`SELECT 1`;
     const lost = sql`SELECT 2`.execute();
