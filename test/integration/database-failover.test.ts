@@ -148,7 +148,8 @@ describe("a connection lost with a write still scheduled", () => {
     await sql`SELECT 1`;
     const lost = sql`SELECT 2`.execute();
     sockets.at(-1)?.destroy();
-    expect((await failure(lost)).code).toBe("CONNECTION_CLOSED");
+    // CONNECTION_CLOSED, or the write's own error should the flush come first.
+    expect(isDatabaseUnavailable(await failure(lost))).toBe(true);
     // Unpatched, this failed with CONNECT_TIMEOUT after 2 s.
     expect([...(await sql<{ n: number }[]>`SELECT 3 AS n`)]).toEqual([{ n: 3 }]);
     expect(sockets.length).toBe(2);
