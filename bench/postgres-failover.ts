@@ -86,6 +86,8 @@ export async function postgresFailover(trials: number, say: (line: string) => vo
     stack = await startHaStack({ workers: 3 });
     const ha = stack;
     const info = await postgresInfo(ha);
+    const exited = new Set<unknown>();
+    for (const p of [...ha.coordinators.map((c) => c.process), ha.scheduler.process]) void p.exited.then(() => exited.add(p));
     load = new Load(
       ha.coordinators.map((c) => c.url),
       loadCommand(log),
@@ -124,6 +126,10 @@ export async function postgresFailover(trials: number, say: (line: string) => vo
         statuses,
       };
       results.push(trial);
+      // A role that died would make every try sent to it an instant failure: the figures would
+      // then be of a smaller stack. Stop, with its log.
+      const dead = [...ha.coordinators.map((c) => c.process), ha.scheduler.process].filter((p) => exited.has(p));
+      if (dead.length > 0) throw new Error(`${dead.map((p) => `${p.role} (pid ${p.pid})`).join(", ")} exited by trial ${i + 1}`);
       if (trace) {
         const rel = (t: number) => t - fault;
         const tries = running.answers
@@ -158,7 +164,7 @@ export async function postgresFailover(trials: number, say: (line: string) => vo
       postgres: info,
     };
   } catch (error) {
-    if (stack) say(stack.logs(20));
+    if (stack) say(stack.logs(trace ? 400 : 20));
     throw error;
   } finally {
     await load?.stop();
