@@ -155,3 +155,47 @@ describe("a connection lost with a write still scheduled", () => {
     expect(sockets.length).toBe(2);
   });
 });
+
+describe("a connection whose array types never come", () => {
+  test("its first query fails by its deadline (503) and the process goes on: no unhandled rejection", async () => {
+    // A new primary slow to answer postgres.js's own first query (the array types, which
+    // nothing awaits) past the deadline: the rejection went unhandled and ended the
+    // coordinator (seen in the postgres-failover bench). Here a proxy swallows that query.
+    const target = new URL(db.url);
+    const upstreams: net.Socket[] = [];
+    const server = net.createServer((client) => {
+      const upstream = net.connect(Number(target.port || 5432), target.hostname);
+      upstreams.push(upstream, client);
+      upstream.on("data", (d) => client.write(d));
+      client.on("data", (d) => {
+        if (!d.includes("typarray")) upstream.write(d);
+      });
+      const close = () => {
+        upstream.destroy();
+        client.destroy();
+      };
+      upstream.on("error", close).on("close", close);
+      client.on("error", close).on("close", close);
+    });
+    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+    const port = (server.address() as net.AddressInfo).port;
+    const unhandled: unknown[] = [];
+    const onUnhandled = (reason: unknown) => unhandled.push(reason);
+    process.on("unhandledRejection", onUnhandled);
+    try {
+      const url = new URL(db.url);
+      url.hostname = "127.0.0.1";
+      url.port = String(port);
+      const sql = connect(url.toString(), { max: 1, connectTimeout: 2, queryTimeoutMs: 300 });
+      pools.push(sql);
+      const error = await failure(sql`SELECT 1`);
+      expect(error.code).toBe("QUERY_TIMEOUT");
+      await Bun.sleep(50);
+      expect(unhandled).toEqual([]);
+    } finally {
+      process.off("unhandledRejection", onUnhandled);
+      for (const socket of upstreams) socket.destroy();
+      server.close();
+    }
+  });
+});
