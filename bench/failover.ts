@@ -23,7 +23,7 @@ import { type NetCluster, startNetCluster } from "../test/support/net-cluster";
 import { netnsUnavailable } from "../test/support/netns";
 import type { RoleProcess } from "../test/support/processes";
 import { taskDir } from "../test/support/task-dir";
-import { postgresFailover } from "./postgres-failover";
+import { POSTGRES_FAILOVER_SETTINGS, postgresFailover, postgresFailoverLine, postgresFailoverSummary } from "./postgres-failover";
 import {
   type Bench,
   type BenchOptions,
@@ -382,25 +382,10 @@ async function run(options: BenchOptions): Promise<BenchResult> {
       console.log(`failover: postgres-failover skipped: ${pg}`);
       figures.postgres_failover = { skipped: pg };
     } else {
-      figures.postgres_failover = pg;
-      const p50max = (d: { p50: number; max: number }) => `${ms(d.p50)} / ${ms(d.max)} ms`;
-      console.log(
-        `  postgres-failover (${pg.trials.length} trials, p50 / max): promoted ${p50max(pg.promoted)}; first 2xx submit ${p50max(pg.first_submit)}; first dispatch ${p50max(pg.first_dispatch)}; after promotion: submit ${p50max(pg.submit_after_promotion)}, dispatch ${p50max(pg.dispatch_after_promotion)}`,
-      );
-      summary.push({
-        metric: "postgres-failover: primary's postmaster killed → Patroni promoted (p50 / max)",
-        value: p50max(pg.promoted),
-      });
-      summary.push({ metric: "postgres-failover: kill → first 2xx submit (p50 / max)", value: p50max(pg.first_submit) });
-      summary.push({ metric: "postgres-failover: kill → first dispatch (p50 / max)", value: p50max(pg.first_dispatch) });
-      summary.push({
-        metric: `postgres-failover: submit and dispatch within ${pg.target_ms_after_promotion / 1000} s of promotion`,
-        value: `${pg.within_target} of ${pg.trials.length} trials`,
-      });
-      summary.push({
-        metric: "postgres-failover: answers other than 2xx/503 (target 0)",
-        value: String(pg.statuses_other_than_2xx_503),
-      });
+      const { postgres: _info, ...figuresOfPg } = pg;
+      figures.postgres_failover = figuresOfPg;
+      console.log(`  ${postgresFailoverLine(pg)}`);
+      summary.push(...postgresFailoverSummary(pg));
     }
     return {
       name: "failover",
@@ -417,13 +402,7 @@ async function run(options: BenchOptions): Promise<BenchResult> {
         start_observed_by: "the attempt's shell writing to a FIFO the bench reads",
         in_order_observed_by: "the next attempt's shell counting the old attempt's live processes in /proc at its start",
         database: db.postgres.source,
-        postgres_failover: {
-          trials: plan.postgresTrials,
-          layout:
-            "3 etcd, 2 Patroni PostgreSQL 15 nodes (synchronous_mode, ttl 10, loop_wait 1, primary_start_timeout 0), 2 coordinators, a scheduler, 3 workers, each in its own network namespace",
-          fault: "SIGKILL of the primary's postmaster",
-          load: "3 submit loops, 50 ms apart, idempotency keys, each key retried until acknowledged",
-        },
+        postgres_failover: { trials: plan.postgresTrials, ...POSTGRES_FAILOVER_SETTINGS },
       },
       figures,
       summary,

@@ -16,6 +16,7 @@ import { ingest } from "./ingest";
 import { latency } from "./latency";
 import { micro } from "./micro";
 import { pgScale } from "./pg-scale";
+import { postgresFailoverBench } from "./postgres-failover";
 import { precision } from "./precision";
 import { retention } from "./retention";
 import { routing } from "./routing";
@@ -33,6 +34,7 @@ const BENCHES: readonly Bench[] = [
   precision,
   ingest,
   failover,
+  postgresFailoverBench,
   scale,
   micro,
   dependencies,
