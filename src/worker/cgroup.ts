@@ -12,7 +12,19 @@
 // and removing five cgroups per attempt (a mkdir, a chown and an rmdir in each hierarchy) cost
 // the worker more CPU than the rest of an attempt's handling. On v2 (memory.peak cannot be
 // reset before Linux 6.12) each attempt still gets a cgroup of its own.
-import { chownSync, existsSync, mkdirSync, readdirSync, readFileSync, rmdirSync, writeFileSync } from "node:fs";
+import {
+  chownSync,
+  closeSync,
+  existsSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  readSync,
+  rmdirSync,
+  writeFileSync,
+  writeSync,
+} from "node:fs";
 import { basename, dirname, join } from "node:path";
 
 export type CgroupVersion = "v1" | "v2";
@@ -195,12 +207,95 @@ interface V1Counters {
 
 const ZERO_COUNTERS: V1Counters = { oomKills: 0, cpuUser: 0, cpuSystem: 0, ns: true };
 
+/**
+ * The counter files of a pooled cgroup that every attempt reads (and one it resets), kept open:
+ * a pread on an open cgroupfs file costs a fraction of the open, read and close (and path walk)
+ * of each, and a read from offset 0 shows the value of the moment. Never cgroup.procs (see
+ * V1TaskCgroup.pids). Opened close-on-exec (as Node and Bun open files), so no task inherits them.
+ */
+class KeptFiles {
+  private readonly fds = new Map<string, number>();
+  /** Closed (the cgroup was discarded): files are opened for each read again, and not kept. */
+  private closed = false;
+  private static readonly buffer = Buffer.alloc(16 * 1024);
+
+  /** The file's text, trimmed; "" when it cannot be read (gone: the cgroup was removed). */
+  text(file: string): string {
+    if (this.closed) return readText(file);
+    const buffer = KeptFiles.buffer;
+    try {
+      const fd = this.open(file, "r");
+      let text = "";
+      // A short read is the end of a seq_file's text.
+      for (let at = 0; ; ) {
+        const n = readSync(fd, buffer, 0, buffer.length, at);
+        text += buffer.toString("utf8", 0, n);
+        at += n;
+        if (n < buffer.length) break;
+      }
+      return text.trim();
+    } catch {
+      this.drop(file);
+      return "";
+    }
+  }
+
+  number(file: string): number | null {
+    const text = this.text(file);
+    return /^\d+$/.test(text) ? Number(text) : null;
+  }
+
+  /** Writes `text` to the file; false when it could not. */
+  write(file: string, text: string): boolean {
+    if (this.closed) return tryWrite(file, text);
+    try {
+      writeSync(this.open(file, "r+"), text);
+      return true;
+    } catch {
+      this.drop(`r+${file}`);
+      return false;
+    }
+  }
+
+  close(): void {
+    this.closed = true;
+    for (const fd of this.fds.values()) tryClose(fd);
+    this.fds.clear();
+  }
+
+  private open(file: string, mode: "r" | "r+"): number {
+    const key = mode === "r" ? file : `r+${file}`;
+    let fd = this.fds.get(key);
+    if (fd === undefined) {
+      fd = openSync(file, mode);
+      this.fds.set(key, fd);
+    }
+    return fd;
+  }
+
+  private drop(key: string): void {
+    const fd = this.fds.get(key);
+    if (fd !== undefined) tryClose(fd);
+    this.fds.delete(key);
+  }
+}
+
+function tryClose(fd: number): void {
+  try {
+    closeSync(fd);
+  } catch {
+    // closed already
+  }
+}
+
 class V1Cgroups implements Cgroups {
   readonly version = "v1";
   readonly hasCpu: boolean;
   private readonly hasMemsw: boolean;
   /** Released, empty cgroups by owner ("" for the worker's own user), the last released on top. */
   private readonly free = new Map<string, V1TaskCgroup[]>();
+  /** Every cgroup made and not discarded, for close(). */
+  private readonly live = new Set<V1TaskCgroup>();
   private made = 0;
 
   constructor(private readonly dirs: Map<V1Controller, string>) {
@@ -240,7 +335,13 @@ class V1Cgroups implements Cgroups {
         mkdirSync(dir);
         dirs.set(c, dir);
       }
-      const cgroup = new V1TaskCgroup(dirs, this.hasMemsw, (released) => this.pool(key, released));
+      const cgroup = new V1TaskCgroup(
+        dirs,
+        this.hasMemsw,
+        (released) => this.pool(key, released),
+        (discarded) => this.live.delete(discarded),
+      );
+      this.live.add(cgroup);
       cgroup.begin(limits, this.hasCpu ? limits.cpu : null);
       // Once per cgroup: it only ever goes to attempts of this owner.
       if (owner) for (const file of cgroup.procsFiles) chownSync(file, owner.uid, owner.gid);
@@ -258,6 +359,8 @@ class V1Cgroups implements Cgroups {
   }
 
   close(): void {
+    for (const cgroup of this.live) cgroup.closeFiles();
+    this.live.clear();
     this.free.clear();
     removeDirs([...this.dirs.values()]);
   }
@@ -275,11 +378,15 @@ class V1TaskCgroup implements TaskCgroup {
   /** Seen without a process in this attempt: none can join it since (only the owner's could, and all were in it). */
   private emptied = false;
   private held = false;
+  /** Counts the attempts given this cgroup: a kill-all of an earlier one stops at the next. */
+  private epoch = 0;
+  private readonly files = new KeptFiles();
 
   constructor(
     private readonly dirs: Map<V1Controller, string>,
     private readonly hasMemsw: boolean,
     private readonly toPool: (cgroup: V1TaskCgroup) => void,
+    private readonly onDiscard: (cgroup: V1TaskCgroup) => void,
   ) {
     this.procsFiles = [...dirs.values()].map((dir) => join(dir, "cgroup.procs"));
   }
@@ -327,9 +434,12 @@ class V1TaskCgroup implements TaskCgroup {
     this.final = null;
     this.emptied = false;
     this.held = true;
+    this.epoch++;
   }
 
   private pids(): number[] {
+    // Opened afresh each time: v1 keeps a cgroup.procs list per open file, which a re-read
+    // through the same file serves again, stale.
     return readWords(join(this.freezer, "cgroup.procs")).map(Number);
   }
 
@@ -347,9 +457,14 @@ class V1TaskCgroup implements TaskCgroup {
     // Everything listed now gets SIGKILL before anything is awaited: a worker exiting at once
     // may never come back from the await.
     this.signal("SIGKILL");
-    for (let round = 0; round < KILL_ROUNDS && this.populated(); round++) {
-      for (let i = 0; i < 200 && this.populated(); i++) await Bun.sleep(1);
-      if (this.populated()) this.freezeAndKill();
+    // Only this attempt's: released empty (the executor stops waiting after its drain), the
+    // cgroup may go to the next attempt, whose processes this must never reach. One discarded
+    // with processes in it is killed on, as long as the rounds last.
+    const epoch = this.epoch;
+    const mine = () => this.epoch === epoch;
+    for (let round = 0; round < KILL_ROUNDS && mine() && this.populated(); round++) {
+      for (let i = 0; i < 200 && mine() && this.populated(); i++) await Bun.sleep(1);
+      if (mine() && this.populated()) this.freezeAndKill();
     }
   }
 
@@ -370,12 +485,12 @@ class V1TaskCgroup implements TaskCgroup {
   }
 
   private counters(): V1Counters {
-    const oom = keyedNumbers(readText(join(this.memory, "memory.oom_control")));
+    const oom = keyedNumbers(this.files.text(join(this.memory, "memory.oom_control")));
     const out: V1Counters = { oomKills: oom.oom_kill ?? 0, cpuUser: null, cpuSystem: null, ns: true };
     const cpuacct = this.dirs.get("cpuacct");
     if (cpuacct !== undefined) {
-      const user = readNumber(join(cpuacct, "cpuacct.usage_user"));
-      const system = readNumber(join(cpuacct, "cpuacct.usage_sys"));
+      const user = this.files.number(join(cpuacct, "cpuacct.usage_user"));
+      const system = this.files.number(join(cpuacct, "cpuacct.usage_sys"));
       if (user !== null && system !== null) {
         out.cpuUser = user;
         out.cpuSystem = system;
@@ -399,7 +514,7 @@ class V1TaskCgroup implements TaskCgroup {
     const since = (a: number | null, b: number | null) => (a === null ? null : Math.max(0, a - (b ?? 0)));
     const toUs = (x: number | null) => (x === null ? null : now.ns ? Math.round(x / 1000) : x * 10_000);
     return {
-      peakMemoryBytes: readNumber(join(this.memory, "memory.max_usage_in_bytes")),
+      peakMemoryBytes: this.files.number(join(this.memory, "memory.max_usage_in_bytes")),
       oomKilled: now.oomKills > base.oomKills,
       cpuUserUs: toUs(since(now.cpuUser, base.cpuUser)),
       cpuSystemUs: toUs(since(now.cpuSystem, base.cpuSystem)),
@@ -415,7 +530,7 @@ class V1TaskCgroup implements TaskCgroup {
       this.discard();
       return;
     }
-    const charged = readNumber(join(this.memory, "memory.usage_in_bytes"));
+    const charged = this.files.number(join(this.memory, "memory.usage_in_bytes"));
     if (charged === null || charged > POOL_RESIDUE_BYTES) {
       this.discard();
       return;
@@ -423,14 +538,20 @@ class V1TaskCgroup implements TaskCgroup {
     this.base = this.final ?? this.counters();
     // The next attempt's peak starts from what is charged now (tryWrite: a failure shows in
     // the next peak, which is then the cgroup's, as high or higher).
-    tryWrite(join(this.memory, "memory.max_usage_in_bytes"), "0");
+    this.files.write(join(this.memory, "memory.max_usage_in_bytes"), "0");
     this.toPool(this);
   }
 
   /** Never handed out again: removed, or left where a process is still in it. */
   discard(): void {
     this.held = false;
+    this.closeFiles();
+    this.onDiscard(this);
     removeDirs([...this.dirs.values()]);
+  }
+
+  closeFiles(): void {
+    this.files.close();
   }
 }
 
@@ -626,11 +747,13 @@ function keyedNumbers(text: string): Record<string, number> {
   return out;
 }
 
-function tryWrite(file: string, text: string): void {
+function tryWrite(file: string, text: string): boolean {
   try {
     writeFileSync(file, text);
+    return true;
   } catch {
     // The caller checks the outcome (the cgroup's state or membership) itself.
+    return false;
   }
 }
 
