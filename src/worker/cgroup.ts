@@ -330,9 +330,12 @@ class V1Cgroups implements Cgroups {
     try {
       for (const [c, parent] of this.dirs) {
         const dir = join(parent, name);
-        // recursive: the worker's own directory comes back if another worker swept it while empty.
-        mkdirSync(parent, { recursive: true });
-        mkdirSync(dir);
+        // Controllers mounted together (cpu,cpuacct) share one directory.
+        if (![...dirs.values()].includes(dir)) {
+          // recursive: the worker's own directory comes back if another worker swept it while empty.
+          mkdirSync(parent, { recursive: true });
+          mkdirSync(dir);
+        }
         dirs.set(c, dir);
       }
       const cgroup = new V1TaskCgroup(
@@ -388,7 +391,7 @@ class V1TaskCgroup implements TaskCgroup {
     private readonly toPool: (cgroup: V1TaskCgroup) => void,
     private readonly onDiscard: (cgroup: V1TaskCgroup) => void,
   ) {
-    this.procsFiles = [...dirs.values()].map((dir) => join(dir, "cgroup.procs"));
+    this.procsFiles = [...new Set(dirs.values())].map((dir) => join(dir, "cgroup.procs"));
   }
 
   private get freezer(): string {

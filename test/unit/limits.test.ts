@@ -3,7 +3,9 @@
 // shells, and, as root with cgroups, that an attempt's cgroup limits it, is reused by the next
 // attempt only empty (its usage then the new attempt's own), and is discarded otherwise.
 import { afterAll, describe, expect, test } from "bun:test";
-import { existsSync, readFileSync, rmSync, statSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { detectCgroups, parseMembership, parseMounts, type TaskCgroup } from "../../src/worker/cgroup";
 import { execute } from "../../src/worker/executor";
 import { type Confinement, Limiter } from "../../src/worker/limits";
@@ -213,6 +215,39 @@ describe.skipIf(cgroups === null)("with cgroups", () => {
     expect(r.outcome).toBe("cancelled");
     expect(escapees.filter(isRunning)).toEqual([]);
     expect(members(cgroup)).toEqual([]);
+  });
+
+  test("controllers mounted together (cpu,cpuacct) share one directory, joined once", () => {
+    // This host's own mounts, but with cpu and cpuacct said to be one hierarchy at cpu's mount.
+    const real = readFileSync("/proc/self/mountinfo", "utf8").split("\n");
+    const cpuMount = real.find((line) => / - cgroup cgroup [^ ]*\bcpu\b/.test(line));
+    if (!cpuMount) return; // no cpu controller here: nothing mounted together to try
+    const fake = mkdtempSync(join(tmpdir(), "tq-comount-"));
+    try {
+      const mountinfo = real
+        .filter((line) => !/ - cgroup cgroup [^ ]*\bcpu(acct)?\b/.test(line))
+        .concat(cpuMount.replace(/ - cgroup cgroup (\S+)$/, " - cgroup cgroup rw,cpu,cpuacct"));
+      const cpuPath = readFileSync("/proc/self/cgroup", "utf8").match(/^\d+:cpu(?:,cpuacct)?:(.*)$/m)?.[1] ?? "/";
+      const membership = readFileSync("/proc/self/cgroup", "utf8")
+        .split("\n")
+        .filter((line) => !/^\d+:cpu(acct)?(,cpuacct)?:/.test(line))
+        .concat(`99:cpu,cpuacct:${cpuPath}`);
+      writeFileSync(join(fake, "mountinfo"), mountinfo.join("\n"));
+      writeFileSync(join(fake, "cgroup"), membership.join("\n"));
+      const detected = detectCgroups({ dirName: `taskqueue-${process.pid}-comount`, procSelf: fake });
+      if (!detected.ok) throw new Error(detected.why);
+      try {
+        const cgroup = detected.cgroups.acquire({ memoryMb: null, pids: null, cpu: 0.5 });
+        expect(new Set(cgroup.procsFiles).size).toBe(cgroup.procsFiles.length);
+        expect(cgroup.procsFiles.filter((f) => f.startsWith(cpuMount.split(" ")[4]!))).toHaveLength(1);
+        expect(cgroup.limits.cpu).toBe(0.5);
+        cgroup.release();
+      } finally {
+        detected.cgroups.close();
+      }
+    } finally {
+      rmSync(fake, { recursive: true, force: true });
+    }
   });
 
   test("closing removes the worker's directory with every cgroup in it", () => {
