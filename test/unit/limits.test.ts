@@ -175,6 +175,40 @@ describe.skipIf(cgroups === null)("with cgroups", () => {
     }
   });
 
+  test("a kill-all still running for one attempt never reaches the next attempt given the same cgroup", async () => {
+    const none = { memoryMb: null, pids: null, cpu: null };
+    const first = cgroups!.acquire(none);
+    const files = first.procsFiles;
+    const join = (pid: number) => {
+      for (const file of files) writeFileSync(file, String(pid));
+    };
+    const doomed = Bun.spawn(["sleep", "300"]);
+    join(doomed.pid);
+    const killing = first.killAll();
+    // Synchronously from here to the await, so the kill-all's polls cannot see the cgroup
+    // empty in between: the first attempt's process ends, the cgroup goes back to the pool
+    // and to the next attempt, whose process joins it.
+    while (members(first).length > 0) {
+      // spin: the SIGKILL is being delivered
+    }
+    first.release();
+    const second = cgroups!.acquire(none);
+    expect(second.procsFiles).toEqual(files);
+    const survivor = Bun.spawn(["sleep", "300"]);
+    try {
+      join(survivor.pid);
+      await killing;
+      expect(isRunning(survivor.pid)).toBe(true);
+      expect(members(second)).toEqual([survivor.pid]);
+    } finally {
+      survivor.kill("SIGKILL");
+      await survivor.exited;
+      await doomed.exited;
+    }
+    await eventually(() => members(second).length === 0 || null, { what: "the survivor gone" });
+    second.release();
+  });
+
   test("a cgroup its attempt left memory charged to (page cache) is discarded", async () => {
     const limiter = new Limiter(NO_MAXIMA, cgroups, "auto");
     const confinement = limiter.confine(null);
