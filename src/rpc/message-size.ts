@@ -15,6 +15,12 @@ export const GRPC_DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024;
  */
 export const RESULT_HEADROOM_BYTES = 64 * 1024;
 
+/**
+ * More than a TaskFinished and its WorkerMessage take besides their strings: tags, lengths,
+ * varints, two timestamps and the usage (a few hundred bytes at most).
+ */
+const FIXED_FIELDS_BOUND_BYTES = 1024;
+
 /** The channel or server options that set both limits to `maxBytes`. */
 export function grpcMessageLimits(maxBytes: number): Record<string, number> {
   return { "grpc.max_receive_message_length": maxBytes, "grpc.max_send_message_length": maxBytes };
@@ -33,6 +39,16 @@ export function finishedMessageBytes(finished: TaskFinished): number {
  * worker's own limit (it says so in Welcome), so the configuration check alone is not enough.
  */
 export function fitFinished(finished: TaskFinished, maxBytes: number): TaskFinished {
+  // Most results are far from the limit: a bound on their size spares encoding each one twice
+  // (here, then on the stream). A UTF-16 unit is at most 3 bytes of UTF-8.
+  const text =
+    finished.stdout.length +
+    finished.stderr.length +
+    finished.error.length +
+    finished.signal.length +
+    (finished.ref?.taskId.length ?? 0) +
+    (finished.usage?.limitsApplied.length ?? 0);
+  if (3 * text + FIXED_FIELDS_BOUND_BYTES <= maxBytes) return finished;
   let size = finishedMessageBytes(finished);
   if (size <= maxBytes) return finished;
   const fitted = clone(TaskFinishedSchema, finished);

@@ -295,7 +295,7 @@ export class Attempts {
     // the command, and a fresh spawn takes its place (reporting a spawn failure as it is).
     const armed = attempt.armed;
     attempt.armed = undefined;
-    const execution = armed?.release() ? armed : this.spawn(k, attempt, false, run?.traceparent);
+    const execution = armed?.release() ? armed : this.spawn(attempt, false, run?.traceparent);
     const streamer = execution === armed || execution === attempt.spawned ? attempt.streamer : undefined;
     attempt.execution = execution;
     if (execution === armed) {
@@ -370,8 +370,8 @@ export class Attempts {
       }
       this.toArm.shift();
       const before = performance.now();
-      attempt.confinement ??= this.confine(k, attempt);
-      attempt.armed = this.spawn(k, attempt, true);
+      attempt.confinement ??= this.confine(attempt);
+      attempt.armed = this.spawn(attempt, true);
       // What a spawn costs here now (a loaded host takes far longer): the margin follows it.
       this.spawnCostMs = 0.7 * this.spawnCostMs + 0.3 * (performance.now() - before);
       // The watchdog learns its process group now: a worker dying from here on leaves none behind.
@@ -386,7 +386,7 @@ export class Attempts {
    * attempts than slots (the coordinator should never send them): sharing a user would let two
    * tasks read each other's environment, so the extra one fails instead.
    */
-  private spawn(k: string, attempt: HeldAttempt, armed: boolean, runTraceparent?: string): Execution {
+  private spawn(attempt: HeldAttempt, armed: boolean, runTraceparent?: string): Execution {
     const { assign } = attempt;
     const ref = assign.ref!;
     if (this.options.identities && !attempt.identity)
@@ -414,7 +414,7 @@ export class Attempts {
       ...(streamer ? { onOutput: (stream, chunk) => streamer.push(stream, chunk) } : {}),
       baseEnv: this.options.baseEnv,
       user: attempt.identity,
-      confinement: this.takeConfinement(attempt) ?? this.confine(k, attempt),
+      confinement: this.takeConfinement(attempt) ?? this.confine(attempt),
       armed,
     });
     attempt.spawned = execution;
@@ -422,10 +422,9 @@ export class Attempts {
   }
 
   /** The attempt's limits as the limiter applies them (a cgroup of its own where it can). */
-  private confine(k: string, attempt: HeldAttempt): Confinement | undefined {
+  private confine(attempt: HeldAttempt): Confinement | undefined {
     const { assign, identity } = attempt;
     return this.options.limiter?.confine(
-      k,
       assign.limits ? limitsFromProto(assign.limits) : null,
       identity ? { uid: identity.uid, gid: identity.gid } : undefined,
     );

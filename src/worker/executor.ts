@@ -5,7 +5,7 @@
 import { readdirSync, readFileSync, statSync } from "node:fs";
 import type { AttemptUsage } from "../task/task";
 import { type CapturedOutput, NO_OUTPUT } from "../task/task";
-import { searchDenied, type TaskIdentity } from "./identity";
+import { searchDeniedRecently, type TaskIdentity } from "./identity";
 import { type Confinement, oomError } from "./limits";
 import { captureTail, type OutputSink } from "./output";
 
@@ -354,7 +354,7 @@ function plainUsage(rusage: ReturnType<Bun.Subprocess["resourceUsage"]>): Attemp
 function checkDirectory(cwd: string, user: TaskIdentity | undefined): string | null {
   try {
     if (!statSync(cwd).isDirectory()) return `cwd ${cwd} is not a directory`;
-    const denied = user ? searchDenied(cwd, user) : null;
+    const denied = user ? searchDeniedRecently(cwd, user) : null;
     return denied === null ? null : `cwd ${cwd} is not accessible to the task's user (uid ${user?.uid}): ${denied} denies it`;
   } catch (err) {
     const code = errorCode(err);

@@ -153,6 +153,27 @@ export function searchDenied(path: string, who: { uid: number; gid: number }): s
   return null;
 }
 
+/** How long a searchDenied answer is reused for the same folder and user. */
+const SEARCH_CACHE_MS = 1000;
+/** Entries past which the cache starts afresh (tasks with ever new cwds). */
+const SEARCH_CACHE_MAX = 256;
+const searchCache = new Map<string, { until: number; denied: string | null }>();
+
+/**
+ * searchDenied, its answer reused for a second: an attempt's cwd (most often its slot's home)
+ * is checked at every spawn, and walking the path is a realpath and a stat per folder. A
+ * folder that changes mode is seen within the second; one that is gone still fails its stat.
+ */
+export function searchDeniedRecently(path: string, who: { uid: number; gid: number }, now = performance.now()): string | null {
+  const key = `${who.uid}:${who.gid}:${path}`;
+  const cached = searchCache.get(key);
+  if (cached && cached.until > now) return cached.denied;
+  const denied = searchDenied(path, who);
+  if (searchCache.size >= SEARCH_CACHE_MAX) searchCache.clear();
+  searchCache.set(key, { until: now + SEARCH_CACHE_MS, denied });
+  return denied;
+}
+
 /** Whether `who` can read the file at `path` (mode bits, as searchDenied). */
 export function readableBy(path: string, who: { uid: number; gid: number }): boolean {
   try {

@@ -1,8 +1,8 @@
 // How a worker limits its attempts: each task's `limits` clamped to this worker's maxima
 // (a task cannot know which worker will run it, so a request above the maxima is clamped
 // here, never refused at submit, and the attempt records what applied), then enforced by a
-// cgroup per attempt where the worker may create them (src/worker/cgroup.ts), otherwise by
-// rlimits set in the spawned shell.
+// cgroup of the attempt's own while it runs (pooled: src/worker/cgroup.ts) where the worker may
+// create them, otherwise by rlimits set in the spawned shell.
 //
 // The process joins its cgroup itself, before it execs the task's command: the spawned
 // `sh` writes its own pid into each cgroup.procs and only then execs `sh -c <command>`, so
@@ -34,7 +34,7 @@ export interface Confinement {
   argv(command: string): string[];
   /** What the attempt used; reads the cgroup, so call before release(). */
   usage(rusage: ResourceUsageLike | undefined): AttemptUsage;
-  /** Removes the cgroup (its processes must be gone). */
+  /** Gives the cgroup back (its processes must be gone): kept for the next attempt if it is empty, else discarded. */
   release(): void;
 }
 
@@ -93,16 +93,15 @@ export class Limiter {
   }
 
   /**
-   * The confinement of one attempt (`name` is unique among the attempts this worker runs).
-   * `owner`: the user the task runs as, when not the worker's own, so that it may join its cgroup.
+   * The confinement of one attempt. `owner`: the user the task runs as, when not the worker's
+   * own, so that it may join its cgroup (a pooled cgroup only ever goes to one owner).
    */
-  confine(name: string, requested: TaskLimits | null, owner?: { uid: number; gid: number }): Confinement {
+  confine(requested: TaskLimits | null, owner?: { uid: number; gid: number }): Confinement {
     const wanted = this.effective(requested);
     if (this.mode === "none") return rlimitConfinement(NO_LIMITS, "none");
     if (this.mode === "auto" && this.cgroups) {
       try {
-        const cgroup = this.cgroups.create(
-          name,
+        const cgroup = this.cgroups.acquire(
           { memoryMb: wanted.memory_mb ?? null, pids: wanted.pids ?? null, cpu: wanted.cpu ?? null },
           owner,
         );
@@ -192,7 +191,7 @@ function cgroupConfinement(cgroup: TaskCgroup, applied: LimitsApplied, limits: E
         oomKilled: used.oomKilled,
       };
     },
-    release: () => cgroup.remove(),
+    release: () => cgroup.release(),
   };
 }
 

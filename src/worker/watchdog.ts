@@ -2,7 +2,8 @@
 // session and process group of its own, so that neither a signal to the worker's group (kill -9
 // -<pgid>, SIGSTOP) nor the worker's death reaches it, and feeds it over its stdin: the full
 // state (our id, credential, coordinator and every held attempt's process group and cgroup)
-// whenever it changes, and an empty line every `beatMs` otherwise. The watchdog takes the pipe's
+// when it changes (at once for a new process group, else at the end of the event loop's turn),
+// and an empty line every `beatMs` otherwise. The watchdog takes the pipe's
 // end for the worker's death and a silence of `silenceMs` for a freeze.
 import type { Subprocess } from "bun";
 import type { Logger } from "../log";
@@ -35,6 +36,11 @@ export function parseStateLine(line: string): WatchdogState | null {
   } catch {
     return null;
   }
+}
+
+/** The worker's own fields of a state, compared as one string. */
+function headOf(state: WatchdogState): string {
+  return `${state.worker_id}\n${state.credential}\n${state.address ?? ""}`;
 }
 
 /** What the watchdog process is started with (argv[2], JSON). */
@@ -79,6 +85,11 @@ export class Watchdog {
   private proc: Subprocess<"pipe", "inherit", "inherit"> | null = null;
   private timer: ReturnType<typeof setInterval> | null = null;
   private dirty = true;
+  /** The process groups and the worker fields of the last state sent: a change past them is sent at once. */
+  private sentPgids = new Set<number>();
+  private sentHead = "";
+  /** A send at the end of this turn of the event loop, for changes that may wait that long. */
+  private deferred: ReturnType<typeof setImmediate> | null = null;
 
   constructor(private readonly options: WatchdogOptions) {}
 
@@ -124,10 +135,33 @@ export class Watchdog {
     this.timer = setInterval(() => this.send(), this.options.beatMs);
   }
 
-  /** What the watchdog must know changed (an attempt taken, spawned or ended; a Welcome): it is told now. */
+  /**
+   * What the watchdog must know changed (an attempt taken, spawned or ended; a Welcome). A new
+   * process group, or a new id, credential or address, is sent now, before anything else can
+   * happen: a process the watchdog does not know of would outlive our death. Anything else (an
+   * attempt taken but not spawned, one ended) waits for the end of this turn of the event loop,
+   * so that the changes of a batch of assignments and results go out as one line: a death in
+   * between at worst leaves out an attempt that never ran (its lease lapses instead) or names
+   * one that has ended (its process group gone, its cgroup empty or another held attempt's).
+   */
   changed(): void {
     this.dirty = true;
-    if (this.proc) this.send();
+    if (!this.proc) return;
+    const state = this.options.state();
+    if (this.mustSendNow(state)) {
+      this.send(state);
+      return;
+    }
+    this.deferred ??= setImmediate(() => {
+      this.deferred = null;
+      if (this.dirty) this.send();
+    });
+  }
+
+  private mustSendNow(state: WatchdogState): boolean {
+    if (headOf(state) !== this.sentHead) return true;
+    for (const attempt of state.attempts) if (attempt.pgid !== null && !this.sentPgids.has(attempt.pgid)) return true;
+    return false;
   }
 
   /**
@@ -138,6 +172,8 @@ export class Watchdog {
   async stop(waitMs = 5000): Promise<void> {
     if (this.timer) clearInterval(this.timer);
     this.timer = null;
+    if (this.deferred) clearImmediate(this.deferred);
+    this.deferred = null;
     const proc = this.proc;
     if (!proc) return;
     this.dirty = true;
@@ -153,10 +189,16 @@ export class Watchdog {
     clearTimeout(timer);
   }
 
-  private send(): void {
+  private send(known?: WatchdogState): void {
     const proc = this.proc;
     if (!proc) return;
-    const line = this.dirty ? stateLine(this.options.state()) : "\n";
+    let line = "\n";
+    if (this.dirty) {
+      const state = known ?? this.options.state();
+      line = stateLine(state);
+      this.sentHead = headOf(state);
+      this.sentPgids = new Set(state.attempts.flatMap((a) => (a.pgid === null ? [] : [a.pgid])));
+    }
     this.dirty = false;
     try {
       proc.stdin.write(line);

@@ -17,6 +17,7 @@ import {
   prepareIdentities,
   readableBy,
   searchDenied,
+  searchDeniedRecently,
   type TaskIdentity,
 } from "../../src/worker/identity";
 
@@ -73,6 +74,21 @@ describe("what a slot user can reach", () => {
     chownSync(inner, 0, FIRST);
     expect(searchDenied(inner, who)).toBeNull();
     expect(searchDenied(inner, { uid: FIRST + 1, gid: FIRST + 1 })).toBe(inner);
+  });
+
+  asRoot("a recent answer is reused for a second, then the folder is looked at again", () => {
+    const top = join(dir, "recent");
+    const inner = join(top, "inner");
+    mkdirSync(inner, { recursive: true });
+    chmodSync(top, 0o711);
+    const who = { uid: FIRST, gid: FIRST };
+    const t0 = 1_000_000;
+    expect(searchDeniedRecently(inner, who, t0)).toBeNull();
+    chmodSync(top, 0o700);
+    expect(searchDeniedRecently(inner, who, t0 + 500)).toBeNull();
+    // Another user's answer is its own.
+    expect(searchDeniedRecently(inner, { uid: FIRST + 1, gid: FIRST + 1 }, t0 + 500)).toBe(top);
+    expect(searchDeniedRecently(inner, who, t0 + 1001)).toBe(top);
   });
 
   asRoot("a file is readable only with search on its folders and its read bit", () => {

@@ -20,6 +20,41 @@ test("a result that fits is sent as it is", () => {
   expect(fitFinished(small, 1024)).toBe(small);
 });
 
+test("a result is let through unmeasured only when even its largest encoding fits", () => {
+  // Every field at its widest: 3-byte characters, negative exit code, far timestamps, usage.
+  const wide = create(TaskFinishedSchema, {
+    ref: { taskId: "0190a5d0-ac96-774b-bcce-b302099a8050", attempt: 0xffffffff },
+    outcome: Outcome.TIMED_OUT,
+    exitCode: -2147483648,
+    signal: "SIGKILL",
+    stdout: "€".repeat(3000),
+    stderr: "€".repeat(1000),
+    error: "€".repeat(500),
+    stdoutTruncated: true,
+    stderrTruncated: true,
+    stdoutReplaced: true,
+    stderrReplaced: true,
+    interrupted: true,
+    startedAt: { seconds: 253402300799n, nanos: 999999999 },
+    finishedAt: { seconds: 253402300799n, nanos: 999999999 },
+    usage: {
+      limitsApplied: "cgroup-v1",
+      limits: { memoryMb: 0xffffffff, pids: 0xffffffff, nofile: 0xffffffff, cpu: 1.5 },
+      cpuUserUs: 0xffffffffffffffffn,
+      cpuSystemUs: 0xffffffffffffffffn,
+      peakMemoryBytes: 0xffffffffffffffffn,
+      oomKilled: true,
+    },
+  });
+  const size = finishedMessageBytes(wide);
+  // Just above its size the result still fits and comes back as it is, measured or not.
+  expect(fitFinished(wide, size)).toBe(wide);
+  // A byte less and it is cut: the unmeasured bound never lets through what does not fit.
+  const fitted = fitFinished(wide, size - 1);
+  expect(fitted).not.toBe(wide);
+  expect(finishedMessageBytes(fitted)).toBeLessThanOrEqual(size - 1);
+});
+
 test("a result over the limit loses the head of its larger stream first, and says it was cut", () => {
   const big = result(`${"a".repeat(5000)}END`, "e".repeat(100));
   const fitted = fitFinished(big, 2000);
