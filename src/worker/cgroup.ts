@@ -185,8 +185,9 @@ const FREEZE_WAIT_MS = 50;
 
 /**
  * Memory a released v1 cgroup may still have charged and go back to the pool: the kernel's
- * per-CPU charge batches and the slab an exited `sh` leaves (a few hundred KB). One whose
- * task left more (page cache, tmpfs files) is discarded instead, so that the next attempt's
+ * per-CPU charge batches and the slab an exited `sh` leaves (a few hundred KB). Page cache an
+ * attempt left is reclaimed first (memory.force_empty); one still holding more (tmpfs files)
+ * is discarded instead, so that the next attempt's
  * peak and limit are not another's leftovers (rmdir hands the charges to the parent, as it
  * did when every attempt had a cgroup of its own).
  */
@@ -533,7 +534,14 @@ class V1TaskCgroup implements TaskCgroup {
       this.discard();
       return;
     }
-    const charged = this.files.number(join(this.memory, "memory.usage_in_bytes"));
+    const usage = join(this.memory, "memory.usage_in_bytes");
+    let charged = this.files.number(usage);
+    if (charged !== null && charged > POOL_RESIDUE_BYTES) {
+      // Mostly page cache the attempt read or wrote: force_empty reclaims what can be (an
+      // empty cgroup only, which this one is), and what cannot (tmpfs files) still discards it.
+      tryWrite(join(this.memory, "memory.force_empty"), "0");
+      charged = this.files.number(usage);
+    }
     if (charged === null || charged > POOL_RESIDUE_BYTES) {
       this.discard();
       return;

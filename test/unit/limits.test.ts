@@ -209,19 +209,26 @@ describe.skipIf(cgroups === null)("with cgroups", () => {
     second.release();
   });
 
-  test("a cgroup its attempt left memory charged to (page cache) is discarded", async () => {
+  test("page cache an attempt left is reclaimed and its cgroup reused; memory that cannot be (tmpfs) discards it", async () => {
     const limiter = new Limiter(NO_MAXIMA, cgroups, "auto");
     const confinement = limiter.confine(null);
     const files = confinement.cgroup!.procsFiles;
-    const scratch = `/tmp/tq-limits-${Bun.randomUUIDv7()}`;
+    const onDisk = `/tmp/tq-limits-${Bun.randomUUIDv7()}`;
+    const inMemory = `/dev/shm/tq-limits-${Bun.randomUUIDv7()}`;
     try {
-      const r = await runIn(confinement, `head -c 8M /dev/urandom > '${scratch}'`);
+      const r = await runIn(confinement, `head -c 8M /dev/urandom > '${onDisk}'`);
       expect(r.exitCode).toBe(0);
       const next = limiter.confine(null);
-      expect(next.cgroup!.procsFiles).not.toEqual(files);
-      next.release();
+      expect(next.cgroup!.procsFiles).toEqual(files);
+      // A file on tmpfs stays charged to the cgroup whatever is reclaimed.
+      const held = await runIn(next, `head -c 8M /dev/urandom > '${inMemory}'`);
+      expect(held.exitCode).toBe(0);
+      const after = limiter.confine(null);
+      expect(after.cgroup!.procsFiles).not.toEqual(files);
+      after.release();
     } finally {
-      rmSync(scratch, { force: true });
+      rmSync(onDisk, { force: true });
+      rmSync(inMemory, { force: true });
     }
   });
 
