@@ -18,6 +18,7 @@ import {
   WorkerService,
 } from "../../src/gen/taskqueue/v1/worker_service_pb";
 import { silentLogger } from "../../src/log";
+import { unbatch } from "../../src/rpc/batch";
 import { clientConstructor, serverDefinition } from "../../src/rpc/definitions";
 import { FEATURES, OLDEST_SERVED_PROTOCOL, PROTOCOL_VERSION } from "../../src/rpc/protocol";
 import { Worker } from "../../src/worker/worker";
@@ -52,11 +53,11 @@ afterAll(async () => {
   await coordinator?.stop();
 }, HOOK_TIMEOUT_MS);
 
-function submitIn(ms: number): Promise<SubmitTaskResponse> {
+function submitIn(ms: number, queue = ""): Promise<SubmitTaskResponse> {
   const scheduledAt = timestampFromDate(new Date(Date.now() + ms));
   return new Promise((resolve, reject) =>
     tasks.submitTask!(
-      { command: "true", scheduledAt },
+      { command: "true", scheduledAt, queue },
       new grpc.Metadata(),
       (error: grpc.ServiceError | null, r: SubmitTaskResponse) => (error ? reject(error) : resolve(r)),
     ),
@@ -68,19 +69,24 @@ function openWorker() {
   const client = new WorkerClient(address, grpc.credentials.createInsecure(), { "grpc.use_local_subchannel_pool": 1 });
   const stream = (client as unknown as { connect(): grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage> }).connect();
   const inbox: CoordinatorMessage[] = [];
+  /** Every message as it came off the wire, batches whole. */
+  const frames: CoordinatorMessage[] = [];
   let waiting: ((m: CoordinatorMessage) => void) | null = null;
   const closed = new Promise<grpc.ServiceError | null>((resolve) => {
     stream.on("error", (error: grpc.ServiceError) => resolve(error));
     stream.on("end", () => resolve(null));
   });
-  stream.on("data", (message: CoordinatorMessage) => {
-    // Lease confirmations (lease_confirm) come with every renewal; these tests are about the rest.
-    if (message.payload.case === "lease") return;
-    if (waiting) {
-      const w = waiting;
-      waiting = null;
-      w(message);
-    } else inbox.push(message);
+  stream.on("data", (frame: CoordinatorMessage) => {
+    frames.push(frame);
+    for (const message of unbatch(frame)) {
+      // Lease confirmations (lease_confirm) come with every renewal; these tests are about the rest.
+      if (message.payload.case === "lease") continue;
+      if (waiting) {
+        const w = waiting;
+        waiting = null;
+        w(message);
+      } else inbox.push(message);
+    }
   });
   const send = (payload: MessageInitShape<typeof WorkerMessageSchema>["payload"]) =>
     stream.write(create(WorkerMessageSchema, { payload }));
@@ -90,6 +96,7 @@ function openWorker() {
   void closed.then(() => clearInterval(heartbeats));
   return {
     send,
+    frames,
     next: (): Promise<CoordinatorMessage> =>
       inbox.length > 0 ? Promise.resolve(inbox.shift()!) : new Promise((resolve) => (waiting = resolve)),
     closed,
@@ -179,6 +186,113 @@ describe("protocol agreement at Hello", () => {
     expect(error?.code).toBe(grpc.status.FAILED_PRECONDITION);
     expect(error?.details).toContain(`worker protocol ${tooNew}`);
     expect(error?.details).toContain(`protocols ${OLDEST_SERVED_PROTOCOL} to ${PROTOCOL_VERSION}`);
+    worker.close();
+  });
+});
+
+describe("batches on the worker stream (feature batch)", () => {
+  const SLOTS = 4;
+  /** SLOTS tasks queued on a queue of their own before any worker serves it: one dispatch pass claims them all. */
+  async function queued(queue: string): Promise<string[]> {
+    const ids: string[] = [];
+    for (let i = 0; i < SLOTS; i++) ids.push((await submitIn(-1, queue)).task!.id);
+    return ids;
+  }
+  const hello = (queue: string, features: string[]) =>
+    ({
+      case: "hello",
+      value: {
+        workerId: `${queue}-${Bun.randomUUIDv7()}`,
+        slots: SLOTS,
+        protocolVersion: PROTOCOL_VERSION,
+        minProtocolVersion: OLDEST_SERVED_PROTOCOL,
+        features,
+        queues: [queue],
+      },
+    }) as const;
+  async function assigned(worker: ReturnType<typeof openWorker>) {
+    const welcome = await worker.next();
+    expect(welcome.payload.case).toBe("welcome");
+    const refs = [];
+    while (refs.length < SLOTS) {
+      const message = await worker.next();
+      if (message.payload.case === "assign") refs.push(message.payload.value.ref!);
+    }
+    return { welcome, refs };
+  }
+  const framesWith = (worker: ReturnType<typeof openWorker>, kind: string) =>
+    worker.frames.filter((frame) => unbatch(frame).some((m) => m.payload.case === kind));
+
+  test("a worker that names it gets a pass's Assigns in one batch, and its reports sent in one batch are acknowledged in one", async () => {
+    const queue = `batched-${Bun.randomUUIDv7()}`;
+    const ids = await queued(queue);
+    const worker = openWorker();
+    worker.send(hello(queue, ["batch"]));
+    const { welcome, refs } = await assigned(worker);
+    expect(welcome.payload.case === "welcome" && welcome.payload.value.features).toEqual(["batch"]);
+    expect(refs.map((r) => r.taskId).sort()).toEqual([...ids].sort());
+    const assigns = framesWith(worker, "assign");
+    expect(assigns).toHaveLength(1);
+    expect(assigns[0]!.payload.case).toBe("batch");
+    // Every Started and Finished in one message, in order (a start before its finish).
+    const now = timestampFromDate(new Date());
+    worker.send({
+      case: "batch",
+      value: {
+        messages: [
+          ...refs.map((ref) => ({ payload: { case: "started" as const, value: { ref, pid: 1, startedAt: now } } })),
+          ...refs.map((ref) => ({
+            payload: {
+              case: "finished" as const,
+              value: { ref, outcome: Outcome.EXITED, exitCode: 0, startedAt: now, finishedAt: now },
+            },
+          })),
+        ],
+      },
+    });
+    const acked: string[] = [];
+    while (acked.length < SLOTS) {
+      const message = await worker.next();
+      if (message.payload.case === "ack") acked.push(message.payload.value.ref!.taskId);
+    }
+    expect(acked.sort()).toEqual([...ids].sort());
+    // The results were recorded in one statement, so their Acks went out in one turn: one message.
+    expect(framesWith(worker, "ack")).toHaveLength(1);
+    const rows = await db.sql<{ state: string; started_at: Date | null }[]>`
+      SELECT state, started_at FROM tasks WHERE id = ANY(${ids}::uuid[])`;
+    expect(rows.map((r) => r.state)).toEqual(Array(SLOTS).fill("succeeded"));
+    worker.close();
+    await worker.closed;
+  });
+
+  test("a worker that does not name it gets every message alone", async () => {
+    const queue = `single-${Bun.randomUUIDv7()}`;
+    const ids = await queued(queue);
+    const worker = openWorker();
+    worker.send(hello(queue, ["start_in_ms"]));
+    const { refs } = await assigned(worker);
+    expect(refs.map((r) => r.taskId).sort()).toEqual([...ids].sort());
+    expect(worker.frames.some((frame) => frame.payload.case === "batch")).toBe(false);
+    expect(framesWith(worker, "assign")).toHaveLength(SLOTS);
+    for (const ref of refs) {
+      const now = timestampFromDate(new Date());
+      worker.send({ case: "finished", value: { ref, outcome: Outcome.EXITED, exitCode: 0, startedAt: now, finishedAt: now } });
+    }
+    let acks = 0;
+    while (acks < SLOTS) if ((await worker.next()).payload.case === "ack") acks++;
+    expect(worker.frames.some((frame) => frame.payload.case === "batch")).toBe(false);
+    worker.close();
+    await worker.closed;
+  });
+
+  test("a batch inside a batch is refused with INVALID_ARGUMENT", async () => {
+    const worker = openWorker();
+    worker.send(hello(`nested-${Bun.randomUUIDv7()}`, ["batch"]));
+    expect((await worker.next()).payload.case).toBe("welcome");
+    worker.send({ case: "batch", value: { messages: [{ payload: { case: "batch", value: { messages: [] } } }] } });
+    const error = await worker.closed;
+    expect(error?.code).toBe(grpc.status.INVALID_ARGUMENT);
+    expect(error?.details).toContain("a batch must not hold a batch");
     worker.close();
   });
 });
