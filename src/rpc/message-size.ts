@@ -33,6 +33,8 @@ export function finishedMessageBytes(finished: TaskFinished): number {
  * worker's own limit (it says so in Welcome), so the configuration check alone is not enough.
  */
 export function fitFinished(finished: TaskFinished, maxBytes: number): TaskFinished {
+  // Most results are far below the limit: known to fit without encoding them once more.
+  if (finishedBytesAtMost(finished) <= maxBytes) return finished;
   let size = finishedMessageBytes(finished);
   if (size <= maxBytes) return finished;
   const fitted = clone(TaskFinishedSchema, finished);
@@ -52,6 +54,23 @@ export function fitFinished(finished: TaskFinished, maxBytes: number): TaskFinis
     }
   }
   return fitted;
+}
+
+/**
+ * A bound on finishedMessageBytes that reads only string lengths: a UTF-16 code unit is at most
+ * 3 bytes of UTF-8, and the rest (numbers, times, flags, every tag and length prefix) is far
+ * less than FIXED_BYTES.
+ */
+function finishedBytesAtMost(finished: TaskFinished): number {
+  const FIXED_BYTES = 1024;
+  const text =
+    finished.stdout.length +
+    finished.stderr.length +
+    finished.error.length +
+    finished.signal.length +
+    (finished.ref?.taskId.length ?? 0) +
+    (finished.usage?.limitsApplied.length ?? 0);
+  return 3 * text + FIXED_BYTES;
 }
 
 function largerFirst(finished: TaskFinished): ("stdout" | "stderr")[] {
