@@ -289,15 +289,14 @@ export class Worker {
         { event: "worker.draining", running: this.attempts.size, graceMs: grace },
         "draining: waiting for running tasks",
       );
-      const timeout = Bun.sleep(grace).then(() => "timeout" as const);
-      if ((await Promise.race([this.attempts.empty(), timeout])) === "timeout") {
+      if ((await within(this.attempts.empty(), grace)) === "timeout") {
         this.options.log.warn({ running: this.attempts.size }, "drain grace over: handing running tasks back");
         this.attempts.abandonAll("the worker is draining", "interrupted");
         await this.attempts.empty();
       }
     }
     // Give the coordinator a moment to acknowledge the last results.
-    if (this.reporter.pending > 0 && this.welcomed) await Promise.race([this.reporter.allAcknowledged(), Bun.sleep(2000)]);
+    if (this.reporter.pending > 0 && this.welcomed) await within(this.reporter.allAcknowledged(), 2000);
     this.closed = true;
     this.clearTimers();
     this.batcher?.flush();
@@ -729,6 +728,17 @@ export class Worker {
     this.heartbeatTimer = null;
     this.reconnectTimer = null;
     this.tickTimer = null;
+  }
+}
+
+/** Waits for `done` at most `ms`; the timer is cleared either way, so that a stopped worker leaves none behind. */
+async function within(done: Promise<void>, ms: number): Promise<"done" | "timeout"> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<"timeout">((resolve) => (timer = setTimeout(() => resolve("timeout"), ms)));
+  try {
+    return await Promise.race([done.then(() => "done" as const), timeout]);
+  } finally {
+    clearTimeout(timer);
   }
 }
 

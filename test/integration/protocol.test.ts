@@ -12,6 +12,7 @@ import { Coordinator } from "../../src/coordinator/coordinator";
 import { type SubmitTaskResponse, TaskService } from "../../src/gen/taskqueue/v1/task_service_pb";
 import {
   type CoordinatorMessage,
+  CoordinatorMessageSchema,
   Outcome,
   type WorkerMessage,
   WorkerMessageSchema,
@@ -20,7 +21,8 @@ import {
 import { silentLogger } from "../../src/log";
 import { unbatch } from "../../src/rpc/batch";
 import { clientConstructor, serverDefinition } from "../../src/rpc/definitions";
-import { FEATURES, OLDEST_SERVED_PROTOCOL, PROTOCOL_VERSION } from "../../src/rpc/protocol";
+import { ackMessage, welcomeMessage } from "../../src/rpc/messages";
+import { FEATURES, type Feature, OLDEST_SERVED_PROTOCOL, PROTOCOL_VERSION } from "../../src/rpc/protocol";
 import { Worker } from "../../src/worker/worker";
 import { freePort, HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 
@@ -198,18 +200,17 @@ describe("batches on the worker stream (feature batch)", () => {
     for (let i = 0; i < SLOTS; i++) ids.push((await submitIn(-1, queue)).task!.id);
     return ids;
   }
-  const hello = (queue: string, features: string[]) =>
-    ({
-      case: "hello",
-      value: {
-        workerId: `${queue}-${Bun.randomUUIDv7()}`,
-        slots: SLOTS,
-        protocolVersion: PROTOCOL_VERSION,
-        minProtocolVersion: OLDEST_SERVED_PROTOCOL,
-        features,
-        queues: [queue],
-      },
-    }) as const;
+  const hello = (queue: string, features: string[]): MessageInitShape<typeof WorkerMessageSchema>["payload"] => ({
+    case: "hello",
+    value: {
+      workerId: `${queue}-${Bun.randomUUIDv7()}`,
+      slots: SLOTS,
+      protocolVersion: PROTOCOL_VERSION,
+      minProtocolVersion: OLDEST_SERVED_PROTOCOL,
+      features,
+      queues: [queue],
+    },
+  });
   async function assigned(worker: ReturnType<typeof openWorker>) {
     const welcome = await worker.next();
     expect(welcome.payload.case).toBe("welcome");
@@ -294,6 +295,114 @@ describe("batches on the worker stream (feature batch)", () => {
     expect(error?.code).toBe(grpc.status.INVALID_ARGUMENT);
     expect(error?.details).toContain("a batch must not hold a batch");
     worker.close();
+  });
+});
+
+describe("a worker of this build and the batch feature", () => {
+  /**
+   * A coordinator played by the test: its Welcome names `features`; it assigns `count` tasks at
+   * once (in one batch when it names batch) and acknowledges every result. Resolves with every
+   * message the worker wrote, batches whole, once all results are in.
+   */
+  async function against(features: string[], count: number): Promise<WorkerMessage[]> {
+    const frames: WorkerMessage[] = [];
+    let done: () => void = () => {};
+    const finished = new Promise<void>((resolve) => (done = resolve));
+    const server = new grpc.Server();
+    server.addService(serverDefinition(WorkerService), {
+      connect(call: grpc.ServerDuplexStream<WorkerMessage, CoordinatorMessage>) {
+        let results = 0;
+        call.on("data", (frame: WorkerMessage) => {
+          frames.push(frame);
+          for (const message of unbatch(frame)) {
+            const payload = message.payload;
+            if (payload.case === "hello") {
+              call.write(
+                welcomeMessage(
+                  {
+                    workerId: payload.value.workerId,
+                    coordinatorId: "played-by-the-test",
+                    heartbeatIntervalMs: 5000,
+                    heartbeatTimeoutMs: 15_000,
+                    resumeToken: "resume",
+                  },
+                  { protocolVersion: PROTOCOL_VERSION, features: new Set(features as Feature[]) },
+                ),
+              );
+              const assigns = Array.from({ length: count }, (_, i) =>
+                create(CoordinatorMessageSchema, {
+                  payload: {
+                    case: "assign",
+                    value: {
+                      ref: { taskId: `019ac6f2-5d8e-7c3a-9b1e-4f0a2d6c8e1${i}`, attempt: 1 },
+                      command: "true",
+                      leaseMs: 30_000,
+                    },
+                  },
+                }),
+              );
+              if (features.includes("batch"))
+                call.write(create(CoordinatorMessageSchema, { payload: { case: "batch", value: { messages: assigns } } }));
+              else for (const assign of assigns) call.write(assign);
+            }
+            if (payload.case === "finished") {
+              call.write(ackMessage(payload.value.ref!, false));
+              if (++results === count) done();
+            }
+          }
+        });
+        call.on("error", () => {});
+      },
+    });
+    const port = await new Promise<number>((resolve, reject) =>
+      server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (error, p) =>
+        error ? reject(error) : resolve(p),
+      ),
+    );
+    const worker = new Worker({
+      name: "batching",
+      slots: count,
+      addresses: [`127.0.0.1:${port}`],
+      log: silentLogger,
+      // Long intervals: a loaded machine's event-loop gap must not count as a stall (which
+      // would hold the assignments for a lease confirmation this coordinator never sends).
+      heartbeatIntervalMs: 5000,
+      heartbeatTimeoutMs: 15_000,
+      killGraceMs: 100,
+      drainGraceMs: 1000,
+      maxOutputBytes: 1024,
+      baseEnv: { PATH: process.env.PATH },
+    });
+    try {
+      worker.start();
+      await finished;
+      await worker.stop();
+    } finally {
+      server.forceShutdown();
+    }
+    return frames;
+  }
+
+  const reports = (frames: WorkerMessage[], kind: string) =>
+    frames.flatMap((frame) => unbatch(frame)).filter((m) => m.payload.case === kind);
+
+  test("to a coordinator whose Welcome names it, the Started reports of one turn go in one batch", async () => {
+    const frames = await against(["batch"], 4);
+    expect(reports(frames, "started")).toHaveLength(4);
+    expect(reports(frames, "finished")).toHaveLength(4);
+    // The four assignments came in one message and were started in one turn.
+    const startedFrames = frames.filter((frame) => unbatch(frame).some((m) => m.payload.case === "started"));
+    expect(startedFrames).toHaveLength(1);
+    expect(unbatch(startedFrames[0]!).filter((m) => m.payload.case === "started")).toHaveLength(4);
+    // Hello always goes alone, first.
+    expect(frames[0]!.payload.case).toBe("hello");
+  });
+
+  test("to a coordinator whose Welcome does not name it (an older build), every message goes alone", async () => {
+    const frames = await against([], 4);
+    expect(reports(frames, "started")).toHaveLength(4);
+    expect(reports(frames, "finished")).toHaveLength(4);
+    expect(frames.filter((frame) => frame.payload.case === "batch")).toEqual([]);
   });
 });
 
