@@ -22,7 +22,7 @@ import {
   type WorkerMessage,
 } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
-import { StreamBatcher, unbatch } from "../rpc/batch";
+import { BATCH_MAX_BYTES, StreamBatcher, unbatch } from "../rpc/batch";
 import { attemptRefFromProto } from "../rpc/convert";
 import { MalformedMessage } from "../rpc/definitions";
 import { GRPC_DEFAULT_MAX_MESSAGE_BYTES } from "../rpc/message-size";
@@ -264,9 +264,16 @@ export class WorkerSessions {
     const writable = () => !call.destroyed && !call.writableEnded;
     // A worker that reads batches gets what one turn wrote to it as one message (src/rpc/batch.ts).
     const batcher = agreement.features.has("batch")
-      ? new StreamBatcher(CoordinatorMessageSchema, (encoded) => {
-          if (writable()) call.write(encoded);
-        })
+      ? new StreamBatcher(
+          CoordinatorMessageSchema,
+          (encoded) => {
+            if (writable()) call.write(encoded);
+          },
+          BATCH_MAX_BYTES,
+          // Our messages to a worker come from one synchronous loop each (a dispatch pass, the
+          // Acks of a commit): no need to wait for the turn's end before an Assign leaves.
+          "microtask",
+        )
       : null;
     if (batcher) this.batchers.set(call, batcher);
     return this.options.registry.open(join, {

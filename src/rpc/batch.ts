@@ -2,9 +2,12 @@
 // side writes to the other within one turn of its event loop (the Assigns of a dispatch pass,
 // the Acks of a group commit, the Started and Finished reports ready at once) goes out as one
 // WorkerBatch or CoordinatorBatch, so that the stream costs one gRPC frame, one socket write
-// and one decode per batch rather than per message. The batch is written at the end of the
-// turn (setImmediate), never after a timer: batching adds no delay a peer could see beyond the
-// rest of the turn's own work.
+// and one decode per batch rather than per message. The batch is written within the turn, never
+// after a timer: batching adds no delay a peer could see beyond the rest of the turn's own work.
+// Where a side's messages come from one synchronous loop (a coordinator's dispatch pass, its Acks
+// after a commit) the end of that loop's microtasks is enough ("microtask"); a worker's reports
+// come from the separate callbacks of processes that exited in the same turn, which only the
+// turn's end gathers ("turn", setImmediate).
 //
 // Each message is encoded once, as it is queued, and the batch is put together from those bytes
 // (a batch's encoding is its messages' encodings, each behind a tag and a length), so that a
@@ -37,11 +40,14 @@ export class StreamBatcher<Desc extends DescMessage> {
   /**
    * `write` puts encoded bytes on the stream (a single message's, or a batch's); it must drop
    * them once the stream has ended. `maxBytes` bounds a batch (defaults to BATCH_MAX_BYTES).
+   * `until` says when a batch is written: once the current microtasks are done, or at the end
+   * of the event-loop turn (the default).
    */
   constructor(
     private readonly schema: Desc,
     private readonly write: (encoded: Uint8Array) => void,
     private readonly maxBytes = BATCH_MAX_BYTES,
+    private readonly until: "microtask" | "turn" = "turn",
   ) {}
 
   /** Queues a message for the end of this turn; messages keep the order they were pushed in. */
@@ -52,7 +58,8 @@ export class StreamBatcher<Desc extends DescMessage> {
     this.bytes += encoded.length + FRAMING_BYTES;
     if (!this.scheduled) {
       this.scheduled = true;
-      setImmediate(this.scheduledFlush);
+      if (this.until === "microtask") queueMicrotask(this.scheduledFlush);
+      else setImmediate(this.scheduledFlush);
     }
   }
 

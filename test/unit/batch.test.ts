@@ -79,3 +79,14 @@ test("a worker's batch carries its reports with their payloads intact", async ()
   expect(written).toHaveLength(1);
   expect(unbatch(fromBinary(WorkerMessageSchema, written[0]!))).toEqual(sent);
 });
+
+test("with until microtask, a batch goes once the current microtasks are done, before the turn ends", async () => {
+  const written: Uint8Array[] = [];
+  const batcher = new StreamBatcher(CoordinatorMessageSchema, (bytes) => written.push(bytes), undefined, "microtask");
+  batcher.push(ackMessage(ref(1), false));
+  batcher.push(ackMessage(ref(2), false));
+  expect(written).toHaveLength(0);
+  await Promise.resolve();
+  expect(written).toHaveLength(1);
+  expect(unbatch(fromBinary(CoordinatorMessageSchema, written[0]!))).toHaveLength(2);
+});
