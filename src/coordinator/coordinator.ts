@@ -198,8 +198,11 @@ export class Coordinator {
     };
     this.app = createApp(deps);
     this.grpcServer = new grpc.Server({
-      // Our keepalive pings find a frozen or cut-off worker even when it sends nothing.
-      "grpc.keepalive_time_ms": config.TQ_HEARTBEAT_INTERVAL_MS,
+      // Our keepalive pings close the connection of a peer gone without a word. Whether a
+      // worker is alive is its heartbeats' to say (silent for the timeout: its stream is ended,
+      // WorkerSessions.onSilent), so a ping every timeout is enough, not every interval: a ping
+      // costs a timer and a frame per worker, on top of the worker's own pings and heartbeats.
+      "grpc.keepalive_time_ms": config.TQ_HEARTBEAT_TIMEOUT_MS,
       "grpc.keepalive_timeout_ms": config.TQ_HEARTBEAT_TIMEOUT_MS,
       "grpc.keepalive_permit_without_calls": 1,
       // Workers ping every heartbeat interval; allow it (the default would answer GOAWAY).

@@ -15,8 +15,14 @@ import type { Sql } from "../db/sql";
 import { renewLeases, requeueWorkerTasks } from "../db/transitions";
 import { insertCredential, useCredential } from "../db/worker-credentials";
 import { markWorkerGone, setWorkerDraining, upsertWorker } from "../db/workers";
-import type { CoordinatorMessage, Hello, WorkerMessage } from "../gen/taskqueue/v1/worker_service_pb";
+import {
+  type CoordinatorMessage,
+  CoordinatorMessageSchema,
+  type Hello,
+  type WorkerMessage,
+} from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
+import { BATCH_MAX_BYTES, StreamBatcher, unbatch } from "../rpc/batch";
 import { attemptRefFromProto } from "../rpc/convert";
 import { MalformedMessage } from "../rpc/definitions";
 import { GRPC_DEFAULT_MAX_MESSAGE_BYTES } from "../rpc/message-size";
@@ -29,7 +35,8 @@ import type { Dispatcher } from "./dispatcher";
 import type { LogWriter } from "./log-writer";
 import type { WorkerConnection, WorkerRegistry } from "./registry";
 
-export type WorkerStream = grpc.ServerDuplexStream<WorkerMessage, CoordinatorMessage>;
+/** Written with messages, or with the bytes of a batch (src/rpc/batch.ts). */
+export type WorkerStream = grpc.ServerDuplexStream<WorkerMessage, CoordinatorMessage | Uint8Array>;
 
 export interface WorkerSessionsOptions {
   sql: Sql;
@@ -79,6 +86,8 @@ export class WorkerSessions {
   private readonly streams = new Set<WorkerStream>();
   private readonly ending = new Set<Promise<void>>();
   private readonly calls = new WeakMap<WorkerConnection, WorkerStream>();
+  /** The batcher of each stream whose worker reads batches (feature batch). */
+  private readonly batchers = new WeakMap<WorkerStream, StreamBatcher<typeof CoordinatorMessageSchema>>();
   private closed = false;
 
   constructor(private readonly options: WorkerSessionsOptions) {}
@@ -154,11 +163,19 @@ export class WorkerSessions {
         );
         return;
       }
-      const registry = this.options.registry;
       // Back from a silence that kept work away from it: look for work for it.
-      if (registry.heard(session)) this.options.dispatcher.wake();
+      if (this.options.registry.heard(session)) this.options.dispatcher.wake();
+      // A batch's messages are handled one by one, in order, as if each had come alone.
+      for (const inner of unbatch(message)) {
+        if (ended) return;
+        if (inner.payload.case === "batch") return fail(grpc.status.INVALID_ARGUMENT, "a batch must not hold a batch");
+        report(session, inner.payload);
+      }
+    });
+    const report = (session: WorkerConnection, payload: WorkerMessage["payload"]) => {
       switch (payload.case) {
         case "heartbeat": {
+          const registry = this.options.registry;
           const wasFull = session.full;
           registry.heartbeat(session, payload.value.running, payload.value.full, payload.value.seq);
           // No longer full: its free slots count again.
@@ -176,8 +193,7 @@ export class WorkerSessions {
           const ref = payload.value.ref;
           const written = ref ? this.options.logs?.whenWritten(ref.taskId, ref.attempt) : null;
           if (!written) return this.options.completer.finished(session, payload.value);
-          const worker = session;
-          void written.then(() => this.options.completer.finished(worker, payload.value));
+          void written.then(() => this.options.completer.finished(session, payload.value));
           return;
         }
         case "output":
@@ -187,7 +203,7 @@ export class WorkerSessions {
         default:
           return;
       }
-    });
+    };
     call.on("end", () => {
       end("stream ended");
       call.end();
@@ -227,7 +243,10 @@ export class WorkerSessions {
   async stop(): Promise<void> {
     this.closed = true;
     for (const worker of this.options.registry.all()) worker.close("coordinator shutting down");
-    for (const call of this.streams) call.end();
+    for (const call of this.streams) {
+      this.batchers.get(call)?.flush();
+      call.end();
+    }
     await Promise.all(this.ending);
   }
 
@@ -242,13 +261,30 @@ export class WorkerSessions {
       routing: workerRouting(hello.queues, hello.labels),
       seq: hello.leaseSeq,
     };
+    const writable = () => !call.destroyed && !call.writableEnded;
+    // A worker that reads batches gets what one turn wrote to it as one message (src/rpc/batch.ts).
+    const batcher = agreement.features.has("batch")
+      ? new StreamBatcher(
+          CoordinatorMessageSchema,
+          (encoded) => {
+            if (writable()) call.write(encoded);
+          },
+          BATCH_MAX_BYTES,
+          // Our messages to a worker come from one synchronous loop each (a dispatch pass, the
+          // Acks of a commit): no need to wait for the turn's end before an Assign leaves.
+          "microtask",
+        )
+      : null;
+    if (batcher) this.batchers.set(call, batcher);
     return this.options.registry.open(join, {
       write(message) {
-        if (call.destroyed || call.writableEnded) return;
-        call.write(message);
+        if (!writable()) return;
+        if (batcher) batcher.push(message);
+        else call.write(message);
       },
       close(reason) {
         log.info({ worker: join.id, reason }, "ending worker stream");
+        batcher?.flush();
         endWithStatus(call, grpc.status.UNAVAILABLE, reason);
       },
     });

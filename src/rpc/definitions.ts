@@ -20,10 +20,17 @@ function methodDefinition(service: DescService, method: DescMethod): grpc.Method
   };
 }
 
-/** Accepts a message or a plain init object of its schema (as a grpc-js caller writes it). */
+/**
+ * Accepts a message or a plain init object of its schema (as a grpc-js caller writes it), or
+ * the bytes of one already encoded (a batch of the worker stream, src/rpc/batch.ts).
+ */
 function serialize(schema: DescMessage, message: unknown): Buffer {
-  const value = isMessage(message, schema) ? message : create(schema, message as never);
-  return Buffer.from(toBinary(schema, value));
+  const encoded =
+    message instanceof Uint8Array
+      ? message
+      : toBinary(schema, isMessage(message, schema) ? message : create(schema, message as never));
+  // A view of the encoded bytes, not a copy of them.
+  return Buffer.from(encoded.buffer, encoded.byteOffset, encoded.byteLength);
 }
 
 /** The grpc-js ServiceDefinition of a generated service, keyed by the methods' local names. */

@@ -39,6 +39,13 @@ export const FEATURE_MEANINGS = {
    * A worker sends them only to a coordinator whose Welcome names it.
    */
   live_logs: "sends running attempts' output as numbered TaskOutput flushes before their results",
+  /**
+   * Either side may send the messages it wrote in one turn of its event loop as one
+   * CoordinatorBatch or WorkerBatch (src/rpc/batch.ts), which the other handles message by
+   * message in order. A coordinator batches only to a worker that names it in Hello, a worker
+   * only to a coordinator whose Welcome names it; without it every message goes alone.
+   */
+  batch: "sends the messages of one event-loop turn as one batch, and reads batches",
 } as const;
 
 export type Feature = keyof typeof FEATURE_MEANINGS;

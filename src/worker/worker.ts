@@ -13,9 +13,11 @@ import {
   type LeaseConfirmation,
   type Welcome,
   type WorkerMessage,
+  WorkerMessageSchema,
   WorkerService,
 } from "../gen/taskqueue/v1/worker_service_pb";
 import type { Logger } from "../log";
+import { BATCH_MAX_BYTES, StreamBatcher, unbatch } from "../rpc/batch";
 import { clientConstructor } from "../rpc/definitions";
 import { GRPC_DEFAULT_MAX_MESSAGE_BYTES, grpcMessageLimits } from "../rpc/message-size";
 import { attemptKey } from "../task/attempt";
@@ -95,7 +97,8 @@ export interface WorkerOptions {
   execute?: AttemptsOptions["execute"];
 }
 
-type Stream = grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage>;
+/** Written with messages, or with the bytes of a batch (src/rpc/batch.ts). */
+type Stream = grpc.ClientDuplexStream<WorkerMessage | Uint8Array, CoordinatorMessage>;
 
 /** What the worker's /healthz says (src/worker/health.ts). */
 export interface WorkerHealth {
@@ -131,6 +134,8 @@ export class Worker {
   private readonly attempts: Attempts;
   private readonly limiter: Limiter;
   private stream: Stream | null = null;
+  /** The current stream's batcher, once its coordinator's Welcome names the batch feature. */
+  private batcher: StreamBatcher<typeof WorkerMessageSchema> | null = null;
   private client: grpc.Client | null = null;
   private welcomed = false;
   /** The coordinator that welcomed us last (still named while we are cut off from it). */
@@ -284,17 +289,18 @@ export class Worker {
         { event: "worker.draining", running: this.attempts.size, graceMs: grace },
         "draining: waiting for running tasks",
       );
-      const timeout = Bun.sleep(grace).then(() => "timeout" as const);
-      if ((await Promise.race([this.attempts.empty(), timeout])) === "timeout") {
+      if ((await within(this.attempts.empty(), grace)) === "timeout") {
         this.options.log.warn({ running: this.attempts.size }, "drain grace over: handing running tasks back");
         this.attempts.abandonAll("the worker is draining", "interrupted");
         await this.attempts.empty();
       }
     }
     // Give the coordinator a moment to acknowledge the last results.
-    if (this.reporter.pending > 0 && this.welcomed) await Promise.race([this.reporter.allAcknowledged(), Bun.sleep(2000)]);
+    if (this.reporter.pending > 0 && this.welcomed) await within(this.reporter.allAcknowledged(), 2000);
     this.closed = true;
     this.clearTimers();
+    this.batcher?.flush();
+    this.batcher = null;
     this.stream?.end();
     this.stream = null;
     this.client?.close();
@@ -340,7 +346,11 @@ export class Worker {
     // Messages still buffered from a stream that has failed are dropped: we have already told
     // the next coordinator (in Hello) what we hold, and anything assigned there is requeued.
     stream.on("data", (message: CoordinatorMessage) => {
-      if (this.stream === stream && !closed) this.receive(message);
+      // A batch's messages one by one, in order, as if each had come alone.
+      for (const inner of unbatch(message)) {
+        if (this.stream !== stream || closed) return;
+        this.receive(inner);
+      }
     });
     stream.on("error", (error: grpc.ServiceError) => {
       if (error.code === grpc.status.UNAUTHENTICATED && this.stream === stream && isRevoked(error)) {
@@ -394,6 +404,7 @@ export class Worker {
     this.attempts.killAll();
     this.clearTimers();
     this.stream = null;
+    this.batcher = null;
     this.client?.close();
     this.client = null;
     this.options.onRevoked?.();
@@ -401,6 +412,7 @@ export class Worker {
 
   private disconnected(address: string, why: string): void {
     this.stream = null;
+    this.batcher = null;
     this.client = null;
     const wasWelcomed = this.welcomed;
     this.welcomed = false;
@@ -472,6 +484,17 @@ export class Worker {
     // Results must fit what this coordinator accepts, as well as our own limit; an older
     // coordinator does not say, and accepts gRPC's default.
     this.reporter.maxMessageBytes = Math.min(this.maxMessageBytes, welcome.maxMessageBytes || GRPC_DEFAULT_MAX_MESSAGE_BYTES);
+    const stream = this.stream;
+    this.batcher =
+      stream && welcome.features.includes("batch")
+        ? new StreamBatcher(
+            WorkerMessageSchema,
+            (encoded) => {
+              if (this.stream === stream && !stream.writableEnded && !stream.destroyed) stream.write(encoded);
+            },
+            Math.min(BATCH_MAX_BYTES, this.reporter.maxMessageBytes),
+          )
+        : null;
     this.options.log.info(
       {
         event: "worker.connected",
@@ -694,7 +717,8 @@ export class Worker {
     const stream = this.stream;
     if (!stream || stream.writableEnded || stream.destroyed) return;
     if (!this.welcomed && message.payload.case !== "hello") return;
-    stream.write(message);
+    if (this.batcher) this.batcher.push(message);
+    else stream.write(message);
   }
 
   private clearTimers(): void {
@@ -704,6 +728,17 @@ export class Worker {
     this.heartbeatTimer = null;
     this.reconnectTimer = null;
     this.tickTimer = null;
+  }
+}
+
+/** Waits for `done` at most `ms`; the timer is cleared either way, so that a stopped worker leaves none behind. */
+async function within(done: Promise<void>, ms: number): Promise<"done" | "timeout"> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<"timeout">((resolve) => (timer = setTimeout(() => resolve("timeout"), ms)));
+  try {
+    return await Promise.race([done.then(() => "done" as const), timeout]);
+  } finally {
+    clearTimeout(timer);
   }
 }
 

@@ -12,14 +12,17 @@ import { Coordinator } from "../../src/coordinator/coordinator";
 import { type SubmitTaskResponse, TaskService } from "../../src/gen/taskqueue/v1/task_service_pb";
 import {
   type CoordinatorMessage,
+  CoordinatorMessageSchema,
   Outcome,
   type WorkerMessage,
   WorkerMessageSchema,
   WorkerService,
 } from "../../src/gen/taskqueue/v1/worker_service_pb";
 import { silentLogger } from "../../src/log";
+import { unbatch } from "../../src/rpc/batch";
 import { clientConstructor, serverDefinition } from "../../src/rpc/definitions";
-import { FEATURES, OLDEST_SERVED_PROTOCOL, PROTOCOL_VERSION } from "../../src/rpc/protocol";
+import { ackMessage, welcomeMessage } from "../../src/rpc/messages";
+import { FEATURES, type Feature, OLDEST_SERVED_PROTOCOL, PROTOCOL_VERSION } from "../../src/rpc/protocol";
 import { Worker } from "../../src/worker/worker";
 import { freePort, HOOK_TIMEOUT_MS, TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
 
@@ -52,11 +55,11 @@ afterAll(async () => {
   await coordinator?.stop();
 }, HOOK_TIMEOUT_MS);
 
-function submitIn(ms: number): Promise<SubmitTaskResponse> {
+function submitIn(ms: number, queue = ""): Promise<SubmitTaskResponse> {
   const scheduledAt = timestampFromDate(new Date(Date.now() + ms));
   return new Promise((resolve, reject) =>
     tasks.submitTask!(
-      { command: "true", scheduledAt },
+      { command: "true", scheduledAt, queue },
       new grpc.Metadata(),
       (error: grpc.ServiceError | null, r: SubmitTaskResponse) => (error ? reject(error) : resolve(r)),
     ),
@@ -68,19 +71,24 @@ function openWorker() {
   const client = new WorkerClient(address, grpc.credentials.createInsecure(), { "grpc.use_local_subchannel_pool": 1 });
   const stream = (client as unknown as { connect(): grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage> }).connect();
   const inbox: CoordinatorMessage[] = [];
+  /** Every message as it came off the wire, batches whole. */
+  const frames: CoordinatorMessage[] = [];
   let waiting: ((m: CoordinatorMessage) => void) | null = null;
   const closed = new Promise<grpc.ServiceError | null>((resolve) => {
     stream.on("error", (error: grpc.ServiceError) => resolve(error));
     stream.on("end", () => resolve(null));
   });
-  stream.on("data", (message: CoordinatorMessage) => {
-    // Lease confirmations (lease_confirm) come with every renewal; these tests are about the rest.
-    if (message.payload.case === "lease") return;
-    if (waiting) {
-      const w = waiting;
-      waiting = null;
-      w(message);
-    } else inbox.push(message);
+  stream.on("data", (frame: CoordinatorMessage) => {
+    frames.push(frame);
+    for (const message of unbatch(frame)) {
+      // Lease confirmations (lease_confirm) come with every renewal; these tests are about the rest.
+      if (message.payload.case === "lease") continue;
+      if (waiting) {
+        const w = waiting;
+        waiting = null;
+        w(message);
+      } else inbox.push(message);
+    }
   });
   const send = (payload: MessageInitShape<typeof WorkerMessageSchema>["payload"]) =>
     stream.write(create(WorkerMessageSchema, { payload }));
@@ -90,6 +98,7 @@ function openWorker() {
   void closed.then(() => clearInterval(heartbeats));
   return {
     send,
+    frames,
     next: (): Promise<CoordinatorMessage> =>
       inbox.length > 0 ? Promise.resolve(inbox.shift()!) : new Promise((resolve) => (waiting = resolve)),
     closed,
@@ -180,6 +189,220 @@ describe("protocol agreement at Hello", () => {
     expect(error?.details).toContain(`worker protocol ${tooNew}`);
     expect(error?.details).toContain(`protocols ${OLDEST_SERVED_PROTOCOL} to ${PROTOCOL_VERSION}`);
     worker.close();
+  });
+});
+
+describe("batches on the worker stream (feature batch)", () => {
+  const SLOTS = 4;
+  /** SLOTS tasks queued on a queue of their own before any worker serves it: one dispatch pass claims them all. */
+  async function queued(queue: string): Promise<string[]> {
+    const ids: string[] = [];
+    for (let i = 0; i < SLOTS; i++) ids.push((await submitIn(-1, queue)).task!.id);
+    return ids;
+  }
+  const hello = (queue: string, features: string[]): MessageInitShape<typeof WorkerMessageSchema>["payload"] => ({
+    case: "hello",
+    value: {
+      workerId: `${queue}-${Bun.randomUUIDv7()}`,
+      slots: SLOTS,
+      protocolVersion: PROTOCOL_VERSION,
+      minProtocolVersion: OLDEST_SERVED_PROTOCOL,
+      features,
+      queues: [queue],
+    },
+  });
+  async function assigned(worker: ReturnType<typeof openWorker>) {
+    const welcome = await worker.next();
+    expect(welcome.payload.case).toBe("welcome");
+    const refs = [];
+    while (refs.length < SLOTS) {
+      const message = await worker.next();
+      if (message.payload.case === "assign") refs.push(message.payload.value.ref!);
+    }
+    return { welcome, refs };
+  }
+  const framesWith = (worker: ReturnType<typeof openWorker>, kind: string) =>
+    worker.frames.filter((frame) => unbatch(frame).some((m) => m.payload.case === kind));
+
+  test("a worker that names it gets a pass's Assigns in one batch, and its reports sent in one batch are acknowledged in one", async () => {
+    const queue = `batched-${Bun.randomUUIDv7()}`;
+    const ids = await queued(queue);
+    const worker = openWorker();
+    worker.send(hello(queue, ["batch"]));
+    const { welcome, refs } = await assigned(worker);
+    expect(welcome.payload.case === "welcome" && welcome.payload.value.features).toEqual(["batch"]);
+    expect(refs.map((r) => r.taskId).sort()).toEqual([...ids].sort());
+    const assigns = framesWith(worker, "assign");
+    expect(assigns).toHaveLength(1);
+    expect(assigns[0]!.payload.case).toBe("batch");
+    // Every Started and Finished in one message, in order (a start before its finish).
+    const now = timestampFromDate(new Date());
+    worker.send({
+      case: "batch",
+      value: {
+        messages: [
+          ...refs.map((ref) => ({ payload: { case: "started" as const, value: { ref, pid: 1, startedAt: now } } })),
+          ...refs.map((ref) => ({
+            payload: {
+              case: "finished" as const,
+              value: { ref, outcome: Outcome.EXITED, exitCode: 0, startedAt: now, finishedAt: now },
+            },
+          })),
+        ],
+      },
+    });
+    const acked: string[] = [];
+    while (acked.length < SLOTS) {
+      const message = await worker.next();
+      if (message.payload.case === "ack") acked.push(message.payload.value.ref!.taskId);
+    }
+    expect(acked.sort()).toEqual([...ids].sort());
+    // The results were recorded in one statement, so their Acks went out in one turn: one message.
+    expect(framesWith(worker, "ack")).toHaveLength(1);
+    const rows = await db.sql<{ state: string; started_at: Date | null }[]>`
+      SELECT state, started_at FROM tasks WHERE id = ANY(${ids}::uuid[])`;
+    expect(rows.map((r) => r.state)).toEqual(Array(SLOTS).fill("succeeded"));
+    worker.close();
+    await worker.closed;
+  });
+
+  test("a worker that does not name it gets every message alone", async () => {
+    const queue = `single-${Bun.randomUUIDv7()}`;
+    const ids = await queued(queue);
+    const worker = openWorker();
+    worker.send(hello(queue, ["start_in_ms"]));
+    const { refs } = await assigned(worker);
+    expect(refs.map((r) => r.taskId).sort()).toEqual([...ids].sort());
+    expect(worker.frames.some((frame) => frame.payload.case === "batch")).toBe(false);
+    expect(framesWith(worker, "assign")).toHaveLength(SLOTS);
+    for (const ref of refs) {
+      const now = timestampFromDate(new Date());
+      worker.send({ case: "finished", value: { ref, outcome: Outcome.EXITED, exitCode: 0, startedAt: now, finishedAt: now } });
+    }
+    let acks = 0;
+    while (acks < SLOTS) if ((await worker.next()).payload.case === "ack") acks++;
+    expect(worker.frames.some((frame) => frame.payload.case === "batch")).toBe(false);
+    worker.close();
+    await worker.closed;
+  });
+
+  test("a batch inside a batch is refused with INVALID_ARGUMENT", async () => {
+    const worker = openWorker();
+    worker.send(hello(`nested-${Bun.randomUUIDv7()}`, ["batch"]));
+    expect((await worker.next()).payload.case).toBe("welcome");
+    worker.send({ case: "batch", value: { messages: [{ payload: { case: "batch", value: { messages: [] } } }] } });
+    const error = await worker.closed;
+    expect(error?.code).toBe(grpc.status.INVALID_ARGUMENT);
+    expect(error?.details).toContain("a batch must not hold a batch");
+    worker.close();
+  });
+});
+
+describe("a worker of this build and the batch feature", () => {
+  /**
+   * A coordinator played by the test: its Welcome names `features`; it assigns `count` tasks at
+   * once (in one batch when it names batch) and acknowledges every result. Resolves with every
+   * message the worker wrote, batches whole, once all results are in.
+   */
+  async function against(features: string[], count: number): Promise<WorkerMessage[]> {
+    const frames: WorkerMessage[] = [];
+    let done: () => void = () => {};
+    const finished = new Promise<void>((resolve) => (done = resolve));
+    const server = new grpc.Server();
+    server.addService(serverDefinition(WorkerService), {
+      connect(call: grpc.ServerDuplexStream<WorkerMessage, CoordinatorMessage>) {
+        let results = 0;
+        call.on("data", (frame: WorkerMessage) => {
+          frames.push(frame);
+          for (const message of unbatch(frame)) {
+            const payload = message.payload;
+            if (payload.case === "hello") {
+              call.write(
+                welcomeMessage(
+                  {
+                    workerId: payload.value.workerId,
+                    coordinatorId: "played-by-the-test",
+                    heartbeatIntervalMs: 5000,
+                    heartbeatTimeoutMs: 15_000,
+                    resumeToken: "resume",
+                  },
+                  { protocolVersion: PROTOCOL_VERSION, features: new Set(features as Feature[]) },
+                ),
+              );
+              const assigns = Array.from({ length: count }, (_, i) =>
+                create(CoordinatorMessageSchema, {
+                  payload: {
+                    case: "assign",
+                    value: {
+                      ref: { taskId: `019ac6f2-5d8e-7c3a-9b1e-4f0a2d6c8e1${i}`, attempt: 1 },
+                      command: "true",
+                      leaseMs: 30_000,
+                    },
+                  },
+                }),
+              );
+              if (features.includes("batch"))
+                call.write(create(CoordinatorMessageSchema, { payload: { case: "batch", value: { messages: assigns } } }));
+              else for (const assign of assigns) call.write(assign);
+            }
+            if (payload.case === "finished") {
+              call.write(ackMessage(payload.value.ref!, false));
+              if (++results === count) done();
+            }
+          }
+        });
+        call.on("error", () => {});
+      },
+    });
+    const port = await new Promise<number>((resolve, reject) =>
+      server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (error, p) =>
+        error ? reject(error) : resolve(p),
+      ),
+    );
+    const worker = new Worker({
+      name: "batching",
+      slots: count,
+      addresses: [`127.0.0.1:${port}`],
+      log: silentLogger,
+      // Long intervals: a loaded machine's event-loop gap must not count as a stall (which
+      // would hold the assignments for a lease confirmation this coordinator never sends).
+      heartbeatIntervalMs: 5000,
+      heartbeatTimeoutMs: 15_000,
+      killGraceMs: 100,
+      drainGraceMs: 1000,
+      maxOutputBytes: 1024,
+      baseEnv: { PATH: process.env.PATH },
+    });
+    try {
+      worker.start();
+      await finished;
+      await worker.stop();
+    } finally {
+      server.forceShutdown();
+    }
+    return frames;
+  }
+
+  const reports = (frames: WorkerMessage[], kind: string) =>
+    frames.flatMap((frame) => unbatch(frame)).filter((m) => m.payload.case === kind);
+
+  test("to a coordinator whose Welcome names it, the Started reports of one turn go in one batch", async () => {
+    const frames = await against(["batch"], 4);
+    expect(reports(frames, "started")).toHaveLength(4);
+    expect(reports(frames, "finished")).toHaveLength(4);
+    // The four assignments came in one message and were started in one turn.
+    const startedFrames = frames.filter((frame) => unbatch(frame).some((m) => m.payload.case === "started"));
+    expect(startedFrames).toHaveLength(1);
+    expect(unbatch(startedFrames[0]!).filter((m) => m.payload.case === "started")).toHaveLength(4);
+    // Hello always goes alone, first.
+    expect(frames[0]!.payload.case).toBe("hello");
+  });
+
+  test("to a coordinator whose Welcome does not name it (an older build), every message goes alone", async () => {
+    const frames = await against([], 4);
+    expect(reports(frames, "started")).toHaveLength(4);
+    expect(reports(frames, "finished")).toHaveLength(4);
+    expect(frames.filter((frame) => frame.payload.case === "batch")).toEqual([]);
   });
 });
 

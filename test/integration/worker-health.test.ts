@@ -14,6 +14,7 @@ import {
   WorkerService,
 } from "../../src/gen/taskqueue/v1/worker_service_pb";
 import { silentLogger } from "../../src/log";
+import { unbatch } from "../../src/rpc/batch";
 import { serverDefinition } from "../../src/rpc/definitions";
 import { ackMessage, welcomeMessage } from "../../src/rpc/messages";
 import { FEATURES, PROTOCOL_VERSION } from "../../src/rpc/protocol";
@@ -36,28 +37,31 @@ beforeAll(async () => {
   server.addService(serverDefinition(WorkerService), {
     connect(stream: grpc.ServerDuplexStream<WorkerMessage, CoordinatorMessage>) {
       call = stream;
-      stream.on("data", (message: WorkerMessage) => {
-        const payload = message.payload;
-        if (payload.case === "hello") {
-          stream.write(
-            welcomeMessage(
-              {
-                workerId: payload.value.workerId,
-                coordinatorId: "played-by-the-test",
-                heartbeatIntervalMs: 200,
-                heartbeatTimeoutMs: HEARTBEAT_TIMEOUT_MS,
-                resumeToken: "resume",
-              },
-              { protocolVersion: PROTOCOL_VERSION, features: new Set(FEATURES) },
-            ),
-          );
-        }
-        if (payload.case === "heartbeat") heartbeats.push(payload.value);
-        if (payload.case === "finished") finished.push(payload.value.ref!.taskId);
+      stream.on("data", (frame: WorkerMessage) => {
+        for (const message of unbatch(frame)) received(stream, message);
       });
       stream.on("error", () => {});
     },
   });
+  function received(stream: grpc.ServerDuplexStream<WorkerMessage, CoordinatorMessage>, message: WorkerMessage) {
+    const payload = message.payload;
+    if (payload.case === "hello") {
+      stream.write(
+        welcomeMessage(
+          {
+            workerId: payload.value.workerId,
+            coordinatorId: "played-by-the-test",
+            heartbeatIntervalMs: 200,
+            heartbeatTimeoutMs: HEARTBEAT_TIMEOUT_MS,
+            resumeToken: "resume",
+          },
+          { protocolVersion: PROTOCOL_VERSION, features: new Set(FEATURES) },
+        ),
+      );
+    }
+    if (payload.case === "heartbeat") heartbeats.push(payload.value);
+    if (payload.case === "finished") finished.push(payload.value.ref!.taskId);
+  }
   const port = await new Promise<number>((resolve, reject) =>
     server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (error, bound) =>
       error ? reject(error) : resolve(bound),

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file taskqueue/v1/worker_service.proto.
  */
 export const file_taskqueue_v1_worker_service: GenFile = /*@__PURE__*/
-  fileDesc("CiF0YXNrcXVldWUvdjEvd29ya2VyX3NlcnZpY2UucHJvdG8SDHRhc2txdWV1ZS52MSL5AQoNV29ya2VyTWVzc2FnZRIkCgVoZWxsbxgBIAEoCzITLnRhc2txdWV1ZS52MS5IZWxsb0gAEiwKCWhlYXJ0YmVhdBgCIAEoCzIXLnRhc2txdWV1ZS52MS5IZWFydGJlYXRIABIsCgdzdGFydGVkGAMgASgLMhkudGFza3F1ZXVlLnYxLlRhc2tTdGFydGVkSAASLgoIZmluaXNoZWQYBCABKAsyGi50YXNrcXVldWUudjEuVGFza0ZpbmlzaGVkSAASKwoGb3V0cHV0GJADIAEoCzIYLnRhc2txdWV1ZS52MS5UYXNrT3V0cHV0SABCCQoHcGF5bG9hZCKTAgoSQ29vcmRpbmF0b3JNZXNzYWdlEigKB3dlbGNvbWUYASABKAsyFS50YXNrcXVldWUudjEuV2VsY29tZUgAEiYKBmFzc2lnbhgCIAEoCzIULnRhc2txdWV1ZS52MS5Bc3NpZ25IABImCgZjYW5jZWwYAyABKAsyFC50YXNrcXVldWUudjEuQ2FuY2VsSAASIAoDYWNrGAQgASgLMhEudGFza3F1ZXVlLnYxLkFja0gAEiQKBWRyYWluGAUgASgLMhMudGFza3F1ZXVlLnYxLkRyYWluSAASMAoFbGVhc2UYZCABKAsyHy50YXNrcXVldWUudjEuTGVhc2VDb25maXJtYXRpb25IAEIJCgdwYXlsb2FkIisKB1Rhc2tSZWYSDwoHdGFza19pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgNIoYDCgVIZWxsbxIRCgl3b3JrZXJfaWQYASABKAkSDAoEbmFtZRgCIAEoCRINCgVzbG90cxgDIAEoDRIPCgd2ZXJzaW9uGAQgASgJEigKCWluX2ZsaWdodBgFIAMoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEi8KBmxhYmVscxgGIAMoCzIfLnRhc2txdWV1ZS52MS5IZWxsby5MYWJlbHNFbnRyeRIUCgxyZXN1bWVfdG9rZW4YByABKAkSLgoKd2FsbF9jbG9jaxhGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGAoQcHJvdG9jb2xfdmVyc2lvbhhQIAEoDRIcChRtaW5fcHJvdG9jb2xfdmVyc2lvbhhRIAEoDRIQCghmZWF0dXJlcxhSIAMoCRIPCgZxdWV1ZXMY5gEgAygJEhEKCWxlYXNlX3NlcRhkIAEoBBotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIk0KEUxlYXNlQ29uZmlybWF0aW9uEgsKA3NlcRgBIAEoBBIrCgdyZW5ld2VkGAIgAygLMhoudGFza3F1ZXVlLnYxLkxlYXNlUmVuZXdhbCJECgxMZWFzZVJlbmV3YWwSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSEAoIbGVhc2VfbXMYAiABKA0iYAoJSGVhcnRiZWF0EgsKA3NlcRgBIAEoBBImCgdydW5uaW5nGAIgAygLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSEAoIZHJhaW5pbmcYAyABKAgSDAoEZnVsbBhkIAEoCCJuCgtUYXNrU3RhcnRlZBIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhILCgNwaWQYAiABKA0SLgoKc3RhcnRlZF9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAixgMKDFRhc2tGaW5pc2hlZBIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhImCgdvdXRjb21lGAIgASgOMhUudGFza3F1ZXVlLnYxLk91dGNvbWUSFgoJZXhpdF9jb2RlGAMgASgRSACIAQESDgoGc2lnbmFsGAQgASgJEg4KBnN0ZG91dBgFIAEoCRIOCgZzdGRlcnIYBiABKAkSGAoQc3Rkb3V0X3RydW5jYXRlZBgHIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGAggASgIEg0KBWVycm9yGAkgASgJEi4KCnN0YXJ0ZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaGVkX2F0GAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCgV1c2FnZRg8IAEoCzIaLnRhc2txdWV1ZS52MS5BdHRlbXB0VXNhZ2USFwoPc3Rkb3V0X3JlcGxhY2VkGCggASgIEhcKD3N0ZGVycl9yZXBsYWNlZBgpIAEoCBITCgtpbnRlcnJ1cHRlZBhGIAEoCEIMCgpfZXhpdF9jb2RlIrMBCgpUYXNrT3V0cHV0EiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEgsKA3NlcRgCIAEoDRIOCgZvZmZzZXQYAyABKAQSFQoNc3Rkb3V0X29mZnNldBgEIAEoBBIVCg1zdGRlcnJfb2Zmc2V0GAUgASgEEgwKBHJ1bnMYBiADKBESDAoEZGF0YRgHIAEoDBINCgVmaW5hbBgIIAEoCBILCgNjdXQYCSABKAQi5gEKB1dlbGNvbWUSEQoJd29ya2VyX2lkGAEgASgJEhYKDmNvb3JkaW5hdG9yX2lkGAIgASgJEh0KFWhlYXJ0YmVhdF9pbnRlcnZhbF9tcxgDIAEoDRIcChRoZWFydGJlYXRfdGltZW91dF9tcxgEIAEoDRIUCgxyZXN1bWVfdG9rZW4YBSABKAkSGQoRbWF4X21lc3NhZ2VfYnl0ZXMYKiABKA0SFgoNbG9nX21heF9ieXRlcxiQAyABKAQSGAoQcHJvdG9jb2xfdmVyc2lvbhhQIAEoDRIQCghmZWF0dXJlcxhSIAMoCSLlAgoGQXNzaWduEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEg8KB2NvbW1hbmQYAiABKAkSKgoDZW52GAMgAygLMh0udGFza3F1ZXVlLnYxLkFzc2lnbi5FbnZFbnRyeRILCgNjd2QYBCABKAkSEgoKdGltZW91dF9tcxgFIAEoDRI0ChBsZWFzZV9leHBpcmVzX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtzdGFydF9pbl9tcxgHIAEoDRIoCgZsaW1pdHMYPCABKAsyGC50YXNrcXVldWUudjEuVGFza0xpbWl0cxIVCghsZWFzZV9tcxhGIAEoDUgAiAEBEhQKC3RyYWNlcGFyZW50GKwCIAEoCRoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgsKCV9sZWFzZV9tcyI8CgZDYW5jZWwSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSDgoGcmVhc29uGAIgASgJIjgKA0FjaxIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhINCgVzdGFsZRgCIAEoCCIXCgVEcmFpbhIOCgZyZWFzb24YASABKAkiZQoXUmVwb3J0V29ya2VyTG9zdFJlcXVlc3QSEQoJd29ya2VyX2lkGAEgASgJEicKCGF0dGVtcHRzGAIgAygLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSDgoGcmVhc29uGAMgASgJIiwKGFJlcG9ydFdvcmtlckxvc3RSZXNwb25zZRIQCghyZXF1ZXVlZBgBIAEoDSqVAQoHT3V0Y29tZRIXChNPVVRDT01FX1VOU1BFQ0lGSUVEEAASEgoOT1VUQ09NRV9FWElURUQQARIYChRPVVRDT01FX1NQQVdOX0ZBSUxFRBACEhUKEU9VVENPTUVfVElNRURfT1VUEAMSFQoRT1VUQ09NRV9DQU5DRUxMRUQQBBIVChFPVVRDT01FX0FCQU5ET05FRBAFMsABCg1Xb3JrZXJTZXJ2aWNlEkwKB0Nvbm5lY3QSGy50YXNrcXVldWUudjEuV29ya2VyTWVzc2FnZRogLnRhc2txdWV1ZS52MS5Db29yZGluYXRvck1lc3NhZ2UoATABEmEKEFJlcG9ydFdvcmtlckxvc3QSJS50YXNrcXVldWUudjEuUmVwb3J0V29ya2VyTG9zdFJlcXVlc3QaJi50YXNrcXVldWUudjEuUmVwb3J0V29ya2VyTG9zdFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_taskqueue_v1_task]);
+  fileDesc("CiF0YXNrcXVldWUvdjEvd29ya2VyX3NlcnZpY2UucHJvdG8SDHRhc2txdWV1ZS52MSKmAgoNV29ya2VyTWVzc2FnZRIkCgVoZWxsbxgBIAEoCzITLnRhc2txdWV1ZS52MS5IZWxsb0gAEiwKCWhlYXJ0YmVhdBgCIAEoCzIXLnRhc2txdWV1ZS52MS5IZWFydGJlYXRIABIsCgdzdGFydGVkGAMgASgLMhkudGFza3F1ZXVlLnYxLlRhc2tTdGFydGVkSAASLgoIZmluaXNoZWQYBCABKAsyGi50YXNrcXVldWUudjEuVGFza0ZpbmlzaGVkSAASKwoGb3V0cHV0GJADIAEoCzIYLnRhc2txdWV1ZS52MS5UYXNrT3V0cHV0SAASKwoFYmF0Y2gY9AMgASgLMhkudGFza3F1ZXVlLnYxLldvcmtlckJhdGNoSABCCQoHcGF5bG9hZCLFAgoSQ29vcmRpbmF0b3JNZXNzYWdlEigKB3dlbGNvbWUYASABKAsyFS50YXNrcXVldWUudjEuV2VsY29tZUgAEiYKBmFzc2lnbhgCIAEoCzIULnRhc2txdWV1ZS52MS5Bc3NpZ25IABImCgZjYW5jZWwYAyABKAsyFC50YXNrcXVldWUudjEuQ2FuY2VsSAASIAoDYWNrGAQgASgLMhEudGFza3F1ZXVlLnYxLkFja0gAEiQKBWRyYWluGAUgASgLMhMudGFza3F1ZXVlLnYxLkRyYWluSAASMAoFbGVhc2UYZCABKAsyHy50YXNrcXVldWUudjEuTGVhc2VDb25maXJtYXRpb25IABIwCgViYXRjaBj0AyABKAsyHi50YXNrcXVldWUudjEuQ29vcmRpbmF0b3JCYXRjaEgAQgkKB3BheWxvYWQiPAoLV29ya2VyQmF0Y2gSLQoIbWVzc2FnZXMYASADKAsyGy50YXNrcXVldWUudjEuV29ya2VyTWVzc2FnZSJGChBDb29yZGluYXRvckJhdGNoEjIKCG1lc3NhZ2VzGAEgAygLMiAudGFza3F1ZXVlLnYxLkNvb3JkaW5hdG9yTWVzc2FnZSIrCgdUYXNrUmVmEg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoDSKGAwoFSGVsbG8SEQoJd29ya2VyX2lkGAEgASgJEgwKBG5hbWUYAiABKAkSDQoFc2xvdHMYAyABKA0SDwoHdmVyc2lvbhgEIAEoCRIoCglpbl9mbGlnaHQYBSADKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhIvCgZsYWJlbHMYBiADKAsyHy50YXNrcXVldWUudjEuSGVsbG8uTGFiZWxzRW50cnkSFAoMcmVzdW1lX3Rva2VuGAcgASgJEi4KCndhbGxfY2xvY2sYRiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEHByb3RvY29sX3ZlcnNpb24YUCABKA0SHAoUbWluX3Byb3RvY29sX3ZlcnNpb24YUSABKA0SEAoIZmVhdHVyZXMYUiADKAkSDwoGcXVldWVzGOYBIAMoCRIRCglsZWFzZV9zZXEYZCABKAQaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJNChFMZWFzZUNvbmZpcm1hdGlvbhILCgNzZXEYASABKAQSKwoHcmVuZXdlZBgCIAMoCzIaLnRhc2txdWV1ZS52MS5MZWFzZVJlbmV3YWwiRAoMTGVhc2VSZW5ld2FsEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEhAKCGxlYXNlX21zGAIgASgNImAKCUhlYXJ0YmVhdBILCgNzZXEYASABKAQSJgoHcnVubmluZxgCIAMoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEhAKCGRyYWluaW5nGAMgASgIEgwKBGZ1bGwYZCABKAgibgoLVGFza1N0YXJ0ZWQSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSCwoDcGlkGAIgASgNEi4KCnN0YXJ0ZWRfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIsYDCgxUYXNrRmluaXNoZWQSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSJgoHb3V0Y29tZRgCIAEoDjIVLnRhc2txdWV1ZS52MS5PdXRjb21lEhYKCWV4aXRfY29kZRgDIAEoEUgAiAEBEg4KBnNpZ25hbBgEIAEoCRIOCgZzdGRvdXQYBSABKAkSDgoGc3RkZXJyGAYgASgJEhgKEHN0ZG91dF90cnVuY2F0ZWQYByABKAgSGAoQc3RkZXJyX3RydW5jYXRlZBgIIAEoCBINCgVlcnJvchgJIAEoCRIuCgpzdGFydGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hlZF9hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKQoFdXNhZ2UYPCABKAsyGi50YXNrcXVldWUudjEuQXR0ZW1wdFVzYWdlEhcKD3N0ZG91dF9yZXBsYWNlZBgoIAEoCBIXCg9zdGRlcnJfcmVwbGFjZWQYKSABKAgSEwoLaW50ZXJydXB0ZWQYRiABKAhCDAoKX2V4aXRfY29kZSKzAQoKVGFza091dHB1dBIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhILCgNzZXEYAiABKA0SDgoGb2Zmc2V0GAMgASgEEhUKDXN0ZG91dF9vZmZzZXQYBCABKAQSFQoNc3RkZXJyX29mZnNldBgFIAEoBBIMCgRydW5zGAYgAygREgwKBGRhdGEYByABKAwSDQoFZmluYWwYCCABKAgSCwoDY3V0GAkgASgEIuYBCgdXZWxjb21lEhEKCXdvcmtlcl9pZBgBIAEoCRIWCg5jb29yZGluYXRvcl9pZBgCIAEoCRIdChVoZWFydGJlYXRfaW50ZXJ2YWxfbXMYAyABKA0SHAoUaGVhcnRiZWF0X3RpbWVvdXRfbXMYBCABKA0SFAoMcmVzdW1lX3Rva2VuGAUgASgJEhkKEW1heF9tZXNzYWdlX2J5dGVzGCogASgNEhYKDWxvZ19tYXhfYnl0ZXMYkAMgASgEEhgKEHByb3RvY29sX3ZlcnNpb24YUCABKA0SEAoIZmVhdHVyZXMYUiADKAki5QIKBkFzc2lnbhIiCgNyZWYYASABKAsyFS50YXNrcXVldWUudjEuVGFza1JlZhIPCgdjb21tYW5kGAIgASgJEioKA2VudhgDIAMoCzIdLnRhc2txdWV1ZS52MS5Bc3NpZ24uRW52RW50cnkSCwoDY3dkGAQgASgJEhIKCnRpbWVvdXRfbXMYBSABKA0SNAoQbGVhc2VfZXhwaXJlc19hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLc3RhcnRfaW5fbXMYByABKA0SKAoGbGltaXRzGDwgASgLMhgudGFza3F1ZXVlLnYxLlRhc2tMaW1pdHMSFQoIbGVhc2VfbXMYRiABKA1IAIgBARIUCgt0cmFjZXBhcmVudBisAiABKAkaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUILCglfbGVhc2VfbXMiPAoGQ2FuY2VsEiIKA3JlZhgBIAEoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEg4KBnJlYXNvbhgCIAEoCSI4CgNBY2sSIgoDcmVmGAEgASgLMhUudGFza3F1ZXVlLnYxLlRhc2tSZWYSDQoFc3RhbGUYAiABKAgiFwoFRHJhaW4SDgoGcmVhc29uGAEgASgJImUKF1JlcG9ydFdvcmtlckxvc3RSZXF1ZXN0EhEKCXdvcmtlcl9pZBgBIAEoCRInCghhdHRlbXB0cxgCIAMoCzIVLnRhc2txdWV1ZS52MS5UYXNrUmVmEg4KBnJlYXNvbhgDIAEoCSIsChhSZXBvcnRXb3JrZXJMb3N0UmVzcG9uc2USEAoIcmVxdWV1ZWQYASABKA0qlQEKB091dGNvbWUSFwoTT1VUQ09NRV9VTlNQRUNJRklFRBAAEhIKDk9VVENPTUVfRVhJVEVEEAESGAoUT1VUQ09NRV9TUEFXTl9GQUlMRUQQAhIVChFPVVRDT01FX1RJTUVEX09VVBADEhUKEU9VVENPTUVfQ0FOQ0VMTEVEEAQSFQoRT1VUQ09NRV9BQkFORE9ORUQQBTLAAQoNV29ya2VyU2VydmljZRJMCgdDb25uZWN0EhsudGFza3F1ZXVlLnYxLldvcmtlck1lc3NhZ2UaIC50YXNrcXVldWUudjEuQ29vcmRpbmF0b3JNZXNzYWdlKAEwARJhChBSZXBvcnRXb3JrZXJMb3N0EiUudGFza3F1ZXVlLnYxLlJlcG9ydFdvcmtlckxvc3RSZXF1ZXN0GiYudGFza3F1ZXVlLnYxLlJlcG9ydFdvcmtlckxvc3RSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp, file_taskqueue_v1_task]);
 
 /**
  * @generated from message taskqueue.v1.WorkerMessage
@@ -55,6 +55,14 @@ export type WorkerMessage = Message<"taskqueue.v1.WorkerMessage"> & {
      */
     value: TaskOutput;
     case: "output";
+  } | {
+    /**
+     * Sent only to a coordinator whose Welcome names the batch feature.
+     *
+     * @generated from field: taskqueue.v1.WorkerBatch batch = 500;
+     */
+    value: WorkerBatch;
+    case: "batch";
   } | { case: undefined; value?: undefined };
 };
 
@@ -110,6 +118,14 @@ export type CoordinatorMessage = Message<"taskqueue.v1.CoordinatorMessage"> & {
      */
     value: LeaseConfirmation;
     case: "lease";
+  } | {
+    /**
+     * Sent only to workers that name the batch feature.
+     *
+     * @generated from field: taskqueue.v1.CoordinatorBatch batch = 500;
+     */
+    value: CoordinatorBatch;
+    case: "batch";
   } | { case: undefined; value?: undefined };
 };
 
@@ -119,6 +135,49 @@ export type CoordinatorMessage = Message<"taskqueue.v1.CoordinatorMessage"> & {
  */
 export const CoordinatorMessageSchema: GenMessage<CoordinatorMessage> = /*@__PURE__*/
   messageDesc(file_taskqueue_v1_worker_service, 1);
+
+/**
+ * The messages a worker wrote in one turn of its event loop (src/rpc/batch.ts), in the order
+ * written, as one message: one gRPC frame for the Started and Finished reports (and output
+ * flushes, heartbeats) that were ready at once. The receiver handles them one by one, in
+ * order, exactly as if each had come alone. A batch never holds a batch; Hello never travels
+ * in one.
+ *
+ * @generated from message taskqueue.v1.WorkerBatch
+ */
+export type WorkerBatch = Message<"taskqueue.v1.WorkerBatch"> & {
+  /**
+   * @generated from field: repeated taskqueue.v1.WorkerMessage messages = 1;
+   */
+  messages: WorkerMessage[];
+};
+
+/**
+ * Describes the message taskqueue.v1.WorkerBatch.
+ * Use `create(WorkerBatchSchema)` to create a new message.
+ */
+export const WorkerBatchSchema: GenMessage<WorkerBatch> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_worker_service, 2);
+
+/**
+ * The messages a coordinator wrote to one worker in one turn of its event loop, in order: the
+ * Assigns of a dispatch pass, the Acks of a group commit. As WorkerBatch, never nested.
+ *
+ * @generated from message taskqueue.v1.CoordinatorBatch
+ */
+export type CoordinatorBatch = Message<"taskqueue.v1.CoordinatorBatch"> & {
+  /**
+   * @generated from field: repeated taskqueue.v1.CoordinatorMessage messages = 1;
+   */
+  messages: CoordinatorMessage[];
+};
+
+/**
+ * Describes the message taskqueue.v1.CoordinatorBatch.
+ * Use `create(CoordinatorBatchSchema)` to create a new message.
+ */
+export const CoordinatorBatchSchema: GenMessage<CoordinatorBatch> = /*@__PURE__*/
+  messageDesc(file_taskqueue_v1_worker_service, 3);
 
 /**
  * TaskRef names one attempt of a task; the attempt number is the fencing token.
@@ -142,7 +201,7 @@ export type TaskRef = Message<"taskqueue.v1.TaskRef"> & {
  * Use `create(TaskRefSchema)` to create a new message.
  */
 export const TaskRefSchema: GenMessage<TaskRef> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 2);
+  messageDesc(file_taskqueue_v1_worker_service, 4);
 
 /**
  * @generated from message taskqueue.v1.Hello
@@ -243,7 +302,7 @@ export type Hello = Message<"taskqueue.v1.Hello"> & {
  * Use `create(HelloSchema)` to create a new message.
  */
 export const HelloSchema: GenMessage<Hello> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 3);
+  messageDesc(file_taskqueue_v1_worker_service, 5);
 
 /**
  * The coordinator renewed these attempts' leases on the strength of the worker's Hello or
@@ -269,7 +328,7 @@ export type LeaseConfirmation = Message<"taskqueue.v1.LeaseConfirmation"> & {
  * Use `create(LeaseConfirmationSchema)` to create a new message.
  */
 export const LeaseConfirmationSchema: GenMessage<LeaseConfirmation> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 4);
+  messageDesc(file_taskqueue_v1_worker_service, 6);
 
 /**
  * @generated from message taskqueue.v1.LeaseRenewal
@@ -291,7 +350,7 @@ export type LeaseRenewal = Message<"taskqueue.v1.LeaseRenewal"> & {
  * Use `create(LeaseRenewalSchema)` to create a new message.
  */
 export const LeaseRenewalSchema: GenMessage<LeaseRenewal> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 5);
+  messageDesc(file_taskqueue_v1_worker_service, 7);
 
 /**
  * @generated from message taskqueue.v1.Heartbeat
@@ -332,7 +391,7 @@ export type Heartbeat = Message<"taskqueue.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 6);
+  messageDesc(file_taskqueue_v1_worker_service, 8);
 
 /**
  * @generated from message taskqueue.v1.TaskStarted
@@ -359,7 +418,7 @@ export type TaskStarted = Message<"taskqueue.v1.TaskStarted"> & {
  * Use `create(TaskStartedSchema)` to create a new message.
  */
 export const TaskStartedSchema: GenMessage<TaskStarted> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 7);
+  messageDesc(file_taskqueue_v1_worker_service, 9);
 
 /**
  * @generated from message taskqueue.v1.TaskFinished
@@ -455,7 +514,7 @@ export type TaskFinished = Message<"taskqueue.v1.TaskFinished"> & {
  * Use `create(TaskFinishedSchema)` to create a new message.
  */
 export const TaskFinishedSchema: GenMessage<TaskFinished> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 8);
+  messageDesc(file_taskqueue_v1_worker_service, 10);
 
 /**
  * One flush of a running attempt's output (src/worker/log-streamer.ts): both streams' bytes in
@@ -525,7 +584,7 @@ export type TaskOutput = Message<"taskqueue.v1.TaskOutput"> & {
  * Use `create(TaskOutputSchema)` to create a new message.
  */
 export const TaskOutputSchema: GenMessage<TaskOutput> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 9);
+  messageDesc(file_taskqueue_v1_worker_service, 11);
 
 /**
  * @generated from message taskqueue.v1.Welcome
@@ -594,7 +653,7 @@ export type Welcome = Message<"taskqueue.v1.Welcome"> & {
  * Use `create(WelcomeSchema)` to create a new message.
  */
 export const WelcomeSchema: GenMessage<Welcome> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 10);
+  messageDesc(file_taskqueue_v1_worker_service, 12);
 
 /**
  * @generated from message taskqueue.v1.Assign
@@ -680,7 +739,7 @@ export type Assign = Message<"taskqueue.v1.Assign"> & {
  * Use `create(AssignSchema)` to create a new message.
  */
 export const AssignSchema: GenMessage<Assign> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 11);
+  messageDesc(file_taskqueue_v1_worker_service, 13);
 
 /**
  * @generated from message taskqueue.v1.Cancel
@@ -702,7 +761,7 @@ export type Cancel = Message<"taskqueue.v1.Cancel"> & {
  * Use `create(CancelSchema)` to create a new message.
  */
 export const CancelSchema: GenMessage<Cancel> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 12);
+  messageDesc(file_taskqueue_v1_worker_service, 14);
 
 /**
  * Ack tells the worker a result is durable (or stale) and may be forgotten.
@@ -726,7 +785,7 @@ export type Ack = Message<"taskqueue.v1.Ack"> & {
  * Use `create(AckSchema)` to create a new message.
  */
 export const AckSchema: GenMessage<Ack> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 13);
+  messageDesc(file_taskqueue_v1_worker_service, 15);
 
 /**
  * Drain asks the worker to take no new work and finish what it runs.
@@ -745,7 +804,7 @@ export type Drain = Message<"taskqueue.v1.Drain"> & {
  * Use `create(DrainSchema)` to create a new message.
  */
 export const DrainSchema: GenMessage<Drain> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 14);
+  messageDesc(file_taskqueue_v1_worker_service, 16);
 
 /**
  * @generated from message taskqueue.v1.ReportWorkerLostRequest
@@ -776,7 +835,7 @@ export type ReportWorkerLostRequest = Message<"taskqueue.v1.ReportWorkerLostRequ
  * Use `create(ReportWorkerLostRequestSchema)` to create a new message.
  */
 export const ReportWorkerLostRequestSchema: GenMessage<ReportWorkerLostRequest> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 15);
+  messageDesc(file_taskqueue_v1_worker_service, 17);
 
 /**
  * @generated from message taskqueue.v1.ReportWorkerLostResponse
@@ -796,7 +855,7 @@ export type ReportWorkerLostResponse = Message<"taskqueue.v1.ReportWorkerLostRes
  * Use `create(ReportWorkerLostResponseSchema)` to create a new message.
  */
 export const ReportWorkerLostResponseSchema: GenMessage<ReportWorkerLostResponse> = /*@__PURE__*/
-  messageDesc(file_taskqueue_v1_worker_service, 16);
+  messageDesc(file_taskqueue_v1_worker_service, 18);
 
 /**
  * @generated from enum taskqueue.v1.Outcome
