@@ -23,6 +23,7 @@ import {
   untilAllFinal,
   within,
 } from "./support";
+import { cpuPer, postmasterPid, sampleCpu } from "./support/proc-cpu";
 
 const FULL = { tasks: 1000, batch: 500, latency: 100, rated: 300, rate: 20 };
 const QUICK = { tasks: 300, batch: 100, latency: 10, rated: 40, rate: 20 };
@@ -56,18 +57,33 @@ interface BurnDown {
   tasks: number;
   elapsed_ms: number;
   tasks_per_s: number;
+  /**
+   * CPU ms per task of each role (and of PostgreSQL when the bench runs its own, without
+   * DATABASE_URL), from /proc over the burn-down, idle included: on a loaded machine the
+   * rate is distorted far more than this.
+   */
+  cpu_ms_per_task: Record<string, number>;
 }
 
-async function burnDown(baseUrl: string, sql: Sql, items: Item[], batch: number): Promise<BurnDown> {
+/** The processes whose CPU a burn-down reads: role name to pid, and the postmaster when ours. */
+interface CpuSources {
+  roles: Record<string, number>;
+  postmaster?: number;
+}
+
+async function burnDown(baseUrl: string, sql: Sql, items: Item[], batch: number, cpu: CpuSources): Promise<BurnDown> {
+  const before = sampleCpu(cpu.roles, cpu.postmaster);
   const start = performance.now();
   for (let i = 0; i < items.length; i += batch) await submit(baseUrl, items.slice(i, i + batch));
   const end = await untilAllFinal(sql, POLL_MS, timeoutFor(items.length));
+  const after = sampleCpu(cpu.roles, cpu.postmaster);
   await requireAllSucceeded(sql);
   const elapsed = end - start;
   return {
     tasks: items.length,
     elapsed_ms: Math.round(elapsed),
     tasks_per_s: Math.round((items.length / elapsed) * 10_000) / 10,
+    cpu_ms_per_task: cpuPer(before, after, items.length),
   };
 }
 
@@ -132,6 +148,12 @@ async function run(options: BenchOptions): Promise<BenchResult> {
     const sql = connect(db.url, { max: 1, applicationName: "bench-flow" });
     scope.defer("close the bench's database connection", () => sql.end({ timeout: 5 }));
     const url = cluster.schedulerUrl;
+    const [coordinator, scheduler, ...workers] = cluster.processes;
+    const roles: Record<string, number> = { coordinator: coordinator!.pid, scheduler: scheduler!.pid };
+    workers.forEach((w, i) => {
+      roles[`worker${i}`] = w.pid;
+    });
+    const cpu: CpuSources = { roles, ...(db.dataDir ? { postmaster: postmasterPid(db.dataDir) } : {}) };
     const plainItems = Array.from({ length: p.tasks }, () => ({ command: "true" }));
     const keyedItems = Array.from({ length: p.tasks }, (_, i) => ({
       command: "true",
@@ -141,13 +163,18 @@ async function run(options: BenchOptions): Promise<BenchResult> {
     let figures: Record<string, unknown>;
     try {
       // Warm-up, untimed.
-      await burnDown(url, sql, plainItems.slice(0, 50), p.batch);
-      const plain = await burnDown(url, sql, plainItems, p.batch);
-      const keys = await burnDown(url, sql, keyedItems, p.batch);
-      const hot = await burnDown(url, sql, hotItems, p.batch);
-      const plainAgain = await burnDown(url, sql, plainItems, p.batch);
+      await burnDown(url, sql, plainItems.slice(0, 50), p.batch, cpu);
+      const plain = await burnDown(url, sql, plainItems, p.batch, cpu);
+      const keys = await burnDown(url, sql, keyedItems, p.batch, cpu);
+      const hot = await burnDown(url, sql, hotItems, p.batch, cpu);
+      const plainAgain = await burnDown(url, sql, plainItems, p.batch, cpu);
       console.log(
         `flow: burn-down plain ${plain.tasks_per_s}/s, ${KEYS} keys ${keys.tasks_per_s}/s, hot key ${hot.tasks_per_s}/s, plain again ${plainAgain.tasks_per_s}/s`,
+      );
+      const cpuLine = (x: BurnDown) =>
+        `coordinator ${x.cpu_ms_per_task.coordinator}${x.cpu_ms_per_task.postgres !== undefined ? `, postgres ${x.cpu_ms_per_task.postgres}` : ""}, total ${x.cpu_ms_per_task.total}`;
+      console.log(
+        `flow: CPU ms/task (idle included) plain ${cpuLine(plain)}; ${KEYS} keys ${cpuLine(keys)}; hot key ${cpuLine(hot)}; plain again ${cpuLine(plainAgain)}`,
       );
       const latencyPlain = await latency(url, sql, p.latency, () => ({ command: "true" }));
       const latencyKeyed = await latency(url, sql, p.latency, (i) => ({ command: "true", concurrency: { key: `k${i % KEYS}` } }));
@@ -194,15 +221,15 @@ async function run(options: BenchOptions): Promise<BenchResult> {
     const summary: SummaryRow[] = [
       {
         metric: `burn-down: ${p.tasks} × \`true\`, plain (best of two runs)`,
-        value: `${Math.max(f.plain.tasks_per_s, f.plain_again.tasks_per_s)} tasks/s`,
+        value: `${Math.max(f.plain.tasks_per_s, f.plain_again.tasks_per_s)} tasks/s (CPU ${f.plain.cpu_ms_per_task.total} ms/task)`,
       },
       {
         metric: `burn-down: the same, ${KEYS} distinct concurrency keys (max 1 each)`,
-        value: `${f.keys_1000.tasks_per_s} tasks/s (×${f.keys_over_plain} of plain)`,
+        value: `${f.keys_1000.tasks_per_s} tasks/s (×${f.keys_over_plain} of plain; CPU ${f.keys_1000.cpu_ms_per_task.total} ms/task)`,
       },
       {
         metric: `burn-down: the same, one hot key (max ${SLOTS})`,
-        value: `${f.hot_key.tasks_per_s} tasks/s (×${f.hot_over_plain} of plain)`,
+        value: `${f.hot_key.tasks_per_s} tasks/s (×${f.hot_over_plain} of plain; CPU ${f.hot_key.cpu_ms_per_task.total} ms/task)`,
       },
       { metric: "dispatch latency created → picked, plain (p50 / p90 / p99 / max)", value: quartet(f.latency_plain) },
       { metric: "dispatch latency created → picked, keyed", value: quartet(f.latency_keyed) },
