@@ -23,7 +23,7 @@ import {
   untilAllFinal,
   within,
 } from "./support";
-import { cpuPer, postmasterPid, sampleCpu } from "./support/proc-cpu";
+import { type CpuSample, cpuPer, cpuPerNetOfIdle, idleSample, postmasterPid, sampleCpu } from "./support/proc-cpu";
 
 const FULL = { tasks: 1000, batch: 500, latency: 100, rated: 300, rate: 20 };
 const QUICK = { tasks: 300, batch: 100, latency: 10, rated: 40, rate: 20 };
@@ -59,17 +59,23 @@ interface BurnDown {
   tasks_per_s: number;
   /**
    * CPU ms per task of each role (and of PostgreSQL when the bench runs its own, without
-   * DATABASE_URL), from /proc over the burn-down, idle included: on a loaded machine the
-   * rate is distorted far more than this.
+   * DATABASE_URL), from /proc over the burn-down, net of the processes' idle rate (measured
+   * before the runs): on a loaded machine the rate is distorted far more than this.
    */
   cpu_ms_per_task: Record<string, number>;
+  /** The same with the idle CPU of the window left in. */
+  cpu_ms_per_task_with_idle: Record<string, number>;
 }
 
-/** The processes whose CPU a burn-down reads: role name to pid, and the postmaster when ours. */
+/** The processes whose CPU a burn-down reads: role name to pid, the postmaster when ours, and their idle rate. */
 interface CpuSources {
   roles: Record<string, number>;
   postmaster?: number;
+  idle?: { before: CpuSample; after: CpuSample };
 }
+
+/** The idle window whose CPU rate is taken off each burn-down's. */
+const IDLE_MS = 3000;
 
 async function burnDown(baseUrl: string, sql: Sql, items: Item[], batch: number, cpu: CpuSources): Promise<BurnDown> {
   const before = sampleCpu(cpu.roles, cpu.postmaster);
@@ -83,7 +89,8 @@ async function burnDown(baseUrl: string, sql: Sql, items: Item[], batch: number,
     tasks: items.length,
     elapsed_ms: Math.round(elapsed),
     tasks_per_s: Math.round((items.length / elapsed) * 10_000) / 10,
-    cpu_ms_per_task: cpuPer(before, after, items.length),
+    cpu_ms_per_task: cpu.idle ? cpuPerNetOfIdle(cpu.idle, before, after, items.length) : cpuPer(before, after, items.length),
+    cpu_ms_per_task_with_idle: cpuPer(before, after, items.length),
   };
 }
 
@@ -164,6 +171,7 @@ async function run(options: BenchOptions): Promise<BenchResult> {
     try {
       // Warm-up, untimed.
       await burnDown(url, sql, plainItems.slice(0, 50), p.batch, cpu);
+      cpu.idle = await idleSample(roles, cpu.postmaster, IDLE_MS);
       const plain = await burnDown(url, sql, plainItems, p.batch, cpu);
       const keys = await burnDown(url, sql, keyedItems, p.batch, cpu);
       const hot = await burnDown(url, sql, hotItems, p.batch, cpu);
@@ -174,7 +182,7 @@ async function run(options: BenchOptions): Promise<BenchResult> {
       const cpuLine = (x: BurnDown) =>
         `coordinator ${x.cpu_ms_per_task.coordinator}${x.cpu_ms_per_task.postgres !== undefined ? `, postgres ${x.cpu_ms_per_task.postgres}` : ""}, total ${x.cpu_ms_per_task.total}`;
       console.log(
-        `flow: CPU ms/task (idle included) plain ${cpuLine(plain)}; ${KEYS} keys ${cpuLine(keys)}; hot key ${cpuLine(hot)}; plain again ${cpuLine(plainAgain)}`,
+        `flow: CPU ms/task net of idle: plain ${cpuLine(plain)}; ${KEYS} keys ${cpuLine(keys)}; hot key ${cpuLine(hot)}; plain again ${cpuLine(plainAgain)}`,
       );
       const latencyPlain = await latency(url, sql, p.latency, () => ({ command: "true" }));
       const latencyKeyed = await latency(url, sql, p.latency, (i) => ({ command: "true", concurrency: { key: `k${i % KEYS}` } }));
