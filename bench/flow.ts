@@ -65,6 +65,24 @@ interface BurnDown {
   cpu_ms_per_task: Record<string, number>;
   /** The same with the idle CPU of the window left in. */
   cpu_ms_per_task_with_idle: Record<string, number>;
+  /**
+   * The dispatch claim (claimDue) per task: calls, and PostgreSQL's execution ms per call, from
+   * pg_stat_statements (the bench's own PostgreSQL preloads it; null on a server without it).
+   */
+  claims: { calls_per_task: number; exec_ms_per_call: number } | null;
+}
+
+/** pg_stat_statements' counts of the claim statement, or null when the server has none. */
+async function claimStats(sql: Sql): Promise<{ calls: number; ms: number } | null> {
+  try {
+    const [row] = await sql<{ calls: number; ms: number }[]>`
+      SELECT coalesce(sum(calls), 0)::float8 AS calls, coalesce(sum(total_exec_time), 0)::float8 AS ms
+      FROM pg_stat_statements
+      WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) AND query LIKE '%WITH g AS%'`;
+    return row ? { calls: Number(row.calls), ms: Number(row.ms) } : null;
+  } catch {
+    return null;
+  }
 }
 
 /** The processes whose CPU a burn-down reads: role name to pid, the postmaster when ours, and their idle rate. */
@@ -78,19 +96,29 @@ interface CpuSources {
 const IDLE_MS = 3000;
 
 async function burnDown(baseUrl: string, sql: Sql, items: Item[], batch: number, cpu: CpuSources): Promise<BurnDown> {
+  const claimsBefore = await claimStats(sql);
   const before = sampleCpu(cpu.roles, cpu.postmaster);
   const start = performance.now();
   for (let i = 0; i < items.length; i += batch) await submit(baseUrl, items.slice(i, i + batch));
   const end = await untilAllFinal(sql, POLL_MS, timeoutFor(items.length));
   const after = sampleCpu(cpu.roles, cpu.postmaster);
+  const claimsAfter = await claimStats(sql);
   await requireAllSucceeded(sql);
   const elapsed = end - start;
+  const calls = claimsBefore && claimsAfter ? claimsAfter.calls - claimsBefore.calls : null;
   return {
     tasks: items.length,
     elapsed_ms: Math.round(elapsed),
     tasks_per_s: Math.round((items.length / elapsed) * 10_000) / 10,
     cpu_ms_per_task: cpu.idle ? cpuPerNetOfIdle(cpu.idle, before, after, items.length) : cpuPer(before, after, items.length),
     cpu_ms_per_task_with_idle: cpuPer(before, after, items.length),
+    claims:
+      calls === null
+        ? null
+        : {
+            calls_per_task: Math.round((calls / items.length) * 1000) / 1000,
+            exec_ms_per_call: Math.round(((claimsAfter!.ms - claimsBefore!.ms) / Math.max(1, calls)) * 1000) / 1000,
+          },
   };
 }
 
@@ -150,10 +178,16 @@ async function run(options: BenchOptions): Promise<BenchResult> {
   const p = options.quick ? QUICK : FULL;
   const scope = new Scope();
   try {
-    const db = await createBenchDatabase(scope, (line) => console.log(`flow: ${line}`));
+    // Without DATABASE_URL, the bench's own PostgreSQL counts the claims (pg_stat_statements).
+    const db = await createBenchDatabase(
+      scope,
+      (line) => console.log(`flow: ${line}`),
+      process.env.DATABASE_URL ? undefined : { shared_preload_libraries: "pg_stat_statements" },
+    );
     const cluster = await startBenchCluster(scope, db.url, { workers: WORKERS, slots: WORKER_SLOTS, env: PRODUCT_ROLE_ENV });
     const sql = connect(db.url, { max: 1, applicationName: "bench-flow" });
     scope.defer("close the bench's database connection", () => sql.end({ timeout: 5 }));
+    await sql`CREATE EXTENSION IF NOT EXISTS pg_stat_statements`.catch(() => {});
     const url = cluster.schedulerUrl;
     const [coordinator, scheduler, ...workers] = cluster.processes;
     const roles: Record<string, number> = { coordinator: coordinator!.pid, scheduler: scheduler!.pid };
@@ -181,6 +215,11 @@ async function run(options: BenchOptions): Promise<BenchResult> {
       );
       const cpuLine = (x: BurnDown) =>
         `coordinator ${x.cpu_ms_per_task.coordinator}${x.cpu_ms_per_task.postgres !== undefined ? `, postgres ${x.cpu_ms_per_task.postgres}` : ""}, total ${x.cpu_ms_per_task.total}`;
+      const claimLine = (x: BurnDown) =>
+        x.claims ? `${x.claims.calls_per_task} claims/task at ${x.claims.exec_ms_per_call} ms` : "no pg_stat_statements";
+      console.log(
+        `flow: claims plain ${claimLine(plain)}; ${KEYS} keys ${claimLine(keys)}; hot key ${claimLine(hot)}; plain again ${claimLine(plainAgain)}`,
+      );
       console.log(
         `flow: CPU ms/task net of idle: plain ${cpuLine(plain)}; ${KEYS} keys ${cpuLine(keys)}; hot key ${cpuLine(hot)}; plain again ${cpuLine(plainAgain)}`,
       );
