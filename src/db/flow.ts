@@ -106,9 +106,10 @@ const HEAD_ROWS = 32;
 /**
  * The keys a claim admits from once per statement, each with its live count and its room's
  * max: the keys with live tasks (few: at most the cluster's slots, and the cancelled ones still
- * stopping; the room is the largest max among the live ones), and the keys of the first
- * HEAD_ROWS queued tasks in the claim's order that have none live (the room is the largest max
- * among those head tasks). The second kind is a hot key whose live tasks all just ended: its
+ * stopping; the room is the largest max among the live ones), and the keys found more than once
+ * among the first HEAD_ROWS queued tasks in the claim's order (the room, for one with none
+ * live, is the largest max among those head tasks; a key found once costs one probe of
+ * KEY_AHEAD, no more than its lateral here would). The second kind is a hot key whose live tasks all just ended: its
  * backlog, at the front of the queue, would otherwise be counted task by task (KEY_AHEAD, up to
  * max index entries each), which made such a claim cost its backlog times its max.
  * Columns key, live, max.
@@ -117,10 +118,11 @@ const KEY_ROOMS = `SELECT x.key, sum(x.live) AS live,
       coalesce(max(x.max) FILTER (WHERE x.live = 1), max(x.max)) AS max FROM (
       SELECT l.concurrency_key AS key, 1 AS live, l.concurrency_max AS max FROM ${HOLDING} l
       UNION ALL
-      SELECT head.concurrency_key, 0, head.concurrency_max FROM (
+      SELECT head.concurrency_key, 0, max(head.concurrency_max) FROM (
         SELECT h.concurrency_key, h.concurrency_max FROM tasks h WHERE h.state = 'queued'
         ORDER BY h.rank, h.id LIMIT ${HEAD_ROWS}) head
-      WHERE head.concurrency_key IS NOT NULL) x
+      WHERE head.concurrency_key IS NOT NULL
+      GROUP BY head.concurrency_key HAVING count(*) > 1) x
     GROUP BY x.key`;
 
 /**
