@@ -28,7 +28,7 @@
 import { ANY_TASK, MAX_PRIORITY, type WorkerRouting } from "../task/routing";
 import { GUARDS } from "../task/state";
 import { openAttempts } from "./attempts";
-import { changedRows, recordChange, type TaskChangeRow } from "./changes";
+import { changedRows, changeTail, type TaskChangeRow } from "./changes";
 import { type Fragment, states, unnest } from "./encode";
 import {
   flowAdmissible,
@@ -227,7 +227,15 @@ export async function claimDue(
     ),
     ${flowConsume(sql)}
     ${openAttempts(sql)},
-    ${recordChange(sql, "dispatched")}`;
+    ${changeTail(sql, {
+      kind: sql`${"dispatched"}::text`,
+      detail: sql`NULL::jsonb`,
+      actor: sql`NULL::text`,
+      // The attempt each row now names is the one this statement opens: it has no output
+      // yet, so no join of task_attempts for it.
+      output: sql`CROSS JOIN (SELECT NULL::text AS stdout, NULL::text AS stderr, false AS stdout_truncated,
+        false AS stderr_truncated, false AS stdout_replaced, false AS stderr_replaced) o`,
+    })}`;
   // In claim order (RETURNING has none of its own).
   return (changedRows(rows) as ClaimedTask[]).sort(
     (a, b) => (a.rank?.getTime() ?? 0) - (b.rank?.getTime() ?? 0) || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0),
