@@ -23,6 +23,7 @@ import {
   untilAllFinal,
   within,
 } from "./support";
+import { type CpuSample, cpuPer, cpuPerNetOfIdle, idleSample, postmasterPid, sampleCpu } from "./support/proc-cpu";
 
 const FULL = { tasks: 1000, batch: 500, latency: 100, rated: 300, rate: 20 };
 const QUICK = { tasks: 300, batch: 100, latency: 10, rated: 40, rate: 20 };
@@ -56,18 +57,68 @@ interface BurnDown {
   tasks: number;
   elapsed_ms: number;
   tasks_per_s: number;
+  /**
+   * CPU ms per task of each role (and of PostgreSQL when the bench runs its own, without
+   * DATABASE_URL), from /proc over the burn-down, net of the processes' idle rate (measured
+   * before the runs): on a loaded machine the rate is distorted far more than this.
+   */
+  cpu_ms_per_task: Record<string, number>;
+  /** The same with the idle CPU of the window left in. */
+  cpu_ms_per_task_with_idle: Record<string, number>;
+  /**
+   * The dispatch claim (claimDue) per task: calls, and PostgreSQL's execution ms per call, from
+   * pg_stat_statements (the bench's own PostgreSQL preloads it; null on a server without it).
+   */
+  claims: { calls_per_task: number; exec_ms_per_call: number } | null;
 }
 
-async function burnDown(baseUrl: string, sql: Sql, items: Item[], batch: number): Promise<BurnDown> {
+/** pg_stat_statements' counts of the claim statement, or null when the server has none. */
+async function claimStats(sql: Sql): Promise<{ calls: number; ms: number } | null> {
+  try {
+    const [row] = await sql<{ calls: number; ms: number }[]>`
+      SELECT coalesce(sum(calls), 0)::float8 AS calls, coalesce(sum(total_exec_time), 0)::float8 AS ms
+      FROM pg_stat_statements
+      WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) AND query LIKE '%WITH g AS%'`;
+    return row ? { calls: Number(row.calls), ms: Number(row.ms) } : null;
+  } catch {
+    return null;
+  }
+}
+
+/** The processes whose CPU a burn-down reads: role name to pid, the postmaster when ours, and their idle rate. */
+interface CpuSources {
+  roles: Record<string, number>;
+  postmaster?: number;
+  idle?: { before: CpuSample; after: CpuSample };
+}
+
+/** The idle window whose CPU rate is taken off each burn-down's. */
+const IDLE_MS = 3000;
+
+async function burnDown(baseUrl: string, sql: Sql, items: Item[], batch: number, cpu: CpuSources): Promise<BurnDown> {
+  const claimsBefore = await claimStats(sql);
+  const before = sampleCpu(cpu.roles, cpu.postmaster);
   const start = performance.now();
   for (let i = 0; i < items.length; i += batch) await submit(baseUrl, items.slice(i, i + batch));
   const end = await untilAllFinal(sql, POLL_MS, timeoutFor(items.length));
+  const after = sampleCpu(cpu.roles, cpu.postmaster);
+  const claimsAfter = await claimStats(sql);
   await requireAllSucceeded(sql);
   const elapsed = end - start;
+  const calls = claimsBefore && claimsAfter ? claimsAfter.calls - claimsBefore.calls : null;
   return {
     tasks: items.length,
     elapsed_ms: Math.round(elapsed),
     tasks_per_s: Math.round((items.length / elapsed) * 10_000) / 10,
+    cpu_ms_per_task: cpu.idle ? cpuPerNetOfIdle(cpu.idle, before, after, items.length) : cpuPer(before, after, items.length),
+    cpu_ms_per_task_with_idle: cpuPer(before, after, items.length),
+    claims:
+      calls === null
+        ? null
+        : {
+            calls_per_task: Math.round((calls / items.length) * 1000) / 1000,
+            exec_ms_per_call: Math.round(((claimsAfter!.ms - claimsBefore!.ms) / Math.max(1, calls)) * 1000) / 1000,
+          },
   };
 }
 
@@ -127,11 +178,23 @@ async function run(options: BenchOptions): Promise<BenchResult> {
   const p = options.quick ? QUICK : FULL;
   const scope = new Scope();
   try {
-    const db = await createBenchDatabase(scope, (line) => console.log(`flow: ${line}`));
+    // Without DATABASE_URL, the bench's own PostgreSQL counts the claims (pg_stat_statements).
+    const db = await createBenchDatabase(
+      scope,
+      (line) => console.log(`flow: ${line}`),
+      process.env.DATABASE_URL ? undefined : { shared_preload_libraries: "pg_stat_statements" },
+    );
     const cluster = await startBenchCluster(scope, db.url, { workers: WORKERS, slots: WORKER_SLOTS, env: PRODUCT_ROLE_ENV });
     const sql = connect(db.url, { max: 1, applicationName: "bench-flow" });
     scope.defer("close the bench's database connection", () => sql.end({ timeout: 5 }));
+    await sql`CREATE EXTENSION IF NOT EXISTS pg_stat_statements`.catch(() => {});
     const url = cluster.schedulerUrl;
+    const [coordinator, scheduler, ...workers] = cluster.processes;
+    const roles: Record<string, number> = { coordinator: coordinator!.pid, scheduler: scheduler!.pid };
+    workers.forEach((w, i) => {
+      roles[`worker${i}`] = w.pid;
+    });
+    const cpu: CpuSources = { roles, ...(db.dataDir ? { postmaster: postmasterPid(db.dataDir) } : {}) };
     const plainItems = Array.from({ length: p.tasks }, () => ({ command: "true" }));
     const keyedItems = Array.from({ length: p.tasks }, (_, i) => ({
       command: "true",
@@ -141,13 +204,24 @@ async function run(options: BenchOptions): Promise<BenchResult> {
     let figures: Record<string, unknown>;
     try {
       // Warm-up, untimed.
-      await burnDown(url, sql, plainItems.slice(0, 50), p.batch);
-      const plain = await burnDown(url, sql, plainItems, p.batch);
-      const keys = await burnDown(url, sql, keyedItems, p.batch);
-      const hot = await burnDown(url, sql, hotItems, p.batch);
-      const plainAgain = await burnDown(url, sql, plainItems, p.batch);
+      await burnDown(url, sql, plainItems.slice(0, 50), p.batch, cpu);
+      cpu.idle = await idleSample(roles, cpu.postmaster, IDLE_MS);
+      const plain = await burnDown(url, sql, plainItems, p.batch, cpu);
+      const keys = await burnDown(url, sql, keyedItems, p.batch, cpu);
+      const hot = await burnDown(url, sql, hotItems, p.batch, cpu);
+      const plainAgain = await burnDown(url, sql, plainItems, p.batch, cpu);
       console.log(
         `flow: burn-down plain ${plain.tasks_per_s}/s, ${KEYS} keys ${keys.tasks_per_s}/s, hot key ${hot.tasks_per_s}/s, plain again ${plainAgain.tasks_per_s}/s`,
+      );
+      const cpuLine = (x: BurnDown) =>
+        `coordinator ${x.cpu_ms_per_task.coordinator}${x.cpu_ms_per_task.postgres !== undefined ? `, postgres ${x.cpu_ms_per_task.postgres}` : ""}, total ${x.cpu_ms_per_task.total}`;
+      const claimLine = (x: BurnDown) =>
+        x.claims ? `${x.claims.calls_per_task} claims/task at ${x.claims.exec_ms_per_call} ms` : "no pg_stat_statements";
+      console.log(
+        `flow: claims plain ${claimLine(plain)}; ${KEYS} keys ${claimLine(keys)}; hot key ${claimLine(hot)}; plain again ${claimLine(plainAgain)}`,
+      );
+      console.log(
+        `flow: CPU ms/task net of idle: plain ${cpuLine(plain)}; ${KEYS} keys ${cpuLine(keys)}; hot key ${cpuLine(hot)}; plain again ${cpuLine(plainAgain)}`,
       );
       const latencyPlain = await latency(url, sql, p.latency, () => ({ command: "true" }));
       const latencyKeyed = await latency(url, sql, p.latency, (i) => ({ command: "true", concurrency: { key: `k${i % KEYS}` } }));
@@ -194,15 +268,15 @@ async function run(options: BenchOptions): Promise<BenchResult> {
     const summary: SummaryRow[] = [
       {
         metric: `burn-down: ${p.tasks} × \`true\`, plain (best of two runs)`,
-        value: `${Math.max(f.plain.tasks_per_s, f.plain_again.tasks_per_s)} tasks/s`,
+        value: `${Math.max(f.plain.tasks_per_s, f.plain_again.tasks_per_s)} tasks/s (CPU ${f.plain.cpu_ms_per_task.total} ms/task)`,
       },
       {
         metric: `burn-down: the same, ${KEYS} distinct concurrency keys (max 1 each)`,
-        value: `${f.keys_1000.tasks_per_s} tasks/s (×${f.keys_over_plain} of plain)`,
+        value: `${f.keys_1000.tasks_per_s} tasks/s (×${f.keys_over_plain} of plain; CPU ${f.keys_1000.cpu_ms_per_task.total} ms/task)`,
       },
       {
         metric: `burn-down: the same, one hot key (max ${SLOTS})`,
-        value: `${f.hot_key.tasks_per_s} tasks/s (×${f.hot_over_plain} of plain)`,
+        value: `${f.hot_key.tasks_per_s} tasks/s (×${f.hot_over_plain} of plain; CPU ${f.hot_key.cpu_ms_per_task.total} ms/task)`,
       },
       { metric: "dispatch latency created → picked, plain (p50 / p90 / p99 / max)", value: quartet(f.latency_plain) },
       { metric: "dispatch latency created → picked, keyed", value: quartet(f.latency_keyed) },

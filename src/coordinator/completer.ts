@@ -35,8 +35,11 @@ export interface CompleterOptions {
   log: Logger;
   /** This coordinator, for the log lines of the attempts it records. */
   coordinatorId: string;
-  /** Called when a slot frees up (or new work may go out again). */
-  onSlotFreed: () => void;
+  /**
+   * Called when a slot frees up (or new work may go out again). `exited`: only because a
+   * process exited, its result not yet written (the dispatcher may wait for the write's wake).
+   */
+  onSlotFreed: (exited?: boolean) => void;
   /** Delay between retries of a report the database did not take. Defaults to 500 ms. */
   retryMs?: number;
   /** Reports held for the database at which new work is held back. Defaults to 10000. */
@@ -116,7 +119,7 @@ export class Completer {
     const ref = message.ref;
     if (!ref) return;
     // The process has exited: the slot is free whatever the database says.
-    if (this.options.registry.release(worker, ref.taskId, ref.attempt)) this.options.onSlotFreed();
+    if (this.options.registry.release(worker, ref.taskId, ref.attempt)) this.options.onSlotFreed(true);
     const action = finishAction(message);
     const target = attemptRefFromProto(ref, worker.id);
     if (action.kind === "record") this.finishes.push({ worker, report: { ref: target, result: action.result } });

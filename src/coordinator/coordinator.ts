@@ -132,7 +132,7 @@ export class Coordinator {
       registry: this.registry,
       log: log.child({ part: "completer" }),
       coordinatorId: this.id,
-      onSlotFreed: () => this.dispatcher.wake(),
+      onSlotFreed: (exited) => (exited ? this.dispatcher.slotFreed() : this.dispatcher.wake()),
       maxPending: config.TQ_COMPLETER_MAX_PENDING,
       metrics: this.metrics,
     });

@@ -11,6 +11,7 @@ import { expireScheduleTimeouts } from "../db/waiting";
 import { type Logger, taskFields } from "../log";
 import type { TaskMetrics } from "../metrics/metrics";
 import { assignMessage } from "../rpc/messages";
+import { attemptKey } from "../task/attempt";
 import type { WorkerRouting } from "../task/routing";
 import type { Task } from "../task/task";
 import type { Tracing } from "../trace/tracing";
@@ -42,6 +43,12 @@ export interface DispatcherOptions {
 /** The longest delay setTimeout honours. */
 export const MAX_TIMER_MS = 2 ** 31 - 1;
 
+/**
+ * How long a slot left free on a keyed task's exit waits at most for the wake that its result's
+ * commit brings (Completer.wakeForKeys): a result that turns out stale brings none.
+ */
+export const KEYED_EXIT_FALLBACK_MS = 100;
+
 export class Dispatcher {
   private running = false;
   private again = false;
@@ -54,6 +61,15 @@ export class Dispatcher {
   private expirePending = false;
   private idle: Promise<void> = Promise.resolve();
   private markIdle: () => void = () => {};
+  /** The attempts this dispatcher sent, by attemptKey, until their slot is seen free: the worker, and whether keyed. */
+  private readonly sent = new Map<string, { workerId: string; keyed: boolean }>();
+  /**
+   * The slot class (slotClass) of the last claim when it left nothing admissible behind for
+   * its slots (fewer tasks than slots, or more_queued false); null otherwise.
+   */
+  private exhaustedClass: string | null = null;
+  /** Fires a pass when a skipped keyed exit's result brought no wake (KEYED_EXIT_FALLBACK_MS). */
+  private fallback: ReturnType<typeof setTimeout> | null = null;
 
   constructor(private readonly options: DispatcherOptions) {}
 
@@ -72,6 +88,7 @@ export class Dispatcher {
     if (this.poll) clearInterval(this.poll);
     this.poll = null;
     this.clearTimer();
+    this.clearFallback();
     await this.idle;
   }
 
@@ -97,6 +114,25 @@ export class Dispatcher {
   }
 
   /**
+   * A process exited and freed its slot, its result not yet written (Completer.onSlotFreed
+   * with `exited`; every other freeing calls wake). When every slot freed since the last claim
+   * was a keyed task's, and that claim left nothing admissible
+   * behind, a claim now would count those tasks live still (their results are not committed)
+   * and find nothing: a hot key's slot would cost a wasted claim per task, and its real claim
+   * would queue behind it. Such a wake is skipped; the results' commit wakes the pass
+   * (Completer.wakeForKeys, a plain wake), and KEYED_EXIT_FALLBACK_MS bounds the wait when
+   * none comes (a stale result).
+   */
+  slotFreed(): void {
+    if (this.stopped) return;
+    if (this.onlyKeyedExits()) {
+      this.armFallback();
+      return;
+    }
+    this.wake();
+  }
+
+  /**
    * Feed listener: a queued task due now (or within the hand-over window) wakes us; a later
    * one arms the timer for the start of its window.
    */
@@ -113,16 +149,26 @@ export class Dispatcher {
   }
 
   private async pass(): Promise<void> {
+    let first = true;
     try {
       for (;;) {
         if (this.stopped) break;
         const plan = this.options.registry.slotPlan();
         if (plan.length === 0) break;
+        // Slots freed during the last claim, all by keyed exits: as in slotFreed.
+        if (!first && this.onlyKeyedExits()) {
+          this.armFallback();
+          break;
+        }
+        first = false;
+        this.sawReleases();
+        this.clearFallback();
         // A worker without start_in_ms would start an early hand-over at once: its slots are
         // claimed for due tasks only, first, so that they take the tasks already due.
         const early = plan.filter((id) => this.takesEarly(id));
         const dueOnly = plan.filter((id) => !this.takesEarly(id));
         let filled = false;
+        let exhausted = true;
         for (const [slots, aheadMs] of [
           [dueOnly, 0],
           [early, this.options.aheadMs],
@@ -145,7 +191,9 @@ export class Dispatcher {
           // also fill some and not others (the candidates it read were for the filled ones):
           // any progress is worth another pass, which reads for the slots still free.
           if (claimed.length === slots.length || (claimed.length > 0 && this.mixedRouting(slots))) filled = true;
+          if (claimed.length === slots.length && claimed[0]?.more_queued !== false) exhausted = false;
         }
+        this.exhaustedClass = exhausted ? this.slotClass(plan) : null;
         if (!filled) {
           // Slots left free: a task held back by a rate limit gets its token before any wake
           // comes, so wake when the next token is due (src/db/flow.ts), not at the next poll.
@@ -218,6 +266,7 @@ export class Dispatcher {
             "taskqueue.worker_id": workerId,
           })
         : null;
+    this.sent.set(attemptKey(task.id, task.attempt), { workerId, keyed: task.concurrency_key != null });
     worker.send(assignMessage(task, startInMs, leaseLeftMs, span?.traceparent ?? task.traceparent));
     span?.end();
     this.options.metrics?.dispatched((Date.now() - task.run_at.getTime()) / 1000);
@@ -237,6 +286,62 @@ export class Dispatcher {
   private mixedRouting(slots: readonly string[]): boolean {
     const first = this.options.registry.get(slots[0] ?? "")?.routing;
     return slots.some((id) => this.options.registry.get(id)?.routing !== first);
+  }
+
+  /**
+   * One string for the slots when all are alike (routing and early hand-over), null when not:
+   * a claim that found nothing for one kind of slot says nothing about another kind.
+   */
+  private slotClass(slots: readonly string[]): string | null {
+    let only: string | null = null;
+    for (const id of slots) {
+      const worker = this.options.registry.get(id);
+      const r = worker?.routing;
+      const c = JSON.stringify([
+        r?.queues == null ? null : [...r.queues].sort(),
+        r ? Object.entries(r.labels).sort() : [],
+        this.takesEarly(id),
+      ]);
+      if (only !== null && c !== only) return null;
+      only = c;
+    }
+    return only;
+  }
+
+  /** The sent attempts whose slots are free since the last look (their worker let them go, or is gone), forgotten now. */
+  private sawReleases(): { workerId: string; keyed: boolean }[] {
+    const released: { workerId: string; keyed: boolean }[] = [];
+    for (const [key, entry] of this.sent) {
+      const worker = this.options.registry.get(entry.workerId);
+      if (worker?.inFlight.has(key)) continue;
+      this.sent.delete(key);
+      released.push(entry);
+    }
+    return released;
+  }
+
+  /**
+   * Whether a claim for the free slots now would find nothing the last one did not: it left
+   * nothing behind for slots of this class, and every slot freed since was a keyed task's exit.
+   */
+  private onlyKeyedExits(): boolean {
+    const released = this.sawReleases();
+    if (released.length === 0 || released.some((r) => !r.keyed)) return false;
+    if (this.exhaustedClass === null) return false;
+    return this.slotClass(this.options.registry.slotPlan()) === this.exhaustedClass;
+  }
+
+  private armFallback(): void {
+    if (this.fallback || this.stopped) return;
+    this.fallback = setTimeout(() => {
+      this.fallback = null;
+      this.wake();
+    }, KEYED_EXIT_FALLBACK_MS);
+  }
+
+  private clearFallback(): void {
+    if (this.fallback) clearTimeout(this.fallback);
+    this.fallback = null;
   }
 
   private takesEarly(workerId: string): boolean {

@@ -28,7 +28,7 @@
 import { ANY_TASK, MAX_PRIORITY, type WorkerRouting } from "../task/routing";
 import { GUARDS } from "../task/state";
 import { openAttempts } from "./attempts";
-import { changedRows, recordChange, type TaskChangeRow } from "./changes";
+import { changedRows, changeTail, type TaskChangeRow } from "./changes";
 import { type Fragment, states, unnest } from "./encode";
 import {
   flowAdmissible,
@@ -48,6 +48,12 @@ import { taskRowColumns } from "./tasks";
 export type ClaimedTask = TaskChangeRow & {
   /** 0 when due; otherwise the milliseconds (rounded up) until run_at. */
   start_in_ms: number;
+  /**
+   * The same on every row of a claim: whether it left admissible candidates behind (it read as
+   * many as it may, or more than it took). False: as of its snapshot, nothing else was due and
+   * admitted for these slots, so a slot freed before the database changes finds nothing either.
+   */
+  more_queued: boolean;
 };
 
 export interface ClaimOptions {
@@ -156,6 +162,7 @@ export async function claimDue(
   const aheadSecs = Math.max(0, options.aheadMs ?? 0) / 1000;
   const boundSecs = aheadSecs + (MAX_PRIORITY * Math.max(0, options.agingMs ?? 1000)) / 1000;
   const groups = groupSlots(slots, options.routing ?? new Map());
+  const limit = slots.length * CANDIDATES_PER_SLOT;
   const rows = await sql<(ClaimedTask & { event_id: string })[]>`
     WITH g AS (
       SELECT r.g, r.queues, r.labels, r.slots, jsonb_array_length(r.slots) AS n FROM ${unnest(sql, groups, {
@@ -186,7 +193,7 @@ export async function claimDue(
             AND (tasks.requires = '[]'::jsonb OR tq_labels_match(tasks.requires, g.labels)))
         ${flowCandidateFilter(sql)}
       ORDER BY rank, id
-      LIMIT ${slots.length * CANDIDATES_PER_SLOT}
+      LIMIT ${limit}
       FOR UPDATE OF tasks SKIP LOCKED
     ),
     room AS (
@@ -215,11 +222,20 @@ export async function claimDue(
       RETURNING ${taskRowColumns(sql, "tasks")},
         -- Rounded up, and read after the claim: waiting this long from any later moment never
         -- starts the task before its time.
-        greatest(0, ceil(extract(epoch FROM tasks.run_at - clock_timestamp()) * 1000))::integer AS start_in_ms
+        greatest(0, ceil(extract(epoch FROM tasks.run_at - clock_timestamp()) * 1000))::integer AS start_in_ms,
+        (SELECT count(*) FROM cand) >= ${limit} OR (SELECT count(*) FROM cand) > (SELECT count(*) FROM pick) AS more_queued
     ),
     ${flowConsume(sql)}
     ${openAttempts(sql)},
-    ${recordChange(sql, "dispatched")}`;
+    ${changeTail(sql, {
+      kind: sql`${"dispatched"}::text`,
+      detail: sql`NULL::jsonb`,
+      actor: sql`NULL::text`,
+      // The attempt each row now names is the one this statement opens: it has no output
+      // yet, so no join of task_attempts for it.
+      output: sql`CROSS JOIN (SELECT NULL::text AS stdout, NULL::text AS stderr, false AS stdout_truncated,
+        false AS stderr_truncated, false AS stdout_replaced, false AS stderr_replaced) o`,
+    })}`;
   // In claim order (RETURNING has none of its own).
   return (changedRows(rows) as ClaimedTask[]).sort(
     (a, b) => (a.rank?.getTime() ?? 0) - (b.rank?.getTime() ?? 0) || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0),

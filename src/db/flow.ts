@@ -100,13 +100,36 @@ const KEY_AHEAD = `(SELECT count(*) FROM (SELECT 1 FROM tasks ahead
     WHERE ahead.concurrency_key = tasks.concurrency_key AND ahead.state = 'queued' AND ${AHEAD}
     LIMIT tasks.concurrency_max) a)`;
 
+/** Queued tasks at the head of the claim's order whose keys get the once-per-statement path. */
+const HEAD_ROWS = 32;
+
 /**
- * The queued tasks that the keys with live tasks have room for, as of the snapshot: of each
- * such key, the first (max - live) of its queue, each also within its own max.
+ * The keys a claim admits from once per statement, each with its live count and its room's
+ * max: the keys with live tasks (few: at most the cluster's slots, and the cancelled ones still
+ * stopping; the room is the largest max among the live ones), and the keys found more than once
+ * among the first HEAD_ROWS queued tasks in the claim's order (the room, for one with none
+ * live, is the largest max among those head tasks; a key found once costs one probe of
+ * KEY_AHEAD, no more than its lateral here would). The second kind is a hot key whose live tasks all just ended: its
+ * backlog, at the front of the queue, would otherwise be counted task by task (KEY_AHEAD, up to
+ * max index entries each), which made such a claim cost its backlog times its max.
+ * Columns key, live, max.
  */
-const KEY_ADMITTED = `SELECT q.id FROM (
-      SELECT l.concurrency_key AS key, count(*) AS live, max(l.concurrency_max) AS max FROM ${HOLDING} l
-      GROUP BY l.concurrency_key) lk
+const KEY_ROOMS = `SELECT x.key, sum(x.live) AS live,
+      coalesce(max(x.max) FILTER (WHERE x.live = 1), max(x.max)) AS max FROM (
+      SELECT l.concurrency_key AS key, 1 AS live, l.concurrency_max AS max FROM ${HOLDING} l
+      UNION ALL
+      SELECT head.concurrency_key, 0, max(head.concurrency_max) FROM (
+        SELECT h.concurrency_key, h.concurrency_max FROM tasks h WHERE h.state = 'queued'
+        ORDER BY h.rank, h.id LIMIT ${HEAD_ROWS}) head
+      WHERE head.concurrency_key IS NOT NULL
+      GROUP BY head.concurrency_key HAVING count(*) > 1) x
+    GROUP BY x.key`;
+
+/**
+ * The queued tasks that the KEY_ROOMS keys have room for, as of the snapshot: of each such key,
+ * the first (max - live) of its queue, each also within its own max.
+ */
+const KEY_ADMITTED = `SELECT q.id FROM (${KEY_ROOMS}) lk
     CROSS JOIN LATERAL (
       SELECT q.id, q.concurrency_max, row_number() OVER (ORDER BY q.rank, q.id) - 1 AS ahead FROM tasks q
       WHERE q.concurrency_key = lk.key AND q.state = 'queued'
@@ -123,17 +146,16 @@ const KEY_ADMITTED = `SELECT q.id FROM (
  */
 export function flowCandidateFilter(sql: Sql): Fragment {
   return sql.unsafe(`AND (tasks.concurrency_key IS NULL OR CASE
-      -- A key with live tasks (few: at most the slots of the cluster, and the cancelled ones
-      -- still stopping, which hold their slot too): once per statement (two
-      -- hashed subplans), the queued tasks its room admits, the first (max - live) of its queue
-      -- on tasks_concurrency_queued_idx. Every other task of such a key, a hot key's whole
-      -- backlog, is then passed over at the cost of two hash probes a row, never an index
-      -- probe, so a claim costs about the same with one hot key as without keys. (The room is
-      -- the largest max among the live ones: a task asking a larger one waits until the key is
-      -- below theirs.)
-      WHEN tasks.concurrency_key IN (SELECT live.concurrency_key FROM ${HOLDING} live)
+      -- A key with live tasks, or at the head of the queue (KEY_ROOMS: few): once per
+      -- statement (two hashed subplans, built only when a keyed row comes), the queued tasks
+      -- its room admits, the first (max - live) of its queue on tasks_concurrency_queued_idx.
+      -- Every other task of such a key, a hot key's whole backlog, is then passed over at the
+      -- cost of two hash probes a row, never an index probe. (The room is the largest max
+      -- among the live ones: a task asking a larger one waits until the key is below theirs.)
+      WHEN tasks.concurrency_key IN (SELECT rooms.key FROM (${KEY_ROOMS}) rooms)
       THEN tasks.id IN (${KEY_ADMITTED})
-      -- A key with none live: room for its first max (counted up to the max).
+      -- Any other key (none live, first queued task further back): room for its first max
+      -- (counted up to the max).
       ELSE ${KEY_AHEAD} < tasks.concurrency_max END)
     AND (tasks.rate_limit IS NULL
       OR NOT EXISTS (SELECT 1 FROM rate_limits l WHERE l.name = tasks.rate_limit)

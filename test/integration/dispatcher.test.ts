@@ -1,11 +1,13 @@
 import { describe, expect, jest, setDefaultTimeout, test } from "bun:test";
-import { Dispatcher } from "../../src/coordinator/dispatcher";
+import { Dispatcher, KEYED_EXIT_FALLBACK_MS } from "../../src/coordinator/dispatcher";
 import { type WorkerConnection, WorkerRegistry } from "../../src/coordinator/registry";
 import type { Sql } from "../../src/db/sql";
+import { finishAttempt } from "../../src/db/transitions";
 import type { CoordinatorMessage } from "../../src/gen/taskqueue/v1/worker_service_pb";
 import { silentLogger } from "../../src/log";
 import { TEST_TIMEOUT_MS, useTestDatabase } from "../support/db";
-import { createTask, taskSpec } from "../support/factories";
+import { eventually } from "../support/eventually";
+import { attemptResult, createTask, taskSpec } from "../support/factories";
 import { expectNoTimersSince, timerMark } from "../support/leaks";
 
 setDefaultTimeout(TEST_TIMEOUT_MS);
@@ -118,5 +120,74 @@ describe("Dispatcher timer", () => {
     expectNoTimersSince(mark, "Dispatcher.stop()", { besides: ["node_modules/postgres/"] });
     expect(taskId).toBe(task.id);
     expect(at).toBeGreaterThanOrEqual(due.getTime());
+  });
+});
+
+describe("Dispatcher on a process's exit", () => {
+  /** One worker with one slot, the tasks assigned to it in order, and a dispatcher counting its statements. */
+  async function oneSlot() {
+    const registry = new WorkerRegistry();
+    const assigned: string[] = [];
+    const worker = fakeWorker(registry, "w-1", (message) => {
+      if (message.payload.case === "assign") assigned.push(message.payload.value.ref?.taskId ?? "");
+    });
+    registry.add(worker);
+    const counting = countingSql();
+    const subject = dispatcher(counting.sql, registry);
+    return { registry, worker, assigned, subject, ...counting };
+  }
+
+  test("a keyed task's exit with nothing else admitted claims nothing until its result is written", async () => {
+    await db.sql`TRUNCATE tasks, concurrency_keys CASCADE`;
+    const spec = taskSpec({ concurrency: { key: "exit-key", max: 1, strategy: "queue" } });
+    const first = await createTask(db.sql, spec);
+    const second = await createTask(db.sql, spec);
+    const { registry, worker, assigned, subject, statements, settled } = await oneSlot();
+    subject.start();
+    await eventually(() => assigned.length === 1 || null, { what: "the first keyed task assigned" });
+    await settled();
+    expect(assigned).toEqual([first.id]);
+    const mark = timerMark();
+    jest.useFakeTimers();
+    try {
+      // Its process is gone, its result not yet written: the key still counts it live, so a
+      // claim would find nothing. None runs.
+      registry.release(worker, first.id, first.attempt + 1);
+      const before = statements();
+      subject.slotFreed();
+      await settled();
+      expect(statements()).toBe(before);
+      // No wake came (a stale result brings none): the fallback claims, and finds nothing.
+      jest.advanceTimersByTime(KEYED_EXIT_FALLBACK_MS);
+      await settled();
+      expect(statements()).toBeGreaterThan(before);
+      expect(assigned).toEqual([first.id]);
+    } finally {
+      jest.useRealTimers();
+    }
+    // The result written, the completer's wake claims the key's next task.
+    await finishAttempt(db.sql, { taskId: first.id, attempt: first.attempt + 1, workerId: "w-1" }, attemptResult());
+    subject.wake();
+    await eventually(() => assigned.length === 2 || null, { what: "the second keyed task assigned" });
+    expect(assigned).toEqual([first.id, second.id]);
+    await subject.stop();
+    expectNoTimersSince(mark, "Dispatcher.stop()", { besides: ["node_modules/postgres/"] });
+  });
+
+  test("a plain task's exit claims at once", async () => {
+    await db.sql`TRUNCATE tasks, concurrency_keys CASCADE`;
+    const first = await createTask(db.sql, taskSpec());
+    const { registry, worker, assigned, subject, statements, settled } = await oneSlot();
+    subject.start();
+    await eventually(() => assigned.length === 1 || null, { what: "the plain task assigned" });
+    await settled();
+    const second = await createTask(db.sql, taskSpec());
+    const before = statements();
+    registry.release(worker, first.id, first.attempt + 1);
+    subject.slotFreed();
+    await eventually(() => assigned.length === 2 || null, { what: "the next plain task assigned" });
+    expect(statements()).toBeGreaterThan(before);
+    expect(assigned).toEqual([first.id, second.id]);
+    await subject.stop();
   });
 });

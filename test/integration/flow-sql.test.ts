@@ -80,6 +80,39 @@ describe("concurrency keys in the claim", () => {
     expect((await claimDue(db.sql, "c1", slots(8), 60_000)).map((t) => t.id)).toEqual([backlog[2]!]);
   });
 
+  test("a hot key with none live, at the head of a deep backlog, gives exactly its first max", async () => {
+    await clear();
+    const backlog = await submit(Array.from({ length: 80 }, () => keyed("deep", 3)));
+    const plain = await submit(Array.from({ length: 2 }, () => taskSpec()));
+    const claimed = await claimDue(db.sql, "c1", slots(8), 60_000);
+    expect(claimed.filter((t) => plain.includes(t.id))).toHaveLength(2);
+    expect(
+      claimed
+        .filter((t) => t.concurrency_key === "deep")
+        .map((t) => t.id)
+        .sort(),
+    ).toEqual(backlog.slice(0, 3).sort());
+    // All three done at once: none live again, and exactly the next three go.
+    for (const t of claimed) await finishAttempt(db.sql, { taskId: t.id, attempt: t.attempt, workerId: "w1" }, attemptResult());
+    const next = await claimDue(db.sql, "c1", slots(8), 60_000);
+    expect(next.map((t) => t.id).sort()).toEqual(backlog.slice(3, 6).sort());
+    expect(await liveOf("deep")).toBe(3);
+  });
+
+  test("a key whose first queued task is far back in the queue is still held to its max", async () => {
+    await clear();
+    const plain = await submit(Array.from({ length: 40 }, () => taskSpec()));
+    const far = await submit(Array.from({ length: 5 }, () => keyed("far", 2)));
+    const claimed = await claimDue(db.sql, "c1", slots(50), 60_000);
+    expect(claimed.filter((t) => plain.includes(t.id))).toHaveLength(40);
+    expect(
+      claimed
+        .filter((t) => t.concurrency_key === "far")
+        .map((t) => t.id)
+        .sort(),
+    ).toEqual(far.slice(0, 2).sort());
+  });
+
   test("a task asking a smaller max than its key's live ones is held to its own max", async () => {
     await clear();
     await submit(Array.from({ length: 2 }, () => keyed("mixed", 3)));
