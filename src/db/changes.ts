@@ -8,7 +8,7 @@ import type { Fragment } from "./encode";
 import { freesKey } from "./flow";
 import { TASK_CHANNEL, TASK_CHANNEL_PREFIX } from "./notify";
 import type { Sql } from "./sql";
-import { outputColumns } from "./tasks";
+import { currentAttempt, outputColumns } from "./tasks";
 
 /** A changed task as its statement returns it, with the id of the event it appended. */
 export type TaskChangeRow = Task & { event_id: string };
@@ -115,7 +115,7 @@ export function changeTail(
       ${watched ? sql`pg_notify(${TASK_CHANNEL_PREFIX} || t.id::text, n.payload)::text` : sql`NULL::text`} AS notified,
       CASE WHEN ${wakesCoordinators(sql)} THEN pg_notify(${TASK_CHANNEL}, n.payload) END::text AS notified_all
     FROM t JOIN e ON e.task_id = t.id ${leading ? sql`AND e.kind <> ${leading.kind}::text` : sql``}
-    ${event.output ?? currentAttemptOf(sql)}
+    ${event.output ?? currentAttempt(sql, "t")}
     CROSS JOIN LATERAL (
       SELECT json_build_object(
         'id', t.id, 'state', t.state, 'attempt', t.attempt, 'worker_id', t.worker_id,
@@ -125,17 +125,6 @@ export function changeTail(
         'frees_key', ${freesKey(sql)}
       )::text AS payload
     ) n`;
-}
-
-/**
- * Each changed row's current attempt as `o` (src/db/tasks.ts currentAttempt's join, one row by
- * the primary key), probed row by row: as a plain join the planner may read all of
- * task_attempts and hash it, a scan per statement while the table is small.
- */
-function currentAttemptOf(sql: Sql): Fragment {
-  return sql`LEFT JOIN LATERAL (
-      SELECT * FROM task_attempts a WHERE a.task_id = t.id AND a.attempt = t.attempt LIMIT 1
-    ) o ON true`;
 }
 
 /** The changed rows without the columns the change tail adds for its own use. */

@@ -36,14 +36,13 @@ function refColumns<R>(ref: (row: R) => AttemptRef): Record<string, Column<R>> {
 
 /**
  * The fence: the task that batch row `r` names, while r's attempt and worker hold it in one of
- * `guard`. `ids` are the batch's task ids once more, as one array: the join alone leaves the
- * planner free to read every task of a small table and hash the batch against them (a scan
- * per batch while the table is a few thousand rows, as in a burn-down); with the array it
- * probes the primary key for each id at any size.
+ * `guard`. (A second condition naming the batch's ids as one array, tried against a small
+ * table's scan, made the planner probe that whole array for every row of a large batch: PostgreSQL
+ * CPU per task doubled in the control-plane bench's batches of ~500.)
  */
-function fence(sql: Sql, guard: readonly TaskState[], ids: readonly string[]): Fragment {
+function fence(sql: Sql, guard: readonly TaskState[]): Fragment {
   return sql`tasks.id = r.id AND tasks.attempt = r.attempt AND tasks.worker_id = r.worker_id
-    AND tasks.state IN (${states(sql, guard)}) AND tasks.id = ANY(${array(sql, ids, "uuid")})`;
+    AND tasks.state IN (${states(sql, guard)})`;
 }
 
 /** A retry decision's facts for each task id (the attempt is the report's, which the fence pins). */
@@ -75,11 +74,7 @@ export async function markStartedMany(sql: Sql, reports: readonly StartReport[])
         started_at: ["timestamptz", (report) => report.startedAt],
         pid: ["integer", (report) => report.pid],
       })}
-      WHERE ${fence(
-        sql,
-        GUARDS.start,
-        reports.map((report) => report.taskId),
-      )}
+      WHERE ${fence(sql, GUARDS.start)}
       RETURNING ${taskRowColumns(sql, "tasks")}, 'started'::text AS event_kind, jsonb_build_object('pid', r.pid) AS event_detail
     ),
     ${startAttempts(sql)},
@@ -186,11 +181,7 @@ function applyFinishes(sql: Sql, decided: readonly (FinishReport & { decision: F
       })}
     ),
     d AS (
-      SELECT r.*, tasks.state AS was_state FROM tasks JOIN r ON ${fence(
-        sql,
-        GUARDS.inFlight,
-        decided.map((d) => d.ref.taskId),
-      )}
+      SELECT r.*, tasks.state AS was_state FROM tasks JOIN r ON ${fence(sql, GUARDS.inFlight)}
       FOR UPDATE OF tasks
     ),
     t AS (
@@ -350,11 +341,7 @@ async function loseAttempts(
         event_kind: ["text", ({ decision }) => decision.eventKind],
         interrupted: ["boolean", ({ decision }) => decision.interrupted],
       })}
-      WHERE ${fence(
-        sql,
-        GUARDS.inFlight,
-        lost.map(({ task }) => task.id),
-      )} AND ${where}
+      WHERE ${fence(sql, GUARDS.inFlight)} AND ${where}
       RETURNING ${taskRowColumns(sql, "tasks")}, r.event_kind,
         jsonb_build_object('outcome', ${cause}::text, 'cause', ${cause}::text, 'reason', ${reason}::text) AS event_detail
     ),
@@ -411,11 +398,7 @@ export async function renewLeases(sql: Sql, refs: readonly AttemptRef[], default
       refs,
       refColumns((ref) => ref),
     )}
-    WHERE ${fence(
-      sql,
-      GUARDS.inFlight,
-      refs.map((ref) => ref.taskId),
-    )}
+    WHERE ${fence(sql, GUARDS.inFlight)}
     RETURNING tasks.id, tasks.attempt, coalesce(tasks.lease_ms, ${defaultLeaseMs}::integer) AS lease_ms`;
   return new Map(rows.map((row) => [attemptKey(row.id, row.attempt), row.lease_ms]));
 }
