@@ -2,7 +2,8 @@
 // down the workers' streams. It wakes on a NOTIFY of a due task, on a freed slot, on a worker
 // joining, and on a timer set for the earliest future task; a slow safety poll covers a
 // missed notification. Between wakes it does nothing.
-import { claimDue, nextDueIn } from "../db/claim";
+import { type ClaimedTask, claimDue, nextDueIn } from "../db/claim";
+import { DatabaseClock } from "../db/clock";
 import { nextTokenIn } from "../db/flow";
 import type { TaskChange } from "../db/notify";
 import type { Sql } from "../db/sql";
@@ -32,6 +33,12 @@ export interface DispatcherOptions {
    * "start_in_ms" feature: the others get only tasks already due.
    */
   aheadMs: number;
+  /**
+   * The database's clock read without a round trip (src/db/clock.ts), for the time left until an
+   * early hand-over is due as its Assign is sent. Defaults to one sampling `sql` while the
+   * dispatcher runs (when aheadMs > 0).
+   */
+  clock?: DatabaseClock;
   /** Counts each Assign sent, and the wait since its attempt became due. */
   metrics?: TaskMetrics;
   /** The role's tracing (src/trace); absent or null: off. */
@@ -71,10 +78,15 @@ export class Dispatcher {
   /** Fires a pass when a skipped keyed exit's result brought no wake (KEYED_EXIT_FALLBACK_MS). */
   private fallback: ReturnType<typeof setTimeout> | null = null;
 
-  constructor(private readonly options: DispatcherOptions) {}
+  private readonly clock: DatabaseClock | null;
+
+  constructor(private readonly options: DispatcherOptions) {
+    this.clock = options.aheadMs > 0 ? (options.clock ?? new DatabaseClock(options.sql)) : null;
+  }
 
   start(): void {
     this.stopped = false;
+    this.clock?.start();
     this.poll = setInterval(() => {
       this.expirePending = true;
       this.wake(true);
@@ -85,6 +97,7 @@ export class Dispatcher {
   /** Stops waking; resolves when a claim in progress has finished. */
   async stop(): Promise<void> {
     this.stopped = true;
+    this.clock?.stop();
     if (this.poll) clearInterval(this.poll);
     this.poll = null;
     this.clearTimer();
@@ -185,7 +198,7 @@ export class Dispatcher {
           for (const task of claimed) {
             const worker = task.worker_id ? this.options.registry.get(task.worker_id) : undefined;
             if (worker) this.options.registry.reserve(worker, task.id, task.attempt);
-            this.assign(task.worker_id ?? "", task, grantedAt, task.start_in_ms);
+            this.assign(task.worker_id ?? "", task, grantedAt, this.startIn(task), task.run_at_ms);
           }
           // All slots filled: there may be more. With workers of different routing, a pass can
           // also fill some and not others (the candidates it read were for the filled ones):
@@ -242,7 +255,7 @@ export class Dispatcher {
    * `grantedAt` is performance.now() no later than the statement that granted the lease: the
    * Assign carries what is left of it as a duration, so that no wall clock decides.
    */
-  assign(workerId: string, task: Task, grantedAt: number, startInMs = 0): void {
+  assign(workerId: string, task: Task, grantedAt: number, startInMs = 0, dueAtMs = 0): void {
     const worker = this.options.registry.get(workerId);
     if (!worker) {
       const ref = { taskId: task.id, attempt: task.attempt, workerId };
@@ -267,9 +280,23 @@ export class Dispatcher {
           })
         : null;
     this.sent.set(attemptKey(task.id, task.attempt), { workerId, keyed: task.concurrency_key != null });
-    worker.send(assignMessage(task, startInMs, leaseLeftMs, span?.traceparent ?? task.traceparent));
+    worker.send(assignMessage(task, startInMs, leaseLeftMs, span?.traceparent ?? task.traceparent, dueAtMs));
     span?.end();
     this.options.metrics?.dispatched((Date.now() - task.run_at.getTime()) / 1000);
+  }
+
+  /**
+   * How long the worker waits before starting a claimed task: what is left until run_at by the
+   * database's clock as the Assign goes out. The claim's own start_in_ms was read before the
+   * claim's writes and commit and the decoding of its rows (a few ms to tens of ms with many
+   * rows), and every one of those ms made the start later. The clock's reading is never ahead
+   * of the database's, so the start is never early; without a recent sample, the claim's figure.
+   */
+  private startIn(task: ClaimedTask): number {
+    if (task.start_in_ms <= 0) return 0;
+    const now = this.clock?.now() ?? null;
+    if (now === null || !Number.isFinite(task.run_at_ms)) return task.start_in_ms;
+    return Math.min(task.start_in_ms, Math.max(0, Math.ceil(task.run_at_ms - now)));
   }
 
   /** The routing of the workers that have slots in `slots` (a worker without any takes any task). */

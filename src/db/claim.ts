@@ -48,6 +48,8 @@ import { taskRowColumns } from "./tasks";
 export type ClaimedTask = TaskChangeRow & {
   /** 0 when due; otherwise the milliseconds (rounded up) until run_at. */
   start_in_ms: number;
+  /** run_at in epoch ms, unrounded (run_at's Date keeps whole ms): the due time to count to as the Assign is sent. */
+  run_at_ms: number;
   /**
    * The same on every row of a claim: whether it left admissible candidates behind (it read as
    * many as it may, or more than it took). False: as of its snapshot, nothing else was due and
@@ -223,6 +225,7 @@ export async function claimDue(
         -- Rounded up, and read after the claim: waiting this long from any later moment never
         -- starts the task before its time.
         greatest(0, ceil(extract(epoch FROM tasks.run_at - clock_timestamp()) * 1000))::integer AS start_in_ms,
+        (extract(epoch FROM tasks.run_at) * 1000)::float8 AS run_at_ms,
         (SELECT count(*) FROM cand) >= ${limit} OR (SELECT count(*) FROM cand) > (SELECT count(*) FROM pick) AS more_queued
     ),
     ${flowConsume(sql)}

@@ -45,7 +45,8 @@ export function welcomeMessage(fields: WelcomeFields, agreement: Agreement): Coo
 
 /**
  * Hands the task's current attempt to the worker that holds it. `startInMs` delays the start
- * of a task handed over before it is due (0: at once); `leaseMs` is what is left of the
+ * of a task handed over before it is due (0: at once), and `dueAtMs` (its run_at, epoch ms)
+ * tells the worker which ones are due together; `leaseMs` is what is left of the
  * attempt's lease as it is sent, which the worker counts down on its monotonic clock.
  */
 export function assignMessage(
@@ -53,6 +54,7 @@ export function assignMessage(
   startInMs: number,
   leaseMs: number,
   traceparent = task.traceparent,
+  dueAtMs = 0,
 ): CoordinatorMessage {
   return create(CoordinatorMessageSchema, {
     payload: {
@@ -67,6 +69,8 @@ export function assignMessage(
         timeoutMs: task.timeout_ms,
         leaseExpiresAt: toTimestamp(task.lease_expires_at),
         startInMs,
+        // Only with a start to wait for: the key that starts the ones due together together.
+        dueAtMs: startInMs > 0 ? dueAtMs : 0,
         leaseMs,
         limits: task.limits ? limitsToProto(task.limits) : undefined,
         // The dispatch span's (src/trace), or the one stored with the task when tracing is off here.

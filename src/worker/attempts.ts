@@ -11,6 +11,7 @@ import { type Execution, execute, notRun, type RunResult, type RunSpec } from ".
 import type { TaskIdentity } from "./identity";
 import type { Confinement, Limiter } from "./limits";
 import { type LogFlush, LogStreamer, type LogStreamerOptions } from "./log-streamer";
+import { StartGate } from "./start-gate";
 
 /** What the attempts tell the coordinator (through the reporter). */
 export interface AttemptEvents {
@@ -91,8 +92,10 @@ interface HeldAttempt {
   assign: Assign;
   /** null while the attempt waits for its start time. */
   execution: Execution | null;
-  /** Waits out the start time, while the attempt waits. */
-  startTimer?: ReturnType<typeof setTimeout>;
+  /** The start instant it waits for (a key of Attempts.starts), while it waits. */
+  startBucket?: string;
+  /** The start gate its armed shell waits on, until it is released or gone. */
+  gate?: StartGate;
   /** Why it was stopped (the coordinator's Cancel, or our hand-back), if it was. */
   stopReason?: string;
   /** The slot user it runs as, held from Assign until the attempt is forgotten. */
@@ -132,6 +135,13 @@ interface HeldAttempt {
  */
 export const ARM_MARGIN_MS = 5;
 
+/**
+ * A start instant's timer fires this long before it, and the rest is spun out: the worker is
+ * on a core when the instant comes, rather than waking then with everything else released at
+ * that instant. At most this much CPU per start instant.
+ */
+export const START_SPIN_MS = 2;
+
 export class Attempts {
   /** Waiting and running attempts, by attempt key. */
   private readonly held = new Map<string, HeldAttempt>();
@@ -141,6 +151,14 @@ export class Attempts {
   /** Early hand-overs waiting to be armed, one per turn of the event loop (so start timers come first). */
   private readonly toArm: string[] = [];
   private arming: ReturnType<typeof setTimeout> | null = null;
+  /**
+   * Attempts waiting for their start, by start instant (scheduleStart): when it is (at,
+   * performance.now() ms, whole), who waits for it, and its one timer.
+   */
+  private readonly starts = new Map<
+    string,
+    { at: number; keys: Set<string>; timer: ReturnType<typeof setTimeout>; gate?: StartGate | null }
+  >();
   /** A recent armed spawn's cost, in ms (moving average): how close to a start none begins. */
   private spawnCostMs = ARM_MARGIN_MS;
 
@@ -172,7 +190,8 @@ export class Attempts {
   }
 
   /** Takes on an assigned attempt (it has a ref): runs it now, or once its start time has come. */
-  take(assign: Assign): void {
+  /** `arrivedAt`: performance.now() when its message came (its start time counts from there). */
+  take(assign: Assign, arrivedAt = performance.now()): void {
     const k = attemptKey(assign.ref!.taskId, assign.ref!.attempt);
     const attempt: HeldAttempt = { assign, execution: null, identity: this.freeIdentities.pop(), receivedAt: performance.now() };
     this.held.set(k, attempt);
@@ -183,22 +202,127 @@ export class Attempts {
     }
     // Early hand-over: wait out the time until the task is due. Checked against the
     // monotonic clock, as a timer may fire a fraction of a millisecond early.
-    const startAt = performance.now() + assign.startInMs;
+    const startAt = arrivedAt + assign.startInMs;
     // Meanwhile, what the start does not need to do at its time: the cgroup (a few ms of
     // cgroupfs writes each, serialised with every other attempt due at the same instant).
     attempt.startAt = startAt;
     if (this.options.armEarly !== false && !this.options.execute && (!this.options.identities || attempt.identity))
       this.queueArming(k);
-    const wait = () => {
-      const left = startAt - performance.now();
-      if (left > 0) {
-        attempt.startTimer = setTimeout(wait, Math.ceil(left));
-        return;
-      }
-      attempt.startTimer = undefined;
-      this.launch(k, attempt);
-    };
-    attempt.startTimer = setTimeout(wait, assign.startInMs);
+    this.scheduleStart(k, attempt, startAt);
+  }
+
+  /**
+   * Waits for the start: one timer per start instant, so that every attempt due at one instant
+   * starts in one callback with nothing in between. (A timer each let the exits and output of
+   * the first ones released run between the releases of the rest, and the last of 50 due at
+   * once started tens of ms late.) Attempts with one due time (Assign.due_at_ms) share an
+   * instant: the earliest of their own counts, each of which is never early, whatever batch
+   * brought them; without one, the instant is the attempt's own count, in whole ms rounded up.
+   */
+  private scheduleStart(k: string, attempt: HeldAttempt, startAt: number): void {
+    const dueAtMs = attempt.assign.dueAtMs;
+    const key = dueAtMs > 0 ? `due ${dueAtMs}` : `at ${Math.ceil(startAt)}`;
+    const at = Math.ceil(startAt);
+    attempt.startBucket = key;
+    const bucket = this.starts.get(key);
+    if (!bucket) {
+      this.starts.set(key, { at, keys: new Set([k]), timer: this.startTimer(key, at) });
+      return;
+    }
+    bucket.keys.add(k);
+    if (at < bucket.at) {
+      clearTimeout(bucket.timer);
+      bucket.at = at;
+      bucket.timer = this.startTimer(key, at);
+    }
+  }
+
+  private startTimer(key: string, at: number): ReturnType<typeof setTimeout> {
+    return setTimeout(() => this.startDue(key), Math.max(0, at - START_SPIN_MS - performance.now()));
+  }
+
+  /** A start instant's timer: every attempt still waiting for it starts, released ones first. */
+  private startDue(key: string): void {
+    const bucket = this.starts.get(key);
+    if (!bucket) return;
+    // The timer fires START_SPIN_MS ahead and the instant itself is waited out here, on the
+    // monotonic clock: a timer may fire late, and a worker woken exactly at the instant shares
+    // the cores with whatever else is released then (the other workers' shells).
+    if (bucket.at - performance.now() > START_SPIN_MS) {
+      bucket.timer = this.startTimer(key, bucket.at);
+      return;
+    }
+    while (performance.now() < bucket.at) {
+      // spin: at most START_SPIN_MS
+    }
+    this.starts.delete(key);
+    if (bucket.gate) this.retireGate(bucket.gate);
+    const due: [string, HeldAttempt][] = [];
+    for (const k of bucket.keys) {
+      const attempt = this.held.get(k);
+      if (attempt?.startBucket !== key) continue;
+      attempt.startBucket = undefined;
+      due.push([k, attempt]);
+    }
+    // First what lets the commands run, and nothing else: the armed shells on the gate are
+    // released and the gate written once. Their exec'ing takes both cores at once on a small
+    // host, and whatever this turn did before the write would wait behind them.
+    const gate = bucket.gate ?? null;
+    const admitted: [string, HeldAttempt, boolean][] = [];
+    for (const [k, attempt] of due) {
+      if (!attempt.armed || !this.admit(k, attempt, false)) continue;
+      const onGate = gate !== null && attempt.gate === gate && attempt.armed.release();
+      admitted.push([k, attempt, onGate]);
+    }
+    gate?.open();
+    // Then the rest of their starts (spans, Started, results), then the spawns of the ones not armed.
+    for (const [k, attempt, onGate] of admitted) this.begin(k, attempt, onGate);
+    if (gate) this.closeIfDone(gate);
+    for (const [k, attempt] of due) if (!attempt.execution && this.held.get(k) === attempt) this.launch(k, attempt);
+  }
+
+  /** The start gate of the attempt's start instant (made on first use); null: none here. */
+  private gateFor(attempt: HeldAttempt): StartGate | null {
+    const bucket = attempt.startBucket === undefined ? undefined : this.starts.get(attempt.startBucket);
+    if (!bucket) return null;
+    if (bucket.gate === undefined) bucket.gate = StartGate.create();
+    return bucket.gate;
+  }
+
+  /** The attempt no longer waits on its gate (released, stopped, or gone). */
+  private leaveGate(k: string, attempt: HeldAttempt): void {
+    const gate = attempt.gate;
+    if (!gate) return;
+    attempt.gate = undefined;
+    gate.members.delete(k);
+    this.closeIfDone(gate);
+  }
+
+  /** Gates whose start instant has passed (or was given up): closed once no shell waits on them. */
+  private readonly retiredGates = new WeakSet<StartGate>();
+
+  private retireGate(gate: StartGate): void {
+    this.retiredGates.add(gate);
+    this.closeIfDone(gate);
+  }
+
+  private closeIfDone(gate: StartGate): void {
+    if (gate.members.size === 0 && this.retiredGates.has(gate)) gate.close();
+  }
+
+  /** An attempt stops waiting for its start (it is stopped before it). */
+  private unscheduleStart(k: string, attempt: HeldAttempt): void {
+    const key = attempt.startBucket;
+    if (key === undefined) return;
+    attempt.startBucket = undefined;
+    const bucket = this.starts.get(key);
+    if (!bucket) return;
+    bucket.keys.delete(k);
+    if (bucket.keys.size === 0) {
+      clearTimeout(bucket.timer);
+      this.starts.delete(key);
+      if (bucket.gate) this.retireGate(bucket.gate);
+    }
   }
 
   /** The coordinator's Cancel: stops the attempt, if we hold it. */
@@ -268,19 +392,45 @@ export class Attempts {
   }
 
   private launch(k: string, attempt: HeldAttempt, decided = false): void {
-    const { assign } = attempt;
-    const ref = assign.ref!;
+    if (this.admit(k, attempt, decided)) this.begin(k, attempt, false);
+  }
+
+  /**
+   * Whether the attempt may start now, by the lease's trust gate: one held back is parked, one
+   * refused is handed back. `decided`: the gate has already said start.
+   */
+  private admit(k: string, attempt: HeldAttempt, decided: boolean): boolean {
     const gate = decided ? "start" : (this.options.gate?.(k, attempt.receivedAt) ?? "start");
     // The gate may have fenced it meanwhile (its lease ran out as it was asked).
-    if (this.held.get(k) !== attempt) return;
+    if (this.held.get(k) !== attempt) return false;
     if (gate === "hold") {
       attempt.parked = true;
-      return;
+      // Parked on a start gate, its shell could take a line meant for another: it is killed
+      // now (a kill pending, it can take a line but run nothing), and a fresh one is spawned
+      // if it is resumed.
+      const armed = attempt.armed;
+      if (armed && attempt.gate) {
+        attempt.armed = undefined;
+        armed.kill();
+        this.takeConfinement(attempt);
+        this.leaveGate(k, attempt);
+      }
+      return false;
     }
     if (gate === "refuse") {
       this.handBack(k, attempt, REFUSED_UNTRUSTED, "interrupted");
-      return;
+      return false;
     }
+    return true;
+  }
+
+  /**
+   * Starts an admitted attempt. `released`: its armed shell was released already, on its
+   * start gate, by the caller (startDue), who writes the gate once for all of them.
+   */
+  private begin(k: string, attempt: HeldAttempt, released: boolean): void {
+    const { assign } = attempt;
+    const ref = assign.ref!;
     // Traced: the run span, a child of the dispatch span, lasts the attempt, and the command's
     // TRACEPARENT names it (so the command's own spans are its children). Not traced here:
     // the dispatch span's traceparent is passed on as it came.
@@ -295,7 +445,14 @@ export class Attempts {
     // the command, and a fresh spawn takes its place (reporting a spawn failure as it is).
     const armed = attempt.armed;
     attempt.armed = undefined;
-    const execution = armed?.release() ? armed : this.spawn(attempt, false, run?.traceparent);
+    const execution = armed && (released || armed.release()) ? armed : this.spawn(attempt, false, run?.traceparent);
+    const startGate = attempt.gate;
+    if (startGate) {
+      this.leaveGate(k, attempt);
+      // Released on its own (resumed after the others went): its line now.
+      if (!released && execution === armed) startGate.open();
+      this.closeIfDone(startGate);
+    }
     const streamer = execution === armed || execution === attempt.spawned ? attempt.streamer : undefined;
     attempt.execution = execution;
     if (execution === armed) {
@@ -351,15 +508,16 @@ export class Attempts {
     this.arming = null;
     const now = performance.now();
     const margin = ARM_MARGIN_MS + this.spawnCostMs;
+    // When the next start instant's callback runs (it spins out the last START_SPIN_MS).
     let soonest = Number.POSITIVE_INFINITY;
-    for (const held of this.held.values())
-      if (held.startTimer !== undefined && held.startAt !== undefined) soonest = Math.min(soonest, held.startAt);
+    for (const bucket of this.starts.values()) soonest = Math.min(soonest, bucket.at - START_SPIN_MS);
     for (;;) {
       const k = this.toArm[0];
       if (k === undefined) return;
       const attempt = this.held.get(k);
-      const waiting = attempt && !attempt.execution && !attempt.armed && !attempt.disarming && attempt.startTimer !== undefined;
-      if (!attempt || !waiting || (attempt.startAt ?? 0) - now < margin) {
+      const waiting = attempt && !attempt.execution && !attempt.armed && !attempt.disarming && attempt.startBucket !== undefined;
+      const startsAt = attempt?.startBucket === undefined ? undefined : this.starts.get(attempt.startBucket)?.at;
+      if (!attempt || !waiting || startsAt === undefined || startsAt - START_SPIN_MS - now < margin) {
         this.toArm.shift();
         continue;
       }
@@ -371,6 +529,12 @@ export class Attempts {
       this.toArm.shift();
       const before = performance.now();
       attempt.confinement ??= this.confine(attempt);
+      const gate = this.gateFor(attempt);
+      if (gate) {
+        attempt.gate = gate;
+        gate.members.add(k);
+        gate.add();
+      }
       attempt.armed = this.spawn(attempt, true);
       // What a spawn costs here now (a loaded host takes far longer): the margin follows it.
       this.spawnCostMs = 0.7 * this.spawnCostMs + 0.3 * (performance.now() - before);
@@ -416,6 +580,7 @@ export class Attempts {
       user: attempt.identity,
       confinement: this.takeConfinement(attempt) ?? this.confine(attempt),
       armed,
+      ...(armed && attempt.gate ? { gate: attempt.gate.readFd } : {}),
     });
     attempt.spawned = execution;
     return execution;
@@ -455,7 +620,7 @@ export class Attempts {
     }
     // Already being stopped before its start: reported once its process is gone.
     if (attempt.disarming) return;
-    clearTimeout(attempt.startTimer);
+    this.unscheduleStart(k, attempt);
     const armed = attempt.armed;
     if (armed) {
       // Its command never ran, but its process is reported gone only once it is: nothing of
@@ -491,7 +656,9 @@ export class Attempts {
 
   /** The attempt is no longer held; its slot user is free once nothing of it runs. */
   private forget(k: string): void {
-    const identity = this.held.get(k)?.identity;
+    const held = this.held.get(k);
+    if (held) this.leaveGate(k, held);
+    const identity = held?.identity;
     this.held.delete(k);
     this.options.onForget?.(k);
     this.options.changed?.();

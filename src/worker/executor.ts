@@ -50,6 +50,12 @@ export interface RunSpec {
    * died and its end of the pipe closed) exits without running the command.
    */
   armed?: boolean;
+  /**
+   * With `armed`: the read end of a start gate (src/worker/start-gate.ts) to wait on, as fd 3,
+   * instead of a pipe of its own on stdin. release() then writes nothing: the caller opens the
+   * gate for every shell it released at once.
+   */
+  gate?: number;
 }
 
 /**
@@ -57,6 +63,11 @@ export interface RunSpec {
  * reads one line; only "go" runs the command, with stdin from /dev/null as an unarmed one has.
  */
 const ARMED_SCRIPT = 'IFS= read -r go; [ "$go" = go ] || exit 0; exec "$@" </dev/null';
+/**
+ * An armed spawn on a start gate: one line (newlines only travel there) from fd 3 runs the
+ * command, the pipe's end does not; fd 3 is closed before the command, which gets no gate.
+ */
+const GATED_SCRIPT = 'IFS= read -r go <&3 || exit 0; exec 3<&-; exec "$@" </dev/null';
 
 export interface RunResult extends CapturedOutput {
   outcome: Outcome;
@@ -143,15 +154,17 @@ export function execute(spec: RunSpec): Execution {
   let proc: Bun.Subprocess<"ignore" | "pipe", "pipe", "pipe">;
   const argv = confinement?.argv(spec.command) ?? ["sh", "-c", spec.command];
   try {
-    proc = Bun.spawn(spec.armed ? ["sh", "-c", ARMED_SCRIPT, "sh", ...argv] : argv, {
+    const gated = spec.armed && spec.gate !== undefined;
+    const script = gated ? GATED_SCRIPT : ARMED_SCRIPT;
+    proc = Bun.spawn(spec.armed ? ["sh", "-c", script, "sh", ...argv] : argv, {
       cwd,
       env,
       // The spawn changes directory before it changes user, so checkDirectory vouched for cwd.
       uid: user?.uid,
       gid: user?.gid,
-      stdin: spec.armed ? "pipe" : "ignore",
-      stdout: "pipe",
-      stderr: "pipe",
+      ...(gated
+        ? { stdio: ["ignore", "pipe", "pipe", spec.gate!] as ["ignore", "pipe", "pipe", number] }
+        : { stdin: spec.armed ? ("pipe" as const) : ("ignore" as const), stdout: "pipe" as const, stderr: "pipe" as const }),
       // setsid(): the child leads its own process group, so -pid reaches every descendant
       // that does not deliberately leave it.
       detached: true,
@@ -208,6 +221,13 @@ export function execute(spec: RunSpec): Execution {
   if (released) armTimeout();
   const release = (): boolean => {
     if (released || leaderExited || stopReason !== null) return false;
+    if (spec.gate !== undefined) {
+      // The caller's gate write lets it go, with the others due with it.
+      released = true;
+      startedAt = new Date();
+      armTimeout();
+      return true;
+    }
     const stdin = proc.stdin;
     if (!stdin || typeof stdin === "number") return false;
     try {

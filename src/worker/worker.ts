@@ -346,10 +346,13 @@ export class Worker {
     // Messages still buffered from a stream that has failed are dropped: we have already told
     // the next coordinator (in Hello) what we hold, and anything assigned there is requeued.
     stream.on("data", (message: CoordinatorMessage) => {
-      // A batch's messages one by one, in order, as if each had come alone.
+      // A batch's messages one by one, in order, as if each had come alone: at the moment the
+      // batch came, so that an Assign's start time and lease count from its arrival, not from
+      // however long the ones before it in the batch took.
+      const arrivedAt = performance.now();
       for (const inner of unbatch(message)) {
         if (this.stream !== stream || closed) return;
-        this.receive(inner);
+        this.receive(inner, arrivedAt);
       }
     });
     stream.on("error", (error: grpc.ServiceError) => {
@@ -439,14 +442,15 @@ export class Worker {
     this.reconnectTimer = setTimeout(() => this.connect(), delay);
   }
 
-  private receive(message: CoordinatorMessage): void {
+  /** `arrivedAt`: performance.now() when the message (or the batch it came in) arrived. */
+  private receive(message: CoordinatorMessage, arrivedAt: number): void {
     const payload = message.payload;
     switch (payload.case) {
       case "welcome":
         this.welcome(payload.value);
         return;
       case "assign":
-        this.assigned(payload.value);
+        this.assigned(payload.value, arrivedAt);
         return;
       case "cancel":
         if (payload.value.ref) this.attempts.cancel(payload.value.ref, payload.value.reason);
@@ -515,7 +519,7 @@ export class Worker {
     this.welcomeWaiters.clear();
   }
 
-  private assigned(assign: Assign): void {
+  private assigned(assign: Assign, arrivedAt: number): void {
     const ref = assign.ref;
     if (!ref) return;
     if (this.attempts.holds(ref) || this.reporter.holds(ref)) return; // a duplicate delivery
@@ -534,8 +538,8 @@ export class Worker {
     }
     // Counted from receipt until a confirmation replaces it; an older coordinator sends no
     // lease_ms, and its lease is the legacy one.
-    this.fence.granted(attemptKey(ref.taskId, ref.attempt), assign.leaseMs ?? legacyLeaseMsFor(this.timings), performance.now());
-    this.attempts.take(assign);
+    this.fence.granted(attemptKey(ref.taskId, ref.attempt), assign.leaseMs ?? legacyLeaseMsFor(this.timings), arrivedAt);
+    this.attempts.take(assign, arrivedAt);
   }
 
   /** Takes no new work from now on: hands back what waits for its start time, and says so. */

@@ -9,6 +9,7 @@ import { type Assign, AssignSchema, type TaskRef, TaskRefSchema } from "../../sr
 import { silentLogger } from "../../src/log";
 import { type AttemptEvents, Attempts, REFUSED_UNTRUSTED } from "../../src/worker/attempts";
 import type { RunResult } from "../../src/worker/executor";
+import { eventually } from "../support/eventually";
 
 type Event =
   | { kind: "started"; ref: TaskRef; pid: number }
@@ -261,6 +262,74 @@ test("an armed early hand-over cancelled before its start never runs, and is rep
     ]);
     expect(groupAlive(pgid)).toBe(false);
     expect(existsSync(marker)).toBe(false);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("attempts due at one time (one due_at_ms) start together on one gate, at the earliest count; one cancelled meanwhile never runs", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "attempts-gate-"));
+  try {
+    const marker = (name: string) => join(dir, name);
+    const { held, events } = armedAttempts();
+    const dueAtMs = Date.now() + 400;
+    const due = (taskId: string, startInMs: number) =>
+      create(AssignSchema, { ref: { taskId, attempt: 1 }, command: `touch '${marker(taskId)}'`, startInMs, dueAtMs });
+    const firstTaken = performance.now();
+    held.take(due("g-1", 400));
+    held.take(due("g-cancelled", 400));
+    await Bun.sleep(150);
+    // Taken 150 ms later with the same count: by itself it would start 150 ms after the others.
+    const lateTaken = performance.now();
+    held.take(due("g-late", 400));
+    held.cancel(ref("g-cancelled"), "not wanted");
+    await held.empty();
+    const started = (taskId: string) => {
+      const finished = events.find((e) => e.kind === "finished" && e.ref.taskId === taskId);
+      if (finished?.kind !== "finished") throw new Error(`no finish of ${taskId}: ${JSON.stringify(events)}`);
+      expect(finished.result).toMatchObject({ outcome: "exited", exitCode: 0 });
+      return finished.result.startedAt.getTime();
+    };
+    const earliest = Math.floor(performance.timeOrigin + firstTaken + 400) - 1;
+    // Never early: not before the earliest count of their shared due time.
+    expect(started("g-1")).toBeGreaterThanOrEqual(earliest);
+    expect(started("g-late")).toBeGreaterThanOrEqual(earliest);
+    // Together: the late one started with the first, well before its own count.
+    expect(started("g-late")).toBeLessThan(performance.timeOrigin + lateTaken + 400 - 50);
+    expect(existsSync(marker("g-1"))).toBe(true);
+    expect(existsSync(marker("g-late"))).toBe(true);
+    expect(existsSync(marker("g-cancelled"))).toBe(false);
+    expect(events).toContainEqual({
+      kind: "notStarted",
+      ref: ref("g-cancelled"),
+      outcome: "cancelled",
+      why: "not wanted",
+      interrupted: false,
+    });
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("an armed attempt held back at its start on a shared gate runs only once resumed, and once; the one due with it runs at its time", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "attempts-gate-hold-"));
+  try {
+    const out = (name: string) => join(dir, name);
+    const { held, events } = attempts((key) => (key.startsWith("h-held") ? "hold" : "start"));
+    const dueAtMs = Date.now() + 300;
+    for (const taskId of ["h-held", "h-free"])
+      held.take(
+        create(AssignSchema, { ref: { taskId, attempt: 1 }, command: `echo x >> '${out(taskId)}'`, startInMs: 300, dueAtMs }),
+      );
+    await eventually(() => events.find((e) => e.kind === "finished" && e.ref.taskId === "h-free") ?? null, {
+      what: "the free one's finish",
+    });
+    expect(held.parked().map((p) => p.key)).toEqual(["h-held:1"]);
+    expect(existsSync(out("h-held"))).toBe(false);
+    held.resumeParked("h-held:1", "start");
+    await held.empty();
+    expect(await Bun.file(out("h-held")).text()).toBe("x\n");
+    expect(await Bun.file(out("h-free")).text()).toBe("x\n");
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
