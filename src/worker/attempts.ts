@@ -136,11 +136,13 @@ interface HeldAttempt {
 export const ARM_MARGIN_MS = 5;
 
 /**
- * A start instant's timer fires this long before it, and the rest is spun out: the worker is
- * on a core when the instant comes, rather than waking then with everything else released at
- * that instant. At most this much CPU per start instant.
+ * The timer of a start instant with at least START_SPIN_MIN attempts fires this long before it,
+ * and the rest is spun out: the worker is on a core when the instant comes, rather than waking
+ * then with everything else released at that instant (other workers' shells). At most this
+ * much CPU per such instant: a quarter of a ms per attempt or less.
  */
 export const START_SPIN_MS = 2;
+export const START_SPIN_MIN = 8;
 
 export class Attempts {
   /** Waiting and running attempts, by attempt key. */
@@ -230,15 +232,16 @@ export class Attempts {
       return;
     }
     bucket.keys.add(k);
-    if (at < bucket.at) {
+    // Earlier now, or now many enough to spin for: the timer again.
+    if (at < bucket.at || bucket.keys.size === START_SPIN_MIN) {
       clearTimeout(bucket.timer);
-      bucket.at = at;
-      bucket.timer = this.startTimer(key, at);
+      bucket.at = Math.min(bucket.at, at);
+      bucket.timer = this.startTimer(key, bucket.at, bucket.keys.size >= START_SPIN_MIN);
     }
   }
 
-  private startTimer(key: string, at: number): ReturnType<typeof setTimeout> {
-    return setTimeout(() => this.startDue(key), Math.max(0, at - START_SPIN_MS - performance.now()));
+  private startTimer(key: string, at: number, spin = false): ReturnType<typeof setTimeout> {
+    return setTimeout(() => this.startDue(key), Math.max(0, at - (spin ? START_SPIN_MS : 0) - performance.now()));
   }
 
   /** A start instant's timer: every attempt still waiting for it starts, released ones first. */
@@ -248,8 +251,9 @@ export class Attempts {
     // The timer fires START_SPIN_MS ahead and the instant itself is waited out here, on the
     // monotonic clock: a timer may fire late, and a worker woken exactly at the instant shares
     // the cores with whatever else is released then (the other workers' shells).
-    if (bucket.at - performance.now() > START_SPIN_MS) {
-      bucket.timer = this.startTimer(key, bucket.at);
+    const spin = bucket.keys.size >= START_SPIN_MIN;
+    if (bucket.at - performance.now() > (spin ? START_SPIN_MS : 0)) {
+      bucket.timer = this.startTimer(key, bucket.at, spin);
       return;
     }
     while (performance.now() < bucket.at) {
@@ -508,7 +512,7 @@ export class Attempts {
     this.arming = null;
     const now = performance.now();
     const margin = ARM_MARGIN_MS + this.spawnCostMs;
-    // When the next start instant's callback runs (it spins out the last START_SPIN_MS).
+    // When the next start instant's callback runs (it may spin out the last START_SPIN_MS).
     let soonest = Number.POSITIVE_INFINITY;
     for (const bucket of this.starts.values()) soonest = Math.min(soonest, bucket.at - START_SPIN_MS);
     for (;;) {
