@@ -31,11 +31,12 @@ export class DatabaseClock {
   private timer: ReturnType<typeof setInterval> | null = null;
   private sampling = false;
 
-  constructor(private readonly sql: Sql) {}
+  /** `sql`: where to sample; null for a clock fed only by record() (a worker's, from its Assigns). */
+  constructor(private readonly sql: Sql | null) {}
 
   /** Samples now and every CLOCK_SAMPLE_MS; a failed sample is skipped (the next one retries). */
   start(): void {
-    if (this.timer) return;
+    if (this.timer || !this.sql) return;
     void this.sample();
     this.timer = setInterval(() => void this.sample(), CLOCK_SAMPLE_MS);
     this.timer.unref?.();
@@ -48,7 +49,7 @@ export class DatabaseClock {
 
   /** Takes one sample; resolves whether it was kept. */
   async sample(): Promise<boolean> {
-    if (this.sampling) return false;
+    if (this.sampling || !this.sql) return false;
     this.sampling = true;
     try {
       const sent = performance.now();
@@ -77,9 +78,23 @@ export class DatabaseClock {
    * tightest recent sample (the largest offset) gives the bound.
    */
   now(): number | null {
+    const offset = this.offset();
+    return offset === null ? null : performance.now() + offset;
+  }
+
+  /**
+   * When the database's clock reads `databaseMs`, in local monotonic time, never before it does;
+   * null with no recent sample.
+   */
+  toLocal(databaseMs: number): number | null {
+    const offset = this.offset();
+    return offset === null ? null : databaseMs - offset;
+  }
+
+  private offset(): number | null {
     const local = performance.now();
     let best = Number.NEGATIVE_INFINITY;
     for (const sample of this.samples) if (local - sample.at <= CLOCK_SAMPLE_KEEP_MS) best = Math.max(best, sample.offset);
-    return best === Number.NEGATIVE_INFINITY ? null : local + best;
+    return best === Number.NEGATIVE_INFINITY ? null : best;
   }
 }

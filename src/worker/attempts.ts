@@ -2,6 +2,8 @@
 // An attempt handed over early (Assign.start_in_ms) first waits for its start time; one stopped
 // while it waits never starts. A running attempt is stopped through its process group and
 // reports itself once the group has exited.
+
+import { DatabaseClock } from "../db/clock";
 import type { Assign, TaskRef } from "../gen/taskqueue/v1/worker_service_pb";
 import { type Logger, taskFields } from "../log";
 import { limitsFromProto } from "../rpc/convert";
@@ -161,6 +163,8 @@ export class Attempts {
     string,
     { at: number; keys: Set<string>; timer: ReturnType<typeof setTimeout>; gate?: StartGate | null }
   >();
+  /** The database's clock as the early hand-overs' Assigns tell it (src/db/clock.ts). */
+  private readonly databaseClock = new DatabaseClock(null);
   /** A recent armed spawn's cost, in ms (moving average): how close to a start none begins. */
   private spawnCostMs = ARM_MARGIN_MS;
 
@@ -204,7 +208,14 @@ export class Attempts {
     }
     // Early hand-over: wait out the time until the task is due. Checked against the
     // monotonic clock, as a timer may fire a fraction of a millisecond early.
-    const startAt = arrivedAt + assign.startInMs;
+    let startAt = arrivedAt + assign.startInMs;
+    if (assign.dueAtMs > 0) {
+      // The Assign says the database's clock read at least due_at_ms - start_in_ms when it was
+      // sent, so at least that at its arrival: the tightest of these readings places the due
+      // time on this clock, never early, and alike for every attempt (and worker) due then.
+      this.databaseClock.record(assign.dueAtMs - assign.startInMs, arrivedAt);
+      startAt = Math.min(startAt, this.databaseClock.toLocal(assign.dueAtMs) ?? startAt);
+    }
     // Meanwhile, what the start does not need to do at its time: the cgroup (a few ms of
     // cgroupfs writes each, serialised with every other attempt due at the same instant).
     attempt.startAt = startAt;

@@ -28,3 +28,14 @@ test("samples older than the keep window are dropped", () => {
   clock.record(2_000_000, at);
   expect(clock.now()!).toBeLessThan(2_000_000 + (performance.now() - at) + 0.001);
 });
+
+test("toLocal places a database time on the monotonic clock no earlier than the samples allow", () => {
+  const clock = new DatabaseClock(null);
+  expect(clock.toLocal(1_000_000)).toBeNull();
+  const at = performance.now();
+  clock.record(1_000_000, at);
+  // The database read 1_000_000 no later than `at`: 1_000_500 comes no sooner than at + 500.
+  expect(clock.toLocal(1_000_500)).toBeCloseTo(at + 500, 6);
+  clock.record(1_000_000 - 3, at);
+  expect(clock.toLocal(1_000_500)).toBeCloseTo(at + 500, 6);
+});
