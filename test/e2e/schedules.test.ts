@@ -144,11 +144,6 @@ describe("all schedulers down for 5 s", () => {
     const all = await perFireTime(ids.all!);
     const latest = await perFireTime(ids.latest!);
     const none = await perFireTime(ids.none!);
-    console.log(
-      "DEBUG down",
-      down.toISOString(),
-      JSON.stringify(all.map((r) => [r.fire_at.toISOString().slice(14, 23), r.outcome, r.reason])),
-    );
     for (const rows of [all, latest, none]) expectEverySecondOnce(rows);
     // How many fire times the outage left overdue depends on its phase against the fire times
     // and on how soon the new replica's first pass runs (about 5 s, less the 0.5 s the stopped
