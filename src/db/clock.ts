@@ -68,7 +68,13 @@ export class DatabaseClock {
   /** A reading of the database's clock (epoch ms) answered at local monotonic time `answeredAt`. */
   record(databaseMs: number, answeredAt: number): void {
     if (!Number.isFinite(databaseMs)) return;
-    this.samples.push({ offset: databaseMs - answeredAt, at: answeredAt });
+    const offset = databaseMs - answeredAt;
+    // One sample per CLOCK_SAMPLE_MS, the tightest: a worker records one per Assign, and the
+    // bound is read per Assign too, so the list stays ~11 long whatever the rate.
+    const last = this.samples.at(-1);
+    if (last && answeredAt - last.at < CLOCK_SAMPLE_MS) {
+      if (offset > last.offset) last.offset = offset;
+    } else this.samples.push({ offset, at: answeredAt });
     const keepFrom = answeredAt - CLOCK_SAMPLE_KEEP_MS;
     while (this.samples.length > 0 && this.samples[0]!.at < keepFrom) this.samples.shift();
   }

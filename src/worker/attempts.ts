@@ -292,7 +292,6 @@ export class Attempts {
     gate?.open();
     // Then the rest of their starts (spans, Started, results), then the spawns of the ones not armed.
     for (const [k, attempt, onGate] of admitted) this.begin(k, attempt, onGate);
-    if (gate) this.closeIfDone(gate);
     for (const [k, attempt] of due) if (!attempt.execution && this.held.get(k) === attempt) this.launch(k, attempt);
   }
 
@@ -427,7 +426,6 @@ export class Attempts {
       if (armed && attempt.gate) {
         attempt.armed = undefined;
         armed.kill();
-        this.takeConfinement(attempt);
         this.leaveGate(k, attempt);
       }
       return false;
@@ -460,14 +458,13 @@ export class Attempts {
     // the command, and a fresh spawn takes its place (reporting a spawn failure as it is).
     const armed = attempt.armed;
     attempt.armed = undefined;
-    const execution = armed && (released || armed.release()) ? armed : this.spawn(attempt, false, run?.traceparent);
-    const startGate = attempt.gate;
-    if (startGate) {
-      this.leaveGate(k, attempt);
-      // Released on its own (resumed after the others went): its line now.
-      if (!released && execution === armed) startGate.open();
-      this.closeIfDone(startGate);
-    }
+    // A shell on a start gate goes only with its instant's one write (startDue): one that was
+    // not released there is killed, and a fresh spawn takes its place.
+    const onGate = attempt.gate !== undefined;
+    this.leaveGate(k, attempt);
+    const usable = armed && (released || (!onGate && armed.release()));
+    if (armed && !usable && onGate) armed.kill();
+    const execution = usable ? armed : this.spawn(attempt, false, run?.traceparent);
     const streamer = execution === armed || execution === attempt.spawned ? attempt.streamer : undefined;
     attempt.execution = execution;
     if (execution === armed) {
