@@ -69,6 +69,16 @@ export const ConfigSchema = Type.Object({
       description: "Human-readable worker name shown by GET /workers. Defaults to <hostname>/<pid>.",
     }),
   ),
+  TQ_WORKER_GATE_DIR: Type.Optional(
+    Type.String({
+      minLength: 1,
+      maxLength: 1000,
+      description:
+        "Folder (made 0700, this user's only) where the workers of one user on a host share their start gates: the " +
+        "tasks due at one time wait on one FIFO, and the first worker at that time lets every one of them go; off: each " +
+        "worker's gates are its own. Defaults to <tmpdir>/taskqueue-gates-<uid>.",
+    }),
+  ),
   TQ_WORKER_LIMITS: Type.Union([Type.Literal("auto"), Type.Literal("rlimit"), Type.Literal("none")], {
     default: "auto",
     description:

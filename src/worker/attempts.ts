@@ -13,7 +13,7 @@ import { type Execution, execute, notRun, type RunResult, type RunSpec } from ".
 import type { TaskIdentity } from "./identity";
 import type { Confinement, Limiter } from "./limits";
 import { type LogFlush, LogStreamer, type LogStreamerOptions } from "./log-streamer";
-import { StartGate } from "./start-gate";
+import { HOST_GATE_WINDOW_MS, type HostGates, StartGate } from "./start-gate";
 
 /** What the attempts tell the coordinator (through the reporter). */
 export interface AttemptEvents {
@@ -68,6 +68,18 @@ export interface AttemptsOptions {
    * comparison).
    */
   armEarly?: boolean;
+  /**
+   * The host gates of this worker's user (src/worker/start-gate.ts): attempts due at one time
+   * wait on one FIFO with every other worker's of the host, and the first worker at the instant
+   * lets them all go. Unset or null: each worker's gates are its own.
+   */
+  hostGates?: HostGates | null;
+  /**
+   * Whether the attempt's lease, by the worker's count, still holds at `until` (performance.now()
+   * ms): an attempt goes on a host gate only if it outlasts the gate's last possible opening.
+   * Unset: every lease is trusted (no host gate is used without it).
+   */
+  leaseHolds?: (key: string, until: number) => boolean;
   /** Called, synchronously, whenever what `processes()` returns changed (the watchdog is told at once). */
   changed?: () => void;
   /**
@@ -145,6 +157,13 @@ export const ARM_MARGIN_MS = 5;
  */
 export const START_SPIN_MS = 2;
 export const START_SPIN_MIN = 8;
+
+/**
+ * An attempt goes on a host gate only if its lease holds this long past the gate's last
+ * possible opening (its instant plus HOST_GATE_WINDOW_MS): the other workers place the instant
+ * by their own reading of the database's clock, within a few ms of this worker's.
+ */
+export const HOST_GATE_LEASE_SLACK_MS = 1000;
 
 export class Attempts {
   /** Waiting and running attempts, by attempt key. */
@@ -283,23 +302,64 @@ export class Attempts {
     // released and the gate written once. Their exec'ing takes both cores at once on a small
     // host, and whatever this turn did before the write would wait behind them.
     const gate = bucket.gate ?? null;
-    const admitted: [string, HeldAttempt, boolean][] = [];
-    for (const [k, attempt] of due) {
-      if (!attempt.armed || !this.admit(k, attempt, false)) continue;
-      const onGate = gate !== null && attempt.gate === gate && attempt.armed.release();
-      admitted.push([k, attempt, onGate]);
+    const admitted: [string, HeldAttempt][] = [];
+    // A host gate's instant is decided once for the host, under its lock (src/worker/start-gate.ts).
+    const opening = gate?.isHost ? gate.enter() : null;
+    let at: number;
+    let shut: boolean;
+    try {
+      // Opened already (by another worker): our shells on it went then, and run. (Each went on
+      // it only with a lease that outlasts the gate's last opening, so it was let go within its
+      // lease, as if we had let it go just then.)
+      const openedAt = opening?.openedAt ?? null;
+      // Given up, or ours to give up (past its window, or its lock not had): our shells on it
+      // are killed and spawned afresh (begin).
+      shut =
+        gate?.isHost === true &&
+        openedAt === null &&
+        (opening === null || opening.givenUp || performance.now() - bucket.at > HOST_GATE_WINDOW_MS);
+      for (const [k, attempt] of due) {
+        if (!attempt.armed) continue;
+        if (openedAt !== null && attempt.gate === gate) admitted.push([k, attempt]);
+        else if (this.admit(k, attempt, false)) admitted.push([k, attempt]);
+      }
+      // The start time of every shell the write lets go: taken just before it.
+      at = openedAt ?? Date.now();
+      if (opening && shut) opening.giveUp();
+      else if (opening) opening.open(at);
+      else gate?.open();
+    } finally {
+      opening?.leave();
     }
-    gate?.open();
+    const startedAt = new Date(at);
+    const released = admitted.map(
+      ([k, attempt]) =>
+        [k, attempt, gate !== null && attempt.gate === gate && !shut && attempt.armed!.release(startedAt, true)] as const,
+    );
     // Then the rest of their starts (spans, Started, results), then the spawns of the ones not armed.
-    for (const [k, attempt, onGate] of admitted) this.begin(k, attempt, onGate);
+    for (const [k, attempt, onGate] of released) this.begin(k, attempt, onGate);
     for (const [k, attempt] of due) if (!attempt.execution && this.held.get(k) === attempt) this.launch(k, attempt);
   }
 
-  /** The start gate of the attempt's start instant (made on first use); null: none here. */
-  private gateFor(attempt: HeldAttempt): StartGate | null {
+  /**
+   * The start gate of the attempt's start instant (made on first use): the host gate of its due
+   * time where there are host gates and its lease outlasts the gate's window, a gate of this
+   * worker's own otherwise. null: none here (armed on a pipe of its own); "unarmed": the
+   * instant's gate is a host gate this attempt's lease does not outlast (spawned at its start).
+   */
+  private gateFor(k: string, attempt: HeldAttempt): StartGate | null | "unarmed" {
     const bucket = attempt.startBucket === undefined ? undefined : this.starts.get(attempt.startBucket);
     if (!bucket) return null;
-    if (bucket.gate === undefined) bucket.gate = StartGate.create();
+    const dueAtMs = attempt.assign.dueAtMs;
+    const hostable =
+      this.options.hostGates != null &&
+      this.options.leaseHolds !== undefined &&
+      dueAtMs > 0 &&
+      this.options.leaseHolds(k, bucket.at + HOST_GATE_WINDOW_MS + HOST_GATE_LEASE_SLACK_MS);
+    if (bucket.gate === undefined) {
+      bucket.gate = (hostable ? this.options.hostGates!.gate(dueAtMs) : null) ?? StartGate.create();
+    }
+    if (bucket.gate?.isHost && !hostable) return "unarmed";
     return bucket.gate;
   }
 
@@ -541,7 +601,8 @@ export class Attempts {
       this.toArm.shift();
       const before = performance.now();
       attempt.confinement ??= this.confine(attempt);
-      const gate = this.gateFor(attempt);
+      const gate = this.gateFor(k, attempt);
+      if (gate === "unarmed") continue;
       if (gate) {
         attempt.gate = gate;
         gate.members.add(k);
@@ -592,7 +653,7 @@ export class Attempts {
       user: attempt.identity,
       confinement: this.takeConfinement(attempt) ?? this.confine(attempt),
       armed,
-      ...(armed && attempt.gate ? { gate: attempt.gate.readFd } : {}),
+      ...(armed && attempt.gate ? { gate: attempt.gate.readFd, hostGate: attempt.gate.isHost } : {}),
     });
     attempt.spawned = execution;
     return execution;

@@ -56,6 +56,12 @@ export interface RunSpec {
    * gate for every shell it released at once.
    */
   gate?: number;
+  /**
+   * With `gate`: a host gate (src/worker/start-gate.ts), which other workers may open too and
+   * which no close ends: the shell also checks, once let go, that the worker that spawned it is
+   * still its parent, and runs nothing if it is gone.
+   */
+  hostGate?: boolean;
 }
 
 /**
@@ -68,6 +74,14 @@ const ARMED_SCRIPT = 'IFS= read -r go; [ "$go" = go ] || exit 0; exec "$@" </dev
  * command, the pipe's end does not; fd 3 is closed before the command, which gets no gate.
  */
 const GATED_SCRIPT = 'IFS= read -r go <&3 || exit 0; exec 3<&-; exec "$@" </dev/null';
+/**
+ * On a host gate: as GATED_SCRIPT, and the command runs only if the shell's parent (field 4 of
+ * /proc/<pid>/stat) is still the worker that spawned it ($1, the worker's pid: $PPID would be
+ * read at the shell's start, after a worker that died at once): a shell whose worker died was
+ * handed to another parent and exits.
+ */
+export const HOST_GATED_SCRIPT =
+  'IFS= read -r go <&3 || exit 0; exec 3<&-; read -r _ _ _ p _ </proc/$$/stat && [ "$p" = "$1" ] || exit 0; shift; exec "$@" </dev/null';
 
 export interface RunResult extends CapturedOutput {
   outcome: Outcome;
@@ -93,9 +107,11 @@ export interface Execution {
   /**
    * Lets an armed execution's command run now (the timeout counts from here). Returns whether
    * it did: false when it was not armed, was released already, was stopped, or its process
-   * ended meanwhile (then it never runs the command).
+   * ended meanwhile (then it never runs the command). On a start gate, `at` is the start (the
+   * gate's opening) and `gateOpened` says the gate was written already: a shell that ended
+   * then took its line and ran.
    */
-  release(): boolean;
+  release(at?: Date, gateOpened?: boolean): boolean;
   /** The cgroup.procs files of the attempt's cgroup, if it has one: the worker's watchdog kills what they list. */
   readonly cgroupProcs: readonly string[];
   /** Never rejects. */
@@ -155,8 +171,9 @@ export function execute(spec: RunSpec): Execution {
   const argv = confinement?.argv(spec.command) ?? ["sh", "-c", spec.command];
   try {
     const gated = spec.armed && spec.gate !== undefined;
-    const script = gated ? GATED_SCRIPT : ARMED_SCRIPT;
-    proc = Bun.spawn(spec.armed ? ["sh", "-c", script, "sh", ...argv] : argv, {
+    const script = gated ? (spec.hostGate ? HOST_GATED_SCRIPT : GATED_SCRIPT) : ARMED_SCRIPT;
+    const head = spec.armed ? ["sh", "-c", script, "sh", ...(gated && spec.hostGate ? [String(process.pid)] : [])] : [];
+    proc = Bun.spawn([...head, ...argv], {
       cwd,
       env,
       // The spawn changes directory before it changes user, so checkDirectory vouched for cwd.
@@ -219,15 +236,20 @@ export function execute(spec: RunSpec): Execution {
     if (spec.timeoutMs > 0) timeoutTimer = setTimeout(() => stop("timed_out"), spec.timeoutMs);
   };
   if (released) armTimeout();
-  const release = (): boolean => {
-    if (released || leaderExited || stopReason !== null) return false;
+  const release = (at?: Date, gateOpened = false): boolean => {
+    if (released || stopReason !== null) return false;
     if (spec.gate !== undefined) {
-      // The caller's gate write lets it go, with the others due with it.
+      // The caller's gate write lets it go, with the others due with it (at `at`, taken just
+      // before that write; never before the spawn). Told after the gate was opened, a shell that
+      // ended already took its line and ran its command (a host gate's other worker, or this
+      // one, opened it before this): that run is its result, and no fresh spawn follows.
+      if (leaderExited && !gateOpened) return false;
       released = true;
-      startedAt = new Date();
-      armTimeout();
+      startedAt = at ? new Date(Math.max(at.getTime(), startedAt.getTime())) : new Date();
+      if (!leaderExited) armTimeout();
       return true;
     }
+    if (leaderExited) return false;
     const stdin = proc.stdin;
     if (!stdin || typeof stdin === "number") return false;
     try {
@@ -302,7 +324,11 @@ export function execute(spec: RunSpec): Execution {
       usage,
       error,
       pid,
-      startedAt,
+      // Read when asked: a shell on a start gate may have run and ended before its worker let
+      // it go (another worker opened the gate first), and its start is that opening.
+      get startedAt() {
+        return startedAt;
+      },
       finishedAt: new Date(),
     };
   })();

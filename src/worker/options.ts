@@ -1,5 +1,7 @@
 // WorkerOptions from the configuration, shared by `bun run worker` and `bun start`.
 
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import pkg from "../../package.json";
 import { type Config, inheritedEnvironment, taskIsolation, workerRoutingConfig } from "../config";
 import type { Logger } from "../log";
@@ -32,6 +34,7 @@ export function workerOptions(
     baseEnv: inheritedEnvironment(),
     workerToken: config.TQ_WORKER_TOKEN,
     identities: where.identities,
+    hostGateDir: hostGateDir(config),
     limits: {
       mode: config.TQ_WORKER_LIMITS,
       maxima: {
@@ -80,4 +83,11 @@ export function taskIdentities(config: Config, log: Logger, workers = 1): Array<
     "each slot runs its tasks as its own user",
   );
   return Array.from({ length: workers }, (_, k) => all.slice(k * slots, (k + 1) * slots));
+}
+
+/** TQ_WORKER_GATE_DIR: the folder of this user's host start gates, or null for none. */
+export function hostGateDir(config: Config): string | null {
+  const setting = config.TQ_WORKER_GATE_DIR;
+  if (setting === "off") return null;
+  return setting ?? join(tmpdir(), `taskqueue-gates-${process.getuid?.() ?? "user"}`);
 }

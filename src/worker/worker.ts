@@ -28,6 +28,7 @@ import type { TaskIdentity } from "./identity";
 import { LeaseFence, StallDetector } from "./lease-fence";
 import { createLimiter, type Limiter, type LimitMaxima, type LimitsMode } from "./limits";
 import { Reporter } from "./reporter";
+import { HostGates } from "./start-gate";
 import type { WatchdogState } from "./watchdog";
 
 const WorkerClient = clientConstructor(WorkerService);
@@ -55,6 +56,11 @@ export interface WorkerOptions {
   killGraceMs: number;
   drainGraceMs: number;
   maxOutputBytes: number;
+  /**
+   * The folder where this user's workers on the host share start gates (TQ_WORKER_GATE_DIR,
+   * src/worker/start-gate.ts); absent or null: this worker's gates are its own.
+   */
+  hostGateDir?: string | null;
   /**
    * Live logs: how running tasks' output is flushed to a coordinator that takes it (feature
    * live_logs). Defaults to 64 KiB or 1000 ms (TQ_LOG_FLUSH_BYTES, TQ_LOG_FLUSH_MS).
@@ -215,6 +221,8 @@ export class Worker {
       identity: () => ({ workerId: this.workerId, coordinatorId: this.coordinatorId }),
       tracing: options.tracing,
       gate: (key, receivedAt) => this.gate(key, receivedAt),
+      hostGates: this.hostGates(options),
+      leaseHolds: (key, until) => this.fence.trusted(key, until),
       logStreaming: () =>
         this.logMaxBytes === null
           ? null
@@ -228,6 +236,18 @@ export class Worker {
 
   get id(): string {
     return this.workerId;
+  }
+
+  /** The host gates of TQ_WORKER_GATE_DIR, or null (none set, or the folder cannot be used: logged). */
+  private hostGates(options: WorkerOptions): HostGates | null {
+    if (!options.hostGateDir) return null;
+    const gates = HostGates.open(options.hostGateDir);
+    if (typeof gates !== "string") return gates;
+    options.log.warn(
+      { event: "worker.host_gates_off", path: options.hostGateDir, reason: gates },
+      "start gates are not shared with the host's other workers: each worker lets its own tasks go at their time",
+    );
+    return null;
   }
 
   /** Starts dialing and returns; the worker keeps reconnecting on its own until stop(). */

@@ -1,14 +1,15 @@
 // The attempts a worker holds, without a coordinator: an early hand-over waits for its start
 // time, one stopped while it waits never starts, and a running one reports once it has exited.
 import { expect, test } from "bun:test";
-import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { create } from "@bufbuild/protobuf";
 import { type Assign, AssignSchema, type TaskRef, TaskRefSchema } from "../../src/gen/taskqueue/v1/worker_service_pb";
 import { silentLogger } from "../../src/log";
-import { type AttemptEvents, Attempts, REFUSED_UNTRUSTED } from "../../src/worker/attempts";
+import { type AttemptEvents, Attempts, type AttemptsOptions, REFUSED_UNTRUSTED } from "../../src/worker/attempts";
 import type { RunResult } from "../../src/worker/executor";
+import { HOST_GATE_WINDOW_MS, HostGates } from "../../src/worker/start-gate";
 import { eventually } from "../support/eventually";
 
 type Event =
@@ -17,7 +18,7 @@ type Event =
   | { kind: "notStarted"; ref: TaskRef; outcome: "cancelled" | "abandoned"; why: string; interrupted: boolean };
 
 /** Attempts whose events are recorded; next() resolves with the next event. */
-function attempts(gate?: (key: string, receivedAt: number) => "start" | "hold" | "refuse") {
+function attempts(gate?: (key: string, receivedAt: number) => "start" | "hold" | "refuse", more: Partial<AttemptsOptions> = {}) {
   const events: Event[] = [];
   const waiting: Array<(event: Event) => void> = [];
   const record = (event: Event) => {
@@ -36,6 +37,7 @@ function attempts(gate?: (key: string, receivedAt: number) => "start" | "hold" |
     baseEnv: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
     events: sink,
     gate,
+    ...more,
   });
   let seen = 0;
   const next = (): Promise<Event> => {
@@ -330,6 +332,103 @@ test("an armed attempt held back at its start on a shared gate runs only once re
     await held.empty();
     expect(await Bun.file(out("h-held")).text()).toBe("x\n");
     expect(await Bun.file(out("h-free")).text()).toBe("x\n");
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+/** Host gates in a folder of their own (one per "host"), or the test fails where there are none. */
+function hostGatesIn(dir: string): HostGates {
+  const gates = HostGates.open(join(dir, "gates"));
+  if (typeof gates === "string") throw new Error(`no host gates on this host: ${gates}`);
+  return gates;
+}
+
+function finishedStart(events: Event[], taskId: string): number {
+  const finished = events.find((e) => e.kind === "finished" && e.ref.taskId === taskId);
+  if (finished?.kind !== "finished") throw new Error(`no finish of ${taskId}: ${JSON.stringify(events)}`);
+  expect(finished.result).toMatchObject({ outcome: "exited", exitCode: 0 });
+  return finished.result.startedAt.getTime();
+}
+
+test("two workers' attempts due at one time share a host gate: the first one's start lets the other's go, recorded at that time", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "attempts-host-gate-"));
+  try {
+    const trusted = { leaseHolds: () => true };
+    const a = attempts(undefined, { hostGates: hostGatesIn(dir), ...trusted });
+    const b = attempts(undefined, { hostGates: hostGatesIn(dir), ...trusted });
+    const dueAtMs = Date.now() + 300;
+    const marker = join(dir, "b-ran");
+    a.held.take(create(AssignSchema, { ref: { taskId: "a-1", attempt: 1 }, command: "true", startInMs: 300, dueAtMs }));
+    // Worker b reads the database's clock 2 s behind: by itself it would start 2 s late.
+    b.held.take(
+      create(AssignSchema, { ref: { taskId: "b-1", attempt: 1 }, command: `echo x >> '${marker}'`, startInMs: 2300, dueAtMs }),
+    );
+    // b's command ran with a's start, long before b's own timer (nothing of b's started yet).
+    await eventually(() => (existsSync(marker) ? true : null), { what: "b's command run by a's opening", timeoutMs: 1500 });
+    expect(b.events.some((e) => e.kind === "started")).toBe(false);
+    await a.held.empty();
+    await b.held.empty();
+    const aStarted = finishedStart(a.events, "a-1");
+    // Never early, and b's start is a's opening, not its own late count.
+    expect(aStarted).toBeGreaterThanOrEqual(dueAtMs - 1);
+    expect(finishedStart(b.events, "b-1")).toBe(aStarted);
+    // b's command ran once: the run a's opening let go, ended before b's own start came, is
+    // b's result (no fresh spawn at b's start).
+    expect(readFileSync(marker, "utf8")).toBe("x\n");
+    // One opening, by a: b found it and wrote none.
+    expect(readFileSync(join(dir, "gates", `${dueAtMs}.opened`), "utf8")).toBe(`${aStarted}\n`);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("a worker past a host gate's window gives it up: its shell there is killed and its command spawned afresh, once", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "attempts-host-window-"));
+  try {
+    const out = join(dir, "out");
+    const { held, events } = attempts(undefined, { hostGates: hostGatesIn(dir), leaseHolds: () => true });
+    const dueAtMs = Date.now() + 200;
+    held.take(
+      create(AssignSchema, { ref: { taskId: "w-1", attempt: 1 }, command: `echo x >> '${out}'`, startInMs: 200, dueAtMs }),
+    );
+    // Armed on the host gate (the FIFO is there), then the event loop held past the window.
+    await eventually(() => (readdirSync(join(dir, "gates")).includes(String(dueAtMs)) ? true : null), {
+      what: "the host gate's FIFO",
+    });
+    const until = performance.now() + 200 + HOST_GATE_WINDOW_MS + 100;
+    while (performance.now() < until) {
+      // a worker blocked past the window
+    }
+    await held.empty();
+    expect(finishedStart(events, "w-1")).toBeGreaterThanOrEqual(dueAtMs + HOST_GATE_WINDOW_MS);
+    expect(readFileSync(out, "utf8")).toBe("x\n");
+    // Not opened, and given up for every worker of the host.
+    expect(readFileSync(join(dir, "gates", `${dueAtMs}.opened`), "utf8")).toBe("given up\n");
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("an attempt whose lease does not outlast a host gate's window is not put on one", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "attempts-host-lease-"));
+  try {
+    const leaseAsked: number[] = [];
+    const { held, events } = attempts(undefined, {
+      hostGates: hostGatesIn(dir),
+      leaseHolds: (_key, until) => {
+        leaseAsked.push(until - performance.now());
+        return false;
+      },
+    });
+    const dueAtMs = Date.now() + 200;
+    held.take(create(AssignSchema, { ref: { taskId: "l-1", attempt: 1 }, command: "true", startInMs: 200, dueAtMs }));
+    await held.empty();
+    expect(finishedStart(events, "l-1")).toBeGreaterThanOrEqual(dueAtMs - 1);
+    // Asked for the window and a second past the instant; no FIFO made.
+    expect(leaseAsked.length).toBeGreaterThan(0);
+    expect(leaseAsked[0]!).toBeGreaterThan(HOST_GATE_WINDOW_MS + 900);
+    expect(readdirSync(join(dir, "gates"))).toEqual([]);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
