@@ -307,6 +307,7 @@ export class Attempts {
     const opening = gate?.isHost ? gate.enter() : null;
     let at: number;
     let shut: boolean;
+    // Held from here until the instant is decided (the lock is left below).
     try {
       // Opened already (by another worker): our shells on it went then, and run. (Each went on
       // it only with a lease that outlasts the gate's last opening, so it was let go within its
@@ -325,17 +326,31 @@ export class Attempts {
       }
       // The start time of every shell the write lets go: taken just before it.
       at = openedAt ?? Date.now();
-      if (opening && shut) opening.giveUp();
-      else if (opening) opening.open(at);
-      else gate?.open();
-    } finally {
+    } catch (error) {
       opening?.leave();
+      throw error;
     }
     const startedAt = new Date(at);
-    const released = admitted.map(
-      ([k, attempt]) =>
-        [k, attempt, gate !== null && attempt.gate === gate && !shut && attempt.armed!.release(startedAt, true)] as const,
-    );
+    const onGate = (attempt: HeldAttempt) => gate !== null && attempt.gate === gate && !shut;
+    let released: (readonly [string, HeldAttempt, boolean])[];
+    if (opening) {
+      // A host gate: any worker may have written it already, so a shell that ended took its
+      // line and ran (release(at, true)).
+      try {
+        if (shut) opening.giveUp();
+        else opening.open(at);
+      } finally {
+        opening.leave();
+      }
+      released = admitted.map(
+        ([k, attempt]) => [k, attempt, onGate(attempt) && attempt.armed!.release(startedAt, true)] as const,
+      );
+    } else {
+      // Our own gate, written by us only: released before the write, so that a shell that
+      // ended before it (it never ran) is spawned afresh.
+      released = admitted.map(([k, attempt]) => [k, attempt, onGate(attempt) && attempt.armed!.release(startedAt)] as const);
+      if (!shut) gate?.open();
+    }
     // Then the rest of their starts (spans, Started, results), then the spawns of the ones not armed.
     for (const [k, attempt, onGate] of released) this.begin(k, attempt, onGate);
     for (const [k, attempt] of due) if (!attempt.execution && this.held.get(k) === attempt) this.launch(k, attempt);
