@@ -32,8 +32,8 @@ import { join } from "node:path";
 const O_CLOEXEC = 0o2000000;
 
 const F_GETFL = 3;
-const LOCK_EX = 2;
 const F_SETFL = 4;
+const LOCK_EX = 2;
 
 interface Libc {
   pipe2(fds: Int32Array): number;
@@ -44,7 +44,7 @@ interface Libc {
 
 let libc: Libc | null | undefined;
 
-/** pipe2(2), mkfifo(3) and fcntl(2) through bun:ffi, or null where libc cannot be loaded (the per-shell pipe is used then). */
+/** pipe2(2), mkfifo(3), fcntl(2) and flock(2) through bun:ffi, or null where libc cannot be loaded (the per-shell pipe is used then). */
 function loadLibc(): Libc | null {
   if (libc !== undefined) return libc;
   libc = null;
@@ -158,8 +158,8 @@ export class StartGate {
     /** The read end, passed to each armed shell as its fd 3. */
     readonly readFd: number,
     private readonly writeFd: number,
-    /** A host gate's instant (its due time, ms since the epoch) and the file its openings are recorded in. */
-    private readonly host?: { instantMs: number; openedPath: string },
+    /** A host gate's file its instant's decision is recorded in (and locked by). */
+    private readonly host?: { openedPath: string },
   ) {}
 
   /** A new gate, or null where pipes cannot be made here (each shell then has its own). */
@@ -172,7 +172,7 @@ export class StartGate {
   }
 
   /**
-   * The host gate of the instant `instantMs` in `dir` (HostGates.dir): the FIFO `<instantMs>`
+   * The host gate of the instant `instantMs` in `dir` (HostGates.path): the FIFO `<instantMs>`
    * there, made by whichever worker comes first. Null where it cannot be made or opened (the
    * caller uses a gate of its own then).
    */
@@ -195,7 +195,7 @@ export class StartGate {
         closeSync(writeFd);
         throw new Error("fcntl failed");
       }
-      return new StartGate(readFd, writeFd, { instantMs, openedPath: `${path}.opened` });
+      return new StartGate(readFd, writeFd, { openedPath: `${path}.opened` });
     } catch {
       if (readFd !== null) closeSync(readFd);
       return null;
@@ -272,7 +272,7 @@ export class StartGate {
 
 /**
  * The folder of a worker user's host gates: made 0700 if missing, and used only if it is a
- * folder of this user's that no one else can enter. `dir(now)` also removes the files of
+ * folder of this user's that no one else can enter. `gate()` also removes the files of
  * instants long past (a worker that died leaves its own).
  */
 export class HostGates {

@@ -22,7 +22,7 @@ import { type Execution, execute, HOST_GATED_SCRIPT } from "../../src/worker/exe
 import { HostGates, StartGate } from "../../src/worker/start-gate";
 import { eventually } from "../support/eventually";
 
-function armedOn(gate: StartGate, command: string): Execution {
+function armedOn(gate: StartGate, command: string, hostGate = false): Execution {
   return execute({
     command,
     env: {},
@@ -32,20 +32,7 @@ function armedOn(gate: StartGate, command: string): Execution {
     baseEnv: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
     armed: true,
     gate: gate.readFd,
-  });
-}
-
-function hostArmedOn(gate: StartGate, command: string): Execution {
-  return execute({
-    command,
-    env: {},
-    timeoutMs: 0,
-    killGraceMs: 1000,
-    maxOutputBytes: 1000,
-    baseEnv: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
-    armed: true,
-    gate: gate.readFd,
-    hostGate: true,
+    hostGate,
   });
 }
 
@@ -100,7 +87,7 @@ test("host gates: one instant's FIFO is shared, the first opening lets every wor
     if (!first || !second || !other) throw new Error("a host gate could not be made");
     expect(first.isHost && second.isHost).toBe(true);
     const shells = [first, first, second, second, other].map((gate, i) =>
-      hostArmedOn(gate, `echo ran > '${join(dir, `r${i}`)}'`),
+      armedOn(gate, `echo ran > '${join(dir, `r${i}`)}'`, true),
     );
     for (const gate of [first, first, second, second, other]) gate.add();
     const openedAt = (gate: StartGate) => {
